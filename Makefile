@@ -1,0 +1,30 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: install demo test chaos bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[mlx,test,bench]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/supervisord-llm demo
+
+test: install
+	$(BIN)/python -m pytest -q -m "not chaos_full and not gpu"
+
+chaos: install
+	$(BIN)/python -m pytest -q tests/chaos
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
