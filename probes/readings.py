@@ -1,0 +1,110 @@
+"""Typed, timestamped readings. Units are in the names; ``at_s`` is monotonic seconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class SystemMemoryReading:
+    """Whole-machine memory. On macOS from vm_stat + sysctl; on Linux from /proc/meminfo."""
+
+    at_s: float
+    platform: str  # "darwin" | "linux"
+    total_bytes: int
+    available_bytes: int  # macOS: free + speculative + inactive + purgeable; Linux: MemAvailable
+    wired_bytes: int | None = None  # macOS only ("Pages wired down")
+    compressed_bytes: int | None = None  # macOS: "Pages occupied by compressor"
+    wired_limit_bytes: int | None = None  # macOS iogpu.wired_limit_mb (None = system default)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessTreeReading:
+    """Resource use of one engine's whole process tree."""
+
+    at_s: float
+    root_pid: int
+    pids: tuple[int, ...]
+    rss_bytes: int
+    cpu_percent: float | None = None
+    stopped: bool = False  # some process of the tree is in state T (SIGSTOP)
+    zombie: bool = False  # the root is a zombie
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcessReading:
+    pid: int
+    used_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class GpuDeviceReading:
+    index: int
+    name: str
+    uuid: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    utilization_percent: int | None
+    processes: tuple[GpuProcessReading, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    at_s: float
+    available: bool
+    devices: tuple[GpuDeviceReading, ...] = ()
+    reason: str | None = None  # why unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class XidEvent:
+    at_s: float
+    device_index: int
+    xid: int
+    pid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryReading:
+    """One small real generation through the engine's own API."""
+
+    at_s: float
+    ok: bool
+    ttft_s: float | None = None  # time to first token (any token, <think> included)
+    duration_s: float | None = None
+    completion_tokens: int | None = None
+    tokens_per_s: float | None = None  # decode rate: tokens after the first / time after the first
+    error: str | None = None
+    stalled: bool = False  # no token arrived within the stall time
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputSample:
+    """A token-rate observation from any source (canary, gateway stream, engine counters)."""
+
+    at_s: float
+    tokens_per_s: float
+    source: str  # "canary" | "gateway" | "metrics"
+    tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCounters:
+    """Cumulative counters read from an engine's own endpoint (/metrics, /api/status)."""
+
+    at_s: float
+    generated_tokens_total: float | None = None
+    requests_running: float | None = None
+    tokens_per_s: float | None = None  # where the engine reports a rate itself (oMLX, SGLang)
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    """A known failure signature matched in an engine's output."""
+
+    cause: str
+    remedy: str
+    line: str
+    signature: str  # stable id, e.g. "vllm.kv_cache_too_small"
+    details: dict[str, object] = field(default_factory=dict)
