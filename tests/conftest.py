@@ -9,6 +9,12 @@ from tests.helpers import MlxServer, tiny_model_dir
 
 
 @pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """The daemon is an asyncio application: pin the anyio plugin's backend."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The embedded default model (deterministic random weights, real tokenizer)."""
     return tiny_model_dir()
@@ -22,3 +28,20 @@ def mlx_server(tiny_model: Path) -> Iterator[MlxServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def daemon_factory():
+    """Start real daemons; every one is stopped and its engines killed after the test."""
+    from tests.helpers import Daemon
+
+    made: list[Daemon] = []
+
+    def make(config_text: str, **kwargs) -> Daemon:
+        d = Daemon(config_text, **kwargs)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -70,3 +71,175 @@ class MlxServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+STANDINS = REPO / "tests" / "standins"
+
+
+def short_tmpdir(prefix: str = "sl-") -> Path:
+    """A short directory (Unix socket paths are limited to ~100 bytes)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def standin_engine_toml(name: str, port: int, *extra: str, **keys: object) -> str:
+    """An [[engine]] table running the OpenAI stand-in with extra flags."""
+    argv = [PYTHON, str(STANDINS / "openai_engine.py"), "--port", "{port}", *extra]
+    lines = ["[[engine]]", f'name = "{name}"', 'kind = "command"', f"port = {port}",
+             "command = [" + ", ".join(f'"{a}"' for a in argv) + "]"]
+    keys.setdefault("footprint", "100MB")
+    keys.setdefault("stop_grace", "5s")
+    keys.setdefault("start_timeout", "30s")
+    for k, v in keys.items():
+        lines.append(f"{k} = {_toml(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def mlx_engine_toml(name: str, port: int, model: Path, **keys: object) -> str:
+    lines = ["[[engine]]", f'name = "{name}"', 'kind = "mlx_lm"', f'model = "{model}"', f"port = {port}"]
+    keys.setdefault("footprint", "200MB")
+    keys.setdefault("stop_grace", "10s")
+    keys.setdefault("start_timeout", "60s")
+    for k, v in keys.items():
+        lines.append(f"{k} = {_toml(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+class Daemon:
+    """A real ``supervisord-llm run`` process on its own state dir, plus a control client."""
+
+    def __init__(self, config_text: str, *, state_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.state_dir = state_dir or short_tmpdir()
+        self.config_path = self.state_dir / "config.toml"
+        head = f'[daemon]\nstate_dir = "{self.state_dir}"\n'
+        if not config_text.lstrip().startswith("[daemon]"):
+            config_text = head + config_text
+        self.config_path.write_text(config_text)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.socket = self.state_dir / "control.sock"
+        self.stderr_path = self.state_dir / "daemon.stderr"
+
+    def start(self, wait: bool = True) -> Daemon:
+        self._stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen([PYTHON, "-m", "supervisord_llm.main", "run", "--config", str(self.config_path)],
+                                     stdout=self._stderr, stderr=self._stderr, env=self.env, start_new_session=True)
+        if wait:
+            self.wait_up()
+        return self
+
+    def wait_up(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.stderr()}")
+            try:
+                if self.client().get("/v1/status").status_code == 200:
+                    return
+            except (httpx.HTTPError, OSError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"daemon did not answer within {timeout_s}s: {self.stderr()}")
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://daemon", timeout=60)
+
+    def status(self) -> dict:
+        with self.client() as c:
+            return c.get("/v1/status").json()
+
+    def engine(self, name: str) -> dict:
+        return next(e for e in self.status()["engines"] if e["name"] == name)
+
+    def post(self, path: str, body: dict | None = None, timeout: float = 60) -> httpx.Response:
+        with self.client() as c:
+            return c.post(path, json=body or {}, timeout=timeout)
+
+    def events(self) -> list[dict]:
+        out = []
+        try:
+            for line in (self.state_dir / "events.jsonl").read_text().splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        except OSError:
+            pass
+        return out
+
+    def wait_state(self, name: str, states: str | set[str], timeout_s: float = 60.0) -> dict:
+        wanted = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout_s
+        engine: dict = {}
+        while time.monotonic() < deadline:
+            engine = self.engine(name)
+            if engine["state"] in wanted:
+                return engine
+            time.sleep(0.05)
+        raise TimeoutError(f"{name} not in {wanted} after {timeout_s}s: {engine}\n{self.stderr()}")
+
+    def llmctl(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PYTHON, "-m", "supervisord_llm.cli", "--socket", str(self.socket), *args],
+                              capture_output=True, text=True, timeout=timeout, env={**self.env, **(env or {})})
+
+    def kill(self) -> None:
+        """SIGKILL the daemon only (engines are in their own sessions and survive)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout_s: float = 60) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cleanup(self) -> None:
+        """Stop the daemon gracefully (it stops engines), then kill anything carrying our tag."""
+        import psutil
+
+        self.stop()
+        try:
+            daemon_id = (self.state_dir / "daemon-id").read_text().strip()
+        except OSError:
+            return
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if proc.environ().get("SUPERVISORD_LLM_TAG", "").startswith(daemon_id + "/"):
+                    proc.send_signal(18)
+                    proc.kill()
+            except (psutil.Error, OSError):
+                pass
+
+
+def pids_with_tag_prefix(prefix: str) -> list[int]:
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("SUPERVISORD_LLM_TAG", "").startswith(prefix) and proc.status() != "zombie":
+                out.append(proc.pid)
+        except (psutil.Error, OSError):
+            pass
+    return out

@@ -1,0 +1,408 @@
+"""``llmctl``: talk to the daemon over its control socket.
+
+Exit codes: 0 ok; 1 the operation failed or was refused; 2 usage or config error; 3 no daemon is
+running; 4 the engine did not reach the awaited state in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from supervisord_llm.convert import format_bytes, format_duration
+from supervisord_llm.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+
+
+def resolve_socket(args: argparse.Namespace) -> Path:
+    """--socket, else the config's control socket (--config / $SUPERVISORD_LLM_CONFIG / default if it
+    exists), else $SUPERVISORD_LLM_STATE_DIR/control.sock, else the platform state dir's."""
+    if getattr(args, "socket", None):
+        return Path(args.socket)
+    from supervisord_llm.config import default_state_dir, load_config, resolve_config_path
+
+    config_path = resolve_config_path(getattr(args, "config", None))
+    if getattr(args, "config", None) or os.environ.get("SUPERVISORD_LLM_CONFIG") or config_path.exists():
+        return load_config(config_path).daemon.control_socket
+    state = os.environ.get("SUPERVISORD_LLM_STATE_DIR")
+    return (Path(state) if state else default_state_dir()) / "control.sock"
+
+
+class Client:
+    def __init__(self, socket_path: Path, timeout_s: float = 30.0) -> None:
+        self.socket_path = socket_path
+        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://daemon",
+                                 timeout=timeout_s)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self.http.request(method, path, **kwargs)
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise NoDaemon(self.socket_path) from exc
+
+    def stream(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.http.stream(method, path, **kwargs)
+
+
+class NoDaemon(Exception):
+    def __init__(self, socket_path: Path) -> None:
+        super().__init__(f"llmctl: no supervisord-llm daemon is running (nothing answers on {socket_path})")
+
+
+def _fail(response: httpx.Response) -> int:
+    try:
+        body = response.json()
+        message = body.get("error") or body
+    except ValueError:
+        message = response.text.strip()
+    print(f"llmctl: {message}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+# ---- status ---------------------------------------------------------------------------------
+
+STATE_STYLE = {"ready": "green", "degraded": "yellow", "hung": "bold red", "failed": "bold red",
+               "backoff": "magenta", "starting": "cyan", "stopping": "cyan", "stopped": "dim"}
+
+
+def render_status(doc: dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    d = doc["daemon"]
+    header = Text(f"supervisord-llm {d['version']}  pid {d['pid']}  up {format_duration(d['uptime_s'])}  "
+                  f"state {d['state_dir']}", style="bold")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("ENGINE", "KIND", "STATE", "PID", "PORT", "FOR", "TOK/S (BASE)", "MEMORY", "RESTARTS", "NEXT", "NOTE"):
+        table.add_column(col)
+    for e in doc["engines"]:
+        tps = "-" if e.get("tokens_per_s") is None else f"{e['tokens_per_s']:.0f}"
+        base = e.get("baseline_tokens_per_s")
+        tps += f" ({base:.0f})" if base else ""
+        mem = e.get("memory") or {}
+        memory = format_bytes(mem.get("rss_bytes")) if mem.get("rss_bytes") else "-"
+        if mem.get("gpu_bytes"):
+            memory += f" / GPU {format_bytes(mem['gpu_bytes'])}"
+        nxt = f"in {format_duration(e['next_start_in_s'])}" if e.get("next_start_in_s") is not None else "-"
+        note = ""
+        if e.get("diagnosis"):
+            note = f"{e['diagnosis']['cause']} → {e['diagnosis']['remedy']}"
+        elif e.get("state") in ("hung", "degraded", "backoff", "failed", "starting", "stopping"):
+            note = e.get("state_reason") or ""
+        elif e.get("last_canary") and not e["last_canary"].get("ok"):
+            note = f"canary: {e['last_canary'].get('error')}"
+        table.add_row(e["name"], e["engine"], Text(e["state"], style=STATE_STYLE.get(e["state"], "")),
+                      str(e.get("pid") or "-"), str(e.get("port")), format_duration(e.get("for_s")), tps, memory,
+                      str(e.get("restarts", 0)), nxt, note[:90])
+    parts: list[Any] = [header, table]
+    mem = doc["system"]["memory"]
+    line = f"memory: {format_bytes(mem.get('available_bytes'))} available of {format_bytes(mem.get('total_bytes'))}"
+    if mem.get("wired_bytes") is not None:
+        line += f"; wired {format_bytes(mem['wired_bytes'])}"
+        if mem.get("baseline_wired_bytes") is not None:
+            line += f" (baseline {format_bytes(mem['baseline_wired_bytes'])})"
+        if mem.get("stranded_bytes"):
+            line += f"; STRANDED {format_bytes(mem['stranded_bytes'])}"
+    if mem.get("error"):
+        line += f"; probe error: {mem['error']}"
+    parts.append(Text(line))
+    for gpu in doc["system"].get("gpus") or []:
+        parts.append(Text(f"gpu {gpu.get('index')}: {gpu.get('name')} {format_bytes(gpu.get('used_bytes'))} used of "
+                          f"{format_bytes(gpu.get('total_bytes'))}"))
+    a = doc.get("alerts") or {}
+    parts.append(Text(f"alerts: {a.get('pending', 0)} pending, {a.get('delivered', 0)} delivered, "
+                      f"{a.get('failed', 0)} failed"))
+    reboot = doc.get("reboot") or {}
+    if reboot.get("state") not in (None, "idle"):
+        parts.append(Text(f"reboot: {reboot['state']} at {reboot.get('at')} ({reboot.get('reason')}); "
+                          "`llmctl reboot cancel` cancels", style="bold red"))
+    if doc.get("gateway"):
+        g = doc["gateway"]
+        parts.append(Text(f"gateway: http://{g['listen']}  in flight {g.get('in_flight', 0)}"))
+    if doc.get("swap"):
+        parts.append(Text(f"swap to {doc['swap']['target']} in progress ({format_duration(doc['swap']['for_s'])})",
+                          style="cyan"))
+    return Group(*parts)
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console()
+    while True:
+        response = client.request("GET", "/v1/status")
+        if response.status_code != 200:
+            return _fail(response)
+        doc = response.json()
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        elif args.watch:
+            console.clear()
+            console.print(render_status(doc))
+        else:
+            console.print(render_status(doc))
+        if not args.watch:
+            return EXIT_OK
+        time.sleep(args.interval)
+
+
+# ---- engine operations ----------------------------------------------------------------------
+
+def _wait_state(client: Client, name: str, goal: set[str], timeout_s: float, quiet: bool) -> int:
+    """Poll status, showing progress, until the engine reaches a goal state (or a dead end)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    dead_ends = {"failed", "backoff"} - goal
+    deadline = time.monotonic() + timeout_s
+    with console.status(f"{name} ...") as spinner:
+        while time.monotonic() < deadline:
+            doc = client.request("GET", "/v1/status").json()
+            engine = next((e for e in doc["engines"] if e["name"] == name), None)
+            if engine is None:
+                return EXIT_FAILED
+            state = engine["state"]
+            spinner.update(f"{name}: {state} for {format_duration(engine.get('for_s'))} "
+                           f"{engine.get('state_reason') or ''}")
+            if state in goal:
+                if not quiet:
+                    print(f"{name}: {state}")
+                return EXIT_OK
+            if state in dead_ends:
+                reason = engine.get("state_reason") or ""
+                diag = engine.get("diagnosis")
+                print(f"llmctl: {name} is {state}: {reason}", file=sys.stderr)
+                if diag:
+                    print(f"  cause: {diag['cause']}\n  remedy: {diag['remedy']}", file=sys.stderr)
+                return EXIT_FAILED
+            time.sleep(0.3)
+    print(f"llmctl: {name} did not reach {'/'.join(sorted(goal))} within {timeout_s:.0f}s", file=sys.stderr)
+    return EXIT_TIMEOUT
+
+
+def cmd_engine(client: Client, args: argparse.Namespace) -> int:
+    body = {"force": bool(getattr(args, "force", False))}
+    response = client.request("POST", f"/v1/engines/{args.name}/{args.op}", json=body)
+    if response.status_code != 200:
+        return _fail(response)
+    print(response.json().get("message", "ok"))
+    if args.no_wait:
+        return EXIT_OK
+    goal = {"stopped"} if args.op == "stop" else {"ready", "degraded"}
+    return _wait_state(client, args.name, goal, args.timeout, quiet=False)
+
+
+def cmd_switch(client: Client, args: argparse.Namespace) -> int:
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["response"] = client.request("POST", "/v1/switch", json={"name": args.name},
+                                                timeout=args.timeout)
+        except Exception as exc:  # surfaced below
+            result["error"] = exc
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    started = time.monotonic()
+    with console.status(f"switching to {args.name} ...") as spinner:
+        while t.is_alive():
+            t.join(0.5)
+            try:
+                doc = Client(client.socket_path).request("GET", "/v1/status").json()
+                states = ", ".join(f"{e['name']}={e['state']}" for e in doc["engines"])
+                spinner.update(f"switching to {args.name} ({time.monotonic() - started:.0f}s): {states}")
+            except Exception:
+                pass
+    if "error" in result:
+        raise result["error"]
+    response = result["response"]
+    if response.status_code != 200:
+        return _fail(response)
+    body = response.json()
+    print(f"switched to {body['target']} in {body.get('total_s', 0):.1f}s"
+          + (f" (stopped {', '.join(body['stopped'])})" if body.get("stopped") else ""))
+    return EXIT_OK
+
+
+def cmd_logs(client: Client, args: argparse.Namespace) -> int:
+    params = {"lines": str(args.lines), "follow": "1" if args.follow else "0"}
+    if not args.follow:
+        response = client.request("GET", f"/v1/engines/{args.name}/logs", params=params)
+        if response.status_code != 200:
+            return _fail(response)
+        sys.stdout.write(response.text)
+        return EXIT_OK
+    try:
+        with client.stream("GET", f"/v1/engines/{args.name}/logs", params=params, timeout=None) as response:
+            if response.status_code != 200:
+                response.read()
+                return _fail(response)
+            for chunk in response.iter_text():
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+    except httpx.ConnectError as exc:
+        raise NoDaemon(client.socket_path) from exc
+    return EXIT_OK
+
+
+def cmd_events(client: Client, args: argparse.Namespace) -> int:
+    def show(event: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(event))
+            return
+        rest = {k: v for k, v in event.items() if k not in ("seq", "at", "kind", "engine")}
+        engine = f" [{event['engine']}]" if event.get("engine") else ""
+        print(f"{event.get('at')} {event.get('kind')}{engine} {json.dumps(rest, separators=(',', ':'))}")
+
+    if not args.follow:
+        response = client.request("GET", "/v1/events", params={"lines": str(args.lines)})
+        if response.status_code != 200:
+            return _fail(response)
+        for event in response.json()["events"]:
+            show(event)
+        return EXIT_OK
+    try:
+        with client.stream("GET", "/v1/events", params={"follow": "1", "lines": str(args.lines)},
+                           timeout=None) as response:
+            for line in response.iter_lines():
+                if line.strip():
+                    show(json.loads(line))
+    except httpx.ConnectError as exc:
+        raise NoDaemon(client.socket_path) from exc
+    return EXIT_OK
+
+
+def cmd_reboot(client: Client, args: argparse.Namespace) -> int:
+    response = client.request("POST", "/v1/reboot/cancel", json={})
+    if response.status_code != 200:
+        return _fail(response)
+    print(response.json().get("message", "ok"))
+    return EXIT_OK
+
+
+def cmd_alerts_test(client: Client, args: argparse.Namespace) -> int:
+    response = client.request("POST", "/v1/alerts/test", json={})
+    if response.status_code != 200:
+        return _fail(response)
+    print(response.json().get("message", "ok"))
+    return EXIT_OK
+
+
+def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
+    response = client.request("GET", "/metrics")
+    if response.status_code != 200:
+        return _fail(response)
+    sys.stdout.write(response.text)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from supervisord_llm.doctor import run_doctor
+
+    return run_doctor(args.config)
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from supervisord_llm.service import cli_service
+
+    return cli_service(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmctl", description="Control the supervisord-llm daemon")
+    parser.add_argument("--config", help="config file (to find the control socket)")
+    parser.add_argument("--socket", help="control socket path (overrides the config)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("status", help="engines, memory, alerts at a glance")
+    p.add_argument("--json", action="store_true", help="machine-readable (schema version 1)")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0)
+    p.set_defaults(func=cmd_status)
+
+    for op, text in (("start", "start an engine"), ("stop", "stop an engine (SIGTERM, grace, SIGKILL)"),
+                     ("restart", "restart an engine")):
+        p = sub.add_parser(op, help=text)
+        p.add_argument("name")
+        if op in ("start", "restart"):
+            p.add_argument("--force", action="store_true",
+                           help="override the backoff / the 60s spacing between spawns")
+        p.add_argument("--no-wait", action="store_true", help="return once the daemon accepted it")
+        p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the result")
+        p.set_defaults(func=cmd_engine, op=op)
+
+    p = sub.add_parser("switch", help="swap to another engine (stops conflicting ones first)")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=3600.0)
+    p.set_defaults(func=cmd_switch)
+
+    p = sub.add_parser("logs", help="an engine's output")
+    p.add_argument("name")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", "--lines", type=int, default=100)
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("events", help="the daemon's event log")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("reboot", help="reboot escalation")
+    p.add_argument("action", choices=["cancel"])
+    p.set_defaults(func=cmd_reboot)
+
+    p = sub.add_parser("alerts", help="alert delivery")
+    p.add_argument("action", choices=["test"])
+    p.set_defaults(func=cmd_alerts_test)
+
+    p = sub.add_parser("metrics", help="Prometheus metrics text")
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("doctor", help="preflight: config, commands, model files, ports, memory")
+    p.set_defaults(func=cmd_doctor, local=True)
+
+    p = sub.add_parser("service", help="install the daemon as a launchd/systemd service")
+    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("--dry-run", action="store_true", help="print what would be written and run")
+    p.add_argument("--kind", choices=["launchd", "systemd"], help="default: this platform's")
+    p.set_defaults(func=cmd_service, local=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "local", False):
+        return int(args.func(args))
+    try:
+        socket_path = resolve_socket(args)
+    except ConfigError as exc:
+        print(f"llmctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    client = Client(socket_path)
+    try:
+        return int(args.func(client, args))
+    except NoDaemon as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,553 @@
+"""The config: TOML, validated into frozen objects.
+
+Resolution: ``--config PATH``, else ``$SUPERVISORD_LLM_CONFIG``, else ``<platform config dir>/config.toml``.
+State dir: ``[daemon] state_dir``, else ``$SUPERVISORD_LLM_STATE_DIR``, else the platform state dir.
+
+Every error names the file, the key and what would be valid; a daemon never starts on a bad config.
+Sections owned by other modules (``[gateway]``, ``[alerts]``) are validated by those modules'
+``from_toml`` functions, called from here, so one ``load_config`` call checks the whole file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from supervisord_llm.convert import DURATION_HELP, SIZE_HELP, parse_duration_s, parse_size_bytes
+from supervisord_llm.errors import ConfigError
+
+ENGINE_KINDS = ("mlx_lm", "omlx", "vllm", "llama_cpp", "ollama", "sglang", "command")
+APP_NAME = "supervisord-llm"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def default_state_dir() -> Path:
+    return Path(platformdirs.user_state_dir(APP_NAME))
+
+
+class Table:
+    """A view of one TOML table that reads typed values and names file and key in every error."""
+
+    def __init__(self, data: Mapping[str, Any], file: str, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected a table, got {type(data).__name__}", file=file, key=path)
+        self.data = data
+        self.file = file
+        self.path = path
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(message, file=self.file, key=self.key(name))
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def check_unknown(self, allowed: set[str] | frozenset[str]) -> None:
+        unknown = sorted(set(self.data) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"unknown key {unknown[0]!r}; valid keys here: {', '.join(sorted(allowed))}",
+                file=self.file,
+                key=self.key(unknown[0]),
+            )
+
+    def sub(self, name: str) -> Table:
+        return Table(self.data.get(name, {}), self.file, self.key(name))
+
+    def _get(self, name: str, default: Any, required: bool) -> Any:
+        if name not in self.data:
+            if required:
+                raise self.error(name, "is required")
+            return default
+        return self.data[name]
+
+    def str(self, name: str, default: str | None = None, *, required: bool = False,
+            choices: tuple[str, ...] | None = None) -> str | None:
+        value = self._get(name, default, required)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(name, f"expected a string, got {type(value).__name__} {value!r}")
+        if choices is not None and value not in choices:
+            raise self.error(name, f"{value!r} is not valid; expected one of: {', '.join(choices)}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self._get(name, default, False)
+        if not isinstance(value, bool):
+            raise self.error(name, f"expected true or false, got {value!r}")
+        return value
+
+    def int(self, name: str, default: int | None = None, *, required: bool = False,
+            min_value: int | None = None, max_value: int | None = None) -> int | None:
+        value = self._get(name, default, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"expected an integer, got {type(value).__name__} {value!r}")
+        if min_value is not None and value < min_value:
+            raise self.error(name, f"must be at least {min_value}, got {value}")
+        if max_value is not None and value > max_value:
+            raise self.error(name, f"must be at most {max_value}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, *, min_value: float | None = None,
+              max_value: float | None = None) -> float:
+        value = self._get(name, default, False)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(name, f"expected a number, got {type(value).__name__} {value!r}")
+        if min_value is not None and value < min_value:
+            raise self.error(name, f"must be at least {min_value}, got {value}")
+        if max_value is not None and value > max_value:
+            raise self.error(name, f"must be at most {max_value}, got {value}")
+        return float(value)
+
+    def duration_s(self, name: str, default: str | float, *, min_s: float | None = None,
+                   why: str = "") -> float:
+        value = self._get(name, default, False)
+        try:
+            seconds = parse_duration_s(value)
+        except ValueError as exc:
+            raise self.error(name, str(exc)) from exc
+        if min_s is not None and seconds < min_s:
+            reason = f" ({why})" if why else ""
+            raise self.error(name, f"must be at least {min_s:g}s{reason}, got {value!r}")
+        return seconds
+
+    def size_bytes(self, name: str, default: str | int | None, *, allow_auto: bool = False) -> int | None:
+        """A size; ``None`` means "auto" where allowed."""
+        value = self._get(name, default, False)
+        if value is None:
+            return None
+        if allow_auto and value == "auto":
+            return None
+        try:
+            return parse_size_bytes(value)
+        except ValueError as exc:
+            extra = ' or "auto"' if allow_auto else ""
+            raise self.error(name, f"{exc}{extra}") from exc
+
+    def str_list(self, name: str, default: list[str] | None = None) -> tuple[str, ...]:
+        value = self._get(name, default or [], False)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(name, f"expected a list of strings such as [\"--flag\", \"value\"], got {value!r}")
+        return tuple(value)
+
+    def str_map(self, name: str) -> dict[str, str]:
+        value = self._get(name, {}, False)
+        if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+            raise self.error(name, f"expected a table of strings such as {{ KEY = \"value\" }}, got {value!r}")
+        return dict(value)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str
+    kind: str
+    model: str | None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    args: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()  # kind=command: the argv; other kinds: override the executable part
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    footprint_bytes: int | None = None  # None = auto (weights on disk × footprint_factor)
+    exclusive: bool = False
+    default: bool = False
+    aliases: tuple[str, ...] = ()
+    served_model: str | None = None  # the model id the engine expects in requests
+    start_timeout_s: float = 900.0
+    stop_grace_s: float = 60.0
+    autostart: bool = True
+    canary_interval_s: float = 60.0
+    canary_timeout_s: float = 30.0
+    stall_s: float = 15.0
+    canary_max_tokens: int = 16
+    gpu_devices: tuple[int, ...] = ()
+    supports_messages: bool | None = None  # None = the adapter's default
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = "[::1]" if host == "::" else host
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RestartSettings:
+    min_interval_s: float = 60.0
+    initial_backoff_s: float = 60.0
+    factor: float = 2.0
+    max_backoff_s: float = 900.0
+    reset_after_ready_s: float = 600.0
+    max_failures: int = 5
+    failure_window_s: float = 1800.0
+    hang_restart_after_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    headroom_bytes: int = 4 * 10**9
+    budget_bytes: int | None = None  # None = total memory minus headroom
+    auto_factor: float = 1.2
+    admission_wait_s: float = 300.0
+    return_wait_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class StrandedSettings:
+    threshold_bytes: int = 32 * 10**9
+    reclaim_window_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class RebootConfig:
+    enabled: bool = False
+    grace_s: float = 300.0
+    cooldown_s: float = 21600.0
+    argv: tuple[str, ...] = ("sudo", "-n", "shutdown", "-r", "now")
+
+
+@dataclass(frozen=True)
+class DegradedSettings:
+    share: float = 0.5
+    windows: int = 3
+    window_s: float = 30.0
+    restart_when_idle: bool = False
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    interval_s: float = 5.0
+    process_interval_s: float = 1.0
+    vm_stat: str = "vm_stat"
+    sysctl: str = "sysctl"
+    nvml: bool = True
+    platform: str = "auto"  # which memory probe: "auto" (this OS), "darwin" (vm_stat) or "linux"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path
+    control_socket: Path
+    log_level: str = "info"
+    log_max_bytes: int = 20 * 10**6
+    metrics_listen: str | None = None
+    stop_engines_on_exit: bool = True  # SIGTERM to the daemon stops engines gracefully; a crash leaves them
+
+
+@dataclass(frozen=True)
+class Config:
+    file: str
+    daemon: DaemonConfig
+    engines: tuple[EngineConfig, ...]
+    restart: RestartSettings = RestartSettings()
+    memory: MemorySettings = MemorySettings()
+    stranded: StrandedSettings = StrandedSettings()
+    reboot: RebootConfig = RebootConfig()
+    degraded: DegradedSettings = DegradedSettings()
+    probes: ProbeSettings = ProbeSettings()
+    gateway: Any = None  # supervisord_llm.gateway.GatewaySettings, or None when off
+    alerts: Any = None  # supervisord_llm.alerts.AlertSettings
+
+    def engine(self, name: str) -> EngineConfig:
+        for engine in self.engines:
+            if engine.name == name:
+                return engine
+        from supervisord_llm.errors import UnknownEngine
+
+        raise UnknownEngine(name, [e.name for e in self.engines])
+
+    @property
+    def default_engine(self) -> EngineConfig | None:
+        for engine in self.engines:
+            if engine.default:
+                return engine
+        return self.engines[0] if self.engines else None
+
+
+_ENGINE_KEYS = frozenset({
+    "name", "kind", "model", "host", "port", "args", "command", "env", "cwd", "footprint", "exclusive",
+    "default", "aliases", "served_model", "start_timeout", "stop_grace", "autostart", "canary_interval",
+    "canary_timeout", "stall", "canary_max_tokens", "gpu_devices", "supports_messages",
+})
+
+
+def _parse_engine(t: Table) -> EngineConfig:
+    t.check_unknown(_ENGINE_KEYS)
+    name = t.str("name", required=True)
+    assert name is not None
+    if not _NAME_RE.match(name):
+        raise t.error("name", f"{name!r} is not valid; use 1-64 letters, digits, '.', '_' or '-'")
+    kind = t.str("kind", required=True, choices=ENGINE_KINDS)
+    assert kind is not None
+    command = t.str_list("command")
+    model = t.str("model")
+    if kind == "command":
+        if not command:
+            raise t.error("command", 'is required for kind "command": the argv, e.g. ["my-server", "--port", "{port}"]')
+    elif not model:
+        raise t.error("model", f'is required for kind {kind!r}: a model directory or id')
+    port = t.int("port", 8080, min_value=1, max_value=65535)
+    gpu_devices = t._get("gpu_devices", [], False)
+    if not isinstance(gpu_devices, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                    for d in gpu_devices):
+        raise t.error("gpu_devices", f"expected a list of GPU indices such as [0, 1], got {gpu_devices!r}")
+    supports_messages = t._get("supports_messages", None, False)
+    if supports_messages is not None and not isinstance(supports_messages, bool):
+        raise t.error("supports_messages", f"expected true or false, got {supports_messages!r}")
+    cwd = t.str("cwd")
+    return EngineConfig(
+        name=name,
+        kind=kind,
+        model=model,
+        host=t.str("host", "127.0.0.1") or "127.0.0.1",
+        port=port or 8080,
+        args=t.str_list("args"),
+        command=command,
+        env=t.str_map("env"),
+        cwd=os.path.expanduser(cwd) if cwd else None,
+        footprint_bytes=t.size_bytes("footprint", "auto", allow_auto=True),
+        exclusive=t.bool("exclusive", False),
+        default=t.bool("default", False),
+        aliases=t.str_list("aliases"),
+        served_model=t.str("served_model"),
+        start_timeout_s=t.duration_s("start_timeout", "15m", min_s=1),
+        stop_grace_s=t.duration_s("stop_grace", "60s"),
+        autostart=t.bool("autostart", True),
+        canary_interval_s=t.duration_s("canary_interval", "60s", min_s=1),
+        canary_timeout_s=t.duration_s("canary_timeout", "30s", min_s=0.5),
+        stall_s=t.duration_s("stall", "15s", min_s=0.5),
+        canary_max_tokens=t.int("canary_max_tokens", 16, min_value=1, max_value=4096) or 16,
+        gpu_devices=tuple(gpu_devices),
+        supports_messages=supports_messages,
+    )
+
+
+def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, StrandedSettings, RebootConfig,
+                                        DegradedSettings]:
+    t.check_unknown({"restart", "memory", "stranded", "reboot", "degraded"})
+    r = t.sub("restart")
+    r.check_unknown({"min_interval", "initial_backoff", "factor", "max_backoff", "reset_after", "max_failures",
+                     "failure_window", "hang_restart_after"})
+    why_60 = ("two automatic spawns closer than 60s turn a Metal OOM into a crash loop; "
+              "launchd needs ThrottleInterval >= 60 for the same reason")
+    min_interval = r.duration_s("min_interval", "60s", min_s=60, why=why_60)
+    restart = RestartSettings(
+        min_interval_s=min_interval,
+        initial_backoff_s=r.duration_s("initial_backoff", "60s", min_s=60, why=why_60),
+        factor=r.float("factor", 2.0, min_value=1.0, max_value=10.0),
+        max_backoff_s=r.duration_s("max_backoff", "15m", min_s=60, why=why_60),
+        reset_after_ready_s=r.duration_s("reset_after", "10m", min_s=1),
+        max_failures=r.int("max_failures", 5, min_value=1) or 5,
+        failure_window_s=r.duration_s("failure_window", "30m", min_s=60),
+        hang_restart_after_s=r.duration_s("hang_restart_after", "30s"),
+    )
+    m = t.sub("memory")
+    m.check_unknown({"headroom", "budget", "auto_factor", "admission_wait", "return_wait"})
+    memory = MemorySettings(
+        headroom_bytes=m.size_bytes("headroom", "4GB") or 0,
+        budget_bytes=m.size_bytes("budget", "auto", allow_auto=True),
+        auto_factor=m.float("auto_factor", 1.2, min_value=1.0, max_value=4.0),
+        admission_wait_s=m.duration_s("admission_wait", "5m"),
+        return_wait_s=m.duration_s("return_wait", "5m"),
+    )
+    s = t.sub("stranded")
+    s.check_unknown({"threshold", "reclaim_window"})
+    stranded = StrandedSettings(
+        threshold_bytes=s.size_bytes("threshold", "32GB") or 0,
+        reclaim_window_s=s.duration_s("reclaim_window", "2m"),
+    )
+    rb = t.sub("reboot")
+    rb.check_unknown({"enabled", "grace", "cooldown", "argv"})
+    argv_raw = rb._get("argv", None, False)
+    if argv_raw is not None and isinstance(argv_raw, str):
+        raise rb.error("argv", "must be a list of strings (it runs without a shell), "
+                               'e.g. ["sudo", "-n", "shutdown", "-r", "now"]')
+    argv = rb.str_list("argv", list(RebootConfig.argv))
+    if not argv:
+        raise rb.error("argv", 'must not be empty, e.g. ["sudo", "-n", "shutdown", "-r", "now"]')
+    reboot = RebootConfig(
+        enabled=rb.bool("enabled", False),
+        grace_s=rb.duration_s("grace", "5m", min_s=10),
+        cooldown_s=rb.duration_s("cooldown", "6h", min_s=600),
+        argv=argv,
+    )
+    d = t.sub("degraded")
+    d.check_unknown({"share", "windows", "window", "restart_when_idle"})
+    degraded = DegradedSettings(
+        share=d.float("share", 0.5, min_value=0.01, max_value=0.99),
+        windows=d.int("windows", 3, min_value=1, max_value=100) or 3,
+        window_s=d.duration_s("window", "30s", min_s=1),
+        restart_when_idle=d.bool("restart_when_idle", False),
+    )
+    return restart, memory, stranded, reboot, degraded
+
+
+def _parse_probes(t: Table) -> ProbeSettings:
+    t.check_unknown({"interval", "process_interval", "vm_stat", "sysctl", "nvml", "platform"})
+    return ProbeSettings(
+        interval_s=t.duration_s("interval", "5s", min_s=0.2),
+        process_interval_s=t.duration_s("process_interval", "1s", min_s=0.1),
+        vm_stat=t.str("vm_stat", "vm_stat") or "vm_stat",
+        sysctl=t.str("sysctl", "sysctl") or "sysctl",
+        nvml=t.bool("nvml", True),
+        platform=t.str("platform", "auto", choices=("auto", "darwin", "linux")) or "auto",
+    )
+
+
+_TOP_KEYS = {"daemon", "engine", "policies", "probes", "gateway", "alerts"}
+
+
+def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document into a Config."""
+    environ = os.environ if environ is None else environ
+    root = Table(data, file, "")
+    root.check_unknown(_TOP_KEYS)
+    d = root.sub("daemon")
+    d.check_unknown({"state_dir", "control_socket", "log_level", "log_max_bytes", "metrics_listen",
+                     "stop_engines_on_exit"})
+    state_dir_raw = d.str("state_dir") or environ.get("SUPERVISORD_LLM_STATE_DIR")
+    state_dir = Path(os.path.expanduser(state_dir_raw)) if state_dir_raw else default_state_dir()
+    socket_raw = d.str("control_socket")
+    control_socket = Path(os.path.expanduser(socket_raw)) if socket_raw else state_dir / "control.sock"
+    if len(str(control_socket).encode()) > 100:
+        raise d.error("control_socket", f"the path {str(control_socket)!r} is too long for a Unix socket "
+                                        "(at most 100 bytes); set a shorter daemon.control_socket or state_dir")
+    metrics_listen = d.str("metrics_listen")
+    if metrics_listen is not None:
+        _parse_listen(metrics_listen, d, "metrics_listen")
+    daemon = DaemonConfig(
+        state_dir=state_dir,
+        control_socket=control_socket,
+        log_level=d.str("log_level", "info", choices=("debug", "info", "warning", "error")) or "info",
+        log_max_bytes=d.size_bytes("log_max_bytes", "20MB") or 20 * 10**6,
+        metrics_listen=metrics_listen,
+        stop_engines_on_exit=d.bool("stop_engines_on_exit", True),
+    )
+
+    engines_raw = data.get("engine", [])
+    if not isinstance(engines_raw, list):
+        raise ConfigError("expected [[engine]] tables (an array of tables)", file=file, key="engine")
+    engines: list[EngineConfig] = []
+    seen: dict[str, str] = {}
+    for i, raw in enumerate(engines_raw):
+        engine = _parse_engine(Table(raw, file, f"engine[{i}]"))
+        for label in (engine.name, *engine.aliases):
+            if label in seen:
+                raise ConfigError(f"duplicate engine name or alias {label!r} (already used by {seen[label]!r}); "
+                                  "names and aliases must be unique", file=file, key=f"engine[{i}].name")
+            seen[label] = engine.name
+        engines.append(engine)
+    ports: dict[tuple[str, int], str] = {}
+    for i, engine in enumerate(engines):
+        if (engine.host, engine.port) in ports:
+            raise ConfigError(f"port {engine.port} is already used by engine {ports[(engine.host, engine.port)]!r}; "
+                              "each engine needs its own port", file=file, key=f"engine[{i}].port")
+        ports[(engine.host, engine.port)] = engine.name
+    defaults = [e.name for e in engines if e.default]
+    if len(defaults) > 1:
+        raise ConfigError(f"more than one engine is marked default ({', '.join(defaults)}); mark at most one",
+                          file=file, key="engine.default")
+
+    restart, memory, stranded, reboot, degraded = _parse_policies(root.sub("policies"))
+    probes = _parse_probes(root.sub("probes"))
+
+    gateway = None
+    if "gateway" in data:
+        from supervisord_llm.gateway import GatewaySettings
+
+        g = root.sub("gateway")
+        enabled = g.bool("enabled", True)
+        table = {k: v for k, v in g.data.items() if k != "enabled"}
+        settings = GatewaySettings.from_toml(table, file=file, key="gateway")
+        if metrics_listen and _same_listen(metrics_listen, f"{settings.host}:{settings.port}"):
+            raise ConfigError("the gateway and metrics_listen use the same address", file=file, key="gateway.listen")
+        gateway = settings if enabled else None
+        if gateway is not None:
+            for engine in engines:
+                if engine.port == settings.port and engine.host in (settings.host, "0.0.0.0"):
+                    raise ConfigError(f"the gateway port {settings.port} is engine {engine.name!r}'s port",
+                                      file=file, key="gateway.listen")
+
+    alerts = None
+    if "alerts" in data:
+        from supervisord_llm.alerts import AlertSettings
+
+        alerts = AlertSettings.from_toml(root.sub("alerts").data, file=file, key="alerts")
+
+    return Config(
+        file=file,
+        daemon=daemon,
+        engines=tuple(engines),
+        restart=restart,
+        memory=memory,
+        stranded=stranded,
+        reboot=reboot,
+        degraded=degraded,
+        probes=probes,
+        gateway=gateway,
+        alerts=alerts,
+    )
+
+
+def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise t.error(key, f"expected HOST:PORT such as \"127.0.0.1:9464\", got {value!r}")
+    return host, int(port)
+
+
+def _same_listen(a: str, b: str) -> bool:
+    return a.rsplit(":", 1)[-1] == b.rsplit(":", 1)[-1]
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit)
+    if environ.get("SUPERVISORD_LLM_CONFIG"):
+        return Path(environ["SUPERVISORD_LLM_CONFIG"])
+    return default_config_path()
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate the config; raise ConfigError naming file, key and what is valid."""
+    resolved = resolve_config_path(path, environ)
+    file = str(resolved)
+    try:
+        raw = resolved.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError("no such file; pass --config PATH or set SUPERVISORD_LLM_CONFIG", file=file) from exc
+    except IsADirectoryError as exc:
+        raise ConfigError("is a directory, expected a TOML file", file=file) from exc
+    except PermissionError as exc:
+        raise ConfigError("cannot be read (permission denied)", file=file) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot be read: {exc.strerror}", file=file) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"is not UTF-8 text (byte {exc.start})", file=file) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", file=file) from exc
+    return parse_config(data, file, environ=environ)
+
+
+__all__ = [
+    "Config", "ConfigError", "DaemonConfig", "EngineConfig", "ENGINE_KINDS", "Table", "load_config",
+    "parse_config", "resolve_config_path", "DURATION_HELP", "SIZE_HELP",
+]

@@ -1,0 +1,663 @@
+"""The daemon: owns the engines' supervisors, the probes, the policies' execution and the control API.
+
+One daemon per state dir (an exclusive ``flock`` on ``<state_dir>/daemon.lock``). Its durable state
+(``state.json``) records each engine's pid, process create time, command line and backoff history,
+so a daemon that was killed and restarted adopts its still-running engines instead of starting
+second copies, and keeps the 60 s spacing of spawns across its own restarts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import psutil
+
+from policies import backoff
+from policies.actions import Admit, Alert, Refuse
+from policies.admission import Footprint, admit, auto_footprint_bytes
+from probes.readings import SystemMemoryReading
+from supervisord_llm import __version__
+from supervisord_llm.clock import Clock, SystemClock
+from supervisord_llm.config import Config
+from supervisord_llm.errors import (
+    DaemonAlreadyRunning,
+    StartRefused,
+    StateError,
+    SwapError,
+    SwapInProgress,
+    UnknownEngine,
+)
+from supervisord_llm.events import EventLog
+from supervisord_llm.process import EngineProcess, tagged_processes
+from supervisord_llm.statefile import read_json, write_json_atomic
+from supervisord_llm.supervisor import EngineState, EngineSupervisor
+
+STATE_VERSION = 1
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Create the state dir 0700 (it holds the control socket, logs and alert outbox)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+        (path / "logs").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"cannot use state dir {path}: {exc.strerror or exc}; set daemon.state_dir or "
+                         "SUPERVISORD_LLM_STATE_DIR to a writable directory") from exc
+
+
+class DaemonLock:
+    """An exclusive flock on ``daemon.lock``; the file names the holder's pid."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "daemon.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = int(os.read(fd, 32).decode().strip() or 0) or None
+            except (ValueError, OSError):
+                holder = None
+            os.close(fd)
+            raise DaemonAlreadyRunning(str(self.path.parent), holder) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Daemon:
+    def __init__(self, config: Config, *, logger: Any, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.log = logger
+        self.state_dir = config.daemon.state_dir
+        self.started_s = self.clock.now()
+        self.lock = DaemonLock(self.state_dir)
+        self.events: EventLog = None  # type: ignore[assignment]  # set in open()
+        self.http: httpx.AsyncClient = None  # type: ignore[assignment]
+        self.supervisors: dict[str, EngineSupervisor] = {}
+        self.daemon_id = ""
+        self.memory: SystemMemoryReading | None = None
+        self.memory_error: str | None = None
+        self.backoff_settings = backoff.BackoffSettings(
+            min_interval_s=config.restart.min_interval_s,
+            initial_s=config.restart.initial_backoff_s,
+            factor=config.restart.factor,
+            max_s=config.restart.max_backoff_s,
+            reset_after_ready_s=config.restart.reset_after_ready_s,
+            max_failures=config.restart.max_failures,
+            failure_window_s=config.restart.failure_window_s,
+        )
+        self._swap_lock = anyio.Lock()
+        self.swap_target: str | None = None
+        self.swap_started_s: float | None = None
+        self._persist_ok = True
+        self._saved: dict[str, Any] = {}
+        self.extensions: list[Any] = []  # optional subsystems (alerts, gateway, metrics, stranded, gpu)
+        self.alerts_outbox: Any = None
+        self.gateway_app: Any = None
+        self.healthy_loop = True
+        self._stopping = False
+        self.on_status: list[Callable[[dict[str, Any]], None]] = []
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Claim the state dir (refusing a second daemon) and load durable state. Blocking."""
+        prepare_state_dir(self.state_dir)
+        self.lock.acquire()
+        self.events = EventLog(self.state_dir / "events.jsonl", self.clock, self.log)
+        self._saved, problem = read_json(self.state_dir / "state.json")
+        if problem:
+            self.events.emit("state.corrupt", problem=problem)
+        id_file = self.state_dir / "daemon-id"
+        try:
+            self.daemon_id = id_file.read_text().strip()
+        except OSError:
+            self.daemon_id = ""
+        if not self.daemon_id:
+            self.daemon_id = uuid.uuid4().hex[:16]
+            id_file.write_text(self.daemon_id)
+        from supervisord_llm.health import EngineHealth, baseline_from_record, health_settings
+
+        baselines = self._saved.get("baselines") if isinstance(self._saved.get("baselines"), dict) else {}
+        for engine in self.config.engines:
+            sup = EngineSupervisor(engine, self)
+            sup.health = EngineHealth(health_settings(self), baseline_from_record(baselines.get(model_key(engine))))
+            saved = self._saved.get("engines", {}).get(engine.name, {})
+            record = saved.get("backoff") if isinstance(saved, dict) else None
+            if isinstance(record, dict):
+                try:
+                    sup.backoff = backoff.from_record(record, now_s=self.clock.now())
+                except ValueError as exc:
+                    self.events.emit("state.ignored", engine=engine.name, problem=str(exc))
+            if isinstance(saved, dict):
+                sup.restarts = int(saved.get("restarts", 0) or 0)
+                sup.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
+            self.supervisors[engine.name] = sup
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def find_adoptable(self) -> tuple[dict[str, EngineProcess], list[psutil.Process]]:
+        """Engines from the state file still running as the same process, and orphans of ours.
+
+        Orphans are processes carrying this daemon's tag that no recorded engine accounts for: a
+        daemon killed between a spawn and the state write, or a grandchild that outlived its engine.
+        """
+        adopted: dict[str, EngineProcess] = {}
+        engines = self._saved.get("engines", {}) if isinstance(self._saved.get("engines"), dict) else {}
+        for name, saved in engines.items():
+            if name not in self.supervisors or not isinstance(saved, dict):
+                continue
+            pid, created, tag = saved.get("pid"), saved.get("create_time"), saved.get("tag")
+            if not isinstance(pid, int) or not isinstance(created, (int, float)) or not isinstance(tag, str):
+                continue
+            proc = EngineProcess.adopt(pid, float(created), saved.get("argv") or [], tag,
+                                       self.supervisors[name].log_path)
+            if proc is not None:
+                adopted[name] = proc
+        orphans = []
+        adopted_tags = {p.tag for p in adopted.values()}
+        for proc in tagged_processes(self.daemon_id + "/"):
+            try:
+                tag = proc.environ().get("SUPERVISORD_LLM_TAG", "")
+            except psutil.Error:
+                continue
+            if tag not in adopted_tags:
+                orphans.append(proc)
+        return adopted, orphans
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+                  ready_callback: Callable[[], None] | None = None) -> None:
+        from supervisord_llm.control import serve_control
+
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, connect=2.0)) as http:
+            self.http = http
+            adopted, orphans = await anyio.to_thread.run_sync(self.find_adoptable)
+            if orphans:
+                await self._kill_orphans(orphans)
+            self.events.emit("daemon.started", pid=os.getpid(), version=__version__, state_dir=str(self.state_dir),
+                             adopted={n: p.pid for n, p in adopted.items()})
+            await self._read_memory()
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(serve_control, self)
+                for ext in self.extensions:
+                    await tg.start(ext.run)
+                tg.start_soon(self._memory_loop)
+                pending_swap = self._saved.get("swap")
+                for name, sup in self.supervisors.items():
+                    autostart = sup.config.autostart and self._should_autostart(name, pending_swap)
+                    await tg.start(sup.run, adopted.get(name), autostart)
+                if isinstance(pending_swap, dict) and pending_swap.get("target") in self.supervisors:
+                    tg.start_soon(self._resume_swap, pending_swap)
+                self.persist()
+                task_status.started()
+                if ready_callback:
+                    ready_callback()
+                await anyio.sleep_forever()
+
+    def _should_autostart(self, name: str, pending_swap: Any) -> bool:
+        """At daemon start: which engines to start. Exclusive engines: only the default one (or the
+        one a pending swap was heading to, or the one that was running)."""
+        saved = self._saved.get("engines", {}).get(name, {}) if isinstance(self._saved.get("engines"), dict) else {}
+        if isinstance(saved, dict) and saved.get("state") in ("stopped", "failed") and self._saved:
+            return False  # a person stopped it, or it failed: a daemon restart does not undo that
+        if isinstance(pending_swap, dict):
+            return False  # the swap resumption decides
+        sup = self.supervisors[name]
+        if not sup.config.exclusive and not any(s.config.exclusive for s in self.supervisors.values()):
+            return True
+        # With exclusive engines only one starts: the one that was resident before, else the default.
+        was_running = [n for n, s in self._saved.get("engines", {}).items()
+                       if isinstance(s, dict) and s.get("state") in ("starting", "ready", "degraded", "hung",
+                                                                     "backoff")] if self._saved else []
+        if was_running:
+            return name == was_running[0]
+        default = self.config.default_engine
+        return default is not None and default.name == name
+
+    async def _kill_orphans(self, orphans: list[psutil.Process]) -> None:
+        pids = [p.pid for p in orphans]
+        self.events.emit("daemon.orphans_found", pids=pids,
+                         commands=[" ".join(_cmdline(p))[:120] for p in orphans])
+
+        def kill() -> None:
+            for p in orphans:
+                try:
+                    p.terminate()
+                except psutil.Error:
+                    pass
+            _, alive = psutil.wait_procs(orphans, timeout=10)
+            for p in alive:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(alive, timeout=5)
+
+        await anyio.to_thread.run_sync(kill)
+        self.events.emit("daemon.orphans_killed", pids=pids)
+
+    async def shutdown(self, *, stop_engines: bool = True) -> None:
+        """A clean exit (SIGTERM/SIGINT) stops the engines gracefully, unless configured to leave them
+        running for the next daemon to adopt. A daemon that crashes or is SIGKILLed always leaves them."""
+        self.events.emit("daemon.stopping", pid=os.getpid(), stop_engines=stop_engines)
+        self._stopping = True
+        if stop_engines:
+            async with anyio.create_task_group() as tg:
+                for sup in self.supervisors.values():
+                    if sup.resident or sup.state not in (EngineState.STOPPED, EngineState.FAILED):
+                        tg.start_soon(self._stop_and_wait, sup)
+        self.persist()
+
+    async def _stop_and_wait(self, sup: EngineSupervisor) -> None:
+        try:
+            await sup.command("stop", reason="daemon shutdown")
+        except Exception as exc:
+            self.events.emit("engine.stop_failed", engine=sup.name, error=str(exc))
+            return
+        await sup.wait_for(lambda s: s.state in (EngineState.STOPPED, EngineState.FAILED)
+                           and not (s.proc and s.proc.running), sup.config.stop_grace_s + 30)
+
+    # ---- persistence -----------------------------------------------------------------------
+
+    def persist(self) -> None:
+        if self.events is None:
+            return
+        data = {
+            "version": STATE_VERSION,
+            "daemon_pid": os.getpid(),
+            "engines": {name: sup.persisted() for name, sup in self.supervisors.items()},
+            "swap": {"target": self.swap_target, "from": self._swap_from} if self.swap_target else None,
+            "baselines": self._baselines(),
+        }
+        for ext in self.extensions:
+            if hasattr(ext, "persisted"):
+                data[ext.name] = ext.persisted()
+        try:
+            write_json_atomic(self.state_dir / "state.json", data)
+            if not self._persist_ok:
+                self._persist_ok = True
+                self.events.emit("state.write_recovered")
+        except OSError as exc:
+            if self._persist_ok:
+                self._persist_ok = False
+                self.log.error("state.write_failed", error=str(exc))
+
+    _swap_from: list[str] = []
+
+    def _baselines(self) -> dict[str, Any]:
+        """Throughput baselines per model, kept across engine and daemon restarts."""
+        from supervisord_llm.health import baseline_record
+
+        saved = self._saved.get("baselines") if isinstance(self._saved.get("baselines"), dict) else {}
+        out = dict(saved)
+        for sup in self.supervisors.values():
+            if sup.health is not None and sup.health.baseline_state.window_rates:
+                out[model_key(sup.config)] = baseline_record(sup.health.baseline_state)
+        return out
+
+    # ---- memory ---------------------------------------------------------------------------
+
+    async def _read_memory(self) -> None:
+        from probes.errors import ProbeError
+        from probes.memory import read_system_memory
+
+        p = self.config.probes
+        platform = sys.platform if p.platform == "auto" else p.platform
+        try:
+            self.memory = await anyio.to_thread.run_sync(
+                lambda: read_system_memory(self.clock.now(), platform=platform, vm_stat_cmd=p.vm_stat,
+                                           sysctl_cmd=p.sysctl))
+            if self.memory_error:
+                self.events.emit("probe.recovered", probe="memory")
+            self.memory_error = None
+        except ProbeError as exc:
+            if self.memory_error != str(exc):
+                self.events.emit("probe.failed", probe="memory", error=str(exc))
+            self.memory_error = str(exc)
+        for ext in self.extensions:
+            if hasattr(ext, "on_memory"):
+                ext.on_memory(self.memory)
+
+    async def _memory_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.config.probes.interval_s)
+            await self._read_memory()
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
+        cfg = sup.config
+        if cfg.footprint_bytes is not None:
+            return cfg.footprint_bytes
+        weights = getattr(sup, "_weights_bytes", None)
+        if weights is None:
+            weights = _weights_on_disk(cfg.model)
+            sup._weights_bytes = weights  # type: ignore[attr-defined]
+        return auto_footprint_bytes(weights, self.config.memory.auto_factor) if weights else None
+
+    def _footprint(self, sup: EngineSupervisor) -> Footprint:
+        return Footprint(engine=sup.name, bytes=self.footprint_bytes(sup) or 0, exclusive=sup.config.exclusive,
+                         gpu_devices=sup.config.gpu_devices)
+
+    def resident(self, exclude: str | None = None) -> list[EngineSupervisor]:
+        return [s for s in self.supervisors.values() if s.name != exclude and s.resident]
+
+    def _admission(self, sup: EngineSupervisor) -> Admit | Refuse:
+        mem = self.memory
+        resident = [self._footprint(s) for s in self.resident(exclude=sup.name)]
+        candidate = self._footprint(sup)
+        available = mem.available_bytes if mem else 2**62
+        budget = self.config.memory.budget_bytes
+        if budget is None and mem is not None:
+            budget = max(1, mem.total_bytes - self.config.memory.headroom_bytes)
+        stranded = 0
+        gpu_free = None
+        for ext in self.extensions:
+            if hasattr(ext, "stranded_bytes"):
+                stranded = max(stranded, ext.stranded_bytes() or 0)
+            if hasattr(ext, "gpu_free_bytes") and sup.config.gpu_devices:
+                gpu_free = ext.gpu_free_bytes()
+        return admit(candidate, resident, available, self.config.memory.headroom_bytes, budget, gpu_free,
+                     stranded_bytes=stranded)
+
+    async def admit(self, sup: EngineSupervisor) -> None:
+        """Wait (bounded) until the engine fits; raise StartRefused naming the numbers otherwise.
+
+        Exclusivity is never waited for: it is a conflict a swap resolves, not memory pressure.
+        """
+        for ext in self.extensions:
+            if hasattr(ext, "before_start"):
+                await ext.before_start(sup)
+        deadline = self.clock.now() + self.config.memory.admission_wait_s
+        announced = False
+        while True:
+            await self._read_memory()
+            verdict = self._admission(sup)
+            if isinstance(verdict, Admit):
+                self.events.emit("policy.decided", policy="admission", engine=sup.name, decision="admit",
+                                 message=verdict.message)
+                return
+            if verdict.reason == "exclusive" or self.clock.now() >= deadline:
+                self.events.emit("policy.decided", policy="admission", engine=sup.name, decision="refuse",
+                                 reason=verdict.reason, message=verdict.message)
+                raise StartRefused(sup.name, verdict.reason, verdict.message)
+            if not announced:
+                announced = True
+                self.events.emit("engine.admission_waiting", engine=sup.name, reason=verdict.reason,
+                                 message=verdict.message,
+                                 wait_s=round(deadline - self.clock.now(), 1))
+            await anyio.sleep(min(2.0, max(0.1, deadline - self.clock.now())))
+
+    # ---- callbacks from supervisors -------------------------------------------------------
+
+    def engine_ready(self, sup: EngineSupervisor) -> None:
+        for ext in self.extensions:
+            if hasattr(ext, "on_engine_ready"):
+                ext.on_engine_ready(sup)
+
+    def engine_exited(self, sup: EngineSupervisor) -> None:
+        for ext in self.extensions:
+            if hasattr(ext, "on_engine_exit"):
+                ext.on_engine_exit(sup)
+
+    def alert(self, alert: Alert) -> None:
+        self.events.emit("alert.raised", key=alert.key, severity=alert.severity, summary=alert.summary,
+                         resolved=alert.resolved, details=alert.details)
+        if self.alerts_outbox is not None:
+            self.alerts_outbox.submit_action(alert)
+
+    async def monitor_engine(self, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None:
+        from supervisord_llm.health import monitor
+
+        await monitor(self, sup, gen, proc)
+
+    # ---- operations (control API, gateway) --------------------------------------------------
+
+    def supervisor(self, name: str) -> EngineSupervisor:
+        sup = self.supervisors.get(name)
+        if sup is None:
+            for s in self.supervisors.values():
+                if name in s.config.aliases:
+                    return s
+            raise UnknownEngine(name, list(self.supervisors))
+        return sup
+
+    async def start(self, name: str, *, force: bool = False) -> str:
+        sup = self.supervisor(name)
+        conflicts = self._conflicts(sup)
+        if conflicts:
+            names = ", ".join(s.name for s in conflicts)
+            raise StartRefused(name, "exclusive",
+                               f"{name} cannot run next to {names} (exclusive); use `llmctl switch {name}` "
+                               "to stop them first")
+        return await sup.command("start", force=force)
+
+    async def stop(self, name: str) -> str:
+        return await self.supervisor(name).command("stop")
+
+    async def restart(self, name: str, *, force: bool = False) -> str:
+        return await self.supervisor(name).command("restart", force=force)
+
+    def _conflicts(self, sup: EngineSupervisor) -> list[EngineSupervisor]:
+        others = self.resident(exclude=sup.name)
+        if sup.config.exclusive:
+            return others
+        return [o for o in others if o.config.exclusive]
+
+    async def switch(self, name: str, *, wait: bool = True) -> dict[str, Any]:
+        """Swap to ``name``: one swap at a time; a second request for the same target joins it,
+        one for another target is refused (SwapInProgress) until the first has finished."""
+        target = self.supervisor(name)
+        if self.swap_target is not None:
+            if self.swap_target == target.name:
+                await target.wait_for(lambda s: s.swap_in_progress is False, None)
+                return {"target": target.name, "joined": True, "state": str(target.state)}
+            raise SwapInProgress(self.swap_target)
+        async with self._swap_lock:
+            return await self._do_swap(target)
+
+    async def _do_swap(self, target: EngineSupervisor, previous: list[str] | None = None) -> dict[str, Any]:
+        from policies.swap import memory_returned
+
+        started = self.clock.now()
+        to_stop = [s for s in self._conflicts(target)]
+        budget_stop = self._budget_conflicts(target, to_stop)
+        to_stop += [s for s in budget_stop if s not in to_stop]
+        prev = previous if previous is not None else [s.name for s in to_stop if s.serving]
+        self.swap_target, self._swap_from, self.swap_started_s = target.name, prev, started
+        target.swap_in_progress = True
+        self.persist()
+        self.events.emit("swap.started", target=target.name, stopping=[s.name for s in to_stop])
+        timings: dict[str, float] = {}
+        try:
+            t0 = self.clock.now()
+            for sup in to_stop:
+                await sup.command("stop", reason=f"swap to {target.name}")
+            for sup in to_stop:
+                await sup.wait_for(lambda s: s.state in (EngineState.STOPPED, EngineState.FAILED)
+                                   and not (s.proc and s.proc.running), None)
+            timings["stop_s"] = self.clock.now() - t0
+            # Memory must be back before the new engine loads: never two models at once.
+            t1 = self.clock.now()
+            need = (self.footprint_bytes(target) or 0) + self.config.memory.headroom_bytes
+            deadline = t1 + self.config.memory.return_wait_s
+            before = self.memory.available_bytes if self.memory else 0
+            while True:
+                await self._read_memory()
+                now_avail = self.memory.available_bytes if self.memory else need
+                ret = memory_returned(before, now_avail, need)
+                if ret.enough or not to_stop:
+                    break
+                if self.clock.now() >= deadline:
+                    msg = (f"memory did not come back within {self.config.memory.return_wait_s:.0f}s after stopping "
+                           f"{', '.join(s.name for s in to_stop)}: {ret.short_bytes / 1e9:.1f} GB still missing for "
+                           f"{target.name}; not starting it")
+                    self.alert(Alert(key=f"swap.memory_not_returned:{target.name}", severity="critical",
+                                     summary=msg, details={"short_bytes": ret.short_bytes}))
+                    self.events.emit("swap.aborted", target=target.name, reason=msg)
+                    raise SwapError(msg)
+                await anyio.sleep(1.0)
+            timings["memory_wait_s"] = self.clock.now() - t1
+            t2 = self.clock.now()
+            if not target.serving:
+                if target.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF):
+                    await target.command("start", force=True, reason=f"swap to {target.name}")
+                ok = await target.wait_for(lambda s: s.state in (EngineState.READY, EngineState.DEGRADED,
+                                                                 EngineState.FAILED, EngineState.BACKOFF,
+                                                                 EngineState.STOPPED),
+                                           target.config.start_timeout_s + 30)
+                if not ok or not target.serving:
+                    raise SwapError(f"{target.name} did not become ready ({target.state}: {target.state_reason})")
+            timings["start_s"] = self.clock.now() - t2
+            total = self.clock.now() - started
+            self.events.emit("swap.finished", target=target.name, stopped=[s.name for s in to_stop],
+                             total_s=round(total, 3), **{k: round(v, 3) for k, v in timings.items()})
+            return {"target": target.name, "stopped": [s.name for s in to_stop], "state": str(target.state),
+                    "total_s": total, **timings}
+        except SwapError as exc:
+            await self._rollback(target, prev, str(exc))
+            raise
+        finally:
+            target.swap_in_progress = False
+            self.swap_target, self._swap_from, self.swap_started_s = None, [], None
+            self.persist()
+            for sup in self.supervisors.values():
+                ev, sup.state_changed = sup.state_changed, anyio.Event()
+                ev.set()
+
+    async def _rollback(self, target: EngineSupervisor, previous: list[str], reason: str) -> None:
+        """The new engine failed: stop it (nothing half-loaded) and bring the previous one back."""
+        if target.state not in (EngineState.STOPPED, EngineState.FAILED) or (target.proc and target.proc.running):
+            await target.command("stop", reason="swap rollback")
+            await target.wait_for(lambda s: s.state in (EngineState.STOPPED, EngineState.FAILED)
+                                  and not (s.proc and s.proc.running), None)
+        restored = []
+        for name in previous:
+            sup = self.supervisors[name]
+            try:
+                await sup.command("start", force=True, reason=f"rollback: swap to {target.name} failed")
+                restored.append(name)
+            except Exception as exc:  # report, do not mask the swap's own error
+                self.events.emit("swap.rollback_failed", engine=name, error=str(exc))
+        self.events.emit("swap.rolled_back", target=target.name, reason=reason, restored=restored)
+        self.alert(Alert(key=f"swap.failed:{target.name}", severity="critical",
+                         summary=f"swap to {target.name} failed ({reason}); rolled back to "
+                                 f"{', '.join(restored) or 'nothing'}",
+                         details={"target": target.name, "restored": restored}))
+
+    def _budget_conflicts(self, target: EngineSupervisor, already: list[EngineSupervisor]) -> list[EngineSupervisor]:
+        """Non-exclusive engines that must go for the target to fit the budget (largest first)."""
+        budget = self.config.memory.budget_bytes
+        if budget is None and self.memory is not None:
+            budget = self.memory.total_bytes - self.config.memory.headroom_bytes
+        if budget is None:
+            return []
+        others = [s for s in self.resident(exclude=target.name) if s not in already]
+        used = sum(self.footprint_bytes(s) or 0 for s in others) + (self.footprint_bytes(target) or 0)
+        out = []
+        for s in sorted(others, key=lambda s: -(self.footprint_bytes(s) or 0)):
+            if used <= budget:
+                break
+            out.append(s)
+            used -= self.footprint_bytes(s) or 0
+        return out
+
+    async def _resume_swap(self, swap: dict[str, Any]) -> None:
+        """A daemon killed mid-swap: finish the swap (or roll back) so no two models stay resident."""
+        target = self.supervisors[swap["target"]]
+        previous = [n for n in swap.get("from") or [] if n in self.supervisors]
+        self.events.emit("swap.resumed", target=target.name, previous=previous)
+        async with self._swap_lock:
+            try:
+                await self._do_swap(target, previous=previous)
+            except SwapError:
+                pass
+
+    # ---- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        mem = self.memory
+        system: dict[str, Any] = {
+            "platform": mem.platform if mem else sys.platform,
+            "memory": {
+                "total_bytes": mem.total_bytes if mem else None,
+                "available_bytes": mem.available_bytes if mem else None,
+                "wired_bytes": mem.wired_bytes if mem else None,
+                "compressed_bytes": mem.compressed_bytes if mem else None,
+                "wired_limit_bytes": mem.wired_limit_bytes if mem else None,
+                "baseline_wired_bytes": None,
+                "stranded_bytes": None,
+                "error": self.memory_error,
+            },
+            "gpus": [],
+        }
+        doc: dict[str, Any] = {
+            "schema": 1,
+            "daemon": {"pid": os.getpid(), "version": __version__, "uptime_s": round(self.clock.now() - self.started_s, 1),
+                       "state_dir": str(self.state_dir), "config": self.config.file},
+            "engines": [sup.status() for sup in self.supervisors.values()],
+            "system": system,
+            "alerts": {"pending": 0, "delivered": 0, "failed": 0},
+            "reboot": {"state": "idle", "at": None, "reason": None},
+            "gateway": None,
+            "swap": {"target": self.swap_target, "for_s": round(self.clock.now() - self.swap_started_s, 1)}
+            if self.swap_target and self.swap_started_s is not None else None,
+        }
+        if self.alerts_outbox is not None:
+            doc["alerts"] = self.alerts_outbox.counts()
+        for ext in self.extensions:
+            if hasattr(ext, "contribute_status"):
+                ext.contribute_status(doc)
+        return doc
+
+
+def model_key(engine: Any) -> str:
+    return f"{engine.kind}:{engine.served_model or engine.model or engine.name}"
+
+
+def _weights_on_disk(model: str | None) -> int | None:
+    if not model:
+        return None
+    path = Path(os.path.expanduser(model))
+    if not path.is_dir():
+        return None
+    total = 0
+    for pattern in ("*.safetensors", "*.gguf", "*.bin", "*.npz"):
+        for f in path.glob(pattern):
+            try:
+                total += f.stat().st_size
+            except OSError:
+                pass
+    return total or None
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+__all__ = ["Daemon", "DaemonLock", "prepare_state_dir", "Refuse"]

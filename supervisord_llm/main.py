@@ -1,0 +1,188 @@
+"""``supervisord-llm``: run the daemon in the foreground (``run``) or on the embedded default (``demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from supervisord_llm import __version__
+from supervisord_llm.config import Config, default_state_dir, load_config
+from supervisord_llm.errors import ConfigError, StateError, SupervisordLLMError
+
+
+def configure_logging(level: str, *, json_logs: bool) -> Any:
+    """Configure structlog once, here in the entry point, and return the root bound logger."""
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if json_logs:
+        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        processors += [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    return structlog.get_logger("supervisord_llm")
+
+
+def build_daemon(config: Config, logger: Any) -> Any:
+    from supervisord_llm.daemon import Daemon
+    from supervisord_llm.extensions import install_extensions
+
+    daemon = Daemon(config, logger=logger)
+    install_extensions(daemon)
+    return daemon
+
+
+async def run_daemon(config: Config, logger: Any, *, banner: str | None = None) -> int:
+    daemon = build_daemon(config, logger)
+    await anyio.to_thread.run_sync(daemon.open)
+    exit_code = 0
+    try:
+        async with anyio.create_task_group() as tg:
+            async def on_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        logger.info("daemon.signal", signal=signal.Signals(signum).name)
+                        await daemon.shutdown(stop_engines=config.daemon.stop_engines_on_exit)
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(on_signals)
+
+            def ready() -> None:
+                if banner:
+                    print(banner, flush=True)
+
+            await tg.start(lambda task_status: daemon.run(task_status=task_status, ready_callback=ready))
+    finally:
+        daemon.close()
+    return exit_code
+
+
+def _demo_config_text(state_dir: Path, model_dir: Path, engine_port: int, gateway_port: int) -> str:
+    return f"""# The embedded default: a tiny random-weight llama served by a real mlx_lm.server.
+[daemon]
+state_dir = "{state_dir}"
+
+[[engine]]
+name = "tiny"                 # what `llmctl` and the gateway's "model" field call it
+kind = "mlx_lm"               # runs: python -m mlx_lm.server --model ... --port ...
+model = "{model_dir}"
+port = {engine_port}
+default = true                # requests without a model go here
+footprint = "1GB"             # memory admission: what this engine holds while resident
+start_timeout = "2m"          # ready only after a real generation succeeded within this time
+stop_grace = "20s"            # SIGTERM, then SIGKILL after this long
+canary_interval = "30s"       # a tiny real generation when no traffic proved it works
+
+[gateway]
+listen = "127.0.0.1:{gateway_port}"   # point OpenAI/Anthropic clients here
+"""
+
+
+def demo(args: argparse.Namespace) -> int:
+    state_dir = Path(os.environ.get("SUPERVISORD_LLM_STATE_DIR") or default_state_dir())
+    state_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = state_dir / "models" / "tiny-llama"
+    from supervisord_llm.tinymodel import is_complete
+
+    if not is_complete(model_dir):
+        print(f"making the tiny model in {model_dir} (once, deterministic, no download) ...", flush=True)
+        done = subprocess.run([sys.executable, "-m", "supervisord_llm.tinymodel", str(model_dir)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"supervisord-llm demo: could not make the tiny model:\n{done.stderr.strip()}\n"
+                  "install the demo's extra: pip install 'supervisord-llm[mlx]' (make install does)",
+                  file=sys.stderr)
+            return 1
+    config_path = state_dir / "demo.toml"
+    config_path.write_text(_demo_config_text(state_dir, model_dir, args.engine_port, args.gateway_port))
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"supervisord-llm: {exc}", file=sys.stderr)
+        return 2
+    logger = configure_logging(args.log_level, json_logs=False)
+    banner = (
+        f"\nsupervisord-llm {__version__} demo is up. The engine becomes ready once a real generation works.\n"
+        f"  status:   llmctl status            (or: .venv/bin/llmctl status)\n"
+        f"  engine:   http://127.0.0.1:{args.engine_port}  (mlx_lm.server, tiny model)\n"
+        f"  gateway:  http://127.0.0.1:{args.gateway_port}/v1/chat/completions\n"
+        f"  config:   {config_path}\n"
+        f"  events:   llmctl events -f\n"
+        f"Ctrl-C stops the daemon and the engine.\n"
+    )
+    try:
+        return anyio.run(run_daemon, config, logger, banner)
+    except SupervisordLLMError as exc:
+        print(f"supervisord-llm: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"supervisord-llm: {exc}", file=sys.stderr)
+        return 2
+    logger = configure_logging(args.log_level or config.daemon.log_level, json_logs=args.json_logs)
+    try:
+        return anyio.run(run_daemon, config, logger)
+    except StateError as exc:
+        print(f"supervisord-llm: {exc}", file=sys.stderr)
+        return 1
+    except SupervisordLLMError as exc:
+        print(f"supervisord-llm: {exc}", file=sys.stderr)
+        return 1
+
+
+def check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"supervisord-llm: {exc}", file=sys.stderr)
+        return 2
+    print(f"{config.file}: ok ({len(config.engines)} engine(s): {', '.join(e.name for e in config.engines)})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="supervisord-llm", description="Supervisor daemon for local LLM servers")
+    parser.add_argument("--version", action="version", version=f"supervisord-llm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run the daemon in the foreground (for launchd/systemd)")
+    p_run.add_argument("--config", help="config file (default: $SUPERVISORD_LLM_CONFIG, else the platform config dir)")
+    p_run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p_run.add_argument("--json-logs", action="store_true", help="log JSON lines (for journald/launchd)")
+    p_run.set_defaults(func=run)
+    p_demo = sub.add_parser("demo", help="run the daemon on the embedded default (tiny local model)")
+    p_demo.add_argument("--engine-port", type=int, default=8081)
+    p_demo.add_argument("--gateway-port", type=int, default=8000)
+    p_demo.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p_demo.set_defaults(func=demo)
+    p_check = sub.add_parser("check-config", help="validate a config file and exit")
+    p_check.add_argument("--config")
+    p_check.set_defaults(func=check)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

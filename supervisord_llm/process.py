@@ -1,0 +1,428 @@
+"""Process control for engines: spawn in an own session, notice exit at once, stop the whole tree.
+
+Every engine process is started with an environment tag ``SUPERVISORD_LLM_TAG=<daemon id>/<engine>/<spawn id>``
+that its descendants inherit. That tag is how the daemon finds grandchildren that moved to their own
+process group or session (and so escape ``killpg``), and orphans left by a daemon that was killed.
+
+Exit is noticed without polling: on Linux through a pidfd that becomes readable when the process
+exits; for our own children the status is then reaped with ``waitpid``. On macOS a kqueue
+``NOTE_EXIT`` filter waits in a worker thread. Only where neither exists does it fall back to
+polling.
+
+Stop is SIGTERM to the process group, a long grace, then SIGKILL: a hard kill of a wedged Metal
+process can strand wired memory until reboot, while a graceful exit returns it in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import psutil
+
+from supervisord_llm.errors import EngineSpawnFailed
+
+TAG_ENV = "SUPERVISORD_LLM_TAG"
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    code: int | None
+    signal: int | None
+    at_wall: float
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.signal is None:
+            return None
+        try:
+            return signal.Signals(self.signal).name
+        except ValueError:
+            return f"SIG{self.signal}"
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            return f"killed by {self.signal_name}"
+        if self.code is None:
+            return "exited (status unknown: process was adopted)"
+        return f"exited with code {self.code}"
+
+
+@dataclass(frozen=True)
+class StopResult:
+    graceful: bool  # the root exited within the grace after SIGTERM
+    killed_pids: tuple[int, ...]  # processes that needed SIGKILL (root, group or tagged leftovers)
+    duration_s: float
+
+
+def process_create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def tagged_processes(tag_prefix: str) -> list[psutil.Process]:
+    """Every live process whose environment tag starts with ``tag_prefix`` (same user only)."""
+    found = []
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == me:
+            continue
+        try:
+            tag = proc.environ().get(TAG_ENV)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+        if tag and tag.startswith(tag_prefix):
+            found.append(proc)
+    return found
+
+
+def tree_of(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
+class EngineProcess:
+    """One spawned (or adopted) engine process and what it left in the process table."""
+
+    def __init__(self, pid: int, create_time: float, argv: Sequence[str], tag: str, *,
+                 popen: subprocess.Popen[bytes] | None, log_path: Path | None) -> None:
+        self.pid = pid
+        self.create_time = create_time
+        self.argv = list(argv)
+        self.tag = tag
+        self.popen = popen
+        self.log_path = log_path
+        self.adopted = popen is None
+        self.exit: ExitInfo | None = None
+        self._exited = anyio.Event()
+        # Descendants seen while running, as (pid, create_time): they outlive the root if they
+        # daemonised, and a pid alone could have been reused by the time we stop.
+        self.known_descendants: set[tuple[int, float]] = set()
+
+    @classmethod
+    def spawn(cls, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None, log_path: Path,
+              tag: str, engine: str) -> EngineProcess:
+        """Start ``argv`` in its own session with stdout/stderr appended to ``log_path``.
+
+        The engine writes to the log file itself (not through a pipe to the daemon), so a daemon
+        restart never breaks its output and an adopted engine keeps logging.
+        """
+        full_env = {**os.environ, **env, TAG_ENV: tag}
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except FileNotFoundError as exc:
+            raise EngineSpawnFailed(engine, f"command not found: {argv[0]!r}; install it or fix the engine's "
+                                            "command/kind in the config") from exc
+        except PermissionError as exc:
+            raise EngineSpawnFailed(engine, f"permission denied executing {argv[0]!r}") from exc
+        except NotADirectoryError as exc:
+            raise EngineSpawnFailed(engine, f"working directory {cwd!r} is not a directory") from exc
+        except OSError as exc:
+            raise EngineSpawnFailed(engine, f"cannot execute {argv[0]!r}: {exc}") from exc
+        finally:
+            os.close(log_fd)
+        create_time = process_create_time(popen.pid) or time.time()
+        return cls(popen.pid, create_time, argv, tag, popen=popen, log_path=log_path)
+
+    @classmethod
+    def adopt(cls, pid: int, create_time: float, argv: Sequence[str], tag: str,
+              log_path: Path | None) -> EngineProcess | None:
+        """Re-attach to an engine a previous daemon started; None if that exact process is gone.
+
+        The create time must match to the hundredth of a second: a reused pid is never adopted.
+        """
+        actual = process_create_time(pid)
+        if actual is None or abs(actual - create_time) > 0.01:
+            return None
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.Error:
+            return None
+        return cls(pid, create_time, argv, tag, popen=None, log_path=log_path)
+
+    @staticmethod
+    def new_tag(daemon_id: str, engine: str) -> str:
+        return f"{daemon_id}/{engine}/{uuid.uuid4().hex[:12]}"
+
+    # ---- exit -------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.exit is None
+
+    async def wait(self) -> ExitInfo:
+        """Return when the process has exited (no polling where the OS can tell us)."""
+        if self.exit is not None:
+            return self.exit
+        await self._wait_os()
+        if self.exit is None:
+            self.exit = self._collect_status()
+            self._exited.set()
+        return self.exit
+
+    async def _wait_os(self) -> None:
+        if hasattr(os, "pidfd_open"):
+            try:
+                pidfd = os.pidfd_open(self.pid)
+            except ProcessLookupError:
+                return
+            try:
+                await anyio.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            return
+        if hasattr(select, "kqueue"):
+            await anyio.to_thread.run_sync(self._kqueue_wait, abandon_on_cancel=True)
+            return
+        while psutil.pid_exists(self.pid) and process_create_time(self.pid) == self.create_time:
+            await anyio.sleep(0.2)
+
+    def _kqueue_wait(self) -> None:
+        kq = select.kqueue()
+        try:
+            ev = select.kevent(self.pid, filter=select.KQ_FILTER_PROC, flags=select.KQ_EV_ADD | select.KQ_EV_ONESHOT,
+                               fflags=select.KQ_NOTE_EXIT)
+            try:
+                kq.control([ev], 1, None)
+            except ProcessLookupError:
+                return
+        finally:
+            kq.close()
+
+    def _collect_status(self) -> ExitInfo:
+        now = time.time()
+        if self.popen is not None:
+            rc = self.popen.wait()
+            if rc < 0:
+                return ExitInfo(code=None, signal=-rc, at_wall=now)
+            return ExitInfo(code=rc, signal=None, at_wall=now)
+        return ExitInfo(code=None, signal=None, at_wall=now)
+
+    # ---- tree -------------------------------------------------------------------------------
+
+    def remember_descendants(self) -> None:
+        """Record the current descendants (called from the probe loop, in a worker thread)."""
+        for proc in tree_of(self.pid)[1:]:
+            try:
+                self.known_descendants.add((proc.pid, proc.create_time()))
+            except psutil.Error:
+                pass
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes of this engine still alive: known descendants and anything carrying its tag."""
+        found: dict[int, psutil.Process] = {}
+        for pid, created in self.known_descendants:
+            try:
+                proc = psutil.Process(pid)
+                if abs(proc.create_time() - created) <= 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+                    found[pid] = proc
+            except psutil.Error:
+                continue
+        for proc in tagged_processes(self.tag):
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found[proc.pid] = proc
+            except psutil.Error:
+                continue
+        return list(found.values())
+
+    # ---- stop -------------------------------------------------------------------------------
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)  # the engine leads its own session, so its pgid is its pid
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.exit is None:
+            try:
+                os.kill(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def send_signal(self, sig: int) -> None:
+        self._signal_group(sig)
+
+    async def stop(self, grace_s: float) -> StopResult:
+        """SIGTERM the group, wait up to ``grace_s``, SIGKILL what is left, then sweep the tree.
+
+        Returns only when no process of the engine is left (verified with psutil).
+        """
+        started = time.monotonic()
+        await anyio.to_thread.run_sync(self.remember_descendants)
+        killed: list[int] = []
+        graceful = True
+        if self.exit is None:
+            # A stopped (SIGSTOP) process cannot act on SIGTERM; wake it so it can exit cleanly.
+            self._signal_group(signal.SIGTERM)
+            self._signal_group(signal.SIGCONT)
+            with anyio.move_on_after(grace_s):
+                await self.wait()
+            if self.exit is None:
+                graceful = False
+                self._signal_group(signal.SIGKILL)
+                killed.append(self.pid)
+                with anyio.move_on_after(10):
+                    await self.wait()
+        else:
+            self._signal_group(signal.SIGTERM)
+        # Leftovers: the group (if the root was the only one to exit), moved-away grandchildren, tagged.
+        leftovers = await anyio.to_thread.run_sync(self.leftovers)
+        if leftovers:
+            for proc in leftovers:
+                try:
+                    proc.terminate()
+                except psutil.Error:
+                    pass
+            _, alive = await anyio.to_thread.run_sync(lambda: psutil.wait_procs(leftovers, timeout=min(grace_s, 5)))
+            for proc in alive:
+                try:
+                    proc.kill()
+                    killed.append(proc.pid)
+                except psutil.Error:
+                    pass
+            await anyio.to_thread.run_sync(lambda: psutil.wait_procs(alive, timeout=5))
+        return StopResult(graceful=graceful, killed_pids=tuple(killed), duration_s=time.monotonic() - started)
+
+
+class LogTail:
+    """Follows an engine's log file: keeps the last lines in memory and caps the file's size.
+
+    The cap is enforced copy-then-truncate (the engine holds its fd open in append mode, so the
+    file cannot be renamed under it): the old content goes to ``<log>.1``.
+    """
+
+    def __init__(self, path: Path, *, max_bytes: int, keep_lines: int = 400) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.lines: deque[str] = deque(maxlen=keep_lines)
+        self._offset = 0
+        self._partial = b""
+
+    def start_at_end(self) -> None:
+        try:
+            self._offset = self.path.stat().st_size
+        except FileNotFoundError:
+            self._offset = 0
+
+    def poll(self) -> list[str]:
+        """Read what was appended since the last call (blocking I/O: run in a worker thread)."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size < self._offset:  # truncated by us or by someone else
+            self._offset = 0
+        new: list[str] = []
+        if size > self._offset:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read(min(size - self._offset, 4 * 1024 * 1024))
+                self._offset = f.tell()
+            data = self._partial + chunk
+            parts = data.split(b"\n")
+            self._partial = parts.pop()
+            if len(self._partial) > 64 * 1024:
+                parts.append(self._partial)
+                self._partial = b""
+            new = [p.decode("utf-8", "replace").rstrip("\r") for p in parts]
+            self.lines.extend(new)
+        if size > self.max_bytes:
+            self._rotate()
+        return new
+
+    def _rotate(self) -> None:
+        rotated = self.path.with_name(self.path.name + ".1")
+        try:
+            with open(self.path, "rb") as src, open(rotated, "wb") as dst:
+                while chunk := src.read(1024 * 1024):
+                    dst.write(chunk)
+            os.truncate(self.path, 0)
+            self._offset = 0
+        except OSError:
+            pass
+
+
+def read_log_lines(path: Path, max_lines: int) -> list[str]:
+    """The last ``max_lines`` lines of a log (and its rotated predecessor if needed)."""
+    lines: list[str] = []
+    for p in (path.with_name(path.name + ".1"), path):
+        try:
+            with open(p, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - 512 * 1024))
+                lines.extend(f.read().decode("utf-8", "replace").splitlines())
+        except OSError:
+            continue
+    return lines[-max_lines:]
+
+
+def port_holder(host: str, port: int) -> tuple[int | None, str | None] | None:
+    """Who listens on (host, port): (pid, command) or (None, None) if unknown; None if free."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.connect((probe_host, port))
+        except OSError:
+            bound = _try_bind(host, port, family)
+            if bound:
+                return None
+    try:
+        conns = psutil.net_connections(kind="inet")
+    except (psutil.AccessDenied, OSError):
+        return (None, None)
+    for conn in conns:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            try:
+                proc = psutil.Process(conn.pid)
+                return conn.pid, " ".join(proc.cmdline())[:200] or proc.name()
+            except psutil.Error:
+                return conn.pid, None
+    return (None, None)
+
+
+def _try_bind(host: str, port: int, family: int) -> bool:
+    import socket
+
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host or "0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+def python_executable() -> str:
+    return sys.executable

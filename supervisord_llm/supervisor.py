@@ -1,0 +1,680 @@
+"""One engine's supervisor: the only writer of its state.
+
+Everything that changes an engine's state arrives as a message in the supervisor's inbox, from
+outside (start, stop, restart) or from its own worker tasks (process exited, ready, hung, stopped,
+backoff over). The main loop handles one message at a time, so transitions never race. Workers
+belong to a *generation* (one spawn); a message from an older generation is ignored.
+
+    stopped ──start──▶ starting ──generation ok──▶ ready ◀──▶ degraded
+       ▲                  │  │                        │
+       │           exit/timeout  stop                hung ──(still hung after hang_restart_after)──▶ stopping
+       │                  ▼  ▼                        │                                              │
+       └──── stopping ◀── backoff ──(next_start_at)──▶ starting                                     ▼
+                           │                                                              backoff / starting
+                           └──(too many failures)──▶ failed (until `llmctl start`)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+
+from policies import backoff
+from policies.actions import Admit, Alert, MarkFailed, Refuse, WaitUntil
+from probes.readings import CanaryReading, Diagnosis
+from supervisord_llm.adapters import EngineAdapter, adapter_for
+from supervisord_llm.config import EngineConfig
+from supervisord_llm.errors import (
+    EngineError,
+    EngineExitedDuringStart,
+    EngineSpawnFailed,
+    EngineStartTimeout,
+    PortInUse,
+    StartRefused,
+)
+from supervisord_llm.process import EngineProcess, ExitInfo, LogTail, port_holder
+
+if TYPE_CHECKING:
+    from supervisord_llm.daemon import Daemon
+
+
+class EngineState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    DEGRADED = "degraded"
+    HUNG = "hung"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+
+
+RESIDENT_STATES = frozenset({EngineState.STARTING, EngineState.READY, EngineState.DEGRADED, EngineState.HUNG,
+                             EngineState.STOPPING})
+SERVING_STATES = frozenset({EngineState.READY, EngineState.DEGRADED})
+
+
+# ---- inbox messages ---------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: BaseException | None = None
+    value: Any = None
+
+    def set(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+        self.done.set()
+
+
+@dataclass
+class Command:
+    op: str  # "start" | "stop" | "restart"
+    force: bool = False
+    manual: bool = True
+    reason: str = ""
+    reply: Reply = field(default_factory=Reply)
+
+
+@dataclass
+class Spawned:
+    gen: int
+    proc: EngineProcess
+
+
+@dataclass
+class LaunchFailed:
+    gen: int
+    error: EngineError
+
+
+@dataclass
+class Exited:
+    gen: int
+    info: ExitInfo
+
+
+@dataclass
+class Ready:
+    gen: int
+    canary: CanaryReading
+
+
+@dataclass
+class StartTimedOut:
+    gen: int
+    error: EngineError
+
+
+@dataclass
+class Stopped:
+    gen: int
+    graceful: bool
+    killed: tuple[int, ...]
+    then: str  # "stay" | "auto" (automatic restart through backoff) | "start" (manual restart)
+
+
+@dataclass
+class HealthVerdict:
+    gen: int
+    state: str  # "ok" | "hung" | "degraded"
+    reason: str
+
+
+@dataclass
+class BackoffOver:
+    gen: int
+
+
+@dataclass
+class Adopt:
+    proc: EngineProcess
+
+
+class EngineSupervisor:
+    def __init__(self, config: EngineConfig, daemon: Daemon) -> None:
+        self.config = config
+        self.name = config.name
+        self.daemon = daemon
+        self.clock = daemon.clock
+        self.log = daemon.log.bind(engine=config.name)
+        self.adapter: EngineAdapter = adapter_for(config)
+        self.state = EngineState.STOPPED
+        self.since_s = self.clock.now()
+        self.since_wall = self.clock.wall()
+        self.proc: EngineProcess | None = None
+        self.gen = 0
+        self.restarts = 0
+        self.next_start_at_s: float | None = None
+        self.last_exit: dict[str, Any] | None = None
+        self.diagnosis: Diagnosis | None = None
+        self.last_canary: CanaryReading | None = None
+        self.last_canary_wall: float | None = None
+        self.state_reason = ""
+        self.ready_since_s: float | None = None
+        self.backoff = backoff.BackoffState(engine=config.name)
+        self.log_path = daemon.state_dir / "logs" / f"{config.name}.log"
+        self.log_tail = LogTail(self.log_path, max_bytes=daemon.config.daemon.log_max_bytes)
+        self.swap_in_progress = False
+        self.health: Any = None  # per-engine health tracker, set by the daemon
+        self._send, self._inbox = anyio.create_memory_object_stream[Any](100)
+        self._gen_scope: anyio.CancelScope | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.state_changed = anyio.Event()
+        self._on_change: list[Callable[[EngineSupervisor], None]] = []
+
+    # ---- public (any task) ------------------------------------------------------------------
+
+    async def command(self, op: str, *, force: bool = False, manual: bool = True, reason: str = "") -> Any:
+        """Ask the supervisor to start/stop/restart; returns once accepted (not when finished)."""
+        cmd = Command(op=op, force=force, manual=manual, reason=reason)
+        await self._send.send(cmd)
+        await cmd.reply.done.wait()
+        if cmd.reply.error is not None:
+            raise cmd.reply.error
+        return cmd.reply.value
+
+    async def wait_for(self, predicate: Callable[[EngineSupervisor], bool], timeout_s: float | None) -> bool:
+        with anyio.move_on_after(timeout_s):
+            while not predicate(self):
+                event = self.state_changed
+                await event.wait()
+            return True
+        return False
+
+    def post(self, message: Any) -> None:
+        try:
+            self._send.send_nowait(message)
+        except anyio.WouldBlock:
+            self.log.warning("engine.inbox_full", message=type(message).__name__)
+
+    @property
+    def resident(self) -> bool:
+        return self.state in RESIDENT_STATES or (self.proc is not None and self.proc.running)
+
+    @property
+    def serving(self) -> bool:
+        return self.state in SERVING_STATES
+
+    # ---- main loop --------------------------------------------------------------------------
+
+    async def run(self, adopted: EngineProcess | None, autostart: bool,
+                  *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            if adopted is not None:
+                self._adopt(adopted)
+            elif autostart:
+                self._begin_spawn(manual=False, reason="daemon start")
+            task_status.started()
+            async for message in self._inbox:
+                try:
+                    self._handle(message)
+                except Exception as exc:  # a bug must not take the supervisor down with the engine
+                    self.log.exception("engine.handler_failed", message=type(message).__name__, error=str(exc))
+
+    def _handle(self, m: Any) -> None:
+        if isinstance(m, Command):
+            self._handle_command(m)
+            return
+        if getattr(m, "gen", self.gen) != self.gen:
+            return  # from a generation that no longer exists
+        if isinstance(m, Spawned):
+            self._on_spawned(m.proc)
+        elif isinstance(m, LaunchFailed):
+            self._on_start_failed(m.error, exit_info=None)
+        elif isinstance(m, Exited):
+            self._on_exited(m.info)
+        elif isinstance(m, Ready):
+            self._on_ready(m.canary)
+        elif isinstance(m, StartTimedOut):
+            self._on_start_timeout(m.error)
+        elif isinstance(m, Stopped):
+            self._on_stopped(m)
+        elif isinstance(m, HealthVerdict):
+            self._on_health(m)
+        elif isinstance(m, BackoffOver):
+            if self.state == EngineState.BACKOFF:
+                self._begin_spawn(manual=False, reason="backoff over")
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _set_state(self, state: EngineState, reason: str = "", **fields: Any) -> None:
+        previous = self.state
+        if previous == state and reason == self.state_reason:
+            return
+        self.state = state
+        self.state_reason = reason
+        self.since_s = self.clock.now()
+        self.since_wall = self.clock.wall()
+        if state == EngineState.READY and previous != EngineState.DEGRADED:
+            self.ready_since_s = self.since_s
+        elif state not in SERVING_STATES and state != EngineState.HUNG:
+            self.ready_since_s = None
+        if state != EngineState.BACKOFF:
+            self.next_start_at_s = None
+        self.daemon.events.emit("engine.state_changed", engine=self.name, **{"from": str(previous)},
+                                to=str(state), reason=reason, pid=self.proc.pid if self.proc else None, **fields)
+        self.daemon.persist()
+        event, self.state_changed = self.state_changed, anyio.Event()
+        event.set()
+        for callback in list(self._on_change):
+            callback(self)
+
+    def _new_generation(self) -> anyio.CancelScope:
+        if self._gen_scope is not None:
+            self._gen_scope.cancel()
+        self.gen += 1
+        self._gen_scope = anyio.CancelScope()
+        return self._gen_scope
+
+    def _spawn_worker(self, fn: Callable[..., Any], *args: Any) -> None:
+        scope = self._gen_scope
+        assert self._tg is not None and scope is not None
+
+        async def runner() -> None:
+            with scope:
+                await fn(*args)
+
+        self._tg.start_soon(runner)
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    def _handle_command(self, cmd: Command) -> None:
+        try:
+            if cmd.op == "start":
+                cmd.reply.set(self._cmd_start(cmd))
+            elif cmd.op == "stop":
+                cmd.reply.set(self._cmd_stop(cmd))
+            elif cmd.op == "restart":
+                cmd.reply.set(self._cmd_restart(cmd))
+            else:
+                cmd.reply.set(error=ValueError(f"unknown operation {cmd.op!r}"))
+        except Exception as exc:
+            cmd.reply.set(error=exc)
+
+    def _cmd_start(self, cmd: Command) -> str:
+        if self.state in (EngineState.STARTING, EngineState.READY, EngineState.DEGRADED, EngineState.HUNG):
+            return f"{self.name} is already {self.state}"
+        if self.state == EngineState.STOPPING:
+            raise StartRefused(self.name, "stopping", f"{self.name} is stopping; start it again once it is stopped")
+        now = self.clock.now()
+        verdict = backoff.manual_start_allowed(self.backoff, self.daemon.backoff_settings, now, cmd.force)
+        if isinstance(verdict, Refuse):
+            raise StartRefused(self.name, verdict.reason, verdict.message, verdict.until_s)
+        if cmd.force or self.state == EngineState.FAILED:
+            # A person took responsibility: the failure streak starts over.
+            self.backoff = backoff.BackoffState(engine=self.name, spawn_times_s=self.backoff.spawn_times_s)
+        self._begin_spawn(manual=cmd.manual, reason=cmd.reason or "llmctl start", overrode=verdict.message
+                          if cmd.force else None)
+        return f"starting {self.name}"
+
+    def _cmd_stop(self, cmd: Command) -> str:
+        if self.state in (EngineState.STOPPED,):
+            return f"{self.name} is already stopped"
+        if self.state in (EngineState.BACKOFF, EngineState.FAILED) and (self.proc is None or not self.proc.running):
+            self._new_generation()
+            self._set_state(EngineState.STOPPED, cmd.reason or "llmctl stop")
+            return f"{self.name} stopped (it was in {self.state})"
+        if self.state == EngineState.STOPPING:
+            return f"{self.name} is already stopping"
+        self._begin_stop(cmd.reason or "llmctl stop", then="stay")
+        return f"stopping {self.name}"
+
+    def _cmd_restart(self, cmd: Command) -> str:
+        now = self.clock.now()
+        last = self.backoff.last_spawn_at_s
+        min_s = self.daemon.backoff_settings.min_interval_s
+        if last is not None and now - last < min_s and not cmd.force:
+            wait = min_s - (now - last)
+            raise StartRefused(
+                self.name, "min_interval",
+                f"{self.name} was spawned {now - last:.0f}s ago; two spawns are kept at least {min_s:.0f}s apart "
+                f"(a restart right after an out-of-memory crash crashes again). Retry in {wait:.0f}s, or use "
+                "`llmctl restart --force` to override the 60s spacing", until_s=last + min_s)
+        if self.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF) and (
+                self.proc is None or not self.proc.running):
+            if cmd.force or self.state == EngineState.FAILED:
+                self.backoff = backoff.BackoffState(engine=self.name, spawn_times_s=self.backoff.spawn_times_s)
+            self._begin_spawn(manual=True, reason=cmd.reason or "llmctl restart")
+            return f"starting {self.name}"
+        if self.state == EngineState.STOPPING:
+            raise StartRefused(self.name, "stopping", f"{self.name} is stopping; start it once it is stopped")
+        self.restarts += 1
+        self._begin_stop(cmd.reason or "llmctl restart", then="start")
+        return f"restarting {self.name}"
+
+    # ---- spawn ------------------------------------------------------------------------------
+
+    def _begin_spawn(self, *, manual: bool, reason: str, overrode: str | None = None) -> None:
+        self._new_generation()
+        self.diagnosis = None
+        fields: dict[str, Any] = {"manual": manual}
+        if overrode:
+            fields["overrode"] = overrode
+        self._set_state(EngineState.STARTING, reason, **fields)
+        self._spawn_worker(self._launch, self.gen, manual)
+
+    async def _launch(self, gen: int, manual: bool) -> None:
+        """Admission, port check, spawn: the part of a start before the process exists."""
+        try:
+            await self.daemon.admit(self)
+            holder = await anyio.to_thread.run_sync(port_holder, self.config.host, self.config.port)
+            if holder is not None:
+                pid, command = holder
+                raise PortInUse(self.name, self.config.host, self.config.port, pid, command)
+            tag = EngineProcess.new_tag(self.daemon.daemon_id, self.name)
+            # The spawn time is recorded before the fork, so even a daemon killed right after the
+            # fork cannot spawn twice within min_interval.
+            self.backoff = backoff.record_spawn(self.backoff, self.clock.now())
+            self.daemon.persist()
+            proc = EngineProcess.spawn(self.adapter.argv(), env=self.adapter.env(), cwd=self.config.cwd,
+                                       log_path=self.log_path, tag=tag, engine=self.name)
+        except EngineError as exc:
+            self.post(LaunchFailed(gen, exc))
+            return
+        self.post(Spawned(gen, proc))
+
+    def _on_spawned(self, proc: EngineProcess) -> None:
+        self.proc = proc
+        self.log_tail.start_at_end()
+        self.daemon.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=proc.argv)
+        self.daemon.persist()
+        self._spawn_worker(self._watch_exit, self.gen, proc)
+        self._spawn_worker(self._wait_ready, self.gen, proc)
+        self._spawn_worker(self._follow_log, proc)
+
+    def _adopt(self, proc: EngineProcess) -> None:
+        self._new_generation()
+        self.proc = proc
+        self.log_tail.start_at_end()
+        self._set_state(EngineState.STARTING, "adopted running engine", pid=proc.pid, adopted=True)
+        self._spawn_worker(self._watch_exit, self.gen, proc)
+        self._spawn_worker(self._wait_ready, self.gen, proc)
+        self._spawn_worker(self._follow_log, proc)
+
+    async def _watch_exit(self, gen: int, proc: EngineProcess) -> None:
+        info = await proc.wait()
+        self.post(Exited(gen, info))
+
+    async def _follow_log(self, proc: EngineProcess) -> None:
+        while proc.running:
+            await anyio.to_thread.run_sync(self.log_tail.poll)
+            with anyio.move_on_after(1.0):
+                await proc._exited.wait()
+
+    async def _wait_ready(self, gen: int, proc: EngineProcess) -> None:
+        """Ready only after a real generation succeeded: /health alone is no proof."""
+        started = self.clock.now()
+        deadline = started + self.config.start_timeout_s
+        client = self.daemon.http
+        last_error = "no answer yet"
+        delay = 0.2
+        while self.clock.now() < deadline:
+            if not proc.running:
+                return  # the exit watcher reports it
+            try:
+                response = await client.get(self.adapter.liveness_url, timeout=2.0)
+                live = response.status_code < 500
+                if not live:
+                    last_error = f"{self.adapter.liveness_path} answered {response.status_code}"
+            except httpx.HTTPError as exc:
+                live = False
+                last_error = f"{self.adapter.liveness_path}: {type(exc).__name__}"
+            if live:
+                remaining = max(1.0, deadline - self.clock.now())
+                reading = await self.adapter.canary(client, stall_s=min(self.config.canary_timeout_s, remaining),
+                                                    timeout_s=min(self.config.canary_timeout_s, remaining))
+                self._record_canary(reading)
+                if reading.ok:
+                    self.post(Ready(gen, reading))
+                    return
+                last_error = f"generation check failed: {reading.error}"
+            await anyio.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+        self.post(StartTimedOut(gen, EngineStartTimeout(
+            self.name, f"no successful generation within start_timeout {self.config.start_timeout_s:.0f}s "
+                       f"(last: {last_error}); raise engine.start_timeout for large models")))
+
+    def _record_canary(self, reading: CanaryReading) -> None:
+        self.last_canary = reading
+        self.last_canary_wall = self.clock.wall()
+
+    def _on_ready(self, canary: CanaryReading) -> None:
+        self._set_state(EngineState.READY, "generation ok", ttft_s=canary.ttft_s,
+                        startup_s=round(self.clock.now() - (self.backoff.last_spawn_at_s or self.since_s), 3))
+        self.daemon.engine_ready(self)
+        self._spawn_worker(self._monitor, self.gen, self.proc)
+
+    async def _monitor(self, gen: int, proc: EngineProcess) -> None:
+        await self.daemon.monitor_engine(self, gen, proc)
+
+    # ---- failures ---------------------------------------------------------------------------
+
+    def _read_diagnosis(self) -> Diagnosis | None:
+        self.log_tail.poll()
+        return self.adapter.diagnose(list(self.log_tail.lines))
+
+    def _on_exited(self, info: ExitInfo) -> None:
+        if self.state == EngineState.STOPPING:
+            return  # the stopper finishes the job and reports Stopped
+        was = self.state
+        diagnosis = self._read_diagnosis()
+        self.diagnosis = diagnosis
+        reason = info.describe()
+        if diagnosis is not None:
+            reason = f"{reason}: {diagnosis.cause}"
+        self.last_exit = {"code": info.code, "signal": info.signal_name, "reason": reason,
+                          "at": info.at_wall}
+        self.daemon.events.emit("engine.exited", engine=self.name, pid=self.proc.pid if self.proc else None,
+                                code=info.code, signal=info.signal_name, state_was=str(was),
+                                diagnosis=_diag_dict(diagnosis))
+        self.daemon.engine_exited(self)
+        # Leftover children of a crashed engine are swept (and the tree verified empty) before backoff.
+        proc = self.proc
+        self._new_generation()
+        if was == EngineState.STARTING:
+            err = EngineExitedDuringStart(self.name, f"exited during start ({reason})")
+            self._failure(err.args[0], sweep=proc)
+        else:
+            self._failure(reason, sweep=proc)
+
+    def _on_start_failed(self, error: EngineError, exit_info: ExitInfo | None) -> None:
+        if isinstance(error, StartRefused):
+            self._new_generation()
+            self.daemon.events.emit("engine.start_refused", engine=self.name, reason=error.reason,
+                                    message=str(error))
+            self.daemon.alert(Alert(key=f"engine.start_refused:{self.name}", severity="critical",
+                                    summary=str(error), details={"engine": self.name, "reason": error.reason}))
+            self._set_state(EngineState.FAILED, str(error))
+            return
+        self.last_exit = {"code": None, "signal": None, "reason": str(error), "at": self.clock.wall()}
+        if isinstance(error, (PortInUse, EngineSpawnFailed)):
+            self.diagnosis = Diagnosis(cause=str(error), remedy=_remedy_for(error), line="",
+                                       signature=type(error).__name__)
+        self.daemon.events.emit("engine.start_failed", engine=self.name, error=str(error),
+                                error_type=type(error).__name__)
+        self._new_generation()
+        self._failure(str(error), sweep=None)
+
+    def _on_start_timeout(self, error: EngineError) -> None:
+        self.diagnosis = self._read_diagnosis()
+        self.daemon.events.emit("engine.start_timeout", engine=self.name, error=str(error),
+                                diagnosis=_diag_dict(self.diagnosis))
+        self.last_exit = {"code": None, "signal": None, "reason": str(error), "at": self.clock.wall()}
+        self._begin_stop(str(error), then="auto", failure=True)
+
+    def _failure(self, reason: str, *, sweep: EngineProcess | None) -> None:
+        """Record an unplanned end of a run and decide: backoff or failed."""
+        now = self.clock.now()
+        ready_for = (now - self.ready_since_s) if self.ready_since_s is not None else 0.0
+        self.backoff = backoff.record_exit(self.backoff, now, ready_for, reason,
+                                           settings=self.daemon.backoff_settings)
+        if sweep is not None:
+            self._spawn_worker(self._sweep, sweep)
+        self._schedule_after_failure(reason)
+
+    def _schedule_after_failure(self, reason: str) -> None:
+        now = self.clock.now()
+        actions = backoff.decide_after_exit(self.backoff, self.daemon.backoff_settings, now)
+        for action in actions:
+            if isinstance(action, Alert):
+                self.daemon.alert(action)
+        first = actions[0]
+        if isinstance(first, MarkFailed):
+            self._set_state(EngineState.FAILED, first.reason)
+            return
+        assert isinstance(first, WaitUntil)
+        self.restarts += 1
+        self.next_start_at_s = first.at_s
+        self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(first.at_s - now, 1))
+        self.next_start_at_s = first.at_s  # _set_state clears it for other states only
+        self._spawn_worker(self._backoff_timer, self.gen, first.at_s)
+
+    async def _backoff_timer(self, gen: int, at_s: float) -> None:
+        await anyio.sleep(max(0.0, at_s - self.clock.now()))
+        self.post(BackoffOver(gen))
+
+    async def _sweep(self, proc: EngineProcess) -> None:
+        result = await proc.stop(grace_s=min(self.config.stop_grace_s, 10.0))
+        if result.killed_pids:
+            self.daemon.events.emit("engine.leftovers_killed", engine=self.name, pids=list(result.killed_pids))
+
+    # ---- stop -------------------------------------------------------------------------------
+
+    def _begin_stop(self, reason: str, *, then: str, failure: bool = False) -> None:
+        proc = self.proc
+        self._new_generation()
+        self._set_state(EngineState.STOPPING, reason)
+        self._stop_is_failure = failure
+        self._stop_reason = reason
+        if proc is None:
+            self.post(Stopped(self.gen, True, (), then))
+            return
+        self._spawn_worker(self._stopper, self.gen, proc, then)
+
+    async def _stopper(self, gen: int, proc: EngineProcess, then: str) -> None:
+        with anyio.CancelScope(shield=True):
+            result = await proc.stop(self.config.stop_grace_s)
+        self.post(Stopped(gen, result.graceful, result.killed_pids, then))
+
+    def _on_stopped(self, m: Stopped) -> None:
+        info = self.proc.exit if self.proc else None
+        self.daemon.events.emit("engine.stopped", engine=self.name, graceful=m.graceful,
+                                killed_pids=list(m.killed), code=info.code if info else None,
+                                signal=info.signal_name if info else None)
+        self.daemon.engine_exited(self)
+        if self.last_exit is None or not getattr(self, "_stop_is_failure", False):
+            self.last_exit = {"code": info.code if info else None, "signal": info.signal_name if info else None,
+                              "reason": getattr(self, "_stop_reason", "stopped"), "at": self.clock.wall()}
+        if m.then == "start":
+            self._begin_spawn(manual=True, reason="restart")
+        elif m.then == "auto":
+            self._failure(getattr(self, "_stop_reason", "restart"), sweep=None)
+        else:
+            self._set_state(EngineState.STOPPED, getattr(self, "_stop_reason", "stopped"))
+
+    # ---- health -----------------------------------------------------------------------------
+
+    def _on_health(self, v: HealthVerdict) -> None:
+        if v.state == "hung" and self.state in SERVING_STATES:
+            self._set_state(EngineState.HUNG, v.reason)
+            self.daemon.alert(Alert(key=f"engine.hung:{self.name}", severity="critical",
+                                    summary=f"{self.name} is hung: {v.reason}", details={"engine": self.name}))
+        elif v.state == "hang_restart" and self.state == EngineState.HUNG:
+            self.restarts += 1
+            self.last_exit = {"code": None, "signal": None, "reason": f"hang restart: {v.reason}",
+                              "at": self.clock.wall()}
+            self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True)
+        elif v.state == "degraded" and self.state == EngineState.READY:
+            self._set_state(EngineState.DEGRADED, v.reason)
+            self.daemon.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
+                                    summary=f"{self.name} is degraded: {v.reason}", details={"engine": self.name}))
+        elif v.state == "degraded_restart" and self.state == EngineState.DEGRADED:
+            self.restarts += 1
+            self._begin_stop(f"degraded restart while idle: {v.reason}", then="start")
+        elif v.state == "ok" and self.state in (EngineState.HUNG, EngineState.DEGRADED):
+            key = "hung" if self.state == EngineState.HUNG else "degraded"
+            self._set_state(EngineState.READY, v.reason or "recovered")
+            self.daemon.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
+                                    summary=f"{self.name} recovered", details={"engine": self.name},
+                                    resolved=True))
+
+    # ---- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock.now()
+        rss = gpu = None
+        tps = baseline = None
+        if self.health is not None:
+            rss, gpu = self.health.memory()
+            tps, baseline = self.health.tokens_per_s(), self.health.baseline()
+        canary = None
+        if self.last_canary is not None:
+            canary = {"ok": self.last_canary.ok, "at": self.last_canary_wall, "ttft_s": self.last_canary.ttft_s,
+                      "tokens_per_s": self.last_canary.tokens_per_s, "error": self.last_canary.error}
+        return {
+            "name": self.name,
+            "engine": self.config.kind,
+            "state": str(self.state),
+            "state_reason": self.state_reason,
+            "pid": self.proc.pid if self.proc and self.proc.running else None,
+            "port": self.config.port,
+            "base_url": self.config.base_url,
+            "model": self.config.model,
+            "exclusive": self.config.exclusive,
+            "default": self.config.default,
+            "restarts": self.restarts,
+            "since": self.since_wall,
+            "for_s": round(now - self.since_s, 3),
+            "next_start_at": (self.clock.wall() + (self.next_start_at_s - now)) if self.next_start_at_s else None,
+            "next_start_in_s": round(self.next_start_at_s - now, 1) if self.next_start_at_s else None,
+            "last_exit": self.last_exit,
+            "diagnosis": _diag_dict(self.diagnosis),
+            "tokens_per_s": tps,
+            "baseline_tokens_per_s": baseline,
+            "last_canary": canary,
+            "memory": {"rss_bytes": rss, "gpu_bytes": gpu},
+            "footprint_bytes": self.daemon.footprint_bytes(self),
+            "log": str(self.log_path),
+        }
+
+    def persisted(self) -> dict[str, Any]:
+        proc = self.proc if self.proc and self.proc.running else None
+        return {
+            "pid": proc.pid if proc else None,
+            "create_time": proc.create_time if proc else None,
+            "argv": proc.argv if proc else None,
+            "tag": proc.tag if proc else None,
+            "state": str(self.state),
+            "restarts": self.restarts,
+            "backoff": backoff.to_record(self.backoff),
+            "last_exit": self.last_exit,
+        }
+
+
+def _diag_dict(d: Diagnosis | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    return {"cause": d.cause, "remedy": d.remedy, "line": d.line, "signature": d.signature,
+            "details": dict(d.details)}
+
+
+def _remedy_for(error: EngineError) -> str:
+    if isinstance(error, PortInUse):
+        return "stop the process holding the port, or give the engine another port in the config"
+    return "check the engine's command and kind in the config (llmctl doctor checks it)"
+
+
+def log_path_for(state_dir: Path, name: str) -> Path:
+    return state_dir / "logs" / f"{name}.log"
+
+
+_ = (Admit, time)

@@ -1,0 +1,117 @@
+"""Config validation: every bad config is refused with a message naming file, key and what is valid."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from supervisord_llm.config import load_config
+from supervisord_llm.errors import ConfigError
+
+GOOD_ENGINE = '[[engine]]\nname = "a"\nkind = "mlx_lm"\nmodel = "/models/a"\nport = 8081\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_loads_with_defaults(tmp_path: Path) -> None:
+    """A one-engine config loads; durations, sizes and defaults come out in seconds and bytes."""
+    cfg = load_config(write(tmp_path, f'[daemon]\nstate_dir = "{tmp_path}/s"\n' + GOOD_ENGINE +
+                            'footprint = "120GB"\nstart_timeout = "20m"\nexclusive = true\n'))
+    e = cfg.engines[0]
+    assert (e.name, e.kind, e.port, e.footprint_bytes, e.start_timeout_s, e.stop_grace_s, e.exclusive) == \
+        ("a", "mlx_lm", 8081, 120 * 10**9, 1200.0, 60.0, True)
+    assert cfg.daemon.control_socket == tmp_path / "s" / "control.sock"
+    assert cfg.restart.min_interval_s == 60.0
+
+
+def test_state_dir_resolution_uses_environment(tmp_path: Path) -> None:
+    """Without [daemon] state_dir, $SUPERVISORD_LLM_STATE_DIR is used."""
+    cfg = load_config(write(tmp_path, GOOD_ENGINE), environ={"SUPERVISORD_LLM_STATE_DIR": str(tmp_path / "x")})
+    assert cfg.daemon.state_dir == tmp_path / "x"
+
+
+def test_config_path_resolution_uses_environment(tmp_path: Path) -> None:
+    """Without --config, $SUPERVISORD_LLM_CONFIG names the file."""
+    path = write(tmp_path, GOOD_ENGINE)
+    assert load_config(None, environ={"SUPERVISORD_LLM_CONFIG": str(path)}).file == str(path)
+
+
+BAD = [
+    ("invalid TOML", "[[engine]\nname=", "invalid TOML"),
+    ("wrong type for port", GOOD_ENGINE.replace("port = 8081", 'port = "eighty"'), "engine[0].port: expected an integer"),
+    ("unknown kind", GOOD_ENGINE.replace('"mlx_lm"', '"tensorflow"'), "engine[0].kind: 'tensorflow' is not valid; expected one of: mlx_lm, omlx, vllm, llama_cpp, ollama, sglang, command"),
+    ("negative duration", GOOD_ENGINE + 'stop_grace = "-5s"\n', "engine[0].stop_grace: expected a duration"),
+    ("bad size", GOOD_ENGINE + 'footprint = "12 parsecs"\n', "engine[0].footprint: unknown size unit 'parsecs'"),
+    ("duplicate names", GOOD_ENGINE + GOOD_ENGINE.replace("8081", "8082"), "duplicate engine name or alias 'a'"),
+    ("missing model", '[[engine]]\nname = "a"\nkind = "vllm"\n', "engine[0].model: is required for kind 'vllm'"),
+    ("missing command", '[[engine]]\nname = "a"\nkind = "command"\n', "engine[0].command: is required for kind \"command\""),
+    ("port out of range", GOOD_ENGINE.replace("8081", "70000"), "engine[0].port: must be at most 65535"),
+    ("unknown key", GOOD_ENGINE + "gpus = 2\n", "engine[0].gpus: unknown key 'gpus'; valid keys here:"),
+    ("restart faster than 60s", GOOD_ENGINE + '[policies.restart]\nmin_interval = "10s"\n', "policies.restart.min_interval: must be at least 60s (two automatic spawns closer than 60s turn a Metal OOM into a crash loop"),
+    ("reboot argv as a shell string", '[policies.reboot]\nargv = "sudo reboot"\n', "policies.reboot.argv: must be a list of strings (it runs without a shell)"),
+    ("shared port", GOOD_ENGINE + GOOD_ENGINE.replace('"a"', '"b"'), "engine[1].port: port 8081 is already used by engine 'a'"),
+    ("two defaults", GOOD_ENGINE + "default = true\n" + GOOD_ENGINE.replace('"a"', '"b"').replace("8081", "8082") + "default = true\n", "more than one engine is marked default (a, b)"),
+    ("bad engine name", GOOD_ENGINE.replace('name = "a"', 'name = "a b/c"'), "engine[0].name: 'a b/c' is not valid"),
+    ("engine not a table array", 'engine = "mlx"\n', "engine: expected [[engine]] tables"),
+    ("bool as duration", GOOD_ENGINE + "start_timeout = true\n", "engine[0].start_timeout: expected a duration"),
+    ("unknown top-level section", "[engines]\n", "engines: unknown key 'engines'"),
+]
+
+
+@pytest.mark.parametrize(("label", "text", "expected"), BAD, ids=[b[0] for b in BAD])
+def test_malformed_config_is_refused_precisely(tmp_path: Path, label: str, text: str, expected: str) -> None:
+    """Each malformed config names the file, the key and what would be valid."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    assert expected in message, message
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    """A config path that does not exist is named, with how to give another."""
+    with pytest.raises(ConfigError, match=r"nope\.toml: no such file; pass --config PATH"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file_is_named(tmp_path: Path) -> None:
+    """A config the user cannot read is reported as such."""
+    path = write(tmp_path, GOOD_ENGINE)
+    path.chmod(0)
+    with pytest.raises(ConfigError, match="permission denied"):
+        load_config(path)
+
+
+def test_unreadable_file_is_named_for_root(tmp_path: Path) -> None:
+    """A config path that is a directory (unreadable as a file) is reported, not a traceback."""
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ConfigError, match=r"dir\.toml: is a directory, expected a TOML file"):
+        load_config(tmp_path / "dir.toml")
+
+
+def test_non_utf8_file_is_named(tmp_path: Path) -> None:
+    """Binary garbage in the config gets a clear error."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="is not UTF-8"):
+        load_config(path)
+
+
+def test_daemon_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
+    """`supervisord-llm run` with a bad config exits 2 with the precise message, starting nothing."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, GOOD_ENGINE.replace('"mlx_lm"', '"tensorflow"'))
+    done = subprocess.run([sys.executable, "-m", "supervisord_llm.main", "run", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "engine[0].kind: 'tensorflow' is not valid" in done.stderr
