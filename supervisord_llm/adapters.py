@@ -26,8 +26,6 @@ from typing import ClassVar
 import httpx
 
 from probes import canary as canary_probe
-from probes import counters as counters_probe
-from probes import logdiag
 from probes.readings import CanaryReading, Diagnosis, EngineCounters
 from supervisord_llm.config import EngineConfig
 from supervisord_llm.process import python_executable
@@ -98,9 +96,13 @@ class EngineAdapter:
     async def counters(self, client: httpx.AsyncClient, at_s: float) -> EngineCounters | None:
         if self.counters_kind is None:
             return None
+        from probes import counters as counters_probe
+
         return await counters_probe.fetch_counters(client, self.base_url, self.counters_kind, at_s)
 
     def diagnose(self, lines: Iterable[str]) -> Diagnosis | None:
+        from probes import logdiag
+
         return logdiag.diagnose(lines)
 
 

@@ -165,7 +165,7 @@ class EngineSupervisor:
         self.swap_in_progress = False
         self.health: Any = None  # per-engine health tracker, set by the daemon
         self._send, self._inbox = anyio.create_memory_object_stream[Any](100)
-        self._gen_scope: anyio.CancelScope | None = None
+        self._gen_scopes: list[anyio.CancelScope] = []
         self._tg: anyio.abc.TaskGroup | None = None
         self.state_changed = anyio.Event()
         self._on_change: list[Callable[[EngineSupervisor], None]] = []
@@ -268,20 +268,26 @@ class EngineSupervisor:
         for callback in list(self._on_change):
             callback(self)
 
-    def _new_generation(self) -> anyio.CancelScope:
-        if self._gen_scope is not None:
-            self._gen_scope.cancel()
+    def _new_generation(self) -> None:
+        """Cancel every worker of the current generation; messages they already sent are ignored."""
+        for scope in self._gen_scopes:
+            scope.cancel()
+        self._gen_scopes = []
         self.gen += 1
-        self._gen_scope = anyio.CancelScope()
-        return self._gen_scope
 
     def _spawn_worker(self, fn: Callable[..., Any], *args: Any) -> None:
-        scope = self._gen_scope
-        assert self._tg is not None and scope is not None
+        assert self._tg is not None
+        scope = anyio.CancelScope()
+        self._gen_scopes.append(scope)
 
         async def runner() -> None:
             with scope:
-                await fn(*args)
+                try:
+                    await fn(*args)
+                except Exception as exc:  # a worker bug must not take the supervisor down
+                    self.log.exception("engine.worker_failed", worker=getattr(fn, "__name__", "?"), error=str(exc))
+            if scope in self._gen_scopes:
+                self._gen_scopes.remove(scope)
 
         self._tg.start_soon(runner)
 
@@ -395,7 +401,7 @@ class EngineSupervisor:
         self._new_generation()
         self.proc = proc
         self.log_tail.start_at_end()
-        self._set_state(EngineState.STARTING, "adopted running engine", pid=proc.pid, adopted=True)
+        self._set_state(EngineState.STARTING, "adopted running engine", adopted=True)
         self._spawn_worker(self._watch_exit, self.gen, proc)
         self._spawn_worker(self._wait_ready, self.gen, proc)
         self._spawn_worker(self._follow_log, proc)

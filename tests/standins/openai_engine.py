@@ -48,7 +48,7 @@ def main() -> None:
         sys.exit(args.exit_code)
     if args.grandchild:
         # A grandchild that escapes the process group: killpg alone would miss it.
-        child = subprocess.Popen([sys.executable, "-c", "import os,time; os.setsid(); time.sleep(100000)"],
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(100000)"],
                                  start_new_session=True)
         print(f"grandchild pid {child.pid}", flush=True)
     time.sleep(args.load_s)

@@ -1,0 +1,206 @@
+"""``llmctl doctor``: a preflight a user runs before trusting the setup.
+
+Each check yields findings (ok / warn / error), each problem with the fix. It reads the config and
+the machine directly, so it works with or without a running daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisord_llm.config import Config, EngineConfig, load_config
+from supervisord_llm.convert import format_bytes
+from supervisord_llm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "ok" | "warn" | "error"
+    subject: str
+    message: str
+    fix: str = ""
+
+
+def check_model_dir(engine: EngineConfig) -> list[Finding]:
+    """Every shard named in ``model.safetensors.index.json`` exists and is not empty."""
+    subject = f"engine {engine.name}: model"
+    if not engine.model:
+        return []
+    path = Path(os.path.expanduser(engine.model))
+    if engine.kind in ("ollama",) or (not path.exists() and "/" in engine.model and not engine.model.startswith(("/", "~", "."))):
+        return [Finding("ok", subject, f"{engine.model} is a model id (not a local directory); not checked")]
+    if not path.exists():
+        return [Finding("error", subject, f"{path} does not exist",
+                        "download the model there, or fix engine.model in the config")]
+    if path.is_file():
+        if path.stat().st_size == 0:
+            return [Finding("error", subject, f"{path} is empty", "download it again")]
+        return [Finding("ok", subject, f"{path} ({format_bytes(path.stat().st_size)})")]
+    findings: list[Finding] = []
+    if engine.kind in ("mlx_lm", "vllm", "sglang", "omlx") and not (path / "config.json").exists() \
+            and engine.kind != "omlx":
+        findings.append(Finding("error", subject, f"{path / 'config.json'} is missing",
+                                "the model directory is incomplete; download it again"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            return findings + [Finding("error", subject, f"{index} is unreadable or not an index ({exc})",
+                                       "download the model again")]
+        missing = [s for s in shards if not (path / s).exists()]
+        empty = [s for s in shards if (path / s).exists() and (path / s).stat().st_size == 0]
+        for shard in missing:
+            findings.append(Finding("error", subject, f"shard {shard} named in model.safetensors.index.json is missing "
+                                                      f"from {path}", "the download is incomplete; resume it"))
+        for shard in empty:
+            findings.append(Finding("error", subject, f"shard {shard} in {path} is empty (0 bytes)",
+                                    "the download is incomplete; download that file again"))
+        if not missing and not empty:
+            total = sum((path / s).stat().st_size for s in shards)
+            findings.append(Finding("ok", subject, f"all {len(shards)} shards present ({format_bytes(total)})"))
+    else:
+        weights = list(path.glob("*.safetensors")) + list(path.glob("*.gguf"))
+        if not weights and engine.kind not in ("omlx",):
+            findings.append(Finding("warn", subject, f"no *.safetensors or *.gguf files in {path}",
+                                    "check that engine.model points at the model directory"))
+        for w in weights:
+            if w.stat().st_size == 0:
+                findings.append(Finding("error", subject, f"{w.name} is empty (0 bytes)", "download it again"))
+        if weights and not any(f.level == "error" for f in findings):
+            findings.append(Finding("ok", subject, f"{len(weights)} weight file(s) present"))
+    return findings
+
+
+def check_command(engine: EngineConfig) -> Finding:
+    from supervisord_llm.adapters import adapter_for
+
+    argv = adapter_for(engine).argv()
+    exe = argv[0]
+    subject = f"engine {engine.name}: command"
+    found = shutil.which(exe) if os.sep not in exe else (exe if os.access(exe, os.X_OK) else None)
+    if not found:
+        return Finding("error", subject, f"{exe!r} not found", f"install {engine.kind} or set engine.command")
+    if exe == sys.executable and len(argv) > 2 and argv[1] == "-m":
+        import importlib.util
+
+        module = argv[2]
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            return Finding("error", subject, f"python module {module} is not installed in {sys.executable}",
+                           f"pip install {module.split('.')[0].replace('_', '-')} (for mlx_lm: pip install "
+                           "'supervisord-llm[mlx]')")
+    return Finding("ok", subject, " ".join(argv[:4]) + (" ..." if len(argv) > 4 else ""))
+
+
+def check_port(engine: EngineConfig) -> Finding:
+    from supervisord_llm.process import port_holder
+
+    subject = f"engine {engine.name}: port"
+    holder = port_holder(engine.host, engine.port)
+    if holder is None:
+        return Finding("ok", subject, f"{engine.host}:{engine.port} is free")
+    pid, command = holder
+    return Finding("warn", subject, f"{engine.host}:{engine.port} is in use by "
+                                    f"{f'pid {pid} ({command})' if pid else 'another process'}",
+                   "if that is not this engine already running under the daemon, stop it or pick another port")
+
+
+def check_memory(config: Config) -> list[Finding]:
+    from probes.errors import ProbeError
+    from probes.memory import read_system_memory
+
+    p = config.probes
+    platform = sys.platform if p.platform == "auto" else p.platform
+    try:
+        mem = read_system_memory(0.0, platform=platform, vm_stat_cmd=p.vm_stat, sysctl_cmd=p.sysctl)
+    except ProbeError as exc:
+        return [Finding("error", "memory", f"cannot read memory: {exc}", "check probes.vm_stat / probes.sysctl")]
+    findings = [Finding("ok", "memory", f"{format_bytes(mem.available_bytes)} available of "
+                                        f"{format_bytes(mem.total_bytes)}")]
+    from supervisord_llm.daemon import _weights_on_disk
+
+    for engine in config.engines:
+        footprint = engine.footprint_bytes
+        if footprint is None:
+            weights = _weights_on_disk(engine.model)
+            footprint = int(weights * config.memory.auto_factor) if weights else None
+        subject = f"engine {engine.name}: footprint"
+        if footprint is None:
+            findings.append(Finding("warn", subject, "unknown (footprint = \"auto\" but no weights found on disk)",
+                                    'set engine.footprint, e.g. footprint = "140GB"'))
+            continue
+        need = footprint + config.memory.headroom_bytes
+        if need > mem.total_bytes:
+            findings.append(Finding("error", subject, f"{format_bytes(footprint)} + {format_bytes(config.memory.headroom_bytes)} "
+                                                      f"headroom exceeds the machine's {format_bytes(mem.total_bytes)}",
+                                    "use a smaller quantization or lower the footprint if it is overstated"))
+        elif need > mem.available_bytes:
+            findings.append(Finding("warn", subject, f"{format_bytes(need)} needed, {format_bytes(mem.available_bytes)} "
+                                                     "available right now", "stop other memory users before starting it"))
+        else:
+            findings.append(Finding("ok", subject, f"{format_bytes(footprint)} fits"))
+        if mem.wired_limit_bytes is not None and footprint > mem.wired_limit_bytes:
+            findings.append(Finding("warn", f"engine {engine.name}: iogpu.wired_limit_mb",
+                                    f"the footprint {format_bytes(footprint)} exceeds the GPU wired limit "
+                                    f"{format_bytes(mem.wired_limit_bytes)}",
+                                    f"sudo sysctl iogpu.wired_limit_mb={int(mem.total_bytes * 0.9 / 2**20)}"))
+    if platform == "darwin" and mem.wired_limit_bytes is None:
+        findings.append(Finding("ok", "iogpu.wired_limit_mb", "system default (about 2/3-3/4 of memory for the GPU)",
+                                "for models near the limit: sudo sysctl iogpu.wired_limit_mb=<MB>"))
+    return findings
+
+
+def check_nvml(config: Config) -> list[Finding]:
+    if not any(e.kind in ("vllm", "sglang", "llama_cpp", "ollama") or e.gpu_devices for e in config.engines):
+        return []
+    if not config.probes.nvml:
+        return [Finding("warn", "nvml", "NVML probing is off (probes.nvml = false)", "")]
+    from probes.nvml import NvmlProbe
+
+    probe = NvmlProbe()
+    reading = probe.read(0.0)
+    if not reading.available:
+        return [Finding("warn", "nvml", f"NVIDIA GPU probing unavailable: {reading.reason}",
+                        "install the NVIDIA driver (libnvidia-ml) to get GPU memory admission and XID alerts")]
+    return [Finding("ok", "nvml", f"{len(reading.devices)} GPU(s): " +
+                    ", ".join(f"{d.name} {format_bytes(d.free_bytes)} free" for d in reading.devices))]
+
+
+def diagnose_setup(config: Config) -> list[Finding]:
+    findings = [Finding("ok", "config", f"{config.file} is valid ({len(config.engines)} engine(s))")]
+    if not config.engines:
+        findings.append(Finding("warn", "config", "no [[engine]] configured", "add an [[engine]] table"))
+    for engine in config.engines:
+        findings.append(check_command(engine))
+        findings.extend(check_model_dir(engine))
+        findings.append(check_port(engine))
+    findings.extend(check_memory(config))
+    findings.extend(check_nvml(config))
+    return findings
+
+
+def run_doctor(config_path: str | None) -> int:
+    from rich.console import Console
+
+    console = Console()
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        console.print(f"[bold red]error[/] config: {exc}")
+        return 2
+    findings = diagnose_setup(config)
+    style = {"ok": "green", "warn": "yellow", "error": "bold red"}
+    for f in findings:
+        console.print(f"[{style[f.level]}]{f.level:5}[/] {f.subject}: {f.message}", highlight=False)
+        if f.fix and f.level != "ok":
+            console.print(f"      fix: {f.fix}", highlight=False)
+    errors = sum(1 for f in findings if f.level == "error")
+    warns = sum(1 for f in findings if f.level == "warn")
+    console.print(f"{errors} error(s), {warns} warning(s)")
+    return 1 if errors else 0
