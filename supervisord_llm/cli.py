@@ -318,9 +318,33 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from supervisord_llm.service import cli_service
+    from supervisord_llm import service
+    from supervisord_llm.config import load_config, resolve_config_path
 
-    return cli_service(args)
+    kind = args.kind or service.default_kind()
+    if args.action == "uninstall":
+        plan = service.uninstall(kind, args.dry_run)
+    else:
+        config_path = resolve_config_path(args.config)
+        try:
+            config = load_config(config_path)
+            state_dir, grace = config.daemon.state_dir, max((e.stop_grace_s for e in config.engines), default=60.0)
+        except ConfigError as exc:
+            print(f"llmctl: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        plan = service.install(kind, args.dry_run, config_path=config_path, state_dir=state_dir,
+                               max_stop_grace_s=grace)
+    verb = "would write" if args.dry_run else ("wrote" if args.action == "install" else "removed")
+    print(f"{verb} {plan.path}" if plan.content is not None or args.action == "uninstall" else str(plan.path))
+    if plan.content and args.dry_run:
+        print(plan.content)
+    for note in plan.notes:
+        print(f"note: {note}")
+    if plan.commands:
+        print("then run:" if args.action == "install" else "run first:")
+        for command in plan.commands:
+            print("  " + " ".join(command))
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -205,6 +205,7 @@ class MemorySettings:
     auto_factor: float = 1.2
     admission_wait_s: float = 300.0
     return_wait_s: float = 300.0
+    swap_drain_s: float = 30.0  # a swap waits this long for in-flight requests on engines it stops
 
 
 @dataclass(frozen=True)
@@ -357,13 +358,14 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
         hang_restart_after_s=r.duration_s("hang_restart_after", "30s"),
     )
     m = t.sub("memory")
-    m.check_unknown({"headroom", "budget", "auto_factor", "admission_wait", "return_wait"})
+    m.check_unknown({"headroom", "budget", "auto_factor", "admission_wait", "return_wait", "swap_drain"})
     memory = MemorySettings(
         headroom_bytes=m.size_bytes("headroom", "4GB") or 0,
         budget_bytes=m.size_bytes("budget", "auto", allow_auto=True),
         auto_factor=m.float("auto_factor", 1.2, min_value=1.0, max_value=4.0),
         admission_wait_s=m.duration_s("admission_wait", "5m"),
         return_wait_s=m.duration_s("return_wait", "5m"),
+        swap_drain_s=m.duration_s("swap_drain", "30s"),
     )
     s = t.sub("stranded")
     s.check_unknown({"threshold", "reclaim_window"})

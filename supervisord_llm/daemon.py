@@ -204,6 +204,7 @@ class Daemon:
                 for ext in self.extensions:
                     await tg.start(ext.run)
                 tg.start_soon(self._memory_loop)
+                tg.start_soon(self._heartbeat)
                 pending_swap = self._saved.get("swap")
                 for name, sup in self.supervisors.items():
                     autostart = sup.config.autostart and self._should_autostart(name, pending_swap)
@@ -340,6 +341,18 @@ class Daemon:
             if hasattr(ext, "on_memory"):
                 ext.on_memory(self.memory)
 
+    async def _heartbeat(self) -> None:
+        """The loop is healthy while this task runs on time; systemd's watchdog pings depend on it."""
+        beat = self.clock.now()
+        while True:
+            await anyio.sleep(1.0)
+            now = self.clock.now()
+            lag = now - beat - 1.0
+            self.healthy_loop = lag < 10.0
+            if lag >= 10.0:
+                self.log.error("daemon.loop_stalled", lag_s=round(lag, 1))
+            beat = now
+
     async def _memory_loop(self) -> None:
         while True:
             await anyio.sleep(self.config.probes.interval_s)
@@ -435,6 +448,10 @@ class Daemon:
 
     # ---- operations (control API, gateway) --------------------------------------------------
 
+    def spawn_background(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` in the daemon's own task group (it outlives the request that asked for it)."""
+        self._tg.start_soon(fn, *args)
+
     def supervisor(self, name: str) -> EngineSupervisor:
         sup = self.supervisors.get(name)
         if sup is None:
@@ -492,6 +509,13 @@ class Daemon:
         self.events.emit("swap.started", target=target.name, stopping=[s.name for s in to_stop])
         timings: dict[str, float] = {}
         try:
+            t0 = self.clock.now()
+            # In-flight requests on the engines being stopped may finish first (bounded by swap_drain);
+            # what still runs after that is cut when the engine stops, and the client sees the error.
+            with anyio.move_on_after(self.config.memory.swap_drain_s):
+                while any(s.health is not None and s.health.in_flight > 0 for s in to_stop):
+                    await anyio.sleep(0.1)
+            timings["drain_s"] = self.clock.now() - t0
             t0 = self.clock.now()
             for sup in to_stop:
                 await sup.command("stop", reason=f"swap to {target.name}")

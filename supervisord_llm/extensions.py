@@ -8,8 +8,197 @@ Hooks a subsystem may offer (the daemon calls those that exist): ``on_memory(rea
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from supervisord_llm.gateway import EngineUnavailable, RequestStats, Upstream
+from supervisord_llm.supervisor import EngineState
+
+if TYPE_CHECKING:
+    from supervisord_llm.daemon import Daemon
+    from supervisord_llm.supervisor import EngineSupervisor
 
 
-def install_extensions(daemon: Any) -> None:
+class DaemonGatewayBackend:
+    """The gateway's view of the daemon: routing, holding through restarts and swaps, traffic.
+
+    A request for an engine that is not resident starts a swap (mutual exclusion and memory
+    admission hold). While the engine is starting, swapping or restarting the request waits up to
+    the hold time; in backoff or failed it gets 503 with Retry-After.
+    """
+
+    def __init__(self, daemon: Daemon, hold_s: float) -> None:
+        self.daemon = daemon
+        self.hold_s = hold_s
+
+    def models(self) -> list[dict]:
+        out = []
+        for sup in self.daemon.supervisors.values():
+            out.append({"id": sup.name, "object": "model", "owned_by": "supervisord-llm",
+                        "aliases": list(sup.config.aliases), "engine": sup.config.kind, "state": str(sup.state)})
+        return out
+
+    def default_engine(self) -> str | None:
+        default = self.daemon.config.default_engine
+        return default.name if default else None
+
+    def _resolve(self, model: str | None) -> EngineSupervisor:
+        daemon = self.daemon
+        if not model:
+            name = self.default_engine()
+            if name is None:
+                raise EngineUnavailable("-", "no_engines", "no engines are configured", status=404)
+            return daemon.supervisors[name]
+        for sup in daemon.supervisors.values():
+            if model == sup.name or model in sup.config.aliases:
+                return sup
+        for sup in daemon.supervisors.values():
+            if model in (sup.config.served_model, sup.config.model):
+                return sup
+        names = ", ".join(sorted(daemon.supervisors))
+        raise EngineUnavailable(model, "unknown_model",
+                                f"no engine serves model {model!r}; configured: {names}", status=404)
+
+    def _upstream(self, sup: EngineSupervisor) -> Upstream:
+        return Upstream(engine=sup.name, base_url=sup.config.base_url, kind=sup.config.kind,
+                        supports_messages=sup.adapter.messages_supported, served_model=sup.adapter.request_model)
+
+    def _unavailable(self, sup: EngineSupervisor) -> EngineUnavailable:
+        now = self.daemon.clock.now()
+        if sup.state == EngineState.BACKOFF and sup.next_start_at_s is not None:
+            wait = max(1.0, sup.next_start_at_s - now)
+            return EngineUnavailable(sup.name, "backoff",
+                                     f"{sup.name} is in restart backoff after: {sup.state_reason}; "
+                                     f"next start in {wait:.0f}s",
+                                     retry_after_s=wait, until_wall=self.daemon.clock.wall() + wait)
+        if sup.state == EngineState.FAILED:
+            return EngineUnavailable(sup.name, "failed",
+                                     f"{sup.name} failed and is not restarted automatically ({sup.state_reason}); "
+                                     f"an operator must run `llmctl start {sup.name}`", retry_after_s=60.0)
+        return EngineUnavailable(sup.name, "hold_timeout",
+                                 f"{sup.name} did not become ready within the gateway hold time "
+                                 f"({self.hold_s:.0f}s); it is {sup.state}: {sup.state_reason}", retry_after_s=10.0)
+
+    async def acquire(self, model: str | None) -> Upstream:
+        sup = self._resolve(model)
+        swap = self.daemon.swap_target
+        if sup.serving and not sup.swap_in_progress and swap in (None, sup.name):
+            return self._upstream(sup)
+        if sup.state in (EngineState.BACKOFF, EngineState.FAILED):
+            raise self._unavailable(sup)
+        if swap is not None and swap != sup.name:
+            raise EngineUnavailable(sup.name, "swap_in_progress",
+                                    f"a swap to {swap} is in progress; retry when it has finished",
+                                    retry_after_s=10.0)
+        if not sup.resident and swap != sup.name:
+            # The swap runs in the daemon's own task group: a client giving up must not cancel it midway.
+            self.daemon.spawn_background(self._swap_quietly, sup.name)
+        with anyio.move_on_after(self.hold_s):
+            await anyio.sleep(0)
+            await sup.wait_for(lambda s: (s.serving and not s.swap_in_progress)
+                               or s.state in (EngineState.FAILED, EngineState.BACKOFF), None)
+        if sup.serving:
+            return self._upstream(sup)
+        raise self._unavailable(sup)
+
+    async def _swap_quietly(self, name: str) -> None:
+        from supervisord_llm.errors import SupervisordLLMError
+
+        try:
+            await self.daemon.switch(name)
+        except SupervisordLLMError as exc:
+            self.daemon.events.emit("gateway.swap_failed", engine=name, error=str(exc))
+
+    def _health(self, engine: str) -> Any:
+        sup = self.daemon.supervisors.get(engine)
+        return sup.health if sup is not None else None
+
+    def request_started(self, engine: str) -> None:
+        health = self._health(engine)
+        if health is not None:
+            health.in_flight += 1
+            health.last_traffic_s = self.daemon.clock.now()
+
+    def token_progress(self, engine: str, at_s: float) -> None:
+        health = self._health(engine)
+        if health is not None:
+            health.last_traffic_s = at_s
+            health.stall_reason = None
+
+    def request_finished(self, stats: RequestStats) -> None:
+        from probes.readings import ThroughputSample
+
+        health = self._health(stats.engine)
+        if health is None:
+            return
+        health.in_flight = max(0, health.in_flight - 1)
+        now = self.daemon.clock.now()
+        health.last_traffic_s = now
+        if stats.ended == "complete" and stats.tokens > 1 and stats.decode_s and stats.decode_s > 0:
+            health.add_sample(ThroughputSample(at_s=now, tokens_per_s=(stats.tokens - 1) / stats.decode_s,
+                                               source="gateway", tokens=stats.tokens))
+
+    def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:
+        health = self._health(engine)
+        if health is None:
+            return
+        health.stall_reason = f"a live {phase} stream got no token for {stalled_for_s:.0f}s"
+        self.daemon.events.emit("gateway.stall_detected", engine=engine, phase=phase,
+                                stalled_for_s=round(stalled_for_s, 3))
+
+
+class GatewayExtension:
+    name = "gateway"
+
+    def __init__(self, daemon: Daemon) -> None:
+        from supervisord_llm.gateway import build_app
+
+        self.daemon = daemon
+        self.settings = daemon.config.gateway
+        self.backend = DaemonGatewayBackend(daemon, self.settings.hold_s)
+        self.app = build_app(self.backend, self.settings, daemon.clock, log=daemon.log.bind(component="gateway"))
+        self.listen = self.settings.listen
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        from supervisord_llm.gateway import serve
+
+        async with anyio.create_task_group() as tg:
+            self.listen = await tg.start(serve, self.app, self.settings)
+            task_status.started()
+
+    def contribute_status(self, doc: dict[str, Any]) -> None:
+        stats = self.app.state.gateway
+        doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight}
+
+
+class AlertsExtension:
+    name = "alerts"
+
+    def __init__(self, daemon: Daemon) -> None:
+        from supervisord_llm.alerts import Outbox
+
+        self.daemon = daemon
+
+        def on_event(kind: str, fields: dict[str, Any]) -> None:
+            daemon.events.emit(kind, **fields)
+
+        self.outbox = Outbox(daemon.state_dir, daemon.config.alerts, daemon.clock, daemon.log.bind(component="alerts"),
+                             on_event=on_event)
+        daemon.alerts_outbox = self.outbox
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self.outbox.run(task_status=task_status)
+
+
+def install_extensions(daemon: Daemon) -> None:
     """Attach the subsystems the config turns on."""
+    config = daemon.config
+    if config.alerts is not None and config.alerts.targets:
+        daemon.extensions.append(AlertsExtension(daemon))
+    if config.gateway is not None:
+        daemon.extensions.append(GatewayExtension(daemon))
+    if config.daemon.metrics_listen:
+        from supervisord_llm.metrics import MetricsExtension
+
+        daemon.extensions.append(MetricsExtension(daemon, config.daemon.metrics_listen))

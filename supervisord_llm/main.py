@@ -64,9 +64,17 @@ async def run_daemon(config: Config, logger: Any, *, banner: str | None = None) 
 
             tg.start_soon(on_signals)
 
+            from supervisord_llm.sdnotify import Notifier, watchdog_loop
+
+            notifier = Notifier.from_env()
+
             def ready() -> None:
                 if banner:
                     print(banner, flush=True)
+                engines = ", ".join(daemon.supervisors) or "no engines"
+                notifier.ready(f"supervising {engines}")
+                if notifier.watchdog_interval_s:
+                    tg.start_soon(lambda: watchdog_loop(notifier, lambda: daemon.healthy_loop))
 
             await tg.start(lambda task_status: daemon.run(task_status=task_status, ready_callback=ready))
     finally:

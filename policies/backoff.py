@@ -1,0 +1,304 @@
+"""Restart backoff: when may an engine be spawned again, and when do we stop trying.
+
+The facts behind it: after a Metal OOM, an immediate restart loads the same weights into the
+same full memory and crashes again; users had to set launchd's ``ThrottleInterval`` to at least
+60 s to break the loop. So:
+
+- two automatic spawns of one engine are never less than ``min_interval_s`` (>= 60 s) apart;
+- each consecutive failure doubles the wait after the exit (``initial_s * factor**(n-1)``, up to
+  ``max_s``);
+- a run that stayed ready for ``reset_after_ready_s`` ends the streak (the next failure counts as
+  the first again, and older failures no longer count towards ``max_failures``);
+- ``max_failures`` failures inside ``failure_window_s`` end in ``MarkFailed`` plus a critical
+  alert, not a loop.
+
+``BackoffState`` is an immutable record of facts (spawn and failure times, monotonic seconds);
+every function returns a new one. The caller persists it (``to_record``/``from_record``) so the
+floor holds across daemon restarts. Monotonic clocks restart at boot, so a record from an earlier
+boot must be dropped by the caller (``from_record(..., now_s=...)`` drops times from the future).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from policies._format import require, secs
+from policies.actions import Admit, Alert, MarkFailed, Refuse, WaitUntil
+
+# The floor below which restarts crash-loop after a Metal OOM (launchd ThrottleInterval lesson).
+MIN_SPAWN_INTERVAL_S = 60.0
+
+_MAX_SPAWNS_KEPT = 16
+_MAX_FAILURES_KEPT = 256
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffSettings:
+    """How restarts are spaced; validated when constructed."""
+
+    min_interval_s: float = 60.0
+    initial_s: float = 60.0
+    factor: float = 2.0
+    max_s: float = 900.0
+    reset_after_ready_s: float = 600.0
+    max_failures: int = 5
+    failure_window_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        require(
+            self.min_interval_s >= MIN_SPAWN_INTERVAL_S,
+            f"backoff min_interval_s must be >= {MIN_SPAWN_INTERVAL_S:.0f}s, got {self.min_interval_s!r}: "
+            "faster restarts crash-loop after a Metal OOM (the same weights hit the same full "
+            "memory), which is why launchd users set ThrottleInterval to 60s or more",
+        )
+        require(self.initial_s > 0, f"backoff initial_s must be > 0 seconds, got {self.initial_s!r}")
+        require(self.factor >= 1, f"backoff factor must be >= 1 (1 = constant delay), got {self.factor!r}")
+        require(
+            self.max_s >= self.initial_s,
+            f"backoff max_s ({self.max_s!r}) must be >= initial_s ({self.initial_s!r})",
+        )
+        require(
+            self.reset_after_ready_s > 0,
+            f"backoff reset_after_ready_s must be > 0 seconds, got {self.reset_after_ready_s!r}",
+        )
+        require(
+            isinstance(self.max_failures, int) and not isinstance(self.max_failures, bool)
+            and self.max_failures >= 1,
+            f"backoff max_failures must be an integer >= 1, got {self.max_failures!r}",
+        )
+        require(
+            self.failure_window_s > 0,
+            f"backoff failure_window_s must be > 0 seconds, got {self.failure_window_s!r}",
+        )
+
+    def delay_s(self, consecutive_failures: int) -> float:
+        """The wait after the ``consecutive_failures``-th failure in a row (0 for none)."""
+        if consecutive_failures <= 0:
+            return 0.0
+        exponent = consecutive_failures - 1
+        if exponent > 64:  # factor**exponent would overflow long before; the cap applies anyway
+            return self.max_s
+        return min(self.max_s, self.initial_s * self.factor**exponent)
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffState:
+    """Immutable facts about one engine's spawns and failures (monotonic seconds)."""
+
+    engine: str
+    spawn_times_s: tuple[float, ...] = ()
+    failure_times_s: tuple[float, ...] = ()  # failures since the last run that stayed ready long enough
+    consecutive_failures: int = 0
+    last_exit_at_s: float | None = None
+    last_exit_reason: str | None = None
+
+    @property
+    def last_spawn_at_s(self) -> float | None:
+        return self.spawn_times_s[-1] if self.spawn_times_s else None
+
+
+def record_spawn(state: BackoffState, now_s: float) -> BackoffState:
+    """The engine was spawned at ``now_s`` (automatically or by hand)."""
+    return replace(state, spawn_times_s=(*state.spawn_times_s, now_s)[-_MAX_SPAWNS_KEPT:])
+
+
+def record_exit(
+    state: BackoffState, now_s: float, ready_for_s: float, reason: str, *, settings: BackoffSettings
+) -> BackoffState:
+    """An unplanned exit (crash, hang kill, failed start) at ``now_s`` after ``ready_for_s`` ready.
+
+    Stops a person asked for are not exits in this sense; do not record them. A run that stayed
+    ready for ``settings.reset_after_ready_s`` or longer ends the streak: this exit is then the
+    first failure of a new one.
+    """
+    if ready_for_s >= settings.reset_after_ready_s:
+        consecutive = 1
+        failures: tuple[float, ...] = (now_s,)
+    else:
+        consecutive = state.consecutive_failures + 1
+        horizon_s = now_s - settings.failure_window_s
+        failures = tuple(t for t in (*state.failure_times_s, now_s) if t >= horizon_s)
+    return replace(
+        state,
+        failure_times_s=failures[-_MAX_FAILURES_KEPT:],
+        consecutive_failures=consecutive,
+        last_exit_at_s=now_s,
+        last_exit_reason=reason,
+    )
+
+
+def failures_in_window(state: BackoffState, settings: BackoffSettings, now_s: float) -> int:
+    """How many failures of the current streak fall inside ``failure_window_s`` before ``now_s``."""
+    horizon_s = now_s - settings.failure_window_s
+    return sum(1 for t in state.failure_times_s if t >= horizon_s)
+
+
+def is_failed(state: BackoffState, settings: BackoffSettings, now_s: float) -> bool:
+    """True when the failures inside the window reached ``max_failures`` (a crash loop)."""
+    return failures_in_window(state, settings, now_s) >= settings.max_failures
+
+
+def next_start_at(state: BackoffState, settings: BackoffSettings, now_s: float) -> float:
+    """The earliest monotonic time an automatic spawn may happen (``now_s`` if already allowed).
+
+    Never earlier than the last spawn + ``min_interval_s``; after ``n`` consecutive failures,
+    never earlier than the last exit + ``initial_s * factor**(n-1)`` (capped at ``max_s``).
+    """
+    at_s = now_s
+    if state.last_spawn_at_s is not None:
+        at_s = max(at_s, state.last_spawn_at_s + settings.min_interval_s)
+    if state.consecutive_failures > 0 and state.last_exit_at_s is not None:
+        at_s = max(at_s, state.last_exit_at_s + settings.delay_s(state.consecutive_failures))
+    return at_s
+
+
+def decide_after_exit(
+    state: BackoffState, settings: BackoffSettings, now_s: float
+) -> tuple[WaitUntil] | tuple[MarkFailed, Alert]:
+    """After ``record_exit``: wait for the backoff, or give up when the crash loop is proven.
+
+    Returns ``(WaitUntil(at_s),)`` or ``(MarkFailed, Alert(critical, key "engine.failed:<engine>"))``.
+    """
+    engine = state.engine
+    reason = state.last_exit_reason or "exited"
+    count = failures_in_window(state, settings, now_s)
+    if count >= settings.max_failures:
+        summary = (
+            f"{engine} failed {count} times within {secs(settings.failure_window_s)} "
+            f"(last: {reason}); it will not be restarted automatically. "
+            f"Fix the cause, then run `llmctl start {engine}`"
+        )
+        return (
+            MarkFailed(engine, f"{count} failures within {secs(settings.failure_window_s)}; last: {reason}"),
+            Alert(
+                key=f"engine.failed:{engine}",
+                severity="critical",
+                summary=summary,
+                details={
+                    "engine": engine,
+                    "failures": count,
+                    "failure_window_s": settings.failure_window_s,
+                    "last_exit_reason": reason,
+                },
+            ),
+        )
+    at_s = next_start_at(state, settings, now_s)
+    n = state.consecutive_failures
+    return (
+        WaitUntil(
+            at_s,
+            f"{engine} backoff after {n} consecutive failure{'s' if n != 1 else ''} "
+            f"(last: {reason}); next start in {secs(at_s - now_s)}",
+        ),
+    )
+
+
+def manual_start_allowed(
+    state: BackoffState, settings: BackoffSettings, now_s: float, force: bool
+) -> Admit | Refuse:
+    """May a person's ``llmctl start`` go ahead now?
+
+    With no failure streak, yes (a person may restart a healthy engine at any time). Inside a
+    backoff, or after the engine was marked failed, it is refused until the backoff ends, and the
+    message says what ``--force`` would override; ``force=True`` admits it.
+    """
+    engine = state.engine
+    if state.consecutive_failures == 0:
+        return Admit(engine, "no failure streak")
+    until_s = next_start_at(state, settings, now_s)
+    failed = is_failed(state, settings, now_s)
+    reason = state.last_exit_reason or "exited"
+    n = state.consecutive_failures
+    if failed:
+        what = (
+            f"{engine} is failed after {failures_in_window(state, settings, now_s)} failures within "
+            f"{secs(settings.failure_window_s)} (last: {reason})"
+        )
+    else:
+        what = f"{engine} is in backoff after {n} consecutive failure{'s' if n != 1 else ''} (last: {reason})"
+    if force:
+        return Admit(engine, f"--force: {what}; started anyway")
+    if until_s <= now_s:
+        return Admit(engine, f"{what}; the backoff has passed")
+    return Refuse(
+        engine,
+        "failed" if failed else "backoff",
+        f"{what}; a start is allowed in {secs(until_s - now_s)}. "
+        f"`llmctl start {engine} --force` starts it now, overriding the backoff "
+        "(a restart right after an out-of-memory crash usually crashes again)",
+        until_s=until_s,
+    )
+
+
+def to_record(state: BackoffState) -> dict[str, object]:
+    """A JSON-ready dict of the state, for the caller to persist."""
+    return {
+        "engine": state.engine,
+        "spawn_times_s": list(state.spawn_times_s),
+        "failure_times_s": list(state.failure_times_s),
+        "consecutive_failures": state.consecutive_failures,
+        "last_exit_at_s": state.last_exit_at_s,
+        "last_exit_reason": state.last_exit_reason,
+    }
+
+
+def from_record(record: dict[str, object], *, now_s: float | None = None) -> BackoffState:
+    """Rebuild a state from ``to_record``'s dict; ValueError names the bad key.
+
+    With ``now_s``, a record holding times later than ``now_s`` comes from an earlier boot (the
+    monotonic clock restarted) and is replaced by a fresh state: its times mean nothing now.
+    """
+
+    def floats(key: str) -> tuple[float, ...]:
+        value = record.get(key, [])
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise ValueError(f"backoff record: {key} must be a list of numbers (seconds), got {value!r}")
+        return tuple(float(v) for v in value)
+
+    engine = record.get("engine")
+    if not isinstance(engine, str) or not engine:
+        raise ValueError(f"backoff record: engine must be a non-empty string, got {engine!r}")
+    consecutive = record.get("consecutive_failures", 0)
+    if not isinstance(consecutive, int) or isinstance(consecutive, bool) or consecutive < 0:
+        raise ValueError(
+            f"backoff record: consecutive_failures must be an integer >= 0, got {consecutive!r}"
+        )
+    last_exit = record.get("last_exit_at_s")
+    if last_exit is not None and (not isinstance(last_exit, (int, float)) or isinstance(last_exit, bool)):
+        raise ValueError(f"backoff record: last_exit_at_s must be a number or null, got {last_exit!r}")
+    last_reason = record.get("last_exit_reason")
+    if last_reason is not None and not isinstance(last_reason, str):
+        raise ValueError(f"backoff record: last_exit_reason must be a string or null, got {last_reason!r}")
+    state = BackoffState(
+        engine=engine,
+        spawn_times_s=floats("spawn_times_s"),
+        failure_times_s=floats("failure_times_s"),
+        consecutive_failures=consecutive,
+        last_exit_at_s=None if last_exit is None else float(last_exit),
+        last_exit_reason=last_reason,
+    )
+    if now_s is not None:
+        times = (*state.spawn_times_s, *state.failure_times_s)
+        if state.last_exit_at_s is not None:
+            times = (*times, state.last_exit_at_s)
+        if any(t > now_s for t in times):
+            return BackoffState(engine=engine)
+    return state
+
+
+__all__ = [
+    "MIN_SPAWN_INTERVAL_S",
+    "BackoffSettings",
+    "BackoffState",
+    "decide_after_exit",
+    "failures_in_window",
+    "from_record",
+    "is_failed",
+    "manual_start_allowed",
+    "next_start_at",
+    "record_exit",
+    "record_spawn",
+    "to_record",
+]

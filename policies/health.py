@@ -1,0 +1,279 @@
+"""Degraded and hung: classification from readings.
+
+Real failures this covers: the token rate of a model fell from 25 to 10 tok/s before a GPU hang
+(degraded), and servers went silent after minutes of work while ``/health`` stayed 200 (hung).
+
+**Degraded.** Token-rate samples (canaries, gateway streams, engine counters) are grouped in
+windows of ``window_s``. The engine is degraded when the rate of each of the last
+``degraded_windows`` windows is below ``degraded_share`` of the learned baseline, and recovered
+as soon as the latest window is back at or above it. A window without samples neither confirms
+nor breaks anything except the streak: it is unknown, so it does not count as below.
+
+**Baseline.** ``ThroughputBaseline`` keeps the rates of recent healthy windows and reports a high
+percentile of them (default p90): a high percentile follows what the model *can* do, and a slow
+decline does not drag it down the way a mean would. Windows below the degraded threshold are not
+learned. The caller keeps the baseline per model across restarts.
+
+**Hung** (``assess_hung``): a zombie root, a stopped process (SIGSTOP), a canary that got no
+token within its stall time, or an engine whose own counters say requests are running while its
+generated-token total has not moved for ``stall_s``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
+
+from policies._format import require
+from policies.actions import Alert
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Degraded-detection settings; validated when constructed."""
+
+    window_s: float = 30.0
+    degraded_share: float = 0.5
+    degraded_windows: int = 3
+    baseline_percentile: float = 90.0
+    baseline_min_windows: int = 5
+    baseline_max_windows: int = 100
+
+    def __post_init__(self) -> None:
+        require(self.window_s > 0, f"health window_s must be > 0 seconds, got {self.window_s!r}")
+        require(
+            0 < self.degraded_share < 1,
+            f"health degraded_share must be between 0 and 1 (0.5 = half the baseline), "
+            f"got {self.degraded_share!r}",
+        )
+        require(
+            isinstance(self.degraded_windows, int) and self.degraded_windows >= 1,
+            f"health degraded_windows must be an integer >= 1, got {self.degraded_windows!r}",
+        )
+        require(
+            0 < self.baseline_percentile <= 100,
+            f"health baseline_percentile must be in (0, 100], got {self.baseline_percentile!r}",
+        )
+        require(
+            1 <= self.baseline_min_windows <= self.baseline_max_windows,
+            f"health baseline_min_windows must be >= 1 and <= baseline_max_windows "
+            f"({self.baseline_max_windows!r}), got {self.baseline_min_windows!r}",
+        )
+
+
+def rolling_rate(samples: Sequence[ThroughputSample], start_s: float, end_s: float) -> float | None:
+    """Token rate over the samples with ``start_s < at_s <= end_s``; None when there are none.
+
+    Samples are weighted by their token counts (a 1,000-token stream says more than an
+    8-token canary); samples that carry no count weigh as one token.
+    """
+    total_weight = 0.0
+    weighted = 0.0
+    for s in samples:
+        if start_s < s.at_s <= end_s:
+            weight = float(max(s.tokens, 1))
+            total_weight += weight
+            weighted += weight * s.tokens_per_s
+    return None if total_weight == 0 else weighted / total_weight
+
+
+def window_rates(
+    samples: Sequence[ThroughputSample], now_s: float, window_s: float, count: int
+) -> tuple[float | None, ...]:
+    """Rates of the last ``count`` windows ending at ``now_s``, newest first."""
+    return tuple(
+        rolling_rate(samples, now_s - (k + 1) * window_s, now_s - k * window_s) for k in range(count)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputTracker:
+    """An immutable rolling buffer of samples, pruned to what the windows need."""
+
+    samples: tuple[ThroughputSample, ...] = ()
+
+    def add(self, sample: ThroughputSample, settings: HealthSettings) -> ThroughputTracker:
+        horizon_s = sample.at_s - settings.window_s * (settings.degraded_windows + 1)
+        kept = tuple(s for s in self.samples if s.at_s > horizon_s)
+        return ThroughputTracker((*kept, sample))
+
+    def rate(self, now_s: float, settings: HealthSettings) -> float | None:
+        """The rolling rate over the last window."""
+        return rolling_rate(self.samples, now_s - settings.window_s, now_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputBaseline:
+    """Rates of recent healthy windows for one model; the caller persists it across restarts."""
+
+    window_rates: tuple[float, ...] = ()
+    last_window_end_s: float | None = None
+
+    def tokens_per_s(self, settings: HealthSettings) -> float | None:
+        """The learned baseline: a high percentile of healthy window rates (None until enough)."""
+        if len(self.window_rates) < settings.baseline_min_windows:
+            return None
+        ordered = sorted(self.window_rates)
+        rank = max(1, math.ceil(settings.baseline_percentile / 100 * len(ordered)))
+        return ordered[rank - 1]
+
+
+def learn_baseline(
+    baseline: ThroughputBaseline,
+    samples: Sequence[ThroughputSample],
+    settings: HealthSettings,
+    now_s: float,
+    *,
+    healthy: bool = True,
+) -> ThroughputBaseline:
+    """Learn from the window ending at ``now_s`` if a whole window passed since the last one.
+
+    Pass ``healthy=False`` while the engine is starting, degraded or hung: nothing is learned.
+    A ``last_window_end_s`` later than ``now_s`` comes from an earlier boot and is forgotten.
+    """
+    last = baseline.last_window_end_s
+    if last is not None and last > now_s:
+        last = None
+    if last is not None and now_s - last < settings.window_s:
+        return baseline
+    rate = rolling_rate(samples, now_s - settings.window_s, now_s)
+    current = baseline.tokens_per_s(settings)
+    rates = baseline.window_rates
+    if (
+        healthy
+        and rate is not None
+        and rate > 0
+        and (current is None or rate >= settings.degraded_share * current)
+    ):
+        rates = (*rates, rate)[-settings.baseline_max_windows :]
+    return replace(baseline, window_rates=rates, last_window_end_s=now_s)
+
+
+@dataclass(frozen=True, slots=True)
+class DegradedAssessment:
+    degraded: bool
+    recovered: bool  # the latest window is at or above the threshold
+    rate_tokens_per_s: float | None  # the latest window's rate
+    baseline_tokens_per_s: float | None
+    windows_below: int  # consecutive windows below the threshold, newest first
+    reason: str
+
+
+def assess_degraded(
+    samples: Sequence[ThroughputSample],
+    baseline_tokens_per_s: float | None,
+    settings: HealthSettings,
+    now_s: float,
+) -> DegradedAssessment:
+    """Degraded when the last ``degraded_windows`` windows are all below share x baseline."""
+    rates = window_rates(samples, now_s, settings.window_s, settings.degraded_windows)
+    latest = rates[0]
+    if baseline_tokens_per_s is None or baseline_tokens_per_s <= 0:
+        return DegradedAssessment(False, False, latest, None, 0, "no throughput baseline learned yet")
+    threshold = settings.degraded_share * baseline_tokens_per_s
+    below = 0
+    for rate in rates:
+        if rate is None or rate >= threshold:
+            break
+        below += 1
+    degraded = below >= settings.degraded_windows
+    recovered = latest is not None and latest >= threshold
+    share_pct = f"{settings.degraded_share * 100:.0f}%"
+    if degraded:
+        reason = (
+            f"{latest:.1f} tok/s, below {share_pct} of the {baseline_tokens_per_s:.1f} tok/s baseline "
+            f"for {below} windows of {settings.window_s:.0f}s"
+        )
+    elif latest is None:
+        reason = f"no throughput samples in the last {settings.window_s:.0f}s"
+    else:
+        reason = f"{latest:.1f} tok/s against a {baseline_tokens_per_s:.1f} tok/s baseline"
+    return DegradedAssessment(degraded, recovered, latest, baseline_tokens_per_s, below, reason)
+
+
+def degraded_alert(engine: str, assessment: DegradedAssessment, was_degraded: bool) -> Alert | None:
+    """The ``engine.degraded:<engine>`` alert: opened when degraded, resolved once recovered."""
+    key = f"engine.degraded:{engine}"
+    details: dict[str, object] = {
+        "tokens_per_s": assessment.rate_tokens_per_s,
+        "baseline_tokens_per_s": assessment.baseline_tokens_per_s,
+        "windows_below": assessment.windows_below,
+    }
+    if assessment.degraded:
+        return Alert(key, "warning", f"{engine} is degraded: {assessment.reason}", details)
+    if was_degraded and assessment.recovered:
+        return Alert(key, "warning", f"{engine} recovered: {assessment.reason}", details, resolved=True)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class HungAssessment:
+    hung: bool
+    reason: str | None = None
+
+
+def assess_hung(
+    canary: CanaryReading | None,
+    process_tree: ProcessTreeReading | None,
+    counters_history: Sequence[EngineCounters],
+    stall_s: float,
+    now_s: float,
+) -> HungAssessment:
+    """Is the engine hung? The reason names the evidence a person can check."""
+    require(stall_s > 0, f"stall_s must be > 0 seconds, got {stall_s!r}")
+    if process_tree is not None:
+        if process_tree.zombie:
+            return HungAssessment(True, f"zombie: pid {process_tree.root_pid} exited but was not reaped")
+        if process_tree.stopped:
+            return HungAssessment(True, "process stopped (SIGSTOP)")
+    if canary is not None and canary.stalled:
+        waited = f"{canary.duration_s:.0f}s" if canary.duration_s is not None else "its stall time"
+        return HungAssessment(True, f"canary got no token within {waited}")
+    stalled = _counters_stall(counters_history, stall_s, now_s)
+    if stalled is not None:
+        return HungAssessment(True, stalled)
+    return HungAssessment(False)
+
+
+def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: float) -> str | None:
+    """Requests running and the token total flat since a sample at least ``stall_s`` old."""
+    usable = sorted(
+        (c for c in history if c.generated_tokens_total is not None and c.requests_running is not None),
+        key=lambda c: c.at_s,
+    )
+    if not usable or not usable[-1].requests_running or usable[-1].requests_running <= 0:
+        return None
+    latest = usable[-1]
+    since = latest
+    for c in reversed(usable[:-1]):
+        if not c.requests_running or c.requests_running <= 0:
+            break
+        if c.generated_tokens_total != latest.generated_tokens_total:
+            break
+        since = c
+    flat_s = now_s - since.at_s
+    if flat_s < stall_s:
+        return None  # tokens moved recently, or the history does not yet cover the stall time
+    running = int(latest.requests_running)
+    return (
+        f"engine reports {running} running request{'s' if running != 1 else ''} "
+        f"but no tokens for {flat_s:.0f}s"
+    )
+
+
+__all__ = [
+    "DegradedAssessment",
+    "HealthSettings",
+    "HungAssessment",
+    "ThroughputBaseline",
+    "ThroughputTracker",
+    "assess_degraded",
+    "assess_hung",
+    "degraded_alert",
+    "learn_baseline",
+    "rolling_rate",
+    "window_rates",
+]

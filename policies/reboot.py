@@ -1,0 +1,425 @@
+"""Reboot escalation: opt-in, announced, cancellable, and at most one per cooldown.
+
+Some failures only a reboot fixes: wired memory stranded by a Metal GPU hang (``sudo purge`` does
+not free it) and an NVIDIA GPU that fell off the bus (XID 79). The policy is a small state machine:
+
+    idle ──stranded, disabled or in cooldown──▶ required   (alert only: reboot by hand)
+    idle ──stranded, enabled──▶ announced(at_s, execute_at_s, reason)   Alert + EscalateReboot
+    announced ──grace over──▶ executed                                  RunReboot(argv)
+    announced ──cancel()──▶ cancelled    (no reboot for the rest of this episode)
+    any ──condition gone──▶ idle         (resolved alerts)
+
+An *episode* lasts while the condition persists; a cancel holds for the episode, so the next
+automatic reboot needs the condition to clear and come back.
+
+The **ledger** of past reboots uses WALL-clock timestamps, unlike everything else here: it must
+survive the reboot it records, and the monotonic clock restarts at every boot, so a monotonic
+timestamp from before the reboot would be meaningless after it. A ledger entry later than the
+current wall time (the clock was stepped back) counts as inside the cooldown: the safe side.
+``RebootState`` itself uses monotonic times and belongs to one boot; the caller drops it (after
+``verify_after_reboot``) when the boot changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from policies._format import gb, require, secs
+from policies.actions import Action, Alert, EscalateReboot, RunReboot, Stop, WaitUntil
+
+RebootPhase = Literal["idle", "required", "announced", "cancelled", "executed"]
+
+# NVIDIA XIDs (driver error codes) that the policy acts on.
+XID_FALLEN_OFF_BUS = 79
+XID_RESET_REQUIRED: dict[int, str] = {
+    48: "double-bit ECC error",
+    62: "internal micro-controller halt",
+    64: "ECC page retirement or row remapping failure",
+    95: "uncontained ECC error",
+    119: "GSP RPC timeout",
+    120: "GSP error",
+}
+
+_LEDGER_KEPT = 32
+
+
+@dataclass(frozen=True, slots=True)
+class RebootSettings:
+    """Reboot escalation settings; off unless a person turns it on."""
+
+    enabled: bool = False
+    grace_s: float = 300.0
+    cooldown_s: float = 21600.0
+    argv: tuple[str, ...] = ("sudo", "shutdown", "-r", "now")
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.enabled, bool), f"reboot enabled must be true or false, got {self.enabled!r}")
+        require(
+            self.grace_s >= 30,
+            f"reboot grace_s must be >= 30s, got {self.grace_s!r}: the reboot is announced first so a "
+            "person has time to run `llmctl reboot cancel`",
+        )
+        require(
+            self.cooldown_s >= 3600,
+            f"reboot cooldown_s must be >= 3600s (1h), got {self.cooldown_s!r}: a condition that comes "
+            "back after every boot must not turn into a reboot loop",
+        )
+        argv = self.argv
+        require(
+            not isinstance(argv, (str, bytes)),
+            f"reboot argv must be a list of strings such as [\"sudo\", \"shutdown\", \"-r\", \"now\"], "
+            f"not a shell string: got {argv!r}",
+        )
+        require(
+            isinstance(argv, (list, tuple)) and len(argv) > 0
+            and all(isinstance(a, str) and a for a in argv),
+            f"reboot argv must be a non-empty list of non-empty strings such as "
+            f"[\"sudo\", \"shutdown\", \"-r\", \"now\"], got {argv!r}",
+        )
+        object.__setattr__(self, "argv", tuple(argv))
+
+
+@dataclass(frozen=True, slots=True)
+class RebootState:
+    """Where the escalation stands in this boot (monotonic seconds)."""
+
+    phase: RebootPhase = "idle"
+    announced_at_s: float | None = None
+    execute_at_s: float | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RebootLedger:
+    """Past automatic reboots as wall-clock Unix timestamps (see the module docstring for why)."""
+
+    reboots_wall_s: tuple[float, ...] = ()
+
+    @property
+    def last_wall_s(self) -> float | None:
+        return max(self.reboots_wall_s) if self.reboots_wall_s else None
+
+
+def record_reboot(ledger: RebootLedger, now_wall: float) -> RebootLedger:
+    """Add a reboot; the runtime persists the result *before* running the reboot argv."""
+    return RebootLedger((*ledger.reboots_wall_s, now_wall)[-_LEDGER_KEPT:])
+
+
+def cooldown_until_wall(ledger: RebootLedger, settings: RebootSettings) -> float | None:
+    last = ledger.last_wall_s
+    return None if last is None else last + settings.cooldown_s
+
+
+def in_cooldown(ledger: RebootLedger, settings: RebootSettings, now_wall: float) -> bool:
+    """True inside the cooldown after the last reboot, and when the ledger is ahead of the clock."""
+    last = ledger.last_wall_s
+    if last is None:
+        return False
+    return now_wall < last or now_wall - last < settings.cooldown_s
+
+
+def cancel(state: RebootState) -> RebootState:
+    """``llmctl reboot cancel``: an announced reboot will not run, nor will another this episode.
+
+    Cancelling while the reboot is only ``required`` (escalation off or in cooldown) also holds
+    for the episode. With nothing to cancel (idle) or once executed, the state is returned
+    unchanged: the caller tells the person there was nothing to cancel.
+    """
+    if state.phase in ("announced", "required"):
+        return replace(state, phase="cancelled")
+    return state
+
+
+def decide_reboot(
+    state: RebootState,
+    ledger: RebootLedger,
+    settings: RebootSettings,
+    stranded_persisting: bool | None,
+    now_s: float,
+    now_wall: float,
+    reason: str = "wired memory stranded",
+) -> tuple[RebootState, tuple[Action, ...]]:
+    """One step of the escalation; call it on every assessment tick.
+
+    ``stranded_persisting`` is the condition that needs a reboot (stranded memory above its
+    threshold, or a GPU lost). ``None`` means no verdict (inside the reclaim window after an
+    exit): nothing changes, neither the episode nor a pending reboot, which waits for a verdict.
+    Returns the new state and the actions to carry out.
+    """
+    if stranded_persisting is None:
+        return state, ()
+    if not stranded_persisting:
+        if state.phase == "announced":
+            return RebootState(), (
+                Alert("reboot.announced", "critical", f"reboot called off: {state.reason or reason} cleared", resolved=True),
+            )
+        if state.phase in ("required", "cancelled"):
+            return RebootState(), (
+                Alert("reboot.required", "critical", f"reboot no longer required: {state.reason or reason} cleared", resolved=True),
+            )
+        return RebootState(), ()
+
+    if state.phase == "cancelled":
+        return state, (
+            Alert("reboot.announced", "critical", "reboot cancelled by a person", resolved=True),
+            Alert(
+                "reboot.required",
+                "critical",
+                f"reboot required ({state.reason or reason}); the automatic reboot was cancelled, "
+                "reboot the machine by hand when convenient",
+            ),
+        )
+    if state.phase == "executed":
+        return state, ()
+
+    blocked = _blocked(ledger, settings, now_wall, reason)
+    if state.phase == "announced":
+        assert state.execute_at_s is not None
+        if now_s < state.execute_at_s:
+            return state, (WaitUntil(state.execute_at_s, f"reboot announced: {state.reason}"),)
+        if blocked is not None:
+            return RebootState("required", reason=state.reason), (
+                Alert("reboot.announced", "critical", "announced reboot not run", resolved=True),
+                blocked,
+            )
+        return RebootState("executed", state.announced_at_s, state.execute_at_s, state.reason), (
+            RunReboot(settings.argv, state.reason or reason),
+        )
+
+    # idle or required
+    if blocked is not None:
+        return RebootState("required", reason=reason), (blocked,)
+    execute_at_s = now_s + settings.grace_s
+    return RebootState("announced", now_s, execute_at_s, reason), (
+        Alert(
+            "reboot.announced",
+            "critical",
+            f"rebooting in {secs(settings.grace_s)}: {reason}. Run `llmctl reboot cancel` to stop it",
+            details={"grace_s": settings.grace_s, "argv": list(settings.argv), "reason": reason},
+        ),
+        EscalateReboot(execute_at_s, reason),
+    )
+
+
+def _blocked(ledger: RebootLedger, settings: RebootSettings, now_wall: float, reason: str) -> Alert | None:
+    """The alert that replaces a reboot when escalation is off or inside the cooldown."""
+    if not settings.enabled:
+        return Alert(
+            "reboot.required",
+            "critical",
+            f"reboot required ({reason}); automatic reboot is disabled (reboot.enabled = false), "
+            "reboot the machine by hand",
+            details={"enabled": False},
+        )
+    if in_cooldown(ledger, settings, now_wall):
+        last = ledger.last_wall_s
+        assert last is not None
+        ago_s = now_wall - last
+        return Alert(
+            "reboot.required",
+            "critical",
+            f"reboot required ({reason}), but the last automatic reboot was {secs(max(0.0, ago_s))} ago, "
+            f"inside the {secs(settings.cooldown_s)} cooldown; reboot the machine by hand",
+            details={"last_reboot_wall_s": last, "cooldown_s": settings.cooldown_s},
+        )
+    return None
+
+
+def decide_xid(
+    xid: int,
+    device_index: int,
+    engines_on_device: Sequence[str],
+    state: RebootState,
+    ledger: RebootLedger,
+    settings: RebootSettings,
+    now_s: float,
+    now_wall: float,
+    *,
+    stop_grace_s: float = 30.0,
+) -> tuple[RebootState, tuple[Action, ...]]:
+    """Act on an NVIDIA XID event: 79 takes the reboot path; reset-class XIDs stop engines + alert.
+
+    Other XIDs (mostly application faults such as 13, 31, 43) are left to the engine's own
+    crash handling: nothing happens here.
+    """
+    if xid == XID_FALLEN_OFF_BUS:
+        return decide_gpu_lost(
+            device_index, engines_on_device, state, ledger, settings, now_s, now_wall,
+            stop_grace_s=stop_grace_s, cause=f"GPU {device_index} fell off the bus (XID 79)",
+        )
+    what = XID_RESET_REQUIRED.get(xid)
+    if what is None:
+        return state, ()
+    stops = tuple(Stop(e, stop_grace_s, f"GPU {device_index} XID {xid}: {what}") for e in engines_on_device)
+    stopped = f"; stopped {', '.join(engines_on_device)}" if engines_on_device else ""
+    return state, (
+        *stops,
+        Alert(
+            f"gpu.reset_required:{device_index}",
+            "critical",
+            f"GPU reset required: GPU {device_index} reported XID {xid} ({what}){stopped}. "
+            f"Reset it (`nvidia-smi -r -i {device_index}`) or reboot",
+            details={"xid": xid, "device_index": device_index, "engines": list(engines_on_device)},
+        ),
+    )
+
+
+def decide_gpu_lost(
+    device_index: int,
+    engines_on_device: Sequence[str],
+    state: RebootState,
+    ledger: RebootLedger,
+    settings: RebootSettings,
+    now_s: float,
+    now_wall: float,
+    *,
+    stop_grace_s: float = 30.0,
+    cause: str | None = None,
+) -> tuple[RebootState, tuple[Action, ...]]:
+    """A GPU is gone (XID 79, or NVML no longer sees it): stop its engines, then the reboot path."""
+    cause = cause or f"GPU {device_index} is lost"
+    stops = tuple(Stop(e, stop_grace_s, cause) for e in engines_on_device)
+    new_state, actions = decide_reboot(state, ledger, settings, True, now_s, now_wall, reason=cause)
+    lost = Alert(
+        f"gpu.lost:{device_index}",
+        "critical",
+        f"{cause}; only a reboot brings it back",
+        details={"device_index": device_index, "engines": list(engines_on_device)},
+    )
+    return new_state, (*stops, lost, *actions)
+
+
+@dataclass(frozen=True, slots=True)
+class RebootVerification:
+    """What the first look after (what should have been) a reboot found."""
+
+    rebooted: bool
+    memory_back: bool | None  # None when there was no recorded reboot to verify
+    alert: Alert | None
+
+
+def verify_after_reboot(
+    ledger: RebootLedger,
+    boot_wall_s: float,
+    baseline_wired_bytes: int | None,
+    wired_bytes: int,
+    threshold_bytes: int,
+) -> RebootVerification:
+    """Did the recorded reboot happen, and did the stranded memory come back?
+
+    ``boot_wall_s`` is this boot's start (wall clock); ``baseline_wired_bytes`` the idle
+    baseline from before the reboot.
+    """
+    last = ledger.last_wall_s
+    if last is None:
+        return RebootVerification(rebooted=False, memory_back=None, alert=None)
+    if boot_wall_s < last:
+        return RebootVerification(
+            rebooted=False,
+            memory_back=False,
+            alert=Alert(
+                "reboot.not_happened",
+                "critical",
+                "the reboot command ran but the machine did not reboot; check that the reboot argv "
+                "can run without a password (sudoers) and reboot by hand",
+                details={"reboot_wall_s": last, "boot_wall_s": boot_wall_s},
+            ),
+        )
+    if baseline_wired_bytes is None:
+        return RebootVerification(rebooted=True, memory_back=None, alert=None)
+    above = max(0, wired_bytes - baseline_wired_bytes)
+    details: dict[str, object] = {
+        "wired_bytes": wired_bytes,
+        "baseline_wired_bytes": baseline_wired_bytes,
+        "reboot_wall_s": last,
+    }
+    if above < threshold_bytes:
+        return RebootVerification(
+            rebooted=True,
+            memory_back=True,
+            alert=Alert(
+                "memory.stranded",
+                "critical",
+                f"the reboot freed the stranded memory: {gb(wired_bytes)} wired, "
+                f"idle baseline {gb(baseline_wired_bytes)}",
+                details=details,
+                resolved=True,
+            ),
+        )
+    return RebootVerification(
+        rebooted=True,
+        memory_back=False,
+        alert=Alert(
+            "reboot.did_not_free",
+            "critical",
+            f"after the reboot {gb(above)} is still wired above the idle baseline "
+            f"({gb(wired_bytes)} wired, baseline {gb(baseline_wired_bytes)}); something else holds it",
+            details=details,
+        ),
+    )
+
+
+def state_to_record(state: RebootState) -> dict[str, object]:
+    return {
+        "phase": state.phase,
+        "announced_at_s": state.announced_at_s,
+        "execute_at_s": state.execute_at_s,
+        "reason": state.reason,
+    }
+
+
+def state_from_record(record: dict[str, object]) -> RebootState:
+    """Rebuild a ``RebootState``; ValueError names the bad key and the valid values."""
+    phase = record.get("phase", "idle")
+    valid = ("idle", "required", "announced", "cancelled", "executed")
+    if phase not in valid:
+        raise ValueError(f"reboot state: phase must be one of {', '.join(valid)}, got {phase!r}")
+    values: dict[str, float | None] = {}
+    for key in ("announced_at_s", "execute_at_s"):
+        v = record.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise ValueError(f"reboot state: {key} must be a number or null, got {v!r}")
+        values[key] = None if v is None else float(v)
+    if phase == "announced" and values["execute_at_s"] is None:
+        raise ValueError("reboot state: an announced reboot needs execute_at_s")
+    reason = record.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise ValueError(f"reboot state: reason must be a string or null, got {reason!r}")
+    return RebootState(phase, values["announced_at_s"], values["execute_at_s"], reason)  # type: ignore[arg-type]
+
+
+def ledger_to_record(ledger: RebootLedger) -> list[float]:
+    return list(ledger.reboots_wall_s)
+
+
+def ledger_from_record(record: object) -> RebootLedger:
+    """Rebuild a ledger from a list of Unix timestamps; ValueError says what is valid."""
+    if not isinstance(record, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in record
+    ):
+        raise ValueError(f"reboot ledger must be a list of Unix timestamps (numbers), got {record!r}")
+    return RebootLedger(tuple(float(v) for v in record))
+
+
+__all__ = [
+    "XID_FALLEN_OFF_BUS",
+    "XID_RESET_REQUIRED",
+    "RebootLedger",
+    "RebootSettings",
+    "RebootState",
+    "RebootVerification",
+    "cancel",
+    "cooldown_until_wall",
+    "decide_gpu_lost",
+    "decide_reboot",
+    "decide_xid",
+    "in_cooldown",
+    "ledger_from_record",
+    "ledger_to_record",
+    "record_reboot",
+    "state_from_record",
+    "state_to_record",
+    "verify_after_reboot",
+]

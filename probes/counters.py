@@ -1,0 +1,179 @@
+"""Engine counters: token totals and running requests read from an engine's own endpoint.
+
+Parsers are pure (text or JSON in, :class:`EngineCounters` out); :func:`fetch_counters` does the
+one HTTP GET. A rate comes from two cumulative readings (:func:`rate_between`), or from the rate an
+engine reports itself (SGLang ``sglang:gen_throughput``, oMLX ``avg_generation_tps``; the latter
+is a lifetime average over all requests, so the cumulative ``total_completion_tokens`` is kept too).
+
+| kind     | endpoint      | generated tokens (cumulative)     | running requests              | rate reported  |
+|----------|---------------|-----------------------------------|-------------------------------|----------------|
+| vllm     | /metrics      | vllm:generation_tokens_total      | vllm:num_requests_running     |                |
+| llamacpp | /metrics      | llamacpp:tokens_predicted_total   | llamacpp:requests_processing  |                |
+| sglang   | /metrics      | sglang:generation_tokens_total    | sglang:num_running_reqs       | sglang:gen_throughput |
+| omlx     | /api/status   | total_completion_tokens           | active_requests               | avg_generation_tps |
+
+Values with several label sets (one per model, engine or data-parallel rank) are summed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from probes.errors import ProbeError, ProbeParseError, ProbeUnavailable
+from probes.readings import EngineCounters
+
+__all__ = [
+    "PROMETHEUS_KINDS",
+    "COUNTER_KINDS",
+    "parse_prometheus_counters",
+    "parse_omlx_status",
+    "ollama_rate",
+    "rate_between",
+    "fetch_counters",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class _MetricNames:
+    generated_tokens_total: str | None
+    requests_running: str
+    tokens_per_s: str | None = None
+
+
+PROMETHEUS_KINDS: Mapping[str, _MetricNames] = {
+    "vllm": _MetricNames("vllm:generation_tokens_total", "vllm:num_requests_running"),
+    "llamacpp": _MetricNames("llamacpp:tokens_predicted_total", "llamacpp:requests_processing"),
+    "sglang": _MetricNames("sglang:generation_tokens_total", "sglang:num_running_reqs", "sglang:gen_throughput"),
+}
+COUNTER_KINDS = (*PROMETHEUS_KINDS, "omlx")
+
+
+def _check_kind(kind: str, valid: tuple[str, ...]) -> None:
+    if kind not in valid:
+        raise ValueError(f"unknown engine kind {kind!r} for counters; valid: {', '.join(valid)}")
+
+
+def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> EngineCounters:
+    """Counters from a Prometheus text exposition (``GET /metrics``) of a vLLM, llama-server or SGLang engine.
+
+    A metric that is absent gives None. Text that is not Prometheus exposition raises
+    :class:`ProbeParseError`; so does text that has none of the engine's metrics (wrong port or kind).
+    """
+    _check_kind(kind, tuple(PROMETHEUS_KINDS))
+    names = PROMETHEUS_KINDS[kind]
+    wanted = {n for n in (names.generated_tokens_total, names.requests_running, names.tokens_per_s) if n}
+    sums: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in wanted and math.isfinite(sample.value):
+                    sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    except ValueError as exc:
+        first = text.strip().splitlines()[0][:80] if text.strip() else ""
+        raise ProbeParseError(
+            f"{kind} /metrics is not Prometheus text exposition ({exc}); first line {first!r}; "
+            "expected lines like 'name{label=\"v\"} 1.0'"
+        ) from exc
+    if not sums:
+        raise ProbeParseError(
+            f"{kind} /metrics has none of {', '.join(sorted(wanted))}; is this the right port and engine kind?"
+        )
+    return EngineCounters(
+        at_s=at_s,
+        generated_tokens_total=sums.get(names.generated_tokens_total) if names.generated_tokens_total else None,
+        requests_running=sums.get(names.requests_running),
+        tokens_per_s=sums.get(names.tokens_per_s) if names.tokens_per_s else None,
+    )
+
+
+def _number(obj: Mapping[str, Any], key: str) -> float | None:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def parse_omlx_status(json_obj: Any, at_s: float = 0.0) -> EngineCounters:
+    """Counters from oMLX's ``GET /api/status`` (or ``/api/stats``) JSON object.
+
+    ``avg_generation_tps`` is oMLX's lifetime average over all requests; for the current rate use
+    :func:`rate_between` on two readings of ``total_completion_tokens``.
+    """
+    if not isinstance(json_obj, Mapping):
+        raise ProbeParseError(
+            f"oMLX /api/status answered {type(json_obj).__name__}; expected a JSON object with avg_generation_tps"
+        )
+    running = _number(json_obj, "active_requests")
+    active_models = json_obj.get("active_models")
+    if running is None and isinstance(active_models, Mapping):
+        running = _number(active_models, "total_active_requests")
+    counters = EngineCounters(
+        at_s=at_s,
+        generated_tokens_total=_number(json_obj, "total_completion_tokens"),
+        requests_running=running,
+        tokens_per_s=_number(json_obj, "avg_generation_tps"),
+    )
+    if counters.generated_tokens_total is None and counters.tokens_per_s is None:
+        raise ProbeParseError(
+            "oMLX /api/status has neither avg_generation_tps nor total_completion_tokens; "
+            f"keys present: {', '.join(sorted(map(str, json_obj))[:20]) or '(none)'}"
+        )
+    return counters
+
+
+def ollama_rate(eval_count: int | None, eval_duration_ns: int | None) -> float | None:
+    """Ollama's decode rate: ``eval_count`` tokens over ``eval_duration`` nanoseconds; None if either is missing or zero."""
+    if not eval_count or not eval_duration_ns or eval_count < 0 or eval_duration_ns <= 0:
+        return None
+    return eval_count / (eval_duration_ns / 1e9)
+
+
+def rate_between(a: EngineCounters, b: EngineCounters) -> float | None:
+    """Tokens/s between two cumulative readings (``a`` earlier); None when it cannot be told.
+
+    None when a total is missing, the readings are not in time order, or the counter went down
+    (the engine restarted and its counters began again).
+    """
+    if a.generated_tokens_total is None or b.generated_tokens_total is None:
+        return None
+    elapsed_s = b.at_s - a.at_s
+    delta = b.generated_tokens_total - a.generated_tokens_total
+    if elapsed_s <= 0 or delta < 0:
+        return None
+    return delta / elapsed_s
+
+
+async def fetch_counters(
+    client: httpx.AsyncClient, base_url: str, kind: str, at_s: float, *, timeout_s: float = 5.0
+) -> EngineCounters:
+    """GET the engine's counters endpoint and parse it.
+
+    Raises :class:`ProbeUnavailable` when the endpoint does not exist (llama-server serves
+    /metrics only with ``--metrics``), :class:`ProbeError` for other HTTP failures and
+    :class:`ProbeParseError` for an answer of the wrong shape.
+    """
+    _check_kind(kind, COUNTER_KINDS)
+    path = "/api/status" if kind == "omlx" else "/metrics"
+    url = base_url.rstrip("/") + path
+    try:
+        response = await client.get(url, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise ProbeError(f"GET {url} failed: {type(exc).__name__}: {exc}") from exc
+    if response.status_code in (404, 501):
+        hint = " (start llama-server with --metrics)" if kind == "llamacpp" else ""
+        raise ProbeUnavailable(f"{url} answered {response.status_code}: this engine does not serve counters there{hint}")
+    if response.status_code != 200:
+        raise ProbeError(f"GET {url} answered HTTP {response.status_code}: {response.text.strip()[:200]}")
+    if kind == "omlx":
+        try:
+            payload = response.json()
+        except ValueError as exc:
+            raise ProbeParseError(f"{url} did not answer JSON: {response.text.strip()[:120]!r}") from exc
+        return parse_omlx_status(payload, at_s)
+    return parse_prometheus_counters(response.text, kind, at_s)

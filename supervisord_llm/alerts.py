@@ -1,0 +1,1229 @@
+"""Durable alerts: webhook targets, payload formats, signing, and an outbox that never loses one.
+
+An :class:`Alert` belongs to an *episode* named by its key (``"engine.failed:mlx"``): one
+``firing`` opens the episode, one ``resolved`` closes it. The :class:`Outbox` turns each alert
+into one *delivery* per configured target, persists the deliveries before anything is sent,
+and sends them in order, one target at a time, until each is delivered or dropped.
+
+Formats (``format`` of an ``[[alerts.webhook]]`` table)
+-------------------------------------------------------
+
+``json`` — the project's own schema (version 1)::
+
+    {
+      "version": 1,
+      "event": "engine.failed",            # the episode key before the first ":"
+      "key": "engine.failed:mlx",          # the episode key
+      "status": "firing",                  # "firing" | "resolved"
+      "severity": "critical",              # "info" | "warning" | "critical"
+      "engine": "mlx",                     # or null for daemon-wide alerts
+      "message": "mlx crashed 5 times in 10 minutes; giving up",
+      "details": {"restarts": 5},          # free-form JSON object
+      "episode_id": "6f1c…",               # the same for the firing and the resolved of one episode
+      "alert_id": "0b2e…",                 # unique per alert: receivers deduplicate on it
+      "started_at": "2025-03-01T12:00:00.000Z",  # when the episode began (UTC)
+      "at": "2025-03-01T12:04:10.250Z",    # when this alert was raised (UTC, ISO 8601)
+      "host": "studio.local"
+    }
+
+``slack`` — an incoming-webhook message: ``{"text": ..., "blocks": [...]}``.
+``discord`` — a webhook message: ``{"content": ..., "embeds": [...], "allowed_mentions": ...}``.
+``alertmanager`` — the Alertmanager webhook payload, version "4" (what Alertmanager itself sends
+to its receivers), so tools that accept Alertmanager webhooks accept these alerts.
+``alertmanager_api`` — a list of postable alerts for Alertmanager's own ``POST /api/v2/alerts``
+(point the URL at ``http://alertmanager:9093/api/v2/alerts``). A firing alert carries an
+``endsAt`` one week ahead (Alertmanager would otherwise resolve it after its
+``resolve_timeout``, as the daemon does not re-send); the resolved alert ends it at once.
+
+Every request carries ``Content-Type: application/json``, a ``User-Agent``, and
+``X-Supervisord-LLM-Delivery: <delivery id>`` (the same on every retry of one delivery). With a
+``secret`` it is signed::
+
+    X-Supervisord-LLM-Timestamp: 1740830650
+    X-Supervisord-LLM-Signature: sha256=<hex HMAC-SHA256(secret, f"{timestamp}.{body}")>
+
+Receivers check it with :func:`verify_signature`.
+
+The outbox journal
+------------------
+
+``<state_dir>/alerts/outbox.jsonl`` is an append-only journal, one JSON record per line, each
+append flushed and ``fsync``-ed before the call returns: ``queued`` (the alert and its
+deliveries, written before any send), ``attempt`` (a failed, retryable try), ``delivered``,
+``dropped``. On open the journal is replayed and then compacted: rewritten to a temporary
+file, fsync-ed, renamed over the old one (and the directory fsync-ed), holding a ``snapshot``
+(counters and open episodes) and one ``carried`` record per alert that still has pending
+deliveries. It is compacted again every :data:`COMPACT_AFTER_RECORDS` appends.
+
+Why a journal rather than one file per pending delivery: the outbox must also remember which
+episodes are open (so that a daemon restart does not fire an episode twice or resolve one it
+never fired) and the delivered/failed counters; one journal keeps all of it consistent with a
+single fsync per change, where per-delivery files would need a second store for the rest.
+A torn last line (power loss mid-append) is ignored on replay: that append never returned.
+
+Delivery is at least once: a crash after the receiver answered 2xx but before ``delivered``
+reached the disk re-sends that delivery after the restart, with the same ``alert_id`` and
+``X-Supervisord-LLM-Delivery`` so receivers can drop the duplicate.
+
+Webhook URLs (and custom headers) are secrets: they are never logged, never written to the
+journal and never put into events; targets are named by ``name``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import httpx
+
+from supervisord_llm import __version__
+from supervisord_llm.clock import Clock
+from supervisord_llm.convert import DURATION_HELP, parse_duration_s
+from supervisord_llm.errors import ConfigError
+
+FORMATS = ("json", "slack", "discord", "alertmanager", "alertmanager_api")
+SEVERITIES = ("info", "warning", "critical")
+STATUSES = ("firing", "resolved")
+
+SIGNATURE_HEADER = "X-Supervisord-LLM-Signature"
+TIMESTAMP_HEADER = "X-Supervisord-LLM-Timestamp"
+DELIVERY_HEADER = "X-Supervisord-LLM-Delivery"
+USER_AGENT = f"supervisord-llm/{__version__}"
+
+JSON_SCHEMA_VERSION = 1
+COMPACT_AFTER_RECORDS = 512
+# A server may ask for a long pause with Retry-After; beyond an hour it is more likely wrong.
+RETRY_AFTER_CAP_S = 3600.0
+# How long a sender with nothing to do sleeps before looking again (submissions from the event
+# loop's own thread wake it at once; from other threads within this bound).
+IDLE_POLL_S = 1.0
+ALERTMANAGER_ZERO_TIME = "0001-01-01T00:00:00Z"
+ALERTMANAGER_API_FIRING_TTL_S = 7 * 86400.0
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_RESERVED_HEADERS = {
+    "content-type", "content-length", "host", "user-agent",
+    SIGNATURE_HEADER.lower(), TIMESTAMP_HEADER.lower(), DELIVERY_HEADER.lower(),
+}
+_URL_IN_TEXT_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _check_name(value: object) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ValueError(
+            "expected a name of 1-64 characters from letters, digits, '_', '.', '-' "
+            f"(starting with a letter or digit), got {value!r}"
+        )
+    return value
+
+
+def _check_url(value: object) -> str:
+    # The value itself is never echoed: webhook URLs carry their secret in the path.
+    if not isinstance(value, str):
+        raise ValueError(f"expected an http:// or https:// URL as a string, got {type(value).__name__}")
+    try:
+        parts = httpx.URL(value)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError("expected an http:// or https:// URL; the value does not parse as one "
+                         "(not shown: webhook URLs are secrets)") from exc
+    if parts.scheme not in ("http", "https") or not parts.host:
+        raise ValueError("expected an http:// or https:// URL with a host "
+                         f"(got scheme {parts.scheme or '(none)'!r}; the value is not shown: "
+                         "webhook URLs are secrets)")
+    return value
+
+
+def _check_format(value: object) -> str:
+    if value not in FORMATS:
+        raise ValueError(f"expected one of {', '.join(FORMATS)}, got {value!r}")
+    return str(value)
+
+
+def _check_secret(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string (the HMAC-SHA256 signing key)")
+    return value
+
+
+def _check_timeout_s(value: object) -> float:
+    seconds = parse_duration_s(value)
+    if not 0 < seconds <= 300:
+        raise ValueError(f"expected a timeout between 0 and 5m, got {value!r}")
+    return seconds
+
+
+def _check_headers(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError('expected a table of header names to string values, e.g. {Authorization = "Bearer …"}')
+    headers: dict[str, str] = {}
+    for name, header_value in value.items():
+        if not isinstance(name, str) or not _HEADER_NAME_RE.match(name):
+            raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+        if name.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"header {name!r} is set by the daemon itself; reserved: "
+                             f"{', '.join(sorted(_RESERVED_HEADERS))}")
+        if not isinstance(header_value, str) or "\r" in header_value or "\n" in header_value:
+            raise ValueError(f"header {name!r}: expected a one-line string value")
+        headers[name] = header_value
+    return headers
+
+
+def _from_env(environ: Mapping[str, str], variable: object) -> str:
+    if not isinstance(variable, str) or not variable:
+        raise ValueError("expected the name of an environment variable")
+    if variable not in environ:
+        raise ValueError(f"environment variable {variable} is not set")
+    return environ[variable]
+
+
+@dataclass(frozen=True, slots=True)
+class AlertTarget:
+    """One webhook. ``url``, ``secret`` and ``headers`` are secrets and stay out of ``repr``."""
+
+    name: str
+    url: str = field(repr=False)
+    format: str = "json"
+    secret: str | None = field(default=None, repr=False)
+    timeout_s: float = 5.0
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for attr, check in (("name", _check_name), ("url", _check_url), ("format", _check_format),
+                            ("secret", _check_secret), ("timeout_s", _check_timeout_s),
+                            ("headers", _check_headers)):
+            try:
+                object.__setattr__(self, attr, check(getattr(self, attr)))
+            except ValueError as exc:
+                raise ValueError(f"alert target {attr}: {exc}") from None
+
+    KEYS = ("name", "url", "url_env", "format", "secret", "secret_env", "timeout", "headers")
+
+    @classmethod
+    def from_toml(cls, table: object, *, file: str, key: str,
+                  environ: Mapping[str, str] | None = None) -> AlertTarget:
+        """Build a target from one ``[[alerts.webhook]]`` table; ConfigError names the bad key.
+
+        ``url_env`` / ``secret_env`` name environment variables to read the URL / secret from,
+        so that the secrets need not be in the config file.
+        """
+        env = os.environ if environ is None else environ
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"expected a table with keys {', '.join(cls.KEYS)}", file=file, key=key)
+        for name in table:
+            if name not in cls.KEYS:
+                raise ConfigError(f"unknown key {name!r}; valid keys: {', '.join(cls.KEYS)}",
+                                  file=file, key=f"{key}.{name}")
+
+        def field_value(name: str, check: Callable[[object], Any], default: object = None) -> Any:
+            try:
+                return check(table.get(name, default))
+            except ValueError as exc:
+                raise ConfigError(str(exc), file=file, key=f"{key}.{name}") from None
+
+        def secret_value(name: str, required: bool) -> object:
+            env_key = f"{name}_env"
+            if name in table and env_key in table:
+                raise ConfigError(f"set either {name} or {env_key}, not both", file=file, key=f"{key}.{name}")
+            if env_key in table:
+                try:
+                    return _from_env(env, table[env_key])
+                except ValueError as exc:
+                    raise ConfigError(str(exc), file=file, key=f"{key}.{env_key}") from None
+            if required and name not in table:
+                raise ConfigError(f"missing; set {name} (an http:// or https:// URL) or {env_key} "
+                                  "(an environment variable holding it)", file=file, key=f"{key}.{name}")
+            return table.get(name)
+
+        name = field_value("name", _check_name)
+        url_raw = secret_value("url", required=True)
+        try:
+            url = _check_url(url_raw)
+        except ValueError as exc:
+            which = "url_env" if "url_env" in table else "url"
+            raise ConfigError(str(exc), file=file, key=f"{key}.{which}") from None
+        secret_raw = secret_value("secret", required=False)
+        try:
+            secret = _check_secret(secret_raw)
+        except ValueError as exc:
+            which = "secret_env" if "secret_env" in table else "secret"
+            raise ConfigError(str(exc), file=file, key=f"{key}.{which}") from None
+        return cls(
+            name=name,
+            url=url,
+            format=field_value("format", _check_format, "json"),
+            secret=secret,
+            timeout_s=field_value("timeout", _check_timeout_s, "5s"),
+            headers=field_value("headers", _check_headers, None),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """The ``[alerts]`` table: targets and delivery policy.
+
+    ``max_attempts`` None retries retryable failures (timeouts, connection errors, 5xx, 408,
+    429) forever; a number drops the delivery after that many failed attempts.
+    ``rate_limit_per_min`` bounds the POSTs per target per minute; over it deliveries wait.
+    """
+
+    targets: tuple[AlertTarget, ...] = ()
+    rate_limit_per_min: int = 30
+    max_attempts: int | None = None
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 300.0
+    host: str | None = None  # "instance"/"host" in payloads; None = this machine's hostname
+    external_url: str = ""  # a link back to this daemon (Alertmanager externalURL/generatorURL)
+
+    KEYS = ("webhook", "rate_limit_per_min", "max_attempts", "initial_backoff", "max_backoff",
+            "host", "external_url")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        names = [t.name for t in self.targets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"alert target names must be unique; repeated: {', '.join(duplicates)}")
+        if isinstance(self.rate_limit_per_min, bool) or not isinstance(self.rate_limit_per_min, int) \
+                or self.rate_limit_per_min < 1:
+            raise ValueError(f"rate_limit_per_min: expected a whole number ≥ 1, got {self.rate_limit_per_min!r}")
+        if self.max_attempts is not None and (isinstance(self.max_attempts, bool)
+                                              or not isinstance(self.max_attempts, int)
+                                              or self.max_attempts < 1):
+            raise ValueError(f"max_attempts: expected a whole number ≥ 1 (or unset: retry forever), "
+                             f"got {self.max_attempts!r}")
+        if not 0 < self.initial_backoff_s <= self.max_backoff_s:
+            raise ValueError(f"expected 0 < initial_backoff_s ≤ max_backoff_s, got "
+                             f"{self.initial_backoff_s} and {self.max_backoff_s}")
+
+    @property
+    def hostname(self) -> str:
+        return self.host or socket.gethostname()
+
+    def target(self, name: str) -> AlertTarget | None:
+        return next((t for t in self.targets if t.name == name), None)
+
+    @classmethod
+    def from_toml(cls, table: object, *, file: str, key: str = "alerts",
+                  environ: Mapping[str, str] | None = None) -> AlertSettings:
+        """Build the settings from the ``[alerts]`` table (targets under ``webhook``)."""
+        if table is None:
+            return cls()
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"expected a table with keys {', '.join(cls.KEYS)}", file=file, key=key)
+        for name in table:
+            if name not in cls.KEYS:
+                raise ConfigError(f"unknown key {name!r}; valid keys: {', '.join(cls.KEYS)}",
+                                  file=file, key=f"{key}.{name}")
+        webhooks = table.get("webhook", [])
+        if not isinstance(webhooks, list):
+            raise ConfigError("expected an array of tables: [[alerts.webhook]] with name, url, format, …",
+                              file=file, key=f"{key}.webhook")
+        targets = tuple(AlertTarget.from_toml(t, file=file, key=f"{key}.webhook[{i}]", environ=environ)
+                        for i, t in enumerate(webhooks))
+        seen: set[str] = set()
+        for i, target in enumerate(targets):
+            if target.name in seen:
+                raise ConfigError(f"another webhook is already named {target.name!r}; names must be unique",
+                                  file=file, key=f"{key}.webhook[{i}].name")
+            seen.add(target.name)
+
+        def whole(name: str, default: int | None, minimum: int, help_text: str) -> int | None:
+            value = table.get(name, default)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"expected {help_text}, got {value!r}", file=file, key=f"{key}.{name}")
+            return value
+
+        def duration(name: str, default: str) -> float:
+            try:
+                seconds = parse_duration_s(table.get(name, default))
+            except ValueError as exc:
+                raise ConfigError(str(exc), file=file, key=f"{key}.{name}") from None
+            if seconds <= 0:
+                raise ConfigError(f"expected a positive duration, {DURATION_HELP}", file=file, key=f"{key}.{name}")
+            return seconds
+
+        def text(name: str, default: str | None) -> str | None:
+            value = table.get(name, default)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"expected a string, got {value!r}", file=file, key=f"{key}.{name}")
+            return value
+
+        initial = duration("initial_backoff", "1s")
+        maximum = duration("max_backoff", "5m")
+        if initial > maximum:
+            raise ConfigError(f"must not exceed max_backoff ({maximum:g}s), got {initial:g}s",
+                              file=file, key=f"{key}.initial_backoff")
+        return cls(
+            targets=targets,
+            rate_limit_per_min=whole("rate_limit_per_min", 30, 1, "a whole number of requests per minute ≥ 1"),
+            max_attempts=whole("max_attempts", None, 1,
+                               "a whole number ≥ 1 (leave it out to retry retryable failures forever)"),
+            initial_backoff_s=initial,
+            max_backoff_s=maximum,
+            host=text("host", None),
+            external_url=text("external_url", "") or "",
+        )
+
+
+# --------------------------------------------------------------------------- the alert record
+
+
+def iso_utc(wall_s: float) -> str:
+    """Unix time as ISO 8601 UTC with milliseconds and a ``Z`` (RFC 3339)."""
+    moment = datetime.fromtimestamp(wall_s, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _parse_iso_utc(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One alert of an episode. Build with :meth:`firing` / :meth:`resolved`.
+
+    ``episode_id`` and ``started_at`` are filled by :meth:`Outbox.submit` (a resolved alert
+    takes them, the severity and, when it names none, the engine from the firing that opened
+    its episode).
+    """
+
+    key: str
+    status: str
+    severity: str
+    summary: str
+    engine: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    episode_id: str | None = None
+    created_at: str = field(default_factory=lambda: iso_utc(time.time()))
+    started_at: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not self.key:
+            raise ValueError(f"alert key: expected a non-empty episode key such as 'engine.failed:mlx', got {self.key!r}")
+        if self.status not in STATUSES:
+            raise ValueError(f"alert status: expected one of {', '.join(STATUSES)}, got {self.status!r}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"alert severity: expected one of {', '.join(SEVERITIES)}, got {self.severity!r}")
+        try:
+            json.dumps(dict(self.details))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"alert details must be a JSON object of JSON values: {exc}") from None
+
+    @classmethod
+    def firing(cls, key: str, severity: str, summary: str, *, engine: str | None = None,
+               details: Mapping[str, Any] | None = None, clock: Clock | None = None) -> Alert:
+        wall_s = clock.wall() if clock is not None else time.time()
+        return cls(key=key, status="firing", severity=severity, summary=summary, engine=engine,
+                   details=dict(details or {}), created_at=iso_utc(wall_s))
+
+    @classmethod
+    def resolved(cls, key: str, summary: str, *, engine: str | None = None,
+                 details: Mapping[str, Any] | None = None, clock: Clock | None = None) -> Alert:
+        wall_s = clock.wall() if clock is not None else time.time()
+        return cls(key=key, status="resolved", severity="info", summary=summary, engine=engine,
+                   details=dict(details or {}), created_at=iso_utc(wall_s))
+
+    @property
+    def event(self) -> str:
+        """The kind of alert: the episode key before the first ``:``."""
+        return self.key.split(":", 1)[0]
+
+    def to_record(self) -> dict[str, Any]:
+        return {"id": self.id, "key": self.key, "status": self.status, "severity": self.severity,
+                "summary": self.summary, "engine": self.engine, "details": dict(self.details),
+                "episode_id": self.episode_id, "created_at": self.created_at, "started_at": self.started_at}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Alert:
+        return cls(**{name: record.get(name) for name in (
+            "id", "key", "status", "severity", "summary", "engine", "episode_id", "created_at", "started_at")},
+            details=record.get("details") or {})
+
+
+# --------------------------------------------------------------------------- payloads (pure)
+
+
+def _title(alert: Alert) -> str:
+    where = f" on {alert.engine}" if alert.engine else ""
+    return f"[{alert.status.upper()}] {alert.event}{where}"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _detail_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def render_json(alert: Alert, *, host: str) -> dict[str, Any]:
+    """The project's own schema, version 1 (see the module docstring)."""
+    return {
+        "version": JSON_SCHEMA_VERSION,
+        "event": alert.event,
+        "key": alert.key,
+        "status": alert.status,
+        "severity": alert.severity,
+        "engine": alert.engine,
+        "message": alert.summary,
+        "details": dict(alert.details),
+        "episode_id": alert.episode_id,
+        "alert_id": alert.id,
+        "started_at": alert.started_at or alert.created_at,
+        "at": alert.created_at,
+        "host": host,
+    }
+
+
+_SLACK_EMOJI = {"critical": ":rotating_light:", "warning": ":warning:", "info": ":information_source:"}
+
+
+def _slack_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def render_slack(alert: Alert, *, host: str) -> dict[str, Any]:
+    """A Slack incoming-webhook message: plain ``text`` for notifications, ``blocks`` for display."""
+    emoji = ":white_check_mark:" if alert.status == "resolved" else _SLACK_EMOJI[alert.severity]
+    title = _slack_escape(_title(alert))
+    summary = _slack_escape(alert.summary)
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": _clip(f"{emoji} *{title}*\n{summary}", 3000)}},
+    ]
+    if alert.details:
+        blocks.append({"type": "section", "fields": [
+            {"type": "mrkdwn", "text": _clip(f"*{_slack_escape(str(k))}*\n{_slack_escape(_detail_text(v))}", 2000)}
+            for k, v in list(alert.details.items())[:10]
+        ]})
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _slack_escape(
+        f"{alert.severity} · host {host} · episode {(alert.episode_id or '')[:8]} · {alert.created_at}")}]})
+    return {"text": _clip(f"{emoji} {title}: {summary}", 3000), "blocks": blocks}
+
+
+_DISCORD_COLOURS = {"critical": 0xE01E5A, "warning": 0xECB22E, "info": 0x36C5F0}
+_DISCORD_RESOLVED_COLOUR = 0x2EB67D
+
+
+def render_discord(alert: Alert, *, host: str) -> dict[str, Any]:
+    """A Discord webhook message with one embed; mentions in summaries never ping anyone."""
+    colour = _DISCORD_RESOLVED_COLOUR if alert.status == "resolved" else _DISCORD_COLOURS[alert.severity]
+    fields = [{"name": _clip(str(k), 256), "value": _clip(_detail_text(v), 1024) or "-", "inline": True}
+              for k, v in list(alert.details.items())[:20]]
+    fields += [{"name": "severity", "value": alert.severity, "inline": True},
+               {"name": "host", "value": _clip(host, 1024), "inline": True}]
+    return {
+        "content": _clip(f"{_title(alert)}: {alert.summary}", 2000),
+        "embeds": [{
+            "title": _clip(_title(alert), 256),
+            "description": _clip(alert.summary, 4096),
+            "color": colour,
+            "fields": fields,
+            "timestamp": alert.created_at,
+            "footer": {"text": _clip(f"supervisord-llm · {alert.key} · episode {alert.episode_id or '-'}", 2048)},
+        }],
+        "allowed_mentions": {"parse": []},
+    }
+
+
+def labels_fingerprint(labels: Mapping[str, str]) -> str:
+    """Prometheus' label-set fingerprint (FNV-1a 64 over sorted name, 0xff, value, 0xff), as 16 hex digits."""
+    digest = 14695981039346656037
+    for name in sorted(labels):
+        for byte in name.encode() + b"\xff" + labels[name].encode() + b"\xff":
+            digest ^= byte
+            digest = (digest * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return f"{digest:016x}"
+
+
+def _alertmanager_labels(alert: Alert, host: str) -> dict[str, str]:
+    labels = {"alertname": alert.event, "severity": alert.severity, "instance": host}
+    if alert.engine:
+        labels["engine"] = alert.engine
+    return labels
+
+
+def _alertmanager_annotations(alert: Alert) -> dict[str, str]:
+    lines = [alert.summary] + [f"{k}: {_detail_text(v)}" for k, v in alert.details.items()]
+    return {"summary": alert.summary, "description": "\n".join(lines)}
+
+
+def render_alertmanager(alert: Alert, *, host: str, receiver: str, external_url: str = "") -> dict[str, Any]:
+    """The Alertmanager webhook payload, version "4", with this one alert.
+
+    Labels: ``alertname`` (the event), ``severity``, ``instance`` (the host) and ``engine`` when
+    the alert is about one engine. Grouped by alertname and engine.
+    """
+    labels = _alertmanager_labels(alert, host)
+    annotations = _alertmanager_annotations(alert)
+    group_labels = {k: labels[k] for k in ("alertname", "engine") if k in labels}
+    group_key = "{}:{" + ", ".join(f'{k}="{v}"' for k, v in sorted(group_labels.items())) + "}"
+    return {
+        "version": "4",
+        "groupKey": group_key,
+        "truncatedAlerts": 0,
+        "status": alert.status,
+        "receiver": receiver,
+        "groupLabels": group_labels,
+        "commonLabels": labels,
+        "commonAnnotations": annotations,
+        "externalURL": external_url,
+        "alerts": [{
+            "status": alert.status,
+            "labels": labels,
+            "annotations": annotations,
+            "startsAt": alert.started_at or alert.created_at,
+            "endsAt": alert.created_at if alert.status == "resolved" else ALERTMANAGER_ZERO_TIME,
+            "generatorURL": external_url,
+            "fingerprint": labels_fingerprint(labels),
+        }],
+    }
+
+
+def render_alertmanager_api(alert: Alert, *, host: str, external_url: str = "") -> list[dict[str, Any]]:
+    """The body for Alertmanager's ``POST /api/v2/alerts``: one postable alert.
+
+    The resolved alert carries the same labels as its firing (the outbox copies the firing's
+    severity), so Alertmanager closes the same alert.
+    """
+    starts_at = alert.started_at or alert.created_at
+    if alert.status == "resolved":
+        ends_at = alert.created_at
+    else:
+        ends_at = iso_utc(_parse_iso_utc(alert.created_at) + ALERTMANAGER_API_FIRING_TTL_S)
+    posted: dict[str, Any] = {
+        "labels": _alertmanager_labels(alert, host),
+        "annotations": _alertmanager_annotations(alert),
+        "startsAt": starts_at,
+        "endsAt": ends_at,
+    }
+    if external_url:
+        posted["generatorURL"] = external_url
+    return [posted]
+
+
+def render_payload(alert: Alert, fmt: str, *, host: str, receiver: str = "", external_url: str = "") -> Any:
+    """The JSON value to send for ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt == "json":
+        return render_json(alert, host=host)
+    if fmt == "slack":
+        return render_slack(alert, host=host)
+    if fmt == "discord":
+        return render_discord(alert, host=host)
+    if fmt == "alertmanager":
+        return render_alertmanager(alert, host=host, receiver=receiver, external_url=external_url)
+    if fmt == "alertmanager_api":
+        return render_alertmanager_api(alert, host=host, external_url=external_url)
+    raise ValueError(f"unknown alert format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def encode_body(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# --------------------------------------------------------------------------- signing
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def sign(secret: str, timestamp: str | int, body: str | bytes) -> str:
+    """``sha256=<hex HMAC-SHA256(secret, f"{timestamp}.{body}")>``."""
+    message = str(timestamp).encode() + b"." + _as_bytes(body)
+    return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def signature_headers(secret: str, body: bytes, timestamp_s: int) -> dict[str, str]:
+    return {TIMESTAMP_HEADER: str(timestamp_s), SIGNATURE_HEADER: sign(secret, timestamp_s, body)}
+
+
+def verify_signature(secret: str, timestamp: str | int, body: str | bytes, signature: str | None, *,
+                     max_age_s: float | None = None, now_s: float | None = None) -> bool:
+    """True when ``signature`` is this body's signature under ``secret`` (constant-time compare).
+
+    With ``max_age_s`` a timestamp further than that from ``now_s`` (Unix seconds, default
+    now) is refused, which stops an old request from being replayed.
+    """
+    if not signature:
+        return False
+    if max_age_s is not None:
+        try:
+            age_s = abs((time.time() if now_s is None else now_s) - float(timestamp))
+        except ValueError:
+            return False
+        if age_s > max_age_s:
+            return False
+    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+# --------------------------------------------------------------------------- keeping URLs out of logs
+
+
+class _UrlRedactor(logging.Filter):
+    """Rewrites records of the HTTP libraries that would print a webhook URL.
+
+    httpx logs every request with its full URL at INFO; webhook URLs carry their secret.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.urls:
+            return True
+        message = record.getMessage()
+        redacted = message
+        for url in self.urls:
+            if url in redacted:
+                redacted = redacted.replace(url, "<webhook url>")
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+_REDACTOR = _UrlRedactor()
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).addFilter(_REDACTOR)
+
+
+def _describe_error(exc: BaseException) -> str:
+    text = _URL_IN_TEXT_RE.sub("<url>", str(exc)) or "(no message)"
+    return _clip(f"{type(exc).__name__}: {text}", 300)
+
+
+# --------------------------------------------------------------------------- the outbox
+
+
+@dataclass(slots=True)
+class _Delivery:
+    id: str
+    alert_id: str
+    target: str
+    queued_at: str
+    attempts: int = 0
+    last_error: str | None = None
+    not_before_s: float = 0.0  # monotonic; kept in memory only: after a restart, try at once
+
+    def to_record(self) -> dict[str, Any]:
+        return {"id": self.id, "target": self.target, "queued_at": self.queued_at,
+                "attempts": self.attempts, "last_error": self.last_error}
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDelivery:
+    """A delivery not yet delivered nor dropped, as :meth:`Outbox.pending` reports it."""
+
+    delivery_id: str
+    alert_id: str
+    key: str
+    status: str
+    target: str
+    queued_at: str
+    attempts: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Episode:
+    episode_id: str
+    started_at: str
+    severity: str
+    engine: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    kind: str  # "delivered" | "retry" | "drop"
+    http_status: int | None = None
+    error: str | None = None
+    retry_after_s: float | None = None
+
+
+class _Journal:
+    """The append-only JSONL file: every append is flushed and fsync-ed before it returns."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = None
+        self.appended = 0
+
+    def read(self) -> tuple[list[dict[str, Any]], int]:
+        """All complete records, and how many lines could not be read."""
+        if not self.path.exists():
+            return [], 0
+        lines = self.path.read_bytes().split(b"\n")
+        records, bad = [], 0
+        for index, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if index == len(lines) - 1:
+                    continue  # a torn last append: it never returned, so nothing relied on it
+                bad += 1
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad += 1
+        return records, bad
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        if self._file is None:
+            self._file = open(self.path, "ab")  # noqa: SIM115 - held open between appends
+        self._file.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.appended += 1
+
+    def rewrite(self, records: list[Mapping[str, Any]]) -> None:
+        self.close()
+        temp = self.path.with_name(self.path.name + ".tmp")
+        with open(temp, "wb") as out:
+            for record in records:
+                out.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self.appended = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+
+class Outbox:
+    """Durable, deduplicated, rate-limited delivery of alerts to every configured webhook.
+
+    ``submit()`` may be called from any thread (it does one fsync-ed append); ``run()`` is the
+    delivery loop, an anyio task. One sender per target delivers that target's queue in order,
+    so a resolved alert never overtakes its firing. ``on_event(kind, fields)`` is called on the
+    event loop with ``alert.delivered`` and ``alert.dropped``; fields name the target, never its URL.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], settings: AlertSettings, clock: Clock, logger: Any,
+                 http_client_factory: Callable[[], httpx.AsyncClient] | None = None, *,
+                 on_event: EventCallback | None = None) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._log = logger
+        self._client_factory = http_client_factory or self._default_client
+        self._on_event = on_event
+        self._host = settings.hostname
+        self._lock = threading.Lock()
+        self._alerts: dict[str, Alert] = {}
+        self._pending: dict[str, _Delivery] = {}
+        self._open: dict[str, _Episode] = {}
+        self._delivered = 0
+        self._failed = 0
+        self._sent_at_s: dict[str, deque[float]] = {t.name: deque() for t in settings.targets}
+        self._wake: dict[str, anyio.Event] = {}
+        self._loop_thread: int | None = None
+        for target in settings.targets:
+            _REDACTOR.urls.add(target.url)
+
+        self.directory = Path(state_dir) / "alerts"
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._journal = _Journal(self.directory / "outbox.jsonl")
+        records, bad = self._journal.read()
+        for record in records:
+            self._apply(record)
+        if bad:
+            self._log.warning("alert.journal_damaged", path=str(self._journal.path), unreadable_lines=bad)
+        removed = [d for d in self._pending.values() if settings.target(d.target) is None]
+        events = []
+        for delivery in removed:
+            reason = f"target {delivery.target!r} is no longer configured"
+            self._apply({"op": "dropped", "id": delivery.id, "reason": reason})
+            events.append(self._event_fields(delivery, reason=reason))
+        self._compact()
+        for fields in events:
+            self._log.error("alert.dropped", **fields)
+            self._emit("alert.dropped", fields)
+        if self._pending:
+            self._log.info("alert.resumed", pending=len(self._pending))
+
+    # ---- public API
+
+    def submit(self, alert: Alert) -> bool:
+        """Queue ``alert`` for every target; False when it was deduplicated or has nowhere to go.
+
+        A firing is queued once per open episode; a resolved only closes an open episode. The
+        record is on disk before this returns.
+        """
+        with self._lock:
+            if not self.settings.targets:
+                self._log.debug("alert.not_queued", key=alert.key, reason="no webhook targets configured")
+                return False
+            episode = self._open.get(alert.key)
+            if alert.status == "firing":
+                if episode is not None:
+                    self._log.debug("alert.deduplicated", key=alert.key, status=alert.status,
+                                    episode_id=episode.episode_id)
+                    return False
+                alert = replace(alert, episode_id=alert.episode_id or str(uuid.uuid4()),
+                                started_at=alert.started_at or alert.created_at)
+            else:
+                if episode is None:
+                    self._log.debug("alert.deduplicated", key=alert.key, status=alert.status,
+                                    reason="no open episode to resolve")
+                    return False
+                # The resolve carries its firing's labels, so that Alertmanager closes the same alert.
+                alert = replace(alert, episode_id=episode.episode_id, started_at=episode.started_at,
+                                severity=episode.severity, engine=alert.engine or episode.engine)
+            now_iso = iso_utc(self._clock.wall())
+            deliveries = [_Delivery(id=str(uuid.uuid4()), alert_id=alert.id, target=t.name, queued_at=now_iso)
+                          for t in self.settings.targets]
+            record = {"op": "queued", "alert": alert.to_record(),
+                      "deliveries": [d.to_record() for d in deliveries]}
+            self._persist(record)
+            self._apply(record)
+            self._maybe_compact()
+        self._log.info("alert.queued", key=alert.key, status=alert.status, severity=alert.severity,
+                       alert_id=alert.id, targets=[d.target for d in deliveries])
+        for delivery in deliveries:
+            self._wake_sender(delivery.target)
+        return True
+
+    def submit_action(self, action: Any) -> bool:
+        """Submit a policy's ``Alert`` action (``key``, ``severity``, ``summary``, ``details``, ``resolved``).
+
+        The engine is ``details["engine"]`` when present, else the episode key's part after the
+        first ``:`` (the convention ``"engine.failed:mlx"``).
+        """
+        details = dict(getattr(action, "details", None) or {})
+        if "engine" in details:
+            engine = details["engine"] if isinstance(details["engine"], str) else None
+        else:
+            engine = action.key.split(":", 1)[1] if ":" in action.key else None
+        if getattr(action, "resolved", False):
+            alert = Alert.resolved(action.key, action.summary, engine=engine, details=details, clock=self._clock)
+        else:
+            alert = Alert.firing(action.key, action.severity, action.summary, engine=engine, details=details,
+                                 clock=self._clock)
+        return self.submit(alert)
+
+    def counts(self) -> dict[str, int]:
+        """``{"pending", "delivered", "failed"}`` (failed = dropped), over the outbox's lifetime."""
+        with self._lock:
+            return {"pending": len(self._pending), "delivered": self._delivered, "failed": self._failed}
+
+    def pending(self) -> list[PendingDelivery]:
+        """Deliveries still to be made, in queue order."""
+        with self._lock:
+            return [PendingDelivery(delivery_id=d.id, alert_id=d.alert_id, key=self._alerts[d.alert_id].key,
+                                    status=self._alerts[d.alert_id].status, target=d.target,
+                                    queued_at=d.queued_at, attempts=d.attempts, last_error=d.last_error)
+                    for d in self._pending.values()]
+
+    def open_episodes(self) -> dict[str, str]:
+        """Episode key -> episode id of every episode that fired and has not been resolved."""
+        with self._lock:
+            return {key: episode.episode_id for key, episode in self._open.items()}
+
+    async def run(self, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Deliver until cancelled. Cancelling loses nothing: an interrupted send stays pending."""
+        self._loop_thread = threading.get_ident()
+        self._wake = {t.name: anyio.Event() for t in self.settings.targets}
+        try:
+            async with self._client_factory() as client, anyio.create_task_group() as group:
+                for target in self.settings.targets:
+                    group.start_soon(self._send_forever, client, target, name=f"alerts:{target.name}")
+                task_status.started()
+        finally:
+            self._loop_thread = None
+
+    def close(self) -> None:
+        """Close the journal file. Call after ``run()`` has ended."""
+        with self._lock:
+            self._journal.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- state (callers hold the lock, or are __init__)
+
+    def _apply(self, record: Mapping[str, Any]) -> None:
+        """Apply one journal record to memory. Idempotent, so replaying a record twice is harmless."""
+        op = record.get("op")
+        if op == "snapshot":
+            self._delivered = int(record.get("delivered", 0))
+            self._failed = int(record.get("failed", 0))
+            self._open = {key: _Episode(**value) for key, value in record.get("episodes", {}).items()}
+        elif op in ("queued", "carried"):
+            alert = Alert.from_record(record["alert"])
+            if op == "queued":  # "carried" copies a queued alert during compaction: episodes are in the snapshot
+                if alert.status == "firing":
+                    self._open[alert.key] = _Episode(alert.episode_id or alert.id,
+                                                     alert.started_at or alert.created_at, alert.severity,
+                                                     alert.engine)
+                else:
+                    self._open.pop(alert.key, None)
+            added = False
+            for item in record.get("deliveries", []):
+                if item["id"] in self._pending:
+                    continue
+                self._pending[item["id"]] = _Delivery(
+                    id=item["id"], alert_id=alert.id, target=item["target"], queued_at=item.get("queued_at", ""),
+                    attempts=int(item.get("attempts", 0)), last_error=item.get("last_error"))
+                added = True
+            if added:
+                self._alerts[alert.id] = alert
+        elif op == "attempt":
+            delivery = self._pending.get(record.get("id", ""))
+            if delivery is not None:
+                delivery.attempts = max(delivery.attempts, int(record.get("attempts", 0)))
+                delivery.last_error = record.get("error")
+        elif op in ("delivered", "dropped"):
+            delivery = self._pending.pop(record.get("id", ""), None)
+            if delivery is None:
+                return
+            if op == "delivered":
+                self._delivered += 1
+            else:
+                self._failed += 1
+            if not any(d.alert_id == delivery.alert_id for d in self._pending.values()):
+                self._alerts.pop(delivery.alert_id, None)
+
+    def _persist(self, record: Mapping[str, Any]) -> None:
+        try:
+            self._journal.append(record)
+        except OSError as exc:
+            # Keep delivering from memory: losing the disk must not also silence the alerts.
+            self._log.error("alert.journal_failed", path=str(self._journal.path), error=_describe_error(exc))
+
+    def _snapshot_records(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = [{
+            "op": "snapshot", "version": 1, "delivered": self._delivered, "failed": self._failed,
+            "episodes": {key: {"episode_id": e.episode_id, "started_at": e.started_at, "severity": e.severity,
+                               "engine": e.engine} for key, e in self._open.items()},
+        }]
+        by_alert: dict[str, list[_Delivery]] = {}
+        for delivery in self._pending.values():
+            by_alert.setdefault(delivery.alert_id, []).append(delivery)
+        for alert_id, deliveries in by_alert.items():
+            records.append({"op": "carried", "alert": self._alerts[alert_id].to_record(),
+                            "deliveries": [d.to_record() for d in deliveries]})
+        return records
+
+    def _compact(self) -> None:
+        try:
+            self._journal.rewrite(self._snapshot_records())
+        except OSError as exc:
+            self._log.error("alert.journal_failed", path=str(self._journal.path), error=_describe_error(exc))
+
+    def _maybe_compact(self) -> None:
+        if self._journal.appended >= COMPACT_AFTER_RECORDS:
+            self._compact()
+
+    def _event_fields(self, delivery: _Delivery, **extra: Any) -> dict[str, Any]:
+        alert = self._alerts.get(delivery.alert_id)
+        fields: dict[str, Any] = {"alert_id": delivery.alert_id, "delivery_id": delivery.id,
+                                  "target": delivery.target, "attempts": delivery.attempts}
+        if alert is not None:
+            fields.update(key=alert.key, status=alert.status, severity=alert.severity, engine=alert.engine,
+                          episode_id=alert.episode_id)
+        fields.update(extra)
+        return fields
+
+    def _emit(self, kind: str, fields: dict[str, Any]) -> None:
+        if self._on_event is not None:
+            self._on_event(kind, dict(fields))
+
+    # ---- delivery
+
+    @staticmethod
+    def _default_client() -> httpx.AsyncClient:
+        # Redirects are not followed: a webhook that moved should be reconfigured, and following
+        # one would send a signed alert to a host nobody configured.
+        return httpx.AsyncClient(follow_redirects=False, headers={"User-Agent": USER_AGENT})
+
+    def _wake_sender(self, target: str) -> None:
+        event = self._wake.get(target)
+        if event is not None and threading.get_ident() == self._loop_thread:
+            event.set()
+
+    async def _sleep_or_wake(self, target: str, seconds: float) -> None:
+        event = self._wake[target]
+        with anyio.move_on_after(max(0.0, seconds)):
+            await event.wait()
+        if event.is_set():
+            self._wake[target] = anyio.Event()
+
+    def _head(self, target: str) -> tuple[_Delivery, Alert] | None:
+        with self._lock:
+            for delivery in self._pending.values():
+                if delivery.target == target:
+                    return delivery, self._alerts[delivery.alert_id]
+            return None
+
+    def _rate_wait_s(self, target: str, now_s: float) -> float:
+        window = self._sent_at_s.setdefault(target, deque())
+        while window and now_s - window[0] >= 60.0:
+            window.popleft()
+        if len(window) < self.settings.rate_limit_per_min:
+            return 0.0
+        return 60.0 - (now_s - window[0])
+
+    async def _send_forever(self, client: httpx.AsyncClient, target: AlertTarget) -> None:
+        rate_limited_logged = False
+        while True:
+            head = self._head(target.name)
+            if head is None:
+                await self._sleep_or_wake(target.name, IDLE_POLL_S)
+                continue
+            delivery, alert = head
+            now_s = self._clock.now()
+            rate_wait_s = self._rate_wait_s(target.name, now_s)
+            if rate_wait_s > 0 and not rate_limited_logged:
+                self._log.warning("alert.rate_limited", target=target.name,
+                                  rate_limit_per_min=self.settings.rate_limit_per_min,
+                                  pending=sum(1 for d in self._pending.values() if d.target == target.name))
+                rate_limited_logged = True
+            wait_s = max(delivery.not_before_s - now_s, rate_wait_s)
+            if wait_s > 0:
+                await self._sleep_or_wake(target.name, min(wait_s, IDLE_POLL_S))
+                continue
+            rate_limited_logged = False
+            self._sent_at_s[target.name].append(now_s)
+            outcome = await self._post_once(client, target, alert, delivery)
+            kind, fields = await anyio.to_thread.run_sync(self._record_outcome, target, delivery, outcome)
+            if kind == "alert.delivered":
+                self._log.info(kind, **fields)
+            elif kind == "alert.dropped":
+                self._log.error(kind, **fields)
+            else:
+                self._log.warning(kind, **fields)
+            if kind != "alert.retrying":
+                self._emit(kind, fields)
+
+    async def _post_once(self, client: httpx.AsyncClient, target: AlertTarget, alert: Alert,
+                         delivery: _Delivery) -> _Outcome:
+        """One POST; the outbox, not this function, decides about retries."""
+        body = encode_body(render_payload(alert, target.format, host=self._host, receiver=target.name,
+                                          external_url=self.settings.external_url))
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, DELIVERY_HEADER: delivery.id,
+                   **target.headers}
+        if target.secret:
+            headers.update(signature_headers(target.secret, body, int(self._clock.wall())))
+        try:
+            response = await client.post(target.url, content=body, headers=headers,
+                                         timeout=httpx.Timeout(target.timeout_s))
+        except httpx.HTTPError as exc:  # timeouts, refused connections, resets, protocol errors
+            return _Outcome("retry", error=_describe_error(exc))
+        status = response.status_code
+        if 200 <= status < 300:
+            return _Outcome("delivered", http_status=status)
+        reason = f"HTTP {status}"
+        text = response.text.strip()
+        if text:
+            reason += f": {_clip(_URL_IN_TEXT_RE.sub('<url>', text), 200)}"
+        if status in (408, 429) or status >= 500:
+            return _Outcome("retry", http_status=status, error=reason,
+                            retry_after_s=self._retry_after_s(response.headers.get("Retry-After")))
+        if 300 <= status < 400:
+            reason += " (redirects are not followed; configure the final URL)"
+        return _Outcome("drop", http_status=status, error=reason)
+
+    def _retry_after_s(self, value: str | None) -> float | None:
+        if not value:
+            return None
+        value = value.strip()
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - self._clock.wall()
+            except (TypeError, ValueError, IndexError):
+                return None
+        if math.isnan(seconds):
+            return None
+        return min(max(0.0, seconds), RETRY_AFTER_CAP_S)
+
+    def _backoff_s(self, attempts: int) -> float:
+        base = min(self.settings.max_backoff_s, self.settings.initial_backoff_s * 2 ** min(attempts - 1, 30))
+        # Jitter keeps many daemons behind one receiver from retrying in lockstep.
+        return base * (0.8 + 0.2 * random.random())
+
+    def _record_outcome(self, target: AlertTarget, delivery: _Delivery,
+                        outcome: _Outcome) -> tuple[str, dict[str, Any]]:
+        """Persist the outcome of one attempt (runs in a worker thread: it fsyncs)."""
+        with self._lock:
+            if delivery.id not in self._pending:
+                return "alert.retrying", {}  # cannot happen with one sender per target; stay safe
+            if outcome.kind == "delivered":
+                delivery.attempts += 1
+                fields = self._event_fields(delivery, http_status=outcome.http_status)
+                record = {"op": "delivered", "id": delivery.id}
+                self._persist(record)
+                self._apply(record)
+                self._maybe_compact()
+                return "alert.delivered", fields
+            delivery.attempts += 1
+            delivery.last_error = outcome.error
+            gave_up = (outcome.kind == "retry" and self.settings.max_attempts is not None
+                       and delivery.attempts >= self.settings.max_attempts)
+            if outcome.kind == "drop" or gave_up:
+                reason = outcome.error or "unknown error"
+                if gave_up:
+                    reason = f"gave up after {delivery.attempts} attempts; last error: {reason}"
+                fields = self._event_fields(delivery, http_status=outcome.http_status, reason=reason)
+                record = {"op": "dropped", "id": delivery.id, "reason": reason}
+                self._persist(record)
+                self._apply(record)
+                self._maybe_compact()
+                return "alert.dropped", fields
+            delay_s = self._backoff_s(delivery.attempts)
+            if outcome.retry_after_s is not None:
+                delay_s = outcome.retry_after_s
+            delivery.not_before_s = self._clock.now() + delay_s
+            self._persist({"op": "attempt", "id": delivery.id, "attempts": delivery.attempts,
+                           "error": outcome.error})
+            self._maybe_compact()
+            return "alert.retrying", self._event_fields(delivery, http_status=outcome.http_status,
+                                                        error=outcome.error, retry_in_s=round(delay_s, 3))

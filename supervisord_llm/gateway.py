@@ -1,0 +1,1042 @@
+"""The gateway: one OpenAI/Anthropic-compatible front port for every configured engine.
+
+The ``model`` field of a request picks the engine (name, alias, or the default engine). The
+gateway forwards requests byte for byte (no protocol translation), streams pass through chunk by
+chunk, and every token that goes by is watched: time to first token, gaps between tokens, token
+counts, and stalls (a live stream with no token for too long) are reported to the daemon.
+
+It depends on the daemon only through :class:`GatewayBackend` (a protocol defined here):
+
+    acquire(model) -> Upstream          resolve the model, swap or wait for the engine, or raise
+                                        EngineUnavailable (503 + Retry-After, or 404)
+    request_started(engine)             a request is now in flight on the engine
+    token_progress(engine, at_s)        one token went by (called on the hot path; must be cheap)
+    stall_detected(engine, phase, s)    a live stream made no progress for too long
+    request_finished(stats)             a request ended (RequestStats)
+
+Error bodies are JSON in the OpenAI shape ``{"error": {"message", "type", "code"}}``, or the
+Anthropic shape ``{"type": "error", "error": {"type", "message"}}`` on ``/v1/messages``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import anyio
+import httpx
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from supervisord_llm.clock import Clock, SystemClock
+from supervisord_llm.convert import (
+    DURATION_HELP,
+    SIZE_HELP,
+    parse_duration_s,
+    parse_size_bytes,
+)
+from supervisord_llm.errors import ConfigError, EngineError, SupervisordLLMError, UnknownEngine
+
+__all__ = [
+    "EngineUnavailable",
+    "GatewayBackend",
+    "GatewayListenFailed",
+    "GatewaySettings",
+    "GatewayStats",
+    "RequestStats",
+    "TokenMeter",
+    "Upstream",
+    "build_app",
+    "serve",
+]
+
+ENGINE_KINDS = ("mlx_lm", "omlx", "vllm", "llama_cpp", "ollama", "sglang", "command")
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
+MESSAGES_PATH = "/v1/messages"
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol the daemon implements
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where one request goes: an engine that is ready to serve it now."""
+
+    engine: str
+    base_url: str
+    kind: str
+    supports_messages: bool
+    served_model: str | None = None
+
+
+class EngineUnavailable(EngineError):
+    """The engine for a request cannot serve it now (503) or does not exist (404).
+
+    ``reason`` is machine-readable (``backoff``, ``failed``, ``stranded_memory``, ``unknown_model``,
+    ``hold_timeout`` ...); the message is for people. ``retry_after_s`` becomes the Retry-After
+    header; ``until_wall`` (Unix time) says until when the engine is expected to stay unavailable.
+    """
+
+    def __init__(
+        self,
+        engine: str,
+        reason: str,
+        message: str | None = None,
+        *,
+        retry_after_s: float | None = None,
+        until_wall: float | None = None,
+        status: int = 503,
+    ) -> None:
+        if status not in (503, 404):
+            raise ValueError(f"EngineUnavailable status must be 503 or 404, got {status}")
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        self.until_wall = until_wall
+        self.status = status
+        super().__init__(engine, message or f"unavailable ({reason})")
+
+
+class GatewayListenFailed(SupervisordLLMError):
+    """The gateway could not listen on its address (port in use, address not available)."""
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """One finished or ended request, as the gateway saw it."""
+
+    engine: str
+    ttft_s: float | None
+    tokens: int
+    decode_s: float | None
+    max_gap_s: float | None
+    ended: str  # "complete" | "client_disconnected" | "upstream_error" | "stalled"
+
+
+class GatewayBackend(Protocol):
+    """Protocol: what the gateway needs from the daemon. Sync methods must be cheap and not block."""
+
+    def models(self) -> list[dict]: ...
+
+    def default_engine(self) -> str | None: ...
+
+    async def acquire(self, model: str | None) -> Upstream: ...
+
+    def request_started(self, engine: str) -> None: ...
+
+    def token_progress(self, engine: str, at_s: float) -> None: ...
+
+    def request_finished(self, stats: RequestStats) -> None: ...
+
+    def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+
+
+_LISTEN_HELP = 'an address "HOST:PORT" such as "127.0.0.1:8000" or "[::1]:8000" (port 0-65535)'
+
+
+def parse_listen(value: object) -> tuple[str, int]:
+    """``"127.0.0.1:8000"`` → ``("127.0.0.1", 8000)``; ValueError names what is valid."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected {_LISTEN_HELP}, got {type(value).__name__} {value!r}")
+    match = re.fullmatch(r"\s*(?:\[([0-9a-fA-F:.]+)\]|([^:\s\[\]]+)):(\d{1,5})\s*", value)
+    if not match:
+        raise ValueError(f"expected {_LISTEN_HELP}, got {value!r}")
+    host = match.group(1) or match.group(2)
+    port = int(match.group(3))
+    if port > 65535:
+        raise ValueError(f"port must be 0-65535, got {port} in {value!r}")
+    return host, port
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The gateway's settings; values validate themselves when constructed (ValueError)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = field(default=None, repr=False)
+    hold_s: float = 120.0
+    max_body_bytes: int = 32 * 2**20
+    prefill_stall_s: float = 300.0
+    decode_stall_s: float = 60.0
+    upstream_connect_timeout_s: float = 5.0
+    upstream_read_timeout_s: float = 600.0
+    max_upstream_connections: int = 512
+    shutdown_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0-65535, got {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty; leave it out to accept requests without a key")
+        for name in ("prefill_stall_s", "decode_stall_s", "upstream_connect_timeout_s",
+                     "upstream_read_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
+        if self.hold_s < 0 or self.shutdown_grace_s < 0:
+            raise ValueError("hold_s and shutdown_grace_s cannot be negative")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.max_upstream_connections < 1:
+            raise ValueError(f"max_upstream_connections must be at least 1, got {self.max_upstream_connections}")
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_toml(cls, table: Mapping[str, Any], *, file: str | None, key: str = "gateway",
+                  environ: Mapping[str, str] | None = None) -> GatewaySettings:
+        """Build from the ``[gateway]`` TOML table; every error names the file, the key and what is valid.
+
+        Keys: ``enabled``, ``listen``, ``api_key`` or ``api_key_env`` (name of an environment
+        variable holding the key), ``hold_s``, ``max_body_bytes``, ``prefill_stall_s``,
+        ``decode_stall_s``, ``upstream_connect_timeout_s``, ``upstream_read_timeout_s``,
+        ``max_upstream_connections``, ``shutdown_grace_s``. Durations are ``"60s"``/``"5m"``
+        or seconds; sizes are ``"32MiB"`` or bytes.
+        """
+        import os
+
+        environ = os.environ if environ is None else environ
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"expected a table, got {type(table).__name__}", file=file, key=key)
+        durations = ("hold_s", "prefill_stall_s", "decode_stall_s", "upstream_connect_timeout_s",
+                     "upstream_read_timeout_s", "shutdown_grace_s")
+        valid = ("enabled", "listen", "api_key", "api_key_env", "max_body_bytes",
+                 "max_upstream_connections", *durations)
+        kwargs: dict[str, Any] = {}
+        for name, value in table.items():
+            where = f"{key}.{name}"
+            try:
+                if name == "enabled":
+                    if not isinstance(value, bool):
+                        raise ValueError(f"expected true or false, got {value!r}")
+                    kwargs["enabled"] = value
+                elif name == "listen":
+                    kwargs["host"], kwargs["port"] = parse_listen(value)
+                elif name == "api_key":
+                    if not isinstance(value, str) or not value:
+                        raise ValueError("expected a non-empty string (the key is never logged)")
+                    kwargs["api_key"] = value
+                elif name == "api_key_env":
+                    if not isinstance(value, str) or not value:
+                        raise ValueError("expected the name of an environment variable")
+                    if not environ.get(value):
+                        raise ValueError(f"environment variable {value} is not set or empty")
+                    kwargs["api_key"] = environ[value]
+                elif name in durations:
+                    kwargs[name] = parse_duration_s(value)
+                elif name == "max_body_bytes":
+                    kwargs[name] = parse_size_bytes(value)
+                elif name == "max_upstream_connections":
+                    if isinstance(value, bool) or not isinstance(value, int):
+                        raise ValueError(f"expected a whole number, got {value!r}")
+                    kwargs[name] = value
+                else:
+                    raise ValueError(f"unknown key; valid keys: {', '.join(valid)}")
+            except ValueError as exc:
+                raise ConfigError(str(exc), file=file, key=where) from exc
+        if "api_key" in table and "api_key_env" in table:
+            raise ConfigError("set api_key or api_key_env, not both", file=file, key=f"{key}.api_key")
+        try:
+            return cls(**kwargs)
+        except ValueError as exc:
+            bad = next((f.name for f in fields(cls) if f.name in str(exc)), None)
+            raise ConfigError(str(exc), file=file, key=f"{key}.{bad}" if bad else key) from exc
+
+
+# Kept for error messages elsewhere (llmctl doctor) that want to say what a value should look like.
+SETTINGS_HELP = {"duration": DURATION_HELP, "size": SIZE_HELP, "listen": _LISTEN_HELP}
+
+
+# --------------------------------------------------------------------------------------------
+# Watching tokens in a passing SSE stream
+
+# A chunk carries a token when one of these fields holds a non-empty string (or a tool call starts).
+# A JSON string's own quotes are escaped inside content, so a generated text cannot fake a match.
+_OPENAI_TOKEN_RE = re.compile(
+    rb'"(?:content|reasoning_content|reasoning|text)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{'
+)
+_ANTHROPIC_DELTA_RE = re.compile(rb'"type"\s*:\s*"content_block_delta"')
+_ANTHROPIC_MESSAGE_DELTA_RE = re.compile(rb'"type"\s*:\s*"message_delta"')
+_MAX_PARTIAL_LINE_BYTES = 4 * 2**20
+
+
+class TokenMeter:
+    """Counts tokens in SSE bytes as they pass, without holding them back.
+
+    OpenAI: one token per ``data:`` chunk carrying content/reasoning/text; a ``usage`` chunk's
+    ``completion_tokens`` wins when it arrives. Anthropic: one token per ``content_block_delta``
+    event; ``message_delta.usage.output_tokens`` wins. Comments (``: keepalive``) and empty data
+    are not progress. Only data lines that can carry usage or an error are parsed as JSON.
+    """
+
+    __slots__ = ("anthropic", "on_token", "first_token_at_s", "last_token_at_s", "max_gap_s",
+                 "counted_tokens", "usage_tokens", "error", "_partial", "_event")
+
+    def __init__(self, *, anthropic: bool, on_token: Callable[[float], None] | None = None) -> None:
+        self.anthropic = anthropic
+        self.on_token = on_token
+        self.first_token_at_s: float | None = None
+        self.last_token_at_s: float | None = None
+        self.max_gap_s: float | None = None
+        self.counted_tokens = 0
+        self.usage_tokens: int | None = None
+        self.error: Any = None
+        self._partial = b""
+        self._event = b""
+
+    @property
+    def tokens(self) -> int:
+        return self.usage_tokens if self.usage_tokens is not None else self.counted_tokens
+
+    def feed(self, chunk: bytes, at_s: float) -> None:
+        buf = self._partial + chunk if self._partial else chunk
+        start = 0
+        find = buf.find
+        while True:
+            end = find(b"\n", start)
+            if end < 0:
+                break
+            line = buf[start:end]
+            start = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                self._event = b""  # an empty line ends an event
+            elif line[0] == 0x3A:  # ":" comment, e.g. keepalive: not progress
+                continue
+            elif line.startswith(b"data:"):
+                self._data(line[5:].strip(), at_s)
+            elif line.startswith(b"event:"):
+                self._event = line[6:].strip()
+        rest = buf[start:] if start < len(buf) else b""
+        self._partial = rest if len(rest) <= _MAX_PARTIAL_LINE_BYTES else b""
+
+    def _token(self, at_s: float) -> None:
+        last = self.last_token_at_s
+        if last is None:
+            self.first_token_at_s = at_s
+        else:
+            gap = at_s - last
+            if self.max_gap_s is None or gap > self.max_gap_s:
+                self.max_gap_s = gap
+        self.last_token_at_s = at_s
+        self.counted_tokens += 1
+        if self.on_token is not None:
+            self.on_token(at_s)
+
+    def _data(self, payload: bytes, at_s: float) -> None:
+        if not payload or payload == b"[DONE]":
+            return
+        if self.anthropic:
+            event = self._event
+            if event == b"content_block_delta" or (not event and _ANTHROPIC_DELTA_RE.search(payload)):
+                self._token(at_s)
+            elif event == b"message_delta" or (not event and _ANTHROPIC_MESSAGE_DELTA_RE.search(payload)):
+                doc = _loads(payload)
+                usage = doc.get("usage") if isinstance(doc, dict) else None
+                if isinstance(usage, dict) and isinstance(usage.get("output_tokens"), int):
+                    self.usage_tokens = usage["output_tokens"]
+            elif event == b"error" or (not event and b'"error"' in payload):
+                doc = _loads(payload)
+                if isinstance(doc, dict) and ("error" in doc):
+                    self.error = doc["error"]
+            return
+        if _OPENAI_TOKEN_RE.search(payload):
+            self._token(at_s)
+        if b'"completion_tokens"' in payload or b'"error"' in payload:
+            doc = _loads(payload)
+            if isinstance(doc, dict):
+                usage = doc.get("usage")
+                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                    self.usage_tokens = usage["completion_tokens"]
+                if doc.get("error") is not None:
+                    self.error = doc["error"]
+
+
+def _loads(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
+
+
+def usage_tokens_of(body: bytes) -> int | None:
+    """Completion tokens from a non-streamed OpenAI or Anthropic response body, if it says."""
+    doc = _loads(body)
+    usage = doc.get("usage") if isinstance(doc, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    for name in ("completion_tokens", "output_tokens"):
+        if isinstance(usage.get(name), int):
+            return usage[name]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The gateway's own bookkeeping (what `llmctl status` shows as gateway{listen, in_flight})
+
+
+ENDINGS = ("complete", "client_disconnected", "upstream_error", "stalled")
+
+
+class GatewayStats:
+    """Counters the gateway keeps about itself; ``app.state.gateway`` is one of these."""
+
+    def __init__(self, listen: str) -> None:
+        self.listen = listen
+        self.in_flight = 0  # requests being handled, from arrival to the last byte
+        self.waiting = 0  # of those, waiting for an engine (acquire)
+        self.requests_total = 0
+        self.engines: dict[str, dict[str, int]] = {}
+
+    def engine(self, name: str) -> dict[str, int]:
+        counts = self.engines.get(name)
+        if counts is None:
+            counts = self.engines[name] = {"in_flight": 0, "requests": 0, **{e: 0 for e in ENDINGS}}
+        return counts
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "listen": self.listen,
+            "in_flight": self.in_flight,
+            "waiting": self.waiting,
+            "requests_total": self.requests_total,
+            "engines": {name: dict(c) for name, c in sorted(self.engines.items())},
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Errors as JSON
+
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 413: "invalid_request_error", 502: "upstream_error", 503: "engine_unavailable",
+                 504: "upstream_timeout"}
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                    413: "request_too_large", 502: "api_error", 503: "overloaded_error",
+                    504: "api_error"}
+
+
+def error_body(anthropic: bool, status: int, message: str, code: str, **extra: Any) -> dict[str, Any]:
+    if anthropic:
+        err = {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message, "code": code}
+        err.update(extra)
+        return {"type": "error", "error": err}
+    err = {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "code": code}
+    err.update(extra)
+    return {"error": err}
+
+
+def error_response(anthropic: bool, status: int, message: str, code: str,
+                   headers: Mapping[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse(error_body(anthropic, status, message, code, **extra), status_code=status,
+                        headers=dict(headers or {}))
+
+
+def _sse_error(anthropic: bool, status: int, message: str, code: str) -> bytes:
+    body = json.dumps(error_body(anthropic, status, message, code), separators=(",", ":"))
+    return (f"event: error\ndata: {body}\n\n" if anthropic else f"data: {body}\n\n").encode()
+
+
+# --------------------------------------------------------------------------------------------
+# Forwarding
+
+
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
+})
+_CREDENTIALS = frozenset({"authorization", "x-api-key"})
+_RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "trailer", "upgrade",
+                            "proxy-authenticate", "date", "server"})
+_NO_CONTENT_LENGTH = frozenset({"content-length"})
+_COLLECT_LIMIT_BYTES = 16 * 2**20
+_UPSTREAM_RETRY_DELAYS_S = (0.05, 0.2, 0.5)
+
+
+class _Forward:
+    """The ASGI response for one forwarded request: sends upstream, pumps bytes back, watches tokens.
+
+    Written as a plain ASGI callable (not a StreamingResponse over an async generator) so that the
+    cancel scopes for stall and disconnect live in one task, and the upstream response is closed
+    in the same task whatever ends the exchange.
+    """
+
+    def __init__(self, gw: _Gateway, upstream: Upstream, request: httpx.Request, *,
+                 anthropic: bool, stream_requested: bool) -> None:
+        self.gw = gw
+        self.upstream = upstream
+        self.request = request
+        self.anthropic = anthropic
+        self.stream_requested = stream_requested
+        self.sent_at_s = 0.0
+        self.stalled: tuple[str, float] | None = None
+        self.client_gone = False
+        self.upstream_failed = False
+        self.non_stream_tokens: int | None = None
+        self.pump_scope = anyio.CancelScope()
+        self.watching_stall = False
+        self.response_complete = False
+        self.response: httpx.Response | None = None
+        engine = upstream.engine
+        token_progress = gw.backend.token_progress
+
+        def on_token(at_s: float) -> None:
+            try:
+                token_progress(engine, at_s)
+            except Exception:  # a backend bug must not break a stream
+                gw.log.exception("gateway.backend_failed", method="token_progress", engine=engine)
+
+        self.meter = TokenMeter(anthropic=anthropic, on_token=on_token)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        gw = self.gw
+        engine = self.upstream.engine
+        counts = gw.stats.engine(engine)
+        counts["in_flight"] += 1
+        counts["requests"] += 1
+        gw.call_backend("request_started", engine)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+                self.sent_at_s = gw.clock.now()
+                if self.stream_requested:
+                    self._start_stall_watch(tg)
+                await self._exchange(send, tg)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if self.response is not None:
+                    # Closing before the body is read drops the connection: the engine sees the
+                    # client go away and stops generating.
+                    await self.response.aclose()
+            counts["in_flight"] -= 1
+            self._finish(counts)
+
+    def _start_stall_watch(self, tg: anyio.abc.TaskGroup) -> None:
+        if not self.watching_stall:
+            self.watching_stall = True
+            tg.start_soon(self._watch_stall)
+
+    async def _watch_disconnect(self, receive: Any, scope: anyio.CancelScope) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                # The server also reports a disconnect once the response is complete.
+                if not self.response_complete:
+                    self.client_gone = True
+                    scope.cancel()
+                return
+
+    async def _watch_stall(self) -> None:
+        settings = self.gw.settings
+        now = self.gw.clock.now
+        meter = self.meter
+        while True:
+            last = meter.last_token_at_s
+            if last is None:
+                phase, since, limit = "prefill", self.sent_at_s, settings.prefill_stall_s
+            else:
+                phase, since, limit = "decode", last, settings.decode_stall_s
+            delay = since + limit - now()
+            if delay <= 0:
+                self.stalled = (phase, now() - since)
+                self.pump_scope.cancel()
+                return
+            # Never sleep longer than the decode limit: a first token arriving meanwhile starts a
+            # decode deadline that can fall before the prefill one.
+            await anyio.sleep(min(delay, settings.decode_stall_s))
+
+    async def _send_upstream(self) -> httpx.Response:
+        # A connection refused, reset or closed before any response byte came back is retried:
+        # mlx_lm.server listens with a backlog of 5 and drops connections of a burst, and a pooled
+        # keep-alive connection may have been closed by the engine meanwhile. Nothing was answered,
+        # so the engine did not start on the request.
+        for delay_s in _UPSTREAM_RETRY_DELAYS_S:
+            try:
+                return await self.gw.client.send(self.request, stream=True)
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                await anyio.sleep(delay_s)
+        return await self.gw.client.send(self.request, stream=True)
+
+    async def _exchange(self, send: Any, tg: anyio.abc.TaskGroup) -> None:
+        gw = self.gw
+        upstream = self.upstream
+        headers_sent = False
+        is_sse = False
+        with self.pump_scope:
+            try:
+                response = self.response = await self._send_upstream()
+            except httpx.TimeoutException as exc:
+                self.upstream_failed = True
+                self.response_complete = True
+                await _send_json(send, error_body(
+                    self.anthropic, 504,
+                    f"engine {upstream.engine!r} did not answer in time ({type(exc).__name__})",
+                    "upstream_timeout", engine=upstream.engine), 504)
+                return
+            except httpx.HTTPError as exc:
+                self.upstream_failed = True
+                self.response_complete = True
+                gw.log.warning("gateway.upstream_failed", engine=upstream.engine,
+                               error=type(exc).__name__)
+                await _send_json(send, error_body(
+                    self.anthropic, 502,
+                    f"engine {upstream.engine!r} at {upstream.base_url} could not be reached: "
+                    f"{type(exc).__name__}: {exc}", "upstream_unreachable", engine=upstream.engine), 502)
+                return
+            if response.status_code >= 500:
+                self.upstream_failed = True
+            content_type = response.headers.get("content-type", "")
+            is_sse = content_type.startswith("text/event-stream")
+            drop = _RESPONSE_DROP if is_sse else _RESPONSE_DROP - _NO_CONTENT_LENGTH
+            if is_sse:
+                drop = drop | _NO_CONTENT_LENGTH
+                self._start_stall_watch(tg)
+            raw_headers = [(k.lower(), v) for k, v in response.headers.raw
+                           if k.lower().decode() not in drop]
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": raw_headers})
+            headers_sent = True
+            now = gw.clock.now
+            try:
+                if is_sse:
+                    feed = self.meter.feed
+                    async for chunk in response.aiter_raw():
+                        at_s = now()
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        feed(chunk, at_s)
+                else:
+                    collected: list[bytes] = []
+                    size = 0
+                    async for chunk in response.aiter_raw():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        size += len(chunk)
+                        if size <= _COLLECT_LIMIT_BYTES:
+                            collected.append(chunk)
+                    if size <= _COLLECT_LIMIT_BYTES and response.status_code < 400:
+                        self.non_stream_tokens = usage_tokens_of(b"".join(collected))
+            except OSError:  # the client went away while we were sending (ASGI spec 2.4)
+                self.client_gone = True
+                return
+            except httpx.HTTPError as exc:
+                self.upstream_failed = True
+                gw.log.warning("gateway.upstream_broke", engine=upstream.engine,
+                               error=type(exc).__name__)
+                self.response_complete = True
+                if is_sse:
+                    await _send_quietly(send, _sse_error(
+                        self.anthropic, 502,
+                        f"engine {upstream.engine!r} broke off the stream: {type(exc).__name__}",
+                        "upstream_broke_stream"))
+                await _send_quietly(send, b"", more=False)
+                return
+        if self.stalled is not None:
+            phase, stalled_for_s = self.stalled
+            gw.call_backend("stall_detected", upstream.engine, phase, stalled_for_s)
+            gw.log.warning("gateway.stall_detected", engine=upstream.engine, phase=phase,
+                           stalled_for_s=round(stalled_for_s, 3))
+            message = (f"engine {upstream.engine!r} stalled: no token for {stalled_for_s:.1f}s "
+                       f"during {phase}; the request was ended")
+            self.response_complete = True
+            if headers_sent:
+                await _send_quietly(send, _sse_error(self.anthropic, 504, message, "engine_stalled"))
+                await _send_quietly(send, b"", more=False)
+            else:
+                await _send_json(send, error_body(self.anthropic, 504, message, "engine_stalled",
+                                                  engine=upstream.engine, phase=phase), 504)
+            return
+        if self.meter.error is not None:
+            self.upstream_failed = True
+        self.response_complete = True
+        await _send_quietly(send, b"", more=False)
+
+    def _finish(self, counts: dict[str, int]) -> None:
+        meter = self.meter
+        if self.stalled is not None:
+            ended = "stalled"
+        elif self.client_gone:
+            ended = "client_disconnected"
+        elif self.upstream_failed:
+            ended = "upstream_error"
+        else:
+            ended = "complete"
+        counts[ended] += 1
+        first, last = meter.first_token_at_s, meter.last_token_at_s
+        tokens = meter.tokens
+        if self.non_stream_tokens is not None and not tokens:
+            tokens = self.non_stream_tokens
+        stats = RequestStats(
+            engine=self.upstream.engine,
+            ttft_s=None if first is None else first - self.sent_at_s,
+            tokens=tokens,
+            decode_s=None if first is None or last is None else last - first,
+            max_gap_s=meter.max_gap_s,
+            ended=ended,
+        )
+        self.gw.call_backend("request_finished", stats)
+
+
+async def _send_json(send: Any, body: dict[str, Any], status: int) -> None:
+    data = json.dumps(body).encode()
+    try:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+    except OSError:
+        pass
+
+
+async def _send_quietly(send: Any, body: bytes, more: bool = True) -> None:
+    try:
+        await send({"type": "http.response.body", "body": body, "more_body": more})
+    except OSError:
+        pass
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Gateway:
+    """The gateway's request handling; one per app."""
+
+    def __init__(self, backend: GatewayBackend, settings: GatewaySettings, clock: Clock,
+                 log: Any) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.clock = clock
+        self.log = log
+        self.stats = GatewayStats(settings.listen)
+        self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # made in the lifespan
+        self._api_key = settings.api_key.encode() if settings.api_key else None
+
+    def make_client(self) -> httpx.AsyncClient:
+        s = self.settings
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=s.upstream_connect_timeout_s, read=s.upstream_read_timeout_s,
+                                  write=s.upstream_read_timeout_s, pool=s.hold_s or None),
+            limits=httpx.Limits(max_connections=s.max_upstream_connections,
+                                max_keepalive_connections=min(64, s.max_upstream_connections),
+                                keepalive_expiry=30.0),
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    def call_backend(self, method: str, *args: Any) -> None:
+        try:
+            getattr(self.backend, method)(*args)
+        except Exception:
+            self.log.exception("gateway.backend_failed", method=method)
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        if self._api_key is None:
+            return True
+        headers = request.headers
+        given = headers.get("x-api-key")
+        auth = headers.get("authorization")
+        if auth and auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        if not given:
+            return False
+        return hmac.compare_digest(given.encode(), self._api_key)
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _BodyTooLarge
+        parts: list[bytes] = []
+        size = 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise _BodyTooLarge
+            parts.append(part)
+        return b"".join(parts)
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def unauthorized(self, anthropic: bool) -> JSONResponse:
+        return error_response(anthropic, 401,
+                              "missing or wrong API key; send it as 'Authorization: Bearer KEY' or "
+                              "'x-api-key: KEY'", "invalid_api_key",
+                              headers={"www-authenticate": "Bearer"})
+
+    async def models(self, request: Request) -> Response:
+        anthropic_client = "anthropic-version" in request.headers
+        if not self.authorized(request):
+            return self.unauthorized(anthropic_client)
+        try:
+            entries = self.backend.models()
+        except Exception:
+            self.log.exception("gateway.backend_failed", method="models")
+            return error_response(anthropic_client, 500, "the daemon could not list its models",
+                                  "models_failed")
+        if anthropic_client:
+            data = [{"type": "model", "id": m["id"], "display_name": m.get("display_name", m["id"]),
+                     "created_at": m.get("created_at", "1970-01-01T00:00:00Z"),
+                     **{k: v for k, v in m.items() if k not in ("id", "created_at")}}
+                    for m in entries]
+            return JSONResponse({"data": data, "has_more": False,
+                                 "first_id": data[0]["id"] if data else None,
+                                 "last_id": data[-1]["id"] if data else None})
+        data = [{"object": "model", "created": 0, "owned_by": "supervisord-llm", **m} for m in entries]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def status(self, request: Request) -> Response:
+        if not self.authorized(request):
+            return self.unauthorized(False)
+        return JSONResponse(self.stats.snapshot())
+
+    async def forward(self, request: Request) -> Response | _Forward:
+        path = request.url.path
+        anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
+        if not self.authorized(request):
+            return self.unauthorized(anthropic)
+        stats = self.stats
+        stats.in_flight += 1
+        stats.requests_total += 1
+        try:
+            response = await self._prepare(request, path, anthropic)
+        except BaseException:
+            stats.in_flight -= 1
+            raise
+        if isinstance(response, _Forward):
+            return _Counted(response, stats)
+        stats.in_flight -= 1
+        return response
+
+    async def _prepare(self, request: Request, path: str, anthropic: bool) -> Response | _Forward:
+        try:
+            body = await self.read_body(request)
+        except _BodyTooLarge:
+            limit = self.settings.max_body_bytes
+            return error_response(anthropic, 413,
+                                  f"request body is larger than the gateway's max_body_bytes "
+                                  f"({limit} bytes)", "request_too_large", max_body_bytes=limit)
+        model: str | None = None
+        stream = False
+        doc: Any = None
+        content_type = request.headers.get("content-type", "")
+        needs_json = path in OPENAI_PATHS or anthropic
+        if body and (needs_json or "json" in content_type):
+            try:
+                doc = json.loads(body)
+            except ValueError as exc:
+                return error_response(anthropic, 400, f"request body is not valid JSON: {exc}",
+                                      "invalid_json")
+            if needs_json and not isinstance(doc, dict):
+                return error_response(anthropic, 400, "request body must be a JSON object",
+                                      "invalid_json")
+            if isinstance(doc, dict):
+                raw_model = doc.get("model")
+                if raw_model is not None and not isinstance(raw_model, str):
+                    return error_response(anthropic, 400,
+                                          f"'model' must be a string, got {type(raw_model).__name__}",
+                                          "invalid_model")
+                model = raw_model or None
+                stream = doc.get("stream") is True
+        elif needs_json and request.method == "POST":
+            return error_response(anthropic, 400, "request body is empty; expected a JSON object",
+                                  "invalid_json")
+
+        upstream = await self._acquire(model, anthropic)
+        if isinstance(upstream, Response):
+            return upstream
+        if anthropic and not upstream.supports_messages:
+            return error_response(
+                anthropic, 400,
+                f"engine {upstream.engine!r} ({upstream.kind}) does not serve the Anthropic Messages "
+                f"API ({MESSAGES_PATH}); it serves the OpenAI API (/v1/chat/completions, "
+                "/v1/completions). The gateway passes requests through and does not translate.",
+                "messages_not_supported", engine=upstream.engine)
+
+        if (upstream.served_model is not None and isinstance(doc, dict)
+                and doc.get("model") != upstream.served_model):
+            doc["model"] = upstream.served_model
+            body = json.dumps(doc).encode()
+
+        drop = _HOP_BY_HOP | _CREDENTIALS if self._api_key is not None else _HOP_BY_HOP
+        headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in drop]
+        headers.append((b"accept-encoding", b"identity"))  # the meter reads plain bytes
+        query = request.url.query
+        url = upstream.base_url.rstrip("/") + path + ("?" + query if query else "")
+        upstream_request = self.client.build_request(request.method, url, headers=headers,
+                                                     content=body)
+        return _Forward(self, upstream, upstream_request, anthropic=anthropic,
+                        stream_requested=stream)
+
+    async def _acquire(self, model: str | None, anthropic: bool) -> Upstream | Response:
+        stats = self.stats
+        stats.waiting += 1
+        hold_s = self.settings.hold_s
+        try:
+            with anyio.move_on_after(hold_s):
+                return await self.backend.acquire(model)
+            name = model or self.backend.default_engine() or "(default)"
+            raise EngineUnavailable(
+                name, "hold_timeout",
+                f"engine for model {name!r} was not ready within the gateway's hold time "
+                f"({hold_s:g}s); retry later", retry_after_s=min(30.0, max(1.0, hold_s / 4)))
+        except EngineUnavailable as exc:
+            return self._unavailable(exc, anthropic)
+        except UnknownEngine as exc:
+            return error_response(anthropic, 404, str(exc), "model_not_found", engine=exc.engine)
+        except SupervisordLLMError as exc:
+            return error_response(anthropic, 503, str(exc), "engine_unavailable")
+        except Exception:
+            self.log.exception("gateway.backend_failed", method="acquire")
+            return error_response(anthropic, 500, "the daemon failed to pick an engine for this "
+                                  "request; see the daemon log", "internal_error")
+        finally:
+            stats.waiting -= 1
+
+    def _unavailable(self, exc: EngineUnavailable, anthropic: bool) -> JSONResponse:
+        retry_after_s = exc.retry_after_s
+        if retry_after_s is None and exc.until_wall is not None:
+            retry_after_s = max(0.0, exc.until_wall - self.clock.wall())
+        headers = {}
+        if retry_after_s is not None and exc.status == 503:
+            headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))
+        until = None
+        if exc.until_wall is not None:
+            until = datetime.fromtimestamp(exc.until_wall, tz=timezone.utc).isoformat(timespec="seconds")
+        code = "model_not_found" if exc.status == 404 else "engine_unavailable"
+        return error_response(anthropic, exc.status, str(exc), code, headers=headers,
+                              engine=exc.engine, reason=exc.reason, retry_after_s=retry_after_s,
+                              until=until, until_wall=exc.until_wall)
+
+
+class _Counted:
+    """Wraps a forward so the gateway's in_flight count drops when the exchange ends, however."""
+
+    def __init__(self, inner: _Forward, stats: GatewayStats) -> None:
+        self.inner = inner
+        self.stats = stats
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            self.stats.in_flight -= 1
+
+
+def build_app(backend: GatewayBackend, settings: GatewaySettings, clock: Clock | None = None,
+              *, log: Any = None) -> Starlette:
+    """The gateway as a Starlette app; ``app.state.gateway`` is its :class:`GatewayStats`."""
+    from contextlib import asynccontextmanager
+
+    gw = _Gateway(backend, settings, clock or SystemClock(),
+                  log or structlog.get_logger("supervisord_llm.gateway"))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+        async with gw.make_client() as client:
+            gw.client = client
+            yield
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+    app = Starlette(
+        routes=[
+            Route("/v1/models", gw.models, methods=["GET"]),
+            Route("/gateway/status", gw.status, methods=["GET"]),
+            Route("/v1/{rest:path}", gw.forward, methods=methods),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.gateway = gw.stats
+    app.state.gateway_core = gw
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal capture: the daemon owns signals and cancels us instead."""
+
+    def capture_signals(self):  # type: ignore[no-untyped-def, override]
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise GatewayListenFailed(
+            f"the gateway cannot listen on {host}:{port}: {exc.strerror or exc}; "
+            "choose another [gateway] listen address or stop what holds it"
+        ) from exc
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(app: Starlette, settings: GatewaySettings, *,
+                task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Serve the app on the listen address until cancelled; ``started(listen)`` once it accepts.
+
+    The value given to ``started`` is the bound ``host:port`` (useful with port 0). Cancelling
+    shuts the server down gracefully, waiting up to ``shutdown_grace_s`` for open requests.
+    """
+    sock = _bind(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    stats = getattr(app.state, "gateway", None)
+    if isinstance(stats, GatewayStats):
+        stats.listen = listen
+    # log_config=None: uvicorn must not reconfigure the process's logging (the daemon owns it).
+    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
+                            http="auto", ws="none", server_header=False, date_header=False)
+    server = _Server(config)
+    done = anyio.Event()
+
+    async def run_server() -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await server.serve(sockets=[sock])
+        finally:
+            done.set()
+            sock.close()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_server)
+        try:
+            while not server.started:
+                if done.is_set():
+                    raise GatewayListenFailed(f"the gateway on {listen} stopped during startup")
+                await anyio.sleep(0.005)
+            task_status.started(listen)
+            await done.wait()
+        finally:
+            server.should_exit = True

@@ -1,0 +1,119 @@
+"""Prometheus metrics, on the control socket (``GET /metrics``) and optionally on a loopback TCP port.
+
+The TCP listener (``[daemon] metrics_listen = "127.0.0.1:9464"``) also serves ``/healthz`` (the
+daemon's loop is alive) and ``/readyz`` (no engine is failed or hung), for Kubernetes probes.
+Each scrape builds a fresh registry from the daemon's status: no counters drift from the truth.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from supervisord_llm.supervisor import EngineState
+
+if TYPE_CHECKING:
+    from supervisord_llm.daemon import Daemon
+
+PREFIX = "supervisord_llm"
+
+
+def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
+    doc = daemon.status()
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc_text: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(f"{PREFIX}_{name}", doc_text, labels, registry=registry)
+
+    state = gauge("engine_state", "1 for the engine's current state, 0 for the others", ("engine", "state"))
+    restarts = gauge("engine_restarts", "restarts of the engine since the daemon's state began", ("engine",))
+    tps = gauge("engine_tokens_per_second", "rolling generation rate", ("engine",))
+    base = gauge("engine_baseline_tokens_per_second", "learned generation rate baseline", ("engine",))
+    ttft = gauge("engine_canary_ttft_seconds", "time to first token of the last canary", ("engine",))
+    canary_ok = gauge("engine_canary_ok", "1 if the last canary generated, else 0", ("engine",))
+    rss = gauge("engine_rss_bytes", "resident memory of the engine's process tree", ("engine",))
+    gpu = gauge("engine_gpu_bytes", "GPU memory held by the engine's process tree", ("engine",))
+    up = gauge("engine_up", "1 if the engine is ready or degraded", ("engine",))
+    for e in doc["engines"]:
+        name = e["name"]
+        for s in EngineState:
+            state.labels(name, str(s)).set(1 if e["state"] == str(s) else 0)
+        restarts.labels(name).set(e.get("restarts") or 0)
+        up.labels(name).set(1 if e["state"] in ("ready", "degraded") else 0)
+        if e.get("tokens_per_s") is not None:
+            tps.labels(name).set(e["tokens_per_s"])
+        if e.get("baseline_tokens_per_s") is not None:
+            base.labels(name).set(e["baseline_tokens_per_s"])
+        canary = e.get("last_canary") or {}
+        if canary.get("ttft_s") is not None:
+            ttft.labels(name).set(canary["ttft_s"])
+        if canary:
+            canary_ok.labels(name).set(1 if canary.get("ok") else 0)
+        mem = e.get("memory") or {}
+        if mem.get("rss_bytes") is not None:
+            rss.labels(name).set(mem["rss_bytes"])
+        if mem.get("gpu_bytes") is not None:
+            gpu.labels(name).set(mem["gpu_bytes"])
+    mem = doc["system"]["memory"]
+    for key in ("total_bytes", "available_bytes", "wired_bytes", "baseline_wired_bytes", "stranded_bytes"):
+        if mem.get(key) is not None:
+            gauge(f"memory_{key}", f"system memory: {key.replace('_', ' ')}").set(mem[key])
+    gpus = doc["system"].get("gpus") or []
+    if gpus:
+        used = gauge("gpu_memory_used_bytes", "GPU memory used", ("gpu", "name"))
+        total = gauge("gpu_memory_total_bytes", "GPU memory total", ("gpu", "name"))
+        for g in gpus:
+            used.labels(str(g.get("index")), g.get("name") or "").set(g.get("used_bytes") or 0)
+            total.labels(str(g.get("index")), g.get("name") or "").set(g.get("total_bytes") or 0)
+    alerts = doc.get("alerts") or {}
+    for key in ("pending", "delivered", "failed"):
+        gauge(f"alerts_{key}", f"alerts {key} (delivered/failed over the outbox's lifetime)").set(alerts.get(key, 0))
+    if doc.get("gateway"):
+        gauge("gateway_in_flight", "requests in flight through the gateway").set(doc["gateway"].get("in_flight", 0))
+    gauge("daemon_uptime_seconds", "seconds since the daemon started").set(doc["daemon"]["uptime_s"])
+    reboot = doc.get("reboot") or {}
+    gauge("reboot_pending", "1 while a reboot is announced").set(1 if reboot.get("state") == "announced" else 0)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class MetricsExtension:
+    """The loopback TCP listener for metrics and health probes."""
+
+    name = "metrics"
+
+    def __init__(self, daemon: Daemon, listen: str) -> None:
+        self.daemon = daemon
+        host, _, port = listen.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+
+    def app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response
+        from starlette.routing import Route
+
+        daemon = self.daemon
+
+        async def metrics(request: Request) -> Response:
+            body, content_type = render_metrics(daemon)
+            return Response(body, media_type=content_type)
+
+        async def healthz(request: Request) -> Response:
+            return JSONResponse({"ok": daemon.healthy_loop}, status_code=200 if daemon.healthy_loop else 503)
+
+        async def readyz(request: Request) -> Response:
+            bad = [s.name for s in daemon.supervisors.values() if s.state in (EngineState.FAILED, EngineState.HUNG)]
+            return JSONResponse({"ready": not bad, "engines_not_ok": bad}, status_code=503 if bad else 200)
+
+        return Starlette(routes=[Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz)])
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        from supervisord_llm.gateway import GatewaySettings, serve
+
+        settings = GatewaySettings.from_toml({"listen": f"{self.host}:{self.port}"}, file=None, key="daemon")
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve, self.app(), settings)
+            task_status.started()

@@ -1,0 +1,443 @@
+"""The alert outbox against a real HTTP receiver on 127.0.0.1 that fails, recovers, and checks signatures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import structlog
+from structlog.testing import LogCapture
+
+from supervisord_llm.alerts import (
+    DELIVERY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    Alert,
+    AlertSettings,
+    AlertTarget,
+    Outbox,
+    labels_fingerprint,
+    verify_signature,
+)
+from supervisord_llm.clock import FakeClock, SystemClock
+from tests.helpers import free_port
+
+SECRET = "hmac-key-for-tests"
+SECRET_PATH = "/hooks/T0001/B0002/s3cr3t-path-token"
+
+
+class Receiver:
+    """A real webhook receiver: answers scripted failures first, then 200; verifies every signature."""
+
+    def __init__(self, port: int | None = None, secret: str | None = SECRET) -> None:
+        self.port = port or free_port()
+        self.secret = secret
+        self.url = f"http://127.0.0.1:{self.port}{SECRET_PATH}"
+        self.script: deque[tuple[int, dict[str, str]]] = deque()
+        self.requests: list[dict[str, Any]] = []  # every request, failed or not, in arrival order
+        self.bad_signatures = 0
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    def respond(self, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
+        for _ in range(times):
+            self.script.append((status, headers or {}))
+
+    @property
+    def accepted(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if r["status"] == 200]
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver._lock:
+                    status, headers = receiver.script.popleft() if receiver.script else (200, {})
+                    signed_ok = receiver.secret is None or verify_signature(
+                        receiver.secret, self.headers.get(TIMESTAMP_HEADER, ""), body,
+                        self.headers.get(SIGNATURE_HEADER))
+                    if not signed_ok:
+                        receiver.bad_signatures += 1
+                        status = 401
+                    receiver.requests.append({"status": status, "path": self.path, "body": json.loads(body),
+                                              "headers": dict(self.headers), "at_s": time.monotonic()})
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A receiver whose port is reserved but not listening yet: connections are refused until start()."""
+    r = Receiver()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+class Harness:
+    """An outbox with its log and events captured, running in a task group the test controls."""
+
+    def __init__(self, state_dir: Path, settings: AlertSettings, clock: Any = None) -> None:
+        self.log = LogCapture()
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.outbox = Outbox(state_dir, settings, clock or SystemClock(),
+                             structlog.wrap_logger(structlog.ReturnLogger(), processors=[self.log]),
+                             on_event=lambda kind, fields: self.events.append((kind, fields)))
+
+    def kinds(self, kind: str) -> list[dict[str, Any]]:
+        return [fields for k, fields in self.events if k == kind]
+
+
+def settings_for(*targets: AlertTarget, **policy: Any) -> AlertSettings:
+    policy.setdefault("initial_backoff_s", 0.05)
+    policy.setdefault("max_backoff_s", 0.2)
+    return AlertSettings(targets=targets, host="testhost", **policy)
+
+
+def json_target(receiver: Receiver, name: str = "hook", fmt: str = "json") -> AlertTarget:
+    return AlertTarget(name=name, url=receiver.url, format=fmt, secret=SECRET, timeout_s=2.0)
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    with anyio.move_on_after(timeout_s):
+        while not condition():
+            await anyio.sleep(0.02)
+    assert condition(), f"timed out after {timeout_s}s waiting for: {what}"
+
+
+def firing(key: str, engine: str | None = "mlx") -> Alert:
+    return Alert.firing(key, "critical", f"{key} happened", engine=engine, details={"restarts": 5})
+
+
+def received_alert_ids(receiver: Receiver) -> Counter[str]:
+    return Counter(r["body"]["alert_id"] for r in receiver.accepted)
+
+
+@pytest.mark.anyio
+async def test_outage_then_recovery_delivers_every_alert_exactly_once(tmp_path: Path, receiver: Receiver) -> None:
+    """Alerts raised while the webhook refuses connections, then answers 503, all arrive once, signed."""
+    h = Harness(tmp_path, settings_for(json_target(receiver)))
+    alerts = [firing("engine.failed:a"), firing("engine.hung:b"), firing("memory.stranded", engine=None)]
+    async with anyio.create_task_group() as tg:
+        await tg.start(h.outbox.run)
+        assert all(h.outbox.submit(a) for a in alerts)
+        await wait_until(lambda: all(p.attempts >= 2 for p in h.outbox.pending()[:1]),
+                         "the first delivery to fail twice with connection refused")
+        assert h.outbox.counts() == {"pending": 3, "delivered": 0, "failed": 0}
+        assert "ConnectError" in (h.outbox.pending()[0].last_error or "")
+        receiver.respond(503, times=2)
+        receiver.start()
+        await wait_until(lambda: h.outbox.counts()["delivered"] == 3, "all three delivered")
+        tg.cancel_scope.cancel()
+    h.outbox.close()
+    assert received_alert_ids(receiver) == Counter({a.id: 1 for a in alerts})
+    assert [r["status"] for r in receiver.requests][:2] == [503, 503]
+    assert receiver.bad_signatures == 0
+    assert [r["body"]["alert_id"] for r in receiver.accepted] == [a.id for a in alerts]  # in order
+    assert all(r["path"] == SECRET_PATH for r in receiver.requests)
+    assert h.outbox.counts() == {"pending": 0, "delivered": 3, "failed": 0}
+    assert [f["alert_id"] for f in h.kinds("alert.delivered")] == [a.id for a in alerts]
+    assert h.kinds("alert.dropped") == []
+
+
+@pytest.mark.anyio
+async def test_daemon_restart_during_outage_loses_and_repeats_nothing(tmp_path: Path, receiver: Receiver) -> None:
+    """Alerts pending when the daemon restarts mid-outage are sent by the next daemon; delivered ones are not resent."""
+    target = json_target(receiver)
+    receiver.start()
+    first = Harness(tmp_path, settings_for(target))
+    a_fired, b_fired = firing("engine.failed:a"), firing("engine.failed:b")
+    async with anyio.create_task_group() as tg:
+        await tg.start(first.outbox.run)
+        first.outbox.submit(a_fired)
+        await wait_until(lambda: first.outbox.counts()["delivered"] == 1, "the first alert delivered")
+        receiver.stop()  # the outage begins
+        first.outbox.submit(b_fired)
+        first.outbox.submit(Alert.resolved("engine.failed:a", "a is ready again"))
+        await wait_until(lambda: first.outbox.pending()[0].attempts >= 2, "the head of the queue failed twice")
+        tg.cancel_scope.cancel()  # the daemon stops during the outage
+    first.outbox.close()
+
+    second = Harness(tmp_path, settings_for(target))
+    assert [(p.key, p.status) for p in second.outbox.pending()] == [("engine.failed:b", "firing"),
+                                                                   ("engine.failed:a", "resolved")]
+    assert second.outbox.counts() == {"pending": 2, "delivered": 1, "failed": 0}
+    assert second.outbox.pending()[0].attempts >= 1  # the attempt count survived too
+    receiver.respond(503)
+    receiver.start()  # the webhook recovers while the new daemon runs
+    async with anyio.create_task_group() as tg:
+        await tg.start(second.outbox.run)
+        await wait_until(lambda: second.outbox.counts()["delivered"] == 3, "the pending two delivered")
+        tg.cancel_scope.cancel()
+    second.outbox.close()
+
+    third = Harness(tmp_path, settings_for(target))
+    assert third.outbox.pending() == []
+    assert third.outbox.counts() == {"pending": 0, "delivered": 3, "failed": 0}
+    before = len(receiver.requests)
+    async with anyio.create_task_group() as tg:
+        await tg.start(third.outbox.run)
+        await anyio.sleep(0.5)
+        tg.cancel_scope.cancel()
+    assert len(receiver.requests) == before
+    # The episodes outlive the restarts: b is still open, a is closed.
+    assert not third.outbox.submit(firing("engine.failed:b"))
+    assert not third.outbox.submit(Alert.resolved("engine.failed:a", "again"))
+    third.outbox.close()
+
+    bodies = [r["body"] for r in receiver.accepted]
+    assert [(b["key"], b["status"]) for b in bodies] == [
+        ("engine.failed:a", "firing"), ("engine.failed:b", "firing"), ("engine.failed:a", "resolved")]
+    assert Counter(b["alert_id"] for b in bodies).most_common(1)[0][1] == 1
+    assert bodies[2]["episode_id"] == bodies[0]["episode_id"]
+    assert receiver.bad_signatures == 0
+
+
+@pytest.mark.anyio
+async def test_firing_then_resolved_once_per_episode(tmp_path: Path, receiver: Receiver) -> None:
+    """Repeated firings of an open episode and stray resolves are not sent; each target sees firing then resolved."""
+    receiver.start()
+    am = Receiver(secret=None)
+    am.start()
+    try:
+        h = Harness(tmp_path, settings_for(json_target(receiver),
+                                           AlertTarget(name="am", url=am.url, format="alertmanager")))
+        key = "engine.failed:mlx"
+        assert h.outbox.submit(firing(key)) is True
+        assert h.outbox.submit(firing(key)) is False  # still open
+        assert h.outbox.submit(Alert.resolved("engine.hung:mlx", "never fired")) is False
+        assert h.outbox.submit(Alert.resolved(key, "mlx is ready again")) is True
+        assert h.outbox.submit(Alert.resolved(key, "again")) is False  # already closed
+        assert h.outbox.submit(firing(key)) is True  # a new episode
+        async with anyio.create_task_group() as tg:
+            await tg.start(h.outbox.run)
+            await wait_until(lambda: h.outbox.counts()["delivered"] == 6, "3 alerts × 2 targets delivered")
+            tg.cancel_scope.cancel()
+        h.outbox.close()
+    finally:
+        am.stop()
+
+    own = [r["body"] for r in receiver.accepted]
+    assert [b["status"] for b in own] == ["firing", "resolved", "firing"]
+    assert own[0]["episode_id"] == own[1]["episode_id"] != own[2]["episode_id"]
+    assert own[1]["severity"] == "critical"  # a resolve carries its firing's severity
+    assert own[1]["started_at"] == own[0]["at"]
+
+    bodies = [r["body"] for r in am.accepted]
+    assert [b["status"] for b in bodies] == ["firing", "resolved", "firing"]
+    fired, closed = bodies[0], bodies[1]
+    labels = {"alertname": "engine.failed", "severity": "critical", "instance": "testhost", "engine": "mlx"}
+    assert fired["version"] == "4"
+    assert fired["receiver"] == "am"
+    assert fired["groupKey"] == '{}:{alertname="engine.failed", engine="mlx"}'
+    assert fired["truncatedAlerts"] == 0
+    assert fired["groupLabels"] == {"alertname": "engine.failed", "engine": "mlx"}
+    assert fired["commonLabels"] == labels
+    assert fired["commonAnnotations"]["summary"] == "engine.failed:mlx happened"
+    assert fired["externalURL"] == ""
+    [fired_alert], [closed_alert] = fired["alerts"], closed["alerts"]
+    assert fired_alert["labels"] == closed_alert["labels"] == labels
+    assert fired_alert["fingerprint"] == closed_alert["fingerprint"] == labels_fingerprint(labels)
+    assert fired_alert["endsAt"] == "0001-01-01T00:00:00Z"
+    assert closed_alert["startsAt"] == fired_alert["startsAt"] == own[0]["at"]
+    assert closed_alert["endsAt"] == own[1]["at"]
+    assert closed["status"] == closed_alert["status"] == "resolved"
+
+
+@pytest.mark.anyio
+async def test_client_error_drops_the_delivery_with_an_event(tmp_path: Path, receiver: Receiver) -> None:
+    """A 400 is not retried: the delivery is dropped with an alert.dropped event and the queue moves on."""
+    receiver.respond(400)
+    receiver.start()
+    h = Harness(tmp_path, settings_for(json_target(receiver)))
+    bad, good = firing("engine.failed:a"), firing("engine.failed:b")
+    async with anyio.create_task_group() as tg:
+        await tg.start(h.outbox.run)
+        h.outbox.submit(bad)
+        h.outbox.submit(good)
+        await wait_until(lambda: h.outbox.counts()["delivered"] == 1, "the second alert delivered")
+        tg.cancel_scope.cancel()
+    h.outbox.close()
+    assert h.outbox.counts() == {"pending": 0, "delivered": 1, "failed": 1}
+    [dropped] = h.kinds("alert.dropped")
+    assert dropped["alert_id"] == bad.id and dropped["http_status"] == 400 and dropped["target"] == "hook"
+    assert dropped["reason"].startswith("HTTP 400") and dropped["attempts"] == 1
+    assert [r["status"] for r in receiver.requests] == [400, 200]  # one try each: no retry of the 400
+    assert Harness(tmp_path, settings_for(json_target(receiver))).outbox.counts()["failed"] == 1  # durable too
+
+
+@pytest.mark.anyio
+async def test_too_many_requests_waits_for_retry_after(tmp_path: Path, receiver: Receiver) -> None:
+    """A 429 with Retry-After is retried, and not before the receiver asked."""
+    receiver.respond(429, headers={"Retry-After": "1"})
+    receiver.start()
+    h = Harness(tmp_path, settings_for(json_target(receiver)))  # its own backoff would be 0.05 s
+    alert = firing("engine.failed:a")
+    async with anyio.create_task_group() as tg:
+        await tg.start(h.outbox.run)
+        h.outbox.submit(alert)
+        await wait_until(lambda: h.outbox.counts()["delivered"] == 1, "delivered after the 429")
+        tg.cancel_scope.cancel()
+    h.outbox.close()
+    limited, ok = receiver.requests
+    assert (limited["status"], ok["status"]) == (429, 200)
+    assert ok["at_s"] - limited["at_s"] >= 0.9
+    assert limited["headers"][DELIVERY_HEADER] == ok["headers"][DELIVERY_HEADER]  # same delivery, for dedup
+    assert h.kinds("alert.dropped") == []
+
+
+@pytest.mark.anyio
+async def test_rate_limit_makes_deliveries_wait_not_vanish(tmp_path: Path, receiver: Receiver) -> None:
+    """Over the per-target rate limit deliveries stay pending and go out when the minute has passed."""
+    receiver.start()
+    clock = FakeClock()
+    h = Harness(tmp_path, settings_for(json_target(receiver), rate_limit_per_min=2), clock=clock)
+    async with anyio.create_task_group() as tg:
+        await tg.start(h.outbox.run)
+        for key in ("engine.failed:a", "engine.failed:b", "engine.failed:c"):
+            h.outbox.submit(firing(key))
+        await wait_until(lambda: h.outbox.counts()["delivered"] == 2, "two delivered within the limit")
+        await anyio.sleep(0.5)
+        assert h.outbox.counts() == {"pending": 1, "delivered": 2, "failed": 0}
+        assert len(receiver.requests) == 2
+        assert any(e["event"] == "alert.rate_limited" for e in h.log.entries)
+        clock.advance(61.0)
+        await wait_until(lambda: h.outbox.counts()["delivered"] == 3, "the third delivered after a minute")
+        tg.cancel_scope.cancel()
+    h.outbox.close()
+
+
+@pytest.mark.anyio
+async def test_max_attempts_gives_up_with_an_event(tmp_path: Path, receiver: Receiver) -> None:
+    """With max_attempts set, a webhook that never answers gets that many tries, then an alert.dropped event."""
+    h = Harness(tmp_path, settings_for(json_target(receiver), max_attempts=3))  # the receiver never starts
+    async with anyio.create_task_group() as tg:
+        await tg.start(h.outbox.run)
+        h.outbox.submit(firing("engine.failed:a"))
+        await wait_until(lambda: h.outbox.counts()["failed"] == 1, "given up")
+        tg.cancel_scope.cancel()
+    h.outbox.close()
+    [dropped] = h.kinds("alert.dropped")
+    assert dropped["reason"].startswith("gave up after 3 attempts; last error: ConnectError")
+
+
+@pytest.mark.anyio
+async def test_webhook_urls_and_secrets_never_reach_logs_events_or_disk(
+        tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    """Neither the webhook URL nor its secret appears in any log line, event, or state file."""
+    caplog.set_level(logging.DEBUG)
+    target = AlertTarget(name="hook", url=receiver.url, secret=SECRET, headers={"Authorization": "Bearer tok-123"})
+    h = Harness(tmp_path, settings_for(target))
+    async with anyio.create_task_group() as tg:
+        await tg.start(h.outbox.run)
+        h.outbox.submit(firing("engine.failed:a"))  # refused first
+        await wait_until(lambda: any(p.attempts >= 1 for p in h.outbox.pending()), "a failed attempt")
+        receiver.respond(400)
+        receiver.start()
+        await wait_until(lambda: h.outbox.counts()["failed"] == 1, "dropped on the 400")
+        h.outbox.submit(firing("engine.failed:b"))
+        await wait_until(lambda: h.outbox.counts()["delivered"] == 1, "delivered")
+        tg.cancel_scope.cancel()
+    h.outbox.close()
+    assert "HTTP Request: POST <webhook url>" in caplog.text  # httpx logged the request, redacted
+    everything = "\n".join([caplog.text, repr(h.log.entries), repr(h.events)] +
+                           [p.read_text() for p in (tmp_path / "alerts").iterdir()])
+    for secret in ("s3cr3t-path-token", SECRET, "tok-123", f"127.0.0.1:{receiver.port}"):
+        assert secret not in everything
+
+
+def test_torn_last_journal_line_is_ignored(tmp_path: Path) -> None:
+    """A half-written journal line from a power cut does not lose the alerts recorded before it."""
+    settings = settings_for(AlertTarget(name="hook", url="http://127.0.0.1:9/x"))
+    h = Harness(tmp_path, settings)
+    alert = firing("engine.failed:a")
+    assert h.outbox.submit(alert)
+    h.outbox.close()
+    with open(tmp_path / "alerts" / "outbox.jsonl", "ab") as journal:
+        journal.write(b'{"op":"delivered","id":"')
+    reopened = Harness(tmp_path, settings)
+    assert [p.alert_id for p in reopened.outbox.pending()] == [alert.id]
+    assert reopened.outbox.open_episodes().keys() == {"engine.failed:a"}
+    reopened.outbox.close()
+
+
+def test_deliveries_to_a_removed_target_are_dropped_with_an_event(tmp_path: Path) -> None:
+    """After a webhook is removed from the config, its pending deliveries are dropped visibly, not kept forever."""
+    old = settings_for(AlertTarget(name="old", url="http://127.0.0.1:9/x"),
+                       AlertTarget(name="kept", url="http://127.0.0.1:9/y"))
+    h = Harness(tmp_path, old)
+    h.outbox.submit(firing("engine.failed:a"))
+    h.outbox.close()
+    new = Harness(tmp_path, settings_for(AlertTarget(name="kept", url="http://127.0.0.1:9/y")))
+    assert [p.target for p in new.outbox.pending()] == ["kept"]
+    [dropped] = new.kinds("alert.dropped")
+    assert dropped["target"] == "old" and "no longer configured" in dropped["reason"]
+    assert new.outbox.counts() == {"pending": 1, "delivered": 0, "failed": 1}
+    new.outbox.close()
+
+
+@pytest.mark.anyio
+async def test_journal_stays_small_after_many_alerts(tmp_path: Path, receiver: Receiver) -> None:
+    """The journal is compacted as it goes: hundreds of delivered alerts leave a short file, counts kept."""
+    receiver.start()
+    settings = settings_for(json_target(receiver), rate_limit_per_min=10_000)
+    h = Harness(tmp_path, settings)
+    async with anyio.create_task_group() as tg:
+        await tg.start(h.outbox.run)
+        for i in range(150):
+            h.outbox.submit(firing(f"engine.failed:e{i}"))
+            h.outbox.submit(Alert.resolved(f"engine.failed:e{i}", "ok"))
+        await wait_until(lambda: h.outbox.counts()["delivered"] == 300, "all 300 delivered", timeout_s=60)
+        tg.cancel_scope.cancel()
+    journal = tmp_path / "alerts" / "outbox.jsonl"
+    assert len(journal.read_text().splitlines()) < 600 - 100  # 600 records appended, compacted on the way
+    h.outbox.close()
+    reopened = Harness(tmp_path, settings)
+    assert len(journal.read_text().splitlines()) == 1  # only the snapshot is left
+    assert reopened.outbox.counts() == {"pending": 0, "delivered": 300, "failed": 0}
+    assert reopened.outbox.open_episodes() == {}
+    reopened.outbox.close()
+    assert len(receiver.accepted) == 300
+
+
+def test_policy_alert_actions_are_accepted(tmp_path: Path) -> None:
+    """The daemon's Alert actions (key, severity, summary, details, resolved) are queued as alerts with their engine."""
+    from policies.actions import Alert as AlertAction
+
+    h = Harness(tmp_path, settings_for(AlertTarget(name="hook", url="http://127.0.0.1:9/x")))
+    assert h.outbox.submit_action(AlertAction(key="engine.failed:mlx", severity="critical", summary="down"))
+    assert h.outbox.submit_action(AlertAction(key="engine.failed:mlx", severity="info", summary="up",
+                                              resolved=True))
+    assert [(p.key, p.status) for p in h.outbox.pending()] == [("engine.failed:mlx", "firing"),
+                                                              ("engine.failed:mlx", "resolved")]
+    h.outbox.close()

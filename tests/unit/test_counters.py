@@ -1,0 +1,174 @@
+"""Engine counters: Prometheus /metrics of vLLM, llama-server and SGLang, oMLX /api/status, Ollama's rate, and rates between readings."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from probes.counters import (
+    fetch_counters,
+    ollama_rate,
+    parse_omlx_status,
+    parse_prometheus_counters,
+    rate_between,
+)
+from probes.errors import ProbeError, ProbeParseError, ProbeUnavailable
+from probes.readings import EngineCounters
+from tests.helpers import FIXTURES
+
+METRICS = FIXTURES / "metrics"
+
+
+def test_vllm_counters_are_summed_over_engines() -> None:
+    """vLLM's generation token counter and running requests are summed over its data-parallel engines."""
+    counters = parse_prometheus_counters((METRICS / "vllm.txt").read_text(), "vllm", at_s=4.0)
+    assert counters == EngineCounters(
+        at_s=4.0, generated_tokens_total=120345.0 + 118655.0, requests_running=5.0, tokens_per_s=None
+    )
+
+
+def test_llamacpp_counters() -> None:
+    """llama-server's tokens_predicted_total and requests_processing are read; its lifetime average is not taken as a rate."""
+    counters = parse_prometheus_counters((METRICS / "llamacpp.txt").read_text(), "llamacpp")
+    assert (counters.generated_tokens_total, counters.requests_running, counters.tokens_per_s) == (53117.0, 1.0, None)
+
+
+def test_sglang_reports_its_own_rate() -> None:
+    """SGLang's gen_throughput is the engine's own tokens/s; num_running_reqs is the running requests."""
+    counters = parse_prometheus_counters((METRICS / "sglang.txt").read_text(), "sglang")
+    assert counters.tokens_per_s == pytest.approx(187.46)
+    assert counters.requests_running == 4.0
+    assert counters.generated_tokens_total == 91234.0
+
+
+def test_wrong_kind_for_the_text_is_refused() -> None:
+    """Reading vLLM metrics as llama-server's says none of llama-server's metrics are there (wrong port or kind)."""
+    with pytest.raises(ProbeParseError, match="llamacpp:tokens_predicted_total"):
+        parse_prometheus_counters((METRICS / "vllm.txt").read_text(), "llamacpp")
+
+
+def test_html_is_not_prometheus() -> None:
+    """An HTML error page on /metrics is refused, quoting its first line."""
+    with pytest.raises(ProbeParseError, match="not Prometheus text.*<html>"):
+        parse_prometheus_counters("<html><body>Bad Gateway</body></html>\n", "vllm")
+
+
+def test_unknown_kind_lists_the_valid_ones() -> None:
+    """An unknown engine kind is a ValueError listing the kinds that have counters."""
+    with pytest.raises(ValueError, match="valid: vllm, llamacpp, sglang"):
+        parse_prometheus_counters("", "ollama")
+
+
+def test_omlx_status() -> None:
+    """oMLX's status gives its lifetime average rate, the cumulative completion tokens and active requests."""
+    counters = parse_omlx_status(json.loads((METRICS / "omlx-status.json").read_text()), at_s=2.0)
+    assert counters == EngineCounters(at_s=2.0, generated_tokens_total=92500.0, requests_running=1.0, tokens_per_s=22.1)
+
+
+def test_omlx_stats_shape_with_nested_active_requests() -> None:
+    """The /api/stats shape (active requests under active_models) is understood too."""
+    counters = parse_omlx_status({"avg_generation_tps": 35.5, "active_models": {"total_active_requests": 2}})
+    assert (counters.tokens_per_s, counters.requests_running, counters.generated_tokens_total) == (35.5, 2.0, None)
+
+
+@pytest.mark.parametrize("payload", [[], "ok", {"status": "ok"}, {"avg_generation_tps": "fast"}])
+def test_omlx_status_without_numbers_is_refused(payload: object) -> None:
+    """An oMLX answer without a rate or token total is refused, naming the fields that were expected."""
+    with pytest.raises(ProbeParseError, match="avg_generation_tps"):
+        parse_omlx_status(payload)
+
+
+def test_ollama_rate_from_the_final_stream_line() -> None:
+    """Ollama's eval_count over eval_duration (ns) gives tokens/s: 16 tokens in 0.25 s is 64 tok/s."""
+    final = json.loads((METRICS / "ollama-generate-final.json").read_text())
+    assert ollama_rate(final["eval_count"], final["eval_duration"]) == pytest.approx(16 / 0.250012)
+    assert ollama_rate(16, 0) is None
+    assert ollama_rate(None, 10) is None
+    assert ollama_rate(0, 10) is None
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        (EngineCounters(10.0, 1000.0), EngineCounters(12.0, 1100.0), 50.0),
+        (EngineCounters(10.0, 1000.0), EngineCounters(12.0, 1000.0), 0.0),  # idle engine: 0 tok/s
+        (EngineCounters(10.0, 1000.0), EngineCounters(12.0, 40.0), None),  # engine restarted: counter reset
+        (EngineCounters(10.0, 1000.0), EngineCounters(10.0, 1100.0), None),  # no time passed
+        (EngineCounters(12.0, 1000.0), EngineCounters(10.0, 1100.0), None),  # out of order
+        (EngineCounters(10.0, None), EngineCounters(12.0, 1100.0), None),
+    ],
+)
+def test_rate_between_two_cumulative_readings(a: EngineCounters, b: EngineCounters, expected: float | None) -> None:
+    """The rate is the counter's growth over the time between readings; a reset or bad order gives no rate."""
+    assert rate_between(a, b) == expected
+
+
+class _Handler(BaseHTTPRequestHandler):
+    routes: dict[str, tuple[int, str, str]] = {}
+
+    def do_GET(self) -> None:  # noqa: N802
+        status, content_type, body = self.routes.get(self.path, (404, "text/plain", "Not Found"))
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint() -> Iterator[tuple[str, dict]]:
+    """A real HTTP server on 127.0.0.1 answering the routes a test sets."""
+    routes: dict[str, tuple[int, str, str]] = {}
+    handler = type("Handler", (_Handler,), {"routes": routes})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", routes
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.anyio
+async def test_fetch_counters_over_http(endpoint) -> None:
+    """Counters are fetched from /metrics (vLLM) and /api/status (oMLX) over real HTTP."""
+    base_url, routes = endpoint
+    routes["/metrics"] = (200, "text/plain; version=0.0.4", (METRICS / "vllm.txt").read_text())
+    routes["/api/status"] = (200, "application/json", (METRICS / "omlx-status.json").read_text())
+    async with httpx.AsyncClient() as client:
+        vllm = await fetch_counters(client, base_url + "/", "vllm", at_s=1.5)
+        omlx = await fetch_counters(client, base_url, "omlx", at_s=2.5)
+    assert (vllm.at_s, vllm.generated_tokens_total) == (1.5, 239000.0)
+    assert (omlx.at_s, omlx.tokens_per_s) == (2.5, 22.1)
+
+
+@pytest.mark.anyio
+async def test_llamacpp_without_metrics_flag_says_how_to_enable_it(endpoint) -> None:
+    """A llama-server started without --metrics answers 404/501; the probe says it is unavailable and how to fix it."""
+    base_url, routes = endpoint
+    routes["/metrics"] = (501, "application/json", '{"error":{"code":501,"message":"This server does not support metrics endpoint."}}')
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(ProbeUnavailable, match="--metrics"):
+            await fetch_counters(client, base_url, "llamacpp", at_s=0.0)
+
+
+@pytest.mark.anyio
+async def test_fetch_errors_are_probe_errors(endpoint) -> None:
+    """A server error or a refused connection becomes a ProbeError naming the URL."""
+    base_url, routes = endpoint
+    routes["/metrics"] = (503, "text/plain", "engine dead")
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(ProbeError, match="HTTP 503: engine dead"):
+            await fetch_counters(client, base_url, "sglang", at_s=0.0)
+        with pytest.raises(ProbeError, match="127.0.0.1:1/metrics"):
+            await fetch_counters(client, "http://127.0.0.1:1", "vllm", at_s=0.0)

@@ -1,0 +1,178 @@
+"""Degraded and hung classification from readings."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies.health import (
+    HealthSettings,
+    ThroughputBaseline,
+    ThroughputTracker,
+    assess_degraded,
+    assess_hung,
+    degraded_alert,
+    learn_baseline,
+    rolling_rate,
+)
+from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
+
+S = HealthSettings()
+
+
+def samples(rates_per_window: list[float | None], now_s: float = 1000.0, per_window: int = 3,
+            window_s: float = 30.0) -> list[ThroughputSample]:
+    """Samples for consecutive windows ending at now_s; the last rate is the newest window."""
+    out = []
+    n = len(rates_per_window)
+    for i, rate in enumerate(rates_per_window):
+        if rate is None:
+            continue
+        end = now_s - (n - 1 - i) * window_s
+        for j in range(per_window):
+            out.append(ThroughputSample(at_s=end - 1 - j * 5, tokens_per_s=rate, source="canary", tokens=16))
+    return out
+
+
+def test_rolling_rate_weights_by_tokens() -> None:
+    """A long stream counts more than a short canary in the window's rate."""
+    window = [
+        ThroughputSample(10.0, 20.0, "gateway", tokens=900),
+        ThroughputSample(11.0, 10.0, "canary", tokens=100),
+    ]
+    assert rolling_rate(window, 0.0, 30.0) == pytest.approx(19.0)
+    assert rolling_rate(window, 11.0, 30.0) is None
+
+
+@pytest.mark.parametrize(
+    ("rates", "degraded", "windows_below"),
+    [
+        ([25, 25, 25], False, 0),
+        ([10, 10, 10], True, 3),  # 25 -> 10 tok/s: the pre-hang slowdown
+        ([25, 10, 10], False, 2),  # only two windows so far
+        ([10, None, 10], False, 1),  # an empty window breaks the streak
+        ([10, 10, 12.5], False, 0),  # exactly at 50 %: not below
+        ([10, 10, 10, 30], False, 0),  # back above: recovered
+    ],
+)
+def test_degraded_after_n_windows_below_half_the_baseline(rates: list[float | None], degraded: bool,
+                                                          windows_below: int) -> None:
+    """Degraded needs three consecutive 30 s windows below half the baseline."""
+    result = assess_degraded(samples(rates), 25.0, S, 1000.0)
+    assert result.degraded is degraded
+    assert result.windows_below == windows_below
+
+
+def test_no_baseline_means_no_verdict() -> None:
+    """Without a learned baseline the engine is never called degraded."""
+    result = assess_degraded(samples([1, 1, 1]), None, S, 1000.0)
+    assert not result.degraded and "no throughput baseline" in result.reason
+
+
+def test_degraded_alert_opens_and_resolves() -> None:
+    """The degraded alert opens with the numbers and is resolved when the rate is back."""
+    bad = assess_degraded(samples([10, 10, 10]), 25.0, S, 1000.0)
+    alert = degraded_alert("mlx", bad, was_degraded=False)
+    assert alert is not None and alert.key == "engine.degraded:mlx" and not alert.resolved
+    assert "10.0 tok/s" in alert.summary and "25.0 tok/s" in alert.summary
+    good = assess_degraded(samples([10, 10, 10, 24]), 25.0, S, 1000.0)
+    resolved = degraded_alert("mlx", good, was_degraded=True)
+    assert resolved is not None and resolved.resolved
+    assert degraded_alert("mlx", good, was_degraded=False) is None
+
+
+def test_baseline_is_a_high_percentile_of_healthy_windows() -> None:
+    """The baseline learns what the model can do and is not dragged down by a slow decline."""
+    baseline = ThroughputBaseline()
+    now = 0.0
+    history: list[ThroughputSample] = []
+    for rate in [20, 24, 25, 25, 26, 22, 25, 18, 15, 14]:
+        now += 30
+        history.append(ThroughputSample(now - 1, float(rate), "canary", tokens=16))
+        baseline = learn_baseline(baseline, history, S, now)
+    value = baseline.tokens_per_s(S)
+    assert value is not None and 24.0 <= value <= 26.0
+    # A window far below half the baseline is not learned.
+    now += 30
+    history.append(ThroughputSample(now - 1, 5.0, "canary", tokens=16))
+    before = len(baseline.window_rates)
+    baseline = learn_baseline(baseline, history, S, now)
+    assert len(baseline.window_rates) == before
+
+
+def test_baseline_needs_enough_windows_and_skips_unhealthy() -> None:
+    """No baseline before five windows; windows while unhealthy are not learned."""
+    baseline = ThroughputBaseline()
+    history = [ThroughputSample(29.0, 25.0, "canary", tokens=16)]
+    baseline = learn_baseline(baseline, history, S, 30.0)
+    assert baseline.tokens_per_s(S) is None and baseline.window_rates == (25.0,)
+    assert learn_baseline(baseline, history, S, 40.0) == baseline  # less than a window later
+    history.append(ThroughputSample(59.0, 25.0, "canary", tokens=16))
+    assert learn_baseline(baseline, history, S, 60.0, healthy=False).window_rates == (25.0,)
+
+
+def test_baseline_from_an_earlier_boot_keeps_its_rates() -> None:
+    """A persisted baseline survives a reboot: its rates stay, its stale clock mark is dropped."""
+    baseline = ThroughputBaseline(window_rates=(25.0,) * 6, last_window_end_s=90_000.0)
+    history = [ThroughputSample(29.0, 24.0, "canary", tokens=16)]
+    after = learn_baseline(baseline, history, S, 30.0)
+    assert len(after.window_rates) == 7 and after.last_window_end_s == 30.0
+
+
+def test_tracker_keeps_only_what_the_windows_need() -> None:
+    """The tracker prunes samples older than the degraded windows need."""
+    tracker = ThroughputTracker()
+    for t in range(0, 400, 10):
+        tracker = tracker.add(ThroughputSample(float(t), 20.0, "metrics"), S)
+    assert min(s.at_s for s in tracker.samples) > 390 - 30 * 4
+    assert tracker.rate(395.0, S) == pytest.approx(20.0)
+
+
+TREE = ProcessTreeReading(at_s=100.0, root_pid=42, pids=(42, 43), rss_bytes=10**9)
+
+
+def counters(points: list[tuple[float, float, float]]) -> list[EngineCounters]:
+    return [EngineCounters(at_s=t, generated_tokens_total=total, requests_running=running)
+            for t, total, running in points]
+
+
+@pytest.mark.parametrize(
+    ("canary", "tree", "history", "reason"),
+    [
+        (None, TREE, [], None),
+        (CanaryReading(at_s=95.0, ok=True, ttft_s=0.2), TREE, [], None),
+        (CanaryReading(at_s=95.0, ok=False, stalled=True, duration_s=10.0, error="no token"), TREE, [],
+         "canary got no token within 10s"),
+        (None, ProcessTreeReading(100.0, 42, (42,), 10**9, stopped=True), [], "process stopped (SIGSTOP)"),
+        (None, ProcessTreeReading(100.0, 42, (42,), 0, zombie=True), [], "zombie"),
+        (None, TREE, counters([(60, 500, 2), (70, 500, 2), (90, 500, 2), (100, 500, 2)]),
+         "engine reports 2 running requests but no tokens for 40s"),
+        (None, TREE, counters([(60, 500, 2), (80, 510, 2), (100, 510, 2)]), None),  # tokens moved
+        (None, TREE, counters([(60, 500, 2), (80, 500, 0), (100, 500, 2)]), None),  # idle in between
+        (None, TREE, counters([(60, 500, 0), (100, 500, 0)]), None),  # idle, no requests
+        (None, TREE, counters([(80, 500, 2), (100, 500, 2)]), None),  # history shorter than stall_s
+    ],
+)
+def test_hung_classification(canary: CanaryReading | None, tree: ProcessTreeReading,
+                             history: list[EngineCounters], reason: str | None) -> None:
+    """A hang is named by its evidence: stalled canary, SIGSTOP, zombie, or stuck counters."""
+    result = assess_hung(canary, tree, history, stall_s=30.0, now_s=100.0)
+    if reason is None:
+        assert not result.hung, result.reason
+    else:
+        assert result.hung and result.reason is not None and reason in result.reason
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"window_s": 0}, "window_s must be > 0"),
+        ({"degraded_share": 1.5}, "degraded_share must be between 0 and 1"),
+        ({"degraded_windows": 0}, "degraded_windows must be an integer >= 1"),
+        ({"baseline_percentile": 0}, "baseline_percentile must be in"),
+        ({"baseline_min_windows": 500}, "baseline_min_windows must be >= 1"),
+    ],
+)
+def test_invalid_health_settings(kwargs: dict[str, float], needle: str) -> None:
+    """Nonsense detection settings are rejected with what is valid."""
+    with pytest.raises(ValueError, match=needle):
+        HealthSettings(**kwargs)  # type: ignore[arg-type]

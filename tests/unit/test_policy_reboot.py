@@ -1,0 +1,225 @@
+"""Reboot escalation: opt-in, announced, cancellable, rate-limited by a wall-clock ledger; XIDs."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies.actions import Alert, EscalateReboot, RunReboot, Stop, WaitUntil
+from policies.reboot import (
+    RebootLedger,
+    RebootSettings,
+    RebootState,
+    cancel,
+    decide_reboot,
+    decide_xid,
+    in_cooldown,
+    ledger_from_record,
+    ledger_to_record,
+    record_reboot,
+    state_from_record,
+    state_to_record,
+    verify_after_reboot,
+)
+
+GB = 10**9
+ON = RebootSettings(enabled=True)
+OFF = RebootSettings()
+WALL = 1_800_000_000.0
+
+
+def kinds(actions: tuple[object, ...]) -> list[str]:
+    return [type(a).__name__ for a in actions]
+
+
+def test_disabled_only_alerts() -> None:
+    """With escalation off (the default), persisting stranded memory gives an alert, never a reboot."""
+    state, actions = decide_reboot(RebootState(), RebootLedger(), OFF, True, 100.0, WALL)
+    assert state.phase == "required"
+    assert kinds(actions) == ["Alert"]
+    alert = actions[0]
+    assert isinstance(alert, Alert) and "reboot.enabled = false" in alert.summary
+    for t in (400.0, 10_000.0, 100_000.0):
+        state, actions = decide_reboot(state, RebootLedger(), OFF, True, t, WALL + t)
+        assert not any(isinstance(a, (RunReboot, EscalateReboot)) for a in actions)
+
+
+def test_enabled_announces_then_reboots_after_the_grace() -> None:
+    """Enabled: announce (alert + EscalateReboot), wait the grace, then run the argv."""
+    state, actions = decide_reboot(RebootState(), RebootLedger(), ON, True, 100.0, WALL)
+    assert state.phase == "announced" and state.execute_at_s == 400.0
+    assert kinds(actions) == ["Alert", "EscalateReboot"]
+    assert "llmctl reboot cancel" in actions[0].summary  # type: ignore[union-attr]
+    assert actions[1] == EscalateReboot(400.0, "wired memory stranded")
+
+    state, actions = decide_reboot(state, RebootLedger(), ON, True, 399.0, WALL + 299)
+    assert state.phase == "announced" and actions == (WaitUntil(400.0, "reboot announced: wired memory stranded"),)
+
+    state, actions = decide_reboot(state, RebootLedger(), ON, True, 400.0, WALL + 300)
+    assert state.phase == "executed"
+    assert actions == (RunReboot(("sudo", "shutdown", "-r", "now"), "wired memory stranded"),)
+
+    state, actions = decide_reboot(state, RebootLedger(), ON, True, 401.0, WALL + 301)
+    assert actions == ()  # never a second RunReboot in the same episode
+
+
+def test_cancel_stops_the_reboot_for_the_episode() -> None:
+    """After `llmctl reboot cancel` no reboot runs while the condition lasts; only an alert."""
+    state, _ = decide_reboot(RebootState(), RebootLedger(), ON, True, 100.0, WALL)
+    state = cancel(state)
+    assert state.phase == "cancelled"
+    for t in (400.0, 5000.0, 50_000.0):
+        state, actions = decide_reboot(state, RebootLedger(), ON, True, t, WALL + t)
+        assert not any(isinstance(a, (RunReboot, EscalateReboot)) for a in actions)
+        assert any(isinstance(a, Alert) and a.key == "reboot.required" and not a.resolved for a in actions)
+
+
+def test_a_new_episode_after_a_cancel_can_announce_again() -> None:
+    """Once the condition clears, a later episode is announced again."""
+    state, _ = decide_reboot(RebootState(), RebootLedger(), ON, True, 100.0, WALL)
+    state = cancel(state)
+    state, actions = decide_reboot(state, RebootLedger(), ON, False, 200.0, WALL + 100)
+    assert state.phase == "idle" and all(isinstance(a, Alert) and a.resolved for a in actions)
+    state, actions = decide_reboot(state, RebootLedger(), ON, True, 300.0, WALL + 200)
+    assert state.phase == "announced"
+
+
+def test_cancel_with_nothing_announced_changes_nothing() -> None:
+    """Cancelling when idle (or after the reboot ran) leaves the state as it is."""
+    assert cancel(RebootState()) == RebootState()
+    executed = RebootState("executed", 1.0, 2.0, "x")
+    assert cancel(executed) == executed
+
+
+def test_condition_clearing_calls_off_an_announced_reboot() -> None:
+    """If the memory comes back during the grace, the reboot is called off with a resolved alert."""
+    state, _ = decide_reboot(RebootState(), RebootLedger(), ON, True, 100.0, WALL)
+    state, actions = decide_reboot(state, RebootLedger(), ON, False, 200.0, WALL + 100)
+    assert state.phase == "idle"
+    assert len(actions) == 1 and isinstance(actions[0], Alert)
+    assert actions[0].key == "reboot.announced" and actions[0].resolved
+
+
+@pytest.mark.parametrize(
+    ("last_reboot_ago_s", "reboots"),
+    [
+        (3600.0, False),  # 1 h ago, cooldown 6 h
+        (21599.0, False),
+        (21600.0, True),
+        (-60.0, False),  # ledger ahead of the wall clock (clock stepped back): stay safe
+    ],
+)
+def test_at_most_one_reboot_per_cooldown(last_reboot_ago_s: float, reboots: bool) -> None:
+    """Inside the cooldown after the last reboot only an alert is raised."""
+    ledger = record_reboot(RebootLedger(), WALL - last_reboot_ago_s)
+    state, actions = decide_reboot(RebootState(), ledger, ON, True, 100.0, WALL)
+    assert (state.phase == "announced") is reboots
+    if not reboots:
+        assert kinds(actions) == ["Alert"] and "cooldown" in actions[0].summary  # type: ignore[union-attr]
+
+
+def test_cooldown_is_rechecked_when_the_grace_ends() -> None:
+    """A reboot recorded during the grace (another path) blocks the announced one."""
+    state, _ = decide_reboot(RebootState(), RebootLedger(), ON, True, 100.0, WALL)
+    ledger = record_reboot(RebootLedger(), WALL + 10)
+    state, actions = decide_reboot(state, ledger, ON, True, 400.0, WALL + 300)
+    assert not any(isinstance(a, RunReboot) for a in actions)
+    assert state.phase == "required"
+
+
+def test_ledger_uses_wall_time_across_the_reboot() -> None:
+    """The ledger survives a reboot: monotonic time restarts near 0, the wall-clock cooldown still holds."""
+    ledger = ledger_from_record(ledger_to_record(record_reboot(RebootLedger(), WALL)))
+    # After the reboot: monotonic now_s is small again, wall time moved on 10 minutes.
+    state, actions = decide_reboot(RebootState(), ledger, ON, True, 5.0, WALL + 600)
+    assert state.phase == "required"
+    assert in_cooldown(ledger, ON, WALL + 600) and not in_cooldown(ledger, ON, WALL + 21600)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"argv": "sudo shutdown -r now"}, "not a shell string"),
+        ({"argv": ()}, "non-empty list"),
+        ({"argv": ("sudo", "")}, "non-empty list of non-empty strings"),
+        ({"argv": ("sudo", 5)}, "non-empty list of non-empty strings"),
+        ({"grace_s": 5}, "llmctl reboot cancel"),
+        ({"cooldown_s": 60}, "reboot loop"),
+        ({"enabled": "yes"}, "true or false"),
+    ],
+)
+def test_invalid_reboot_settings(kwargs: dict[str, object], needle: str) -> None:
+    """A shell-string argv, a tiny grace or cooldown are rejected with the reason."""
+    with pytest.raises(ValueError, match=needle):
+        RebootSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_argv_list_is_kept_as_a_tuple() -> None:
+    """A list argv from TOML becomes an immutable tuple carried unchanged to RunReboot."""
+    assert RebootSettings(argv=["/sbin/reboot"]).argv == ("/sbin/reboot",)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("xid", [48, 62, 64, 95, 119, 120])
+def test_reset_class_xid_stops_engines_and_alerts(xid: int) -> None:
+    """A reset-class XID stops the engines on that GPU and alerts 'GPU reset required'."""
+    state, actions = decide_xid(xid, 1, ["vllm"], RebootState(), RebootLedger(), ON, 10.0, WALL)
+    assert state == RebootState()
+    assert isinstance(actions[0], Stop) and actions[0].engine == "vllm"
+    alert = actions[-1]
+    assert isinstance(alert, Alert) and alert.key == "gpu.reset_required:1"
+    assert "GPU reset required" in alert.summary and f"XID {xid}" in alert.summary
+    assert not any(isinstance(a, (EscalateReboot, RunReboot)) for a in actions)
+
+
+def test_xid_79_takes_the_reboot_path() -> None:
+    """XID 79 (fallen off the bus) stops the engines and announces a reboot when enabled."""
+    state, actions = decide_xid(79, 0, ["vllm"], RebootState(), RebootLedger(), ON, 10.0, WALL)
+    assert state.phase == "announced" and "XID 79" in (state.reason or "")
+    assert kinds(actions) == ["Stop", "Alert", "Alert", "EscalateReboot"]
+    state, actions = decide_xid(79, 0, ["vllm"], RebootState(), RebootLedger(), OFF, 10.0, WALL)
+    assert state.phase == "required" and not any(isinstance(a, EscalateReboot) for a in actions)
+
+
+def test_application_xids_are_left_alone() -> None:
+    """An application XID (13) does nothing here; the engine's own crash handling applies."""
+    assert decide_xid(13, 0, ["vllm"], RebootState(), RebootLedger(), ON, 10.0, WALL) == (RebootState(), ())
+
+
+@pytest.mark.parametrize(
+    ("boot_offset_s", "wired", "rebooted", "memory_back", "alert_key", "resolved"),
+    [
+        (120.0, 7 * GB, True, True, "memory.stranded", True),
+        (120.0, 200 * GB, True, False, "reboot.did_not_free", False),
+        (-3600.0, 260 * GB, False, False, "reboot.not_happened", False),
+    ],
+)
+def test_verify_after_reboot(boot_offset_s: float, wired: int, rebooted: bool, memory_back: bool,
+                             alert_key: str, resolved: bool) -> None:
+    """After the reboot the daemon says whether it happened and whether the memory came back."""
+    ledger = record_reboot(RebootLedger(), WALL)
+    result = verify_after_reboot(ledger, WALL + boot_offset_s, 6 * GB, wired, 32 * GB)
+    assert (result.rebooted, result.memory_back) == (rebooted, memory_back)
+    assert result.alert is not None and result.alert.key == alert_key and result.alert.resolved is resolved
+
+
+def test_verify_without_a_recorded_reboot_says_nothing() -> None:
+    """With no reboot in the ledger there is nothing to verify."""
+    result = verify_after_reboot(RebootLedger(), WALL, 6 * GB, 7 * GB, 32 * GB)
+    assert result.alert is None and result.rebooted is False
+
+
+def test_state_round_trips_and_bad_records_are_named() -> None:
+    """The persisted reboot state restores exactly; a bad phase names the valid ones."""
+    state = RebootState("announced", 10.0, 310.0, "wired memory stranded")
+    assert state_from_record(state_to_record(state)) == state
+    with pytest.raises(ValueError, match="phase must be one of idle"):
+        state_from_record({"phase": "rebooting"})
+    with pytest.raises(ValueError, match="list of Unix timestamps"):
+        ledger_from_record("yesterday")
+
+
+def test_no_verdict_changes_nothing() -> None:
+    """Inside the reclaim window after an exit (no verdict) a pending reboot neither runs nor is called off."""
+    state, _ = decide_reboot(RebootState(), RebootLedger(), ON, True, 100.0, WALL)
+    assert decide_reboot(state, RebootLedger(), ON, None, 500.0, WALL + 400) == (state, ())
+    cancelled = cancel(state)
+    assert decide_reboot(cancelled, RebootLedger(), ON, None, 500.0, WALL + 400) == (cancelled, ())
