@@ -117,8 +117,12 @@ async def one_stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> St
 STAGGER_S = 0.015
 
 
-async def round_of(client: httpx.AsyncClient, url: str, streams: int, max_tokens: int,
-                   ) -> tuple[list[StreamResult], float]:
+async def round_of(
+    client: httpx.AsyncClient,
+    url: str,
+    streams: int,
+    max_tokens: int,
+) -> tuple[list[StreamResult], float]:
     async def staggered(i: int) -> StreamResult:
         await asyncio.sleep(i * STAGGER_S)
         return await one_stream(client, url, max_tokens)
@@ -133,19 +137,31 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-async def measure(direct: str, gateway: str, *, streams: int, rounds: int, max_tokens: int,
-                  ) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, list]] = {m: {"ttfb": [], "ttft": [], "rate": [], "tokens": [], "wall": []}
-                                       for m in ("direct", "gateway")}
+def cpu_s(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+async def measure(
+    direct: str, gateway: str, gateway_pid: int, *, streams: int, rounds: int, max_tokens: int
+) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, list]] = {
+        m: {"ttfb": [], "ttft": [], "rate": [], "tokens": [], "wall": [], "cpu": []}
+        for m in ("direct", "gateway")
+    }
     limits = httpx.Limits(max_connections=streams * 2, max_keepalive_connections=streams * 2)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        for mode, url in (("direct", direct), ("gateway", gateway)):  # warm both paths
+        for url in (direct, gateway):  # warm both paths
             await round_of(client, url, streams, 8)
         for i in range(rounds):
             order = (("direct", direct), ("gateway", gateway))
             for mode, url in order if i % 2 == 0 else reversed(order):
+                cpu_before_s = cpu_s(gateway_pid)
                 results, wall_s = await round_of(client, url, streams, max_tokens)
                 o = out[mode]
+                o["cpu"].append(cpu_s(gateway_pid) - cpu_before_s)
                 o["ttfb"] += [r.ttfb_s for r in results]
                 o["ttft"] += [r.ttft_s for r in results]
                 o["tokens"].append(sum(r.tokens for r in results))
@@ -161,6 +177,8 @@ async def measure(direct: str, gateway: str, *, streams: int, rounds: int, max_t
             "tokens_per_s": sum(o["tokens"]) / sum(o["wall"]),
             "stream_tokens_per_s_p50": statistics.median(o["rate"]),
             "samples": len(o["ttfb"]),
+            "gateway_cpu_us_per_token": sum(o["cpu"]) / sum(o["tokens"]) * 1e6,
+            "gateway_cpu_cores": sum(o["cpu"]) / sum(o["wall"]),
         }
     return summary
 
@@ -176,9 +194,11 @@ def machine_info() -> str:
         pass
     from importlib.metadata import version
 
-    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}, mlx-lm {version('mlx-lm')}, uvicorn {version('uvicorn')}, "
-            f"httpx {version('httpx')}")
+    return (
+        f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, mlx-lm {version('mlx-lm')}, uvicorn {version('uvicorn')}, "
+        f"httpx {version('httpx')}"
+    )
 
 
 def render(results: dict[int, dict[str, dict[str, float]]], args: argparse.Namespace) -> str:
@@ -194,6 +214,7 @@ def render(results: dict[int, dict[str, dict[str, float]]], args: argparse.Names
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     verdicts = []
+    costs = []
     for streams, s in results.items():
         d, g = s["direct"], s["gateway"]
         added50 = g["ttfb_p50_ms"] - d["ttfb_p50_ms"]
@@ -202,19 +223,37 @@ def render(results: dict[int, dict[str, dict[str, float]]], args: argparse.Names
         lines.append(
             f"| {streams} | {d['ttfb_p50_ms']:.2f} ms | {g['ttfb_p50_ms']:.2f} ms | {added50:+.2f} ms | "
             f"{d['ttfb_p95_ms']:.2f} ms | {g['ttfb_p95_ms']:.2f} ms | {added95:+.2f} ms | "
-            f"{d['tokens_per_s']:.0f} | {g['tokens_per_s']:.0f} | {ratio:.3f} |")
+            f"{d['tokens_per_s']:.0f} | {g['tokens_per_s']:.0f} | {ratio:.3f} |"
+        )
+        costs.append(
+            f"| {streams} | {g['gateway_cpu_us_per_token']:.0f} µs | {g['gateway_cpu_cores']:.2f} |"
+        )
         ok50 = added50 <= TARGET_ADDED_TTFB_P50_MS
         okr = ratio >= TARGET_RATE_RATIO
         verdicts.append(
             f"- {streams} stream(s): added TTFB p50 {added50:+.2f} ms (target ≤ {TARGET_ADDED_TTFB_P50_MS} ms: "
             f"{'met' if ok50 else 'MISSED'}), tokens/s ratio {ratio:.3f} (target ≥ {TARGET_RATE_RATIO}: "
-            f"{'met' if okr else 'MISSED'}); {d['samples']} streams per side.")
-    lines += ["", *verdicts, "",
-              f"Rounds: {args.rounds_1} × 1 stream and {args.rounds_32} × 32 streams per side, "
-              f"max_tokens {args.max_tokens}; the 32 streams of a round start {STAGGER_S * 1e3:.0f} ms apart "
-              "(mlx_lm.server's listen backlog of 5 drops bursts of direct connections).",
-              f"Machine: {machine_info()}. The engine, the gateway and the load generator share these CPUs.",
-              "", "Reproduce: `.venv/bin/python bench/gateway_bench.py`", ""]
+            f"{'met' if okr else 'MISSED'}); {d['samples']} streams per side."
+        )
+    lines += [
+        "",
+        "What the gateway process itself spent (CPU time, independent of the machine's load):",
+        "",
+        "| streams | gateway CPU per token | gateway CPU (cores) while streaming |",
+        "|---:|---:|---:|",
+        *costs,
+        "",
+        *verdicts,
+        "",
+        f"Rounds: {args.rounds_1} × 1 stream and {args.rounds_32} × 32 streams per side, "
+        f"max_tokens {args.max_tokens}; the 32 streams of a round start {STAGGER_S * 1e3:.0f} ms apart "
+        "(mlx_lm.server's listen backlog of 5 drops bursts of direct connections).",
+        f"Machine: {machine_info()}. The engine, the gateway and the load generator share these CPUs;",
+        f"load average (1 min) {args.load_before:.2f} before and {args.load_after:.2f} after the run.",
+        "",
+        "Reproduce: `.venv/bin/python bench/gateway_bench.py`",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -222,7 +261,9 @@ def write_section(text: str, path: Path) -> None:
     section = f"{START}\n{text}\n{END}"
     current = path.read_text() if path.exists() else "# Benchmarks\n"
     if START in current and END in current:
-        current = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, current, flags=re.S)
+        current = re.sub(
+            re.escape(START) + r".*?" + re.escape(END), lambda _: section, current, flags=re.S
+        )
     else:
         current = current.rstrip("\n") + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +274,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="gateway overhead: direct vs through the gateway")
     parser.add_argument("--serve-gateway", metavar="UPSTREAM_URL", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds; print, do not write docs")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer rounds; print, do not write docs"
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds-1", type=int, default=100)
     parser.add_argument("--rounds-32", type=int, default=8)
@@ -249,15 +292,27 @@ def main() -> None:
 
     engine = MlxServer(tiny_model_dir())
     port = free_port()
-    gateway = subprocess.Popen([sys.executable, __file__, "--serve-gateway", engine.base_url,
-                                "--port", str(port)], start_new_session=True)
+    gateway = subprocess.Popen(
+        [sys.executable, __file__, "--serve-gateway", engine.base_url, "--port", str(port)],
+        start_new_session=True,
+    )
     try:
         gateway_url = f"http://127.0.0.1:{port}"
         wait_http(gateway_url + "/gateway/status", timeout_s=30)
+        args.load_before = os.getloadavg()[0]
         results = {}
         for streams, rounds in ((1, args.rounds_1), (32, args.rounds_32)):
-            results[streams] = asyncio.run(measure(engine.base_url, gateway_url, streams=streams,
-                                                   rounds=rounds, max_tokens=args.max_tokens))
+            results[streams] = asyncio.run(
+                measure(
+                    engine.base_url,
+                    gateway_url,
+                    gateway.pid,
+                    streams=streams,
+                    rounds=rounds,
+                    max_tokens=args.max_tokens,
+                )
+            )
+        args.load_after = os.getloadavg()[0]
     finally:
         gateway.terminate()
         gateway.wait(15)

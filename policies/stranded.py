@@ -6,8 +6,11 @@ only a reboot freed it, while every relaunch went out of memory at once. The dae
 - a **baseline**: wired bytes measured while no engine is resident and the system has settled
   (no exit within the reclaim window), the minimum of recent idle samples. Within one boot it only
   ever goes *down*: an idle sample taken while memory is stranded is high, and must not teach the
-  baseline that stranded memory is normal. A new boot (``boot_id`` changes) starts a new baseline,
-  since a reboot is exactly what frees stranded memory. The caller persists ``BaselineState``.
+  baseline that stranded memory is normal. A new boot (``boot_id`` changes) learns a new
+  baseline, since a reboot is exactly what frees stranded memory; until it has enough idle
+  samples of its own, the previous boot's baseline stands in (provisional), so that a daemon that
+  starts its engine right after boot is not blind to stranded memory for the whole boot. The
+  caller persists ``BaselineState``.
 - an **assessment**: ``wired - baseline - wired memory the live engines account for``, reported
   as 0 within ``reclaim_window_s`` after an exit (a graceful exit frees its memory in seconds,
   not at once), and above ``threshold_bytes`` a critical alert "reboot required" (resolved once
@@ -64,6 +67,7 @@ class BaselineState:
     boot_id: str | None = None
     baseline_wired_bytes: int | None = None
     recent_idle_wired_bytes: tuple[int, ...] = ()
+    provisional: bool = False  # the baseline is the previous boot's, until this boot learns its own
 
 
 def is_settled(engine_resident: bool, last_exit_at_s: float | None, now_s: float, settings: StrandedSettings) -> bool:
@@ -85,20 +89,25 @@ def update_baseline(
 ) -> BaselineState:
     """Feed one wired-memory sample; the baseline changes only on settled idle samples.
 
-    The first baseline of a boot needs ``baseline_min_samples`` settled idle samples; after that
-    it is ``min(baseline, min(recent idle samples))``.
+    The first baseline of a boot needs ``baseline_min_samples`` settled idle samples (until then
+    the previous boot's stands in); after that it is ``min(baseline, min(recent idle samples))``.
     """
     require(wired_bytes >= 0, f"wired_bytes must be >= 0, got {wired_bytes!r}")
     if state.boot_id != boot_id:
-        state = BaselineState(boot_id=boot_id)
+        state = BaselineState(
+            boot_id=boot_id,
+            baseline_wired_bytes=state.baseline_wired_bytes,
+            provisional=state.baseline_wired_bytes is not None,
+        )
     if not is_settled(engine_resident, last_exit_at_s, now_s, settings):
         return state
     recent = (*state.recent_idle_wired_bytes, wired_bytes)[-settings.baseline_recent_samples :]
-    if len(recent) < settings.baseline_min_samples and state.baseline_wired_bytes is None:
+    own = state.baseline_wired_bytes is not None and not state.provisional
+    if not own and len(recent) < settings.baseline_min_samples:
         return replace(state, recent_idle_wired_bytes=recent)
     low = min(recent)
-    baseline = low if state.baseline_wired_bytes is None else min(state.baseline_wired_bytes, low)
-    return replace(state, baseline_wired_bytes=baseline, recent_idle_wired_bytes=recent)
+    baseline = min(state.baseline_wired_bytes, low) if own else low  # type: ignore[type-var]
+    return replace(state, baseline_wired_bytes=baseline, recent_idle_wired_bytes=recent, provisional=False)
 
 
 @dataclass(frozen=True, slots=True)

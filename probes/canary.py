@@ -70,7 +70,8 @@ class _Progress:
     tokens: int = 0
     usage_tokens: int | None = None
     error: str | None = None
-    done: bool = False
+    done: bool = False  # the stream is over ([DONE], Ollama's done:true)
+    finished: bool = False  # the generation reported its end (finish_reason, usage)
     rate_tokens_per_s: float | None = None  # an engine-reported rate (Ollama)
 
 
@@ -84,9 +85,12 @@ def _openai_chunk(payload: dict[str, Any], text_keys: tuple[str, ...]) -> _Progr
     usage = payload.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
         progress.usage_tokens = usage["completion_tokens"]
+        progress.finished = True
     for choice in payload.get("choices") or ():
         if not isinstance(choice, dict):
             continue
+        if choice.get("finish_reason"):
+            progress.finished = True
         delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else choice
         if any(isinstance(delta.get(key), str) and delta.get(key) for key in text_keys) or delta.get("tool_calls"):
             progress.tokens += 1
@@ -175,9 +179,7 @@ async def _stream_canary(
     reported_rate: float | None = None
     error: str | None = None
     finished = False
-
-    def elapsed() -> float:
-        return clock() - started_s
+    saw_finish = False
 
     with anyio.CancelScope() as scope:
         # The stall deadline moves forward with every token; the overall deadline never moves.
@@ -198,6 +200,7 @@ async def _stream_canary(
                             break
                         if progress.usage_tokens is not None:
                             usage_tokens = progress.usage_tokens
+                        saw_finish = saw_finish or progress.finished
                         if progress.rate_tokens_per_s is not None:
                             reported_rate = progress.rate_tokens_per_s
                         if progress.tokens:
@@ -211,15 +214,13 @@ async def _stream_canary(
                             finished = True
                             break
                     else:
-                        # OpenAI streams end with [DONE]; a stream that just ends still counts as
-                        # finished when it produced tokens (some servers omit [DONE]).
-                        finished = counted > 0 or usage_tokens is not None
-        except httpx.HTTPError as exc:
-            error = f"{_error_text(exc)} ({url})"
-        except (OSError, ValueError) as exc:
+                        # Some servers close the stream without [DONE]; it still finished if the
+                        # generation said so (finish_reason or usage). A bare close did not.
+                        finished = saw_finish
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, OSError) as exc:
             error = f"{_error_text(exc)} ({url})"
 
-    duration_s = elapsed()
+    duration_s = clock() - started_s
     if scope.cancelled_caught:
         # The stall deadline was the one in force unless it had been clipped to the overall one.
         stalled = scope.deadline < overall_deadline

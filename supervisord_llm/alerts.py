@@ -35,6 +35,26 @@ to its receivers), so tools that accept Alertmanager webhooks accept these alert
 ``endsAt`` one week ahead (Alertmanager would otherwise resolve it after its
 ``resolve_timeout``, as the daemon does not re-send); the resolved alert ends it at once.
 
+Config (``[alerts]``; every key optional)::
+
+    [alerts]
+    rate_limit_per_min = 30      # POSTs per target per minute; over it deliveries wait
+    max_attempts = 20            # leave out to retry timeouts, refused connections, 5xx, 408, 429 forever
+    initial_backoff = "1s"       # doubles per failed attempt (with jitter) ...
+    max_backoff = "5m"           # ... up to this; a Retry-After header wins
+    host = "studio"              # "host"/"instance" in payloads (default: this machine's hostname)
+    external_url = ""            # a link back to this daemon, for Alertmanager
+
+    [[alerts.webhook]]
+    name = "oncall"              # what logs and events call it (the URL never appears)
+    url_env = "ONCALL_WEBHOOK"   # or url = "https://..."
+    format = "slack"             # json | slack | discord | alertmanager | alertmanager_api
+    secret_env = "ONCALL_SECRET" # or secret = "..."; signs every request (below)
+    timeout = "5s"
+    headers = { Authorization = "Bearer ..." }
+
+Other 4xx answers are not retried: the delivery is dropped with an ``alert.dropped`` event.
+
 Every request carries ``Content-Type: application/json``, a ``User-Agent``, and
 ``X-Supervisord-LLM-Delivery: <delivery id>`` (the same on every retry of one delivery). With a
 ``secret`` it is signed::
@@ -89,7 +109,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import anyio.abc
@@ -144,7 +164,8 @@ def _check_name(value: object) -> str:
 def _check_url(value: object) -> str:
     # The value itself is never echoed: webhook URLs carry their secret in the path.
     if not isinstance(value, str):
-        raise ValueError(f"expected an http:// or https:// URL as a string, got {type(value).__name__}")
+        # ValueError, not TypeError: every field check's ValueError becomes the key's ConfigError.
+        raise ValueError(f"expected an http:// or https:// URL as a string, got {type(value).__name__}")  # noqa: TRY004
     try:
         parts = httpx.URL(value)
     except (httpx.InvalidURL, TypeError) as exc:
@@ -182,7 +203,8 @@ def _check_headers(value: object) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ValueError('expected a table of header names to string values, e.g. {Authorization = "Bearer …"}')
+        raise ValueError(  # noqa: TRY004 - becomes the key's ConfigError, like every field check
+            'expected a table of header names to string values, e.g. {Authorization = "Bearer …"}')
     headers: dict[str, str] = {}
     for name, header_value in value.items():
         if not isinstance(name, str) or not _HEADER_NAME_RE.match(name):
@@ -405,7 +427,7 @@ def iso_utc(wall_s: float) -> str:
 
 
 def _parse_iso_utc(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    return datetime.fromisoformat(text).timestamp()
 
 
 @dataclass(frozen=True, slots=True)
@@ -714,8 +736,8 @@ class _UrlRedactor(logging.Filter):
 
 
 _REDACTOR = _UrlRedactor()
-for _name in ("httpx", "httpcore"):
-    logging.getLogger(_name).addFilter(_REDACTOR)
+# httpx logs "HTTP Request: POST <url> ..." on its own logger; httpcore logs host and port only.
+logging.getLogger("httpx").addFilter(_REDACTOR)
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -813,8 +835,7 @@ class _Journal:
         self.close()
         temp = self.path.with_name(self.path.name + ".tmp")
         with open(temp, "wb") as out:
-            for record in records:
-                out.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+            out.writelines(json.dumps(record, separators=(",", ":")).encode() + b"\n" for record in records)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, self.path)
@@ -965,6 +986,9 @@ class Outbox:
 
     async def run(self, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver until cancelled. Cancelling loses nothing: an interrupted send stays pending."""
+        if not self.settings.targets:
+            task_status.started()
+            await anyio.sleep_forever()
         self._loop_thread = threading.get_ident()
         self._wake = {t.name: anyio.Event() for t in self.settings.targets}
         try:
@@ -980,7 +1004,7 @@ class Outbox:
         with self._lock:
             self._journal.close()
 
-    def __enter__(self) -> Outbox:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -1121,9 +1145,10 @@ class Outbox:
             now_s = self._clock.now()
             rate_wait_s = self._rate_wait_s(target.name, now_s)
             if rate_wait_s > 0 and not rate_limited_logged:
+                with self._lock:
+                    waiting = sum(1 for d in self._pending.values() if d.target == target.name)
                 self._log.warning("alert.rate_limited", target=target.name,
-                                  rate_limit_per_min=self.settings.rate_limit_per_min,
-                                  pending=sum(1 for d in self._pending.values() if d.target == target.name))
+                                  rate_limit_per_min=self.settings.rate_limit_per_min, pending=waiting)
                 rate_limited_logged = True
             wait_s = max(delivery.not_before_s - now_s, rate_wait_s)
             if wait_s > 0:

@@ -348,10 +348,18 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmctl", description="Control the supervisord-llm daemon")
-    parser.add_argument("--config", help="config file (to find the control socket)")
-    parser.add_argument("--socket", help="control socket path (overrides the config)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="config file (to find the control socket)")
+    common.add_argument("--socket", default=argparse.SUPPRESS, help="control socket path (overrides the config)")
+    parser = argparse.ArgumentParser(prog="llmctl", description="Control the supervisord-llm daemon",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return _add_parser(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("status", help="engines, memory, alerts at a glance")
     p.add_argument("--json", action="store_true", help="machine-readable (schema version 1)")
@@ -411,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.config = getattr(args, "config", None)
+    args.socket = getattr(args, "socket", None)
     if getattr(args, "local", False):
         return int(args.func(args))
     try:

@@ -384,7 +384,7 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
         raise rb.error("argv", 'must not be empty, e.g. ["sudo", "-n", "shutdown", "-r", "now"]')
     reboot = RebootConfig(
         enabled=rb.bool("enabled", False),
-        grace_s=rb.duration_s("grace", "5m", min_s=10),
+        grace_s=rb.duration_s("grace", "5m", min_s=30, why="a reboot is announced first so a person has time to run `llmctl reboot cancel`"),
         cooldown_s=rb.duration_s("cooldown", "6h", min_s=600),
         argv=argv,
     )

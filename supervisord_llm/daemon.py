@@ -127,6 +127,10 @@ class Daemon:
         self._saved, problem = read_json(self.state_dir / "state.json")
         if problem:
             self.events.emit("state.corrupt", problem=problem)
+        for ext in self.extensions:
+            if hasattr(ext, "restore"):
+                saved = self._saved.get(ext.name)
+                ext.restore(saved if isinstance(saved, dict) else {})
         id_file = self.state_dir / "daemon-id"
         try:
             self.daemon_id = id_file.read_text().strip()

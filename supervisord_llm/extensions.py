@@ -193,7 +193,10 @@ class AlertsExtension:
 
 def install_extensions(daemon: Daemon) -> None:
     """Attach the subsystems the config turns on."""
+    from supervisord_llm.stranded import StrandedExtension
+
     config = daemon.config
+    daemon.extensions.append(StrandedExtension(daemon))
     if config.alerts is not None and config.alerts.targets:
         daemon.extensions.append(AlertsExtension(daemon))
     if config.gateway is not None:
@@ -202,3 +205,7 @@ def install_extensions(daemon: Daemon) -> None:
         from supervisord_llm.metrics import MetricsExtension
 
         daemon.extensions.append(MetricsExtension(daemon, config.daemon.metrics_listen))
+    if config.probes.nvml:
+        from supervisord_llm.gpu import GpuExtension
+
+        daemon.extensions.append(GpuExtension(daemon))

@@ -27,10 +27,11 @@ import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import anyio
+import anyio.abc
 import httpx
 import structlog
 import uvicorn
@@ -40,12 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from supervisord_llm.clock import Clock, SystemClock
-from supervisord_llm.convert import (
-    DURATION_HELP,
-    SIZE_HELP,
-    parse_duration_s,
-    parse_size_bytes,
-)
+from supervisord_llm.convert import parse_duration_s, parse_size_bytes
 from supervisord_llm.errors import ConfigError, EngineError, SupervisordLLMError, UnknownEngine
 
 __all__ = [
@@ -61,7 +57,6 @@ __all__ = [
     "serve",
 ]
 
-ENGINE_KINDS = ("mlx_lm", "omlx", "vllm", "llama_cpp", "ollama", "sglang", "command")
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
 MESSAGES_PATH = "/v1/messages"
 
@@ -72,7 +67,12 @@ MESSAGES_PATH = "/v1/messages"
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where one request goes: an engine that is ready to serve it now."""
+    """Where one request goes: an engine that is ready to serve it now.
+
+    ``kind`` is the adapter's name (mlx_lm, omlx, vllm, llama_cpp, ollama, sglang, command);
+    ``served_model`` replaces the request's ``model`` field when set (mlx_lm.server wants
+    ``"default_model"`` or its model path there, never the gateway's name for it).
+    """
 
     engine: str
     base_url: str
@@ -184,9 +184,15 @@ class GatewaySettings:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0-65535, got {self.port}")
         if self.api_key is not None and not self.api_key:
-            raise ValueError("api_key must not be empty; leave it out to accept requests without a key")
-        for name in ("prefill_stall_s", "decode_stall_s", "upstream_connect_timeout_s",
-                     "upstream_read_timeout_s"):
+            raise ValueError(
+                "api_key must not be empty; leave it out to accept requests without a key"
+            )
+        for name in (
+            "prefill_stall_s",
+            "decode_stall_s",
+            "upstream_connect_timeout_s",
+            "upstream_read_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
         if self.hold_s < 0 or self.shutdown_grace_s < 0:
@@ -194,15 +200,23 @@ class GatewaySettings:
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.max_upstream_connections < 1:
-            raise ValueError(f"max_upstream_connections must be at least 1, got {self.max_upstream_connections}")
+            raise ValueError(
+                f"max_upstream_connections must be at least 1, got {self.max_upstream_connections}"
+            )
 
     @property
     def listen(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @classmethod
-    def from_toml(cls, table: Mapping[str, Any], *, file: str | None, key: str = "gateway",
-                  environ: Mapping[str, str] | None = None) -> GatewaySettings:
+    def from_toml(
+        cls,
+        table: Mapping[str, Any],
+        *,
+        file: str | None,
+        key: str = "gateway",
+        environ: Mapping[str, str] | None = None,
+    ) -> GatewaySettings:
         """Build from the ``[gateway]`` TOML table; every error names the file, the key and what is valid.
 
         Keys: ``enabled``, ``listen``, ``api_key`` or ``api_key_env`` (name of an environment
@@ -216,10 +230,23 @@ class GatewaySettings:
         environ = os.environ if environ is None else environ
         if not isinstance(table, Mapping):
             raise ConfigError(f"expected a table, got {type(table).__name__}", file=file, key=key)
-        durations = ("hold_s", "prefill_stall_s", "decode_stall_s", "upstream_connect_timeout_s",
-                     "upstream_read_timeout_s", "shutdown_grace_s")
-        valid = ("enabled", "listen", "api_key", "api_key_env", "max_body_bytes",
-                 "max_upstream_connections", *durations)
+        durations = (
+            "hold_s",
+            "prefill_stall_s",
+            "decode_stall_s",
+            "upstream_connect_timeout_s",
+            "upstream_read_timeout_s",
+            "shutdown_grace_s",
+        )
+        valid = (
+            "enabled",
+            "listen",
+            "api_key",
+            "api_key_env",
+            "max_body_bytes",
+            "max_upstream_connections",
+            *durations,
+        )
         kwargs: dict[str, Any] = {}
         for name, value in table.items():
             where = f"{key}.{name}"
@@ -253,16 +280,14 @@ class GatewaySettings:
             except ValueError as exc:
                 raise ConfigError(str(exc), file=file, key=where) from exc
         if "api_key" in table and "api_key_env" in table:
-            raise ConfigError("set api_key or api_key_env, not both", file=file, key=f"{key}.api_key")
+            raise ConfigError(
+                "set api_key or api_key_env, not both", file=file, key=f"{key}.api_key"
+            )
         try:
             return cls(**kwargs)
         except ValueError as exc:
             bad = next((f.name for f in fields(cls) if f.name in str(exc)), None)
             raise ConfigError(str(exc), file=file, key=f"{key}.{bad}" if bad else key) from exc
-
-
-# Kept for error messages elsewhere (llmctl doctor) that want to say what a value should look like.
-SETTINGS_HELP = {"duration": DURATION_HELP, "size": SIZE_HELP, "listen": _LISTEN_HELP}
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,8 +312,18 @@ class TokenMeter:
     are not progress. Only data lines that can carry usage or an error are parsed as JSON.
     """
 
-    __slots__ = ("anthropic", "on_token", "first_token_at_s", "last_token_at_s", "max_gap_s",
-                 "counted_tokens", "usage_tokens", "error", "_partial", "_event")
+    __slots__ = (
+        "anthropic",
+        "on_token",
+        "first_token_at_s",
+        "last_token_at_s",
+        "max_gap_s",
+        "counted_tokens",
+        "usage_tokens",
+        "error",
+        "_partial",
+        "_event",
+    )
 
     def __init__(self, *, anthropic: bool, on_token: Callable[[float], None] | None = None) -> None:
         self.anthropic = anthropic
@@ -347,9 +382,13 @@ class TokenMeter:
             return
         if self.anthropic:
             event = self._event
-            if event == b"content_block_delta" or (not event and _ANTHROPIC_DELTA_RE.search(payload)):
+            if event == b"content_block_delta" or (
+                not event and _ANTHROPIC_DELTA_RE.search(payload)
+            ):
                 self._token(at_s)
-            elif event == b"message_delta" or (not event and _ANTHROPIC_MESSAGE_DELTA_RE.search(payload)):
+            elif event == b"message_delta" or (
+                not event and _ANTHROPIC_MESSAGE_DELTA_RE.search(payload)
+            ):
                 doc = _loads(payload)
                 usage = doc.get("usage") if isinstance(doc, dict) else None
                 if isinstance(usage, dict) and isinstance(usage.get("output_tokens"), int):
@@ -427,15 +466,29 @@ class GatewayStats:
 # Errors as JSON
 
 
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 413: "invalid_request_error", 502: "upstream_error", 503: "engine_unavailable",
-                 504: "upstream_timeout"}
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                    413: "request_too_large", 502: "api_error", 503: "overloaded_error",
-                    504: "api_error"}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    502: "upstream_error",
+    503: "engine_unavailable",
+    504: "upstream_timeout",
+}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "api_error",
+}
 
 
-def error_body(anthropic: bool, status: int, message: str, code: str, **extra: Any) -> dict[str, Any]:
+def error_body(
+    anthropic: bool, status: int, message: str, code: str, **extra: Any
+) -> dict[str, Any]:
     if anthropic:
         err = {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message, "code": code}
         err.update(extra)
@@ -445,10 +498,19 @@ def error_body(anthropic: bool, status: int, message: str, code: str, **extra: A
     return {"error": err}
 
 
-def error_response(anthropic: bool, status: int, message: str, code: str,
-                   headers: Mapping[str, str] | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse(error_body(anthropic, status, message, code, **extra), status_code=status,
-                        headers=dict(headers or {}))
+def error_response(
+    anthropic: bool,
+    status: int,
+    message: str,
+    code: str,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(anthropic, status, message, code, **extra),
+        status_code=status,
+        headers=dict(headers or {}),
+    )
 
 
 def _sse_error(anthropic: bool, status: int, message: str, code: str) -> bytes:
@@ -460,13 +522,35 @@ def _sse_error(anthropic: bool, status: int, message: str, code: str) -> bytes:
 # Forwarding
 
 
-_HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "trailers", "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
-})
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "accept-encoding",
+    }
+)
 _CREDENTIALS = frozenset({"authorization", "x-api-key"})
-_RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "trailer", "upgrade",
-                            "proxy-authenticate", "date", "server"})
+_RESPONSE_DROP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+        "date",
+        "server",
+    }
+)
 _NO_CONTENT_LENGTH = frozenset({"content-length"})
 _COLLECT_LIMIT_BYTES = 16 * 2**20
 _UPSTREAM_RETRY_DELAYS_S = (0.05, 0.2, 0.5)
@@ -480,8 +564,15 @@ class _Forward:
     in the same task whatever ends the exchange.
     """
 
-    def __init__(self, gw: _Gateway, upstream: Upstream, request: httpx.Request, *,
-                 anthropic: bool, stream_requested: bool) -> None:
+    def __init__(
+        self,
+        gw: _Gateway,
+        upstream: Upstream,
+        request: httpx.Request,
+        *,
+        anthropic: bool,
+        stream_requested: bool,
+    ) -> None:
         self.gw = gw
         self.upstream = upstream
         self.request = request
@@ -588,20 +679,36 @@ class _Forward:
             except httpx.TimeoutException as exc:
                 self.upstream_failed = True
                 self.response_complete = True
-                await _send_json(send, error_body(
-                    self.anthropic, 504,
-                    f"engine {upstream.engine!r} did not answer in time ({type(exc).__name__})",
-                    "upstream_timeout", engine=upstream.engine), 504)
+                await _send_json(
+                    send,
+                    error_body(
+                        self.anthropic,
+                        504,
+                        f"engine {upstream.engine!r} did not answer in time ({type(exc).__name__})",
+                        "upstream_timeout",
+                        engine=upstream.engine,
+                    ),
+                    504,
+                )
                 return
             except httpx.HTTPError as exc:
                 self.upstream_failed = True
                 self.response_complete = True
-                gw.log.warning("gateway.upstream_failed", engine=upstream.engine,
-                               error=type(exc).__name__)
-                await _send_json(send, error_body(
-                    self.anthropic, 502,
-                    f"engine {upstream.engine!r} at {upstream.base_url} could not be reached: "
-                    f"{type(exc).__name__}: {exc}", "upstream_unreachable", engine=upstream.engine), 502)
+                gw.log.warning(
+                    "gateway.upstream_failed", engine=upstream.engine, error=type(exc).__name__
+                )
+                await _send_json(
+                    send,
+                    error_body(
+                        self.anthropic,
+                        502,
+                        f"engine {upstream.engine!r} at {upstream.base_url} could not be reached: "
+                        f"{type(exc).__name__}: {exc}",
+                        "upstream_unreachable",
+                        engine=upstream.engine,
+                    ),
+                    502,
+                )
                 return
             if response.status_code >= 500:
                 self.upstream_failed = True
@@ -611,10 +718,16 @@ class _Forward:
             if is_sse:
                 drop = drop | _NO_CONTENT_LENGTH
                 self._start_stall_watch(tg)
-            raw_headers = [(k.lower(), v) for k, v in response.headers.raw
-                           if k.lower().decode() not in drop]
-            await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": raw_headers})
+            raw_headers = [
+                (k.lower(), v) for k, v in response.headers.raw if k.lower().decode() not in drop
+            ]
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": raw_headers,
+                }
+            )
             headers_sent = True
             now = gw.clock.now
             try:
@@ -639,30 +752,54 @@ class _Forward:
                 return
             except httpx.HTTPError as exc:
                 self.upstream_failed = True
-                gw.log.warning("gateway.upstream_broke", engine=upstream.engine,
-                               error=type(exc).__name__)
+                gw.log.warning(
+                    "gateway.upstream_broke", engine=upstream.engine, error=type(exc).__name__
+                )
                 self.response_complete = True
                 if is_sse:
-                    await _send_quietly(send, _sse_error(
-                        self.anthropic, 502,
-                        f"engine {upstream.engine!r} broke off the stream: {type(exc).__name__}",
-                        "upstream_broke_stream"))
+                    await _send_quietly(
+                        send,
+                        _sse_error(
+                            self.anthropic,
+                            502,
+                            f"engine {upstream.engine!r} broke off the stream: {type(exc).__name__}",
+                            "upstream_broke_stream",
+                        ),
+                    )
                 await _send_quietly(send, b"", more=False)
                 return
         if self.stalled is not None:
             phase, stalled_for_s = self.stalled
             gw.call_backend("stall_detected", upstream.engine, phase, stalled_for_s)
-            gw.log.warning("gateway.stall_detected", engine=upstream.engine, phase=phase,
-                           stalled_for_s=round(stalled_for_s, 3))
-            message = (f"engine {upstream.engine!r} stalled: no token for {stalled_for_s:.1f}s "
-                       f"during {phase}; the request was ended")
+            gw.log.warning(
+                "gateway.stall_detected",
+                engine=upstream.engine,
+                phase=phase,
+                stalled_for_s=round(stalled_for_s, 3),
+            )
+            message = (
+                f"engine {upstream.engine!r} stalled: no token for {stalled_for_s:.1f}s "
+                f"during {phase}; the request was ended"
+            )
             self.response_complete = True
             if headers_sent:
-                await _send_quietly(send, _sse_error(self.anthropic, 504, message, "engine_stalled"))
+                await _send_quietly(
+                    send, _sse_error(self.anthropic, 504, message, "engine_stalled")
+                )
                 await _send_quietly(send, b"", more=False)
             else:
-                await _send_json(send, error_body(self.anthropic, 504, message, "engine_stalled",
-                                                  engine=upstream.engine, phase=phase), 504)
+                await _send_json(
+                    send,
+                    error_body(
+                        self.anthropic,
+                        504,
+                        message,
+                        "engine_stalled",
+                        engine=upstream.engine,
+                        phase=phase,
+                    ),
+                    504,
+                )
             return
         if self.meter.error is not None:
             self.upstream_failed = True
@@ -698,9 +835,16 @@ class _Forward:
 async def _send_json(send: Any, body: dict[str, Any], status: int) -> None:
     data = json.dumps(body).encode()
     try:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(data)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": data, "more_body": False})
     except OSError:
         pass
@@ -720,8 +864,9 @@ class _BodyTooLarge(Exception):
 class _Gateway:
     """The gateway's request handling; one per app."""
 
-    def __init__(self, backend: GatewayBackend, settings: GatewaySettings, clock: Clock,
-                 log: Any) -> None:
+    def __init__(
+        self, backend: GatewayBackend, settings: GatewaySettings, clock: Clock, log: Any
+    ) -> None:
         self.backend = backend
         self.settings = settings
         self.clock = clock
@@ -733,11 +878,17 @@ class _Gateway:
     def make_client(self) -> httpx.AsyncClient:
         s = self.settings
         return httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=s.upstream_connect_timeout_s, read=s.upstream_read_timeout_s,
-                                  write=s.upstream_read_timeout_s, pool=s.hold_s or None),
-            limits=httpx.Limits(max_connections=s.max_upstream_connections,
-                                max_keepalive_connections=min(64, s.max_upstream_connections),
-                                keepalive_expiry=30.0),
+            timeout=httpx.Timeout(
+                connect=s.upstream_connect_timeout_s,
+                read=s.upstream_read_timeout_s,
+                write=s.upstream_read_timeout_s,
+                pool=s.hold_s or None,
+            ),
+            limits=httpx.Limits(
+                max_connections=s.max_upstream_connections,
+                max_keepalive_connections=min(64, s.max_upstream_connections),
+                keepalive_expiry=30.0,
+            ),
             follow_redirects=False,
             trust_env=False,
         )
@@ -779,10 +930,13 @@ class _Gateway:
     # -- endpoints ---------------------------------------------------------------------------
 
     def unauthorized(self, anthropic: bool) -> JSONResponse:
-        return error_response(anthropic, 401,
-                              "missing or wrong API key; send it as 'Authorization: Bearer KEY' or "
-                              "'x-api-key: KEY'", "invalid_api_key",
-                              headers={"www-authenticate": "Bearer"})
+        return error_response(
+            anthropic,
+            401,
+            "missing or wrong API key; send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+            "invalid_api_key",
+            headers={"www-authenticate": "Bearer"},
+        )
 
     async def models(self, request: Request) -> Response:
         anthropic_client = "anthropic-version" in request.headers
@@ -792,18 +946,51 @@ class _Gateway:
             entries = self.backend.models()
         except Exception:
             self.log.exception("gateway.backend_failed", method="models")
-            return error_response(anthropic_client, 500, "the daemon could not list its models",
-                                  "models_failed")
+            return error_response(
+                anthropic_client, 500, "the daemon could not list its models", "models_failed"
+            )
         if anthropic_client:
-            data = [{"type": "model", "id": m["id"], "display_name": m.get("display_name", m["id"]),
-                     "created_at": m.get("created_at", "1970-01-01T00:00:00Z"),
-                     **{k: v for k, v in m.items() if k not in ("id", "created_at")}}
-                    for m in entries]
-            return JSONResponse({"data": data, "has_more": False,
-                                 "first_id": data[0]["id"] if data else None,
-                                 "last_id": data[-1]["id"] if data else None})
-        data = [{"object": "model", "created": 0, "owned_by": "supervisord-llm", **m} for m in entries]
+            data = [
+                {
+                    "type": "model",
+                    "id": m["id"],
+                    "display_name": m.get("display_name", m["id"]),
+                    "created_at": m.get("created_at", "1970-01-01T00:00:00Z"),
+                    **{k: v for k, v in m.items() if k not in ("id", "created_at")},
+                }
+                for m in entries
+            ]
+            return JSONResponse(
+                {
+                    "data": data,
+                    "has_more": False,
+                    "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None,
+                }
+            )
+        data = [
+            {"object": "model", "created": 0, "owned_by": "supervisord-llm", **m} for m in entries
+        ]
         return JSONResponse({"object": "list", "data": data})
+
+    async def model(self, request: Request) -> Response:
+        anthropic_client = "anthropic-version" in request.headers
+        if not self.authorized(request):
+            return self.unauthorized(anthropic_client)
+        model_id = request.path_params["model_id"]
+        entries = self.backend.models()
+        for entry in entries:
+            if entry["id"] == model_id or model_id in (entry.get("aliases") or ()):
+                return JSONResponse(
+                    {"object": "model", "created": 0, "owned_by": "supervisord-llm", **entry}
+                )
+        known = ", ".join(e["id"] for e in entries) or "(none)"
+        return error_response(
+            anthropic_client,
+            404,
+            f"no model {model_id!r}; available models: {known}",
+            "model_not_found",
+        )
 
     async def status(self, request: Request) -> Response:
         if not self.authorized(request):
@@ -833,9 +1020,13 @@ class _Gateway:
             body = await self.read_body(request)
         except _BodyTooLarge:
             limit = self.settings.max_body_bytes
-            return error_response(anthropic, 413,
-                                  f"request body is larger than the gateway's max_body_bytes "
-                                  f"({limit} bytes)", "request_too_large", max_body_bytes=limit)
+            return error_response(
+                anthropic,
+                413,
+                f"request body is larger than the gateway's max_body_bytes ({limit} bytes)",
+                "request_too_large",
+                max_body_bytes=limit,
+            )
         model: str | None = None
         stream = False
         doc: Any = None
@@ -845,36 +1036,48 @@ class _Gateway:
             try:
                 doc = json.loads(body)
             except ValueError as exc:
-                return error_response(anthropic, 400, f"request body is not valid JSON: {exc}",
-                                      "invalid_json")
+                return error_response(
+                    anthropic, 400, f"request body is not valid JSON: {exc}", "invalid_json"
+                )
             if needs_json and not isinstance(doc, dict):
-                return error_response(anthropic, 400, "request body must be a JSON object",
-                                      "invalid_json")
+                return error_response(
+                    anthropic, 400, "request body must be a JSON object", "invalid_json"
+                )
             if isinstance(doc, dict):
                 raw_model = doc.get("model")
                 if raw_model is not None and not isinstance(raw_model, str):
-                    return error_response(anthropic, 400,
-                                          f"'model' must be a string, got {type(raw_model).__name__}",
-                                          "invalid_model")
+                    return error_response(
+                        anthropic,
+                        400,
+                        f"'model' must be a string, got {type(raw_model).__name__}",
+                        "invalid_model",
+                    )
                 model = raw_model or None
                 stream = doc.get("stream") is True
         elif needs_json and request.method == "POST":
-            return error_response(anthropic, 400, "request body is empty; expected a JSON object",
-                                  "invalid_json")
+            return error_response(
+                anthropic, 400, "request body is empty; expected a JSON object", "invalid_json"
+            )
 
         upstream = await self._acquire(model, anthropic)
         if isinstance(upstream, Response):
             return upstream
         if anthropic and not upstream.supports_messages:
             return error_response(
-                anthropic, 400,
+                anthropic,
+                400,
                 f"engine {upstream.engine!r} ({upstream.kind}) does not serve the Anthropic Messages "
                 f"API ({MESSAGES_PATH}); it serves the OpenAI API (/v1/chat/completions, "
                 "/v1/completions). The gateway passes requests through and does not translate.",
-                "messages_not_supported", engine=upstream.engine)
+                "messages_not_supported",
+                engine=upstream.engine,
+            )
 
-        if (upstream.served_model is not None and isinstance(doc, dict)
-                and doc.get("model") != upstream.served_model):
+        if (
+            upstream.served_model is not None
+            and isinstance(doc, dict)
+            and doc.get("model") != upstream.served_model
+        ):
             doc["model"] = upstream.served_model
             body = json.dumps(doc).encode()
 
@@ -883,10 +1086,12 @@ class _Gateway:
         headers.append((b"accept-encoding", b"identity"))  # the meter reads plain bytes
         query = request.url.query
         url = upstream.base_url.rstrip("/") + path + ("?" + query if query else "")
-        upstream_request = self.client.build_request(request.method, url, headers=headers,
-                                                     content=body)
-        return _Forward(self, upstream, upstream_request, anthropic=anthropic,
-                        stream_requested=stream)
+        upstream_request = self.client.build_request(
+            request.method, url, headers=headers, content=body
+        )
+        return _Forward(
+            self, upstream, upstream_request, anthropic=anthropic, stream_requested=stream
+        )
 
     async def _acquire(self, model: str | None, anthropic: bool) -> Upstream | Response:
         stats = self.stats
@@ -897,9 +1102,12 @@ class _Gateway:
                 return await self.backend.acquire(model)
             name = model or self.backend.default_engine() or "(default)"
             raise EngineUnavailable(
-                name, "hold_timeout",
+                name,
+                "hold_timeout",
                 f"engine for model {name!r} was not ready within the gateway's hold time "
-                f"({hold_s:g}s); retry later", retry_after_s=min(30.0, max(1.0, hold_s / 4)))
+                f"({hold_s:g}s); retry later",
+                retry_after_s=min(30.0, max(1.0, hold_s / 4)),
+            )
         except EngineUnavailable as exc:
             return self._unavailable(exc, anthropic)
         except UnknownEngine as exc:
@@ -908,8 +1116,12 @@ class _Gateway:
             return error_response(anthropic, 503, str(exc), "engine_unavailable")
         except Exception:
             self.log.exception("gateway.backend_failed", method="acquire")
-            return error_response(anthropic, 500, "the daemon failed to pick an engine for this "
-                                  "request; see the daemon log", "internal_error")
+            return error_response(
+                anthropic,
+                500,
+                "the daemon failed to pick an engine for this request; see the daemon log",
+                "internal_error",
+            )
         finally:
             stats.waiting -= 1
 
@@ -922,11 +1134,20 @@ class _Gateway:
             headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))
         until = None
         if exc.until_wall is not None:
-            until = datetime.fromtimestamp(exc.until_wall, tz=timezone.utc).isoformat(timespec="seconds")
+            until = datetime.fromtimestamp(exc.until_wall, tz=UTC).isoformat(timespec="seconds")
         code = "model_not_found" if exc.status == 404 else "engine_unavailable"
-        return error_response(anthropic, exc.status, str(exc), code, headers=headers,
-                              engine=exc.engine, reason=exc.reason, retry_after_s=retry_after_s,
-                              until=until, until_wall=exc.until_wall)
+        return error_response(
+            anthropic,
+            exc.status,
+            str(exc),
+            code,
+            headers=headers,
+            engine=exc.engine,
+            reason=exc.reason,
+            retry_after_s=retry_after_s,
+            until=until,
+            until_wall=exc.until_wall,
+        )
 
 
 class _Counted:
@@ -943,13 +1164,22 @@ class _Counted:
             self.stats.in_flight -= 1
 
 
-def build_app(backend: GatewayBackend, settings: GatewaySettings, clock: Clock | None = None,
-              *, log: Any = None) -> Starlette:
+def build_app(
+    backend: GatewayBackend,
+    settings: GatewaySettings,
+    clock: Clock | None = None,
+    *,
+    log: Any = None,
+) -> Starlette:
     """The gateway as a Starlette app; ``app.state.gateway`` is its :class:`GatewayStats`."""
     from contextlib import asynccontextmanager
 
-    gw = _Gateway(backend, settings, clock or SystemClock(),
-                  log or structlog.get_logger("supervisord_llm.gateway"))
+    gw = _Gateway(
+        backend,
+        settings,
+        clock or SystemClock(),
+        log or structlog.get_logger("supervisord_llm.gateway"),
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
@@ -961,6 +1191,7 @@ def build_app(backend: GatewayBackend, settings: GatewaySettings, clock: Clock |
     app = Starlette(
         routes=[
             Route("/v1/models", gw.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", gw.model, methods=["GET"]),
             Route("/gateway/status", gw.status, methods=["GET"]),
             Route("/v1/{rest:path}", gw.forward, methods=methods),
         ],
@@ -986,7 +1217,9 @@ class _Server(uvicorn.Server):
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and
+    # without it Nagle and delayed ACKs add ~40 ms to every response sent in two writes.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -1001,8 +1234,12 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(app: Starlette, settings: GatewaySettings, *,
-                task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    app: Starlette,
+    settings: GatewaySettings,
+    *,
+    task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve the app on the listen address until cancelled; ``started(listen)`` once it accepts.
 
     The value given to ``started`` is the bound ``host:port`` (useful with port 0). Cancelling
@@ -1015,9 +1252,18 @@ async def serve(app: Starlette, settings: GatewaySettings, *,
     if isinstance(stats, GatewayStats):
         stats.listen = listen
     # log_config=None: uvicorn must not reconfigure the process's logging (the daemon owns it).
-    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
-                            http="auto", ws="none", server_header=False, date_header=False)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
+        http="auto",
+        ws="none",
+        server_header=False,
+        date_header=False,
+    )
     server = _Server(config)
     done = anyio.Event()
 

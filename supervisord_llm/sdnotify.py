@@ -46,7 +46,7 @@ class Notifier:
         """
         env = os.environ if environ is None else environ
         address = env.get("NOTIFY_SOCKET") or None
-        if address is not None and not (address.startswith("/") or address.startswith("@")):
+        if address is not None and not address.startswith(("/", "@")):
             address = None  # systemd only ever passes a path or an abstract name; ignore anything else
         watchdog_usec: int | None = None
         try:

@@ -33,7 +33,6 @@ from supervisord_llm.adapters import EngineAdapter, adapter_for
 from supervisord_llm.config import EngineConfig
 from supervisord_llm.errors import (
     EngineError,
-    EngineExitedDuringStart,
     EngineSpawnFailed,
     EngineStartTimeout,
     PortInUse,
@@ -477,6 +476,8 @@ class EngineSupervisor:
         reason = info.describe()
         if diagnosis is not None:
             reason = f"{reason}: {diagnosis.cause}"
+        if was == EngineState.STARTING:
+            reason = f"exited during start ({reason})"
         self.last_exit = {"code": info.code, "signal": info.signal_name, "reason": reason,
                           "at": info.at_wall}
         self.daemon.events.emit("engine.exited", engine=self.name, pid=self.proc.pid if self.proc else None,
@@ -486,11 +487,7 @@ class EngineSupervisor:
         # Leftover children of a crashed engine are swept (and the tree verified empty) before backoff.
         proc = self.proc
         self._new_generation()
-        if was == EngineState.STARTING:
-            err = EngineExitedDuringStart(self.name, f"exited during start ({reason})")
-            self._failure(err.args[0], sweep=proc)
-        else:
-            self._failure(reason, sweep=proc)
+        self._failure(reason, sweep=proc)
 
     def _on_start_failed(self, error: EngineError, exit_info: ExitInfo | None) -> None:
         if isinstance(error, StartRefused):

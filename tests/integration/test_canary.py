@@ -210,13 +210,24 @@ async def test_engine_error_status_and_error_event(scripted) -> None:
 
 
 async def test_stream_cut_before_the_end(scripted) -> None:
-    """A stream that closes without finishing and without tokens (engine crashed) is not ok."""
+    """A stream that closes after some tokens but before finish_reason (engine crashed mid-generation) is not ok."""
     base_url, scripts, _ = scripted
-    scripts["/v1/chat/completions"] = (200, [(0.0, _sse({"role": "assistant"}))])
+    scripts["/v1/chat/completions"] = (200, [(0.0, _sse({"role": "assistant", "content": "Hel"})), (0.0, _sse({"content": "lo"}))])
     async with httpx.AsyncClient() as client:
         reading = await run_openai_chat_canary(client, base_url, stall_s=5, timeout_s=5)
     assert not reading.ok and not reading.stalled
     assert "ended before the generation finished" in reading.error
+
+
+async def test_stream_without_done_marker_but_finished(scripted) -> None:
+    """A server that omits [DONE] but reports finish_reason passes, counting tokens from the deltas."""
+    base_url, scripts, _ = scripted
+    steps = [(0.01, _sse({"content": w})) for w in ("One", " two", " three")] + [(0.0, _sse(finish="stop"))]
+    scripts["/v1/chat/completions"] = (200, steps)
+    async with httpx.AsyncClient() as client:
+        reading = await run_openai_chat_canary(client, base_url, stall_s=5, timeout_s=5)
+    assert reading.ok, reading.error
+    assert reading.completion_tokens == 3
 
 
 def _ndjson(obj: dict) -> bytes:

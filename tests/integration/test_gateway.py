@@ -54,7 +54,9 @@ class Backend:
         self.stalls: list[tuple[str, str, float, float]] = []
 
     def models(self) -> list[dict]:
-        return [{"id": name, "owned_by": "supervisord-llm", "aliases": []} for name in self.upstreams]
+        return [
+            {"id": name, "owned_by": "supervisord-llm", "aliases": []} for name in self.upstreams
+        ]
 
     def default_engine(self) -> str | None:
         return self.default
@@ -65,8 +67,11 @@ class Backend:
             raise self.unavailable[name]
         if name not in self.upstreams:
             raise EngineUnavailable(
-                str(name), "unknown_model",
-                f"no model {name!r}; available models: {', '.join(self.upstreams)}", status=404)
+                str(name),
+                "unknown_model",
+                f"no model {name!r}; available models: {', '.join(self.upstreams)}",
+                status=404,
+            )
         return self.upstreams[name]
 
     def request_started(self, engine: str) -> None:
@@ -92,8 +97,10 @@ def opened(client):  # type: ignore[no-untyped-def]
 
 
 @asynccontextmanager
-async def running_gateway(backend: Backend, settings: GatewaySettings | None = None,
-                          ) -> AsyncIterator[str]:
+async def running_gateway(
+    backend: Backend,
+    settings: GatewaySettings | None = None,
+) -> AsyncIterator[str]:
     settings = replace(settings or GatewaySettings(), port=0)
     app = build_app(backend, settings, SystemClock())
     async with anyio.create_task_group() as tg:
@@ -131,16 +138,21 @@ def standin() -> Iterator[str]:
 
 
 def mlx_upstream(engine: MlxServer) -> Upstream:
-    return Upstream("tiny", engine.base_url, "mlx_lm", supports_messages=False, served_model="default_model")
+    return Upstream(
+        "tiny", engine.base_url, "mlx_lm", supports_messages=False, served_model="default_model"
+    )
 
 
 def standin_upstream(base_url: str) -> Upstream:
-    return Upstream("claude-standin", base_url, "command", supports_messages=True, served_model=None)
+    return Upstream(
+        "claude-standin", base_url, "command", supports_messages=True, served_model=None
+    )
 
 
 def both(engine: MlxServer, standin: str) -> Backend:
-    return Backend({"tiny": mlx_upstream(engine), "claude-standin": standin_upstream(standin)},
-                   default="tiny")
+    return Backend(
+        {"tiny": mlx_upstream(engine), "claude-standin": standin_upstream(standin)}, default="tiny"
+    )
 
 
 async def wait_for(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -163,14 +175,23 @@ async def test_openai_sdk_chat_streaming_and_not_through_gateway(engine: MlxServ
     async with running_gateway(backend) as url:
         client = opened(openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0))
         reply = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, temperature=1.0)
+            model="tiny",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=12,
+            temperature=1.0,
+        )
         assert reply.usage is not None and reply.usage.completion_tokens == 12
         await wait_for(lambda: len(backend.finished) == 1)
         assert backend.finished[0].tokens == 12 and backend.finished[0].ended == "complete"
 
         stream = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=24,
-            temperature=1.0, stream=True, stream_options={"include_usage": True})
+            model="tiny",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=24,
+            temperature=1.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         pieces, usage = [], None
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -180,7 +201,9 @@ async def test_openai_sdk_chat_streaming_and_not_through_gateway(engine: MlxServ
         assert pieces and usage is not None and usage.completion_tokens == 24
         await wait_for(lambda: len(backend.finished) == 2)
         stats = backend.finished[1]
-    print(f"\nstreamed chat: ttft={stats.ttft_s:.4f}s tokens={stats.tokens} max_gap={stats.max_gap_s}")
+    print(
+        f"\nstreamed chat: ttft={stats.ttft_s:.4f}s tokens={stats.tokens} max_gap={stats.max_gap_s}"
+    )
     assert stats.ended == "complete" and stats.tokens == 24  # usage wins over the chunk count
     assert stats.ttft_s is not None and 0 < stats.ttft_s < 30
     assert backend.progress["tiny"] >= len(pieces)
@@ -194,12 +217,18 @@ async def test_openai_sdk_text_completion_stream_counts_each_token(engine: MlxSe
     backend = Backend({"tiny": mlx_upstream(engine)}, default="tiny")
     async with running_gateway(backend) as url:
         client = opened(openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0))
-        stream = await client.completions.create(model="tiny", prompt="hello", max_tokens=40, stream=True)
+        stream = await client.completions.create(
+            model="tiny", prompt="hello", max_tokens=40, stream=True
+        )
         texts = [c.choices[0].text async for c in stream if c.choices and c.choices[0].text]
         await wait_for(lambda: len(backend.finished) == 1)
     stats = backend.finished[0]
     assert stats.tokens == len(texts) == 40
-    assert stats.decode_s is not None and stats.max_gap_s is not None and stats.max_gap_s <= stats.decode_s
+    assert (
+        stats.decode_s is not None
+        and stats.max_gap_s is not None
+        and stats.max_gap_s <= stats.decode_s
+    )
 
 
 @pytest.mark.slow
@@ -210,10 +239,13 @@ async def test_anthropic_sdk_messages_streaming_and_not(engine: MlxServer, stand
     async with running_gateway(backend) as url:
         client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
         message = await client.messages.create(
-            model="claude-standin", max_tokens=7, messages=[{"role": "user", "content": "hi"}])
+            model="claude-standin", max_tokens=7, messages=[{"role": "user", "content": "hi"}]
+        )
         assert message.usage.output_tokens == 7 and message.content[0].text
         async with client.messages.stream(
-            model="claude-standin", max_tokens=15, messages=[{"role": "user", "content": "hi"}],
+            model="claude-standin",
+            max_tokens=15,
+            messages=[{"role": "user", "content": "hi"}],
         ) as stream:
             text = "".join([t async for t in stream.text_stream])
             final = await stream.get_final_message()
@@ -227,13 +259,17 @@ async def test_anthropic_sdk_messages_streaming_and_not(engine: MlxServer, stand
 
 @pytest.mark.slow
 @pytest.mark.anyio
-async def test_messages_to_an_openai_only_engine_is_refused_clearly(engine: MlxServer, standin: str) -> None:
+async def test_messages_to_an_openai_only_engine_is_refused_clearly(
+    engine: MlxServer, standin: str
+) -> None:
     """/v1/messages for an engine without the Messages API is a 400 naming the engine and what it serves."""
     backend = both(engine, standin)
     async with running_gateway(backend) as url:
         client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
         with pytest.raises(anthropic.BadRequestError) as info:
-            await client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+            await client.messages.create(
+                model="tiny", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+            )
     assert info.value.status_code == 400
     error = info.value.body["error"]  # type: ignore[index]
     assert error["code"] == "messages_not_supported"
@@ -259,20 +295,25 @@ async def test_api_key_is_required_when_configured() -> None:
             assert (await http.get(url + "/gateway/status")).status_code == 401
             ok_header = await http.get(url + "/v1/models", headers={"x-api-key": "s3cret-key"})
             assert ok_header.status_code == 200
-        right = opened(openai.AsyncOpenAI(base_url=url + "/v1", api_key="s3cret-key", max_retries=0))
+        right = opened(
+            openai.AsyncOpenAI(base_url=url + "/v1", api_key="s3cret-key", max_retries=0)
+        )
         assert (await right.models.list()).data == []
 
 
 @pytest.mark.anyio
 async def test_body_over_limit_is_413_without_reading_it_all() -> None:
     """A body over max_body_bytes is refused with 413, declared or chunked, and the engine is never asked."""
-    backend = Backend({"tiny": Upstream("tiny", "http://127.0.0.1:9", "mlx_lm", False, None)}, "tiny")
+    backend = Backend(
+        {"tiny": Upstream("tiny", "http://127.0.0.1:9", "mlx_lm", False, None)}, "tiny"
+    )
     settings = GatewaySettings(max_body_bytes=4096)
     async with running_gateway(backend, settings) as url:
         async with httpx.AsyncClient() as http:
             big = json.dumps({"model": "tiny", "prompt": "x" * 10_000})
-            declared = await http.post(url + "/v1/completions", content=big,
-                                       headers={"content-type": "application/json"})
+            declared = await http.post(
+                url + "/v1/completions", content=big, headers={"content-type": "application/json"}
+            )
 
             async def chunks() -> AsyncIterator[bytes]:
                 for _ in range(100):
@@ -289,27 +330,43 @@ async def test_body_over_limit_is_413_without_reading_it_all() -> None:
 @pytest.mark.anyio
 async def test_invalid_json_is_400() -> None:
     """A body that is not JSON gets a 400 saying so, in the API's own error shape."""
-    backend = Backend({"tiny": Upstream("tiny", "http://127.0.0.1:9", "mlx_lm", False, None)}, "tiny")
+    backend = Backend(
+        {"tiny": Upstream("tiny", "http://127.0.0.1:9", "mlx_lm", False, None)}, "tiny"
+    )
     async with running_gateway(backend) as url:
         async with httpx.AsyncClient() as http:
-            chat = await http.post(url + "/v1/chat/completions", content=b"{not json",
-                                   headers={"content-type": "application/json"})
-            messages = await http.post(url + "/v1/messages", content=b"[1, 2",
-                                       headers={"content-type": "application/json"})
+            chat = await http.post(
+                url + "/v1/chat/completions",
+                content=b"{not json",
+                headers={"content-type": "application/json"},
+            )
+            messages = await http.post(
+                url + "/v1/messages", content=b"[1, 2", headers={"content-type": "application/json"}
+            )
     assert chat.status_code == 400 and chat.json()["error"]["code"] == "invalid_json"
     assert messages.status_code == 400
-    assert messages.json()["type"] == "error" and messages.json()["error"]["type"] == "invalid_request_error"
+    assert (
+        messages.json()["type"] == "error"
+        and messages.json()["error"]["type"] == "invalid_request_error"
+    )
 
 
 @pytest.mark.anyio
 async def test_unknown_model_is_404_listing_models() -> None:
     """Asking for a model nobody serves is a 404 that lists the models that exist."""
-    backend = Backend({"tiny": Upstream("tiny", "http://127.0.0.1:9", "mlx_lm", False, None),
-                       "big": Upstream("big", "http://127.0.0.1:9", "vllm", False, None)}, "tiny")
+    backend = Backend(
+        {
+            "tiny": Upstream("tiny", "http://127.0.0.1:9", "mlx_lm", False, None),
+            "big": Upstream("big", "http://127.0.0.1:9", "vllm", False, None),
+        },
+        "tiny",
+    )
     async with running_gateway(backend) as url:
         client = opened(openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0))
         with pytest.raises(openai.NotFoundError) as info:
-            await client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+            await client.chat.completions.create(
+                model="gpt-9", messages=[{"role": "user", "content": "x"}]
+            )
     message = info.value.body["message"]  # type: ignore[index]
     assert "gpt-9" in message and "tiny" in message and "big" in message
 
@@ -317,20 +374,30 @@ async def test_unknown_model_is_404_listing_models() -> None:
 @pytest.mark.anyio
 async def test_unavailable_engine_is_503_with_retry_after_and_until() -> None:
     """An engine in backoff answers 503 with Retry-After and a JSON body saying why and until when."""
-    backend = Backend({"tiny": Upstream("tiny", "http://127.0.0.1:9", "mlx_lm", False, None)}, "tiny")
+    backend = Backend(
+        {"tiny": Upstream("tiny", "http://127.0.0.1:9", "mlx_lm", False, None)}, "tiny"
+    )
     until_wall = time.time() + 42
     backend.unavailable["tiny"] = EngineUnavailable(
-        "tiny", "backoff", "crashed 3 times; next start in 42s", retry_after_s=41.2, until_wall=until_wall)
+        "tiny",
+        "backoff",
+        "crashed 3 times; next start in 42s",
+        retry_after_s=41.2,
+        until_wall=until_wall,
+    )
     async with running_gateway(backend) as url:
         async with httpx.AsyncClient() as http:
-            response = await http.post(url + "/v1/chat/completions",
-                                       json={"messages": [{"role": "user", "content": "x"}]})
+            response = await http.post(
+                url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
+            )
             status = (await http.get(url + "/gateway/status")).json()
     assert response.status_code == 503
     assert response.headers["retry-after"] == "42"
     error = response.json()["error"]
     assert error["reason"] == "backoff" and "next start in 42s" in error["message"]
-    assert error["until_wall"] == until_wall and error["until"].startswith(time.strftime("%Y-", time.gmtime()))
+    assert error["until_wall"] == until_wall and error["until"].startswith(
+        time.strftime("%Y-", time.gmtime())
+    )
     assert status["in_flight"] == 0 and status["requests_total"] == 1
 
 
@@ -338,11 +405,16 @@ async def test_unavailable_engine_is_503_with_retry_after_and_until() -> None:
 async def test_models_and_status_answer_while_every_engine_is_down() -> None:
     """/v1/models and /gateway/status keep answering when no engine is reachable; requests get a 502."""
     dead = free_port()
-    backend = Backend({"tiny": Upstream("tiny", f"http://127.0.0.1:{dead}", "mlx_lm", False, None)}, "tiny")
+    backend = Backend(
+        {"tiny": Upstream("tiny", f"http://127.0.0.1:{dead}", "mlx_lm", False, None)}, "tiny"
+    )
     async with running_gateway(backend) as url:
         client = opened(openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0))
         models = await client.models.list()
         assert [m.id for m in models.data] == ["tiny"]
+        assert (await client.models.retrieve("tiny")).id == "tiny"
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("gpt-9")
         with pytest.raises(openai.APIStatusError) as info:
             await client.completions.create(model="tiny", prompt="x", max_tokens=1)
         async with httpx.AsyncClient() as http:
@@ -385,10 +457,12 @@ async def test_sigstopped_engine_mid_stream_is_detected_as_decode_stall(engine: 
     assert stopped_at is not None and len(backend.stalls) == 1
     name, phase, stalled_for_s, detected_at = backend.stalls[0]
     detection_s = detected_at - stopped_at
-    print(f"\nstall detected {detection_s:.2f}s after SIGSTOP (decode_stall_s=2.0, stalled_for={stalled_for_s:.2f}s)")
+    print(
+        f"\nstall detected {detection_s:.2f}s after SIGSTOP (decode_stall_s=2.0, stalled_for={stalled_for_s:.2f}s)"
+    )
     assert (name, phase) == ("tiny", "decode")
     assert stalled_for_s >= 2.0 and detection_s < 2.0 + 3.0
-    error_events = [json.loads(l[5:]) for l in lines if l.startswith("data:") and '"error"' in l]
+    error_events = [json.loads(x[5:]) for x in lines if x.startswith("data:") and '"error"' in x]
     assert error_events and error_events[-1]["error"]["code"] == "engine_stalled"
     assert backend.finished[0].ended == "stalled" and backend.finished[0].tokens > 0
 
@@ -420,12 +494,16 @@ async def test_client_disconnect_stops_generation_in_the_engine(engine: MlxServe
         idle_to = (time.monotonic(), engine_cpu_s(proc))
         busy_share = (busy_to[1] - busy_from[1]) / (busy_to[0] - busy_from[0])
         idle_share = (idle_to[1] - idle_from[1]) / (idle_to[0] - idle_from[0])
-        print(f"\nengine CPU while streaming {busy_share:.2f} cores, after disconnect {idle_share:.2f} cores")
+        print(
+            f"\nengine CPU while streaming {busy_share:.2f} cores, after disconnect {idle_share:.2f} cores"
+        )
         # A 100k-token request left running would keep the engine busy for minutes.
         assert busy_share > 0.5 and idle_share < 0.15
         async with httpx.AsyncClient(timeout=30) as http:
             started = time.monotonic()
-            small = await http.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 5})
+            small = await http.post(
+                url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 5}
+            )
             assert small.status_code == 200 and time.monotonic() - started < 10
     assert backend.finished[0].tokens >= 200
 
@@ -443,7 +521,9 @@ async def test_keepalive_comments_are_not_progress(standin: str) -> None:
         started = time.monotonic()
         with pytest.raises(anthropic.APIStatusError) as info:
             async with client.messages.stream(
-                model="claude-standin", max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                model="claude-standin",
+                max_tokens=5,
+                messages=[{"role": "user", "content": "hi"}],
                 extra_headers={"x-standin-prefill-s": "6", "x-standin-keepalive-s": "0.1"},
             ) as stream:
                 async for _ in stream.text_stream:
@@ -457,7 +537,9 @@ async def test_keepalive_comments_are_not_progress(standin: str) -> None:
         # the gateway closed the upstream stream: the stand-in's next keepalive write failed
         deadline = time.monotonic() + 5
         while (await http.get(standin + "/standin/stats")).json()["client_gone"] == gone_before:
-            assert time.monotonic() < deadline, "the stand-in never saw the gateway close the stream"
+            assert time.monotonic() < deadline, (
+                "the stand-in never saw the gateway close the stream"
+            )
             await anyio.sleep(0.05)
 
 
@@ -468,10 +550,15 @@ async def test_in_flight_is_counted_while_a_stream_is_open(standin: str) -> None
     backend = Backend({"claude-standin": standin_upstream(standin)}, "claude-standin")
     async with running_gateway(backend) as url:
         async with httpx.AsyncClient(timeout=30) as http:
-            body = {"model": "claude-standin", "max_tokens": 50, "stream": True,
-                    "messages": [{"role": "user", "content": "hi"}]}
-            async with http.stream("POST", url + "/v1/messages", json=body,
-                                   headers={"x-standin-token-delay-s": "0.05"}) as response:
+            body = {
+                "model": "claude-standin",
+                "max_tokens": 50,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            async with http.stream(
+                "POST", url + "/v1/messages", json=body, headers={"x-standin-token-delay-s": "0.05"}
+            ) as response:
                 lines = response.aiter_lines()
                 await lines.__anext__()
                 during = (await http.get(url + "/gateway/status")).json()
@@ -492,7 +579,7 @@ def test_meter_counts_openai_tokens_across_split_chunks_and_prefers_usage() -> N
     seen: list[float] = []
     meter = TokenMeter(anthropic=False, on_token=seen.append)
     stream = (
-        b': keepalive 1/9\n\n'
+        b": keepalive 1/9\n\n"
         b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
         b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
         b'data: {"choices":[{"delta":{"reasoning_content":"hm"}}]}\r\n\r\n'
@@ -500,9 +587,12 @@ def test_meter_counts_openai_tokens_across_split_chunks_and_prefers_usage() -> N
         b'data: {"choices":[{"delta":{"content":null}, "finish_reason":"stop"}]}\n\n'
     )
     for i in range(0, len(stream), 7):
-        meter.feed(stream[i:i + 7], at_s=float(i))
+        meter.feed(stream[i : i + 7], at_s=float(i))
     assert meter.tokens == 3 and len(seen) == 3 and meter.first_token_at_s is not None
-    meter.feed(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":17}}\n\ndata: [DONE]\n\n', 999.0)
+    meter.feed(
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":17}}\n\ndata: [DONE]\n\n',
+        999.0,
+    )
     assert meter.tokens == 17 and meter.counted_tokens == 3
 
 
@@ -511,10 +601,15 @@ def test_meter_counts_anthropic_deltas_and_records_errors() -> None:
     meter = TokenMeter(anthropic=True)
     meter.feed(b'event: ping\ndata: {"type":"ping"}\n\n: keepalive\n\n', 1.0)
     assert meter.tokens == 0
-    meter.feed(b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"a"}}\n\n', 2.0)
+    meter.feed(
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"a"}}\n\n',
+        2.0,
+    )
     meter.feed(b'data: {"type": "content_block_delta", "delta": {"text": "b"}}\n\n', 4.5)
     assert meter.tokens == 2 and meter.max_gap_s == 2.5
-    meter.feed(b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":9}}\n\n', 5.0)
+    meter.feed(
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":9}}\n\n', 5.0
+    )
     meter.feed(b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}\n\n', 6.0)
     assert meter.tokens == 9 and meter.error == {"type": "overloaded_error"}
 
@@ -522,10 +617,23 @@ def test_meter_counts_anthropic_deltas_and_records_errors() -> None:
 def test_settings_from_toml_accepts_units_and_names_bad_keys() -> None:
     """The [gateway] table takes durations and sizes in human units; mistakes name file, key and what is valid."""
     settings = GatewaySettings.from_toml(
-        {"listen": "0.0.0.0:9000", "hold_s": "2m", "max_body_bytes": "8MiB", "decode_stall_s": 30,
-         "api_key_env": "GW_KEY"}, file="/etc/llm.toml", key="gateway", environ={"GW_KEY": "k"})
+        {
+            "listen": "0.0.0.0:9000",
+            "hold_s": "2m",
+            "max_body_bytes": "8MiB",
+            "decode_stall_s": 30,
+            "api_key_env": "GW_KEY",
+        },
+        file="/etc/llm.toml",
+        key="gateway",
+        environ={"GW_KEY": "k"},
+    )
     assert (settings.host, settings.port, settings.hold_s) == ("0.0.0.0", 9000, 120.0)
-    assert settings.max_body_bytes == 8 * 2**20 and settings.api_key == "k" and "k" not in repr(settings)
+    assert (
+        settings.max_body_bytes == 8 * 2**20
+        and settings.api_key == "k"
+        and "k" not in repr(settings)
+    )
     assert GatewaySettings.from_toml({}, file=None).listen == "127.0.0.1:8000"
     cases = [
         ({"listen": "localhost"}, "gateway.listen", "HOST:PORT"),
@@ -537,4 +645,6 @@ def test_settings_from_toml_accepts_units_and_names_bad_keys() -> None:
     for table, key, hint in cases:
         with pytest.raises(ConfigError) as info:
             GatewaySettings.from_toml(table, file="/etc/llm.toml", key="gateway", environ={})
-        assert info.value.key == key and info.value.file == "/etc/llm.toml" and hint in str(info.value)
+        assert (
+            info.value.key == key and info.value.file == "/etc/llm.toml" and hint in str(info.value)
+        )

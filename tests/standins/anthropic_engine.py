@@ -33,8 +33,12 @@ class _Stats:
 
     def as_dict(self) -> dict[str, int]:
         with self.lock:
-            return {"requests": self.requests, "active_streams": self.active_streams,
-                    "client_gone": self.client_gone, "completed": self.completed}
+            return {
+                "requests": self.requests,
+                "active_streams": self.active_streams,
+                "client_gone": self.client_gone,
+                "completed": self.completed,
+            }
 
 
 STATS = _Stats()
@@ -60,21 +64,30 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/standin/stats":
             self._json(200, STATS.as_dict())
         else:
-            self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
+            self._json(
+                404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}}
+            )
 
     def do_POST(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         raw = self.rfile.read(length)
         if self.path != "/v1/messages":
-            self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
+            self._json(
+                404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}}
+            )
             return
         try:
             body = json.loads(raw)
             max_tokens = int(body["max_tokens"])
             model = str(body.get("model", "standin"))
         except (ValueError, KeyError, TypeError) as exc:
-            self._json(400, {"type": "error",
-                             "error": {"type": "invalid_request_error", "message": f"bad request: {exc}"}})
+            self._json(
+                400,
+                {
+                    "type": "error",
+                    "error": {"type": "invalid_request_error", "message": f"bad request: {exc}"},
+                },
+            )
             return
         with STATS.lock:
             STATS.requests += 1
@@ -85,12 +98,19 @@ class Handler(BaseHTTPRequestHandler):
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
         if not body.get("stream"):
             time.sleep(prefill_s + delay_s * len(words))
-            self._json(200, {
-                "id": message_id, "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": "".join(words)}],
-                "stop_reason": "max_tokens", "stop_sequence": None,
-                "usage": {"input_tokens": 5, "output_tokens": len(words)},
-            })
+            self._json(
+                200,
+                {
+                    "id": message_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [{"type": "text", "text": "".join(words)}],
+                    "stop_reason": "max_tokens",
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 5, "output_tokens": len(words)},
+                },
+            )
             with STATS.lock:
                 STATS.completed += 1
             return
@@ -101,27 +121,56 @@ class Handler(BaseHTTPRequestHandler):
         with STATS.lock:
             STATS.active_streams += 1
         try:
-            self._event("message_start", {"type": "message_start", "message": {
-                "id": message_id, "type": "message", "role": "assistant", "model": model,
-                "content": [], "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": 5, "output_tokens": 1}}})
+            self._event(
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": message_id,
+                        "type": "message",
+                        "role": "assistant",
+                        "model": model,
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": {"input_tokens": 5, "output_tokens": 1},
+                    },
+                },
+            )
             deadline = time.monotonic() + prefill_s
             while time.monotonic() < deadline:
                 step = min(keepalive_s or prefill_s, max(0.0, deadline - time.monotonic()))
                 time.sleep(step)
                 if keepalive_s:
                     self._write(b": keepalive\n\n")
-            self._event("content_block_start", {"type": "content_block_start", "index": 0,
-                                                "content_block": {"type": "text", "text": ""}})
+            self._event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
             self._event("ping", {"type": "ping"})
             for word in words:
-                self._event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                    "delta": {"type": "text_delta", "text": word}})
+                self._event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": word},
+                    },
+                )
                 time.sleep(delay_s)
             self._event("content_block_stop", {"type": "content_block_stop", "index": 0})
-            self._event("message_delta", {"type": "message_delta",
-                                          "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
-                                          "usage": {"output_tokens": len(words)}})
+            self._event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                    "usage": {"output_tokens": len(words)},
+                },
+            )
             self._event("message_stop", {"type": "message_stop"})
             with STATS.lock:
                 STATS.completed += 1

@@ -29,12 +29,12 @@ SECRET_URL = "https://hooks.example.com/services/T000/B000/very-secret-token"
 
 
 def firing(**overrides: object) -> Alert:
-    fields: dict[str, object] = dict(
-        key="engine.failed:mlx", status="firing", severity="critical",
-        summary="mlx crashed 5 times in 10 minutes; giving up", engine="mlx",
-        details={"restarts": 5, "last_exit": "SIGKILL"}, id="a-1", episode_id="ep-1",
-        created_at="2027-01-15T08:00:00.000Z", started_at="2027-01-15T08:00:00.000Z",
-    )
+    fields: dict[str, object] = {
+        "key": "engine.failed:mlx", "status": "firing", "severity": "critical",
+        "summary": "mlx crashed 5 times in 10 minutes; giving up", "engine": "mlx",
+        "details": {"restarts": 5, "last_exit": "SIGKILL"}, "id": "a-1", "episode_id": "ep-1",
+        "created_at": "2027-01-15T08:00:00.000Z", "started_at": "2027-01-15T08:00:00.000Z",
+    }
     fields.update(overrides)
     return Alert(**fields)  # type: ignore[arg-type]
 

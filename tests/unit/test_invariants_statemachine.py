@@ -77,6 +77,7 @@ class Ghost:
     reboot_enabled: bool = False
     auto_spawns: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # (boot, now_s)
     exits: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # (boot, at_s, ready_for_s)
+    crash_looped: set[str] = field(default_factory=set)  # until a person starts it again
     reboots_wall: list[float] = field(default_factory=list)
     cancelled_this_episode: bool = False
     violations: list[str] = field(default_factory=list)
@@ -131,8 +132,8 @@ class SupervisorModel(RuleBasedStateMachine):
         if not isinstance(decision, Admit):
             return False
         if automatic:
-            if self.crash_looping(name):
-                self.ghost.violations.append(f"{name} was auto-spawned again in a crash loop")
+            if name in self.ghost.crash_looped:
+                self.ghost.violations.append(f"{name} was auto-spawned again after a crash loop")
             for boot, at_s in self.ghost.auto_spawns.get(name, []):
                 if boot == self.boot and self.now_s - at_s < 60.0:
                     self.ghost.violations.append(f"{name} auto-spawned {self.now_s - at_s}s after the last")
@@ -142,14 +143,21 @@ class SupervisorModel(RuleBasedStateMachine):
         return True
 
     def crash_looping(self, name: str) -> bool:
-        """Ghost: max_failures unplanned exits within the window since the last long healthy run."""
-        exits = [e for e in self.ghost.exits.get(name, []) if e[0] == self.boot]
-        streak = []
-        for boot, at_s, ready_for_s in exits:
-            streak = [] if ready_for_s >= BACKOFF.reset_after_ready_s else streak
+        """Ghost: max_failures unplanned exits within the window, since the last long healthy run."""
+        streak: list[float] = []
+        for boot, at_s, ready_for_s in self.ghost.exits.get(name, []):
+            if boot != self.boot:
+                continue  # a reboot starts afresh (and the monotonic clock restarted)
+            if ready_for_s >= BACKOFF.reset_after_ready_s:
+                streak = []
             streak.append(at_s)
         recent = [t for t in streak if self.now_s - t <= BACKOFF.failure_window_s]
         return len(recent) >= BACKOFF.max_failures
+
+    def person_acts_on(self, name: str) -> None:
+        """A person's start or switch ends the ghost's crash-loop memory, as it ends ``failed``."""
+        self.ghost.exits.pop(name, None)
+        self.ghost.crash_looped.discard(name)
 
     def stop(self, name: str) -> None:
         if self.resident.pop(name, None) is not None:
@@ -159,6 +167,8 @@ class SupervisorModel(RuleBasedStateMachine):
         since = self.resident.pop(name)
         self.last_exit_at_s = self.now_s
         self.ghost.exits.setdefault(name, []).append((self.boot, self.now_s, self.now_s - since))
+        if self.crash_looping(name):
+            self.ghost.crash_looped.add(name)
         state = record_exit(self.backoff[name], self.now_s, self.now_s - since, reason, settings=BACKOFF)
         self.backoff[name] = state
         decision = decide_after_exit(state, BACKOFF, self.now_s)
@@ -252,7 +262,7 @@ class SupervisorModel(RuleBasedStateMachine):
 
     @rule(name=engines, force=st.booleans())
     def person_starts(self, name: str, force: bool) -> None:
-        self.ghost.exits.pop(name, None)
+        self.person_acts_on(name)
         self.wanted.add(name)
         self.failed.discard(name)
         if name not in self.resident and isinstance(
@@ -300,6 +310,7 @@ class SupervisorModel(RuleBasedStateMachine):
     @rule(goal=engines, keep_fitting=st.booleans())
     def switch(self, goal: str, keep_fitting: bool) -> None:
         target = goal
+        self.person_acts_on(target)
         stranded, _ = self.stranded_estimate()
         plan = plan_swap(
             [FOOTPRINTS[n] for n in self.resident], FOOTPRINTS[target], BUDGET_BYTES, SWAP,
@@ -325,14 +336,16 @@ class SupervisorModel(RuleBasedStateMachine):
             self.spawn(target, automatic=False)
 
     @precondition(lambda self: self.resident)
-    @rule(data=st.data(), sleeps=st.integers(min_value=0, max_value=4))
-    def metal_hang_strands_memory(self, data: st.DataObject, sleeps: int) -> None:
+    @rule(data=st.data(), sleeps=st.integers(min_value=0, max_value=5), person_cancels=st.booleans())
+    def metal_hang_strands_memory(self, data: st.DataObject, sleeps: int, person_cancels: bool) -> None:
         """A GPU hang: the engine is killed and ~245 GB of wired memory stays behind."""
         name = data.draw(st.sampled_from(sorted(self.resident)))
         self.unplanned_exit(name, "hung: canary got no token within 10s")
         self.stranded_true_bytes = min(300 * GB, self.stranded_true_bytes + 245 * GB)
         for _ in range(sleeps):
             self.sleep_until_next_decision()
+            if person_cancels and self.reboot_state.phase == "announced":
+                self.person_cancels_reboot()  # during the grace, then time goes on
 
     @rule()
     def daemon_restarts(self) -> None:

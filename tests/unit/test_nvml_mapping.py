@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -199,7 +200,7 @@ def test_xid_classification(xid: int, reboot: bool, reset: bool) -> None:
     assert (xid_needs_reboot(xid), xid_needs_reset(xid)) == (reboot, reset)
 
 
-def _collector() -> tuple[list[XidEvent], threading.Event, callable]:
+def _collector() -> tuple[list[XidEvent], threading.Event, Callable[[XidEvent], None]]:
     events: list[XidEvent] = []
     arrived = threading.Event()
 

@@ -85,11 +85,17 @@ def test_stranded_idle_samples_do_not_raise_the_baseline() -> None:
 
 
 def test_a_new_boot_learns_a_new_baseline() -> None:
-    """After a reboot the baseline is learned afresh (the old boot's samples are dropped)."""
+    """After a reboot the old baseline stands in until the new boot has idle samples of its own."""
     state = learned([IDLE] * 3)
-    state = update_baseline(state, boot_id="boot-2", wired_bytes=IDLE + GB, engine_resident=False,
-                            last_exit_at_s=None, now_s=10.0, settings=S)
-    assert state.boot_id == "boot-2" and state.baseline_wired_bytes is None
+
+    def sample(s: BaselineState, wired: int, resident: bool = False) -> BaselineState:
+        return update_baseline(s, boot_id="boot-2", wired_bytes=wired, engine_resident=resident,
+                               last_exit_at_s=None, now_s=10.0, settings=S)
+
+    state = sample(state, LOADED_4BIT, resident=True)  # the engine started right after boot
+    assert state.boot_id == "boot-2" and state.provisional and state.baseline_wired_bytes == IDLE
+    state = sample(sample(sample(state, IDLE + GB), IDLE + GB), IDLE + GB)
+    assert not state.provisional and state.baseline_wired_bytes == IDLE + GB  # the new boot's own
 
 
 def test_hang_leaves_memory_stranded_and_alerts_reboot_required() -> None:
