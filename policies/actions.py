@@ -90,7 +90,9 @@ class Alert:
                 f"Alert.severity must be one of {', '.join(SEVERITIES)}, got {self.severity!r}"
             )
         if not self.key:
-            raise ValueError("Alert.key must be a non-empty episode key such as 'engine.failed:mlx'")
+            raise ValueError(
+                "Alert.key must be a non-empty episode key such as 'engine.failed:mlx'"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +155,15 @@ class Noop:
 
 
 Action: TypeAlias = (
-    Start | Stop | Restart | WaitUntil | Alert | EscalateReboot | RunReboot | Refuse | MarkFailed
-    | Admit | Noop
+    Start
+    | Stop
+    | Restart
+    | WaitUntil
+    | Alert
+    | EscalateReboot
+    | RunReboot
+    | Refuse
+    | MarkFailed
+    | Admit
+    | Noop
 )

@@ -95,7 +95,10 @@ def admit(
     """
     require(available_bytes >= 0, f"available_bytes must be >= 0, got {available_bytes!r}")
     require(headroom_bytes >= 0, f"headroom_bytes must be >= 0, got {headroom_bytes!r}")
-    require(budget_bytes is None or budget_bytes > 0, f"budget_bytes must be > 0 or None, got {budget_bytes!r}")
+    require(
+        budget_bytes is None or budget_bytes > 0,
+        f"budget_bytes must be > 0 or None, got {budget_bytes!r}",
+    )
     require(stranded_bytes >= 0, f"stranded_bytes must be >= 0, got {stranded_bytes!r}")
 
     name = candidate.engine
@@ -154,7 +157,9 @@ def admit(
                 f"{gb(available_bytes)} is available because {gb(stranded_bytes)} of wired memory is "
                 "stranded from an earlier crash. Only a reboot frees stranded wired memory",
             )
-        stranded_note = f" ({gb(stranded_bytes)} of it held by stranded wired memory)" if stranded_bytes else ""
+        stranded_note = (
+            f" ({gb(stranded_bytes)} of it held by stranded wired memory)" if stranded_bytes else ""
+        )
         return Refuse(
             name,
             "memory",
@@ -184,7 +189,9 @@ def admit(
                         "gpu",
                         f"{name} needs {gb(share_bytes)} on GPU {device}, which has only {gb(free)} free",
                     )
-            gpu_note = f"; {gb(share_bytes)} per GPU on {', '.join(map(str, candidate.gpu_devices))}"
+            gpu_note = (
+                f"; {gb(share_bytes)} per GPU on {', '.join(map(str, candidate.gpu_devices))}"
+            )
 
     budget_note = f" of a {gb(budget_bytes)} budget" if budget_bytes is not None else ""
     return Admit(

@@ -51,8 +51,13 @@ class BackoffSettings:
             "faster restarts crash-loop after a Metal OOM (the same weights hit the same full "
             "memory), which is why launchd users set ThrottleInterval to 60s or more",
         )
-        require(self.initial_s > 0, f"backoff initial_s must be > 0 seconds, got {self.initial_s!r}")
-        require(self.factor >= 1, f"backoff factor must be >= 1 (1 = constant delay), got {self.factor!r}")
+        require(
+            self.initial_s > 0, f"backoff initial_s must be > 0 seconds, got {self.initial_s!r}"
+        )
+        require(
+            self.factor >= 1,
+            f"backoff factor must be >= 1 (1 = constant delay), got {self.factor!r}",
+        )
         require(
             self.max_s >= self.initial_s,
             f"backoff max_s ({self.max_s!r}) must be >= initial_s ({self.initial_s!r})",
@@ -62,7 +67,8 @@ class BackoffSettings:
             f"backoff reset_after_ready_s must be > 0 seconds, got {self.reset_after_ready_s!r}",
         )
         require(
-            isinstance(self.max_failures, int) and not isinstance(self.max_failures, bool)
+            isinstance(self.max_failures, int)
+            and not isinstance(self.max_failures, bool)
             and self.max_failures >= 1,
             f"backoff max_failures must be an integer >= 1, got {self.max_failures!r}",
         )
@@ -87,7 +93,9 @@ class BackoffState:
 
     engine: str
     spawn_times_s: tuple[float, ...] = ()
-    failure_times_s: tuple[float, ...] = ()  # failures since the last run that stayed ready long enough
+    failure_times_s: tuple[
+        float, ...
+    ] = ()  # failures since the last run that stayed ready long enough
     consecutive_failures: int = 0
     last_exit_at_s: float | None = None
     last_exit_reason: str | None = None
@@ -169,7 +177,9 @@ def decide_after_exit(
             f"Fix the cause, then run `llmctl start {engine}`"
         )
         return (
-            MarkFailed(engine, f"{count} failures within {secs(settings.failure_window_s)}; last: {reason}"),
+            MarkFailed(
+                engine, f"{count} failures within {secs(settings.failure_window_s)}; last: {reason}"
+            ),
             Alert(
                 key=f"engine.failed:{engine}",
                 severity="critical",
@@ -254,7 +264,9 @@ def from_record(record: dict[str, object], *, now_s: float | None = None) -> Bac
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         ):
-            raise ValueError(f"backoff record: {key} must be a list of numbers (seconds), got {value!r}")
+            raise ValueError(
+                f"backoff record: {key} must be a list of numbers (seconds), got {value!r}"
+            )
         return tuple(float(v) for v in value)
 
     engine = record.get("engine")
@@ -266,11 +278,17 @@ def from_record(record: dict[str, object], *, now_s: float | None = None) -> Bac
             f"backoff record: consecutive_failures must be an integer >= 0, got {consecutive!r}"
         )
     last_exit = record.get("last_exit_at_s")
-    if last_exit is not None and (not isinstance(last_exit, (int, float)) or isinstance(last_exit, bool)):
-        raise ValueError(f"backoff record: last_exit_at_s must be a number or null, got {last_exit!r}")
+    if last_exit is not None and (
+        not isinstance(last_exit, (int, float)) or isinstance(last_exit, bool)
+    ):
+        raise ValueError(
+            f"backoff record: last_exit_at_s must be a number or null, got {last_exit!r}"
+        )
     last_reason = record.get("last_exit_reason")
     if last_reason is not None and not isinstance(last_reason, str):
-        raise ValueError(f"backoff record: last_exit_reason must be a string or null, got {last_reason!r}")
+        raise ValueError(
+            f"backoff record: last_exit_reason must be a string or null, got {last_reason!r}"
+        )
     state = BackoffState(
         engine=engine,
         spawn_times_s=floats("spawn_times_s"),

@@ -25,10 +25,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
-
 from policies._format import require
 from policies.actions import Alert
+from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +84,8 @@ def window_rates(
 ) -> tuple[float | None, ...]:
     """Rates of the last ``count`` windows ending at ``now_s``, newest first."""
     return tuple(
-        rolling_rate(samples, now_s - (k + 1) * window_s, now_s - k * window_s) for k in range(count)
+        rolling_rate(samples, now_s - (k + 1) * window_s, now_s - k * window_s)
+        for k in range(count)
     )
 
 
@@ -172,7 +172,9 @@ def assess_degraded(
     rates = window_rates(samples, now_s, settings.window_s, settings.degraded_windows)
     latest = rates[0]
     if baseline_tokens_per_s is None or baseline_tokens_per_s <= 0:
-        return DegradedAssessment(False, False, latest, None, 0, "no throughput baseline learned yet")
+        return DegradedAssessment(
+            False, False, latest, None, 0, "no throughput baseline learned yet"
+        )
     threshold = settings.degraded_share * baseline_tokens_per_s
     below = 0
     for rate in rates:
@@ -205,7 +207,9 @@ def degraded_alert(engine: str, assessment: DegradedAssessment, was_degraded: bo
     if assessment.degraded:
         return Alert(key, "warning", f"{engine} is degraded: {assessment.reason}", details)
     if was_degraded and assessment.recovered:
-        return Alert(key, "warning", f"{engine} recovered: {assessment.reason}", details, resolved=True)
+        return Alert(
+            key, "warning", f"{engine} recovered: {assessment.reason}", details, resolved=True
+        )
     return None
 
 
@@ -226,7 +230,9 @@ def assess_hung(
     require(stall_s > 0, f"stall_s must be > 0 seconds, got {stall_s!r}")
     if process_tree is not None:
         if process_tree.zombie:
-            return HungAssessment(True, f"zombie: pid {process_tree.root_pid} exited but was not reaped")
+            return HungAssessment(
+                True, f"zombie: pid {process_tree.root_pid} exited but was not reaped"
+            )
         if process_tree.stopped:
             return HungAssessment(True, "process stopped (SIGSTOP)")
     if canary is not None and canary.stalled:
@@ -241,7 +247,11 @@ def assess_hung(
 def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: float) -> str | None:
     """Requests running and the token total flat since a sample at least ``stall_s`` old."""
     usable = sorted(
-        (c for c in history if c.generated_tokens_total is not None and c.requests_running is not None),
+        (
+            c
+            for c in history
+            if c.generated_tokens_total is not None and c.requests_running is not None
+        ),
         key=lambda c: c.at_s,
     )
     if not usable or not usable[-1].requests_running or usable[-1].requests_running <= 0:

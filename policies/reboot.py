@@ -55,7 +55,10 @@ class RebootSettings:
     argv: tuple[str, ...] = ("sudo", "shutdown", "-r", "now")
 
     def __post_init__(self) -> None:
-        require(isinstance(self.enabled, bool), f"reboot enabled must be true or false, got {self.enabled!r}")
+        require(
+            isinstance(self.enabled, bool),
+            f"reboot enabled must be true or false, got {self.enabled!r}",
+        )
         require(
             self.grace_s >= 30,
             f"reboot grace_s must be >= 30s, got {self.grace_s!r}: the reboot is announced first so a "
@@ -69,14 +72,15 @@ class RebootSettings:
         argv = self.argv
         require(
             not isinstance(argv, (str, bytes)),
-            f"reboot argv must be a list of strings such as [\"sudo\", \"shutdown\", \"-r\", \"now\"], "
+            f'reboot argv must be a list of strings such as ["sudo", "shutdown", "-r", "now"], '
             f"not a shell string: got {argv!r}",
         )
         require(
-            isinstance(argv, (list, tuple)) and len(argv) > 0
+            isinstance(argv, (list, tuple))
+            and len(argv) > 0
             and all(isinstance(a, str) and a for a in argv),
             f"reboot argv must be a non-empty list of non-empty strings such as "
-            f"[\"sudo\", \"shutdown\", \"-r\", \"now\"], got {argv!r}",
+            f'["sudo", "shutdown", "-r", "now"], got {argv!r}',
         )
         object.__setattr__(self, "argv", tuple(argv))
 
@@ -153,11 +157,21 @@ def decide_reboot(
     if not stranded_persisting:
         if state.phase == "announced":
             return RebootState(), (
-                Alert("reboot.announced", "critical", f"reboot called off: {state.reason or reason} cleared", resolved=True),
+                Alert(
+                    "reboot.announced",
+                    "critical",
+                    f"reboot called off: {state.reason or reason} cleared",
+                    resolved=True,
+                ),
             )
         if state.phase in ("required", "cancelled"):
             return RebootState(), (
-                Alert("reboot.required", "critical", f"reboot no longer required: {state.reason or reason} cleared", resolved=True),
+                Alert(
+                    "reboot.required",
+                    "critical",
+                    f"reboot no longer required: {state.reason or reason} cleared",
+                    resolved=True,
+                ),
             )
         return RebootState(), ()
 
@@ -203,7 +217,9 @@ def decide_reboot(
     )
 
 
-def _blocked(ledger: RebootLedger, settings: RebootSettings, now_wall: float, reason: str) -> Alert | None:
+def _blocked(
+    ledger: RebootLedger, settings: RebootSettings, now_wall: float, reason: str
+) -> Alert | None:
     """The alert that replaces a reboot when escalation is off or inside the cooldown."""
     if not settings.enabled:
         return Alert(
@@ -246,13 +262,22 @@ def decide_xid(
     """
     if xid == XID_FALLEN_OFF_BUS:
         return decide_gpu_lost(
-            device_index, engines_on_device, state, ledger, settings, now_s, now_wall,
-            stop_grace_s=stop_grace_s, cause=f"GPU {device_index} fell off the bus (XID 79)",
+            device_index,
+            engines_on_device,
+            state,
+            ledger,
+            settings,
+            now_s,
+            now_wall,
+            stop_grace_s=stop_grace_s,
+            cause=f"GPU {device_index} fell off the bus (XID 79)",
         )
     what = XID_RESET_REQUIRED.get(xid)
     if what is None:
         return state, ()
-    stops = tuple(Stop(e, stop_grace_s, f"GPU {device_index} XID {xid}: {what}") for e in engines_on_device)
+    stops = tuple(
+        Stop(e, stop_grace_s, f"GPU {device_index} XID {xid}: {what}") for e in engines_on_device
+    )
     stopped = f"; stopped {', '.join(engines_on_device)}" if engines_on_device else ""
     return state, (
         *stops,
@@ -399,7 +424,9 @@ def ledger_from_record(record: object) -> RebootLedger:
     if not isinstance(record, (list, tuple)) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in record
     ):
-        raise ValueError(f"reboot ledger must be a list of Unix timestamps (numbers), got {record!r}")
+        raise ValueError(
+            f"reboot ledger must be a list of Unix timestamps (numbers), got {record!r}"
+        )
     return RebootLedger(tuple(float(v) for v in record))
 
 

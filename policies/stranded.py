@@ -70,7 +70,9 @@ class BaselineState:
     provisional: bool = False  # the baseline is the previous boot's, until this boot learns its own
 
 
-def is_settled(engine_resident: bool, last_exit_at_s: float | None, now_s: float, settings: StrandedSettings) -> bool:
+def is_settled(
+    engine_resident: bool, last_exit_at_s: float | None, now_s: float, settings: StrandedSettings
+) -> bool:
     """No engine resident, and the last exit (if any) is older than the reclaim window."""
     if engine_resident:
         return False
@@ -107,7 +109,9 @@ def update_baseline(
         return replace(state, recent_idle_wired_bytes=recent)
     low = min(recent)
     baseline = min(state.baseline_wired_bytes, low) if own else low  # type: ignore[type-var]
-    return replace(state, baseline_wired_bytes=baseline, recent_idle_wired_bytes=recent, provisional=False)
+    return replace(
+        state, baseline_wired_bytes=baseline, recent_idle_wired_bytes=recent, provisional=False
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +172,9 @@ def assess_stranded(
             details=details,
             resolved=True,
         )
-    return StrandedAssessment(stranded_bytes=stranded, reclaiming=reclaiming, over_threshold=over, alert=alert)
+    return StrandedAssessment(
+        stranded_bytes=stranded, reclaiming=reclaiming, over_threshold=over, alert=alert
+    )
 
 
 def reclaim_note(last_exit_at_s: float, now_s: float, settings: StrandedSettings) -> str:

@@ -46,7 +46,10 @@ class SwapSettings:
             f"swap stop_grace_s must be >= 10s, got {self.stop_grace_s!r}: SIGKILL of an engine "
             "that is still unloading can strand wired memory until reboot",
         )
-        require(self.memory_wait_s > 0, f"swap memory_wait_s must be > 0 seconds, got {self.memory_wait_s!r}")
+        require(
+            self.memory_wait_s > 0,
+            f"swap memory_wait_s must be > 0 seconds, got {self.memory_wait_s!r}",
+        )
         require(
             0 < self.poll_interval_s <= self.memory_wait_s,
             f"swap poll_interval_s must be > 0 and <= memory_wait_s ({self.memory_wait_s!r}), "
@@ -87,7 +90,9 @@ def plan_swap(
     """
     name = target.engine
     if budget_bytes is not None and target.bytes + stranded_bytes > budget_bytes:
-        stranded_note = f" with {gb(stranded_bytes)} of wired memory stranded" if stranded_bytes else ""
+        stranded_note = (
+            f" with {gb(stranded_bytes)} of wired memory stranded" if stranded_bytes else ""
+        )
         return Refuse(
             name,
             "stranded" if stranded_bytes and target.bytes <= budget_bytes else "budget",
@@ -132,7 +137,9 @@ def memory_returned(before_bytes: int, now_bytes: int, needed_bytes: int) -> Mem
     """Has enough memory come back? ``before``/``now`` are available bytes; ``needed`` = footprint + headroom."""
     require(needed_bytes >= 0, f"needed_bytes must be >= 0, got {needed_bytes!r}")
     short = max(0, needed_bytes - now_bytes)
-    return MemoryReturn(returned_bytes=max(0, now_bytes - before_bytes), enough=short == 0, short_bytes=short)
+    return MemoryReturn(
+        returned_bytes=max(0, now_bytes - before_bytes), enough=short == 0, short_bytes=short
+    )
 
 
 def decide_memory_wait(
@@ -193,7 +200,9 @@ class JoinSwap:
     target: str
 
 
-def decide_swap_request(active: ActiveSwap | None, requested: str, now_s: float) -> Admit | JoinSwap | Refuse:
+def decide_swap_request(
+    active: ActiveSwap | None, requested: str, now_s: float
+) -> Admit | JoinSwap | Refuse:
     """A swap to ``requested`` was asked for while ``active`` (or nothing) runs."""
     if active is None:
         return Admit(requested, "no swap in progress")

@@ -119,9 +119,9 @@ class MlxLmAdapter(EngineAdapter):
 
     @property
     def request_model(self) -> str | None:
-        # mlx_lm.server serves the model it was started with; a "model" field naming a path makes it
-        # load that path, so requests leave the field to the server unless served_model says otherwise.
-        return self.config.served_model
+        # mlx_lm.server treats the "model" field as a path to load; "default_model" means the one it
+        # was started with, so a client's "model": "<engine name>" must not reach it unchanged.
+        return self.config.served_model or "default_model"
 
 
 class OmlxAdapter(EngineAdapter):

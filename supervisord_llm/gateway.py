@@ -444,6 +444,7 @@ class GatewayStats:
         self.in_flight = 0  # requests being handled, from arrival to the last byte
         self.waiting = 0  # of those, waiting for an engine (acquire)
         self.requests_total = 0
+        self.upstream_retries = 0  # sends retried after the engine dropped the connection unanswered
         self.engines: dict[str, dict[str, int]] = {}
 
     def engine(self, name: str) -> dict[str, int]:
@@ -458,6 +459,7 @@ class GatewayStats:
             "in_flight": self.in_flight,
             "waiting": self.waiting,
             "requests_total": self.requests_total,
+            "upstream_retries": self.upstream_retries,
             "engines": {name: dict(c) for name, c in sorted(self.engines.items())},
         }
 
@@ -665,6 +667,7 @@ class _Forward:
             try:
                 return await self.gw.client.send(self.request, stream=True)
             except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                self.gw.stats.upstream_retries += 1
                 await anyio.sleep(delay_s)
         return await self.gw.client.send(self.request, stream=True)
 

@@ -227,6 +227,9 @@ class GpuExtension:
         now = self.daemon.clock.now()
         released: dict[str, list[tuple[int, _Departed]]] = {}
         for pid, dep in list(self._departed.items()):
+            if pid in self._owners:  # the pid now belongs to a live engine (reused): not a leftover
+                del self._departed[pid]
+                continue
             if pid in held:
                 dep.used_bytes = max(dep.used_bytes, held[pid])
                 continue
@@ -324,8 +327,6 @@ class GpuExtension:
             return sigkilled
 
         sigkilled = await anyio.to_thread.run_sync(kill)
-        for o in orphans:
-            self._departed.setdefault(o.pid, _Departed(_engine_of_tag(o.tag), o.used_bytes, started))
         released = await self._wait_pids_gone({o.pid for o in orphans}, daemon.config.memory.return_wait_s)
         daemon.events.emit("gpu.orphans_freed", engine=sup.name, pids=[o.pid for o in orphans],
                            bytes=sum(o.used_bytes for o in orphans),
@@ -340,7 +341,7 @@ class GpuExtension:
             reading = self.reading
             if reading is None or not reading.available:
                 return True  # nothing to wait on: the probe failure is reported by the poll loop
-            if not (pids & set(held_bytes_by_pid(reading, devices))):
+            if not ((pids - set(self._owners)) & set(held_bytes_by_pid(reading, devices))):
                 self._settle(reading)
                 return True
             if self.daemon.clock.now() >= deadline:
@@ -477,11 +478,6 @@ class GpuExtension:
             },
             "awaiting_release": sorted(self._departed),
         }
-
-
-def _engine_of_tag(tag: str) -> str:
-    parts = tag.split("/")
-    return parts[1] if len(parts) > 1 else tag
 
 
 def _reboot_cause(alert: Alert, event: XidEvent) -> str:

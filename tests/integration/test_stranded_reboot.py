@@ -63,7 +63,7 @@ def test_status_follows_the_vm_stat_sequence_idle_loaded_stranded(daemon_factory
         seen.add(mem["wired_bytes"])
         return mem if mem["wired_bytes"] == wired("studio-512gb-stranded-after-hang") and mem["stranded_bytes"] else None
 
-    mem = _wait(observe, 20, "stranded never shown")
+    mem = _wait(observe, 60, "stranded never shown")
     assert wired("studio-512gb-idle") in seen and wired("studio-512gb-8bit-loaded") in seen
     assert mem["baseline_wired_bytes"] == wired("studio-512gb-idle")
     expected = wired("studio-512gb-stranded-after-hang") - wired("studio-512gb-idle")

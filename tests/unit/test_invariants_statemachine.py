@@ -5,19 +5,32 @@ stranded, reboot, health). Hypothesis drives it with random rules and checks, af
 
 1. resident engines never exceed the memory budget together, and an exclusive one never shares;
 2. two automatic spawns of one engine (within one boot) are >= 60 s apart;
-3. no reboot unless enabled, none inside the cooldown, none after a cancel in the same episode.
+3. no reboot unless enabled, none inside the cooldown, none after a cancel in the same episode;
+4. after max_failures crashes inside the failure window, no automatic spawn until a person acts.
 
 The ghost bookkeeping that checks them is independent of the policies' own state.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
-from hypothesis import HealthCheck, settings
+import pytest
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
+import policies.reboot as reboot_policy
 from policies.actions import Admit, MarkFailed, RunReboot, Start, Stop, WaitUntil
 from policies.admission import Footprint, admit
 from policies.backoff import (
@@ -67,7 +80,9 @@ BOOT_MONOTONIC_S = 5.0  # the monotonic clock restarts near 0 at every boot
 REBOOT_TAKES_S = 90.0
 
 engines = st.sampled_from(NAMES)
-durations = st.sampled_from([1.0, 10.0, 30.0, 59.0, 60.0, 61.0, 121.0, 300.0, 900.0, 3600.0, 21600.0])
+durations = st.sampled_from(
+    [1.0, 10.0, 30.0, 59.0, 60.0, 61.0, 121.0, 300.0, 900.0, 3600.0, 21600.0]
+)
 
 
 @dataclass
@@ -76,7 +91,9 @@ class Ghost:
 
     reboot_enabled: bool = False
     auto_spawns: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # (boot, now_s)
-    exits: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # (boot, at_s, ready_for_s)
+    exits: dict[str, list[tuple[int, float, float]]] = field(
+        default_factory=dict
+    )  # (boot, at_s, ready_for_s)
     crash_looped: set[str] = field(default_factory=set)  # until a person starts it again
     reboots_wall: list[float] = field(default_factory=list)
     cancelled_this_episode: bool = False
@@ -107,7 +124,11 @@ class SupervisorModel(RuleBasedStateMachine):
 
     # ---- the world ---------------------------------------------------------------------------
     def wired_bytes(self) -> int:
-        return IDLE_WIRED_BYTES + sum(FOOTPRINTS[n].bytes for n in self.resident) + self.stranded_true_bytes
+        return (
+            IDLE_WIRED_BYTES
+            + sum(FOOTPRINTS[n].bytes for n in self.resident)
+            + self.stranded_true_bytes
+        )
 
     def available_bytes(self) -> int:
         return max(0, TOTAL_BYTES - self.wired_bytes() - self.other_used_bytes)
@@ -115,8 +136,13 @@ class SupervisorModel(RuleBasedStateMachine):
     def stranded_estimate(self) -> tuple[int, bool | None]:
         live = sum(FOOTPRINTS[n].bytes for n in self.resident)
         result = assess_stranded(
-            self.baseline.baseline_wired_bytes, self.wired_bytes(), live, self.last_exit_at_s,
-            self.now_s, STRANDED, alert_active=self.stranded_alert_active,
+            self.baseline.baseline_wired_bytes,
+            self.wired_bytes(),
+            live,
+            self.last_exit_at_s,
+            self.now_s,
+            STRANDED,
+            alert_active=self.stranded_alert_active,
         )
         if result.alert is not None:
             self.stranded_alert_active = not result.alert.resolved
@@ -126,8 +152,13 @@ class SupervisorModel(RuleBasedStateMachine):
     def spawn(self, name: str, automatic: bool) -> bool:
         stranded, _ = self.stranded_estimate()
         decision = admit(
-            FOOTPRINTS[name], [FOOTPRINTS[n] for n in self.resident], self.available_bytes(),
-            HEADROOM_BYTES, BUDGET_BYTES, None, stranded,
+            FOOTPRINTS[name],
+            [FOOTPRINTS[n] for n in self.resident],
+            self.available_bytes(),
+            HEADROOM_BYTES,
+            BUDGET_BYTES,
+            None,
+            stranded,
         )
         if not isinstance(decision, Admit):
             return False
@@ -136,7 +167,9 @@ class SupervisorModel(RuleBasedStateMachine):
                 self.ghost.violations.append(f"{name} was auto-spawned again after a crash loop")
             for boot, at_s in self.ghost.auto_spawns.get(name, []):
                 if boot == self.boot and self.now_s - at_s < 60.0:
-                    self.ghost.violations.append(f"{name} auto-spawned {self.now_s - at_s}s after the last")
+                    self.ghost.violations.append(
+                        f"{name} auto-spawned {self.now_s - at_s}s after the last"
+                    )
             self.ghost.auto_spawns.setdefault(name, []).append((self.boot, self.now_s))
         self.backoff[name] = record_spawn(self.backoff[name], self.now_s)
         self.resident[name] = self.now_s
@@ -169,7 +202,9 @@ class SupervisorModel(RuleBasedStateMachine):
         self.ghost.exits.setdefault(name, []).append((self.boot, self.now_s, self.now_s - since))
         if self.crash_looping(name):
             self.ghost.crash_looped.add(name)
-        state = record_exit(self.backoff[name], self.now_s, self.now_s - since, reason, settings=BACKOFF)
+        state = record_exit(
+            self.backoff[name], self.now_s, self.now_s - since, reason, settings=BACKOFF
+        )
         self.backoff[name] = state
         decision = decide_after_exit(state, BACKOFF, self.now_s)
         if isinstance(decision[0], MarkFailed):
@@ -190,15 +225,24 @@ class SupervisorModel(RuleBasedStateMachine):
     def tick(self) -> None:
         """One supervisor pass: baseline, stranded memory, reboot escalation, automatic starts."""
         self.baseline = update_baseline(
-            self.baseline, boot_id=str(self.boot), wired_bytes=self.wired_bytes(),
-            engine_resident=bool(self.resident), last_exit_at_s=self.last_exit_at_s,
-            now_s=self.now_s, settings=STRANDED,
+            self.baseline,
+            boot_id=str(self.boot),
+            wired_bytes=self.wired_bytes(),
+            engine_resident=bool(self.resident),
+            last_exit_at_s=self.last_exit_at_s,
+            now_s=self.now_s,
+            settings=STRANDED,
         )
         _, persisting = self.stranded_estimate()
         if persisting is False:
             self.ghost.cancelled_this_episode = False
         self.reboot_state, actions = decide_reboot(
-            self.reboot_state, self.ledger, self.reboot_settings, persisting, self.now_s, self.now_wall,
+            self.reboot_state,
+            self.ledger,
+            self.reboot_settings,
+            persisting,
+            self.now_s,
+            self.now_wall,
         )
         for action in actions:
             if isinstance(action, RunReboot):
@@ -208,7 +252,9 @@ class SupervisorModel(RuleBasedStateMachine):
                     self.ghost.violations.append("reboot after a cancel in the same episode")
                 for wall in self.ghost.reboots_wall:
                     if self.now_wall - wall < self.reboot_settings.cooldown_s:
-                        self.ghost.violations.append(f"reboot {self.now_wall - wall}s after the last one")
+                        self.ghost.violations.append(
+                            f"reboot {self.now_wall - wall}s after the last one"
+                        )
                 self.ledger = record_reboot(self.ledger, self.now_wall)
                 self.ghost.reboots_wall.append(self.now_wall)
                 self.reboot_machine()
@@ -220,9 +266,13 @@ class SupervisorModel(RuleBasedStateMachine):
 
     def reload(self, *, reboot: bool = False) -> None:
         """Persist every policy state and load it back, as a restarted daemon does."""
-        self.backoff = {n: from_record(to_record(s), now_s=self.now_s) for n, s in self.backoff.items()}
+        self.backoff = {
+            n: from_record(to_record(s), now_s=self.now_s) for n, s in self.backoff.items()
+        }
         self.ledger = ledger_from_record(ledger_to_record(self.ledger))
-        self.reboot_state = RebootState() if reboot else state_from_record(state_to_record(self.reboot_state))
+        self.reboot_state = (
+            RebootState() if reboot else state_from_record(state_to_record(self.reboot_state))
+        )
 
     # ---- rules -----------------------------------------------------------------------------------
     @initialize(enabled=st.booleans(), first=engines)
@@ -313,8 +363,12 @@ class SupervisorModel(RuleBasedStateMachine):
         self.person_acts_on(target)
         stranded, _ = self.stranded_estimate()
         plan = plan_swap(
-            [FOOTPRINTS[n] for n in self.resident], FOOTPRINTS[target], BUDGET_BYTES, SWAP,
-            keep_fitting=keep_fitting, stranded_bytes=stranded,
+            [FOOTPRINTS[n] for n in self.resident],
+            FOOTPRINTS[target],
+            BUDGET_BYTES,
+            SWAP,
+            keep_fitting=keep_fitting,
+            stranded_bytes=stranded,
         )
         if not isinstance(plan, SwapPlan):
             return
@@ -328,7 +382,9 @@ class SupervisorModel(RuleBasedStateMachine):
         self.failed.discard(target)
         if plan.start is None:
             return
-        returned = memory_returned(before, self.available_bytes(), FOOTPRINTS[target].bytes + HEADROOM_BYTES)
+        returned = memory_returned(
+            before, self.available_bytes(), FOOTPRINTS[target].bytes + HEADROOM_BYTES
+        )
         (decision, *_) = decide_memory_wait(target, self.now_s, self.now_s, returned, SWAP)
         if isinstance(decision, Start) and isinstance(
             manual_start_allowed(self.backoff[target], BACKOFF, self.now_s, False), Admit
@@ -336,8 +392,12 @@ class SupervisorModel(RuleBasedStateMachine):
             self.spawn(target, automatic=False)
 
     @precondition(lambda self: self.resident)
-    @rule(data=st.data(), sleeps=st.integers(min_value=0, max_value=5), person_cancels=st.booleans())
-    def metal_hang_strands_memory(self, data: st.DataObject, sleeps: int, person_cancels: bool) -> None:
+    @rule(
+        data=st.data(), sleeps=st.integers(min_value=0, max_value=5), person_cancels=st.booleans()
+    )
+    def metal_hang_strands_memory(
+        self, data: st.DataObject, sleeps: int, person_cancels: bool
+    ) -> None:
         """A GPU hang: the engine is killed and ~245 GB of wired memory stays behind."""
         name = data.draw(st.sampled_from(sorted(self.resident)))
         self.unplanned_exit(name, "hung: canary got no token within 10s")
@@ -381,9 +441,13 @@ class SupervisorModel(RuleBasedStateMachine):
     def check_memory_invariant(self) -> None:
         resident = [FOOTPRINTS[n] for n in self.resident]
         total = sum(f.bytes for f in resident)
-        assert total <= BUDGET_BYTES, f"resident {sorted(self.resident)} = {total / GB} GB over the budget"
+        assert total <= BUDGET_BYTES, (
+            f"resident {sorted(self.resident)} = {total / GB} GB over the budget"
+        )
         if any(f.exclusive for f in resident):
-            assert len(resident) == 1, f"an exclusive engine shares the machine: {sorted(self.resident)}"
+            assert len(resident) == 1, (
+                f"an exclusive engine shares the machine: {sorted(self.resident)}"
+            )
 
     @invariant()
     def never_over_budget_and_exclusive_alone(self) -> None:
@@ -406,3 +470,87 @@ SupervisorModel.TestCase.settings = settings(
 
 class TestSupervisorInvariants(SupervisorModel.TestCase):
     """Budget, exclusivity, the 60 s spawn floor and reboot limits hold under any sequence of events."""
+
+
+# ---- the model must be able to fail: break one policy at a time and expect a violation ------------
+_THIS = sys.modules[__name__]
+_real_admit = admit
+_real_decide_after_exit = decide_after_exit
+_RealRebootSettings = RebootSettings
+
+
+def _admit_ignoring_exclusive(
+    candidate: Footprint, resident: list[Footprint], *args: object
+) -> object:
+    return _real_admit(
+        replace(candidate, exclusive=False), [replace(f, exclusive=False) for f in resident], *args
+    )
+
+
+def _never_mark_failed(state: BackoffState, s: BackoffSettings, now_s: float) -> tuple[object, ...]:
+    decision = _real_decide_after_exit(state, s, now_s)
+    if isinstance(decision[0], MarkFailed):
+        return (WaitUntil(next_start_at(state, s, now_s), "keeps restarting"),)
+    return decision
+
+
+BROKEN_POLICIES: dict[str, tuple[object, str, Callable[..., object], str]] = {
+    "no 60 s spawn floor": (
+        _THIS,
+        "next_start_at",
+        lambda state, s, now_s: now_s,
+        "after the last",
+    ),
+    "admission admits everything": (
+        _THIS,
+        "admit",
+        lambda c, *a, **k: Admit(c.engine),
+        "over the budget|shares the machine",
+    ),
+    "admission ignores exclusivity": (
+        _THIS,
+        "admit",
+        _admit_ignoring_exclusive,
+        "shares the machine",
+    ),
+    "crash loop never ends in failed": (
+        _THIS,
+        "decide_after_exit",
+        _never_mark_failed,
+        "after a crash loop",
+    ),
+    "reboot ignores the cooldown": (
+        reboot_policy,
+        "in_cooldown",
+        lambda *a: False,
+        "after the last one",
+    ),
+    "reboot ignores a cancel": (_THIS, "cancel", lambda state: state, "after a cancel"),
+    "reboot ignores enabled=false": (
+        _THIS,
+        "RebootSettings",
+        lambda enabled=False: _RealRebootSettings(enabled=True),
+        "while disabled",
+    ),
+}
+
+
+def _messages(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "\n".join(_messages(e) for e in exc.exceptions)
+    return str(exc)
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN_POLICIES))
+def test_the_model_catches_a_broken_policy(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    """Each invariant check fails loudly, with its own message, when the policy behind it is broken."""
+    owner, attribute, replacement, expected = BROKEN_POLICIES[broken]
+    monkeypatch.setattr(owner, attribute, replacement)
+    quick = settings(
+        SupervisorModel.TestCase.settings,
+        phases=[Phase.explicit, Phase.generate],  # stop at the first failure, no shrinking
+        print_blob=False,
+    )
+    with pytest.raises((AssertionError, BaseExceptionGroup)) as caught:
+        run_state_machine_as_test(SupervisorModel, settings=quick)
+    assert re.search(expected, _messages(caught.value)), _messages(caught.value)

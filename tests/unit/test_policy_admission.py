@@ -16,9 +16,16 @@ small = Footprint("qwen-small", 20 * GB)
 coder = Footprint("coder", 60 * GB)
 
 
-def decide(candidate: Footprint, resident: list[Footprint], *, available: int = 400 * GB,
-           headroom: int = 16 * GB, budget: int | None = 440 * GB,
-           gpu: dict[int, int] | None = None, stranded: int = 0) -> Admit | Refuse:
+def decide(
+    candidate: Footprint,
+    resident: list[Footprint],
+    *,
+    available: int = 400 * GB,
+    headroom: int = 16 * GB,
+    budget: int | None = 440 * GB,
+    gpu: dict[int, int] | None = None,
+    stranded: int = 0,
+) -> Admit | Refuse:
     return admit(candidate, resident, available, headroom, budget, gpu, stranded)
 
 
@@ -34,13 +41,22 @@ def decide(candidate: Footprint, resident: list[Footprint], *, available: int = 
         (big4, [coder], {"budget": None}, None),  # no budget configured
         (big4, [], {"available": 130 * GB}, "memory"),  # 120 + 16 headroom > 130
         (big4, [], {"available": 136 * GB}, None),  # exactly fits
-        (big4, [], {"available": 100 * GB, "stranded": 245 * GB}, "stranded"),  # fits but for stranded
+        (
+            big4,
+            [],
+            {"available": 100 * GB, "stranded": 245 * GB},
+            "stranded",
+        ),  # fits but for stranded
         (big4, [], {"available": 50 * GB, "stranded": 10 * GB}, "memory"),  # would not fit anyway
         (big4, [coder], {"stranded": 300 * GB}, "stranded"),  # budget minus stranded too small
     ],
 )
-def test_admission_table(candidate: Footprint, resident: list[Footprint], kwargs: dict[str, object],
-                         expected_reason: str | None) -> None:
+def test_admission_table(
+    candidate: Footprint,
+    resident: list[Footprint],
+    kwargs: dict[str, object],
+    expected_reason: str | None,
+) -> None:
     """Each start is admitted or refused for the reason a person would expect."""
     decision = decide(candidate, resident, **kwargs)  # type: ignore[arg-type]
     if expected_reason is None:
@@ -66,7 +82,11 @@ def test_memory_refusal_names_need_and_available() -> None:
     """A start that does not fit says how much it needs and how much is available."""
     refused = decide(big4, [], available=100 * GB)
     assert isinstance(refused, Refuse)
-    assert "120.0 GB" in refused.message and "16.0 GB" in refused.message and "100.0 GB" in refused.message
+    assert (
+        "120.0 GB" in refused.message
+        and "16.0 GB" in refused.message
+        and "100.0 GB" in refused.message
+    )
 
 
 def test_stranded_refusal_says_a_reboot_helps() -> None:
@@ -88,15 +108,24 @@ def test_exclusive_refusal_names_who_holds_the_machine() -> None:
     [
         (Footprint("vllm", 60 * GB, gpu_devices=(0,)), {0: 70 * GB}, None),
         (Footprint("vllm", 60 * GB, gpu_devices=(0,)), {0: 50 * GB}, "gpu"),
-        (Footprint("vllm", 120 * GB, gpu_devices=(0, 1)), {0: 70 * GB, 1: 70 * GB}, None),  # 60 per GPU
+        (
+            Footprint("vllm", 120 * GB, gpu_devices=(0, 1)),
+            {0: 70 * GB, 1: 70 * GB},
+            None,
+        ),  # 60 per GPU
         (Footprint("vllm", 120 * GB, gpu_devices=(0, 1)), {0: 70 * GB, 1: 50 * GB}, "gpu"),
         (Footprint("vllm", 60 * GB, gpu_devices=(2,)), {0: 80 * GB}, "gpu"),  # device not visible
-        (Footprint("vllm", 10 * GB, gpu_devices=(0,), gpu_bytes_per_device=72 * GB), {0: 70 * GB}, "gpu"),
+        (
+            Footprint("vllm", 10 * GB, gpu_devices=(0,), gpu_bytes_per_device=72 * GB),
+            {0: 70 * GB},
+            "gpu",
+        ),
         (Footprint("vllm", 60 * GB, gpu_devices=(0,)), None, None),  # no NVML: not checked
     ],
 )
-def test_gpu_memory_must_cover_the_engine(footprint: Footprint, gpu_free: dict[int, int] | None,
-                                          expected: str | None) -> None:
+def test_gpu_memory_must_cover_the_engine(
+    footprint: Footprint, gpu_free: dict[int, int] | None, expected: str | None
+) -> None:
     """A GPU engine starts only if each of its devices has room for its share."""
     decision = decide(footprint, [], gpu=gpu_free)
     if expected is None:
@@ -111,7 +140,9 @@ def test_unchecked_gpu_is_said_in_the_admission() -> None:
     assert isinstance(decision, Admit) and "not checked" in decision.message
 
 
-@pytest.mark.parametrize(("weights", "factor", "expected"), [(100 * GB, 1.2, 120 * GB), (10, 1.0, 10), (0, 1.5, 0)])
+@pytest.mark.parametrize(
+    ("weights", "factor", "expected"), [(100 * GB, 1.2, 120 * GB), (10, 1.0, 10), (0, 1.5, 0)]
+)
 def test_auto_footprint(weights: int, factor: float, expected: int) -> None:
     """The automatic footprint is the weights times the factor, rounded up."""
     assert auto_footprint_bytes(weights, factor) == expected

@@ -22,8 +22,13 @@ from supervisord_llm.clock import FakeClock
 S = BackoffSettings()
 
 
-def crash_after(state: BackoffState, clock: FakeClock, up_s: float, ready_for_s: float = 0.0,
-                reason: str = "exit code 1") -> BackoffState:
+def crash_after(
+    state: BackoffState,
+    clock: FakeClock,
+    up_s: float,
+    ready_for_s: float = 0.0,
+    reason: str = "exit code 1",
+) -> BackoffState:
     """Spawn now, crash ``up_s`` later."""
     state = record_spawn(state, clock.now())
     clock.advance(up_s)
@@ -43,7 +48,9 @@ def crash_after(state: BackoffState, clock: FakeClock, up_s: float, ready_for_s:
         ("reset_after_ready_s", -1, "reset_after_ready_s must be > 0"),
     ],
 )
-def test_invalid_settings_are_rejected_with_the_reason(field: str, value: float, needle: str) -> None:
+def test_invalid_settings_are_rejected_with_the_reason(
+    field: str, value: float, needle: str
+) -> None:
     """A config with a restart interval under 60 s (or other nonsense) is refused with a reason."""
     with pytest.raises(ValueError, match=needle):
         BackoffSettings(**{field: value})
@@ -194,7 +201,9 @@ def test_manual_refusal_says_what_force_overrides_and_until_when() -> None:
     assert isinstance(refused, Refuse)
     assert refused.reason == "backoff"
     assert refused.until_s == pytest.approx(5 + 60)
-    assert "--force" in refused.message and "45s" in refused.message and "Metal OOM" in refused.message
+    assert (
+        "--force" in refused.message and "45s" in refused.message and "Metal OOM" in refused.message
+    )
 
 
 def test_manual_start_of_failed_engine_names_failed() -> None:
@@ -228,7 +237,10 @@ def test_record_from_an_earlier_boot_is_dropped() -> None:
     [
         ({"engine": ""}, "engine must be a non-empty string"),
         ({"engine": "mlx", "spawn_times_s": "soon"}, "spawn_times_s must be a list of numbers"),
-        ({"engine": "mlx", "consecutive_failures": -1}, "consecutive_failures must be an integer >= 0"),
+        (
+            {"engine": "mlx", "consecutive_failures": -1},
+            "consecutive_failures must be an integer >= 0",
+        ),
         ({"engine": "mlx", "last_exit_at_s": "x"}, "last_exit_at_s must be a number or null"),
     ],
 )

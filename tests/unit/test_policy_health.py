@@ -19,8 +19,12 @@ from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, T
 S = HealthSettings()
 
 
-def samples(rates_per_window: list[float | None], now_s: float = 1000.0, per_window: int = 3,
-            window_s: float = 30.0) -> list[ThroughputSample]:
+def samples(
+    rates_per_window: list[float | None],
+    now_s: float = 1000.0,
+    per_window: int = 3,
+    window_s: float = 30.0,
+) -> list[ThroughputSample]:
     """Samples for consecutive windows ending at now_s; the last rate is the newest window."""
     out = []
     n = len(rates_per_window)
@@ -29,7 +33,11 @@ def samples(rates_per_window: list[float | None], now_s: float = 1000.0, per_win
             continue
         end = now_s - (n - 1 - i) * window_s
         for j in range(per_window):
-            out.append(ThroughputSample(at_s=end - 1 - j * 5, tokens_per_s=rate, source="canary", tokens=16))
+            out.append(
+                ThroughputSample(
+                    at_s=end - 1 - j * 5, tokens_per_s=rate, source="canary", tokens=16
+                )
+            )
     return out
 
 
@@ -54,8 +62,9 @@ def test_rolling_rate_weights_by_tokens() -> None:
         ([10, 10, 10, 30], False, 0),  # back above: recovered
     ],
 )
-def test_degraded_after_n_windows_below_half_the_baseline(rates: list[float | None], degraded: bool,
-                                                          windows_below: int) -> None:
+def test_degraded_after_n_windows_below_half_the_baseline(
+    rates: list[float | None], degraded: bool, windows_below: int
+) -> None:
     """Degraded needs three consecutive 30 s windows below half the baseline."""
     result = assess_degraded(samples(rates), 25.0, S, 1000.0)
     assert result.degraded is degraded
@@ -131,8 +140,10 @@ TREE = ProcessTreeReading(at_s=100.0, root_pid=42, pids=(42, 43), rss_bytes=10**
 
 
 def counters(points: list[tuple[float, float, float]]) -> list[EngineCounters]:
-    return [EngineCounters(at_s=t, generated_tokens_total=total, requests_running=running)
-            for t, total, running in points]
+    return [
+        EngineCounters(at_s=t, generated_tokens_total=total, requests_running=running)
+        for t, total, running in points
+    ]
 
 
 @pytest.mark.parametrize(
@@ -140,20 +151,42 @@ def counters(points: list[tuple[float, float, float]]) -> list[EngineCounters]:
     [
         (None, TREE, [], None),
         (CanaryReading(at_s=95.0, ok=True, ttft_s=0.2), TREE, [], None),
-        (CanaryReading(at_s=95.0, ok=False, stalled=True, duration_s=10.0, error="no token"), TREE, [],
-         "canary got no token within 10s"),
-        (None, ProcessTreeReading(100.0, 42, (42,), 10**9, stopped=True), [], "process stopped (SIGSTOP)"),
+        (
+            CanaryReading(at_s=95.0, ok=False, stalled=True, duration_s=10.0, error="no token"),
+            TREE,
+            [],
+            "canary got no token within 10s",
+        ),
+        (
+            None,
+            ProcessTreeReading(100.0, 42, (42,), 10**9, stopped=True),
+            [],
+            "process stopped (SIGSTOP)",
+        ),
         (None, ProcessTreeReading(100.0, 42, (42,), 0, zombie=True), [], "zombie"),
-        (None, TREE, counters([(60, 500, 2), (70, 500, 2), (90, 500, 2), (100, 500, 2)]),
-         "engine reports 2 running requests but no tokens for 40s"),
+        (
+            None,
+            TREE,
+            counters([(60, 500, 2), (70, 500, 2), (90, 500, 2), (100, 500, 2)]),
+            "engine reports 2 running requests but no tokens for 40s",
+        ),
         (None, TREE, counters([(60, 500, 2), (80, 510, 2), (100, 510, 2)]), None),  # tokens moved
-        (None, TREE, counters([(60, 500, 2), (80, 500, 0), (100, 500, 2)]), None),  # idle in between
+        (
+            None,
+            TREE,
+            counters([(60, 500, 2), (80, 500, 0), (100, 500, 2)]),
+            None,
+        ),  # idle in between
         (None, TREE, counters([(60, 500, 0), (100, 500, 0)]), None),  # idle, no requests
         (None, TREE, counters([(80, 500, 2), (100, 500, 2)]), None),  # history shorter than stall_s
     ],
 )
-def test_hung_classification(canary: CanaryReading | None, tree: ProcessTreeReading,
-                             history: list[EngineCounters], reason: str | None) -> None:
+def test_hung_classification(
+    canary: CanaryReading | None,
+    tree: ProcessTreeReading,
+    history: list[EngineCounters],
+    reason: str | None,
+) -> None:
     """A hang is named by its evidence: stalled canary, SIGSTOP, zombie, or stuck counters."""
     result = assess_hung(canary, tree, history, stall_s=30.0, now_s=100.0)
     if reason is None:

@@ -52,7 +52,9 @@ def test_enabled_announces_then_reboots_after_the_grace() -> None:
     assert actions[1] == EscalateReboot(400.0, "wired memory stranded")
 
     state, actions = decide_reboot(state, RebootLedger(), ON, True, 399.0, WALL + 299)
-    assert state.phase == "announced" and actions == (WaitUntil(400.0, "reboot announced: wired memory stranded"),)
+    assert state.phase == "announced" and actions == (
+        WaitUntil(400.0, "reboot announced: wired memory stranded"),
+    )
 
     state, actions = decide_reboot(state, RebootLedger(), ON, True, 400.0, WALL + 300)
     assert state.phase == "executed"
@@ -70,7 +72,9 @@ def test_cancel_stops_the_reboot_for_the_episode() -> None:
     for t in (400.0, 5000.0, 50_000.0):
         state, actions = decide_reboot(state, RebootLedger(), ON, True, t, WALL + t)
         assert not any(isinstance(a, (RunReboot, EscalateReboot)) for a in actions)
-        assert any(isinstance(a, Alert) and a.key == "reboot.required" and not a.resolved for a in actions)
+        assert any(
+            isinstance(a, Alert) and a.key == "reboot.required" and not a.resolved for a in actions
+        )
 
 
 def test_a_new_episode_after_a_cancel_can_announce_again() -> None:
@@ -181,7 +185,10 @@ def test_xid_79_takes_the_reboot_path() -> None:
 
 def test_application_xids_are_left_alone() -> None:
     """An application XID (13) does nothing here; the engine's own crash handling applies."""
-    assert decide_xid(13, 0, ["vllm"], RebootState(), RebootLedger(), ON, 10.0, WALL) == (RebootState(), ())
+    assert decide_xid(13, 0, ["vllm"], RebootState(), RebootLedger(), ON, 10.0, WALL) == (
+        RebootState(),
+        (),
+    )
 
 
 @pytest.mark.parametrize(
@@ -192,13 +199,23 @@ def test_application_xids_are_left_alone() -> None:
         (-3600.0, 260 * GB, False, False, "reboot.not_happened", False),
     ],
 )
-def test_verify_after_reboot(boot_offset_s: float, wired: int, rebooted: bool, memory_back: bool,
-                             alert_key: str, resolved: bool) -> None:
+def test_verify_after_reboot(
+    boot_offset_s: float,
+    wired: int,
+    rebooted: bool,
+    memory_back: bool,
+    alert_key: str,
+    resolved: bool,
+) -> None:
     """After the reboot the daemon says whether it happened and whether the memory came back."""
     ledger = record_reboot(RebootLedger(), WALL)
     result = verify_after_reboot(ledger, WALL + boot_offset_s, 6 * GB, wired, 32 * GB)
     assert (result.rebooted, result.memory_back) == (rebooted, memory_back)
-    assert result.alert is not None and result.alert.key == alert_key and result.alert.resolved is resolved
+    assert (
+        result.alert is not None
+        and result.alert.key == alert_key
+        and result.alert.resolved is resolved
+    )
 
 
 def test_verify_without_a_recorded_reboot_says_nothing() -> None:

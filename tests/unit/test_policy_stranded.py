@@ -38,8 +38,15 @@ STRANDED = wired_bytes("studio-512gb-stranded-after-hang.txt")
 def learned(samples: list[int], boot: str = "boot-1") -> BaselineState:
     state = BaselineState()
     for i, wired in enumerate(samples):
-        state = update_baseline(state, boot_id=boot, wired_bytes=wired, engine_resident=False,
-                                last_exit_at_s=None, now_s=1000.0 + i, settings=S)
+        state = update_baseline(
+            state,
+            boot_id=boot,
+            wired_bytes=wired,
+            engine_resident=False,
+            last_exit_at_s=None,
+            now_s=1000.0 + i,
+            settings=S,
+        )
     return state
 
 
@@ -66,12 +73,20 @@ def test_baseline_needs_settled_idle_samples() -> None:
         (False, None, True),
     ],
 )
-def test_baseline_updates_only_when_settled(engine_resident: bool, last_exit_at_s: float | None,
-                                            changes: bool) -> None:
+def test_baseline_updates_only_when_settled(
+    engine_resident: bool, last_exit_at_s: float | None, changes: bool
+) -> None:
     """A lower sample moves the baseline only with no engine resident and no recent exit."""
     state = learned([IDLE] * 3)
-    after = update_baseline(state, boot_id="boot-1", wired_bytes=IDLE - GB, engine_resident=engine_resident,
-                            last_exit_at_s=last_exit_at_s, now_s=1050.0, settings=S)
+    after = update_baseline(
+        state,
+        boot_id="boot-1",
+        wired_bytes=IDLE - GB,
+        engine_resident=engine_resident,
+        last_exit_at_s=last_exit_at_s,
+        now_s=1050.0,
+        settings=S,
+    )
     assert (after.baseline_wired_bytes == IDLE - GB) is changes
 
 
@@ -79,8 +94,15 @@ def test_stranded_idle_samples_do_not_raise_the_baseline() -> None:
     """Idle samples taken while memory is stranded never teach the baseline that this is normal."""
     state = learned([IDLE] * 3)
     for i in range(20):
-        state = update_baseline(state, boot_id="boot-1", wired_bytes=STRANDED, engine_resident=False,
-                                last_exit_at_s=None, now_s=5000.0 + i, settings=S)
+        state = update_baseline(
+            state,
+            boot_id="boot-1",
+            wired_bytes=STRANDED,
+            engine_resident=False,
+            last_exit_at_s=None,
+            now_s=5000.0 + i,
+            settings=S,
+        )
     assert state.baseline_wired_bytes == IDLE
 
 
@@ -89,8 +111,15 @@ def test_a_new_boot_learns_a_new_baseline() -> None:
     state = learned([IDLE] * 3)
 
     def sample(s: BaselineState, wired: int, resident: bool = False) -> BaselineState:
-        return update_baseline(s, boot_id="boot-2", wired_bytes=wired, engine_resident=resident,
-                               last_exit_at_s=None, now_s=10.0, settings=S)
+        return update_baseline(
+            s,
+            boot_id="boot-2",
+            wired_bytes=wired,
+            engine_resident=resident,
+            last_exit_at_s=None,
+            now_s=10.0,
+            settings=S,
+        )
 
     state = sample(state, LOADED_4BIT, resident=True)  # the engine started right after boot
     assert state.boot_id == "boot-2" and state.provisional and state.baseline_wired_bytes == IDLE
@@ -106,7 +135,10 @@ def test_hang_leaves_memory_stranded_and_alerts_reboot_required() -> None:
     assert result.alert is not None
     assert result.alert.key == STRANDED_ALERT_KEY and result.alert.severity == "critical"
     assert not result.alert.resolved
-    assert f"wired memory stranded: {(STRANDED - IDLE) / GB:.1f} GB; reboot required" in result.alert.summary
+    assert (
+        f"wired memory stranded: {(STRANDED - IDLE) / GB:.1f} GB; reboot required"
+        in result.alert.summary
+    )
 
 
 def test_nothing_is_stranded_inside_the_reclaim_window() -> None:
@@ -139,7 +171,11 @@ def test_small_drift_is_tolerated_and_moderate_excess_is_reported_without_alert(
 def test_alert_resolves_when_memory_falls_back() -> None:
     """An open stranded alert is resolved once wired memory is back near the baseline."""
     result = assess_stranded(IDLE, IDLE, 0, None, 1000.0, S, alert_active=True)
-    assert result.alert is not None and result.alert.resolved and result.alert.key == STRANDED_ALERT_KEY
+    assert (
+        result.alert is not None
+        and result.alert.resolved
+        and result.alert.key == STRANDED_ALERT_KEY
+    )
     assert assess_stranded(IDLE, IDLE, 0, None, 1000.0, S, alert_active=False).alert is None
 
 

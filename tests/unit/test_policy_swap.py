@@ -28,8 +28,9 @@ c = Footprint("c", 120 * GB)
 x = Footprint("x", 300 * GB, exclusive=True)
 
 
-def plan(resident: list[Footprint], target: Footprint, budget: int | None = 400 * GB,
-         **kwargs: object) -> SwapPlan:
+def plan(
+    resident: list[Footprint], target: Footprint, budget: int | None = 400 * GB, **kwargs: object
+) -> SwapPlan:
     result = plan_swap(resident, target, budget, S, **kwargs)  # type: ignore[arg-type]
     assert isinstance(result, SwapPlan), result
     return result
@@ -61,7 +62,9 @@ def peak_bytes(resident: list[Footprint], target: Footprint, p: SwapPlan) -> int
         ([x], a, ["x"]),  # an exclusive resident is stopped
     ],
 )
-def test_plan_stops_only_what_must_go(resident: list[Footprint], target: Footprint, stopped: list[str]) -> None:
+def test_plan_stops_only_what_must_go(
+    resident: list[Footprint], target: Footprint, stopped: list[str]
+) -> None:
     """With keep_fitting the plan stops what exclusivity and the budget require, in LRU order."""
     p = plan(resident, target)
     assert [s.engine for s in p.stops] == stopped
@@ -124,7 +127,9 @@ def test_no_step_of_any_plan_is_over_the_budget() -> None:
         (10 * GB, 5 * GB, 250 * GB, 0, False, 245 * GB),
     ],
 )
-def test_memory_returned(before: int, now: int, needed: int, returned: int, enough: bool, short: int) -> None:
+def test_memory_returned(
+    before: int, now: int, needed: int, returned: int, enough: bool, short: int
+) -> None:
     """Enough memory is back only when what is available covers what the target needs."""
     r = memory_returned(before, now, needed)
     assert (r.returned_bytes, r.enough, r.short_bytes) == (returned, enough, short)
@@ -166,7 +171,10 @@ def test_second_swap_request() -> None:
         ({"stop_grace_s": 1}, "strand wired memory"),
         ({"memory_wait_s": 0}, "memory_wait_s must be > 0"),
         ({"poll_interval_s": 0}, "poll_interval_s must be > 0"),
-        ({"memory_wait_s": 5, "poll_interval_s": 10}, "poll_interval_s must be > 0 and <= memory_wait_s"),
+        (
+            {"memory_wait_s": 5, "poll_interval_s": 10},
+            "poll_interval_s must be > 0 and <= memory_wait_s",
+        ),
     ],
 )
 def test_invalid_swap_settings(kwargs: dict[str, float], needle: str) -> None:

@@ -1,0 +1,473 @@
+"""The daemon's GPU subsystem on CPU: GPU memory mapped to engines' process trees, status, orphans, XID actions.
+
+NVML cannot run without an NVIDIA driver, so NVML is an injected stand-in module here; everything
+else is real: the daemon runs in-process with its supervisors, real engine processes (the OpenAI
+stand-in), real orphan processes and real signals. The same code runs against the real NVML on a
+GPU in ``tests/gpu/``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+
+import anyio
+import psutil
+import pytest
+import structlog
+
+from probes.readings import GpuDeviceReading, GpuProcessReading, GpuReading, XidEvent
+from supervisord_llm.config import load_config
+from supervisord_llm.daemon import Daemon
+from supervisord_llm.gpu import GpuExtension, find_gpu_orphans, held_bytes_by_pid, owners_of_pids
+from tests.helpers import Daemon as DaemonProcess
+from tests.helpers import free_port, short_tmpdir, standin_engine_toml
+
+GIB = 1024**3
+PYTHON = sys.executable
+
+
+class StandInNvml:
+    """The pynvml functions the probe and the XID watcher call, answering from what a test says is held.
+
+    A pid stays listed while its process lives (a zombie counts as gone), and for ``linger_s`` after
+    it died: the time a driver takes to release a dead process's memory.
+    """
+
+    NVML_ERROR_TIMEOUT = 10
+    nvmlEventTypeXidCriticalError = 8
+
+    class NVMLError(Exception):
+        def __init__(self, value: int) -> None:
+            self.value = value
+            super().__init__(f"NVML error {value}")
+
+    def __init__(self, *, total_bytes: int = 80 * GIB, devices: int = 1, init_error: int | None = None) -> None:
+        self.total_bytes = total_bytes
+        self.device_count = devices
+        self.init_error = init_error
+        self.held: dict[int, tuple[int, int]] = {}  # pid -> (device, bytes)
+        self.linger_s = 0.0
+        self._dead_since: dict[int, float] = {}
+        self.xids: queue.Queue[tuple[int, int]] = queue.Queue()
+
+    def hold(self, pid: int, used_bytes: int, device: int = 0) -> None:
+        self.held[pid] = (device, used_bytes)
+
+    def _listed(self, device: int) -> list[tuple[int, int]]:
+        out = []
+        for pid, (dev, used) in list(self.held.items()):
+            if dev != device:
+                continue
+            if not _alive(pid):
+                since = self._dead_since.setdefault(pid, time.monotonic())
+                if time.monotonic() - since >= self.linger_s:
+                    continue
+            out.append((pid, used))
+        return out
+
+    def nvmlInit(self) -> None:
+        if self.init_error is not None:
+            raise self.NVMLError(self.init_error)
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return self.device_count
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> SimpleNamespace:
+        return SimpleNamespace(index=index)
+
+    def nvmlDeviceGetIndex(self, handle: SimpleNamespace) -> int:
+        return handle.index
+
+    def nvmlDeviceGetName(self, handle: SimpleNamespace) -> str:
+        return "NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetUUID(self, handle: SimpleNamespace) -> str:
+        return f"GPU-standin-{handle.index}"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: SimpleNamespace) -> SimpleNamespace:
+        used = sum(b for _, b in self._listed(handle.index))
+        return SimpleNamespace(total=self.total_bytes, used=used, free=self.total_bytes - used)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: SimpleNamespace) -> SimpleNamespace:
+        return SimpleNamespace(gpu=7, memory=0)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: SimpleNamespace) -> list[SimpleNamespace]:
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self._listed(handle.index)]
+
+    def nvmlEventSetCreate(self) -> object:
+        return object()
+
+    def nvmlDeviceRegisterEvents(self, handle: SimpleNamespace, event_types: int, event_set: object) -> None:
+        pass
+
+    def nvmlEventSetWait(self, event_set: object, timeout_ms: int) -> SimpleNamespace:
+        try:
+            index, xid = self.xids.get(timeout=timeout_ms / 1000)
+        except queue.Empty:
+            raise self.NVMLError(self.NVML_ERROR_TIMEOUT) from None
+        return SimpleNamespace(device=SimpleNamespace(index=index), eventType=8, eventData=xid)
+
+    def nvmlEventSetFree(self, event_set: object) -> None:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _quiet_logger() -> object:
+    return structlog.wrap_logger(structlog.PrintLogger(io.StringIO()),
+                                 wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+
+
+def _build(config_text: str, nvml: StandInNvml, **ext_kwargs: object) -> tuple[Daemon, GpuExtension]:
+    state = short_tmpdir()
+    path = state / "config.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{state}"\n\n[probes]\nnvml = false\ninterval = "0.2s"\n\n'
+                    + config_text)
+    daemon = Daemon(load_config(path), logger=_quiet_logger())
+    ext = GpuExtension(daemon, nvml_module=nvml, **ext_kwargs)
+    daemon.extensions.append(ext)
+    daemon.open()
+    return daemon, ext
+
+
+@asynccontextmanager
+async def running(config_text: str, nvml: StandInNvml, **ext_kwargs: object) -> AsyncIterator[tuple[Daemon, GpuExtension]]:
+    """A real daemon in this process with the GPU extension on a stand-in NVML; engines are real processes."""
+    daemon, ext = _build(config_text, nvml, **ext_kwargs)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.run)
+            try:
+                yield daemon, ext
+            finally:
+                with anyio.move_on_after(20, shield=True):
+                    await daemon.shutdown()
+                tg.cancel_scope.cancel()
+    finally:
+        daemon.close()
+        for pid in _tagged(daemon.daemon_id + "/"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
+
+def _tagged(prefix: str) -> list[int]:
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("SUPERVISORD_LLM_TAG", "").startswith(prefix):
+                out.append(proc.pid)
+        except (psutil.Error, OSError):
+            pass
+    return out
+
+
+def _events(daemon: Daemon, kind: str) -> list[dict]:
+    return [e for e in daemon.events.recent if e["kind"] == kind]
+
+
+async def _until(predicate, timeout_s: float = 15.0, what: str = "condition") -> None:
+    with anyio.fail_after(timeout_s):
+        while not predicate():
+            await anyio.sleep(0.05)
+
+
+def _engine(daemon: Daemon, name: str) -> dict:
+    return next(e for e in daemon.status()["engines"] if e["name"] == name)
+
+
+# ---- pure mapping ---------------------------------------------------------------------------------
+
+
+def _reading(*devices: tuple[int, list[tuple[int, int]]]) -> GpuReading:
+    return GpuReading(at_s=1.0, available=True, devices=tuple(
+        GpuDeviceReading(index=i, name="gpu", uuid=f"GPU-{i}", total_bytes=80 * GIB,
+                         used_bytes=sum(b for _, b in procs), free_bytes=80 * GIB - sum(b for _, b in procs),
+                         utilization_percent=0, processes=tuple(GpuProcessReading(p, b) for p, b in procs))
+        for i, procs in devices))
+
+
+def test_orphans_are_tagged_nvml_pids_that_no_live_tree_accounts_for() -> None:
+    """Only a GPU-holding process with this daemon's tag and outside every live engine tree is an orphan."""
+    reading = _reading((0, [(10, 2 * GIB), (11, GIB), (12, GIB), (13, GIB)]), (1, [(10, GIB), (14, GIB)]))
+    tags = {10: "d1/vllm/aaa", 11: "d1/vllm/bbb", 12: "d2/vllm/ccc", 13: None, 14: "d1x/other/ddd"}
+    orphans = find_gpu_orphans(reading, live_pids=[11], tag_prefix="d1/", environ_tag=tags.get)
+    assert [(o.pid, o.used_bytes, o.tag) for o in orphans] == [(10, 3 * GIB, "d1/vllm/aaa")]
+    assert find_gpu_orphans(GpuReading(at_s=1.0, available=False, reason="no NVML"), [], "d1/",
+                            environ_tag=tags.get) == []
+
+
+def test_gpu_memory_per_pid_is_summed_over_devices_or_limited_to_some() -> None:
+    """A process on two GPUs holds the sum of both; limited to one device it holds that device's share."""
+    reading = _reading((0, [(10, 2 * GIB)]), (1, [(10, GIB), (11, GIB)]))
+    assert held_bytes_by_pid(reading) == {10: 3 * GIB, 11: GIB}
+    assert held_bytes_by_pid(reading, devices=[1]) == {10: GIB, 11: GIB}
+    assert held_bytes_by_pid(None) == {}
+    assert owners_of_pids({"a": [1, 2], "b": [2, 3]}) == {1: "a", 2: "a", 3: "b"}
+
+
+def test_status_lists_every_gpu_with_its_processes_and_their_engines() -> None:
+    """Status `system.gpus` has index, name, uuid, memory, utilisation and processes with their engine."""
+    nvml = StandInNvml(devices=2)
+    nvml.hold(os.getpid(), 3 * GIB, device=1)
+    daemon, ext = _build("", nvml)
+    try:
+        ext.available = True
+        ext._poll_blocking({"self-engine": os.getpid()})
+        doc = daemon.status()
+        gpus = doc["system"]["gpus"]
+        assert [g["index"] for g in gpus] == [0, 1]
+        assert set(gpus[0]) == {"index", "name", "uuid", "total_bytes", "used_bytes", "free_bytes",
+                                "utilization_percent", "processes"}
+        assert gpus[0] == {"index": 0, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-standin-0",
+                           "total_bytes": 80 * GIB, "used_bytes": 0, "free_bytes": 80 * GIB,
+                           "utilization_percent": 7, "processes": []}
+        assert gpus[1]["used_bytes"] == 3 * GIB and gpus[1]["free_bytes"] == 77 * GIB
+        assert gpus[1]["processes"] == [{"pid": os.getpid(), "used_bytes": 3 * GIB, "engine": "self-engine"}]
+        assert ext.gpu_free_bytes() == {0: 80 * GIB, 1: 77 * GIB}
+        assert ext.engine_gpu_bytes([os.getpid(), 999999]) == 3 * GIB
+        assert doc["system"]["gpu_probe"]["available"] is True
+    finally:
+        daemon.close()
+        shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
+
+# ---- no NVML --------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_without_nvml_one_calm_event_and_no_gpu_numbers() -> None:
+    """NVML that cannot initialise: one `probe.unavailable` event, no GPU numbers, starts unaffected."""
+    nvml = StandInNvml(init_error=9)  # NVML_ERROR_DRIVER_NOT_LOADED
+    port = free_port()
+    async with running(standin_engine_toml("e", port, gpu_devices=[0]), nvml) as (daemon, ext):
+        await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+        await anyio.sleep(0.6)  # several probe intervals: still only the one event
+        unavailable = _events(daemon, "probe.unavailable")
+        assert len(unavailable) == 1 and unavailable[0]["probe"] == "nvml"
+        assert "NVML could not be initialised" in unavailable[0]["reason"]
+        assert not [e for e in daemon.events.recent if e["kind"].startswith("gpu.") or e["kind"] == "probe.failed"]
+        assert ext.gpu_free_bytes() is None and ext.engine_gpu_bytes([1]) is None
+        doc = daemon.status()
+        assert doc["system"]["gpus"] == []
+        assert doc["system"]["gpu_probe"]["available"] is False
+        assert _engine(daemon, "e")["memory"]["gpu_bytes"] is None
+        admitted = [e for e in _events(daemon, "policy.decided") if e.get("engine") == "e"]
+        assert "GPU memory not checked" in admitted[-1]["message"]
+
+
+@pytest.mark.slow
+def test_real_daemon_without_a_gpu_driver_reports_nvml_unavailable_once(daemon_factory) -> None:
+    """`supervisord-llm run` on a machine without an NVIDIA driver: one calm event, the engine still serves."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        pytest.skip("this machine has an NVIDIA driver; tests/gpu covers it")
+    except pynvml.NVMLError:
+        pass
+    d: DaemonProcess = daemon_factory(standin_engine_toml("e", free_port())).start()
+    d.wait_state("e", "ready", 30)
+    events = d.events()
+    unavailable = [e for e in events if e["kind"] == "probe.unavailable"]
+    assert [e["probe"] for e in unavailable] == ["nvml"]
+    assert d.status()["system"]["gpus"] == []
+    assert "Traceback" not in d.stderr()
+
+
+# ---- engines on a stand-in GPU -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_gpu_memory_of_an_engine_is_its_whole_process_tree() -> None:
+    """An engine's `memory.gpu_bytes` adds its grandchild in another session and leaves foreign processes out."""
+    nvml = StandInNvml()
+    async with running(standin_engine_toml("e", free_port(), "--grandchild", gpu_devices=[0]), nvml) as (daemon, ext):
+        await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+        root = _engine(daemon, "e")["pid"]
+        grandchild = psutil.Process(root).children(recursive=True)[0].pid
+        nvml.hold(root, GIB)
+        nvml.hold(grandchild, 2 * GIB)
+        nvml.hold(1, 5 * GIB)  # init: not ours
+        await _until(lambda: _engine(daemon, "e")["memory"]["gpu_bytes"] == 3 * GIB, 15)
+        gpu = daemon.status()["system"]["gpus"][0]
+        engines = {p["pid"]: p["engine"] for p in gpu["processes"]}
+        assert engines == {1: None, root: "e", grandchild: "e"}
+        assert gpu["used_bytes"] == 8 * GIB
+        assert ext.gpu_free_bytes() == {0: 72 * GIB}
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_start_waits_until_nvml_shows_the_previous_run_released_its_memory() -> None:
+    """A restart does not spawn while NVML still lists the stopped engine's memory (driver still releasing)."""
+    nvml = StandInNvml()
+    nvml.linger_s = 1.5
+    async with running(standin_engine_toml("e", free_port(), gpu_devices=[0]), nvml) as (daemon, ext):
+        await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+        first = _engine(daemon, "e")["pid"]
+        nvml.hold(first, 4 * GIB)
+        await _until(lambda: first in ext._owners and ext.engine_gpu_bytes([first]) == 4 * GIB)
+        await daemon.stop("e")
+        await _until(lambda: _engine(daemon, "e")["state"] == "stopped", 30)
+        await daemon.start("e", force=True)
+        await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+        released = [e for e in _events(daemon, "gpu.memory_released") if e["engine"] == "e"]
+        assert released and released[0]["pids"] == [first] and released[0]["bytes"] == 4 * GIB
+        assert released[0]["after_exit_s"] >= 1.2
+        spawned = [e for e in _events(daemon, "engine.spawned") if e["engine"] == "e"]
+        assert len(spawned) == 2 and released[0]["seq"] < spawned[1]["seq"]
+
+
+@pytest.mark.anyio
+async def test_memory_never_released_refuses_the_start_and_alerts() -> None:
+    """GPU memory still listed after `memory.return_wait`: no spawn, backoff, a critical alert naming the pid."""
+    nvml = StandInNvml()
+    nvml.linger_s = float("inf")
+    config = '[policies.memory]\nreturn_wait = "1s"\n\n' + standin_engine_toml("e", free_port(), gpu_devices=[0])
+    async with running(config, nvml) as (daemon, ext):
+        await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+        first = _engine(daemon, "e")["pid"]
+        nvml.hold(first, 4 * GIB)
+        await _until(lambda: first in ext._owners)
+        await daemon.stop("e")
+        await _until(lambda: _engine(daemon, "e")["state"] == "stopped", 30)
+        await daemon.start("e", force=True)
+        await _until(lambda: _engine(daemon, "e")["state"] in ("backoff", "failed"), 30)
+        engine = _engine(daemon, "e")
+        assert f"held by pid {first}" in engine["last_exit"]["reason"]
+        assert "was not released within 1s" in engine["last_exit"]["reason"]
+        assert len(_events(daemon, "engine.spawned")) == 1
+        alerts = [e for e in _events(daemon, "alert.raised") if e["key"] == "gpu.memory_not_returned:e"]
+        assert alerts and alerts[0]["severity"] == "critical"
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_orphan_holding_gpu_memory_is_killed_before_the_next_start() -> None:
+    """A process of ours that holds GPU memory outside every engine is SIGTERMed, then SIGKILLed, before a start."""
+    nvml = StandInNvml()
+    config = standin_engine_toml("e", free_port(), gpu_devices=[0], autostart=False)
+    async with running(config, nvml, orphan_grace_s=0.5) as (daemon, ext):
+        ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+        ours = subprocess.Popen([PYTHON, "-c", ignore_term], start_new_session=True,
+                                env={**os.environ, "SUPERVISORD_LLM_TAG": f"{daemon.daemon_id}/e/old"})
+        foreign = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(600)"], start_new_session=True,
+                                   env={**os.environ, "SUPERVISORD_LLM_TAG": "another-daemon/e/old"})
+        try:
+            await anyio.sleep(0.3)  # let the interpreter take SIG_IGN
+            nvml.hold(ours.pid, 6 * GIB)
+            nvml.hold(foreign.pid, 2 * GIB)
+            await daemon.start("e")
+            await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+            freed = _events(daemon, "gpu.orphans_freed")
+            assert len(freed) == 1
+            assert freed[0]["pids"] == [ours.pid] and freed[0]["bytes"] == 6 * GIB
+            assert freed[0]["sigkilled"] == [ours.pid] and freed[0]["memory_released"] is True
+            spawned = _events(daemon, "engine.spawned")
+            assert freed[0]["seq"] < spawned[0]["seq"]
+            assert not _alive(ours.pid)  # reaped by the daemon's wait, so Popen cannot see the signal
+            assert foreign.poll() is None  # another daemon's process is not ours to kill
+        finally:
+            for p in (ours, foreign):
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+
+
+# ---- XID -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_xid_events_stop_engines_on_that_gpu_alert_and_ask_for_a_reboot() -> None:
+    """XID 13 is left to the engine; XID 48 stops the engine on that GPU and alerts; XID 79 asks for a reboot."""
+    nvml = StandInNvml()
+    async with running(standin_engine_toml("e", free_port(), gpu_devices=[0]), nvml, xid_wait_timeout_ms=50) \
+            as (daemon, ext):
+        await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+        assert daemon.status()["system"]["gpu_probe"]["xid"]["registered_devices"] == [0]
+        nvml.xids.put((0, 13))
+        await _until(lambda: len(_events(daemon, "gpu.xid")) == 1)
+        await anyio.sleep(0.3)
+        assert _engine(daemon, "e")["state"] == "ready"
+        assert not _events(daemon, "alert.raised")
+
+        nvml.xids.put((0, 48))
+        await _until(lambda: _engine(daemon, "e")["state"] == "stopped", 30)
+        xid = _events(daemon, "gpu.xid")[-1]
+        assert (xid["xid"], xid["device_index"], xid["engines"]) == (48, 0, ["e"])
+        alert = [e for e in _events(daemon, "alert.raised") if e["key"] == "gpu.reset_required:0"]
+        assert alert and alert[0]["severity"] == "critical" and "XID 48" in alert[0]["summary"]
+        assert "GPU 0 XID 48" in _engine(daemon, "e")["state_reason"]
+
+        nvml.xids.put((0, 79))
+        await _until(lambda: bool(_events(daemon, "gpu.reboot_required")))
+        keys = [e["key"] for e in _events(daemon, "alert.raised")]
+        assert "gpu.lost:0" in keys and "reboot.required" in keys
+        status = daemon.status()["system"]["gpu_probe"]["xid"]
+        assert status["events"] == 3 and status["last"] == {"device_index": 0, "xid": 79}
+        assert status["running"] is True and status["last_error"] is None
+
+
+@pytest.mark.anyio
+async def test_xid_79_takes_the_reboot_escalation_when_the_daemon_runs_one() -> None:
+    """With a reboot escalation installed, XID 79 goes through it instead of only being announced."""
+    nvml = StandInNvml()
+    daemon, ext = _build("", nvml)
+
+    class Escalation:
+        name = "escalation"
+
+        def __init__(self) -> None:
+            self.reasons: list[str] = []
+
+        def request_reboot(self, reason: str) -> None:
+            self.reasons.append(reason)
+
+    escalation = Escalation()
+    daemon.extensions.append(escalation)
+    try:
+        ext.available = True
+        await ext.handle_xid(XidEvent(at_s=daemon.clock.now(), device_index=0, xid=79))
+        assert escalation.reasons == ["GPU 0 fell off the bus (XID 79)"]
+        assert not _events(daemon, "gpu.reboot_required")
+        assert [e["key"] for e in _events(daemon, "alert.raised")] == ["gpu.lost:0"]
+    finally:
+        daemon.close()
+        shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
+
+def test_bad_extension_settings_name_what_is_valid() -> None:
+    """A negative orphan grace is refused with the names and valid ranges of the settings."""
+    nvml = StandInNvml()
+    daemon, _ = _build("", nvml)
+    try:
+        with pytest.raises(ValueError, match="orphan_grace_s must be >= 0 s"):
+            GpuExtension(daemon, nvml_module=nvml, orphan_grace_s=-1)
+    finally:
+        daemon.close()
+        shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
