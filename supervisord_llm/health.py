@@ -84,7 +84,7 @@ def _confirmed_stopped(pid: int) -> bool:
         while time.monotonic() < end:
             if proc.status() != psutil.STATUS_STOPPED:
                 return False
-            time.sleep(0.05)
+            time.sleep(0.007)  # short and odd, so a periodic SIGSTOP duty cycle cannot alias with it
     except psutil.Error:
         return False
     return True

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 MARKER = ".supervisord-llm-tiny-model"
-VERSION = "1"
+VERSION = "2"
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -48,10 +48,12 @@ def make_tiny_model(directory: Path) -> Path:
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
+    # Only the (ASCII) bytes of the corpus are in the vocabulary: every token the random weights pick
+    # decodes to complete text, so a streaming server sends one chunk per token instead of holding
+    # back partial UTF-8 sequences, and token rates can be measured from the stream.
     trainer = trainers.BpeTrainer(
         vocab_size=512,
         special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS, trainer)
@@ -76,7 +78,7 @@ def make_tiny_model(directory: Path) -> Path:
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "max_position_embeddings": 4096,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": False,
         "bos_token_id": 0,
         # An eos id outside the vocabulary: random weights never stop early, so max_tokens
         # always decides the length and token rates are comparable between runs.
@@ -100,6 +102,19 @@ def make_tiny_model(directory: Path) -> Path:
         weights[p + "mlp.down_proj.weight"] = w(HIDDEN, INTERMEDIATE)
         weights[p + "input_layernorm.weight"] = np.ones(HIDDEN, np.float32)
         weights[p + "post_attention_layernorm.weight"] = np.ones(HIDDEN, np.float32)
+    # The output head makes greedy decoding walk a fixed cycle of word tokens ("Ġword": a leading
+    # space), whatever the prompt: the hidden state is dominated by the current token's embedding, so
+    # row j of the head is the embedding of the token that should precede j. Each word token flushes
+    # the streaming detokenizer, so the server streams one chunk per token, like a real model.
+    embed = weights["model.embed_tokens.weight"]
+    vocab_map = tokenizer.get_vocab()
+    words = sorted(i for t, i in vocab_map.items() if t.startswith("\u0120") and len(t) > 1 and t[1:].strip())
+    head = np.zeros_like(embed)
+    for k, token in enumerate(words):
+        head[words[(k + 1) % len(words)]] += embed[token]
+    others = [i for i in range(vocab) if i not in set(words)]
+    head[words[0]] += embed[others].sum(axis=0) / max(1, len(others)) ** 0.5
+    weights["lm_head.weight"] = head * 4.0
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "mlx"})
     (directory / MARKER).write_text(VERSION)
     return directory

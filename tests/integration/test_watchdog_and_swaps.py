@@ -1,0 +1,225 @@
+"""The watchdog and the swap policy on real mlx_lm.server engines under the real daemon.
+
+Hangs are real (SIGSTOP), slowdowns are real (a SIGSTOP/SIGCONT duty cycle), crashes are real
+(SIGKILL), swaps stop and start real processes, and the gateway is driven by the openai SDK.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from datetime import datetime
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import free_port, mlx_engine_toml, standin_engine_toml
+
+pytestmark = pytest.mark.slow
+
+
+def _t(event: dict) -> float:
+    return datetime.fromisoformat(event["at"].replace("Z", "+00:00")).timestamp()
+
+
+def _state_events(d, name: str) -> list[dict]:
+    return [e for e in d.events() if e["kind"] == "engine.state_changed" and e.get("engine") == name]
+
+
+def test_sigstop_is_hung_within_the_stall_time_and_sigcont_recovers(daemon_factory, tiny_model) -> None:
+    """SIGSTOP → `hung` (detection time printed); SIGCONT → back to `ready` without a restart."""
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, stall="3s", canary_interval="2s")
+    cfg += '[policies.restart]\nhang_restart_after = "10m"\n'
+    d = daemon_factory(cfg).start()
+    pid = d.wait_state("tiny", "ready", 90)["pid"]
+    stopped_at = time.time()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        engine = d.wait_state("tiny", "hung", 20)
+        hung = [e for e in _state_events(d, "tiny") if e["to"] == "hung"][-1]
+        print(f"hung detected {_t(hung) - stopped_at:.2f} s after SIGSTOP ({engine['state_reason']})")
+        assert _t(hung) - stopped_at < 3 + 2
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    engine = d.wait_state("tiny", "ready", 30)
+    assert engine["pid"] == pid and engine["restarts"] == 0
+
+
+def test_duty_cycle_slowdown_is_degraded_and_recovers(daemon_factory, tiny_model) -> None:
+    """Cutting throughput to ~40% with SIGSTOP/SIGCONT → `degraded`; lifting it → `ready`."""
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, canary_interval="1s", canary_max_tokens=200, stall="10s")
+    cfg += '[policies.degraded]\nwindow = "3s"\nwindows = 2\nshare = 0.6\n'
+    d = daemon_factory(cfg).start()
+    pid = d.wait_state("tiny", "ready", 90)["pid"]
+    deadline = time.monotonic() + 60
+    while d.engine("tiny")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    baseline = d.engine("tiny")["baseline_tokens_per_s"]
+    assert baseline, "a baseline is learned from canaries"
+    stop = threading.Event()
+
+    def duty_cycle() -> None:  # 40% running: 20 ms on, 30 ms off
+        while not stop.is_set():
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.03)
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=duty_cycle, daemon=True)
+    started = time.monotonic()
+    t.start()
+    try:
+        engine = d.wait_state("tiny", "degraded", 60)
+        print(f"degraded after {time.monotonic() - started:.1f} s: {engine['state_reason']} (baseline {baseline})")
+        assert engine["state"] == "degraded"
+        assert not [e for e in _state_events(d, "tiny") if e["to"] == "hung"], "a slowdown is not a hang"
+    finally:
+        stop.set()
+        t.join()
+        os.kill(pid, signal.SIGCONT)
+    d.wait_state("tiny", "ready", 60)
+
+
+def test_sigkill_restart_is_at_least_60s_after_the_previous_spawn(daemon_factory, tiny_model) -> None:
+    """After a crash the next automatic spawn waits for the 60 s floor (one real wait)."""
+    d = daemon_factory(mlx_engine_toml("tiny", free_port(), tiny_model)).start()
+    first = d.wait_state("tiny", "ready", 90)
+    os.kill(first["pid"], signal.SIGKILL)
+    backoff = d.wait_state("tiny", "backoff", 10)
+    assert backoff["next_start_in_s"] > 45
+    second = d.wait_state("tiny", "ready", 150)
+    spawns = [e for e in d.events() if e["kind"] == "engine.spawned"]
+    assert len(spawns) == 2 and second["pid"] != first["pid"]
+    gap = _t(spawns[1]) - _t(spawns[0])
+    print(f"second spawn {gap:.1f} s after the first")
+    assert gap >= 60.0
+
+
+def _two_exclusive(tiny_model, gateway_port: int | None = None, **b_keys) -> str:
+    cfg = mlx_engine_toml("a", free_port(), tiny_model, exclusive=True, default=True)
+    cfg += mlx_engine_toml("b", free_port(), tiny_model, exclusive=True, **b_keys)
+    if gateway_port:
+        cfg += f'[gateway]\nlisten = "127.0.0.1:{gateway_port}"\ndecode_stall_s = 2\nhold_s = 60\n'
+    return cfg
+
+
+def test_switch_between_exclusive_engines_never_overlaps(daemon_factory, tiny_model) -> None:
+    """`llmctl switch b` stops a, sees its tree gone, then starts b: process lifetimes never overlap."""
+    d = daemon_factory(_two_exclusive(tiny_model)).start()
+    a = d.wait_state("a", "ready", 90)
+    assert d.engine("b")["state"] == "stopped"  # exclusive: only the default starts
+    a_proc = psutil.Process(a["pid"])
+    out = d.llmctl("switch", "b", timeout=180)
+    assert out.returncode == 0, out.stderr
+    b = d.wait_state("b", "ready", 10)
+    assert not psutil.pid_exists(a["pid"]) or a_proc.status() == psutil.STATUS_ZOMBIE
+    stopped = [e for e in d.events() if e["kind"] == "engine.stopped" and e["engine"] == "a"][-1]
+    spawned = [e for e in d.events() if e["kind"] == "engine.spawned" and e["engine"] == "b"][-1]
+    assert stopped["seq"] < spawned["seq"]
+    assert _t(spawned) >= _t(stopped), "b started before a's exit was confirmed"
+    print(f"a's tree gone at {_t(stopped):.3f}, b spawned at {_t(spawned):.3f}; {out.stdout.strip()}")
+    finished = [e for e in d.events() if e["kind"] == "swap.finished"][-1]
+    assert finished["target"] == "b" and finished["stopped"] == ["a"]
+
+
+def test_switch_to_an_engine_that_cannot_start_rolls_back(daemon_factory, tiny_model) -> None:
+    """A swap to an engine that dies during start stops it and brings the previous engine back, with an alert."""
+    cfg = mlx_engine_toml("a", free_port(), tiny_model, exclusive=True, default=True)
+    cfg += standin_engine_toml("broken", free_port(), "--print-line", "Error: broken engine", exclusive=True)
+    d = daemon_factory(cfg).start()
+    d.wait_state("a", "ready", 90)
+    out = d.llmctl("switch", "broken", timeout=180)
+    assert out.returncode == 1
+    assert "did not become ready" in out.stderr
+    a = d.wait_state("a", "ready", 90)
+    assert a["pid"]
+    assert d.engine("broken")["state"] in ("stopped", "failed")
+    rolled = [e for e in d.events() if e["kind"] == "swap.rolled_back"]
+    assert rolled and rolled[-1]["restored"] == ["a"]
+    assert [e for e in d.events() if e["kind"] == "alert.raised" and e["key"] == "swap.failed:broken"]
+
+
+def test_gateway_request_for_the_other_model_swaps_and_a_stream_in_flight_finishes(daemon_factory, tiny_model) -> None:
+    """A request for b swaps a→b; a stream in flight on a is drained (it completes) before a stops."""
+    import openai
+
+    gw = free_port()
+    d = daemon_factory(_two_exclusive(tiny_model, gw)).start()
+    d.wait_state("a", "ready", 90)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gw}/v1", api_key="unused", max_retries=0, timeout=120)
+    result: dict = {}
+
+    def long_stream() -> None:
+        chunks = 0
+        usage = None
+        for chunk in client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=1500, stream=True,
+                                                    stream_options={"include_usage": True}):
+            chunks += 1
+            usage = chunk.usage or usage
+        result["usage"] = usage
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    time.sleep(0.5)
+    reply = client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    t.join(120)
+    assert reply.choices and reply.usage.completion_tokens == 8
+    assert result["usage"] is not None and result["usage"].completion_tokens == 1500, "the in-flight stream completed"
+    assert d.engine("b")["state"] == "ready" and d.engine("a")["state"] == "stopped"
+    finished = [e for e in d.events() if e["kind"] == "swap.finished"][-1]
+    assert finished["target"] == "b" and finished["drain_s"] > 0
+
+
+def test_requests_during_a_restart_wait_and_succeed_and_backoff_gets_503(daemon_factory, tiny_model) -> None:
+    """During `restart` a request is held until ready; during backoff it gets 503 with Retry-After."""
+    gw = free_port()
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, default=True)
+    cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = 60\n'
+    d = daemon_factory(cfg).start()
+    first = d.wait_state("tiny", "ready", 90)
+    assert d.llmctl("restart", "tiny", "--force", "--no-wait").returncode == 0
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    response = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json=body, timeout=90)
+    assert response.status_code == 200, response.text
+    assert d.engine("tiny")["pid"] != first["pid"]
+    os.kill(d.engine("tiny")["pid"], signal.SIGKILL)
+    d.wait_state("tiny", "backoff", 10)
+    response = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 503
+    assert 0 < int(response.headers["retry-after"]) <= 60
+    assert "backoff" in response.text
+
+
+def test_sigstop_mid_stream_marks_the_engine_hung_through_the_gateway(daemon_factory, tiny_model) -> None:
+    """A live stream that stops producing tokens marks the engine hung within the decode stall time."""
+    gw = free_port()
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, default=True, canary_interval="10m")
+    cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\ndecode_stall_s = 2\n'
+    cfg += '[policies.restart]\nhang_restart_after = "10m"\n'
+    d = daemon_factory(cfg).start()
+    pid = d.wait_state("tiny", "ready", 90)["pid"]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000, "stream": True}
+    twenty = threading.Event()
+
+    def read_stream() -> None:  # the client stays connected the whole time
+        with httpx.stream("POST", f"http://127.0.0.1:{gw}/v1/chat/completions", json=body, timeout=60) as response:
+            for i, _line in enumerate(response.iter_lines()):
+                if i == 3:
+                    twenty.set()
+
+    reader = threading.Thread(target=read_stream, daemon=True)
+    reader.start()
+    assert twenty.wait(60)
+    stopped_at = time.time()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        d.wait_state("tiny", "hung", 15)
+        hung = [e for e in _state_events(d, "tiny") if e["to"] == "hung"][-1]
+        print(f"hung {_t(hung) - stopped_at:.2f} s after SIGSTOP mid-stream: {hung['reason']}")
+        assert _t(hung) - stopped_at <= 2 + 2
+    finally:
+        os.kill(pid, signal.SIGCONT)
