@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -343,7 +344,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     if plan.commands:
         print("then run:" if args.action == "install" else "run first:")
         for command in plan.commands:
-            print("  " + " ".join(command))
+            print("  " + shlex.join(command))
     return EXIT_OK
 
 

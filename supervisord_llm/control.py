@@ -219,8 +219,8 @@ def build_control_app(daemon: Daemon) -> Starlette:
             return _error(409, "no alert webhooks are configured ([[alerts.webhook]] in the config)")
         from policies.actions import Alert
 
-        daemon.alert(Alert(key=f"test:{daemon.clock.wall():.0f}", severity="info",
-                           summary="test alert from llmctl alerts test", details={"test": True}))
+        daemon.alert(Alert(key=f"alerts.test.{daemon.clock.wall():.0f}", severity="info",
+                           summary="test alert from llmctl alerts test", details={"test": True, "engine": None}))
         return JSONResponse({"ok": True, "message": "test alert queued", "alerts": daemon.alerts_outbox.counts()})
 
     async def metrics(request: Request) -> Response:

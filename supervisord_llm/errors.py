@@ -12,13 +12,19 @@
     │   ├── EngineExitedDuringStart  the process exited before it became ready
     │   ├── EngineBusy               an operation is already in progress for this engine
     │   ├── StartRefused             a policy refused the start (backoff, memory, stranded memory)
+    │   ├── EngineUnavailable        (gateway) the engine cannot serve a request now: 503 / 404
     │   └── MemoryNotReturned        memory did not come back after a stop within the bound
     ├── SwapError                    a model swap failed (rolled back or aborted)
     │   └── SwapInProgress           another swap is running; the request was refused
     ├── ControlError                 the control API refused or failed a request
     │   └── DaemonNotRunning         llmctl found no daemon on the socket
+    ├── GatewayListenFailed          (gateway) the gateway cannot listen on its address
     └── ProbeError                   a probe could not produce a reading (parse errors included)
         └── ProbeUnavailable         the probe cannot run on this machine (no NVML, no vm_stat)
+
+``probes`` cannot import this package, so its own ``probes.errors.ProbeError`` (with
+``ProbeUnavailable`` and ``ProbeParseError``) is a separate root that the daemon catches at the
+probe boundary and reports as events; the classes below keep the names for the daemon's own use.
 
 Library exceptions are mapped to these at the boundary with ``raise ... from exc``.
 """

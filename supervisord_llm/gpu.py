@@ -178,6 +178,7 @@ class GpuExtension:
         self.xid_count = 0
         self._owners: dict[int, str] = {}
         self._departed: dict[int, _Departed] = {}
+        self._held_seen: dict[int, int] = {}
         self._portal: BlockingPortal | None = None
         # The XID policy's own reboot state; the reboot itself belongs to the reboot escalation.
         self._reboot_state = RebootState()
@@ -230,7 +231,16 @@ class GpuExtension:
     def _poll_blocking(self, roots: Mapping[str, int]) -> GpuReading:
         """One NVML reading and the engines' current trees (worker thread)."""
         reading = self.probe.read(self.daemon.clock.now())
-        self._owners = owners_of_pids({name: _tree_pids(pid) for name, pid in roots.items()})
+        owners = owners_of_pids({name: _tree_pids(pid) for name, pid in roots.items()})
+        # The most each engine pid was seen holding: a reading taken while a killed process is being
+        # torn down shows only a sliver of what it held, and the release event should name the whole.
+        held = held_bytes_by_pid(reading)
+        seen = {pid: b for pid, b in self._held_seen.items() if pid in owners or pid in self._departed}
+        for pid in owners:
+            if pid in held:
+                seen[pid] = max(seen.get(pid, 0), held[pid])
+        self._held_seen = seen
+        self._owners = owners
         self.reading = reading
         return reading
 
@@ -298,7 +308,7 @@ class GpuExtension:
         now = self.daemon.clock.now()
         for pid in pids:
             if pid not in self._departed:
-                self._departed[pid] = _Departed(sup.name, held.get(pid, 0), now)
+                self._departed[pid] = _Departed(sup.name, max(held.get(pid, 0), self._held_seen.get(pid, 0)), now)
 
     async def before_start(self, sup: EngineSupervisor) -> None:
         """Free GPU memory of our orphans, then wait (bounded) until departed engines' memory is back.

@@ -136,7 +136,7 @@ def demo(args: argparse.Namespace) -> int:
         f"Ctrl-C stops the daemon and the engine.\n"
     )
     try:
-        return anyio.run(run_daemon, config, logger, banner)
+        return anyio.run(lambda: run_daemon(config, logger, banner=banner))
     except SupervisordLLMError as exc:
         print(f"supervisord-llm: {exc}", file=sys.stderr)
         return 1

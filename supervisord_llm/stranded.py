@@ -62,7 +62,8 @@ class StrandedExtension:
         base = saved.get("baseline") if isinstance(saved.get("baseline"), dict) else {}
         self.baseline = stranded_policy.BaselineState(
             boot_id=base.get("boot_id"), baseline_wired_bytes=base.get("baseline_wired_bytes"),
-            recent_idle_wired_bytes=tuple(base.get("recent_idle_wired_bytes") or ()))
+            recent_idle_wired_bytes=tuple(base.get("recent_idle_wired_bytes") or ()),
+            provisional=bool(base.get("provisional", False)))
         self.ledger = reboot_policy.RebootLedger(
             reboots_wall_s=tuple(float(t) for t in saved.get("reboots_wall_s") or () if isinstance(t, (int, float))))
         same_boot = saved.get("boot_id") == self.boot
@@ -79,7 +80,8 @@ class StrandedExtension:
         return {
             "boot_id": self.boot,
             "baseline": {"boot_id": self.baseline.boot_id, "baseline_wired_bytes": self.baseline.baseline_wired_bytes,
-                         "recent_idle_wired_bytes": list(self.baseline.recent_idle_wired_bytes)},
+                         "recent_idle_wired_bytes": list(self.baseline.recent_idle_wired_bytes),
+                         "provisional": self.baseline.provisional},
             "reboots_wall_s": list(self.ledger.reboots_wall_s),
             "reboot_phase": self.reboot_state.phase,
             "alert_active": self.alert_active,

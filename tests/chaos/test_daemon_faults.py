@@ -85,7 +85,7 @@ def _webhook_outage(daemon_factory, outcome, outage_s: float, restart_daemon: bo
     try:
         for _ in range(3):
             assert d.post("/v1/alerts/test").status_code == 200
-            time.sleep(0.01)
+            time.sleep(1.05)  # a test alert's key carries the second: one per second is a new alert
         wait_for(lambda: d.status()["alerts"]["pending"] == 3, 10, "three pending alerts")
         time.sleep(outage_s / 2)
         if restart_daemon:
