@@ -521,7 +521,9 @@ class EngineSupervisor:
         self.backoff = backoff.record_exit(self.backoff, now, ready_for, reason,
                                            settings=self.daemon.backoff_settings)
         if sweep is not None:
-            self._spawn_worker(self._sweep, sweep)
+            # Not a generation worker: a start that follows must not cut the leftover sweep short.
+            assert self._tg is not None
+            self._tg.start_soon(self._sweep, sweep)
         self._schedule_after_failure(reason)
 
     def _schedule_after_failure(self, reason: str) -> None:
@@ -546,7 +548,8 @@ class EngineSupervisor:
         self.post(BackoffOver(gen))
 
     async def _sweep(self, proc: EngineProcess) -> None:
-        result = await proc.stop(grace_s=min(self.config.stop_grace_s, 10.0))
+        with anyio.CancelScope(shield=True):
+            result = await proc.stop(grace_s=min(self.config.stop_grace_s, 10.0))
         if result.killed_pids:
             self.daemon.events.emit("engine.leftovers_killed", engine=self.name, pids=list(result.killed_pids))
 

@@ -166,11 +166,10 @@ def test_disk_full_state_dir(daemon_factory, outcome) -> None:
         d.start()
         d.wait_state("e", "ready", 30)
         filler = mount / "filler"
-        with open(filler, "wb") as f:
+        with open(filler, "wb", buffering=0) as f:
             try:
                 while True:
                     f.write(b"\0" * 4096)
-                    f.flush()
             except OSError:
                 pass
         before = len(d.events())
@@ -359,7 +358,8 @@ def test_nvml_library_missing(daemon_factory, outcome) -> None:
     outcome.expected = "daemon runs, engine ready, no GPUs in status; doctor reports 'unavailable' calmly"
     if ctypes.util.find_library("nvidia-ml"):
         pytest.skip("an NVML library is installed on this machine")
-    d = daemon_factory(standin_engine_toml("e", free_port()) + "\n[probes]\nnvml = true\n").start()
+    # An engine pinned to GPU 0 makes the daemon (and doctor) want NVML.
+    d = daemon_factory(standin_engine_toml("e", free_port(), gpu_devices=[0]) + "\n[probes]\nnvml = true\n").start()
     d.wait_state("e", "ready", 30)
     assert d.status()["system"]["gpus"] == []
     doctor = d.llmctl("--config", str(d.config_path), "doctor")

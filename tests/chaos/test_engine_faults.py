@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 
+import psutil
 import pytest
 
 from tests.helpers import PYTHON, free_port, mlx_engine_toml, pids_with_tag_prefix, standin_engine_toml
@@ -167,9 +168,11 @@ def test_grandchild_of_a_crashed_engine_is_swept(daemon_factory, outcome) -> Non
     os.kill(pid, signal.SIGKILL)
     d.wait_state("forky", "backoff", 10)
     wait_for(lambda: no_engine_processes(d), 20, "no tagged process left")
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    # engine.leftovers_killed names only processes that needed SIGKILL; this one went on SIGTERM.
     swept = kinds(d, "engine.leftovers_killed")
-    assert swept and grandchild in swept[-1]["pids"]
-    outcome.observed = f"grandchild {grandchild} killed by the sweep (engine.leftovers_killed); nothing left"
+    outcome.observed = (f"grandchild {grandchild} (own session) gone after the crash sweep; no tagged process left; "
+                        f"leftovers_killed events: {len(swept)} (the sweep's SIGTERM sufficed)")
     outcome.lost = "nothing"
 
 
@@ -180,7 +183,13 @@ def test_daemon_sigkilled_mid_swap_finishes_the_swap_after_restart(daemon_factor
     d = daemon_factory(standin_engine_toml("a", free_port(), exclusive=True, default=True)
                        + standin_engine_toml("b", free_port(), "--load-s", "4", exclusive=True)).start()
     d.wait_state("a", "ready", 30)
-    switch = threading.Thread(target=lambda: d.post("/v1/switch", {"name": "b"}, timeout=120), daemon=True)
+    def ask_switch() -> None:
+        try:
+            d.post("/v1/switch", {"name": "b"}, timeout=120)
+        except Exception:  # the daemon is killed while this waits: expected
+            pass
+
+    switch = threading.Thread(target=ask_switch, daemon=True)
     switch.start()
     wait_for(lambda: (s := d.status())["swap"] is not None and any(
         e["name"] == "b" and e["state"] == "starting" and e["pid"] for e in s["engines"]), 30,
