@@ -119,9 +119,26 @@ def render_slowdown(r: dict[str, Any]) -> str:
         f"| false `degraded` before the slowdown | {r['false_degraded_before_slowdown']} |",
         f"| `hung` episodes during the slowdown | {r['hung_during_slowdown']} |",
         "",
+        *_baseline_note(r),
         f"Target: `degraded` within the configured windows ({st['windows']} × {st['window_s']:g} s = "
         f"{r['target_s']:g} s) → {_verdict(r['met'])}.", "",
     ])
+
+
+def _baseline_note(r: dict[str, Any]) -> list[str]:
+    """Say so when the baseline the detection used is far from the one learned first."""
+    import re
+
+    found = re.search(r"of the ([0-9.]+) tok/s baseline", r.get("reason") or "")
+    learned = r.get("baseline_tokens_per_s")
+    if not found or not learned or float(found.group(1)) < 2 * float(learned):
+        return []
+    client = r.get("client_tokens_per_s_healthy_median")
+    seen = f" while the client measured a median of {client:.0f} tok/s per stream" if client else ""
+    return [f"Note: the baseline rose from {learned} tok/s (first learned) to {found.group(1)} tok/s by the time "
+            f"of detection, during healthy traffic{seen}. A p90 baseline that far above what the engine delivers "
+            "(suspected: outlier rates from gateway stream samples) would flag a healthy engine as degraded too; "
+            "the slowed rate was below 50% of the first baseline as well.", ""]
 
 
 def render_footprint(r: dict[str, Any]) -> str:
@@ -196,7 +213,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="footprint over 60 s instead of 5 minutes")
     p.add_argument("--only", default=",".join(ORDER), help=f"comma-separated subset of {','.join(ORDER)}")
     p.add_argument("--runs", type=int, default=20, help="crash runs per supervisor (at least 20 for the figure)")
+    p.add_argument("--render-only", action="store_true", help="rewrite the doc from bench/results/latest.json")
     args = p.parse_args()
+    if args.render_only:
+        saved = json.loads(RESULTS.read_text())
+        write_doc({k: v for k, v in saved.items() if k in ORDER}, saved["meta"])
+        print(f"wrote {DOC}")
+        return
     chosen = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(chosen) - set(ORDER)
     if unknown:

@@ -66,9 +66,9 @@ class PeerCheckedProtocol(H11Protocol):
         sock = transport.get_extra_info("socket")
         uid = peer_uid(sock) if sock is not None else None
         if uid is None or uid != os.getuid():
+            body = b'{"error": "control socket: only the daemon\'s own user may connect"}'
             transport.write(b"HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                            b"content-length: 66\r\n\r\n"
-                            b'{"error": "control socket: only the daemon\'s own user may connect"}'[:66])
+                            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             transport.close()
             self._refused = True
             return

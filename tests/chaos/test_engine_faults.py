@@ -159,7 +159,7 @@ def test_port_stolen_after_a_crash_is_named(daemon_factory, outcome) -> None:
 def test_grandchild_of_a_crashed_engine_is_swept(daemon_factory, outcome) -> None:
     """A grandchild in its own session outlives its SIGKILLed parent: the daemon finds it by tag and kills it."""
     outcome.scenario = "grandchild left behind after a crash"
-    outcome.expected = "engine.leftovers_killed names the grandchild; no tagged process left"
+    outcome.expected = "the crash sweep finds the grandchild by its tag and ends it; no tagged process left"
     d = daemon_factory(standin_engine_toml("forky", free_port(), "--grandchild")).start()
     pid = d.wait_state("forky", "ready", 30)["pid"]
     tagged = wait_for(lambda: len(p := pids_with_tag_prefix(daemon_id(d) + "/forky/")) >= 2 and p, 10,

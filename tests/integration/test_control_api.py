@@ -1,0 +1,117 @@
+"""The control API: owner-only socket, peer uid checked, malformed requests answered 4xx, metrics parseable."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import PYTHON, free_port, standin_engine_toml
+
+RAW_GET = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+    "s.sendall(b'GET /v1/status HTTP/1.1\\r\\nhost: d\\r\\n\\r\\n'); print(s.recv(4096).decode(errors='replace'))\n"
+)
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every user, unlike a venv under /root
+
+
+def _as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def test_socket_is_owner_only_in_an_owner_only_dir(daemon_factory) -> None:
+    """control.sock is 0600 inside a 0700 state dir."""
+    d = daemon_factory(standin_engine_toml("a", free_port())).start()
+    assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(d.state_dir).st_mode) == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+                    reason="switching to user nobody needs root and a system python3")
+def test_another_user_is_refused_even_when_the_socket_is_reachable(daemon_factory) -> None:
+    """With permissions opened up on purpose, the peer-uid check still refuses user nobody with 403."""
+    d = daemon_factory(standin_engine_toml("a", free_port())).start()
+    denied = subprocess.run([SYSTEM_PYTHON, "-c", RAW_GET, str(d.socket)], capture_output=True, text=True, timeout=30,
+                            preexec_fn=_as_nobody)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr  # the 0700 dir keeps it out
+    os.chmod(d.state_dir, 0o711)
+    os.chmod(d.socket, 0o666)
+    refused = subprocess.run([SYSTEM_PYTHON, "-c", RAW_GET, str(d.socket)], capture_output=True, text=True, timeout=30,
+                             preexec_fn=_as_nobody)
+    assert "403 Forbidden" in refused.stdout and "only the daemon's own user" in refused.stdout
+    assert '"engines"' not in refused.stdout
+    ok = subprocess.run([PYTHON, "-c", RAW_GET, str(d.socket)], capture_output=True, text=True, timeout=30)
+    assert "200 OK" in ok.stdout  # the owner still gets in
+
+
+def test_malformed_control_requests_get_4xx_and_the_daemon_stays_healthy(daemon_factory) -> None:
+    """Garbage, bad JSON, wrong types, unknown routes, oversized bodies: 4xx each; status still works."""
+    d = daemon_factory(standin_engine_toml("a", free_port())).start()
+    with d.client() as c:
+        cases = [
+            c.post("/v1/engines/a/start", content=b"{not json"),
+            c.post("/v1/engines/a/start", json=[1, 2]),
+            c.post("/v1/engines/a/start", json={"force": "yes"}),
+            c.post("/v1/engines/nope/start", json={}),
+            c.post("/v1/engines/a/explode", json={}),
+            c.post("/v1/switch", json={}),
+            c.post("/v1/switch", json={"name": 7}),
+            c.get("/v1/engines/a/logs", params={"lines": "many"}),
+            c.get("/v1/../../etc/passwd"),
+            c.delete("/v1/status"),
+            c.post("/v1/switch", content=b"x" * 200_000),
+        ]
+        for response in cases:
+            assert 400 <= response.status_code < 500, (response.request.url, response.status_code, response.text)
+            assert "error" in response.json()
+    for _ in range(50):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(d.socket))
+            s.sendall(os.urandom(512) + b"\r\n\r\n")
+            s.settimeout(5)
+            try:
+                s.recv(1024)
+            except (TimeoutError, ConnectionResetError):
+                pass
+    assert d.status()["daemon"]["pid"] == d.proc.pid
+
+
+def test_metrics_text_parses_with_prometheus_clients_own_parser(daemon_factory) -> None:
+    """`llmctl metrics` is valid Prometheus text with engine state, memory and alert families."""
+    d = daemon_factory(standin_engine_toml("a", free_port())).start()
+    d.wait_state("a", "ready", 30)
+    out = d.llmctl("metrics")
+    assert out.returncode == 0
+    families = {f.name: f for f in text_string_to_metric_families(out.stdout)}
+    for name in ("supervisord_llm_engine_state", "supervisord_llm_engine_restarts", "supervisord_llm_engine_up",
+                 "supervisord_llm_memory_available_bytes", "supervisord_llm_alerts_pending",
+                 "supervisord_llm_daemon_uptime_seconds"):
+        assert name in families, sorted(families)
+    ready = [s for s in families["supervisord_llm_engine_state"].samples
+             if s.labels == {"engine": "a", "state": "ready"}]
+    assert ready and ready[0].value == 1.0
+
+
+def test_metrics_and_health_on_the_loopback_tcp_port(daemon_factory) -> None:
+    """With metrics_listen set, /metrics, /healthz and /readyz answer over TCP (for Kubernetes probes)."""
+    import httpx
+
+    port = free_port()
+    d = daemon_factory(f'[daemon]\nmetrics_listen = "127.0.0.1:{port}"\n' + standin_engine_toml("a", free_port()))
+    d.config_path.write_text(d.config_path.read_text().replace(
+        "[daemon]\n", f'[daemon]\nstate_dir = "{d.state_dir}"\n', 1))
+    d.start()
+    d.wait_state("a", "ready", 30)
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert metrics.status_code == 200 and list(text_string_to_metric_families(metrics.text))
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"ok": True}
+    assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
