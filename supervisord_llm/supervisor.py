@@ -79,6 +79,7 @@ class Command:
     force: bool = False
     manual: bool = True
     reason: str = ""
+    grace_s: float | None = None  # stop: overrides the engine's stop_grace (a policy's Stop.grace_s)
     reply: Reply = field(default_factory=Reply)
 
 
@@ -165,15 +166,18 @@ class EngineSupervisor:
         self.health: Any = None  # per-engine health tracker, set by the daemon
         self._send, self._inbox = anyio.create_memory_object_stream[Any](100)
         self._gen_scopes: list[anyio.CancelScope] = []
+        self._stop_is_failure = False
+        self._stop_reason = "stopped"
         self._tg: anyio.abc.TaskGroup | None = None
         self.state_changed = anyio.Event()
         self._on_change: list[Callable[[EngineSupervisor], None]] = []
 
     # ---- public (any task) ------------------------------------------------------------------
 
-    async def command(self, op: str, *, force: bool = False, manual: bool = True, reason: str = "") -> Any:
+    async def command(self, op: str, *, force: bool = False, manual: bool = True, reason: str = "",
+                      grace_s: float | None = None) -> Any:
         """Ask the supervisor to start/stop/restart; returns once accepted (not when finished)."""
-        cmd = Command(op=op, force=force, manual=manual, reason=reason)
+        cmd = Command(op=op, force=force, manual=manual, reason=reason, grace_s=grace_s)
         await self._send.send(cmd)
         await cmd.reply.done.wait()
         if cmd.reply.error is not None:
@@ -330,7 +334,7 @@ class EngineSupervisor:
             return f"{self.name} stopped (it was in {self.state})"
         if self.state == EngineState.STOPPING:
             return f"{self.name} is already stopping"
-        self._begin_stop(cmd.reason or "llmctl stop", then="stay")
+        self._begin_stop(cmd.reason or "llmctl stop", then="stay", grace_s=cmd.grace_s)
         return f"stopping {self.name}"
 
     def _cmd_restart(self, cmd: Command) -> str:
@@ -555,7 +559,7 @@ class EngineSupervisor:
 
     # ---- stop -------------------------------------------------------------------------------
 
-    def _begin_stop(self, reason: str, *, then: str, failure: bool = False) -> None:
+    def _begin_stop(self, reason: str, *, then: str, failure: bool = False, grace_s: float | None = None) -> None:
         proc = self.proc
         self._new_generation()
         self._set_state(EngineState.STOPPING, reason)
@@ -564,11 +568,12 @@ class EngineSupervisor:
         if proc is None:
             self.post(Stopped(self.gen, True, (), then))
             return
-        self._spawn_worker(self._stopper, self.gen, proc, then)
+        self._spawn_worker(self._stopper, self.gen, proc, then,
+                           self.config.stop_grace_s if grace_s is None else grace_s)
 
-    async def _stopper(self, gen: int, proc: EngineProcess, then: str) -> None:
+    async def _stopper(self, gen: int, proc: EngineProcess, then: str, grace_s: float) -> None:
         with anyio.CancelScope(shield=True):
-            result = await proc.stop(self.config.stop_grace_s)
+            result = await proc.stop(grace_s)
         self.post(Stopped(gen, result.graceful, result.killed_pids, then))
 
     def _on_stopped(self, m: Stopped) -> None:
@@ -577,15 +582,15 @@ class EngineSupervisor:
                                 killed_pids=list(m.killed), code=info.code if info else None,
                                 signal=info.signal_name if info else None)
         self.daemon.engine_exited(self)
-        if self.last_exit is None or not getattr(self, "_stop_is_failure", False):
+        if self.last_exit is None or not self._stop_is_failure:
             self.last_exit = {"code": info.code if info else None, "signal": info.signal_name if info else None,
-                              "reason": getattr(self, "_stop_reason", "stopped"), "at": self.clock.wall()}
+                              "reason": self._stop_reason, "at": self.clock.wall()}
         if m.then == "start":
             self._begin_spawn(manual=True, reason="restart")
         elif m.then == "auto":
-            self._failure(getattr(self, "_stop_reason", "restart"), sweep=None)
+            self._failure(self._stop_reason, sweep=None)
         else:
-            self._set_state(EngineState.STOPPED, getattr(self, "_stop_reason", "stopped"))
+            self._set_state(EngineState.STOPPED, self._stop_reason)
 
     # ---- health -----------------------------------------------------------------------------
 
