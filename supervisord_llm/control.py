@@ -219,7 +219,9 @@ def build_control_app(daemon: Daemon) -> Starlette:
             return _error(409, "no alert webhooks are configured ([[alerts.webhook]] in the config)")
         from policies.actions import Alert
 
-        daemon.alert(Alert(key=f"alerts.test.{daemon.clock.wall():.0f}", severity="info",
+        import uuid
+
+        daemon.alert(Alert(key=f"alerts.test.{uuid.uuid4().hex[:12]}", severity="info",
                            summary="test alert from llmctl alerts test", details={"test": True, "engine": None}))
         return JSONResponse({"ok": True, "message": "test alert queued", "alerts": daemon.alerts_outbox.counts()})
 

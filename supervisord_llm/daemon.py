@@ -430,9 +430,23 @@ class Daemon:
     # ---- callbacks from supervisors -------------------------------------------------------
 
     def engine_ready(self, sup: EngineSupervisor) -> None:
+        self._resolve_engine_alerts(sup)
         for ext in self.extensions:
             if hasattr(ext, "on_engine_ready"):
                 ext.on_engine_ready(sup)
+
+    ENGINE_EPISODES = ("engine.failed", "engine.hung", "engine.degraded", "engine.start_refused")
+
+    def _resolve_engine_alerts(self, sup: EngineSupervisor) -> None:
+        """An engine that is ready again closes every open episode about it, also ones opened by an
+        earlier daemon (the outbox remembers open episodes across restarts)."""
+        if self.alerts_outbox is None:
+            return
+        for key in self.alerts_outbox.open_episodes():
+            kind, _, engine = key.partition(":")
+            if engine == sup.name and kind in self.ENGINE_EPISODES:
+                self.alert(Alert(key=key, severity="info", summary=f"{sup.name} is ready again",
+                                 details={"engine": sup.name}, resolved=True))
 
     def engine_exited(self, sup: EngineSupervisor) -> None:
         for ext in self.extensions:

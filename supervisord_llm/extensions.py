@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from supervisord_llm.supervisor import EngineSupervisor
 
 
+MIN_SAMPLE_TOKENS = 8
+MIN_SAMPLE_DECODE_S = 0.25
+
+
 class DaemonGatewayBackend:
     """The gateway's view of the daemon: routing, holding through restarts and swaps, traffic.
 
@@ -135,7 +139,10 @@ class DaemonGatewayBackend:
         health.in_flight = max(0, health.in_flight - 1)
         now = self.daemon.clock.now()
         health.last_traffic_s = now
-        if stats.ended == "complete" and stats.tokens > 1 and stats.decode_s and stats.decode_s > 0:
+        # A rate needs a real decode span: a server that holds tokens back and flushes many in one chunk
+        # (or a very short answer) would give an absurd rate and inflate the learned baseline.
+        if (stats.ended == "complete" and stats.tokens >= MIN_SAMPLE_TOKENS and stats.decode_s is not None
+                and stats.decode_s >= MIN_SAMPLE_DECODE_S):
             health.add_sample(ThroughputSample(at_s=now, tokens_per_s=(stats.tokens - 1) / stats.decode_s,
                                                source="gateway", tokens=stats.tokens))
 

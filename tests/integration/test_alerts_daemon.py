@@ -1,0 +1,76 @@
+"""Alerts from the real daemon reach a real webhook receiver: a hang fires, recovery resolves, and an
+episode left open by a killed daemon is closed by the next one once the engine is ready."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.helpers import free_port, standin_engine_toml
+
+pytestmark = pytest.mark.slow
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        received = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def of(self, key_prefix: str) -> list[dict]:
+        return [b for b in self.bodies if b.get("event", "").startswith(key_prefix)]
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def test_hang_fires_and_recovery_resolves_once_also_across_a_daemon_restart(daemon_factory) -> None:
+    """SIGSTOP fires engine.hung; the daemon is killed meanwhile; after SIGCONT the next daemon resolves it."""
+    receiver = Receiver()
+    try:
+        cfg = standin_engine_toml("s", free_port(), stall="2s", canary_interval="1s")
+        cfg += '[policies.restart]\nhang_restart_after = "10m"\n'
+        cfg += f'[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "{receiver.url}"\nformat = "json"\n'
+        d = daemon_factory(cfg).start()
+        pid = d.wait_state("s", "ready", 30)["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        d.wait_state("s", "hung", 20)
+        _wait(lambda: receiver.of("engine.hung"), 20, "hung alert delivered")
+        firing = receiver.of("engine.hung")
+        assert firing[0]["status"] == "firing" and firing[0]["engine"] == "s"
+        d.kill()
+        os.kill(pid, signal.SIGCONT)
+        d.start()
+        assert d.wait_state("s", "ready", 30)["pid"] == pid  # adopted, not restarted
+        _wait(lambda: [b for b in receiver.of("engine.hung") if b["status"] == "resolved"], 20, "resolved delivered")
+        statuses = [b["status"] for b in receiver.of("engine.hung")]
+        assert statuses == ["firing", "resolved"], statuses
+        assert firing[0]["episode_id"] == receiver.of("engine.hung")[1]["episode_id"]
+    finally:
+        receiver.server.shutdown()
