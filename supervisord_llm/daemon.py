@@ -178,15 +178,33 @@ class Daemon:
                                        self.supervisors[name].log_path)
             if proc is not None:
                 adopted[name] = proc
-        orphans = []
-        adopted_tags = {p.tag for p in adopted.values()}
+        tagged: dict[str, list[psutil.Process]] = {}
         for proc in tagged_processes(self.daemon_id + "/"):
             try:
                 tag = proc.environ().get("SUPERVISORD_LLM_TAG", "")
             except psutil.Error:
                 continue
-            if tag not in adopted_tags:
-                orphans.append(proc)
+            tagged.setdefault(tag, []).append(proc)
+        adopted_tags = {p.tag for p in adopted.values()}
+        # Without a usable record (state file lost or damaged), an engine is still found by its tag: the
+        # root of the tagged group is adopted when its create time is known, instead of a second copy.
+        for tag, group in sorted(tagged.items(), key=lambda kv: -_oldest_create_time(kv[1])):
+            name = tag.split("/")[1] if tag.count("/") >= 2 else ""
+            if tag in adopted_tags or name not in self.supervisors or name in adopted:
+                continue
+            root = _group_root(group)
+            if root is None:
+                continue
+            sup = self.supervisors[name]
+            conflict = any(sup.config.exclusive or self.supervisors[n].config.exclusive for n in adopted)
+            if conflict:
+                continue  # never adopt two engines that must not share the machine; the extra one is an orphan
+            proc = EngineProcess.adopt(root.pid, root.create_time(), _cmdline(root), tag, sup.log_path)
+            if proc is not None:
+                adopted[name] = proc
+                adopted_tags.add(tag)
+                self.events.emit("engine.found_by_tag", engine=name, pid=root.pid)
+        orphans = [p for tag, group in tagged.items() if tag not in adopted_tags for p in group]
         return adopted, orphans
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
@@ -197,6 +215,12 @@ class Daemon:
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, connect=2.0)) as http:
             self.http = http
             adopted, orphans = await anyio.to_thread.run_sync(self.find_adoptable)
+            for name, proc in adopted.items():
+                sup = self.supervisors[name]
+                if not sup.backoff.spawn_times_s:
+                    # History lost with the state file: the process's own start time keeps the 60 s floor.
+                    spawned_s = self.clock.now() - max(0.0, self.clock.wall() - proc.create_time)
+                    sup.backoff = backoff.record_spawn(sup.backoff, spawned_s)
             if orphans:
                 await self._kill_orphans(orphans)
             self.events.emit("daemon.started", pid=os.getpid(), version=__version__, state_dir=str(self.state_dir),
@@ -693,6 +717,33 @@ def _weights_on_disk(model: str | None) -> int | None:
             except OSError:
                 pass
     return total or None
+
+
+def _group_root(group: list[psutil.Process]) -> psutil.Process | None:
+    """The process of a tagged group whose parent is not in the group (the engine itself)."""
+    pids = {p.pid for p in group}
+    roots = []
+    for p in group:
+        try:
+            if p.ppid() not in pids and p.status() != psutil.STATUS_ZOMBIE:
+                roots.append(p)
+        except psutil.Error:
+            continue
+    if len(roots) != 1:
+        # A grandchild that moved to its own session also has an outside parent; take the oldest.
+        roots.sort(key=lambda p: _create_time(p))
+    return roots[0] if roots else None
+
+
+def _create_time(p: psutil.Process) -> float:
+    try:
+        return p.create_time()
+    except psutil.Error:
+        return float("inf")
+
+
+def _oldest_create_time(group: list[psutil.Process]) -> float:
+    return min((_create_time(p) for p in group), default=float("inf"))
 
 
 def _cmdline(p: psutil.Process) -> list[str]:
