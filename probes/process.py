@@ -17,7 +17,7 @@ import psutil
 from probes.errors import ProbeError
 from probes.readings import ProcessTreeReading
 
-__all__ = ["ProcessGone", "read_process_tree", "find_tagged_processes"]
+__all__ = ["ProcessGone", "read_process_tree", "find_tagged_processes", "tagged_processes"]
 
 _STOPPED = {psutil.STATUS_STOPPED, getattr(psutil, "STATUS_TRACING_STOP", "tracing-stop")}
 
@@ -83,26 +83,35 @@ def read_process_tree(root_pid: int, at_s: float) -> ProcessTreeReading:
     )
 
 
-def find_tagged_processes(tag_env: str, value: str) -> list[int]:
-    """Pids (sorted) of live processes whose environment has ``tag_env=value``.
+def tagged_processes(tag_env: str, prefix: str) -> dict[int, str]:
+    """Live processes whose environment has ``tag_env`` starting with ``prefix``: pid -> tag value.
 
     Processes of other users (AccessDenied) and those that exit while they are read are skipped;
     zombies are skipped too (they hold no resources and their environment is gone).
     """
     if not tag_env or "=" in tag_env or "\0" in tag_env:
         raise ValueError(f"tag_env {tag_env!r} is not an environment variable name; expected e.g. 'SUPERVISORD_LLM_ENGINE'")
-    if not value:
-        raise ValueError("value must be a non-empty string (an empty tag would match unrelated processes)")
+    if not prefix:
+        raise ValueError("the tag must be a non-empty string (an empty tag would match unrelated processes)")
     my_uid = os.getuid() if hasattr(os, "getuid") else None
-    found: list[int] = []
+    me = os.getpid()
+    found: dict[int, str] = {}
     for proc in psutil.process_iter(["uids"]):
+        if proc.pid == me:
+            continue
         try:
             uids = proc.info.get("uids")
             # environ() of another user's process is denied anyway; skipping saves a syscall each.
             if my_uid not in (None, 0) and uids is not None and uids.real != my_uid:
                 continue
-            if proc.environ().get(tag_env) == value and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc.pid)
+            tag = proc.environ().get(tag_env)
+            if tag is not None and tag.startswith(prefix) and proc.status() != psutil.STATUS_ZOMBIE:
+                found[proc.pid] = tag
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
-    return sorted(found)
+    return found
+
+
+def find_tagged_processes(tag_env: str, value: str) -> list[int]:
+    """Pids (sorted) of live processes whose environment has exactly ``tag_env=value``."""
+    return sorted(pid for pid, tag in tagged_processes(tag_env, value).items() if tag == value)

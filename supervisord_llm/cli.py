@@ -7,18 +7,25 @@ running; 4 the engine did not reach the awaited state in time.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import shlex
+import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import httpx
+from urllib.parse import urlencode
 
 from supervisord_llm.convert import format_bytes, format_duration
 from supervisord_llm.errors import ConfigError
+
+# Startup time is most of what a command costs, so this module imports only the standard library at
+# the top: the control API is spoken with http.client over the Unix socket, the status table is
+# plain aligned text, and rich is imported only where a spinner is drawn on a terminal.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 
@@ -37,28 +44,102 @@ def resolve_socket(args: argparse.Namespace) -> Path:
     return (Path(state) if state else default_state_dir()) / "control.sock"
 
 
-class Client:
-    def __init__(self, socket_path: Path, timeout_s: float = 30.0) -> None:
-        self.socket_path = socket_path
-        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://daemon",
-                                 timeout=timeout_s)
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return self.http.request(method, path, **kwargs)
-        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as exc:
-            raise NoDaemon(self.socket_path) from exc
-
-    def stream(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.http.stream(method, path, **kwargs)
-
+# ---- the control API client -----------------------------------------------------------------
 
 class NoDaemon(Exception):
     def __init__(self, socket_path: Path) -> None:
         super().__init__(f"llmctl: no supervisord-llm daemon is running (nothing answers on {socket_path})")
 
 
-def _fail(response: httpx.Response) -> int:
+class StreamBroken(Exception):
+    """The daemon went away in the middle of a followed stream."""
+
+
+class Response:
+    """A finished answer: status code and body."""
+
+    def __init__(self, status_code: int, content: bytes) -> None:
+        self.status_code = status_code
+        self.content = content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (the Host header is only a label)."""
+
+    def __init__(self, socket_path: Path, timeout_s: float | None) -> None:
+        super().__init__("daemon", timeout=timeout_s)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.socket_path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    """Requests to the daemon's control socket, one connection each (a local connect is cheap)."""
+
+    def __init__(self, socket_path: Path, timeout_s: float = 30.0) -> None:
+        self.socket_path = Path(socket_path)
+        self.timeout_s = timeout_s
+
+    def _open(self, method: str, path: str, params: dict[str, str] | None, json_body: Any,
+              timeout_s: float | None) -> tuple[UnixHTTPConnection, http.client.HTTPResponse]:
+        conn = UnixHTTPConnection(self.socket_path, timeout_s)
+        url = path + ("?" + urlencode(params) if params else "")
+        headers = {"Accept": "*/*"}
+        body = None
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.connect()
+        except OSError as exc:  # no socket file, refused, not a socket: nobody answers there
+            conn.close()
+            raise NoDaemon(self.socket_path) from exc
+        try:
+            conn.request(method, url, body=body, headers=headers)
+            return conn, conn.getresponse()
+        except ConnectionError as exc:  # accepted, then dropped unanswered (the daemon is going away)
+            conn.close()
+            raise NoDaemon(self.socket_path) from exc
+        except BaseException:
+            conn.close()
+            raise
+
+    def request(self, method: str, path: str, *, params: dict[str, str] | None = None, json: Any = None,
+                timeout_s: float | None = None) -> Response:
+        """One request, answered in full (``timeout_s``: this call's, else the client's)."""
+        conn, response = self._open(method, path, params, json, timeout_s or self.timeout_s)
+        try:
+            return Response(response.status, response.read())
+        finally:
+            conn.close()
+
+    @contextmanager
+    def stream(self, method: str, path: str, *, params: dict[str, str] | None = None
+               ) -> Iterator[http.client.HTTPResponse]:
+        """A followed stream's response, without a read timeout; read it with readline/read1."""
+        conn, response = self._open(method, path, params, None, None)
+        try:
+            yield response
+        finally:
+            conn.close()
+
+
+def _fail(response: Response) -> int:
     try:
         body = response.json()
         message = body.get("error") or body
@@ -68,89 +149,124 @@ def _fail(response: httpx.Response) -> int:
     return EXIT_FAILED
 
 
+class _QuietSpinner:
+    def update(self, text: str) -> None:
+        pass
+
+
+@contextmanager
+def _spinner(text: str) -> Iterator[Any]:
+    """A rich spinner on stderr when it is a terminal; nothing (and no rich import) otherwise."""
+    if not sys.stderr.isatty():
+        yield _QuietSpinner()
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(text) as status:
+        yield status
+
+
 # ---- status ---------------------------------------------------------------------------------
 
-STATE_STYLE = {"ready": "green", "degraded": "yellow", "hung": "bold red", "failed": "bold red",
-               "backoff": "magenta", "starting": "cyan", "stopping": "cyan", "stopped": "dim"}
+STATE_STYLE = {"ready": "32", "degraded": "33", "hung": "1;31", "failed": "1;31",
+               "backoff": "35", "starting": "36", "stopping": "36", "stopped": "2"}
+COLUMNS = ("ENGINE", "KIND", "STATE", "PID", "PORT", "FOR", "TOK/S (BASE)", "MEMORY", "RESTARTS", "NEXT", "NOTE")
 
 
-def render_status(doc: dict[str, Any]) -> Any:
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
+def _use_colour(stream: Any) -> bool:
+    return (hasattr(stream, "isatty") and stream.isatty() and "NO_COLOR" not in os.environ
+            and os.environ.get("TERM") != "dumb")
+
+
+def _engine_row(e: dict[str, Any]) -> list[str]:
+    tps = "-" if e.get("tokens_per_s") is None else f"{e['tokens_per_s']:.0f}"
+    base = e.get("baseline_tokens_per_s")
+    tps += f" ({base:.0f})" if base else ""
+    mem = e.get("memory") or {}
+    memory = format_bytes(mem.get("rss_bytes")) if mem.get("rss_bytes") else "-"
+    if mem.get("gpu_bytes"):
+        memory += f" / GPU {format_bytes(mem['gpu_bytes'])}"
+    nxt = f"in {format_duration(e['next_start_in_s'])}" if e.get("next_start_in_s") is not None else "-"
+    note = ""
+    if e.get("diagnosis"):
+        note = f"{e['diagnosis']['cause']} → {e['diagnosis']['remedy']}"
+    elif e.get("state") in ("hung", "degraded", "backoff", "failed", "starting", "stopping"):
+        note = e.get("state_reason") or ""
+    elif e.get("last_canary") and not e["last_canary"].get("ok"):
+        note = f"canary: {e['last_canary'].get('error')}"
+    return [e["name"], e["engine"], e["state"], str(e.get("pid") or "-"), str(e.get("port")),
+            format_duration(e.get("for_s")), tps, memory, str(e.get("restarts", 0)), nxt, note[:90]]
+
+
+def render_status(doc: dict[str, Any], *, colour: bool = False) -> str:
+    """The status table and summary lines as text: columns aligned, two spaces apart."""
+    def paint(text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if colour and code else text
 
     d = doc["daemon"]
-    header = Text(f"supervisord-llm {d['version']}  pid {d['pid']}  up {format_duration(d['uptime_s'])}  "
-                  f"state {d['state_dir']}", style="bold")
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("ENGINE", "KIND", "STATE", "PID", "PORT", "FOR", "TOK/S (BASE)", "MEMORY", "RESTARTS", "NEXT", "NOTE"):
-        table.add_column(col)
-    for e in doc["engines"]:
-        tps = "-" if e.get("tokens_per_s") is None else f"{e['tokens_per_s']:.0f}"
-        base = e.get("baseline_tokens_per_s")
-        tps += f" ({base:.0f})" if base else ""
-        mem = e.get("memory") or {}
-        memory = format_bytes(mem.get("rss_bytes")) if mem.get("rss_bytes") else "-"
-        if mem.get("gpu_bytes"):
-            memory += f" / GPU {format_bytes(mem['gpu_bytes'])}"
-        nxt = f"in {format_duration(e['next_start_in_s'])}" if e.get("next_start_in_s") is not None else "-"
-        note = ""
-        if e.get("diagnosis"):
-            note = f"{e['diagnosis']['cause']} → {e['diagnosis']['remedy']}"
-        elif e.get("state") in ("hung", "degraded", "backoff", "failed", "starting", "stopping"):
-            note = e.get("state_reason") or ""
-        elif e.get("last_canary") and not e["last_canary"].get("ok"):
-            note = f"canary: {e['last_canary'].get('error')}"
-        table.add_row(e["name"], e["engine"], Text(e["state"], style=STATE_STYLE.get(e["state"], "")),
-                      str(e.get("pid") or "-"), str(e.get("port")), format_duration(e.get("for_s")), tps, memory,
-                      str(e.get("restarts", 0)), nxt, note[:90])
-    parts: list[Any] = [header, table]
+    lines = [paint(f"supervisord-llm {d['version']}  pid {d['pid']}  up {format_duration(d['uptime_s'])}  "
+                   f"state {d['state_dir']}", "1")]
+    rows = [_engine_row(e) for e in doc["engines"]]
+    widths = [max([len(col)] + [len(r[i]) for r in rows]) for i, col in enumerate(COLUMNS)]
+
+    def line(cells: list[str], header: bool = False) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            padded = cell if i == len(cells) - 1 else cell.ljust(widths[i])
+            if header:
+                padded = paint(padded, "1")
+            elif COLUMNS[i] == "STATE":
+                padded = paint(cell, STATE_STYLE.get(cell, "")) + " " * (widths[i] - len(cell))
+            out.append(padded)
+        return "  ".join(out).rstrip()
+
+    lines.append(line(list(COLUMNS), header=True))
+    lines.extend(line(r) for r in rows)
     mem = doc["system"]["memory"]
-    line = f"memory: {format_bytes(mem.get('available_bytes'))} available of {format_bytes(mem.get('total_bytes'))}"
+    text = f"memory: {format_bytes(mem.get('available_bytes'))} available of {format_bytes(mem.get('total_bytes'))}"
     if mem.get("wired_bytes") is not None:
-        line += f"; wired {format_bytes(mem['wired_bytes'])}"
+        text += f"; wired {format_bytes(mem['wired_bytes'])}"
         if mem.get("baseline_wired_bytes") is not None:
-            line += f" (baseline {format_bytes(mem['baseline_wired_bytes'])})"
+            text += f" (baseline {format_bytes(mem['baseline_wired_bytes'])})"
         if mem.get("stranded_bytes"):
-            line += f"; STRANDED {format_bytes(mem['stranded_bytes'])}"
+            text += f"; STRANDED {format_bytes(mem['stranded_bytes'])}"
     if mem.get("error"):
-        line += f"; probe error: {mem['error']}"
-    parts.append(Text(line))
+        text += f"; probe error: {mem['error']}"
+    lines.append(text)
     for gpu in doc["system"].get("gpus") or []:
-        parts.append(Text(f"gpu {gpu.get('index')}: {gpu.get('name')} {format_bytes(gpu.get('used_bytes'))} used of "
-                          f"{format_bytes(gpu.get('total_bytes'))}"))
+        lines.append(f"gpu {gpu.get('index')}: {gpu.get('name')} {format_bytes(gpu.get('used_bytes'))} used of "
+                     f"{format_bytes(gpu.get('total_bytes'))}")
     a = doc.get("alerts") or {}
-    parts.append(Text(f"alerts: {a.get('pending', 0)} pending, {a.get('delivered', 0)} delivered, "
-                      f"{a.get('failed', 0)} failed"))
+    lines.append(f"alerts: {a.get('pending', 0)} pending, {a.get('delivered', 0)} delivered, "
+                 f"{a.get('failed', 0)} failed")
     reboot = doc.get("reboot") or {}
     if reboot.get("state") not in (None, "idle"):
-        parts.append(Text(f"reboot: {reboot['state']} at {reboot.get('at')} ({reboot.get('reason')}); "
-                          "`llmctl reboot cancel` cancels", style="bold red"))
+        lines.append(paint(f"reboot: {reboot['state']} at {reboot.get('at')} ({reboot.get('reason')}); "
+                           "`llmctl reboot cancel` cancels", "1;31"))
     if doc.get("gateway"):
         g = doc["gateway"]
-        parts.append(Text(f"gateway: http://{g['listen']}  in flight {g.get('in_flight', 0)}"))
+        lines.append(f"gateway: http://{g['listen']}  in flight {g.get('in_flight', 0)}")
     if doc.get("swap"):
-        parts.append(Text(f"swap to {doc['swap']['target']} in progress ({format_duration(doc['swap']['for_s'])})",
-                          style="cyan"))
-    return Group(*parts)
+        lines.append(paint(f"swap to {doc['swap']['target']} in progress ({format_duration(doc['swap']['for_s'])})",
+                           "36"))
+    return "\n".join(lines) + "\n"
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    console = Console()
+    colour = _use_colour(sys.stdout)
     while True:
         response = client.request("GET", "/v1/status")
         if response.status_code != 200:
             return _fail(response)
         doc = response.json()
         if args.json:
-            print(json.dumps(doc, indent=2))
-        elif args.watch:
-            console.clear()
-            console.print(render_status(doc))
+            text = json.dumps(doc, indent=2) + "\n"
         else:
-            console.print(render_status(doc))
+            text = render_status(doc, colour=colour)
+            if args.watch and sys.stdout.isatty():
+                text = "\x1b[H\x1b[2J" + text
+        sys.stdout.write(text)
+        sys.stdout.flush()
         if not args.watch:
             return EXIT_OK
         time.sleep(args.interval)
@@ -160,12 +276,9 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 def _wait_state(client: Client, name: str, goal: set[str], timeout_s: float, quiet: bool) -> int:
     """Poll status, showing progress, until the engine reaches a goal state (or a dead end)."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
     dead_ends = {"failed", "backoff"} - goal
     deadline = time.monotonic() + timeout_s
-    with console.status(f"{name} ...") as spinner:
+    with _spinner(f"{name} ...") as spinner:
         while time.monotonic() < deadline:
             doc = client.request("GET", "/v1/status").json()
             engine = next((e for e in doc["engines"] if e["name"] == name), None)
@@ -210,17 +323,14 @@ def cmd_switch(client: Client, args: argparse.Namespace) -> int:
     def call() -> None:
         try:
             result["response"] = client.request("POST", "/v1/switch", json={"name": args.name},
-                                                timeout=args.timeout)
+                                                timeout_s=args.timeout)
         except Exception as exc:  # surfaced below
             result["error"] = exc
 
     t = threading.Thread(target=call, daemon=True)
     t.start()
-    from rich.console import Console
-
-    console = Console(stderr=True)
     started = time.monotonic()
-    with console.status(f"switching to {args.name} ...") as spinner:
+    with _spinner(f"switching to {args.name} ...") as spinner:
         while t.is_alive():
             t.join(0.5)
             try:
@@ -248,27 +358,27 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
             return _fail(response)
         sys.stdout.write(response.text)
         return EXIT_OK
-    try:
-        with client.stream("GET", f"/v1/engines/{args.name}/logs", params=params, timeout=None) as response:
-            if response.status_code != 200:
-                response.read()
-                return _fail(response)
-            for chunk in response.iter_text():
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
-    except httpx.ConnectError as exc:
-        raise NoDaemon(client.socket_path) from exc
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    with client.stream("GET", f"/v1/engines/{args.name}/logs", params=params) as response:
+        if response.status != 200:
+            return _fail(Response(response.status, response.read()))
+        for chunk in _chunks(response):
+            sys.stdout.write(decoder.decode(chunk))
+            sys.stdout.flush()
     return EXIT_OK
 
 
 def cmd_events(client: Client, args: argparse.Namespace) -> int:
     def show(event: dict[str, Any]) -> None:
         if args.json:
-            print(json.dumps(event))
+            print(json.dumps(event), flush=args.follow)
             return
         rest = {k: v for k, v in event.items() if k not in ("seq", "at", "kind", "engine")}
         engine = f" [{event['engine']}]" if event.get("engine") else ""
-        print(f"{event.get('at')} {event.get('kind')}{engine} {json.dumps(rest, separators=(',', ':'))}")
+        print(f"{event.get('at')} {event.get('kind')}{engine} {json.dumps(rest, separators=(',', ':'))}",
+              flush=args.follow)
 
     if not args.follow:
         response = client.request("GET", "/v1/events", params={"lines": str(args.lines)})
@@ -277,15 +387,31 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
         for event in response.json()["events"]:
             show(event)
         return EXIT_OK
-    try:
-        with client.stream("GET", "/v1/events", params={"follow": "1", "lines": str(args.lines)},
-                           timeout=None) as response:
-            for line in response.iter_lines():
-                if line.strip():
-                    show(json.loads(line))
-    except httpx.ConnectError as exc:
-        raise NoDaemon(client.socket_path) from exc
+    with client.stream("GET", "/v1/events", params={"follow": "1", "lines": str(args.lines)}) as response:
+        if response.status != 200:
+            return _fail(Response(response.status, response.read()))
+        for line in _lines(response):
+            if line.strip():
+                show(json.loads(line))
     return EXIT_OK
+
+
+def _chunks(response: Any) -> Iterator[bytes]:
+    """What arrives on a followed stream, as it arrives; ends when the daemon ends the stream."""
+    try:
+        while chunk := response.read1(65536):
+            yield chunk
+    except (http.client.IncompleteRead, ConnectionError) as exc:
+        raise StreamBroken() from exc
+
+
+def _lines(response: Any) -> Iterator[bytes]:
+    """One line at a time from a followed stream (each event is one line)."""
+    try:
+        while line := response.readline():
+            yield line
+    except (http.client.IncompleteRead, ConnectionError) as exc:
+        raise StreamBroken() from exc
 
 
 def cmd_reboot(client: Client, args: argparse.Namespace) -> int:
@@ -435,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     except NoDaemon as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_NO_DAEMON
+    except StreamBroken:
+        print("llmctl: the daemon closed the connection in the middle of the stream", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK
 

@@ -178,6 +178,9 @@ class EngineConfig:
     canary_max_tokens: int = 16
     gpu_devices: tuple[int, ...] = ()
     supports_messages: bool | None = None  # None = the adapter's default
+    # GPU memory the engine holds on each of its gpu_devices (weights, KV cache, CUDA context);
+    # None = footprint split evenly over them. With it set, footprint is host RAM only.
+    gpu_footprint_bytes: int | None = None
 
     @property
     def base_url(self) -> str:
@@ -283,7 +286,7 @@ class Config:
 _ENGINE_KEYS = frozenset({
     "name", "kind", "model", "host", "port", "args", "command", "env", "cwd", "footprint", "exclusive",
     "default", "aliases", "served_model", "start_timeout", "stop_grace", "autostart", "canary_interval",
-    "canary_timeout", "stall", "canary_max_tokens", "gpu_devices", "supports_messages",
+    "canary_timeout", "stall", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
 })
 
 
@@ -311,6 +314,10 @@ def _parse_engine(t: Table) -> EngineConfig:
     if supports_messages is not None and not isinstance(supports_messages, bool):
         raise t.error("supports_messages", f"expected true or false, got {supports_messages!r}")
     cwd = t.str("cwd")
+    gpu_footprint_bytes = t.size_bytes("gpu_footprint", None)
+    if gpu_footprint_bytes is not None and not gpu_devices:
+        raise t.error("gpu_footprint", "is per GPU device and needs gpu_devices, the GPU indices it applies to, "
+                                       "e.g. gpu_devices = [0]")
     return EngineConfig(
         name=name,
         kind=kind,
@@ -335,6 +342,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         canary_max_tokens=t.int("canary_max_tokens", 16, min_value=1, max_value=4096) or 16,
         gpu_devices=tuple(gpu_devices),
         supports_messages=supports_messages,
+        gpu_footprint_bytes=gpu_footprint_bytes,
     )
 
 

@@ -107,6 +107,7 @@ class Daemon:
         )
         self._swap_lock = anyio.Lock()
         self.swap_target: str | None = None
+        self._swap_from: list[str] = []
         self.swap_started_s: float | None = None
         self._persist_ok = True
         self._saved: dict[str, Any] = {}
@@ -179,11 +180,7 @@ class Daemon:
             if proc is not None:
                 adopted[name] = proc
         tagged: dict[str, list[psutil.Process]] = {}
-        for proc in tagged_processes(self.daemon_id + "/"):
-            try:
-                tag = proc.environ().get("SUPERVISORD_LLM_TAG", "")
-            except psutil.Error:
-                continue
+        for proc, tag in tagged_processes(self.daemon_id + "/").items():
             tagged.setdefault(tag, []).append(proc)
         adopted_tags = {p.tag for p in adopted.values()}
         # Without a usable record (state file lost or damaged), an engine is still found by its tag: the
@@ -332,8 +329,6 @@ class Daemon:
             if self._persist_ok:
                 self._persist_ok = False
                 self.log.error("state.write_failed", error=str(exc))
-
-    _swap_from: list[str] = []
 
     def _baselines(self) -> dict[str, Any]:
         """Throughput baselines per model, kept across engine and daemon restarts."""
@@ -753,4 +748,4 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return []
 
 
-__all__ = ["Daemon", "DaemonLock", "prepare_state_dir", "Refuse"]
+__all__ = ["Daemon", "DaemonLock", "prepare_state_dir"]

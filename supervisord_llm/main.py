@@ -16,7 +16,7 @@ import structlog
 
 from supervisord_llm import __version__
 from supervisord_llm.config import Config, default_state_dir, load_config
-from supervisord_llm.errors import ConfigError, StateError, SupervisordLLMError
+from supervisord_llm.errors import ConfigError, SupervisordLLMError
 
 
 def configure_logging(level: str, *, json_logs: bool) -> Any:
@@ -135,13 +135,7 @@ def demo(args: argparse.Namespace) -> int:
         f"  events:   llmctl events -f\n"
         f"Ctrl-C stops the daemon and the engine.\n"
     )
-    try:
-        return anyio.run(lambda: run_daemon(config, logger, banner=banner))
-    except SupervisordLLMError as exc:
-        print(f"supervisord-llm: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
+    return _serve(config, logger, banner)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,13 +145,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"supervisord-llm: {exc}", file=sys.stderr)
         return 2
     logger = configure_logging(args.log_level or config.daemon.log_level, json_logs=args.json_logs)
+    return _serve(config, logger, None)
+
+
+def _project_error(exc: BaseException) -> SupervisordLLMError | None:
+    """The project's own error inside ``exc`` (task groups wrap errors in exception groups)."""
+    if isinstance(exc, SupervisordLLMError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _project_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _serve(config: Config, logger: Any, banner: str | None) -> int:
+    """Run the daemon in the foreground; a known failure (state dir taken, gateway port in use …)
+    is one clear line and exit status 1, not a traceback."""
     try:
-        return anyio.run(run_daemon, config, logger)
-    except StateError as exc:
-        print(f"supervisord-llm: {exc}", file=sys.stderr)
-        return 1
-    except SupervisordLLMError as exc:
-        print(f"supervisord-llm: {exc}", file=sys.stderr)
+        return anyio.run(lambda: run_daemon(config, logger, banner=banner))
+    except KeyboardInterrupt:
+        return 0
+    except BaseException as exc:
+        error = _project_error(exc)
+        if error is None:
+            raise
+        print(f"supervisord-llm: {error}", file=sys.stderr)
         return 1
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import anyio
 import psutil
 
+from probes.process import tagged_processes as probe_tagged_processes
+
 from supervisord_llm.errors import EngineSpawnFailed
 
 TAG_ENV = "SUPERVISORD_LLM_TAG"
@@ -72,19 +74,14 @@ def process_create_time(pid: int) -> float | None:
         return None
 
 
-def tagged_processes(tag_prefix: str) -> list[psutil.Process]:
-    """Every live process whose environment tag starts with ``tag_prefix`` (same user only)."""
-    found = []
-    me = os.getpid()
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == me:
-            continue
+def tagged_processes(tag_prefix: str) -> dict[psutil.Process, str]:
+    """Every live process whose tag starts with ``tag_prefix`` (same user only), with its tag."""
+    found = {}
+    for pid, tag in probe_tagged_processes(TAG_ENV, tag_prefix).items():
         try:
-            tag = proc.environ().get(TAG_ENV)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            found[psutil.Process(pid)] = tag
+        except psutil.Error:
             continue
-        if tag and tag.startswith(tag_prefix):
-            found.append(proc)
     return found
 
 
@@ -246,11 +243,7 @@ class EngineProcess:
             except psutil.Error:
                 continue
         for proc in tagged_processes(self.tag):
-            try:
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    found[proc.pid] = proc
-            except psutil.Error:
-                continue
+            found[proc.pid] = proc
         return list(found.values())
 
     # ---- stop -------------------------------------------------------------------------------

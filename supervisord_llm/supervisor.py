@@ -16,18 +16,16 @@ belong to a *generation* (one spawn); a message from an older generation is igno
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
 
 from policies import backoff
-from policies.actions import Admit, Alert, MarkFailed, Refuse, WaitUntil
+from policies.actions import Alert, MarkFailed, Refuse, WaitUntil
 from probes.readings import CanaryReading, Diagnosis
 from supervisord_llm.adapters import EngineAdapter, adapter_for
 from supervisord_llm.config import EngineConfig
@@ -683,9 +681,3 @@ def _remedy_for(error: EngineError) -> str:
         return "stop the process holding the port, or give the engine another port in the config"
     return "check the engine's command and kind in the config (llmctl doctor checks it)"
 
-
-def log_path_for(state_dir: Path, name: str) -> Path:
-    return state_dir / "logs" / f"{name}.log"
-
-
-_ = (Admit, time)

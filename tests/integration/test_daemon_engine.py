@@ -156,3 +156,18 @@ def test_engine_that_exits_during_start_goes_to_backoff_with_diagnosis(daemon_fa
     assert engine["diagnosis"] is not None
     assert "Metal" in engine["diagnosis"]["cause"] or "memory" in engine["diagnosis"]["cause"].lower()
     assert "exited during start" in engine["last_exit"]["reason"]
+
+
+def test_gateway_port_in_use_is_one_clear_line(daemon_factory) -> None:
+    """A gateway address that is taken stops the daemon with one line naming it, not a traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        d = daemon_factory(standin_engine_toml("a", free_port()) + f'[gateway]\nlisten = "127.0.0.1:{port}"\n')
+        d.start(wait=False)
+        assert d.proc.wait(60) == 1
+        err = d.stderr()
+        assert f"the gateway cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    daemon_id = (d.state_dir / "daemon-id").read_text().strip()
+    assert pids_with_tag_prefix(daemon_id + "/") == []  # nothing was left running

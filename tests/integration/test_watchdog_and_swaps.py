@@ -114,7 +114,7 @@ def test_switch_between_exclusive_engines_never_overlaps(daemon_factory, tiny_mo
     a_proc = psutil.Process(a["pid"])
     out = d.llmctl("switch", "b", timeout=180)
     assert out.returncode == 0, out.stderr
-    b = d.wait_state("b", "ready", 10)
+    assert d.wait_state("b", "ready", 10)["pid"]
     assert not psutil.pid_exists(a["pid"]) or a_proc.status() == psutil.STATUS_ZOMBIE
     stopped = [e for e in d.events() if e["kind"] == "engine.stopped" and e["engine"] == "a"][-1]
     spawned = [e for e in d.events() if e["kind"] == "engine.spawned" and e["engine"] == "b"][-1]
