@@ -92,7 +92,7 @@ def tagged_processes(tag_env: str, prefix: str) -> dict[int, str]:
     if not tag_env or "=" in tag_env or "\0" in tag_env:
         raise ValueError(f"tag_env {tag_env!r} is not an environment variable name; expected e.g. 'SUPERVISORD_LLM_ENGINE'")
     if not prefix:
-        raise ValueError("the tag must be a non-empty string (an empty tag would match unrelated processes)")
+        raise ValueError("the tag value must be a non-empty string (an empty tag would match unrelated processes)")
     my_uid = os.getuid() if hasattr(os, "getuid") else None
     me = os.getpid()
     found: dict[int, str] = {}

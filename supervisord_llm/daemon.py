@@ -266,6 +266,11 @@ class Daemon:
         pids = [p.pid for p in orphans]
         self.events.emit("daemon.orphans_found", pids=pids,
                          commands=[" ".join(_cmdline(p))[:120] for p in orphans])
+        # Orphans may hold GPU memory: read which before killing them, and wait (bounded) until NVML
+        # shows it back before any engine starts, so that no model loads next to their leftovers.
+        gpu = next((e for e in self.extensions if hasattr(e, "wait_orphans_released")), None)
+        on_gpu = await gpu.gpu_orphans_at_start(pids) if gpu is not None else []
+        killed_at_s = self.clock.now()
 
         def kill() -> None:
             for p in orphans:
@@ -283,6 +288,8 @@ class Daemon:
 
         await anyio.to_thread.run_sync(kill)
         self.events.emit("daemon.orphans_killed", pids=pids)
+        if on_gpu:
+            await gpu.wait_orphans_released(on_gpu, killed_at_s)
 
     async def shutdown(self, *, stop_engines: bool = True) -> None:
         """A clean exit (SIGTERM/SIGINT) stops the engines gracefully, unless configured to leave them
@@ -394,8 +401,10 @@ class Daemon:
         return auto_footprint_bytes(weights, self.config.memory.auto_factor) if weights else None
 
     def _footprint(self, sup: EngineSupervisor) -> Footprint:
+        # footprint is host RAM; gpu_footprint (per device) is what the engine holds on each of its GPUs.
+        # Without gpu_footprint the footprint is split evenly over gpu_devices (it is then both).
         return Footprint(engine=sup.name, bytes=self.footprint_bytes(sup) or 0, exclusive=sup.config.exclusive,
-                         gpu_devices=sup.config.gpu_devices)
+                         gpu_devices=sup.config.gpu_devices, gpu_bytes_per_device=sup.config.gpu_footprint_bytes)
 
     def resident(self, exclude: str | None = None) -> list[EngineSupervisor]:
         return [s for s in self.supervisors.values() if s.name != exclude and s.resident]

@@ -10,9 +10,15 @@ decisions are ``policies.reboot.decide_xid``. This module runs them for the daem
   (an orphaned grandchild that escaped its engine's session), and waits, bounded, until NVML shows
   the memory of engines that exited as released: a new model never loads next to an old one's
   leftovers;
-* XID events become actions: engines on a device that needs a reset are stopped and a person is
-  alerted; a GPU that fell off the bus (XID 79) takes the reboot path of the reboot escalation if
-  the daemon runs one, otherwise it is announced (event ``gpu.reboot_required`` and an alert).
+* XID events become actions: engines on a device that needs a reset are stopped (with the policy's
+  grace) and a person is alerted; a GPU that fell off the bus (XID 79) takes the reboot path of the
+  reboot escalation if the daemon runs one, otherwise it is announced (event ``gpu.reboot_required``
+  and an alert);
+* a GPU seen before that NVML no longer answers for is lost (``policies.reboot.decide_gpu_lost``) and
+  takes the same path as XID 79: at once when NVML says "GPU is lost", after ``lost_after_s`` of
+  silence otherwise (a driver that answers late once is not a lost GPU);
+* at the daemon's own start, the GPU memory of orphans from an earlier run (killed by the daemon) is
+  waited for, bounded, before any engine starts (``gpu_orphans_at_start``, ``wait_orphans_released``).
 
 Without NVML (a Mac, a CPU-only box, no driver) the extension emits one ``probe.unavailable`` event
 and does nothing else: that is a normal machine, not an error.
@@ -24,6 +30,7 @@ processes the daemon sees, so GPU memory cannot be attributed to engines there.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -35,7 +42,7 @@ import psutil
 from anyio.from_thread import BlockingPortal
 
 from policies.actions import Alert, EscalateReboot, RunReboot, Stop
-from policies.reboot import RebootLedger, RebootSettings, RebootState, decide_xid
+from policies.reboot import RebootLedger, RebootSettings, RebootState, decide_gpu_lost, decide_xid
 from probes.nvml import NvmlProbe, XidWatcher, gpu_bytes_for_pids
 from probes.readings import GpuReading, XidEvent
 from supervisord_llm.errors import MemoryNotReturned
@@ -55,6 +62,16 @@ class OrphanCandidate:
     pid: int
     used_bytes: int
     tag: str
+
+
+@dataclass(slots=True)
+class _SeenDevice:
+    """A GPU that answered NVML at least once; ``missing_since_s`` is set while it does not."""
+
+    index: int
+    name: str
+    missing_since_s: float | None = None
+    lost: bool = False
 
 
 @dataclass(slots=True)
@@ -151,16 +168,40 @@ def _tree_pids(root_pid: int) -> list[int]:
     return [p.pid for p in tree_of(root_pid)]
 
 
+_DEVICE_PROBLEM_RE = re.compile(r"^device (\d+): (.*)$")
+
+
+def device_errors(reading: GpuReading) -> dict[int, str]:
+    """What NVML said for each device it failed to read, ``{index: error}``; index -1: the whole reading."""
+    if not reading.available:
+        return {-1: reading.reason or "NVML did not answer"}
+    out: dict[int, str] = {}
+    for part in (reading.reason or "").split("; "):
+        match = _DEVICE_PROBLEM_RE.match(part)
+        if match:
+            out[int(match.group(1))] = match.group(2)
+    return out
+
+
+def says_gpu_is_lost(error: str) -> bool:
+    """NVML_ERROR_GPU_IS_LOST as the probe words it (``NVMLError_GpuIsLost: GPU is lost``)."""
+    return "gpuislost" in error.lower().replace(" ", "").replace("_", "")
+
+
 class GpuExtension:
     """The daemon's NVIDIA subsystem (see the module docstring). Hooks are those of ``extensions``."""
 
     name = "gpu"
 
     def __init__(self, daemon: Daemon, *, nvml_module: Any | None = None, first_read_timeout_s: float = 10.0,
-                 orphan_grace_s: float = 3.0, release_poll_s: float = 0.1, xid_wait_timeout_ms: int = 500) -> None:
+                 orphan_grace_s: float = 3.0, release_poll_s: float = 0.1, xid_wait_timeout_ms: int = 500,
+                 stop_grace_s: float = 30.0, lost_after_s: float = 10.0) -> None:
         if orphan_grace_s < 0 or release_poll_s <= 0 or first_read_timeout_s <= 0:
             raise ValueError("GpuExtension: orphan_grace_s must be >= 0 s, release_poll_s and first_read_timeout_s "
                              f"> 0 s; got {orphan_grace_s!r}, {release_poll_s!r}, {first_read_timeout_s!r}")
+        if stop_grace_s < 0 or lost_after_s <= 0:
+            raise ValueError("GpuExtension: stop_grace_s must be >= 0 s and lost_after_s > 0 s; "
+                             f"got {stop_grace_s!r}, {lost_after_s!r}")
         self.daemon = daemon
         self.probe = NvmlProbe(nvml_module)
         self.first_read_timeout_s = first_read_timeout_s
@@ -169,6 +210,10 @@ class GpuExtension:
         self.orphan_grace_s = orphan_grace_s
         self.release_poll_s = release_poll_s
         self.xid_wait_timeout_ms = xid_wait_timeout_ms
+        # Engines on a GPU that needs a reset or is gone are stopped with this grace (the policy's
+        # Stop.grace_s), not their own: a long Metal-style grace only keeps a broken GPU busy.
+        self.stop_grace_s = stop_grace_s
+        self.lost_after_s = lost_after_s
         self.reading: GpuReading | None = None
         self.available = False
         self.unavailable_reason: str | None = None
@@ -179,6 +224,11 @@ class GpuExtension:
         self._owners: dict[int, str] = {}
         self._departed: dict[int, _Departed] = {}
         self._held_seen: dict[int, int] = {}
+        # Engines holding memory on each device in the last reading that listed it: a device that
+        # disappears from NVML keeps the holders it had, so its engines are still found.
+        self._holders: dict[int, frozenset[str]] = {}
+        self._seen: dict[str, _SeenDevice] = {}  # by uuid: indexes can shift when a device vanishes
+        self._acted_lost: set[int] = set()  # devices whose loss (XID 79 or silence) was acted on
         self._portal: BlockingPortal | None = None
         # The XID policy's own reboot state; the reboot itself belongs to the reboot escalation.
         self._reboot_state = RebootState()
@@ -198,6 +248,8 @@ class GpuExtension:
             task_status.started()
             return
         self.available = True
+        for d in reading.devices:
+            self._seen[d.uuid] = _SeenDevice(d.index, d.name)
         async with BlockingPortal() as portal:
             self._portal = portal
             self.watcher = XidWatcher(self.probe.module, self._on_xid_from_thread,
@@ -240,6 +292,10 @@ class GpuExtension:
             if pid in held:
                 seen[pid] = max(seen.get(pid, 0), held[pid])
         self._held_seen = seen
+        holders = dict(self._holders)
+        for device in reading.devices:
+            holders[device.index] = frozenset(owners[p.pid] for p in device.processes if p.pid in owners)
+        self._holders = holders
         self._owners = owners
         self.reading = reading
         return reading
@@ -256,7 +312,44 @@ class GpuExtension:
                 events.emit("probe.recovered", probe="nvml")
             self.failing = problem
         self._settle(reading)
+        for seen, cause in self._newly_lost(reading):
+            await self.handle_gpu_lost(seen.index, cause)
         return reading
+
+    def _newly_lost(self, reading: GpuReading) -> list[tuple[_SeenDevice, str]]:
+        """Devices seen before that this reading shows lost; a device back in NVML is noted once."""
+        now = self.daemon.clock.now()
+        errors = device_errors(reading)
+        present = {d.uuid: d for d in reading.devices} if reading.available else {}
+        out = []
+        for uuid, seen in self._seen.items():
+            device = present.get(uuid)
+            if device is not None:
+                seen.index, seen.name = device.index, device.name
+                if seen.lost:
+                    self.daemon.events.emit("gpu.device_back", device_index=seen.index, uuid=uuid, name=seen.name,
+                                            missing_s=round(now - (seen.missing_since_s or now), 1))
+                    self._acted_lost.discard(seen.index)
+                seen.missing_since_s, seen.lost = None, False
+                continue
+            if seen.missing_since_s is None:
+                seen.missing_since_s = now
+            if seen.lost:
+                continue
+            error = errors.get(seen.index) or errors.get(-1)
+            silent_s = now - seen.missing_since_s
+            if error is not None and says_gpu_is_lost(error):
+                cause = f"GPU {seen.index} ({seen.name}) is lost (NVML: {error})"
+            elif silent_s >= self.lost_after_s:
+                cause = (f"GPU {seen.index} ({seen.name}) has not answered NVML for {silent_s:.0f}s "
+                         f"({error or 'no longer listed'})")
+            else:
+                continue
+            seen.lost = True
+            out.append((seen, cause))
+        for device in present.values():
+            self._seen.setdefault(device.uuid, _SeenDevice(device.index, device.name))
+        return out
 
     def _settle(self, reading: GpuReading) -> list[str]:
         """Forget departed pids NVML no longer lists; one event per engine whose memory came back."""
@@ -373,6 +466,63 @@ class GpuExtension:
                            tags=[o.tag for o in orphans], sigkilled=sigkilled, memory_released=released,
                            took_s=round(daemon.clock.now() - started, 3))
 
+    # ---- orphans found at the daemon's start ---------------------------------------------------
+
+    async def gpu_orphans_at_start(self, pids: Iterable[int]) -> list[OrphanCandidate]:
+        """Which of ``pids`` (orphans the daemon is about to kill) NVML lists now, with their memory and tag.
+
+        Runs before the poll loop (``run``), so it reads NVML itself; [] without NVML or when none of
+        them holds GPU memory. Bounded by ``first_read_timeout_s``.
+        """
+        wanted = set(pids)
+
+        def scan() -> list[OrphanCandidate]:
+            reading = self.probe.read(self.daemon.clock.now())
+            held = held_bytes_by_pid(reading)
+            return [OrphanCandidate(pid=pid, used_bytes=held[pid], tag=_environ_tag(pid) or "")
+                    for pid in sorted(wanted) if pid in held]
+
+        found: list[OrphanCandidate] = []
+        with anyio.move_on_after(self.first_read_timeout_s):
+            found = await anyio.to_thread.run_sync(scan, abandon_on_cancel=True)
+        return found
+
+    async def wait_orphans_released(self, orphans: list[OrphanCandidate], killed_at_s: float) -> bool:
+        """After the daemon killed ``orphans`` at its start: wait (``memory.return_wait``) until NVML lists none.
+
+        One ``gpu.orphans_released`` event says how long it took (``took_s`` since the kill began,
+        ``waited_s`` of it spent here) and whether the memory came back. Memory still listed then is
+        remembered like a departed engine's, so the first start waits for it again and is refused
+        (``MemoryNotReturned``) rather than loading a model next to it.
+        """
+        daemon = self.daemon
+        pids = {o.pid for o in orphans}
+        started = daemon.clock.now()
+        deadline = started + daemon.config.memory.return_wait_s
+        still: set[int] = set(pids)
+        while True:
+            reading: GpuReading | None = None
+            with anyio.move_on_after(self.first_read_timeout_s):
+                reading = await anyio.to_thread.run_sync(self.probe.read, daemon.clock.now(), abandon_on_cancel=True)
+            if reading is None or not reading.available:
+                break  # NVML itself failed: the poll loop reports it; nothing here to wait on
+            still = pids & set(held_bytes_by_pid(reading))
+            if not still or daemon.clock.now() >= deadline:
+                break
+            await anyio.sleep(self.release_poll_s)
+        now = daemon.clock.now()
+        released = not still
+        daemon.events.emit("gpu.orphans_released", pids=sorted(pids), bytes=sum(o.used_bytes for o in orphans),
+                           per_pid={str(o.pid): o.used_bytes for o in orphans}, memory_released=released,
+                           still_listed=sorted(still), took_s=round(now - killed_at_s, 3),
+                           waited_s=round(now - started, 3))
+        for o in orphans:
+            if o.pid in still:
+                parts = o.tag.split("/")
+                engine = parts[1] if len(parts) >= 3 and parts[1] else "orphan"
+                self._departed[o.pid] = _Departed(engine, o.used_bytes, killed_at_s)
+        return released
+
     async def _wait_pids_gone(self, pids: set[int], bound_s: float, devices: Iterable[int] | None = None) -> bool:
         """Poll NVML until none of ``pids`` holds memory (on ``devices``); False if they still do after ``bound_s``."""
         deadline = self.daemon.clock.now() + bound_s
@@ -424,10 +574,9 @@ class GpuExtension:
     def engines_on_device(self, index: int) -> list[str]:
         """Resident engines configured on GPU ``index`` or holding memory on it (any GPU for index -1)."""
         holders: set[str] = set()
-        if self.reading is not None and self.reading.available:
-            for device in self.reading.devices:
-                if index < 0 or device.index == index:
-                    holders.update(self._owners[p.pid] for p in device.processes if p.pid in self._owners)
+        for device_index, names in self._holders.items():
+            if index < 0 or device_index == index:
+                holders.update(names)
         out = []
         for sup in self.daemon.supervisors.values():
             if not sup.resident:
@@ -451,10 +600,34 @@ class GpuExtension:
         self.xid_count += 1
         engines = self.engines_on_device(event.device_index)
         daemon.events.emit("gpu.xid", device_index=event.device_index, xid=event.xid, engines=engines)
+        if event.xid == 79:
+            self._acted_lost.add(event.device_index)  # NVML will then say "GPU is lost": one episode, not two
         # The policy is asked with reboots off: carrying out a reboot belongs to the reboot escalation.
         self._reboot_state, actions = decide_xid(
             event.xid, event.device_index, engines, self._reboot_state, RebootLedger(), RebootSettings(),
-            daemon.clock.now(), daemon.clock.wall())
+            daemon.clock.now(), daemon.clock.wall(), stop_grace_s=self.stop_grace_s)
+        await self._carry_out(actions, event.device_index, event.xid, _reboot_cause(event))
+
+    async def handle_gpu_lost(self, device_index: int, cause: str) -> None:
+        """A GPU NVML no longer answers for: what ``decide_gpu_lost`` answers, as for XID 79 (once per loss)."""
+        daemon = self.daemon
+        engines = self.engines_on_device(device_index)
+        acted = device_index in self._acted_lost
+        daemon.events.emit("gpu.lost", device_index=device_index, cause=cause, engines=engines,
+                           already_handled=acted)
+        if acted:
+            return
+        self._acted_lost.add(device_index)
+        try:
+            self._reboot_state, actions = decide_gpu_lost(
+                device_index, engines, self._reboot_state, RebootLedger(), RebootSettings(), daemon.clock.now(),
+                daemon.clock.wall(), stop_grace_s=self.stop_grace_s, cause=cause)
+            await self._carry_out(actions, device_index, None, cause)
+        except Exception as exc:  # as for XIDs: the daemon outlives a failure to act, and says so
+            daemon.events.emit("gpu.lost_failed", device_index=device_index, error=f"{type(exc).__name__}: {exc}")
+
+    async def _carry_out(self, actions: Iterable[Any], device_index: int, xid: int | None, cause: str) -> None:
+        daemon = self.daemon
         reboot_reason: str | None = None
         for action in actions:
             if isinstance(action, Stop):
@@ -462,29 +635,29 @@ class GpuExtension:
                 if sup is None:
                     continue
                 try:
-                    await sup.command("stop", reason=action.reason)
+                    await sup.command("stop", reason=action.reason, grace_s=action.grace_s)
                 except Exception as exc:  # report; the other actions still run
                     daemon.events.emit("gpu.stop_failed", engine=action.engine, error=str(exc))
             elif isinstance(action, Alert) and action.key.startswith("reboot."):
-                reboot_reason = reboot_reason or _reboot_cause(action, event)
+                reboot_reason = reboot_reason or cause
             elif isinstance(action, Alert):
                 daemon.alert(action)
             elif isinstance(action, (EscalateReboot, RunReboot)):
                 reboot_reason = reboot_reason or action.reason
         if reboot_reason is not None:
-            self._reboot(reboot_reason, event)
+            self._reboot(reboot_reason, device_index, xid)
 
-    def _reboot(self, reason: str, event: XidEvent) -> None:
+    def _reboot(self, reason: str, device_index: int, xid: int | None) -> None:
         daemon = self.daemon
         for ext in daemon.extensions:
             if ext is not self and hasattr(ext, "request_reboot"):
                 ext.request_reboot(reason)
                 return
-        daemon.events.emit("gpu.reboot_required", device_index=event.device_index, xid=event.xid, reason=reason)
+        daemon.events.emit("gpu.reboot_required", device_index=device_index, xid=xid, reason=reason)
         daemon.alert(Alert(key="reboot.required", severity="critical",
                            summary=f"reboot required ({reason}); this daemon runs no reboot escalation, "
                                    "reboot the machine by hand",
-                           details={"device_index": event.device_index, "xid": event.xid}))
+                           details={"device_index": device_index, "xid": xid}))
 
     # ---- status -------------------------------------------------------------------------------
 
@@ -519,7 +692,7 @@ class GpuExtension:
         }
 
 
-def _reboot_cause(alert: Alert, event: XidEvent) -> str:
+def _reboot_cause(event: XidEvent) -> str:
     if event.xid == 79:
         return f"GPU {event.device_index} fell off the bus (XID 79)"
     return f"GPU {event.device_index} reported XID {event.xid}"
