@@ -68,11 +68,19 @@ async def run_daemon(config: Config, logger: Any, *, banner: str | None = None) 
 
             notifier = Notifier.from_env()
 
+            def status_line() -> str:
+                engines = ", ".join(f"{s.name} {s.state}" for s in daemon.supervisors.values())
+                return engines or "no engines configured"
+
+            def on_event(event: dict[str, Any]) -> None:
+                if event.get("kind") in ("engine.state_changed", "swap.started", "swap.finished", "reboot.announced"):
+                    notifier.status(status_line())
+
             def ready() -> None:
                 if banner:
                     print(banner, flush=True)
-                engines = ", ".join(daemon.supervisors) or "no engines"
-                notifier.ready(f"supervising {engines}")
+                notifier.ready(status_line())
+                daemon.events.listeners.append(on_event)
                 if notifier.watchdog_interval_s:
                     tg.start_soon(lambda: watchdog_loop(notifier, lambda: daemon.healthy_loop))
 

@@ -74,3 +74,39 @@ def test_hang_fires_and_recovery_resolves_once_also_across_a_daemon_restart(daem
         assert firing[0]["episode_id"] == receiver.of("engine.hung")[1]["episode_id"]
     finally:
         receiver.server.shutdown()
+
+
+def test_llmctl_alerts_test_delivers_a_signed_test_alert(daemon_factory) -> None:
+    """`llmctl alerts test` queues an alert that reaches the webhook, signed with the configured secret."""
+    from supervisord_llm.alerts import verify_signature
+
+    received: list[tuple[dict, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            received.append((dict(self.headers), body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = standin_engine_toml("s", free_port())
+        cfg += (f'[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "http://127.0.0.1:{server.server_port}/x"\n'
+                'format = "json"\nsecret = "s3cret"\n')
+        d = daemon_factory(cfg).start()
+        out = d.llmctl("alerts", "test")
+        assert out.returncode == 0 and "test alert queued" in out.stdout
+        _wait(lambda: received, 20, "test alert delivered")
+        headers, body = received[0]
+        headers = {k.lower(): v for k, v in headers.items()}
+        assert verify_signature("s3cret", headers["x-supervisord-llm-timestamp"], body,
+                                headers["x-supervisord-llm-signature"])
+        assert json.loads(body)["message"] == "test alert from llmctl alerts test"
+        assert "s3cret" not in (d.state_dir / "events.jsonl").read_text()
+    finally:
+        server.shutdown()
