@@ -384,9 +384,15 @@ class Daemon:
             beat = now
 
     async def _memory_loop(self) -> None:
+        persisted_baselines = self._baselines()
         while True:
             await anyio.sleep(self.config.probes.interval_s)
             await self._read_memory()
+            # Learned throughput baselines change without a state change: save them as they grow.
+            baselines = self._baselines()
+            if baselines != persisted_baselines:
+                persisted_baselines = baselines
+                self.persist()
 
     # ---- admission -------------------------------------------------------------------------
 
@@ -404,7 +410,7 @@ class Daemon:
         # footprint is host RAM; gpu_footprint (per device) is what the engine holds on each of its GPUs.
         # Without gpu_footprint the footprint is split evenly over gpu_devices (it is then both).
         return Footprint(engine=sup.name, bytes=self.footprint_bytes(sup) or 0, exclusive=sup.config.exclusive,
-                         gpu_devices=sup.config.gpu_devices, gpu_bytes_per_device=sup.config.gpu_footprint_bytes)
+                         gpu_devices=sup.config.gpu_devices)
 
     def resident(self, exclude: str | None = None) -> list[EngineSupervisor]:
         return [s for s in self.supervisors.values() if s.name != exclude and s.resident]

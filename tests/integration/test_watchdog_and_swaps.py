@@ -223,3 +223,56 @@ def test_sigstop_mid_stream_marks_the_engine_hung_through_the_gateway(daemon_fac
         assert _t(hung) - stopped_at <= 2 + 2
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_throughput_baseline_survives_a_daemon_restart(daemon_factory, tiny_model) -> None:
+    """The learned tokens/s baseline is kept per model across a daemon crash and restart."""
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, canary_interval="1s", canary_max_tokens=100)
+    cfg += '[policies.degraded]\nwindow = "2s"\n'
+    d = daemon_factory(cfg).start()
+    d.wait_state("tiny", "ready", 90)
+    deadline = time.monotonic() + 60
+    while d.engine("tiny")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    learned = d.engine("tiny")["baseline_tokens_per_s"]
+    assert learned
+    time.sleep(6)  # learned baselines are saved with the next memory probe (every probes.interval, 5 s)
+    d.kill()
+    d.start()
+    again = d.wait_state("tiny", "ready", 60)
+    assert again["baseline_tokens_per_s"] is not None
+    assert again["baseline_tokens_per_s"] >= 0.5 * learned
+
+
+def test_degraded_engine_is_restarted_when_idle_if_configured(daemon_factory, tiny_model) -> None:
+    """With `restart_when_idle`, a degraded engine with no traffic is restarted (new pid)."""
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, canary_interval="1s", canary_max_tokens=200, stall="10s")
+    cfg += '[policies.degraded]\nwindow = "3s"\nwindows = 2\nshare = 0.6\nrestart_when_idle = true\n'
+    d = daemon_factory(cfg).start()
+    pid = d.wait_state("tiny", "ready", 90)["pid"]
+    deadline = time.monotonic() + 60
+    while d.engine("tiny")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stop = threading.Event()
+
+    def duty_cycle() -> None:
+        try:
+            while not stop.is_set():
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.03)
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.02)
+        except ProcessLookupError:
+            pass  # restarted: the slow process is gone
+
+    t = threading.Thread(target=duty_cycle, daemon=True)
+    t.start()
+    try:
+        d.wait_state("tiny", "degraded", 60)
+        engine = d.wait_state("tiny", "ready", 60)
+    finally:
+        stop.set()
+        t.join()
+    assert engine["pid"] != pid and engine["restarts"] >= 1
+    reasons = [e["reason"] for e in _state_events(d, "tiny") if e["to"] == "stopping"]
+    assert any("degraded restart while idle" in r for r in reasons), reasons
