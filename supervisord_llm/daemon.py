@@ -272,19 +272,40 @@ class Daemon:
         on_gpu = await gpu.gpu_orphans_at_start(pids) if gpu is not None else []
         killed_at_s = self.clock.now()
 
+        import time  # a plain monotonic deadline in the worker thread (the daemon's clock may be a test's)
+
+        def wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+            # A zombie counts as gone: its memory (GPU included) is released, and an orphan's zombie
+            # waits for init to reap it, which can take seconds that need not delay the start.
+            deadline = time.monotonic() + timeout_s
+            while True:
+                alive = []
+                for p in procs:
+                    try:
+                        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                            alive.append(p)
+                    except psutil.NoSuchProcess:
+                        pass
+                    except psutil.Error:
+                        alive.append(p)
+                if not alive or time.monotonic() >= deadline:
+                    return alive
+                procs = alive
+                time.sleep(0.02)
+
         def kill() -> None:
             for p in orphans:
                 try:
                     p.terminate()
                 except psutil.Error:
                     pass
-            _, alive = psutil.wait_procs(orphans, timeout=10)
+            alive = wait_gone(orphans, 10)
             for p in alive:
                 try:
                     p.kill()
                 except psutil.Error:
                     pass
-            psutil.wait_procs(alive, timeout=5)
+            wait_gone(alive, 5)
 
         await anyio.to_thread.run_sync(kill)
         self.events.emit("daemon.orphans_killed", pids=pids)
@@ -410,7 +431,7 @@ class Daemon:
         # footprint is host RAM; gpu_footprint (per device) is what the engine holds on each of its GPUs.
         # Without gpu_footprint the footprint is split evenly over gpu_devices (it is then both).
         return Footprint(engine=sup.name, bytes=self.footprint_bytes(sup) or 0, exclusive=sup.config.exclusive,
-                         gpu_devices=sup.config.gpu_devices)
+                         gpu_devices=sup.config.gpu_devices, gpu_bytes_per_device=sup.config.gpu_footprint_bytes)
 
     def resident(self, exclude: str | None = None) -> list[EngineSupervisor]:
         return [s for s in self.supervisors.values() if s.name != exclude and s.resident]

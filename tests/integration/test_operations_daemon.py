@@ -109,3 +109,17 @@ def test_llmctl_logs_and_events(daemon_factory) -> None:
     assert events.returncode == 0 and "engine.state_changed [a]" in events.stdout
     missing = d.llmctl("logs", "nope")
     assert missing.returncode == 1 and "no such engine" in missing.stderr
+
+
+def test_starting_an_exclusive_engine_cancels_a_conflicting_backoff(daemon_factory) -> None:
+    """a crashed (backoff); `llmctl start b` (exclusive) stops a's pending restart instead of failing it later."""
+    cfg = standin_engine_toml("a", free_port(), exclusive=True, default=True)
+    cfg += standin_engine_toml("b", free_port(), exclusive=True)
+    d = daemon_factory(cfg).start()
+    pid = d.wait_state("a", "ready", 30)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    d.wait_state("a", "backoff", 10)
+    out = d.llmctl("start", "b", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert d.engine("a")["state"] == "stopped" and d.engine("a")["next_start_at"] is None
+    assert d.engine("b")["state"] == "ready"
