@@ -689,6 +689,7 @@ class GpuExtension:
                 "last": {"device_index": last.device_index, "xid": last.xid} if last else None,
             },
             "awaiting_release": sorted(self._departed),
+            "lost_devices": sorted(d.index for d in self._seen.values() if d.lost),
         }
 
 

@@ -115,7 +115,8 @@ def timeline(sampler: NvmlSampler, events: list[dict], labels: dict[int, str], t
     for e in events:
         if e["kind"] in kinds:
             detail = {k: v for k, v in e.items() if k in ("engine", "to", "pid", "pids", "bytes", "after_exit_s",
-                                                          "reason", "decision", "sigkilled", "took_s", "total_s")}
+                                                          "reason", "decision", "sigkilled", "took_s", "total_s",
+                                                          "memory_released", "waited_s")}
             rows.append((_event_wall(e), f"daemon {e['kind']} {json.dumps(detail)}"))
     rows.sort(key=lambda r: r[0])
     return [f"{(t - t0) * 1000:+9.0f} ms  {text}" for t, text in rows]
@@ -338,12 +339,20 @@ def test_d_orphaned_grandchild_holding_gpu_memory_is_freed_before_the_next_start
     events = d.events()
     freed = [e for e in events if e["kind"] == "gpu.orphans_freed"]
     spawned = [e for e in events if e["kind"] == "engine.spawned" and e["engine"] == "leaky"]
+    root_released = [e for e in events if e["kind"] == "gpu.memory_released" and root in e["pids"]]
     orphan_seen = sampler.present(orphan)
+    root_seen = [procs.get(root, 0) for _, _, procs in sampler.samples]
     lines = timeline(sampler, events, {root: "engine(old)", orphan: "orphan", new_root: "engine(new)"}, t0,
                      ("engine.exited", "engine.state_changed", "gpu.orphans_freed", "gpu.memory_released",
                       "engine.leftovers_killed", "policy.decided", "engine.spawned"))
     record("d_orphan_freed", {"orphan_pid": orphan, "orphan_bytes_nvml": procs[orphan]["used_bytes"],
+                              "engine_root_bytes_status": procs[root]["used_bytes"],
+                              "engine_root_peak_bytes_sampler": max(root_seen, default=0),
+                              "engine_root_release_event": root_released[0] if root_released else None,
                               "event": freed[0] if freed else None, "timeline": lines})
+    # The SIGKILLed engine's release event names what it held, not a reading taken mid-teardown.
+    assert len(root_released) == 1 and root_released[0]["bytes"] >= procs[root]["used_bytes"] >= 1024 * MIB, \
+        root_released
     assert len(freed) == 1 and orphan in freed[0]["pids"]
     assert freed[0]["bytes"] >= orphan_mb * MIB and freed[0]["memory_released"] is True
     assert freed[0]["sigkilled"] == [orphan]  # it ignored SIGTERM
@@ -371,3 +380,81 @@ def test_e_xid_watcher_runs_through_start_stop_and_restart_without_errors(daemon
     last = xid_watcher_clean(d)
     record("e_xid_watcher", {"after_first_start": first, "after_restart": last,
                              "uptime_s": d.status()["daemon"]["uptime_s"]})
+
+
+# ---- (f) ---------------------------------------------------------------------------------------
+
+
+def test_f_gpu_footprint_larger_than_the_host_budget_starts_and_is_checked_on_the_gpu(daemon_factory) -> None:
+    """An engine whose GPU memory exceeds the host memory budget starts (gpu_footprint), and one larger than the card is refused."""
+    _, total = nvml_memory()
+    gpu_mb = int(total * 0.5 / MIB)
+    gpu_footprint_mb = int(total * 0.6 / MIB)
+    budget = "8GB"  # host RAM budget far below what the engine holds on the GPU
+    cfg = (HEAD.replace('headroom = "1GB"\n', f'headroom = "1GB"\nbudget = "{budget}"\nadmission_wait = "2s"\n')
+           + gpu_engine_toml("gpu-heavy", free_port(), "--gpu-mb", str(gpu_mb), footprint="2GB",
+                             gpu_footprint=f"{gpu_footprint_mb}MiB")
+           + gpu_engine_toml("too-big", free_port(), "--gpu-mb", "64", footprint="1GB", autostart=False,
+                             gpu_footprint=f"{int(total / MIB) + 1024}MiB"))
+    d = daemon_factory(cfg).start()
+    pid = d.wait_state("gpu-heavy", "ready", 180)["pid"]
+    held = _wait(lambda: (b := nvml_processes().get(pid, 0)) >= gpu_mb * MIB and b, 20, "gpu-heavy's memory in NVML")
+    admitted = [e for e in d.events() if e["kind"] == "policy.decided" and e.get("engine") == "gpu-heavy"]
+    assert admitted[-1]["decision"] == "admit"
+    assert held > 8e9, "the engine holds more GPU memory than the whole host budget"
+    assert d.post("/v1/engines/too-big/start").status_code == 200
+    refused = _wait(lambda: [e for e in d.events() if e["kind"] == "policy.decided" and e.get("engine") == "too-big"
+                             and e["decision"] == "refuse"], 30, "the refusal of too-big")
+    record("f_gpu_footprint", {
+        "device_total_bytes": total, "host_budget": budget, "gpu_heavy_footprint": "2GB",
+        "gpu_heavy_gpu_footprint": f"{gpu_footprint_mb}MiB", "gpu_heavy_nvml_bytes": held,
+        "gpu_heavy_admission": admitted[-1]["message"],
+        "too_big_refusal": {k: refused[0][k] for k in ("reason", "message")},
+        "too_big_state": d.engine("too-big")["state"],
+    })
+    assert f"{gpu_footprint_mb * MIB / 1e9:.1f} GB per GPU on 0" in admitted[-1]["message"]
+    assert refused[0]["reason"] == "gpu" and "on GPU 0, which has only" in refused[0]["message"]
+    assert not [e for e in d.events() if e["kind"] == "engine.spawned" and e["engine"] == "too-big"]
+    xid_watcher_clean(d)
+
+
+# ---- (g) ---------------------------------------------------------------------------------------
+
+
+def test_g_orphans_from_a_killed_daemon_release_their_gpu_memory_before_engines_start(daemon_factory) -> None:
+    """Daemon and engine SIGKILLed, a grandchild keeps GPU memory; the next daemon kills it and waits for NVML before starting engines."""
+    orphan_mb = 2048
+    old_cfg = HEAD + gpu_engine_toml("retired", free_port(), "--gpu-mb", "512", "--orphan-gpu-mb", str(orphan_mb))
+    d = daemon_factory(old_cfg).start()
+    root = d.wait_state("retired", "ready", 180)["pid"]
+    orphan = _wait(lambda: [p for p in nvml_processes() if p != root and psutil.pid_exists(p)
+                            and psutil.Process(p).ppid() == root], 20, "the grandchild in NVML")[0]
+    d.kill()
+    os.kill(root, signal.SIGKILL)
+    _wait(lambda: root not in nvml_processes(), 10, "the engine's memory back")
+    assert orphan in nvml_processes(), "the grandchild still holds its GPU memory"
+    # The engine was renamed while the daemon was down: its grandchild is nobody's to adopt, an orphan.
+    d.config_path.write_text(d.config_path.read_text().replace('"retired"', '"fresh"'))
+    with NvmlSampler(0.05) as sampler:
+        t0 = time.time()
+        d.start()
+        new_root = d.wait_state("fresh", "ready", 180)["pid"]
+        time.sleep(0.3)
+    events = [e for e in d.events() if _event_wall(e) >= t0 - 1]
+    found = [e for e in events if e["kind"] == "daemon.orphans_found"]
+    released = [e for e in events if e["kind"] == "gpu.orphans_released"]
+    spawned = [e for e in events if e["kind"] == "engine.spawned" and e["engine"] == "fresh"]
+    orphan_seen = sampler.present(orphan)
+    lines = timeline(sampler, events, {orphan: "orphan", new_root: "fresh"}, t0,
+                     ("daemon.orphans_found", "daemon.orphans_killed", "gpu.orphans_released", "daemon.started",
+                      "policy.decided", "engine.spawned", "engine.state_changed"))
+    record("g_orphans_at_daemon_start", {"orphan_pid": orphan, "released_event": released[0] if released else None,
+                                         "timeline": lines})
+    assert found and orphan in found[0]["pids"]
+    assert len(released) == 1 and released[0]["memory_released"] is True and orphan in released[0]["pids"]
+    assert released[0]["bytes"] >= orphan_mb * MIB
+    assert orphan not in nvml_processes()
+    assert spawned and released[0]["seq"] < spawned[0]["seq"]
+    assert orphan_seen and _event_wall(spawned[0]) >= orphan_seen[-1] - 0.002, \
+        "fresh was spawned while NVML still listed the orphan's memory"
+    xid_watcher_clean(d)

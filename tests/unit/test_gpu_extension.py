@@ -41,16 +41,21 @@ class StandInNvml:
     """The pynvml functions the probe and the XID watcher call, answering from what a test says is held.
 
     A pid stays listed while its process lives (a zombie counts as gone), and for ``linger_s`` after
-    it died: the time a driver takes to release a dead process's memory.
+    it died: the time a driver takes to release a dead process's memory. A device in ``lost`` answers
+    NVML_ERROR_GPU_IS_LOST, one in ``silent`` NVML_ERROR_UNKNOWN (as pynvml words them).
     """
 
     NVML_ERROR_TIMEOUT = 10
+    NVML_ERROR_GPU_IS_LOST = 15
+    NVML_ERROR_UNKNOWN = 999
     nvmlEventTypeXidCriticalError = 8
 
     class NVMLError(Exception):
+        MESSAGES = {10: "Timeout", 15: "GPU is lost", 999: "Unknown Error"}
+
         def __init__(self, value: int) -> None:
             self.value = value
-            super().__init__(f"NVML error {value}")
+            super().__init__(self.MESSAGES.get(value, f"NVML error {value}"))
 
     def __init__(self, *, total_bytes: int = 80 * GIB, devices: int = 1, init_error: int | None = None) -> None:
         self.total_bytes = total_bytes
@@ -60,6 +65,8 @@ class StandInNvml:
         self.linger_s = 0.0
         self._dead_since: dict[int, float] = {}
         self.xids: queue.Queue[tuple[int, int]] = queue.Queue()
+        self.lost: set[int] = set()
+        self.silent: set[int] = set()
 
     def hold(self, pid: int, used_bytes: int, device: int = 0) -> None:
         self.held[pid] = (device, used_bytes)
@@ -99,6 +106,10 @@ class StandInNvml:
         return f"GPU-standin-{handle.index}"
 
     def nvmlDeviceGetMemoryInfo(self, handle: SimpleNamespace) -> SimpleNamespace:
+        if handle.index in self.lost:
+            raise self.NVMLError(self.NVML_ERROR_GPU_IS_LOST)
+        if handle.index in self.silent:
+            raise self.NVMLError(self.NVML_ERROR_UNKNOWN)
         used = sum(b for _, b in self._listed(handle.index))
         return SimpleNamespace(total=self.total_bytes, used=used, free=self.total_bytes - used)
 
@@ -137,12 +148,13 @@ def _quiet_logger() -> object:
                                  wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
 
 
-def _build(config_text: str, nvml: StandInNvml, **ext_kwargs: object) -> tuple[Daemon, GpuExtension]:
+def _build(config_text: str, nvml: StandInNvml, *, clock: object = None,
+           **ext_kwargs: object) -> tuple[Daemon, GpuExtension]:
     state = short_tmpdir()
     path = state / "config.toml"
     path.write_text(f'[daemon]\nstate_dir = "{state}"\n\n[probes]\nnvml = false\ninterval = "0.2s"\n\n'
                     + config_text)
-    daemon = Daemon(load_config(path), logger=_quiet_logger())
+    daemon = Daemon(load_config(path), logger=_quiet_logger(), clock=clock)
     ext = GpuExtension(daemon, nvml_module=nvml, **ext_kwargs)
     daemon.extensions.append(ext)
     daemon.open()
@@ -153,11 +165,18 @@ def _build(config_text: str, nvml: StandInNvml, **ext_kwargs: object) -> tuple[D
 async def running(config_text: str, nvml: StandInNvml, **ext_kwargs: object) -> AsyncIterator[tuple[Daemon, GpuExtension]]:
     """A real daemon in this process with the GPU extension on a stand-in NVML; engines are real processes."""
     daemon, ext = _build(config_text, nvml, **ext_kwargs)
+    async with run_built(daemon):
+        yield daemon, ext
+
+
+@asynccontextmanager
+async def run_built(daemon: Daemon) -> AsyncIterator[Daemon]:
+    """Run a daemon made by ``_build``; afterwards stop it, kill whatever carries its tag, remove its state."""
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(daemon.run)
             try:
-                yield daemon, ext
+                yield daemon
             finally:
                 with anyio.move_on_after(20, shield=True):
                     await daemon.shutdown()
@@ -471,3 +490,249 @@ def test_bad_extension_settings_name_what_is_valid() -> None:
         daemon.close()
         shutil.rmtree(daemon.state_dir, ignore_errors=True)
 
+
+
+# ---- gpu_footprint: host RAM and GPU memory are separate -----------------------------------------
+
+
+GPU_ENGINE = '[[engine]]\nname = "g"\nkind = "command"\ncommand = ["x", "{port}"]\n'
+
+GPU_FOOTPRINT_CONFIGS = [
+    ("60GiB per device", 'gpu_devices = [0, 1]\ngpu_footprint = "60GiB"\n', 60 * GIB, None),
+    ("bytes as a number", "gpu_devices = [0]\ngpu_footprint = 1048576\n", 1048576, None),
+    ("unset", "gpu_devices = [0]\n", None, None),
+    ("bad unit", 'gpu_devices = [0]\ngpu_footprint = "40 parsecs"\n', None,
+     "engine[0].gpu_footprint: unknown size unit 'parsecs'"),
+    ("auto is not a size here", 'gpu_devices = [0]\ngpu_footprint = "auto"\n', None,
+     "engine[0].gpu_footprint: expected a size"),
+    ("negative", "gpu_devices = [0]\ngpu_footprint = -5\n", None, "engine[0].gpu_footprint: a size cannot be negative"),
+    ("not a size", "gpu_devices = [0]\ngpu_footprint = true\n", None, "engine[0].gpu_footprint: expected a size"),
+    ("without gpu_devices", 'gpu_footprint = "40GB"\n', None,
+     "engine[0].gpu_footprint: is per GPU device and needs gpu_devices"),
+]
+
+
+@pytest.mark.parametrize(("label", "keys", "expected_bytes", "error"), GPU_FOOTPRINT_CONFIGS,
+                         ids=[c[0] for c in GPU_FOOTPRINT_CONFIGS])
+def test_gpu_footprint_is_a_size_per_device_or_a_precise_error(tmp_path, label, keys, expected_bytes, error) -> None:
+    """`gpu_footprint` takes a size per GPU device; a bad one is refused naming `engine[i].gpu_footprint`."""
+    from supervisord_llm.errors import ConfigError
+
+    path = tmp_path / "config.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\n' + GPU_ENGINE + keys)
+    if error is None:
+        assert load_config(path).engines[0].gpu_footprint_bytes == expected_bytes
+    else:
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert str(info.value).startswith(str(path)) and error in str(info.value), str(info.value)
+
+
+ADMISSIONS = [
+    # (engine keys, verdict, words in the message)
+    ({"footprint": "2GB", "gpu_devices": [0], "gpu_footprint": "60GiB"}, "admit",
+     ["2.0 GB + 1.0 GB headroom", "64.4 GB per GPU on 0"]),
+    ({"footprint": "60GiB", "gpu_devices": [0]}, "budget", ["64.4 GB", "over the memory budget of 10.0 GB"]),
+    ({"footprint": "2GB", "gpu_devices": [0], "gpu_footprint": "90GiB"}, "gpu",
+     ["needs 96.6 GB on GPU 0, which has only 85.9 GB free"]),
+    ({"footprint": "8GB", "gpu_devices": [0, 1]}, "admit", ["4.0 GB per GPU on 0, 1"]),
+    ({"footprint": "2GB", "gpu_devices": [0, 1], "gpu_footprint": "30GB"}, "admit", ["30.0 GB per GPU on 0, 1"]),
+]
+
+
+@pytest.mark.parametrize(("keys", "verdict", "words"), ADMISSIONS, ids=[
+    "gpu weights not counted as host RAM", "without gpu_footprint the footprint is host RAM too",
+    "gpu_footprint over the card", "unset: footprint split evenly", "gpu_footprint on each device"])
+def test_admission_checks_footprint_against_host_ram_and_gpu_footprint_against_each_gpu(keys, verdict, words) -> None:
+    """An engine whose weights live on the GPU is admitted under a small host budget; its GPU share is checked per device."""
+    from policies.actions import Admit
+
+    nvml = StandInNvml(devices=2)
+    config = '[policies.memory]\nbudget = "10GB"\nheadroom = "1GB"\n\n' + standin_engine_toml("g", free_port(), **keys)
+    daemon, ext = _build(config, nvml)
+    try:
+        ext.available = True
+        ext._poll_blocking({})
+        result = daemon._admission(daemon.supervisors["g"])
+        assert ("admit" if isinstance(result, Admit) else result.reason) == verdict, result
+        for word in words:
+            assert word in result.message, result.message
+    finally:
+        daemon.close()
+        shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
+
+# ---- XID stop grace ------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_xid_stop_uses_the_policys_grace_not_the_engines_long_one() -> None:
+    """XID 48 on an engine that ignores SIGTERM with a 120 s stop_grace: SIGKILLed after the policy's 0.5 s grace."""
+    nvml = StandInNvml()
+    config = standin_engine_toml("e", free_port(), "--ignore-sigterm", gpu_devices=[0], stop_grace="120s")
+    async with running(config, nvml, xid_wait_timeout_ms=50, stop_grace_s=0.5) as (daemon, ext):
+        await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+        nvml.xids.put((0, 48))
+        await _until(lambda: _engine(daemon, "e")["state"] == "stopped", 30)  # far below the engine's 120 s
+        stopped = _events(daemon, "engine.stopped")[-1]
+        assert stopped["graceful"] is False and stopped["signal"] == "SIGKILL", stopped
+
+
+# ---- a GPU that NVML no longer answers for -------------------------------------------------------
+
+
+class Escalation:
+    """A reboot escalation as the stranded-memory extension exposes it: it only records requests."""
+
+    name = "escalation"
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def request_reboot(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+@pytest.mark.anyio
+async def test_gpu_is_lost_stops_its_engines_alerts_and_asks_for_a_reboot_at_once() -> None:
+    """NVML answering "GPU is lost" for GPU 0: its engine is stopped, alerts raised, reboot announced; GPU 1 is still read."""
+    nvml = StandInNvml(devices=2)
+    config = standin_engine_toml("e", free_port(), gpu_devices=[0])
+    async with running(config, nvml, lost_after_s=600) as (daemon, ext):
+        await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+        nvml.hold(_engine(daemon, "e")["pid"], 4 * GIB, device=0)
+        await _until(lambda: ext.engine_gpu_bytes([_engine(daemon, "e")["pid"]]) == 4 * GIB)
+        nvml.lost.add(0)
+        await _until(lambda: _engine(daemon, "e")["state"] == "stopped", 30)
+        lost = _events(daemon, "gpu.lost")
+        assert len(lost) == 1 and lost[0]["device_index"] == 0 and lost[0]["engines"] == ["e"]
+        assert "GPU 0 (NVIDIA H100 80GB HBM3) is lost (NVML: NVMLError: GPU is lost)" == lost[0]["cause"]
+        assert "is lost" in _engine(daemon, "e")["state_reason"]
+        keys = [e["key"] for e in _events(daemon, "alert.raised")]
+        assert "gpu.lost:0" in keys and "reboot.required" in keys
+        reboot = _events(daemon, "gpu.reboot_required")
+        assert len(reboot) == 1 and reboot[0]["xid"] is None and reboot[0]["device_index"] == 0
+        assert [g["index"] for g in daemon.status()["system"]["gpus"]] == [1]
+        assert daemon.status()["system"]["gpu_probe"]["lost_devices"] == [0]
+        await anyio.sleep(0.6)  # more readings of the lost GPU: still one episode
+        assert len(_events(daemon, "gpu.lost")) == 1 and len(_events(daemon, "gpu.reboot_required")) == 1
+
+
+@pytest.mark.anyio
+async def test_a_gpu_that_stops_answering_is_lost_only_after_lost_after_s_and_found_again() -> None:
+    """A GPU missing from NVML is not lost at the first missed reading; after `lost_after_s` the reboot path runs."""
+    from supervisord_llm.clock import FakeClock
+
+    clock = FakeClock()
+    nvml = StandInNvml(devices=2)
+    daemon, ext = _build("", nvml, clock=clock, lost_after_s=10)
+    escalation = Escalation()
+    daemon.extensions.append(escalation)
+    try:
+        ext.available = True
+        await ext.poll()  # both GPUs seen
+        assert _events(daemon, "gpu.lost") == []
+        nvml.device_count = 1  # GPU 1 no longer listed at all
+        await ext.poll()
+        clock.advance(9)
+        await ext.poll()
+        assert _events(daemon, "gpu.lost") == [] and escalation.reasons == []
+        clock.advance(1)
+        await ext.poll()
+        lost = _events(daemon, "gpu.lost")
+        assert [(e["device_index"], e["engines"]) for e in lost] == [(1, [])]
+        assert escalation.reasons == ["GPU 1 (NVIDIA H100 80GB HBM3) has not answered NVML for 10s (no longer listed)"]
+        assert [e["key"] for e in _events(daemon, "alert.raised")] == ["gpu.lost:1"]
+        nvml.device_count = 2
+        clock.advance(5)
+        await ext.poll()
+        back = _events(daemon, "gpu.device_back")
+        assert [(e["device_index"], e["missing_s"]) for e in back] == [(1, 15.0)]
+        nvml.silent.add(0)  # an error other than "GPU is lost": also only after lost_after_s
+        await ext.poll()
+        assert len(_events(daemon, "gpu.lost")) == 1
+        clock.advance(10)
+        await ext.poll()
+        assert "(NVMLError: Unknown Error)" in _events(daemon, "gpu.lost")[-1]["cause"]
+    finally:
+        daemon.close()
+        shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_xid_79_then_gpu_is_lost_is_one_episode() -> None:
+    """XID 79 acts; NVML then saying "GPU is lost" for that GPU is noted but does not ask for a second reboot."""
+    nvml = StandInNvml()
+    daemon, ext = _build("", nvml)
+    escalation = Escalation()
+    daemon.extensions.append(escalation)
+    try:
+        ext.available = True
+        await ext.poll()
+        await ext.handle_xid(XidEvent(at_s=daemon.clock.now(), device_index=0, xid=79))
+        nvml.lost.add(0)
+        await ext.poll()
+        assert escalation.reasons == ["GPU 0 fell off the bus (XID 79)"]
+        lost = _events(daemon, "gpu.lost")
+        assert len(lost) == 1 and lost[0]["already_handled"] is True
+        assert [e["key"] for e in _events(daemon, "alert.raised")] == ["gpu.lost:0"]
+    finally:
+        daemon.close()
+        shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
+
+# ---- orphans from an earlier run, found at the daemon's start ------------------------------------
+
+
+def _tagged_orphan(daemon: Daemon, engine: str) -> subprocess.Popen:
+    """A process of an earlier run of this daemon (its tag), as a daemon killed mid-run leaves behind."""
+    return subprocess.Popen([PYTHON, "-c", "import time; time.sleep(600)"], start_new_session=True,
+                            env={**os.environ, "SUPERVISORD_LLM_TAG": f"{daemon.daemon_id}/{engine}/old"})
+
+
+@pytest.mark.anyio
+async def test_daemon_start_waits_until_nvml_shows_killed_orphans_memory_back_before_engines_start() -> None:
+    """Orphans killed at daemon start: engines start only once NVML no longer lists their memory; an event says how long."""
+    nvml = StandInNvml()
+    nvml.linger_s = 0.8  # the driver still lists a dead process's memory for a while
+    daemon, ext = _build(standin_engine_toml("e", free_port(), gpu_devices=[0]), nvml)
+    orphan = _tagged_orphan(daemon, "removed-engine")
+    try:
+        nvml.hold(orphan.pid, 6 * GIB)
+        async with run_built(daemon):
+            await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+            released = _events(daemon, "gpu.orphans_released")
+            assert len(released) == 1, released
+            r = released[0]
+            assert (r["pids"], r["bytes"], r["memory_released"], r["still_listed"]) == ([orphan.pid], 6 * GIB, True, [])
+            assert r["took_s"] >= 0.7 and r["waited_s"] <= r["took_s"]
+            kinds = [e["kind"] for e in daemon.events.recent]
+            assert kinds.index("daemon.orphans_killed") < kinds.index("gpu.orphans_released") \
+                < kinds.index("daemon.started") < kinds.index("engine.spawned")
+            assert orphan.poll() is not None or not _alive(orphan.pid)
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        orphan.wait()
+
+
+@pytest.mark.anyio
+async def test_orphan_memory_never_released_at_daemon_start_refuses_the_first_start() -> None:
+    """An orphan's GPU memory still listed after `memory.return_wait`: said in the event, and no engine loads next to it."""
+    nvml = StandInNvml()
+    nvml.linger_s = float("inf")
+    config = '[policies.memory]\nreturn_wait = "1s"\n\n' + standin_engine_toml("e", free_port(), gpu_devices=[0])
+    daemon, ext = _build(config, nvml)
+    orphan = _tagged_orphan(daemon, "removed-engine")
+    try:
+        nvml.hold(orphan.pid, 6 * GIB)
+        async with run_built(daemon):
+            await _until(lambda: _engine(daemon, "e")["state"] in ("backoff", "failed"), 30)
+            r = _events(daemon, "gpu.orphans_released")[0]
+            assert r["memory_released"] is False and r["still_listed"] == [orphan.pid] and r["waited_s"] >= 0.9
+            assert f"held by pid {orphan.pid}" in _engine(daemon, "e")["last_exit"]["reason"]
+            assert not _events(daemon, "engine.spawned")
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        orphan.wait()
