@@ -38,7 +38,7 @@ from supervisord_llm.errors import (
 from supervisord_llm.events import EventLog
 from supervisord_llm.process import EngineProcess, tagged_processes
 from supervisord_llm.statefile import read_json, write_json_atomic
-from supervisord_llm.supervisor import EngineState, EngineSupervisor
+from supervisord_llm.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
 
 STATE_VERSION = 1
 
@@ -185,9 +185,12 @@ class Daemon:
         adopted_tags = {p.tag for p in adopted.values()}
         # Without a usable record (state file lost or damaged), an engine is still found by its tag: the
         # root of the tagged group is adopted when its create time is known, instead of a second copy.
+        # An engine with a usable record whose process is gone is dead: a tagged grandchild of it is
+        # an orphan, never the engine.
+        recorded = {n for n, saved in engines.items() if isinstance(saved, dict) and isinstance(saved.get("pid"), int)}
         for tag, group in sorted(tagged.items(), key=lambda kv: -_oldest_create_time(kv[1])):
             name = tag.split("/")[1] if tag.count("/") >= 2 else ""
-            if tag in adopted_tags or name not in self.supervisors or name in adopted:
+            if tag in adopted_tags or name not in self.supervisors or name in adopted or name in recorded:
                 continue
             root = _group_root(group)
             if root is None:
@@ -421,6 +424,8 @@ class Daemon:
         cfg = sup.config
         if cfg.footprint_bytes is not None:
             return cfg.footprint_bytes
+        if getattr(cfg, "gpu_footprint_bytes", None) is not None:
+            return 0  # "auto" with a GPU footprint: the weights live in GPU memory, not host RAM
         weights = getattr(sup, "_weights_bytes", None)
         if weights is None:
             weights = _weights_on_disk(cfg.model)
@@ -462,6 +467,10 @@ class Daemon:
         for ext in self.extensions:
             if hasattr(ext, "before_start"):
                 await ext.before_start(sup)
+        # Leftovers of another engine's crashed run are being killed: they hold memory until gone.
+        sweeping = [s for s in self.supervisors.values() if s is not sup and s._sweeping]
+        for other in sweeping:
+            await other.wait_for(lambda s: not s._sweeping, 30)
         deadline = self.clock.now() + self.config.memory.admission_wait_s
         announced = False
         while True:
@@ -542,6 +551,10 @@ class Daemon:
             raise StartRefused(name, "exclusive",
                                f"{name} cannot run next to {names} (exclusive); use `llmctl switch {name}` "
                                "to stop them first")
+        # An engine that cannot share with this one and waits in backoff would have its automatic
+        # restart refused later; a person starting this one means that one stays down.
+        for other in self._conflicts(sup, waiting=True):
+            await other.command("stop", reason=f"{name} was started (they cannot share the machine)")
         return await sup.command("start", force=force)
 
     async def stop(self, name: str) -> str:
@@ -550,29 +563,68 @@ class Daemon:
     async def restart(self, name: str, *, force: bool = False) -> str:
         return await self.supervisor(name).command("restart", force=force)
 
-    def _conflicts(self, sup: EngineSupervisor) -> list[EngineSupervisor]:
-        others = self.resident(exclude=sup.name)
+    def _conflicts(self, sup: EngineSupervisor, *, waiting: bool = False) -> list[EngineSupervisor]:
+        """Engines that must not run next to ``sup``: resident ones, or (``waiting``) those in backoff."""
+        if waiting:
+            others = [s for s in self.supervisors.values() if s.name != sup.name and s.state == EngineState.BACKOFF]
+        else:
+            others = self.resident(exclude=sup.name)
         if sup.config.exclusive:
             return others
         return [o for o in others if o.config.exclusive]
 
-    async def switch(self, name: str, *, wait: bool = True) -> dict[str, Any]:
+    @property
+    def shutting_down(self) -> bool:
+        return self._stopping
+
+    async def switch(self, name: str, *, manual: bool = True) -> dict[str, Any]:
         """Swap to ``name``: one swap at a time; a second request for the same target joins it,
-        one for another target is refused (SwapInProgress) until the first has finished."""
+        one for another target is refused (SwapInProgress) until the first has finished.
+
+        ``manual`` (a person's ``llmctl switch``) may start a target that waits in backoff or failed;
+        an automatic swap (a gateway request) may not: the target's backoff holds, nothing is stopped.
+        """
         target = self.supervisor(name)
+        if self._stopping:
+            raise SwapError("the daemon is shutting down; no swap is started")
         if self.swap_target is not None:
             if self.swap_target == target.name:
                 await target.wait_for(lambda s: s.swap_in_progress is False, None)
                 return {"target": target.name, "joined": True, "state": str(target.state)}
             raise SwapInProgress(self.swap_target)
-        async with self._swap_lock:
-            return await self._do_swap(target)
+        if not manual and not target.serving:
+            # Decided before anything is stopped: an automatic swap never trades a working engine for
+            # one its backoff would refuse.
+            verdict = backoff.manual_start_allowed(target.backoff, self.backoff_settings, self.clock.now(), False)
+            if target.state in (EngineState.BACKOFF, EngineState.FAILED) or isinstance(verdict, Refuse):
+                reason = verdict.message if isinstance(verdict, Refuse) else target.state_reason
+                raise StartRefused(target.name, str(target.state), f"not swapping to {target.name}: {reason}",
+                                   until_s=verdict.until_s if isinstance(verdict, Refuse) else None)
+        # Claimed before the first await: two requests at the same moment cannot both pass the check.
+        self.swap_target, self.swap_started_s = target.name, self.clock.now()
+        target.swap_in_progress = True
+        try:
+            async with self._swap_lock:
+                return await self._do_swap(target, manual=manual)
+        finally:
+            if self.swap_target == target.name and not self._swap_lock.locked():
+                self.swap_target, self.swap_started_s = None, None
+                target.swap_in_progress = False
+                target._notify()
 
-    async def _do_swap(self, target: EngineSupervisor, previous: list[str] | None = None) -> dict[str, Any]:
+    async def _wait_stopped(self, sup: EngineSupervisor, why: str) -> None:
+        ok = await sup.wait_for(lambda s: s.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF)
+                                and not s.resident, sup.config.stop_grace_s + 60)
+        if not ok:
+            raise SwapError(f"{sup.name} did not stop within {sup.config.stop_grace_s + 60:.0f}s ({why}); "
+                            f"it is {sup.state}: {sup.state_reason}")
+
+    async def _do_swap(self, target: EngineSupervisor, previous: list[str] | None = None, *,
+                       manual: bool = True) -> dict[str, Any]:
         from policies.swap import memory_returned
 
         started = self.clock.now()
-        to_stop = [s for s in self._conflicts(target)]
+        to_stop = self._conflicts(target) + self._conflicts(target, waiting=True)
         budget_stop = self._budget_conflicts(target, to_stop)
         to_stop += [s for s in budget_stop if s not in to_stop]
         prev = previous if previous is not None else [s.name for s in to_stop if s.serving]
@@ -593,8 +645,7 @@ class Daemon:
             for sup in to_stop:
                 await sup.command("stop", reason=f"swap to {target.name}")
             for sup in to_stop:
-                await sup.wait_for(lambda s: s.state in (EngineState.STOPPED, EngineState.FAILED)
-                                   and not (s.proc and s.proc.running), None)
+                await self._wait_stopped(sup, f"swap to {target.name}")
             timings["stop_s"] = self.clock.now() - t0
             # Memory must be back before the new engine loads: never two models at once.
             t1 = self.clock.now()
@@ -620,7 +671,10 @@ class Daemon:
             t2 = self.clock.now()
             if not target.serving:
                 if target.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF):
-                    await target.command("start", force=True, reason=f"swap to {target.name}")
+                    try:
+                        await target.command("start", force=manual, reason=f"swap to {target.name}")
+                    except StartRefused as exc:
+                        raise SwapError(str(exc)) from exc
                 ok = await target.wait_for(lambda s: s.state in (EngineState.READY, EngineState.DEGRADED,
                                                                  EngineState.FAILED, EngineState.BACKOFF,
                                                                  EngineState.STOPPED),
@@ -645,16 +699,24 @@ class Daemon:
                 ev.set()
 
     async def _rollback(self, target: EngineSupervisor, previous: list[str], reason: str) -> None:
-        """The new engine failed: stop it (nothing half-loaded) and bring the previous one back."""
-        if target.state not in (EngineState.STOPPED, EngineState.FAILED) or (target.proc and target.proc.running):
+        """The new engine failed: stop it (nothing half-loaded) and bring the previous one back.
+
+        A target waiting in backoff or failed keeps that state (its backoff holds: a later request
+        does not start another swap at once); only a resident one is stopped.
+        """
+        if target.state in RESIDENT_STATES or (target.proc is not None and target.proc.running):
             await target.command("stop", reason="swap rollback")
-            await target.wait_for(lambda s: s.state in (EngineState.STOPPED, EngineState.FAILED)
-                                  and not (s.proc and s.proc.running), None)
+        try:
+            # Also waits for the leftovers of a crashed start to be swept: they still hold memory.
+            await self._wait_stopped(target, "rollback")
+        except SwapError as exc:
+            self.events.emit("swap.rollback_failed", engine=target.name, error=str(exc))
+            return
         restored = []
         for name in previous:
             sup = self.supervisors[name]
             try:
-                await sup.command("start", force=True, reason=f"rollback: swap to {target.name} failed")
+                await sup.command("start", reason=f"rollback: swap to {target.name} failed")
                 restored.append(name)
             except Exception as exc:  # report, do not mask the swap's own error
                 self.events.emit("swap.rollback_failed", engine=name, error=str(exc))

@@ -96,6 +96,15 @@ class DaemonGatewayBackend:
                                     f"a swap to {swap} is in progress; retry when it has finished",
                                     retry_after_s=10.0)
         if not sup.resident and swap != sup.name:
+            from policies import backoff as backoff_policy
+            from policies.actions import Refuse
+
+            verdict = backoff_policy.manual_start_allowed(sup.backoff, self.daemon.backoff_settings,
+                                                          self.daemon.clock.now(), False)
+            if isinstance(verdict, Refuse):  # a recent failure: its backoff holds, nothing is swapped
+                wait = max(1.0, (verdict.until_s or self.daemon.clock.now()) - self.daemon.clock.now())
+                raise EngineUnavailable(sup.name, verdict.reason, verdict.message, retry_after_s=wait,
+                                        until_wall=self.daemon.clock.wall() + wait)
             # The swap runs in the daemon's own task group: a client giving up must not cancel it midway.
             self.daemon.spawn_background(self._swap_quietly, sup.name)
         with anyio.move_on_after(self.hold_s):
@@ -110,7 +119,7 @@ class DaemonGatewayBackend:
         from supervisord_llm.errors import SupervisordLLMError
 
         try:
-            await self.daemon.switch(name)
+            await self.daemon.switch(name, manual=False)
         except SupervisordLLMError as exc:
             self.daemon.events.emit("gateway.swap_failed", engine=name, error=str(exc))
 

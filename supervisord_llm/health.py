@@ -2,9 +2,12 @@
 
 The decisions are the pure functions in ``policies.health``; this module does the I/O (process
 tree, canaries, engine counters) on a schedule and posts verdicts to the engine's supervisor, which
-alone changes state. Probe cost is kept low: the process tree is read once a second in a worker
-thread, canaries run only when no real traffic flowed for ``canary_interval``, counters every
-probe interval.
+alone changes state. Probe cost is kept low, because an idle daemon should cost next to nothing:
+each ``process_interval`` (1 s) one worker-thread hop reads the engine's root process status (one
+``/proc/<pid>/stat`` read; a SIGSTOPped or zombie root is what a hang looks like from outside) and
+the new lines of its log; the whole process tree (RSS, descendants) is walked only every
+``probes.interval`` (5 s) or when the root looks stopped. Canaries run only when no real traffic
+flowed for ``canary_interval``, counters every probe interval.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from policies.health import (
     learn_baseline,
 )
 from probes.errors import ProbeError
-from probes.process import read_process_tree
+from probes.process import ProcessGone, read_process_tree
 from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
-    from supervisord_llm.process import EngineProcess
+    from supervisord_llm.process import EngineProcess, LogTail
     from supervisord_llm.supervisor import EngineSupervisor
 
 STOP_CONFIRM_S = 1.0  # a SIGSTOP duty cycle (slow engine) must not read as a hang
@@ -50,6 +53,19 @@ class EngineHealth:
         self.last_rate: float | None = None
         self.hung_since_s: float | None = None
         self.stall_reason: str | None = None  # set by the gateway when a live stream stalls
+        self.degraded = False
+
+    def new_run(self) -> None:
+        """A new process of the engine: what was seen of the previous one must not judge this one
+        (its slow samples, frozen counters or a stall would mark the new run degraded or hung, and a
+        stale ``hung_since_s`` would hide a real hang). The learned baseline and traffic stay."""
+        self.tracker = ThroughputTracker()
+        self.tree = None
+        self.gpu_bytes = None
+        self.counters.clear()
+        self.last_rate = None
+        self.hung_since_s = None
+        self.stall_reason = None
         self.degraded = False
 
     def add_sample(self, sample: ThroughputSample) -> None:
@@ -74,20 +90,78 @@ class EngineHealth:
         return self.in_flight > 0 or (self.last_traffic_s is not None and now_s - self.last_traffic_s < interval_s)
 
 
-def _confirmed_stopped(pid: int) -> bool:
+def _confirmed_stopped(root: psutil.Process) -> bool:
     """Stopped for the whole confirmation time (blocking; worker thread)."""
     import time
 
     end = time.monotonic() + STOP_CONFIRM_S
     try:
-        proc = psutil.Process(pid)
         while time.monotonic() < end:
-            if proc.status() != psutil.STATUS_STOPPED:
+            if root.status() != psutil.STATUS_STOPPED:
                 return False
             time.sleep(0.007)  # short and odd, so a periodic SIGSTOP duty cycle cannot alias with it
     except psutil.Error:
         return False
     return True
+
+
+class TreeWatch:
+    """The monitor's blocking reads of one engine, done in one worker-thread call per tick.
+
+    Each :meth:`tick` reads the root's status (cheap), polls the engine's log, and walks the whole
+    tree only when asked to (``full``) or when the root looks stopped. Between walks the last walk's
+    reading (pids, RSS) stands; its ``stopped``/``zombie`` are always those of this tick.
+    Only the root's stop counts as a hang (confirmed over ``STOP_CONFIRM_S``), as before: a stopped
+    helper process of the engine does not by itself stop generation.
+    """
+
+    def __init__(self, proc: EngineProcess, log_tail: LogTail | None) -> None:
+        self.proc = proc
+        self.log_tail = log_tail
+        self.tree: ProcessTreeReading | None = None
+        self.full_walks = 0
+        self._root: psutil.Process | None = None
+
+    def tick(self, now_s: float, full: bool) -> ProcessTreeReading:
+        """Raises ProbeError (ProcessGone) when the root is gone."""
+        if self.log_tail is not None:
+            try:
+                self.log_tail.poll()
+            except OSError:
+                pass  # a log that cannot be read now is read on the next tick
+        status = self._root_status()
+        looks_stopped = status == psutil.STATUS_STOPPED
+        zombie = status == psutil.STATUS_ZOMBIE
+        if full or looks_stopped or self.tree is None:
+            self.tree = read_process_tree(self.proc.pid, now_s)
+            self.full_walks += 1
+            self._remember(self.tree.pids[1:])
+        stopped = looks_stopped and self._root is not None and _confirmed_stopped(self._root)
+        tree = self.tree
+        if tree.stopped != stopped or tree.zombie != zombie:
+            tree = ProcessTreeReading(at_s=tree.at_s, root_pid=tree.root_pid, pids=tree.pids,
+                                      rss_bytes=tree.rss_bytes, cpu_percent=tree.cpu_percent,
+                                      stopped=stopped, zombie=zombie)
+        return tree
+
+    def _remember(self, pids: tuple[int, ...]) -> None:
+        """Record the descendants just seen for the stop sweep (as EngineProcess.remember_descendants
+        does, without walking the process table a second time)."""
+        for pid in pids:
+            try:
+                self.proc.known_descendants.add((pid, psutil.Process(pid).create_time()))
+            except psutil.Error:
+                pass
+
+    def _root_status(self) -> str:
+        try:
+            if self._root is None:
+                self._root = psutil.Process(self.proc.pid)
+            return self._root.status()
+        except psutil.NoSuchProcess as exc:
+            raise ProcessGone(self.proc.pid) from exc
+        except psutil.AccessDenied as exc:
+            raise ProbeError(f"process {self.proc.pid} belongs to another user; cannot read it") from exc
 
 
 async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None:
@@ -126,27 +200,24 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
                 health.add_sample(ThroughputSample(at_s=clock.now(), tokens_per_s=reading.tokens_per_s,
                                                    source="canary", tokens=reading.completion_tokens or 0))
 
+    watch = TreeWatch(proc, getattr(sup, "log_tail", None))
+    full_every_s = daemon.config.probes.interval_s
     async with anyio.create_task_group() as tg:
         while proc.running:
             now = clock.now()
-            # Process state: stopped (SIGSTOP) or zombie means no generation can happen.
+            # Process state: a stopped (SIGSTOP) or zombie root means no generation can happen.
+            # The whole tree (memory, descendants to sweep later) only every probe interval.
+            full = now - last_descendants_s >= full_every_s
+            if full:
+                last_descendants_s = now
             try:
-                tree = await anyio.to_thread.run_sync(read_process_tree, proc.pid, now)
+                tree = await anyio.to_thread.run_sync(watch.tick, now, full)
             except ProbeError:
                 break  # gone: the exit watcher reports it
-            if tree.stopped:
-                confirmed = await anyio.to_thread.run_sync(_confirmed_stopped, proc.pid)
-                if not confirmed:
-                    tree = ProcessTreeReading(at_s=tree.at_s, root_pid=tree.root_pid, pids=tree.pids,
-                                              rss_bytes=tree.rss_bytes, cpu_percent=tree.cpu_percent,
-                                              stopped=False, zombie=tree.zombie)
             health.tree = tree
             for ext in daemon.extensions:
                 if hasattr(ext, "engine_gpu_bytes"):
                     health.gpu_bytes = ext.engine_gpu_bytes(tree.pids)
-            if now - last_descendants_s >= daemon.config.probes.interval_s:
-                last_descendants_s = now
-                await anyio.to_thread.run_sync(proc.remember_descendants)
 
             # Counters (vLLM, llama.cpp, SGLang /metrics; oMLX /api/status).
             if sup.adapter.counters_kind and now - last_counters_s >= daemon.config.probes.interval_s:

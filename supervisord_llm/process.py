@@ -120,8 +120,11 @@ class EngineProcess:
         restart never breaks its output and an adopted engine keeps logging.
         """
         full_env = {**os.environ, **env, TAG_ENV: tag}
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise EngineSpawnFailed(engine, f"cannot open its log file {log_path}: {exc.strerror or exc}") from exc
         try:
             popen = subprocess.Popen(
                 list(argv),
@@ -281,8 +284,9 @@ class EngineProcess:
                 graceful = False
                 self._signal_group(signal.SIGKILL)
                 killed.append(self.pid)
-                with anyio.move_on_after(10):
-                    await self.wait()
+                # No bound here: a process in uninterruptible sleep outlives SIGKILL for a while, and
+                # until it is gone it still holds its memory, so the engine stays "stopping".
+                await self.wait()
         else:
             self._signal_group(signal.SIGTERM)
         # Leftovers: the group (if the root was the only one to exit), moved-away grandchildren, tagged.

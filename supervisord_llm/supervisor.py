@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+import math
+
 import anyio
 import httpx
 
@@ -162,10 +164,14 @@ class EngineSupervisor:
         self.log_tail = LogTail(self.log_path, max_bytes=daemon.config.daemon.log_max_bytes)
         self.swap_in_progress = False
         self.health: Any = None  # per-engine health tracker, set by the daemon
-        self._send, self._inbox = anyio.create_memory_object_stream[Any](100)
+        # Unbounded: a dropped Exited or Stopped message would leave the engine stuck in its state.
+        self._send, self._inbox = anyio.create_memory_object_stream[Any](math.inf)
         self._gen_scopes: list[anyio.CancelScope] = []
         self._stop_is_failure = False
         self._stop_reason = "stopped"
+        self._stop_then = "stay"  # what follows the stop in progress: "stay" | "start" | "auto"
+        self._stop_ready_for_s = 0.0  # how long the run being stopped had been ready
+        self._sweeping = 0  # leftovers of a crashed run still being killed: they hold memory
         self._tg: anyio.abc.TaskGroup | None = None
         self.state_changed = anyio.Event()
         self._on_change: list[Callable[[EngineSupervisor], None]] = []
@@ -198,7 +204,8 @@ class EngineSupervisor:
 
     @property
     def resident(self) -> bool:
-        return self.state in RESIDENT_STATES or (self.proc is not None and self.proc.running)
+        return (self.state in RESIDENT_STATES or (self.proc is not None and self.proc.running)
+                or self._sweeping > 0)
 
     @property
     def serving(self) -> bool:
@@ -213,7 +220,7 @@ class EngineSupervisor:
             if adopted is not None:
                 self._adopt(adopted)
             elif autostart:
-                self._begin_spawn(manual=False, reason="daemon start")
+                self._autostart()
             task_status.started()
             async for message in self._inbox:
                 try:
@@ -221,9 +228,30 @@ class EngineSupervisor:
                 except Exception as exc:  # a bug must not take the supervisor down with the engine
                     self.log.exception("engine.handler_failed", message=type(message).__name__, error=str(exc))
 
+    def _autostart(self) -> None:
+        """Start at daemon start, unless the spawn history (kept across daemon restarts) says the
+        engine is still inside its backoff: then wait for it, as the previous daemon would have."""
+        now = self.clock.now()
+        at_s = backoff.next_start_at(self.backoff, self.daemon.backoff_settings, now)
+        if self.backoff.consecutive_failures > 0 and at_s > now:
+            self._new_generation()
+            self.next_start_at_s = at_s
+            self._set_state(EngineState.BACKOFF, self.backoff.last_exit_reason or "backoff (before daemon restart)",
+                            next_start_in_s=round(at_s - now, 1))
+            self.next_start_at_s = at_s
+            self._spawn_worker(self._backoff_timer, self.gen, at_s)
+            return
+        self._begin_spawn(manual=False, reason="daemon start")
+
     def _handle(self, m: Any) -> None:
         if isinstance(m, Command):
             self._handle_command(m)
+            return
+        if isinstance(m, Spawned) and m.gen != self.gen:
+            # A stop or restart overtook this spawn: the process exists but belongs to no run.
+            # It must not be left running (two copies, or two exclusive engines at once).
+            self.daemon.events.emit("engine.spawn_overtaken", engine=self.name, pid=m.proc.pid)
+            self._start_sweep(m.proc)
             return
         if getattr(m, "gen", self.gen) != self.gen:
             return  # from a generation that no longer exists
@@ -243,7 +271,10 @@ class EngineSupervisor:
             self._on_health(m)
         elif isinstance(m, BackoffOver):
             if self.state == EngineState.BACKOFF:
-                self._begin_spawn(manual=False, reason="backoff over")
+                if self.daemon.shutting_down:
+                    self._set_state(EngineState.STOPPED, "daemon shutting down")
+                else:
+                    self._begin_spawn(manual=False, reason="backoff over")
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -264,6 +295,10 @@ class EngineSupervisor:
         self.daemon.events.emit("engine.state_changed", engine=self.name, **{"from": str(previous)},
                                 to=str(state), reason=reason, pid=self.proc.pid if self.proc else None, **fields)
         self.daemon.persist()
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake everyone waiting in ``wait_for`` (a state change, or residency changing without one)."""
         event, self.state_changed = self.state_changed, anyio.Event()
         event.set()
         for callback in list(self._on_change):
@@ -308,6 +343,8 @@ class EngineSupervisor:
             cmd.reply.set(error=exc)
 
     def _cmd_start(self, cmd: Command) -> str:
+        if self.daemon.shutting_down:
+            raise StartRefused(self.name, "shutting_down", "the daemon is shutting down; no engine is started now")
         if self.state in (EngineState.STARTING, EngineState.READY, EngineState.DEGRADED, EngineState.HUNG):
             return f"{self.name} is already {self.state}"
         if self.state == EngineState.STOPPING:
@@ -327,11 +364,16 @@ class EngineSupervisor:
         if self.state in (EngineState.STOPPED,):
             return f"{self.name} is already stopped"
         if self.state in (EngineState.BACKOFF, EngineState.FAILED) and (self.proc is None or not self.proc.running):
+            was = self.state
             self._new_generation()
             self._set_state(EngineState.STOPPED, cmd.reason or "llmctl stop")
-            return f"{self.name} stopped (it was in {self.state})"
+            return f"{self.name} stopped (it was in {was})"
         if self.state == EngineState.STOPPING:
-            return f"{self.name} is already stopping"
+            # A restart (or hang restart) in progress ends stopped instead of starting again.
+            self._stop_then = "stay"
+            self._stop_is_failure = False
+            self._stop_reason = cmd.reason or "llmctl stop"
+            return f"{self.name} is already stopping; it will stay stopped"
         self._begin_stop(cmd.reason or "llmctl stop", then="stay", grace_s=cmd.grace_s)
         return f"stopping {self.name}"
 
@@ -377,6 +419,8 @@ class EngineSupervisor:
             if holder is not None:
                 pid, command = holder
                 raise PortInUse(self.name, self.config.host, self.config.port, pid, command)
+            # A stop that arrived during the port check cancels here, before anything is spawned.
+            await anyio.lowlevel.checkpoint()
             tag = EngineProcess.new_tag(self.daemon.daemon_id, self.name)
             # The spawn time is recorded before the fork, so even a daemon killed right after the
             # fork cannot spawn twice within min_interval.
@@ -387,35 +431,35 @@ class EngineSupervisor:
         except EngineError as exc:
             self.post(LaunchFailed(gen, exc))
             return
+        except Exception as exc:  # anything else (an unwritable log, a hook's bug) fails this start visibly
+            self.log.exception("engine.launch_failed", error=str(exc))
+            self.post(LaunchFailed(gen, EngineSpawnFailed(self.name, f"could not start: {type(exc).__name__}: {exc}")))
+            return
         self.post(Spawned(gen, proc))
 
     def _on_spawned(self, proc: EngineProcess) -> None:
         self.proc = proc
+        if self.health is not None:
+            self.health.new_run()
         self.log_tail.start_at_end()
         self.daemon.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=proc.argv)
         self.daemon.persist()
         self._spawn_worker(self._watch_exit, self.gen, proc)
         self._spawn_worker(self._wait_ready, self.gen, proc)
-        self._spawn_worker(self._follow_log, proc)
 
     def _adopt(self, proc: EngineProcess) -> None:
         self._new_generation()
         self.proc = proc
+        if self.health is not None:
+            self.health.new_run()
         self.log_tail.start_at_end()
         self._set_state(EngineState.STARTING, "adopted running engine", adopted=True)
         self._spawn_worker(self._watch_exit, self.gen, proc)
         self._spawn_worker(self._wait_ready, self.gen, proc)
-        self._spawn_worker(self._follow_log, proc)
 
     async def _watch_exit(self, gen: int, proc: EngineProcess) -> None:
         info = await proc.wait()
         self.post(Exited(gen, info))
-
-    async def _follow_log(self, proc: EngineProcess) -> None:
-        while proc.running:
-            await anyio.to_thread.run_sync(self.log_tail.poll)
-            with anyio.move_on_after(1.0):
-                await proc._exited.wait()
 
     async def _wait_ready(self, gen: int, proc: EngineProcess) -> None:
         """Ready only after a real generation succeeded: /health alone is no proof."""
@@ -437,8 +481,13 @@ class EngineSupervisor:
                 last_error = f"{self.adapter.liveness_path}: {type(exc).__name__}"
             if live:
                 remaining = max(1.0, deadline - self.clock.now())
-                reading = await self.adapter.canary(client, stall_s=min(self.config.canary_timeout_s, remaining),
-                                                    timeout_s=min(self.config.canary_timeout_s, remaining))
+                try:
+                    reading = await self.adapter.canary(client, stall_s=min(self.config.canary_timeout_s, remaining),
+                                                        timeout_s=min(self.config.canary_timeout_s, remaining))
+                except Exception as exc:  # a probe bug counts as a failed attempt, not a stuck start
+                    last_error = f"generation check raised {type(exc).__name__}: {exc}"
+                    await anyio.sleep(delay)
+                    continue
                 self._record_canary(reading)
                 if reading.ok:
                     self.post(Ready(gen, reading))
@@ -516,16 +565,26 @@ class EngineSupervisor:
         self.last_exit = {"code": None, "signal": None, "reason": str(error), "at": self.clock.wall()}
         self._begin_stop(str(error), then="auto", failure=True)
 
-    def _failure(self, reason: str, *, sweep: EngineProcess | None) -> None:
+    def _wait_for_floor(self, reason: str) -> None:
+        """A restart a policy asked for: no failure is counted, but the 60 s floor between spawns holds."""
+        now = self.clock.now()
+        at_s = backoff.next_start_at(self.backoff, self.daemon.backoff_settings, now)
+        self.next_start_at_s = at_s
+        self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(at_s - now, 1))
+        self.next_start_at_s = at_s
+        self._spawn_worker(self._backoff_timer, self.gen, at_s)
+
+    def _failure(self, reason: str, *, sweep: EngineProcess | None, ready_for_s: float | None = None) -> None:
         """Record an unplanned end of a run and decide: backoff or failed."""
         now = self.clock.now()
-        ready_for = (now - self.ready_since_s) if self.ready_since_s is not None else 0.0
+        if ready_for_s is not None:
+            ready_for = ready_for_s
+        else:
+            ready_for = (now - self.ready_since_s) if self.ready_since_s is not None else 0.0
         self.backoff = backoff.record_exit(self.backoff, now, ready_for, reason,
                                            settings=self.daemon.backoff_settings)
         if sweep is not None:
-            # Not a generation worker: a start that follows must not cut the leftover sweep short.
-            assert self._tg is not None
-            self._tg.start_soon(self._sweep, sweep)
+            self._start_sweep(sweep)
         self._schedule_after_failure(reason)
 
     def _schedule_after_failure(self, reason: str) -> None:
@@ -549,30 +608,46 @@ class EngineSupervisor:
         await anyio.sleep(max(0.0, at_s - self.clock.now()))
         self.post(BackoffOver(gen))
 
+    def _start_sweep(self, proc: EngineProcess) -> None:
+        """Kill what is left of a run. Not a generation worker: a start that follows must not cut it
+        short, and until it is done the engine counts as resident (leftovers still hold memory)."""
+        assert self._tg is not None
+        self._sweeping += 1
+        self._tg.start_soon(self._sweep, proc)
+
     async def _sweep(self, proc: EngineProcess) -> None:
-        with anyio.CancelScope(shield=True):
-            result = await proc.stop(grace_s=min(self.config.stop_grace_s, 10.0))
+        try:
+            with anyio.CancelScope(shield=True):
+                result = await proc.stop(grace_s=min(self.config.stop_grace_s, 10.0))
+        finally:
+            self._sweeping -= 1
+            self._notify()
         if result.killed_pids:
             self.daemon.events.emit("engine.leftovers_killed", engine=self.name, pids=list(result.killed_pids))
 
     # ---- stop -------------------------------------------------------------------------------
 
     def _begin_stop(self, reason: str, *, then: str, failure: bool = False, grace_s: float | None = None) -> None:
+        """Stop the current run; ``then``: "stay" (stopped), "start" (a person's restart), "auto" (a
+        failure: backoff), "policy" (a restart a policy asked for: through the 60 s floor, no failure)."""
         proc = self.proc
+        now = self.clock.now()
+        # Captured before the state change clears it: a long healthy run ends the failure streak.
+        self._stop_ready_for_s = (now - self.ready_since_s) if self.ready_since_s is not None else 0.0
         self._new_generation()
-        self._set_state(EngineState.STOPPING, reason)
         self._stop_is_failure = failure
         self._stop_reason = reason
+        self._stop_then = then
+        self._set_state(EngineState.STOPPING, reason)
         if proc is None:
             self.post(Stopped(self.gen, True, (), then))
             return
-        self._spawn_worker(self._stopper, self.gen, proc, then,
-                           self.config.stop_grace_s if grace_s is None else grace_s)
+        self._spawn_worker(self._stopper, self.gen, proc, self.config.stop_grace_s if grace_s is None else grace_s)
 
-    async def _stopper(self, gen: int, proc: EngineProcess, then: str, grace_s: float) -> None:
+    async def _stopper(self, gen: int, proc: EngineProcess, grace_s: float) -> None:
         with anyio.CancelScope(shield=True):
             result = await proc.stop(grace_s)
-        self.post(Stopped(gen, result.graceful, result.killed_pids, then))
+        self.post(Stopped(gen, result.graceful, result.killed_pids, self._stop_then))
 
     def _on_stopped(self, m: Stopped) -> None:
         info = self.proc.exit if self.proc else None
@@ -583,10 +658,13 @@ class EngineSupervisor:
         if self.last_exit is None or not self._stop_is_failure:
             self.last_exit = {"code": info.code if info else None, "signal": info.signal_name if info else None,
                               "reason": self._stop_reason, "at": self.clock.wall()}
-        if m.then == "start":
+        then = "stay" if self.daemon.shutting_down else self._stop_then
+        if then == "start":
             self._begin_spawn(manual=True, reason="restart")
-        elif m.then == "auto":
-            self._failure(self._stop_reason, sweep=None)
+        elif then == "auto":
+            self._failure(self._stop_reason, sweep=None, ready_for_s=self._stop_ready_for_s)
+        elif then == "policy":
+            self._wait_for_floor(self._stop_reason)
         else:
             self._set_state(EngineState.STOPPED, self._stop_reason)
 
@@ -598,7 +676,6 @@ class EngineSupervisor:
             self.daemon.alert(Alert(key=f"engine.hung:{self.name}", severity="critical",
                                     summary=f"{self.name} is hung: {v.reason}", details={"engine": self.name}))
         elif v.state == "hang_restart" and self.state == EngineState.HUNG:
-            self.restarts += 1
             self.last_exit = {"code": None, "signal": None, "reason": f"hang restart: {v.reason}",
                               "at": self.clock.wall()}
             self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True)
@@ -608,7 +685,7 @@ class EngineSupervisor:
                                     summary=f"{self.name} is degraded: {v.reason}", details={"engine": self.name}))
         elif v.state == "degraded_restart" and self.state == EngineState.DEGRADED:
             self.restarts += 1
-            self._begin_stop(f"degraded restart while idle: {v.reason}", then="start")
+            self._begin_stop(f"degraded restart while idle: {v.reason}", then="policy")
         elif v.state == "ok" and self.state in (EngineState.HUNG, EngineState.DEGRADED):
             key = "hung" if self.state == EngineState.HUNG else "degraded"
             self._set_state(EngineState.READY, v.reason or "recovered")
