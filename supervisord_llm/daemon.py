@@ -701,10 +701,14 @@ class Daemon:
     async def _rollback(self, target: EngineSupervisor, previous: list[str], reason: str) -> None:
         """The new engine failed: stop it (nothing half-loaded) and bring the previous one back.
 
-        A target waiting in backoff or failed keeps that state (its backoff holds: a later request
-        does not start another swap at once); only a resident one is stopped.
+        The target ends stopped (or failed) with its failure history kept: a gateway request for it
+        gets 503 until its backoff has passed instead of starting another swap at once.
         """
-        if target.state in RESIDENT_STATES or (target.proc is not None and target.proc.running):
+        if (target.state in RESIDENT_STATES or target.state == EngineState.BACKOFF
+                or (target.proc is not None and target.proc.running)):
+            # Stopped, not left in backoff: its automatic restart would only be refused next to the
+            # engine that comes back. Its failure history stays, so automatic swaps keep refusing it
+            # until the backoff has passed; a person's `llmctl switch` may try again at once.
             await target.command("stop", reason="swap rollback")
         try:
             # Also waits for the leftovers of a crashed start to be swept: they still hold memory.
