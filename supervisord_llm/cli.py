@@ -131,7 +131,7 @@ class Client:
     @contextmanager
     def stream(self, method: str, path: str, *, params: dict[str, str] | None = None
                ) -> Iterator[http.client.HTTPResponse]:
-        """A followed stream's response, without a read timeout; read it with readline/read1."""
+        """A followed stream's response, without a read timeout (read it as it arrives with read1)."""
         conn, response = self._open(method, path, params, None, None)
         try:
             yield response
@@ -333,6 +333,8 @@ def cmd_switch(client: Client, args: argparse.Namespace) -> int:
     with _spinner(f"switching to {args.name} ...") as spinner:
         while t.is_alive():
             t.join(0.5)
+            if isinstance(spinner, _QuietSpinner):
+                continue  # nobody sees the progress: no status polls
             try:
                 doc = Client(client.socket_path).request("GET", "/v1/status").json()
                 states = ", ".join(f"{e['name']}={e['state']}" for e in doc["engines"])
@@ -406,12 +408,14 @@ def _chunks(response: Any) -> Iterator[bytes]:
 
 
 def _lines(response: Any) -> Iterator[bytes]:
-    """One line at a time from a followed stream (each event is one line)."""
-    try:
-        while line := response.readline():
-            yield line
-    except (http.client.IncompleteRead, ConnectionError) as exc:
-        raise StreamBroken() from exc
+    """One line at a time from a followed stream (each event is one line), as soon as it arrives."""
+    buffer = b""
+    for chunk in _chunks(response):
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        yield from lines
+    if buffer:
+        yield buffer
 
 
 def cmd_reboot(client: Client, args: argparse.Namespace) -> int:
@@ -563,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_DAEMON
     except StreamBroken:
         print("llmctl: the daemon closed the connection in the middle of the stream", file=sys.stderr)
+        return EXIT_FAILED
+    except TimeoutError:
+        print(f"llmctl: the daemon did not answer within {client.timeout_s:.0f}s (it is running but busy or "
+              "stuck; `llmctl status` again, or look at its log)", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK

@@ -136,11 +136,23 @@ class EventLog:
                 else:
                     self._overflow_seqs[1] = lost_seq
             self._pending.append((event["seq"], line))
-            if self._thread is None and not self._closing:
+            closed = self._closing
+            if self._thread is None and not closed:
                 self._thread = threading.Thread(target=self._writer, name="events-writer", daemon=True)
                 self._thread.start()
                 _LIVE.add(self)
             self._cond.notify_all()
+        if closed:  # after close() (the process is exiting): write it here, once
+            self._write_now()
+
+    def _write_now(self) -> None:
+        with self._cond:
+            batch = list(self._pending)
+        if batch and self._append(batch):
+            with self._cond:
+                last = batch[-1][0]
+                while self._pending and self._pending[0][0] <= last:
+                    self._pending.popleft()
 
     # ---- the writer thread ------------------------------------------------------------------
 
@@ -171,29 +183,35 @@ class EventLog:
 
     def _append(self, batch: list[tuple[int, bytes]]) -> bool:
         data = b"".join(line for _, line in batch)
+        # Nothing but the open comes before the write: each system call hands the GIL back and
+        # waits to get it again from a busy event loop, and the batch is visible once written.
         try:
-            self._rotate_if_needed()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                start_bytes = os.fstat(fd).st_size
+                sent = 0
                 try:
                     view = memoryview(data)
                     while view:
                         written = os.write(fd, view)
                         if written <= 0:
                             raise OSError(28, "short write (disk full?)")
+                        sent += written
                         view = view[written:]
                     os.fsync(fd)
+                    size_bytes = os.fstat(fd).st_size
                 except OSError:
                     # The whole batch is written again later: cut a partial one off, so no line is
                     # half-written or written twice.
-                    try:
-                        os.ftruncate(fd, start_bytes)
-                    except OSError:
-                        pass
+                    if sent:
+                        try:
+                            os.ftruncate(fd, os.fstat(fd).st_size - sent)
+                        except OSError:
+                            pass
                     raise
             finally:
                 os.close(fd)
+            if size_bytes > self.max_bytes:
+                self._rotate()
         except OSError as exc:
             self.write_failures += 1
             if not self._failing:
@@ -213,12 +231,12 @@ class EventLog:
                              overflowed_total=self.overflowed)
         return True
 
-    def _rotate_if_needed(self) -> None:
+    def _rotate(self) -> None:
+        """The file grew past max_bytes: it becomes ``events.jsonl.1`` (the one before is dropped)."""
         try:
-            if self.path.stat().st_size > self.max_bytes:
-                os.replace(self.path, self.path.with_suffix(".jsonl.1"))
-        except FileNotFoundError:
-            pass
+            os.replace(self.path, self.path.with_suffix(".jsonl.1"))
+        except OSError as exc:  # the batch is written; the next one tries again
+            self.log.warning("events.rotate_failed", path=str(self.path), error=str(exc))
 
     # ---- flushing and closing ---------------------------------------------------------------
 
@@ -243,7 +261,10 @@ class EventLog:
         return True
 
     def close(self, timeout_s: float = 5.0) -> bool:
-        """Write what is queued (bounded by ``timeout_s``) and stop the writer thread."""
+        """Write what is queued (bounded by ``timeout_s``; while the file cannot be written, by one
+        more retry) and stop the writer thread. Events emitted afterwards are written at once."""
+        if self._failing:
+            timeout_s = min(timeout_s, self.retry_s + 0.5)
         flushed = self.flush(timeout_s)
         with self._cond:
             self._closing = True

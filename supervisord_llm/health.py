@@ -200,7 +200,7 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
                 health.add_sample(ThroughputSample(at_s=clock.now(), tokens_per_s=reading.tokens_per_s,
                                                    source="canary", tokens=reading.completion_tokens or 0))
 
-    watch = TreeWatch(proc, getattr(sup, "log_tail", None))
+    watch = TreeWatch(proc, sup.log_tail)
     full_every_s = daemon.config.probes.interval_s
     async with anyio.create_task_group() as tg:
         while proc.running:

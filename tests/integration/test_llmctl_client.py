@@ -1,0 +1,124 @@
+"""`llmctl` against a real daemon: a light client (stdlib only), aligned status, followed streams."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+
+from tests.helpers import PYTHON, free_port, standin_engine_toml
+
+
+class Follower:
+    """An `llmctl ... -f` process whose stdout lines are collected by a thread as they arrive."""
+
+    def __init__(self, d, *args: str) -> None:
+        self.proc = subprocess.Popen([PYTHON, "-m", "supervisord_llm.cli", "--socket", str(d.socket), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=d.env)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def read_until(self, predicate, timeout_s: float) -> list[str]:
+        got: list[str] = []
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            got.append(line)
+            if predicate(line):
+                return got
+        raise AssertionError(f"no matching line within {timeout_s}s; got {got}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_status_table_is_aligned_and_the_client_loads_neither_httpx_nor_rich(daemon_factory) -> None:
+    """`llmctl status` prints one aligned row per engine, and starts without importing httpx or rich."""
+    d = daemon_factory(standin_engine_toml("alpha", free_port()) + standin_engine_toml("b", free_port(),
+                                                                                        autostart=False)).start()
+    d.wait_state("alpha", "ready", 30)
+    out = subprocess.run([PYTHON, "-X", "importtime", "-m", "supervisord_llm.cli", "--socket", str(d.socket),
+                          "status"], capture_output=True, text=True, timeout=60, env=d.env)
+    assert out.returncode == 0, out.stderr
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
+    assert "supervisord_llm" in imported and not {"httpx", "rich", "anyio"} & imported
+    lines = out.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("ENGINE"))
+    rows = {line.split()[0]: line for line in lines[header + 1:header + 3]}
+    assert set(rows) == {"alpha", "b"}
+    assert "\x1b[" not in out.stdout  # no colour codes when stdout is not a terminal
+    # Every column starts at the same offset in the header and in each row.
+    starts = [m.start() for m in re.finditer(r"(?<=  )\S", lines[header])]
+    for row in rows.values():
+        for col in starts[:6]:  # ENGINE..FOR are never empty
+            assert row[col - 2:col] == "  " and row[col] != " ", (lines[header], row)
+    assert rows["alpha"].split()[2] == "ready" and rows["b"].split()[2] == "stopped"
+    assert any(line.startswith("alerts: 0 pending") for line in lines)
+
+
+def test_engine_commands_keep_their_exit_codes_and_messages(daemon_factory) -> None:
+    """Unknown engine: exit 1 with the daemon's message; stop waits for `stopped`; no daemon: exit 3."""
+    d = daemon_factory(standin_engine_toml("e", free_port())).start()
+    d.wait_state("e", "ready", 30)
+    unknown = d.llmctl("stop", "nope")
+    assert unknown.returncode == 1 and "nope" in unknown.stderr and unknown.stderr.startswith("llmctl: ")
+    stop = d.llmctl("stop", "e")
+    assert stop.returncode == 0 and stop.stdout.strip().endswith("e: stopped")
+    logs = d.llmctl("logs", "e", "-n", "5")
+    assert logs.returncode == 0
+    js = json.loads(d.llmctl("status", "--json").stdout)
+    assert js["engines"][0]["state"] == "stopped"
+    d.stop()
+    gone = d.llmctl("events")
+    assert gone.returncode == 3 and "no supervisord-llm daemon is running" in gone.stderr
+
+
+def test_events_follow_streams_new_events_and_ends_cleanly_when_the_daemon_dies(daemon_factory) -> None:
+    """`llmctl events -f --json` prints a new event as it happens; a killed daemon ends it with one line, exit 1."""
+    d = daemon_factory(standin_engine_toml("e", free_port())).start()
+    d.wait_state("e", "ready", 30)
+    follower = Follower(d, "events", "-f", "--json", "-n", "1")
+    try:
+        follower.read_until(lambda line: line.startswith("{"), 30)  # the backlog line: it is connected
+        assert d.post("/v1/engines/e/stop").status_code == 200
+        lines = follower.read_until(lambda line: '"engine.stopped"' in line, 30)
+        assert json.loads(lines[-1])["engine"] == "e"
+        d.kill()
+        assert follower.proc.wait(30) == 1
+        assert follower.proc.stderr is not None
+        err = follower.proc.stderr.read()
+        assert "closed the connection" in err and "Traceback" not in err
+    finally:
+        follower.close()
+
+
+def test_logs_follow_streams_the_engine_output(daemon_factory) -> None:
+    """`llmctl logs NAME -f` prints the engine's existing output and keeps following it."""
+    d = daemon_factory(standin_engine_toml("e", free_port())).start()
+    d.wait_state("e", "ready", 30)
+    with open(d.state_dir / "logs" / "e.log", "a") as log:
+        log.write("hello from the engine\n")
+    follower = Follower(d, "logs", "e", "-f", "-n", "50")
+    try:
+        follower.read_until(lambda line: "hello from the engine" in line, 30)
+        with open(d.state_dir / "logs" / "e.log", "a") as log:
+            log.write("a later line\n")
+        follower.read_until(lambda line: "a later line" in line, 30)
+        follower.proc.send_signal(signal.SIGINT)
+        assert follower.proc.wait(30) == 0  # Ctrl-C ends a follow quietly
+    finally:
+        follower.close()
