@@ -34,6 +34,7 @@ from supervisord_llm.errors import (
     SwapInProgress,
     UnknownEngine,
 )
+from supervisord_llm.httpserver import DaemonServer
 from supervisord_llm.process import read_log_lines
 
 if TYPE_CHECKING:
@@ -294,10 +295,9 @@ async def serve_control(daemon: Daemon, *, task_status: anyio.abc.TaskStatus[Non
     app = build_control_app(daemon)
     config = uvicorn.Config(app, http=PeerCheckedProtocol, lifespan="off", log_config=None, access_log=False,
                             timeout_graceful_shutdown=1, limit_concurrency=2048, backlog=256)
-    server = uvicorn.Server(config)
+    server = DaemonServer(config)
     async with anyio.create_task_group() as tg:
-        # _serve, not serve: the daemon owns signal handling, uvicorn must not capture SIGTERM/SIGINT.
-        tg.start_soon(server._serve, [sock])
+        tg.start_soon(server.serve, [sock])
         while not server.started:
             await anyio.sleep(0.01)
         task_status.started()

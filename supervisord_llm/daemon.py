@@ -159,6 +159,8 @@ class Daemon:
             self.supervisors[engine.name] = sup
 
     def close(self) -> None:
+        if self.events is not None:
+            self.events.close()  # what is still queued reaches the file before the lock is released
         self.lock.release()
 
     def find_adoptable(self) -> tuple[dict[str, EngineProcess], list[psutil.Process]]:

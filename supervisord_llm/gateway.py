@@ -43,6 +43,7 @@ from starlette.routing import Route
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.convert import parse_duration_s, parse_size_bytes
 from supervisord_llm.errors import ConfigError, EngineError, SupervisordLLMError, UnknownEngine
+from supervisord_llm.httpserver import DaemonServer
 
 __all__ = [
     "EngineUnavailable",
@@ -1209,15 +1210,6 @@ def build_app(
 # Serving
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its signal capture: the daemon owns signals and cancels us instead."""
-
-    def capture_signals(self):  # type: ignore[no-untyped-def, override]
-        from contextlib import nullcontext
-
-        return nullcontext()
-
-
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and
@@ -1267,7 +1259,7 @@ async def serve(
         server_header=False,
         date_header=False,
     )
-    server = _Server(config)
+    server = DaemonServer(config)
     done = anyio.Event()
 
     async def run_server() -> None:
