@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test chaos bench clean
+.PHONY: install demo test lint chaos bench clean
 
 install: $(STAMP)
 
@@ -18,7 +18,11 @@ demo: install
 	$(BIN)/supervisord-llm demo
 
 test: install
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q -m "not chaos_full and not gpu"
+
+lint: install
+	$(BIN)/python -m ruff check .
 
 chaos: install
 	$(BIN)/python -m pytest -q tests/chaos

@@ -24,7 +24,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-
 from common import (  # noqa: E402
     Daemon,
     EventFollower,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 from probes.errors import ProbeError, ProbeParseError, ProbeUnavailable
 from probes.readings import SystemMemoryReading

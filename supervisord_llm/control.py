@@ -218,9 +218,9 @@ def build_control_app(daemon: Daemon) -> Starlette:
         await _json_body(request)
         if daemon.alerts_outbox is None:
             return _error(409, "no alert webhooks are configured ([[alerts.webhook]] in the config)")
-        from policies.actions import Alert
-
         import uuid
+
+        from policies.actions import Alert
 
         daemon.alert(Alert(key=f"alerts.test.{uuid.uuid4().hex[:12]}", severity="info",
                            summary="test alert from llmctl alerts test", details={"test": True, "engine": None}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from supervisord_llm.gateway import EngineUnavailable, RequestStats, Upstream
 from supervisord_llm.supervisor import EngineState
@@ -108,7 +109,7 @@ class DaemonGatewayBackend:
             # The swap runs in the daemon's own task group: a client giving up must not cancel it midway.
             self.daemon.spawn_background(self._swap_quietly, sup.name)
         with anyio.move_on_after(self.hold_s):
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             await sup.wait_for(lambda s: (s.serving and not s.swap_in_progress)
                                or s.state in (EngineState.FAILED, EngineState.BACKOFF), None)
         if sup.serving:

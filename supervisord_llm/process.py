@@ -31,7 +31,6 @@ import anyio
 import psutil
 
 from probes.process import tagged_processes as probe_tagged_processes
-
 from supervisord_llm.errors import EngineSpawnFailed
 
 TAG_ENV = "SUPERVISORD_LLM_TAG"

@@ -16,12 +16,11 @@ belong to a *generation* (one spawn); a message from an older generation is igno
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
-
-import math
 
 import anyio
 import httpx

@@ -13,7 +13,13 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import PYTHON, free_port, mlx_engine_toml, pids_with_tag_prefix, standin_engine_toml
+from tests.helpers import (
+    PYTHON,
+    free_port,
+    mlx_engine_toml,
+    pids_with_tag_prefix,
+    standin_engine_toml,
+)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

@@ -13,7 +13,13 @@ from datetime import datetime
 import psutil
 import pytest
 
-from tests.helpers import PYTHON, free_port, mlx_engine_toml, pids_with_tag_prefix, standin_engine_toml
+from tests.helpers import (
+    PYTHON,
+    free_port,
+    mlx_engine_toml,
+    pids_with_tag_prefix,
+    standin_engine_toml,
+)
 
 pytestmark = pytest.mark.slow
 

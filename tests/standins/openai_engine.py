@@ -110,7 +110,7 @@ def main() -> None:
                     send(b": keepalive\n\n")
                     time.sleep(0.5)
                 time.sleep(args.first_token_delay_s)
-                for i in range(n):
+                for _ in range(n):
                     delta = {"content": "tok "} if chat else None
                     choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": "tok "}
                     send(b"data: " + json.dumps({"id": "x", "choices": [choice]}).encode() + b"\n\n")

@@ -392,9 +392,9 @@ async def test_orphan_holding_gpu_memory_is_killed_before_the_next_start() -> No
     config = standin_engine_toml("e", free_port(), gpu_devices=[0], autostart=False)
     async with running(config, nvml, orphan_grace_s=0.5) as (daemon, ext):
         ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
-        ours = subprocess.Popen([PYTHON, "-c", ignore_term], start_new_session=True,
+        ours = subprocess.Popen([PYTHON, "-c", ignore_term], start_new_session=True,  # noqa: ASYNC220 (a test fixture process, started once)
                                 env={**os.environ, "SUPERVISORD_LLM_TAG": f"{daemon.daemon_id}/e/old"})
-        foreign = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(600)"], start_new_session=True,
+        foreign = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(600)"], start_new_session=True,  # noqa: ASYNC220
                                    env={**os.environ, "SUPERVISORD_LLM_TAG": "another-daemon/e/old"})
         try:
             await anyio.sleep(0.3)  # let the interpreter take SIG_IGN

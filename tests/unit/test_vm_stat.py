@@ -116,7 +116,7 @@ _LABELS = [
 def test_any_well_formed_sample_round_trips(page_shift: int, values: list[int]) -> None:
     """Whatever the counts and page size, the parsed wired bytes equal wired pages × page size."""
     page = 1 << page_shift
-    body = "".join(f"{label}:{' ' * 8}{value}.\n" for label, value in zip(_LABELS, values))
+    body = "".join(f"{label}:{' ' * 8}{value}.\n" for label, value in zip(_LABELS, values, strict=False))
     stat = parse_vm_stat(f"Mach Virtual Memory Statistics: (page size of {page} bytes)\n{body}")
     assert stat.wired_bytes == values[5] * page
     assert stat.counters["Translation faults"] == values[7]
