@@ -105,11 +105,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import IO, Any, Self
 
 import anyio
 import anyio.abc
@@ -405,9 +405,11 @@ class AlertSettings:
         if initial > maximum:
             raise ConfigError(f"must not exceed max_backoff ({maximum:g}s), got {initial:g}s",
                               file=file, key=f"{key}.initial_backoff")
+        rate_limit_per_min = whole("rate_limit_per_min", 30, 1, "a whole number of requests per minute ≥ 1")
+        assert rate_limit_per_min is not None  # it has a default
         return cls(
             targets=targets,
-            rate_limit_per_min=whole("rate_limit_per_min", 30, 1, "a whole number of requests per minute ≥ 1"),
+            rate_limit_per_min=rate_limit_per_min,
             max_attempts=whole("max_attempts", None, 1,
                                "a whole number ≥ 1 (leave it out to retry retryable failures forever)"),
             initial_backoff_s=initial,
@@ -488,9 +490,9 @@ class Alert:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Alert:
-        return cls(**{name: record.get(name) for name in (
-            "id", "key", "status", "severity", "summary", "engine", "episode_id", "created_at", "started_at")},
-            details=record.get("details") or {})
+        fields: dict[str, Any] = {name: record.get(name) for name in (
+            "id", "key", "status", "severity", "summary", "engine", "episode_id", "created_at", "started_at")}
+        return cls(**fields, details=record.get("details") or {})
 
 
 # --------------------------------------------------------------------------- payloads (pure)
@@ -798,7 +800,7 @@ class _Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = None
+        self._file: IO[bytes] | None = None
         self.appended = 0
 
     def read(self) -> tuple[list[dict[str, Any]], int]:
@@ -831,7 +833,7 @@ class _Journal:
         os.fsync(self._file.fileno())
         self.appended += 1
 
-    def rewrite(self, records: list[Mapping[str, Any]]) -> None:
+    def rewrite(self, records: Sequence[Mapping[str, Any]]) -> None:
         self.close()
         temp = self.path.with_name(self.path.name + ".tmp")
         with open(temp, "wb") as out:
