@@ -36,6 +36,7 @@ from supervisord_llm.errors import (
     UnknownEngine,
 )
 from supervisord_llm.events import EventLog
+from supervisord_llm.extension import Extension
 from supervisord_llm.process import EngineProcess, tagged_processes
 from supervisord_llm.statefile import read_json, write_json_atomic
 from supervisord_llm.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
@@ -111,7 +112,7 @@ class Daemon:
         self.swap_started_s: float | None = None
         self._persist_ok = True
         self._saved: dict[str, Any] = {}
-        self.extensions: list[Any] = []  # optional subsystems (alerts, gateway, metrics, stranded, gpu)
+        self.extensions: list[Extension] = []  # optional subsystems (control API, alerts, gateway, metrics, stranded, gpu)
         self.alerts_outbox: Any = None
         self.gateway_app: Any = None
         self.healthy_loop = True
@@ -129,9 +130,8 @@ class Daemon:
         if problem:
             self.events.emit("state.corrupt", problem=problem)
         for ext in self.extensions:
-            if hasattr(ext, "restore"):
-                saved = self._saved.get(ext.name)
-                ext.restore(saved if isinstance(saved, dict) else {})
+            saved = self._saved.get(ext.name)
+            ext.restore(saved if isinstance(saved, dict) else {})
         id_file = self.state_dir / "daemon-id"
         try:
             self.daemon_id = id_file.read_text().strip()
@@ -146,7 +146,8 @@ class Daemon:
         if not isinstance(baselines, dict):
             baselines = {}
         for engine in self.config.engines:
-            sup = EngineSupervisor(engine, self)
+            sup = EngineSupervisor(engine, self, log=self.log, logs_dir=self.state_dir / "logs",
+                                   log_max_bytes=self.config.daemon.log_max_bytes)
             sup.health = EngineHealth(health_settings(self), baseline_from_record(baselines.get(model_key(engine))))
             saved = self._saved.get("engines", {}).get(engine.name, {})
             record = saved.get("backoff") if isinstance(saved, dict) else None
@@ -215,8 +216,6 @@ class Daemon:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
                   ready_callback: Callable[[], None] | None = None) -> None:
-        from supervisord_llm.control import serve_control
-
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, connect=2.0)) as http:
             self.http = http
@@ -234,7 +233,6 @@ class Daemon:
             await self._read_memory()
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await tg.start(serve_control, self)
                 for ext in self.extensions:
                     await tg.start(ext.run)
                 tg.start_soon(self._memory_loop)
@@ -277,8 +275,7 @@ class Daemon:
                          commands=[" ".join(_cmdline(p))[:120] for p in orphans])
         # Orphans may hold GPU memory: read which before killing them, and wait (bounded) until NVML
         # shows it back before any engine starts, so that no model loads next to their leftovers.
-        gpu = next((e for e in self.extensions if hasattr(e, "wait_orphans_released")), None)
-        on_gpu = await gpu.gpu_orphans_at_start(pids) if gpu is not None else []
+        on_gpu = [(ext, found) for ext in self.extensions if (found := await ext.gpu_orphans_at_start(pids))]
         killed_at_s = self.clock.now()
 
         import time  # a plain monotonic deadline in the worker thread (the daemon's clock may be a test's)
@@ -318,8 +315,8 @@ class Daemon:
 
         await anyio.to_thread.run_sync(kill)
         self.events.emit("daemon.orphans_killed", pids=pids)
-        if on_gpu and gpu is not None:
-            await gpu.wait_orphans_released(on_gpu, killed_at_s)
+        for ext, found in on_gpu:
+            await ext.wait_orphans_released(found, killed_at_s)
 
     async def shutdown(self, *, stop_engines: bool = True) -> None:
         """A clean exit (SIGTERM/SIGINT) stops the engines gracefully, unless configured to leave them
@@ -355,8 +352,9 @@ class Daemon:
             "baselines": self._baselines(),
         }
         for ext in self.extensions:
-            if hasattr(ext, "persisted"):
-                data[ext.name] = ext.persisted()
+            record = ext.persisted()
+            if record is not None:
+                data[ext.name] = record
         try:
             write_json_atomic(self.state_dir / "state.json", data)
             if not self._persist_ok:
@@ -398,8 +396,7 @@ class Daemon:
                 self.events.emit("probe.failed", probe="memory", error=str(exc))
             self.memory_error = str(exc)
         for ext in self.extensions:
-            if hasattr(ext, "on_memory"):
-                ext.on_memory(self.memory)
+            ext.on_memory(self.memory)
 
     async def _heartbeat(self) -> None:
         """The loop is healthy while this task runs on time; systemd's watchdog pings depend on it."""
@@ -432,10 +429,9 @@ class Daemon:
             return cfg.footprint_bytes
         if getattr(cfg, "gpu_footprint_bytes", None) is not None:
             return 0  # "auto" with a GPU footprint: the weights live in GPU memory, not host RAM
-        weights = getattr(sup, "_weights_bytes", None)
+        weights = sup.weights_bytes
         if weights is None:
-            weights = _weights_on_disk(cfg.model)
-            sup._weights_bytes = weights  # type: ignore[attr-defined]
+            weights = sup.weights_bytes = _weights_on_disk(cfg.model)
         return auto_footprint_bytes(weights, self.config.memory.auto_factor) if weights else None
 
     def _footprint(self, sup: EngineSupervisor) -> Footprint:
@@ -458,10 +454,9 @@ class Daemon:
         stranded = 0
         gpu_free = None
         for ext in self.extensions:
-            if hasattr(ext, "stranded_bytes"):
-                stranded = max(stranded, ext.stranded_bytes() or 0)
-            if hasattr(ext, "gpu_free_bytes") and sup.config.gpu_devices:
-                gpu_free = ext.gpu_free_bytes()
+            stranded = max(stranded, ext.stranded_bytes())
+            if sup.config.gpu_devices:
+                gpu_free = ext.gpu_free_bytes() if gpu_free is None else gpu_free
         return admit(candidate, resident, available, self.config.memory.headroom_bytes, budget, gpu_free,
                      stranded_bytes=stranded)
 
@@ -471,12 +466,11 @@ class Daemon:
         Exclusivity is never waited for: it is a conflict a swap resolves, not memory pressure.
         """
         for ext in self.extensions:
-            if hasattr(ext, "before_start"):
-                await ext.before_start(sup)
+            await ext.before_start(sup)
         # Leftovers of another engine's crashed run are being killed: they hold memory until gone.
-        sweeping = [s for s in self.supervisors.values() if s is not sup and s._sweeping]
+        sweeping = [s for s in self.supervisors.values() if s is not sup and s.sweeping]
         for other in sweeping:
-            await other.wait_for(lambda s: not s._sweeping, 30)
+            await other.wait_for(lambda s: not s.sweeping, 30)
         deadline = self.clock.now() + self.config.memory.admission_wait_s
         announced = False
         while True:
@@ -502,8 +496,7 @@ class Daemon:
     def engine_ready(self, sup: EngineSupervisor) -> None:
         self._resolve_engine_alerts(sup)
         for ext in self.extensions:
-            if hasattr(ext, "on_engine_ready"):
-                ext.on_engine_ready(sup)
+            ext.on_engine_ready(sup)
 
     ENGINE_EPISODES = ("engine.failed", "engine.hung", "engine.degraded", "engine.start_refused")
 
@@ -520,8 +513,22 @@ class Daemon:
 
     def engine_exited(self, sup: EngineSupervisor) -> None:
         for ext in self.extensions:
-            if hasattr(ext, "on_engine_exit"):
-                ext.on_engine_exit(sup)
+            ext.on_engine_exit(sup)
+
+    def engine_gpu_bytes(self, pids: tuple[int, ...]) -> int | None:
+        """GPU memory held by an engine's processes; None without a GPU reading."""
+        for ext in self.extensions:
+            held = ext.engine_gpu_bytes(pids)
+            if held is not None:
+                return held
+        return None
+
+    def cancel_reboot(self) -> dict[str, Any]:
+        for ext in self.extensions:
+            result = ext.cancel_reboot()
+            if result is not None:
+                return result
+        return {"ok": True, "cancelled": False, "message": "no reboot is pending"}
 
     def alert(self, alert: Alert) -> None:
         self.events.emit("alert.raised", key=alert.key, severity=alert.severity, summary=alert.summary,
@@ -616,7 +623,7 @@ class Daemon:
             if self.swap_target == target.name and not self._swap_lock.locked():
                 self.swap_target, self.swap_started_s = None, None
                 target.swap_in_progress = False
-                target._notify()
+                target.notify()
 
     async def _wait_stopped(self, sup: EngineSupervisor, why: str) -> None:
         ok = await sup.wait_for(lambda s: s.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF)
@@ -797,8 +804,7 @@ class Daemon:
         if self.alerts_outbox is not None:
             doc["alerts"] = self.alerts_outbox.counts()
         for ext in self.extensions:
-            if hasattr(ext, "contribute_status"):
-                ext.contribute_status(doc)
+            ext.contribute_status(doc)
         return doc
 
 

@@ -1,9 +1,7 @@
-"""Optional subsystems the daemon carries: each is an object with ``run(task_status)`` and hooks.
+"""The optional subsystems the daemon carries, and which ones the config turns on (room: daemon composition).
 
-Hooks a subsystem may offer (the daemon calls those that exist): ``on_memory(reading)``,
-``before_start(sup)`` (async), ``on_engine_ready(sup)``, ``on_engine_exit(sup)``,
-``stranded_bytes()``, ``gpu_free_bytes()``, ``engine_gpu_bytes(pids)``, ``contribute_status(doc)``,
-``persisted()`` (with a ``name``), ``cancel_reboot()``.
+Each subsystem is an :class:`supervisord_llm.extension.Extension` (typed hooks with no-op
+defaults); ``install_extensions`` attaches them in the order the daemon starts them.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from supervisord_llm.extension import Extension
 from supervisord_llm.gateway import EngineUnavailable, RequestStats, Upstream
 from supervisord_llm.supervisor import EngineState
 
@@ -165,7 +164,7 @@ class DaemonGatewayBackend:
                                 stalled_for_s=round(stalled_for_s, 3))
 
 
-class GatewayExtension:
+class GatewayExtension(Extension):
     name = "gateway"
 
     def __init__(self, daemon: Daemon) -> None:
@@ -189,7 +188,7 @@ class GatewayExtension:
         doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight}
 
 
-class AlertsExtension:
+class AlertsExtension(Extension):
     name = "alerts"
 
     def __init__(self, daemon: Daemon) -> None:
@@ -210,9 +209,11 @@ class AlertsExtension:
 
 def install_extensions(daemon: Daemon) -> None:
     """Attach the subsystems the config turns on."""
+    from supervisord_llm.control import ControlExtension
     from supervisord_llm.stranded import StrandedExtension
 
     config = daemon.config
+    daemon.extensions.append(ControlExtension(daemon))
     daemon.extensions.append(StrandedExtension(daemon))
     if config.alerts is not None and config.alerts.targets:
         daemon.extensions.append(AlertsExtension(daemon))

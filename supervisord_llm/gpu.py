@@ -46,6 +46,7 @@ from policies.reboot import RebootLedger, RebootSettings, RebootState, decide_gp
 from probes.nvml import NvmlProbe, XidWatcher, gpu_bytes_for_pids
 from probes.readings import GpuReading, XidEvent
 from supervisord_llm.errors import MemoryNotReturned
+from supervisord_llm.extension import Extension
 from supervisord_llm.process import TAG_ENV, tree_of
 
 if TYPE_CHECKING:
@@ -188,7 +189,7 @@ def says_gpu_is_lost(error: str) -> bool:
     return "gpuislost" in error.lower().replace(" ", "").replace("_", "")
 
 
-class GpuExtension:
+class GpuExtension(Extension):
     """The daemon's NVIDIA subsystem (see the module docstring). Hooks are those of ``extensions``."""
 
     name = "gpu"
@@ -650,8 +651,7 @@ class GpuExtension:
     def _reboot(self, reason: str, device_index: int, xid: int | None) -> None:
         daemon = self.daemon
         for ext in daemon.extensions:
-            if ext is not self and hasattr(ext, "request_reboot"):
-                ext.request_reboot(reason)
+            if ext is not self and ext.request_reboot(reason):
                 return
         daemon.events.emit("gpu.reboot_required", device_index=device_index, xid=xid, reason=reason)
         daemon.alert(Alert(key="reboot.required", severity="critical",

@@ -13,9 +13,10 @@ flowed for ``canary_interval``, counters every probe interval.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import httpx
 import psutil
 
 from policies.health import (
@@ -29,13 +30,27 @@ from policies.health import (
 from probes.errors import ProbeError
 from probes.process import ProcessGone, read_process_tree
 from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
+from supervisord_llm.clock import Clock
+from supervisord_llm.config import Config
+from supervisord_llm.events import EventLog
 
 if TYPE_CHECKING:
-    from supervisord_llm.daemon import Daemon
     from supervisord_llm.process import EngineProcess, LogTail
     from supervisord_llm.supervisor import EngineSupervisor
 
 STOP_CONFIRM_S = 1.0  # a SIGSTOP duty cycle (slow engine) must not read as a hang
+
+
+class MonitorHost(Protocol):
+    """**Protocol:** what the watchdog needs from the daemon: clock, config, HTTP client, events, GPU memory."""
+
+    clock: Clock
+    config: Config
+    http: httpx.AsyncClient
+    events: EventLog
+    log: Any
+
+    def engine_gpu_bytes(self, pids: tuple[int, ...]) -> int | None: ...
 
 
 class EngineHealth:
@@ -164,7 +179,7 @@ class TreeWatch:
             raise ProbeError(f"process {self.proc.pid} belongs to another user; cannot read it") from exc
 
 
-async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None:
+async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None:
     """Watch a serving engine until its generation ends (the supervisor cancels this task)."""
     from supervisord_llm.supervisor import EngineState, HealthVerdict
 
@@ -188,7 +203,7 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
         finally:
             canary_running = False
             last_canary_s = clock.now()
-        sup._record_canary(reading)
+        sup.record_canary(reading)
         daemon.events.emit("probe.canary", engine=sup.name, ok=reading.ok, ttft_s=reading.ttft_s,
                            tokens_per_s=reading.tokens_per_s, stalled=reading.stalled, error=reading.error) \
             if not reading.ok else None
@@ -215,9 +230,7 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
             except ProbeError:
                 break  # gone: the exit watcher reports it
             health.tree = tree
-            for ext in daemon.extensions:
-                if hasattr(ext, "engine_gpu_bytes"):
-                    health.gpu_bytes = ext.engine_gpu_bytes(tree.pids)
+            health.gpu_bytes = daemon.engine_gpu_bytes(tree.pids)
 
             # Counters (vLLM, llama.cpp, SGLang /metrics; oMLX /api/status).
             if sup.adapter.counters_kind and now - last_counters_s >= daemon.config.probes.interval_s:
@@ -286,7 +299,7 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
         tg.cancel_scope.cancel()
 
 
-def health_settings(daemon: Daemon) -> HealthSettings:
+def health_settings(daemon: MonitorHost) -> HealthSettings:
     d = daemon.config.degraded
     return HealthSettings(window_s=d.window_s, degraded_share=d.share, degraded_windows=d.windows)
 

@@ -13,6 +13,7 @@ import anyio
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from supervisord_llm.extension import Extension
 from supervisord_llm.supervisor import EngineState
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-class MetricsExtension:
+class MetricsExtension(Extension):
     """The loopback TCP listener for metrics and health probes."""
 
     name = "metrics"

@@ -20,6 +20,7 @@ from policies import reboot as reboot_policy
 from policies import stranded as stranded_policy
 from policies.actions import Alert, EscalateReboot, RunReboot
 from probes.readings import SystemMemoryReading
+from supervisord_llm.extension import Extension
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
@@ -35,7 +36,7 @@ def boot_id() -> str:
         return f"boot-{psutil.boot_time():.0f}"
 
 
-class StrandedExtension:
+class StrandedExtension(Extension):
     name = "stranded"
 
     def __init__(self, daemon: Daemon) -> None:
@@ -193,9 +194,10 @@ class StrandedExtension:
         self.daemon.persist()
         return {"ok": True, "cancelled": True, "message": f"reboot cancelled ({state.reason})"}
 
-    def request_reboot(self, reason: str) -> None:
+    def request_reboot(self, reason: str) -> bool:
         """A GPU lost (XID 79) takes the same path as stranded memory."""
         self._escalate(True, reason)
+        return True
 
     def contribute_status(self, doc: dict[str, Any]) -> None:
         mem = doc["system"]["memory"]

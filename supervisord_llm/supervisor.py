@@ -20,7 +20,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -29,6 +30,7 @@ from policies import backoff
 from policies.actions import Alert, MarkFailed, Refuse, WaitUntil
 from probes.readings import CanaryReading, Diagnosis
 from supervisord_llm.adapters import EngineAdapter, adapter_for
+from supervisord_llm.clock import Clock
 from supervisord_llm.config import EngineConfig
 from supervisord_llm.errors import (
     EngineError,
@@ -37,10 +39,8 @@ from supervisord_llm.errors import (
     PortInUse,
     StartRefused,
 )
+from supervisord_llm.events import EventLog
 from supervisord_llm.process import EngineProcess, ExitInfo, LogTail, port_holder
-
-if TYPE_CHECKING:
-    from supervisord_llm.daemon import Daemon
 
 
 class EngineState(StrEnum):
@@ -137,13 +137,47 @@ class Adopt:
     proc: EngineProcess
 
 
+class SupervisorHost(Protocol):
+    """**Protocol:** what an engine's supervisor needs from whoever runs it (the daemon, or a test's double).
+
+    Events and persistence (``events``, ``persist``), the clock, admission (``admit``, which waits
+    or raises ``StartRefused``), alerts, the backoff settings, the HTTP client for probes, and the
+    notifications the host acts on (``engine_ready``, ``engine_exited``, ``monitor_engine``).
+    The supervisor never reaches further into its host than this.
+    """
+
+    clock: Clock
+    events: EventLog
+    http: httpx.AsyncClient
+    backoff_settings: backoff.BackoffSettings
+    daemon_id: str
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+    def persist(self) -> None: ...
+
+    def alert(self, alert: Alert) -> None: ...
+
+    async def admit(self, sup: EngineSupervisor) -> None: ...
+
+    def engine_ready(self, sup: EngineSupervisor) -> None: ...
+
+    def engine_exited(self, sup: EngineSupervisor) -> None: ...
+
+    async def monitor_engine(self, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None: ...
+
+    def footprint_bytes(self, sup: EngineSupervisor) -> int | None: ...
+
+
 class EngineSupervisor:
-    def __init__(self, config: EngineConfig, daemon: Daemon) -> None:
+    def __init__(self, config: EngineConfig, host: SupervisorHost, *, log: Any, logs_dir: Path,
+                 log_max_bytes: int) -> None:
         self.config = config
         self.name = config.name
-        self.daemon = daemon
-        self.clock = daemon.clock
-        self.log = daemon.log.bind(engine=config.name)
+        self.host = host
+        self.clock = host.clock
+        self.log = log.bind(engine=config.name)
         self.adapter: EngineAdapter = adapter_for(config)
         self.state = EngineState.STOPPED
         self.since_s = self.clock.now()
@@ -159,8 +193,9 @@ class EngineSupervisor:
         self.state_reason = ""
         self.ready_since_s: float | None = None
         self.backoff = backoff.BackoffState(engine=config.name)
-        self.log_path = daemon.state_dir / "logs" / f"{config.name}.log"
-        self.log_tail = LogTail(self.log_path, max_bytes=daemon.config.daemon.log_max_bytes)
+        self.log_path = logs_dir / f"{config.name}.log"
+        self.log_tail = LogTail(self.log_path, max_bytes=log_max_bytes)
+        self.weights_bytes: int | None = None  # size of the model's weights on disk, once measured
         self.swap_in_progress = False
         self.health: Any = None  # per-engine health tracker, set by the daemon
         # Unbounded: a dropped Exited or Stopped message would leave the engine stuck in its state.
@@ -217,6 +252,11 @@ class EngineSupervisor:
     def serving(self) -> bool:
         return self.state in SERVING_STATES
 
+    @property
+    def sweeping(self) -> bool:
+        """Leftovers of a crashed run are still being killed (they hold memory until gone)."""
+        return self._sweeping > 0
+
     # ---- main loop --------------------------------------------------------------------------
 
     async def run(self, adopted: EngineProcess | None, autostart: bool,
@@ -241,7 +281,7 @@ class EngineSupervisor:
         """Start at daemon start, unless the spawn history (kept across daemon restarts) says the
         engine is still inside its backoff: then wait for it, as the previous daemon would have."""
         now = self.clock.now()
-        at_s = backoff.next_start_at(self.backoff, self.daemon.backoff_settings, now)
+        at_s = backoff.next_start_at(self.backoff, self.host.backoff_settings, now)
         if self.backoff.consecutive_failures > 0 and at_s > now:
             self._new_generation()
             self.next_start_at_s = at_s
@@ -259,7 +299,7 @@ class EngineSupervisor:
         if isinstance(m, Spawned) and m.gen != self.gen:
             # A stop or restart overtook this spawn: the process exists but belongs to no run.
             # It must not be left running (two copies, or two exclusive engines at once).
-            self.daemon.events.emit("engine.spawn_overtaken", engine=self.name, pid=m.proc.pid)
+            self.host.events.emit("engine.spawn_overtaken", engine=self.name, pid=m.proc.pid)
             self._start_sweep(m.proc)
             return
         if getattr(m, "gen", self.gen) != self.gen:
@@ -280,7 +320,7 @@ class EngineSupervisor:
             self._on_health(m)
         elif isinstance(m, BackoffOver):
             if self.state == EngineState.BACKOFF:
-                if self.daemon.shutting_down:
+                if self.host.shutting_down:
                     self._set_state(EngineState.STOPPED, "daemon shutting down")
                 else:
                     self._begin_spawn(manual=False, reason="backoff over")
@@ -301,12 +341,12 @@ class EngineSupervisor:
             self.ready_since_s = None
         if state != EngineState.BACKOFF:
             self.next_start_at_s = None
-        self.daemon.events.emit("engine.state_changed", engine=self.name, **{"from": str(previous)},
+        self.host.events.emit("engine.state_changed", engine=self.name, **{"from": str(previous)},
                                 to=str(state), reason=reason, pid=self.proc.pid if self.proc else None, **fields)
-        self.daemon.persist()
-        self._notify()
+        self.host.persist()
+        self.notify()
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
         """Wake everyone waiting in ``wait_for`` (a state change, or residency changing without one)."""
         event, self.state_changed = self.state_changed, anyio.Event()
         event.set()
@@ -352,14 +392,14 @@ class EngineSupervisor:
             cmd.reply.set(error=exc)
 
     def _cmd_start(self, cmd: Command) -> str:
-        if self.daemon.shutting_down:
+        if self.host.shutting_down:
             raise StartRefused(self.name, "shutting_down", "the daemon is shutting down; no engine is started now")
         if self.state in (EngineState.STARTING, EngineState.READY, EngineState.DEGRADED, EngineState.HUNG):
             return f"{self.name} is already {self.state}"
         if self.state == EngineState.STOPPING:
             raise StartRefused(self.name, "stopping", f"{self.name} is stopping; start it again once it is stopped")
         now = self.clock.now()
-        verdict = backoff.manual_start_allowed(self.backoff, self.daemon.backoff_settings, now, cmd.force)
+        verdict = backoff.manual_start_allowed(self.backoff, self.host.backoff_settings, now, cmd.force)
         if isinstance(verdict, Refuse):
             raise StartRefused(self.name, verdict.reason, verdict.message, verdict.until_s)
         if cmd.force or self.state == EngineState.FAILED:
@@ -389,7 +429,7 @@ class EngineSupervisor:
     def _cmd_restart(self, cmd: Command) -> str:
         now = self.clock.now()
         last = self.backoff.last_spawn_at_s
-        min_s = self.daemon.backoff_settings.min_interval_s
+        min_s = self.host.backoff_settings.min_interval_s
         if last is not None and now - last < min_s and not cmd.force:
             wait = min_s - (now - last)
             raise StartRefused(
@@ -423,18 +463,18 @@ class EngineSupervisor:
     async def _launch(self, gen: int, manual: bool) -> None:
         """Admission, port check, spawn: the part of a start before the process exists."""
         try:
-            await self.daemon.admit(self)
+            await self.host.admit(self)
             holder = await anyio.to_thread.run_sync(port_holder, self.config.host, self.config.port)
             if holder is not None:
                 pid, command = holder
                 raise PortInUse(self.name, self.config.host, self.config.port, pid, command)
             # A stop that arrived during the port check cancels here, before anything is spawned.
             await anyio.lowlevel.checkpoint()
-            tag = EngineProcess.new_tag(self.daemon.daemon_id, self.name)
+            tag = EngineProcess.new_tag(self.host.daemon_id, self.name)
             # The spawn time is recorded before the fork, so even a daemon killed right after the
             # fork cannot spawn twice within min_interval.
             self.backoff = backoff.record_spawn(self.backoff, self.clock.now())
-            self.daemon.persist()
+            self.host.persist()
             proc = EngineProcess.spawn(self.adapter.argv(), env=self.adapter.env(), cwd=self.config.cwd,
                                        log_path=self.log_path, tag=tag, engine=self.name)
         except EngineError as exc:
@@ -451,8 +491,8 @@ class EngineSupervisor:
         if self.health is not None:
             self.health.new_run()
         self.log_tail.start_at_end()
-        self.daemon.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=proc.argv)
-        self.daemon.persist()
+        self.host.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=proc.argv)
+        self.host.persist()
         self._spawn_worker(self._watch_exit, self.gen, proc)
         self._spawn_worker(self._wait_ready, self.gen, proc)
 
@@ -474,7 +514,7 @@ class EngineSupervisor:
         """Ready only after a real generation succeeded: /health alone is no proof."""
         started = self.clock.now()
         deadline = started + self.config.start_timeout_s
-        client = self.daemon.http
+        client = self.host.http
         last_error = "no answer yet"
         delay = 0.2
         while self.clock.now() < deadline:
@@ -497,7 +537,7 @@ class EngineSupervisor:
                     last_error = f"generation check raised {type(exc).__name__}: {exc}"
                     await anyio.sleep(delay)
                     continue
-                self._record_canary(reading)
+                self.record_canary(reading)
                 if reading.ok:
                     self.post(Ready(gen, reading))
                     return
@@ -508,18 +548,18 @@ class EngineSupervisor:
             self.name, f"no successful generation within start_timeout {self.config.start_timeout_s:.0f}s "
                        f"(last: {last_error}); raise engine.start_timeout for large models")))
 
-    def _record_canary(self, reading: CanaryReading) -> None:
+    def record_canary(self, reading: CanaryReading) -> None:
         self.last_canary = reading
         self.last_canary_wall = self.clock.wall()
 
     def _on_ready(self, canary: CanaryReading) -> None:
         self._set_state(EngineState.READY, "generation ok", ttft_s=canary.ttft_s,
                         startup_s=round(self.clock.now() - (self.backoff.last_spawn_at_s or self.since_s), 3))
-        self.daemon.engine_ready(self)
+        self.host.engine_ready(self)
         self._spawn_worker(self._monitor, self.gen, self.proc)
 
     async def _monitor(self, gen: int, proc: EngineProcess) -> None:
-        await self.daemon.monitor_engine(self, gen, proc)
+        await self.host.monitor_engine(self, gen, proc)
 
     # ---- failures ---------------------------------------------------------------------------
 
@@ -540,10 +580,10 @@ class EngineSupervisor:
             reason = f"exited during start ({reason})"
         self.last_exit = {"code": info.code, "signal": info.signal_name, "reason": reason,
                           "at": info.at_wall}
-        self.daemon.events.emit("engine.exited", engine=self.name, pid=self.proc.pid if self.proc else None,
+        self.host.events.emit("engine.exited", engine=self.name, pid=self.proc.pid if self.proc else None,
                                 code=info.code, signal=info.signal_name, state_was=str(was),
                                 diagnosis=_diag_dict(diagnosis))
-        self.daemon.engine_exited(self)
+        self.host.engine_exited(self)
         # Leftover children of a crashed engine are swept (and the tree verified empty) before backoff.
         proc = self.proc
         self._new_generation()
@@ -552,9 +592,9 @@ class EngineSupervisor:
     def _on_start_failed(self, error: EngineError, exit_info: ExitInfo | None) -> None:
         if isinstance(error, StartRefused):
             self._new_generation()
-            self.daemon.events.emit("engine.start_refused", engine=self.name, reason=error.reason,
+            self.host.events.emit("engine.start_refused", engine=self.name, reason=error.reason,
                                     message=str(error))
-            self.daemon.alert(Alert(key=f"engine.start_refused:{self.name}", severity="critical",
+            self.host.alert(Alert(key=f"engine.start_refused:{self.name}", severity="critical",
                                     summary=str(error), details={"engine": self.name, "reason": error.reason}))
             self._set_state(EngineState.FAILED, str(error))
             return
@@ -562,14 +602,14 @@ class EngineSupervisor:
         if isinstance(error, (PortInUse, EngineSpawnFailed)):
             self.diagnosis = Diagnosis(cause=str(error), remedy=_remedy_for(error), line="",
                                        signature=type(error).__name__)
-        self.daemon.events.emit("engine.start_failed", engine=self.name, error=str(error),
+        self.host.events.emit("engine.start_failed", engine=self.name, error=str(error),
                                 error_type=type(error).__name__)
         self._new_generation()
         self._failure(str(error), sweep=None)
 
     def _on_start_timeout(self, error: EngineError) -> None:
         self.diagnosis = self._read_diagnosis()
-        self.daemon.events.emit("engine.start_timeout", engine=self.name, error=str(error),
+        self.host.events.emit("engine.start_timeout", engine=self.name, error=str(error),
                                 diagnosis=_diag_dict(self.diagnosis))
         self.last_exit = {"code": None, "signal": None, "reason": str(error), "at": self.clock.wall()}
         self._begin_stop(str(error), then="auto", failure=True)
@@ -577,7 +617,7 @@ class EngineSupervisor:
     def _wait_for_floor(self, reason: str) -> None:
         """A restart a policy asked for: no failure is counted, but the 60 s floor between spawns holds."""
         now = self.clock.now()
-        at_s = backoff.next_start_at(self.backoff, self.daemon.backoff_settings, now)
+        at_s = backoff.next_start_at(self.backoff, self.host.backoff_settings, now)
         self.next_start_at_s = at_s
         self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(at_s - now, 1))
         self.next_start_at_s = at_s
@@ -591,17 +631,17 @@ class EngineSupervisor:
         else:
             ready_for = (now - self.ready_since_s) if self.ready_since_s is not None else 0.0
         self.backoff = backoff.record_exit(self.backoff, now, ready_for, reason,
-                                           settings=self.daemon.backoff_settings)
+                                           settings=self.host.backoff_settings)
         if sweep is not None:
             self._start_sweep(sweep)
         self._schedule_after_failure(reason)
 
     def _schedule_after_failure(self, reason: str) -> None:
         now = self.clock.now()
-        actions = backoff.decide_after_exit(self.backoff, self.daemon.backoff_settings, now)
+        actions = backoff.decide_after_exit(self.backoff, self.host.backoff_settings, now)
         for action in actions:
             if isinstance(action, Alert):
-                self.daemon.alert(action)
+                self.host.alert(action)
         first = actions[0]
         if isinstance(first, MarkFailed):
             self._set_state(EngineState.FAILED, first.reason)
@@ -630,9 +670,9 @@ class EngineSupervisor:
                 result = await proc.stop(grace_s=min(self.config.stop_grace_s, 10.0))
         finally:
             self._sweeping -= 1
-            self._notify()
+            self.notify()
         if result.killed_pids:
-            self.daemon.events.emit("engine.leftovers_killed", engine=self.name, pids=list(result.killed_pids))
+            self.host.events.emit("engine.leftovers_killed", engine=self.name, pids=list(result.killed_pids))
 
     # ---- stop -------------------------------------------------------------------------------
 
@@ -660,14 +700,14 @@ class EngineSupervisor:
 
     def _on_stopped(self, m: Stopped) -> None:
         info = self.proc.exit if self.proc else None
-        self.daemon.events.emit("engine.stopped", engine=self.name, graceful=m.graceful,
+        self.host.events.emit("engine.stopped", engine=self.name, graceful=m.graceful,
                                 killed_pids=list(m.killed), code=info.code if info else None,
                                 signal=info.signal_name if info else None)
-        self.daemon.engine_exited(self)
+        self.host.engine_exited(self)
         if self.last_exit is None or not self._stop_is_failure:
             self.last_exit = {"code": info.code if info else None, "signal": info.signal_name if info else None,
                               "reason": self._stop_reason, "at": self.clock.wall()}
-        then = "stay" if self.daemon.shutting_down else self._stop_then
+        then = "stay" if self.host.shutting_down else self._stop_then
         if then == "start":
             self._begin_spawn(manual=True, reason="restart")
         elif then == "auto":
@@ -682,7 +722,7 @@ class EngineSupervisor:
     def _on_health(self, v: HealthVerdict) -> None:
         if v.state == "hung" and self.state in SERVING_STATES:
             self._set_state(EngineState.HUNG, v.reason)
-            self.daemon.alert(Alert(key=f"engine.hung:{self.name}", severity="critical",
+            self.host.alert(Alert(key=f"engine.hung:{self.name}", severity="critical",
                                     summary=f"{self.name} is hung: {v.reason}", details={"engine": self.name}))
         elif v.state == "hang_restart" and self.state == EngineState.HUNG:
             self.last_exit = {"code": None, "signal": None, "reason": f"hang restart: {v.reason}",
@@ -690,7 +730,7 @@ class EngineSupervisor:
             self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True)
         elif v.state == "degraded" and self.state == EngineState.READY:
             self._set_state(EngineState.DEGRADED, v.reason)
-            self.daemon.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
+            self.host.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
                                     summary=f"{self.name} is degraded: {v.reason}", details={"engine": self.name}))
         elif v.state == "degraded_restart" and self.state == EngineState.DEGRADED:
             self.restarts += 1
@@ -698,7 +738,7 @@ class EngineSupervisor:
         elif v.state == "ok" and self.state in (EngineState.HUNG, EngineState.DEGRADED):
             key = "hung" if self.state == EngineState.HUNG else "degraded"
             self._set_state(EngineState.READY, v.reason or "recovered")
-            self.daemon.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
+            self.host.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
                                     summary=f"{self.name} recovered", details={"engine": self.name},
                                     resolved=True))
 
@@ -737,7 +777,7 @@ class EngineSupervisor:
             "baseline_tokens_per_s": baseline,
             "last_canary": canary,
             "memory": {"rss_bytes": rss, "gpu_bytes": gpu},
-            "footprint_bytes": self.daemon.footprint_bytes(self),
+            "footprint_bytes": self.host.footprint_bytes(self),
             "log": str(self.log_path),
         }
 

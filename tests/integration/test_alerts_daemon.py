@@ -74,6 +74,7 @@ def test_hang_fires_and_recovery_resolves_once_also_across_a_daemon_restart(daem
         assert firing[0]["episode_id"] == receiver.of("engine.hung")[1]["episode_id"]
     finally:
         receiver.server.shutdown()
+        receiver.server.server_close()
 
 
 def test_llmctl_alerts_test_delivers_a_signed_test_alert(daemon_factory) -> None:
@@ -110,3 +111,4 @@ def test_llmctl_alerts_test_delivers_a_signed_test_alert(daemon_factory) -> None
         assert "s3cret" not in (d.state_dir / "events.jsonl").read_text()
     finally:
         server.shutdown()
+        server.server_close()
