@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from policies._format import require
-from policies.actions import Alert
+from policies.actions import Alert, Noop, Restart
 from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
 
 
@@ -274,6 +274,49 @@ def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: fl
     )
 
 
+# ---- restart timing (separate from the verdicts above) ------------------------------------------
+
+
+def decide_hang_restart(
+    engine: str,
+    hung_since_s: float | None,
+    now_s: float,
+    hang_restart_after_s: float,
+    *,
+    already_requested: bool,
+    reason: str,
+) -> Restart | Noop:
+    """A hung engine is restarted once it has stayed hung for ``hang_restart_after_s``.
+
+    The hang itself is alerted at once; the restart waits, because a person may want to look at
+    the wedged process first, and a hang that clears by itself needs no restart. One restart per
+    hang episode (``already_requested``); the restart still goes through the 60 s floor.
+    """
+    if hung_since_s is None or already_requested:
+        return Noop("not hung" if hung_since_s is None else "restart already requested")
+    hung_for_s = now_s - hung_since_s
+    if hung_for_s < hang_restart_after_s:
+        return Noop(f"hung for {hung_for_s:.0f}s of {hang_restart_after_s:.0f}s before a restart")
+    return Restart(engine, reason)
+
+
+def decide_degraded_restart(
+    engine: str,
+    degraded: bool,
+    restart_when_idle: bool,
+    in_flight: int,
+    *,
+    already_requested: bool,
+    reason: str,
+) -> Restart | Noop:
+    """A degraded engine is restarted only when configured to, and only while no request runs on it."""
+    if not degraded or not restart_when_idle or already_requested:
+        return Noop("no degraded restart")
+    if in_flight > 0:
+        return Noop(f"degraded, but {in_flight} request{'s' if in_flight != 1 else ''} in flight")
+    return Restart(engine, reason)
+
+
 __all__ = [
     "DegradedAssessment",
     "HealthSettings",
@@ -282,8 +325,11 @@ __all__ = [
     "ThroughputTracker",
     "assess_degraded",
     "assess_hung",
+    "decide_degraded_restart",
+    "decide_hang_restart",
     "degraded_alert",
     "learn_baseline",
     "rolling_rate",
     "window_rates",
 ]
+

@@ -21,8 +21,18 @@ import httpx
 import psutil
 
 from policies import backoff
-from policies.actions import Admit, Alert, Refuse
-from policies.admission import Footprint, admit, auto_footprint_bytes
+from policies.actions import Admit, Alert, Refuse, Start, WaitUntil
+from policies.admission import Footprint, admit, auto_footprint_bytes, effective_budget_bytes, exclusive_conflicts
+from policies.swap import (
+    ActiveSwap,
+    JoinSwap,
+    SwapPlan,
+    SwapSettings,
+    decide_memory_wait,
+    decide_swap_request,
+    memory_returned,
+    plan_swap,
+)
 from probes.readings import SystemMemoryReading
 from supervisord_llm import __version__
 from supervisord_llm.clock import Clock, SystemClock
@@ -36,6 +46,7 @@ from supervisord_llm.errors import (
     UnknownEngine,
 )
 from supervisord_llm.events import EventLog
+from supervisord_llm.executor import ActionExecutor
 from supervisord_llm.extension import Extension
 from supervisord_llm.process import EngineProcess, tagged_processes
 from supervisord_llm.statefile import read_json, write_json_atomic
@@ -118,6 +129,7 @@ class Daemon:
         self.healthy_loop = True
         self._stopping = False
         self.on_status: list[Callable[[dict[str, Any]], None]] = []
+        self.executor = ActionExecutor(self)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -440,6 +452,70 @@ class Daemon:
         return Footprint(engine=sup.name, bytes=self.footprint_bytes(sup) or 0, exclusive=sup.config.exclusive,
                          gpu_devices=sup.config.gpu_devices, gpu_bytes_per_device=sup.config.gpu_footprint_bytes)
 
+    def budget_bytes(self) -> int | None:
+        """The memory budget (configured, else total memory minus headroom): one formula for every check."""
+        return effective_budget_bytes(self.config.memory.budget_bytes,
+                                      self.memory.total_bytes if self.memory else None,
+                                      self.config.memory.headroom_bytes)
+
+    def stranded_bytes(self) -> int:
+        return max((ext.stranded_bytes() for ext in self.extensions), default=0)
+
+    def _plan_swap(self, target: EngineSupervisor) -> SwapPlan | Refuse:
+        """Which engines stop before ``target`` starts (``policies.swap.plan_swap``), logged with its inputs.
+
+        What the plan may stop: engines holding memory, and engines waiting in backoff to come back
+        (their automatic restart would otherwise be refused next to the target, or overrun the
+        budget). Those in backoff are stopped first (nothing is lost), then the largest first.
+        """
+        others = [s for s in self.supervisors.values()
+                  if s is not target and (s.resident or s.state == EngineState.BACKOFF)]
+        others.sort(key=lambda s: (s.state != EngineState.BACKOFF, -(self.footprint_bytes(s) or 0)))
+        resident = [self._footprint(s) for s in others]
+        if target.resident:
+            resident.append(self._footprint(target))
+        budget, stranded = self.budget_bytes(), self.stranded_bytes()
+        plan = plan_swap(resident, self._footprint(target), budget, self._swap_settings(), stranded_bytes=stranded,
+                         grace_s={s.name: s.config.stop_grace_s for s in others})
+        inputs = {"resident": {f.engine: f.bytes for f in resident}, "exclusive": [f.engine for f in resident if f.exclusive],
+                  "target_bytes": self.footprint_bytes(target) or 0, "budget_bytes": budget, "stranded_bytes": stranded}
+        if isinstance(plan, Refuse):
+            self.decided("swap_plan", target.name, plan, **inputs)
+        else:
+            self.events.emit("policy.decided", policy="swap_plan", engine=target.name, decision="plan",
+                             stops=[stop.engine for stop in plan.stops], start=plan.start is not None,
+                             resident_after=list(plan.resident_after), **inputs)
+        return plan
+
+    def _swap_settings(self) -> SwapSettings:
+        wait_s = self.config.memory.return_wait_s
+        return SwapSettings(memory_wait_s=wait_s, poll_interval_s=min(1.0, wait_s))
+
+    async def _wait_memory_returned(self, target: EngineSupervisor, stopped: list[str]) -> None:
+        """After the stops: wait (``policies.swap.decide_memory_wait``) until the target fits, or give up."""
+        settings = self._swap_settings()
+        need = (self.footprint_bytes(target) or 0) + self.config.memory.headroom_bytes
+        stopped_at_s = self.clock.now()
+        before = self.memory.available_bytes if self.memory else 0
+        while True:
+            await self._read_memory()
+            now_avail = self.memory.available_bytes if self.memory else need
+            returned = memory_returned(before, now_avail, need)
+            now = self.clock.now()
+            decision = decide_memory_wait(target.name, stopped_at_s, now, returned, settings, stopped=stopped)
+            first = decision[0]
+            if isinstance(first, WaitUntil):
+                await anyio.sleep(max(0.0, first.at_s - now))
+                continue
+            self.decided("memory_return", target.name, first, needed_bytes=need, available_bytes=now_avail,
+                         returned_bytes=returned.returned_bytes, waited_s=round(now - stopped_at_s, 3))
+            if isinstance(first, Start):
+                return
+            for action in decision[1:]:
+                await self.execute(action)
+            self.events.emit("swap.aborted", target=target.name, reason=first.message)
+            raise SwapError(first.message)
+
     def resident(self, exclude: str | None = None) -> list[EngineSupervisor]:
         return [s for s in self.supervisors.values() if s.name != exclude and s.resident]
 
@@ -448,13 +524,10 @@ class Daemon:
         resident = [self._footprint(s) for s in self.resident(exclude=sup.name)]
         candidate = self._footprint(sup)
         available = mem.available_bytes if mem else 2**62
-        budget = self.config.memory.budget_bytes
-        if budget is None and mem is not None:
-            budget = max(1, mem.total_bytes - self.config.memory.headroom_bytes)
-        stranded = 0
+        budget = self.budget_bytes()
+        stranded = self.stranded_bytes()
         gpu_free = None
         for ext in self.extensions:
-            stranded = max(stranded, ext.stranded_bytes())
             if sup.config.gpu_devices:
                 gpu_free = ext.gpu_free_bytes() if gpu_free is None else gpu_free
         return admit(candidate, resident, available, self.config.memory.headroom_bytes, budget, gpu_free,
@@ -477,12 +550,10 @@ class Daemon:
             await self._read_memory()
             verdict = self._admission(sup)
             if isinstance(verdict, Admit):
-                self.events.emit("policy.decided", policy="admission", engine=sup.name, decision="admit",
-                                 message=verdict.message)
+                self.decided("admission", sup.name, verdict)
                 return
             if verdict.reason == "exclusive" or self.clock.now() >= deadline:
-                self.events.emit("policy.decided", policy="admission", engine=sup.name, decision="refuse",
-                                 reason=verdict.reason, message=verdict.message)
+                self.decided("admission", sup.name, verdict)
                 raise StartRefused(sup.name, verdict.reason, verdict.message)
             if not announced:
                 announced = True
@@ -530,6 +601,16 @@ class Daemon:
                 return result
         return {"ok": True, "cancelled": False, "message": "no reboot is pending"}
 
+    def decided(self, policy: str, engine: str | None, action: Any, **inputs: Any) -> None:
+        self.executor.decided(policy, engine, action, **inputs)
+
+    async def execute(self, action: Any) -> None:
+        await self.executor.execute(action)
+
+    def request_reboot(self, reason: str) -> bool:
+        """Hand a reboot to the extension that runs the reboot escalation; False when none does."""
+        return any(ext.request_reboot(reason) for ext in self.extensions)
+
     def alert(self, alert: Alert) -> None:
         self.events.emit("alert.raised", key=alert.key, severity=alert.severity, summary=alert.summary,
                          resolved=alert.resolved, details=alert.details)
@@ -558,16 +639,19 @@ class Daemon:
 
     async def start(self, name: str, *, force: bool = False) -> str:
         sup = self.supervisor(name)
-        conflicts = self._conflicts(sup)
+        candidate = self._footprint(sup)
+        conflicts = exclusive_conflicts(candidate, [self._footprint(s) for s in self.resident(exclude=sup.name)])
         if conflicts:
-            names = ", ".join(s.name for s in conflicts)
+            names = ", ".join(conflicts)
             raise StartRefused(name, "exclusive",
                                f"{name} cannot run next to {names} (exclusive); use `llmctl switch {name}` "
                                "to stop them first")
         # An engine that cannot share with this one and waits in backoff would have its automatic
         # restart refused later; a person starting this one means that one stays down.
-        for other in self._conflicts(sup, waiting=True):
-            await other.command("stop", reason=f"{name} was started (they cannot share the machine)")
+        waiting = [self._footprint(s) for s in self.supervisors.values()
+                   if s.name != sup.name and s.state == EngineState.BACKOFF]
+        for other in exclusive_conflicts(candidate, waiting):
+            await self.supervisors[other].command("stop", reason=f"{name} was started (they cannot share the machine)")
         return await sup.command("start", force=force)
 
     async def stop(self, name: str) -> str:
@@ -575,16 +659,6 @@ class Daemon:
 
     async def restart(self, name: str, *, force: bool = False) -> str:
         return await self.supervisor(name).command("restart", force=force)
-
-    def _conflicts(self, sup: EngineSupervisor, *, waiting: bool = False) -> list[EngineSupervisor]:
-        """Engines that must not run next to ``sup``: resident ones, or (``waiting``) those in backoff."""
-        if waiting:
-            others = [s for s in self.supervisors.values() if s.name != sup.name and s.state == EngineState.BACKOFF]
-        else:
-            others = self.resident(exclude=sup.name)
-        if sup.config.exclusive:
-            return others
-        return [o for o in others if o.config.exclusive]
 
     @property
     def shutting_down(self) -> bool:
@@ -600,19 +674,24 @@ class Daemon:
         target = self.supervisor(name)
         if self._stopping:
             raise SwapError("the daemon is shutting down; no swap is started")
-        if self.swap_target is not None:
-            if self.swap_target == target.name:
-                await target.wait_for(lambda s: s.swap_in_progress is False, None)
-                return {"target": target.name, "joined": True, "state": str(target.state)}
+        now = self.clock.now()
+        active = ActiveSwap(self.swap_target, self.swap_started_s or now) if self.swap_target is not None else None
+        request = decide_swap_request(active, target.name, now)
+        if isinstance(request, JoinSwap):
+            await target.wait_for(lambda s: s.swap_in_progress is False, None)
+            return {"target": target.name, "joined": True, "state": str(target.state)}
+        if isinstance(request, Refuse) and self.swap_target is not None:
+            self.decided("swap_request", target.name, request, active_target=self.swap_target)
             raise SwapInProgress(self.swap_target)
         if not manual and not target.serving:
             # Decided before anything is stopped: an automatic swap never trades a working engine for
             # one its backoff would refuse.
-            verdict = backoff.manual_start_allowed(target.backoff, self.backoff_settings, self.clock.now(), False)
-            if target.state in (EngineState.BACKOFF, EngineState.FAILED) or isinstance(verdict, Refuse):
-                reason = verdict.message if isinstance(verdict, Refuse) else target.state_reason
-                raise StartRefused(target.name, str(target.state), f"not swapping to {target.name}: {reason}",
-                                   until_s=verdict.until_s if isinstance(verdict, Refuse) else None)
+            waiting = target.state_reason if target.state in (EngineState.BACKOFF, EngineState.FAILED) else None
+            verdict = backoff.automatic_start_allowed(target.backoff, self.backoff_settings, now, waiting=waiting)
+            if isinstance(verdict, Refuse):
+                self.decided("automatic_start", target.name, verdict, state=str(target.state))
+                raise StartRefused(target.name, str(target.state), f"not swapping to {target.name}: {verdict.message}",
+                                   until_s=verdict.until_s)
         # Claimed before the first await: two requests at the same moment cannot both pass the check.
         self.swap_target, self.swap_started_s = target.name, self.clock.now()
         target.swap_in_progress = True
@@ -634,12 +713,12 @@ class Daemon:
 
     async def _do_swap(self, target: EngineSupervisor, previous: list[str] | None = None, *,
                        manual: bool = True) -> dict[str, Any]:
-        from policies.swap import memory_returned
-
         started = self.clock.now()
-        to_stop = self._conflicts(target) + self._conflicts(target, waiting=True)
-        budget_stop = self._budget_conflicts(target, to_stop)
-        to_stop += [s for s in budget_stop if s not in to_stop]
+        plan = self._plan_swap(target)
+        if isinstance(plan, Refuse):
+            self.events.emit("swap.refused", target=target.name, reason=plan.reason, message=plan.message)
+            raise SwapError(plan.message)
+        to_stop = [self.supervisors[stop.engine] for stop in plan.stops]
         prev = previous if previous is not None else [s.name for s in to_stop if s.serving]
         self.swap_target, self._swap_from, self.swap_started_s = target.name, prev, started
         target.swap_in_progress = True
@@ -655,31 +734,15 @@ class Daemon:
                     await anyio.sleep(0.1)
             timings["drain_s"] = self.clock.now() - t0
             t0 = self.clock.now()
-            for sup in to_stop:
-                await sup.command("stop", reason=f"swap to {target.name}")
+            for stop in plan.stops:
+                await self.execute(stop)
             for sup in to_stop:
                 await self._wait_stopped(sup, f"swap to {target.name}")
             timings["stop_s"] = self.clock.now() - t0
             # Memory must be back before the new engine loads: never two models at once.
             t1 = self.clock.now()
-            need = (self.footprint_bytes(target) or 0) + self.config.memory.headroom_bytes
-            deadline = t1 + self.config.memory.return_wait_s
-            before = self.memory.available_bytes if self.memory else 0
-            while True:
-                await self._read_memory()
-                now_avail = self.memory.available_bytes if self.memory else need
-                ret = memory_returned(before, now_avail, need)
-                if ret.enough or not to_stop:
-                    break
-                if self.clock.now() >= deadline:
-                    msg = (f"memory did not come back within {self.config.memory.return_wait_s:.0f}s after stopping "
-                           f"{', '.join(s.name for s in to_stop)}: {ret.short_bytes / 1e9:.1f} GB still missing for "
-                           f"{target.name}; not starting it")
-                    self.alert(Alert(key=f"swap.memory_not_returned:{target.name}", severity="critical",
-                                     summary=msg, details={"short_bytes": ret.short_bytes}))
-                    self.events.emit("swap.aborted", target=target.name, reason=msg)
-                    raise SwapError(msg)
-                await anyio.sleep(1.0)
+            if to_stop:
+                await self._wait_memory_returned(target, [s.name for s in to_stop])
             timings["memory_wait_s"] = self.clock.now() - t1
             t2 = self.clock.now()
             if not target.serving:
@@ -742,23 +805,6 @@ class Daemon:
                          summary=f"swap to {target.name} failed ({reason}); rolled back to "
                                  f"{', '.join(restored) or 'nothing'}",
                          details={"target": target.name, "restored": restored}))
-
-    def _budget_conflicts(self, target: EngineSupervisor, already: list[EngineSupervisor]) -> list[EngineSupervisor]:
-        """Non-exclusive engines that must go for the target to fit the budget (largest first)."""
-        budget = self.config.memory.budget_bytes
-        if budget is None and self.memory is not None:
-            budget = self.memory.total_bytes - self.config.memory.headroom_bytes
-        if budget is None:
-            return []
-        others = [s for s in self.resident(exclude=target.name) if s not in already]
-        used = sum(self.footprint_bytes(s) or 0 for s in others) + (self.footprint_bytes(target) or 0)
-        out = []
-        for s in sorted(others, key=lambda s: -(self.footprint_bytes(s) or 0)):
-            if used <= budget:
-                break
-            out.append(s)
-            used -= self.footprint_bytes(s) or 0
-        return out
 
     async def _resume_swap(self, swap: dict[str, Any]) -> None:
         """A daemon killed mid-swap: finish the swap (or roll back) so no two models stay resident."""

@@ -99,8 +99,8 @@ class DaemonGatewayBackend:
             from policies import backoff as backoff_policy
             from policies.actions import Refuse
 
-            verdict = backoff_policy.manual_start_allowed(sup.backoff, self.daemon.backoff_settings,
-                                                          self.daemon.clock.now(), False)
+            verdict = backoff_policy.automatic_start_allowed(sup.backoff, self.daemon.backoff_settings,
+                                                             self.daemon.clock.now())
             if isinstance(verdict, Refuse):  # a recent failure: its backoff holds, nothing is swapped
                 wait = max(1.0, (verdict.until_s or self.daemon.clock.now()) - self.daemon.clock.now())
                 raise EngineUnavailable(sup.name, verdict.reason, verdict.message, retry_after_s=wait,

@@ -631,18 +631,19 @@ class GpuExtension(Extension):
         daemon = self.daemon
         reboot_reason: str | None = None
         for action in actions:
+            daemon.decided("xid" if xid is not None else "gpu_lost", getattr(action, "engine", None), action,
+                           device_index=device_index, xid=xid, cause=cause)
             if isinstance(action, Stop):
-                sup = daemon.supervisors.get(action.engine)
-                if sup is None:
+                if action.engine not in daemon.supervisors:
                     continue
                 try:
-                    await sup.command("stop", reason=action.reason, grace_s=action.grace_s)
+                    await daemon.execute(action)
                 except Exception as exc:  # report; the other actions still run
                     daemon.events.emit("gpu.stop_failed", engine=action.engine, error=str(exc))
             elif isinstance(action, Alert) and action.key.startswith("reboot."):
                 reboot_reason = reboot_reason or cause
             elif isinstance(action, Alert):
-                daemon.alert(action)
+                await daemon.execute(action)
             elif isinstance(action, (EscalateReboot, RunReboot)):
                 reboot_reason = reboot_reason or action.reason
         if reboot_reason is not None:
@@ -650,9 +651,8 @@ class GpuExtension(Extension):
 
     def _reboot(self, reason: str, device_index: int, xid: int | None) -> None:
         daemon = self.daemon
-        for ext in daemon.extensions:
-            if ext is not self and ext.request_reboot(reason):
-                return
+        if daemon.request_reboot(reason):
+            return
         daemon.events.emit("gpu.reboot_required", device_index=device_index, xid=xid, reason=reason)
         daemon.alert(Alert(key="reboot.required", severity="critical",
                            summary=f"reboot required ({reason}); this daemon runs no reboot escalation, "

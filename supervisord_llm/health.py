@@ -19,12 +19,15 @@ import anyio
 import httpx
 import psutil
 
+from policies.actions import Restart
 from policies.health import (
     HealthSettings,
     ThroughputBaseline,
     ThroughputTracker,
     assess_degraded,
     assess_hung,
+    decide_degraded_restart,
+    decide_hang_restart,
     learn_baseline,
 )
 from probes.errors import ProbeError
@@ -272,9 +275,15 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                 if health.hung_since_s is None:
                     health.hung_since_s = now
                     sup.post(HealthVerdict(gen, "hung", reason or "hung"))
-                elif not restart_requested and now - health.hung_since_s >= hang_restart_after:
-                    restart_requested = True
-                    sup.post(HealthVerdict(gen, "hang_restart", reason or "hung"))
+                else:
+                    decision = decide_hang_restart(sup.name, health.hung_since_s, now, hang_restart_after,
+                                                   already_requested=restart_requested, reason=reason or "hung")
+                    if isinstance(decision, Restart):
+                        restart_requested = True
+                        daemon.events.emit("policy.decided", policy="hang_restart", engine=sup.name,
+                                           decision="restart", hung_for_s=round(now - health.hung_since_s, 3),
+                                           hang_restart_after_s=hang_restart_after, message=decision.reason)
+                        sup.post(HealthVerdict(gen, "hang_restart", decision.reason))
             elif health.hung_since_s is not None:
                 health.hung_since_s = None
                 restart_requested = False
@@ -291,10 +300,14 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                 health.degraded = False
                 degraded_restart_requested = False
                 sup.post(HealthVerdict(gen, "ok", f"throughput recovered: {assessment.reason}"))
-            elif (sup.state == EngineState.DEGRADED and daemon.config.degraded.restart_when_idle
-                  and not degraded_restart_requested and health.in_flight == 0):
+            elif isinstance(restart := decide_degraded_restart(
+                    sup.name, sup.state == EngineState.DEGRADED, daemon.config.degraded.restart_when_idle,
+                    health.in_flight, already_requested=degraded_restart_requested, reason=assessment.reason),
+                    Restart):
                 degraded_restart_requested = True
-                sup.post(HealthVerdict(gen, "degraded_restart", assessment.reason))
+                daemon.events.emit("policy.decided", policy="degraded_restart", engine=sup.name, decision="restart",
+                                   in_flight=health.in_flight, message=restart.reason)
+                sup.post(HealthVerdict(gen, "degraded_restart", restart.reason))
             await anyio.sleep(interval)
         tg.cancel_scope.cancel()
 

@@ -427,16 +427,12 @@ class EngineSupervisor:
         return f"stopping {self.name}"
 
     def _cmd_restart(self, cmd: Command) -> str:
-        now = self.clock.now()
-        last = self.backoff.last_spawn_at_s
-        min_s = self.host.backoff_settings.min_interval_s
-        if last is not None and now - last < min_s and not cmd.force:
-            wait = min_s - (now - last)
-            raise StartRefused(
-                self.name, "min_interval",
-                f"{self.name} was spawned {now - last:.0f}s ago; two spawns are kept at least {min_s:.0f}s apart "
-                f"(a restart right after an out-of-memory crash crashes again). Retry in {wait:.0f}s, or use "
-                "`llmctl restart --force` to override the 60s spacing", until_s=last + min_s)
+        spacing = backoff.manual_restart_allowed(self.backoff, self.host.backoff_settings, self.clock.now(), cmd.force)
+        self.host.events.emit("policy.decided", policy="restart_spacing", engine=self.name,
+                              decision="refuse" if isinstance(spacing, Refuse) else "admit", force=cmd.force,
+                              last_spawn_at_s=self.backoff.last_spawn_at_s, message=spacing.message)
+        if isinstance(spacing, Refuse):
+            raise StartRefused(self.name, spacing.reason, spacing.message, spacing.until_s)
         if self.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF) and (
                 self.proc is None or not self.proc.running):
             if cmd.force or self.state == EngineState.FAILED:
