@@ -16,10 +16,25 @@ can be read, and how its log lines are diagnosed. It does no supervision itself.
 
 ``/health`` alone is never proof: mlx_lm.server answers 200 while loading and after its
 generation thread died.
+
+**Progress sources** (what the watchdog may take as the engine's own progress; see
+``policies.health.assess_progress``). A counter that grows only when a request *finishes* says
+nothing while a long answer is being generated, so it never yields a hung verdict on its own.
+
+| kind      | counter (``progress_counter``)                            | lazy load | prefill progress           |
+|-----------|-----------------------------------------------------------|-----------|----------------------------|
+| mlx_lm    | none: live streams and canaries only                      | no        | log "Prompt processing progress: n/N" |
+| omlx      | ``total_completion_tokens``: at completion only           | yes (non-pinned models) | —            |
+| vllm      | ``vllm:generation_tokens_total``: per decode step         | no        | —                          |
+| llama_cpp | ``llamacpp:tokens_predicted_total``: at completion only   | no        | (``/slots``)               |
+| ollama    | none (``eval_count`` only in a request's last chunk)      | yes (``/api/ps``) | —                  |
+| sglang    | ``sglang:realtime_tokens_total{mode="decode"}``: per step | no        | —                          |
+| command   | none                                                      | no        | —                          |
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import ClassVar
 
@@ -36,6 +51,15 @@ class EngineAdapter:
     liveness_path: ClassVar[str] = "/health"
     supports_messages: ClassVar[bool] = False
     counters_kind: ClassVar[str | None] = None  # which engine counters probe applies
+    # "per_step": the token total advances every decode step (flat while requests run = silence);
+    # "completion": it grows only when a request finishes (never silence evidence); None: no counter.
+    progress_counter: ClassVar[str | None] = None
+    # How stale the engine's running-requests gauge may be: flat counters must outlast it too.
+    running_gauge_stale_s: ClassVar[float] = 0.0
+    # Loads models on demand (first request after start or after its own keep-alive/TTL unloaded it).
+    lazy_loads_model: ClassVar[bool] = False
+    # A log line the engine writes as its prefill advances (engine-side progress of a long prompt).
+    prefill_progress_re: ClassVar[re.Pattern[str] | None] = None
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -100,6 +124,10 @@ class EngineAdapter:
 
         return await counters_probe.fetch_counters(client, self.base_url, self.counters_kind, at_s)
 
+    async def model_resident(self, client: httpx.AsyncClient) -> bool | None:
+        """Whether a lazy engine has the model in memory now; None when the engine cannot tell."""
+        return None
+
     def diagnose(self, lines: Iterable[str]) -> Diagnosis | None:
         from probes import logdiag
 
@@ -108,6 +136,10 @@ class EngineAdapter:
 
 class MlxLmAdapter(EngineAdapter):
     kind = "mlx_lm"
+    # mlx_lm/server.py (0.32) handle_completion: keepalive_callback logs
+    # "Prompt processing progress: {processed}/{total}" as prefill advances (and sends the same as an
+    # SSE comment, which is not a token). It has no counters endpoint.
+    prefill_progress_re = re.compile(r"Prompt processing progress: (\d+)/(\d+)")
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -128,6 +160,10 @@ class OmlxAdapter(EngineAdapter):
     kind = "omlx"
     supports_messages = True
     counters_kind = "omlx"
+    # oMLX /api/status total_completion_tokens is added when a request finishes; models that are not
+    # pinned load on their first request and unload after their TTL (jundot/omlx, omlx/server).
+    progress_counter = "completion"
+    lazy_loads_model = True
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -140,6 +176,9 @@ class OmlxAdapter(EngineAdapter):
 class VllmAdapter(EngineAdapter):
     kind = "vllm"
     counters_kind = "vllm"
+    # vllm/v1/metrics/loggers.py: vllm:generation_tokens is incremented from each engine step's
+    # IterationStats.num_generation_tokens, i.e. per decode step.
+    progress_counter = "per_step"
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -158,6 +197,9 @@ class VllmAdapter(EngineAdapter):
 class LlamaCppAdapter(VllmAdapter):
     kind = "llama_cpp"
     counters_kind = "llama_cpp"
+    # tools/server/server.cpp: n_tokens_predicted_total is added in metrics.on_prediction(), called
+    # when a slot finishes its task, so the total is completion-time; live streams and canaries rule.
+    progress_counter = "completion"
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -170,6 +212,21 @@ class LlamaCppAdapter(VllmAdapter):
 class OllamaAdapter(EngineAdapter):
     kind = "ollama"
     liveness_path = "/api/version"
+    # The model loads on the first request, before the first byte, and unloads after keep_alive
+    # (default 5m); GET /api/ps lists the models in memory (ollama docs/api.md "List Running Models").
+    lazy_loads_model = True
+
+    async def model_resident(self, client: httpx.AsyncClient) -> bool | None:
+        try:
+            response = await client.get(self.base_url + "/api/ps", timeout=2.0)
+            models = response.json().get("models") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        if not isinstance(models, list):
+            return None
+        wanted = self.request_model or ""
+        names = {m.get(k) for m in models if isinstance(m, dict) for k in ("name", "model")}
+        return wanted in names or (":" not in wanted and f"{wanted}:latest" in names)
 
     def base_argv(self) -> list[str]:
         return ["ollama", "serve"]
@@ -188,6 +245,11 @@ class OllamaAdapter(EngineAdapter):
 class SglangAdapter(EngineAdapter):
     kind = "sglang"
     counters_kind = "sglang"
+    # python/sglang/srt/metrics/collector.py: realtime_tokens_total{mode="decode"} is added every
+    # scheduler iteration (generation_tokens_total only when a request finishes), and
+    # num_running_reqs is refreshed only every 30 s while idle (decode_log_interval / idle logging).
+    progress_counter = "per_step"
+    running_gauge_stale_s = 30.0
 
     def base_argv(self) -> list[str]:
         cfg = self.config

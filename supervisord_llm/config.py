@@ -175,6 +175,8 @@ class EngineConfig:
     canary_interval_s: float = 60.0
     canary_timeout_s: float = 30.0
     stall_s: float = 15.0
+    # Lazy engines (Ollama, oMLX): how long a model load may keep the first token waiting.
+    load_timeout_s: float = 600.0
     canary_max_tokens: int = 16
     gpu_devices: tuple[int, ...] = ()
     supports_messages: bool | None = None  # None = the adapter's default
@@ -286,7 +288,7 @@ class Config:
 _ENGINE_KEYS = frozenset({
     "name", "kind", "model", "host", "port", "args", "command", "env", "cwd", "footprint", "exclusive",
     "default", "aliases", "served_model", "start_timeout", "stop_grace", "autostart", "canary_interval",
-    "canary_timeout", "stall", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
+    "canary_timeout", "stall", "load_timeout", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
 })
 
 
@@ -339,6 +341,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         canary_interval_s=t.duration_s("canary_interval", "60s", min_s=1),
         canary_timeout_s=t.duration_s("canary_timeout", "30s", min_s=0.5),
         stall_s=t.duration_s("stall", "15s", min_s=0.5),
+        load_timeout_s=t.duration_s("load_timeout", "10m", min_s=1),
         canary_max_tokens=t.int("canary_max_tokens", 16, min_value=1, max_value=4096) or 16,
         gpu_devices=tuple(gpu_devices),
         supports_messages=supports_messages,

@@ -5,13 +5,20 @@ gateway forwards requests byte for byte (no protocol translation), streams pass 
 chunk, and every token that goes by is watched: time to first token, gaps between tokens, token
 counts, and stalls (a live stream with no token for too long) are reported to the daemon.
 
+A stream is read from the engine at the *engine's* pace into a bounded per-stream buffer
+(``client_buffer_bytes``), and a token counts as progress when it arrives from the engine, not when
+the client takes it: a client that stops reading, is paused or sits on a slow network must never
+look like an engine stall. While that buffer is full the engine is not read (and not blamed); a
+client that does not drain it within ``client_timeout_s`` is cut (``gateway.client_cut``).
+
 It depends on the daemon only through :class:`GatewayBackend` (a protocol defined here):
 
     acquire(model) -> Upstream          resolve the model, swap or wait for the engine, or raise
                                         EngineUnavailable (503 + Retry-After, or 404)
     request_started(engine)             a request is now in flight on the engine
-    token_progress(engine, at_s)        one token went by (called on the hot path; must be cheap)
-    stall_detected(engine, phase, s)    a live stream made no progress for too long
+    token_progress(engine, at_s)        one token arrived from the engine (hot path; must be cheap)
+    engine_progress_s(engine)           the engine's latest progress from any source (or None)
+    stall_detected(engine, phase, s)    a live stream got nothing from the engine for too long
     request_finished(stats)             a request ended (RequestStats)
 
 Error bodies are JSON in the OpenAI shape ``{"error": {"message", "type", "code"}}``, or the
@@ -25,6 +32,7 @@ import json
 import math
 import re
 import socket
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -122,7 +130,7 @@ class RequestStats:
     tokens: int
     decode_s: float | None
     max_gap_s: float | None
-    ended: str  # "complete" | "client_disconnected" | "upstream_error" | "stalled"
+    ended: str  # "complete" | "client_disconnected" | "client_too_slow" | "upstream_error" | "stalled"
 
 
 class GatewayBackend(Protocol):
@@ -137,6 +145,8 @@ class GatewayBackend(Protocol):
     def request_started(self, engine: str) -> None: ...
 
     def token_progress(self, engine: str, at_s: float) -> None: ...
+
+    def engine_progress_s(self, engine: str) -> float | None: ...
 
     def request_finished(self, stats: RequestStats) -> None: ...
 
@@ -175,7 +185,12 @@ class GatewaySettings:
     hold_s: float = 120.0
     max_body_bytes: int = 32 * 2**20
     prefill_stall_s: float = 300.0
+    # A long prompt earns a longer prefill deadline: seconds per MiB of request body on top of
+    # prefill_stall_s (hundreds of thousands of prompt tokens take many minutes on a Mac).
+    prefill_per_mib_s: float = 512.0
     decode_stall_s: float = 60.0
+    client_timeout_s: float = 300.0
+    client_buffer_bytes: int = 2**20
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 600.0
     max_upstream_connections: int = 512
@@ -191,6 +206,7 @@ class GatewaySettings:
         for name in (
             "prefill_stall_s",
             "decode_stall_s",
+            "client_timeout_s",
             "upstream_connect_timeout_s",
             "upstream_read_timeout_s",
         ):
@@ -198,6 +214,14 @@ class GatewaySettings:
                 raise ValueError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
         if self.hold_s < 0 or self.shutdown_grace_s < 0:
             raise ValueError("hold_s and shutdown_grace_s cannot be negative")
+        if self.prefill_per_mib_s < 0:
+            raise ValueError(
+                f"prefill_per_mib_s must be 0 or more seconds per MiB, got {self.prefill_per_mib_s!r}"
+            )
+        if self.client_buffer_bytes < 4096:
+            raise ValueError(
+                f"client_buffer_bytes must be at least 4096 (4KiB), got {self.client_buffer_bytes}"
+            )
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.max_upstream_connections < 1:
@@ -222,7 +246,8 @@ class GatewaySettings:
 
         Keys: ``enabled``, ``listen``, ``api_key`` or ``api_key_env`` (name of an environment
         variable holding the key), ``hold_s``, ``max_body_bytes``, ``prefill_stall_s``,
-        ``decode_stall_s``, ``upstream_connect_timeout_s``, ``upstream_read_timeout_s``,
+        ``decode_stall_s``, ``prefill_per_mib_s``, ``client_timeout_s``, ``client_buffer_bytes``,
+        ``upstream_connect_timeout_s``, ``upstream_read_timeout_s``,
         ``max_upstream_connections``, ``shutdown_grace_s``. Durations are ``"60s"``/``"5m"``
         or seconds; sizes are ``"32MiB"`` or bytes.
         """
@@ -235,6 +260,7 @@ class GatewaySettings:
             "hold_s",
             "prefill_stall_s",
             "decode_stall_s",
+            "client_timeout_s",
             "upstream_connect_timeout_s",
             "upstream_read_timeout_s",
             "shutdown_grace_s",
@@ -245,6 +271,8 @@ class GatewaySettings:
             "api_key",
             "api_key_env",
             "max_body_bytes",
+            "client_buffer_bytes",
+            "prefill_per_mib_s",
             "max_upstream_connections",
             *durations,
         )
@@ -270,8 +298,12 @@ class GatewaySettings:
                     kwargs["api_key"] = environ[value]
                 elif name in durations:
                     kwargs[name] = parse_duration_s(value)
-                elif name == "max_body_bytes":
+                elif name in ("max_body_bytes", "client_buffer_bytes"):
                     kwargs[name] = parse_size_bytes(value)
+                elif name == "prefill_per_mib_s":
+                    if isinstance(value, bool) or not isinstance(value, int | float):
+                        raise ValueError(f"expected seconds per MiB as a number such as 512, got {value!r}")
+                    kwargs[name] = float(value)
                 elif name == "max_upstream_connections":
                     if isinstance(value, bool) or not isinstance(value, int):
                         raise ValueError(f"expected a whole number, got {value!r}")
@@ -434,7 +466,7 @@ def usage_tokens_of(body: bytes) -> int | None:
 # The gateway's own bookkeeping (what `llmctl status` shows as gateway{listen, in_flight})
 
 
-ENDINGS = ("complete", "client_disconnected", "upstream_error", "stalled")
+ENDINGS = ("complete", "client_disconnected", "client_too_slow", "upstream_error", "stalled")
 
 
 class GatewayStats:
@@ -446,6 +478,7 @@ class GatewayStats:
         self.waiting = 0  # of those, waiting for an engine (acquire)
         self.requests_total = 0
         self.upstream_retries = 0  # sends retried after the engine dropped the connection unanswered
+        self.clients_cut = 0  # clients cut for not draining their stream buffer within client_timeout_s
         self.engines: dict[str, dict[str, int]] = {}
 
     def engine(self, name: str) -> dict[str, int]:
@@ -461,6 +494,7 @@ class GatewayStats:
             "waiting": self.waiting,
             "requests_total": self.requests_total,
             "upstream_retries": self.upstream_retries,
+            "clients_cut": self.clients_cut,
             "engines": {name: dict(c) for name, c in sorted(self.engines.items())},
         }
 
@@ -584,6 +618,11 @@ class _Forward:
         self.sent_at_s = 0.0
         self.stalled: tuple[str, float] | None = None
         self.client_gone = False
+        self.client_cut = False  # did not drain its buffer within client_timeout_s
+        # While the stream buffer is full the engine is not read, so its silence is ours, not the
+        # engine's: the stall clock stops, and starts again from when reading resumed.
+        self.blocked_since_s: float | None = None
+        self.unblocked_at_s = 0.0
         self.upstream_failed = False
         self.non_stream_tokens: int | None = None
         self.pump_scope = anyio.CancelScope()
@@ -600,6 +639,12 @@ class _Forward:
                 gw.log.exception("gateway.backend_failed", method="token_progress", engine=engine)
 
         self.meter = TokenMeter(anthropic=anthropic, on_token=on_token)
+        try:
+            body_bytes = len(request.content)
+        except httpx.RequestNotRead:
+            body_bytes = 0
+        settings = gw.settings
+        self.prefill_limit_s = settings.prefill_stall_s + body_bytes / 2**20 * settings.prefill_per_mib_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         gw = self.gw
@@ -644,12 +689,27 @@ class _Forward:
         settings = self.gw.settings
         now = self.gw.clock.now
         meter = self.meter
+        engine = self.upstream.engine
+        engine_progress_s = self.gw.backend.engine_progress_s
         while True:
             last = meter.last_token_at_s
             if last is None:
-                phase, since, limit = "prefill", self.sent_at_s, settings.prefill_stall_s
+                phase, since, limit = "prefill", self.sent_at_s, self.prefill_limit_s
             else:
                 phase, since, limit = "decode", last, settings.decode_stall_s
+            if self.blocked_since_s is not None:
+                await anyio.sleep(min(limit, 1.0))  # the client's back-pressure, not the engine
+                continue
+            since = max(since, self.unblocked_at_s)
+            # Progress the engine shows elsewhere (its prefill progress, other streams, a canary)
+            # means it is working, so this stream waits rather than being called stalled.
+            try:
+                elsewhere_s = engine_progress_s(engine)
+            except Exception:
+                elsewhere_s = None
+                self.gw.log.exception("gateway.backend_failed", method="engine_progress_s")
+            if elsewhere_s is not None and elsewhere_s > since:
+                since = elsewhere_s
             delay = since + limit - now()
             if delay <= 0:
                 self.stalled = (phase, now() - since)
@@ -733,14 +793,12 @@ class _Forward:
                 }
             )
             headers_sent = True
-            now = gw.clock.now
             try:
                 if is_sse:
-                    feed = self.meter.feed
-                    async for chunk in response.aiter_raw():
-                        at_s = now()
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        feed(chunk, at_s)
+                    await self._pump_sse(response, send)
+                    if self.client_cut:
+                        self.response_complete = True
+                        return
                 else:
                     collected: list[bytes] = []
                     size = 0
@@ -810,10 +868,67 @@ class _Forward:
         self.response_complete = True
         await _send_quietly(send, b"", more=False)
 
+    async def _pump_sse(self, response: httpx.Response, send: Any) -> None:
+        """Read the engine at its own pace into a bounded buffer; the client drains it at its pace.
+
+        Tokens are metered as they arrive from the engine. A send that does not complete within
+        ``client_timeout_s`` (the client stopped reading, or its buffer stayed full) cuts the
+        client; an engine read error is raised here after the buffer is closed.
+        """
+        gw = self.gw
+        now = gw.clock.now
+        feed = self.meter.feed
+        buffer = _StreamBuffer(gw.settings.client_buffer_bytes)
+        timeout_s = gw.settings.client_timeout_s
+        read_error: list[httpx.HTTPError] = []
+
+        async def read_engine() -> None:
+            try:
+                async for chunk in response.aiter_raw():
+                    feed(chunk, now())
+                    if buffer.full():
+                        self.blocked_since_s = now()
+                        await buffer.wait_room()
+                        self.unblocked_at_s = now()
+                        self.blocked_since_s = None
+                    buffer.put(chunk)
+            except httpx.HTTPError as exc:
+                read_error.append(exc)
+            finally:
+                buffer.close()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_engine)
+            while True:
+                await buffer.wait_data()
+                if not buffer.chunks:
+                    break  # the engine's stream ended and everything was sent
+                data = buffer.take()
+                with anyio.move_on_after(timeout_s) as scope:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                if scope.cancelled_caught:
+                    self.client_cut = True
+                    gw.stats.clients_cut += 1
+                    gw.log.warning(
+                        "gateway.client_cut",
+                        engine=self.upstream.engine,
+                        reason="the client did not read its stream within client_timeout_s",
+                        client_timeout_s=timeout_s,
+                        buffered_bytes=buffer.size_bytes,
+                        tokens_read=self.meter.tokens,
+                    )
+                    tg.cancel_scope.cancel()
+                    break
+                buffer.taken(len(data))
+        if read_error and not self.client_cut:
+            raise read_error[0]
+
     def _finish(self, counts: dict[str, int]) -> None:
         meter = self.meter
         if self.stalled is not None:
             ended = "stalled"
+        elif self.client_cut:
+            ended = "client_too_slow"
         elif self.client_gone:
             ended = "client_disconnected"
         elif self.upstream_failed:
@@ -863,6 +978,53 @@ async def _send_quietly(send: Any, body: bytes, more: bool = True) -> None:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _StreamBuffer:
+    """Chunks read from the engine that the client has not taken yet, bounded in bytes.
+
+    One reader task puts, one writer task takes; ``size_bytes`` drops only once a send returned, so
+    a client that stops reading keeps the buffer full and the reader waits (never unbounded).
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.chunks: deque[bytes] = deque()
+        self.size_bytes = 0
+        self.eof = False
+        self._data = anyio.Event()
+        self._room = anyio.Event()
+
+    def full(self) -> bool:
+        return self.size_bytes >= self.limit_bytes
+
+    def put(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.size_bytes += len(chunk)
+        self._data.set()
+
+    def close(self) -> None:
+        self.eof = True
+        self._data.set()
+
+    def take(self) -> bytes:
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return data
+
+    def taken(self, size_bytes: int) -> None:
+        self.size_bytes -= size_bytes
+        self._room.set()
+
+    async def wait_data(self) -> None:
+        while not self.chunks and not self.eof:
+            self._data = anyio.Event()
+            await self._data.wait()
+
+    async def wait_room(self) -> None:
+        while self.full():
+            self._room = anyio.Event()
+            await self._room.wait()
 
 
 class _Gateway:

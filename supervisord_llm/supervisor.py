@@ -125,6 +125,7 @@ class HealthVerdict:
     gen: int
     state: str  # "ok" | "hung" | "degraded"
     reason: str
+    evidence: dict[str, Any] | None = None  # which source showed silence (or progress), for how long
 
 
 @dataclass
@@ -209,6 +210,10 @@ class EngineSupervisor:
     @property
     def serving(self) -> bool:
         return self.state in SERVING_STATES
+
+    @property
+    def serving_or_hung(self) -> bool:
+        return self.state in SERVING_STATES or self.state == EngineState.HUNG
 
     # ---- main loop --------------------------------------------------------------------------
 
@@ -626,7 +631,8 @@ class EngineSupervisor:
 
     # ---- stop -------------------------------------------------------------------------------
 
-    def _begin_stop(self, reason: str, *, then: str, failure: bool = False, grace_s: float | None = None) -> None:
+    def _begin_stop(self, reason: str, *, then: str, failure: bool = False, grace_s: float | None = None,
+                    evidence: dict[str, Any] | None = None) -> None:
         """Stop the current run; ``then``: "stay" (stopped), "start" (a person's restart), "auto" (a
         failure: backoff), "policy" (a restart a policy asked for: through the 60 s floor, no failure)."""
         proc = self.proc
@@ -637,7 +643,7 @@ class EngineSupervisor:
         self._stop_is_failure = failure
         self._stop_reason = reason
         self._stop_then = then
-        self._set_state(EngineState.STOPPING, reason)
+        self._set_state(EngineState.STOPPING, reason, **({"evidence": evidence} if evidence else {}))
         if proc is None:
             self.post(Stopped(self.gen, True, (), then))
             return
@@ -670,14 +676,15 @@ class EngineSupervisor:
     # ---- health -----------------------------------------------------------------------------
 
     def _on_health(self, v: HealthVerdict) -> None:
+        evidence = {"evidence": v.evidence} if v.evidence else {}
         if v.state == "hung" and self.state in SERVING_STATES:
-            self._set_state(EngineState.HUNG, v.reason)
+            self._set_state(EngineState.HUNG, v.reason, **evidence)
             self.daemon.alert(Alert(key=f"engine.hung:{self.name}", severity="critical",
                                     summary=f"{self.name} is hung: {v.reason}", details={"engine": self.name}))
         elif v.state == "hang_restart" and self.state == EngineState.HUNG:
             self.last_exit = {"code": None, "signal": None, "reason": f"hang restart: {v.reason}",
                               "at": self.clock.wall()}
-            self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True)
+            self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True, evidence=v.evidence)
         elif v.state == "degraded" and self.state == EngineState.READY:
             self._set_state(EngineState.DEGRADED, v.reason)
             self.daemon.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
@@ -687,7 +694,7 @@ class EngineSupervisor:
             self._begin_stop(f"degraded restart while idle: {v.reason}", then="policy")
         elif v.state == "ok" and self.state in (EngineState.HUNG, EngineState.DEGRADED):
             key = "hung" if self.state == EngineState.HUNG else "degraded"
-            self._set_state(EngineState.READY, v.reason or "recovered")
+            self._set_state(EngineState.READY, v.reason or "recovered", **evidence)
             self.daemon.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
                                     summary=f"{self.name} recovered", details={"engine": self.name},
                                     resolved=True))
@@ -727,6 +734,7 @@ class EngineSupervisor:
             "baseline_tokens_per_s": baseline,
             "last_canary": canary,
             "memory": {"rss_bytes": rss, "gpu_bytes": gpu},
+            "watchdog": self.health.watchdog(now) if self.health is not None and self.serving_or_hung else None,
             "footprint_bytes": self.daemon.footprint_bytes(self),
             "log": str(self.log_path),
         }
