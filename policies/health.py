@@ -415,7 +415,7 @@ def assess_progress(evidence: ProgressEvidence, stall_s: float, now_s: float) ->
             continue
         detail = silence.detail or f"{silence.source} silent"
         return ProgressVerdict(True, "hung", silence.source, quiet_s,
-                               f"{detail}: no engine-side progress from any source for {quiet_s:.0f}s",
+                               f"{detail}: no engine-side progress from any source for {quiet_s:.1f}s",
                                progress_source, progress_s)
     if evidence.counters_per_step:
         stalled = _counters_stall(evidence.counters, max(stall_s, evidence.gauge_stale_s), now_s)

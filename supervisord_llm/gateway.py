@@ -1372,6 +1372,9 @@ def build_app(
 # Serving
 
 
+_CLIENT_SNDBUF_BYTES = 64 * 2**10
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and
@@ -1379,6 +1382,10 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit this fixed send buffer. Left to autotuning, the kernel takes
+        # megabytes from us for a client that reads nothing, so the gateway would see that client
+        # "drain" for minutes and never cut it; 64 KiB (doubled by Linux) still streams at full speed.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CLIENT_SNDBUF_BYTES)
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as exc:
