@@ -295,10 +295,11 @@ def test_a_lazy_loader_is_loading_not_hung_and_gets_no_canary_while_unloaded(dae
     d.wait_state("lazy", "ready", 60)
     log = Path(d.engine("lazy")["log"])
     time.sleep(5.0)  # past its keep-alive, and past a canary interval
-    engine = d.engine("lazy")
-    assert engine["watchdog"]["model_resident"] is False, engine["watchdog"]
     requests = [line for line in log.read_text().splitlines() if line.startswith("request ")]
     assert len(requests) == 1, f"only the readiness canary reached the engine: {requests}"
+    assert not _hung(d, "lazy")
+    engine = d.engine("lazy")
+    assert engine["watchdog"]["model_resident"] is False, engine["watchdog"]
     phases: list[str | None] = []
     stop = threading.Event()
 
