@@ -142,7 +142,7 @@ class DaemonGatewayBackend:
 
     def engine_progress_s(self, engine: str) -> float | None:
         health = self._health(engine)
-        return health.progress_s() if health is not None else None
+        return health.progress_s(self.daemon.clock.now()) if health is not None else None
 
     def request_finished(self, stats: RequestStats) -> None:
         from probes.readings import ThroughputSample

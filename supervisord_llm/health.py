@@ -74,12 +74,18 @@ class EngineHealth:
         self.silences: deque[Silence] = deque(maxlen=16)
         self.model_resident: bool | None = None  # lazy engines: the engine's own word, else None
         self.loading_since_s: float | None = None
+        self.loading_until_s = 0.0
         self.verdict: ProgressVerdict | None = None
 
-    def progress_s(self) -> float | None:
-        """The engine's latest progress from any source (cheap: the gateway asks per stream tick)."""
+    def progress_s(self, now_s: float) -> float | None:
+        """The engine's latest progress from any source (cheap: the gateway asks per stream tick).
+
+        While a lazy engine loads its model (up to its load deadline) it is busy, not silent: a
+        stream waiting for its first token meanwhile is not stalled."""
+        if self.loading_since_s is not None and now_s < self.loading_until_s:
+            return now_s
         times = [t for t in (self.last_token_s, self.last_canary_ok_s, self.last_prefill_s,
-                             self.last_counter_advance_s, self.loading_since_s) if t is not None]
+                             self.last_counter_advance_s) if t is not None]
         return max(times) if times else None
 
     def watchdog(self, now_s: float) -> dict[str, Any]:
@@ -232,6 +238,7 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
             # The canary may be what loads the model: its first token waits for the load.
             stall_s, timeout_s = max(stall_s, cfg.load_timeout_s), timeout_s + cfg.load_timeout_s
             health.loading_since_s = clock.now()
+            health.loading_until_s = health.loading_since_s + stall_s
         started_s = clock.now()
         try:
             reading = await adapter.canary(daemon.http, stall_s=stall_s, timeout_s=timeout_s)
@@ -308,10 +315,10 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
                                 and health.in_flight > 0)
             if requests_loading and health.loading_since_s is None:
                 health.loading_since_s = now
+                health.loading_until_s = now + max(cfg.load_timeout_s, cfg.stall_s)
             elif not requests_loading and not canary_running:
                 health.loading_since_s = None
-            loading = (health.loading_since_s is not None
-                       and now - health.loading_since_s < max(cfg.load_timeout_s, cfg.stall_s))
+            loading = health.loading_since_s is not None and now < health.loading_until_s
 
             # Canary: only when no real traffic proves generation; more often while hung.
             hung_now = sup.state == EngineState.HUNG
