@@ -314,7 +314,13 @@ def run(only: list[str] | None = None) -> dict[str, Any]:
     rows = [run_scenario(name) for name in (only or list(SCENARIOS))]
     faults = [r for r in rows if r["fault"]]
     benign = [r for r in rows if not r["fault"]]
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
     return {
+        "commit": commit,
         "rows": rows,
         "settings": {"stall_s": STALL_S, "hang_restart_after_s": HANG_RESTART_AFTER_S,
                      "client_timeout_s": CLIENT_TIMEOUT_S},
@@ -331,7 +337,8 @@ def render(r: dict[str, Any]) -> str:
     st = r["settings"]
     lines = ["### Fault matrix (hung only on the engine's own evidence)", "",
              f"Fresh daemon per scenario, stall {st['stall_s']:g} s (engine and gateway), hang restart after "
-             f"{st['hang_restart_after_s']:g} s, client timeout {st['client_timeout_s']:g} s. Faults on the real "
+             f"{st['hang_restart_after_s']:g} s, client timeout {st['client_timeout_s']:g} s; commit "
+             f"{r.get('commit') or 'unknown'}. Faults on the real "
              "tiny mlx_lm.server where they can be made on it, else on the OpenAI stand-in. Time is from the "
              "fault to the first verdict event.", "",
              "| scenario | kind | expected | verdict | time to verdict | evidence / reason |",
@@ -345,8 +352,12 @@ def render(r: dict[str, Any]) -> str:
         verdict = row["verdict"] or "none"
         t = "—" if row["time_s"] is None else f"{row['time_s']:.2f} s"
         ev = row["evidence"]
-        why = (f"{ev.get('source')}, silent {ev.get('silent_s')} s" if isinstance(ev, dict) and ev.get("source")
-               else (row["reason"] or ""))
+        if isinstance(ev, dict) and ev.get("source") == "process":
+            why = f"process: {row['reason']}"
+        elif isinstance(ev, dict) and ev.get("source"):
+            why = f"{ev['source']}, silent {ev.get('silent_s')} s"
+        else:
+            why = row["reason"] or ""
         if row.get("clients_cut"):
             why = (why + "; " if why else "") + f"{row['clients_cut']} client cut"
         lines.append(f"| {row['scenario']} | {kind} | {expected} | {verdict} | {t} | {why} |")
