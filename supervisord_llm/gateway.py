@@ -123,6 +123,7 @@ class RequestStats:
     decode_s: float | None
     max_gap_s: float | None
     ended: str  # "complete" | "client_disconnected" | "upstream_error" | "stalled"
+    duration_s: float | None = None  # from sending to the engine to the last byte
 
 
 class GatewayBackend(Protocol):
@@ -832,6 +833,7 @@ class _Forward:
             decode_s=None if first is None or last is None else last - first,
             max_gap_s=meter.max_gap_s,
             ended=ended,
+            duration_s=self.gw.clock.now() - self.sent_at_s if self.sent_at_s else None,
         )
         self.gw.call_backend("request_finished", stats)
 
