@@ -60,9 +60,11 @@ Every request carries ``Content-Type: application/json``, a ``User-Agent``, and
 ``secret`` it is signed::
 
     X-Supervisord-LLM-Timestamp: 1740830650
-    X-Supervisord-LLM-Signature: sha256=<hex HMAC-SHA256(secret, f"{timestamp}.{body}")>
+    X-Supervisord-LLM-Signature: sha256=<hex HMAC-SHA256(secret, f"{timestamp}.{delivery_id}.{body}")>
 
-Receivers check it with :func:`verify_signature`.
+where ``delivery_id`` is the ``X-Supervisord-LLM-Delivery`` header and ``body`` the raw request
+bytes. Receivers check it with :func:`verify_signature`; to reject replays they also refuse a
+timestamp older than a few minutes and a delivery id they have already accepted.
 
 The outbox journal
 ------------------
@@ -680,24 +682,31 @@ def _as_bytes(value: str | bytes) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-def sign(secret: str, timestamp: str | int, body: str | bytes) -> str:
-    """``sha256=<hex HMAC-SHA256(secret, f"{timestamp}.{body}")>``."""
-    message = str(timestamp).encode() + b"." + _as_bytes(body)
+def sign(secret: str, timestamp: str | int, delivery_id: str, body: str | bytes) -> str:
+    """``sha256=<hex HMAC-SHA256(secret, f"{timestamp}.{delivery_id}.{body}")>``.
+
+    The timestamp and the delivery id are signed with the body (as Stripe and Slack sign theirs):
+    a receiver that refuses old timestamps and delivery ids it has already seen cannot be fed a
+    captured request again, nor the same body under a fresh delivery id.
+    """
+    message = str(timestamp).encode() + b"." + delivery_id.encode() + b"." + _as_bytes(body)
     return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def signature_headers(secret: str, body: bytes, timestamp_s: int) -> dict[str, str]:
-    return {TIMESTAMP_HEADER: str(timestamp_s), SIGNATURE_HEADER: sign(secret, timestamp_s, body)}
+def signature_headers(secret: str, body: bytes, timestamp_s: int, delivery_id: str) -> dict[str, str]:
+    return {TIMESTAMP_HEADER: str(timestamp_s), SIGNATURE_HEADER: sign(secret, timestamp_s, delivery_id, body)}
 
 
-def verify_signature(secret: str, timestamp: str | int, body: str | bytes, signature: str | None, *,
-                     max_age_s: float | None = None, now_s: float | None = None) -> bool:
-    """True when ``signature`` is this body's signature under ``secret`` (constant-time compare).
+def verify_signature(secret: str, timestamp: str | int, delivery_id: str, body: str | bytes,
+                     signature: str | None, *, max_age_s: float | None = None,
+                     now_s: float | None = None) -> bool:
+    """True when ``signature`` signs this timestamp, delivery id and body under ``secret`` (constant time).
 
     With ``max_age_s`` a timestamp further than that from ``now_s`` (Unix seconds, default
-    now) is refused, which stops an old request from being replayed.
+    now) is refused. Together with remembering the delivery ids seen within ``max_age_s``, that
+    rejects every replay (a retry of one delivery carries the same id and a new timestamp).
     """
-    if not signature:
+    if not signature or not isinstance(delivery_id, str):
         return False
     if max_age_s is not None:
         try:
@@ -706,7 +715,7 @@ def verify_signature(secret: str, timestamp: str | int, body: str | bytes, signa
             return False
         if age_s > max_age_s:
             return False
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+    return hmac.compare_digest(sign(secret, timestamp, delivery_id, body), signature)
 
 
 # --------------------------------------------------------------------------- keeping URLs out of logs
@@ -1175,7 +1184,7 @@ class Outbox:
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, DELIVERY_HEADER: delivery.id,
                    **target.headers}
         if target.secret:
-            headers.update(signature_headers(target.secret, body, int(self._clock.wall())))
+            headers.update(signature_headers(target.secret, body, int(self._clock.wall()), delivery.id))
         try:
             response = await client.post(target.url, content=body, headers=headers,
                                          timeout=httpx.Timeout(target.timeout_s))

@@ -104,7 +104,8 @@ def test_llmctl_alerts_test_delivers_a_signed_test_alert(daemon_factory) -> None
         _wait(lambda: received, 20, "test alert delivered")
         headers, body = received[0]
         headers = {k.lower(): v for k, v in headers.items()}
-        assert verify_signature("s3cret", headers["x-supervisord-llm-timestamp"], body,
+        assert verify_signature("s3cret", headers["x-supervisord-llm-timestamp"],
+                                headers["x-supervisord-llm-delivery"], body,
                                 headers["x-supervisord-llm-signature"])
         assert json.loads(body)["message"] == "test alert from llmctl alerts test"
         assert "s3cret" not in (d.state_dir / "events.jsonl").read_text()
