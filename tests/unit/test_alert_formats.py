@@ -52,7 +52,7 @@ def test_json_payload_has_exactly_the_documented_schema() -> None:
     payload = render_json(firing(), host="studio")
     assert payload == {
         "version": 1, "event": "engine.failed", "key": "engine.failed:mlx", "status": "firing",
-        "severity": "critical", "engine": "mlx", "message": "mlx crashed 5 times in 10 minutes; giving up",
+        "severity": "critical", "escalated_from": None, "engine": "mlx", "message": "mlx crashed 5 times in 10 minutes; giving up",
         "details": {"restarts": 5, "last_exit": "SIGKILL"}, "episode_id": "ep-1", "alert_id": "a-1",
         "started_at": "2027-01-15T08:00:00.000Z", "at": "2027-01-15T08:00:00.000Z", "host": "studio",
     }
