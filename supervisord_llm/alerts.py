@@ -355,9 +355,10 @@ class AlertSettings:
     max_backoff_s: float = 300.0
     host: str | None = None  # "instance"/"host" in payloads; None = this machine's hostname
     external_url: str = ""  # a link back to this daemon (Alertmanager externalURL/generatorURL)
+    heartbeat: Any = None  # supervisord_llm.heartbeat.HeartbeatSettings, or None: no heartbeat
 
     KEYS = ("webhook", "rate_limit_per_min", "max_attempts", "initial_backoff", "max_backoff",
-            "host", "external_url")
+            "host", "external_url", "heartbeat")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -432,6 +433,16 @@ class AlertSettings:
                 raise ConfigError(f"expected a string, got {value!r}", file=file, key=f"{key}.{name}")
             return value
 
+        heartbeat = None
+        if "heartbeat" in table:
+            from supervisord_llm.heartbeat import HeartbeatSettings
+
+            heartbeat = HeartbeatSettings.from_toml(table["heartbeat"], file=file, key=f"{key}.heartbeat",
+                                                    environ=environ)
+            if heartbeat.watchdog_alert and not any(t.format == "alertmanager_api" for t in targets):
+                raise ConfigError("watchdog_alert = true needs an [[alerts.webhook]] with format = "
+                                  '"alertmanager_api" (Alertmanager\'s /api/v2/alerts) to send the Watchdog alert to',
+                                  file=file, key=f"{key}.heartbeat.watchdog_alert")
         initial = duration("initial_backoff", "1s")
         maximum = duration("max_backoff", "5m")
         if initial > maximum:
@@ -446,6 +457,7 @@ class AlertSettings:
             max_backoff_s=maximum,
             host=text("host", None),
             external_url=text("external_url", "") or "",
+            heartbeat=heartbeat,
         )
 
 
