@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 class PushReceiver:
     """A healthchecks-style push endpoint: records when each GET or POST arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.beats: list[tuple[float, str, str]] = []
         beats = self.beats
 
@@ -37,7 +37,7 @@ class PushReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/ping/3f1e"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -104,3 +104,21 @@ def test_heartbeat_is_withheld_while_a_probe_fails_and_says_why(daemon_factory, 
     decided = [e for e in d.events() if e["kind"] == "policy.decided" and e.get("policy") == "heartbeat"]
     assert "probes failing: memory" in decided[-1]["reason"]
     assert d.status()["heartbeat"]["sending"] is False
+
+
+def test_heartbeat_survives_an_unreachable_monitor_and_resumes_when_it_answers(daemon_factory) -> None:
+    """While the push URL refuses connections the daemon logs the failure and keeps beating; beats land once it is back."""
+    port = free_port()
+    d = daemon_factory(heartbeat_config(f"http://127.0.0.1:{port}/ping/3f1e", 'method = "POST"')).start()
+    deadline = time.monotonic() + 15
+    while "heartbeat.failed" not in d.stderr():
+        assert time.monotonic() < deadline, d.stderr()
+        time.sleep(0.1)
+    push = PushReceiver(port)  # the monitor comes back on its address
+    try:
+        push.wait_for(2, 10)
+        _, method, body = push.beats[-1]
+        assert method == "POST" and '"engines":{"s":"stopped"}' in body.replace(" ", "")
+        assert d.status()["heartbeat"]["sending"] is True
+    finally:
+        push.server.shutdown()
