@@ -115,16 +115,27 @@ def on_unplanned_exit(facts: ExitFacts, decided: Sequence[object], *, alert_on_e
     return (Alert(key=key, severity="warning", summary=summary, details=details),)
 
 
-def on_ready(engine: str, open_keys: Iterable[str]) -> tuple[Alert, ...]:
-    """An engine that is ready again closes every open episode about it (``ENGINE_EPISODES``),
-    also ones an earlier daemon opened (the outbox remembers open episodes across restarts)."""
+def _resolve_all(engine: str, open_keys: Iterable[str], summary: str) -> tuple[Alert, ...]:
     resolved = []
     for key in open_keys:
         kind, _, name = key.partition(":")
         if name == engine and kind in ENGINE_EPISODES:
-            resolved.append(Alert(key=key, severity="info", summary=f"{engine} is ready again",
-                                  details={"engine": engine}, resolved=True))
+            resolved.append(Alert(key=key, severity="info", summary=summary, details={"engine": engine},
+                                  resolved=True))
     return tuple(resolved)
 
 
-__all__ = ["ENGINE_EPISODES", "EXIT_EPISODE", "ExitFacts", "exit_label", "on_ready", "on_unplanned_exit"]
+def on_ready(engine: str, open_keys: Iterable[str]) -> tuple[Alert, ...]:
+    """An engine that is ready again closes every open episode about it (``ENGINE_EPISODES``),
+    also ones an earlier daemon opened (the outbox remembers open episodes across restarts)."""
+    return _resolve_all(engine, open_keys, f"{engine} is ready again")
+
+
+def on_stopped_by_person(engine: str, open_keys: Iterable[str]) -> tuple[Alert, ...]:
+    """``llmctl stop`` closes the engine's open episodes: a person has taken it over, and an alert
+    left firing (for a week, in Alertmanager) about an engine nobody wants running misleads."""
+    return _resolve_all(engine, open_keys, f"{engine} was stopped with llmctl stop; it stays down until started")
+
+
+__all__ = ["ENGINE_EPISODES", "EXIT_EPISODE", "ExitFacts", "exit_label", "on_ready", "on_stopped_by_person",
+           "on_unplanned_exit"]

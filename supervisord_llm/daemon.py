@@ -554,7 +554,11 @@ class Daemon:
         return await sup.command("start", force=force)
 
     async def stop(self, name: str) -> str:
-        return await self.supervisor(name).command("stop")
+        message = await self.supervisor(name).command("stop")
+        if self.alerts_outbox is not None:
+            for alert in episodes.on_stopped_by_person(name, self.alerts_outbox.open_episodes()):
+                self.alert(alert)
+        return message
 
     async def restart(self, name: str, *, force: bool = False) -> str:
         return await self.supervisor(name).command("restart", force=force)

@@ -138,3 +138,21 @@ def test_an_engine_exit_alerts_with_its_diagnosis_unless_alert_on_exit_is_off(da
                                                                    ("quiet", "none")}
     finally:
         receiver.server.shutdown()
+
+
+def test_llmctl_stop_of_a_crashed_engine_resolves_its_exit_episode(daemon_factory) -> None:
+    """A person stopping an engine in backoff after a crash closes the open exit alert instead of leaving it firing."""
+    receiver = Receiver()
+    try:
+        cfg = standin_engine_toml("e", free_port(), "--print-line", "boom", "--exit-code", "2")
+        cfg += f'[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "{receiver.url}"\nformat = "json"\n'
+        d = daemon_factory(cfg).start()
+        d.wait_state("e", "backoff", 30)
+        _wait(lambda: receiver.of("engine.exited"), 20, "exit alert delivered")
+        assert d.llmctl("stop", "e").returncode == 0
+        _wait(lambda: len(receiver.of("engine.exited")) == 2, 20, "resolve delivered")
+        fired, resolved = receiver.of("engine.exited")
+        assert (fired["status"], resolved["status"]) == ("firing", "resolved")
+        assert resolved["episode_id"] == fired["episode_id"] and "llmctl stop" in resolved["message"]
+    finally:
+        receiver.server.shutdown()

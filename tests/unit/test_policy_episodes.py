@@ -97,3 +97,10 @@ def test_ready_resolves_every_open_episode_of_that_engine_only() -> None:
     resolved = episodes.on_ready("qwen", open_keys)
     assert [a.key for a in resolved] == ["engine.exited:qwen", "engine.hung:qwen", "engine.failed:qwen"]
     assert all(a.resolved for a in resolved)
+
+
+def test_a_persons_stop_resolves_the_engines_episodes_saying_so() -> None:
+    """llmctl stop on a crashed engine closes its exit episode, naming the stop; other engines' stay open."""
+    resolved = episodes.on_stopped_by_person("qwen", ["engine.exited:qwen", "engine.exited:llama"])
+    assert [(a.key, a.resolved) for a in resolved] == [("engine.exited:qwen", True)]
+    assert "llmctl stop" in resolved[0].summary
