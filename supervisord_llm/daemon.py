@@ -20,7 +20,7 @@ import anyio
 import httpx
 import psutil
 
-from policies import backoff
+from policies import backoff, episodes
 from policies.actions import Admit, Alert, Refuse
 from policies.admission import Footprint, admit, auto_footprint_bytes
 from probes.readings import SystemMemoryReading
@@ -501,18 +501,12 @@ class Daemon:
             if hasattr(ext, "on_engine_ready"):
                 ext.on_engine_ready(sup)
 
-    ENGINE_EPISODES = ("engine.failed", "engine.hung", "engine.degraded", "engine.start_refused")
-
     def _resolve_engine_alerts(self, sup: EngineSupervisor) -> None:
-        """An engine that is ready again closes every open episode about it, also ones opened by an
-        earlier daemon (the outbox remembers open episodes across restarts)."""
+        """An engine that is ready again closes every open episode about it (``policies.episodes``)."""
         if self.alerts_outbox is None:
             return
-        for key in self.alerts_outbox.open_episodes():
-            kind, _, engine = key.partition(":")
-            if engine == sup.name and kind in self.ENGINE_EPISODES:
-                self.alert(Alert(key=key, severity="info", summary=f"{sup.name} is ready again",
-                                 details={"engine": sup.name}, resolved=True))
+        for alert in episodes.on_ready(sup.name, self.alerts_outbox.open_episodes()):
+            self.alert(alert)
 
     def engine_exited(self, sup: EngineSupervisor) -> None:
         for ext in self.extensions:
@@ -560,7 +554,11 @@ class Daemon:
         return await sup.command("start", force=force)
 
     async def stop(self, name: str) -> str:
-        return await self.supervisor(name).command("stop")
+        message = await self.supervisor(name).command("stop")
+        if self.alerts_outbox is not None:
+            for alert in episodes.on_stopped_by_person(name, self.alerts_outbox.open_episodes()):
+                self.alert(alert)
+        return message
 
     async def restart(self, name: str, *, force: bool = False) -> str:
         return await self.supervisor(name).command("restart", force=force)

@@ -3,7 +3,8 @@
 Hooks a subsystem may offer (the daemon calls those that exist): ``on_memory(reading)``,
 ``before_start(sup)`` (async), ``on_engine_ready(sup)``, ``on_engine_exit(sup)``,
 ``stranded_bytes()``, ``gpu_free_bytes()``, ``engine_gpu_bytes(pids)``, ``contribute_status(doc)``,
-``persisted()`` (with a ``name``), ``cancel_reboot()``.
+``persisted()`` (with a ``name``), ``cancel_reboot()``. The heartbeat (``supervisord_llm.heartbeat``)
+is one such subsystem.
 """
 
 from __future__ import annotations
@@ -226,6 +227,10 @@ def install_extensions(daemon: Daemon) -> None:
     daemon.extensions.append(ObserveExtension(daemon))
     if config.alerts is not None and config.alerts.targets:
         daemon.extensions.append(AlertsExtension(daemon))
+    if config.alerts is not None and config.alerts.heartbeat is not None:
+        from supervisord_llm.heartbeat import HeartbeatExtension
+
+        daemon.extensions.append(HeartbeatExtension(daemon, config.alerts.heartbeat, config.alerts))
     if config.gateway is not None:
         daemon.extensions.append(GatewayExtension(daemon))
     if config.daemon.metrics_listen:

@@ -30,6 +30,7 @@ from policies.actions import Alert, MarkFailed, Refuse, WaitUntil
 from probes.readings import CanaryReading, Diagnosis
 from supervisord_llm.adapters import EngineAdapter, adapter_for
 from supervisord_llm.config import EngineConfig
+from supervisord_llm.episodes import exit_alerts
 from supervisord_llm.errors import (
     EngineError,
     EngineSpawnFailed,
@@ -589,9 +590,8 @@ class EngineSupervisor:
     def _schedule_after_failure(self, reason: str) -> None:
         now = self.clock.now()
         actions = backoff.decide_after_exit(self.backoff, self.daemon.backoff_settings, now)
-        for action in actions:
-            if isinstance(action, Alert):
-                self.daemon.alert(action)
+        for alert in exit_alerts(self, actions, now):
+            self.daemon.alert(alert)
         first = actions[0]
         if isinstance(first, MarkFailed):
             self._set_state(EngineState.FAILED, first.reason)
