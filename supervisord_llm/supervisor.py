@@ -490,6 +490,7 @@ class EngineSupervisor:
                     continue
                 self._record_canary(reading)
                 if reading.ok:
+                    await self._discover(client)
                     self.post(Ready(gen, reading))
                     return
                 last_error = f"generation check failed: {reading.error}"
@@ -498,6 +499,15 @@ class EngineSupervisor:
         self.post(StartTimedOut(gen, EngineStartTimeout(
             self.name, f"no successful generation within start_timeout {self.config.start_timeout_s:.0f}s "
                        f"(last: {last_error}); raise engine.start_timeout for large models")))
+
+    async def _discover(self, client: httpx.AsyncClient) -> None:
+        """Version-dependent facts (e.g. a native /v1/messages) asked of the engine once it generates."""
+        try:
+            facts = await self.adapter.discover(client)
+        except Exception as exc:  # a probe bug must not keep a generating engine from ready
+            facts = {"error": f"{type(exc).__name__}: {exc}"}
+        if facts:
+            self.daemon.events.emit("engine.discovered", engine=self.name, **facts)
 
     def _record_canary(self, reading: CanaryReading) -> None:
         self.last_canary = reading
