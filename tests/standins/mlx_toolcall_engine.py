@@ -16,7 +16,8 @@ model wrote ``<tool_call>…</tool_call>``, as recorded from mlx_lm/server.py in
 ``--fragments N`` instead splits the arguments over N chunks the way vLLM and llama-server stream
 them (id and name only on the first fragment). ``GET /standin/last`` returns the last request
 body, so tests can check what the gateway's translation sent. Without ``tools`` in the request it
-streams ``"ok"`` and ends with ``finish_reason: "stop"``.
+streams ``"ok"`` and ends with ``finish_reason: "stop"``; a last user message ``"FAIL MID-STREAM"``
+gets one token and then an error object in the stream.
 
     mlx_toolcall_engine.py --port P [--fragments N]
 """
@@ -85,6 +86,14 @@ def main() -> None:
                 self.wfile.flush()
 
             tools = body.get("tools") or []
+            if body.get("messages", [{}])[-1].get("content") == "FAIL MID-STREAM":
+                # A fault injected on request: an error object inside the stream, as vLLM and
+                # llama-server send one when generation fails after the response started.
+                chunk({"role": "assistant", "content": "par"}, None)
+                self.wfile.write(b'data: {"error": {"message": "out of memory while decoding", "code": 500}}\n\n')
+                self.wfile.flush()
+                self.close_connection = True
+                return
             if tools:
                 name = tools[0]["function"]["name"]
                 if isinstance(body.get("tool_choice"), dict):
