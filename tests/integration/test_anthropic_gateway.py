@@ -9,6 +9,8 @@ recorded from mlx_lm/server.py).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +22,8 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from supervisord_llm.gateway import TOKEN_COUNT_HEADER, GatewaySettings, Upstream
-from tests.helpers import PYTHON, REPO, MlxServer, free_port, wait_http
+from supervisord_llm.gateway import TOKEN_COUNT_HEADER, Upstream
+from tests.helpers import PYTHON, REPO, MlxServer, free_port, mlx_engine_toml, wait_http
 from tests.integration.test_gateway import Backend, opened, running_gateway
 
 TOOL_STANDIN = REPO / "tests" / "standins" / "mlx_toolcall_engine.py"
@@ -345,13 +347,71 @@ async def test_bad_requests_are_400_naming_the_field_and_the_gateway_keeps_servi
 
 
 @pytest.mark.anyio
-async def test_engine_error_mid_stream_is_an_anthropic_error_event(tool_engine: str) -> None:
-    """An engine that refuses the translated request answers in Anthropic's error shape, naming the engine."""
-    backend = backend_for(mlxtools=tool_engine)
-    async with running_gateway(backend, GatewaySettings(think_tags="thinking")) as url:
+async def test_engine_errors_reach_the_client_in_anthropic_shape(engine: MlxServer, tool_engine: str) -> None:
+    """A real engine's refusal is a 400 quoting it; an error mid-stream is an `event: error` the SDK raises."""
+    backend = backend_for(engine, mlxtools=tool_engine)
+    # mlx_lm.server answers 404 {"error": ...} when it cannot load the model a request names.
+    backend.upstreams["tiny"] = Upstream("tiny", engine.base_url, "mlx_lm", supports_messages=False,
+                                         served_model="/no/such/model")
+    async with running_gateway(backend) as url:
         client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
-        with pytest.raises(anthropic.BadRequestError) as info:
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(anthropic.APIStatusError) as broke:
+            async with client.messages.stream(model="mlxtools", max_tokens=5,
+                                              messages=[{"role": "user", "content": "FAIL MID-STREAM"}]) as stream:
+                async for _event in stream:
+                    pass
+        with pytest.raises(anthropic.APIStatusError) as broke_whole:
             await client.messages.create(model="mlxtools", max_tokens=5,
-                                         messages=[{"role": "user", "content": "hi"}],
-                                         extra_headers={}, extra_body={"system": 5})
-    assert "system" in info.value.body["error"]["message"]  # type: ignore[index]
+                                         messages=[{"role": "user", "content": "FAIL MID-STREAM"}])
+    error = refused.value.body["error"]  # type: ignore[index]
+    assert error["code"] == "engine_refused" and error["engine_status"] == 404 and "'tiny'" in error["message"]
+    assert "out of memory while decoding" in str(broke.value.body)
+    assert broke_whole.value.status_code == 502 and "out of memory" in str(broke_whole.value.body)
+    assert [s.ended for s in backend.finished] == ["complete", "upstream_error", "upstream_error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Under the real daemon: restarts hold translated requests, the watchdog sees translated streams
+
+
+@pytest.mark.slow
+def test_daemon_holds_a_translated_request_through_a_restart_and_a_stalled_stream_marks_hung(
+    daemon_factory, tiny_model: Path
+) -> None:
+    """During a restart a Messages request is held, then served; a translated stream that stops is `hung`."""
+    gw = free_port()
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, default=True, canary_interval="10m")
+    cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = 60\ndecode_stall_s = 2\n'
+    cfg += '[policies.restart]\nhang_restart_after = "10m"\n'
+    d = daemon_factory(cfg).start()
+    first = d.wait_state("tiny", "ready", 90)
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{gw}", api_key="unused", max_retries=0, timeout=90)
+    try:
+        assert d.llmctl("restart", "tiny", "--force", "--no-wait").returncode == 0
+        message = client.messages.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+        assert message.content[0].text and message.usage.output_tokens == 4
+        pid = d.engine("tiny")["pid"]
+        assert pid != first["pid"]
+
+        seen = 0
+        with pytest.raises(anthropic.APIStatusError) as info:
+            with client.messages.stream(model="tiny", max_tokens=4000,
+                                        messages=[{"role": "user", "content": "hi"}]) as stream:
+                for event in stream:
+                    if event.type == "content_block_delta":
+                        seen += 1
+                        if seen == 3:
+                            os.kill(pid, signal.SIGSTOP)
+        hung = d.wait_state("tiny", "hung", 15)
+    finally:
+        client.close()
+        try:
+            os.kill(d.engine("tiny")["pid"], signal.SIGCONT)
+        except (ProcessLookupError, TypeError):
+            pass
+    # "during decode": the gateway's meter saw the engine's tokens on the translated stream, then none
+    assert "stalled" in str(info.value.body) and "during decode" in str(info.value.body)
+    assert info.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+    assert hung["pid"] == pid
