@@ -308,3 +308,16 @@ def test_estimate_counts_system_messages_and_tools() -> None:
     small = estimate_tokens(BASE)
     big = estimate_tokens({**BASE, "system": "x" * 400, "tools": [{"name": "t", "input_schema": {"a": "b" * 400}}]})
     assert small >= 1 and big >= small + 200
+
+
+def test_think_tags_setting_is_validated_naming_file_key_and_values() -> None:
+    """[gateway] think_tags accepts text/thinking/auto; anything else names the file, key and valid values."""
+    from supervisord_llm.errors import ConfigError
+    from supervisord_llm.gateway import GatewaySettings
+
+    assert GatewaySettings.from_toml({"think_tags": "auto"}, file="/etc/llm.toml").think_tags == "auto"
+    assert GatewaySettings.from_toml({}, file=None).think_tags == "text"
+    with pytest.raises(ConfigError) as info:
+        GatewaySettings.from_toml({"think_tags": "blocks"}, file="/etc/llm.toml")
+    assert info.value.file == "/etc/llm.toml" and info.value.key == "gateway.think_tags"
+    assert "'text', 'thinking', 'auto'" in str(info.value) and "'blocks'" in str(info.value)
