@@ -37,6 +37,7 @@ from supervisord_llm.errors import (
 )
 from supervisord_llm.events import EventLog
 from supervisord_llm.process import EngineProcess, tagged_processes
+from supervisord_llm.redact import redact_argv
 from supervisord_llm.statefile import move_aside, read_json, state_shape_problem, write_json_atomic
 from supervisord_llm.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
 
@@ -298,7 +299,7 @@ class Daemon:
     async def _kill_orphans(self, orphans: list[psutil.Process]) -> None:
         pids = [p.pid for p in orphans]
         self.events.emit("daemon.orphans_found", pids=pids,
-                         commands=[" ".join(_cmdline(p))[:120] for p in orphans])
+                         commands=[" ".join(redact_argv(_cmdline(p)))[:120] for p in orphans])
         # Orphans may hold GPU memory: read which before killing them, and wait (bounded) until NVML
         # shows it back before any engine starts, so that no model loads next to their leftovers.
         gpu = next((e for e in self.extensions if hasattr(e, "wait_orphans_released")), None)
