@@ -520,10 +520,16 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
 
 def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise t.error(key, f"expected HOST:PORT such as \"127.0.0.1:9464\", got {value!r}")
-    return host, int(port)
+    # The same parser the listener uses at start: what passes here also binds (IPv6 in brackets).
+    from supervisord_llm.gateway import parse_listen
+
+    try:
+        host, port = parse_listen(value)
+    except ValueError as exc:
+        raise t.error(key, str(exc)) from exc
+    if not 0 < port < 65536:
+        raise t.error(key, f"expected HOST:PORT such as \"127.0.0.1:9464\" or \"[::1]:9464\", got {value!r}")
+    return host, port
 
 
 def _same_listen(a: str, b: str) -> bool:

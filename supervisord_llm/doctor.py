@@ -17,6 +17,7 @@ from typing import Any
 from supervisord_llm.config import Config, EngineConfig, load_config
 from supervisord_llm.convert import format_bytes
 from supervisord_llm.errors import ConfigError
+from supervisord_llm.redact import redact_argv
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def check_command(engine: EngineConfig) -> Finding:
             return Finding("error", subject, f"python module {module} is not installed in {sys.executable}",
                            f"pip install {module.split('.')[0].replace('_', '-')} (for mlx_lm: pip install "
                            "'supervisord-llm[mlx]')")
-    return Finding("ok", subject, " ".join(argv[:4]) + (" ..." if len(argv) > 4 else ""))
+    shown = redact_argv(argv)
+    return Finding("ok", subject, " ".join(shown[:4]) + (" ..." if len(shown) > 4 else ""))
 
 
 def check_port(engine: EngineConfig, running_pid: int | None = None) -> Finding:

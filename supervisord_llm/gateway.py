@@ -36,7 +36,7 @@ import httpx
 import structlog
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -435,7 +435,7 @@ class TokenMeter:
 def _loads(payload: bytes) -> Any:
     try:
         return json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # an engine's odd output is not the gateway's crash
         return None
 
 
@@ -1175,6 +1175,14 @@ class _Gateway:
     async def _prepare(self, request: Request, path: str, anthropic: bool) -> Response | _Forward:
         try:
             body = await self.read_body(request)
+        except ClientDisconnect:
+            # The client is gone: nobody reads this answer and nothing was forwarded. An error reply
+            # (not an exception) keeps it out of the server's error log; one such client is routine.
+            self.log.info("gateway.client_disconnected", path=path, phase="request_body")
+            return error_response(
+                anthropic, 400, "the client disconnected before its request body was complete",
+                "client_disconnected"
+            )
         except _BodyTooLarge:
             limit = self.settings.max_body_bytes
             return error_response(

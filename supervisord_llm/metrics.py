@@ -101,9 +101,11 @@ class MetricsExtension:
     name = "metrics"
 
     def __init__(self, daemon: Daemon, listen: str) -> None:
+        from supervisord_llm.gateway import parse_listen
+
         self.daemon = daemon
-        host, _, port = listen.rpartition(":")
-        self.host, self.port = host.strip("[]"), int(port)
+        self.listen = listen  # kept as written: an IPv6 host needs its brackets back in "[::1]:9464"
+        self.host, self.port = parse_listen(listen)
 
     def app(self) -> Any:
         from starlette.applications import Starlette
@@ -135,7 +137,7 @@ class MetricsExtension:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         from supervisord_llm.gateway import GatewaySettings, serve
 
-        settings = GatewaySettings.from_toml({"listen": f"{self.host}:{self.port}"}, file=None, key="daemon")
+        settings = GatewaySettings.from_toml({"listen": self.listen}, file=None, key="daemon.metrics_listen")
         async with anyio.create_task_group() as tg:
             await tg.start(serve, self.app(), settings)
             task_status.started()

@@ -17,6 +17,7 @@ belong to a *generation* (one spawn); a message from an older generation is igno
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -39,6 +40,7 @@ from supervisord_llm.errors import (
     StartRefused,
 )
 from supervisord_llm.process import EngineProcess, ExitInfo, LogTail, port_holder
+from supervisord_llm.redact import daemon_secret_values, engine_environment, redact_argv
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
@@ -404,6 +406,9 @@ class EngineSupervisor:
 
     def _begin_spawn(self, *, manual: bool, reason: str, overrode: str | None = None) -> None:
         self._new_generation()
+        # The previous run's process is reaped: its pid may belong to anyone by now. A stop before
+        # the new spawn has nothing to signal.
+        self.proc = None
         self.diagnosis = None
         fields: dict[str, Any] = {"manual": manual}
         if overrode:
@@ -426,8 +431,9 @@ class EngineSupervisor:
             # fork cannot spawn twice within min_interval.
             self.backoff = backoff.record_spawn(self.backoff, self.clock.now())
             self.daemon.persist()
+            inherit = engine_environment(os.environ, daemon_secret_values(self.daemon.config))
             proc = EngineProcess.spawn(self.adapter.argv(), env=self.adapter.env(), cwd=self.config.cwd,
-                                       log_path=self.log_path, tag=tag, engine=self.name)
+                                       log_path=self.log_path, tag=tag, engine=self.name, inherit=inherit)
         except EngineError as exc:
             self.post(LaunchFailed(gen, exc))
             return
@@ -442,7 +448,7 @@ class EngineSupervisor:
         if self.health is not None:
             self.health.new_run()
         self.log_tail.start_at_end()
-        self.daemon.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=proc.argv)
+        self.daemon.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=redact_argv(proc.argv))
         self.daemon.persist()
         self._spawn_worker(self._watch_exit, self.gen, proc)
         self._spawn_worker(self._wait_ready, self.gen, proc)
@@ -746,7 +752,7 @@ class EngineSupervisor:
         return {
             "pid": proc.pid if proc else None,
             "create_time": proc.create_time if proc else None,
-            "argv": proc.argv if proc else None,
+            "argv": redact_argv(proc.argv) if proc else None,  # a record, never run again
             "tag": proc.tag if proc else None,
             "state": str(self.state),
             "restarts": self.restarts,
