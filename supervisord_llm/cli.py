@@ -456,6 +456,37 @@ def cmd_alerts_test(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
+    """Restart the daemon in place (an upgrade, a config change that touches no engine): the
+    engines keep running and the new daemon adopts them, so no model is reloaded."""
+    before = client.request("GET", "/v1/status")
+    if before.status_code != 200:
+        return _fail(before)
+    old = before.json()["daemon"]
+    asked_s = time.monotonic()
+    response = client.request("POST", "/v1/daemon/restart", json={})
+    if response.status_code != 200:
+        return _fail(response)
+    deadline = time.monotonic() + args.timeout
+    with _spinner("restarting the daemon"):
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                now = client.request("GET", "/v1/status", timeout_s=5)
+            except (NoDaemon, TimeoutError):
+                continue
+            if now.status_code != 200:
+                continue
+            body = now.json()
+            # The same pid (an exec), so a fresh daemon shows as an uptime that went back.
+            if body["daemon"]["uptime_s"] < old["uptime_s"] + (time.monotonic() - asked_s) - 1.0:
+                kept = ", ".join(f"{e['name']} {e['state']} (pid {e['pid']})" for e in body["engines"] if e.get("pid"))
+                print(f"daemon restarted (pid {body['daemon']['pid']}); engines kept: {kept or 'none running'}")
+                return EXIT_OK
+    print(f"llmctl: the daemon did not answer again within {args.timeout:.0f}s; see its log", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
     response = client.request("GET", "/metrics")
     if response.status_code != 200:
@@ -555,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("alerts", help="alert delivery")
     p.add_argument("action", choices=["test"])
     p.set_defaults(func=cmd_alerts_test)
+
+    p = sub.add_parser("daemon", help="the daemon itself")
+    p.add_argument("action", choices=["restart"], help="restart: re-execute the daemon, keeping every engine running")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the new daemon (default 60)")
+    p.set_defaults(func=cmd_daemon_restart)
 
     p = sub.add_parser("metrics", help="Prometheus metrics text")
     p.set_defaults(func=cmd_metrics)

@@ -15,8 +15,10 @@ process can strand wired memory until reboot, while a graceful exit returns it i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +33,7 @@ import anyio
 import psutil
 
 from probes.process import tagged_processes as probe_tagged_processes
+from supervisord_llm import scopes
 from supervisord_llm.errors import EngineSpawnFailed
 
 TAG_ENV = "SUPERVISORD_LLM_TAG"
@@ -64,6 +67,12 @@ class StopResult:
     graceful: bool  # the root exited within the grace after SIGTERM
     killed_pids: tuple[int, ...]  # processes that needed SIGKILL (root, group or tagged leftovers)
     duration_s: float
+
+
+def _findable(program: str, *, env: Mapping[str, str], cwd: str | None) -> bool:
+    if os.sep in program:
+        return Path(cwd or ".", program).exists()
+    return shutil.which(program, path=env.get("PATH")) is not None
 
 
 def process_create_time(pid: int) -> float | None:
@@ -119,6 +128,14 @@ class EngineProcess:
         restart never breaks its output and an adopted engine keeps logging.
         """
         full_env = {**os.environ, **env, TAG_ENV: tag}
+        # Under systemd the engine gets a scope unit of its own, so the daemon's death (a crash,
+        # a watchdog kill, an upgrade) does not take the engine with it; see scopes.py.
+        launcher = scopes.launcher()
+        if launcher.enabled and not _findable(argv[0], env=full_env, cwd=cwd):
+            # systemd-run would report a missing program only as an exit status; say it here.
+            raise EngineSpawnFailed(engine, f"command not found: {argv[0]!r}; install it or fix the engine's "
+                                            "command/kind in the config")
+        command = launcher.wrap(argv, engine=engine, spawn_id=tag.rsplit("/", 1)[-1])
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -126,7 +143,7 @@ class EngineProcess:
             raise EngineSpawnFailed(engine, f"cannot open its log file {log_path}: {exc.strerror or exc}") from exc
         try:
             popen = subprocess.Popen(
-                list(argv),
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
@@ -161,6 +178,8 @@ class EngineProcess:
             return None
         try:
             if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)  # ours after a re-exec: do not leave it a zombie
                 return None
         except psutil.Error:
             return None
@@ -222,6 +241,18 @@ class EngineProcess:
             if rc < 0:
                 return ExitInfo(code=None, signal=-rc, at_wall=now)
             return ExitInfo(code=rc, signal=None, at_wall=now)
+        # An adopted engine can still be our own child: a daemon that re-executed itself to restart
+        # while keeping its engines (SIGHUP, ``llmctl daemon restart``) has the same pid. Reap it
+        # then, so its real status is known and it does not linger as a zombie.
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid = 0
+        if pid == self.pid:
+            if os.WIFSIGNALED(status):
+                return ExitInfo(code=None, signal=os.WTERMSIG(status), at_wall=now)
+            if os.WIFEXITED(status):
+                return ExitInfo(code=os.WEXITSTATUS(status), signal=None, at_wall=now)
         return ExitInfo(code=None, signal=None, at_wall=now)
 
     # ---- tree -------------------------------------------------------------------------------
