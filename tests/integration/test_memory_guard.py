@@ -9,6 +9,7 @@ tiny model for the no-false-alarm case.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -214,3 +215,38 @@ def test_real_mlx_server_is_attributed_and_the_guard_stays_quiet(daemon_factory,
     assert mem["peak_bytes"] >= mem["held_bytes"] * 0.9
     assert not _alerts(d, "engine.memory"), "no memory alert under normal traffic"
     assert d.engine("tiny")["state"] == "ready" and d.engine("tiny")["restarts"] == 0
+
+
+def test_machine_below_its_headroom_recycles_the_largest_offender_first(daemon_factory, tmp_path) -> None:
+    """When the machine falls below its headroom, the engine most over its footprint is drained and
+    restarted; an engine within its footprint keeps serving."""
+    from tests.helpers import STANDINS
+
+    seq = tmp_path / "sequence.txt"
+    seq.write_text("studio-512gb-idle\n")  # 523 GB available of a 512 GiB Mac
+    env = {"PATH": f"{STANDINS}:{os.environ['PATH']}", "STANDIN_VM_STAT_SEQUENCE_FILE": str(seq)}
+    gw = free_port()
+    cfg = standin_engine_toml("a", free_port(), "--grow-mb", "40", footprint="50MB", memory_soft="300MB",
+                              memory_hard="400MB", canary_interval="10m")
+    cfg += standin_engine_toml("b", free_port(), footprint="50MB", canary_interval="10m")
+    cfg += ('[probes]\nplatform = "darwin"\ninterval = "0.3s"\nprocess_interval = "0.2s"\n'
+            f'vm_stat = "{STANDINS / "vm_stat"}"\nsysctl = "{STANDINS / "sysctl"}"\n')
+    cfg += _gateway(gw) + '[policies.memory]\nheadroom = "100GB"\n'
+    d = daemon_factory(cfg, env=env).start()
+    d.wait_state("a", "ready", 30)
+    d.wait_state("b", "ready", 30)
+    for _ in range(2):
+        assert _chat(f"http://127.0.0.1:{gw}", "a").status_code == 200
+    _wait_memory(d, "a", "held_bytes", 90 * MB)
+    seq.write_text("studio-512gb-two-models-danger\n")  # 49.7 GB available: below the 100 GB headroom
+    a = d.wait_state("a", {"stopping", "backoff"}, 20)
+    assert "headroom" in a["state_reason"] and "largest offender" in a["state_reason"], a
+    decided = [e for e in d.events() if e["kind"] == "policy.decided" and e.get("policy") == "memory_guard_machine"]
+    assert decided and decided[0]["decision"] == "drain" and decided[0]["engine"] == "a", decided
+    assert decided[0]["available_bytes"] < 100 * 10**9 <= decided[0]["headroom_bytes"]
+    exceeded = _alerts(d, "engine.memory_exceeded:a")
+    assert len(exceeded) == 1 and exceeded[0]["severity"] == "critical"
+    time.sleep(1.0)
+    b = d.engine("b")
+    assert b["state"] == "ready" and b["restarts"] == 0, "an engine within its footprint keeps serving"
+    assert not _alerts(d, "engine.memory_exceeded:b")
