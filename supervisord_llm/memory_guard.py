@@ -35,12 +35,13 @@ PERSIST_GROWTH = 1.05  # a learned peak is written to the state file when it gre
 
 
 # Flags through which an engine bounds its own cache (the guard only notices growth after it
-# happened; a cap keeps it from happening). Sources: mlx_lm/server.py (--max-kv-size, mlx-lm 0.20+),
-# llama.cpp tools/server (-c/--ctx-size: the KV cache is allocated for the context up front),
-# vllm/engine/arg_utils.py (--gpu-memory-utilization, 0.9 by default), sglang/srt/server_args.py
-# (--mem-fraction-static).
+# happened; a cap keeps it from happening). Sources: mlx_lm/server.py 0.32 (--prompt-cache-bytes:
+# the prompt-cache LRU is trimmed to that many bytes after each request; --max-kv-size belongs to
+# mlx_lm.generate/chat/cache_prompt and the server's argparse rejects it), llama.cpp tools/server
+# (-c/--ctx-size: the KV cache is allocated for that context up front), vllm/engine/arg_utils.py
+# (--gpu-memory-utilization, 0.9 when not given), sglang/srt/server_args.py (--mem-fraction-static).
 CACHE_CAP_FLAGS: dict[str, tuple[str, ...]] = {
-    "mlx_lm": ("--max-kv-size",),
+    "mlx_lm": ("--prompt-cache-bytes",),
     "llama_cpp": ("-c", "--ctx-size"),
     "vllm": ("--gpu-memory-utilization",),
     "sglang": ("--mem-fraction-static",),
