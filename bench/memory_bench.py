@@ -4,14 +4,14 @@ Same child for both: the stand-in engine (``tests/standins/openai_engine.py --gr
 which allocates and touches 30 MB per request and never frees it (mlx_lm.server's prompt cache before
 a cap). Same limit for both: 150 MB of the engine's process-tree RSS (supervisord-llm ``memory_hard``;
 memmon ``-c -p grow=150MB`` on ``TICK_5``). Both run on their defaults otherwise (the daemon's memory
-probe every 5 s). Each run: a 160-token stream is in flight (40 tok/s, 4 s; through the gateway for
+probe every 5 s). Each run: a 400-token stream is in flight (40 tok/s, 10 s; through the gateway for
 supervisord-llm, straight to the engine for supervisord, which has no front), then requests grow the
 engine until a 20 ms sampler sees it over the limit. Measured:
 
 * limit crossed (sampler) → the supervisor decided (supervisord-llm: its ``policy.decided`` event;
   memmon: the engine's SIGTERM, seen as the process leaving);
 * limit crossed → the engine's process gone;
-* tokens the in-flight stream received (of 160): a drain lets it finish, a plain restart cuts it;
+* tokens the in-flight stream received (of 400): a drain lets it finish, a plain restart cuts it;
 * the most the engine held past the limit;
 * the engine's stop → the next spawn (the 60 s floor: a restart right after an OOM crashes again).
 
@@ -49,7 +49,7 @@ from common import (  # noqa: E402
 
 LIMIT_BYTES = 150 * 10**6
 GROW_MB = 30
-STREAM_TOKENS = 160
+STREAM_TOKENS = 400  # 10 s at 40 tok/s: longer than the probes' tick, so it is in flight at the decision
 TPS = 40
 
 
@@ -223,7 +223,7 @@ def run(runs: int = 3) -> dict[str, Any]:
            and daemon["gone_s"]["max"] is not None and daemon["gone_s"]["max"] <= 5 + 30 + 5)
     return {"runs": runs, "commit": commit, "limit_bytes": LIMIT_BYTES, "grow_mb": GROW_MB,
             "stream_tokens": STREAM_TOKENS, "daemon": daemon, "supervisord": supervisord, "met": met,
-            "target": "the in-flight stream finishes (160 of 160 tokens), the next spawn is >= 60 s after the stop, "
+            "target": "the in-flight stream finishes (all 400 tokens), the next spawn is >= 60 s after the stop, "
                       "and the engine is gone within probe interval + drain grace + 5 s"}
 
 

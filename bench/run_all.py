@@ -203,8 +203,11 @@ def render_memory(r: dict[str, Any]) -> str:
         row("held past the limit (peak)", "over_limit_peak_bytes", _mb),
         row("engine gone → next spawn", "next_spawn_after_stop_s", _s),
         "",
-        f"Target: {r['target']} → {_verdict(r['met'])}. memmon restarts at once and cuts the stream; the guard "
-        "drains first and keeps the 60 s floor (a restart right after an out-of-memory crash crashes again).", "",
+        f"Target: {r['target']} → {_verdict(r['met'])}."
+        + (" memmon stopped the engine with the stream still running (the client got a cut answer) and "
+           "restarted it at once; the guard drained first and kept the 60 s floor (a restart right after an "
+           "out-of-memory crash crashes again)." if (s["stream_tokens"]["min"] or 0) < r["stream_tokens"] else ""),
+        "",
     ])
 
 
