@@ -198,6 +198,24 @@ def _engine_row(e: dict[str, Any]) -> list[str]:
             format_duration(e.get("for_s")), tps, memory, str(e.get("restarts", 0)), nxt, note[:90]]
 
 
+def _guard_line(e: dict[str, Any]) -> str:
+    """The memory guard's view of one engine: what it holds now, its peak, its watermarks."""
+    mem = e.get("memory") or {}
+    if mem.get("soft_bytes") is None and not mem.get("learned_peak_bytes"):
+        return ""
+    parts = [f"{format_bytes(mem.get('held_bytes'))} now"]
+    peak, learned = mem.get("peak_bytes"), mem.get("learned_peak_bytes")
+    if peak is not None:
+        parts.append(f"peak {format_bytes(peak)}")
+    if learned and learned != peak:
+        parts.append(f"learned peak {format_bytes(learned)}")
+    if mem.get("soft_bytes") is not None:
+        parts.append(f"soft {format_bytes(mem['soft_bytes'])}, hard {format_bytes(mem.get('hard_bytes'))}")
+    guard = mem.get("guard")
+    flag = {"high": "  HIGH", "draining": "  draining for a restart", "off": "  (guard off)"}.get(guard or "", "")
+    return f"memory {e['name']}: " + ", ".join(parts) + flag
+
+
 def render_status(doc: dict[str, Any], *, colour: bool = False) -> str:
     """The status table and summary lines as text: columns aligned, two spaces apart."""
     def paint(text: str, code: str) -> str:
@@ -222,6 +240,10 @@ def render_status(doc: dict[str, Any], *, colour: bool = False) -> str:
 
     lines.append(line(list(COLUMNS), header=True))
     lines.extend(line(r) for r in rows)
+    for e in doc["engines"]:
+        guard = _guard_line(e)
+        if guard:
+            lines.append(paint(guard, "1;31" if "draining" in guard else "33" if "HIGH" in guard else ""))
     mem = doc["system"]["memory"]
     text = f"memory: {format_bytes(mem.get('available_bytes'))} available of {format_bytes(mem.get('total_bytes'))}"
     if mem.get("wired_bytes") is not None:

@@ -114,6 +114,7 @@ class Daemon:
         self._saved: dict[str, Any] = {}
         self.extensions: list[Any] = []  # optional subsystems (alerts, gateway, metrics, stranded, gpu)
         self.alerts_outbox: Any = None
+        self.memory_guard: Any = None  # supervisord_llm.memory_guard.MemoryGuardExtension (learned peaks)
         self.gateway_app: Any = None
         self.healthy_loop = True
         self._stopping = False
@@ -452,6 +453,12 @@ class Daemon:
     # ---- admission -------------------------------------------------------------------------
 
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
+        """What admission counts the engine at: max(configured or estimated, the peak it was seen to hold)."""
+        configured = self.configured_footprint_bytes(sup)
+        learned = self.memory_guard.learned_bytes(sup.name) if self.memory_guard is not None else 0
+        return max(configured, learned) if configured is not None else (learned or None)
+
+    def configured_footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         cfg = sup.config
         if cfg.footprint_bytes is not None:
             return cfg.footprint_bytes

@@ -163,6 +163,32 @@ def check_memory(config: Config) -> list[Finding]:
     return findings
 
 
+def check_memory_cap(engine: EngineConfig, config: Config) -> Finding:
+    """A cache the engine bounds itself, or watermarks the guard enforces; warn when neither is set."""
+    from supervisord_llm.memory_guard import CACHE_CAP_FLAGS, cache_cap_flag
+
+    subject = f"engine {engine.name}: memory cap"
+    argv = (*engine.command, *engine.args)
+    if engine.kind == "mlx_lm" and any(a.split("=", 1)[0] == "--max-kv-size" for a in argv):
+        return Finding("error", subject, "mlx_lm.server has no --max-kv-size (that flag is mlx_lm.generate's); "
+                                         "the server exits at start with 'unrecognized arguments'",
+                       'bound its cache with --prompt-cache-bytes instead, e.g. args = ["--prompt-cache-bytes", "16GB"]')
+    cap = cache_cap_flag(engine.kind, argv)
+    if cap is not None:
+        return Finding("ok", subject, f"the engine bounds its own cache ({cap})")
+    if engine.memory_soft_bytes is not None or engine.memory_hard_bytes is not None:
+        return Finding("ok", subject, f"memory guard watermarks: soft {format_bytes(engine.memory_soft_bytes)}, "
+                                      f"hard {format_bytes(engine.memory_hard_bytes)}")
+    flags = CACHE_CAP_FLAGS.get(engine.kind)
+    fix = (f"add an engine-side cap to engine.args ({' or '.join(flags)}), " if flags else "") + \
+        'or set engine.memory_soft / engine.memory_hard (e.g. "110GB" / "130GB")'
+    guard = ("the guard only acts at its default watermarks (footprint x "
+             f"{config.memory_guard.soft_factor:g} / x {config.memory_guard.hard_factor:g}), after the cache has grown"
+             if config.memory_guard.enabled else "the memory guard is off ([policies.memory_guard] enabled = false)")
+    return Finding("warn", subject, f"no engine-side cache cap and no memory watermarks set: a cache that grows "
+                                    f"without a bound takes the machine's memory; {guard}", fix)
+
+
 def check_nvml(config: Config) -> list[Finding]:
     if not any(e.kind in ("vllm", "sglang", "llama_cpp", "ollama") or e.gpu_devices for e in config.engines):
         return []
@@ -194,6 +220,7 @@ def diagnose_setup(config: Config, running: dict[str, Any] | None = None) -> lis
         findings.append(check_command(engine))
         findings.extend(check_model_dir(engine))
         findings.append(check_port(engine, pids.get(engine.name)))
+        findings.append(check_memory_cap(engine, config))
     findings.extend(check_memory(config))
     findings.extend(check_nvml(config))
     return findings

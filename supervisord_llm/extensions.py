@@ -88,6 +88,11 @@ class DaemonGatewayBackend:
 
     async def acquire(self, model: str | None) -> Upstream:
         sup = self._resolve(model)
+        if sup.health is not None and sup.health.draining:
+            # The memory guard is draining it: in-flight requests finish, new ones would grow it further.
+            raise EngineUnavailable(sup.name, "draining",
+                                    f"{sup.name} takes no new requests: {sup.health.draining}; it restarts once "
+                                    "its in-flight requests have finished", retry_after_s=60.0)
         swap = self.daemon.swap_target
         if sup.serving and not sup.swap_in_progress and swap in (None, sup.name):
             return self._upstream(sup)
@@ -220,11 +225,13 @@ class AlertsExtension:
 def install_extensions(daemon: Daemon) -> None:
     """Attach the subsystems the config turns on."""
     from supervisord_llm.observe import ObserveExtension
+    from supervisord_llm.memory_guard import MemoryGuardExtension
     from supervisord_llm.stranded import StrandedExtension
 
     config = daemon.config
     daemon.extensions.append(StrandedExtension(daemon))
     daemon.extensions.append(ObserveExtension(daemon))
+    daemon.extensions.append(MemoryGuardExtension(daemon))
     if config.alerts is not None and config.alerts.targets:
         daemon.extensions.append(AlertsExtension(daemon))
     if config.alerts is not None and config.alerts.heartbeat is not None:

@@ -694,6 +694,11 @@ class EngineSupervisor:
             self.last_exit = {"code": None, "signal": None, "reason": f"hang restart: {v.reason}",
                               "at": self.clock.wall()}
             self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True)
+        elif v.state == "memory_restart" and (self.state in SERVING_STATES or self.state == EngineState.HUNG):
+            # Counted as a failure: the restart waits out the normal backoff, and a model that keeps
+            # outgrowing its footprint ends in failed instead of a loop.
+            self.last_exit = {"code": None, "signal": None, "reason": v.reason, "at": self.clock.wall()}
+            self._begin_stop(v.reason, then="auto", failure=True)
         elif v.state == "degraded" and self.state == EngineState.READY:
             self._set_state(EngineState.DEGRADED, v.reason)
             self.daemon.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
