@@ -224,8 +224,8 @@ class AlertsExtension:
 
 def install_extensions(daemon: Daemon) -> None:
     """Attach the subsystems the config turns on."""
-    from supervisord_llm.observe import ObserveExtension
     from supervisord_llm.memory_guard import MemoryGuardExtension
+    from supervisord_llm.observe import ObserveExtension
     from supervisord_llm.stranded import StrandedExtension
 
     config = daemon.config
