@@ -25,7 +25,8 @@ from probes.readings import Diagnosis
 
 EXIT_EPISODE = "engine.exited"
 # Episodes about one engine that end when it is ready again.
-ENGINE_EPISODES = ("engine.exited", "engine.failed", "engine.hung", "engine.degraded", "engine.start_refused")
+ENGINE_EPISODES = ("engine.exited", "engine.failed", "engine.hung", "engine.degraded", "engine.start_refused",
+                   "engine.memory_exceeded")
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,6 +114,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import threading
 import time
@@ -978,6 +979,17 @@ class _Journal:
             self._file.close()
             self._file = None
 
+    def keep_copy(self) -> str | None:
+        """Copy the journal to ``<name>.corrupt-<n>`` (the first free n); the copy's name, or None."""
+        n = 0
+        while (target := self.path.with_name(f"{self.path.name}.corrupt-{n}")).exists():
+            n += 1
+        try:
+            shutil.copy2(self.path, target)
+        except OSError:
+            return None
+        return target.name
+
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -1017,9 +1029,15 @@ class Outbox:
         self._journal = _Journal(self.directory / "outbox.jsonl")
         records, bad = self._journal.read()
         for record in records:
-            self._apply(record)
+            try:
+                self._apply(record)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                bad += 1  # valid JSON of the wrong shape: skipped like a damaged line, never fatal
         if bad:
-            self._log.warning("alert.journal_damaged", path=str(self._journal.path), unreadable_lines=bad)
+            # Compaction below rewrites the journal: keep the damaged original for inspection first.
+            kept = self._journal.keep_copy()
+            self._log.warning("alert.journal_damaged", path=str(self._journal.path), unreadable_lines=bad,
+                              kept_copy=kept)
         removed = [d for d in self._pending.values() if settings.target(d.target) is None]
         events = []
         for delivery in removed:
