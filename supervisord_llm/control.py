@@ -129,7 +129,7 @@ def build_control_app(daemon: Daemon) -> Starlette:
         if request.query_params.get("history") in ("1", "true"):
             from supervisord_llm import observe
 
-            watching = observe.find(daemon)
+            watching = observe.find(daemon.extensions)
             doc["history"] = watching.history.export() if watching is not None else None
         return JSONResponse(doc)
 

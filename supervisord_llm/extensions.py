@@ -150,7 +150,7 @@ class DaemonGatewayBackend:
         from probes.readings import ThroughputSample
         from supervisord_llm import observe
 
-        watching = observe.find(self.daemon)
+        watching = observe.find(self.daemon.extensions)
         if watching is not None:
             watching.telemetry.request_finished(stats)
         health = self._health(stats.engine)

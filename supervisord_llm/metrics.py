@@ -39,7 +39,7 @@ def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
     doc = daemon.status()
     registry = CollectorRegistry()
     registry.register(observe.StatusCollector(doc))
-    extension = observe.find(daemon)
+    extension = observe.find(daemon.extensions)
     if extension is not None:
         registry.register(_Registered(extension.telemetry.registry))
 

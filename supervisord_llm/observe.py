@@ -20,17 +20,28 @@ from __future__ import annotations
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, InfoMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from supervisord_llm.daemon import Daemon
     from supervisord_llm.gateway import RequestStats
+
+
+class Observed(Protocol):
+    """**Protocol:** what watching needs of the daemon: its status, its event stream and its log."""
+
+    @property
+    def events(self) -> Any: ...
+
+    @property
+    def log(self) -> Any: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 PREFIX = "supervisord_llm"
 
@@ -139,7 +150,7 @@ class ObserveExtension:
 
     name = "observe"
 
-    def __init__(self, daemon: Daemon, *, interval_s: float = 10.0, span_s: float = 3600.0,
+    def __init__(self, daemon: Observed, *, interval_s: float = 10.0, span_s: float = 3600.0,
                  wall: Callable[[], float] = time.time) -> None:
         self.daemon = daemon
         self.history = History(span_s=span_s, interval_s=interval_s)
@@ -160,5 +171,5 @@ class ObserveExtension:
             await anyio.sleep(self.history.interval_s)
 
 
-def find(daemon: Daemon) -> ObserveExtension | None:
-    return next((e for e in daemon.extensions if isinstance(e, ObserveExtension)), None)
+def find(extensions: Iterable[object]) -> ObserveExtension | None:
+    return next((e for e in extensions if isinstance(e, ObserveExtension)), None)

@@ -45,7 +45,7 @@ def ui_routes(snapshot: Callable[[], dict[str, Any]], api_key: str | None) -> li
         if key is None:
             return True
         given = _given_key(request)
-        return bool(given) and hmac.compare_digest(given.encode(), key)
+        return given is not None and hmac.compare_digest(given.encode(), key)
 
     async def page(request: Request) -> Response:
         if not allowed(request):
@@ -72,7 +72,7 @@ def daemon_snapshot(daemon: Any) -> Callable[[], dict[str, Any]]:
 
     def snapshot() -> dict[str, Any]:
         doc = daemon.status()
-        watching = observe.find(daemon)
+        watching = observe.find(daemon.extensions)
         doc["history"] = watching.history.export() if watching is not None else {"interval_s": None, "engines": {}}
         doc["events"] = list(daemon.events.recent)[-RECENT_EVENTS:] if daemon.events is not None else []
         return doc
