@@ -541,7 +541,15 @@ class Daemon:
         """An engine that is ready again closes every open episode about it (``policies.episodes``)."""
         if self.alerts_outbox is None:
             return
-        for alert in episodes.on_ready(sup.name, self.alerts_outbox.open_episodes()):
+        self._resolve_episodes(sup.name, "ready", episodes.on_ready)
+
+    def _resolve_episodes(self, engine: str, trigger: str, decide: Callable[..., tuple[Alert, ...]]) -> None:
+        open_keys = list(self.alerts_outbox.open_episodes())
+        alerts = decide(engine, open_keys)
+        if alerts:
+            self.events.emit("policy.decided", policy="episodes", engine=engine, trigger=trigger,
+                             decision="resolve " + ",".join(a.key for a in alerts), open_episodes=open_keys)
+        for alert in alerts:
             self.alert(alert)
 
     def engine_exited(self, sup: EngineSupervisor) -> None:
@@ -592,8 +600,7 @@ class Daemon:
     async def stop(self, name: str) -> str:
         message = await self.supervisor(name).command("stop")
         if self.alerts_outbox is not None:
-            for alert in episodes.on_stopped_by_person(name, self.alerts_outbox.open_episodes()):
-                self.alert(alert)
+            self._resolve_episodes(name, "llmctl stop", episodes.on_stopped_by_person)
         return message
 
     async def restart(self, name: str, *, force: bool = False) -> str:
