@@ -509,7 +509,7 @@ class Daemon:
                 ext.on_engine_ready(sup)
 
     ENGINE_EPISODES = ("engine.failed", "engine.hung", "engine.degraded", "engine.start_refused",
-                       "engine.memory_exceeded")
+                       "engine.memory_exceeded", "engine.gpu_memory_exceeded")
 
     def _resolve_engine_alerts(self, sup: EngineSupervisor) -> None:
         """An engine that is ready again closes every open episode about it, also ones opened by an
