@@ -181,6 +181,9 @@ class EngineConfig:
     # GPU memory the engine holds on each of its gpu_devices (weights, KV cache, CUDA context);
     # None = footprint split evenly over them. With it set, footprint is host RAM only.
     gpu_footprint_bytes: int | None = None
+    # Every exit the daemon did not ask for opens a warning alert episode (raised to critical in a
+    # crash loop); false leaves only the crash-loop alert.
+    alert_on_exit: bool = True
     # Memory guard watermarks on what the engine's process tree holds; None = footprint x the factors.
     memory_soft_bytes: int | None = None
     memory_hard_bytes: int | None = None
@@ -299,6 +302,7 @@ _ENGINE_KEYS = frozenset({
     "name", "kind", "model", "host", "port", "args", "command", "env", "cwd", "footprint", "exclusive",
     "default", "aliases", "served_model", "start_timeout", "stop_grace", "autostart", "canary_interval",
     "canary_timeout", "stall", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
+    "alert_on_exit",
     "memory_soft", "memory_hard",
 })
 
@@ -361,6 +365,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         gpu_devices=tuple(gpu_devices),
         supports_messages=supports_messages,
         gpu_footprint_bytes=gpu_footprint_bytes,
+        alert_on_exit=t.bool("alert_on_exit", True),
         memory_soft_bytes=memory_soft_bytes,
         memory_hard_bytes=memory_hard_bytes,
     )
@@ -548,10 +553,16 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
 
 def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise t.error(key, f"expected HOST:PORT such as \"127.0.0.1:9464\", got {value!r}")
-    return host, int(port)
+    # The same parser the listener uses at start: what passes here also binds (IPv6 in brackets).
+    from supervisord_llm.gateway import parse_listen
+
+    try:
+        host, port = parse_listen(value)
+    except ValueError as exc:
+        raise t.error(key, str(exc)) from exc
+    if not 0 < port < 65536:
+        raise t.error(key, f"expected HOST:PORT such as \"127.0.0.1:9464\" or \"[::1]:9464\", got {value!r}")
+    return host, port
 
 
 def _same_listen(a: str, b: str) -> bool:

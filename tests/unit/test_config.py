@@ -61,6 +61,10 @@ BAD = [
     ("engine not a table array", 'engine = "mlx"\n', "engine: expected [[engine]] tables"),
     ("bool as duration", GOOD_ENGINE + "start_timeout = true\n", "engine[0].start_timeout: expected a duration"),
     ("unknown top-level section", "[engines]\n", "engines: unknown key 'engines'"),
+    ("alert_on_exit not a bool", GOOD_ENGINE + 'alert_on_exit = "no"\n', "engine[0].alert_on_exit: expected true or false"),
+    ("bad min_severity", '[alerts]\n[[alerts.webhook]]\nname = "p"\nurl = "https://x/y"\nmin_severity = "page"\n',
+     "alerts.webhook[0].min_severity: expected one of info, warning, critical"),
+    ("heartbeat with nothing to send", '[alerts.heartbeat]\ninterval = "1m"\n', "alerts.heartbeat: nothing to send"),
 ]
 
 
