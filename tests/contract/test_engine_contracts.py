@@ -426,3 +426,32 @@ def test_omlx_is_started_without_flags_that_rewrite_its_settings(tmp_path: Path)
     assert env["OMLX_PORT"] == "8123" and env["OMLX_HOST"] == "127.0.0.1"
     assert env["OMLX_MODEL_DIR"] == str((tmp_path / "models").resolve())
     assert adapter.request_model == s["model_folder"]
+
+
+# ---------------------------------------------------------------- the mlx_lm recording is still the engine's
+
+
+def _chunk_shapes(sse_body: str) -> set[tuple[str, ...]]:
+    shapes = set()
+    for line in sse_body.splitlines():
+        if line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            choice_keys = tuple(sorted(chunk["choices"][0])) if chunk.get("choices") else ()
+            shapes.add((*sorted(chunk), "|", *choice_keys))
+    return shapes
+
+
+async def test_mlx_lm_recording_matches_the_installed_server(mlx_server: Any, tmp_path: Path) -> None:
+    """The installed mlx_lm.server still answers as recorded (health, routes it lacks, stream chunk shapes); re-record if not."""
+    s = surfaces("mlx_lm")
+    chat = s["canary_chat"]
+    async with httpx.AsyncClient(base_url=mlx_server.base_url, timeout=60) as client:
+        health = await client.get("/health")
+        messages = await client.post("/v1/messages", json={})
+        metrics = await client.get("/metrics")
+        stream = await client.post(chat["path"], json=chat["request"])
+    assert (health.status_code, health.text) == (s["health_ready"]["status"], s["health_ready"]["body"])
+    assert messages.status_code == s["messages_probe"]["status"]
+    assert metrics.status_code == s["metrics"]["status"]
+    assert stream.status_code == 200
+    assert _chunk_shapes(stream.text) == _chunk_shapes(chat["body"])
