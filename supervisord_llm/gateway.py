@@ -78,6 +78,8 @@ class Upstream:
     ``kind`` is the adapter's name (mlx_lm, omlx, vllm, llama_cpp, ollama, sglang, command);
     ``served_model`` replaces the request's ``model`` field when set (mlx_lm.server wants
     ``"default_model"`` or its model path there, never the gateway's name for it).
+    ``auth_headers`` is the engine's own API key (vLLM/SGLang ``--api-key``, oMLX ``auth.api_key``):
+    when set it replaces whatever credentials the client sent, which were for the gateway.
     """
 
     engine: str
@@ -85,6 +87,7 @@ class Upstream:
     kind: str
     supports_messages: bool
     served_model: str | None = None
+    auth_headers: tuple[tuple[str, str], ...] = ()
 
 
 class EngineUnavailable(EngineError):
@@ -1246,8 +1249,10 @@ class _Gateway:
             doc["model"] = upstream.served_model
             body = json.dumps(doc).encode()
 
-        drop = _HOP_BY_HOP | _CREDENTIALS if self._api_key is not None else _HOP_BY_HOP
+        own_key = self._api_key is not None or bool(upstream.auth_headers)
+        drop = _HOP_BY_HOP | _CREDENTIALS if own_key else _HOP_BY_HOP
         headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in drop]
+        headers += [(k.encode(), v.encode()) for k, v in upstream.auth_headers]
         headers.append((b"accept-encoding", b"identity"))  # the meter reads plain bytes
         query = request.url.query
         url = upstream.base_url.rstrip("/") + path + ("?" + query if query else "")
