@@ -25,7 +25,8 @@ import json
 import math
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -887,18 +888,16 @@ class _Forward:
             self.translated_headers_sent = True
         translator = translation.translator
         relay = translation.relay
-        feed = self.meter.feed
-        now = gw.clock.now
         code = "engine_error"
         try:
             await _send_some(send, relay(translator.start()))
-            async for chunk in response.aiter_raw():
-                feed(chunk, now())
-                await _send_some(send, relay(translator.feed(chunk)))
-                if translator.done:
-                    break  # a stop sequence matched: closing the stream stops the engine
-            else:
-                await _send_some(send, relay(translator.finish()))
+            async with aclosing(self._engine_chunks(response)) as chunks:
+                async for chunk in chunks:
+                    await _send_some(send, relay(translator.feed(chunk)))
+                    if translator.done:
+                        break  # a stop sequence matched: closing the stream stops the engine
+                else:
+                    await _send_some(send, relay(translator.finish()))
         except anthropic_api.EngineStreamError as exc:
             message = f"engine {upstream.engine!r} reported an error mid-stream: {exc}"
         except OSError:  # the client went away while we were sending (ASGI spec 2.4)
@@ -925,6 +924,18 @@ class _Forward:
         else:
             await _send_json(send, error_body(True, 502, message, code, engine=upstream.engine), 502)
         return True
+
+    async def _engine_chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        """The engine's body as it arrives, each chunk through the token meter before anyone else.
+
+        The meter is the watchdog's view of the engine: it sees the engine's own bytes at the
+        moment they arrive, whatever is then made of them for the client.
+        """
+        feed = self.meter.feed
+        now = self.gw.clock.now
+        async for chunk in response.aiter_raw():
+            feed(chunk, now())
+            yield chunk
 
     async def _translated_refusal(self, send: Any, response: httpx.Response) -> None:
         """The engine refused the translated request: its reason, in the Messages error shape."""
