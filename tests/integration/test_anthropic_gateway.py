@@ -421,3 +421,37 @@ def test_daemon_holds_a_translated_request_through_a_restart_and_a_stalled_strea
     assert "stalled" in str(info.value.body) and "during decode" in str(info.value.body)
     assert info.value.body["error"]["type"] == "api_error"  # type: ignore[index]
     assert hung["pid"] == pid
+
+
+@pytest.fixture
+def quiet_engine() -> Iterator[str]:
+    """The OpenAI stand-in engine, silent for 1.5 s before its first token (no keep-alives)."""
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, str(REPO / "tests" / "standins" / "openai_engine.py"), "--port", str(port),
+                             "--first-token-delay-s", "1.5"], start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout_s=20)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.anyio
+async def test_pings_keep_a_quiet_prefill_alive_and_are_not_progress(
+    quiet_engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an engine sends nothing before its first token, the client gets pings; the watchdog sees no token."""
+    from supervisord_llm import gateway
+
+    monkeypatch.setattr(gateway, "TRANSLATED_PING_INTERVAL_S", 0.25)
+    backend = Backend({"quiet": Upstream("quiet", quiet_engine, "command", supports_messages=False)}, "quiet")
+    async with running_gateway(backend) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        body = {"model": "quiet", "max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        async with client.stream("POST", "/v1/messages", json=body) as response:
+            kinds = [line[7:] async for line in response.aiter_lines() if line.startswith("event: ")]
+    first_block = kinds.index("content_block_start")
+    assert kinds[0] == "message_start" and kinds[1:first_block].count("ping") >= 4
+    assert kinds[-1] == "message_stop"
+    stats = backend.finished[0]
+    assert stats.tokens == 3 and stats.ttft_s is not None and stats.ttft_s >= 1.4  # pings were not tokens
