@@ -18,6 +18,7 @@ liveness and its next real request judge it, and a canary to it allows ``load_ti
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,7 @@ class EngineHealth:
         self.last_rate: float | None = None
         self.hung_since_s: float | None = None
         self.degraded = False
+        self.draining: str | None = None  # set by the memory guard: why no new requests are routed here
         self._clear_progress()
 
     def _clear_progress(self) -> None:
@@ -110,6 +112,7 @@ class EngineHealth:
         self.last_rate = None
         self.hung_since_s = None
         self.degraded = False
+        self.draining = None
         self._clear_progress()
 
     def add_sample(self, sample: ThroughputSample) -> None:
@@ -185,9 +188,7 @@ class TreeWatch:
         stopped = looks_stopped and self._root is not None and _confirmed_stopped(self._root)
         tree = self.tree
         if tree.stopped != stopped or tree.zombie != zombie:
-            tree = ProcessTreeReading(at_s=tree.at_s, root_pid=tree.root_pid, pids=tree.pids,
-                                      rss_bytes=tree.rss_bytes, cpu_percent=tree.cpu_percent,
-                                      stopped=stopped, zombie=zombie)
+            tree = dataclasses.replace(tree, stopped=stopped, zombie=zombie)
         return tree
 
     def _remember(self, pids: tuple[int, ...]) -> None:
@@ -281,6 +282,10 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
             for ext in daemon.extensions:
                 if hasattr(ext, "engine_gpu_bytes"):
                     health.gpu_bytes = ext.engine_gpu_bytes(tree.pids)
+            if full:
+                for ext in daemon.extensions:
+                    if hasattr(ext, "on_engine_memory"):
+                        ext.on_engine_memory(sup, gen, tree, health.gpu_bytes)
 
             # Counters (vLLM, llama.cpp, SGLang /metrics; oMLX /api/status).
             if sup.adapter.counters_kind and now - last_counters_s >= daemon.config.probes.interval_s:

@@ -7,10 +7,13 @@ known failure line and exiting, never becoming able to generate, exiting during 
 
     openai_engine.py --port P [--tps 200] [--load-s 0] [--ignore-sigterm] [--grandchild]
                      [--print-line TEXT --exit-code N] [--never-ready] [--exit-after-s S]
-                     [--hold-gpu-mb N]
+                     [--hold-gpu-mb N] [--grow-mb N]
                      [--silent-from N [--silent-after-tokens K]]   running but silent
                      [--metrics vllm|omlx]                         per-step / completion-time counters
                      [--ollama [--lazy-load-s S] [--keep-alive-s K]]  Ollama API, lazy model load
+
+``--grow-mb N`` makes every generation request allocate N MB, write to every page of it and keep it,
+the way mlx_lm.server's prompt cache grew without a bound before ``--max-kv-size``.
 
 Running-but-silent engines (what users meet besides SIGSTOP): from the N-th generation request on
 (counting canaries), the engine sends K tokens (K=0: only the response head, the pattern of oMLX
@@ -56,6 +59,7 @@ def main() -> None:
     p.add_argument("--exit-after-s", type=float, default=None)
     p.add_argument("--keepalive-s", type=float, default=0.0, help="send SSE comments every N s before tokens")
     p.add_argument("--first-token-delay-s", type=float, default=0.0)
+    p.add_argument("--grow-mb", type=float, default=0.0, help="allocate and touch N MB per request, never freed")
     p.add_argument("--silent-from", type=int, default=0, help="from the N-th generation request on, go silent")
     p.add_argument("--silent-after-tokens", type=int, default=0)
     p.add_argument("--metrics", choices=("vllm", "omlx"), default=None)
@@ -80,6 +84,7 @@ def main() -> None:
         print(f"grandchild pid {child.pid}", flush=True)
     time.sleep(args.load_s)
     started = time.monotonic()
+    kept: list[bytes] = []  # the "cache": grows by --grow-mb per request and is never trimmed
     lock = threading.Lock()
     stats = {"requests": 0, "running": 0, "tokens_step": 0, "tokens_done": 0, "loaded_until": 0.0}
     load_lock = threading.Lock()
@@ -193,6 +198,9 @@ def main() -> None:
                     pass
                 return
             n = int(body.get("max_tokens") or 16)
+            if args.grow_mb:
+                # bytes of one repeated non-zero value are written out (memset), so every page is resident.
+                kept.append(b"\x01" * int(args.grow_mb * 1e6))
             chat = self.path == "/v1/chat/completions"
             if not body.get("stream"):
                 time.sleep(n / args.tps)
