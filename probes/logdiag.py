@@ -265,6 +265,15 @@ SIGNATURES: tuple[Signature, ...] = (
     ),
     # ------------------------------------------------------------------ MLX / Metal (mlx_lm, oMLX, llama.cpp on Mac)
     Signature(
+        id="mlx_lm.generation_thread_died",
+        # mlx-lm 0.32 mlx_lm/server.py ResponseGenerator._run_generate logs this and keeps serving
+        # HTTP: /health turns 503 and every generation answers 404 "generation thread died".
+        patterns=_re(r"mlx_lm\.server generation thread died: (?P<reason>.+?)\s*$"),
+        cause="mlx_lm.server's generation thread died ({reason}); the process still answers HTTP but cannot generate",
+        remedy="fix the cause named in the reason (a specific cause in the lines around it is named instead when known); the engine must be restarted",
+        priority=GENERIC - 10,
+    ),
+    Signature(
         id="metal.out_of_memory",
         patterns=_re(r"kIOGPUCommandBufferCallbackErrorOutOfMemory", r"\[METAL\] Command buffer execution failed: Insufficient Memory"),
         cause="Metal ran out of GPU memory",
