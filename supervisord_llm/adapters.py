@@ -19,8 +19,8 @@ engine once it is ready (:mod:`probes.routes`), because it depends on the engine
 engine config's ``supports_messages`` overrides the probe. Facts about each engine cite the upstream
 file they come from; the recorded surfaces they rest on are in ``tests/contract/fixtures/``.
 
-``/health`` alone is never proof: mlx_lm.server answers 200 while loading and after its
-generation thread died.
+``/health`` alone is never proof: mlx_lm.server answers 200 while loading and while its generation
+loop is wedged (503 only once that thread has died), Ollama's /api/version whatever its runner does.
 """
 
 from __future__ import annotations
