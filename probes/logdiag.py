@@ -258,7 +258,9 @@ SIGNATURES: tuple[Signature, ...] = (
     ),
     Signature(
         id="vllm.engine_core_init_failed",
-        patterns=_re(r"Engine core initialization failed"),
+        # vllm 0.33.0 vllm/v1/engine/utils.py: "Engine core initialization failed. See root cause above."
+        # or, when a frontend process died first, "Frontend process failed during engine core initialization."
+        patterns=_re(r"Engine core initialization failed", r"failed during engine core initialization"),
         cause="vLLM's engine core failed to start; the real cause is logged above this line",
         remedy="read the engine log above this line for the first error (the diagnosis names it when it is known)",
         priority=WRAPPER,
