@@ -209,7 +209,9 @@ class OmlxAdapter(EngineAdapter):
         return 2
 
     def _model_path(self) -> Path:
-        return Path(os.path.expanduser(self.config.model or "")).resolve()
+        # Not resolved: a symlinked model folder keeps the name it has in the user's model directory,
+        # which is the name oMLX lists it under.
+        return Path(os.path.abspath(os.path.expanduser(self.config.model or "")))
 
     def env(self) -> dict[str, str]:
         cfg = self.config
