@@ -523,3 +523,20 @@ def test_vllm_key_from_env_when_no_flag(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("VLLM_API_KEY", "inherited")
     assert make_adapter("vllm", "http://127.0.0.1:1", tmp_path).api_key == "inherited"
     assert make_adapter("vllm", "http://127.0.0.1:1", tmp_path, env={"VLLM_API_KEY": "own"}).api_key == "own"
+
+
+def test_omlx_key_follows_a_changed_settings_file(tmp_path: Path) -> None:
+    """A key changed in oMLX's settings.json (then oMLX restarted) is the key used next, without restarting the daemon."""
+    import os
+
+    base = tmp_path / "omlx-base"
+    base.mkdir()
+    settings = base / "settings.json"
+    settings.write_text(json.dumps({"auth": {"api_key": "first"}}))
+    adapter = make_adapter("omlx", "http://127.0.0.1:1", tmp_path)
+    assert adapter.api_key == "first"
+    settings.write_text(json.dumps({"auth": {"api_key": "second-key"}}))
+    os.utime(settings, ns=(1, 1))  # a different mtime even on coarse clocks
+    assert adapter.api_key == "second-key"
+    settings.unlink()
+    assert adapter.api_key is None
