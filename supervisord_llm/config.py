@@ -310,6 +310,23 @@ _ENGINE_KEYS = frozenset({
 })
 
 
+# `omlx serve` saves any of these flags into the user's settings.json (omlx/cli.py
+# _has_cli_overrides then settings.save(), jundot/omlx commit 01496518); the daemon passes host, port
+# and model folder as OMLX_* environment variables instead, which oMLX reads without saving.
+_OMLX_SAVING_FLAGS = ("--model-dir", "--port", "--host", "--max-model-memory", "--max-process-memory", "--log-level",
+                      "--mcp-config", "--hf-endpoint", "--ms-endpoint", "--http-proxy", "--https-proxy", "--no-proxy",
+                      "--ca-bundle")
+
+
+def _check_omlx_args(t: Table) -> None:
+    for arg in t.str_list("args"):
+        flag = arg.split("=", 1)[0]
+        if flag in _OMLX_SAVING_FLAGS:
+            raise t.error("args", f"{flag} makes `omlx serve` rewrite the user's settings.json; use the engine's "
+                                  "model/host/port keys, or env OMLX_* variables (e.g. OMLX_MAX_CONCURRENT_REQUESTS), "
+                                  f"instead of any of {', '.join(_OMLX_SAVING_FLAGS)}")
+
+
 def _parse_engine(t: Table) -> EngineConfig:
     t.check_unknown(_ENGINE_KEYS)
     name = t.str("name", required=True)
@@ -326,6 +343,8 @@ def _parse_engine(t: Table) -> EngineConfig:
     elif not model:
         raise t.error("model", f'is required for kind {kind!r}: a model directory or id')
     port = t.int("port", 8080, min_value=1, max_value=65535)
+    if kind == "omlx":
+        _check_omlx_args(t)
     gpu_devices = t._get("gpu_devices", [], False)
     if not isinstance(gpu_devices, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                     for d in gpu_devices):

@@ -493,7 +493,7 @@ class EngineSupervisor:
             if not proc.running:
                 return  # the exit watcher reports it
             try:
-                response = await client.get(self.adapter.liveness_url, timeout=2.0)
+                response = await client.get(self.adapter.liveness_url, timeout=2.0, headers=self.adapter.auth_headers())
                 live = response.status_code < 500
                 if not live:
                     last_error = f"{self.adapter.liveness_path} answered {response.status_code}"
