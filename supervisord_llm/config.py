@@ -181,6 +181,9 @@ class EngineConfig:
     # GPU memory the engine holds on each of its gpu_devices (weights, KV cache, CUDA context);
     # None = footprint split evenly over them. With it set, footprint is host RAM only.
     gpu_footprint_bytes: int | None = None
+    # The model takes images: /v1/messages image blocks are translated for it (OpenAI image_url
+    # parts) instead of refused. Only read where the gateway translates the Messages API.
+    vision: bool = False
 
     @property
     def base_url(self) -> str:
@@ -287,6 +290,7 @@ _ENGINE_KEYS = frozenset({
     "name", "kind", "model", "host", "port", "args", "command", "env", "cwd", "footprint", "exclusive",
     "default", "aliases", "served_model", "start_timeout", "stop_grace", "autostart", "canary_interval",
     "canary_timeout", "stall", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
+    "vision",
 })
 
 
@@ -343,6 +347,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         gpu_devices=tuple(gpu_devices),
         supports_messages=supports_messages,
         gpu_footprint_bytes=gpu_footprint_bytes,
+        vision=t.bool("vision", False),
     )
 
 

@@ -81,6 +81,7 @@ class Upstream:
     ``kind`` is the adapter's name (mlx_lm, omlx, vllm, llama_cpp, ollama, sglang, command);
     ``served_model`` replaces the request's ``model`` field when set (mlx_lm.server wants
     ``"default_model"`` or its model path there, never the gateway's name for it).
+    ``accepts_images``: its model can see, so translated Messages requests may carry images.
     """
 
     engine: str
@@ -88,6 +89,7 @@ class Upstream:
     kind: str
     supports_messages: bool
     served_model: str | None = None
+    accepts_images: bool = False
 
 
 class EngineUnavailable(EngineError):
@@ -1307,11 +1309,13 @@ class _Gateway:
             if path == COUNT_TOKENS_PATH:
                 # count_tokens takes the same fields as a message, without max_tokens.
                 checked = anthropic_api.check_request({"max_tokens": 1, **doc})
-                anthropic_api.to_openai(checked, upstream.served_model, engine=upstream.engine)
+                anthropic_api.to_openai(
+                    checked, upstream.served_model, engine=upstream.engine, images=upstream.accepts_images
+                )
                 return await self._count_tokens(checked.doc, upstream)
             checked = anthropic_api.check_request(doc)
             openai_body = anthropic_api.to_openai(
-                checked, upstream.served_model, engine=upstream.engine
+                checked, upstream.served_model, engine=upstream.engine, images=upstream.accepts_images
             )
         except anthropic_api.RequestInvalid as exc:
             return error_response(True, 400, str(exc), "invalid_request", field=exc.field)

@@ -321,3 +321,33 @@ def test_think_tags_setting_is_validated_naming_file_key_and_values() -> None:
         GatewaySettings.from_toml({"think_tags": "blocks"}, file="/etc/llm.toml")
     assert info.value.file == "/etc/llm.toml" and info.value.key == "gateway.think_tags"
     assert "'text', 'thinking', 'auto'" in str(info.value) and "'blocks'" in str(info.value)
+
+
+def test_images_become_image_url_parts_for_an_engine_that_can_see() -> None:
+    """With vision on, base64 and URL images become OpenAI image_url parts in order with the text."""
+    doc = {**BASE, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "compare"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.org/b.jpg"}}]}]}
+    body = to_openai(check_request(doc), None, images=True)
+    assert body["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "compare"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
+        {"type": "image_url", "image_url": {"url": "https://example.org/b.jpg"}}]}]
+    bad = {**BASE, "messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file"}}]}]}
+    with pytest.raises(RequestInvalid) as info:
+        to_openai(check_request(bad), None, images=True)
+    assert info.value.field == "messages[0].content[0].source" and "base64" in str(info.value)
+
+
+def test_vision_key_is_validated_and_defaults_off() -> None:
+    """[[engine]] vision must be true or false; it defaults to false (text-only)."""
+    from supervisord_llm.config import parse_config
+    from supervisord_llm.errors import ConfigError
+
+    engine = {"name": "e", "kind": "mlx_lm", "model": "/m", "port": 9001}
+    assert parse_config({"engine": [engine]}, "/etc/llm.toml").engines[0].vision is False
+    assert parse_config({"engine": [{**engine, "vision": True}]}, "/etc/llm.toml").engines[0].vision is True
+    with pytest.raises(ConfigError) as info:
+        parse_config({"engine": [{**engine, "vision": "yes"}]}, "/etc/llm.toml")
+    assert info.value.file == "/etc/llm.toml" and "vision" in str(info.value.key) and "true or false" in str(info.value)
