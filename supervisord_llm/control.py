@@ -125,7 +125,13 @@ def _bool(data: dict[str, Any], key: str) -> bool:
 
 def build_control_app(daemon: Daemon) -> Starlette:
     async def status(request: Request) -> Response:
-        return JSONResponse(daemon.status())
+        doc = daemon.status()
+        if request.query_params.get("history") in ("1", "true"):
+            from supervisord_llm import observe
+
+            watching = observe.find(daemon.extensions)
+            doc["history"] = watching.history.export() if watching is not None else None
+        return JSONResponse(doc)
 
     async def engine_op(request: Request) -> Response:
         name = request.path_params["name"]

@@ -37,7 +37,7 @@ import httpx
 import structlog
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -82,6 +82,8 @@ class Upstream:
     ``served_model`` replaces the request's ``model`` field when set (mlx_lm.server wants
     ``"default_model"`` or its model path there, never the gateway's name for it).
     ``accepts_images``: its model can see, so translated Messages requests may carry images.
+    ``auth_headers`` is the engine's own API key (vLLM/SGLang ``--api-key``, oMLX ``auth.api_key``):
+    when set it replaces whatever credentials the client sent, which were for the gateway.
     """
 
     engine: str
@@ -90,6 +92,7 @@ class Upstream:
     supports_messages: bool
     served_model: str | None = None
     accepts_images: bool = False
+    auth_headers: tuple[tuple[str, str], ...] = ()
 
 
 class EngineUnavailable(EngineError):
@@ -133,6 +136,7 @@ class RequestStats:
     decode_s: float | None
     max_gap_s: float | None
     ended: str  # "complete" | "client_disconnected" | "upstream_error" | "stalled"
+    duration_s: float | None = None  # from sending to the engine to the last byte
 
 
 class GatewayBackend(Protocol):
@@ -439,7 +443,7 @@ class TokenMeter:
 def _loads(payload: bytes) -> Any:
     try:
         return json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # an engine's odd output is not the gateway's crash
         return None
 
 
@@ -1022,6 +1026,7 @@ class _Forward:
             decode_s=None if first is None or last is None else last - first,
             max_gap_s=meter.max_gap_s,
             ended=ended,
+            duration_s=self.gw.clock.now() - self.sent_at_s if self.sent_at_s else None,
         )
         self.gw.call_backend("request_finished", stats)
 
@@ -1217,6 +1222,14 @@ class _Gateway:
     async def _prepare(self, request: Request, path: str, anthropic: bool) -> Response | _Forward:
         try:
             body = await self.read_body(request)
+        except ClientDisconnect:
+            # The client is gone: nobody reads this answer and nothing was forwarded. An error reply
+            # (not an exception) keeps it out of the server's error log; one such client is routine.
+            self.log.info("gateway.client_disconnected", path=path, phase="request_body")
+            return error_response(
+                anthropic, 400, "the client disconnected before its request body was complete",
+                "client_disconnected"
+            )
         except _BodyTooLarge:
             limit = self.settings.max_body_bytes
             return error_response(
@@ -1280,8 +1293,10 @@ class _Gateway:
             doc["model"] = upstream.served_model
             body = json.dumps(doc).encode()
 
-        drop = _HOP_BY_HOP | _CREDENTIALS if self._api_key is not None else _HOP_BY_HOP
+        own_key = self._api_key is not None or bool(upstream.auth_headers)
+        drop = _HOP_BY_HOP | _CREDENTIALS if own_key else _HOP_BY_HOP
         headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in drop]
+        headers += [(k.encode(), v.encode()) for k, v in upstream.auth_headers]
         headers.append((b"accept-encoding", b"identity"))  # the meter reads plain bytes
         query = request.url.query
         url = upstream.base_url.rstrip("/") + path + ("?" + query if query else "")
@@ -1332,7 +1347,10 @@ class _Gateway:
             (b"accept", b"text/event-stream"),
             (b"accept-encoding", b"identity"),  # the meter reads plain bytes
         ]
-        if self._api_key is None:
+        if upstream.auth_headers:
+            # The engine's own key replaces the client's credentials (as on passthrough).
+            headers += [(k.encode(), v.encode()) for k, v in upstream.auth_headers]
+        elif self._api_key is None:
             # No gateway key: the client's key is meant for the engine (as on passthrough).
             key = request.headers.get("x-api-key")
             auth = request.headers.get("authorization") or (f"Bearer {key}" if key else None)
@@ -1360,7 +1378,7 @@ class _Gateway:
         if upstream.served_model is not None:
             body["model"] = upstream.served_model
         try:
-            response = await self.client.post(url, json=body, timeout=10.0)
+            response = await self.client.post(url, json=body, headers=dict(upstream.auth_headers), timeout=10.0)
             counted = response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             counted = None

@@ -40,11 +40,22 @@ def configure_logging(level: str, *, json_logs: bool) -> Any:
 
 
 def build_daemon(config: Config, logger: Any) -> Any:
+    """Claim the state dir, then build the subsystems and load durable state. Blocking.
+
+    The lock comes first: subsystems open files in the state dir (the alert outbox compacts its
+    journal when built), and a second daemon must fail before touching what the first one uses.
+    """
     from supervisord_llm.daemon import Daemon
     from supervisord_llm.extensions import install_extensions
 
     daemon = Daemon(config, logger=logger)
-    install_extensions(daemon)
+    daemon.claim()
+    try:
+        install_extensions(daemon)
+        daemon.open()
+    except BaseException:
+        daemon.close()
+        raise
     return daemon
 
 
@@ -62,8 +73,7 @@ async def run_daemon(config: Config, logger: Any, *, banner: str | None = None) 
     from supervisord_llm import scopes
     from supervisord_llm.sdnotify import Notifier, watchdog_loop
 
-    daemon = build_daemon(config, logger)
-    await anyio.to_thread.run_sync(daemon.open)
+    daemon = await anyio.to_thread.run_sync(build_daemon, config, logger)
     launcher = await anyio.to_thread.run_sync(scopes.launcher)
     if launcher.enabled or scopes.why_off:
         logger.info("daemon.engine_scopes", enabled=launcher.enabled, user_manager=launcher.user, why_off=scopes.why_off)
@@ -126,6 +136,7 @@ model = "{model_dir}"
 port = {engine_port}
 default = true                # requests without a model go here
 footprint = "1GB"             # memory admission: what this engine holds while resident
+args = ["--prompt-cache-bytes", "256MB"]  # the engine bounds its own KV cache (the memory guard backs it up)
 start_timeout = "2m"          # ready only after a real generation succeeded within this time
 stop_grace = "20s"            # SIGTERM, then SIGKILL after this long
 canary_interval = "30s"       # a tiny real generation when no traffic proved it works

@@ -345,7 +345,7 @@ def test_vision_key_is_validated_and_defaults_off() -> None:
     from supervisord_llm.config import parse_config
     from supervisord_llm.errors import ConfigError
 
-    engine = {"name": "e", "kind": "mlx_lm", "model": "/m", "port": 9001}
+    engine = {"name": "e", "kind": "mlx_lm", "model": "/m", "port": 9001, "footprint": "1GB"}
     assert parse_config({"engine": [engine]}, "/etc/llm.toml").engines[0].vision is False
     assert parse_config({"engine": [{**engine, "vision": True}]}, "/etc/llm.toml").engines[0].vision is True
     with pytest.raises(ConfigError) as info:
