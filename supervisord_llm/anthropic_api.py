@@ -666,14 +666,17 @@ class StreamTranslator:
                 self.output_tokens_seen += 1
             if isinstance(reasoning, str) and reasoning:
                 self._reasoning(reasoning)
-            if isinstance(content, str) and content:
-                self._text(content)
-                if self.done:
-                    return
+            # Calls before text: mlx_lm.server sends a finished call together with the text the
+            # model wrote after it (server.py handle_completion emits both once the tool section
+            # has closed); engines that stream calls send them in chunks of their own.
             if isinstance(calls, list):
                 for call in calls:
                     if isinstance(call, dict):
                         self._tool_call(call)
+            if isinstance(content, str) and content:
+                self._text(content)
+                if self.done:
+                    return
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]
         if self._finish is not None and doc.get("usage") is not None:

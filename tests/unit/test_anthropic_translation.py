@@ -351,3 +351,14 @@ def test_vision_key_is_validated_and_defaults_off() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"engine": [{**engine, "vision": "yes"}]}, "/etc/llm.toml")
     assert info.value.file == "/etc/llm.toml" and "vision" in str(info.value.key) and "true or false" in str(info.value)
+
+
+def test_mlx_chunk_with_a_finished_call_and_the_text_after_it_keeps_their_order() -> None:
+    """mlx_lm.server's chunk carrying a finished call plus the text written after it: tool_use, then text."""
+    call = {"function": {"name": "w", "arguments": "{}"}, "type": "function", "id": "u1", "index": 0}
+    events = run(StreamTranslator(model="m"), chunk({"content": "Let me look."})
+                 + chunk({"role": "assistant", "content": " Done.", "tool_calls": [call]}) + chunk({}, "tool_calls"))
+    message = folded(events)
+    assert [(b.type, getattr(b, "text", None)) for b in message.content] == [
+        ("text", "Let me look."), ("tool_use", None), ("text", " Done.")]
+    assert message.stop_reason == "tool_use"
