@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.chat import ChatCompletionChunk
 from pydantic import TypeAdapter
 
@@ -362,3 +364,31 @@ def test_mlx_chunk_with_a_finished_call_and_the_text_after_it_keeps_their_order(
     assert [(b.type, getattr(b, "text", None)) for b in message.content] == [
         ("text", "Let me look."), ("tool_use", None), ("text", " Done.")]
     assert message.stop_reason == "tool_use"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pieces=st.lists(st.text(alphabet="ab <>/thinkEND\n\"\\é", min_size=1, max_size=6), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(min_value=1, max_value=40), max_size=30),
+    think=st.sampled_from(["text", "thinking"]),
+)
+def test_how_engine_bytes_are_split_never_changes_the_message(pieces: list[str], cuts: list[int], think: str) -> None:
+    """However the engine's bytes are split into reads, the client gets the same message (stop sequences too)."""
+    stream = b"".join(chunk({"content": p}) for p in pieces) + chunk({}, "stop") + b"data: [DONE]\n\n"
+
+    def message_for(reads: list[bytes]) -> dict[str, Any]:
+        translator = StreamTranslator(model="m", stop_sequences=("END",), think=think, message_id="msg_x")
+        events = translator.start()
+        for read in reads:
+            events += translator.feed(read)
+            if translator.done:
+                break
+        events += translator.finish()
+        return folded(events).model_dump()
+
+    reads, at = [], 0
+    for cut in cuts:
+        reads.append(stream[at:at + cut])
+        at += cut
+    reads.append(stream[at:])
+    assert message_for(reads) == message_for([stream])
