@@ -130,7 +130,7 @@ async def test_async_sdk_create_and_stream_against_real_mlx(engine: MlxServer) -
 
 @pytest.mark.slow
 def test_sync_sdk_multi_turn_stop_sequence_and_count_tokens(engine: MlxServer) -> None:
-    """Sync SDK: multi-turn with system blocks, stop_sequences ending the answer, count_tokens flagged."""
+    """Sync SDK: multi-turn with system blocks, stop_sequences, count_tokens flagged, a tool_result turn."""
     backend = backend_for(engine)
 
     async def run() -> tuple[Message, Message, list[str], Any]:
@@ -155,6 +155,16 @@ def test_sync_sdk_multi_turn_stop_sequence_and_count_tokens(engine: MlxServer) -
                         kinds = [event.type for event in stream]
                     counted = client.messages.with_raw_response.count_tokens(model="tiny", messages=turns,
                                                                              system=system)
+                    # a tool_use / tool_result history reaches the real engine as tool_calls + tool messages
+                    tools = [WEATHER_TOOL]
+                    after_tool = client.messages.create(model="tiny", max_tokens=6, tools=tools, messages=[
+                        {"role": "user", "content": "weather?"},
+                        {"role": "assistant", "content": [
+                            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+                        {"role": "user", "content": [
+                            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "rain", "is_error": False}]},
+                    ], **GREEDY)
+                    assert after_tool.content[0].text and after_tool.stop_reason == "max_tokens"
                     return first, cut, kinds, counted
 
             return await anyio.to_thread.run_sync(calls)
