@@ -23,6 +23,11 @@ The request is checked explicitly, field by field, rather than by validating aga
 lazily and reports without the path (``messages[3].content[1]`` becomes ``0``), so an error could
 not name the field. The SDK's own models (``anthropic.types.Message``, ``RawMessageStreamEvent``,
 ``openai.types.chat.ChatCompletionChunk``) check every shape this module produces in the tests.
+
+Why not litellm, which has an Anthropic→OpenAI adapter: it makes the engine call itself (so the
+gateway's meter would no longer read the engine's bytes as they arrive, which the watchdog's
+evidence rule needs), and version 1.110 is a 44 MB wheel (133 MB, 4,192 files installed) pulling
+boto3, aiohttp, tokenizers, huggingface-hub, tiktoken and more into a daemon that must stay small.
 """
 
 from __future__ import annotations
