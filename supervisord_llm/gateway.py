@@ -1201,7 +1201,7 @@ class _Gateway:
             return self.unauthorized(False)
         return JSONResponse(self.stats.snapshot())
 
-    async def forward(self, request: Request) -> Response | _Forward:
+    async def forward(self, request: Request) -> Response | _Counted:
         path = request.url.path
         anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
         if not self.authorized(request):
@@ -1487,7 +1487,7 @@ def build_app(
     )
 
     @asynccontextmanager
-    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+    async def lifespan(app: Starlette):
         async with gw.make_client() as client:
             gw.client = client
             yield
