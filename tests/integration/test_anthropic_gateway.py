@@ -23,7 +23,7 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from supervisord_llm.gateway import TOKEN_COUNT_HEADER, Upstream
+from supervisord_llm.gateway import TOKEN_COUNT_HEADER, GatewaySettings, Upstream
 from tests.helpers import PYTHON, REPO, MlxServer, free_port, mlx_engine_toml, wait_http
 from tests.integration.test_gateway import Backend, opened, running_gateway
 
@@ -465,3 +465,18 @@ async def test_pings_keep_a_quiet_prefill_alive_and_are_not_progress(
     assert kinds[-1] == "message_stop"
     stats = backend.finished[0]
     assert stats.tokens == 3 and stats.ttft_s is not None and stats.ttft_s >= 1.4  # pings were not tokens
+
+
+@pytest.mark.anyio
+async def test_think_tags_auto_gives_thinking_blocks_only_to_requests_that_enable_thinking(tool_engine: str) -> None:
+    """With think_tags = "auto", reasoning becomes a thinking block when the request enables thinking, else text."""
+    backend = backend_for(mlxtools=tool_engine)
+    ask = {"model": "mlxtools", "max_tokens": 50, "messages": [{"role": "user", "content": "THINK FIRST"}]}
+    async with running_gateway(backend, GatewaySettings(think_tags="auto")) as url:
+        client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
+        thinking = await client.messages.create(**ask, thinking={"type": "enabled", "budget_tokens": 1024})
+        async with client.messages.stream(**ask) as stream:
+            plain = await stream.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in thinking.content] == [
+        ("thinking", "plan more"), ("text", "answer")]
+    assert [(b.type, b.text) for b in plain.content] == [("text", "<think>plan more</think>answer")]
