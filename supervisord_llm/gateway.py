@@ -66,7 +66,8 @@ MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 # A translated stream sends the client a ping after this long without any other event.
 TRANSLATED_PING_INTERVAL_S = 5.0
-# On a translated count_tokens answer: "engine-tokenizer", or "estimate (...)" saying how.
+# On a count_tokens answer: "engine" (its own count_tokens), "engine-tokenizer" (its /tokenize),
+# or "estimate (...)" saying how.
 TOKEN_COUNT_HEADER = "x-supervisord-llm-token-count"
 
 
@@ -1284,6 +1285,8 @@ class _Gateway:
             return upstream
         if anthropic and not upstream.supports_messages:
             return await self._translate(request, path, doc, upstream)
+        if path == COUNT_TOKENS_PATH and request.method == "POST" and isinstance(doc, dict):
+            return await self._native_count_tokens(request, doc, upstream)
 
         if (
             upstream.served_model is not None
@@ -1368,6 +1371,45 @@ class _Gateway:
             stream_requested=True,  # the engine always streams: the watchdog sees its progress
             translation=_Translation(translator, stream=checked.stream),
         )
+
+    async def _native_count_tokens(self, request: Request, doc: dict[str, Any], upstream: Upstream) -> Response:
+        """count_tokens on an engine that serves the Messages API: its own answer where it has the
+        endpoint; where it answers 404/405 (Ollama and vLLM serve /v1/messages without it), counted
+        as for a translated engine."""
+        body = dict(doc)
+        if upstream.served_model is not None:
+            body["model"] = upstream.served_model
+        headers = {"anthropic-version": request.headers.get("anthropic-version", "2023-06-01")}
+        if upstream.auth_headers:
+            headers.update(dict(upstream.auth_headers))
+        elif self._api_key is None:
+            for name in ("x-api-key", "authorization"):
+                if name in request.headers:
+                    headers[name] = request.headers[name]
+        query = request.url.query
+        url = upstream.base_url.rstrip("/") + COUNT_TOKENS_PATH + ("?" + query if query else "")
+        try:
+            response = await self.client.post(url, json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return error_response(
+                True,
+                502,
+                f"engine {upstream.engine!r} at {upstream.base_url} could not be reached: {type(exc).__name__}",
+                "upstream_unreachable",
+                engine=upstream.engine,
+            )
+        if response.status_code not in (404, 405):
+            return Response(
+                response.content,
+                status_code=response.status_code,
+                media_type=response.headers.get("content-type", "application/json"),
+                headers={TOKEN_COUNT_HEADER: "engine"} if response.status_code == 200 else None,
+            )
+        try:
+            checked = anthropic_api.check_request({"max_tokens": 1, **doc})
+        except anthropic_api.RequestInvalid as exc:
+            return error_response(True, 400, str(exc), "invalid_request", field=exc.field)
+        return await self._count_tokens(checked.doc, upstream)
 
     async def _count_tokens(self, doc: dict[str, Any], upstream: Upstream) -> Response:
         """Tokens of a request: the engine's /tokenize where it has one, else an estimate, said so."""

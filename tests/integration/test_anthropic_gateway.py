@@ -480,3 +480,42 @@ async def test_think_tags_auto_gives_thinking_blocks_only_to_requests_that_enabl
     assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in thinking.content] == [
         ("thinking", "plan more"), ("text", "answer")]
     assert [(b.type, b.text) for b in plain.content] == [("text", "<think>plan more</think>answer")]
+
+
+@pytest.fixture(scope="module")
+def native_engines() -> Iterator[tuple[str, str]]:
+    """Two Anthropic-native stand-ins: one with count_tokens, one without (404, as Ollama's)."""
+    procs, urls = [], []
+    for extra in (["--count-tokens"], []):
+        port = free_port()
+        procs.append(subprocess.Popen([PYTHON, str(REPO / "tests" / "standins" / "anthropic_engine.py"),
+                                       "--port", str(port), *extra], start_new_session=True))
+        urls.append(f"http://127.0.0.1:{port}")
+    try:
+        for url in urls:
+            wait_http(url + "/health", timeout_s=20)
+        yield urls[0], urls[1]
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+@pytest.mark.anyio
+async def test_count_tokens_on_native_engines_uses_theirs_or_falls_back_saying_so(
+    native_engines: tuple[str, str],
+) -> None:
+    """A native engine's own count_tokens answers; one without the endpoint gets the flagged estimate."""
+    with_count, without = native_engines
+    backend = Backend({
+        "counts": Upstream("counts", with_count, "llama_cpp", supports_messages=True),
+        "nocount": Upstream("nocount", without, "ollama", supports_messages=True),
+    }, "counts")
+    messages = [{"role": "user", "content": "one two three"}]
+    async with running_gateway(backend) as url:
+        client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
+        own = await client.messages.with_raw_response.count_tokens(model="counts", messages=messages)
+        estimated = await client.messages.with_raw_response.count_tokens(model="nocount", messages=messages)
+    assert (await own.parse()).input_tokens == 3 and own.headers[TOKEN_COUNT_HEADER] == "engine"
+    assert (await estimated.parse()).input_tokens >= 1
+    assert estimated.headers[TOKEN_COUNT_HEADER].startswith("estimate")
