@@ -1,9 +1,11 @@
 """The gateway: one OpenAI/Anthropic-compatible front port for every configured engine.
 
 The ``model`` field of a request picks the engine (name, alias, or the default engine). The
-gateway forwards requests byte for byte (no protocol translation), streams pass through chunk by
-chunk, and every token that goes by is watched: time to first token, gaps between tokens, token
-counts, and stalls (a live stream with no token for too long) are reported to the daemon.
+gateway forwards requests byte for byte, streams pass through chunk by chunk, and every token that
+goes by is watched: time to first token, gaps between tokens, token counts, and stalls (a live
+stream with no token for too long) are reported to the daemon. The one translation: the Anthropic
+Messages API for engines that serve only the OpenAI API (``anthropic_api``), where the meter still
+reads the engine's own bytes as they arrive.
 
 It depends on the daemon only through :class:`GatewayBackend` (a protocol defined here):
 
