@@ -396,7 +396,7 @@ async def test_engine_errors_reach_the_client_in_anthropic_shape(engine: MlxServ
 def test_daemon_holds_a_translated_request_through_a_restart_and_a_stalled_stream_marks_hung(
     daemon_factory, tiny_model: Path
 ) -> None:
-    """During a restart a Messages request is held, then served; a translated stream that stops is `hung`."""
+    """A Messages request is held through a restart, bad input is a 400, a stalled translated stream is `hung`."""
     gw = free_port()
     cfg = mlx_engine_toml("tiny", free_port(), tiny_model, default=True, canary_interval="10m")
     cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = 60\ndecode_stall_s = 2\n'
@@ -410,6 +410,14 @@ def test_daemon_holds_a_translated_request_through_a_restart_and_a_stalled_strea
         assert message.content[0].text and message.usage.output_tokens == 4
         pid = d.engine("tiny")["pid"]
         assert pid != first["pid"]
+        # bad input to the real daemon: 400s in Anthropic's shape, and it goes on serving
+        bad = httpx.post(f"http://127.0.0.1:{gw}/v1/messages", content=b'{"model": "tiny", "max_tokens": 5,',
+                         headers={"content-type": "application/json"}, timeout=30)
+        many = httpx.post(f"http://127.0.0.1:{gw}/v1/messages", timeout=30, json={
+            "model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [WEATHER_TOOL] * 10_000})
+        assert (bad.status_code, bad.json()["error"]["type"]) == (400, "invalid_request_error")
+        assert many.status_code == 400 and many.json()["error"]["field"] == "tools"
 
         seen = 0
         with pytest.raises(anthropic.APIStatusError) as info:
