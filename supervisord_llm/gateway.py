@@ -1376,8 +1376,8 @@ class _Gateway:
 
     async def _native_count_tokens(self, request: Request, doc: dict[str, Any], upstream: Upstream) -> Response:
         """count_tokens on an engine that serves the Messages API: its own answer where it has the
-        endpoint; where it answers 404/405 (Ollama and vLLM serve /v1/messages without it), counted
-        as for a translated engine."""
+        endpoint; where it answers 404/405 (a Messages API without count_tokens), counted as for a
+        translated engine."""
         body = dict(doc)
         if upstream.served_model is not None:
             body["model"] = upstream.served_model

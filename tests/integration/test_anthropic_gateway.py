@@ -492,7 +492,7 @@ async def test_think_tags_auto_gives_thinking_blocks_only_to_requests_that_enabl
 
 @pytest.fixture(scope="module")
 def native_engines() -> Iterator[tuple[str, str]]:
-    """Two Anthropic-native stand-ins: one with count_tokens, one without (404, as Ollama's)."""
+    """Two Anthropic-native stand-ins: one with count_tokens, one whose Messages API lacks it (404)."""
     procs, urls = [], []
     for extra in (["--count-tokens"], []):
         port = free_port()

@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 WORDS = ["Hello", " from", " the", " stand", "-in", " engine", ".", " It", " streams", " words"]
 
 
-COUNT_TOKENS = False  # --count-tokens: answer /v1/messages/count_tokens (without it: 404, as Ollama)
+COUNT_TOKENS = False  # --count-tokens: answer /v1/messages/count_tokens (without: 404, no such endpoint)
 
 
 class _Stats:
