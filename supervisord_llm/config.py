@@ -190,6 +190,9 @@ class EngineConfig:
     # Memory guard watermarks on what the engine's process tree holds; None = footprint x the factors.
     memory_soft_bytes: int | None = None
     memory_hard_bytes: int | None = None
+    # The model takes images: /v1/messages image blocks are translated for it (OpenAI image_url
+    # parts) instead of refused. Only read where the gateway translates the Messages API.
+    vision: bool = False
 
     @property
     def base_url(self) -> str:
@@ -307,6 +310,7 @@ _ENGINE_KEYS = frozenset({
     "canary_timeout", "stall", "load_timeout", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
     "alert_on_exit",
     "memory_soft", "memory_hard",
+    "vision",
 })
 
 
@@ -393,6 +397,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         alert_on_exit=t.bool("alert_on_exit", True),
         memory_soft_bytes=memory_soft_bytes,
         memory_hard_bytes=memory_hard_bytes,
+        vision=t.bool("vision", False),
     )
 
 
