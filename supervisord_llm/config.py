@@ -10,6 +10,7 @@ Sections owned by other modules (``[gateway]``, ``[alerts]``) are validated by t
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import tomllib
@@ -74,8 +75,8 @@ class Table:
             return default
         return self.data[name]
 
-    def str(self, name: str, default: str | None = None, *, required: bool = False,
-            choices: tuple[str, ...] | None = None) -> str | None:
+    def str(self, name: builtins.str, default: builtins.str | None = None, *, required: builtins.bool = False,
+            choices: tuple[builtins.str, ...] | None = None) -> builtins.str | None:
         value = self._get(name, default, required)
         if value is None:
             return None
@@ -85,14 +86,14 @@ class Table:
             raise self.error(name, f"{value!r} is not valid; expected one of: {', '.join(choices)}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._get(name, default, False)
         if not isinstance(value, bool):
             raise self.error(name, f"expected true or false, got {value!r}")
         return value
 
-    def int(self, name: str, default: int | None = None, *, required: bool = False,
-            min_value: int | None = None, max_value: int | None = None) -> int | None:
+    def int(self, name: builtins.str, default: builtins.int | None = None, *, required: builtins.bool = False,
+            min_value: builtins.int | None = None, max_value: builtins.int | None = None) -> builtins.int | None:
         value = self._get(name, default, required)
         if value is None:
             return None
@@ -104,8 +105,8 @@ class Table:
             raise self.error(name, f"must be at most {max_value}, got {value}")
         return value
 
-    def float(self, name: str, default: float, *, min_value: float | None = None,
-              max_value: float | None = None) -> float:
+    def float(self, name: builtins.str, default: builtins.float, *, min_value: builtins.float | None = None,
+              max_value: builtins.float | None = None) -> builtins.float:
         value = self._get(name, default, False)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(name, f"expected a number, got {type(value).__name__} {value!r}")
@@ -115,8 +116,8 @@ class Table:
             raise self.error(name, f"must be at most {max_value}, got {value}")
         return float(value)
 
-    def duration_s(self, name: str, default: str | float, *, min_s: float | None = None,
-                   why: str = "") -> float:
+    def duration_s(self, name: builtins.str, default: builtins.str | builtins.float, *, min_s: builtins.float | None = None,
+                   why: builtins.str = "") -> builtins.float:
         value = self._get(name, default, False)
         try:
             seconds = parse_duration_s(value)
@@ -127,7 +128,7 @@ class Table:
             raise self.error(name, f"must be at least {min_s:g}s{reason}, got {value!r}")
         return seconds
 
-    def size_bytes(self, name: str, default: str | int | None, *, allow_auto: bool = False) -> int | None:
+    def size_bytes(self, name: builtins.str, default: builtins.str | builtins.int | None, *, allow_auto: builtins.bool = False) -> builtins.int | None:
         """A size; ``None`` means "auto" where allowed."""
         value = self._get(name, default, False)
         if value is None:
@@ -140,13 +141,13 @@ class Table:
             extra = ' or "auto"' if allow_auto else ""
             raise self.error(name, f"{exc}{extra}") from exc
 
-    def str_list(self, name: str, default: list[str] | None = None) -> tuple[str, ...]:
+    def str_list(self, name: builtins.str, default: list[builtins.str] | None = None) -> tuple[builtins.str, ...]:
         value = self._get(name, default or [], False)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.error(name, f"expected a list of strings such as [\"--flag\", \"value\"], got {value!r}")
         return tuple(value)
 
-    def str_map(self, name: str) -> dict[str, str]:
+    def str_map(self, name: builtins.str) -> dict[builtins.str, builtins.str]:
         value = self._get(name, {}, False)
         if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
             raise self.error(name, f"expected a table of strings such as {{ KEY = \"value\" }}, got {value!r}")
@@ -181,6 +182,12 @@ class EngineConfig:
     # GPU memory the engine holds on each of its gpu_devices (weights, KV cache, CUDA context);
     # None = footprint split evenly over them. With it set, footprint is host RAM only.
     gpu_footprint_bytes: int | None = None
+    # Every exit the daemon did not ask for opens a warning alert episode (raised to critical in a
+    # crash loop); false leaves only the crash-loop alert.
+    alert_on_exit: bool = True
+    # Memory guard watermarks on what the engine's process tree holds; None = footprint x the factors.
+    memory_soft_bytes: int | None = None
+    memory_hard_bytes: int | None = None
 
     @property
     def base_url(self) -> str:
@@ -209,6 +216,14 @@ class MemorySettings:
     admission_wait_s: float = 300.0
     return_wait_s: float = 300.0
     swap_drain_s: float = 30.0  # a swap waits this long for in-flight requests on engines it stops
+
+
+@dataclass(frozen=True)
+class MemoryGuardConfig:
+    enabled: bool = True
+    soft_factor: float = 1.1
+    hard_factor: float = 1.3
+    drain_grace_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -264,6 +279,7 @@ class Config:
     reboot: RebootConfig = RebootConfig()
     degraded: DegradedSettings = DegradedSettings()
     probes: ProbeSettings = ProbeSettings()
+    memory_guard: MemoryGuardConfig = MemoryGuardConfig()
     gateway: Any = None  # supervisord_llm.gateway.GatewaySettings, or None when off
     alerts: Any = None  # supervisord_llm.alerts.AlertSettings
 
@@ -287,6 +303,8 @@ _ENGINE_KEYS = frozenset({
     "name", "kind", "model", "host", "port", "args", "command", "env", "cwd", "footprint", "exclusive",
     "default", "aliases", "served_model", "start_timeout", "stop_grace", "autostart", "canary_interval",
     "canary_timeout", "stall", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
+    "alert_on_exit",
+    "memory_soft", "memory_hard",
 })
 
 
@@ -318,6 +336,12 @@ def _parse_engine(t: Table) -> EngineConfig:
     if gpu_footprint_bytes is not None and not gpu_devices:
         raise t.error("gpu_footprint", "is per GPU device and needs gpu_devices, the GPU indices it applies to, "
                                        "e.g. gpu_devices = [0]")
+    memory_soft_bytes = t.size_bytes("memory_soft", "auto", allow_auto=True)
+    memory_hard_bytes = t.size_bytes("memory_hard", "auto", allow_auto=True)
+    if memory_soft_bytes is not None and memory_hard_bytes is not None and memory_soft_bytes >= memory_hard_bytes:
+        raise t.error("memory_soft", f"must be below memory_hard ({memory_hard_bytes} bytes), got {memory_soft_bytes} "
+                                     'bytes; e.g. memory_soft = "110GB", memory_hard = "130GB"')
+
     footprint_bytes = t.size_bytes("footprint", "auto", allow_auto=True)
     return EngineConfig(
         name=name,
@@ -344,12 +368,26 @@ def _parse_engine(t: Table) -> EngineConfig:
         gpu_devices=tuple(gpu_devices),
         supports_messages=supports_messages,
         gpu_footprint_bytes=gpu_footprint_bytes,
+        alert_on_exit=t.bool("alert_on_exit", True),
+        memory_soft_bytes=memory_soft_bytes,
+        memory_hard_bytes=memory_hard_bytes,
     )
+
+
+def _parse_memory_guard(t: Table) -> MemoryGuardConfig:
+    t.check_unknown({"enabled", "soft_factor", "hard_factor", "drain_grace"})
+    soft = t.float("soft_factor", 1.1, min_value=1.0, max_value=4.0)
+    hard = t.float("hard_factor", 1.3, min_value=1.0, max_value=4.0)
+    if soft >= hard:
+        raise t.error("soft_factor", f"must be below hard_factor ({hard:g}), got {soft:g}; e.g. soft_factor = 1.1, "
+                                     "hard_factor = 1.3")
+    return MemoryGuardConfig(enabled=t.bool("enabled", True), soft_factor=soft, hard_factor=hard,
+                             drain_grace_s=t.duration_s("drain_grace", "30s"))
 
 
 def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, StrandedSettings, RebootConfig,
                                         DegradedSettings]:
-    t.check_unknown({"restart", "memory", "stranded", "reboot", "degraded"})
+    t.check_unknown({"restart", "memory", "stranded", "reboot", "degraded", "memory_guard"})
     r = t.sub("restart")
     r.check_unknown({"min_interval", "initial_backoff", "factor", "max_backoff", "reset_after", "max_failures",
                      "failure_window", "hang_restart_after"})
@@ -476,6 +514,7 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
     restart, memory, stranded, reboot, degraded = _parse_policies(root.sub("policies"))
     probes = _parse_probes(root.sub("probes"))
+    memory_guard = _parse_memory_guard(root.sub("policies").sub("memory_guard"))
 
     gateway = None
     if "gateway" in data:
@@ -515,6 +554,7 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
         reboot=reboot,
         degraded=degraded,
         probes=probes,
+        memory_guard=memory_guard,
         gateway=gateway,
         alerts=alerts,
     )

@@ -65,7 +65,7 @@ def peer_uid(sock: socket.socket) -> int | None:
 class PeerCheckedProtocol(H11Protocol):
     """uvicorn's h11 protocol, refusing connections from other users before reading anything."""
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         sock = transport.get_extra_info("socket")
         uid = peer_uid(sock) if sock is not None else None
         if uid is None or uid != os.getuid():
@@ -125,7 +125,13 @@ def _bool(data: dict[str, Any], key: str) -> bool:
 
 def build_control_app(daemon: Daemon) -> Starlette:
     async def status(request: Request) -> Response:
-        return JSONResponse(daemon.status())
+        doc = daemon.status()
+        if request.query_params.get("history") in ("1", "true"):
+            from supervisord_llm import observe
+
+            watching = observe.find(daemon.extensions)
+            doc["history"] = watching.history.export() if watching is not None else None
+        return JSONResponse(doc)
 
     async def engine_op(request: Request) -> Response:
         name = request.path_params["name"]
@@ -309,8 +315,11 @@ async def serve_control(daemon: Daemon, *, task_status: anyio.abc.TaskStatus[Non
     config = uvicorn.Config(app, http=PeerCheckedProtocol, lifespan="off", log_config=None, access_log=False,
                             timeout_graceful_shutdown=1, limit_concurrency=2048, backlog=256)
     server = DaemonServer(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
-        while not server.started:
-            await anyio.sleep(0.01)
-        task_status.started()
+    # uvicorn closes the listening socket only when it shuts down by itself; a cancelled daemon
+    # would otherwise leave the socket to the garbage collector.
+    with sock:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            while not server.started:
+                await anyio.sleep(0.01)
+            task_status.started()

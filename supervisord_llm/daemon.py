@@ -21,7 +21,7 @@ import anyio
 import httpx
 import psutil
 
-from policies import backoff
+from policies import backoff, episodes
 from policies.actions import Admit, Alert, Refuse
 from policies.admission import Footprint, admit, auto_footprint_bytes
 from probes.readings import SystemMemoryReading
@@ -118,6 +118,7 @@ class Daemon:
         self._saved: dict[str, Any] = {}
         self.extensions: list[Any] = []  # optional subsystems (alerts, gateway, metrics, stranded, gpu)
         self.alerts_outbox: Any = None
+        self.memory_guard: Any = None  # supervisord_llm.memory_guard.MemoryGuardExtension (learned peaks)
         self.gateway_app: Any = None
         self.healthy_loop = True
         self._stopping = False
@@ -175,7 +176,9 @@ class Daemon:
                 ext.restore(saved if isinstance(saved, dict) else {})
         from supervisord_llm.health import EngineHealth, baseline_from_record, health_settings
 
-        baselines = self._saved.get("baselines") if isinstance(self._saved.get("baselines"), dict) else {}
+        baselines = self._saved.get("baselines")
+        if not isinstance(baselines, dict):
+            baselines = {}
         self.supervisors = {}
         for engine in self.config.engines:
             sup = EngineSupervisor(engine, self)
@@ -195,6 +198,8 @@ class Daemon:
     def close(self) -> None:
         if self.state_writer is not None:
             self.state_writer.close()  # the last state reaches the disk before the lock is released
+        for sup in self.supervisors.values():
+            sup.close()
         if self.events is not None:
             self.events.close()  # what is still queued reaches the file before the lock is released
         self.lock.release()
@@ -350,7 +355,7 @@ class Daemon:
 
         await anyio.to_thread.run_sync(kill)
         self.events.emit("daemon.orphans_killed", pids=pids)
-        if on_gpu:
+        if on_gpu and gpu is not None:
             await gpu.wait_orphans_released(on_gpu, killed_at_s)
 
     async def shutdown(self, *, stop_engines: bool = True) -> None:
@@ -415,8 +420,8 @@ class Daemon:
         """Throughput baselines per model, kept across engine and daemon restarts."""
         from supervisord_llm.health import baseline_record
 
-        saved = self._saved.get("baselines") if isinstance(self._saved.get("baselines"), dict) else {}
-        out = dict(saved)
+        saved = self._saved.get("baselines")
+        out = dict(saved) if isinstance(saved, dict) else {}
         for sup in self.supervisors.values():
             if sup.health is not None and sup.health.baseline_state.window_rates:
                 out[model_key(sup.config)] = baseline_record(sup.health.baseline_state)
@@ -471,6 +476,12 @@ class Daemon:
     # ---- admission -------------------------------------------------------------------------
 
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
+        """What admission counts the engine at: max(configured or estimated, the peak it was seen to hold)."""
+        configured = self.configured_footprint_bytes(sup)
+        learned = self.memory_guard.learned_bytes(sup.name) if self.memory_guard is not None else 0
+        return max(configured, learned) if configured is not None else (learned or None)
+
+    def configured_footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         cfg = sup.config
         if cfg.footprint_bytes is not None:
             return cfg.footprint_bytes
@@ -550,18 +561,20 @@ class Daemon:
             if hasattr(ext, "on_engine_ready"):
                 ext.on_engine_ready(sup)
 
-    ENGINE_EPISODES = ("engine.failed", "engine.hung", "engine.degraded", "engine.start_refused")
-
     def _resolve_engine_alerts(self, sup: EngineSupervisor) -> None:
-        """An engine that is ready again closes every open episode about it, also ones opened by an
-        earlier daemon (the outbox remembers open episodes across restarts)."""
+        """An engine that is ready again closes every open episode about it (``policies.episodes``)."""
         if self.alerts_outbox is None:
             return
-        for key in self.alerts_outbox.open_episodes():
-            kind, _, engine = key.partition(":")
-            if engine == sup.name and kind in self.ENGINE_EPISODES:
-                self.alert(Alert(key=key, severity="info", summary=f"{sup.name} is ready again",
-                                 details={"engine": sup.name}, resolved=True))
+        self._resolve_episodes(sup.name, "ready", episodes.on_ready)
+
+    def _resolve_episodes(self, engine: str, trigger: str, decide: Callable[..., tuple[Alert, ...]]) -> None:
+        open_keys = list(self.alerts_outbox.open_episodes())
+        alerts = decide(engine, open_keys)
+        if alerts:
+            self.events.emit("policy.decided", policy="episodes", engine=engine, trigger=trigger,
+                             decision="resolve " + ",".join(a.key for a in alerts), open_episodes=open_keys)
+        for alert in alerts:
+            self.alert(alert)
 
     def engine_exited(self, sup: EngineSupervisor) -> None:
         for ext in self.extensions:
@@ -609,7 +622,10 @@ class Daemon:
         return await sup.command("start", force=force)
 
     async def stop(self, name: str) -> str:
-        return await self.supervisor(name).command("stop")
+        message = await self.supervisor(name).command("stop")
+        if self.alerts_outbox is not None:
+            self._resolve_episodes(name, "llmctl stop", episodes.on_stopped_by_person)
+        return message
 
     async def restart(self, name: str, *, force: bool = False) -> str:
         return await self.supervisor(name).command("restart", force=force)

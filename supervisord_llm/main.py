@@ -136,6 +136,7 @@ model = "{model_dir}"
 port = {engine_port}
 default = true                # requests without a model go here
 footprint = "1GB"             # memory admission: what this engine holds while resident
+args = ["--prompt-cache-bytes", "256MB"]  # the engine bounds its own KV cache (the memory guard backs it up)
 start_timeout = "2m"          # ready only after a real generation succeeded within this time
 stop_grace = "20s"            # SIGTERM, then SIGKILL after this long
 canary_interval = "30s"       # a tiny real generation when no traffic proved it works

@@ -31,6 +31,7 @@ from policies.actions import Alert, MarkFailed, Refuse, WaitUntil
 from probes.readings import CanaryReading, Diagnosis
 from supervisord_llm.adapters import EngineAdapter, adapter_for
 from supervisord_llm.config import EngineConfig
+from supervisord_llm.episodes import exit_alerts
 from supervisord_llm.errors import (
     EngineError,
     EngineSpawnFailed,
@@ -202,6 +203,13 @@ class EngineSupervisor:
             self._send.send_nowait(message)
         except anyio.WouldBlock:
             self.log.warning("engine.inbox_full", message=type(message).__name__)
+        except anyio.ClosedResourceError:
+            pass  # the supervisor has ended (daemon exit): nothing acts on messages any more
+
+    def close(self) -> None:
+        """Close the inbox (idempotent): the supervisor's loop has ended or never ran."""
+        self._send.close()
+        self._inbox.close()
 
     @property
     def resident(self) -> bool:
@@ -223,11 +231,14 @@ class EngineSupervisor:
             elif autostart:
                 self._autostart()
             task_status.started()
-            async for message in self._inbox:
-                try:
-                    self._handle(message)
-                except Exception as exc:  # a bug must not take the supervisor down with the engine
-                    self.log.exception("engine.handler_failed", message=type(message).__name__, error=str(exc))
+            try:
+                async for message in self._inbox:
+                    try:
+                        self._handle(message)
+                    except Exception as exc:  # a bug must not take the supervisor down with the engine
+                        self.log.exception("engine.handler_failed", message=type(message).__name__, error=str(exc))
+            finally:
+                self.close()
 
     def _autostart(self) -> None:
         """Start at daemon start, unless the spawn history (kept across daemon restarts) says the
@@ -495,6 +506,7 @@ class EngineSupervisor:
                     continue
                 self._record_canary(reading)
                 if reading.ok:
+                    await self._discover(client)
                     self.post(Ready(gen, reading))
                     return
                 last_error = f"generation check failed: {reading.error}"
@@ -503,6 +515,15 @@ class EngineSupervisor:
         self.post(StartTimedOut(gen, EngineStartTimeout(
             self.name, f"no successful generation within start_timeout {self.config.start_timeout_s:.0f}s "
                        f"(last: {last_error}); raise engine.start_timeout for large models")))
+
+    async def _discover(self, client: httpx.AsyncClient) -> None:
+        """Version-dependent facts (e.g. a native /v1/messages) asked of the engine once it generates."""
+        try:
+            facts = await self.adapter.discover(client)
+        except Exception as exc:  # a probe bug must not keep a generating engine from ready
+            facts = {"error": f"{type(exc).__name__}: {exc}"}
+        if facts:
+            self.daemon.events.emit("engine.discovered", engine=self.name, **facts)
 
     def _record_canary(self, reading: CanaryReading) -> None:
         self.last_canary = reading
@@ -595,9 +616,8 @@ class EngineSupervisor:
     def _schedule_after_failure(self, reason: str) -> None:
         now = self.clock.now()
         actions = backoff.decide_after_exit(self.backoff, self.daemon.backoff_settings, now)
-        for action in actions:
-            if isinstance(action, Alert):
-                self.daemon.alert(action)
+        for alert in exit_alerts(self, actions, now):
+            self.daemon.alert(alert)
         first = actions[0]
         if isinstance(first, MarkFailed):
             self._set_state(EngineState.FAILED, first.reason)
@@ -684,6 +704,11 @@ class EngineSupervisor:
             self.last_exit = {"code": None, "signal": None, "reason": f"hang restart: {v.reason}",
                               "at": self.clock.wall()}
             self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True)
+        elif v.state == "memory_restart" and (self.state in SERVING_STATES or self.state == EngineState.HUNG):
+            # Counted as a failure: the restart waits out the normal backoff, and a model that keeps
+            # outgrowing its footprint ends in failed instead of a loop.
+            self.last_exit = {"code": None, "signal": None, "reason": v.reason, "at": self.clock.wall()}
+            self._begin_stop(v.reason, then="auto", failure=True)
         elif v.state == "degraded" and self.state == EngineState.READY:
             self._set_state(EngineState.DEGRADED, v.reason)
             self.daemon.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
