@@ -159,3 +159,67 @@ def test_port_held_by_another_users_process_is_named_and_left_alone(daemon_facto
     finally:
         holder.kill()
         holder.wait()
+
+
+class _JumpingClock:
+    """The system's monotonic clock with a wall clock that a test can jump (NTP step, a person's `date -s`)."""
+
+    def __init__(self) -> None:
+        self.wall_offset_s = 0.0
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time() + self.wall_offset_s
+
+
+@pytest.mark.anyio
+async def test_wall_clock_jump_changes_no_restart_timing(outcome) -> None:
+    """The wall clock steps an hour back, then two forward, while an engine waits in backoff: the wait
+    (measured on the monotonic clock) is unchanged; only the displayed wall time of the next start moves."""
+    import io
+    import signal as signals
+
+    import anyio
+    import structlog
+
+    from supervisord_llm.config import load_config
+    from supervisord_llm.daemon import Daemon
+
+    outcome.scenario = "wall clock jumps ±1 h while an engine waits in backoff (in-process daemon, stand-in engine)"
+    outcome.expected = "next start in ≈ the same seconds before and after each jump; no spawn, no early restart"
+    state = short_tmpdir()
+    path = state / "config.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{state}"\n' + standin_engine_toml("e", free_port()))
+    clock = _JumpingClock()
+    daemon = Daemon(load_config(path), logger=structlog.wrap_logger(structlog.PrintLogger(io.StringIO())), clock=clock)
+    daemon.open()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.run)
+            sup = daemon.supervisors["e"]
+            with anyio.fail_after(30):
+                await sup.wait_for(lambda s: s.state == "ready", None)
+            assert sup.proc is not None
+            os.kill(sup.proc.pid, signals.SIGKILL)
+            with anyio.fail_after(10):
+                await sup.wait_for(lambda s: s.state == "backoff", None)
+            seen = []
+            for jump_s in (0.0, -3600.0, 7200.0):
+                clock.wall_offset_s += jump_s
+                await anyio.sleep(0.5)
+                status = sup.status()
+                seen.append((status["next_start_in_s"], status["next_start_at"] - clock.wall()))
+            spawns = [e for e in daemon.events.recent if e["kind"] == "engine.spawned"]
+            await daemon.shutdown()
+            tg.cancel_scope.cancel()
+    finally:
+        daemon.close()
+    waits = [w for w, _ in seen]
+    assert max(waits) - min(waits) < 3, f"the backoff wait moved with the wall clock: {seen}"
+    assert all(abs(w - shown) < 1.5 for w, shown in seen), seen
+    assert min(waits) > 50 and len(spawns) == 1, "no restart came early"
+    outcome.observed = (f"next start in {waits[0]:.1f} s, then {waits[1]:.1f} s after −1 h, {waits[2]:.1f} s after +2 h; "
+                        "one spawn")
+    outcome.lost = "nothing"
