@@ -445,7 +445,7 @@ class EngineSupervisor:
             # The spawn time is recorded before the fork, so even a daemon killed right after the
             # fork cannot spawn twice within min_interval.
             self.backoff = backoff.record_spawn(self.backoff, self.clock.now())
-            self.daemon.persist()
+            await self.daemon.persist_durably()
             inherit = engine_environment(os.environ, daemon_secret_values(self.daemon.config))
             proc = EngineProcess.spawn(self.adapter.argv(), env=self.adapter.env(), cwd=self.config.cwd,
                                        log_path=self.log_path, tag=tag, engine=self.name, inherit=inherit)
