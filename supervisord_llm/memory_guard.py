@@ -143,11 +143,12 @@ class MemoryGuardExtension:
             marks = g.marks or self._watermarks(self.daemon.supervisors[e["name"]])
             mem["soft_bytes"] = marks.soft_bytes if marks else None
             mem["hard_bytes"] = marks.hard_bytes if marks else None
-            mem["guard"] = "off" if not self.enabled or marks is None else g.verdict
+            running = bool(e.get("pid"))
+            mem["guard"] = "off" if not self.enabled or marks is None else g.verdict if running else None
             gpu_marks = g.gpu_marks or self._gpu_watermarks(self.daemon.supervisors[e["name"]])
             if gpu_marks is not None:
                 mem["gpu_soft_bytes"], mem["gpu_hard_bytes"] = gpu_marks.soft_bytes, gpu_marks.hard_bytes
-                mem["gpu_guard"] = "off" if not self.enabled else g.gpu_verdict
+                mem["gpu_guard"] = "off" if not self.enabled else g.gpu_verdict if running else None
 
     # ---- per-engine readings (watchdog, every full tree walk) ---------------------------------
 
