@@ -500,7 +500,7 @@ GPU_ENGINE = '[[engine]]\nname = "g"\nkind = "command"\ncommand = ["x", "{port}"
 GPU_FOOTPRINT_CONFIGS = [
     ("60GiB per device", 'gpu_devices = [0, 1]\ngpu_footprint = "60GiB"\n', 60 * GIB, None),
     ("bytes as a number", "gpu_devices = [0]\ngpu_footprint = 1048576\n", 1048576, None),
-    ("unset", "gpu_devices = [0]\n", None, None),
+    ("unset", 'gpu_devices = [0]\nfootprint = "8GB"\n', None, None),
     ("bad unit", 'gpu_devices = [0]\ngpu_footprint = "40 parsecs"\n', None,
      "engine[0].gpu_footprint: unknown size unit 'parsecs'"),
     ("auto is not a size here", 'gpu_devices = [0]\ngpu_footprint = "auto"\n', None,
