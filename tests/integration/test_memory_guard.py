@@ -197,7 +197,7 @@ def test_real_mlx_server_is_attributed_and_the_guard_stays_quiet(daemon_factory,
     """The real mlx_lm.server's RSS is attributed to it (matches its process tree) and normal traffic
     raises no memory alert, also with footprint = "auto" on a model whose weights are a few MB."""
     from policies.admission import auto_footprint_bytes
-    from supervisord_llm.daemon import _weights_on_disk
+    from probes.weights import read_weights
     from supervisord_llm.memory_guard import AUTO_RUNTIME_BYTES
 
     gw = free_port()
@@ -217,7 +217,9 @@ def test_real_mlx_server_is_attributed_and_the_guard_stays_quiet(daemon_factory,
     print(f"mlx_lm.server held {mem['held_bytes'] / MB:.1f} MB (psutil {tree_rss / MB:.1f} MB), peak "
           f"{mem['peak_bytes'] / MB:.1f} MB, soft {mem['soft_bytes'] / MB:.0f} MB, hard {mem['hard_bytes'] / MB:.0f} MB")
     assert abs(mem["held_bytes"] - tree_rss) < 0.15 * tree_rss
-    guarded = auto_footprint_bytes(_weights_on_disk(str(tiny_model)) or 0) + AUTO_RUNTIME_BYTES
+    weights = read_weights(str(tiny_model), "mlx_lm")
+    assert weights is not None
+    guarded = auto_footprint_bytes(weights.bytes) + AUTO_RUNTIME_BYTES
     assert mem["guard"] == "ok" and mem["soft_bytes"] == round(guarded * 1.1) and mem["hard_bytes"] == round(guarded * 1.3)
     assert mem["peak_bytes"] >= mem["held_bytes"] * 0.9
     assert not _alerts(d, "engine.memory"), "no memory alert under normal traffic"
