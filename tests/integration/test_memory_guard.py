@@ -260,31 +260,3 @@ def test_machine_below_its_headroom_recycles_the_largest_offender_first(daemon_f
     assert b["state"] == "ready" and b["restarts"] == 0, "an engine within its footprint keeps serving"
     assert not _alerts(d, "engine.memory_exceeded:b")
 
-
-@pytest.mark.chaos_full
-def test_recycled_engine_comes_back_fresh_after_the_floor_and_its_episode_ends(daemon_factory) -> None:
-    """After the guard's restart (60 s floor) the engine is ready again with its memory back, a new pid,
-    the critical episode resolved, and admission still counting the peak it reached."""
-    gw = free_port()
-    cfg = standin_engine_toml("grow", free_port(), "--grow-mb", "40", footprint="60MB", memory_soft="100MB",
-                              memory_hard="120MB", canary_interval="10m")
-    cfg += FAST_PROBES + _gateway(gw)
-    # An alert target makes the daemon keep episodes (nothing listens there; deliveries just wait).
-    cfg += f'[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "http://127.0.0.1:{free_port()}/x"\n'
-    d = daemon_factory(cfg).start()
-    first = d.wait_state("grow", "ready", 30)
-    while d.engine("grow")["state"] == "ready":
-        _chat(f"http://127.0.0.1:{gw}", "grow")
-        time.sleep(0.5)
-    d.wait_state("grow", "backoff", 30)
-    again = d.wait_state("grow", "ready", 90)
-    assert again["pid"] != first["pid"]
-    mem = _wait_memory(d, "grow", "held_bytes", 1)
-    assert mem["held_bytes"] < 100 * MB and mem["guard"] == "ok", mem
-    assert mem["learned_peak_bytes"] >= 120 * MB and d.engine("grow")["footprint_bytes"] >= 120 * MB
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not any(a["resolved"] for a in _alerts(d, "engine.memory_exceeded:grow")):
-        time.sleep(0.2)
-    assert [a["resolved"] for a in _alerts(d, "engine.memory_exceeded:grow")] == [False, True]
-    spawns = [datetime_s(e["at"]) for e in d.events() if e["kind"] == "engine.spawned" and e["engine"] == "grow"]
-    assert len(spawns) == 2 and spawns[1] - spawns[0] >= 60 - 0.5
