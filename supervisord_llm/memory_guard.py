@@ -223,16 +223,15 @@ class MemoryGuardExtension:
         return base
 
     def _gpu_watermarks(self, sup: EngineSupervisor) -> policy.Watermarks | None:
-        """GPU memory the engine may hold over all its devices: gpu_footprint x devices (or, without
-        gpu_footprint, the footprint, which is then split over the devices) x the factors."""
+        """GPU memory the engine may hold over all its devices: gpu_footprint x devices x the factors.
+
+        Only with an explicit gpu_footprint: without it the host footprint split over the devices is an
+        admission estimate (CUDA context and allocator slack are not in it), too rough to restart on.
+        """
         cfg = sup.config
-        if not cfg.gpu_devices:
+        if not cfg.gpu_devices or not cfg.gpu_footprint_bytes:
             return None
-        if cfg.gpu_footprint_bytes is not None:
-            base = cfg.gpu_footprint_bytes * len(cfg.gpu_devices)
-        else:
-            base = self.daemon.configured_footprint_bytes(sup) or 0
-        return policy.watermarks(base, self.settings) if base else None
+        return policy.watermarks(cfg.gpu_footprint_bytes * len(cfg.gpu_devices), self.settings)
 
     def _watermarks(self, sup: EngineSupervisor) -> policy.Watermarks | None:
         daemon = self.daemon
