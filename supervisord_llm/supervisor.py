@@ -126,7 +126,7 @@ class Stopped:
 @dataclass
 class HealthVerdict:
     gen: int
-    state: str  # "ok" | "hung" | "degraded"
+    state: str  # "ok" | "hung" | "hang_restart" | "degraded" | "degraded_restart" | "memory_restart"
     reason: str
     evidence: dict[str, Any] | None = None  # which source showed silence (or progress), for how long
 
