@@ -340,6 +340,8 @@ def _parse_engine(t: Table) -> EngineConfig:
     if memory_soft_bytes is not None and memory_hard_bytes is not None and memory_soft_bytes >= memory_hard_bytes:
         raise t.error("memory_soft", f"must be below memory_hard ({memory_hard_bytes} bytes), got {memory_soft_bytes} "
                                      'bytes; e.g. memory_soft = "110GB", memory_hard = "130GB"')
+
+    footprint_bytes = t.size_bytes("footprint", "auto", allow_auto=True)
     return EngineConfig(
         name=name,
         kind=kind,
@@ -350,7 +352,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         command=command,
         env=t.str_map("env"),
         cwd=os.path.expanduser(cwd) if cwd else None,
-        footprint_bytes=t.size_bytes("footprint", "auto", allow_auto=True),
+        footprint_bytes=footprint_bytes,
         exclusive=t.bool("exclusive", False),
         default=t.bool("default", False),
         aliases=t.str_list("aliases"),
@@ -536,6 +538,11 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
         alerts = AlertSettings.from_toml(root.sub("alerts").data, file=file, key="alerts")
 
+    # Last: every other mistake is named first, and this is the one check that reads the disk.
+    for i, engine in enumerate(engines):
+        if engine.footprint_bytes is None and engine.gpu_footprint_bytes is None:
+            _require_known_weights(Table(engines_raw[i], file, f"engine[{i}]"), engine.kind, engine.model, environ)
+
     return Config(
         file=file,
         daemon=daemon,
@@ -550,6 +557,22 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
         gateway=gateway,
         alerts=alerts,
     )
+
+
+def _require_known_weights(t: Table, kind: str, model: str | None, environ: Mapping[str, str] | None) -> None:
+    """``footprint = "auto"`` is the weights' size times memory.footprint_factor; a size that cannot
+    be known must not count as 0 (two big engines would pass admission together, and a resident
+    engine's memory would count as stranded)."""
+    from probes.weights import read_weights, where_looked
+
+    if not model:
+        raise t.error("footprint", 'is "auto" (the default) but this engine names no model to measure; '
+                                   'set footprint to what it holds while resident, e.g. footprint = "140GB"')
+    if read_weights(model, kind, environ) is None:
+        raise t.error("footprint", f'is "auto" (the default) but the size of model {model!r} cannot be known: '
+                                   f"no weights found in {where_looked(model, kind, environ)} (not downloaded "
+                                   'yet?); set footprint explicitly, e.g. footprint = "140GB", or download '
+                                   "the model first")
 
 
 def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:

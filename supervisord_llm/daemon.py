@@ -24,6 +24,7 @@ from policies import backoff, episodes
 from policies.actions import Admit, Alert, Refuse
 from policies.admission import Footprint, admit, auto_footprint_bytes
 from probes.readings import SystemMemoryReading
+from probes.weights import read_weights
 from supervisord_llm import __version__
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.config import Config
@@ -466,7 +467,8 @@ class Daemon:
             return 0  # "auto" with a GPU footprint: the weights live in GPU memory, not host RAM
         weights = getattr(sup, "_weights_bytes", None)
         if weights is None:
-            weights = _weights_on_disk(cfg.model)
+            reading = read_weights(cfg.model, cfg.kind)
+            weights = reading.bytes if reading else None
             sup._weights_bytes = weights  # type: ignore[attr-defined]
         return auto_footprint_bytes(weights, self.config.memory.auto_factor) if weights else None
 
@@ -841,22 +843,6 @@ class Daemon:
 
 def model_key(engine: Any) -> str:
     return f"{engine.kind}:{engine.served_model or engine.model or engine.name}"
-
-
-def _weights_on_disk(model: str | None) -> int | None:
-    if not model:
-        return None
-    path = Path(os.path.expanduser(model))
-    if not path.is_dir():
-        return None
-    total = 0
-    for pattern in ("*.safetensors", "*.gguf", "*.bin", "*.npz"):
-        for f in path.glob(pattern):
-            try:
-                total += f.stat().st_size
-            except OSError:
-                pass
-    return total or None
 
 
 def _group_root(group: list[psutil.Process]) -> psutil.Process | None:

@@ -32,13 +32,14 @@ def test_minimal_config_loads_with_defaults(tmp_path: Path) -> None:
 
 def test_state_dir_resolution_uses_environment(tmp_path: Path) -> None:
     """Without [daemon] state_dir, $SUPERVISORD_LLM_STATE_DIR is used."""
-    cfg = load_config(write(tmp_path, GOOD_ENGINE), environ={"SUPERVISORD_LLM_STATE_DIR": str(tmp_path / "x")})
+    cfg = load_config(write(tmp_path, GOOD_ENGINE + 'footprint = "1GB"\n'),
+                      environ={"SUPERVISORD_LLM_STATE_DIR": str(tmp_path / "x")})
     assert cfg.daemon.state_dir == tmp_path / "x"
 
 
 def test_config_path_resolution_uses_environment(tmp_path: Path) -> None:
     """Without --config, $SUPERVISORD_LLM_CONFIG names the file."""
-    path = write(tmp_path, GOOD_ENGINE)
+    path = write(tmp_path, GOOD_ENGINE + 'footprint = "1GB"\n')
     assert load_config(None, environ={"SUPERVISORD_LLM_CONFIG": str(path)}).file == str(path)
 
 
