@@ -19,10 +19,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -m "not chaos_full and not gpu"
 
 lint: install
 	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy
 
 chaos: install
 	$(BIN)/python -m pytest -q tests/chaos

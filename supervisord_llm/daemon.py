@@ -172,7 +172,9 @@ class Daemon:
                 ext.restore(saved if isinstance(saved, dict) else {})
         from supervisord_llm.health import EngineHealth, baseline_from_record, health_settings
 
-        baselines = self._saved.get("baselines") if isinstance(self._saved.get("baselines"), dict) else {}
+        baselines = self._saved.get("baselines")
+        if not isinstance(baselines, dict):
+            baselines = {}
         self.supervisors = {}
         for engine in self.config.engines:
             sup = EngineSupervisor(engine, self)
@@ -190,6 +192,8 @@ class Daemon:
             self.supervisors[engine.name] = sup
 
     def close(self) -> None:
+        for sup in self.supervisors.values():
+            sup.close()
         if self.events is not None:
             self.events.close()  # what is still queued reaches the file before the lock is released
         self.lock.release()
@@ -345,7 +349,7 @@ class Daemon:
 
         await anyio.to_thread.run_sync(kill)
         self.events.emit("daemon.orphans_killed", pids=pids)
-        if on_gpu:
+        if on_gpu and gpu is not None:
             await gpu.wait_orphans_released(on_gpu, killed_at_s)
 
     async def shutdown(self, *, stop_engines: bool = True) -> None:
@@ -398,8 +402,8 @@ class Daemon:
         """Throughput baselines per model, kept across engine and daemon restarts."""
         from supervisord_llm.health import baseline_record
 
-        saved = self._saved.get("baselines") if isinstance(self._saved.get("baselines"), dict) else {}
-        out = dict(saved)
+        saved = self._saved.get("baselines")
+        out = dict(saved) if isinstance(saved, dict) else {}
         for sup in self.supervisors.values():
             if sup.health is not None and sup.health.baseline_state.window_rates:
                 out[model_key(sup.config)] = baseline_record(sup.health.baseline_state)

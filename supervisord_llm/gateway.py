@@ -25,7 +25,7 @@ import json
 import math
 import re
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -960,7 +960,7 @@ class _Forward:
             self.client_fed_at_s = now()
             await _send_quietly(send, ping)
 
-    async def _engine_chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
+    async def _engine_chunks(self, response: httpx.Response) -> AsyncGenerator[bytes, None]:
         """The engine's body as it arrives, each chunk through the token meter before anyone else.
 
         The meter is the watchdog's view of the engine: it sees the engine's own bytes at the
@@ -1199,7 +1199,7 @@ class _Gateway:
             return self.unauthorized(False)
         return JSONResponse(self.stats.snapshot())
 
-    async def forward(self, request: Request) -> Response | _Forward:
+    async def forward(self, request: Request) -> Response | _Counted:
         path = request.url.path
         anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
         if not self.authorized(request):
@@ -1480,7 +1480,7 @@ def build_app(
     )
 
     @asynccontextmanager
-    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+    async def lifespan(app: Starlette):
         async with gw.make_client() as client:
             gw.client = client
             yield

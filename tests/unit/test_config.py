@@ -124,13 +124,13 @@ def test_daemon_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
 
 def test_memory_guard_keys_load_and_default(tmp_path: Path) -> None:
     """memory_soft/memory_hard are sizes per engine; [policies.memory_guard] has its factors and grace."""
-    cfg = load_config(write(tmp_path, GOOD_ENGINE + 'memory_soft = "110GB"\nmemory_hard = "130GB"\n'
+    cfg = load_config(write(tmp_path, GOOD_ENGINE + 'footprint = "100GB"\nmemory_soft = "110GB"\nmemory_hard = "130GB"\n'
                             '[policies.memory_guard]\nsoft_factor = 1.2\nhard_factor = 1.5\ndrain_grace = "45s"\n'))
     e = cfg.engines[0]
     assert (e.memory_soft_bytes, e.memory_hard_bytes) == (110 * 10**9, 130 * 10**9)
     g = cfg.memory_guard
     assert (g.enabled, g.soft_factor, g.hard_factor, g.drain_grace_s) == (True, 1.2, 1.5, 45.0)
-    default = load_config(write(tmp_path, GOOD_ENGINE))
+    default = load_config(write(tmp_path, GOOD_ENGINE + 'footprint = "100GB"\n'))
     assert (default.engines[0].memory_soft_bytes, default.engines[0].memory_hard_bytes) == (None, None)
     assert (default.memory_guard.soft_factor, default.memory_guard.hard_factor) == (1.1, 1.3)
 
