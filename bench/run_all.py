@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -29,7 +30,7 @@ REPO = common.REPO
 DOC = REPO / "docs" / "benchmarks.md"
 PLOT = REPO / "docs" / "crash-detection.png"
 RESULTS = REPO / "bench" / "results" / "latest.json"
-ORDER = ("crash", "hang", "slowdown", "footprint", "swap")  # footprint also times status
+ORDER = ("crash", "hang", "slowdown", "footprint", "swap", "memory", "fault_matrix")  # footprint also times status
 
 
 def _ms(v: float | None) -> str:
@@ -180,8 +181,46 @@ def render_swap(r: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def render_fault_matrix(r: dict[str, Any]) -> str:
+    import fault_matrix
+
+    return fault_matrix.render(r)
+
+
+def render_memory(r: dict[str, Any]) -> str:
+    d, s = r["daemon"], r["supervisord"]
+
+    def row(label: str, key: str, fmt: Any) -> str:
+        return (f"| {label} | {fmt(d[key]['p50'])} / {fmt(d[key]['max'])} | "
+                f"{fmt(s[key]['p50'])} / {fmt(s[key]['max'])} |")
+
+    def tokens(v: float | None) -> str:
+        return "—" if v is None else f"{v:.0f} of {r['stream_tokens']}"
+
+    return "\n".join([
+        "### Engine grows past its footprint (memory guard)", "",
+        f"Same child for both: the stand-in engine, which allocates and touches {r['grow_mb']} MB per request and "
+        f"never frees it; limit {_mb(r['limit_bytes'])} of the process tree's RSS; {r['runs']} runs each "
+        f"(commit {r['commit']}). supervisord-llm: {d['setup']}. supervisord: {s['setup']}. A "
+        f"{r['stream_tokens']}-token stream is in flight when the engine crosses the limit; a 20 ms sampler times it.",
+        "", "| measure | supervisord-llm p50 / max | supervisord + memmon p50 / max |", "|---|---|---|",
+        row("limit crossed → decided", "decided_s", _s),
+        row("limit crossed → engine gone", "gone_s", _s),
+        row("in-flight stream received", "stream_tokens", tokens),
+        row("held past the limit (peak)", "over_limit_peak_bytes", _mb),
+        row("engine gone → next spawn", "next_spawn_after_stop_s", _s),
+        "",
+        f"Target: {r['target']} → {_verdict(r['met'])}."
+        + (" memmon stopped the engine with the stream still running (the client got a cut answer) and "
+           "restarted it at once; the guard drained first and kept the 60 s floor (a restart right after an "
+           "out-of-memory crash crashes again)." if (s["stream_tokens"]["min"] or 0) < r["stream_tokens"] else ""),
+        "",
+    ])
+
+
 RENDER = {"crash": render_crash, "hang": render_hang, "slowdown": render_slowdown, "footprint": render_footprint,
-          "swap": render_swap}
+          "swap": render_swap, "memory": render_memory,
+          "fault_matrix": render_fault_matrix}
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -194,6 +233,21 @@ def replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip() + "\n\n" + block + "\n"
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(DOC.parent.parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def stamp(body: str, when: str, commit: str) -> str:
+    """A section's body with the run it came from: sections of different runs share the doc, so
+    each one says its own date and commit (the doc never shows a figure of unknown origin)."""
+    head, _, rest = body.partition("\n")
+    return f"{head}\n\n_Run {when} at commit `{commit}`._\n{rest}"
+
+
 def write_doc(results: dict[str, Any], meta: dict[str, Any]) -> None:
     DOC.parent.mkdir(parents=True, exist_ok=True)
     text = DOC.read_text() if DOC.exists() else (
@@ -204,7 +258,7 @@ def write_doc(results: dict[str, Any], meta: dict[str, Any]) -> None:
         if name in results:
             r = results[name]
             body = RENDER[name](r) if "error" not in r else f"### {name}\n\nThe benchmark failed: `{r['error']}`\n"
-            text = replace_section(text, name, body)
+            text = replace_section(text, name, stamp(body, meta["finished_at"], meta.get("commit") or _commit()))
     DOC.write_text(text)
 
 
@@ -225,14 +279,17 @@ def main() -> None:
     if unknown:
         p.error(f"unknown benchmark {sorted(unknown)[0]!r}; valid: {', '.join(ORDER)}")
     import crash_bench
+    import fault_matrix
     import footprint_bench
     import hang_bench
+    import memory_bench
     import slowdown_bench
     import swap_bench
 
     runners = {"crash": lambda: crash_bench.run(args.runs), "hang": lambda: hang_bench.run(5),
                "slowdown": slowdown_bench.run, "footprint": lambda: footprint_bench.run(args.quick),
-               "swap": lambda: swap_bench.run(6)}
+               "swap": lambda: swap_bench.run(6), "memory": lambda: memory_bench.run(3),
+               "fault_matrix": fault_matrix.run}
     started = time.monotonic()
     results: dict[str, Any] = {}
     for name in chosen:
@@ -247,7 +304,7 @@ def main() -> None:
     meta = {"machine": common.machine_info(), "command": " ".join(shlex.quote(a) for a in
                                                                     ["bench/run_all.py", *sys.argv[1:]]),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"), "took_s": time.monotonic() - started,
-            "quick": args.quick}
+            "quick": args.quick, "commit": _commit()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**previous, **results, "meta": meta}, indent=1))

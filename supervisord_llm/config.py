@@ -176,12 +176,23 @@ class EngineConfig:
     canary_interval_s: float = 60.0
     canary_timeout_s: float = 30.0
     stall_s: float = 15.0
+    # Lazy engines (Ollama, oMLX): how long a model load may keep the first token waiting.
+    load_timeout_s: float = 600.0
     canary_max_tokens: int = 16
     gpu_devices: tuple[int, ...] = ()
     supports_messages: bool | None = None  # None = the adapter's default
     # GPU memory the engine holds on each of its gpu_devices (weights, KV cache, CUDA context);
     # None = footprint split evenly over them. With it set, footprint is host RAM only.
     gpu_footprint_bytes: int | None = None
+    # Every exit the daemon did not ask for opens a warning alert episode (raised to critical in a
+    # crash loop); false leaves only the crash-loop alert.
+    alert_on_exit: bool = True
+    # Memory guard watermarks on what the engine's process tree holds; None = footprint x the factors.
+    memory_soft_bytes: int | None = None
+    memory_hard_bytes: int | None = None
+    # The model takes images: /v1/messages image blocks are translated for it (OpenAI image_url
+    # parts) instead of refused. Only read where the gateway translates the Messages API.
+    vision: bool = False
 
     @property
     def base_url(self) -> str:
@@ -210,6 +221,14 @@ class MemorySettings:
     admission_wait_s: float = 300.0
     return_wait_s: float = 300.0
     swap_drain_s: float = 30.0  # a swap waits this long for in-flight requests on engines it stops
+
+
+@dataclass(frozen=True)
+class MemoryGuardConfig:
+    enabled: bool = True
+    soft_factor: float = 1.1
+    hard_factor: float = 1.3
+    drain_grace_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -265,6 +284,7 @@ class Config:
     reboot: RebootConfig = RebootConfig()
     degraded: DegradedSettings = DegradedSettings()
     probes: ProbeSettings = ProbeSettings()
+    memory_guard: MemoryGuardConfig = MemoryGuardConfig()
     gateway: Any = None  # supervisord_llm.gateway.GatewaySettings, or None when off
     alerts: Any = None  # supervisord_llm.alerts.AlertSettings
 
@@ -287,8 +307,28 @@ class Config:
 _ENGINE_KEYS = frozenset({
     "name", "kind", "model", "host", "port", "args", "command", "env", "cwd", "footprint", "exclusive",
     "default", "aliases", "served_model", "start_timeout", "stop_grace", "autostart", "canary_interval",
-    "canary_timeout", "stall", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
+    "canary_timeout", "stall", "load_timeout", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
+    "alert_on_exit",
+    "memory_soft", "memory_hard",
+    "vision",
 })
+
+
+# `omlx serve` saves any of these flags into the user's settings.json (omlx/cli.py
+# _has_cli_overrides then settings.save(), jundot/omlx commit 01496518); the daemon passes host, port
+# and model folder as OMLX_* environment variables instead, which oMLX reads without saving.
+_OMLX_SAVING_FLAGS = ("--model-dir", "--port", "--host", "--max-model-memory", "--max-process-memory", "--log-level",
+                      "--mcp-config", "--hf-endpoint", "--ms-endpoint", "--http-proxy", "--https-proxy", "--no-proxy",
+                      "--ca-bundle")
+
+
+def _check_omlx_args(t: Table) -> None:
+    for arg in t.str_list("args"):
+        flag = arg.split("=", 1)[0]
+        if flag in _OMLX_SAVING_FLAGS:
+            raise t.error("args", f"{flag} makes `omlx serve` rewrite the user's settings.json; use the engine's "
+                                  "model/host/port keys, or env OMLX_* variables (e.g. OMLX_MAX_CONCURRENT_REQUESTS), "
+                                  f"instead of any of {', '.join(_OMLX_SAVING_FLAGS)}")
 
 
 def _parse_engine(t: Table) -> EngineConfig:
@@ -307,6 +347,8 @@ def _parse_engine(t: Table) -> EngineConfig:
     elif not model:
         raise t.error("model", f'is required for kind {kind!r}: a model directory or id')
     port = t.int("port", 8080, min_value=1, max_value=65535)
+    if kind == "omlx":
+        _check_omlx_args(t)
     gpu_devices = t._get("gpu_devices", [], False)
     if not isinstance(gpu_devices, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                     for d in gpu_devices):
@@ -319,6 +361,13 @@ def _parse_engine(t: Table) -> EngineConfig:
     if gpu_footprint_bytes is not None and not gpu_devices:
         raise t.error("gpu_footprint", "is per GPU device and needs gpu_devices, the GPU indices it applies to, "
                                        "e.g. gpu_devices = [0]")
+    memory_soft_bytes = t.size_bytes("memory_soft", "auto", allow_auto=True)
+    memory_hard_bytes = t.size_bytes("memory_hard", "auto", allow_auto=True)
+    if memory_soft_bytes is not None and memory_hard_bytes is not None and memory_soft_bytes >= memory_hard_bytes:
+        raise t.error("memory_soft", f"must be below memory_hard ({memory_hard_bytes} bytes), got {memory_soft_bytes} "
+                                     'bytes; e.g. memory_soft = "110GB", memory_hard = "130GB"')
+
+    footprint_bytes = t.size_bytes("footprint", "auto", allow_auto=True)
     return EngineConfig(
         name=name,
         kind=kind,
@@ -329,7 +378,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         command=command,
         env=t.str_map("env"),
         cwd=os.path.expanduser(cwd) if cwd else None,
-        footprint_bytes=t.size_bytes("footprint", "auto", allow_auto=True),
+        footprint_bytes=footprint_bytes,
         exclusive=t.bool("exclusive", False),
         default=t.bool("default", False),
         aliases=t.str_list("aliases"),
@@ -340,16 +389,32 @@ def _parse_engine(t: Table) -> EngineConfig:
         canary_interval_s=t.duration_s("canary_interval", "60s", min_s=1),
         canary_timeout_s=t.duration_s("canary_timeout", "30s", min_s=0.5),
         stall_s=t.duration_s("stall", "15s", min_s=0.5),
+        load_timeout_s=t.duration_s("load_timeout", "10m", min_s=1),
         canary_max_tokens=t.int("canary_max_tokens", 16, min_value=1, max_value=4096) or 16,
         gpu_devices=tuple(gpu_devices),
         supports_messages=supports_messages,
         gpu_footprint_bytes=gpu_footprint_bytes,
+        alert_on_exit=t.bool("alert_on_exit", True),
+        memory_soft_bytes=memory_soft_bytes,
+        memory_hard_bytes=memory_hard_bytes,
+        vision=t.bool("vision", False),
     )
+
+
+def _parse_memory_guard(t: Table) -> MemoryGuardConfig:
+    t.check_unknown({"enabled", "soft_factor", "hard_factor", "drain_grace"})
+    soft = t.float("soft_factor", 1.1, min_value=1.0, max_value=4.0)
+    hard = t.float("hard_factor", 1.3, min_value=1.0, max_value=4.0)
+    if soft >= hard:
+        raise t.error("soft_factor", f"must be below hard_factor ({hard:g}), got {soft:g}; e.g. soft_factor = 1.1, "
+                                     "hard_factor = 1.3")
+    return MemoryGuardConfig(enabled=t.bool("enabled", True), soft_factor=soft, hard_factor=hard,
+                             drain_grace_s=t.duration_s("drain_grace", "30s"))
 
 
 def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, StrandedSettings, RebootConfig,
                                         DegradedSettings]:
-    t.check_unknown({"restart", "memory", "stranded", "reboot", "degraded"})
+    t.check_unknown({"restart", "memory", "stranded", "reboot", "degraded", "memory_guard"})
     r = t.sub("restart")
     r.check_unknown({"min_interval", "initial_backoff", "factor", "max_backoff", "reset_after", "max_failures",
                      "failure_window", "hang_restart_after"})
@@ -476,6 +541,7 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
     restart, memory, stranded, reboot, degraded = _parse_policies(root.sub("policies"))
     probes = _parse_probes(root.sub("probes"))
+    memory_guard = _parse_memory_guard(root.sub("policies").sub("memory_guard"))
 
     gateway = None
     if "gateway" in data:
@@ -500,6 +566,11 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
         alerts = AlertSettings.from_toml(root.sub("alerts").data, file=file, key="alerts")
 
+    # Last: every other mistake is named first, and this is the one check that reads the disk.
+    for i, engine in enumerate(engines):
+        if engine.footprint_bytes is None and engine.gpu_footprint_bytes is None:
+            _require_known_weights(Table(engines_raw[i], file, f"engine[{i}]"), engine.kind, engine.model, environ)
+
     return Config(
         file=file,
         daemon=daemon,
@@ -510,16 +581,39 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
         reboot=reboot,
         degraded=degraded,
         probes=probes,
+        memory_guard=memory_guard,
         gateway=gateway,
         alerts=alerts,
     )
 
 
+def _require_known_weights(t: Table, kind: str, model: str | None, environ: Mapping[str, str] | None) -> None:
+    """``footprint = "auto"`` is the weights' size times memory.footprint_factor; a size that cannot
+    be known must not count as 0 (two big engines would pass admission together, and a resident
+    engine's memory would count as stranded)."""
+    from probes.weights import read_weights, where_looked
+
+    if not model:
+        raise t.error("footprint", 'is "auto" (the default) but this engine names no model to measure; '
+                                   'set footprint to what it holds while resident, e.g. footprint = "140GB"')
+    if read_weights(model, kind, environ) is None:
+        raise t.error("footprint", f'is "auto" (the default) but the size of model {model!r} cannot be known: '
+                                   f"no weights found in {where_looked(model, kind, environ)} (not downloaded "
+                                   'yet?); set footprint explicitly, e.g. footprint = "140GB", or download '
+                                   "the model first")
+
+
 def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise t.error(key, f"expected HOST:PORT such as \"127.0.0.1:9464\", got {value!r}")
-    return host, int(port)
+    # The same parser the listener uses at start: what passes here also binds (IPv6 in brackets).
+    from supervisord_llm.gateway import parse_listen
+
+    try:
+        host, port = parse_listen(value)
+    except ValueError as exc:
+        raise t.error(key, str(exc)) from exc
+    if not 0 < port < 65536:
+        raise t.error(key, f"expected HOST:PORT such as \"127.0.0.1:9464\" or \"[::1]:9464\", got {value!r}")
+    return host, port
 
 
 def _same_listen(a: str, b: str) -> bool:

@@ -9,6 +9,7 @@ second copies, and keeps the 60 s spacing of spawns across its own restarts.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sys
 import uuid
@@ -20,7 +21,7 @@ import anyio
 import httpx
 import psutil
 
-from policies import backoff
+from policies import backoff, episodes
 from policies.actions import Admit, Alert, Refuse, Start, WaitUntil
 from policies.admission import Footprint, admit, auto_footprint_bytes, effective_budget_bytes, exclusive_conflicts
 from policies.swap import (
@@ -33,7 +34,8 @@ from policies.swap import (
     memory_returned,
     plan_swap,
 )
-from probes.readings import SystemMemoryReading
+from probes.readings import ProcessTreeReading, SystemMemoryReading
+from probes.weights import read_weights
 from supervisord_llm import __version__
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.config import Config
@@ -49,7 +51,9 @@ from supervisord_llm.events import EventLog
 from supervisord_llm.executor import ActionExecutor
 from supervisord_llm.extension import Extension
 from supervisord_llm.process import EngineProcess, tagged_processes
-from supervisord_llm.statefile import read_json, write_json_atomic
+from supervisord_llm.redact import redact_argv
+from supervisord_llm.statefile import move_aside, read_json, state_shape_problem
+from supervisord_llm.statewriter import StateWriter
 from supervisord_llm.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
 
 STATE_VERSION = 1
@@ -103,6 +107,7 @@ class Daemon:
         self.started_s = self.clock.now()
         self.lock = DaemonLock(self.state_dir)
         self.events: EventLog = None  # type: ignore[assignment]  # set in open()
+        self.state_writer: StateWriter | None = None  # set in claim()
         self.http: httpx.AsyncClient = None  # type: ignore[assignment]
         self.supervisors: dict[str, EngineSupervisor] = {}
         self.daemon_id = ""
@@ -125,6 +130,7 @@ class Daemon:
         self._saved: dict[str, Any] = {}
         self.extensions: list[Extension] = []  # optional subsystems (control API, alerts, gateway, metrics, stranded, gpu)
         self.alerts_outbox: Any = None
+        self.memory_guard: Any = None  # supervisord_llm.memory_guard.MemoryGuardExtension (learned peaks)
         self.gateway_app: Any = None
         self.healthy_loop = True
         self._stopping = False
@@ -133,17 +139,39 @@ class Daemon:
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Claim the state dir (refusing a second daemon) and load durable state. Blocking."""
+    def claim(self) -> None:
+        """Take the state dir: the lock is held before anything in it is read or written. Blocking.
+
+        A second daemon on the same dir fails here, before it could rewrite a file (the alert outbox,
+        the state file) that the running daemon still appends to.
+        """
+        if self.events is not None:
+            return
         prepare_state_dir(self.state_dir)
         self.lock.acquire()
         self.events = EventLog(self.state_dir / "events.jsonl", self.clock, self.log)
-        self._saved, problem = read_json(self.state_dir / "state.json")
+        self.state_writer = StateWriter(self.state_dir / "state.json", self._on_state_written)
+
+    def open(self) -> None:
+        """Claim the state dir (refusing a second daemon) and load durable state. Blocking."""
+        self.claim()
+        path = self.state_dir / "state.json"
+        self._saved, problem = read_json(path)
+        if problem is None and self._saved:
+            # Valid JSON of the wrong shape is a damaged file too: kept aside, warned about, not fatal.
+            shape = state_shape_problem(self._saved)
+            if shape is None:
+                try:
+                    self._load_saved()
+                except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                    shape = f"{type(exc).__name__}: {exc}"
+            if shape is not None:
+                problem = move_aside(path, f"of the wrong shape ({shape})")
+                self._saved = {}
         if problem:
             self.events.emit("state.corrupt", problem=problem)
-        for ext in self.extensions:
-            saved = self._saved.get(ext.name)
-            ext.restore(saved if isinstance(saved, dict) else {})
+        if problem or not self._saved:
+            self._load_saved()
         id_file = self.state_dir / "daemon-id"
         try:
             self.daemon_id = id_file.read_text().strip()
@@ -152,11 +180,20 @@ class Daemon:
         if not self.daemon_id:
             self.daemon_id = uuid.uuid4().hex[:16]
             id_file.write_text(self.daemon_id)
+
+    def _load_saved(self) -> None:
+        """Restore the extensions and build the supervisors from ``self._saved`` (may be empty)."""
+        for ext in self.extensions:
+            saved = self._saved.get(ext.name)
+            ext.restore(saved if isinstance(saved, dict) else {})
         from supervisord_llm.health import EngineHealth, baseline_from_record, health_settings
 
         baselines = self._saved.get("baselines")
         if not isinstance(baselines, dict):
             baselines = {}
+        for old in self.supervisors.values():
+            old.close()  # built from a state file read earlier; they never ran
+        self.supervisors = {}
         for engine in self.config.engines:
             sup = EngineSupervisor(engine, self, log=self.log, logs_dir=self.state_dir / "logs",
                                    log_max_bytes=self.config.daemon.log_max_bytes)
@@ -174,6 +211,8 @@ class Daemon:
             self.supervisors[engine.name] = sup
 
     def close(self) -> None:
+        if self.state_writer is not None:
+            self.state_writer.close()  # the last state reaches the disk before the lock is released
         for sup in self.supervisors.values():
             sup.close()
         if self.events is not None:
@@ -284,7 +323,7 @@ class Daemon:
     async def _kill_orphans(self, orphans: list[psutil.Process]) -> None:
         pids = [p.pid for p in orphans]
         self.events.emit("daemon.orphans_found", pids=pids,
-                         commands=[" ".join(_cmdline(p))[:120] for p in orphans])
+                         commands=[" ".join(redact_argv(_cmdline(p)))[:120] for p in orphans])
         # Orphans may hold GPU memory: read which before killing them, and wait (bounded) until NVML
         # shows it back before any engine starts, so that no model loads next to their leftovers.
         on_gpu = [(ext, found) for ext in self.extensions if (found := await ext.gpu_orphans_at_start(pids))]
@@ -353,9 +392,13 @@ class Daemon:
 
     # ---- persistence -----------------------------------------------------------------------
 
-    def persist(self) -> None:
-        if self.events is None:
-            return
+    def persist(self) -> int:
+        """Hand the current state to the writer thread: no disk I/O on the loop. Returns its version.
+
+        Where an order depends on the state being on disk, use ``persist_durably``.
+        """
+        if self.events is None or self.state_writer is None:
+            return 0
         data = {
             "version": STATE_VERSION,
             "daemon_pid": os.getpid(),
@@ -367,15 +410,23 @@ class Daemon:
             record = ext.persisted()
             if record is not None:
                 data[ext.name] = record
-        try:
-            write_json_atomic(self.state_dir / "state.json", data)
-            if not self._persist_ok:
-                self._persist_ok = True
-                self.events.emit("state.write_recovered")
-        except OSError as exc:
-            if self._persist_ok:
-                self._persist_ok = False
-                self.log.error("state.write_failed", error=str(exc))
+        # Serialised here, on the loop: the writer thread gets a finished text, never live objects.
+        return self.state_writer.submit(json.dumps(data, indent=1, sort_keys=True))
+
+    async def persist_durably(self) -> None:
+        """``persist()`` and return once that state is on disk (waited for in a worker thread)."""
+        version = self.persist()
+        if version and self.state_writer is not None:
+            await anyio.to_thread.run_sync(self.state_writer.wait_written, version)
+
+    def _on_state_written(self, error: OSError | None) -> None:
+        """The writer thread's report on each write: an outage and its end are logged once each."""
+        if error is not None and self._persist_ok:
+            self._persist_ok = False
+            self.log.error("state.write_failed", path=str(self.state_dir / "state.json"), error=str(error))
+        elif error is None and not self._persist_ok:
+            self._persist_ok = True
+            self.log.warning("state.write_recovered", path=str(self.state_dir / "state.json"))
 
     def _baselines(self) -> dict[str, Any]:
         """Throughput baselines per model, kept across engine and daemon restarts."""
@@ -436,6 +487,12 @@ class Daemon:
     # ---- admission -------------------------------------------------------------------------
 
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
+        """What admission counts the engine at: max(configured or estimated, the peak it was seen to hold)."""
+        configured = self.configured_footprint_bytes(sup)
+        learned = self.memory_guard.learned_bytes(sup.name) if self.memory_guard is not None else 0
+        return max(configured, learned) if configured is not None else (learned or None)
+
+    def configured_footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         cfg = sup.config
         if cfg.footprint_bytes is not None:
             return cfg.footprint_bytes
@@ -443,7 +500,9 @@ class Daemon:
             return 0  # "auto" with a GPU footprint: the weights live in GPU memory, not host RAM
         weights = sup.weights_bytes
         if weights is None:
-            weights = sup.weights_bytes = _weights_on_disk(cfg.model)
+            reading = read_weights(cfg.model, cfg.kind)
+            weights = reading.bytes if reading else None
+            sup.weights_bytes = weights
         return auto_footprint_bytes(weights, self.config.memory.auto_factor) if weights else None
 
     def _footprint(self, sup: EngineSupervisor) -> Footprint:
@@ -569,22 +628,28 @@ class Daemon:
         for ext in self.extensions:
             ext.on_engine_ready(sup)
 
-    ENGINE_EPISODES = ("engine.failed", "engine.hung", "engine.degraded", "engine.start_refused")
-
     def _resolve_engine_alerts(self, sup: EngineSupervisor) -> None:
-        """An engine that is ready again closes every open episode about it, also ones opened by an
-        earlier daemon (the outbox remembers open episodes across restarts)."""
+        """An engine that is ready again closes every open episode about it (``policies.episodes``)."""
         if self.alerts_outbox is None:
             return
-        for key in self.alerts_outbox.open_episodes():
-            kind, _, engine = key.partition(":")
-            if engine == sup.name and kind in self.ENGINE_EPISODES:
-                self.alert(Alert(key=key, severity="info", summary=f"{sup.name} is ready again",
-                                 details={"engine": sup.name}, resolved=True))
+        self._resolve_episodes(sup.name, "ready", episodes.on_ready)
+
+    def _resolve_episodes(self, engine: str, trigger: str, decide: Callable[..., tuple[Alert, ...]]) -> None:
+        open_keys = list(self.alerts_outbox.open_episodes())
+        alerts = decide(engine, open_keys)
+        if alerts:
+            self.events.emit("policy.decided", policy="episodes", engine=engine, trigger=trigger,
+                             decision="resolve " + ",".join(a.key for a in alerts), open_episodes=open_keys)
+        for alert in alerts:
+            self.alert(alert)
 
     def engine_exited(self, sup: EngineSupervisor) -> None:
         for ext in self.extensions:
             ext.on_engine_exit(sup)
+
+    def on_engine_memory(self, sup: EngineSupervisor, gen: int, tree: ProcessTreeReading, gpu_bytes: int | None) -> None:
+        for ext in self.extensions:
+            ext.on_engine_memory(sup, gen, tree, gpu_bytes)
 
     def engine_gpu_bytes(self, pids: tuple[int, ...]) -> int | None:
         """GPU memory held by an engine's processes; None without a GPU reading."""
@@ -655,7 +720,10 @@ class Daemon:
         return await sup.command("start", force=force)
 
     async def stop(self, name: str) -> str:
-        return await self.supervisor(name).command("stop")
+        message = await self.supervisor(name).command("stop")
+        if self.alerts_outbox is not None:
+            self._resolve_episodes(name, "llmctl stop", episodes.on_stopped_by_person)
+        return message
 
     async def restart(self, name: str, *, force: bool = False) -> str:
         return await self.supervisor(name).command("restart", force=force)
@@ -856,22 +924,6 @@ class Daemon:
 
 def model_key(engine: Any) -> str:
     return f"{engine.kind}:{engine.served_model or engine.model or engine.name}"
-
-
-def _weights_on_disk(model: str | None) -> int | None:
-    if not model:
-        return None
-    path = Path(os.path.expanduser(model))
-    if not path.is_dir():
-        return None
-    total = 0
-    for pattern in ("*.safetensors", "*.gguf", "*.bin", "*.npz"):
-        for f in path.glob(pattern):
-            try:
-                total += f.stat().st_size
-            except OSError:
-                pass
-    return total or None
 
 
 def _group_root(group: list[psutil.Process]) -> psutil.Process | None:

@@ -12,6 +12,7 @@ Hooks (who calls them, and when):
 - ``on_memory(reading)``: every system memory reading.
 - ``before_start(sup)``: before an engine's admission (may raise ``EngineError`` to refuse).
 - ``on_engine_ready(sup)`` / ``on_engine_exit(sup)``: an engine's run began serving / ended.
+- ``on_engine_memory(sup, gen, tree, gpu_bytes)``: the watchdog's reading of an engine's memory.
 - ``stranded_bytes()`` / ``gpu_free_bytes()`` / ``engine_gpu_bytes(pids)``: readings for admission
   and status.
 - ``gpu_orphans_at_start(pids)`` / ``wait_orphans_released(orphans, killed_at_s)``: GPU memory of
@@ -30,7 +31,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from probes.readings import SystemMemoryReading
+from probes.readings import ProcessTreeReading, SystemMemoryReading
 from supervisord_llm.supervisor import EngineSupervisor
 
 
@@ -60,6 +61,10 @@ class Extension:
 
     def on_engine_exit(self, sup: EngineSupervisor) -> None:
         """A run of ``sup`` ended (crash or stop)."""
+
+    def on_engine_memory(self, sup: EngineSupervisor, gen: int, tree: ProcessTreeReading,
+                         gpu_bytes: int | None) -> None:
+        """The watchdog's full reading of ``sup``'s process tree (run ``gen``), every probe interval."""
 
     def stranded_bytes(self) -> int:
         """Wired memory stranded by a crashed engine (counts against the budget)."""

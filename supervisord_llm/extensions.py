@@ -66,7 +66,9 @@ class DaemonGatewayBackend:
 
     def _upstream(self, sup: EngineSupervisor) -> Upstream:
         return Upstream(engine=sup.name, base_url=sup.config.base_url, kind=sup.config.kind,
-                        supports_messages=sup.adapter.messages_supported, served_model=sup.adapter.request_model)
+                        supports_messages=sup.adapter.messages_supported, served_model=sup.adapter.request_model,
+                        accepts_images=sup.config.vision,
+                        auth_headers=tuple(sup.adapter.auth_headers().items()))
 
     def _unavailable(self, sup: EngineSupervisor) -> EngineUnavailable:
         now = self.daemon.clock.now()
@@ -86,6 +88,11 @@ class DaemonGatewayBackend:
 
     async def acquire(self, model: str | None) -> Upstream:
         sup = self._resolve(model)
+        if sup.health is not None and sup.health.draining:
+            # The memory guard is draining it: in-flight requests finish, new ones would grow it further.
+            raise EngineUnavailable(sup.name, "draining",
+                                    f"{sup.name} takes no new requests: {sup.health.draining}; it restarts once "
+                                    "its in-flight requests have finished", retry_after_s=60.0)
         swap = self.daemon.swap_target
         if sup.serving and not sup.swap_in_progress and swap in (None, sup.name):
             return self._upstream(sup)
@@ -137,11 +144,19 @@ class DaemonGatewayBackend:
         health = self._health(engine)
         if health is not None:
             health.last_traffic_s = at_s
-            health.stall_reason = None
+            health.last_token_s = at_s  # read from the engine, whatever the client's pace
+
+    def engine_progress_s(self, engine: str) -> float | None:
+        health = self._health(engine)
+        return health.progress_s(self.daemon.clock.now()) if health is not None else None
 
     def request_finished(self, stats: RequestStats) -> None:
         from probes.readings import ThroughputSample
+        from supervisord_llm import observe
 
+        watching = observe.find(self.daemon.extensions)
+        if watching is not None:
+            watching.telemetry.request_finished(stats)
         health = self._health(stats.engine)
         if health is None:
             return
@@ -159,7 +174,12 @@ class DaemonGatewayBackend:
         health = self._health(engine)
         if health is None:
             return
-        health.stall_reason = f"a live {phase} stream got no token for {stalled_for_s:.0f}s"
+        from policies.health import Silence
+
+        now = self.daemon.clock.now()
+        health.silences.append(Silence("stream", since_s=now - stalled_for_s, at_s=now,
+                                       detail=f"a live {phase} stream got nothing from the engine for "
+                                              f"{stalled_for_s:.0f}s"))
         self.daemon.events.emit("gateway.stall_detected", engine=engine, phase=phase,
                                 stalled_for_s=round(stalled_for_s, 3))
 
@@ -174,6 +194,10 @@ class GatewayExtension(Extension):
         self.settings = daemon.config.gateway
         self.backend = DaemonGatewayBackend(daemon, self.settings.hold_s)
         self.app = build_app(self.backend, self.settings, daemon.clock, log=daemon.log.bind(component="gateway"))
+        # The status page shares the gateway's port and its key (see ui.py).
+        from supervisord_llm.ui import daemon_snapshot, ui_routes
+
+        self.app.router.routes.extend(ui_routes(daemon_snapshot(daemon), self.settings.api_key))
         self.listen = self.settings.listen
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -185,7 +209,7 @@ class GatewayExtension(Extension):
 
     def contribute_status(self, doc: dict[str, Any]) -> None:
         stats = self.app.state.gateway
-        doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight}
+        doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight, "clients_cut": stats.clients_cut}
 
 
 class AlertsExtension(Extension):
@@ -210,13 +234,21 @@ class AlertsExtension(Extension):
 def install_extensions(daemon: Daemon) -> None:
     """Attach the subsystems the config turns on."""
     from supervisord_llm.control import ControlExtension
+    from supervisord_llm.memory_guard import MemoryGuardExtension
+    from supervisord_llm.observe import ObserveExtension
     from supervisord_llm.stranded import StrandedExtension
 
     config = daemon.config
     daemon.extensions.append(ControlExtension(daemon))
     daemon.extensions.append(StrandedExtension(daemon))
+    daemon.extensions.append(ObserveExtension(daemon))
+    daemon.extensions.append(MemoryGuardExtension(daemon))
     if config.alerts is not None and config.alerts.targets:
         daemon.extensions.append(AlertsExtension(daemon))
+    if config.alerts is not None and config.alerts.heartbeat is not None:
+        from supervisord_llm.heartbeat import HeartbeatExtension
+
+        daemon.extensions.append(HeartbeatExtension(daemon, config.alerts.heartbeat, config.alerts))
     if config.gateway is not None:
         daemon.extensions.append(GatewayExtension(daemon))
     if config.daemon.metrics_listen:

@@ -17,6 +17,7 @@ belong to a *generation* (one spawn); a message from an older generation is igno
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -31,7 +32,8 @@ from policies.actions import Alert, MarkFailed, Refuse, WaitUntil
 from probes.readings import CanaryReading, Diagnosis
 from supervisord_llm.adapters import EngineAdapter, adapter_for
 from supervisord_llm.clock import Clock
-from supervisord_llm.config import EngineConfig
+from supervisord_llm.config import Config, EngineConfig
+from supervisord_llm.episodes import exit_alerts
 from supervisord_llm.errors import (
     EngineError,
     EngineSpawnFailed,
@@ -41,6 +43,7 @@ from supervisord_llm.errors import (
 )
 from supervisord_llm.events import EventLog
 from supervisord_llm.process import EngineProcess, ExitInfo, LogTail, port_holder
+from supervisord_llm.redact import daemon_secret_values, engine_environment, redact_argv
 
 
 class EngineState(StrEnum):
@@ -123,8 +126,9 @@ class Stopped:
 @dataclass
 class HealthVerdict:
     gen: int
-    state: str  # "ok" | "hung" | "degraded"
+    state: str  # "ok" | "hung" | "hang_restart" | "degraded" | "degraded_restart" | "memory_restart"
     reason: str
+    evidence: dict[str, Any] | None = None  # which source showed silence (or progress), for how long
 
 
 @dataclass
@@ -151,11 +155,14 @@ class SupervisorHost(Protocol):
     http: httpx.AsyncClient
     backoff_settings: backoff.BackoffSettings
     daemon_id: str
+    config: Config  # read for the secrets an engine must not inherit
+
+    async def persist_durably(self) -> None: ...
 
     @property
     def shutting_down(self) -> bool: ...
 
-    def persist(self) -> None: ...
+    def persist(self) -> object: ...
 
     def alert(self, alert: Alert) -> None: ...
 
@@ -256,6 +263,10 @@ class EngineSupervisor:
     def sweeping(self) -> bool:
         """Leftovers of a crashed run are still being killed (they hold memory until gone)."""
         return self._sweeping > 0
+
+    @property
+    def serving_or_hung(self) -> bool:
+        return self.state in SERVING_STATES or self.state == EngineState.HUNG
 
     # ---- main loop --------------------------------------------------------------------------
 
@@ -449,6 +460,9 @@ class EngineSupervisor:
 
     def _begin_spawn(self, *, manual: bool, reason: str, overrode: str | None = None) -> None:
         self._new_generation()
+        # The previous run's process is reaped: its pid may belong to anyone by now. A stop before
+        # the new spawn has nothing to signal.
+        self.proc = None
         self.diagnosis = None
         fields: dict[str, Any] = {"manual": manual}
         if overrode:
@@ -470,9 +484,10 @@ class EngineSupervisor:
             # The spawn time is recorded before the fork, so even a daemon killed right after the
             # fork cannot spawn twice within min_interval.
             self.backoff = backoff.record_spawn(self.backoff, self.clock.now())
-            self.host.persist()
+            await self.host.persist_durably()
+            inherit = engine_environment(os.environ, daemon_secret_values(self.host.config))
             proc = EngineProcess.spawn(self.adapter.argv(), env=self.adapter.env(), cwd=self.config.cwd,
-                                       log_path=self.log_path, tag=tag, engine=self.name)
+                                       log_path=self.log_path, tag=tag, engine=self.name, inherit=inherit)
         except EngineError as exc:
             self.post(LaunchFailed(gen, exc))
             return
@@ -487,7 +502,7 @@ class EngineSupervisor:
         if self.health is not None:
             self.health.new_run()
         self.log_tail.start_at_end()
-        self.host.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=proc.argv)
+        self.host.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=redact_argv(proc.argv))
         self.host.persist()
         self._spawn_worker(self._watch_exit, self.gen, proc)
         self._spawn_worker(self._wait_ready, self.gen, proc)
@@ -517,7 +532,7 @@ class EngineSupervisor:
             if not proc.running:
                 return  # the exit watcher reports it
             try:
-                response = await client.get(self.adapter.liveness_url, timeout=2.0)
+                response = await client.get(self.adapter.liveness_url, timeout=2.0, headers=self.adapter.auth_headers())
                 live = response.status_code < 500
                 if not live:
                     last_error = f"{self.adapter.liveness_path} answered {response.status_code}"
@@ -535,6 +550,7 @@ class EngineSupervisor:
                     continue
                 self.record_canary(reading)
                 if reading.ok:
+                    await self._discover(client)
                     self.post(Ready(gen, reading))
                     return
                 last_error = f"generation check failed: {reading.error}"
@@ -543,6 +559,15 @@ class EngineSupervisor:
         self.post(StartTimedOut(gen, EngineStartTimeout(
             self.name, f"no successful generation within start_timeout {self.config.start_timeout_s:.0f}s "
                        f"(last: {last_error}); raise engine.start_timeout for large models")))
+
+    async def _discover(self, client: httpx.AsyncClient) -> None:
+        """Version-dependent facts (e.g. a native /v1/messages) asked of the engine once it generates."""
+        try:
+            facts = await self.adapter.discover(client)
+        except Exception as exc:  # a probe bug must not keep a generating engine from ready
+            facts = {"error": f"{type(exc).__name__}: {exc}"}
+        if facts:
+            self.host.events.emit("engine.discovered", engine=self.name, **facts)
 
     def record_canary(self, reading: CanaryReading) -> None:
         self.last_canary = reading
@@ -635,9 +660,8 @@ class EngineSupervisor:
     def _schedule_after_failure(self, reason: str) -> None:
         now = self.clock.now()
         actions = backoff.decide_after_exit(self.backoff, self.host.backoff_settings, now)
-        for action in actions:
-            if isinstance(action, Alert):
-                self.host.alert(action)
+        for alert in exit_alerts(self, actions, now, self.host.events):
+            self.host.alert(alert)
         first = actions[0]
         if isinstance(first, MarkFailed):
             self._set_state(EngineState.FAILED, first.reason)
@@ -672,7 +696,8 @@ class EngineSupervisor:
 
     # ---- stop -------------------------------------------------------------------------------
 
-    def _begin_stop(self, reason: str, *, then: str, failure: bool = False, grace_s: float | None = None) -> None:
+    def _begin_stop(self, reason: str, *, then: str, failure: bool = False, grace_s: float | None = None,
+                    evidence: dict[str, Any] | None = None) -> None:
         """Stop the current run; ``then``: "stay" (stopped), "start" (a person's restart), "auto" (a
         failure: backoff), "policy" (a restart a policy asked for: through the 60 s floor, no failure)."""
         proc = self.proc
@@ -683,7 +708,7 @@ class EngineSupervisor:
         self._stop_is_failure = failure
         self._stop_reason = reason
         self._stop_then = then
-        self._set_state(EngineState.STOPPING, reason)
+        self._set_state(EngineState.STOPPING, reason, **({"evidence": evidence} if evidence else {}))
         if proc is None:
             self.post(Stopped(self.gen, True, (), then))
             return
@@ -716,14 +741,20 @@ class EngineSupervisor:
     # ---- health -----------------------------------------------------------------------------
 
     def _on_health(self, v: HealthVerdict) -> None:
+        evidence = {"evidence": v.evidence} if v.evidence else {}
         if v.state == "hung" and self.state in SERVING_STATES:
-            self._set_state(EngineState.HUNG, v.reason)
+            self._set_state(EngineState.HUNG, v.reason, **evidence)
             self.host.alert(Alert(key=f"engine.hung:{self.name}", severity="critical",
                                     summary=f"{self.name} is hung: {v.reason}", details={"engine": self.name}))
         elif v.state == "hang_restart" and self.state == EngineState.HUNG:
             self.last_exit = {"code": None, "signal": None, "reason": f"hang restart: {v.reason}",
                               "at": self.clock.wall()}
-            self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True)
+            self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True, evidence=v.evidence)
+        elif v.state == "memory_restart" and (self.state in SERVING_STATES or self.state == EngineState.HUNG):
+            # Counted as a failure: the restart waits out the normal backoff, and a model that keeps
+            # outgrowing its footprint ends in failed instead of a loop.
+            self.last_exit = {"code": None, "signal": None, "reason": v.reason, "at": self.clock.wall()}
+            self._begin_stop(v.reason, then="auto", failure=True)
         elif v.state == "degraded" and self.state == EngineState.READY:
             self._set_state(EngineState.DEGRADED, v.reason)
             self.host.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
@@ -733,7 +764,7 @@ class EngineSupervisor:
             self._begin_stop(f"degraded restart while idle: {v.reason}", then="policy")
         elif v.state == "ok" and self.state in (EngineState.HUNG, EngineState.DEGRADED):
             key = "hung" if self.state == EngineState.HUNG else "degraded"
-            self._set_state(EngineState.READY, v.reason or "recovered")
+            self._set_state(EngineState.READY, v.reason or "recovered", **evidence)
             self.host.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
                                     summary=f"{self.name} recovered", details={"engine": self.name},
                                     resolved=True))
@@ -773,6 +804,7 @@ class EngineSupervisor:
             "baseline_tokens_per_s": baseline,
             "last_canary": canary,
             "memory": {"rss_bytes": rss, "gpu_bytes": gpu},
+            "watchdog": self.health.watchdog(now) if self.health is not None and self.serving_or_hung else None,
             "footprint_bytes": self.host.footprint_bytes(self),
             "log": str(self.log_path),
         }
@@ -782,7 +814,7 @@ class EngineSupervisor:
         return {
             "pid": proc.pid if proc else None,
             "create_time": proc.create_time if proc else None,
-            "argv": proc.argv if proc else None,
+            "argv": redact_argv(proc.argv) if proc else None,  # a record, never run again
             "tag": proc.tag if proc else None,
             "state": str(self.state),
             "restarts": self.restarts,
