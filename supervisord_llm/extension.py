@@ -20,7 +20,7 @@ Hooks (who calls them, and when):
 - ``contribute_status(doc)``: fill its part of ``llmctl status --json``.
 - ``cancel_reboot()`` / ``request_reboot(reason)``: the reboot escalation, if this extension runs one.
 
-This module imports nothing from the daemon: engines are passed as ``EngineSupervisor``.
+This module imports nothing from the daemon or the supervisor: engines are passed as ``EngineSupervisor``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,11 @@ import anyio
 import anyio.abc
 
 from probes.readings import ProcessTreeReading, SystemMemoryReading
-from supervisord_llm.supervisor import EngineSupervisor
+
+# An engine's supervisor (``supervisord_llm.supervisor.EngineSupervisor``). Not imported: this seam
+# sits below the supervisor and the config (subsystems such as the heartbeat are parsed by the
+# config), so importing it would close an import cycle; each extension annotates its own hooks.
+EngineSupervisor = Any
 
 
 class Extension:

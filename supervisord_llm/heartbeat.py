@@ -23,7 +23,7 @@ import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -40,12 +40,32 @@ from supervisord_llm.alerts import (
     iso_utc,
     signature_headers,
 )
+from supervisord_llm.clock import Clock
 from supervisord_llm.convert import parse_duration_s
 from supervisord_llm.errors import ConfigError
+from supervisord_llm.events import EventLog
 from supervisord_llm.extension import Extension
 
-if TYPE_CHECKING:
-    from supervisord_llm.daemon import Daemon
+
+class _Engine(Protocol):
+    name: str
+
+    @property
+    def state(self) -> Any: ...
+
+
+class HeartbeatHost(Protocol):
+    """**Protocol:** what the heartbeat reads of the daemon (its own health and its engines' states)."""
+
+    log: Any
+    memory_error: str | None
+    healthy_loop: bool
+    clock: Clock
+    events: EventLog
+    started_s: float
+
+    @property
+    def supervisors(self) -> Mapping[str, _Engine]: ...
 
 METHODS = ("GET", "POST")
 # How many intervals a Watchdog alert outlives its last beat: one late beat must not resolve it,
@@ -138,7 +158,7 @@ class HeartbeatExtension(Extension):
 
     name = "heartbeat"
 
-    def __init__(self, daemon: Daemon, settings: HeartbeatSettings, alerts: AlertSettings) -> None:
+    def __init__(self, daemon: HeartbeatHost, settings: HeartbeatSettings, alerts: AlertSettings) -> None:
         self.daemon = daemon
         self.settings = settings
         self.alerts = alerts
