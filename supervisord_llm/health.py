@@ -234,7 +234,7 @@ class TreeWatch:
 
 async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None:
     """Watch a serving engine until its generation ends (the supervisor cancels this task)."""
-    from supervisord_llm.supervisor import EngineState, HealthVerdict
+    from supervisord_llm.supervisor import EngineState, HealthVerdict, Verdict
 
     cfg = sup.config
     health: EngineHealth = sup.health
@@ -372,7 +372,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                 reason = verdict.reason or "hung"
                 if health.hung_since_s is None:
                     health.hung_since_s = now
-                    sup.post(HealthVerdict(gen, "hung", reason, verdict.evidence()))
+                    sup.post(HealthVerdict(gen, Verdict.HUNG, reason, verdict.evidence()))
                 else:
                     decision = decide_hang_restart(sup.name, health.hung_since_s, now, hang_restart_after,
                                                    already_requested=restart_requested, reason=reason)
@@ -381,12 +381,12 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                         daemon.events.emit("policy.decided", policy="hang_restart", engine=sup.name,
                                            decision="restart", hung_for_s=round(now - health.hung_since_s, 3),
                                            hang_restart_after_s=hang_restart_after, message=decision.reason)
-                        sup.post(HealthVerdict(gen, "hang_restart", decision.reason, verdict.evidence()))
+                        sup.post(HealthVerdict(gen, Verdict.HANG_RESTART, decision.reason, verdict.evidence()))
             elif health.hung_since_s is not None:
                 health.hung_since_s = None
                 restart_requested = False
                 health.silences.clear()
-                sup.post(HealthVerdict(gen, "ok", f"generating again ({verdict.last_progress_source} progress)",
+                sup.post(HealthVerdict(gen, Verdict.OK, f"generating again ({verdict.last_progress_source} progress)",
                                        {"last_progress": verdict.last_progress_source}))
 
             healthy = sup.state == EngineState.READY
@@ -395,11 +395,11 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
             assessment = assess_degraded(health.tracker.samples, health.baseline(), health.settings, now)
             if assessment.degraded and sup.state == EngineState.READY:
                 health.degraded = True
-                sup.post(HealthVerdict(gen, "degraded", assessment.reason))
+                sup.post(HealthVerdict(gen, Verdict.DEGRADED, assessment.reason))
             elif assessment.recovered and sup.state == EngineState.DEGRADED:
                 health.degraded = False
                 degraded_restart_requested = False
-                sup.post(HealthVerdict(gen, "ok", f"throughput recovered: {assessment.reason}"))
+                sup.post(HealthVerdict(gen, Verdict.OK, f"throughput recovered: {assessment.reason}"))
             elif isinstance(restart := decide_degraded_restart(
                     sup.name, sup.state == EngineState.DEGRADED, daemon.config.degraded.restart_when_idle,
                     health.in_flight, already_requested=degraded_restart_requested, reason=assessment.reason),
@@ -407,7 +407,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                 degraded_restart_requested = True
                 daemon.events.emit("policy.decided", policy="degraded_restart", engine=sup.name, decision="restart",
                                    in_flight=health.in_flight, message=restart.reason)
-                sup.post(HealthVerdict(gen, "degraded_restart", restart.reason))
+                sup.post(HealthVerdict(gen, Verdict.DEGRADED_RESTART, restart.reason))
             await anyio.sleep(interval)
         tg.cancel_scope.cancel()
 

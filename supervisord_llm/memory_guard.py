@@ -301,7 +301,7 @@ class MemoryGuardExtension(Extension):
             self._tg.start_soon(self._drain, sup, gen)
 
     async def _drain(self, sup: EngineSupervisor, gen: int) -> None:
-        from supervisord_llm.supervisor import HealthVerdict
+        from supervisord_llm.supervisor import HealthVerdict, Verdict
 
         g = self.engines[sup.name]
         while sup.gen == gen and sup.serving:
@@ -312,7 +312,7 @@ class MemoryGuardExtension(Extension):
                 self.daemon.events.emit("policy.decided", policy="memory_guard", engine=sup.name, decision="restart",
                                         message=action.reason, in_flight=in_flight,
                                         drained_s=round(now - (g.state.draining_since_s or now), 3))
-                sup.post(HealthVerdict(gen, "memory_restart", action.reason))
+                sup.post(HealthVerdict(gen, Verdict.MEMORY_RESTART, action.reason))
                 return
             await anyio.sleep(DRAIN_POLL_S)
 

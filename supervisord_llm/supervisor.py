@@ -57,6 +57,54 @@ class EngineState(StrEnum):
     FAILED = "failed"
 
 
+_S = EngineState
+# Every transition the supervisor makes (a state may also be re-entered with a new reason). A
+# transition not listed is a bug: it raises when ``EngineSupervisor.strict_transitions`` is set (the
+# tests set it) and is logged and not applied otherwise, so a daemon never runs on a silent mistake.
+TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
+    _S.STOPPED: frozenset({_S.STARTING, _S.BACKOFF}),
+    _S.STARTING: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
+    _S.READY: frozenset({_S.DEGRADED, _S.HUNG, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
+    _S.DEGRADED: frozenset({_S.READY, _S.HUNG, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
+    _S.HUNG: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
+    _S.STOPPING: frozenset({_S.STOPPED, _S.STARTING, _S.BACKOFF, _S.FAILED}),
+    _S.BACKOFF: frozenset({_S.STARTING, _S.STOPPING, _S.STOPPED, _S.FAILED}),
+    _S.FAILED: frozenset({_S.STARTING, _S.STOPPING, _S.STOPPED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A transition the table does not allow (a supervisor bug, never a user's mistake)."""
+
+
+class Op(StrEnum):
+    """What a person (or the daemon on their behalf) asks of an engine."""
+
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
+
+
+class Then(StrEnum):
+    """What follows a stop once the process tree is gone."""
+
+    STAY = "stay"  # stopped
+    START = "start"  # a person's restart: start again at once
+    AUTO = "auto"  # a failure: backoff (or failed), counted
+    POLICY = "policy"  # a restart a policy asked for: through the 60 s floor, not counted as a failure
+
+
+class Verdict(StrEnum):
+    """The watchdog's and the memory guard's verdicts on a serving engine."""
+
+    OK = "ok"
+    HUNG = "hung"
+    HANG_RESTART = "hang_restart"
+    DEGRADED = "degraded"
+    DEGRADED_RESTART = "degraded_restart"
+    MEMORY_RESTART = "memory_restart"
+
+
 RESIDENT_STATES = frozenset({EngineState.STARTING, EngineState.READY, EngineState.DEGRADED, EngineState.HUNG,
                              EngineState.STOPPING})
 SERVING_STATES = frozenset({EngineState.READY, EngineState.DEGRADED})
@@ -77,7 +125,7 @@ class Reply:
 
 @dataclass
 class Command:
-    op: str  # "start" | "stop" | "restart"
+    op: Op
     force: bool = False
     manual: bool = True
     reason: str = ""
@@ -120,13 +168,13 @@ class Stopped:
     gen: int
     graceful: bool
     killed: tuple[int, ...]
-    then: str  # "stay" | "auto" (automatic restart through backoff) | "start" (manual restart)
+    then: Then
 
 
 @dataclass
 class HealthVerdict:
     gen: int
-    state: str  # "ok" | "hung" | "hang_restart" | "degraded" | "degraded_restart" | "memory_restart"
+    state: Verdict
     reason: str
     evidence: dict[str, Any] | None = None  # which source showed silence (or progress), for how long
 
@@ -178,6 +226,8 @@ class SupervisorHost(Protocol):
 
 
 class EngineSupervisor:
+    strict_transitions = False  # the tests set it: an illegal transition raises instead of being logged
+
     def __init__(self, config: EngineConfig, host: SupervisorHost, *, log: Any, logs_dir: Path,
                  log_max_bytes: int) -> None:
         self.config = config
@@ -210,7 +260,7 @@ class EngineSupervisor:
         self._gen_scopes: list[anyio.CancelScope] = []
         self._stop_is_failure = False
         self._stop_reason = "stopped"
-        self._stop_then = "stay"  # what follows the stop in progress: "stay" | "start" | "auto"
+        self._stop_then = Then.STAY  # what follows the stop in progress
         self._stop_ready_for_s = 0.0  # how long the run being stopped had been ready
         self._sweeping = 0  # leftovers of a crashed run still being killed: they hold memory
         self._tg: anyio.abc.TaskGroup | None = None
@@ -219,10 +269,17 @@ class EngineSupervisor:
 
     # ---- public (any task) ------------------------------------------------------------------
 
-    async def command(self, op: str, *, force: bool = False, manual: bool = True, reason: str = "",
+    async def command(self, op: Op | str, *, force: bool = False, manual: bool = True, reason: str = "",
                       grace_s: float | None = None) -> Any:
-        """Ask the supervisor to start/stop/restart; returns once accepted (not when finished)."""
-        cmd = Command(op=op, force=force, manual=manual, reason=reason, grace_s=grace_s)
+        """Ask the supervisor to start/stop/restart; returns once accepted (not when finished).
+
+        ValueError names the valid operations when ``op`` is none of them.
+        """
+        try:
+            operation = Op(op)
+        except ValueError:
+            raise ValueError(f"unknown operation {op!r}; valid: {', '.join(Op)}") from None
+        cmd = Command(op=operation, force=force, manual=manual, reason=reason, grace_s=grace_s)
         await self._send.send(cmd)
         await cmd.reply.done.wait()
         if cmd.reply.error is not None:
@@ -283,6 +340,8 @@ class EngineSupervisor:
                 async for message in self._inbox:
                     try:
                         self._handle(message)
+                    except IllegalTransition:
+                        raise  # only raised in strict mode (tests): it must fail loudly there
                     except Exception as exc:  # a bug must not take the supervisor down with the engine
                         self.log.exception("engine.handler_failed", message=type(message).__name__, error=str(exc))
             finally:
@@ -302,6 +361,10 @@ class EngineSupervisor:
             self._spawn_worker(self._backoff_timer, self.gen, at_s)
             return
         self._begin_spawn(manual=False, reason="daemon start")
+
+    def step(self, message: Any) -> None:
+        """Handle one inbox message now: the transition function (the main loop calls it; table tests too)."""
+        self._handle(message)
 
     def _handle(self, m: Any) -> None:
         if isinstance(m, Command):
@@ -341,6 +404,12 @@ class EngineSupervisor:
     def _set_state(self, state: EngineState, reason: str = "", **fields: Any) -> None:
         previous = self.state
         if previous == state and reason == self.state_reason:
+            return
+        if previous != state and state not in TRANSITIONS[previous]:
+            message = f"{self.name}: {previous} -> {state} is not a transition of the engine state machine ({reason})"
+            if self.strict_transitions:
+                raise IllegalTransition(message)
+            self.log.error("engine.illegal_transition", **{"from": str(previous)}, to=str(state), reason=reason)
             return
         self.state = state
         self.state_reason = reason
@@ -385,20 +454,19 @@ class EngineSupervisor:
             if scope in self._gen_scopes:
                 self._gen_scopes.remove(scope)
 
+        runner.__name__ = getattr(fn, "__name__", "worker")  # task names say which worker it is
         self._tg.start_soon(runner)
 
     # ---- commands ---------------------------------------------------------------------------
 
     def _handle_command(self, cmd: Command) -> None:
         try:
-            if cmd.op == "start":
+            if cmd.op is Op.START:
                 cmd.reply.set(self._cmd_start(cmd))
-            elif cmd.op == "stop":
+            elif cmd.op is Op.STOP:
                 cmd.reply.set(self._cmd_stop(cmd))
-            elif cmd.op == "restart":
-                cmd.reply.set(self._cmd_restart(cmd))
             else:
-                cmd.reply.set(error=ValueError(f"unknown operation {cmd.op!r}"))
+                cmd.reply.set(self._cmd_restart(cmd))
         except Exception as exc:
             cmd.reply.set(error=exc)
 
@@ -430,11 +498,11 @@ class EngineSupervisor:
             return f"{self.name} stopped (it was in {was})"
         if self.state == EngineState.STOPPING:
             # A restart (or hang restart) in progress ends stopped instead of starting again.
-            self._stop_then = "stay"
+            self._stop_then = Then.STAY
             self._stop_is_failure = False
             self._stop_reason = cmd.reason or "llmctl stop"
             return f"{self.name} is already stopping; it will stay stopped"
-        self._begin_stop(cmd.reason or "llmctl stop", then="stay", grace_s=cmd.grace_s)
+        self._begin_stop(cmd.reason or "llmctl stop", then=Then.STAY, grace_s=cmd.grace_s)
         return f"stopping {self.name}"
 
     def _cmd_restart(self, cmd: Command) -> str:
@@ -453,7 +521,7 @@ class EngineSupervisor:
         if self.state == EngineState.STOPPING:
             raise StartRefused(self.name, "stopping", f"{self.name} is stopping; start it once it is stopped")
         self.restarts += 1
-        self._begin_stop(cmd.reason or "llmctl restart", then="start")
+        self._begin_stop(cmd.reason or "llmctl restart", then=Then.START)
         return f"restarting {self.name}"
 
     # ---- spawn ------------------------------------------------------------------------------
@@ -633,7 +701,7 @@ class EngineSupervisor:
         self.host.events.emit("engine.start_timeout", engine=self.name, error=str(error),
                                 diagnosis=_diag_dict(self.diagnosis))
         self.last_exit = {"code": None, "signal": None, "reason": str(error), "at": self.clock.wall()}
-        self._begin_stop(str(error), then="auto", failure=True)
+        self._begin_stop(str(error), then=Then.AUTO, failure=True)
 
     def _wait_for_floor(self, reason: str) -> None:
         """A restart a policy asked for: no failure is counted, but the 60 s floor between spawns holds."""
@@ -696,7 +764,7 @@ class EngineSupervisor:
 
     # ---- stop -------------------------------------------------------------------------------
 
-    def _begin_stop(self, reason: str, *, then: str, failure: bool = False, grace_s: float | None = None,
+    def _begin_stop(self, reason: str, *, then: Then, failure: bool = False, grace_s: float | None = None,
                     evidence: dict[str, Any] | None = None) -> None:
         """Stop the current run; ``then``: "stay" (stopped), "start" (a person's restart), "auto" (a
         failure: backoff), "policy" (a restart a policy asked for: through the 60 s floor, no failure)."""
@@ -728,12 +796,12 @@ class EngineSupervisor:
         if self.last_exit is None or not self._stop_is_failure:
             self.last_exit = {"code": info.code if info else None, "signal": info.signal_name if info else None,
                               "reason": self._stop_reason, "at": self.clock.wall()}
-        then = "stay" if self.host.shutting_down else self._stop_then
-        if then == "start":
+        then = Then.STAY if self.host.shutting_down else self._stop_then
+        if then is Then.START:
             self._begin_spawn(manual=True, reason="restart")
-        elif then == "auto":
+        elif then is Then.AUTO:
             self._failure(self._stop_reason, sweep=None, ready_for_s=self._stop_ready_for_s)
-        elif then == "policy":
+        elif then is Then.POLICY:
             self._wait_for_floor(self._stop_reason)
         else:
             self._set_state(EngineState.STOPPED, self._stop_reason)
@@ -742,27 +810,27 @@ class EngineSupervisor:
 
     def _on_health(self, v: HealthVerdict) -> None:
         evidence = {"evidence": v.evidence} if v.evidence else {}
-        if v.state == "hung" and self.state in SERVING_STATES:
+        if v.state is Verdict.HUNG and self.state in SERVING_STATES:
             self._set_state(EngineState.HUNG, v.reason, **evidence)
             self.host.alert(Alert(key=f"engine.hung:{self.name}", severity="critical",
                                     summary=f"{self.name} is hung: {v.reason}", details={"engine": self.name}))
-        elif v.state == "hang_restart" and self.state == EngineState.HUNG:
+        elif v.state is Verdict.HANG_RESTART and self.state == EngineState.HUNG:
             self.last_exit = {"code": None, "signal": None, "reason": f"hang restart: {v.reason}",
                               "at": self.clock.wall()}
-            self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True, evidence=v.evidence)
-        elif v.state == "memory_restart" and (self.state in SERVING_STATES or self.state == EngineState.HUNG):
+            self._begin_stop(f"hang restart: {v.reason}", then=Then.AUTO, failure=True, evidence=v.evidence)
+        elif v.state is Verdict.MEMORY_RESTART and (self.state in SERVING_STATES or self.state == EngineState.HUNG):
             # Counted as a failure: the restart waits out the normal backoff, and a model that keeps
             # outgrowing its footprint ends in failed instead of a loop.
             self.last_exit = {"code": None, "signal": None, "reason": v.reason, "at": self.clock.wall()}
-            self._begin_stop(v.reason, then="auto", failure=True)
-        elif v.state == "degraded" and self.state == EngineState.READY:
+            self._begin_stop(v.reason, then=Then.AUTO, failure=True)
+        elif v.state is Verdict.DEGRADED and self.state == EngineState.READY:
             self._set_state(EngineState.DEGRADED, v.reason)
             self.host.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
                                     summary=f"{self.name} is degraded: {v.reason}", details={"engine": self.name}))
-        elif v.state == "degraded_restart" and self.state == EngineState.DEGRADED:
+        elif v.state is Verdict.DEGRADED_RESTART and self.state == EngineState.DEGRADED:
             self.restarts += 1
-            self._begin_stop(f"degraded restart while idle: {v.reason}", then="policy")
-        elif v.state == "ok" and self.state in (EngineState.HUNG, EngineState.DEGRADED):
+            self._begin_stop(f"degraded restart while idle: {v.reason}", then=Then.POLICY)
+        elif v.state is Verdict.OK and self.state in (EngineState.HUNG, EngineState.DEGRADED):
             key = "hung" if self.state == EngineState.HUNG else "degraded"
             self._set_state(EngineState.READY, v.reason or "recovered", **evidence)
             self.host.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
