@@ -1,5 +1,7 @@
 """Engine adapters: one small class per engine kind.
 
+Room: engine.
+
 An adapter knows how to build the engine's command line from its config, its cheap liveness URL,
 how to prove it generates (a tiny real generation through the engine's own API), where tokens/s
 can be read, and how its log lines are diagnosed. It does no supervision itself.

@@ -1,5 +1,7 @@
 """Durable alerts: webhook targets, payload formats, signing, and an outbox that never loses one.
 
+Room: alerts.
+
 An :class:`Alert` belongs to an *episode* named by its key (``"engine.failed:mlx"``): one
 ``firing`` opens the episode, one ``resolved`` closes it. The :class:`Outbox` turns each alert
 into one *delivery* per configured target, persists the deliveries before anything is sent,

@@ -1,5 +1,7 @@
 """``llmctl``: talk to the daemon over its control socket.
 
+Room: interfaces.
+
 Exit codes: 0 ok; 1 the operation failed or was refused; 2 usage or config error; 3 no daemon is
 running; 4 the engine did not reach the awaited state in time.
 """

@@ -1,5 +1,7 @@
 """The config: TOML, validated into frozen objects.
 
+Room: config.
+
 Resolution: ``--config PATH``, else ``$SUPERVISORD_LLM_CONFIG``, else ``<platform config dir>/config.toml``.
 State dir: ``[daemon] state_dir``, else ``$SUPERVISORD_LLM_STATE_DIR``, else the platform state dir.
 

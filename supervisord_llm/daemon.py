@@ -1,4 +1,6 @@
-"""The daemon: owns the engines' supervisors, the probes, the policies' execution and the control API.
+"""The daemon: composes the engines' supervisors, the subsystems (extensions) and the policies' executor.
+
+Room: daemon composition.
 
 One daemon per state dir (an exclusive ``flock`` on ``<state_dir>/daemon.lock``). Its durable state
 (``state.json``) records each engine's pid, process create time, command line and backoff history,

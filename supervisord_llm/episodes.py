@@ -1,5 +1,7 @@
 """The runtime side of exit episodes: gather an engine's exit facts, ask the policy, log the decision.
 
+Room: engine.
+
 The decision itself (open a warning episode, raise it to critical in a crash loop, resolve it
 when the engine is ready) is ``policies.episodes``; this module only reads the supervisor's
 facts (exit code or signal, the log diagnosis, the next start time) and records what was decided.

@@ -1,5 +1,7 @@
 """The gateway: one OpenAI/Anthropic-compatible front port for every configured engine.
 
+Room: gateway.
+
 The ``model`` field of a request picks the engine (name, alias, or the default engine). The
 gateway forwards requests byte for byte, streams pass through chunk by chunk, and every token that
 goes by is watched: time to first token, gaps between tokens, token counts, and stalls (a live

@@ -1,5 +1,7 @@
 """NVIDIA GPUs for the daemon: readings, per-engine GPU memory, orphans, XID events.
 
+Room: subsystems.
+
 The sensing is ``probes.nvml`` (one reading of every device, the XID watcher thread); the XID
 decisions are ``policies.reboot.decide_xid``. This module runs them for the daemon:
 

@@ -1,5 +1,7 @@
 """The per-engine watchdog: runs the probes for one serving engine and turns readings into verdicts.
 
+Room: engine.
+
 The decisions are the pure functions in ``policies.health``; this module does the I/O (process
 tree, canaries, engine counters) on a schedule and posts verdicts to the engine's supervisor, which
 alone changes state. Probe cost is kept low, because an idle daemon should cost next to nothing:

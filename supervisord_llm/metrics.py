@@ -1,5 +1,7 @@
 """Prometheus metrics, on the control socket (``GET /metrics``) and optionally on a loopback TCP port.
 
+Room: subsystems.
+
 The TCP listener (``[daemon] metrics_listen = "127.0.0.1:9464"``) also serves ``/healthz`` (the
 daemon's loop is alive) and ``/readyz`` (no engine is failed or hung), for Kubernetes probes.
 Each scrape builds a fresh registry from the daemon's status: no counters drift from the truth.

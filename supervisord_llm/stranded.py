@@ -1,5 +1,7 @@
 """Stranded wired memory and reboot escalation, carried out for the daemon.
 
+Room: subsystems.
+
 The decisions are ``policies.stranded`` (baseline and assessment) and ``policies.reboot`` (the
 escalation state machine); this module feeds them each memory reading, carries out their actions
 (alerts, the announced reboot, the reboot argv — never through a shell) and persists what must

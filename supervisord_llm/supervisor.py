@@ -1,5 +1,7 @@
 """One engine's supervisor: the only writer of its state.
 
+Room: engine.
+
 Everything that changes an engine's state arrives as a message in the supervisor's inbox, from
 outside (start, stop, restart) or from its own worker tasks (process exited, ready, hung, stopped,
 backoff over). The main loop handles one message at a time, so transitions never race. Workers
