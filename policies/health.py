@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from policies._format import require
-from policies.actions import Alert, Noop, Restart
+from policies.actions import Noop, Restart
 from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
 
 
@@ -205,23 +205,6 @@ def assess_degraded(
     else:
         reason = f"{latest:.1f} tok/s against a {baseline_tokens_per_s:.1f} tok/s baseline"
     return DegradedAssessment(degraded, recovered, latest, baseline_tokens_per_s, below, reason)
-
-
-def degraded_alert(engine: str, assessment: DegradedAssessment, was_degraded: bool) -> Alert | None:
-    """The ``engine.degraded:<engine>`` alert: opened when degraded, resolved once recovered."""
-    key = f"engine.degraded:{engine}"
-    details: dict[str, object] = {
-        "tokens_per_s": assessment.rate_tokens_per_s,
-        "baseline_tokens_per_s": assessment.baseline_tokens_per_s,
-        "windows_below": assessment.windows_below,
-    }
-    if assessment.degraded:
-        return Alert(key, "warning", f"{engine} is degraded: {assessment.reason}", details)
-    if was_degraded and assessment.recovered:
-        return Alert(
-            key, "warning", f"{engine} recovered: {assessment.reason}", details, resolved=True
-        )
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,7 +467,6 @@ __all__ = [
     "assess_hung",
     "decide_degraded_restart",
     "decide_hang_restart",
-    "degraded_alert",
     "learn_baseline",
     "rolling_rate",
     "window_rates",
