@@ -177,6 +177,8 @@ class Daemon:
         return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://daemon", timeout=60)
 
     def status(self) -> dict:
+        if not self._accepts():  # a daemon restarting or gone (see _accepts for why not through httpx)
+            raise ConnectionRefusedError(f"the control socket {self.socket} does not accept connections")
         with self.client() as c:
             return c.get("/v1/status").json()
 
