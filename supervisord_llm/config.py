@@ -23,6 +23,7 @@ from typing import Any
 
 import platformdirs
 
+from policies.backoff import BackoffSettings
 from supervisord_llm.convert import DURATION_HELP, SIZE_HELP, parse_duration_s, parse_size_bytes
 from supervisord_llm.errors import ConfigError
 
@@ -205,14 +206,39 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class RestartSettings:
-    min_interval_s: float = 60.0
-    initial_backoff_s: float = 60.0
-    factor: float = 2.0
-    max_backoff_s: float = 900.0
-    reset_after_ready_s: float = 600.0
-    max_failures: int = 5
-    failure_window_s: float = 1800.0
+    """``[policies.restart]``: the backoff policy's own settings object, plus when a hang is restarted."""
+
+    backoff: BackoffSettings = BackoffSettings(max_s=900.0)
     hang_restart_after_s: float = 30.0
+
+    # The config's names for the backoff settings (read-only views of the one settings object).
+    @property
+    def min_interval_s(self) -> float:
+        return self.backoff.min_interval_s
+
+    @property
+    def initial_backoff_s(self) -> float:
+        return self.backoff.initial_s
+
+    @property
+    def factor(self) -> float:
+        return self.backoff.factor
+
+    @property
+    def max_backoff_s(self) -> float:
+        return self.backoff.max_s
+
+    @property
+    def reset_after_ready_s(self) -> float:
+        return self.backoff.reset_after_ready_s
+
+    @property
+    def max_failures(self) -> int:
+        return self.backoff.max_failures
+
+    @property
+    def failure_window_s(self) -> float:
+        return self.backoff.failure_window_s
 
 
 @dataclass(frozen=True)
@@ -423,14 +449,20 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     why_60 = ("two automatic spawns closer than 60s turn a Metal OOM into a crash loop; "
               "launchd needs ThrottleInterval >= 60 for the same reason")
     min_interval = r.duration_s("min_interval", "60s", min_s=60, why=why_60)
+    initial_backoff_s = r.duration_s("initial_backoff", "60s", min_s=60, why=why_60)
+    max_backoff_s = r.duration_s("max_backoff", "15m", min_s=60, why=why_60)
+    if max_backoff_s < initial_backoff_s:
+        raise r.error("max_backoff", f"must be at least initial_backoff ({initial_backoff_s:g}s), got {max_backoff_s:g}s")
     restart = RestartSettings(
-        min_interval_s=min_interval,
-        initial_backoff_s=r.duration_s("initial_backoff", "60s", min_s=60, why=why_60),
-        factor=r.float("factor", 2.0, min_value=1.0, max_value=10.0),
-        max_backoff_s=r.duration_s("max_backoff", "15m", min_s=60, why=why_60),
-        reset_after_ready_s=r.duration_s("reset_after", "10m", min_s=1),
-        max_failures=r.int("max_failures", 5, min_value=1) or 5,
-        failure_window_s=r.duration_s("failure_window", "30m", min_s=60),
+        backoff=BackoffSettings(
+            min_interval_s=min_interval,
+            initial_s=initial_backoff_s,
+            factor=r.float("factor", 2.0, min_value=1.0, max_value=10.0),
+            max_s=max_backoff_s,
+            reset_after_ready_s=r.duration_s("reset_after", "10m", min_s=1),
+            max_failures=r.int("max_failures", 5, min_value=1) or 5,
+            failure_window_s=r.duration_s("failure_window", "30m", min_s=60),
+        ),
         hang_restart_after_s=r.duration_s("hang_restart_after", "30s"),
     )
     m = t.sub("memory")

@@ -115,15 +115,7 @@ class Daemon:
         self.daemon_id = ""
         self.memory: SystemMemoryReading | None = None
         self.memory_error: str | None = None
-        self.backoff_settings = backoff.BackoffSettings(
-            min_interval_s=config.restart.min_interval_s,
-            initial_s=config.restart.initial_backoff_s,
-            factor=config.restart.factor,
-            max_s=config.restart.max_backoff_s,
-            reset_after_ready_s=config.restart.reset_after_ready_s,
-            max_failures=config.restart.max_failures,
-            failure_window_s=config.restart.failure_window_s,
-        )
+        self.backoff_settings = config.restart.backoff  # built by the config, validated once
         self._swap_lock = anyio.Lock()
         self.swap_target: str | None = None
         self._swap_from: list[str] = []

@@ -68,6 +68,8 @@ BAD = [
     ("bad min_severity", '[alerts]\n[[alerts.webhook]]\nname = "p"\nurl = "https://x/y"\nmin_severity = "page"\n',
      "alerts.webhook[0].min_severity: expected one of info, warning, critical"),
     ("heartbeat with nothing to send", '[alerts.heartbeat]\ninterval = "1m"\n', "alerts.heartbeat: nothing to send"),
+    ("max_backoff below initial_backoff", '[policies.restart]\ninitial_backoff = "10m"\nmax_backoff = "5m"\n',
+     "policies.restart.max_backoff: must be at least initial_backoff (600s), got 300s"),
 ]
 
 
