@@ -23,6 +23,8 @@ from typing import Any
 
 import platformdirs
 
+from policies import reboot as reboot_policy
+from policies import stranded as stranded_policy
 from policies.backoff import BackoffSettings
 from supervisord_llm.convert import DURATION_HELP, SIZE_HELP, parse_duration_s, parse_size_bytes
 from supervisord_llm.errors import ConfigError
@@ -259,18 +261,10 @@ class MemoryGuardConfig:
     drain_grace_s: float = 30.0
 
 
-@dataclass(frozen=True)
-class StrandedSettings:
-    threshold_bytes: int = 32 * 10**9
-    reclaim_window_s: float = 120.0
-
-
-@dataclass(frozen=True)
-class RebootConfig:
-    enabled: bool = False
-    grace_s: float = 300.0
-    cooldown_s: float = 21600.0
-    argv: tuple[str, ...] = ("sudo", "-n", "shutdown", "-r", "now")
+# ``[policies.stranded]`` and ``[policies.reboot]`` are the policies' own settings objects.
+StrandedSettings = stranded_policy.StrandedSettings
+DEFAULT_REBOOT_ARGV = ("sudo", "-n", "shutdown", "-r", "now")
+RebootConfig = reboot_policy.RebootSettings
 
 
 @dataclass(frozen=True)
@@ -308,8 +302,8 @@ class Config:
     engines: tuple[EngineConfig, ...]
     restart: RestartSettings = RestartSettings()
     memory: MemorySettings = MemorySettings()
-    stranded: StrandedSettings = StrandedSettings()
-    reboot: RebootConfig = RebootConfig()
+    stranded: stranded_policy.StrandedSettings = stranded_policy.StrandedSettings()
+    reboot: reboot_policy.RebootSettings = reboot_policy.RebootSettings(argv=DEFAULT_REBOOT_ARGV)
     degraded: DegradedSettings = DegradedSettings()
     probes: ProbeSettings = ProbeSettings()
     memory_guard: MemoryGuardConfig = MemoryGuardConfig()
@@ -477,8 +471,13 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     )
     s = t.sub("stranded")
     s.check_unknown({"threshold", "reclaim_window"})
-    stranded = StrandedSettings(
-        threshold_bytes=s.size_bytes("threshold", "32GB") or 0,
+    threshold_bytes = s.size_bytes("threshold", "32GB") or 0
+    drift_bytes = stranded_policy.StrandedSettings().tolerance_bytes
+    if threshold_bytes <= drift_bytes:
+        raise s.error("threshold", f"must be above {drift_bytes / 1e9:g}GB (idle wired memory drifts by that much), "
+                                   f"got {threshold_bytes / 1e9:g}GB")
+    stranded = stranded_policy.StrandedSettings(
+        threshold_bytes=threshold_bytes,
         reclaim_window_s=s.duration_s("reclaim_window", "2m"),
     )
     rb = t.sub("reboot")
@@ -487,13 +486,16 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     if argv_raw is not None and isinstance(argv_raw, str):
         raise rb.error("argv", "must be a list of strings (it runs without a shell), "
                                'e.g. ["sudo", "-n", "shutdown", "-r", "now"]')
-    argv = rb.str_list("argv", list(RebootConfig.argv))
+    argv = rb.str_list("argv", list(DEFAULT_REBOOT_ARGV))
     if not argv:
         raise rb.error("argv", 'must not be empty, e.g. ["sudo", "-n", "shutdown", "-r", "now"]')
-    reboot = RebootConfig(
+    if not all(argv):
+        raise rb.error("argv", f"must not contain empty strings, got {list(argv)!r}")
+    reboot = reboot_policy.RebootSettings(
         enabled=rb.bool("enabled", False),
         grace_s=rb.duration_s("grace", "5m", min_s=30, why="a reboot is announced first so a person has time to run `llmctl reboot cancel`"),
-        cooldown_s=rb.duration_s("cooldown", "6h", min_s=600),
+        cooldown_s=rb.duration_s("cooldown", "6h", min_s=3600,
+                                 why="a condition that comes back after every boot must not become a reboot loop"),
         argv=argv,
     )
     d = t.sub("degraded")

@@ -47,11 +47,8 @@ class StrandedExtension(Extension):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         cfg = daemon.config
-        self.settings = stranded_policy.StrandedSettings(
-            reclaim_window_s=cfg.stranded.reclaim_window_s, threshold_bytes=cfg.stranded.threshold_bytes)
-        self.reboot_settings = reboot_policy.RebootSettings(
-            enabled=cfg.reboot.enabled, grace_s=cfg.reboot.grace_s, cooldown_s=cfg.reboot.cooldown_s,
-            argv=tuple(cfg.reboot.argv))
+        self.settings = cfg.stranded  # the config builds the policies' settings objects
+        self.reboot_settings = cfg.reboot
         self.baseline = stranded_policy.BaselineState()
         self.ledger = reboot_policy.RebootLedger()
         self.boot = boot_id()

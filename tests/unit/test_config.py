@@ -70,6 +70,10 @@ BAD = [
     ("heartbeat with nothing to send", '[alerts.heartbeat]\ninterval = "1m"\n', "alerts.heartbeat: nothing to send"),
     ("max_backoff below initial_backoff", '[policies.restart]\ninitial_backoff = "10m"\nmax_backoff = "5m"\n',
      "policies.restart.max_backoff: must be at least initial_backoff (600s), got 300s"),
+    ("reboot cooldown under an hour", '[policies.reboot]\ncooldown = "20m"\n',
+     "policies.reboot.cooldown: must be at least 3600s (a condition that comes back after every boot"),
+    ("stranded threshold within idle drift", '[policies.stranded]\nthreshold = "1GB"\n',
+     "policies.stranded.threshold: must be above 2GB (idle wired memory drifts by that much), got 1GB"),
 ]
 
 
