@@ -211,7 +211,9 @@ def wait_ready_pid(d: Daemon, name: str, not_pid: int | None, timeout_s: float =
 class Supervisord:
     """A real ``supervisord -n`` with one program, and its XML-RPC interface on a Unix socket."""
 
-    def __init__(self, name: str, argv: list[str], *, startsecs: int = 1, autorestart: bool = True) -> None:
+    def __init__(self, name: str, argv: list[str], *, startsecs: int = 1, autorestart: bool = True,
+                 extra: str = "") -> None:
+        """``extra``: more config sections (an event listener such as superlance's memmon)."""
         self.dir = short_tmpdir("sv-")
         self.name = name
         self.socket = self.dir / "supervisor.sock"
@@ -247,7 +249,7 @@ killasgroup=true
 stopwaitsecs=10
 redirect_stderr=true
 stdout_logfile={self.dir}/{name}.log
-""")
+{extra}""")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Supervisord:

@@ -29,7 +29,7 @@ REPO = common.REPO
 DOC = REPO / "docs" / "benchmarks.md"
 PLOT = REPO / "docs" / "crash-detection.png"
 RESULTS = REPO / "bench" / "results" / "latest.json"
-ORDER = ("crash", "hang", "slowdown", "footprint", "swap")  # footprint also times status
+ORDER = ("crash", "hang", "slowdown", "footprint", "swap", "memory")  # footprint also times status
 
 
 def _ms(v: float | None) -> str:
@@ -180,8 +180,39 @@ def render_swap(r: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def render_memory(r: dict[str, Any]) -> str:
+    d, s = r["daemon"], r["supervisord"]
+
+    def row(label: str, key: str, fmt: Any) -> str:
+        return (f"| {label} | {fmt(d[key]['p50'])} / {fmt(d[key]['max'])} | "
+                f"{fmt(s[key]['p50'])} / {fmt(s[key]['max'])} |")
+
+    def tokens(v: float | None) -> str:
+        return "—" if v is None else f"{v:.0f} of {r['stream_tokens']}"
+
+    return "\n".join([
+        "### Engine grows past its footprint (memory guard)", "",
+        f"Same child for both: the stand-in engine, which allocates and touches {r['grow_mb']} MB per request and "
+        f"never frees it; limit {_mb(r['limit_bytes'])} of the process tree's RSS; {r['runs']} runs each "
+        f"(commit {r['commit']}). supervisord-llm: {d['setup']}. supervisord: {s['setup']}. A "
+        f"{r['stream_tokens']}-token stream is in flight when the engine crosses the limit; a 20 ms sampler times it.",
+        "", "| measure | supervisord-llm p50 / max | supervisord + memmon p50 / max |", "|---|---|---|",
+        row("limit crossed → decided", "decided_s", _s),
+        row("limit crossed → engine gone", "gone_s", _s),
+        row("in-flight stream received", "stream_tokens", tokens),
+        row("held past the limit (peak)", "over_limit_peak_bytes", _mb),
+        row("engine gone → next spawn", "next_spawn_after_stop_s", _s),
+        "",
+        f"Target: {r['target']} → {_verdict(r['met'])}."
+        + (" memmon stopped the engine with the stream still running (the client got a cut answer) and "
+           "restarted it at once; the guard drained first and kept the 60 s floor (a restart right after an "
+           "out-of-memory crash crashes again)." if (s["stream_tokens"]["min"] or 0) < r["stream_tokens"] else ""),
+        "",
+    ])
+
+
 RENDER = {"crash": render_crash, "hang": render_hang, "slowdown": render_slowdown, "footprint": render_footprint,
-          "swap": render_swap}
+          "swap": render_swap, "memory": render_memory}
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -227,12 +258,13 @@ def main() -> None:
     import crash_bench
     import footprint_bench
     import hang_bench
+    import memory_bench
     import slowdown_bench
     import swap_bench
 
     runners = {"crash": lambda: crash_bench.run(args.runs), "hang": lambda: hang_bench.run(5),
                "slowdown": slowdown_bench.run, "footprint": lambda: footprint_bench.run(args.quick),
-               "swap": lambda: swap_bench.run(6)}
+               "swap": lambda: swap_bench.run(6), "memory": lambda: memory_bench.run(3)}
     started = time.monotonic()
     results: dict[str, Any] = {}
     for name in chosen:

@@ -7,6 +7,7 @@ values so they can be compared in tests, logged as JSON and written to the event
     Start(engine)                       spawn the engine now (admission already passed)
     Stop(engine, grace_s, reason)       SIGTERM the whole process tree, SIGKILL after grace_s
     Restart(engine, reason)             Stop then Start, through the same backoff and admission
+    Drain(engine, grace_s, reason)      route no new requests to it; in-flight ones may finish within grace_s
     WaitUntil(at_s, reason)             do nothing until monotonic time at_s, then decide again
     Alert(key, severity, summary, ...)  tell a person; ``key`` names the episode (see below)
     EscalateReboot(at_s, reason)        a reboot is announced for monotonic time at_s (cancellable)
@@ -60,6 +61,20 @@ class Restart:
 
     engine: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Stop routing new requests to ``engine``; in-flight ones may finish for up to ``grace_s``
+    (a ``Restart`` follows once they have)."""
+
+    engine: str
+    grace_s: float
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.grace_s < 0:
+            raise ValueError(f"Drain.grace_s must be >= 0 seconds, got {self.grace_s!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +173,7 @@ Action: TypeAlias = (
     Start
     | Stop
     | Restart
+    | Drain
     | WaitUntil
     | Alert
     | EscalateReboot

@@ -144,12 +144,17 @@ def decide_reboot(
     now_s: float,
     now_wall: float,
     reason: str = "wired memory stranded",
+    resident_engines: Sequence[str] = (),
 ) -> tuple[RebootState, tuple[Action, ...]]:
-    """One step of the escalation; call it on every assessment tick.
+    """One step of the escalation; call it on every assessment tick (and on a timer while a
+    reboot is pending: nothing else steps it where no memory reading comes, as on Linux).
 
     ``stranded_persisting`` is the condition that needs a reboot (stranded memory above its
     threshold, or a GPU lost). ``None`` means no verdict (inside the reclaim window after an
     exit): nothing changes, neither the episode nor a pending reboot, which waits for a verdict.
+    ``resident_engines`` are engines that are resident or serving now: while there is one, the
+    reboot is neither announced nor run (it would cut off a working engine); it is required, and
+    announced afresh, with its full grace, once they have stopped.
     Returns the new state and the actions to carry out.
     """
     if stranded_persisting is None:
@@ -188,7 +193,7 @@ def decide_reboot(
     if state.phase == "executed":
         return state, ()
 
-    blocked = _blocked(ledger, settings, now_wall, reason)
+    blocked = _blocked(ledger, settings, now_wall, reason) or _engines_resident(resident_engines, reason)
     if state.phase == "announced":
         assert state.execute_at_s is not None
         if now_s < state.execute_at_s:
@@ -241,6 +246,22 @@ def _blocked(
             details={"last_reboot_wall_s": last, "cooldown_s": settings.cooldown_s},
         )
     return None
+
+
+def _engines_resident(resident_engines: Sequence[str], reason: str) -> Alert | None:
+    """The alert that replaces a reboot while engines are resident or serving."""
+    if not resident_engines:
+        return None
+    names = ", ".join(resident_engines)
+    return Alert(
+        "reboot.required",
+        "critical",
+        f"reboot required ({reason}), but not while {names} "
+        f"{'is' if len(resident_engines) == 1 else 'are'} resident; stop "
+        f"{'it' if len(resident_engines) == 1 else 'them'} (`llmctl stop NAME`) and the reboot is announced, "
+        "or reboot the machine by hand",
+        details={"resident_engines": list(resident_engines)},
+    )
 
 
 def decide_xid(

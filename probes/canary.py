@@ -13,6 +13,9 @@ thread died), so the watchdog asks for a few tokens and times them.
 * Errors (refused connection, HTTP error status, an error event in the stream) become
   ``ok=False, error=...``; nothing is raised.
 
+``headers`` go with the request: the engine's API key where it requires one (vLLM and SGLang
+``--api-key``, oMLX ``auth.api_key``), or the canary would only ever see 401.
+
 The ``clock`` (monotonic seconds) times the reading; the deadlines use the event loop's clock.
 """
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +39,6 @@ __all__ = [
     "run_openai_chat_canary",
     "run_openai_completion_canary",
     "run_ollama_canary",
-    "run_sglang_canary",
 ]
 
 DEFAULT_PROMPT = "Count from 1 to 10."
@@ -167,6 +169,7 @@ async def _stream_canary(
     stall_s: float,
     timeout_s: float,
     clock: Clock,
+    headers: Mapping[str, str] | None = None,
 ) -> CanaryReading:
     started_s = clock()
     loop_start = anyio.current_time()
@@ -185,7 +188,8 @@ async def _stream_canary(
         # The stall deadline moves forward with every token; the overall deadline never moves.
         scope.deadline = min(loop_start + stall_s, overall_deadline)
         try:
-            async with client.stream("POST", url, json=body, timeout=httpx.Timeout(timeout_s)) as response:
+            async with client.stream("POST", url, json=body, headers=headers,
+                                     timeout=httpx.Timeout(timeout_s)) as response:
                 if response.status_code != 200:
                     text = (await response.aread()).decode(errors="replace")
                     error = f"HTTP {response.status_code} from {url}: {text.strip()[:300]}"
@@ -269,6 +273,7 @@ async def run_openai_chat_canary(
     stall_s: float = DEFAULT_STALL_S,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     clock: Clock = time.monotonic,
+    headers: Mapping[str, str] | None = None,
 ) -> CanaryReading:
     """A streaming ``POST /v1/chat/completions`` (mlx_lm.server, oMLX, vLLM, llama-server, any OpenAI server)."""
     _check_bounds(max_tokens, stall_s, timeout_s)
@@ -289,6 +294,7 @@ async def run_openai_chat_canary(
         stall_s=stall_s,
         timeout_s=timeout_s,
         clock=clock,
+        headers=headers,
     )
 
 
@@ -302,6 +308,7 @@ async def run_openai_completion_canary(
     stall_s: float = DEFAULT_STALL_S,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     clock: Clock = time.monotonic,
+    headers: Mapping[str, str] | None = None,
 ) -> CanaryReading:
     """A streaming ``POST /v1/completions`` (vLLM, llama-server; no chat template involved)."""
     _check_bounds(max_tokens, stall_s, timeout_s)
@@ -322,6 +329,7 @@ async def run_openai_completion_canary(
         stall_s=stall_s,
         timeout_s=timeout_s,
         clock=clock,
+        headers=headers,
     )
 
 
@@ -335,6 +343,7 @@ async def run_ollama_canary(
     stall_s: float = DEFAULT_STALL_S,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     clock: Clock = time.monotonic,
+    headers: Mapping[str, str] | None = None,
 ) -> CanaryReading:
     """A streaming ``POST /api/generate``; tokens/s from Ollama's own ``eval_count / eval_duration``."""
     _check_bounds(max_tokens, stall_s, timeout_s)
@@ -354,49 +363,5 @@ async def run_ollama_canary(
         stall_s=stall_s,
         timeout_s=timeout_s,
         clock=clock,
-    )
-
-
-async def run_sglang_canary(
-    client: httpx.AsyncClient,
-    base_url: str,
-    *,
-    stall_s: float = DEFAULT_STALL_S,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    clock: Clock = time.monotonic,
-) -> CanaryReading:
-    """``GET /health_generate``: SGLang generates one token internally and answers 200 only if it could.
-
-    No answer within ``min(stall_s, timeout_s)`` is a stall (the one token never came).
-    """
-    _check_bounds(1, stall_s, timeout_s)
-    url = _url(base_url, "/health_generate")
-    wait_s = min(stall_s, timeout_s)
-    started_s = clock()
-    error: str | None = None
-    with anyio.move_on_after(wait_s) as scope:
-        try:
-            response = await client.get(url, timeout=httpx.Timeout(wait_s))
-            if response.status_code != 200:
-                error = f"HTTP {response.status_code} from {url}: {response.text.strip()[:300]}"
-        except httpx.TimeoutException:
-            scope.cancel()
-        except httpx.HTTPError as exc:
-            error = f"{_error_text(exc)} ({url})"
-    duration_s = clock() - started_s
-    if scope.cancel_called:
-        return CanaryReading(
-            at_s=started_s,
-            ok=False,
-            duration_s=duration_s,
-            error=f"stalled: no answer within {wait_s:g}s ({url})",
-            stalled=True,
-        )
-    return CanaryReading(
-        at_s=started_s,
-        ok=error is None,
-        ttft_s=duration_s if error is None else None,
-        duration_s=duration_s,
-        completion_tokens=1 if error is None else None,
-        error=error,
+        headers=headers,
     )

@@ -150,9 +150,10 @@ def rate_between(a: EngineCounters, b: EngineCounters) -> float | None:
 
 
 async def fetch_counters(
-    client: httpx.AsyncClient, base_url: str, kind: str, at_s: float, *, timeout_s: float = 5.0
+    client: httpx.AsyncClient, base_url: str, kind: str, at_s: float, *, timeout_s: float = 5.0,
+    headers: Mapping[str, str] | None = None,
 ) -> EngineCounters:
-    """GET the engine's counters endpoint and parse it.
+    """GET the engine's counters endpoint and parse it (``headers``: the API key oMLX's /api/status needs when set).
 
     Raises :class:`ProbeUnavailable` when the endpoint does not exist (llama-server serves
     /metrics only with ``--metrics``), :class:`ProbeError` for other HTTP failures and
@@ -162,7 +163,7 @@ async def fetch_counters(
     path = "/api/status" if kind == "omlx" else "/metrics"
     url = base_url.rstrip("/") + path
     try:
-        response = await client.get(url, timeout=timeout_s)
+        response = await client.get(url, timeout=timeout_s, headers=headers)
     except httpx.HTTPError as exc:
         raise ProbeError(f"GET {url} failed: {type(exc).__name__}: {exc}") from exc
     if response.status_code in (404, 501):

@@ -93,7 +93,10 @@ def _re(*patterns: str, flags: int = 0) -> tuple[re.Pattern[str], ...]:
 
 def _gpu_util_hint(d: Details) -> Details:
     free, total = float(d["free_gib"]), float(d["total_gib"])  # type: ignore[arg-type]
-    return {"max_utilization": f"{math.floor(free / total * 100) / 100:.2f}"}
+    hint: Details = {"max_utilization": f"{math.floor(free / total * 100) / 100:.2f}"}
+    if "device" not in d:
+        hint["device"] = "the GPU"  # older vLLM named no device
+    return hint
 
 
 _PACKAGES = {
@@ -211,13 +214,26 @@ SIGNATURES: tuple[Signature, ...] = (
     # ------------------------------------------------------------------ vLLM
     Signature(
         id="vllm.gpu_memory_insufficient",
+        # vllm 0.33.0 vllm/v1/worker/utils.py (request_memory): "Free memory on device {device} (…) on
+        # startup is less than desired GPU memory utilization (…)" or "… less than the engine's budget
+        # after excluding external process's weights (…)"; vLLM up to ~0.10 printed it without the
+        # device (v1/worker/gpu_worker.py init_device: "Free memory on device (…) on startup is …").
         patterns=_re(
-            r"Free memory on device (?P<device>\S+) \((?P<free_gib>[\d.]+)/(?P<total_gib>[\d.]+) GiB\) on startup is "
-            r"less than desired GPU memory utilization \((?P<utilization>[\d.]+), (?P<desired_gib>[\d.]+) GiB\)"
+            r"Free memory on device (?:(?P<device>[^\s(]+) )?\((?P<free_gib>[\d.]+)/(?P<total_gib>[\d.]+) GiB\) on startup is "
+            r"less than (?:desired GPU memory utilization|the engine's budget after excluding external process's weights) "
+            r"\((?P<utilization>[\d.]+), (?P<desired_gib>[\d.]+) GiB\)"
         ),
         cause="only {free_gib} GiB of {total_gib} GiB is free on {device}, but {desired_gib} GiB was wanted: other processes hold GPU memory (often an orphaned VLLM::EngineCore)",
+        cause_fallback="not enough GPU memory is free at startup for the wanted --gpu-memory-utilization: other processes hold GPU memory (often an orphaned VLLM::EngineCore)",
         remedy="list GPU processes and stop orphans of earlier engines; or lower --gpu-memory-utilization to at most {max_utilization}",
         derive=_gpu_util_hint,
+    ),
+    Signature(
+        id="vllm.no_cache_memory",
+        # vllm 0.33.0 vllm/v1/core/kv_cache_planning.py _check_enough_kv_cache_memory.
+        patterns=_re(r"No available memory for the cache blocks"),
+        cause="after the weights and activations nothing is left for the KV cache",
+        remedy="raise --gpu-memory-utilization, or use a smaller or more quantized model, or spread it over more GPUs (--tensor-parallel-size)",
     ),
     Signature(
         id="vllm.kv_cache_too_small",
@@ -309,18 +325,38 @@ SIGNATURES: tuple[Signature, ...] = (
         priority=GENERIC,
     ),
     # ------------------------------------------------------------------ Ollama
+    # Ollama's server log is Go slog text (logutil/logutil.go: time=… level=… source=file.go:N msg="…"
+    # key="…"); these are the texts of ollama commit fb30760 (server/sched.go, llm/llama_server.go,
+    # llm/server.go, x/mlxrunner/client.go). The "model requires more system memory (…) than is
+    # available (…)" and "llama runner process has terminated" texts of older releases are kept.
     Signature(
         id="ollama.insufficient_system_memory",
         patterns=_re(
-            r"model requires more (?:system )?memory \((?P<required_gib>[\d.]+) GiB\) than is available \((?P<available_gib>[\d.]+) GiB\)"
+            r"model is too large for system memory",
+            r"unable to load full model on GPU",
+            r"model requires (?P<required>[\d.]+ ?[KMGT]?i?B) but only (?P<available>[\d.]+ ?[KMGT]?i?B) are available",
+            r"model requires more (?:system )?memory \((?P<required_gib>[\d.]+) GiB\) than is available \((?P<available_gib>[\d.]+) GiB\)",
         ),
         cause="the model needs {required_gib} GiB but only {available_gib} GiB is available",
+        cause_fallback="the model does not fit in the memory Ollama can use",
         remedy="free memory (stop other models: `ollama stop`) or use a smaller model or quantization",
     ),
     Signature(
+        id="ollama.runner_out_of_memory",
+        patterns=_re(r"llama-server reported out-of-memory during startup: (?P<reason>[^\"]+?)\"?\s*$"),
+        cause="Ollama's llama-server ran out of memory while loading the model ({reason})",
+        cause_fallback="Ollama's llama-server ran out of memory while loading the model",
+        remedy="use fewer GPU layers (num_gpu), a smaller num_ctx or a smaller model; stop other models first (`ollama stop`)",
+    ),
+    Signature(
         id="ollama.runner_terminated",
-        patterns=_re(r"llama runner process has terminated: (?P<reason>.+?)\s*$", r"llama runner process no longer running"),
+        patterns=_re(
+            r"(?:llama-server|llama runner) process has terminated: (?P<reason>[^\"]+?)\"?\s*$",
+            r"(?:llama-server|llama runner) process has terminated",
+            r"(?:llama-server|llama runner) process no longer running",
+        ),
         cause="Ollama's model runner died ({reason})",
+        cause_fallback="Ollama's model runner died",
         remedy="read the runner's reason; for out of memory use fewer GPU layers (num_gpu), a smaller num_ctx or a smaller model",
         priority=SPECIFIC - 10,
     ),

@@ -15,6 +15,7 @@ import os
 import psutil
 
 from probes.errors import ProbeError
+from probes.footprint import read_tree_phys_footprint_bytes
 from probes.readings import ProcessTreeReading
 
 __all__ = ["ProcessGone", "read_process_tree", "find_tagged_processes", "tagged_processes"]
@@ -80,6 +81,7 @@ def read_process_tree(root_pid: int, at_s: float) -> ProcessTreeReading:
         rss_bytes=rss_bytes,
         stopped=stopped,
         zombie=zombie,
+        phys_footprint_bytes=None if zombie else read_tree_phys_footprint_bytes(pids),
     )
 
 

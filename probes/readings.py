@@ -29,6 +29,23 @@ class ProcessTreeReading:
     cpu_percent: float | None = None
     stopped: bool = False  # some process of the tree is in state T (SIGSTOP)
     zombie: bool = False  # the root is a zombie
+    phys_footprint_bytes: int | None = None  # macOS only: summed ri_phys_footprint (counts Metal buffers)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMemoryReading:
+    """What one engine holds: its tree's RSS, its macOS physical footprint, its GPU memory."""
+
+    at_s: float
+    rss_bytes: int
+    phys_footprint_bytes: int | None = None  # macOS; None elsewhere
+    gpu_bytes: int | None = None  # NVML, summed over devices; None without NVML
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the engine holds: the physical footprint where there is one (RSS misses
+        Metal allocations on Apple silicon), else the tree's RSS."""
+        return self.phys_footprint_bytes if self.phys_footprint_bytes is not None else self.rss_bytes
 
 
 @dataclass(frozen=True, slots=True)

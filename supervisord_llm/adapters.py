@@ -4,15 +4,20 @@ An adapter knows how to build the engine's command line from its config, its che
 how to prove it generates (a tiny real generation through the engine's own API), where tokens/s
 can be read, and how its log lines are diagnosed. It does no supervision itself.
 
-| kind      | liveness          | proves generation                     | tokens/s from                     |
-|-----------|-------------------|---------------------------------------|-----------------------------------|
-| mlx_lm    | GET /health       | streaming chat completion             | usage ÷ own timing                |
-| omlx      | GET /health       | streaming chat completion             | /api/status avg_generation_tps    |
-| vllm      | GET /health       | POST /v1/completions (stream)         | vllm:generation_tokens_total      |
-| llama_cpp | GET /health (503 while loading) | POST /v1/completions (stream) | llamacpp:tokens_predicted_total |
-| ollama    | GET /api/version  | /api/generate stream                  | eval_count / eval_duration        |
-| sglang    | GET /health       | GET /health_generate                  | sglang:gen_throughput             |
-| command   | GET /health       | streaming chat completion             | usage ÷ own timing                |
+| kind      | liveness          | proves generation                     | tokens/s from                     | /v1/messages |
+|-----------|-------------------|---------------------------------------|-----------------------------------|--------------|
+| mlx_lm    | GET /health       | streaming chat completion             | usage ÷ own timing                | no           |
+| omlx      | GET /health       | streaming chat completion             | /api/status avg_generation_tps    | probed       |
+| vllm      | GET /health       | POST /v1/completions (stream)         | vllm:generation_tokens_total      | probed       |
+| llama_cpp | GET /health (503) | POST /v1/completions (stream)         | llamacpp:tokens_predicted_total   | probed       |
+| ollama    | GET /api/version  | /api/generate stream                  | eval_count / eval_duration        | probed       |
+| sglang    | GET /ready        | POST /v1/completions (stream)         | sglang:gen_throughput             | probed       |
+| command   | GET /health       | streaming chat completion             | usage ÷ own timing                | config       |
+
+"probed": whether the engine serves the Anthropic Messages API natively is asked of the running
+engine once it is ready (:mod:`probes.routes`), because it depends on the engine's version; the
+engine config's ``supports_messages`` overrides the probe. Facts about each engine cite the upstream
+file they come from; the recorded surfaces they rest on are in ``tests/contract/fixtures/``.
 
 ``/health`` alone is never proof: mlx_lm.server answers 200 while loading and after its
 generation thread died.
@@ -20,12 +25,16 @@ generation thread died.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import ClassVar
 
 import httpx
 
 from probes import canary as canary_probe
+from probes import routes as routes_probe
 from probes.readings import CanaryReading, Diagnosis, EngineCounters
 from supervisord_llm.config import EngineConfig
 from supervisord_llm.process import python_executable
@@ -35,10 +44,14 @@ class EngineAdapter:
     kind: ClassVar[str] = "command"
     liveness_path: ClassVar[str] = "/health"
     supports_messages: ClassVar[bool] = False
+    # Ask the running engine at ready time whether it serves /v1/messages (version-dependent).
+    probe_messages: ClassVar[bool] = False
     counters_kind: ClassVar[str | None] = None  # which engine counters probe applies
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # What the ready-time probe found for this run; None = not asked or no telling answer.
+        self.messages_found: bool | None = None
 
     # ---- command line ------------------------------------------------------------------
 
@@ -65,6 +78,32 @@ class EngineAdapter:
 
     def env(self) -> dict[str, str]:
         return {**gpu_visibility_env(self.config.gpu_devices), **self.config.env}
+
+    def _env_value(self, name: str) -> str | None:
+        """``name`` as the engine process sees it: the engine's own env first, then the daemon's."""
+        return self.env().get(name) or os.environ.get(name) or None
+
+    def _arg_value(self, flag: str) -> str | None:
+        """The value of ``flag`` in the engine's extra args (``--flag v`` or ``--flag=v``)."""
+        args = list(self.config.args)
+        for i, arg in enumerate(args):
+            if arg == flag and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(flag + "="):
+                return arg[len(flag) + 1:]
+        return None
+
+    # ---- credentials -------------------------------------------------------------------
+
+    @property
+    def api_key(self) -> str | None:
+        """The key the engine itself requires on its API, or None when it requires none."""
+        return None
+
+    def auth_headers(self) -> dict[str, str]:
+        """Headers for the daemon's own requests to the engine (canaries, counters, probes)."""
+        key = self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     # ---- HTTP surface ------------------------------------------------------------------
 
@@ -99,14 +138,30 @@ class EngineAdapter:
 
     @property
     def messages_supported(self) -> bool:
+        """Whether the gateway may pass /v1/messages through: config, else what the engine showed, else the kind's default."""
         if self.config.supports_messages is not None:
             return self.config.supports_messages
+        if self.messages_found is not None:
+            return self.messages_found
         return self.supports_messages
+
+    async def discover(self, client: httpx.AsyncClient) -> dict[str, object]:
+        """Facts read from the running engine once it has generated; returns those found, for the event log.
+
+        Never raises for an engine that does not answer: an unknown fact keeps the kind's default.
+        """
+        self.messages_found = None
+        if not self.probe_messages or self.config.supports_messages is not None:
+            return {}
+        found = await routes_probe.probe_route(client, self.base_url, routes_probe.MESSAGES_PATH,
+                                               headers=self.auth_headers())
+        self.messages_found = found
+        return {} if found is None else {"messages_native": found}
 
     async def canary(self, client: httpx.AsyncClient, *, stall_s: float, timeout_s: float) -> CanaryReading:
         return await canary_probe.run_openai_chat_canary(
             client, self.base_url, model=self.request_model, max_tokens=self.config.canary_max_tokens,
-            stall_s=stall_s, timeout_s=timeout_s,
+            stall_s=stall_s, timeout_s=timeout_s, headers=self.auth_headers(),
         )
 
     async def counters(self, client: httpx.AsyncClient, at_s: float) -> EngineCounters | None:
@@ -114,7 +169,8 @@ class EngineAdapter:
             return None
         from probes import counters as counters_probe
 
-        return await counters_probe.fetch_counters(client, self.base_url, self.counters_kind, at_s)
+        return await counters_probe.fetch_counters(client, self.base_url, self.counters_kind, at_s,
+                                                   headers=self.auth_headers())
 
     def diagnose(self, lines: Iterable[str]) -> Diagnosis | None:
         from probes import logdiag
@@ -123,6 +179,9 @@ class EngineAdapter:
 
 
 class MlxLmAdapter(EngineAdapter):
+    # mlx-lm 0.32 mlx_lm/server.py APIHandler.do_POST routes only /v1/completions,
+    # /v1/chat/completions and /chat/completions (404 otherwise): no /v1/messages, so the gateway
+    # translates. handle_health_check answers 503 only once its generation thread has died.
     kind = "mlx_lm"
 
     def base_argv(self) -> list[str]:
@@ -141,21 +200,82 @@ class MlxLmAdapter(EngineAdapter):
 
 
 class OmlxAdapter(EngineAdapter):
+    """oMLX (github.com/jundot/omlx): a multi-model server over a folder of model folders.
+
+    ``model`` in the engine config is one model's folder. oMLX gets its parent as the model
+    directory and the folder's name is the request ``model`` (omlx/cli.py serve --model-dir help:
+    "Models are discovered from subdirectories of --model-dir", model_id = subdirectory name).
+
+    Host, port and model directory go in as ``OMLX_HOST``/``OMLX_PORT``/``OMLX_MODEL_DIR``
+    (omlx/settings.py ``_apply_env_overrides``), never as flags: ``omlx serve`` with any of those
+    flags saves them into the user's ``settings.json`` (omlx/cli.py ``_has_cli_overrides`` then
+    ``settings.save()``), which would rewrite the settings of the user's own oMLX.
+    """
+
     kind = "omlx"
+    # omlx/server.py module docstring and routes: POST /v1/messages (Anthropic Messages API).
     supports_messages = True
+    probe_messages = True
     counters_kind = "omlx"
 
     def base_argv(self) -> list[str]:
-        cfg = self.config
-        return ["omlx", "serve", "--model-dir", cfg.model or "", "--host", cfg.host, "--port", str(cfg.port)]
+        return ["omlx", "serve"]
 
     def _executable_len(self) -> int:
         return 2
 
+    def _model_path(self) -> Path:
+        return Path(os.path.expanduser(self.config.model or "")).resolve()
+
+    def env(self) -> dict[str, str]:
+        cfg = self.config
+        return {"OMLX_HOST": cfg.host, "OMLX_PORT": str(cfg.port),
+                "OMLX_MODEL_DIR": str(self._model_path().parent), **cfg.env}
+
+    @property
+    def request_model(self) -> str | None:
+        return self.config.served_model or self._model_path().name
+
+    def settings_file(self) -> Path:
+        """oMLX's settings.json (omlx/settings.py resolve_default_base_path: ``OMLX_BASE_PATH``,
+        else the macOS app's bootstrap file, else ``~/.omlx``)."""
+        base = self._env_value("OMLX_BASE_PATH")
+        if not base:
+            bootstrap = Path.home() / "Library" / "Application Support" / "oMLX" / "base-path"
+            try:
+                base = bootstrap.read_text(encoding="utf-8").strip() or None
+            except OSError:
+                base = None
+        return Path(os.path.expanduser(base or "~/.omlx")) / "settings.json"
+
+    @property
+    def api_key(self) -> str | None:
+        # omlx/settings.py: OMLX_API_KEY overrides settings.json auth.api_key; server.py
+        # verify_api_key then wants it as a Bearer token (or x-api-key) on /v1 and /api/status.
+        key = self._env_value("OMLX_API_KEY")
+        if key:
+            return key
+        try:
+            settings = json.loads(self.settings_file().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        auth = settings.get("auth") if isinstance(settings, Mapping) else None
+        value = auth.get("api_key") if isinstance(auth, Mapping) else None
+        return value if isinstance(value, str) and value else None
+
 
 class VllmAdapter(EngineAdapter):
     kind = "vllm"
+    # vllm 0.33.0 vllm/entrypoints/anthropic/api_router.py: POST /v1/messages; older releases lack it.
+    supports_messages = True
+    probe_messages = True
     counters_kind = "vllm"
+
+    @property
+    def api_key(self) -> str | None:
+        # vllm 0.33.0 vllm/entrypoints/serve/middleware/register.py: --api-key wins over VLLM_API_KEY;
+        # authenticate.py guards /v1, /v2, /inference, /cohere (not /health, not /metrics).
+        return self._arg_value("--api-key") or self._env_value("VLLM_API_KEY")
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -167,7 +287,7 @@ class VllmAdapter(EngineAdapter):
     async def canary(self, client: httpx.AsyncClient, *, stall_s: float, timeout_s: float) -> CanaryReading:
         return await canary_probe.run_openai_completion_canary(
             client, self.base_url, model=self.request_model, max_tokens=self.config.canary_max_tokens,
-            stall_s=stall_s, timeout_s=timeout_s,
+            stall_s=stall_s, timeout_s=timeout_s, headers=self.auth_headers(),
         )
 
 
@@ -191,7 +311,25 @@ class LlamaCppAdapter(EngineAdapter):
 
     kind = "llama_cpp"
     supports_messages = True
+    # An older llama-server (before the Anthropic routes) answers 404: the ready-time probe finds out.
+    probe_messages = True
     counters_kind = "llamacpp"
+
+    @property
+    def api_key(self) -> str | None:
+        # common/arg.cpp: --api-key (comma-separated keys), else the LLAMA_API_KEY env var; server-http.cpp
+        # exempts only /health and /v1/health, so /metrics and the canary need it.
+        keys = self._arg_value("--api-key") or self._env_value("LLAMA_API_KEY")
+        if keys:
+            return next((k.strip() for k in keys.split(",") if k.strip()), None)
+        key_file = self._arg_value("--api-key-file")
+        if key_file:
+            try:
+                lines = Path(key_file).expanduser().read_text(encoding="utf-8").splitlines()
+            except OSError:
+                return None
+            return next((line for line in lines if line and not line.startswith("#")), None)
+        return None
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -203,13 +341,18 @@ class LlamaCppAdapter(EngineAdapter):
     async def canary(self, client: httpx.AsyncClient, *, stall_s: float, timeout_s: float) -> CanaryReading:
         return await canary_probe.run_openai_completion_canary(
             client, self.base_url, model=self.request_model, max_tokens=self.config.canary_max_tokens,
-            stall_s=stall_s, timeout_s=timeout_s,
+            stall_s=stall_s, timeout_s=timeout_s, headers=self.auth_headers(),
         )
 
 
 class OllamaAdapter(EngineAdapter):
     kind = "ollama"
+    # ollama server/routes.go: GET /api/version answers while the server runs, whatever its runners do.
     liveness_path = "/api/version"
+    # ollama server/routes.go: POST /v1/messages (middleware/anthropic.go), since v0.14.0 (commit
+    # 2b2cda7a2); an older Ollama answers 404, which the ready-time probe turns into translation.
+    supports_messages = True
+    probe_messages = True
 
     def base_argv(self) -> list[str]:
         return ["ollama", "serve"]
@@ -221,12 +364,21 @@ class OllamaAdapter(EngineAdapter):
     async def canary(self, client: httpx.AsyncClient, *, stall_s: float, timeout_s: float) -> CanaryReading:
         return await canary_probe.run_ollama_canary(
             client, self.base_url, model=self.request_model or "", max_tokens=self.config.canary_max_tokens,
-            stall_s=stall_s, timeout_s=timeout_s,
+            stall_s=stall_s, timeout_s=timeout_s, headers=self.auth_headers(),
         )
 
 
 class SglangAdapter(EngineAdapter):
     kind = "sglang"
+    # sglang 0.5.23 srt/entrypoints/http_server.py: /health and /health_generate are one handler that
+    # runs a generation (SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION defaults to true) and passes on any
+    # scheduler output after sleeping >= 1 s, so it is neither a cheap liveness check nor a canary.
+    # /ready answers from state alone (503 while starting, paused or shutting down) and
+    # srt/utils/auth.py lets /health*, /ready and /metrics through without the API key.
+    liveness_path = "/ready"
+    # http_server.py: POST /v1/messages and /v1/messages/count_tokens; older releases lack them.
+    supports_messages = True
+    probe_messages = True
     counters_kind = "sglang"
 
     def base_argv(self) -> list[str]:
@@ -237,8 +389,17 @@ class SglangAdapter(EngineAdapter):
     def _executable_len(self) -> int:
         return 3
 
+    @property
+    def api_key(self) -> str | None:
+        # sglang srt/arg_groups/fields/serving.py: --api-key; auth.py wants it as a Bearer token.
+        return self._arg_value("--api-key")
+
     async def canary(self, client: httpx.AsyncClient, *, stall_s: float, timeout_s: float) -> CanaryReading:
-        return await canary_probe.run_sglang_canary(client, self.base_url, stall_s=stall_s, timeout_s=timeout_s)
+        # A tiny streamed completion through the OpenAI route: its tokens are this request's own.
+        return await canary_probe.run_openai_completion_canary(
+            client, self.base_url, model=self.request_model, max_tokens=self.config.canary_max_tokens,
+            stall_s=stall_s, timeout_s=timeout_s, headers=self.auth_headers(),
+        )
 
 
 class CommandAdapter(EngineAdapter):

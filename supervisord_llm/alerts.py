@@ -16,6 +16,7 @@ Formats (``format`` of an ``[[alerts.webhook]]`` table)
       "key": "engine.failed:mlx",          # the episode key
       "status": "firing",                  # "firing" | "resolved"
       "severity": "critical",              # "info" | "warning" | "critical"
+      "escalated_from": "warning",         # on the firing that raised an open episode's severity, else null
       "engine": "mlx",                     # or null for daemon-wide alerts
       "message": "mlx crashed 5 times in 10 minutes; giving up",
       "details": {"restarts": 5},          # free-form JSON object
@@ -25,6 +26,16 @@ Formats (``format`` of an ``[[alerts.webhook]]`` table)
       "at": "2025-03-01T12:04:10.250Z",    # when this alert was raised (UTC, ISO 8601)
       "host": "studio.local"
     }
+
+An episode is one thread: when a firing of higher severity arrives for an open episode (a crash
+that became a crash loop), it is sent as an *escalation* of the same episode (same
+``episode_id``, ``escalated_from`` set), and its resolve closes it at the raised severity.
+
+Routing: each webhook's ``min_severity`` (default ``info``) drops alerts below it; an episode's
+resolve is routed by the episode's severity, so it goes where the firing went.
+
+Every format is clipped to its receiver's documented limits instead of being rejected (the
+``SLACK_*``, ``DISCORD_*`` and ``ALERTMANAGER_*`` constants below).
 
 ``slack`` — an incoming-webhook message: ``{"text": ..., "blocks": [...]}``.
 ``discord`` — a webhook message: ``{"content": ..., "embeds": [...], "allowed_mentions": ...}``.
@@ -52,6 +63,7 @@ Config (``[alerts]``; every key optional)::
     secret_env = "ONCALL_SECRET" # or secret = "..."; signs every request (below)
     timeout = "5s"
     headers = { Authorization = "Bearer ..." }
+    min_severity = "info"        # info | warning | critical: alerts below it are not sent here
 
 Other 4xx answers are not retried: the delivery is dropped with an ``alert.dropped`` event.
 
@@ -60,9 +72,11 @@ Every request carries ``Content-Type: application/json``, a ``User-Agent``, and
 ``secret`` it is signed::
 
     X-Supervisord-LLM-Timestamp: 1740830650
-    X-Supervisord-LLM-Signature: sha256=<hex HMAC-SHA256(secret, f"{timestamp}.{body}")>
+    X-Supervisord-LLM-Signature: sha256=<hex HMAC-SHA256(secret, f"{timestamp}.{delivery_id}.{body}")>
 
-Receivers check it with :func:`verify_signature`.
+where ``delivery_id`` is the ``X-Supervisord-LLM-Delivery`` header and ``body`` the raw request
+bytes. Receivers check it with :func:`verify_signature`; to reject replays they also refuse a
+timestamp older than a few minutes and a delivery id they have already accepted.
 
 The outbox journal
 ------------------
@@ -100,6 +114,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import threading
 import time
@@ -123,6 +138,10 @@ from supervisord_llm.errors import ConfigError
 
 FORMATS = ("json", "slack", "discord", "alertmanager", "alertmanager_api")
 SEVERITIES = ("info", "warning", "critical")
+SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
+# Details that become Alertmanager labels. They identify the episode there, so an episode keeps the
+# values of the alert that opened it (a resolve or an escalation must name the same label set).
+LABEL_DETAILS = ("exit",)
 STATUSES = ("firing", "resolved")
 
 SIGNATURE_HEADER = "X-Supervisord-LLM-Signature"
@@ -192,6 +211,12 @@ def _check_secret(value: object) -> str | None:
     return value
 
 
+def _check_min_severity(value: object) -> str:
+    if value not in SEVERITIES:
+        raise ValueError(f"expected one of {', '.join(SEVERITIES)}, got {value!r}")
+    return str(value)
+
+
 def _check_timeout_s(value: object) -> float:
     seconds = parse_duration_s(value)
     if not 0 < seconds <= 300:
@@ -236,17 +261,20 @@ class AlertTarget:
     secret: str | None = field(default=None, repr=False)
     timeout_s: float = 5.0
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Alerts below this severity are not sent here (a pager gets "critical", a chat channel "info").
+    # An episode is routed by its severity: its resolve goes where its firing went.
+    min_severity: str = "info"
 
     def __post_init__(self) -> None:
         for attr, check in (("name", _check_name), ("url", _check_url), ("format", _check_format),
                             ("secret", _check_secret), ("timeout_s", _check_timeout_s),
-                            ("headers", _check_headers)):
+                            ("headers", _check_headers), ("min_severity", _check_min_severity)):
             try:
                 object.__setattr__(self, attr, check(getattr(self, attr)))
             except ValueError as exc:
                 raise ValueError(f"alert target {attr}: {exc}") from None
 
-    KEYS = ("name", "url", "url_env", "format", "secret", "secret_env", "timeout", "headers")
+    KEYS = ("name", "url", "url_env", "format", "secret", "secret_env", "timeout", "headers", "min_severity")
 
     @classmethod
     def from_toml(cls, table: object, *, file: str, key: str,
@@ -304,7 +332,12 @@ class AlertTarget:
             secret=secret,
             timeout_s=field_value("timeout", _check_timeout_s, "5s"),
             headers=field_value("headers", _check_headers, None),
+            min_severity=field_value("min_severity", _check_min_severity, "info"),
         )
+
+    def wants(self, severity: str) -> bool:
+        """Whether alerts of ``severity`` are sent to this target (its ``min_severity``)."""
+        return SEVERITY_RANK[severity] >= SEVERITY_RANK[self.min_severity]
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,9 +356,10 @@ class AlertSettings:
     max_backoff_s: float = 300.0
     host: str | None = None  # "instance"/"host" in payloads; None = this machine's hostname
     external_url: str = ""  # a link back to this daemon (Alertmanager externalURL/generatorURL)
+    heartbeat: Any = None  # supervisord_llm.heartbeat.HeartbeatSettings, or None: no heartbeat
 
     KEYS = ("webhook", "rate_limit_per_min", "max_attempts", "initial_backoff", "max_backoff",
-            "host", "external_url")
+            "host", "external_url", "heartbeat")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -400,6 +434,16 @@ class AlertSettings:
                 raise ConfigError(f"expected a string, got {value!r}", file=file, key=f"{key}.{name}")
             return value
 
+        heartbeat = None
+        if "heartbeat" in table:
+            from supervisord_llm.heartbeat import HeartbeatSettings
+
+            heartbeat = HeartbeatSettings.from_toml(table["heartbeat"], file=file, key=f"{key}.heartbeat",
+                                                    environ=environ)
+            if heartbeat.watchdog_alert and not any(t.format == "alertmanager_api" for t in targets):
+                raise ConfigError("watchdog_alert = true needs an [[alerts.webhook]] with format = "
+                                  '"alertmanager_api" (Alertmanager\'s /api/v2/alerts) to send the Watchdog alert to',
+                                  file=file, key=f"{key}.heartbeat.watchdog_alert")
         initial = duration("initial_backoff", "1s")
         maximum = duration("max_backoff", "5m")
         if initial > maximum:
@@ -414,6 +458,7 @@ class AlertSettings:
             max_backoff_s=maximum,
             host=text("host", None),
             external_url=text("external_url", "") or "",
+            heartbeat=heartbeat,
         )
 
 
@@ -449,6 +494,9 @@ class Alert:
     episode_id: str | None = None
     created_at: str = field(default_factory=lambda: iso_utc(time.time()))
     started_at: str | None = None
+    # Set on a firing that raised its open episode's severity (a crash loop after a crash): the
+    # severity the episode had, so that Alertmanager formats can end the alert of that severity.
+    previous_severity: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not self.key:
@@ -457,6 +505,9 @@ class Alert:
             raise ValueError(f"alert status: expected one of {', '.join(STATUSES)}, got {self.status!r}")
         if self.severity not in SEVERITIES:
             raise ValueError(f"alert severity: expected one of {', '.join(SEVERITIES)}, got {self.severity!r}")
+        if self.previous_severity is not None and self.previous_severity not in SEVERITIES:
+            raise ValueError(f"alert previous_severity: expected one of {', '.join(SEVERITIES)} or None, "
+                             f"got {self.previous_severity!r}")
         try:
             json.dumps(dict(self.details))
         except (TypeError, ValueError) as exc:
@@ -481,24 +532,57 @@ class Alert:
         """The kind of alert: the episode key before the first ``:``."""
         return self.key.split(":", 1)[0]
 
+    @property
+    def escalated(self) -> bool:
+        """A firing that raised its open episode's severity."""
+        return self.status == "firing" and self.previous_severity is not None
+
     def to_record(self) -> dict[str, Any]:
         return {"id": self.id, "key": self.key, "status": self.status, "severity": self.severity,
                 "summary": self.summary, "engine": self.engine, "details": dict(self.details),
-                "episode_id": self.episode_id, "created_at": self.created_at, "started_at": self.started_at}
+                "episode_id": self.episode_id, "created_at": self.created_at, "started_at": self.started_at,
+                "previous_severity": self.previous_severity}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Alert:
         return cls(**{name: record.get(name) for name in (
-            "id", "key", "status", "severity", "summary", "engine", "episode_id", "created_at", "started_at")},
+            "id", "key", "status", "severity", "summary", "engine", "episode_id", "created_at", "started_at",
+            "previous_severity")},
             details=record.get("details") or {})
 
 
 # --------------------------------------------------------------------------- payloads (pure)
 
 
+# Receivers' documented limits. A payload over one is rejected whole (Slack answers
+# ``invalid_blocks``, Discord 400), so every field is clipped to fit instead.
+# Slack: https://api.slack.com/reference/block-kit/blocks (section text 3,000, 10 fields of 2,000,
+# 50 blocks; context text 3,000 in at most 10 elements) and chat.postMessage (``text`` should stay
+# under 4,000; it is cut at 40,000).
+SLACK_TEXT_MAX = 3000
+SLACK_SECTION_TEXT_MAX = 3000
+SLACK_FIELDS_MAX = 10
+SLACK_FIELD_TEXT_MAX = 2000
+SLACK_BLOCKS_MAX = 50
+# Discord: https://discord.com/developers/docs/resources/message#embed-object-embed-limits
+DISCORD_CONTENT_MAX = 2000
+DISCORD_TITLE_MAX = 256
+DISCORD_DESCRIPTION_MAX = 4096
+DISCORD_FIELDS_MAX = 25
+DISCORD_FIELD_NAME_MAX = 256
+DISCORD_FIELD_VALUE_MAX = 1024
+DISCORD_FOOTER_MAX = 2048
+DISCORD_EMBED_TOTAL_MAX = 6000  # title + description + field names and values + footer + author
+# Alertmanager sets no limit of its own, but every label value is part of the alert's identity
+# and is shown in every notification: long values are clipped; annotations carry the rest.
+ALERTMANAGER_LABEL_VALUE_MAX = 256
+ALERTMANAGER_ANNOTATION_MAX = 8192
+
+
 def _title(alert: Alert) -> str:
     where = f" on {alert.engine}" if alert.engine else ""
-    return f"[{alert.status.upper()}] {alert.event}{where}"
+    status = f"{alert.severity.upper()} (was {alert.previous_severity})" if alert.escalated else alert.status.upper()
+    return f"[{status}] {alert.event}{where}"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -517,6 +601,7 @@ def render_json(alert: Alert, *, host: str) -> dict[str, Any]:
         "key": alert.key,
         "status": alert.status,
         "severity": alert.severity,
+        "escalated_from": alert.previous_severity if alert.escalated else None,
         "engine": alert.engine,
         "message": alert.summary,
         "details": dict(alert.details),
@@ -541,39 +626,56 @@ def render_slack(alert: Alert, *, host: str) -> dict[str, Any]:
     title = _slack_escape(_title(alert))
     summary = _slack_escape(alert.summary)
     blocks: list[dict[str, Any]] = [
-        {"type": "section", "text": {"type": "mrkdwn", "text": _clip(f"{emoji} *{title}*\n{summary}", 3000)}},
+        {"type": "section",
+         "text": {"type": "mrkdwn", "text": _clip(f"{emoji} *{title}*\n{summary}", SLACK_SECTION_TEXT_MAX)}},
     ]
     if alert.details:
         blocks.append({"type": "section", "fields": [
-            {"type": "mrkdwn", "text": _clip(f"*{_slack_escape(str(k))}*\n{_slack_escape(_detail_text(v))}", 2000)}
-            for k, v in list(alert.details.items())[:10]
+            {"type": "mrkdwn",
+             "text": _clip(f"*{_slack_escape(str(k))}*\n{_slack_escape(_detail_text(v))}", SLACK_FIELD_TEXT_MAX)}
+            for k, v in list(alert.details.items())[:SLACK_FIELDS_MAX]
         ]})
-    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _slack_escape(
-        f"{alert.severity} · host {host} · episode {(alert.episode_id or '')[:8]} · {alert.created_at}")}]})
-    return {"text": _clip(f"{emoji} {title}: {summary}", 3000), "blocks": blocks}
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _clip(_slack_escape(
+        f"{alert.severity} · host {host} · episode {(alert.episode_id or '')[:8]} · {alert.created_at}"),
+        SLACK_SECTION_TEXT_MAX)}]})
+    return {"text": _clip(f"{emoji} {title}: {summary}", SLACK_TEXT_MAX), "blocks": blocks[:SLACK_BLOCKS_MAX]}
 
 
 _DISCORD_COLOURS = {"critical": 0xE01E5A, "warning": 0xECB22E, "info": 0x36C5F0}
 _DISCORD_RESOLVED_COLOUR = 0x2EB67D
 
 
+def _discord_embed_chars(embed: Mapping[str, Any]) -> int:
+    return (len(embed["title"]) + len(embed["description"]) + len(embed["footer"]["text"])
+            + sum(len(f["name"]) + len(f["value"]) for f in embed["fields"]))
+
+
 def render_discord(alert: Alert, *, host: str) -> dict[str, Any]:
     """A Discord webhook message with one embed; mentions in summaries never ping anyone."""
     colour = _DISCORD_RESOLVED_COLOUR if alert.status == "resolved" else _DISCORD_COLOURS[alert.severity]
-    fields = [{"name": _clip(str(k), 256), "value": _clip(_detail_text(v), 1024) or "-", "inline": True}
-              for k, v in list(alert.details.items())[:20]]
+    fields = [{"name": _clip(str(k), DISCORD_FIELD_NAME_MAX), "value": _clip(_detail_text(v), DISCORD_FIELD_VALUE_MAX)
+               or "-", "inline": True} for k, v in alert.details.items()][: DISCORD_FIELDS_MAX - 2]
     fields += [{"name": "severity", "value": alert.severity, "inline": True},
-               {"name": "host", "value": _clip(host, 1024), "inline": True}]
+               {"name": "host", "value": _clip(host, DISCORD_FIELD_VALUE_MAX), "inline": True}]
+    embed: dict[str, Any] = {
+        "title": _clip(_title(alert), DISCORD_TITLE_MAX),
+        "description": _clip(alert.summary, DISCORD_DESCRIPTION_MAX),
+        "color": colour,
+        "fields": fields,
+        "timestamp": alert.created_at,
+        "footer": {"text": _clip(f"supervisord-llm · {alert.key} · episode {alert.episode_id or '-'}",
+                                 DISCORD_FOOTER_MAX)},
+    }
+    # Over the 6,000-character total Discord refuses the whole message: drop detail fields from
+    # the end (severity and host stay), then shorten the description.
+    while _discord_embed_chars(embed) > DISCORD_EMBED_TOTAL_MAX and len(embed["fields"]) > 2:
+        del embed["fields"][-3]
+    excess = _discord_embed_chars(embed) - DISCORD_EMBED_TOTAL_MAX
+    if excess > 0:
+        embed["description"] = _clip(embed["description"], max(1, len(embed["description"]) - excess))
     return {
-        "content": _clip(f"{_title(alert)}: {alert.summary}", 2000),
-        "embeds": [{
-            "title": _clip(_title(alert), 256),
-            "description": _clip(alert.summary, 4096),
-            "color": colour,
-            "fields": fields,
-            "timestamp": alert.created_at,
-            "footer": {"text": _clip(f"supervisord-llm · {alert.key} · episode {alert.episode_id or '-'}", 2048)},
-        }],
+        "content": _clip(f"{_title(alert)}: {alert.summary}", DISCORD_CONTENT_MAX),
+        "embeds": [embed],
         "allowed_mentions": {"parse": []},
     }
 
@@ -588,28 +690,49 @@ def labels_fingerprint(labels: Mapping[str, str]) -> str:
     return f"{digest:016x}"
 
 
-def _alertmanager_labels(alert: Alert, host: str) -> dict[str, str]:
-    labels = {"alertname": alert.event, "severity": alert.severity, "instance": host}
+def _alertmanager_labels(alert: Alert, host: str, severity: str | None = None) -> dict[str, str]:
+    labels = {"alertname": alert.event, "severity": severity or alert.severity,
+              "instance": _clip(host, ALERTMANAGER_LABEL_VALUE_MAX)}
     if alert.engine:
-        labels["engine"] = alert.engine
+        labels["engine"] = _clip(alert.engine, ALERTMANAGER_LABEL_VALUE_MAX)
+    for name in LABEL_DETAILS:
+        value = alert.details.get(name)
+        if isinstance(value, str) and value:
+            labels[name] = _clip(value, ALERTMANAGER_LABEL_VALUE_MAX)
     return labels
 
 
 def _alertmanager_annotations(alert: Alert) -> dict[str, str]:
     lines = [alert.summary] + [f"{k}: {_detail_text(v)}" for k, v in alert.details.items()]
-    return {"summary": alert.summary, "description": "\n".join(lines)}
+    return {"summary": _clip(alert.summary, ALERTMANAGER_ANNOTATION_MAX),
+            "description": _clip("\n".join(lines), ALERTMANAGER_ANNOTATION_MAX)}
 
 
 def render_alertmanager(alert: Alert, *, host: str, receiver: str, external_url: str = "") -> dict[str, Any]:
     """The Alertmanager webhook payload, version "4", with this one alert.
 
-    Labels: ``alertname`` (the event), ``severity``, ``instance`` (the host) and ``engine`` when
-    the alert is about one engine. Grouped by alertname and engine.
+    Labels: ``alertname`` (the event), ``severity``, ``instance`` (the host), ``engine`` when
+    the alert is about one engine, and ``exit`` for an engine's exit episode. Grouped by
+    alertname and engine. An escalation also carries the alert of the episode's previous
+    severity, resolved (Alertmanager tells alerts apart by their labels).
     """
     labels = _alertmanager_labels(alert, host)
     annotations = _alertmanager_annotations(alert)
     group_labels = {k: labels[k] for k in ("alertname", "engine") if k in labels}
     group_key = "{}:{" + ", ".join(f'{k}="{v}"' for k, v in sorted(group_labels.items())) + "}"
+    alerts = [{
+        "status": alert.status,
+        "labels": labels,
+        "annotations": annotations,
+        "startsAt": alert.started_at or alert.created_at,
+        "endsAt": alert.created_at if alert.status == "resolved" else ALERTMANAGER_ZERO_TIME,
+        "generatorURL": external_url,
+        "fingerprint": labels_fingerprint(labels),
+    }]
+    if alert.escalated:
+        previous = _alertmanager_labels(alert, host, alert.previous_severity)
+        alerts.append({**alerts[0], "status": "resolved", "labels": previous, "endsAt": alert.created_at,
+                       "fingerprint": labels_fingerprint(previous)})
     return {
         "version": "4",
         "groupKey": group_key,
@@ -620,23 +743,16 @@ def render_alertmanager(alert: Alert, *, host: str, receiver: str, external_url:
         "commonLabels": labels,
         "commonAnnotations": annotations,
         "externalURL": external_url,
-        "alerts": [{
-            "status": alert.status,
-            "labels": labels,
-            "annotations": annotations,
-            "startsAt": alert.started_at or alert.created_at,
-            "endsAt": alert.created_at if alert.status == "resolved" else ALERTMANAGER_ZERO_TIME,
-            "generatorURL": external_url,
-            "fingerprint": labels_fingerprint(labels),
-        }],
+        "alerts": alerts,
     }
 
 
 def render_alertmanager_api(alert: Alert, *, host: str, external_url: str = "") -> list[dict[str, Any]]:
-    """The body for Alertmanager's ``POST /api/v2/alerts``: one postable alert.
+    """The body for Alertmanager's ``POST /api/v2/alerts``: one postable alert (two for an escalation).
 
     The resolved alert carries the same labels as its firing (the outbox copies the firing's
-    severity), so Alertmanager closes the same alert.
+    severity and label details), so Alertmanager closes the same alert. An escalation ends the
+    alert of the previous severity in the same request.
     """
     starts_at = alert.started_at or alert.created_at
     if alert.status == "resolved":
@@ -651,6 +767,10 @@ def render_alertmanager_api(alert: Alert, *, host: str, external_url: str = "") 
     }
     if external_url:
         posted["generatorURL"] = external_url
+    if alert.escalated:
+        ended = {**posted, "labels": _alertmanager_labels(alert, host, alert.previous_severity),
+                 "endsAt": alert.created_at}
+        return [ended, posted]
     return [posted]
 
 
@@ -680,24 +800,31 @@ def _as_bytes(value: str | bytes) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-def sign(secret: str, timestamp: str | int, body: str | bytes) -> str:
-    """``sha256=<hex HMAC-SHA256(secret, f"{timestamp}.{body}")>``."""
-    message = str(timestamp).encode() + b"." + _as_bytes(body)
+def sign(secret: str, timestamp: str | int, delivery_id: str, body: str | bytes) -> str:
+    """``sha256=<hex HMAC-SHA256(secret, f"{timestamp}.{delivery_id}.{body}")>``.
+
+    The timestamp and the delivery id are signed with the body (as Stripe and Slack sign theirs):
+    a receiver that refuses old timestamps and delivery ids it has already seen cannot be fed a
+    captured request again, nor the same body under a fresh delivery id.
+    """
+    message = str(timestamp).encode() + b"." + delivery_id.encode() + b"." + _as_bytes(body)
     return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def signature_headers(secret: str, body: bytes, timestamp_s: int) -> dict[str, str]:
-    return {TIMESTAMP_HEADER: str(timestamp_s), SIGNATURE_HEADER: sign(secret, timestamp_s, body)}
+def signature_headers(secret: str, body: bytes, timestamp_s: int, delivery_id: str) -> dict[str, str]:
+    return {TIMESTAMP_HEADER: str(timestamp_s), SIGNATURE_HEADER: sign(secret, timestamp_s, delivery_id, body)}
 
 
-def verify_signature(secret: str, timestamp: str | int, body: str | bytes, signature: str | None, *,
-                     max_age_s: float | None = None, now_s: float | None = None) -> bool:
-    """True when ``signature`` is this body's signature under ``secret`` (constant-time compare).
+def verify_signature(secret: str, timestamp: str | int, delivery_id: str, body: str | bytes,
+                     signature: str | None, *, max_age_s: float | None = None,
+                     now_s: float | None = None) -> bool:
+    """True when ``signature`` signs this timestamp, delivery id and body under ``secret`` (constant time).
 
     With ``max_age_s`` a timestamp further than that from ``now_s`` (Unix seconds, default
-    now) is refused, which stops an old request from being replayed.
+    now) is refused. Together with remembering the delivery ids seen within ``max_age_s``, that
+    rejects every replay (a retry of one delivery carries the same id and a new timestamp).
     """
-    if not signature:
+    if not signature or not isinstance(delivery_id, str):
         return False
     if max_age_s is not None:
         try:
@@ -706,7 +833,7 @@ def verify_signature(secret: str, timestamp: str | int, body: str | bytes, signa
             return False
         if age_s > max_age_s:
             return False
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+    return hmac.compare_digest(sign(secret, timestamp, delivery_id, body), signature)
 
 
 # --------------------------------------------------------------------------- keeping URLs out of logs
@@ -783,6 +910,7 @@ class _Episode:
     started_at: str
     severity: str
     engine: str | None = None
+    exit: str | None = None  # the label detail of the alert that opened it (see LABEL_DETAILS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -851,6 +979,17 @@ class _Journal:
             self._file.close()
             self._file = None
 
+    def keep_copy(self) -> str | None:
+        """Copy the journal to ``<name>.corrupt-<n>`` (the first free n); the copy's name, or None."""
+        n = 0
+        while (target := self.path.with_name(f"{self.path.name}.corrupt-{n}")).exists():
+            n += 1
+        try:
+            shutil.copy2(self.path, target)
+        except OSError:
+            return None
+        return target.name
+
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -890,9 +1029,15 @@ class Outbox:
         self._journal = _Journal(self.directory / "outbox.jsonl")
         records, bad = self._journal.read()
         for record in records:
-            self._apply(record)
+            try:
+                self._apply(record)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                bad += 1  # valid JSON of the wrong shape: skipped like a damaged line, never fatal
         if bad:
-            self._log.warning("alert.journal_damaged", path=str(self._journal.path), unreadable_lines=bad)
+            # Compaction below rewrites the journal: keep the damaged original for inspection first.
+            kept = self._journal.keep_copy()
+            self._log.warning("alert.journal_damaged", path=str(self._journal.path), unreadable_lines=bad,
+                              kept_copy=kept)
         removed = [d for d in self._pending.values() if settings.target(d.target) is None]
         events = []
         for delivery in removed:
@@ -909,10 +1054,12 @@ class Outbox:
     # ---- public API
 
     def submit(self, alert: Alert) -> bool:
-        """Queue ``alert`` for every target; False when it was deduplicated or has nowhere to go.
+        """Queue ``alert`` for every target that wants its severity; False when it was deduplicated.
 
-        A firing is queued once per open episode; a resolved only closes an open episode. The
-        record is on disk before this returns.
+        A firing is queued once per open episode, unless it raises the episode's severity (an
+        escalation: same episode id, ``previous_severity`` set); a resolved only closes an open
+        episode. The record is on disk before this returns. An alert below every target's
+        ``min_severity`` still opens or closes its episode, with no delivery.
         """
         with self._lock:
             if not self.settings.targets:
@@ -921,11 +1068,16 @@ class Outbox:
             episode = self._open.get(alert.key)
             if alert.status == "firing":
                 if episode is not None:
-                    self._log.debug("alert.deduplicated", key=alert.key, status=alert.status,
-                                    episode_id=episode.episode_id)
-                    return False
-                alert = replace(alert, episode_id=alert.episode_id or str(uuid.uuid4()),
-                                started_at=alert.started_at or alert.created_at)
+                    if SEVERITY_RANK[alert.severity] <= SEVERITY_RANK[episode.severity]:
+                        self._log.debug("alert.deduplicated", key=alert.key, status=alert.status,
+                                        episode_id=episode.episode_id)
+                        return False
+                    alert = replace(alert, episode_id=episode.episode_id, started_at=episode.started_at,
+                                    previous_severity=episode.severity, engine=alert.engine or episode.engine,
+                                    details=self._episode_labels(alert.details, episode))
+                else:
+                    alert = replace(alert, episode_id=alert.episode_id or str(uuid.uuid4()),
+                                    started_at=alert.started_at or alert.created_at)
             else:
                 if episode is None:
                     self._log.debug("alert.deduplicated", key=alert.key, status=alert.status,
@@ -933,10 +1085,11 @@ class Outbox:
                     return False
                 # The resolve carries its firing's labels, so that Alertmanager closes the same alert.
                 alert = replace(alert, episode_id=episode.episode_id, started_at=episode.started_at,
-                                severity=episode.severity, engine=alert.engine or episode.engine)
+                                severity=episode.severity, engine=alert.engine or episode.engine,
+                                details=self._episode_labels(alert.details, episode))
             now_iso = iso_utc(self._clock.wall())
             deliveries = [_Delivery(id=str(uuid.uuid4()), alert_id=alert.id, target=t.name, queued_at=now_iso)
-                          for t in self.settings.targets]
+                          for t in self.settings.targets if t.wants(alert.severity)]
             record = {"op": "queued", "alert": alert.to_record(),
                       "deliveries": [d.to_record() for d in deliveries]}
             self._persist(record)
@@ -947,6 +1100,16 @@ class Outbox:
         for delivery in deliveries:
             self._wake_sender(delivery.target)
         return True
+
+    @staticmethod
+    def _episode_labels(details: Mapping[str, Any], episode: _Episode) -> dict[str, Any]:
+        """``details`` with the label details of the alert that opened ``episode``."""
+        merged = dict(details)
+        if episode.exit is not None:
+            if "exit" in merged and merged["exit"] != episode.exit:
+                merged["last_exit"] = merged["exit"]
+            merged["exit"] = episode.exit
+        return merged
 
     def submit_action(self, action: Any) -> bool:
         """Submit a policy's ``Alert`` action (``key``, ``severity``, ``summary``, ``details``, ``resolved``).
@@ -1023,9 +1186,11 @@ class Outbox:
             alert = Alert.from_record(record["alert"])
             if op == "queued":  # "carried" copies a queued alert during compaction: episodes are in the snapshot
                 if alert.status == "firing":
+                    exit_label = alert.details.get("exit")
                     self._open[alert.key] = _Episode(alert.episode_id or alert.id,
                                                      alert.started_at or alert.created_at, alert.severity,
-                                                     alert.engine)
+                                                     alert.engine,
+                                                     exit_label if isinstance(exit_label, str) else None)
                 else:
                     self._open.pop(alert.key, None)
             added = False
@@ -1065,7 +1230,7 @@ class Outbox:
         records: list[dict[str, Any]] = [{
             "op": "snapshot", "version": 1, "delivered": self._delivered, "failed": self._failed,
             "episodes": {key: {"episode_id": e.episode_id, "started_at": e.started_at, "severity": e.severity,
-                               "engine": e.engine} for key, e in self._open.items()},
+                               "engine": e.engine, "exit": e.exit} for key, e in self._open.items()},
         }]
         by_alert: dict[str, list[_Delivery]] = {}
         for delivery in self._pending.values():
@@ -1175,7 +1340,7 @@ class Outbox:
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, DELIVERY_HEADER: delivery.id,
                    **target.headers}
         if target.secret:
-            headers.update(signature_headers(target.secret, body, int(self._clock.wall())))
+            headers.update(signature_headers(target.secret, body, int(self._clock.wall()), delivery.id))
         try:
             response = await client.post(target.url, content=body, headers=headers,
                                          timeout=httpx.Timeout(target.timeout_s))

@@ -200,6 +200,24 @@ def _engine_row(e: dict[str, Any]) -> list[str]:
             format_duration(e.get("for_s")), tps, memory, str(e.get("restarts", 0)), nxt, note[:90]]
 
 
+def _guard_line(e: dict[str, Any]) -> str:
+    """The memory guard's view of one engine: what it holds now, its peak, its watermarks."""
+    mem = e.get("memory") or {}
+    if mem.get("soft_bytes") is None and not mem.get("learned_peak_bytes"):
+        return ""
+    parts = [f"{format_bytes(mem.get('held_bytes'))} now"]
+    peak, learned = mem.get("peak_bytes"), mem.get("learned_peak_bytes")
+    if peak is not None:
+        parts.append(f"peak {format_bytes(peak)}")
+    if learned and learned != peak:
+        parts.append(f"learned peak {format_bytes(learned)}")
+    if mem.get("soft_bytes") is not None:
+        parts.append(f"soft {format_bytes(mem['soft_bytes'])}, hard {format_bytes(mem.get('hard_bytes'))}")
+    guard = mem.get("guard")
+    flag = {"high": "  HIGH", "draining": "  draining for a restart", "off": "  (guard off)"}.get(guard or "", "")
+    return f"memory {e['name']}: " + ", ".join(parts) + flag
+
+
 def render_status(doc: dict[str, Any], *, colour: bool = False) -> str:
     """The status table and summary lines as text: columns aligned, two spaces apart."""
     def paint(text: str, code: str) -> str:
@@ -224,6 +242,10 @@ def render_status(doc: dict[str, Any], *, colour: bool = False) -> str:
 
     lines.append(line(list(COLUMNS), header=True))
     lines.extend(line(r) for r in rows)
+    for e in doc["engines"]:
+        guard = _guard_line(e)
+        if guard:
+            lines.append(paint(guard, "1;31" if "draining" in guard else "33" if "HIGH" in guard else ""))
     mem = doc["system"]["memory"]
     text = f"memory: {format_bytes(mem.get('available_bytes'))} available of {format_bytes(mem.get('total_bytes'))}"
     if mem.get("wired_bytes") is not None:
@@ -251,13 +273,47 @@ def render_status(doc: dict[str, Any], *, colour: bool = False) -> str:
     if doc.get("swap"):
         lines.append(paint(f"swap to {doc['swap']['target']} in progress ({format_duration(doc['swap']['for_s'])})",
                            "36"))
+    history = (doc.get("history") or {}).get("engines") or {}
+    if history:
+        interval_s = doc["history"].get("interval_s") or 10
+        span = format_duration(interval_s * SPARK_SAMPLES)
+        lines.append(paint(f"tokens/s, last {span} (one mark per {format_duration(interval_s)}):", "2"))
+        width = max(len(name) for name in history)
+        for name, h in history.items():
+            rates = h.get("tokens_per_s") or []
+            states = h.get("state") or []
+            lines.append(f"  {name.ljust(width)}  {sparkline(rates[-SPARK_SAMPLES:], states[-SPARK_SAMPLES:])}")
     return "\n".join(lines) + "\n"
+
+
+SPARK_SAMPLES = 60
+_BARS = "▁▂▃▄▅▆▇█"
+# States with no generation to show get a mark of their own instead of a bar.
+_STATE_MARKS = {"hung": "!", "failed": "x", "backoff": "~", "starting": ".", "stopping": ".", "stopped": " "}
+
+
+def sparkline(rates: list[float | None], states: list[str] | None = None) -> str:
+    """One character per sample: a bar scaled to the highest rate, or a mark for a state without one."""
+    known = [r for r in rates if r is not None]
+    top = max(known) if known else 0.0
+    out = []
+    for i, rate in enumerate(rates):
+        state = states[i] if states and i < len(states) else None
+        if state in _STATE_MARKS:
+            out.append(_STATE_MARKS[state])
+        elif rate is None or top <= 0:
+            out.append(" ")
+        else:
+            out.append(_BARS[min(len(_BARS) - 1, int(rate / top * (len(_BARS) - 1) + 0.5))])
+    tail = f"  {known[-1]:.0f} tok/s" if known else ""
+    return "".join(out) + tail
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
     colour = _use_colour(sys.stdout)
+    first = True
     while True:
-        response = client.request("GET", "/v1/status")
+        response = client.request("GET", "/v1/status", params={"history": "1"} if args.watch and not args.json else None)
         if response.status_code != 200:
             return _fail(response)
         doc = response.json()
@@ -266,7 +322,9 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         else:
             text = render_status(doc, colour=colour)
             if args.watch and sys.stdout.isatty():
-                text = "\x1b[H\x1b[2J" + text
+                # Redraw in place: home, each line cleared to its end, then the rest of the screen.
+                text = ("\x1b[2J" if first else "") + "\x1b[H" + text.replace("\n", "\x1b[K\n") + "\x1b[J"
+                first = False
         sys.stdout.write(text)
         sys.stdout.flush()
         if not args.watch:
@@ -436,6 +494,37 @@ def cmd_alerts_test(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
+    """Restart the daemon in place (an upgrade, a config change that touches no engine): the
+    engines keep running and the new daemon adopts them, so no model is reloaded."""
+    before = client.request("GET", "/v1/status")
+    if before.status_code != 200:
+        return _fail(before)
+    old = before.json()["daemon"]
+    asked_s = time.monotonic()
+    response = client.request("POST", "/v1/daemon/restart", json={})
+    if response.status_code != 200:
+        return _fail(response)
+    deadline = time.monotonic() + args.timeout
+    with _spinner("restarting the daemon"):
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                now = client.request("GET", "/v1/status", timeout_s=5)
+            except (NoDaemon, TimeoutError):
+                continue
+            if now.status_code != 200:
+                continue
+            body = now.json()
+            # The same pid (an exec), so a fresh daemon shows as an uptime that went back.
+            if body["daemon"]["uptime_s"] < old["uptime_s"] + (time.monotonic() - asked_s) - 1.0:
+                kept = ", ".join(f"{e['name']} {e['state']} (pid {e['pid']})" for e in body["engines"] if e.get("pid"))
+                print(f"daemon restarted (pid {body['daemon']['pid']}); engines kept: {kept or 'none running'}")
+                return EXIT_OK
+    print(f"llmctl: the daemon did not answer again within {args.timeout:.0f}s; see its log", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
     response = client.request("GET", "/metrics")
     if response.status_code != 200:
@@ -444,10 +533,37 @@ def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def running_daemon_status(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The status of the daemon answering on the socket llmctl would use (the demo's included), or None.
+
+    This is how the local commands (doctor, service install) follow the running daemon's config
+    and state dir before falling back to the config search.
+    """
+    try:
+        socket_path = resolve_socket(args)
+    except ConfigError:
+        state = os.environ.get("SUPERVISORD_LLM_STATE_DIR")
+        from supervisord_llm.config import default_state_dir
+
+        socket_path = (Path(state) if state else default_state_dir()) / "control.sock"
+    try:
+        response = Client(socket_path, timeout_s=5).request("GET", "/v1/status")
+    except (NoDaemon, TimeoutError, OSError):
+        return None
+    if response.status_code != 200:
+        return None
+    doc = response.json()
+    return doc if isinstance(doc, dict) else None
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from supervisord_llm.doctor import run_doctor
 
-    return run_doctor(args.config)
+    explicit = args.config or os.environ.get("SUPERVISORD_LLM_CONFIG")
+    running = running_daemon_status(args)
+    if explicit and running is not None and running.get("daemon", {}).get("config") != str(Path(explicit).absolute()):
+        running = None  # another config was asked for: check it as a config, not as the running one
+    return run_doctor(args.config, running)
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -459,6 +575,9 @@ def cmd_service(args: argparse.Namespace) -> int:
         plan = service.uninstall(kind, args.dry_run)
     else:
         config_path = resolve_config_path(args.config)
+        running = None if args.config or config_path.exists() else running_daemon_status(args)
+        if running is not None and running.get("daemon", {}).get("config"):
+            config_path = Path(running["daemon"]["config"])
         try:
             config = load_config(config_path)
             state_dir, grace = config.daemon.state_dir, max((e.stop_grace_s for e in config.engines), default=60.0)
@@ -535,6 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("alerts", help="alert delivery")
     p.add_argument("action", choices=["test"])
     p.set_defaults(func=cmd_alerts_test)
+
+    p = sub.add_parser("daemon", help="the daemon itself")
+    p.add_argument("action", choices=["restart"], help="restart: re-execute the daemon, keeping every engine running")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the new daemon (default 60)")
+    p.set_defaults(func=cmd_daemon_restart)
 
     p = sub.add_parser("metrics", help="Prometheus metrics text")
     p.set_defaults(func=cmd_metrics)

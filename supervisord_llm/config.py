@@ -181,6 +181,12 @@ class EngineConfig:
     # GPU memory the engine holds on each of its gpu_devices (weights, KV cache, CUDA context);
     # None = footprint split evenly over them. With it set, footprint is host RAM only.
     gpu_footprint_bytes: int | None = None
+    # Every exit the daemon did not ask for opens a warning alert episode (raised to critical in a
+    # crash loop); false leaves only the crash-loop alert.
+    alert_on_exit: bool = True
+    # Memory guard watermarks on what the engine's process tree holds; None = footprint x the factors.
+    memory_soft_bytes: int | None = None
+    memory_hard_bytes: int | None = None
 
     @property
     def base_url(self) -> str:
@@ -209,6 +215,14 @@ class MemorySettings:
     admission_wait_s: float = 300.0
     return_wait_s: float = 300.0
     swap_drain_s: float = 30.0  # a swap waits this long for in-flight requests on engines it stops
+
+
+@dataclass(frozen=True)
+class MemoryGuardConfig:
+    enabled: bool = True
+    soft_factor: float = 1.1
+    hard_factor: float = 1.3
+    drain_grace_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -264,6 +278,7 @@ class Config:
     reboot: RebootConfig = RebootConfig()
     degraded: DegradedSettings = DegradedSettings()
     probes: ProbeSettings = ProbeSettings()
+    memory_guard: MemoryGuardConfig = MemoryGuardConfig()
     gateway: Any = None  # supervisord_llm.gateway.GatewaySettings, or None when off
     alerts: Any = None  # supervisord_llm.alerts.AlertSettings
 
@@ -287,6 +302,8 @@ _ENGINE_KEYS = frozenset({
     "name", "kind", "model", "host", "port", "args", "command", "env", "cwd", "footprint", "exclusive",
     "default", "aliases", "served_model", "start_timeout", "stop_grace", "autostart", "canary_interval",
     "canary_timeout", "stall", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
+    "alert_on_exit",
+    "memory_soft", "memory_hard",
 })
 
 
@@ -318,6 +335,11 @@ def _parse_engine(t: Table) -> EngineConfig:
     if gpu_footprint_bytes is not None and not gpu_devices:
         raise t.error("gpu_footprint", "is per GPU device and needs gpu_devices, the GPU indices it applies to, "
                                        "e.g. gpu_devices = [0]")
+    memory_soft_bytes = t.size_bytes("memory_soft", "auto", allow_auto=True)
+    memory_hard_bytes = t.size_bytes("memory_hard", "auto", allow_auto=True)
+    if memory_soft_bytes is not None and memory_hard_bytes is not None and memory_soft_bytes >= memory_hard_bytes:
+        raise t.error("memory_soft", f"must be below memory_hard ({memory_hard_bytes} bytes), got {memory_soft_bytes} "
+                                     'bytes; e.g. memory_soft = "110GB", memory_hard = "130GB"')
     return EngineConfig(
         name=name,
         kind=kind,
@@ -343,12 +365,26 @@ def _parse_engine(t: Table) -> EngineConfig:
         gpu_devices=tuple(gpu_devices),
         supports_messages=supports_messages,
         gpu_footprint_bytes=gpu_footprint_bytes,
+        alert_on_exit=t.bool("alert_on_exit", True),
+        memory_soft_bytes=memory_soft_bytes,
+        memory_hard_bytes=memory_hard_bytes,
     )
+
+
+def _parse_memory_guard(t: Table) -> MemoryGuardConfig:
+    t.check_unknown({"enabled", "soft_factor", "hard_factor", "drain_grace"})
+    soft = t.float("soft_factor", 1.1, min_value=1.0, max_value=4.0)
+    hard = t.float("hard_factor", 1.3, min_value=1.0, max_value=4.0)
+    if soft >= hard:
+        raise t.error("soft_factor", f"must be below hard_factor ({hard:g}), got {soft:g}; e.g. soft_factor = 1.1, "
+                                     "hard_factor = 1.3")
+    return MemoryGuardConfig(enabled=t.bool("enabled", True), soft_factor=soft, hard_factor=hard,
+                             drain_grace_s=t.duration_s("drain_grace", "30s"))
 
 
 def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, StrandedSettings, RebootConfig,
                                         DegradedSettings]:
-    t.check_unknown({"restart", "memory", "stranded", "reboot", "degraded"})
+    t.check_unknown({"restart", "memory", "stranded", "reboot", "degraded", "memory_guard"})
     r = t.sub("restart")
     r.check_unknown({"min_interval", "initial_backoff", "factor", "max_backoff", "reset_after", "max_failures",
                      "failure_window", "hang_restart_after"})
@@ -475,6 +511,7 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
     restart, memory, stranded, reboot, degraded = _parse_policies(root.sub("policies"))
     probes = _parse_probes(root.sub("probes"))
+    memory_guard = _parse_memory_guard(root.sub("policies").sub("memory_guard"))
 
     gateway = None
     if "gateway" in data:
@@ -509,16 +546,23 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
         reboot=reboot,
         degraded=degraded,
         probes=probes,
+        memory_guard=memory_guard,
         gateway=gateway,
         alerts=alerts,
     )
 
 
 def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise t.error(key, f"expected HOST:PORT such as \"127.0.0.1:9464\", got {value!r}")
-    return host, int(port)
+    # The same parser the listener uses at start: what passes here also binds (IPv6 in brackets).
+    from supervisord_llm.gateway import parse_listen
+
+    try:
+        host, port = parse_listen(value)
+    except ValueError as exc:
+        raise t.error(key, str(exc)) from exc
+    if not 0 < port < 65536:
+        raise t.error(key, f"expected HOST:PORT such as \"127.0.0.1:9464\" or \"[::1]:9464\", got {value!r}")
+    return host, port
 
 
 def _same_listen(a: str, b: str) -> bool:

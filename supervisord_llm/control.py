@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import uvicorn
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -123,7 +125,13 @@ def _bool(data: dict[str, Any], key: str) -> bool:
 
 def build_control_app(daemon: Daemon) -> Starlette:
     async def status(request: Request) -> Response:
-        return JSONResponse(daemon.status())
+        doc = daemon.status()
+        if request.query_params.get("history") in ("1", "true"):
+            from supervisord_llm import observe
+
+            watching = observe.find(daemon.extensions)
+            doc["history"] = watching.history.export() if watching is not None else None
+        return JSONResponse(doc)
 
     async def engine_op(request: Request) -> Response:
         name = request.path_params["name"]
@@ -214,6 +222,16 @@ def build_control_app(daemon: Daemon) -> Starlette:
                 return JSONResponse(ext.cancel_reboot())
         return JSONResponse({"ok": True, "cancelled": False, "message": "no reboot is pending"})
 
+    async def daemon_restart(request: Request) -> Response:
+        """Restart the daemon in place, keeping every engine (the same path as SIGHUP).
+
+        The signal goes out after the answer is written, so the caller learns the old pid first.
+        """
+        await _json_body(request)
+        pid = os.getpid()
+        return JSONResponse({"ok": True, "pid": pid, "message": "daemon restarting; engines keep running"},
+                            background=BackgroundTask(os.kill, pid, signal.SIGHUP))
+
     async def alerts_test(request: Request) -> Response:
         await _json_body(request)
         if daemon.alerts_outbox is None:
@@ -264,6 +282,7 @@ def build_control_app(daemon: Daemon) -> Starlette:
         Route("/v1/events", events, methods=["GET"]),
         Route("/v1/reboot/cancel", reboot_cancel, methods=["POST"]),
         Route("/v1/alerts/test", alerts_test, methods=["POST"]),
+        Route("/v1/daemon/restart", daemon_restart, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
     ]

@@ -20,7 +20,7 @@ import anyio
 import httpx
 import psutil
 
-from policies import backoff
+from policies import backoff, episodes
 from policies.actions import Admit, Alert, Refuse
 from policies.admission import Footprint, admit, auto_footprint_bytes
 from probes.readings import SystemMemoryReading
@@ -37,7 +37,8 @@ from supervisord_llm.errors import (
 )
 from supervisord_llm.events import EventLog
 from supervisord_llm.process import EngineProcess, tagged_processes
-from supervisord_llm.statefile import read_json, write_json_atomic
+from supervisord_llm.redact import redact_argv
+from supervisord_llm.statefile import move_aside, read_json, state_shape_problem, write_json_atomic
 from supervisord_llm.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
 
 STATE_VERSION = 1
@@ -113,6 +114,7 @@ class Daemon:
         self._saved: dict[str, Any] = {}
         self.extensions: list[Any] = []  # optional subsystems (alerts, gateway, metrics, stranded, gpu)
         self.alerts_outbox: Any = None
+        self.memory_guard: Any = None  # supervisord_llm.memory_guard.MemoryGuardExtension (learned peaks)
         self.gateway_app: Any = None
         self.healthy_loop = True
         self._stopping = False
@@ -120,18 +122,38 @@ class Daemon:
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Claim the state dir (refusing a second daemon) and load durable state. Blocking."""
+    def claim(self) -> None:
+        """Take the state dir: the lock is held before anything in it is read or written. Blocking.
+
+        A second daemon on the same dir fails here, before it could rewrite a file (the alert outbox,
+        the state file) that the running daemon still appends to.
+        """
+        if self.events is not None:
+            return
         prepare_state_dir(self.state_dir)
         self.lock.acquire()
         self.events = EventLog(self.state_dir / "events.jsonl", self.clock, self.log)
-        self._saved, problem = read_json(self.state_dir / "state.json")
+
+    def open(self) -> None:
+        """Claim the state dir (refusing a second daemon) and load durable state. Blocking."""
+        self.claim()
+        path = self.state_dir / "state.json"
+        self._saved, problem = read_json(path)
+        if problem is None and self._saved:
+            # Valid JSON of the wrong shape is a damaged file too: kept aside, warned about, not fatal.
+            shape = state_shape_problem(self._saved)
+            if shape is None:
+                try:
+                    self._load_saved()
+                except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                    shape = f"{type(exc).__name__}: {exc}"
+            if shape is not None:
+                problem = move_aside(path, f"of the wrong shape ({shape})")
+                self._saved = {}
         if problem:
             self.events.emit("state.corrupt", problem=problem)
-        for ext in self.extensions:
-            if hasattr(ext, "restore"):
-                saved = self._saved.get(ext.name)
-                ext.restore(saved if isinstance(saved, dict) else {})
+        if problem or not self._saved:
+            self._load_saved()
         id_file = self.state_dir / "daemon-id"
         try:
             self.daemon_id = id_file.read_text().strip()
@@ -140,9 +162,17 @@ class Daemon:
         if not self.daemon_id:
             self.daemon_id = uuid.uuid4().hex[:16]
             id_file.write_text(self.daemon_id)
+
+    def _load_saved(self) -> None:
+        """Restore the extensions and build the supervisors from ``self._saved`` (may be empty)."""
+        for ext in self.extensions:
+            if hasattr(ext, "restore"):
+                saved = self._saved.get(ext.name)
+                ext.restore(saved if isinstance(saved, dict) else {})
         from supervisord_llm.health import EngineHealth, baseline_from_record, health_settings
 
         baselines = self._saved.get("baselines") if isinstance(self._saved.get("baselines"), dict) else {}
+        self.supervisors = {}
         for engine in self.config.engines:
             sup = EngineSupervisor(engine, self)
             sup.health = EngineHealth(health_settings(self), baseline_from_record(baselines.get(model_key(engine))))
@@ -270,7 +300,7 @@ class Daemon:
     async def _kill_orphans(self, orphans: list[psutil.Process]) -> None:
         pids = [p.pid for p in orphans]
         self.events.emit("daemon.orphans_found", pids=pids,
-                         commands=[" ".join(_cmdline(p))[:120] for p in orphans])
+                         commands=[" ".join(redact_argv(_cmdline(p)))[:120] for p in orphans])
         # Orphans may hold GPU memory: read which before killing them, and wait (bounded) until NVML
         # shows it back before any engine starts, so that no model loads next to their leftovers.
         gpu = next((e for e in self.extensions if hasattr(e, "wait_orphans_released")), None)
@@ -423,6 +453,12 @@ class Daemon:
     # ---- admission -------------------------------------------------------------------------
 
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
+        """What admission counts the engine at: max(configured or estimated, the peak it was seen to hold)."""
+        configured = self.configured_footprint_bytes(sup)
+        learned = self.memory_guard.learned_bytes(sup.name) if self.memory_guard is not None else 0
+        return max(configured, learned) if configured is not None else (learned or None)
+
+    def configured_footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         cfg = sup.config
         if cfg.footprint_bytes is not None:
             return cfg.footprint_bytes
@@ -501,18 +537,12 @@ class Daemon:
             if hasattr(ext, "on_engine_ready"):
                 ext.on_engine_ready(sup)
 
-    ENGINE_EPISODES = ("engine.failed", "engine.hung", "engine.degraded", "engine.start_refused")
-
     def _resolve_engine_alerts(self, sup: EngineSupervisor) -> None:
-        """An engine that is ready again closes every open episode about it, also ones opened by an
-        earlier daemon (the outbox remembers open episodes across restarts)."""
+        """An engine that is ready again closes every open episode about it (``policies.episodes``)."""
         if self.alerts_outbox is None:
             return
-        for key in self.alerts_outbox.open_episodes():
-            kind, _, engine = key.partition(":")
-            if engine == sup.name and kind in self.ENGINE_EPISODES:
-                self.alert(Alert(key=key, severity="info", summary=f"{sup.name} is ready again",
-                                 details={"engine": sup.name}, resolved=True))
+        for alert in episodes.on_ready(sup.name, self.alerts_outbox.open_episodes()):
+            self.alert(alert)
 
     def engine_exited(self, sup: EngineSupervisor) -> None:
         for ext in self.extensions:
@@ -560,7 +590,11 @@ class Daemon:
         return await sup.command("start", force=force)
 
     async def stop(self, name: str) -> str:
-        return await self.supervisor(name).command("stop")
+        message = await self.supervisor(name).command("stop")
+        if self.alerts_outbox is not None:
+            for alert in episodes.on_stopped_by_person(name, self.alerts_outbox.open_episodes()):
+                self.alert(alert)
+        return message
 
     async def restart(self, name: str, *, force: bool = False) -> str:
         return await self.supervisor(name).command("restart", force=force)

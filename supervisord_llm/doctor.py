@@ -12,10 +12,12 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from supervisord_llm.config import Config, EngineConfig, load_config
 from supervisord_llm.convert import format_bytes
 from supervisord_llm.errors import ConfigError
+from supervisord_llm.redact import redact_argv
 
 
 @dataclass(frozen=True)
@@ -95,17 +97,22 @@ def check_command(engine: EngineConfig) -> Finding:
             return Finding("error", subject, f"python module {module} is not installed in {sys.executable}",
                            f"pip install {module.split('.')[0].replace('_', '-')} (for mlx_lm: pip install "
                            "'supervisord-llm[mlx]')")
-    return Finding("ok", subject, " ".join(argv[:4]) + (" ..." if len(argv) > 4 else ""))
+    shown = redact_argv(argv)
+    return Finding("ok", subject, " ".join(shown[:4]) + (" ..." if len(shown) > 4 else ""))
 
 
-def check_port(engine: EngineConfig) -> Finding:
-    from supervisord_llm.process import port_holder
+def check_port(engine: EngineConfig, running_pid: int | None = None) -> Finding:
+    """Free, or held by this engine as the running daemon runs it; anything else is a warning."""
+    from supervisord_llm.process import port_holder, tree_of
 
     subject = f"engine {engine.name}: port"
     holder = port_holder(engine.host, engine.port)
     if holder is None:
         return Finding("ok", subject, f"{engine.host}:{engine.port} is free")
     pid, command = holder
+    if running_pid is not None and pid is not None and pid in {p.pid for p in tree_of(running_pid)}:
+        return Finding("ok", subject, f"{engine.host}:{engine.port} is served by this engine (pid {running_pid}) "
+                                      "under the running daemon")
     return Finding("warn", subject, f"{engine.host}:{engine.port} is in use by "
                                     f"{f'pid {pid} ({command})' if pid else 'another process'}",
                    "if that is not this engine already running under the daemon, stop it or pick another port")
@@ -156,6 +163,32 @@ def check_memory(config: Config) -> list[Finding]:
     return findings
 
 
+def check_memory_cap(engine: EngineConfig, config: Config) -> Finding:
+    """A cache the engine bounds itself, or watermarks the guard enforces; warn when neither is set."""
+    from supervisord_llm.memory_guard import CACHE_CAP_FLAGS, cache_cap_flag
+
+    subject = f"engine {engine.name}: memory cap"
+    argv = (*engine.command, *engine.args)
+    if engine.kind == "mlx_lm" and any(a.split("=", 1)[0] == "--max-kv-size" for a in argv):
+        return Finding("error", subject, "mlx_lm.server has no --max-kv-size (that flag is mlx_lm.generate's); "
+                                         "the server exits at start with 'unrecognized arguments'",
+                       'bound its cache with --prompt-cache-bytes instead, e.g. args = ["--prompt-cache-bytes", "16GB"]')
+    cap = cache_cap_flag(engine.kind, argv)
+    if cap is not None:
+        return Finding("ok", subject, f"the engine bounds its own cache ({cap})")
+    if engine.memory_soft_bytes is not None or engine.memory_hard_bytes is not None:
+        return Finding("ok", subject, f"memory guard watermarks: soft {format_bytes(engine.memory_soft_bytes)}, "
+                                      f"hard {format_bytes(engine.memory_hard_bytes)}")
+    flags = CACHE_CAP_FLAGS.get(engine.kind)
+    fix = (f"add an engine-side cap to engine.args ({' or '.join(flags)}), " if flags else "") + \
+        'or set engine.memory_soft / engine.memory_hard (e.g. "110GB" / "130GB")'
+    guard = ("the guard only acts at its default watermarks (footprint x "
+             f"{config.memory_guard.soft_factor:g} / x {config.memory_guard.hard_factor:g}), after the cache has grown"
+             if config.memory_guard.enabled else "the memory guard is off ([policies.memory_guard] enabled = false)")
+    return Finding("warn", subject, f"no engine-side cache cap and no memory watermarks set: a cache that grows "
+                                    f"without a bound takes the machine's memory; {guard}", fix)
+
+
 def check_nvml(config: Config) -> list[Finding]:
     if not any(e.kind in ("vllm", "sglang", "llama_cpp", "ollama") or e.gpu_devices for e in config.engines):
         return []
@@ -172,29 +205,42 @@ def check_nvml(config: Config) -> list[Finding]:
                     ", ".join(f"{d.name} {format_bytes(d.free_bytes)} free" for d in reading.devices))]
 
 
-def diagnose_setup(config: Config) -> list[Finding]:
+def diagnose_setup(config: Config, running: dict[str, Any] | None = None) -> list[Finding]:
+    """Every check; ``running`` is the running daemon's status when there is one (its engines'
+    ports are then expected to be in use by those engines)."""
     findings = [Finding("ok", "config", f"{config.file} is valid ({len(config.engines)} engine(s))")]
+    pids: dict[str, int] = {}
+    if running is not None:
+        daemon = running.get("daemon", {})
+        findings.append(Finding("ok", "daemon", f"running (pid {daemon.get('pid')}, state dir {daemon.get('state_dir')})"))
+        pids = {e["name"]: e["pid"] for e in running.get("engines", []) if e.get("pid")}
     if not config.engines:
         findings.append(Finding("warn", "config", "no [[engine]] configured", "add an [[engine]] table"))
     for engine in config.engines:
         findings.append(check_command(engine))
         findings.extend(check_model_dir(engine))
-        findings.append(check_port(engine))
+        findings.append(check_port(engine, pids.get(engine.name)))
+        findings.append(check_memory_cap(engine, config))
     findings.extend(check_memory(config))
     findings.extend(check_nvml(config))
     return findings
 
 
-def run_doctor(config_path: str | None) -> int:
+def run_doctor(config_path: str | None, running: dict[str, Any] | None = None) -> int:
+    """``running``: the status of the daemon found on the control socket; its config is the one
+    checked unless a config was named explicitly."""
     from rich.console import Console
 
     console = Console()
+    if config_path is None and running is not None and running.get("daemon", {}).get("config"):
+        config_path = str(running["daemon"]["config"])
+        console.print(f"using the running daemon's config: {config_path}", highlight=False)
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         console.print(f"[bold red]error[/] config: {exc}")
         return 2
-    findings = diagnose_setup(config)
+    findings = diagnose_setup(config, running)
     style = {"ok": "green", "warn": "yellow", "error": "bold red"}
     for f in findings:
         console.print(f"[{style[f.level]}]{f.level:5}[/] {f.subject}: {f.message}", highlight=False)

@@ -3,7 +3,8 @@
 Hooks a subsystem may offer (the daemon calls those that exist): ``on_memory(reading)``,
 ``before_start(sup)`` (async), ``on_engine_ready(sup)``, ``on_engine_exit(sup)``,
 ``stranded_bytes()``, ``gpu_free_bytes()``, ``engine_gpu_bytes(pids)``, ``contribute_status(doc)``,
-``persisted()`` (with a ``name``), ``cancel_reboot()``.
+``persisted()`` (with a ``name``), ``cancel_reboot()``. The heartbeat (``supervisord_llm.heartbeat``)
+is one such subsystem.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class DaemonGatewayBackend:
 
     async def acquire(self, model: str | None) -> Upstream:
         sup = self._resolve(model)
+        if sup.health is not None and sup.health.draining:
+            # The memory guard is draining it: in-flight requests finish, new ones would grow it further.
+            raise EngineUnavailable(sup.name, "draining",
+                                    f"{sup.name} takes no new requests: {sup.health.draining}; it restarts once "
+                                    "its in-flight requests have finished", retry_after_s=60.0)
         swap = self.daemon.swap_target
         if sup.serving and not sup.swap_in_progress and swap in (None, sup.name):
             return self._upstream(sup)
@@ -142,7 +148,11 @@ class DaemonGatewayBackend:
 
     def request_finished(self, stats: RequestStats) -> None:
         from probes.readings import ThroughputSample
+        from supervisord_llm import observe
 
+        watching = observe.find(self.daemon.extensions)
+        if watching is not None:
+            watching.telemetry.request_finished(stats)
         health = self._health(stats.engine)
         if health is None:
             return
@@ -175,6 +185,10 @@ class GatewayExtension:
         self.settings = daemon.config.gateway
         self.backend = DaemonGatewayBackend(daemon, self.settings.hold_s)
         self.app = build_app(self.backend, self.settings, daemon.clock, log=daemon.log.bind(component="gateway"))
+        # The status page shares the gateway's port and its key (see ui.py).
+        from supervisord_llm.ui import daemon_snapshot, ui_routes
+
+        self.app.router.routes.extend(ui_routes(daemon_snapshot(daemon), self.settings.api_key))
         self.listen = self.settings.listen
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -210,12 +224,20 @@ class AlertsExtension:
 
 def install_extensions(daemon: Daemon) -> None:
     """Attach the subsystems the config turns on."""
+    from supervisord_llm.memory_guard import MemoryGuardExtension
+    from supervisord_llm.observe import ObserveExtension
     from supervisord_llm.stranded import StrandedExtension
 
     config = daemon.config
     daemon.extensions.append(StrandedExtension(daemon))
+    daemon.extensions.append(ObserveExtension(daemon))
+    daemon.extensions.append(MemoryGuardExtension(daemon))
     if config.alerts is not None and config.alerts.targets:
         daemon.extensions.append(AlertsExtension(daemon))
+    if config.alerts is not None and config.alerts.heartbeat is not None:
+        from supervisord_llm.heartbeat import HeartbeatExtension
+
+        daemon.extensions.append(HeartbeatExtension(daemon, config.alerts.heartbeat, config.alerts))
     if config.gateway is not None:
         daemon.extensions.append(GatewayExtension(daemon))
     if config.daemon.metrics_listen:

@@ -36,10 +36,12 @@ import httpx
 import structlog
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from supervisord_llm import anthropic_api
+from supervisord_llm.anthropic_api import THINK_MODES
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.convert import parse_duration_s, parse_size_bytes
 from supervisord_llm.errors import ConfigError, EngineError, SupervisordLLMError, UnknownEngine
@@ -60,6 +62,9 @@ __all__ = [
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
 MESSAGES_PATH = "/v1/messages"
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+# On a translated count_tokens answer: "engine-tokenizer", or "estimate (...)" saying how.
+TOKEN_COUNT_HEADER = "x-supervisord-llm-token-count"
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +128,7 @@ class RequestStats:
     decode_s: float | None
     max_gap_s: float | None
     ended: str  # "complete" | "client_disconnected" | "upstream_error" | "stalled"
+    duration_s: float | None = None  # from sending to the engine to the last byte
 
 
 class GatewayBackend(Protocol):
@@ -180,8 +186,16 @@ class GatewaySettings:
     upstream_read_timeout_s: float = 600.0
     max_upstream_connections: int = 512
     shutdown_grace_s: float = 5.0
+    # What <think>…</think> from reasoning models becomes in translated Messages responses:
+    # "text" (kept in the text as emitted), "thinking" (thinking blocks), "auto" (thinking blocks
+    # when the request enables thinking).
+    think_tags: str = "text"
 
     def __post_init__(self) -> None:
+        if self.think_tags not in THINK_MODES:
+            raise ValueError(
+                f"think_tags must be one of {', '.join(repr(m) for m in THINK_MODES)}, got {self.think_tags!r}"
+            )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0-65535, got {self.port}")
         if self.api_key is not None and not self.api_key:
@@ -223,7 +237,7 @@ class GatewaySettings:
         Keys: ``enabled``, ``listen``, ``api_key`` or ``api_key_env`` (name of an environment
         variable holding the key), ``hold_s``, ``max_body_bytes``, ``prefill_stall_s``,
         ``decode_stall_s``, ``upstream_connect_timeout_s``, ``upstream_read_timeout_s``,
-        ``max_upstream_connections``, ``shutdown_grace_s``. Durations are ``"60s"``/``"5m"``
+        ``max_upstream_connections``, ``shutdown_grace_s``, ``think_tags``. Durations are ``"60s"``/``"5m"``
         or seconds; sizes are ``"32MiB"`` or bytes.
         """
         import os
@@ -246,6 +260,7 @@ class GatewaySettings:
             "api_key_env",
             "max_body_bytes",
             "max_upstream_connections",
+            "think_tags",
             *durations,
         )
         kwargs: dict[str, Any] = {}
@@ -272,6 +287,12 @@ class GatewaySettings:
                     kwargs[name] = parse_duration_s(value)
                 elif name == "max_body_bytes":
                     kwargs[name] = parse_size_bytes(value)
+                elif name == "think_tags":
+                    if value not in THINK_MODES:
+                        raise ValueError(
+                            f"expected one of {', '.join(repr(m) for m in THINK_MODES)}, got {value!r}"
+                        )
+                    kwargs[name] = value
                 elif name == "max_upstream_connections":
                     if isinstance(value, bool) or not isinstance(value, int):
                         raise ValueError(f"expected a whole number, got {value!r}")
@@ -414,7 +435,7 @@ class TokenMeter:
 def _loads(payload: bytes) -> Any:
     try:
         return json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # an engine's odd output is not the gateway's crash
         return None
 
 
@@ -559,6 +580,22 @@ _COLLECT_LIMIT_BYTES = 16 * 2**20
 _UPSTREAM_RETRY_DELAYS_S = (0.05, 0.2, 0.5)
 
 
+@dataclass
+class _Translation:
+    """A /v1/messages request served by translating to and from the engine's chat completions."""
+
+    translator: anthropic_api.StreamTranslator
+    stream: bool  # what the client asked for; the engine streams either way
+    message: anthropic_api.Accumulator = field(default_factory=anthropic_api.Accumulator)
+
+    def relay(self, events: list[dict[str, Any]]) -> bytes:
+        """Bytes for the client now (stream), or nothing while the message is being folded up."""
+        if self.stream:
+            return anthropic_api.events_bytes(events) if events else b""
+        self.message.apply(events)
+        return b""
+
+
 class _Forward:
     """The ASGI response for one forwarded request: sends upstream, pumps bytes back, watches tokens.
 
@@ -575,8 +612,10 @@ class _Forward:
         *,
         anthropic: bool,
         stream_requested: bool,
+        translation: _Translation | None = None,
     ) -> None:
         self.gw = gw
+        self.translation = translation
         self.upstream = upstream
         self.request = request
         self.anthropic = anthropic
@@ -590,6 +629,7 @@ class _Forward:
         self.watching_stall = False
         self.response_complete = False
         self.response: httpx.Response | None = None
+        self.translated_headers_sent = False
         engine = upstream.engine
         token_progress = gw.backend.token_progress
 
@@ -599,7 +639,8 @@ class _Forward:
             except Exception:  # a backend bug must not break a stream
                 gw.log.exception("gateway.backend_failed", method="token_progress", engine=engine)
 
-        self.meter = TokenMeter(anthropic=anthropic, on_token=on_token)
+        # A translated request's meter reads the engine's own (OpenAI) bytes, not what we send.
+        self.meter = TokenMeter(anthropic=anthropic and translation is None, on_token=on_token)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         gw = self.gw
@@ -718,6 +759,9 @@ class _Forward:
                 self.upstream_failed = True
             content_type = response.headers.get("content-type", "")
             is_sse = content_type.startswith("text/event-stream")
+            if self.translation is not None:
+                if await self._pump_translated(send, response, tg):
+                    return
             drop = _RESPONSE_DROP if is_sse else _RESPONSE_DROP - _NO_CONTENT_LENGTH
             if is_sse:
                 drop = drop | _NO_CONTENT_LENGTH
@@ -772,6 +816,7 @@ class _Forward:
                     )
                 await _send_quietly(send, b"", more=False)
                 return
+        headers_sent = headers_sent or self.translated_headers_sent
         if self.stalled is not None:
             phase, stalled_for_s = self.stalled
             gw.call_backend("stall_detected", upstream.engine, phase, stalled_for_s)
@@ -810,6 +855,108 @@ class _Forward:
         self.response_complete = True
         await _send_quietly(send, b"", more=False)
 
+    async def _pump_translated(
+        self, send: Any, response: httpx.Response, tg: anyio.abc.TaskGroup
+    ) -> bool:
+        """Relay the engine's chat completion stream as Messages events (or one Message).
+
+        The engine's bytes go through the same meter as on passthrough, as they arrive, so the
+        watchdog sees the engine's own progress. True when the exchange is over; False when a
+        stall cancelled it (the caller reports the stall).
+        """
+        translation = self.translation
+        assert translation is not None
+        upstream = self.upstream
+        gw = self.gw
+        if response.status_code >= 400 or not response.headers.get(
+            "content-type", ""
+        ).startswith("text/event-stream"):
+            await self._translated_refusal(send, response)
+            return True
+        self._start_stall_watch(tg)
+        if translation.stream:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                    ],
+                }
+            )
+            self.translated_headers_sent = True
+        translator = translation.translator
+        relay = translation.relay
+        feed = self.meter.feed
+        now = gw.clock.now
+        code = "engine_error"
+        try:
+            await _send_some(send, relay(translator.start()))
+            async for chunk in response.aiter_raw():
+                feed(chunk, now())
+                await _send_some(send, relay(translator.feed(chunk)))
+                if translator.done:
+                    break  # a stop sequence matched: closing the stream stops the engine
+            else:
+                await _send_some(send, relay(translator.finish()))
+        except anthropic_api.EngineStreamError as exc:
+            message = f"engine {upstream.engine!r} reported an error mid-stream: {exc}"
+        except OSError:  # the client went away while we were sending (ASGI spec 2.4)
+            self.client_gone = True
+            return True
+        except httpx.HTTPError as exc:
+            gw.log.warning("gateway.upstream_broke", engine=upstream.engine, error=type(exc).__name__)
+            code = "upstream_broke_stream"
+            message = f"engine {upstream.engine!r} broke off the stream: {type(exc).__name__}"
+        else:
+            if self.meter.error is not None:
+                self.upstream_failed = True
+            self.response_complete = True
+            if translation.stream:
+                await _send_quietly(send, b"", more=False)
+            else:
+                await _send_json(send, translation.message.message, 200)
+            return True
+        self.upstream_failed = True
+        self.response_complete = True
+        if self.translated_headers_sent:
+            await _send_quietly(send, _sse_error(True, 502, message, code))
+            await _send_quietly(send, b"", more=False)
+        else:
+            await _send_json(send, error_body(True, 502, message, code, engine=upstream.engine), 502)
+        return True
+
+    async def _translated_refusal(self, send: Any, response: httpx.Response) -> None:
+        """The engine refused the translated request: its reason, in the Messages error shape."""
+        upstream = self.upstream
+        body = b""
+        async for chunk in response.aiter_raw():
+            if len(body) < _COLLECT_LIMIT_BYTES:
+                body += chunk
+        self.response_complete = True
+        status = response.status_code
+        if status < 400:
+            self.upstream_failed = True
+            message = (
+                f"engine {upstream.engine!r} answered the translated request without a stream "
+                f"({response.headers.get('content-type') or 'no content type'})"
+            )
+            await _send_json(send, error_body(True, 502, message, "engine_error", engine=upstream.engine), 502)
+            return
+        # mlx_lm.server answers 404 for any exception while preparing a generation (a chat template
+        # that fails, an unknown model path): for the client that is a bad request, not a lost URL.
+        client_status = 400 if status < 500 else 502
+        message = (
+            f"engine {upstream.engine!r} refused the request translated to "
+            f"{OPENAI_PATHS[0]} (HTTP {status}): {anthropic_api.openai_error_message(body)}"
+        )
+        await _send_json(
+            send,
+            error_body(True, client_status, message, "engine_refused", engine=upstream.engine, engine_status=status),
+            client_status,
+        )
+
     def _finish(self, counts: dict[str, int]) -> None:
         meter = self.meter
         if self.stalled is not None:
@@ -832,6 +979,7 @@ class _Forward:
             decode_s=None if first is None or last is None else last - first,
             max_gap_s=meter.max_gap_s,
             ended=ended,
+            duration_s=self.gw.clock.now() - self.sent_at_s if self.sent_at_s else None,
         )
         self.gw.call_backend("request_finished", stats)
 
@@ -852,6 +1000,11 @@ async def _send_json(send: Any, body: dict[str, Any], status: int) -> None:
         await send({"type": "http.response.body", "body": data, "more_body": False})
     except OSError:
         pass
+
+
+async def _send_some(send: Any, body: bytes) -> None:
+    if body:
+        await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
 async def _send_quietly(send: Any, body: bytes, more: bool = True) -> None:
@@ -1022,6 +1175,14 @@ class _Gateway:
     async def _prepare(self, request: Request, path: str, anthropic: bool) -> Response | _Forward:
         try:
             body = await self.read_body(request)
+        except ClientDisconnect:
+            # The client is gone: nobody reads this answer and nothing was forwarded. An error reply
+            # (not an exception) keeps it out of the server's error log; one such client is routine.
+            self.log.info("gateway.client_disconnected", path=path, phase="request_body")
+            return error_response(
+                anthropic, 400, "the client disconnected before its request body was complete",
+                "client_disconnected"
+            )
         except _BodyTooLarge:
             limit = self.settings.max_body_bytes
             return error_response(
@@ -1042,6 +1203,14 @@ class _Gateway:
             except ValueError as exc:
                 return error_response(
                     anthropic, 400, f"request body is not valid JSON: {exc}", "invalid_json"
+                )
+            except RecursionError:
+                return error_response(
+                    anthropic,
+                    400,
+                    "request body is nested too deeply to parse; "
+                    f"keep JSON nesting under {anthropic_api.MAX_NESTING_DEPTH} levels",
+                    "invalid_json",
                 )
             if needs_json and not isinstance(doc, dict):
                 return error_response(
@@ -1067,15 +1236,7 @@ class _Gateway:
         if isinstance(upstream, Response):
             return upstream
         if anthropic and not upstream.supports_messages:
-            return error_response(
-                anthropic,
-                400,
-                f"engine {upstream.engine!r} ({upstream.kind}) does not serve the Anthropic Messages "
-                f"API ({MESSAGES_PATH}); it serves the OpenAI API (/v1/chat/completions, "
-                "/v1/completions). The gateway passes requests through and does not translate.",
-                "messages_not_supported",
-                engine=upstream.engine,
-            )
+            return await self._translate(request, path, doc, upstream)
 
         if (
             upstream.served_model is not None
@@ -1095,6 +1256,92 @@ class _Gateway:
         )
         return _Forward(
             self, upstream, upstream_request, anthropic=anthropic, stream_requested=stream
+        )
+
+    async def _translate(
+        self, request: Request, path: str, doc: Any, upstream: Upstream
+    ) -> Response | _Forward:
+        """/v1/messages for an engine that speaks only the OpenAI API: translated here."""
+        if request.method != "POST" or path not in (MESSAGES_PATH, COUNT_TOKENS_PATH):
+            return error_response(
+                True,
+                404,
+                f"{request.method} {path} is not part of the Messages API the gateway translates "
+                f"for engine {upstream.engine!r} ({upstream.kind}); it serves POST {MESSAGES_PATH} "
+                f"and POST {COUNT_TOKENS_PATH}",
+                "not_found",
+            )
+        try:
+            if path == COUNT_TOKENS_PATH:
+                # count_tokens takes the same fields as a message, without max_tokens.
+                checked = anthropic_api.check_request({"max_tokens": 1, **doc})
+                anthropic_api.to_openai(checked, upstream.served_model, engine=upstream.engine)
+                return await self._count_tokens(checked.doc, upstream)
+            checked = anthropic_api.check_request(doc)
+            openai_body = anthropic_api.to_openai(
+                checked, upstream.served_model, engine=upstream.engine
+            )
+        except anthropic_api.RequestInvalid as exc:
+            return error_response(True, 400, str(exc), "invalid_request", field=exc.field)
+        think = self.settings.think_tags
+        if think == "auto":
+            think = "thinking" if checked.thinking_requested else "text"
+        translator = anthropic_api.StreamTranslator(
+            model=checked.model or upstream.engine,
+            stop_sequences=checked.stop_sequences,
+            think=think,
+        )
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"accept", b"text/event-stream"),
+            (b"accept-encoding", b"identity"),  # the meter reads plain bytes
+        ]
+        if self._api_key is None:
+            # No gateway key: the client's key is meant for the engine (as on passthrough).
+            key = request.headers.get("x-api-key")
+            auth = request.headers.get("authorization") or (f"Bearer {key}" if key else None)
+            if auth:
+                headers.append((b"authorization", auth.encode()))
+        url = upstream.base_url.rstrip("/") + OPENAI_PATHS[0]
+        upstream_request = self.client.build_request(
+            "POST", url, headers=headers, content=json.dumps(openai_body).encode()
+        )
+        return _Forward(
+            self,
+            upstream,
+            upstream_request,
+            anthropic=True,
+            stream_requested=True,  # the engine always streams: the watchdog sees its progress
+            translation=_Translation(translator, stream=checked.stream),
+        )
+
+    async def _count_tokens(self, doc: dict[str, Any], upstream: Upstream) -> Response:
+        """Tokens of a request: the engine's /tokenize where it has one, else an estimate, said so."""
+        text = anthropic_api.count_text(doc)
+        url = upstream.base_url.rstrip("/") + "/tokenize"
+        # One body both tokenizer APIs read: llama-server wants "content", vLLM/SGLang "prompt".
+        body = {"prompt": text, "content": text, "add_special_tokens": False}
+        if upstream.served_model is not None:
+            body["model"] = upstream.served_model
+        try:
+            response = await self.client.post(url, json=body, timeout=10.0)
+            counted = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            counted = None
+        tokens: int | None = None
+        if isinstance(counted, dict):
+            if isinstance(counted.get("count"), int):
+                tokens = counted["count"]
+            elif isinstance(counted.get("tokens"), list):
+                tokens = len(counted["tokens"])
+        if tokens is not None:
+            return JSONResponse({"input_tokens": tokens}, headers={TOKEN_COUNT_HEADER: "engine-tokenizer"})
+        return JSONResponse(
+            {"input_tokens": anthropic_api.estimate_tokens(doc)},
+            headers={
+                TOKEN_COUNT_HEADER: f"estimate ({anthropic_api.ESTIMATE_BYTES_PER_TOKEN} bytes per token; "
+                f"engine {upstream.engine!r} has no tokenizer endpoint)"
+            },
         )
 
     async def _acquire(self, model: str | None, anthropic: bool) -> Upstream | Response:

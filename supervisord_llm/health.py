@@ -12,6 +12,7 @@ flowed for ``canary_interval``, counters every probe interval.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,7 @@ class EngineHealth:
         self.hung_since_s: float | None = None
         self.stall_reason: str | None = None  # set by the gateway when a live stream stalls
         self.degraded = False
+        self.draining: str | None = None  # set by the memory guard: why no new requests are routed here
 
     def new_run(self) -> None:
         """A new process of the engine: what was seen of the previous one must not judge this one
@@ -67,6 +69,7 @@ class EngineHealth:
         self.hung_since_s = None
         self.stall_reason = None
         self.degraded = False
+        self.draining = None
 
     def add_sample(self, sample: ThroughputSample) -> None:
         self.tracker = self.tracker.add(sample, self.settings)
@@ -139,9 +142,7 @@ class TreeWatch:
         stopped = looks_stopped and self._root is not None and _confirmed_stopped(self._root)
         tree = self.tree
         if tree.stopped != stopped or tree.zombie != zombie:
-            tree = ProcessTreeReading(at_s=tree.at_s, root_pid=tree.root_pid, pids=tree.pids,
-                                      rss_bytes=tree.rss_bytes, cpu_percent=tree.cpu_percent,
-                                      stopped=stopped, zombie=zombie)
+            tree = dataclasses.replace(tree, stopped=stopped, zombie=zombie)
         return tree
 
     def _remember(self, pids: tuple[int, ...]) -> None:
@@ -218,6 +219,10 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
             for ext in daemon.extensions:
                 if hasattr(ext, "engine_gpu_bytes"):
                     health.gpu_bytes = ext.engine_gpu_bytes(tree.pids)
+            if full:
+                for ext in daemon.extensions:
+                    if hasattr(ext, "on_engine_memory"):
+                        ext.on_engine_memory(sup, gen, tree, health.gpu_bytes)
 
             # Counters (vLLM, llama.cpp, SGLang /metrics; oMLX /api/status).
             if sup.adapter.counters_kind and now - last_counters_s >= daemon.config.probes.interval_s:

@@ -40,33 +40,66 @@ def configure_logging(level: str, *, json_logs: bool) -> Any:
 
 
 def build_daemon(config: Config, logger: Any) -> Any:
+    """Claim the state dir, then build the subsystems and load durable state. Blocking.
+
+    The lock comes first: subsystems open files in the state dir (the alert outbox compacts its
+    journal when built), and a second daemon must fail before touching what the first one uses.
+    """
     from supervisord_llm.daemon import Daemon
     from supervisord_llm.extensions import install_extensions
 
     daemon = Daemon(config, logger=logger)
-    install_extensions(daemon)
+    daemon.claim()
+    try:
+        install_extensions(daemon)
+        daemon.open()
+    except BaseException:
+        daemon.close()
+        raise
     return daemon
 
 
+# What the service manager gave this process, kept for a re-exec: ``Notifier.from_env`` removes
+# them from the environment (engines must not inherit them), but the re-executed daemon is the
+# same service process and must keep notifying systemd and feeding its watchdog.
+_SERVICE_ENV_KEYS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+_service_env: dict[str, str] = {}
+
+# run_daemon's result when the daemon is to replace itself (SIGHUP, ``llmctl daemon restart``).
+RESTART = -1
+
+
 async def run_daemon(config: Config, logger: Any, *, banner: str | None = None) -> int:
-    daemon = build_daemon(config, logger)
-    await anyio.to_thread.run_sync(daemon.open)
+    from supervisord_llm import scopes
+    from supervisord_llm.sdnotify import Notifier, watchdog_loop
+
+    daemon = await anyio.to_thread.run_sync(build_daemon, config, logger)
+    launcher = await anyio.to_thread.run_sync(scopes.launcher)
+    if launcher.enabled or scopes.why_off:
+        logger.info("daemon.engine_scopes", enabled=launcher.enabled, user_manager=launcher.user, why_off=scopes.why_off)
     exit_code = 0
+    notifier = Notifier.from_env()
     try:
         async with anyio.create_task_group() as tg:
             async def on_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                nonlocal exit_code
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                     async for signum in signals:
                         logger.info("daemon.signal", signal=signal.Signals(signum).name)
-                        await daemon.shutdown(stop_engines=config.daemon.stop_engines_on_exit)
+                        if signum == signal.SIGHUP:
+                            # A restart that keeps the models: leave every engine running, write the
+                            # state, and exec a fresh daemon in this same process, which adopts them.
+                            daemon.events.emit("daemon.restarting", pid=os.getpid(), engines="kept")
+                            notifier.notify(RELOADING=1, STATUS="restarting; engines keep running")
+                            await daemon.shutdown(stop_engines=False)
+                            exit_code = RESTART
+                        else:
+                            notifier.stopping("stopping engines" if config.daemon.stop_engines_on_exit else None)
+                            await daemon.shutdown(stop_engines=config.daemon.stop_engines_on_exit)
                         tg.cancel_scope.cancel()
                         return
 
             tg.start_soon(on_signals)
-
-            from supervisord_llm.sdnotify import Notifier, watchdog_loop
-
-            notifier = Notifier.from_env()
 
             def status_line() -> str:
                 engines = ", ".join(f"{s.name} {s.state}" for s in daemon.supervisors.values())
@@ -87,6 +120,7 @@ async def run_daemon(config: Config, logger: Any, *, banner: str | None = None) 
             await tg.start(lambda task_status: daemon.run(task_status=task_status, ready_callback=ready))
     finally:
         daemon.close()
+        notifier.close()
     return exit_code
 
 
@@ -102,6 +136,7 @@ model = "{model_dir}"
 port = {engine_port}
 default = true                # requests without a model go here
 footprint = "1GB"             # memory admission: what this engine holds while resident
+args = ["--prompt-cache-bytes", "256MB"]  # the engine bounds its own KV cache (the memory guard backs it up)
 start_timeout = "2m"          # ready only after a real generation succeeded within this time
 stop_grace = "20s"            # SIGTERM, then SIGKILL after this long
 canary_interval = "30s"       # a tiny real generation when no traffic proved it works
@@ -151,6 +186,12 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"supervisord-llm: {exc}", file=sys.stderr)
+        # Under systemd the reason also shows in `systemctl status` (Status: "…").
+        from supervisord_llm.sdnotify import Notifier
+
+        notifier = Notifier.from_env()
+        notifier.notify(STATUS=f"config error: {exc}".replace("\n", " "))
+        notifier.close()
         return 2
     logger = configure_logging(args.log_level or config.daemon.log_level, json_logs=args.json_logs)
     return _serve(config, logger, None)
@@ -172,7 +213,10 @@ def _serve(config: Config, logger: Any, banner: str | None) -> int:
     """Run the daemon in the foreground; a known failure (state dir taken, gateway port in use …)
     is one clear line and exit status 1, not a traceback."""
     try:
-        return anyio.run(lambda: run_daemon(config, logger, banner=banner))
+        code = anyio.run(lambda: run_daemon(config, logger, banner=banner))
+        if code == RESTART:
+            reexec()
+        return code
     except KeyboardInterrupt:
         return 0
     except BaseException as exc:
@@ -181,6 +225,19 @@ def _serve(config: Config, logger: Any, banner: str | None) -> int:
             raise
         print(f"supervisord-llm: {error}", file=sys.stderr)
         return 1
+
+
+def reexec() -> None:
+    """Replace this process with a fresh daemon of the same command line (same pid).
+
+    The pid matters: systemd and launchd keep tracking the service, and the engines stay this
+    process's children, so the new daemon adopts them (pid + create time) and still reaps their
+    exit status. The state-dir lock and every socket close on exec (Python opens them
+    non-inheritable), so the new daemon takes them again at once.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, **_service_env})
 
 
 def check(args: argparse.Namespace) -> int:
@@ -194,6 +251,7 @@ def check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _service_env.update({k: os.environ[k] for k in _SERVICE_ENV_KEYS if k in os.environ})
     parser = argparse.ArgumentParser(prog="supervisord-llm", description="Supervisor daemon for local LLM servers")
     parser.add_argument("--version", action="version", version=f"supervisord-llm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

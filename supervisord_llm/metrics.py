@@ -7,11 +7,13 @@ Each scrape builds a fresh registry from the daemon's status: no counters drift 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 from supervisord_llm.supervisor import EngineState
 
@@ -21,15 +23,30 @@ if TYPE_CHECKING:
 PREFIX = "supervisord_llm"
 
 
+class _Registered:
+    """Another registry's series, served inside this scrape's registry."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.source.collect()
+
+
 def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
+    from supervisord_llm import observe
+
     doc = daemon.status()
     registry = CollectorRegistry()
+    registry.register(observe.StatusCollector(doc))
+    extension = observe.find(daemon.extensions)
+    if extension is not None:
+        registry.register(_Registered(extension.telemetry.registry))
 
     def gauge(name: str, doc_text: str, labels: tuple[str, ...] = ()) -> Gauge:
         return Gauge(f"{PREFIX}_{name}", doc_text, labels, registry=registry)
 
     state = gauge("engine_state", "1 for the engine's current state, 0 for the others", ("engine", "state"))
-    restarts = gauge("engine_restarts", "restarts of the engine since the daemon's state began", ("engine",))
     tps = gauge("engine_tokens_per_second", "rolling generation rate", ("engine",))
     base = gauge("engine_baseline_tokens_per_second", "learned generation rate baseline", ("engine",))
     ttft = gauge("engine_canary_ttft_seconds", "time to first token of the last canary", ("engine",))
@@ -41,7 +58,6 @@ def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
         name = e["name"]
         for s in EngineState:
             state.labels(name, str(s)).set(1 if e["state"] == str(s) else 0)
-        restarts.labels(name).set(e.get("restarts") or 0)
         up.labels(name).set(1 if e["state"] in ("ready", "degraded") else 0)
         if e.get("tokens_per_s") is not None:
             tps.labels(name).set(e["tokens_per_s"])
@@ -85,9 +101,11 @@ class MetricsExtension:
     name = "metrics"
 
     def __init__(self, daemon: Daemon, listen: str) -> None:
+        from supervisord_llm.gateway import parse_listen
+
         self.daemon = daemon
-        host, _, port = listen.rpartition(":")
-        self.host, self.port = host.strip("[]"), int(port)
+        self.listen = listen  # kept as written: an IPv6 host needs its brackets back in "[::1]:9464"
+        self.host, self.port = parse_listen(listen)
 
     def app(self) -> Any:
         from starlette.applications import Starlette
@@ -108,12 +126,18 @@ class MetricsExtension:
             bad = [s.name for s in daemon.supervisors.values() if s.state in (EngineState.FAILED, EngineState.HUNG)]
             return JSONResponse({"ready": not bad, "engines_not_ok": bad}, status_code=503 if bad else 200)
 
-        return Starlette(routes=[Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz)])
+        routes = [Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz)]
+        if daemon.config.gateway is None:
+            # Without a gateway, the status page lives here (loopback, like the metrics).
+            from supervisord_llm.ui import daemon_snapshot, ui_routes
+
+            routes.extend(ui_routes(daemon_snapshot(daemon), None))
+        return Starlette(routes=routes)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         from supervisord_llm.gateway import GatewaySettings, serve
 
-        settings = GatewaySettings.from_toml({"listen": f"{self.host}:{self.port}"}, file=None, key="daemon")
+        settings = GatewaySettings.from_toml({"listen": self.listen}, file=None, key="daemon.metrics_listen")
         async with anyio.create_task_group() as tg:
             await tg.start(serve, self.app(), settings)
             task_status.started()

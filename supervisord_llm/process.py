@@ -11,12 +11,19 @@ polling.
 
 Stop is SIGTERM to the process group, a long grace, then SIGKILL: a hard kill of a wedged Metal
 process can strand wired memory until reboot, while a graceful exit returns it in seconds.
+
+A pid is never signalled on its number alone: once the engine's root has exited and been reaped (or
+an adopted engine died while no daemon watched), the kernel may hand that pid to any new process.
+Before every signal the create time of the process at that pid is compared with the engine's; the
+root itself is signalled through a pidfd opened and then verified, so the check cannot race a reuse.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +38,9 @@ import anyio
 import psutil
 
 from probes.process import tagged_processes as probe_tagged_processes
+from supervisord_llm import scopes
 from supervisord_llm.errors import EngineSpawnFailed
+from supervisord_llm.redact import redact_argv
 
 TAG_ENV = "SUPERVISORD_LLM_TAG"
 
@@ -66,6 +75,12 @@ class StopResult:
     duration_s: float
 
 
+def _findable(program: str, *, env: Mapping[str, str], cwd: str | None) -> bool:
+    if os.sep in program:
+        return Path(cwd or ".", program).exists()
+    return shutil.which(program, path=env.get("PATH")) is not None
+
+
 def process_create_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
@@ -82,6 +97,21 @@ def tagged_processes(tag_prefix: str) -> dict[psutil.Process, str]:
         except psutil.Error:
             continue
     return found
+
+
+OURS, GONE, OTHER = "ours", "gone", "other"
+
+
+def pid_identity(pid: int, create_time: float) -> str:
+    """Whether ``pid`` is still the process that started at ``create_time`` (OURS, a zombie included),
+    is free (GONE), or now belongs to another process (OTHER)."""
+    try:
+        actual = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return GONE
+    except psutil.AccessDenied:
+        return OTHER  # not ours to signal: engines run as the daemon's user
+    return OURS if abs(actual - create_time) <= 0.01 else OTHER
 
 
 def tree_of(pid: int) -> list[psutil.Process]:
@@ -112,13 +142,22 @@ class EngineProcess:
 
     @classmethod
     def spawn(cls, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None, log_path: Path,
-              tag: str, engine: str) -> EngineProcess:
+              tag: str, engine: str, inherit: Mapping[str, str] | None = None) -> EngineProcess:
         """Start ``argv`` in its own session with stdout/stderr appended to ``log_path``.
 
         The engine writes to the log file itself (not through a pipe to the daemon), so a daemon
-        restart never breaks its output and an adopted engine keeps logging.
+        restart never breaks its output and an adopted engine keeps logging. ``inherit`` is the
+        environment passed on (default: the daemon's own); ``env`` is added on top.
         """
-        full_env = {**os.environ, **env, TAG_ENV: tag}
+        full_env = {**(os.environ if inherit is None else inherit), **env, TAG_ENV: tag}
+        # Under systemd the engine gets a scope unit of its own, so the daemon's death (a crash,
+        # a watchdog kill, an upgrade) does not take the engine with it; see scopes.py.
+        launcher = scopes.launcher()
+        if launcher.enabled and not _findable(argv[0], env=full_env, cwd=cwd):
+            # systemd-run would report a missing program only as an exit status; say it here.
+            raise EngineSpawnFailed(engine, f"command not found: {argv[0]!r}; install it or fix the engine's "
+                                            "command/kind in the config")
+        command = launcher.wrap(argv, engine=engine, spawn_id=tag.rsplit("/", 1)[-1])
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -126,7 +165,7 @@ class EngineProcess:
             raise EngineSpawnFailed(engine, f"cannot open its log file {log_path}: {exc.strerror or exc}") from exc
         try:
             popen = subprocess.Popen(
-                list(argv),
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
@@ -161,6 +200,8 @@ class EngineProcess:
             return None
         try:
             if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)  # ours after a re-exec: do not leave it a zombie
                 return None
         except psutil.Error:
             return None
@@ -186,11 +227,25 @@ class EngineProcess:
             self._exited.set()
         return self.exit
 
+    def _root_pidfd(self) -> int | None:
+        """A pidfd on the engine's root, or None once it is gone (its pid may be another's now).
+
+        The create time is checked after the pidfd is open: the fd then names that exact process,
+        whatever happens to the pid number later.
+        """
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return None
+        if pid_identity(self.pid, self.create_time) != OURS:
+            os.close(pidfd)
+            return None
+        return pidfd
+
     async def _wait_os(self) -> None:
         if hasattr(os, "pidfd_open"):
-            try:
-                pidfd = os.pidfd_open(self.pid)
-            except ProcessLookupError:
+            pidfd = self._root_pidfd()
+            if pidfd is None:
                 return
             try:
                 await anyio.wait_readable(pidfd)
@@ -198,6 +253,8 @@ class EngineProcess:
                 os.close(pidfd)
             return
         if hasattr(select, "kqueue"):
+            if pid_identity(self.pid, self.create_time) != OURS:
+                return
             await anyio.to_thread.run_sync(self._kqueue_wait, abandon_on_cancel=True)
             return
         while psutil.pid_exists(self.pid) and process_create_time(self.pid) == self.create_time:
@@ -222,12 +279,26 @@ class EngineProcess:
             if rc < 0:
                 return ExitInfo(code=None, signal=-rc, at_wall=now)
             return ExitInfo(code=rc, signal=None, at_wall=now)
+        # An adopted engine can still be our own child: a daemon that re-executed itself to restart
+        # while keeping its engines (SIGHUP, ``llmctl daemon restart``) has the same pid. Reap it
+        # then, so its real status is known and it does not linger as a zombie.
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid = 0
+        if pid == self.pid:
+            if os.WIFSIGNALED(status):
+                return ExitInfo(code=None, signal=os.WTERMSIG(status), at_wall=now)
+            if os.WIFEXITED(status):
+                return ExitInfo(code=os.WEXITSTATUS(status), signal=None, at_wall=now)
         return ExitInfo(code=None, signal=None, at_wall=now)
 
     # ---- tree -------------------------------------------------------------------------------
 
     def remember_descendants(self) -> None:
         """Record the current descendants (called from the probe loop, in a worker thread)."""
+        if pid_identity(self.pid, self.create_time) != OURS:
+            return  # the root is gone: the tree at that pid would be another process's
         for proc in tree_of(self.pid)[1:]:
             try:
                 self.known_descendants.add((proc.pid, proc.create_time()))
@@ -251,15 +322,36 @@ class EngineProcess:
     # ---- stop -------------------------------------------------------------------------------
 
     def _signal_group(self, sig: int) -> None:
+        identity = pid_identity(self.pid, self.create_time)
+        if identity == OTHER:
+            # The pid (and so the group id) now names another process: its group is not ours. Our
+            # leftovers, if any, are found by descendant create times and tag in leftovers().
+            return
+        # The engine leads its own session, so its pgid is its pid. With the root gone, a live group of
+        # that id can only be the engine's: the kernel does not reuse a pid still in use as a pgid.
         try:
-            os.killpg(self.pid, sig)  # the engine leads its own session, so its pgid is its pid
+            os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-        if self.exit is None:
+        if self.exit is None and identity == OURS:
+            self._signal_root(sig)
+
+    def _signal_root(self, sig: int) -> None:
+        if hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal"):
+            pidfd = self._root_pidfd()
+            if pidfd is None:
+                return
             try:
-                os.kill(self.pid, sig)
+                signal.pidfd_send_signal(pidfd, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+            finally:
+                os.close(pidfd)
+            return
+        try:
+            os.kill(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def send_signal(self, sig: int) -> None:
         self._signal_group(sig)
@@ -402,7 +494,7 @@ def port_holder(host: str, port: int) -> tuple[int | None, str | None] | None:
         if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
             try:
                 proc = psutil.Process(conn.pid)
-                return conn.pid, " ".join(proc.cmdline())[:200] or proc.name()
+                return conn.pid, " ".join(redact_argv(proc.cmdline()))[:200] or proc.name()
             except psutil.Error:
                 return conn.pid, None
     return (None, None)

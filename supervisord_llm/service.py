@@ -1,7 +1,7 @@
 """Run the daemon itself as a service: render and install a launchd agent or a systemd user unit.
 
-The unit templates live in ``supervisord_llm/templates/`` (``launchd.plist``,
-``systemd.service``); rendering fills in real, absolute paths. Both units restart the daemon
+The systemd unit template lives in ``supervisord_llm/templates/systemd.service``; the launchd
+agent is built as data and written with ``plistlib``. Both are filled with real, absolute paths. Both units restart the daemon
 no sooner than 60 s after it exits, and give it longer to stop than the longest engine grace
 period, because the daemon stops its engines gracefully before it exits.
 
@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from xml.sax.saxutils import escape as xml_escape
 
 KINDS = ("launchd", "systemd")
 LAUNCHD_LABEL = "com.supervisord-llm"
@@ -35,6 +34,7 @@ THROTTLE_INTERVAL_S = 60
 RESTART_S = 60
 WATCHDOG_S = 60
 START_TIMEOUT_S = 120
+ABORT_TIMEOUT_S = 10
 # After the last engine's grace the daemon still measures memory, writes state and exits.
 STOP_MARGIN_S = 30
 
@@ -107,21 +107,28 @@ def render_launchd(*, executable: str | os.PathLike[str], config_path: str | os.
     arguments = [str(executable), "run", "--config", str(config_path)]
     environment = _environment(config_path, state_dir, path_env)
 
-    def text(value: str) -> str:
-        return xml_escape(_one_line("a launchd value", value))
-
-    rendered = _template("launchd.plist").substitute(
-        label=text(label),
-        program_arguments="\n".join(f"\t\t<string>{text(a)}</string>" for a in arguments),
-        environment="\n".join(f"\t\t<key>{text(k)}</key>\n\t\t<string>{text(v)}</string>"
-                              for k, v in environment.items()),
-        throttle_interval_s=THROTTLE_INTERVAL_S,
-        exit_timeout_s=stop_timeout_s(max_stop_grace_s),
-        stdout_path=text(str(logs / "daemon.out.log")),
-        stderr_path=text(str(logs / "daemon.err.log")),
-    )
-    plistlib.loads(rendered.encode())  # a template error must fail here, not in launchctl
-    return rendered
+    for value in (label, *arguments, *environment.values()):
+        _one_line("a launchd value", value)
+    # Built as data and written by plistlib: no hand-kept XML to escape. Why each key is there is
+    # in units/README.md (a plist written by plistlib carries no comments).
+    plist = {
+        "Label": label,
+        "ProgramArguments": arguments,
+        # launchd starts jobs with PATH=/usr/bin:/bin:/usr/sbin:/sbin: engines installed with
+        # Homebrew or pip would not be found without the installing shell's PATH.
+        "EnvironmentVariables": environment,
+        "RunAtLoad": True,
+        "KeepAlive": True,
+        # Never respawn sooner than this: a crash loop that restarts at once is how a Metal OOM
+        # turned into a machine that needed a reboot.
+        "ThrottleInterval": THROTTLE_INTERVAL_S,
+        # SIGKILL comes this long after SIGTERM: the longest engine grace plus a margin.
+        "ExitTimeOut": stop_timeout_s(max_stop_grace_s),
+        "ProcessType": "Interactive",
+        "StandardOutPath": str(logs / "daemon.out.log"),
+        "StandardErrorPath": str(logs / "daemon.err.log"),
+    }
+    return plistlib.dumps(plist, sort_keys=False).decode()
 
 
 _SYSTEMD_PLAIN = set(string.ascii_letters + string.digits + "/_.,:=+@-")
@@ -158,6 +165,7 @@ def render_systemd(*, executable: str | os.PathLike[str], config_path: str | os.
         restart_s=RESTART_S,
         start_timeout_s=START_TIMEOUT_S,
         stop_timeout_s=stop_timeout_s(max_stop_grace_s),
+        abort_timeout_s=ABORT_TIMEOUT_S,
     )
 
 

@@ -70,3 +70,38 @@ def _move_aside(path: Path, problem: str) -> str:
         return f"{path} was {problem}; moved it to {target.name} and started from empty state"
     except OSError:
         return f"{path} was {problem}; started from empty state"
+
+
+def move_aside(path: Path, problem: str) -> str:
+    """Keep a damaged state file for inspection as ``<name>.corrupt-<n>``; returns the warning text."""
+    return _move_aside(Path(path), problem)
+
+
+def state_shape_problem(data: dict[str, Any]) -> str | None:
+    """What makes ``state.json`` unusable although it is valid JSON (None when its shape is right).
+
+    A file of the wrong shape (hand-edited, written by another version) is treated like a damaged
+    one: the loader would otherwise fail at start on the first field it reads.
+    """
+    engines = data.get("engines", {})
+    if not isinstance(engines, dict):
+        return f"'engines' is a {type(engines).__name__}, expected an object of engine records"
+    kinds: dict[str, tuple[type, ...]] = {
+        "pid": (int,), "create_time": (int, float), "tag": (str,), "argv": (list,), "state": (str,),
+        "restarts": (int,), "backoff": (dict,), "last_exit": (dict,),
+    }
+    for name, record in engines.items():
+        if not isinstance(record, dict):
+            return f"engines.{name} is a {type(record).__name__}, expected an object"
+        for key, types in kinds.items():
+            value = record.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+                return f"engines.{name}.{key} is {value!r}, expected {' or '.join(t.__name__ for t in types)}"
+    swap = data.get("swap")
+    if swap is not None and not (isinstance(swap, dict) and isinstance(swap.get("target"), str)
+                                 and isinstance(swap.get("from") or [], list)):
+        return f"'swap' is {swap!r}, expected null or an object with a target"
+    for key, value in data.items():
+        if key not in ("version", "daemon_pid", "engines", "swap") and value is not None and not isinstance(value, dict):
+            return f"{key!r} is a {type(value).__name__}, expected an object"
+    return None

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from supervisord_llm.supervisor import EngineSupervisor
 
 
+REBOOT_TICK_S = 1.0
+
+
 def boot_id() -> str:
     """An id that changes at every boot (Linux boot_id; elsewhere the boot time)."""
     try:
@@ -56,6 +59,8 @@ class StrandedExtension:
         self.verified = False
         self._rebooting = False
         self._sent: dict[str, bool] = {}
+        self._persisting: bool | None = None  # the last stranded verdict (None: no verdict yet)
+        self._gpu_lost: str | None = None  # why a GPU needs a reboot (XID 79, lost); holds until reboot
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Load what the previous daemon persisted (called once the state file is read)."""
@@ -75,6 +80,14 @@ class StrandedExtension:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        # The reboot escalation's own timer: memory readings step it too, but on Linux they carry no
+        # wired memory and never reach it, so an announced reboot for a lost GPU would never run.
+        while True:
+            await anyio.sleep(REBOOT_TICK_S)
+            if self._gpu_lost is not None:
+                self._escalate(True, self._gpu_lost)
+            elif self.reboot_state.phase == "announced" and self._persisting is not None:
+                self._escalate(self._persisting, self.reboot_state.reason or "wired memory stranded")
 
     def persisted(self) -> dict[str, Any]:
         return {
@@ -121,14 +134,20 @@ class StrandedExtension:
                 daemon.alert(assessment.alert)
                 daemon.persist()
         persisting = None if assessment.reclaiming else assessment.over_threshold
-        self._escalate(persisting, "wired memory stranded")
+        self._persisting = persisting
+        if self._gpu_lost is None:
+            self._escalate(persisting, "wired memory stranded")
 
     def _escalate(self, persisting: bool | None, reason: str) -> None:
         daemon = self.daemon
         before = self.reboot_state
+        resident = [s.name for s in daemon.resident()]
         self.reboot_state, actions = reboot_policy.decide_reboot(
             self.reboot_state, self.ledger, self.reboot_settings, persisting, daemon.clock.now(), daemon.clock.wall(),
-            reason=reason)
+            reason=reason, resident_engines=resident)
+        if self.reboot_state != before:
+            daemon.events.emit("policy.decided", policy="reboot", persisting=persisting, reason=reason,
+                               resident_engines=resident, phase=self.reboot_state.phase)
         for action in actions:
             if isinstance(action, Alert):
                 # The policy repeats an alert while its condition lasts; a person hears of each change once.
@@ -192,7 +211,8 @@ class StrandedExtension:
         return {"ok": True, "cancelled": True, "message": f"reboot cancelled ({state.reason})"}
 
     def request_reboot(self, reason: str) -> None:
-        """A GPU lost (XID 79) takes the same path as stranded memory."""
+        """A GPU lost (XID 79) takes the same path as stranded memory; it needs a reboot until one happens."""
+        self._gpu_lost = reason
         self._escalate(True, reason)
 
     def contribute_status(self, doc: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ belong to a *generation* (one spawn); a message from an older generation is igno
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -30,6 +31,7 @@ from policies.actions import Alert, MarkFailed, Refuse, WaitUntil
 from probes.readings import CanaryReading, Diagnosis
 from supervisord_llm.adapters import EngineAdapter, adapter_for
 from supervisord_llm.config import EngineConfig
+from supervisord_llm.episodes import exit_alerts
 from supervisord_llm.errors import (
     EngineError,
     EngineSpawnFailed,
@@ -38,6 +40,7 @@ from supervisord_llm.errors import (
     StartRefused,
 )
 from supervisord_llm.process import EngineProcess, ExitInfo, LogTail, port_holder
+from supervisord_llm.redact import daemon_secret_values, engine_environment, redact_argv
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
@@ -405,6 +408,9 @@ class EngineSupervisor:
 
     def _begin_spawn(self, *, manual: bool, reason: str, overrode: str | None = None) -> None:
         self._new_generation()
+        # The previous run's process is reaped: its pid may belong to anyone by now. A stop before
+        # the new spawn has nothing to signal.
+        self.proc = None
         self.diagnosis = None
         fields: dict[str, Any] = {"manual": manual}
         if overrode:
@@ -427,8 +433,9 @@ class EngineSupervisor:
             # fork cannot spawn twice within min_interval.
             self.backoff = backoff.record_spawn(self.backoff, self.clock.now())
             self.daemon.persist()
+            inherit = engine_environment(os.environ, daemon_secret_values(self.daemon.config))
             proc = EngineProcess.spawn(self.adapter.argv(), env=self.adapter.env(), cwd=self.config.cwd,
-                                       log_path=self.log_path, tag=tag, engine=self.name)
+                                       log_path=self.log_path, tag=tag, engine=self.name, inherit=inherit)
         except EngineError as exc:
             self.post(LaunchFailed(gen, exc))
             return
@@ -443,7 +450,7 @@ class EngineSupervisor:
         if self.health is not None:
             self.health.new_run()
         self.log_tail.start_at_end()
-        self.daemon.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=proc.argv)
+        self.daemon.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=redact_argv(proc.argv))
         self.daemon.persist()
         self._spawn_worker(self._watch_exit, self.gen, proc)
         self._spawn_worker(self._wait_ready, self.gen, proc)
@@ -492,6 +499,7 @@ class EngineSupervisor:
                     continue
                 self._record_canary(reading)
                 if reading.ok:
+                    await self._discover(client)
                     self.post(Ready(gen, reading))
                     return
                 last_error = f"generation check failed: {reading.error}"
@@ -503,6 +511,15 @@ class EngineSupervisor:
         self.post(StartTimedOut(gen, EngineStartTimeout(
             self.name, f"no successful generation within start_timeout {self.config.start_timeout_s:.0f}s "
                        f"(last: {last_error}); raise engine.start_timeout for large models")))
+
+    async def _discover(self, client: httpx.AsyncClient) -> None:
+        """Version-dependent facts (e.g. a native /v1/messages) asked of the engine once it generates."""
+        try:
+            facts = await self.adapter.discover(client)
+        except Exception as exc:  # a probe bug must not keep a generating engine from ready
+            facts = {"error": f"{type(exc).__name__}: {exc}"}
+        if facts:
+            self.daemon.events.emit("engine.discovered", engine=self.name, **facts)
 
     def _record_canary(self, reading: CanaryReading) -> None:
         self.last_canary = reading
@@ -595,9 +612,8 @@ class EngineSupervisor:
     def _schedule_after_failure(self, reason: str) -> None:
         now = self.clock.now()
         actions = backoff.decide_after_exit(self.backoff, self.daemon.backoff_settings, now)
-        for action in actions:
-            if isinstance(action, Alert):
-                self.daemon.alert(action)
+        for alert in exit_alerts(self, actions, now):
+            self.daemon.alert(alert)
         first = actions[0]
         if isinstance(first, MarkFailed):
             self._set_state(EngineState.FAILED, first.reason)
@@ -684,6 +700,11 @@ class EngineSupervisor:
             self.last_exit = {"code": None, "signal": None, "reason": f"hang restart: {v.reason}",
                               "at": self.clock.wall()}
             self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True)
+        elif v.state == "memory_restart" and (self.state in SERVING_STATES or self.state == EngineState.HUNG):
+            # Counted as a failure: the restart waits out the normal backoff, and a model that keeps
+            # outgrowing its footprint ends in failed instead of a loop.
+            self.last_exit = {"code": None, "signal": None, "reason": v.reason, "at": self.clock.wall()}
+            self._begin_stop(v.reason, then="auto", failure=True)
         elif v.state == "degraded" and self.state == EngineState.READY:
             self._set_state(EngineState.DEGRADED, v.reason)
             self.daemon.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
@@ -750,7 +771,7 @@ class EngineSupervisor:
         return {
             "pid": proc.pid if proc else None,
             "create_time": proc.create_time if proc else None,
-            "argv": proc.argv if proc else None,
+            "argv": redact_argv(proc.argv) if proc else None,  # a record, never run again
             "tag": proc.tag if proc else None,
             "state": str(self.state),
             "restarts": self.restarts,

@@ -45,3 +45,15 @@ def daemon_factory():
     yield make
     for d in made:
         d.cleanup()
+
+
+@pytest.fixture
+def alertmanager():
+    """A real Alertmanager (the distribution's package) on a free port; skipped where it is not installed."""
+    from tests.alertmanager import Alertmanager
+
+    am = Alertmanager()
+    try:
+        yield am
+    finally:
+        am.close()

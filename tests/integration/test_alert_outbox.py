@@ -66,8 +66,8 @@ class Receiver:
                 with receiver._lock:
                     status, headers = receiver.script.popleft() if receiver.script else (200, {})
                     signed_ok = receiver.secret is None or verify_signature(
-                        receiver.secret, self.headers.get(TIMESTAMP_HEADER, ""), body,
-                        self.headers.get(SIGNATURE_HEADER))
+                        receiver.secret, self.headers.get(TIMESTAMP_HEADER, ""),
+                        self.headers.get(DELIVERY_HEADER, ""), body, self.headers.get(SIGNATURE_HEADER))
                     if not signed_ok:
                         receiver.bad_signatures += 1
                         status = 401
@@ -441,3 +441,29 @@ def test_policy_alert_actions_are_accepted(tmp_path: Path) -> None:
     assert [(p.key, p.status) for p in h.outbox.pending()] == [("engine.failed:mlx", "firing"),
                                                               ("engine.failed:mlx", "resolved")]
     h.outbox.close()
+
+
+@pytest.mark.anyio
+async def test_signature_covers_the_delivery_id_so_a_receiver_can_reject_replays(tmp_path: Path,
+                                                                                 receiver: Receiver) -> None:
+    """The HMAC signs timestamp.delivery_id.body: a captured request replayed under another delivery id fails."""
+    import hashlib
+    import hmac
+
+    receiver.secret = None  # checked below, by hand, against the documented recipe
+    receiver.start()
+    h = Harness(tmp_path, settings_for(json_target(receiver)))
+    async with anyio.create_task_group() as tg:
+        await tg.start(h.outbox.run)
+        h.outbox.submit(firing("engine.exited:a"))
+        await wait_until(lambda: h.outbox.counts()["delivered"] == 1, "the alert delivered")
+        tg.cancel_scope.cancel()
+    h.outbox.close()
+    request = receiver.accepted[0]
+    headers = {k.lower(): v for k, v in request["headers"].items()}
+    timestamp, delivery_id = headers[TIMESTAMP_HEADER.lower()], headers[DELIVERY_HEADER.lower()]
+    body = json.dumps(request["body"], ensure_ascii=False, separators=(",", ":")).encode()
+    expected = hmac.new(SECRET.encode(), f"{timestamp}.{delivery_id}.".encode() + body, hashlib.sha256).hexdigest()
+    assert headers[SIGNATURE_HEADER.lower()] == f"sha256={expected}"
+    assert verify_signature(SECRET, timestamp, delivery_id, body, headers[SIGNATURE_HEADER.lower()])
+    assert not verify_signature(SECRET, timestamp, "another-delivery", body, headers[SIGNATURE_HEADER.lower()])

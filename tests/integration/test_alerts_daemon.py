@@ -104,9 +104,55 @@ def test_llmctl_alerts_test_delivers_a_signed_test_alert(daemon_factory) -> None
         _wait(lambda: received, 20, "test alert delivered")
         headers, body = received[0]
         headers = {k.lower(): v for k, v in headers.items()}
-        assert verify_signature("s3cret", headers["x-supervisord-llm-timestamp"], body,
+        assert verify_signature("s3cret", headers["x-supervisord-llm-timestamp"],
+                                headers["x-supervisord-llm-delivery"], body,
                                 headers["x-supervisord-llm-signature"])
         assert json.loads(body)["message"] == "test alert from llmctl alerts test"
         assert "s3cret" not in (d.state_dir / "events.jsonl").read_text()
     finally:
         server.shutdown()
+
+
+def test_an_engine_exit_alerts_with_its_diagnosis_unless_alert_on_exit_is_off(daemon_factory) -> None:
+    """A Metal OOM abort at start sends one engine.exited warning naming code, cause, remedy, next start; opt-out sends none."""
+    receiver = Receiver()
+    oom = ("libc++abi: terminating due to uncaught exception of type std::runtime_error: [METAL] Command buffer "
+           "execution failed: Insufficient Memory (00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)")
+    try:
+        cfg = standin_engine_toml("oom", free_port(), "--print-line", oom, "--exit-code", "134")
+        cfg += standin_engine_toml("quiet", free_port(), "--print-line", oom, alert_on_exit=False)
+        cfg += f'[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "{receiver.url}"\nformat = "json"\n'
+        d = daemon_factory(cfg).start()
+        d.wait_state("oom", "backoff", 30)
+        d.wait_state("quiet", "backoff", 30)
+        _wait(lambda: receiver.of("engine.exited"), 20, "exit alert delivered")
+        time.sleep(1.0)  # time for a (wrong) alert about the opted-out engine to arrive too
+        [alert] = receiver.of("engine.exited")
+        assert (alert["status"], alert["severity"], alert["engine"]) == ("firing", "warning", "oom")
+        assert alert["details"]["code"] == 134 and alert["details"]["exit"] == "code 134"
+        assert "Metal" in alert["details"]["cause"] and "memory" in alert["details"]["cause"] and alert["details"]["remedy"]
+        assert alert["details"]["remedy"] in alert["message"] and "next start at" in alert["message"]
+        assert alert["details"]["next_start_at"].endswith("UTC") and alert["details"]["next_start_in_s"] > 30
+        decided = [e for e in d.events() if e["kind"] == "policy.decided" and e.get("policy") == "episodes"]
+        assert {(e["engine"], e["decision"]) for e in decided} == {("oom", "engine.exited:oom:warning"),
+                                                                   ("quiet", "none")}
+    finally:
+        receiver.server.shutdown()
+
+
+def test_llmctl_stop_of_a_crashed_engine_resolves_its_exit_episode(daemon_factory) -> None:
+    """A person stopping an engine in backoff after a crash closes the open exit alert instead of leaving it firing."""
+    receiver = Receiver()
+    try:
+        cfg = standin_engine_toml("e", free_port(), "--print-line", "boom", "--exit-code", "2")
+        cfg += f'[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "{receiver.url}"\nformat = "json"\n'
+        d = daemon_factory(cfg).start()
+        d.wait_state("e", "backoff", 30)
+        _wait(lambda: receiver.of("engine.exited"), 20, "exit alert delivered")
+        assert d.llmctl("stop", "e").returncode == 0
+        _wait(lambda: len(receiver.of("engine.exited")) == 2, 20, "resolve delivered")
+        fired, resolved = receiver.of("engine.exited")
+        assert (fired["status"], resolved["status"]) == ("firing", "resolved")
+        assert resolved["episode_id"] == fired["episode_id"] and "llmctl stop" in resolved["message"]
+    finally:
+        receiver.server.shutdown()

@@ -22,7 +22,6 @@ from probes.canary import (
     run_ollama_canary,
     run_openai_chat_canary,
     run_openai_completion_canary,
-    run_sglang_canary,
 )
 from tests.helpers import MlxServer, free_port
 
@@ -256,22 +255,6 @@ async def test_ollama_error_line(scripted) -> None:
     async with httpx.AsyncClient() as client:
         reading = await run_ollama_canary(client, base_url, model="qwen3:8b", stall_s=5, timeout_s=5)
     assert not reading.ok and "runner process has terminated" in reading.error
-
-
-async def test_sglang_health_generate(scripted) -> None:
-    """SGLang's /health_generate: 200 is ok, 503 is a failure with its body, no answer is a stall."""
-    base_url, scripts, _ = scripted
-    async with httpx.AsyncClient() as client:
-        scripts["/health_generate"] = (200, [])
-        ok = await run_sglang_canary(client, base_url, stall_s=5)
-        scripts["/health_generate"] = (503, [(0.0, b"unhealthy")])
-        failed = await run_sglang_canary(client, base_url, stall_s=5)
-        scripts["/health_generate"] = (200, [(30.0, b"")])
-        # headers come at once but the body never ends: still no completed answer
-        hung = await run_sglang_canary(client, base_url, stall_s=1.0)
-    assert ok.ok and ok.error is None and ok.completion_tokens == 1
-    assert not failed.ok and "HTTP 503" in failed.error and "unhealthy" in failed.error
-    assert hung.stalled and not hung.ok and hung.duration_s < 5
 
 
 async def test_bad_arguments_are_refused() -> None:

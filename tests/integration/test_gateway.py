@@ -259,21 +259,17 @@ async def test_anthropic_sdk_messages_streaming_and_not(engine: MlxServer, stand
 
 @pytest.mark.slow
 @pytest.mark.anyio
-async def test_messages_to_an_openai_only_engine_is_refused_clearly(
+async def test_messages_batches_on_a_translated_engine_is_404_naming_what_is_served(
     engine: MlxServer, standin: str
 ) -> None:
-    """/v1/messages for an engine without the Messages API is a 400 naming the engine and what it serves."""
+    """Messages paths the translation does not serve (batches) are a 404 saying which paths it serves."""
     backend = both(engine, standin)
-    async with running_gateway(backend) as url:
-        client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
-        with pytest.raises(anthropic.BadRequestError) as info:
-            await client.messages.create(
-                model="tiny", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
-            )
-    assert info.value.status_code == 400
-    error = info.value.body["error"]  # type: ignore[index]
-    assert error["code"] == "messages_not_supported"
-    assert "'tiny'" in error["message"] and "/v1/chat/completions" in error["message"]
+    async with running_gateway(backend) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.post("/v1/messages/batches", json={"model": "tiny", "requests": []})
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["type"] == "not_found_error"
+    assert "'tiny'" in error["message"] and "POST /v1/messages/count_tokens" in error["message"]
     assert backend.started == []
 
 
@@ -626,13 +622,13 @@ def test_settings_from_toml_accepts_units_and_names_bad_keys() -> None:
         },
         file="/etc/llm.toml",
         key="gateway",
-        environ={"GW_KEY": "k"},
+        environ={"GW_KEY": "gw-secret-k3y"},
     )
     assert (settings.host, settings.port, settings.hold_s) == ("0.0.0.0", 9000, 120.0)
     assert (
         settings.max_body_bytes == 8 * 2**20
-        and settings.api_key == "k"
-        and "k" not in repr(settings)
+        and settings.api_key == "gw-secret-k3y"
+        and "gw-secret-k3y" not in repr(settings)
     )
     assert GatewaySettings.from_toml({}, file=None).listen == "127.0.0.1:8000"
     cases = [

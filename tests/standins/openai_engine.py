@@ -7,7 +7,10 @@ known failure line and exiting, never becoming able to generate, exiting during 
 
     openai_engine.py --port P [--tps 200] [--load-s 0] [--ignore-sigterm] [--grandchild]
                      [--print-line TEXT --exit-code N] [--never-ready] [--exit-after-s S]
-                     [--hold-gpu-mb N]
+                     [--hold-gpu-mb N] [--grow-mb N]
+
+``--grow-mb N`` makes every generation request allocate N MB, write to every page of it and keep it,
+the way mlx_lm.server's prompt cache grew without a bound before ``--max-kv-size``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> None:
     p.add_argument("--exit-after-s", type=float, default=None)
     p.add_argument("--keepalive-s", type=float, default=0.0, help="send SSE comments every N s before tokens")
     p.add_argument("--first-token-delay-s", type=float, default=0.0)
+    p.add_argument("--grow-mb", type=float, default=0.0, help="allocate and touch N MB per request, never freed")
     args = p.parse_args()
 
     if args.ignore_sigterm:
@@ -53,6 +57,7 @@ def main() -> None:
         print(f"grandchild pid {child.pid}", flush=True)
     time.sleep(args.load_s)
     started = time.monotonic()
+    kept: list[bytes] = []  # the "cache": grows by --grow-mb per request and is never trimmed
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -86,6 +91,9 @@ def main() -> None:
                 self._json(404, {"error": {"message": f"{self.path} not supported"}})
                 return
             n = int(body.get("max_tokens") or 16)
+            if args.grow_mb:
+                # bytes of one repeated non-zero value are written out (memset), so every page is resident.
+                kept.append(b"\x01" * int(args.grow_mb * 1e6))
             chat = self.path == "/v1/chat/completions"
             if not body.get("stream"):
                 time.sleep(n / args.tps)

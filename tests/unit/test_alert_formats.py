@@ -52,7 +52,7 @@ def test_json_payload_has_exactly_the_documented_schema() -> None:
     payload = render_json(firing(), host="studio")
     assert payload == {
         "version": 1, "event": "engine.failed", "key": "engine.failed:mlx", "status": "firing",
-        "severity": "critical", "engine": "mlx", "message": "mlx crashed 5 times in 10 minutes; giving up",
+        "severity": "critical", "escalated_from": None, "engine": "mlx", "message": "mlx crashed 5 times in 10 minutes; giving up",
         "details": {"restarts": 5, "last_exit": "SIGKILL"}, "episode_id": "ep-1", "alert_id": "a-1",
         "started_at": "2027-01-15T08:00:00.000Z", "at": "2027-01-15T08:00:00.000Z", "host": "studio",
     }
@@ -150,24 +150,25 @@ def test_render_payload_refuses_an_unknown_format() -> None:
 
 
 def test_signature_verifies_and_detects_tampering() -> None:
-    """A receiver accepts the signed body and rejects a changed body, secret or timestamp."""
+    """A receiver accepts the signed body and rejects a changed body, secret, timestamp or delivery id."""
     body = encode_body(render_json(firing(), host="studio"))
-    signature = sign("s3cret", 1800000000, body)
+    signature = sign("s3cret", 1800000000, "d-1", body)
     assert signature.startswith("sha256=") and len(signature) == 7 + 64
-    assert verify_signature("s3cret", "1800000000", body, signature)
-    assert verify_signature("s3cret", 1800000000, body.decode(), signature)
-    assert not verify_signature("s3cret", "1800000000", body + b" ", signature)
-    assert not verify_signature("other", "1800000000", body, signature)
-    assert not verify_signature("s3cret", "1800000001", body, signature)
-    assert not verify_signature("s3cret", "1800000000", body, None)
+    assert verify_signature("s3cret", "1800000000", "d-1", body, signature)
+    assert verify_signature("s3cret", 1800000000, "d-1", body.decode(), signature)
+    assert not verify_signature("s3cret", "1800000000", "d-1", body + b" ", signature)
+    assert not verify_signature("other", "1800000000", "d-1", body, signature)
+    assert not verify_signature("s3cret", "1800000001", "d-1", body, signature)
+    assert not verify_signature("s3cret", "1800000000", "d-2", body, signature)
+    assert not verify_signature("s3cret", "1800000000", "d-1", body, None)
 
 
 def test_signature_refuses_replayed_old_requests() -> None:
     """With max_age_s, a correctly signed but old request is refused."""
     body = b"{}"
-    signature = sign("k", 1000, body)
-    assert verify_signature("k", 1000, body, signature, max_age_s=300, now_s=1200)
-    assert not verify_signature("k", 1000, body, signature, max_age_s=300, now_s=1400)
+    signature = sign("k", 1000, "d", body)
+    assert verify_signature("k", 1000, "d", body, signature, max_age_s=300, now_s=1200)
+    assert not verify_signature("k", 1000, "d", body, signature, max_age_s=300, now_s=1400)
 
 
 # ---------------------------------------------------------------------------- records

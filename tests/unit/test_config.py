@@ -61,6 +61,10 @@ BAD = [
     ("engine not a table array", 'engine = "mlx"\n', "engine: expected [[engine]] tables"),
     ("bool as duration", GOOD_ENGINE + "start_timeout = true\n", "engine[0].start_timeout: expected a duration"),
     ("unknown top-level section", "[engines]\n", "engines: unknown key 'engines'"),
+    ("alert_on_exit not a bool", GOOD_ENGINE + 'alert_on_exit = "no"\n', "engine[0].alert_on_exit: expected true or false"),
+    ("bad min_severity", '[alerts]\n[[alerts.webhook]]\nname = "p"\nurl = "https://x/y"\nmin_severity = "page"\n',
+     "alerts.webhook[0].min_severity: expected one of info, warning, critical"),
+    ("heartbeat with nothing to send", '[alerts.heartbeat]\ninterval = "1m"\n', "alerts.heartbeat: nothing to send"),
 ]
 
 
@@ -115,3 +119,37 @@ def test_daemon_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "engine[0].kind: 'tensorflow' is not valid" in done.stderr
+
+
+def test_memory_guard_keys_load_and_default(tmp_path: Path) -> None:
+    """memory_soft/memory_hard are sizes per engine; [policies.memory_guard] has its factors and grace."""
+    cfg = load_config(write(tmp_path, GOOD_ENGINE + 'memory_soft = "110GB"\nmemory_hard = "130GB"\n'
+                            '[policies.memory_guard]\nsoft_factor = 1.2\nhard_factor = 1.5\ndrain_grace = "45s"\n'))
+    e = cfg.engines[0]
+    assert (e.memory_soft_bytes, e.memory_hard_bytes) == (110 * 10**9, 130 * 10**9)
+    g = cfg.memory_guard
+    assert (g.enabled, g.soft_factor, g.hard_factor, g.drain_grace_s) == (True, 1.2, 1.5, 45.0)
+    default = load_config(write(tmp_path, GOOD_ENGINE))
+    assert (default.engines[0].memory_soft_bytes, default.engines[0].memory_hard_bytes) == (None, None)
+    assert (default.memory_guard.soft_factor, default.memory_guard.hard_factor) == (1.1, 1.3)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ('memory_soft = "130GB"\nmemory_hard = "110GB"\n', "engine[0].memory_soft", "must be below memory_hard"),
+        ('memory_hard = "lots"\n', "engine[0].memory_hard", '"auto"'),
+        ('[policies.memory_guard]\nsoft_factor = 1.4\n', "policies.memory_guard.soft_factor",
+         "must be below hard_factor (1.3)"),
+        ('[policies.memory_guard]\nhard_factor = 0.5\n', "policies.memory_guard.hard_factor", "at least 1.0"),
+        ('[policies.memory_guard]\nceiling = "1GB"\n', "policies.memory_guard.ceiling",
+         "valid keys here: drain_grace, enabled, hard_factor, soft_factor"),
+        ('[policies.memory_guard]\nenabled = "yes"\n', "policies.memory_guard.enabled", "true or false"),
+    ],
+)
+def test_memory_guard_keys_are_validated(tmp_path: Path, text: str, key: str, expected: str) -> None:
+    """A bad memory guard key is refused naming the file, the key and what would be valid."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD_ENGINE + text))
+    message = str(info.value)
+    assert str(tmp_path / "config.toml") in message and key in message and expected in message, message

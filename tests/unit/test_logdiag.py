@@ -46,8 +46,11 @@ EXPECTED = {
     "mlx: model near the recommended working set": "mlx.near_wired_limit",
     "llama.cpp: CUDA out of memory": "llamacpp.cuda_out_of_memory",
     "llama.cpp: metal command buffer failure": "metal.out_of_memory",
-    "ollama: not enough system memory": "ollama.insufficient_system_memory",
+    "ollama: model too large for memory": "ollama.insufficient_system_memory",
     "ollama: runner died": "ollama.runner_terminated",
+    "ollama: runner out of memory during startup": "ollama.runner_out_of_memory",
+    "vllm: no memory left for the KV cache": "vllm.no_cache_memory",
+    "vllm: not enough free GPU memory at start (older, no device name)": "vllm.gpu_memory_insufficient",
 }
 
 
@@ -111,9 +114,10 @@ def test_gpu_memory_numbers_and_a_utilization_that_fits() -> None:
     assert "7.34 GiB of 15.49 GiB" in diagnosis.cause
 
 
-def test_ollama_and_llamacpp_memory_numbers() -> None:
-    """Ollama's required/available GiB and llama.cpp's failed MiB allocation are captured as numbers and named in the text."""
-    ollama = diagnose(BLOCKS["ollama: not enough system memory"])
+def test_older_ollama_memory_numbers_and_llamacpp_allocation() -> None:
+    """An older Ollama's required/available GiB and llama.cpp's failed MiB allocation are captured as numbers and named in the text."""
+    ollama = diagnose(["Error: model requires more system memory (164.8 GiB) than is available (13.4 GiB)"])
+    assert ollama.signature == "ollama.insufficient_system_memory"
     assert ollama.details == {"required_gib": 164.8, "available_gib": 13.4}
     assert "164.8 GiB" in ollama.cause and "13.4 GiB" in ollama.cause
     llama = diagnose(BLOCKS["llama.cpp: CUDA out of memory"])
@@ -165,10 +169,27 @@ def test_first_of_equal_causes_wins() -> None:
 
 
 def test_ollama_runner_reason_is_kept() -> None:
-    """Ollama's dead runner is named with its reason, not mistaken for a generic CUDA out-of-memory."""
+    """Ollama's dead runner is named with its reason (without the log's closing quote), not mistaken for a generic CUDA out-of-memory."""
     diagnosis = diagnose(BLOCKS["ollama: runner died"])
-    assert diagnosis.details == {"reason": "CUDA error: out of memory"}
-    assert "CUDA error: out of memory" in diagnosis.cause
+    assert diagnosis.details == {"reason": "exit status 2: CUDA error: out of memory"}
+    assert "(exit status 2: CUDA error: out of memory)" in diagnosis.cause
+    older = diagnose(["Error: llama runner process has terminated: CUDA error: out of memory"])
+    assert older.signature == "ollama.runner_terminated" and older.details == {"reason": "CUDA error: out of memory"}
+
+
+def test_older_vllm_free_memory_line_without_a_device() -> None:
+    """vLLM's older free-memory line (no device name) is still diagnosed with its numbers and a utilization that fits."""
+    diagnosis = diagnose(BLOCKS["vllm: not enough free GPU memory at start (older, no device name)"])
+    assert diagnosis.details == {"free_gib": 7.34, "total_gib": 15.49, "utilization": 0.9, "desired_gib": 13.94}
+    assert "7.34 GiB of 15.49 GiB is free on the GPU" in diagnosis.cause
+    assert "at most 0.47" in diagnosis.remedy
+
+
+def test_vllm_info_line_about_free_memory_is_not_a_failure() -> None:
+    """vLLM's startup info line suggesting --kv-cache-memory (vllm/v1/worker/gpu_worker.py) is not diagnosed as a memory failure."""
+    line = ("(EngineCore_DP0 pid=51234) INFO 11-30 14:02:11 [gpu_worker.py:1068] Free memory on device (78.5/79.2 GiB) "
+            "on startup. Desired GPU memory utilization is (0.9, 71.3 GiB). Actual usage is 14.9 GiB for consumed memory")
+    assert diagnose([line]) is None
 
 
 @pytest.mark.parametrize(

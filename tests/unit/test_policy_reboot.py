@@ -240,3 +240,22 @@ def test_no_verdict_changes_nothing() -> None:
     assert decide_reboot(state, RebootLedger(), ON, None, 500.0, WALL + 400) == (state, ())
     cancelled = cancel(state)
     assert decide_reboot(cancelled, RebootLedger(), ON, None, 500.0, WALL + 400) == (cancelled, ())
+
+
+def test_no_reboot_is_announced_while_an_engine_is_resident() -> None:
+    """Stranded memory next to a resident engine: reboot required and named, never announced, until it stops."""
+    state, actions = decide_reboot(RebootState(), RebootLedger(), ON, True, 100.0, WALL, resident_engines=["big"])
+    assert state.phase == "required" and kinds(actions) == ["Alert"]
+    assert "big is resident" in actions[0].summary  # type: ignore[union-attr]
+    state, actions = decide_reboot(state, RebootLedger(), ON, True, 5000.0, WALL, resident_engines=["big"])
+    assert not any(isinstance(a, (RunReboot, EscalateReboot)) for a in actions)
+    state, actions = decide_reboot(state, RebootLedger(), ON, True, 5001.0, WALL, resident_engines=[])
+    assert state.phase == "announced" and state.execute_at_s == 5301.0  # the full grace, announced afresh
+
+
+def test_an_announced_reboot_does_not_run_once_an_engine_became_resident() -> None:
+    """An engine started during the grace: at the deadline the reboot is not run; it is required instead."""
+    state, _ = decide_reboot(RebootState(), RebootLedger(), ON, True, 100.0, WALL)
+    state, actions = decide_reboot(state, RebootLedger(), ON, True, 400.0, WALL + 300, resident_engines=["e"])
+    assert state.phase == "required"
+    assert not any(isinstance(a, RunReboot) for a in actions)

@@ -1,0 +1,269 @@
+"""The memory guard, carried out for the daemon: watermarks, drain, restart, learned peaks.
+
+The decisions are ``policies.memory_guard``; this module feeds them each engine's memory reading
+(taken with the other per-engine probes, on every full tree walk of the watchdog) and each
+machine memory reading, carries out what they return and logs every decision that changes
+something as ``policy.decided`` with its inputs. What it needs from the daemon is narrow: the
+clock, events, alerts, persistence, the supervisors (to read in-flight counts and post a
+restart verdict) and the engines' configured footprints.
+
+Drain: the engine's ``health.draining`` holds the reason; the gateway answers new requests for it
+with 503 (``draining``) while in-flight ones finish, for up to ``drain_grace``; then the
+supervisor gets a ``memory_restart`` verdict and stops the engine gracefully as a failure, so the
+restart goes through the normal backoff (the 60 s floor between spawns holds, and a model that
+keeps outgrowing its footprint ends in ``failed`` with an alert instead of a loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from policies import memory_guard as policy
+from policies.actions import Alert, Drain, Restart
+from probes.footprint import engine_memory_reading
+from probes.readings import EngineMemoryReading, ProcessTreeReading, SystemMemoryReading
+
+if TYPE_CHECKING:
+    from supervisord_llm.daemon import Daemon
+    from supervisord_llm.supervisor import EngineSupervisor
+
+DRAIN_POLL_S = 0.2
+PERSIST_GROWTH = 1.05  # a learned peak is written to the state file when it grew by 5%
+
+
+# Flags through which an engine bounds its own cache (the guard only notices growth after it
+# happened; a cap keeps it from happening). Sources: mlx_lm/server.py 0.32 (--prompt-cache-bytes:
+# the prompt-cache LRU is trimmed to that many bytes after each request; --max-kv-size belongs to
+# mlx_lm.generate/chat/cache_prompt and the server's argparse rejects it), llama.cpp tools/server
+# (-c/--ctx-size: the KV cache is allocated for that context up front), vllm/engine/arg_utils.py
+# (--gpu-memory-utilization, 0.9 when not given), sglang/srt/server_args.py (--mem-fraction-static).
+CACHE_CAP_FLAGS: dict[str, tuple[str, ...]] = {
+    "mlx_lm": ("--prompt-cache-bytes",),
+    "llama_cpp": ("-c", "--ctx-size"),
+    "vllm": ("--gpu-memory-utilization",),
+    "sglang": ("--mem-fraction-static",),
+}
+
+
+def cache_cap_flag(kind: str, argv: tuple[str, ...] | list[str]) -> str | None:
+    """The engine-side cache cap an argv sets, if any (``--flag value`` or ``--flag=value``)."""
+    flags = CACHE_CAP_FLAGS.get(kind, ())
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name in flags:
+            return name
+    return None
+
+
+@dataclass
+class _Engine:
+    state: policy.GuardState = field(default_factory=policy.GuardState)
+    peaks: policy.PeakHistory = field(default_factory=policy.PeakHistory)
+    gen: int | None = None
+    reading: EngineMemoryReading | None = None
+    marks: policy.Watermarks | None = None
+    verdict: str = "ok"
+    persisted_learned_bytes: int = 0
+
+
+class MemoryGuardExtension:
+    name = "memory_guard"
+
+    def __init__(self, daemon: Daemon) -> None:
+        cfg = daemon.config.memory_guard
+        self.daemon = daemon
+        self.enabled = cfg.enabled
+        self.settings = policy.GuardSettings(soft_factor=cfg.soft_factor, hard_factor=cfg.hard_factor,
+                                             drain_grace_s=cfg.drain_grace_s)
+        self.engines: dict[str, _Engine] = {e.name: _Engine() for e in daemon.config.engines}
+        self._machine_decision = ""
+        self._tg: anyio.abc.TaskGroup | None = None
+        daemon.memory_guard = self
+
+    # ---- persistence ------------------------------------------------------------------------
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        from supervisord_llm.daemon import model_key
+
+        engines = saved.get("engines")
+        if not isinstance(engines, dict):
+            engines = {}
+        for engine in self.daemon.config.engines:
+            record = engines.get(engine.name)
+            if not isinstance(record, dict) or record.get("model") != model_key(engine):
+                continue  # another model under the same name: its peak says nothing about this one
+            peaks = record.get("run_peaks_bytes")
+            if isinstance(peaks, list) and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0
+                                               for p in peaks):
+                history = policy.PeakHistory(tuple(peaks[-self.settings.keep_runs:]))
+                self.engines[engine.name].peaks = history
+                self.engines[engine.name].persisted_learned_bytes = policy.learned_bytes(history)
+
+    def persisted(self) -> dict[str, Any]:
+        from supervisord_llm.daemon import model_key
+
+        out = {}
+        for engine in self.daemon.config.engines:
+            g = self.engines[engine.name]
+            if g.peaks.run_peaks_bytes:
+                out[engine.name] = {"model": model_key(engine), "run_peaks_bytes": list(g.peaks.run_peaks_bytes)}
+        return {"engines": out}
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            await anyio.sleep_forever()
+
+    # ---- what admission and status read ------------------------------------------------------
+
+    def learned_bytes(self, name: str) -> int:
+        g = self.engines.get(name)
+        return policy.learned_bytes(g.peaks) if g is not None else 0
+
+    def contribute_status(self, doc: dict[str, Any]) -> None:
+        for e in doc.get("engines", []):
+            g = self.engines.get(e.get("name"))
+            if g is None:
+                continue
+            mem = e.setdefault("memory", {})
+            current = g.reading if g.gen is not None else None
+            mem["phys_footprint_bytes"] = current.phys_footprint_bytes if current else None
+            mem["held_bytes"] = current.host_bytes if current and e.get("pid") else None
+            mem["peak_bytes"] = g.peaks.run_peaks_bytes[-1] if g.peaks.run_peaks_bytes and e.get("pid") else None
+            mem["learned_peak_bytes"] = policy.learned_bytes(g.peaks) or None
+            marks = g.marks or self._watermarks(self.daemon.supervisors[e["name"]])
+            mem["soft_bytes"] = marks.soft_bytes if marks else None
+            mem["hard_bytes"] = marks.hard_bytes if marks else None
+            mem["guard"] = "off" if not self.enabled or marks is None else g.verdict
+
+    # ---- per-engine readings (watchdog, every full tree walk) ---------------------------------
+
+    def on_engine_memory(self, sup: EngineSupervisor, gen: int, tree: ProcessTreeReading,
+                         gpu_bytes: int | None) -> None:
+        g = self.engines[sup.name]
+        reading = engine_memory_reading(tree, gpu_bytes)
+        if g.gen != gen:
+            # A new run: its own episode and its own peak; the previous runs' peaks stay learned.
+            g.gen, g.state, g.verdict = gen, policy.GuardState(), "ok"
+            g.peaks = policy.new_run(g.peaks, self.settings)
+        g.reading = reading
+        held = reading.host_bytes
+        g.peaks = policy.observe_peak(g.peaks, held, self.settings)
+        learned = policy.learned_bytes(g.peaks)
+        if learned > max(g.persisted_learned_bytes, 1) * PERSIST_GROWTH:
+            g.persisted_learned_bytes = learned
+            self.daemon.events.emit("memory.peak_learned", engine=sup.name, peak_bytes=learned)
+            self.daemon.persist()
+        g.marks = self._watermarks(sup)
+        if not self.enabled or g.marks is None:
+            return
+        source = "phys_footprint" if reading.phys_footprint_bytes is not None else "rss"
+        decision = policy.decide(sup.name, g.state, held, g.marks, self.daemon.clock.now(), self.settings,
+                                 source=source)
+        g.state = decision.state
+        if decision.verdict != g.verdict:
+            self.daemon.events.emit(
+                "policy.decided", policy="memory_guard", engine=sup.name, decision=decision.verdict,
+                held_bytes=held, source=source, rss_bytes=reading.rss_bytes, gpu_bytes=gpu_bytes,
+                soft_bytes=g.marks.soft_bytes, hard_bytes=g.marks.hard_bytes, footprint_bytes=g.marks.footprint_bytes,
+                capped_by_headroom=g.marks.capped_by_headroom, in_flight=self._in_flight(sup))
+            # Over hard starts the drain: what follows is "draining" and needs no second entry.
+            g.verdict = "draining" if decision.verdict == "over" else decision.verdict
+        for action in decision.actions:
+            if isinstance(action, Drain):
+                self._begin_drain(sup, gen, action)
+            elif isinstance(action, Alert):
+                self.daemon.alert(action)
+
+    def _watermarks(self, sup: EngineSupervisor) -> policy.Watermarks | None:
+        daemon = self.daemon
+        cfg = sup.config
+        mem = daemon.memory
+        others = sum(daemon.footprint_bytes(s) or 0 for s in daemon.resident(exclude=sup.name))
+        return policy.watermarks(daemon.configured_footprint_bytes(sup), self.settings,
+                                 soft_bytes=cfg.memory_soft_bytes, hard_bytes=cfg.memory_hard_bytes,
+                                 total_bytes=mem.total_bytes if mem else None,
+                                 headroom_bytes=daemon.config.memory.headroom_bytes, others_bytes=others)
+
+    @staticmethod
+    def _in_flight(sup: EngineSupervisor) -> int:
+        return sup.health.in_flight if sup.health is not None else 0
+
+    # ---- the machine rule (every machine memory reading) --------------------------------------
+
+    def on_memory(self, reading: SystemMemoryReading | None) -> None:
+        if reading is None or not self.enabled:
+            return
+        daemon = self.daemon
+        holdings = []
+        for sup in daemon.supervisors.values():
+            g = self.engines[sup.name]
+            if not sup.serving or g.reading is None or g.gen != sup.gen:
+                continue
+            configured = daemon.configured_footprint_bytes(sup)
+            if configured is None:
+                continue
+            holdings.append(policy.Holding(sup.name, g.reading.host_bytes, configured,
+                                           recycling=g.state.draining_since_s is not None))
+        for sup in daemon.supervisors.values():
+            if self.engines[sup.name].state.draining_since_s is not None and not any(
+                    h.engine == sup.name for h in holdings):
+                holdings.append(policy.Holding(sup.name, 0, 0, recycling=True))
+        decision = policy.decide_machine(reading.available_bytes, daemon.config.memory.headroom_bytes, holdings,
+                                         self.settings)
+        label = decision.reason if not isinstance(decision, Drain) else f"drain {decision.engine}"
+        if label != self._machine_decision:
+            self._machine_decision = label
+            if isinstance(decision, Drain) or reading.available_bytes < daemon.config.memory.headroom_bytes:
+                daemon.events.emit("policy.decided", policy="memory_guard_machine",
+                                   decision="drain" if isinstance(decision, Drain) else "none",
+                                   engine=decision.engine if isinstance(decision, Drain) else None,
+                                   message=decision.reason, available_bytes=reading.available_bytes,
+                                   headroom_bytes=daemon.config.memory.headroom_bytes,
+                                   engines={h.engine: {"held_bytes": h.held_bytes, "footprint_bytes": h.footprint_bytes}
+                                            for h in holdings})
+        if isinstance(decision, Drain):
+            sup = daemon.supervisors[decision.engine]
+            g = self.engines[sup.name]
+            g.state = policy.GuardState(high=g.state.high, draining_since_s=daemon.clock.now(),
+                                        drain_reason=decision.reason)
+            g.verdict = "draining"
+            daemon.alert(Alert(key=f"{policy.EXCEEDED_ALERT}:{sup.name}", severity="critical",
+                               summary=f"{decision.reason}; draining, then a graceful restart through the backoff",
+                               details={"engine": sup.name, "available_bytes": reading.available_bytes,
+                                        "headroom_bytes": daemon.config.memory.headroom_bytes,
+                                        "held_bytes": g.reading.host_bytes if g.reading else None}))
+            self._begin_drain(sup, sup.gen, decision)
+
+    # ---- drain, then restart -------------------------------------------------------------------
+
+    def _begin_drain(self, sup: EngineSupervisor, gen: int, action: Drain) -> None:
+        if sup.health is not None:
+            sup.health.draining = action.reason
+        self.daemon.events.emit("engine.draining", engine=sup.name, reason=action.reason, grace_s=action.grace_s,
+                                in_flight=self._in_flight(sup))
+        if self._tg is not None:
+            self._tg.start_soon(self._drain, sup, gen)
+
+    async def _drain(self, sup: EngineSupervisor, gen: int) -> None:
+        from supervisord_llm.supervisor import HealthVerdict
+
+        g = self.engines[sup.name]
+        while sup.gen == gen and sup.serving:
+            now = self.daemon.clock.now()
+            in_flight = self._in_flight(sup)
+            action = policy.drain_finished(sup.name, g.state, in_flight, now, self.settings)
+            if isinstance(action, Restart):
+                self.daemon.events.emit("policy.decided", policy="memory_guard", engine=sup.name, decision="restart",
+                                        message=action.reason, in_flight=in_flight,
+                                        drained_s=round(now - (g.state.draining_since_s or now), 3))
+                sup.post(HealthVerdict(gen, "memory_restart", action.reason))
+                return
+            await anyio.sleep(DRAIN_POLL_S)
+
+
+__all__ = ["CACHE_CAP_FLAGS", "MemoryGuardExtension", "cache_cap_flag"]

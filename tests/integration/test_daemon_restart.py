@@ -1,0 +1,72 @@
+"""A restart of the daemon that keeps the models (`llmctl daemon restart`, SIGHUP), outside any service manager."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port, mlx_engine_toml
+
+pytestmark = [pytest.mark.slow]
+
+
+def _spawns(events: list[dict]) -> int:
+    return sum(1 for e in events if e.get("kind") == "engine.spawned")
+
+
+def _wait_restarted(d, uptime_before: float, timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            status = d.status()
+            if status["daemon"]["uptime_s"] < uptime_before:
+                return status
+        except Exception:  # the control socket is briefly gone during the exec
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"the daemon did not restart: {d.stderr()}")
+
+
+def test_llmctl_daemon_restart_keeps_the_engine_and_its_exit_status_stays_known(daemon_factory, tiny_model: Path) -> None:
+    """`llmctl daemon restart` re-executes the daemon in place: same pids, no reload; a later engine crash still reports its signal."""
+    d = daemon_factory(mlx_engine_toml("tiny", free_port(), tiny_model)).start()
+    engine = d.wait_state("tiny", "ready", timeout_s=60)
+    daemon_pid = d.proc.pid
+
+    done = d.llmctl("daemon", "restart", timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert "daemon restarted" in done.stdout and f"pid {engine['pid']}" in done.stdout, done.stdout
+    assert d.proc.poll() is None and d.status()["daemon"]["pid"] == daemon_pid
+    after = d.wait_state("tiny", "ready", timeout_s=30)
+    assert after["pid"] == engine["pid"]
+    assert _spawns(d.events()) == 1, "the engine must be adopted, not started again"
+
+    # The adopted engine is still this process's child: its real exit status is reaped, not "unknown".
+    os.kill(engine["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        exited = [e for e in d.events() if e.get("kind") == "engine.exited"]
+        if exited:
+            break
+        time.sleep(0.1)
+    last_exit = d.engine("tiny")["last_exit"]
+    assert last_exit["signal"] == "SIGKILL", last_exit
+
+
+def test_sighup_restarts_the_daemon_without_touching_the_engine(daemon_factory, tiny_model: Path) -> None:
+    """SIGHUP (what `systemctl reload` sends) re-executes the daemon; the engine keeps its pid and state."""
+    d = daemon_factory(mlx_engine_toml("tiny", free_port(), tiny_model)).start()
+    engine = d.wait_state("tiny", "ready", timeout_s=60)
+    time.sleep(1.5)
+    uptime = d.status()["daemon"]["uptime_s"]
+    os.kill(d.proc.pid, signal.SIGHUP)
+    _wait_restarted(d, uptime)
+    assert d.proc.poll() is None
+    after = d.wait_state("tiny", "ready", timeout_s=30)
+    assert after["pid"] == engine["pid"]
+    kinds = [e.get("kind") for e in d.events()]
+    assert "daemon.restarting" in kinds and _spawns(d.events()) == 1
