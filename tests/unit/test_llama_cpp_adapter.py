@@ -49,3 +49,16 @@ def test_gpu_devices_restrict_what_the_engine_sees_in_nvml_order() -> None:
                        env={"CUDA_VISIBLE_DEVICES": "GPU-abc"})
     env = adapter_for(cfg).env()
     assert env["CUDA_VISIBLE_DEVICES"] == "GPU-abc" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_llama_server_key_is_taken_from_its_own_flag_env_or_key_file(tmp_path) -> None:
+    """Canaries and /metrics get llama-server's key from --api-key, LLAMA_API_KEY or --api-key-file (not vLLM's variable)."""
+    def key(**kw: object) -> str | None:
+        return adapter_for(EngineConfig(name="l", kind="llama_cpp", model="/m.gguf", port=1, **kw)).api_key  # type: ignore[arg-type]
+
+    assert key(args=("--api-key", "k1,k2")) == "k1"
+    assert key(env={"LLAMA_API_KEY": "k3"}) == "k3"
+    assert key(env={"VLLM_API_KEY": "not-mine"}) is None
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\nk4\n")
+    assert key(args=("--api-key-file", str(keys))) == "k4"
