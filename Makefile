@@ -24,10 +24,12 @@ demo: install
 
 test: install engines
 	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy
 	SUPERVISORD_LLM_REQUIRE_ENGINES=1 $(BIN)/python -m pytest -q -m "not chaos_full and not gpu"
 
 lint: install
 	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy
 
 chaos: install
 	$(BIN)/python -m pytest -q tests/chaos

@@ -26,7 +26,7 @@ from probes.readings import Diagnosis
 EXIT_EPISODE = "engine.exited"
 # Episodes about one engine that end when it is ready again.
 ENGINE_EPISODES = ("engine.exited", "engine.failed", "engine.hung", "engine.degraded", "engine.start_refused",
-                   "engine.memory_exceeded")
+                   "engine.memory_exceeded", "engine.gpu_memory_exceeded")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,8 @@ def exit_label(facts: ExitFacts) -> str:
         return f"code {facts.code}"
     if facts.reason.startswith("hang restart"):
         return "hang"
+    if facts.reason.startswith("memory guard"):
+        return "memory guard"
     if "start_timeout" in facts.reason or "within start_timeout" in facts.reason:
         return "start timeout"
     return "start failed"

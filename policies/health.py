@@ -267,7 +267,7 @@ def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: fl
     flat_s = now_s - since.at_s
     if flat_s < stall_s:
         return None  # tokens moved recently, or the history does not yet cover the stall time
-    running = int(latest.requests_running)
+    running = int(latest.requests_running or 0)
     return (
         f"engine reports {running} running request{'s' if running != 1 else ''} "
         f"but no tokens for {flat_s:.0f}s"

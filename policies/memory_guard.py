@@ -113,19 +113,24 @@ class GuardDecision:
 
 
 def decide(engine: str, state: GuardState, held_bytes: int, marks: Watermarks, now_s: float,
-           settings: GuardSettings, *, source: str = "rss") -> GuardDecision:
-    """One reading of an engine's memory against its watermarks."""
+           settings: GuardSettings, *, source: str = "rss", resource: str = "memory") -> GuardDecision:
+    """One reading of an engine's memory against its watermarks.
+
+    ``resource`` names the episode: ``memory`` (host: RSS or physical footprint) or ``gpu_memory``
+    (NVML, summed over the engine's devices); each has its own alert keys and state.
+    """
+    high_key, exceeded_key = f"engine.{resource}_high:{engine}", f"engine.{resource}_exceeded:{engine}"
+    holds = f"{engine} holds {size(held_bytes)}{' of GPU memory' if resource == 'gpu_memory' else ''} ({source})"
     if state.draining_since_s is not None:
         return GuardDecision(state, "draining")
     numbers = {"engine": engine, "held_bytes": held_bytes, "soft_bytes": marks.soft_bytes,
                "hard_bytes": marks.hard_bytes, "footprint_bytes": marks.footprint_bytes, "source": source}
     footprint_note = f", footprint {size(marks.footprint_bytes)}" if marks.footprint_bytes else ""
     if held_bytes >= marks.hard_bytes:
-        reason = (f"{engine} holds {size(held_bytes)} ({source}), over its hard watermark {size(marks.hard_bytes)}"
-                  f"{footprint_note}")
+        reason = f"{holds}, over its hard watermark {size(marks.hard_bytes)}{footprint_note}"
         actions: list[Alert | Drain] = [
             Drain(engine, settings.drain_grace_s, reason),
-            Alert(key=f"{EXCEEDED_ALERT}:{engine}", severity="critical",
+            Alert(key=exceeded_key, severity="critical",
                   summary=f"{reason}; draining (in-flight requests may finish for up to "
                           f"{secs(settings.drain_grace_s)}), then a graceful restart through the backoff",
                   details=numbers),
@@ -134,14 +139,13 @@ def decide(engine: str, state: GuardState, held_bytes: int, marks: Watermarks, n
     if held_bytes >= marks.soft_bytes:
         if state.high:
             return GuardDecision(state, "high")
-        alert = Alert(key=f"{HIGH_ALERT}:{engine}", severity="warning",
-                      summary=f"{engine} holds {size(held_bytes)} ({source}), over its soft watermark "
-                              f"{size(marks.soft_bytes)}{footprint_note}; at {size(marks.hard_bytes)} it is "
-                              "drained and restarted",
+        alert = Alert(key=high_key, severity="warning",
+                      summary=f"{holds}, over its soft watermark {size(marks.soft_bytes)}{footprint_note}; "
+                              f"at {size(marks.hard_bytes)} it is drained and restarted",
                       details=numbers)
         return GuardDecision(replace(state, high=True), "high", (alert,))
     if state.high and held_bytes < marks.soft_bytes * settings.clear_share:
-        alert = Alert(key=f"{HIGH_ALERT}:{engine}", severity="info", resolved=True,
+        alert = Alert(key=high_key, severity="info", resolved=True,
                       summary=f"{engine} is back to {size(held_bytes)}, below its soft watermark "
                               f"{size(marks.soft_bytes)}", details=numbers)
         return GuardDecision(replace(state, high=False), "ok", (alert,))

@@ -93,7 +93,9 @@ def _openai_chunk(payload: dict[str, Any], text_keys: tuple[str, ...]) -> _Progr
             continue
         if choice.get("finish_reason"):
             progress.finished = True
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else choice
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = choice
         if any(isinstance(delta.get(key), str) and delta.get(key) for key in text_keys) or delta.get("tool_calls"):
             progress.tokens += 1
     return progress

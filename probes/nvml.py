@@ -78,7 +78,7 @@ class NvmlProbe:
     """
 
     def __init__(self, nvml_module: Any | None = None) -> None:
-        self._nvml = nvml_module
+        self._nvml: Any = nvml_module
         self._lock = threading.Lock()
         self._initialised = False
         self._reason: str | None = None

@@ -120,11 +120,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import IO, Any, Self
 
 import anyio
 import anyio.abc
@@ -449,9 +449,11 @@ class AlertSettings:
         if initial > maximum:
             raise ConfigError(f"must not exceed max_backoff ({maximum:g}s), got {initial:g}s",
                               file=file, key=f"{key}.initial_backoff")
+        rate_limit_per_min = whole("rate_limit_per_min", 30, 1, "a whole number of requests per minute ≥ 1")
+        assert rate_limit_per_min is not None  # it has a default
         return cls(
             targets=targets,
-            rate_limit_per_min=whole("rate_limit_per_min", 30, 1, "a whole number of requests per minute ≥ 1"),
+            rate_limit_per_min=rate_limit_per_min,
             max_attempts=whole("max_attempts", None, 1,
                                "a whole number ≥ 1 (leave it out to retry retryable failures forever)"),
             initial_backoff_s=initial,
@@ -545,10 +547,10 @@ class Alert:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Alert:
-        return cls(**{name: record.get(name) for name in (
+        fields: dict[str, Any] = {name: record.get(name) for name in (
             "id", "key", "status", "severity", "summary", "engine", "episode_id", "created_at", "started_at",
-            "previous_severity")},
-            details=record.get("details") or {})
+            "previous_severity")}
+        return cls(**fields, details=record.get("details") or {})
 
 
 # --------------------------------------------------------------------------- payloads (pure)
@@ -926,7 +928,7 @@ class _Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = None
+        self._file: IO[bytes] | None = None
         self.appended = 0
 
     def read(self) -> tuple[list[dict[str, Any]], int]:
@@ -959,7 +961,7 @@ class _Journal:
         os.fsync(self._file.fileno())
         self.appended += 1
 
-    def rewrite(self, records: list[Mapping[str, Any]]) -> None:
+    def rewrite(self, records: Sequence[Mapping[str, Any]]) -> None:
         self.close()
         temp = self.path.with_name(self.path.name + ".tmp")
         with open(temp, "wb") as out:

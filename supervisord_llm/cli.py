@@ -423,10 +423,10 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     import codecs
 
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    with client.stream("GET", f"/v1/engines/{args.name}/logs", params=params) as response:
-        if response.status != 200:
-            return _fail(Response(response.status, response.read()))
-        for chunk in _chunks(response):
+    with client.stream("GET", f"/v1/engines/{args.name}/logs", params=params) as stream:
+        if stream.status != 200:
+            return _fail(Response(stream.status, stream.read()))
+        for chunk in _chunks(stream):
             sys.stdout.write(decoder.decode(chunk))
             sys.stdout.flush()
     return EXIT_OK
@@ -449,10 +449,10 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
         for event in response.json()["events"]:
             show(event)
         return EXIT_OK
-    with client.stream("GET", "/v1/events", params={"follow": "1", "lines": str(args.lines)}) as response:
-        if response.status != 200:
-            return _fail(Response(response.status, response.read()))
-        for line in _lines(response):
+    with client.stream("GET", "/v1/events", params={"follow": "1", "lines": str(args.lines)}) as stream:
+        if stream.status != 200:
+            return _fail(Response(stream.status, stream.read()))
+        for line in _lines(stream):
             if line.strip():
                 show(json.loads(line))
     return EXIT_OK

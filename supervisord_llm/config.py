@@ -10,6 +10,7 @@ Sections owned by other modules (``[gateway]``, ``[alerts]``) are validated by t
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import tomllib
@@ -74,8 +75,8 @@ class Table:
             return default
         return self.data[name]
 
-    def str(self, name: str, default: str | None = None, *, required: bool = False,
-            choices: tuple[str, ...] | None = None) -> str | None:
+    def str(self, name: builtins.str, default: builtins.str | None = None, *, required: builtins.bool = False,
+            choices: tuple[builtins.str, ...] | None = None) -> builtins.str | None:
         value = self._get(name, default, required)
         if value is None:
             return None
@@ -85,14 +86,14 @@ class Table:
             raise self.error(name, f"{value!r} is not valid; expected one of: {', '.join(choices)}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._get(name, default, False)
         if not isinstance(value, bool):
             raise self.error(name, f"expected true or false, got {value!r}")
         return value
 
-    def int(self, name: str, default: int | None = None, *, required: bool = False,
-            min_value: int | None = None, max_value: int | None = None) -> int | None:
+    def int(self, name: builtins.str, default: builtins.int | None = None, *, required: builtins.bool = False,
+            min_value: builtins.int | None = None, max_value: builtins.int | None = None) -> builtins.int | None:
         value = self._get(name, default, required)
         if value is None:
             return None
@@ -104,8 +105,8 @@ class Table:
             raise self.error(name, f"must be at most {max_value}, got {value}")
         return value
 
-    def float(self, name: str, default: float, *, min_value: float | None = None,
-              max_value: float | None = None) -> float:
+    def float(self, name: builtins.str, default: builtins.float, *, min_value: builtins.float | None = None,
+              max_value: builtins.float | None = None) -> builtins.float:
         value = self._get(name, default, False)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(name, f"expected a number, got {type(value).__name__} {value!r}")
@@ -115,8 +116,8 @@ class Table:
             raise self.error(name, f"must be at most {max_value}, got {value}")
         return float(value)
 
-    def duration_s(self, name: str, default: str | float, *, min_s: float | None = None,
-                   why: str = "") -> float:
+    def duration_s(self, name: builtins.str, default: builtins.str | builtins.float, *, min_s: builtins.float | None = None,
+                   why: builtins.str = "") -> builtins.float:
         value = self._get(name, default, False)
         try:
             seconds = parse_duration_s(value)
@@ -127,7 +128,7 @@ class Table:
             raise self.error(name, f"must be at least {min_s:g}s{reason}, got {value!r}")
         return seconds
 
-    def size_bytes(self, name: str, default: str | int | None, *, allow_auto: bool = False) -> int | None:
+    def size_bytes(self, name: builtins.str, default: builtins.str | builtins.int | None, *, allow_auto: builtins.bool = False) -> builtins.int | None:
         """A size; ``None`` means "auto" where allowed."""
         value = self._get(name, default, False)
         if value is None:
@@ -140,13 +141,13 @@ class Table:
             extra = ' or "auto"' if allow_auto else ""
             raise self.error(name, f"{exc}{extra}") from exc
 
-    def str_list(self, name: str, default: list[str] | None = None) -> tuple[str, ...]:
+    def str_list(self, name: builtins.str, default: list[builtins.str] | None = None) -> tuple[builtins.str, ...]:
         value = self._get(name, default or [], False)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.error(name, f"expected a list of strings such as [\"--flag\", \"value\"], got {value!r}")
         return tuple(value)
 
-    def str_map(self, name: str) -> dict[str, str]:
+    def str_map(self, name: builtins.str) -> dict[builtins.str, builtins.str]:
         value = self._get(name, {}, False)
         if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
             raise self.error(name, f"expected a table of strings such as {{ KEY = \"value\" }}, got {value!r}")
@@ -340,6 +341,8 @@ def _parse_engine(t: Table) -> EngineConfig:
     if memory_soft_bytes is not None and memory_hard_bytes is not None and memory_soft_bytes >= memory_hard_bytes:
         raise t.error("memory_soft", f"must be below memory_hard ({memory_hard_bytes} bytes), got {memory_soft_bytes} "
                                      'bytes; e.g. memory_soft = "110GB", memory_hard = "130GB"')
+
+    footprint_bytes = t.size_bytes("footprint", "auto", allow_auto=True)
     return EngineConfig(
         name=name,
         kind=kind,
@@ -350,7 +353,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         command=command,
         env=t.str_map("env"),
         cwd=os.path.expanduser(cwd) if cwd else None,
-        footprint_bytes=t.size_bytes("footprint", "auto", allow_auto=True),
+        footprint_bytes=footprint_bytes,
         exclusive=t.bool("exclusive", False),
         default=t.bool("default", False),
         aliases=t.str_list("aliases"),
@@ -536,6 +539,11 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
         alerts = AlertSettings.from_toml(root.sub("alerts").data, file=file, key="alerts")
 
+    # Last: every other mistake is named first, and this is the one check that reads the disk.
+    for i, engine in enumerate(engines):
+        if engine.footprint_bytes is None and engine.gpu_footprint_bytes is None:
+            _require_known_weights(Table(engines_raw[i], file, f"engine[{i}]"), engine.kind, engine.model, environ)
+
     return Config(
         file=file,
         daemon=daemon,
@@ -550,6 +558,22 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
         gateway=gateway,
         alerts=alerts,
     )
+
+
+def _require_known_weights(t: Table, kind: str, model: str | None, environ: Mapping[str, str] | None) -> None:
+    """``footprint = "auto"`` is the weights' size times memory.footprint_factor; a size that cannot
+    be known must not count as 0 (two big engines would pass admission together, and a resident
+    engine's memory would count as stranded)."""
+    from probes.weights import read_weights, where_looked
+
+    if not model:
+        raise t.error("footprint", 'is "auto" (the default) but this engine names no model to measure; '
+                                   'set footprint to what it holds while resident, e.g. footprint = "140GB"')
+    if read_weights(model, kind, environ) is None:
+        raise t.error("footprint", f'is "auto" (the default) but the size of model {model!r} cannot be known: '
+                                   f"no weights found in {where_looked(model, kind, environ)} (not downloaded "
+                                   'yet?); set footprint explicitly, e.g. footprint = "140GB", or download '
+                                   "the model first")
 
 
 def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:

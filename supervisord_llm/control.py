@@ -65,7 +65,7 @@ def peer_uid(sock: socket.socket) -> int | None:
 class PeerCheckedProtocol(H11Protocol):
     """uvicorn's h11 protocol, refusing connections from other users before reading anything."""
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         sock = transport.get_extra_info("socket")
         uid = peer_uid(sock) if sock is not None else None
         if uid is None or uid != os.getuid():
@@ -315,8 +315,11 @@ async def serve_control(daemon: Daemon, *, task_status: anyio.abc.TaskStatus[Non
     config = uvicorn.Config(app, http=PeerCheckedProtocol, lifespan="off", log_config=None, access_log=False,
                             timeout_graceful_shutdown=1, limit_concurrency=2048, backlog=256)
     server = DaemonServer(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
-        while not server.started:
-            await anyio.sleep(0.01)
-        task_status.started()
+    # uvicorn closes the listening socket only when it shuts down by itself; a cancelled daemon
+    # would otherwise leave the socket to the garbage collector.
+    with sock:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            while not server.started:
+                await anyio.sleep(0.01)
+            task_status.started()

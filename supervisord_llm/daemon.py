@@ -24,6 +24,7 @@ from policies import backoff, episodes
 from policies.actions import Admit, Alert, Refuse
 from policies.admission import Footprint, admit, auto_footprint_bytes
 from probes.readings import SystemMemoryReading
+from probes.weights import read_weights
 from supervisord_llm import __version__
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.config import Config
@@ -171,7 +172,9 @@ class Daemon:
                 ext.restore(saved if isinstance(saved, dict) else {})
         from supervisord_llm.health import EngineHealth, baseline_from_record, health_settings
 
-        baselines = self._saved.get("baselines") if isinstance(self._saved.get("baselines"), dict) else {}
+        baselines = self._saved.get("baselines")
+        if not isinstance(baselines, dict):
+            baselines = {}
         self.supervisors = {}
         for engine in self.config.engines:
             sup = EngineSupervisor(engine, self)
@@ -189,6 +192,8 @@ class Daemon:
             self.supervisors[engine.name] = sup
 
     def close(self) -> None:
+        for sup in self.supervisors.values():
+            sup.close()
         if self.events is not None:
             self.events.close()  # what is still queued reaches the file before the lock is released
         self.lock.release()
@@ -344,7 +349,7 @@ class Daemon:
 
         await anyio.to_thread.run_sync(kill)
         self.events.emit("daemon.orphans_killed", pids=pids)
-        if on_gpu:
+        if on_gpu and gpu is not None:
             await gpu.wait_orphans_released(on_gpu, killed_at_s)
 
     async def shutdown(self, *, stop_engines: bool = True) -> None:
@@ -397,8 +402,8 @@ class Daemon:
         """Throughput baselines per model, kept across engine and daemon restarts."""
         from supervisord_llm.health import baseline_record
 
-        saved = self._saved.get("baselines") if isinstance(self._saved.get("baselines"), dict) else {}
-        out = dict(saved)
+        saved = self._saved.get("baselines")
+        out = dict(saved) if isinstance(saved, dict) else {}
         for sup in self.supervisors.values():
             if sup.health is not None and sup.health.baseline_state.window_rates:
                 out[model_key(sup.config)] = baseline_record(sup.health.baseline_state)
@@ -466,7 +471,8 @@ class Daemon:
             return 0  # "auto" with a GPU footprint: the weights live in GPU memory, not host RAM
         weights = getattr(sup, "_weights_bytes", None)
         if weights is None:
-            weights = _weights_on_disk(cfg.model)
+            reading = read_weights(cfg.model, cfg.kind)
+            weights = reading.bytes if reading else None
             sup._weights_bytes = weights  # type: ignore[attr-defined]
         return auto_footprint_bytes(weights, self.config.memory.auto_factor) if weights else None
 
@@ -541,7 +547,15 @@ class Daemon:
         """An engine that is ready again closes every open episode about it (``policies.episodes``)."""
         if self.alerts_outbox is None:
             return
-        for alert in episodes.on_ready(sup.name, self.alerts_outbox.open_episodes()):
+        self._resolve_episodes(sup.name, "ready", episodes.on_ready)
+
+    def _resolve_episodes(self, engine: str, trigger: str, decide: Callable[..., tuple[Alert, ...]]) -> None:
+        open_keys = list(self.alerts_outbox.open_episodes())
+        alerts = decide(engine, open_keys)
+        if alerts:
+            self.events.emit("policy.decided", policy="episodes", engine=engine, trigger=trigger,
+                             decision="resolve " + ",".join(a.key for a in alerts), open_episodes=open_keys)
+        for alert in alerts:
             self.alert(alert)
 
     def engine_exited(self, sup: EngineSupervisor) -> None:
@@ -592,8 +606,7 @@ class Daemon:
     async def stop(self, name: str) -> str:
         message = await self.supervisor(name).command("stop")
         if self.alerts_outbox is not None:
-            for alert in episodes.on_stopped_by_person(name, self.alerts_outbox.open_episodes()):
-                self.alert(alert)
+            self._resolve_episodes(name, "llmctl stop", episodes.on_stopped_by_person)
         return message
 
     async def restart(self, name: str, *, force: bool = False) -> str:
@@ -834,22 +847,6 @@ class Daemon:
 
 def model_key(engine: Any) -> str:
     return f"{engine.kind}:{engine.served_model or engine.model or engine.name}"
-
-
-def _weights_on_disk(model: str | None) -> int | None:
-    if not model:
-        return None
-    path = Path(os.path.expanduser(model))
-    if not path.is_dir():
-        return None
-    total = 0
-    for pattern in ("*.safetensors", "*.gguf", "*.bin", "*.npz"):
-        for f in path.glob(pattern):
-            try:
-                total += f.stat().st_size
-            except OSError:
-                pass
-    return total or None
 
 
 def _group_root(group: list[psutil.Process]) -> psutil.Process | None:

@@ -130,13 +130,13 @@ def check_memory(config: Config) -> list[Finding]:
         return [Finding("error", "memory", f"cannot read memory: {exc}", "check probes.vm_stat / probes.sysctl")]
     findings = [Finding("ok", "memory", f"{format_bytes(mem.available_bytes)} available of "
                                         f"{format_bytes(mem.total_bytes)}")]
-    from supervisord_llm.daemon import _weights_on_disk
+    from probes.weights import read_weights
 
     for engine in config.engines:
         footprint = engine.footprint_bytes
         if footprint is None:
-            weights = _weights_on_disk(engine.model)
-            footprint = int(weights * config.memory.auto_factor) if weights else None
+            weights = read_weights(engine.model, engine.kind)
+            footprint = int(weights.bytes * config.memory.auto_factor) if weights else None
         subject = f"engine {engine.name}: footprint"
         if footprint is None:
             findings.append(Finding("warn", subject, "unknown (footprint = \"auto\" but no weights found on disk)",

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from supervisord_llm.clock import Clock
 
@@ -74,7 +74,8 @@ class EventLog:
         self.overflowed = 0  # events dropped from a full backlog, never written
         self.written = 0  # events appended to the file by this log
         self._failing = False
-        self._subscribers: set[MemoryObjectSendStream[dict[str, Any]]] = set()
+        # receive end -> send end: unsubscribing closes both, so neither is left for the collector
+        self._subscribers: dict[MemoryObjectReceiveStream[dict[str, Any]], MemoryObjectSendStream[dict[str, Any]]] = {}
         self._seq = 0
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         # The writer's queue: (seq, line) in emit order. Guarded by _cond.
@@ -112,13 +113,13 @@ class EventLog:
         self.recent.append(event)
         for listener in list(self.listeners):
             listener(event)
-        for stream in list(self._subscribers):
+        for receive, send in list(self._subscribers.items()):
             try:
-                stream.send_nowait(event)
+                send.send_nowait(event)
             except anyio.WouldBlock:
                 pass  # a slow follower misses events rather than slowing the daemon
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self._subscribers.discard(stream)
+                self.unsubscribe(receive)
         self._enqueue(event)
         self.log.info(kind, **{k: v for k, v in event.items() if k not in ("kind", "at", "seq")})
         return event
@@ -280,16 +281,17 @@ class EventLog:
 
     # ---- subscribers ------------------------------------------------------------------------
 
-    def subscribe(self) -> Any:
+    def subscribe(self) -> MemoryObjectReceiveStream[dict[str, Any]]:
+        """A live feed of every event emitted from now on; give it back with :meth:`unsubscribe`."""
         send, receive = anyio.create_memory_object_stream[dict[str, Any]](1000)
-        self._subscribers.add(send)
+        self._subscribers[receive] = send
         return receive
 
-    def unsubscribe(self, stream: Any) -> None:
-        for send in list(self._subscribers):
-            if send._state is getattr(stream, "_state", None):
-                self._subscribers.discard(send)
-                send.close()
+    def unsubscribe(self, receive: MemoryObjectReceiveStream[dict[str, Any]]) -> None:
+        send = self._subscribers.pop(receive, None)
+        if send is not None:
+            send.close()
+        receive.close()
 
 
 _LIVE: weakref.WeakSet[EventLog] = weakref.WeakSet()

@@ -68,7 +68,8 @@ class DaemonGatewayBackend:
 
     def _upstream(self, sup: EngineSupervisor) -> Upstream:
         return Upstream(engine=sup.name, base_url=sup.config.base_url, kind=sup.config.kind,
-                        supports_messages=sup.adapter.messages_supported, served_model=sup.adapter.request_model)
+                        supports_messages=sup.adapter.messages_supported, served_model=sup.adapter.request_model,
+                        auth_headers=tuple(sup.adapter.auth_headers().items()))
 
     def _unavailable(self, sup: EngineSupervisor) -> EngineUnavailable:
         now = self.daemon.clock.now()

@@ -25,7 +25,8 @@ import json
 import math
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -63,6 +64,8 @@ __all__ = [
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
 MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+# A translated stream sends the client a ping after this long without any other event.
+TRANSLATED_PING_INTERVAL_S = 5.0
 # On a translated count_tokens answer: "engine-tokenizer", or "estimate (...)" saying how.
 TOKEN_COUNT_HEADER = "x-supervisord-llm-token-count"
 
@@ -78,6 +81,8 @@ class Upstream:
     ``kind`` is the adapter's name (mlx_lm, omlx, vllm, llama_cpp, ollama, sglang, command);
     ``served_model`` replaces the request's ``model`` field when set (mlx_lm.server wants
     ``"default_model"`` or its model path there, never the gateway's name for it).
+    ``auth_headers`` is the engine's own API key (vLLM/SGLang ``--api-key``, oMLX ``auth.api_key``):
+    when set it replaces whatever credentials the client sent, which were for the gateway.
     """
 
     engine: str
@@ -85,6 +90,7 @@ class Upstream:
     kind: str
     supports_messages: bool
     served_model: str | None = None
+    auth_headers: tuple[tuple[str, str], ...] = ()
 
 
 class EngineUnavailable(EngineError):
@@ -630,6 +636,7 @@ class _Forward:
         self.response_complete = False
         self.response: httpx.Response | None = None
         self.translated_headers_sent = False
+        self.client_fed_at_s = 0.0  # when the client of a translated stream last got bytes
         engine = upstream.engine
         token_progress = gw.backend.token_progress
 
@@ -888,18 +895,23 @@ class _Forward:
             self.translated_headers_sent = True
         translator = translation.translator
         relay = translation.relay
-        feed = self.meter.feed
         now = gw.clock.now
         code = "engine_error"
         try:
             await _send_some(send, relay(translator.start()))
-            async for chunk in response.aiter_raw():
-                feed(chunk, now())
-                await _send_some(send, relay(translator.feed(chunk)))
-                if translator.done:
-                    break  # a stop sequence matched: closing the stream stops the engine
-            else:
-                await _send_some(send, relay(translator.finish()))
+            self.client_fed_at_s = now()
+            if translation.stream:
+                tg.start_soon(self._ping_while_quiet, send)
+            async with aclosing(self._engine_chunks(response)) as chunks:
+                async for chunk in chunks:
+                    out = relay(translator.feed(chunk))
+                    if out:
+                        self.client_fed_at_s = now()
+                        await _send_some(send, out)
+                    if translator.done:
+                        break  # a stop sequence matched: closing the stream stops the engine
+                else:
+                    await _send_some(send, relay(translator.finish()))
         except anthropic_api.EngineStreamError as exc:
             message = f"engine {upstream.engine!r} reported an error mid-stream: {exc}"
         except OSError:  # the client went away while we were sending (ASGI spec 2.4)
@@ -926,6 +938,39 @@ class _Forward:
         else:
             await _send_json(send, error_body(True, 502, message, code, engine=upstream.engine), 502)
         return True
+
+    async def _ping_while_quiet(self, send: Any) -> None:
+        """A ``ping`` event whenever the client got nothing for a while (a long prefill, say).
+
+        Engines that send keep-alives while they prefill (mlx_lm.server) already become pings in
+        the translator; this covers those that send nothing. Pings are for the client only: the
+        watchdog reads the engine's bytes, so a ping is never progress.
+        """
+        assert self.translation is not None
+        translator = self.translation.translator
+        now = self.gw.clock.now
+        ping = anthropic_api.events_bytes([{"type": "ping"}])
+        while True:
+            wait_s = self.client_fed_at_s + TRANSLATED_PING_INTERVAL_S - now()
+            if wait_s > 0:
+                await anyio.sleep(wait_s)
+                continue
+            if self.response_complete or translator.done:
+                return
+            self.client_fed_at_s = now()
+            await _send_quietly(send, ping)
+
+    async def _engine_chunks(self, response: httpx.Response) -> AsyncGenerator[bytes, None]:
+        """The engine's body as it arrives, each chunk through the token meter before anyone else.
+
+        The meter is the watchdog's view of the engine: it sees the engine's own bytes at the
+        moment they arrive, whatever is then made of them for the client.
+        """
+        feed = self.meter.feed
+        now = self.gw.clock.now
+        async for chunk in response.aiter_raw():
+            feed(chunk, now())
+            yield chunk
 
     async def _translated_refusal(self, send: Any, response: httpx.Response) -> None:
         """The engine refused the translated request: its reason, in the Messages error shape."""
@@ -1154,7 +1199,7 @@ class _Gateway:
             return self.unauthorized(False)
         return JSONResponse(self.stats.snapshot())
 
-    async def forward(self, request: Request) -> Response | _Forward:
+    async def forward(self, request: Request) -> Response | _Counted:
         path = request.url.path
         anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
         if not self.authorized(request):
@@ -1246,8 +1291,10 @@ class _Gateway:
             doc["model"] = upstream.served_model
             body = json.dumps(doc).encode()
 
-        drop = _HOP_BY_HOP | _CREDENTIALS if self._api_key is not None else _HOP_BY_HOP
+        own_key = self._api_key is not None or bool(upstream.auth_headers)
+        drop = _HOP_BY_HOP | _CREDENTIALS if own_key else _HOP_BY_HOP
         headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in drop]
+        headers += [(k.encode(), v.encode()) for k, v in upstream.auth_headers]
         headers.append((b"accept-encoding", b"identity"))  # the meter reads plain bytes
         query = request.url.query
         url = upstream.base_url.rstrip("/") + path + ("?" + query if query else "")
@@ -1433,7 +1480,7 @@ def build_app(
     )
 
     @asynccontextmanager
-    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+    async def lifespan(app: Starlette):
         async with gw.make_client() as client:
             gw.client = client
             yield

@@ -18,7 +18,7 @@ class DaemonServer(uvicorn.Server):
       largest part of an idle daemon's CPU. Shutdown is noticed within a second.
     """
 
-    def capture_signals(self) -> Any:  # type: ignore[override]
+    def capture_signals(self) -> Any:
         return nullcontext()
 
     async def main_loop(self) -> None:

@@ -67,6 +67,10 @@ class _Engine:
     marks: policy.Watermarks | None = None
     verdict: str = "ok"
     persisted_learned_bytes: int = 0
+    # GPU memory (NVML, summed over the engine's devices) has its own watermarks and episode.
+    gpu_state: policy.GuardState = field(default_factory=policy.GuardState)
+    gpu_marks: policy.Watermarks | None = None
+    gpu_verdict: str = "ok"
 
 
 class MemoryGuardExtension:
@@ -139,6 +143,10 @@ class MemoryGuardExtension:
             mem["soft_bytes"] = marks.soft_bytes if marks else None
             mem["hard_bytes"] = marks.hard_bytes if marks else None
             mem["guard"] = "off" if not self.enabled or marks is None else g.verdict
+            gpu_marks = g.gpu_marks or self._gpu_watermarks(self.daemon.supervisors[e["name"]])
+            if gpu_marks is not None:
+                mem["gpu_soft_bytes"], mem["gpu_hard_bytes"] = gpu_marks.soft_bytes, gpu_marks.hard_bytes
+                mem["gpu_guard"] = "off" if not self.enabled else g.gpu_verdict
 
     # ---- per-engine readings (watchdog, every full tree walk) ---------------------------------
 
@@ -149,6 +157,7 @@ class MemoryGuardExtension:
         if g.gen != gen:
             # A new run: its own episode and its own peak; the previous runs' peaks stay learned.
             g.gen, g.state, g.verdict = gen, policy.GuardState(), "ok"
+            g.gpu_state, g.gpu_verdict = policy.GuardState(), "ok"
             g.peaks = policy.new_run(g.peaks, self.settings)
         g.reading = reading
         held = reading.host_bytes
@@ -159,25 +168,59 @@ class MemoryGuardExtension:
             self.daemon.events.emit("memory.peak_learned", engine=sup.name, peak_bytes=learned)
             self.daemon.persist()
         g.marks = self._watermarks(sup)
-        if not self.enabled or g.marks is None:
+        g.gpu_marks = self._gpu_watermarks(sup)
+        if not self.enabled:
             return
-        source = "phys_footprint" if reading.phys_footprint_bytes is not None else "rss"
-        decision = policy.decide(sup.name, g.state, held, g.marks, self.daemon.clock.now(), self.settings,
-                                 source=source)
-        g.state = decision.state
-        if decision.verdict != g.verdict:
-            self.daemon.events.emit(
-                "policy.decided", policy="memory_guard", engine=sup.name, decision=decision.verdict,
-                held_bytes=held, source=source, rss_bytes=reading.rss_bytes, gpu_bytes=gpu_bytes,
-                soft_bytes=g.marks.soft_bytes, hard_bytes=g.marks.hard_bytes, footprint_bytes=g.marks.footprint_bytes,
-                capped_by_headroom=g.marks.capped_by_headroom, in_flight=self._in_flight(sup))
-            # Over hard starts the drain: what follows is "draining" and needs no second entry.
-            g.verdict = "draining" if decision.verdict == "over" else decision.verdict
-        for action in decision.actions:
+        now = self.daemon.clock.now()
+        if g.marks is not None:
+            source = "phys_footprint" if reading.phys_footprint_bytes is not None else "rss"
+            decision = policy.decide(sup.name, g.state, held, g.marks, now, self.settings, source=source)
+            g.state = decision.state
+            if decision.verdict != g.verdict:
+                self._log_decision(sup, decision.verdict, "memory", held, source, g.marks, reading)
+                # Over hard starts the drain: what follows is "draining" and needs no second entry.
+                g.verdict = "draining" if decision.verdict == "over" else decision.verdict
+            self._carry_out(sup, gen, decision.actions)
+        if g.gpu_marks is not None and gpu_bytes is not None and g.state.draining_since_s is None:
+            decision = policy.decide(sup.name, g.gpu_state, gpu_bytes, g.gpu_marks, now, self.settings,
+                                     source="nvml", resource="gpu_memory")
+            g.gpu_state = decision.state
+            if decision.verdict != g.gpu_verdict:
+                self._log_decision(sup, decision.verdict, "gpu_memory", gpu_bytes, "nvml", g.gpu_marks, reading)
+                g.gpu_verdict = decision.verdict
+            if decision.verdict == "over":
+                # One drain per run, whichever memory crossed: the host state carries it from here.
+                g.state = policy.GuardState(high=g.state.high, draining_since_s=now,
+                                            drain_reason=decision.state.drain_reason)
+                g.verdict = g.gpu_verdict = "draining"
+            self._carry_out(sup, gen, decision.actions)
+
+    def _log_decision(self, sup: EngineSupervisor, verdict: str, resource: str, held: int, source: str,
+                      marks: policy.Watermarks, reading: EngineMemoryReading) -> None:
+        self.daemon.events.emit(
+            "policy.decided", policy="memory_guard", engine=sup.name, decision=verdict, resource=resource,
+            held_bytes=held, source=source, rss_bytes=reading.rss_bytes, gpu_bytes=reading.gpu_bytes,
+            soft_bytes=marks.soft_bytes, hard_bytes=marks.hard_bytes, footprint_bytes=marks.footprint_bytes,
+            capped_by_headroom=marks.capped_by_headroom, in_flight=self._in_flight(sup))
+
+    def _carry_out(self, sup: EngineSupervisor, gen: int, actions: tuple[Alert | Drain, ...]) -> None:
+        for action in actions:
             if isinstance(action, Drain):
                 self._begin_drain(sup, gen, action)
             elif isinstance(action, Alert):
                 self.daemon.alert(action)
+
+    def _gpu_watermarks(self, sup: EngineSupervisor) -> policy.Watermarks | None:
+        """GPU memory the engine may hold over all its devices: gpu_footprint x devices (or, without
+        gpu_footprint, the footprint, which is then split over the devices) x the factors."""
+        cfg = sup.config
+        if not cfg.gpu_devices:
+            return None
+        if cfg.gpu_footprint_bytes is not None:
+            base = cfg.gpu_footprint_bytes * len(cfg.gpu_devices)
+        else:
+            base = self.daemon.configured_footprint_bytes(sup) or 0
+        return policy.watermarks(base, self.settings) if base else None
 
     def _watermarks(self, sup: EngineSupervisor) -> policy.Watermarks | None:
         daemon = self.daemon

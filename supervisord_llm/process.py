@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
@@ -261,10 +262,11 @@ class EngineProcess:
             await anyio.sleep(0.2)
 
     def _kqueue_wait(self) -> None:
-        kq = select.kqueue()
+        kqueue: Any = select  # kqueue exists only on BSD/macOS, so typeshed hides it when checking for Linux
+        kq = kqueue.kqueue()
         try:
-            ev = select.kevent(self.pid, filter=select.KQ_FILTER_PROC, flags=select.KQ_EV_ADD | select.KQ_EV_ONESHOT,
-                               fflags=select.KQ_NOTE_EXIT)
+            ev = kqueue.kevent(self.pid, filter=kqueue.KQ_FILTER_PROC, flags=kqueue.KQ_EV_ADD | kqueue.KQ_EV_ONESHOT,
+                               fflags=kqueue.KQ_NOTE_EXIT)
             try:
                 kq.control([ev], 1, None)
             except ProcessLookupError:

@@ -64,7 +64,9 @@ class StrandedExtension:
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Load what the previous daemon persisted (called once the state file is read)."""
-        base = saved.get("baseline") if isinstance(saved.get("baseline"), dict) else {}
+        base = saved.get("baseline")
+        if not isinstance(base, dict):
+            base = {}
         self.baseline = stranded_policy.BaselineState(
             boot_id=base.get("boot_id"), baseline_wired_bytes=base.get("baseline_wired_bytes"),
             recent_idle_wired_bytes=tuple(base.get("recent_idle_wired_bytes") or ()),

@@ -205,6 +205,13 @@ class EngineSupervisor:
             self._send.send_nowait(message)
         except anyio.WouldBlock:
             self.log.warning("engine.inbox_full", message=type(message).__name__)
+        except anyio.ClosedResourceError:
+            pass  # the supervisor has ended (daemon exit): nothing acts on messages any more
+
+    def close(self) -> None:
+        """Close the inbox (idempotent): the supervisor's loop has ended or never ran."""
+        self._send.close()
+        self._inbox.close()
 
     @property
     def resident(self) -> bool:
@@ -226,11 +233,14 @@ class EngineSupervisor:
             elif autostart:
                 self._autostart()
             task_status.started()
-            async for message in self._inbox:
-                try:
-                    self._handle(message)
-                except Exception as exc:  # a bug must not take the supervisor down with the engine
-                    self.log.exception("engine.handler_failed", message=type(message).__name__, error=str(exc))
+            try:
+                async for message in self._inbox:
+                    try:
+                        self._handle(message)
+                    except Exception as exc:  # a bug must not take the supervisor down with the engine
+                        self.log.exception("engine.handler_failed", message=type(message).__name__, error=str(exc))
+            finally:
+                self.close()
 
     def _autostart(self) -> None:
         """Start at daemon start, unless the spawn history (kept across daemon restarts) says the

@@ -132,9 +132,10 @@ class Daemon:
         self.stderr_path = self.state_dir / "daemon.stderr"
 
     def start(self, wait: bool = True) -> Daemon:
-        self._stderr = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen([PYTHON, "-m", "supervisord_llm.main", "run", "--config", str(self.config_path)],
-                                     stdout=self._stderr, stderr=self._stderr, env=self.env, start_new_session=True)
+        # The daemon gets its own copy of the descriptor; ours is closed at once.
+        with open(self.stderr_path, "ab") as stderr:
+            self.proc = subprocess.Popen([PYTHON, "-m", "supervisord_llm.main", "run", "--config", str(self.config_path)],
+                                         stdout=stderr, stderr=stderr, env=self.env, start_new_session=True)
         if wait:
             self.wait_up()
         return self
@@ -144,13 +145,27 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.stderr()}")
+            if not self._accepts():
+                time.sleep(0.1)
+                continue
             try:
-                if self.client().get("/v1/status").status_code == 200:
-                    return
+                with self.client() as c:
+                    if c.get("/v1/status").status_code == 200:
+                        return
             except (httpx.HTTPError, OSError):
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"daemon did not answer within {timeout_s}s: {self.stderr()}")
+
+    def _accepts(self) -> bool:
+        """Whether the control socket accepts a connection. httpcore leaks the socket of a failed
+        Unix-socket connect, so polling a daemon that is not up yet goes through this first."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
 
     def stderr(self) -> str:
         try:

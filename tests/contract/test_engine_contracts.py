@@ -32,6 +32,13 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ENGINES = ("mlx_lm", "llama_cpp", "vllm", "sglang", "ollama", "omlx")
 
 
+@pytest.fixture(autouse=True)
+def _no_engine_keys_from_this_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys a developer has exported for their own engines must not leak into what these tests expect."""
+    for name in ("VLLM_API_KEY", "OMLX_API_KEY", "OMLX_BASE_PATH"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def surfaces(engine: str) -> dict[str, Any]:
     return json.loads((FIXTURES / engine / "surfaces.json").read_text())
 
@@ -442,3 +449,82 @@ def test_omlx_is_started_without_flags_that_rewrite_its_settings(tmp_path: Path)
     assert env["OMLX_PORT"] == "8123" and env["OMLX_HOST"] == "127.0.0.1"
     assert env["OMLX_MODEL_DIR"] == str((tmp_path / "models").resolve())
     assert adapter.request_model == s["model_folder"]
+
+
+# ---------------------------------------------------------------- the mlx_lm recording is still the engine's
+
+
+def _chunk_shapes(sse_body: str) -> set[tuple[str, ...]]:
+    shapes = set()
+    for line in sse_body.splitlines():
+        if line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            choice_keys = tuple(sorted(chunk["choices"][0])) if chunk.get("choices") else ()
+            shapes.add((*sorted(chunk), "|", *choice_keys))
+    return shapes
+
+
+async def test_mlx_lm_recording_matches_the_installed_server(mlx_server: Any, tmp_path: Path) -> None:
+    """The installed mlx_lm.server still answers as recorded (health, routes it lacks, stream chunk shapes); re-record if not."""
+    s = surfaces("mlx_lm")
+    chat = s["canary_chat"]
+    async with httpx.AsyncClient(base_url=mlx_server.base_url, timeout=60) as client:
+        health = await client.get("/health")
+        messages = await client.post("/v1/messages", json={})
+        metrics = await client.get("/metrics")
+        stream = await client.post(chat["path"], json=chat["request"])
+    assert (health.status_code, health.text) == (s["health_ready"]["status"], s["health_ready"]["body"])
+    assert messages.status_code == s["messages_probe"]["status"]
+    assert metrics.status_code == s["metrics"]["status"]
+    assert stream.status_code == 200
+    assert _chunk_shapes(stream.text) == _chunk_shapes(chat["body"])
+
+
+# ---------------------------------------------------------------- small pure rules behind the above
+
+
+@pytest.mark.parametrize(
+    ("status", "served"),
+    [(404, False), (405, False), (400, True), (422, True), (200, True), (401, None), (403, None), (500, None), (503, None)],
+)
+def test_route_probe_answers(status: int, served: bool | None) -> None:
+    """Only 404/405 say the route is missing and only 400/422/2xx that it exists; a 401 or a 5xx tells nothing."""
+    from probes.routes import classify_route_status
+
+    assert classify_route_status(status) is served
+
+
+@pytest.mark.parametrize("content", ["{not json", '["a list"]', '{"auth": "no table"}', '{"auth": {"api_key": 42}}', ""])
+def test_omlx_key_from_a_damaged_settings_file_is_none(content: str, tmp_path: Path) -> None:
+    """A settings.json oMLX's key cannot be read from gives no key (and no exception): requests go without one."""
+    base = tmp_path / "omlx-base"
+    base.mkdir()
+    (base / "settings.json").write_text(content)
+    assert make_adapter("omlx", "http://127.0.0.1:1", tmp_path).api_key is None
+
+
+def test_omlx_key_from_env_wins_over_settings(tmp_path: Path) -> None:
+    """OMLX_API_KEY in the engine's env is the key oMLX uses (omlx/settings.py), so it wins over settings.json."""
+    base = tmp_path / "omlx-base"
+    base.mkdir()
+    (base / "settings.json").write_text(json.dumps({"auth": {"api_key": "from-settings"}}))
+    assert make_adapter("omlx", "http://127.0.0.1:1", tmp_path).api_key == "from-settings"
+    env = {"OMLX_BASE_PATH": str(base), "OMLX_API_KEY": "from-env"}
+    adapter = make_adapter("omlx", "http://127.0.0.1:1", tmp_path, env=env)
+    assert adapter.api_key == "from-env"
+    assert adapter.auth_headers() == {"Authorization": "Bearer from-env"}
+
+
+@pytest.mark.parametrize("args", [("--api-key", "k1"), ("--api-key=k1",), ("--port", "1", "--api-key", "k1", "--api-key", "k2")])
+def test_vllm_key_from_its_flag_in_every_spelling(args: tuple[str, ...], tmp_path: Path) -> None:
+    """vLLM's --api-key is found as '--api-key K' or '--api-key=K' among the engine's args (the first one when repeated)."""
+    assert make_adapter("vllm", "http://127.0.0.1:1", tmp_path, args=args).api_key == "k1"
+
+
+def test_vllm_key_from_env_when_no_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --api-key vLLM reads VLLM_API_KEY: from the engine's env, else the daemon's (which the engine inherits)."""
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert make_adapter("vllm", "http://127.0.0.1:1", tmp_path).api_key is None
+    monkeypatch.setenv("VLLM_API_KEY", "inherited")
+    assert make_adapter("vllm", "http://127.0.0.1:1", tmp_path).api_key == "inherited"
+    assert make_adapter("vllm", "http://127.0.0.1:1", tmp_path, env={"VLLM_API_KEY": "own"}).api_key == "own"

@@ -14,6 +14,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import anyio
@@ -71,8 +72,8 @@ def tool_engine() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def fragment_engine() -> Iterator[str]:
-    """The stand-in streaming the call's arguments in 9 fragments (vLLM / llama-server style)."""
-    proc, url = _start_standin("--fragments", "9")
+    """The stand-in streaming the call's arguments in 9 fragments (vLLM / llama-server style), with /tokenize."""
+    proc, url = _start_standin("--fragments", "9", "--tokenize")
     try:
         yield url
     finally:
@@ -132,10 +133,10 @@ def test_sync_sdk_multi_turn_stop_sequence_and_count_tokens(engine: MlxServer) -
     """Sync SDK: multi-turn with system blocks, stop_sequences ending the answer, count_tokens flagged."""
     backend = backend_for(engine)
 
-    async def run() -> tuple[Message, Message, list[str], httpx.Response]:
+    async def run() -> tuple[Message, Message, list[str], Any]:
         async with running_gateway(backend) as url:
 
-            def calls() -> tuple[Message, Message, list[str], httpx.Response]:
+            def calls() -> tuple[Message, Message, list[str], Any]:
                 with anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0) as client:
                     turns = [
                         {"role": "user", "content": "hi"},
@@ -152,8 +153,8 @@ def test_sync_sdk_multi_turn_stop_sequence_and_count_tokens(engine: MlxServer) -
                     with client.messages.stream(model="tiny", max_tokens=12, system=system, messages=turns,
                                                 stop_sequences=[stop], **GREEDY) as stream:
                         kinds = [event.type for event in stream]
-                    counted = httpx.post(url + "/v1/messages/count_tokens",
-                                         json={"model": "tiny", "messages": turns, "system": system})
+                    counted = client.messages.with_raw_response.count_tokens(model="tiny", messages=turns,
+                                                                             system=system)
                     return first, cut, kinds, counted
 
             return await anyio.to_thread.run_sync(calls)
@@ -164,7 +165,8 @@ def test_sync_sdk_multi_turn_stop_sequence_and_count_tokens(engine: MlxServer) -
     assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
     assert cut.content[0].text == text[: text.index(stop)]
     assert kinds[-2:] == ["message_delta", "message_stop"]
-    assert counted.status_code == 200 and counted.json()["input_tokens"] > 0
+    assert counted.status_code == 200 and counted.parse().input_tokens > 0
+    # mlx_lm.server has no tokenizer endpoint: the count is an estimate, and says so
     assert counted.headers[TOKEN_COUNT_HEADER].startswith("estimate")
 
 
@@ -300,7 +302,11 @@ async def test_tool_arguments_in_many_fragments_become_input_json_deltas(fragmen
             deltas = [e.delta.partial_json async for e in stream
                       if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
             final = await stream.get_final_message()
+        counted = await client.messages.with_raw_response.count_tokens(
+            model="frag", system="one two", messages=[{"role": "user", "content": "three four five"}])
     assert len(deltas) == 9
+    # an engine with a tokenizer endpoint counts the tokens itself, and the header says so
+    assert (await counted.parse()).input_tokens == 5 and counted.headers[TOKEN_COUNT_HEADER] == "engine-tokenizer"
     assert final.content[-1].type == "tool_use"
     assert final.content[-1].input == {"city": "Paris", "days": 3, "units": "metric"}
     assert final.stop_reason == "tool_use"
@@ -415,3 +421,37 @@ def test_daemon_holds_a_translated_request_through_a_restart_and_a_stalled_strea
     assert "stalled" in str(info.value.body) and "during decode" in str(info.value.body)
     assert info.value.body["error"]["type"] == "api_error"  # type: ignore[index]
     assert hung["pid"] == pid
+
+
+@pytest.fixture
+def quiet_engine() -> Iterator[str]:
+    """The OpenAI stand-in engine, silent for 1.5 s before its first token (no keep-alives)."""
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, str(REPO / "tests" / "standins" / "openai_engine.py"), "--port", str(port),
+                             "--first-token-delay-s", "1.5"], start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout_s=20)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.anyio
+async def test_pings_keep_a_quiet_prefill_alive_and_are_not_progress(
+    quiet_engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an engine sends nothing before its first token, the client gets pings; the watchdog sees no token."""
+    from supervisord_llm import gateway
+
+    monkeypatch.setattr(gateway, "TRANSLATED_PING_INTERVAL_S", 0.25)
+    backend = Backend({"quiet": Upstream("quiet", quiet_engine, "command", supports_messages=False)}, "quiet")
+    async with running_gateway(backend) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        body = {"model": "quiet", "max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        async with client.stream("POST", "/v1/messages", json=body) as response:
+            kinds = [line[7:] async for line in response.aiter_lines() if line.startswith("event: ")]
+    first_block = kinds.index("content_block_start")
+    assert kinds[0] == "message_start" and kinds[1:first_block].count("ping") >= 4
+    assert kinds[-1] == "message_stop"
+    stats = backend.finished[0]
+    assert stats.tokens == 3 and stats.ttft_s is not None and stats.ttft_s >= 1.4  # pings were not tokens

@@ -120,6 +120,8 @@ def test_growth_alerts_once_then_drains_and_restarts_through_the_backoff(daemon_
     details = exceeded[0]["details"]
     assert details["held_bytes"] >= 150 * MB and details["hard_bytes"] == 150 * MB
     assert "150.0 MB" in exceeded[0]["summary"]
+    exited = _alerts(d, "engine.exited:grow")
+    assert [a["details"]["exit"] for a in exited] == ["memory guard"], exited
     stopped = [e for e in d.events() if e["kind"] == "engine.stopped" and e["engine"] == "grow"][-1]
     assert stopped["graceful"] is True
     decided = [e for e in d.events() if e["kind"] == "policy.decided" and e.get("policy") == "memory_guard"]

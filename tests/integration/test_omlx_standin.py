@@ -57,7 +57,7 @@ def test_standin_rewrites_settings_when_given_flags_like_omlx() -> None:
 
 
 def test_omlx_engine_ready_with_its_folder_name_and_key_and_settings_untouched(daemon_factory) -> None:
-    """The daemon starts oMLX without touching settings.json, canaries it by folder name with the key from settings.json, and /v1/messages goes through natively."""
+    """The daemon starts oMLX without touching settings.json, canaries it by folder name with the key from settings.json, and /v1/messages goes through natively with that key."""
     root = short_tmpdir("omlx-")
     home = _user_home(root)
     folder = _model_folder(root)
@@ -83,8 +83,9 @@ def test_omlx_engine_ready_with_its_folder_name_and_key_and_settings_untouched(d
     discovered = [e for e in daemon.events() if e["kind"] == "engine.discovered"]
     assert discovered and discovered[-1]["engine"] == "omlx" and discovered[-1]["messages_native"] is True
 
+    # The client knows no engine key: the gateway authenticates to oMLX with the one from settings.json.
     reply = httpx.post(f"http://127.0.0.1:{gateway_port}/v1/messages", timeout=30,
-                       headers={"x-api-key": USER_KEY, "anthropic-version": "2023-06-01"},
+                       headers={"x-api-key": "whatever-the-client-has", "anthropic-version": "2023-06-01"},
                        json={"model": "omlx", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
     assert reply.status_code == 200, reply.text
     assert reply.json()["content"][0]["text"] == "omlx: one two three"  # the engine's own answer, not a translation

@@ -19,7 +19,9 @@ body, so tests can check what the gateway's translation sent. Without ``tools`` 
 streams ``"ok"`` and ends with ``finish_reason: "stop"``; a last user message ``"FAIL MID-STREAM"``
 gets one token and then an error object in the stream.
 
-    mlx_toolcall_engine.py --port P [--fragments N]
+``--tokenize`` also serves ``POST /tokenize`` the way llama-server does (one id per word here).
+
+    mlx_toolcall_engine.py --port P [--fragments N] [--tokenize]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--fragments", type=int, default=0)
+    p.add_argument("--tokenize", action="store_true", help="serve POST /tokenize as llama-server does")
     args = p.parse_args()
     last: dict[str, object] = {}
 
@@ -63,6 +66,11 @@ def main() -> None:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("content-length", "0"))
             body = json.loads(self.rfile.read(length) or b"{}")
+            if self.path == "/tokenize" and args.tokenize:
+                # llama-server's handle_tokenize answers {"tokens": [ids]} for {"content": text}
+                # (tools/server/server.cpp); here one id per whitespace-separated word.
+                self._json(200, {"tokens": list(range(len(str(body.get("content", "")).split())))})
+                return
             if self.path != "/v1/chat/completions":
                 # mlx_lm.server answers unknown POST paths with a bare 404 "Not Found".
                 self.send_response(404)

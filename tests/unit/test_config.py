@@ -32,13 +32,14 @@ def test_minimal_config_loads_with_defaults(tmp_path: Path) -> None:
 
 def test_state_dir_resolution_uses_environment(tmp_path: Path) -> None:
     """Without [daemon] state_dir, $SUPERVISORD_LLM_STATE_DIR is used."""
-    cfg = load_config(write(tmp_path, GOOD_ENGINE), environ={"SUPERVISORD_LLM_STATE_DIR": str(tmp_path / "x")})
+    cfg = load_config(write(tmp_path, GOOD_ENGINE + 'footprint = "1GB"\n'),
+                      environ={"SUPERVISORD_LLM_STATE_DIR": str(tmp_path / "x")})
     assert cfg.daemon.state_dir == tmp_path / "x"
 
 
 def test_config_path_resolution_uses_environment(tmp_path: Path) -> None:
     """Without --config, $SUPERVISORD_LLM_CONFIG names the file."""
-    path = write(tmp_path, GOOD_ENGINE)
+    path = write(tmp_path, GOOD_ENGINE + 'footprint = "1GB"\n')
     assert load_config(None, environ={"SUPERVISORD_LLM_CONFIG": str(path)}).file == str(path)
 
 
@@ -123,13 +124,13 @@ def test_daemon_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
 
 def test_memory_guard_keys_load_and_default(tmp_path: Path) -> None:
     """memory_soft/memory_hard are sizes per engine; [policies.memory_guard] has its factors and grace."""
-    cfg = load_config(write(tmp_path, GOOD_ENGINE + 'memory_soft = "110GB"\nmemory_hard = "130GB"\n'
+    cfg = load_config(write(tmp_path, GOOD_ENGINE + 'footprint = "100GB"\nmemory_soft = "110GB"\nmemory_hard = "130GB"\n'
                             '[policies.memory_guard]\nsoft_factor = 1.2\nhard_factor = 1.5\ndrain_grace = "45s"\n'))
     e = cfg.engines[0]
     assert (e.memory_soft_bytes, e.memory_hard_bytes) == (110 * 10**9, 130 * 10**9)
     g = cfg.memory_guard
     assert (g.enabled, g.soft_factor, g.hard_factor, g.drain_grace_s) == (True, 1.2, 1.5, 45.0)
-    default = load_config(write(tmp_path, GOOD_ENGINE))
+    default = load_config(write(tmp_path, GOOD_ENGINE + 'footprint = "100GB"\n'))
     assert (default.engines[0].memory_soft_bytes, default.engines[0].memory_hard_bytes) == (None, None)
     assert (default.memory_guard.soft_factor, default.memory_guard.hard_factor) == (1.1, 1.3)
 

@@ -500,7 +500,7 @@ GPU_ENGINE = '[[engine]]\nname = "g"\nkind = "command"\ncommand = ["x", "{port}"
 GPU_FOOTPRINT_CONFIGS = [
     ("60GiB per device", 'gpu_devices = [0, 1]\ngpu_footprint = "60GiB"\n', 60 * GIB, None),
     ("bytes as a number", "gpu_devices = [0]\ngpu_footprint = 1048576\n", 1048576, None),
-    ("unset", "gpu_devices = [0]\n", None, None),
+    ("unset", 'gpu_devices = [0]\nfootprint = "8GB"\n', None, None),
     ("bad unit", 'gpu_devices = [0]\ngpu_footprint = "40 parsecs"\n', None,
      "engine[0].gpu_footprint: unknown size unit 'parsecs'"),
     ("auto is not a size here", 'gpu_devices = [0]\ngpu_footprint = "auto"\n', None,
@@ -736,3 +736,33 @@ async def test_orphan_memory_never_released_at_daemon_start_refuses_the_first_st
         if orphan.poll() is None:
             orphan.kill()
         orphan.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_gpu_memory_past_its_watermarks_warns_then_drains_and_restarts() -> None:
+    """An engine's GPU memory (NVML) over gpu_footprint x 1.1 warns once; over x 1.3 it is drained and
+    restarted through the backoff, with a critical alert naming the GPU bytes."""
+    from supervisord_llm.memory_guard import MemoryGuardExtension
+
+    nvml = StandInNvml()
+    daemon, _ = _build(standin_engine_toml("e", free_port(), gpu_devices=[0], gpu_footprint="10GiB",
+                                           footprint="100MB"), nvml)
+    daemon.extensions.append(MemoryGuardExtension(daemon))
+    async with run_built(daemon):
+        await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+        root = _engine(daemon, "e")["pid"]
+        mem = _engine(daemon, "e")["memory"]
+        assert (mem["gpu_soft_bytes"], mem["gpu_hard_bytes"]) == (round(11 * GIB), 13 * GIB)
+        nvml.hold(root, 12 * GIB)
+        await _until(lambda: any(e["key"] == "engine.gpu_memory_high:e" for e in _events(daemon, "alert.raised")))
+        assert _engine(daemon, "e")["state"] == "ready"
+        nvml.hold(root, 14 * GIB)
+        await _until(lambda: _engine(daemon, "e")["state"] == "backoff", 20)
+        engine = _engine(daemon, "e")
+        assert "GPU memory" in engine["state_reason"] and "memory guard" in engine["state_reason"]
+        alerts = [e for e in _events(daemon, "alert.raised") if e["key"].startswith("engine.gpu_memory")]
+        assert [(a["key"], a["severity"]) for a in alerts] == [("engine.gpu_memory_high:e", "warning"),
+                                                               ("engine.gpu_memory_exceeded:e", "critical")]
+        assert alerts[1]["details"]["held_bytes"] == 14 * GIB and alerts[1]["details"]["source"] == "nvml"
+        assert engine["next_start_in_s"] >= 50, "the restart waits out the backoff"

@@ -11,7 +11,7 @@ from supervisord_llm.doctor import check_memory_cap
 
 
 def _engine(tmp_path: Path, kind: str, extra: str = "", guard: str = ""):
-    text = f'[[engine]]\nname = "e"\nkind = "{kind}"\nmodel = "/models/m"\n{extra}{guard}'
+    text = f'[[engine]]\nname = "e"\nkind = "{kind}"\nmodel = "/models/m"\nfootprint = "100GB"\n{extra}{guard}'
     path = tmp_path / "config.toml"
     path.write_text(text)
     config = load_config(path)

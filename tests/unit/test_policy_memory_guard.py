@@ -200,3 +200,11 @@ def test_any_reading_sequence_warns_once_per_episode_and_drains_only_over_hard(r
                 open_episode = False
         state = d.state
     assert drains <= 1
+
+
+def test_gpu_memory_has_its_own_episode_keys() -> None:
+    """GPU memory alerts are keyed engine.gpu_memory_*, so a host episode and a GPU one never merge."""
+    high = decide("e", GuardState(), 115, MARKS, 0.0, S, source="nvml", resource="gpu_memory")
+    assert high.actions[0].key == "engine.gpu_memory_high:e" and "of GPU memory (nvml)" in high.actions[0].summary
+    over = decide("e", GuardState(), 140, MARKS, 0.0, S, source="nvml", resource="gpu_memory")
+    assert over.actions[1].key == "engine.gpu_memory_exceeded:e"

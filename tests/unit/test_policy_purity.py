@@ -1,4 +1,4 @@
-"""Policies stay pure: they import no I/O, clock, logging or runtime module."""
+"""Policies stay pure: they import no I/O, clock, logging or runtime module; probes import no runtime module."""
 
 from __future__ import annotations
 
@@ -45,4 +45,15 @@ def test_policy_module_imports_nothing_impure(path: Path) -> None:
     bad = imported_roots(path) & FORBIDDEN
     assert not bad, (
         f"{path.name} imports {sorted(bad)}; policies take readings and now_s as arguments"
+    )
+
+
+PROBES = POLICIES.parent / "probes"
+
+
+@pytest.mark.parametrize("path", sorted(PROBES.glob("*.py")), ids=lambda p: p.name)
+def test_probe_module_imports_nothing_from_the_runtime(path: Path) -> None:
+    """A probe never imports the daemon runtime: sensing depends on nothing that acts."""
+    assert "supervisord_llm" not in imported_roots(path), (
+        f"probes/{path.name} imports supervisord_llm; probes return readings and import only probes"
     )
