@@ -205,10 +205,10 @@ def test_real_mlx_server_is_attributed_and_the_guard_stays_quiet(daemon_factory,
     cfg += FAST_PROBES + _gateway(gw)
     d = daemon_factory(cfg).start()
     engine = d.wait_state("tiny", "ready", 90)
-    for i in range(20):
+    for i in range(10):
         r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": f"tell me a story {i} " * 10}],
-                             "max_tokens": 64})
+                             "max_tokens": 48})
         assert r.status_code == 200
     time.sleep(1.0)
     proc = psutil.Process(engine["pid"])
