@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -29,7 +30,7 @@ REPO = common.REPO
 DOC = REPO / "docs" / "benchmarks.md"
 PLOT = REPO / "docs" / "crash-detection.png"
 RESULTS = REPO / "bench" / "results" / "latest.json"
-ORDER = ("crash", "hang", "slowdown", "footprint", "swap", "memory")  # footprint also times status
+ORDER = ("crash", "hang", "slowdown", "footprint", "swap", "memory", "fault_matrix")  # footprint also times status
 
 
 def _ms(v: float | None) -> str:
@@ -180,6 +181,12 @@ def render_swap(r: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def render_fault_matrix(r: dict[str, Any]) -> str:
+    import fault_matrix
+
+    return fault_matrix.render(r)
+
+
 def render_memory(r: dict[str, Any]) -> str:
     d, s = r["daemon"], r["supervisord"]
 
@@ -212,7 +219,8 @@ def render_memory(r: dict[str, Any]) -> str:
 
 
 RENDER = {"crash": render_crash, "hang": render_hang, "slowdown": render_slowdown, "footprint": render_footprint,
-          "swap": render_swap, "memory": render_memory}
+          "swap": render_swap, "memory": render_memory,
+          "fault_matrix": render_fault_matrix}
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -225,6 +233,21 @@ def replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip() + "\n\n" + block + "\n"
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(DOC.parent.parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def stamp(body: str, when: str, commit: str) -> str:
+    """A section's body with the run it came from: sections of different runs share the doc, so
+    each one says its own date and commit (the doc never shows a figure of unknown origin)."""
+    head, _, rest = body.partition("\n")
+    return f"{head}\n\n_Run {when} at commit `{commit}`._\n{rest}"
+
+
 def write_doc(results: dict[str, Any], meta: dict[str, Any]) -> None:
     DOC.parent.mkdir(parents=True, exist_ok=True)
     text = DOC.read_text() if DOC.exists() else (
@@ -235,7 +258,7 @@ def write_doc(results: dict[str, Any], meta: dict[str, Any]) -> None:
         if name in results:
             r = results[name]
             body = RENDER[name](r) if "error" not in r else f"### {name}\n\nThe benchmark failed: `{r['error']}`\n"
-            text = replace_section(text, name, body)
+            text = replace_section(text, name, stamp(body, meta["finished_at"], meta.get("commit") or _commit()))
     DOC.write_text(text)
 
 
@@ -256,6 +279,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown benchmark {sorted(unknown)[0]!r}; valid: {', '.join(ORDER)}")
     import crash_bench
+    import fault_matrix
     import footprint_bench
     import hang_bench
     import memory_bench
@@ -264,7 +288,8 @@ def main() -> None:
 
     runners = {"crash": lambda: crash_bench.run(args.runs), "hang": lambda: hang_bench.run(5),
                "slowdown": slowdown_bench.run, "footprint": lambda: footprint_bench.run(args.quick),
-               "swap": lambda: swap_bench.run(6), "memory": lambda: memory_bench.run(3)}
+               "swap": lambda: swap_bench.run(6), "memory": lambda: memory_bench.run(3),
+               "fault_matrix": fault_matrix.run}
     started = time.monotonic()
     results: dict[str, Any] = {}
     for name in chosen:
@@ -279,7 +304,7 @@ def main() -> None:
     meta = {"machine": common.machine_info(), "command": " ".join(shlex.quote(a) for a in
                                                                     ["bench/run_all.py", *sys.argv[1:]]),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"), "took_s": time.monotonic() - started,
-            "quick": args.quick}
+            "quick": args.quick, "commit": _commit()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**previous, **results, "meta": meta}, indent=1))

@@ -19,14 +19,29 @@ engine once it is ready (:mod:`probes.routes`), because it depends on the engine
 engine config's ``supports_messages`` overrides the probe. Facts about each engine cite the upstream
 file they come from; the recorded surfaces they rest on are in ``tests/contract/fixtures/``.
 
-``/health`` alone is never proof: mlx_lm.server answers 200 while loading and after its
-generation thread died.
+``/health`` alone is never proof: mlx_lm.server answers 200 while loading and while its generation
+loop is wedged (503 only once that thread has died), Ollama's /api/version whatever its runner does.
+
+**Progress sources** (what the watchdog may take as the engine's own progress; see
+``policies.health.assess_progress``). A counter that grows only when a request *finishes* says
+nothing while a long answer is being generated, so it never yields a hung verdict on its own.
+
+| kind      | counter (``progress_counter``)                            | lazy load | prefill progress           |
+|-----------|-----------------------------------------------------------|-----------|----------------------------|
+| mlx_lm    | none: live streams and canaries only                      | no        | log "Prompt processing progress: n/N" |
+| omlx      | ``total_completion_tokens``: at completion only           | yes (non-pinned models) | —            |
+| vllm      | ``vllm:generation_tokens_total``: per decode step         | no        | —                          |
+| llama_cpp | ``llamacpp:tokens_predicted_total``: at completion only   | no        | (``/slots``)               |
+| ollama    | none (``eval_count`` only in a request's last chunk)      | yes (``/api/ps``) | —                  |
+| sglang    | ``sglang:realtime_tokens_total{mode="decode"}``: per step | no        | —                          |
+| command   | none                                                      | no        | —                          |
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -47,6 +62,15 @@ class EngineAdapter:
     # Ask the running engine at ready time whether it serves /v1/messages (version-dependent).
     probe_messages: ClassVar[bool] = False
     counters_kind: ClassVar[str | None] = None  # which engine counters probe applies
+    # "per_step": the token total advances every decode step (flat while requests run = silence);
+    # "completion": it grows only when a request finishes (never silence evidence); None: no counter.
+    progress_counter: ClassVar[str | None] = None
+    # How stale the engine's running-requests gauge may be: flat counters must outlast it too.
+    running_gauge_stale_s: ClassVar[float] = 0.0
+    # Loads models on demand (first request after start or after its own keep-alive/TTL unloaded it).
+    lazy_loads_model: ClassVar[bool] = False
+    # A log line the engine writes as its prefill advances (engine-side progress of a long prompt).
+    prefill_progress_re: ClassVar[re.Pattern[str] | None] = None
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -156,6 +180,10 @@ class EngineAdapter:
         return await counters_probe.fetch_counters(client, self.base_url, self.counters_kind, at_s,
                                                    headers=self.auth_headers())
 
+    async def model_resident(self, client: httpx.AsyncClient) -> bool | None:
+        """Whether a lazy engine has the model in memory now; None when the engine cannot tell."""
+        return None
+
     def diagnose(self, lines: Iterable[str]) -> Diagnosis | None:
         from probes import logdiag
 
@@ -167,6 +195,10 @@ class MlxLmAdapter(EngineAdapter):
     # /v1/chat/completions and /chat/completions (404 otherwise): no /v1/messages, so the gateway
     # translates. handle_health_check answers 503 only once its generation thread has died.
     kind = "mlx_lm"
+    # mlx_lm/server.py (0.32) handle_completion: keepalive_callback logs
+    # "Prompt processing progress: {processed}/{total}" as prefill advances (and sends the same as an
+    # SSE comment, which is not a token). It has no counters endpoint.
+    prefill_progress_re = re.compile(r"Prompt processing progress: (\d+)/(\d+)")
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -201,6 +233,15 @@ class OmlxAdapter(EngineAdapter):
     supports_messages = True
     probe_messages = True
     counters_kind = "omlx"
+    # oMLX /api/status total_completion_tokens is added when a request finishes; models that are not
+    # pinned load on their first request and unload after their TTL (jundot/omlx, omlx/server).
+    progress_counter = "completion"
+    lazy_loads_model = True
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self._settings_path: Path | None = None
+        self._settings_key: tuple[tuple[int, int], str | None] | None = None
 
     def base_argv(self) -> list[str]:
         return ["omlx", "serve"]
@@ -209,7 +250,9 @@ class OmlxAdapter(EngineAdapter):
         return 2
 
     def _model_path(self) -> Path:
-        return Path(os.path.expanduser(self.config.model or "")).resolve()
+        # Not resolved: a symlinked model folder keeps the name it has in the user's model directory,
+        # which is the name oMLX lists it under.
+        return Path(os.path.abspath(os.path.expanduser(self.config.model or "")))
 
     def env(self) -> dict[str, str]:
         cfg = self.config
@@ -223,14 +266,16 @@ class OmlxAdapter(EngineAdapter):
     def settings_file(self) -> Path:
         """oMLX's settings.json (omlx/settings.py resolve_default_base_path: ``OMLX_BASE_PATH``,
         else the macOS app's bootstrap file, else ``~/.omlx``)."""
-        base = self._env_value("OMLX_BASE_PATH")
-        if not base:
-            bootstrap = Path.home() / "Library" / "Application Support" / "oMLX" / "base-path"
-            try:
-                base = bootstrap.read_text(encoding="utf-8").strip() or None
-            except OSError:
-                base = None
-        return Path(os.path.expanduser(base or "~/.omlx")) / "settings.json"
+        if self._settings_path is None:
+            base = self._env_value("OMLX_BASE_PATH")
+            if not base:
+                bootstrap = Path.home() / "Library" / "Application Support" / "oMLX" / "base-path"
+                try:
+                    base = bootstrap.read_text(encoding="utf-8").strip() or None
+                except OSError:
+                    base = None
+            self._settings_path = Path(os.path.expanduser(base or "~/.omlx")) / "settings.json"
+        return self._settings_path
 
     @property
     def api_key(self) -> str | None:
@@ -239,8 +284,21 @@ class OmlxAdapter(EngineAdapter):
         key = self._env_value("OMLX_API_KEY")
         if key:
             return key
+        # The gateway asks for the key on every request: the file is read again only when it changed.
+        path = self.settings_file()
         try:
-            settings = json.loads(self.settings_file().read_text(encoding="utf-8"))
+            stat = path.stat()
+        except OSError:
+            return None
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if self._settings_key is None or self._settings_key[0] != stamp:
+            self._settings_key = (stamp, self._read_settings_key(path))
+        return self._settings_key[1]
+
+    @staticmethod
+    def _read_settings_key(path: Path) -> str | None:
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         auth = settings.get("auth") if isinstance(settings, Mapping) else None
@@ -254,6 +312,9 @@ class VllmAdapter(EngineAdapter):
     supports_messages = True
     probe_messages = True
     counters_kind = "vllm"
+    # vllm/v1/metrics/loggers.py: vllm:generation_tokens is incremented from each engine step's
+    # IterationStats.num_generation_tokens, i.e. per decode step.
+    progress_counter = "per_step"
 
     @property
     def api_key(self) -> str | None:
@@ -278,6 +339,9 @@ class VllmAdapter(EngineAdapter):
 class LlamaCppAdapter(VllmAdapter):
     kind = "llama_cpp"
     counters_kind = "llama_cpp"
+    # tools/server/server.cpp: n_tokens_predicted_total is added in metrics.on_prediction(), called
+    # when a slot finishes its task, so the total is completion-time; live streams and canaries rule.
+    progress_counter = "completion"
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -295,6 +359,21 @@ class OllamaAdapter(EngineAdapter):
     # 2b2cda7a2); an older Ollama answers 404, which the ready-time probe turns into translation.
     supports_messages = True
     probe_messages = True
+    # The model loads on the first request, before the first byte, and unloads after keep_alive
+    # (default 5m); GET /api/ps lists the models in memory (ollama docs/api.md "List Running Models").
+    lazy_loads_model = True
+
+    async def model_resident(self, client: httpx.AsyncClient) -> bool | None:
+        try:
+            response = await client.get(self.base_url + "/api/ps", timeout=2.0)
+            models = response.json().get("models") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        if not isinstance(models, list):
+            return None
+        wanted = self.request_model or ""
+        names = {m.get(k) for m in models if isinstance(m, dict) for k in ("name", "model")}
+        return wanted in names or (":" not in wanted and f"{wanted}:latest" in names)
 
     def base_argv(self) -> list[str]:
         return ["ollama", "serve"]
@@ -322,6 +401,11 @@ class SglangAdapter(EngineAdapter):
     supports_messages = True
     probe_messages = True
     counters_kind = "sglang"
+    # python/sglang/srt/metrics/collector.py: realtime_tokens_total{mode="decode"} is added every
+    # scheduler iteration (generation_tokens_total only when a request finishes), and
+    # num_running_reqs is refreshed only every 30 s while idle (decode_log_interval / idle logging).
+    progress_counter = "per_step"
+    running_gauge_stale_s = 30.0
 
     def base_argv(self) -> list[str]:
         cfg = self.config

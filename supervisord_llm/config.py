@@ -176,6 +176,8 @@ class EngineConfig:
     canary_interval_s: float = 60.0
     canary_timeout_s: float = 30.0
     stall_s: float = 15.0
+    # Lazy engines (Ollama, oMLX): how long a model load may keep the first token waiting.
+    load_timeout_s: float = 600.0
     canary_max_tokens: int = 16
     gpu_devices: tuple[int, ...] = ()
     supports_messages: bool | None = None  # None = the adapter's default
@@ -195,6 +197,9 @@ class EngineConfig:
     # Stop the engine gracefully after this long without a real request (canaries do not count);
     # the next request starts it again. None = never.
     idle_unload_s: float | None = None
+    # The model takes images: /v1/messages image blocks are translated for it (OpenAI image_url
+    # parts) instead of refused. Only read where the gateway translates the Messages API.
+    vision: bool = False
 
     @property
     def base_url(self) -> str:
@@ -309,11 +314,29 @@ class Config:
 _ENGINE_KEYS = frozenset({
     "name", "kind", "model", "host", "port", "args", "command", "env", "cwd", "footprint", "exclusive",
     "default", "aliases", "served_model", "start_timeout", "stop_grace", "autostart", "canary_interval",
-    "canary_timeout", "stall", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
+    "canary_timeout", "stall", "load_timeout", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
     "alert_on_exit",
     "memory_soft", "memory_hard",
     "max_concurrent", "max_queue", "idle_unload", "preload",
+    "vision",
 })
+
+
+# `omlx serve` saves any of these flags into the user's settings.json (omlx/cli.py
+# _has_cli_overrides then settings.save(), jundot/omlx commit 01496518); the daemon passes host, port
+# and model folder as OMLX_* environment variables instead, which oMLX reads without saving.
+_OMLX_SAVING_FLAGS = ("--model-dir", "--port", "--host", "--max-model-memory", "--max-process-memory", "--log-level",
+                      "--mcp-config", "--hf-endpoint", "--ms-endpoint", "--http-proxy", "--https-proxy", "--no-proxy",
+                      "--ca-bundle")
+
+
+def _check_omlx_args(t: Table) -> None:
+    for arg in t.str_list("args"):
+        flag = arg.split("=", 1)[0]
+        if flag in _OMLX_SAVING_FLAGS:
+            raise t.error("args", f"{flag} makes `omlx serve` rewrite the user's settings.json; use the engine's "
+                                  "model/host/port keys, or env OMLX_* variables (e.g. OMLX_MAX_CONCURRENT_REQUESTS), "
+                                  f"instead of any of {', '.join(_OMLX_SAVING_FLAGS)}")
 
 
 def _parse_engine(t: Table) -> EngineConfig:
@@ -332,6 +355,8 @@ def _parse_engine(t: Table) -> EngineConfig:
     elif not model:
         raise t.error("model", f'is required for kind {kind!r}: a model directory or id')
     port = t.int("port", 8080, min_value=1, max_value=65535)
+    if kind == "omlx":
+        _check_omlx_args(t)
     gpu_devices = t._get("gpu_devices", [], False)
     if not isinstance(gpu_devices, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                     for d in gpu_devices):
@@ -379,6 +404,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         canary_interval_s=t.duration_s("canary_interval", "60s", min_s=1),
         canary_timeout_s=t.duration_s("canary_timeout", "30s", min_s=0.5),
         stall_s=t.duration_s("stall", "15s", min_s=0.5),
+        load_timeout_s=t.duration_s("load_timeout", "10m", min_s=1),
         canary_max_tokens=t.int("canary_max_tokens", 16, min_value=1, max_value=4096) or 16,
         gpu_devices=tuple(gpu_devices),
         supports_messages=supports_messages,
@@ -389,6 +415,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         max_concurrent=t.int("max_concurrent", 64, min_value=0) or 0,
         max_queue=t.int("max_queue", 256, min_value=0) or 0,
         idle_unload_s=idle_unload_s,
+        vision=t.bool("vision", False),
     )
 
 

@@ -69,6 +69,7 @@ class DaemonGatewayBackend:
     def _upstream(self, sup: EngineSupervisor) -> Upstream:
         return Upstream(engine=sup.name, base_url=sup.config.base_url, kind=sup.config.kind,
                         supports_messages=sup.adapter.messages_supported, served_model=sup.adapter.request_model,
+                        accepts_images=sup.config.vision,
                         auth_headers=tuple(sup.adapter.auth_headers().items()),
                         max_concurrent=sup.config.max_concurrent, max_queue=sup.config.max_queue)
 
@@ -151,7 +152,11 @@ class DaemonGatewayBackend:
         health = self._health(engine)
         if health is not None:
             health.last_traffic_s = at_s
-            health.stall_reason = None
+            health.last_token_s = at_s  # read from the engine, whatever the client's pace
+
+    def engine_progress_s(self, engine: str) -> float | None:
+        health = self._health(engine)
+        return health.progress_s(self.daemon.clock.now()) if health is not None else None
 
     def request_finished(self, stats: RequestStats) -> None:
         from probes.readings import ThroughputSample
@@ -182,7 +187,12 @@ class DaemonGatewayBackend:
         health = self._health(engine)
         if health is None:
             return
-        health.stall_reason = f"a live {phase} stream got no token for {stalled_for_s:.0f}s"
+        from policies.health import Silence
+
+        now = self.daemon.clock.now()
+        health.silences.append(Silence("stream", since_s=now - stalled_for_s, at_s=now,
+                                       detail=f"a live {phase} stream got nothing from the engine for "
+                                              f"{stalled_for_s:.0f}s"))
         self.daemon.events.emit("gateway.stall_detected", engine=engine, phase=phase,
                                 stalled_for_s=round(stalled_for_s, 3))
 
@@ -212,7 +222,8 @@ class GatewayExtension:
 
     def contribute_status(self, doc: dict[str, Any]) -> None:
         stats = self.app.state.gateway
-        doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight, "refused": dict(stats.refused)}
+        doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight, "clients_cut": stats.clients_cut,
+                          "refused": dict(stats.refused)}
 
 
 class AlertsExtension:

@@ -89,6 +89,8 @@ def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
         gauge(f"alerts_{key}", f"alerts {key} (delivered/failed over the outbox's lifetime)").set(alerts.get(key, 0))
     if doc.get("gateway"):
         gauge("gateway_in_flight", "requests in flight through the gateway").set(doc["gateway"].get("in_flight", 0))
+        gauge("gateway_clients_cut", "clients cut for not reading their stream within client_timeout_s "
+              "(since the daemon started)").set(doc["gateway"].get("clients_cut", 0))
     gauge("daemon_uptime_seconds", "seconds since the daemon started").set(doc["daemon"]["uptime_s"])
     reboot = doc.get("reboot") or {}
     gauge("reboot_pending", "1 while a reboot is announced").set(1 if reboot.get("state") == "announced" else 0)

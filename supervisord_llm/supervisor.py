@@ -126,8 +126,9 @@ class Stopped:
 @dataclass
 class HealthVerdict:
     gen: int
-    state: str  # "ok" | "hung" | "degraded"
+    state: str  # "ok" | "hung" | "hang_restart" | "degraded" | "degraded_restart" | "memory_restart"
     reason: str
+    evidence: dict[str, Any] | None = None  # which source showed silence (or progress), for how long
 
 
 @dataclass
@@ -219,6 +220,10 @@ class EngineSupervisor:
     @property
     def serving(self) -> bool:
         return self.state in SERVING_STATES
+
+    @property
+    def serving_or_hung(self) -> bool:
+        return self.state in SERVING_STATES or self.state == EngineState.HUNG
 
     # ---- main loop --------------------------------------------------------------------------
 
@@ -447,7 +452,7 @@ class EngineSupervisor:
             # The spawn time is recorded before the fork, so even a daemon killed right after the
             # fork cannot spawn twice within min_interval.
             self.backoff = backoff.record_spawn(self.backoff, self.clock.now())
-            self.daemon.persist()
+            await self.daemon.persist_durably()
             inherit = engine_environment(os.environ, daemon_secret_values(self.daemon.config))
             proc = EngineProcess.spawn(self.adapter.argv(), env=self.adapter.env(), cwd=self.config.cwd,
                                        log_path=self.log_path, tag=tag, engine=self.name, inherit=inherit)
@@ -495,7 +500,7 @@ class EngineSupervisor:
             if not proc.running:
                 return  # the exit watcher reports it
             try:
-                response = await client.get(self.adapter.liveness_url, timeout=2.0)
+                response = await client.get(self.adapter.liveness_url, timeout=2.0, headers=self.adapter.auth_headers())
                 live = response.status_code < 500
                 if not live:
                     last_error = f"{self.adapter.liveness_path} answered {response.status_code}"
@@ -659,7 +664,8 @@ class EngineSupervisor:
 
     # ---- stop -------------------------------------------------------------------------------
 
-    def _begin_stop(self, reason: str, *, then: str, failure: bool = False, grace_s: float | None = None) -> None:
+    def _begin_stop(self, reason: str, *, then: str, failure: bool = False, grace_s: float | None = None,
+                    evidence: dict[str, Any] | None = None) -> None:
         """Stop the current run; ``then``: "stay" (stopped), "start" (a person's restart), "auto" (a
         failure: backoff), "policy" (a restart a policy asked for: through the 60 s floor, no failure)."""
         proc = self.proc
@@ -670,7 +676,7 @@ class EngineSupervisor:
         self._stop_is_failure = failure
         self._stop_reason = reason
         self._stop_then = then
-        self._set_state(EngineState.STOPPING, reason)
+        self._set_state(EngineState.STOPPING, reason, **({"evidence": evidence} if evidence else {}))
         if proc is None:
             self.post(Stopped(self.gen, True, (), then))
             return
@@ -703,14 +709,15 @@ class EngineSupervisor:
     # ---- health -----------------------------------------------------------------------------
 
     def _on_health(self, v: HealthVerdict) -> None:
+        evidence = {"evidence": v.evidence} if v.evidence else {}
         if v.state == "hung" and self.state in SERVING_STATES:
-            self._set_state(EngineState.HUNG, v.reason)
+            self._set_state(EngineState.HUNG, v.reason, **evidence)
             self.daemon.alert(Alert(key=f"engine.hung:{self.name}", severity="critical",
                                     summary=f"{self.name} is hung: {v.reason}", details={"engine": self.name}))
         elif v.state == "hang_restart" and self.state == EngineState.HUNG:
             self.last_exit = {"code": None, "signal": None, "reason": f"hang restart: {v.reason}",
                               "at": self.clock.wall()}
-            self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True)
+            self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True, evidence=v.evidence)
         elif v.state == "memory_restart" and (self.state in SERVING_STATES or self.state == EngineState.HUNG):
             # Counted as a failure: the restart waits out the normal backoff, and a model that keeps
             # outgrowing its footprint ends in failed instead of a loop.
@@ -725,7 +732,7 @@ class EngineSupervisor:
             self._begin_stop(f"degraded restart while idle: {v.reason}", then="policy")
         elif v.state == "ok" and self.state in (EngineState.HUNG, EngineState.DEGRADED):
             key = "hung" if self.state == EngineState.HUNG else "degraded"
-            self._set_state(EngineState.READY, v.reason or "recovered")
+            self._set_state(EngineState.READY, v.reason or "recovered", **evidence)
             self.daemon.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
                                     summary=f"{self.name} recovered", details={"engine": self.name},
                                     resolved=True))
@@ -765,6 +772,7 @@ class EngineSupervisor:
             "baseline_tokens_per_s": baseline,
             "last_canary": canary,
             "memory": {"rss_bytes": rss, "gpu_bytes": gpu},
+            "watchdog": self.health.watchdog(now) if self.health is not None and self.serving_or_hung else None,
             "footprint_bytes": self.daemon.footprint_bytes(self),
             "log": str(self.log_path),
         }
