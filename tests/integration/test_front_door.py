@@ -180,19 +180,16 @@ def test_a_flood_of_connections_is_refused_in_json_while_the_daemon_keeps_servin
         with lock:
             codes.append(code)
 
-    threads = [threading.Thread(target=call) for _ in range(200)]
+    threads = [threading.Thread(target=call) for _ in range(100)]
     for t in threads:
         t.start()
-    started = time.monotonic()
     assert d.llmctl("status").returncode == 0  # supervision answers in the middle of the flood
-    control_s = time.monotonic() - started
     for t in threads:
         t.join()
     assert codes.count(200) >= 8 and codes.count(503) > 0 and -1 not in codes, sorted(set(codes))
     refused = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json=body, timeout=60)
     assert refused.status_code == 200  # the flood is over: served again
     assert d.status()["gateway"]["refused"]["connections"] == codes.count(503)
-    assert control_s < 30
 
 
 def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> None:
