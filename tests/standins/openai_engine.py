@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--exit-after-s", type=float, default=None)
     p.add_argument("--keepalive-s", type=float, default=0.0, help="send SSE comments every N s before tokens")
     p.add_argument("--first-token-delay-s", type=float, default=0.0)
+    p.add_argument("--log-paths", action="store_true", help="print every request line (method and path) as received")
     p.add_argument("--grow-mb", type=float, default=0.0, help="allocate and touch N MB per request, never freed")
     p.add_argument("--silent-from", type=int, default=0, help="from the N-th generation request on, go silent")
     p.add_argument("--silent-after-tokens", type=int, default=0)
@@ -124,6 +125,8 @@ def main() -> None:
             self.wfile.write(body)
 
         def do_GET(self) -> None:  # noqa: N802
+            if args.log_paths:
+                print(f"request GET {self.path}", flush=True)
             if self.path == "/health":
                 self._json(200, {"status": "ok"})
             elif self.path == "/api/version" and args.ollama:
@@ -150,6 +153,8 @@ def main() -> None:
                 self._json(404, {"error": "not found"})
 
         def do_POST(self) -> None:  # noqa: N802
+            if args.log_paths:
+                print(f"request POST {self.path}", flush=True)
             length = int(self.headers.get("content-length", "0"))
             body = json.loads(self.rfile.read(length) or b"{}")
             if args.never_ready:
