@@ -56,7 +56,9 @@ def _hold_without_reading(listen: str, path: str, body: dict, hold_s: float) -> 
         s.close()
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+# Passthrough is also covered in the default run end to end (test_watchdog_evidence.py, real mlx_lm).
+@pytest.mark.parametrize("path", [pytest.param("/v1/chat/completions", marks=pytest.mark.chaos_full),
+                                  "/v1/messages"])
 async def test_a_client_that_stops_reading_is_cut_and_no_stall_is_reported(fast_engine: str, path: str) -> None:
     """Passthrough and translated (Messages) streams: a client that reads only the head is cut after
     client_timeout_s (`client_too_slow`), and the engine is never reported stalled for it."""

@@ -263,6 +263,7 @@ def test_completion_only_counters_do_not_make_a_long_generation_hung(daemon_fact
     assert _hung(d, "c")[-1]["evidence"]["source"] == "stream"
 
 
+@pytest.mark.chaos_full  # the rule itself is covered by tests/unit/test_policy_progress.py in the default run
 def test_per_step_counters_are_progress_while_they_move_and_hung_when_flat(daemon_factory) -> None:
     """vLLM-style per-step totals: a long generation read directly from the engine (the gateway sees
     nothing) is no verdict while the counter moves; when the engine stops mid-generation it is hung on
