@@ -268,6 +268,18 @@ def render(results: dict[int, dict[str, dict[str, float]]], args: argparse.Names
 
 
 def write_section(text: str, path: Path) -> None:
+    import subprocess
+    from datetime import UTC, datetime
+
+    try:
+        commit = subprocess.run(["git", "-C", str(path.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    # Sections of different runs share the doc: this one says its own date and commit.
+    head, _, rest = text.partition("\n")
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    text = f"{head}\n\n_Run {when} at commit `{commit}`._\n{rest}"
     section = f"{START}\n{text}\n{END}"
     current = path.read_text() if path.exists() else "# Benchmarks\n"
     if START in current and END in current:

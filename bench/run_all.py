@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -232,6 +233,21 @@ def replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip() + "\n\n" + block + "\n"
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(DOC.parent.parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def stamp(body: str, when: str, commit: str) -> str:
+    """A section's body with the run it came from: sections of different runs share the doc, so
+    each one says its own date and commit (the doc never shows a figure of unknown origin)."""
+    head, _, rest = body.partition("\n")
+    return f"{head}\n\n_Run {when} at commit `{commit}`._\n{rest}"
+
+
 def write_doc(results: dict[str, Any], meta: dict[str, Any]) -> None:
     DOC.parent.mkdir(parents=True, exist_ok=True)
     text = DOC.read_text() if DOC.exists() else (
@@ -242,7 +258,7 @@ def write_doc(results: dict[str, Any], meta: dict[str, Any]) -> None:
         if name in results:
             r = results[name]
             body = RENDER[name](r) if "error" not in r else f"### {name}\n\nThe benchmark failed: `{r['error']}`\n"
-            text = replace_section(text, name, body)
+            text = replace_section(text, name, stamp(body, meta["finished_at"], meta.get("commit") or _commit()))
     DOC.write_text(text)
 
 
@@ -288,7 +304,7 @@ def main() -> None:
     meta = {"machine": common.machine_info(), "command": " ".join(shlex.quote(a) for a in
                                                                     ["bench/run_all.py", *sys.argv[1:]]),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"), "took_s": time.monotonic() - started,
-            "quick": args.quick}
+            "quick": args.quick, "commit": _commit()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**previous, **results, "meta": meta}, indent=1))

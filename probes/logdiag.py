@@ -258,12 +258,23 @@ SIGNATURES: tuple[Signature, ...] = (
     ),
     Signature(
         id="vllm.engine_core_init_failed",
-        patterns=_re(r"Engine core initialization failed"),
+        # vllm 0.33.0 vllm/v1/engine/utils.py: "Engine core initialization failed. See root cause above."
+        # or, when a frontend process died first, "Frontend process failed during engine core initialization."
+        patterns=_re(r"Engine core initialization failed", r"failed during engine core initialization"),
         cause="vLLM's engine core failed to start; the real cause is logged above this line",
         remedy="read the engine log above this line for the first error (the diagnosis names it when it is known)",
         priority=WRAPPER,
     ),
     # ------------------------------------------------------------------ MLX / Metal (mlx_lm, oMLX, llama.cpp on Mac)
+    Signature(
+        id="mlx_lm.generation_thread_died",
+        # mlx-lm 0.32 mlx_lm/server.py ResponseGenerator._run_generate logs this and keeps serving
+        # HTTP: /health turns 503 and every generation answers 404 "generation thread died".
+        patterns=_re(r"mlx_lm\.server generation thread died: (?P<reason>.+?)\s*$"),
+        cause="mlx_lm.server's generation thread died ({reason}); the process still answers HTTP but cannot generate",
+        remedy="fix the cause named in the reason (a specific cause in the lines around it is named instead when known); the engine must be restarted",
+        priority=GENERIC - 10,
+    ),
     Signature(
         id="metal.out_of_memory",
         patterns=_re(r"kIOGPUCommandBufferCallbackErrorOutOfMemory", r"\[METAL\] Command buffer execution failed: Insufficient Memory"),

@@ -19,8 +19,8 @@ engine once it is ready (:mod:`probes.routes`), because it depends on the engine
 engine config's ``supports_messages`` overrides the probe. Facts about each engine cite the upstream
 file they come from; the recorded surfaces they rest on are in ``tests/contract/fixtures/``.
 
-``/health`` alone is never proof: mlx_lm.server answers 200 while loading and after its
-generation thread died.
+``/health`` alone is never proof: mlx_lm.server answers 200 while loading and while its generation
+loop is wedged (503 only once that thread has died), Ollama's /api/version whatever its runner does.
 
 **Progress sources** (what the watchdog may take as the engine's own progress; see
 ``policies.health.assess_progress``). A counter that grows only when a request *finishes* says
@@ -239,6 +239,11 @@ class OmlxAdapter(EngineAdapter):
     progress_counter = "completion"
     lazy_loads_model = True
 
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self._settings_path: Path | None = None
+        self._settings_key: tuple[tuple[int, int], str | None] | None = None
+
     def base_argv(self) -> list[str]:
         return ["omlx", "serve"]
 
@@ -246,7 +251,9 @@ class OmlxAdapter(EngineAdapter):
         return 2
 
     def _model_path(self) -> Path:
-        return Path(os.path.expanduser(self.config.model or "")).resolve()
+        # Not resolved: a symlinked model folder keeps the name it has in the user's model directory,
+        # which is the name oMLX lists it under.
+        return Path(os.path.abspath(os.path.expanduser(self.config.model or "")))
 
     def env(self) -> dict[str, str]:
         cfg = self.config
@@ -260,14 +267,16 @@ class OmlxAdapter(EngineAdapter):
     def settings_file(self) -> Path:
         """oMLX's settings.json (omlx/settings.py resolve_default_base_path: ``OMLX_BASE_PATH``,
         else the macOS app's bootstrap file, else ``~/.omlx``)."""
-        base = self._env_value("OMLX_BASE_PATH")
-        if not base:
-            bootstrap = Path.home() / "Library" / "Application Support" / "oMLX" / "base-path"
-            try:
-                base = bootstrap.read_text(encoding="utf-8").strip() or None
-            except OSError:
-                base = None
-        return Path(os.path.expanduser(base or "~/.omlx")) / "settings.json"
+        if self._settings_path is None:
+            base = self._env_value("OMLX_BASE_PATH")
+            if not base:
+                bootstrap = Path.home() / "Library" / "Application Support" / "oMLX" / "base-path"
+                try:
+                    base = bootstrap.read_text(encoding="utf-8").strip() or None
+                except OSError:
+                    base = None
+            self._settings_path = Path(os.path.expanduser(base or "~/.omlx")) / "settings.json"
+        return self._settings_path
 
     @property
     def api_key(self) -> str | None:
@@ -276,8 +285,21 @@ class OmlxAdapter(EngineAdapter):
         key = self._env_value("OMLX_API_KEY")
         if key:
             return key
+        # The gateway asks for the key on every request: the file is read again only when it changed.
+        path = self.settings_file()
         try:
-            settings = json.loads(self.settings_file().read_text(encoding="utf-8"))
+            stat = path.stat()
+        except OSError:
+            return None
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if self._settings_key is None or self._settings_key[0] != stamp:
+            self._settings_key = (stamp, self._read_settings_key(path))
+        return self._settings_key[1]
+
+    @staticmethod
+    def _read_settings_key(path: Path) -> str | None:
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         auth = settings.get("auth") if isinstance(settings, Mapping) else None

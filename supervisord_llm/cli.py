@@ -261,6 +261,11 @@ def render_status(doc: dict[str, Any], *, colour: bool = False) -> str:
     a = doc.get("alerts") or {}
     lines.append(f"alerts: {a.get('pending', 0)} pending, {a.get('delivered', 0)} delivered, "
                  f"{a.get('failed', 0)} failed")
+    beat = doc.get("heartbeat")
+    if beat:
+        state = "sending" if beat.get("sending") else f"withheld: {beat.get('reason')}"
+        text = f"heartbeat: every {format_duration(beat.get('interval_s'))}, {state} ({beat.get('sent', 0)} sent)"
+        lines.append(text if beat.get("sending") is not False else paint(text, "1;31"))
     reboot = doc.get("reboot") or {}
     if reboot.get("state") not in (None, "idle"):
         lines.append(paint(f"reboot: {reboot['state']} at {reboot.get('at')} ({reboot.get('reason')}); "

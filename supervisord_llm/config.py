@@ -190,6 +190,9 @@ class EngineConfig:
     # Memory guard watermarks on what the engine's process tree holds; None = footprint x the factors.
     memory_soft_bytes: int | None = None
     memory_hard_bytes: int | None = None
+    # The model takes images: /v1/messages image blocks are translated for it (OpenAI image_url
+    # parts) instead of refused. Only read where the gateway translates the Messages API.
+    vision: bool = False
 
     @property
     def base_url(self) -> str:
@@ -307,7 +310,25 @@ _ENGINE_KEYS = frozenset({
     "canary_timeout", "stall", "load_timeout", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
     "alert_on_exit",
     "memory_soft", "memory_hard",
+    "vision",
 })
+
+
+# `omlx serve` saves any of these flags into the user's settings.json (omlx/cli.py
+# _has_cli_overrides then settings.save(), jundot/omlx commit 01496518); the daemon passes host, port
+# and model folder as OMLX_* environment variables instead, which oMLX reads without saving.
+_OMLX_SAVING_FLAGS = ("--model-dir", "--port", "--host", "--max-model-memory", "--max-process-memory", "--log-level",
+                      "--mcp-config", "--hf-endpoint", "--ms-endpoint", "--http-proxy", "--https-proxy", "--no-proxy",
+                      "--ca-bundle")
+
+
+def _check_omlx_args(t: Table) -> None:
+    for arg in t.str_list("args"):
+        flag = arg.split("=", 1)[0]
+        if flag in _OMLX_SAVING_FLAGS:
+            raise t.error("args", f"{flag} makes `omlx serve` rewrite the user's settings.json; use the engine's "
+                                  "model/host/port keys, or env OMLX_* variables (e.g. OMLX_MAX_CONCURRENT_REQUESTS), "
+                                  f"instead of any of {', '.join(_OMLX_SAVING_FLAGS)}")
 
 
 def _parse_engine(t: Table) -> EngineConfig:
@@ -326,6 +347,8 @@ def _parse_engine(t: Table) -> EngineConfig:
     elif not model:
         raise t.error("model", f'is required for kind {kind!r}: a model directory or id')
     port = t.int("port", 8080, min_value=1, max_value=65535)
+    if kind == "omlx":
+        _check_omlx_args(t)
     gpu_devices = t._get("gpu_devices", [], False)
     if not isinstance(gpu_devices, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                     for d in gpu_devices):
@@ -374,6 +397,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         alert_on_exit=t.bool("alert_on_exit", True),
         memory_soft_bytes=memory_soft_bytes,
         memory_hard_bytes=memory_hard_bytes,
+        vision=t.bool("vision", False),
     )
 
 

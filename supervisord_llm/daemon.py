@@ -9,6 +9,7 @@ second copies, and keeps the 60 s spacing of spawns across its own restarts.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sys
 import uuid
@@ -39,7 +40,8 @@ from supervisord_llm.errors import (
 from supervisord_llm.events import EventLog
 from supervisord_llm.process import EngineProcess, tagged_processes
 from supervisord_llm.redact import redact_argv
-from supervisord_llm.statefile import move_aside, read_json, state_shape_problem, write_json_atomic
+from supervisord_llm.statefile import move_aside, read_json, state_shape_problem
+from supervisord_llm.statewriter import StateWriter
 from supervisord_llm.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
 
 STATE_VERSION = 1
@@ -93,6 +95,7 @@ class Daemon:
         self.started_s = self.clock.now()
         self.lock = DaemonLock(self.state_dir)
         self.events: EventLog = None  # type: ignore[assignment]  # set in open()
+        self.state_writer: StateWriter | None = None  # set in claim()
         self.http: httpx.AsyncClient = None  # type: ignore[assignment]
         self.supervisors: dict[str, EngineSupervisor] = {}
         self.daemon_id = ""
@@ -134,6 +137,7 @@ class Daemon:
         prepare_state_dir(self.state_dir)
         self.lock.acquire()
         self.events = EventLog(self.state_dir / "events.jsonl", self.clock, self.log)
+        self.state_writer = StateWriter(self.state_dir / "state.json", self._on_state_written)
 
     def open(self) -> None:
         """Claim the state dir (refusing a second daemon) and load durable state. Blocking."""
@@ -192,6 +196,8 @@ class Daemon:
             self.supervisors[engine.name] = sup
 
     def close(self) -> None:
+        if self.state_writer is not None:
+            self.state_writer.close()  # the last state reaches the disk before the lock is released
         for sup in self.supervisors.values():
             sup.close()
         if self.events is not None:
@@ -375,9 +381,13 @@ class Daemon:
 
     # ---- persistence -----------------------------------------------------------------------
 
-    def persist(self) -> None:
-        if self.events is None:
-            return
+    def persist(self) -> int:
+        """Hand the current state to the writer thread: no disk I/O on the loop. Returns its version.
+
+        Where an order depends on the state being on disk, use ``persist_durably``.
+        """
+        if self.events is None or self.state_writer is None:
+            return 0
         data = {
             "version": STATE_VERSION,
             "daemon_pid": os.getpid(),
@@ -388,15 +398,23 @@ class Daemon:
         for ext in self.extensions:
             if hasattr(ext, "persisted"):
                 data[ext.name] = ext.persisted()
-        try:
-            write_json_atomic(self.state_dir / "state.json", data)
-            if not self._persist_ok:
-                self._persist_ok = True
-                self.events.emit("state.write_recovered")
-        except OSError as exc:
-            if self._persist_ok:
-                self._persist_ok = False
-                self.log.error("state.write_failed", error=str(exc))
+        # Serialised here, on the loop: the writer thread gets a finished text, never live objects.
+        return self.state_writer.submit(json.dumps(data, indent=1, sort_keys=True))
+
+    async def persist_durably(self) -> None:
+        """``persist()`` and return once that state is on disk (waited for in a worker thread)."""
+        version = self.persist()
+        if version and self.state_writer is not None:
+            await anyio.to_thread.run_sync(self.state_writer.wait_written, version)
+
+    def _on_state_written(self, error: OSError | None) -> None:
+        """The writer thread's report on each write: an outage and its end are logged once each."""
+        if error is not None and self._persist_ok:
+            self._persist_ok = False
+            self.log.error("state.write_failed", path=str(self.state_dir / "state.json"), error=str(error))
+        elif error is None and not self._persist_ok:
+            self._persist_ok = True
+            self.log.warning("state.write_recovered", path=str(self.state_dir / "state.json"))
 
     def _baselines(self) -> dict[str, Any]:
         """Throughput baselines per model, kept across engine and daemon restarts."""

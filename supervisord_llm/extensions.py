@@ -69,6 +69,7 @@ class DaemonGatewayBackend:
     def _upstream(self, sup: EngineSupervisor) -> Upstream:
         return Upstream(engine=sup.name, base_url=sup.config.base_url, kind=sup.config.kind,
                         supports_messages=sup.adapter.messages_supported, served_model=sup.adapter.request_model,
+                        accepts_images=sup.config.vision,
                         auth_headers=tuple(sup.adapter.auth_headers().items()))
 
     def _unavailable(self, sup: EngineSupervisor) -> EngineUnavailable:

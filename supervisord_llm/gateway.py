@@ -1,9 +1,11 @@
 """The gateway: one OpenAI/Anthropic-compatible front port for every configured engine.
 
 The ``model`` field of a request picks the engine (name, alias, or the default engine). The
-gateway forwards requests byte for byte (no protocol translation), streams pass through chunk by
-chunk, and every token that goes by is watched: time to first token, gaps between tokens, token
-counts, and stalls (a live stream with no token for too long) are reported to the daemon.
+gateway forwards requests byte for byte, streams pass through chunk by chunk, and every token that
+goes by is watched: time to first token, gaps between tokens, token counts, and stalls (a live
+stream with no token for too long) are reported to the daemon. The one translation: the Anthropic
+Messages API for engines that serve only the OpenAI API (``anthropic_api``), where the meter still
+reads the engine's own bytes as they arrive.
 
 A stream is read from the engine at the *engine's* pace into a bounded per-stream buffer
 (``client_buffer_bytes``), and a token counts as progress when it arrives from the engine, not when
@@ -74,7 +76,8 @@ MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 # A translated stream sends the client a ping after this long without any other event.
 TRANSLATED_PING_INTERVAL_S = 5.0
-# On a translated count_tokens answer: "engine-tokenizer", or "estimate (...)" saying how.
+# On a count_tokens answer: "engine" (its own count_tokens), "engine-tokenizer" (its /tokenize),
+# or "estimate (...)" saying how.
 TOKEN_COUNT_HEADER = "x-supervisord-llm-token-count"
 
 
@@ -89,6 +92,7 @@ class Upstream:
     ``kind`` is the adapter's name (mlx_lm, omlx, vllm, llama_cpp, ollama, sglang, command);
     ``served_model`` replaces the request's ``model`` field when set (mlx_lm.server wants
     ``"default_model"`` or its model path there, never the gateway's name for it).
+    ``accepts_images``: its model can see, so translated Messages requests may carry images.
     ``auth_headers`` is the engine's own API key (vLLM/SGLang ``--api-key``, oMLX ``auth.api_key``):
     when set it replaces whatever credentials the client sent, which were for the gateway.
     """
@@ -98,6 +102,7 @@ class Upstream:
     kind: str
     supports_messages: bool
     served_model: str | None = None
+    accepts_images: bool = False
     auth_headers: tuple[tuple[str, str], ...] = ()
 
 
@@ -1467,6 +1472,8 @@ class _Gateway:
             return upstream
         if anthropic and not upstream.supports_messages:
             return await self._translate(request, path, doc, upstream)
+        if path == COUNT_TOKENS_PATH and request.method == "POST" and isinstance(doc, dict):
+            return await self._native_count_tokens(request, doc, upstream)
 
         if (
             upstream.served_model is not None
@@ -1507,11 +1514,13 @@ class _Gateway:
             if path == COUNT_TOKENS_PATH:
                 # count_tokens takes the same fields as a message, without max_tokens.
                 checked = anthropic_api.check_request({"max_tokens": 1, **doc})
-                anthropic_api.to_openai(checked, upstream.served_model, engine=upstream.engine)
+                anthropic_api.to_openai(
+                    checked, upstream.served_model, engine=upstream.engine, images=upstream.accepts_images
+                )
                 return await self._count_tokens(checked.doc, upstream)
             checked = anthropic_api.check_request(doc)
             openai_body = anthropic_api.to_openai(
-                checked, upstream.served_model, engine=upstream.engine
+                checked, upstream.served_model, engine=upstream.engine, images=upstream.accepts_images
             )
         except anthropic_api.RequestInvalid as exc:
             return error_response(True, 400, str(exc), "invalid_request", field=exc.field)
@@ -1528,7 +1537,10 @@ class _Gateway:
             (b"accept", b"text/event-stream"),
             (b"accept-encoding", b"identity"),  # the meter reads plain bytes
         ]
-        if self._api_key is None:
+        if upstream.auth_headers:
+            # The engine's own key replaces the client's credentials (as on passthrough).
+            headers += [(k.encode(), v.encode()) for k, v in upstream.auth_headers]
+        elif self._api_key is None:
             # No gateway key: the client's key is meant for the engine (as on passthrough).
             key = request.headers.get("x-api-key")
             auth = request.headers.get("authorization") or (f"Bearer {key}" if key else None)
@@ -1547,6 +1559,45 @@ class _Gateway:
             translation=_Translation(translator, stream=checked.stream),
         )
 
+    async def _native_count_tokens(self, request: Request, doc: dict[str, Any], upstream: Upstream) -> Response:
+        """count_tokens on an engine that serves the Messages API: its own answer where it has the
+        endpoint; where it answers 404/405 (a Messages API without count_tokens), counted as for a
+        translated engine."""
+        body = dict(doc)
+        if upstream.served_model is not None:
+            body["model"] = upstream.served_model
+        headers = {"anthropic-version": request.headers.get("anthropic-version", "2023-06-01")}
+        if upstream.auth_headers:
+            headers.update(dict(upstream.auth_headers))
+        elif self._api_key is None:
+            for name in ("x-api-key", "authorization"):
+                if name in request.headers:
+                    headers[name] = request.headers[name]
+        query = request.url.query
+        url = upstream.base_url.rstrip("/") + COUNT_TOKENS_PATH + ("?" + query if query else "")
+        try:
+            response = await self.client.post(url, json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return error_response(
+                True,
+                502,
+                f"engine {upstream.engine!r} at {upstream.base_url} could not be reached: {type(exc).__name__}",
+                "upstream_unreachable",
+                engine=upstream.engine,
+            )
+        if response.status_code not in (404, 405):
+            return Response(
+                response.content,
+                status_code=response.status_code,
+                media_type=response.headers.get("content-type", "application/json"),
+                headers={TOKEN_COUNT_HEADER: "engine"} if response.status_code == 200 else None,
+            )
+        try:
+            checked = anthropic_api.check_request({"max_tokens": 1, **doc})
+        except anthropic_api.RequestInvalid as exc:
+            return error_response(True, 400, str(exc), "invalid_request", field=exc.field)
+        return await self._count_tokens(checked.doc, upstream)
+
     async def _count_tokens(self, doc: dict[str, Any], upstream: Upstream) -> Response:
         """Tokens of a request: the engine's /tokenize where it has one, else an estimate, said so."""
         text = anthropic_api.count_text(doc)
@@ -1556,7 +1607,7 @@ class _Gateway:
         if upstream.served_model is not None:
             body["model"] = upstream.served_model
         try:
-            response = await self.client.post(url, json=body, timeout=10.0)
+            response = await self.client.post(url, json=body, headers=dict(upstream.auth_headers), timeout=10.0)
             counted = response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             counted = None

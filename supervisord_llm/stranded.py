@@ -175,6 +175,7 @@ class StrandedExtension:
         daemon.events.emit("reboot.executing", argv=list(action.argv), reason=action.reason)
 
         async def run() -> None:
+            await daemon.persist_durably()  # the ledger is on disk before the command runs
             try:
                 done = await anyio.to_thread.run_sync(lambda: subprocess.run(
                     list(action.argv), capture_output=True, text=True, timeout=120))

@@ -126,7 +126,7 @@ class Stopped:
 @dataclass
 class HealthVerdict:
     gen: int
-    state: str  # "ok" | "hung" | "degraded"
+    state: str  # "ok" | "hung" | "hang_restart" | "degraded" | "degraded_restart" | "memory_restart"
     reason: str
     evidence: dict[str, Any] | None = None  # which source showed silence (or progress), for how long
 
@@ -445,7 +445,7 @@ class EngineSupervisor:
             # The spawn time is recorded before the fork, so even a daemon killed right after the
             # fork cannot spawn twice within min_interval.
             self.backoff = backoff.record_spawn(self.backoff, self.clock.now())
-            self.daemon.persist()
+            await self.daemon.persist_durably()
             inherit = engine_environment(os.environ, daemon_secret_values(self.daemon.config))
             proc = EngineProcess.spawn(self.adapter.argv(), env=self.adapter.env(), cwd=self.config.cwd,
                                        log_path=self.log_path, tag=tag, engine=self.name, inherit=inherit)
@@ -493,7 +493,7 @@ class EngineSupervisor:
             if not proc.running:
                 return  # the exit watcher reports it
             try:
-                response = await client.get(self.adapter.liveness_url, timeout=2.0)
+                response = await client.get(self.adapter.liveness_url, timeout=2.0, headers=self.adapter.auth_headers())
                 live = response.status_code < 500
                 if not live:
                     last_error = f"{self.adapter.liveness_path} answered {response.status_code}"

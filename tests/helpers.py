@@ -87,7 +87,7 @@ def standin_engine_toml(name: str, port: int, *extra: str, **keys: object) -> st
     """An [[engine]] table running the OpenAI stand-in with extra flags."""
     argv = [PYTHON, str(STANDINS / "openai_engine.py"), "--port", "{port}", *extra]
     lines = ["[[engine]]", f'name = "{name}"', 'kind = "command"', f"port = {port}",
-             "command = [" + ", ".join(f'"{a}"' for a in argv) + "]"]
+             "command = [" + ", ".join(json.dumps(a) for a in argv) + "]"]  # JSON strings are TOML strings
     keys.setdefault("footprint", "100MB")
     keys.setdefault("stop_grace", "5s")
     keys.setdefault("start_timeout", "30s")

@@ -1,8 +1,9 @@
 """Chaos suite plumbing: every scenario states what it expected, what it observed and what was lost.
 
-A scenario fills the ``outcome`` fixture; after the run the outcomes (with pass/fail) are merged
-into ``.pytest_cache/chaos-results.json`` (or ``$CHAOS_RESULTS``), which
-``python -m tests.chaos.report`` renders into docs/reliability.md.
+A scenario fills the ``outcome`` fixture; after the run the outcomes (with pass/fail) replace
+``.pytest_cache/chaos-results.json`` (or ``$CHAOS_RESULTS``), stamped with the run's date and the
+commit it ran on, and ``python -m tests.chaos.report`` renders them into docs/reliability.md. Rows
+of older runs are never merged in: the table shows one run of one commit.
 """
 
 from __future__ import annotations
@@ -56,13 +57,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
         _collected[item.nodeid] = entry
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+changes" if dirty else "")
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if not _collected:
         return
-    try:
-        previous = json.loads(RESULTS.read_text())
-    except (OSError, ValueError):
-        previous = {}
-    previous.update(_collected)
+    run = {"commit": _commit(), "at": datetime.now(UTC).isoformat(timespec="seconds"),
+           "selected": session.testscollected}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(previous, indent=1))
+    RESULTS.write_text(json.dumps({"run": run, "results": _collected}, indent=1))

@@ -20,25 +20,26 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(results: dict[str, dict]) -> str:
+def render(results: dict[str, dict], run: dict) -> str:
     rows = ["| scenario | suite | expected | observed | data lost | result |", "|---|---|---|---|---|---|"]
     for entry in sorted(results.values(), key=lambda e: (e["suite"], e["test"])):
         rows.append(f"| {_cell(entry['scenario'] or entry['test'])} | {entry['suite']} | {_cell(entry['expected'])} | "
                     f"{_cell(entry['observed'])} | {_cell(entry['lost'] or '—')} | {entry['result']} "
                     f"({entry['duration_s']} s) |")
-    latest = max(e["at"] for e in results.values())
-    return (f"Rendered from `{RESULTS.relative_to(REPO) if RESULTS.is_relative_to(REPO) else RESULTS}` "
-            f"(last run {latest}) by `python -m tests.chaos.report`.\n\n" + "\n".join(rows) + "\n")
+    return (f"One run: {run['at']} on commit `{run['commit']}`, {len(results)} scenarios; rendered from "
+            f"`{RESULTS.relative_to(REPO) if RESULTS.is_relative_to(REPO) else RESULTS}` by "
+            "`python -m tests.chaos.report`. Only rows that run produced.\n\n" + "\n".join(rows) + "\n")
 
 
 def main() -> int:
     try:
-        results = json.loads(RESULTS.read_text())
-    except (OSError, ValueError) as exc:
-        print(f"no chaos results at {RESULTS} ({exc}); run `make chaos` first", file=sys.stderr)
+        doc = json.loads(RESULTS.read_text())
+        run, results = doc["run"], doc["results"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"no chaos results of one run at {RESULTS} ({exc}); run `make chaos` first", file=sys.stderr)
         return 1
     text = DOC.read_text() if DOC.exists() else "# Reliability\n"
-    block = f"{START}\n{render(results)}{END}"
+    block = f"{START}\n{render(results, run)}{END}"
     if START in text and END in text:
         head, rest = text.split(START, 1)
         text = head + block + rest.split(END, 1)[1]

@@ -431,8 +431,19 @@ def test_omlx_is_started_without_flags_that_rewrite_its_settings(tmp_path: Path)
     assert not set(argv) & set(s["settings_cli_flags_saved"])
     env = adapter.env()
     assert env["OMLX_PORT"] == "8123" and env["OMLX_HOST"] == "127.0.0.1"
-    assert env["OMLX_MODEL_DIR"] == str((tmp_path / "models").resolve())
+    assert env["OMLX_MODEL_DIR"] == str(tmp_path / "models")
     assert adapter.request_model == s["model_folder"]
+
+
+def test_omlx_symlinked_model_folder_keeps_its_own_name(tmp_path: Path) -> None:
+    """A model folder that is a symlink is named as it appears in the model directory, where oMLX lists it."""
+    target = tmp_path / "elsewhere" / "Qwen3-4B-4bit-v2"
+    target.mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "Qwen3-4B-4bit").symlink_to(target)
+    adapter = make_adapter("omlx", "http://127.0.0.1:1", tmp_path)
+    assert adapter.request_model == "Qwen3-4B-4bit"
+    assert adapter.env()["OMLX_MODEL_DIR"] == str(tmp_path / "models")
 
 
 # ---------------------------------------------------------------- the mlx_lm recording is still the engine's
@@ -512,3 +523,20 @@ def test_vllm_key_from_env_when_no_flag(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("VLLM_API_KEY", "inherited")
     assert make_adapter("vllm", "http://127.0.0.1:1", tmp_path).api_key == "inherited"
     assert make_adapter("vllm", "http://127.0.0.1:1", tmp_path, env={"VLLM_API_KEY": "own"}).api_key == "own"
+
+
+def test_omlx_key_follows_a_changed_settings_file(tmp_path: Path) -> None:
+    """A key changed in oMLX's settings.json (then oMLX restarted) is the key used next, without restarting the daemon."""
+    import os
+
+    base = tmp_path / "omlx-base"
+    base.mkdir()
+    settings = base / "settings.json"
+    settings.write_text(json.dumps({"auth": {"api_key": "first"}}))
+    adapter = make_adapter("omlx", "http://127.0.0.1:1", tmp_path)
+    assert adapter.api_key == "first"
+    settings.write_text(json.dumps({"auth": {"api_key": "second-key"}}))
+    os.utime(settings, ns=(1, 1))  # a different mtime even on coarse clocks
+    assert adapter.api_key == "second-key"
+    settings.unlink()
+    assert adapter.api_key is None

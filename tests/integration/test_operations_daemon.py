@@ -35,8 +35,7 @@ def test_engine_that_does_not_fit_waits_then_fails_naming_the_numbers(daemon_fac
     cfg += '[policies.memory]\nadmission_wait = "2s"\n'
     d = daemon_factory(cfg).start()
     engine = d.wait_state("huge", "failed", 30)
-    assert "900000.0 GB" in engine["state_reason"] or "900" in engine["state_reason"], engine["state_reason"]
-    assert "GB" in engine["state_reason"]
+    assert "900000.0 GB" in engine["state_reason"], engine["state_reason"]
     waiting = [e for e in d.events() if e["kind"] == "engine.admission_waiting"]
     assert waiting and waiting[0]["wait_s"] <= 2
     assert engine["pid"] is None  # nothing was spawned

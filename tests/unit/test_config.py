@@ -62,6 +62,8 @@ BAD = [
     ("engine not a table array", 'engine = "mlx"\n', "engine: expected [[engine]] tables"),
     ("bool as duration", GOOD_ENGINE + "start_timeout = true\n", "engine[0].start_timeout: expected a duration"),
     ("unknown top-level section", "[engines]\n", "engines: unknown key 'engines'"),
+    ("omlx flag that rewrites settings.json", '[[engine]]\nname = "o"\nkind = "omlx"\nmodel = "/m/Qwen3-4bit"\nargs = ["--port=9000"]\n',
+     "engine[0].args: --port makes `omlx serve` rewrite the user's settings.json"),
     ("alert_on_exit not a bool", GOOD_ENGINE + 'alert_on_exit = "no"\n', "engine[0].alert_on_exit: expected true or false"),
     ("bad min_severity", '[alerts]\n[[alerts.webhook]]\nname = "p"\nurl = "https://x/y"\nmin_severity = "page"\n',
      "alerts.webhook[0].min_severity: expected one of info, warning, critical"),

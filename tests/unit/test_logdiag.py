@@ -44,6 +44,8 @@ EXPECTED = {
     "mlx / metal: command buffer ran too long (watchdog, not OOM)": "metal.impacting_interactivity",
     "mlx / metal: submissions ignored after repeated GPU errors": "metal.submissions_ignored",
     "mlx: model near the recommended working set": "mlx.near_wired_limit",
+    "mlx_lm: model folder without weights": "model.safetensors_missing",
+    "mlx_lm: model path that does not exist": "model.invalid_repo_id",
     "llama.cpp: CUDA out of memory": "llamacpp.cuda_out_of_memory",
     "llama.cpp: metal command buffer failure": "metal.out_of_memory",
     "ollama: model too large for memory": "ollama.insufficient_system_memory",
@@ -175,6 +177,15 @@ def test_ollama_runner_reason_is_kept() -> None:
     assert "(exit status 2: CUDA error: out of memory)" in diagnosis.cause
     older = diagnose(["Error: llama runner process has terminated: CUDA error: out of memory"])
     assert older.signature == "ollama.runner_terminated" and older.details == {"reason": "CUDA error: out of memory"}
+
+
+def test_mlx_lm_dead_generation_thread_names_its_reason_when_nothing_more_specific_is_known() -> None:
+    """mlx_lm.server's 'generation thread died: <reason>' is named with its reason, and yields to a specific cause beside it."""
+    line = "2026-11-30 14:06:29,286 - ERROR - mlx_lm.server generation thread died: std::bad_alloc"
+    alone = diagnose([line])
+    assert alone.signature == "mlx_lm.generation_thread_died" and alone.details == {"reason": "std::bad_alloc"}
+    assert "(std::bad_alloc)" in alone.cause
+    assert diagnose(BLOCKS["mlx_lm: model folder without weights"]).signature == "model.safetensors_missing"
 
 
 def test_older_vllm_free_memory_line_without_a_device() -> None:

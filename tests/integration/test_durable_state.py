@@ -1,0 +1,79 @@
+"""state.json is written durably but never on the event loop: an fsync that takes seconds on a busy
+disk must not stall probes, streams and the control API. Where an order depends on the state being
+on disk (the spawn time before the fork), it still is."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import threading
+
+import anyio
+import pytest
+import structlog
+
+from supervisord_llm.config import load_config
+from supervisord_llm.daemon import Daemon
+from tests.helpers import PYTHON, STANDINS, free_port, short_tmpdir, standin_engine_toml
+
+pytestmark = pytest.mark.slow
+
+
+def _daemon(config_text: str) -> Daemon:
+    state = short_tmpdir()
+    path = state / "config.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{state}"\n' + config_text)
+    logger = structlog.wrap_logger(structlog.PrintLogger(io.StringIO()))
+    daemon = Daemon(load_config(path), logger=logger)
+    daemon.open()
+    return daemon
+
+
+@pytest.mark.anyio
+async def test_state_changes_are_fsynced_off_the_event_loop_and_reach_the_disk(monkeypatch) -> None:
+    """An engine's start and stop write state.json many times; no fsync runs on the loop's thread."""
+    loop_thread = threading.get_ident()
+    on_loop: list[int] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        if threading.get_ident() == loop_thread:
+            on_loop.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    daemon = _daemon(standin_engine_toml("s", free_port()))
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.run)
+            sup = daemon.supervisors["s"]
+            with anyio.fail_after(30):
+                await sup.wait_for(lambda s: s.state == "ready", None)
+            await daemon.stop("s")
+            with anyio.fail_after(30):
+                await sup.wait_for(lambda s: s.state == "stopped" and not s.resident, None)
+            tg.cancel_scope.cancel()
+    finally:
+        daemon.close()  # flushes the writer before the lock is released
+    assert not on_loop, f"{len(on_loop)} fsync(s) ran on the event loop"
+    saved = json.loads((daemon.state_dir / "state.json").read_text())
+    assert saved["engines"]["s"]["state"] == "stopped"
+    assert len(saved["engines"]["s"]["backoff"]["spawn_times_s"]) >= 1
+
+
+def test_spawn_time_is_on_disk_before_the_engine_process_exists(daemon_factory, tmp_path) -> None:
+    """The engine itself reads state.json at its first instruction and finds its own spawn recorded."""
+    port = free_port()
+    seen = tmp_path / "state-seen-by-engine.json"
+    d = daemon_factory("")
+    script = (f"cp {shlex.quote(str(d.state_dir / 'state.json'))} {shlex.quote(str(seen))}; "
+              f"exec {PYTHON} {STANDINS / 'openai_engine.py'} --port {port}")
+    d.config_path.write_text(d.config_path.read_text() + standin_engine_toml("s", port).replace(
+        f'command = ["{PYTHON}", "{STANDINS / "openai_engine.py"}", "--port", "{{port}}"]',
+        f"command = {json.dumps(['/bin/sh', '-c', script])}"))
+    d.start()
+    d.wait_state("s", "ready", 30)
+    record = json.loads(seen.read_text())["engines"]["s"]
+    assert len(record["backoff"]["spawn_times_s"]) == 1
