@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -422,7 +423,11 @@ class OllamaAdapter(EngineAdapter):
     # (default 5m); GET /api/ps lists the models in memory (ollama docs/api.md "List Running Models").
     lazy_loads_model = True
 
+    # Wall-clock time (Unix seconds) at which Ollama will unload the model, from /api/ps expires_at.
+    expires_at_wall: float | None = None
+
     async def model_resident(self, client: httpx.AsyncClient) -> bool | None:
+        self.expires_at_wall = None
         try:
             response = await client.get(self.base_url + "/api/ps", timeout=2.0)
             models = response.json().get("models") if response.status_code == 200 else None
@@ -431,8 +436,22 @@ class OllamaAdapter(EngineAdapter):
         if not isinstance(models, list):
             return None
         wanted = self.request_model or ""
-        names = {m.get(k) for m in models if isinstance(m, dict) for k in ("name", "model")}
-        return wanted in names or (":" not in wanted and f"{wanted}:latest" in names)
+        for m in models:
+            if isinstance(m, dict) and wanted in (m.get("name"), m.get("model"), f"{m.get('name')}".removesuffix(":latest")):
+                self.expires_at_wall = _parse_rfc3339(m.get("expires_at"))
+                return True
+        return False
+
+    async def canary(self, client: httpx.AsyncClient, *, stall_s: float, timeout_s: float) -> CanaryReading:
+        # A canary passes what is left of the model's keep-alive, so probing never keeps a model
+        # resident that Ollama would otherwise unload (it resets the timer on every request).
+        keep_alive_s = None
+        if self.expires_at_wall is not None:
+            keep_alive_s = int(max(1.0, self.expires_at_wall - time.time()))
+        return await canary_probe.run_ollama_canary(
+            client, self.base_url, model=self.request_model or "", max_tokens=self.config.canary_max_tokens,
+            stall_s=stall_s, timeout_s=timeout_s, headers=self.auth_headers(), keep_alive_s=keep_alive_s,
+        )
 
     def base_argv(self) -> list[str]:
         return ["ollama", "serve"]
@@ -441,11 +460,6 @@ class OllamaAdapter(EngineAdapter):
         cfg = self.config
         return {"OLLAMA_HOST": f"{cfg.host}:{cfg.port}", **cfg.env}
 
-    async def canary(self, client: httpx.AsyncClient, *, stall_s: float, timeout_s: float) -> CanaryReading:
-        return await canary_probe.run_ollama_canary(
-            client, self.base_url, model=self.request_model or "", max_tokens=self.config.canary_max_tokens,
-            stall_s=stall_s, timeout_s=timeout_s, headers=self.auth_headers(),
-        )
 
 
 class SglangAdapter(EngineAdapter):
@@ -505,6 +519,19 @@ def gpu_visibility_env(gpu_devices: tuple[int, ...]) -> dict[str, str]:
     if not gpu_devices:
         return {}
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in gpu_devices)}
+
+
+def _parse_rfc3339(value: object) -> float | None:
+    """Unix seconds of an RFC 3339 time as Go writes it (nanoseconds, "Z" or an offset); None if not one."""
+    from datetime import datetime
+
+    if not isinstance(value, str):
+        return None
+    text = re.sub(r"(\.\d{6})\d+", r"\1", value.strip()).replace("Z", "+00:00")
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 ADAPTERS: dict[str, type[EngineAdapter]] = {

@@ -436,6 +436,13 @@ class EngineSupervisor:
     async def _launch(self, gen: int, manual: bool) -> None:
         """Admission, port check, spawn: the part of a start before the process exists."""
         try:
+            if not manual:
+                at_s = backoff.on_demand_start_at(self.backoff, self.daemon.backoff_settings, self.clock.now())
+                if at_s > self.clock.now():
+                    self.daemon.events.emit("policy.decided", engine=self.name, policy="spawn_floor", decision="wait",
+                                            wait_s=round(at_s - self.clock.now(), 1),
+                                            min_interval_s=self.daemon.backoff_settings.min_interval_s)
+                    await anyio.sleep(max(0.0, at_s - self.clock.now()))
             await self.daemon.admit(self)
             holder = await anyio.to_thread.run_sync(port_holder, self.config.host, self.config.port)
             if holder is not None:

@@ -59,6 +59,7 @@ def push():
     receiver = PushReceiver()
     yield receiver
     receiver.server.shutdown()
+    receiver.server.server_close()
 
 
 def heartbeat_config(url: str, *extra: str) -> str:
@@ -124,3 +125,4 @@ def test_heartbeat_survives_an_unreachable_monitor_and_resumes_when_it_answers(d
         assert d.status()["heartbeat"]["sending"] is True
     finally:
         push.server.shutdown()
+        push.server.server_close()
