@@ -160,6 +160,15 @@ def next_start_at(state: BackoffState, settings: BackoffSettings, now_s: float) 
     return at_s
 
 
+def on_demand_start_at(state: BackoffState, settings: BackoffSettings, now_s: float) -> float:
+    """The earliest time a start that no person asked for (a request for an unloaded model, a swap
+    by the gateway) may spawn: the 60 s floor holds for it as for any automatic spawn, so a client
+    that keeps waking an idle-unloaded model cannot turn it into a load loop."""
+    if state.last_spawn_at_s is None:
+        return now_s
+    return max(now_s, state.last_spawn_at_s + settings.min_interval_s)
+
+
 def decide_after_exit(
     state: BackoffState, settings: BackoffSettings, now_s: float
 ) -> tuple[WaitUntil] | tuple[MarkFailed, Alert]:

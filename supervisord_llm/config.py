@@ -195,6 +195,13 @@ class EngineConfig:
     # Memory guard watermarks on what the engine's process tree holds; None = footprint x the factors.
     memory_soft_bytes: int | None = None
     memory_hard_bytes: int | None = None
+    # The gateway's line in front of the engine: this many requests at once, then a FIFO of
+    # max_queue waiting, then 429 with Retry-After (0 = no limit).
+    max_concurrent: int = 64
+    max_queue: int = 256
+    # Stop the engine gracefully after this long without a real request (canaries do not count);
+    # the next request starts it again. None = never.
+    idle_unload_s: float | None = None
     # The model takes images: /v1/messages image blocks are translated for it (OpenAI image_url
     # parts) instead of refused. Only read where the gateway translates the Messages API.
     vision: bool = False
@@ -332,6 +339,7 @@ _ENGINE_KEYS = frozenset({
     "canary_timeout", "stall", "load_timeout", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
     "alert_on_exit",
     "memory_soft", "memory_hard",
+    "max_concurrent", "max_queue", "idle_unload", "preload",
     "vision",
 })
 
@@ -390,6 +398,13 @@ def _parse_engine(t: Table) -> EngineConfig:
                                      'bytes; e.g. memory_soft = "110GB", memory_hard = "130GB"')
 
     footprint_bytes = t.size_bytes("footprint", "auto", allow_auto=True)
+    # preload is the explicit name of autostart: start the engine when the daemon starts.
+    preload = t.bool("preload", True) if "preload" in t.data else t.bool("autostart", True)
+    if "preload" in t.data and "autostart" in t.data and t.bool("autostart", True) != preload:
+        raise t.error("preload", "and autostart say different things (preload is autostart's name); set only preload")
+    idle_unload_s = None
+    if t.data.get("idle_unload") not in (None, "off", False):
+        idle_unload_s = t.duration_s("idle_unload", "0s", min_s=10, why="an unload and reload costs the model's load time")
     return EngineConfig(
         name=name,
         kind=kind,
@@ -407,7 +422,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         served_model=t.str("served_model"),
         start_timeout_s=t.duration_s("start_timeout", "15m", min_s=1),
         stop_grace_s=t.duration_s("stop_grace", "60s"),
-        autostart=t.bool("autostart", True),
+        autostart=preload,
         canary_interval_s=t.duration_s("canary_interval", "60s", min_s=1),
         canary_timeout_s=t.duration_s("canary_timeout", "30s", min_s=0.5),
         stall_s=t.duration_s("stall", "15s", min_s=0.5),
@@ -419,6 +434,9 @@ def _parse_engine(t: Table) -> EngineConfig:
         alert_on_exit=t.bool("alert_on_exit", True),
         memory_soft_bytes=memory_soft_bytes,
         memory_hard_bytes=memory_hard_bytes,
+        max_concurrent=t.int("max_concurrent", 64, min_value=0) or 0,
+        max_queue=t.int("max_queue", 256, min_value=0) or 0,
+        idle_unload_s=idle_unload_s,
         vision=t.bool("vision", False),
     )
 

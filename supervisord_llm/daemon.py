@@ -810,7 +810,7 @@ class Daemon:
             if not target.serving:
                 if target.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF):
                     try:
-                        await target.command("start", force=manual, reason=f"swap to {target.name}")
+                        await target.command("start", force=manual, manual=manual, reason=f"swap to {target.name}")
                     except StartRefused as exc:
                         raise SwapError(str(exc)) from exc
                 ok = await target.wait_for(lambda s: s.state in (EngineState.READY, EngineState.DEGRADED,

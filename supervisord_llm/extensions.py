@@ -68,7 +68,8 @@ class DaemonGatewayBackend:
         return Upstream(engine=sup.name, base_url=sup.config.base_url, kind=sup.config.kind,
                         supports_messages=sup.adapter.messages_supported, served_model=sup.adapter.request_model,
                         accepts_images=sup.config.vision,
-                        auth_headers=tuple(sup.adapter.auth_headers().items()))
+                        auth_headers=tuple(sup.adapter.auth_headers().items()),
+                        max_concurrent=sup.config.max_concurrent, max_queue=sup.config.max_queue)
 
     def _unavailable(self, sup: EngineSupervisor) -> EngineUnavailable:
         now = self.daemon.clock.now()
@@ -135,6 +136,11 @@ class DaemonGatewayBackend:
         return sup.health if sup is not None else None
 
     def request_started(self, engine: str) -> None:
+        from supervisord_llm import idle
+
+        unloader = idle.find(self.daemon.extensions)
+        if unloader is not None:
+            unloader.request_started(engine)
         health = self._health(engine)
         if health is not None:
             health.in_flight += 1
@@ -157,6 +163,11 @@ class DaemonGatewayBackend:
         watching = observe.find(self.daemon.extensions)
         if watching is not None:
             watching.telemetry.request_finished(stats)
+        from supervisord_llm import idle
+
+        unloader = idle.find(self.daemon.extensions)
+        if unloader is not None:
+            unloader.request_finished(stats.engine)
         health = self._health(stats.engine)
         if health is None:
             return
@@ -209,7 +220,8 @@ class GatewayExtension(Extension):
 
     def contribute_status(self, doc: dict[str, Any]) -> None:
         stats = self.app.state.gateway
-        doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight, "clients_cut": stats.clients_cut}
+        doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight, "clients_cut": stats.clients_cut,
+                          "refused": dict(stats.refused)}
 
 
 class AlertsExtension(Extension):
@@ -251,6 +263,10 @@ def install_extensions(daemon: Daemon) -> None:
         daemon.extensions.append(HeartbeatExtension(daemon, config.alerts.heartbeat, config.alerts))
     if config.gateway is not None:
         daemon.extensions.append(GatewayExtension(daemon))
+        if any(e.idle_unload_s for e in config.engines):
+            from supervisord_llm.idle import IdleUnloadExtension
+
+            daemon.extensions.append(IdleUnloadExtension(daemon))
     if config.daemon.metrics_listen:
         from supervisord_llm.metrics import MetricsExtension
 

@@ -49,10 +49,12 @@ import httpx
 import structlog
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from policies.frontdoor import Admission, SwapPermission, admit_request, check_path, may_start_engine, retry_after_s
 from supervisord_llm import anthropic_api
 from supervisord_llm.anthropic_api import THINK_MODES
 from supervisord_llm.clock import Clock, SystemClock
@@ -106,6 +108,9 @@ class Upstream:
     served_model: str | None = None
     accepts_images: bool = False
     auth_headers: tuple[tuple[str, str], ...] = ()
+    # The engine's own line: requests beyond max_concurrent wait (FIFO, up to max_queue), then 429.
+    max_concurrent: int = 0
+    max_queue: int = 0
 
 
 class EngineUnavailable(EngineError):
@@ -214,6 +219,14 @@ class GatewaySettings:
     upstream_read_timeout_s: float = 600.0
     max_upstream_connections: int = 512
     shutdown_grace_s: float = 5.0
+    # Who may make the daemon start or swap an engine by naming a model (policies.frontdoor).
+    swaps: str = "allowed"
+    # Requests handled at once by the whole gateway; beyond it a JSON 503 (each proxied stream holds
+    # two file descriptors, and launchd's default soft limit is 256).
+    max_connections: int = 512
+    # A client must have sent its whole request body within this long (a slow or stuck upload
+    # would otherwise hold a connection and a buffer indefinitely).
+    body_timeout_s: float = 60.0
     # What <think>…</think> from reasoning models becomes in translated Messages responses:
     # "text" (kept in the text as emitted), "thinking" (thinking blocks), "auto" (thinking blocks
     # when the request enables thinking).
@@ -251,6 +264,12 @@ class GatewaySettings:
             )
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.swaps not in tuple(SwapPermission):
+            raise ValueError(f"swaps must be one of {', '.join(repr(p.value) for p in SwapPermission)}, got {self.swaps!r}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
+        if self.body_timeout_s <= 0:
+            raise ValueError(f"body_timeout_s must be greater than 0, got {self.body_timeout_s!r}")
         if self.max_upstream_connections < 1:
             raise ValueError(
                 f"max_upstream_connections must be at least 1, got {self.max_upstream_connections}"
@@ -291,6 +310,7 @@ class GatewaySettings:
             "upstream_connect_timeout_s",
             "upstream_read_timeout_s",
             "shutdown_grace_s",
+            "body_timeout_s",
         )
         valid = (
             "enabled",
@@ -301,6 +321,8 @@ class GatewaySettings:
             "client_buffer_bytes",
             "prefill_per_mib_s",
             "max_upstream_connections",
+            "max_connections",
+            "swaps",
             "think_tags",
             *durations,
         )
@@ -338,9 +360,15 @@ class GatewaySettings:
                             f"expected one of {', '.join(repr(m) for m in THINK_MODES)}, got {value!r}"
                         )
                     kwargs[name] = value
-                elif name == "max_upstream_connections":
+                elif name in ("max_upstream_connections", "max_connections"):
                     if isinstance(value, bool) or not isinstance(value, int):
                         raise ValueError(f"expected a whole number, got {value!r}")
+                    kwargs[name] = value
+                elif name == "swaps":
+                    if value not in tuple(SwapPermission):
+                        raise ValueError(
+                            f"expected one of {', '.join(repr(p.value) for p in SwapPermission)}, got {value!r}"
+                        )
                     kwargs[name] = value
                 else:
                     raise ValueError(f"unknown key; valid keys: {', '.join(valid)}")
@@ -351,10 +379,30 @@ class GatewaySettings:
                 "set api_key or api_key_env, not both", file=file, key=f"{key}.api_key"
             )
         try:
-            return cls(**kwargs)
+            settings = cls(**kwargs)
         except ValueError as exc:
             bad = next((f.name for f in fields(cls) if f.name in str(exc)), None)
             raise ConfigError(str(exc), file=file, key=f"{key}.{bad}" if bad else key) from exc
+        if settings.enabled and settings.api_key is None and not _is_loopback(settings.host):
+            raise ConfigError(
+                f"{settings.listen} is reachable from other machines and the gateway has no API key: anyone "
+                "there could use and swap your models; set api_key (or api_key_env), or listen on 127.0.0.1",
+                file=file, key=f"{key}.listen")
+        if settings.swaps == SwapPermission.WITH_KEY and settings.api_key is None:
+            raise ConfigError('"with_key" needs the gateway to have an api_key (or api_key_env); '
+                              'valid: "allowed", "with_key" with a key, "never"', file=file, key=f"{key}.swaps")
+        return settings
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: assume it is reachable
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,6 +562,11 @@ class GatewayStats:
         self.upstream_retries = 0  # sends retried after the engine dropped the connection unanswered
         self.clients_cut = 0  # clients cut for not draining their stream buffer within client_timeout_s
         self.engines: dict[str, dict[str, int]] = {}
+        # Requests the door turned away, by why: path, body_timeout, swap, queue_full, connections.
+        self.refused: dict[str, int] = {}
+
+    def refuse(self, why: str) -> None:
+        self.refused[why] = self.refused.get(why, 0) + 1
 
     def engine(self, name: str) -> dict[str, int]:
         counts = self.engines.get(name)
@@ -529,6 +582,7 @@ class GatewayStats:
             "requests_total": self.requests_total,
             "upstream_retries": self.upstream_retries,
             "clients_cut": self.clients_cut,
+            "refused": dict(sorted(self.refused.items())),
             "engines": {name: dict(c) for name, c in sorted(self.engines.items())},
         }
 
@@ -541,7 +595,9 @@ _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    429: "requests",
     502: "upstream_error",
     503: "engine_unavailable",
     504: "upstream_timeout",
@@ -550,7 +606,9 @@ _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     413: "request_too_large",
+    429: "rate_limit_error",
     502: "api_error",
     503: "overloaded_error",
     504: "api_error",
@@ -663,6 +721,7 @@ class _Forward:
     ) -> None:
         self.gw = gw
         self.translation = translation
+        self.on_done: Callable[[], None] | None = None  # gives the engine's slot back
         self.upstream = upstream
         self.request = request
         self.anthropic = anthropic
@@ -1266,6 +1325,7 @@ class _Gateway:
         self.clock = clock
         self.log = log
         self.stats = GatewayStats(settings.listen)
+        self.lines = EngineLines()
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # made in the lifespan
         self._api_key = settings.api_key.encode() if settings.api_key else None
 
@@ -1396,6 +1456,12 @@ class _Gateway:
         anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
         if not self.authorized(request):
             return self.unauthorized(anthropic)
+        # Only inference paths reach an engine, judged on the path as sent: httpx would normalise
+        # /v1/../api/pull into /api/pull (Ollama's pull) on the way out.
+        verdict = check_path(request.scope.get("raw_path") or path.encode())
+        if not verdict.ok:
+            self.stats.refuse("path")
+            return error_response(anthropic, verdict.status, verdict.message, verdict.code)
         stats = self.stats
         stats.in_flight += 1
         stats.requests_total += 1
@@ -1411,7 +1477,14 @@ class _Gateway:
 
     async def _prepare(self, request: Request, path: str, anthropic: bool) -> Response | _Forward:
         try:
-            body = await self.read_body(request)
+            with anyio.fail_after(self.settings.body_timeout_s):
+                body = await self.read_body(request)
+        except TimeoutError:
+            self.stats.refuse("body_timeout")
+            return error_response(
+                anthropic, 408, f"the request body did not arrive within the gateway's body_timeout_s "
+                f"({self.settings.body_timeout_s:g}s)", "request_timeout"
+            )
         except ClientDisconnect:
             # The client is gone: nobody reads this answer and nothing was forwarded. An error reply
             # (not an exception) keeps it out of the server's error log; one such client is routine.
@@ -1469,9 +1542,63 @@ class _Gateway:
                 anthropic, 400, "request body is empty; expected a JSON object", "invalid_json"
             )
 
+        refused = self._start_refusal(request, model, anthropic)
+        if refused is not None:
+            return refused
         upstream = await self._acquire(model, anthropic)
         if isinstance(upstream, Response):
             return upstream
+        refused = await self._enter_line(upstream, anthropic)
+        if refused is not None:
+            return refused
+        try:
+            result = await self._dispatch(request, path, anthropic, doc, body, stream, upstream)
+        except BaseException:
+            self.lines.leave(upstream.engine)
+            raise
+        if isinstance(result, _Forward):
+            engine = upstream.engine
+            result.on_done = lambda: self.lines.leave(engine)
+        else:
+            self.lines.leave(upstream.engine)
+        return result
+
+    def _start_refusal(self, request: Request, model: str | None, anthropic: bool) -> Response | None:
+        """A request that would start a stopped engine (and swap others out) when this gateway may not."""
+        permission = SwapPermission(self.settings.swaps)
+        if permission is SwapPermission.ALLOWED:
+            return None
+        name = model or self.backend.default_engine()
+        entry = next((m for m in self.backend.models()
+                      if name is not None and (m.get("id") == name or name in (m.get("aliases") or ()))), None)
+        if entry is None or entry.get("state") not in ("stopped", "failed"):
+            return None
+        key_given = self._api_key is not None and self.authorized(request)
+        if may_start_engine(permission, key_given=key_given):
+            return None
+        self.stats.refuse("swap")
+        who = "an operator" if permission is SwapPermission.NEVER else "a request with the gateway's API key"
+        return error_response(
+            anthropic, 503, f"engine {entry['id']!r} is {entry.get('state')} and this gateway does not start or swap "
+            f"engines for requests (gateway.swaps = {permission.value!r}); {who} can start it (llmctl start "
+            f"{entry['id']})", "engine_not_running", engine=entry["id"])
+
+    async def _enter_line(self, upstream: Upstream, anthropic: bool) -> Response | None:
+        verdict = await self.lines.enter(upstream.engine, upstream.max_concurrent, upstream.max_queue,
+                                         wait_s=self.settings.hold_s)
+        if verdict is Admission.RUN:
+            return None
+        self.stats.refuse("queue_full")
+        line = self.lines.line(upstream.engine)
+        retry = retry_after_s(waiting=len(line.waiting), max_concurrent=upstream.max_concurrent)
+        return error_response(
+            anthropic, 429, f"engine {upstream.engine!r} is busy: {line.running} request(s) running (max_concurrent "
+            f"{upstream.max_concurrent}) and {len(line.waiting)} waiting (max_queue {upstream.max_queue}); "
+            f"retry in about {retry}s", "rate_limit_exceeded", headers={"retry-after": str(retry)},
+            engine=upstream.engine)
+
+    async def _dispatch(self, request: Request, path: str, anthropic: bool, doc: Any, body: bytes, stream: bool,
+                        upstream: Upstream) -> Response | _Forward:
         if anthropic and not upstream.supports_messages:
             return await self._translate(request, path, doc, upstream)
         if path == COUNT_TOKENS_PATH and request.method == "POST" and isinstance(doc, dict):
@@ -1686,6 +1813,92 @@ class _Gateway:
         )
 
 
+class _Line:
+    """One engine's requests: how many run now, and the FIFO of those waiting for a slot."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting: deque[anyio.Event] = deque()
+
+
+class EngineLines:
+    """Per-engine admission (``policies.frontdoor.admit_request``): run, wait in line, or be refused.
+
+    A finished request hands its slot straight to the first in line, so the line is served in
+    arrival order and ``running`` never exceeds ``max_concurrent``.
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[str, _Line] = {}
+
+    def line(self, engine: str) -> _Line:
+        line = self._lines.get(engine)
+        if line is None:
+            line = self._lines[engine] = _Line()
+        return line
+
+    async def enter(self, engine: str, max_concurrent: int, max_queue: int, *, wait_s: float) -> Admission:
+        line = self.line(engine)
+        verdict = admit_request(running=line.running, waiting=len(line.waiting), max_concurrent=max_concurrent,
+                                max_queue=max_queue)
+        if verdict is Admission.RUN:
+            line.running += 1
+            return verdict
+        if verdict is Admission.REFUSE:
+            return verdict
+        turn = anyio.Event()
+        line.waiting.append(turn)
+        try:
+            with anyio.move_on_after(wait_s):
+                await turn.wait()
+        except BaseException:  # cancelled (the client left): never strand a slot handed over meanwhile
+            if turn.is_set():
+                self.leave(engine)
+            else:
+                line.waiting.remove(turn)
+            raise
+        if not turn.is_set():
+            line.waiting.remove(turn)
+            return Admission.REFUSE
+        return Admission.RUN
+
+    def leave(self, engine: str) -> None:
+        line = self.line(engine)
+        if line.waiting:
+            line.waiting.popleft().set()  # the slot goes to the first in line; running stays the same
+        else:
+            line.running = max(0, line.running - 1)
+
+
+class _ConnectionCap:
+    """At most ``limit`` requests in the gateway at once; beyond it a JSON 503 in the client's API shape."""
+
+    def __init__(self, app: Any, limit: int, stats: GatewayStats) -> None:
+        self.app = app
+        self.limit = limit
+        self.stats = stats
+        self.active = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            self.stats.refuse("connections")
+            path = scope.get("path", "")
+            response = error_response(
+                path.startswith(MESSAGES_PATH), 503,
+                f"the gateway is handling its maximum of {self.limit} requests (gateway.max_connections); retry shortly",
+                "overloaded", headers={"retry-after": "1"})
+            await response(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 class _Counted:
     """Wraps a forward so the gateway's in_flight count drops when the exchange ends, however."""
 
@@ -1698,6 +1911,8 @@ class _Counted:
             await self.inner(scope, receive, send)
         finally:
             self.stats.in_flight -= 1
+            if self.inner.on_done is not None:
+                self.inner.on_done()
 
 
 def build_app(
@@ -1732,6 +1947,7 @@ def build_app(
             Route("/v1/{rest:path}", gw.forward, methods=methods),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(_ConnectionCap, limit=settings.max_connections, stats=gw.stats)],
     )
     app.state.gateway = gw.stats
     app.state.gateway_core = gw
@@ -1797,6 +2013,8 @@ async def serve(
         ws="none",
         server_header=False,
         date_header=False,
+        # A hard backstop behind the JSON refusal at max_connections (uvicorn answers a plain 503).
+        limit_concurrency=settings.max_connections * 2 + 16,
     )
     server = DaemonServer(config)
     done = anyio.Event()

@@ -141,6 +141,11 @@ class StatusCollector:
         for engine in self.status.get("engines", []):
             restarts.add_metric((engine["name"],), float(engine.get("restarts") or 0))
         yield restarts
+        refused = CounterMetricFamily(f"{PREFIX}_gateway_refused", "requests the gateway refused, by why "
+                                      "(path, body_timeout, swap, queue_full, connections)", labels=("reason",))
+        for reason, count in ((self.status.get("gateway") or {}).get("refused") or {}).items():
+            refused.add_metric((reason,), float(count))
+        yield refused
         daemon = self.status.get("daemon", {})
         info = InfoMetricFamily(f"{PREFIX}_daemon", "the daemon: version and host (join on instance)")
         info.add_metric((), {"version": str(daemon.get("version", "")), "hostname": socket.gethostname()})

@@ -195,20 +195,22 @@ def test_learned_peak_survives_a_daemon_restart_and_changes_admission(daemon_fac
 
 def test_real_mlx_server_is_attributed_and_the_guard_stays_quiet(daemon_factory, tiny_model) -> None:
     """The real mlx_lm.server's RSS is attributed to it (matches its process tree) and normal traffic
-    raises no memory alert, also with footprint = "auto" on a model whose weights are a few MB."""
+    raises no memory alert, also with footprint = "auto" on a model whose weights are a few MB; the cache cap
+    the README advises (--prompt-cache-bytes) is accepted by the real server and satisfies doctor."""
     from policies.admission import auto_footprint_bytes
     from probes.weights import read_weights
     from supervisord_llm.memory_guard import AUTO_RUNTIME_BYTES
 
     gw = free_port()
-    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, footprint="auto", default=True)
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, footprint="auto", default=True,
+                          args=["--prompt-cache-bytes", "64MB"])
     cfg += FAST_PROBES + _gateway(gw)
     d = daemon_factory(cfg).start()
     engine = d.wait_state("tiny", "ready", 90)
-    for i in range(20):
+    for i in range(10):
         r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": f"tell me a story {i} " * 10}],
-                             "max_tokens": 64})
+                             "max_tokens": 48})
         assert r.status_code == 200
     time.sleep(1.0)
     proc = psutil.Process(engine["pid"])
@@ -224,6 +226,13 @@ def test_real_mlx_server_is_attributed_and_the_guard_stays_quiet(daemon_factory,
     assert mem["peak_bytes"] >= mem["held_bytes"] * 0.9
     assert not _alerts(d, "engine.memory"), "no memory alert under normal traffic"
     assert d.engine("tiny")["state"] == "ready" and d.engine("tiny")["restarts"] == 0
+    assert "--prompt-cache-bytes" in " ".join(psutil.Process(engine["pid"]).cmdline())
+    from supervisord_llm.config import load_config
+    from supervisord_llm.doctor import check_memory_cap
+
+    config = load_config(d.config_path)
+    finding = check_memory_cap(config.engines[0], config)
+    assert finding.level == "ok" and "--prompt-cache-bytes" in finding.message, finding
 
 
 def test_machine_below_its_headroom_recycles_the_largest_offender_first(daemon_factory, tmp_path) -> None:

@@ -263,6 +263,7 @@ def test_completion_only_counters_do_not_make_a_long_generation_hung(daemon_fact
     assert _hung(d, "c")[-1]["evidence"]["source"] == "stream"
 
 
+@pytest.mark.chaos_full  # the rule itself is covered by tests/unit/test_policy_progress.py in the default run
 def test_per_step_counters_are_progress_while_they_move_and_hung_when_flat(daemon_factory) -> None:
     """vLLM-style per-step totals: a long generation read directly from the engine (the gateway sees
     nothing) is no verdict while the counter moves; when the engine stops mid-generation it is hung on
@@ -283,23 +284,27 @@ def test_per_step_counters_are_progress_while_they_move_and_hung_when_flat(daemo
 
 
 def test_a_lazy_loader_is_loading_not_hung_and_gets_no_canary_while_unloaded(daemon_factory) -> None:
-    """An Ollama-like engine whose model load takes 3x the stall: no canary is sent while it reports
-    its model unloaded (its own keep-alive), and a request that makes it load shows `loading`, then
-    tokens, never `hung`."""
+    """An Ollama-like engine whose model load takes 3x the stall: canaries while it is loaded do not
+    extend its keep-alive, none is sent once it reports its model unloaded, and a request that makes
+    it load shows `loading`, then tokens, never `hung`."""
     gw = free_port()
-    cfg = standin_engine_toml("lazy", free_port(), "--ollama", "--lazy-load-s", "3", "--keep-alive-s", "1",
-                              default=True, stall="1s", canary_interval="3s", model="tiny:1b")
+    cfg = standin_engine_toml("lazy", free_port(), "--ollama", "--lazy-load-s", "3", "--keep-alive-s", "3",
+                              default=True, stall="1s", canary_interval="1s", model="tiny:1b")
     cfg = cfg.replace('kind = "command"', 'kind = "ollama"')
     cfg += _gateway_toml(gw) + '[probes]\ninterval = "1s"\n'
     d = daemon_factory(cfg).start()
     d.wait_state("lazy", "ready", 60)
+    ready_at = time.monotonic()
     log = Path(d.engine("lazy")["log"])
-    time.sleep(5.0)  # past its keep-alive, and past a canary interval
+    while (d.engine("lazy").get("watchdog") or {}).get("model_resident") is not False:
+        assert time.monotonic() - ready_at < 3.0 + 4.0, "canaries every second kept the model resident"
+        time.sleep(0.2)
+    time.sleep(3.0)  # three more canary intervals with the model unloaded
     requests = [line for line in log.read_text().splitlines() if line.startswith("request ")]
-    assert len(requests) == 1, f"only the readiness canary reached the engine: {requests}"
+    print(f"requests before the real one: {requests}")
+    assert [r for r in requests if "loaded=False" in r] == requests[:1], \
+        f"no canary reached the engine once its model was unloaded: {requests}"
     assert not _hung(d, "lazy")
-    engine = d.engine("lazy")
-    assert engine["watchdog"]["model_resident"] is False, engine["watchdog"]
     phases: list[str | None] = []
     stop = threading.Event()
 

@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--exit-after-s", type=float, default=None)
     p.add_argument("--keepalive-s", type=float, default=0.0, help="send SSE comments every N s before tokens")
     p.add_argument("--first-token-delay-s", type=float, default=0.0)
+    p.add_argument("--log-paths", action="store_true", help="print every request line (method and path) as received")
     p.add_argument("--grow-mb", type=float, default=0.0, help="allocate and touch N MB per request, never freed")
     p.add_argument("--silent-from", type=int, default=0, help="from the N-th generation request on, go silent")
     p.add_argument("--silent-after-tokens", type=int, default=0)
@@ -101,9 +102,17 @@ def main() -> None:
                 time.sleep(args.lazy_load_s)
             stats["loaded_until"] = float("inf")  # held while a request runs
 
-    def release() -> None:
+    def release(keep_alive_s: float | None = None) -> None:
+        """Ollama restarts the model's keep-alive timer when a request ends (the request's own
+        ``keep_alive`` if it sent one, else the server default)."""
         if args.ollama:
-            stats["loaded_until"] = time.monotonic() + args.keep_alive_s
+            stats["loaded_until"] = time.monotonic() + (args.keep_alive_s if keep_alive_s is None else keep_alive_s)
+
+    def expires_at() -> str:
+        """/api/ps ``expires_at`` (RFC 3339, as Ollama writes it) for the current keep-alive."""
+        left_s = stats["loaded_until"] - time.monotonic()
+        when = time.time() + min(left_s, 10 * 365 * 86400)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1e9):09d}Z"
 
     def silence() -> None:
         while True:  # running, connection open, never another byte
@@ -124,12 +133,15 @@ def main() -> None:
             self.wfile.write(body)
 
         def do_GET(self) -> None:  # noqa: N802
+            if args.log_paths:
+                print(f"request GET {self.path}", flush=True)
             if self.path == "/health":
                 self._json(200, {"status": "ok"})
             elif self.path == "/api/version" and args.ollama:
                 self._json(200, {"version": "0.14.0"})
             elif self.path == "/api/ps" and args.ollama:
-                models = [{"name": args.model_name, "model": args.model_name}] if loaded() else []
+                models = [{"name": args.model_name, "model": args.model_name, "expires_at": expires_at()}] \
+                    if loaded() else []
                 self._json(200, {"models": models})
             elif self.path == "/metrics" and args.metrics == "vllm":
                 body = ("# TYPE vllm:generation_tokens_total counter\n"
@@ -150,6 +162,8 @@ def main() -> None:
                 self._json(404, {"error": "not found"})
 
         def do_POST(self) -> None:  # noqa: N802
+            if args.log_paths:
+                print(f"request POST {self.path}", flush=True)
             length = int(self.headers.get("content-length", "0"))
             body = json.loads(self.rfile.read(length) or b"{}")
             if args.never_ready:
@@ -163,14 +177,15 @@ def main() -> None:
                 stats["requests"] += 1
                 number = stats["requests"]
                 stats["running"] += 1
-            print(f"request {number} {self.path} loaded={loaded()}", flush=True)
+            print(f"request {number} {self.path} loaded={loaded()} keep_alive={body.get('keep_alive')}", flush=True)
+            keep_alive = body.get("keep_alive")
             try:
                 ensure_loaded()
                 self._generate(body, number, ollama_generate)
             finally:
                 with lock:
                     stats["running"] -= 1
-                release()
+                release(float(keep_alive) if isinstance(keep_alive, int | float) else None)
 
         def _generate(self, body: dict, number: int, ollama_generate: bool) -> None:
             silent = bool(args.silent_from) and number >= args.silent_from
