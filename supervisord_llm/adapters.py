@@ -9,7 +9,7 @@ can be read, and how its log lines are diagnosed. It does no supervision itself.
 | mlx_lm    | GET /health       | streaming chat completion             | usage ÷ own timing                | no           |
 | omlx      | GET /health       | streaming chat completion             | /api/status avg_generation_tps    | probed       |
 | vllm      | GET /health       | POST /v1/completions (stream)         | vllm:generation_tokens_total      | probed       |
-| llama_cpp | GET /health       | POST /v1/completions (stream)         | llamacpp:tokens_predicted_total   | probed       |
+| llama_cpp | GET /health (503) | POST /v1/completions (stream)         | llamacpp:tokens_predicted_total   | probed       |
 | ollama    | GET /api/version  | /api/generate stream                  | eval_count / eval_duration        | probed       |
 | sglang    | GET /ready        | POST /v1/completions (stream)         | sglang:gen_throughput             | probed       |
 | command   | GET /health       | streaming chat completion             | usage ÷ own timing                | config       |
@@ -102,7 +102,7 @@ class EngineAdapter:
                 .replace("{model}", cfg.model or "").replace("{name}", cfg.name))
 
     def env(self) -> dict[str, str]:
-        return dict(self.config.env)
+        return {**gpu_visibility_env(self.config.gpu_devices), **self.config.env}
 
     def _env_value(self, name: str) -> str | None:
         """``name`` as the engine process sees it: the engine's own env first, then the daemon's."""
@@ -139,6 +139,22 @@ class EngineAdapter:
     @property
     def liveness_url(self) -> str:
         return self.base_url + self.liveness_path
+
+    @staticmethod
+    def liveness_detail(response: httpx.Response) -> str:
+        """What a failed liveness answer says, for status: ``503 Loading model`` rather than a bare code."""
+        message = ""
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            error = body.get("error")
+            found = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
+            message = str(found or body.get("message") or body.get("status") or "")
+        elif response.text:
+            message = response.text.strip().splitlines()[0] if response.text.strip() else ""
+        return f"{response.status_code} {message[:120]}".strip()
 
     @property
     def request_model(self) -> str | None:
@@ -337,12 +353,49 @@ class VllmAdapter(EngineAdapter):
         )
 
 
-class LlamaCppAdapter(VllmAdapter):
+class LlamaCppAdapter(EngineAdapter):
+    """llama.cpp's ``llama-server`` (ggml-org/llama.cpp ``tools/server``).
+
+    Facts from the llama.cpp tree that llama-cpp-python 0.3.36 vendors (``tools/build_engines.sh``
+    builds that tree), each seen on the real server in ``tests/integration/test_llama_cpp.py``:
+
+    - ``GET /health`` answers 503 ``{"error": {"message": "Loading model", "type":
+      "unavailable_error", "code": 503}}`` until the model is loaded (``server-http.cpp``,
+      ``middleware_server_state``); every other API path answers the same while loading.
+    - ``POST /v1/messages`` and ``POST /v1/messages/count_tokens`` serve the Anthropic Messages API
+      natively (``server.cpp``: ``post_anthropic_messages``, ``post_anthropic_count_tokens``).
+    - ``GET /metrics`` needs ``--metrics`` and names its series ``llamacpp:*``
+      (``server-task.cpp``, ``server_task_result_metrics::to_metrics``): the counters probe's kind
+      is ``"llamacpp"``. ``llamacpp:tokens_predicted_total`` grows only when a slot finishes
+      (``metrics_on_prediction``); ``llamacpp:n_decode_total`` grows with every ``llama_decode``
+      call (``server-context.cpp``), i.e. per step.
+    """
+
     kind = "llama_cpp"
-    counters_kind = "llama_cpp"
-    # tools/server/server.cpp: n_tokens_predicted_total is added in metrics.on_prediction(), called
-    # when a slot finishes its task, so the total is completion-time; live streams and canaries rule.
+    supports_messages = True
+    # An older llama-server (before the Anthropic routes) answers 404: the ready-time probe finds out.
+    probe_messages = True
+    counters_kind = "llamacpp"
+    # tools/server/server-context.cpp: tokens_predicted_total is added in metrics_on_prediction(),
+    # called when a slot finishes its task, so the total is completion-time; live streams and
+    # canaries rule.
     progress_counter = "completion"
+
+    @property
+    def api_key(self) -> str | None:
+        # common/arg.cpp: --api-key (comma-separated keys), else the LLAMA_API_KEY env var; server-http.cpp
+        # exempts only /health and /v1/health, so /metrics and the canary need it.
+        keys = self._arg_value("--api-key") or self._env_value("LLAMA_API_KEY")
+        if keys:
+            return next((k.strip() for k in keys.split(",") if k.strip()), None)
+        key_file = self._arg_value("--api-key-file")
+        if key_file:
+            try:
+                lines = Path(key_file).expanduser().read_text(encoding="utf-8").splitlines()
+            except OSError:
+                return None
+            return next((line for line in lines if line and not line.startswith("#")), None)
+        return None
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -350,6 +403,12 @@ class LlamaCppAdapter(VllmAdapter):
 
     def _executable_len(self) -> int:
         return 1
+
+    async def canary(self, client: httpx.AsyncClient, *, stall_s: float, timeout_s: float) -> CanaryReading:
+        return await canary_probe.run_openai_completion_canary(
+            client, self.base_url, model=self.request_model, max_tokens=self.config.canary_max_tokens,
+            stall_s=stall_s, timeout_s=timeout_s, headers=self.auth_headers(),
+        )
 
 
 class OllamaAdapter(EngineAdapter):
@@ -447,6 +506,19 @@ class CommandAdapter(EngineAdapter):
 
     def base_argv(self) -> list[str]:
         return [self._fill(a) for a in self.config.command]
+
+
+def gpu_visibility_env(gpu_devices: tuple[int, ...]) -> dict[str, str]:
+    """The environment that shows an engine only its ``gpu_devices`` (NVML indices).
+
+    NVML numbers devices in PCI bus order; CUDA's default order is "fastest first", which can
+    differ on a machine with mixed GPUs, so ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` makes
+    ``CUDA_VISIBLE_DEVICES`` name the same devices NVML (and so admission and attribution) means.
+    An engine's own ``env`` in the config wins over both.
+    """
+    if not gpu_devices:
+        return {}
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in gpu_devices)}
 
 
 def _parse_rfc3339(value: object) -> float | None:

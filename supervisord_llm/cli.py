@@ -190,6 +190,8 @@ def _engine_row(e: dict[str, Any]) -> list[str]:
     note = ""
     if e.get("diagnosis"):
         note = f"{e['diagnosis']['cause']} → {e['diagnosis']['remedy']}"
+    elif e.get("state") == "starting" and e.get("start_check"):
+        note = e["start_check"]
     elif e.get("state") in ("hung", "degraded", "backoff", "failed", "starting", "stopping"):
         note = e.get("state_reason") or ""
     elif e.get("last_canary") and not e["last_canary"].get("ok"):

@@ -161,6 +161,8 @@ class EngineSupervisor:
         self.last_canary: CanaryReading | None = None
         self.last_canary_wall: float | None = None
         self.state_reason = ""
+        # The last readiness check's outcome while starting ("/health answered 503 Loading model").
+        self.start_check: str | None = None
         self.ready_since_s: float | None = None
         self.backoff = backoff.BackoffState(engine=config.name)
         self.log_path = daemon.state_dir / "logs" / f"{config.name}.log"
@@ -495,6 +497,7 @@ class EngineSupervisor:
         deadline = started + self.config.start_timeout_s
         client = self.daemon.http
         last_error = "no answer yet"
+        self.start_check = last_error
         delay = 0.2
         while self.clock.now() < deadline:
             if not proc.running:
@@ -503,7 +506,7 @@ class EngineSupervisor:
                 response = await client.get(self.adapter.liveness_url, timeout=2.0, headers=self.adapter.auth_headers())
                 live = response.status_code < 500
                 if not live:
-                    last_error = f"{self.adapter.liveness_path} answered {response.status_code}"
+                    last_error = f"{self.adapter.liveness_path} answered {self.adapter.liveness_detail(response)}"
             except httpx.HTTPError as exc:
                 live = False
                 last_error = f"{self.adapter.liveness_path}: {type(exc).__name__}"
@@ -522,6 +525,9 @@ class EngineSupervisor:
                     self.post(Ready(gen, reading))
                     return
                 last_error = f"generation check failed: {reading.error}"
+            if last_error != self.start_check:
+                self.daemon.events.emit("engine.start_check", engine=self.name, pid=proc.pid, result=last_error)
+            self.start_check = last_error
             await anyio.sleep(delay)
             delay = min(delay * 1.5, 2.0)
         self.post(StartTimedOut(gen, EngineStartTimeout(
@@ -746,6 +752,12 @@ class EngineSupervisor:
         if self.health is not None:
             rss, gpu = self.health.memory()
             tps, baseline = self.health.tokens_per_s(), self.health.baseline()
+        counters = None
+        if self.health is not None and self.health.counters:
+            # The engine's own counters as last read (/metrics, /api/status): proof they are read at all.
+            last = self.health.counters[-1]
+            counters = {"generated_tokens_total": last.generated_tokens_total,
+                        "requests_running": last.requests_running, "age_s": round(now - last.at_s, 1)}
         canary = None
         if self.last_canary is not None:
             canary = {"ok": self.last_canary.ok, "at": self.last_canary_wall, "ttft_s": self.last_canary.ttft_s,
@@ -755,6 +767,7 @@ class EngineSupervisor:
             "engine": self.config.kind,
             "state": str(self.state),
             "state_reason": self.state_reason,
+            "start_check": self.start_check if self.state == EngineState.STARTING else None,
             "pid": self.proc.pid if self.proc and self.proc.running else None,
             "port": self.config.port,
             "base_url": self.config.base_url,
@@ -771,6 +784,7 @@ class EngineSupervisor:
             "tokens_per_s": tps,
             "baseline_tokens_per_s": baseline,
             "last_canary": canary,
+            "counters": counters,
             "memory": {"rss_bytes": rss, "gpu_bytes": gpu},
             "watchdog": self.health.watchdog(now) if self.health is not None and self.serving_or_hung else None,
             "footprint_bytes": self.daemon.footprint_bytes(self),

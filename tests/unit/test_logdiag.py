@@ -86,6 +86,18 @@ def test_metal_status_line_alone_is_a_command_buffer_failure() -> None:
     assert diagnosis.details == {"buffer": 3, "status": 5}
 
 
+@pytest.mark.parametrize("line", [
+    "ggml_metal_synchronize: error: command buffer 0 failed with status 5",
+    "0.00.615.712 E llama_init_from_model: failed to initialize the context: failed to allocate buffer for kv cache",
+    "0.00.605.310 E alloc_tensor_range: failed to allocate CUDA0 buffer of size 524288000000",
+    "llama_model_load: error loading model: unable to allocate CUDA0 buffer",
+])
+def test_current_llamacpp_failure_lines_alone_are_diagnosed(line: str) -> None:
+    """Each of today's llama.cpp out-of-memory / Metal failure lines alone gets a llama.cpp diagnosis."""
+    diagnosis = diagnose([line])
+    assert diagnosis is not None and diagnosis.signature.startswith("llamacpp."), diagnosis
+
+
 def test_kv_cache_remedy_names_the_max_model_len_that_fits() -> None:
     """The KV-cache failure captures vLLM's estimate and tells the exact flag to use: --max-model-len 157216."""
     diagnosis = diagnose(BLOCKS["vllm: KV cache cannot hold max_model_len"])
@@ -123,9 +135,9 @@ def test_older_ollama_memory_numbers_and_llamacpp_allocation() -> None:
     assert ollama.details == {"required_gib": 164.8, "available_gib": 13.4}
     assert "164.8 GiB" in ollama.cause and "13.4 GiB" in ollama.cause
     llama = diagnose(BLOCKS["llama.cpp: CUDA out of memory"])
-    assert llama.details == {"mib": 8900.01, "device": 0}
-    assert llama.line.startswith("ggml_backend_cuda_buffer_type_alloc_buffer")
-    assert "8900.01 MiB" in llama.remedy
+    assert llama.details == {"mib": 500000.0, "device": 0, "bytes": 524288000000}
+    assert "ggml_backend_cuda_buffer_type_alloc_buffer" in llama.line
+    assert "500000.00 MiB" in llama.remedy or "500000.0 MiB" in llama.remedy
 
 
 def test_llamacpp_buffer_line_alone_falls_back_to_a_remedy_without_numbers() -> None:
