@@ -95,6 +95,8 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                         f'vllm:generation_tokens_total{{engine="0",model_name="m"}} {generated}.0\n')
             return ("# TYPE sglang:num_running_reqs gauge\n"
                     f'sglang:num_running_reqs{{model_name="m"}} {running}.0\n'
+                    "# TYPE sglang:realtime_tokens_total counter\n"
+                    f'sglang:realtime_tokens_total{{mode="decode",model_name="m"}} {generated}.0\n'
                     "# TYPE sglang:generation_tokens_total counter\n"
                     f'sglang:generation_tokens_total{{model_name="m"}} {generated}.0\n')
 
