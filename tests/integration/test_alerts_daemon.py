@@ -74,6 +74,7 @@ def test_hang_fires_and_recovery_resolves_once_also_across_a_daemon_restart(daem
         assert firing[0]["episode_id"] == receiver.of("engine.hung")[1]["episode_id"]
     finally:
         receiver.server.shutdown()
+        receiver.server.server_close()
 
 
 def test_llmctl_alerts_test_delivers_a_signed_test_alert(daemon_factory) -> None:
@@ -111,6 +112,7 @@ def test_llmctl_alerts_test_delivers_a_signed_test_alert(daemon_factory) -> None
         assert "s3cret" not in (d.state_dir / "events.jsonl").read_text()
     finally:
         server.shutdown()
+        server.server_close()
 
 
 def test_an_engine_exit_alerts_with_its_diagnosis_unless_alert_on_exit_is_off(daemon_factory) -> None:
@@ -138,6 +140,7 @@ def test_an_engine_exit_alerts_with_its_diagnosis_unless_alert_on_exit_is_off(da
                                                                    ("quiet", "none")}
     finally:
         receiver.server.shutdown()
+        receiver.server.server_close()
 
 
 def test_llmctl_stop_of_a_crashed_engine_resolves_its_exit_episode(daemon_factory) -> None:
@@ -156,3 +159,4 @@ def test_llmctl_stop_of_a_crashed_engine_resolves_its_exit_episode(daemon_factor
         assert resolved["episode_id"] == fired["episode_id"] and "llmctl stop" in resolved["message"]
     finally:
         receiver.server.shutdown()
+        receiver.server.server_close()
