@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test lint chaos bench clean
+.PHONY: install engines demo test lint chaos bench clean
 
 install: $(STAMP)
 
@@ -14,13 +14,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[mlx,test,bench]'
 	touch $(STAMP)
 
+# llama.cpp's real llama-server (CPU) and its tiny GGUF, built once per pinned version from the
+# llama-cpp-python sdist on PyPI (cache in ~/.cache/supervisord-llm; see tools/build_engines.sh).
+engines: install
+	PYTHON=$(BIN)/python tools/build_engines.sh
+
 demo: install
 	$(BIN)/supervisord-llm demo
 
-test: install
+test: install engines
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q -m "not chaos_full and not gpu"
+	SUPERVISORD_LLM_REQUIRE_ENGINES=1 $(BIN)/python -m pytest -q -m "not chaos_full and not gpu"
 
 lint: install
 	$(BIN)/python -m ruff check .
@@ -33,4 +38,4 @@ bench: install
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .engines

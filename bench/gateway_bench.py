@@ -63,6 +63,9 @@ class TrivialBackend:
     def request_finished(self, stats: object) -> None:
         pass
 
+    def engine_progress_s(self, engine: str) -> float | None:
+        return None
+
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:
         pass
 

@@ -30,7 +30,7 @@ REPO = common.REPO
 DOC = REPO / "docs" / "benchmarks.md"
 PLOT = REPO / "docs" / "crash-detection.png"
 RESULTS = REPO / "bench" / "results" / "latest.json"
-ORDER = ("crash", "hang", "slowdown", "footprint", "swap", "memory")  # footprint also times status
+ORDER = ("crash", "hang", "slowdown", "footprint", "swap", "memory", "fault_matrix")  # footprint also times status
 
 
 def _ms(v: float | None) -> str:
@@ -181,6 +181,12 @@ def render_swap(r: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def render_fault_matrix(r: dict[str, Any]) -> str:
+    import fault_matrix
+
+    return fault_matrix.render(r)
+
+
 def render_memory(r: dict[str, Any]) -> str:
     d, s = r["daemon"], r["supervisord"]
 
@@ -213,7 +219,8 @@ def render_memory(r: dict[str, Any]) -> str:
 
 
 RENDER = {"crash": render_crash, "hang": render_hang, "slowdown": render_slowdown, "footprint": render_footprint,
-          "swap": render_swap, "memory": render_memory}
+          "swap": render_swap, "memory": render_memory,
+          "fault_matrix": render_fault_matrix}
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -272,6 +279,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown benchmark {sorted(unknown)[0]!r}; valid: {', '.join(ORDER)}")
     import crash_bench
+    import fault_matrix
     import footprint_bench
     import hang_bench
     import memory_bench
@@ -280,7 +288,8 @@ def main() -> None:
 
     runners = {"crash": lambda: crash_bench.run(args.runs), "hang": lambda: hang_bench.run(5),
                "slowdown": slowdown_bench.run, "footprint": lambda: footprint_bench.run(args.quick),
-               "swap": lambda: swap_bench.run(6), "memory": lambda: memory_bench.run(3)}
+               "swap": lambda: swap_bench.run(6), "memory": lambda: memory_bench.run(3),
+               "fault_matrix": fault_matrix.run}
     started = time.monotonic()
     results: dict[str, Any] = {}
     for name in chosen:

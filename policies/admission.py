@@ -74,6 +74,29 @@ def auto_footprint_bytes(weights_bytes: int, factor: float = 1.2) -> int:
     return math.ceil(weights_bytes * factor)
 
 
+def effective_budget_bytes(
+    configured_bytes: int | None, total_bytes: int | None, headroom_bytes: int
+) -> int | None:
+    """The memory budget every check uses: the configured one, else total memory minus the headroom.
+
+    None only when neither is known (no budget configured and no memory reading yet).
+    """
+    if configured_bytes is not None:
+        return configured_bytes
+    if total_bytes is None:
+        return None
+    return max(1, total_bytes - headroom_bytes)
+
+
+def exclusive_conflicts(candidate: Footprint, others: Sequence[Footprint]) -> tuple[str, ...]:
+    """The engines among ``others`` that may not run next to ``candidate`` (either side exclusive)."""
+    return tuple(
+        f.engine
+        for f in others
+        if f.engine != candidate.engine and (candidate.exclusive or f.exclusive)
+    )
+
+
 def _names(footprints: Sequence[Footprint]) -> str:
     return ", ".join(f"{f.engine} ({gb(f.bytes)})" for f in footprints)
 
@@ -105,7 +128,7 @@ def admit(
     others = [f for f in resident if f.engine != name]
 
     # 1. Exclusivity, either side.
-    if others and candidate.exclusive:
+    if exclusive_conflicts(candidate, others) and candidate.exclusive:
         return Refuse(
             name,
             "exclusive",
@@ -201,4 +224,4 @@ def admit(
     )
 
 
-__all__ = ["Footprint", "admit", "auto_footprint_bytes"]
+__all__ = ["Footprint", "admit", "auto_footprint_bytes", "effective_budget_bytes", "exclusive_conflicts"]

@@ -160,6 +160,15 @@ def next_start_at(state: BackoffState, settings: BackoffSettings, now_s: float) 
     return at_s
 
 
+def on_demand_start_at(state: BackoffState, settings: BackoffSettings, now_s: float) -> float:
+    """The earliest time a start that no person asked for (a request for an unloaded model, a swap
+    by the gateway) may spawn: the 60 s floor holds for it as for any automatic spawn, so a client
+    that keeps waking an idle-unloaded model cannot turn it into a load loop."""
+    if state.last_spawn_at_s is None:
+        return now_s
+    return max(now_s, state.last_spawn_at_s + settings.min_interval_s)
+
+
 def decide_after_exit(
     state: BackoffState, settings: BackoffSettings, now_s: float
 ) -> tuple[WaitUntil] | tuple[MarkFailed, Alert]:
@@ -240,6 +249,44 @@ def manual_start_allowed(
     )
 
 
+def manual_restart_allowed(
+    state: BackoffState, settings: BackoffSettings, now_s: float, force: bool
+) -> Admit | Refuse:
+    """May a person's ``llmctl restart`` spawn the engine again now?
+
+    A restart is a spawn, so the floor between two spawns holds for it too (a restart right after
+    an out-of-memory crash crashes again); ``force=True`` overrides it.
+    """
+    engine = state.engine
+    last_s = state.last_spawn_at_s
+    min_s = settings.min_interval_s
+    if force or last_s is None or now_s - last_s >= min_s:
+        return Admit(engine, "--force" if force and last_s is not None and now_s - last_s < min_s else "spacing ok")
+    return Refuse(
+        engine,
+        "min_interval",
+        f"{engine} was spawned {now_s - last_s:.0f}s ago; two spawns are kept at least {min_s:.0f}s apart "
+        f"(a restart right after an out-of-memory crash crashes again). Retry in {min_s - (now_s - last_s):.0f}s, "
+        "or use `llmctl restart --force` to override the 60s spacing",
+        until_s=last_s + min_s,
+    )
+
+
+def automatic_start_allowed(
+    state: BackoffState, settings: BackoffSettings, now_s: float, *, waiting: str | None = None
+) -> Admit | Refuse:
+    """May an automatic swap (a gateway request for a model not resident) start this engine now?
+
+    Never while it waits in backoff or is failed (``waiting`` names that state and why), nor while
+    its failure streak's backoff has not passed: an automatic swap never trades a working engine
+    for one its backoff would refuse. A person's ``llmctl switch`` does not ask this.
+    """
+    verdict = manual_start_allowed(state, settings, now_s, False)
+    if isinstance(verdict, Admit) and waiting is not None:
+        return Refuse(state.engine, "waiting", waiting)
+    return verdict
+
+
 def to_record(state: BackoffState) -> dict[str, object]:
     """A JSON-ready dict of the state, for the caller to persist."""
     return {
@@ -310,10 +357,12 @@ __all__ = [
     "MIN_SPAWN_INTERVAL_S",
     "BackoffSettings",
     "BackoffState",
+    "automatic_start_allowed",
     "decide_after_exit",
     "failures_in_window",
     "from_record",
     "is_failed",
+    "manual_restart_allowed",
     "manual_start_allowed",
     "next_start_at",
     "record_exit",

@@ -17,6 +17,17 @@ learned. The caller keeps the baseline per model across restarts.
 **Hung** (``assess_hung``): a zombie root, a stopped process (SIGSTOP), a canary that got no
 token within its stall time, or an engine whose own counters say requests are running while its
 generated-token total has not moved for ``stall_s``.
+
+**The evidence rule** (``assess_progress``, what the watchdog decides with): an engine is hung only
+when *no* source shows engine-side progress for ``stall_s`` and one source shows silence. Progress
+is a token read from the engine on a live stream (at the engine's pace, whatever the client does),
+a successful canary, a per-step counter that advanced, or the engine's own prefill progress; any of
+them newer than a piece of silence evidence voids it at once. Silence evidence is a live stream
+that got nothing from the engine, a canary that got no token, or per-step counters flat while the
+engine says requests run. Counters that grow only when a request *finishes* are no evidence of
+anything while a request runs, so they never yield hung; a lazy engine loading its model is
+``loading``, not silent. A stopped (SIGSTOP) or zombie process is hung whatever else was seen:
+no generation can happen in it.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from policies._format import require
-from policies.actions import Alert
+from policies.actions import Noop, Restart
 from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
 
 
@@ -196,23 +207,6 @@ def assess_degraded(
     return DegradedAssessment(degraded, recovered, latest, baseline_tokens_per_s, below, reason)
 
 
-def degraded_alert(engine: str, assessment: DegradedAssessment, was_degraded: bool) -> Alert | None:
-    """The ``engine.degraded:<engine>`` alert: opened when degraded, resolved once recovered."""
-    key = f"engine.degraded:{engine}"
-    details: dict[str, object] = {
-        "tokens_per_s": assessment.rate_tokens_per_s,
-        "baseline_tokens_per_s": assessment.baseline_tokens_per_s,
-        "windows_below": assessment.windows_below,
-    }
-    if assessment.degraded:
-        return Alert(key, "warning", f"{engine} is degraded: {assessment.reason}", details)
-    if was_degraded and assessment.recovered:
-        return Alert(
-            key, "warning", f"{engine} recovered: {assessment.reason}", details, resolved=True
-        )
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class HungAssessment:
     hung: bool
@@ -274,7 +268,196 @@ def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: fl
     )
 
 
+# ---- restart timing (separate from the verdicts above) ------------------------------------------
+
+
+def decide_hang_restart(
+    engine: str,
+    hung_since_s: float | None,
+    now_s: float,
+    hang_restart_after_s: float,
+    *,
+    already_requested: bool,
+    reason: str,
+) -> Restart | Noop:
+    """A hung engine is restarted once it has stayed hung for ``hang_restart_after_s``.
+
+    The hang itself is alerted at once; the restart waits, because a person may want to look at
+    the wedged process first, and a hang that clears by itself needs no restart. One restart per
+    hang episode (``already_requested``); the restart still goes through the 60 s floor.
+    """
+    if hung_since_s is None or already_requested:
+        return Noop("not hung" if hung_since_s is None else "restart already requested")
+    hung_for_s = now_s - hung_since_s
+    if hung_for_s < hang_restart_after_s:
+        return Noop(f"hung for {hung_for_s:.0f}s of {hang_restart_after_s:.0f}s before a restart")
+    return Restart(engine, reason)
+
+
+def decide_degraded_restart(
+    engine: str,
+    degraded: bool,
+    restart_when_idle: bool,
+    in_flight: int,
+    *,
+    already_requested: bool,
+    reason: str,
+) -> Restart | Noop:
+    """A degraded engine is restarted only when configured to, and only while no request runs on it."""
+    if not degraded or not restart_when_idle or already_requested:
+        return Noop("no degraded restart")
+    if in_flight > 0:
+        return Noop(f"degraded, but {in_flight} request{'s' if in_flight != 1 else ''} in flight")
+    return Restart(engine, reason)
+# ---- the evidence rule -------------------------------------------------------------------------
+
+PROGRESS_SOURCES = ("stream", "canary", "counters", "prefill")
+SILENCE_SOURCES = ("process", "stream", "canary", "counters")
+
+
+@dataclass(frozen=True, slots=True)
+class Silence:
+    """One piece of silence evidence: ``source`` saw nothing from the engine since ``since_s``.
+
+    ``detail`` is what a person can check ("a live decode stream", "canary waiting for the first
+    token"); ``at_s`` is when it was observed (evidence older than the latest progress is void).
+    """
+
+    source: str  # "stream" | "canary"
+    since_s: float
+    at_s: float
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressEvidence:
+    """What the watchdog saw of one engine's own progress. Times are monotonic seconds.
+
+    ``last_*_s``: when each progress source last showed progress (None: never in this run).
+    ``counters`` is the engine's counter history; it counts (as progress and as silence) only when
+    ``counters_per_step`` says its token total advances per decode step. ``gauge_stale_s`` is how
+    stale the engine's running-requests gauge may be (SGLang refreshes it every 30 s when idle),
+    so flat counters must outlast it too.
+    """
+
+    watch_since_s: float
+    last_token_s: float | None = None
+    last_canary_ok_s: float | None = None
+    last_prefill_s: float | None = None
+    silences: tuple[Silence, ...] = ()
+    counters: tuple[EngineCounters, ...] = ()
+    counters_per_step: bool = False
+    gauge_stale_s: float = 0.0
+    process_stopped: bool = False
+    zombie: bool = False
+    root_pid: int | None = None
+    loading: bool = False  # a lazy engine is loading its model (the engine said so, or a load deadline runs)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressVerdict:
+    """The watchdog's verdict with its evidence: ``source`` of the silence and how long it lasted."""
+
+    hung: bool
+    phase: str  # "hung" | "loading" | "generating" | "idle"
+    source: str | None = None  # the silence source behind a hung verdict
+    silent_s: float | None = None  # seconds without engine-side progress from any source
+    reason: str | None = None
+    last_progress_source: str | None = None
+    last_progress_s: float | None = None
+
+    def evidence(self) -> dict[str, object]:
+        """The evidence as plain values, for the state-change event and status."""
+        return {
+            "source": self.source,
+            "silent_s": None if self.silent_s is None else round(self.silent_s, 1),
+            "last_progress": self.last_progress_source,
+        }
+
+
+def _counter_advances(history: Sequence[EngineCounters]) -> float | None:
+    """When the token total last went up (the later reading of the pair), or None."""
+    usable = sorted((c for c in history if c.generated_tokens_total is not None), key=lambda c: c.at_s)
+    last: float | None = None
+    for a, b in zip(usable, usable[1:], strict=False):
+        if b.generated_tokens_total is not None and a.generated_tokens_total is not None and (
+            b.generated_tokens_total > a.generated_tokens_total
+        ):
+            last = b.at_s
+    return last
+
+
+def latest_progress(evidence: ProgressEvidence) -> tuple[str | None, float | None]:
+    """The newest engine-side progress: (source, at_s), or (None, None) if none in this run."""
+    candidates: list[tuple[float, str]] = []
+    if evidence.last_token_s is not None:
+        candidates.append((evidence.last_token_s, "stream"))
+    if evidence.last_canary_ok_s is not None:
+        candidates.append((evidence.last_canary_ok_s, "canary"))
+    if evidence.last_prefill_s is not None:
+        candidates.append((evidence.last_prefill_s, "prefill"))
+    if evidence.counters_per_step:
+        advanced = _counter_advances(evidence.counters)
+        if advanced is not None:
+            candidates.append((advanced, "counters"))
+    if not candidates:
+        return None, None
+    at_s, source = max(candidates)
+    return source, at_s
+
+
+def assess_progress(evidence: ProgressEvidence, stall_s: float, now_s: float) -> ProgressVerdict:
+    """Hung only when no source shows engine-side progress for ``stall_s`` and one shows silence.
+
+    The verdict's ``source`` and ``silent_s`` name the evidence; ``phase`` is what status shows.
+    """
+    require(stall_s > 0, f"stall_s must be > 0 seconds, got {stall_s!r}")
+    progress_source, progress_s = latest_progress(evidence)
+    if evidence.zombie:
+        return ProgressVerdict(True, "hung", "process", None,
+                               f"zombie: pid {evidence.root_pid} exited but was not reaped",
+                               progress_source, progress_s)
+    if evidence.process_stopped:
+        return ProgressVerdict(True, "hung", "process", None, "process stopped (SIGSTOP)",
+                               progress_source, progress_s)
+    if evidence.loading:
+        return ProgressVerdict(False, "loading", None, None, "loading the model",
+                               progress_source, progress_s)
+    # Silence counts from the latest progress (or from when watching began): a token, a good
+    # canary or an advancing per-step counter in the last stall_s voids every silence.
+    quiet_since_s = progress_s if progress_s is not None else evidence.watch_since_s
+    silent_s = now_s - quiet_since_s
+    recent = progress_s is not None and silent_s < stall_s
+    phase = "generating" if recent else "idle"
+    if recent:
+        return ProgressVerdict(False, phase, None, silent_s, None, progress_source, progress_s)
+    for silence in evidence.silences:
+        if progress_s is not None and silence.at_s < progress_s:
+            continue  # progress came after this silence was seen: it is void
+        quiet_s = now_s - max(silence.since_s, progress_s if progress_s is not None else silence.since_s)
+        if quiet_s < stall_s:
+            continue
+        detail = silence.detail or f"{silence.source} silent"
+        return ProgressVerdict(True, "hung", silence.source, quiet_s,
+                               f"{detail}: no engine-side progress from any source for {quiet_s:.1f}s",
+                               progress_source, progress_s)
+    if evidence.counters_per_step:
+        stalled = _counters_stall(evidence.counters, max(stall_s, evidence.gauge_stale_s), now_s)
+        if stalled is not None:
+            return ProgressVerdict(True, "hung", "counters", silent_s,
+                                   f"{stalled} (per-step counter), and no token or canary either",
+                                   progress_source, progress_s)
+    return ProgressVerdict(False, phase, None, silent_s, None, progress_source, progress_s)
+
+
 __all__ = [
+    "PROGRESS_SOURCES",
+    "SILENCE_SOURCES",
+    "ProgressEvidence",
+    "ProgressVerdict",
+    "Silence",
+    "assess_progress",
+    "latest_progress",
     "DegradedAssessment",
     "HealthSettings",
     "HungAssessment",
@@ -282,8 +465,10 @@ __all__ = [
     "ThroughputTracker",
     "assess_degraded",
     "assess_hung",
-    "degraded_alert",
+    "decide_degraded_restart",
+    "decide_hang_restart",
     "learn_baseline",
     "rolling_rate",
     "window_rates",
 ]
+

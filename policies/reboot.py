@@ -111,11 +111,6 @@ def record_reboot(ledger: RebootLedger, now_wall: float) -> RebootLedger:
     return RebootLedger((*ledger.reboots_wall_s, now_wall)[-_LEDGER_KEPT:])
 
 
-def cooldown_until_wall(ledger: RebootLedger, settings: RebootSettings) -> float | None:
-    last = ledger.last_wall_s
-    return None if last is None else last + settings.cooldown_s
-
-
 def in_cooldown(ledger: RebootLedger, settings: RebootSettings, now_wall: float) -> bool:
     """True inside the cooldown after the last reboot, and when the ledger is ahead of the clock."""
     last = ledger.last_wall_s
@@ -459,7 +454,6 @@ __all__ = [
     "RebootState",
     "RebootVerification",
     "cancel",
-    "cooldown_until_wall",
     "decide_gpu_lost",
     "decide_reboot",
     "decide_xid",

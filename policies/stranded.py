@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from policies._format import gb, require, secs
+from policies._format import gb, require
 from policies.actions import Alert
 
 STRANDED_ALERT_KEY = "memory.stranded"
@@ -177,12 +177,6 @@ def assess_stranded(
     )
 
 
-def reclaim_note(last_exit_at_s: float, now_s: float, settings: StrandedSettings) -> str:
-    """A short status line while memory is still being reclaimed after an exit."""
-    left_s = settings.reclaim_window_s - (now_s - last_exit_at_s)
-    return f"memory is being reclaimed after an exit; judged in {secs(left_s)}"
-
-
 __all__ = [
     "STRANDED_ALERT_KEY",
     "BaselineState",
@@ -190,6 +184,5 @@ __all__ = [
     "StrandedSettings",
     "assess_stranded",
     "is_settled",
-    "reclaim_note",
     "update_baseline",
 ]

@@ -24,7 +24,7 @@ Pure decisions: no I/O, no logging.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from policies._format import gb, require, secs
@@ -79,6 +79,7 @@ def plan_swap(
     *,
     keep_fitting: bool = True,
     stranded_bytes: int = 0,
+    grace_s: Mapping[str, float] | None = None,
 ) -> SwapPlan | Refuse:
     """Plan a swap to ``target``.
 
@@ -86,7 +87,8 @@ def plan_swap(
     ``keep_fitting=True`` only the engines that must go are stopped (exclusivity, then the budget,
     in that order); with ``keep_fitting=False`` every other engine is stopped (``llmctl switch``).
     Stranded wired memory counts against the budget. A target that cannot fit even alone is
-    refused before anything is stopped.
+    refused before anything is stopped. ``grace_s`` gives an engine's own stop grace (its config);
+    engines not in it are stopped with ``settings.stop_grace_s``.
     """
     name = target.engine
     if budget_bytes is not None and target.bytes + stranded_bytes > budget_bytes:
@@ -115,7 +117,10 @@ def plan_swap(
     # Keep the stop order the caller asked for.
     order = {f.engine: i for i, f in enumerate(others)}
     stop.sort(key=lambda f: order[f.engine])
-    stops = tuple(Stop(f.engine, settings.stop_grace_s, f"swap to {name}") for f in stop)
+    graces = grace_s or {}
+    stops = tuple(
+        Stop(f.engine, graces.get(f.engine, settings.stop_grace_s), f"swap to {name}") for f in stop
+    )
     return SwapPlan(
         target=name,
         stops=stops,

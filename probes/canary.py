@@ -346,17 +346,24 @@ async def run_ollama_canary(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     clock: Clock = time.monotonic,
     headers: Mapping[str, str] | None = None,
+    keep_alive_s: int | None = None,
 ) -> CanaryReading:
-    """A streaming ``POST /api/generate``; tokens/s from Ollama's own ``eval_count / eval_duration``."""
+    """A streaming ``POST /api/generate``; tokens/s from Ollama's own ``eval_count / eval_duration``.
+
+    ``keep_alive_s``: how long Ollama keeps the model loaded after this request. A canary passes
+    what is left of the model's current keep-alive, so probing it never extends its residency.
+    """
     _check_bounds(max_tokens, stall_s, timeout_s)
     if not model:
         raise ValueError("Ollama needs the model name (e.g. 'llama3.2:1b'); got an empty one")
-    body = {
+    body: dict[str, Any] = {
         "model": model,
         "prompt": prompt,
         "stream": True,
         "options": {"num_predict": max_tokens, "temperature": 0},
     }
+    if keep_alive_s is not None:
+        body["keep_alive"] = max(1, int(keep_alive_s))
     return await _stream_canary(
         client,
         _url(base_url, "/api/generate"),

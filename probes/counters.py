@@ -9,10 +9,13 @@ is a lifetime average over all requests, so the cumulative ``total_completion_to
 |----------|---------------|-----------------------------------|-------------------------------|----------------|
 | vllm     | /metrics      | vllm:generation_tokens_total      | vllm:num_requests_running     |                |
 | llamacpp | /metrics      | llamacpp:tokens_predicted_total   | llamacpp:requests_processing  |                |
-| sglang   | /metrics      | sglang:generation_tokens_total    | sglang:num_running_reqs       | sglang:gen_throughput |
+| sglang   | /metrics      | sglang:realtime_tokens_total{mode="decode"} | sglang:num_running_reqs | sglang:gen_throughput |
 | omlx     | /api/status   | total_completion_tokens           | active_requests               | avg_generation_tps |
 
 Values with several label sets (one per model, engine or data-parallel rank) are summed.
+SGLang's ``generation_tokens_total`` grows only when a request finishes, so its per-iteration
+``realtime_tokens_total{mode="decode"}`` is read instead (python/sglang/srt/metrics/collector.py);
+an SGLang too old to have it reports no total rather than a completion-time one.
 """
 
 from __future__ import annotations
@@ -44,12 +47,14 @@ class _MetricNames:
     generated_tokens_total: str | None
     requests_running: str
     tokens_per_s: str | None = None
+    generated_labels: tuple[tuple[str, str], ...] = ()  # only samples with these labels count
 
 
 PROMETHEUS_KINDS: Mapping[str, _MetricNames] = {
     "vllm": _MetricNames("vllm:generation_tokens_total", "vllm:num_requests_running"),
     "llamacpp": _MetricNames("llamacpp:tokens_predicted_total", "llamacpp:requests_processing"),
-    "sglang": _MetricNames("sglang:generation_tokens_total", "sglang:num_running_reqs", "sglang:gen_throughput"),
+    "sglang": _MetricNames("sglang:realtime_tokens_total", "sglang:num_running_reqs", "sglang:gen_throughput",
+                           generated_labels=(("mode", "decode"),)),
 }
 COUNTER_KINDS = (*PROMETHEUS_KINDS, "omlx")
 
@@ -72,6 +77,10 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
+                if sample.name == names.generated_tokens_total and any(
+                    sample.labels.get(k) != v for k, v in names.generated_labels
+                ):
+                    continue
                 if sample.name in wanted and math.isfinite(sample.value):
                     sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
     except ValueError as exc:

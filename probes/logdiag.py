@@ -258,12 +258,23 @@ SIGNATURES: tuple[Signature, ...] = (
     ),
     Signature(
         id="vllm.engine_core_init_failed",
-        patterns=_re(r"Engine core initialization failed"),
+        # vllm 0.33.0 vllm/v1/engine/utils.py: "Engine core initialization failed. See root cause above."
+        # or, when a frontend process died first, "Frontend process failed during engine core initialization."
+        patterns=_re(r"Engine core initialization failed", r"failed during engine core initialization"),
         cause="vLLM's engine core failed to start; the real cause is logged above this line",
         remedy="read the engine log above this line for the first error (the diagnosis names it when it is known)",
         priority=WRAPPER,
     ),
     # ------------------------------------------------------------------ MLX / Metal (mlx_lm, oMLX, llama.cpp on Mac)
+    Signature(
+        id="mlx_lm.generation_thread_died",
+        # mlx-lm 0.32 mlx_lm/server.py ResponseGenerator._run_generate logs this and keeps serving
+        # HTTP: /health turns 503 and every generation answers 404 "generation thread died".
+        patterns=_re(r"mlx_lm\.server generation thread died: (?P<reason>.+?)\s*$"),
+        cause="mlx_lm.server's generation thread died ({reason}); the process still answers HTTP but cannot generate",
+        remedy="fix the cause named in the reason (a specific cause in the lines around it is named instead when known); the engine must be restarted",
+        priority=GENERIC - 10,
+    ),
     Signature(
         id="metal.out_of_memory",
         patterns=_re(r"kIOGPUCommandBufferCallbackErrorOutOfMemory", r"\[METAL\] Command buffer execution failed: Insufficient Memory"),
@@ -306,11 +317,18 @@ SIGNATURES: tuple[Signature, ...] = (
         priority=WARNING,
     ),
     # ------------------------------------------------------------------ llama.cpp
+    # Texts of the llama.cpp that llama-cpp-python 0.3.36 vendors: ggml/src/ggml-cuda/ggml-cuda.cu
+    # (ggml_backend_cuda_buffer_type_alloc_buffer), ggml/src/ggml-alloc.c (alloc_tensor_range),
+    # src/llama-model.cpp ("unable to allocate %s buffer", the weights), src/llama-kv-cache.cpp
+    # ("failed to allocate buffer for kv cache"); the fixture lines were captured from the real
+    # llama-server on an H200 (tests/fixtures/llama_cpp/cuda-oom.log).
     Signature(
         id="llamacpp.cuda_out_of_memory",
         patterns=_re(
             r"allocating (?P<mib>[\d.]+) MiB on device (?P<device>\d+): cudaMalloc failed: out of memory",
-            r"unable to allocate (?:CUDA\d* )?backend buffer",
+            r"failed to allocate CUDA(?P<device>\d+) buffer of size (?P<bytes>\d+)",
+            r"unable to allocate (?:CUDA\d* )?(?:backend )?buffer",
+            r"failed to allocate buffer for kv cache",
         ),
         cause="not enough GPU memory for the weights or compute buffers ({mib} MiB could not be allocated on device {device})",
         cause_fallback="not enough GPU memory for the weights or compute buffers",
@@ -319,7 +337,10 @@ SIGNATURES: tuple[Signature, ...] = (
     ),
     Signature(
         id="llamacpp.metal_command_buffer_failed",
-        patterns=_re(r"ggml_metal_graph_compute: command buffer (?P<buffer>\d+) failed with status (?P<status>\d+)"),
+        # ggml/src/ggml-metal/ggml-metal-context.m: ggml_metal_synchronize logs "error: command buffer N
+        # failed with status S"; ggml_metal_graph_compute logs the same without "error:".
+        patterns=_re(r"ggml_metal_(?:synchronize|graph_compute): (?:error: )?command buffer (?P<buffer>\d+) "
+                     r"failed with status (?P<status>\d+)"),
         cause="a Metal command buffer failed (status {status}); usually out of memory or a GPU error",
         remedy="check the next lines for the Metal error; reduce the context or offloaded layers; restart after the backoff",
         priority=GENERIC,

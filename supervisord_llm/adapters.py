@@ -1,5 +1,7 @@
 """Engine adapters: one small class per engine kind.
 
+Room: engine.
+
 An adapter knows how to build the engine's command line from its config, its cheap liveness URL,
 how to prove it generates (a tiny real generation through the engine's own API), where tokens/s
 can be read, and how its log lines are diagnosed. It does no supervision itself.
@@ -9,7 +11,7 @@ can be read, and how its log lines are diagnosed. It does no supervision itself.
 | mlx_lm    | GET /health       | streaming chat completion             | usage ÷ own timing                | no           |
 | omlx      | GET /health       | streaming chat completion             | /api/status avg_generation_tps    | probed       |
 | vllm      | GET /health       | POST /v1/completions (stream)         | vllm:generation_tokens_total      | probed       |
-| llama_cpp | GET /health       | POST /v1/completions (stream)         | llamacpp:tokens_predicted_total   | probed       |
+| llama_cpp | GET /health (503) | POST /v1/completions (stream)         | llamacpp:tokens_predicted_total   | probed       |
 | ollama    | GET /api/version  | /api/generate stream                  | eval_count / eval_duration        | probed       |
 | sglang    | GET /ready        | POST /v1/completions (stream)         | sglang:gen_throughput             | probed       |
 | command   | GET /health       | streaming chat completion             | usage ÷ own timing                | config       |
@@ -19,14 +21,30 @@ engine once it is ready (:mod:`probes.routes`), because it depends on the engine
 engine config's ``supports_messages`` overrides the probe. Facts about each engine cite the upstream
 file they come from; the recorded surfaces they rest on are in ``tests/contract/fixtures/``.
 
-``/health`` alone is never proof: mlx_lm.server answers 200 while loading and after its
-generation thread died.
+``/health`` alone is never proof: mlx_lm.server answers 200 while loading and while its generation
+loop is wedged (503 only once that thread has died), Ollama's /api/version whatever its runner does.
+
+**Progress sources** (what the watchdog may take as the engine's own progress; see
+``policies.health.assess_progress``). A counter that grows only when a request *finishes* says
+nothing while a long answer is being generated, so it never yields a hung verdict on its own.
+
+| kind      | counter (``progress_counter``)                            | lazy load | prefill progress           |
+|-----------|-----------------------------------------------------------|-----------|----------------------------|
+| mlx_lm    | none: live streams and canaries only                      | no        | log "Prompt processing progress: n/N" |
+| omlx      | ``total_completion_tokens``: at completion only           | yes (non-pinned models) | —            |
+| vllm      | ``vllm:generation_tokens_total``: per decode step         | no        | —                          |
+| llama_cpp | ``llamacpp:tokens_predicted_total``: at completion only   | no        | (``/slots``)               |
+| ollama    | none (``eval_count`` only in a request's last chunk)      | yes (``/api/ps``) | —                  |
+| sglang    | ``sglang:realtime_tokens_total{mode="decode"}``: per step | no        | —                          |
+| command   | none                                                      | no        | —                          |
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -47,6 +65,15 @@ class EngineAdapter:
     # Ask the running engine at ready time whether it serves /v1/messages (version-dependent).
     probe_messages: ClassVar[bool] = False
     counters_kind: ClassVar[str | None] = None  # which engine counters probe applies
+    # "per_step": the token total advances every decode step (flat while requests run = silence);
+    # "completion": it grows only when a request finishes (never silence evidence); None: no counter.
+    progress_counter: ClassVar[str | None] = None
+    # How stale the engine's running-requests gauge may be: flat counters must outlast it too.
+    running_gauge_stale_s: ClassVar[float] = 0.0
+    # Loads models on demand (first request after start or after its own keep-alive/TTL unloaded it).
+    lazy_loads_model: ClassVar[bool] = False
+    # A log line the engine writes as its prefill advances (engine-side progress of a long prompt).
+    prefill_progress_re: ClassVar[re.Pattern[str] | None] = None
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -77,7 +104,7 @@ class EngineAdapter:
                 .replace("{model}", cfg.model or "").replace("{name}", cfg.name))
 
     def env(self) -> dict[str, str]:
-        return dict(self.config.env)
+        return {**gpu_visibility_env(self.config.gpu_devices), **self.config.env}
 
     def _env_value(self, name: str) -> str | None:
         """``name`` as the engine process sees it: the engine's own env first, then the daemon's."""
@@ -114,6 +141,22 @@ class EngineAdapter:
     @property
     def liveness_url(self) -> str:
         return self.base_url + self.liveness_path
+
+    @staticmethod
+    def liveness_detail(response: httpx.Response) -> str:
+        """What a failed liveness answer says, for status: ``503 Loading model`` rather than a bare code."""
+        message = ""
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            error = body.get("error")
+            found = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
+            message = str(found or body.get("message") or body.get("status") or "")
+        elif response.text:
+            message = response.text.strip().splitlines()[0] if response.text.strip() else ""
+        return f"{response.status_code} {message[:120]}".strip()
 
     @property
     def request_model(self) -> str | None:
@@ -156,6 +199,10 @@ class EngineAdapter:
         return await counters_probe.fetch_counters(client, self.base_url, self.counters_kind, at_s,
                                                    headers=self.auth_headers())
 
+    async def model_resident(self, client: httpx.AsyncClient) -> bool | None:
+        """Whether a lazy engine has the model in memory now; None when the engine cannot tell."""
+        return None
+
     def diagnose(self, lines: Iterable[str]) -> Diagnosis | None:
         from probes import logdiag
 
@@ -167,6 +214,10 @@ class MlxLmAdapter(EngineAdapter):
     # /v1/chat/completions and /chat/completions (404 otherwise): no /v1/messages, so the gateway
     # translates. handle_health_check answers 503 only once its generation thread has died.
     kind = "mlx_lm"
+    # mlx_lm/server.py (0.32) handle_completion: keepalive_callback logs
+    # "Prompt processing progress: {processed}/{total}" as prefill advances (and sends the same as an
+    # SSE comment, which is not a token). It has no counters endpoint.
+    prefill_progress_re = re.compile(r"Prompt processing progress: (\d+)/(\d+)")
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -201,6 +252,15 @@ class OmlxAdapter(EngineAdapter):
     supports_messages = True
     probe_messages = True
     counters_kind = "omlx"
+    # oMLX /api/status total_completion_tokens is added when a request finishes; models that are not
+    # pinned load on their first request and unload after their TTL (jundot/omlx, omlx/server).
+    progress_counter = "completion"
+    lazy_loads_model = True
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self._settings_path: Path | None = None
+        self._settings_key: tuple[tuple[int, int], str | None] | None = None
 
     def base_argv(self) -> list[str]:
         return ["omlx", "serve"]
@@ -209,7 +269,9 @@ class OmlxAdapter(EngineAdapter):
         return 2
 
     def _model_path(self) -> Path:
-        return Path(os.path.expanduser(self.config.model or "")).resolve()
+        # Not resolved: a symlinked model folder keeps the name it has in the user's model directory,
+        # which is the name oMLX lists it under.
+        return Path(os.path.abspath(os.path.expanduser(self.config.model or "")))
 
     def env(self) -> dict[str, str]:
         cfg = self.config
@@ -223,14 +285,16 @@ class OmlxAdapter(EngineAdapter):
     def settings_file(self) -> Path:
         """oMLX's settings.json (omlx/settings.py resolve_default_base_path: ``OMLX_BASE_PATH``,
         else the macOS app's bootstrap file, else ``~/.omlx``)."""
-        base = self._env_value("OMLX_BASE_PATH")
-        if not base:
-            bootstrap = Path.home() / "Library" / "Application Support" / "oMLX" / "base-path"
-            try:
-                base = bootstrap.read_text(encoding="utf-8").strip() or None
-            except OSError:
-                base = None
-        return Path(os.path.expanduser(base or "~/.omlx")) / "settings.json"
+        if self._settings_path is None:
+            base = self._env_value("OMLX_BASE_PATH")
+            if not base:
+                bootstrap = Path.home() / "Library" / "Application Support" / "oMLX" / "base-path"
+                try:
+                    base = bootstrap.read_text(encoding="utf-8").strip() or None
+                except OSError:
+                    base = None
+            self._settings_path = Path(os.path.expanduser(base or "~/.omlx")) / "settings.json"
+        return self._settings_path
 
     @property
     def api_key(self) -> str | None:
@@ -239,8 +303,21 @@ class OmlxAdapter(EngineAdapter):
         key = self._env_value("OMLX_API_KEY")
         if key:
             return key
+        # The gateway asks for the key on every request: the file is read again only when it changed.
+        path = self.settings_file()
         try:
-            settings = json.loads(self.settings_file().read_text(encoding="utf-8"))
+            stat = path.stat()
+        except OSError:
+            return None
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if self._settings_key is None or self._settings_key[0] != stamp:
+            self._settings_key = (stamp, self._read_settings_key(path))
+        return self._settings_key[1]
+
+    @staticmethod
+    def _read_settings_key(path: Path) -> str | None:
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         auth = settings.get("auth") if isinstance(settings, Mapping) else None
@@ -254,6 +331,9 @@ class VllmAdapter(EngineAdapter):
     supports_messages = True
     probe_messages = True
     counters_kind = "vllm"
+    # vllm/v1/metrics/loggers.py: vllm:generation_tokens is incremented from each engine step's
+    # IterationStats.num_generation_tokens, i.e. per decode step.
+    progress_counter = "per_step"
 
     @property
     def api_key(self) -> str | None:
@@ -275,9 +355,49 @@ class VllmAdapter(EngineAdapter):
         )
 
 
-class LlamaCppAdapter(VllmAdapter):
+class LlamaCppAdapter(EngineAdapter):
+    """llama.cpp's ``llama-server`` (ggml-org/llama.cpp ``tools/server``).
+
+    Facts from the llama.cpp tree that llama-cpp-python 0.3.36 vendors (``tools/build_engines.sh``
+    builds that tree), each seen on the real server in ``tests/integration/test_llama_cpp.py``:
+
+    - ``GET /health`` answers 503 ``{"error": {"message": "Loading model", "type":
+      "unavailable_error", "code": 503}}`` until the model is loaded (``server-http.cpp``,
+      ``middleware_server_state``); every other API path answers the same while loading.
+    - ``POST /v1/messages`` and ``POST /v1/messages/count_tokens`` serve the Anthropic Messages API
+      natively (``server.cpp``: ``post_anthropic_messages``, ``post_anthropic_count_tokens``).
+    - ``GET /metrics`` needs ``--metrics`` and names its series ``llamacpp:*``
+      (``server-task.cpp``, ``server_task_result_metrics::to_metrics``): the counters probe's kind
+      is ``"llamacpp"``. ``llamacpp:tokens_predicted_total`` grows only when a slot finishes
+      (``metrics_on_prediction``); ``llamacpp:n_decode_total`` grows with every ``llama_decode``
+      call (``server-context.cpp``), i.e. per step.
+    """
+
     kind = "llama_cpp"
-    counters_kind = "llama_cpp"
+    supports_messages = True
+    # An older llama-server (before the Anthropic routes) answers 404: the ready-time probe finds out.
+    probe_messages = True
+    counters_kind = "llamacpp"
+    # tools/server/server-context.cpp: tokens_predicted_total is added in metrics_on_prediction(),
+    # called when a slot finishes its task, so the total is completion-time; live streams and
+    # canaries rule.
+    progress_counter = "completion"
+
+    @property
+    def api_key(self) -> str | None:
+        # common/arg.cpp: --api-key (comma-separated keys), else the LLAMA_API_KEY env var; server-http.cpp
+        # exempts only /health and /v1/health, so /metrics and the canary need it.
+        keys = self._arg_value("--api-key") or self._env_value("LLAMA_API_KEY")
+        if keys:
+            return next((k.strip() for k in keys.split(",") if k.strip()), None)
+        key_file = self._arg_value("--api-key-file")
+        if key_file:
+            try:
+                lines = Path(key_file).expanduser().read_text(encoding="utf-8").splitlines()
+            except OSError:
+                return None
+            return next((line for line in lines if line and not line.startswith("#")), None)
+        return None
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -285,6 +405,12 @@ class LlamaCppAdapter(VllmAdapter):
 
     def _executable_len(self) -> int:
         return 1
+
+    async def canary(self, client: httpx.AsyncClient, *, stall_s: float, timeout_s: float) -> CanaryReading:
+        return await canary_probe.run_openai_completion_canary(
+            client, self.base_url, model=self.request_model, max_tokens=self.config.canary_max_tokens,
+            stall_s=stall_s, timeout_s=timeout_s, headers=self.auth_headers(),
+        )
 
 
 class OllamaAdapter(EngineAdapter):
@@ -295,6 +421,39 @@ class OllamaAdapter(EngineAdapter):
     # 2b2cda7a2); an older Ollama answers 404, which the ready-time probe turns into translation.
     supports_messages = True
     probe_messages = True
+    # The model loads on the first request, before the first byte, and unloads after keep_alive
+    # (default 5m); GET /api/ps lists the models in memory (ollama docs/api.md "List Running Models").
+    lazy_loads_model = True
+
+    # Wall-clock time (Unix seconds) at which Ollama will unload the model, from /api/ps expires_at.
+    expires_at_wall: float | None = None
+
+    async def model_resident(self, client: httpx.AsyncClient) -> bool | None:
+        self.expires_at_wall = None
+        try:
+            response = await client.get(self.base_url + "/api/ps", timeout=2.0)
+            models = response.json().get("models") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        if not isinstance(models, list):
+            return None
+        wanted = self.request_model or ""
+        for m in models:
+            if isinstance(m, dict) and wanted in (m.get("name"), m.get("model"), f"{m.get('name')}".removesuffix(":latest")):
+                self.expires_at_wall = _parse_rfc3339(m.get("expires_at"))
+                return True
+        return False
+
+    async def canary(self, client: httpx.AsyncClient, *, stall_s: float, timeout_s: float) -> CanaryReading:
+        # A canary passes what is left of the model's keep-alive, so probing never keeps a model
+        # resident that Ollama would otherwise unload (it resets the timer on every request).
+        keep_alive_s = None
+        if self.expires_at_wall is not None:
+            keep_alive_s = int(max(1.0, self.expires_at_wall - time.time()))
+        return await canary_probe.run_ollama_canary(
+            client, self.base_url, model=self.request_model or "", max_tokens=self.config.canary_max_tokens,
+            stall_s=stall_s, timeout_s=timeout_s, headers=self.auth_headers(), keep_alive_s=keep_alive_s,
+        )
 
     def base_argv(self) -> list[str]:
         return ["ollama", "serve"]
@@ -303,11 +462,6 @@ class OllamaAdapter(EngineAdapter):
         cfg = self.config
         return {"OLLAMA_HOST": f"{cfg.host}:{cfg.port}", **cfg.env}
 
-    async def canary(self, client: httpx.AsyncClient, *, stall_s: float, timeout_s: float) -> CanaryReading:
-        return await canary_probe.run_ollama_canary(
-            client, self.base_url, model=self.request_model or "", max_tokens=self.config.canary_max_tokens,
-            stall_s=stall_s, timeout_s=timeout_s, headers=self.auth_headers(),
-        )
 
 
 class SglangAdapter(EngineAdapter):
@@ -322,6 +476,11 @@ class SglangAdapter(EngineAdapter):
     supports_messages = True
     probe_messages = True
     counters_kind = "sglang"
+    # python/sglang/srt/metrics/collector.py: realtime_tokens_total{mode="decode"} is added every
+    # scheduler iteration (generation_tokens_total only when a request finishes), and
+    # num_running_reqs is refreshed only every 30 s while idle (decode_log_interval / idle logging).
+    progress_counter = "per_step"
+    running_gauge_stale_s = 30.0
 
     def base_argv(self) -> list[str]:
         cfg = self.config
@@ -349,6 +508,32 @@ class CommandAdapter(EngineAdapter):
 
     def base_argv(self) -> list[str]:
         return [self._fill(a) for a in self.config.command]
+
+
+def gpu_visibility_env(gpu_devices: tuple[int, ...]) -> dict[str, str]:
+    """The environment that shows an engine only its ``gpu_devices`` (NVML indices).
+
+    NVML numbers devices in PCI bus order; CUDA's default order is "fastest first", which can
+    differ on a machine with mixed GPUs, so ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` makes
+    ``CUDA_VISIBLE_DEVICES`` name the same devices NVML (and so admission and attribution) means.
+    An engine's own ``env`` in the config wins over both.
+    """
+    if not gpu_devices:
+        return {}
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in gpu_devices)}
+
+
+def _parse_rfc3339(value: object) -> float | None:
+    """Unix seconds of an RFC 3339 time as Go writes it (nanoseconds, "Z" or an offset); None if not one."""
+    from datetime import datetime
+
+    if not isinstance(value, str):
+        return None
+    text = re.sub(r"(\.\d{6})\d+", r"\1", value.strip()).replace("Z", "+00:00")
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 ADAPTERS: dict[str, type[EngineAdapter]] = {

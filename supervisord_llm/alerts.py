@@ -1,5 +1,7 @@
 """Durable alerts: webhook targets, payload formats, signing, and an outbox that never loses one.
 
+Room: alerts.
+
 An :class:`Alert` belongs to an *episode* named by its key (``"engine.failed:mlx"``): one
 ``firing`` opens the episode, one ``resolved`` closes it. The :class:`Outbox` turns each alert
 into one *delivery* per configured target, persists the deliveries before anything is sent,
@@ -436,8 +438,6 @@ class AlertSettings:
 
         heartbeat = None
         if "heartbeat" in table:
-            from supervisord_llm.heartbeat import HeartbeatSettings
-
             heartbeat = HeartbeatSettings.from_toml(table["heartbeat"], file=file, key=f"{key}.heartbeat",
                                                     environ=environ)
             if heartbeat.watchdog_alert and not any(t.format == "alertmanager_api" for t in targets):
@@ -1424,3 +1424,69 @@ class Outbox:
             self._maybe_compact()
             return "alert.retrying", self._event_fields(delivery, http_status=outcome.http_status,
                                                         error=outcome.error, retry_in_s=round(delay_s, 3))
+
+
+# --------------------------------------------------------------------------- [alerts.heartbeat]
+
+METHODS = ("GET", "POST")
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatSettings:
+    """``[alerts.heartbeat]``; ``url`` is a secret (push URLs carry their token) and stays out of repr."""
+
+    interval_s: float = 60.0
+    url: str | None = field(default=None, repr=False)
+    method: str = "GET"
+    timeout_s: float = 5.0
+    watchdog_alert: bool = False
+
+    KEYS = ("interval", "url", "url_env", "method", "timeout", "watchdog_alert")
+
+    @classmethod
+    def from_toml(cls, table: object, *, file: str, key: str,
+                  environ: Mapping[str, str] | None = None) -> HeartbeatSettings:
+        env = os.environ if environ is None else environ
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"expected a table with keys {', '.join(cls.KEYS)}", file=file, key=key)
+        for name in table:
+            if name not in cls.KEYS:
+                raise ConfigError(f"unknown key {name!r}; valid keys: {', '.join(cls.KEYS)}",
+                                  file=file, key=f"{key}.{name}")
+
+        def duration(name: str, default: str, low_s: float, high_s: float) -> float:
+            try:
+                seconds = parse_duration_s(table.get(name, default))
+            except ValueError as exc:
+                raise ConfigError(str(exc), file=file, key=f"{key}.{name}") from None
+            if not low_s <= seconds <= high_s:
+                raise ConfigError(f"expected a duration from {low_s:g}s to {high_s:g}s, got {table.get(name)!r}",
+                                  file=file, key=f"{key}.{name}")
+            return seconds
+
+        interval_s = duration("interval", "60s", 1.0, 3600.0)
+        timeout_s = duration("timeout", f"{min(5.0, interval_s):g}s", 0.1, interval_s)
+        if "url" in table and "url_env" in table:
+            raise ConfigError("set either url or url_env, not both", file=file, key=f"{key}.url")
+        url = None
+        which = "url_env" if "url_env" in table else "url"
+        try:
+            if "url_env" in table:
+                url = _check_url(_from_env(env, table["url_env"]))
+            elif "url" in table:
+                url = _check_url(table["url"])
+        except ValueError as exc:
+            raise ConfigError(str(exc), file=file, key=f"{key}.{which}") from None
+        method = table.get("method", "GET")
+        if method not in METHODS:
+            raise ConfigError(f"expected one of {', '.join(METHODS)}, got {method!r}", file=file, key=f"{key}.method")
+        watchdog_alert = table.get("watchdog_alert", False)
+        if not isinstance(watchdog_alert, bool):
+            raise ConfigError(f"expected true or false, got {watchdog_alert!r}", file=file,
+                              key=f"{key}.watchdog_alert")
+        if url is None and not watchdog_alert:
+            raise ConfigError("nothing to send: set url (a push URL such as https://hc-ping.com/<uuid>) "
+                              "or url_env, and/or watchdog_alert = true (an always-firing Watchdog alert "
+                              "to the alertmanager_api webhooks)", file=file, key=key)
+        return cls(interval_s=interval_s, url=url, method=str(method), timeout_s=timeout_s,
+                   watchdog_alert=watchdog_alert)

@@ -23,6 +23,11 @@ The request is checked explicitly, field by field, rather than by validating aga
 lazily and reports without the path (``messages[3].content[1]`` becomes ``0``), so an error could
 not name the field. The SDK's own models (``anthropic.types.Message``, ``RawMessageStreamEvent``,
 ``openai.types.chat.ChatCompletionChunk``) check every shape this module produces in the tests.
+
+Why not litellm, which has an Anthropic→OpenAI adapter: it makes the engine call itself (so the
+gateway's meter would no longer read the engine's bytes as they arrive, which the watchdog's
+evidence rule needs), and version 1.110 is a 44 MB wheel (133 MB, 4,192 files installed) pulling
+boto3, aiohttp, tokenizers, huggingface-hub, tiktoken and more into a daemon that must stay small.
 """
 
 from __future__ import annotations
@@ -333,25 +338,48 @@ def _text_of(blocks: Any) -> str:
 def _no_images(where: str, engine: str) -> RequestInvalid:
     return RequestInvalid(
         where,
-        f"engine {engine!r} is reached through the OpenAI translation and takes no images here; "
-        "send text only, or use an engine that serves /v1/messages natively",
+        f"engine {engine!r} cannot see images (its model is text-only; set vision = true in its "
+        "[[engine]] table if it can); send text only",
     )
 
 
-def _user_messages(content: Any, at: str, engine: str) -> list[dict[str, Any]]:
+def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
+    """An Anthropic image block as an OpenAI ``image_url`` content part (data: URL or URL)."""
+    source = block.get("source")
+    if isinstance(source, dict) and source.get("type") == "base64":
+        media, data = source.get("media_type"), source.get("data")
+        if isinstance(media, str) and isinstance(data, str) and data:
+            return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{data}"}}
+    elif isinstance(source, dict) and source.get("type") == "url" and isinstance(source.get("url"), str):
+        return {"type": "image_url", "image_url": {"url": source["url"]}}
+    raise RequestInvalid(
+        f"{where}.source",
+        'expected {"type": "base64", "media_type": "image/png", "data": "..."} or {"type": "url", "url": "..."}',
+    )
+
+
+def _user_messages(content: Any, at: str, engine: str, images: bool = False) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
     out: list[dict[str, Any]] = []
     texts: list[str] = []
+    parts: list[dict[str, Any]] = []  # text and image parts in order, when images are present
     for i, block in enumerate(content):
         kind = block["type"]
         if kind == "text":
             texts.append(block["text"])
+            parts.append({"type": "text", "text": block["text"]})
         elif kind == "tool_result":
             inner = block.get("content", "")
             if isinstance(inner, list):
                 for j, part in enumerate(inner):
                     if part.get("type") == "image":
+                        if images:
+                            raise RequestInvalid(
+                                f"{at}[{i}].content[{j}]",
+                                "an image inside a tool_result cannot be translated (OpenAI tool messages "
+                                "carry text only); put the image in a user content block instead",
+                            )
                         raise _no_images(f"{at}[{i}].content[{j}]", engine)
             text = _text_of(inner)
             if block.get("is_error"):
@@ -359,7 +387,9 @@ def _user_messages(content: Any, at: str, engine: str) -> list[dict[str, Any]]:
                 text = f"Error: {text}"
             out.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
         elif kind == "image":
-            raise _no_images(f"{at}[{i}]", engine)
+            if not images:
+                raise _no_images(f"{at}[{i}]", engine)
+            parts.append(_image_part(block, f"{at}[{i}]"))
         elif kind == "document":
             source = block.get("source") or {}
             if source.get("type") != "text" or not isinstance(source.get("data"), str):
@@ -368,8 +398,11 @@ def _user_messages(content: Any, at: str, engine: str) -> list[dict[str, Any]]:
                     "only plain-text documents ({\"type\": \"text\", \"data\": ...}) are translated",
                 )
             texts.append(source["data"])
+            parts.append({"type": "text", "text": source["data"]})
     # Tool results answer the previous assistant turn, so they go first; the user's words follow.
-    if texts:
+    if any(p["type"] == "image_url" for p in parts):
+        out.append({"role": "user", "content": parts})
+    elif texts:
         out.append({"role": "user", "content": "\n\n".join(texts) if len(texts) > 1 else texts[0]})
     return out
 
@@ -403,8 +436,13 @@ def _assistant_message(content: Any) -> dict[str, Any]:
     return message
 
 
-def to_openai(request: MessagesRequest, served_model: str | None, *, engine: str = "engine") -> dict[str, Any]:
-    """The streaming chat completions body for a checked Messages request (RequestInvalid for images)."""
+def to_openai(
+    request: MessagesRequest, served_model: str | None, *, engine: str = "engine", images: bool = False
+) -> dict[str, Any]:
+    """The streaming chat completions body for a checked Messages request.
+
+    ``images``: the engine's model can see; otherwise an image block is RequestInvalid.
+    """
     doc = request.doc
     messages: list[dict[str, Any]] = []
     system = doc.get("system")
@@ -414,7 +452,7 @@ def to_openai(request: MessagesRequest, served_model: str | None, *, engine: str
             messages.append({"role": "system", "content": text})
     for i, message in enumerate(doc["messages"]):
         if message["role"] == "user":
-            messages.extend(_user_messages(message["content"], f"messages[{i}].content", engine))
+            messages.extend(_user_messages(message["content"], f"messages[{i}].content", engine, images))
         else:
             messages.append(_assistant_message(message["content"]))
     body: dict[str, Any] = {
@@ -633,14 +671,17 @@ class StreamTranslator:
                 self.output_tokens_seen += 1
             if isinstance(reasoning, str) and reasoning:
                 self._reasoning(reasoning)
-            if isinstance(content, str) and content:
-                self._text(content)
-                if self.done:
-                    return
+            # Calls before text: mlx_lm.server sends a finished call together with the text the
+            # model wrote after it (server.py handle_completion emits both once the tool section
+            # has closed); engines that stream calls send them in chunks of their own.
             if isinstance(calls, list):
                 for call in calls:
                     if isinstance(call, dict):
                         self._tool_call(call)
+            if isinstance(content, str) and content:
+                self._text(content)
+                if self.done:
+                    return
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]
         if self._finish is not None and doc.get("usage") is not None:

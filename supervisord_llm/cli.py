@@ -1,5 +1,7 @@
 """``llmctl``: talk to the daemon over its control socket.
 
+Room: interfaces.
+
 Exit codes: 0 ok; 1 the operation failed or was refused; 2 usage or config error; 3 no daemon is
 running; 4 the engine did not reach the awaited state in time.
 """
@@ -190,6 +192,8 @@ def _engine_row(e: dict[str, Any]) -> list[str]:
     note = ""
     if e.get("diagnosis"):
         note = f"{e['diagnosis']['cause']} → {e['diagnosis']['remedy']}"
+    elif e.get("state") == "starting" and e.get("start_check"):
+        note = e["start_check"]
     elif e.get("state") in ("hung", "degraded", "backoff", "failed", "starting", "stopping"):
         note = e.get("state_reason") or ""
     elif e.get("last_canary") and not e["last_canary"].get("ok"):
@@ -261,6 +265,11 @@ def render_status(doc: dict[str, Any], *, colour: bool = False) -> str:
     a = doc.get("alerts") or {}
     lines.append(f"alerts: {a.get('pending', 0)} pending, {a.get('delivered', 0)} delivered, "
                  f"{a.get('failed', 0)} failed")
+    beat = doc.get("heartbeat")
+    if beat:
+        state = "sending" if beat.get("sending") else f"withheld: {beat.get('reason')}"
+        text = f"heartbeat: every {format_duration(beat.get('interval_s'))}, {state} ({beat.get('sent', 0)} sent)"
+        lines.append(text if beat.get("sending") is not False else paint(text, "1;31"))
     reboot = doc.get("reboot") or {}
     if reboot.get("state") not in (None, "idle"):
         lines.append(paint(f"reboot: {reboot['state']} at {reboot.get('at')} ({reboot.get('reason')}); "

@@ -1,5 +1,7 @@
 """The config: TOML, validated into frozen objects.
 
+Room: config.
+
 Resolution: ``--config PATH``, else ``$SUPERVISORD_LLM_CONFIG``, else ``<platform config dir>/config.toml``.
 State dir: ``[daemon] state_dir``, else ``$SUPERVISORD_LLM_STATE_DIR``, else the platform state dir.
 
@@ -21,6 +23,9 @@ from typing import Any
 
 import platformdirs
 
+from policies import reboot as reboot_policy
+from policies import stranded as stranded_policy
+from policies.backoff import BackoffSettings
 from supervisord_llm.convert import DURATION_HELP, SIZE_HELP, parse_duration_s, parse_size_bytes
 from supervisord_llm.errors import ConfigError
 
@@ -176,6 +181,8 @@ class EngineConfig:
     canary_interval_s: float = 60.0
     canary_timeout_s: float = 30.0
     stall_s: float = 15.0
+    # Lazy engines (Ollama, oMLX): how long a model load may keep the first token waiting.
+    load_timeout_s: float = 600.0
     canary_max_tokens: int = 16
     gpu_devices: tuple[int, ...] = ()
     supports_messages: bool | None = None  # None = the adapter's default
@@ -188,6 +195,16 @@ class EngineConfig:
     # Memory guard watermarks on what the engine's process tree holds; None = footprint x the factors.
     memory_soft_bytes: int | None = None
     memory_hard_bytes: int | None = None
+    # The gateway's line in front of the engine: this many requests at once, then a FIFO of
+    # max_queue waiting, then 429 with Retry-After (0 = no limit).
+    max_concurrent: int = 64
+    max_queue: int = 256
+    # Stop the engine gracefully after this long without a real request (canaries do not count);
+    # the next request starts it again. None = never.
+    idle_unload_s: float | None = None
+    # The model takes images: /v1/messages image blocks are translated for it (OpenAI image_url
+    # parts) instead of refused. Only read where the gateway translates the Messages API.
+    vision: bool = False
 
     @property
     def base_url(self) -> str:
@@ -198,14 +215,39 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class RestartSettings:
-    min_interval_s: float = 60.0
-    initial_backoff_s: float = 60.0
-    factor: float = 2.0
-    max_backoff_s: float = 900.0
-    reset_after_ready_s: float = 600.0
-    max_failures: int = 5
-    failure_window_s: float = 1800.0
+    """``[policies.restart]``: the backoff policy's own settings object, plus when a hang is restarted."""
+
+    backoff: BackoffSettings = BackoffSettings(max_s=900.0)
     hang_restart_after_s: float = 30.0
+
+    # The config's names for the backoff settings (read-only views of the one settings object).
+    @property
+    def min_interval_s(self) -> float:
+        return self.backoff.min_interval_s
+
+    @property
+    def initial_backoff_s(self) -> float:
+        return self.backoff.initial_s
+
+    @property
+    def factor(self) -> float:
+        return self.backoff.factor
+
+    @property
+    def max_backoff_s(self) -> float:
+        return self.backoff.max_s
+
+    @property
+    def reset_after_ready_s(self) -> float:
+        return self.backoff.reset_after_ready_s
+
+    @property
+    def max_failures(self) -> int:
+        return self.backoff.max_failures
+
+    @property
+    def failure_window_s(self) -> float:
+        return self.backoff.failure_window_s
 
 
 @dataclass(frozen=True)
@@ -226,18 +268,10 @@ class MemoryGuardConfig:
     drain_grace_s: float = 30.0
 
 
-@dataclass(frozen=True)
-class StrandedSettings:
-    threshold_bytes: int = 32 * 10**9
-    reclaim_window_s: float = 120.0
-
-
-@dataclass(frozen=True)
-class RebootConfig:
-    enabled: bool = False
-    grace_s: float = 300.0
-    cooldown_s: float = 21600.0
-    argv: tuple[str, ...] = ("sudo", "-n", "shutdown", "-r", "now")
+# ``[policies.stranded]`` and ``[policies.reboot]`` are the policies' own settings objects.
+StrandedSettings = stranded_policy.StrandedSettings
+DEFAULT_REBOOT_ARGV = ("sudo", "-n", "shutdown", "-r", "now")
+RebootConfig = reboot_policy.RebootSettings
 
 
 @dataclass(frozen=True)
@@ -275,8 +309,8 @@ class Config:
     engines: tuple[EngineConfig, ...]
     restart: RestartSettings = RestartSettings()
     memory: MemorySettings = MemorySettings()
-    stranded: StrandedSettings = StrandedSettings()
-    reboot: RebootConfig = RebootConfig()
+    stranded: stranded_policy.StrandedSettings = stranded_policy.StrandedSettings()
+    reboot: reboot_policy.RebootSettings = reboot_policy.RebootSettings(argv=DEFAULT_REBOOT_ARGV)
     degraded: DegradedSettings = DegradedSettings()
     probes: ProbeSettings = ProbeSettings()
     memory_guard: MemoryGuardConfig = MemoryGuardConfig()
@@ -302,10 +336,29 @@ class Config:
 _ENGINE_KEYS = frozenset({
     "name", "kind", "model", "host", "port", "args", "command", "env", "cwd", "footprint", "exclusive",
     "default", "aliases", "served_model", "start_timeout", "stop_grace", "autostart", "canary_interval",
-    "canary_timeout", "stall", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
+    "canary_timeout", "stall", "load_timeout", "canary_max_tokens", "gpu_devices", "supports_messages", "gpu_footprint",
     "alert_on_exit",
     "memory_soft", "memory_hard",
+    "max_concurrent", "max_queue", "idle_unload", "preload",
+    "vision",
 })
+
+
+# `omlx serve` saves any of these flags into the user's settings.json (omlx/cli.py
+# _has_cli_overrides then settings.save(), jundot/omlx commit 01496518); the daemon passes host, port
+# and model folder as OMLX_* environment variables instead, which oMLX reads without saving.
+_OMLX_SAVING_FLAGS = ("--model-dir", "--port", "--host", "--max-model-memory", "--max-process-memory", "--log-level",
+                      "--mcp-config", "--hf-endpoint", "--ms-endpoint", "--http-proxy", "--https-proxy", "--no-proxy",
+                      "--ca-bundle")
+
+
+def _check_omlx_args(t: Table) -> None:
+    for arg in t.str_list("args"):
+        flag = arg.split("=", 1)[0]
+        if flag in _OMLX_SAVING_FLAGS:
+            raise t.error("args", f"{flag} makes `omlx serve` rewrite the user's settings.json; use the engine's "
+                                  "model/host/port keys, or env OMLX_* variables (e.g. OMLX_MAX_CONCURRENT_REQUESTS), "
+                                  f"instead of any of {', '.join(_OMLX_SAVING_FLAGS)}")
 
 
 def _parse_engine(t: Table) -> EngineConfig:
@@ -324,6 +377,8 @@ def _parse_engine(t: Table) -> EngineConfig:
     elif not model:
         raise t.error("model", f'is required for kind {kind!r}: a model directory or id')
     port = t.int("port", 8080, min_value=1, max_value=65535)
+    if kind == "omlx":
+        _check_omlx_args(t)
     gpu_devices = t._get("gpu_devices", [], False)
     if not isinstance(gpu_devices, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                     for d in gpu_devices):
@@ -343,6 +398,13 @@ def _parse_engine(t: Table) -> EngineConfig:
                                      'bytes; e.g. memory_soft = "110GB", memory_hard = "130GB"')
 
     footprint_bytes = t.size_bytes("footprint", "auto", allow_auto=True)
+    # preload is the explicit name of autostart: start the engine when the daemon starts.
+    preload = t.bool("preload", True) if "preload" in t.data else t.bool("autostart", True)
+    if "preload" in t.data and "autostart" in t.data and t.bool("autostart", True) != preload:
+        raise t.error("preload", "and autostart say different things (preload is autostart's name); set only preload")
+    idle_unload_s = None
+    if t.data.get("idle_unload") not in (None, "off", False):
+        idle_unload_s = t.duration_s("idle_unload", "0s", min_s=10, why="an unload and reload costs the model's load time")
     return EngineConfig(
         name=name,
         kind=kind,
@@ -360,10 +422,11 @@ def _parse_engine(t: Table) -> EngineConfig:
         served_model=t.str("served_model"),
         start_timeout_s=t.duration_s("start_timeout", "15m", min_s=1),
         stop_grace_s=t.duration_s("stop_grace", "60s"),
-        autostart=t.bool("autostart", True),
+        autostart=preload,
         canary_interval_s=t.duration_s("canary_interval", "60s", min_s=1),
         canary_timeout_s=t.duration_s("canary_timeout", "30s", min_s=0.5),
         stall_s=t.duration_s("stall", "15s", min_s=0.5),
+        load_timeout_s=t.duration_s("load_timeout", "10m", min_s=1),
         canary_max_tokens=t.int("canary_max_tokens", 16, min_value=1, max_value=4096) or 16,
         gpu_devices=tuple(gpu_devices),
         supports_messages=supports_messages,
@@ -371,6 +434,10 @@ def _parse_engine(t: Table) -> EngineConfig:
         alert_on_exit=t.bool("alert_on_exit", True),
         memory_soft_bytes=memory_soft_bytes,
         memory_hard_bytes=memory_hard_bytes,
+        max_concurrent=t.int("max_concurrent", 64, min_value=0) or 0,
+        max_queue=t.int("max_queue", 256, min_value=0) or 0,
+        idle_unload_s=idle_unload_s,
+        vision=t.bool("vision", False),
     )
 
 
@@ -394,14 +461,20 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     why_60 = ("two automatic spawns closer than 60s turn a Metal OOM into a crash loop; "
               "launchd needs ThrottleInterval >= 60 for the same reason")
     min_interval = r.duration_s("min_interval", "60s", min_s=60, why=why_60)
+    initial_backoff_s = r.duration_s("initial_backoff", "60s", min_s=60, why=why_60)
+    max_backoff_s = r.duration_s("max_backoff", "15m", min_s=60, why=why_60)
+    if max_backoff_s < initial_backoff_s:
+        raise r.error("max_backoff", f"must be at least initial_backoff ({initial_backoff_s:g}s), got {max_backoff_s:g}s")
     restart = RestartSettings(
-        min_interval_s=min_interval,
-        initial_backoff_s=r.duration_s("initial_backoff", "60s", min_s=60, why=why_60),
-        factor=r.float("factor", 2.0, min_value=1.0, max_value=10.0),
-        max_backoff_s=r.duration_s("max_backoff", "15m", min_s=60, why=why_60),
-        reset_after_ready_s=r.duration_s("reset_after", "10m", min_s=1),
-        max_failures=r.int("max_failures", 5, min_value=1) or 5,
-        failure_window_s=r.duration_s("failure_window", "30m", min_s=60),
+        backoff=BackoffSettings(
+            min_interval_s=min_interval,
+            initial_s=initial_backoff_s,
+            factor=r.float("factor", 2.0, min_value=1.0, max_value=10.0),
+            max_s=max_backoff_s,
+            reset_after_ready_s=r.duration_s("reset_after", "10m", min_s=1),
+            max_failures=r.int("max_failures", 5, min_value=1) or 5,
+            failure_window_s=r.duration_s("failure_window", "30m", min_s=60),
+        ),
         hang_restart_after_s=r.duration_s("hang_restart_after", "30s"),
     )
     m = t.sub("memory")
@@ -416,8 +489,13 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     )
     s = t.sub("stranded")
     s.check_unknown({"threshold", "reclaim_window"})
-    stranded = StrandedSettings(
-        threshold_bytes=s.size_bytes("threshold", "32GB") or 0,
+    threshold_bytes = s.size_bytes("threshold", "32GB") or 0
+    drift_bytes = stranded_policy.StrandedSettings().tolerance_bytes
+    if threshold_bytes <= drift_bytes:
+        raise s.error("threshold", f"must be above {drift_bytes / 1e9:g}GB (idle wired memory drifts by that much), "
+                                   f"got {threshold_bytes / 1e9:g}GB")
+    stranded = stranded_policy.StrandedSettings(
+        threshold_bytes=threshold_bytes,
         reclaim_window_s=s.duration_s("reclaim_window", "2m"),
     )
     rb = t.sub("reboot")
@@ -426,13 +504,16 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     if argv_raw is not None and isinstance(argv_raw, str):
         raise rb.error("argv", "must be a list of strings (it runs without a shell), "
                                'e.g. ["sudo", "-n", "shutdown", "-r", "now"]')
-    argv = rb.str_list("argv", list(RebootConfig.argv))
+    argv = rb.str_list("argv", list(DEFAULT_REBOOT_ARGV))
     if not argv:
         raise rb.error("argv", 'must not be empty, e.g. ["sudo", "-n", "shutdown", "-r", "now"]')
-    reboot = RebootConfig(
+    if not all(argv):
+        raise rb.error("argv", f"must not contain empty strings, got {list(argv)!r}")
+    reboot = reboot_policy.RebootSettings(
         enabled=rb.bool("enabled", False),
         grace_s=rb.duration_s("grace", "5m", min_s=30, why="a reboot is announced first so a person has time to run `llmctl reboot cancel`"),
-        cooldown_s=rb.duration_s("cooldown", "6h", min_s=600),
+        cooldown_s=rb.duration_s("cooldown", "6h", min_s=3600,
+                                 why="a condition that comes back after every boot must not become a reboot loop"),
         argv=argv,
     )
     d = t.sub("degraded")

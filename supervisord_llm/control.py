@@ -1,4 +1,4 @@
-"""The control API: HTTP+JSON on a Unix socket, for llmctl.
+"""The control API: HTTP+JSON on a Unix socket, for llmctl (room: daemon interfaces; runs as an extension).
 
 Security: the socket is created 0600 inside the 0700 state dir, and every connection's peer uid is
 checked (SO_PEERCRED on Linux, getpeereid/LOCAL_PEERCRED on macOS) before a byte of HTTP is read:
@@ -36,6 +36,7 @@ from supervisord_llm.errors import (
     SwapInProgress,
     UnknownEngine,
 )
+from supervisord_llm.extension import Extension
 from supervisord_llm.httpserver import DaemonServer
 from supervisord_llm.process import read_log_lines
 
@@ -217,10 +218,7 @@ def build_control_app(daemon: Daemon) -> Starlette:
 
     async def reboot_cancel(request: Request) -> Response:
         await _json_body(request)
-        for ext in daemon.extensions:
-            if hasattr(ext, "cancel_reboot"):
-                return JSONResponse(ext.cancel_reboot())
-        return JSONResponse({"ok": True, "cancelled": False, "message": "no reboot is pending"})
+        return JSONResponse(daemon.cancel_reboot())
 
     async def daemon_restart(request: Request) -> Response:
         """Restart the daemon in place, keeping every engine (the same path as SIGHUP).
@@ -323,3 +321,16 @@ async def serve_control(daemon: Daemon, *, task_status: anyio.abc.TaskStatus[Non
             while not server.started:
                 await anyio.sleep(0.01)
             task_status.started()
+
+
+class ControlExtension(Extension):
+    """The control socket as one of the daemon's subsystems; installed first, so llmctl answers
+    before the other subsystems have started."""
+
+    name = "control"
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await serve_control(self.daemon, task_status=task_status)

@@ -1,4 +1,6 @@
-"""The daemon: owns the engines' supervisors, the probes, the policies' execution and the control API.
+"""The daemon: composes the engines' supervisors, the subsystems (extensions) and the policies' executor.
+
+Room: daemon composition.
 
 One daemon per state dir (an exclusive ``flock`` on ``<state_dir>/daemon.lock``). Its durable state
 (``state.json``) records each engine's pid, process create time, command line and backoff history,
@@ -24,9 +26,19 @@ import httpx
 import psutil
 
 from policies import backoff, episodes
-from policies.actions import Admit, Alert, Refuse
-from policies.admission import Footprint, admit, auto_footprint_bytes
-from probes.readings import SystemMemoryReading
+from policies.actions import Admit, Alert, Refuse, Start, WaitUntil
+from policies.admission import Footprint, admit, auto_footprint_bytes, effective_budget_bytes, exclusive_conflicts
+from policies.swap import (
+    ActiveSwap,
+    JoinSwap,
+    SwapPlan,
+    SwapSettings,
+    decide_memory_wait,
+    decide_swap_request,
+    memory_returned,
+    plan_swap,
+)
+from probes.readings import ProcessTreeReading, SystemMemoryReading
 from probes.weights import read_weights
 from supervisord_llm import __version__
 from supervisord_llm.clock import Clock, SystemClock
@@ -40,6 +52,8 @@ from supervisord_llm.errors import (
     UnknownEngine,
 )
 from supervisord_llm.events import EventLog
+from supervisord_llm.executor import ActionExecutor
+from supervisord_llm.extension import Extension
 from supervisord_llm.process import EngineProcess, tagged_processes
 from supervisord_llm.redact import redact_argv
 from supervisord_llm.statefile import move_aside, read_json, state_shape_problem
@@ -103,22 +117,14 @@ class Daemon:
         self.daemon_id = ""
         self.memory: SystemMemoryReading | None = None
         self.memory_error: str | None = None
-        self.backoff_settings = backoff.BackoffSettings(
-            min_interval_s=config.restart.min_interval_s,
-            initial_s=config.restart.initial_backoff_s,
-            factor=config.restart.factor,
-            max_s=config.restart.max_backoff_s,
-            reset_after_ready_s=config.restart.reset_after_ready_s,
-            max_failures=config.restart.max_failures,
-            failure_window_s=config.restart.failure_window_s,
-        )
+        self.backoff_settings = config.restart.backoff  # built by the config, validated once
         self._swap_lock = anyio.Lock()
         self.swap_target: str | None = None
         self._swap_from: list[str] = []
         self.swap_started_s: float | None = None
         self._persist_ok = True
         self._saved: dict[str, Any] = {}
-        self.extensions: list[Any] = []  # optional subsystems (alerts, gateway, metrics, stranded, gpu)
+        self.extensions: list[Extension] = []  # optional subsystems (control API, alerts, gateway, metrics, stranded, gpu)
         self.alerts_outbox: Any = None
         self.memory_guard: Any = None  # supervisord_llm.memory_guard.MemoryGuardExtension (learned peaks)
         self.gateway_app: Any = None
@@ -127,6 +133,7 @@ class Daemon:
         self.on_status: list[Callable[[dict[str, Any]], None]] = []
         self._alert_submitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-submit")
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.executor = ActionExecutor(self)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -175,17 +182,19 @@ class Daemon:
     def _load_saved(self) -> None:
         """Restore the extensions and build the supervisors from ``self._saved`` (may be empty)."""
         for ext in self.extensions:
-            if hasattr(ext, "restore"):
-                saved = self._saved.get(ext.name)
-                ext.restore(saved if isinstance(saved, dict) else {})
+            saved = self._saved.get(ext.name)
+            ext.restore(saved if isinstance(saved, dict) else {})
         from supervisord_llm.health import EngineHealth, baseline_from_record, health_settings
 
         baselines = self._saved.get("baselines")
         if not isinstance(baselines, dict):
             baselines = {}
+        for old in self.supervisors.values():
+            old.close()  # built from a state file read earlier; they never ran
         self.supervisors = {}
         for engine in self.config.engines:
-            sup = EngineSupervisor(engine, self)
+            sup = EngineSupervisor(engine, self, log=self.log, logs_dir=self.state_dir / "logs",
+                                   log_max_bytes=self.config.daemon.log_max_bytes)
             sup.health = EngineHealth(health_settings(self), baseline_from_record(baselines.get(model_key(engine))))
             saved = self._saved.get("engines", {}).get(engine.name, {})
             record = saved.get("backoff") if isinstance(saved, dict) else None
@@ -258,8 +267,6 @@ class Daemon:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
                   ready_callback: Callable[[], None] | None = None) -> None:
-        from supervisord_llm.control import serve_control
-
         self._loop = asyncio.get_running_loop()  # alerts submitted in a worker thread wake the senders here
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, connect=2.0)) as http:
@@ -278,7 +285,6 @@ class Daemon:
             await self._read_memory()
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await tg.start(serve_control, self)
                 for ext in self.extensions:
                     await tg.start(ext.run)
                 tg.start_soon(self._memory_loop)
@@ -321,8 +327,7 @@ class Daemon:
                          commands=[" ".join(redact_argv(_cmdline(p)))[:120] for p in orphans])
         # Orphans may hold GPU memory: read which before killing them, and wait (bounded) until NVML
         # shows it back before any engine starts, so that no model loads next to their leftovers.
-        gpu = next((e for e in self.extensions if hasattr(e, "wait_orphans_released")), None)
-        on_gpu = await gpu.gpu_orphans_at_start(pids) if gpu is not None else []
+        on_gpu = [(ext, found) for ext in self.extensions if (found := await ext.gpu_orphans_at_start(pids))]
         killed_at_s = self.clock.now()
 
         import time  # a plain monotonic deadline in the worker thread (the daemon's clock may be a test's)
@@ -362,8 +367,8 @@ class Daemon:
 
         await anyio.to_thread.run_sync(kill)
         self.events.emit("daemon.orphans_killed", pids=pids)
-        if on_gpu and gpu is not None:
-            await gpu.wait_orphans_released(on_gpu, killed_at_s)
+        for ext, found in on_gpu:
+            await ext.wait_orphans_released(found, killed_at_s)
 
     async def shutdown(self, *, stop_engines: bool = True) -> None:
         """A clean exit (SIGTERM/SIGINT) stops the engines gracefully, unless configured to leave them
@@ -403,8 +408,9 @@ class Daemon:
             "baselines": self._baselines(),
         }
         for ext in self.extensions:
-            if hasattr(ext, "persisted"):
-                data[ext.name] = ext.persisted()
+            record = ext.persisted()
+            if record is not None:
+                data[ext.name] = record
         # Serialised here, on the loop: the writer thread gets a finished text, never live objects.
         return self.state_writer.submit(json.dumps(data, indent=1, sort_keys=True))
 
@@ -454,8 +460,7 @@ class Daemon:
                 self.events.emit("probe.failed", probe="memory", error=str(exc))
             self.memory_error = str(exc)
         for ext in self.extensions:
-            if hasattr(ext, "on_memory"):
-                ext.on_memory(self.memory)
+            ext.on_memory(self.memory)
 
     async def _heartbeat(self) -> None:
         """The loop is healthy while this task runs on time; systemd's watchdog pings depend on it."""
@@ -494,11 +499,11 @@ class Daemon:
             return cfg.footprint_bytes
         if getattr(cfg, "gpu_footprint_bytes", None) is not None:
             return 0  # "auto" with a GPU footprint: the weights live in GPU memory, not host RAM
-        weights = getattr(sup, "_weights_bytes", None)
+        weights = sup.weights_bytes
         if weights is None:
             reading = read_weights(cfg.model, cfg.kind)
             weights = reading.bytes if reading else None
-            sup._weights_bytes = weights  # type: ignore[attr-defined]
+            sup.weights_bytes = weights
         return auto_footprint_bytes(weights, self.config.memory.auto_factor) if weights else None
 
     def _footprint(self, sup: EngineSupervisor) -> Footprint:
@@ -506,6 +511,70 @@ class Daemon:
         # Without gpu_footprint the footprint is split evenly over gpu_devices (it is then both).
         return Footprint(engine=sup.name, bytes=self.footprint_bytes(sup) or 0, exclusive=sup.config.exclusive,
                          gpu_devices=sup.config.gpu_devices, gpu_bytes_per_device=sup.config.gpu_footprint_bytes)
+
+    def budget_bytes(self) -> int | None:
+        """The memory budget (configured, else total memory minus headroom): one formula for every check."""
+        return effective_budget_bytes(self.config.memory.budget_bytes,
+                                      self.memory.total_bytes if self.memory else None,
+                                      self.config.memory.headroom_bytes)
+
+    def stranded_bytes(self) -> int:
+        return max((ext.stranded_bytes() for ext in self.extensions), default=0)
+
+    def _plan_swap(self, target: EngineSupervisor) -> SwapPlan | Refuse:
+        """Which engines stop before ``target`` starts (``policies.swap.plan_swap``), logged with its inputs.
+
+        What the plan may stop: engines holding memory, and engines waiting in backoff to come back
+        (their automatic restart would otherwise be refused next to the target, or overrun the
+        budget). Those in backoff are stopped first (nothing is lost), then the largest first.
+        """
+        others = [s for s in self.supervisors.values()
+                  if s is not target and (s.resident or s.state == EngineState.BACKOFF)]
+        others.sort(key=lambda s: (s.state != EngineState.BACKOFF, -(self.footprint_bytes(s) or 0)))
+        resident = [self._footprint(s) for s in others]
+        if target.resident:
+            resident.append(self._footprint(target))
+        budget, stranded = self.budget_bytes(), self.stranded_bytes()
+        plan = plan_swap(resident, self._footprint(target), budget, self._swap_settings(), stranded_bytes=stranded,
+                         grace_s={s.name: s.config.stop_grace_s for s in others})
+        inputs = {"resident": {f.engine: f.bytes for f in resident}, "exclusive": [f.engine for f in resident if f.exclusive],
+                  "target_bytes": self.footprint_bytes(target) or 0, "budget_bytes": budget, "stranded_bytes": stranded}
+        if isinstance(plan, Refuse):
+            self.decided("swap_plan", target.name, plan, **inputs)
+        else:
+            self.events.emit("policy.decided", policy="swap_plan", engine=target.name, decision="plan",
+                             stops=[stop.engine for stop in plan.stops], start=plan.start is not None,
+                             resident_after=list(plan.resident_after), **inputs)
+        return plan
+
+    def _swap_settings(self) -> SwapSettings:
+        wait_s = self.config.memory.return_wait_s
+        return SwapSettings(memory_wait_s=wait_s, poll_interval_s=min(1.0, wait_s))
+
+    async def _wait_memory_returned(self, target: EngineSupervisor, stopped: list[str]) -> None:
+        """After the stops: wait (``policies.swap.decide_memory_wait``) until the target fits, or give up."""
+        settings = self._swap_settings()
+        need = (self.footprint_bytes(target) or 0) + self.config.memory.headroom_bytes
+        stopped_at_s = self.clock.now()
+        before = self.memory.available_bytes if self.memory else 0
+        while True:
+            await self._read_memory()
+            now_avail = self.memory.available_bytes if self.memory else need
+            returned = memory_returned(before, now_avail, need)
+            now = self.clock.now()
+            decision = decide_memory_wait(target.name, stopped_at_s, now, returned, settings, stopped=stopped)
+            first = decision[0]
+            if isinstance(first, WaitUntil):
+                await anyio.sleep(max(0.0, first.at_s - now))
+                continue
+            self.decided("memory_return", target.name, first, needed_bytes=need, available_bytes=now_avail,
+                         returned_bytes=returned.returned_bytes, waited_s=round(now - stopped_at_s, 3))
+            if isinstance(first, Start):
+                return
+            for action in decision[1:]:
+                await self.execute(action)
+            self.events.emit("swap.aborted", target=target.name, reason=first.message)
+            raise SwapError(first.message)
 
     def resident(self, exclude: str | None = None) -> list[EngineSupervisor]:
         return [s for s in self.supervisors.values() if s.name != exclude and s.resident]
@@ -515,16 +584,12 @@ class Daemon:
         resident = [self._footprint(s) for s in self.resident(exclude=sup.name)]
         candidate = self._footprint(sup)
         available = mem.available_bytes if mem else 2**62
-        budget = self.config.memory.budget_bytes
-        if budget is None and mem is not None:
-            budget = max(1, mem.total_bytes - self.config.memory.headroom_bytes)
-        stranded = 0
+        budget = self.budget_bytes()
+        stranded = self.stranded_bytes()
         gpu_free = None
         for ext in self.extensions:
-            if hasattr(ext, "stranded_bytes"):
-                stranded = max(stranded, ext.stranded_bytes() or 0)
-            if hasattr(ext, "gpu_free_bytes") and sup.config.gpu_devices:
-                gpu_free = ext.gpu_free_bytes()
+            if sup.config.gpu_devices:
+                gpu_free = ext.gpu_free_bytes() if gpu_free is None else gpu_free
         return admit(candidate, resident, available, self.config.memory.headroom_bytes, budget, gpu_free,
                      stranded_bytes=stranded)
 
@@ -534,24 +599,21 @@ class Daemon:
         Exclusivity is never waited for: it is a conflict a swap resolves, not memory pressure.
         """
         for ext in self.extensions:
-            if hasattr(ext, "before_start"):
-                await ext.before_start(sup)
+            await ext.before_start(sup)
         # Leftovers of another engine's crashed run are being killed: they hold memory until gone.
-        sweeping = [s for s in self.supervisors.values() if s is not sup and s._sweeping]
+        sweeping = [s for s in self.supervisors.values() if s is not sup and s.sweeping]
         for other in sweeping:
-            await other.wait_for(lambda s: not s._sweeping, 30)
+            await other.wait_for(lambda s: not s.sweeping, 30)
         deadline = self.clock.now() + self.config.memory.admission_wait_s
         announced = False
         while True:
             await self._read_memory()
             verdict = self._admission(sup)
             if isinstance(verdict, Admit):
-                self.events.emit("policy.decided", policy="admission", engine=sup.name, decision="admit",
-                                 message=verdict.message)
+                self.decided("admission", sup.name, verdict)
                 return
             if verdict.reason == "exclusive" or self.clock.now() >= deadline:
-                self.events.emit("policy.decided", policy="admission", engine=sup.name, decision="refuse",
-                                 reason=verdict.reason, message=verdict.message)
+                self.decided("admission", sup.name, verdict)
                 raise StartRefused(sup.name, verdict.reason, verdict.message)
             if not announced:
                 announced = True
@@ -565,8 +627,7 @@ class Daemon:
     def engine_ready(self, sup: EngineSupervisor) -> None:
         self._resolve_engine_alerts(sup)
         for ext in self.extensions:
-            if hasattr(ext, "on_engine_ready"):
-                ext.on_engine_ready(sup)
+            ext.on_engine_ready(sup)
 
     def _resolve_engine_alerts(self, sup: EngineSupervisor) -> None:
         """An engine that is ready again closes every open episode about it (``policies.episodes``)."""
@@ -585,8 +646,36 @@ class Daemon:
 
     def engine_exited(self, sup: EngineSupervisor) -> None:
         for ext in self.extensions:
-            if hasattr(ext, "on_engine_exit"):
-                ext.on_engine_exit(sup)
+            ext.on_engine_exit(sup)
+
+    def on_engine_memory(self, sup: EngineSupervisor, gen: int, tree: ProcessTreeReading, gpu_bytes: int | None) -> None:
+        for ext in self.extensions:
+            ext.on_engine_memory(sup, gen, tree, gpu_bytes)
+
+    def engine_gpu_bytes(self, pids: tuple[int, ...]) -> int | None:
+        """GPU memory held by an engine's processes; None without a GPU reading."""
+        for ext in self.extensions:
+            held = ext.engine_gpu_bytes(pids)
+            if held is not None:
+                return held
+        return None
+
+    def cancel_reboot(self) -> dict[str, Any]:
+        for ext in self.extensions:
+            result = ext.cancel_reboot()
+            if result is not None:
+                return result
+        return {"ok": True, "cancelled": False, "message": "no reboot is pending"}
+
+    def decided(self, policy: str, engine: str | None, action: Any, **inputs: Any) -> None:
+        self.executor.decided(policy, engine, action, **inputs)
+
+    async def execute(self, action: Any) -> None:
+        await self.executor.execute(action)
+
+    def request_reboot(self, reason: str) -> bool:
+        """Hand a reboot to the extension that runs the reboot escalation; False when none does."""
+        return any(ext.request_reboot(reason) for ext in self.extensions)
 
     def alert(self, alert: Alert) -> None:
         self.events.emit("alert.raised", key=alert.key, severity=alert.severity, summary=alert.summary,
@@ -635,16 +724,19 @@ class Daemon:
 
     async def start(self, name: str, *, force: bool = False) -> str:
         sup = self.supervisor(name)
-        conflicts = self._conflicts(sup)
+        candidate = self._footprint(sup)
+        conflicts = exclusive_conflicts(candidate, [self._footprint(s) for s in self.resident(exclude=sup.name)])
         if conflicts:
-            names = ", ".join(s.name for s in conflicts)
+            names = ", ".join(conflicts)
             raise StartRefused(name, "exclusive",
                                f"{name} cannot run next to {names} (exclusive); use `llmctl switch {name}` "
                                "to stop them first")
         # An engine that cannot share with this one and waits in backoff would have its automatic
         # restart refused later; a person starting this one means that one stays down.
-        for other in self._conflicts(sup, waiting=True):
-            await other.command("stop", reason=f"{name} was started (they cannot share the machine)")
+        waiting = [self._footprint(s) for s in self.supervisors.values()
+                   if s.name != sup.name and s.state == EngineState.BACKOFF]
+        for other in exclusive_conflicts(candidate, waiting):
+            await self.supervisors[other].command("stop", reason=f"{name} was started (they cannot share the machine)")
         return await sup.command("start", force=force)
 
     async def stop(self, name: str) -> str:
@@ -655,16 +747,6 @@ class Daemon:
 
     async def restart(self, name: str, *, force: bool = False) -> str:
         return await self.supervisor(name).command("restart", force=force)
-
-    def _conflicts(self, sup: EngineSupervisor, *, waiting: bool = False) -> list[EngineSupervisor]:
-        """Engines that must not run next to ``sup``: resident ones, or (``waiting``) those in backoff."""
-        if waiting:
-            others = [s for s in self.supervisors.values() if s.name != sup.name and s.state == EngineState.BACKOFF]
-        else:
-            others = self.resident(exclude=sup.name)
-        if sup.config.exclusive:
-            return others
-        return [o for o in others if o.config.exclusive]
 
     @property
     def shutting_down(self) -> bool:
@@ -680,19 +762,24 @@ class Daemon:
         target = self.supervisor(name)
         if self._stopping:
             raise SwapError("the daemon is shutting down; no swap is started")
-        if self.swap_target is not None:
-            if self.swap_target == target.name:
-                await target.wait_for(lambda s: s.swap_in_progress is False, None)
-                return {"target": target.name, "joined": True, "state": str(target.state)}
+        now = self.clock.now()
+        active = ActiveSwap(self.swap_target, self.swap_started_s or now) if self.swap_target is not None else None
+        request = decide_swap_request(active, target.name, now)
+        if isinstance(request, JoinSwap):
+            await target.wait_for(lambda s: s.swap_in_progress is False, None)
+            return {"target": target.name, "joined": True, "state": str(target.state)}
+        if isinstance(request, Refuse) and self.swap_target is not None:
+            self.decided("swap_request", target.name, request, active_target=self.swap_target)
             raise SwapInProgress(self.swap_target)
         if not manual and not target.serving:
             # Decided before anything is stopped: an automatic swap never trades a working engine for
             # one its backoff would refuse.
-            verdict = backoff.manual_start_allowed(target.backoff, self.backoff_settings, self.clock.now(), False)
-            if target.state in (EngineState.BACKOFF, EngineState.FAILED) or isinstance(verdict, Refuse):
-                reason = verdict.message if isinstance(verdict, Refuse) else target.state_reason
-                raise StartRefused(target.name, str(target.state), f"not swapping to {target.name}: {reason}",
-                                   until_s=verdict.until_s if isinstance(verdict, Refuse) else None)
+            waiting = target.state_reason if target.state in (EngineState.BACKOFF, EngineState.FAILED) else None
+            verdict = backoff.automatic_start_allowed(target.backoff, self.backoff_settings, now, waiting=waiting)
+            if isinstance(verdict, Refuse):
+                self.decided("automatic_start", target.name, verdict, state=str(target.state))
+                raise StartRefused(target.name, str(target.state), f"not swapping to {target.name}: {verdict.message}",
+                                   until_s=verdict.until_s)
         # Claimed before the first await: two requests at the same moment cannot both pass the check.
         self.swap_target, self.swap_started_s = target.name, self.clock.now()
         target.swap_in_progress = True
@@ -703,7 +790,7 @@ class Daemon:
             if self.swap_target == target.name and not self._swap_lock.locked():
                 self.swap_target, self.swap_started_s = None, None
                 target.swap_in_progress = False
-                target._notify()
+                target.notify()
 
     async def _wait_stopped(self, sup: EngineSupervisor, why: str) -> None:
         ok = await sup.wait_for(lambda s: s.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF)
@@ -714,12 +801,12 @@ class Daemon:
 
     async def _do_swap(self, target: EngineSupervisor, previous: list[str] | None = None, *,
                        manual: bool = True) -> dict[str, Any]:
-        from policies.swap import memory_returned
-
         started = self.clock.now()
-        to_stop = self._conflicts(target) + self._conflicts(target, waiting=True)
-        budget_stop = self._budget_conflicts(target, to_stop)
-        to_stop += [s for s in budget_stop if s not in to_stop]
+        plan = self._plan_swap(target)
+        if isinstance(plan, Refuse):
+            self.events.emit("swap.refused", target=target.name, reason=plan.reason, message=plan.message)
+            raise SwapError(plan.message)
+        to_stop = [self.supervisors[stop.engine] for stop in plan.stops]
         prev = previous if previous is not None else [s.name for s in to_stop if s.serving]
         self.swap_target, self._swap_from, self.swap_started_s = target.name, prev, started
         target.swap_in_progress = True
@@ -735,37 +822,21 @@ class Daemon:
                     await anyio.sleep(0.1)
             timings["drain_s"] = self.clock.now() - t0
             t0 = self.clock.now()
-            for sup in to_stop:
-                await sup.command("stop", reason=f"swap to {target.name}")
+            for stop in plan.stops:
+                await self.execute(stop)
             for sup in to_stop:
                 await self._wait_stopped(sup, f"swap to {target.name}")
             timings["stop_s"] = self.clock.now() - t0
             # Memory must be back before the new engine loads: never two models at once.
             t1 = self.clock.now()
-            need = (self.footprint_bytes(target) or 0) + self.config.memory.headroom_bytes
-            deadline = t1 + self.config.memory.return_wait_s
-            before = self.memory.available_bytes if self.memory else 0
-            while True:
-                await self._read_memory()
-                now_avail = self.memory.available_bytes if self.memory else need
-                ret = memory_returned(before, now_avail, need)
-                if ret.enough or not to_stop:
-                    break
-                if self.clock.now() >= deadline:
-                    msg = (f"memory did not come back within {self.config.memory.return_wait_s:.0f}s after stopping "
-                           f"{', '.join(s.name for s in to_stop)}: {ret.short_bytes / 1e9:.1f} GB still missing for "
-                           f"{target.name}; not starting it")
-                    self.alert(Alert(key=f"swap.memory_not_returned:{target.name}", severity="critical",
-                                     summary=msg, details={"short_bytes": ret.short_bytes}))
-                    self.events.emit("swap.aborted", target=target.name, reason=msg)
-                    raise SwapError(msg)
-                await anyio.sleep(1.0)
+            if to_stop:
+                await self._wait_memory_returned(target, [s.name for s in to_stop])
             timings["memory_wait_s"] = self.clock.now() - t1
             t2 = self.clock.now()
             if not target.serving:
                 if target.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF):
                     try:
-                        await target.command("start", force=manual, reason=f"swap to {target.name}")
+                        await target.command("start", force=manual, manual=manual, reason=f"swap to {target.name}")
                     except StartRefused as exc:
                         raise SwapError(str(exc)) from exc
                 ok = await target.wait_for(lambda s: s.state in (EngineState.READY, EngineState.DEGRADED,
@@ -823,23 +894,6 @@ class Daemon:
                                  f"{', '.join(restored) or 'nothing'}",
                          details={"target": target.name, "restored": restored}))
 
-    def _budget_conflicts(self, target: EngineSupervisor, already: list[EngineSupervisor]) -> list[EngineSupervisor]:
-        """Non-exclusive engines that must go for the target to fit the budget (largest first)."""
-        budget = self.config.memory.budget_bytes
-        if budget is None and self.memory is not None:
-            budget = self.memory.total_bytes - self.config.memory.headroom_bytes
-        if budget is None:
-            return []
-        others = [s for s in self.resident(exclude=target.name) if s not in already]
-        used = sum(self.footprint_bytes(s) or 0 for s in others) + (self.footprint_bytes(target) or 0)
-        out = []
-        for s in sorted(others, key=lambda s: -(self.footprint_bytes(s) or 0)):
-            if used <= budget:
-                break
-            out.append(s)
-            used -= self.footprint_bytes(s) or 0
-        return out
-
     async def _resume_swap(self, swap: dict[str, Any]) -> None:
         """A daemon killed mid-swap: finish the swap (or roll back) so no two models stay resident."""
         target = self.supervisors[swap["target"]]
@@ -884,8 +938,7 @@ class Daemon:
         if self.alerts_outbox is not None:
             doc["alerts"] = self.alerts_outbox.counts()
         for ext in self.extensions:
-            if hasattr(ext, "contribute_status"):
-                ext.contribute_status(doc)
+            ext.contribute_status(doc)
         return doc
 
 

@@ -1,5 +1,7 @@
 """The runtime side of exit episodes: gather an engine's exit facts, ask the policy, log the decision.
 
+Room: engine.
+
 The decision itself (open a warning episode, raise it to critical in a crash loop, resolve it
 when the engine is ready) is ``policies.episodes``; this module only reads the supervisor's
 facts (exit code or signal, the log diagnosis, the next start time) and records what was decided.
@@ -9,20 +11,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from policies import episodes
 from policies.actions import Alert, WaitUntil
+from policies.backoff import BackoffState
+from probes.readings import Diagnosis
+from supervisord_llm.clock import Clock
+from supervisord_llm.config import EngineConfig
+from supervisord_llm.events import EventLog
 
-if TYPE_CHECKING:
-    from supervisord_llm.supervisor import EngineSupervisor
+
+class ExitedEngine(Protocol):
+    """**Protocol:** what an exit episode reads of an engine's supervisor (no import of the supervisor)."""
+
+    name: str
+    last_exit: dict[str, Any] | None
+    backoff: BackoffState
+    diagnosis: Diagnosis | None
+    clock: Clock
+    config: EngineConfig
 
 
 def _wall_text(wall_s: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall_s))
 
 
-def exit_facts(sup: EngineSupervisor, decided: Sequence[object], now_s: float) -> episodes.ExitFacts:
+def exit_facts(sup: ExitedEngine, decided: Sequence[object], now_s: float) -> episodes.ExitFacts:
     """The facts of the run that just ended unplanned, read after the backoff policy ``decided``."""
     last_exit: dict[str, Any] = sup.last_exit or {}
     wait = next((a for a in decided if isinstance(a, WaitUntil)), None)
@@ -39,11 +54,11 @@ def exit_facts(sup: EngineSupervisor, decided: Sequence[object], now_s: float) -
     )
 
 
-def exit_alerts(sup: EngineSupervisor, decided: Sequence[object], now_s: float) -> tuple[Alert, ...]:
+def exit_alerts(sup: ExitedEngine, decided: Sequence[object], now_s: float, events: EventLog) -> tuple[Alert, ...]:
     """The alerts to raise for an unplanned exit (see ``policies.episodes.on_unplanned_exit``)."""
     facts = exit_facts(sup, decided, now_s)
     alerts = episodes.on_unplanned_exit(facts, decided, alert_on_exit=sup.config.alert_on_exit)
-    sup.daemon.events.emit(
+    events.emit(
         "policy.decided", policy="episodes", engine=sup.name,
         decision=",".join(f"{a.key}:{a.severity}" for a in alerts) or "none",
         alert_on_exit=sup.config.alert_on_exit, exit=episodes.exit_label(facts), code=facts.code,

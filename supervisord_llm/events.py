@@ -1,5 +1,7 @@
 """Events: one JSON object per line in ``<state_dir>/events.jsonl`` (durable), and live subscribers.
 
+Room: events.
+
 Each event is ``{"seq", "at" (wall, ISO 8601 UTC), "kind" (dotted noun), "engine"?, ...fields}``.
 
 :meth:`EventLog.emit` is synchronous for its callers and never waits for the disk: the event goes

@@ -1,10 +1,7 @@
-"""Optional subsystems the daemon carries: each is an object with ``run(task_status)`` and hooks.
+"""The optional subsystems the daemon carries, and which ones the config turns on (room: daemon composition).
 
-Hooks a subsystem may offer (the daemon calls those that exist): ``on_memory(reading)``,
-``before_start(sup)`` (async), ``on_engine_ready(sup)``, ``on_engine_exit(sup)``,
-``stranded_bytes()``, ``gpu_free_bytes()``, ``engine_gpu_bytes(pids)``, ``contribute_status(doc)``,
-``persisted()`` (with a ``name``), ``cancel_reboot()``. The heartbeat (``supervisord_llm.heartbeat``)
-is one such subsystem.
+Each subsystem is an :class:`supervisord_llm.extension.Extension` (typed hooks with no-op
+defaults); ``install_extensions`` attaches them in the order the daemon starts them.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from supervisord_llm.extension import Extension
 from supervisord_llm.gateway import EngineUnavailable, RequestStats, Upstream
 from supervisord_llm.supervisor import EngineState
 
@@ -69,7 +67,9 @@ class DaemonGatewayBackend:
     def _upstream(self, sup: EngineSupervisor) -> Upstream:
         return Upstream(engine=sup.name, base_url=sup.config.base_url, kind=sup.config.kind,
                         supports_messages=sup.adapter.messages_supported, served_model=sup.adapter.request_model,
-                        auth_headers=tuple(sup.adapter.auth_headers().items()))
+                        accepts_images=sup.config.vision,
+                        auth_headers=tuple(sup.adapter.auth_headers().items()),
+                        max_concurrent=sup.config.max_concurrent, max_queue=sup.config.max_queue)
 
     def _unavailable(self, sup: EngineSupervisor) -> EngineUnavailable:
         now = self.daemon.clock.now()
@@ -107,8 +107,8 @@ class DaemonGatewayBackend:
             from policies import backoff as backoff_policy
             from policies.actions import Refuse
 
-            verdict = backoff_policy.manual_start_allowed(sup.backoff, self.daemon.backoff_settings,
-                                                          self.daemon.clock.now(), False)
+            verdict = backoff_policy.automatic_start_allowed(sup.backoff, self.daemon.backoff_settings,
+                                                             self.daemon.clock.now())
             if isinstance(verdict, Refuse):  # a recent failure: its backoff holds, nothing is swapped
                 wait = max(1.0, (verdict.until_s or self.daemon.clock.now()) - self.daemon.clock.now())
                 raise EngineUnavailable(sup.name, verdict.reason, verdict.message, retry_after_s=wait,
@@ -136,6 +136,11 @@ class DaemonGatewayBackend:
         return sup.health if sup is not None else None
 
     def request_started(self, engine: str) -> None:
+        from supervisord_llm import idle
+
+        unloader = idle.find(self.daemon.extensions)
+        if unloader is not None:
+            unloader.request_started(engine)
         health = self._health(engine)
         if health is not None:
             health.in_flight += 1
@@ -145,7 +150,11 @@ class DaemonGatewayBackend:
         health = self._health(engine)
         if health is not None:
             health.last_traffic_s = at_s
-            health.stall_reason = None
+            health.last_token_s = at_s  # read from the engine, whatever the client's pace
+
+    def engine_progress_s(self, engine: str) -> float | None:
+        health = self._health(engine)
+        return health.progress_s(self.daemon.clock.now()) if health is not None else None
 
     def request_finished(self, stats: RequestStats) -> None:
         from probes.readings import ThroughputSample
@@ -154,6 +163,11 @@ class DaemonGatewayBackend:
         watching = observe.find(self.daemon.extensions)
         if watching is not None:
             watching.telemetry.request_finished(stats)
+        from supervisord_llm import idle
+
+        unloader = idle.find(self.daemon.extensions)
+        if unloader is not None:
+            unloader.request_finished(stats.engine)
         health = self._health(stats.engine)
         if health is None:
             return
@@ -171,12 +185,17 @@ class DaemonGatewayBackend:
         health = self._health(engine)
         if health is None:
             return
-        health.stall_reason = f"a live {phase} stream got no token for {stalled_for_s:.0f}s"
+        from policies.health import Silence
+
+        now = self.daemon.clock.now()
+        health.silences.append(Silence("stream", since_s=now - stalled_for_s, at_s=now,
+                                       detail=f"a live {phase} stream got nothing from the engine for "
+                                              f"{stalled_for_s:.0f}s"))
         self.daemon.events.emit("gateway.stall_detected", engine=engine, phase=phase,
                                 stalled_for_s=round(stalled_for_s, 3))
 
 
-class GatewayExtension:
+class GatewayExtension(Extension):
     name = "gateway"
 
     def __init__(self, daemon: Daemon) -> None:
@@ -201,10 +220,11 @@ class GatewayExtension:
 
     def contribute_status(self, doc: dict[str, Any]) -> None:
         stats = self.app.state.gateway
-        doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight}
+        doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight, "clients_cut": stats.clients_cut,
+                          "refused": dict(stats.refused)}
 
 
-class AlertsExtension:
+class AlertsExtension(Extension):
     name = "alerts"
 
     def __init__(self, daemon: Daemon) -> None:
@@ -225,11 +245,13 @@ class AlertsExtension:
 
 def install_extensions(daemon: Daemon) -> None:
     """Attach the subsystems the config turns on."""
+    from supervisord_llm.control import ControlExtension
     from supervisord_llm.memory_guard import MemoryGuardExtension
     from supervisord_llm.observe import ObserveExtension
     from supervisord_llm.stranded import StrandedExtension
 
     config = daemon.config
+    daemon.extensions.append(ControlExtension(daemon))
     daemon.extensions.append(StrandedExtension(daemon))
     daemon.extensions.append(ObserveExtension(daemon))
     daemon.extensions.append(MemoryGuardExtension(daemon))
@@ -241,6 +263,10 @@ def install_extensions(daemon: Daemon) -> None:
         daemon.extensions.append(HeartbeatExtension(daemon, config.alerts.heartbeat, config.alerts))
     if config.gateway is not None:
         daemon.extensions.append(GatewayExtension(daemon))
+        if any(e.idle_unload_s for e in config.engines):
+            from supervisord_llm.idle import IdleUnloadExtension
+
+            daemon.extensions.append(IdleUnloadExtension(daemon))
     if config.daemon.metrics_listen:
         from supervisord_llm.metrics import MetricsExtension
 

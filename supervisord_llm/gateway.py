@@ -1,17 +1,28 @@
 """The gateway: one OpenAI/Anthropic-compatible front port for every configured engine.
 
+Room: gateway.
+
 The ``model`` field of a request picks the engine (name, alias, or the default engine). The
-gateway forwards requests byte for byte (no protocol translation), streams pass through chunk by
-chunk, and every token that goes by is watched: time to first token, gaps between tokens, token
-counts, and stalls (a live stream with no token for too long) are reported to the daemon.
+gateway forwards requests byte for byte, streams pass through chunk by chunk, and every token that
+goes by is watched: time to first token, gaps between tokens, token counts, and stalls (a live
+stream with no token for too long) are reported to the daemon. The one translation: the Anthropic
+Messages API for engines that serve only the OpenAI API (``anthropic_api``), where the meter still
+reads the engine's own bytes as they arrive.
+
+A stream is read from the engine at the *engine's* pace into a bounded per-stream buffer
+(``client_buffer_bytes``), and a token counts as progress when it arrives from the engine, not when
+the client takes it: a client that stops reading, is paused or sits on a slow network must never
+look like an engine stall. While that buffer is full the engine is not read (and not blamed); a
+client that does not drain it within ``client_timeout_s`` is cut (``gateway.client_cut``).
 
 It depends on the daemon only through :class:`GatewayBackend` (a protocol defined here):
 
     acquire(model) -> Upstream          resolve the model, swap or wait for the engine, or raise
                                         EngineUnavailable (503 + Retry-After, or 404)
     request_started(engine)             a request is now in flight on the engine
-    token_progress(engine, at_s)        one token went by (called on the hot path; must be cheap)
-    stall_detected(engine, phase, s)    a live stream made no progress for too long
+    token_progress(engine, at_s)        one token arrived from the engine (hot path; must be cheap)
+    engine_progress_s(engine)           the engine's latest progress from any source (or None)
+    stall_detected(engine, phase, s)    a live stream got nothing from the engine for too long
     request_finished(stats)             a request ended (RequestStats)
 
 Error bodies are JSON in the OpenAI shape ``{"error": {"message", "type", "code"}}``, or the
@@ -25,7 +36,8 @@ import json
 import math
 import re
 import socket
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -37,10 +49,12 @@ import httpx
 import structlog
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from policies.frontdoor import Admission, SwapPermission, admit_request, check_path, may_start_engine, retry_after_s
 from supervisord_llm import anthropic_api
 from supervisord_llm.anthropic_api import THINK_MODES
 from supervisord_llm.clock import Clock, SystemClock
@@ -66,7 +80,8 @@ MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 # A translated stream sends the client a ping after this long without any other event.
 TRANSLATED_PING_INTERVAL_S = 5.0
-# On a translated count_tokens answer: "engine-tokenizer", or "estimate (...)" saying how.
+# On a count_tokens answer: "engine" (its own count_tokens), "engine-tokenizer" (its /tokenize),
+# or "estimate (...)" saying how.
 TOKEN_COUNT_HEADER = "x-supervisord-llm-token-count"
 
 
@@ -81,6 +96,7 @@ class Upstream:
     ``kind`` is the adapter's name (mlx_lm, omlx, vllm, llama_cpp, ollama, sglang, command);
     ``served_model`` replaces the request's ``model`` field when set (mlx_lm.server wants
     ``"default_model"`` or its model path there, never the gateway's name for it).
+    ``accepts_images``: its model can see, so translated Messages requests may carry images.
     ``auth_headers`` is the engine's own API key (vLLM/SGLang ``--api-key``, oMLX ``auth.api_key``):
     when set it replaces whatever credentials the client sent, which were for the gateway.
     """
@@ -90,7 +106,11 @@ class Upstream:
     kind: str
     supports_messages: bool
     served_model: str | None = None
+    accepts_images: bool = False
     auth_headers: tuple[tuple[str, str], ...] = ()
+    # The engine's own line: requests beyond max_concurrent wait (FIFO, up to max_queue), then 429.
+    max_concurrent: int = 0
+    max_queue: int = 0
 
 
 class EngineUnavailable(EngineError):
@@ -133,7 +153,7 @@ class RequestStats:
     tokens: int
     decode_s: float | None
     max_gap_s: float | None
-    ended: str  # "complete" | "client_disconnected" | "upstream_error" | "stalled"
+    ended: str  # "complete" | "client_disconnected" | "client_too_slow" | "upstream_error" | "stalled"
     duration_s: float | None = None  # from sending to the engine to the last byte
 
 
@@ -149,6 +169,8 @@ class GatewayBackend(Protocol):
     def request_started(self, engine: str) -> None: ...
 
     def token_progress(self, engine: str, at_s: float) -> None: ...
+
+    def engine_progress_s(self, engine: str) -> float | None: ...
 
     def request_finished(self, stats: RequestStats) -> None: ...
 
@@ -187,11 +209,24 @@ class GatewaySettings:
     hold_s: float = 120.0
     max_body_bytes: int = 32 * 2**20
     prefill_stall_s: float = 300.0
+    # A long prompt earns a longer prefill deadline: seconds per MiB of request body on top of
+    # prefill_stall_s (hundreds of thousands of prompt tokens take many minutes on a Mac).
+    prefill_per_mib_s: float = 512.0
     decode_stall_s: float = 60.0
+    client_timeout_s: float = 300.0
+    client_buffer_bytes: int = 2**20
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 600.0
     max_upstream_connections: int = 512
     shutdown_grace_s: float = 5.0
+    # Who may make the daemon start or swap an engine by naming a model (policies.frontdoor).
+    swaps: str = "allowed"
+    # Requests handled at once by the whole gateway; beyond it a JSON 503 (each proxied stream holds
+    # two file descriptors, and launchd's default soft limit is 256).
+    max_connections: int = 512
+    # A client must have sent its whole request body within this long (a slow or stuck upload
+    # would otherwise hold a connection and a buffer indefinitely).
+    body_timeout_s: float = 60.0
     # What <think>…</think> from reasoning models becomes in translated Messages responses:
     # "text" (kept in the text as emitted), "thinking" (thinking blocks), "auto" (thinking blocks
     # when the request enables thinking).
@@ -211,6 +246,7 @@ class GatewaySettings:
         for name in (
             "prefill_stall_s",
             "decode_stall_s",
+            "client_timeout_s",
             "upstream_connect_timeout_s",
             "upstream_read_timeout_s",
         ):
@@ -218,8 +254,22 @@ class GatewaySettings:
                 raise ValueError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
         if self.hold_s < 0 or self.shutdown_grace_s < 0:
             raise ValueError("hold_s and shutdown_grace_s cannot be negative")
+        if self.prefill_per_mib_s < 0:
+            raise ValueError(
+                f"prefill_per_mib_s must be 0 or more seconds per MiB, got {self.prefill_per_mib_s!r}"
+            )
+        if self.client_buffer_bytes < 4096:
+            raise ValueError(
+                f"client_buffer_bytes must be at least 4096 (4KiB), got {self.client_buffer_bytes}"
+            )
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.swaps not in tuple(SwapPermission):
+            raise ValueError(f"swaps must be one of {', '.join(repr(p.value) for p in SwapPermission)}, got {self.swaps!r}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
+        if self.body_timeout_s <= 0:
+            raise ValueError(f"body_timeout_s must be greater than 0, got {self.body_timeout_s!r}")
         if self.max_upstream_connections < 1:
             raise ValueError(
                 f"max_upstream_connections must be at least 1, got {self.max_upstream_connections}"
@@ -242,7 +292,8 @@ class GatewaySettings:
 
         Keys: ``enabled``, ``listen``, ``api_key`` or ``api_key_env`` (name of an environment
         variable holding the key), ``hold_s``, ``max_body_bytes``, ``prefill_stall_s``,
-        ``decode_stall_s``, ``upstream_connect_timeout_s``, ``upstream_read_timeout_s``,
+        ``decode_stall_s``, ``prefill_per_mib_s``, ``client_timeout_s``, ``client_buffer_bytes``,
+        ``upstream_connect_timeout_s``, ``upstream_read_timeout_s``,
         ``max_upstream_connections``, ``shutdown_grace_s``, ``think_tags``. Durations are ``"60s"``/``"5m"``
         or seconds; sizes are ``"32MiB"`` or bytes.
         """
@@ -255,9 +306,11 @@ class GatewaySettings:
             "hold_s",
             "prefill_stall_s",
             "decode_stall_s",
+            "client_timeout_s",
             "upstream_connect_timeout_s",
             "upstream_read_timeout_s",
             "shutdown_grace_s",
+            "body_timeout_s",
         )
         valid = (
             "enabled",
@@ -265,7 +318,11 @@ class GatewaySettings:
             "api_key",
             "api_key_env",
             "max_body_bytes",
+            "client_buffer_bytes",
+            "prefill_per_mib_s",
             "max_upstream_connections",
+            "max_connections",
+            "swaps",
             "think_tags",
             *durations,
         )
@@ -291,17 +348,27 @@ class GatewaySettings:
                     kwargs["api_key"] = environ[value]
                 elif name in durations:
                     kwargs[name] = parse_duration_s(value)
-                elif name == "max_body_bytes":
+                elif name in ("max_body_bytes", "client_buffer_bytes"):
                     kwargs[name] = parse_size_bytes(value)
+                elif name == "prefill_per_mib_s":
+                    if isinstance(value, bool) or not isinstance(value, int | float):
+                        raise ValueError(f"expected seconds per MiB as a number such as 512, got {value!r}")
+                    kwargs[name] = float(value)
                 elif name == "think_tags":
                     if value not in THINK_MODES:
                         raise ValueError(
                             f"expected one of {', '.join(repr(m) for m in THINK_MODES)}, got {value!r}"
                         )
                     kwargs[name] = value
-                elif name == "max_upstream_connections":
+                elif name in ("max_upstream_connections", "max_connections"):
                     if isinstance(value, bool) or not isinstance(value, int):
                         raise ValueError(f"expected a whole number, got {value!r}")
+                    kwargs[name] = value
+                elif name == "swaps":
+                    if value not in tuple(SwapPermission):
+                        raise ValueError(
+                            f"expected one of {', '.join(repr(p.value) for p in SwapPermission)}, got {value!r}"
+                        )
                     kwargs[name] = value
                 else:
                     raise ValueError(f"unknown key; valid keys: {', '.join(valid)}")
@@ -312,10 +379,30 @@ class GatewaySettings:
                 "set api_key or api_key_env, not both", file=file, key=f"{key}.api_key"
             )
         try:
-            return cls(**kwargs)
+            settings = cls(**kwargs)
         except ValueError as exc:
             bad = next((f.name for f in fields(cls) if f.name in str(exc)), None)
             raise ConfigError(str(exc), file=file, key=f"{key}.{bad}" if bad else key) from exc
+        if settings.enabled and settings.api_key is None and not _is_loopback(settings.host):
+            raise ConfigError(
+                f"{settings.listen} is reachable from other machines and the gateway has no API key: anyone "
+                "there could use and swap your models; set api_key (or api_key_env), or listen on 127.0.0.1",
+                file=file, key=f"{key}.listen")
+        if settings.swaps == SwapPermission.WITH_KEY and settings.api_key is None:
+            raise ConfigError('"with_key" needs the gateway to have an api_key (or api_key_env); '
+                              'valid: "allowed", "with_key" with a key, "never"', file=file, key=f"{key}.swaps")
+        return settings
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: assume it is reachable
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,7 +548,7 @@ def usage_tokens_of(body: bytes) -> int | None:
 # The gateway's own bookkeeping (what `llmctl status` shows as gateway{listen, in_flight})
 
 
-ENDINGS = ("complete", "client_disconnected", "upstream_error", "stalled")
+ENDINGS = ("complete", "client_disconnected", "client_too_slow", "upstream_error", "stalled")
 
 
 class GatewayStats:
@@ -473,7 +560,13 @@ class GatewayStats:
         self.waiting = 0  # of those, waiting for an engine (acquire)
         self.requests_total = 0
         self.upstream_retries = 0  # sends retried after the engine dropped the connection unanswered
+        self.clients_cut = 0  # clients cut for not draining their stream buffer within client_timeout_s
         self.engines: dict[str, dict[str, int]] = {}
+        # Requests the door turned away, by why: path, body_timeout, swap, queue_full, connections.
+        self.refused: dict[str, int] = {}
+
+    def refuse(self, why: str) -> None:
+        self.refused[why] = self.refused.get(why, 0) + 1
 
     def engine(self, name: str) -> dict[str, int]:
         counts = self.engines.get(name)
@@ -488,6 +581,8 @@ class GatewayStats:
             "waiting": self.waiting,
             "requests_total": self.requests_total,
             "upstream_retries": self.upstream_retries,
+            "clients_cut": self.clients_cut,
+            "refused": dict(sorted(self.refused.items())),
             "engines": {name: dict(c) for name, c in sorted(self.engines.items())},
         }
 
@@ -500,7 +595,9 @@ _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    429: "requests",
     502: "upstream_error",
     503: "engine_unavailable",
     504: "upstream_timeout",
@@ -509,7 +606,9 @@ _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     413: "request_too_large",
+    429: "rate_limit_error",
     502: "api_error",
     503: "overloaded_error",
     504: "api_error",
@@ -622,6 +721,7 @@ class _Forward:
     ) -> None:
         self.gw = gw
         self.translation = translation
+        self.on_done: Callable[[], None] | None = None  # gives the engine's slot back
         self.upstream = upstream
         self.request = request
         self.anthropic = anthropic
@@ -629,6 +729,11 @@ class _Forward:
         self.sent_at_s = 0.0
         self.stalled: tuple[str, float] | None = None
         self.client_gone = False
+        self.client_cut = False  # did not drain its buffer within client_timeout_s
+        # While the stream buffer is full the engine is not read, so its silence is ours, not the
+        # engine's: the stall clock stops, and starts again from when reading resumed.
+        self.blocked_since_s: float | None = None
+        self.unblocked_at_s = 0.0
         self.upstream_failed = False
         self.non_stream_tokens: int | None = None
         self.pump_scope = anyio.CancelScope()
@@ -648,6 +753,12 @@ class _Forward:
 
         # A translated request's meter reads the engine's own (OpenAI) bytes, not what we send.
         self.meter = TokenMeter(anthropic=anthropic and translation is None, on_token=on_token)
+        try:
+            body_bytes = len(request.content)
+        except httpx.RequestNotRead:
+            body_bytes = 0
+        settings = gw.settings
+        self.prefill_limit_s = settings.prefill_stall_s + body_bytes / 2**20 * settings.prefill_per_mib_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         gw = self.gw
@@ -692,12 +803,27 @@ class _Forward:
         settings = self.gw.settings
         now = self.gw.clock.now
         meter = self.meter
+        engine = self.upstream.engine
+        engine_progress_s = self.gw.backend.engine_progress_s
         while True:
             last = meter.last_token_at_s
             if last is None:
-                phase, since, limit = "prefill", self.sent_at_s, settings.prefill_stall_s
+                phase, since, limit = "prefill", self.sent_at_s, self.prefill_limit_s
             else:
                 phase, since, limit = "decode", last, settings.decode_stall_s
+            if self.blocked_since_s is not None:
+                await anyio.sleep(min(limit, 1.0))  # the client's back-pressure, not the engine
+                continue
+            since = max(since, self.unblocked_at_s)
+            # Progress the engine shows elsewhere (its prefill progress, other streams, a canary)
+            # means it is working, so this stream waits rather than being called stalled.
+            try:
+                elsewhere_s = engine_progress_s(engine)
+            except Exception:
+                elsewhere_s = None
+                self.gw.log.exception("gateway.backend_failed", method="engine_progress_s")
+            if elsewhere_s is not None and elsewhere_s > since:
+                since = elsewhere_s
             delay = since + limit - now()
             if delay <= 0:
                 self.stalled = (phase, now() - since)
@@ -784,14 +910,12 @@ class _Forward:
                 }
             )
             headers_sent = True
-            now = gw.clock.now
             try:
                 if is_sse:
-                    feed = self.meter.feed
-                    async for chunk in response.aiter_raw():
-                        at_s = now()
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        feed(chunk, at_s)
+                    await self._pump_sse(response, send)
+                    if self.client_cut:
+                        self.response_complete = True
+                        return
                 else:
                     collected: list[bytes] = []
                     size = 0
@@ -862,6 +986,74 @@ class _Forward:
         self.response_complete = True
         await _send_quietly(send, b"", more=False)
 
+    async def _pump_sse(self, response: httpx.Response, send: Any) -> None:
+        """Pass an engine's event stream through, read at the engine's own pace."""
+        async with aclosing(self._engine_chunks(response)) as chunks:
+            await self._pump_buffered(chunks, send)
+
+    async def _pump_buffered(self, source: AsyncIterator[bytes], send: Any) -> None:
+        """Read ``source`` (the engine's bytes, metered as they arrive) into a bounded buffer at the
+        engine's pace; the client drains it at its own pace.
+
+        A send that does not complete within ``client_timeout_s`` (the client stopped reading, or
+        its socket stayed full) cuts the client. An error of the source (the engine broke off, an
+        error event) is raised here after the buffer is closed, as if it had been read inline.
+        """
+        gw = self.gw
+        now = gw.clock.now
+        buffer = _StreamBuffer(gw.settings.client_buffer_bytes)
+        timeout_s = gw.settings.client_timeout_s
+        read_error: list[Exception] = []
+        send_error: list[OSError] = []
+
+        async def read_engine() -> None:
+            try:
+                async for chunk in source:
+                    if buffer.full():
+                        self.blocked_since_s = now()
+                        await buffer.wait_room()
+                        self.unblocked_at_s = now()
+                        self.blocked_since_s = None
+                    buffer.put(chunk)
+            except Exception as exc:
+                read_error.append(exc)
+            finally:
+                buffer.close()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_engine)
+            while True:
+                await buffer.wait_data()
+                if not buffer.chunks:
+                    break  # the engine's stream ended and everything was sent
+                data = buffer.take()
+                try:
+                    with anyio.move_on_after(timeout_s) as scope:
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                        self.client_fed_at_s = now()
+                except OSError as exc:  # the client went away: raised below, outside the task group
+                    send_error.append(exc)
+                    tg.cancel_scope.cancel()
+                    break
+                if scope.cancelled_caught:
+                    self.client_cut = True
+                    gw.stats.clients_cut += 1
+                    gw.log.warning(
+                        "gateway.client_cut",
+                        engine=self.upstream.engine,
+                        reason="the client did not read its stream within client_timeout_s",
+                        client_timeout_s=timeout_s,
+                        buffered_bytes=buffer.size_bytes,
+                        tokens_read=self.meter.tokens,
+                    )
+                    tg.cancel_scope.cancel()
+                    break
+                buffer.taken(len(data))
+        if send_error:
+            raise send_error[0]
+        if read_error and not self.client_cut:
+            raise read_error[0]
+
     async def _pump_translated(
         self, send: Any, response: httpx.Response, tg: anyio.abc.TaskGroup
     ) -> bool:
@@ -902,16 +1094,26 @@ class _Forward:
             self.client_fed_at_s = now()
             if translation.stream:
                 tg.start_soon(self._ping_while_quiet, send)
-            async with aclosing(self._engine_chunks(response)) as chunks:
-                async for chunk in chunks:
-                    out = relay(translator.feed(chunk))
-                    if out:
-                        self.client_fed_at_s = now()
-                        await _send_some(send, out)
-                    if translator.done:
-                        break  # a stop sequence matched: closing the stream stops the engine
-                else:
-                    await _send_some(send, relay(translator.finish()))
+
+            async def translated() -> AsyncGenerator[bytes, None]:
+                async with aclosing(self._engine_chunks(response)) as chunks:
+                    async for chunk in chunks:
+                        out = relay(translator.feed(chunk))
+                        if out:
+                            yield out
+                        if translator.done:
+                            return  # a stop sequence matched: closing the stream stops the engine
+                out = relay(translator.finish())
+                if out:
+                    yield out
+
+            # Engine-paced like passthrough: a client that stops reading fills its own buffer
+            # and is cut after client_timeout_s; the engine's tokens are metered as they arrive.
+            async with aclosing(translated()) as out_chunks:
+                await self._pump_buffered(out_chunks, send)
+            if self.client_cut:
+                self.response_complete = True
+                return True
         except anthropic_api.EngineStreamError as exc:
             message = f"engine {upstream.engine!r} reported an error mid-stream: {exc}"
         except OSError:  # the client went away while we were sending (ASGI spec 2.4)
@@ -1006,6 +1208,8 @@ class _Forward:
         meter = self.meter
         if self.stalled is not None:
             ended = "stalled"
+        elif self.client_cut:
+            ended = "client_too_slow"
         elif self.client_gone:
             ended = "client_disconnected"
         elif self.upstream_failed:
@@ -1063,6 +1267,53 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _StreamBuffer:
+    """Chunks read from the engine that the client has not taken yet, bounded in bytes.
+
+    One reader task puts, one writer task takes; ``size_bytes`` drops only once a send returned, so
+    a client that stops reading keeps the buffer full and the reader waits (never unbounded).
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.chunks: deque[bytes] = deque()
+        self.size_bytes = 0
+        self.eof = False
+        self._data = anyio.Event()
+        self._room = anyio.Event()
+
+    def full(self) -> bool:
+        return self.size_bytes >= self.limit_bytes
+
+    def put(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.size_bytes += len(chunk)
+        self._data.set()
+
+    def close(self) -> None:
+        self.eof = True
+        self._data.set()
+
+    def take(self) -> bytes:
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return data
+
+    def taken(self, size_bytes: int) -> None:
+        self.size_bytes -= size_bytes
+        self._room.set()
+
+    async def wait_data(self) -> None:
+        while not self.chunks and not self.eof:
+            self._data = anyio.Event()
+            await self._data.wait()
+
+    async def wait_room(self) -> None:
+        while self.full():
+            self._room = anyio.Event()
+            await self._room.wait()
+
+
 class _Gateway:
     """The gateway's request handling; one per app."""
 
@@ -1074,6 +1325,7 @@ class _Gateway:
         self.clock = clock
         self.log = log
         self.stats = GatewayStats(settings.listen)
+        self.lines = EngineLines()
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # made in the lifespan
         self._api_key = settings.api_key.encode() if settings.api_key else None
 
@@ -1204,6 +1456,12 @@ class _Gateway:
         anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
         if not self.authorized(request):
             return self.unauthorized(anthropic)
+        # Only inference paths reach an engine, judged on the path as sent: httpx would normalise
+        # /v1/../api/pull into /api/pull (Ollama's pull) on the way out.
+        verdict = check_path(request.scope.get("raw_path") or path.encode())
+        if not verdict.ok:
+            self.stats.refuse("path")
+            return error_response(anthropic, verdict.status, verdict.message, verdict.code)
         stats = self.stats
         stats.in_flight += 1
         stats.requests_total += 1
@@ -1219,7 +1477,14 @@ class _Gateway:
 
     async def _prepare(self, request: Request, path: str, anthropic: bool) -> Response | _Forward:
         try:
-            body = await self.read_body(request)
+            with anyio.fail_after(self.settings.body_timeout_s):
+                body = await self.read_body(request)
+        except TimeoutError:
+            self.stats.refuse("body_timeout")
+            return error_response(
+                anthropic, 408, f"the request body did not arrive within the gateway's body_timeout_s "
+                f"({self.settings.body_timeout_s:g}s)", "request_timeout"
+            )
         except ClientDisconnect:
             # The client is gone: nobody reads this answer and nothing was forwarded. An error reply
             # (not an exception) keeps it out of the server's error log; one such client is routine.
@@ -1277,11 +1542,67 @@ class _Gateway:
                 anthropic, 400, "request body is empty; expected a JSON object", "invalid_json"
             )
 
+        refused = self._start_refusal(request, model, anthropic)
+        if refused is not None:
+            return refused
         upstream = await self._acquire(model, anthropic)
         if isinstance(upstream, Response):
             return upstream
+        refused = await self._enter_line(upstream, anthropic)
+        if refused is not None:
+            return refused
+        try:
+            result = await self._dispatch(request, path, anthropic, doc, body, stream, upstream)
+        except BaseException:
+            self.lines.leave(upstream.engine)
+            raise
+        if isinstance(result, _Forward):
+            engine = upstream.engine
+            result.on_done = lambda: self.lines.leave(engine)
+        else:
+            self.lines.leave(upstream.engine)
+        return result
+
+    def _start_refusal(self, request: Request, model: str | None, anthropic: bool) -> Response | None:
+        """A request that would start a stopped engine (and swap others out) when this gateway may not."""
+        permission = SwapPermission(self.settings.swaps)
+        if permission is SwapPermission.ALLOWED:
+            return None
+        name = model or self.backend.default_engine()
+        entry = next((m for m in self.backend.models()
+                      if name is not None and (m.get("id") == name or name in (m.get("aliases") or ()))), None)
+        if entry is None or entry.get("state") not in ("stopped", "failed"):
+            return None
+        key_given = self._api_key is not None and self.authorized(request)
+        if may_start_engine(permission, key_given=key_given):
+            return None
+        self.stats.refuse("swap")
+        who = "an operator" if permission is SwapPermission.NEVER else "a request with the gateway's API key"
+        return error_response(
+            anthropic, 503, f"engine {entry['id']!r} is {entry.get('state')} and this gateway does not start or swap "
+            f"engines for requests (gateway.swaps = {permission.value!r}); {who} can start it (llmctl start "
+            f"{entry['id']})", "engine_not_running", engine=entry["id"])
+
+    async def _enter_line(self, upstream: Upstream, anthropic: bool) -> Response | None:
+        verdict = await self.lines.enter(upstream.engine, upstream.max_concurrent, upstream.max_queue,
+                                         wait_s=self.settings.hold_s)
+        if verdict is Admission.RUN:
+            return None
+        self.stats.refuse("queue_full")
+        line = self.lines.line(upstream.engine)
+        retry = retry_after_s(waiting=len(line.waiting), max_concurrent=upstream.max_concurrent)
+        return error_response(
+            anthropic, 429, f"engine {upstream.engine!r} is busy: {line.running} request(s) running (max_concurrent "
+            f"{upstream.max_concurrent}) and {len(line.waiting)} waiting (max_queue {upstream.max_queue}); "
+            f"retry in about {retry}s", "rate_limit_exceeded", headers={"retry-after": str(retry)},
+            engine=upstream.engine)
+
+    async def _dispatch(self, request: Request, path: str, anthropic: bool, doc: Any, body: bytes, stream: bool,
+                        upstream: Upstream) -> Response | _Forward:
         if anthropic and not upstream.supports_messages:
             return await self._translate(request, path, doc, upstream)
+        if path == COUNT_TOKENS_PATH and request.method == "POST" and isinstance(doc, dict):
+            return await self._native_count_tokens(request, doc, upstream)
 
         if (
             upstream.served_model is not None
@@ -1322,11 +1643,13 @@ class _Gateway:
             if path == COUNT_TOKENS_PATH:
                 # count_tokens takes the same fields as a message, without max_tokens.
                 checked = anthropic_api.check_request({"max_tokens": 1, **doc})
-                anthropic_api.to_openai(checked, upstream.served_model, engine=upstream.engine)
+                anthropic_api.to_openai(
+                    checked, upstream.served_model, engine=upstream.engine, images=upstream.accepts_images
+                )
                 return await self._count_tokens(checked.doc, upstream)
             checked = anthropic_api.check_request(doc)
             openai_body = anthropic_api.to_openai(
-                checked, upstream.served_model, engine=upstream.engine
+                checked, upstream.served_model, engine=upstream.engine, images=upstream.accepts_images
             )
         except anthropic_api.RequestInvalid as exc:
             return error_response(True, 400, str(exc), "invalid_request", field=exc.field)
@@ -1343,7 +1666,10 @@ class _Gateway:
             (b"accept", b"text/event-stream"),
             (b"accept-encoding", b"identity"),  # the meter reads plain bytes
         ]
-        if self._api_key is None:
+        if upstream.auth_headers:
+            # The engine's own key replaces the client's credentials (as on passthrough).
+            headers += [(k.encode(), v.encode()) for k, v in upstream.auth_headers]
+        elif self._api_key is None:
             # No gateway key: the client's key is meant for the engine (as on passthrough).
             key = request.headers.get("x-api-key")
             auth = request.headers.get("authorization") or (f"Bearer {key}" if key else None)
@@ -1362,6 +1688,45 @@ class _Gateway:
             translation=_Translation(translator, stream=checked.stream),
         )
 
+    async def _native_count_tokens(self, request: Request, doc: dict[str, Any], upstream: Upstream) -> Response:
+        """count_tokens on an engine that serves the Messages API: its own answer where it has the
+        endpoint; where it answers 404/405 (a Messages API without count_tokens), counted as for a
+        translated engine."""
+        body = dict(doc)
+        if upstream.served_model is not None:
+            body["model"] = upstream.served_model
+        headers = {"anthropic-version": request.headers.get("anthropic-version", "2023-06-01")}
+        if upstream.auth_headers:
+            headers.update(dict(upstream.auth_headers))
+        elif self._api_key is None:
+            for name in ("x-api-key", "authorization"):
+                if name in request.headers:
+                    headers[name] = request.headers[name]
+        query = request.url.query
+        url = upstream.base_url.rstrip("/") + COUNT_TOKENS_PATH + ("?" + query if query else "")
+        try:
+            response = await self.client.post(url, json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return error_response(
+                True,
+                502,
+                f"engine {upstream.engine!r} at {upstream.base_url} could not be reached: {type(exc).__name__}",
+                "upstream_unreachable",
+                engine=upstream.engine,
+            )
+        if response.status_code not in (404, 405):
+            return Response(
+                response.content,
+                status_code=response.status_code,
+                media_type=response.headers.get("content-type", "application/json"),
+                headers={TOKEN_COUNT_HEADER: "engine"} if response.status_code == 200 else None,
+            )
+        try:
+            checked = anthropic_api.check_request({"max_tokens": 1, **doc})
+        except anthropic_api.RequestInvalid as exc:
+            return error_response(True, 400, str(exc), "invalid_request", field=exc.field)
+        return await self._count_tokens(checked.doc, upstream)
+
     async def _count_tokens(self, doc: dict[str, Any], upstream: Upstream) -> Response:
         """Tokens of a request: the engine's /tokenize where it has one, else an estimate, said so."""
         text = anthropic_api.count_text(doc)
@@ -1371,7 +1736,7 @@ class _Gateway:
         if upstream.served_model is not None:
             body["model"] = upstream.served_model
         try:
-            response = await self.client.post(url, json=body, timeout=10.0)
+            response = await self.client.post(url, json=body, headers=dict(upstream.auth_headers), timeout=10.0)
             counted = response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             counted = None
@@ -1448,6 +1813,92 @@ class _Gateway:
         )
 
 
+class _Line:
+    """One engine's requests: how many run now, and the FIFO of those waiting for a slot."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting: deque[anyio.Event] = deque()
+
+
+class EngineLines:
+    """Per-engine admission (``policies.frontdoor.admit_request``): run, wait in line, or be refused.
+
+    A finished request hands its slot straight to the first in line, so the line is served in
+    arrival order and ``running`` never exceeds ``max_concurrent``.
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[str, _Line] = {}
+
+    def line(self, engine: str) -> _Line:
+        line = self._lines.get(engine)
+        if line is None:
+            line = self._lines[engine] = _Line()
+        return line
+
+    async def enter(self, engine: str, max_concurrent: int, max_queue: int, *, wait_s: float) -> Admission:
+        line = self.line(engine)
+        verdict = admit_request(running=line.running, waiting=len(line.waiting), max_concurrent=max_concurrent,
+                                max_queue=max_queue)
+        if verdict is Admission.RUN:
+            line.running += 1
+            return verdict
+        if verdict is Admission.REFUSE:
+            return verdict
+        turn = anyio.Event()
+        line.waiting.append(turn)
+        try:
+            with anyio.move_on_after(wait_s):
+                await turn.wait()
+        except BaseException:  # cancelled (the client left): never strand a slot handed over meanwhile
+            if turn.is_set():
+                self.leave(engine)
+            else:
+                line.waiting.remove(turn)
+            raise
+        if not turn.is_set():
+            line.waiting.remove(turn)
+            return Admission.REFUSE
+        return Admission.RUN
+
+    def leave(self, engine: str) -> None:
+        line = self.line(engine)
+        if line.waiting:
+            line.waiting.popleft().set()  # the slot goes to the first in line; running stays the same
+        else:
+            line.running = max(0, line.running - 1)
+
+
+class _ConnectionCap:
+    """At most ``limit`` requests in the gateway at once; beyond it a JSON 503 in the client's API shape."""
+
+    def __init__(self, app: Any, limit: int, stats: GatewayStats) -> None:
+        self.app = app
+        self.limit = limit
+        self.stats = stats
+        self.active = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            self.stats.refuse("connections")
+            path = scope.get("path", "")
+            response = error_response(
+                path.startswith(MESSAGES_PATH), 503,
+                f"the gateway is handling its maximum of {self.limit} requests (gateway.max_connections); retry shortly",
+                "overloaded", headers={"retry-after": "1"})
+            await response(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 class _Counted:
     """Wraps a forward so the gateway's in_flight count drops when the exchange ends, however."""
 
@@ -1460,6 +1911,8 @@ class _Counted:
             await self.inner(scope, receive, send)
         finally:
             self.stats.in_flight -= 1
+            if self.inner.on_done is not None:
+                self.inner.on_done()
 
 
 def build_app(
@@ -1494,6 +1947,7 @@ def build_app(
             Route("/v1/{rest:path}", gw.forward, methods=methods),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(_ConnectionCap, limit=settings.max_connections, stats=gw.stats)],
     )
     app.state.gateway = gw.stats
     app.state.gateway_core = gw
@@ -1504,6 +1958,9 @@ def build_app(
 # Serving
 
 
+_CLIENT_SNDBUF_BYTES = 64 * 2**10
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and
@@ -1511,6 +1968,10 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit this fixed send buffer. Left to autotuning, the kernel takes
+        # megabytes from us for a client that reads nothing, so the gateway would see that client
+        # "drain" for minutes and never cut it; 64 KiB (doubled by Linux) still streams at full speed.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CLIENT_SNDBUF_BYTES)
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as exc:
@@ -1552,6 +2013,8 @@ async def serve(
         ws="none",
         server_header=False,
         date_header=False,
+        # A hard backstop behind the JSON refusal at max_connections (uvicorn answers a plain 503).
+        limit_concurrency=settings.max_connections * 2 + 16,
     )
     server = DaemonServer(config)
     done = anyio.Event()

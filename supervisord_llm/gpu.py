@@ -1,5 +1,7 @@
 """NVIDIA GPUs for the daemon: readings, per-engine GPU memory, orphans, XID events.
 
+Room: subsystems.
+
 The sensing is ``probes.nvml`` (one reading of every device, the XID watcher thread); the XID
 decisions are ``policies.reboot.decide_xid``. This module runs them for the daemon:
 
@@ -46,6 +48,7 @@ from policies.reboot import RebootLedger, RebootSettings, RebootState, decide_gp
 from probes.nvml import NvmlProbe, XidWatcher, gpu_bytes_for_pids
 from probes.readings import GpuReading, XidEvent
 from supervisord_llm.errors import MemoryNotReturned
+from supervisord_llm.extension import Extension
 from supervisord_llm.process import TAG_ENV, tree_of
 
 if TYPE_CHECKING:
@@ -188,7 +191,7 @@ def says_gpu_is_lost(error: str) -> bool:
     return "gpuislost" in error.lower().replace(" ", "").replace("_", "")
 
 
-class GpuExtension:
+class GpuExtension(Extension):
     """The daemon's NVIDIA subsystem (see the module docstring). Hooks are those of ``extensions``."""
 
     name = "gpu"
@@ -630,18 +633,19 @@ class GpuExtension:
         daemon = self.daemon
         reboot_reason: str | None = None
         for action in actions:
+            daemon.decided("xid" if xid is not None else "gpu_lost", getattr(action, "engine", None), action,
+                           device_index=device_index, xid=xid, cause=cause)
             if isinstance(action, Stop):
-                sup = daemon.supervisors.get(action.engine)
-                if sup is None:
+                if action.engine not in daemon.supervisors:
                     continue
                 try:
-                    await sup.command("stop", reason=action.reason, grace_s=action.grace_s)
+                    await daemon.execute(action)
                 except Exception as exc:  # report; the other actions still run
                     daemon.events.emit("gpu.stop_failed", engine=action.engine, error=str(exc))
             elif isinstance(action, Alert) and action.key.startswith("reboot."):
                 reboot_reason = reboot_reason or cause
             elif isinstance(action, Alert):
-                daemon.alert(action)
+                await daemon.execute(action)
             elif isinstance(action, (EscalateReboot, RunReboot)):
                 reboot_reason = reboot_reason or action.reason
         if reboot_reason is not None:
@@ -649,10 +653,8 @@ class GpuExtension:
 
     def _reboot(self, reason: str, device_index: int, xid: int | None) -> None:
         daemon = self.daemon
-        for ext in daemon.extensions:
-            if ext is not self and hasattr(ext, "request_reboot"):
-                ext.request_reboot(reason)
-                return
+        if daemon.request_reboot(reason):
+            return
         daemon.events.emit("gpu.reboot_required", device_index=device_index, xid=xid, reason=reason)
         daemon.alert(Alert(key="reboot.required", severity="critical",
                            summary=f"reboot required ({reason}); this daemon runs no reboot escalation, "

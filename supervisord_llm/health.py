@@ -1,5 +1,7 @@
 """The per-engine watchdog: runs the probes for one serving engine and turns readings into verdicts.
 
+Room: engine.
+
 The decisions are the pure functions in ``policies.health``; this module does the I/O (process
 tree, canaries, engine counters) on a schedule and posts verdicts to the engine's supervisor, which
 alone changes state. Probe cost is kept low, because an idle daemon should cost next to nothing:
@@ -8,35 +10,65 @@ each ``process_interval`` (1 s) one worker-thread hop reads the engine's root pr
 the new lines of its log; the whole process tree (RSS, descendants) is walked only every
 ``probes.interval`` (5 s) or when the root looks stopped. Canaries run only when no real traffic
 flowed for ``canary_interval``, counters every probe interval.
+
+Hung follows the evidence rule (``policies.health.assess_progress``): progress is what the engine
+itself shows (tokens read from it on live streams by the gateway, successful canaries, per-step
+counters, its prefill progress lines); any of it clears a stall verdict at once. A lazy engine whose
+model its own keep-alive unloaded gets no canary (that would reload it and hold it resident); its
+liveness and its next real request judge it, and a canary to it allows ``load_timeout`` for the load.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import httpx
 import psutil
 
+from policies.actions import Restart
 from policies.health import (
     HealthSettings,
+    ProgressEvidence,
+    ProgressVerdict,
+    Silence,
     ThroughputBaseline,
     ThroughputTracker,
     assess_degraded,
-    assess_hung,
+    assess_progress,
+    decide_degraded_restart,
+    decide_hang_restart,
     learn_baseline,
 )
 from probes.errors import ProbeError
 from probes.process import ProcessGone, read_process_tree
-from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
+from probes.readings import EngineCounters, ProcessTreeReading, ThroughputSample
+from supervisord_llm.clock import Clock
+from supervisord_llm.config import Config
+from supervisord_llm.events import EventLog
 
 if TYPE_CHECKING:
-    from supervisord_llm.daemon import Daemon
     from supervisord_llm.process import EngineProcess, LogTail
     from supervisord_llm.supervisor import EngineSupervisor
 
 STOP_CONFIRM_S = 1.0  # a SIGSTOP duty cycle (slow engine) must not read as a hang
+
+
+class MonitorHost(Protocol):
+    """**Protocol:** what the watchdog needs from the daemon: clock, config, HTTP client, events, GPU memory."""
+
+    clock: Clock
+    config: Config
+    http: httpx.AsyncClient
+    events: EventLog
+    log: Any
+
+    def engine_gpu_bytes(self, pids: tuple[int, ...]) -> int | None: ...
+
+    def on_engine_memory(self, sup: EngineSupervisor, gen: int, tree: ProcessTreeReading,
+                         gpu_bytes: int | None) -> None: ...
 
 
 class EngineHealth:
@@ -53,9 +85,44 @@ class EngineHealth:
         self.counters: deque[EngineCounters] = deque(maxlen=120)
         self.last_rate: float | None = None
         self.hung_since_s: float | None = None
-        self.stall_reason: str | None = None  # set by the gateway when a live stream stalls
         self.degraded = False
         self.draining: str | None = None  # set by the memory guard: why no new requests are routed here
+        self._clear_progress()
+
+    def _clear_progress(self) -> None:
+        # Engine-side progress of this run, by source (monotonic seconds), and silence evidence.
+        self.watch_since_s: float | None = None
+        self.last_token_s: float | None = None
+        self.last_canary_ok_s: float | None = None
+        self.last_prefill_s: float | None = None
+        self.last_counter_advance_s: float | None = None
+        self.silences: deque[Silence] = deque(maxlen=16)
+        self.model_resident: bool | None = None  # lazy engines: the engine's own word, else None
+        self.loading_since_s: float | None = None
+        self.loading_until_s = 0.0
+        self.verdict: ProgressVerdict | None = None
+
+    def progress_s(self, now_s: float) -> float | None:
+        """The engine's latest progress from any source (cheap: the gateway asks per stream tick).
+
+        While a lazy engine loads its model (up to its load deadline) it is busy, not silent: a
+        stream waiting for its first token meanwhile is not stalled."""
+        if self.loading_since_s is not None and now_s < self.loading_until_s:
+            return now_s
+        times = [t for t in (self.last_token_s, self.last_canary_ok_s, self.last_prefill_s,
+                             self.last_counter_advance_s) if t is not None]
+        return max(times) if times else None
+
+    def watchdog(self, now_s: float) -> dict[str, Any]:
+        """What status shows of the watchdog: phase, and the evidence of the last verdict."""
+        v = self.verdict
+        if v is None:
+            return {"phase": None}
+        last = v.last_progress_s
+        return {"phase": v.phase, "evidence": v.evidence() if v.hung else None,
+                "last_progress": {"source": v.last_progress_source,
+                                  "silent_s": None if last is None else round(now_s - last, 1)},
+                "model_resident": self.model_resident}
 
     def new_run(self) -> None:
         """A new process of the engine: what was seen of the previous one must not judge this one
@@ -67,9 +134,9 @@ class EngineHealth:
         self.counters.clear()
         self.last_rate = None
         self.hung_since_s = None
-        self.stall_reason = None
         self.degraded = False
         self.draining = None
+        self._clear_progress()
 
     def add_sample(self, sample: ThroughputSample) -> None:
         self.tracker = self.tracker.add(sample, self.settings)
@@ -123,13 +190,15 @@ class TreeWatch:
         self.log_tail = log_tail
         self.tree: ProcessTreeReading | None = None
         self.full_walks = 0
+        self.new_lines: list[str] = []  # log lines read by the last tick
         self._root: psutil.Process | None = None
 
     def tick(self, now_s: float, full: bool) -> ProcessTreeReading:
         """Raises ProbeError (ProcessGone) when the root is gone."""
+        self.new_lines = []
         if self.log_tail is not None:
             try:
-                self.log_tail.poll()
+                self.new_lines = self.log_tail.poll()
             except OSError:
                 pass  # a log that cannot be read now is read on the next tick
         status = self._root_status()
@@ -165,9 +234,9 @@ class TreeWatch:
             raise ProbeError(f"process {self.proc.pid} belongs to another user; cannot read it") from exc
 
 
-async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None:
+async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None:
     """Watch a serving engine until its generation ends (the supervisor cancels this task)."""
-    from supervisord_llm.supervisor import EngineState, HealthVerdict
+    from supervisord_llm.supervisor import EngineState, HealthVerdict, Verdict
 
     cfg = sup.config
     health: EngineHealth = sup.health
@@ -178,25 +247,39 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
     last_counters_s = 0.0
     last_descendants_s = 0.0
     canary_running = False
-    stalled_canary: CanaryReading | None = None
     restart_requested = False
     degraded_restart_requested = False
+    adapter = sup.adapter
+    per_step = adapter.progress_counter == "per_step"
+    health.watch_since_s = clock.now()
+    health.last_canary_ok_s = health.watch_since_s  # the readiness canary just succeeded
+    last_verdict: tuple[bool, str | None] = (False, None)
 
     async def run_canary() -> None:
-        nonlocal canary_running, stalled_canary, last_canary_s
+        nonlocal canary_running, last_canary_s
+        stall_s, timeout_s = cfg.stall_s, cfg.canary_timeout_s
+        if adapter.lazy_loads_model and health.model_resident is not True:
+            # The canary may be what loads the model: its first token waits for the load.
+            stall_s, timeout_s = max(stall_s, cfg.load_timeout_s), timeout_s + cfg.load_timeout_s
+            health.loading_since_s = clock.now()
+            health.loading_until_s = health.loading_since_s + stall_s
+        started_s = clock.now()
         try:
-            reading = await sup.adapter.canary(daemon.http, stall_s=cfg.stall_s, timeout_s=cfg.canary_timeout_s)
+            reading = await adapter.canary(daemon.http, stall_s=stall_s, timeout_s=timeout_s)
         finally:
             canary_running = False
+            health.loading_since_s = None
             last_canary_s = clock.now()
-        sup._record_canary(reading)
+        sup.record_canary(reading)
         daemon.events.emit("probe.canary", engine=sup.name, ok=reading.ok, ttft_s=reading.ttft_s,
                            tokens_per_s=reading.tokens_per_s, stalled=reading.stalled, error=reading.error) \
             if not reading.ok else None
         if reading.stalled:
-            stalled_canary = reading
+            waited_s = reading.duration_s if reading.duration_s is not None else clock.now() - started_s
+            health.silences.append(Silence("canary", since_s=started_s, at_s=clock.now(),
+                                           detail=f"a canary got no token within {waited_s:.0f}s"))
         elif reading.ok:
-            stalled_canary = None
+            health.last_canary_ok_s = clock.now()
             if reading.tokens_per_s:
                 health.add_sample(ThroughputSample(at_s=clock.now(), tokens_per_s=reading.tokens_per_s,
                                                    source="canary", tokens=reading.completion_tokens or 0))
@@ -216,13 +299,12 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
             except ProbeError:
                 break  # gone: the exit watcher reports it
             health.tree = tree
-            for ext in daemon.extensions:
-                if hasattr(ext, "engine_gpu_bytes"):
-                    health.gpu_bytes = ext.engine_gpu_bytes(tree.pids)
+            prefill_re = adapter.prefill_progress_re
+            if prefill_re is not None and any(prefill_re.search(line) for line in watch.new_lines):
+                health.last_prefill_s = now
+            health.gpu_bytes = daemon.engine_gpu_bytes(tree.pids)
             if full:
-                for ext in daemon.extensions:
-                    if hasattr(ext, "on_engine_memory"):
-                        ext.on_engine_memory(sup, gen, tree, health.gpu_bytes)
+                daemon.on_engine_memory(sup, gen, tree, health.gpu_bytes)
 
             # Counters (vLLM, llama.cpp, SGLang /metrics; oMLX /api/status).
             if sup.adapter.counters_kind and now - last_counters_s >= daemon.config.probes.interval_s:
@@ -237,6 +319,8 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
                         prev = health.counters[-1]
                         if prev.generated_tokens_total is not None and counters.at_s > prev.at_s:
                             delta = counters.generated_tokens_total - prev.generated_tokens_total
+                            if delta > 0 and per_step:
+                                health.last_counter_advance_s = now
                             if delta > 0:
                                 health.add_sample(ThroughputSample(
                                     at_s=now, tokens_per_s=delta / (counters.at_s - prev.at_s),
@@ -247,30 +331,65 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
                                                            source="metrics"))
                     health.counters.append(counters)
 
+            # A lazy engine says whether its model is in memory; unloaded by its own keep-alive, it
+            # gets no canary (that would reload it and keep it resident against its TTL).
+            if adapter.lazy_loads_model and full:
+                health.model_resident = await adapter.model_resident(daemon.http)
+            requests_loading = (adapter.lazy_loads_model and health.model_resident is False
+                                and health.in_flight > 0)
+            if requests_loading and health.loading_since_s is None:
+                health.loading_since_s = now
+                health.loading_until_s = now + max(cfg.load_timeout_s, cfg.stall_s)
+            elif not requests_loading and not canary_running:
+                health.loading_since_s = None
+            loading = health.loading_since_s is not None and now < health.loading_until_s
+
             # Canary: only when no real traffic proves generation; more often while hung.
             hung_now = sup.state == EngineState.HUNG
             canary_every = 2.0 if hung_now else cfg.canary_interval_s
-            if (not canary_running and now - last_canary_s >= canary_every
+            unloaded = adapter.lazy_loads_model and health.model_resident is False
+            if (not canary_running and not unloaded and now - last_canary_s >= canary_every
                     and (hung_now or not health.traffic_recent(now, cfg.canary_interval_s))):
                 canary_running = True
                 tg.start_soon(run_canary)
 
-            # Verdicts.
-            verdict = assess_hung(stalled_canary, tree, list(health.counters), cfg.stall_s, now)
-            reason = verdict.reason
-            if not verdict.hung and health.stall_reason:
-                reason = health.stall_reason
-            if verdict.hung or health.stall_reason:
+            # Verdict: hung only on the engine's own silence, with the evidence named.
+            evidence = ProgressEvidence(
+                watch_since_s=health.watch_since_s, last_token_s=health.last_token_s,
+                last_canary_ok_s=health.last_canary_ok_s, last_prefill_s=health.last_prefill_s,
+                silences=tuple(health.silences), counters=tuple(health.counters) if per_step else (),
+                counters_per_step=per_step, gauge_stale_s=adapter.running_gauge_stale_s,
+                process_stopped=tree.stopped, zombie=tree.zombie, root_pid=tree.root_pid,
+                loading=loading)
+            verdict = assess_progress(evidence, cfg.stall_s, now)
+            health.verdict = verdict
+            if (verdict.hung, verdict.source) != last_verdict:
+                last_verdict = (verdict.hung, verdict.source)
+                daemon.events.emit("policy.decided", policy="hung", engine=sup.name,
+                                   decision="hung" if verdict.hung else "not_hung", phase=verdict.phase,
+                                   reason=verdict.reason, **verdict.evidence(),
+                                   stall_s=cfg.stall_s, process_stopped=tree.stopped, zombie=tree.zombie,
+                                   loading=evidence.loading, counters_per_step=per_step)
+            if verdict.hung:
+                reason = verdict.reason or "hung"
                 if health.hung_since_s is None:
                     health.hung_since_s = now
-                    sup.post(HealthVerdict(gen, "hung", reason or "hung"))
-                elif not restart_requested and now - health.hung_since_s >= hang_restart_after:
-                    restart_requested = True
-                    sup.post(HealthVerdict(gen, "hang_restart", reason or "hung"))
+                    sup.post(HealthVerdict(gen, Verdict.HUNG, reason, verdict.evidence()))
+                else:
+                    decision = decide_hang_restart(sup.name, health.hung_since_s, now, hang_restart_after,
+                                                   already_requested=restart_requested, reason=reason)
+                    if isinstance(decision, Restart):
+                        restart_requested = True
+                        daemon.events.emit("policy.decided", policy="hang_restart", engine=sup.name,
+                                           decision="restart", hung_for_s=round(now - health.hung_since_s, 3),
+                                           hang_restart_after_s=hang_restart_after, message=decision.reason)
+                        sup.post(HealthVerdict(gen, Verdict.HANG_RESTART, decision.reason, verdict.evidence()))
             elif health.hung_since_s is not None:
                 health.hung_since_s = None
                 restart_requested = False
-                sup.post(HealthVerdict(gen, "ok", "generating again"))
+                health.silences.clear()
+                sup.post(HealthVerdict(gen, Verdict.OK, f"generating again ({verdict.last_progress_source} progress)",
+                                       {"last_progress": verdict.last_progress_source}))
 
             healthy = sup.state == EngineState.READY
             health.baseline_state = learn_baseline(health.baseline_state, health.tracker.samples, health.settings,
@@ -278,20 +397,24 @@ async def monitor(daemon: Daemon, sup: EngineSupervisor, gen: int, proc: EngineP
             assessment = assess_degraded(health.tracker.samples, health.baseline(), health.settings, now)
             if assessment.degraded and sup.state == EngineState.READY:
                 health.degraded = True
-                sup.post(HealthVerdict(gen, "degraded", assessment.reason))
+                sup.post(HealthVerdict(gen, Verdict.DEGRADED, assessment.reason))
             elif assessment.recovered and sup.state == EngineState.DEGRADED:
                 health.degraded = False
                 degraded_restart_requested = False
-                sup.post(HealthVerdict(gen, "ok", f"throughput recovered: {assessment.reason}"))
-            elif (sup.state == EngineState.DEGRADED and daemon.config.degraded.restart_when_idle
-                  and not degraded_restart_requested and health.in_flight == 0):
+                sup.post(HealthVerdict(gen, Verdict.OK, f"throughput recovered: {assessment.reason}"))
+            elif isinstance(restart := decide_degraded_restart(
+                    sup.name, sup.state == EngineState.DEGRADED, daemon.config.degraded.restart_when_idle,
+                    health.in_flight, already_requested=degraded_restart_requested, reason=assessment.reason),
+                    Restart):
                 degraded_restart_requested = True
-                sup.post(HealthVerdict(gen, "degraded_restart", assessment.reason))
+                daemon.events.emit("policy.decided", policy="degraded_restart", engine=sup.name, decision="restart",
+                                   in_flight=health.in_flight, message=restart.reason)
+                sup.post(HealthVerdict(gen, Verdict.DEGRADED_RESTART, restart.reason))
             await anyio.sleep(interval)
         tg.cancel_scope.cancel()
 
 
-def health_settings(daemon: Daemon) -> HealthSettings:
+def health_settings(daemon: MonitorHost) -> HealthSettings:
     d = daemon.config.degraded
     return HealthSettings(window_s=d.window_s, degraded_share=d.share, degraded_windows=d.windows)
 

@@ -22,8 +22,7 @@ import json
 import os
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -34,83 +33,39 @@ from supervisord_llm.alerts import (
     DELIVERY_HEADER,
     USER_AGENT,
     AlertSettings,
-    _check_url,
+    HeartbeatSettings,
     _describe_error,
-    _from_env,
     iso_utc,
     signature_headers,
 )
-from supervisord_llm.convert import parse_duration_s
-from supervisord_llm.errors import ConfigError
+from supervisord_llm.clock import Clock
+from supervisord_llm.events import EventLog
+from supervisord_llm.extension import Extension
 
-if TYPE_CHECKING:
-    from supervisord_llm.daemon import Daemon
 
-METHODS = ("GET", "POST")
+class _Engine(Protocol):
+    name: str
+
+    @property
+    def state(self) -> Any: ...
+
+
+class HeartbeatHost(Protocol):
+    """**Protocol:** what the heartbeat reads of the daemon (its own health and its engines' states)."""
+
+    log: Any
+    memory_error: str | None
+    healthy_loop: bool
+    clock: Clock
+    events: EventLog
+    started_s: float
+
+    @property
+    def supervisors(self) -> Mapping[str, _Engine]: ...
+
 # How many intervals a Watchdog alert outlives its last beat: one late beat must not resolve it,
 # three missed ones must.
 WATCHDOG_TTL_INTERVALS = 3.0
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatSettings:
-    """``[alerts.heartbeat]``; ``url`` is a secret (push URLs carry their token) and stays out of repr."""
-
-    interval_s: float = 60.0
-    url: str | None = field(default=None, repr=False)
-    method: str = "GET"
-    timeout_s: float = 5.0
-    watchdog_alert: bool = False
-
-    KEYS = ("interval", "url", "url_env", "method", "timeout", "watchdog_alert")
-
-    @classmethod
-    def from_toml(cls, table: object, *, file: str, key: str,
-                  environ: Mapping[str, str] | None = None) -> HeartbeatSettings:
-        env = os.environ if environ is None else environ
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"expected a table with keys {', '.join(cls.KEYS)}", file=file, key=key)
-        for name in table:
-            if name not in cls.KEYS:
-                raise ConfigError(f"unknown key {name!r}; valid keys: {', '.join(cls.KEYS)}",
-                                  file=file, key=f"{key}.{name}")
-
-        def duration(name: str, default: str, low_s: float, high_s: float) -> float:
-            try:
-                seconds = parse_duration_s(table.get(name, default))
-            except ValueError as exc:
-                raise ConfigError(str(exc), file=file, key=f"{key}.{name}") from None
-            if not low_s <= seconds <= high_s:
-                raise ConfigError(f"expected a duration from {low_s:g}s to {high_s:g}s, got {table.get(name)!r}",
-                                  file=file, key=f"{key}.{name}")
-            return seconds
-
-        interval_s = duration("interval", "60s", 1.0, 3600.0)
-        timeout_s = duration("timeout", f"{min(5.0, interval_s):g}s", 0.1, interval_s)
-        if "url" in table and "url_env" in table:
-            raise ConfigError("set either url or url_env, not both", file=file, key=f"{key}.url")
-        url = None
-        which = "url_env" if "url_env" in table else "url"
-        try:
-            if "url_env" in table:
-                url = _check_url(_from_env(env, table["url_env"]))
-            elif "url" in table:
-                url = _check_url(table["url"])
-        except ValueError as exc:
-            raise ConfigError(str(exc), file=file, key=f"{key}.{which}") from None
-        method = table.get("method", "GET")
-        if method not in METHODS:
-            raise ConfigError(f"expected one of {', '.join(METHODS)}, got {method!r}", file=file, key=f"{key}.method")
-        watchdog_alert = table.get("watchdog_alert", False)
-        if not isinstance(watchdog_alert, bool):
-            raise ConfigError(f"expected true or false, got {watchdog_alert!r}", file=file,
-                              key=f"{key}.watchdog_alert")
-        if url is None and not watchdog_alert:
-            raise ConfigError("nothing to send: set url (a push URL such as https://hc-ping.com/<uuid>) "
-                              "or url_env, and/or watchdog_alert = true (an always-firing Watchdog alert "
-                              "to the alertmanager_api webhooks)", file=file, key=key)
-        return cls(interval_s=interval_s, url=url, method=str(method), timeout_s=timeout_s,
-                   watchdog_alert=watchdog_alert)
 
 
 def watchdog_alert(host: str, started_at: str, now_wall_s: float, interval_s: float,
@@ -132,12 +87,12 @@ def watchdog_alert(host: str, started_at: str, now_wall_s: float, interval_s: fl
     return [posted]
 
 
-class HeartbeatExtension:
+class HeartbeatExtension(Extension):
     """Sends the beats from the daemon's event loop (see the module docstring)."""
 
     name = "heartbeat"
 
-    def __init__(self, daemon: Daemon, settings: HeartbeatSettings, alerts: AlertSettings) -> None:
+    def __init__(self, daemon: HeartbeatHost, settings: HeartbeatSettings, alerts: AlertSettings) -> None:
         self.daemon = daemon
         self.settings = settings
         self.alerts = alerts

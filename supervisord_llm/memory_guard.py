@@ -25,6 +25,7 @@ from policies import memory_guard as policy
 from policies.actions import Alert, Drain, Restart
 from probes.footprint import engine_memory_reading
 from probes.readings import EngineMemoryReading, ProcessTreeReading, SystemMemoryReading
+from supervisord_llm.extension import Extension
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 DRAIN_POLL_S = 0.2
 PERSIST_GROWTH = 1.05  # a learned peak is written to the state file when it grew by 5%
+AUTO_RUNTIME_BYTES = 10**9  # added to a footprint = "auto" estimate for the watermarks only
 
 
 # Flags through which an engine bounds its own cache (the guard only notices growth after it
@@ -73,7 +75,7 @@ class _Engine:
     gpu_verdict: str = "ok"
 
 
-class MemoryGuardExtension:
+class MemoryGuardExtension(Extension):
     name = "memory_guard"
 
     def __init__(self, daemon: Daemon) -> None:
@@ -142,11 +144,12 @@ class MemoryGuardExtension:
             marks = g.marks or self._watermarks(self.daemon.supervisors[e["name"]])
             mem["soft_bytes"] = marks.soft_bytes if marks else None
             mem["hard_bytes"] = marks.hard_bytes if marks else None
-            mem["guard"] = "off" if not self.enabled or marks is None else g.verdict
+            running = bool(e.get("pid"))
+            mem["guard"] = "off" if not self.enabled or marks is None else g.verdict if running else None
             gpu_marks = g.gpu_marks or self._gpu_watermarks(self.daemon.supervisors[e["name"]])
             if gpu_marks is not None:
                 mem["gpu_soft_bytes"], mem["gpu_hard_bytes"] = gpu_marks.soft_bytes, gpu_marks.hard_bytes
-                mem["gpu_guard"] = "off" if not self.enabled else g.gpu_verdict
+                mem["gpu_guard"] = "off" if not self.enabled else g.gpu_verdict if running else None
 
     # ---- per-engine readings (watchdog, every full tree walk) ---------------------------------
 
@@ -210,24 +213,33 @@ class MemoryGuardExtension:
             elif isinstance(action, Alert):
                 self.daemon.alert(action)
 
+    def _guarded_footprint(self, sup: EngineSupervisor) -> int | None:
+        """The footprint the watermarks and the machine rule hold the engine to (never the learned peak,
+        so a recycled run's peak cannot ratchet its own watermarks up)."""
+        base = self.daemon.configured_footprint_bytes(sup)
+        if sup.config.footprint_bytes is None and base:
+            # "auto" estimates the weights; the engine's runtime (interpreter, Metal/CUDA context) comes on
+            # top and is a large share of a small model: without it a healthy small engine would be recycled.
+            base += AUTO_RUNTIME_BYTES
+        return base
+
     def _gpu_watermarks(self, sup: EngineSupervisor) -> policy.Watermarks | None:
-        """GPU memory the engine may hold over all its devices: gpu_footprint x devices (or, without
-        gpu_footprint, the footprint, which is then split over the devices) x the factors."""
+        """GPU memory the engine may hold over all its devices: gpu_footprint x devices x the factors.
+
+        Only with an explicit gpu_footprint: without it the host footprint split over the devices is an
+        admission estimate (CUDA context and allocator slack are not in it), too rough to restart on.
+        """
         cfg = sup.config
-        if not cfg.gpu_devices:
+        if not cfg.gpu_devices or not cfg.gpu_footprint_bytes:
             return None
-        if cfg.gpu_footprint_bytes is not None:
-            base = cfg.gpu_footprint_bytes * len(cfg.gpu_devices)
-        else:
-            base = self.daemon.configured_footprint_bytes(sup) or 0
-        return policy.watermarks(base, self.settings) if base else None
+        return policy.watermarks(cfg.gpu_footprint_bytes * len(cfg.gpu_devices), self.settings)
 
     def _watermarks(self, sup: EngineSupervisor) -> policy.Watermarks | None:
         daemon = self.daemon
         cfg = sup.config
         mem = daemon.memory
         others = sum(daemon.footprint_bytes(s) or 0 for s in daemon.resident(exclude=sup.name))
-        return policy.watermarks(daemon.configured_footprint_bytes(sup), self.settings,
+        return policy.watermarks(self._guarded_footprint(sup), self.settings,
                                  soft_bytes=cfg.memory_soft_bytes, hard_bytes=cfg.memory_hard_bytes,
                                  total_bytes=mem.total_bytes if mem else None,
                                  headroom_bytes=daemon.config.memory.headroom_bytes, others_bytes=others)
@@ -245,17 +257,13 @@ class MemoryGuardExtension:
         holdings = []
         for sup in daemon.supervisors.values():
             g = self.engines[sup.name]
-            if not sup.serving or g.reading is None or g.gen != sup.gen:
-                continue
-            configured = daemon.configured_footprint_bytes(sup)
-            if configured is None:
-                continue
-            holdings.append(policy.Holding(sup.name, g.reading.host_bytes, configured,
-                                           recycling=g.state.draining_since_s is not None))
-        for sup in daemon.supervisors.values():
-            if self.engines[sup.name].state.draining_since_s is not None and not any(
-                    h.engine == sup.name for h in holdings):
-                holdings.append(policy.Holding(sup.name, 0, 0, recycling=True))
+            # Draining until the new run's first reading resets it: one recycle at a time.
+            recycling = g.state.draining_since_s is not None
+            current = sup.serving and g.reading is not None and g.gen == sup.gen
+            configured = self._guarded_footprint(sup)
+            if recycling or (current and configured is not None):
+                held = g.reading.host_bytes if current and g.reading is not None else 0
+                holdings.append(policy.Holding(sup.name, held, configured or 0, recycling=recycling))
         decision = policy.decide_machine(reading.available_bytes, daemon.config.memory.headroom_bytes, holdings,
                                          self.settings)
         label = decision.reason if not isinstance(decision, Drain) else f"drain {decision.engine}"
@@ -293,7 +301,7 @@ class MemoryGuardExtension:
             self._tg.start_soon(self._drain, sup, gen)
 
     async def _drain(self, sup: EngineSupervisor, gen: int) -> None:
-        from supervisord_llm.supervisor import HealthVerdict
+        from supervisord_llm.supervisor import HealthVerdict, Verdict
 
         g = self.engines[sup.name]
         while sup.gen == gen and sup.serving:
@@ -304,7 +312,7 @@ class MemoryGuardExtension:
                 self.daemon.events.emit("policy.decided", policy="memory_guard", engine=sup.name, decision="restart",
                                         message=action.reason, in_flight=in_flight,
                                         drained_s=round(now - (g.state.draining_since_s or now), 3))
-                sup.post(HealthVerdict(gen, "memory_restart", action.reason))
+                sup.post(HealthVerdict(gen, Verdict.MEMORY_RESTART, action.reason))
                 return
             await anyio.sleep(DRAIN_POLL_S)
 

@@ -1,5 +1,7 @@
 """Prometheus metrics, on the control socket (``GET /metrics``) and optionally on a loopback TCP port.
 
+Room: subsystems.
+
 The TCP listener (``[daemon] metrics_listen = "127.0.0.1:9464"``) also serves ``/healthz`` (the
 daemon's loop is alive) and ``/readyz`` (no engine is failed or hung), for Kubernetes probes.
 Each scrape builds a fresh registry from the daemon's status: no counters drift from the truth.
@@ -15,6 +17,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 
+from supervisord_llm.extension import Extension
 from supervisord_llm.supervisor import EngineState
 
 if TYPE_CHECKING:
@@ -89,13 +92,15 @@ def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
         gauge(f"alerts_{key}", f"alerts {key} (delivered/failed over the outbox's lifetime)").set(alerts.get(key, 0))
     if doc.get("gateway"):
         gauge("gateway_in_flight", "requests in flight through the gateway").set(doc["gateway"].get("in_flight", 0))
+        gauge("gateway_clients_cut", "clients cut for not reading their stream within client_timeout_s "
+              "(since the daemon started)").set(doc["gateway"].get("clients_cut", 0))
     gauge("daemon_uptime_seconds", "seconds since the daemon started").set(doc["daemon"]["uptime_s"])
     reboot = doc.get("reboot") or {}
     gauge("reboot_pending", "1 while a reboot is announced").set(1 if reboot.get("state") == "announced" else 0)
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-class MetricsExtension:
+class MetricsExtension(Extension):
     """The loopback TCP listener for metrics and health probes."""
 
     name = "metrics"

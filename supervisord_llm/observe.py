@@ -28,6 +28,8 @@ import anyio
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, InfoMetricFamily, Metric
 
+from supervisord_llm.extension import Extension
+
 if TYPE_CHECKING:
     from supervisord_llm.gateway import RequestStats
 
@@ -139,13 +141,18 @@ class StatusCollector:
         for engine in self.status.get("engines", []):
             restarts.add_metric((engine["name"],), float(engine.get("restarts") or 0))
         yield restarts
+        refused = CounterMetricFamily(f"{PREFIX}_gateway_refused", "requests the gateway refused, by why "
+                                      "(path, body_timeout, swap, queue_full, connections)", labels=("reason",))
+        for reason, count in ((self.status.get("gateway") or {}).get("refused") or {}).items():
+            refused.add_metric((reason,), float(count))
+        yield refused
         daemon = self.status.get("daemon", {})
         info = InfoMetricFamily(f"{PREFIX}_daemon", "the daemon: version and host (join on instance)")
         info.add_metric((), {"version": str(daemon.get("version", "")), "hostname": socket.gethostname()})
         yield info
 
 
-class ObserveExtension:
+class ObserveExtension(Extension):
     """Feeds ``History`` every ``interval_s`` and ``Telemetry`` from the event stream."""
 
     name = "observe"

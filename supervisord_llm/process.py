@@ -1,5 +1,7 @@
 """Process control for engines: spawn in an own session, notice exit at once, stop the whole tree.
 
+Room: engine.
+
 Every engine process is started with an environment tag ``SUPERVISORD_LLM_TAG=<daemon id>/<engine>/<spawn id>``
 that its descendants inherit. That tag is how the daemon finds grandchildren that moved to their own
 process group or session (and so escape ``killpg``), and orphans left by a daemon that was killed.

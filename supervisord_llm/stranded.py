@@ -1,5 +1,7 @@
 """Stranded wired memory and reboot escalation, carried out for the daemon.
 
+Room: subsystems.
+
 The decisions are ``policies.stranded`` (baseline and assessment) and ``policies.reboot`` (the
 escalation state machine); this module feeds them each memory reading, carries out their actions
 (alerts, the announced reboot, the reboot argv — never through a shell) and persists what must
@@ -20,6 +22,7 @@ from policies import reboot as reboot_policy
 from policies import stranded as stranded_policy
 from policies.actions import Alert, EscalateReboot, RunReboot
 from probes.readings import SystemMemoryReading
+from supervisord_llm.extension import Extension
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
@@ -38,17 +41,14 @@ def boot_id() -> str:
         return f"boot-{psutil.boot_time():.0f}"
 
 
-class StrandedExtension:
+class StrandedExtension(Extension):
     name = "stranded"
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         cfg = daemon.config
-        self.settings = stranded_policy.StrandedSettings(
-            reclaim_window_s=cfg.stranded.reclaim_window_s, threshold_bytes=cfg.stranded.threshold_bytes)
-        self.reboot_settings = reboot_policy.RebootSettings(
-            enabled=cfg.reboot.enabled, grace_s=cfg.reboot.grace_s, cooldown_s=cfg.reboot.cooldown_s,
-            argv=tuple(cfg.reboot.argv))
+        self.settings = cfg.stranded  # the config builds the policies' settings objects
+        self.reboot_settings = cfg.reboot
         self.baseline = stranded_policy.BaselineState()
         self.ledger = reboot_policy.RebootLedger()
         self.boot = boot_id()
@@ -213,10 +213,11 @@ class StrandedExtension:
         self.daemon.persist()
         return {"ok": True, "cancelled": True, "message": f"reboot cancelled ({state.reason})"}
 
-    def request_reboot(self, reason: str) -> None:
+    def request_reboot(self, reason: str) -> bool:
         """A GPU lost (XID 79) takes the same path as stranded memory; it needs a reboot until one happens."""
         self._gpu_lost = reason
         self._escalate(True, reason)
+        return True
 
     def contribute_status(self, doc: dict[str, Any]) -> None:
         mem = doc["system"]["memory"]

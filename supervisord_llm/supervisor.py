@@ -1,5 +1,7 @@
 """One engine's supervisor: the only writer of its state.
 
+Room: engine.
+
 Everything that changes an engine's state arrives as a message in the supervisor's inbox, from
 outside (start, stop, restart) or from its own worker tasks (process exited, ready, hung, stopped,
 backoff over). The main loop handles one message at a time, so transitions never race. Workers
@@ -21,7 +23,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -30,7 +33,8 @@ from policies import backoff
 from policies.actions import Alert, MarkFailed, Refuse, WaitUntil
 from probes.readings import CanaryReading, Diagnosis
 from supervisord_llm.adapters import EngineAdapter, adapter_for
-from supervisord_llm.config import EngineConfig
+from supervisord_llm.clock import Clock
+from supervisord_llm.config import Config, EngineConfig
 from supervisord_llm.episodes import exit_alerts
 from supervisord_llm.errors import (
     EngineError,
@@ -39,11 +43,9 @@ from supervisord_llm.errors import (
     PortInUse,
     StartRefused,
 )
+from supervisord_llm.events import EventLog
 from supervisord_llm.process import EngineProcess, ExitInfo, LogTail, port_holder
 from supervisord_llm.redact import daemon_secret_values, engine_environment, redact_argv
-
-if TYPE_CHECKING:
-    from supervisord_llm.daemon import Daemon
 
 
 class EngineState(StrEnum):
@@ -55,6 +57,54 @@ class EngineState(StrEnum):
     STOPPING = "stopping"
     BACKOFF = "backoff"
     FAILED = "failed"
+
+
+_S = EngineState
+# Every transition the supervisor makes (a state may also be re-entered with a new reason). A
+# transition not listed is a bug: it raises when ``EngineSupervisor.strict_transitions`` is set (the
+# tests set it) and is logged and not applied otherwise, so a daemon never runs on a silent mistake.
+TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
+    _S.STOPPED: frozenset({_S.STARTING, _S.BACKOFF}),
+    _S.STARTING: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
+    _S.READY: frozenset({_S.DEGRADED, _S.HUNG, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
+    _S.DEGRADED: frozenset({_S.READY, _S.HUNG, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
+    _S.HUNG: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
+    _S.STOPPING: frozenset({_S.STOPPED, _S.STARTING, _S.BACKOFF, _S.FAILED}),
+    _S.BACKOFF: frozenset({_S.STARTING, _S.STOPPING, _S.STOPPED, _S.FAILED}),
+    _S.FAILED: frozenset({_S.STARTING, _S.STOPPING, _S.STOPPED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A transition the table does not allow (a supervisor bug, never a user's mistake)."""
+
+
+class Op(StrEnum):
+    """What a person (or the daemon on their behalf) asks of an engine."""
+
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
+
+
+class Then(StrEnum):
+    """What follows a stop once the process tree is gone."""
+
+    STAY = "stay"  # stopped
+    START = "start"  # a person's restart: start again at once
+    AUTO = "auto"  # a failure: backoff (or failed), counted
+    POLICY = "policy"  # a restart a policy asked for: through the 60 s floor, not counted as a failure
+
+
+class Verdict(StrEnum):
+    """The watchdog's and the memory guard's verdicts on a serving engine."""
+
+    OK = "ok"
+    HUNG = "hung"
+    HANG_RESTART = "hang_restart"
+    DEGRADED = "degraded"
+    DEGRADED_RESTART = "degraded_restart"
+    MEMORY_RESTART = "memory_restart"
 
 
 RESIDENT_STATES = frozenset({EngineState.STARTING, EngineState.READY, EngineState.DEGRADED, EngineState.HUNG,
@@ -77,7 +127,7 @@ class Reply:
 
 @dataclass
 class Command:
-    op: str  # "start" | "stop" | "restart"
+    op: Op
     force: bool = False
     manual: bool = True
     reason: str = ""
@@ -120,14 +170,15 @@ class Stopped:
     gen: int
     graceful: bool
     killed: tuple[int, ...]
-    then: str  # "stay" | "auto" (automatic restart through backoff) | "start" (manual restart)
+    then: Then
 
 
 @dataclass
 class HealthVerdict:
     gen: int
-    state: str  # "ok" | "hung" | "degraded"
+    state: Verdict
     reason: str
+    evidence: dict[str, Any] | None = None  # which source showed silence (or progress), for how long
 
 
 @dataclass
@@ -140,13 +191,52 @@ class Adopt:
     proc: EngineProcess
 
 
+class SupervisorHost(Protocol):
+    """**Protocol:** what an engine's supervisor needs from whoever runs it (the daemon, or a test's double).
+
+    Events and persistence (``events``, ``persist``), the clock, admission (``admit``, which waits
+    or raises ``StartRefused``), alerts, the backoff settings, the HTTP client for probes, and the
+    notifications the host acts on (``engine_ready``, ``engine_exited``, ``monitor_engine``).
+    The supervisor never reaches further into its host than this.
+    """
+
+    clock: Clock
+    events: EventLog
+    http: httpx.AsyncClient
+    backoff_settings: backoff.BackoffSettings
+    daemon_id: str
+    config: Config  # read for the secrets an engine must not inherit
+
+    async def persist_durably(self) -> None: ...
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+    def persist(self) -> object: ...
+
+    def alert(self, alert: Alert) -> None: ...
+
+    async def admit(self, sup: EngineSupervisor) -> None: ...
+
+    def engine_ready(self, sup: EngineSupervisor) -> None: ...
+
+    def engine_exited(self, sup: EngineSupervisor) -> None: ...
+
+    async def monitor_engine(self, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None: ...
+
+    def footprint_bytes(self, sup: EngineSupervisor) -> int | None: ...
+
+
 class EngineSupervisor:
-    def __init__(self, config: EngineConfig, daemon: Daemon) -> None:
+    strict_transitions = False  # the tests set it: an illegal transition raises instead of being logged
+
+    def __init__(self, config: EngineConfig, host: SupervisorHost, *, log: Any, logs_dir: Path,
+                 log_max_bytes: int) -> None:
         self.config = config
         self.name = config.name
-        self.daemon = daemon
-        self.clock = daemon.clock
-        self.log = daemon.log.bind(engine=config.name)
+        self.host = host
+        self.clock = host.clock
+        self.log = log.bind(engine=config.name)
         self.adapter: EngineAdapter = adapter_for(config)
         self.state = EngineState.STOPPED
         self.since_s = self.clock.now()
@@ -160,10 +250,13 @@ class EngineSupervisor:
         self.last_canary: CanaryReading | None = None
         self.last_canary_wall: float | None = None
         self.state_reason = ""
+        # The last readiness check's outcome while starting ("/health answered 503 Loading model").
+        self.start_check: str | None = None
         self.ready_since_s: float | None = None
         self.backoff = backoff.BackoffState(engine=config.name)
-        self.log_path = daemon.state_dir / "logs" / f"{config.name}.log"
-        self.log_tail = LogTail(self.log_path, max_bytes=daemon.config.daemon.log_max_bytes)
+        self.log_path = logs_dir / f"{config.name}.log"
+        self.log_tail = LogTail(self.log_path, max_bytes=log_max_bytes)
+        self.weights_bytes: int | None = None  # size of the model's weights on disk, once measured
         self.swap_in_progress = False
         self.health: Any = None  # per-engine health tracker, set by the daemon
         # Unbounded: a dropped Exited or Stopped message would leave the engine stuck in its state.
@@ -171,7 +264,7 @@ class EngineSupervisor:
         self._gen_scopes: list[anyio.CancelScope] = []
         self._stop_is_failure = False
         self._stop_reason = "stopped"
-        self._stop_then = "stay"  # what follows the stop in progress: "stay" | "start" | "auto"
+        self._stop_then = Then.STAY  # what follows the stop in progress
         self._stop_ready_for_s = 0.0  # how long the run being stopped had been ready
         self._sweeping = 0  # leftovers of a crashed run still being killed: they hold memory
         self._tg: anyio.abc.TaskGroup | None = None
@@ -180,10 +273,17 @@ class EngineSupervisor:
 
     # ---- public (any task) ------------------------------------------------------------------
 
-    async def command(self, op: str, *, force: bool = False, manual: bool = True, reason: str = "",
+    async def command(self, op: Op | str, *, force: bool = False, manual: bool = True, reason: str = "",
                       grace_s: float | None = None) -> Any:
-        """Ask the supervisor to start/stop/restart; returns once accepted (not when finished)."""
-        cmd = Command(op=op, force=force, manual=manual, reason=reason, grace_s=grace_s)
+        """Ask the supervisor to start/stop/restart; returns once accepted (not when finished).
+
+        ValueError names the valid operations when ``op`` is none of them.
+        """
+        try:
+            operation = Op(op)
+        except ValueError:
+            raise ValueError(f"unknown operation {op!r}; valid: {', '.join(Op)}") from None
+        cmd = Command(op=operation, force=force, manual=manual, reason=reason, grace_s=grace_s)
         await self._send.send(cmd)
         await cmd.reply.done.wait()
         if cmd.reply.error is not None:
@@ -220,6 +320,15 @@ class EngineSupervisor:
     def serving(self) -> bool:
         return self.state in SERVING_STATES
 
+    @property
+    def sweeping(self) -> bool:
+        """Leftovers of a crashed run are still being killed (they hold memory until gone)."""
+        return self._sweeping > 0
+
+    @property
+    def serving_or_hung(self) -> bool:
+        return self.state in SERVING_STATES or self.state == EngineState.HUNG
+
     # ---- main loop --------------------------------------------------------------------------
 
     async def run(self, adopted: EngineProcess | None, autostart: bool,
@@ -235,6 +344,8 @@ class EngineSupervisor:
                 async for message in self._inbox:
                     try:
                         self._handle(message)
+                    except IllegalTransition:
+                        raise  # only raised in strict mode (tests): it must fail loudly there
                     except Exception as exc:  # a bug must not take the supervisor down with the engine
                         self.log.exception("engine.handler_failed", message=type(message).__name__, error=str(exc))
             finally:
@@ -244,7 +355,7 @@ class EngineSupervisor:
         """Start at daemon start, unless the spawn history (kept across daemon restarts) says the
         engine is still inside its backoff: then wait for it, as the previous daemon would have."""
         now = self.clock.now()
-        at_s = backoff.next_start_at(self.backoff, self.daemon.backoff_settings, now)
+        at_s = backoff.next_start_at(self.backoff, self.host.backoff_settings, now)
         if self.backoff.consecutive_failures > 0 and at_s > now:
             self._new_generation()
             self.next_start_at_s = at_s
@@ -255,6 +366,10 @@ class EngineSupervisor:
             return
         self._begin_spawn(manual=False, reason="daemon start")
 
+    def step(self, message: Any) -> None:
+        """Handle one inbox message now: the transition function (the main loop calls it; table tests too)."""
+        self._handle(message)
+
     def _handle(self, m: Any) -> None:
         if isinstance(m, Command):
             self._handle_command(m)
@@ -262,7 +377,7 @@ class EngineSupervisor:
         if isinstance(m, Spawned) and m.gen != self.gen:
             # A stop or restart overtook this spawn: the process exists but belongs to no run.
             # It must not be left running (two copies, or two exclusive engines at once).
-            self.daemon.events.emit("engine.spawn_overtaken", engine=self.name, pid=m.proc.pid)
+            self.host.events.emit("engine.spawn_overtaken", engine=self.name, pid=m.proc.pid)
             self._start_sweep(m.proc)
             return
         if getattr(m, "gen", self.gen) != self.gen:
@@ -283,7 +398,7 @@ class EngineSupervisor:
             self._on_health(m)
         elif isinstance(m, BackoffOver):
             if self.state == EngineState.BACKOFF:
-                if self.daemon.shutting_down:
+                if self.host.shutting_down:
                     self._set_state(EngineState.STOPPED, "daemon shutting down")
                 else:
                     self._begin_spawn(manual=False, reason="backoff over")
@@ -293,6 +408,12 @@ class EngineSupervisor:
     def _set_state(self, state: EngineState, reason: str = "", **fields: Any) -> None:
         previous = self.state
         if previous == state and reason == self.state_reason:
+            return
+        if previous != state and state not in TRANSITIONS[previous]:
+            message = f"{self.name}: {previous} -> {state} is not a transition of the engine state machine ({reason})"
+            if self.strict_transitions:
+                raise IllegalTransition(message)
+            self.log.error("engine.illegal_transition", **{"from": str(previous)}, to=str(state), reason=reason)
             return
         self.state = state
         self.state_reason = reason
@@ -304,12 +425,12 @@ class EngineSupervisor:
             self.ready_since_s = None
         if state != EngineState.BACKOFF:
             self.next_start_at_s = None
-        self.daemon.events.emit("engine.state_changed", engine=self.name, **{"from": str(previous)},
+        self.host.events.emit("engine.state_changed", engine=self.name, **{"from": str(previous)},
                                 to=str(state), reason=reason, pid=self.proc.pid if self.proc else None, **fields)
-        self.daemon.persist()
-        self._notify()
+        self.host.persist()
+        self.notify()
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
         """Wake everyone waiting in ``wait_for`` (a state change, or residency changing without one)."""
         event, self.state_changed = self.state_changed, anyio.Event()
         event.set()
@@ -337,32 +458,31 @@ class EngineSupervisor:
             if scope in self._gen_scopes:
                 self._gen_scopes.remove(scope)
 
+        runner.__name__ = getattr(fn, "__name__", "worker")  # task names say which worker it is
         self._tg.start_soon(runner)
 
     # ---- commands ---------------------------------------------------------------------------
 
     def _handle_command(self, cmd: Command) -> None:
         try:
-            if cmd.op == "start":
+            if cmd.op is Op.START:
                 cmd.reply.set(self._cmd_start(cmd))
-            elif cmd.op == "stop":
+            elif cmd.op is Op.STOP:
                 cmd.reply.set(self._cmd_stop(cmd))
-            elif cmd.op == "restart":
-                cmd.reply.set(self._cmd_restart(cmd))
             else:
-                cmd.reply.set(error=ValueError(f"unknown operation {cmd.op!r}"))
+                cmd.reply.set(self._cmd_restart(cmd))
         except Exception as exc:
             cmd.reply.set(error=exc)
 
     def _cmd_start(self, cmd: Command) -> str:
-        if self.daemon.shutting_down:
+        if self.host.shutting_down:
             raise StartRefused(self.name, "shutting_down", "the daemon is shutting down; no engine is started now")
         if self.state in (EngineState.STARTING, EngineState.READY, EngineState.DEGRADED, EngineState.HUNG):
             return f"{self.name} is already {self.state}"
         if self.state == EngineState.STOPPING:
             raise StartRefused(self.name, "stopping", f"{self.name} is stopping; start it again once it is stopped")
         now = self.clock.now()
-        verdict = backoff.manual_start_allowed(self.backoff, self.daemon.backoff_settings, now, cmd.force)
+        verdict = backoff.manual_start_allowed(self.backoff, self.host.backoff_settings, now, cmd.force)
         if isinstance(verdict, Refuse):
             raise StartRefused(self.name, verdict.reason, verdict.message, verdict.until_s)
         if cmd.force or self.state == EngineState.FAILED:
@@ -382,24 +502,20 @@ class EngineSupervisor:
             return f"{self.name} stopped (it was in {was})"
         if self.state == EngineState.STOPPING:
             # A restart (or hang restart) in progress ends stopped instead of starting again.
-            self._stop_then = "stay"
+            self._stop_then = Then.STAY
             self._stop_is_failure = False
             self._stop_reason = cmd.reason or "llmctl stop"
             return f"{self.name} is already stopping; it will stay stopped"
-        self._begin_stop(cmd.reason or "llmctl stop", then="stay", grace_s=cmd.grace_s)
+        self._begin_stop(cmd.reason or "llmctl stop", then=Then.STAY, grace_s=cmd.grace_s)
         return f"stopping {self.name}"
 
     def _cmd_restart(self, cmd: Command) -> str:
-        now = self.clock.now()
-        last = self.backoff.last_spawn_at_s
-        min_s = self.daemon.backoff_settings.min_interval_s
-        if last is not None and now - last < min_s and not cmd.force:
-            wait = min_s - (now - last)
-            raise StartRefused(
-                self.name, "min_interval",
-                f"{self.name} was spawned {now - last:.0f}s ago; two spawns are kept at least {min_s:.0f}s apart "
-                f"(a restart right after an out-of-memory crash crashes again). Retry in {wait:.0f}s, or use "
-                "`llmctl restart --force` to override the 60s spacing", until_s=last + min_s)
+        spacing = backoff.manual_restart_allowed(self.backoff, self.host.backoff_settings, self.clock.now(), cmd.force)
+        self.host.events.emit("policy.decided", policy="restart_spacing", engine=self.name,
+                              decision="refuse" if isinstance(spacing, Refuse) else "admit", force=cmd.force,
+                              last_spawn_at_s=self.backoff.last_spawn_at_s, message=spacing.message)
+        if isinstance(spacing, Refuse):
+            raise StartRefused(self.name, spacing.reason, spacing.message, spacing.until_s)
         if self.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF) and (
                 self.proc is None or not self.proc.running):
             if cmd.force or self.state == EngineState.FAILED:
@@ -409,7 +525,7 @@ class EngineSupervisor:
         if self.state == EngineState.STOPPING:
             raise StartRefused(self.name, "stopping", f"{self.name} is stopping; start it once it is stopped")
         self.restarts += 1
-        self._begin_stop(cmd.reason or "llmctl restart", then="start")
+        self._begin_stop(cmd.reason or "llmctl restart", then=Then.START)
         return f"restarting {self.name}"
 
     # ---- spawn ------------------------------------------------------------------------------
@@ -429,19 +545,26 @@ class EngineSupervisor:
     async def _launch(self, gen: int, manual: bool) -> None:
         """Admission, port check, spawn: the part of a start before the process exists."""
         try:
-            await self.daemon.admit(self)
+            if not manual:
+                at_s = backoff.on_demand_start_at(self.backoff, self.host.backoff_settings, self.clock.now())
+                if at_s > self.clock.now():
+                    self.host.events.emit("policy.decided", engine=self.name, policy="spawn_floor", decision="wait",
+                                            wait_s=round(at_s - self.clock.now(), 1),
+                                            min_interval_s=self.host.backoff_settings.min_interval_s)
+                    await anyio.sleep(max(0.0, at_s - self.clock.now()))
+            await self.host.admit(self)
             holder = await anyio.to_thread.run_sync(port_holder, self.config.host, self.config.port)
             if holder is not None:
                 pid, command = holder
                 raise PortInUse(self.name, self.config.host, self.config.port, pid, command)
             # A stop that arrived during the port check cancels here, before anything is spawned.
             await anyio.lowlevel.checkpoint()
-            tag = EngineProcess.new_tag(self.daemon.daemon_id, self.name)
+            tag = EngineProcess.new_tag(self.host.daemon_id, self.name)
             # The spawn time is recorded before the fork, so even a daemon killed right after the
             # fork cannot spawn twice within min_interval.
             self.backoff = backoff.record_spawn(self.backoff, self.clock.now())
-            await self.daemon.persist_durably()
-            inherit = engine_environment(os.environ, daemon_secret_values(self.daemon.config))
+            await self.host.persist_durably()
+            inherit = engine_environment(os.environ, daemon_secret_values(self.host.config))
             proc = EngineProcess.spawn(self.adapter.argv(), env=self.adapter.env(), cwd=self.config.cwd,
                                        log_path=self.log_path, tag=tag, engine=self.name, inherit=inherit)
         except EngineError as exc:
@@ -458,8 +581,8 @@ class EngineSupervisor:
         if self.health is not None:
             self.health.new_run()
         self.log_tail.start_at_end()
-        self.daemon.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=redact_argv(proc.argv))
-        self.daemon.persist()
+        self.host.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=redact_argv(proc.argv))
+        self.host.persist()
         self._spawn_worker(self._watch_exit, self.gen, proc)
         self._spawn_worker(self._wait_ready, self.gen, proc)
 
@@ -481,17 +604,18 @@ class EngineSupervisor:
         """Ready only after a real generation succeeded: /health alone is no proof."""
         started = self.clock.now()
         deadline = started + self.config.start_timeout_s
-        client = self.daemon.http
+        client = self.host.http
         last_error = "no answer yet"
+        self.start_check = last_error
         delay = 0.2
         while self.clock.now() < deadline:
             if not proc.running:
                 return  # the exit watcher reports it
             try:
-                response = await client.get(self.adapter.liveness_url, timeout=2.0)
+                response = await client.get(self.adapter.liveness_url, timeout=2.0, headers=self.adapter.auth_headers())
                 live = response.status_code < 500
                 if not live:
-                    last_error = f"{self.adapter.liveness_path} answered {response.status_code}"
+                    last_error = f"{self.adapter.liveness_path} answered {self.adapter.liveness_detail(response)}"
             except httpx.HTTPError as exc:
                 live = False
                 last_error = f"{self.adapter.liveness_path}: {type(exc).__name__}"
@@ -504,12 +628,15 @@ class EngineSupervisor:
                     last_error = f"generation check raised {type(exc).__name__}: {exc}"
                     await anyio.sleep(delay)
                     continue
-                self._record_canary(reading)
+                self.record_canary(reading)
                 if reading.ok:
                     await self._discover(client)
                     self.post(Ready(gen, reading))
                     return
                 last_error = f"generation check failed: {reading.error}"
+            if last_error != self.start_check:
+                self.host.events.emit("engine.start_check", engine=self.name, pid=proc.pid, result=last_error)
+            self.start_check = last_error
             await anyio.sleep(delay)
             delay = min(delay * 1.5, 2.0)
         self.post(StartTimedOut(gen, EngineStartTimeout(
@@ -523,20 +650,20 @@ class EngineSupervisor:
         except Exception as exc:  # a probe bug must not keep a generating engine from ready
             facts = {"error": f"{type(exc).__name__}: {exc}"}
         if facts:
-            self.daemon.events.emit("engine.discovered", engine=self.name, **facts)
+            self.host.events.emit("engine.discovered", engine=self.name, **facts)
 
-    def _record_canary(self, reading: CanaryReading) -> None:
+    def record_canary(self, reading: CanaryReading) -> None:
         self.last_canary = reading
         self.last_canary_wall = self.clock.wall()
 
     def _on_ready(self, canary: CanaryReading) -> None:
         self._set_state(EngineState.READY, "generation ok", ttft_s=canary.ttft_s,
                         startup_s=round(self.clock.now() - (self.backoff.last_spawn_at_s or self.since_s), 3))
-        self.daemon.engine_ready(self)
+        self.host.engine_ready(self)
         self._spawn_worker(self._monitor, self.gen, self.proc)
 
     async def _monitor(self, gen: int, proc: EngineProcess) -> None:
-        await self.daemon.monitor_engine(self, gen, proc)
+        await self.host.monitor_engine(self, gen, proc)
 
     # ---- failures ---------------------------------------------------------------------------
 
@@ -557,10 +684,10 @@ class EngineSupervisor:
             reason = f"exited during start ({reason})"
         self.last_exit = {"code": info.code, "signal": info.signal_name, "reason": reason,
                           "at": info.at_wall}
-        self.daemon.events.emit("engine.exited", engine=self.name, pid=self.proc.pid if self.proc else None,
+        self.host.events.emit("engine.exited", engine=self.name, pid=self.proc.pid if self.proc else None,
                                 code=info.code, signal=info.signal_name, state_was=str(was),
                                 diagnosis=_diag_dict(diagnosis))
-        self.daemon.engine_exited(self)
+        self.host.engine_exited(self)
         # Leftover children of a crashed engine are swept (and the tree verified empty) before backoff.
         proc = self.proc
         self._new_generation()
@@ -569,9 +696,9 @@ class EngineSupervisor:
     def _on_start_failed(self, error: EngineError, exit_info: ExitInfo | None) -> None:
         if isinstance(error, StartRefused):
             self._new_generation()
-            self.daemon.events.emit("engine.start_refused", engine=self.name, reason=error.reason,
+            self.host.events.emit("engine.start_refused", engine=self.name, reason=error.reason,
                                     message=str(error))
-            self.daemon.alert(Alert(key=f"engine.start_refused:{self.name}", severity="critical",
+            self.host.alert(Alert(key=f"engine.start_refused:{self.name}", severity="critical",
                                     summary=str(error), details={"engine": self.name, "reason": error.reason}))
             self._set_state(EngineState.FAILED, str(error))
             return
@@ -579,22 +706,22 @@ class EngineSupervisor:
         if isinstance(error, (PortInUse, EngineSpawnFailed)):
             self.diagnosis = Diagnosis(cause=str(error), remedy=_remedy_for(error), line="",
                                        signature=type(error).__name__)
-        self.daemon.events.emit("engine.start_failed", engine=self.name, error=str(error),
+        self.host.events.emit("engine.start_failed", engine=self.name, error=str(error),
                                 error_type=type(error).__name__)
         self._new_generation()
         self._failure(str(error), sweep=None)
 
     def _on_start_timeout(self, error: EngineError) -> None:
         self.diagnosis = self._read_diagnosis()
-        self.daemon.events.emit("engine.start_timeout", engine=self.name, error=str(error),
+        self.host.events.emit("engine.start_timeout", engine=self.name, error=str(error),
                                 diagnosis=_diag_dict(self.diagnosis))
         self.last_exit = {"code": None, "signal": None, "reason": str(error), "at": self.clock.wall()}
-        self._begin_stop(str(error), then="auto", failure=True)
+        self._begin_stop(str(error), then=Then.AUTO, failure=True)
 
     def _wait_for_floor(self, reason: str) -> None:
         """A restart a policy asked for: no failure is counted, but the 60 s floor between spawns holds."""
         now = self.clock.now()
-        at_s = backoff.next_start_at(self.backoff, self.daemon.backoff_settings, now)
+        at_s = backoff.next_start_at(self.backoff, self.host.backoff_settings, now)
         self.next_start_at_s = at_s
         self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(at_s - now, 1))
         self.next_start_at_s = at_s
@@ -608,16 +735,16 @@ class EngineSupervisor:
         else:
             ready_for = (now - self.ready_since_s) if self.ready_since_s is not None else 0.0
         self.backoff = backoff.record_exit(self.backoff, now, ready_for, reason,
-                                           settings=self.daemon.backoff_settings)
+                                           settings=self.host.backoff_settings)
         if sweep is not None:
             self._start_sweep(sweep)
         self._schedule_after_failure(reason)
 
     def _schedule_after_failure(self, reason: str) -> None:
         now = self.clock.now()
-        actions = backoff.decide_after_exit(self.backoff, self.daemon.backoff_settings, now)
-        for alert in exit_alerts(self, actions, now):
-            self.daemon.alert(alert)
+        actions = backoff.decide_after_exit(self.backoff, self.host.backoff_settings, now)
+        for alert in exit_alerts(self, actions, now, self.host.events):
+            self.host.alert(alert)
         first = actions[0]
         if isinstance(first, MarkFailed):
             self._set_state(EngineState.FAILED, first.reason)
@@ -646,13 +773,14 @@ class EngineSupervisor:
                 result = await proc.stop(grace_s=min(self.config.stop_grace_s, 10.0))
         finally:
             self._sweeping -= 1
-            self._notify()
+            self.notify()
         if result.killed_pids:
-            self.daemon.events.emit("engine.leftovers_killed", engine=self.name, pids=list(result.killed_pids))
+            self.host.events.emit("engine.leftovers_killed", engine=self.name, pids=list(result.killed_pids))
 
     # ---- stop -------------------------------------------------------------------------------
 
-    def _begin_stop(self, reason: str, *, then: str, failure: bool = False, grace_s: float | None = None) -> None:
+    def _begin_stop(self, reason: str, *, then: Then, failure: bool = False, grace_s: float | None = None,
+                    evidence: dict[str, Any] | None = None) -> None:
         """Stop the current run; ``then``: "stay" (stopped), "start" (a person's restart), "auto" (a
         failure: backoff), "policy" (a restart a policy asked for: through the 60 s floor, no failure)."""
         proc = self.proc
@@ -663,7 +791,7 @@ class EngineSupervisor:
         self._stop_is_failure = failure
         self._stop_reason = reason
         self._stop_then = then
-        self._set_state(EngineState.STOPPING, reason)
+        self._set_state(EngineState.STOPPING, reason, **({"evidence": evidence} if evidence else {}))
         if proc is None:
             self.post(Stopped(self.gen, True, (), then))
             return
@@ -676,19 +804,19 @@ class EngineSupervisor:
 
     def _on_stopped(self, m: Stopped) -> None:
         info = self.proc.exit if self.proc else None
-        self.daemon.events.emit("engine.stopped", engine=self.name, graceful=m.graceful,
+        self.host.events.emit("engine.stopped", engine=self.name, graceful=m.graceful,
                                 killed_pids=list(m.killed), code=info.code if info else None,
                                 signal=info.signal_name if info else None)
-        self.daemon.engine_exited(self)
+        self.host.engine_exited(self)
         if self.last_exit is None or not self._stop_is_failure:
             self.last_exit = {"code": info.code if info else None, "signal": info.signal_name if info else None,
                               "reason": self._stop_reason, "at": self.clock.wall()}
-        then = "stay" if self.daemon.shutting_down else self._stop_then
-        if then == "start":
+        then = Then.STAY if self.host.shutting_down else self._stop_then
+        if then is Then.START:
             self._begin_spawn(manual=True, reason="restart")
-        elif then == "auto":
+        elif then is Then.AUTO:
             self._failure(self._stop_reason, sweep=None, ready_for_s=self._stop_ready_for_s)
-        elif then == "policy":
+        elif then is Then.POLICY:
             self._wait_for_floor(self._stop_reason)
         else:
             self._set_state(EngineState.STOPPED, self._stop_reason)
@@ -696,30 +824,31 @@ class EngineSupervisor:
     # ---- health -----------------------------------------------------------------------------
 
     def _on_health(self, v: HealthVerdict) -> None:
-        if v.state == "hung" and self.state in SERVING_STATES:
-            self._set_state(EngineState.HUNG, v.reason)
-            self.daemon.alert(Alert(key=f"engine.hung:{self.name}", severity="critical",
+        evidence = {"evidence": v.evidence} if v.evidence else {}
+        if v.state is Verdict.HUNG and self.state in SERVING_STATES:
+            self._set_state(EngineState.HUNG, v.reason, **evidence)
+            self.host.alert(Alert(key=f"engine.hung:{self.name}", severity="critical",
                                     summary=f"{self.name} is hung: {v.reason}", details={"engine": self.name}))
-        elif v.state == "hang_restart" and self.state == EngineState.HUNG:
+        elif v.state is Verdict.HANG_RESTART and self.state == EngineState.HUNG:
             self.last_exit = {"code": None, "signal": None, "reason": f"hang restart: {v.reason}",
                               "at": self.clock.wall()}
-            self._begin_stop(f"hang restart: {v.reason}", then="auto", failure=True)
-        elif v.state == "memory_restart" and (self.state in SERVING_STATES or self.state == EngineState.HUNG):
+            self._begin_stop(f"hang restart: {v.reason}", then=Then.AUTO, failure=True, evidence=v.evidence)
+        elif v.state is Verdict.MEMORY_RESTART and (self.state in SERVING_STATES or self.state == EngineState.HUNG):
             # Counted as a failure: the restart waits out the normal backoff, and a model that keeps
             # outgrowing its footprint ends in failed instead of a loop.
             self.last_exit = {"code": None, "signal": None, "reason": v.reason, "at": self.clock.wall()}
-            self._begin_stop(v.reason, then="auto", failure=True)
-        elif v.state == "degraded" and self.state == EngineState.READY:
+            self._begin_stop(v.reason, then=Then.AUTO, failure=True)
+        elif v.state is Verdict.DEGRADED and self.state == EngineState.READY:
             self._set_state(EngineState.DEGRADED, v.reason)
-            self.daemon.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
+            self.host.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
                                     summary=f"{self.name} is degraded: {v.reason}", details={"engine": self.name}))
-        elif v.state == "degraded_restart" and self.state == EngineState.DEGRADED:
+        elif v.state is Verdict.DEGRADED_RESTART and self.state == EngineState.DEGRADED:
             self.restarts += 1
-            self._begin_stop(f"degraded restart while idle: {v.reason}", then="policy")
-        elif v.state == "ok" and self.state in (EngineState.HUNG, EngineState.DEGRADED):
+            self._begin_stop(f"degraded restart while idle: {v.reason}", then=Then.POLICY)
+        elif v.state is Verdict.OK and self.state in (EngineState.HUNG, EngineState.DEGRADED):
             key = "hung" if self.state == EngineState.HUNG else "degraded"
-            self._set_state(EngineState.READY, v.reason or "recovered")
-            self.daemon.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
+            self._set_state(EngineState.READY, v.reason or "recovered", **evidence)
+            self.host.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
                                     summary=f"{self.name} recovered", details={"engine": self.name},
                                     resolved=True))
 
@@ -732,6 +861,12 @@ class EngineSupervisor:
         if self.health is not None:
             rss, gpu = self.health.memory()
             tps, baseline = self.health.tokens_per_s(), self.health.baseline()
+        counters = None
+        if self.health is not None and self.health.counters:
+            # The engine's own counters as last read (/metrics, /api/status): proof they are read at all.
+            last = self.health.counters[-1]
+            counters = {"generated_tokens_total": last.generated_tokens_total,
+                        "requests_running": last.requests_running, "age_s": round(now - last.at_s, 1)}
         canary = None
         if self.last_canary is not None:
             canary = {"ok": self.last_canary.ok, "at": self.last_canary_wall, "ttft_s": self.last_canary.ttft_s,
@@ -741,6 +876,7 @@ class EngineSupervisor:
             "engine": self.config.kind,
             "state": str(self.state),
             "state_reason": self.state_reason,
+            "start_check": self.start_check if self.state == EngineState.STARTING else None,
             "pid": self.proc.pid if self.proc and self.proc.running else None,
             "port": self.config.port,
             "base_url": self.config.base_url,
@@ -757,8 +893,10 @@ class EngineSupervisor:
             "tokens_per_s": tps,
             "baseline_tokens_per_s": baseline,
             "last_canary": canary,
+            "counters": counters,
             "memory": {"rss_bytes": rss, "gpu_bytes": gpu},
-            "footprint_bytes": self.daemon.footprint_bytes(self),
+            "watchdog": self.health.watchdog(now) if self.health is not None and self.serving_or_hung else None,
+            "footprint_bytes": self.host.footprint_bytes(self),
             "log": str(self.log_path),
         }
 

@@ -59,7 +59,7 @@ class Notifications:
 
     def close(self) -> None:
         self.server.shutdown()
-        self.server.server_close()  # its listening socket, else a ResourceWarning fails a later test
+        self.server.server_close()
 
 
 class Alertmanager:

@@ -8,6 +8,16 @@ import pytest
 from tests.helpers import MlxServer, tiny_model_dir
 
 
+@pytest.fixture(autouse=True)
+def strict_engine_transitions() -> Iterator[None]:
+    """In tests an engine state change the transition table does not allow raises instead of being logged."""
+    from supervisord_llm.supervisor import EngineSupervisor
+
+    EngineSupervisor.strict_transitions = True
+    yield
+    EngineSupervisor.strict_transitions = False
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     """The daemon is an asyncio application: pin the anyio plugin's backend."""

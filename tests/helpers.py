@@ -87,7 +87,7 @@ def standin_engine_toml(name: str, port: int, *extra: str, **keys: object) -> st
     """An [[engine]] table running the OpenAI stand-in with extra flags."""
     argv = [PYTHON, str(STANDINS / "openai_engine.py"), "--port", "{port}", *extra]
     lines = ["[[engine]]", f'name = "{name}"', 'kind = "command"', f"port = {port}",
-             "command = [" + ", ".join(f'"{a}"' for a in argv) + "]"]
+             "command = [" + ", ".join(json.dumps(a) for a in argv) + "]"]  # JSON strings are TOML strings
     keys.setdefault("footprint", "100MB")
     keys.setdefault("stop_grace", "5s")
     keys.setdefault("start_timeout", "30s")
@@ -177,6 +177,8 @@ class Daemon:
         return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://daemon", timeout=60)
 
     def status(self) -> dict:
+        if not self._accepts():  # a daemon restarting or gone (see _accepts for why not through httpx)
+            raise ConnectionRefusedError(f"the control socket {self.socket} does not accept connections")
         with self.client() as c:
             return c.get("/v1/status").json()
 

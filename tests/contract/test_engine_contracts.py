@@ -29,7 +29,7 @@ from supervisord_llm.config import EngineConfig
 pytestmark = pytest.mark.anyio
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-ENGINES = ("mlx_lm", "vllm", "sglang", "ollama", "omlx")
+ENGINES = ("mlx_lm", "llama_cpp", "vllm", "sglang", "ollama", "omlx")
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +119,7 @@ def make_adapter(engine: str, base_url: str, tmp_path: Path, **overrides: Any) -
     port = int(base_url.rsplit(":", 1)[1])
     model = {
         "mlx_lm": str(tmp_path / "tiny-model"),
+        "llama_cpp": str(tmp_path / "tiny-llama.gguf"),
         "vllm": "Qwen/Qwen3-8B",
         "sglang": "Qwen/Qwen3-8B",
         "ollama": "qwen3:8b",
@@ -136,6 +137,8 @@ def guard_for(engine: str) -> Callable[[str], bool]:
         return lambda path: path.startswith(("/v1", "/v2", "/inference", "/cohere"))
     if engine == "sglang":
         return lambda path: not path.startswith(("/health", "/ready", "/metrics"))
+    if engine == "llama_cpp":
+        return lambda path: path not in ("/health", "/v1/health")
     if engine == "omlx":
         return lambda path: path.startswith("/v1/") or path == "/api/status"
     return lambda path: False
@@ -259,9 +262,9 @@ def test_liveness_path_is_the_recorded_cheap_one(engine: str, tmp_path: Path) ->
     assert adapter.liveness_path == path
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "llama_cpp"])
 def test_loading_and_dead_engines_are_not_live(engine: str) -> None:
-    """While vLLM/SGLang load, and after they die, their liveness route refuses or answers 5xx, so no canary is tried on it."""
+    """While vLLM/SGLang/llama-server load, and after they die, their liveness route refuses or answers 5xx, so no canary is tried on it."""
     liveness = surfaces(engine)["liveness"]
     for state in ("loading", "dead"):
         recorded_answer = liveness[state]
@@ -272,7 +275,7 @@ def test_loading_and_dead_engines_are_not_live(engine: str) -> None:
 # ---------------------------------------------------------------- counters
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang", "omlx"])
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "omlx", "llama_cpp"])
 async def test_counters_read_from_the_recorded_endpoint(engine: str, replay: tuple[str, Replay], tmp_path: Path) -> None:
     """Token totals and running requests come out of the engine's recorded /metrics or /api/status text."""
     base_url, state = replay
@@ -295,7 +298,7 @@ async def test_counters_read_from_the_recorded_endpoint(engine: str, replay: tup
 
 def _key_config(engine: str, key: str, tmp_path: Path) -> dict[str, Any]:
     """How a user gives each engine its key: its own flag, or (oMLX) its settings.json."""
-    if engine in ("vllm", "sglang"):
+    if engine in ("vllm", "sglang", "llama_cpp"):
         return {"args": ("--api-key", key)}
     base = tmp_path / "omlx-base"
     base.mkdir(exist_ok=True)
@@ -303,7 +306,7 @@ def _key_config(engine: str, key: str, tmp_path: Path) -> dict[str, Any]:
     return {}
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang", "omlx"])
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "omlx", "llama_cpp"])
 async def test_canary_carries_the_engines_api_key(engine: str, replay: tuple[str, Replay], tmp_path: Path) -> None:
     """An engine started with an API key gets it on the canary; without it the canary is the engine's recorded 401."""
     base_url, state = replay
@@ -364,6 +367,19 @@ async def test_messages_support_is_asked_of_the_running_engine(
     assert facts == {"messages_native": native}
     method, path, body, _ = state.requests[-1]
     assert (method, path, body) == ("POST", "/v1/messages", {})
+
+
+@pytest.mark.parametrize(("release", "native", "facts"), [("current", True, {}), ("older", False, {"messages_native": False})])
+async def test_llama_server_messages_probe_follows_its_recorded_answers(
+    release: str, native: bool, facts: dict[str, bool], replay: tuple[str, Replay], tmp_path: Path
+) -> None:
+    """llama-server answers the probe's empty Messages body with 500 ('messages' is required): no verdict, native stays; an older build's 404 means translation."""
+    base_url, state = replay
+    state.routes[("POST", "/v1/messages")] = recorded(surfaces("llama_cpp")["messages_probe"][release])
+    adapter = make_adapter("llama_cpp", base_url, tmp_path)
+    async with httpx.AsyncClient() as client:
+        assert await adapter.discover(client) == facts
+    assert adapter.messages_supported is native
 
 
 async def test_configured_messages_support_wins_and_nothing_is_asked(replay: tuple[str, Replay], tmp_path: Path) -> None:
@@ -431,8 +447,19 @@ def test_omlx_is_started_without_flags_that_rewrite_its_settings(tmp_path: Path)
     assert not set(argv) & set(s["settings_cli_flags_saved"])
     env = adapter.env()
     assert env["OMLX_PORT"] == "8123" and env["OMLX_HOST"] == "127.0.0.1"
-    assert env["OMLX_MODEL_DIR"] == str((tmp_path / "models").resolve())
+    assert env["OMLX_MODEL_DIR"] == str(tmp_path / "models")
     assert adapter.request_model == s["model_folder"]
+
+
+def test_omlx_symlinked_model_folder_keeps_its_own_name(tmp_path: Path) -> None:
+    """A model folder that is a symlink is named as it appears in the model directory, where oMLX lists it."""
+    target = tmp_path / "elsewhere" / "Qwen3-4B-4bit-v2"
+    target.mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "Qwen3-4B-4bit").symlink_to(target)
+    adapter = make_adapter("omlx", "http://127.0.0.1:1", tmp_path)
+    assert adapter.request_model == "Qwen3-4B-4bit"
+    assert adapter.env()["OMLX_MODEL_DIR"] == str(tmp_path / "models")
 
 
 # ---------------------------------------------------------------- the mlx_lm recording is still the engine's
@@ -512,3 +539,20 @@ def test_vllm_key_from_env_when_no_flag(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("VLLM_API_KEY", "inherited")
     assert make_adapter("vllm", "http://127.0.0.1:1", tmp_path).api_key == "inherited"
     assert make_adapter("vllm", "http://127.0.0.1:1", tmp_path, env={"VLLM_API_KEY": "own"}).api_key == "own"
+
+
+def test_omlx_key_follows_a_changed_settings_file(tmp_path: Path) -> None:
+    """A key changed in oMLX's settings.json (then oMLX restarted) is the key used next, without restarting the daemon."""
+    import os
+
+    base = tmp_path / "omlx-base"
+    base.mkdir()
+    settings = base / "settings.json"
+    settings.write_text(json.dumps({"auth": {"api_key": "first"}}))
+    adapter = make_adapter("omlx", "http://127.0.0.1:1", tmp_path)
+    assert adapter.api_key == "first"
+    settings.write_text(json.dumps({"auth": {"api_key": "second-key"}}))
+    os.utime(settings, ns=(1, 1))  # a different mtime even on coarse clocks
+    assert adapter.api_key == "second-key"
+    settings.unlink()
+    assert adapter.api_key is None

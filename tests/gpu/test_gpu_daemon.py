@@ -458,3 +458,34 @@ def test_g_orphans_from_a_killed_daemon_release_their_gpu_memory_before_engines_
     assert orphan_seen and _event_wall(spawned[0]) >= orphan_seen[-1] - 0.002, \
         "fresh was spawned while NVML still listed the orphan's memory"
     xid_watcher_clean(d)
+
+
+# ---- (h) ---------------------------------------------------------------------------------------
+
+
+def test_h_memory_guard_quiet_within_gpu_footprint_and_recycles_an_engine_past_it(daemon_factory) -> None:
+    """The memory guard on real GPU memory: an engine within its gpu_footprint raises nothing; one holding
+    more than gpu_footprint x 1.3 is drained and restarted through the backoff with a critical alert naming
+    its NVML bytes."""
+    alloc_mb = 2048  # plus the CUDA context (about 600 MiB with torch 2.11 / CUDA 13)
+    cfg = (HEAD + gpu_engine_toml("fits", free_port(), "--gpu-mb", str(alloc_mb), gpu_footprint="3GiB")
+           + gpu_engine_toml("outgrown", free_port(), "--gpu-mb", str(alloc_mb), gpu_footprint="1GiB"))
+    d = daemon_factory(cfg).start()
+    fits = d.wait_state("fits", "ready", 180)
+    outgrown_pid = d.wait_state("outgrown", {"ready", "stopping", "backoff"}, 180)["pid"]
+    engine = d.wait_state("outgrown", "backoff", 60)
+    alerts = [e for e in d.events() if e["kind"] == "alert.raised" and e["key"].startswith("engine.gpu_memory")]
+    exceeded = [a for a in alerts if a["key"] == "engine.gpu_memory_exceeded:outgrown"]
+    time.sleep(3)  # a few more probe intervals for the engine that fits
+    held = nvml_processes().get(fits["pid"], 0)
+    fits_now = d.engine("fits")
+    record("h_memory_guard_gpu", {"outgrown_pid": outgrown_pid, "outgrown_reason": engine["state_reason"],
+                                  "exceeded_alert": exceeded[0] if exceeded else None,
+                                  "fits_nvml_bytes": held, "fits_memory": fits_now["memory"]})
+    assert exceeded and exceeded[0]["severity"] == "critical"
+    assert exceeded[0]["details"]["held_bytes"] >= alloc_mb * MIB and exceeded[0]["details"]["source"] == "nvml"
+    assert "GPU memory" in engine["state_reason"] and engine["next_start_in_s"] >= 50
+    assert not [a for a in alerts if a["key"].endswith(":fits")], "no alert for the engine within its footprint"
+    assert fits_now["state"] == "ready" and fits_now["pid"] == fits["pid"] and fits_now["memory"]["gpu_guard"] == "ok"
+    assert held >= alloc_mb * MIB and fits_now["memory"]["gpu_hard_bytes"] == round(3 * GIB * 1.3)
+    xid_watcher_clean(d)

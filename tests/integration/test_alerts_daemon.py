@@ -69,9 +69,11 @@ def test_hang_fires_and_recovery_resolves_once_also_across_a_daemon_restart(daem
         d.start()
         assert d.wait_state("s", "ready", 30)["pid"] == pid  # adopted, not restarted
         _wait(lambda: [b for b in receiver.of("engine.hung") if b["status"] == "resolved"], 20, "resolved delivered")
-        statuses = [b["status"] for b in receiver.of("engine.hung")]
-        assert statuses == ["firing", "resolved"], statuses
-        assert firing[0]["episode_id"] == receiver.of("engine.hung")[1]["episode_id"]
+        # Delivery is at least once: a daemon SIGKILLed between the receiver's 200 and the fsync of
+        # "delivered" sends that alert again, with the same alert_id, which receivers drop.
+        unique = list({b["alert_id"]: b for b in receiver.of("engine.hung")}.values())
+        assert [b["status"] for b in unique] == ["firing", "resolved"], receiver.of("engine.hung")
+        assert firing[0]["episode_id"] == unique[1]["episode_id"]
     finally:
         receiver.server.shutdown()
         receiver.server.server_close()

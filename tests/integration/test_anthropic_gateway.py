@@ -23,7 +23,7 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from supervisord_llm.gateway import TOKEN_COUNT_HEADER, Upstream
+from supervisord_llm.gateway import TOKEN_COUNT_HEADER, GatewaySettings, Upstream
 from tests.helpers import PYTHON, REPO, MlxServer, free_port, mlx_engine_toml, wait_http
 from tests.integration.test_gateway import Backend, opened, running_gateway
 
@@ -130,7 +130,7 @@ async def test_async_sdk_create_and_stream_against_real_mlx(engine: MlxServer) -
 
 @pytest.mark.slow
 def test_sync_sdk_multi_turn_stop_sequence_and_count_tokens(engine: MlxServer) -> None:
-    """Sync SDK: multi-turn with system blocks, stop_sequences ending the answer, count_tokens flagged."""
+    """Sync SDK: multi-turn with system blocks, stop_sequences, count_tokens flagged, a tool_result turn."""
     backend = backend_for(engine)
 
     async def run() -> tuple[Message, Message, list[str], Any]:
@@ -155,6 +155,16 @@ def test_sync_sdk_multi_turn_stop_sequence_and_count_tokens(engine: MlxServer) -
                         kinds = [event.type for event in stream]
                     counted = client.messages.with_raw_response.count_tokens(model="tiny", messages=turns,
                                                                              system=system)
+                    # a tool_use / tool_result history reaches the real engine as tool_calls + tool messages
+                    tools = [WEATHER_TOOL]
+                    after_tool = client.messages.create(model="tiny", max_tokens=6, tools=tools, messages=[
+                        {"role": "user", "content": "weather?"},
+                        {"role": "assistant", "content": [
+                            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+                        {"role": "user", "content": [
+                            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "rain", "is_error": False}]},
+                    ], **GREEDY)
+                    assert after_tool.content[0].text and after_tool.stop_reason == "max_tokens"
                     return first, cut, kinds, counted
 
             return await anyio.to_thread.run_sync(calls)
@@ -386,7 +396,7 @@ async def test_engine_errors_reach_the_client_in_anthropic_shape(engine: MlxServ
 def test_daemon_holds_a_translated_request_through_a_restart_and_a_stalled_stream_marks_hung(
     daemon_factory, tiny_model: Path
 ) -> None:
-    """During a restart a Messages request is held, then served; a translated stream that stops is `hung`."""
+    """A Messages request is held through a restart, bad input is a 400, a stalled translated stream is `hung`."""
     gw = free_port()
     cfg = mlx_engine_toml("tiny", free_port(), tiny_model, default=True, canary_interval="10m")
     cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = 60\ndecode_stall_s = 2\n'
@@ -400,6 +410,14 @@ def test_daemon_holds_a_translated_request_through_a_restart_and_a_stalled_strea
         assert message.content[0].text and message.usage.output_tokens == 4
         pid = d.engine("tiny")["pid"]
         assert pid != first["pid"]
+        # bad input to the real daemon: 400s in Anthropic's shape, and it goes on serving
+        bad = httpx.post(f"http://127.0.0.1:{gw}/v1/messages", content=b'{"model": "tiny", "max_tokens": 5,',
+                         headers={"content-type": "application/json"}, timeout=30)
+        many = httpx.post(f"http://127.0.0.1:{gw}/v1/messages", timeout=30, json={
+            "model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [WEATHER_TOOL] * 10_000})
+        assert (bad.status_code, bad.json()["error"]["type"]) == (400, "invalid_request_error")
+        assert many.status_code == 400 and many.json()["error"]["field"] == "tools"
 
         seen = 0
         with pytest.raises(anthropic.APIStatusError) as info:
@@ -455,3 +473,57 @@ async def test_pings_keep_a_quiet_prefill_alive_and_are_not_progress(
     assert kinds[-1] == "message_stop"
     stats = backend.finished[0]
     assert stats.tokens == 3 and stats.ttft_s is not None and stats.ttft_s >= 1.4  # pings were not tokens
+
+
+@pytest.mark.anyio
+async def test_think_tags_auto_gives_thinking_blocks_only_to_requests_that_enable_thinking(tool_engine: str) -> None:
+    """With think_tags = "auto", reasoning becomes a thinking block when the request enables thinking, else text."""
+    backend = backend_for(mlxtools=tool_engine)
+    ask = {"model": "mlxtools", "max_tokens": 50, "messages": [{"role": "user", "content": "THINK FIRST"}]}
+    async with running_gateway(backend, GatewaySettings(think_tags="auto")) as url:
+        client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
+        thinking = await client.messages.create(**ask, thinking={"type": "enabled", "budget_tokens": 1024})
+        async with client.messages.stream(**ask) as stream:
+            plain = await stream.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in thinking.content] == [
+        ("thinking", "plan more"), ("text", "answer")]
+    assert [(b.type, b.text) for b in plain.content] == [("text", "<think>plan more</think>answer")]
+
+
+@pytest.fixture(scope="module")
+def native_engines() -> Iterator[tuple[str, str]]:
+    """Two Anthropic-native stand-ins: one with count_tokens, one whose Messages API lacks it (404)."""
+    procs, urls = [], []
+    for extra in (["--count-tokens"], []):
+        port = free_port()
+        procs.append(subprocess.Popen([PYTHON, str(REPO / "tests" / "standins" / "anthropic_engine.py"),
+                                       "--port", str(port), *extra], start_new_session=True))
+        urls.append(f"http://127.0.0.1:{port}")
+    try:
+        for url in urls:
+            wait_http(url + "/health", timeout_s=20)
+        yield urls[0], urls[1]
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+@pytest.mark.anyio
+async def test_count_tokens_on_native_engines_uses_theirs_or_falls_back_saying_so(
+    native_engines: tuple[str, str],
+) -> None:
+    """A native engine's own count_tokens answers; one without the endpoint gets the flagged estimate."""
+    with_count, without = native_engines
+    backend = Backend({
+        "counts": Upstream("counts", with_count, "llama_cpp", supports_messages=True),
+        "nocount": Upstream("nocount", without, "ollama", supports_messages=True),
+    }, "counts")
+    messages = [{"role": "user", "content": "one two three"}]
+    async with running_gateway(backend) as url:
+        client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
+        own = await client.messages.with_raw_response.count_tokens(model="counts", messages=messages)
+        estimated = await client.messages.with_raw_response.count_tokens(model="nocount", messages=messages)
+    assert (await own.parse()).input_tokens == 3 and own.headers[TOKEN_COUNT_HEADER] == "engine"
+    assert (await estimated.parse()).input_tokens >= 1
+    assert estimated.headers[TOKEN_COUNT_HEADER].startswith("estimate")

@@ -251,10 +251,11 @@ async def test_ollama_canary_uses_ollamas_own_rate(scripted) -> None:
 async def test_ollama_error_line(scripted) -> None:
     """Ollama's error line (e.g. the runner died) becomes the canary's error."""
     base_url, scripts, _ = scripted
-    scripts["/api/generate"] = (200, [(0.0, _ndjson({"error": "llama runner process has terminated: CUDA error: out of memory"}))])
+    # The runner-died text of current Ollama (llm/llama_server.go); releases before it said "llama runner".
+    scripts["/api/generate"] = (200, [(0.0, _ndjson({"error": "llama-server process has terminated: exit status 2: CUDA error: out of memory"}))])
     async with httpx.AsyncClient() as client:
         reading = await run_ollama_canary(client, base_url, model="qwen3:8b", stall_s=5, timeout_s=5)
-    assert not reading.ok and "runner process has terminated" in reading.error
+    assert not reading.ok and "llama-server process has terminated" in str(reading.error)
 
 
 async def test_bad_arguments_are_refused() -> None:

@@ -83,6 +83,9 @@ class Backend:
     def request_finished(self, stats: RequestStats) -> None:
         self.finished.append(stats)
 
+    def engine_progress_s(self, engine: str) -> float | None:
+        return None
+
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:
         self.stalls.append((engine, phase, stalled_for_s, self.clock.now()))
 

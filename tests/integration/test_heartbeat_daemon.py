@@ -59,6 +59,7 @@ def push():
     receiver = PushReceiver()
     yield receiver
     receiver.server.shutdown()
+    receiver.server.server_close()
 
 
 def heartbeat_config(url: str, *extra: str) -> str:
@@ -84,6 +85,7 @@ def test_heartbeat_arrives_every_interval_and_stops_when_the_daemon_is_stopped_o
     push.wait_for(2, 10)
     heartbeat = d.status()["heartbeat"]
     assert heartbeat["sending"] is True and heartbeat["sent"] >= 5
+    assert "heartbeat: every 1s, sending" in d.llmctl("status").stdout
 
     d.kill()
     time.sleep(0.5)
@@ -104,6 +106,7 @@ def test_heartbeat_is_withheld_while_a_probe_fails_and_says_why(daemon_factory, 
     decided = [e for e in d.events() if e["kind"] == "policy.decided" and e.get("policy") == "heartbeat"]
     assert "probes failing: memory" in decided[-1]["reason"]
     assert d.status()["heartbeat"]["sending"] is False
+    assert "heartbeat: every 1s, withheld: probes failing: memory" in d.llmctl("status").stdout
 
 
 def test_heartbeat_survives_an_unreachable_monitor_and_resumes_when_it_answers(daemon_factory) -> None:
@@ -122,3 +125,4 @@ def test_heartbeat_survives_an_unreachable_monitor_and_resumes_when_it_answers(d
         assert d.status()["heartbeat"]["sending"] is True
     finally:
         push.server.shutdown()
+        push.server.server_close()

@@ -20,7 +20,8 @@ class Follower:
         self.proc = subprocess.Popen([PYTHON, "-m", "supervisord_llm.cli", "--socket", str(d.socket), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=d.env)
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -44,6 +45,10 @@ class Follower:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._reader.join(5)  # the process is gone, so its stdout is at EOF and the reader ends
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_status_table_is_aligned_and_the_client_loads_neither_httpx_nor_rich(daemon_factory) -> None:

@@ -52,6 +52,8 @@ def test_standin_rewrites_settings_when_given_flags_like_omlx() -> None:
     finally:
         proc.kill()
         proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
     assert "Saved CLI arguments to settings.json" in line
     assert (home / "settings.json").read_text() != before
 

@@ -112,8 +112,8 @@ def test_status_watch_draws_sparklines(demo: Demo) -> None:
     """`llmctl status` with history shows one sparkline row per engine."""
     from supervisord_llm.cli import render_status
 
-    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(demo.state_dir / "control.sock")), base_url="http://d")
-    doc = client.get("/v1/status", params={"history": "1"}).json()
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(demo.state_dir / "control.sock")), base_url="http://d") as client:
+        doc = client.get("/v1/status", params={"history": "1"}).json()
     text = render_status(doc)
     assert "tokens/s, last" in text and "\n  tiny  " in text
 

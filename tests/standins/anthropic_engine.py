@@ -9,6 +9,7 @@ Per-request behaviour is set with headers (they pass through the gateway unchang
   x-standin-keepalive-s      during that wait, send ``: keepalive`` SSE comments this often
   x-standin-token-delay-s    seconds between tokens (default 0.005)
 ``GET /standin/stats`` says how many requests came and how many streams lost their client.
+With ``--count-tokens`` it also answers ``POST /v1/messages/count_tokens``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 WORDS = ["Hello", " from", " the", " stand", "-in", " engine", ".", " It", " streams", " words"]
+
+
+COUNT_TOKENS = False  # --count-tokens: answer /v1/messages/count_tokens (without: 404, no such endpoint)
 
 
 class _Stats:
@@ -71,6 +75,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         raw = self.rfile.read(length)
+        if self.path.split("?")[0] == "/v1/messages/count_tokens" and COUNT_TOKENS:
+            # llama-server's answer shape ({"input_tokens": n}); here one token per word of the messages.
+            doc = json.loads(raw)
+            words = sum(len(str(m.get("content", "")).split()) for m in doc.get("messages", []))
+            self._json(200, {"input_tokens": words})
+            return
         if self.path != "/v1/messages":
             self._json(
                 404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}}
@@ -193,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--count-tokens", action="store_true", help="serve POST /v1/messages/count_tokens")
     args = parser.parse_args(argv)
+    global COUNT_TOKENS
+    COUNT_TOKENS = args.count_tokens
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     server.serve_forever()

@@ -17,7 +17,8 @@ model wrote ``<tool_call>…</tool_call>``, as recorded from mlx_lm/server.py in
 them (id and name only on the first fragment). ``GET /standin/last`` returns the last request
 body, so tests can check what the gateway's translation sent. Without ``tools`` in the request it
 streams ``"ok"`` and ends with ``finish_reason: "stop"``; a last user message ``"FAIL MID-STREAM"``
-gets one token and then an error object in the stream.
+gets one token and then an error object in the stream; ``"THINK FIRST"`` gets reasoning (in
+``delta.reasoning``, as mlx_lm.server sends a thinking model's) and then an answer.
 
 ``--tokenize`` also serves ``POST /tokenize`` the way llama-server does (one id per word here).
 
@@ -99,6 +100,17 @@ def main() -> None:
                 # llama-server send one when generation fails after the response started.
                 chunk({"role": "assistant", "content": "par"}, None)
                 self.wfile.write(b'data: {"error": {"message": "out of memory while decoding", "code": 500}}\n\n')
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            if body.get("messages", [{}])[-1].get("content") == "THINK FIRST":
+                # A reasoning model under mlx_lm.server: its tokenizer's think tags route the
+                # reasoning into delta.reasoning (server.py generate_response), the rest to content.
+                chunk({"role": "assistant", "reasoning": "plan"}, None)
+                chunk({"role": "assistant", "reasoning": " more"}, None)
+                chunk({"role": "assistant", "content": "answer"}, None)
+                chunk({"role": "assistant"}, "stop")
+                self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
                 self.close_connection = True
                 return

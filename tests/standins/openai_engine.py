@@ -8,9 +8,28 @@ known failure line and exiting, never becoming able to generate, exiting during 
     openai_engine.py --port P [--tps 200] [--load-s 0] [--ignore-sigterm] [--grandchild]
                      [--print-line TEXT --exit-code N] [--never-ready] [--exit-after-s S]
                      [--hold-gpu-mb N] [--grow-mb N]
+                     [--silent-from N [--silent-after-tokens K]]   running but silent
+                     [--metrics vllm|omlx]                         per-step / completion-time counters
+                     [--ollama [--lazy-load-s S] [--keep-alive-s K]]  Ollama API, lazy model load
 
 ``--grow-mb N`` makes every generation request allocate N MB, write to every page of it and keep it,
 the way mlx_lm.server's prompt cache grew without a bound before ``--max-kv-size``.
+
+Running-but-silent engines (what users meet besides SIGSTOP): from the N-th generation request on
+(counting canaries), the engine sends K tokens (K=0: only the response head, the pattern of oMLX
+issue #2852) and then nothing, with the connection open, ``/health`` 200 and the process running.
+
+Counters reproduce the engines' recorded behaviour: ``--metrics vllm`` serves
+``vllm:generation_tokens_total`` advanced per token (vllm/v1/metrics/loggers.py increments it from
+each step's IterationStats) and ``vllm:num_requests_running``; ``--metrics omlx`` serves
+``/api/status`` whose ``total_completion_tokens`` grows only when a request finishes (oMLX adds a
+request's tokens to its stats at completion) with ``active_requests``.
+
+``--ollama`` speaks Ollama's API (``/api/version``, ``/api/ps``, streamed ``/api/generate``, plus the
+OpenAI paths): the model loads on the first request *before the first byte* (``--lazy-load-s``) and
+unloads after ``--keep-alive-s`` idle seconds; ``/api/ps`` lists it only while loaded (ollama
+docs/api.md "List Running Models"; server/sched.go adds a runner to the loaded set after its load).
+Every generation request is logged as ``request N PATH loaded=BOOL``.
 """
 
 from __future__ import annotations
@@ -40,8 +59,17 @@ def main() -> None:
     p.add_argument("--exit-after-s", type=float, default=None)
     p.add_argument("--keepalive-s", type=float, default=0.0, help="send SSE comments every N s before tokens")
     p.add_argument("--first-token-delay-s", type=float, default=0.0)
+    p.add_argument("--log-paths", action="store_true", help="print every request line (method and path) as received")
     p.add_argument("--grow-mb", type=float, default=0.0, help="allocate and touch N MB per request, never freed")
-    args = p.parse_args()
+    p.add_argument("--silent-from", type=int, default=0, help="from the N-th generation request on, go silent")
+    p.add_argument("--silent-after-tokens", type=int, default=0)
+    p.add_argument("--metrics", choices=("vllm", "omlx"), default=None)
+    p.add_argument("--ollama", action="store_true")
+    p.add_argument("--model-name", default="tiny:1b")
+    p.add_argument("--lazy-load-s", type=float, default=0.0)
+    p.add_argument("--keep-alive-s", type=float, default=300.0)
+    # Adapters append their own arguments (a model path, "serve", --model-dir ...): ignore them.
+    args, _unknown = p.parse_known_args()
 
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -58,6 +86,37 @@ def main() -> None:
     time.sleep(args.load_s)
     started = time.monotonic()
     kept: list[bytes] = []  # the "cache": grows by --grow-mb per request and is never trimmed
+    lock = threading.Lock()
+    stats = {"requests": 0, "running": 0, "tokens_step": 0, "tokens_done": 0, "loaded_until": 0.0}
+    load_lock = threading.Lock()
+
+    def loaded() -> bool:
+        return not args.ollama or time.monotonic() < stats["loaded_until"]
+
+    def ensure_loaded() -> None:
+        """Ollama loads the model before it answers at all (nothing is sent while loading)."""
+        if not args.ollama:
+            return
+        with load_lock:
+            if not loaded():
+                time.sleep(args.lazy_load_s)
+            stats["loaded_until"] = float("inf")  # held while a request runs
+
+    def release(keep_alive_s: float | None = None) -> None:
+        """Ollama restarts the model's keep-alive timer when a request ends (the request's own
+        ``keep_alive`` if it sent one, else the server default)."""
+        if args.ollama:
+            stats["loaded_until"] = time.monotonic() + (args.keep_alive_s if keep_alive_s is None else keep_alive_s)
+
+    def expires_at() -> str:
+        """/api/ps ``expires_at`` (RFC 3339, as Ollama writes it) for the current keep-alive."""
+        left_s = stats["loaded_until"] - time.monotonic()
+        when = time.time() + min(left_s, 10 * 365 * 86400)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1e9):09d}Z"
+
+    def silence() -> None:
+        while True:  # running, connection open, never another byte
+            time.sleep(3600)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -74,21 +133,84 @@ def main() -> None:
             self.wfile.write(body)
 
         def do_GET(self) -> None:  # noqa: N802
+            if args.log_paths:
+                print(f"request GET {self.path}", flush=True)
             if self.path == "/health":
                 self._json(200, {"status": "ok"})
+            elif self.path == "/api/version" and args.ollama:
+                self._json(200, {"version": "0.14.0"})
+            elif self.path == "/api/ps" and args.ollama:
+                models = [{"name": args.model_name, "model": args.model_name, "expires_at": expires_at()}] \
+                    if loaded() else []
+                self._json(200, {"models": models})
+            elif self.path == "/metrics" and args.metrics == "vllm":
+                body = ("# TYPE vllm:generation_tokens_total counter\n"
+                        f'vllm:generation_tokens_total{{model_name="standin"}} {stats["tokens_step"]}.0\n'
+                        "# TYPE vllm:num_requests_running gauge\n"
+                        f'vllm:num_requests_running{{model_name="standin"}} {stats["running"]}.0\n').encode()
+                self.send_response(200)
+                self.send_header("content-type", "text/plain; version=0.0.4")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path == "/api/status" and args.metrics == "omlx":
+                self._json(200, {"total_completion_tokens": stats["tokens_done"],
+                                 "active_requests": stats["running"], "avg_generation_tps": args.tps})
             elif self.path == "/v1/models":
                 self._json(200, {"object": "list", "data": [{"id": "standin", "object": "model"}]})
             else:
                 self._json(404, {"error": "not found"})
 
         def do_POST(self) -> None:  # noqa: N802
+            if args.log_paths:
+                print(f"request POST {self.path}", flush=True)
             length = int(self.headers.get("content-length", "0"))
             body = json.loads(self.rfile.read(length) or b"{}")
             if args.never_ready:
                 self._json(500, {"error": {"message": "generation thread died"}})
                 return
-            if self.path not in ("/v1/chat/completions", "/v1/completions"):
+            ollama_generate = args.ollama and self.path == "/api/generate"
+            if self.path not in ("/v1/chat/completions", "/v1/completions") and not ollama_generate:
                 self._json(404, {"error": {"message": f"{self.path} not supported"}})
+                return
+            with lock:
+                stats["requests"] += 1
+                number = stats["requests"]
+                stats["running"] += 1
+            print(f"request {number} {self.path} loaded={loaded()} keep_alive={body.get('keep_alive')}", flush=True)
+            keep_alive = body.get("keep_alive")
+            try:
+                ensure_loaded()
+                self._generate(body, number, ollama_generate)
+            finally:
+                with lock:
+                    stats["running"] -= 1
+                release(float(keep_alive) if isinstance(keep_alive, int | float) else None)
+
+        def _generate(self, body: dict, number: int, ollama_generate: bool) -> None:
+            silent = bool(args.silent_from) and number >= args.silent_from
+            if ollama_generate:
+                n = int((body.get("options") or {}).get("num_predict") or 16)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-ndjson")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                try:
+                    for _ in range(n):
+                        line = json.dumps({"model": args.model_name, "response": "tok ", "done": False})
+                        data = line.encode() + b"\n"
+                        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                        self.wfile.flush()
+                        stats["tokens_step"] += 1
+                        time.sleep(1.0 / args.tps)
+                    line = json.dumps({"model": args.model_name, "response": "", "done": True, "eval_count": n,
+                                       "eval_duration": int(n / args.tps * 1e9)})
+                    data = line.encode() + b"\n"
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n")
+                    self.wfile.flush()
+                    stats["tokens_done"] += n
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
                 return
             n = int(body.get("max_tokens") or 16)
             if args.grow_mb:
@@ -118,11 +240,15 @@ def main() -> None:
                     send(b": keepalive\n\n")
                     time.sleep(0.5)
                 time.sleep(args.first_token_delay_s)
-                for _ in range(n):
+                for i in range(n):
+                    if silent and i >= args.silent_after_tokens:
+                        silence()
                     delta = {"content": "tok "} if chat else None
                     choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": "tok "}
                     send(b"data: " + json.dumps({"id": "x", "choices": [choice]}).encode() + b"\n\n")
+                    stats["tokens_step"] += 1  # per decode step, as vLLM counts
                     time.sleep(1.0 / args.tps)
+                stats["tokens_done"] += n  # at completion, as oMLX and llama.cpp count
                 usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": n + 3}
                 send(b"data: " + json.dumps({"id": "x", "choices": [], "usage": usage}).encode() + b"\n\n")
                 send(b"data: [DONE]\n\n")

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.chat import ChatCompletionChunk
 from pydantic import TypeAdapter
 
@@ -321,3 +323,72 @@ def test_think_tags_setting_is_validated_naming_file_key_and_values() -> None:
         GatewaySettings.from_toml({"think_tags": "blocks"}, file="/etc/llm.toml")
     assert info.value.file == "/etc/llm.toml" and info.value.key == "gateway.think_tags"
     assert "'text', 'thinking', 'auto'" in str(info.value) and "'blocks'" in str(info.value)
+
+
+def test_images_become_image_url_parts_for_an_engine_that_can_see() -> None:
+    """With vision on, base64 and URL images become OpenAI image_url parts in order with the text."""
+    doc = {**BASE, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "compare"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.org/b.jpg"}}]}]}
+    body = to_openai(check_request(doc), None, images=True)
+    assert body["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "compare"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
+        {"type": "image_url", "image_url": {"url": "https://example.org/b.jpg"}}]}]
+    bad = {**BASE, "messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file"}}]}]}
+    with pytest.raises(RequestInvalid) as info:
+        to_openai(check_request(bad), None, images=True)
+    assert info.value.field == "messages[0].content[0].source" and "base64" in str(info.value)
+
+
+def test_vision_key_is_validated_and_defaults_off() -> None:
+    """[[engine]] vision must be true or false; it defaults to false (text-only)."""
+    from supervisord_llm.config import parse_config
+    from supervisord_llm.errors import ConfigError
+
+    engine = {"name": "e", "kind": "mlx_lm", "model": "/m", "port": 9001, "footprint": "1GB"}
+    assert parse_config({"engine": [engine]}, "/etc/llm.toml").engines[0].vision is False
+    assert parse_config({"engine": [{**engine, "vision": True}]}, "/etc/llm.toml").engines[0].vision is True
+    with pytest.raises(ConfigError) as info:
+        parse_config({"engine": [{**engine, "vision": "yes"}]}, "/etc/llm.toml")
+    assert info.value.file == "/etc/llm.toml" and "vision" in str(info.value.key) and "true or false" in str(info.value)
+
+
+def test_mlx_chunk_with_a_finished_call_and_the_text_after_it_keeps_their_order() -> None:
+    """mlx_lm.server's chunk carrying a finished call plus the text written after it: tool_use, then text."""
+    call = {"function": {"name": "w", "arguments": "{}"}, "type": "function", "id": "u1", "index": 0}
+    events = run(StreamTranslator(model="m"), chunk({"content": "Let me look."})
+                 + chunk({"role": "assistant", "content": " Done.", "tool_calls": [call]}) + chunk({}, "tool_calls"))
+    message = folded(events)
+    assert [(b.type, getattr(b, "text", None)) for b in message.content] == [
+        ("text", "Let me look."), ("tool_use", None), ("text", " Done.")]
+    assert message.stop_reason == "tool_use"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pieces=st.lists(st.text(alphabet="ab <>/thinkEND\n\"\\é", min_size=1, max_size=6), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(min_value=1, max_value=40), max_size=30),
+    think=st.sampled_from(["text", "thinking"]),
+)
+def test_how_engine_bytes_are_split_never_changes_the_message(pieces: list[str], cuts: list[int], think: str) -> None:
+    """However the engine's bytes are split into reads, the client gets the same message (stop sequences too)."""
+    stream = b"".join(chunk({"content": p}) for p in pieces) + chunk({}, "stop") + b"data: [DONE]\n\n"
+
+    def message_for(reads: list[bytes]) -> dict[str, Any]:
+        translator = StreamTranslator(model="m", stop_sequences=("END",), think=think, message_id="msg_x")
+        events = translator.start()
+        for read in reads:
+            events += translator.feed(read)
+            if translator.done:
+                break
+        events += translator.finish()
+        return folded(events).model_dump()
+
+    reads, at = [], 0
+    for cut in cuts:
+        reads.append(stream[at:at + cut])
+        at += cut
+    reads.append(stream[at:])
+    assert message_for(reads) == message_for([stream])

@@ -62,10 +62,18 @@ BAD = [
     ("engine not a table array", 'engine = "mlx"\n', "engine: expected [[engine]] tables"),
     ("bool as duration", GOOD_ENGINE + "start_timeout = true\n", "engine[0].start_timeout: expected a duration"),
     ("unknown top-level section", "[engines]\n", "engines: unknown key 'engines'"),
+    ("omlx flag that rewrites settings.json", '[[engine]]\nname = "o"\nkind = "omlx"\nmodel = "/m/Qwen3-4bit"\nargs = ["--port=9000"]\n',
+     "engine[0].args: --port makes `omlx serve` rewrite the user's settings.json"),
     ("alert_on_exit not a bool", GOOD_ENGINE + 'alert_on_exit = "no"\n', "engine[0].alert_on_exit: expected true or false"),
     ("bad min_severity", '[alerts]\n[[alerts.webhook]]\nname = "p"\nurl = "https://x/y"\nmin_severity = "page"\n',
      "alerts.webhook[0].min_severity: expected one of info, warning, critical"),
     ("heartbeat with nothing to send", '[alerts.heartbeat]\ninterval = "1m"\n', "alerts.heartbeat: nothing to send"),
+    ("max_backoff below initial_backoff", '[policies.restart]\ninitial_backoff = "10m"\nmax_backoff = "5m"\n',
+     "policies.restart.max_backoff: must be at least initial_backoff (600s), got 300s"),
+    ("reboot cooldown under an hour", '[policies.reboot]\ncooldown = "20m"\n',
+     "policies.reboot.cooldown: must be at least 3600s (a condition that comes back after every boot"),
+    ("stranded threshold within idle drift", '[policies.stranded]\nthreshold = "1GB"\n',
+     "policies.stranded.threshold: must be above 2GB (idle wired memory drifts by that much), got 1GB"),
 ]
 
 

@@ -35,7 +35,7 @@ def test_vllm_counters_are_summed_over_engines() -> None:
 def test_llamacpp_counters() -> None:
     """llama-server's tokens_predicted_total and requests_processing are read; its lifetime average is not taken as a rate."""
     counters = parse_prometheus_counters((METRICS / "llamacpp.txt").read_text(), "llamacpp")
-    assert (counters.generated_tokens_total, counters.requests_running, counters.tokens_per_s) == (53117.0, 1.0, None)
+    assert (counters.generated_tokens_total, counters.requests_running, counters.tokens_per_s) == (20.0, 0.0, None)
 
 
 def test_sglang_reports_its_own_rate() -> None:
@@ -43,7 +43,15 @@ def test_sglang_reports_its_own_rate() -> None:
     counters = parse_prometheus_counters((METRICS / "sglang.txt").read_text(), "sglang")
     assert counters.tokens_per_s == pytest.approx(187.46)
     assert counters.requests_running == 4.0
-    assert counters.generated_tokens_total == 91234.0
+    assert counters.generated_tokens_total == 93518.0  # realtime decode tokens, not the completion-time total
+
+
+def test_sglang_total_is_the_per_step_decode_counter_not_the_completion_total() -> None:
+    """SGLang's token total comes from realtime_tokens_total{mode="decode"}; without it there is none."""
+    text = (METRICS / "sglang.txt").read_text()
+    without = "\n".join(line for line in text.splitlines() if "realtime_tokens_total" not in line) + "\n"
+    counters = parse_prometheus_counters(without, "sglang")
+    assert counters.generated_tokens_total is None and counters.requests_running == 4.0
 
 
 def test_wrong_kind_for_the_text_is_refused() -> None:

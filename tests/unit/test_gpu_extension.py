@@ -29,6 +29,7 @@ import structlog
 from probes.readings import GpuDeviceReading, GpuProcessReading, GpuReading, XidEvent
 from supervisord_llm.config import load_config
 from supervisord_llm.daemon import Daemon
+from supervisord_llm.extension import Extension
 from supervisord_llm.gpu import GpuExtension, find_gpu_orphans, held_bytes_by_pid, owners_of_pids
 from tests.helpers import Daemon as DaemonProcess
 from tests.helpers import free_port, short_tmpdir, standin_engine_toml
@@ -457,14 +458,15 @@ async def test_xid_79_takes_the_reboot_escalation_when_the_daemon_runs_one() -> 
     nvml = StandInNvml()
     daemon, ext = _build("", nvml)
 
-    class Escalation:
+    class Escalation(Extension):
         name = "escalation"
 
         def __init__(self) -> None:
             self.reasons: list[str] = []
 
-        def request_reboot(self, reason: str) -> None:
+        def request_reboot(self, reason: str) -> bool:
             self.reasons.append(reason)
+            return True
 
     escalation = Escalation()
     daemon.extensions.append(escalation)
@@ -581,7 +583,7 @@ async def test_xid_stop_uses_the_policys_grace_not_the_engines_long_one() -> Non
 # ---- a GPU that NVML no longer answers for -------------------------------------------------------
 
 
-class Escalation:
+class Escalation(Extension):
     """A reboot escalation as the stranded-memory extension exposes it: it only records requests."""
 
     name = "escalation"
@@ -589,8 +591,9 @@ class Escalation:
     def __init__(self) -> None:
         self.reasons: list[str] = []
 
-    def request_reboot(self, reason: str) -> None:
+    def request_reboot(self, reason: str) -> bool:
         self.reasons.append(reason)
+        return True
 
 
 @pytest.mark.anyio

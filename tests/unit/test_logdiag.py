@@ -44,6 +44,8 @@ EXPECTED = {
     "mlx / metal: command buffer ran too long (watchdog, not OOM)": "metal.impacting_interactivity",
     "mlx / metal: submissions ignored after repeated GPU errors": "metal.submissions_ignored",
     "mlx: model near the recommended working set": "mlx.near_wired_limit",
+    "mlx_lm: model folder without weights": "model.safetensors_missing",
+    "mlx_lm: model path that does not exist": "model.invalid_repo_id",
     "llama.cpp: CUDA out of memory": "llamacpp.cuda_out_of_memory",
     "llama.cpp: metal command buffer failure": "metal.out_of_memory",
     "ollama: model too large for memory": "ollama.insufficient_system_memory",
@@ -84,6 +86,18 @@ def test_metal_status_line_alone_is_a_command_buffer_failure() -> None:
     assert diagnosis.details == {"buffer": 3, "status": 5}
 
 
+@pytest.mark.parametrize("line", [
+    "ggml_metal_synchronize: error: command buffer 0 failed with status 5",
+    "0.00.615.712 E llama_init_from_model: failed to initialize the context: failed to allocate buffer for kv cache",
+    "0.00.605.310 E alloc_tensor_range: failed to allocate CUDA0 buffer of size 524288000000",
+    "llama_model_load: error loading model: unable to allocate CUDA0 buffer",
+])
+def test_current_llamacpp_failure_lines_alone_are_diagnosed(line: str) -> None:
+    """Each of today's llama.cpp out-of-memory / Metal failure lines alone gets a llama.cpp diagnosis."""
+    diagnosis = diagnose([line])
+    assert diagnosis is not None and diagnosis.signature.startswith("llamacpp."), diagnosis
+
+
 def test_kv_cache_remedy_names_the_max_model_len_that_fits() -> None:
     """The KV-cache failure captures vLLM's estimate and tells the exact flag to use: --max-model-len 157216."""
     diagnosis = diagnose(BLOCKS["vllm: KV cache cannot hold max_model_len"])
@@ -121,9 +135,9 @@ def test_older_ollama_memory_numbers_and_llamacpp_allocation() -> None:
     assert ollama.details == {"required_gib": 164.8, "available_gib": 13.4}
     assert "164.8 GiB" in ollama.cause and "13.4 GiB" in ollama.cause
     llama = diagnose(BLOCKS["llama.cpp: CUDA out of memory"])
-    assert llama.details == {"mib": 8900.01, "device": 0}
-    assert llama.line.startswith("ggml_backend_cuda_buffer_type_alloc_buffer")
-    assert "8900.01 MiB" in llama.remedy
+    assert llama.details == {"mib": 500000.0, "device": 0, "bytes": 524288000000}
+    assert "ggml_backend_cuda_buffer_type_alloc_buffer" in llama.line
+    assert "500000.00 MiB" in llama.remedy or "500000.0 MiB" in llama.remedy
 
 
 def test_llamacpp_buffer_line_alone_falls_back_to_a_remedy_without_numbers() -> None:
@@ -175,6 +189,15 @@ def test_ollama_runner_reason_is_kept() -> None:
     assert "(exit status 2: CUDA error: out of memory)" in diagnosis.cause
     older = diagnose(["Error: llama runner process has terminated: CUDA error: out of memory"])
     assert older.signature == "ollama.runner_terminated" and older.details == {"reason": "CUDA error: out of memory"}
+
+
+def test_mlx_lm_dead_generation_thread_names_its_reason_when_nothing_more_specific_is_known() -> None:
+    """mlx_lm.server's 'generation thread died: <reason>' is named with its reason, and yields to a specific cause beside it."""
+    line = "2026-11-30 14:06:29,286 - ERROR - mlx_lm.server generation thread died: std::bad_alloc"
+    alone = diagnose([line])
+    assert alone.signature == "mlx_lm.generation_thread_died" and alone.details == {"reason": "std::bad_alloc"}
+    assert "(std::bad_alloc)" in alone.cause
+    assert diagnose(BLOCKS["mlx_lm: model folder without weights"]).signature == "model.safetensors_missing"
 
 
 def test_older_vllm_free_memory_line_without_a_device() -> None:

@@ -10,7 +10,6 @@ from policies.health import (
     ThroughputTracker,
     assess_degraded,
     assess_hung,
-    degraded_alert,
     learn_baseline,
     rolling_rate,
 )
@@ -75,18 +74,6 @@ def test_no_baseline_means_no_verdict() -> None:
     """Without a learned baseline the engine is never called degraded."""
     result = assess_degraded(samples([1, 1, 1]), None, S, 1000.0)
     assert not result.degraded and "no throughput baseline" in result.reason
-
-
-def test_degraded_alert_opens_and_resolves() -> None:
-    """The degraded alert opens with the numbers and is resolved when the rate is back."""
-    bad = assess_degraded(samples([10, 10, 10]), 25.0, S, 1000.0)
-    alert = degraded_alert("mlx", bad, was_degraded=False)
-    assert alert is not None and alert.key == "engine.degraded:mlx" and not alert.resolved
-    assert "10.0 tok/s" in alert.summary and "25.0 tok/s" in alert.summary
-    good = assess_degraded(samples([10, 10, 10, 24]), 25.0, S, 1000.0)
-    resolved = degraded_alert("mlx", good, was_degraded=True)
-    assert resolved is not None and resolved.resolved
-    assert degraded_alert("mlx", good, was_degraded=False) is None
 
 
 def test_baseline_is_a_high_percentile_of_healthy_windows() -> None:

@@ -1,0 +1,105 @@
+"""The gateway's door decisions (pure): which paths may reach an engine, who may make the daemon
+start or swap an engine, whether a request runs now, waits in line or is refused, and when an idle
+engine is unloaded.
+
+The gateway is the one port every agent talks to, in front of a model that took minutes to load.
+These rules keep a client from reaching an engine's admin endpoints (Ollama's pull/delete, vLLM's
+``/sleep``, SGLang's ``/update_weights_from_disk``), from stopping an engine others use, and from
+exhausting the daemon with unbounded concurrency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import unquote_to_bytes
+
+# The inference API paths the gateway forwards (``/v1/models`` is answered by the gateway itself).
+# Anything else under /v1 is refused before routing, so an engine's admin endpoints are never
+# reachable through the gateway. The Messages API's sub-paths (count_tokens, batches) are served
+# natively or by the translation, which answers for the paths it does not serve.
+FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+MESSAGES_PREFIX = "/v1/messages"
+
+
+@dataclass(frozen=True, slots=True)
+class PathVerdict:
+    ok: bool
+    status: int = 200
+    code: str = ""
+    message: str = ""
+
+
+def check_path(raw_path: bytes) -> PathVerdict:
+    """A request path (as sent, percent-encoded) that may be routed, or why not.
+
+    Dot segments (``..``, ``.``) are refused however they are spelled (``%2e%2e``, ``.%2E``),
+    as are backslashes and encoded slashes (``%2f``, ``%5c``) that a proxy or an engine might
+    normalise into a different path, and control characters. Then only the inference paths pass.
+    """
+    lowered = raw_path.lower()
+    if b"%2f" in lowered or b"%5c" in lowered or b"\\" in raw_path:
+        return PathVerdict(False, 400, "invalid_path", "the path contains a backslash or an encoded slash; "
+                                                       "send a plain path such as /v1/chat/completions")
+    decoded = unquote_to_bytes(raw_path)
+    if any(b < 0x20 or b == 0x7F for b in decoded):
+        return PathVerdict(False, 400, "invalid_path", "the path contains control characters")
+    segments = decoded.split(b"?", 1)[0].split(b"/")
+    if any(segment in (b".", b"..") for segment in segments):
+        return PathVerdict(False, 400, "invalid_path", "the path contains dot segments ('.' or '..', also "
+                                                       "percent-encoded); send a plain path such as /v1/chat/completions")
+    path = decoded.decode("utf-8", "replace")
+    if path in FORWARDED_PATHS or path == MESSAGES_PREFIX or path.startswith(MESSAGES_PREFIX + "/"):
+        return PathVerdict(True)
+    return PathVerdict(False, 404, "not_found",
+                       f"{path} is not an inference API path the gateway forwards; it forwards "
+                       f"{', '.join(FORWARDED_PATHS)}, {MESSAGES_PREFIX} (with count_tokens) and answers /v1/models")
+
+
+class SwapPermission(StrEnum):
+    """``[gateway] swaps``: may a request make the daemon start or swap an engine?"""
+
+    ALLOWED = "allowed"  # any client of the gateway (the default on loopback)
+    WITH_KEY = "with_key"  # only a request that carries the gateway's API key
+    NEVER = "never"  # only an operator (llmctl start / switch)
+
+
+def may_start_engine(permission: SwapPermission, *, key_given: bool) -> bool:
+    """Whether a request for an engine that is not resident may start it (swapping others out)."""
+    if permission is SwapPermission.ALLOWED:
+        return True
+    if permission is SwapPermission.WITH_KEY:
+        return key_given
+    return False
+
+
+class Admission(StrEnum):
+    RUN = "run"
+    QUEUE = "queue"
+    REFUSE = "refuse"
+
+
+def admit_request(*, running: int, waiting: int, max_concurrent: int, max_queue: int) -> Admission:
+    """Run now while fewer than ``max_concurrent`` run; else wait in a FIFO line of up to
+    ``max_queue``; else refuse (429). ``max_concurrent = 0`` means no limit."""
+    if max_concurrent <= 0 or (running < max_concurrent and waiting == 0):
+        return Admission.RUN
+    if waiting < max_queue:
+        return Admission.QUEUE
+    return Admission.REFUSE
+
+
+def retry_after_s(*, waiting: int, max_concurrent: int, typical_request_s: float = 10.0) -> int:
+    """A Retry-After for a refused request: about how long the line ahead takes to drain."""
+    per_slot = max(1, max_concurrent)
+    return max(1, min(300, round((waiting / per_slot + 1) * typical_request_s)))
+
+
+def idle_unload_due(*, idle_unload_s: float | None, last_request_s: float | None, ready_since_s: float,
+                    now_s: float, in_flight: int) -> bool:
+    """An engine is unloaded after ``idle_unload_s`` without a real request (canaries do not count),
+    never while a request is in flight; the clock starts at the last request, or when it became ready."""
+    if not idle_unload_s or in_flight > 0:
+        return False
+    since = max(ready_since_s, last_request_s or ready_since_s)
+    return now_s - since >= idle_unload_s

@@ -1,0 +1,249 @@
+"""The gateway's front door on a real daemon: safe paths, limits with clear answers, who may swap,
+slow and oversized bodies, a flood of connections, and idle unload on the real mlx_lm.server."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from policies.frontdoor import Admission, admit_request, check_path, idle_unload_due, may_start_engine
+from policies.frontdoor import SwapPermission as P
+from tests.helpers import PYTHON, free_port, mlx_engine_toml, standin_engine_toml
+
+# ---------------------------------------------------------------------------------------------
+# The pure decisions
+
+
+@pytest.mark.parametrize("raw", [
+    b"/v1/../api/pull", b"/v1/%2e%2e/api/delete", b"/v1/.%2E/sleep", b"/v1/%2E%2e/update_weights_from_disk",
+    b"/v1/chat/completions/./x", b"/v1/chat%2fcompletions", b"/v1/..%5capi%5cpull", b"/v1\\..\\api\\pull",
+    b"/v1/messages/%00",
+])
+def test_escaping_paths_are_refused_before_routing(raw: bytes) -> None:
+    """Dot segments, encoded dots, backslashes, encoded slashes and control characters never reach an engine."""
+    verdict = check_path(raw)
+    assert not verdict.ok and verdict.status == 400 and verdict.code == "invalid_path"
+
+
+@pytest.mark.parametrize(("raw", "ok"), [
+    (b"/v1/chat/completions", True), (b"/v1/completions", True), (b"/v1/embeddings", True),
+    (b"/v1/messages", True), (b"/v1/messages/count_tokens", True),
+    (b"/v1/sleep", False), (b"/v1/load_lora_adapter", False), (b"/v1/tokenize", False),
+])
+def test_only_inference_paths_are_forwarded(raw: bytes, ok: bool) -> None:
+    """Engine admin endpoints under /v1 are a 404 naming what the gateway forwards."""
+    verdict = check_path(raw)
+    assert verdict.ok is ok
+    if not ok:
+        assert verdict.status == 404 and "/v1/chat/completions" in verdict.message
+
+
+def test_admission_runs_queues_then_refuses() -> None:
+    """Below max_concurrent a request runs; then it waits in line up to max_queue; then it is refused."""
+    assert admit_request(running=1, waiting=0, max_concurrent=2, max_queue=1) is Admission.RUN
+    assert admit_request(running=2, waiting=0, max_concurrent=2, max_queue=1) is Admission.QUEUE
+    assert admit_request(running=1, waiting=1, max_concurrent=2, max_queue=1) is Admission.REFUSE  # no jumping the line
+    assert admit_request(running=2, waiting=1, max_concurrent=2, max_queue=1) is Admission.REFUSE
+    assert admit_request(running=500, waiting=9, max_concurrent=0, max_queue=0) is Admission.RUN  # 0: no limit
+
+
+def test_swap_permission() -> None:
+    """'allowed' lets any request start an engine, 'with_key' only one with the key, 'never' none."""
+    assert may_start_engine(P.ALLOWED, key_given=False)
+    assert may_start_engine(P.WITH_KEY, key_given=True) and not may_start_engine(P.WITH_KEY, key_given=False)
+    assert not may_start_engine(P.NEVER, key_given=True)
+
+
+def test_idle_unload_counts_from_the_last_request_and_never_cuts_one_in_flight() -> None:
+    """Idle time runs from the last real request (or from ready); a request in flight keeps the engine."""
+    assert not idle_unload_due(idle_unload_s=None, last_request_s=None, ready_since_s=0, now_s=10_000, in_flight=0)
+    assert idle_unload_due(idle_unload_s=60, last_request_s=None, ready_since_s=0, now_s=60, in_flight=0)
+    assert not idle_unload_due(idle_unload_s=60, last_request_s=30, ready_since_s=0, now_s=60, in_flight=0)
+    assert not idle_unload_due(idle_unload_s=60, last_request_s=None, ready_since_s=0, now_s=600, in_flight=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# On the real daemon
+
+
+def _raw(port: int, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+         ) -> tuple[int, dict]:
+    """One request with the path exactly as given (httpx would normalise the dot segments away)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in {"content-type": "application/json", "content-length": str(len(body)), **(headers or {})}.items():
+            conn.putheader(k, v)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def test_path_escapes_never_reach_the_engine_and_are_answered_in_the_api_shape(daemon_factory) -> None:
+    """/v1/../api/pull and friends get a 400 (OpenAI or Anthropic shape); the engine sees only inference paths."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--log-paths", default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    d.wait_state("e", "ready", 30)
+    body = json.dumps({"model": "e", "name": "x"}).encode()
+    for path in ("/v1/../api/pull", "/v1/%2e%2e/api/delete", "/v1/.%2E/sleep", "/v1/..%5capi%5cpull"):
+        status, doc = _raw(gw, "POST", path, body)
+        assert status == 400 and doc["error"]["code"] == "invalid_path", (path, doc)
+    status, doc = _raw(gw, "POST", "/v1/messages/../../api/pull", body)
+    assert status == 400 and doc["type"] == "error" and doc["error"]["type"] == "invalid_request_error"
+    status, doc = _raw(gw, "POST", "/v1/sleep", body)
+    assert status == 404 and "forwards" in doc["error"]["message"]
+    status, doc = _raw(gw, "POST", "/v1/chat/completions", json.dumps({"model": "e", "max_tokens": 3, "messages": [
+        {"role": "user", "content": "hi"}]}).encode())
+    assert status == 200
+    seen = [line for line in (d.state_dir / "logs" / "e.log").read_text().splitlines() if line.startswith("request POST")]
+    assert seen and all(line == "request POST /v1/chat/completions" for line in seen), seen
+
+
+def test_beyond_max_queue_a_429_with_retry_after_in_each_api_shape(daemon_factory) -> None:
+    """max_concurrent = 1, max_queue = 1: one runs, one waits and is served, the next gets 429 + Retry-After."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "20", default=True, max_concurrent=1,
+                                           max_queue=1) + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    d.wait_state("e", "ready", 30)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    body = {"model": "e", "max_tokens": 40, "messages": [{"role": "user", "content": "hi"}]}
+    results: dict[str, int] = {}
+
+    def call(name: str) -> None:
+        results[name] = httpx.post(url, json=body, timeout=60).status_code
+
+    first = threading.Thread(target=call, args=("running",))
+    first.start()
+    time.sleep(0.5)
+    second = threading.Thread(target=call, args=("queued",))
+    second.start()
+    time.sleep(0.5)
+    refused = httpx.post(url, json=body, timeout=60)
+    anthropic = httpx.post(f"http://127.0.0.1:{gw}/v1/messages", timeout=60, headers={"anthropic-version": "2023-06-01"},
+                           json={"model": "e", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    first.join()
+    second.join()
+    assert results == {"running": 200, "queued": 200}
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and "max_queue 1" in refused.json()["error"]["message"]
+    assert anthropic.status_code == 429 and anthropic.json()["error"]["type"] == "rate_limit_error"
+    assert d.status()["gateway"]["refused"].get("queue_full", 0) >= 2
+
+
+def test_a_slow_body_is_cut_and_an_oversized_one_refused_while_others_are_served(daemon_factory) -> None:
+    """A body that stops arriving gets 408 after body_timeout_s; one over max_body_bytes 413; the gateway still serves."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nbody_timeout_s = "2s"\nmax_body_bytes = "64KiB"\n'
+                       ).start()
+    d.wait_state("e", "ready", 30)
+    with socket.create_connection(("127.0.0.1", gw)) as slow:
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 100\r\n\r\n{\"model\":")
+        slow.settimeout(15)
+        answer = slow.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "body_timeout_s" in answer
+    big = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", content=b"x" * 70_000, timeout=30,
+                     headers={"content-type": "application/json"})
+    assert big.status_code == 413
+    ok = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=30,
+                    json={"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200
+
+
+def test_a_flood_of_connections_is_refused_in_json_while_the_daemon_keeps_serving(daemon_factory) -> None:
+    """Beyond max_connections requests get a JSON 503; served requests and the control API keep answering."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "50", default=True, max_concurrent=0)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nmax_connections = 8\n').start()
+    d.wait_state("e", "ready", 30)
+    body = {"model": "e", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        try:
+            code = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json=body, timeout=60).status_code
+        except httpx.HTTPError:
+            code = -1
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=call) for _ in range(100)]
+    for t in threads:
+        t.start()
+    assert d.llmctl("status").returncode == 0  # supervision answers in the middle of the flood
+    for t in threads:
+        t.join()
+    assert codes.count(200) >= 8 and codes.count(503) > 0 and -1 not in codes, sorted(set(codes))
+    refused = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json=body, timeout=60)
+    assert refused.status_code == 200  # the flood is over: served again
+    assert d.status()["gateway"]["refused"]["connections"] == codes.count(503)
+
+
+def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> None:
+    """With swaps = "never" a request for a stopped engine gets 503 naming `llmctl start`; the operator can start it."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), default=True)
+                       + standin_engine_toml("b", free_port(), autostart=False)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nswaps = "never"\n').start()
+    d.wait_state("a", "ready", 30)
+    r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=30,
+                   json={"model": "b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_running"
+    assert "llmctl start b" in r.json()["error"]["message"]
+    assert d.engine("b")["state"] == "stopped"
+    assert d.llmctl("start", "b").returncode == 0
+    r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=30,
+                   json={"model": "b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+
+
+def test_a_gateway_open_to_the_network_without_a_key_is_a_config_error(tmp_path: Path) -> None:
+    """check-config refuses listen = 0.0.0.0 with no api_key, naming gateway.listen and what to do."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "0.0.0.0:8000"\n')
+    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "gateway.listen" in done.stderr and "api_key" in done.stderr and "127.0.0.1" in done.stderr
+
+
+@pytest.mark.slow
+def test_idle_unload_stops_the_real_engine_and_the_next_request_starts_it(daemon_factory, tiny_model: Path) -> None:
+    """idle_unload: the idle mlx_lm.server is stopped (reason idle) although canaries run; a request brings it back."""
+    gw = free_port()
+    d = daemon_factory(mlx_engine_toml("tiny", free_port(), tiny_model, default=True, idle_unload="10s",
+                                       canary_interval="3s")
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "120s"\n').start()
+    d.wait_state("tiny", "ready", 60)
+    canary_times = set()
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        engine = d.engine("tiny")
+        if engine["state"] == "stopped":
+            break
+        if engine.get("last_canary"):
+            canary_times.add(engine["last_canary"]["at"])
+        time.sleep(0.3)
+    assert engine["state"] == "stopped" and engine["state_reason"] == "idle", engine
+    assert len(canary_times) >= 2, "canaries ran while it was idle, and did not keep it loaded"
+    decided = [e for e in d.events() if e.get("kind") == "policy.decided" and e.get("policy") == "idle_unload"]
+    assert decided and decided[-1]["idle_for_s"] >= 10
+    # The next request starts it again (after the 60 s spawn floor, which holds for on-demand starts).
+    r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=150,
+                   json={"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    spawns = [e for e in d.events() if e.get("kind") == "engine.spawned"]
+    assert len(spawns) == 2

@@ -1,0 +1,80 @@
+"""The gateway reads engines at their own pace: a client that stops reading is cut, never the engine blamed.
+
+A real gateway (in process) in front of the real OpenAI stand-in engine, and a raw-socket client that
+sends its request, reads the response head and then reads nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+from supervisord_llm.gateway import GatewaySettings, Upstream
+from tests.helpers import PYTHON, STANDINS, free_port, wait_http
+from tests.integration.test_gateway import Backend, running_gateway
+
+pytestmark = pytest.mark.anyio
+
+DECODE_STALL_S = 1.0
+CLIENT_TIMEOUT_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def fast_engine() -> Iterator[str]:
+    """The stand-in streaming 1000 tok/s, so a stream outgrows every buffer in a second."""
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, str(STANDINS / "openai_engine.py"), "--port", str(port), "--tps", "1000"],
+                            stdout=subprocess.DEVNULL, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(base_url + "/health", timeout_s=20)
+        yield base_url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _hold_without_reading(listen: str, path: str, body: dict, hold_s: float) -> bytes:
+    host, port = listen.removeprefix("http://").rsplit(":", 1)
+    payload = json.dumps(body).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window is agreed then
+    s.connect((host, int(port)))
+    try:
+        s.sendall(f"POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n".encode()
+                  + b"anthropic-version: 2023-06-01\r\n" + f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
+        head = s.recv(256)
+        time.sleep(hold_s)
+        return head
+    finally:
+        s.close()
+
+
+# Passthrough is also covered in the default run end to end (test_watchdog_evidence.py, real mlx_lm).
+@pytest.mark.parametrize("path", [pytest.param("/v1/chat/completions", marks=pytest.mark.chaos_full),
+                                  "/v1/messages"])
+async def test_a_client_that_stops_reading_is_cut_and_no_stall_is_reported(fast_engine: str, path: str) -> None:
+    """Passthrough and translated (Messages) streams: a client that reads only the head is cut after
+    client_timeout_s (`client_too_slow`), and the engine is never reported stalled for it."""
+    backend = Backend({"e": Upstream("e", fast_engine, "command", supports_messages=False)}, "e")
+    settings = GatewaySettings(decode_stall_s=DECODE_STALL_S, prefill_stall_s=DECODE_STALL_S,
+                               client_timeout_s=CLIENT_TIMEOUT_S, client_buffer_bytes=4096)
+    body = {"model": "e", "max_tokens": 200000, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with running_gateway(backend, settings) as listen:
+        # The kernel still takes a trickle for a few seconds after the buffers first fill (it
+        # collapses the idle receiver's queue), so the client holds on well past client_timeout_s.
+        head = await anyio.to_thread.run_sync(_hold_without_reading, listen, path, body,
+                                              CLIENT_TIMEOUT_S + 9)
+        with anyio.fail_after(10):
+            while not backend.finished:
+                await anyio.sleep(0.05)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert backend.stalls == [], "the engine kept producing; only the client stopped"
+    assert [f.ended for f in backend.finished] == ["client_too_slow"]
+    assert backend.progress["e"] > 100  # tokens were metered as they came from the engine

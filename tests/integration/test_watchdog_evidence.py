@@ -1,0 +1,326 @@
+"""The watchdog's evidence rule end to end: `hung` means the engine stopped, never that a client did.
+
+Real daemon, real gateway, a real mlx_lm.server (slow and paused clients; a generation loop wedged by
+an import hook while `/health` stays 200) and the OpenAI stand-in where a behaviour cannot be made on
+demand with the tiny model (silent engines, counter styles, lazy model loading).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import PYTHON, REPO, Daemon, free_port, mlx_engine_toml, standin_engine_toml, tiny_model_dir
+
+pytestmark = pytest.mark.slow
+
+HOOK_DIR = REPO / "tests" / "standins" / "blocked_mlx"
+DECODE_STALL_S = 2.0
+CLIENT_TIMEOUT_S = 8.0
+
+
+def _t(event: dict) -> float:
+    return datetime.fromisoformat(event["at"].replace("Z", "+00:00")).timestamp()
+
+
+def _states(d: Daemon, name: str) -> list[dict]:
+    return [e for e in d.events() if e["kind"] == "engine.state_changed" and e.get("engine") == name]
+
+
+def _hung(d: Daemon, name: str) -> list[dict]:
+    return [e for e in _states(d, name) if e["to"] == "hung"]
+
+
+def _body(max_tokens: int, model: str = "tiny") -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+            "stream": True}
+
+
+def _stream_all(url: str, body: dict, timeout_s: float = 120.0) -> tuple[int, float]:
+    """Read a whole stream; (token chunks, seconds)."""
+    started = time.monotonic()
+    chunks = 0
+    with httpx.stream("POST", url, json=body, timeout=timeout_s) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data:") and '"content"' in line:
+                chunks += 1
+    return chunks, time.monotonic() - started
+
+
+def _gateway_toml(port: int, **keys: object) -> str:
+    lines = ["[gateway]", f'listen = "127.0.0.1:{port}"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def mlx_daemon() -> Iterator[tuple[Daemon, str]]:
+    """One daemon with the gateway in front of a real mlx_lm.server; small buffers and timeouts."""
+    gw = free_port()
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model_dir(), default=True, stall=f"{DECODE_STALL_S:g}s",
+                          canary_interval="10m")
+    cfg += _gateway_toml(gw, decode_stall_s=DECODE_STALL_S, client_timeout_s=CLIENT_TIMEOUT_S,
+                         client_buffer_bytes="4KiB")
+    cfg += '[policies.restart]\nhang_restart_after = "5s"\n'
+    d = Daemon(cfg)
+    try:
+        d.start()
+        d.wait_state("tiny", "ready", 90)
+        yield d, f"http://127.0.0.1:{gw}/v1/chat/completions"
+    finally:
+        d.cleanup()
+
+
+def test_a_client_that_stops_reading_is_cut_and_the_engine_stays_ready(mlx_daemon) -> None:
+    """A client that reads the head and then nothing for 3x the decode stall: the engine stays `ready`,
+    another client is served meanwhile, and the slow client is cut after client_timeout_s."""
+    d, url = mlx_daemon
+    before = len(_hung(d, "tiny"))
+    pid = d.engine("tiny")["pid"]
+    _, alone_s = _stream_all(url, _body(400))
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    payload = json.dumps(_body(30000)).encode()
+    slow = socket.socket()
+    # A small receive window, set before connecting (the window scale is agreed in the handshake),
+    # so the kernel's buffers fill within a second and the gateway's own buffer is what holds.
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect((host, int(port)))
+    slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                 b"content-length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    head = slow.recv(1024)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    stopped_reading = time.monotonic()
+    try:
+        time.sleep(3 * DECODE_STALL_S)
+        assert d.engine("tiny")["state"] == "ready"
+        chunks, during_s = _stream_all(url, _body(400))
+        print(f"another client: {chunks} chunks in {during_s:.2f}s while the slow one held its stream "
+              f"(alone: {alone_s:.2f}s)")
+        assert chunks >= 100
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S + 30
+        while d.status()["gateway"]["clients_cut"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cut_after = time.monotonic() - stopped_reading
+    finally:
+        slow.close()
+    assert d.status()["gateway"]["clients_cut"] == 1
+    print(f"slow client cut {cut_after:.1f}s after it stopped reading (client_timeout_s {CLIENT_TIMEOUT_S:g})")
+    assert cut_after >= CLIENT_TIMEOUT_S
+    assert "gateway.client_cut" in d.stderr()
+    engine = d.engine("tiny")
+    assert engine["state"] == "ready" and engine["pid"] == pid and engine["restarts"] == 0
+    assert len(_hung(d, "tiny")) == before, "a slow client never makes the engine hung"
+
+
+def test_a_client_paused_with_sigstop_mid_stream_brings_no_verdict(mlx_daemon) -> None:
+    """A client process SIGSTOPped mid-stream for 3x the decode stall, then resumed, reads its whole
+    answer, and the engine gets no verdict."""
+    d, url = mlx_daemon
+    before = len(_hung(d, "tiny"))
+    script = ("import httpx, json, sys\n"
+              "n = 0\n"
+              f"with httpx.stream('POST', {url!r}, json=json.loads(sys.argv[1]), timeout=120) as r:\n"
+              "    for line in r.iter_lines():\n"
+              "        if line.startswith('data:') and '[DONE]' not in line:\n"
+              "            n += 1\n"
+              "            if n == 5: print('started', flush=True)\n"
+              "print('chunks', n, flush=True)\n")
+    client = subprocess.Popen([PYTHON, "-c", script, json.dumps(_body(3000))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "started"
+        os.kill(client.pid, signal.SIGSTOP)
+        time.sleep(3 * DECODE_STALL_S)
+        assert d.engine("tiny")["state"] == "ready"
+        os.kill(client.pid, signal.SIGCONT)
+        out, _ = client.communicate(timeout=120)
+    finally:
+        if client.poll() is None:
+            os.kill(client.pid, signal.SIGCONT)
+            client.kill()
+    chunks = int(out.split()[-1])
+    assert chunks >= 1000, out
+    assert len(_hung(d, "tiny")) == before and d.engine("tiny")["state"] == "ready"
+
+
+def _silent_engine_daemon(daemon_factory, *flags: str, kind_keys: dict | None = None) -> tuple[Daemon, str]:
+    gw = free_port()
+    cfg = standin_engine_toml("quiet", free_port(), "--tps", "50", *flags, default=True, stall="2s",
+                              canary_interval="10m", **(kind_keys or {}))
+    cfg += _gateway_toml(gw, decode_stall_s=2.0, prefill_stall_s=2.0)
+    cfg += '[policies.restart]\nhang_restart_after = "3s"\n'
+    d = daemon_factory(cfg).start()
+    d.wait_state("quiet", "ready", 60)
+    return d, f"http://127.0.0.1:{gw}/v1/chat/completions"
+
+
+def _stream_in_thread(url: str, body: dict) -> threading.Thread:
+    def run() -> None:
+        try:
+            with httpx.stream("POST", url, json=body, timeout=60) as response:
+                for _ in response.iter_lines():
+                    pass
+        except httpx.HTTPError:
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize(("case", "after_tokens"), [
+    ("before the first token", 0),
+    # Silent mid-stream is also covered in the default run by the completion-only counters test.
+    pytest.param("mid-stream", 10, marks=pytest.mark.chaos_full),
+])
+def test_a_running_but_silent_engine_is_hung_on_stream_evidence_and_restarted(daemon_factory, case: str,
+                                                                              after_tokens: int) -> None:
+    """An engine alive with /health 200 that goes silent (head sent and no token, or mid-stream) is `hung`
+    within stall + 2 s naming the stream evidence, and restarted after hang_restart_after."""
+    d, url = _silent_engine_daemon(daemon_factory, "--silent-from", "2", "--silent-after-tokens", str(after_tokens))
+    sent = time.time()
+    _stream_in_thread(url, _body(200, "quiet"))
+    engine = d.wait_state("quiet", "hung", 20)
+    silent_from = sent + after_tokens / 50.0  # the stand-in's 50 tok/s
+    hung = _hung(d, "quiet")[-1]
+    print(f"silent {case}: hung {_t(hung) - silent_from:.2f}s after the engine went silent: {hung['reason']} "
+          f"{hung['evidence']}")
+    assert _t(hung) - silent_from <= 2.0 + 2.0 + 0.5  # stall + 2 s (+ the stand-in's token pacing)
+    assert hung["evidence"]["source"] == "stream" and hung["evidence"]["silent_s"] >= 2.0
+    assert engine["watchdog"]["evidence"]["source"] == "stream"
+    assert httpx.get(d.engine("quiet")["base_url"] + "/health").status_code == 200
+    d.wait_state("quiet", {"stopping", "backoff"}, 20)
+    stopping = [e for e in _states(d, "quiet") if e["to"] == "stopping"][-1]
+    assert "hang restart" in stopping["reason"]
+    assert 3.0 - 1.0 <= _t(stopping) - _t(hung) <= 3.0 + 2.5
+
+
+def test_real_mlx_with_a_wedged_generation_loop_is_hung_while_health_stays_200(daemon_factory) -> None:
+    """A real mlx_lm.server whose generation loop blocks after one request (import hook) answers /health
+    200 but is `hung` on canary evidence within stall + 2 s, and is restarted after hang_restart_after."""
+    pythonpath = os.pathsep.join([str(HOOK_DIR), os.environ.get("PYTHONPATH", "")])
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model_dir(), stall="2s", canary_interval="2s")
+    cfg += f'env = {{ PYTHONPATH = {json.dumps(pythonpath)}, BLOCK_GENERATION_AFTER = "1" }}\n'
+    cfg += '[policies.restart]\nhang_restart_after = "3s"\n'
+    d = daemon_factory(cfg).start()
+    ready = d.wait_state("tiny", "ready", 90)
+    engine = d.wait_state("tiny", "hung", 30)
+    hung = _hung(d, "tiny")[-1]
+    ready_event = [e for e in _states(d, "tiny") if e["to"] == "ready"][-1]
+    print(f"wedged generation loop: hung {_t(hung) - _t(ready_event):.2f}s after ready "
+          f"(canary every 2s, stall 2s): {hung['reason']} {hung['evidence']}")
+    assert _t(hung) - _t(ready_event) <= 2.0 + 2.0 + 2.0 + 1.0  # next canary + stall + 2 s (+ one tick)
+    assert hung["evidence"]["source"] == "canary"
+    assert httpx.get(f"http://127.0.0.1:{ready['port']}/health").status_code == 200
+    assert engine["pid"] == ready["pid"]
+    d.wait_state("tiny", {"stopping", "backoff"}, 20)
+    stopping = [e for e in _states(d, "tiny") if e["to"] == "stopping"][-1]
+    assert "hang restart" in stopping["reason"]
+    assert "wedged" in Path(d.engine("tiny")["log"]).read_text()
+
+
+def _counter_daemon(daemon_factory, kind: str, *flags: str) -> tuple[Daemon, str, str]:
+    gw = free_port()
+    port = free_port()
+    argv = [PYTHON, str(REPO / "tests" / "standins" / "openai_engine.py"), "--port", "{port}", "--tps", "20", *flags]
+    cfg = ("[[engine]]\nname = \"c\"\n" f'kind = "{kind}"\nmodel = "standin"\nport = {port}\n'
+           "command = [" + ", ".join(json.dumps(a) for a in argv) + "]\n"
+           'footprint = "100MB"\nstop_grace = "5s"\nstall = "2s"\ncanary_interval = "10m"\n'
+           "default = true\n")
+    cfg += _gateway_toml(gw, decode_stall_s=2.0)
+    cfg += '[policies.restart]\nhang_restart_after = "10m"\n[probes]\ninterval = "1s"\n'
+    d = daemon_factory(cfg).start()
+    d.wait_state("c", "ready", 60)
+    return d, f"http://127.0.0.1:{gw}/v1/chat/completions", f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
+LONG_GENERATION_S = [6.0, pytest.param(90.0, marks=pytest.mark.chaos_full)]
+
+
+@pytest.mark.parametrize("long_s", LONG_GENERATION_S)
+def test_completion_only_counters_do_not_make_a_long_generation_hung(daemon_factory, long_s: float) -> None:
+    """oMLX-style totals that grow only at completion stay flat through a long generation: no verdict while
+    tokens flow; when the engine then goes silent mid-stream it is hung on the stream's evidence."""
+    tokens = int(long_s * 20)
+    d, url, _ = _counter_daemon(daemon_factory, "omlx", "--metrics", "omlx", "--silent-from", "3",
+                                "--silent-after-tokens", "10")
+    chunks, took_s = _stream_all(url, _body(tokens, "c"), timeout_s=long_s + 60)
+    print(f"{chunks} tokens over {took_s:.1f}s with a flat completion-time counter")
+    assert chunks == tokens and not _hung(d, "c") and d.engine("c")["state"] == "ready"
+    _stream_in_thread(url, _body(200, "c"))
+    d.wait_state("c", "hung", 20)
+    assert _hung(d, "c")[-1]["evidence"]["source"] == "stream"
+
+
+@pytest.mark.chaos_full  # the rule itself is covered by tests/unit/test_policy_progress.py in the default run
+def test_per_step_counters_are_progress_while_they_move_and_hung_when_flat(daemon_factory) -> None:
+    """vLLM-style per-step totals: a long generation read directly from the engine (the gateway sees
+    nothing) is no verdict while the counter moves; when the engine stops mid-generation it is hung on
+    the counters' evidence within stall + 2 s (+ one counter reading)."""
+    d, _, direct = _counter_daemon(daemon_factory, "vllm", "--metrics", "vllm", "--silent-from", "2",
+                                   "--silent-after-tokens", "120")
+    sent = time.time()
+    _stream_in_thread(direct, {**_body(400, "standin")})
+    time.sleep(120 / 20 - 0.5)  # 6 s of tokens: three stall times
+    assert not _hung(d, "c") and d.engine("c")["state"] == "ready"
+    engine = d.wait_state("c", "hung", 20)
+    hung = _hung(d, "c")[-1]
+    silent_from = sent + 120 / 20
+    print(f"per-step counters flat: hung {_t(hung) - silent_from:.2f}s after the engine went silent: "
+          f"{hung['reason']}")
+    assert hung["evidence"]["source"] == "counters" and engine["watchdog"]["evidence"]["source"] == "counters"
+    assert _t(hung) - silent_from <= 2.0 + 2.0 + 1.0 + 0.5
+
+
+def test_a_lazy_loader_is_loading_not_hung_and_gets_no_canary_while_unloaded(daemon_factory) -> None:
+    """An Ollama-like engine whose model load takes 3x the stall: canaries while it is loaded do not
+    extend its keep-alive, none is sent once it reports its model unloaded, and a request that makes
+    it load shows `loading`, then tokens, never `hung`."""
+    gw = free_port()
+    cfg = standin_engine_toml("lazy", free_port(), "--ollama", "--lazy-load-s", "3", "--keep-alive-s", "3",
+                              default=True, stall="1s", canary_interval="1s", model="tiny:1b")
+    cfg = cfg.replace('kind = "command"', 'kind = "ollama"')
+    cfg += _gateway_toml(gw) + '[probes]\ninterval = "1s"\n'
+    d = daemon_factory(cfg).start()
+    d.wait_state("lazy", "ready", 60)
+    ready_at = time.monotonic()
+    log = Path(d.engine("lazy")["log"])
+    while (d.engine("lazy").get("watchdog") or {}).get("model_resident") is not False:
+        assert time.monotonic() - ready_at < 3.0 + 4.0, "canaries every second kept the model resident"
+        time.sleep(0.2)
+    time.sleep(3.0)  # three more canary intervals with the model unloaded
+    requests = [line for line in log.read_text().splitlines() if line.startswith("request ")]
+    print(f"requests before the real one: {requests}")
+    assert [r for r in requests if "loaded=False" in r] == requests[:1], \
+        f"no canary reached the engine once its model was unloaded: {requests}"
+    assert not _hung(d, "lazy")
+    phases: list[str | None] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            phases.append((d.engine("lazy").get("watchdog") or {}).get("phase"))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        chunks, took_s = _stream_all(f"http://127.0.0.1:{gw}/v1/chat/completions", _body(20, "lazy"))
+    finally:
+        stop.set()
+        watcher.join()
+    print(f"request to the unloaded model: {chunks} chunks after {took_s:.1f}s; phases seen {sorted(set(map(str, phases)))}")
+    assert chunks == 20 and took_s >= 3.0
+    assert "loading" in phases
+    assert not _hung(d, "lazy") and d.engine("lazy")["state"] == "ready"

@@ -1,0 +1,233 @@
+"""The engine supervisor's state machine, table-tested: (state, message) -> state, events, alerts, workers.
+
+The real ``EngineSupervisor`` runs against a test double of its host protocol with a fake clock;
+workers are recorded instead of run, so each row is one synchronous step of the transition function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from policies.actions import Alert
+from policies.backoff import BackoffSettings
+from probes.readings import CanaryReading
+from supervisord_llm.clock import FakeClock
+from supervisord_llm.config import parse_config
+from supervisord_llm.errors import EngineSpawnFailed
+from supervisord_llm.process import ExitInfo
+from supervisord_llm.supervisor import (
+    TRANSITIONS,
+    BackoffOver,
+    EngineState,
+    EngineSupervisor,
+    Exited,
+    HealthVerdict,
+    IllegalTransition,
+    LaunchFailed,
+    Ready,
+    Stopped,
+    Then,
+    Verdict,
+)
+
+S = EngineState
+
+
+class RecordingEvents:
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self.kinds.append(kind)
+        return {"kind": kind, **fields}
+
+
+class RecordingTaskGroup:
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def start_soon(self, fn: Any, *args: Any) -> None:
+        self.started.append(getattr(fn, "__name__", "?"))
+
+
+class NullLog:
+    def bind(self, **_: Any) -> NullLog:
+        return self
+
+    def __getattr__(self, _: str) -> Any:
+        return lambda *a, **k: None
+
+
+@dataclass
+class FakeHost:
+    """The supervisor's host protocol, recording what the supervisor asks of it."""
+
+    config: Any
+    clock: FakeClock = field(default_factory=FakeClock)
+    events: RecordingEvents = field(default_factory=RecordingEvents)
+    http: Any = None
+    backoff_settings: BackoffSettings = field(default_factory=BackoffSettings)
+    daemon_id: str = "test"
+    alerts: list[Alert] = field(default_factory=list)
+    ready: list[str] = field(default_factory=list)
+    exited: list[str] = field(default_factory=list)
+
+    @property
+    def shutting_down(self) -> bool:
+        return False
+
+    def persist(self) -> None:
+        pass
+
+    async def persist_durably(self) -> None:
+        pass
+
+    def alert(self, alert: Alert) -> None:
+        self.alerts.append(alert)
+
+    async def admit(self, sup: EngineSupervisor) -> None:
+        pass
+
+    def engine_ready(self, sup: EngineSupervisor) -> None:
+        self.ready.append(sup.name)
+
+    def engine_exited(self, sup: EngineSupervisor) -> None:
+        self.exited.append(sup.name)
+
+    async def monitor_engine(self, sup: EngineSupervisor, gen: int, proc: Any) -> None:
+        pass
+
+    def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
+        return 10**9
+
+
+_MADE: list[EngineSupervisor] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_supervisors() -> Any:
+    """Every supervisor made here has its inbox closed afterwards."""
+    yield
+    while _MADE:
+        _MADE.pop().close()
+
+
+def make(state: EngineState, tmp_path: Any) -> tuple[EngineSupervisor, FakeHost, RecordingTaskGroup]:
+    config = parse_config({"engine": [{"name": "e", "kind": "command", "command": ["x"], "port": 18080,
+                                       "footprint": "1GB"}]}, "test.toml")
+    host = FakeHost(config=config)
+    sup = EngineSupervisor(config.engines[0], host, log=NullLog(), logs_dir=tmp_path, log_max_bytes=10**6)
+    tg = RecordingTaskGroup()
+    sup._tg = tg  # type: ignore[assignment]  # workers are recorded, not run
+    sup.state = state
+    _MADE.append(sup)
+    return sup, host, tg
+
+
+OK_CANARY = CanaryReading(at_s=1000.0, ok=True, ttft_s=0.05, tokens_per_s=100.0)
+
+
+def _rows() -> list[tuple[str, EngineState, Any, EngineState, tuple[str, ...], tuple[str, ...], tuple[str, ...]]]:
+    """(id, state, message built for gen, expected state, events, alert keys, workers started)."""
+    return [
+        ("ready after a generation", S.STARTING, lambda g: Ready(g, OK_CANARY), S.READY,
+         ("engine.state_changed",), (), ("_monitor",)),
+        ("hung verdict", S.READY, lambda g: HealthVerdict(g, Verdict.HUNG, "no token for 10s"), S.HUNG,
+         ("engine.state_changed",), ("engine.hung:e",), ()),
+        ("hung while degraded", S.DEGRADED, lambda g: HealthVerdict(g, Verdict.HUNG, "stopped"), S.HUNG,
+         ("engine.state_changed",), ("engine.hung:e",), ()),
+        ("recovered from hung", S.HUNG, lambda g: HealthVerdict(g, Verdict.OK, "generating again"), S.READY,
+         ("engine.state_changed",), ("engine.hung:e",), ()),
+        ("hang restart", S.HUNG, lambda g: HealthVerdict(g, Verdict.HANG_RESTART, "hung for 5m"), S.STOPPING,
+         ("engine.state_changed",), (), ()),
+        ("degraded verdict", S.READY, lambda g: HealthVerdict(g, Verdict.DEGRADED, "10 tok/s"), S.DEGRADED,
+         ("engine.state_changed",), ("engine.degraded:e",), ()),
+        ("degraded restart", S.DEGRADED, lambda g: HealthVerdict(g, Verdict.DEGRADED_RESTART, "slow"), S.STOPPING,
+         ("engine.state_changed",), (), ()),
+        ("degraded restart ignored when ready", S.READY,
+         lambda g: HealthVerdict(g, Verdict.DEGRADED_RESTART, "slow"), S.READY, (), (), ()),
+        ("memory restart", S.READY, lambda g: HealthVerdict(g, Verdict.MEMORY_RESTART, "over hard limit"),
+         S.STOPPING, ("engine.state_changed",), (), ()),
+        ("stopped, stays stopped", S.STOPPING, lambda g: Stopped(g, True, (), Then.STAY), S.STOPPED,
+         ("engine.stopped", "engine.state_changed"), (), ()),
+        ("stopped, a person's restart", S.STOPPING, lambda g: Stopped(g, True, (), Then.START), S.STARTING,
+         ("engine.stopped", "engine.state_changed"), (), ("_launch",)),
+        ("stopped after a failure: backoff", S.STOPPING, lambda g: Stopped(g, True, (), Then.AUTO), S.BACKOFF,
+         ("engine.stopped", "engine.state_changed"), ("engine.exited:e",), ("_backoff_timer",)),
+        ("stopped for a policy: backoff floor, no failure", S.STOPPING, lambda g: Stopped(g, True, (), Then.POLICY),
+         S.BACKOFF, ("engine.stopped", "engine.state_changed"), (), ("_backoff_timer",)),
+        ("backoff over", S.BACKOFF, lambda g: BackoffOver(g), S.STARTING, ("engine.state_changed",), (),
+         ("_launch",)),
+        ("crash while ready", S.READY, lambda g: Exited(g, ExitInfo(code=None, signal=9, at_wall=0.0)), S.BACKOFF,
+         ("engine.exited", "engine.state_changed"), ("engine.exited:e",), ("_backoff_timer",)),
+        ("spawn failed", S.STARTING, lambda g: LaunchFailed(g, EngineSpawnFailed("e", "no such file")), S.BACKOFF,
+         ("engine.start_failed", "engine.state_changed"), ("engine.exited:e",), ("_backoff_timer",)),
+        ("message of an old run ignored", S.READY,
+         lambda g: Exited(g - 1, ExitInfo(code=1, signal=None, at_wall=0.0)), S.READY, (), (), ()),
+    ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("state", "message", "expected", "events", "alerts", "workers"),
+                         [row[1:] for row in _rows()], ids=[row[0] for row in _rows()])
+async def test_transition_table(tmp_path, state, message, expected, events, alerts, workers) -> None:
+    """Each (state, message) pair leads to the documented state, events, alerts and workers."""
+    sup, host, tg = make(state, tmp_path)
+    sup.gen = 5
+    m = message(sup.gen)
+    if isinstance(m, Stopped):
+        sup._stop_then = m.then  # what the stop that is now finishing was begun for
+    sup.step(m)
+    assert sup.state == expected
+    for kind in events:
+        assert kind in host.events.kinds, (kind, host.events.kinds)
+    if not events:
+        assert "engine.state_changed" not in host.events.kinds
+    assert sorted({a.key for a in host.alerts}) == sorted(alerts)
+    assert tg.started == list(workers)
+    if expected != state:
+        assert expected in TRANSITIONS[state]
+
+
+@pytest.mark.anyio
+async def test_commands_through_the_table(tmp_path) -> None:
+    """start/stop/restart move the engine as llmctl documents: stopped→starting, ready→stopping, failed→starting."""
+    for state, op, expected in ((S.STOPPED, "start", S.STARTING), (S.READY, "stop", S.STOPPING),
+                                (S.READY, "restart", S.STOPPING), (S.FAILED, "start", S.STARTING),
+                                (S.BACKOFF, "stop", S.STOPPED)):
+        sup, host, _ = make(state, tmp_path)
+        host.clock.advance(120)
+        from supervisord_llm.supervisor import Command, Op
+
+        command = Command(op=Op(op))
+        sup.step(command)
+        assert command.reply.error is None, command.reply.error
+        assert sup.state == expected, (state, op, sup.state)
+
+
+@pytest.mark.anyio
+async def test_an_unknown_operation_names_the_valid_ones(tmp_path) -> None:
+    """A command other than start/stop/restart is refused with the valid operations named."""
+    sup, _, _ = make(S.STOPPED, tmp_path)
+    with pytest.raises(ValueError, match="valid: start, stop, restart"):
+        await sup.command("reload")
+
+
+@pytest.mark.anyio
+async def test_an_illegal_transition_raises_in_strict_mode_and_is_not_applied_otherwise(tmp_path) -> None:
+    """stopped→ready is no transition: strict (tests) raises; production logs it and keeps the state."""
+    sup, host, _ = make(S.STOPPED, tmp_path)
+    with pytest.raises(IllegalTransition, match="stopped -> ready"):
+        sup._set_state(S.READY, "bug")
+    EngineSupervisor.strict_transitions = False
+    sup._set_state(S.READY, "bug")
+    assert sup.state == S.STOPPED and "engine.state_changed" not in host.events.kinds
+
+
+def test_every_state_has_its_row_in_the_table() -> None:
+    """The table names the successors of every state; nothing leads back into starting except start paths."""
+    assert set(TRANSITIONS) == set(EngineState)
+    assert all(S.READY not in TRANSITIONS[s] for s in (S.STOPPED, S.BACKOFF, S.FAILED, S.STOPPING))
