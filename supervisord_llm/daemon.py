@@ -211,6 +211,8 @@ class Daemon:
     def close(self) -> None:
         self._loop = None
         self._alert_submitter.shutdown(wait=True)  # raised alerts reach the outbox journal first
+        if self.alerts_outbox is not None:
+            self.alerts_outbox.close()
         if self.state_writer is not None:
             self.state_writer.close()  # the last state reaches the disk before the lock is released
         for sup in self.supervisors.values():
