@@ -19,13 +19,17 @@ def _spawns(events: list[dict]) -> int:
 
 
 def _wait_restarted(d, uptime_before: float, timeout_s: float = 30) -> dict:
+    # llmctl's own client: it closes its socket when a connect is refused (the control socket is
+    # briefly gone during the exec), where httpx's Unix transport leaks it.
+    from supervisord_llm.cli import Client, NoDaemon
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            status = d.status()
-            if status["daemon"]["uptime_s"] < uptime_before:
-                return status
-        except Exception:  # the control socket is briefly gone during the exec
+            response = Client(d.socket, timeout_s=5).request("GET", "/v1/status")
+            if response.status_code == 200 and response.json()["daemon"]["uptime_s"] < uptime_before:
+                return response.json()
+        except (NoDaemon, TimeoutError, OSError):
             pass
         time.sleep(0.2)
     raise TimeoutError(f"the daemon did not restart: {d.stderr()}")

@@ -188,8 +188,11 @@ def test_status_page_shows_the_engine_and_follows_a_hang_without_reload(demo: De
             # Some traffic and a few history samples, so the picture shows a rate and a chart.
             until = time.monotonic() + 32
             while time.monotonic() < until:
-                httpx.post(f"http://127.0.0.1:{demo.gateway_port}/v1/chat/completions", timeout=60,
-                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64})
+                with httpx.stream("POST", f"http://127.0.0.1:{demo.gateway_port}/v1/chat/completions", timeout=60,
+                                  json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
+                                        "stream": True}) as response:
+                    for _ in response.iter_lines():
+                        pass
             driver.save_screenshot(str(Path(PICTURES_DIR) / "status-page.png"))
 
         pid = demo.engine()["pid"]

@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
@@ -144,16 +143,18 @@ StandardError=append:{log}
 
 
 def _status(state_dir: Path, timeout_s: float = 30) -> dict:
+    # llmctl's own client: it closes its socket when a connect is refused (a daemon restarting),
+    # where httpx's Unix transport leaks it.
+    from supervisord_llm.cli import Client, NoDaemon
+
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            transport = httpx.HTTPTransport(uds=str(state_dir / "control.sock"))
-            with httpx.Client(transport=transport, base_url="http://daemon", timeout=5) as client:
-                response = client.get("/v1/status")
-                if response.status_code == 200:
-                    return response.json()
-        except (httpx.HTTPError, OSError) as exc:
+            response = Client(state_dir / "control.sock", timeout_s=5).request("GET", "/v1/status")
+            if response.status_code == 200:
+                return response.json()
+        except (NoDaemon, TimeoutError, OSError) as exc:
             last = exc
         time.sleep(0.2)
     raise TimeoutError(f"no answer on {state_dir / 'control.sock'}: {last}")
