@@ -1274,6 +1274,11 @@ class Outbox:
         # one would send a signed alert to a host nobody configured.
         return httpx.AsyncClient(follow_redirects=False, headers={"User-Agent": USER_AGENT})
 
+    def wake(self) -> None:
+        """Wake every target's sender (on the event loop): alerts submitted from another thread."""
+        for target in list(self._wake):
+            self._wake_sender(target)
+
     def _wake_sender(self, target: str) -> None:
         event = self._wake.get(target)
         if event is not None and threading.get_ident() == self._loop_thread:

@@ -10,12 +10,14 @@ second copies, and keeps the 60 s spacing of spawns across its own restarts.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
 import sys
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,8 @@ class Daemon:
         self.healthy_loop = True
         self._stopping = False
         self.on_status: list[Callable[[dict[str, Any]], None]] = []
+        self._alert_submitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-submit")
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.executor = ActionExecutor(self)
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -205,6 +209,10 @@ class Daemon:
             self.supervisors[engine.name] = sup
 
     def close(self) -> None:
+        self._loop = None
+        self._alert_submitter.shutdown(wait=True)  # raised alerts reach the outbox journal first
+        if self.alerts_outbox is not None:
+            self.alerts_outbox.close()
         if self.state_writer is not None:
             self.state_writer.close()  # the last state reaches the disk before the lock is released
         for sup in self.supervisors.values():
@@ -261,6 +269,7 @@ class Daemon:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
                   ready_callback: Callable[[], None] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()  # alerts submitted in a worker thread wake the senders here
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, connect=2.0)) as http:
             self.http = http
@@ -674,7 +683,26 @@ class Daemon:
         self.events.emit("alert.raised", key=alert.key, severity=alert.severity, summary=alert.summary,
                          resolved=alert.resolved, details=alert.details)
         if self.alerts_outbox is not None:
+            # The outbox fsyncs each record, under a lock its delivery worker also holds while it
+            # fsyncs and compacts: not on the loop. One submitting thread keeps the alerts in order;
+            # close() waits for it, so what was raised reaches the journal before the daemon exits.
+            try:
+                self._alert_submitter.submit(self._submit_alert, alert)
+            except RuntimeError:  # raised after close(): no loop left to stall, submit it here
+                self._submit_alert(alert)
+
+    def _submit_alert(self, alert: Alert) -> None:
+        try:
             self.alerts_outbox.submit_action(alert)
+        except Exception as exc:  # a bad alert must not stop the ones after it
+            self.log.error("alert.submit_failed", key=alert.key, error=f"{type(exc).__name__}: {exc}")
+            return
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self.alerts_outbox.wake)
+            except RuntimeError:
+                pass  # the loop has ended: the senders are gone, the journal keeps the alert
 
     async def monitor_engine(self, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None:
         from supervisord_llm.health import monitor

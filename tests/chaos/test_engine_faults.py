@@ -253,6 +253,7 @@ def test_damaged_state_file_never_stops_the_daemon(daemon_factory, outcome, dama
     assert not [e for e in kinds(d, "engine.spawned") if e["pid"] != first["pid"]]
 
 
+@pytest.mark.chaos_full
 def test_damaged_state_file_with_a_grandchild_and_two_exclusive_engines(daemon_factory, outcome) -> None:
     """Garbage state.json, an engine with a grandchild in its own session, a second exclusive engine:
     the resident engine is adopted (same pid), its grandchild is left alone, the other stays stopped."""

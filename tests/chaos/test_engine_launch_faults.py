@@ -47,6 +47,7 @@ os.execv(sys.executable, [sys.executable, "-m", "mlx_lm.server", *sys.argv[1:]])
 """
 
 
+@pytest.mark.chaos_full
 def test_launcher_that_double_forks_and_exits_leaves_no_server_behind(daemon_factory, tiny_model, outcome) -> None:
     """A launcher exits 0 after double-forking a real mlx_lm.server: the exit is a failed start, the
     detached server (own session, holding the port) is found by its tag and stopped; the port is free."""
@@ -91,6 +92,7 @@ while True:
 """
 
 
+@pytest.mark.chaos_full
 def test_engine_flooding_its_log_keeps_the_cap_and_the_daemon_responsive(daemon_factory, outcome) -> None:
     """~20 MB/s into the engine's log for 10 s: the file stays near its cap, the daemon's memory and
     `llmctl status` stay bounded."""

@@ -77,3 +77,47 @@ def test_spawn_time_is_on_disk_before_the_engine_process_exists(daemon_factory, 
     d.wait_state("s", "ready", 30)
     record = json.loads(seen.read_text())["engines"]["s"]
     assert len(record["backoff"]["spawn_times_s"]) == 1
+
+
+@pytest.mark.anyio
+async def test_alerts_are_journaled_off_the_event_loop_and_none_is_lost_at_exit(monkeypatch) -> None:
+    """An engine refused at start raises a critical alert: its outbox record is fsynced off the loop and
+    is in the journal once the daemon has closed (the webhook never answered)."""
+    from supervisord_llm.extensions import AlertsExtension
+
+    loop_thread = threading.get_ident()
+    on_loop: list[int] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        if threading.get_ident() == loop_thread:
+            on_loop.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    config = (standin_engine_toml("huge", free_port(), footprint="900TB")
+              + '[policies.memory]\nadmission_wait = "0s"\n'
+              + f'[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "http://127.0.0.1:{free_port()}/x"\n')
+    state = short_tmpdir()
+    path = state / "config.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{state}"\n' + config)
+    def build() -> Daemon:  # as the entry point does: in a worker thread (the outbox compacts when built)
+        daemon = Daemon(load_config(path), logger=structlog.wrap_logger(structlog.PrintLogger(io.StringIO())))
+        daemon.claim()
+        daemon.extensions.append(AlertsExtension(daemon))
+        daemon.open()
+        return daemon
+
+    daemon = await anyio.to_thread.run_sync(build)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.run)
+            sup = daemon.supervisors["huge"]
+            with anyio.fail_after(30):
+                await sup.wait_for(lambda s: s.state == "failed", None)
+            tg.cancel_scope.cancel()
+    finally:
+        daemon.close()
+    assert not on_loop, f"{len(on_loop)} fsync(s) ran on the event loop"
+    journal = (state / "alerts" / "outbox.jsonl").read_text()
+    assert "engine.start_refused:huge" in journal
