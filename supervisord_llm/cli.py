@@ -508,6 +508,7 @@ def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
     if before.status_code != 200:
         return _fail(before)
     old = before.json()["daemon"]
+    running_before = [e["name"] for e in before.json()["engines"] if e.get("pid")]
     asked_s = time.monotonic()
     response = client.request("POST", "/v1/daemon/restart", json={})
     if response.status_code != 200:
@@ -523,8 +524,12 @@ def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
             if now.status_code != 200:
                 continue
             body = now.json()
-            # The same pid (an exec), so a fresh daemon shows as an uptime that went back.
-            if body["daemon"]["uptime_s"] < old["uptime_s"] + (time.monotonic() - asked_s) - 1.0:
+            # The same pid (an exec), so a fresh daemon shows as an uptime that went back; it answers
+            # before it has re-attached its engines, so wait for those that ran before to show again.
+            restarted = body["daemon"]["uptime_s"] < old["uptime_s"] + (time.monotonic() - asked_s) - 1.0
+            pids = {e["name"]: e.get("pid") for e in body["engines"]}
+            reattached = all(pids.get(name) for name in running_before)
+            if restarted and (reattached or time.monotonic() > deadline - args.timeout / 2):
                 kept = ", ".join(f"{e['name']} {e['state']} (pid {e['pid']})" for e in body["engines"] if e.get("pid"))
                 print(f"daemon restarted (pid {body['daemon']['pid']}); engines kept: {kept or 'none running'}")
                 return EXIT_OK
