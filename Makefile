@@ -31,8 +31,10 @@ lint: install
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m mypy
 
-chaos: install
+# The whole chaos suite, and the long scenarios kept out of `make test` (marker chaos_full).
+chaos: install engines
 	$(BIN)/python -m pytest -q tests/chaos
+	$(BIN)/python -m pytest -q -m "chaos_full and not gpu" tests/integration tests/unit
 
 bench: install
 	$(BIN)/python bench/run_all.py
