@@ -38,10 +38,14 @@ def test_sigkilled_engine_is_an_active_alert_with_its_exit_then_resolved_once_re
     d.wait_state("tiny", "ready", 60)
     am.wait_inactive(30, alertname="engine.exited", engine="tiny")
     deadline = time.monotonic() + 30
-    while not [a for a in am.notifications.alerts() if a["status"] == "resolved"]:
+    def resolved_exits() -> list[dict]:
+        return [a for a in am.notifications.alerts() if a["status"] == "resolved"
+                and a["labels"].get("alertname") == "engine.exited"]
+
+    while not resolved_exits():
         assert time.monotonic() < deadline, am.notifications.payloads
         time.sleep(0.1)
-    resolved = [a for a in am.notifications.alerts() if a["status"] == "resolved"][0]
+    resolved = resolved_exits()[0]
     assert resolved["labels"] == alert["labels"]
     assert _iso(resolved["endsAt"]) <= datetime.now(UTC)
     assert _iso(resolved["startsAt"]) == _iso(alert["startsAt"])

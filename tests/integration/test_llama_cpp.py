@@ -69,7 +69,12 @@ def test_ready_only_after_a_real_generation_and_loading_is_shown(setup: Setup) -
     ready = [e for e in events if e["kind"] == "engine.state_changed" and e.get("engine") == "llama"
              and e["to"] == "ready"]
     print(f"start checks: {checks}; status showed: {sorted(set(setup.seen_checks))}")
-    assert any("/health answered 503 Loading model" in c for c in checks), checks
+    # Every start check is either "not listening yet" or llama-server's own 503 "Loading model";
+    # on an idle machine the tiny model can load before the first check, so the 503 may not show.
+    # (That the 503 is recognised and shown is pinned on the recorded surface in
+    # tests/unit/test_llama_cpp_adapter.py.)
+    assert checks and all(c == "/health: ConnectError" or "/health answered 503 Loading model" in c
+                          for c in checks), checks
     assert ready and ready[0]["reason"] == "generation ok" and ready[0]["ttft_s"] > 0
     assert engine["last_canary"]["ok"] is True
     spawned = [e for e in events if e["kind"] == "engine.spawned" and e["engine"] == "llama"][0]
