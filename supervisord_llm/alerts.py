@@ -170,6 +170,17 @@ _RESERVED_HEADERS = {
 _URL_IN_TEXT_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
 
+def _check_keys(table: object, keys: tuple[str, ...], *, file: str | None, key: str) -> Mapping[str, Any]:
+    """The table itself, once it is a table and every key in it is one of ``keys``; else a ConfigError
+    naming the file, the key and the valid keys."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"expected a table with keys {', '.join(keys)}", file=file, key=key)
+    for name in table:
+        if name not in keys:
+            raise ConfigError(f"unknown key {name!r}; valid keys: {', '.join(keys)}", file=file, key=f"{key}.{name}")
+    return table
+
+
 # --------------------------------------------------------------------------- configuration
 
 
@@ -287,12 +298,7 @@ class AlertTarget:
         so that the secrets need not be in the config file.
         """
         env = os.environ if environ is None else environ
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"expected a table with keys {', '.join(cls.KEYS)}", file=file, key=key)
-        for name in table:
-            if name not in cls.KEYS:
-                raise ConfigError(f"unknown key {name!r}; valid keys: {', '.join(cls.KEYS)}",
-                                  file=file, key=f"{key}.{name}")
+        table = _check_keys(table, cls.KEYS, file=file, key=key)
 
         def field_value(name: str, check: Callable[[object], Any], default: object = None) -> Any:
             try:
@@ -394,12 +400,7 @@ class AlertSettings:
         """Build the settings from the ``[alerts]`` table (targets under ``webhook``)."""
         if table is None:
             return cls()
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"expected a table with keys {', '.join(cls.KEYS)}", file=file, key=key)
-        for name in table:
-            if name not in cls.KEYS:
-                raise ConfigError(f"unknown key {name!r}; valid keys: {', '.join(cls.KEYS)}",
-                                  file=file, key=f"{key}.{name}")
+        table = _check_keys(table, cls.KEYS, file=file, key=key)
         webhooks = table.get("webhook", [])
         if not isinstance(webhooks, list):
             raise ConfigError("expected an array of tables: [[alerts.webhook]] with name, url, format, …",
@@ -1447,12 +1448,7 @@ class HeartbeatSettings:
     def from_toml(cls, table: object, *, file: str, key: str,
                   environ: Mapping[str, str] | None = None) -> HeartbeatSettings:
         env = os.environ if environ is None else environ
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"expected a table with keys {', '.join(cls.KEYS)}", file=file, key=key)
-        for name in table:
-            if name not in cls.KEYS:
-                raise ConfigError(f"unknown key {name!r}; valid keys: {', '.join(cls.KEYS)}",
-                                  file=file, key=f"{key}.{name}")
+        table = _check_keys(table, cls.KEYS, file=file, key=key)
 
         def duration(name: str, default: str, low_s: float, high_s: float) -> float:
             try:
