@@ -82,8 +82,8 @@ def gateway_rounds(url: str, pid: int, rounds: int, max_tokens: int) -> dict[str
 
 def translator_alone(engine_url: str, max_tokens: int, repeats: int) -> dict[str, float]:
     """Replay one real engine stream through the translator and through the passthrough meter."""
-    from supervisord_llm.anthropic_api import StreamTranslator, events_bytes
-    from supervisord_llm.gateway import TokenMeter
+    from supervisord_llm.gateway.anthropic import StreamTranslator, events_bytes
+    from supervisord_llm.gateway.proxy import TokenMeter
 
     body = {"model": "default_model", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
             "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}

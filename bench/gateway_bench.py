@@ -41,7 +41,7 @@ class TrivialBackend:
     """Every request goes to the one engine; nothing else happens."""
 
     def __init__(self, upstream_url: str) -> None:
-        from supervisord_llm.gateway import Upstream
+        from supervisord_llm.gateway.proxy import Upstream
 
         self.upstream = Upstream("tiny", upstream_url, "mlx_lm", False, "default_model")
 
@@ -74,7 +74,7 @@ def serve_gateway(upstream_url: str, port: int) -> None:
     import anyio
 
     from supervisord_llm.clock import SystemClock
-    from supervisord_llm.gateway import GatewaySettings, build_app, serve
+    from supervisord_llm.gateway.proxy import GatewaySettings, build_app, serve
 
     settings = GatewaySettings(port=port)
     app = build_app(TrivialBackend(upstream_url), settings, SystemClock())

@@ -314,8 +314,8 @@ class Config:
     degraded: DegradedSettings = DegradedSettings()
     probes: ProbeSettings = ProbeSettings()
     memory_guard: MemoryGuardConfig = MemoryGuardConfig()
-    gateway: Any = None  # supervisord_llm.gateway.GatewaySettings, or None when off
-    alerts: Any = None  # supervisord_llm.alerts.AlertSettings
+    gateway: Any = None  # supervisord_llm.gateway.proxy.GatewaySettings, or None when off
+    alerts: Any = None  # supervisord_llm.alerts.delivery.AlertSettings
 
     def engine(self, name: str) -> EngineConfig:
         for engine in self.engines:
@@ -599,7 +599,7 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
     gateway = None
     if "gateway" in data:
-        from supervisord_llm.gateway import GatewaySettings
+        from supervisord_llm.gateway.proxy import GatewaySettings
 
         g = root.sub("gateway")
         enabled = g.bool("enabled", True)
@@ -616,7 +616,7 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
     alerts = None
     if "alerts" in data:
-        from supervisord_llm.alerts import AlertSettings
+        from supervisord_llm.alerts.delivery import AlertSettings
 
         alerts = AlertSettings.from_toml(root.sub("alerts").data, file=file, key="alerts")
 
@@ -659,7 +659,7 @@ def _require_known_weights(t: Table, kind: str, model: str | None, environ: Mapp
 
 def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:
     # The same parser the listener uses at start: what passes here also binds (IPv6 in brackets).
-    from supervisord_llm.gateway import parse_listen
+    from supervisord_llm.gateway.proxy import parse_listen
 
     try:
         host, port = parse_listen(value)

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from supervisord_llm.engine.process import read_log_lines
 from supervisord_llm.errors import (
     ControlError,
     EngineError,
@@ -38,7 +39,6 @@ from supervisord_llm.errors import (
 )
 from supervisord_llm.extension import Extension
 from supervisord_llm.httpserver import DaemonServer
-from supervisord_llm.process import read_log_lines
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
@@ -128,7 +128,7 @@ def build_control_app(daemon: Daemon) -> Starlette:
     async def status(request: Request) -> Response:
         doc = daemon.status()
         if request.query_params.get("history") in ("1", "true"):
-            from supervisord_llm import observe
+            from supervisord_llm.subsystems import observe
 
             watching = observe.find(daemon.extensions)
             doc["history"] = watching.history.export() if watching is not None else None
@@ -243,7 +243,7 @@ def build_control_app(daemon: Daemon) -> Starlette:
         return JSONResponse({"ok": True, "message": "test alert queued", "alerts": daemon.alerts_outbox.counts()})
 
     async def metrics(request: Request) -> Response:
-        from supervisord_llm.metrics import render_metrics
+        from supervisord_llm.subsystems.metrics import render_metrics
 
         body, content_type = render_metrics(daemon)
         return Response(body, media_type=content_type)

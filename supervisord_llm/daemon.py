@@ -43,6 +43,8 @@ from probes.weights import read_weights
 from supervisord_llm import __version__
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.config import Config
+from supervisord_llm.engine.process import EngineProcess, tagged_processes
+from supervisord_llm.engine.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
 from supervisord_llm.errors import (
     DaemonAlreadyRunning,
     StartRefused,
@@ -54,11 +56,9 @@ from supervisord_llm.errors import (
 from supervisord_llm.events import EventLog
 from supervisord_llm.executor import ActionExecutor
 from supervisord_llm.extension import Extension
-from supervisord_llm.process import EngineProcess, tagged_processes
 from supervisord_llm.redact import redact_argv
 from supervisord_llm.statefile import move_aside, read_json, state_shape_problem
 from supervisord_llm.statewriter import StateWriter
-from supervisord_llm.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
 
 STATE_VERSION = 1
 
@@ -126,7 +126,7 @@ class Daemon:
         self._saved: dict[str, Any] = {}
         self.extensions: list[Extension] = []  # optional subsystems (control API, alerts, gateway, metrics, stranded, gpu)
         self.alerts_outbox: Any = None
-        self.memory_guard: Any = None  # supervisord_llm.memory_guard.MemoryGuardExtension (learned peaks)
+        self.memory_guard: Any = None  # supervisord_llm.subsystems.memory_guard.MemoryGuardExtension (learned peaks)
         self.gateway_app: Any = None
         self.healthy_loop = True
         self._stopping = False
@@ -184,7 +184,7 @@ class Daemon:
         for ext in self.extensions:
             saved = self._saved.get(ext.name)
             ext.restore(saved if isinstance(saved, dict) else {})
-        from supervisord_llm.health import EngineHealth, baseline_from_record, health_settings
+        from supervisord_llm.engine.health import EngineHealth, baseline_from_record, health_settings
 
         baselines = self._saved.get("baselines")
         if not isinstance(baselines, dict):
@@ -433,7 +433,7 @@ class Daemon:
 
     def _baselines(self) -> dict[str, Any]:
         """Throughput baselines per model, kept across engine and daemon restarts."""
-        from supervisord_llm.health import baseline_record
+        from supervisord_llm.engine.health import baseline_record
 
         saved = self._saved.get("baselines")
         out = dict(saved) if isinstance(saved, dict) else {}
@@ -705,7 +705,7 @@ class Daemon:
                 pass  # the loop has ended: the senders are gone, the journal keeps the alert
 
     async def monitor_engine(self, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None:
-        from supervisord_llm.health import monitor
+        from supervisord_llm.engine.health import monitor
 
         await monitor(self, sup, gen, proc)
 

@@ -81,7 +81,7 @@ def check_model_dir(engine: EngineConfig) -> list[Finding]:
 
 
 def check_command(engine: EngineConfig) -> Finding:
-    from supervisord_llm.adapters import adapter_for
+    from supervisord_llm.engine.adapters import adapter_for
 
     argv = adapter_for(engine).argv()
     exe = argv[0]
@@ -103,7 +103,7 @@ def check_command(engine: EngineConfig) -> Finding:
 
 def check_port(engine: EngineConfig, running_pid: int | None = None) -> Finding:
     """Free, or held by this engine as the running daemon runs it; anything else is a warning."""
-    from supervisord_llm.process import port_holder, tree_of
+    from supervisord_llm.engine.process import port_holder, tree_of
 
     subject = f"engine {engine.name}: port"
     holder = port_holder(engine.host, engine.port)
@@ -165,7 +165,7 @@ def check_memory(config: Config) -> list[Finding]:
 
 def check_memory_cap(engine: EngineConfig, config: Config) -> Finding:
     """A cache the engine bounds itself, or watermarks the guard enforces; warn when neither is set."""
-    from supervisord_llm.memory_guard import CACHE_CAP_FLAGS, cache_cap_flag
+    from supervisord_llm.subsystems.memory_guard import CACHE_CAP_FLAGS, cache_cap_flag
 
     subject = f"engine {engine.name}: memory cap"
     argv = (*engine.command, *engine.args)

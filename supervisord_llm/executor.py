@@ -34,8 +34,8 @@ from policies.actions import (
     Stop,
     WaitUntil,
 )
+from supervisord_llm.engine.supervisor import EngineSupervisor
 from supervisord_llm.events import EventLog
-from supervisord_llm.supervisor import EngineSupervisor
 
 _DECISIONS: dict[type, str] = {
     Admit: "admit", Refuse: "refuse", Start: "start", Stop: "stop", Restart: "restart", WaitUntil: "wait",

@@ -33,7 +33,7 @@ import anyio.abc
 
 from probes.readings import ProcessTreeReading, SystemMemoryReading
 
-# An engine's supervisor (``supervisord_llm.supervisor.EngineSupervisor``). Not imported: this seam
+# An engine's supervisor (``supervisord_llm.engine.supervisor.EngineSupervisor``). Not imported: this seam
 # sits below the supervisor and the config (subsystems such as the heartbeat are parsed by the
 # config), so importing it would close an import cycle; each extension annotates its own hooks.
 EngineSupervisor = Any

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from supervisord_llm.engine.supervisor import EngineState
 from supervisord_llm.extension import Extension
-from supervisord_llm.gateway import EngineUnavailable, RequestStats, Upstream
-from supervisord_llm.supervisor import EngineState
+from supervisord_llm.gateway.proxy import EngineUnavailable, RequestStats, Upstream
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
-    from supervisord_llm.supervisor import EngineSupervisor
+    from supervisord_llm.engine.supervisor import EngineSupervisor
 
 
 MIN_SAMPLE_TOKENS = 8
@@ -136,7 +136,7 @@ class DaemonGatewayBackend:
         return sup.health if sup is not None else None
 
     def request_started(self, engine: str) -> None:
-        from supervisord_llm import idle
+        from supervisord_llm.subsystems import idle
 
         unloader = idle.find(self.daemon.extensions)
         if unloader is not None:
@@ -158,12 +158,12 @@ class DaemonGatewayBackend:
 
     def request_finished(self, stats: RequestStats) -> None:
         from probes.readings import ThroughputSample
-        from supervisord_llm import observe
+        from supervisord_llm.subsystems import observe
 
         watching = observe.find(self.daemon.extensions)
         if watching is not None:
             watching.telemetry.request_finished(stats)
-        from supervisord_llm import idle
+        from supervisord_llm.subsystems import idle
 
         unloader = idle.find(self.daemon.extensions)
         if unloader is not None:
@@ -199,20 +199,20 @@ class GatewayExtension(Extension):
     name = "gateway"
 
     def __init__(self, daemon: Daemon) -> None:
-        from supervisord_llm.gateway import build_app
+        from supervisord_llm.gateway.proxy import build_app
 
         self.daemon = daemon
         self.settings = daemon.config.gateway
         self.backend = DaemonGatewayBackend(daemon, self.settings.hold_s)
         self.app = build_app(self.backend, self.settings, daemon.clock, log=daemon.log.bind(component="gateway"))
         # The status page shares the gateway's port and its key (see ui.py).
-        from supervisord_llm.ui import daemon_snapshot, ui_routes
+        from supervisord_llm.subsystems.ui import daemon_snapshot, ui_routes
 
         self.app.router.routes.extend(ui_routes(daemon_snapshot(daemon), self.settings.api_key))
         self.listen = self.settings.listen
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        from supervisord_llm.gateway import serve
+        from supervisord_llm.gateway.proxy import serve
 
         async with anyio.create_task_group() as tg:
             self.listen = await tg.start(serve, self.app, self.settings)
@@ -228,7 +228,7 @@ class AlertsExtension(Extension):
     name = "alerts"
 
     def __init__(self, daemon: Daemon) -> None:
-        from supervisord_llm.alerts import Outbox
+        from supervisord_llm.alerts.delivery import Outbox
 
         self.daemon = daemon
 
@@ -246,9 +246,9 @@ class AlertsExtension(Extension):
 def install_extensions(daemon: Daemon) -> None:
     """Attach the subsystems the config turns on."""
     from supervisord_llm.control import ControlExtension
-    from supervisord_llm.memory_guard import MemoryGuardExtension
-    from supervisord_llm.observe import ObserveExtension
-    from supervisord_llm.stranded import StrandedExtension
+    from supervisord_llm.subsystems.memory_guard import MemoryGuardExtension
+    from supervisord_llm.subsystems.observe import ObserveExtension
+    from supervisord_llm.subsystems.stranded import StrandedExtension
 
     config = daemon.config
     daemon.extensions.append(ControlExtension(daemon))
@@ -258,20 +258,20 @@ def install_extensions(daemon: Daemon) -> None:
     if config.alerts is not None and config.alerts.targets:
         daemon.extensions.append(AlertsExtension(daemon))
     if config.alerts is not None and config.alerts.heartbeat is not None:
-        from supervisord_llm.heartbeat import HeartbeatExtension
+        from supervisord_llm.alerts.heartbeat import HeartbeatExtension
 
         daemon.extensions.append(HeartbeatExtension(daemon, config.alerts.heartbeat, config.alerts))
     if config.gateway is not None:
         daemon.extensions.append(GatewayExtension(daemon))
         if any(e.idle_unload_s for e in config.engines):
-            from supervisord_llm.idle import IdleUnloadExtension
+            from supervisord_llm.subsystems.idle import IdleUnloadExtension
 
             daemon.extensions.append(IdleUnloadExtension(daemon))
     if config.daemon.metrics_listen:
-        from supervisord_llm.metrics import MetricsExtension
+        from supervisord_llm.subsystems.metrics import MetricsExtension
 
         daemon.extensions.append(MetricsExtension(daemon, config.daemon.metrics_listen))
     if config.probes.nvml:
-        from supervisord_llm.gpu import GpuExtension
+        from supervisord_llm.subsystems.gpu import GpuExtension
 
         daemon.extensions.append(GpuExtension(daemon))

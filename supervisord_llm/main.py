@@ -70,7 +70,7 @@ RESTART = -1
 
 
 async def run_daemon(config: Config, logger: Any, *, banner: str | None = None) -> int:
-    from supervisord_llm import scopes
+    from supervisord_llm.engine import scopes
     from supervisord_llm.sdnotify import Notifier, watchdog_loop
 
     daemon = await anyio.to_thread.run_sync(build_daemon, config, logger)

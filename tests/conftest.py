@@ -11,7 +11,7 @@ from tests.helpers import MlxServer, tiny_model_dir
 @pytest.fixture(autouse=True)
 def strict_engine_transitions() -> Iterator[None]:
     """In tests an engine state change the transition table does not allow raises instead of being logged."""
-    from supervisord_llm.supervisor import EngineSupervisor
+    from supervisord_llm.engine.supervisor import EngineSupervisor
 
     EngineSupervisor.strict_transitions = True
     yield

@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from probes.errors import ProbeError
-from supervisord_llm.adapters import EngineAdapter, adapter_for
 from supervisord_llm.config import EngineConfig
+from supervisord_llm.engine.adapters import EngineAdapter, adapter_for
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,7 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from supervisord_llm.alerts import (
+from supervisord_llm.alerts.delivery import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,

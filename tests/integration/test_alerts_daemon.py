@@ -81,7 +81,7 @@ def test_hang_fires_and_recovery_resolves_once_also_across_a_daemon_restart(daem
 
 def test_llmctl_alerts_test_delivers_a_signed_test_alert(daemon_factory) -> None:
     """`llmctl alerts test` queues an alert that reaches the webhook, signed with the configured secret."""
-    from supervisord_llm.alerts import verify_signature
+    from supervisord_llm.alerts.delivery import verify_signature
 
     received: list[tuple[dict, bytes]] = []
 

@@ -23,7 +23,7 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from supervisord_llm.gateway import TOKEN_COUNT_HEADER, GatewaySettings, Upstream
+from supervisord_llm.gateway.proxy import TOKEN_COUNT_HEADER, GatewaySettings, Upstream
 from tests.helpers import PYTHON, REPO, MlxServer, free_port, mlx_engine_toml, wait_http
 from tests.integration.test_gateway import Backend, opened, running_gateway
 
@@ -460,7 +460,7 @@ async def test_pings_keep_a_quiet_prefill_alive_and_are_not_progress(
     quiet_engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While an engine sends nothing before its first token, the client gets pings; the watchdog sees no token."""
-    from supervisord_llm import gateway
+    from supervisord_llm.gateway import proxy as gateway
 
     monkeypatch.setattr(gateway, "TRANSLATED_PING_INTERVAL_S", 0.25)
     backend = Backend({"quiet": Upstream("quiet", quiet_engine, "command", supports_messages=False)}, "quiet")

@@ -26,7 +26,7 @@ import pytest
 
 from supervisord_llm.clock import SystemClock
 from supervisord_llm.errors import ConfigError
-from supervisord_llm.gateway import (
+from supervisord_llm.gateway.proxy import (
     EngineUnavailable,
     GatewaySettings,
     RequestStats,

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
-from supervisord_llm.gateway import GatewaySettings, Upstream
+from supervisord_llm.gateway.proxy import GatewaySettings, Upstream
 from tests.helpers import PYTHON, STANDINS, free_port, wait_http
 from tests.integration.test_gateway import Backend, running_gateway
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from supervisord_llm.gateway import GatewaySettings, Upstream
+from supervisord_llm.gateway.proxy import GatewaySettings, Upstream
 from tests.helpers import PYTHON, STANDINS, free_port, short_tmpdir, wait_http
 from tests.integration.test_gateway import Backend, running_gateway
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from supervisord_llm.clock import SystemClock
-from supervisord_llm.gateway import GatewaySettings, Upstream, build_app
+from supervisord_llm.gateway.proxy import GatewaySettings, Upstream, build_app
 from tests.integration.test_gateway import Backend, running_gateway
 
 

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from supervisord_llm.clock import FakeClock
-from supervisord_llm.stranded import StrandedExtension
+from supervisord_llm.subsystems.stranded import StrandedExtension
 from tests.unit.test_gpu_extension import PYTHON, StandInNvml, _build, _events, _until, run_built
 
 

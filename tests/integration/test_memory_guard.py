@@ -199,7 +199,7 @@ def test_real_mlx_server_is_attributed_and_the_guard_stays_quiet(daemon_factory,
     the README advises (--prompt-cache-bytes) is accepted by the real server and satisfies doctor."""
     from policies.admission import auto_footprint_bytes
     from probes.weights import read_weights
-    from supervisord_llm.memory_guard import AUTO_RUNTIME_BYTES
+    from supervisord_llm.subsystems.memory_guard import AUTO_RUNTIME_BYTES
 
     gw = free_port()
     cfg = mlx_engine_toml("tiny", free_port(), tiny_model, footprint="auto", default=True,

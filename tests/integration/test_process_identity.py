@@ -16,7 +16,7 @@ import anyio
 import psutil
 import pytest
 
-from supervisord_llm.process import EngineProcess, ExitInfo
+from supervisord_llm.engine.process import EngineProcess, ExitInfo
 
 
 @pytest.fixture

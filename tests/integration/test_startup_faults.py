@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisord_llm.alerts import Alert, AlertSettings, Outbox
+from supervisord_llm.alerts.delivery import Alert, AlertSettings, Outbox
 from supervisord_llm.clock import SystemClock
 from tests.helpers import PYTHON, free_port, short_tmpdir, standin_engine_toml
 

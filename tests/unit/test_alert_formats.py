@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from supervisord_llm.alerts import (
+from supervisord_llm.alerts.delivery import (
     ALERTMANAGER_ZERO_TIME,
     Alert,
     AlertSettings,

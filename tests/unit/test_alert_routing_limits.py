@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from supervisord_llm.alerts import (
+from supervisord_llm.alerts.delivery import (
     DISCORD_EMBED_TOTAL_MAX,
     Alert,
     AlertSettings,

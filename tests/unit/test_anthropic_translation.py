@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from openai.types.chat import ChatCompletionChunk
 from pydantic import TypeAdapter
 
-from supervisord_llm.anthropic_api import (
+from supervisord_llm.gateway.anthropic import (
     MAX_TOOLS,
     Accumulator,
     EngineStreamError,
@@ -315,7 +315,7 @@ def test_estimate_counts_system_messages_and_tools() -> None:
 def test_think_tags_setting_is_validated_naming_file_key_and_values() -> None:
     """[gateway] think_tags accepts text/thinking/auto; anything else names the file, key and valid values."""
     from supervisord_llm.errors import ConfigError
-    from supervisord_llm.gateway import GatewaySettings
+    from supervisord_llm.gateway.proxy import GatewaySettings
 
     assert GatewaySettings.from_toml({"think_tags": "auto"}, file="/etc/llm.toml").think_tags == "auto"
     assert GatewaySettings.from_toml({}, file=None).think_tags == "text"

@@ -30,7 +30,7 @@ from probes.readings import GpuDeviceReading, GpuProcessReading, GpuReading, Xid
 from supervisord_llm.config import load_config
 from supervisord_llm.daemon import Daemon
 from supervisord_llm.extension import Extension
-from supervisord_llm.gpu import GpuExtension, find_gpu_orphans, held_bytes_by_pid, owners_of_pids
+from supervisord_llm.subsystems.gpu import GpuExtension, find_gpu_orphans, held_bytes_by_pid, owners_of_pids
 from tests.helpers import Daemon as DaemonProcess
 from tests.helpers import free_port, short_tmpdir, standin_engine_toml
 
@@ -746,7 +746,7 @@ async def test_orphan_memory_never_released_at_daemon_start_refuses_the_first_st
 async def test_gpu_memory_past_its_watermarks_warns_then_drains_and_restarts() -> None:
     """An engine's GPU memory (NVML) over gpu_footprint x 1.1 warns once; over x 1.3 it is drained and
     restarted through the backoff, with a critical alert naming the GPU bytes."""
-    from supervisord_llm.memory_guard import MemoryGuardExtension
+    from supervisord_llm.subsystems.memory_guard import MemoryGuardExtension
 
     nvml = StandInNvml()
     daemon, _ = _build(standin_engine_toml("e", free_port(), gpu_devices=[0], gpu_footprint="10GiB",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from policies.heartbeat import SelfHealth, decide
-from supervisord_llm.alerts import AlertSettings
+from supervisord_llm.alerts.delivery import AlertSettings
+from supervisord_llm.alerts.heartbeat import HeartbeatSettings, watchdog_alert
 from supervisord_llm.errors import ConfigError
-from supervisord_llm.heartbeat import HeartbeatSettings, watchdog_alert
 
 
 @pytest.mark.parametrize(

@@ -40,16 +40,16 @@ from hypothesis import strategies as st
 
 import policies.backoff as backoff_policy
 import supervisord_llm.daemon as daemon_module
-import supervisord_llm.supervisor as supervisor_module
+import supervisord_llm.engine.supervisor as supervisor_module
 from policies.admission import admit as real_admit
 from policies.swap import SwapPlan
 from policies.swap import plan_swap as real_plan_swap
 from probes.readings import CanaryReading
 from supervisord_llm.config import parse_config
 from supervisord_llm.daemon import Daemon
+from supervisord_llm.engine.process import EngineProcess, ExitInfo, StopResult
+from supervisord_llm.engine.supervisor import EngineSupervisor, Ready
 from supervisord_llm.errors import SupervisordLLMError
-from supervisord_llm.process import EngineProcess, ExitInfo, StopResult
-from supervisord_llm.supervisor import EngineSupervisor, Ready
 from tests.unit.test_supervisor_transitions import NullLog, RecordingEvents
 
 GB = 10**9

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from probes.counters import COUNTER_KINDS, parse_prometheus_counters
-from supervisord_llm.adapters import ADAPTERS, EngineAdapter, LlamaCppAdapter, adapter_for, gpu_visibility_env
 from supervisord_llm.config import EngineConfig
+from supervisord_llm.engine.adapters import ADAPTERS, EngineAdapter, LlamaCppAdapter, adapter_for, gpu_visibility_env
 from tests.helpers import FIXTURES
 
 LLAMA = FIXTURES / "llama_cpp"

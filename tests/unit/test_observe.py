@@ -5,8 +5,8 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 
 from supervisord_llm.cli import sparkline
-from supervisord_llm.gateway import RequestStats
-from supervisord_llm.observe import History, Telemetry
+from supervisord_llm.gateway.proxy import RequestStats
+from supervisord_llm.subsystems.observe import History, Telemetry
 
 
 def _status(state: str, tps: float | None) -> dict:

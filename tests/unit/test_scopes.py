@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from supervisord_llm.scopes import ScopeLauncher, is_user_manager, scope_unit_name, under_systemd
+from supervisord_llm.engine.scopes import ScopeLauncher, is_user_manager, scope_unit_name, under_systemd
 
 
 def test_under_systemd_only_when_a_manager_started_us() -> None:

@@ -16,9 +16,8 @@ from policies.backoff import BackoffSettings
 from probes.readings import CanaryReading
 from supervisord_llm.clock import FakeClock
 from supervisord_llm.config import parse_config
-from supervisord_llm.errors import EngineSpawnFailed
-from supervisord_llm.process import ExitInfo
-from supervisord_llm.supervisor import (
+from supervisord_llm.engine.process import ExitInfo
+from supervisord_llm.engine.supervisor import (
     TRANSITIONS,
     BackoffOver,
     EngineState,
@@ -32,6 +31,7 @@ from supervisord_llm.supervisor import (
     Then,
     Verdict,
 )
+from supervisord_llm.errors import EngineSpawnFailed
 
 S = EngineState
 
@@ -200,7 +200,7 @@ async def test_commands_through_the_table(tmp_path) -> None:
                                 (S.BACKOFF, "stop", S.STOPPED)):
         sup, host, _ = make(state, tmp_path)
         host.clock.advance(120)
-        from supervisord_llm.supervisor import Command, Op
+        from supervisord_llm.engine.supervisor import Command, Op
 
         command = Command(op=Op(op))
         sup.step(command)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from probes.process import ProcessGone
-from supervisord_llm.health import TreeWatch
-from supervisord_llm.process import EngineProcess, LogTail
+from supervisord_llm.engine.health import TreeWatch
+from supervisord_llm.engine.process import EngineProcess, LogTail
 
 CHILD = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
         "print('engine up', flush=True); time.sleep(60)"

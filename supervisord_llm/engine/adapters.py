@@ -55,7 +55,7 @@ from probes import canary as canary_probe
 from probes import routes as routes_probe
 from probes.readings import CanaryReading, Diagnosis, EngineCounters
 from supervisord_llm.config import EngineConfig
-from supervisord_llm.process import python_executable
+from supervisord_llm.engine.process import python_executable
 
 
 class EngineAdapter:

@@ -55,11 +55,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from policies.frontdoor import Admission, SwapPermission, admit_request, check_path, may_start_engine, retry_after_s
-from supervisord_llm import anthropic_api
-from supervisord_llm.anthropic_api import THINK_MODES
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.convert import parse_duration_s, parse_size_bytes
 from supervisord_llm.errors import ConfigError, EngineError, SupervisordLLMError, UnknownEngine
+from supervisord_llm.gateway import anthropic as anthropic_api
+from supervisord_llm.gateway.anthropic import THINK_MODES
 from supervisord_llm.httpserver import DaemonServer
 
 __all__ = [
@@ -1929,7 +1929,7 @@ def build_app(
         backend,
         settings,
         clock or SystemClock(),
-        log or structlog.get_logger("supervisord_llm.gateway"),
+        log or structlog.get_logger("supervisord_llm.gateway.proxy"),
     )
 
     @asynccontextmanager

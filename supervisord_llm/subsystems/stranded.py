@@ -26,7 +26,7 @@ from supervisord_llm.extension import Extension
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
-    from supervisord_llm.supervisor import EngineSupervisor
+    from supervisord_llm.engine.supervisor import EngineSupervisor
 
 
 REBOOT_TICK_S = 1.0

@@ -32,10 +32,11 @@ import httpx
 from policies import backoff
 from policies.actions import Alert, MarkFailed, Refuse, WaitUntil
 from probes.readings import CanaryReading, Diagnosis
-from supervisord_llm.adapters import EngineAdapter, adapter_for
 from supervisord_llm.clock import Clock
 from supervisord_llm.config import Config, EngineConfig
-from supervisord_llm.episodes import exit_alerts
+from supervisord_llm.engine.adapters import EngineAdapter, adapter_for
+from supervisord_llm.engine.episodes import exit_alerts
+from supervisord_llm.engine.process import EngineProcess, ExitInfo, LogTail, port_holder
 from supervisord_llm.errors import (
     EngineError,
     EngineSpawnFailed,
@@ -44,7 +45,6 @@ from supervisord_llm.errors import (
     StartRefused,
 )
 from supervisord_llm.events import EventLog
-from supervisord_llm.process import EngineProcess, ExitInfo, LogTail, port_holder
 from supervisord_llm.redact import daemon_secret_values, engine_environment, redact_argv
 
 

@@ -50,8 +50,8 @@ from supervisord_llm.config import Config
 from supervisord_llm.events import EventLog
 
 if TYPE_CHECKING:
-    from supervisord_llm.process import EngineProcess, LogTail
-    from supervisord_llm.supervisor import EngineSupervisor
+    from supervisord_llm.engine.process import EngineProcess, LogTail
+    from supervisord_llm.engine.supervisor import EngineSupervisor
 
 STOP_CONFIRM_S = 1.0  # a SIGSTOP duty cycle (slow engine) must not read as a hang
 
@@ -236,7 +236,7 @@ class TreeWatch:
 
 async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: EngineProcess) -> None:
     """Watch a serving engine until its generation ends (the supervisor cancels this task)."""
-    from supervisord_llm.supervisor import EngineState, HealthVerdict, Verdict
+    from supervisord_llm.engine.supervisor import EngineState, HealthVerdict, Verdict
 
     cfg = sup.config
     health: EngineHealth = sup.health

@@ -47,13 +47,13 @@ from policies.actions import Alert, EscalateReboot, RunReboot, Stop
 from policies.reboot import RebootLedger, RebootSettings, RebootState, decide_gpu_lost, decide_xid
 from probes.nvml import NvmlProbe, XidWatcher, gpu_bytes_for_pids
 from probes.readings import GpuReading, XidEvent
+from supervisord_llm.engine.process import TAG_ENV, tree_of
 from supervisord_llm.errors import MemoryNotReturned
 from supervisord_llm.extension import Extension
-from supervisord_llm.process import TAG_ENV, tree_of
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
-    from supervisord_llm.supervisor import EngineSupervisor
+    from supervisord_llm.engine.supervisor import EngineSupervisor
 
 __all__ = ["GpuExtension", "OrphanCandidate", "find_gpu_orphans", "owners_of_pids"]
 

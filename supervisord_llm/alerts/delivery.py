@@ -364,7 +364,7 @@ class AlertSettings:
     max_backoff_s: float = 300.0
     host: str | None = None  # "instance"/"host" in payloads; None = this machine's hostname
     external_url: str = ""  # a link back to this daemon (Alertmanager externalURL/generatorURL)
-    heartbeat: Any = None  # supervisord_llm.heartbeat.HeartbeatSettings, or None: no heartbeat
+    heartbeat: Any = None  # supervisord_llm.alerts.heartbeat.HeartbeatSettings, or None: no heartbeat
 
     KEYS = ("webhook", "rate_limit_per_min", "max_attempts", "initial_backoff", "max_backoff",
             "host", "external_url", "heartbeat")

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 
+from supervisord_llm.engine.supervisor import EngineState
 from supervisord_llm.extension import Extension
-from supervisord_llm.supervisor import EngineState
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
@@ -37,7 +37,7 @@ class _Registered:
 
 
 def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
-    from supervisord_llm import observe
+    from supervisord_llm.subsystems import observe
 
     doc = daemon.status()
     registry = CollectorRegistry()
@@ -106,7 +106,7 @@ class MetricsExtension(Extension):
     name = "metrics"
 
     def __init__(self, daemon: Daemon, listen: str) -> None:
-        from supervisord_llm.gateway import parse_listen
+        from supervisord_llm.gateway.proxy import parse_listen
 
         self.daemon = daemon
         self.listen = listen  # kept as written: an IPv6 host needs its brackets back in "[::1]:9464"
@@ -134,13 +134,13 @@ class MetricsExtension(Extension):
         routes = [Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz)]
         if daemon.config.gateway is None:
             # Without a gateway, the status page lives here (loopback, like the metrics).
-            from supervisord_llm.ui import daemon_snapshot, ui_routes
+            from supervisord_llm.subsystems.ui import daemon_snapshot, ui_routes
 
             routes.extend(ui_routes(daemon_snapshot(daemon), None))
         return Starlette(routes=routes)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        from supervisord_llm.gateway import GatewaySettings, serve
+        from supervisord_llm.gateway.proxy import GatewaySettings, serve
 
         settings = GatewaySettings.from_toml({"listen": self.listen}, file=None, key="daemon.metrics_listen")
         async with anyio.create_task_group() as tg:

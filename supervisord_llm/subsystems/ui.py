@@ -68,7 +68,7 @@ def ui_routes(snapshot: Callable[[], dict[str, Any]], api_key: str | None) -> li
 
 def daemon_snapshot(daemon: Any) -> Callable[[], dict[str, Any]]:
     """What the page shows: the status document, the history and the last events."""
-    from supervisord_llm import observe
+    from supervisord_llm.subsystems import observe
 
     def snapshot() -> dict[str, Any]:
         doc = daemon.status()

@@ -29,7 +29,7 @@ from supervisord_llm.extension import Extension
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
-    from supervisord_llm.supervisor import EngineSupervisor
+    from supervisord_llm.engine.supervisor import EngineSupervisor
 
 DRAIN_POLL_S = 0.2
 PERSIST_GROWTH = 1.05  # a learned peak is written to the state file when it grew by 5%
@@ -301,7 +301,7 @@ class MemoryGuardExtension(Extension):
             self._tg.start_soon(self._drain, sup, gen)
 
     async def _drain(self, sup: EngineSupervisor, gen: int) -> None:
-        from supervisord_llm.supervisor import HealthVerdict, Verdict
+        from supervisord_llm.engine.supervisor import HealthVerdict, Verdict
 
         g = self.engines[sup.name]
         while sup.gen == gen and sup.serving:

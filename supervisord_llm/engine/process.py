@@ -41,7 +41,7 @@ import anyio
 import psutil
 
 from probes.process import tagged_processes as probe_tagged_processes
-from supervisord_llm import scopes
+from supervisord_llm.engine import scopes
 from supervisord_llm.errors import EngineSpawnFailed
 from supervisord_llm.redact import redact_argv
 

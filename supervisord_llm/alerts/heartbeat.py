@@ -29,7 +29,7 @@ import anyio.abc
 import httpx
 
 from policies import heartbeat as heartbeat_policy
-from supervisord_llm.alerts import (
+from supervisord_llm.alerts.delivery import (
     DELIVERY_HEADER,
     USER_AGENT,
     AlertSettings,

@@ -1,0 +1,6 @@
+"""Room: gateway. The front port every client walks through.
+
+``proxy`` (routing, limits, holding, streaming to the engine's pace) and ``anthropic``
+(the Messages API translated for OpenAI-only engines). The front-door decisions themselves are
+pure functions in ``policies.frontdoor``.
+"""
