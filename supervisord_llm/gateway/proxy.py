@@ -2091,8 +2091,11 @@ async def serve(
         ws="none",
         server_header=False,
         date_header=False,
-        # A hard backstop behind the JSON refusal at max_connections (uvicorn answers a plain 503).
-        limit_concurrency=settings.max_connections * 2 + 16,
+        # No limit_concurrency: uvicorn counts every open connection toward it, idle ones included,
+        # so a flood of idle connections made it answer every real client with a plain-text 503.
+        # Requests beyond max_connections get the JSON 503 (_ConnectionCap); connections that send
+        # no request are closed after header_timeout_s (gateway/headers.py).
+        limit_concurrency=None,
     )
     server = DaemonServer(config)
     done = anyio.Event()
