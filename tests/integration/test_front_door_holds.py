@@ -372,3 +372,16 @@ def test_a_flood_of_2000_connections_is_refused_while_a_stream_and_the_control_a
                        timeout=30)
     assert after.status_code == 200
     assert d.status()["gateway"]["refused"].get("header_timeout", 0) > 0
+
+
+@pytest.mark.parametrize("key", ["header_timeout_s", "hold_keepalive_s"])
+@pytest.mark.parametrize("value", ["0s", "soon", -1])
+def test_bad_header_timeout_and_keepalive_values_name_the_file_and_key(key: str, value: object) -> None:
+    """header_timeout_s / hold_keepalive_s that are not a positive duration are a config error naming the key."""
+    from supervisord_llm.errors import ConfigError
+    from supervisord_llm.gateway.proxy import GatewaySettings
+
+    with pytest.raises(ConfigError) as caught:
+        GatewaySettings.from_toml({key: value}, file="/etc/x.toml")
+    message = str(caught.value)
+    assert "/etc/x.toml" in message and f"gateway.{key}" in message
