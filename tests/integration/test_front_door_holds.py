@@ -385,3 +385,37 @@ def test_bad_header_timeout_and_keepalive_values_name_the_file_and_key(key: str,
         GatewaySettings.from_toml({key: value}, file="/etc/x.toml")
     message = str(caught.value)
     assert "/etc/x.toml" in message and f"gateway.{key}" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Turns: requests grouped by engine during swaps
+
+
+def test_mixed_requests_for_two_exclusive_engines_are_served_grouped_with_one_swap_each(daemon_factory) -> None:
+    """b, a, b, a, b, a arriving while b loads: all of b's, then all of a's, two swaps, none refused."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--load-s", "2", exclusive=True, autostart=False)
+                       + standin_engine_toml("b", free_port(), "--load-s", "2", exclusive=True, autostart=False)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "90s"\n').start()
+    finished: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def call(engine: str) -> None:
+        r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json={"model": engine, "max_tokens": 3, **CHAT},
+                       timeout=120)
+        with lock:
+            finished.append((engine, r.status_code))
+
+    threads = []
+    for engine in "bababa":
+        threads.append(threading.Thread(target=call, args=(engine,)))
+        threads[-1].start()
+        time.sleep(0.15)
+    for t in threads:
+        t.join()
+    assert [code for _, code in finished] == [200] * 6, finished
+    assert [engine for engine, _ in finished] == list("bbbaaa")  # grouped, b's group first (its request came first)
+    swaps = [e["target"] for e in d.events() if e["kind"] == "swap.started"]
+    assert swaps == ["b", "a"]
+    turns = [e for e in d.events() if e["kind"] == "policy.decided" and e.get("policy") == "serving_order"]
+    assert [t["engine"] for t in turns][:2] == ["b", "a"] and turns[0]["groups"]
