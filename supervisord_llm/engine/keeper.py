@@ -68,7 +68,11 @@ def _write_record(exits_dir: str, engine: str, tag: str, pid: int, status: int |
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(temporary, final)
+    try:
+        os.rename(temporary, final)
+    except OSError:
+        os.unlink(temporary)
+        raise
     dir_fd = os.open(exits_dir, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -301,6 +301,29 @@ def read_exit_record(path: Path, *, pid: int, tag: str) -> ExitInfo | None:
     return ExitInfo(code=code, signal=sig, at_wall=float(at))
 
 
+def claim_exit_records(exits_dir: Path, *, recorded: Mapping[str, tuple[int, str]],
+                       keep: set[Path]) -> dict[str, ExitInfo]:
+    """At daemon start: the exits of engines that ended while no daemon ran, and a clean directory.
+
+    ``recorded`` is each engine's last (pid, tag) from the state file; their records are read (and
+    so removed). Every other record or temporary file is stale and removed too, except ``keep``:
+    the records adopted engines' keepers will write.
+    """
+    found: dict[str, ExitInfo] = {}
+    for name, (pid, tag) in recorded.items():
+        info = read_exit_record(exits_dir / keeper_program.record_name(name, pid), pid=pid, tag=tag)
+        if info is not None:
+            found[name] = info
+    try:
+        leftovers = [p for p in exits_dir.iterdir() if p not in keep]
+    except OSError:
+        return found
+    for path in leftovers:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return found
+
+
 def tree_of(pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)

@@ -80,16 +80,19 @@ def adopted(tiny_model: Path) -> Iterator[Adopted]:
     config = (mlx_engine_toml("oom", free_port(), tiny_model, cwd=str(state_dir))
               + mlx_engine_toml("abort", free_port(), tiny_model, cwd=str(state_dir))
               + standin_engine_toml("clean", free_port(), "--exit-on-sigusr1", "--exit-code", "0", **standin)
-              + standin_engine_toml("orphaned", free_port(), **standin))
+              + standin_engine_toml("orphaned", free_port(), **standin)
+              + standin_engine_toml("unwatched", free_port(), **standin))
     first = Daemon(config, state_dir=state_dir).start()
     second = Daemon(config, state_dir=state_dir)
     try:
-        pids = {name: first.wait_state(name, "ready", timeout_s=90)["pid"] for name in ENGINES}
+        pids = {name: first.wait_state(name, "ready", timeout_s=90)["pid"] for name in (*ENGINES, "unwatched")}
         first.kill()
+        os.kill(pids["unwatched"], signal.SIGKILL)  # while no daemon runs: only its keeper sees it
+        _until(lambda: (state_dir / "exits" / f"unwatched.{pids['unwatched']}.json").exists(), 10, "the keeper's record")
         second.start()
         for name in ENGINES:
             assert second.wait_state(name, "ready", timeout_s=60)["pid"] == pids[name]
-        assert sum(1 for e in second.events() if e.get("kind") == "engine.spawned") == len(ENGINES)
+        assert sum(1 for e in second.events() if e.get("kind") == "engine.spawned") == len(ENGINES) + 1
         yield Adopted(second, pids)
     finally:
         second.cleanup()
@@ -98,13 +101,15 @@ def adopted(tiny_model: Path) -> Iterator[Adopted]:
 
 def test_an_adopted_engine_killed_by_sigkill_reports_sigkill(adopted: Adopted) -> None:
     """An OOM-killed engine that a restarted daemon adopted shows SIGKILL in status, events and its alert episode."""
-    keeper = _keeper_of(adopted.pids["oom"])
+    parent = psutil.Process(adopted.pids["oom"]).parent()
+    parent_argv = parent.cmdline() if parent is not None else []
     os.kill(adopted.pids["oom"], signal.SIGKILL)
     exited, decided, last_exit = adopted.exit_of("oom")
     assert exited["signal"] == "SIGKILL" and exited["code"] is None, exited
     assert decided["exit"] == "SIGKILL", decided
     assert last_exit["signal"] == "SIGKILL" and last_exit["reason"].startswith("killed by SIGKILL"), last_exit
-    _until(lambda: _gone(keeper), 10, "the keeper to exit after its engine")
+    assert parent is not None and any(arg.endswith("keeper.py") for arg in parent_argv), parent
+    _until(lambda: _gone(parent), 10, "the keeper to exit after its engine (and init to reap it)")
 
 
 def test_an_adopted_engine_that_aborts_reports_sigabrt(adopted: Adopted) -> None:
@@ -137,6 +142,16 @@ def test_a_killed_keeper_leaves_its_engine_running_and_the_status_unknown(adopte
     exited, _decided, last_exit = adopted.exit_of("orphaned")
     assert exited["code"] is None and exited["signal"] is None, exited
     assert "status unknown: its keeper process was killed" in last_exit["reason"], last_exit
+
+
+def test_an_engine_that_died_while_no_daemon_ran_reports_how(adopted: Adopted) -> None:
+    """An engine killed while the daemon was down shows that exit (SIGKILL) once a daemon starts again."""
+    exited = next(e for e in adopted.daemon.events() if e.get("kind") == "engine.exited"
+                  and e.get("engine") == "unwatched")
+    assert exited["signal"] == "SIGKILL" and exited["while_daemon_down"] is True, exited
+    last_exit = adopted.daemon.engine("unwatched")["last_exit"]
+    assert last_exit["reason"] == "exited while no daemon was running (killed by SIGKILL)", last_exit
+    assert not [p for p in (adopted.daemon.state_dir / "exits").iterdir() if p.name.startswith("unwatched.")]
 
 
 # ---- the keeper of an engine this daemon spawned ------------------------------------------------
@@ -191,3 +206,70 @@ async def test_a_missing_program_is_reported_by_name(tmp_path: Path) -> None:
     with pytest.raises(EngineSpawnFailed, match="command not found: '/nonexistent/engine'"):
         await anyio.to_thread.run_sync(lambda: EngineProcess.spawn(
             ["/nonexistent/engine"], env={}, cwd=None, log_path=tmp_path / "e.log", tag="test/e/2", engine="e"))
+
+
+# ---- faults of the keeper's own ---------------------------------------------------------------
+
+@pytest.mark.anyio
+async def test_an_unwritable_record_reads_unknown_and_says_why_in_the_engine_log(tmp_path: Path) -> None:
+    """When the keeper cannot write the exit record the status is 'unknown' (not a guess) and the log says why."""
+    proc = await _spawn(tmp_path)
+    assert proc.keeper is not None
+    keeper = psutil.Process(proc.keeper.pid)
+    proc.keeper.record_path.mkdir()  # rename(2) of a file onto a directory fails: EISDIR
+    os.kill(proc.pid, signal.SIGKILL)
+    with anyio.fail_after(15):
+        info = await proc.wait()
+    assert info.code is None and info.signal is None, info
+    assert info.describe() == "exited (status unknown: its keeper recorded no exit status)"
+    assert "supervisord-llm keeper: cannot record the exit of pid" in (tmp_path / "e.log").read_text()
+    assert _gone(keeper)
+    assert [p.name for p in (tmp_path / "exits").iterdir()] == [proc.keeper.record_path.name], "no temporary left"
+    await proc.stop(grace_s=1.0)
+
+
+@pytest.mark.anyio
+async def test_a_stuck_keeper_is_killed_once_its_engine_is_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keeper that cannot finish (SIGSTOPped) after its engine died is killed and reaped; the status reads unknown."""
+    from supervisord_llm.engine import process
+
+    monkeypatch.setattr(process, "KEEPER_RECORD_WAIT_S", 1.0)
+    proc = await _spawn(tmp_path)
+    assert proc.keeper is not None
+    keeper = psutil.Process(proc.keeper.pid)
+    os.kill(keeper.pid, signal.SIGSTOP)
+    os.kill(proc.pid, signal.SIGKILL)
+    with anyio.fail_after(15):
+        info = await proc.wait()
+    assert info.code is None and info.signal is None, info
+    assert _gone(keeper)
+    await proc.stop(grace_s=1.0)
+
+
+@pytest.mark.anyio
+async def test_a_keeper_that_cannot_start_fails_the_spawn_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keeper that exits without reporting the engine's pid fails the start with a message naming the keeper."""
+    from supervisord_llm.engine import process
+    from supervisord_llm.errors import EngineSpawnFailed
+
+    monkeypatch.setattr(process, "python_executable", lambda: "/bin/false")
+    with pytest.raises(EngineSpawnFailed, match="its keeper did not report the engine's pid"):
+        await _spawn(tmp_path)
+
+
+def test_a_record_of_another_spawn_or_a_damaged_one_is_not_believed(tmp_path: Path) -> None:
+    """An exit record of a reused pid (another spawn's tag) or a damaged one is ignored, never reported as this exit."""
+    from supervisord_llm.engine.process import read_exit_record
+
+    record = tmp_path / "e.42.json"
+    record.write_text('{"pid": 42, "tag": "d/e/old", "code": 0, "signal": null, "at": 1.0}')
+    assert read_exit_record(record, pid=42, tag="d/e/new") is None
+    assert record.exists()
+    for damaged in ('{"pid": 42, "tag": "d/e/new", "code": 0, "signal": 9, "at": 1.0}', "{", "[]",
+                    '{"pid": 42, "tag": "d/e/new", "code": "0", "signal": null, "at": 1.0}'):
+        record.write_text(damaged)
+        assert read_exit_record(record, pid=42, tag="d/e/new") is None, damaged
+    record.write_text('{"pid": 42, "tag": "d/e/new", "code": null, "signal": 6, "at": 1.5}')
+    info = read_exit_record(record, pid=42, tag="d/e/new")
+    assert info is not None and info.signal == signal.SIGABRT and info.describe() == "killed by SIGABRT"
+    assert not record.exists(), "a record that was handed over is removed"
