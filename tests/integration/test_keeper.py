@@ -199,6 +199,24 @@ async def test_sigterm_to_the_keeper_neither_ends_it_nor_reaches_the_engine(tmp_
 
 
 @pytest.mark.anyio
+async def test_a_keeper_killed_under_this_daemon_is_reaped_and_its_engine_lives_on(tmp_path: Path) -> None:
+    """SIGKILL of the keeper of an engine this daemon spawned: no zombie keeper, the engine keeps running, status unknown."""
+    proc = await _spawn(tmp_path)
+    assert proc.keeper is not None
+    keeper = psutil.Process(proc.keeper.pid)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(proc.wait)  # the daemon always has its exit watcher waiting
+        keeper.kill()
+        with anyio.fail_after(10):
+            while not _gone(keeper):
+                await anyio.sleep(0.05)
+        assert proc.running and psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE
+        os.kill(proc.pid, signal.SIGKILL)
+    assert proc.exit is not None and proc.exit.describe() == "exited (status unknown: its keeper process was killed)"
+    await proc.stop(grace_s=1.0)
+
+
+@pytest.mark.anyio
 async def test_a_missing_program_is_reported_by_name(tmp_path: Path) -> None:
     """An engine command that does not exist fails the start with 'command not found' naming it, keeper gone."""
     from supervisord_llm.errors import EngineSpawnFailed
