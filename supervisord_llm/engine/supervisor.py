@@ -570,8 +570,9 @@ class EngineSupervisor:
             spawn = functools.partial(EngineProcess.spawn, self.adapter.argv(), env=self.adapter.env(),
                                       cwd=self.config.cwd, log_path=self.log_path, tag=tag, engine=self.name,
                                       inherit=inherit, exits_dir=self.exits_dir)
-            # The keeper reports the engine's pid from a worker thread; shielded, because a process
-            # that exists must reach the inbox (an overtaken spawn is swept there, never leaked).
+            # Waiting for the keeper to report the engine's pid blocks, so a worker thread does it;
+            # shielded, because a process that exists must reach the inbox (an overtaken spawn is
+            # swept there, never leaked).
             with anyio.CancelScope(shield=True):
                 proc = await anyio.to_thread.run_sync(spawn)
         except EngineError as exc:
