@@ -343,12 +343,31 @@ def kill_to_exit_ms(d: Daemon, pid: int) -> tuple[float, float, int]:
     return recorded_ms, observed_ms, wait_ready_pid(d, ENGINE, pid, 120)
 
 
+def loop_thread_cpu(pid: int, window_s: float) -> dict[str, float]:
+    """CPU seconds per second over ``window_s``: the daemon's main thread (where its event loop, that
+    is supervision, runs) and the whole daemon process."""
+    proc = psutil.Process(pid)
+
+    def sample() -> tuple[float, float]:
+        main = next((t.user_time + t.system_time for t in proc.threads() if t.id == pid), 0.0)
+        total = proc.cpu_times()
+        return main, total.user + total.system
+
+    main0, total0 = sample()
+    time.sleep(window_s)
+    main1, total1 = sample()
+    return {"loop_thread": (main1 - main0) / window_s, "process": (total1 - total0) / window_s}
+
+
 def measure_supervision(d: Daemon, gateway_url: str, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"idle": {}, "load": {}}
+    pid = d.proc.pid  # type: ignore[union-attr]
+    out["idle"]["cpu"] = loop_thread_cpu(pid, args.cpu_window_s)
     out["idle"].update(status_latencies(d, args.status_samples, args.cli_samples))
     load = Load(gateway_url, 32)
     try:
         load.wait_flowing()
+        out["load"]["cpu"] = loop_thread_cpu(pid, args.cpu_window_s)
         out["load"].update(status_latencies(d, args.status_samples, args.cli_samples))
     finally:
         load.close()
@@ -429,6 +448,10 @@ def render(r: dict[str, Any]) -> str:
         f"| `llmctl status --json` command (process start included), {len(ri['cli_ms'])} runs | "
         f"{pct(ri['cli_ms'], .5):.0f} / {max(ri['cli_ms']):.0f} ms | "
         f"{pct(rl['cli_ms'], .5):.0f} / {max(rl['cli_ms']):.0f} ms |",
+        f"| CPU of the daemon's main thread (its event loop: supervision), over {r['cpu_window_s']:g} s | "
+        f"{ri['cpu']['loop_thread'] * 1e3:.0f} ms/s | {rl['cpu']['loop_thread'] * 1e3:.0f} ms/s |",
+        f"| CPU of the whole daemon process (gateway thread included) | "
+        f"{ri['cpu']['process'] * 1e3:.0f} ms/s | {rl['cpu']['process'] * 1e3:.0f} ms/s |",
         f"| SIGKILL of the engine → `engine.exited` recorded (event time), {len(ri['exit_recorded_ms'])} kills | "
         f"{pct(ri['exit_recorded_ms'], .5):.1f} / {max(ri['exit_recorded_ms']):.1f} ms | "
         f"{pct(rl['exit_recorded_ms'], .5):.1f} / {max(rl['exit_recorded_ms']):.1f} ms |",
@@ -493,6 +516,7 @@ def main() -> None:
     parser.add_argument("--status-samples", type=int, default=60)
     parser.add_argument("--cli-samples", type=int, default=10)
     parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--cpu-window-s", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--load-streams", type=int, default=32, help=argparse.SUPPRESS)
@@ -503,6 +527,7 @@ def main() -> None:
         return
     if args.quick:
         args.ttfb_rounds, args.stream_rounds, args.status_samples, args.cli_samples, args.kills = 20, 1, 20, 3, 2
+        args.cpu_window_s = 2.0
         args.no_write = True
 
     began = time.monotonic()
@@ -511,7 +536,8 @@ def main() -> None:
     config += f'\n[gateway]\nlisten = "127.0.0.1:{gateway_port}"\n'
     d = Daemon(config).start()
     nginx: Nginx | None = None
-    result: dict[str, Any] = {"max_tokens": args.max_tokens, "stream_rounds": args.stream_rounds}
+    result: dict[str, Any] = {"max_tokens": args.max_tokens, "stream_rounds": args.stream_rounds,
+                              "cpu_window_s": args.cpu_window_s}
     try:
         wait_ready_pid(d, ENGINE, None, 120)
         engine_url = f"http://127.0.0.1:{engine_port}"

@@ -185,6 +185,16 @@ class ThreadedBackend:
         self.bridge.notify(self._deliver, "stall_detected", engine, phase, stalled_for_s)
 
 
+def _loop_options() -> dict[str, Any]:
+    """The gateway's own loop runs on uvloop where it is installed (a dependency on Linux and macOS):
+    its transports and callbacks cost a fraction of asyncio's per chunk. The daemon's loop is untouched."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
 class GatewayThread:
     """Runs ``serve(app, settings)`` in a thread of its own with its own event loop.
 
@@ -211,7 +221,7 @@ class GatewayThread:
 
         def main() -> None:
             try:
-                anyio.run(self._serve, backend="asyncio")
+                anyio.run(self._serve, backend="asyncio", backend_options=_loop_options())
             except BaseException as exc:  # the daemon's side raises it (startup) or reports it
                 while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
                     exc = exc.exceptions[0]  # one task group's wrapping: the cause is what the operator needs
