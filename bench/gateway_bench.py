@@ -249,7 +249,7 @@ async def measure_paths(paths: dict[str, tuple[str, str]], cpu_pids: dict[str, l
 # ---- load: 32 live streams, from a separate process ------------------------------------------
 
 
-def run_load(url: str, streams: int, flowing_file: Path) -> None:
+def run_load(url: str, model: str, streams: int, flowing_file: Path) -> None:
     """Keep ``streams`` streams live through ``url`` until SIGTERM (errors are retried: the engine is
     killed under this load). ``flowing_file`` holds the count of stream lines read so far."""
 
@@ -262,7 +262,7 @@ def run_load(url: str, streams: int, flowing_file: Path) -> None:
             async def worker(i: int) -> None:
                 nonlocal tokens
                 await asyncio.sleep(i * STAGGER_S)
-                body = {"model": ENGINE, "messages": PROMPT, "max_tokens": 100000, "stream": True}
+                body = {"model": model, "messages": PROMPT, "max_tokens": 100000, "stream": True}
                 while not stopping.is_set():
                     try:
                         async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
@@ -285,10 +285,11 @@ def run_load(url: str, streams: int, flowing_file: Path) -> None:
 
 
 class Load:
-    def __init__(self, url: str, streams: int) -> None:
+    def __init__(self, url: str, model: str, streams: int) -> None:
         self.dir = short_tmpdir("gwload-")
         self.flowing = self.dir / "tokens"
-        self.proc = subprocess.Popen([sys.executable, __file__, "--load", url, "--load-streams", str(streams),
+        self.proc = subprocess.Popen([sys.executable, __file__, "--load", url, "--load-model", model,
+                                      "--load-streams", str(streams),
                                       "--load-dir", str(self.dir)], start_new_session=True)
 
     def tokens(self) -> int:
@@ -359,28 +360,33 @@ def loop_thread_cpu(pid: int, window_s: float) -> dict[str, float]:
     return {"loop_thread": (main1 - main0) / window_s, "process": (total1 - total0) / window_s}
 
 
-def measure_supervision(d: Daemon, gateway_url: str, args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"idle": {}, "load": {}}
+def measure_supervision(d: Daemon, gateway_url: str, engine_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Idle; 32 live streams through the gateway ("load"); the same 32 streams straight to the engine
+    ("direct"): the machine as busy, but no traffic through the daemon, which tells the gateway's
+    share from the machine's."""
     pid = d.proc.pid  # type: ignore[union-attr]
-    out["idle"]["cpu"] = loop_thread_cpu(pid, args.cpu_window_s)
-    out["idle"].update(status_latencies(d, args.status_samples, args.cli_samples))
-    load = Load(gateway_url, 32)
-    try:
-        load.wait_flowing()
-        out["load"]["cpu"] = loop_thread_cpu(pid, args.cpu_window_s)
-        out["load"].update(status_latencies(d, args.status_samples, args.cli_samples))
-    finally:
-        load.close()
-    pid = d.engine(ENGINE)["pid"]
-    for phase in ("idle", "load"):
+    loads = {"idle": None, "load": (gateway_url, ENGINE), "direct": (engine_url, "default_model")}
+    out: dict[str, Any] = {phase: {} for phase in loads}
+    for phase, target in loads.items():
+        load = Load(*target, 32) if target else None
+        try:
+            if load is not None:
+                load.wait_flowing()
+            out[phase]["cpu"] = loop_thread_cpu(pid, args.cpu_window_s)
+            out[phase].update(status_latencies(d, args.status_samples, args.cli_samples))
+        finally:
+            if load is not None:
+                load.close()
+    engine_pid = d.engine(ENGINE)["pid"]
+    for phase, target in loads.items():
         recorded, observed = [], []
         for _ in range(args.kills):
-            load = Load(gateway_url, 32) if phase == "load" else None
+            load = Load(*target, 32) if target else None
             try:
                 if load is not None:
                     load.wait_flowing()
                 time.sleep(0.3)
-                r, o, pid = kill_to_exit_ms(d, pid)
+                r, o, engine_pid = kill_to_exit_ms(d, engine_pid)
                 recorded.append(r)
                 observed.append(o)
             finally:
@@ -439,25 +445,29 @@ def render(r: dict[str, Any]) -> str:
             cpu = f"{p['cpu_us_per_token']:.0f} µs" if p.get("cpu_us_per_token") and name != "direct" else ""
             lines.append(f"| {k} | {name} | {p['tokens_per_s']:.0f} | {p['tokens_per_s'] / direct_rate:.3f} | {cpu} |")
     ri, rl = sup["idle"], sup["load"]
+    phases = [sup[p] for p in ("idle", "load", "direct") if p in sup]
+
+    def row(label: str, key: str, fmt: str = ".1f", unit: str = "ms") -> str:
+        cells = [f"{pct(ph[key], .5):{fmt}} / {max(ph[key]):{fmt}} {unit}" for ph in phases]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def cpu_row(label: str, key: str) -> str:
+        return f"| {label} | " + " | ".join(f"{ph['cpu'][key] * 1e3:.0f} ms/s" for ph in phases) + " |"
+
     lines += [
-        "", "Supervision, idle and with 32 live streams through the gateway (a separate load process):", "",
-        "| measure | idle p50 / max | under load p50 / max |", "|---|---:|---:|",
-        f"| `llmctl status` request (`GET /v1/status`, control socket), {len(ri['request_ms'])} samples | "
-        f"{pct(ri['request_ms'], .5):.1f} / {max(ri['request_ms']):.1f} ms | "
-        f"{pct(rl['request_ms'], .5):.1f} / {max(rl['request_ms']):.1f} ms |",
-        f"| `llmctl status --json` command (process start included), {len(ri['cli_ms'])} runs | "
-        f"{pct(ri['cli_ms'], .5):.0f} / {max(ri['cli_ms']):.0f} ms | "
-        f"{pct(rl['cli_ms'], .5):.0f} / {max(rl['cli_ms']):.0f} ms |",
-        f"| CPU of the daemon's main thread (its event loop: supervision), over {r['cpu_window_s']:g} s | "
-        f"{ri['cpu']['loop_thread'] * 1e3:.0f} ms/s | {rl['cpu']['loop_thread'] * 1e3:.0f} ms/s |",
-        f"| CPU of the whole daemon process (gateway thread included) | "
-        f"{ri['cpu']['process'] * 1e3:.0f} ms/s | {rl['cpu']['process'] * 1e3:.0f} ms/s |",
-        f"| SIGKILL of the engine → `engine.exited` recorded (event time), {len(ri['exit_recorded_ms'])} kills | "
-        f"{pct(ri['exit_recorded_ms'], .5):.1f} / {max(ri['exit_recorded_ms']):.1f} ms | "
-        f"{pct(rl['exit_recorded_ms'], .5):.1f} / {max(rl['exit_recorded_ms']):.1f} ms |",
-        f"| SIGKILL → the line seen in events.jsonl by a reader polling every ms | "
-        f"{pct(ri['exit_observed_ms'], .5):.1f} / {max(ri['exit_observed_ms']):.1f} ms | "
-        f"{pct(rl['exit_observed_ms'], .5):.1f} / {max(rl['exit_observed_ms']):.1f} ms |",
+        "", "Supervision: idle; with 32 live streams through the gateway (a separate load process); and with the "
+        "same 32 streams straight to the engine (the machine as busy, no traffic through the daemon):", "",
+        "| measure (p50 / max) | idle | 32 streams through the gateway | 32 streams direct to the engine |",
+        "|---|---:|---:|---:|",
+        row(f"`llmctl status` request (`GET /v1/status` on the control socket), {len(ri['request_ms'])} samples",
+            "request_ms"),
+        row(f"`llmctl status --json` command (process start included), {len(ri['cli_ms'])} runs", "cli_ms", ".0f"),
+        row(f"SIGKILL of the engine → `engine.exited` recorded (event time), {len(ri['exit_recorded_ms'])} kills",
+            "exit_recorded_ms"),
+        row("SIGKILL → the line seen in events.jsonl by a reader polling every ms", "exit_observed_ms"),
+        cpu_row(f"CPU of the daemon's main thread (its event loop: supervision), over {r['cpu_window_s']:g} s",
+                "loop_thread"),
+        cpu_row("CPU of the whole daemon process (the gateway's thread included)", "process"),
         "",
         "Targets (issue 15):",
         "",
@@ -519,11 +529,12 @@ def main() -> None:
     parser.add_argument("--cpu-window-s", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--load", help=argparse.SUPPRESS)
+    parser.add_argument("--load-model", default=ENGINE, help=argparse.SUPPRESS)
     parser.add_argument("--load-streams", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument("--load-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
-        run_load(args.load, args.load_streams, args.load_dir / "tokens")
+        run_load(args.load, args.load_model, args.load_streams, args.load_dir / "tokens")
         return
     if args.quick:
         args.ttfb_rounds, args.stream_rounds, args.status_samples, args.cli_samples, args.kills = 20, 1, 20, 3, 2
@@ -555,7 +566,7 @@ def main() -> None:
         paths["gateway"] = (gateway_url, ENGINE)
         result["load_before"] = os.getloadavg()[0]
         result["paths"] = asyncio.run(measure_paths(paths, cpu_pids, args))
-        result["supervision"] = measure_supervision(d, gateway_url, args)
+        result["supervision"] = measure_supervision(d, gateway_url, engine_url, args)
         result["load_after"] = os.getloadavg()[0]
     finally:
         if nginx is not None:
