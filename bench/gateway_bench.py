@@ -492,6 +492,21 @@ def render(r: dict[str, Any]) -> str:
         f"{met(s_ratio <= TARGET_STATUS_MULTIPLE)}).",
         f"- crash → exit event p50 under load {e_ratio:.2f}× idle (≤ {TARGET_EXIT_MULTIPLE:g}×: "
         f"{met(e_ratio <= TARGET_EXIT_MULTIPLE)}).",
+    ]
+    if "direct" in sup:
+        rd = sup["direct"]
+        d_ratio = pct(rd["request_ms"], .5) / pct(ri["request_ms"], .5)
+        de_ratio = pct(rd["exit_recorded_ms"], .5) / pct(ri["exit_recorded_ms"], .5)
+        lines += [
+            "",
+            f"Reading: with the same 32 streams straight to the engine, where no byte passes through the daemon, "
+            f"the `llmctl status` request p50 was {d_ratio:.2f}× idle and crash → exit event {de_ratio:.2f}× idle: "
+            "that share is the machine's (its CPUs busy with the engine and the load), not the gateway's. The "
+            f"daemon's main thread, which runs supervision, spent {rl['cpu']['loop_thread'] * 1e3:.0f} ms/s of CPU "
+            f"under the gateway's load against {ri['cpu']['loop_thread'] * 1e3:.0f} ms/s idle, while the process "
+            f"as a whole spent {rl['cpu']['process'] * 1e3:.0f} ms/s: the traffic runs on the gateway's thread.",
+        ]
+    lines += [
         "",
         f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cpus']} CPUs, Python {r['machine']['python']}; "
         "the engine, the daemon, nginx and the clients share these CPUs, and other work ran on the machine "
