@@ -501,10 +501,11 @@ def render(r: dict[str, Any]) -> str:
             "",
             f"Reading: with the same 32 streams straight to the engine, where no byte passes through the daemon, "
             f"the `llmctl status` request p50 was {d_ratio:.2f}× idle and crash → exit event {de_ratio:.2f}× idle: "
-            "that share is the machine's (its CPUs busy with the engine and the load), not the gateway's. The "
-            f"daemon's main thread, which runs supervision, spent {rl['cpu']['loop_thread'] * 1e3:.0f} ms/s of CPU "
-            f"under the gateway's load against {ri['cpu']['loop_thread'] * 1e3:.0f} ms/s idle, while the process "
-            f"as a whole spent {rl['cpu']['process'] * 1e3:.0f} ms/s: the traffic runs on the gateway's thread.",
+            "that much is the machine's (its CPUs busy with the engine and the load). What the gateway's load adds "
+            "beyond it is the daemon process's own: the gateway's thread shares the interpreter (one GIL) with "
+            f"the supervision loop. That loop itself did {rl['cpu']['loop_thread'] * 1e3:.0f} ms/s of work under "
+            f"the gateway's load against {ri['cpu']['loop_thread'] * 1e3:.0f} ms/s idle, while the process as a "
+            f"whole spent {rl['cpu']['process'] * 1e3:.0f} ms/s: the traffic runs on the gateway's thread.",
         ]
     lines += [
         "",
