@@ -209,8 +209,9 @@ class GatewayExtension(Extension):
         self.daemon = daemon
         self.settings = daemon.config.gateway
         self.bridge = LoopBridge()
-        self.backend = ThreadedBackend(DaemonGatewayBackend(daemon, self.settings.hold_s), self.bridge)
-        self.app = build_app(self.backend, self.settings, daemon.clock, log=daemon.log.bind(component="gateway"))
+        log = daemon.log.bind(component="gateway")
+        self.backend = ThreadedBackend(DaemonGatewayBackend(daemon, self.settings.hold_s), self.bridge, log=log)
+        self.app = build_app(self.backend, self.settings, daemon.clock, log=log)
         # The status page shares the gateway's port and its key (see ui.py); its document is made on
         # the daemon's loop.
         from supervisord_llm.subsystems.ui import daemon_snapshot, ui_routes

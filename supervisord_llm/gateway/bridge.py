@@ -93,9 +93,10 @@ class ThreadedBackend:
     the protocol's methods.
     """
 
-    def __init__(self, inner: GatewayBackend, bridge: LoopBridge) -> None:
+    def __init__(self, inner: GatewayBackend, bridge: LoopBridge, *, log: Any = None) -> None:
         self.inner = inner
         self.bridge = bridge
+        self.log = log
         self._models: list[dict] = []
         self._default: str | None = None
         self._progress: dict[str, float | None] = {}
@@ -111,11 +112,23 @@ class ThreadedBackend:
     # -- the daemon's side (its loop) ---------------------------------------------------------------
 
     def publish(self) -> None:
-        """Take fresh snapshots of what the gateway reads without asking (daemon's loop only)."""
+        """Take fresh snapshots of what the gateway reads without asking (daemon's loop only).
+
+        Called from the event log's listeners too: a failure is logged, never raised into an emit.
+        """
         inner = self.inner
-        self._models = inner.models()
-        self._default = inner.default_engine()
-        self._progress = {m["id"]: inner.engine_progress_s(m["id"]) for m in self._models}
+        try:
+            models = inner.models()
+            self._progress = {m["id"]: inner.engine_progress_s(m["id"]) for m in models}
+            self._models = models
+            self._default = inner.default_engine()
+        except Exception:
+            self._failed("publish")
+
+    def _failed(self, method: str) -> None:
+        # The gateway's own notes must never take the daemon's loop down; the old snapshot stays.
+        if self.log is not None:
+            self.log.exception("gateway.backend_failed", method=method)
 
     async def run_publisher(self) -> None:
         """While requests run, refresh the snapshots every ``PUBLISH_S``; idle, it sleeps (daemon's loop)."""
@@ -135,14 +148,20 @@ class ThreadedBackend:
                 self._busy.set()
         elif method == "request_finished":
             self._running = max(0, self._running - 1)
-        getattr(self.inner, method)(*args)
+        try:
+            getattr(self.inner, method)(*args)
+        except Exception:
+            self._failed(method)
 
     def _flush_tokens(self) -> None:
         with self._tokens_lock:
             pending, self._pending_tokens = self._pending_tokens, {}
             self._flush_scheduled = False
         for engine, at_s in pending.items():
-            self.inner.token_progress(engine, at_s)
+            try:
+                self.inner.token_progress(engine, at_s)
+            except Exception:
+                self._failed("token_progress")
 
     def _flush_later(self) -> None:
         self.bridge.daemon_loop.call_later(TOKEN_FLUSH_S, self._flush_tokens)

@@ -203,3 +203,43 @@ async def test_a_gateway_port_in_use_fails_the_start_with_its_reason() -> None:
         with pytest.raises(GatewayListenFailed, match=f"127.0.0.1:{port}"):
             await gateway.run()
     assert gateway.thread is not None and not gateway.thread.is_alive()
+
+
+class FailingBackend(RecordingBackend):
+    """A daemon side whose bookkeeping raises."""
+
+    def models(self) -> list[dict]:
+        raise RuntimeError("models broke")
+
+    def request_finished(self, stats: RequestStats) -> None:
+        raise RuntimeError("request_finished broke")
+
+
+class ListLog:
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def exception(self, event: str, **fields: Any) -> None:
+        self.failed.append(f"{event}:{fields.get('method')}")
+
+
+async def test_a_failing_daemon_side_is_logged_and_the_last_snapshot_kept() -> None:
+    """A bug in the daemon's bookkeeping for the gateway is logged as gateway.backend_failed; the
+    daemon's loop goes on and the gateway keeps the models it last had."""
+    import asyncio
+
+    inner, log = RecordingBackend(), ListLog()
+    bridge = LoopBridge()
+    bridge.bind(asyncio.get_running_loop())
+    backend = ThreadedBackend(inner, bridge, log=log)
+    backend.publish()
+    backend.inner = FailingBackend()
+    backend.publish()
+
+    async def gateway() -> None:
+        backend.request_finished(RequestStats("tiny", 0.01, 3, 0.1, 0.01, "complete"))
+
+    await on_gateway_thread(gateway)
+    await anyio.sleep(0.05)
+    assert backend.models() == inner.models()
+    assert log.failed == ["gateway.backend_failed:publish", "gateway.backend_failed:request_finished"]
