@@ -244,6 +244,11 @@ class GatewayThread:
             except BaseException as exc:  # the daemon's side raises it (startup) or reports it
                 while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
                     exc = exc.exceptions[0]  # one task group's wrapping: the cause is what the operator needs
+                if isinstance(exc, SystemExit):
+                    # uvicorn exits the interpreter when the app's startup fails; here that must be the
+                    # gateway's failure, reported as such, not a silent exit of the whole daemon.
+                    exc = GatewayListenFailed(f"the gateway stopped during startup: its app failed to start "
+                                              f"(uvicorn exit status {exc.code}; the reason is logged above)")
                 if not self._started.done():
                     self._started.set_exception(exc)
                 elif not self._stopping:

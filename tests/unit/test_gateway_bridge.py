@@ -243,3 +243,32 @@ async def test_a_failing_daemon_side_is_logged_and_the_last_snapshot_kept() -> N
     await anyio.sleep(0.05)
     assert backend.models() == inner.models()
     assert log.failed == ["gateway.backend_failed:publish", "gateway.backend_failed:request_finished"]
+
+
+async def test_a_gateway_whose_app_fails_to_start_fails_the_daemons_start() -> None:
+    """A gateway app that fails while starting (its lifespan raises) fails the start with a clear error
+    instead of leaving a daemon without its front port, and leaves no thread behind."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def broken(app: Starlette):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the upstream client could not be made")
+        yield
+
+    gateway = GatewayThread(Starlette(lifespan=broken), GatewaySettings(port=free_port(), shutdown_grace_s=1))
+    with pytest.raises(GatewayListenFailed, match="stopped during startup"):
+        await gateway.run()
+    assert gateway.thread is not None and not gateway.thread.is_alive()
+
+
+def test_notes_after_the_daemons_loop_closed_are_dropped_quietly() -> None:
+    """A request that ends after the daemon's loop has closed (the last moments of a shutdown) is not an error."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    bridge = LoopBridge(loop)
+    assert bridge.notify(print, "never") is False
+    backend = ThreadedBackend(RecordingBackend(), bridge)
+    backend.token_progress("tiny", 1.0)
+    backend.request_finished(RequestStats("tiny", None, 0, None, None, "client_disconnected"))
