@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install engines demo test lint chaos bench clean
+.PHONY: install engines demo test lint chaos bench bench-gateway clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ chaos: install engines
 
 bench: install
 	$(BIN)/python bench/run_all.py
+
+# Gateway overhead (direct / nginx / gateway) and supervision under load; nginx from the
+# distribution's package (apt-get install nginx), skipped with a note where it is missing.
+bench-gateway: install
+	$(BIN)/python bench/gateway_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .engines

@@ -6,6 +6,7 @@ defaults); ``install_extensions`` attaches them in the order the daemon starts t
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -244,29 +245,55 @@ class _Turns:
 
 
 class GatewayExtension(Extension):
+    """The gateway, on its own thread and event loop (``gateway.bridge``): traffic never runs on the
+    daemon's loop, and the daemon is reached only through the bridge."""
+
     name = "gateway"
 
     def __init__(self, daemon: Daemon) -> None:
+        from supervisord_llm.gateway.bridge import GatewayThread, LoopBridge, ThreadedBackend
         from supervisord_llm.gateway.proxy import build_app
 
         self.daemon = daemon
         self.settings = daemon.config.gateway
-        self.backend = DaemonGatewayBackend(daemon, self.settings.hold_s)
-        self.app = build_app(self.backend, self.settings, daemon.clock, log=daemon.log.bind(component="gateway"))
-        # The status page shares the gateway's port and its key (see ui.py).
+        self.bridge = LoopBridge()
+        log = daemon.log.bind(component="gateway")
+        self.backend = ThreadedBackend(DaemonGatewayBackend(daemon, self.settings.hold_s), self.bridge, log=log)
+        self.app = build_app(self.backend, self.settings, daemon.clock, log=log)
+        # The status page shares the gateway's port and its key (see ui.py); its document is made on
+        # the daemon's loop.
         from supervisord_llm.subsystems.ui import daemon_snapshot, ui_routes
 
-        self.app.router.routes.extend(ui_routes(daemon_snapshot(daemon), self.settings.api_key))
+        snapshot = daemon_snapshot(daemon)
+
+        async def on_daemon_loop() -> dict[str, Any]:
+            return snapshot()
+
+        async def status_page_doc() -> dict[str, Any]:
+            return await self.bridge.call(on_daemon_loop)
+
+        self.app.router.routes.extend(ui_routes(status_page_doc, self.settings.api_key))
         self.listen = self.settings.listen
+        self.thread = GatewayThread(self.app, self.settings)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("kind") in ("engine.state_changed", "swap.started", "swap.finished"):
+            self.backend.publish()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        from supervisord_llm.gateway.proxy import serve
-
-        async with anyio.create_task_group() as tg:
-            self.listen = await tg.start(serve, self.app, self.settings)
-            task_status.started()
+        self.bridge.bind(asyncio.get_running_loop())
+        self.backend.publish()
+        self.daemon.events.listeners.append(self._on_event)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.backend.run_publisher)
+                self.listen = await tg.start(self.thread.run)
+                task_status.started()
+        finally:
+            self.daemon.events.listeners.remove(self._on_event)
 
     def contribute_status(self, doc: dict[str, Any]) -> None:
+        # Counters the gateway's thread writes; read here as copies (an int, a dict copied whole).
         stats = self.app.state.gateway
         doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight, "clients_cut": stats.clients_cut,
                           "refused": dict(stats.refused)}

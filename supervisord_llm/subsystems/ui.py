@@ -15,7 +15,8 @@ cannot add headers to a navigation); the page then sends it as a header on every
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -37,8 +38,10 @@ def page_html() -> str:
     return resources.files("supervisord_llm").joinpath("templates", "status.html").read_text()
 
 
-def ui_routes(snapshot: Callable[[], dict[str, Any]], api_key: str | None) -> list[Route]:
-    """``/``, ``/ui`` (the page) and ``/ui/status.json`` (status + an hour of history + recent events)."""
+def ui_routes(snapshot: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]], api_key: str | None) -> list[Route]:
+    """``/``, ``/ui`` (the page) and ``/ui/status.json`` (status + an hour of history + recent events).
+
+    ``snapshot`` may be a coroutine function: the gateway, on its own thread, asks the daemon's loop."""
     key = api_key.encode() if api_key else None
 
     def allowed(request: Request) -> bool:
@@ -60,7 +63,10 @@ def ui_routes(snapshot: Callable[[], dict[str, Any]], api_key: str | None) -> li
                                            "(Authorization: Bearer KEY, x-api-key, or ?key=)",
                                            "type": "authentication_error", "code": "invalid_api_key"}},
                                 status_code=401)
-        return JSONResponse(snapshot(), headers={"cache-control": "no-store"})
+        doc = snapshot()
+        if inspect.isawaitable(doc):
+            doc = await doc
+        return JSONResponse(doc, headers={"cache-control": "no-store"})
 
     return [Route("/", page, methods=["GET"]), Route("/ui", page, methods=["GET"]),
             Route("/ui/status.json", status_json, methods=["GET"])]

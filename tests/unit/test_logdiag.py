@@ -319,3 +319,29 @@ def test_real_python_without_the_engine_package_is_diagnosed() -> None:
     assert diagnosis.signature == "python.module_not_found"
     assert diagnosis.details["module"].split(".")[0] == "sglang"
     assert "pip install sglang" in diagnosis.remedy
+
+
+def _match_each_pattern(line: str) -> list[str]:
+    """What the signatures match when each pattern is searched on its own (no combined prefilter)."""
+    from probes.logdiag import _SOURCE_LINE
+
+    if _SOURCE_LINE.search(line):
+        return []
+    return [s.id for s in SIGNATURES if s.match(line) is not None]
+
+
+@settings(max_examples=200)
+@given(st.sampled_from([line for lines in BLOCKS.values() for line in lines]), st.text(max_size=40),
+       st.text(max_size=40))
+def test_the_combined_prefilter_finds_every_line_a_signature_knows(line: str, before: str, after: str) -> None:
+    """A known failure line is diagnosed the same whether or not ordinary output surrounds it on its line."""
+    framed = before + line + after
+    assert [s.id for s, _ in match_line(framed)] == _match_each_pattern(framed)
+
+
+def test_access_log_lines_are_passed_over() -> None:
+    """An engine's access log and progress lines (most of what a busy engine writes) diagnose as nothing."""
+    lines = ['127.0.0.1 - - [30/Nov/2026 17:20:00] "POST /v1/chat/completions HTTP/1.1" 200 -',
+             "Prompt processing progress: 10/10", "INFO:     127.0.0.1:5 - \"GET /health HTTP/1.1\" 200 OK"]
+    assert all(match_line(line) == [] == _match_each_pattern(line) for line in lines)
+    assert diagnose(lines * 100) is None
