@@ -356,7 +356,9 @@ def test_a_broken_policy_in_the_real_daemon_is_caught(fake_edges: None, tmp_path
     for owner, attribute, replacement in patches:
         monkeypatch.setattr(owner, attribute, replacement)
 
-    @settings(REAL, max_examples=300, phases=[Phase.generate], print_blob=False)
+    # derandomize: the same 300 runs every time, so whether a broken policy is caught does not depend on
+    # the draw of the day (a random search missed the budget breakage once in a few hundred runs).
+    @settings(REAL, max_examples=300, phases=[Phase.generate], print_blob=False, derandomize=True)
     @given(specs=ENGINES, steps=STEPS)
     def run(specs: list[EngineSpec], steps: list[Step]) -> None:
         _run(specs, steps, tmp_path)
