@@ -482,15 +482,12 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
     gateway = None
     if "gateway" in data:
-        from supervisord_llm.gateway.proxy import GatewaySettings
+        from supervisord_llm.gateway.settings import read_gateway
 
-        g = root.sub("gateway")
-        enabled = g.bool("enabled", True)
-        table = {k: v for k, v in g.data.items() if k != "enabled"}
-        settings = GatewaySettings.from_toml(table, file=file, key="gateway")
+        settings = read_gateway(root.sub("gateway"), environ)
         if metrics_listen and _same_listen(metrics_listen, f"{settings.host}:{settings.port}"):
             raise ConfigError("the gateway and metrics_listen use the same address", file=file, key="gateway.listen")
-        gateway = settings if enabled else None
+        gateway = settings if settings.enabled else None
         if gateway is not None:
             for engine in engines:
                 if engine.port == settings.port and engine.host in (settings.host, "0.0.0.0"):
@@ -542,7 +539,7 @@ def _require_known_weights(t: Table, kind: str, model: str | None, environ: Mapp
 
 def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:
     # The same parser the listener uses at start: what passes here also binds (IPv6 in brackets).
-    from supervisord_llm.gateway.proxy import parse_listen
+    from supervisord_llm.gateway.settings import parse_listen
 
     try:
         host, port = parse_listen(value)

@@ -9,17 +9,19 @@ errors, so the modules that own a section (``gateway``, ``alerts``) can use it w
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from supervisord_llm.convert import parse_duration_s, parse_size_bytes
 from supervisord_llm.errors import ConfigError
+
+T = TypeVar("T")
 
 
 class Table:
     """A view of one TOML table that reads typed values and names file and key in every error."""
 
-    def __init__(self, data: Mapping[str, Any], file: str, path: str) -> None:
+    def __init__(self, data: Mapping[str, Any], file: str | None, path: str) -> None:
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected a table, got {type(data).__name__}", file=file, key=path)
         self.data = data
@@ -35,11 +37,13 @@ class Table:
     def has(self, name: str) -> bool:
         return name in self.data
 
-    def check_unknown(self, allowed: set[str] | frozenset[str]) -> None:
-        unknown = sorted(set(self.data) - set(allowed))
+    def check_unknown(self, allowed: Iterable[str]) -> None:
+        """Every key here is one of ``allowed`` (a set is listed sorted, a sequence in its own order)."""
+        valid = sorted(allowed) if isinstance(allowed, (set, frozenset)) else list(allowed)
+        unknown = sorted(set(self.data) - set(valid))
         if unknown:
             raise ConfigError(
-                f"unknown key {unknown[0]!r}; valid keys here: {', '.join(sorted(allowed))}",
+                f"unknown key {unknown[0]!r}; valid keys here: {', '.join(valid)}",
                 file=self.file,
                 key=self.key(unknown[0]),
             )
@@ -96,7 +100,8 @@ class Table:
         return float(value)
 
     def duration_s(self, name: builtins.str, default: builtins.str | builtins.float, *, min_s: builtins.float | None = None,
-                   why: builtins.str = "") -> builtins.float:
+                   why: builtins.str = "", positive: builtins.bool = False,
+                   max_s: builtins.float | None = None) -> builtins.float:
         value = self._get(name, default, False)
         try:
             seconds = parse_duration_s(value)
@@ -105,6 +110,10 @@ class Table:
         if min_s is not None and seconds < min_s:
             reason = f" ({why})" if why else ""
             raise self.error(name, f"must be at least {min_s:g}s{reason}, got {value!r}")
+        if positive and seconds <= 0:
+            raise self.error(name, f"must be greater than 0, got {value!r}; e.g. \"30s\"")
+        if max_s is not None and seconds > max_s:
+            raise self.error(name, f"must be at most {max_s:g}s, got {value!r}")
         return seconds
 
     def size_bytes(self, name: builtins.str, default: builtins.str | builtins.int | None, *, allow_auto: builtins.bool = False) -> builtins.int | None:
@@ -119,6 +128,35 @@ class Table:
         except ValueError as exc:
             extra = ' or "auto"' if allow_auto else ""
             raise self.error(name, f"{exc}{extra}") from exc
+
+    def checked(self, name: builtins.str, check: Callable[[Any], T], default: Any = None) -> T:
+        """The value (or ``default``) passed through ``check``, whose ValueError becomes this key's error."""
+        try:
+            return check(self._get(name, default, False))
+        except ValueError as exc:
+            raise self.error(name, str(exc)) from None
+
+    def secret(self, name: builtins.str, environ: Mapping[builtins.str, builtins.str], *,
+               required_help: builtins.str | None = None) -> tuple[Any, builtins.str]:
+        """A secret given as ``name`` or as ``name_env`` (the environment variable that holds it).
+
+        Returns the raw value and the key it came from (for the error of a check that follows);
+        ``None`` when neither is set, unless ``required_help`` says what to set.
+        """
+        env_key = f"{name}_env"
+        if name in self.data and env_key in self.data:
+            raise self.error(name, f"set either {name} or {env_key}, not both")
+        if env_key in self.data:
+            variable = self.data[env_key]
+            if not isinstance(variable, builtins.str) or not variable:
+                raise self.error(env_key, "expected the name of an environment variable")
+            if variable not in environ:
+                raise self.error(env_key, f"environment variable {variable} is not set")
+            return environ[variable], env_key
+        if name not in self.data and required_help is not None:
+            raise self.error(name, f"missing; set {name} ({required_help}) or {env_key} "
+                                   "(an environment variable holding it)")
+        return self.data.get(name), name
 
     def str_list(self, name: builtins.str, default: list[builtins.str] | None = None) -> tuple[builtins.str, ...]:
         value = self._get(name, default or [], False)

@@ -1,0 +1,74 @@
+"""[gateway] and [alerts] are read by the config's one table reader: every mistake names file, key and what is valid."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from supervisord_llm.config import load_config
+from supervisord_llm.errors import ConfigError
+from supervisord_llm.gateway.settings import GATEWAY_KEYS, GatewaySettings
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+
+
+@pytest.mark.parametrize(
+    ("table", "bad_key", "message"),
+    [
+        ({"enabled": "yes"}, "gateway.enabled", "expected true or false"),
+        ({"listen": 8000}, "gateway.listen", 'HOST:PORT'),
+        ({"api_key": ""}, "gateway.api_key", "non-empty string"),
+        ({"api_key_env": "EMPTY_KEY"}, "gateway.api_key_env", "is empty"),
+        ({"api_key": "k", "api_key_env": "SET_KEY"}, "gateway.api_key", "not both"),
+        ({"hold_s": "soon"}, "gateway.hold_s", '"90s"'),
+        ({"shutdown_grace_s": True}, "gateway.shutdown_grace_s", "a duration"),
+        ({"prefill_stall_s": 0}, "gateway.prefill_stall_s", "greater than 0"),
+        ({"client_timeout_s": "0s"}, "gateway.client_timeout_s", "greater than 0"),
+        ({"upstream_connect_timeout_s": 0}, "gateway.upstream_connect_timeout_s", "greater than 0"),
+        ({"upstream_read_timeout_s": 0}, "gateway.upstream_read_timeout_s", "greater than 0"),
+        ({"body_timeout_s": 0}, "gateway.body_timeout_s", "greater than 0"),
+        ({"max_body_bytes": 100}, "gateway.max_body_bytes", "at least 1024"),
+        ({"client_buffer_bytes": "1KB"}, "gateway.client_buffer_bytes", "at least 4096"),
+        ({"prefill_per_mib_s": -1}, "gateway.prefill_per_mib_s", "seconds per MiB"),
+        ({"max_upstream_connections": 0}, "gateway.max_upstream_connections", "at least 1"),
+        ({"max_connections": 0}, "gateway.max_connections", "at least 1"),
+        ({"swaps": "sometimes"}, "gateway.swaps", "'allowed', 'with_key', 'never'"),
+        ({"swaps": "with_key"}, "gateway.swaps", '"with_key" needs the gateway to have an api_key'),
+        ({"think_tags": "hide"}, "gateway.think_tags", "'text', 'thinking', 'auto'"),
+        ({"listen": "0.0.0.0:8000"}, "gateway.listen", "no API key"),
+        ({"hold": "2m"}, "gateway.hold", "valid keys here: enabled, listen"),
+    ],
+)
+def test_each_gateway_mistake_names_its_own_key(table: dict[str, object], bad_key: str, message: str) -> None:
+    """A wrong [gateway] value is reported at exactly that key, with what would be valid (never a guessed key)."""
+    with pytest.raises(ConfigError) as caught:
+        GatewaySettings.from_toml(table, file="/etc/llm.toml", key="gateway",
+                                  environ={"EMPTY_KEY": "", "SET_KEY": "k"})
+    assert (caught.value.file, caught.value.key) == ("/etc/llm.toml", bad_key)
+    assert message in str(caught.value)
+
+
+def test_a_disabled_gateway_on_any_address_loads_as_off(tmp_path: Path) -> None:
+    """enabled = false turns the gateway off, whatever else the table says, as long as the values are valid."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\n[gateway]\nenabled = false\nlisten = "127.0.0.1:9100"\n')
+    assert load_config(path).gateway is None
+
+
+def test_gateway_api_key_env_is_read_from_the_environment_given_to_the_config(tmp_path: Path) -> None:
+    """api_key_env is looked up in the environment the config is loaded with (not only the process's)."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\n[gateway]\napi_key_env = "GW_TEST_KEY_11C"\n')
+    cfg = load_config(path, environ={"GW_TEST_KEY_11C": "s3cret"})
+    assert cfg.gateway is not None and cfg.gateway.api_key == "s3cret"
+
+
+def test_every_gateway_key_is_documented() -> None:
+    """Each key the [gateway] reader accepts appears in docs/config.md's [gateway] section."""
+    text = DOCS.read_text()
+    section = text[text.index("## `[gateway]`"):]
+    section = section[:section.index("\n## ", 1)]
+    missing = [key for key in GATEWAY_KEYS if not re.search(rf"`{key}\b", section)]
+    assert not missing, f"docs/config.md [gateway] does not document {missing}"
