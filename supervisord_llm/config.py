@@ -498,7 +498,7 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
     if "alerts" in data:
         from supervisord_llm.alerts.delivery import AlertSettings
 
-        alerts = AlertSettings.from_toml(root.sub("alerts").data, file=file, key="alerts")
+        alerts = AlertSettings.from_toml(root.sub("alerts").data, file=file, key="alerts", environ=environ)
 
     # Last: every other mistake is named first, and this is the one check that reads the disk.
     for i, engine in enumerate(engines):

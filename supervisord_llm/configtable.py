@@ -21,7 +21,7 @@ T = TypeVar("T")
 class Table:
     """A view of one TOML table that reads typed values and names file and key in every error."""
 
-    def __init__(self, data: Mapping[str, Any], file: str | None, path: str) -> None:
+    def __init__(self, data: object, file: str | None, path: str) -> None:
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected a table, got {type(data).__name__}", file=file, key=path)
         self.data = data

@@ -72,3 +72,36 @@ def test_every_gateway_key_is_documented() -> None:
     section = section[:section.index("\n## ", 1)]
     missing = [key for key in GATEWAY_KEYS if not re.search(rf"`{key}\b", section)]
     assert not missing, f"docs/config.md [gateway] does not document {missing}"
+
+
+@pytest.mark.parametrize(
+    ("text", "bad_key", "message"),
+    [
+        ('[[alerts.webhook]]\nname = "a"\nurl = "https://x/y"\nurl_env = "U"\n', "alerts.webhook[0].url", "not both"),
+        ('[[alerts.webhook]]\nname = "a"\nurl_env = "NOT_SET_11C"\n', "alerts.webhook[0].url_env", "is not set"),
+        ('[[alerts.webhook]]\nname = "a"\nurl_env = "HOOK_11C"\nsecret_env = 3\n', "alerts.webhook[0].secret_env",
+         "name of an environment variable"),
+        ("[alerts]\nwebhook = [1]\n", "alerts.webhook[0]", "expected a table"),
+        ('[alerts]\nhost = 5\n', "alerts.host", "expected a string"),
+        ('[alerts.heartbeat]\nurl = "https://x/y"\nwatchdog_alert = 1\n', "alerts.heartbeat.watchdog_alert",
+         "true or false"),
+        ('[alerts.heartbeat]\nurl = "https://x/y"\nmethod = "PUT"\n', "alerts.heartbeat.method", "GET, POST"),
+    ],
+)
+def test_each_alerts_mistake_names_file_key_and_what_is_valid(tmp_path: Path, text: str, bad_key: str,
+                                                             message: str) -> None:
+    """A wrong [alerts] value in a config file is refused at its own key, in the same format as every section."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\n' + text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={"HOOK_11C": "https://hooks.example.com/x"})
+    assert (caught.value.file, caught.value.key) == (str(path), bad_key)
+    assert message in str(caught.value)
+
+
+def test_alert_url_env_is_read_from_the_environment_given_to_the_config(tmp_path: Path) -> None:
+    """url_env is looked up in the environment the config is loaded with."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\n[[alerts.webhook]]\nname = "a"\nurl_env = "HOOK_11C"\n')
+    cfg = load_config(path, environ={"HOOK_11C": "https://hooks.example.com/x"})
+    assert cfg.alerts.targets[0].url == "https://hooks.example.com/x"
