@@ -43,11 +43,13 @@ from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, T
 
 @dataclass(frozen=True, slots=True)
 class HealthSettings:
-    """Degraded-detection settings; validated when constructed."""
+    """Degraded-detection settings (the config's ``[policies.degraded]``); validated when constructed."""
 
     window_s: float = 30.0
     degraded_share: float = 0.5
     degraded_windows: int = 3
+    # A degraded engine with no request in flight is restarted (decide_degraded_restart); off by default.
+    restart_when_idle: bool = False
     baseline_percentile: float = 90.0
     baseline_min_windows: int = 5
     baseline_max_windows: int = 100

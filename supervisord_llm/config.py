@@ -25,6 +25,9 @@ import platformdirs
 from policies import reboot as reboot_policy
 from policies import stranded as stranded_policy
 from policies.backoff import BackoffSettings
+from policies.health import HealthSettings
+from policies.memory_guard import GuardSettings
+from policies.swap import SwapSettings
 from supervisord_llm.configtable import Table
 from supervisord_llm.convert import DURATION_HELP, SIZE_HELP
 from supervisord_llm.errors import ConfigError
@@ -133,36 +136,52 @@ class RestartSettings:
         return self.backoff.failure_window_s
 
 
+def _swap_settings(return_wait_s: float) -> SwapSettings:
+    return SwapSettings(memory_wait_s=return_wait_s, poll_interval_s=min(1.0, return_wait_s))
+
+
 @dataclass(frozen=True)
 class MemorySettings:
+    """``[policies.memory]``; ``swap`` is the swap policy's own settings object (``return_wait``)."""
+
     headroom_bytes: int = 4 * 10**9
     budget_bytes: int | None = None  # None = total memory minus headroom
     auto_factor: float = 1.2
     admission_wait_s: float = 300.0
-    return_wait_s: float = 300.0
+    swap: SwapSettings = _swap_settings(300.0)
     swap_drain_s: float = 30.0  # a swap waits this long for in-flight requests on engines it stops
+
+    @property
+    def return_wait_s(self) -> float:
+        """How long a stop waits for the engine's memory to come back (``return_wait``)."""
+        return self.swap.memory_wait_s
 
 
 @dataclass(frozen=True)
 class MemoryGuardConfig:
+    """``[policies.memory_guard]``: on or off, and the guard policy's own settings object."""
+
     enabled: bool = True
-    soft_factor: float = 1.1
-    hard_factor: float = 1.3
-    drain_grace_s: float = 30.0
+    guard: GuardSettings = GuardSettings()
+
+    # The config's names for the guard's settings (read-only views of the one settings object).
+    @property
+    def soft_factor(self) -> float:
+        return self.guard.soft_factor
+
+    @property
+    def hard_factor(self) -> float:
+        return self.guard.hard_factor
+
+    @property
+    def drain_grace_s(self) -> float:
+        return self.guard.drain_grace_s
 
 
 # ``[policies.stranded]`` and ``[policies.reboot]`` are the policies' own settings objects.
 StrandedSettings = stranded_policy.StrandedSettings
 DEFAULT_REBOOT_ARGV = ("sudo", "-n", "shutdown", "-r", "now")
 RebootConfig = reboot_policy.RebootSettings
-
-
-@dataclass(frozen=True)
-class DegradedSettings:
-    share: float = 0.5
-    windows: int = 3
-    window_s: float = 30.0
-    restart_when_idle: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,7 +213,7 @@ class Config:
     memory: MemorySettings = MemorySettings()
     stranded: stranded_policy.StrandedSettings = stranded_policy.StrandedSettings()
     reboot: reboot_policy.RebootSettings = reboot_policy.RebootSettings(argv=DEFAULT_REBOOT_ARGV)
-    degraded: DegradedSettings = DegradedSettings()
+    degraded: HealthSettings = HealthSettings()  # [policies.degraded]: the health policy's own settings
     probes: ProbeSettings = ProbeSettings()
     memory_guard: MemoryGuardConfig = MemoryGuardConfig()
     gateway: Any = None  # supervisord_llm.gateway.proxy.GatewaySettings, or None when off
@@ -331,12 +350,13 @@ def _parse_memory_guard(t: Table) -> MemoryGuardConfig:
     if soft >= hard:
         raise t.error("soft_factor", f"must be below hard_factor ({hard:g}), got {soft:g}; e.g. soft_factor = 1.1, "
                                      "hard_factor = 1.3")
-    return MemoryGuardConfig(enabled=t.bool("enabled", True), soft_factor=soft, hard_factor=hard,
-                             drain_grace_s=t.duration_s("drain_grace", "30s"))
+    return MemoryGuardConfig(enabled=t.bool("enabled", True),
+                             guard=GuardSettings(soft_factor=soft, hard_factor=hard,
+                                                 drain_grace_s=t.duration_s("drain_grace", "30s")))
 
 
 def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, StrandedSettings, RebootConfig,
-                                        DegradedSettings]:
+                                        HealthSettings]:
     t.check_unknown({"restart", "memory", "stranded", "reboot", "degraded", "memory_guard"})
     r = t.sub("restart")
     r.check_unknown({"min_interval", "initial_backoff", "factor", "max_backoff", "reset_after", "max_failures",
@@ -367,7 +387,7 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
         budget_bytes=m.size_bytes("budget", "auto", allow_auto=True),
         auto_factor=m.float("auto_factor", 1.2, min_value=1.0, max_value=4.0),
         admission_wait_s=m.duration_s("admission_wait", "5m"),
-        return_wait_s=m.duration_s("return_wait", "5m"),
+        swap=_swap_settings(m.duration_s("return_wait", "5m", positive=True)),
         swap_drain_s=m.duration_s("swap_drain", "30s"),
     )
     s = t.sub("stranded")
@@ -401,9 +421,9 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     )
     d = t.sub("degraded")
     d.check_unknown({"share", "windows", "window", "restart_when_idle"})
-    degraded = DegradedSettings(
-        share=d.float("share", 0.5, min_value=0.01, max_value=0.99),
-        windows=d.int("windows", 3, min_value=1, max_value=100) or 3,
+    degraded = HealthSettings(
+        degraded_share=d.float("share", 0.5, min_value=0.01, max_value=0.99),
+        degraded_windows=d.int("windows", 3, min_value=1, max_value=100) or 3,
         window_s=d.duration_s("window", "30s", min_s=1),
         restart_when_idle=d.bool("restart_when_idle", False),
     )

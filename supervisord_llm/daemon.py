@@ -32,7 +32,6 @@ from policies.swap import (
     ActiveSwap,
     JoinSwap,
     SwapPlan,
-    SwapSettings,
     decide_memory_wait,
     decide_swap_request,
     memory_returned,
@@ -184,7 +183,7 @@ class Daemon:
         for ext in self.extensions:
             saved = self._saved.get(ext.name)
             ext.restore(saved if isinstance(saved, dict) else {})
-        from supervisord_llm.engine.health import EngineHealth, baseline_from_record, health_settings
+        from supervisord_llm.engine.health import EngineHealth, baseline_from_record
 
         baselines = self._saved.get("baselines")
         if not isinstance(baselines, dict):
@@ -195,7 +194,7 @@ class Daemon:
         for engine in self.config.engines:
             sup = EngineSupervisor(engine, self, log=self.log, logs_dir=self.state_dir / "logs",
                                    log_max_bytes=self.config.daemon.log_max_bytes)
-            sup.health = EngineHealth(health_settings(self), baseline_from_record(baselines.get(model_key(engine))))
+            sup.health = EngineHealth(self.config.degraded, baseline_from_record(baselines.get(model_key(engine))))
             saved = self._saved.get("engines", {}).get(engine.name, {})
             record = saved.get("backoff") if isinstance(saved, dict) else None
             if isinstance(record, dict):
@@ -537,7 +536,7 @@ class Daemon:
         if target.resident:
             resident.append(self._footprint(target))
         budget, stranded = self.budget_bytes(), self.stranded_bytes()
-        plan = plan_swap(resident, self._footprint(target), budget, self._swap_settings(), stranded_bytes=stranded,
+        plan = plan_swap(resident, self._footprint(target), budget, self.config.memory.swap, stranded_bytes=stranded,
                          grace_s={s.name: s.config.stop_grace_s for s in others})
         inputs = {"resident": {f.engine: f.bytes for f in resident}, "exclusive": [f.engine for f in resident if f.exclusive],
                   "target_bytes": self.footprint_bytes(target) or 0, "budget_bytes": budget, "stranded_bytes": stranded}
@@ -549,13 +548,9 @@ class Daemon:
                              resident_after=list(plan.resident_after), **inputs)
         return plan
 
-    def _swap_settings(self) -> SwapSettings:
-        wait_s = self.config.memory.return_wait_s
-        return SwapSettings(memory_wait_s=wait_s, poll_interval_s=min(1.0, wait_s))
-
     async def _wait_memory_returned(self, target: EngineSupervisor, stopped: list[str]) -> None:
         """After the stops: wait (``policies.swap.decide_memory_wait``) until the target fits, or give up."""
-        settings = self._swap_settings()
+        settings = self.config.memory.swap
         need = (self.footprint_bytes(target) or 0) + self.config.memory.headroom_bytes
         stopped_at_s = self.clock.now()
         before = self.memory.available_bytes if self.memory else 0

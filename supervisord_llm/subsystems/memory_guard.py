@@ -82,8 +82,7 @@ class MemoryGuardExtension(Extension):
         cfg = daemon.config.memory_guard
         self.daemon = daemon
         self.enabled = cfg.enabled
-        self.settings = policy.GuardSettings(soft_factor=cfg.soft_factor, hard_factor=cfg.hard_factor,
-                                             drain_grace_s=cfg.drain_grace_s)
+        self.settings = cfg.guard  # the config builds the policy's settings object
         self.engines: dict[str, _Engine] = {e.name: _Engine() for e in daemon.config.engines}
         self._machine_decision = ""
         self._tg: anyio.abc.TaskGroup | None = None

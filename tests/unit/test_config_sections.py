@@ -105,3 +105,61 @@ def test_alert_url_env_is_read_from_the_environment_given_to_the_config(tmp_path
     path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\n[[alerts.webhook]]\nname = "a"\nurl_env = "HOOK_11C"\n')
     cfg = load_config(path, environ={"HOOK_11C": "https://hooks.example.com/x"})
     assert cfg.alerts.targets[0].url == "https://hooks.example.com/x"
+
+
+def _policy_settings_classes() -> dict[str, type]:
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import policies
+
+    found: dict[str, type] = {}
+    for info in pkgutil.iter_modules(policies.__path__):
+        module = importlib.import_module(f"policies.{info.name}")
+        for name, value in vars(module).items():
+            if name.endswith("Settings") and dataclasses.is_dataclass(value) and value.__module__ == module.__name__:
+                found[f"{module.__name__}.{name}"] = value
+    return found
+
+
+def test_no_config_class_mirrors_a_policy_settings_class() -> None:
+    """The config holds the policies' own settings objects; no config class copies their fields one by one."""
+    import dataclasses
+
+    import supervisord_llm.config as config
+
+    policy_classes = _policy_settings_classes()
+    for name, value in vars(config).items():
+        if not (dataclasses.is_dataclass(value) and isinstance(value, type)) or value.__module__ != config.__name__:
+            continue
+        ours = {f.name for f in dataclasses.fields(value)}
+        for policy_name, policy_class in policy_classes.items():
+            shared = ours & {f.name for f in dataclasses.fields(policy_class)}
+            assert len(shared) < 2, f"config.{name} mirrors {policy_name} (fields {sorted(shared)})"
+
+
+def test_config_builds_the_policies_settings_objects(tmp_path: Path) -> None:
+    """[policies.degraded], [policies.memory_guard] and return_wait arrive as the policies' own settings objects."""
+    from policies.health import HealthSettings
+    from policies.memory_guard import GuardSettings
+    from policies.swap import SwapSettings
+
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\n'
+                    '[policies.degraded]\nshare = 0.3\nwindows = 4\nwindow = "20s"\nrestart_when_idle = true\n'
+                    '[policies.memory_guard]\nsoft_factor = 1.2\ndrain_grace = "10s"\n'
+                    '[policies.memory]\nreturn_wait = "90s"\n')
+    cfg = load_config(path)
+    assert cfg.degraded == HealthSettings(window_s=20.0, degraded_share=0.3, degraded_windows=4, restart_when_idle=True)
+    assert cfg.memory_guard.guard == GuardSettings(soft_factor=1.2, hard_factor=1.3, drain_grace_s=10.0)
+    assert cfg.memory.swap == SwapSettings(memory_wait_s=90.0, poll_interval_s=1.0)
+
+
+def test_a_zero_return_wait_is_a_config_error(tmp_path: Path) -> None:
+    """return_wait = "0s" is refused when the config loads (naming the key), not when the first swap runs."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\n[policies.memory]\nreturn_wait = "0s"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == "policies.memory.return_wait" and "greater than 0" in str(caught.value)
