@@ -28,6 +28,7 @@ import psutil
 from policies import backoff, episodes
 from policies.actions import Admit, Alert, Refuse, Start, WaitUntil
 from policies.admission import Footprint, admit, auto_footprint_bytes, effective_budget_bytes, exclusive_conflicts
+from policies.memory_guard import PeakHistory, admission_bytes
 from policies.swap import (
     ActiveSwap,
     JoinSwap,
@@ -490,9 +491,8 @@ class Daemon:
 
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         """What admission counts the engine at: max(configured or estimated, the peak it was seen to hold)."""
-        configured = self.configured_footprint_bytes(sup)
-        learned = self.memory_guard.learned_bytes(sup.name) if self.memory_guard is not None else 0
-        return max(configured, learned) if configured is not None else (learned or None)
+        peaks = self.memory_guard.peaks(sup.name) if self.memory_guard is not None else PeakHistory()
+        return admission_bytes(self.configured_footprint_bytes(sup), peaks)
 
     def configured_footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         cfg = sup.config

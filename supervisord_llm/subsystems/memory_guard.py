@@ -125,9 +125,10 @@ class MemoryGuardExtension(Extension):
 
     # ---- what admission and status read ------------------------------------------------------
 
-    def learned_bytes(self, name: str) -> int:
+    def peaks(self, name: str) -> policy.PeakHistory:
+        """The engine's learned peaks (what admission counts beside its footprint)."""
         g = self.engines.get(name)
-        return policy.learned_bytes(g.peaks) if g is not None else 0
+        return g.peaks if g is not None else policy.PeakHistory()
 
     def contribute_status(self, doc: dict[str, Any]) -> None:
         for e in doc.get("engines", []):

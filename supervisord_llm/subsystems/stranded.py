@@ -71,13 +71,16 @@ class StrandedExtension(Extension):
             boot_id=base.get("boot_id"), baseline_wired_bytes=base.get("baseline_wired_bytes"),
             recent_idle_wired_bytes=tuple(base.get("recent_idle_wired_bytes") or ()),
             provisional=bool(base.get("provisional", False)))
-        self.ledger = reboot_policy.RebootLedger(
-            reboots_wall_s=tuple(float(t) for t in saved.get("reboots_wall_s") or () if isinstance(t, (int, float))))
+        raw_ledger = saved.get("reboots_wall_s") or []
+        try:
+            self.ledger = reboot_policy.ledger_from_record(raw_ledger)
+        except ValueError:
+            # A damaged entry must not erase the cooldown: the reboots that can still be read count.
+            self.ledger = reboot_policy.RebootLedger(tuple(
+                float(t) for t in raw_ledger if isinstance(t, (int, float)) and not isinstance(t, bool))
+                if isinstance(raw_ledger, list) else ())
         same_boot = saved.get("boot_id") == self.boot
-        # A cancel holds for this episode, also across a daemon restart in the same boot.
-        phase = saved.get("reboot_phase") if same_boot else None
-        if phase in ("cancelled", "required"):
-            self.reboot_state = reboot_policy.RebootState(phase=phase)
+        self.reboot_state = reboot_policy.state_after_restart(saved.get("reboot_phase"), same_boot=same_boot)
         self.alert_active = bool(saved.get("alert_active")) and same_boot
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -97,7 +100,7 @@ class StrandedExtension(Extension):
             "baseline": {"boot_id": self.baseline.boot_id, "baseline_wired_bytes": self.baseline.baseline_wired_bytes,
                          "recent_idle_wired_bytes": list(self.baseline.recent_idle_wired_bytes),
                          "provisional": self.baseline.provisional},
-            "reboots_wall_s": list(self.ledger.reboots_wall_s),
+            "reboots_wall_s": reboot_policy.ledger_to_record(self.ledger),
             "reboot_phase": self.reboot_state.phase,
             "alert_active": self.alert_active,
         }
