@@ -22,7 +22,7 @@ current wall time (the clock was stepped back) counts as inside the cooldown: th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -402,6 +402,24 @@ def verify_after_reboot(
     )
 
 
+def is_reboot_step(action: object) -> bool:
+    """Whether ``action`` belongs to the reboot escalation (a ``reboot.*`` alert, ``EscalateReboot``, ``RunReboot``)."""
+    return isinstance(action, (EscalateReboot, RunReboot)) or (
+        isinstance(action, Alert) and action.key.startswith("reboot."))
+
+
+def reboot_needed(actions: Iterable[object], cause: str) -> str | None:
+    """Why the reboot escalation must take over, from the answer of ``decide_xid``/``decide_gpu_lost``
+    asked with reboots off (running a reboot belongs to the one escalation): the first reboot step
+    names it (``cause`` for a reboot alert, the action's own reason otherwise); None when none is needed."""
+    for action in actions:
+        if isinstance(action, (EscalateReboot, RunReboot)):
+            return action.reason
+        if is_reboot_step(action):
+            return cause
+    return None
+
+
 def state_after_restart(saved_phase: object, *, same_boot: bool) -> RebootState:
     """The escalation state a restarted daemon resumes with.
 
@@ -443,6 +461,8 @@ __all__ = [
     "in_cooldown",
     "ledger_from_record",
     "ledger_to_record",
+    "is_reboot_step",
+    "reboot_needed",
     "record_reboot",
     "state_after_restart",
     "verify_after_reboot",

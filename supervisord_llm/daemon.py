@@ -26,7 +26,7 @@ import httpx
 import psutil
 
 from policies import backoff, episodes
-from policies.actions import Admit, Alert, Refuse, Start, WaitUntil
+from policies.actions import Admit, Alert, Drain, EscalateReboot, Refuse, RunReboot, Start, WaitUntil
 from policies.admission import Footprint, admit, auto_footprint_bytes, effective_budget_bytes, exclusive_conflicts
 from policies.memory_guard import PeakHistory, admission_bytes
 from policies.swap import (
@@ -673,6 +673,19 @@ class Daemon:
     def request_reboot(self, reason: str) -> bool:
         """Hand a reboot to the extension that runs the reboot escalation; False when none does."""
         return any(ext.request_reboot(reason) for ext in self.extensions)
+
+    def apply(self, action: Any) -> None:
+        self.executor.apply(action)
+
+    # The executor's capabilities that extensions provide (the first one that takes the action).
+    def announce_reboot(self, action: EscalateReboot) -> bool:
+        return any(ext.announce_reboot(action) for ext in self.extensions)
+
+    def run_reboot(self, action: RunReboot) -> bool:
+        return any(ext.run_reboot(action) for ext in self.extensions)
+
+    def drain(self, action: Drain) -> bool:
+        return any(ext.drain(action) for ext in self.extensions)
 
     def alert(self, alert: Alert) -> None:
         self.events.emit("alert.raised", key=alert.key, severity=alert.severity, summary=alert.summary,
