@@ -54,6 +54,7 @@ from supervisord_llm.errors import (
     UnknownEngine,
 )
 from supervisord_llm.events import EventLog
+from supervisord_llm.eventtypes import EVENT_TYPES
 from supervisord_llm.executor import ActionExecutor
 from supervisord_llm.extension import Extension
 from supervisord_llm.redact import redact_argv
@@ -147,7 +148,7 @@ class Daemon:
             return
         prepare_state_dir(self.state_dir)
         self.lock.acquire()
-        self.events = EventLog(self.state_dir / "events.jsonl", self.clock, self.log)
+        self.events = EventLog(self.state_dir / "events.jsonl", self.clock, self.log, registry=EVENT_TYPES)
         self.state_writer = StateWriter(self.state_dir / "state.json", self._on_state_written)
 
     def open(self) -> None:

@@ -18,6 +18,16 @@ def strict_engine_transitions() -> Iterator[None]:
     EngineSupervisor.strict_transitions = False
 
 
+@pytest.fixture(autouse=True)
+def strict_event_kinds() -> Iterator[None]:
+    """In tests the daemon's event of an unregistered kind or field raises instead of being logged."""
+    from supervisord_llm.events import EventLog
+
+    EventLog.strict_kinds = True
+    yield
+    EventLog.strict_kinds = False
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     """The daemon is an asyncio application: pin the anyio plugin's backend."""
