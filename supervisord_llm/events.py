@@ -22,7 +22,8 @@ recovery are reported once per episode on the daemon's log (``events.write_faile
 status line, the gateway telemetry), the live subscribers (``llmctl events -f``, the status page),
 the jsonl writer and structlog all get it from there, in that order. The daemon's log is given the
 registry of event types (``supervisord_llm.eventtypes``): an event of a kind that is not registered,
-or with a field its type does not name, raises in tests (``strict_kinds``) and is written anyway,
+or with a field its type does not name, raises in tests (``strict_kinds``, or
+``SUPERVISORD_LLM_STRICT_EVENTS=1`` for a daemon the tests run as a process) and is written anyway,
 and reported once per kind as ``events.unregistered``, in production.
 """
 
@@ -154,7 +155,7 @@ class EventLog:
                    if event_type is None else event_type.problem(fields))
         if problem is None:
             return
-        if self.strict_kinds:
+        if self.strict_kinds or os.environ.get("SUPERVISORD_LLM_STRICT_EVENTS") == "1":
             raise UnregisteredEvent(problem)
         if kind not in self._reported_kinds:  # written anyway: a record is never lost to its own schema
             self._reported_kinds.add(kind)

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import MlxServer, tiny_model_dir
+
+# A daemon the tests run as a process refuses events of kinds (or fields) the registry does not know.
+os.environ.setdefault("SUPERVISORD_LLM_STRICT_EVENTS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -114,6 +114,7 @@ def test_in_production_an_unregistered_event_is_written_and_reported_once(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Outside tests an unknown kind is still written (nothing is lost) and named once on the daemon's log."""
     monkeypatch.setattr(EventLog, "strict_kinds", False)
+    monkeypatch.delenv("SUPERVISORD_LLM_STRICT_EVENTS", raising=False)
     logger = RecordingLogger()
     log = EventLog(tmp_path / "events.jsonl", SystemClock(), logger, registry=EVENT_TYPES)
     try:
