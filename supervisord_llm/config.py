@@ -6,8 +6,11 @@ Resolution: ``--config PATH``, else ``$SUPERVISORD_LLM_CONFIG``, else ``<platfor
 State dir: ``[daemon] state_dir``, else ``$SUPERVISORD_LLM_STATE_DIR``, else the platform state dir.
 
 Every error names the file, the key and what would be valid; a daemon never starts on a bad config.
-Sections owned by other modules (``[gateway]``, ``[alerts]``) are validated by those modules'
-``from_toml`` functions, called from here, so one ``load_config`` call checks the whole file.
+Every section is read with the one table reader (``configtable.Table``); the sections owned by
+other modules (``[gateway]`` in ``gateway.settings``, ``[alerts]`` in ``alerts.delivery``) are read
+there, called from here, so one ``load_config`` call checks the whole file. Where a policy has a
+settings object (backoff, health, memory guard, swap, stranded, reboot), the config builds that
+object itself: there is no second class to copy it from.
 """
 
 from __future__ import annotations
