@@ -31,9 +31,11 @@ from policies.backoff import BackoffSettings
 from policies.health import HealthSettings
 from policies.memory_guard import GuardSettings
 from policies.swap import SwapSettings
+from supervisord_llm.alerts.delivery import AlertSettings
 from supervisord_llm.configtable import Table
 from supervisord_llm.convert import DURATION_HELP, SIZE_HELP
 from supervisord_llm.errors import ConfigError
+from supervisord_llm.gateway.settings import GatewaySettings, parse_listen, read_gateway
 
 ENGINE_KINDS = ("mlx_lm", "omlx", "vllm", "llama_cpp", "ollama", "sglang", "command")
 APP_NAME = "supervisord-llm"
@@ -219,8 +221,8 @@ class Config:
     degraded: HealthSettings = HealthSettings()  # [policies.degraded]: the health policy's own settings
     probes: ProbeSettings = ProbeSettings()
     memory_guard: MemoryGuardConfig = MemoryGuardConfig()
-    gateway: Any = None  # supervisord_llm.gateway.proxy.GatewaySettings, or None when off
-    alerts: Any = None  # supervisord_llm.alerts.delivery.AlertSettings
+    gateway: GatewaySettings | None = None  # None when off
+    alerts: AlertSettings | None = None
 
     def engine(self, name: str) -> EngineConfig:
         for engine in self.engines:
@@ -505,8 +507,6 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
     gateway = None
     if "gateway" in data:
-        from supervisord_llm.gateway.settings import read_gateway
-
         settings = read_gateway(root.sub("gateway"), environ)
         if metrics_listen and _same_listen(metrics_listen, f"{settings.host}:{settings.port}"):
             raise ConfigError("the gateway and metrics_listen use the same address", file=file, key="gateway.listen")
@@ -519,8 +519,6 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
     alerts = None
     if "alerts" in data:
-        from supervisord_llm.alerts.delivery import AlertSettings
-
         alerts = AlertSettings.from_toml(root.sub("alerts").data, file=file, key="alerts", environ=environ)
 
     # Last: every other mistake is named first, and this is the one check that reads the disk.
@@ -562,8 +560,6 @@ def _require_known_weights(t: Table, kind: str, model: str | None, environ: Mapp
 
 def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:
     # The same parser the listener uses at start: what passes here also binds (IPv6 in brackets).
-    from supervisord_llm.gateway.settings import parse_listen
-
     try:
         host, port = parse_listen(value)
     except ValueError as exc:
