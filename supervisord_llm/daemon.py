@@ -43,7 +43,7 @@ from probes.weights import read_weights
 from supervisord_llm import __version__
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.config import Config
-from supervisord_llm.engine.process import EngineProcess, tagged_processes
+from supervisord_llm.engine.process import EngineProcess, claim_exit_records, tagged_processes
 from supervisord_llm.engine.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
 from supervisord_llm.errors import (
     DaemonAlreadyRunning,
@@ -266,7 +266,21 @@ class Daemon:
                 adopted_tags.add(tag)
                 self.events.emit("engine.found_by_tag", engine=name, pid=root.pid)
         orphans = [p for tag, group in tagged.items() if tag not in adopted_tags for p in group]
+        self._claim_exits(engines, adopted)
         return adopted, orphans
+
+    def _claim_exits(self, engines: dict[str, Any], adopted: dict[str, EngineProcess]) -> None:
+        """Engines that ended while no daemon ran: their keepers recorded how (see engine/keeper.py)."""
+        recorded = {name: (saved["pid"], saved["tag"]) for name, saved in engines.items()
+                    if name in self.supervisors and name not in adopted and isinstance(saved, dict)
+                    and isinstance(saved.get("pid"), int) and isinstance(saved.get("tag"), str)}
+        keep = {p.keeper.record_path for p in adopted.values() if p.keeper is not None}
+        for name, info in claim_exit_records(self.state_dir / "exits", recorded=recorded, keep=keep).items():
+            reason = f"exited while no daemon was running ({info.describe()})"
+            self.supervisors[name].last_exit = {"code": info.code, "signal": info.signal_name, "reason": reason,
+                                                "at": info.at_wall}
+            self.events.emit("engine.exited", engine=name, pid=recorded[name][0], code=info.code,
+                             signal=info.signal_name, state_was="unsupervised", while_daemon_down=True)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
                   ready_callback: Callable[[], None] | None = None) -> None:

@@ -124,7 +124,7 @@ EVENT_TYPES: Mapping[str, EventType] = {t.kind.value: t for t in (
     _type(EventKind.ENGINE_ADMISSION_WAITING, ("engine", "message", "reason", "wait_s")),
     _type(EventKind.ENGINE_DISCOVERED, ("engine",), open_=True),
     _type(EventKind.ENGINE_DRAINING, ("engine", "grace_s", "in_flight", "reason")),
-    _type(EventKind.ENGINE_EXITED, ("code", "diagnosis", "engine", "pid", "signal", "state_was")),
+    _type(EventKind.ENGINE_EXITED, ("code", "diagnosis", "engine", "pid", "signal", "state_was", "while_daemon_down")),
     _type(EventKind.ENGINE_FOUND_BY_TAG, ("engine", "pid")),
     _type(EventKind.ENGINE_IDLE_UNLOAD_FAILED, ("engine", "error")),
     _type(EventKind.ENGINE_LEFTOVERS_KILLED, ("engine", "pids")),

@@ -231,9 +231,9 @@ def _serve(config: Config, logger: Any, banner: str | None) -> int:
 def reexec() -> None:
     """Replace this process with a fresh daemon of the same command line (same pid).
 
-    The pid matters: systemd and launchd keep tracking the service, and the engines stay this
-    process's children, so the new daemon adopts them (pid + create time) and still reaps their
-    exit status. The state-dir lock and every socket close on exec (Python opens them
+    The pid matters: systemd and launchd keep tracking the service, and the engines' keepers stay
+    this process's children, so the new daemon adopts the engines (pid + create time), reads their
+    exit status from their keepers and reaps the keepers. The state-dir lock and every socket close on exec (Python opens them
     non-inheritable), so the new daemon takes them again at once.
     """
     sys.stdout.flush()

@@ -2,6 +2,6 @@
 
 ``supervisor`` (the only writer of an engine's state: typed inbox, transition table),
 ``health`` (the watchdog: probes -> ``policies.health`` verdicts), ``episodes``, ``process``
-(spawn, adopt, signal, reap), ``scopes`` (systemd scopes) and ``adapters`` (per-engine facts).
+(spawn, adopt, signal, reap), ``keeper`` (the engine's parent that records its exit), ``scopes`` (systemd scopes) and ``adapters`` (per-engine facts).
 Nothing here imports the daemon: the supervisor depends on the ``SupervisorHost`` protocol.
 """

@@ -11,6 +11,13 @@ exits; for our own children the status is then reaped with ``waitpid``. On macOS
 ``NOTE_EXIT`` filter waits in a worker thread. Only where neither exists does it fall back to
 polling.
 
+Every engine is started through a keeper (``keeper.py``): a tiny process that is the engine's parent
+for its whole life, outlives the daemon and writes the engine's exit status to
+``<state_dir>/exits/<engine>.<pid>.json``. The daemon reads that record when the engine exits, so an
+engine adopted after a daemon restart still reports its code or signal. The engine leads its own
+session (its pgid is its pid) and the keeper stays outside it: stopping the engine's group never
+touches the keeper, and the keeper exits as soon as its engine has.
+
 Stop is SIGTERM to the process group, a long grace, then SIGKILL: a hard kill of a wedged Metal
 process can strand wired memory until reboot, while a graceful exit returns it in seconds.
 
@@ -23,6 +30,8 @@ root itself is signalled through a pidfd opened and then verified, so the check 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import select
 import shutil
@@ -41,11 +50,17 @@ import anyio
 import psutil
 
 from probes.process import tagged_processes as probe_tagged_processes
+from supervisord_llm.engine import keeper as keeper_program
 from supervisord_llm.engine import scopes
 from supervisord_llm.errors import EngineSpawnFailed
 from supervisord_llm.redact import redact_argv
 
-TAG_ENV = "SUPERVISORD_LLM_TAG"
+TAG_ENV = keeper_program.TAG_ENV
+# How long after the engine's exit its keeper may take to write the record and exit (a loaded
+# machine); past that the keeper is killed (its engine is already gone) and the status is unknown.
+KEEPER_RECORD_WAIT_S = 10.0
+# How long a new keeper may take to start the engine and report its pid.
+KEEPER_REPORT_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,8 @@ class ExitInfo:
     code: int | None
     signal: int | None
     at_wall: float
+    # Why code and signal are both None, when they are (no parent could read the status).
+    unknown_because: str = "process was adopted"
 
     @property
     def signal_name(self) -> str | None:
@@ -67,7 +84,7 @@ class ExitInfo:
         if self.signal is not None:
             return f"killed by {self.signal_name}"
         if self.code is None:
-            return "exited (status unknown: process was adopted)"
+            return f"exited (status unknown: {self.unknown_because})"
         return f"exited with code {self.code}"
 
 
@@ -82,6 +99,32 @@ def _findable(program: str, *, env: Mapping[str, str], cwd: str | None) -> bool:
     if os.sep in program:
         return Path(cwd or ".", program).exists()
     return shutil.which(program, path=env.get("PATH")) is not None
+
+
+def _read_report(fd: int, timeout_s: float) -> str:
+    """The keeper's one-line report (``pid N`` or ``error ERRNO MESSAGE``); "" at EOF or timeout."""
+    data = b""
+    deadline = time.monotonic() + timeout_s
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _exec_error(program: str, report: str) -> str:
+    """What a failed exec of the engine's program means, in the words the config's author needs."""
+    number, _, message = report.partition(" ")
+    code = int(number) if number.isdigit() else 0
+    if code == errno.ENOENT:
+        return f"command not found: {program!r}; install it or fix the engine's command/kind in the config"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied executing {program!r}"
+    return f"cannot execute {program!r}: {message or report}"
 
 
 def process_create_time(pid: int) -> float | None:
@@ -117,6 +160,170 @@ def pid_identity(pid: int, create_time: float) -> str:
     return OURS if abs(actual - create_time) <= 0.01 else OTHER
 
 
+def _pidfd_of(pid: int, create_time: float) -> int | None:
+    """A pidfd on the process that started at ``create_time``, or None once it is gone.
+
+    The create time is checked after the pidfd is open: the fd then names that exact process,
+    whatever happens to the pid number later.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if pid_identity(pid, create_time) != OURS:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+async def wait_exit(pid: int, create_time: float) -> None:
+    """Return once the process that started at ``create_time`` has exited (no polling where the OS
+    can tell us: a pidfd on Linux, kqueue on macOS). A zombie counts as exited."""
+    if hasattr(os, "pidfd_open"):
+        pidfd = _pidfd_of(pid, create_time)
+        if pidfd is None:
+            return
+        try:
+            await anyio.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        return
+    if hasattr(select, "kqueue"):
+        if pid_identity(pid, create_time) != OURS:
+            return
+        await anyio.to_thread.run_sync(_kqueue_wait, pid, abandon_on_cancel=True)
+        return
+    while pid_identity(pid, create_time) == OURS and not _is_zombie(pid):
+        await anyio.sleep(0.2)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _kqueue_wait(pid: int) -> None:
+    kqueue: Any = select  # kqueue exists only on BSD/macOS, so typeshed hides it when checking for Linux
+    kq = kqueue.kqueue()
+    try:
+        ev = kqueue.kevent(pid, filter=kqueue.KQ_FILTER_PROC, flags=kqueue.KQ_EV_ADD | kqueue.KQ_EV_ONESHOT,
+                           fflags=kqueue.KQ_NOTE_EXIT)
+        try:
+            kq.control([ev], 1, None)
+        except ProcessLookupError:
+            return
+    finally:
+        kq.close()
+
+
+@dataclass
+class Keeper:
+    """The engine's keeper process (see keeper.py) and where it writes the engine's exit record."""
+
+    pid: int
+    create_time: float
+    record_path: Path
+    popen: subprocess.Popen[bytes] | None  # None when adopted: a previous daemon started it
+    lost: bool = False  # it exited (was killed) while its engine still ran: nobody records the status
+
+    def reap(self) -> None:
+        """Collect the keeper's own exit status if it is this process's child (no zombie is left)."""
+        if self.popen is not None:
+            self.popen.poll()
+            return
+        # Adopted keepers are our children only after the daemon re-executed itself in place.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, os.WNOHANG)
+
+    def kill(self) -> None:
+        """SIGKILL the keeper (only ever once its engine is gone), through a verified pidfd."""
+        if hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal"):
+            pidfd = _pidfd_of(self.pid, self.create_time)
+            if pidfd is None:
+                return
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            finally:
+                os.close(pidfd)
+        elif pid_identity(self.pid, self.create_time) == OURS:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def keeper_argv(argv: Sequence[str], *, exits_dir: Path, engine: str, tag: str, report_fd: int) -> list[str]:
+    """The keeper's command line: a bare interpreter (``-I -S``: no site-packages, no environment
+    variables of Python's own) running keeper.py, then the engine's argv after ``--``."""
+    return [python_executable(), "-I", "-S", keeper_program.__file__, keeper_program.REPORT_FD_FLAG, str(report_fd),
+            "--exits", str(exits_dir), "--name", engine, "--tag", tag, "--", *argv]
+
+
+def find_keeper(pid: int, tag: str) -> Keeper | None:
+    """The keeper of the running engine ``pid`` (its parent, started for that exact ``tag``), if alive."""
+    try:
+        parent = psutil.Process(pid).parent()
+        if parent is None:
+            return None
+        cmdline = parent.cmdline()
+        created = parent.create_time()
+    except psutil.Error:
+        return None
+    script = os.path.basename(keeper_program.__file__)
+    start = next((i for i, arg in enumerate(cmdline) if os.path.basename(arg) == script), None)
+    if start is None or "--" not in cmdline[start:]:
+        return None
+    head = cmdline[start + 1:cmdline.index("--", start)]
+    options = dict(zip(head[0::2], head[1::2], strict=False))
+    if options.get("--tag") != tag or "--exits" not in options or "--name" not in options:
+        return None
+    record = Path(options["--exits"]) / keeper_program.record_name(options["--name"], pid)
+    return Keeper(pid=parent.pid, create_time=created, record_path=record, popen=None)
+
+
+def read_exit_record(path: Path, *, pid: int, tag: str) -> ExitInfo | None:
+    """The exit a keeper recorded for ``pid`` of the spawn ``tag``; None if there is none (or it is
+    another spawn's: pids are reused). A record that was read is removed: it has been handed over."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("pid") != pid or data.get("tag") != tag:
+        return None
+    code, sig, at = data.get("code"), data.get("signal"), data.get("at")
+    if not (code is None or isinstance(code, int)) or not (sig is None or isinstance(sig, int)) \
+            or not isinstance(at, (int, float)) or (code is None) == (sig is None):
+        return None
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return ExitInfo(code=code, signal=sig, at_wall=float(at))
+
+
+def claim_exit_records(exits_dir: Path, *, recorded: Mapping[str, tuple[int, str]],
+                       keep: set[Path]) -> dict[str, ExitInfo]:
+    """At daemon start: the exits of engines that ended while no daemon ran, and a clean directory.
+
+    ``recorded`` is each engine's last (pid, tag) from the state file; their records are read (and
+    so removed). Every other record or temporary file is stale and removed too, except ``keep``:
+    the records adopted engines' keepers will write.
+    """
+    found: dict[str, ExitInfo] = {}
+    for name, (pid, tag) in recorded.items():
+        info = read_exit_record(exits_dir / keeper_program.record_name(name, pid), pid=pid, tag=tag)
+        if info is not None:
+            found[name] = info
+    try:
+        leftovers = [p for p in exits_dir.iterdir() if p not in keep]
+    except OSError:
+        return found
+    for path in leftovers:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return found
+
+
 def tree_of(pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)
@@ -129,13 +336,15 @@ class EngineProcess:
     """One spawned (or adopted) engine process and what it left in the process table."""
 
     def __init__(self, pid: int, create_time: float, argv: Sequence[str], tag: str, *,
-                 popen: subprocess.Popen[bytes] | None, log_path: Path | None) -> None:
+                 popen: subprocess.Popen[bytes] | None, log_path: Path | None, keeper: Keeper | None = None) -> None:
         self.pid = pid
         self.create_time = create_time
         self.argv = list(argv)
         self.tag = tag
+        # This daemon's child: the engine's keeper when there is one, else the engine itself.
         self.popen = popen
         self.log_path = log_path
+        self.keeper = keeper
         self.adopted = popen is None
         self.exit: ExitInfo | None = None
         self._exited = anyio.Event()
@@ -145,14 +354,18 @@ class EngineProcess:
 
     @classmethod
     def spawn(cls, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None, log_path: Path,
-              tag: str, engine: str, inherit: Mapping[str, str] | None = None) -> EngineProcess:
-        """Start ``argv`` in its own session with stdout/stderr appended to ``log_path``.
+              tag: str, engine: str, inherit: Mapping[str, str] | None = None,
+              exits_dir: Path | None = None) -> EngineProcess:
+        """Start ``argv`` through its keeper, in its own session, with stdout/stderr appended to ``log_path``.
 
         The engine writes to the log file itself (not through a pipe to the daemon), so a daemon
         restart never breaks its output and an adopted engine keeps logging. ``inherit`` is the
-        environment passed on (default: the daemon's own); ``env`` is added on top.
+        environment passed on (default: the daemon's own); ``env`` is added on top. The keeper
+        writes the engine's exit record to ``exits_dir`` (default: ``exits`` next to the log).
+        Blocks until the keeper reports the engine's pid (milliseconds): call it from a worker thread.
         """
-        full_env = {**(os.environ if inherit is None else inherit), **env, TAG_ENV: tag}
+        full_env = {**(os.environ if inherit is None else inherit), **env}
+        full_env.pop(TAG_ENV, None)  # the keeper adds the tag for the engine only: see keeper.py
         # Under systemd the engine gets a scope unit of its own, so the daemon's death (a crash,
         # a watchdog kill, an upgrade) does not take the engine with it; see scopes.py.
         launcher = scopes.launcher()
@@ -160,12 +373,17 @@ class EngineProcess:
             # systemd-run would report a missing program only as an exit status; say it here.
             raise EngineSpawnFailed(engine, f"command not found: {argv[0]!r}; install it or fix the engine's "
                                             "command/kind in the config")
-        command = launcher.wrap(argv, engine=engine, spawn_id=tag.rsplit("/", 1)[-1])
+        exits_dir = exits_dir or log_path.parent / "exits"
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
+            exits_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise EngineSpawnFailed(engine, f"cannot open its log file {log_path}: {exc.strerror or exc}") from exc
+            raise EngineSpawnFailed(engine, f"cannot open its log file {log_path} or its exit records in "
+                                            f"{exits_dir}: {exc.strerror or exc}") from exc
+        report_r, report_w = os.pipe()
+        command = launcher.wrap(keeper_argv(argv, exits_dir=exits_dir, engine=engine, tag=tag, report_fd=report_w),
+                                engine=engine, spawn_id=tag.rsplit("/", 1)[-1])
         try:
             popen = subprocess.Popen(
                 command,
@@ -176,20 +394,40 @@ class EngineProcess:
                 cwd=cwd,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=(report_w,),
             )
         except FileNotFoundError as exc:
-            raise EngineSpawnFailed(engine, f"command not found: {argv[0]!r}; install it or fix the engine's "
-                                            "command/kind in the config") from exc
-        except PermissionError as exc:
-            raise EngineSpawnFailed(engine, f"permission denied executing {argv[0]!r}") from exc
+            os.close(report_r)
+            if cwd is not None and exc.filename == cwd:
+                raise EngineSpawnFailed(engine, f"working directory {cwd!r} does not exist") from exc
+            raise EngineSpawnFailed(engine, f"command not found: {exc.filename!r}") from exc
         except NotADirectoryError as exc:
+            os.close(report_r)
             raise EngineSpawnFailed(engine, f"working directory {cwd!r} is not a directory") from exc
         except OSError as exc:
-            raise EngineSpawnFailed(engine, f"cannot execute {argv[0]!r}: {exc}") from exc
+            os.close(report_r)
+            raise EngineSpawnFailed(engine, f"cannot start the engine's keeper: {exc}") from exc
         finally:
             os.close(log_fd)
-        create_time = process_create_time(popen.pid) or time.time()
-        return cls(popen.pid, create_time, argv, tag, popen=popen, log_path=log_path)
+            os.close(report_w)
+        try:
+            report = _read_report(report_r, KEEPER_REPORT_WAIT_S)
+        finally:
+            os.close(report_r)
+        keeper_created = process_create_time(popen.pid) or time.time()
+        kind, _, rest = report.partition(" ")
+        if kind != "pid" or not rest.strip().isdigit():
+            popen.kill()
+            popen.wait()
+            if kind == "error":
+                raise EngineSpawnFailed(engine, _exec_error(argv[0], rest))
+            raise EngineSpawnFailed(engine, f"its keeper did not report the engine's pid within "
+                                            f"{KEEPER_REPORT_WAIT_S:.0f}s (exit {popen.returncode}); see {log_path}")
+        pid = int(rest)
+        create_time = process_create_time(pid) or time.time()
+        keeper = Keeper(pid=popen.pid, create_time=keeper_created, popen=popen,
+                        record_path=exits_dir / keeper_program.record_name(engine, pid))
+        return cls(pid, create_time, argv, tag, popen=popen, log_path=log_path, keeper=keeper)
 
     @classmethod
     def adopt(cls, pid: int, create_time: float, argv: Sequence[str], tag: str,
@@ -197,6 +435,7 @@ class EngineProcess:
         """Re-attach to an engine a previous daemon started; None if that exact process is gone.
 
         The create time must match to the hundredth of a second: a reused pid is never adopted.
+        Its keeper, when still alive, is found as its parent and will hand over its exit status.
         """
         actual = process_create_time(pid)
         if actual is None or abs(actual - create_time) > 0.01:
@@ -208,7 +447,7 @@ class EngineProcess:
                 return None
         except psutil.Error:
             return None
-        return cls(pid, create_time, argv, tag, popen=None, log_path=log_path)
+        return cls(pid, create_time, argv, tag, popen=None, log_path=log_path, keeper=find_keeper(pid, tag))
 
     @staticmethod
     def new_tag(daemon_id: str, engine: str) -> str:
@@ -224,68 +463,52 @@ class EngineProcess:
         """Return when the process has exited (no polling where the OS can tell us)."""
         if self.exit is not None:
             return self.exit
-        await self._wait_os()
+        async with anyio.create_task_group() as tg:
+            if self.keeper is not None:
+                tg.start_soon(self._watch_keeper, self.keeper)
+            await wait_exit(self.pid, self.create_time)
+            tg.cancel_scope.cancel()
+        info = await self._collect_status()
         if self.exit is None:
-            self.exit = self._collect_status()
+            self.exit = info
             self._exited.set()
         return self.exit
 
-    def _root_pidfd(self) -> int | None:
-        """A pidfd on the engine's root, or None once it is gone (its pid may be another's now).
+    async def _watch_keeper(self, keeper: Keeper) -> None:
+        """A keeper that dies before its engine (SIGKILLed) is reaped at once, not left a zombie."""
+        await wait_exit(keeper.pid, keeper.create_time)
+        if pid_identity(self.pid, self.create_time) == OURS and not _is_zombie(self.pid):
+            keeper.lost = True
+            keeper.reap()
 
-        The create time is checked after the pidfd is open: the fd then names that exact process,
-        whatever happens to the pid number later.
-        """
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            return None
-        if pid_identity(self.pid, self.create_time) != OURS:
-            os.close(pidfd)
-            return None
-        return pidfd
+    async def _collect_status(self) -> ExitInfo:
+        keeper = self.keeper
+        if keeper is not None:
+            # The keeper reaps the engine, writes the record, then exits: its exit means the record is there.
+            with anyio.move_on_after(KEEPER_RECORD_WAIT_S):
+                await wait_exit(keeper.pid, keeper.create_time)
+            if pid_identity(keeper.pid, keeper.create_time) == OURS and not _is_zombie(keeper.pid):
+                keeper.kill()  # its engine is gone: a keeper that cannot finish must not stay behind
+                await wait_exit(keeper.pid, keeper.create_time)
+            keeper.reap()
+            recorded = read_exit_record(keeper.record_path, pid=self.pid, tag=self.tag)
+            if recorded is not None:
+                return recorded
+            why = "its keeper process was killed" if keeper.lost else "its keeper recorded no exit status"
+            return ExitInfo(code=None, signal=None, at_wall=time.time(), unknown_because=why)
+        return self._reap_status()
 
-    async def _wait_os(self) -> None:
-        if hasattr(os, "pidfd_open"):
-            pidfd = self._root_pidfd()
-            if pidfd is None:
-                return
-            try:
-                await anyio.wait_readable(pidfd)
-            finally:
-                os.close(pidfd)
-            return
-        if hasattr(select, "kqueue"):
-            if pid_identity(self.pid, self.create_time) != OURS:
-                return
-            await anyio.to_thread.run_sync(self._kqueue_wait, abandon_on_cancel=True)
-            return
-        while psutil.pid_exists(self.pid) and process_create_time(self.pid) == self.create_time:
-            await anyio.sleep(0.2)
-
-    def _kqueue_wait(self) -> None:
-        kqueue: Any = select  # kqueue exists only on BSD/macOS, so typeshed hides it when checking for Linux
-        kq = kqueue.kqueue()
-        try:
-            ev = kqueue.kevent(self.pid, filter=kqueue.KQ_FILTER_PROC, flags=kqueue.KQ_EV_ADD | kqueue.KQ_EV_ONESHOT,
-                               fflags=kqueue.KQ_NOTE_EXIT)
-            try:
-                kq.control([ev], 1, None)
-            except ProcessLookupError:
-                return
-        finally:
-            kq.close()
-
-    def _collect_status(self) -> ExitInfo:
+    def _reap_status(self) -> ExitInfo:
+        """The exit status of an engine without a keeper, where this process is its parent."""
         now = time.time()
         if self.popen is not None:
             rc = self.popen.wait()
             if rc < 0:
                 return ExitInfo(code=None, signal=-rc, at_wall=now)
             return ExitInfo(code=rc, signal=None, at_wall=now)
-        # An adopted engine can still be our own child: a daemon that re-executed itself to restart
-        # while keeping its engines (SIGHUP, ``llmctl daemon restart``) has the same pid. Reap it
-        # then, so its real status is known and it does not linger as a zombie.
+        # An adopted engine without a keeper (started before keepers existed) can still be our own
+        # child: a daemon that re-executed itself in place (SIGHUP, ``llmctl daemon restart``) has
+        # the same pid. Reap it then, so its real status is known and it does not linger as a zombie.
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
@@ -342,7 +565,7 @@ class EngineProcess:
 
     def _signal_root(self, sig: int) -> None:
         if hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal"):
-            pidfd = self._root_pidfd()
+            pidfd = _pidfd_of(self.pid, self.create_time)
             if pidfd is None:
                 return
             try:

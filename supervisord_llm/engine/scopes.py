@@ -7,8 +7,8 @@ upgrade would then cost every model a reload, which for a 200 GB model is 10-15 
 
 So, when the daemon runs under systemd, each engine is started in a transient scope unit of its
 own, ``supervisord-llm-<engine>-<spawn id>.scope``, through ``systemd-run --scope``: systemd-run
-asks the manager for the scope, moves itself into it and then *execs* the engine, so the pid the
-daemon spawned is the engine's own pid (still the daemon's child: exit status, pidfd and the
+asks the manager for the scope, moves itself into it and then *execs* the engine's keeper
+(keeper.py), which forks the engine into the same scope (exit status, pidfd and the
 process-group stop work as without systemd). ``systemctl status supervisord-llm-tiny-*.scope``
 shows the engine, its memory and its processes; the service's own cgroup holds only the daemon.
 

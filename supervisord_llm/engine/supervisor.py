@@ -18,6 +18,7 @@ belong to a *generation* (one spawn); a message from an older generation is igno
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -255,6 +256,7 @@ class EngineSupervisor:
         self.ready_since_s: float | None = None
         self.backoff = backoff.BackoffState(engine=config.name)
         self.log_path = logs_dir / f"{config.name}.log"
+        self.exits_dir = logs_dir.parent / "exits"  # the keepers' exit records: <state_dir>/exits
         self.log_tail = LogTail(self.log_path, max_bytes=log_max_bytes)
         self.weights_bytes: int | None = None  # size of the model's weights on disk, once measured
         self.swap_in_progress = False
@@ -565,8 +567,14 @@ class EngineSupervisor:
             self.backoff = backoff.record_spawn(self.backoff, self.clock.now())
             await self.host.persist_durably()
             inherit = engine_environment(os.environ, daemon_secret_values(self.host.config))
-            proc = EngineProcess.spawn(self.adapter.argv(), env=self.adapter.env(), cwd=self.config.cwd,
-                                       log_path=self.log_path, tag=tag, engine=self.name, inherit=inherit)
+            spawn = functools.partial(EngineProcess.spawn, self.adapter.argv(), env=self.adapter.env(),
+                                      cwd=self.config.cwd, log_path=self.log_path, tag=tag, engine=self.name,
+                                      inherit=inherit, exits_dir=self.exits_dir)
+            # Waiting for the keeper to report the engine's pid blocks, so a worker thread does it;
+            # shielded, because a process that exists must reach the inbox (an overtaken spawn is
+            # swept there, never leaked).
+            with anyio.CancelScope(shield=True):
+                proc = await anyio.to_thread.run_sync(spawn)
         except EngineError as exc:
             self.post(LaunchFailed(gen, exc))
             return

@@ -183,9 +183,11 @@ async def test_openai_sdk_chat_streaming_and_not_through_gateway(engine: MlxServ
             max_tokens=12,
             temperature=1.0,
         )
-        assert reply.usage is not None and reply.usage.completion_tokens == 12
+        # Sampling at temperature 1.0 may draw the tiny model's end token early: the gateway's count must
+        # equal what the engine reports, whatever the length.
+        assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 12
         await wait_for(lambda: len(backend.finished) == 1)
-        assert backend.finished[0].tokens == 12 and backend.finished[0].ended == "complete"
+        assert backend.finished[0].tokens == reply.usage.completion_tokens and backend.finished[0].ended == "complete"
 
         stream = await client.chat.completions.create(
             model="tiny",
@@ -201,13 +203,13 @@ async def test_openai_sdk_chat_streaming_and_not_through_gateway(engine: MlxServ
                 pieces.append(chunk.choices[0].delta.content)
             if chunk.usage:
                 usage = chunk.usage
-        assert pieces and usage is not None and usage.completion_tokens == 24
+        assert pieces and usage is not None and 0 < usage.completion_tokens <= 24
         await wait_for(lambda: len(backend.finished) == 2)
         stats = backend.finished[1]
     print(
         f"\nstreamed chat: ttft={stats.ttft_s:.4f}s tokens={stats.tokens} max_gap={stats.max_gap_s}"
     )
-    assert stats.ended == "complete" and stats.tokens == 24  # usage wins over the chunk count
+    assert stats.ended == "complete" and stats.tokens == usage.completion_tokens  # usage wins over the chunk count
     assert stats.ttft_s is not None and 0 < stats.ttft_s < 30
     assert backend.progress["tiny"] >= len(pieces)
     assert backend.started == ["tiny", "tiny"]

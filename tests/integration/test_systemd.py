@@ -221,6 +221,11 @@ def test_engines_outlive_the_daemon_and_a_restart_keeps_the_models(systemd_ns: S
     assert "supervisord-llm-tiny-" in cgroup and ".scope" in cgroup and "sl.service" not in cgroup, cgroup
     scopes = systemd_ns.ctl("list-units", "--type=scope", "--no-legend", "supervisord-llm-tiny-*").stdout
     assert "running" in scopes, scopes
+    # Its keeper (its parent, which records how it ends) shares the scope.
+    status = systemd_ns.run("cat", f"/proc/{engine_pid}/status").stdout
+    keeper_pid = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+    assert "keeper.py" in systemd_ns.run("cat", f"/proc/{keeper_pid}/cmdline").stdout
+    assert systemd_ns.run("cat", f"/proc/{keeper_pid}/cgroup").stdout == cgroup
 
     # 1. The daemon is SIGKILLed (as an OOM kill would): systemd restarts it, it adopts the same engine.
     main_pid = systemd_ns.prop(unit, "MainPID")
@@ -265,3 +270,4 @@ def test_engines_outlive_the_daemon_and_a_restart_keeps_the_models(systemd_ns: S
     leftover = systemd_ns.ctl("list-units", "--type=scope", "--all", "--no-legend", "supervisord-llm-*").stdout
     assert "running" not in leftover, leftover
     assert systemd_ns.run("kill", "-0", str(engine_pid), check=False).returncode != 0
+    assert systemd_ns.run("kill", "-0", keeper_pid, check=False).returncode != 0, "the keeper went with its engine"

@@ -6,7 +6,7 @@ cannot produce on demand: ignoring SIGTERM, leaving a grandchild in another sess
 known failure line and exiting, never becoming able to generate, exiting during start.
 
     openai_engine.py --port P [--tps 200] [--load-s 0] [--ignore-sigterm] [--grandchild]
-                     [--print-line TEXT --exit-code N] [--never-ready] [--exit-after-s S]
+                     [--print-line TEXT --exit-code N] [--never-ready] [--exit-after-s S] [--exit-on-sigusr1]
                      [--hold-gpu-mb N] [--grow-mb N]
                      [--silent-from N [--silent-after-tokens K]]   running but silent
                      [--metrics vllm|omlx]                         per-step / completion-time counters
@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--exit-code", type=int, default=1)
     p.add_argument("--never-ready", action="store_true", help="/health 200 but generation always fails")
     p.add_argument("--exit-after-s", type=float, default=None)
+    p.add_argument("--exit-on-sigusr1", action="store_true",
+                   help="exit with --exit-code when SIGUSR1 arrives (an engine ending on its own, when a test says)")
     p.add_argument("--keepalive-s", type=float, default=0.0, help="send SSE comments every N s before tokens")
     p.add_argument("--first-token-delay-s", type=float, default=0.0)
     p.add_argument("--log-paths", action="store_true", help="print every request line (method and path) as received")
@@ -73,6 +75,8 @@ def main() -> None:
 
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.exit_on_sigusr1:
+        signal.signal(signal.SIGUSR1, lambda *_: os._exit(args.exit_code))
     if args.print_line:
         for line in args.print_line:
             print(line, flush=True)
