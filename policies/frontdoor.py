@@ -10,6 +10,7 @@ exhausting the daemon with unbounded concurrency.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import unquote_to_bytes
@@ -103,3 +104,46 @@ def idle_unload_due(*, idle_unload_s: float | None, last_request_s: float | None
         return False
     since = max(ready_since_s, last_request_s or ready_since_s)
     return now_s - since >= idle_unload_s
+
+
+@dataclass(frozen=True, slots=True)
+class HeldGroup:
+    """Requests for one engine held until it serves: how many, and when the first of them arrived."""
+
+    engine: str
+    oldest_s: float
+    requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServeGroup:
+    """Serve ``engine``'s held requests next (all of them together), swapping it in if needed."""
+
+    engine: str
+    message: str
+
+
+def next_group(groups: Sequence[HeldGroup], *, resident: str | None) -> ServeGroup | None:
+    """Which engine's held requests are served next when engines take turns (exclusive swaps).
+
+    Requests are grouped by engine and the groups served in the order their first request arrived:
+    all of A's held requests together, then all of B's, never alternately, so a mixed queue costs one
+    swap per group instead of one per request (a swap of a large model takes minutes). A request that
+    arrives for an engine while another engine's group waits joins its own engine's next group
+    rather than jumping the line, so no group waits behind an endless stream of the other's. On a
+    tie the resident engine goes first (no swap needed).
+    """
+    waiting = [g for g in groups if g.requests > 0]
+    if not waiting:
+        return None
+    first = min(waiting, key=lambda g: (g.oldest_s, g.engine != resident, g.engine))
+    behind = ", ".join(f"{g.engine} ({g.requests})" for g in sorted(waiting, key=lambda g: g.oldest_s) if g is not first)
+    return ServeGroup(first.engine, f"serve the {first.requests} held request(s) for {first.engine} together, "
+                                    f"first in line since their first arrived; then {behind or 'nothing else waits'}")
+
+
+def holds_for_groups(engine: str, *, serving: bool, conflicting_groups: int) -> bool:
+    """Whether a new request for ``engine`` waits in its engine's group instead of going straight in:
+    when the engine is not serving, or when a group for an engine it cannot share the machine with
+    (one of the two is exclusive) is waiting for its turn."""
+    return not serving or conflicting_groups > 0

@@ -36,6 +36,7 @@ class EventKind(StrEnum):
     DAEMON_STOPPING = "daemon.stopping"
     ENGINE_ADMISSION_WAITING = "engine.admission_waiting"
     ENGINE_DISCOVERED = "engine.discovered"
+    ENGINE_DRAINED = "engine.drained"
     ENGINE_DRAINING = "engine.draining"
     ENGINE_EXITED = "engine.exited"
     ENGINE_FOUND_BY_TAG = "engine.found_by_tag"
@@ -123,7 +124,9 @@ EVENT_TYPES: Mapping[str, EventType] = {t.kind.value: t for t in (
     _type(EventKind.DAEMON_STOPPING, ("pid", "stop_engines")),
     _type(EventKind.ENGINE_ADMISSION_WAITING, ("engine", "message", "reason", "wait_s")),
     _type(EventKind.ENGINE_DISCOVERED, ("engine",), open_=True),
-    _type(EventKind.ENGINE_DRAINING, ("engine", "grace_s", "in_flight", "reason")),
+    _type(EventKind.ENGINE_DRAINED, ("engine", "in_flight", "waited_s")),
+    # The memory guard's drain (grace_s, reason) and a manual restart's (drain_s).
+    _type(EventKind.ENGINE_DRAINING, ("drain_s", "engine", "grace_s", "in_flight", "reason")),
     _type(EventKind.ENGINE_EXITED, ("code", "diagnosis", "engine", "pid", "signal", "state_was", "while_daemon_down")),
     _type(EventKind.ENGINE_FOUND_BY_TAG, ("engine", "pid")),
     _type(EventKind.ENGINE_IDLE_UNLOAD_FAILED, ("engine", "error")),

@@ -29,12 +29,16 @@ class DaemonGatewayBackend:
 
     A request for an engine that is not resident starts a swap (mutual exclusion and memory
     admission hold). While the engine is starting, swapping or restarting the request waits up to
-    the hold time; in backoff or failed it gets 503 with Retry-After.
+    the hold time; in backoff or failed it gets 503 with Retry-After. Engines that cannot share the
+    machine take turns: held requests are served grouped by engine (gateway/turns.py).
     """
 
     def __init__(self, daemon: Daemon, hold_s: float) -> None:
+        from supervisord_llm.gateway.turns import EngineTurns
+
         self.daemon = daemon
         self.hold_s = hold_s
+        self.turns = EngineTurns(_Turns(self))
 
     def models(self) -> list[dict]:
         out = []
@@ -94,34 +98,39 @@ class DaemonGatewayBackend:
             raise EngineUnavailable(sup.name, "draining",
                                     f"{sup.name} takes no new requests: {sup.health.draining}; it restarts once "
                                     "its in-flight requests have finished", retry_after_s=60.0)
-        swap = self.daemon.swap_target
-        if sup.serving and not sup.swap_in_progress and swap in (None, sup.name):
+        if not self.turns.must_hold(sup.name):
             return self._upstream(sup)
         if sup.state in (EngineState.BACKOFF, EngineState.FAILED):
             raise self._unavailable(sup)
-        if swap is not None and swap != sup.name:
-            raise EngineUnavailable(sup.name, "swap_in_progress",
-                                    f"a swap to {swap} is in progress; retry when it has finished",
-                                    retry_after_s=10.0)
-        if not sup.resident and swap != sup.name:
-            from policies import backoff as backoff_policy
-            from policies.actions import Refuse
-
-            verdict = backoff_policy.automatic_start_allowed(sup.backoff, self.daemon.backoff_settings,
-                                                             self.daemon.clock.now())
-            if isinstance(verdict, Refuse):  # a recent failure: its backoff holds, nothing is swapped
-                wait = max(1.0, (verdict.until_s or self.daemon.clock.now()) - self.daemon.clock.now())
-                raise EngineUnavailable(sup.name, verdict.reason, verdict.message, retry_after_s=wait,
-                                        until_wall=self.daemon.clock.wall() + wait)
-            # The swap runs in the daemon's own task group: a client giving up must not cancel it midway.
-            self.daemon.spawn_background(self._swap_quietly, sup.name)
+        # Held in the engine's group (gateway/turns.py): served when its turn comes and it serves,
+        # swapped in when its turn comes and it is not resident.
         with anyio.move_on_after(self.hold_s):
             await anyio.lowlevel.checkpoint()
-            await sup.wait_for(lambda s: (s.serving and not s.swap_in_progress)
-                               or s.state in (EngineState.FAILED, EngineState.BACKOFF), None)
-        if sup.serving:
+            await self.turns.wait_turn(sup.name)
+        if self.serving_now(sup):
             return self._upstream(sup)
         raise self._unavailable(sup)
+
+    def serving_now(self, sup: EngineSupervisor) -> bool:
+        """Serving, and no swap is underway that would stop it or that it is the target of."""
+        return sup.serving and not sup.swap_in_progress and self.daemon.swap_target in (None, sup.name)
+
+    def start_swap(self, name: str) -> bool | Exception:
+        daemon = self.daemon
+        sup = daemon.supervisors[name]
+        if daemon.swap_target is not None or sup.resident:
+            return False  # a swap runs (the turn comes again after it) or the engine is (re)starting
+        from policies import backoff as backoff_policy
+        from policies.actions import Refuse
+
+        verdict = backoff_policy.automatic_start_allowed(sup.backoff, daemon.backoff_settings, daemon.clock.now())
+        if isinstance(verdict, Refuse):  # a recent failure: its backoff holds, nothing is swapped
+            wait = max(1.0, (verdict.until_s or daemon.clock.now()) - daemon.clock.now())
+            return EngineUnavailable(sup.name, verdict.reason, verdict.message, retry_after_s=wait,
+                                     until_wall=daemon.clock.wall() + wait)
+        # The swap runs in the daemon's own task group: a client giving up must not cancel it midway.
+        daemon.spawn_background(self._swap_quietly, sup.name)
+        return True
 
     async def _swap_quietly(self, name: str) -> None:
         from supervisord_llm.errors import SupervisordLLMError
@@ -130,6 +139,10 @@ class DaemonGatewayBackend:
             await self.daemon.switch(name, manual=False)
         except SupervisordLLMError as exc:
             self.daemon.events.emit("gateway.swap_failed", engine=name, error=str(exc))
+            self.turns.swap_failed(name, EngineUnavailable(name, "swap_failed", f"the swap to {name} failed: {exc}",
+                                                           retry_after_s=30.0))
+        finally:
+            self.turns.changed()
 
     def _health(self, engine: str) -> Any:
         sup = self.daemon.supervisors.get(engine)
@@ -193,6 +206,41 @@ class DaemonGatewayBackend:
                                               f"{stalled_for_s:.0f}s"))
         self.daemon.events.emit("gateway.stall_detected", engine=engine, phase=phase,
                                 stalled_for_s=round(stalled_for_s, 3))
+
+
+class _Turns:
+    """The daemon as turn-taking sees it (gateway/turns.py ``TurnHost``)."""
+
+    def __init__(self, backend: DaemonGatewayBackend) -> None:
+        self.backend = backend
+        self.daemon = backend.daemon
+
+    def now(self) -> float:
+        return self.daemon.clock.now()
+
+    def engine_names(self) -> list[str]:
+        return list(self.daemon.supervisors)
+
+    def serving(self, engine: str) -> bool:
+        return self.backend.serving_now(self.daemon.supervisors[engine])
+
+    def exclusive(self, engine: str) -> bool:
+        return bool(self.daemon.supervisors[engine].config.exclusive)
+
+    def resident(self) -> str | None:
+        return next((s.name for s in self.daemon.supervisors.values() if s.serving), None)
+
+    def unavailable(self, engine: str) -> Exception | None:
+        sup = self.daemon.supervisors[engine]
+        if sup.state in (EngineState.BACKOFF, EngineState.FAILED) and self.daemon.swap_target != engine:
+            return self.backend._unavailable(sup)
+        return None
+
+    def start_swap(self, engine: str) -> bool | Exception:
+        return self.backend.start_swap(engine)
+
+    def decided(self, action: Any, **inputs: object) -> None:
+        self.daemon.decided("serving_order", action.engine, action, **inputs)
 
 
 class GatewayExtension(Extension):

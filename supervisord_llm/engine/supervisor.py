@@ -527,7 +527,9 @@ class EngineSupervisor:
         if self.state == EngineState.STOPPING:
             raise StartRefused(self.name, "stopping", f"{self.name} is stopping; start it once it is stopped")
         self.restarts += 1
-        self._begin_stop(cmd.reason or "llmctl restart", then=Then.START)
+        # A person's restart of a working engine lets the requests it is answering finish first (up
+        # to swap_drain, as a swap does); it is stopping meanwhile, so new requests wait for the new run.
+        self._begin_stop(cmd.reason or "llmctl restart", then=Then.START, drain_s=self.host.config.memory.swap_drain_s)
         return f"restarting {self.name}"
 
     # ---- spawn ------------------------------------------------------------------------------
@@ -788,7 +790,7 @@ class EngineSupervisor:
     # ---- stop -------------------------------------------------------------------------------
 
     def _begin_stop(self, reason: str, *, then: Then, failure: bool = False, grace_s: float | None = None,
-                    evidence: dict[str, Any] | None = None) -> None:
+                    evidence: dict[str, Any] | None = None, drain_s: float = 0.0) -> None:
         """Stop the current run; ``then``: "stay" (stopped), "start" (a person's restart), "auto" (a
         failure: backoff), "policy" (a restart a policy asked for: through the 60 s floor, no failure)."""
         proc = self.proc
@@ -803,9 +805,20 @@ class EngineSupervisor:
         if proc is None:
             self.post(Stopped(self.gen, True, (), then))
             return
-        self._spawn_worker(self._stopper, self.gen, proc, self.config.stop_grace_s if grace_s is None else grace_s)
+        self._spawn_worker(self._stopper, self.gen, proc, self.config.stop_grace_s if grace_s is None else grace_s,
+                           drain_s)
 
-    async def _stopper(self, gen: int, proc: EngineProcess, grace_s: float) -> None:
+    async def _stopper(self, gen: int, proc: EngineProcess, grace_s: float, drain_s: float = 0.0) -> None:
+        health = self.health
+        if drain_s > 0 and health is not None and health.in_flight > 0:
+            started_s = self.clock.now()
+            self.host.events.emit("engine.draining", engine=self.name, in_flight=health.in_flight,
+                                  drain_s=drain_s)
+            with anyio.move_on_after(drain_s):
+                while health.in_flight > 0 and proc.running:
+                    await anyio.sleep(0.1)
+            self.host.events.emit("engine.drained", engine=self.name, in_flight=health.in_flight,
+                                  waited_s=round(self.clock.now() - started_s, 3))
         with anyio.CancelScope(shield=True):
             result = await proc.stop(grace_s)
         self.post(Stopped(gen, result.graceful, result.killed_pids, self._stop_then))

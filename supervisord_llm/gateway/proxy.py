@@ -58,6 +58,7 @@ from policies.frontdoor import Admission, SwapPermission, admit_request, check_p
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.errors import EngineError, SupervisordLLMError, UnknownEngine
 from supervisord_llm.gateway import anthropic as anthropic_api
+from supervisord_llm.gateway import hold, retry
 from supervisord_llm.gateway.settings import GatewaySettings, parse_listen  # noqa: F401 - re-exported
 from supervisord_llm.httpserver import DaemonServer
 
@@ -453,7 +454,6 @@ _RESPONSE_DROP = frozenset(
 )
 _NO_CONTENT_LENGTH = frozenset({"content-length"})
 _COLLECT_LIMIT_BYTES = 16 * 2**20
-_UPSTREAM_RETRY_DELAYS_S = (0.05, 0.2, 0.5)
 
 
 @dataclass
@@ -605,17 +605,33 @@ class _Forward:
             await anyio.sleep(min(delay, settings.decode_stall_s))
 
     async def _send_upstream(self) -> httpx.Response:
-        # A connection refused, reset or closed before any response byte came back is retried:
-        # mlx_lm.server listens with a backlog of 5 and drops connections of a burst, and a pooled
-        # keep-alive connection may have been closed by the engine meanwhile. Nothing was answered,
-        # so the engine did not start on the request.
-        for delay_s in _UPSTREAM_RETRY_DELAYS_S:
-            try:
-                return await self.gw.client.send(self.request, stream=True)
-            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
-                self.gw.stats.upstream_retries += 1
-                await anyio.sleep(delay_s)
-        return await self.gw.client.send(self.request, stream=True)
+        # Sent again only while the engine gave no response head (gateway/retry.py): refused while
+        # it restarts, reset before it answered. A response with any status is never sent twice.
+        gw = self.gw
+
+        def on_retry(exc: Exception, held: bool) -> None:
+            gw.stats.upstream_retries += 1
+            if held:
+                gw.log.info("gateway.upstream_retried", engine=self.upstream.engine, error=type(exc).__name__)
+
+        return await retry.send_until_answered(
+            lambda: gw.client.send(self.request, stream=True), wait_serving=self._engine_serving,
+            hold_s=gw.settings.hold_s, now=gw.clock.now, on_retry=on_retry)
+
+    async def _engine_serving(self, timeout_s: float) -> bool:
+        """The engine is serving again (within ``timeout_s``), as the daemon's hold decides; never a
+        start the request alone would cause: an engine stopped or failed meanwhile stays so."""
+        gw = self.gw
+        engine = self.upstream.engine
+        entry = next((m for m in gw.backend.models() if m.get("id") == engine), None)
+        if entry is None or entry.get("state") in ("stopped", "failed"):
+            return False
+        try:
+            with anyio.move_on_after(timeout_s):
+                return (await gw.backend.acquire(engine)).engine == engine
+        except SupervisordLLMError:
+            return False
+        return False
 
     async def _exchange(self, send: Any, tg: anyio.abc.TaskGroup) -> None:
         gw = self.gw
@@ -1004,6 +1020,13 @@ class _Forward:
         self.gw.call_backend("request_finished", stats)
 
 
+def _give_back(result: Any) -> None:
+    """A held request's forward is over (or never ran): its engine slot goes back."""
+    if isinstance(result, _Forward) and result.on_done is not None:
+        done, result.on_done = result.on_done, None
+        done()
+
+
 async def _send_json(send: Any, body: dict[str, Any], status: int) -> None:
     data = json.dumps(body).encode()
     try:
@@ -1241,12 +1264,12 @@ class _Gateway:
         except BaseException:
             stats.in_flight -= 1
             raise
-        if isinstance(response, _Forward):
+        if isinstance(response, _Forward | hold.HeldStream):
             return _Counted(response, stats)
         stats.in_flight -= 1
         return response
 
-    async def _prepare(self, request: Request, path: str, anthropic: bool) -> Response | _Forward:
+    async def _prepare(self, request: Request, path: str, anthropic: bool) -> Response | _Forward | hold.HeldStream:
         try:
             with anyio.fail_after(self.settings.body_timeout_s):
                 body = await self.read_body(request)
@@ -1313,6 +1336,31 @@ class _Gateway:
                 anthropic, 400, "request body is empty; expected a JSON object", "invalid_json"
             )
 
+        if stream and not self._serving_now(model):
+            return hold.HeldStream(
+                lambda: self._route(request, path, anthropic, doc, body, stream, model), anthropic=anthropic,
+                keepalive_s=self.settings.hold_keepalive_s, now=self.clock.now,
+                state=lambda: self._engine_state(model), finish=_give_back,
+                error_body=lambda status, message, code: error_body(anthropic, status, message, code))
+        return await self._route(request, path, anthropic, doc, body, stream, model)
+
+    def _engine_entry(self, model: str | None) -> dict[str, Any] | None:
+        name = model or self.backend.default_engine()
+        return next((m for m in self.backend.models()
+                     if name is not None and (m.get("id") == name or name in (m.get("aliases") or ()))), None)
+
+    def _serving_now(self, model: str | None) -> bool:
+        """The request's engine serves now (or the name is unknown: the usual answer follows)."""
+        entry = self._engine_entry(model)
+        return entry is None or entry.get("state") in ("ready", "degraded")
+
+    def _engine_state(self, model: str | None) -> tuple[str, str]:
+        entry = self._engine_entry(model)
+        return (entry["id"], str(entry.get("state"))) if entry else (model or "(default)", "unknown")
+
+    async def _route(self, request: Request, path: str, anthropic: bool, doc: Any, body: bytes, stream: bool,
+                     model: str | None) -> Response | _Forward:
+        """Wait for the request's engine (or refuse), take a place in its line, build the forward."""
         refused = self._start_refusal(request, model, anthropic)
         if refused is not None:
             return refused
@@ -1339,9 +1387,7 @@ class _Gateway:
         permission = SwapPermission(self.settings.swaps)
         if permission is SwapPermission.ALLOWED:
             return None
-        name = model or self.backend.default_engine()
-        entry = next((m for m in self.backend.models()
-                      if name is not None and (m.get("id") == name or name in (m.get("aliases") or ()))), None)
+        entry = self._engine_entry(model)
         if entry is None or entry.get("state") not in ("stopped", "failed"):
             return None
         key_given = self._api_key is not None and self.authorized(request)
@@ -1673,7 +1719,7 @@ class _ConnectionCap:
 class _Counted:
     """Wraps a forward so the gateway's in_flight count drops when the exchange ends, however."""
 
-    def __init__(self, inner: _Forward, stats: GatewayStats) -> None:
+    def __init__(self, inner: _Forward | hold.HeldStream, stats: GatewayStats) -> None:
         self.inner = inner
         self.stats = stats
 
@@ -1755,6 +1801,30 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _guarded_http_protocol(settings: GatewaySettings, stats: GatewayStats | None) -> type[Any]:
+    """uvicorn's HTTP protocol with the header read timeout: a 408 in the client's API shape."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    from supervisord_llm.gateway.headers import header_timeout_protocol
+
+    def on_timeout(first_bytes: bytes) -> bytes | None:
+        if stats is not None:
+            stats.refuse("header_timeout")
+        if not first_bytes:
+            return None  # nothing was asked: nobody to answer
+        request_line = first_bytes.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
+        target = request_line.split(b" ")[1] if request_line.count(b" ") >= 1 else b""
+        body = json.dumps(error_body(
+            target.startswith(MESSAGES_PATH.encode()), 408,
+            f"the request headers did not arrive within the gateway's header_timeout_s "
+            f"({settings.header_timeout_s:g}s)", "request_timeout")).encode()
+        return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+
+    return header_timeout_protocol(AutoHTTPProtocol, header_timeout_s=settings.header_timeout_s,
+                                   on_timeout=on_timeout)
+
+
 async def serve(
     app: Starlette,
     settings: GatewaySettings,
@@ -1780,12 +1850,15 @@ async def serve(
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
-        http="auto",
+        http=_guarded_http_protocol(settings, stats if isinstance(stats, GatewayStats) else None),
         ws="none",
         server_header=False,
         date_header=False,
-        # A hard backstop behind the JSON refusal at max_connections (uvicorn answers a plain 503).
-        limit_concurrency=settings.max_connections * 2 + 16,
+        # No limit_concurrency: uvicorn counts every open connection toward it, idle ones included,
+        # so a flood of idle connections made it answer every real client with a plain-text 503.
+        # Requests beyond max_connections get the JSON 503 (_ConnectionCap); connections that send
+        # no request are closed after header_timeout_s (gateway/headers.py).
+        limit_concurrency=None,
     )
     server = DaemonServer(config)
     done = anyio.Event()

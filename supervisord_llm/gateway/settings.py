@@ -72,6 +72,11 @@ class GatewaySettings:
     # "text" (kept in the text as emitted), "thinking" (thinking blocks), "auto" (thinking blocks
     # when the request enables thinking).
     think_tags: str = "text"
+    # A client must have sent a request's headers within this long of opening the connection (or of
+    # its previous response); else 408 and the connection is closed (gateway/headers.py).
+    header_timeout_s: float = 10.0
+    # A streaming request held while its engine loads gets an SSE comment this often (gateway/hold.py).
+    hold_keepalive_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.think_tags not in THINK_MODES:
@@ -109,8 +114,9 @@ class GatewaySettings:
             raise ValueError(f"swaps must be one of {', '.join(repr(p.value) for p in SwapPermission)}, got {self.swaps!r}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
-        if self.body_timeout_s <= 0:
-            raise ValueError(f"body_timeout_s must be greater than 0, got {self.body_timeout_s!r}")
+        for name in ("body_timeout_s", "header_timeout_s", "hold_keepalive_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
         if self.max_upstream_connections < 1:
             raise ValueError(
                 f"max_upstream_connections must be at least 1, got {self.max_upstream_connections}"
@@ -135,7 +141,8 @@ class GatewaySettings:
         variable holding the key), ``hold_s``, ``max_body_bytes``, ``prefill_stall_s``,
         ``decode_stall_s``, ``prefill_per_mib_s``, ``client_timeout_s``, ``client_buffer_bytes``,
         ``upstream_connect_timeout_s``, ``upstream_read_timeout_s``, ``max_upstream_connections``,
-        ``max_connections``, ``body_timeout_s``, ``shutdown_grace_s``, ``swaps``, ``think_tags``.
+        ``max_connections``, ``body_timeout_s``, ``shutdown_grace_s``, ``swaps``, ``think_tags``,
+        ``header_timeout_s``, ``hold_keepalive_s``.
         Durations are ``"60s"``/``"5m"`` or seconds; sizes are ``"32MiB"`` or bytes.
         """
         return read_gateway(Table(table, file, key), os.environ if environ is None else environ)
@@ -188,6 +195,8 @@ _READERS: dict[str, Callable[[Table, str], Any]] = {
     "upstream_connect_timeout_s": lambda t, name: t.duration_s(name, 0, positive=True),
     "upstream_read_timeout_s": lambda t, name: t.duration_s(name, 0, positive=True),
     "body_timeout_s": lambda t, name: t.duration_s(name, 0, positive=True),
+    "header_timeout_s": lambda t, name: t.duration_s(name, 0, positive=True),
+    "hold_keepalive_s": lambda t, name: t.duration_s(name, 0, positive=True),
     "max_body_bytes": _size_at_least(MIN_BODY_BYTES, "1KiB"),
     "client_buffer_bytes": _size_at_least(MIN_CLIENT_BUFFER_BYTES, "4KiB"),
     "prefill_per_mib_s": _seconds_per_mib,

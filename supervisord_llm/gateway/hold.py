@@ -1,0 +1,190 @@
+"""Streaming requests held while their engine loads: the head at once, then SSE keep-alive comments.
+
+A model that takes ten minutes to load (or an engine restarting, or swapping in, or started for this
+very request) holds its requests for up to ``hold_s``. A streaming client that sees nothing for that
+long gives up (agents and SDKs time out after a minute or two of silence), so a held streaming
+request gets its response head (200, ``text/event-stream``) at once and then an SSE comment line
+every ``hold_keepalive_s``::
+
+    : loading tiny 42s (starting)
+
+Comments are ignored by every SSE client (and by the gateway's own token meter: they are never
+progress). Once the engine serves the request, its own stream follows on the same response; its
+head is already sent, so the engine's status line is dropped, and an error answer (the hold ran out,
+the engine failed to start, it refused the request) becomes one SSE ``error`` event in the client's
+API shape instead of a silent close:
+
+- OpenAI: ``data: {"error": {"message", "type", "code"}}``
+- Anthropic: ``event: error`` + ``data: {"type": "error", "error": {"type", "message"}}``
+
+Keep-alives stop before the first byte of the engine's stream, so they never split an SSE event.
+A request that the daemon answers at once (a refusal, an engine already serving) is not held and
+keeps its plain JSON answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from starlette.responses import JSONResponse
+
+# A request that the daemon decides within this long is answered as usual (a JSON refusal, say):
+# only a real wait earns the early head.
+HOLD_DETECT_S = 0.1
+
+
+def sse_error_bytes(anthropic: bool, body: dict[str, Any]) -> bytes:
+    """One SSE error event carrying ``body`` (already in the client's API error shape)."""
+    data = json.dumps(body, separators=(",", ":"))
+    return (f"event: error\ndata: {data}\n\n" if anthropic else f"data: {data}\n\n").encode()
+
+
+class HeldStream:
+    """The ASGI response for a streaming request whose engine is not serving yet.
+
+    ``route()`` does what any request does (wait for the engine, take a place in its line, build
+    the forward) and returns an ASGI response; ``finish(response)`` is called once that response is
+    over or was never run (it gives the engine's slot back). ``state()`` names the engine and what
+    it is doing, for the comments. ``error_body(status, message, code)`` is an error in the client's
+    API shape.
+    """
+
+    on_done: Callable[[], None] | None = None  # the engine's slot is given back by ``finish``
+
+    def __init__(
+        self,
+        route: Callable[[], Awaitable[Any]],
+        *,
+        anthropic: bool,
+        keepalive_s: float,
+        now: Callable[[], float],
+        state: Callable[[], tuple[str, str]],
+        finish: Callable[[Any], None],
+        error_body: Callable[[int, str, str], dict[str, Any]],
+    ) -> None:
+        self.route = route
+        self.anthropic = anthropic
+        self.keepalive_s = keepalive_s
+        self.now = now
+        self.state = state
+        self.finish = finish
+        self.error_body = error_body
+        self.held = False  # the early head was sent
+        self.comments = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        result: list[Any] = []
+        decided = anyio.Event()
+        client_gone = False
+
+        async def run_route() -> None:
+            try:
+                result.append(await self.route())
+            except Exception:  # answered as a 500 either way; with the head sent, as an error event
+                result.append(JSONResponse(self.error_body(500, "the gateway failed to route this request; see "
+                                                           "the daemon log", "internal_error"), status_code=500))
+                raise
+            finally:
+                decided.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_route)
+                with anyio.move_on_after(HOLD_DETECT_S):
+                    await decided.wait()
+                if not decided.is_set():
+                    held_since_s = self.now()
+                    self.held = True
+                    await send({"type": "http.response.start", "status": 200, "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                        (b"x-accel-buffering", b"no")]})
+                    async with anyio.create_task_group() as hold_tg:
+                        hold_tg.start_soon(self._keep_alive, send, held_since_s)
+
+                        async def watch_disconnect() -> None:
+                            nonlocal client_gone
+                            message = await receive()
+                            if message["type"] == "http.disconnect":
+                                client_gone = True
+                                tg.cancel_scope.cancel()  # nobody waits for the engine any more
+
+                        hold_tg.start_soon(watch_disconnect)
+                        await decided.wait()
+                        hold_tg.cancel_scope.cancel()
+            if client_gone or not result:
+                return
+            response = result[0]
+            if not self.held:
+                await response(scope, receive, send)
+                return
+            held_send = _AfterHead(send, self.anthropic, self.error_body)
+            await response(scope, receive, held_send)
+            await held_send.flush()
+        finally:
+            if result:
+                self.finish(result[0])
+
+    async def _keep_alive(self, send: Any, held_since_s: float) -> None:
+        while True:
+            await anyio.sleep(self.keepalive_s)
+            name, state = self.state()
+            comment = f": loading {name} {self.now() - held_since_s:.0f}s ({state})\n\n".encode()
+            try:
+                await send({"type": "http.response.body", "body": comment, "more_body": True})
+            except OSError:
+                return  # the client went away: the disconnect watcher ends the hold
+            self.comments += 1
+
+
+class _AfterHead:
+    """``send`` for a response whose head the hold already sent: its own head is dropped, and an
+    error answer (status 400 and up) is turned into one SSE error event."""
+
+    def __init__(self, send: Any, anthropic: bool, error_body: Callable[[int, str, str], dict[str, Any]]) -> None:
+        self.send = send
+        self.anthropic = anthropic
+        self.error_body = error_body
+        self.status = 200
+        self.error_parts: list[bytes] = []
+        self.ended = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+            return
+        if message["type"] != "http.response.body":
+            await self.send(message)
+            return
+        if self.status < 400:
+            if not message.get("more_body", False):
+                self.ended = True
+            await self.send(message)
+            return
+        self.error_parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            await self.flush()
+
+    async def flush(self) -> None:
+        """End the stream: with the error event when the answer was an error."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.status >= 400:
+            raw = b"".join(self.error_parts)
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+            if not isinstance(body, dict) or "error" not in body:
+                body = self.error_body(self.status, raw.decode("utf-8", "replace")[:2000] or f"HTTP {self.status}",
+                                       "engine_error")
+            data = sse_error_bytes(self.anthropic, body)
+        else:
+            data = b""
+        try:
+            await self.send({"type": "http.response.body", "body": data, "more_body": False})
+        except OSError:
+            pass

@@ -1,0 +1,63 @@
+"""Sending a request to an engine again when it provably did not answer it.
+
+A request is sent again only when the engine gave no response head: the connection was refused
+(the engine is restarting and nothing listens), or it was reset or closed before the status line
+came back (the engine died while it had the request, or closed a pooled keep-alive connection).
+httpx raises these before it returns a response, so once ``send`` has returned a response (any
+status, any byte of head) the request is never sent again: an engine that answered is never asked
+twice, and nothing the client may have seen is generated a second time.
+
+Two kinds of retry: a few quick ones (mlx_lm.server listens with a backlog of 5 and drops
+connections of a burst), then, while the engine is down, the request is held until the daemon says
+the engine serves again (``wait_serving``, the gateway's own hold) and sent to the restarted engine,
+all within ``hold_s`` of the first failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import anyio
+import httpx
+
+# No response head came back: the engine did not answer this request.
+UNANSWERED = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+QUICK_RETRY_DELAYS_S = (0.05, 0.2, 0.5)
+# Between two sends while the engine is down: its supervisor may not have noticed the exit yet and
+# still call it serving, and a refused connect costs nothing to repeat.
+HELD_RETRY_DELAY_S = 0.5
+
+
+async def send_until_answered(
+    send_once: Callable[[], Awaitable[httpx.Response]],
+    *,
+    wait_serving: Callable[[float], Awaitable[bool]],
+    hold_s: float,
+    now: Callable[[], float],
+    on_retry: Callable[[Exception, bool], None],
+) -> httpx.Response:
+    """``send_once()`` until the engine answers with a response head.
+
+    ``wait_serving(timeout_s)`` waits until the engine serves again and says whether it does (False:
+    it will not within the time, or it is stopped, failed or in backoff: the last error is raised).
+    ``on_retry(error, held)`` is told of every resend (``held``: it waited for the engine).
+    """
+    quick = list(QUICK_RETRY_DELAYS_S)
+    deadline_s: float | None = None
+    while True:
+        try:
+            return await send_once()
+        except UNANSWERED as exc:
+            if quick:
+                on_retry(exc, False)
+                await anyio.sleep(quick.pop(0))
+                continue
+            if deadline_s is None:
+                deadline_s = now() + hold_s
+            left_s = deadline_s - now()
+            if left_s <= 0:
+                raise
+            await anyio.sleep(min(HELD_RETRY_DELAY_S, left_s))
+            if not await wait_serving(max(0.0, deadline_s - now())):
+                raise
+            on_retry(exc, True)

@@ -1,0 +1,421 @@
+"""The front door holds: slow headers are cut, held streaming clients hear keep-alives, requests the
+engine never answered are resent to the restarted engine (and answered ones never are), 100 clients
+ride through a manual restart, and a flood of 2,000 connections is refused while the daemon serves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import resource
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import PYTHON, free_port, mlx_engine_toml, standin_engine_toml
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01"}
+
+
+def _engine_log(d, name: str) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((d.state_dir / "logs").glob(f"{name}.log*")))
+
+
+def _received(log: str, marker: str) -> int:
+    """How often the engine itself received a request carrying ``marker``: mlx_lm.server at
+    ``--log-level DEBUG`` logs every request body it reads ("Incoming Request Body", mlx_lm/server.py
+    0.32 ``APIHandler.do_POST``), one JSON field per line (a translated Messages request's text is in
+    ``content`` or a ``text`` part)."""
+    return len(re.findall(rf'"(?:content|text)": "{re.escape(marker)}"', log))
+
+
+def _runs(log: str) -> list[str]:
+    """The engine log cut into its runs (each run of mlx_lm.server logs "Starting httpd" first)."""
+    return log.split("Starting httpd")[1:]
+
+
+def _sse_stream(url: str, body: dict, headers: dict | None = None, timeout_s: float = 120) -> tuple[int, list[tuple[float, str]]]:
+    """A streaming request; the status and every line with the time it arrived."""
+    lines: list[tuple[float, str]] = []
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=timeout_s) as r:
+        for line in r.iter_lines():
+            lines.append((time.monotonic(), line))
+    return r.status_code, lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow headers
+
+
+def test_slow_headers_get_a_408_in_the_api_shape_and_an_idle_connection_is_closed(daemon_factory) -> None:
+    """A client trickling its headers gets 408 after header_timeout_s; one sending nothing is closed; others are served."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nheader_timeout_s = "2s"\n').start()
+    d.wait_state("e", "ready", 30)
+    trickle = socket.create_connection(("127.0.0.1", gw))
+    messages = socket.create_connection(("127.0.0.1", gw))
+    idle = socket.create_connection(("127.0.0.1", gw))
+    try:
+        trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        messages.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n")
+        for _ in range(3):  # a header line now and then never completes the headers
+            time.sleep(0.5)
+            trickle.sendall(b"x-slow: 1\r\n")
+        # Served meanwhile: the slow ones hold nothing others need.
+        ok = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json={"model": "e", "max_tokens": 2, **CHAT},
+                        timeout=30)
+        assert ok.status_code == 200
+        answers = []
+        for sock in (trickle, messages, idle):
+            sock.settimeout(20)
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            answers.append(data)
+    finally:
+        for sock in (trickle, messages, idle):
+            sock.close()
+    head, _, body = answers[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head
+    assert json.loads(body)["error"]["code"] == "request_timeout" and "header_timeout_s" in json.loads(body)["error"]["message"]
+    head, _, body = answers[1].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["type"] == "error"  # Anthropic's shape
+    assert answers[2] == b""  # nothing was asked: closed without an answer
+    assert d.status()["gateway"]["refused"]["header_timeout"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Held streaming requests
+
+
+def _slow_start_toml(name: str, port: int, model: Path, sleep_s: int, **keys: object) -> str:
+    """A real mlx_lm.server behind a wrapper that sleeps before exec'ing it: a slow model load."""
+    return mlx_engine_toml(name, port, model, command=["sh", "-c", f'sleep {sleep_s}; exec "$@"', "slow-start",
+                                                       PYTHON, "-m", "mlx_lm.server"], **keys)
+
+
+@pytest.mark.slow
+def test_streaming_clients_held_through_a_slow_start_hear_keepalives_then_their_answer(daemon_factory,
+                                                                                         tiny_model: Path) -> None:
+    """Held through a 20 s start: streams get 200 at once, ': loading' comments, then tokens; non-streaming keeps JSON."""
+    gw = free_port()
+    d = daemon_factory(_slow_start_toml("tiny", free_port(), tiny_model, 20, default=True, start_timeout="90s")
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "120s"\nhold_keepalive_s = "2s"\n').start()
+    assert d.engine("tiny")["state"] == "starting"
+    results: dict[str, object] = {}
+
+    def openai() -> None:
+        results["openai"] = _sse_stream(f"http://127.0.0.1:{gw}/v1/chat/completions",
+                                        {"model": "tiny", "stream": True, "max_tokens": 5, **CHAT})
+
+    def anthropic() -> None:
+        results["anthropic"] = _sse_stream(f"http://127.0.0.1:{gw}/v1/messages",
+                                           {"model": "tiny", "stream": True, "max_tokens": 5, **CHAT},
+                                           ANTHROPIC_HEADERS)
+
+    def plain() -> None:
+        r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json={"model": "tiny", "max_tokens": 5, **CHAT},
+                       timeout=120)
+        results["plain"] = (r.status_code, r.headers["content-type"], r.json())
+
+    threads = [threading.Thread(target=f) for f in (openai, anthropic, plain)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ready_at = next(e for e in d.events() if e["kind"] == "engine.state_changed" and e.get("to") == "ready")
+    assert ready_at["startup_s"] >= 20
+    for key, done_marker in (("openai", "data: [DONE]"), ("anthropic", "event: message_stop")):
+        status, lines = results[key]  # type: ignore[misc]
+        assert status == 200, (key, lines)
+        texts = [line for _, line in lines]
+        comments = [t for t in texts if t.startswith(": loading tiny")]
+        assert len(comments) >= 5, (key, texts[:10])  # about one every 2 s through the 20 s start
+        assert re.fullmatch(r": loading tiny \d+s \(starting\)", comments[0]), comments[0]
+        first_data = next(i for i, t in enumerate(texts) if t.startswith("data:"))
+        assert all(not t.startswith(":") or "keepalive" in t for t in texts[first_data:]), texts  # ours stop first
+        assert done_marker in texts and "event: error" not in texts and not any(t.startswith('data: {"error"') for t in texts)
+    status, content_type, doc = results["plain"]  # type: ignore[misc]
+    assert status == 200 and content_type.startswith("application/json") and doc["choices"][0]["message"]["content"]
+
+
+def test_a_held_stream_whose_engine_fails_to_start_ends_with_an_error_event(daemon_factory) -> None:
+    """The hold fails (the engine exits during start): held streams get one SSE error event in their API's shape."""
+    gw = free_port()
+    d = daemon_factory('[[engine]]\nname = "e"\nkind = "command"\nport = ' + str(free_port())
+                       + '\ncommand = ["sh", "-c", "sleep 3; exit 3"]\nfootprint = "100MB"\nstart_timeout = "30s"\n'
+                       + 'default = true\n'
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "60s"\nhold_keepalive_s = "1s"\n').start()
+    results: dict[str, tuple[int, list[tuple[float, str]]]] = {}
+
+    def call(key: str, path: str, headers: dict | None) -> None:
+        results[key] = _sse_stream(f"http://127.0.0.1:{gw}{path}", {"model": "e", "stream": True, "max_tokens": 5,
+                                                                      **CHAT}, headers, timeout_s=60)
+
+    threads = [threading.Thread(target=call, args=("openai", "/v1/chat/completions", None)),
+               threading.Thread(target=call, args=("anthropic", "/v1/messages", ANTHROPIC_HEADERS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    status, lines = results["openai"]
+    texts = [t for _, t in lines if t]
+    assert status == 200 and texts[0].startswith(": loading e")
+    error = json.loads(texts[-1].removeprefix("data: "))
+    assert error["error"]["reason"] == "backoff" and error["error"]["code"] == "engine_unavailable"
+    status, lines = results["anthropic"]
+    texts = [t for _, t in lines if t]
+    assert status == 200 and texts[-2] == "event: error"
+    error = json.loads(texts[-1].removeprefix("data: "))
+    assert error["type"] == "error" and error["error"]["type"] == "overloaded_error"
+    assert d.engine("e")["state"] == "backoff"
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry before the first byte
+
+
+@pytest.mark.slow
+def test_a_request_the_engine_never_answered_is_resent_to_the_restarted_engine_and_an_answered_one_never(
+        daemon_factory, tiny_model: Path) -> None:
+    """Restart under two long generations: the unanswered non-streamed one is resent and answered; the stream is not."""
+    gw = free_port()
+    d = daemon_factory(mlx_engine_toml("tiny", free_port(), tiny_model, default=True, args=["--log-level", "DEBUG"])
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "120s"\n'
+                       + '[policies.memory]\nswap_drain = "1s"\n').start()
+    first = d.wait_state("tiny", "ready", 90)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    results: dict[str, object] = {}
+
+    def plain() -> None:
+        r = httpx.post(url, timeout=180, json={"model": "tiny", "max_tokens": 4000,
+                                               "messages": [{"role": "user", "content": "plain-1"}]})
+        results["plain"] = (r.status_code, r.json())
+
+    def stream() -> None:
+        results["stream"] = _sse_stream(url, {"model": "tiny", "stream": True, "max_tokens": 4000,
+                                              "messages": [{"role": "user", "content": "stream-1"}]}, timeout_s=180)
+
+    threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (_received(_engine_log(d, "tiny"), "plain-1")
+                                               and _received(_engine_log(d, "tiny"), "stream-1")):
+        time.sleep(0.2)
+    assert d.llmctl("restart", "tiny", "--force").returncode == 0  # the 60 s spacing is a person's to override
+    for t in threads:
+        t.join()
+    assert d.engine("tiny")["pid"] != first["pid"]
+    status, doc = results["plain"]  # type: ignore[misc]
+    assert status == 200 and doc["usage"]["completion_tokens"] > 0
+    status, lines = results["stream"]  # type: ignore[misc]
+    texts = [t for _, t in lines if t.startswith("data:")]
+    # Its head and tokens had reached the client: it was cut with the old engine, never resent.
+    # (mlx_lm.server ends a stream by closing the connection, so the cut looks like an end without [DONE].)
+    assert status == 200 and len(texts) > 1 and "data: [DONE]" not in texts
+    old, new = _runs(_engine_log(d, "tiny"))[-2:]
+    assert _received(old, "plain-1") == 1 and _received(new, "plain-1") == 1
+    assert _received(old, "stream-1") == 1 and _received(new, "stream-1") == 0
+    drained = [e for e in d.events() if e["kind"] == "engine.drained"]
+    assert drained and drained[-1]["in_flight"] == 2  # both still ran after the 1 s drain
+
+
+# ---------------------------------------------------------------------------------------------
+# 100 clients through a manual restart
+
+
+async def _client(base: str, n: int, stop: asyncio.Event, answers: list[dict]) -> None:
+    """Requests one after another until told to stop (and one more): streamed and not, OpenAI and Anthropic."""
+    async with httpx.AsyncClient(base_url=base, timeout=180) as http:
+        i = 0
+        while True:
+            last = stop.is_set()
+            marker = f"m-{n}-{i}"
+            kind = ("openai-stream", "openai", "anthropic-stream", "anthropic")[(n + i) % 4]
+            path = "/v1/messages" if kind.startswith("anthropic") else "/v1/chat/completions"
+            body = {"model": "tiny", "max_tokens": 6, "stream": kind.endswith("stream"),
+                    "messages": [{"role": "user", "content": marker}]}
+            headers = ANTHROPIC_HEADERS if kind.startswith("anthropic") else {}
+            try:
+                async with http.stream("POST", path, json=body, headers=headers) as r:
+                    text = (await r.aread()).decode()
+                answer = {"marker": marker, "kind": kind, "status": r.status_code, "text": text}
+            except httpx.HTTPError as exc:
+                answer = {"marker": marker, "kind": kind, "status": -1, "text": repr(exc)}
+            answers.append(answer)
+            i += 1
+            if last:
+                return
+
+
+def _complete(answer: dict) -> bool:
+    text, kind = answer["text"], answer["kind"]
+    if answer["status"] != 200 or '"error"' in text:
+        return False
+    if kind == "openai-stream":
+        return text.rstrip().endswith("data: [DONE]")
+    if kind == "anthropic-stream":
+        return "event: message_stop" in text
+    doc = json.loads(text)
+    return bool(doc["choices"][0]["message"]["content"]) if kind == "openai" else doc["stop_reason"] is not None
+
+
+@pytest.mark.slow
+def test_100_clients_through_a_manual_restart_are_all_answered_once_without_an_error(daemon_factory,
+                                                                                      tiny_model: Path) -> None:
+    """llmctl restart under 100 busy clients: in-flight requests finish, new ones wait, none fails, none runs twice."""
+    gw = free_port()
+    d = daemon_factory(mlx_engine_toml("tiny", free_port(), tiny_model, default=True, args=["--log-level", "DEBUG"])
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "120s"\n').start()
+    first = d.wait_state("tiny", "ready", 90)
+    answers: list[dict] = []
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(_client(f"http://127.0.0.1:{gw}", n, stop, answers)) for n in range(100)]
+        while len({a["marker"].split("-")[1] for a in answers}) < 100:  # every client has been answered once
+            await asyncio.sleep(0.1)
+        restart = await asyncio.to_thread(d.llmctl, "restart", "tiny", "--force")
+        assert restart.returncode == 0, restart.stderr
+        await asyncio.to_thread(d.wait_state, "tiny", "ready", 90)
+        stop.set()
+        await asyncio.gather(*clients)
+
+    asyncio.run(scenario())
+    assert d.engine("tiny")["pid"] != first["pid"]
+    failed = [a for a in answers if not _complete(a)]
+    assert not failed, failed[:3]
+    log = _engine_log(d, "tiny")
+    twice = [a["marker"] for a in answers if _received(log, a["marker"]) != 1]
+    assert not twice, twice[:5]  # the engine itself received every request exactly once
+    old, new = _runs(log)[-2:]
+    served_after = [a for a in answers if _received(new, a["marker"])]
+    assert len(served_after) >= 100 and len(answers) - len(served_after) >= 100  # both runs served real traffic
+    assert any(e["kind"] == "engine.draining" for e in d.events())
+
+
+# ---------------------------------------------------------------------------------------------
+# A flood of connections
+
+
+async def _flood(port: int, connections: int, request: bytes) -> list[bytes]:
+    """``connections`` sockets at once: half send a whole request, half send nothing; what each got back."""
+
+    async def one(i: int) -> bytes:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError as exc:
+            return f"connect failed: {exc}".encode()
+        try:
+            if i % 2 == 0:
+                writer.write(request)
+                await writer.drain()
+            return await asyncio.wait_for(reader.read(), 60)
+        except (OSError, TimeoutError) as exc:
+            return f"failed: {exc!r}".encode()
+        finally:
+            writer.close()
+
+    return await asyncio.gather(*(one(i) for i in range(connections)))
+
+
+@pytest.mark.slow
+def test_a_flood_of_2000_connections_is_refused_while_a_stream_and_the_control_api_keep_going(daemon_factory) -> None:
+    """2,000 connections at once: beyond max_connections a JSON 503, idle ones cut; a live stream and llmctl carry on."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))  # the daemon inherits it too
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "20", default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nmax_connections = 64\nheader_timeout_s = "3s"\n').start()
+    d.wait_state("e", "ready", 30)
+    live: dict[str, object] = {}
+
+    def stream() -> None:
+        live["result"] = _sse_stream(f"http://127.0.0.1:{gw}/v1/chat/completions",
+                                     {"model": "e", "stream": True, "max_tokens": 120, **CHAT})
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    time.sleep(0.5)
+    body = json.dumps({"model": "e", "max_tokens": 20, **CHAT}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+               b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    flood: dict[str, list[bytes]] = {}
+    flooder = threading.Thread(target=lambda: flood.update(answers=asyncio.run(_flood(gw, 2000, request))))
+    flooder.start()
+    time.sleep(1.0)
+    status = d.llmctl("status", "--json", timeout=60)  # the control API answers in the middle of the flood
+    assert status.returncode == 0 and json.loads(status.stdout)["engines"][0]["state"] == "ready"
+    flooder.join()
+    streamer.join()
+    answers = flood["answers"]
+    asked, idle = answers[0::2], answers[1::2]
+    served = [a for a in asked if a.startswith(b"HTTP/1.1 200")]
+    refused = [a for a in asked if a.startswith(b"HTTP/1.1 503")]
+    closed = [a for a in asked if not a]
+    assert len(served) + len(refused) + len(closed) == len(asked), {a[:60] for a in asked} - {b""}
+    assert served and refused  # up to max_connections run; the rest get the JSON 503 at once
+    assert all(json.loads(a.partition(b"\r\n\r\n")[2])["error"]["code"] == "overloaded" for a in refused)
+    assert all(a == b"" or a.startswith(b"HTTP/1.1 503") for a in idle)  # idle ones: cut (or refused)
+    status_code, lines = live["result"]  # type: ignore[misc]
+    texts = [t for _, t in lines if t]
+    assert status_code == 200 and texts[-1] == "data: [DONE]", texts[-3:]
+    after = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json={"model": "e", "max_tokens": 2, **CHAT},
+                       timeout=30)
+    assert after.status_code == 200
+    assert d.status()["gateway"]["refused"].get("header_timeout", 0) > 0
+
+
+@pytest.mark.parametrize("key", ["header_timeout_s", "hold_keepalive_s"])
+@pytest.mark.parametrize("value", ["0s", "soon", -1])
+def test_bad_header_timeout_and_keepalive_values_name_the_file_and_key(key: str, value: object) -> None:
+    """header_timeout_s / hold_keepalive_s that are not a positive duration are a config error naming the key."""
+    from supervisord_llm.errors import ConfigError
+    from supervisord_llm.gateway.proxy import GatewaySettings
+
+    with pytest.raises(ConfigError) as caught:
+        GatewaySettings.from_toml({key: value}, file="/etc/x.toml")
+    message = str(caught.value)
+    assert "/etc/x.toml" in message and f"gateway.{key}" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Turns: requests grouped by engine during swaps
+
+
+def test_mixed_requests_for_two_exclusive_engines_are_served_grouped_with_one_swap_each(daemon_factory) -> None:
+    """b, a, b, a, b, a arriving while b loads: all of b's, then all of a's, two swaps, none refused."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--load-s", "2", exclusive=True, autostart=False)
+                       + standin_engine_toml("b", free_port(), "--load-s", "2", exclusive=True, autostart=False)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "90s"\n').start()
+    finished: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def call(engine: str) -> None:
+        r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json={"model": engine, "max_tokens": 3, **CHAT},
+                       timeout=120)
+        with lock:
+            finished.append((engine, r.status_code))
+
+    threads = []
+    for engine in "bababa":
+        threads.append(threading.Thread(target=call, args=(engine,)))
+        threads[-1].start()
+        time.sleep(0.15)
+    for t in threads:
+        t.join()
+    assert [code for _, code in finished] == [200] * 6, finished
+    assert [engine for engine, _ in finished] == list("bbbaaa")  # grouped, b's group first (its request came first)
+    swaps = [e["target"] for e in d.events() if e["kind"] == "swap.started"]
+    assert swaps == ["b", "a"]
+    turns = [e for e in d.events() if e["kind"] == "policy.decided" and e.get("policy") == "serving_order"]
+    assert [t["engine"] for t in turns][:2] == ["b", "a"] and turns[0]["groups"]
