@@ -529,7 +529,9 @@ class EngineSupervisor:
         self.restarts += 1
         # A person's restart of a working engine lets the requests it is answering finish first (up
         # to swap_drain, as a swap does); it is stopping meanwhile, so new requests wait for the new run.
-        self._begin_stop(cmd.reason or "llmctl restart", then=Then.START, drain_s=self.host.config.memory.swap_drain_s)
+        # A hung engine finishes nothing: it is stopped at once.
+        drain_s = self.host.config.memory.swap_drain_s if self.state in SERVING_STATES else 0.0
+        self._begin_stop(cmd.reason or "llmctl restart", then=Then.START, drain_s=drain_s)
         return f"restarting {self.name}"
 
     # ---- spawn ------------------------------------------------------------------------------

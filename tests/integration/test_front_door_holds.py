@@ -419,3 +419,32 @@ def test_mixed_requests_for_two_exclusive_engines_are_served_grouped_with_one_sw
     assert swaps == ["b", "a"]
     turns = [e for e in d.events() if e["kind"] == "policy.decided" and e.get("policy") == "serving_order"]
     assert [t["engine"] for t in turns][:2] == ["b", "a"] and turns[0]["groups"]
+
+
+@pytest.mark.slow
+def test_llmctl_restart_of_a_hung_engine_does_not_wait_for_its_requests(daemon_factory) -> None:
+    """A SIGSTOPped (hung) engine with a stream in flight: llmctl restart stops it at once, no drain."""
+    import os
+    import signal
+
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "5", default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n[policies.memory]\nswap_drain = "5m"\n').start()
+    first = d.wait_state("e", "ready", 30)
+    streamer = threading.Thread(target=lambda: _sse_stream(f"http://127.0.0.1:{gw}/v1/chat/completions", {
+        "model": "e", "stream": True, "max_tokens": 500, **CHAT}, timeout_s=120))
+    streamer.start()
+    time.sleep(1.0)
+    os.kill(first["pid"], signal.SIGSTOP)
+    try:
+        d.wait_state("e", "hung", 30)
+        assert d.llmctl("restart", "e", "--force").returncode == 0
+        ready = d.wait_state("e", "ready", 60)  # well within the 5 min drain it would have waited
+    finally:
+        try:
+            os.kill(first["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    streamer.join()
+    assert ready["pid"] != first["pid"]
+    assert not [e for e in d.events() if e["kind"] == "engine.draining"]
