@@ -14,10 +14,6 @@ percentile of them (default p90): a high percentile follows what the model *can*
 decline does not drag it down the way a mean would. Windows below the degraded threshold are not
 learned. The caller keeps the baseline per model across restarts.
 
-**Hung** (``assess_hung``): a zombie root, a stopped process (SIGSTOP), a canary that got no
-token within its stall time, or an engine whose own counters say requests are running while its
-generated-token total has not moved for ``stall_s``.
-
 **The evidence rule** (``assess_progress``, what the watchdog decides with): an engine is hung only
 when *no* source shows engine-side progress for ``stall_s`` and one source shows silence. Progress
 is a token read from the engine on a live stream (at the engine's pace, whatever the client does),
@@ -38,16 +34,18 @@ from dataclasses import dataclass, replace
 
 from policies._format import require
 from policies.actions import Noop, Restart
-from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
+from probes.readings import EngineCounters, ThroughputSample
 
 
 @dataclass(frozen=True, slots=True)
 class HealthSettings:
-    """Degraded-detection settings; validated when constructed."""
+    """Degraded-detection settings (the config's ``[policies.degraded]``); validated when constructed."""
 
     window_s: float = 30.0
     degraded_share: float = 0.5
     degraded_windows: int = 3
+    # A degraded engine with no request in flight is restarted (decide_degraded_restart); off by default.
+    restart_when_idle: bool = False
     baseline_percentile: float = 90.0
     baseline_min_windows: int = 5
     baseline_max_windows: int = 100
@@ -205,37 +203,6 @@ def assess_degraded(
     else:
         reason = f"{latest:.1f} tok/s against a {baseline_tokens_per_s:.1f} tok/s baseline"
     return DegradedAssessment(degraded, recovered, latest, baseline_tokens_per_s, below, reason)
-
-
-@dataclass(frozen=True, slots=True)
-class HungAssessment:
-    hung: bool
-    reason: str | None = None
-
-
-def assess_hung(
-    canary: CanaryReading | None,
-    process_tree: ProcessTreeReading | None,
-    counters_history: Sequence[EngineCounters],
-    stall_s: float,
-    now_s: float,
-) -> HungAssessment:
-    """Is the engine hung? The reason names the evidence a person can check."""
-    require(stall_s > 0, f"stall_s must be > 0 seconds, got {stall_s!r}")
-    if process_tree is not None:
-        if process_tree.zombie:
-            return HungAssessment(
-                True, f"zombie: pid {process_tree.root_pid} exited but was not reaped"
-            )
-        if process_tree.stopped:
-            return HungAssessment(True, "process stopped (SIGSTOP)")
-    if canary is not None and canary.stalled:
-        waited = f"{canary.duration_s:.0f}s" if canary.duration_s is not None else "its stall time"
-        return HungAssessment(True, f"canary got no token within {waited}")
-    stalled = _counters_stall(counters_history, stall_s, now_s)
-    if stalled is not None:
-        return HungAssessment(True, stalled)
-    return HungAssessment(False)
 
 
 def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: float) -> str | None:
@@ -460,11 +427,9 @@ __all__ = [
     "latest_progress",
     "DegradedAssessment",
     "HealthSettings",
-    "HungAssessment",
     "ThroughputBaseline",
     "ThroughputTracker",
     "assess_degraded",
-    "assess_hung",
     "decide_degraded_restart",
     "decide_hang_restart",
     "learn_baseline",

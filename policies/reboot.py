@@ -22,7 +22,7 @@ current wall time (the clock was stepped back) counts as inside the cooldown: th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -402,33 +402,34 @@ def verify_after_reboot(
     )
 
 
-def state_to_record(state: RebootState) -> dict[str, object]:
-    return {
-        "phase": state.phase,
-        "announced_at_s": state.announced_at_s,
-        "execute_at_s": state.execute_at_s,
-        "reason": state.reason,
-    }
+def is_reboot_step(action: object) -> bool:
+    """Whether ``action`` belongs to the reboot escalation (a ``reboot.*`` alert, ``EscalateReboot``, ``RunReboot``)."""
+    return isinstance(action, (EscalateReboot, RunReboot)) or (
+        isinstance(action, Alert) and action.key.startswith("reboot."))
 
 
-def state_from_record(record: dict[str, object]) -> RebootState:
-    """Rebuild a ``RebootState``; ValueError names the bad key and the valid values."""
-    phase = record.get("phase", "idle")
-    valid = ("idle", "required", "announced", "cancelled", "executed")
-    if phase not in valid:
-        raise ValueError(f"reboot state: phase must be one of {', '.join(valid)}, got {phase!r}")
-    values: dict[str, float | None] = {}
-    for key in ("announced_at_s", "execute_at_s"):
-        v = record.get(key)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-            raise ValueError(f"reboot state: {key} must be a number or null, got {v!r}")
-        values[key] = None if v is None else float(v)
-    if phase == "announced" and values["execute_at_s"] is None:
-        raise ValueError("reboot state: an announced reboot needs execute_at_s")
-    reason = record.get("reason")
-    if reason is not None and not isinstance(reason, str):
-        raise ValueError(f"reboot state: reason must be a string or null, got {reason!r}")
-    return RebootState(phase, values["announced_at_s"], values["execute_at_s"], reason)  # type: ignore[arg-type]
+def reboot_needed(actions: Iterable[object], cause: str) -> str | None:
+    """Why the reboot escalation must take over, from the answer of ``decide_xid``/``decide_gpu_lost``
+    asked with reboots off (running a reboot belongs to the one escalation): the first reboot step
+    names it (``cause`` for a reboot alert, the action's own reason otherwise); None when none is needed."""
+    for action in actions:
+        if isinstance(action, (EscalateReboot, RunReboot)):
+            return action.reason
+        if is_reboot_step(action):
+            return cause
+    return None
+
+
+def state_after_restart(saved_phase: object, *, same_boot: bool) -> RebootState:
+    """The escalation state a restarted daemon resumes with.
+
+    A person's cancel, and a reboot found necessary but not allowed, hold for the rest of this boot,
+    also across a daemon restart; an announced reboot is announced afresh (its countdown belonged to
+    the daemon that announced it), and after a reboot the escalation starts idle.
+    """
+    if same_boot and saved_phase in ("cancelled", "required"):
+        return RebootState(phase=saved_phase)
+    return RebootState()
 
 
 def ledger_to_record(ledger: RebootLedger) -> list[float]:
@@ -460,8 +461,9 @@ __all__ = [
     "in_cooldown",
     "ledger_from_record",
     "ledger_to_record",
+    "is_reboot_step",
+    "reboot_needed",
     "record_reboot",
-    "state_from_record",
-    "state_to_record",
+    "state_after_restart",
     "verify_after_reboot",
 ]

@@ -6,13 +6,15 @@ Resolution: ``--config PATH``, else ``$SUPERVISORD_LLM_CONFIG``, else ``<platfor
 State dir: ``[daemon] state_dir``, else ``$SUPERVISORD_LLM_STATE_DIR``, else the platform state dir.
 
 Every error names the file, the key and what would be valid; a daemon never starts on a bad config.
-Sections owned by other modules (``[gateway]``, ``[alerts]``) are validated by those modules'
-``from_toml`` functions, called from here, so one ``load_config`` call checks the whole file.
+Every section is read with the one table reader (``configtable.Table``); the sections owned by
+other modules (``[gateway]`` in ``gateway.settings``, ``[alerts]`` in ``alerts.delivery``) are read
+there, called from here, so one ``load_config`` call checks the whole file. Where a policy has a
+settings object (backoff, health, memory guard, swap, stranded, reboot), the config builds that
+object itself: there is no second class to copy it from.
 """
 
 from __future__ import annotations
 
-import builtins
 import os
 import re
 import tomllib
@@ -26,8 +28,14 @@ import platformdirs
 from policies import reboot as reboot_policy
 from policies import stranded as stranded_policy
 from policies.backoff import BackoffSettings
-from supervisord_llm.convert import DURATION_HELP, SIZE_HELP, parse_duration_s, parse_size_bytes
+from policies.health import HealthSettings
+from policies.memory_guard import GuardSettings
+from policies.swap import SwapSettings
+from supervisord_llm.alerts.delivery import AlertSettings
+from supervisord_llm.configtable import Table
+from supervisord_llm.convert import DURATION_HELP, SIZE_HELP
 from supervisord_llm.errors import ConfigError
+from supervisord_llm.gateway.settings import GatewaySettings, parse_listen, read_gateway
 
 ENGINE_KINDS = ("mlx_lm", "omlx", "vllm", "llama_cpp", "ollama", "sglang", "command")
 APP_NAME = "supervisord-llm"
@@ -40,123 +48,6 @@ def default_config_path() -> Path:
 
 def default_state_dir() -> Path:
     return Path(platformdirs.user_state_dir(APP_NAME))
-
-
-class Table:
-    """A view of one TOML table that reads typed values and names file and key in every error."""
-
-    def __init__(self, data: Mapping[str, Any], file: str, path: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"expected a table, got {type(data).__name__}", file=file, key=path)
-        self.data = data
-        self.file = file
-        self.path = path
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def error(self, name: str, message: str) -> ConfigError:
-        return ConfigError(message, file=self.file, key=self.key(name))
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def check_unknown(self, allowed: set[str] | frozenset[str]) -> None:
-        unknown = sorted(set(self.data) - set(allowed))
-        if unknown:
-            raise ConfigError(
-                f"unknown key {unknown[0]!r}; valid keys here: {', '.join(sorted(allowed))}",
-                file=self.file,
-                key=self.key(unknown[0]),
-            )
-
-    def sub(self, name: str) -> Table:
-        return Table(self.data.get(name, {}), self.file, self.key(name))
-
-    def _get(self, name: str, default: Any, required: bool) -> Any:
-        if name not in self.data:
-            if required:
-                raise self.error(name, "is required")
-            return default
-        return self.data[name]
-
-    def str(self, name: builtins.str, default: builtins.str | None = None, *, required: builtins.bool = False,
-            choices: tuple[builtins.str, ...] | None = None) -> builtins.str | None:
-        value = self._get(name, default, required)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise self.error(name, f"expected a string, got {type(value).__name__} {value!r}")
-        if choices is not None and value not in choices:
-            raise self.error(name, f"{value!r} is not valid; expected one of: {', '.join(choices)}")
-        return value
-
-    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
-        value = self._get(name, default, False)
-        if not isinstance(value, bool):
-            raise self.error(name, f"expected true or false, got {value!r}")
-        return value
-
-    def int(self, name: builtins.str, default: builtins.int | None = None, *, required: builtins.bool = False,
-            min_value: builtins.int | None = None, max_value: builtins.int | None = None) -> builtins.int | None:
-        value = self._get(name, default, required)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"expected an integer, got {type(value).__name__} {value!r}")
-        if min_value is not None and value < min_value:
-            raise self.error(name, f"must be at least {min_value}, got {value}")
-        if max_value is not None and value > max_value:
-            raise self.error(name, f"must be at most {max_value}, got {value}")
-        return value
-
-    def float(self, name: builtins.str, default: builtins.float, *, min_value: builtins.float | None = None,
-              max_value: builtins.float | None = None) -> builtins.float:
-        value = self._get(name, default, False)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(name, f"expected a number, got {type(value).__name__} {value!r}")
-        if min_value is not None and value < min_value:
-            raise self.error(name, f"must be at least {min_value}, got {value}")
-        if max_value is not None and value > max_value:
-            raise self.error(name, f"must be at most {max_value}, got {value}")
-        return float(value)
-
-    def duration_s(self, name: builtins.str, default: builtins.str | builtins.float, *, min_s: builtins.float | None = None,
-                   why: builtins.str = "") -> builtins.float:
-        value = self._get(name, default, False)
-        try:
-            seconds = parse_duration_s(value)
-        except ValueError as exc:
-            raise self.error(name, str(exc)) from exc
-        if min_s is not None and seconds < min_s:
-            reason = f" ({why})" if why else ""
-            raise self.error(name, f"must be at least {min_s:g}s{reason}, got {value!r}")
-        return seconds
-
-    def size_bytes(self, name: builtins.str, default: builtins.str | builtins.int | None, *, allow_auto: builtins.bool = False) -> builtins.int | None:
-        """A size; ``None`` means "auto" where allowed."""
-        value = self._get(name, default, False)
-        if value is None:
-            return None
-        if allow_auto and value == "auto":
-            return None
-        try:
-            return parse_size_bytes(value)
-        except ValueError as exc:
-            extra = ' or "auto"' if allow_auto else ""
-            raise self.error(name, f"{exc}{extra}") from exc
-
-    def str_list(self, name: builtins.str, default: list[builtins.str] | None = None) -> tuple[builtins.str, ...]:
-        value = self._get(name, default or [], False)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.error(name, f"expected a list of strings such as [\"--flag\", \"value\"], got {value!r}")
-        return tuple(value)
-
-    def str_map(self, name: builtins.str) -> dict[builtins.str, builtins.str]:
-        value = self._get(name, {}, False)
-        if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
-            raise self.error(name, f"expected a table of strings such as {{ KEY = \"value\" }}, got {value!r}")
-        return dict(value)
 
 
 @dataclass(frozen=True)
@@ -250,36 +141,52 @@ class RestartSettings:
         return self.backoff.failure_window_s
 
 
+def _swap_settings(return_wait_s: float) -> SwapSettings:
+    return SwapSettings(memory_wait_s=return_wait_s, poll_interval_s=min(1.0, return_wait_s))
+
+
 @dataclass(frozen=True)
 class MemorySettings:
+    """``[policies.memory]``; ``swap`` is the swap policy's own settings object (``return_wait``)."""
+
     headroom_bytes: int = 4 * 10**9
     budget_bytes: int | None = None  # None = total memory minus headroom
     auto_factor: float = 1.2
     admission_wait_s: float = 300.0
-    return_wait_s: float = 300.0
+    swap: SwapSettings = _swap_settings(300.0)
     swap_drain_s: float = 30.0  # a swap waits this long for in-flight requests on engines it stops
+
+    @property
+    def return_wait_s(self) -> float:
+        """How long a stop waits for the engine's memory to come back (``return_wait``)."""
+        return self.swap.memory_wait_s
 
 
 @dataclass(frozen=True)
 class MemoryGuardConfig:
+    """``[policies.memory_guard]``: on or off, and the guard policy's own settings object."""
+
     enabled: bool = True
-    soft_factor: float = 1.1
-    hard_factor: float = 1.3
-    drain_grace_s: float = 30.0
+    guard: GuardSettings = GuardSettings()
+
+    # The config's names for the guard's settings (read-only views of the one settings object).
+    @property
+    def soft_factor(self) -> float:
+        return self.guard.soft_factor
+
+    @property
+    def hard_factor(self) -> float:
+        return self.guard.hard_factor
+
+    @property
+    def drain_grace_s(self) -> float:
+        return self.guard.drain_grace_s
 
 
 # ``[policies.stranded]`` and ``[policies.reboot]`` are the policies' own settings objects.
 StrandedSettings = stranded_policy.StrandedSettings
 DEFAULT_REBOOT_ARGV = ("sudo", "-n", "shutdown", "-r", "now")
 RebootConfig = reboot_policy.RebootSettings
-
-
-@dataclass(frozen=True)
-class DegradedSettings:
-    share: float = 0.5
-    windows: int = 3
-    window_s: float = 30.0
-    restart_when_idle: bool = False
 
 
 @dataclass(frozen=True)
@@ -311,11 +218,11 @@ class Config:
     memory: MemorySettings = MemorySettings()
     stranded: stranded_policy.StrandedSettings = stranded_policy.StrandedSettings()
     reboot: reboot_policy.RebootSettings = reboot_policy.RebootSettings(argv=DEFAULT_REBOOT_ARGV)
-    degraded: DegradedSettings = DegradedSettings()
+    degraded: HealthSettings = HealthSettings()  # [policies.degraded]: the health policy's own settings
     probes: ProbeSettings = ProbeSettings()
     memory_guard: MemoryGuardConfig = MemoryGuardConfig()
-    gateway: Any = None  # supervisord_llm.gateway.proxy.GatewaySettings, or None when off
-    alerts: Any = None  # supervisord_llm.alerts.delivery.AlertSettings
+    gateway: GatewaySettings | None = None  # None when off
+    alerts: AlertSettings | None = None
 
     def engine(self, name: str) -> EngineConfig:
         for engine in self.engines:
@@ -448,12 +355,13 @@ def _parse_memory_guard(t: Table) -> MemoryGuardConfig:
     if soft >= hard:
         raise t.error("soft_factor", f"must be below hard_factor ({hard:g}), got {soft:g}; e.g. soft_factor = 1.1, "
                                      "hard_factor = 1.3")
-    return MemoryGuardConfig(enabled=t.bool("enabled", True), soft_factor=soft, hard_factor=hard,
-                             drain_grace_s=t.duration_s("drain_grace", "30s"))
+    return MemoryGuardConfig(enabled=t.bool("enabled", True),
+                             guard=GuardSettings(soft_factor=soft, hard_factor=hard,
+                                                 drain_grace_s=t.duration_s("drain_grace", "30s")))
 
 
 def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, StrandedSettings, RebootConfig,
-                                        DegradedSettings]:
+                                        HealthSettings]:
     t.check_unknown({"restart", "memory", "stranded", "reboot", "degraded", "memory_guard"})
     r = t.sub("restart")
     r.check_unknown({"min_interval", "initial_backoff", "factor", "max_backoff", "reset_after", "max_failures",
@@ -484,7 +392,7 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
         budget_bytes=m.size_bytes("budget", "auto", allow_auto=True),
         auto_factor=m.float("auto_factor", 1.2, min_value=1.0, max_value=4.0),
         admission_wait_s=m.duration_s("admission_wait", "5m"),
-        return_wait_s=m.duration_s("return_wait", "5m"),
+        swap=_swap_settings(m.duration_s("return_wait", "5m", positive=True)),
         swap_drain_s=m.duration_s("swap_drain", "30s"),
     )
     s = t.sub("stranded")
@@ -518,9 +426,9 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     )
     d = t.sub("degraded")
     d.check_unknown({"share", "windows", "window", "restart_when_idle"})
-    degraded = DegradedSettings(
-        share=d.float("share", 0.5, min_value=0.01, max_value=0.99),
-        windows=d.int("windows", 3, min_value=1, max_value=100) or 3,
+    degraded = HealthSettings(
+        degraded_share=d.float("share", 0.5, min_value=0.01, max_value=0.99),
+        degraded_windows=d.int("windows", 3, min_value=1, max_value=100) or 3,
         window_s=d.duration_s("window", "30s", min_s=1),
         restart_when_idle=d.bool("restart_when_idle", False),
     )
@@ -599,15 +507,10 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
     gateway = None
     if "gateway" in data:
-        from supervisord_llm.gateway.proxy import GatewaySettings
-
-        g = root.sub("gateway")
-        enabled = g.bool("enabled", True)
-        table = {k: v for k, v in g.data.items() if k != "enabled"}
-        settings = GatewaySettings.from_toml(table, file=file, key="gateway")
+        settings = read_gateway(root.sub("gateway"), environ)
         if metrics_listen and _same_listen(metrics_listen, f"{settings.host}:{settings.port}"):
             raise ConfigError("the gateway and metrics_listen use the same address", file=file, key="gateway.listen")
-        gateway = settings if enabled else None
+        gateway = settings if settings.enabled else None
         if gateway is not None:
             for engine in engines:
                 if engine.port == settings.port and engine.host in (settings.host, "0.0.0.0"):
@@ -616,9 +519,7 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
 
     alerts = None
     if "alerts" in data:
-        from supervisord_llm.alerts.delivery import AlertSettings
-
-        alerts = AlertSettings.from_toml(root.sub("alerts").data, file=file, key="alerts")
+        alerts = AlertSettings.from_toml(root.sub("alerts").data, file=file, key="alerts", environ=environ)
 
     # Last: every other mistake is named first, and this is the one check that reads the disk.
     for i, engine in enumerate(engines):
@@ -659,8 +560,6 @@ def _require_known_weights(t: Table, kind: str, model: str | None, environ: Mapp
 
 def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:
     # The same parser the listener uses at start: what passes here also binds (IPv6 in brackets).
-    from supervisord_llm.gateway.proxy import parse_listen
-
     try:
         host, port = parse_listen(value)
     except ValueError as exc:

@@ -26,13 +26,13 @@ import httpx
 import psutil
 
 from policies import backoff, episodes
-from policies.actions import Admit, Alert, Refuse, Start, WaitUntil
+from policies.actions import Admit, Alert, Drain, EscalateReboot, Refuse, RunReboot, Start, WaitUntil
 from policies.admission import Footprint, admit, auto_footprint_bytes, effective_budget_bytes, exclusive_conflicts
+from policies.memory_guard import PeakHistory, admission_bytes
 from policies.swap import (
     ActiveSwap,
     JoinSwap,
     SwapPlan,
-    SwapSettings,
     decide_memory_wait,
     decide_swap_request,
     memory_returned,
@@ -54,6 +54,7 @@ from supervisord_llm.errors import (
     UnknownEngine,
 )
 from supervisord_llm.events import EventLog
+from supervisord_llm.eventtypes import EVENT_TYPES
 from supervisord_llm.executor import ActionExecutor
 from supervisord_llm.extension import Extension
 from supervisord_llm.redact import redact_argv
@@ -147,7 +148,7 @@ class Daemon:
             return
         prepare_state_dir(self.state_dir)
         self.lock.acquire()
-        self.events = EventLog(self.state_dir / "events.jsonl", self.clock, self.log)
+        self.events = EventLog(self.state_dir / "events.jsonl", self.clock, self.log, registry=EVENT_TYPES)
         self.state_writer = StateWriter(self.state_dir / "state.json", self._on_state_written)
 
     def open(self) -> None:
@@ -184,7 +185,7 @@ class Daemon:
         for ext in self.extensions:
             saved = self._saved.get(ext.name)
             ext.restore(saved if isinstance(saved, dict) else {})
-        from supervisord_llm.engine.health import EngineHealth, baseline_from_record, health_settings
+        from supervisord_llm.engine.health import EngineHealth, baseline_from_record
 
         baselines = self._saved.get("baselines")
         if not isinstance(baselines, dict):
@@ -195,7 +196,7 @@ class Daemon:
         for engine in self.config.engines:
             sup = EngineSupervisor(engine, self, log=self.log, logs_dir=self.state_dir / "logs",
                                    log_max_bytes=self.config.daemon.log_max_bytes)
-            sup.health = EngineHealth(health_settings(self), baseline_from_record(baselines.get(model_key(engine))))
+            sup.health = EngineHealth(self.config.degraded, baseline_from_record(baselines.get(model_key(engine))))
             saved = self._saved.get("engines", {}).get(engine.name, {})
             record = saved.get("backoff") if isinstance(saved, dict) else None
             if isinstance(record, dict):
@@ -505,9 +506,8 @@ class Daemon:
 
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         """What admission counts the engine at: max(configured or estimated, the peak it was seen to hold)."""
-        configured = self.configured_footprint_bytes(sup)
-        learned = self.memory_guard.learned_bytes(sup.name) if self.memory_guard is not None else 0
-        return max(configured, learned) if configured is not None else (learned or None)
+        peaks = self.memory_guard.peaks(sup.name) if self.memory_guard is not None else PeakHistory()
+        return admission_bytes(self.configured_footprint_bytes(sup), peaks)
 
     def configured_footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         cfg = sup.config
@@ -551,7 +551,7 @@ class Daemon:
         if target.resident:
             resident.append(self._footprint(target))
         budget, stranded = self.budget_bytes(), self.stranded_bytes()
-        plan = plan_swap(resident, self._footprint(target), budget, self._swap_settings(), stranded_bytes=stranded,
+        plan = plan_swap(resident, self._footprint(target), budget, self.config.memory.swap, stranded_bytes=stranded,
                          grace_s={s.name: s.config.stop_grace_s for s in others})
         inputs = {"resident": {f.engine: f.bytes for f in resident}, "exclusive": [f.engine for f in resident if f.exclusive],
                   "target_bytes": self.footprint_bytes(target) or 0, "budget_bytes": budget, "stranded_bytes": stranded}
@@ -563,13 +563,9 @@ class Daemon:
                              resident_after=list(plan.resident_after), **inputs)
         return plan
 
-    def _swap_settings(self) -> SwapSettings:
-        wait_s = self.config.memory.return_wait_s
-        return SwapSettings(memory_wait_s=wait_s, poll_interval_s=min(1.0, wait_s))
-
     async def _wait_memory_returned(self, target: EngineSupervisor, stopped: list[str]) -> None:
         """After the stops: wait (``policies.swap.decide_memory_wait``) until the target fits, or give up."""
-        settings = self._swap_settings()
+        settings = self.config.memory.swap
         need = (self.footprint_bytes(target) or 0) + self.config.memory.headroom_bytes
         stopped_at_s = self.clock.now()
         before = self.memory.available_bytes if self.memory else 0
@@ -692,6 +688,19 @@ class Daemon:
     def request_reboot(self, reason: str) -> bool:
         """Hand a reboot to the extension that runs the reboot escalation; False when none does."""
         return any(ext.request_reboot(reason) for ext in self.extensions)
+
+    def apply(self, action: Any) -> None:
+        self.executor.apply(action)
+
+    # The executor's capabilities that extensions provide (the first one that takes the action).
+    def announce_reboot(self, action: EscalateReboot) -> bool:
+        return any(ext.announce_reboot(action) for ext in self.extensions)
+
+    def run_reboot(self, action: RunReboot) -> bool:
+        return any(ext.run_reboot(action) for ext in self.extensions)
+
+    def drain(self, action: Drain) -> bool:
+        return any(ext.drain(action) for ext in self.extensions)
 
     def alert(self, alert: Alert) -> None:
         self.events.emit("alert.raised", key=alert.key, severity=alert.severity, summary=alert.summary,

@@ -17,6 +17,14 @@ written, in order, as soon as the file can be written again (the writer retries 
 ``overflowed``) or the daemon dying during the outage loses events. Both the outage and the
 recovery are reported once per episode on the daemon's log (``events.write_failed``,
 ``events.write_recovered`` with the number of events written late and lost).
+
+:meth:`EventLog.emit` is the one path of every event: the ring, the listeners (the ``sd_notify``
+status line, the gateway telemetry), the live subscribers (``llmctl events -f``, the status page),
+the jsonl writer and structlog all get it from there, in that order. The daemon's log is given the
+registry of event types (``supervisord_llm.eventtypes``): an event of a kind that is not registered,
+or with a field its type does not name, raises in tests (``strict_kinds``, or
+``SUPERVISORD_LLM_STRICT_EVENTS=1`` for a daemon the tests run as a process) and is written anyway,
+and reported once per kind as ``events.unregistered``, in production.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +46,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from supervisord_llm.clock import Clock
+from supervisord_llm.eventtypes import EventType
 
 DEFAULT_MAX_BACKLOG = 10_000
 DEFAULT_RETRY_S = 1.0
@@ -57,10 +66,17 @@ def _clean(value: Any) -> Any:
     return value
 
 
+class UnregisteredEvent(ValueError):
+    """An event whose kind (or one of whose fields) is not in the registry of event types."""
+
+
 class EventLog:
+    # Tests set this: an unregistered event raises instead of being reported on the daemon's log.
+    strict_kinds = False
+
     def __init__(self, path: Path, clock: Clock, logger: Any, *, max_bytes: int = 50 * 10**6,
                  recent: int = 1000, max_backlog: int = DEFAULT_MAX_BACKLOG,
-                 retry_s: float = DEFAULT_RETRY_S) -> None:
+                 retry_s: float = DEFAULT_RETRY_S, registry: Mapping[str, EventType] | None = None) -> None:
         if max_backlog < 1:
             raise ValueError(f"max_backlog must be at least 1 event, got {max_backlog}")
         if retry_s <= 0:
@@ -80,6 +96,8 @@ class EventLog:
         self._subscribers: dict[MemoryObjectReceiveStream[dict[str, Any]], MemoryObjectSendStream[dict[str, Any]]] = {}
         self._seq = 0
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.registry = registry  # None: any kind (a log that is not the daemon's)
+        self._reported_kinds: set[str] = set()
         # The writer's queue: (seq, line) in emit order. Guarded by _cond.
         self._pending: deque[tuple[int, bytes]] = deque()
         self._cond = threading.Condition()
@@ -110,6 +128,10 @@ class EventLog:
     # ---- emitting (event loop) ---------------------------------------------------------------
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Record one event (``kind`` an ``EventKind`` or its value) and hand it to every reader."""
+        kind = str(kind)
+        if self.registry is not None:
+            self._check(kind, fields)
         self._seq += 1
         event = _clean({"seq": self._seq, "at": iso_utc(self.clock.wall()), "kind": kind, **fields})
         self.recent.append(event)
@@ -125,6 +147,19 @@ class EventLog:
         self._enqueue(event)
         self.log.info(kind, **{k: v for k, v in event.items() if k not in ("kind", "at", "seq")})
         return event
+
+    def _check(self, kind: str, fields: Mapping[str, Any]) -> None:
+        assert self.registry is not None
+        event_type = self.registry.get(kind)
+        problem = (f"unknown event kind {kind!r}; register it in supervisord_llm/eventtypes.py (EventKind)"
+                   if event_type is None else event_type.problem(fields))
+        if problem is None:
+            return
+        if self.strict_kinds or os.environ.get("SUPERVISORD_LLM_STRICT_EVENTS") == "1":
+            raise UnregisteredEvent(problem)
+        if kind not in self._reported_kinds:  # written anyway: a record is never lost to its own schema
+            self._reported_kinds.add(kind)
+            self.log.warning("events.unregistered", problem=problem)
 
     def _enqueue(self, event: dict[str, Any]) -> None:
         line = (json.dumps(event, separators=(",", ":")) + "\n").encode()

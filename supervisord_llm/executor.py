@@ -9,11 +9,16 @@ a supervisor's own state to :meth:`ActionExecutor.execute`:
     Start(engine)                   the engine's supervisor starts it (admission still runs first)
     Restart(engine, reason)         the engine's supervisor restarts it (the 60 s spacing still holds)
     Alert(...)                      raised on the event log and handed to the alert outbox
-    EscalateReboot / RunReboot      the reboot escalation takes it (``request_reboot``)
+    Drain(engine, grace_s, reason)  the memory guard stops routing requests to it, then restarts it
+    EscalateReboot(at_s, reason)    the reboot escalation announces the reboot (``reboot.announced``)
+    RunReboot(argv, reason)         the reboot escalation records the reboot in its ledger, then runs argv
 
-Actions that only change one engine's own state (``WaitUntil``, ``MarkFailed``) are carried out by
-that engine's supervisor, the only writer of its state; ``Admit``/``Refuse``/``Noop`` are answers,
-not effects. The executor depends on a narrow host protocol, never on the daemon object.
+``apply`` carries out the actions whose effect is immediate (alerts, drains, the reboot steps), so a
+synchronous caller (a memory reading, the reboot timer) hands them over without awaiting;
+``execute`` also awaits the engines' supervisors. Actions that only change one engine's own state
+(``WaitUntil``, ``MarkFailed``) and the watchdogs' restarts (a ``HealthVerdict`` for one run) are
+carried out by that engine's supervisor, the only writer of its state; ``Admit``/``Refuse``/``Noop``
+are answers, not effects. The executor depends on a narrow host protocol, never on the daemon object.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Protocol
 from policies.actions import (
     Admit,
     Alert,
+    Drain,
     EscalateReboot,
     MarkFailed,
     Noop,
@@ -40,7 +46,7 @@ from supervisord_llm.events import EventLog
 _DECISIONS: dict[type, str] = {
     Admit: "admit", Refuse: "refuse", Start: "start", Stop: "stop", Restart: "restart", WaitUntil: "wait",
     Alert: "alert", MarkFailed: "mark_failed", EscalateReboot: "escalate_reboot", RunReboot: "run_reboot",
-    Noop: "noop",
+    Noop: "noop", Drain: "drain",
 }
 
 
@@ -52,7 +58,11 @@ class ExecutorHost(Protocol):
 
     def alert(self, alert: Alert) -> None: ...
 
-    def request_reboot(self, reason: str) -> bool: ...
+    def drain(self, action: Drain) -> bool: ...
+
+    def announce_reboot(self, action: EscalateReboot) -> bool: ...
+
+    def run_reboot(self, action: RunReboot) -> bool: ...
 
 
 def decision_name(action: Any) -> str:
@@ -84,6 +94,26 @@ class ActionExecutor:
             fields["reason"] = action.reason
         self.host.events.emit("policy.decided", **fields, **inputs)
 
+    def apply(self, action: Any) -> None:
+        """Carry out an action whose effect is immediate (no supervisor to await).
+
+        Raises ValueError for an action that needs :meth:`execute` or is an answer, not an effect.
+        """
+        if isinstance(action, Alert):
+            self.host.alert(action)
+        elif isinstance(action, Drain):
+            self.host.drain(action)
+        elif isinstance(action, EscalateReboot):
+            self.host.announce_reboot(action)
+        elif isinstance(action, RunReboot):
+            self.host.run_reboot(action)
+        elif isinstance(action, (WaitUntil, Noop)):
+            return  # "decide again at at_s" / nothing: the caller decides again on its own timer
+        elif isinstance(action, (Stop, Start, Restart)):
+            raise ValueError(f"{type(action).__name__} waits for the engine's supervisor: use execute()")
+        else:
+            raise ValueError(f"{type(action).__name__} is an answer, not an effect; nothing executes it")
+
     async def execute(self, action: Any, *, force: bool = False) -> None:
         """Carry out one action. Raises what the engine's supervisor raises (e.g. ``StartRefused``)."""
         supervisors: Mapping[str, EngineSupervisor] = self.host.supervisors
@@ -93,12 +123,8 @@ class ActionExecutor:
             await supervisors[action.engine].command("start", force=force)
         elif isinstance(action, Restart):
             await supervisors[action.engine].command("restart", force=force, reason=action.reason)
-        elif isinstance(action, Alert):
-            self.host.alert(action)
-        elif isinstance(action, (EscalateReboot, RunReboot)):
-            self.host.request_reboot(action.reason)
         else:
-            raise ValueError(f"{type(action).__name__} is an answer, not an effect; nothing executes it")
+            self.apply(action)
 
 
 __all__ = ["ActionExecutor", "ExecutorHost", "decision_name", "describe"]

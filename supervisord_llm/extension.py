@@ -18,7 +18,10 @@ Hooks (who calls them, and when):
 - ``gpu_orphans_at_start(pids)`` / ``wait_orphans_released(orphans, killed_at_s)``: GPU memory of
   orphans killed at the daemon's start.
 - ``contribute_status(doc)``: fill its part of ``llmctl status --json``.
-- ``cancel_reboot()`` / ``request_reboot(reason)``: the reboot escalation, if this extension runs one.
+- ``cancel_reboot()`` / ``request_reboot(reason)`` / ``announce_reboot(action)`` / ``run_reboot(action)``:
+  the reboot escalation, if this extension runs one (the executor hands it ``EscalateReboot`` and
+  ``RunReboot``).
+- ``drain(action)``: the memory guard takes a ``Drain`` the executor hands it.
 
 This module imports nothing from the daemon or the supervisor: engines are passed as ``EngineSupervisor``.
 """
@@ -99,6 +102,20 @@ class Extension:
 
     def request_reboot(self, reason: str) -> bool:
         """Take the reboot path for ``reason``; False when this extension runs no reboot escalation."""
+        return False
+
+    def announce_reboot(self, action: Any) -> bool:
+        """Announce the reboot of a ``policies.actions.EscalateReboot``; False when this extension runs
+        no reboot escalation."""
+        return False
+
+    def run_reboot(self, action: Any) -> bool:
+        """Run the reboot of a ``policies.actions.RunReboot``; False when this extension runs no reboot
+        escalation."""
+        return False
+
+    def drain(self, action: Any) -> bool:
+        """Drain the engine of a ``policies.actions.Drain``; False when this extension does not drain."""
         return False
 
 

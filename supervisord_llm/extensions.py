@@ -255,6 +255,7 @@ class GatewayExtension(Extension):
         from supervisord_llm.gateway.proxy import build_app
 
         self.daemon = daemon
+        assert daemon.config.gateway is not None, "installed only when [gateway] is on"
         self.settings = daemon.config.gateway
         self.bridge = LoopBridge()
         log = daemon.log.bind(component="gateway")
@@ -310,6 +311,7 @@ class AlertsExtension(Extension):
         def on_event(kind: str, fields: dict[str, Any]) -> None:
             daemon.events.emit(kind, **fields)
 
+        assert daemon.config.alerts is not None, "installed only when [alerts] has webhooks"
         self.outbox = Outbox(daemon.state_dir, daemon.config.alerts, daemon.clock, daemon.log.bind(component="alerts"),
                              on_event=on_event)
         daemon.alerts_outbox = self.outbox

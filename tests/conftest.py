@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import MlxServer, tiny_model_dir
+
+# A daemon the tests run as a process refuses events of kinds (or fields) the registry does not know.
+os.environ.setdefault("SUPERVISORD_LLM_STRICT_EVENTS", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -16,6 +20,16 @@ def strict_engine_transitions() -> Iterator[None]:
     EngineSupervisor.strict_transitions = True
     yield
     EngineSupervisor.strict_transitions = False
+
+
+@pytest.fixture(autouse=True)
+def strict_event_kinds() -> Iterator[None]:
+    """In tests the daemon's event of an unregistered kind or field raises instead of being logged."""
+    from supervisord_llm.events import EventLog
+
+    EventLog.strict_kinds = True
+    yield
+    EventLog.strict_kinds = False
 
 
 @pytest.fixture(scope="session")

@@ -135,6 +135,7 @@ import httpx
 
 from supervisord_llm import __version__
 from supervisord_llm.clock import Clock
+from supervisord_llm.configtable import Table
 from supervisord_llm.convert import DURATION_HELP, parse_duration_s
 from supervisord_llm.errors import ConfigError
 
@@ -168,17 +169,6 @@ _RESERVED_HEADERS = {
     SIGNATURE_HEADER.lower(), TIMESTAMP_HEADER.lower(), DELIVERY_HEADER.lower(),
 }
 _URL_IN_TEXT_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
-
-
-def _check_keys(table: object, keys: tuple[str, ...], *, file: str | None, key: str) -> Mapping[str, Any]:
-    """The table itself, once it is a table and every key in it is one of ``keys``; else a ConfigError
-    naming the file, the key and the valid keys."""
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"expected a table with keys {', '.join(keys)}", file=file, key=key)
-    for name in table:
-        if name not in keys:
-            raise ConfigError(f"unknown key {name!r}; valid keys: {', '.join(keys)}", file=file, key=f"{key}.{name}")
-    return table
 
 
 # --------------------------------------------------------------------------- configuration
@@ -256,14 +246,6 @@ def _check_headers(value: object) -> dict[str, str]:
     return headers
 
 
-def _from_env(environ: Mapping[str, str], variable: object) -> str:
-    if not isinstance(variable, str) or not variable:
-        raise ValueError("expected the name of an environment variable")
-    if variable not in environ:
-        raise ValueError(f"environment variable {variable} is not set")
-    return environ[variable]
-
-
 @dataclass(frozen=True, slots=True)
 class AlertTarget:
     """One webhook. ``url``, ``secret`` and ``headers`` are secrets and stay out of ``repr``."""
@@ -297,50 +279,22 @@ class AlertTarget:
         ``url_env`` / ``secret_env`` name environment variables to read the URL / secret from,
         so that the secrets need not be in the config file.
         """
+        t = Table(table, file, key)
+        t.check_unknown(cls.KEYS)
         env = os.environ if environ is None else environ
-        table = _check_keys(table, cls.KEYS, file=file, key=key)
-
-        def field_value(name: str, check: Callable[[object], Any], default: object = None) -> Any:
-            try:
-                return check(table.get(name, default))
-            except ValueError as exc:
-                raise ConfigError(str(exc), file=file, key=f"{key}.{name}") from None
-
-        def secret_value(name: str, required: bool) -> object:
-            env_key = f"{name}_env"
-            if name in table and env_key in table:
-                raise ConfigError(f"set either {name} or {env_key}, not both", file=file, key=f"{key}.{name}")
-            if env_key in table:
-                try:
-                    return _from_env(env, table[env_key])
-                except ValueError as exc:
-                    raise ConfigError(str(exc), file=file, key=f"{key}.{env_key}") from None
-            if required and name not in table:
-                raise ConfigError(f"missing; set {name} (an http:// or https:// URL) or {env_key} "
-                                  "(an environment variable holding it)", file=file, key=f"{key}.{name}")
-            return table.get(name)
-
-        name = field_value("name", _check_name)
-        url_raw = secret_value("url", required=True)
-        try:
-            url = _check_url(url_raw)
-        except ValueError as exc:
-            which = "url_env" if "url_env" in table else "url"
-            raise ConfigError(str(exc), file=file, key=f"{key}.{which}") from None
-        secret_raw = secret_value("secret", required=False)
-        try:
-            secret = _check_secret(secret_raw)
-        except ValueError as exc:
-            which = "secret_env" if "secret_env" in table else "secret"
-            raise ConfigError(str(exc), file=file, key=f"{key}.{which}") from None
+        name = t.checked("name", _check_name)
+        url_raw, url_key = t.secret("url", env, required_help="an http:// or https:// URL")
+        url = t.checked(url_key, lambda _: _check_url(url_raw))
+        secret_raw, secret_key = t.secret("secret", env)
+        secret = t.checked(secret_key, lambda _: _check_secret(secret_raw))
         return cls(
             name=name,
             url=url,
-            format=field_value("format", _check_format, "json"),
+            format=t.checked("format", _check_format, "json"),
             secret=secret,
-            timeout_s=field_value("timeout", _check_timeout_s, "5s"),
-            headers=field_value("headers", _check_headers, None),
-            min_severity=field_value("min_severity", _check_min_severity, "info"),
+            timeout_s=t.checked("timeout", _check_timeout_s, "5s"),
+            headers=t.checked("headers", _check_headers, None),
+            min_severity=t.checked("min_severity", _check_min_severity, "info"),
         )
 
     def wants(self, severity: str) -> bool:
@@ -400,13 +354,13 @@ class AlertSettings:
         """Build the settings from the ``[alerts]`` table (targets under ``webhook``)."""
         if table is None:
             return cls()
-        table = _check_keys(table, cls.KEYS, file=file, key=key)
-        webhooks = table.get("webhook", [])
+        t = Table(table, file, key)
+        t.check_unknown(cls.KEYS)
+        webhooks = t.data.get("webhook", [])
         if not isinstance(webhooks, list):
-            raise ConfigError("expected an array of tables: [[alerts.webhook]] with name, url, format, …",
-                              file=file, key=f"{key}.webhook")
-        targets = tuple(AlertTarget.from_toml(t, file=file, key=f"{key}.webhook[{i}]", environ=environ)
-                        for i, t in enumerate(webhooks))
+            raise t.error("webhook", "expected an array of tables: [[alerts.webhook]] with name, url, format, …")
+        targets = tuple(AlertTarget.from_toml(w, file=file, key=f"{key}.webhook[{i}]", environ=environ)
+                        for i, w in enumerate(webhooks))
         seen: set[str] = set()
         for i, target in enumerate(targets):
             if target.name in seen:
@@ -415,41 +369,31 @@ class AlertSettings:
             seen.add(target.name)
 
         def whole(name: str, default: int | None, minimum: int, help_text: str) -> int | None:
-            value = table.get(name, default)
+            value = t.data.get(name, default)
             if value is None:
                 return None
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"expected {help_text}, got {value!r}", file=file, key=f"{key}.{name}")
+                raise t.error(name, f"expected {help_text}, got {value!r}")
             return value
 
         def duration(name: str, default: str) -> float:
-            try:
-                seconds = parse_duration_s(table.get(name, default))
-            except ValueError as exc:
-                raise ConfigError(str(exc), file=file, key=f"{key}.{name}") from None
+            seconds = t.duration_s(name, default)
             if seconds <= 0:
-                raise ConfigError(f"expected a positive duration, {DURATION_HELP}", file=file, key=f"{key}.{name}")
+                raise t.error(name, f"expected a positive duration, {DURATION_HELP}")
             return seconds
 
-        def text(name: str, default: str | None) -> str | None:
-            value = table.get(name, default)
-            if value is not None and not isinstance(value, str):
-                raise ConfigError(f"expected a string, got {value!r}", file=file, key=f"{key}.{name}")
-            return value
-
         heartbeat = None
-        if "heartbeat" in table:
-            heartbeat = HeartbeatSettings.from_toml(table["heartbeat"], file=file, key=f"{key}.heartbeat",
+        if t.has("heartbeat"):
+            heartbeat = HeartbeatSettings.from_toml(t.data["heartbeat"], file=file, key=t.key("heartbeat"),
                                                     environ=environ)
-            if heartbeat.watchdog_alert and not any(t.format == "alertmanager_api" for t in targets):
-                raise ConfigError("watchdog_alert = true needs an [[alerts.webhook]] with format = "
-                                  '"alertmanager_api" (Alertmanager\'s /api/v2/alerts) to send the Watchdog alert to',
-                                  file=file, key=f"{key}.heartbeat.watchdog_alert")
+            if heartbeat.watchdog_alert and not any(w.format == "alertmanager_api" for w in targets):
+                raise t.sub("heartbeat").error(
+                    "watchdog_alert", "watchdog_alert = true needs an [[alerts.webhook]] with format = "
+                    '"alertmanager_api" (Alertmanager\'s /api/v2/alerts) to send the Watchdog alert to')
         initial = duration("initial_backoff", "1s")
         maximum = duration("max_backoff", "5m")
         if initial > maximum:
-            raise ConfigError(f"must not exceed max_backoff ({maximum:g}s), got {initial:g}s",
-                              file=file, key=f"{key}.initial_backoff")
+            raise t.error("initial_backoff", f"must not exceed max_backoff ({maximum:g}s), got {initial:g}s")
         rate_limit_per_min = whole("rate_limit_per_min", 30, 1, "a whole number of requests per minute ≥ 1")
         assert rate_limit_per_min is not None  # it has a default
         return cls(
@@ -459,8 +403,8 @@ class AlertSettings:
                                "a whole number ≥ 1 (leave it out to retry retryable failures forever)"),
             initial_backoff_s=initial,
             max_backoff_s=maximum,
-            host=text("host", None),
-            external_url=text("external_url", "") or "",
+            host=t.str("host"),
+            external_url=t.str("external_url", "") or "",
             heartbeat=heartbeat,
         )
 
@@ -1447,39 +1391,22 @@ class HeartbeatSettings:
     @classmethod
     def from_toml(cls, table: object, *, file: str, key: str,
                   environ: Mapping[str, str] | None = None) -> HeartbeatSettings:
+        t = Table(table, file, key)
+        t.check_unknown(cls.KEYS)
         env = os.environ if environ is None else environ
-        table = _check_keys(table, cls.KEYS, file=file, key=key)
 
         def duration(name: str, default: str, low_s: float, high_s: float) -> float:
-            try:
-                seconds = parse_duration_s(table.get(name, default))
-            except ValueError as exc:
-                raise ConfigError(str(exc), file=file, key=f"{key}.{name}") from None
+            seconds = t.duration_s(name, default)
             if not low_s <= seconds <= high_s:
-                raise ConfigError(f"expected a duration from {low_s:g}s to {high_s:g}s, got {table.get(name)!r}",
-                                  file=file, key=f"{key}.{name}")
+                raise t.error(name, f"expected a duration from {low_s:g}s to {high_s:g}s, got {t.data.get(name)!r}")
             return seconds
 
         interval_s = duration("interval", "60s", 1.0, 3600.0)
         timeout_s = duration("timeout", f"{min(5.0, interval_s):g}s", 0.1, interval_s)
-        if "url" in table and "url_env" in table:
-            raise ConfigError("set either url or url_env, not both", file=file, key=f"{key}.url")
-        url = None
-        which = "url_env" if "url_env" in table else "url"
-        try:
-            if "url_env" in table:
-                url = _check_url(_from_env(env, table["url_env"]))
-            elif "url" in table:
-                url = _check_url(table["url"])
-        except ValueError as exc:
-            raise ConfigError(str(exc), file=file, key=f"{key}.{which}") from None
-        method = table.get("method", "GET")
-        if method not in METHODS:
-            raise ConfigError(f"expected one of {', '.join(METHODS)}, got {method!r}", file=file, key=f"{key}.method")
-        watchdog_alert = table.get("watchdog_alert", False)
-        if not isinstance(watchdog_alert, bool):
-            raise ConfigError(f"expected true or false, got {watchdog_alert!r}", file=file,
-                              key=f"{key}.watchdog_alert")
+        url_raw, url_key = t.secret("url", env)
+        url = None if url_raw is None else t.checked(url_key, lambda _: _check_url(url_raw))
+        method = t.str("method", "GET", choices=METHODS)
+        watchdog_alert = t.bool("watchdog_alert", False)
         if url is None and not watchdog_alert:
             raise ConfigError("nothing to send: set url (a push URL such as https://hc-ping.com/<uuid>) "
                               "or url_env, and/or watchdog_alert = true (an always-firing Watchdog alert "

@@ -403,7 +403,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                 degraded_restart_requested = False
                 sup.post(HealthVerdict(gen, Verdict.OK, f"throughput recovered: {assessment.reason}"))
             elif isinstance(restart := decide_degraded_restart(
-                    sup.name, sup.state == EngineState.DEGRADED, daemon.config.degraded.restart_when_idle,
+                    sup.name, sup.state == EngineState.DEGRADED, health.settings.restart_when_idle,
                     health.in_flight, already_requested=degraded_restart_requested, reason=assessment.reason),
                     Restart):
                 degraded_restart_requested = True
@@ -412,11 +412,6 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                 sup.post(HealthVerdict(gen, Verdict.DEGRADED_RESTART, restart.reason))
             await anyio.sleep(interval)
         tg.cancel_scope.cancel()
-
-
-def health_settings(daemon: MonitorHost) -> HealthSettings:
-    d = daemon.config.degraded
-    return HealthSettings(window_s=d.window_s, degraded_share=d.share, degraded_windows=d.windows)
 
 
 def baseline_from_record(record: Any) -> ThroughputBaseline:

@@ -43,8 +43,16 @@ import anyio
 import psutil
 from anyio.from_thread import BlockingPortal
 
-from policies.actions import Alert, EscalateReboot, RunReboot, Stop
-from policies.reboot import RebootLedger, RebootSettings, RebootState, decide_gpu_lost, decide_xid
+from policies.actions import Alert
+from policies.reboot import (
+    RebootLedger,
+    RebootSettings,
+    RebootState,
+    decide_gpu_lost,
+    decide_xid,
+    is_reboot_step,
+    reboot_needed,
+)
 from probes.nvml import NvmlProbe, XidWatcher, gpu_bytes_for_pids
 from probes.readings import GpuReading, XidEvent
 from supervisord_llm.engine.process import TAG_ENV, tree_of
@@ -561,7 +569,7 @@ class GpuExtension(Extension):
                "process; a GPU reset or reboot frees memory the driver no longer gives back")
         daemon.events.emit("gpu.memory_not_returned", engine=sup.name, pids=sorted(stuck), bytes=short,
                            waited_s=round(daemon.clock.now() - started, 1))
-        daemon.alert(Alert(key=f"gpu.memory_not_returned:{sup.name}", severity="critical", summary=msg,
+        daemon.apply(Alert(key=f"gpu.memory_not_returned:{sup.name}", severity="critical", summary=msg,
                            details={"pids": sorted(stuck), "bytes": short}))
         raise MemoryNotReturned(sup.name, msg)
 
@@ -631,23 +639,17 @@ class GpuExtension(Extension):
 
     async def _carry_out(self, actions: Iterable[Any], device_index: int, xid: int | None, cause: str) -> None:
         daemon = self.daemon
-        reboot_reason: str | None = None
+        actions = tuple(actions)
         for action in actions:
             daemon.decided("xid" if xid is not None else "gpu_lost", getattr(action, "engine", None), action,
                            device_index=device_index, xid=xid, cause=cause)
-            if isinstance(action, Stop):
-                if action.engine not in daemon.supervisors:
-                    continue
-                try:
-                    await daemon.execute(action)
-                except Exception as exc:  # report; the other actions still run
-                    daemon.events.emit("gpu.stop_failed", engine=action.engine, error=str(exc))
-            elif isinstance(action, Alert) and action.key.startswith("reboot."):
-                reboot_reason = reboot_reason or cause
-            elif isinstance(action, Alert):
+            if is_reboot_step(action):
+                continue  # the reboot escalation takes these (below), once
+            try:
                 await daemon.execute(action)
-            elif isinstance(action, (EscalateReboot, RunReboot)):
-                reboot_reason = reboot_reason or action.reason
+            except Exception as exc:  # report; the other actions still run
+                daemon.events.emit("gpu.stop_failed", engine=getattr(action, "engine", None), error=str(exc))
+        reboot_reason = reboot_needed(actions, cause)
         if reboot_reason is not None:
             self._reboot(reboot_reason, device_index, xid)
 
@@ -656,7 +658,7 @@ class GpuExtension(Extension):
         if daemon.request_reboot(reason):
             return
         daemon.events.emit("gpu.reboot_required", device_index=device_index, xid=xid, reason=reason)
-        daemon.alert(Alert(key="reboot.required", severity="critical",
+        daemon.apply(Alert(key="reboot.required", severity="critical",
                            summary=f"reboot required ({reason}); this daemon runs no reboot escalation, "
                                    "reboot the machine by hand",
                            details={"device_index": device_index, "xid": xid}))

@@ -82,8 +82,7 @@ class MemoryGuardExtension(Extension):
         cfg = daemon.config.memory_guard
         self.daemon = daemon
         self.enabled = cfg.enabled
-        self.settings = policy.GuardSettings(soft_factor=cfg.soft_factor, hard_factor=cfg.hard_factor,
-                                             drain_grace_s=cfg.drain_grace_s)
+        self.settings = cfg.guard  # the config builds the policy's settings object
         self.engines: dict[str, _Engine] = {e.name: _Engine() for e in daemon.config.engines}
         self._machine_decision = ""
         self._tg: anyio.abc.TaskGroup | None = None
@@ -126,9 +125,10 @@ class MemoryGuardExtension(Extension):
 
     # ---- what admission and status read ------------------------------------------------------
 
-    def learned_bytes(self, name: str) -> int:
+    def peaks(self, name: str) -> policy.PeakHistory:
+        """The engine's learned peaks (what admission counts beside its footprint)."""
         g = self.engines.get(name)
-        return policy.learned_bytes(g.peaks) if g is not None else 0
+        return g.peaks if g is not None else policy.PeakHistory()
 
     def contribute_status(self, doc: dict[str, Any]) -> None:
         for e in doc.get("engines", []):
@@ -208,10 +208,15 @@ class MemoryGuardExtension(Extension):
 
     def _carry_out(self, sup: EngineSupervisor, gen: int, actions: tuple[Alert | Drain, ...]) -> None:
         for action in actions:
-            if isinstance(action, Drain):
-                self._begin_drain(sup, gen, action)
-            elif isinstance(action, Alert):
-                self.daemon.alert(action)
+            self.daemon.apply(action)  # a Drain comes back to drain() below
+
+    def drain(self, action: Drain) -> bool:
+        """The executor's ``Drain``: no new requests for the engine's current run, then a graceful restart."""
+        sup = self.daemon.supervisors.get(action.engine)
+        if sup is None:
+            return False
+        self._begin_drain(sup, sup.gen, action)
+        return True
 
     def _guarded_footprint(self, sup: EngineSupervisor) -> int | None:
         """The footprint the watermarks and the machine rule hold the engine to (never the learned peak,
@@ -283,12 +288,12 @@ class MemoryGuardExtension(Extension):
             g.state = policy.GuardState(high=g.state.high, draining_since_s=daemon.clock.now(),
                                         drain_reason=decision.reason)
             g.verdict = "draining"
-            daemon.alert(Alert(key=f"{policy.EXCEEDED_ALERT}:{sup.name}", severity="critical",
+            daemon.apply(Alert(key=f"{policy.EXCEEDED_ALERT}:{sup.name}", severity="critical",
                                summary=f"{decision.reason}; draining, then a graceful restart through the backoff",
                                details={"engine": sup.name, "available_bytes": reading.available_bytes,
                                         "headroom_bytes": daemon.config.memory.headroom_bytes,
                                         "held_bytes": g.reading.host_bytes if g.reading else None}))
-            self._begin_drain(sup, sup.gen, decision)
+            daemon.apply(decision)
 
     # ---- drain, then restart -------------------------------------------------------------------
 

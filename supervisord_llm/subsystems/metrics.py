@@ -106,7 +106,7 @@ class MetricsExtension(Extension):
     name = "metrics"
 
     def __init__(self, daemon: Daemon, listen: str) -> None:
-        from supervisord_llm.gateway.proxy import parse_listen
+        from supervisord_llm.gateway.settings import parse_listen
 
         self.daemon = daemon
         self.listen = listen  # kept as written: an IPv6 host needs its brackets back in "[::1]:9464"

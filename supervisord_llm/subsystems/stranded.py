@@ -71,13 +71,16 @@ class StrandedExtension(Extension):
             boot_id=base.get("boot_id"), baseline_wired_bytes=base.get("baseline_wired_bytes"),
             recent_idle_wired_bytes=tuple(base.get("recent_idle_wired_bytes") or ()),
             provisional=bool(base.get("provisional", False)))
-        self.ledger = reboot_policy.RebootLedger(
-            reboots_wall_s=tuple(float(t) for t in saved.get("reboots_wall_s") or () if isinstance(t, (int, float))))
+        raw_ledger = saved.get("reboots_wall_s") or []
+        try:
+            self.ledger = reboot_policy.ledger_from_record(raw_ledger)
+        except ValueError:
+            # A damaged entry must not erase the cooldown: the reboots that can still be read count.
+            self.ledger = reboot_policy.RebootLedger(tuple(
+                float(t) for t in raw_ledger if isinstance(t, (int, float)) and not isinstance(t, bool))
+                if isinstance(raw_ledger, list) else ())
         same_boot = saved.get("boot_id") == self.boot
-        # A cancel holds for this episode, also across a daemon restart in the same boot.
-        phase = saved.get("reboot_phase") if same_boot else None
-        if phase in ("cancelled", "required"):
-            self.reboot_state = reboot_policy.RebootState(phase=phase)
+        self.reboot_state = reboot_policy.state_after_restart(saved.get("reboot_phase"), same_boot=same_boot)
         self.alert_active = bool(saved.get("alert_active")) and same_boot
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -97,7 +100,7 @@ class StrandedExtension(Extension):
             "baseline": {"boot_id": self.baseline.boot_id, "baseline_wired_bytes": self.baseline.baseline_wired_bytes,
                          "recent_idle_wired_bytes": list(self.baseline.recent_idle_wired_bytes),
                          "provisional": self.baseline.provisional},
-            "reboots_wall_s": list(self.ledger.reboots_wall_s),
+            "reboots_wall_s": reboot_policy.ledger_to_record(self.ledger),
             "reboot_phase": self.reboot_state.phase,
             "alert_active": self.alert_active,
         }
@@ -133,7 +136,7 @@ class StrandedExtension(Extension):
             opening = not assessment.alert.resolved
             if opening != self.alert_active:
                 self.alert_active = opening
-                daemon.alert(assessment.alert)
+                daemon.apply(assessment.alert)
                 daemon.persist()
         persisting = None if assessment.reclaiming else assessment.over_threshold
         self._persisting = persisting
@@ -153,16 +156,22 @@ class StrandedExtension(Extension):
         for action in actions:
             if isinstance(action, Alert):
                 # The policy repeats an alert while its condition lasts; a person hears of each change once.
-                if self._sent.get(action.key) != action.resolved:
-                    self._sent[action.key] = action.resolved
-                    daemon.alert(action)
-            elif isinstance(action, EscalateReboot):
-                daemon.events.emit("reboot.announced", reason=action.reason,
-                                   in_s=round(action.at_s - daemon.clock.now(), 1), argv=list(self.reboot_settings.argv))
-            elif isinstance(action, RunReboot):
-                self._run_reboot(action)
+                if self._sent.get(action.key) == action.resolved:
+                    continue
+                self._sent[action.key] = action.resolved
+            daemon.apply(action)  # the executor hands the reboot steps back to announce_reboot / run_reboot
         if self.reboot_state != before:
             daemon.persist()
+
+    def announce_reboot(self, action: EscalateReboot) -> bool:
+        daemon = self.daemon
+        daemon.events.emit("reboot.announced", reason=action.reason,
+                           in_s=round(action.at_s - daemon.clock.now(), 1), argv=list(self.reboot_settings.argv))
+        return True
+
+    def run_reboot(self, action: RunReboot) -> bool:
+        self._run_reboot(action)
+        return True
 
     def _run_reboot(self, action: RunReboot) -> None:
         if self._rebooting:
@@ -182,12 +191,12 @@ class StrandedExtension(Extension):
                 daemon.events.emit("reboot.command_finished", returncode=done.returncode,
                                    stderr=done.stderr.strip()[-500:])
                 if done.returncode != 0:
-                    daemon.alert(Alert("reboot.failed", "critical",
+                    daemon.apply(Alert("reboot.failed", "critical",
                                        f"the reboot command {' '.join(action.argv)} failed with status "
                                        f"{done.returncode}: {done.stderr.strip()[-200:]}; reboot by hand"))
             except (OSError, subprocess.SubprocessError) as exc:
                 daemon.events.emit("reboot.command_failed", error=str(exc))
-                daemon.alert(Alert("reboot.failed", "critical",
+                daemon.apply(Alert("reboot.failed", "critical",
                                    f"the reboot command {' '.join(action.argv)} could not run: {exc}; reboot by hand"))
             finally:
                 self._rebooting = False
@@ -201,7 +210,7 @@ class StrandedExtension(Extension):
                                                    reading.wired_bytes or 0, self.settings.threshold_bytes)
         self.daemon.events.emit("reboot.verified", rebooted=result.rebooted, memory_back=result.memory_back)
         if result.alert is not None:
-            self.daemon.alert(result.alert)
+            self.daemon.apply(result.alert)
 
     def cancel_reboot(self) -> dict[str, Any]:
         state = self.reboot_state
@@ -209,7 +218,7 @@ class StrandedExtension(Extension):
             return {"ok": True, "cancelled": False, "message": f"no reboot is pending (escalation is {state.phase})"}
         self.reboot_state = reboot_policy.cancel(state)
         self.daemon.events.emit("reboot.cancelled", reason=state.reason)
-        self.daemon.alert(Alert("reboot.announced", "critical", "reboot cancelled by a person", resolved=True))
+        self.daemon.apply(Alert("reboot.announced", "critical", "reboot cancelled by a person", resolved=True))
         self.daemon.persist()
         return {"ok": True, "cancelled": True, "message": f"reboot cancelled ({state.reason})"}
 

@@ -226,7 +226,7 @@ def test_target_defaults_to_json_and_five_seconds() -> None:
         ({"timeout": "soon"}, "alerts.webhook[0].timeout", '"90s"'),
         ({"timeout": "10m"}, "alerts.webhook[0].timeout", "between 0 and 5m"),
         ({"name": "has space"}, "alerts.webhook[0].name", "letters, digits"),
-        ({"retries": 3}, "alerts.webhook[0].retries", "valid keys: name, url"),
+        ({"retries": 3}, "alerts.webhook[0].retries", "valid keys here: name, url"),
         ({"headers": {"Content-Type": "text/plain"}}, "alerts.webhook[0].headers", "reserved"),
         ({"headers": {"X-A": "one\ntwo"}}, "alerts.webhook[0].headers", "one-line"),
         ({"secret": ""}, "alerts.webhook[0].secret", "non-empty"),
@@ -294,7 +294,7 @@ def test_settings_defaults_retry_forever() -> None:
         ({"initial_backoff": "10m"}, "alerts.initial_backoff", "must not exceed max_backoff"),
         ({"max_backoff": "0s"}, "alerts.max_backoff", "positive duration"),
         ({"webhook": {"name": "x"}}, "alerts.webhook", r"\[\[alerts.webhook\]\]"),
-        ({"webhooks": []}, "alerts.webhooks", "valid keys: webhook"),
+        ({"webhooks": []}, "alerts.webhooks", "valid keys here: webhook"),
     ],
 )
 def test_settings_errors_name_the_key(table: dict[str, object], bad_key: str, message: str) -> None:

@@ -46,7 +46,7 @@ def test_heartbeat_settings_read_every_key() -> None:
         ({"url_env": "NO_SUCH_HEARTBEAT_VARIABLE"}, "alerts.heartbeat.url_env", "is not set"),
         ({"url": "https://x/y", "timeout": "2m", "interval": "1m"}, "alerts.heartbeat.timeout", "from 0.1s to 60s"),
         ({"url": "https://x/y", "watchdog_alert": "yes"}, "alerts.heartbeat.watchdog_alert", "true or false"),
-        ({"url": "https://x/y", "every": "1m"}, "alerts.heartbeat.every", "valid keys: interval"),
+        ({"url": "https://x/y", "every": "1m"}, "alerts.heartbeat.every", "valid keys here: interval"),
     ],
 )
 def test_heartbeat_config_errors_name_the_key_and_what_is_valid(table: dict, bad_key: str, message: str) -> None:

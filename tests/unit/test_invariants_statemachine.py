@@ -44,7 +44,7 @@ from policies.backoff import (
     record_spawn,
     to_record,
 )
-from policies.health import assess_hung
+from policies.health import ProgressEvidence, assess_progress
 from policies.reboot import (
     RebootLedger,
     RebootSettings,
@@ -54,12 +54,10 @@ from policies.reboot import (
     ledger_from_record,
     ledger_to_record,
     record_reboot,
-    state_from_record,
-    state_to_record,
+    state_after_restart,
 )
 from policies.stranded import BaselineState, StrandedSettings, assess_stranded, update_baseline
 from policies.swap import SwapPlan, SwapSettings, decide_memory_wait, memory_returned, plan_swap
-from probes.readings import ProcessTreeReading
 
 GB = 10**9
 TOTAL_BYTES = 512 * GB
@@ -270,9 +268,7 @@ class SupervisorModel(RuleBasedStateMachine):
             n: from_record(to_record(s), now_s=self.now_s) for n, s in self.backoff.items()
         }
         self.ledger = ledger_from_record(ledger_to_record(self.ledger))
-        self.reboot_state = (
-            RebootState() if reboot else state_from_record(state_to_record(self.reboot_state))
-        )
+        self.reboot_state = state_after_restart(self.reboot_state.phase, same_boot=not reboot)
 
     # ---- rules -----------------------------------------------------------------------------------
     @initialize(enabled=st.booleans(), first=engines)
@@ -352,8 +348,8 @@ class SupervisorModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def hang(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.resident)))
-        tree = ProcessTreeReading(self.now_s, 100, (100,), FOOTPRINTS[name].bytes, stopped=True)
-        verdict = assess_hung(None, tree, [], stall_s=30.0, now_s=self.now_s)
+        evidence = ProgressEvidence(watch_since_s=self.now_s, process_stopped=True, root_pid=100)
+        verdict = assess_progress(evidence, stall_s=30.0, now_s=self.now_s)
         assert verdict.hung
         self.unplanned_exit(name, f"hung: {verdict.reason}")
 
@@ -549,6 +545,7 @@ def test_the_model_catches_a_broken_policy(monkeypatch: pytest.MonkeyPatch, brok
     quick = settings(
         SupervisorModel.TestCase.settings,
         phases=[Phase.explicit, Phase.generate],  # stop at the first failure, no shrinking
+        max_examples=300,
         print_blob=False,
     )
     with pytest.raises((AssertionError, BaseExceptionGroup)) as caught:

@@ -6,10 +6,12 @@ import pytest
 
 from policies.health import (
     HealthSettings,
+    ProgressEvidence,
+    Silence,
     ThroughputBaseline,
     ThroughputTracker,
     assess_degraded,
-    assess_hung,
+    assess_progress,
     learn_baseline,
     rolling_rate,
 )
@@ -139,10 +141,10 @@ def counters(points: list[tuple[float, float, float]]) -> list[EngineCounters]:
         (None, TREE, [], None),
         (CanaryReading(at_s=95.0, ok=True, ttft_s=0.2), TREE, [], None),
         (
-            CanaryReading(at_s=95.0, ok=False, stalled=True, duration_s=10.0, error="no token"),
+            CanaryReading(at_s=95.0, ok=False, stalled=True, duration_s=40.0, error="no token"),
             TREE,
             [],
-            "canary got no token within 10s",
+            "canary waiting for the first token",
         ),
         (
             None,
@@ -174,8 +176,17 @@ def test_hung_classification(
     history: list[EngineCounters],
     reason: str | None,
 ) -> None:
-    """A hang is named by its evidence: stalled canary, SIGSTOP, zombie, or stuck counters."""
-    result = assess_hung(canary, tree, history, stall_s=30.0, now_s=100.0)
+    """A hang is named by its evidence: stalled canary, SIGSTOP, zombie, or stuck per-step counters."""
+    silences = ()
+    if canary is not None and canary.stalled:
+        silences = (Silence("canary", since_s=canary.at_s - (canary.duration_s or 0.0), at_s=canary.at_s,
+                            detail="canary waiting for the first token"),)
+    evidence = ProgressEvidence(
+        watch_since_s=0.0 if canary is not None and canary.stalled else 70.0,
+        last_canary_ok_s=canary.at_s if canary is not None and canary.ok else None,
+        silences=silences, counters=tuple(history), counters_per_step=True,
+        process_stopped=tree.stopped, zombie=tree.zombie, root_pid=tree.root_pid)
+    result = assess_progress(evidence, stall_s=30.0, now_s=100.0)
     if reason is None:
         assert not result.hung, result.reason
     else:

@@ -16,8 +16,7 @@ from policies.reboot import (
     ledger_from_record,
     ledger_to_record,
     record_reboot,
-    state_from_record,
-    state_to_record,
+    state_after_restart,
     verify_after_reboot,
 )
 
@@ -224,12 +223,8 @@ def test_verify_without_a_recorded_reboot_says_nothing() -> None:
     assert result.alert is None and result.rebooted is False
 
 
-def test_state_round_trips_and_bad_records_are_named() -> None:
-    """The persisted reboot state restores exactly; a bad phase names the valid ones."""
-    state = RebootState("announced", 10.0, 310.0, "wired memory stranded")
-    assert state_from_record(state_to_record(state)) == state
-    with pytest.raises(ValueError, match="phase must be one of idle"):
-        state_from_record({"phase": "rebooting"})
+def test_a_bad_ledger_record_is_named() -> None:
+    """A persisted reboot ledger that is not a list of timestamps is refused with what is valid."""
     with pytest.raises(ValueError, match="list of Unix timestamps"):
         ledger_from_record("yesterday")
 
@@ -259,3 +254,21 @@ def test_an_announced_reboot_does_not_run_once_an_engine_became_resident() -> No
     state, actions = decide_reboot(state, RebootLedger(), ON, True, 400.0, WALL + 300, resident_engines=["e"])
     assert state.phase == "required"
     assert not any(isinstance(a, RunReboot) for a in actions)
+
+
+@pytest.mark.parametrize(
+    ("phase", "same_boot", "expected"),
+    [
+        ("cancelled", True, "cancelled"),
+        ("required", True, "required"),
+        ("announced", True, "idle"),
+        ("executed", True, "idle"),
+        ("cancelled", False, "idle"),
+        ("bogus", True, "idle"),
+        (None, True, "idle"),
+    ],
+)
+def test_a_restarted_daemon_keeps_a_cancel_for_the_rest_of_the_boot(phase: object, same_boot: bool,
+                                                                     expected: str) -> None:
+    """A person's cancel holds across a daemon restart in the same boot; an announced reboot is announced afresh."""
+    assert state_after_restart(phase, same_boot=same_boot).phase == expected
