@@ -95,7 +95,9 @@ async def test_an_unwritable_file_loses_no_event_once_restored(log_and_path) -> 
     assert kinds == ["test.during"] * 30 + ["test.after"]
     assert [e["seq"] for e in on_disk(path)] == list(range(2, 33))
     recovered = logger.named("events.write_recovered")
-    assert len(recovered) == 1 and recovered[0]["written_late"] == 31 and recovered[0]["lost"] == 0
+    # The writer may retry between rmdir and the next emit: the outage's 30 events are written late either
+    # way, "test.after" only when it was queued before that retry.
+    assert len(recovered) == 1 and recovered[0]["written_late"] in (30, 31) and recovered[0]["lost"] == 0
     assert events.overflowed == 0
     events.unsubscribe(receive)
 
