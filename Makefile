@@ -25,7 +25,7 @@ demo: install
 test: install engines
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m mypy
-	SUPERVISORD_LLM_REQUIRE_ENGINES=1 $(BIN)/python -m pytest -q -m "not chaos_full and not gpu"
+	SUPERVISORD_LLM_REQUIRE_ENGINES=1 $(BIN)/python -m pytest -q --durations=25 -m "not chaos_full and not gpu"
 
 lint: install
 	$(BIN)/python -m ruff check .
