@@ -113,6 +113,7 @@ class HeldGroup:
     engine: str
     oldest_s: float
     requests: int
+    exclusive: bool = False  # an exclusive engine shares the machine with no other
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,30 @@ def next_group(groups: Sequence[HeldGroup], *, resident: str | None) -> ServeGro
     behind = ", ".join(f"{g.engine} ({g.requests})" for g in sorted(waiting, key=lambda g: g.oldest_s) if g is not first)
     return ServeGroup(first.engine, f"serve the {first.requests} held request(s) for {first.engine} together, "
                                     f"first in line since their first arrived; then {behind or 'nothing else waits'}")
+
+
+def groups_to_serve(groups: Sequence[HeldGroup], *, resident: str | None) -> list[ServeGroup]:
+    """Every engine whose held requests may be served now: the first in line (``next_group``), and each
+    later group that conflicts with no group ahead of it in line.
+
+    Only engines that cannot share the machine (one of the two is exclusive) take turns: a group for an
+    engine that can run next to the ones ahead of it (budget engines) is not held behind them, so one
+    engine reloading after a crash does not keep another, stopped one from starting for its requests.
+    """
+    first = next_group(groups, resident=resident)
+    if first is None:
+        return []
+    waiting = sorted((g for g in groups if g.requests > 0), key=lambda g: (g.oldest_s, g.engine != resident, g.engine))
+    chosen = [first]
+    for i, group in enumerate(waiting):
+        if group.engine == first.engine:
+            continue
+        ahead = waiting[:i]
+        if any(a.exclusive or group.exclusive for a in ahead):
+            continue
+        chosen.append(ServeGroup(group.engine, f"serve the {group.requests} held request(s) for {group.engine} now: "
+                                               f"it can run next to the engines ahead of it in line"))
+    return chosen
 
 
 def holds_for_groups(engine: str, *, serving: bool, conflicting_groups: int) -> bool:

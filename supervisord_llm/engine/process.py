@@ -34,6 +34,7 @@ import errno
 import json
 import os
 import select
+import selectors
 import shutil
 import signal
 import subprocess
@@ -105,15 +106,25 @@ def _read_report(fd: int, timeout_s: float) -> str:
     """The keeper's one-line report (``pid N`` or ``error ERRNO MESSAGE``); "" at EOF or timeout."""
     data = b""
     deadline = time.monotonic() + timeout_s
-    while b"\n" not in data:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
+    # A selector (epoll/kqueue), not select(): a busy daemon's descriptors run past FD_SETSIZE (1024).
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while b"\n" not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
     return data.decode(errors="replace").strip()
+
+
+def _child_of(pid: int, parent_pid: int) -> bool:
+    try:
+        return psutil.Process(pid).ppid() == parent_pid
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 def _exec_error(program: str, report: str) -> str:
@@ -412,6 +423,11 @@ class EngineProcess:
             os.close(report_w)
         try:
             report = _read_report(report_r, KEEPER_REPORT_WAIT_S)
+        except BaseException:
+            # Never leave a keeper and engine running that nobody tracks (it would hold the port).
+            popen.kill()
+            popen.wait()
+            raise
         finally:
             os.close(report_r)
         keeper_created = process_create_time(popen.pid) or time.time()
@@ -424,7 +440,10 @@ class EngineProcess:
             raise EngineSpawnFailed(engine, f"its keeper did not report the engine's pid within "
                                             f"{KEEPER_REPORT_WAIT_S:.0f}s (exit {popen.returncode}); see {log_path}")
         pid = int(rest)
-        create_time = process_create_time(pid) or time.time()
+        # The keeper reaps its engine at once: an engine that already exited may have freed its pid for
+        # another process. Only the keeper's own child has the engine's create time; otherwise record
+        # one that matches no process, so a later stop can never signal a stranger.
+        create_time = (process_create_time(pid) if _child_of(pid, popen.pid) else None) or 0.0
         keeper = Keeper(pid=popen.pid, create_time=keeper_created, popen=popen,
                         record_path=exits_dir / keeper_program.record_name(engine, pid))
         return cls(pid, create_time, argv, tag, popen=popen, log_path=log_path, keeper=keeper)
@@ -596,15 +615,17 @@ class EngineProcess:
             # A stopped (SIGSTOP) process cannot act on SIGTERM; wake it so it can exit cleanly.
             self._signal_group(signal.SIGTERM)
             self._signal_group(signal.SIGCONT)
+            # Only the engine's own exit is bounded by the grace: collecting its status from the keeper
+            # afterwards (a record fsynced to disk) must not turn a clean stop into a kill.
             with anyio.move_on_after(grace_s):
-                await self.wait()
-            if self.exit is None:
+                await wait_exit(self.pid, self.create_time)
+            if self.exit is None and pid_identity(self.pid, self.create_time) == OURS and not _is_zombie(self.pid):
                 graceful = False
                 self._signal_group(signal.SIGKILL)
                 killed.append(self.pid)
                 # No bound here: a process in uninterruptible sleep outlives SIGKILL for a while, and
                 # until it is gone it still holds its memory, so the engine stays "stopping".
-                await self.wait()
+            await self.wait()
         else:
             self._signal_group(signal.SIGTERM)
         # Leftovers: the group (if the root was the only one to exit), moved-away grandchildren, tagged.

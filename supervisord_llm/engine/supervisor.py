@@ -578,6 +578,9 @@ class EngineSupervisor:
             # shielded, because a process that exists must reach the inbox (an overtaken spawn is
             # swept there, never leaked).
             with anyio.CancelScope(shield=True):
+                # The tail starts where this run's output will: the engine runs (and may print its
+                # fatal error) before the keeper has reported its pid back.
+                self.log_tail.start_at_end()
                 proc = await anyio.to_thread.run_sync(spawn)
         except EngineError as exc:
             self.post(LaunchFailed(gen, exc))
@@ -592,7 +595,6 @@ class EngineSupervisor:
         self.proc = proc
         if self.health is not None:
             self.health.new_run()
-        self.log_tail.start_at_end()
         self.host.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=redact_argv(proc.argv))
         self.host.persist()
         self._spawn_worker(self._watch_exit, self.gen, proc)

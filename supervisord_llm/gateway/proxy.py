@@ -505,6 +505,7 @@ class _Forward:
         # engine's: the stall clock stops, and starts again from when reading resumed.
         self.blocked_since_s: float | None = None
         self.unblocked_at_s = 0.0
+        self.awaiting_engine = False  # held in a resend, waiting for the engine to serve again
         self.upstream_failed = False
         self.non_stream_tokens: int | None = None
         self.pump_scope = anyio.CancelScope()
@@ -582,8 +583,10 @@ class _Forward:
                 phase, since, limit = "prefill", self.sent_at_s, self.prefill_limit_s
             else:
                 phase, since, limit = "decode", last, settings.decode_stall_s
-            if self.blocked_since_s is not None:
-                await anyio.sleep(min(limit, 1.0))  # the client's back-pressure, not the engine
+            if self.blocked_since_s is not None or self.awaiting_engine:
+                # The client's back-pressure, or the request held while its engine restarts: neither
+                # is the engine's silence.
+                await anyio.sleep(min(limit, 1.0))
                 continue
             since = max(since, self.unblocked_at_s)
             # Progress the engine shows elsewhere (its prefill progress, other streams, a canary)
@@ -611,6 +614,8 @@ class _Forward:
 
         def on_retry(exc: Exception, held: bool) -> None:
             gw.stats.upstream_retries += 1
+            # The engine's prefill deadline starts at the resend: the time held is not the engine's.
+            self.unblocked_at_s = gw.clock.now()
             if held:
                 gw.log.info("gateway.upstream_retried", engine=self.upstream.engine, error=type(exc).__name__)
 
@@ -626,6 +631,16 @@ class _Forward:
         entry = next((m for m in gw.backend.models() if m.get("id") == engine), None)
         if entry is None or entry.get("state") in ("stopped", "failed"):
             return False
+        self.awaiting_engine = True
+        try:
+            return await self._wait_engine_serving(timeout_s)
+        finally:
+            self.awaiting_engine = False
+            self.unblocked_at_s = gw.clock.now()
+
+    async def _wait_engine_serving(self, timeout_s: float) -> bool:
+        gw = self.gw
+        engine = self.upstream.engine
         try:
             with anyio.move_on_after(timeout_s):
                 return (await gw.backend.acquire(engine)).engine == engine

@@ -11,6 +11,10 @@ Two kinds of retry: a few quick ones (mlx_lm.server listens with a backlog of 5 
 connections of a burst), then, while the engine is down, the request is held until the daemon says
 the engine serves again (``wait_serving``, the gateway's own hold) and sent to the restarted engine,
 all within ``hold_s`` of the first failure.
+
+A request that may have reached the engine before it died (reset or closed after it was written, not
+refused) is held and resent at most once: a prompt that itself kills the engine (an out-of-memory
+abort on a huge context) must not be replayed into every fresh run.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ QUICK_RETRY_DELAYS_S = (0.05, 0.2, 0.5)
 # Between two sends while the engine is down: its supervisor may not have noticed the exit yet and
 # still call it serving, and a refused connect costs nothing to repeat.
 HELD_RETRY_DELAY_S = 0.5
+# Held resends of a request the engine may have been working on when it died (see the module's text).
+MAX_HELD_RESENDS_AFTER_DELIVERY = 1
 
 
 async def send_until_answered(
@@ -44,6 +50,7 @@ async def send_until_answered(
     """
     quick = list(QUICK_RETRY_DELAYS_S)
     deadline_s: float | None = None
+    held_after_delivery = 0
     while True:
         try:
             return await send_once()
@@ -57,6 +64,10 @@ async def send_until_answered(
             left_s = deadline_s - now()
             if left_s <= 0:
                 raise
+            if not isinstance(exc, httpx.ConnectError):  # it may have reached the engine before it died
+                held_after_delivery += 1
+                if held_after_delivery > MAX_HELD_RESENDS_AFTER_DELIVERY:
+                    raise
             await anyio.sleep(min(HELD_RETRY_DELAY_S, left_s))
             if not await wait_serving(max(0.0, deadline_s - now())):
                 raise

@@ -4,7 +4,8 @@ With exclusive engines A and B and requests for both arriving mixed, answering t
 order would swap A out and B in for every other request (each swap of a large model takes minutes).
 Instead a request whose engine is not serving, or that arrives while a group for an engine it
 cannot share with is waiting, is held in its engine's *group*; groups are served in the order
-``policies.frontdoor.next_group`` decides (the group whose first request arrived first), and a
+``policies.frontdoor.groups_to_serve`` decides (the group whose first request arrived first, and
+any later group that conflicts with none ahead of it: budget engines do not take turns), and a
 group is released whole once its engine serves: all of B's held requests, then all of A's.
 
 A swap for the group whose turn it is starts as any gateway swap does (memory admission, the
@@ -20,7 +21,7 @@ from typing import Protocol
 
 import anyio
 
-from policies.frontdoor import HeldGroup, ServeGroup, holds_for_groups, next_group
+from policies.frontdoor import HeldGroup, ServeGroup, groups_to_serve, holds_for_groups
 
 # A held request re-checks its turn at least this often (engine state changes also wake it at once
 # when the host tells ``changed()``; this is the floor if none does).
@@ -120,17 +121,24 @@ class EngineTurns:
 
     def _decide(self) -> None:
         host = self.host
-        held = [HeldGroup(g.engine, g.oldest_s, g.requests) for g in self.groups.values()]
+        held = [HeldGroup(g.engine, g.oldest_s, g.requests, host.exclusive(g.engine)) for g in self.groups.values()]
         resident = host.resident()
-        turn = next_group(held, resident=resident)
-        if turn is None:
+        turns = groups_to_serve(held, resident=resident)
+        if not turns:
             return
-        group = self.groups[turn.engine]
-        inputs = {"groups": [{"engine": g.engine, "requests": g.requests, "waited_s": round(host.now() - g.oldest_s, 3)}
-                             for g in held], "resident": resident}
-        if turn.engine != self._last_turn:
-            self._last_turn = turn.engine
-            host.decided(turn, **inputs)
+        inputs = {"groups": [{"engine": g.engine, "requests": g.requests, "exclusive": g.exclusive,
+                              "waited_s": round(host.now() - g.oldest_s, 3)} for g in held], "resident": resident}
+        if turns[0].engine != self._last_turn:
+            self._last_turn = turns[0].engine
+            host.decided(turns[0], **inputs)
+        for turn in turns:
+            self._take_turn(turn)
+
+    def _take_turn(self, turn: ServeGroup) -> None:
+        host = self.host
+        group = self.groups.get(turn.engine)
+        if group is None:
+            return
         if host.serving(turn.engine):
             group.released = True
             del self.groups[turn.engine]

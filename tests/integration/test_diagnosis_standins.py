@@ -3,6 +3,9 @@ is named in the engine's status and its exit event by the real daemon."""
 
 from __future__ import annotations
 
+import json
+import shlex
+
 import pytest
 
 from tests.helpers import FIXTURES, free_port, standin_engine_toml
@@ -42,3 +45,14 @@ def test_each_fixture_signature_becomes_the_engines_diagnosis(daemon_factory) ->
         assert exited and exited[-1]["diagnosis"]["signature"] == diagnosis["signature"], title
     kv = next(i for i, (t, _) in enumerate(blocks) if "KV cache" in t)
     assert "157216" in d.engine(f"e{kv}")["diagnosis"]["remedy"]
+
+
+def test_an_engine_that_prints_its_error_and_dies_at_once_still_gets_its_diagnosis(daemon_factory) -> None:
+    """An engine whose fatal line comes within a millisecond of its start (before its pid is even known) is diagnosed."""
+    line = "Ignored (for causing prior/excessive GPU errors) (00000004:kIOGPUCommandBufferCallbackErrorSubmissionsIgnored)"
+    cfg = "\n".join(["[[engine]]", 'name = "fast"', 'kind = "command"', f"port = {free_port()}",
+                     f"command = [\"sh\", \"-c\", {json.dumps(f'echo {shlex.quote(line)}; exit 1')}]",
+                     'footprint = "1MB"', 'start_timeout = "30s"']) + "\n"
+    d = daemon_factory(cfg).start()
+    engine = d.wait_state("fast", {"backoff", "failed"}, 60)
+    assert engine["diagnosis"] is not None and "ignores this process's GPU work" in engine["diagnosis"]["cause"], engine

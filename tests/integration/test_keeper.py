@@ -291,3 +291,23 @@ def test_a_record_of_another_spawn_or_a_damaged_one_is_not_believed(tmp_path: Pa
     info = read_exit_record(record, pid=42, tag="d/e/new")
     assert info is not None and info.signal == signal.SIGABRT and info.describe() == "killed by SIGABRT"
     assert not record.exists(), "a record that was handed over is removed"
+
+
+@pytest.mark.anyio
+async def test_a_spawn_works_with_descriptors_past_fd_setsize(tmp_path: Path) -> None:
+    """A daemon holding over 1,024 descriptors (a busy gateway) still starts engines: the keeper's report is read."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard descriptor limit ({hard}) is below 1,200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        proc = await _spawn(tmp_path)
+        assert proc.keeper is not None and psutil.Process(proc.pid).parent().pid == proc.keeper.pid
+        await proc.stop(grace_s=5.0)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

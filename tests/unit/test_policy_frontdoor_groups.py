@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.frontdoor import HeldGroup, holds_for_groups, next_group
+from policies.frontdoor import HeldGroup, groups_to_serve, holds_for_groups, next_group
 
 
 def test_the_group_whose_first_request_arrived_first_is_served_first() -> None:
@@ -47,3 +47,16 @@ def test_mixed_arrivals_cost_one_turn_per_engine(arrivals: list[tuple[str, float
     assert len(turns) == len(set(turns)) == len({e for e, _ in arrivals})
     firsts = {e: min(t for x, t in arrivals if x == e) for e, _ in arrivals}
     assert [firsts[e] for e in turns] == sorted(firsts[e] for e in turns)
+
+
+def test_engines_that_can_share_the_machine_do_not_take_turns() -> None:
+    """A budget engine reloading after a crash does not hold back another budget engine's requests."""
+    budget = groups_to_serve([HeldGroup("c", 1.0, 4), HeldGroup("d", 2.0, 1)], resident=None)
+    assert [t.engine for t in budget] == ["c", "d"]
+    # An exclusive engine anywhere ahead in line makes the later ones wait for their turn.
+    mixed = groups_to_serve([HeldGroup("a", 1.0, 2, exclusive=True), HeldGroup("c", 2.0, 1), HeldGroup("d", 3.0, 1)],
+                            resident=None)
+    assert [t.engine for t in mixed] == ["a"]
+    behind = groups_to_serve([HeldGroup("c", 1.0, 2), HeldGroup("a", 2.0, 1, exclusive=True), HeldGroup("d", 3.0, 1)],
+                             resident=None)
+    assert [t.engine for t in behind] == ["c"]
