@@ -208,6 +208,8 @@ class MemoryGuardExtension(Extension):
 
     def _carry_out(self, sup: EngineSupervisor, gen: int, actions: tuple[Alert | Drain, ...]) -> None:
         for action in actions:
+            if isinstance(action, Drain) and gen != sup.gen:
+                continue  # the reading was of an earlier run: the fresh one is judged on its own readings
             self.daemon.apply(action)  # a Drain comes back to drain() below
 
     def drain(self, action: Drain) -> bool:
