@@ -77,16 +77,17 @@ class HeldStream:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         result: list[Any] = []
+        failure: list[Exception] = []
         decided = anyio.Event()
         client_gone = False
 
         async def run_route() -> None:
             try:
                 result.append(await self.route())
-            except Exception:  # answered as a 500 either way; with the head sent, as an error event
+            except Exception as exc:  # answered as a 500 either way; with the head sent, as an error event
                 result.append(JSONResponse(self.error_body(500, "the gateway failed to route this request; see "
                                                            "the daemon log", "internal_error"), status_code=500))
-                raise
+                failure.append(exc)  # raised once the client has its answer, so the log keeps the traceback
             finally:
                 decided.set()
 
@@ -119,10 +120,14 @@ class HeldStream:
             response = result[0]
             if not self.held:
                 await response(scope, receive, send)
+                if failure:
+                    raise failure[0]
                 return
             held_send = _AfterHead(send, self.anthropic, self.error_body)
             await response(scope, receive, held_send)
             await held_send.flush()
+            if failure:
+                raise failure[0]
         finally:
             if result:
                 self.finish(result[0])
