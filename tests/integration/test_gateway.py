@@ -409,7 +409,9 @@ async def test_models_and_status_answer_while_every_engine_is_down() -> None:
     backend = Backend(
         {"tiny": Upstream("tiny", f"http://127.0.0.1:{dead}", "mlx_lm", False, None)}, "tiny"
     )
-    async with running_gateway(backend) as url:
+    # An engine its daemon calls serving but whose port refuses is retried within hold_s (gateway/retry.py):
+    # a short hold keeps the wait for the 502 short.
+    async with running_gateway(backend, GatewaySettings(hold_s=2.0)) as url:
         client = opened(openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0))
         models = await client.models.list()
         assert [m.id for m in models.data] == ["tiny"]
