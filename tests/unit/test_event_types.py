@@ -5,34 +5,19 @@ from __future__ import annotations
 import ast
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from supervisord_llm.clock import SystemClock
 from supervisord_llm.events import EventLog, UnregisteredEvent
 from supervisord_llm.eventtypes import EVENT_TYPES, EventKind
+from tests.recording import RecordingLogger
 
 RUNTIME = Path(__file__).resolve().parents[2] / "supervisord_llm"
 # Where a kind arrives as a value: the alert outbox's delivery events, forwarded to the daemon's log.
 FORWARDERS = {("extensions.py", "kind"), ("alerts/delivery.py", "kind")}
 
 
-class RecordingLogger:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, str, dict[str, Any]]] = []
-
-    def _record(self, level: str, event: str, **fields: Any) -> None:
-        self.records.append((level, event, fields))
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._record("info", event, **fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._record("warning", event, **fields)
-
-    def error(self, event: str, **fields: Any) -> None:
-        self._record("error", event, **fields)
 
 
 def emit_calls() -> list[tuple[str, int, ast.Call]]:
