@@ -321,4 +321,22 @@ def kill_tree_of(pid: int) -> None:
             pass
 
 
+def replace_section(text: str, name: str, body: str) -> str:
+    """``text`` with the section between ``<!-- name:start -->`` and ``<!-- name:end -->`` set to ``body``
+    (appended when the doc has none yet): each bench owns its own section of docs/benchmarks.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        return head + block + tail
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Set one bench's section of a doc (see ``replace_section``)."""
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    path.write_text(replace_section(current, name, body))
+
+
 __all__ = [name for name in dir() if not name.startswith("_")] + ["os"]

@@ -35,7 +35,6 @@ import asyncio
 import json
 import os
 import pwd
-import re
 import shutil
 import signal
 import subprocess
@@ -64,9 +63,9 @@ from common import (  # noqa: E402
     tiny_model_dir,
     wait_ready_pid,
     wait_until,
+    write_section,
 )
 
-START, END = "<!-- gateway:start -->", "<!-- gateway:end -->"
 TARGET_ADDED_TTFB_P50_MS = 1.0
 TARGET_NGINX_MULTIPLE = 3.0
 TARGET_RATE_RATIO = 0.98
@@ -521,16 +520,6 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path) -> None:
-    section = f"{START}\n{text}\n{END}"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        current = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, current, flags=re.S)
-    else:
-        current = current.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="gateway overhead (direct / nginx / gateway) and supervision "
                                                  "under load, through the real daemon")
@@ -597,7 +586,7 @@ def main() -> None:
     (results_dir / ("gateway-quick.json" if args.no_write else "gateway.json")).write_text(
         json.dumps(result, indent=1, default=str))
     if not args.no_write:
-        write_section(text, args.out)
+        write_section(args.out, "gateway", text)
         print(f"wrote {args.out}")
 
 

@@ -35,11 +35,13 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import write_section  # noqa: E402
 
 from supervisord_llm.engine import keeper as keeper_program  # noqa: E402
 from supervisord_llm.engine.process import EngineProcess, keeper_argv  # noqa: E402
 
-START, END = "<!-- keeper:start -->", "<!-- keeper:end -->"
 TARGET_USS_BYTES = 5 * 10**6  # "a few MB per engine"
 
 NAIVE = """
@@ -137,7 +139,7 @@ def render(mem: dict[str, dict[str, Any]], fid: dict[str, str], lat: dict[str, l
                             text=True).stdout.strip() or "unknown"
     ours = mem["keeper.py"]
     verdict = "**met**" if ours["uss_bytes"] <= TARGET_USS_BYTES else "**missed**"
-    lines = [START, "## Keeper per engine (exit status of adopted engines)", "",
+    lines = ["## Keeper per engine (exit status of adopted engines)", "",
              f"Run {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} at commit `{commit}` on "
              f"{platform.system()} {platform.release()}, {psutil.cpu_count()} CPUs, Python {platform.python_version()}. "
              f"{ours['count']} keepers of each kind at once, each the parent of a `sleep`; figures are per keeper.",
@@ -153,19 +155,8 @@ def render(mem: dict[str, dict[str, Any]], fid: dict[str, str], lat: dict[str, l
               "| spawn | p50 | p95 |", "|---|---:|---:|"]
     for kind, values in lat.items():
         lines.append(f"| {kind} | {_pct(values, 50) * 1e3:.1f} ms | {_pct(values, 95) * 1e3:.1f} ms |")
-    lines += ["", "Reproduce: `.venv/bin/python bench/keeper_bench.py`", "", END]
+    lines += ["", "Reproduce: `.venv/bin/python bench/keeper_bench.py`"]
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path) -> None:
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        _, tail = rest.split(END, 1)
-        current = head + text + tail
-    else:
-        current = current.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(current)
 
 
 def main() -> None:
@@ -183,7 +174,7 @@ def main() -> None:
     text = render(mem, fid, lat, runs)
     print(text)
     if not args.quick:
-        write_section(text, args.out)
+        write_section(args.out, "keeper", text)
 
 
 if __name__ == "__main__":

@@ -223,16 +223,6 @@ RENDER = {"crash": render_crash, "hang": render_hang, "slowdown": render_slowdow
           "fault_matrix": render_fault_matrix}
 
 
-def replace_section(text: str, name: str, body: str) -> str:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        return head + block + tail
-    return text.rstrip() + "\n\n" + block + "\n"
-
-
 def _commit() -> str:
     try:
         return subprocess.run(["git", "-C", str(DOC.parent.parent), "rev-parse", "--short", "HEAD"],
@@ -253,12 +243,12 @@ def write_doc(results: dict[str, Any], meta: dict[str, Any]) -> None:
     text = DOC.read_text() if DOC.exists() else (
         "# Benchmarks\n\nSide-by-side figures, written by `make bench` (`bench/run_all.py`). "
         "Each section says how it was measured and whether its target was met.\n")
-    text = replace_section(text, "bench-run", render_run(meta))
+    text = common.replace_section(text, "bench-run", render_run(meta))
     for name in ORDER:
         if name in results:
             r = results[name]
             body = RENDER[name](r) if "error" not in r else f"### {name}\n\nThe benchmark failed: `{r['error']}`\n"
-            text = replace_section(text, name, stamp(body, meta["finished_at"], meta.get("commit") or _commit()))
+            text = common.replace_section(text, name, stamp(body, meta["finished_at"], meta.get("commit") or _commit()))
     DOC.write_text(text)
 
 
