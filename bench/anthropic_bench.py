@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import httpx  # noqa: E402
-from gateway_bench import cpu_s, machine_info  # noqa: E402
+from common import machine_info, write_section  # noqa: E402
+from gateway_bench import cpu_s  # noqa: E402
 
-START, END = "<!-- anthropic:start -->", "<!-- anthropic:end -->"
 PROMPT = "hello"
 
 
@@ -124,7 +124,6 @@ def render(alone: dict[str, float], through: dict[str, dict[str, float]], args: 
                             text=True).stdout.strip() or "unknown"
     p, t = through["passthrough"], through["translated"]
     lines = [
-        START,
         "## Anthropic Messages translation",
         "",
         f"Run {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} at commit `{commit}`. The same requests "
@@ -153,24 +152,8 @@ def render(alone: dict[str, float], through: dict[str, dict[str, float]], args: 
         "share these CPUs, so the end-to-end difference is noisy; the replay figure is the steadier one.",
         "",
         "Reproduce: `.venv/bin/python bench/anthropic_bench.py`",
-        "",
-        END,
     ]
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path) -> None:
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        _, tail = rest.split(END, 1)
-        current = head + text + tail
-    elif "<!-- gateway:end -->" in current:
-        head, tail = current.split("<!-- gateway:end -->", 1)
-        current = head + "<!-- gateway:end -->\n\n" + text + tail
-    else:
-        current = current.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(current)
 
 
 def main() -> None:
@@ -207,7 +190,7 @@ def main() -> None:
     text = render(alone, through, args)
     print(text)
     if not args.quick:
-        write_section(text, args.out)
+        write_section(args.out, "anthropic", text)
         print(f"wrote {args.out}")
 
 
