@@ -43,7 +43,7 @@ from probes.weights import read_weights
 from supervisord_llm import __version__
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.config import Config
-from supervisord_llm.engine.process import EngineProcess, claim_exit_records, tagged_processes
+from supervisord_llm.engine.process import EngineProcess, claim_exit_records, tagged_processes, wait_gone
 from supervisord_llm.engine.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
 from supervisord_llm.errors import (
     DaemonAlreadyRunning,
@@ -346,27 +346,6 @@ class Daemon:
         # shows it back before any engine starts, so that no model loads next to their leftovers.
         on_gpu = [(ext, found) for ext in self.extensions if (found := await ext.gpu_orphans_at_start(pids))]
         killed_at_s = self.clock.now()
-
-        import time  # a plain monotonic deadline in the worker thread (the daemon's clock may be a test's)
-
-        def wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
-            # A zombie counts as gone: its memory (GPU included) is released, and an orphan's zombie
-            # waits for init to reap it, which can take seconds that need not delay the start.
-            deadline = time.monotonic() + timeout_s
-            while True:
-                alive = []
-                for p in procs:
-                    try:
-                        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                            alive.append(p)
-                    except psutil.NoSuchProcess:
-                        pass
-                    except psutil.Error:
-                        alive.append(p)
-                if not alive or time.monotonic() >= deadline:
-                    return alive
-                procs = alive
-                time.sleep(0.02)
 
         def kill() -> None:
             for p in orphans:

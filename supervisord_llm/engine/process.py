@@ -762,3 +762,31 @@ def _try_bind(host: str, port: int, family: int) -> bool:
 
 def python_executable() -> str:
     return sys.executable
+
+
+def wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until the processes are gone; the ones still running after ``timeout_s`` (blocking).
+
+    A zombie counts as gone: its GPU memory is already released, and an orphan's zombie waits
+    for init (or a subreaper) to reap it, which can take seconds the next start need not wait.
+    """
+    deadline = time.monotonic() + timeout_s
+    alive = list(procs)
+    while True:
+        still = []
+        for p in alive:
+            try:
+                os.waitpid(p.pid, os.WNOHANG)  # reap it if it happens to be our child
+            except ChildProcessError:
+                pass
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    still.append(p)
+            except psutil.NoSuchProcess:
+                pass
+            except psutil.Error:
+                still.append(p)
+        alive = still
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from policies.reboot import (
 )
 from probes.nvml import NvmlProbe, XidWatcher, gpu_bytes_for_pids
 from probes.readings import GpuReading, XidEvent
-from supervisord_llm.engine.process import TAG_ENV, tree_of
+from supervisord_llm.engine.process import TAG_ENV, tree_of, wait_gone
 from supervisord_llm.errors import MemoryNotReturned
 from supervisord_llm.extension import Extension
 
@@ -145,34 +144,6 @@ def _environ_tag(pid: int) -> str | None:
         return proc.environ().get(TAG_ENV)
     except (psutil.Error, OSError):
         return None
-
-
-def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
-    """Wait until the processes are gone; the ones still running after ``timeout_s`` (blocking).
-
-    A zombie counts as gone: its GPU memory is already released, and an orphan's zombie waits
-    for init (or a subreaper) to reap it, which can take seconds the next start need not wait.
-    """
-    deadline = time.monotonic() + timeout_s
-    alive = list(procs)
-    while True:
-        still = []
-        for p in alive:
-            try:
-                os.waitpid(p.pid, os.WNOHANG)  # reap it if it happens to be our child
-            except ChildProcessError:
-                pass
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    still.append(p)
-            except psutil.NoSuchProcess:
-                pass
-            except psutil.Error:
-                still.append(p)
-        alive = still
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.02)
 
 
 def _tree_pids(root_pid: int) -> list[int]:
@@ -458,7 +429,7 @@ class GpuExtension(Extension):
                     p.terminate()
                 except psutil.Error:
                     pass
-            alive = _wait_gone(procs, grace_s)
+            alive = wait_gone(procs, grace_s)
             sigkilled = []
             for p in alive:
                 try:
@@ -466,7 +437,7 @@ class GpuExtension(Extension):
                     sigkilled.append(p.pid)
                 except psutil.Error:
                     pass
-            _wait_gone(alive, 5.0)
+            wait_gone(alive, 5.0)
             return sigkilled
 
         sigkilled = await anyio.to_thread.run_sync(kill)
