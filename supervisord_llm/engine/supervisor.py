@@ -358,11 +358,17 @@ class EngineSupervisor:
         engine is still inside its backoff: then wait for it, as the previous daemon would have."""
         now = self.clock.now()
         at_s = backoff.next_start_at(self.backoff, self.host.backoff_settings, now)
-        if self.backoff.consecutive_failures > 0 and at_s > now:
+        if at_s > now:
+            # Inside the floor or a backoff. The exit may be missing from the record (a daemon killed
+            # before its last state write landed): the spawn time, written before every fork, says
+            # the engine ran less than min_interval ago and is gone now, so this is a backoff too.
+            if self.backoff.consecutive_failures > 0 and self.backoff.last_exit_reason:
+                reason = self.backoff.last_exit_reason
+            else:
+                reason = "spawned less than min_interval before the daemon restarted and not running now"
             self._new_generation()
             self.next_start_at_s = at_s
-            self._set_state(EngineState.BACKOFF, self.backoff.last_exit_reason or "backoff (before daemon restart)",
-                            next_start_in_s=round(at_s - now, 1))
+            self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(at_s - now, 1))
             self.next_start_at_s = at_s
             self._spawn_worker(self._backoff_timer, self.gen, at_s)
             return

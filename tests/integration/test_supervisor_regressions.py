@@ -68,6 +68,22 @@ def test_daemon_restart_during_backoff_keeps_waiting(daemon_factory) -> None:
     assert _spawns(d, "a") == 1
 
 
+def test_an_engine_that_died_while_the_daemon_was_down_waits_out_its_floor_in_backoff(daemon_factory) -> None:
+    """Bug: when the state file had the spawn but not the exit (the engine died while the daemon was
+    down, or the daemon was killed before its last state write landed), the next daemon showed the
+    engine `starting` for a minute while it spawned nothing. Now it is `backoff` with the time left."""
+    d = daemon_factory(standin_engine_toml("a", free_port())).start()
+    pid = d.wait_state("a", "ready", 30)["pid"]
+    d.kill()
+    os.kill(pid, signal.SIGKILL)
+    d.start()
+    engine = d.wait_state("a", "backoff", 10)
+    assert engine["next_start_in_s"] > 40 and engine["pid"] is None
+    assert "not running" in engine["state_reason"]
+    time.sleep(2)
+    assert _spawns(d, "a") == 1 and d.engine("a")["state"] == "backoff"
+
+
 def test_unwritable_log_fails_the_start_visibly(daemon_factory) -> None:
     """Bug: an OSError while opening the engine's log left it `starting` forever. Now the start fails
     with the reason and the engine goes to backoff."""
