@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import subprocess
@@ -12,31 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import structlog
 
 from supervisord_llm import __version__
 from supervisord_llm.config import Config, default_state_dir, load_config
 from supervisord_llm.errors import ConfigError, SupervisordLLMError
-
-
-def configure_logging(level: str, *, json_logs: bool) -> Any:
-    """Configure structlog once, here in the entry point, and return the root bound logger."""
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    if json_logs:
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
-    else:
-        processors += [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
-    structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
-    return structlog.get_logger("supervisord_llm")
+from supervisord_llm.logsetup import configure_logging
 
 
 def build_daemon(config: Config, logger: Any) -> Any:
