@@ -51,6 +51,7 @@ class EventKind(StrEnum):
     ENGINE_STATE_CHANGED = "engine.state_changed"
     ENGINE_STOP_FAILED = "engine.stop_failed"
     ENGINE_STOPPED = "engine.stopped"
+    GATEWAY_EXITED = "gateway.exited"
     GATEWAY_STALL_DETECTED = "gateway.stall_detected"
     GATEWAY_SWAP_FAILED = "gateway.swap_failed"
     GPU_DEVICE_BACK = "gpu.device_back"
@@ -140,6 +141,7 @@ EVENT_TYPES: Mapping[str, EventType] = {t.kind.value: t for t in (
     _type(EventKind.ENGINE_STATE_CHANGED, ("engine", "from", "pid", "reason", "to"), open_=True),
     _type(EventKind.ENGINE_STOP_FAILED, ("engine", "error")),
     _type(EventKind.ENGINE_STOPPED, ("code", "engine", "graceful", "killed_pids", "signal")),
+    _type(EventKind.GATEWAY_EXITED, ("exit", "next_start_in_s", "pid", "reason", "restarts")),
     _type(EventKind.GATEWAY_STALL_DETECTED, ("engine", "phase", "stalled_for_s")),
     _type(EventKind.GATEWAY_SWAP_FAILED, ("engine", "error")),
     _type(EventKind.GPU_DEVICE_BACK, ("device_index", "missing_s", "name", "uuid")),

@@ -6,7 +6,6 @@ defaults); ``install_extensions`` attaches them in the order the daemon starts t
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -245,59 +244,54 @@ class _Turns:
 
 
 class GatewayExtension(Extension):
-    """The gateway, on its own thread and event loop (``gateway.bridge``): traffic never runs on the
-    daemon's loop, and the daemon is reached only through the bridge."""
+    """The gateway, in a process of its own (``gateway.process``, ``gateway.worker``): traffic never
+    runs in the daemon's process, and the daemon is reached only through one channel."""
 
     name = "gateway"
 
     def __init__(self, daemon: Daemon) -> None:
-        from supervisord_llm.gateway.bridge import GatewayThread, LoopBridge, ThreadedBackend
-        from supervisord_llm.gateway.proxy import build_app
+        from supervisord_llm.gateway.process import GatewayProcess
+        from supervisord_llm.logsetup import current
+        from supervisord_llm.subsystems.ui import daemon_snapshot
 
         self.daemon = daemon
         assert daemon.config.gateway is not None, "installed only when [gateway] is on"
         self.settings = daemon.config.gateway
-        self.bridge = LoopBridge()
-        log = daemon.log.bind(component="gateway")
-        self.backend = ThreadedBackend(DaemonGatewayBackend(daemon, self.settings.hold_s), self.bridge, log=log)
-        self.app = build_app(self.backend, self.settings, daemon.clock, log=log)
+        self.inner = DaemonGatewayBackend(daemon, self.settings.hold_s)
         # The status page shares the gateway's port and its key (see ui.py); its document is made on
-        # the daemon's loop.
-        from supervisord_llm.subsystems.ui import daemon_snapshot, ui_routes
-
+        # the daemon's loop, asked for over the channel.
         snapshot = daemon_snapshot(daemon)
 
-        async def on_daemon_loop() -> dict[str, Any]:
+        async def status_doc() -> dict[str, Any]:
             return snapshot()
 
-        async def status_page_doc() -> dict[str, Any]:
-            return await self.bridge.call(on_daemon_loop)
+        def on_exit(fields: dict[str, Any]) -> None:
+            daemon.events.emit("gateway.exited", **fields)
 
-        self.app.router.routes.extend(ui_routes(status_page_doc, self.settings.api_key))
+        self.process = GatewayProcess(self.inner, self.settings, status_doc=status_doc, log_setup=current(),
+                                      on_exit=on_exit, log=daemon.log.bind(component="gateway"))
         self.listen = self.settings.listen
-        self.thread = GatewayThread(self.app, self.settings)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("kind") in ("engine.state_changed", "swap.started", "swap.finished"):
-            self.backend.publish()
+            self.process.publish()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.bridge.bind(asyncio.get_running_loop())
-        self.backend.publish()
         self.daemon.events.listeners.append(self._on_event)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self.backend.run_publisher)
-                self.listen = await tg.start(self.thread.run)
+                tg.start_soon(self.process.run_publisher)
+                self.listen = await tg.start(self.process.run)
                 task_status.started()
         finally:
             self.daemon.events.listeners.remove(self._on_event)
 
     def contribute_status(self, doc: dict[str, Any]) -> None:
-        # Counters the gateway's thread writes; read here as copies (an int, a dict copied whole).
-        stats = self.app.state.gateway
-        doc["gateway"] = {"listen": self.listen, "in_flight": stats.in_flight, "clients_cut": stats.clients_cut,
-                          "refused": dict(stats.refused)}
+        # The gateway process's counters as it last sent them (at most STATS_PUSH_S old).
+        stats = self.process.stats
+        doc["gateway"] = {"listen": self.listen, "pid": self.process.pid, "restarts": self.process.restarts,
+                          "in_flight": stats.get("in_flight", 0), "clients_cut": stats.get("clients_cut", 0),
+                          "refused": dict(stats.get("refused") or {})}
 
 
 class AlertsExtension(Extension):

@@ -137,7 +137,8 @@ class EngineUnavailable(EngineError):
         self.retry_after_s = retry_after_s
         self.until_wall = until_wall
         self.status = status
-        super().__init__(engine, message or f"unavailable ({reason})")
+        self.detail = message or f"unavailable ({reason})"
+        super().__init__(engine, self.detail)
 
 
 class GatewayListenFailed(SupervisordLLMError):
@@ -1793,7 +1794,8 @@ def build_app(
 _CLIENT_SNDBUF_BYTES = 64 * 2**10
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_listen(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket (GatewayListenFailed with the reason when it cannot be had)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and
     # without it Nagle and delayed ACKs add ~40 ms to every response sent in two writes.
@@ -1814,6 +1816,12 @@ def _bind(host: str, port: int) -> socket.socket:
         ) from exc
     sock.setblocking(False)
     return sock
+
+
+def listen_text(sock: socket.socket) -> str:
+    """``host:port`` of a listening socket (``[host]:port`` for IPv6)."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _guarded_http_protocol(settings: GatewaySettings, stats: GatewayStats | None) -> type[Any]:
@@ -1844,16 +1852,18 @@ async def serve(
     app: Starlette,
     settings: GatewaySettings,
     *,
+    sock: socket.socket | None = None,
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the app on the listen address until cancelled; ``started(listen)`` once it accepts.
+    """Serve the app on the listen address (or on ``sock``, already listening) until cancelled;
+    ``started(listen)`` once it accepts.
 
     The value given to ``started`` is the bound ``host:port`` (useful with port 0). Cancelling
     shuts the server down gracefully, waiting up to ``shutdown_grace_s`` for open requests.
     """
-    sock = _bind(settings.host, settings.port)
-    host, port = sock.getsockname()[:2]
-    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if sock is None:
+        sock = bind_listen(settings.host, settings.port)
+    listen = listen_text(sock)
     stats = getattr(app.state, "gateway", None)
     if isinstance(stats, GatewayStats):
         stats.listen = listen

@@ -1,4 +1,4 @@
-"""Import hook for a real daemon: shows which thread runs the gateway's code, and can block it.
+"""Import hook for a real daemon: shows which process and thread run the gateway's code, and can block it.
 
 Put this directory on the daemon's ``PYTHONPATH`` with ``GATEWAY_PROBE_DIR=DIR``. Python imports
 ``sitecustomize`` at start-up; this one waits for ``supervisord_llm.gateway.proxy`` to be imported
@@ -6,8 +6,8 @@ Put this directory on the daemon's ``PYTHONPATH`` with ``GATEWAY_PROBE_DIR=DIR``
 and then wraps two of its functions:
 
 - ``_Gateway.forward`` (every proxied request) and ``TokenMeter.feed`` (every chunk read from the
-  engine): the first call on each thread appends ``{"fn", "thread", "main"}`` to ``DIR/threads.jsonl``
-  (``main``: the process's main thread, where the daemon runs its event loop);
+  engine): the first call on each thread of each process appends ``{"fn", "pid", "thread", "main"}``
+  to ``DIR/threads.jsonl`` (``main``: the process's main thread);
 - a request with the header ``x-probe-block`` makes ``forward`` block its thread with a plain
   ``time.sleep`` loop (a wedged event loop, as a blocking call in the gateway would make it): it
   writes ``DIR/blocked`` and holds until ``DIR/release`` exists (at most 90 s).
@@ -31,7 +31,7 @@ _lock = threading.Lock()
 
 def _note(fn: str) -> None:
     thread = threading.current_thread()
-    key = (fn, thread.name)
+    key = (fn, f"{os.getpid()}/{thread.name}")
     if key in _seen:
         return
     with _lock:
@@ -39,7 +39,7 @@ def _note(fn: str) -> None:
             return
         _seen.add(key)
         with open(os.path.join(_DIR, "threads.jsonl"), "a") as f:
-            f.write(json.dumps({"fn": fn, "thread": thread.name,
+            f.write(json.dumps({"fn": fn, "pid": os.getpid(), "thread": thread.name,
                                 "main": thread is threading.main_thread()}) + "\n")
 
 

@@ -1,10 +1,11 @@
-"""Supervision is untouched by traffic: the gateway runs on its own thread and loop (gateway.bridge).
+"""Supervision is untouched by traffic: the gateway runs in its own process (gateway.worker), which
+the daemon starts, answers and restarts (gateway.process).
 
 A real daemon supervises a real mlx_lm.server on the tiny model. An import hook on the daemon's
-``PYTHONPATH`` (tests/standins/gateway_probe) records which thread runs the gateway's request
-handling and its token meter, and can wedge the gateway's loop with a blocking sleep: a fault a
-blocking call in the gateway would make. Nothing here times anything: each check is whether
-something happened while the gateway was busy or blocked.
+``PYTHONPATH`` (tests/standins/gateway_probe) records which process and thread run the gateway's
+request handling and its token meter, and can wedge the gateway's loop with a blocking sleep: a
+fault a blocking call in the gateway would make. Nothing here times anything: each check is whether
+something happened while the gateway was busy, blocked or gone.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ def _control_status(d: Daemon) -> dict:
     return response.json()
 
 
-def test_live_streams_are_handled_off_the_daemons_loop(probed) -> None:
+def test_live_streams_are_handled_in_the_gateways_own_process(probed) -> None:
     """With 32 streams live through the gateway, their requests and every token read from the engine
-    are handled on the gateway's own thread, never on the daemon's loop, and llmctl status answers."""
+    are handled in the gateway's own process, never in the daemon's, and llmctl status answers."""
     d, url, probe_dir = probed
     started = threading.Barrier(STREAMS + 1, timeout=60)
     stop = threading.Event()
@@ -94,7 +95,9 @@ def test_live_streams_are_handled_off_the_daemons_loop(probed) -> None:
     assert not errors, errors
     seen = _threads(probe_dir)
     assert {s["fn"] for s in seen} == {"forward", "feed"}, seen
-    assert all(not s["main"] and s["thread"] == "gateway" for s in seen), seen
+    gateway_pid = doc["gateway"]["pid"]
+    assert gateway_pid and gateway_pid != doc["daemon"]["pid"]
+    assert all(s["pid"] == gateway_pid for s in seen), seen
 
 
 def test_a_blocked_gateway_blocks_neither_status_nor_crash_recording(probed) -> None:
@@ -134,3 +137,70 @@ def test_a_blocked_gateway_blocks_neither_status_nor_crash_recording(probed) -> 
     assert answers and answers[0] in (502, 503), answers  # the engine it was held for is gone: a clear error
     models = httpx.get(url + "/v1/models", timeout=30)
     assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny"
+
+
+def _wait(what: str, check, timeout_s: float = 30):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout_s}s")
+
+
+def test_a_killed_gateway_process_is_started_again_and_the_engine_is_untouched(probed) -> None:
+    """SIGKILL of the gateway process (an out-of-memory kill, a crash) mid-stream: the daemon records
+    it, starts a new gateway on the same port, the engine keeps running, and clients are served again."""
+    d, url, _ = probed
+    doc = _control_status(d)
+    gateway_pid = doc["gateway"]["pid"]
+    engine_pid = d.engine("tiny")["pid"]
+    body = {"model": "tiny", "max_tokens": 4000, "stream": True, "messages": [{"role": "user", "content": "hello"}]}
+    cut: list[BaseException] = []
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+                for _ in response.iter_lines():
+                    pass
+        except httpx.HTTPError as exc:
+            cut.append(exc)
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    _wait("the stream in flight", lambda: _control_status(d)["gateway"]["in_flight"] == 1)
+    os.kill(gateway_pid, signal.SIGKILL)
+    exited = _wait("gateway.exited in the event log",
+                   lambda: next((e for e in d.events() if e["kind"] == "gateway.exited"), None))
+    assert exited["pid"] == gateway_pid and exited["exit"] == "killed by SIGKILL" and exited["restarts"] == 1
+    streamer.join(30)
+    assert cut, "the stream through the killed gateway did not end with an error"
+    ok = httpx.post(url + "/v1/chat/completions", timeout=60,
+                    json={"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200, ok.text
+    doc = _control_status(d)
+    assert doc["gateway"]["pid"] not in (None, gateway_pid) and doc["gateway"]["restarts"] == 1
+    engine = next(e for e in doc["engines"] if e["name"] == "tiny")
+    assert engine["pid"] == engine_pid and engine["state"] == "ready"  # the model was not reloaded
+    assert not [e for e in d.events() if e["kind"] == "engine.exited"]
+    # The request that died with the gateway no longer counts as in flight on the engine.
+    _wait("no request in flight", lambda: _control_status(d)["gateway"]["in_flight"] == 0)
+
+
+def test_the_gateway_process_ends_with_the_daemon(probed) -> None:
+    """A daemon killed with SIGKILL leaves no gateway process behind holding the port."""
+    import psutil
+
+    d, url, _ = probed
+    gateway_pid = _control_status(d)["gateway"]["pid"]
+    assert psutil.pid_exists(gateway_pid)
+    d.kill()
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(gateway_pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    _wait("the gateway process to end after the daemon's death", gone, 30)

@@ -1,0 +1,70 @@
+"""The one channel between the daemon and its gateway process: framed messages on a socket pair.
+
+Room: gateway.
+
+Each message is a tuple whose first item names it, sent as a 4-byte length and a pickle. Both ends
+are this program, started by the same user from one inherited socket pair, so pickle is safe here:
+nothing else can write to it. A send never waits: messages queue in the transport. Messages that a
+newer one replaces (snapshots, stats) are dropped while the other side is not reading, so a wedged
+peer cannot make its partner's memory grow; the rest are always sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import socket
+import struct
+from typing import Any
+
+__all__ = ["Channel", "open_channel"]
+
+_HEADER = struct.Struct("!I")
+MAX_MESSAGE_BYTES = 64 * 2**20
+# Past this much unsent data, messages a newer one replaces are dropped.
+BACKLOG_BYTES = 4 * 2**20
+
+
+class ChannelClosed(Exception):
+    """The other end is gone (end of stream, or a broken frame)."""
+
+
+class Channel:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def receive(self) -> tuple[Any, ...]:
+        """The next message; ChannelClosed once the other end has gone."""
+        try:
+            head = await self.reader.readexactly(_HEADER.size)
+            (size,) = _HEADER.unpack(head)
+            if size > MAX_MESSAGE_BYTES:
+                raise ChannelClosed(f"a message of {size} bytes (at most {MAX_MESSAGE_BYTES})")
+            message = pickle.loads(await self.reader.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise ChannelClosed(str(exc) or type(exc).__name__) from exc
+        if not isinstance(message, tuple) or not message:
+            raise ChannelClosed(f"not a message: {type(message).__name__}")
+        return message
+
+    def send(self, *message: Any, replaceable: bool = False) -> bool:
+        """Queue a message; False when the channel is closed (or, for a ``replaceable`` one, backed up)."""
+        transport = self.writer.transport
+        if transport.is_closing():
+            return False
+        if replaceable and transport.get_write_buffer_size() > BACKLOG_BYTES:
+            return False
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.writer.write(_HEADER.pack(len(data)) + data)
+        return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def open_channel(sock: socket.socket) -> Channel:
+    """A channel on one end of a connected socket pair (the socket is the channel's from now on)."""
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_MESSAGE_BYTES)
+    return Channel(reader, writer)

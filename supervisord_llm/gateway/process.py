@@ -1,0 +1,318 @@
+"""The daemon's side of the gateway process: starts it, answers it, restarts it when it dies.
+
+Room: gateway.
+
+Supervision must not wait on traffic: a crash must reach the event log and ``llmctl status`` must
+answer while hundreds of streams pass through the gateway, and while the gateway itself is stuck.
+So the gateway runs in a process of its own (gateway/worker.py) and the daemon's loop runs only
+supervision; what crosses between them is the :class:`GatewayBackend` protocol on one channel
+(gateway/channel.py). This side:
+
+- binds the listening socket itself, so a port in use fails the daemon's start with its reason, and
+  keeps it for the daemon's lifetime: a gateway process that dies (a crash, an out-of-memory kill)
+  is started again on the same socket and connections that arrive meanwhile wait in its backlog;
+- answers the gateway's ``acquire`` on the daemon's loop with the daemon's backend (``inner``), and
+  cancels that wait when the gateway says the client gave up;
+- hands the gateway's notes to ``inner`` in the order they were sent, and publishes what the
+  gateway reads without asking (models, the default engine, each engine's progress) on every state
+  change and every ``PUBLISH_S`` while requests run;
+- keeps the gateway's latest counters for ``llmctl status``;
+- on the daemon's stop, tells the gateway to stop (open requests get ``shutdown_grace_s``) and
+  kills it if it has not ended a few seconds after that.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
+from supervisord_llm.gateway.channel import Channel, ChannelClosed, open_channel
+from supervisord_llm.gateway.proxy import (
+    EngineUnavailable,
+    GatewayBackend,
+    GatewaySettings,
+    RequestStats,
+    bind_listen,
+    listen_text,
+)
+from supervisord_llm.gateway.worker import refusal_record
+
+__all__ = ["GatewayProcess"]
+
+# While requests run, the daemon refreshes what the gateway reads (engine progress, models) this often.
+PUBLISH_S = 0.25
+# A gateway process that died is started again after this long, doubling while it keeps dying
+# within RESPAWN_RESET_S of its start.
+RESPAWN_MIN_S = 0.5
+RESPAWN_MAX_S = 30.0
+RESPAWN_RESET_S = 60.0
+# How long a gateway that was told to stop may take beyond its own shutdown grace before it is killed.
+STOP_MARGIN_S = 5.0
+# How long a starting gateway process may take to report that it accepts.
+START_TIMEOUT_S = 60.0
+
+
+class GatewayProcess:
+    """The gateway's process, run and restarted by the daemon; :meth:`run` is awaited on its loop."""
+
+    def __init__(
+        self,
+        inner: GatewayBackend,
+        settings: GatewaySettings,
+        *,
+        status_doc: Callable[[], Awaitable[dict[str, Any]]],
+        log_setup: dict[str, Any],
+        on_exit: Callable[[dict[str, Any]], None],
+        log: Any,
+    ) -> None:
+        self.inner = inner
+        self.settings = settings
+        self.status_doc = status_doc
+        self.log_setup = log_setup
+        self.on_exit = on_exit
+        self.log = log
+        self.listen = settings.listen
+        self.pid: int | None = None
+        self.restarts = 0
+        self.stats: dict[str, Any] = {}  # the gateway's latest counters (GatewayStats.snapshot())
+        self._channel: Channel | None = None
+        self._waits: dict[int, anyio.CancelScope] = {}
+        # Requests the gateway reported started and not yet finished, per engine: if the gateway
+        # dies, they are finished for it (the engine's in-flight count must not stay up forever).
+        self._open: Counter[str] = Counter()
+        self._busy = anyio.Event()
+
+    # -- what the gateway reads without asking ------------------------------------------------------
+
+    def publish(self) -> None:
+        """Send fresh snapshots to the gateway (daemon's loop). Called from the event log's listeners
+        too: a failure is logged, never raised into an emit."""
+        channel = self._channel
+        if channel is None:
+            return
+        inner = self.inner
+        try:
+            models = inner.models()
+            progress = {m["id"]: inner.engine_progress_s(m["id"]) for m in models}
+            channel.send("snapshot", models, inner.default_engine(), progress, replaceable=True)
+        except Exception:
+            self.log.exception("gateway.backend_failed", method="publish")
+
+    async def run_publisher(self) -> None:
+        """While requests run, refresh the snapshots every ``PUBLISH_S``; idle, it sleeps."""
+        while True:
+            if sum(self._open.values()) <= 0:
+                self._busy = anyio.Event()
+                await self._busy.wait()
+            self.publish()
+            await anyio.sleep(PUBLISH_S)
+
+    # -- running the process ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report the address, run the gateway process; start it again whenever it dies.
+
+        The address is reported once bound, before the process accepts: connections wait in the
+        socket's backlog meanwhile, and the daemon's engines do not wait for the gateway to start.
+        A port that cannot be had raises GatewayListenFailed here (the daemon's start fails)."""
+        sock = bind_listen(self.settings.host, self.settings.port)
+        self.listen = listen_text(sock)
+        try:
+            task_status.started(self.listen)
+            delay_s = RESPAWN_MIN_S
+            while True:
+                started_at = anyio.current_time()
+                ended = await self._run_once(sock)
+                if anyio.current_time() - started_at >= RESPAWN_RESET_S:
+                    delay_s = RESPAWN_MIN_S
+                self.restarts += 1
+                self.on_exit({**ended, "restarts": self.restarts, "next_start_in_s": delay_s})
+                await anyio.sleep(delay_s)
+                delay_s = min(RESPAWN_MAX_S, delay_s * 2)
+        finally:
+            sock.close()
+
+    def _spawn(self, sock: socket.socket, child_end: socket.socket) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "supervisord_llm.gateway.worker",
+                "--channel-fd", str(child_end.fileno()), "--listen-fd", str(sock.fileno())]
+        # Its own session: a Ctrl-C at the daemon's terminal reaches the daemon, which stops the
+        # gateway in order (open requests get their grace), not both at once.
+        return subprocess.Popen(argv, pass_fds=(child_end.fileno(), sock.fileno()), start_new_session=True,
+                                stdin=subprocess.DEVNULL)
+
+    async def _run_once(self, sock: socket.socket) -> dict[str, Any]:
+        """One gateway process from start to end; returns how it ended (it died: the daemon runs on)."""
+        ours, theirs = socket.socketpair()
+        try:
+            proc = await anyio.to_thread.run_sync(self._spawn, sock, theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.pid = proc.pid
+        try:
+            channel = await open_channel(ours)
+        except BaseException:
+            ours.close()
+            with anyio.CancelScope(shield=True):
+                await self._stop(proc)
+            raise
+        self._channel = channel
+        ended: dict[str, Any] = {"pid": proc.pid}
+        try:
+            channel.send("init", self.settings, self.log_setup)
+            message: tuple[Any, ...] | None = None
+            with anyio.move_on_after(START_TIMEOUT_S):
+                try:
+                    while True:
+                        message = await channel.receive()
+                        if message[0] == "stats":
+                            self.stats = message[1]
+                            continue
+                        break
+                except ChannelClosed:
+                    message = ("closed",)
+            if message is None or message[0] != "started":
+                code = await self._reap(proc, kill_after_s=STOP_MARGIN_S)
+                reason = (f"the gateway process did not start within {START_TIMEOUT_S:.0f}s"
+                          if message is None else f"the gateway process ended during startup ({_exit_text(code)}); "
+                          "its reason is logged above")
+                return {**ended, "exit": _exit_text(code), "reason": reason}
+            self.publish()
+            reason = await self._serve(channel)
+            code = await self._reap(proc, kill_after_s=STOP_MARGIN_S)
+            return {**ended, "exit": _exit_text(code), "reason": reason}
+        finally:
+            self._channel = None
+            channel.close()
+            for scope in self._waits.values():
+                scope.cancel()
+            self._finish_open_requests()
+            with anyio.CancelScope(shield=True):
+                if proc.poll() is None:
+                    await self._stop(proc)
+
+    async def _serve(self, channel: Channel) -> str:
+        """Answer the gateway until its end of the channel closes; returns why it closed."""
+        async with anyio.create_task_group() as tg:
+            try:
+                while True:
+                    message = await channel.receive()
+                    kind = message[0]
+                    if kind == "acquire":
+                        tg.start_soon(self._acquire, channel, message[1], message[2])
+                    elif kind == "cancel":
+                        scope = self._waits.get(message[1])
+                        if scope is not None:
+                            scope.cancel()
+                    elif kind == "tokens":
+                        self._tokens(message[1])
+                    elif kind == "note":
+                        self._note(message[1], *message[2])
+                    elif kind == "stats":
+                        self.stats = message[1]
+                    elif kind == "call" and message[2] == "status_doc":
+                        tg.start_soon(self._status_doc, channel, message[1])
+            except ChannelClosed as exc:
+                reason = f"its channel closed ({exc})"
+            finally:
+                tg.cancel_scope.cancel()
+        return reason
+
+    async def _acquire(self, channel: Channel, rid: int, model: str | None) -> None:
+        with anyio.CancelScope() as scope:
+            self._waits[rid] = scope
+            try:
+                upstream = await self.inner.acquire(model)
+            except (EngineUnavailable, UnknownEngine, SupervisordLLMError) as exc:
+                channel.send("refused", rid, *refusal_record(exc))
+            except Exception as exc:
+                self.log.exception("gateway.backend_failed", method="acquire")
+                channel.send("refused", rid, *refusal_record(exc))
+            else:
+                channel.send("acquired", rid, upstream)
+            finally:
+                self._waits.pop(rid, None)
+
+    async def _status_doc(self, channel: Channel, rid: int) -> None:
+        try:
+            doc = await self.status_doc()
+        except Exception as exc:
+            self.log.exception("gateway.backend_failed", method="status_doc")
+            channel.send("refused", rid, *refusal_record(exc))
+        else:
+            channel.send("result", rid, doc)
+
+    def _tokens(self, latest: dict[str, float]) -> None:
+        for engine, at_s in latest.items():
+            try:
+                self.inner.token_progress(engine, at_s)
+            except Exception:
+                self.log.exception("gateway.backend_failed", method="token_progress")
+
+    def _note(self, method: str, *args: Any) -> None:
+        if method == "request_started":
+            self._open[args[0]] += 1
+            self._busy.set()
+        elif method == "request_finished":
+            engine = args[0].engine
+            if self._open[engine] > 0:
+                self._open[engine] -= 1
+        elif method != "stall_detected":
+            return  # not a note this side knows: ignored, never called by name
+        try:
+            getattr(self.inner, method)(*args)
+        except Exception:
+            self.log.exception("gateway.backend_failed", method=method)
+
+    def _finish_open_requests(self) -> None:
+        open_requests, self._open = self._open, Counter()
+        for engine, count in open_requests.items():
+            for _ in range(count):
+                try:
+                    self.inner.request_finished(RequestStats(engine=engine, ttft_s=None, tokens=0, decode_s=None,
+                                                             max_gap_s=None, ended="gateway_exited"))
+                except Exception:
+                    self.log.exception("gateway.backend_failed", method="request_finished")
+
+    async def _stop(self, proc: subprocess.Popen[bytes]) -> None:
+        """Tell the gateway to stop (its open requests get their grace); kill it if it overruns."""
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        code = await self._reap(proc, kill_after_s=self.settings.shutdown_grace_s + STOP_MARGIN_S)
+        if code == -signal.SIGKILL:
+            self.log.error("gateway.stop_timeout", pid=proc.pid,
+                           waited_s=self.settings.shutdown_grace_s + STOP_MARGIN_S)
+
+    async def _reap(self, proc: subprocess.Popen[bytes], *, kill_after_s: float) -> int:
+        """The process's exit status, waited for up to ``kill_after_s`` and then killed."""
+        with anyio.move_on_after(kill_after_s):
+            while proc.poll() is None:
+                await anyio.sleep(0.02)
+            return proc.returncode
+        proc.kill()
+        return await anyio.to_thread.run_sync(proc.wait)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"

@@ -1,0 +1,270 @@
+"""The gateway's own process: ``python -m supervisord_llm.gateway.worker`` (started by the daemon).
+
+Room: gateway.
+
+Traffic must never take time, memory or the interpreter lock from supervision, so the gateway runs
+in a process of its own: its uvicorn server, request handling, upstream client and token meter.
+The daemon owns the listening socket (it binds it, so a port in use fails the daemon's start, and a
+restarted gateway process serves the same socket without a gap in which connections are refused)
+and hands it over with one end of a socket pair, the channel (gateway/channel.py). Everything the
+gateway asks of the daemon crosses that channel as the :class:`GatewayBackend` protocol:
+
+    acquire(model)            a request; the daemon answers with the Upstream or the refusal. A
+                              client that gives up sends ``cancel``, which cancels the wait there
+    request_started, request_finished, stall_detected
+                              sent in order, never waited for
+    token_progress            the latest token time per engine, sent at most every
+                              ``TOKEN_FLUSH_S``; flushed before any other note, so a request's end
+                              or stall never overtakes its tokens
+    models, default_engine, engine_progress_s
+                              answered here from snapshots the daemon sends (on every state change,
+                              and every ``PUBLISH_S`` while requests run), with the gateway's own
+                              latest tokens on top for engine_progress_s
+
+The gateway's counters (``GatewayStats``) are sent to the daemon whenever they change, at most every
+``STATS_PUSH_S``, for ``llmctl status`` and the metrics. When the daemon goes away (its end of the
+channel closes) the gateway stops the way it stops on ``stop``: open requests get
+``shutdown_grace_s``, then the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import signal
+import socket
+import sys
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
+from supervisord_llm.gateway.channel import Channel, ChannelClosed, open_channel
+from supervisord_llm.gateway.proxy import EngineUnavailable, RequestStats, Upstream
+
+# Token times reach the daemon at most this late; stall limits are seconds, so nothing is judged on it.
+TOKEN_FLUSH_S = 0.05
+# The gateway's counters reach the daemon at most this late.
+STATS_PUSH_S = 0.02
+
+
+def refusal_record(exc: BaseException) -> tuple[str, Any]:
+    """A refusal from the daemon's acquire as plain data for the channel (exceptions do not pickle
+    reliably: their constructors take keywords)."""
+    if isinstance(exc, EngineUnavailable):
+        return "unavailable", {"engine": exc.engine, "reason": exc.reason, "message": exc.detail,
+                               "retry_after_s": exc.retry_after_s, "until_wall": exc.until_wall,
+                               "status": exc.status}
+    if isinstance(exc, UnknownEngine):
+        return "unknown", {"engine": exc.engine, "message": str(exc)}
+    if isinstance(exc, SupervisordLLMError):
+        return "daemon", {"message": str(exc)}
+    return "internal", {"message": f"{type(exc).__name__}: {exc}"}
+
+
+class _DaemonRefused(SupervisordLLMError):
+    """A refusal the daemon gave in words only (its acquire raised one of the project's errors)."""
+
+
+def refusal_from_record(kind: str, record: dict[str, Any]) -> Exception:
+    if kind == "unavailable":
+        return EngineUnavailable(record["engine"], record["reason"], record["message"],
+                                 retry_after_s=record["retry_after_s"], until_wall=record["until_wall"],
+                                 status=record["status"])
+    if kind == "unknown":
+        exc = UnknownEngine(record["engine"], [])
+        exc.args = (record["message"],)
+        return exc
+    if kind == "daemon":
+        return _DaemonRefused(record["message"])
+    return RuntimeError(record["message"])
+
+
+class ProcessBackend:
+    """The :class:`GatewayBackend` of the gateway's process: the daemon reached through the channel."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._models: list[dict] = []
+        self._default: str | None = None
+        self._progress: dict[str, float | None] = {}
+        self._latest_token_s: dict[str, float] = {}
+        self._pending_tokens: dict[str, float] = {}
+        self._flush: asyncio.TimerHandle | None = None
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[tuple[str, Any]]] = {}
+
+    # -- what the daemon sends ----------------------------------------------------------------------
+
+    async def read_daemon(self, on_stop: Any) -> None:
+        """Handle the daemon's messages until it says stop or goes away; then ``on_stop()``."""
+        try:
+            while True:
+                message = await self.channel.receive()
+                kind = message[0]
+                if kind == "snapshot":
+                    _, self._models, self._default, self._progress = message
+                elif kind in ("acquired", "refused", "result"):
+                    future = self._waiting.get(message[1])
+                    if future is not None and not future.done():
+                        future.set_result((kind, message[2:]))
+                elif kind == "stop":
+                    break
+        except ChannelClosed:
+            pass
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_result(("refused", ("unavailable", _DAEMON_GONE)))
+        on_stop()
+
+    # -- the protocol ----------------------------------------------------------------------------------
+
+    def models(self) -> list[dict]:
+        return self._models
+
+    def default_engine(self) -> str | None:
+        return self._default
+
+    async def _ask(self, *message: Any) -> tuple[str, Any]:
+        rid = next(self._ids)
+        future: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = future
+        try:
+            if not self.channel.send(message[0], rid, *message[1:]):
+                return "refused", ("unavailable", _DAEMON_GONE)
+            try:
+                return await future
+            except BaseException:
+                # Cancelled here (the client gave up, the hold time ran out): asyncio cancelled the
+                # future with us, so an answer is known only by a result in it.
+                if future.cancelled() or not future.done():
+                    self.channel.send("cancel", rid)  # the daemon stops waiting too
+                raise
+        finally:
+            self._waiting.pop(rid, None)
+
+    async def acquire(self, model: str | None) -> Upstream:
+        kind, payload = await self._ask("acquire", model)
+        if kind == "acquired":
+            upstream = payload[0]
+            assert isinstance(upstream, Upstream)
+            return upstream
+        refusal_kind, record = payload
+        if record is _DAEMON_GONE:
+            record = {**_DAEMON_GONE, "engine": model or "-"}
+        raise refusal_from_record(refusal_kind, record)
+
+    async def status_page_doc(self) -> dict[str, Any]:
+        kind, payload = await self._ask("call", "status_doc")
+        if kind != "result":
+            raise RuntimeError("the daemon is not reachable")
+        doc = payload[0]
+        assert isinstance(doc, dict)
+        return doc
+
+    def request_started(self, engine: str) -> None:
+        self.channel.send("note", "request_started", (engine,))
+
+    def token_progress(self, engine: str, at_s: float) -> None:
+        self._latest_token_s[engine] = at_s
+        self._pending_tokens[engine] = at_s
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(TOKEN_FLUSH_S, self._flush_tokens)
+
+    def _flush_tokens(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self._pending_tokens:
+            pending, self._pending_tokens = self._pending_tokens, {}
+            self.channel.send("tokens", pending)
+
+    def engine_progress_s(self, engine: str) -> float | None:
+        published = self._progress.get(engine)
+        own = self._latest_token_s.get(engine)
+        if published is None or (own is not None and own > published):
+            return own
+        return published
+
+    def request_finished(self, stats: RequestStats) -> None:
+        self._flush_tokens()
+        self.channel.send("note", "request_finished", (stats,))
+
+    def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:
+        self._flush_tokens()
+        self.channel.send("note", "stall_detected", (engine, phase, stalled_for_s))
+
+
+_DAEMON_GONE: dict[str, Any] = {"engine": "-", "reason": "daemon_unreachable",
+                                "message": "the supervisor daemon is not reachable (it is stopping or restarting)",
+                                "retry_after_s": 5.0, "until_wall": None, "status": 503}
+
+
+async def _push_stats(stats: Any, channel: Channel) -> None:
+    sent: dict[str, Any] | None = None
+    while True:
+        snapshot = stats.snapshot()
+        if snapshot != sent and channel.send("stats", snapshot, replaceable=True):
+            sent = snapshot
+        await anyio.sleep(STATS_PUSH_S)
+
+
+async def _main(channel_fd: int, listen_fd: int) -> None:
+    from supervisord_llm.gateway.proxy import build_app, serve
+    from supervisord_llm.logsetup import configure_logging
+    from supervisord_llm.subsystems.ui import ui_routes
+
+    channel = await open_channel(socket.socket(fileno=channel_fd))
+    listen_sock = socket.socket(fileno=listen_fd)
+    message = await channel.receive()
+    if message[0] != "init":
+        raise SystemExit(f"supervisord-llm gateway: expected init from the daemon, got {message[0]!r}")
+    _, settings, log_setup = message
+    log = configure_logging(log_setup["level"], json_logs=log_setup["json_logs"]).bind(component="gateway")
+    backend = ProcessBackend(channel)
+    app = build_app(backend, settings, log=log)
+    app.router.routes.extend(ui_routes(backend.status_page_doc, settings.api_key))
+    async with anyio.create_task_group() as tg:
+        serving = anyio.CancelScope()
+
+        def stop() -> None:
+            serving.cancel()
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop)
+        loop.add_signal_handler(signal.SIGINT, stop)
+        tg.start_soon(backend.read_daemon, stop)
+        tg.start_soon(_push_stats, app.state.gateway, channel)
+        with serving:
+            async with anyio.create_task_group() as server:
+                listen = await server.start(lambda task_status: serve(app, settings, sock=listen_sock,
+                                                                      task_status=task_status))
+                channel.send("started", listen)
+        tg.cancel_scope.cancel()
+    channel.close()
+
+
+def loop_options() -> dict[str, Any]:
+    """The gateway's loop runs on uvloop where it is installed (a dependency on Linux and macOS):
+    its transports and callbacks cost a fraction of asyncio's per chunk."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="supervisord-llm-gateway",
+                                     description="The gateway process of supervisord-llm (started by the daemon).")
+    parser.add_argument("--channel-fd", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    anyio.run(_main, args.channel_fd, args.listen_fd, backend="asyncio", backend_options=loop_options())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
