@@ -266,7 +266,8 @@ class GatewayExtension(Extension):
             return snapshot()
 
         def on_exit(fields: dict[str, Any]) -> None:
-            daemon.events.emit("gateway.exited", **fields)
+            daemon.events.emit("gateway.exited", pid=fields["pid"], exit=fields["exit"], reason=fields["reason"],
+                               restarts=fields["restarts"], next_start_in_s=fields["next_start_in_s"])
 
         self.process = GatewayProcess(self.inner, self.settings, status_doc=status_doc, log_setup=current(),
                                       on_exit=on_exit, log=daemon.log.bind(component="gateway"))

@@ -325,7 +325,18 @@ ENDINGS = ("complete", "client_disconnected", "client_too_slow", "upstream_error
 
 
 class GatewayStats:
-    """Counters the gateway keeps about itself; ``app.state.gateway`` is one of these."""
+    """Counters the gateway keeps about itself; ``app.state.gateway`` is one of these.
+
+    ``on_change`` (when set) is called after any top-level counter is assigned or a refusal counted:
+    the gateway's process sends its counters to the daemon then, and sleeps while nothing changes.
+    """
+
+    on_change: Callable[[], None] | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if self.on_change is not None:
+            self.on_change()
 
     def __init__(self, listen: str) -> None:
         self.listen = listen
@@ -340,6 +351,8 @@ class GatewayStats:
 
     def refuse(self, why: str) -> None:
         self.refused[why] = self.refused.get(why, 0) + 1
+        if self.on_change is not None:
+            self.on_change()
 
     def engine(self, name: str) -> dict[str, int]:
         counts = self.engines.get(name)

@@ -202,13 +202,25 @@ _DAEMON_GONE: dict[str, Any] = {"engine": "-", "reason": "daemon_unreachable",
                                 "retry_after_s": 5.0, "until_wall": None, "status": 503}
 
 
-async def _push_stats(stats: Any, channel: Channel) -> None:
-    sent: dict[str, Any] | None = None
-    while True:
-        snapshot = stats.snapshot()
-        if snapshot != sent and channel.send("stats", snapshot, replaceable=True):
-            sent = snapshot
-        await anyio.sleep(STATS_PUSH_S)
+class _StatsPusher:
+    """Sends the gateway's counters to the daemon at most every ``STATS_PUSH_S`` while they change,
+    and not at all while they do not (an idle gateway wakes nobody)."""
+
+    def __init__(self, stats: Any, channel: Channel) -> None:
+        self.stats = stats
+        self.channel = channel
+        self._scheduled = False
+
+    def changed(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(STATS_PUSH_S, self.push)
+
+    def push(self) -> None:
+        self._scheduled = False
+        sent = self.channel.send("stats", self.stats.snapshot(), replaceable=True)
+        if not sent and not self.channel.writer.transport.is_closing():
+            self.changed()  # backed up: try again later, the newest counters win
 
 
 async def _main(channel_fd: int, listen_fd: int) -> None:
@@ -236,7 +248,9 @@ async def _main(channel_fd: int, listen_fd: int) -> None:
         loop.add_signal_handler(signal.SIGTERM, stop)
         loop.add_signal_handler(signal.SIGINT, stop)
         tg.start_soon(backend.read_daemon, stop)
-        tg.start_soon(_push_stats, app.state.gateway, channel)
+        pusher = _StatsPusher(app.state.gateway, channel)
+        app.state.gateway.on_change = pusher.changed
+        pusher.push()
         with serving:
             async with anyio.create_task_group() as server:
                 listen = await server.start(lambda task_status: serve(app, settings, sock=listen_sock,

@@ -41,7 +41,7 @@ def page_html() -> str:
 def ui_routes(snapshot: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]], api_key: str | None) -> list[Route]:
     """``/``, ``/ui`` (the page) and ``/ui/status.json`` (status + an hour of history + recent events).
 
-    ``snapshot`` may be a coroutine function: the gateway, on its own thread, asks the daemon's loop."""
+    ``snapshot`` may be a coroutine function: the gateway, in its own process, asks the daemon over its channel."""
     key = api_key.encode() if api_key else None
 
     def allowed(request: Request) -> bool:
