@@ -270,8 +270,14 @@ class GatewayExtension(Extension):
                                restarts=fields["restarts"], next_start_in_s=fields["next_start_in_s"])
 
         self.process = GatewayProcess(self.inner, self.settings, status_doc=status_doc, log_setup=current(),
-                                      on_exit=on_exit, log=daemon.log.bind(component="gateway"))
+                                      on_exit=on_exit, on_spawn=daemon.persist, log=daemon.log.bind(component="gateway"))
         self.listen = self.settings.listen
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.process.previous = saved
+
+    def persisted(self) -> dict[str, Any] | None:
+        return self.process.persisted()
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("kind") in ("engine.state_changed", "swap.started", "swap.finished"):

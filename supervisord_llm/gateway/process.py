@@ -34,6 +34,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import psutil
 
 from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
 from supervisord_llm.gateway.channel import Channel, ChannelClosed, open_channel
@@ -51,6 +52,7 @@ __all__ = ["GatewayProcess"]
 
 # While requests run, the daemon refreshes what the gateway reads (engine progress, models) this often.
 PUBLISH_S = 0.25
+WORKER_MODULE = "supervisord_llm.gateway.worker"
 # A gateway process that died is started again after this long, doubling while it keeps dying
 # within RESPAWN_RESET_S of its start.
 RESPAWN_MIN_S = 0.5
@@ -73,6 +75,7 @@ class GatewayProcess:
         status_doc: Callable[[], Awaitable[dict[str, Any]]],
         log_setup: dict[str, Any],
         on_exit: Callable[[dict[str, Any]], None],
+        on_spawn: Callable[[], object] = lambda: None,
         log: Any,
     ) -> None:
         self.inner = inner
@@ -80,7 +83,10 @@ class GatewayProcess:
         self.status_doc = status_doc
         self.log_setup = log_setup
         self.on_exit = on_exit
+        self.on_spawn = on_spawn
         self.log = log
+        # The previous daemon's gateway process ({"pid", "create_time"}, from the state file).
+        self.previous: dict[str, Any] | None = None
         self.listen = settings.listen
         self.pid: int | None = None
         self.restarts = 0
@@ -125,6 +131,10 @@ class GatewayProcess:
         The address is reported once bound, before the process accepts: connections wait in the
         socket's backlog meanwhile, and the daemon's engines do not wait for the gateway to start.
         A port that cannot be had raises GatewayListenFailed here (the daemon's start fails)."""
+        if self.previous:
+            # A previous daemon that died without stopping leaves its gateway draining its streams for
+            # up to shutdown_grace_s, still listening on the port: it is ended before the port is taken.
+            await anyio.to_thread.run_sync(self._end_previous, self.previous)
         sock = bind_listen(self.settings.host, self.settings.port)
         self.listen = listen_text(sock)
         try:
@@ -142,8 +152,33 @@ class GatewayProcess:
         finally:
             sock.close()
 
+    def _end_previous(self, previous: dict[str, Any]) -> None:
+        try:
+            proc = psutil.Process(int(previous["pid"]))
+            same = (abs(proc.create_time() - float(previous["create_time"])) < 1.0
+                    and WORKER_MODULE in proc.cmdline())
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            return
+        if not same:
+            return  # the pid is someone else's now
+        self.log.warning("gateway.previous_ended", pid=proc.pid)
+        proc.terminate()
+        _, alive = psutil.wait_procs([proc], timeout=self.settings.shutdown_grace_s + STOP_MARGIN_S)
+        for leftover in alive:
+            leftover.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+    def persisted(self) -> dict[str, Any] | None:
+        """What the next daemon needs to end this gateway process if this daemon dies without stopping."""
+        if self.pid is None:
+            return None
+        try:
+            return {"pid": self.pid, "create_time": psutil.Process(self.pid).create_time()}
+        except psutil.Error:
+            return None
+
     def _spawn(self, sock: socket.socket, child_end: socket.socket) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "supervisord_llm.gateway.worker",
+        argv = [sys.executable, "-m", WORKER_MODULE,
                 "--channel-fd", str(child_end.fileno()), "--listen-fd", str(sock.fileno())]
         # Its own session: a Ctrl-C at the daemon's terminal reaches the daemon, which stops the
         # gateway in order (open requests get their grace), not both at once.
@@ -161,6 +196,7 @@ class GatewayProcess:
         finally:
             theirs.close()
         self.pid = proc.pid
+        self.on_spawn()
         try:
             channel = await open_channel(ours)
         except BaseException:

@@ -204,3 +204,54 @@ def test_the_gateway_process_ends_with_the_daemon(probed) -> None:
             return True
 
     _wait("the gateway process to end after the daemon's death", gone, 30)
+
+
+def test_a_daemon_stopping_does_not_wait_forever_on_a_wedged_gateway(probed) -> None:
+    """SIGTERM to the daemon while the gateway's loop is wedged: the engines stop, the gateway gets its
+    grace and is then killed, and the daemon exits; nothing of the gateway is left."""
+    import psutil
+
+    d, url, probe_dir = probed
+    gateway_pid = _control_status(d)["gateway"]["pid"]
+
+    def blocked_request() -> None:
+        try:
+            httpx.post(url + "/v1/chat/completions", headers={"x-probe-block": "1"}, timeout=120,
+                       json={"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        except httpx.HTTPError:
+            pass  # cut when the gateway is killed
+
+    threading.Thread(target=blocked_request, daemon=True).start()
+    _wait("the probe to block the gateway", lambda: (probe_dir / "blocked").exists())
+    d.proc.terminate()  # type: ignore[union-attr]
+    assert d.proc.wait(60) == 0  # type: ignore[union-attr]  # grace 5 s + 5 s margin, then killed
+    assert not psutil.pid_exists(gateway_pid) or psutil.Process(gateway_pid).status() == psutil.STATUS_ZOMBIE
+    assert "gateway.stop_timeout" in d.stderr()
+    assert [e for e in d.events() if e["kind"] == "engine.stopped"], "the engines were not stopped first"
+
+
+def test_a_restarted_daemon_ends_the_wedged_gateway_its_killed_predecessor_left(probed) -> None:
+    """The daemon is SIGKILLed while its gateway is wedged (so the gateway cannot notice and leave):
+    the next daemon ends that gateway and takes the port, instead of failing its start."""
+    import psutil
+
+    d, url, probe_dir = probed
+    old_pid = _control_status(d)["gateway"]["pid"]
+
+    def blocked_request() -> None:
+        try:
+            httpx.post(url + "/v1/chat/completions", headers={"x-probe-block": "1"}, timeout=120,
+                       json={"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        except httpx.HTTPError:
+            pass
+
+    threading.Thread(target=blocked_request, daemon=True).start()
+    _wait("the probe to block the gateway", lambda: (probe_dir / "blocked").exists())
+    d.kill()
+    assert psutil.pid_exists(old_pid)  # wedged: it did not notice its daemon's death
+    (probe_dir / "blocked").unlink()
+    d.start()
+    _wait("a new gateway process", lambda: _control_status(d)["gateway"]["pid"] not in (None, old_pid))
+    assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+    models = httpx.get(url + "/v1/models", timeout=30)
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny"
