@@ -82,7 +82,9 @@ def run(quick: bool = False, status_runs: int = 20) -> dict[str, Any]:
         wait_ready_pid(d, "tiny", None, 120)
         sv.wait_running(None, 120)
         time.sleep(5)  # both settled
-        procs = {"daemon": psutil.Process(d.proc.pid), "supervisord": psutil.Process(sv.proc.pid)}
+        # The gateway runs in a process of its own: measured beside the daemon's, never hidden.
+        procs = {"daemon": psutil.Process(d.proc.pid), "gateway": psutil.Process(d.status()["gateway"]["pid"]),
+                 "supervisord": psutil.Process(sv.proc.pid)}
         footprint = measure(procs, duration_s)
         engine_state = d.engine("tiny")["state"]
         llmctl = [str(BIN / "llmctl"), "--socket", str(d.socket), "status"]
@@ -106,6 +108,7 @@ def run(quick: bool = False, status_runs: int = 20) -> dict[str, Any]:
         "engine": "mlx_lm.server, tiny model",
         "engine_state_after": engine_state,
         "daemon": daemon,
+        "gateway": footprint["gateway"],
         "supervisord": footprint["supervisord"],
         "side_by_side": "both supervisors ran at the same time on the same machine, each with its own engine",
         "status": status,

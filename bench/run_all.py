@@ -144,18 +144,25 @@ def _baseline_note(r: dict[str, Any]) -> list[str]:
 
 def render_footprint(r: dict[str, Any]) -> str:
     d, s = r["daemon"], r["supervisord"]
+    g = r.get("gateway")
     st = r["status"]
+    gateway_rows = [] if g is None else [
+        f"| its gateway process: RSS max | {_mb(g['rss_max_bytes'])} | | | |",
+        f"| its gateway process: CPU (of one core) | {g['cpu_percent']:.3f}% | | | |",
+        f"| daemon and gateway: RSS max, summed | {_mb(d['rss_max_bytes'] + g['rss_max_bytes'])} | | | |",
+    ]
     return "\n".join([
         f"### Footprint ({r['mode']}) and status", "",
         f"Each supervisor supervising a real idle {r['engine']} for {r['duration_s']:.0f} s; {r['side_by_side']}. "
         "supervisord-llm with every probe on (process tree 1 s, memory 5 s, canary 60 s, gateway listening). "
         f"Engine state afterwards: {r['engine_state_after']}.", "",
-        "| | supervisord-llm | supervisord | target (supervisord-llm) | verdict |", "|---|---|---|---|---|",
+        "| | supervisord-llm | supervisord | target (the daemon's process) | verdict |", "|---|---|---|---|---|",
         f"| RSS max | {_mb(d['rss_max_bytes'])} | {_mb(s['rss_max_bytes'])} | ≤ {_mb(r['target']['rss_bytes'])} | "
         f"{_verdict(r['met']['rss'])} |",
         f"| RSS mean | {_mb(d['rss_mean_bytes'])} | {_mb(s['rss_mean_bytes'])} | | |",
         f"| CPU (of one core) | {d['cpu_percent']:.3f}% | {s['cpu_percent']:.3f}% | ≤ {r['target']['cpu_percent']}% | "
         f"{_verdict(r['met']['cpu'])} |",
+        *gateway_rows,
         "",
         f"`llmctl status` against `supervisorctl status`, {r['status_runs']} runs each, alternated, same run "
         "(each a fresh CLI process):", "",

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -224,6 +225,17 @@ class Daemon:
     def llmctl(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([PYTHON, "-m", "supervisord_llm.cli", "--socket", str(self.socket), *args],
                               capture_output=True, text=True, timeout=timeout, env={**self.env, **(env or {})})
+
+    def gateway_counters(self, check: Callable[[dict], bool], timeout_s: float = 5.0) -> dict:
+        """The gateway's part of the status once ``check`` holds for it. Its counters come from the
+        gateway's own process and reach the daemon within tens of milliseconds, so a test that has
+        just seen a refusal waits for the count instead of reading it at once."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            gateway = self.status()["gateway"]
+            if check(gateway) or time.monotonic() > deadline:
+                return gateway
+            time.sleep(0.02)
 
     def kill(self) -> None:
         """SIGKILL the daemon only (engines are in their own sessions and survive)."""

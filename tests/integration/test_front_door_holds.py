@@ -87,7 +87,7 @@ def test_slow_headers_get_a_408_in_the_api_shape_and_an_idle_connection_is_close
     head, _, body = answers[1].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["type"] == "error"  # Anthropic's shape
     assert answers[2] == b""  # nothing was asked: closed without an answer
-    assert d.status()["gateway"]["refused"]["header_timeout"] == 3
+    assert d.gateway_counters(lambda g: g["refused"].get("header_timeout") == 3)["refused"]["header_timeout"] == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,9 +149,13 @@ def test_a_held_stream_whose_engine_fails_to_start_ends_with_an_error_event(daem
     """The hold fails (the engine exits during start): held streams get one SSE error event in their API's shape."""
     gw = free_port()
     d = daemon_factory('[[engine]]\nname = "e"\nkind = "command"\nport = ' + str(free_port())
-                       + '\ncommand = ["sh", "-c", "sleep 3; exit 3"]\nfootprint = "100MB"\nstart_timeout = "30s"\n'
+                       + '\ncommand = ["sh", "-c", "sleep 6; exit 3"]\nfootprint = "100MB"\nstart_timeout = "30s"\n'
                        + 'default = true\n'
                        + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "60s"\nhold_keepalive_s = "1s"\n').start()
+    # The gateway's process starts beside the engine: the requests go out once it answers, while the
+    # engine is still starting.
+    assert httpx.get(f"http://127.0.0.1:{gw}/v1/models", timeout=30).status_code == 200
+    assert d.engine("e")["state"] == "starting"
     results: dict[str, tuple[int, list[tuple[float, str]]]] = {}
 
     def call(key: str, path: str, headers: dict | None) -> None:
@@ -371,7 +375,7 @@ def test_a_flood_of_2000_connections_is_refused_while_a_stream_and_the_control_a
     after = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json={"model": "e", "max_tokens": 2, **CHAT},
                        timeout=30)
     assert after.status_code == 200
-    assert d.status()["gateway"]["refused"].get("header_timeout", 0) > 0
+    assert d.gateway_counters(lambda g: g["refused"].get("header_timeout", 0) > 0)["refused"]["header_timeout"] > 0
 
 
 @pytest.mark.parametrize("key", ["header_timeout_s", "hold_keepalive_s"])

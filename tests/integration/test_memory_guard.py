@@ -259,7 +259,10 @@ def test_machine_below_its_headroom_recycles_the_largest_offender_first(daemon_f
     seq.write_text("studio-512gb-two-models-danger\n")  # 49.7 GB available: below the 100 GB headroom
     a = d.wait_state("a", {"stopping", "backoff"}, 20)
     assert "headroom" in a["state_reason"] and "largest offender" in a["state_reason"], a
-    decided = [e for e in d.events() if e["kind"] == "policy.decided" and e.get("policy") == "memory_guard_machine"]
+    deadline = time.monotonic() + 10  # the event log's writer may land the line after the state is visible
+    while not (decided := [e for e in d.events() if e["kind"] == "policy.decided"
+                           and e.get("policy") == "memory_guard_machine"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert decided and decided[0]["decision"] == "drain" and decided[0]["engine"] == "a", decided
     assert decided[0]["available_bytes"] < 100 * 10**9 <= decided[0]["headroom_bytes"]
     exceeded = _alerts(d, "engine.memory_exceeded:a")
