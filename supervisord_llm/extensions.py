@@ -275,7 +275,7 @@ class GatewayExtension(Extension):
 
         self.app.router.routes.extend(ui_routes(status_page_doc, self.settings.api_key))
         self.listen = self.settings.listen
-        self.thread = GatewayThread(self.app, self.settings)
+        self.thread = GatewayThread(self.app, self.settings, log=log)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("kind") in ("engine.state_changed", "swap.started", "swap.finished"):

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -49,6 +51,10 @@ T = TypeVar("T")
 TOKEN_FLUSH_S = 0.05
 # While requests run, the daemon refreshes what the gateway reads (engine progress, models) this often.
 PUBLISH_S = 0.25
+# A stopping gateway gets its shutdown grace and this much more to end its thread; a thread still
+# running then is wedged (a blocking call on its loop) and is left behind (a daemon thread: it does
+# not hold the process), so that the daemon's own shutdown and the engines' stop still happen.
+STOP_MARGIN_S = 5.0
 
 
 class LoopBridge:
@@ -219,14 +225,18 @@ class GatewayThread:
 
     :meth:`run` is awaited on the daemon's loop like any subsystem: it reports the bound address
     once the gateway accepts, and when cancelled it stops the gateway the way ``serve`` always did
-    (open requests get up to ``shutdown_grace_s``) and returns only once the thread has ended, so
-    nothing of the gateway outlives the daemon's task group.
+    (open requests get up to ``shutdown_grace_s``) and returns once the thread has ended, so nothing
+    of the gateway outlives the daemon's task group; or, when the thread's loop is wedged, after
+    ``shutdown_grace_s`` + ``STOP_MARGIN_S`` with ``gateway.stop_timeout`` logged, so a stuck gateway
+    never keeps the daemon from exiting.
     """
 
-    def __init__(self, app: Any, settings: GatewaySettings, *, name: str = "gateway") -> None:
+    def __init__(self, app: Any, settings: GatewaySettings, *, name: str = "gateway", log: Any = None) -> None:
         self.app = app
         self.settings = settings
         self.name = name
+        self.log = log
+        self.listen: str | None = None
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._scope: anyio.CancelScope | None = None
@@ -262,7 +272,7 @@ class GatewayThread:
         self.thread = threading.Thread(target=main, name=self.name, daemon=True)
         self.thread.start()
         try:
-            listen = await asyncio.wrap_future(self._started)
+            listen = self.listen = await asyncio.wrap_future(self._started)
             task_status.started(listen)
             await ended.wait()
             if not self._stopping:
@@ -270,8 +280,29 @@ class GatewayThread:
         finally:
             with anyio.CancelScope(shield=True):
                 self.stop()
-                await ended.wait()
-                await anyio.to_thread.run_sync(self.thread.join)
+                bound_s = self.settings.shutdown_grace_s + STOP_MARGIN_S
+                with anyio.move_on_after(bound_s):
+                    await ended.wait()
+                    # main() has returned: the thread ends at once; the bound holds even if it did not.
+                    await anyio.to_thread.run_sync(self.thread.join, STOP_MARGIN_S)
+                if self.thread.is_alive():
+                    self._stop_timed_out(bound_s)
+
+    def _stop_timed_out(self, waited_s: float) -> None:
+        """Say what is known of a gateway thread that did not end in time: where it is stuck, and what
+        it was serving. Nothing here may block: the thread's loop does not answer."""
+        thread = self.thread
+        where = None
+        frame = sys._current_frames().get(thread.ident) if thread is not None and thread.ident is not None else None
+        if frame is not None:
+            where = [f"{f.filename}:{f.lineno} in {f.name}" for f in traceback.extract_stack(frame)[-3:]]
+        stats = getattr(getattr(self.app, "state", None), "gateway", None)
+        if self.log is not None:
+            self.log.error("gateway.stop_timeout", waited_s=round(waited_s, 3), thread=self.name,
+                           listen=self.listen,
+                           in_flight=getattr(stats, "in_flight", None), stuck_at=where,
+                           message="the gateway's thread did not end within its shutdown grace; it is left "
+                                   "behind (its loop is blocked) and the daemon goes on with its shutdown")
 
     def stop(self) -> None:
         """Ask the gateway to stop (from any thread); open requests get their grace period."""

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.helpers import REPO, Daemon, free_port, mlx_engine_toml, short_tmpdir
@@ -134,3 +135,30 @@ def test_a_blocked_gateway_blocks_neither_status_nor_crash_recording(probed) -> 
     assert answers and answers[0] in (502, 503), answers  # the engine it was held for is gone: a clear error
     models = httpx.get(url + "/v1/models", timeout=30)
     assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny"
+
+
+def test_a_daemon_whose_gateway_is_wedged_still_stops_its_engine_and_exits(probed) -> None:
+    """SIGTERM while a blocking call wedges the gateway's loop: the engine is stopped, the daemon logs
+    gateway.stop_timeout and exits instead of waiting forever for the gateway's thread."""
+    d, url, probe_dir = probed
+    engine_pid = d.engine("tiny")["pid"]
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+
+    def blocked_request() -> None:
+        try:
+            httpx.post(url + "/v1/chat/completions", json=body, headers={"x-probe-block": "1"}, timeout=120)
+        except httpx.HTTPError:
+            pass  # the daemon exits under it: its connection is reset
+
+    threading.Thread(target=blocked_request, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not (probe_dir / "blocked").exists():
+        assert time.monotonic() < deadline, "the probe never blocked the gateway"
+        time.sleep(0.05)
+    assert d.proc is not None
+    d.proc.terminate()
+    code = d.proc.wait(60)  # the probe holds the gateway for 90 s: exiting before that is the point
+    assert not (probe_dir / "release").exists()
+    assert code == 0, d.stderr()
+    assert "gateway.stop_timeout" in d.stderr()
+    assert not psutil.pid_exists(engine_pid) or psutil.Process(engine_pid).status() == psutil.STATUS_ZOMBIE

@@ -272,3 +272,46 @@ def test_notes_after_the_daemons_loop_closed_are_dropped_quietly() -> None:
     backend = ThreadedBackend(RecordingBackend(), bridge)
     backend.token_progress("tiny", 1.0)
     backend.request_finished(RequestStats("tiny", None, 0, None, None, "client_disconnected"))
+
+
+async def test_a_wedged_gateway_thread_does_not_hold_the_daemons_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway whose loop a handler blocks (time.sleep) is left behind after its grace, logged as
+    gateway.stop_timeout with where it is stuck, and the daemon's side returns."""
+    import time
+
+    from supervisord_llm.gateway import bridge
+    from tests.recording import RecordingLogger
+
+    monkeypatch.setattr(bridge, "STOP_MARGIN_S", 0.5)
+    entered, release = threading.Event(), threading.Event()
+
+    async def wedge(request: Request) -> JSONResponse:
+        entered.set()
+        while not release.is_set():
+            time.sleep(0.05)  # noqa: ASYNC251 - a blocking call on the gateway's loop: the fault under test
+        return JSONResponse({})
+
+    log = RecordingLogger()
+    gateway = GatewayThread(Starlette(routes=[Route("/wedge", wedge)]), GatewaySettings(port=free_port(),
+                                                                                        shutdown_grace_s=0.5), log=log)
+    # Unbounded before: the daemon's side waited until the handler let go, which this timer forces.
+    unwedge = threading.Timer(20, release.set)
+    unwedge.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            listen = await tg.start(gateway.run)
+            client = threading.Thread(target=lambda: httpx.get(f"http://{listen}/wedge", timeout=30), daemon=True)
+            client.start()
+            assert await anyio.to_thread.run_sync(entered.wait, 10)
+            tg.cancel_scope.cancel()  # the daemon stops: its task group waits for gateway.run's cleanup
+        assert not release.is_set(), "the daemon's side waited for the wedged gateway to let go"
+        [stopped] = log.named("gateway.stop_timeout")
+        assert stopped["listen"] == listen and stopped["waited_s"] == 1.0
+        assert any("in wedge" in frame for frame in stopped["stuck_at"]), stopped
+        assert gateway.thread is not None and gateway.thread.is_alive()
+    finally:
+        release.set()
+        unwedge.cancel()
+    assert gateway.thread is not None
+    gateway.thread.join(10)
+    assert not gateway.thread.is_alive()
