@@ -100,16 +100,23 @@ class DaemonGatewayBackend:
                                     f"{sup.name} takes no new requests: {sup.health.draining}; it restarts once "
                                     "its in-flight requests have finished", retry_after_s=60.0)
         if not self.turns.must_hold(sup.name):
+            self.turns.let_through(sup.name)
             return self._upstream(sup)
         if sup.state in (EngineState.BACKOFF, EngineState.FAILED):
             raise self._unavailable(sup)
         # Held in the engine's group (gateway/turns.py): served when its turn comes and it serves,
         # swapped in when its turn comes and it is not resident.
+        released = False
         with anyio.move_on_after(self.hold_s):
             await anyio.lowlevel.checkpoint()
             await self.turns.wait_turn(sup.name)
+            released = True  # counted as on its way to the engine (turns.py) until it starts there
         if self.serving_now(sup):
+            if not released:
+                self.turns.let_through(sup.name)
             return self._upstream(sup)
+        if released:
+            self.turns.request_started(sup.name)  # not going on after all: it must not hold the next swap
         raise self._unavailable(sup)
 
     def serving_now(self, sup: EngineSupervisor) -> bool:
@@ -155,6 +162,7 @@ class DaemonGatewayBackend:
         unloader = idle.find(self.daemon.extensions)
         if unloader is not None:
             unloader.request_started(engine)
+        self.turns.request_started(engine)
         health = self._health(engine)
         if health is not None:
             health.in_flight += 1
@@ -182,6 +190,7 @@ class DaemonGatewayBackend:
         unloader = idle.find(self.daemon.extensions)
         if unloader is not None:
             unloader.request_finished(stats.engine)
+        self.turns.changed()  # a swap's drain may be waiting on this one
         health = self._health(stats.engine)
         if health is None:
             return
@@ -259,7 +268,8 @@ class GatewayExtension(Extension):
         self.settings = daemon.config.gateway
         self.bridge = LoopBridge()
         log = daemon.log.bind(component="gateway")
-        self.backend = ThreadedBackend(DaemonGatewayBackend(daemon, self.settings.hold_s), self.bridge, log=log)
+        self.daemon_backend = DaemonGatewayBackend(daemon, self.settings.hold_s)
+        self.backend = ThreadedBackend(self.daemon_backend, self.bridge, log=log)
         self.app = build_app(self.backend, self.settings, daemon.clock, log=log)
         # The status page shares the gateway's port and its key (see ui.py); its document is made on
         # the daemon's loop.
@@ -280,6 +290,7 @@ class GatewayExtension(Extension):
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("kind") in ("engine.state_changed", "swap.started", "swap.finished"):
             self.backend.publish()
+            self.daemon_backend.turns.changed()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self.bridge.bind(asyncio.get_running_loop())
@@ -288,6 +299,7 @@ class GatewayExtension(Extension):
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.backend.run_publisher)
+                tg.start_soon(self.daemon_backend.turns.run)
                 self.listen = await tg.start(self.thread.run)
                 task_status.started()
         finally:
