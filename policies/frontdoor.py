@@ -172,3 +172,15 @@ def holds_for_groups(engine: str, *, serving: bool, conflicting_groups: int) -> 
     when the engine is not serving, or when a group for an engine it cannot share the machine with
     (one of the two is exclusive) is waiting for its turn."""
     return not serving or conflicting_groups > 0
+
+
+def swap_may_start(unstarted_ages_s: Sequence[float], *, max_wait_s: float) -> bool:
+    """Whether the swap for the group whose turn it is may start: only once every request already
+    let through to the engines it would stop has reached its engine (started there, where a swap's
+    drain waits for it), so that the swap never stops an engine under a request on its way in.
+
+    ``unstarted_ages_s`` are how long ago each such request was let through. One that has not
+    started after ``max_wait_s`` is taken as lost (its client left, it was refused after routing):
+    a lost notification must not keep the turns waiting for ever.
+    """
+    return all(age_s >= max_wait_s for age_s in unstarted_ages_s)

@@ -43,7 +43,15 @@ from probes.weights import read_weights
 from supervisord_llm import __version__
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.config import Config
-from supervisord_llm.engine.process import EngineProcess, claim_exit_records, tagged_processes, wait_gone
+from supervisord_llm.engine.process import (
+    EngineProcess,
+    claim_exit_records,
+    find_keeper,
+    reap_keepers,
+    reap_zombie_children,
+    tagged_processes,
+    wait_gone,
+)
 from supervisord_llm.engine.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
 from supervisord_llm.errors import (
     DaemonAlreadyRunning,
@@ -297,6 +305,9 @@ class Daemon:
                     sup.backoff = backoff.record_spawn(sup.backoff, spawned_s)
             if orphans:
                 await self._kill_orphans(orphans)
+            # Keepers whose engines ended while this daemon re-executed (the engines are gone, so
+            # nothing above found them) are its children: reap them rather than leave zombies.
+            await anyio.to_thread.run_sync(reap_zombie_children)
             self.events.emit("daemon.started", pid=os.getpid(), version=__version__, state_dir=str(self.state_dir),
                              adopted={n: p.pid for n, p in adopted.items()})
             await self._read_memory()
@@ -348,6 +359,9 @@ class Daemon:
         killed_at_s = self.clock.now()
 
         def kill() -> None:
+            # An orphan's keeper is this daemon's child after a re-exec: once its engine is gone it
+            # exits, and would stay a zombie unless it is reaped here.
+            keepers = [k for p in orphans if (k := find_keeper(p.pid, None)) is not None]
             for p in orphans:
                 try:
                     p.terminate()
@@ -360,6 +374,7 @@ class Daemon:
                 except psutil.Error:
                     pass
             wait_gone(alive, 5)
+            reap_keepers(keepers)
 
         await anyio.to_thread.run_sync(kill)
         self.events.emit("daemon.orphans_killed", pids=pids)

@@ -99,16 +99,23 @@ class DaemonGatewayBackend:
                                     f"{sup.name} takes no new requests: {sup.health.draining}; it restarts once "
                                     "its in-flight requests have finished", retry_after_s=60.0)
         if not self.turns.must_hold(sup.name):
+            self.turns.let_through(sup.name)
             return self._upstream(sup)
         if sup.state in (EngineState.BACKOFF, EngineState.FAILED):
             raise self._unavailable(sup)
         # Held in the engine's group (gateway/turns.py): served when its turn comes and it serves,
         # swapped in when its turn comes and it is not resident.
+        released = False
         with anyio.move_on_after(self.hold_s):
             await anyio.lowlevel.checkpoint()
             await self.turns.wait_turn(sup.name)
+            released = True  # counted as on its way to the engine (turns.py) until it starts there
         if self.serving_now(sup):
+            if not released:
+                self.turns.let_through(sup.name)
             return self._upstream(sup)
+        if released:
+            self.turns.request_started(sup.name)  # not going on after all: it must not hold the next swap
         raise self._unavailable(sup)
 
     def serving_now(self, sup: EngineSupervisor) -> bool:
@@ -154,6 +161,7 @@ class DaemonGatewayBackend:
         unloader = idle.find(self.daemon.extensions)
         if unloader is not None:
             unloader.request_started(engine)
+        self.turns.request_started(engine)
         health = self._health(engine)
         if health is not None:
             health.in_flight += 1
@@ -181,6 +189,7 @@ class DaemonGatewayBackend:
         unloader = idle.find(self.daemon.extensions)
         if unloader is not None:
             unloader.request_finished(stats.engine)
+        self.turns.changed()  # a swap's drain may be waiting on this one
         health = self._health(stats.engine)
         if health is None:
             return
@@ -282,12 +291,14 @@ class GatewayExtension(Extension):
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("kind") in ("engine.state_changed", "swap.started", "swap.finished"):
             self.process.publish()
+            self.inner.turns.changed()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self.daemon.events.listeners.append(self._on_event)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.process.run_publisher)
+                tg.start_soon(self.inner.turns.run)
                 self.listen = await tg.start(self.process.run)
                 task_status.started()
         finally:

@@ -272,8 +272,9 @@ def keeper_argv(argv: Sequence[str], *, exits_dir: Path, engine: str, tag: str, 
             "--exits", str(exits_dir), "--name", engine, "--tag", tag, "--", *argv]
 
 
-def find_keeper(pid: int, tag: str) -> Keeper | None:
-    """The keeper of the running engine ``pid`` (its parent, started for that exact ``tag``), if alive."""
+def find_keeper(pid: int, tag: str | None) -> Keeper | None:
+    """The keeper of the running engine ``pid`` (its parent, started for that exact ``tag``; for any
+    tag when ``tag`` is None), if alive."""
     try:
         parent = psutil.Process(pid).parent()
         if parent is None:
@@ -288,10 +289,55 @@ def find_keeper(pid: int, tag: str) -> Keeper | None:
         return None
     head = cmdline[start + 1:cmdline.index("--", start)]
     options = dict(zip(head[0::2], head[1::2], strict=False))
-    if options.get("--tag") != tag or "--exits" not in options or "--name" not in options:
+    if (tag is not None and options.get("--tag") != tag) or "--exits" not in options or "--name" not in options:
         return None
     record = Path(options["--exits"]) / keeper_program.record_name(options["--name"], pid)
     return Keeper(pid=parent.pid, create_time=created, record_path=record, popen=None)
+
+
+def reap_keepers(keepers: Sequence[Keeper], timeout_s: float = KEEPER_RECORD_WAIT_S) -> None:
+    """Once their engines are gone: wait (blocking, up to ``timeout_s``) for these keepers to exit,
+    reap the ones that are this process's children (no zombie is left; after a re-exec the keepers
+    of orphans are), kill the ones that do not end, and remove the exit records they wrote: nobody
+    reads them (their engines were orphans this daemon killed, not engines it supervises)."""
+    procs: list[psutil.Process] = []
+    for keeper in keepers:
+        try:
+            proc = psutil.Process(keeper.pid)
+            if abs(proc.create_time() - keeper.create_time) <= 0.01:
+                procs.append(proc)
+        except psutil.Error:
+            pass
+    stuck = {p.pid for p in wait_gone(procs, timeout_s)}
+    for keeper in keepers:
+        if keeper.pid in stuck:
+            keeper.kill()  # its engine is gone: a keeper that cannot finish must not stay behind
+    wait_gone([p for p in procs if p.pid in stuck], 5)
+    for keeper in keepers:
+        keeper.reap()  # wait_gone counts a zombie as gone: one that turned zombie after its last reap
+        with contextlib.suppress(OSError):
+            keeper.record_path.unlink()
+
+
+def reap_zombie_children() -> list[int]:
+    """Reap this process's children that have already exited (blocking; psutil). After a re-exec the
+    keepers of engines that ended meanwhile are such children, and nobody else will wait for them.
+    Only zombies are reaped, so no live child's exit status is taken from its owner."""
+    reaped: list[int] = []
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return reaped
+    for child in children:
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                continue
+            pid, _ = os.waitpid(child.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            continue
+        if pid:
+            reaped.append(pid)
+    return reaped
 
 
 def read_exit_record(path: Path, *, pid: int, tag: str) -> ExitInfo | None:

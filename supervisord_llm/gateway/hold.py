@@ -1,7 +1,9 @@
 """Streaming requests held while their engine loads: the head at once, then SSE keep-alive comments.
 
 A model that takes ten minutes to load (or an engine restarting, or swapping in, or started for this
-very request) holds its requests for up to ``hold_s``. A streaming client that sees nothing for that
+very request) holds its requests for up to ``hold_s``; a request for a serving engine may wait too,
+behind another engine's turn (gateway/turns.py) or in its engine's line. So every streaming request
+goes through :class:`HeldStream`, and the ones that wait longer than ``HOLD_DETECT_S`` are held. A streaming client that sees nothing for that
 long gives up (agents and SDKs time out after a minute or two of silence), so a held streaming
 request gets its response head (200, ``text/event-stream``) at once and then an SSE comment line
 every ``hold_keepalive_s``::

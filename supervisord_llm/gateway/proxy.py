@@ -1365,7 +1365,11 @@ class _Gateway:
                 anthropic, 400, "request body is empty; expected a JSON object", "invalid_json"
             )
 
-        if stream and not self._serving_now(model):
+        if stream:
+            # Any stream may wait, not only one for a loading engine: behind another engine's turn
+            # (gateway/turns.py), or in its engine's line. HeldStream sends the early head only once
+            # the route has taken longer than hold.HOLD_DETECT_S, so an answer decided at once (a
+            # refusal by a full queue: a real 429) keeps its own status.
             return hold.HeldStream(
                 lambda: self._route(request, path, anthropic, doc, body, stream, model), anthropic=anthropic,
                 keepalive_s=self.settings.hold_keepalive_s, now=self.clock.now,
@@ -1377,11 +1381,6 @@ class _Gateway:
         name = model or self.backend.default_engine()
         return next((m for m in self.backend.models()
                      if name is not None and (m.get("id") == name or name in (m.get("aliases") or ()))), None)
-
-    def _serving_now(self, model: str | None) -> bool:
-        """The request's engine serves now (or the name is unknown: the usual answer follows)."""
-        entry = self._engine_entry(model)
-        return entry is None or entry.get("state") in ("ready", "degraded")
 
     def _engine_state(self, model: str | None) -> tuple[str, str]:
         entry = self._engine_entry(model)

@@ -8,28 +8,38 @@ cannot share with is waiting, is held in its engine's *group*; groups are served
 any later group that conflicts with none ahead of it: budget engines do not take turns), and a
 group is released whole once its engine serves: all of B's held requests, then all of A's.
 
+One decider (:meth:`EngineTurns.run`, a task on the daemon's loop) decides for every held request
+at once. It wakes when something a turn depends on changes (a request joins or leaves a group, a
+request starts or finishes, an engine's state changes, a swap ends: the host calls ``changed()``),
+and at the latest every ``DECIDE_FALLBACK_S`` while requests are held, in case a change was missed.
+
 A swap for the group whose turn it is starts as any gateway swap does (memory admission, the
 target's backoff and the 60 s spawn floor hold; the engines it stops drain first, up to
-``swap_drain``). Each turn is logged as ``policy.decided`` (policy ``serving_order``) with the
-groups it was decided on.
+``swap_drain``), but only once the requests already let through to other engines have reached them
+(``request_started``): a swap's drain waits for requests in flight, and a request still on its way
+would otherwise be cut by the stop. A request that never starts (its client left, it was refused
+after routing) stops counting after ``START_WAIT_MAX_S`` (``policies.frontdoor.swap_may_start``).
+Each turn is logged as ``policy.decided`` (policy ``serving_order``) with the groups it was
+decided on.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
 
-from policies.frontdoor import HeldGroup, ServeGroup, groups_to_serve, holds_for_groups
+from policies.frontdoor import HeldGroup, ServeGroup, groups_to_serve, holds_for_groups, swap_may_start
 
-# A held request re-checks its turn at least this often (engine state changes also wake it at once
-# when the host tells ``changed()``; this is the floor if none does).
-TURN_POLL_S = 0.25
-# After a group is released its requests take a few loop turns to reach their engine (and count as in
-# flight, which a swap's drain waits for); the next group's swap waits this long so it does not stop
-# the engine under them.
-SETTLE_S = 0.25
+# While requests are held the decider looks again at least this often, even if no change woke it
+# (engine state changes, requests and swaps wake it at once: this is only the floor).
+DECIDE_FALLBACK_S = 1.0
+# A request let through to an engine that has not started there after this long is taken as lost
+# (the client left, the engine's line refused it): it no longer holds back the next group's swap.
+START_WAIT_MAX_S = 2.0
 
 
 class TurnHost(Protocol):
@@ -64,18 +74,20 @@ class _Group:
     released: bool = False
     refused: Exception | None = None
     swap_asked: bool = False
-    done: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)  # released or refused: its waiters go on
 
 
 class EngineTurns:
-    """The held groups and whose turn it is; one per gateway backend."""
+    """The held groups and whose turn it is; one per gateway backend. :meth:`run` must be running
+    (on the daemon's loop) for held requests to be released."""
 
     def __init__(self, host: TurnHost) -> None:
         self.host = host
         self.groups: dict[str, _Group] = {}
-        self._changed = anyio.Event()
+        self._wake = anyio.Event()
         self._last_turn: str | None = None
-        self._released_at_s = float("-inf")
+        # Per engine: when each request let through to it (and not started there yet) was let through.
+        self._unstarted: dict[str, deque[float]] = {}
 
     def must_hold(self, engine: str) -> bool:
         """A new request for ``engine`` waits in a group (see ``holds_for_groups``)."""
@@ -85,68 +97,96 @@ class EngineTurns:
         return holds_for_groups(engine, serving=host.serving(engine), conflicting_groups=conflicting)
 
     def changed(self) -> None:
-        """Something a turn depends on changed (an engine's state, a group): decide again."""
-        event, self._changed = self._changed, anyio.Event()
-        event.set()
+        """Something a turn depends on changed (an engine's state, a group, a request): decide again."""
+        self._wake.set()
+
+    def let_through(self, engine: str) -> None:
+        """A request goes to ``engine`` without being held: it counts as on its way until it starts."""
+        self._forget_lost()  # requests that never start (refused in the engine's line) are let go here
+        self._unstarted.setdefault(engine, deque()).append(self.host.now())
+
+    def request_started(self, engine: str) -> None:
+        """A request let through to ``engine`` has reached it (or will not: it was given up)."""
+        pending = self._unstarted.get(engine)
+        if pending:
+            pending.popleft()
+            if not pending:
+                del self._unstarted[engine]
+            self.changed()
 
     def swap_failed(self, engine: str, error: Exception) -> None:
         """The swap started for ``engine``'s group failed: the group's requests get ``error``."""
         group = self.groups.get(engine)
         if group is not None and group.swap_asked and not group.released:
-            group.refused = error
-            del self.groups[engine]
-            self.changed()
+            self._refuse(group, error)
 
     async def wait_turn(self, engine: str) -> None:
         """Hold until ``engine``'s group is released (it serves now); raises why it cannot be served.
-        The caller bounds the wait (the gateway's hold_s)."""
+        The caller bounds the wait (the gateway's hold_s). A request released here counts as on its
+        way to ``engine`` until ``request_started``."""
         group = self.groups.get(engine)
         if group is None or group.released:
             group = self.groups[engine] = _Group(engine, self.host.now())
         group.requests += 1
+        self.changed()
         try:
-            while True:
-                self._decide()
-                if group.released:
-                    return
-                if group.refused is not None:
-                    raise group.refused
-                with anyio.move_on_after(TURN_POLL_S):
-                    await self._changed.wait()
+            await group.done.wait()
+        except BaseException:
+            if group.released:
+                self.request_started(engine)  # released, but its client left before it could go on
+            raise
         finally:
             group.requests -= 1
-            if group.requests == 0 and self.groups.get(engine) is group:
+            if group.requests == 0 and not group.done.is_set() and self.groups.get(engine) is group:
                 del self.groups[engine]  # everyone left (gave up): the next group's turn
                 self.changed()
+        if group.refused is not None:
+            raise group.refused
 
-    def _decide(self) -> None:
+    async def run(self) -> None:
+        """The decider: decide for every held request whenever something changed (daemon's loop)."""
+        while True:
+            self._wake = anyio.Event()
+            wait_s = self._decide()
+            with anyio.move_on_after(wait_s):
+                await self._wake.wait()
+
+    def _decide(self) -> float:
+        """Release or refuse what can be, start the swap whose turn it is; how long until it must look again."""
         host = self.host
         held = [HeldGroup(g.engine, g.oldest_s, g.requests, host.exclusive(g.engine)) for g in self.groups.values()]
         resident = host.resident()
         turns = groups_to_serve(held, resident=resident)
         if not turns:
-            return
-        inputs = {"groups": [{"engine": g.engine, "requests": g.requests, "exclusive": g.exclusive,
-                              "waited_s": round(host.now() - g.oldest_s, 3)} for g in held], "resident": resident}
+            return math.inf
         if turns[0].engine != self._last_turn:
             self._last_turn = turns[0].engine
-            host.decided(turns[0], **inputs)
+            host.decided(turns[0], groups=[{"engine": g.engine, "requests": g.requests, "exclusive": g.exclusive,
+                                            "waited_s": round(host.now() - g.oldest_s, 3)} for g in held],
+                         resident=resident, unstarted=self._unstarted_counts())
+        wait_s = DECIDE_FALLBACK_S
         for turn in turns:
-            self._take_turn(turn)
+            wait_s = min(wait_s, self._take_turn(turn))
+        return wait_s
 
-    def _take_turn(self, turn: ServeGroup) -> None:
+    def _take_turn(self, turn: ServeGroup) -> float:
         host = self.host
         group = self.groups.get(turn.engine)
         if group is None:
-            return
+            return DECIDE_FALLBACK_S
         if host.serving(turn.engine):
             group.released = True
             del self.groups[turn.engine]
-            self._released_at_s = host.now()
-            self.changed()
-            return
-        if host.now() - self._released_at_s < SETTLE_S:
-            return  # the group just released has not reached its engine yet: a swap now would cut it
+            self._unstarted.setdefault(turn.engine, deque()).extend([host.now()] * group.requests)
+            group.done.set()
+            return DECIDE_FALLBACK_S
+        ages_s = [host.now() - at_s for engine, pending in self._unstarted.items() if engine != turn.engine
+                  for at_s in pending]
+        if not swap_may_start(ages_s, max_wait_s=START_WAIT_MAX_S):
+            # Requests let through to the engines a swap would stop have not reached them yet: look
+            # again when they start (``changed``) or, at the latest, when the oldest counts as lost.
+            return max(0.0, START_WAIT_MAX_S - min(ages_s))
+        self._forget_lost()
         refused = host.unavailable(turn.engine)
         if refused is None and not group.swap_asked:
             started = host.start_swap(turn.engine)
@@ -155,6 +195,25 @@ class EngineTurns:
             else:
                 group.swap_asked = started
         if refused is not None:
-            group.refused = refused
-            del self.groups[turn.engine]
-            self.changed()
+            self._refuse(group, refused)
+        return DECIDE_FALLBACK_S
+
+    def _refuse(self, group: _Group, error: Exception) -> None:
+        group.refused = error
+        if self.groups.get(group.engine) is group:
+            del self.groups[group.engine]
+        group.done.set()
+        self.changed()
+
+    def _forget_lost(self) -> None:
+        """Drop the requests that never started within ``START_WAIT_MAX_S``."""
+        now = self.host.now()
+        for engine in list(self._unstarted):
+            pending = self._unstarted[engine]
+            while pending and now - pending[0] >= START_WAIT_MAX_S:
+                pending.popleft()
+            if not pending:
+                del self._unstarted[engine]
+
+    def _unstarted_counts(self) -> dict[str, int]:
+        return {engine: len(pending) for engine, pending in self._unstarted.items()}

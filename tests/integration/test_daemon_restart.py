@@ -7,9 +7,10 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.helpers import free_port, mlx_engine_toml
+from tests.helpers import free_port, mlx_engine_toml, standin_engine_toml
 
 pytestmark = [pytest.mark.slow]
 
@@ -74,3 +75,28 @@ def test_sighup_restarts_the_daemon_without_touching_the_engine(daemon_factory, 
     assert after["pid"] == engine["pid"]
     kinds = [e.get("kind") for e in d.events()]
     assert "daemon.restarting" in kinds and _spawns(d.events()) == 1
+
+
+def test_after_a_restart_the_keeper_of_an_orphan_is_reaped_once_the_orphan_is_killed(daemon_factory) -> None:
+    """An engine dropped from the config before SIGHUP is killed as an orphan by the re-executed daemon,
+    and its keeper (still the daemon's child) is reaped: no zombie keeper stays behind."""
+    dropped_toml = standin_engine_toml("dropped", free_port())
+    d = daemon_factory(standin_engine_toml("kept", free_port()) + dropped_toml).start()
+    d.wait_state("kept", "ready", timeout_s=30)
+    dropped = d.wait_state("dropped", "ready", timeout_s=30)
+    keeper = psutil.Process(dropped["pid"]).parent()
+    assert keeper is not None and keeper.ppid() == d.proc.pid and "keeper.py" in " ".join(keeper.cmdline())
+    d.config_path.write_text(d.config_path.read_text().replace(dropped_toml, ""))
+    uptime = d.status()["daemon"]["uptime_s"]
+    os.kill(d.proc.pid, signal.SIGHUP)
+    _wait_restarted(d, uptime)
+    deadline = time.monotonic() + 20
+    while not any(e.get("kind") == "daemon.orphans_killed" for e in d.events()):
+        assert time.monotonic() < deadline, d.stderr()
+        time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while keeper.is_running():  # a zombie still "is running" to psutil (same pid and create time)
+        assert time.monotonic() < deadline, f"keeper {keeper.pid} is left {keeper.status()}"
+        time.sleep(0.1)
+    assert not psutil.pid_exists(dropped["pid"])
+    assert d.wait_state("kept", "ready", timeout_s=30)["restarts"] == 0

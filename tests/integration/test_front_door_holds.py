@@ -452,3 +452,57 @@ def test_llmctl_restart_of_a_hung_engine_does_not_wait_for_its_requests(daemon_f
     streamer.join()
     assert ready["pid"] != first["pid"]
     assert not [e for e in d.events() if e["kind"] == "engine.draining"]
+
+
+def test_a_stream_for_a_ready_engine_waiting_behind_another_engines_turn_hears_keepalives(daemon_factory) -> None:
+    """A stream for a still-ready engine held behind another engine's turn gets its head and keep-alives at once."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--tps", "20", exclusive=True, default=True)
+                       + standin_engine_toml("b", free_port(), "--load-s", "2", exclusive=True, autostart=False)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "90s"\nhold_keepalive_s = "1s"\n').start()
+    d.wait_state("a", "ready", 30)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    # a's own stream keeps it busy, so the swap to b drains a for a while and a is still "ready" then.
+    busy = threading.Thread(target=lambda: _sse_stream(url, {"model": "a", "stream": True, "max_tokens": 60, **CHAT}))
+    busy.start()
+    time.sleep(0.5)
+    for_b: dict[str, int] = {}
+    swap = threading.Thread(target=lambda: for_b.setdefault(
+        "status", httpx.post(url, json={"model": "b", "max_tokens": 3, **CHAT}, timeout=120).status_code))
+    swap.start()
+    time.sleep(0.5)
+    assert d.engine("a")["state"] == "ready"
+    # A client that gives up after 3 s of silence: a's request waits for b's whole turn, then a swap
+    # back that the 60 s spawn floor delays; it hears comments all along (the test leaves after three).
+    comments: list[str] = []
+    with httpx.stream("POST", url, json={"model": "a", "stream": True, "max_tokens": 3, **CHAT},
+                      timeout=httpx.Timeout(120, read=3.0)) as r:
+        status = r.status_code
+        for line in r.iter_lines():
+            assert not line.startswith("data:"), line  # a's turn comes only after b's
+            if line.startswith(":"):
+                comments.append(line)
+            if len(comments) == 3:
+                break
+    busy.join()
+    swap.join()
+    assert status == 200 and for_b == {"status": 200}
+    assert all(re.fullmatch(r": loading a \d+s \(\w+\)", c) for c in comments), comments
+    assert [e["target"] for e in d.events() if e["kind"] == "swap.started"] == ["b"]
+
+
+def test_a_stream_refused_by_a_full_queue_gets_a_real_429(daemon_factory) -> None:
+    """max_concurrent = 1, max_queue = 0: a second stream gets a 429 with Retry-After, not a 200 head and an error event."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "20", default=True, max_concurrent=1,
+                                           max_queue=0) + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    d.wait_state("e", "ready", 30)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    body = {"model": "e", "stream": True, "max_tokens": 40, **CHAT}
+    running = threading.Thread(target=lambda: _sse_stream(url, body))
+    running.start()
+    time.sleep(0.5)
+    refused = httpx.post(url, json=body, timeout=30)
+    running.join()
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1, refused.text
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"

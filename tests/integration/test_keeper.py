@@ -21,7 +21,7 @@ import anyio
 import psutil
 import pytest
 
-from supervisord_llm.engine.process import EngineProcess
+from supervisord_llm.engine.process import EngineProcess, find_keeper, reap_keepers, reap_zombie_children
 from tests.helpers import Daemon, free_port, mlx_engine_toml, short_tmpdir, standin_engine_toml
 
 pytestmark = [pytest.mark.slow]
@@ -311,3 +311,37 @@ async def test_a_spawn_works_with_descriptors_past_fd_setsize(tmp_path: Path) ->
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.anyio
+async def test_the_keeper_of_a_killed_orphan_is_reaped_and_its_record_removed(tmp_path: Path) -> None:
+    """An engine nobody supervises (an orphan after a re-exec) is killed: its keeper, this process's
+    child, is reaped (no zombie) and the exit record nobody will read is removed."""
+    proc = await _spawn(tmp_path)
+    keeper = find_keeper(proc.pid, None)
+    assert keeper is not None and proc.keeper is not None and keeper.pid == proc.keeper.pid
+    keeper_proc = psutil.Process(keeper.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    await anyio.to_thread.run_sync(reap_keepers, [keeper])
+    assert _gone(keeper_proc), keeper_proc.status()
+    assert not keeper.record_path.exists()
+    _forget_popen(proc)
+
+
+def _forget_popen(proc: EngineProcess) -> None:
+    """After a re-exec no Popen holds the keeper; here one does, and it must not look still running."""
+    assert proc.keeper is not None and proc.keeper.popen is not None
+    proc.keeper.popen.returncode = 0
+
+
+@pytest.mark.anyio
+async def test_a_keeper_that_already_ended_is_reaped_at_start(tmp_path: Path) -> None:
+    """A keeper whose engine ended while the daemon re-executed is a zombie child at start: it is reaped."""
+    proc = await _spawn(tmp_path)
+    assert proc.keeper is not None
+    keeper_proc = psutil.Process(proc.keeper.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    _until(lambda: keeper_proc.status() == psutil.STATUS_ZOMBIE, 10, "the keeper to end")
+    assert keeper_proc.pid in await anyio.to_thread.run_sync(reap_zombie_children)
+    assert _gone(keeper_proc)
+    _forget_popen(proc)

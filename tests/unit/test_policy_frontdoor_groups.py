@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.frontdoor import HeldGroup, groups_to_serve, holds_for_groups, next_group
+from policies.frontdoor import HeldGroup, groups_to_serve, holds_for_groups, next_group, swap_may_start
 
 
 def test_the_group_whose_first_request_arrived_first_is_served_first() -> None:
@@ -60,3 +60,11 @@ def test_engines_that_can_share_the_machine_do_not_take_turns() -> None:
     behind = groups_to_serve([HeldGroup("c", 1.0, 2), HeldGroup("a", 2.0, 1, exclusive=True), HeldGroup("d", 3.0, 1)],
                              resident=None)
     assert [t.engine for t in behind] == ["c"]
+
+
+def test_a_swap_waits_for_requests_on_their_way_but_not_for_lost_ones() -> None:
+    """The next group's swap starts once nothing let through is still on its way; one that never started within the bound does not count."""
+    assert swap_may_start([], max_wait_s=2.0)
+    assert not swap_may_start([0.1], max_wait_s=2.0)
+    assert not swap_may_start([5.0, 0.1], max_wait_s=2.0)
+    assert swap_may_start([2.0, 7.5], max_wait_s=2.0)
