@@ -31,6 +31,7 @@ Anthropic shape ``{"type": "error", "error": {"type", "message"}}`` on ``/v1/mes
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
@@ -60,6 +61,7 @@ from supervisord_llm.errors import EngineError, SupervisordLLMError, UnknownEngi
 from supervisord_llm.gateway import anthropic as anthropic_api
 from supervisord_llm.gateway import hold, retry
 from supervisord_llm.gateway.settings import GatewaySettings, parse_listen  # noqa: F401 - re-exported
+from supervisord_llm.gateway.upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
 from supervisord_llm.httpserver import DaemonServer
 
 __all__ = [
@@ -498,7 +500,7 @@ class _Forward:
         self,
         gw: _Gateway,
         upstream: Upstream,
-        request: httpx.Request,
+        request: UpstreamRequest,
         *,
         anthropic: bool,
         stream_requested: bool,
@@ -525,7 +527,7 @@ class _Forward:
         self.pump_scope = anyio.CancelScope()
         self.watching_stall = False
         self.response_complete = False
-        self.response: httpx.Response | None = None
+        self.response: UpstreamResponse | None = None
         self.translated_headers_sent = False
         self.client_fed_at_s = 0.0  # when the client of a translated stream last got bytes
         engine = upstream.engine
@@ -539,10 +541,7 @@ class _Forward:
 
         # A translated request's meter reads the engine's own (OpenAI) bytes, not what we send.
         self.meter = TokenMeter(anthropic=anthropic and translation is None, on_token=on_token)
-        try:
-            body_bytes = len(request.content)
-        except httpx.RequestNotRead:
-            body_bytes = 0
+        body_bytes = len(request.content)
         settings = gw.settings
         self.prefill_limit_s = settings.prefill_stall_s + body_bytes / 2**20 * settings.prefill_per_mib_s
 
@@ -621,7 +620,7 @@ class _Forward:
             # decode deadline that can fall before the prefill one.
             await anyio.sleep(min(delay, settings.decode_stall_s))
 
-    async def _send_upstream(self) -> httpx.Response:
+    async def _send_upstream(self) -> UpstreamResponse:
         # Sent again only while the engine gave no response head (gateway/retry.py): refused while
         # it restarts, reset before it answered. A response with any status is never sent twice.
         gw = self.gw
@@ -634,7 +633,7 @@ class _Forward:
                 gw.log.info("gateway.upstream_retried", engine=self.upstream.engine, error=type(exc).__name__)
 
         return await retry.send_until_answered(
-            lambda: gw.client.send(self.request, stream=True), wait_serving=self._engine_serving,
+            lambda: gw.upstream_client.send(self.request), wait_serving=self._engine_serving,
             hold_s=gw.settings.hold_s, now=gw.clock.now, on_retry=on_retry)
 
     async def _engine_serving(self, timeout_s: float) -> bool:
@@ -802,7 +801,7 @@ class _Forward:
         self.response_complete = True
         await _send_quietly(send, b"", more=False)
 
-    async def _pump_sse(self, response: httpx.Response, send: Any) -> None:
+    async def _pump_sse(self, response: UpstreamResponse, send: Any) -> None:
         """Pass an engine's event stream through, read at the engine's own pace."""
         async with aclosing(self._engine_chunks(response)) as chunks:
             await self._pump_buffered(chunks, send)
@@ -821,6 +820,9 @@ class _Forward:
         timeout_s = gw.settings.client_timeout_s
         read_error: list[Exception] = []
         send_error: list[OSError] = []
+        # When the send in progress began (None: no send in progress). One watcher per stream holds
+        # the client to client_timeout_s per send, instead of a cancel scope and a timer per chunk.
+        sending_since: list[float | None] = [None]
 
         async def read_engine() -> None:
             try:
@@ -836,42 +838,54 @@ class _Forward:
             finally:
                 buffer.close()
 
+        async def watch_client(scope: anyio.CancelScope) -> None:
+            # Sleeping timeout_s while no send is in progress is exact: a send that begins during
+            # that sleep is due no earlier than the wake-up, which then sleeps until it is due.
+            while True:
+                since = sending_since[0]
+                wait_s = timeout_s if since is None else since + timeout_s - now()
+                if wait_s > 0:
+                    await anyio.sleep(wait_s)
+                    continue
+                self.client_cut = True
+                gw.stats.clients_cut += 1
+                gw.log.warning(
+                    "gateway.client_cut",
+                    engine=self.upstream.engine,
+                    reason="the client did not read its stream within client_timeout_s",
+                    client_timeout_s=timeout_s,
+                    buffered_bytes=buffer.size_bytes,
+                    tokens_read=self.meter.tokens,
+                )
+                scope.cancel()
+                return
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(read_engine)
+            tg.start_soon(watch_client, tg.cancel_scope)
             while True:
                 await buffer.wait_data()
                 if not buffer.chunks:
                     break  # the engine's stream ended and everything was sent
                 data = buffer.take()
+                sending_since[0] = now()
                 try:
-                    with anyio.move_on_after(timeout_s) as scope:
-                        await send({"type": "http.response.body", "body": data, "more_body": True})
-                        self.client_fed_at_s = now()
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
                 except OSError as exc:  # the client went away: raised below, outside the task group
                     send_error.append(exc)
-                    tg.cancel_scope.cancel()
                     break
-                if scope.cancelled_caught:
-                    self.client_cut = True
-                    gw.stats.clients_cut += 1
-                    gw.log.warning(
-                        "gateway.client_cut",
-                        engine=self.upstream.engine,
-                        reason="the client did not read its stream within client_timeout_s",
-                        client_timeout_s=timeout_s,
-                        buffered_bytes=buffer.size_bytes,
-                        tokens_read=self.meter.tokens,
-                    )
-                    tg.cancel_scope.cancel()
-                    break
+                finally:
+                    sending_since[0] = None
+                self.client_fed_at_s = now()
                 buffer.taken(len(data))
+            tg.cancel_scope.cancel()
         if send_error:
             raise send_error[0]
         if read_error and not self.client_cut:
             raise read_error[0]
 
     async def _pump_translated(
-        self, send: Any, response: httpx.Response, tg: anyio.abc.TaskGroup
+        self, send: Any, response: UpstreamResponse, tg: anyio.abc.TaskGroup
     ) -> bool:
         """Relay the engine's chat completion stream as Messages events (or one Message).
 
@@ -978,7 +992,7 @@ class _Forward:
             self.client_fed_at_s = now()
             await _send_quietly(send, ping)
 
-    async def _engine_chunks(self, response: httpx.Response) -> AsyncGenerator[bytes, None]:
+    async def _engine_chunks(self, response: UpstreamResponse) -> AsyncGenerator[bytes, None]:
         """The engine's body as it arrives, each chunk through the token meter before anyone else.
 
         The meter is the watchdog's view of the engine: it sees the engine's own bytes at the
@@ -990,7 +1004,7 @@ class _Forward:
             feed(chunk, now())
             yield chunk
 
-    async def _translated_refusal(self, send: Any, response: httpx.Response) -> None:
+    async def _translated_refusal(self, send: Any, response: UpstreamResponse) -> None:
         """The engine refused the translated request: its reason, in the Messages error shape."""
         upstream = self.upstream
         body = b""
@@ -1095,6 +1109,8 @@ class _StreamBuffer:
 
     One reader task puts, one writer task takes; ``size_bytes`` drops only once a send returned, so
     a client that stops reading keeps the buffer full and the reader waits (never unbounded).
+    The gateway runs on asyncio (its own loop, gateway/bridge.py): the two wake-ups are asyncio
+    events reused for the whole stream, since this runs once per chunk.
     """
 
     def __init__(self, limit_bytes: int) -> None:
@@ -1102,8 +1118,8 @@ class _StreamBuffer:
         self.chunks: deque[bytes] = deque()
         self.size_bytes = 0
         self.eof = False
-        self._data = anyio.Event()
-        self._room = anyio.Event()
+        self._data = asyncio.Event()
+        self._room = asyncio.Event()
 
     def full(self) -> bool:
         return self.size_bytes >= self.limit_bytes
@@ -1118,8 +1134,9 @@ class _StreamBuffer:
         self._data.set()
 
     def take(self) -> bytes:
-        data = b"".join(self.chunks)
-        self.chunks.clear()
+        chunks = self.chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         return data
 
     def taken(self, size_bytes: int) -> None:
@@ -1128,12 +1145,12 @@ class _StreamBuffer:
 
     async def wait_data(self) -> None:
         while not self.chunks and not self.eof:
-            self._data = anyio.Event()
+            self._data.clear()
             await self._data.wait()
 
     async def wait_room(self) -> None:
         while self.full():
-            self._room = anyio.Event()
+            self._room.clear()
             await self._room.wait()
 
 
@@ -1150,6 +1167,8 @@ class _Gateway:
         self.stats = GatewayStats(settings.listen)
         self.lines = EngineLines()
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # made in the lifespan
+        # Forwarded requests go through this one (gateway/upstream.py: the per-token hot path).
+        self.upstream_client: UpstreamClient = None  # type: ignore[assignment]  # made in the lifespan
         self._api_key = settings.api_key.encode() if settings.api_key else None
 
     def make_client(self) -> httpx.AsyncClient:
@@ -1169,6 +1188,11 @@ class _Gateway:
             follow_redirects=False,
             trust_env=False,
         )
+
+    def make_upstream_client(self) -> UpstreamClient:
+        s = self.settings
+        return UpstreamClient(connect_timeout_s=s.upstream_connect_timeout_s, read_timeout_s=s.upstream_read_timeout_s,
+                              max_connections=s.max_upstream_connections, pool_timeout_s=s.hold_s or None)
 
     def call_backend(self, method: str, *args: Any) -> None:
         try:
@@ -1464,9 +1488,7 @@ class _Gateway:
         headers.append((b"accept-encoding", b"identity"))  # the meter reads plain bytes
         query = request.url.query
         url = upstream.base_url.rstrip("/") + path + ("?" + query if query else "")
-        upstream_request = self.client.build_request(
-            request.method, url, headers=headers, content=body
-        )
+        upstream_request = UpstreamRequest(request.method, url, headers, body)
         return _Forward(
             self, upstream, upstream_request, anthropic=anthropic, stream_requested=stream
         )
@@ -1521,9 +1543,7 @@ class _Gateway:
             if auth:
                 headers.append((b"authorization", auth.encode()))
         url = upstream.base_url.rstrip("/") + OPENAI_PATHS[0]
-        upstream_request = self.client.build_request(
-            "POST", url, headers=headers, content=json.dumps(openai_body).encode()
-        )
+        upstream_request = UpstreamRequest("POST", url, headers, json.dumps(openai_body).encode())
         return _Forward(
             self,
             upstream,
@@ -1779,8 +1799,9 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        async with gw.make_client() as client:
+        async with gw.make_client() as client, gw.make_upstream_client() as upstream_client:
             gw.client = client
+            gw.upstream_client = upstream_client
             yield
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]

@@ -20,9 +20,12 @@ abort on a huge context) must not be replayed into every fresh run.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 import httpx
+
+R = TypeVar("R")
 
 # No response head came back: the engine did not answer this request.
 UNANSWERED = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
@@ -35,13 +38,13 @@ MAX_HELD_RESENDS_AFTER_DELIVERY = 1
 
 
 async def send_until_answered(
-    send_once: Callable[[], Awaitable[httpx.Response]],
+    send_once: Callable[[], Awaitable[R]],
     *,
     wait_serving: Callable[[float], Awaitable[bool]],
     hold_s: float,
     now: Callable[[], float],
     on_retry: Callable[[Exception, bool], None],
-) -> httpx.Response:
+) -> R:
     """``send_once()`` until the engine answers with a response head.
 
     ``wait_serving(timeout_s)`` waits until the engine serves again and says whether it does (False:

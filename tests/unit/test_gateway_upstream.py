@@ -1,0 +1,151 @@
+"""The gateway's forwarding client against real sockets: what goes out, and how engine faults come back."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+
+from supervisord_llm.gateway.upstream import UpstreamClient, UpstreamRequest
+
+pytestmark = pytest.mark.anyio
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def engine(handler: Handler) -> AsyncIterator[str]:
+    """A real TCP server on 127.0.0.1 (an ephemeral port) answering with ``handler``."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    if length:
+        await reader.readexactly(length)
+    return head
+
+
+def client() -> UpstreamClient:
+    return UpstreamClient(connect_timeout_s=2.0, read_timeout_s=2.0, max_connections=8, pool_timeout_s=None)
+
+
+def request(url: str, path: str = "/v1/chat/completions") -> UpstreamRequest:
+    return UpstreamRequest("POST", url + path, [(b"content-type", b"application/json"), (b"x-trace", b"7")], b"{}")
+
+
+async def test_the_request_reaches_the_engine_as_the_client_sent_it() -> None:
+    """The engine gets the path and query unchanged, the client's headers, and no headers the proxy made up."""
+    heads: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await read_head(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    async with engine(handler) as url, client() as c:
+        response = await c.send(request(url, "/v1/chat/completions?a=%2F&b=1"))
+        body = b"".join([chunk async for chunk in response.aiter_raw()])
+        await response.aclose()
+    assert (response.status_code, body) == (200, b"{}")
+    request_line, *lines = heads[0].decode().split("\r\n")
+    assert request_line == "POST /v1/chat/completions?a=%2F&b=1 HTTP/1.1"
+    names = {line.split(":")[0].lower() for line in lines if line}
+    assert names == {"host", "content-type", "x-trace", "content-length"}
+
+
+async def test_a_chunked_stream_arrives_as_the_engine_sent_it() -> None:
+    """Each event of a chunked stream is handed on as it arrives, decoded from its chunk framing."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for event in (b"data: 1\n\n", b"data: 2\n\n"):
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with engine(handler) as url, client() as c:
+        response = await c.send(request(url))
+        chunks = [chunk async for chunk in response.aiter_raw()]
+        await response.aclose()
+    assert response.headers["content-type"] == "text/event-stream"
+    assert chunks == [b"data: 1\n\n", b"data: 2\n\n"]
+
+
+async def test_a_refused_connection_is_a_connect_error() -> None:
+    """Nothing listening (an engine restarting) is a connect error, which the gateway may resend."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        async with client() as c:
+            with pytest.raises(httpx.ConnectError):
+                await c.send(request(f"http://127.0.0.1:{port}"))
+
+
+async def test_an_engine_closing_before_its_answer_is_an_unanswered_request() -> None:
+    """A connection closed before the response head reads as a protocol error: the request was not answered."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+
+    async with engine(handler) as url, client() as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.send(request(url))
+
+
+async def test_a_stream_broken_off_midway_is_an_error_not_an_end() -> None:
+    """An engine that dies mid-stream (chunked body cut short) raises, so the client is told it broke."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"9\r\ndata: 1\n\n\r\n")
+        await writer.drain()
+
+    async with engine(handler) as url, client() as c:
+        response = await c.send(request(url))
+        chunks: list[bytes] = []
+        with pytest.raises(httpx.RemoteProtocolError):
+            async for chunk in response.aiter_raw():
+                chunks.append(chunk)
+        await response.aclose()
+    assert chunks == [b"data: 1\n\n"]
+
+
+async def test_an_engine_silent_past_the_read_timeout_is_a_read_timeout() -> None:
+    """An engine that takes the request and sends nothing is a read timeout (504), never resent."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.sleep(5)
+
+    async with engine(handler) as url:
+        async with UpstreamClient(connect_timeout_s=2.0, read_timeout_s=0.2, max_connections=8,
+                                  pool_timeout_s=None) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.send(request(url))
