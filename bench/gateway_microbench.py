@@ -4,16 +4,16 @@ The real daemon (``supervisord-llm run``) with its gateway in front of the OpenA
 (tests/standins/openai_engine.py, a real process streaming fast), against the same engine direct:
 
 - TTFB p50 of streamed chat completions with ``max_tokens`` 1, interleaved direct / gateway;
-- daemon CPU per streamed token (psutil ``cpu_times`` of the daemon process, the gateway's thread
-  included) over rounds of 16 concurrent 128-token streams through the gateway.
+- CPU per streamed token (psutil ``cpu_times`` of the daemon's process and of its gateway process)
+  over rounds of 16 concurrent 128-token streams through the gateway.
 
 The stand-in is not mlx_lm.server: the absolute figures say nothing about a real engine; compare
 runs of this script before and after a change. ``bench/gateway_bench.py`` is the reference run.
 
     .venv/bin/python bench/gateway_microbench.py [--rounds 40] [--stream-rounds 4] [--pause-s 10]
 
-``--pause-s`` keeps the daemon up that long (its pid printed) before the stream rounds, for a
-profiler: ``py-spy record --pid PID``.
+``--pause-s`` keeps the daemon up that long (the gateway's pid printed) before the stream rounds,
+for a profiler: ``py-spy record --pid PID``.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ async def one_stream(client: httpx.AsyncClient, url: str, model: str, max_tokens
     return tokens
 
 
-async def run(args: argparse.Namespace, direct: str, gateway: str, daemon_pid: int) -> None:
-    proc = psutil.Process(daemon_pid)
+async def run(args: argparse.Namespace, direct: str, gateway: str, daemon_pid: int, gateway_pid: int) -> None:
+    procs = {"daemon": psutil.Process(daemon_pid), "gateway": psutil.Process(gateway_pid)}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         ttfb: dict[str, list[float]] = {"direct": [], "gateway": []}
@@ -74,29 +74,26 @@ async def run(args: argparse.Namespace, direct: str, gateway: str, daemon_pid: i
         print(f"TTFB p50 direct {p50['direct']:.2f} ms, gateway {p50['gateway']:.2f} ms, "
               f"added {p50['gateway'] - p50['direct']:+.2f} ms ({args.rounds} each)")
         if args.pause_s:
-            print(f"daemon pid {daemon_pid}; stream rounds start in {args.pause_s:g}s", flush=True)
+            print(f"gateway pid {gateway_pid} (daemon {daemon_pid}); stream rounds start in {args.pause_s:g}s",
+                  flush=True)
             await asyncio.sleep(args.pause_s)
         for label, url, model, pid_cpu in (("direct", direct, "x", False), ("gateway", gateway, "fast", True)):
             tokens = 0
             wall_s = 0.0
-            cpu_s = 0.0
-            thread_s = {True: 0.0, False: 0.0}  # the daemon's main thread (its loop), all others
+            cpu_s = {name: 0.0 for name in procs}
             for _ in range(args.stream_rounds):
-                before = sum(proc.cpu_times()[:2])
-                threads_before = {t.id: t.user_time + t.system_time for t in proc.threads()}
+                before = {name: sum(proc.cpu_times()[:2]) for name, proc in procs.items()}
                 started = time.perf_counter()
                 counts = await asyncio.gather(*(one_stream(client, url, model, args.max_tokens)
                                                 for _ in range(args.streams)))
                 wall_s += time.perf_counter() - started
-                cpu_s += sum(proc.cpu_times()[:2]) - before
-                for t in proc.threads():
-                    spent = t.user_time + t.system_time - threads_before.get(t.id, 0.0)
-                    thread_s[t.id == daemon_pid] += spent
+                for name, proc in procs.items():
+                    cpu_s[name] += sum(proc.cpu_times()[:2]) - before[name]
                 tokens += sum(counts)
             line = f"{args.streams} streams x {args.max_tokens} tokens {label}: {tokens / wall_s:.0f} tok/s"
             if pid_cpu:
-                line += (f", daemon CPU {cpu_s / tokens * 1e6:.1f} us/token (main thread "
-                         f"{thread_s[True] / tokens * 1e6:.1f}, other threads {thread_s[False] / tokens * 1e6:.1f})")
+                line += (f", CPU {sum(cpu_s.values()) / tokens * 1e6:.1f} us/token (gateway process "
+                         f"{cpu_s['gateway'] / tokens * 1e6:.1f}, daemon {cpu_s['daemon'] / tokens * 1e6:.1f})")
             print(line, flush=True)
 
 
@@ -116,7 +113,8 @@ def main() -> None:
     try:
         d.wait_state("fast", "ready", 60)
         assert d.proc is not None
-        asyncio.run(run(args, f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{gateway_port}", d.proc.pid))
+        asyncio.run(run(args, f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{gateway_port}", d.proc.pid,
+                        d.status()["gateway"]["pid"]))
     finally:
         d.stop()
         d.cleanup()
