@@ -25,7 +25,17 @@ demo: install
 test: install engines
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m mypy
-	SUPERVISORD_LLM_REQUIRE_ENGINES=1 $(BIN)/python -m pytest -q --durations=25 -m "not chaos_full and not gpu"
+	$(BIN)/python -c "from tests.helpers import tiny_model_dir; tiny_model_dir()"
+	@# Tests that mostly sleep through a real timer (marker long_wait) run beside the rest, in a second
+	@# pytest whose report follows the first one's; either failing fails the target.
+	@export SUPERVISORD_LLM_REQUIRE_ENGINES=1; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "long_wait and not chaos_full and not gpu" \
+		> .long-wait-tests.log 2>&1 & waits=$$!; \
+	$(BIN)/python -m pytest -q --durations=25 -m "not long_wait and not chaos_full and not gpu"; rest=$$?; \
+	wait $$waits; waited=$$?; \
+	echo "---- tests that wait out real timers (marker long_wait), run beside the rest ----"; \
+	cat .long-wait-tests.log; rm -f .long-wait-tests.log; \
+	test $$rest -eq 0 && test $$waited -eq 0
 
 lint: install
 	$(BIN)/python -m ruff check .

@@ -227,6 +227,7 @@ def test_a_gateway_open_to_the_network_without_a_key_is_a_config_error(tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.long_wait
 def test_idle_unload_stops_the_real_engine_and_the_next_request_starts_it(daemon_factory, tiny_model: Path) -> None:
     """idle_unload: the idle mlx_lm.server is stopped (reason idle) although canaries run; a request brings it back."""
     gw = free_port()

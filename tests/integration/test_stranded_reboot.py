@@ -76,6 +76,7 @@ def test_status_follows_the_vm_stat_sequence_idle_loaded_stranded(daemon_factory
     assert "STRANDED" in out.stdout
 
 
+@pytest.mark.long_wait
 def test_enabled_reboot_runs_once_and_not_again_inside_the_cooldown(daemon_factory, tmp_path) -> None:
     """With escalation on, the reboot argv runs once after the grace; a restarted daemon does not run it again."""
     reboot, record = _recorder(tmp_path)
@@ -117,6 +118,7 @@ def test_disabled_escalation_never_runs_the_argv(daemon_factory, tmp_path) -> No
     assert not record.exists()
 
 
+@pytest.mark.long_wait
 def test_cancelled_reboot_does_not_run(daemon_factory, tmp_path) -> None:
     """`llmctl reboot cancel` during the grace stops the reboot."""
     reboot, record = _recorder(tmp_path)

@@ -83,6 +83,7 @@ def test_duty_cycle_slowdown_is_degraded_and_recovers(daemon_factory, tiny_model
     d.wait_state("tiny", "ready", 60)
 
 
+@pytest.mark.long_wait
 def test_sigkill_restart_is_at_least_60s_after_the_previous_spawn(daemon_factory, tiny_model) -> None:
     """After a crash the next automatic spawn waits for the 60 s floor (one real wait)."""
     d = daemon_factory(mlx_engine_toml("tiny", free_port(), tiny_model)).start()
@@ -244,6 +245,7 @@ def test_throughput_baseline_survives_a_daemon_restart(daemon_factory, tiny_mode
     assert again["baseline_tokens_per_s"] >= 0.5 * learned
 
 
+@pytest.mark.long_wait
 def test_degraded_engine_is_restarted_when_idle_if_configured(daemon_factory, tiny_model) -> None:
     """With `restart_when_idle`, a degraded engine with no traffic is restarted (new pid)."""
     cfg = mlx_engine_toml("tiny", free_port(), tiny_model, canary_interval="1s", canary_max_tokens=200, stall="10s")
