@@ -41,9 +41,13 @@ class Channel:
             (size,) = _HEADER.unpack(head)
             if size > MAX_MESSAGE_BYTES:
                 raise ChannelClosed(f"a message of {size} bytes (at most {MAX_MESSAGE_BYTES})")
-            message = pickle.loads(await self.reader.readexactly(size))
+            data = await self.reader.readexactly(size)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise ChannelClosed(str(exc) or type(exc).__name__) from exc
+        try:
+            message = pickle.loads(data)
+        except Exception as exc:  # a frame this end cannot read (another version of the program?)
+            raise ChannelClosed(f"an unreadable message: {type(exc).__name__}: {exc}") from exc
         if not isinstance(message, tuple) or not message:
             raise ChannelClosed(f"not a message: {type(message).__name__}")
         return message
@@ -55,9 +59,16 @@ class Channel:
             return False
         if replaceable and transport.get_write_buffer_size() > BACKLOG_BYTES:
             return False
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an object that cannot cross (a bug): not sent, the channel stays usable
+            return False
         self.writer.write(_HEADER.pack(len(data)) + data)
         return True
+
+    @property
+    def closed(self) -> bool:
+        return self.writer.transport.is_closing()
 
     def close(self) -> None:
         self.writer.close()

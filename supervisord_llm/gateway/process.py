@@ -60,8 +60,6 @@ RESPAWN_MAX_S = 30.0
 RESPAWN_RESET_S = 60.0
 # How long a gateway that was told to stop may take beyond its own shutdown grace before it is killed.
 STOP_MARGIN_S = 5.0
-# How long a starting gateway process may take to report that it accepts.
-START_TIMEOUT_S = 60.0
 
 
 class GatewayProcess:
@@ -97,6 +95,7 @@ class GatewayProcess:
         # dies, they are finished for it (the engine's in-flight count must not stay up forever).
         self._open: Counter[str] = Counter()
         self._busy = anyio.Event()
+        self._accepting = False  # the current gateway process reported that it accepts
 
     # -- what the gateway reads without asking ------------------------------------------------------
 
@@ -110,7 +109,8 @@ class GatewayProcess:
         try:
             models = inner.models()
             progress = {m["id"]: inner.engine_progress_s(m["id"]) for m in models}
-            channel.send("snapshot", models, inner.default_engine(), progress, replaceable=True)
+            # Never dropped (a stale engine state would misroute the gateway until the next change).
+            channel.send("snapshot", models, inner.default_engine(), progress)
         except Exception:
             self.log.exception("gateway.backend_failed", method="publish")
 
@@ -157,6 +157,13 @@ class GatewayProcess:
             proc = psutil.Process(int(previous["pid"]))
             same = (abs(proc.create_time() - float(previous["create_time"])) < 1.0
                     and WORKER_MODULE in proc.cmdline())
+        except psutil.ZombieProcess as exc:
+            # Ended already; after a re-exec it may be this process's own child, to be reaped here.
+            try:
+                os.waitpid(exc.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            return
         except (psutil.Error, KeyError, TypeError, ValueError):
             return
         if not same:
@@ -186,7 +193,11 @@ class GatewayProcess:
                                 stdin=subprocess.DEVNULL)
 
     async def _run_once(self, sock: socket.socket) -> dict[str, Any]:
-        """One gateway process from start to end; returns how it ended (it died: the daemon runs on)."""
+        """One gateway process from start to end; returns how it ended (it died: the daemon runs on).
+
+        There is no separate start-up phase on this side: requests already waiting in the socket's
+        backlog reach the daemon before the gateway reports ``started``, and are answered like any.
+        """
         ours, theirs = socket.socketpair()
         try:
             proc = await anyio.to_thread.run_sync(self._spawn, sock, theirs)
@@ -196,8 +207,8 @@ class GatewayProcess:
         finally:
             theirs.close()
         self.pid = proc.pid
-        self.on_spawn()
         try:
+            self.on_spawn()
             channel = await open_channel(ours)
         except BaseException:
             ours.close()
@@ -208,36 +219,27 @@ class GatewayProcess:
         ended: dict[str, Any] = {"pid": proc.pid}
         try:
             channel.send("init", self.settings, self.log_setup)
-            message: tuple[Any, ...] | None = None
-            with anyio.move_on_after(START_TIMEOUT_S):
-                try:
-                    while True:
-                        message = await channel.receive()
-                        if message[0] == "stats":
-                            self.stats = message[1]
-                            continue
-                        break
-                except ChannelClosed:
-                    message = ("closed",)
-            if message is None or message[0] != "started":
-                code = await self._reap(proc, kill_after_s=STOP_MARGIN_S)
-                reason = (f"the gateway process did not start within {START_TIMEOUT_S:.0f}s"
-                          if message is None else f"the gateway process ended during startup ({_exit_text(code)}); "
-                          "its reason is logged above")
-                return {**ended, "exit": _exit_text(code), "reason": reason}
             self.publish()
             reason = await self._serve(channel)
             code = await self._reap(proc, kill_after_s=STOP_MARGIN_S)
+            if not self._accepting:
+                reason = f"it ended during startup ({reason}); its reason is logged above"
             return {**ended, "exit": _exit_text(code), "reason": reason}
         finally:
+            with anyio.CancelScope(shield=True):
+                if proc.poll() is None:
+                    # The daemon is stopping: no new connection may wait on a port nobody will serve,
+                    # and what the gateway reports while it finishes its open requests still counts.
+                    sock.close()
+                    await self._stop(proc, channel)
             self._channel = None
             channel.close()
             for scope in self._waits.values():
                 scope.cancel()
             self._finish_open_requests()
-            with anyio.CancelScope(shield=True):
-                if proc.poll() is None:
-                    await self._stop(proc)
+            self.stats = {}
+            self.pid = None
+            self._accepting = False
 
     async def _serve(self, channel: Channel) -> str:
         """Answer the gateway until its end of the channel closes; returns why it closed."""
@@ -245,30 +247,43 @@ class GatewayProcess:
             try:
                 while True:
                     message = await channel.receive()
-                    kind = message[0]
-                    if kind == "acquire":
-                        tg.start_soon(self._acquire, channel, message[1], message[2])
-                    elif kind == "cancel":
-                        scope = self._waits.get(message[1])
-                        if scope is not None:
-                            scope.cancel()
-                    elif kind == "tokens":
-                        self._tokens(message[1])
-                    elif kind == "note":
-                        self._note(message[1], *message[2])
-                    elif kind == "stats":
-                        self.stats = message[1]
-                    elif kind == "call" and message[2] == "status_doc":
-                        tg.start_soon(self._status_doc, channel, message[1])
+                    try:
+                        self._dispatch(tg, channel, message)
+                    except Exception:  # a message this side cannot read must not take the daemon down
+                        self.log.exception("gateway.message_failed", message=repr(message)[:200])
             except ChannelClosed as exc:
                 reason = f"its channel closed ({exc})"
             finally:
                 tg.cancel_scope.cancel()
         return reason
 
-    async def _acquire(self, channel: Channel, rid: int, model: str | None) -> None:
-        with anyio.CancelScope() as scope:
-            self._waits[rid] = scope
+    def _dispatch(self, tg: anyio.abc.TaskGroup | None, channel: Channel, message: tuple[Any, ...]) -> None:
+        """One message from the gateway. With no task group (the gateway is stopping), only its reports
+        are taken: notes, tokens and counters."""
+        kind = message[0]
+        if kind == "tokens":
+            self._tokens(message[1])
+        elif kind == "note":
+            self._note(message[1], *message[2])
+        elif kind == "stats":
+            self.stats = message[1]
+        elif kind == "started":
+            self._accepting = True
+        elif tg is None:
+            return
+        elif kind == "acquire":
+            # The wait's scope exists before its task runs: a cancel read in the same batch finds it.
+            scope = self._waits[message[1]] = anyio.CancelScope()
+            tg.start_soon(self._acquire, channel, message[1], message[2], scope)
+        elif kind == "cancel":
+            waiting = self._waits.get(message[1])
+            if waiting is not None:
+                waiting.cancel()
+        elif kind == "call" and message[2] == "status_doc":
+            tg.start_soon(self._status_doc, channel, message[1])
+
+    async def _acquire(self, channel: Channel, rid: int, model: str | None, scope: anyio.CancelScope) -> None:
+        with scope:
             try:
                 upstream = await self.inner.acquire(model)
             except (EngineUnavailable, UnknownEngine, SupervisordLLMError) as exc:
@@ -277,7 +292,8 @@ class GatewayProcess:
                 self.log.exception("gateway.backend_failed", method="acquire")
                 channel.send("refused", rid, *refusal_record(exc))
             else:
-                channel.send("acquired", rid, upstream)
+                if not channel.send("acquired", rid, upstream) and not channel.closed:
+                    channel.send("refused", rid, *refusal_record(RuntimeError("the engine's address could not be sent")))
             finally:
                 self._waits.pop(rid, None)
 
@@ -322,16 +338,28 @@ class GatewayProcess:
                 except Exception:
                     self.log.exception("gateway.backend_failed", method="request_finished")
 
-    async def _stop(self, proc: subprocess.Popen[bytes]) -> None:
-        """Tell the gateway to stop (its open requests get their grace); kill it if it overruns."""
+    async def _stop(self, proc: subprocess.Popen[bytes], channel: Channel | None = None) -> None:
+        """Tell the gateway to stop (its open requests get their grace) and take its last reports
+        until it ends; kill it if it overruns."""
         try:
             os.kill(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        code = await self._reap(proc, kill_after_s=self.settings.shutdown_grace_s + STOP_MARGIN_S)
+        limit_s = self.settings.shutdown_grace_s + STOP_MARGIN_S
+        if channel is not None:
+            with anyio.move_on_after(limit_s):
+                try:
+                    while True:
+                        message = await channel.receive()
+                        try:
+                            self._dispatch(None, channel, message)
+                        except Exception:
+                            self.log.exception("gateway.message_failed", message=repr(message)[:200])
+                except ChannelClosed:
+                    pass
+        code = await self._reap(proc, kill_after_s=limit_s if channel is None else STOP_MARGIN_S)
         if code == -signal.SIGKILL:
-            self.log.error("gateway.stop_timeout", pid=proc.pid,
-                           waited_s=self.settings.shutdown_grace_s + STOP_MARGIN_S)
+            self.log.error("gateway.stop_timeout", pid=proc.pid, waited_s=limit_s)
 
     async def _reap(self, proc: subprocess.Popen[bytes], *, kill_after_s: float) -> int:
         """The process's exit status, waited for up to ``kill_after_s`` and then killed."""

@@ -225,3 +225,65 @@ async def test_the_daemons_stop_ends_the_gateway_process(engine_url: str) -> Non
     async with gateway(inner) as (process, _, _):
         pid = process.pid
     assert pid is not None and not psutil.pid_exists(pid)
+
+
+async def test_requests_waiting_in_the_backlog_are_served_by_the_restarted_gateway(engine_url: str) -> None:
+    """Requests that arrive while a dead gateway is being replaced wait in the socket's backlog and
+    are answered by the new gateway, which is not mistaken for a failed start because of them."""
+    inner = RecordingBackend(engine_url)
+    async with gateway(inner) as (process, url, exits), httpx.AsyncClient(timeout=30) as client:
+        first_pid = process.pid
+        assert first_pid is not None
+        os.kill(first_pid, signal.SIGKILL)
+        with anyio.fail_after(10):
+            while not exits:
+                await anyio.sleep(0.005)
+        codes: list[int] = []
+
+        async def one() -> None:
+            codes.append((await client.post(url + "/v1/chat/completions", json=CHAT)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(one)
+        assert codes == [200] * 5
+        await anyio.sleep(1.0)
+        assert len(exits) == 1, exits  # the new gateway kept running
+
+
+async def test_a_wait_cancelled_in_the_same_breath_as_it_was_asked_is_cancelled(engine_url: str) -> None:
+    """An acquire and its cancel read by the daemon together (its loop was busy) still cancel the wait."""
+    from supervisord_llm.gateway.process import GatewayProcess as _Process
+
+    inner = RecordingBackend(engine_url)
+    process = _Process(inner, GatewaySettings(port=free_port()), status_doc=lambda: None,  # type: ignore[arg-type, return-value]
+                       log_setup={"level": "warning", "json_logs": False}, on_exit=lambda _: None,
+                       log=structlog.get_logger("test"))
+
+    class Sink:
+        closed = False
+
+        def send(self, *message: Any, replaceable: bool = False) -> bool:
+            return True
+
+    async with anyio.create_task_group() as tg:
+        process._dispatch(tg, Sink(), ("acquire", 1, "slow"))  # type: ignore[arg-type]
+        process._dispatch(tg, Sink(), ("cancel", 1))  # type: ignore[arg-type]
+    assert not process._waits  # the wait ended: cancelled before it ever blocked
+    assert not inner.acquire_entered.is_set() or inner.acquire_cancelled.is_set()
+
+
+async def test_a_message_the_daemon_cannot_read_is_logged_and_the_gateway_keeps_serving(engine_url: str) -> None:
+    """A malformed message from the gateway (a note without its arguments, as another version of the
+    program might send) does not take the daemon's side down: requests are still answered."""
+    import pickle
+    import struct
+
+    inner = RecordingBackend(engine_url)
+    async with gateway(inner) as (process, url, exits), httpx.AsyncClient(timeout=30) as client:
+        assert process._channel is not None
+        data = pickle.dumps(("note", "request_started"))
+        process._channel.reader.feed_data(struct.pack("!I", len(data)) + data)  # as if it came from the gateway
+        await anyio.sleep(0.2)
+        ok = await client.post(url + "/v1/chat/completions", json=CHAT)
+        assert ok.status_code == 200 and not exits
