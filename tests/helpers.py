@@ -226,6 +226,16 @@ class Daemon:
         return subprocess.run([PYTHON, "-m", "supervisord_llm.cli", "--socket", str(self.socket), *args],
                               capture_output=True, text=True, timeout=timeout, env={**self.env, **(env or {})})
 
+    def wait_events(self, check: Callable[[dict], bool], timeout_s: float = 10.0) -> list[dict]:
+        """The events ``check`` accepts, once there is one. The event log's writer may land a line a
+        moment after the state it records is visible in the status."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [e for e in self.events() if check(e)]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
     def gateway_counters(self, check: Callable[[dict], bool], timeout_s: float = 5.0) -> dict:
         """The gateway's part of the status once ``check`` holds for it. Its counters come from the
         gateway's own process and reach the daemon within tens of milliseconds, so a test that has

@@ -201,7 +201,8 @@ def test_a_running_but_silent_engine_is_hung_on_stream_evidence_and_restarted(da
     assert engine["watchdog"]["evidence"]["source"] == "stream"
     assert httpx.get(d.engine("quiet")["base_url"] + "/health").status_code == 200
     d.wait_state("quiet", {"stopping", "backoff"}, 20)
-    stopping = [e for e in _states(d, "quiet") if e["to"] == "stopping"][-1]
+    stopping = d.wait_events(lambda e: e["kind"] == "engine.state_changed" and e.get("engine") == "quiet"
+                             and e["to"] == "stopping")[-1]
     assert "hang restart" in stopping["reason"]
     assert 3.0 - 1.0 <= _t(stopping) - _t(hung) <= 3.0 + 2.5
 
@@ -225,7 +226,8 @@ def test_real_mlx_with_a_wedged_generation_loop_is_hung_while_health_stays_200(d
     assert httpx.get(f"http://127.0.0.1:{ready['port']}/health").status_code == 200
     assert engine["pid"] == ready["pid"]
     d.wait_state("tiny", {"stopping", "backoff"}, 20)
-    stopping = [e for e in _states(d, "tiny") if e["to"] == "stopping"][-1]
+    stopping = d.wait_events(lambda e: e["kind"] == "engine.state_changed" and e.get("engine") == "tiny"
+                             and e["to"] == "stopping")[-1]
     assert "hang restart" in stopping["reason"]
     assert "wedged" in Path(d.engine("tiny")["log"]).read_text()
 
