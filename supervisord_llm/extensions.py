@@ -13,7 +13,7 @@ import anyio.lowlevel
 
 from supervisord_llm.engine.supervisor import EngineState
 from supervisord_llm.extension import Extension
-from supervisord_llm.gateway.proxy import EngineUnavailable, RequestStats, Upstream
+from supervisord_llm.gateway.protocol import EngineUnavailable, RequestStats, Upstream
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon

@@ -38,14 +38,14 @@ import psutil
 
 from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
 from supervisord_llm.gateway.channel import Channel, ChannelClosed, open_channel
-from supervisord_llm.gateway.proxy import (
+from supervisord_llm.gateway.protocol import (
     EngineUnavailable,
     GatewayBackend,
-    GatewaySettings,
     RequestStats,
     bind_listen,
     listen_text,
 )
+from supervisord_llm.gateway.settings import GatewaySettings
 from supervisord_llm.gateway.worker import refusal_record
 
 __all__ = ["GatewayProcess"]

@@ -42,7 +42,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -57,9 +57,18 @@ from starlette.routing import Route
 
 from policies.frontdoor import Admission, SwapPermission, admit_request, check_path, may_start_engine, retry_after_s
 from supervisord_llm.clock import Clock, SystemClock
-from supervisord_llm.errors import EngineError, SupervisordLLMError, UnknownEngine
+from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
 from supervisord_llm.gateway import anthropic as anthropic_api
 from supervisord_llm.gateway import hold, retry
+from supervisord_llm.gateway.protocol import (
+    EngineUnavailable,
+    GatewayBackend,
+    GatewayListenFailed,
+    RequestStats,
+    Upstream,
+    bind_listen,
+    listen_text,
+)
 from supervisord_llm.gateway.settings import GatewaySettings, parse_listen  # noqa: F401 - re-exported
 from supervisord_llm.gateway.upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
 from supervisord_llm.httpserver import DaemonServer
@@ -88,96 +97,9 @@ TOKEN_COUNT_HEADER = "x-supervisord-llm-token-count"
 
 
 # --------------------------------------------------------------------------------------------
-# The protocol the daemon implements
+# The protocol the daemon implements: gateway/protocol.py (the daemon imports only that, never this
+# module and its HTTP stack)
 
-
-@dataclass(frozen=True)
-class Upstream:
-    """Where one request goes: an engine that is ready to serve it now.
-
-    ``kind`` is the adapter's name (mlx_lm, omlx, vllm, llama_cpp, ollama, sglang, command);
-    ``served_model`` replaces the request's ``model`` field when set (mlx_lm.server wants
-    ``"default_model"`` or its model path there, never the gateway's name for it).
-    ``accepts_images``: its model can see, so translated Messages requests may carry images.
-    ``auth_headers`` is the engine's own API key (vLLM/SGLang ``--api-key``, oMLX ``auth.api_key``):
-    when set it replaces whatever credentials the client sent, which were for the gateway.
-    """
-
-    engine: str
-    base_url: str
-    kind: str
-    supports_messages: bool
-    served_model: str | None = None
-    accepts_images: bool = False
-    auth_headers: tuple[tuple[str, str], ...] = ()
-    # The engine's own line: requests beyond max_concurrent wait (FIFO, up to max_queue), then 429.
-    max_concurrent: int = 0
-    max_queue: int = 0
-
-
-class EngineUnavailable(EngineError):
-    """The engine for a request cannot serve it now (503) or does not exist (404).
-
-    ``reason`` is machine-readable (``backoff``, ``failed``, ``stranded_memory``, ``unknown_model``,
-    ``hold_timeout`` ...); the message is for people. ``retry_after_s`` becomes the Retry-After
-    header; ``until_wall`` (Unix time) says until when the engine is expected to stay unavailable.
-    """
-
-    def __init__(
-        self,
-        engine: str,
-        reason: str,
-        message: str | None = None,
-        *,
-        retry_after_s: float | None = None,
-        until_wall: float | None = None,
-        status: int = 503,
-    ) -> None:
-        if status not in (503, 404):
-            raise ValueError(f"EngineUnavailable status must be 503 or 404, got {status}")
-        self.reason = reason
-        self.retry_after_s = retry_after_s
-        self.until_wall = until_wall
-        self.status = status
-        self.detail = message or f"unavailable ({reason})"
-        super().__init__(engine, self.detail)
-
-
-class GatewayListenFailed(SupervisordLLMError):
-    """The gateway could not listen on its address (port in use, address not available)."""
-
-
-@dataclass(frozen=True)
-class RequestStats:
-    """One finished or ended request, as the gateway saw it."""
-
-    engine: str
-    ttft_s: float | None
-    tokens: int
-    decode_s: float | None
-    max_gap_s: float | None
-    ended: str  # "complete" | "client_disconnected" | "client_too_slow" | "upstream_error" | "stalled"
-    duration_s: float | None = None  # from sending to the engine to the last byte
-
-
-class GatewayBackend(Protocol):
-    """Protocol: what the gateway needs from the daemon. Sync methods must be cheap and not block."""
-
-    def models(self) -> list[dict]: ...
-
-    def default_engine(self) -> str | None: ...
-
-    async def acquire(self, model: str | None) -> Upstream: ...
-
-    def request_started(self, engine: str) -> None: ...
-
-    def token_progress(self, engine: str, at_s: float) -> None: ...
-
-    def engine_progress_s(self, engine: str) -> float | None: ...
-
-    def request_finished(self, stats: RequestStats) -> None: ...
-
-    def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -1823,38 +1745,6 @@ def build_app(
 # --------------------------------------------------------------------------------------------
 # Serving
 
-
-_CLIENT_SNDBUF_BYTES = 64 * 2**10
-
-
-def bind_listen(host: str, port: int) -> socket.socket:
-    """The gateway's listening socket (GatewayListenFailed with the reason when it cannot be had)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and
-    # without it Nagle and delayed ACKs add ~40 ms to every response sent in two writes.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted connections inherit this fixed send buffer. Left to autotuning, the kernel takes
-        # megabytes from us for a client that reads nothing, so the gateway would see that client
-        # "drain" for minutes and never cut it; 64 KiB (doubled by Linux) still streams at full speed.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CLIENT_SNDBUF_BYTES)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        raise GatewayListenFailed(
-            f"the gateway cannot listen on {host}:{port}: {exc.strerror or exc}; "
-            "choose another [gateway] listen address or stop what holds it"
-        ) from exc
-    sock.setblocking(False)
-    return sock
-
-
-def listen_text(sock: socket.socket) -> str:
-    """``host:port`` of a listening socket (``[host]:port`` for IPv6)."""
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _guarded_http_protocol(settings: GatewaySettings, stats: GatewayStats | None) -> type[Any]:

@@ -42,7 +42,7 @@ import anyio.abc
 
 from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
 from supervisord_llm.gateway.channel import Channel, ChannelClosed, open_channel
-from supervisord_llm.gateway.proxy import EngineUnavailable, RequestStats, Upstream
+from supervisord_llm.gateway.protocol import EngineUnavailable, RequestStats, Upstream
 
 # Token times reach the daemon at most this late; stall limits are seconds, so nothing is judged on it.
 TOKEN_FLUSH_S = 0.05

@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, InfoMetricFamily, Metric
 from supervisord_llm.extension import Extension
 
 if TYPE_CHECKING:
-    from supervisord_llm.gateway.proxy import RequestStats
+    from supervisord_llm.gateway.protocol import RequestStats
 
 
 class Observed(Protocol):
