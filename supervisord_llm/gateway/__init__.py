@@ -3,7 +3,8 @@
 ``proxy`` (routing, limits, holding, streaming to the engine's pace), ``settings`` (the
 ``[gateway]`` table, read with the config's one table reader), ``worker`` (the gateway's own process),
 ``process`` (the daemon's side of it: starting, answering and restarting it), ``channel`` (the one
-crossing between the two), ``anthropic`` (the Messages API
+crossing between the two), ``protocol`` (the types both sides share: all of the gateway the daemon
+imports), ``upstream`` (the aiohttp client to the engine), ``anthropic`` (the Messages API
 translated for OpenAI-only engines), ``headers``, ``hold``, ``retry`` and ``turns``. The front-door
 decisions themselves are pure functions in ``policies.frontdoor``.
 """
