@@ -200,6 +200,18 @@ class Daemon:
             return c.post(path, json=body or {}, timeout=timeout)
 
     def events(self) -> list[dict]:
+        """The durable event log (events.jsonl). Its writer thread may land a line a moment after the
+        daemon emitted it: when the daemon is up, this waits (at most 3 s) until the file holds every
+        event the daemon had emitted when it was asked, so a test reads what it just caused."""
+        out = self._events_on_disk()
+        emitted = self._newest_seq()
+        deadline = time.monotonic() + 3.0
+        while emitted is not None and (not out or out[-1].get("seq", 0) < emitted) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            out = self._events_on_disk()
+        return out
+
+    def _events_on_disk(self) -> list[dict]:
         out = []
         try:
             for line in (self.state_dir / "events.jsonl").read_text().splitlines():
@@ -210,6 +222,17 @@ class Daemon:
         except OSError:
             pass
         return out
+
+    def _newest_seq(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None or not self._accepts():
+            return None
+        try:
+            with self.client() as c:
+                recent = c.get("/v1/events", params={"lines": 1}, timeout=5).json().get("events") or []
+        except (httpx.HTTPError, ValueError):
+            return None
+        seq = recent[-1].get("seq") if recent else None
+        return seq if isinstance(seq, int) else None
 
     def wait_state(self, name: str, states: str | set[str], timeout_s: float = 60.0) -> dict:
         wanted = {states} if isinstance(states, str) else set(states)
