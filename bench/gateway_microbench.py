@@ -31,21 +31,9 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Daemon, free_port, standin_engine_toml  # noqa: E402
+from gateway_bench import ttfb_once  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "hello"}]
-
-
-async def ttfb_once(client: httpx.AsyncClient, url: str, model: str) -> float:
-    body = {"model": model, "messages": PROMPT, "max_tokens": 1, "stream": True}
-    started = time.perf_counter()
-    first: float | None = None
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for _ in response.aiter_raw():
-            if first is None:
-                first = time.perf_counter() - started
-    assert first is not None
-    return first
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> int:

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -41,6 +42,17 @@ def tiny_model_dir() -> Path:
     if not is_complete(directory):
         subprocess.run([PYTHON, "-m", "supervisord_llm.tinymodel", str(directory)], check=True)
     return directory
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """``predicate()``'s first true value, checked every 50 ms; AssertionError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout_s}s")
 
 
 def wait_http(url: str, timeout_s: float = 60.0) -> None:

@@ -20,19 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import STANDINS, free_port, short_tmpdir, standin_engine_toml
+from tests.helpers import STANDINS, free_port, short_tmpdir, standin_engine_toml, wait_for
 
 pytestmark = [pytest.mark.slow]
-
-
-def wait_for(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout_s}s")
 
 
 def kinds(d, kind: str) -> list[dict]:  # type: ignore[no-untyped-def]

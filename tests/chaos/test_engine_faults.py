@@ -20,6 +20,7 @@ from tests.helpers import (
     mlx_engine_toml,
     pids_with_tag_prefix,
     standin_engine_toml,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -27,16 +28,6 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
 def daemon_id(d) -> str:  # type: ignore[no-untyped-def]
     return (d.state_dir / "daemon-id").read_text().strip()
-
-
-def wait_for(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout_s}s")
 
 
 def no_engine_processes(d, name: str = "") -> bool:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import REPO, Daemon, free_port, mlx_engine_toml, short_tmpdir
+from tests.helpers import REPO, Daemon, free_port, mlx_engine_toml, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -139,16 +139,6 @@ def test_a_blocked_gateway_blocks_neither_status_nor_crash_recording(probed) -> 
     assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny"
 
 
-def _wait(what: str, check, timeout_s: float = 30):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout_s}s")
-
-
 def test_a_killed_gateway_process_is_started_again_and_the_engine_is_untouched(probed) -> None:
     """SIGKILL of the gateway process (an out-of-memory kill, a crash) mid-stream: the daemon records
     it, starts a new gateway on the same port, the engine keeps running, and clients are served again."""
@@ -169,10 +159,10 @@ def test_a_killed_gateway_process_is_started_again_and_the_engine_is_untouched(p
 
     streamer = threading.Thread(target=stream, daemon=True)
     streamer.start()
-    _wait("the stream in flight", lambda: _control_status(d)["gateway"]["in_flight"] == 1)
+    wait_for(lambda: _control_status(d)["gateway"]["in_flight"] == 1, 30, "the stream in flight")
     os.kill(gateway_pid, signal.SIGKILL)
-    exited = _wait("gateway.exited in the event log",
-                   lambda: next((e for e in d.events() if e["kind"] == "gateway.exited"), None))
+    exited = wait_for(lambda: next((e for e in d.events() if e["kind"] == "gateway.exited"), None), 30,
+                      "gateway.exited in the event log")
     assert exited["pid"] == gateway_pid and exited["exit"] == "killed by SIGKILL" and exited["restarts"] == 1
     streamer.join(30)
     assert cut, "the stream through the killed gateway did not end with an error"
@@ -185,7 +175,7 @@ def test_a_killed_gateway_process_is_started_again_and_the_engine_is_untouched(p
     assert engine["pid"] == engine_pid and engine["state"] == "ready"  # the model was not reloaded
     assert not [e for e in d.events() if e["kind"] == "engine.exited"]
     # The request that died with the gateway no longer counts as in flight on the engine.
-    _wait("no request in flight", lambda: _control_status(d)["gateway"]["in_flight"] == 0)
+    wait_for(lambda: _control_status(d)["gateway"]["in_flight"] == 0, 30, "no request in flight")
 
 
 def test_the_gateway_process_ends_with_the_daemon(probed) -> None:
@@ -203,7 +193,7 @@ def test_the_gateway_process_ends_with_the_daemon(probed) -> None:
         except psutil.NoSuchProcess:
             return True
 
-    _wait("the gateway process to end after the daemon's death", gone, 30)
+    wait_for(gone, 30, "the gateway process to end after the daemon's death")
 
 
 def test_a_daemon_stopping_does_not_wait_forever_on_a_wedged_gateway(probed) -> None:
@@ -222,7 +212,7 @@ def test_a_daemon_stopping_does_not_wait_forever_on_a_wedged_gateway(probed) -> 
             pass  # cut when the gateway is killed
 
     threading.Thread(target=blocked_request, daemon=True).start()
-    _wait("the probe to block the gateway", lambda: (probe_dir / "blocked").exists())
+    wait_for(lambda: (probe_dir / "blocked").exists(), 30, "the probe to block the gateway")
     d.proc.terminate()  # type: ignore[union-attr]
     assert d.proc.wait(60) == 0  # type: ignore[union-attr]  # grace 5 s + 5 s margin, then killed
     assert not psutil.pid_exists(gateway_pid) or psutil.Process(gateway_pid).status() == psutil.STATUS_ZOMBIE
@@ -246,12 +236,12 @@ def test_a_restarted_daemon_ends_the_wedged_gateway_its_killed_predecessor_left(
             pass
 
     threading.Thread(target=blocked_request, daemon=True).start()
-    _wait("the probe to block the gateway", lambda: (probe_dir / "blocked").exists())
+    wait_for(lambda: (probe_dir / "blocked").exists(), 30, "the probe to block the gateway")
     d.kill()
     assert psutil.pid_exists(old_pid)  # wedged: it did not notice its daemon's death
     (probe_dir / "blocked").unlink()
     d.start()
-    _wait("a new gateway process", lambda: _control_status(d)["gateway"]["pid"] not in (None, old_pid))
+    wait_for(lambda: _control_status(d)["gateway"]["pid"] not in (None, old_pid), 30, "a new gateway process")
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
     models = httpx.get(url + "/v1/models", timeout=30)
     assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny"
