@@ -196,13 +196,8 @@ def test_the_gateway_process_ends_with_the_daemon(probed) -> None:
     wait_for(gone, 30, "the gateway process to end after the daemon's death")
 
 
-def test_a_daemon_stopping_does_not_wait_forever_on_a_wedged_gateway(probed) -> None:
-    """SIGTERM to the daemon while the gateway's loop is wedged: the engines stop, the gateway gets its
-    grace and is then killed, and the daemon exits; nothing of the gateway is left."""
-    import psutil
-
-    d, url, probe_dir = probed
-    gateway_pid = _control_status(d)["gateway"]["pid"]
+def _wedge_gateway(url: str, probe_dir: Path) -> None:
+    """Send a request that makes the probe block the gateway's loop, and wait until it does."""
 
     def blocked_request() -> None:
         try:
@@ -213,6 +208,17 @@ def test_a_daemon_stopping_does_not_wait_forever_on_a_wedged_gateway(probed) -> 
 
     threading.Thread(target=blocked_request, daemon=True).start()
     wait_for(lambda: (probe_dir / "blocked").exists(), 30, "the probe to block the gateway")
+
+
+def test_a_daemon_stopping_does_not_wait_forever_on_a_wedged_gateway(probed) -> None:
+    """SIGTERM to the daemon while the gateway's loop is wedged: the engines stop, the gateway gets its
+    grace and is then killed, and the daemon exits; nothing of the gateway is left."""
+    import psutil
+
+    d, url, probe_dir = probed
+    gateway_pid = _control_status(d)["gateway"]["pid"]
+
+    _wedge_gateway(url, probe_dir)
     d.proc.terminate()  # type: ignore[union-attr]
     assert d.proc.wait(60) == 0  # type: ignore[union-attr]  # grace 5 s + 5 s margin, then killed
     assert not psutil.pid_exists(gateway_pid) or psutil.Process(gateway_pid).status() == psutil.STATUS_ZOMBIE
@@ -228,15 +234,7 @@ def test_a_restarted_daemon_ends_the_wedged_gateway_its_killed_predecessor_left(
     d, url, probe_dir = probed
     old_pid = _control_status(d)["gateway"]["pid"]
 
-    def blocked_request() -> None:
-        try:
-            httpx.post(url + "/v1/chat/completions", headers={"x-probe-block": "1"}, timeout=120,
-                       json={"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
-        except httpx.HTTPError:
-            pass
-
-    threading.Thread(target=blocked_request, daemon=True).start()
-    wait_for(lambda: (probe_dir / "blocked").exists(), 30, "the probe to block the gateway")
+    _wedge_gateway(url, probe_dir)
     d.kill()
     assert psutil.pid_exists(old_pid)  # wedged: it did not notice its daemon's death
     (probe_dir / "blocked").unlink()

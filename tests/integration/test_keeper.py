@@ -13,30 +13,19 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import psutil
 import pytest
 
 from supervisord_llm.engine.process import EngineProcess, find_keeper, reap_keepers, reap_zombie_children
-from tests.helpers import Daemon, free_port, mlx_engine_toml, short_tmpdir, standin_engine_toml
+from tests.helpers import Daemon, free_port, mlx_engine_toml, short_tmpdir, standin_engine_toml, wait_for
 
 pytestmark = [pytest.mark.slow]
 
 ENGINES = ("oom", "abort", "clean", "orphaned")
-
-
-def _until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def _keeper_of(pid: int) -> psutil.Process:
@@ -69,7 +58,7 @@ class Adopted:
                        and e.get("engine") == name]
             return (exited[-1], decided[-1]) if exited and decided else None
 
-        exited, decided = _until(found, 30, f"{name}'s exit in events.jsonl")
+        exited, decided = wait_for(found, 30, f"{name}'s exit in events.jsonl")
         return exited, decided, self.daemon.engine(name)["last_exit"]
 
 
@@ -88,7 +77,7 @@ def adopted(tiny_model: Path) -> Iterator[Adopted]:
         pids = {name: first.wait_state(name, "ready", timeout_s=90)["pid"] for name in (*ENGINES, "unwatched")}
         first.kill()
         os.kill(pids["unwatched"], signal.SIGKILL)  # while no daemon runs: only its keeper sees it
-        _until(lambda: (state_dir / "exits" / f"unwatched.{pids['unwatched']}.json").exists(), 10, "the keeper's record")
+        wait_for(lambda: (state_dir / "exits" / f"unwatched.{pids['unwatched']}.json").exists(), 10, "the keeper's record")
         second.start()
         for name in ENGINES:
             assert second.wait_state(name, "ready", timeout_s=60)["pid"] == pids[name]
@@ -109,7 +98,7 @@ def test_an_adopted_engine_killed_by_sigkill_reports_sigkill(adopted: Adopted) -
     assert decided["exit"] == "SIGKILL", decided
     assert last_exit["signal"] == "SIGKILL" and last_exit["reason"].startswith("killed by SIGKILL"), last_exit
     assert parent is not None and any(arg.endswith("keeper.py") for arg in parent_argv), parent
-    _until(lambda: _gone(parent), 10, "the keeper to exit after its engine (and init to reap it)")
+    wait_for(lambda: _gone(parent), 10, "the keeper to exit after its engine (and init to reap it)")
 
 
 def test_an_adopted_engine_that_aborts_reports_sigabrt(adopted: Adopted) -> None:
@@ -134,7 +123,7 @@ def test_a_killed_keeper_leaves_its_engine_running_and_the_status_unknown(adopte
     pid = adopted.pids["orphaned"]
     keeper = _keeper_of(pid)
     keeper.kill()
-    _until(lambda: _gone(keeper), 10, "the killed keeper to be reaped")
+    wait_for(lambda: _gone(keeper), 10, "the killed keeper to be reaped")
     time.sleep(1.0)
     engine = adopted.daemon.engine("orphaned")
     assert engine["state"] == "ready" and engine["pid"] == pid, engine
@@ -341,7 +330,7 @@ async def test_a_keeper_that_already_ended_is_reaped_at_start(tmp_path: Path) ->
     assert proc.keeper is not None
     keeper_proc = psutil.Process(proc.keeper.pid)
     os.kill(proc.pid, signal.SIGKILL)
-    _until(lambda: keeper_proc.status() == psutil.STATUS_ZOMBIE, 10, "the keeper to end")
+    wait_for(lambda: keeper_proc.status() == psutil.STATUS_ZOMBIE, 10, "the keeper to end")
     assert keeper_proc.pid in await anyio.to_thread.run_sync(reap_zombie_children)
     assert _gone(keeper_proc)
     _forget_popen(proc)
