@@ -174,7 +174,19 @@ def holds_for_groups(engine: str, *, serving: bool, conflicting_groups: int) -> 
     return not serving or conflicting_groups > 0
 
 
-def swap_may_start(unstarted_ages_s: Sequence[float], *, max_wait_s: float) -> bool:
+def gateway_may_pass(*, serving: bool, draining: bool, held_groups: int) -> bool:
+    """Whether the gateway may send requests for an engine straight on without asking the daemon
+    (a *pass*), until the daemon takes the pass back.
+
+    Only the plainest case earns one: the engine serves, it is not draining, and no request of any
+    engine is held for a turn (then no swap is pending, so ``holds_for_groups`` lets every request
+    for a serving engine through). Everything else (a swap to decide, a start, a refusal) is asked
+    of the daemon, request by request.
+    """
+    return serving and not draining and held_groups == 0
+
+
+def swap_may_start(unstarted_ages_s: Sequence[float], *, max_wait_s: float, passes_closed: bool = True) -> bool:
     """Whether the swap for the group whose turn it is may start: only once every request already
     let through to the engines it would stop has reached its engine (started there, where a swap's
     drain waits for it), so that the swap never stops an engine under a request on its way in.
@@ -182,5 +194,10 @@ def swap_may_start(unstarted_ages_s: Sequence[float], *, max_wait_s: float) -> b
     ``unstarted_ages_s`` are how long ago each such request was let through. One that has not
     started after ``max_wait_s`` is taken as lost (its client left, it was refused after routing):
     a lost notification must not keep the turns waiting for ever.
+
+    ``passes_closed``: the gateway has confirmed that it took back its passes (``gateway_may_pass``).
+    Until then it may still let requests through on its own, which the daemon has not counted yet,
+    so no swap starts; this wait has no time limit, the gateway answers within milliseconds (and a
+    gateway that dies takes its passes with it).
     """
-    return all(age_s >= max_wait_s for age_s in unstarted_ages_s)
+    return passes_closed and all(age_s >= max_wait_s for age_s in unstarted_ages_s)

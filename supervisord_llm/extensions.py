@@ -6,6 +6,7 @@ defaults); ``install_extensions`` attaches them in the order the daemon starts t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -39,6 +40,10 @@ class DaemonGatewayBackend:
         self.daemon = daemon
         self.hold_s = hold_s
         self.turns = EngineTurns(_Turns(self))
+        # Set by the gateway's process (GatewayProcess): taking its passes back, and telling it that
+        # they may have changed. With no gateway process nobody holds a pass.
+        self.close_passes: Callable[[], bool] = lambda: True
+        self.passes_may_change: Callable[[], None] = lambda: None
 
     def models(self) -> list[dict]:
         out = []
@@ -58,15 +63,49 @@ class DaemonGatewayBackend:
             if name is None:
                 raise EngineUnavailable("-", "no_engines", "no engines are configured", status=404)
             return daemon.supervisors[name]
-        for sup in daemon.supervisors.values():
-            if model == sup.name or model in sup.config.aliases:
-                return sup
-        for sup in daemon.supervisors.values():
-            if model in (sup.config.served_model, sup.config.model):
-                return sup
+        name = self.routes().get(model)
+        if name is not None:
+            return daemon.supervisors[name]
         names = ", ".join(sorted(daemon.supervisors))
         raise EngineUnavailable(model, "unknown_model",
                                 f"no engine serves model {model!r}; configured: {names}", status=404)
+
+    def routes(self) -> dict[str, str]:
+        """Every model name a request may give, and the engine it reaches: an engine's name or one of
+        its aliases first, then the names the engines serve their models under; the first engine in
+        the config wins a name two of them give."""
+        sups = list(self.daemon.supervisors.values())
+        table: dict[str, str] = {}
+        for sup in sups:
+            for name in (sup.name, *sup.config.aliases):
+                table.setdefault(name, sup.name)
+        for sup in sups:
+            for served in (sup.config.served_model, sup.config.model):
+                if served:
+                    table.setdefault(served, sup.name)
+        return table
+
+    def passes(self) -> dict[str, Upstream]:
+        from policies.frontdoor import gateway_may_pass
+
+        held = self.turns.held_groups()
+        return {sup.name: self._upstream(sup) for sup in self.daemon.supervisors.values()
+                if gateway_may_pass(serving=self.serving_now(sup), held_groups=held,
+                                    draining=sup.health is not None and bool(sup.health.draining))}
+
+    def try_pass(self, model: str | None) -> Upstream | None:
+        try:
+            name = self._resolve(model).name
+        except EngineUnavailable:
+            return None
+        upstream = self.passes().get(name)
+        if upstream is not None:
+            self.let_through(name)
+        return upstream
+
+    def let_through(self, engine: str) -> None:
+        if engine in self.daemon.supervisors:
+            self.turns.let_through(engine)
 
     def _upstream(self, sup: EngineSupervisor) -> Upstream:
         return Upstream(engine=sup.name, base_url=sup.config.base_url, kind=sup.config.kind,
@@ -251,6 +290,12 @@ class _Turns:
     def decided(self, action: Any, **inputs: object) -> None:
         self.daemon.decided("serving_order", action.engine, action, **inputs)
 
+    def close_passes(self) -> bool:
+        return self.backend.close_passes()
+
+    def groups_changed(self) -> None:
+        self.backend.passes_may_change()
+
 
 class GatewayExtension(Extension):
     """The gateway, in a process of its own (``gateway.process``, ``gateway.worker``): traffic never
@@ -279,7 +324,10 @@ class GatewayExtension(Extension):
                                restarts=fields["restarts"], next_start_in_s=fields["next_start_in_s"])
 
         self.process = GatewayProcess(self.inner, self.settings, status_doc=status_doc, log_setup=current(),
-                                      on_exit=on_exit, on_spawn=daemon.persist, log=daemon.log.bind(component="gateway"))
+                                      on_exit=on_exit, on_spawn=daemon.persist, log=daemon.log.bind(component="gateway"),
+                                      on_passes_closed=self.inner.turns.changed)
+        self.inner.close_passes = self.process.close_passes
+        self.inner.passes_may_change = self.process.publish_passes
         self.listen = self.settings.listen
 
     def restore(self, saved: dict[str, Any]) -> None:
@@ -289,7 +337,7 @@ class GatewayExtension(Extension):
         return self.process.persisted()
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        if event.get("kind") in ("engine.state_changed", "swap.started", "swap.finished"):
+        if event.get("kind") in ("engine.state_changed", "engine.draining", "swap.started", "swap.finished"):
             self.process.publish()
             self.inner.turns.changed()
 

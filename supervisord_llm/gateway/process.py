@@ -14,8 +14,12 @@ supervision; what crosses between them is the :class:`GatewayBackend` protocol o
 - answers the gateway's ``acquire`` on the daemon's loop with the daemon's backend (``inner``), and
   cancels that wait when the gateway says the client gave up;
 - hands the gateway's notes to ``inner`` in the order they were sent, and publishes what the
-  gateway reads without asking (models, the default engine, each engine's progress) on every state
-  change and every ``PUBLISH_S`` while requests run;
+  gateway reads without asking (models, the default engine, each engine's progress, the model names
+  it may route by itself and the engines it holds a pass for) on every state change and every
+  ``PUBLISH_S`` while requests run;
+- takes the passes back when turn-taking asks (``close_passes``): every snapshot is numbered and the
+  gateway acknowledges each once applied. The channel keeps order, so once the gateway acknowledges
+  a snapshot without passes, every request it let through on an older pass has been counted here;
 - keeps the gateway's latest counters for ``llmctl status``;
 - on the daemon's stop, tells the gateway to stop (open requests get ``shutdown_grace_s``) and
   kills it if it has not ended a few seconds after that.
@@ -40,7 +44,7 @@ from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
 from supervisord_llm.gateway.channel import Channel, ChannelClosed, open_channel
 from supervisord_llm.gateway.protocol import (
     EngineUnavailable,
-    GatewayBackend,
+    PassingBackend,
     RequestStats,
     bind_listen,
     listen_text,
@@ -67,7 +71,7 @@ class GatewayProcess:
 
     def __init__(
         self,
-        inner: GatewayBackend,
+        inner: PassingBackend,
         settings: GatewaySettings,
         *,
         status_doc: Callable[[], Awaitable[dict[str, Any]]],
@@ -75,6 +79,7 @@ class GatewayProcess:
         on_exit: Callable[[dict[str, Any]], None],
         on_spawn: Callable[[], object] = lambda: None,
         log: Any,
+        on_passes_closed: Callable[[], None] = lambda: None,
     ) -> None:
         self.inner = inner
         self.settings = settings
@@ -82,6 +87,7 @@ class GatewayProcess:
         self.log_setup = log_setup
         self.on_exit = on_exit
         self.on_spawn = on_spawn
+        self.on_passes_closed = on_passes_closed
         self.log = log
         # The previous daemon's gateway process ({"pid", "create_time"}, from the state file).
         self.previous: dict[str, Any] | None = None
@@ -96,6 +102,11 @@ class GatewayProcess:
         self._open: Counter[str] = Counter()
         self._busy = anyio.Event()
         self._accepting = False  # the current gateway process reported that it accepts
+        # Snapshots are numbered; the current gateway process acknowledges each once applied.
+        self._seq = 0
+        self._passes: frozenset[str] = frozenset()  # the engines the latest snapshot gave passes for
+        self._granting_seq = -1  # the latest snapshot that gave any pass (-1: none to this process)
+        self._acked_seq = 0
 
     # -- what the gateway reads without asking ------------------------------------------------------
 
@@ -109,10 +120,38 @@ class GatewayProcess:
         try:
             models = inner.models()
             progress = {m["id"]: inner.engine_progress_s(m["id"]) for m in models}
+            passes = inner.passes()
+            self._seq += 1
             # Never dropped (a stale engine state would misroute the gateway until the next change).
-            channel.send("snapshot", models, inner.default_engine(), progress)
+            channel.send("snapshot", models, inner.default_engine(), progress, inner.routes(), passes, self._seq)
+            self._passes = frozenset(passes)
+            if passes:
+                self._granting_seq = self._seq
         except Exception:
             self.log.exception("gateway.backend_failed", method="publish")
+
+    def publish_passes(self) -> None:
+        """Publish now if the engines the gateway may pass requests to are no longer those it was
+        last told (turn-taking formed or ended a group)."""
+        try:
+            changed = frozenset(self.inner.passes()) != self._passes
+        except Exception:
+            self.log.exception("gateway.backend_failed", method="passes")
+            return
+        if changed:
+            self.publish()
+
+    def close_passes(self) -> bool:
+        """Whether the gateway holds no pass that the daemon has not seen it give up: no gateway
+        process is connected, or it acknowledged a snapshot newer than the last one that gave
+        passes. Otherwise a snapshot with the current passes (none, while a group is held) is sent,
+        unless one newer than the last granting one is on its way; ``on_passes_closed`` is called
+        when the acknowledgement arrives."""
+        if self._channel is None or self._acked_seq > self._granting_seq:
+            return True
+        if self._seq == self._granting_seq:
+            self.publish()
+        return False
 
     async def run_publisher(self) -> None:
         """While requests run, refresh the snapshots every ``PUBLISH_S``; idle, it sleeps."""
@@ -216,6 +255,7 @@ class GatewayProcess:
                 await self._stop(proc)
             raise
         self._channel = channel
+        self._granting_seq, self._acked_seq, self._passes = -1, 0, frozenset()  # a new process holds none
         ended: dict[str, Any] = {"pid": proc.pid}
         try:
             channel.send("init", self.settings, self.log_setup)
@@ -269,6 +309,11 @@ class GatewayProcess:
             self.stats = message[1]
         elif kind == "started":
             self._accepting = True
+        elif kind == "ack":
+            closed_before = self._acked_seq > self._granting_seq
+            self._acked_seq = max(self._acked_seq, message[1])
+            if not closed_before and self._acked_seq > self._granting_seq:
+                self.on_passes_closed()
         elif tg is None:
             return
         elif kind == "acquire":
@@ -314,7 +359,9 @@ class GatewayProcess:
                 self.log.exception("gateway.backend_failed", method="token_progress")
 
     def _note(self, method: str, *args: Any) -> None:
-        if method == "request_started":
+        if method == "let_through":
+            pass
+        elif method == "request_started":
             self._open[args[0]] += 1
             self._busy.set()
         elif method == "request_finished":

@@ -18,6 +18,7 @@ from supervisord_llm.errors import EngineError, SupervisordLLMError
 __all__ = [
     "EngineUnavailable",
     "GatewayBackend",
+    "PassingBackend",
     "GatewayListenFailed",
     "RequestStats",
     "Upstream",
@@ -108,6 +109,11 @@ class GatewayBackend(Protocol):
 
     async def acquire(self, model: str | None) -> Upstream: ...
 
+    def try_pass(self, model: str | None) -> Upstream | None:
+        """The engine for ``model`` when the daemon has said that requests for it go straight on (a
+        pass, ``policies.frontdoor.gateway_may_pass``), counted as let through; None when the
+        request must ``acquire`` (the daemon decides: a swap, a start, a refusal, an unknown name)."""
+
     def request_started(self, engine: str) -> None: ...
 
     def token_progress(self, engine: str, at_s: float) -> None: ...
@@ -117,6 +123,20 @@ class GatewayBackend(Protocol):
     def request_finished(self, stats: RequestStats) -> None: ...
 
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None: ...
+
+
+class PassingBackend(GatewayBackend, Protocol):
+    """Protocol: the daemon's side of the process split, which also hands the gateway its passes."""
+
+    def routes(self) -> dict[str, str]:
+        """Every model name a request may give (engine names, aliases, served model names), and the
+        engine it reaches; a request that names none goes to ``default_engine()``."""
+
+    def passes(self) -> dict[str, Upstream]:
+        """The engines whose requests may go straight on now, per ``gateway_may_pass``."""
+
+    def let_through(self, engine: str) -> None:
+        """The gateway let a request through to ``engine`` on its pass: it is on its way there."""
 
 
 def bind_listen(host: str, port: int) -> socket.socket:

@@ -50,7 +50,6 @@ import httpx
 import structlog
 import uvicorn
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -1312,12 +1311,18 @@ class _Gateway:
             )
 
         if stream:
+            upstream = self.backend.try_pass(model)
+            if (upstream is not None and (upstream.supports_messages or not anthropic)
+                    and self.lines.admits_now(upstream.engine, upstream.max_concurrent, upstream.max_queue)):
+                # On a pass, with room in its engine's line: nothing to wait for, so nothing to hold.
+                return await self._route(request, path, anthropic, doc, body, stream, model, upstream)
             # Any stream may wait, not only one for a loading engine: behind another engine's turn
             # (gateway/turns.py), or in its engine's line. HeldStream sends the early head only once
             # the route has taken longer than hold.HOLD_DETECT_S, so an answer decided at once (a
             # refusal by a full queue: a real 429) keeps its own status.
             return hold.HeldStream(
-                lambda: self._route(request, path, anthropic, doc, body, stream, model), anthropic=anthropic,
+                lambda: self._route(request, path, anthropic, doc, body, stream, model, upstream),
+                anthropic=anthropic,
                 keepalive_s=self.settings.hold_keepalive_s, now=self.clock.now,
                 state=lambda: self._engine_state(model), finish=_give_back,
                 error_body=lambda status, message, code: error_body(anthropic, status, message, code))
@@ -1333,12 +1338,17 @@ class _Gateway:
         return (entry["id"], str(entry.get("state"))) if entry else (model or "(default)", "unknown")
 
     async def _route(self, request: Request, path: str, anthropic: bool, doc: Any, body: bytes, stream: bool,
-                     model: str | None) -> Response | _Forward:
-        """Wait for the request's engine (or refuse), take a place in its line, build the forward."""
-        refused = self._start_refusal(request, model, anthropic)
-        if refused is not None:
-            return refused
-        upstream = await self._acquire(model, anthropic)
+                     model: str | None, passed: Upstream | None = None) -> Response | _Forward:
+        """Wait for the request's engine (or refuse), take a place in its line, build the forward.
+        ``passed``: the engine, already taken on a pass (``GatewayBackend.try_pass``)."""
+        upstream: Upstream | Response
+        if passed is not None:
+            upstream = passed
+        else:
+            refused = self._start_refusal(request, model, anthropic)
+            if refused is not None:
+                return refused
+            upstream = self.backend.try_pass(model) or await self._acquire(model, anthropic)
         if isinstance(upstream, Response):
             return upstream
         refused = await self._enter_line(upstream, anthropic)
@@ -1649,6 +1659,12 @@ class EngineLines:
             return Admission.REFUSE
         return Admission.RUN
 
+    def admits_now(self, engine: str, max_concurrent: int, max_queue: int) -> bool:
+        """Whether ``enter`` would let a request run at once."""
+        line = self.line(engine)
+        return admit_request(running=line.running, waiting=len(line.waiting), max_concurrent=max_concurrent,
+                             max_queue=max_queue) is Admission.RUN
+
     def leave(self, engine: str) -> None:
         line = self.line(engine)
         if line.waiting:
@@ -1684,6 +1700,30 @@ class _ConnectionCap:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
+
+
+class _FrontDoor:
+    """The ASGI app uvicorn runs: the inference requests (POST to an API path the gateway forwards)
+    go straight to the forward, everything else through the Starlette app.
+
+    A proxied request is the gateway's hot path; Starlette's router and its two exception
+    middlewares cost that request a layer each, and each chunk it sends a wrapper each, for nothing
+    it uses: the forward answers its own errors in the client's API shape, and an unexpected
+    exception before the response started is still answered with a 500 by uvicorn.
+    """
+
+    FAST_PATHS = frozenset((*OPENAI_PATHS, "/v1/embeddings", MESSAGES_PATH, COUNT_TOKENS_PATH))
+
+    def __init__(self, app: Starlette, gw: _Gateway) -> None:
+        self.app = app
+        self.gw = gw
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.FAST_PATHS:
+            response = await self.gw.forward(Request(scope, receive))
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 class _Counted:
@@ -1735,7 +1775,6 @@ def build_app(
             Route("/v1/{rest:path}", gw.forward, methods=methods),
         ],
         lifespan=lifespan,
-        middleware=[Middleware(_ConnectionCap, limit=settings.max_connections, stats=gw.stats)],
     )
     app.state.gateway = gw.stats
     app.state.gateway_core = gw
@@ -1790,9 +1829,14 @@ async def serve(
     stats = getattr(app.state, "gateway", None)
     if isinstance(stats, GatewayStats):
         stats.listen = listen
+    front: Any = app
+    core = getattr(app.state, "gateway_core", None)
+    if isinstance(core, _Gateway):
+        front = _ConnectionCap(_FrontDoor(app, core), limit=settings.max_connections, stats=core.stats)
     # log_config=None: uvicorn must not reconfigure the process's logging (the daemon owns it).
     config = uvicorn.Config(
-        app,
+        front,
+        proxy_headers=False,  # nothing here reads the client's address
         log_config=None,
         log_level="warning",
         access_log=False,

@@ -19,6 +19,10 @@ target's backoff and the 60 s spawn floor hold; the engines it stops drain first
 (``request_started``): a swap's drain waits for requests in flight, and a request still on its way
 would otherwise be cut by the stop. A request that never starts (its client left, it was refused
 after routing) stops counting after ``START_WAIT_MAX_S`` (``policies.frontdoor.swap_may_start``).
+The gateway may let requests for a serving engine through on its own while no group is held (a
+*pass*, ``policies.frontdoor.gateway_may_pass``): once a group forms, the passes are taken back, and
+a swap starts only after the gateway has confirmed it (``TurnHost.close_passes``), so that every
+request it let through is counted here before the engines it reaches can be stopped.
 Each turn is logged as ``policy.decided`` (policy ``serving_order``) with the groups it was
 decided on.
 """
@@ -65,6 +69,14 @@ class TurnHost(Protocol):
 
     def decided(self, action: ServeGroup, **inputs: object) -> None: ...
 
+    def close_passes(self) -> bool:
+        """Take back the passes the gateway may hold (``policies.frontdoor.gateway_may_pass``); True
+        once it has confirmed, so that every request it let through on its own is counted here.
+        Until then no swap starts. The confirmation calls ``changed()``."""
+
+    def groups_changed(self) -> None:
+        """A group was formed or ended (the gateway's passes depend on whether any is held)."""
+
 
 @dataclass
 class _Group:
@@ -95,6 +107,10 @@ class EngineTurns:
         conflicting = sum(1 for g in self.groups.values() if g.engine != engine and g.requests > 0
                           and (host.exclusive(engine) or host.exclusive(g.engine)))
         return holds_for_groups(engine, serving=host.serving(engine), conflicting_groups=conflicting)
+
+    def held_groups(self) -> int:
+        """How many groups are held (waiting for their turn)."""
+        return len(self.groups)
 
     def changed(self) -> None:
         """Something a turn depends on changed (an engine's state, a group, a request): decide again."""
@@ -127,6 +143,7 @@ class EngineTurns:
         group = self.groups.get(engine)
         if group is None or group.released:
             group = self.groups[engine] = _Group(engine, self.host.now())
+            self.host.groups_changed()
         group.requests += 1
         self.changed()
         try:
@@ -139,6 +156,7 @@ class EngineTurns:
             group.requests -= 1
             if group.requests == 0 and not group.done.is_set() and self.groups.get(engine) is group:
                 del self.groups[engine]  # everyone left (gave up): the next group's turn
+                self.host.groups_changed()
                 self.changed()
         if group.refused is not None:
             raise group.refused
@@ -177,12 +195,17 @@ class EngineTurns:
         if host.serving(turn.engine):
             group.released = True
             del self.groups[turn.engine]
+            host.groups_changed()
             self._unstarted.setdefault(turn.engine, deque()).extend([host.now()] * group.requests)
             group.done.set()
             return DECIDE_FALLBACK_S
         ages_s = [host.now() - at_s for engine, pending in self._unstarted.items() if engine != turn.engine
                   for at_s in pending]
-        if not swap_may_start(ages_s, max_wait_s=START_WAIT_MAX_S):
+        passes_closed = host.close_passes()
+        if not swap_may_start(ages_s, max_wait_s=START_WAIT_MAX_S, passes_closed=passes_closed):
+            if not passes_closed:
+                # The gateway may still let requests through on its own: its confirmation wakes us.
+                return DECIDE_FALLBACK_S
             # Requests let through to the engines a swap would stop have not reached them yet: look
             # again when they start (``changed``) or, at the latest, when the oldest counts as lost.
             return max(0.0, START_WAIT_MAX_S - min(ages_s))
@@ -202,6 +225,7 @@ class EngineTurns:
         group.refused = error
         if self.groups.get(group.engine) is group:
             del self.groups[group.engine]
+            self.host.groups_changed()
         group.done.set()
         self.changed()
 

@@ -20,6 +20,12 @@ gateway asks of the daemon crosses that channel as the :class:`GatewayBackend` p
                               answered here from snapshots the daemon sends (on every state change,
                               and every ``PUBLISH_S`` while requests run), with the gateway's own
                               latest tokens on top for engine_progress_s
+    try_pass(model)           answered here too: each snapshot carries the model names and the
+                              engines requests may go to straight on (passes,
+                              ``policies.frontdoor.gateway_may_pass``). A request on a pass costs the
+                              daemon no answer, only a ``let_through`` note; every snapshot is
+                              acknowledged (``ack``) once applied, which is how the daemon knows the
+                              passes it took back are gone before it starts a swap (gateway/turns.py)
 
 The gateway's counters (``GatewayStats``) are sent to the daemon whenever they change, at most every
 ``STATS_PUSH_S``, for ``llmctl status`` and the metrics. When the daemon goes away (its end of the
@@ -90,6 +96,8 @@ class ProcessBackend:
         self._models: list[dict] = []
         self._default: str | None = None
         self._progress: dict[str, float | None] = {}
+        self._routes: dict[str, str] = {}
+        self._passes: dict[str, Upstream] = {}
         self._latest_token_s: dict[str, float] = {}
         self._pending_tokens: dict[str, float] = {}
         self._flush: asyncio.TimerHandle | None = None
@@ -105,7 +113,8 @@ class ProcessBackend:
                 message = await self.channel.receive()
                 kind = message[0]
                 if kind == "snapshot":
-                    _, self._models, self._default, self._progress = message
+                    _, self._models, self._default, self._progress, self._routes, self._passes, seq = message
+                    self.channel.send("ack", seq)
                 elif kind in ("acquired", "refused", "result"):
                     future = self._waiting.get(message[1])
                     if future is not None and not future.done():
@@ -156,6 +165,13 @@ class ProcessBackend:
             record = {**_DAEMON_GONE, "engine": model or "-"}
         raise refusal_from_record(refusal_kind, record)
 
+    def try_pass(self, model: str | None) -> Upstream | None:
+        name = self._routes.get(model) if model else self._default
+        upstream = self._passes.get(name) if name is not None else None
+        if upstream is not None:
+            self.channel.send("note", "let_through", (upstream.engine,), lazy=True)
+        return upstream
+
     async def status_page_doc(self) -> dict[str, Any]:
         kind, payload = await self._ask("call", "status_doc")
         if kind != "result":
@@ -165,7 +181,7 @@ class ProcessBackend:
         return doc
 
     def request_started(self, engine: str) -> None:
-        self.channel.send("note", "request_started", (engine,))
+        self.channel.send("note", "request_started", (engine,), lazy=True)
 
     def token_progress(self, engine: str, at_s: float) -> None:
         self._latest_token_s[engine] = at_s
@@ -179,7 +195,7 @@ class ProcessBackend:
             self._flush = None
         if self._pending_tokens:
             pending, self._pending_tokens = self._pending_tokens, {}
-            self.channel.send("tokens", pending)
+            self.channel.send("tokens", pending, lazy=True)
 
     def engine_progress_s(self, engine: str) -> float | None:
         published = self._progress.get(engine)
@@ -190,7 +206,7 @@ class ProcessBackend:
 
     def request_finished(self, stats: RequestStats) -> None:
         self._flush_tokens()
-        self.channel.send("note", "request_finished", (stats,))
+        self.channel.send("note", "request_finished", (stats,), lazy=True)
 
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:
         self._flush_tokens()

@@ -38,6 +38,8 @@ class RecordingBackend:
         self.notes: list[tuple[str, Any]] = []
         self.acquire_entered = anyio.Event()
         self.acquire_cancelled = anyio.Event()
+        self.passing = False  # whether the gateway holds a pass for tiny
+        self.acquired = 0
 
     def models(self) -> list[dict]:
         return [{"id": "tiny", "object": "model", "state": "ready", "aliases": []}]
@@ -46,6 +48,7 @@ class RecordingBackend:
         return "tiny"
 
     async def acquire(self, model: str | None) -> Upstream:
+        self.acquired += 1
         if model == "backoff":
             raise EngineUnavailable("backoff", "backoff", "backoff is in restart backoff; next start in 42s",
                                     retry_after_s=42.0)
@@ -61,6 +64,18 @@ class RecordingBackend:
                 self.acquire_cancelled.set()
                 raise
         return self.upstream
+
+    def routes(self) -> dict[str, str]:
+        return {"tiny": "tiny"}
+
+    def passes(self) -> dict[str, Upstream]:
+        return {"tiny": self.upstream} if self.passing else {}
+
+    def try_pass(self, model: str | None) -> Upstream | None:
+        return None
+
+    def let_through(self, engine: str) -> None:
+        self.notes.append(("let_through", engine))
 
     def request_started(self, engine: str) -> None:
         self.notes.append(("request_started", engine))
@@ -105,7 +120,8 @@ def anyio_sleep_sync(seconds: float) -> None:
 
 
 @asynccontextmanager
-async def gateway(inner: RecordingBackend, **settings: Any) -> AsyncIterator[tuple[GatewayProcess, str, list[dict]]]:
+async def gateway(inner: RecordingBackend, on_passes_closed: Any = lambda: None,
+                  **settings: Any) -> AsyncIterator[tuple[GatewayProcess, str, list[dict]]]:
     exits: list[dict] = []
 
     async def status_doc() -> dict[str, Any]:
@@ -113,7 +129,7 @@ async def gateway(inner: RecordingBackend, **settings: Any) -> AsyncIterator[tup
 
     process = GatewayProcess(inner, GatewaySettings(port=free_port(), **settings), status_doc=status_doc,
                              log_setup={"level": "warning", "json_logs": False}, on_exit=exits.append,
-                             log=structlog.get_logger("test"))
+                             log=structlog.get_logger("test"), on_passes_closed=on_passes_closed)
     async with anyio.create_task_group() as tg:
         await tg.start(process.run)
         tg.start_soon(process.run_publisher)
@@ -143,6 +159,35 @@ async def test_a_request_is_routed_by_the_daemons_answer_and_its_notes_arrive_in
         assert finished.ended == "complete" and finished.tokens >= 5
         models = await client.get(url + "/v1/models")
         assert [m["id"] for m in models.json()["data"]] == ["tiny"]  # from the daemon's snapshot
+
+
+async def test_a_request_on_a_pass_is_routed_without_asking_the_daemon_until_the_pass_is_taken_back(
+        engine_url: str) -> None:
+    """With a pass for tiny, a request goes straight to the engine: the daemon is told (let through,
+    then started, in that order) but never asked. Once the daemon takes the pass back, it knows the
+    gateway holds none only after the gateway confirmed, and requests ask the daemon again."""
+    inner = RecordingBackend(engine_url)
+    inner.passing = True
+    confirmed = anyio.Event()
+    async with gateway(inner, on_passes_closed=confirmed.set) as (process, url, _), \
+            httpx.AsyncClient(timeout=30) as client:
+        for body in ({**CHAT, "stream": True}, CHAT, {**CHAT, "model": None, "stream": True}):
+            response = await client.post(url + "/v1/chat/completions", json=body)
+            assert response.status_code == 200
+        with anyio.fail_after(10):
+            while sum(kind == "request_finished" for kind, _ in inner.notes) < 3:
+                await anyio.sleep(0.02)
+        assert inner.acquired == 0
+        kinds = [kind for kind, _ in inner.notes if kind in ("let_through", "request_started")]
+        assert kinds == ["let_through", "request_started"] * 3
+        assert not process.close_passes()  # the snapshot that gives tiny a pass was applied: not yet
+        inner.passing = False
+        assert not process.close_passes()  # a snapshot without it is sent; not confirmed yet
+        with anyio.fail_after(10):
+            await confirmed.wait()
+        assert process.close_passes()
+        response = await client.post(url + "/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200 and inner.acquired == 1
 
 
 async def test_refusals_reach_the_client_as_the_daemon_gave_them(engine_url: str) -> None:
@@ -203,6 +248,9 @@ async def test_a_dead_gateway_process_is_started_again_on_the_same_port(engine_u
             lines = response.aiter_lines()
             while not (await lines.__anext__()).startswith("data:"):
                 pass
+            with anyio.fail_after(5):  # notes travel lazily (at most channel.LAZY_S late)
+                while ("request_started", "tiny") not in inner.notes:
+                    await anyio.sleep(0.01)
             os.kill(first_pid, signal.SIGKILL)
             with pytest.raises(httpx.HTTPError):
                 async for _ in lines:

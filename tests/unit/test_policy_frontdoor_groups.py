@@ -5,7 +5,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.frontdoor import HeldGroup, groups_to_serve, holds_for_groups, next_group, swap_may_start
+from policies.frontdoor import (
+    HeldGroup,
+    gateway_may_pass,
+    groups_to_serve,
+    holds_for_groups,
+    next_group,
+    swap_may_start,
+)
 
 
 def test_the_group_whose_first_request_arrived_first_is_served_first() -> None:
@@ -68,3 +75,16 @@ def test_a_swap_waits_for_requests_on_their_way_but_not_for_lost_ones() -> None:
     assert not swap_may_start([0.1], max_wait_s=2.0)
     assert not swap_may_start([5.0, 0.1], max_wait_s=2.0)
     assert swap_may_start([2.0, 7.5], max_wait_s=2.0)
+
+
+def test_the_gateway_routes_on_its_own_only_for_a_serving_engine_while_nothing_is_held() -> None:
+    assert gateway_may_pass(serving=True, draining=False, held_groups=0)
+    assert not gateway_may_pass(serving=False, draining=False, held_groups=0)  # a start is the daemon's
+    assert not gateway_may_pass(serving=True, draining=True, held_groups=0)  # refused while draining
+    assert not gateway_may_pass(serving=True, draining=False, held_groups=1)  # a turn to decide
+
+
+def test_no_swap_starts_while_the_gateway_may_let_requests_through_on_its_own() -> None:
+    assert not swap_may_start([], max_wait_s=2.0, passes_closed=False)
+    assert not swap_may_start([9.0], max_wait_s=2.0, passes_closed=False)  # no time limit on this one
+    assert swap_may_start([], max_wait_s=2.0, passes_closed=True)

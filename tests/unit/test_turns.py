@@ -28,6 +28,9 @@ class Host:
         self.swaps: list[str] = []
         self.decisions = 0
         self.turns: list[str] = []
+        self.passes_closed = True  # the gateway holds no pass the daemon has not seen it give up
+        self.close_asked = 0
+        self.group_changes = 0
 
     def now(self) -> float:
         return anyio.current_time()
@@ -54,6 +57,13 @@ class Host:
 
     def decided(self, action: ServeGroup, **inputs: object) -> None:
         self.turns.append(action.engine)
+
+    def close_passes(self) -> bool:
+        self.close_asked += 1
+        return self.passes_closed
+
+    def groups_changed(self) -> None:
+        self.group_changes += 1
 
 
 Running = tuple[Host, EngineTurns, anyio.abc.TaskGroup]
@@ -124,6 +134,32 @@ async def test_the_next_swap_waits_until_released_requests_have_started(running:
     assert host.swaps == ["a"]
     engine_turns.request_started("a")
     await _until(lambda: host.swaps == ["a", "b"], 0.5)
+
+
+async def test_a_swap_waits_until_the_gateway_has_given_up_its_passes(running: Running) -> None:
+    """While the gateway may still let requests through to a on its own (its pass not yet given up),
+    b's swap does not start, however long; the gateway's confirmation starts it at once. Groups that
+    form or end are reported, so the passes can be taken back and given again."""
+    host, engine_turns, tg = running
+    host.passes_closed = False
+    released: list[str] = []
+
+    async def wait(engine: str) -> None:
+        await engine_turns.wait_turn(engine)
+        released.append(engine)
+
+    tg.start_soon(wait, "b")
+    await _until(lambda: host.close_asked >= 1)
+    assert host.group_changes == 1  # b's group formed: the host takes the passes back
+    await anyio.sleep(2.5)  # longer than a lost request is waited for (START_WAIT_MAX_S)
+    assert host.swaps == [], "a swap must not stop a while the gateway may still send requests to it"
+    host.passes_closed = True
+    engine_turns.changed()  # the gateway's confirmation arrived
+    await _until(lambda: host.swaps == ["b"], 0.5)
+    host.serving_now = "b"
+    engine_turns.changed()
+    await _until(lambda: released == ["b"])
+    assert host.group_changes == 2  # b's group ended: passes may be given again
 
 
 async def test_a_released_request_that_never_starts_holds_the_next_swap_only_for_a_bounded_time(
