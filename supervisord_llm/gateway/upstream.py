@@ -8,6 +8,16 @@ layers: about half of the gateway's CPU per streamed token (bench/gateway_microb
 client parses the head and the chunked body in C (llhttp) and pools keep-alive connections, so each
 chunk the engine sends costs one buffer hand-over here. httpx stays for the gateway's other calls.
 
+A connection the engine closes after each response (mlx_lm.server speaks HTTP/1.0: every request
+opens a new one) costs a connect on the request's path: the gateway's own (socket, connect, transport)
+and the engine's accept. So the connector keeps one *spare*: whenever it had to open a connection to
+an engine, it opens the next one once that request's response is over (not while the engine is
+still working on it: its accept would take the engine's time), and the next request to that address
+takes it instead of connecting. A spare is used only while its engine has not closed it (checked with a
+non-blocking peek just before) and for at most ``SPARE_MAX_AGE_S``; then it is closed, so an idle
+gateway holds none. The hook is ``TCPConnector._wrap_create_connection``, the one aiohttp's connector
+subclasses override (aiohttp-socks does the same); the tests run a real HTTP/1.0 server through it.
+
 Errors are raised as the httpx exceptions that :mod:`supervisord_llm.gateway.retry` and the forward
 already judge (connect refused, reset before the head, timeouts, a body broken off), mapped at this
 boundary with ``raise ... from``; nothing above this module sees an aiohttp type.
@@ -23,9 +33,14 @@ boundary with ``raise ... from``; nothing above this module sees an aiohttp type
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
+import aiohappyeyeballs
 import aiohttp
 import httpx
 from multidict import CIMultiDict
@@ -35,6 +50,8 @@ __all__ = ["UpstreamClient", "UpstreamRequest", "UpstreamResponse"]
 
 # Read this much of a body at most per chunk handed on: whatever has arrived, up to this.
 _READ_BYTES = 2**16
+# A spare connection not taken within this long is closed (and not replaced until one is needed).
+SPARE_MAX_AGE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -64,9 +81,10 @@ def _mapped(exc: BaseException, url: str) -> httpx.HTTPError:
 class UpstreamResponse:
     """The engine's response head; the body is read with :meth:`aiter_raw` (bytes as they came)."""
 
-    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, url: str, on_closed: Callable[[], None]) -> None:
         self._response = response
         self._url = url
+        self._on_closed = on_closed
         self.status_code = response.status
         self.headers = httpx.Headers(list(response.raw_headers))
 
@@ -89,6 +107,92 @@ class UpstreamResponse:
             response.release()
         else:
             response.close()
+        self._on_closed()
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """The peer has not closed (or reset) this idle connection, nor sent anything unasked."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"": closed; bytes: not a fresh connection
+        return False
+    except BlockingIOError:
+        return True  # nothing to read: open
+    except OSError:
+        return False
+
+
+class SpareConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, with one connected socket kept ready per engine address (see above)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._spares: dict[tuple[str, int], tuple[socket.socket, float]] = {}
+        self._making: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._wanted: dict[tuple[str, int], Any] = {}  # addresses that needed a connection: their addr_infos
+        self.spares_used = 0
+
+    async def _wrap_create_connection(self, *args: Any, addr_infos: Any, req: Any, **kwargs: Any) -> Any:
+        if req.is_ssl():
+            return await super()._wrap_create_connection(*args, addr_infos=addr_infos, req=req, **kwargs)
+        key = (req.host, req.port)
+        spare = self._take_spare(key)
+        self._wanted[key] = list(addr_infos)
+        if spare is not None:
+            kwargs.pop("timeout", None)
+            kwargs.pop("client_error", None)
+            try:
+                connection = await self._loop.create_connection(*args, **kwargs, sock=spare)
+            except OSError:
+                spare.close()
+            else:
+                self.spares_used += 1
+                return connection
+        return await super()._wrap_create_connection(*args, addr_infos=addr_infos, req=req, **kwargs)
+
+    def _take_spare(self, key: tuple[str, int]) -> socket.socket | None:
+        held = self._spares.pop(key, None)
+        if held is None:
+            return None
+        sock, made_at = held
+        if time.monotonic() - made_at < SPARE_MAX_AGE_S and _still_open(sock):
+            return sock
+        sock.close()
+        return None
+
+    def replenish(self) -> None:
+        """Open a spare for each address that needed a new connection since the last call."""
+        wanted, self._wanted = self._wanted, {}
+        for key, addr_infos in wanted.items():
+            if key not in self._making and key not in self._spares and not self.closed:
+                self._making[key] = self._loop.create_task(self._open_spare(key, addr_infos))
+
+    async def _open_spare(self, key: tuple[str, int], addr_infos: Any) -> None:
+        try:
+            sock = await aiohappyeyeballs.start_connection(addr_infos=addr_infos, loop=self._loop)
+        except OSError:
+            return  # the engine is not there (now): the next request connects as usual
+        finally:
+            self._making.pop(key, None)
+        if self.closed or key in self._spares:
+            sock.close()
+            return
+        self._spares[key] = (sock, time.monotonic())
+        self._loop.call_later(SPARE_MAX_AGE_S, self._expire, key, sock)
+
+    def _expire(self, key: tuple[str, int], sock: socket.socket) -> None:
+        held = self._spares.get(key)
+        if held is not None and held[0] is sock:
+            del self._spares[key]
+            sock.close()
+
+    def _close(self, *args: Any, **kwargs: Any) -> Any:
+        for task in self._making.values():
+            task.cancel()
+        self._making.clear()
+        for sock, _ in self._spares.values():
+            sock.close()
+        self._spares.clear()
+        return super()._close(*args, **kwargs)
 
 
 class UpstreamClient:
@@ -104,8 +208,8 @@ class UpstreamClient:
     async def __aenter__(self) -> UpstreamClient:
         # Made on the loop that serves the gateway: an aiohttp session belongs to one loop.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0,
-                                           keepalive_timeout=30.0, use_dns_cache=True),
+            connector=SpareConnector(limit=self._max_connections, limit_per_host=0, keepalive_timeout=30.0,
+                                     use_dns_cache=True),
             timeout=self._timeout,
             auto_decompress=False,  # the meter reads the engine's own bytes; they pass as they are
             trust_env=False,
@@ -137,4 +241,9 @@ class UpstreamClient:
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _mapped(exc, request.url) from exc
-        return UpstreamResponse(response, request.url)
+        return UpstreamResponse(response, request.url, self._replenish)
+
+    def _replenish(self) -> None:
+        connector = self._session.connector if self._session is not None else None
+        if isinstance(connector, SpareConnector):
+            connector.replenish()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 
+from supervisord_llm.gateway import upstream
 from supervisord_llm.gateway.upstream import UpstreamClient, UpstreamRequest
 
 pytestmark = pytest.mark.anyio
@@ -18,8 +20,8 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 @asynccontextmanager
-async def engine(handler: Handler) -> AsyncIterator[str]:
-    """A real TCP server on 127.0.0.1 (an ephemeral port) answering with ``handler``."""
+async def engine(handler: Handler, port: int = 0) -> AsyncIterator[str]:
+    """A real TCP server on 127.0.0.1 (an ephemeral port unless given) answering with ``handler``."""
     tasks: set[asyncio.Task[None]] = set()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -31,7 +33,7 @@ async def engine(handler: Handler) -> AsyncIterator[str]:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(serve, "127.0.0.1", port, reuse_address=True)
     port = server.sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
@@ -149,3 +151,79 @@ async def test_an_engine_silent_past_the_read_timeout_is_a_read_timeout() -> Non
                                   pool_timeout_s=None) as c:
             with pytest.raises(httpx.ReadTimeout):
                 await c.send(request(url))
+
+
+class Http10Engine:
+    """Answers like mlx_lm.server (HTTP/1.0: one request per connection, closed after the answer) and
+    records, per connection, when it was accepted, when its request came, and whether it was closed
+    by the client without one."""
+
+    def __init__(self) -> None:
+        self.connections: list[dict[str, float]] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        record = {"accepted": time.monotonic()}
+        self.connections.append(record)
+        try:
+            await read_head(reader)
+        except asyncio.IncompleteReadError:
+            record["closed_unused"] = time.monotonic()
+            return
+        record["request"] = time.monotonic()
+        writer.write(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+
+
+async def exchange(c: UpstreamClient, url: str) -> bytes:
+    response = await c.send(request(url))
+    body = b"".join([chunk async for chunk in response.aiter_raw()])
+    await response.aclose()
+    return body
+
+
+async def test_an_engine_that_closes_every_connection_gets_the_next_one_opened_before_it_is_needed() -> None:
+    """Against an HTTP/1.0 engine the connect leaves the request's path: after each answer the next
+    connection is opened, and the next request goes out on it, already accepted by the engine."""
+    served = Http10Engine()
+    sent_at: list[float] = []
+    async with engine(served) as url, client() as c:
+        for _ in range(3):
+            await asyncio.sleep(0.1)  # a client's think time: the spare is ready by then
+            sent_at.append(time.monotonic())
+            assert await exchange(c, url) == b"ok"
+        await asyncio.sleep(0.1)
+        assert len(served.connections) == 4  # one per request, and the spare for the next
+    first, second, third, spare = served.connections
+    assert first["accepted"] >= sent_at[0]  # nothing was ready for the first: connected on its path
+    assert second["accepted"] < sent_at[1] < second["request"]
+    assert third["accepted"] < sent_at[2] < third["request"]
+    assert "request" not in spare
+
+
+async def test_a_spare_the_engine_closed_meanwhile_is_not_used() -> None:
+    """An engine restarted on the same port closed the spare: the next request connects anew and gets
+    its answer (no error, no retry), instead of going out on a dead connection."""
+    first_run, restarted = Http10Engine(), Http10Engine()
+    async with client() as c:
+        async with engine(first_run) as url:
+            port = int(url.rsplit(":", 1)[1])
+            assert await exchange(c, url) == b"ok"
+            await asyncio.sleep(0.1)
+            assert len(first_run.connections) == 2  # the spare is open
+        async with engine(restarted, port=port) as url:  # the engine restarted; its spare was closed
+            await asyncio.sleep(0.1)
+            assert await exchange(c, url) == b"ok"
+    assert "request" in restarted.connections[0]
+
+
+async def test_a_spare_nobody_takes_is_closed_so_an_idle_gateway_holds_no_connection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream, "SPARE_MAX_AGE_S", 0.3)
+    served = Http10Engine()
+    async with engine(served) as url, client() as c:
+        assert await exchange(c, url) == b"ok"
+        await asyncio.sleep(0.1)
+        assert len(served.connections) == 2 and "closed_unused" not in served.connections[1]
+        await asyncio.sleep(0.5)
+        assert "closed_unused" in served.connections[1]  # closed by the gateway, not replaced
+        assert len(served.connections) == 2
