@@ -6,7 +6,9 @@ user, its own prefix in a temp dir, ``proxy_buffering off``) proxies the same en
 requests then go three ways, rounds interleaved so all three see the same machine state:
 
 - direct to the engine, through nginx, through the gateway: streamed chat, ``max_tokens`` 1, time
-  to first body byte (p50/p90);
+  to first body byte (p50/p90). mlx_lm.server answers HTTP/1.0 (a new connection per request, on
+  every path); so the same is measured against a keep-alive engine too, the real llama-server (the
+  tiny GGUF ``make engines`` builds) as a second engine of the same daemon, with its own nginx;
 - 16 and 32 concurrent streams of 128 tokens each way: tokens/s against direct; the CPU per token
   through the gateway (psutil ``cpu_times`` of the daemon and its gateway process over the gateway's
   rounds / their tokens), and nginx's for comparison.
@@ -66,12 +68,15 @@ from common import (  # noqa: E402
     write_section,
 )
 
+from tests.llama_cpp_engine import llama_engine_toml, llama_server_binary, tiny_gguf  # noqa: E402
+
 TARGET_ADDED_TTFB_P50_MS = 1.0
 TARGET_NGINX_MULTIPLE = 3.0
 TARGET_RATE_RATIO = 0.98
 TARGET_STATUS_MULTIPLE = 1.5
 TARGET_EXIT_MULTIPLE = 2.0
 ENGINE = "tiny"
+KEEPALIVE_ENGINE = "tinyllama"
 # mlx_lm.server listens with a backlog of 5 and drops connections of a burst (direct clients then
 # fail; the gateway retries them), so the streams of a round start this far apart on every path.
 STAGGER_S = 0.015
@@ -121,7 +126,10 @@ events {{ worker_connections 1024; }}
 http {{
     access_log off;
 {temp}
-    upstream engine {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+    # Closes a kept-alive connection before the engine would (llama-server: after 100 requests or 5 s
+    # idle): a POST sent on a connection the engine just closed is a 502, not retried.
+    upstream engine {{ server 127.0.0.1:{upstream_port}; keepalive 64; keepalive_requests 90;
+                       keepalive_timeout 4s; }}
     server {{
         listen 127.0.0.1:{self.port};
         location / {{
@@ -202,6 +210,28 @@ async def streams_round(client: httpx.AsyncClient, url: str, model: str, streams
     started = time.perf_counter()
     counts = await asyncio.gather(*(staggered(i) for i in range(streams)))
     return sum(counts), time.perf_counter() - started
+
+
+def llama_server() -> tuple[Path, Path] | None:
+    """The real llama-server and its tiny GGUF, where ``make engines`` built them."""
+    binary, model = llama_server_binary(), tiny_gguf()
+    return (binary, model) if binary is not None and binary.is_file() and model.is_file() else None
+
+
+async def measure_ttfb(paths: dict[str, tuple[str, str]], rounds: int) -> dict[str, Any]:
+    """TTFB rounds only, interleaved across the paths (each warmed first)."""
+    ttfb: dict[str, list[float]] = {n: [] for n in paths}
+    names = list(paths)
+    async with httpx.AsyncClient(timeout=120) as client:
+        for url, model in paths.values():
+            for _ in range(3):
+                await ttfb_once(client, url, model)
+        for i in range(rounds):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                url, model = paths[name]
+                ttfb[name].append(await ttfb_once(client, url, model))
+    return {n: {"p50": pct(v, 0.5) * 1e3, "p90": pct(v, 0.9) * 1e3, "n": len(v)} for n, v in ttfb.items()}
 
 
 async def measure_paths(paths: dict[str, tuple[str, str]], cpu_pids: dict[str, list[int]],
@@ -426,6 +456,19 @@ def render(r: dict[str, Any]) -> str:
         t = ttfb[name]
         added = "" if name == "direct" else f"{t['p50'] - d50:+.2f} ms"
         lines.append(f"| {name} | {t['p50']:.2f} ms | {t['p90']:.2f} ms | {added} |")
+    keepalive = r.get("keepalive")
+    if keepalive is not None:
+        k50 = keepalive["direct"]["p50"]
+        lines += ["", "mlx_lm.server answers HTTP/1.0: every request on every path opens a connection to it (the "
+                  "direct client's own connect is in its figure; nginx and the gateway keep the client's "
+                  "connection). The same against a keep-alive engine, the real llama-server (tiny GGUF) as a "
+                  f"second engine of the same daemon, behind its own nginx, {keepalive['direct']['n']} requests "
+                  "per path:", "", "| path | TTFB p50 | TTFB p90 | added p50 |", "|---|---:|---:|---:|"]
+        for name, t in keepalive.items():
+            added = "" if name == "direct" else f"{t['p50'] - k50:+.2f} ms"
+            lines.append(f"| {name} | {t['p50']:.2f} ms | {t['p90']:.2f} ms | {added} |")
+    elif "keepalive_missing" in r:
+        lines += ["", f"The keep-alive engine comparison was not made: {r['keepalive_missing']}."]
     lines += ["", f"Concurrent streams of {r['max_tokens']} tokens, {r['stream_rounds']} rounds per path; "
               "tokens/s is every token of every stream over the rounds' wall time; CPU is the daemon's and its "
               "gateway process's together, or all nginx processes', over that path's rounds:", "",
@@ -471,6 +514,12 @@ def render(r: dict[str, Any]) -> str:
     else:
         lines.append(f"- added TTFB p50 through the gateway {g_added:+.2f} ms: ≤ {TARGET_ADDED_TTFB_P50_MS} ms "
                      f"{met(g_added <= TARGET_ADDED_TTFB_P50_MS)}; the nginx comparison was not made.")
+    if keepalive is not None and "nginx" in keepalive:
+        kg = keepalive["gateway"]["p50"] - keepalive["direct"]["p50"]
+        kn = keepalive["nginx"]["p50"] - keepalive["direct"]["p50"]
+        lines.append(f"- keep-alive engine: added TTFB p50 through the gateway {kg:+.2f} ms: ≤ "
+                     f"{TARGET_ADDED_TTFB_P50_MS} ms {met(kg <= TARGET_ADDED_TTFB_P50_MS)}; ≤ "
+                     f"{TARGET_NGINX_MULTIPLE:g}× nginx's {kn:+.2f} ms {met(kg <= TARGET_NGINX_MULTIPLE * max(kn, 0.0))}.")
     for k, per in streams.items():
         ratio = per["gateway"]["tokens_per_s"] / per["direct"]["tokens_per_s"]
         lines.append(f"- {k} streams: gateway tokens/s ratio {ratio:.3f} ≥ {TARGET_RATE_RATIO} {met(ratio >= TARGET_RATE_RATIO)}"
@@ -540,9 +589,14 @@ def main() -> None:
     began = time.monotonic()
     engine_port, gateway_port = free_port(), free_port()
     config = mlx_engine_toml(ENGINE, engine_port, tiny_model_dir(), default=True, canary_interval="30s")
+    llama = llama_server()
+    llama_port = free_port()
+    if llama is not None:
+        config += "\n" + llama_engine_toml(KEEPALIVE_ENGINE, llama_port, *llama, canary_interval="30s")
     config += f'\n[gateway]\nlisten = "127.0.0.1:{gateway_port}"\n'
     d = Daemon(config).start()
     nginx: Nginx | None = None
+    nginx_llama: Nginx | None = None
     result: dict[str, Any] = {"max_tokens": args.max_tokens, "stream_rounds": args.stream_rounds,
                               "cpu_window_s": args.cpu_window_s}
     try:
@@ -563,11 +617,22 @@ def main() -> None:
         paths["gateway"] = (gateway_url, ENGINE)
         result["load_before"] = os.getloadavg()[0]
         result["paths"] = asyncio.run(measure_paths(paths, cpu_pids, args))
+        if llama is not None:
+            wait_ready_pid(d, KEEPALIVE_ENGINE, None, 120)
+            llama_paths: dict[str, tuple[str, str]] = {"direct": (f"http://127.0.0.1:{llama_port}", "tiny-llama")}
+            if "nginx" in paths:
+                nginx_llama = Nginx(llama_port)
+                llama_paths["nginx"] = (nginx_llama.base_url, "tiny-llama")
+            llama_paths["gateway"] = (gateway_url, KEEPALIVE_ENGINE)
+            result["keepalive"] = asyncio.run(measure_ttfb(llama_paths, args.ttfb_rounds))
+        else:
+            result["keepalive_missing"] = "llama-server or its model is missing (run `make engines`)"
         result["supervision"] = measure_supervision(d, gateway_url, engine_url, args)
         result["load_after"] = os.getloadavg()[0]
     finally:
-        if nginx is not None:
-            nginx.close()
+        for proxy in (nginx, nginx_llama):
+            if proxy is not None:
+                proxy.close()
         d.stop()
     result.update(when=datetime.now(UTC).isoformat(timespec="seconds"), commit=commit(),
                   took_s=time.monotonic() - began, machine=machine_info())
