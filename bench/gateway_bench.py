@@ -565,8 +565,8 @@ def main() -> None:
                                                  "under load, through the real daemon")
     parser.add_argument("--quick", action="store_true", help="fewer rounds; print, do not write docs")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--ttfb-rounds", type=int, default=80)
-    parser.add_argument("--stream-rounds", type=int, default=4)
+    parser.add_argument("--ttfb-rounds", type=int, default=120)
+    parser.add_argument("--stream-rounds", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--status-samples", type=int, default=60)
     parser.add_argument("--cli-samples", type=int, default=10)
@@ -592,7 +592,9 @@ def main() -> None:
     llama = llama_server()
     llama_port = free_port()
     if llama is not None:
-        config += "\n" + llama_engine_toml(KEEPALIVE_ENGINE, llama_port, *llama, canary_interval="30s")
+        # Not started until its own rounds: the mlx_lm.server rounds run with that engine alone.
+        config += "\n" + llama_engine_toml(KEEPALIVE_ENGINE, llama_port, *llama, canary_interval="30s",
+                                            preload=False)
     config += f'\n[gateway]\nlisten = "127.0.0.1:{gateway_port}"\n'
     d = Daemon(config).start()
     nginx: Nginx | None = None
@@ -617,7 +619,9 @@ def main() -> None:
         paths["gateway"] = (gateway_url, ENGINE)
         result["load_before"] = os.getloadavg()[0]
         result["paths"] = asyncio.run(measure_paths(paths, cpu_pids, args))
+        result["supervision"] = measure_supervision(d, gateway_url, engine_url, args)
         if llama is not None:
+            d.post(f"/v1/engines/{KEEPALIVE_ENGINE}/start").raise_for_status()
             wait_ready_pid(d, KEEPALIVE_ENGINE, None, 120)
             llama_paths: dict[str, tuple[str, str]] = {"direct": (f"http://127.0.0.1:{llama_port}", "tiny-llama")}
             if "nginx" in paths:
@@ -627,7 +631,6 @@ def main() -> None:
             result["keepalive"] = asyncio.run(measure_ttfb(llama_paths, args.ttfb_rounds))
         else:
             result["keepalive_missing"] = "llama-server or its model is missing (run `make engines`)"
-        result["supervision"] = measure_supervision(d, gateway_url, engine_url, args)
         result["load_after"] = os.getloadavg()[0]
     finally:
         for proxy in (nginx, nginx_llama):
