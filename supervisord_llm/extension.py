@@ -60,6 +60,10 @@ class Extension:
     def on_memory(self, reading: SystemMemoryReading | None) -> None:
         """A system memory reading (None while the probe fails)."""
 
+    async def requests_settled(self, sup: EngineSupervisor) -> None:
+        """Return once every request sent to ``sup`` so far is counted in its in-flight count (the
+        gateway's process confirms its notes; bounded). Called before a drain counts them."""
+
     async def before_start(self, sup: EngineSupervisor) -> None:
         """Before ``sup``'s admission; raise an ``EngineError`` to refuse the start."""
 

@@ -352,6 +352,12 @@ class GatewayExtension(Extension):
         finally:
             self.daemon.events.listeners.remove(self._on_event)
 
+    async def requests_settled(self, sup: EngineSupervisor) -> None:
+        # A request let through on a pass, or started a moment ago, reaches the daemon as a note (at
+        # most channel.LAZY_S late): the gateway's acknowledgement of a snapshot sent now comes after
+        # them, and that snapshot takes back the passes the engine's new state no longer gives.
+        await self.process.settle()
+
     def contribute_status(self, doc: dict[str, Any]) -> None:
         # The gateway process's counters as it last sent them (at most STATS_PUSH_S old).
         stats = self.process.stats

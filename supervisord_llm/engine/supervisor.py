@@ -227,6 +227,10 @@ class SupervisorHost(Protocol):
 
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None: ...
 
+    async def requests_settled(self, sup: EngineSupervisor) -> None:
+        """Return once every request sent to ``sup`` so far is counted in ``sup.health.in_flight``
+        (bounded: a gateway that does not answer holds nobody up for long)."""
+
 
 class EngineSupervisor:
     strict_transitions = False  # the tests set it: an illegal transition raises instead of being logged
@@ -820,6 +824,8 @@ class EngineSupervisor:
 
     async def _stopper(self, gen: int, proc: EngineProcess, grace_s: float, drain_s: float = 0.0) -> None:
         health = self.health
+        if drain_s > 0 and health is not None:
+            await self.host.requests_settled(self)  # requests on their way in count too
         if drain_s > 0 and health is not None and health.in_flight > 0:
             started_s = self.clock.now()
             self.host.events.emit("engine.draining", engine=self.name, in_flight=health.in_flight,

@@ -64,6 +64,8 @@ RESPAWN_MAX_S = 30.0
 RESPAWN_RESET_S = 60.0
 # How long a gateway that was told to stop may take beyond its own shutdown grace before it is killed.
 STOP_MARGIN_S = 5.0
+# A stop that drains waits at most this long for the gateway to confirm a snapshot (``settle``).
+SETTLE_MAX_S = 1.0
 
 
 class GatewayProcess:
@@ -107,6 +109,7 @@ class GatewayProcess:
         self._passes: frozenset[str] = frozenset()  # the engines the latest snapshot gave passes for
         self._granting_seq = -1  # the latest snapshot that gave any pass (-1: none to this process)
         self._acked_seq = 0
+        self._acked = anyio.Event()  # set (and replaced) on every acknowledgement
 
     # -- what the gateway reads without asking ------------------------------------------------------
 
@@ -121,12 +124,14 @@ class GatewayProcess:
             models = inner.models()
             progress = {m["id"]: inner.engine_progress_s(m["id"]) for m in models}
             passes = inner.passes()
-            self._seq += 1
+            seq = self._seq + 1
             # Never dropped (a stale engine state would misroute the gateway until the next change).
-            channel.send("snapshot", models, inner.default_engine(), progress, inner.routes(), passes, self._seq)
+            if not channel.send("snapshot", models, inner.default_engine(), progress, inner.routes(), passes, seq):
+                return  # the channel is closing: the process and its passes are going away
+            self._seq = seq
             self._passes = frozenset(passes)
             if passes:
-                self._granting_seq = self._seq
+                self._granting_seq = seq
         except Exception:
             self.log.exception("gateway.backend_failed", method="publish")
 
@@ -149,9 +154,23 @@ class GatewayProcess:
         when the acknowledgement arrives."""
         if self._channel is None or self._acked_seq > self._granting_seq:
             return True
-        if self._seq == self._granting_seq:
+        if self._seq == self._granting_seq and not self.inner.passes():
             self.publish()
         return False
+
+    async def settle(self, timeout_s: float = SETTLE_MAX_S) -> None:
+        """Return once the gateway has applied a snapshot published now, so that every note it sent
+        before (a request it let through on a pass, a request's start) has been read here and every
+        pass the daemon's state no longer gives is gone; or after ``timeout_s`` (a gateway that is
+        stuck or gone holds nobody up for longer). Stops that drain call this before they count the
+        requests in flight."""
+        if self._channel is None:
+            return
+        self.publish()
+        target = self._seq
+        with anyio.move_on_after(timeout_s):
+            while self._channel is not None and self._acked_seq < target:
+                await self._acked.wait()
 
     async def run_publisher(self) -> None:
         """While requests run, refresh the snapshots every ``PUBLISH_S``; idle, it sleeps."""
@@ -273,6 +292,9 @@ class GatewayProcess:
                     sock.close()
                     await self._stop(proc, channel)
             self._channel = None
+            self._acked.set()  # nobody waits for an acknowledgement from a process that is gone
+            self._acked = anyio.Event()
+            self.on_passes_closed()  # its passes went with it
             channel.close()
             for scope in self._waits.values():
                 scope.cancel()
@@ -312,6 +334,8 @@ class GatewayProcess:
         elif kind == "ack":
             closed_before = self._acked_seq > self._granting_seq
             self._acked_seq = max(self._acked_seq, message[1])
+            self._acked.set()
+            self._acked = anyio.Event()
             if not closed_before and self._acked_seq > self._granting_seq:
                 self.on_passes_closed()
         elif tg is None:

@@ -10,12 +10,15 @@ chunk the engine sends costs one buffer hand-over here. httpx stays for the gate
 
 A connection the engine closes after each response (mlx_lm.server speaks HTTP/1.0: every request
 opens a new one) costs a connect on the request's path: the gateway's own (socket, connect, transport)
-and the engine's accept. So the connector keeps one *spare*: whenever it had to open a connection to
-an engine, it opens the next one once that request's response is over (not while the engine is
-still working on it: its accept would take the engine's time), and the next request to that address
-takes it instead of connecting. A spare is used only while its engine has not closed it (checked with a
-non-blocking peek just before) and for at most ``SPARE_MAX_AGE_S``; then it is closed, so an idle
-gateway holds none. The hook is ``TCPConnector._wrap_create_connection``, the one aiohttp's connector
+and the engine's accept. So the connector keeps one *spare* for such an engine: once a response
+that the engine ends by closing its connection (HTTP/1.0, or ``Connection: close``) is over, the
+next connection is opened (not earlier: the engine's accept would take its time from that very
+response), and the next request to that address takes it instead of connecting. Engines that keep
+connections alive (llama-server, vLLM, SGLang) reuse pooled connections and get no spare. A spare is
+used only while its engine has not closed it (checked with a non-blocking peek just before) and for
+at most ``SPARE_MAX_AGE_S``; then it is closed and not replaced, so an idle gateway holds none. (A
+server that handles one connection at a time, such as mlx_lm.server before mlx-lm 0.28.4 made it a
+``ThreadingHTTPServer``, would wait on a spare for that long: hence the short age.) The hook is ``TCPConnector._wrap_create_connection``, the one aiohttp's connector
 subclasses override (aiohttp-socks does the same); the tests run a real HTTP/1.0 server through it.
 
 Errors are raised as the httpx exceptions that :mod:`supervisord_llm.gateway.retry` and the forward
@@ -51,7 +54,9 @@ __all__ = ["UpstreamClient", "UpstreamRequest", "UpstreamResponse"]
 # Read this much of a body at most per chunk handed on: whatever has arrived, up to this.
 _READ_BYTES = 2**16
 # A spare connection not taken within this long is closed (and not replaced until one is needed).
-SPARE_MAX_AGE_S = 10.0
+SPARE_MAX_AGE_S = 2.0
+# Opening a spare gives up after this long (an engine that does not accept: the request connects itself).
+SPARE_CONNECT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ def _mapped(exc: BaseException, url: str) -> httpx.HTTPError:
 class UpstreamResponse:
     """The engine's response head; the body is read with :meth:`aiter_raw` (bytes as they came)."""
 
-    def __init__(self, response: aiohttp.ClientResponse, url: str, on_closed: Callable[[], None]) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, url: str, on_closed: Callable[[bool], None]) -> None:
         self._response = response
         self._url = url
         self._on_closed = on_closed
@@ -103,11 +108,15 @@ class UpstreamResponse:
         """Give the connection back when the body was read to its end; else drop it, which is how
         the engine learns that the client went away (it stops generating)."""
         response = self._response
+        # The engine ends this connection after the response (HTTP/1.0, or it said so).
+        version = response.version
+        engine_closes = (version is not None and version < aiohttp.HttpVersion11) or response.headers.get(
+            "Connection", "").lower() == "close"
         if response.content.at_eof():
             response.release()
         else:
             response.close()
-        self._on_closed()
+        self._on_closed(engine_closes)
 
 
 def _still_open(sock: socket.socket) -> bool:
@@ -128,7 +137,8 @@ class SpareConnector(aiohttp.TCPConnector):
         super().__init__(**kwargs)
         self._spares: dict[tuple[str, int], tuple[socket.socket, float]] = {}
         self._making: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self._wanted: dict[tuple[str, int], Any] = {}  # addresses that needed a connection: their addr_infos
+        self._addr_infos: dict[tuple[str, int], Any] = {}  # of the addresses this connector connected to
+        self._expiries: dict[tuple[str, int], asyncio.TimerHandle] = {}
         self.spares_used = 0
 
     async def _wrap_create_connection(self, *args: Any, addr_infos: Any, req: Any, **kwargs: Any) -> Any:
@@ -136,7 +146,7 @@ class SpareConnector(aiohttp.TCPConnector):
             return await super()._wrap_create_connection(*args, addr_infos=addr_infos, req=req, **kwargs)
         key = (req.host, req.port)
         spare = self._take_spare(key)
-        self._wanted[key] = list(addr_infos)
+        self._addr_infos[key] = list(addr_infos)
         if spare is not None:
             kwargs.pop("timeout", None)
             kwargs.pop("client_error", None)
@@ -159,17 +169,18 @@ class SpareConnector(aiohttp.TCPConnector):
         sock.close()
         return None
 
-    def replenish(self) -> None:
-        """Open a spare for each address that needed a new connection since the last call."""
-        wanted, self._wanted = self._wanted, {}
-        for key, addr_infos in wanted.items():
-            if key not in self._making and key not in self._spares and not self.closed:
-                self._making[key] = self._loop.create_task(self._open_spare(key, addr_infos))
+    def want_spare(self, host: str, port: int) -> None:
+        """A response from ``host:port`` ended with its connection closed: open the next one now."""
+        key = (host, port)
+        addr_infos = self._addr_infos.get(key)
+        if addr_infos is not None and key not in self._making and key not in self._spares and not self.closed:
+            self._making[key] = self._loop.create_task(self._open_spare(key, addr_infos))
 
     async def _open_spare(self, key: tuple[str, int], addr_infos: Any) -> None:
         try:
-            sock = await aiohappyeyeballs.start_connection(addr_infos=addr_infos, loop=self._loop)
-        except OSError:
+            async with asyncio.timeout(SPARE_CONNECT_S):
+                sock = await aiohappyeyeballs.start_connection(addr_infos=addr_infos, loop=self._loop)
+        except (OSError, TimeoutError):
             return  # the engine is not there (now): the next request connects as usual
         finally:
             self._making.pop(key, None)
@@ -177,7 +188,7 @@ class SpareConnector(aiohttp.TCPConnector):
             sock.close()
             return
         self._spares[key] = (sock, time.monotonic())
-        self._loop.call_later(SPARE_MAX_AGE_S, self._expire, key, sock)
+        self._expiries[key] = self._loop.call_later(SPARE_MAX_AGE_S, self._expire, key, sock)
 
     def _expire(self, key: tuple[str, int], sock: socket.socket) -> None:
         held = self._spares.get(key)
@@ -189,6 +200,9 @@ class SpareConnector(aiohttp.TCPConnector):
         for task in self._making.values():
             task.cancel()
         self._making.clear()
+        for timer in self._expiries.values():
+            timer.cancel()
+        self._expiries.clear()
         for sock, _ in self._spares.values():
             sock.close()
         self._spares.clear()
@@ -241,9 +255,11 @@ class UpstreamClient:
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _mapped(exc, request.url) from exc
-        return UpstreamResponse(response, request.url, self._replenish)
+        url = response.url
+        return UpstreamResponse(response, request.url,
+                                lambda engine_closes: self._closed(url.host, url.port, engine_closes))
 
-    def _replenish(self) -> None:
+    def _closed(self, host: str | None, port: int | None, engine_closes: bool) -> None:
         connector = self._session.connector if self._session is not None else None
-        if isinstance(connector, SpareConnector):
-            connector.replenish()
+        if engine_closes and host is not None and port is not None and isinstance(connector, SpareConnector):
+            connector.want_spare(host, port)

@@ -123,6 +123,7 @@ class ProcessBackend:
                     break
         except ChannelClosed:
             pass
+        self._passes = {}  # nobody counts requests let through any more: every request asks, and is refused
         for future in self._waiting.values():
             if not future.done():
                 future.set_result(("refused", ("unavailable", _DAEMON_GONE)))

@@ -43,13 +43,15 @@ class IdleUnloadExtension(Extension):
         now = self.daemon.clock.now()
         for sup in list(self.daemon.supervisors.values()):
             idle_s = sup.config.idle_unload_s
-            if not idle_s or str(sup.state) not in ("ready", "degraded") or sup.ready_since_s is None:
+            if not idle_s or not self._due(sup, idle_s, now):
+                continue
+            # A request the gateway sent a moment ago (its note on the way) is a request: look again.
+            await self.daemon.requests_settled(sup)
+            now = self.daemon.clock.now()
+            if not self._due(sup, idle_s, now):
                 continue
             last = self.last_request_s.get(sup.name)
             in_flight = self.in_flight.get(sup.name, 0)
-            if not idle_unload_due(idle_unload_s=idle_s, last_request_s=last, ready_since_s=sup.ready_since_s,
-                                   now_s=now, in_flight=in_flight):
-                continue
             idle_for_s = round(now - max(sup.ready_since_s, last or sup.ready_since_s), 1)
             self.daemon.events.emit("policy.decided", engine=sup.name, policy="idle_unload", decision="stop",
                                     idle_for_s=idle_for_s, idle_unload_s=idle_s, in_flight=in_flight)
@@ -57,6 +59,12 @@ class IdleUnloadExtension(Extension):
                 await sup.command("stop", reason=IDLE_REASON)
             except Exception as exc:  # a stop refused now (a swap in progress) is tried again at the next check
                 self.daemon.events.emit("engine.idle_unload_failed", engine=sup.name, error=str(exc))
+
+    def _due(self, sup: Any, idle_s: float, now: float) -> bool:
+        if str(sup.state) not in ("ready", "degraded") or sup.ready_since_s is None:
+            return False
+        return idle_unload_due(idle_unload_s=idle_s, last_request_s=self.last_request_s.get(sup.name),
+                               ready_since_s=sup.ready_since_s, now_s=now, in_flight=self.in_flight.get(sup.name, 0))
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -426,6 +426,32 @@ def test_mixed_requests_for_two_exclusive_engines_are_served_grouped_with_one_sw
 
 
 @pytest.mark.slow
+def test_a_restart_just_after_a_stream_started_drains_it_instead_of_cutting_it(daemon_factory) -> None:
+    """The gateway tells the daemon of a request's start without waiting (and may route it without
+    asking): a restart asked for the instant the response head arrived still counts that stream as
+    in flight, drains it, and the client gets its whole answer."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "50", default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n[policies.memory]\nswap_drain = "60s"\n').start()
+    first = d.wait_state("e", "ready", 30)
+    tokens = 0
+    done = False
+    with d.client() as control, httpx.stream("POST", f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60,
+                                             json={"model": "e", "stream": True, "max_tokens": 60, **CHAT}) as response:
+        # At once, on the response head: the stream is a few milliseconds old.
+        restart = control.post("/v1/engines/e/restart", json={"force": True})
+        for line in response.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: {") and '"content"' in line:
+                tokens += 1
+    assert restart.status_code == 200, restart.text
+    assert done and tokens >= 60, f"the stream was cut after {tokens} tokens"
+    assert d.wait_state("e", "ready", 60)["pid"] != first["pid"]
+    draining = [e for e in d.events() if e["kind"] == "engine.draining"]
+    assert draining and draining[-1]["in_flight"] == 1
+
+
 def test_llmctl_restart_of_a_hung_engine_does_not_wait_for_its_requests(daemon_factory) -> None:
     """A SIGSTOPped (hung) engine with a stream in flight: llmctl restart stops it at once, no drain."""
     import os

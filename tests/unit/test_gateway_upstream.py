@@ -227,3 +227,25 @@ async def test_a_spare_nobody_takes_is_closed_so_an_idle_gateway_holds_no_connec
         await asyncio.sleep(0.5)
         assert "closed_unused" in served.connections[1]  # closed by the gateway, not replaced
         assert len(served.connections) == 2
+
+
+async def test_an_engine_that_keeps_connections_alive_gets_no_spare() -> None:
+    """A keep-alive engine (llama-server, vLLM) is reached on its pooled connection: the gateway
+    opens nothing more (a spare would only hold one of its workers)."""
+    accepted: list[float] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(time.monotonic())
+        try:
+            while True:
+                await read_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            return
+
+    async with engine(handler) as url, client() as c:
+        for _ in range(3):
+            assert await exchange(c, url) == b"ok"
+            await asyncio.sleep(0.1)
+    assert len(accepted) == 1

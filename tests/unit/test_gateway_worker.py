@@ -180,9 +180,10 @@ async def test_a_request_on_a_pass_is_routed_without_asking_the_daemon_until_the
         assert inner.acquired == 0
         kinds = [kind for kind, _ in inner.notes if kind in ("let_through", "request_started")]
         assert kinds == ["let_through", "request_started"] * 3
-        assert not process.close_passes()  # the snapshot that gives tiny a pass was applied: not yet
+        assert not process.close_passes()  # the daemon still gives tiny a pass: nothing is taken back
         inner.passing = False
         assert not process.close_passes()  # a snapshot without it is sent; not confirmed yet
+        assert not process.close_passes()  # (and not sent again while it is on its way)
         with anyio.fail_after(10):
             await confirmed.wait()
         assert process.close_passes()

@@ -103,6 +103,9 @@ class FakeHost:
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         return 10**9
 
+    async def requests_settled(self, sup: EngineSupervisor) -> None:
+        pass
+
 
 _MADE: list[EngineSupervisor] = []
 
