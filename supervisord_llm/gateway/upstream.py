@@ -17,8 +17,9 @@ response), and the next request to that address takes it instead of connecting. 
 connections alive (llama-server, vLLM, SGLang) reuse pooled connections and get no spare. A spare is
 used only while its engine has not closed it (checked with a non-blocking peek just before) and for
 at most ``SPARE_MAX_AGE_S``; then it is closed and not replaced, so an idle gateway holds none. (A
-server that handles one connection at a time, such as mlx_lm.server before mlx-lm 0.28.4 made it a
-``ThreadingHTTPServer``, would wait on a spare for that long: hence the short age.) The hook is ``TCPConnector._wrap_create_connection``, the one aiohttp's connector
+server that handles one connection at a time (older mlx_lm.server releases ran a plain
+``HTTPServer``; the ones tested here run ``ThreadingHTTPServer``, mlx_lm/server.py) would wait on a
+spare for that long: hence the short age.) The hook is ``TCPConnector._wrap_create_connection``, the one aiohttp's connector
 subclasses override (aiohttp-socks does the same); the tests run a real HTTP/1.0 server through it.
 
 Errors are raised as the httpx exceptions that :mod:`supervisord_llm.gateway.retry` and the forward
