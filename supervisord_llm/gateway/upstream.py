@@ -140,7 +140,6 @@ class SpareConnector(aiohttp.TCPConnector):
         self._making: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._addr_infos: dict[tuple[str, int], Any] = {}  # of the addresses this connector connected to
         self._expiries: dict[tuple[str, int], asyncio.TimerHandle] = {}
-        self.spares_used = 0
 
     async def _wrap_create_connection(self, *args: Any, addr_infos: Any, req: Any, **kwargs: Any) -> Any:
         if req.is_ssl():
@@ -156,7 +155,6 @@ class SpareConnector(aiohttp.TCPConnector):
             except OSError:
                 spare.close()
             else:
-                self.spares_used += 1
                 return connection
         return await super()._wrap_create_connection(*args, addr_infos=addr_infos, req=req, **kwargs)
 

@@ -79,6 +79,12 @@ async def running() -> AsyncIterator[Running]:
         tg.cancel_scope.cancel()
 
 
+async def _wait_turn(engine_turns: EngineTurns, engine: str, released: list[str]) -> None:
+    """A held request: waits for its engine's turn, then notes that it was released."""
+    await engine_turns.wait_turn(engine)
+    released.append(engine)
+
+
 async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
     with anyio.fail_after(timeout_s):
         while not predicate():
@@ -91,12 +97,8 @@ async def test_one_decider_serves_every_held_request_without_polling_per_request
     host, engine_turns, tg = running
     released: list[str] = []
 
-    async def wait(engine: str) -> None:
-        await engine_turns.wait_turn(engine)
-        released.append(engine)
-
     for _ in range(200):
-        tg.start_soon(wait, "b")
+        tg.start_soon(_wait_turn, engine_turns, "b", released)
     await _until(lambda: host.swaps == ["b"])
     await anyio.sleep(1.5)
     assert released == [] and host.decisions <= 210  # old: about 200 x 6 while held
@@ -114,14 +116,10 @@ async def test_the_next_swap_waits_until_released_requests_have_started(running:
     host.serving_now = None
     released: list[str] = []
 
-    async def wait(engine: str) -> None:
-        await engine_turns.wait_turn(engine)
-        released.append(engine)
-
     for _ in range(3):
-        tg.start_soon(wait, "a")
+        tg.start_soon(_wait_turn, engine_turns, "a", released)
     await anyio.sleep(0.05)
-    tg.start_soon(wait, "b")
+    tg.start_soon(_wait_turn, engine_turns, "b", released)
     await _until(lambda: host.swaps == ["a"])
     host.serving_now = "a"
     engine_turns.changed()
@@ -144,11 +142,7 @@ async def test_a_swap_waits_until_the_gateway_has_given_up_its_passes(running: R
     host.passes_closed = False
     released: list[str] = []
 
-    async def wait(engine: str) -> None:
-        await engine_turns.wait_turn(engine)
-        released.append(engine)
-
-    tg.start_soon(wait, "b")
+    tg.start_soon(_wait_turn, engine_turns, "b", released)
     await _until(lambda: host.close_asked >= 1)
     assert host.group_changes == 1  # b's group formed: the host takes the passes back
     await anyio.sleep(2.5)  # longer than a lost request is waited for (START_WAIT_MAX_S)
