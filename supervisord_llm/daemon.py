@@ -498,9 +498,9 @@ class Daemon:
 
     # ---- admission -------------------------------------------------------------------------
 
-    async def requests_settled(self, sup: EngineSupervisor) -> None:
+    async def requests_settled(self) -> None:
         for ext in self.extensions:
-            await ext.requests_settled(sup)
+            await ext.requests_settled()
 
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         """What admission counts the engine at: max(configured or estimated, the peak it was seen to hold)."""
@@ -841,8 +841,8 @@ class Daemon:
             # In-flight requests on the engines being stopped may finish first (bounded by swap_drain);
             # what still runs after that is cut when the engine stops, and the client sees the error.
             # Requests the gateway sent them a moment ago count too, once it has confirmed its notes.
-            for sup in to_stop:
-                await self.requests_settled(sup)
+            if to_stop:
+                await self.requests_settled()
             with anyio.move_on_after(self.config.memory.swap_drain_s):
                 while any(s.health is not None and s.health.in_flight > 0 for s in to_stop):
                     await anyio.sleep(0.1)

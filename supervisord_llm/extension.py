@@ -60,8 +60,8 @@ class Extension:
     def on_memory(self, reading: SystemMemoryReading | None) -> None:
         """A system memory reading (None while the probe fails)."""
 
-    async def requests_settled(self, sup: EngineSupervisor) -> None:
-        """Return once every request sent to ``sup`` so far is counted in its in-flight count (the
+    async def requests_settled(self) -> None:
+        """Return once every request sent to an engine so far is counted in its in-flight count (the
         gateway's process confirms its notes; bounded). Called before a drain counts them."""
 
     async def before_start(self, sup: EngineSupervisor) -> None:

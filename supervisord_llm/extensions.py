@@ -93,16 +93,6 @@ class DaemonGatewayBackend:
                 if gateway_may_pass(serving=self.serving_now(sup), held_groups=held,
                                     draining=sup.health is not None and bool(sup.health.draining))}
 
-    def try_pass(self, model: str | None) -> Upstream | None:
-        try:
-            name = self._resolve(model).name
-        except EngineUnavailable:
-            return None
-        upstream = self.passes().get(name)
-        if upstream is not None:
-            self.let_through(name)
-        return upstream
-
     def let_through(self, engine: str) -> None:
         if engine in self.daemon.supervisors:
             self.turns.let_through(engine)
@@ -352,7 +342,7 @@ class GatewayExtension(Extension):
         finally:
             self.daemon.events.listeners.remove(self._on_event)
 
-    async def requests_settled(self, sup: EngineSupervisor) -> None:
+    async def requests_settled(self) -> None:
         # A request let through on a pass, or started a moment ago, reaches the daemon as a note (at
         # most channel.LAZY_S late): the gateway's acknowledgement of a snapshot sent now comes after
         # them, and that snapshot takes back the passes the engine's new state no longer gives.

@@ -227,8 +227,8 @@ class SupervisorHost(Protocol):
 
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None: ...
 
-    async def requests_settled(self, sup: EngineSupervisor) -> None:
-        """Return once every request sent to ``sup`` so far is counted in ``sup.health.in_flight``
+    async def requests_settled(self) -> None:
+        """Return once every request sent to an engine so far is counted in its ``health.in_flight``
         (bounded: a gateway that does not answer holds nobody up for long)."""
 
 
@@ -825,16 +825,16 @@ class EngineSupervisor:
     async def _stopper(self, gen: int, proc: EngineProcess, grace_s: float, drain_s: float = 0.0) -> None:
         health = self.health
         if drain_s > 0 and health is not None:
-            await self.host.requests_settled(self)  # requests on their way in count too
-        if drain_s > 0 and health is not None and health.in_flight > 0:
-            started_s = self.clock.now()
-            self.host.events.emit("engine.draining", engine=self.name, in_flight=health.in_flight,
-                                  drain_s=drain_s)
-            with anyio.move_on_after(drain_s):
-                while health.in_flight > 0 and proc.running:
-                    await anyio.sleep(0.1)
-            self.host.events.emit("engine.drained", engine=self.name, in_flight=health.in_flight,
-                                  waited_s=round(self.clock.now() - started_s, 3))
+            await self.host.requests_settled()  # requests on their way in count too
+            if health.in_flight > 0:
+                started_s = self.clock.now()
+                self.host.events.emit("engine.draining", engine=self.name, in_flight=health.in_flight,
+                                      drain_s=drain_s)
+                with anyio.move_on_after(drain_s):
+                    while health.in_flight > 0 and proc.running:
+                        await anyio.sleep(0.1)
+                self.host.events.emit("engine.drained", engine=self.name, in_flight=health.in_flight,
+                                      waited_s=round(self.clock.now() - started_s, 3))
         with anyio.CancelScope(shield=True):
             result = await proc.stop(grace_s)
         self.post(Stopped(gen, result.graceful, result.killed_pids, self._stop_then))

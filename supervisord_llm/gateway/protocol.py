@@ -16,6 +16,7 @@ from typing import Protocol
 from supervisord_llm.errors import EngineError, SupervisordLLMError
 
 __all__ = [
+    "DaemonCalls",
     "EngineUnavailable",
     "GatewayBackend",
     "PassingBackend",
@@ -100,19 +101,14 @@ class RequestStats:
     duration_s: float | None = None  # from sending to the engine to the last byte
 
 
-class GatewayBackend(Protocol):
-    """Protocol: what the gateway needs from the daemon. Sync methods must be cheap and not block."""
+class DaemonCalls(Protocol):
+    """Protocol: what the gateway asks and tells the daemon. Sync methods must be cheap and not block."""
 
     def models(self) -> list[dict]: ...
 
     def default_engine(self) -> str | None: ...
 
     async def acquire(self, model: str | None) -> Upstream: ...
-
-    def try_pass(self, model: str | None) -> Upstream | None:
-        """The engine for ``model`` when the daemon has said that requests for it go straight on (a
-        pass, ``policies.frontdoor.gateway_may_pass``), counted as let through; None when the
-        request must ``acquire`` (the daemon decides: a swap, a start, a refusal, an unknown name)."""
 
     def request_started(self, engine: str) -> None: ...
 
@@ -125,7 +121,16 @@ class GatewayBackend(Protocol):
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None: ...
 
 
-class PassingBackend(GatewayBackend, Protocol):
+class GatewayBackend(DaemonCalls, Protocol):
+    """Protocol: what the gateway needs from the daemon (its process's end of the channel)."""
+
+    def try_pass(self, model: str | None) -> Upstream | None:
+        """The engine for ``model`` when the daemon has said that requests for it go straight on (a
+        pass, ``policies.frontdoor.gateway_may_pass``), counted as let through; None when the
+        request must ``acquire`` (the daemon decides: a swap, a start, a refusal, an unknown name)."""
+
+
+class PassingBackend(DaemonCalls, Protocol):
     """Protocol: the daemon's side of the process split, which also hands the gateway its passes."""
 
     def routes(self) -> dict[str, str]:

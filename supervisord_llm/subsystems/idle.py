@@ -46,7 +46,7 @@ class IdleUnloadExtension(Extension):
             if not idle_s or not self._due(sup, idle_s, now):
                 continue
             # A request the gateway sent a moment ago (its note on the way) is a request: look again.
-            await self.daemon.requests_settled(sup)
+            await self.daemon.requests_settled()
             now = self.daemon.clock.now()
             if not self._due(sup, idle_s, now):
                 continue

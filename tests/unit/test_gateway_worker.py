@@ -71,9 +71,6 @@ class RecordingBackend:
     def passes(self) -> dict[str, Upstream]:
         return {"tiny": self.upstream} if self.passing else {}
 
-    def try_pass(self, model: str | None) -> Upstream | None:
-        return None
-
     def let_through(self, engine: str) -> None:
         self.notes.append(("let_through", engine))
 

@@ -103,7 +103,7 @@ class FakeHost:
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         return 10**9
 
-    async def requests_settled(self, sup: EngineSupervisor) -> None:
+    async def requests_settled(self) -> None:
         pass
 
 
