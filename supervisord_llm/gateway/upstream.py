@@ -8,13 +8,25 @@ layers: about half of the gateway's CPU per streamed token (bench/gateway_microb
 client parses the head and the chunked body in C (llhttp) and pools keep-alive connections, so each
 chunk the engine sends costs one buffer hand-over here. httpx stays for the gateway's other calls.
 
-A connection the engine closes after each response (mlx_lm.server speaks HTTP/1.0: every request
-opens a new one) costs a connect on the request's path: the gateway's own (socket, connect, transport)
-and the engine's accept. So the connector keeps one *spare* for such an engine: once a response
-that the engine ends by closing its connection (HTTP/1.0, or ``Connection: close``) is over, the
-next connection is opened (not earlier: the engine's accept would take its time from that very
-response), and the next request to that address takes it instead of connecting. Engines that keep
-connections alive (llama-server, vLLM, SGLang) reuse pooled connections and get no spare. A spare is
+A connection the engine closes after each response costs a connect on the request's path: the
+gateway's own (socket, connect, transport) and the engine's accept. Two engines do that:
+
+- mlx_lm.server speaks HTTP/1.0, so every request opens a new connection (it says so: the status
+  line's version, or ``Connection: close``);
+- llama-server closes the connection after every *streamed* response without saying so: its stream
+  provider returns false once the stream is done (tools/server/server-http.cpp,
+  ``chunked_content_provider`` returns ``has_next``), which cpp-httplib's ``write_content_chunked``
+  (vendor/cpp-httplib/httplib.cpp) takes as a cancel, and the connection ends. Its head still says
+  ``Keep-Alive``. So the connector also learns it: a new connection is needed while the one last
+  given back to the pool, less than ``SPARE_MAX_AGE_S`` before, has been closed by the engine
+  (no engine's keep-alive timeout is that short: uvicorn's and llama-server's are 5 s). A connection
+  that serves a second response unlearns it.
+
+So the connector keeps one *spare* for such an engine: once a response that the engine ends by
+closing its connection is over, the next connection is opened (not earlier: the engine's accept
+would take its time from that very response), and the next request to that address takes it
+instead of connecting. Engines that keep connections alive (vLLM, SGLang, llama-server's
+non-streamed answers) reuse pooled connections and get no spare. A spare is
 used only while its engine has not closed it (checked with a non-blocking peek just before) and for
 at most ``SPARE_MAX_AGE_S``; then it is closed and not replaced, so an idle gateway holds none. (A
 server that handles one connection at a time (older mlx_lm.server releases ran a plain
@@ -40,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -140,11 +153,17 @@ class SpareConnector(aiohttp.TCPConnector):
         self._making: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._addr_infos: dict[tuple[str, int], Any] = {}  # of the addresses this connector connected to
         self._expiries: dict[tuple[str, int], asyncio.TimerHandle] = {}
+        # Learnt per address: the engine closes its connection after a response without saying so.
+        self._closes_unsaid: set[tuple[str, int]] = set()
+        # The protocol of the connection last given back per address, and when.
+        self._given_back: dict[tuple[str, int], tuple[weakref.ref[Any], float]] = {}
+        self._served: weakref.WeakSet[Any] = weakref.WeakSet()  # protocols that served a response
 
     async def _wrap_create_connection(self, *args: Any, addr_infos: Any, req: Any, **kwargs: Any) -> Any:
         if req.is_ssl():
             return await super()._wrap_create_connection(*args, addr_infos=addr_infos, req=req, **kwargs)
         key = (req.host, req.port)
+        self._learn(key)
         spare = self._take_spare(key)
         self._addr_infos[key] = list(addr_infos)
         if spare is not None:
@@ -167,6 +186,34 @@ class SpareConnector(aiohttp.TCPConnector):
             return sock
         sock.close()
         return None
+
+    def _learn(self, key: tuple[str, int]) -> None:
+        """A new connection to ``key`` is needed: was the one last given back closed by the engine?"""
+        given_back = self._given_back.pop(key, None)
+        if given_back is None:
+            return
+        protocol, at = given_back[0](), given_back[1]
+        if protocol is None or not protocol.is_connected():
+            if time.monotonic() - at < SPARE_MAX_AGE_S:
+                self._closes_unsaid.add(key)
+        else:  # still open, and busy: a second request at once. The engine keeps its connections.
+            self._closes_unsaid.discard(key)
+
+    def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
+        """aiohttp gives a connection back to the pool (its response's body was read to the end)."""
+        if not should_close and not key.is_ssl:
+            address = (key.host, key.port)
+            if protocol in self._served:  # its second response: this engine keeps connections
+                self._closes_unsaid.discard(address)
+            self._served.add(protocol)
+            self._given_back[address] = (weakref.ref(protocol), time.monotonic())
+        super()._release(key, protocol, should_close=should_close)
+
+    def response_done(self, host: str, port: int, engine_says_close: bool) -> None:
+        """A response from ``host:port`` is over (``engine_says_close``: its head said it ends the
+        connection)."""
+        if engine_says_close or (host, port) in self._closes_unsaid:
+            self.want_spare(host, port)
 
     def want_spare(self, host: str, port: int) -> None:
         """A response from ``host:port`` ended with its connection closed: open the next one now."""
@@ -205,6 +252,7 @@ class SpareConnector(aiohttp.TCPConnector):
         for sock, _ in self._spares.values():
             sock.close()
         self._spares.clear()
+        self._given_back.clear()
         return super()._close(*args, **kwargs)
 
 
@@ -256,9 +304,9 @@ class UpstreamClient:
             raise _mapped(exc, request.url) from exc
         url = response.url
         return UpstreamResponse(response, request.url,
-                                lambda engine_closes: self._closed(url.host, url.port, engine_closes))
+                                lambda says_close: self._done(url.host, url.port, says_close))
 
-    def _closed(self, host: str | None, port: int | None, engine_closes: bool) -> None:
+    def _done(self, host: str | None, port: int | None, engine_says_close: bool) -> None:
         connector = self._session.connector if self._session is not None else None
-        if engine_closes and host is not None and port is not None and isinstance(connector, SpareConnector):
-            connector.want_spare(host, port)
+        if host is not None and port is not None and isinstance(connector, SpareConnector):
+            connector.response_done(host, port, engine_says_close)

@@ -249,3 +249,66 @@ async def test_an_engine_that_keeps_connections_alive_gets_no_spare() -> None:
             assert await exchange(c, url) == b"ok"
             await asyncio.sleep(0.1)
     assert len(accepted) == 1
+
+
+class StreamClosingEngine:
+    """Answers like llama-server's streamed responses: HTTP/1.1, a chunked event stream whose head
+    says ``Keep-Alive``, and then closes the connection anyway (its stream provider returns false
+    once done, which cpp-httplib takes as a cancel). With ``idle_close_s`` it instead keeps each
+    connection until it was idle that long, like a keep-alive engine's timeout. Records connections
+    as :class:`Http10Engine` does."""
+
+    def __init__(self, idle_close_s: float | None = None) -> None:
+        self.idle_close_s = idle_close_s
+        self.connections: list[dict[str, float]] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        record = {"accepted": time.monotonic()}
+        self.connections.append(record)
+        while True:
+            try:
+                if self.idle_close_s is not None and "request" in record:
+                    await asyncio.wait_for(read_head(reader), self.idle_close_s)
+                else:
+                    await read_head(reader)
+            except (asyncio.IncompleteReadError, TimeoutError):
+                if "request" not in record:
+                    record["closed_unused"] = time.monotonic()
+                return
+            record["request"] = time.monotonic()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                         b"keep-alive: timeout=5, max=100\r\n\r\n6\r\ndata: \r\n0\r\n\r\n")
+            await writer.drain()
+            if self.idle_close_s is None:
+                return
+
+
+async def test_an_engine_that_closes_streams_without_saying_so_is_learnt_and_gets_spares() -> None:
+    """llama-server's streams: the second request finds the connection given back closed, so from the
+    third on each request goes out on a connection opened (and accepted) before it was sent."""
+    served = StreamClosingEngine()
+    sent_at: list[float] = []
+    async with engine(served) as url, client() as c:
+        for _ in range(4):
+            await asyncio.sleep(0.1)
+            sent_at.append(time.monotonic())
+            assert await exchange(c, url) == b"data: "
+        await asyncio.sleep(0.1)
+    first, second, third, fourth = served.connections[:4]
+    assert first["accepted"] >= sent_at[0] and second["accepted"] >= sent_at[1]  # connected on their path
+    assert third["accepted"] < sent_at[2] < third["request"]
+    assert fourth["accepted"] < sent_at[3] < fourth["request"]
+
+
+async def test_an_engine_that_only_ends_idle_connections_gets_no_spare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keep-alive engine closing a connection idle past its timeout is not taken for one that
+    closes after every response: the next request connects, and no spare follows."""
+    monkeypatch.setattr(upstream, "SPARE_MAX_AGE_S", 0.3)
+    served = StreamClosingEngine(idle_close_s=0.5)
+    async with engine(served) as url, client() as c:
+        for _ in range(3):
+            assert await exchange(c, url) == b"data: "
+            await asyncio.sleep(0.8)  # the engine ends the idle connection
+        await asyncio.sleep(0.1)
+    assert len(served.connections) == 3
+    assert all("request" in record for record in served.connections)
