@@ -230,7 +230,11 @@ async def test_claude_code_shaped_request_gets_a_valid_event_stream(engine: MlxS
     starts = [e.index for e in events if e.type == "content_block_start"]
     stops = [e.index for e in events if e.type == "content_block_stop"]
     assert starts == stops == list(range(len(starts))) and starts
-    assert events[-2].delta.stop_reason == "max_tokens" and events[-2].usage.output_tokens == 10
+    # At temperature 1 (as Claude Code sends) the tiny model now and then samples its end of text
+    # before max_tokens: then the turn ended, with fewer tokens.
+    final = events[-2]
+    assert (final.delta.stop_reason == "max_tokens" and final.usage.output_tokens == 10) or (
+        final.delta.stop_reason == "end_turn" and final.usage.output_tokens < 10), final
 
 
 @pytest.mark.slow
