@@ -446,7 +446,10 @@ class _Forward:
         self.upstream_failed = False
         self.non_stream_tokens: int | None = None
         self.pump_scope = anyio.CancelScope()
-        self.watching_stall = False
+        # The stall watchdog is a timer, re-armed until the exchange ends (no task per stream).
+        self._stall_timer: asyncio.Handle | None = None
+        self._stall_watch_over = False
+        self._tg: anyio.abc.TaskGroup | None = None  # the exchange's task group (the engine's reader)
         self.response_complete = False
         self.response: UpstreamResponse | None = None
         self.translated_headers_sent = False
@@ -475,13 +478,15 @@ class _Forward:
         gw.call_backend("request_started", engine)
         try:
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
                 self.sent_at_s = gw.clock.now()
                 if self.stream_requested:
-                    self._start_stall_watch(tg)
+                    self._start_stall_watch()
                 await self._exchange(send, tg)
                 tg.cancel_scope.cancel()
         finally:
+            self._stop_stall_watch()
             with anyio.CancelScope(shield=True):
                 if self.response is not None:
                     # Closing before the body is read drops the connection: the engine sees the
@@ -490,10 +495,32 @@ class _Forward:
             counts["in_flight"] -= 1
             self._finish(counts)
 
-    def _start_stall_watch(self, tg: anyio.abc.TaskGroup) -> None:
-        if not self.watching_stall:
-            self.watching_stall = True
-            tg.start_soon(self._watch_stall)
+    def _start_stall_watch(self) -> None:
+        if self._stall_timer is None and not self._stall_watch_over:
+            self._stall_timer = asyncio.get_running_loop().call_soon(self._check_stall)
+
+    def _stop_stall_watch(self) -> None:
+        self._stall_watch_over = True
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _check_stall(self) -> None:
+        """The stall watchdog's tick: either the stream stalled (the pump is cancelled), or the next
+        tick is armed for when it would have."""
+        self._stall_timer = None
+        if self._stall_watch_over:
+            return
+        try:
+            wait_s = self._stall_wait_s()
+        except Exception:  # a bug here must not end the watch: look again in a second
+            self.gw.log.exception("gateway.stall_watch_failed", engine=self.upstream.engine)
+            wait_s = 1.0
+        if wait_s is None:
+            self._stall_watch_over = True
+            self.pump_scope.cancel()
+            return
+        self._stall_timer = asyncio.get_running_loop().call_later(wait_s, self._check_stall)
 
     async def _watch_disconnect(self, receive: Any, scope: anyio.CancelScope) -> None:
         while True:
@@ -505,41 +532,37 @@ class _Forward:
                     scope.cancel()
                 return
 
-    async def _watch_stall(self) -> None:
+    def _stall_wait_s(self) -> float | None:
+        """How long until the stream would be stalled; None (and ``stalled`` set) once it is."""
         settings = self.gw.settings
         now = self.gw.clock.now
         meter = self.meter
-        engine = self.upstream.engine
-        engine_progress_s = self.gw.backend.engine_progress_s
-        while True:
-            last = meter.last_token_at_s
-            if last is None:
-                phase, since, limit = "prefill", self.sent_at_s, self.prefill_limit_s
-            else:
-                phase, since, limit = "decode", last, settings.decode_stall_s
-            if self.blocked_since_s is not None or self.awaiting_engine:
-                # The client's back-pressure, or the request held while its engine restarts: neither
-                # is the engine's silence.
-                await anyio.sleep(min(limit, 1.0))
-                continue
-            since = max(since, self.unblocked_at_s)
-            # Progress the engine shows elsewhere (its prefill progress, other streams, a canary)
-            # means it is working, so this stream waits rather than being called stalled.
-            try:
-                elsewhere_s = engine_progress_s(engine)
-            except Exception:
-                elsewhere_s = None
-                self.gw.log.exception("gateway.backend_failed", method="engine_progress_s")
-            if elsewhere_s is not None and elsewhere_s > since:
-                since = elsewhere_s
-            delay = since + limit - now()
-            if delay <= 0:
-                self.stalled = (phase, now() - since)
-                self.pump_scope.cancel()
-                return
-            # Never sleep longer than the decode limit: a first token arriving meanwhile starts a
-            # decode deadline that can fall before the prefill one.
-            await anyio.sleep(min(delay, settings.decode_stall_s))
+        last = meter.last_token_at_s
+        if last is None:
+            phase, since, limit = "prefill", self.sent_at_s, self.prefill_limit_s
+        else:
+            phase, since, limit = "decode", last, settings.decode_stall_s
+        if self.blocked_since_s is not None or self.awaiting_engine:
+            # The client's back-pressure, or the request held while its engine restarts: neither
+            # is the engine's silence.
+            return min(limit, 1.0)
+        since = max(since, self.unblocked_at_s)
+        # Progress the engine shows elsewhere (its prefill progress, other streams, a canary)
+        # means it is working, so this stream waits rather than being called stalled.
+        try:
+            elsewhere_s = self.gw.backend.engine_progress_s(self.upstream.engine)
+        except Exception:
+            elsewhere_s = None
+            self.gw.log.exception("gateway.backend_failed", method="engine_progress_s")
+        if elsewhere_s is not None and elsewhere_s > since:
+            since = elsewhere_s
+        delay = since + limit - now()
+        if delay <= 0:
+            self.stalled = (phase, now() - since)
+            return None
+        # Never wait longer than the decode limit: a first token arriving meanwhile starts a
+        # decode deadline that can fall before the prefill one.
+        return min(delay, settings.decode_stall_s)
 
     async def _send_upstream(self) -> UpstreamResponse:
         # Sent again only while the engine gave no response head (gateway/retry.py): refused while
@@ -634,7 +657,7 @@ class _Forward:
             drop = _RESPONSE_DROP if is_sse else _RESPONSE_DROP - _NO_CONTENT_LENGTH
             if is_sse:
                 drop = drop | _NO_CONTENT_LENGTH
-                self._start_stall_watch(tg)
+                self._start_stall_watch()
             raw_headers = [
                 (k.lower(), v) for k, v in response.headers.raw if k.lower().decode() not in drop
             ]
@@ -737,69 +760,90 @@ class _Forward:
         """
         gw = self.gw
         now = gw.clock.now
+        loop = asyncio.get_running_loop()
         buffer = _StreamBuffer(gw.settings.client_buffer_bytes)
         timeout_s = gw.settings.client_timeout_s
         read_error: list[Exception] = []
         send_error: list[OSError] = []
-        # When the send in progress began (None: no send in progress). One watcher per stream holds
+        # When the send in progress began (None: no send in progress). One timer per stream holds
         # the client to client_timeout_s per send, instead of a cancel scope and a timer per chunk.
-        sending_since: list[float | None] = [None]
+        sending_since: float | None = None
+        reading = anyio.CancelScope()
+        sending = anyio.CancelScope()
+        reader_done = anyio.Event()
+        reader_started = False
+        watch: asyncio.TimerHandle | None = None
 
         async def read_engine() -> None:
+            nonlocal reader_started
+            reader_started = True
             try:
-                async for chunk in source:
-                    if buffer.full():
-                        self.blocked_since_s = now()
-                        await buffer.wait_room()
-                        self.unblocked_at_s = now()
-                        self.blocked_since_s = None
-                    buffer.put(chunk)
+                with reading:
+                    async for chunk in source:
+                        if buffer.full():
+                            self.blocked_since_s = now()
+                            await buffer.wait_room()
+                            self.unblocked_at_s = now()
+                            self.blocked_since_s = None
+                        buffer.put(chunk)
             except Exception as exc:
                 read_error.append(exc)
             finally:
                 buffer.close()
+                reader_done.set()
 
-        async def watch_client(scope: anyio.CancelScope) -> None:
-            # Sleeping timeout_s while no send is in progress is exact: a send that begins during
-            # that sleep is due no earlier than the wake-up, which then sleeps until it is due.
-            while True:
-                since = sending_since[0]
-                wait_s = timeout_s if since is None else since + timeout_s - now()
-                if wait_s > 0:
-                    await anyio.sleep(wait_s)
-                    continue
-                self.client_cut = True
-                gw.stats.clients_cut += 1
-                gw.log.warning(
-                    "gateway.client_cut",
-                    engine=self.upstream.engine,
-                    reason="the client did not read its stream within client_timeout_s",
-                    client_timeout_s=timeout_s,
-                    buffered_bytes=buffer.size_bytes,
-                    tokens_read=self.meter.tokens,
-                )
-                scope.cancel()
+        def watch_client() -> None:
+            # Waiting timeout_s while no send is in progress is exact: a send that begins meanwhile
+            # is due no earlier than the next tick, which then waits until it is due.
+            nonlocal watch
+            since = sending_since
+            wait_s = timeout_s if since is None else since + timeout_s - now()
+            if wait_s > 0:
+                watch = loop.call_later(wait_s, watch_client)
                 return
+            watch = None
+            self.client_cut = True
+            gw.stats.clients_cut += 1
+            gw.log.warning(
+                "gateway.client_cut",
+                engine=self.upstream.engine,
+                reason="the client did not read its stream within client_timeout_s",
+                client_timeout_s=timeout_s,
+                buffered_bytes=buffer.size_bytes,
+                tokens_read=self.meter.tokens,
+            )
+            sending.cancel()
+            reading.cancel()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read_engine)
-            tg.start_soon(watch_client, tg.cancel_scope)
-            while True:
-                await buffer.wait_data()
-                if not buffer.chunks:
-                    break  # the engine's stream ended and everything was sent
-                data = buffer.take()
-                sending_since[0] = now()
-                try:
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-                except OSError as exc:  # the client went away: raised below, outside the task group
-                    send_error.append(exc)
-                    break
-                finally:
-                    sending_since[0] = None
-                self.client_fed_at_s = now()
-                buffer.taken(len(data))
-            tg.cancel_scope.cancel()
+        # The reader runs in the exchange's task group: a task group of its own per stream would cost
+        # the first byte its set-up. It is always waited for below: ``source`` is closed after this.
+        assert self._tg is not None
+        self._tg.start_soon(read_engine)
+        watch = loop.call_later(timeout_s, watch_client)
+        try:
+            with sending:
+                while True:
+                    await buffer.wait_data()
+                    if not buffer.chunks:
+                        break  # the engine's stream ended and everything was sent
+                    data = buffer.take()
+                    sending_since = now()
+                    try:
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                    except OSError as exc:  # the client went away: raised below
+                        send_error.append(exc)
+                        break
+                    finally:
+                        sending_since = None
+                    self.client_fed_at_s = now()
+                    buffer.taken(len(data))
+        finally:
+            if watch is not None:
+                watch.cancel()
+            reading.cancel()
+            if reader_started:  # (a task that never ran has nothing open; it ends at once when it does)
+                with anyio.CancelScope(shield=True):
+                    await reader_done.wait()
         if send_error:
             raise send_error[0]
         if read_error and not self.client_cut:
@@ -823,7 +867,7 @@ class _Forward:
         ).startswith("text/event-stream"):
             await self._translated_refusal(send, response)
             return True
-        self._start_stall_watch(tg)
+        self._start_stall_watch()
         if translation.stream:
             await send(
                 {
