@@ -200,13 +200,20 @@ class SpareConnector(aiohttp.TCPConnector):
             self._closes_unsaid.discard(key)
 
     def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
-        """aiohttp gives a connection back to the pool (its response's body was read to the end)."""
-        if not should_close and not key.is_ssl:
+        """aiohttp gives a connection back to the pool (its response's body was read to the end), or
+        closes it (``should_close``: the gateway dropped the response, or the response said close)."""
+        if not key.is_ssl and not self._closed:
             address = (key.host, key.port)
-            if protocol in self._served:  # its second response: this engine keeps connections
-                self._closes_unsaid.discard(address)
-            self._served.add(protocol)
-            self._given_back[address] = (weakref.ref(protocol), time.monotonic())
+            if should_close or protocol.should_close or self._force_close:
+                # Closed by this side: nothing to learn about the engine from this connection.
+                given_back = self._given_back.get(address)
+                if given_back is not None and given_back[0]() is protocol:
+                    del self._given_back[address]
+            else:
+                if protocol in self._served:  # its second response: this engine keeps connections
+                    self._closes_unsaid.discard(address)
+                self._served.add(protocol)
+                self._given_back[address] = (weakref.ref(protocol), time.monotonic())
         super()._release(key, protocol, should_close=should_close)
 
     def response_done(self, host: str, port: int, engine_says_close: bool) -> None:

@@ -312,3 +312,67 @@ async def test_an_engine_that_only_ends_idle_connections_gets_no_spare(monkeypat
         await asyncio.sleep(0.1)
     assert len(served.connections) == 3
     assert all("request" in record for record in served.connections)
+
+
+async def test_a_response_the_gateway_drops_is_not_taken_for_the_engine_closing() -> None:
+    """On a keep-alive engine, a response dropped midway (its client went away) closes the connection
+    from this side: the next request connects anew, and no spare follows (the engine keeps its
+    connections; it closed nothing)."""
+    accepted: list[float] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(time.monotonic())
+        try:
+            while True:
+                head = await read_head(reader)
+                if b"/slow" in head:  # a stream the client leaves before its end
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n6\r\ndata: \r\n")
+                    await writer.drain()
+                    await asyncio.sleep(5)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+    async with engine(handler) as url, client() as c:
+        assert await exchange(c, url) == b"ok"  # given back to the pool
+        response = await c.send(request(url, "/slow"))  # the same connection, dropped midway
+        async for _ in response.aiter_raw():
+            break
+        await response.aclose()
+        assert await exchange(c, url) == b"ok"  # a new connection: the dropped one is gone
+        await asyncio.sleep(0.2)
+        assert await exchange(c, url) == b"ok"
+        await asyncio.sleep(0.2)
+    assert len(accepted) == 2  # the first, and the one after the drop: no spare
+
+
+async def test_a_connection_that_serves_a_second_response_unlearns_the_closing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine learnt as closing (its first two connections ended after one response each) that
+    then keeps a connection for a second response is a keep-alive engine again: no more spares."""
+    monkeypatch.setattr(upstream, "SPARE_MAX_AGE_S", 0.3)
+    accepted: list[float] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(time.monotonic())
+        keep = len(accepted) > 2
+        try:
+            while True:
+                await read_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+                if not keep:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+    async with engine(handler) as url, client() as c:
+        for _ in range(4):  # learnt at the second; the third goes out on a spare, the fourth reuses it
+            assert await exchange(c, url) == b"ok"
+            await asyncio.sleep(0.1)
+        for _ in range(3):  # each wait outlives a spare: a spare per response would be a connection each
+            await asyncio.sleep(0.4)
+            assert await exchange(c, url) == b"ok"
+    assert len(accepted) == 4  # two closed, the kept one, and the one spare opened before unlearning
