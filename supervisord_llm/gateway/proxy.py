@@ -509,7 +509,7 @@ class _Forward:
         """The stall watchdog's tick: either the stream stalled (the pump is cancelled), or the next
         tick is armed for when it would have."""
         self._stall_timer = None
-        if self._stall_watch_over:
+        if self._stall_watch_over or self.response_complete:
             return
         try:
             wait_s = self._stall_wait_s()
@@ -803,17 +803,20 @@ class _Forward:
                 return
             watch = None
             self.client_cut = True
-            gw.stats.clients_cut += 1
-            gw.log.warning(
-                "gateway.client_cut",
-                engine=self.upstream.engine,
-                reason="the client did not read its stream within client_timeout_s",
-                client_timeout_s=timeout_s,
-                buffered_bytes=buffer.size_bytes,
-                tokens_read=self.meter.tokens,
-            )
             sending.cancel()
             reading.cancel()
+            gw.stats.clients_cut += 1
+            try:
+                gw.log.warning(
+                    "gateway.client_cut",
+                    engine=self.upstream.engine,
+                    reason="the client did not read its stream within client_timeout_s",
+                    client_timeout_s=timeout_s,
+                    buffered_bytes=buffer.size_bytes,
+                    tokens_read=self.meter.tokens,
+                )
+            except Exception:  # the cut stands even if its log line fails
+                pass
 
         # The reader runs in the exchange's task group: a task group of its own per stream would cost
         # the first byte its set-up. It is always waited for below: ``source`` is closed after this.
