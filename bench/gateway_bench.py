@@ -11,8 +11,9 @@ requests then go three ways, rounds interleaved so all three see the same machin
   tiny GGUF ``make engines`` builds) as a second engine of the same daemon, with its own nginx.
   llama-server keeps connections for plain answers but closes one after every streamed response
   (while its head says ``Keep-Alive``: see gateway/upstream.py), so every path connects anew for
-  these requests too. A request that gets no answer because it went out on a connection the engine
-  had just closed (the client's or nginx's pool) is sent again and counted (``resent``);
+  these requests too. A request of the direct client or nginx that gets no answer because it went
+  out on a connection the engine had just closed is sent again and counted (``resent``; never on
+  the gateway's path, where any failure fails the run);
 - 16 and 32 concurrent streams of 128 tokens each way: tokens/s against direct; the CPU per token
   through the gateway (psutil ``cpu_times`` of the daemon and its gateway process over the gateway's
   rounds / their tokens), and nginx's for comparison.
@@ -185,28 +186,35 @@ def _accepts(port: int) -> bool:
 TTFB_SENDS = 3
 
 
-async def ttfb_once(client: httpx.AsyncClient, url: str, model: str, resent: list[int] | None = None) -> float:
-    """Time to the first body byte of one streamed request. A request that got no response head
-    (a pooled connection the engine had closed: llama-server closes one after every stream; or
-    nginx's 502 for the same on its side) is sent again, timed from the new send, and counted in
-    ``resent``."""
+async def ttfb_once(client: httpx.AsyncClient, url: str, model: str, resent: list[int] | None = None,
+                    *, proxy_502: bool = False) -> float:
+    """Time to the first body byte of one streamed request.
+
+    With ``resent`` (the direct and nginx paths, never the gateway's: its failures fail the run), a
+    request that got no response head because it went out on a pooled connection the engine had
+    just closed (llama-server closes one after every stream) is sent again, timed from the new
+    send, and counted in ``resent[0]``; with ``proxy_502`` (nginx) so is nginx's 502 for the same
+    on its side. Anything after the head is never resent."""
     body = {"model": model, "messages": PROMPT, "max_tokens": 1, "stream": True}
     for attempt in range(TTFB_SENDS):
+        last = resent is None or attempt + 1 == TTFB_SENDS
         started = time.perf_counter()
         first: float | None = None
+        head = False
         try:
             async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-                if response.status_code == 502 and attempt + 1 < TTFB_SENDS:
-                    raise httpx.RemoteProtocolError("502 from the proxy: no answer from the engine")
+                if response.status_code == 502 and proxy_502 and not last:
+                    raise httpx.RemoteProtocolError("502 from nginx: the engine gave it no answer")
+                head = True
                 response.raise_for_status()
                 async for _ in response.aiter_raw():
                     if first is None:
                         first = time.perf_counter() - started
         except httpx.RemoteProtocolError:
-            if first is not None or attempt + 1 == TTFB_SENDS:
+            if head or last:
                 raise
-            if resent is not None:
-                resent[0] += 1
+            assert resent is not None
+            resent[0] += 1
             continue
         assert first is not None
         return first
@@ -247,14 +255,23 @@ async def measure_ttfb(paths: dict[str, tuple[str, str]], rounds: int) -> dict[s
     resent: dict[str, list[int]] = {n: [0] for n in paths}
     names = list(paths)
     async with httpx.AsyncClient(timeout=120) as client:
-        for url, model in paths.values():
+        for name, (url, model) in paths.items():
             for _ in range(3):
-                await ttfb_once(client, url, model)
+                await ttfb_once(client, url, model, *_resends(name, [0]))
         for i in range(rounds):
             shift = i % len(names)
             for name in names[shift:] + names[:shift]:
                 url, model = paths[name]
-                ttfb[name].append(await ttfb_once(client, url, model, resent[name]))
+                ttfb[name].append(await ttfb_once(client, url, model, *_resends(name, resent[name])))
+    return _ttfb_figures(ttfb, resent)
+
+
+def _resends(path: str, counter: list[int]) -> tuple[list[int] | None, bool]:
+    """``ttfb_once``'s resend arguments for a path: none for the gateway's."""
+    return (None, False) if path == "gateway" else (counter, path == "nginx")
+
+
+def _ttfb_figures(ttfb: dict[str, list[float]], resent: dict[str, list[int]]) -> dict[str, Any]:
     return {n: {"p50": pct(v, 0.5) * 1e3, "p90": pct(v, 0.9) * 1e3, "n": len(v), "resent": resent[n][0]}
             for n, v in ttfb.items()}
 
@@ -489,8 +506,11 @@ def render(r: dict[str, Any]) -> str:
                   "connection). The same against an HTTP/1.1 engine, the real llama-server (tiny GGUF) as a "
                   f"second engine of the same daemon, behind its own nginx, {llama['direct']['n']} requests "
                   "per path. llama-server closes its connection after every streamed response (its head says "
-                  "`Keep-Alive` all the same), so here too each path connects to it per request; a request "
-                  "sent on a connection it had just closed got no answer and was sent again (`resent`):", "",
+                  "`Keep-Alive` all the same), so here too each path connects to it per request. A request "
+                  "the direct client or nginx sent on a connection the engine had just closed got no answer "
+                  "and was sent again, timed from that send (`resent`); the gateway path is never resent "
+                  "(a failure there fails the run), and the gateway's own resend of such a request, should "
+                  "one happen, is inside its figure:", "",
                   "| path | TTFB p50 | TTFB p90 | added p50 | resent |", "|---|---:|---:|---:|---:|"]
         for name, t in llama.items():
             added = "" if name == "direct" else f"{t['p50'] - k50:+.2f} ms"
