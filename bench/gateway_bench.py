@@ -257,18 +257,20 @@ async def measure_ttfb(paths: dict[str, tuple[str, str]], rounds: int) -> dict[s
     async with httpx.AsyncClient(timeout=120) as client:
         for name, (url, model) in paths.items():
             for _ in range(3):
-                await ttfb_once(client, url, model, *_resends(name, [0]))
+                await ttfb_once(client, url, model, **_resends(name, [0]))
         for i in range(rounds):
             shift = i % len(names)
             for name in names[shift:] + names[:shift]:
                 url, model = paths[name]
-                ttfb[name].append(await ttfb_once(client, url, model, *_resends(name, resent[name])))
+                ttfb[name].append(await ttfb_once(client, url, model, **_resends(name, resent[name])))
     return _ttfb_figures(ttfb, resent)
 
 
-def _resends(path: str, counter: list[int]) -> tuple[list[int] | None, bool]:
+def _resends(path: str, counter: list[int]) -> dict[str, Any]:
     """``ttfb_once``'s resend arguments for a path: none for the gateway's."""
-    return (None, False) if path == "gateway" else (counter, path == "nginx")
+    if path == "gateway":
+        return {}
+    return {"resent": counter, "proxy_502": path == "nginx"}
 
 
 def _ttfb_figures(ttfb: dict[str, list[float]], resent: dict[str, list[int]]) -> dict[str, Any]:
