@@ -230,7 +230,7 @@ async def test_a_spare_nobody_takes_is_closed_so_an_idle_gateway_holds_no_connec
 
 
 async def test_an_engine_that_keeps_connections_alive_gets_no_spare() -> None:
-    """A keep-alive engine (llama-server, vLLM) is reached on its pooled connection: the gateway
+    """A keep-alive engine (vLLM, SGLang, llama-server's plain answers) is reached on its pooled connection: the gateway
     opens nothing more (a spare would only hold one of its workers)."""
     accepted: list[float] = []
 
