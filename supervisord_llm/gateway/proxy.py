@@ -803,20 +803,17 @@ class _Forward:
                 return
             watch = None
             self.client_cut = True
-            sending.cancel()
+            sending.cancel()  # first: the cut stands whatever happens below
             reading.cancel()
             gw.stats.clients_cut += 1
-            try:
-                gw.log.warning(
-                    "gateway.client_cut",
-                    engine=self.upstream.engine,
-                    reason="the client did not read its stream within client_timeout_s",
-                    client_timeout_s=timeout_s,
-                    buffered_bytes=buffer.size_bytes,
-                    tokens_read=self.meter.tokens,
-                )
-            except Exception:  # the cut stands even if its log line fails
-                pass
+            gw.log.warning(
+                "gateway.client_cut",
+                engine=self.upstream.engine,
+                reason="the client did not read its stream within client_timeout_s",
+                client_timeout_s=timeout_s,
+                buffered_bytes=buffer.size_bytes,
+                tokens_read=self.meter.tokens,
+            )
 
         # The reader runs in the exchange's task group: a task group of its own per stream would cost
         # the first byte its set-up. It is always waited for below: ``source`` is closed after this.

@@ -26,6 +26,7 @@ import pytest
 
 from supervisord_llm.clock import SystemClock
 from supervisord_llm.errors import ConfigError
+from supervisord_llm.gateway import proxy
 from supervisord_llm.gateway.proxy import (
     EngineUnavailable,
     GatewaySettings,
@@ -547,6 +548,38 @@ async def test_keepalive_comments_are_not_progress(standin: str) -> None:
                 "the stand-in never saw the gateway close the stream"
             )
             await anyio.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_a_stall_tick_that_fails_does_not_end_the_watch(standin: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in one tick of the stall watchdog (a timer, not a task: nothing would report it) is
+    logged and the watch goes on, so an engine that stalls afterwards is still caught."""
+    real_wait_s = proxy._Forward._stall_wait_s
+    ticks: list[int] = []
+
+    def first_tick_fails(self: proxy._Forward) -> float | None:
+        ticks.append(1)
+        if len(ticks) == 1:
+            raise RuntimeError("injected: a bug in the stall tick")
+        return real_wait_s(self)
+
+    monkeypatch.setattr(proxy._Forward, "_stall_wait_s", first_tick_fails)
+    backend = Backend({"claude-standin": standin_upstream(standin)}, "claude-standin")
+    async with running_gateway(backend, GatewaySettings(prefill_stall_s=1.0)) as url:
+        client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
+        with pytest.raises(anthropic.APIStatusError) as info:
+            async with client.messages.stream(
+                model="claude-standin",
+                max_tokens=5,
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"x-standin-prefill-s": "6", "x-standin-keepalive-s": "0.1"},
+            ) as stream:
+                async for _ in stream.text_stream:
+                    pass
+        await wait_for(lambda: len(backend.finished) == 1)
+    assert "stalled" in str(info.value) and len(ticks) > 1
+    assert backend.finished[0].ended == "stalled"
 
 
 @pytest.mark.slow
