@@ -515,6 +515,22 @@ async def test_client_disconnect_stops_generation_in_the_engine(engine: MlxServe
     assert backend.finished[0].tokens >= 200
 
 
+async def _keepalive_only_prefill(url: str) -> pytest.ExceptionInfo[anthropic.APIStatusError]:
+    """A Messages stream to the stand-in whose prefill lasts 6 s and sends only keepalive comments;
+    the error the SDK raised when the gateway ended it."""
+    client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
+    with pytest.raises(anthropic.APIStatusError) as info:
+        async with client.messages.stream(
+            model="claude-standin",
+            max_tokens=5,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-standin-prefill-s": "6", "x-standin-keepalive-s": "0.1"},
+        ) as stream:
+            async for _ in stream.text_stream:
+                pass
+    return info
+
+
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_keepalive_comments_are_not_progress(standin: str) -> None:
@@ -524,17 +540,8 @@ async def test_keepalive_comments_are_not_progress(standin: str) -> None:
     async with httpx.AsyncClient() as http:
         gone_before = (await http.get(standin + "/standin/stats")).json()["client_gone"]
     async with running_gateway(backend, settings) as url:
-        client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
         started = time.monotonic()
-        with pytest.raises(anthropic.APIStatusError) as info:
-            async with client.messages.stream(
-                model="claude-standin",
-                max_tokens=5,
-                messages=[{"role": "user", "content": "hi"}],
-                extra_headers={"x-standin-prefill-s": "6", "x-standin-keepalive-s": "0.1"},
-            ) as stream:
-                async for _ in stream.text_stream:
-                    pass
+        info = await _keepalive_only_prefill(url)
         elapsed_s = time.monotonic() - started
         await wait_for(lambda: len(backend.finished) == 1)
     assert "stalled" in str(info.value) and elapsed_s < 5.0
@@ -567,16 +574,7 @@ async def test_a_stall_tick_that_fails_does_not_end_the_watch(standin: str, monk
     monkeypatch.setattr(proxy._Forward, "_stall_wait_s", first_tick_fails)
     backend = Backend({"claude-standin": standin_upstream(standin)}, "claude-standin")
     async with running_gateway(backend, GatewaySettings(prefill_stall_s=1.0)) as url:
-        client = opened(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
-        with pytest.raises(anthropic.APIStatusError) as info:
-            async with client.messages.stream(
-                model="claude-standin",
-                max_tokens=5,
-                messages=[{"role": "user", "content": "hi"}],
-                extra_headers={"x-standin-prefill-s": "6", "x-standin-keepalive-s": "0.1"},
-            ) as stream:
-                async for _ in stream.text_stream:
-                    pass
+        info = await _keepalive_only_prefill(url)
         await wait_for(lambda: len(backend.finished) == 1)
     assert "stalled" in str(info.value) and len(ticks) > 1
     assert backend.finished[0].ended == "stalled"
