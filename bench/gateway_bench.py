@@ -42,6 +42,7 @@ import asyncio
 import json
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import subprocess
@@ -300,9 +301,9 @@ async def measure_paths(paths: dict[str, tuple[str, str]], cpu_pids: dict[str, l
     ttfb: dict[str, list[float]] = {n: [] for n in names}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        for url, model in paths.values():  # warm every path
+        for name, (url, model) in paths.items():  # warm every path
             for _ in range(3):
-                await ttfb_once(client, url, model)
+                await ttfb_once(client, url, model, **_resends(name, [0]))
         for i in range(args.ttfb_rounds):
             shift = i % len(names)
             for name in names[shift:] + names[:shift]:
@@ -326,7 +327,8 @@ async def measure_paths(paths: dict[str, tuple[str, str]], cpu_pids: dict[str, l
                     per[name]["resent"] += resent[0] if resent else 0
             streams[n_streams] = per
     return {
-        "ttfb_ms": {n: {"p50": pct(v, 0.5) * 1e3, "p90": pct(v, 0.9) * 1e3, "n": len(v)} for n, v in ttfb.items()},
+        "ttfb_ms": {n: {"p50": pct(v, 0.5) * 1e3, "p90": pct(v, 0.9) * 1e3, "n": len(v)} for n, v in ttfb.items()
+                    if v},
         "streams": {
             k: {n: {**p, "tokens_per_s": p["tokens"] / p["wall_s"],
                     "cpu_us_per_token": p["cpu_s"] / p["tokens"] * 1e6 if p["tokens"] else None}
@@ -419,7 +421,7 @@ def status_latencies(d: Daemon, samples: int, cli_samples: int) -> dict[str, lis
     return {"request_ms": request_ms, "cli_ms": cli_ms}
 
 
-def kill_to_exit_ms(d: Daemon, pid: int) -> tuple[float, float, int]:
+def kill_to_exit_ms(d: Daemon, engine: str, pid: int) -> tuple[float, float, int]:
     """SIGKILL the engine; (kill → event's own time, kill → seen in events.jsonl, the next pid)."""
     events_path = d.state_dir / "events.jsonl"
     offset = file_size(events_path)
@@ -429,9 +431,9 @@ def kill_to_exit_ms(d: Daemon, pid: int) -> tuple[float, float, int]:
                                lambda s: '"engine.exited"' in s and f'"pid":{pid},' in s, 30)
     recorded_ms = (event_wall_s(json.loads(line)) - wall0) * 1e3
     observed_ms = (seen_at - mono0) * 1e3
-    response = d.post(f"/v1/engines/{ENGINE}/start", {"force": True})
+    response = d.post(f"/v1/engines/{engine}/start", {"force": True})
     assert response.status_code == 200, response.text
-    return recorded_ms, observed_ms, wait_ready_pid(d, ENGINE, pid, 120)
+    return recorded_ms, observed_ms, wait_ready_pid(d, engine, pid, 120)
 
 
 def process_cpu(pids: dict[str, int], window_s: float) -> dict[str, float]:
@@ -442,12 +444,13 @@ def process_cpu(pids: dict[str, int], window_s: float) -> dict[str, float]:
     return {name: (cpu_s([pid]) - before[name]) / window_s for name, pid in pids.items()}
 
 
-def measure_supervision(d: Daemon, gateway_url: str, engine_url: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure_supervision(d: Daemon, engine: str, gateway_url: str, engine_url: tuple[str, str],
+                        args: argparse.Namespace) -> dict[str, Any]:
     """Idle; 32 live streams through the gateway ("load"); the same 32 streams straight to the engine
     ("direct"): the machine as busy, but no traffic through the daemon, which tells the gateway's
     share from the machine's."""
     pids = {"daemon": d.proc.pid, "gateway": d.status()["gateway"]["pid"]}  # type: ignore[union-attr]
-    loads = {"idle": None, "load": (gateway_url, ENGINE), "direct": (engine_url, "default_model")}
+    loads = {"idle": None, "load": (gateway_url, engine), "direct": engine_url}
     out: dict[str, Any] = {phase: {} for phase in loads}
     for phase, target in loads.items():
         load = Load(*target, 32) if target else None
@@ -459,7 +462,7 @@ def measure_supervision(d: Daemon, gateway_url: str, engine_url: str, args: argp
         finally:
             if load is not None:
                 load.close()
-    engine_pid = d.engine(ENGINE)["pid"]
+    engine_pid = d.engine(engine)["pid"]
     for phase, target in loads.items():
         recorded, observed = [], []
         for _ in range(args.kills):
@@ -468,7 +471,7 @@ def measure_supervision(d: Daemon, gateway_url: str, engine_url: str, args: argp
                 if load is not None:
                     load.wait_flowing()
                 time.sleep(0.3)
-                r, o, engine_pid = kill_to_exit_ms(d, engine_pid)
+                r, o, engine_pid = kill_to_exit_ms(d, engine, engine_pid)
                 recorded.append(r)
                 observed.append(o)
             finally:
@@ -498,25 +501,37 @@ def render(r: dict[str, Any]) -> str:
     ttfb, streams, sup = r["paths"]["ttfb_ms"], r["paths"]["streams"], r["supervision"]
     has_nginx = "nginx" in ttfb
     d50 = ttfb["direct"]["p50"]
+    alone = r.get("engine") == "llama"  # --engine llama: llama-server is the one engine
+    gpus = r.get("gpus") or []
+    if alone:
+        engine = (f"the real llama.cpp `llama-server` (`{r['llama_args']}`; a GGUF of "
+                  f"{r['model_bytes'] / 1e6:.0f} MB)" + (f" on {', '.join(gpus)}" if gpus else ""))
+    else:
+        engine = "a real `mlx_lm.server` (tiny model)"
     lines = [
-        "## Gateway overhead and supervision under load",
+        "## Gateway overhead and supervision under load" + (": llama-server" if alone else ""),
         "",
         f"_Run {r['when']} at commit `{r['commit']}` ({r['took_s']:.0f} s)._",
         "",
-        "One `supervisord-llm run` supervises a real `mlx_lm.server` (tiny model) with its gateway on; "
+        f"One `supervisord-llm run` supervises {engine} with its gateway on; "
         + (f"{r['nginx_version']} (`proxy_buffering off`, upstream keepalive) proxies the same engine. "
            if has_nginx else f"nginx was not run: {r['nginx_missing']}. ")
         + "Streamed chat completions, rounds interleaved so every path sees the same machine state.",
         "",
-        f"Time to first body byte, `max_tokens` 1, {ttfb['direct']['n']} requests per path:",
+        f"Time to first body byte, `max_tokens` 1, {ttfb['direct']['n']} requests per path"
+        + (". llama-server closes its connection after every streamed response (its head says `Keep-Alive` all "
+           "the same), so each path connects to it per request; a request the direct client or nginx sent on a "
+           "connection the engine had just closed got no answer and was sent again, timed from that send "
+           "(`resent`); the gateway path is never resent (a failure there fails the run):" if alone else ":"),
         "",
-        "| path | TTFB p50 | TTFB p90 | added p50 |",
-        "|---|---:|---:|---:|",
+        "| path | TTFB p50 | TTFB p90 | added p50 |" + (" resent |" if alone else ""),
+        "|---|---:|---:|---:|" + ("---:|" if alone else ""),
     ]
     for name in ttfb:
         t = ttfb[name]
         added = "" if name == "direct" else f"{t['p50'] - d50:+.2f} ms"
-        lines.append(f"| {name} | {t['p50']:.2f} ms | {t['p90']:.2f} ms | {added} |")
+        lines.append(f"| {name} | {t['p50']:.2f} ms | {t['p90']:.2f} ms | {added} |"
+                     + (f" {t.get('resent', 0)} |" if alone else ""))
     llama = r.get("llama")
     if llama is not None:
         k50 = llama["direct"]["p50"]
@@ -547,8 +562,9 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"| {k} | {name} | {p['tokens_per_s']:.0f} | {p['tokens_per_s'] / direct_rate:.3f} | {cpu} |")
     resends = [f"{name} {p['resent']} at {k} streams" for k, per in streams.items() for name, p in per.items()
                if p.get("resent")]
-    lines += ["", "Streams whose connection failed before a response head (mlx_lm.server's listen backlog of 5) and "
-              "were sent again (direct and nginx only; the failed attempt stays in the round's time): "
+    lines += ["", "Streams whose connection failed before a response head ("
+              + ("a connection the engine had just closed" if alone else "mlx_lm.server's listen backlog of 5")
+              + ") and were sent again (direct and nginx only; the failed attempt stays in the round's time): "
               + (", ".join(resends) if resends else "none") + "."]
     ri, rl = sup["idle"], sup["load"]
     phases = [sup[p] for p in ("idle", "load", "direct") if p in sup]
@@ -618,9 +634,23 @@ def render(r: dict[str, Any]) -> str:
             f"{ri['cpu']['daemon'] * 1e3:.0f} ms/s idle, while the gateway's process spent "
             f"{rl['cpu']['gateway'] * 1e3:.0f} ms/s.",
         ]
+    machine = f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cpus']} CPUs"
+    if alone:
+        lines += [
+            "",
+            machine + (f", {len(gpus)} × {gpus[0]}" if gpus else "") + f", Python {r['machine']['python']}; the "
+            "engine's host side, the daemon, nginx and the clients share these CPUs (load average 1 min "
+            f"{r['load_before']:.2f} before, {r['load_after']:.2f} after).",
+            "",
+            "Reproduce: `SUPERVISORD_LLM_LLAMA_SERVER=… SUPERVISORD_LLM_LLAMA_MODEL=… .venv/bin/python "
+            f"bench/gateway_bench.py --engine llama --llama-args \"{r['llama_args']}\"` (nginx from the "
+            "distribution's package, where there is one).",
+            "",
+        ]
+        return "\n".join(lines)
     lines += [
         "",
-        f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cpus']} CPUs, Python {r['machine']['python']}; "
+        machine + f", Python {r['machine']['python']}; "
         "the engine, the daemon, nginx and the clients share these CPUs, and other work ran on the machine "
         f"(load average 1 min {r['load_before']:.2f} before, {r['load_after']:.2f} after), so each figure is "
         "noisy: compare within the run, not across runs.",
@@ -645,6 +675,16 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--cpu-window-s", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--engine", choices=("mlx", "llama"), default="mlx",
+                        help="the engine measured: mlx_lm.server (with llama-server's TTFB beside it, the "
+                             "default), or llama-server alone (e.g. a CUDA build on a GPU machine: "
+                             "SUPERVISORD_LLM_LLAMA_SERVER and SUPERVISORD_LLM_LLAMA_MODEL name it); its "
+                             "section of the doc is gateway-llama")
+    parser.add_argument("--llama-args", default="",
+                        help="extra llama-server arguments with --engine llama, e.g. \"-ngl 99 -np 32 -c 65536\"")
+    parser.add_argument("--footprint", default="8GB",
+                        help="the llama-server engine's footprint with --engine llama (a CUDA build keeps "
+                             "pinned host buffers: more than the CPU build's resident memory)")
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--load-model", default=ENGINE, help=argparse.SUPPRESS)
     parser.add_argument("--load-streams", type=int, default=32, help=argparse.SUPPRESS)
@@ -660,9 +700,15 @@ def main() -> None:
 
     began = time.monotonic()
     engine_port, gateway_port = free_port(), free_port()
-    config = mlx_engine_toml(ENGINE, engine_port, tiny_model_dir(), default=True, canary_interval="30s")
     llama = llama_server()
     llama_port = free_port()
+    if args.engine == "llama":
+        if llama is None:
+            sys.exit("gateway_bench: --engine llama needs llama-server and its model (run `make engines`, or set "
+                     "SUPERVISORD_LLM_LLAMA_SERVER and SUPERVISORD_LLM_LLAMA_MODEL)")
+        measure_llama_alone(args, llama, engine_port, gateway_port, began)
+        return
+    config = mlx_engine_toml(ENGINE, engine_port, tiny_model_dir(), default=True, canary_interval="30s")
     if llama is not None:
         # Not started until its own rounds: the mlx_lm.server rounds run with that engine alone.
         config += "\n" + llama_engine_toml(LLAMA_ENGINE, llama_port, *llama, canary_interval="30s",
@@ -691,7 +737,7 @@ def main() -> None:
         paths["gateway"] = (gateway_url, ENGINE)
         result["load_before"] = os.getloadavg()[0]
         result["paths"] = asyncio.run(measure_paths(paths, cpu_pids, args))
-        result["supervision"] = measure_supervision(d, gateway_url, engine_url, args)
+        result["supervision"] = measure_supervision(d, ENGINE, gateway_url, (engine_url, "default_model"), args)
         if llama is not None:
             d.post(f"/v1/engines/{LLAMA_ENGINE}/start").raise_for_status()
             wait_ready_pid(d, LLAMA_ENGINE, None, 120)
@@ -720,6 +766,75 @@ def main() -> None:
     if not args.no_write:
         write_section(args.out, "gateway", text)
         print(f"wrote {args.out}")
+
+
+def measure_llama_alone(args: argparse.Namespace, llama: tuple[Path, Path], engine_port: int, gateway_port: int,
+                        began: float) -> None:
+    """``--engine llama``: the same rounds with llama-server as the daemon's one engine."""
+    config = llama_engine_toml(LLAMA_ENGINE, engine_port, *llama, *shlex.split(args.llama_args), default=True,
+                               canary_interval="30s", footprint=args.footprint)
+    config += f'\n[gateway]\nlisten = "127.0.0.1:{gateway_port}"\n'
+    d = Daemon(config).start()
+    nginx: Nginx | None = None
+    result: dict[str, Any] = {"engine": "llama", "llama_args": args.llama_args, "max_tokens": args.max_tokens,
+                              "stream_rounds": args.stream_rounds, "cpu_window_s": args.cpu_window_s,
+                              "model_bytes": llama[1].stat().st_size}
+    try:
+        wait_ready_pid(d, LLAMA_ENGINE, None, 180)
+        engine_url = f"http://127.0.0.1:{engine_port}"
+        gateway_url = f"http://127.0.0.1:{gateway_port}"
+        paths: dict[str, tuple[str, str]] = {"direct": (engine_url, "tiny-llama")}
+        cpu_pids: dict[str, list[int]] = {"gateway": [d.proc.pid, d.status()["gateway"]["pid"]]}  # type: ignore[union-attr]
+        try:
+            nginx = Nginx(engine_port)
+            paths["nginx"] = (nginx.base_url, "tiny-llama")
+            cpu_pids["nginx"] = nginx.pids()
+            result["nginx_version"] = nginx.version
+        except FileNotFoundError as exc:
+            print(f"gateway_bench: {exc}; measuring direct and gateway only", file=sys.stderr)
+            result["nginx_missing"] = str(exc)
+        paths["gateway"] = (gateway_url, LLAMA_ENGINE)
+        result["load_before"] = os.getloadavg()[0]
+        # llama-server closes a connection after each stream: the TTFB rounds that resend (see ttfb_once).
+        ttfb = asyncio.run(measure_ttfb(paths, args.ttfb_rounds))
+        result["paths"] = asyncio.run(measure_paths(paths, cpu_pids, argparse.Namespace(**{**vars(args),
+                                                                                           "ttfb_rounds": 0})))
+        result["paths"]["ttfb_ms"] = ttfb
+        result["supervision"] = measure_supervision(d, LLAMA_ENGINE, gateway_url, (engine_url, "tiny-llama"), args)
+        result["load_after"] = os.getloadavg()[0]
+    finally:
+        if nginx is not None:
+            nginx.close()
+        d.stop()
+    result.update(when=datetime.now(UTC).isoformat(timespec="seconds"), commit=commit(),
+                  took_s=time.monotonic() - began, machine=machine_info(), gpus=gpu_names())
+    text = render(result)
+    print(text)
+    results_dir = REPO / "bench" / "results"
+    results_dir.mkdir(exist_ok=True)
+    (results_dir / ("gateway-llama-quick.json" if args.no_write else "gateway-llama.json")).write_text(
+        json.dumps(result, indent=1, default=str))
+    if not args.no_write:
+        write_section(args.out, "gateway-llama", text)
+        print(f"wrote {args.out}")
+
+
+def gpu_names() -> list[str]:
+    """The machine's NVIDIA GPUs by name (none where NVML does not answer)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return []
+    try:
+        names = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+            names.append(name.decode() if isinstance(name, bytes) else name)
+        return names
+    finally:
+        pynvml.nvmlShutdown()
 
 
 if __name__ == "__main__":
