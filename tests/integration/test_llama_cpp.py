@@ -105,19 +105,20 @@ def test_messages_api_is_forwarded_natively_with_the_anthropic_sdk(setup: Setup)
     """Claude-style clients reach llama-server's own /v1/messages and count_tokens through the gateway."""
     import anthropic
 
-    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{setup.gateway}", api_key="unused", max_retries=0,
-                                 timeout=60)
-    message = client.messages.create(model="llama", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
-    assert message.type == "message" and message.role == "assistant"
-    assert message.usage.output_tokens == 8 and message.stop_reason == "max_tokens"
-    # llama-server names its Messages responses like its completions (server-task.cpp, oaicompat_cmpl_id):
-    # a translation in the gateway would not.
-    assert message.id.startswith("chatcmpl-"), message.id
-    counted = client.messages.count_tokens(model="llama", messages=[{"role": "user", "content": "hi"}])
-    assert counted.input_tokens > 0
-    with client.messages.stream(model="llama", max_tokens=6, messages=[{"role": "user", "content": "hi"}]) as s:
-        final = s.get_final_message()
-    assert final.usage.output_tokens == 6
+    # Closed at the end: a pooled connection left to the garbage collector is a ResourceWarning at exit.
+    with anthropic.Anthropic(base_url=f"http://127.0.0.1:{setup.gateway}", api_key="unused", max_retries=0,
+                             timeout=60) as client:
+        message = client.messages.create(model="llama", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+        assert message.type == "message" and message.role == "assistant"
+        assert message.usage.output_tokens == 8 and message.stop_reason == "max_tokens"
+        # llama-server names its Messages responses like its completions (server-task.cpp, oaicompat_cmpl_id):
+        # a translation in the gateway would not.
+        assert message.id.startswith("chatcmpl-"), message.id
+        counted = client.messages.count_tokens(model="llama", messages=[{"role": "user", "content": "hi"}])
+        assert counted.input_tokens > 0
+        with client.messages.stream(model="llama", max_tokens=6, messages=[{"role": "user", "content": "hi"}]) as s:
+            final = s.get_final_message()
+        assert final.usage.output_tokens == 6
 
 
 def test_sigstop_is_hung_and_sigcont_recovers(setup: Setup) -> None:
