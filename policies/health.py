@@ -206,13 +206,9 @@ def assess_degraded(
 
 
 def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: float) -> str | None:
-    """Requests running and the token total flat since a sample at least ``stall_s`` old."""
+    """Requests running and the step count flat since a sample at least ``stall_s`` old."""
     usable = sorted(
-        (
-            c
-            for c in history
-            if c.generated_tokens_total is not None and c.requests_running is not None
-        ),
+        (c for c in history if c.steps_total is not None and c.requests_running is not None),
         key=lambda c: c.at_s,
     )
     if not usable or not usable[-1].requests_running or usable[-1].requests_running <= 0:
@@ -222,7 +218,7 @@ def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: fl
     for c in reversed(usable[:-1]):
         if not c.requests_running or c.requests_running <= 0:
             break
-        if c.generated_tokens_total != latest.generated_tokens_total:
+        if c.steps_total != latest.steps_total:
             break
         since = c
     flat_s = now_s - since.at_s
@@ -231,7 +227,7 @@ def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: fl
     running = int(latest.requests_running or 0)
     return (
         f"engine reports {running} running request{'s' if running != 1 else ''} "
-        f"but no tokens for {flat_s:.0f}s"
+        f"but no step for {flat_s:.0f}s"
     )
 
 
@@ -302,7 +298,7 @@ class ProgressEvidence:
 
     ``last_*_s``: when each progress source last showed progress (None: never in this run).
     ``counters`` is the engine's counter history; it counts (as progress and as silence) only when
-    ``counters_per_step`` says its token total advances per decode step. ``gauge_stale_s`` is how
+    ``counters_per_step`` says the engine has a step count (``EngineCounters.steps_total``). ``gauge_stale_s`` is how
     stale the engine's running-requests gauge may be (SGLang refreshes it every 30 s when idle),
     so flat counters must outlast it too.
     """
@@ -343,15 +339,31 @@ class ProgressVerdict:
 
 
 def _counter_advances(history: Sequence[EngineCounters]) -> float | None:
-    """When the token total last went up (the later reading of the pair), or None."""
-    usable = sorted((c for c in history if c.generated_tokens_total is not None), key=lambda c: c.at_s)
+    """When the step count last went up (the later reading of the pair), or None."""
+    usable = sorted((c for c in history if c.steps_total is not None), key=lambda c: c.at_s)
     last: float | None = None
     for a, b in zip(usable, usable[1:], strict=False):
-        if b.generated_tokens_total is not None and a.generated_tokens_total is not None and (
-            b.generated_tokens_total > a.generated_tokens_total
-        ):
+        if b.steps_total is not None and a.steps_total is not None and b.steps_total > a.steps_total:
             last = b.at_s
     return last
+
+
+def steps_advanced(before: EngineCounters | None, after: EngineCounters | None) -> str | None:
+    """The engine ran steps between two readings of its counters: why that is progress, or None.
+
+    The start check's evidence when its own generation could not begin (every slot of the engine
+    busy with other clients): a step count that advanced is the engine's own word that it
+    generates. A total that grows only when a request finishes is no step count (``steps_total``
+    is None there) and proves nothing either way.
+    """
+    if before is None or after is None or before.steps_total is None or after.steps_total is None:
+        return None
+    if after.at_s <= before.at_s or after.steps_total <= before.steps_total:
+        return None
+    running = after.requests_running
+    busy = f" with {int(running)} request{'s' if running != 1 else ''} running" if running else ""
+    return (f"the engine ran {after.steps_total - before.steps_total:.0f} steps in "
+            f"{after.at_s - before.at_s:.1f}s{busy}")
 
 
 def latest_progress(evidence: ProgressEvidence) -> tuple[str | None, float | None]:

@@ -5,12 +5,19 @@ one HTTP GET. A rate comes from two cumulative readings (:func:`rate_between`), 
 engine reports itself (SGLang ``sglang:gen_throughput``, oMLX ``avg_generation_tps``; the latter
 is a lifetime average over all requests, so the cumulative ``total_completion_tokens`` is kept too).
 
-| kind     | endpoint      | generated tokens (cumulative)     | running requests              | rate reported  |
-|----------|---------------|-----------------------------------|-------------------------------|----------------|
-| vllm     | /metrics      | vllm:generation_tokens_total      | vllm:num_requests_running     |                |
-| llamacpp | /metrics      | llamacpp:tokens_predicted_total   | llamacpp:requests_processing  |                |
-| sglang   | /metrics      | sglang:realtime_tokens_total{mode="decode"} | sglang:num_running_reqs | sglang:gen_throughput |
-| omlx     | /api/status   | total_completion_tokens           | active_requests               | avg_generation_tps |
+| kind     | endpoint      | generated tokens (cumulative)     | running requests              | rate reported  | steps (cumulative) |
+|----------|---------------|-----------------------------------|-------------------------------|----------------|--------------------|
+| vllm     | /metrics      | vllm:generation_tokens_total      | vllm:num_requests_running     |                | the token total    |
+| llamacpp | /metrics      | llamacpp:tokens_predicted_total   | llamacpp:requests_processing  |                | llamacpp:n_decode_total |
+| sglang   | /metrics      | sglang:realtime_tokens_total{mode="decode"} | sglang:num_running_reqs | sglang:gen_throughput | the token total |
+| omlx     | /api/status   | total_completion_tokens           | active_requests               | avg_generation_tps | none         |
+
+``steps_total`` is a count that grows with every step the engine runs (see
+:class:`probes.readings.EngineCounters`). llama.cpp's token total grows only when a slot finishes
+(``metrics_on_prediction`` in tools/server/server-context.cpp), but its ``n_decode_total`` grows
+with every ``llama_decode`` call the server loop makes for any slot (``metrics_post_decode``: ``metrics.n_decode++``, same
+file; "Total number of llama_decode() calls" in its /metrics help): a step count, read live, since
+the server answers /metrics from its task loop between steps.
 
 Values with several label sets (one per model, engine or data-parallel rank) are summed.
 SGLang's ``generation_tokens_total`` grows only when a request finishes, so its per-iteration
@@ -48,13 +55,17 @@ class _MetricNames:
     requests_running: str
     tokens_per_s: str | None = None
     generated_labels: tuple[tuple[str, str], ...] = ()  # only samples with these labels count
+    # The step count: the token total itself where that grows per step, else its own metric.
+    tokens_per_step: bool = False
+    steps_total: str | None = None
 
 
 PROMETHEUS_KINDS: Mapping[str, _MetricNames] = {
-    "vllm": _MetricNames("vllm:generation_tokens_total", "vllm:num_requests_running"),
-    "llamacpp": _MetricNames("llamacpp:tokens_predicted_total", "llamacpp:requests_processing"),
+    "vllm": _MetricNames("vllm:generation_tokens_total", "vllm:num_requests_running", tokens_per_step=True),
+    "llamacpp": _MetricNames("llamacpp:tokens_predicted_total", "llamacpp:requests_processing",
+                             steps_total="llamacpp:n_decode_total"),
     "sglang": _MetricNames("sglang:realtime_tokens_total", "sglang:num_running_reqs", "sglang:gen_throughput",
-                           generated_labels=(("mode", "decode"),)),
+                           generated_labels=(("mode", "decode"),), tokens_per_step=True),
 }
 COUNTER_KINDS = (*PROMETHEUS_KINDS, "omlx")
 
@@ -72,7 +83,8 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
     """
     _check_kind(kind, tuple(PROMETHEUS_KINDS))
     names = PROMETHEUS_KINDS[kind]
-    wanted = {n for n in (names.generated_tokens_total, names.requests_running, names.tokens_per_s) if n}
+    wanted = {n for n in (names.generated_tokens_total, names.requests_running, names.tokens_per_s,
+                          names.steps_total) if n}
     sums: dict[str, float] = {}
     try:
         for family in text_string_to_metric_families(text):
@@ -93,11 +105,13 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
         raise ProbeParseError(
             f"{kind} /metrics has none of {', '.join(sorted(wanted))}; is this the right port and engine kind?"
         )
+    generated = sums.get(names.generated_tokens_total) if names.generated_tokens_total else None
     return EngineCounters(
         at_s=at_s,
-        generated_tokens_total=sums.get(names.generated_tokens_total) if names.generated_tokens_total else None,
+        generated_tokens_total=generated,
         requests_running=sums.get(names.requests_running),
         tokens_per_s=sums.get(names.tokens_per_s) if names.tokens_per_s else None,
+        steps_total=generated if names.tokens_per_step else sums.get(names.steps_total) if names.steps_total else None,
     )
 
 

@@ -114,6 +114,11 @@ class EngineCounters:
     generated_tokens_total: float | None = None
     requests_running: float | None = None
     tokens_per_s: float | None = None  # where the engine reports a rate itself (oMLX, SGLang)
+    # A count that grows with every step the engine runs, whoever the step serves: vLLM's and
+    # SGLang's token totals (per decode step), llama.cpp's ``n_decode_total`` (per llama_decode
+    # call). None where the engine has none: a total that grows only when a request finishes
+    # (llama.cpp's tokens_predicted_total, oMLX's total_completion_tokens) is not one.
+    steps_total: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ nothing while a long answer is being generated, so it never yields a hung verdic
 | mlx_lm    | none: live streams and canaries only                      | no        | log "Prompt processing progress: n/N" |
 | omlx      | ``total_completion_tokens``: at completion only           | yes (non-pinned models) | —            |
 | vllm      | ``vllm:generation_tokens_total``: per decode step         | no        | —                          |
-| llama_cpp | ``llamacpp:tokens_predicted_total``: at completion only   | no        | (``/slots``)               |
+| llama_cpp | ``llamacpp:n_decode_total``: per ``llama_decode`` call     | no        | (``/slots``)               |
 | ollama    | none (``eval_count`` only in a request's last chunk)      | yes (``/api/ps``) | —                  |
 | sglang    | ``sglang:realtime_tokens_total{mode="decode"}``: per step | no        | —                          |
 | command   | none                                                      | no        | —                          |
@@ -65,8 +65,9 @@ class EngineAdapter:
     # Ask the running engine at ready time whether it serves /v1/messages (version-dependent).
     probe_messages: ClassVar[bool] = False
     counters_kind: ClassVar[str | None] = None  # which engine counters probe applies
-    # "per_step": the token total advances every decode step (flat while requests run = silence);
-    # "completion": it grows only when a request finishes (never silence evidence); None: no counter.
+    # "per_step": the engine has a step count (EngineCounters.steps_total: flat while requests run =
+    # silence, advancing = progress, also for the start check); "completion": its only total grows
+    # when a request finishes (no evidence either way); None: no counter.
     progress_counter: ClassVar[str | None] = None
     # How stale the engine's running-requests gauge may be: flat counters must outlast it too.
     running_gauge_stale_s: ClassVar[float] = 0.0
@@ -370,7 +371,10 @@ class LlamaCppAdapter(EngineAdapter):
       (``server-task.cpp``, ``server_task_result_metrics::to_metrics``): the counters probe's kind
       is ``"llamacpp"``. ``llamacpp:tokens_predicted_total`` grows only when a slot finishes
       (``metrics_on_prediction``); ``llamacpp:n_decode_total`` grows with every ``llama_decode``
-      call (``server-context.cpp``), i.e. per step.
+      call (``server-context.cpp``), i.e. per step, for every slot. It is the watchdog's step
+      count: with every slot busy with other clients, a canary waits (``requests_deferred``) and
+      gets no token, while ``n_decode_total`` shows the engine working (seen on the real server,
+      tests/integration/test_llama_cpp_busy.py).
     """
 
     kind = "llama_cpp"
@@ -379,9 +383,9 @@ class LlamaCppAdapter(EngineAdapter):
     probe_messages = True
     counters_kind = "llamacpp"
     # tools/server/server-context.cpp: tokens_predicted_total is added in metrics_on_prediction(),
-    # called when a slot finishes its task, so the total is completion-time; live streams and
-    # canaries rule.
-    progress_counter = "completion"
+    # called when a slot finishes its task, so the token total is completion-time; but
+    # n_decode_total (metrics_post_decode, after every llama_decode call) is a step count.
+    progress_counter = "per_step"
 
     @property
     def api_key(self) -> str | None:

@@ -41,6 +41,7 @@ from policies.health import (
     decide_degraded_restart,
     decide_hang_restart,
     learn_baseline,
+    steps_advanced,
 )
 from probes.errors import ProbeError
 from probes.process import ProcessGone, read_process_tree
@@ -315,12 +316,12 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                     counters = None
                     daemon.log.debug("probe.failed", probe="counters", engine=sup.name, error=str(exc))
                 if counters is not None:
+                    if per_step and health.counters and steps_advanced(health.counters[-1], counters):
+                        health.last_counter_advance_s = now
                     if health.counters and counters.generated_tokens_total is not None:
                         prev = health.counters[-1]
                         if prev.generated_tokens_total is not None and counters.at_s > prev.at_s:
                             delta = counters.generated_tokens_total - prev.generated_tokens_total
-                            if delta > 0 and per_step:
-                                health.last_counter_advance_s = now
                             if delta > 0:
                                 health.add_sample(ThroughputSample(
                                     at_s=now, tokens_per_s=delta / (counters.at_s - prev.at_s),

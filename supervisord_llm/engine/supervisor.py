@@ -32,7 +32,8 @@ import httpx
 
 from policies import backoff
 from policies.actions import Alert, MarkFailed, Refuse, WaitUntil
-from probes.readings import CanaryReading, Diagnosis
+from policies.health import steps_advanced
+from probes.readings import CanaryReading, Diagnosis, EngineCounters
 from supervisord_llm.clock import Clock
 from supervisord_llm.config import Config, EngineConfig
 from supervisord_llm.engine.adapters import EngineAdapter, adapter_for
@@ -158,6 +159,7 @@ class Exited:
 class Ready:
     gen: int
     canary: CanaryReading
+    reason: str = "generation ok"
 
 
 @dataclass
@@ -401,7 +403,7 @@ class EngineSupervisor:
         elif isinstance(m, Exited):
             self._on_exited(m.info)
         elif isinstance(m, Ready):
-            self._on_ready(m.canary)
+            self._on_ready(m.canary, m.reason)
         elif isinstance(m, StartTimedOut):
             self._on_start_timeout(m.error)
         elif isinstance(m, Stopped):
@@ -645,9 +647,11 @@ class EngineSupervisor:
                 last_error = f"{self.adapter.liveness_path}: {type(exc).__name__}"
             if live:
                 remaining = max(1.0, deadline - self.clock.now())
+                before = await self._step_count(client)
+                # The stall deadline comes first, so a check that got no token says so (``stalled``).
+                stall_s = min(self.config.canary_timeout_s, remaining)
                 try:
-                    reading = await self.adapter.canary(client, stall_s=min(self.config.canary_timeout_s, remaining),
-                                                        timeout_s=min(self.config.canary_timeout_s, remaining))
+                    reading = await self.adapter.canary(client, stall_s=stall_s, timeout_s=stall_s + 1.0)
                 except Exception as exc:  # a probe bug counts as a failed attempt, not a stuck start
                     last_error = f"generation check raised {type(exc).__name__}: {exc}"
                     await anyio.sleep(delay)
@@ -656,6 +660,14 @@ class EngineSupervisor:
                 if reading.ok:
                     await self._discover(client)
                     self.post(Ready(gen, reading))
+                    return
+                # No token for the check: with every slot busy with other clients (who reached the
+                # engine's own port) it waits its turn. The engine's step count says whether it works.
+                busy = steps_advanced(before, await self._step_count(client)) if reading.stalled else None
+                if busy is not None:
+                    await self._discover(client)
+                    self.post(Ready(gen, reading, f"generating for other clients ({busy}) while the "
+                                                  "start check's own generation waited for a free slot"))
                     return
                 last_error = f"generation check failed: {reading.error}"
             if last_error != self.start_check:
@@ -666,6 +678,15 @@ class EngineSupervisor:
         self.post(StartTimedOut(gen, EngineStartTimeout(
             self.name, f"no successful generation within start_timeout {self.config.start_timeout_s:.0f}s "
                        f"(last: {last_error}); raise engine.start_timeout for large models")))
+
+    async def _step_count(self, client: httpx.AsyncClient) -> EngineCounters | None:
+        """The engine's counters where it has a step count (vLLM, SGLang, llama.cpp), else None."""
+        if self.adapter.progress_counter != "per_step":
+            return None
+        try:
+            return await self.adapter.counters(client, self.clock.now())
+        except Exception:  # no counters (llama-server without --metrics): no evidence either way
+            return None
 
     async def _discover(self, client: httpx.AsyncClient) -> None:
         """Version-dependent facts (e.g. a native /v1/messages) asked of the engine once it generates."""
@@ -680,8 +701,8 @@ class EngineSupervisor:
         self.last_canary = reading
         self.last_canary_wall = self.clock.wall()
 
-    def _on_ready(self, canary: CanaryReading) -> None:
-        self._set_state(EngineState.READY, "generation ok", ttft_s=canary.ttft_s,
+    def _on_ready(self, canary: CanaryReading, reason: str) -> None:
+        self._set_state(EngineState.READY, reason, ttft_s=canary.ttft_s,
                         startup_s=round(self.clock.now() - (self.backoff.last_spawn_at_s or self.since_s), 3))
         self.host.engine_ready(self)
         self._spawn_worker(self._monitor, self.gen, self.proc)
@@ -903,7 +924,8 @@ class EngineSupervisor:
             # The engine's own counters as last read (/metrics, /api/status): proof they are read at all.
             last = self.health.counters[-1]
             counters = {"generated_tokens_total": last.generated_tokens_total,
-                        "requests_running": last.requests_running, "age_s": round(now - last.at_s, 1)}
+                        "requests_running": last.requests_running, "steps_total": last.steps_total,
+                        "age_s": round(now - last.at_s, 1)}
         canary = None
         if self.last_canary is not None:
             canary = {"ok": self.last_canary.ok, "at": self.last_canary_wall, "ttft_s": self.last_canary.ttft_s,

@@ -28,7 +28,8 @@ def test_vllm_counters_are_summed_over_engines() -> None:
     """vLLM's generation token counter and running requests are summed over its data-parallel engines."""
     counters = parse_prometheus_counters((METRICS / "vllm.txt").read_text(), "vllm", at_s=4.0)
     assert counters == EngineCounters(
-        at_s=4.0, generated_tokens_total=120345.0 + 118655.0, requests_running=5.0, tokens_per_s=None
+        at_s=4.0, generated_tokens_total=120345.0 + 118655.0, requests_running=5.0, tokens_per_s=None,
+        steps_total=120345.0 + 118655.0,  # vLLM's token total grows per decode step: it is the step count
     )
 
 
@@ -36,6 +37,22 @@ def test_llamacpp_counters() -> None:
     """llama-server's tokens_predicted_total and requests_processing are read; its lifetime average is not taken as a rate."""
     counters = parse_prometheus_counters((METRICS / "llamacpp.txt").read_text(), "llamacpp")
     assert (counters.generated_tokens_total, counters.requests_running, counters.tokens_per_s) == (20.0, 0.0, None)
+
+
+def test_llamacpp_step_count_is_n_decode_total_not_the_completion_time_token_total() -> None:
+    """llama-server's step count is n_decode_total (every llama_decode call), never tokens_predicted_total,
+    which grows only when a slot finishes; a llama-server without n_decode_total has no step count."""
+    text = (METRICS / "llamacpp.txt").read_text().replace("llamacpp:n_decode_total 20", "llamacpp:n_decode_total 57")
+    assert parse_prometheus_counters(text, "llamacpp").steps_total == 57.0
+    older = "\n".join(line for line in text.splitlines() if "n_decode_total" not in line)
+    counters = parse_prometheus_counters(older, "llamacpp")
+    assert (counters.generated_tokens_total, counters.steps_total) == (20.0, None)
+
+
+def test_omlx_completion_total_is_no_step_count() -> None:
+    """oMLX's total_completion_tokens grows when a request finishes: no step count."""
+    counters = parse_omlx_status(json.loads((METRICS / "omlx-status.json").read_text()), at_s=2.0)
+    assert counters.generated_tokens_total is not None and counters.steps_total is None
 
 
 def test_sglang_reports_its_own_rate() -> None:

@@ -130,7 +130,8 @@ TREE = ProcessTreeReading(at_s=100.0, root_pid=42, pids=(42, 43), rss_bytes=10**
 
 def counters(points: list[tuple[float, float, float]]) -> list[EngineCounters]:
     return [
-        EngineCounters(at_s=t, generated_tokens_total=total, requests_running=running)
+        # vLLM/SGLang: the token total grows per decode step, so it is the step count too
+        EngineCounters(at_s=t, generated_tokens_total=total, requests_running=running, steps_total=total)
         for t, total, running in points
     ]
 
@@ -157,7 +158,7 @@ def counters(points: list[tuple[float, float, float]]) -> list[EngineCounters]:
             None,
             TREE,
             counters([(60, 500, 2), (70, 500, 2), (90, 500, 2), (100, 500, 2)]),
-            "engine reports 2 running requests but no tokens for 40s",
+            "engine reports 2 running requests but no step for 40s",
         ),
         (None, TREE, counters([(60, 500, 2), (80, 510, 2), (100, 510, 2)]), None),  # tokens moved
         (

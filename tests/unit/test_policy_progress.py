@@ -6,14 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.health import ProgressEvidence, Silence, assess_progress
+from policies.health import ProgressEvidence, Silence, assess_progress, steps_advanced
 from probes.readings import EngineCounters
 
 STALL_S = 10.0
 
 
 def counters(points: list[tuple[float, float, float]]) -> tuple[EngineCounters, ...]:
-    return tuple(EngineCounters(at_s=t, generated_tokens_total=total, requests_running=running)
+    # vLLM/SGLang: the token total grows per decode step, so it is the step count too
+    return tuple(EngineCounters(at_s=t, generated_tokens_total=total, requests_running=running, steps_total=total)
                  for t, total, running in points)
 
 
@@ -60,6 +61,57 @@ def test_per_step_counters_flat_while_running_are_hung_and_advancing_is_progress
     verdict = assess_progress(ProgressEvidence(watch_since_s=0.0, counters=moving, counters_per_step=True),
                               STALL_S, now_s=25.0)
     assert not verdict.hung and verdict.last_progress_source == "counters"
+
+
+def llama_cpp(points: list[tuple[float, float, float, float]]) -> tuple[EngineCounters, ...]:
+    """llama-server's counters: a token total that grows only when a slot finishes, and n_decode_total."""
+    return tuple(EngineCounters(at_s=t, generated_tokens_total=tokens, requests_running=running, steps_total=steps)
+                 for t, tokens, steps, running in points)
+
+
+def test_llama_cpp_busy_with_other_clients_is_not_hung_though_the_canary_waits() -> None:
+    """Every slot of a llama-server busy with long answers: the canary waits for a slot and gets no token,
+    the token total (completion-time) stays flat, but n_decode_total advances: not hung."""
+    busy = llama_cpp([(t, 16.0, 100.0 + 40 * t, 4.0) for t in range(0, 60, 5)])
+    waiting = (Silence("canary", since_s=20.0, at_s=50.0, detail="a canary got no token within 30s"),)
+    verdict = assess_progress(ProgressEvidence(watch_since_s=0.0, silences=waiting, counters=busy,
+                                               counters_per_step=True), STALL_S, now_s=56.0)
+    assert not verdict.hung and verdict.last_progress_source == "counters"
+    # The same engine with its steps flat while it says requests run: hung, on the step count.
+    stuck = llama_cpp([(t, 16.0, 900.0, 4.0) for t in range(0, 60, 5)])
+    verdict = assess_progress(ProgressEvidence(watch_since_s=0.0, counters=stuck, counters_per_step=True),
+                              STALL_S, now_s=56.0)
+    assert verdict.hung and verdict.source == "counters" and "no step for" in (verdict.reason or "")
+
+
+def test_a_token_total_without_a_step_count_is_no_evidence() -> None:
+    """Counters with no step count (an older llama-server, oMLX) neither prove progress nor silence."""
+    moving_tokens = tuple(EngineCounters(at_s=t, generated_tokens_total=10.0 * t, requests_running=2.0)
+                          for t in range(0, 60, 5))
+    waiting = (Silence("canary", since_s=20.0, at_s=50.0),)
+    verdict = assess_progress(ProgressEvidence(watch_since_s=0.0, silences=waiting, counters=moving_tokens,
+                                               counters_per_step=True), STALL_S, now_s=56.0)
+    assert verdict.hung and verdict.source == "canary"
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (EngineCounters(1.0, 16.0, 4.0, steps_total=100.0), EngineCounters(31.0, 16.0, 4.0, steps_total=1300.0),
+         "the engine ran 1200 steps in 30.0s with 4 requests running"),
+        (EngineCounters(1.0, 16.0, 4.0, steps_total=100.0), EngineCounters(31.0, 16.0, 4.0, steps_total=100.0),
+         None),  # flat: the engine did nothing
+        (EngineCounters(1.0, 16.0, 0.0, steps_total=100.0), EngineCounters(31.0, 40.0, 0.0, steps_total=90.0),
+         None),  # went down: a new engine process
+        (EngineCounters(1.0, 16.0, 4.0), EngineCounters(31.0, 99.0, 4.0), None),  # no step count
+        (None, EngineCounters(31.0, 16.0, 4.0, steps_total=1300.0), None),  # no reading before
+        (EngineCounters(31.0, 16.0, 4.0, steps_total=100.0), EngineCounters(31.0, 16.0, 4.0, steps_total=200.0),
+         None),  # not later in time
+    ],
+)
+def test_steps_advanced(before: EngineCounters | None, after: EngineCounters | None, expected: str | None) -> None:
+    """The start check's evidence that an engine it could not get a token from is generating for others."""
+    assert steps_advanced(before, after) == expected
 
 
 def test_a_stale_running_gauge_must_be_outlasted() -> None:
