@@ -223,19 +223,26 @@ async def ttfb_once(client: httpx.AsyncClient, url: str, model: str, resent: lis
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, model: str, max_tokens: int,
-                     resent: list[int] | None = None) -> int:
+                     resent: list[int] | None = None, *, proxy_502: bool = False) -> int:
     """The content tokens of one streamed completion. With ``resent`` (direct and nginx, never the
     gateway), a stream whose connection failed before its response head (mlx_lm.server's listen
-    backlog of 5 drops connections of a burst) is sent again and counted in ``resent[0]``; its
-    failed attempt stays in the round's wall time."""
+    backlog of 5 drops connections of a burst; a connection llama-server had just closed) is sent
+    again and counted in ``resent[0]``, and with ``proxy_502`` (nginx) so is nginx's 502 for the
+    same on its side; the failed attempt stays in the round's wall time. Any other answer than 200
+    fails the run, naming the path and the answer."""
     body = {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "stream": True}
     for attempt in range(TTFB_SENDS):
         tokens = 0
         head = False
         try:
             async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                if response.status_code == 502 and proxy_502 and resent is not None and attempt + 1 < TTFB_SENDS:
+                    resent[0] += 1
+                    continue
                 head = True
-                response.raise_for_status()
+                if response.status_code != 200:
+                    text = (await response.aread()).decode(errors="replace")
+                    raise RuntimeError(f"{url}: HTTP {response.status_code} for a stream: {text.strip()[:300]}")
                 async for line in response.aiter_lines():
                     if line.startswith("data:") and '"content":' in line and '"content": ""' not in line:
                         tokens += 1
@@ -249,10 +256,11 @@ async def one_stream(client: httpx.AsyncClient, url: str, model: str, max_tokens
 
 
 async def streams_round(client: httpx.AsyncClient, url: str, model: str, streams: int,
-                        max_tokens: int, resent: list[int] | None = None) -> tuple[int, float]:
+                        max_tokens: int, resent: list[int] | None = None, *, proxy_502: bool = False
+                        ) -> tuple[int, float]:
     async def staggered(i: int) -> int:
         await asyncio.sleep(i * STAGGER_S)
-        return await one_stream(client, url, model, max_tokens, resent)
+        return await one_stream(client, url, model, max_tokens, resent, proxy_502=proxy_502)
 
     started = time.perf_counter()
     counts = await asyncio.gather(*(staggered(i) for i in range(streams)))
@@ -313,14 +321,15 @@ async def measure_paths(paths: dict[str, tuple[str, str]], cpu_pids: dict[str, l
         for n_streams in (16, 32):
             per = {n: {"tokens": 0.0, "wall_s": 0.0, "cpu_s": 0.0, "resent": 0} for n in names}
             for name, (url, model) in paths.items():
-                await streams_round(client, url, model, n_streams, 8, _resends(name, [0]).get("resent"))
+                await streams_round(client, url, model, n_streams, 8, **_resends(name, [0]))
             for i in range(args.stream_rounds):
                 shift = i % len(names)
                 for name in names[shift:] + names[:shift]:
                     url, model = paths[name]
-                    resent = _resends(name, [0]).get("resent")
+                    resends = _resends(name, [0])
+                    resent = resends.get("resent")
                     before = cpu_s(cpu_pids.get(name, []))
-                    tokens, wall_s = await streams_round(client, url, model, n_streams, args.max_tokens, resent)
+                    tokens, wall_s = await streams_round(client, url, model, n_streams, args.max_tokens, **resends)
                     per[name]["cpu_s"] += cpu_s(cpu_pids.get(name, [])) - before
                     per[name]["tokens"] += tokens
                     per[name]["wall_s"] += wall_s
@@ -486,6 +495,8 @@ def measure_supervision(d: Daemon, engine: str, gateway_url: str, engine_url: tu
 
 
 def commit() -> str:
+    if os.environ.get("SUPERVISORD_LLM_BENCH_COMMIT"):  # a copy of the tree without its .git (a GPU machine)
+        return os.environ["SUPERVISORD_LLM_BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"
