@@ -311,6 +311,9 @@ class ProgressEvidence:
     counters: tuple[EngineCounters, ...] = ()
     counters_per_step: bool = False
     gauge_stale_s: float = 0.0
+    # Whether a flat step count with requests running is silence (False: progress only; llama.cpp
+    # answers /metrics during one long decode, its count flat meanwhile).
+    counter_silence: bool = True
     process_stopped: bool = False
     zombie: bool = False
     root_pid: int | None = None
@@ -349,21 +352,42 @@ def _counter_advances(history: Sequence[EngineCounters]) -> float | None:
 
 
 def steps_advanced(before: EngineCounters | None, after: EngineCounters | None) -> str | None:
-    """The engine ran steps between two readings of its counters: why that is progress, or None.
+    """The engine ran its model between two readings of its counters: what it did, or None.
 
-    The start check's evidence when its own generation could not begin (every slot of the engine
-    busy with other clients): a step count that advanced is the engine's own word that it
-    generates. A total that grows only when a request finishes is no step count (``steps_total``
-    is None there) and proves nothing either way.
+    A total that grows only when a request finishes is no step count (``steps_total`` is None
+    there) and proves nothing either way; a count that went down is a new engine process.
     """
     if before is None or after is None or before.steps_total is None or after.steps_total is None:
         return None
     if after.at_s <= before.at_s or after.steps_total <= before.steps_total:
         return None
-    running = after.requests_running
-    busy = f" with {int(running)} request{'s' if running != 1 else ''} running" if running else ""
-    return (f"the engine ran {after.steps_total - before.steps_total:.0f} steps in "
-            f"{after.at_s - before.at_s:.1f}s{busy}")
+    return (f"its step count advanced by {after.steps_total - before.steps_total:.0f} in "
+            f"{after.at_s - before.at_s:.1f}s")
+
+
+GENERATION_OK = "generation ok"
+
+
+def decide_start_check(canary_ok: bool, canary_stalled: bool, before: EngineCounters | None,
+                       after: EngineCounters | None) -> str | None:
+    """Whether a starting engine is ready after one start check: the reason, or None (not yet).
+
+    Ready when the check's own generation succeeded. Ready too when it got no token at all
+    (``canary_stalled``) because it was queued behind other clients' requests: the engine says
+    so itself, with requests waiting for a slot (``requests_waiting``) at the end of the check
+    while its step count advanced during it. A check that failed otherwise (an HTTP error, a
+    wrong model name, a stream broken off) is never made good by other clients' traffic.
+    """
+    if canary_ok:
+        return GENERATION_OK
+    if not canary_stalled or after is None or not after.requests_waiting or after.requests_waiting < 1:
+        return None
+    ran = steps_advanced(before, after)
+    if ran is None:
+        return None
+    waiting = int(after.requests_waiting)
+    return (f"generating for other clients ({ran}, {waiting} request{'s' if waiting != 1 else ''} waiting "
+            "for a slot) while the start check's own generation waited its turn")
 
 
 def latest_progress(evidence: ProgressEvidence) -> tuple[str | None, float | None]:
@@ -420,7 +444,7 @@ def assess_progress(evidence: ProgressEvidence, stall_s: float, now_s: float) ->
         return ProgressVerdict(True, "hung", silence.source, quiet_s,
                                f"{detail}: no engine-side progress from any source for {quiet_s:.1f}s",
                                progress_source, progress_s)
-    if evidence.counters_per_step:
+    if evidence.counters_per_step and evidence.counter_silence:
         stalled = _counters_stall(evidence.counters, max(stall_s, evidence.gauge_stale_s), now_s)
         if stalled is not None:
             return ProgressVerdict(True, "hung", "counters", silent_s,
@@ -444,8 +468,10 @@ __all__ = [
     "assess_degraded",
     "decide_degraded_restart",
     "decide_hang_restart",
+    "decide_start_check",
     "learn_baseline",
     "rolling_rate",
+    "steps_advanced",
     "window_rates",
 ]
 

@@ -5,19 +5,23 @@ one HTTP GET. A rate comes from two cumulative readings (:func:`rate_between`), 
 engine reports itself (SGLang ``sglang:gen_throughput``, oMLX ``avg_generation_tps``; the latter
 is a lifetime average over all requests, so the cumulative ``total_completion_tokens`` is kept too).
 
-| kind     | endpoint      | generated tokens (cumulative)     | running requests              | rate reported  | steps (cumulative) |
-|----------|---------------|-----------------------------------|-------------------------------|----------------|--------------------|
-| vllm     | /metrics      | vllm:generation_tokens_total      | vllm:num_requests_running     |                | the token total    |
-| llamacpp | /metrics      | llamacpp:tokens_predicted_total   | llamacpp:requests_processing  |                | llamacpp:n_decode_total |
-| sglang   | /metrics      | sglang:realtime_tokens_total{mode="decode"} | sglang:num_running_reqs | sglang:gen_throughput | the token total |
-| omlx     | /api/status   | total_completion_tokens           | active_requests               | avg_generation_tps | none         |
+| kind     | endpoint      | generated tokens (cumulative)     | running requests              | rate reported  | steps (cumulative) | waiting requests |
+|----------|---------------|-----------------------------------|-------------------------------|----------------|--------------------|------------------|
+| vllm     | /metrics      | vllm:generation_tokens_total      | vllm:num_requests_running     |                | the token total    | vllm:num_requests_waiting |
+| llamacpp | /metrics      | llamacpp:tokens_predicted_total   | llamacpp:requests_processing  |                | llamacpp:n_decode_total | llamacpp:requests_deferred |
+| sglang   | /metrics      | sglang:realtime_tokens_total{mode="decode"} | sglang:num_running_reqs | sglang:gen_throughput | the token total | sglang:num_queue_reqs |
+| omlx     | /api/status   | total_completion_tokens           | active_requests               | avg_generation_tps | none         | none             |
 
-``steps_total`` is a count that grows with every step the engine runs (see
+``steps_total`` is a count that grows as the engine runs its model (see
 :class:`probes.readings.EngineCounters`). llama.cpp's token total grows only when a slot finishes
 (``metrics_on_prediction`` in tools/server/server-context.cpp), but its ``n_decode_total`` grows
-with every ``llama_decode`` call the server loop makes for any slot (``metrics_post_decode``: ``metrics.n_decode++``, same
-file; "Total number of llama_decode() calls" in its /metrics help): a step count, read live, since
-the server answers /metrics from its task loop between steps.
+after every ``llama_decode`` call the server loop makes for any slot (``metrics_post_decode``:
+``metrics.n_decode++``, same file; "excluding speculative decoding and multimodal decoding", says
+its /metrics help). The server answers /metrics even while a decode runs (``yield_to_queue``), so a
+long decode (a prefill batch of a large model) shows the count flat with a request running: for
+llama.cpp the count is progress, never silence (``EngineAdapter.counter_silence``).
+``requests_deferred`` counts the tasks llama-server holds until a slot is free (server-task.cpp,
+``to_metrics``).
 
 Values with several label sets (one per model, engine or data-parallel rank) are summed.
 SGLang's ``generation_tokens_total`` grows only when a request finishes, so its per-iteration
@@ -58,14 +62,17 @@ class _MetricNames:
     # The step count: the token total itself where that grows per step, else its own metric.
     tokens_per_step: bool = False
     steps_total: str | None = None
+    requests_waiting: str | None = None
 
 
 PROMETHEUS_KINDS: Mapping[str, _MetricNames] = {
-    "vllm": _MetricNames("vllm:generation_tokens_total", "vllm:num_requests_running", tokens_per_step=True),
+    "vllm": _MetricNames("vllm:generation_tokens_total", "vllm:num_requests_running", tokens_per_step=True,
+                         requests_waiting="vllm:num_requests_waiting"),
     "llamacpp": _MetricNames("llamacpp:tokens_predicted_total", "llamacpp:requests_processing",
-                             steps_total="llamacpp:n_decode_total"),
+                             steps_total="llamacpp:n_decode_total", requests_waiting="llamacpp:requests_deferred"),
     "sglang": _MetricNames("sglang:realtime_tokens_total", "sglang:num_running_reqs", "sglang:gen_throughput",
-                           generated_labels=(("mode", "decode"),), tokens_per_step=True),
+                           generated_labels=(("mode", "decode"),), tokens_per_step=True,
+                           requests_waiting="sglang:num_queue_reqs"),
 }
 COUNTER_KINDS = (*PROMETHEUS_KINDS, "omlx")
 
@@ -84,7 +91,7 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
     _check_kind(kind, tuple(PROMETHEUS_KINDS))
     names = PROMETHEUS_KINDS[kind]
     wanted = {n for n in (names.generated_tokens_total, names.requests_running, names.tokens_per_s,
-                          names.steps_total) if n}
+                          names.steps_total, names.requests_waiting) if n}
     sums: dict[str, float] = {}
     try:
         for family in text_string_to_metric_families(text):
@@ -112,6 +119,7 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
         requests_running=sums.get(names.requests_running),
         tokens_per_s=sums.get(names.tokens_per_s) if names.tokens_per_s else None,
         steps_total=generated if names.tokens_per_step else sums.get(names.steps_total) if names.steps_total else None,
+        requests_waiting=sums.get(names.requests_waiting) if names.requests_waiting else None,
     )
 
 

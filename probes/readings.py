@@ -114,11 +114,15 @@ class EngineCounters:
     generated_tokens_total: float | None = None
     requests_running: float | None = None
     tokens_per_s: float | None = None  # where the engine reports a rate itself (oMLX, SGLang)
-    # A count that grows with every step the engine runs, whoever the step serves: vLLM's and
-    # SGLang's token totals (per decode step), llama.cpp's ``n_decode_total`` (per llama_decode
-    # call). None where the engine has none: a total that grows only when a request finishes
-    # (llama.cpp's tokens_predicted_total, oMLX's total_completion_tokens) is not one.
+    # A count that grows as the engine runs its model, whoever the work serves: vLLM's and SGLang's
+    # token totals (per decode step; not during a prefill), llama.cpp's ``n_decode_total`` (per
+    # llama_decode call, none for multimodal encoding). None where the engine has none: a total
+    # that grows only when a request finishes (llama.cpp's tokens_predicted_total, oMLX's
+    # total_completion_tokens) is not one.
     steps_total: float | None = None
+    # Requests the engine holds in its queue, not yet given a slot: vLLM num_requests_waiting,
+    # SGLang num_queue_reqs, llama.cpp requests_deferred.
+    requests_waiting: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,8 @@ class EngineAdapter:
     # silence, advancing = progress, also for the start check); "completion": its only total grows
     # when a request finishes (no evidence either way); None: no counter.
     progress_counter: ClassVar[str | None] = None
+    # Whether that step count flat with requests running is silence evidence (see policies.health).
+    counter_silence: ClassVar[bool] = True
     # How stale the engine's running-requests gauge may be: flat counters must outlast it too.
     running_gauge_stale_s: ClassVar[float] = 0.0
     # Loads models on demand (first request after start or after its own keep-alive/TTL unloaded it).
@@ -371,9 +373,10 @@ class LlamaCppAdapter(EngineAdapter):
       (``server-task.cpp``, ``server_task_result_metrics::to_metrics``): the counters probe's kind
       is ``"llamacpp"``. ``llamacpp:tokens_predicted_total`` grows only when a slot finishes
       (``metrics_on_prediction``); ``llamacpp:n_decode_total`` grows with every ``llama_decode``
-      call (``server-context.cpp``), i.e. per step, for every slot. It is the watchdog's step
-      count: with every slot busy with other clients, a canary waits (``requests_deferred``) and
-      gets no token, while ``n_decode_total`` shows the engine working (seen on the real server,
+      call (``server-context.cpp``, ``metrics_post_decode``) for any slot, multimodal encoding and
+      speculative drafts excepted. It is the watchdog's step count, as progress only: with every
+      slot busy with other clients, a canary waits (``requests_deferred``) and gets no token, while
+      ``n_decode_total`` shows the engine working (seen on the real server,
       tests/integration/test_llama_cpp_busy.py).
     """
 
@@ -386,6 +389,11 @@ class LlamaCppAdapter(EngineAdapter):
     # called when a slot finishes its task, so the token total is completion-time; but
     # n_decode_total (metrics_post_decode, after every llama_decode call) is a step count.
     progress_counter = "per_step"
+    # It is progress, never silence: the server answers /metrics while a decode runs (server-context.cpp,
+    # queue_tasks.yield_to_queue "so we can still handle metrics tasks while decoding"), and one decode
+    # of a prefill batch (n_batch tokens of a large model) or a multimodal encoding (not counted) can
+    # outlast the stall time with a request running. Canaries and streams judge silence.
+    counter_silence = False
 
     @property
     def api_key(self) -> str | None:

@@ -360,6 +360,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                 last_canary_ok_s=health.last_canary_ok_s, last_prefill_s=health.last_prefill_s,
                 silences=tuple(health.silences), counters=tuple(health.counters) if per_step else (),
                 counters_per_step=per_step, gauge_stale_s=adapter.running_gauge_stale_s,
+                counter_silence=adapter.counter_silence,
                 process_stopped=tree.stopped, zombie=tree.zombie, root_pid=tree.root_pid,
                 loading=loading)
             verdict = assess_progress(evidence, cfg.stall_s, now)

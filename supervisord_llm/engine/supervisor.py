@@ -32,7 +32,7 @@ import httpx
 
 from policies import backoff
 from policies.actions import Alert, MarkFailed, Refuse, WaitUntil
-from policies.health import steps_advanced
+from policies.health import GENERATION_OK, decide_start_check
 from probes.readings import CanaryReading, Diagnosis, EngineCounters
 from supervisord_llm.clock import Clock
 from supervisord_llm.config import Config, EngineConfig
@@ -159,7 +159,7 @@ class Exited:
 class Ready:
     gen: int
     canary: CanaryReading
-    reason: str = "generation ok"
+    reason: str = GENERATION_OK
 
 
 @dataclass
@@ -657,17 +657,13 @@ class EngineSupervisor:
                     await anyio.sleep(delay)
                     continue
                 self.record_canary(reading)
-                if reading.ok:
+                # No token for the check may be its turn in the engine's queue, behind other clients
+                # (who reached the engine's own port): the engine's counters then say so.
+                after = await self._step_count(client) if reading.stalled and before is not None else None
+                ready = decide_start_check(reading.ok, reading.stalled, before, after)
+                if ready is not None:
                     await self._discover(client)
-                    self.post(Ready(gen, reading))
-                    return
-                # No token for the check: with every slot busy with other clients (who reached the
-                # engine's own port) it waits its turn. The engine's step count says whether it works.
-                busy = steps_advanced(before, await self._step_count(client)) if reading.stalled else None
-                if busy is not None:
-                    await self._discover(client)
-                    self.post(Ready(gen, reading, f"generating for other clients ({busy}) while the "
-                                                  "start check's own generation waited for a free slot"))
+                    self.post(Ready(gen, reading, ready))
                     return
                 last_error = f"generation check failed: {reading.error}"
             if last_error != self.start_check:
@@ -925,6 +921,7 @@ class EngineSupervisor:
             last = self.health.counters[-1]
             counters = {"generated_tokens_total": last.generated_tokens_total,
                         "requests_running": last.requests_running, "steps_total": last.steps_total,
+                        "requests_waiting": last.requests_waiting,
                         "age_s": round(now - last.at_s, 1)}
         canary = None
         if self.last_canary is not None:

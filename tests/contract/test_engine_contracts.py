@@ -291,6 +291,9 @@ async def test_counters_read_from_the_recorded_endpoint(engine: str, replay: tup
     assert counters.requests_running == metrics["requests_running"]
     if "tokens_per_s" in metrics:
         assert counters.tokens_per_s == metrics["tokens_per_s"]
+    # The step count and the queue the watchdog and the start check read (absent: the engine has none).
+    assert counters.steps_total == metrics.get("steps_total")
+    assert counters.requests_waiting == metrics.get("requests_waiting")
 
 
 # ---------------------------------------------------------------- API keys

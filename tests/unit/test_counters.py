@@ -30,6 +30,7 @@ def test_vllm_counters_are_summed_over_engines() -> None:
     assert counters == EngineCounters(
         at_s=4.0, generated_tokens_total=120345.0 + 118655.0, requests_running=5.0, tokens_per_s=None,
         steps_total=120345.0 + 118655.0,  # vLLM's token total grows per decode step: it is the step count
+        requests_waiting=0.0 + 1.0,  # vllm:num_requests_waiting, summed the same way
     )
 
 
@@ -44,6 +45,9 @@ def test_llamacpp_step_count_is_n_decode_total_not_the_completion_time_token_tot
     which grows only when a slot finishes; a llama-server without n_decode_total has no step count."""
     text = (METRICS / "llamacpp.txt").read_text().replace("llamacpp:n_decode_total 20", "llamacpp:n_decode_total 57")
     assert parse_prometheus_counters(text, "llamacpp").steps_total == 57.0
+    # requests_deferred: the tasks llama-server holds until a slot is free
+    deferred = text.replace("llamacpp:requests_deferred 0", "llamacpp:requests_deferred 3")
+    assert parse_prometheus_counters(deferred, "llamacpp").requests_waiting == 3.0
     older = "\n".join(line for line in text.splitlines() if "n_decode_total" not in line)
     counters = parse_prometheus_counters(older, "llamacpp")
     assert (counters.generated_tokens_total, counters.steps_total) == (20.0, None)

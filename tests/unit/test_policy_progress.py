@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.health import ProgressEvidence, Silence, assess_progress, steps_advanced
+from policies.health import ProgressEvidence, Silence, assess_progress, decide_start_check, steps_advanced
 from probes.readings import EngineCounters
 
 STALL_S = 10.0
@@ -75,13 +75,27 @@ def test_llama_cpp_busy_with_other_clients_is_not_hung_though_the_canary_waits()
     busy = llama_cpp([(t, 16.0, 100.0 + 40 * t, 4.0) for t in range(0, 60, 5)])
     waiting = (Silence("canary", since_s=20.0, at_s=50.0, detail="a canary got no token within 30s"),)
     verdict = assess_progress(ProgressEvidence(watch_since_s=0.0, silences=waiting, counters=busy,
-                                               counters_per_step=True), STALL_S, now_s=56.0)
+                                               counters_per_step=True, counter_silence=False), STALL_S, now_s=56.0)
     assert not verdict.hung and verdict.last_progress_source == "counters"
-    # The same engine with its steps flat while it says requests run: hung, on the step count.
-    stuck = llama_cpp([(t, 16.0, 900.0, 4.0) for t in range(0, 60, 5)])
-    verdict = assess_progress(ProgressEvidence(watch_since_s=0.0, counters=stuck, counters_per_step=True),
-                              STALL_S, now_s=56.0)
+
+
+def test_llama_cpp_steps_flat_in_one_long_decode_are_not_silence() -> None:
+    """llama-server answers /metrics during a decode: one prefill batch of a large model keeps
+    n_decode_total flat for longer than the stall time with a request running. For llama.cpp the
+    step count is progress only, so that is no hang; a canary that gets nothing still is."""
+    one_long_decode = llama_cpp([(t, 16.0, 7.0, 1.0) for t in range(0, 60, 5)])
+    quiet = ProgressEvidence(watch_since_s=0.0, counters=one_long_decode, counters_per_step=True, counter_silence=False)
+    assert not assess_progress(quiet, STALL_S, now_s=56.0).hung
+    # The same counters from an engine whose step count is silence evidence (vLLM, SGLang): hung.
+    as_vllm = ProgressEvidence(watch_since_s=0.0, counters=one_long_decode, counters_per_step=True)
+    verdict = assess_progress(as_vllm, STALL_S, now_s=56.0)
     assert verdict.hung and verdict.source == "counters" and "no step for" in (verdict.reason or "")
+    # A wedged llama-server: the canary gets nothing and no step moves: hung, on the canary.
+    silent = (Silence("canary", since_s=20.0, at_s=50.0),)
+    wedged = ProgressEvidence(watch_since_s=0.0, silences=silent, counters=one_long_decode, counters_per_step=True,
+                              counter_silence=False)
+    verdict = assess_progress(wedged, STALL_S, now_s=56.0)
+    assert verdict.hung and verdict.source == "canary"
 
 
 def test_a_token_total_without_a_step_count_is_no_evidence() -> None:
@@ -98,7 +112,7 @@ def test_a_token_total_without_a_step_count_is_no_evidence() -> None:
     ("before", "after", "expected"),
     [
         (EngineCounters(1.0, 16.0, 4.0, steps_total=100.0), EngineCounters(31.0, 16.0, 4.0, steps_total=1300.0),
-         "the engine ran 1200 steps in 30.0s with 4 requests running"),
+         "its step count advanced by 1200 in 30.0s"),
         (EngineCounters(1.0, 16.0, 4.0, steps_total=100.0), EngineCounters(31.0, 16.0, 4.0, steps_total=100.0),
          None),  # flat: the engine did nothing
         (EngineCounters(1.0, 16.0, 0.0, steps_total=100.0), EngineCounters(31.0, 40.0, 0.0, steps_total=90.0),
@@ -110,8 +124,36 @@ def test_a_token_total_without_a_step_count_is_no_evidence() -> None:
     ],
 )
 def test_steps_advanced(before: EngineCounters | None, after: EngineCounters | None, expected: str | None) -> None:
-    """The start check's evidence that an engine it could not get a token from is generating for others."""
+    """What the engine did between two readings of its counters."""
     assert steps_advanced(before, after) == expected
+
+
+BEFORE = EngineCounters(1.0, 16.0, 2.0, steps_total=100.0, requests_waiting=2.0)
+BUSY_AFTER = EngineCounters(4.0, 16.0, 2.0, steps_total=1300.0, requests_waiting=3.0)
+
+
+@pytest.mark.parametrize(
+    ("ok", "stalled", "before", "after", "ready"),
+    [
+        (True, False, None, None, "generation ok"),
+        # queued behind other clients, the engine working and saying the check waits: ready
+        (False, True, BEFORE, BUSY_AFTER, "generating for other clients (its step count advanced by 1200 in 3.0s, "
+                                         "3 requests waiting for a slot) while the start check's own generation "
+                                         "waited its turn"),
+        (False, False, BEFORE, BUSY_AFTER, None),  # an HTTP error or a broken stream: never made good by others
+        (False, True, None, BUSY_AFTER, None),  # no reading before the check
+        (False, True, BEFORE, None, None),  # no reading after it (no counters, /metrics failed)
+        (False, True, BEFORE, EngineCounters(4.0, 16.0, 2.0, steps_total=100.0, requests_waiting=3.0), None),  # flat
+        (False, True, BEFORE, EngineCounters(4.0, 16.0, 2.0, steps_total=40.0, requests_waiting=3.0), None),  # reset
+        # steps advanced but nothing waits: the check was not queued (its own slow decode, say)
+        (False, True, BEFORE, EngineCounters(4.0, 16.0, 1.0, steps_total=1300.0, requests_waiting=0.0), None),
+        (False, True, BEFORE, EngineCounters(4.0, 16.0, 1.0, steps_total=1300.0), None),  # no queue gauge
+    ],
+)
+def test_decide_start_check(ok: bool, stalled: bool, before: EngineCounters | None, after: EngineCounters | None,
+                            ready: str | None) -> None:
+    """Ready on the check's own generation, or on the engine's word that the check is queued while it works."""
+    assert decide_start_check(ok, stalled, before, after) == ready
 
 
 def test_a_stale_running_gauge_must_be_outlasted() -> None:
