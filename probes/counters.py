@@ -9,7 +9,7 @@ is a lifetime average over all requests, so the cumulative ``total_completion_to
 |----------|---------------|-----------------------------------|-------------------------------|----------------|--------------------|------------------|
 | vllm     | /metrics      | vllm:generation_tokens_total      | vllm:num_requests_running     |                | the token total    | vllm:num_requests_waiting |
 | llamacpp | /metrics      | llamacpp:tokens_predicted_total   | llamacpp:requests_processing  |                | llamacpp:n_decode_total | llamacpp:requests_deferred |
-| sglang   | /metrics      | sglang:realtime_tokens_total{mode="decode"} | sglang:num_running_reqs | sglang:gen_throughput | the token total | sglang:num_queue_reqs |
+| sglang   | /metrics      | sglang:realtime_tokens_total{mode="decode"} | sglang:num_running_reqs | sglang:gen_throughput | sglang:realtime_tokens_total, every mode | sglang:num_queue_reqs |
 | omlx     | /api/status   | total_completion_tokens           | active_requests               | avg_generation_tps | none         | none             |
 
 ``steps_total`` is a count that grows as the engine runs its model (see
@@ -21,7 +21,12 @@ its /metrics help). The server answers /metrics even while a decode runs (``yiel
 long decode (a prefill batch of a large model) shows the count flat with a request running: for
 llama.cpp the count is progress, never silence (``EngineAdapter.counter_silence``).
 ``requests_deferred`` counts the tasks llama-server holds until a slot is free (server-task.cpp,
-``to_metrics``).
+``to_metrics``). SGLang's step count is its ``realtime_tokens_total`` over every mode: ``decode`` each
+decode iteration, and ``prefill_compute`` / ``prefill_cache`` each prefill batch, so a long chunked
+prefill moves it too (``SchedulerMetricsCollector.increment_realtime_tokens`` in
+python/sglang/srt/metrics/collector.py). vLLM's generation token total is its only step count and
+does not move during a prefill: vLLM counts prompt tokens only when a request's first token comes
+out (``IterationStats.update_from_output`` in vllm/v1/metrics/stats.py).
 
 Values with several label sets (one per model, engine or data-parallel rank) are summed.
 SGLang's ``generation_tokens_total`` grows only when a request finishes, so its per-iteration
@@ -71,7 +76,7 @@ PROMETHEUS_KINDS: Mapping[str, _MetricNames] = {
     "llamacpp": _MetricNames("llamacpp:tokens_predicted_total", "llamacpp:requests_processing",
                              steps_total="llamacpp:n_decode_total", requests_waiting="llamacpp:requests_deferred"),
     "sglang": _MetricNames("sglang:realtime_tokens_total", "sglang:num_running_reqs", "sglang:gen_throughput",
-                           generated_labels=(("mode", "decode"),), tokens_per_step=True,
+                           generated_labels=(("mode", "decode"),), steps_total="sglang:realtime_tokens_total",
                            requests_waiting="sglang:num_queue_reqs"),
 }
 COUNTER_KINDS = (*PROMETHEUS_KINDS, "omlx")
@@ -93,9 +98,12 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
     wanted = {n for n in (names.generated_tokens_total, names.requests_running, names.tokens_per_s,
                           names.steps_total, names.requests_waiting) if n}
     sums: dict[str, float] = {}
+    steps: float | None = None  # every label set of the step metric (SGLang: all its modes)
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
+                if sample.name == names.steps_total and math.isfinite(sample.value):
+                    steps = (steps or 0.0) + sample.value
                 if sample.name == names.generated_tokens_total and any(
                     sample.labels.get(k) != v for k, v in names.generated_labels
                 ):
@@ -118,7 +126,7 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
         generated_tokens_total=generated,
         requests_running=sums.get(names.requests_running),
         tokens_per_s=sums.get(names.tokens_per_s) if names.tokens_per_s else None,
-        steps_total=generated if names.tokens_per_step else sums.get(names.steps_total) if names.steps_total else None,
+        steps_total=steps if steps is not None else generated if names.tokens_per_step else None,
         requests_waiting=sums.get(names.requests_waiting) if names.requests_waiting else None,
     )
 

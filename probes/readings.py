@@ -114,9 +114,10 @@ class EngineCounters:
     generated_tokens_total: float | None = None
     requests_running: float | None = None
     tokens_per_s: float | None = None  # where the engine reports a rate itself (oMLX, SGLang)
-    # A count that grows as the engine runs its model, whoever the work serves: vLLM's and SGLang's
-    # token totals (per decode step; not during a prefill), llama.cpp's ``n_decode_total`` (per
-    # llama_decode call, none for multimodal encoding). None where the engine has none: a total
+    # A count that grows as the engine runs its model, whoever the work serves: vLLM's generation
+    # token total (per decode step; not during a prefill), SGLang's realtime tokens of every mode
+    # (per decode iteration and per prefill batch), llama.cpp's ``n_decode_total`` (per llama_decode
+    # call, none for multimodal encoding). None where the engine has none: a total
     # that grows only when a request finishes (llama.cpp's tokens_predicted_total, oMLX's
     # total_completion_tokens) is not one.
     steps_total: float | None = None

@@ -53,6 +53,19 @@ def test_llamacpp_step_count_is_n_decode_total_not_the_completion_time_token_tot
     assert (counters.generated_tokens_total, counters.steps_total) == (20.0, None)
 
 
+def test_sglang_step_count_moves_with_a_long_prefill_too() -> None:
+    """SGLang's tokens are its decode-mode realtime tokens; its step count adds the prefill modes, which
+    grow each prefill batch, so a long chunked prefill with no decode is progress."""
+    text = (METRICS / "sglang.txt").read_text()
+    before = parse_prometheus_counters(text, "sglang")
+    assert before.generated_tokens_total == 93518.0 and before.steps_total == 402311.0 + 120007.0 + 93518.0
+    chunk = text.replace('mode="prefill_compute",model_name="meta-llama/Llama-3.1-8B-Instruct"} 402311.0',
+                         'mode="prefill_compute",model_name="meta-llama/Llama-3.1-8B-Instruct"} 410503.0')
+    after = parse_prometheus_counters(chunk, "sglang")
+    assert after.generated_tokens_total == before.generated_tokens_total
+    assert after.steps_total == before.steps_total + 8192.0
+
+
 def test_omlx_completion_total_is_no_step_count() -> None:
     """oMLX's total_completion_tokens grows when a request finishes: no step count."""
     counters = parse_omlx_status(json.loads((METRICS / "omlx-status.json").read_text()), at_s=2.0)
