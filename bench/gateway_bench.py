@@ -734,18 +734,7 @@ def main() -> None:
         wait_ready_pid(d, ENGINE, None, 120)
         engine_url = f"http://127.0.0.1:{engine_port}"
         gateway_url = f"http://127.0.0.1:{gateway_port}"
-        paths: dict[str, tuple[str, str]] = {"direct": (engine_url, "default_model")}
-        # The traffic's cost is the gateway process's, plus what the daemon does to answer it.
-        cpu_pids: dict[str, list[int]] = {"gateway": [d.proc.pid, d.status()["gateway"]["pid"]]}  # type: ignore[union-attr]
-        try:
-            nginx = Nginx(engine_port)
-            paths["nginx"] = (nginx.base_url, "default_model")
-            cpu_pids["nginx"] = nginx.pids()
-            result["nginx_version"] = nginx.version
-        except FileNotFoundError as exc:
-            print(f"gateway_bench: {exc}; measuring direct and gateway only", file=sys.stderr)
-            result["nginx_missing"] = str(exc)
-        paths["gateway"] = (gateway_url, ENGINE)
+        paths, cpu_pids, nginx = three_paths(d, ENGINE, engine_port, gateway_port, "default_model", result)
         result["load_before"] = os.getloadavg()[0]
         result["paths"] = asyncio.run(measure_paths(paths, cpu_pids, args))
         result["supervision"] = measure_supervision(d, ENGINE, gateway_url, (engine_url, "default_model"), args)
@@ -768,15 +757,40 @@ def main() -> None:
         d.stop()
     result.update(when=datetime.now(UTC).isoformat(timespec="seconds"), commit=commit(),
                   took_s=time.monotonic() - began, machine=machine_info())
+    report(result, args, "gateway")
+
+
+def report(result: dict[str, Any], args: argparse.Namespace, name: str) -> None:
+    """Print the run's text; raw figures to bench/results/NAME(-quick).json; the doc's section NAME."""
     text = render(result)
     print(text)
     results_dir = REPO / "bench" / "results"
     results_dir.mkdir(exist_ok=True)
-    (results_dir / ("gateway-quick.json" if args.no_write else "gateway.json")).write_text(
+    (results_dir / (f"{name}-quick.json" if args.no_write else f"{name}.json")).write_text(
         json.dumps(result, indent=1, default=str))
     if not args.no_write:
-        write_section(args.out, "gateway", text)
+        write_section(args.out, name, text)
         print(f"wrote {args.out}")
+
+
+def three_paths(d: Daemon, engine: str, engine_port: int, gateway_port: int, direct_model: str,
+                result: dict[str, Any]) -> tuple[dict[str, tuple[str, str]], dict[str, list[int]], Nginx | None]:
+    """Direct, nginx (where it is installed; ``result`` says which) and gateway paths to one engine,
+    the pids whose CPU each path costs, and the nginx to close."""
+    paths: dict[str, tuple[str, str]] = {"direct": (f"http://127.0.0.1:{engine_port}", direct_model)}
+    # The traffic's cost is the gateway process's, plus what the daemon does to answer it.
+    cpu_pids: dict[str, list[int]] = {"gateway": [d.proc.pid, d.status()["gateway"]["pid"]]}  # type: ignore[union-attr]
+    nginx: Nginx | None = None
+    try:
+        nginx = Nginx(engine_port)
+        paths["nginx"] = (nginx.base_url, direct_model)
+        cpu_pids["nginx"] = nginx.pids()
+        result["nginx_version"] = nginx.version
+    except FileNotFoundError as exc:
+        print(f"gateway_bench: {exc}; measuring direct and gateway only", file=sys.stderr)
+        result["nginx_missing"] = str(exc)
+    paths["gateway"] = (f"http://127.0.0.1:{gateway_port}", engine)
+    return paths, cpu_pids, nginx
 
 
 def measure_llama_alone(args: argparse.Namespace, llama: tuple[Path, Path], engine_port: int, gateway_port: int,
@@ -794,17 +808,7 @@ def measure_llama_alone(args: argparse.Namespace, llama: tuple[Path, Path], engi
         wait_ready_pid(d, LLAMA_ENGINE, None, 180)
         engine_url = f"http://127.0.0.1:{engine_port}"
         gateway_url = f"http://127.0.0.1:{gateway_port}"
-        paths: dict[str, tuple[str, str]] = {"direct": (engine_url, "tiny-llama")}
-        cpu_pids: dict[str, list[int]] = {"gateway": [d.proc.pid, d.status()["gateway"]["pid"]]}  # type: ignore[union-attr]
-        try:
-            nginx = Nginx(engine_port)
-            paths["nginx"] = (nginx.base_url, "tiny-llama")
-            cpu_pids["nginx"] = nginx.pids()
-            result["nginx_version"] = nginx.version
-        except FileNotFoundError as exc:
-            print(f"gateway_bench: {exc}; measuring direct and gateway only", file=sys.stderr)
-            result["nginx_missing"] = str(exc)
-        paths["gateway"] = (gateway_url, LLAMA_ENGINE)
+        paths, cpu_pids, nginx = three_paths(d, LLAMA_ENGINE, engine_port, gateway_port, "tiny-llama", result)
         result["load_before"] = os.getloadavg()[0]
         # llama-server closes a connection after each stream: the TTFB rounds that resend (see ttfb_once).
         ttfb = asyncio.run(measure_ttfb(paths, args.ttfb_rounds))
@@ -819,15 +823,7 @@ def measure_llama_alone(args: argparse.Namespace, llama: tuple[Path, Path], engi
         d.stop()
     result.update(when=datetime.now(UTC).isoformat(timespec="seconds"), commit=commit(),
                   took_s=time.monotonic() - began, machine=machine_info(), gpus=gpu_names())
-    text = render(result)
-    print(text)
-    results_dir = REPO / "bench" / "results"
-    results_dir.mkdir(exist_ok=True)
-    (results_dir / ("gateway-llama-quick.json" if args.no_write else "gateway-llama.json")).write_text(
-        json.dumps(result, indent=1, default=str))
-    if not args.no_write:
-        write_section(args.out, "gateway-llama", text)
-        print(f"wrote {args.out}")
+    report(result, args, "gateway-llama")
 
 
 def gpu_names() -> list[str]:
