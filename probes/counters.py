@@ -24,7 +24,9 @@ llama.cpp the count is progress, never silence (``EngineAdapter.counter_silence`
 ``to_metrics``). SGLang's step count is its ``realtime_tokens_total`` over every mode: ``decode`` each
 decode iteration, and ``prefill_compute`` / ``prefill_cache`` each prefill batch, so a long chunked
 prefill moves it too (``SchedulerMetricsCollector.increment_realtime_tokens`` in
-python/sglang/srt/metrics/collector.py). vLLM's generation token total is its only step count and
+python/sglang/srt/metrics/collector.py). Some SGLang releases add a prefill batch's counts when it
+is scheduled rather than once it ran, so there a first prefill that never completes still moves
+the count once; the decode mode moves only with tokens made. vLLM's generation token total is its only step count and
 does not move during a prefill: vLLM counts prompt tokens only when a request's first token comes
 out (``IterationStats.update_from_output`` in vllm/v1/metrics/stats.py).
 
@@ -68,6 +70,10 @@ class _MetricNames:
     tokens_per_step: bool = False
     steps_total: str | None = None
     requests_waiting: str | None = None
+    # A label whose non-empty values break a gauge down (its total is under the empty value): SGLang's
+    # queue gauges with priority scheduling (_log_gauge_queue_count: total under priority="", then
+    # one sample per priority="<int>"), which a sum would count twice.
+    gauge_breakdown_label: str | None = None
 
 
 PROMETHEUS_KINDS: Mapping[str, _MetricNames] = {
@@ -77,7 +83,7 @@ PROMETHEUS_KINDS: Mapping[str, _MetricNames] = {
                              steps_total="llamacpp:n_decode_total", requests_waiting="llamacpp:requests_deferred"),
     "sglang": _MetricNames("sglang:realtime_tokens_total", "sglang:num_running_reqs", "sglang:gen_throughput",
                            generated_labels=(("mode", "decode"),), steps_total="sglang:realtime_tokens_total",
-                           requests_waiting="sglang:num_queue_reqs"),
+                           requests_waiting="sglang:num_queue_reqs", gauge_breakdown_label="priority"),
 }
 COUNTER_KINDS = (*PROMETHEUS_KINDS, "omlx")
 
@@ -104,6 +110,9 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
             for sample in family.samples:
                 if sample.name == names.steps_total and math.isfinite(sample.value):
                     steps = (steps or 0.0) + sample.value
+                if (names.gauge_breakdown_label and sample.name in (names.requests_running, names.requests_waiting)
+                        and sample.labels.get(names.gauge_breakdown_label)):
+                    continue  # one priority's share: the total is its own sample
                 if sample.name == names.generated_tokens_total and any(
                     sample.labels.get(k) != v for k, v in names.generated_labels
                 ):
@@ -116,7 +125,7 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
             f"{kind} /metrics is not Prometheus text exposition ({exc}); first line {first!r}; "
             "expected lines like 'name{label=\"v\"} 1.0'"
         ) from exc
-    if not sums:
+    if not sums and steps is None:
         raise ProbeParseError(
             f"{kind} /metrics has none of {', '.join(sorted(wanted))}; is this the right port and engine kind?"
         )

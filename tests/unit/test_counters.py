@@ -66,6 +66,27 @@ def test_sglang_step_count_moves_with_a_long_prefill_too() -> None:
     assert after.steps_total == before.steps_total + 8192.0
 
 
+def test_sglang_priority_breakdown_of_its_queue_gauges_is_not_counted_twice() -> None:
+    """With priority scheduling SGLang writes each queue gauge's total under priority="" and then one sample
+    per priority (_log_gauge_queue_count): the totals are read, the breakdown is not added to them."""
+    text = (
+        '# TYPE sglang:num_running_reqs gauge\n'
+        'sglang:num_running_reqs{model_name="m",priority=""} 3.0\n'
+        'sglang:num_running_reqs{model_name="m",priority="0"} 2.0\n'
+        'sglang:num_running_reqs{model_name="m",priority="1"} 1.0\n'
+        '# TYPE sglang:num_queue_reqs gauge\n'
+        'sglang:num_queue_reqs{model_name="m",priority=""} 4.0\n'
+        'sglang:num_queue_reqs{model_name="m",priority="1"} 4.0\n'
+        '# TYPE sglang:realtime_tokens_total counter\n'
+        'sglang:realtime_tokens_total{mode="decode",model_name="m"} 50.0\n'
+    )
+    counters = parse_prometheus_counters(text, "sglang")
+    assert (counters.requests_running, counters.requests_waiting) == (3.0, 4.0)
+    # Without priority scheduling there is no priority label: the gauges read as they are.
+    plain = parse_prometheus_counters((METRICS / "sglang.txt").read_text(), "sglang")
+    assert plain.requests_running == 4.0
+
+
 def test_omlx_completion_total_is_no_step_count() -> None:
     """oMLX's total_completion_tokens grows when a request finishes: no step count."""
     counters = parse_omlx_status(json.loads((METRICS / "omlx-status.json").read_text()), at_s=2.0)
