@@ -20,7 +20,8 @@ is a token read from the engine on a live stream (at the engine's pace, whatever
 a successful canary, a per-step counter that advanced, or the engine's own prefill progress; any of
 them newer than a piece of silence evidence voids it at once. Silence evidence is a live stream
 that got nothing from the engine, a canary that got no token, or per-step counters flat while the
-engine says requests run. Counters that grow only when a request *finishes* are no evidence of
+engine says requests run (not for an engine whose step count may stay flat through one long step:
+llama.cpp, ``counter_silence=False``). Counters that grow only when a request *finishes* are no evidence of
 anything while a request runs, so they never yield hung; a lazy engine loading its model is
 ``loading``, not silent. A stopped (SIGSTOP) or zombie process is hung whatever else was seen:
 no generation can happen in it.
@@ -372,8 +373,8 @@ def decide_start_check(canary_ok: bool, canary_stalled: bool, before: EngineCoun
                        after: EngineCounters | None) -> str | None:
     """Whether a starting engine is ready after one start check: the reason, or None (not yet).
 
-    Ready when the check's own generation succeeded. Ready too when it got no token at all
-    (``canary_stalled``) because it was queued behind other clients' requests: the engine says
+    Ready when the check's own generation succeeded. Ready too when it stalled (with the check's
+    time limits, before any token) because it was queued behind other clients' requests: the engine says
     so itself, with requests waiting for a slot (``requests_waiting``) at the end of the check
     while its step count advanced during it. A check that failed otherwise (an HTTP error, a
     wrong model name, a stream broken off) is never made good by other clients' traffic.

@@ -33,9 +33,9 @@ nothing while a long answer is being generated, so it never yields a hung verdic
 | mlx_lm    | none: live streams and canaries only                      | no        | log "Prompt processing progress: n/N" |
 | omlx      | ``total_completion_tokens``: at completion only           | yes (non-pinned models) | —            |
 | vllm      | ``vllm:generation_tokens_total``: per decode step         | no        | —                          |
-| llama_cpp | ``llamacpp:n_decode_total``: per ``llama_decode`` call     | no        | (``/slots``)               |
+| llama_cpp | ``llamacpp:n_decode_total``: per ``llama_decode`` call (progress only, never silence) | no | (``/slots``) |
 | ollama    | none (``eval_count`` only in a request's last chunk)      | yes (``/api/ps``) | —                  |
-| sglang    | ``sglang:realtime_tokens_total{mode="decode"}``: per step | no        | —                          |
+| sglang    | ``sglang:realtime_tokens_total``, every mode: per decode iteration and prefill batch | no | — |
 | command   | none                                                      | no        | —                          |
 """
 
@@ -489,7 +489,8 @@ class SglangAdapter(EngineAdapter):
     probe_messages = True
     counters_kind = "sglang"
     # python/sglang/srt/metrics/collector.py: realtime_tokens_total{mode="decode"} is added every
-    # scheduler iteration (generation_tokens_total only when a request finishes), and
+    # scheduler iteration and its prefill modes every prefill batch (generation_tokens_total only when
+    # a request finishes): the step count is all modes, the token rate the decode mode's;
     # num_running_reqs is refreshed only every 30 s while idle (decode_log_interval / idle logging).
     progress_counter = "per_step"
     running_gauge_stale_s = 30.0

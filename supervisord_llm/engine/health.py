@@ -253,7 +253,8 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
     adapter = sup.adapter
     per_step = adapter.progress_counter == "per_step"
     health.watch_since_s = clock.now()
-    health.last_canary_ok_s = health.watch_since_s  # the readiness canary just succeeded
+    # The start check just saw the engine generate (its own canary, or its counters while it waited).
+    health.last_canary_ok_s = health.watch_since_s
     last_verdict: tuple[bool, str | None] = (False, None)
 
     async def run_canary() -> None:

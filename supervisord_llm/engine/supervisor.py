@@ -627,7 +627,9 @@ class EngineSupervisor:
         self.post(Exited(gen, info))
 
     async def _wait_ready(self, gen: int, proc: EngineProcess) -> None:
-        """Ready only after a real generation succeeded: /health alone is no proof."""
+        """Ready only on the engine generating: the check's own generation succeeded, or it waited its
+        turn behind other clients while the engine's counters showed it working (policies.health
+        .decide_start_check). /health alone is no proof."""
         started = self.clock.now()
         deadline = started + self.config.start_timeout_s
         client = self.host.http
