@@ -26,9 +26,9 @@ decode iteration, and ``prefill_compute`` / ``prefill_cache`` each prefill batch
 prefill moves it too (``SchedulerMetricsCollector.increment_realtime_tokens`` in
 python/sglang/srt/metrics/collector.py). Some SGLang releases add a prefill batch's counts when it
 is scheduled rather than once it ran, so there a first prefill that never completes still moves
-the count once; the decode mode moves only with tokens made. vLLM's generation token total is its only step count and
-does not move during a prefill: vLLM counts prompt tokens only when a request's first token comes
-out (``IterationStats.update_from_output`` in vllm/v1/metrics/stats.py).
+the count once; the decode mode moves only with tokens made. vLLM's generation token total is its
+only step count and does not move during a prefill: vLLM counts prompt tokens only when a
+request's first token comes out (``IterationStats.update_from_output`` in vllm/v1/metrics/stats.py).
 
 Values with several label sets (one per model, engine or data-parallel rank) are summed.
 SGLang's ``generation_tokens_total`` grows only when a request finishes, so its per-iteration
@@ -66,8 +66,7 @@ class _MetricNames:
     requests_running: str
     tokens_per_s: str | None = None
     generated_labels: tuple[tuple[str, str], ...] = ()  # only samples with these labels count
-    # The step count: the token total itself where that grows per step, else its own metric.
-    tokens_per_step: bool = False
+    # The step count, every label set summed (vLLM: its token total, which grows per step).
     steps_total: str | None = None
     requests_waiting: str | None = None
     # A label whose non-empty values break a gauge down (its total is under the empty value): SGLang's
@@ -77,8 +76,8 @@ class _MetricNames:
 
 
 PROMETHEUS_KINDS: Mapping[str, _MetricNames] = {
-    "vllm": _MetricNames("vllm:generation_tokens_total", "vllm:num_requests_running", tokens_per_step=True,
-                         requests_waiting="vllm:num_requests_waiting"),
+    "vllm": _MetricNames("vllm:generation_tokens_total", "vllm:num_requests_running",
+                         steps_total="vllm:generation_tokens_total", requests_waiting="vllm:num_requests_waiting"),
     "llamacpp": _MetricNames("llamacpp:tokens_predicted_total", "llamacpp:requests_processing",
                              steps_total="llamacpp:n_decode_total", requests_waiting="llamacpp:requests_deferred"),
     "sglang": _MetricNames("sglang:realtime_tokens_total", "sglang:num_running_reqs", "sglang:gen_throughput",
@@ -129,13 +128,12 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
         raise ProbeParseError(
             f"{kind} /metrics has none of {', '.join(sorted(wanted))}; is this the right port and engine kind?"
         )
-    generated = sums.get(names.generated_tokens_total) if names.generated_tokens_total else None
     return EngineCounters(
         at_s=at_s,
-        generated_tokens_total=generated,
+        generated_tokens_total=sums.get(names.generated_tokens_total) if names.generated_tokens_total else None,
         requests_running=sums.get(names.requests_running),
         tokens_per_s=sums.get(names.tokens_per_s) if names.tokens_per_s else None,
-        steps_total=steps if steps is not None else generated if names.tokens_per_step else None,
+        steps_total=steps,
         requests_waiting=sums.get(names.requests_waiting) if names.requests_waiting else None,
     )
 
