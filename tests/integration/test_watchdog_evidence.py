@@ -247,6 +247,17 @@ def _counter_daemon(daemon_factory, kind: str, *flags: str) -> tuple[Daemon, str
     return d, f"http://127.0.0.1:{gw}/v1/chat/completions", f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
+def test_a_start_check_whose_counters_cannot_be_read_still_proves_generation(daemon_factory) -> None:
+    """A vLLM-kind engine whose /metrics answers 404: the start check reads the step count around its
+    own generation, the read fails, and the engine is ready on that generation all the same (the
+    failure is no evidence either way); status shows no counters."""
+    d, _, _ = _counter_daemon(daemon_factory, "vllm")  # no --metrics: the stand-in has no /metrics
+    ready = [e for e in _states(d, "c") if e["to"] == "ready"][-1]
+    assert ready["reason"] == "generation ok"
+    assert d.engine("c")["counters"] is None
+    assert httpx.get(f"http://127.0.0.1:{d.engine('c')['port']}/metrics").status_code == 404
+
+
 LONG_GENERATION_S = [6.0, pytest.param(90.0, marks=pytest.mark.chaos_full)]
 
 
