@@ -17,12 +17,14 @@ learned. The caller keeps the baseline per model across restarts.
 **The evidence rule** (``assess_progress``, what the watchdog decides with): an engine is hung only
 when *no* source shows engine-side progress for ``stall_s`` and one source shows silence. Progress
 is a token read from the engine on a live stream (at the engine's pace, whatever the client does),
-a successful canary, a per-step counter that advanced, or the engine's own prefill progress; any of
-them newer than a piece of silence evidence voids it at once. Silence evidence is a live stream
-that got nothing from the engine, a canary that got no token, or per-step counters flat while the
-engine says requests run (not for an engine whose step count may stay flat through one long step:
-llama.cpp, ``counter_silence=False``). Counters that grow only when a request *finishes* are no evidence of
-anything while a request runs, so they never yield hung; a lazy engine loading its model is
+a successful canary, a per-step counter that advanced (or a gauge the engine sets after every step
+that moved: vLLM's KV cache usage, which each prefill chunk moves while its token total cannot), or
+the engine's own prefill progress; any of them newer than a piece of silence evidence voids it at
+once. Silence evidence is a live stream that got nothing from the engine, a canary that got no token,
+or per-step counters flat while the engine says requests run (not for an engine whose step count may
+stay flat through one long step: llama.cpp, ``counter_silence=False``). Counters that grow only when
+a request *finishes* are no evidence of anything while a request runs, so they never yield hung; a
+lazy engine loading its model is
 ``loading``, not silent. A stopped (SIGSTOP) or zombie process is hung whatever else was seen:
 no generation can happen in it.
 """
@@ -207,7 +209,8 @@ def assess_degraded(
 
 
 def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: float) -> str | None:
-    """Requests running and the step count flat since a sample at least ``stall_s`` old."""
+    """Requests running, and neither the step count nor the per-step cache gauge moved since a sample at
+    least ``stall_s`` old."""
     usable = sorted(
         (c for c in history if c.steps_total is not None and c.requests_running is not None),
         key=lambda c: c.at_s,
@@ -219,8 +222,8 @@ def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: fl
     for c in reversed(usable[:-1]):
         if not c.requests_running or c.requests_running <= 0:
             break
-        if c.steps_total != latest.steps_total:
-            break
+        if c.steps_total != latest.steps_total or c.cache_usage != latest.cache_usage:
+            break  # a step ran (vLLM: a prefill chunk moves the cache gauge, not the step count)
         since = c
     flat_s = now_s - since.at_s
     if flat_s < stall_s:
@@ -343,11 +346,11 @@ class ProgressVerdict:
 
 
 def _counter_advances(history: Sequence[EngineCounters]) -> float | None:
-    """When the step count last went up (the later reading of the pair), or None."""
+    """When the engine's counters last showed a step (the later reading of the pair), or None."""
     usable = sorted((c for c in history if c.steps_total is not None), key=lambda c: c.at_s)
     last: float | None = None
     for a, b in zip(usable, usable[1:], strict=False):
-        if b.steps_total is not None and a.steps_total is not None and b.steps_total > a.steps_total:
+        if steps_advanced(a, b) is not None:
             last = b.at_s
     return last
 
@@ -355,15 +358,24 @@ def _counter_advances(history: Sequence[EngineCounters]) -> float | None:
 def steps_advanced(before: EngineCounters | None, after: EngineCounters | None) -> str | None:
     """The engine ran its model between two readings of its counters: what it did, or None.
 
-    A total that grows only when a request finishes is no step count (``steps_total`` is None
-    there) and proves nothing either way; a count that went down is a new engine process.
+    Its step count went up, or the gauge it sets after every step it runs moved (vLLM's KV cache
+    usage: each prefill chunk takes cache blocks while vLLM's step count, its token total, stays flat
+    until the first token). A total that grows only when a request finishes is no step count
+    (``steps_total`` is None there) and proves nothing either way; a count that went down is a new
+    engine process.
     """
-    if before is None or after is None or before.steps_total is None or after.steps_total is None:
+    if before is None or after is None or after.at_s <= before.at_s:
         return None
-    if after.at_s <= before.at_s or after.steps_total <= before.steps_total:
-        return None
-    return (f"its step count advanced by {after.steps_total - before.steps_total:.0f} in "
-            f"{after.at_s - before.at_s:.1f}s")
+    elapsed_s = after.at_s - before.at_s
+    if before.steps_total is not None and after.steps_total is not None:
+        if after.steps_total > before.steps_total:
+            return f"its step count advanced by {after.steps_total - before.steps_total:.0f} in {elapsed_s:.1f}s"
+        if after.steps_total < before.steps_total:
+            return None
+    if before.cache_usage is not None and after.cache_usage is not None and after.cache_usage != before.cache_usage:
+        return (f"its KV cache usage went from {before.cache_usage * 100:.4g}% to {after.cache_usage * 100:.4g}% "
+                f"in {elapsed_s:.1f}s")
+    return None
 
 
 GENERATION_OK = "generation ok"

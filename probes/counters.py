@@ -29,6 +29,13 @@ is scheduled rather than once it ran, so there a first prefill that never comple
 the count once; the decode mode moves only with tokens made. vLLM's generation token total is its
 only step count and does not move during a prefill: vLLM counts prompt tokens only when a
 request's first token comes out (``IterationStats.update_from_output`` in vllm/v1/metrics/stats.py).
+What does move is its KV cache gauge, read as ``cache_usage``: the scheduler allocates cache blocks
+for every prefill chunk it schedules (``allocate_slots`` in vllm/v1/core/sched/scheduler.py
+``schedule``) and returns its stats after every step, even one with no request output
+(``update_from_output``: "We must return the stats even if there are no request outputs this
+step"); the front end sets ``vllm:kv_cache_usage_perc`` from them (vllm/v1/metrics/loggers.py
+``PrometheusStatLogger.record``). Older releases name it ``vllm:gpu_cache_usage_perc``; where both
+are written the current name is read.
 
 Values with several label sets (one per model, engine or data-parallel rank) are summed.
 SGLang's ``generation_tokens_total`` grows only when a request finishes, so its per-iteration
@@ -73,11 +80,14 @@ class _MetricNames:
     # queue gauges with priority scheduling (_log_gauge_queue_count: total under priority="", then
     # one sample per priority="<int>"), which a sum would count twice.
     gauge_breakdown_label: str | None = None
+    # A gauge the engine sets after every step it runs, by name, newest first: the first present is read.
+    cache_usage: tuple[str, ...] = ()
 
 
 PROMETHEUS_KINDS: Mapping[str, _MetricNames] = {
     "vllm": _MetricNames("vllm:generation_tokens_total", "vllm:num_requests_running",
-                         steps_total="vllm:generation_tokens_total", requests_waiting="vllm:num_requests_waiting"),
+                         steps_total="vllm:generation_tokens_total", requests_waiting="vllm:num_requests_waiting",
+                         cache_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
     "llamacpp": _MetricNames("llamacpp:tokens_predicted_total", "llamacpp:requests_processing",
                              steps_total="llamacpp:n_decode_total", requests_waiting="llamacpp:requests_deferred"),
     "sglang": _MetricNames("sglang:realtime_tokens_total", "sglang:num_running_reqs", "sglang:gen_throughput",
@@ -101,7 +111,7 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
     _check_kind(kind, tuple(PROMETHEUS_KINDS))
     names = PROMETHEUS_KINDS[kind]
     wanted = {n for n in (names.generated_tokens_total, names.requests_running, names.tokens_per_s,
-                          names.steps_total, names.requests_waiting) if n}
+                          names.steps_total, names.requests_waiting, *names.cache_usage) if n}
     sums: dict[str, float] = {}
     steps: float | None = None  # every label set of the step metric (SGLang: all its modes)
     try:
@@ -135,6 +145,7 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
         tokens_per_s=sums.get(names.tokens_per_s) if names.tokens_per_s else None,
         steps_total=steps,
         requests_waiting=sums.get(names.requests_waiting) if names.requests_waiting else None,
+        cache_usage=next((sums[n] for n in names.cache_usage if n in sums), None),
     )
 
 

@@ -124,6 +124,10 @@ class EngineCounters:
     # Requests the engine holds in its queue, not yet given a slot: vLLM num_requests_waiting,
     # SGLang num_queue_reqs, llama.cpp requests_deferred.
     requests_waiting: float | None = None
+    # The share of the engine's KV cache in use (0..1, summed over data-parallel engines), where the
+    # engine reports it after every step it runs: vLLM's kv_cache_usage_perc. A prefill chunk takes
+    # cache blocks, so this moves through a long prefill while vLLM's step count cannot.
+    cache_usage: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

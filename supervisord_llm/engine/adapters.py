@@ -32,7 +32,7 @@ nothing while a long answer is being generated, so it never yields a hung verdic
 |-----------|-----------------------------------------------------------|-----------|----------------------------|
 | mlx_lm    | none: live streams and canaries only                      | no        | log "Prompt processing progress: n/N" |
 | omlx      | ``total_completion_tokens``: at completion only           | yes (non-pinned models) | —            |
-| vllm      | ``vllm:generation_tokens_total``: per decode step         | no        | —                          |
+| vllm      | ``vllm:generation_tokens_total``: per decode step         | no        | ``vllm:kv_cache_usage_perc``, set after every step |
 | llama_cpp | ``llamacpp:n_decode_total``: per ``llama_decode`` call (progress only, never silence) | no | (``/slots``) |
 | ollama    | none (``eval_count`` only in a request's last chunk)      | yes (``/api/ps``) | —                  |
 | sglang    | ``sglang:realtime_tokens_total``, every mode: per decode iteration and prefill batch | no | — |
@@ -335,7 +335,8 @@ class VllmAdapter(EngineAdapter):
     probe_messages = True
     counters_kind = "vllm"
     # vllm/v1/metrics/loggers.py: vllm:generation_tokens is incremented from each engine step's
-    # IterationStats.num_generation_tokens, i.e. per decode step.
+    # IterationStats.num_generation_tokens, i.e. per decode step; not during a prefill, where its KV
+    # cache gauge (set from the stats every step returns) moves instead (probes/counters.py).
     progress_counter = "per_step"
 
     @property

@@ -923,7 +923,7 @@ class EngineSupervisor:
             last = self.health.counters[-1]
             counters = {"generated_tokens_total": last.generated_tokens_total,
                         "requests_running": last.requests_running, "steps_total": last.steps_total,
-                        "requests_waiting": last.requests_waiting,
+                        "requests_waiting": last.requests_waiting, "cache_usage": last.cache_usage,
                         "age_s": round(now - last.at_s, 1)}
         canary = None
         if self.last_canary is not None:

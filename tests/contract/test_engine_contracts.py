@@ -294,6 +294,7 @@ async def test_counters_read_from_the_recorded_endpoint(engine: str, replay: tup
     # The step count and the queue the watchdog and the start check read (absent: the engine has none).
     assert counters.steps_total == metrics.get("steps_total")
     assert counters.requests_waiting == metrics.get("requests_waiting")
+    assert counters.cache_usage == metrics.get("cache_usage")  # vLLM's per-step KV cache gauge
 
 
 # ---------------------------------------------------------------- API keys

@@ -296,6 +296,36 @@ def test_per_step_counters_are_progress_while_they_move_and_hung_when_flat(daemo
     assert _t(hung) - silent_from <= 2.0 + 2.0 + 1.0 + 0.5
 
 
+def test_a_vllm_prefill_longer_than_the_stall_time_is_not_hung_and_a_wedge_after_it_still_is(daemon_factory) -> None:
+    """vLLM counts no token while it prefills a prompt, so a long prompt sent straight to the engine keeps
+    its step count flat with a request running for 4x the stall time; its KV cache gauge moves with every
+    prefill chunk, so the engine is not hung (the same pid, ready, the answer whole). A later request the
+    engine wedges on mid-answer is still hung on the counters within stall + 2 s (+ one reading)."""
+    d, _, direct = _counter_daemon(daemon_factory, "vllm", "--metrics", "vllm", "--prefill-tokens-per-s", "500",
+                                   "--silent-from", "3", "--silent-after-tokens", "20")
+    pid = d.engine("c")["pid"]
+    prompt = " ".join(["word"] * 4000)  # 8 s of prefill at 500 words/s
+    body = {"model": "standin", "messages": [{"role": "user", "content": prompt}], "max_tokens": 20,
+            "stream": True}
+    chunks, took_s = _stream_all(direct, body, timeout_s=60)
+    counters = d.engine("c")["counters"]
+    print(f"long prefill straight to the engine: {chunks} tokens after {took_s:.1f}s; counters {counters}")
+    assert took_s >= 8.0 and chunks == 20
+    assert not _hung(d, "c"), f"a prefill was called a hang: {_hung(d, 'c')}"
+    engine = d.engine("c")
+    assert engine["state"] == "ready" and engine["pid"] == pid
+    assert counters is not None and counters["cache_usage"] is not None
+    sent = time.time()
+    _stream_in_thread(direct, _body(400, "standin"))
+    engine = d.wait_state("c", "hung", 20)
+    hung = _hung(d, "c")[-1]
+    silent_from = sent + 20 / 20
+    print(f"wedged after the prefill test: hung {_t(hung) - silent_from:.2f}s after the engine went silent: "
+          f"{hung['reason']}")
+    assert hung["evidence"]["source"] == "counters" and engine["pid"] == pid
+    assert _t(hung) - silent_from <= 2.0 + 2.0 + 1.0 + 0.5
+
+
 def test_a_lazy_loader_is_loading_not_hung_and_gets_no_canary_while_unloaded(daemon_factory) -> None:
     """An Ollama-like engine whose model load takes 3x the stall: canaries while it is loaded do not
     extend its keep-alive, none is sent once it reports its model unloaded, and a request that makes

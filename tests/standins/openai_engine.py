@@ -21,7 +21,13 @@ issue #2852) and then nothing, with the connection open, ``/health`` 200 and the
 
 Counters reproduce the engines' recorded behaviour: ``--metrics vllm`` serves
 ``vllm:generation_tokens_total`` advanced per token (vllm/v1/metrics/loggers.py increments it from
-each step's IterationStats) and ``vllm:num_requests_running``; ``--metrics omlx`` serves
+each step's IterationStats; nothing while a prompt is prefilled, stats.py counts prompt tokens at the
+first token), ``vllm:num_requests_running`` and ``vllm:kv_cache_usage_perc``: a request takes a
+cache block for every prefill chunk (``--first-token-delay-s`` is its prefill, one chunk every
+``--prefill-chunk-s``; ``--prefill-tokens-per-s`` adds time for each word of the prompt, so a long
+prompt has a long prefill and a canary's does not) and one per 16 tokens made, and frees them when it ends (vLLM's scheduler
+allocates blocks for each scheduled chunk and reports its usage after every step, scheduler.py
+``schedule`` / ``update_from_output``); a silent engine moves none of them. ``--metrics omlx`` serves
 ``/api/status`` whose ``total_completion_tokens`` grows only when a request finishes (oMLX adds a
 request's tokens to its stats at completion) with ``active_requests``.
 
@@ -60,7 +66,10 @@ def main() -> None:
     p.add_argument("--exit-on-sigusr1", action="store_true",
                    help="exit with --exit-code when SIGUSR1 arrives (an engine ending on its own, when a test says)")
     p.add_argument("--keepalive-s", type=float, default=0.0, help="send SSE comments every N s before tokens")
-    p.add_argument("--first-token-delay-s", type=float, default=0.0)
+    p.add_argument("--first-token-delay-s", type=float, default=0.0, help="the prefill: time before the first token")
+    p.add_argument("--prefill-chunk-s", type=float, default=0.25, help="one KV cache block per chunk of the prefill")
+    p.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
+                   help="prefill the prompt at this many words a second (0: no time for the prompt)")
     p.add_argument("--log-paths", action="store_true", help="print every request line (method and path) as received")
     p.add_argument("--grow-mb", type=float, default=0.0, help="allocate and touch N MB per request, never freed")
     p.add_argument("--silent-from", type=int, default=0, help="from the N-th generation request on, go silent")
@@ -91,7 +100,8 @@ def main() -> None:
     started = time.monotonic()
     kept: list[bytes] = []  # the "cache": grows by --grow-mb per request and is never trimmed
     lock = threading.Lock()
-    stats = {"requests": 0, "running": 0, "tokens_step": 0, "tokens_done": 0, "loaded_until": 0.0}
+    stats = {"requests": 0, "running": 0, "tokens_step": 0, "tokens_done": 0, "loaded_until": 0.0, "blocks": 0}
+    cache_blocks = 4096  # vllm:kv_cache_usage_perc = blocks in use / cache_blocks
     load_lock = threading.Lock()
 
     def loaded() -> bool:
@@ -117,6 +127,11 @@ def main() -> None:
         left_s = stats["loaded_until"] - time.monotonic()
         when = time.time() + min(left_s, 10 * 365 * 86400)
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1e9):09d}Z"
+
+    def prompt_words(body: dict) -> int:
+        messages = body.get("messages") or []
+        text = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        return len((text + " " + str(body.get("prompt") or "")).split())
 
     def silence() -> None:
         while True:  # running, connection open, never another byte
@@ -151,7 +166,10 @@ def main() -> None:
                 body = ("# TYPE vllm:generation_tokens_total counter\n"
                         f'vllm:generation_tokens_total{{model_name="standin"}} {stats["tokens_step"]}.0\n'
                         "# TYPE vllm:num_requests_running gauge\n"
-                        f'vllm:num_requests_running{{model_name="standin"}} {stats["running"]}.0\n').encode()
+                        f'vllm:num_requests_running{{model_name="standin"}} {stats["running"]}.0\n'
+                        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+                        f'vllm:kv_cache_usage_perc{{model_name="standin"}} {stats["blocks"] / cache_blocks!r}\n'
+                        ).encode()
                 self.send_response(200)
                 self.send_header("content-type", "text/plain; version=0.0.4")
                 self.send_header("content-length", str(len(body)))
@@ -238,12 +256,26 @@ def main() -> None:
                 self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 self.wfile.flush()
 
+            held = 0  # this request's KV cache blocks
+
+            def take_block() -> None:
+                nonlocal held
+                with lock:
+                    stats["blocks"] += 1
+                held += 1
+
             try:
                 deadline = time.monotonic() + args.keepalive_s
                 while time.monotonic() < deadline:
                     send(b": keepalive\n\n")
                     time.sleep(0.5)
-                time.sleep(args.first_token_delay_s)
+                prefill_s = args.first_token_delay_s
+                if args.prefill_tokens_per_s:
+                    prefill_s += prompt_words(body) / args.prefill_tokens_per_s
+                prefill_end = time.monotonic() + prefill_s
+                while (left := prefill_end - time.monotonic()) > 0:  # one chunk per step
+                    time.sleep(min(left, args.prefill_chunk_s))
+                    take_block()
                 for i in range(n):
                     if silent and i >= args.silent_after_tokens:
                         silence()
@@ -251,6 +283,8 @@ def main() -> None:
                     choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": "tok "}
                     send(b"data: " + json.dumps({"id": "x", "choices": [choice]}).encode() + b"\n\n")
                     stats["tokens_step"] += 1  # per decode step, as vLLM counts
+                    if i % 16 == 0:
+                        take_block()
                     time.sleep(1.0 / args.tps)
                 stats["tokens_done"] += n  # at completion, as oMLX and llama.cpp count
                 usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": n + 3}
@@ -259,6 +293,9 @@ def main() -> None:
                 send(b"")
             except (BrokenPipeError, ConnectionResetError):
                 pass
+            finally:
+                with lock:
+                    stats["blocks"] -= held
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True

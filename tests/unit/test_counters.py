@@ -31,7 +31,20 @@ def test_vllm_counters_are_summed_over_engines() -> None:
         at_s=4.0, generated_tokens_total=120345.0 + 118655.0, requests_running=5.0, tokens_per_s=None,
         steps_total=120345.0 + 118655.0,  # vLLM's token total grows per decode step: it is the step count
         requests_waiting=0.0 + 1.0,  # vllm:num_requests_waiting, summed the same way
+        cache_usage=0.1834 + 0.1201,  # vllm:kv_cache_usage_perc, set after every engine step
     )
+
+
+def test_vllm_cache_usage_under_its_older_name() -> None:
+    """vLLM releases before kv_cache_usage_perc called the gauge gpu_cache_usage_perc; where both are
+    written (the old one as a hidden deprecated metric) the current one is read, not their sum."""
+    text = (METRICS / "vllm.txt").read_text()
+    older = text.replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+    assert parse_prometheus_counters(older, "vllm").cache_usage == pytest.approx(0.1834 + 0.1201)
+    both = text + 'vllm:gpu_cache_usage_perc{engine="0",model_name="Qwen/Qwen3-30B-A3B"} 0.5\n'
+    assert parse_prometheus_counters(both, "vllm").cache_usage == pytest.approx(0.1834 + 0.1201)
+    # llama.cpp and SGLang have a step count of their own: no cache gauge is read there
+    assert parse_prometheus_counters((METRICS / "llamacpp.txt").read_text(), "llamacpp").cache_usage is None
 
 
 def test_llamacpp_counters() -> None:

@@ -98,6 +98,28 @@ def test_llama_cpp_steps_flat_in_one_long_decode_are_not_silence() -> None:
     assert verdict.hung and verdict.source == "canary"
 
 
+def vllm_prefill(points: list[tuple[float, float, float]]) -> tuple[EngineCounters, ...]:
+    """vLLM's counters through one long chunked prefill: the token total (its step count) flat, one request
+    running, and its KV cache usage gauge as the engine reported it after its last step."""
+    return tuple(EngineCounters(at_s=t, generated_tokens_total=500.0, requests_running=1.0, steps_total=500.0,
+                                cache_usage=usage) for t, usage, _ in points)
+
+
+def test_a_vllm_prefill_that_outlasts_the_stall_time_is_not_hung_while_its_cache_fills() -> None:
+    """vLLM counts no token until a request's first one comes out, so a long prompt keeps its step count
+    flat for minutes; each prefill chunk takes KV cache blocks, and vLLM reports its cache usage after every
+    step: that gauge moving is the engine's own progress. The same prefill with the gauge frozen is hung."""
+    filling = vllm_prefill([(t, 0.01 + 0.002 * t, 0) for t in range(0, 60, 5)])
+    verdict = assess_progress(ProgressEvidence(watch_since_s=0.0, counters=filling, counters_per_step=True),
+                              STALL_S, now_s=56.0)
+    assert not verdict.hung and verdict.last_progress_source == "counters"
+    frozen = vllm_prefill([(t, 0.01 + 0.002 * min(t, 20), 0) for t in range(0, 60, 5)])
+    verdict = assess_progress(ProgressEvidence(watch_since_s=0.0, counters=frozen, counters_per_step=True),
+                              STALL_S, now_s=56.0)
+    assert verdict.hung and verdict.source == "counters"
+    assert "no step for 36s" in (verdict.reason or "")
+
+
 def test_a_token_total_without_a_step_count_is_no_evidence() -> None:
     """Counters with no step count (an older llama-server, oMLX) neither prove progress nor silence."""
     moving_tokens = tuple(EngineCounters(at_s=t, generated_tokens_total=10.0 * t, requests_running=2.0)
@@ -121,6 +143,13 @@ def test_a_token_total_without_a_step_count_is_no_evidence() -> None:
         (None, EngineCounters(31.0, 16.0, 4.0, steps_total=1300.0), None),  # no reading before
         (EngineCounters(31.0, 16.0, 4.0, steps_total=100.0), EngineCounters(31.0, 16.0, 4.0, steps_total=200.0),
          None),  # not later in time
+        # vLLM in a prefill: its token total flat, its KV cache usage (reported after every step) moved
+        (EngineCounters(1.0, 16.0, 1.0, steps_total=16.0, cache_usage=0.0125),
+         EngineCounters(6.0, 16.0, 1.0, steps_total=16.0, cache_usage=0.0375), "its KV cache usage went from 1.25% to 3.75% in 5.0s"),
+        (EngineCounters(1.0, 16.0, 1.0, steps_total=16.0, cache_usage=0.0125),
+         EngineCounters(6.0, 16.0, 1.0, steps_total=16.0, cache_usage=0.0125), None),  # both flat
+        (EngineCounters(1.0, 16.0, 1.0, steps_total=16.0, cache_usage=0.0125),
+         EngineCounters(6.0, 16.0, 1.0, steps_total=16.0), None),  # the gauge gone: nothing to compare
     ],
 )
 def test_steps_advanced(before: EngineCounters | None, after: EngineCounters | None, expected: str | None) -> None:
