@@ -3,16 +3,22 @@
 Real failures this covers: the token rate of a model fell from 25 to 10 tok/s before a GPU hang
 (degraded), and servers went silent after minutes of work while ``/health`` stayed 200 (hung).
 
-**Degraded.** Token-rate samples (canaries, gateway streams, engine counters) are grouped in
-windows of ``window_s``. The engine is degraded when the rate of each of the last
-``degraded_windows`` windows is below ``degraded_share`` of the learned baseline, and recovered
-as soon as the latest window is back at or above it. A window without samples neither confirms
-nor breaks anything except the streak: it is unknown, so it does not count as below.
+**Degraded.** Token-rate samples (canaries, gateway streams, engine counters) are the rate of one
+request's decode, each taken while the engine ran a known number of requests. An engine shares each
+step among the requests it runs, so one request's rate falls as more run beside it: that is load, not
+a slowdown. Samples are therefore compared only with samples taken at a like concurrency, in bands
+(1, 2, 3-4, 5-8, 9-16, ...: ``concurrency_band``). Samples are grouped in windows of ``window_s``; a
+window's rate is that of its band with the most tokens among the bands with a learned baseline. The
+engine is degraded when the rate of each of the last ``degraded_windows`` windows is below
+``degraded_share`` of that band's baseline, and recovered as soon as the latest window is back at or
+above it. A window with no sample in a band that has a baseline is unknown: it does not count as
+below, and it ends the streak.
 
-**Baseline.** ``ThroughputBaseline`` keeps the rates of recent healthy windows and reports a high
-percentile of them (default p90): a high percentile follows what the model *can* do, and a slow
-decline does not drag it down the way a mean would. Windows below the degraded threshold are not
-learned. The caller keeps the baseline per model across restarts.
+**Baseline.** ``ThroughputBaseline`` keeps the rates of recent healthy windows per band and reports
+a high percentile of a band's (default p90): a high percentile follows what the model *can* do, and
+a slow decline does not drag it down the way a mean would. Windows below the degraded threshold are
+not learned. A band is learned on its own (so a first burst of load at a new concurrency is learned,
+not judged). The caller keeps the baseline per model across restarts.
 
 **The evidence rule** (``assess_progress``, what the watchdog decides with): an engine is hung only
 when *no* source shows engine-side progress for ``stall_s`` and one source shows silence. Progress
@@ -75,8 +81,26 @@ class HealthSettings:
         )
 
 
-def rolling_rate(samples: Sequence[ThroughputSample], start_s: float, end_s: float) -> float | None:
-    """Token rate over the samples with ``start_s < at_s <= end_s``; None when there are none.
+def concurrency_band(concurrency: int) -> int:
+    """The band of a sample's concurrency: 0 for 1 request, 1 for 2, 2 for 3-4, 3 for 5-8, 4 for 9-16, ..."""
+    return max(0, math.ceil(math.log2(max(1, concurrency))))
+
+
+def band_label(band: int) -> str:
+    """A band as a person reads it: "1", "2", "3-4", "5-8", ..."""
+    if band <= 1:
+        return str(band + 1)
+    return f"{2 ** (band - 1) + 1}-{2 ** band}"
+
+
+def _in_band(s: ThroughputSample, band: int | None) -> bool:
+    return band is None or concurrency_band(s.concurrency) == band
+
+
+def rolling_rate(samples: Sequence[ThroughputSample], start_s: float, end_s: float,
+                 band: int | None = None) -> float | None:
+    """Token rate over the samples with ``start_s < at_s <= end_s`` (of one concurrency band, if given);
+    None when there are none.
 
     Samples are weighted by their token counts (a 1,000-token stream says more than an
     8-token canary); samples that carry no count weigh as one token.
@@ -84,17 +108,26 @@ def rolling_rate(samples: Sequence[ThroughputSample], start_s: float, end_s: flo
     total_weight = 0.0
     weighted = 0.0
     for s in samples:
-        if start_s < s.at_s <= end_s:
+        if start_s < s.at_s <= end_s and _in_band(s, band):
             weight = float(max(s.tokens, 1))
             total_weight += weight
             weighted += weight * s.tokens_per_s
     return None if total_weight == 0 else weighted / total_weight
 
 
+def _band_weights(samples: Sequence[ThroughputSample], start_s: float, end_s: float) -> dict[int, float]:
+    weights: dict[int, float] = {}
+    for s in samples:
+        if start_s < s.at_s <= end_s:
+            band = concurrency_band(s.concurrency)
+            weights[band] = weights.get(band, 0.0) + float(max(s.tokens, 1))
+    return weights
+
+
 def window_rates(
     samples: Sequence[ThroughputSample], now_s: float, window_s: float, count: int
 ) -> tuple[float | None, ...]:
-    """Rates of the last ``count`` windows ending at ``now_s``, newest first."""
+    """Rates of the last ``count`` windows ending at ``now_s``, newest first (all bands together)."""
     return tuple(
         rolling_rate(samples, now_s - (k + 1) * window_s, now_s - k * window_s)
         for k in range(count)
@@ -113,24 +146,41 @@ class ThroughputTracker:
         return ThroughputTracker((*kept, sample))
 
     def rate(self, now_s: float, settings: HealthSettings) -> float | None:
-        """The rolling rate over the last window."""
+        """The rolling rate over the last window (all bands together)."""
         return rolling_rate(self.samples, now_s - settings.window_s, now_s)
 
 
 @dataclass(frozen=True, slots=True)
 class ThroughputBaseline:
-    """Rates of recent healthy windows for one model; the caller persists it across restarts."""
+    """Rates of recent healthy windows for one model, as (concurrency band, rate) pairs, oldest first;
+    the caller persists it across restarts."""
 
-    window_rates: tuple[float, ...] = ()
+    window_rates: tuple[tuple[int, float], ...] = ()
     last_window_end_s: float | None = None
 
-    def tokens_per_s(self, settings: HealthSettings) -> float | None:
-        """The learned baseline: a high percentile of healthy window rates (None until enough)."""
-        if len(self.window_rates) < settings.baseline_min_windows:
+    def rates(self, band: int) -> tuple[float, ...]:
+        return tuple(rate for b, rate in self.window_rates if b == band)
+
+    def bands(self) -> tuple[int, ...]:
+        return tuple(sorted({b for b, _ in self.window_rates}))
+
+    def tokens_per_s(self, settings: HealthSettings, band: int = 0) -> float | None:
+        """The learned baseline of a band: a high percentile of its healthy window rates (None until enough)."""
+        rates = self.rates(band)
+        if len(rates) < settings.baseline_min_windows:
             return None
-        ordered = sorted(self.window_rates)
+        ordered = sorted(rates)
         rank = max(1, math.ceil(settings.baseline_percentile / 100 * len(ordered)))
         return ordered[rank - 1]
+
+    def learned(self, settings: HealthSettings) -> dict[int, float]:
+        """Every band's baseline that is learned."""
+        out: dict[int, float] = {}
+        for band in self.bands():
+            value = self.tokens_per_s(settings, band)
+            if value is not None:
+                out[band] = value
+        return out
 
 
 def learn_baseline(
@@ -141,7 +191,8 @@ def learn_baseline(
     *,
     healthy: bool = True,
 ) -> ThroughputBaseline:
-    """Learn from the window ending at ``now_s`` if a whole window passed since the last one.
+    """Learn from the window ending at ``now_s`` if a whole window passed since the last one: each band
+    with samples in it adds its rate to its own history.
 
     Pass ``healthy=False`` while the engine is starting, degraded or hung: nothing is learned.
     A ``last_window_end_s`` later than ``now_s`` comes from an earlier boot and is forgotten.
@@ -151,17 +202,68 @@ def learn_baseline(
         last = None
     if last is not None and now_s - last < settings.window_s:
         return baseline
-    rate = rolling_rate(samples, now_s - settings.window_s, now_s)
-    current = baseline.tokens_per_s(settings)
-    rates = baseline.window_rates
-    if (
-        healthy
-        and rate is not None
-        and rate > 0
-        and (current is None or rate >= settings.degraded_share * current)
-    ):
-        rates = (*rates, rate)[-settings.baseline_max_windows :]
-    return replace(baseline, window_rates=rates, last_window_end_s=now_s)
+    rates = list(baseline.window_rates)
+    start_s = now_s - settings.window_s
+    for band in sorted(_band_weights(samples, start_s, now_s)):
+        rate = rolling_rate(samples, start_s, now_s, band)
+        current = baseline.tokens_per_s(settings, band)
+        if healthy and rate is not None and rate > 0 and (current is None or rate >= settings.degraded_share * current):
+            rates = _keep_newest((*rates, (band, rate)), band, settings.baseline_max_windows)
+    return replace(baseline, window_rates=tuple(rates), last_window_end_s=now_s)
+
+
+def _keep_newest(rates: Sequence[tuple[int, float]], band: int, keep: int) -> list[tuple[int, float]]:
+    """The pairs with at most ``keep`` of ``band``'s, its newest."""
+    out: list[tuple[int, float]] = []
+    seen = 0
+    for pair in reversed(rates):
+        if pair[0] == band:
+            seen += 1
+            if seen > keep:
+                continue
+        out.append(pair)
+    return out[::-1]
+
+
+def mean_in_flight(changes: Sequence[tuple[float, int]], start_s: float, end_s: float) -> float | None:
+    """The mean number of requests in flight over ``[start_s, end_s]``, from the points where it changed
+    (``(at_s, count from then on)``, oldest first); None when the span is empty or begins before them.
+
+    A stream's rate is judged at the mean concurrency of its own decode: with 12 streams started
+    together, the last to finish ran beside the others almost all its time, though it ends alone.
+    """
+    if end_s <= start_s or not changes or changes[0][0] > start_s:
+        return None
+    area = 0.0
+    for i, (at_s, count) in enumerate(changes):
+        until_s = changes[i + 1][0] if i + 1 < len(changes) else math.inf
+        lo, hi = max(at_s, start_s), min(until_s, end_s)
+        if hi > lo:
+            area += count * (hi - lo)
+    return area / (end_s - start_s)
+
+
+def decode_rate_sample(before: EngineCounters, after: EngineCounters, decode_token_total: bool
+                       ) -> ThroughputSample | None:
+    """One request's decode rate from two readings of an engine's counters, or None.
+
+    Only a token total that grows with each decode step (``decode_token_total``: vLLM, SGLang's decode
+    mode) gives one; a total that grows when a request finishes (llama.cpp, oMLX) tells when answers
+    ended, not how fast their tokens came. The total's growth is every running request's together, so
+    it is divided by the requests the engine reported running (the mean of the two readings, at least
+    one), and the sample carries that concurrency. A total that went down (a new process) or did not
+    move gives none.
+    """
+    if not decode_token_total or before.generated_tokens_total is None or after.generated_tokens_total is None:
+        return None
+    elapsed_s = after.at_s - before.at_s
+    delta = after.generated_tokens_total - before.generated_tokens_total
+    if elapsed_s <= 0 or delta <= 0:
+        return None
+    reported = [r for r in (before.requests_running, after.requests_running) if r is not None]
+    running = max(1.0, sum(reported) / len(reported)) if reported else 1.0
+    return ThroughputSample(at_s=after.at_s, tokens_per_s=delta / elapsed_s / running, source="metrics",
+                            tokens=int(delta), concurrency=max(1, round(running)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,38 +276,54 @@ class DegradedAssessment:
     reason: str
 
 
+def _window_against_baseline(samples: Sequence[ThroughputSample], learned: dict[int, float], start_s: float,
+                             end_s: float) -> tuple[int, float] | None:
+    """The window's (band, rate) to judge: its band with the most tokens among the learned ones."""
+    weights = {b: w for b, w in _band_weights(samples, start_s, end_s).items() if b in learned}
+    if not weights:
+        return None
+    band = max(weights, key=lambda b: (weights[b], -b))
+    rate = rolling_rate(samples, start_s, end_s, band)
+    return None if rate is None else (band, rate)
+
+
 def assess_degraded(
     samples: Sequence[ThroughputSample],
-    baseline_tokens_per_s: float | None,
+    baseline: ThroughputBaseline,
     settings: HealthSettings,
     now_s: float,
 ) -> DegradedAssessment:
-    """Degraded when the last ``degraded_windows`` windows are all below share x baseline."""
-    rates = window_rates(samples, now_s, settings.window_s, settings.degraded_windows)
-    latest = rates[0]
-    if baseline_tokens_per_s is None or baseline_tokens_per_s <= 0:
-        return DegradedAssessment(
-            False, False, latest, None, 0, "no throughput baseline learned yet"
-        )
-    threshold = settings.degraded_share * baseline_tokens_per_s
+    """Degraded when the last ``degraded_windows`` windows are all below share x the baseline of the
+    concurrency band each was taken at."""
+    learned = baseline.learned(settings)
+    if not learned:
+        return DegradedAssessment(False, False, None, None, 0, "no throughput baseline learned yet")
+    judged = [
+        _window_against_baseline(samples, learned, now_s - (k + 1) * settings.window_s, now_s - k * settings.window_s)
+        for k in range(settings.degraded_windows)
+    ]
     below = 0
-    for rate in rates:
-        if rate is None or rate >= threshold:
+    for window in judged:
+        if window is None or window[1] >= settings.degraded_share * learned[window[0]]:
             break
         below += 1
     degraded = below >= settings.degraded_windows
-    recovered = latest is not None and latest >= threshold
+    latest = judged[0]
     share_pct = f"{settings.degraded_share * 100:.0f}%"
+    if latest is None:
+        reason = (f"no throughput samples in the last {settings.window_s:.0f}s at a concurrency with a "
+                  f"learned baseline ({', '.join(band_label(b) for b in sorted(learned))} requests)")
+        return DegradedAssessment(False, False, None, None, 0, reason)
+    band, rate = latest
+    base = learned[band]
+    recovered = rate >= settings.degraded_share * base
+    at = f"at {band_label(band)} concurrent request{'s' if band else ''}"
     if degraded:
-        reason = (
-            f"{latest:.1f} tok/s, below {share_pct} of the {baseline_tokens_per_s:.1f} tok/s baseline "
-            f"for {below} windows of {settings.window_s:.0f}s"
-        )
-    elif latest is None:
-        reason = f"no throughput samples in the last {settings.window_s:.0f}s"
+        reason = (f"{rate:.1f} tok/s per request {at}, below {share_pct} of the {base:.1f} tok/s baseline "
+                  f"there for {below} windows of {settings.window_s:.0f}s")
     else:
-        reason = f"{latest:.1f} tok/s against a {baseline_tokens_per_s:.1f} tok/s baseline"
-    return DegradedAssessment(degraded, recovered, latest, baseline_tokens_per_s, below, reason)
+        reason = f"{rate:.1f} tok/s per request {at} against a {base:.1f} tok/s baseline"
+    return DegradedAssessment(degraded, recovered, rate, base, below, reason)
 
 
 def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: float) -> str | None:
@@ -479,10 +597,14 @@ __all__ = [
     "ThroughputBaseline",
     "ThroughputTracker",
     "assess_degraded",
+    "band_label",
+    "concurrency_band",
     "decide_degraded_restart",
     "decide_hang_restart",
     "decide_start_check",
+    "decode_rate_sample",
     "learn_baseline",
+    "mean_in_flight",
     "rolling_rate",
     "steps_advanced",
     "window_rates",

@@ -98,12 +98,14 @@ class CanaryReading:
 
 @dataclass(frozen=True, slots=True)
 class ThroughputSample:
-    """A token-rate observation from any source (canary, gateway stream, engine counters)."""
+    """A token-rate observation from any source (canary, gateway stream, engine counters): the rate of one
+    request's decode, taken while the engine ran ``concurrency`` requests (itself included)."""
 
     at_s: float
     tokens_per_s: float
     source: str  # "canary" | "gateway" | "metrics"
     tokens: int = 0
+    concurrency: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,8 +193,7 @@ class DaemonGatewayBackend:
         self.turns.request_started(engine)
         health = self._health(engine)
         if health is not None:
-            health.in_flight += 1
-            health.last_traffic_s = self.daemon.clock.now()
+            health.request_started(self.daemon.clock.now())
 
     def token_progress(self, engine: str, at_s: float) -> None:
         health = self._health(engine)
@@ -222,15 +221,14 @@ class DaemonGatewayBackend:
         health = self._health(stats.engine)
         if health is None:
             return
-        health.in_flight = max(0, health.in_flight - 1)
         now = self.daemon.clock.now()
-        health.last_traffic_s = now
+        concurrency = health.request_finished(now, stats.decode_s)
         # A rate needs a real decode span: a server that holds tokens back and flushes many in one chunk
         # (or a very short answer) would give an absurd rate and inflate the learned baseline.
         if (stats.ended == "complete" and stats.tokens >= MIN_SAMPLE_TOKENS and stats.decode_s is not None
                 and stats.decode_s >= MIN_SAMPLE_DECODE_S):
             health.add_sample(ThroughputSample(at_s=now, tokens_per_s=(stats.tokens - 1) / stats.decode_s,
-                                               source="gateway", tokens=stats.tokens))
+                                               source="gateway", tokens=stats.tokens, concurrency=concurrency))
 
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:
         health = self._health(engine)

@@ -71,6 +71,9 @@ class EngineAdapter:
     progress_counter: ClassVar[str | None] = None
     # Whether that step count flat with requests running is silence evidence (see policies.health).
     counter_silence: ClassVar[bool] = True
+    # Whether the engine's token total grows with each decode step (vLLM, SGLang's decode mode), so its
+    # growth is a decode rate (policies.health.decode_rate_sample); not one that grows when a request ends.
+    decode_token_total: ClassVar[bool] = False
     # How stale the engine's running-requests gauge may be: flat counters must outlast it too.
     running_gauge_stale_s: ClassVar[float] = 0.0
     # Loads models on demand (first request after start or after its own keep-alive/TTL unloaded it).
@@ -338,6 +341,7 @@ class VllmAdapter(EngineAdapter):
     # IterationStats.num_generation_tokens, i.e. per decode step; not during a prefill, where its KV
     # cache gauge (set from the stats every step returns) moves instead (probes/counters.py).
     progress_counter = "per_step"
+    decode_token_total = True
 
     @property
     def api_key(self) -> str | None:
@@ -494,6 +498,7 @@ class SglangAdapter(EngineAdapter):
     # a request finishes): the step count is all modes, the token rate the decode mode's;
     # num_running_reqs is refreshed only every 30 s while idle (decode_log_interval / idle logging).
     progress_counter = "per_step"
+    decode_token_total = True
     running_gauge_stale_s = 30.0
 
     def base_argv(self) -> list[str]:

@@ -38,9 +38,12 @@ from policies.health import (
     ThroughputTracker,
     assess_degraded,
     assess_progress,
+    band_label,
     decide_degraded_restart,
     decide_hang_restart,
+    decode_rate_sample,
     learn_baseline,
+    mean_in_flight,
     steps_advanced,
 )
 from probes.errors import ProbeError
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
     from supervisord_llm.engine.process import EngineProcess, LogTail
     from supervisord_llm.engine.supervisor import EngineSupervisor
 
+IN_FLIGHT_CHANGES = 4096  # two per request: the last 2048 requests' starts and ends
 STOP_CONFIRM_S = 1.0  # a SIGSTOP duty cycle (slow engine) must not read as a hang
 
 
@@ -82,6 +86,8 @@ class EngineHealth:
         self.tree: ProcessTreeReading | None = None
         self.gpu_bytes: int | None = None
         self.in_flight = 0
+        # Where in_flight changed: (monotonic s, count from then on), for a stream's mean concurrency.
+        self.in_flight_changes: deque[tuple[float, int]] = deque([(0.0, 0)], maxlen=IN_FLIGHT_CHANGES)
         self.last_traffic_s: float | None = None
         self.counters: deque[EngineCounters] = deque(maxlen=120)
         self.last_rate: float | None = None
@@ -151,8 +157,34 @@ class EngineHealth:
         return round(rate, 2) if rate is not None else None
 
     def baseline(self) -> float | None:
-        value = self.baseline_state.tokens_per_s(self.settings)
-        return round(value, 2) if value is not None else None
+        """The learned rate of a lone request (or, before that is learned, of the fewest concurrent ones)."""
+        learned = self.baseline_state.learned(self.settings)
+        if not learned:
+            return None
+        return round(learned[min(learned)], 2)
+
+    def baselines(self) -> dict[str, float]:
+        """Every learned baseline by the number of concurrent requests it was learned at ("1", "3-4", ...)."""
+        return {band_label(b): round(v, 2) for b, v in sorted(self.baseline_state.learned(self.settings).items())}
+
+    def request_started(self, now_s: float) -> None:
+        self.in_flight += 1
+        self.in_flight_changes.append((now_s, self.in_flight))
+        self.last_traffic_s = now_s
+
+    def request_finished(self, now_s: float, decode_s: float | None) -> int:
+        """Count a request's end; the number of requests the engine ran during its decode (at least 1)."""
+        mean = mean_in_flight(tuple(self.in_flight_changes), now_s - decode_s, now_s) if decode_s else None
+        self.in_flight = max(0, self.in_flight - 1)
+        self.in_flight_changes.append((now_s, self.in_flight))
+        self.last_traffic_s = now_s
+        return max(1, round(mean)) if mean is not None else max(1, self.in_flight + 1)
+
+    def concurrency(self, extra: int = 0) -> int:
+        """How many requests the engine runs: the gateway's in flight (plus ``extra``), or what the engine
+        itself last reported running, if more (clients of its own port count too)."""
+        reported = self.counters[-1].requests_running if self.counters else None
+        return max(1, self.in_flight + extra, int(reported or 0))
 
     def memory(self) -> tuple[int | None, int | None]:
         return (self.tree.rss_bytes if self.tree else None), self.gpu_bytes
@@ -284,7 +316,8 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
             health.last_canary_ok_s = clock.now()
             if reading.tokens_per_s:
                 health.add_sample(ThroughputSample(at_s=clock.now(), tokens_per_s=reading.tokens_per_s,
-                                                   source="canary", tokens=reading.completion_tokens or 0))
+                                                   source="canary", tokens=reading.completion_tokens or 0,
+                                                   concurrency=health.concurrency(extra=1)))
 
     watch = TreeWatch(proc, sup.log_tail)
     full_every_s = daemon.config.probes.interval_s
@@ -319,18 +352,14 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                 if counters is not None:
                     if per_step and health.counters and steps_advanced(health.counters[-1], counters):
                         health.last_counter_advance_s = now
-                    if health.counters and counters.generated_tokens_total is not None:
+                    if health.counters:
                         prev = health.counters[-1]
-                        if prev.generated_tokens_total is not None and counters.at_s > prev.at_s:
-                            delta = counters.generated_tokens_total - prev.generated_tokens_total
-                            if delta > 0:
-                                health.add_sample(ThroughputSample(
-                                    at_s=now, tokens_per_s=delta / (counters.at_s - prev.at_s),
-                                    source="metrics", tokens=int(delta)))
-                                health.last_traffic_s = now
-                    elif counters.tokens_per_s:
-                        health.add_sample(ThroughputSample(at_s=now, tokens_per_s=counters.tokens_per_s,
-                                                           source="metrics"))
+                        sample = decode_rate_sample(prev, counters, adapter.decode_token_total)
+                        if sample is not None:
+                            health.add_sample(dataclasses.replace(sample, at_s=now))
+                        if (prev.generated_tokens_total is not None and counters.generated_tokens_total is not None
+                                and counters.generated_tokens_total > prev.generated_tokens_total):
+                            health.last_traffic_s = now
                     health.counters.append(counters)
 
             # A lazy engine says whether its model is in memory; unloaded by its own keep-alive, it
@@ -397,7 +426,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
             healthy = sup.state == EngineState.READY
             health.baseline_state = learn_baseline(health.baseline_state, health.tracker.samples, health.settings,
                                                    now, healthy=healthy)
-            assessment = assess_degraded(health.tracker.samples, health.baseline(), health.settings, now)
+            assessment = assess_degraded(health.tracker.samples, health.baseline_state, health.settings, now)
             if assessment.degraded and sup.state == EngineState.READY:
                 health.degraded = True
                 sup.post(HealthVerdict(gen, Verdict.DEGRADED, assessment.reason))
@@ -417,14 +446,25 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
         tg.cancel_scope.cancel()
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def baseline_from_record(record: Any) -> ThroughputBaseline:
+    """A persisted baseline: ``window_rates`` as [band, rate] pairs; a list of bare rates (state files of
+    releases before concurrency bands, learned mostly from lone canaries) is read as a lone request's."""
     if not isinstance(record, dict):
         return ThroughputBaseline()
     rates = record.get("window_rates")
-    if not isinstance(rates, list) or not all(isinstance(r, (int, float)) for r in rates):
+    if not isinstance(rates, list):
         return ThroughputBaseline()
-    return ThroughputBaseline(window_rates=tuple(float(r) for r in rates), last_window_end_s=None)
+    if all(_number(r) for r in rates):
+        return ThroughputBaseline(window_rates=tuple((0, float(r)) for r in rates), last_window_end_s=None)
+    if all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and r[0] >= 0 and _number(r[1])
+           for r in rates):
+        return ThroughputBaseline(window_rates=tuple((int(b), float(r)) for b, r in rates), last_window_end_s=None)
+    return ThroughputBaseline()
 
 
 def baseline_record(baseline: ThroughputBaseline) -> dict[str, Any]:
-    return {"window_rates": list(baseline.window_rates)}
+    return {"window_rates": [[band, rate] for band, rate in baseline.window_rates]}

@@ -950,6 +950,8 @@ class EngineSupervisor:
             "diagnosis": _diag_dict(self.diagnosis),
             "tokens_per_s": tps,
             "baseline_tokens_per_s": baseline,
+            # per request, by how many requests the engine ran at once when it was learned ("1", "9-16", ...)
+            "baselines_by_concurrency": self.health.baselines() if self.health is not None else {},
             "last_canary": canary,
             "counters": counters,
             "memory": {"rss_bytes": rss, "gpu_bytes": gpu},

@@ -83,6 +83,59 @@ def test_duty_cycle_slowdown_is_degraded_and_recovers(daemon_factory, tiny_model
     d.wait_state("tiny", "ready", 60)
 
 
+def test_many_concurrent_streams_are_not_degraded(daemon_factory, tiny_model) -> None:
+    """A real mlx_lm.server that learned its rate from lone canaries, then serves 12 streams at once through
+    the gateway: each stream decodes slower (the engine shares each step among them), which is load, not
+    a slowdown of the engine; it stays `ready` through 4 windows of that load and raises no alert."""
+    gw = free_port()
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, canary_interval="1s", canary_max_tokens=200, stall="10s",
+                          default=True)
+    cfg += '[policies.degraded]\nwindow = "3s"\nwindows = 2\nshare = 0.6\n'
+    cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\n'
+    d = daemon_factory(cfg).start()
+    d.wait_state("tiny", "ready", 90)
+    deadline = time.monotonic() + 60
+    while d.engine("tiny")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    baseline = d.engine("tiny")["baseline_tokens_per_s"]
+    assert baseline, "a baseline is learned from canaries"
+    stop = threading.Event()
+    done: list[int] = []
+
+    def client() -> None:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "count"}], "max_tokens": 150,
+                "stream": True}
+        while not stop.is_set():
+            with httpx.stream("POST", f"http://127.0.0.1:{gw}/v1/chat/completions", json=body,
+                              timeout=60) as response:
+                assert response.status_code == 200
+                for _ in response.iter_lines():
+                    pass
+            done.append(1)
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(12)]
+    for t in clients:
+        t.start()
+    states: list[str] = []
+    rates: list[float | None] = []
+    try:
+        until = time.monotonic() + 12.0  # 4 windows of 3 s
+        while time.monotonic() < until:
+            engine = d.engine("tiny")
+            states.append(engine["state"])
+            rates.append(engine["tokens_per_s"])
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(60)
+    print(f"baseline {baseline} tok/s from lone canaries; {len(done)} streams of 12 at once; "
+          f"rates seen {sorted({r for r in rates if r})[:3]}..; states {sorted(set(states))}")
+    assert len(done) >= 12
+    assert set(states) == {"ready"}, f"load was called a slowdown: {d.engine('tiny')['state_reason']}"
+    assert not [e for e in d.events() if e["kind"] == "alert.sent" and "degraded" in str(e)]
+
+
 @pytest.mark.long_wait
 def test_sigkill_restart_is_at_least_60s_after_the_previous_spawn(daemon_factory, tiny_model) -> None:
     """After a crash the next automatic spawn waits for the 60 s floor (one real wait)."""

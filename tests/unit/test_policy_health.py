@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from policies.health import (
@@ -12,7 +14,10 @@ from policies.health import (
     ThroughputTracker,
     assess_degraded,
     assess_progress,
+    concurrency_band,
+    decode_rate_sample,
     learn_baseline,
+    mean_in_flight,
     rolling_rate,
 )
 from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
@@ -20,11 +25,17 @@ from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, T
 S = HealthSettings()
 
 
+def learned(rate: float, band: int = 0) -> ThroughputBaseline:
+    """A baseline learned at one concurrency band: enough healthy windows of ``rate``."""
+    return ThroughputBaseline(window_rates=((band, rate),) * S.baseline_min_windows)
+
+
 def samples(
     rates_per_window: list[float | None],
     now_s: float = 1000.0,
     per_window: int = 3,
     window_s: float = 30.0,
+    concurrency: int = 1,
 ) -> list[ThroughputSample]:
     """Samples for consecutive windows ending at now_s; the last rate is the newest window."""
     out = []
@@ -36,7 +47,7 @@ def samples(
         for j in range(per_window):
             out.append(
                 ThroughputSample(
-                    at_s=end - 1 - j * 5, tokens_per_s=rate, source="canary", tokens=16
+                    at_s=end - 1 - j * 5, tokens_per_s=rate, source="canary", tokens=16, concurrency=concurrency
                 )
             )
     return out
@@ -67,14 +78,14 @@ def test_degraded_after_n_windows_below_half_the_baseline(
     rates: list[float | None], degraded: bool, windows_below: int
 ) -> None:
     """Degraded needs three consecutive 30 s windows below half the baseline."""
-    result = assess_degraded(samples(rates), 25.0, S, 1000.0)
+    result = assess_degraded(samples(rates), learned(25.0), S, 1000.0)
     assert result.degraded is degraded
     assert result.windows_below == windows_below
 
 
 def test_no_baseline_means_no_verdict() -> None:
     """Without a learned baseline the engine is never called degraded."""
-    result = assess_degraded(samples([1, 1, 1]), None, S, 1000.0)
+    result = assess_degraded(samples([1, 1, 1]), ThroughputBaseline(), S, 1000.0)
     assert not result.degraded and "no throughput baseline" in result.reason
 
 
@@ -102,18 +113,89 @@ def test_baseline_needs_enough_windows_and_skips_unhealthy() -> None:
     baseline = ThroughputBaseline()
     history = [ThroughputSample(29.0, 25.0, "canary", tokens=16)]
     baseline = learn_baseline(baseline, history, S, 30.0)
-    assert baseline.tokens_per_s(S) is None and baseline.window_rates == (25.0,)
+    assert baseline.tokens_per_s(S) is None and baseline.window_rates == ((0, 25.0),)
     assert learn_baseline(baseline, history, S, 40.0) == baseline  # less than a window later
     history.append(ThroughputSample(59.0, 25.0, "canary", tokens=16))
-    assert learn_baseline(baseline, history, S, 60.0, healthy=False).window_rates == (25.0,)
+    assert learn_baseline(baseline, history, S, 60.0, healthy=False).window_rates == ((0, 25.0),)
 
 
 def test_baseline_from_an_earlier_boot_keeps_its_rates() -> None:
     """A persisted baseline survives a reboot: its rates stay, its stale clock mark is dropped."""
-    baseline = ThroughputBaseline(window_rates=(25.0,) * 6, last_window_end_s=90_000.0)
+    baseline = ThroughputBaseline(window_rates=((0, 25.0),) * 6, last_window_end_s=90_000.0)
     history = [ThroughputSample(29.0, 24.0, "canary", tokens=16)]
     after = learn_baseline(baseline, history, S, 30.0)
     assert len(after.window_rates) == 7 and after.last_window_end_s == 30.0
+
+
+@pytest.mark.parametrize(("concurrency", "band"), [(0, 0), (1, 0), (2, 1), (3, 2), (4, 2), (5, 3), (8, 3),
+                                                   (9, 4), (16, 4), (17, 5), (64, 6), (65, 7)])
+def test_concurrency_bands(concurrency: int, band: int) -> None:
+    """Samples are compared at a like concurrency: 1, 2, 3-4, 5-8, 9-16, ..."""
+    assert concurrency_band(concurrency) == band
+
+
+def test_load_is_not_a_slowdown() -> None:
+    """Learned from lone requests at 25 tok/s; then 12 requests at once decode at 10 tok/s each for three
+    windows: that is the engine sharing its steps, not a slowdown. Judged at its own band once that is
+    learned, a real fall at that concurrency is degraded; and so is a fall of lone requests."""
+    lone = learned(25.0)
+    busy = samples([10, 10, 10], concurrency=12)
+    result = assess_degraded(busy, lone, S, 1000.0)
+    assert not result.degraded and result.windows_below == 0
+    assert "no throughput samples" in result.reason and "(1 requests)" in result.reason
+    both = ThroughputBaseline(window_rates=lone.window_rates + learned(10.0, band=4).window_rates)
+    assert not assess_degraded(busy, both, S, 1000.0).degraded
+    slow_under_load = assess_degraded(samples([4, 4, 4], concurrency=12), both, S, 1000.0)
+    assert slow_under_load.degraded and "at 9-16 concurrent requests" in slow_under_load.reason
+    assert assess_degraded(samples([10, 10, 10]), both, S, 1000.0).degraded  # lone requests at 10: slow
+
+
+def test_a_window_is_judged_by_its_band_with_the_most_tokens() -> None:
+    """A window with a lone canary (16 tokens, slow while the engine was busy with direct clients) and
+    thousands of tokens of streams at 9-16 concurrent is judged at 9-16."""
+    both = ThroughputBaseline(window_rates=learned(25.0).window_rates + learned(10.0, band=4).window_rates)
+    window = [ThroughputSample(999.0, 5.0, "canary", tokens=16, concurrency=1),
+              ThroughputSample(998.0, 9.5, "gateway", tokens=4000, concurrency=12)]
+    result = assess_degraded(window, both, HealthSettings(degraded_windows=1), 1000.0)
+    assert not result.degraded and result.rate_tokens_per_s == pytest.approx(9.5)
+
+
+def test_each_band_learns_on_its_own() -> None:
+    """A window with samples at two concurrencies adds one rate to each band; a band below half its own
+    baseline is not learned while the other is."""
+    baseline = ThroughputBaseline(window_rates=learned(25.0).window_rates)
+    window = [ThroughputSample(29.0, 24.0, "canary", tokens=16, concurrency=1),
+              ThroughputSample(28.0, 9.0, "gateway", tokens=900, concurrency=10)]
+    after = learn_baseline(baseline, window, S, 30.0)
+    assert after.rates(0) == (25.0,) * 5 + (24.0,) and after.rates(4) == (9.0,)
+    slow = [ThroughputSample(59.0, 5.0, "canary", tokens=16, concurrency=1),
+            ThroughputSample(58.0, 9.0, "gateway", tokens=900, concurrency=10)]
+    again = learn_baseline(after, slow, S, 60.0)
+    assert again.rates(0) == after.rates(0) and again.rates(4) == (9.0, 9.0)
+    capped = HealthSettings(baseline_min_windows=1, baseline_max_windows=2)
+    kept = learn_baseline(learn_baseline(again, slow, capped, 90.0), slow, capped, 120.0)
+    assert kept.rates(4) == (9.0, 9.0) and kept.rates(0) == again.rates(0)
+
+
+def test_mean_in_flight_over_a_decode() -> None:
+    """The mean concurrency a stream decoded at, from where the in-flight count changed."""
+    changes = [(0.0, 0), (10.0, 12), (20.0, 6), (21.0, 1), (22.0, 0)]
+    assert mean_in_flight(changes, 10.0, 21.0) == pytest.approx((12 * 10 + 6 * 1) / 11)
+    assert mean_in_flight(changes, 21.0, 22.0) == pytest.approx(1.0)
+    assert mean_in_flight(changes, 5.0, 5.0) is None  # empty span
+    assert mean_in_flight(changes[1:], 5.0, 12.0) is None  # begins before what is known
+
+
+def test_decode_rate_from_counters_is_per_request() -> None:
+    """vLLM's token total grew by 3000 in 2 s with 6 requests running: each decoded at 250 tok/s, at 6."""
+    before = EngineCounters(at_s=10.0, generated_tokens_total=1000.0, requests_running=6.0)
+    after = EngineCounters(at_s=12.0, generated_tokens_total=4000.0, requests_running=6.0)
+    sample = decode_rate_sample(before, after, decode_token_total=True)
+    assert sample is not None and sample.tokens_per_s == pytest.approx(250.0) and sample.concurrency == 6
+    # a total that grows when a request ends (llama.cpp, oMLX) gives no rate; nor does a flat or reset one
+    assert decode_rate_sample(before, after, decode_token_total=False) is None
+    assert decode_rate_sample(after, before, decode_token_total=True) is None
+    assert decode_rate_sample(before, EngineCounters(at_s=12.0, generated_tokens_total=1000.0), True) is None
 
 
 def test_tracker_keeps_only_what_the_windows_need() -> None:
@@ -208,3 +290,17 @@ def test_invalid_health_settings(kwargs: dict[str, float], needle: str) -> None:
     """Nonsense detection settings are rejected with what is valid."""
     with pytest.raises(ValueError, match=needle):
         HealthSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_persisted_baselines_keep_their_bands_and_older_state_files_still_load() -> None:
+    """The state file keeps each band's rates; a state file written before bands (a list of bare rates,
+    learned mostly from lone canaries) loads as lone-request rates; anything else loads as nothing learned."""
+    from supervisord_llm.engine.health import baseline_from_record, baseline_record
+
+    both = ThroughputBaseline(window_rates=learned(25.0).window_rates + learned(10.0, band=4).window_rates)
+    again = baseline_from_record(json.loads(json.dumps(baseline_record(both))))
+    assert again.learned(S) == {0: 25.0, 4: 10.0}
+    assert baseline_from_record({"window_rates": [25.0] * 5}).learned(S) == {0: 25.0}
+    for broken in ({"window_rates": [[1.5, 2.0]]}, {"window_rates": [["a", 2.0]]}, {"window_rates": "x"}, [], None,
+                   {"window_rates": [[-1, 2.0]]}, {"window_rates": [True]}):
+        assert baseline_from_record(broken) == ThroughputBaseline()
