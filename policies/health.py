@@ -8,11 +8,15 @@ request's decode, each taken while the engine ran a known number of requests. An
 step among the requests it runs, so one request's rate falls as more run beside it: that is load, not
 a slowdown. Samples are therefore compared only with samples taken at a like concurrency, in bands
 (1, 2, 3-4, 5-8, 9-16, ...: ``concurrency_band``). Samples are grouped in windows of ``window_s``; a
-window's rate is that of its band with the most tokens among the bands with a learned baseline. The
+window's rate is that of its band with the most tokens. The
 engine is degraded when the rate of each of the last ``degraded_windows`` windows is below
 ``degraded_share`` of that band's baseline, and recovered as soon as the latest window is back at or
-above it. A window with no sample in a band that has a baseline is unknown: it does not count as
-below, and it ends the streak.
+above it. A band not yet learned is judged by what its learned neighbours bound it to
+(``band_threshold``: a request beside more others is no faster; an engine running more requests
+makes no fewer tokens in all). A window without samples is unknown: it does not count as below, and
+it ends the streak. What this cannot tell apart: a slowdown that arrives together with more requests
+at once, in a band not yet learned, is judged only by those bounds; and at a like concurrency, a
+shift to much longer prompts slows each request's decode (prefill chunks share the steps).
 
 **Baseline.** ``ThroughputBaseline`` keeps the rates of recent healthy windows per band and reports
 a high percentile of a band's (default p90): a high percentile follows what the model *can* do, and
@@ -38,7 +42,7 @@ no generation can happen in it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from policies._format import require
@@ -81,16 +85,24 @@ class HealthSettings:
         )
 
 
+MAX_BAND = 20  # about a million requests at once: bands read from a state file are capped here
+
+
 def concurrency_band(concurrency: int) -> int:
     """The band of a sample's concurrency: 0 for 1 request, 1 for 2, 2 for 3-4, 3 for 5-8, 4 for 9-16, ..."""
-    return max(0, math.ceil(math.log2(max(1, concurrency))))
+    return min(MAX_BAND, max(0, math.ceil(math.log2(max(1, concurrency)))))
+
+
+def band_low(band: int) -> int:
+    """The fewest concurrent requests of a band: 1, 2, 3, 5, 9, ..."""
+    return band + 1 if band <= 1 else 2 ** (band - 1) + 1
 
 
 def band_label(band: int) -> str:
     """A band as a person reads it: "1", "2", "3-4", "5-8", ..."""
     if band <= 1:
         return str(band + 1)
-    return f"{2 ** (band - 1) + 1}-{2 ** band}"
+    return f"{band_low(band)}-{2 ** band}"
 
 
 def _in_band(s: ThroughputSample, band: int | None) -> bool:
@@ -124,14 +136,44 @@ def _band_weights(samples: Sequence[ThroughputSample], start_s: float, end_s: fl
     return weights
 
 
-def window_rates(
-    samples: Sequence[ThroughputSample], now_s: float, window_s: float, count: int
-) -> tuple[float | None, ...]:
-    """Rates of the last ``count`` windows ending at ``now_s``, newest first (all bands together)."""
-    return tuple(
-        rolling_rate(samples, now_s - (k + 1) * window_s, now_s - k * window_s)
-        for k in range(count)
-    )
+def _mean_concurrency(samples: Sequence[ThroughputSample], start_s: float, end_s: float, band: int) -> float:
+    total = weighted = 0.0
+    for s in samples:
+        if start_s < s.at_s <= end_s and _in_band(s, band):
+            total += float(max(s.tokens, 1))
+            weighted += float(max(s.tokens, 1)) * s.concurrency
+    return weighted / total if total else float(band_low(band))
+
+
+def band_threshold(learned: Mapping[int, float], band: int, concurrency: float, share: float
+                   ) -> tuple[float, float, str] | None:
+    """What one request's rate at ``band`` (``concurrency`` requests at once, on average) is judged against:
+    (the threshold, the rate it is a share of, what that rate is), or None when nothing is learned.
+
+    Its own band's baseline where that is learned. Otherwise bounds from learned bands beside it, the
+    higher of: a request beside more others decodes no faster (the nearest learned band above bounds
+    it from below, per request); and an engine running more requests at once makes no fewer tokens a
+    second in all (the nearest learned band below, times its fewest requests, shared among this
+    band's). So a band is judged before it is learned, and a slow window is not learned as its baseline.
+    """
+    if band in learned:
+        base = learned[band]
+        return share * base, base, f"the {base:.1f} tok/s baseline there"
+    bounds: list[tuple[float, float, str]] = []
+    above = [b for b in learned if b > band]
+    if above:
+        b = min(above)
+        bounds.append((share * learned[b], learned[b],
+                       f"the {learned[b]:.1f} tok/s per request learned at {band_label(b)} concurrent requests"))
+    below = [b for b in learned if b < band]
+    if below:
+        b = max(below)
+        total = learned[b] * band_low(b)
+        per_request = total / max(concurrency, 1.0)
+        bounds.append((share * per_request, per_request,
+                       f"{per_request:.1f} tok/s per request: the {total:.1f} tok/s in all learned at "
+                       f"{band_label(b)} concurrent request{'s' if b else ''}, shared among {concurrency:.1f}"))
+    return max(bounds) if bounds else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,10 +246,12 @@ def learn_baseline(
         return baseline
     rates = list(baseline.window_rates)
     start_s = now_s - settings.window_s
+    learned = baseline.learned(settings)
     for band in sorted(_band_weights(samples, start_s, now_s)):
         rate = rolling_rate(samples, start_s, now_s, band)
-        current = baseline.tokens_per_s(settings, band)
-        if healthy and rate is not None and rate > 0 and (current is None or rate >= settings.degraded_share * current):
+        judged = band_threshold(learned, band, _mean_concurrency(samples, start_s, now_s, band),
+                                settings.degraded_share)
+        if healthy and rate is not None and rate > 0 and (judged is None or rate >= judged[0]):
             rates = _keep_newest((*rates, (band, rate)), band, settings.baseline_max_windows)
     return replace(baseline, window_rates=tuple(rates), last_window_end_s=now_s)
 
@@ -243,6 +287,28 @@ def mean_in_flight(changes: Sequence[tuple[float, int]], start_s: float, end_s: 
     return area / (end_s - start_s)
 
 
+def mean_reported_running(counters: Sequence[EngineCounters], start_s: float, end_s: float) -> float | None:
+    """The mean of the running-request counts the engine reported between ``start_s`` and ``end_s``."""
+    values = [c.requests_running for c in counters if start_s <= c.at_s <= end_s and c.requests_running is not None]
+    return sum(values) / len(values) if values else None
+
+
+def sample_concurrency(changes: Sequence[tuple[float, int]], counters: Sequence[EngineCounters], start_s: float,
+                       end_s: float, *, in_flight_now: int, beside_gateway: bool = False) -> int:
+    """How many requests the engine ran while one request decoded over ``[start_s, end_s]`` (at least 1).
+
+    The mean through the gateway over that span (``mean_in_flight``; plus the request itself when it
+    did not come through the gateway, ``beside_gateway``: a canary), or the mean the engine itself
+    reported running over it (clients of its own port count there), whichever is more. A span the
+    gateway's record no longer covers takes the count now.
+    """
+    own = 1 if beside_gateway else 0
+    through = mean_in_flight(changes, start_s, end_s)
+    gateway = (through if through is not None else float(in_flight_now)) + own
+    reported = mean_reported_running(counters, start_s, end_s)
+    return max(1, round(max(gateway, reported or 0.0)))
+
+
 def decode_rate_sample(before: EngineCounters, after: EngineCounters, decode_token_total: bool
                        ) -> ThroughputSample | None:
     """One request's decode rate from two readings of an engine's counters, or None.
@@ -276,15 +342,16 @@ class DegradedAssessment:
     reason: str
 
 
-def _window_against_baseline(samples: Sequence[ThroughputSample], learned: dict[int, float], start_s: float,
-                             end_s: float) -> tuple[int, float] | None:
-    """The window's (band, rate) to judge: its band with the most tokens among the learned ones."""
-    weights = {b: w for b, w in _band_weights(samples, start_s, end_s).items() if b in learned}
+def _judge_window(samples: Sequence[ThroughputSample], learned: Mapping[int, float], start_s: float, end_s: float,
+                  share: float) -> tuple[int, float, tuple[float, float, str]] | None:
+    """The window's (band, rate, threshold) to judge: its band with the most tokens; None if it cannot be."""
+    weights = _band_weights(samples, start_s, end_s)
     if not weights:
         return None
     band = max(weights, key=lambda b: (weights[b], -b))
     rate = rolling_rate(samples, start_s, end_s, band)
-    return None if rate is None else (band, rate)
+    judged = band_threshold(learned, band, _mean_concurrency(samples, start_s, end_s, band), share)
+    return None if rate is None or judged is None else (band, rate, judged)
 
 
 def assess_degraded(
@@ -294,35 +361,34 @@ def assess_degraded(
     now_s: float,
 ) -> DegradedAssessment:
     """Degraded when the last ``degraded_windows`` windows are all below share x the baseline of the
-    concurrency band each was taken at."""
+    concurrency band each was taken at (or the bound its learned neighbours give: ``band_threshold``)."""
     learned = baseline.learned(settings)
     if not learned:
         return DegradedAssessment(False, False, None, None, 0, "no throughput baseline learned yet")
     judged = [
-        _window_against_baseline(samples, learned, now_s - (k + 1) * settings.window_s, now_s - k * settings.window_s)
+        _judge_window(samples, learned, now_s - (k + 1) * settings.window_s, now_s - k * settings.window_s,
+                      settings.degraded_share)
         for k in range(settings.degraded_windows)
     ]
     below = 0
     for window in judged:
-        if window is None or window[1] >= settings.degraded_share * learned[window[0]]:
+        if window is None or window[1] >= window[2][0]:
             break
         below += 1
     degraded = below >= settings.degraded_windows
     latest = judged[0]
     share_pct = f"{settings.degraded_share * 100:.0f}%"
     if latest is None:
-        reason = (f"no throughput samples in the last {settings.window_s:.0f}s at a concurrency with a "
-                  f"learned baseline ({', '.join(band_label(b) for b in sorted(learned))} requests)")
+        reason = f"no throughput samples in the last {settings.window_s:.0f}s"
         return DegradedAssessment(False, False, None, None, 0, reason)
-    band, rate = latest
-    base = learned[band]
-    recovered = rate >= settings.degraded_share * base
+    band, rate, (threshold, base, what) = latest
+    recovered = rate >= threshold
     at = f"at {band_label(band)} concurrent request{'s' if band else ''}"
     if degraded:
-        reason = (f"{rate:.1f} tok/s per request {at}, below {share_pct} of the {base:.1f} tok/s baseline "
-                  f"there for {below} windows of {settings.window_s:.0f}s")
+        reason = (f"{rate:.1f} tok/s per request {at}, below {share_pct} of {what} "
+                  f"for {below} windows of {settings.window_s:.0f}s")
     else:
-        reason = f"{rate:.1f} tok/s per request {at} against a {base:.1f} tok/s baseline"
+        reason = f"{rate:.1f} tok/s per request {at} against {what}"
     return DegradedAssessment(degraded, recovered, rate, base, below, reason)
 
 
@@ -337,12 +403,12 @@ def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: fl
         return None
     latest = usable[-1]
     since = latest
-    for c in reversed(usable[:-1]):
-        if not c.requests_running or c.requests_running <= 0:
+    for before, after in zip(reversed(usable[:-1]), reversed(usable[1:]), strict=True):
+        if not before.requests_running or before.requests_running <= 0:
             break
-        if c.steps_total != latest.steps_total or c.cache_usage != latest.cache_usage:
-            break  # a step ran (vLLM: a prefill chunk moves the cache gauge, not the step count)
-        since = c
+        if before.steps_total != after.steps_total or steps_advanced(before, after) is not None:
+            break  # a step ran (vLLM: a prefill chunk raises the cache gauge, not the step count), or a new process
+        since = before
     flat_s = now_s - since.at_s
     if flat_s < stall_s:
         return None  # tokens moved recently, or the history does not yet cover the stall time
@@ -476,9 +542,9 @@ def _counter_advances(history: Sequence[EngineCounters]) -> float | None:
 def steps_advanced(before: EngineCounters | None, after: EngineCounters | None) -> str | None:
     """The engine ran its model between two readings of its counters: what it did, or None.
 
-    Its step count went up, or the gauge it sets after every step it runs moved (vLLM's KV cache
-    usage: each prefill chunk takes cache blocks while vLLM's step count, its token total, stays flat
-    until the first token). A total that grows only when a request finishes is no step count
+    Its step count went up, or the gauge it sets after every step it runs rose (vLLM's KV cache usage:
+    each prefill chunk takes cache blocks while vLLM's step count, its token total, stays flat until the
+    first token; a fall is blocks freed, by an abort say, not the model running). A total that grows only when a request finishes is no step count
     (``steps_total`` is None there) and proves nothing either way; a count that went down is a new
     engine process.
     """
@@ -490,7 +556,7 @@ def steps_advanced(before: EngineCounters | None, after: EngineCounters | None) 
             return f"its step count advanced by {after.steps_total - before.steps_total:.0f} in {elapsed_s:.1f}s"
         if after.steps_total < before.steps_total:
             return None
-    if before.cache_usage is not None and after.cache_usage is not None and after.cache_usage != before.cache_usage:
+    if before.cache_usage is not None and after.cache_usage is not None and after.cache_usage > before.cache_usage:
         return (f"its KV cache usage went from {before.cache_usage * 100:.4g}% to {after.cache_usage * 100:.4g}% "
                 f"in {elapsed_s:.1f}s")
     return None
@@ -598,6 +664,8 @@ __all__ = [
     "ThroughputTracker",
     "assess_degraded",
     "band_label",
+    "band_low",
+    "band_threshold",
     "concurrency_band",
     "decide_degraded_restart",
     "decide_hang_restart",
@@ -605,8 +673,9 @@ __all__ = [
     "decode_rate_sample",
     "learn_baseline",
     "mean_in_flight",
+    "mean_reported_running",
+    "sample_concurrency",
     "rolling_rate",
     "steps_advanced",
-    "window_rates",
 ]
 

@@ -1,9 +1,12 @@
 """Engine counters: token totals and running requests read from an engine's own endpoint.
 
 Parsers are pure (text or JSON in, :class:`EngineCounters` out); :func:`fetch_counters` does the
-one HTTP GET. A rate comes from two cumulative readings (:func:`rate_between`), or from the rate an
-engine reports itself (SGLang ``sglang:gen_throughput``, oMLX ``avg_generation_tps``; the latter
-is a lifetime average over all requests, so the cumulative ``total_completion_tokens`` is kept too).
+one HTTP GET. The rate an engine reports itself (SGLang ``sglang:gen_throughput``, oMLX
+``avg_generation_tps``, a lifetime average over all requests) is read as ``tokens_per_s`` but judges
+nothing: the degraded check takes one request's decode rate from two readings of a token total that
+grows per decode step (vLLM, SGLang), divided by the requests running
+(``policies.health.decode_rate_sample``); a total that grows when a request finishes (llama.cpp,
+oMLX) gives none. :func:`rate_between` is the plain rate between two readings.
 
 | kind     | endpoint      | generated tokens (cumulative)     | running requests              | rate reported  | steps (cumulative) | waiting requests |
 |----------|---------------|-----------------------------------|-------------------------------|----------------|--------------------|------------------|
@@ -159,8 +162,8 @@ def _number(obj: Mapping[str, Any], key: str) -> float | None:
 def parse_omlx_status(json_obj: Any, at_s: float = 0.0) -> EngineCounters:
     """Counters from oMLX's ``GET /api/status`` (or ``/api/stats``) JSON object.
 
-    ``avg_generation_tps`` is oMLX's lifetime average over all requests; for the current rate use
-    :func:`rate_between` on two readings of ``total_completion_tokens``.
+    ``avg_generation_tps`` is oMLX's lifetime average over all requests; ``total_completion_tokens``
+    grows when a request finishes, so neither is a current decode rate.
     """
     if not isinstance(json_obj, Mapping):
         raise ProbeParseError(

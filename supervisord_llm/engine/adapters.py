@@ -32,7 +32,7 @@ nothing while a long answer is being generated, so it never yields a hung verdic
 |-----------|-----------------------------------------------------------|-----------|----------------------------|
 | mlx_lm    | none: live streams and canaries only                      | no        | log "Prompt processing progress: n/N" |
 | omlx      | ``total_completion_tokens``: at completion only           | yes (non-pinned models) | —            |
-| vllm      | ``vllm:generation_tokens_total``: per decode step         | no        | ``vllm:kv_cache_usage_perc``, set after every step |
+| vllm      | ``vllm:generation_tokens_total``: per decode step, and a rise of ``vllm:kv_cache_usage_perc`` (set after every step; moves with each prefill chunk) | no | (the cache gauge, as a counter) |
 | llama_cpp | ``llamacpp:n_decode_total``: per ``llama_decode`` call (progress only, never silence) | no | (``/slots``) |
 | ollama    | none (``eval_count`` only in a request's last chunk)      | yes (``/api/ps``) | —                  |
 | sglang    | ``sglang:realtime_tokens_total``, every mode: per decode iteration and prefill batch | no | — |

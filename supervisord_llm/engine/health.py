@@ -30,6 +30,8 @@ import psutil
 
 from policies.actions import Restart
 from policies.health import (
+    MAX_BAND,
+    DegradedAssessment,
     HealthSettings,
     ProgressEvidence,
     ProgressVerdict,
@@ -43,7 +45,7 @@ from policies.health import (
     decide_hang_restart,
     decode_rate_sample,
     learn_baseline,
-    mean_in_flight,
+    sample_concurrency,
     steps_advanced,
 )
 from probes.errors import ProbeError
@@ -57,7 +59,8 @@ if TYPE_CHECKING:
     from supervisord_llm.engine.process import EngineProcess, LogTail
     from supervisord_llm.engine.supervisor import EngineSupervisor
 
-IN_FLIGHT_CHANGES = 4096  # two per request: the last 2048 requests' starts and ends
+IN_FLIGHT_CHANGES = 65536  # two per request: at most the last 32768 requests' starts and ends
+IN_FLIGHT_KEPT_S = 3600.0  # and none older than a decode needs
 STOP_CONFIRM_S = 1.0  # a SIGSTOP duty cycle (slow engine) must not read as a hang
 
 
@@ -88,6 +91,7 @@ class EngineHealth:
         self.in_flight = 0
         # Where in_flight changed: (monotonic s, count from then on), for a stream's mean concurrency.
         self.in_flight_changes: deque[tuple[float, int]] = deque([(0.0, 0)], maxlen=IN_FLIGHT_CHANGES)
+        self.assessment: DegradedAssessment | None = None  # the last degraded check
         self.last_traffic_s: float | None = None
         self.counters: deque[EngineCounters] = deque(maxlen=120)
         self.last_rate: float | None = None
@@ -142,6 +146,7 @@ class EngineHealth:
         self.last_rate = None
         self.hung_since_s = None
         self.degraded = False
+        self.assessment = None
         self.draining = None
         self._clear_progress()
 
@@ -150,6 +155,9 @@ class EngineHealth:
         self.last_rate = sample.tokens_per_s
 
     def tokens_per_s(self) -> float | None:
+        """One request's decode rate in the last window, as the degraded check judged it (else all samples')."""
+        if self.assessment is not None and self.assessment.rate_tokens_per_s is not None:
+            return round(self.assessment.rate_tokens_per_s, 2)
         if not self.tracker.samples:
             return None
         now = self.tracker.samples[-1].at_s
@@ -157,7 +165,10 @@ class EngineHealth:
         return round(rate, 2) if rate is not None else None
 
     def baseline(self) -> float | None:
-        """The learned rate of a lone request (or, before that is learned, of the fewest concurrent ones)."""
+        """What that rate was judged against; with no judgement, the lone request's baseline (or the
+        fewest concurrent requests' learned)."""
+        if self.assessment is not None and self.assessment.baseline_tokens_per_s is not None:
+            return round(self.assessment.baseline_tokens_per_s, 2)
         learned = self.baseline_state.learned(self.settings)
         if not learned:
             return None
@@ -167,24 +178,25 @@ class EngineHealth:
         """Every learned baseline by the number of concurrent requests it was learned at ("1", "3-4", ...)."""
         return {band_label(b): round(v, 2) for b, v in sorted(self.baseline_state.learned(self.settings).items())}
 
+    def _in_flight_changed(self, now_s: float) -> None:
+        changes = self.in_flight_changes
+        changes.append((now_s, self.in_flight))
+        while len(changes) > 2 and changes[1][0] < now_s - IN_FLIGHT_KEPT_S:
+            changes.popleft()  # the first kept entry still says what held from before the horizon
+
     def request_started(self, now_s: float) -> None:
         self.in_flight += 1
-        self.in_flight_changes.append((now_s, self.in_flight))
+        self._in_flight_changed(now_s)
         self.last_traffic_s = now_s
 
     def request_finished(self, now_s: float, decode_s: float | None) -> int:
         """Count a request's end; the number of requests the engine ran during its decode (at least 1)."""
-        mean = mean_in_flight(tuple(self.in_flight_changes), now_s - decode_s, now_s) if decode_s else None
+        concurrency = sample_concurrency(tuple(self.in_flight_changes), tuple(self.counters),
+                                         now_s - (decode_s or 0.0), now_s, in_flight_now=self.in_flight)
         self.in_flight = max(0, self.in_flight - 1)
-        self.in_flight_changes.append((now_s, self.in_flight))
+        self._in_flight_changed(now_s)
         self.last_traffic_s = now_s
-        return max(1, round(mean)) if mean is not None else max(1, self.in_flight + 1)
-
-    def concurrency(self, extra: int = 0) -> int:
-        """How many requests the engine runs: the gateway's in flight (plus ``extra``), or what the engine
-        itself last reported running, if more (clients of its own port count too)."""
-        reported = self.counters[-1].requests_running if self.counters else None
-        return max(1, self.in_flight + extra, int(reported or 0))
+        return concurrency
 
     def memory(self) -> tuple[int | None, int | None]:
         return (self.tree.rss_bytes if self.tree else None), self.gpu_bytes
@@ -317,7 +329,10 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
             if reading.tokens_per_s:
                 health.add_sample(ThroughputSample(at_s=clock.now(), tokens_per_s=reading.tokens_per_s,
                                                    source="canary", tokens=reading.completion_tokens or 0,
-                                                   concurrency=health.concurrency(extra=1)))
+                                                   concurrency=sample_concurrency(
+                                                       tuple(health.in_flight_changes), tuple(health.counters),
+                                                       started_s, clock.now(), in_flight_now=health.in_flight,
+                                                       beside_gateway=True)))
 
     watch = TreeWatch(proc, sup.log_tail)
     full_every_s = daemon.config.probes.interval_s
@@ -427,6 +442,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
             health.baseline_state = learn_baseline(health.baseline_state, health.tracker.samples, health.settings,
                                                    now, healthy=healthy)
             assessment = assess_degraded(health.tracker.samples, health.baseline_state, health.settings, now)
+            health.assessment = assessment
             if assessment.degraded and sup.state == EngineState.READY:
                 health.degraded = True
                 sup.post(HealthVerdict(gen, Verdict.DEGRADED, assessment.reason))
@@ -451,19 +467,21 @@ def _number(value: Any) -> bool:
 
 
 def baseline_from_record(record: Any) -> ThroughputBaseline:
-    """A persisted baseline: ``window_rates`` as [band, rate] pairs; a list of bare rates (state files of
-    releases before concurrency bands, learned mostly from lone canaries) is read as a lone request's."""
+    """A persisted baseline: ``window_rates`` as [concurrency band, rate] pairs. A list of bare rates (a
+    state file from before concurrency bands) is dropped and learned again: those rates mixed lone
+    requests with engine-wide totals, so as a lone request's baseline they would read as a slowdown."""
     if not isinstance(record, dict):
         return ThroughputBaseline()
     rates = record.get("window_rates")
     if not isinstance(rates, list):
         return ThroughputBaseline()
-    if all(_number(r) for r in rates):
-        return ThroughputBaseline(window_rates=tuple((0, float(r)) for r in rates), last_window_end_s=None)
-    if all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and r[0] >= 0 and _number(r[1])
-           for r in rates):
+    if all(isinstance(r, list) and len(r) == 2 and _band(r[0]) and _number(r[1]) for r in rates):
         return ThroughputBaseline(window_rates=tuple((int(b), float(r)) for b, r in rates), last_window_end_s=None)
     return ThroughputBaseline()
+
+
+def _band(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_BAND
 
 
 def baseline_record(baseline: ThroughputBaseline) -> dict[str, Any]:

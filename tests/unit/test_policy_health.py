@@ -19,6 +19,7 @@ from policies.health import (
     learn_baseline,
     mean_in_flight,
     rolling_rate,
+    sample_concurrency,
 )
 from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
 
@@ -136,18 +137,36 @@ def test_concurrency_bands(concurrency: int, band: int) -> None:
 
 def test_load_is_not_a_slowdown() -> None:
     """Learned from lone requests at 25 tok/s; then 12 requests at once decode at 10 tok/s each for three
-    windows: that is the engine sharing its steps, not a slowdown. Judged at its own band once that is
-    learned, a real fall at that concurrency is degraded; and so is a fall of lone requests."""
+    windows: that is the engine sharing its steps (120 tok/s in all), not a slowdown. Judged at its own
+    band once that is learned, a real fall at that concurrency is degraded; and so is a fall of lone requests."""
     lone = learned(25.0)
     busy = samples([10, 10, 10], concurrency=12)
     result = assess_degraded(busy, lone, S, 1000.0)
-    assert not result.degraded and result.windows_below == 0
-    assert "no throughput samples" in result.reason and "(1 requests)" in result.reason
+    assert not result.degraded and result.windows_below == 0 and result.recovered
+    assert "the 25.0 tok/s in all learned at 1 concurrent request, shared among 12.0" in result.reason
     both = ThroughputBaseline(window_rates=lone.window_rates + learned(10.0, band=4).window_rates)
     assert not assess_degraded(busy, both, S, 1000.0).degraded
     slow_under_load = assess_degraded(samples([4, 4, 4], concurrency=12), both, S, 1000.0)
     assert slow_under_load.degraded and "at 9-16 concurrent requests" in slow_under_load.reason
     assert assess_degraded(samples([10, 10, 10]), both, S, 1000.0).degraded  # lone requests at 10: slow
+
+
+def test_a_band_not_yet_learned_is_judged_by_its_learned_neighbours() -> None:
+    """Lone requests learned at 25 tok/s: 12 at once making 12 tok/s in all (1 each) is below half of
+    what one request alone made, so it is slow whatever the load. Learned only at 9-16 (10 tok/s each):
+    a lone request at 4 tok/s is slower than each of 12 was, so it is slow. Neither window is learned."""
+    lone = learned(25.0)
+    crawling = samples([1, 1, 1], concurrency=12)
+    result = assess_degraded(crawling, lone, S, 1000.0)
+    assert result.degraded and "shared among 12.0" in result.reason
+    assert learn_baseline(lone, crawling, S, 1000.0).rates(4) == ()
+    busy_only = learned(10.0, band=4)
+    result = assess_degraded(samples([4, 4, 4]), busy_only, S, 1000.0)
+    assert result.degraded and "the 10.0 tok/s per request learned at 9-16 concurrent requests" in result.reason
+    assert learn_baseline(busy_only, samples([4]), S, 1000.0).rates(0) == ()
+    # and such a band recovers as soon as it is back above the bound
+    back = assess_degraded(samples([1, 1, 3], concurrency=12), lone, S, 1000.0)
+    assert back.recovered and not back.degraded
 
 
 def test_a_window_is_judged_by_its_band_with_the_most_tokens() -> None:
@@ -162,19 +181,20 @@ def test_a_window_is_judged_by_its_band_with_the_most_tokens() -> None:
 
 def test_each_band_learns_on_its_own() -> None:
     """A window with samples at two concurrencies adds one rate to each band; a band below half its own
-    baseline is not learned while the other is."""
+    baseline is not learned while the other is; each band keeps its newest rates."""
     baseline = ThroughputBaseline(window_rates=learned(25.0).window_rates)
     window = [ThroughputSample(29.0, 24.0, "canary", tokens=16, concurrency=1),
               ThroughputSample(28.0, 9.0, "gateway", tokens=900, concurrency=10)]
     after = learn_baseline(baseline, window, S, 30.0)
     assert after.rates(0) == (25.0,) * 5 + (24.0,) and after.rates(4) == (9.0,)
     slow = [ThroughputSample(59.0, 5.0, "canary", tokens=16, concurrency=1),
-            ThroughputSample(58.0, 9.0, "gateway", tokens=900, concurrency=10)]
+            ThroughputSample(58.0, 9.5, "gateway", tokens=900, concurrency=10)]
     again = learn_baseline(after, slow, S, 60.0)
-    assert again.rates(0) == after.rates(0) and again.rates(4) == (9.0, 9.0)
+    assert again.rates(0) == after.rates(0) and again.rates(4) == (9.0, 9.5)
     capped = HealthSettings(baseline_min_windows=1, baseline_max_windows=2)
-    kept = learn_baseline(learn_baseline(again, slow, capped, 90.0), slow, capped, 120.0)
-    assert kept.rates(4) == (9.0, 9.0) and kept.rates(0) == again.rates(0)
+    newer = [ThroughputSample(89.0, 9.8, "gateway", tokens=900, concurrency=10)]
+    kept = learn_baseline(again, newer, capped, 90.0)
+    assert kept.rates(4) == (9.5, 9.8) and kept.rates(0) == again.rates(0)
 
 
 def test_mean_in_flight_over_a_decode() -> None:
@@ -184,6 +204,19 @@ def test_mean_in_flight_over_a_decode() -> None:
     assert mean_in_flight(changes, 21.0, 22.0) == pytest.approx(1.0)
     assert mean_in_flight(changes, 5.0, 5.0) is None  # empty span
     assert mean_in_flight(changes[1:], 5.0, 12.0) is None  # begins before what is known
+
+
+def test_a_sample_counts_the_clients_of_the_engines_own_port() -> None:
+    """A gateway stream alone through the gateway while the engine reported 20 running (clients of its own
+    port): it decoded at 20, not 1. A canary beside 3 gateway streams ran at 4. A span the gateway's record
+    no longer covers takes the count now."""
+    changes = [(0.0, 0), (10.0, 1), (30.0, 0)]
+    running = [EngineCounters(at_s=t, requests_running=20.0) for t in (12.0, 17.0, 22.0)]
+    assert sample_concurrency(changes, running, 11.0, 29.0, in_flight_now=1) == 20
+    assert sample_concurrency(changes, (), 11.0, 29.0, in_flight_now=1) == 1
+    three = [(0.0, 0), (10.0, 3)]
+    assert sample_concurrency(three, (), 11.0, 12.0, in_flight_now=3, beside_gateway=True) == 4
+    assert sample_concurrency(three[1:], (), 5.0, 12.0, in_flight_now=2) == 2
 
 
 def test_decode_rate_from_counters_is_per_request() -> None:
@@ -293,14 +326,15 @@ def test_invalid_health_settings(kwargs: dict[str, float], needle: str) -> None:
 
 
 def test_persisted_baselines_keep_their_bands_and_older_state_files_still_load() -> None:
-    """The state file keeps each band's rates; a state file written before bands (a list of bare rates,
-    learned mostly from lone canaries) loads as lone-request rates; anything else loads as nothing learned."""
+    """The state file keeps each band's rates; a state file written before bands (a list of bare rates that
+    mixed lone requests with engine-wide totals) is learned again, as is anything else."""
     from supervisord_llm.engine.health import baseline_from_record, baseline_record
 
     both = ThroughputBaseline(window_rates=learned(25.0).window_rates + learned(10.0, band=4).window_rates)
     again = baseline_from_record(json.loads(json.dumps(baseline_record(both))))
     assert again.learned(S) == {0: 25.0, 4: 10.0}
-    assert baseline_from_record({"window_rates": [25.0] * 5}).learned(S) == {0: 25.0}
+    assert baseline_from_record({"window_rates": [2000.0] * 5}) == ThroughputBaseline()
     for broken in ({"window_rates": [[1.5, 2.0]]}, {"window_rates": [["a", 2.0]]}, {"window_rates": "x"}, [], None,
-                   {"window_rates": [[-1, 2.0]]}, {"window_rates": [True]}):
+                   {"window_rates": [[-1, 2.0]]}, {"window_rates": [True]}, {"window_rates": [[True, 2.0]]},
+                   {"window_rates": [[10**6, 2.0]]}):
         assert baseline_from_record(broken) == ThroughputBaseline()

@@ -148,6 +148,8 @@ def test_a_token_total_without_a_step_count_is_no_evidence() -> None:
          EngineCounters(6.0, 16.0, 1.0, steps_total=16.0, cache_usage=0.0375), "its KV cache usage went from 1.25% to 3.75% in 5.0s"),
         (EngineCounters(1.0, 16.0, 1.0, steps_total=16.0, cache_usage=0.0125),
          EngineCounters(6.0, 16.0, 1.0, steps_total=16.0, cache_usage=0.0125), None),  # both flat
+        (EngineCounters(1.0, 16.0, 1.0, steps_total=16.0, cache_usage=0.0375),
+         EngineCounters(6.0, 16.0, 1.0, steps_total=16.0, cache_usage=0.0125), None),  # freed blocks: no step
         (EngineCounters(1.0, 16.0, 1.0, steps_total=16.0, cache_usage=0.0125),
          EngineCounters(6.0, 16.0, 1.0, steps_total=16.0), None),  # the gauge gone: nothing to compare
     ],
