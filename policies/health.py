@@ -8,27 +8,27 @@ request's decode, each taken while the engine ran a known number of requests. An
 step among the requests it runs, so one request's rate falls as more run beside it: that is load, not
 a slowdown. Samples are therefore compared only with samples taken at a like concurrency, in bands
 (1, 2, 3-4, 5-8, 9-16, ...: ``concurrency_band``). Samples are grouped in windows of ``window_s``; a
-window's rate is that of its band with the most tokens. The
-engine is degraded when the rate of each of the last ``degraded_windows`` windows is below
-``degraded_share`` of that band's baseline, and recovered as soon as the latest window is back at or
-above it. A band not yet learned is judged by what its learned neighbours bound it to
-(``band_threshold``: a request beside more others is no faster; an engine running more requests
-makes no fewer tokens in all). A window without samples is unknown: it does not count as below, and
-it ends the streak. What this cannot tell apart: a slowdown that arrives together with more requests
-at once, in a band not yet learned, is judged only by those bounds; and at a like concurrency, a
-shift to much longer prompts slows each request's decode (prefill chunks share the steps).
+window is judged at its band with the most tokens among those with a baseline of their own, and
+against that baseline. The engine is degraded when each of the last ``degraded_windows`` windows is
+below ``degraded_share`` of it, and recovered as soon as the latest window is back at or above it. A
+window with samples only in bands not yet learned is judged by a floor from the nearest learned band
+below (``band_threshold``: an engine running more requests makes no fewer tokens in all). A window
+without samples, or that nothing can judge, is unknown: it does not count as below, and it ends the
+streak. What this cannot tell apart: a slowdown that arrives together with more requests at once, in
+a band not yet learned, is judged only by that loose floor; at a like concurrency, a shift to much
+longer prompts slows each request's decode (prefill chunks share the steps); and different kinds of
+work at different concurrencies are only compared through that floor.
 
 **Baseline.** ``ThroughputBaseline`` keeps the rates of recent healthy windows per band and reports
 a high percentile of a band's (default p90): a high percentile follows what the model *can* do, and
-a slow decline does not drag it down the way a mean would. Windows below the degraded threshold are
-not learned. A band is learned on its own (so a first burst of load at a new concurrency is learned,
-not judged). The caller keeps the baseline per model across restarts.
+a slow decline does not drag it down the way a mean would. Windows below the threshold their band is
+judged by are not learned. The caller keeps the baseline per model across restarts.
 
 **The evidence rule** (``assess_progress``, what the watchdog decides with): an engine is hung only
 when *no* source shows engine-side progress for ``stall_s`` and one source shows silence. Progress
 is a token read from the engine on a live stream (at the engine's pace, whatever the client does),
 a successful canary, a per-step counter that advanced (or a gauge the engine sets after every step
-that moved: vLLM's KV cache usage, which each prefill chunk moves while its token total cannot), or
+that rose: vLLM's KV cache usage, which each prefill chunk raises while its token total cannot), or
 the engine's own prefill progress; any of them newer than a piece of silence evidence voids it at
 once. Silence evidence is a live stream that got nothing from the engine, a canary that got no token,
 or per-step counters flat while the engine says requests run (not for an engine whose step count may
@@ -42,7 +42,7 @@ no generation can happen in it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from policies._format import require
@@ -145,35 +145,29 @@ def _mean_concurrency(samples: Sequence[ThroughputSample], start_s: float, end_s
     return weighted / total if total else float(band_low(band))
 
 
-def band_threshold(learned: Mapping[int, float], band: int, concurrency: float, share: float
+def band_threshold(baseline: ThroughputBaseline, settings: HealthSettings, band: int, concurrency: float
                    ) -> tuple[float, float, str] | None:
     """What one request's rate at ``band`` (``concurrency`` requests at once, on average) is judged against:
-    (the threshold, the rate it is a share of, what that rate is), or None when nothing is learned.
+    (the threshold, the rate it is a share of, what that rate is), or None when it cannot be judged.
 
-    Its own band's baseline where that is learned. Otherwise bounds from learned bands beside it, the
-    higher of: a request beside more others decodes no faster (the nearest learned band above bounds
-    it from below, per request); and an engine running more requests at once makes no fewer tokens a
-    second in all (the nearest learned band below, times its fewest requests, shared among this
-    band's). So a band is judged before it is learned, and a slow window is not learned as its baseline.
+    Its own band's learned baseline. For a band not yet learned, the nearest learned band below it:
+    an engine running more requests at once makes no fewer tokens a second in all, so that band's
+    slowest healthy window, times its fewest requests, shared among this band's, is a floor. (No bound
+    is taken from a band above: a request beside more others is no faster only for the same kind of
+    work, and short batch jobs at 8 beside long-context chats at 2 are not.)
     """
-    if band in learned:
-        base = learned[band]
-        return share * base, base, f"the {base:.1f} tok/s baseline there"
-    bounds: list[tuple[float, float, str]] = []
-    above = [b for b in learned if b > band]
-    if above:
-        b = min(above)
-        bounds.append((share * learned[b], learned[b],
-                       f"the {learned[b]:.1f} tok/s per request learned at {band_label(b)} concurrent requests"))
-    below = [b for b in learned if b < band]
-    if below:
-        b = max(below)
-        total = learned[b] * band_low(b)
-        per_request = total / max(concurrency, 1.0)
-        bounds.append((share * per_request, per_request,
-                       f"{per_request:.1f} tok/s per request: the {total:.1f} tok/s in all learned at "
-                       f"{band_label(b)} concurrent request{'s' if b else ''}, shared among {concurrency:.1f}"))
-    return max(bounds) if bounds else None
+    own = baseline.tokens_per_s(settings, band)
+    if own is not None:
+        return settings.degraded_share * own, own, f"the {own:.1f} tok/s baseline there"
+    below = [b for b in baseline.learned(settings) if b < band]
+    if not below:
+        return None
+    b = max(below)
+    total = min(baseline.rates(b)) * band_low(b)
+    per_request = total / max(concurrency, 1.0)
+    return (settings.degraded_share * per_request, per_request,
+            f"{per_request:.1f} tok/s per request: the {total:.1f} tok/s in all of the slowest healthy window at "
+            f"{band_label(b)} concurrent request{'s' if b else ''}, shared among {concurrency:.1f}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +228,8 @@ def learn_baseline(
     healthy: bool = True,
 ) -> ThroughputBaseline:
     """Learn from the window ending at ``now_s`` if a whole window passed since the last one: each band
-    with samples in it adds its rate to its own history.
+    with samples in it adds its rate to its own history, unless it is below the threshold
+    ``band_threshold`` gives it (a slow window is not learned).
 
     Pass ``healthy=False`` while the engine is starting, degraded or hung: nothing is learned.
     A ``last_window_end_s`` later than ``now_s`` comes from an earlier boot and is forgotten.
@@ -246,11 +241,9 @@ def learn_baseline(
         return baseline
     rates = list(baseline.window_rates)
     start_s = now_s - settings.window_s
-    learned = baseline.learned(settings)
     for band in sorted(_band_weights(samples, start_s, now_s)):
         rate = rolling_rate(samples, start_s, now_s, band)
-        judged = band_threshold(learned, band, _mean_concurrency(samples, start_s, now_s, band),
-                                settings.degraded_share)
+        judged = band_threshold(baseline, settings, band, _mean_concurrency(samples, start_s, now_s, band))
         if healthy and rate is not None and rate > 0 and (judged is None or rate >= judged[0]):
             rates = _keep_newest((*rates, (band, rate)), band, settings.baseline_max_windows)
     return replace(baseline, window_rates=tuple(rates), last_window_end_s=now_s)
@@ -275,22 +268,35 @@ def mean_in_flight(changes: Sequence[tuple[float, int]], start_s: float, end_s: 
 
     A stream's rate is judged at the mean concurrency of its own decode: with 12 streams started
     together, the last to finish ran beside the others almost all its time, though it ends alone.
+    Walked from the newest change back to the span's start only (the record is long; spans are short).
     """
-    if end_s <= start_s or not changes or changes[0][0] > start_s:
+    if end_s <= start_s:
         return None
     area = 0.0
-    for i, (at_s, count) in enumerate(changes):
-        until_s = changes[i + 1][0] if i + 1 < len(changes) else math.inf
-        lo, hi = max(at_s, start_s), min(until_s, end_s)
+    next_at = math.inf
+    for at_s, count in reversed(changes):
+        lo, hi = max(at_s, start_s), min(next_at, end_s)
         if hi > lo:
             area += count * (hi - lo)
-    return area / (end_s - start_s)
+        if at_s <= start_s:
+            return area / (end_s - start_s)
+        next_at = at_s
+    return None
 
 
 def mean_reported_running(counters: Sequence[EngineCounters], start_s: float, end_s: float) -> float | None:
-    """The mean of the running-request counts the engine reported between ``start_s`` and ``end_s``."""
-    values = [c.requests_running for c in counters if start_s <= c.at_s <= end_s and c.requests_running is not None]
-    return sum(values) / len(values) if values else None
+    """The running-request count the engine reported, as a step function, averaged over
+    ``[start_s, end_s]``: each reading holds until the next (the first also before it: readings come
+    every few seconds, a canary is shorter). None without a reading up to ``end_s``."""
+    readings = sorted((c.at_s, c.requests_running) for c in counters if c.requests_running is not None)
+    changes = [(at_s, int(running)) for at_s, running in readings if at_s <= end_s]
+    if not changes:
+        return None
+    if end_s <= start_s:
+        return float(changes[-1][1])
+    if changes[0][0] > start_s:
+        changes.insert(0, (start_s, changes[0][1]))  # the first reading stands for the time before it
+    return mean_in_flight(changes, start_s, end_s)
 
 
 def sample_concurrency(changes: Sequence[tuple[float, int]], counters: Sequence[EngineCounters], start_s: float,
@@ -306,7 +312,7 @@ def sample_concurrency(changes: Sequence[tuple[float, int]], counters: Sequence[
     through = mean_in_flight(changes, start_s, end_s)
     gateway = (through if through is not None else float(in_flight_now)) + own
     reported = mean_reported_running(counters, start_s, end_s)
-    return max(1, round(max(gateway, reported or 0.0)))
+    return max(1, int(max(gateway, reported or 0.0) + 0.5))
 
 
 def decode_rate_sample(before: EngineCounters, after: EngineCounters, decode_token_total: bool
@@ -316,9 +322,10 @@ def decode_rate_sample(before: EngineCounters, after: EngineCounters, decode_tok
     Only a token total that grows with each decode step (``decode_token_total``: vLLM, SGLang's decode
     mode) gives one; a total that grows when a request finishes (llama.cpp, oMLX) tells when answers
     ended, not how fast their tokens came. The total's growth is every running request's together, so
-    it is divided by the requests the engine reported running (the mean of the two readings, at least
-    one), and the sample carries that concurrency. A total that went down (a new process) or did not
-    move gives none.
+    it is divided by the requests the engine reported running, and the sample carries that
+    concurrency; only when both readings report about as many (within a quarter), since a batch that
+    started or ended between them would make the quotient far off. A total that went down (a new
+    process) or did not move gives none.
     """
     if not decode_token_total or before.generated_tokens_total is None or after.generated_tokens_total is None:
         return None
@@ -326,10 +333,12 @@ def decode_rate_sample(before: EngineCounters, after: EngineCounters, decode_tok
     delta = after.generated_tokens_total - before.generated_tokens_total
     if elapsed_s <= 0 or delta <= 0:
         return None
-    reported = [r for r in (before.requests_running, after.requests_running) if r is not None]
-    running = max(1.0, sum(reported) / len(reported)) if reported else 1.0
+    a, b = before.requests_running, after.requests_running
+    if a is None or b is None or abs(a - b) > 0.25 * max(a, b):
+        return None
+    running = max(1.0, (a + b) / 2)
     return ThroughputSample(at_s=after.at_s, tokens_per_s=delta / elapsed_s / running, source="metrics",
-                            tokens=int(delta), concurrency=max(1, round(running)))
+                            tokens=int(delta), concurrency=max(1, int(running + 0.5)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,17 +349,23 @@ class DegradedAssessment:
     baseline_tokens_per_s: float | None
     windows_below: int  # consecutive windows below the threshold, newest first
     reason: str
+    band: str | None = None  # the concurrency band the latest window was judged at ("1", "9-16", ...)
 
 
-def _judge_window(samples: Sequence[ThroughputSample], learned: Mapping[int, float], start_s: float, end_s: float,
-                  share: float) -> tuple[int, float, tuple[float, float, str]] | None:
-    """The window's (band, rate, threshold) to judge: its band with the most tokens; None if it cannot be."""
+def _judge_window(samples: Sequence[ThroughputSample], baseline: ThroughputBaseline, settings: HealthSettings,
+                  start_s: float, end_s: float) -> tuple[int, float, tuple[float, float, str]] | None:
+    """The window's (band, rate, threshold) to judge, or None if it cannot be: the band with the most
+    tokens among those with a learned baseline of their own; only when none has samples here, the band
+    with the most tokens, judged by the bound ``band_threshold`` gives it."""
     weights = _band_weights(samples, start_s, end_s)
     if not weights:
         return None
-    band = max(weights, key=lambda b: (weights[b], -b))
+    learned = baseline.learned(settings)
+    own = {b: w for b, w in weights.items() if b in learned}
+    pool = own or weights
+    band = max(pool, key=lambda b: (pool[b], -b))
     rate = rolling_rate(samples, start_s, end_s, band)
-    judged = band_threshold(learned, band, _mean_concurrency(samples, start_s, end_s, band), share)
+    judged = band_threshold(baseline, settings, band, _mean_concurrency(samples, start_s, end_s, band))
     return None if rate is None or judged is None else (band, rate, judged)
 
 
@@ -361,13 +376,12 @@ def assess_degraded(
     now_s: float,
 ) -> DegradedAssessment:
     """Degraded when the last ``degraded_windows`` windows are all below share x the baseline of the
-    concurrency band each was taken at (or the bound its learned neighbours give: ``band_threshold``)."""
-    learned = baseline.learned(settings)
-    if not learned:
+    concurrency band each was judged at (or, for a band not yet learned, the bound ``band_threshold``
+    gives it)."""
+    if not baseline.learned(settings):
         return DegradedAssessment(False, False, None, None, 0, "no throughput baseline learned yet")
     judged = [
-        _judge_window(samples, learned, now_s - (k + 1) * settings.window_s, now_s - k * settings.window_s,
-                      settings.degraded_share)
+        _judge_window(samples, baseline, settings, now_s - (k + 1) * settings.window_s, now_s - k * settings.window_s)
         for k in range(settings.degraded_windows)
     ]
     below = 0
@@ -389,7 +403,7 @@ def assess_degraded(
                   f"for {below} windows of {settings.window_s:.0f}s")
     else:
         reason = f"{rate:.1f} tok/s per request {at} against {what}"
-    return DegradedAssessment(degraded, recovered, rate, base, below, reason)
+    return DegradedAssessment(degraded, recovered, rate, base, below, reason, band_label(band))
 
 
 def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: float) -> str | None:

@@ -155,14 +155,20 @@ class EngineHealth:
         self.last_rate = sample.tokens_per_s
 
     def tokens_per_s(self) -> float | None:
-        """One request's decode rate in the last window, as the degraded check judged it (else all samples')."""
-        if self.assessment is not None and self.assessment.rate_tokens_per_s is not None:
-            return round(self.assessment.rate_tokens_per_s, 2)
+        """One request's decode rate in the last window, as the degraded check judged it; None when the
+        last window had nothing it could judge (no traffic, say)."""
+        if self.assessment is not None:
+            rate = self.assessment.rate_tokens_per_s
+            return round(rate, 2) if rate is not None else None
         if not self.tracker.samples:
             return None
         now = self.tracker.samples[-1].at_s
         rate = self.tracker.rate(now, self.settings)
         return round(rate, 2) if rate is not None else None
+
+    def judged_concurrency(self) -> str | None:
+        """The concurrency band ("1", "9-16", ...) the last window was judged at."""
+        return self.assessment.band if self.assessment is not None else None
 
     def baseline(self) -> float | None:
         """What that rate was judged against; with no judgement, the lone request's baseline (or the
@@ -191,8 +197,8 @@ class EngineHealth:
 
     def request_finished(self, now_s: float, decode_s: float | None) -> int:
         """Count a request's end; the number of requests the engine ran during its decode (at least 1)."""
-        concurrency = sample_concurrency(tuple(self.in_flight_changes), tuple(self.counters),
-                                         now_s - (decode_s or 0.0), now_s, in_flight_now=self.in_flight)
+        concurrency = sample_concurrency(self.in_flight_changes, self.counters, now_s - (decode_s or 0.0), now_s,
+                                         in_flight_now=self.in_flight)
         self.in_flight = max(0, self.in_flight - 1)
         self._in_flight_changed(now_s)
         self.last_traffic_s = now_s
@@ -330,8 +336,8 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                 health.add_sample(ThroughputSample(at_s=clock.now(), tokens_per_s=reading.tokens_per_s,
                                                    source="canary", tokens=reading.completion_tokens or 0,
                                                    concurrency=sample_concurrency(
-                                                       tuple(health.in_flight_changes), tuple(health.counters),
-                                                       started_s, clock.now(), in_flight_now=health.in_flight,
+                                                       health.in_flight_changes, health.counters, started_s,
+                                                       clock.now(), in_flight_now=health.in_flight,
                                                        beside_gateway=True)))
 
     watch = TreeWatch(proc, sup.log_tail)

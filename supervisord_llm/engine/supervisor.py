@@ -952,6 +952,7 @@ class EngineSupervisor:
             "baseline_tokens_per_s": baseline,
             # per request, by how many requests the engine ran at once when it was learned ("1", "9-16", ...)
             "baselines_by_concurrency": self.health.baselines() if self.health is not None else {},
+            "judged_concurrency": self.health.judged_concurrency() if self.health is not None else None,
             "last_canary": canary,
             "counters": counters,
             "memory": {"rss_bytes": rss, "gpu_bytes": gpu},

@@ -50,8 +50,11 @@ def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
         return Gauge(f"{PREFIX}_{name}", doc_text, labels, registry=registry)
 
     state = gauge("engine_state", "1 for the engine's current state, 0 for the others", ("engine", "state"))
-    tps = gauge("engine_tokens_per_second", "rolling generation rate", ("engine",))
-    base = gauge("engine_baseline_tokens_per_second", "learned generation rate baseline", ("engine",))
+    tps = gauge("engine_tokens_per_second",
+                "one request's decode rate in the last window, at the concurrency the degraded check judged",
+                ("engine",))
+    base = gauge("engine_baseline_tokens_per_second",
+                 "what that rate was judged against: the baseline learned at that concurrency", ("engine",))
     ttft = gauge("engine_canary_ttft_seconds", "time to first token of the last canary", ("engine",))
     canary_ok = gauge("engine_canary_ok", "1 if the last canary generated, else 0", ("engine",))
     rss = gauge("engine_rss_bytes", "resident memory of the engine's process tree", ("engine",))

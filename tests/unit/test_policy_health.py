@@ -143,7 +143,8 @@ def test_load_is_not_a_slowdown() -> None:
     busy = samples([10, 10, 10], concurrency=12)
     result = assess_degraded(busy, lone, S, 1000.0)
     assert not result.degraded and result.windows_below == 0 and result.recovered
-    assert "the 25.0 tok/s in all learned at 1 concurrent request, shared among 12.0" in result.reason
+    assert "the 25.0 tok/s in all of the slowest healthy window at 1 concurrent request, shared among 12.0" \
+        in result.reason
     both = ThroughputBaseline(window_rates=lone.window_rates + learned(10.0, band=4).window_rates)
     assert not assess_degraded(busy, both, S, 1000.0).degraded
     slow_under_load = assess_degraded(samples([4, 4, 4], concurrency=12), both, S, 1000.0)
@@ -151,22 +152,38 @@ def test_load_is_not_a_slowdown() -> None:
     assert assess_degraded(samples([10, 10, 10]), both, S, 1000.0).degraded  # lone requests at 10: slow
 
 
-def test_a_band_not_yet_learned_is_judged_by_its_learned_neighbours() -> None:
+def test_a_band_not_yet_learned_is_judged_by_the_floor_below_it() -> None:
     """Lone requests learned at 25 tok/s: 12 at once making 12 tok/s in all (1 each) is below half of
-    what one request alone made, so it is slow whatever the load. Learned only at 9-16 (10 tok/s each):
-    a lone request at 4 tok/s is slower than each of 12 was, so it is slow. Neither window is learned."""
+    what one request alone made, so it is slow whatever the load, and that window is not learned. No
+    floor comes from a band above: short batch jobs at 5-8 (60 tok/s each) beside long-context chats at 2
+    (25 each) are different work, not a slowdown."""
     lone = learned(25.0)
     crawling = samples([1, 1, 1], concurrency=12)
     result = assess_degraded(crawling, lone, S, 1000.0)
     assert result.degraded and "shared among 12.0" in result.reason
     assert learn_baseline(lone, crawling, S, 1000.0).rates(4) == ()
-    busy_only = learned(10.0, band=4)
-    result = assess_degraded(samples([4, 4, 4]), busy_only, S, 1000.0)
-    assert result.degraded and "the 10.0 tok/s per request learned at 9-16 concurrent requests" in result.reason
-    assert learn_baseline(busy_only, samples([4]), S, 1000.0).rates(0) == ()
-    # and such a band recovers as soon as it is back above the bound
+    # and such a band recovers as soon as it is back above the floor
     back = assess_degraded(samples([1, 1, 3], concurrency=12), lone, S, 1000.0)
     assert back.recovered and not back.degraded
+    mixed = ThroughputBaseline(window_rates=learned(70.0).window_rates + learned(60.0, band=3).window_rates)
+    chats = samples([25, 25, 25], concurrency=2)
+    assert not assess_degraded(chats, mixed, S, 1000.0).degraded
+    assert learn_baseline(mixed, chats, S, 1000.0).rates(1) == (25.0,)
+    batch_only = learned(10.0, band=4)
+    assert not assess_degraded(samples([4, 4, 4]), batch_only, S, 1000.0).degraded  # nothing below to bound it
+
+
+def test_a_window_is_judged_at_a_band_with_its_own_baseline_when_it_has_one() -> None:
+    """5-8 learned at 50 tok/s; the engine slows to 20 with concurrency hovering at 8 and 9: each window
+    has more tokens at 9 (not learned) than at 8, but is judged at 5-8 against its own baseline, so the
+    slowdown is seen rather than passed by the loose floor below 9-16."""
+    base = ThroughputBaseline(window_rates=learned(25.0).window_rates + learned(50.0, band=3).window_rates)
+    window = []
+    for end in (940.0, 970.0, 1000.0):
+        window += [ThroughputSample(end - 2, 20.0, "gateway", tokens=1000, concurrency=8),
+                   ThroughputSample(end - 1, 20.0, "gateway", tokens=3000, concurrency=9)]
+    result = assess_degraded(window, base, S, 1000.0)
+    assert result.degraded and result.band == "5-8" and result.windows_below == 3
 
 
 def test_a_window_is_judged_by_its_band_with_the_most_tokens() -> None:
@@ -229,6 +246,9 @@ def test_decode_rate_from_counters_is_per_request() -> None:
     assert decode_rate_sample(before, after, decode_token_total=False) is None
     assert decode_rate_sample(after, before, decode_token_total=True) is None
     assert decode_rate_sample(before, EngineCounters(at_s=12.0, generated_tokens_total=1000.0), True) is None
+    # a batch of 8 that started between the readings: the quotient would be far off, so no sample
+    started = EngineCounters(at_s=12.0, generated_tokens_total=4000.0, requests_running=14.0)
+    assert decode_rate_sample(before, started, decode_token_total=True) is None
 
 
 def test_tracker_keeps_only_what_the_windows_need() -> None:
