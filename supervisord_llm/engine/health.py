@@ -156,11 +156,14 @@ class EngineHealth:
 
     def tokens_per_s(self) -> float | None:
         """One request's decode rate in the last window, as the degraded check judged it; None when the
-        last window had nothing it could judge (no traffic, say)."""
-        if self.assessment is not None:
+        last window had nothing it could judge (no traffic, say). Before any baseline is learned, the
+        rate of the last window with samples."""
+        if self.assessment is not None and self.assessment.baseline_tokens_per_s is not None:
             rate = self.assessment.rate_tokens_per_s
             return round(rate, 2) if rate is not None else None
-        if not self.tracker.samples:
+        if self.baseline_state.learned(self.settings):
+            return None  # judged before, nothing to judge in the last window
+        if not self.tracker.samples:  # nothing learned yet: the last samples' rate, all concurrencies together
             return None
         now = self.tracker.samples[-1].at_s
         rate = self.tracker.rate(now, self.settings)
