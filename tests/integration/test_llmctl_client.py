@@ -13,12 +13,19 @@ import time
 from tests.helpers import PYTHON, free_port, standin_engine_toml
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Follower:
     """An `llmctl ... -f` process whose stdout lines are collected by a thread as they arrive."""
 
     def __init__(self, d, *args: str) -> None:
+        # As from a terminal, where Ctrl-C reaches it: a test run started as a script's background job has
+        # SIGINT ignored, and a child would inherit that (Python then never raises KeyboardInterrupt).
         self.proc = subprocess.Popen([PYTHON, "-m", "supervisord_llm.cli", "--socket", str(d.socket), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=d.env)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=d.env,
+                                     preexec_fn=_sigint_default)
         self.lines: queue.Queue[str] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

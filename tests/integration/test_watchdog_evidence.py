@@ -298,19 +298,19 @@ def test_per_step_counters_are_progress_while_they_move_and_hung_when_flat(daemo
 
 def test_a_vllm_prefill_longer_than_the_stall_time_is_not_hung_and_a_wedge_after_it_still_is(daemon_factory) -> None:
     """vLLM counts no token while it prefills a prompt, so a long prompt sent straight to the engine keeps
-    its step count flat with a request running for 4x the stall time; its KV cache gauge moves with every
+    its step count flat with a request running for 3x the stall time; its KV cache gauge rises with every
     prefill chunk, so the engine is not hung (the same pid, ready, the answer whole). A later request the
     engine wedges on mid-answer is still hung on the counters within stall + 2 s (+ one reading)."""
     d, _, direct = _counter_daemon(daemon_factory, "vllm", "--metrics", "vllm", "--prefill-tokens-per-s", "500",
                                    "--silent-from", "3", "--silent-after-tokens", "20")
     pid = d.engine("c")["pid"]
-    prompt = " ".join(["word"] * 4000)  # 8 s of prefill at 500 words/s
+    prompt = " ".join(["word"] * 3000)  # 6 s of prefill at 500 words/s
     body = {"model": "standin", "messages": [{"role": "user", "content": prompt}], "max_tokens": 20,
             "stream": True}
     chunks, took_s = _stream_all(direct, body, timeout_s=60)
     counters = d.engine("c")["counters"]
     print(f"long prefill straight to the engine: {chunks} tokens after {took_s:.1f}s; counters {counters}")
-    assert took_s >= 8.0 and chunks == 20
+    assert took_s >= 6.0 and chunks == 20
     assert not _hung(d, "c"), f"a prefill was called a hang: {_hung(d, 'c')}"
     engine = d.engine("c")
     assert engine["state"] == "ready" and engine["pid"] == pid
