@@ -4,7 +4,8 @@ Each scenario runs on a fresh daemon (gateway on) and a real engine: the tiny ml
 the fault can be made on it (SIGSTOP, SIGKILL, a generation loop wedged by the import hook in
 tests/standins/blocked_mlx, a SIGSTOP/SIGCONT duty cycle), else the OpenAI stand-in
 (tests/standins/openai_engine.py: silent engines, completion-only counters, keep-alive comments
-during a long prefill, an Ollama-like lazy loader). A verdict is any of `hung`, `degraded`, an exit
+during a long prefill, an Ollama-like lazy loader, a vLLM-like prefill with its token total flat).
+A verdict is any of `hung`, `degraded`, an exit
 seen by the daemon, or a restart; its time is from the fault to the first such event.
 
     .venv/bin/python bench/fault_matrix.py            # every scenario (about 5 minutes)
@@ -254,6 +255,38 @@ def benign_burst_64(d: Daemon, gw: int) -> tuple[float, float]:
     return t0, 3
 
 
+def benign_vllm_long_prefill(d: Daemon, gw: int) -> tuple[float, float]:
+    # vLLM counts no token while it prefills: 3x the stall with its token total flat and a request
+    # running, sent to the engine's own port (no canary, no gateway stream); its KV cache gauge rises.
+    t0 = time.time()
+    result = _stream(f"http://127.0.0.1:{d.engine('e')['port']}/v1/chat/completions", 20, model="standin",
+                     prompt=" ".join(["word"] * int(3 * STALL_S * 500)))
+    assert result["tokens"] == 20, result
+    return t0, 3
+
+
+def benign_load_after_lone_baseline(d: Daemon, gw: int) -> tuple[float, float]:
+    # The rate learned from lone canaries, then 12 streams at once for 8 windows: each decodes slower.
+    deadline = time.monotonic() + 90
+    while d.engine("e")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            _stream(f"http://127.0.0.1:{gw}/v1/chat/completions", 150, timeout_s=60)
+
+    t0 = time.time()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(12)]
+    for t in threads:
+        t.start()
+    time.sleep(8 * 3.0)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    return t0, 3
+
+
 HOOK = {"PYTHONPATH": os.pathsep.join([str(STANDINS / "blocked_mlx"), str(REPO)]), "BLOCK_GENERATION_AFTER": "1"}
 OMLX = [PYTHON, str(STANDINS / "openai_engine.py"), "--port", "{port}", "--tps", "20", "--metrics", "omlx"]
 
@@ -284,6 +317,12 @@ SCENARIOS: dict[str, tuple[bool, Callable[[int], str], Callable[[Daemon, int], t
                                              "--keep-alive-s", "2", kind="ollama", model="tiny:1b",
                                              canary_interval="3s"), benign_lazy_load),
     "burst_64": (False, lambda gw: _mlx("e", gw), benign_burst_64),
+    "vllm_long_prefill": (False, lambda gw: _standin("e", gw, "--metrics", "vllm", "--prefill-tokens-per-s", "500",
+                                                     kind="vllm", model="standin"), benign_vllm_long_prefill),
+    # the default share and windows, on 3 s windows
+    "load_after_lone_baseline": (False, lambda gw: _mlx(
+        "e", gw, canary_interval="1s", canary_max_tokens=200, stall="10s",
+        degraded='[policies.degraded]\nwindow = "3s"\nwindows = 3\nshare = 0.5\n'), benign_load_after_lone_baseline),
 }
 
 

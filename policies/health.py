@@ -9,7 +9,9 @@ step among the requests it runs, so one request's rate falls as more run beside 
 a slowdown. Samples are therefore compared only with samples taken at a like concurrency, in bands
 (1, 2, 3-4, 5-8, 9-16, ...: ``concurrency_band``). Samples are grouped in windows of ``window_s``; a
 window is judged at its band with the most tokens among those with a baseline of their own, and
-against that baseline. The engine is degraded when each of the last ``degraded_windows`` windows is
+against that baseline (a band spans up to twice as many requests at its top as at its bottom: with
+more at once than its fastest windows had, against the band's rate in all shared among them, where
+that is less). The engine is degraded when each of the last ``degraded_windows`` windows is
 below ``degraded_share`` of it, and recovered as soon as the latest window is back at or above it. A
 window with samples only in bands not yet learned is judged by a floor from the nearest learned band
 below (``band_threshold``: an engine running more requests makes no fewer tokens in all). A window
@@ -150,7 +152,11 @@ def band_threshold(baseline: ThroughputBaseline, settings: HealthSettings, band:
     """What one request's rate at ``band`` (``concurrency`` requests at once, on average) is judged against:
     (the threshold, the rate it is a share of, what that rate is), or None when it cannot be judged.
 
-    Its own band's learned baseline. For a band not yet learned, the nearest learned band below it:
+    Its own band's learned baseline; a band spans up to twice as many requests at its top as at its
+    bottom, so where the window ran more at once than the band's fastest windows, the band's learned
+    rate in all, shared among the window's requests, if that is less (an engine that shares its steps
+    gives each of more requests less; a slowdown takes from both). For a band not yet learned, the
+    nearest learned band below it:
     an engine running more requests at once makes no fewer tokens a second in all, so that band's
     slowest healthy window, times its fewest requests, shared among this band's, is a floor. (No bound
     is taken from a band above: a request beside more others is no faster only for the same kind of
@@ -158,6 +164,13 @@ def band_threshold(baseline: ThroughputBaseline, settings: HealthSettings, band:
     """
     own = baseline.tokens_per_s(settings, band)
     if own is not None:
+        total = baseline.total_per_s(settings, band)
+        if total is not None and total / max(concurrency, 1.0) < own:
+            # more requests at once than its fastest windows had: each may get less, the engine no less in all
+            shared = total / max(concurrency, 1.0)
+            return (settings.degraded_share * shared, shared,
+                    f"{shared:.1f} tok/s per request: the {total:.1f} tok/s in all learned there, shared among "
+                    f"{concurrency:.1f} (its {own:.1f} tok/s per request came with fewer at once)")
         return settings.degraded_share * own, own, f"the {own:.1f} tok/s baseline there"
     below = [b for b in baseline.learned(settings) if b < band]
     if not below:
@@ -188,26 +201,30 @@ class ThroughputTracker:
 
 @dataclass(frozen=True, slots=True)
 class ThroughputBaseline:
-    """Rates of recent healthy windows for one model, as (concurrency band, rate) pairs, oldest first;
-    the caller persists it across restarts."""
+    """Rates of recent healthy windows for one model, as (concurrency band, rate) pairs, oldest first, and
+    the same windows' rates in all (one request's rate times the requests running beside it) as
+    ``window_totals``; the caller persists it across restarts."""
 
     window_rates: tuple[tuple[int, float], ...] = ()
     last_window_end_s: float | None = None
+    window_totals: tuple[tuple[int, float], ...] = ()
 
     def rates(self, band: int) -> tuple[float, ...]:
         return tuple(rate for b, rate in self.window_rates if b == band)
+
+    def totals(self, band: int) -> tuple[float, ...]:
+        return tuple(total for b, total in self.window_totals if b == band)
+
+    def total_per_s(self, settings: HealthSettings, band: int) -> float | None:
+        """The learned rate in all of a band, the same percentile of its windows (None until enough)."""
+        return _percentile(self.totals(band), settings)
 
     def bands(self) -> tuple[int, ...]:
         return tuple(sorted({b for b, _ in self.window_rates}))
 
     def tokens_per_s(self, settings: HealthSettings, band: int = 0) -> float | None:
         """The learned baseline of a band: a high percentile of its healthy window rates (None until enough)."""
-        rates = self.rates(band)
-        if len(rates) < settings.baseline_min_windows:
-            return None
-        ordered = sorted(rates)
-        rank = max(1, math.ceil(settings.baseline_percentile / 100 * len(ordered)))
-        return ordered[rank - 1]
+        return _percentile(self.rates(band), settings)
 
     def learned(self, settings: HealthSettings) -> dict[int, float]:
         """Every band's baseline that is learned."""
@@ -217,6 +234,14 @@ class ThroughputBaseline:
             if value is not None:
                 out[band] = value
         return out
+
+
+def _percentile(values: Sequence[float], settings: HealthSettings) -> float | None:
+    if len(values) < settings.baseline_min_windows:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(settings.baseline_percentile / 100 * len(ordered)))
+    return ordered[rank - 1]
 
 
 def learn_baseline(
@@ -240,13 +265,16 @@ def learn_baseline(
     if last is not None and now_s - last < settings.window_s:
         return baseline
     rates = list(baseline.window_rates)
+    totals = list(baseline.window_totals)
     start_s = now_s - settings.window_s
     for band in sorted(_band_weights(samples, start_s, now_s)):
         rate = rolling_rate(samples, start_s, now_s, band)
-        judged = band_threshold(baseline, settings, band, _mean_concurrency(samples, start_s, now_s, band))
+        concurrency = _mean_concurrency(samples, start_s, now_s, band)
+        judged = band_threshold(baseline, settings, band, concurrency)
         if healthy and rate is not None and rate > 0 and (judged is None or rate >= judged[0]):
             rates = _keep_newest((*rates, (band, rate)), band, settings.baseline_max_windows)
-    return replace(baseline, window_rates=tuple(rates), last_window_end_s=now_s)
+            totals = _keep_newest((*totals, (band, rate * concurrency)), band, settings.baseline_max_windows)
+    return replace(baseline, window_rates=tuple(rates), window_totals=tuple(totals), last_window_end_s=now_s)
 
 
 def _keep_newest(rates: Sequence[tuple[int, float]], band: int, keep: int) -> list[tuple[int, float]]:

@@ -476,17 +476,23 @@ def _number(value: Any) -> bool:
 
 
 def baseline_from_record(record: Any) -> ThroughputBaseline:
-    """A persisted baseline: ``window_rates`` as [concurrency band, rate] pairs. A list of bare rates (a
-    state file from before concurrency bands) is dropped and learned again: those rates mixed lone
-    requests with engine-wide totals, so as a lone request's baseline they would read as a slowdown."""
+    """A persisted baseline: ``window_rates`` and ``window_totals`` as [concurrency band, rate] pairs. A list
+    of bare rates (a state file from before concurrency bands) is dropped and learned again: those rates
+    mixed lone requests with engine-wide totals, so as a lone request's baseline they would read as a
+    slowdown. So is anything malformed."""
     if not isinstance(record, dict):
         return ThroughputBaseline()
-    rates = record.get("window_rates")
-    if not isinstance(rates, list):
+    rates, totals = _band_pairs(record.get("window_rates")), _band_pairs(record.get("window_totals", []))
+    if rates is None or totals is None:
         return ThroughputBaseline()
-    if all(isinstance(r, list) and len(r) == 2 and _band(r[0]) and _number(r[1]) for r in rates):
-        return ThroughputBaseline(window_rates=tuple((int(b), float(r)) for b, r in rates), last_window_end_s=None)
-    return ThroughputBaseline()
+    return ThroughputBaseline(window_rates=rates, window_totals=totals, last_window_end_s=None)
+
+
+def _band_pairs(value: Any) -> tuple[tuple[int, float], ...] | None:
+    if not isinstance(value, list) or not all(
+            isinstance(r, list) and len(r) == 2 and _band(r[0]) and _number(r[1]) for r in value):
+        return None
+    return tuple((int(b), float(r)) for b, r in value)
 
 
 def _band(value: Any) -> bool:
@@ -494,4 +500,5 @@ def _band(value: Any) -> bool:
 
 
 def baseline_record(baseline: ThroughputBaseline) -> dict[str, Any]:
-    return {"window_rates": [[band, rate] for band, rate in baseline.window_rates]}
+    return {"window_rates": [[band, rate] for band, rate in baseline.window_rates],
+            "window_totals": [[band, total] for band, total in baseline.window_totals]}

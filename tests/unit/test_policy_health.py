@@ -186,6 +186,21 @@ def test_a_window_is_judged_at_a_band_with_its_own_baseline_when_it_has_one() ->
     assert result.degraded and result.band == "5-8" and result.windows_below == 3
 
 
+def test_more_requests_within_a_band_share_its_rate_in_all() -> None:
+    """5-8 learned at 5 requests: 100 tok/s each, 500 in all. A window at 8 requests makes 45 tok/s each,
+    360 in all: each request gets less because more share the steps, not a slowdown. At 8 requests and
+    25 tok/s each (200 in all) both fell: degraded."""
+    base = ThroughputBaseline(window_rates=((3, 100.0),) * 5, window_totals=((3, 500.0),) * 5)
+    assert not assess_degraded(samples([45, 45, 45], concurrency=8), base, S, 1000.0).degraded
+    slow = assess_degraded(samples([25, 25, 25], concurrency=8), base, S, 1000.0)
+    assert slow.degraded and "the 500.0 tok/s in all learned there, shared among 8.0" in slow.reason
+    # without the totals (per request only) the first window would have read as a slowdown
+    per_request_only = ThroughputBaseline(window_rates=base.window_rates)
+    assert assess_degraded(samples([45, 45, 45], concurrency=8), per_request_only, S, 1000.0).degraded
+    learned_here = learn_baseline(ThroughputBaseline(), samples([45], concurrency=8), S, 1000.0)
+    assert learned_here.totals(3) == (360.0,)
+
+
 def test_a_window_is_judged_by_its_band_with_the_most_tokens() -> None:
     """A window with a lone canary (16 tokens, slow while the engine was busy with direct clients) and
     thousands of tokens of streams at 9-16 concurrent is judged at 9-16."""
@@ -350,9 +365,10 @@ def test_persisted_baselines_keep_their_bands_and_older_state_files_still_load()
     mixed lone requests with engine-wide totals) is learned again, as is anything else."""
     from supervisord_llm.engine.health import baseline_from_record, baseline_record
 
-    both = ThroughputBaseline(window_rates=learned(25.0).window_rates + learned(10.0, band=4).window_rates)
+    both = ThroughputBaseline(window_rates=learned(25.0).window_rates + learned(10.0, band=4).window_rates,
+                              window_totals=((4, 120.0),) * 5)
     again = baseline_from_record(json.loads(json.dumps(baseline_record(both))))
-    assert again.learned(S) == {0: 25.0, 4: 10.0}
+    assert again.learned(S) == {0: 25.0, 4: 10.0} and again.total_per_s(S, 4) == 120.0
     assert baseline_from_record({"window_rates": [2000.0] * 5}) == ThroughputBaseline()
     for broken in ({"window_rates": [[1.5, 2.0]]}, {"window_rates": [["a", 2.0]]}, {"window_rates": "x"}, [], None,
                    {"window_rates": [[-1, 2.0]]}, {"window_rates": [True]}, {"window_rates": [[True, 2.0]]},
