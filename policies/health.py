@@ -164,7 +164,9 @@ def band_threshold(baseline: ThroughputBaseline, settings: HealthSettings, band:
     """
     own = baseline.tokens_per_s(settings, band)
     if own is not None:
-        total = baseline.total_per_s(settings, band)
+        # only where the totals are of the same windows as the rates (both are kept to the newest alike)
+        aligned = len(baseline.totals(band)) == len(baseline.rates(band))
+        total = baseline.total_per_s(settings, band) if aligned else None
         if total is not None and total / max(concurrency, 1.0) < own:
             # more requests at once than its fastest windows had: each may get less, the engine no less in all
             shared = total / max(concurrency, 1.0)

@@ -21,6 +21,7 @@ liveness and its next real request judge it, and a canary to it allows ``load_ti
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -479,18 +480,22 @@ def baseline_from_record(record: Any) -> ThroughputBaseline:
     """A persisted baseline: ``window_rates`` and ``window_totals`` as [concurrency band, rate] pairs. A list
     of bare rates (a state file from before concurrency bands) is dropped and learned again: those rates
     mixed lone requests with engine-wide totals, so as a lone request's baseline they would read as a
-    slowdown. So is anything malformed."""
+    slowdown. So are malformed rates (each must be a finite number above zero in a known band); malformed
+    totals are dropped alone."""
     if not isinstance(record, dict):
         return ThroughputBaseline()
-    rates, totals = _band_pairs(record.get("window_rates")), _band_pairs(record.get("window_totals", []))
-    if rates is None or totals is None:
+    rates = _band_pairs(record.get("window_rates"))
+    if rates is None:
         return ThroughputBaseline()
+    # totals that are missing or malformed are dropped alone: the rates are judged by themselves then
+    totals = _band_pairs(record.get("window_totals", [])) or ()
     return ThroughputBaseline(window_rates=rates, window_totals=totals, last_window_end_s=None)
 
 
 def _band_pairs(value: Any) -> tuple[tuple[int, float], ...] | None:
     if not isinstance(value, list) or not all(
-            isinstance(r, list) and len(r) == 2 and _band(r[0]) and _number(r[1]) for r in value):
+            isinstance(r, list) and len(r) == 2 and _band(r[0]) and _number(r[1]) and math.isfinite(r[1])
+            and r[1] > 0 for r in value):
         return None
     return tuple((int(b), float(r)) for b, r in value)
 

@@ -201,6 +201,15 @@ def test_more_requests_within_a_band_share_its_rate_in_all() -> None:
     assert learned_here.totals(3) == (360.0,)
 
 
+def test_totals_of_other_windows_than_the_rates_are_not_used() -> None:
+    """A band whose totals do not cover the same windows as its rates (a state file from before totals,
+    then a few new windows): per request only, so the share is not applied twice."""
+    misaligned = ThroughputBaseline(window_rates=((3, 100.0),) * 100 + ((3, 55.0),) * 5,
+                                    window_totals=((3, 275.0),) * 5)
+    result = assess_degraded(samples([40, 40, 40], concurrency=5), misaligned, S, 1000.0)
+    assert result.degraded and "the 100.0 tok/s baseline there" in result.reason
+
+
 def test_a_window_is_judged_by_its_band_with_the_most_tokens() -> None:
     """A window with a lone canary (16 tokens, slow while the engine was busy with direct clients) and
     thousands of tokens of streams at 9-16 concurrent is judged at 9-16."""
@@ -370,7 +379,12 @@ def test_persisted_baselines_keep_their_bands_and_older_state_files_still_load()
     again = baseline_from_record(json.loads(json.dumps(baseline_record(both))))
     assert again.learned(S) == {0: 25.0, 4: 10.0} and again.total_per_s(S, 4) == 120.0
     assert baseline_from_record({"window_rates": [2000.0] * 5}) == ThroughputBaseline()
+    # totals missing or malformed: the rates stay, judged by themselves
+    for totals in ({}, {"window_totals": None}, {"window_totals": [[0, -1.0]]}):
+        kept = baseline_from_record({"window_rates": [[0, 25.0]] * 5, **totals})
+        assert kept.learned(S) == {0: 25.0} and kept.window_totals == ()
     for broken in ({"window_rates": [[1.5, 2.0]]}, {"window_rates": [["a", 2.0]]}, {"window_rates": "x"}, [], None,
                    {"window_rates": [[-1, 2.0]]}, {"window_rates": [True]}, {"window_rates": [[True, 2.0]]},
-                   {"window_rates": [[10**6, 2.0]]}):
+                   {"window_rates": [[10**6, 2.0]]}, {"window_rates": [[0, -5.0]]}, {"window_rates": [[0, 0.0]]},
+                   {"window_rates": [[0, float("nan")]]}, {"window_rates": [[0, float("inf")]]}):
         assert baseline_from_record(broken) == ThroughputBaseline()
