@@ -25,6 +25,13 @@ def _t(event: dict) -> float:
     return datetime.fromisoformat(event["at"].replace("Z", "+00:00")).timestamp()
 
 
+def _wait_baseline(d, name: str, timeout_s: float = 60) -> None:
+    """Until the engine has learned a throughput baseline (or the time is up)."""
+    deadline = time.monotonic() + timeout_s
+    while d.engine(name)["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def _state_events(d, name: str) -> list[dict]:
     return [e for e in d.events() if e["kind"] == "engine.state_changed" and e.get("engine") == name]
 
@@ -54,9 +61,7 @@ def test_duty_cycle_slowdown_is_degraded_and_recovers(daemon_factory, tiny_model
     cfg += '[policies.degraded]\nwindow = "3s"\nwindows = 2\nshare = 0.6\n'
     d = daemon_factory(cfg).start()
     pid = d.wait_state("tiny", "ready", 90)["pid"]
-    deadline = time.monotonic() + 60
-    while d.engine("tiny")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait_baseline(d, "tiny")
     baseline = d.engine("tiny")["baseline_tokens_per_s"]
     assert baseline, "a baseline is learned from canaries"
     stop = threading.Event()
@@ -95,9 +100,7 @@ def test_many_concurrent_streams_are_not_degraded(daemon_factory, tiny_model) ->
     cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\n'
     d = daemon_factory(cfg).start()
     d.wait_state("tiny", "ready", 90)
-    deadline = time.monotonic() + 60
-    while d.engine("tiny")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait_baseline(d, "tiny")
     baseline = d.engine("tiny")["baseline_tokens_per_s"]
     assert baseline, "a baseline is learned from canaries"
     stop = threading.Event()
@@ -289,9 +292,7 @@ def test_throughput_baseline_survives_a_daemon_restart(daemon_factory, tiny_mode
     cfg += '[policies.degraded]\nwindow = "2s"\n'
     d = daemon_factory(cfg).start()
     d.wait_state("tiny", "ready", 90)
-    deadline = time.monotonic() + 60
-    while d.engine("tiny")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait_baseline(d, "tiny")
     learned = d.engine("tiny")["baseline_tokens_per_s"]
     assert learned
     time.sleep(6)  # learned baselines are saved with the next memory probe (every probes.interval, 5 s)
@@ -309,9 +310,7 @@ def test_degraded_engine_is_restarted_when_idle_if_configured(daemon_factory, ti
     cfg += '[policies.degraded]\nwindow = "3s"\nwindows = 2\nshare = 0.6\nrestart_when_idle = true\n'
     d = daemon_factory(cfg).start()
     pid = d.wait_state("tiny", "ready", 90)["pid"]
-    deadline = time.monotonic() + 60
-    while d.engine("tiny")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait_baseline(d, "tiny")
     stop = threading.Event()
 
     def duty_cycle() -> None:
