@@ -107,14 +107,8 @@ def band_label(band: int) -> str:
     return f"{band_low(band)}-{2 ** band}"
 
 
-def _in_band(s: ThroughputSample, band: int | None) -> bool:
-    return band is None or concurrency_band(s.concurrency) == band
-
-
-def rolling_rate(samples: Sequence[ThroughputSample], start_s: float, end_s: float,
-                 band: int | None = None) -> float | None:
-    """Token rate over the samples with ``start_s < at_s <= end_s`` (of one concurrency band, if given);
-    None when there are none.
+def rolling_rate(samples: Sequence[ThroughputSample], start_s: float, end_s: float) -> float | None:
+    """Token rate over the samples with ``start_s < at_s <= end_s``; None when there are none.
 
     Samples are weighted by their token counts (a 1,000-token stream says more than an
     8-token canary); samples that carry no count weigh as one token.
@@ -122,29 +116,34 @@ def rolling_rate(samples: Sequence[ThroughputSample], start_s: float, end_s: flo
     total_weight = 0.0
     weighted = 0.0
     for s in samples:
-        if start_s < s.at_s <= end_s and _in_band(s, band):
+        if start_s < s.at_s <= end_s:
             weight = float(max(s.tokens, 1))
             total_weight += weight
             weighted += weight * s.tokens_per_s
     return None if total_weight == 0 else weighted / total_weight
 
 
-def _band_weights(samples: Sequence[ThroughputSample], start_s: float, end_s: float) -> dict[int, float]:
-    weights: dict[int, float] = {}
+@dataclass(frozen=True, slots=True)
+class _BandWindow:
+    """One concurrency band's samples in a window: their weight (tokens), and, weighted alike, their rate
+    and their concurrency."""
+
+    weight: float
+    rate: float
+    concurrency: float
+
+
+def _window_bands(samples: Sequence[ThroughputSample], start_s: float, end_s: float) -> dict[int, _BandWindow]:
+    """The samples with ``start_s < at_s <= end_s`` by concurrency band, weighted as ``rolling_rate`` weighs."""
+    sums: dict[int, list[float]] = {}
     for s in samples:
         if start_s < s.at_s <= end_s:
-            band = concurrency_band(s.concurrency)
-            weights[band] = weights.get(band, 0.0) + float(max(s.tokens, 1))
-    return weights
-
-
-def _mean_concurrency(samples: Sequence[ThroughputSample], start_s: float, end_s: float, band: int) -> float:
-    total = weighted = 0.0
-    for s in samples:
-        if start_s < s.at_s <= end_s and _in_band(s, band):
-            total += float(max(s.tokens, 1))
-            weighted += float(max(s.tokens, 1)) * s.concurrency
-    return weighted / total if total else float(band_low(band))
+            weight = float(max(s.tokens, 1))
+            acc = sums.setdefault(concurrency_band(s.concurrency), [0.0, 0.0, 0.0])
+            acc[0] += weight
+            acc[1] += weight * s.tokens_per_s
+            acc[2] += weight * s.concurrency
+    return {band: _BandWindow(w, rate / w, conc / w) for band, (w, rate, conc) in sums.items()}
 
 
 def band_threshold(baseline: ThroughputBaseline, settings: HealthSettings, band: int, concurrency: float
@@ -156,9 +155,9 @@ def band_threshold(baseline: ThroughputBaseline, settings: HealthSettings, band:
     bottom, so where the window ran more at once than the band's fastest windows, the band's learned
     rate in all, shared among the window's requests, if that is less (an engine that shares its steps
     gives each of more requests less; a slowdown takes from both). For a band not yet learned, the
-    nearest learned band below it:
-    an engine running more requests at once makes no fewer tokens a second in all, so that band's
-    slowest healthy window, times its fewest requests, shared among this band's, is a floor. (No bound
+    nearest learned band below it: an engine running more requests at once makes no fewer tokens a
+    second in all, so that band's slowest healthy window, times its fewest requests, shared among
+    this band's, is a floor. (No bound
     is taken from a band above: a request beside more others is no faster only for the same kind of
     work, and short batch jobs at 8 beside long-context chats at 2 are not.)
     """
@@ -269,13 +268,12 @@ def learn_baseline(
     rates = list(baseline.window_rates)
     totals = list(baseline.window_totals)
     start_s = now_s - settings.window_s
-    for band in sorted(_band_weights(samples, start_s, now_s)):
-        rate = rolling_rate(samples, start_s, now_s, band)
-        concurrency = _mean_concurrency(samples, start_s, now_s, band)
-        judged = band_threshold(baseline, settings, band, concurrency)
-        if healthy and rate is not None and rate > 0 and (judged is None or rate >= judged[0]):
+    for band, window in sorted(_window_bands(samples, start_s, now_s).items()):
+        rate = window.rate
+        judged = band_threshold(baseline, settings, band, window.concurrency)
+        if healthy and rate > 0 and (judged is None or rate >= judged[0]):
             rates = _keep_newest((*rates, (band, rate)), band, settings.baseline_max_windows)
-            totals = _keep_newest((*totals, (band, rate * concurrency)), band, settings.baseline_max_windows)
+            totals = _keep_newest((*totals, (band, rate * window.concurrency)), band, settings.baseline_max_windows)
     return replace(baseline, window_rates=tuple(rates), window_totals=tuple(totals), last_window_end_s=now_s)
 
 
@@ -387,16 +385,14 @@ def _judge_window(samples: Sequence[ThroughputSample], baseline: ThroughputBasel
     """The window's (band, rate, threshold) to judge, or None if it cannot be: the band with the most
     tokens among those with a learned baseline of their own; only when none has samples here, the band
     with the most tokens, judged by the bound ``band_threshold`` gives it."""
-    weights = _band_weights(samples, start_s, end_s)
-    if not weights:
+    bands = _window_bands(samples, start_s, end_s)
+    if not bands:
         return None
     learned = baseline.learned(settings)
-    own = {b: w for b, w in weights.items() if b in learned}
-    pool = own or weights
-    band = max(pool, key=lambda b: (pool[b], -b))
-    rate = rolling_rate(samples, start_s, end_s, band)
-    judged = band_threshold(baseline, settings, band, _mean_concurrency(samples, start_s, end_s, band))
-    return None if rate is None or judged is None else (band, rate, judged)
+    pool = {b: w for b, w in bands.items() if b in learned} or bands
+    band = max(pool, key=lambda b: (pool[b].weight, -b))
+    judged = band_threshold(baseline, settings, band, pool[band].concurrency)
+    return None if judged is None else (band, pool[band].rate, judged)
 
 
 def assess_degraded(
