@@ -312,6 +312,20 @@ def mean_in_flight(changes: Sequence[tuple[float, int]], start_s: float, end_s: 
     return None
 
 
+# A stream's rate needs a real decode: a server that holds tokens back and flushes many in one chunk (or a
+# very short answer) would give an absurd rate and inflate the learned baseline.
+MIN_SAMPLE_TOKENS = 8
+MIN_SAMPLE_DECODE_S = 0.05  # a flush of held-back tokens spans milliseconds; a real 8-token decode does not
+
+
+def stream_decode_rate(tokens: int, decode_s: float | None) -> float | None:
+    """One completed stream's decode rate (tokens after the first over the time after the first), or None
+    when it was no real decode (fewer than ``MIN_SAMPLE_TOKENS``, or under ``MIN_SAMPLE_DECODE_S``)."""
+    if tokens < MIN_SAMPLE_TOKENS or decode_s is None or decode_s < MIN_SAMPLE_DECODE_S:
+        return None
+    return (tokens - 1) / decode_s
+
+
 def mean_reported_running(counters: Sequence[EngineCounters], start_s: float, end_s: float) -> float | None:
     """The running-request count the engine reported, as a step function, averaged over
     ``[start_s, end_s]``: each reading holds until the next (the first also before it: readings come

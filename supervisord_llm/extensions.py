@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from policies.health import stream_decode_rate
 from supervisord_llm.engine.supervisor import EngineState
 from supervisord_llm.extension import Extension
 from supervisord_llm.gateway.protocol import EngineUnavailable, RequestStats, Upstream
@@ -19,10 +20,6 @@ from supervisord_llm.gateway.protocol import EngineUnavailable, RequestStats, Up
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
     from supervisord_llm.engine.supervisor import EngineSupervisor
-
-
-MIN_SAMPLE_TOKENS = 8
-MIN_SAMPLE_DECODE_S = 0.05  # a flush of held-back tokens spans milliseconds; a real 8-token decode does not
 
 
 class DaemonGatewayBackend:
@@ -223,12 +220,10 @@ class DaemonGatewayBackend:
             return
         now = self.daemon.clock.now()
         concurrency = health.request_finished(now, stats.decode_s)
-        # A rate needs a real decode span: a server that holds tokens back and flushes many in one chunk
-        # (or a very short answer) would give an absurd rate and inflate the learned baseline.
-        if (stats.ended == "complete" and stats.tokens >= MIN_SAMPLE_TOKENS and stats.decode_s is not None
-                and stats.decode_s >= MIN_SAMPLE_DECODE_S):
-            health.add_sample(ThroughputSample(at_s=now, tokens_per_s=(stats.tokens - 1) / stats.decode_s,
-                                               source="gateway", tokens=stats.tokens, concurrency=concurrency))
+        rate = stream_decode_rate(stats.tokens, stats.decode_s) if stats.ended == "complete" else None
+        if rate is not None:
+            health.add_sample(ThroughputSample(at_s=now, tokens_per_s=rate, source="gateway", tokens=stats.tokens,
+                                               concurrency=concurrency))
 
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:
         health = self._health(engine)
