@@ -17,9 +17,10 @@ window with samples only in bands not yet learned is judged by a floor from the 
 below (``band_threshold``: an engine running more requests makes no fewer tokens in all). A window
 without samples, or that nothing can judge, is unknown: it does not count as below, and it ends the
 streak. What this cannot tell apart: a slowdown that arrives together with more requests at once, in
-a band not yet learned, is judged only by that loose floor; at a like concurrency, a shift to much
-longer prompts slows each request's decode (prefill chunks share the steps); and different kinds of
-work at different concurrencies are only compared through that floor.
+a band not yet learned, is judged only by that loose floor; and different kinds of work at different
+concurrencies are only compared through that floor. A stream's rate is taken only over the intervals
+between its tokens when no other request to its engine was in prefill (``quiet_interval``): a long
+prompt beside it makes it wait, not the engine slow.
 
 **Baseline.** ``ThroughputBaseline`` keeps the rates of recent healthy windows per band and reports
 a high percentile of a band's (default p90): a high percentile follows what the model *can* do, and
@@ -318,12 +319,36 @@ MIN_SAMPLE_TOKENS = 8
 MIN_SAMPLE_DECODE_S = 0.05  # a flush of held-back tokens spans milliseconds; a real 8-token decode does not
 
 
-def stream_decode_rate(tokens: int, decode_s: float | None) -> float | None:
-    """One completed stream's decode rate (tokens after the first over the time after the first), or None
-    when it was no real decode (fewer than ``MIN_SAMPLE_TOKENS``, or under ``MIN_SAMPLE_DECODE_S``)."""
-    if tokens < MIN_SAMPLE_TOKENS or decode_s is None or decode_s < MIN_SAMPLE_DECODE_S:
+def quiet_interval(prev_token_s: float, in_prefill: int, last_prefill_end_s: float | None) -> bool:
+    """Whether a stream's interval between two tokens (from ``prev_token_s`` to now) measures the engine's
+    decode alone: no other request to its engine is in prefill now (``in_prefill``), and none ended its
+    prefill within the interval (``last_prefill_end_s``). A request is in prefill from its send until
+    its first token, or its end without one (an answer not streamed counts whole: nothing tells its
+    prompt from its answer).
+
+    An engine runs a prompt's prefill between its decode steps or inside them (mlx_lm.server's batch
+    generator prefills new prompts before it decodes again; vLLM's chunked prefill fills each step's
+    token budget with prompt chunks), so a stream decoding beside a long prompt gets fewer tokens or
+    none meanwhile: that is the other request's prompt, not the engine's speed, and by how much depends
+    on the engine and the prompt, so no share of it can be taken out; the interval is left out whole.
+    """
+    return in_prefill == 0 and (last_prefill_end_s is None or last_prefill_end_s <= prev_token_s)
+
+
+def stream_decode_rate(tokens: int, decode_s: float | None, quiet: tuple[int, float] | None = None
+                       ) -> tuple[float, int] | None:
+    """A completed stream's decode rate, and the tokens it rests on; None when that is no real decode.
+
+    ``tokens`` over ``decode_s`` (from its first token to its last) is the whole decode: the tokens after
+    the first over that time. ``quiet``: the intervals between its tokens that no other request's
+    prefill touched (``quiet_interval``), as (how many, their total time); where given, only they
+    count. A real decode is at least ``MIN_SAMPLE_TOKENS - 1`` intervals over at least
+    ``MIN_SAMPLE_DECODE_S``.
+    """
+    intervals, seconds = quiet if quiet is not None else (tokens - 1, decode_s)
+    if intervals < MIN_SAMPLE_TOKENS - 1 or seconds is None or seconds < MIN_SAMPLE_DECODE_S:
         return None
-    return (tokens - 1) / decode_s
+    return intervals / seconds, intervals + 1
 
 
 def mean_reported_running(counters: Sequence[EngineCounters], start_s: float, end_s: float) -> float | None:

@@ -220,9 +220,9 @@ class DaemonGatewayBackend:
             return
         now = self.daemon.clock.now()
         concurrency = health.request_finished(now, stats.decode_s)
-        rate = stream_decode_rate(stats.tokens, stats.decode_s) if stats.ended == "complete" else None
+        rate = stream_decode_rate(stats.tokens, stats.decode_s, stats.quiet) if stats.ended == "complete" else None
         if rate is not None:
-            health.add_sample(ThroughputSample(at_s=now, tokens_per_s=rate, source="gateway", tokens=stats.tokens,
+            health.add_sample(ThroughputSample(at_s=now, tokens_per_s=rate[0], source="gateway", tokens=rate[1],
                                                concurrency=concurrency))
 
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:

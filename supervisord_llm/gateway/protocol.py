@@ -99,6 +99,9 @@ class RequestStats:
     max_gap_s: float | None
     ended: str  # "complete" | "client_disconnected" | "client_too_slow" | "upstream_error" | "stalled"
     duration_s: float | None = None  # from sending to the engine to the last byte
+    # The intervals between its tokens that no other request's prefill touched (gateway/prefills.py): how
+    # many, and their total time. None: not known (its decode is then taken whole).
+    quiet: tuple[int, float] | None = None
 
 
 class DaemonCalls(Protocol):

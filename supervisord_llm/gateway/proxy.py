@@ -59,6 +59,7 @@ from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
 from supervisord_llm.gateway import anthropic as anthropic_api
 from supervisord_llm.gateway import hold, retry
+from supervisord_llm.gateway.prefills import PrefillSpans
 from supervisord_llm.gateway.protocol import (
     EngineUnavailable,
     GatewayBackend,
@@ -456,8 +457,23 @@ class _Forward:
         self.client_fed_at_s = 0.0  # when the client of a translated stream last got bytes
         engine = upstream.engine
         token_progress = gw.backend.token_progress
+        prefills = gw.prefills
+        self.prefill_key: int | None = None  # in prefill (gateway/prefills.py) from the send to the first token
+        # The intervals between this stream's tokens that no other request's prefill touched: their
+        # count and their total time (the rate the daemon learns and judges).
+        self.quiet_tokens = 0
+        self.quiet_s = 0.0
+        previous_s: float | None = None
 
         def on_token(at_s: float) -> None:
+            nonlocal previous_s
+            if self.prefill_key is not None:
+                prefills.end(engine, self.prefill_key, at_s)
+                self.prefill_key = None
+            elif previous_s is not None and prefills.quiet_since(engine, previous_s):
+                self.quiet_tokens += 1
+                self.quiet_s += at_s - previous_s
+            previous_s = at_s
             try:
                 token_progress(engine, at_s)
             except Exception:  # a backend bug must not break a stream
@@ -481,6 +497,7 @@ class _Forward:
                 self._tg = tg
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
                 self.sent_at_s = gw.clock.now()
+                self.prefill_key = gw.prefills.begin(engine, self.sent_at_s)
                 if self.stream_requested:
                     self._start_stall_watch()
                 await self._exchange(send, tg)
@@ -1014,6 +1031,10 @@ class _Forward:
         counts[ended] += 1
         first, last = meter.first_token_at_s, meter.last_token_at_s
         tokens = meter.tokens
+        now = self.gw.clock.now()
+        if self.prefill_key is not None:  # no token came: in prefill until now
+            self.gw.prefills.end(self.upstream.engine, self.prefill_key, now)
+            self.prefill_key = None
         if self.non_stream_tokens is not None and not tokens:
             tokens = self.non_stream_tokens
         stats = RequestStats(
@@ -1023,7 +1044,8 @@ class _Forward:
             decode_s=None if first is None or last is None else last - first,
             max_gap_s=meter.max_gap_s,
             ended=ended,
-            duration_s=self.gw.clock.now() - self.sent_at_s if self.sent_at_s else None,
+            duration_s=now - self.sent_at_s if self.sent_at_s else None,
+            quiet=(self.quiet_tokens, self.quiet_s),
         )
         self.gw.call_backend("request_finished", stats)
 
@@ -1131,6 +1153,7 @@ class _Gateway:
         self.log = log
         self.stats = GatewayStats(settings.listen)
         self.lines = EngineLines()
+        self.prefills = PrefillSpans()
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # made in the lifespan
         # Forwarded requests go through this one (gateway/upstream.py: the per-token hot path).
         self.upstream_client: UpstreamClient = None  # type: ignore[assignment]  # made in the lifespan

@@ -143,6 +143,90 @@ def test_many_concurrent_streams_are_not_degraded(daemon_factory, tiny_model) ->
     assert not [e for e in d.events() if e["kind"] == "alert.sent" and "degraded" in str(e)]
 
 
+def test_decodes_beside_long_prefills_are_not_degraded(daemon_factory, tiny_model) -> None:
+    """A real mlx_lm.server that learned its rate from lone canaries, then serves, through the gateway, one
+    client's streams beside another client's long prompts (about a second of prefill each, one token
+    answered): mlx_lm.server runs a prompt's prefill between decode steps, so a stream decoding beside one
+    gets no token meanwhile and its rate over its decode falls to a fraction. That is the other request's
+    prefill, not a slowdown of the engine: it stays `ready` through 6 windows of it and raises no alert,
+    while the streams' tokens still give rates (the time the engine spent on the others' prefill left
+    out: only the intervals between a stream's tokens that no other request's prefill touched count)."""
+    gw = free_port()
+    # Long prompts grow the engine's memory (its prompt cache): a footprint that holds them.
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, canary_interval="1s", canary_max_tokens=200, stall="10s",
+                          default=True, footprint="1GB")
+    cfg += '[policies.degraded]\nwindow = "3s"\nwindows = 2\nshare = 0.6\n'
+    cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\n'
+    d = daemon_factory(cfg).start()
+    d.wait_state("tiny", "ready", 90)
+    _wait_baseline(d, "tiny")
+    baseline = d.engine("tiny")["baseline_tokens_per_s"]
+    assert baseline, "a baseline is learned from canaries"
+    stop = threading.Event()
+    streams: list[float] = []
+    prefills: list[float] = []
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+
+    def streamer() -> None:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "count"}], "max_tokens": 300,
+                "stream": True}
+        while not stop.is_set():
+            first = last = None
+            tokens = 0
+            with httpx.stream("POST", url, json=body, timeout=60) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if line.startswith("data:") and '"content"' in line:
+                        last = time.monotonic()
+                        first = first or last
+                        tokens += 1
+            if first is not None and last is not None and last > first:
+                streams.append((tokens - 1) / (last - first))
+
+    def prompter() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1  # a new prompt each time (its start differs): no prompt cache shortens the prefill
+            words = " ".join(f"w{k}x{i}" for i in range(700))
+            started = time.monotonic()
+            response = httpx.post(url, json={"model": "tiny", "max_tokens": 1,
+                                             "messages": [{"role": "user", "content": f"{k} {words}"}]}, timeout=60)
+            assert response.status_code == 200
+            prefills.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=streamer, daemon=True), threading.Thread(target=prompter, daemon=True)]
+    for t in threads:
+        t.start()
+    states: list[str] = []
+    rates: list[float | None] = []
+    try:
+        until = time.monotonic() + 18.0  # 6 windows of 3 s
+        while time.monotonic() < until:
+            engine = d.engine("tiny")
+            states.append(engine["state"])
+            rates.append(engine["tokens_per_s"])
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    streams.sort()
+    print(f"baseline {baseline} tok/s from lone canaries; {len(prefills)} prompts, prefill p50 "
+          f"{sorted(prefills)[len(prefills) // 2]:.2f}s; {len(streams)} streams, client-side rates "
+          f"{[round(r) for r in streams]}; rates judged {sorted({r for r in rates if r})}; states {sorted(set(states))}")
+    for e in _state_events(d, "tiny"):
+        print(f"  {e['from']} -> {e['to']}: {e.get('reason')}")
+    assert len(prefills) >= 6 and len(streams) >= 6
+    assert streams[0] < 0.6 * baseline, "no stream decoded beside a prefill: the test proves nothing"
+    assert set(states) == {"ready"}, f"another request's prefill was called a slowdown: {d.engine('tiny')['state_reason']}"
+    judged = [r for r in rates if r]
+    assert judged, "the streams gave no rates at all"
+    # Only the intervals no prefill touched count: not a share taken off, which reads an engine that still
+    # decodes beside a prefill as several times faster than it is (and would teach that as its baseline).
+    assert max(judged) < 1.5 * baseline, f"rates beside prefills read too high: {sorted(judged)}"
+    assert not [e for e in d.events() if e["kind"] == "alert.sent" and "degraded" in str(e)]
+
+
 @pytest.mark.long_wait
 def test_sigkill_restart_is_at_least_60s_after_the_previous_spawn(daemon_factory, tiny_model) -> None:
     """After a crash the next automatic spawn waits for the 60 s floor (one real wait)."""

@@ -18,8 +18,10 @@ from policies.health import (
     decode_rate_sample,
     learn_baseline,
     mean_in_flight,
+    quiet_interval,
     rolling_rate,
     sample_concurrency,
+    stream_decode_rate,
 )
 from probes.readings import CanaryReading, EngineCounters, ProcessTreeReading, ThroughputSample
 
@@ -388,3 +390,28 @@ def test_persisted_baselines_keep_their_bands_and_older_state_files_still_load()
                    {"window_rates": [[10**6, 2.0]]}, {"window_rates": [[0, -5.0]]}, {"window_rates": [[0, 0.0]]},
                    {"window_rates": [[0, float("nan")]]}, {"window_rates": [[0, float("inf")]]}):
         assert baseline_from_record(broken) == ThroughputBaseline()
+
+
+
+def test_a_stream_interval_is_quiet_only_when_no_other_prefill_touched_it() -> None:
+    assert quiet_interval(10.0, in_prefill=0, last_prefill_end_s=None)
+    assert quiet_interval(10.0, in_prefill=0, last_prefill_end_s=9.0)
+    assert quiet_interval(10.0, in_prefill=0, last_prefill_end_s=10.0)  # the stream's own first token
+    assert not quiet_interval(10.0, in_prefill=1, last_prefill_end_s=None)  # a prompt being read now
+    assert not quiet_interval(10.0, in_prefill=0, last_prefill_end_s=10.5)  # one ended within the interval
+
+
+def test_a_stream_rate_is_its_decode_or_only_its_quiet_intervals() -> None:
+    """mlx_lm.server prefills a 2 s prompt among its decode steps: a 300-token stream beside it took 2.3 s
+    for its decode; the 250 intervals between its tokens that no prefill touched took 0.25 s."""
+    assert stream_decode_rate(300, 2.3) == (pytest.approx(130.0), 300)  # the engine read as ~9x slower
+    assert stream_decode_rate(300, 2.3, quiet=(250, 0.25)) == (pytest.approx(1000.0), 251)
+
+
+def test_a_stream_with_no_real_decode_gives_no_rate() -> None:
+    assert stream_decode_rate(300, 2.3, quiet=(6, 0.2)) is None  # too few quiet intervals
+    assert stream_decode_rate(300, 2.3, quiet=(100, 0.02)) is None  # too short
+    assert stream_decode_rate(300, 2.3, quiet=(0, 0.0)) is None  # a prefill beside it all along
+    assert stream_decode_rate(7, 1.0) is None  # too few tokens
+    assert stream_decode_rate(100, 0.01) is None  # a flush of held-back tokens
+    assert stream_decode_rate(100, None) is None
