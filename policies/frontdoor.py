@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import unquote_to_bytes
 
-# The inference API paths the gateway forwards (``/v1/models`` is answered by the gateway itself).
-# Anything else under /v1 is refused before routing, so an engine's admin endpoints are never
-# reachable through the gateway. The Messages API's sub-paths (count_tokens, batches) are served
-# natively or by the translation, which answers for the paths it does not serve.
-FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# The inference API paths the gateway forwards, exactly (``/v1/models`` is answered by the gateway
+# itself). Anything else is refused before routing, so an engine's admin endpoints are never reachable
+# through the gateway.
+FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
+                   "/v1/messages/count_tokens")
 MESSAGES_PREFIX = "/v1/messages"
+FORWARDED_METHOD = "POST"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,30 +32,47 @@ class PathVerdict:
     message: str = ""
 
 
-def check_path(raw_path: bytes) -> PathVerdict:
-    """A request path (as sent, percent-encoded) that may be routed, or why not.
+def check_path_safe(raw_path: bytes) -> PathVerdict:
+    """A request path (as sent, percent-encoded; a query is never part of it) that a proxy or an engine
+    could not read as another path, or why not. Any path the gateway is sent is checked so, its own
+    pages' too.
 
-    Dot segments (``..``, ``.``) are refused however they are spelled (``%2e%2e``, ``.%2E``),
-    as are backslashes and encoded slashes (``%2f``, ``%5c``) that a proxy or an engine might
-    normalise into a different path, and control characters. Then only the inference paths pass.
+    Dot segments (``..``, ``.``) are refused however they are spelled (``%2e%2e``, ``.%2E``, a ``?``
+    sent encoded before them does not hide them), as are backslashes, encoded slashes (``%2f``,
+    ``%5c``), an encoded percent sign (``%25``: a path encoded twice, which a second decoding would
+    turn into dots or slashes) and control characters.
     """
     lowered = raw_path.lower()
     if b"%2f" in lowered or b"%5c" in lowered or b"\\" in raw_path:
         return PathVerdict(False, 400, "invalid_path", "the path contains a backslash or an encoded slash; "
                                                        "send a plain path such as /v1/chat/completions")
+    if b"%25" in raw_path:
+        return PathVerdict(False, 400, "invalid_path", "the path contains an encoded percent sign (%25: a path "
+                                                       "encoded twice); send a plain path such as /v1/chat/completions")
     decoded = unquote_to_bytes(raw_path)
     if any(b < 0x20 or b == 0x7F for b in decoded):
         return PathVerdict(False, 400, "invalid_path", "the path contains control characters")
-    segments = decoded.split(b"?", 1)[0].split(b"/")
-    if any(segment in (b".", b"..") for segment in segments):
+    if any(segment in (b".", b"..") for segment in decoded.split(b"/")):
         return PathVerdict(False, 400, "invalid_path", "the path contains dot segments ('.' or '..', also "
                                                        "percent-encoded); send a plain path such as /v1/chat/completions")
-    path = decoded.decode("utf-8", "replace")
-    if path in FORWARDED_PATHS or path == MESSAGES_PREFIX or path.startswith(MESSAGES_PREFIX + "/"):
-        return PathVerdict(True)
-    return PathVerdict(False, 404, "not_found",
-                       f"{path} is not an inference API path the gateway forwards; it forwards "
-                       f"{', '.join(FORWARDED_PATHS)}, {MESSAGES_PREFIX} (with count_tokens) and answers /v1/models")
+    return PathVerdict(True)
+
+
+def check_path(raw_path: bytes, method: str = FORWARDED_METHOD) -> PathVerdict:
+    """A request (its path as sent, and its method) that may be forwarded to an engine, or why not: a safe
+    path (``check_path_safe``) that is one of ``FORWARDED_PATHS`` exactly, sent with POST."""
+    verdict = check_path_safe(raw_path)
+    if not verdict.ok:
+        return verdict
+    path = unquote_to_bytes(raw_path).decode("utf-8", "replace")
+    if path not in FORWARDED_PATHS:
+        return PathVerdict(False, 404, "not_found",
+                           f"{path} is not an inference API path the gateway forwards; it forwards "
+                           f"{', '.join(FORWARDED_PATHS)} and answers /v1/models")
+    if method != FORWARDED_METHOD:
+        return PathVerdict(False, 405, "method_not_allowed",
+                           f"{path} takes {FORWARDED_METHOD}, not {method}")
+    return PathVerdict(True)
 
 
 class SwapPermission(StrEnum):

@@ -37,6 +37,7 @@ def header_timeout_protocol(
     class HeaderTimeoutProtocol(base):  # type: ignore[valid-type,misc]
         _header_timer: asyncio.TimerHandle | None = None
         _header_bytes: bytes = b""
+        _served = False  # answered a request: idle from now on is a kept-alive connection, not a slow one
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -50,6 +51,7 @@ def header_timeout_protocol(
                 self._cancel_header_timer()
 
         def on_response_complete(self) -> None:
+            self._served = True
             super().on_response_complete()
             # A pipelined request may already have been parsed by the call above.
             if not self.transport.is_closing() and not self._headers_complete():
@@ -76,6 +78,9 @@ def header_timeout_protocol(
         def _header_timeout(self) -> None:
             self._header_timer = None
             if self._headers_complete() or self.transport.is_closing():
+                return
+            if self._served and not self._header_bytes:
+                self.transport.close()  # a kept-alive connection that went idle: closed, nothing refused
                 return
             answer = on_timeout(self._header_bytes)
             if answer:

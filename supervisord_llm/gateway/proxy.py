@@ -54,7 +54,17 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from policies.frontdoor import Admission, SwapPermission, admit_request, check_path, may_start_engine, retry_after_s
+from policies.frontdoor import (
+    FORWARDED_METHOD,
+    FORWARDED_PATHS,
+    Admission,
+    SwapPermission,
+    admit_request,
+    check_path,
+    check_path_safe,
+    may_start_engine,
+    retry_after_s,
+)
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
 from supervisord_llm.gateway import anthropic as anthropic_api
@@ -444,6 +454,7 @@ class _Forward:
         self.blocked_since_s: float | None = None
         self.unblocked_at_s = 0.0
         self.awaiting_engine = False  # held in a resend, waiting for the engine to serve again
+        self.unavailable: EngineUnavailable | None = None  # why the engine will not serve the resend
         self.upstream_failed = False
         self.non_stream_tokens: int | None = None
         self.pump_scope = anyio.CancelScope()
@@ -604,6 +615,10 @@ class _Forward:
         engine = self.upstream.engine
         entry = next((m for m in gw.backend.models() if m.get("id") == engine), None)
         if entry is None or entry.get("state") in ("stopped", "failed"):
+            state = "gone" if entry is None else str(entry.get("state"))
+            self.unavailable = EngineUnavailable(
+                engine, state, f"engine {engine!r} went down with this request and is {state}: it is not started "
+                f"again for it")
             return False
         self.awaiting_engine = True
         try:
@@ -618,6 +633,9 @@ class _Forward:
         try:
             with anyio.move_on_after(timeout_s):
                 return (await gw.backend.acquire(engine)).engine == engine
+        except EngineUnavailable as exc:  # backoff, failed, ...: the client gets that answer
+            self.unavailable = exc
+            return False
         except SupervisordLLMError:
             return False
         return False
@@ -651,6 +669,11 @@ class _Forward:
                 gw.log.warning(
                     "gateway.upstream_failed", engine=upstream.engine, error=type(exc).__name__
                 )
+                if self.unavailable is not None:  # it died with the request, and is down for a while
+                    refusal = gw._unavailable(self.unavailable, self.anthropic)
+                    await _send_json(send, json.loads(bytes(refusal.body)), refusal.status_code,
+                                     {k: v for k, v in refusal.headers.items() if k == "retry-after"})
+                    return
                 await _send_json(
                     send,
                     error_body(
@@ -1057,7 +1080,8 @@ def _give_back(result: Any) -> None:
         done()
 
 
-async def _send_json(send: Any, body: dict[str, Any], status: int) -> None:
+async def _send_json(send: Any, body: dict[str, Any], status: int,
+                     headers: Mapping[str, str] | None = None) -> None:
     data = json.dumps(body).encode()
     try:
         await send(
@@ -1067,6 +1091,7 @@ async def _send_json(send: Any, body: dict[str, Any], status: int) -> None:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(data)).encode()),
+                    *((k.encode(), v.encode()) for k, v in (headers or {}).items()),
                 ],
             }
         )
@@ -1287,16 +1312,18 @@ class _Gateway:
         return JSONResponse(self.stats.snapshot())
 
     async def forward(self, request: Request) -> Response | _Counted:
-        path = request.url.path
+        scope = request.scope
+        path = scope["path"]  # decoded once; forwarded as it is only once it is one of the paths allowed
         anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
         if not self.authorized(request):
             return self.unauthorized(anthropic)
-        # Only inference paths reach an engine, judged on the path as sent: httpx would normalise
-        # /v1/../api/pull into /api/pull (Ollama's pull) on the way out.
-        verdict = check_path(request.scope.get("raw_path") or path.encode())
+        # Only inference paths reach an engine, judged on the path as sent: a client, a proxy or an engine
+        # would normalise /v1/../api/pull into /api/pull (Ollama's pull).
+        verdict = check_path(scope.get("raw_path") or path.encode(), request.method)
         if not verdict.ok:
             self.stats.refuse("path")
-            return error_response(anthropic, verdict.status, verdict.message, verdict.code)
+            return error_response(anthropic, verdict.status, verdict.message, verdict.code,
+                                  headers={"allow": FORWARDED_METHOD} if verdict.status == 405 else None)
         stats = self.stats
         stats.in_flight += 1
         stats.requests_total += 1
@@ -1329,6 +1356,7 @@ class _Gateway:
                 "client_disconnected"
             )
         except _BodyTooLarge:
+            self.stats.refuse("body_too_large")
             limit = self.settings.max_body_bytes
             return error_response(
                 anthropic,
@@ -1789,8 +1817,19 @@ class _FrontDoor:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.FAST_PATHS:
             response = await self.gw.forward(Request(scope, receive))
             await response(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "http":
+            # Every path the gateway is sent, its own pages' too: one that could read as another path is
+            # refused before any route sees it.
+            verdict = check_path_safe(scope.get("raw_path") or scope["path"].encode())
+            if not verdict.ok:
+                self.gw.stats.refuse("path")
+                path = scope["path"]
+                refusal = error_response(path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/"),
+                                         verdict.status, verdict.message, verdict.code)
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _Counted:
@@ -1807,6 +1846,20 @@ class _Counted:
             self.stats.in_flight -= 1
             if self.inner.on_done is not None:
                 self.inner.on_done()
+
+
+async def _not_served(request: Request, exc: Exception) -> Response:
+    """A path (or a method on it) the gateway does not serve: a JSON error in the client's API shape, not
+    Starlette's plain text."""
+    from starlette.exceptions import HTTPException
+
+    path = request.url.path
+    anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
+    if isinstance(exc, HTTPException) and exc.status_code == 405:
+        return error_response(anthropic, 405, f"{path} does not take {request.method}", "method_not_allowed",
+                              headers=exc.headers)
+    return error_response(anthropic, 404, f"{path} is not a path the gateway serves: it forwards "
+                          f"{', '.join(FORWARDED_PATHS)} to the engines and answers /v1/models", "not_found")
 
 
 def build_app(
@@ -1842,6 +1895,7 @@ def build_app(
             Route("/v1/{rest:path}", gw.forward, methods=methods),
         ],
         lifespan=lifespan,
+        exception_handlers={404: _not_served, 405: _not_served},
     )
     app.state.gateway = gw.stats
     app.state.gateway_core = gw

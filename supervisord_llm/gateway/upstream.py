@@ -85,7 +85,10 @@ class UpstreamRequest:
 
 def _mapped(exc: BaseException, url: str) -> httpx.HTTPError:
     request = httpx.Request("POST", url)
-    message = f"{type(exc).__name__}: {exc}"
+    # What went wrong, in the words of the system call where there is one (not aiohttp's own text).
+    os_error = getattr(exc, "os_error", None)
+    message = (os_error.strerror if isinstance(os_error, OSError) and os_error.strerror else None) \
+        or str(exc) or type(exc).__name__
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return httpx.ConnectTimeout(message, request=request)
     if isinstance(exc, aiohttp.ClientConnectorError):

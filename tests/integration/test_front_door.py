@@ -25,7 +25,8 @@ from tests.helpers import PYTHON, free_port, mlx_engine_toml, standin_engine_tom
 @pytest.mark.parametrize("raw", [
     b"/v1/../api/pull", b"/v1/%2e%2e/api/delete", b"/v1/.%2E/sleep", b"/v1/%2E%2e/update_weights_from_disk",
     b"/v1/chat/completions/./x", b"/v1/chat%2fcompletions", b"/v1/..%5capi%5cpull", b"/v1\\..\\api\\pull",
-    b"/v1/messages/%00",
+    b"/v1/messages/%00", b"/v1/messages/x%3F/../../../api/pull", b"/v1/messages/%252e%252e/api/pull",
+    b"/v1/chat/completions%3F/../../api/pull",
 ])
 def test_escaping_paths_are_refused_before_routing(raw: bytes) -> None:
     """Dot segments, encoded dots, backslashes, encoded slashes and control characters never reach an engine."""
@@ -37,6 +38,7 @@ def test_escaping_paths_are_refused_before_routing(raw: bytes) -> None:
     (b"/v1/chat/completions", True), (b"/v1/completions", True), (b"/v1/embeddings", True),
     (b"/v1/messages", True), (b"/v1/messages/count_tokens", True),
     (b"/v1/sleep", False), (b"/v1/load_lora_adapter", False), (b"/v1/tokenize", False),
+    (b"/v1/messages/batches", False), (b"/v1/chat/completions/", False), (b"/api/pull", False),
 ])
 def test_only_inference_paths_are_forwarded(raw: bytes, ok: bool) -> None:
     """Engine admin endpoints under /v1 are a 404 naming what the gateway forwards."""
@@ -101,8 +103,26 @@ def test_path_escapes_never_reach_the_engine_and_are_answered_in_the_api_shape(d
         assert status == 400 and doc["error"]["code"] == "invalid_path", (path, doc)
     status, doc = _raw(gw, "POST", "/v1/messages/../../api/pull", body)
     assert status == 400 and doc["type"] == "error" and doc["error"]["type"] == "invalid_request_error"
+    # A "?" sent encoded does not hide the dot segments after it; a path encoded twice is refused too.
+    for path in ("/v1/messages/x%3F/../../../api/pull", "/v1/messages/%252e%252e/%252e%252e/api/pull",
+                 "/../api/pull", "/api/%2e%2e/pull", "/v1/models/%2e%2e"):
+        status, doc = _raw(gw, "POST" if "models" not in path else "GET", path, body)
+        assert status == 400 and doc["error"]["code" if "messages" not in path else "type"] in (
+            "invalid_path", "invalid_request_error"), (path, doc)
     status, doc = _raw(gw, "POST", "/v1/sleep", body)
     assert status == 404 and "forwards" in doc["error"]["message"]
+    for path in ("/api/pull", "/update_weights_from_disk"):  # not the gateway's: a JSON 404, nothing forwarded
+        status, doc = _raw(gw, "POST", path, body)
+        assert status == 404 and doc["error"]["code"] == "not_found", (path, doc)
+    status, doc = _raw(gw, "POST", "/v1/messages/batches", body)  # only messages and count_tokens
+    assert status == 404 and doc["type"] == "error", doc
+    conn = http.client.HTTPConnection("127.0.0.1", gw, timeout=30)
+    conn.request("PUT", "/v1/chat/completions", body, {"content-type": "application/json"})
+    put = conn.getresponse()
+    assert put.status == 405 and put.getheader("allow") == "POST"
+    assert json.loads(put.read())["error"]["code"] == "method_not_allowed"
+    conn.close()
+    assert d.gateway_counters(lambda g: g["refused"].get("path", 0) >= 13)["refused"]["path"] >= 13
     status, doc = _raw(gw, "POST", "/v1/chat/completions", json.dumps({"model": "e", "max_tokens": 3, "messages": [
         {"role": "user", "content": "hi"}]}).encode())
     assert status == 200
@@ -162,6 +182,7 @@ def test_a_slow_body_is_cut_and_an_oversized_one_refused_while_others_are_served
     big = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", content=b"x" * 70_000, timeout=30,
                      headers={"content-type": "application/json"})
     assert big.status_code == 413
+    assert d.gateway_counters(lambda g: g["refused"].get("body_too_large", 0) >= 1)["refused"]["body_too_large"] == 1
     ok = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=30,
                     json={"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert ok.status_code == 200
@@ -254,3 +275,9 @@ def test_idle_unload_stops_the_real_engine_and_the_next_request_starts_it(daemon
     assert r.status_code == 200
     spawns = [e for e in d.events() if e.get("kind") == "engine.spawned"]
     assert len(spawns) == 2
+
+
+def test_an_inference_path_takes_post_only() -> None:
+    verdict = check_path(b"/v1/chat/completions", "DELETE")
+    assert not verdict.ok and verdict.status == 405 and "POST" in verdict.message
+    assert check_path(b"/v1/chat/completions", "POST").ok

@@ -5,6 +5,7 @@ ride through a manual restart, and a flood of 2,000 connections is refused while
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import re
 import resource
@@ -53,7 +54,8 @@ def _sse_stream(url: str, body: dict, headers: dict | None = None, timeout_s: fl
 
 
 def test_slow_headers_get_a_408_in_the_api_shape_and_an_idle_connection_is_closed(daemon_factory) -> None:
-    """A client trickling its headers gets 408 after header_timeout_s; one sending nothing is closed; others are served."""
+    """A client trickling its headers gets 408 after header_timeout_s; one sending nothing is closed; others are served.
+    A kept-alive connection that goes idle after its answer is closed too, but refused nothing: it is not counted."""
     gw = free_port()
     d = daemon_factory(standin_engine_toml("e", free_port(), default=True)
                        + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nheader_timeout_s = "2s"\n').start()
@@ -61,6 +63,11 @@ def test_slow_headers_get_a_408_in_the_api_shape_and_an_idle_connection_is_close
     trickle = socket.create_connection(("127.0.0.1", gw))
     messages = socket.create_connection(("127.0.0.1", gw))
     idle = socket.create_connection(("127.0.0.1", gw))
+    kept = http.client.HTTPConnection("127.0.0.1", gw, timeout=20)  # answered once, then idle: kept alive
+    kept.request("POST", "/v1/chat/completions", json.dumps({"model": "e", "max_tokens": 2, **CHAT}),
+                 {"content-type": "application/json"})
+    kept_answer = kept.getresponse()
+    assert kept_answer.status == 200 and kept_answer.read()
     try:
         trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
         messages.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n")
@@ -87,6 +94,8 @@ def test_slow_headers_get_a_408_in_the_api_shape_and_an_idle_connection_is_close
     head, _, body = answers[1].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["type"] == "error"  # Anthropic's shape
     assert answers[2] == b""  # nothing was asked: closed without an answer
+    assert kept.sock is not None and kept.sock.recv(1) == b""  # closed once idle for header_timeout_s
+    kept.close()
     assert d.gateway_counters(lambda g: g["refused"].get("header_timeout") == 3)["refused"]["header_timeout"] == 3
 
 
@@ -229,6 +238,37 @@ def test_a_request_the_engine_never_answered_is_resent_to_the_restarted_engine_a
     assert _received(old, "stream-1") == 1 and _received(new, "stream-1") == 0
     drained = [e for e in d.events() if e["kind"] == "engine.drained"]
     assert drained and drained[-1]["in_flight"] == 2  # both still ran after the 1 s drain
+
+
+def test_a_request_whose_engine_died_into_backoff_gets_the_usual_503_with_retry_after(daemon_factory) -> None:
+    """The engine is SIGKILLed while it holds a request (no response head yet): it goes to backoff (its 60 s
+    spawn floor), so the held resend cannot be served; the client gets the 503 a new request would, with
+    Retry-After and the reason, not a 502 with the connector's words."""
+    import os
+    import signal
+
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "5", default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "60s"\n').start()
+    pid = d.wait_state("e", "ready", 30)["pid"]
+    results: list[httpx.Response] = []
+
+    def call() -> None:
+        # Not streamed, 100 tokens at 5 tok/s: the engine holds the head for 20 s.
+        results.append(httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=90,
+                                  json={"model": "e", "max_tokens": 100, **CHAT}))
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(1.5)
+    os.kill(pid, signal.SIGKILL)
+    t.join(90)
+    (r,) = results
+    assert r.status_code == 503, r.text
+    assert int(r.headers["retry-after"]) >= 1
+    assert "aiohttp" not in r.text and "ClientConnectorError" not in r.text and "ssl:default" not in r.text
+    assert r.json()["error"]["code"] == "engine_unavailable" and r.json()["error"]["reason"] == "backoff"
+    assert d.engine("e")["state"] == "backoff"
 
 
 # ---------------------------------------------------------------------------------------------
