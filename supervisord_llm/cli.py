@@ -185,8 +185,9 @@ def _engine_row(e: dict[str, Any]) -> list[str]:
     base = e.get("baseline_tokens_per_s")
     tps += f" ({base:.0f})" if base else ""
     mem = e.get("memory") or {}
-    memory = format_bytes(mem.get("rss_bytes")) if mem.get("rss_bytes") else "-"
-    if mem.get("gpu_bytes"):
+    running = e.get("pid") is not None  # a stopped engine's last reading is of a process that is gone
+    memory = format_bytes(mem.get("rss_bytes")) if running and mem.get("rss_bytes") else "-"
+    if running and mem.get("gpu_bytes"):
         memory += f" / GPU {format_bytes(mem['gpu_bytes'])}"
     nxt = f"in {format_duration(e['next_start_in_s'])}" if e.get("next_start_in_s") is not None else "-"
     note = ""
@@ -196,6 +197,8 @@ def _engine_row(e: dict[str, Any]) -> list[str]:
         note = e["start_check"]
     elif e.get("state") in ("hung", "degraded", "backoff", "failed", "starting", "stopping"):
         note = e.get("state_reason") or ""
+    elif e.get("state") == "stopped" and e.get("state_reason") == "idle":
+        note = "unloaded when idle; the next request starts it"
     elif e.get("last_canary") and not e["last_canary"].get("ok"):
         note = f"canary: {e['last_canary'].get('error')}"
     return [e["name"], e["engine"], e["state"], str(e.get("pid") or "-"), str(e.get("port")),

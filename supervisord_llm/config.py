@@ -310,8 +310,16 @@ def _parse_engine(t: Table) -> EngineConfig:
     if "preload" in t.data and "autostart" in t.data and t.bool("autostart", True) != preload:
         raise t.error("preload", "and autostart say different things (preload is autostart's name); set only preload")
     idle_unload_s = None
-    if t.data.get("idle_unload") not in (None, "off", False):
-        idle_unload_s = t.duration_s("idle_unload", "0s", min_s=10, why="an unload and reload costs the model's load time")
+    idle = t.data.get("idle_unload")
+    if idle is not None and idle is not False and idle != "off":
+        wanted = f'expected a duration of at least 10s such as "30m", or "off" (the default: never unloaded), got {idle!r}'
+        if not isinstance(idle, str):
+            raise t.error("idle_unload", wanted)
+        try:
+            idle_unload_s = t.duration_s("idle_unload", "0s", min_s=10,
+                                         why="an unload and reload costs the model's load time")
+        except ConfigError as exc:
+            raise t.error("idle_unload", wanted) from exc
     return EngineConfig(
         name=name,
         kind=kind,

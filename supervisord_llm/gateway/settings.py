@@ -205,7 +205,7 @@ _READERS: dict[str, Callable[[Table, str], Any]] = {
     "swaps": _choice(tuple(p.value for p in SwapPermission)),
     "think_tags": _choice(tuple(THINK_MODES)),
 }
-GATEWAY_KEYS = ("enabled", "listen", "api_key", "api_key_env", *_READERS)
+GATEWAY_KEYS = tuple(dict.fromkeys(("enabled", "listen", "api_key", "api_key_env", *_READERS)))
 
 
 def read_gateway(t: Table, environ: Mapping[str, str]) -> GatewaySettings:

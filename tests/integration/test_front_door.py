@@ -247,6 +247,17 @@ def test_a_gateway_open_to_the_network_without_a_key_is_a_config_error(tmp_path:
     assert "gateway.listen" in done.stderr and "api_key" in done.stderr and "127.0.0.1" in done.stderr
 
 
+@pytest.mark.parametrize("value", ["0", '"abc"', '"5s"', "true", "-5"])
+def test_a_bad_idle_unload_names_the_key_and_what_is_valid(tmp_path: Path, value: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[[engine]]\nname = "a"\nkind = "mlx_lm"\n'
+                      f'model = "/m"\nfootprint = "1GB"\nidle_unload = {value}\n')
+    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "idle_unload" in done.stderr and '"off"' in done.stderr and "10s" in done.stderr, done.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.long_wait
 def test_idle_unload_stops_the_real_engine_and_the_next_request_starts_it(daemon_factory, tiny_model: Path) -> None:
@@ -266,6 +277,9 @@ def test_idle_unload_stops_the_real_engine_and_the_next_request_starts_it(daemon
             canary_times.add(engine["last_canary"]["at"])
         time.sleep(0.3)
     assert engine["state"] == "stopped" and engine["state_reason"] == "idle", engine
+    shown = d.llmctl("status").stdout
+    row = next(line for line in shown.splitlines() if line.startswith("tiny"))
+    assert "unloaded when idle" in row and " MB" not in row, shown  # no memory of a process that is gone
     assert len(canary_times) >= 2, "canaries ran while it was idle, and did not keep it loaded"
     decided = [e for e in d.events() if e.get("kind") == "policy.decided" and e.get("policy") == "idle_unload"]
     assert decided and decided[-1]["idle_for_s"] >= 10

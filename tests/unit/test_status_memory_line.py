@@ -33,3 +33,11 @@ def test_status_flags_a_high_or_draining_engine() -> None:
 def test_no_line_for_an_unguarded_engine_without_history() -> None:
     """An engine without watermarks or a learned peak (older daemons' status too) adds no line."""
     assert "memory qwen" not in render_status(_doc({}))
+
+
+def test_an_engine_unloaded_when_idle_says_so_and_shows_no_memory() -> None:
+    """A stopped engine's last memory reading is of a process that is gone: '-'; idle says why it stopped."""
+    doc = _doc({"held_bytes": None})
+    doc["engines"][0].update(state="stopped", state_reason="idle", pid=None)
+    row = next(line for line in render_status(doc).splitlines() if line.startswith("qwen"))
+    assert "unloaded when idle" in row and "2.0 GB" not in row, row
