@@ -18,10 +18,18 @@ from urllib.parse import unquote_to_bytes
 # The inference API paths the gateway forwards, exactly (``/v1/models`` is answered by the gateway
 # itself). Anything else is refused before routing, so an engine's admin endpoints are never reachable
 # through the gateway.
-FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
-                   "/v1/messages/count_tokens")
+OPENAI_API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
+                    "/v1/messages/count_tokens")
+# Ollama's own chat and generate (server/routes.go: ChatHandler, GenerateHandler; docs/api.md): newline-
+# delimited JSON, streamed unless the request says "stream": false. Forwarded to Ollama engines only.
+OLLAMA_API_PATHS = ("/api/chat", "/api/generate")
+FORWARDED_PATHS = (*OPENAI_API_PATHS, *OLLAMA_API_PATHS)
 MESSAGES_PREFIX = "/v1/messages"
 FORWARDED_METHOD = "POST"
+EMBEDDINGS_PATH = "/v1/embeddings"
+# Kinds whose engine has no embeddings endpoint: mlx_lm.server answers only completions and chat
+# completions (mlx_lm/server.py, ``request_factories`` in ``do_POST``).
+NO_EMBEDDINGS = frozenset({"mlx_lm"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,18 @@ def check_path(raw_path: bytes, method: str = FORWARDED_METHOD) -> PathVerdict:
     if method != FORWARDED_METHOD:
         return PathVerdict(False, 405, "method_not_allowed",
                            f"{path} takes {FORWARDED_METHOD}, not {method}")
+    return PathVerdict(True)
+
+
+def engine_serves(kind: str, path: str) -> PathVerdict:
+    """Whether an engine of ``kind`` serves a forwarded path (the Messages API is served natively or
+    translated by the gateway for every kind), or the 404 that says what it serves instead."""
+    if path in OLLAMA_API_PATHS and kind != "ollama":
+        return PathVerdict(False, 404, "not_found", f"{path} is Ollama's own API and this engine is {kind}; "
+                                                    f"use /v1/chat/completions or /v1/completions")
+    if path == EMBEDDINGS_PATH and kind in NO_EMBEDDINGS:
+        return PathVerdict(False, 404, "not_found", f"a {kind} engine has no embeddings endpoint; it serves "
+                                                    f"/v1/chat/completions, /v1/completions and /v1/messages")
     return PathVerdict(True)
 
 

@@ -57,11 +57,13 @@ from starlette.routing import Route
 from policies.frontdoor import (
     FORWARDED_METHOD,
     FORWARDED_PATHS,
+    OLLAMA_API_PATHS,
     Admission,
     SwapPermission,
     admit_request,
     check_path,
     check_path_safe,
+    engine_serves,
     may_start_engine,
     retry_after_s,
 )
@@ -97,6 +99,8 @@ __all__ = [
 ]
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
+# Paths some kinds of engine do not serve (policies.frontdoor.engine_serves).
+_NOT_EVERY_KIND = frozenset((*OLLAMA_API_PATHS, "/v1/embeddings"))
 MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 # A translated stream sends the client a ping after this long without any other event.
@@ -1369,7 +1373,7 @@ class _Gateway:
         stream = False
         doc: Any = None
         content_type = request.headers.get("content-type", "")
-        needs_json = path in OPENAI_PATHS or anthropic
+        needs_json = path in OPENAI_PATHS or path in OLLAMA_API_PATHS or anthropic
         if body and (needs_json or "json" in content_type):
             try:
                 doc = json.loads(body)
@@ -1405,6 +1409,13 @@ class _Gateway:
                 anthropic, 400, "request body is empty; expected a JSON object", "invalid_json"
             )
 
+        if path in _NOT_EVERY_KIND:
+            entry = self._engine_entry(model)
+            if entry is not None:  # known before routing: no engine is started for a path it does not serve
+                served = engine_serves(str(entry.get("engine")), path)
+                if not served.ok:
+                    self.stats.refuse("path")
+                    return error_response(anthropic, served.status, served.message, served.code, engine=entry["id"])
         if stream:
             upstream = self.backend.try_pass(model)
             if (upstream is not None and (upstream.supports_messages or not anthropic)
@@ -1495,6 +1506,10 @@ class _Gateway:
 
     async def _dispatch(self, request: Request, path: str, anthropic: bool, doc: Any, body: bytes, stream: bool,
                         upstream: Upstream) -> Response | _Forward:
+        served = engine_serves(upstream.kind, path)
+        if not served.ok:  # an engine reached by a name its model is served under (no entry to check first)
+            self.stats.refuse("path")
+            return error_response(anthropic, served.status, served.message, served.code, engine=upstream.engine)
         if anthropic and not upstream.supports_messages:
             return await self._translate(request, path, doc, upstream)
         if path == COUNT_TOKENS_PATH and request.method == "POST" and isinstance(doc, dict):
@@ -1807,7 +1822,7 @@ class _FrontDoor:
     exception before the response started is still answered with a 500 by uvicorn.
     """
 
-    FAST_PATHS = frozenset((*OPENAI_PATHS, "/v1/embeddings", MESSAGES_PATH, COUNT_TOKENS_PATH))
+    FAST_PATHS = frozenset(FORWARDED_PATHS)
 
     def __init__(self, app: Starlette, gw: _Gateway) -> None:
         self.app = app
@@ -1893,6 +1908,7 @@ def build_app(
             Route("/v1/models/{model_id:path}", gw.model, methods=["GET"]),
             Route("/gateway/status", gw.status, methods=["GET"]),
             Route("/v1/{rest:path}", gw.forward, methods=methods),
+            *(Route(path, gw.forward, methods=methods) for path in OLLAMA_API_PATHS),
         ],
         lifespan=lifespan,
         exception_handlers={404: _not_served, 405: _not_served},

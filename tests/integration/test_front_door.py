@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from policies.frontdoor import Admission, admit_request, check_path, idle_unload_due, may_start_engine
+from policies.frontdoor import Admission, admit_request, check_path, engine_serves, idle_unload_due, may_start_engine
 from policies.frontdoor import SwapPermission as P
 from tests.helpers import PYTHON, free_port, mlx_engine_toml, standin_engine_toml
 
@@ -39,6 +39,7 @@ def test_escaping_paths_are_refused_before_routing(raw: bytes) -> None:
     (b"/v1/messages", True), (b"/v1/messages/count_tokens", True),
     (b"/v1/sleep", False), (b"/v1/load_lora_adapter", False), (b"/v1/tokenize", False),
     (b"/v1/messages/batches", False), (b"/v1/chat/completions/", False), (b"/api/pull", False),
+    (b"/api/chat", True), (b"/api/generate", True), (b"/api/delete", False), (b"/api/create", False),
 ])
 def test_only_inference_paths_are_forwarded(raw: bytes, ok: bool) -> None:
     """Engine admin endpoints under /v1 are a 404 naming what the gateway forwards."""
@@ -111,6 +112,8 @@ def test_path_escapes_never_reach_the_engine_and_are_answered_in_the_api_shape(d
             "invalid_path", "invalid_request_error"), (path, doc)
     status, doc = _raw(gw, "POST", "/v1/sleep", body)
     assert status == 404 and "forwards" in doc["error"]["message"]
+    status, doc = _raw(gw, "POST", "/api/chat", json.dumps({"model": "e", "messages": []}).encode())
+    assert status == 404 and "Ollama's own API" in doc["error"]["message"], doc  # e is not an Ollama engine
     for path in ("/api/pull", "/update_weights_from_disk"):  # not the gateway's: a JSON 404, nothing forwarded
         status, doc = _raw(gw, "POST", path, body)
         assert status == 404 and doc["error"]["code"] == "not_found", (path, doc)
@@ -122,12 +125,39 @@ def test_path_escapes_never_reach_the_engine_and_are_answered_in_the_api_shape(d
     assert put.status == 405 and put.getheader("allow") == "POST"
     assert json.loads(put.read())["error"]["code"] == "method_not_allowed"
     conn.close()
-    assert d.gateway_counters(lambda g: g["refused"].get("path", 0) >= 13)["refused"]["path"] >= 13
+    assert d.gateway_counters(lambda g: g["refused"].get("path", 0) >= 14)["refused"]["path"] >= 14
     status, doc = _raw(gw, "POST", "/v1/chat/completions", json.dumps({"model": "e", "max_tokens": 3, "messages": [
         {"role": "user", "content": "hi"}]}).encode())
     assert status == 200
     seen = [line for line in (d.state_dir / "logs" / "e.log").read_text().splitlines() if line.startswith("request POST")]
     assert seen and all(line == "request POST /v1/chat/completions" for line in seen), seen
+
+
+def test_ollama_clients_reach_an_ollama_engine_through_its_own_api(daemon_factory) -> None:
+    """POST /api/chat and /api/generate (Ollama's own API, streamed as lines of JSON unless "stream": false) go
+    through to an Ollama engine line by line; the gateway adds nothing to them (no SSE comments)."""
+    gw = free_port()
+    cfg = standin_engine_toml("llama", free_port(), "--ollama", "--log-paths", "--tps", "50", default=True,
+                              model="tiny:1b").replace('kind = "command"', 'kind = "ollama"')
+    d = daemon_factory(cfg + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    d.wait_state("llama", "ready", 60)
+    for path, body, field in (
+            ("/api/chat", {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 5}},
+             "message"),
+            ("/api/generate", {"model": "llama", "prompt": "hi", "options": {"num_predict": 5}}, "response")):
+        arrived: list[float] = []
+        lines: list[dict] = []
+        with httpx.stream("POST", f"http://127.0.0.1:{gw}{path}", json=body, timeout=30) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+            for line in r.iter_lines():
+                if line:
+                    arrived.append(time.monotonic())
+                    lines.append(json.loads(line))  # every line is JSON: nothing of the gateway's between them
+        assert [bool(x["done"]) for x in lines] == [False] * 5 + [True]
+        assert field in lines[0]
+        assert arrived[-1] - arrived[0] > 0.05, "streamed line by line, not buffered"
+    seen = [line for line in (d.state_dir / "logs" / "llama.log").read_text().splitlines() if line.startswith("request POST")]
+    assert "request POST /api/chat" in seen and "request POST /api/generate" in seen
 
 
 def test_beyond_max_queue_a_429_with_retry_after_in_each_api_shape(daemon_factory) -> None:
@@ -289,6 +319,16 @@ def test_idle_unload_stops_the_real_engine_and_the_next_request_starts_it(daemon
     assert r.status_code == 200
     spawns = [e for e in d.events() if e.get("kind") == "engine.spawned"]
     assert len(spawns) == 2
+
+
+def test_each_kind_is_sent_only_the_paths_it_serves() -> None:
+    """Ollama's own chat and generate reach Ollama engines only; embeddings not an mlx_lm.server (it has none)."""
+    assert engine_serves("ollama", "/api/chat").ok and engine_serves("ollama", "/api/generate").ok
+    for kind in ("mlx_lm", "vllm", "llama_cpp", "sglang", "omlx", "command"):
+        verdict = engine_serves(kind, "/api/chat")
+        assert not verdict.ok and verdict.status == 404 and "/v1/chat/completions" in verdict.message
+    assert not engine_serves("mlx_lm", "/v1/embeddings").ok
+    assert engine_serves("vllm", "/v1/embeddings").ok and engine_serves("mlx_lm", "/v1/messages").ok
 
 
 def test_an_inference_path_takes_post_only() -> None:

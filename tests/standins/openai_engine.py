@@ -31,7 +31,7 @@ allocates blocks for each scheduled chunk and reports its usage after every step
 ``/api/status`` whose ``total_completion_tokens`` grows only when a request finishes (oMLX adds a
 request's tokens to its stats at completion) with ``active_requests``.
 
-``--ollama`` speaks Ollama's API (``/api/version``, ``/api/ps``, streamed ``/api/generate``, plus the
+``--ollama`` speaks Ollama's API (``/api/version``, ``/api/ps``, streamed ``/api/generate`` and ``/api/chat``, plus the
 OpenAI paths): the model loads on the first request *before the first byte* (``--lazy-load-s``) and
 unloads after ``--keep-alive-s`` idle seconds; ``/api/ps`` lists it only while loaded (ollama
 docs/api.md "List Running Models"; server/sched.go adds a runner to the loaded set after its load).
@@ -191,7 +191,7 @@ def main() -> None:
             if args.never_ready:
                 self._json(500, {"error": {"message": "generation thread died"}})
                 return
-            ollama_generate = args.ollama and self.path == "/api/generate"
+            ollama_generate = args.ollama and self.path in ("/api/generate", "/api/chat")
             if self.path not in ("/v1/chat/completions", "/v1/completions") and not ollama_generate:
                 self._json(404, {"error": {"message": f"{self.path} not supported"}})
                 return
@@ -217,9 +217,12 @@ def main() -> None:
                 self.send_header("content-type", "application/x-ndjson")
                 self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
+                chat = self.path == "/api/chat"  # Ollama's chat: the text in "message", not "response"
                 try:
                     for _ in range(n):
-                        line = json.dumps({"model": args.model_name, "response": "tok ", "done": False})
+                        line = json.dumps({"model": args.model_name, "done": False,
+                                           **({"message": {"role": "assistant", "content": "tok "}} if chat else
+                                              {"response": "tok "})})
                         data = line.encode() + b"\n"
                         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                         self.wfile.flush()
