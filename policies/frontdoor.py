@@ -103,6 +103,16 @@ class SwapPermission(StrEnum):
     NEVER = "never"  # only an operator (llmctl start / switch)
 
 
+def key_needed_to_use(permission: SwapPermission, *, has_key: bool, loopback: bool) -> bool:
+    """Whether every request must carry the gateway's API key, or (``"with_key"`` on a loopback gateway)
+    only one that would start or swap an engine: there the key is what separates the operator's tools
+    from the other local users, who may use the engines that are resident but not swap them. Off
+    loopback a key is needed for any use (the network may not use the models at all without one)."""
+    if not has_key:
+        return False
+    return not (permission is SwapPermission.WITH_KEY and loopback)
+
+
 def may_start_engine(permission: SwapPermission, *, key_given: bool) -> bool:
     """Whether a request for an engine that is not resident may start it (swapping others out)."""
     if permission is SwapPermission.ALLOWED:

@@ -64,6 +64,7 @@ from policies.frontdoor import (
     check_path,
     check_path_safe,
     engine_serves,
+    key_needed_to_use,
     may_start_engine,
     retry_after_s,
 )
@@ -81,7 +82,7 @@ from supervisord_llm.gateway.protocol import (
     bind_listen,
     listen_text,
 )
-from supervisord_llm.gateway.settings import GatewaySettings, parse_listen  # noqa: F401 - re-exported
+from supervisord_llm.gateway.settings import GatewaySettings, is_loopback, parse_listen  # noqa: F401 - re-exported
 from supervisord_llm.gateway.upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
 from supervisord_llm.httpserver import DaemonServer
 
@@ -1187,6 +1188,9 @@ class _Gateway:
         # Forwarded requests go through this one (gateway/upstream.py: the per-token hot path).
         self.upstream_client: UpstreamClient = None  # type: ignore[assignment]  # made in the lifespan
         self._api_key = settings.api_key.encode() if settings.api_key else None
+        # swaps = "with_key" on loopback: the key is needed to start or swap an engine, not to use one.
+        self._key_needed = key_needed_to_use(SwapPermission(settings.swaps), has_key=self._api_key is not None,
+                                             loopback=is_loopback(settings.host))
 
     def make_client(self) -> httpx.AsyncClient:
         s = self.settings
@@ -1220,16 +1224,29 @@ class _Gateway:
     # -- checks ------------------------------------------------------------------------------
 
     def authorized(self, request: Request) -> bool:
+        """The request carries the gateway's key (always, where it has none)."""
         if self._api_key is None:
             return True
+        given = self._given_key(request)
+        if not given:
+            return False
+        return hmac.compare_digest(given.encode(), self._api_key)
+
+    def admits(self, request: Request) -> bool:
+        """The request may use the gateway: it carries the key, or gives none where no key is needed to
+        use an engine (``key_needed_to_use``; a wrong key is refused all the same)."""
+        if not self._key_needed and not self._given_key(request):
+            return True
+        return self.authorized(request)
+
+    @staticmethod
+    def _given_key(request: Request) -> str | None:
         headers = request.headers
         given = headers.get("x-api-key")
         auth = headers.get("authorization")
         if auth and auth[:7].lower() == "bearer ":
             given = auth[7:].strip()
-        if not given:
-            return False
-        return hmac.compare_digest(given.encode(), self._api_key)
+        return given or None
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -1258,7 +1275,7 @@ class _Gateway:
 
     async def models(self, request: Request) -> Response:
         anthropic_client = "anthropic-version" in request.headers
-        if not self.authorized(request):
+        if not self.admits(request):
             return self.unauthorized(anthropic_client)
         try:
             entries = self.backend.models()
@@ -1293,7 +1310,7 @@ class _Gateway:
 
     async def model(self, request: Request) -> Response:
         anthropic_client = "anthropic-version" in request.headers
-        if not self.authorized(request):
+        if not self.admits(request):
             return self.unauthorized(anthropic_client)
         model_id = request.path_params["model_id"]
         entries = self.backend.models()
@@ -1311,7 +1328,7 @@ class _Gateway:
         )
 
     async def status(self, request: Request) -> Response:
-        if not self.authorized(request):
+        if not self.admits(request):
             return self.unauthorized(False)
         return JSONResponse(self.stats.snapshot())
 
@@ -1319,7 +1336,7 @@ class _Gateway:
         scope = request.scope
         path = scope["path"]  # decoded once; forwarded as it is only once it is one of the paths allowed
         anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
-        if not self.authorized(request):
+        if not self.admits(request):
             return self.unauthorized(anthropic)
         # Only inference paths reach an engine, judged on the path as sent: a client, a proxy or an engine
         # would normalise /v1/../api/pull into /api/pull (Ollama's pull).

@@ -224,7 +224,7 @@ def read_gateway(t: Table, environ: Mapping[str, str]) -> GatewaySettings:
         settings = GatewaySettings(**kwargs)
     except ValueError as exc:  # every key is checked above; this is the last line of defence
         raise ConfigError(str(exc), file=t.file, key=t.path) from exc
-    if settings.enabled and settings.api_key is None and not _is_loopback(settings.host):
+    if settings.enabled and settings.api_key is None and not is_loopback(settings.host):
         raise t.error("listen", f"{settings.listen} is reachable from other machines and the gateway has no API "
                                 "key: anyone there could use and swap your models; set api_key (or api_key_env), "
                                 "or listen on 127.0.0.1")
@@ -234,7 +234,8 @@ def read_gateway(t: Table, environ: Mapping[str, str]) -> GatewaySettings:
     return settings
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """The host only this machine reaches (a name other than localhost is taken as reachable)."""
     if host == "localhost":
         return True
     try:
@@ -243,4 +244,4 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name other than localhost: assume it is reachable
 
 
-__all__ = ["GATEWAY_KEYS", "GatewaySettings", "parse_listen", "read_gateway"]
+__all__ = ["GATEWAY_KEYS", "GatewaySettings", "is_loopback", "parse_listen", "read_gateway"]

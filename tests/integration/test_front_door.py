@@ -14,7 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from policies.frontdoor import Admission, admit_request, check_path, engine_serves, idle_unload_due, may_start_engine
+from policies.frontdoor import (
+    Admission,
+    admit_request,
+    check_path,
+    engine_serves,
+    idle_unload_due,
+    key_needed_to_use,
+    may_start_engine,
+)
 from policies.frontdoor import SwapPermission as P
 from tests.helpers import PYTHON, free_port, mlx_engine_toml, standin_engine_toml
 
@@ -267,6 +275,31 @@ def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> 
     assert r.status_code == 200
 
 
+def test_swaps_with_key_lets_local_clients_use_a_resident_engine_and_only_the_key_start_one(daemon_factory) -> None:
+    """swaps = "with_key" on loopback: a client without the key uses the resident engine but gets 503 for a stopped
+    one (it stays stopped); a wrong key is a 401; the key starts it."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), default=True)
+                       + standin_engine_toml("b", free_port(), preload=False)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\napi_key = "s3cret-key"\nswaps = "with_key"\n').start()
+    d.wait_state("a", "ready", 30)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+
+    def ask(model: str, **headers: str) -> httpx.Response:
+        return httpx.post(url, timeout=60, headers=headers,
+                          json={"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+
+    assert ask("a").status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{gw}/v1/models", timeout=30).status_code == 200
+    refused = ask("b")
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_not_running"
+    assert "API key" in refused.json()["error"]["message"] and d.engine("b")["state"] == "stopped"
+    assert ask("a", authorization="Bearer wrong").status_code == 401
+    assert ask("b", authorization="Bearer s3cret-key").status_code == 200
+    assert d.engine("b")["state"] == "ready"
+    assert d.gateway_counters(lambda g: g["refused"].get("swap", 0) >= 1)["refused"]["swap"] == 1
+
+
 def test_a_gateway_open_to_the_network_without_a_key_is_a_config_error(tmp_path: Path) -> None:
     """check-config refuses listen = 0.0.0.0 with no api_key, naming gateway.listen and what to do."""
     config = tmp_path / "c.toml"
@@ -329,6 +362,14 @@ def test_each_kind_is_sent_only_the_paths_it_serves() -> None:
         assert not verdict.ok and verdict.status == 404 and "/v1/chat/completions" in verdict.message
     assert not engine_serves("mlx_lm", "/v1/embeddings").ok
     assert engine_serves("vllm", "/v1/embeddings").ok and engine_serves("mlx_lm", "/v1/messages").ok
+
+
+def test_the_key_is_needed_to_use_the_gateway_unless_it_only_guards_swaps_on_loopback() -> None:
+    assert not key_needed_to_use(P.ALLOWED, has_key=False, loopback=True)
+    assert key_needed_to_use(P.ALLOWED, has_key=True, loopback=True)
+    assert not key_needed_to_use(P.WITH_KEY, has_key=True, loopback=True)  # it guards starting and swapping only
+    assert key_needed_to_use(P.WITH_KEY, has_key=True, loopback=False)  # the network needs it for any use
+    assert key_needed_to_use(P.NEVER, has_key=True, loopback=True)
 
 
 def test_an_inference_path_takes_post_only() -> None:
