@@ -590,6 +590,21 @@ def resolve_config_path(explicit: str | os.PathLike[str] | None, environ: Mappin
     return default_config_path()
 
 
+def config_notes(config: Config) -> list[str]:
+    """What a valid config does that its author may not expect (``check-config`` prints these)."""
+    notes = []
+    for engine in config.engines:
+        if engine.idle_unload_s is None:
+            continue
+        if config.gateway is None or not config.gateway.enabled:
+            notes.append(f"engine[{engine.name}].idle_unload: no gateway is on, so no request starts {engine.name} again "
+                         f"once it is unloaded; only an operator does (llmctl start {engine.name})")
+        elif config.gateway.swaps == "never":
+            notes.append(f"engine[{engine.name}].idle_unload: with gateway.swaps = \"never\" no request starts "
+                         f"{engine.name} again once it is unloaded; only an operator does (llmctl start {engine.name})")
+    return notes
+
+
 def load_config(path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
     """Read, parse and validate the config; raise ConfigError naming file, key and what is valid."""
     resolved = resolve_config_path(path, environ)

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 
 from supervisord_llm import __version__
-from supervisord_llm.config import Config, default_state_dir, load_config
+from supervisord_llm.config import Config, config_notes, default_state_dir, load_config
 from supervisord_llm.errors import ConfigError, SupervisordLLMError
 from supervisord_llm.logsetup import configure_logging
 
@@ -227,6 +227,8 @@ def check(args: argparse.Namespace) -> int:
         print(f"supervisord-llm: {exc}", file=sys.stderr)
         return 2
     print(f"{config.file}: ok ({len(config.engines)} engine(s): {', '.join(e.name for e in config.engines)})")
+    for note in config_notes(config):
+        print(f"{config.file}: note: {note}")
     return 0
 
 

@@ -321,6 +321,17 @@ def test_a_bad_idle_unload_names_the_key_and_what_is_valid(tmp_path: Path, value
     assert "idle_unload" in done.stderr and '"off"' in done.stderr and "10s" in done.stderr, done.stderr
 
 
+def test_idle_unload_where_no_request_can_start_the_engine_again_is_noted(tmp_path: Path) -> None:
+    """Valid, but once unloaded only an operator brings it back: check-config says so."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[[engine]]\nname = "a"\nkind = "mlx_lm"\nmodel = "/m"\n'
+                      f'footprint = "1GB"\nidle_unload = "30m"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n'
+                      f'swaps = "never"\n')
+    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "note: engine[a].idle_unload" in done.stdout and "llmctl start a" in done.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.long_wait
 def test_idle_unload_stops_the_real_engine_and_the_next_request_starts_it(daemon_factory, tiny_model: Path) -> None:
