@@ -40,7 +40,7 @@ class PathVerdict:
     message: str = ""
 
 
-def check_path_safe(raw_path: bytes) -> PathVerdict:
+def check_path_safe(raw_path: bytes, *, encoded_slash: bool = False) -> PathVerdict:
     """A request path (as sent, percent-encoded; a query is never part of it) that a proxy or an engine
     could not read as another path, or why not. Any path the gateway is sent is checked so, its own
     pages' too.
@@ -48,10 +48,12 @@ def check_path_safe(raw_path: bytes) -> PathVerdict:
     Dot segments (``..``, ``.``) are refused however they are spelled (``%2e%2e``, ``.%2E``, a ``?``
     sent encoded before them does not hide them), as are backslashes, encoded slashes (``%2f``,
     ``%5c``), an encoded percent sign (``%25``: a path encoded twice, which a second decoding would
-    turn into dots or slashes) and control characters.
+    turn into dots or slashes) and control characters. ``encoded_slash``: a path the gateway answers
+    itself and never forwards, where an encoded slash is part of a name (``/v1/models/Qwen%2FQwen3-8B``,
+    as the OpenAI and Anthropic SDKs send a model id with a slash).
     """
     lowered = raw_path.lower()
-    if b"%2f" in lowered or b"%5c" in lowered or b"\\" in raw_path:
+    if (b"%2f" in lowered and not encoded_slash) or b"%5c" in lowered or b"\\" in raw_path:
         return PathVerdict(False, 400, "invalid_path", "the path contains a backslash or an encoded slash; "
                                                        "send a plain path such as /v1/chat/completions")
     if b"%25" in raw_path:

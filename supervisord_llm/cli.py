@@ -198,7 +198,7 @@ def _engine_row(e: dict[str, Any]) -> list[str]:
     elif e.get("state") in ("hung", "degraded", "backoff", "failed", "starting", "stopping"):
         note = e.get("state_reason") or ""
     elif e.get("state") == "stopped" and e.get("state_reason") == "idle":
-        note = "unloaded when idle; the next request starts it"
+        note = "unloaded when idle"
     elif e.get("last_canary") and not e["last_canary"].get("ok"):
         note = f"canary: {e['last_canary'].get('error')}"
     return [e["name"], e["engine"], e["state"], str(e.get("pid") or "-"), str(e.get("port")),

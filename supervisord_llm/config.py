@@ -35,7 +35,7 @@ from supervisord_llm.alerts.delivery import AlertSettings
 from supervisord_llm.configtable import Table
 from supervisord_llm.convert import DURATION_HELP, SIZE_HELP
 from supervisord_llm.errors import ConfigError
-from supervisord_llm.gateway.settings import GatewaySettings, parse_listen, read_gateway
+from supervisord_llm.gateway.settings import GatewaySettings, is_loopback, parse_listen, read_gateway
 
 ENGINE_KINDS = ("mlx_lm", "omlx", "vllm", "llama_cpp", "ollama", "sglang", "command")
 APP_NAME = "supervisord-llm"
@@ -312,8 +312,9 @@ def _parse_engine(t: Table) -> EngineConfig:
     idle_unload_s = None
     idle = t.data.get("idle_unload")
     if idle is not None and idle is not False and idle != "off":
-        wanted = f'expected a duration of at least 10s such as "30m", or "off" (the default: never unloaded), got {idle!r}'
-        if not isinstance(idle, str):
+        wanted = f'expected a duration of at least 10s such as "30m" (or seconds, 1800), or "off" (the default: never ' \
+                 f'unloaded), got {idle!r}'
+        if isinstance(idle, bool) or not isinstance(idle, str | int | float):
             raise t.error("idle_unload", wanted)
         try:
             idle_unload_s = t.duration_s("idle_unload", "0s", min_s=10,
@@ -593,6 +594,11 @@ def resolve_config_path(explicit: str | os.PathLike[str] | None, environ: Mappin
 def config_notes(config: Config) -> list[str]:
     """What a valid config does that its author may not expect (``check-config`` prints these)."""
     notes = []
+    gateway = config.gateway
+    if gateway is not None and gateway.enabled and gateway.swaps == "with_key" and is_loopback(gateway.host):
+        notes.append('gateway.swaps: with "with_key" on loopback the api_key guards starting and swapping engines '
+                     "only: a local client without it uses the engines that are resident; if a tunnel or a reverse "
+                     'proxy lets others reach this gateway, use "allowed" or "never", where the key guards every request')
     for engine in config.engines:
         if engine.idle_unload_s is None:
             continue

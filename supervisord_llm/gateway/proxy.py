@@ -1233,11 +1233,10 @@ class _Gateway:
         return hmac.compare_digest(given.encode(), self._api_key)
 
     def admits(self, request: Request) -> bool:
-        """The request may use the gateway: it carries the key, or gives none where no key is needed to
-        use an engine (``key_needed_to_use``; a wrong key is refused all the same)."""
-        if not self._key_needed and not self._given_key(request):
-            return True
-        return self.authorized(request)
+        """The request may use the gateway: it carries the key, or no key is needed to use an engine
+        (``key_needed_to_use``: then a request without the right key, none or a placeholder such as
+        Claude Code's ``ANTHROPIC_AUTH_TOKEN``, uses what is resident and starts nothing)."""
+        return not self._key_needed or self.authorized(request)
 
     @staticmethod
     def _given_key(request: Request) -> str | None:
@@ -1420,7 +1419,9 @@ class _Gateway:
                         "invalid_model",
                     )
                 model = raw_model or None
-                stream = doc.get("stream") is True
+                # Ollama's own API streams lines of JSON (and does so by default): no SSE early head or
+                # comments may go into them, so it is passed through as a plain body, held without either.
+                stream = doc.get("stream") is True and path not in OLLAMA_API_PATHS
         elif needs_json and request.method == "POST":
             return error_response(
                 anthropic, 400, "request body is empty; expected a JSON object", "invalid_json"
@@ -1853,7 +1854,8 @@ class _FrontDoor:
         if scope["type"] == "http":
             # Every path the gateway is sent, its own pages' too: one that could read as another path is
             # refused before any route sees it.
-            verdict = check_path_safe(scope.get("raw_path") or scope["path"].encode())
+            verdict = check_path_safe(scope.get("raw_path") or scope["path"].encode(),
+                                      encoded_slash=scope["path"].startswith("/v1/models/"))
             if not verdict.ok:
                 self.gw.stats.refuse("path")
                 path = scope["path"]
