@@ -127,6 +127,10 @@ class DaemonCalls(Protocol):
 class GatewayBackend(DaemonCalls, Protocol):
     """Protocol: what the gateway needs from the daemon (its process's end of the channel)."""
 
+    def engine_for(self, model: str | None) -> str | None:
+        """The engine a request naming ``model`` reaches (by its name, an alias or the name its model is
+        served under; the default engine for none), or None for a name no engine answers to."""
+
     def try_pass(self, model: str | None) -> Upstream | None:
         """The engine for ``model`` when the daemon has said that requests for it go straight on (a
         pass, ``policies.frontdoor.gateway_may_pass``), counted as let through; None when the

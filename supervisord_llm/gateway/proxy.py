@@ -1453,9 +1453,9 @@ class _Gateway:
         return await self._route(request, path, anthropic, doc, body, stream, model)
 
     def _engine_entry(self, model: str | None) -> dict[str, Any] | None:
-        name = model or self.backend.default_engine()
-        return next((m for m in self.backend.models()
-                     if name is not None and (m.get("id") == name or name in (m.get("aliases") or ()))), None)
+        """The engine a request reaches, as the daemon routes it (a served model's name too)."""
+        name = self.backend.engine_for(model)
+        return next((m for m in self.backend.models() if name is not None and m.get("id") == name), None)
 
     def _engine_state(self, model: str | None) -> tuple[str, str]:
         entry = self._engine_entry(model)

@@ -166,8 +166,11 @@ class ProcessBackend:
             record = {**_DAEMON_GONE, "engine": model or "-"}
         raise refusal_from_record(refusal_kind, record)
 
+    def engine_for(self, model: str | None) -> str | None:
+        return self._routes.get(model) if model else self._default
+
     def try_pass(self, model: str | None) -> Upstream | None:
-        name = self._routes.get(model) if model else self._default
+        name = self.engine_for(model)
         upstream = self._passes.get(name) if name is not None else None
         if upstream is not None:
             self.channel.send("note", "let_through", (upstream.engine,), lazy=True)

@@ -266,9 +266,14 @@ def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> 
     """With swaps = "never" a request for a stopped engine gets 503 naming `llmctl start`; the operator can start it."""
     gw = free_port()
     d = daemon_factory(standin_engine_toml("a", free_port(), default=True)
-                       + standin_engine_toml("b", free_port(), autostart=False)
+                       + standin_engine_toml("b", free_port(), autostart=False, model="org/b-model")
                        + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nswaps = "never"\n').start()
     d.wait_state("a", "ready", 30)
+    # Named by the name its model is served under, not the engine's: refused all the same.
+    r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=30,
+                   json={"model": "org/b-model", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_running", r.text
+    assert d.engine("b")["state"] == "stopped"
     r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=30,
                    json={"model": "b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_running"

@@ -75,6 +75,10 @@ class Backend:
             )
         return self.upstreams[name]
 
+    def engine_for(self, model: str | None) -> str | None:
+        name = model or self.default
+        return name if name in self.upstreams or name in self.unavailable else None
+
     def try_pass(self, model: str | None) -> Upstream | None:
         return None  # every request asks acquire (the daemon's passes are tested through the real daemon)
 
