@@ -319,6 +319,20 @@ MIN_SAMPLE_TOKENS = 8
 MIN_SAMPLE_DECODE_S = 0.05  # a flush of held-back tokens spans milliseconds; a real 8-token decode does not
 
 
+# A prompt this long (its request body, in bytes: about 500 tokens and more) takes an engine many decode
+# steps' worth of prefill; a shorter one about as long as one step, like any request beside it.
+PREFILL_COUNTS_BYTES = 2048
+
+
+def prefill_counts(body_bytes: int) -> bool:
+    """Whether a request's prefill may take the engine from the streams beside it for long enough to leave
+    their decode out while it runs (``quiet_interval``): a long prompt's does. A short prompt's prefill
+    costs the engine about one decode step; leaving out every stream's decode while a short request
+    waits for its first token would leave no decode at all to judge under steady load (each new
+    request's wait for its turn counts as its prefill)."""
+    return body_bytes >= PREFILL_COUNTS_BYTES
+
+
 def quiet_interval(prev_token_s: float, in_prefill: int, last_prefill_end_s: float | None) -> bool:
     """Whether a stream's interval between two tokens (from ``prev_token_s`` to now) measures the engine's
     decode alone: no other request to its engine is in prefill now (``in_prefill``), and none ended its
@@ -335,17 +349,23 @@ def quiet_interval(prev_token_s: float, in_prefill: int, last_prefill_end_s: flo
     return in_prefill == 0 and (last_prefill_end_s is None or last_prefill_end_s <= prev_token_s)
 
 
-def stream_decode_rate(tokens: int, decode_s: float | None, quiet: tuple[int, float] | None = None
-                       ) -> tuple[float, int] | None:
+def stream_decode_rate(tokens: int, decode_s: float | None, quiet: tuple[int, float, int] | None = None
+                       ) -> tuple[float, float] | None:
     """A completed stream's decode rate, and the tokens it rests on; None when that is no real decode.
 
     ``tokens`` over ``decode_s`` (from its first token to its last) is the whole decode: the tokens after
-    the first over that time. ``quiet``: the intervals between its tokens that no other request's
-    prefill touched (``quiet_interval``), as (how many, their total time); where given, only they
-    count. A real decode is at least ``MIN_SAMPLE_TOKENS - 1`` intervals over at least
-    ``MIN_SAMPLE_DECODE_S``.
+    the first over that time. ``quiet``: the arrivals whose interval no other request's prefill touched
+    (``quiet_interval``), as (their tokens, the intervals' total time, every token event the stream
+    counted); where given, only they count. An engine that sends several tokens per event (its usage
+    says more tokens than there were events) has its quiet tokens scaled by that ratio. A real decode
+    is at least ``MIN_SAMPLE_TOKENS - 1`` tokens over at least ``MIN_SAMPLE_DECODE_S``.
     """
-    intervals, seconds = quiet if quiet is not None else (tokens - 1, decode_s)
+    seconds: float | None
+    if quiet is not None:
+        counted, seconds, events = quiet
+        intervals = counted * (tokens - 1) / (events - 1) if events > 1 and tokens > events else float(counted)
+    else:
+        intervals, seconds = float(tokens - 1), decode_s
     if intervals < MIN_SAMPLE_TOKENS - 1 or seconds is None or seconds < MIN_SAMPLE_DECODE_S:
         return None
     return intervals / seconds, intervals + 1
@@ -367,16 +387,18 @@ def mean_reported_running(counters: Sequence[EngineCounters], start_s: float, en
 
 
 def sample_concurrency(changes: Sequence[tuple[float, int]], counters: Sequence[EngineCounters], start_s: float,
-                       end_s: float, *, in_flight_now: int, beside_gateway: bool = False) -> int:
+                       end_s: float, *, in_flight_now: int, beside_gateway: bool = False,
+                       through_gateway: float | None = None) -> int:
     """How many requests the engine ran while one request decoded over ``[start_s, end_s]`` (at least 1).
 
-    The mean through the gateway over that span (``mean_in_flight``; plus the request itself when it
-    did not come through the gateway, ``beside_gateway``: a canary), or the mean the engine itself
+    The mean through the gateway over that span (``mean_in_flight``, or ``through_gateway``: the gateway's
+    own mean over the part of the span a rate was taken from; plus the request itself when it did not
+    come through the gateway, ``beside_gateway``: a canary), or the mean the engine itself
     reported running over it (clients of its own port count there), whichever is more. A span the
     gateway's record no longer covers takes the count now.
     """
     own = 1 if beside_gateway else 0
-    through = mean_in_flight(changes, start_s, end_s)
+    through = through_gateway if through_gateway is not None else mean_in_flight(changes, start_s, end_s)
     gateway = (through if through is not None else float(in_flight_now)) + own
     reported = mean_reported_running(counters, start_s, end_s)
     return max(1, int(max(gateway, reported or 0.0) + 0.5))

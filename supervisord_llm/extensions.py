@@ -219,10 +219,13 @@ class DaemonGatewayBackend:
         if health is None:
             return
         now = self.daemon.clock.now()
-        concurrency = health.request_finished(now, stats.decode_s)
-        rate = stream_decode_rate(stats.tokens, stats.decode_s, stats.quiet) if stats.ended == "complete" else None
-        if rate is not None:
-            health.add_sample(ThroughputSample(at_s=now, tokens_per_s=rate[0], source="gateway", tokens=rate[1],
+        quiet = stats.quiet
+        concurrency = health.request_finished(
+            now, stats.decode_s, quiet.in_flight_s / quiet.seconds if quiet is not None and quiet.seconds > 0 else None)
+        rate = stream_decode_rate(stats.tokens, stats.decode_s,
+                                  (quiet.tokens, quiet.seconds, quiet.events) if quiet is not None else None)
+        if rate is not None and stats.ended == "complete":
+            health.add_sample(ThroughputSample(at_s=now, tokens_per_s=rate[0], source="gateway", tokens=round(rate[1]),
                                                concurrency=concurrency))
 
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:

@@ -199,10 +199,11 @@ class EngineHealth:
         self._in_flight_changed(now_s)
         self.last_traffic_s = now_s
 
-    def request_finished(self, now_s: float, decode_s: float | None) -> int:
-        """Count a request's end; the number of requests the engine ran during its decode (at least 1)."""
+    def request_finished(self, now_s: float, decode_s: float | None, through_gateway: float | None = None) -> int:
+        """Count a request's end; the number of requests the engine ran during its decode (at least 1;
+        ``through_gateway``: the gateway's own mean over the part of it its rate comes from)."""
         concurrency = sample_concurrency(self.in_flight_changes, self.counters, now_s - (decode_s or 0.0), now_s,
-                                         in_flight_now=self.in_flight)
+                                         in_flight_now=self.in_flight, through_gateway=through_gateway)
         self.in_flight = max(0, self.in_flight - 1)
         self._in_flight_changed(now_s)
         self.last_traffic_s = now_s

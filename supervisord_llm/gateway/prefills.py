@@ -2,19 +2,21 @@
 
 Room: gateway.
 
-A request is *in prefill* from when it was sent to its engine until the engine's first token of it
-reached the gateway (the token meter reads the engine's own bytes); one that ends without a token (an
-answer not streamed, an error) was in prefill until it ended, since nothing tells its prompt from its
-answer. While another request is in prefill the engine may run its prompt instead of decoding, or
+A request with a long prompt (``policies.health.prefill_counts``) is *in prefill* from when it was
+sent to its engine until the engine's first token of it reached the gateway (the token meter reads the
+engine's own bytes); one that ends without a token (an answer not streamed, an error) was in prefill
+until it ended, since nothing tells its prompt from its answer. While another request is in prefill the engine may run its prompt instead of decoding, or
 beside it: a stream's rate is taken only over the intervals between its tokens that no other
 request's prefill touched (``policies.health.quiet_interval``; the rate, ``stream_decode_rate``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from policies.health import quiet_interval
 
-__all__ = ["PrefillSpans"]
+__all__ = ["PrefillSpans", "QuietTally"]
 
 
 class PrefillSpans:
@@ -44,3 +46,34 @@ class PrefillSpans:
     def quiet_since(self, engine: str, since_s: float) -> bool:
         """No request to ``engine`` in prefill now, and none ended its prefill after ``since_s``."""
         return quiet_interval(since_s, len(self._live.get(engine, ())), self._last_end_s.get(engine))
+
+
+class QuietTally:
+    """One stream's decode where no other request's prefill touched it: each arrival of its tokens is judged
+    by its interval since the arrival before, and every token of an arrival with it (a burst's tokens
+    share their wait; judging each alone would count a burst's last tokens after a dropped wait, and read
+    the engine faster than it is)."""
+
+    def __init__(self, spans: PrefillSpans, engine: str, in_flight: Callable[[], int]) -> None:
+        self.spans = spans
+        self.engine = engine
+        self.in_flight = in_flight  # requests to the engine through the gateway now
+        self.tokens = 0
+        self.seconds = 0.0
+        self.in_flight_s = 0.0
+        self._previous_s: float | None = None
+        self._quiet = True
+
+    def token(self, at_s: float) -> None:
+        """A token after the stream's first arrived at ``at_s`` (the first only starts the clock)."""
+        previous = self._previous_s
+        self._previous_s = at_s
+        if previous is None:
+            return
+        if at_s != previous:  # a new arrival
+            self._quiet = self.spans.quiet_since(self.engine, previous)
+            if self._quiet:
+                self.seconds += at_s - previous
+                self.in_flight_s += self.in_flight() * (at_s - previous)
+        if self._quiet:
+            self.tokens += 1

@@ -89,6 +89,17 @@ class GatewayListenFailed(SupervisordLLMError):
 
 
 @dataclass(frozen=True)
+class QuietDecode:
+    """The arrivals of a stream's tokens whose interval since the arrival before no other request's prefill
+    touched (``policies.health.quiet_interval``; every token of an arrival shares its interval)."""
+
+    tokens: int  # tokens that came in those arrivals (one per counted event)
+    seconds: float  # the intervals' total time
+    events: int  # every token event the stream counted (its tokens by usage may be more: several per event)
+    in_flight_s: float  # requests to its engine through the gateway, integrated over those intervals
+
+
+@dataclass(frozen=True)
 class RequestStats:
     """One finished or ended request, as the gateway saw it."""
 
@@ -99,9 +110,9 @@ class RequestStats:
     max_gap_s: float | None
     ended: str  # "complete" | "client_disconnected" | "client_too_slow" | "upstream_error" | "stalled"
     duration_s: float | None = None  # from sending to the engine to the last byte
-    # The intervals between its tokens that no other request's prefill touched (gateway/prefills.py): how
-    # many, and their total time. None: not known (its decode is then taken whole).
-    quiet: tuple[int, float] | None = None
+    # Its decode where no other request's prefill touched it (gateway/prefills.py). None: not known (its
+    # decode is then taken whole).
+    quiet: QuietDecode | None = None
 
 
 class DaemonCalls(Protocol):

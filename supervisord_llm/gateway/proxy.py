@@ -68,15 +68,17 @@ from policies.frontdoor import (
     may_start_engine,
     retry_after_s,
 )
+from policies.health import prefill_counts
 from supervisord_llm.clock import Clock, SystemClock
 from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
 from supervisord_llm.gateway import anthropic as anthropic_api
 from supervisord_llm.gateway import hold, retry
-from supervisord_llm.gateway.prefills import PrefillSpans
+from supervisord_llm.gateway.prefills import PrefillSpans, QuietTally
 from supervisord_llm.gateway.protocol import (
     EngineUnavailable,
     GatewayBackend,
     GatewayListenFailed,
+    QuietDecode,
     RequestStats,
     Upstream,
     bind_listen,
@@ -475,21 +477,17 @@ class _Forward:
         token_progress = gw.backend.token_progress
         prefills = gw.prefills
         self.prefill_key: int | None = None  # in prefill (gateway/prefills.py) from the send to the first token
-        # The intervals between this stream's tokens that no other request's prefill touched: their
-        # count and their total time (the rate the daemon learns and judges).
-        self.quiet_tokens = 0
-        self.quiet_s = 0.0
-        previous_s: float | None = None
+        # This stream's decode where no other request's prefill touched it (the rate the daemon learns and
+        # judges).
+        engine_counts = gw.stats.engine(engine)
+        self.quiet = QuietTally(prefills, engine, lambda: engine_counts["in_flight"])
+        quiet_token = self.quiet.token
 
         def on_token(at_s: float) -> None:
-            nonlocal previous_s
             if self.prefill_key is not None:
                 prefills.end(engine, self.prefill_key, at_s)
                 self.prefill_key = None
-            elif previous_s is not None and prefills.quiet_since(engine, previous_s):
-                self.quiet_tokens += 1
-                self.quiet_s += at_s - previous_s
-            previous_s = at_s
+            quiet_token(at_s)
             try:
                 token_progress(engine, at_s)
             except Exception:  # a backend bug must not break a stream
@@ -513,7 +511,8 @@ class _Forward:
                 self._tg = tg
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
                 self.sent_at_s = gw.clock.now()
-                self.prefill_key = gw.prefills.begin(engine, self.sent_at_s)
+                if prefill_counts(len(self.request.content)):
+                    self.prefill_key = gw.prefills.begin(engine, self.sent_at_s)
                 if self.stream_requested:
                     self._start_stall_watch()
                 await self._exchange(send, tg)
@@ -1073,7 +1072,7 @@ class _Forward:
             max_gap_s=meter.max_gap_s,
             ended=ended,
             duration_s=now - self.sent_at_s if self.sent_at_s else None,
-            quiet=(self.quiet_tokens, self.quiet_s),
+            quiet=QuietDecode(self.quiet.tokens, self.quiet.seconds, meter.counted_tokens, self.quiet.in_flight_s),
         )
         self.gw.call_backend("request_finished", stats)
 

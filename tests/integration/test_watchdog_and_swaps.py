@@ -137,6 +137,8 @@ def test_many_concurrent_streams_are_not_degraded(daemon_factory, tiny_model) ->
           f"rates seen {sorted({r for r in rates if r})[:3]}..; states {sorted(set(states))}")
     learned_at = d.engine("tiny")["baselines_by_concurrency"]
     print(f"baselines by concurrency: {learned_at}")
+    for e in _state_events(d, "tiny"):
+        print(f"  {e['from']} -> {e['to']}: {e.get('reason')}")
     assert len(done) >= 12
     assert set(states) == {"ready"}, f"load was called a slowdown: {d.engine('tiny')['state_reason']}"
     assert "1" in learned_at and "9-16" in learned_at and learned_at["9-16"] < learned_at["1"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from supervisord_llm.gateway.prefills import PrefillSpans
+import pytest
+
+from supervisord_llm.gateway.prefills import PrefillSpans, QuietTally
 
 
 def test_an_interval_is_quiet_while_no_request_is_in_prefill() -> None:
@@ -42,3 +44,40 @@ def test_end_is_once_only_and_unknown_keys_are_ignored() -> None:
     p.end("a", 12345, 9.0)
     p.end("nope", k1, 9.0)
     assert p.quiet_since("a", 3.0)
+
+
+def _tally(p: PrefillSpans, in_flight: int = 1) -> QuietTally:
+    return QuietTally(p, "a", lambda: in_flight)
+
+
+def test_a_lone_stream_counts_every_token_after_the_first() -> None:
+    p = PrefillSpans()
+    tally = _tally(p)
+    for i in range(11):
+        tally.token(i * 0.01)
+    assert tally.tokens == 10 and tally.seconds == pytest.approx(0.1) and tally.in_flight_s == pytest.approx(0.1)
+
+
+def test_a_burst_shares_the_fate_of_its_wait() -> None:
+    """Four tokens arrive together after a wait that another request's prefill touched: none of them counts
+    (counting the three after the first would read the engine faster than it is)."""
+    p = PrefillSpans()
+    tally = _tally(p)
+    tally.token(0.0)
+    tally.token(0.01)  # quiet: 1 token over 10 ms
+    prompt = p.begin("a", 0.02)
+    p.end("a", prompt, 0.05)  # another request's prefill inside the next wait
+    for _ in range(4):
+        tally.token(0.06)  # a burst of 4
+    tally.token(0.07)  # quiet again: 1 token over 10 ms
+    for _ in range(3):
+        tally.token(0.08)  # a quiet burst of 3: all count
+    assert tally.tokens == 1 + 1 + 3 and tally.seconds == pytest.approx(0.03)
+
+
+def test_the_requests_in_flight_are_integrated_over_the_quiet_time() -> None:
+    p = PrefillSpans()
+    tally = _tally(p, in_flight=3)
+    tally.token(0.0)
+    tally.token(0.5)
+    assert tally.in_flight_s == pytest.approx(1.5)

@@ -18,6 +18,7 @@ from policies.health import (
     decode_rate_sample,
     learn_baseline,
     mean_in_flight,
+    prefill_counts,
     quiet_interval,
     rolling_rate,
     sample_concurrency,
@@ -403,15 +404,36 @@ def test_a_stream_interval_is_quiet_only_when_no_other_prefill_touched_it() -> N
 
 def test_a_stream_rate_is_its_decode_or_only_its_quiet_intervals() -> None:
     """mlx_lm.server prefills a 2 s prompt among its decode steps: a 300-token stream beside it took 2.3 s
-    for its decode; the 250 intervals between its tokens that no prefill touched took 0.25 s."""
+    for its decode; the 250 tokens that arrived in intervals no prefill touched took 0.25 s."""
     assert stream_decode_rate(300, 2.3) == (pytest.approx(130.0), 300)  # the engine read as ~9x slower
-    assert stream_decode_rate(300, 2.3, quiet=(250, 0.25)) == (pytest.approx(1000.0), 251)
+    assert stream_decode_rate(300, 2.3, quiet=(250, 0.25, 300)) == (pytest.approx(1000.0), 251)
+
+
+def test_quiet_tokens_are_scaled_where_events_carry_several_tokens() -> None:
+    """An engine that sends two tokens per event (vLLM's stream_interval 2): 150 events, usage 300 tokens."""
+    rate = stream_decode_rate(300, 2.0, quiet=(100, 1.0, 150))
+    assert rate is not None and rate[0] == pytest.approx(100 * 299 / 149)
+    assert stream_decode_rate(300, 2.0, quiet=(100, 1.0, 300)) == (pytest.approx(100.0), 101)  # one per event
 
 
 def test_a_stream_with_no_real_decode_gives_no_rate() -> None:
-    assert stream_decode_rate(300, 2.3, quiet=(6, 0.2)) is None  # too few quiet intervals
-    assert stream_decode_rate(300, 2.3, quiet=(100, 0.02)) is None  # too short
-    assert stream_decode_rate(300, 2.3, quiet=(0, 0.0)) is None  # a prefill beside it all along
+    assert stream_decode_rate(300, 2.3, quiet=(6, 0.2, 300)) is None  # too few quiet tokens
+    assert stream_decode_rate(300, 2.3, quiet=(100, 0.02, 300)) is None  # too short
+    assert stream_decode_rate(300, 2.3, quiet=(0, 0.0, 300)) is None  # a prefill beside it all along
     assert stream_decode_rate(7, 1.0) is None  # too few tokens
     assert stream_decode_rate(100, 0.01) is None  # a flush of held-back tokens
     assert stream_decode_rate(100, None) is None
+
+
+def test_a_sample_is_labelled_with_the_gateway_concurrency_of_the_time_its_rate_came_from() -> None:
+    """A stream whose rate comes only from the second half of its decode, where it ran alone, is a
+    lone request's rate though another request was in flight over the first half."""
+    changes = [(0.0, 2), (5.0, 1)]
+    assert sample_concurrency(changes, [], 0.0, 10.0, in_flight_now=1) == 2  # 1.5 over the whole decode
+    assert sample_concurrency(changes, [], 0.0, 10.0, in_flight_now=1, through_gateway=1.0) == 1
+
+
+def test_only_a_long_prompt_prefill_leaves_the_streams_beside_it_out() -> None:
+    """A chat turn of a few words costs the engine about one decode step; an agent's 700-word prompt many."""
+    assert not prefill_counts(len(b'{"model":"tiny","messages":[{"role":"user","content":"count"}],"stream":true}'))
+    assert prefill_counts(len(" ".join(f"w{i}" for i in range(700)).encode()))
