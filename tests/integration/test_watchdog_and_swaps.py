@@ -218,7 +218,7 @@ def test_decodes_beside_long_prefills_are_not_degraded(daemon_factory, tiny_mode
           f"{[round(r) for r in streams]}; rates judged {sorted({r for r in rates if r})}; states {sorted(set(states))}")
     for e in _state_events(d, "tiny"):
         print(f"  {e['from']} -> {e['to']}: {e.get('reason')}")
-    assert len(prefills) >= 4 and len(streams) >= 4
+    assert len(prefills) >= 3 and len(streams) >= 3
     assert streams[0] < 0.6 * baseline, "no stream decoded beside a prefill: the test proves nothing"
     assert set(states) == {"ready"}, f"another request's prefill was called a slowdown: {d.engine('tiny')['state_reason']}"
     judged = [r for r in rates if r]
