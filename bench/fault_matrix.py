@@ -287,6 +287,42 @@ def benign_load_after_lone_baseline(d: Daemon, gw: int) -> tuple[float, float]:
     return t0, 3
 
 
+def benign_long_prompts_beside_streams(d: Daemon, gw: int) -> tuple[float, float]:
+    # The rate learned from lone canaries; then one client streams while another sends long prompts (700
+    # words, one token answered, a new prompt each time so no prompt cache shortens it) for 8 windows:
+    # mlx_lm.server prefills each between the stream's decode steps, so the stream waits.
+    deadline = time.monotonic() + 90
+    while d.engine("e")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stop = threading.Event()
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+
+    def streamer() -> None:
+        while not stop.is_set():
+            _stream(url, 300, timeout_s=60)
+
+    def prompter() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            words = " ".join(f"w{k}x{i}" for i in range(700))
+            try:
+                httpx.post(url, timeout=60, json={"model": "e", "max_tokens": 1,
+                                                  "messages": [{"role": "user", "content": f"{k} {words}"}]})
+            except httpx.HTTPError:
+                pass
+
+    t0 = time.time()
+    threads = [threading.Thread(target=streamer, daemon=True), threading.Thread(target=prompter, daemon=True)]
+    for t in threads:
+        t.start()
+    time.sleep(8 * 3.0)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    return t0, 3
+
+
 HOOK = {"PYTHONPATH": os.pathsep.join([str(STANDINS / "blocked_mlx"), str(REPO)]), "BLOCK_GENERATION_AFTER": "1"}
 OMLX = [PYTHON, str(STANDINS / "openai_engine.py"), "--port", "{port}", "--tps", "20", "--metrics", "omlx"]
 
@@ -323,6 +359,10 @@ SCENARIOS: dict[str, tuple[bool, Callable[[int], str], Callable[[Daemon, int], t
     "load_after_lone_baseline": (False, lambda gw: _mlx(
         "e", gw, canary_interval="1s", canary_max_tokens=200, stall="10s",
         degraded='[policies.degraded]\nwindow = "3s"\nwindows = 3\nshare = 0.5\n'), benign_load_after_lone_baseline),
+    # long prompts grow the engine's prompt cache: a footprint that holds them
+    "long_prompts_beside_streams": (False, lambda gw: _mlx(
+        "e", gw, canary_interval="1s", canary_max_tokens=200, stall="10s", footprint="1GB",
+        degraded='[policies.degraded]\nwindow = "3s"\nwindows = 2\nshare = 0.6\n'), benign_long_prompts_beside_streams),
 }
 
 
