@@ -159,10 +159,27 @@ def fault_dead_generation_thread(d: Daemon, gw: int) -> tuple[float, float]:
     return event_wall_s(ready) + 2.0, 20
 
 
-def fault_slowdown(d: Daemon, gw: int) -> tuple[float, float]:
+def _wait_baseline(d: Daemon) -> None:
     deadline = time.monotonic() + 90
     while d.engine("e")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
         time.sleep(0.5)
+
+
+def _run_windows(clients: list[Callable[[], None]], stop: threading.Event) -> tuple[float, float]:
+    """The clients, each in a thread, for 8 windows of 3 s; then told to stop. (start time, window)."""
+    t0 = time.time()
+    threads = [threading.Thread(target=client, daemon=True) for client in clients]
+    for t in threads:
+        t.start()
+    time.sleep(8 * 3.0)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    return t0, 3
+
+
+def fault_slowdown(d: Daemon, gw: int) -> tuple[float, float]:
+    _wait_baseline(d)
     pid = d.engine("e")["pid"]
     stop = threading.Event()
 
@@ -267,33 +284,21 @@ def benign_vllm_long_prefill(d: Daemon, gw: int) -> tuple[float, float]:
 
 def benign_load_after_lone_baseline(d: Daemon, gw: int) -> tuple[float, float]:
     # The rate learned from lone canaries, then 12 streams at once for 8 windows: each decodes slower.
-    deadline = time.monotonic() + 90
-    while d.engine("e")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait_baseline(d)
     stop = threading.Event()
 
     def client() -> None:
         while not stop.is_set():
             _stream(f"http://127.0.0.1:{gw}/v1/chat/completions", 150, timeout_s=60)
 
-    t0 = time.time()
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(12)]
-    for t in threads:
-        t.start()
-    time.sleep(8 * 3.0)
-    stop.set()
-    for t in threads:
-        t.join(60)
-    return t0, 3
+    return _run_windows([client] * 12, stop)
 
 
 def benign_long_prompts_beside_streams(d: Daemon, gw: int) -> tuple[float, float]:
     # The rate learned from lone canaries; then one client streams while another sends long prompts (700
     # words, one token answered, a new prompt each time so no prompt cache shortens it) for 8 windows:
     # mlx_lm.server prefills each between the stream's decode steps, so the stream waits.
-    deadline = time.monotonic() + 90
-    while d.engine("e")["baseline_tokens_per_s"] is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait_baseline(d)
     stop = threading.Event()
     url = f"http://127.0.0.1:{gw}/v1/chat/completions"
 
@@ -312,15 +317,7 @@ def benign_long_prompts_beside_streams(d: Daemon, gw: int) -> tuple[float, float
             except httpx.HTTPError:
                 pass
 
-    t0 = time.time()
-    threads = [threading.Thread(target=streamer, daemon=True), threading.Thread(target=prompter, daemon=True)]
-    for t in threads:
-        t.start()
-    time.sleep(8 * 3.0)
-    stop.set()
-    for t in threads:
-        t.join(60)
-    return t0, 3
+    return _run_windows([streamer, prompter], stop)
 
 
 HOOK = {"PYTHONPATH": os.pathsep.join([str(STANDINS / "blocked_mlx"), str(REPO)]), "BLOCK_GENERATION_AFTER": "1"}

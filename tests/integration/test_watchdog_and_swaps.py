@@ -32,6 +32,42 @@ def _wait_baseline(d, name: str, timeout_s: float = 60) -> None:
         time.sleep(0.5)
 
 
+def _gateway_daemon_with_lone_baseline(daemon_factory, tiny_model, **keys: object):
+    """A real mlx_lm.server with the gateway on and 3 s degraded windows, once it learned its rate from lone
+    canaries: (daemon, gateway port, baseline)."""
+    gw = free_port()
+    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, canary_interval="1s", canary_max_tokens=200, stall="10s",
+                          default=True, **keys)
+    cfg += '[policies.degraded]\nwindow = "3s"\nwindows = 2\nshare = 0.6\n'
+    cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\n'
+    d = daemon_factory(cfg).start()
+    d.wait_state("tiny", "ready", 90)
+    _wait_baseline(d, "tiny")
+    baseline = d.engine("tiny")["baseline_tokens_per_s"]
+    assert baseline, "a baseline is learned from canaries"
+    return d, gw, baseline
+
+
+def _watch_windows(d, threads: list[threading.Thread], stop: threading.Event
+                   ) -> tuple[list[str], list[float | None]]:
+    """The engine's state and judged rate every 0.5 s for 6 windows of 3 s while the started threads load it;
+    then they are told to stop and joined."""
+    states: list[str] = []
+    rates: list[float | None] = []
+    try:
+        until = time.monotonic() + 18.0
+        while time.monotonic() < until:
+            engine = d.engine("tiny")
+            states.append(engine["state"])
+            rates.append(engine["tokens_per_s"])
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    return states, rates
+
+
 def _state_events(d, name: str) -> list[dict]:
     return [e for e in d.events() if e["kind"] == "engine.state_changed" and e.get("engine") == name]
 
@@ -93,16 +129,7 @@ def test_many_concurrent_streams_are_not_degraded(daemon_factory, tiny_model) ->
     the gateway: each stream decodes slower (the engine shares each step among them), which is load, not
     a slowdown of the engine; it stays `ready` through 6 windows of that load (judged first by what the
     lone rate bounds it to, then by the rate it learns at that concurrency) and raises no alert."""
-    gw = free_port()
-    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, canary_interval="1s", canary_max_tokens=200, stall="10s",
-                          default=True)
-    cfg += '[policies.degraded]\nwindow = "3s"\nwindows = 2\nshare = 0.6\n'
-    cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\n'
-    d = daemon_factory(cfg).start()
-    d.wait_state("tiny", "ready", 90)
-    _wait_baseline(d, "tiny")
-    baseline = d.engine("tiny")["baseline_tokens_per_s"]
-    assert baseline, "a baseline is learned from canaries"
+    d, gw, baseline = _gateway_daemon_with_lone_baseline(daemon_factory, tiny_model)
     stop = threading.Event()
     done: list[int] = []
 
@@ -120,19 +147,8 @@ def test_many_concurrent_streams_are_not_degraded(daemon_factory, tiny_model) ->
     clients = [threading.Thread(target=client, daemon=True) for _ in range(12)]
     for t in clients:
         t.start()
-    states: list[str] = []
-    rates: list[float | None] = []
-    try:
-        until = time.monotonic() + 18.0  # 6 windows of 3 s: the 5 a band needs to be learned, and one more
-        while time.monotonic() < until:
-            engine = d.engine("tiny")
-            states.append(engine["state"])
-            rates.append(engine["tokens_per_s"])
-            time.sleep(0.5)
-    finally:
-        stop.set()
-        for t in clients:
-            t.join(60)
+    # 6 windows of 3 s: the 5 a band needs to be learned, and one more
+    states, rates = _watch_windows(d, clients, stop)
     print(f"baseline {baseline} tok/s from lone canaries; {len(done)} streams of 12 at once; "
           f"rates seen {sorted({r for r in rates if r})[:3]}..; states {sorted(set(states))}")
     learned_at = d.engine("tiny")["baselines_by_concurrency"]
@@ -153,17 +169,8 @@ def test_decodes_beside_long_prefills_are_not_degraded(daemon_factory, tiny_mode
     prefill, not a slowdown of the engine: it stays `ready` through 6 windows of it and raises no alert,
     while the streams' tokens still give rates (the time the engine spent on the others' prefill left
     out: only the intervals between a stream's tokens that no other request's prefill touched count)."""
-    gw = free_port()
     # Long prompts grow the engine's memory (its prompt cache): a footprint that holds them.
-    cfg = mlx_engine_toml("tiny", free_port(), tiny_model, canary_interval="1s", canary_max_tokens=200, stall="10s",
-                          default=True, footprint="1GB")
-    cfg += '[policies.degraded]\nwindow = "3s"\nwindows = 2\nshare = 0.6\n'
-    cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\n'
-    d = daemon_factory(cfg).start()
-    d.wait_state("tiny", "ready", 90)
-    _wait_baseline(d, "tiny")
-    baseline = d.engine("tiny")["baseline_tokens_per_s"]
-    assert baseline, "a baseline is learned from canaries"
+    d, gw, baseline = _gateway_daemon_with_lone_baseline(daemon_factory, tiny_model, footprint="1GB")
     stop = threading.Event()
     streams: list[float] = []
     prefills: list[float] = []
@@ -199,19 +206,7 @@ def test_decodes_beside_long_prefills_are_not_degraded(daemon_factory, tiny_mode
     threads = [threading.Thread(target=streamer, daemon=True), threading.Thread(target=prompter, daemon=True)]
     for t in threads:
         t.start()
-    states: list[str] = []
-    rates: list[float | None] = []
-    try:
-        until = time.monotonic() + 18.0  # 6 windows of 3 s
-        while time.monotonic() < until:
-            engine = d.engine("tiny")
-            states.append(engine["state"])
-            rates.append(engine["tokens_per_s"])
-            time.sleep(0.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
+    states, rates = _watch_windows(d, threads, stop)
     streams.sort()
     print(f"baseline {baseline} tok/s from lone canaries; {len(prefills)} prompts, prefill p50 "
           f"{sorted(prefills)[len(prefills) // 2]:.2f}s; {len(streams)} streams, client-side rates "
