@@ -130,6 +130,9 @@ _OPENAI_TOKEN_RE = re.compile(
 _ANTHROPIC_DELTA_RE = re.compile(rb'"type"\s*:\s*"content_block_delta"')
 _ANTHROPIC_MESSAGE_DELTA_RE = re.compile(rb'"type"\s*:\s*"message_delta"')
 _MAX_PARTIAL_LINE_BYTES = 4 * 2**20
+# Ollama's own API streams one JSON object per line, each with "done": false until the last
+# (server/routes.go, ChatHandler/GenerateHandler; docs/api.md "Streaming responses").
+_NDJSON_NOT_DONE_RE = re.compile(rb'"done"\s*:\s*false')
 
 
 class TokenMeter:
@@ -139,10 +142,14 @@ class TokenMeter:
     ``completion_tokens`` wins when it arrives. Anthropic: one token per ``content_block_delta``
     event; ``message_delta.usage.output_tokens`` wins. Comments (``: keepalive``) and empty data
     are not progress. Only data lines that can carry usage or an error are parsed as JSON.
+    ``ndjson`` (Ollama's own API): one token per line with ``"done": false`` (a thinking model's
+    lines with empty content are its steps too); the last line's ``eval_count`` wins; a line with
+    ``error`` is the engine's error.
     """
 
     __slots__ = (
         "anthropic",
+        "ndjson",
         "on_token",
         "first_token_at_s",
         "last_token_at_s",
@@ -154,8 +161,10 @@ class TokenMeter:
         "_event",
     )
 
-    def __init__(self, *, anthropic: bool, on_token: Callable[[float], None] | None = None) -> None:
+    def __init__(self, *, anthropic: bool, on_token: Callable[[float], None] | None = None,
+                 ndjson: bool = False) -> None:
         self.anthropic = anthropic
+        self.ndjson = ndjson
         self.on_token = on_token
         self.first_token_at_s: float | None = None
         self.last_token_at_s: float | None = None
@@ -182,6 +191,10 @@ class TokenMeter:
             start = end + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
+            if self.ndjson:
+                if line:
+                    self._ndjson_line(line, at_s)
+                continue
             if not line:
                 self._event = b""  # an empty line ends an event
             elif line[0] == 0x3A:  # ":" comment, e.g. keepalive: not progress
@@ -205,6 +218,18 @@ class TokenMeter:
         self.counted_tokens += 1
         if self.on_token is not None:
             self.on_token(at_s)
+
+    def _ndjson_line(self, line: bytes, at_s: float) -> None:
+        if _NDJSON_NOT_DONE_RE.search(line):
+            self._token(at_s)
+            return
+        doc = _loads(line)
+        if not isinstance(doc, dict):
+            return
+        if doc.get("error") is not None:
+            self.error = doc["error"]
+        elif doc.get("done") is True and isinstance(doc.get("eval_count"), int):
+            self.usage_tokens = doc["eval_count"]
 
     def _data(self, payload: bytes, at_s: float) -> None:
         if not payload or payload == b"[DONE]":
@@ -369,6 +394,11 @@ def error_response(
     )
 
 
+def _ndjson_error(message: str) -> bytes:
+    """An error line in a stream of Ollama's own API, as Ollama writes one (``{"error": "..."}``)."""
+    return json.dumps({"error": message}).encode() + b"\n"
+
+
 def _sse_error(anthropic: bool, status: int, message: str, code: str) -> bytes:
     body = json.dumps(error_body(anthropic, status, message, code), separators=(",", ":"))
     return (f"event: error\ndata: {body}\n\n" if anthropic else f"data: {body}\n\n").encode()
@@ -444,8 +474,10 @@ class _Forward:
         anthropic: bool,
         stream_requested: bool,
         translation: _Translation | None = None,
+        ndjson: bool = False,
     ) -> None:
         self.gw = gw
+        self.ndjson = ndjson  # Ollama's own API: a stream of JSON lines, metered and watched as SSE is
         self.translation = translation
         self.on_done: Callable[[], None] | None = None  # gives the engine's slot back
         self.upstream = upstream
@@ -494,7 +526,7 @@ class _Forward:
                 gw.log.exception("gateway.backend_failed", method="token_progress", engine=engine)
 
         # A translated request's meter reads the engine's own (OpenAI) bytes, not what we send.
-        self.meter = TokenMeter(anthropic=anthropic and translation is None, on_token=on_token)
+        self.meter = TokenMeter(anthropic=anthropic and translation is None, on_token=on_token, ndjson=ndjson)
         body_bytes = len(request.content)
         settings = gw.settings
         self.prefill_limit_s = settings.prefill_stall_s + body_bytes / 2**20 * settings.prefill_per_mib_s
@@ -695,11 +727,13 @@ class _Forward:
                 self.upstream_failed = True
             content_type = response.headers.get("content-type", "")
             is_sse = content_type.startswith("text/event-stream")
+            # Ollama's stream of JSON lines: passed through as it comes, metered and watched like SSE.
+            is_lines = self.ndjson and content_type.startswith("application/x-ndjson")
             if self.translation is not None:
                 if await self._pump_translated(send, response, tg):
                     return
-            drop = _RESPONSE_DROP if is_sse else _RESPONSE_DROP - _NO_CONTENT_LENGTH
-            if is_sse:
+            drop = _RESPONSE_DROP if is_sse or is_lines else _RESPONSE_DROP - _NO_CONTENT_LENGTH
+            if is_sse or is_lines:
                 drop = drop | _NO_CONTENT_LENGTH
                 self._start_stall_watch()
             raw_headers = [
@@ -714,7 +748,7 @@ class _Forward:
             )
             headers_sent = True
             try:
-                if is_sse:
+                if is_sse or is_lines:
                     await self._pump_sse(response, send)
                     if self.client_cut:
                         self.response_complete = True
@@ -738,16 +772,11 @@ class _Forward:
                     "gateway.upstream_broke", engine=upstream.engine, error=type(exc).__name__
                 )
                 self.response_complete = True
+                broke = f"engine {upstream.engine!r} broke off the stream: {type(exc).__name__}"
                 if is_sse:
-                    await _send_quietly(
-                        send,
-                        _sse_error(
-                            self.anthropic,
-                            502,
-                            f"engine {upstream.engine!r} broke off the stream: {type(exc).__name__}",
-                            "upstream_broke_stream",
-                        ),
-                    )
+                    await _send_quietly(send, _sse_error(self.anthropic, 502, broke, "upstream_broke_stream"))
+                elif is_lines:
+                    await _send_quietly(send, _ndjson_error(broke))
                 await _send_quietly(send, b"", more=False)
                 return
         headers_sent = headers_sent or self.translated_headers_sent
@@ -767,7 +796,8 @@ class _Forward:
             self.response_complete = True
             if headers_sent:
                 await _send_quietly(
-                    send, _sse_error(self.anthropic, 504, message, "engine_stalled")
+                    send, _ndjson_error(message) if self.ndjson else _sse_error(self.anthropic, 504, message,
+                                                                                  "engine_stalled")
                 )
                 await _send_quietly(send, b"", more=False)
             else:
@@ -1549,7 +1579,8 @@ class _Gateway:
         url = upstream.base_url.rstrip("/") + path + ("?" + query if query else "")
         upstream_request = UpstreamRequest(request.method, url, headers, body)
         return _Forward(
-            self, upstream, upstream_request, anthropic=anthropic, stream_requested=stream
+            self, upstream, upstream_request, anthropic=anthropic, stream_requested=stream,
+            ndjson=path in OLLAMA_API_PATHS
         )
 
     async def _translate(

@@ -173,6 +173,31 @@ def test_ollama_clients_reach_an_ollama_engine_through_its_own_api(daemon_factor
     assert "request POST /api/chat" in seen and "request POST /api/generate" in seen
 
 
+def test_an_ollama_stream_that_goes_silent_is_cut_with_an_error_line_and_the_engine_is_hung(daemon_factory) -> None:
+    """Ollama's own stream of JSON lines is metered and watched like SSE: silent after 3 tokens, the client gets
+    a JSON error line (as Ollama writes one) after decode_stall_s, and the engine is hung on that evidence."""
+    gw = free_port()
+    cfg = standin_engine_toml("llama", free_port(), "--ollama", "--tps", "50", "--silent-from", "2",
+                              "--silent-after-tokens", "3", default=True, model="tiny:1b", stall="2s",
+                              canary_interval="10m").replace('kind = "command"', 'kind = "ollama"')
+    d = daemon_factory(cfg + f'[gateway]\nlisten = "127.0.0.1:{gw}"\ndecode_stall_s = 2\n'
+                       + '[policies.restart]\nhang_restart_after = "10m"\n').start()
+    d.wait_state("llama", "ready", 60)
+    lines: list[dict] = []
+    started = time.monotonic()
+    with httpx.stream("POST", f"http://127.0.0.1:{gw}/api/generate", timeout=30,
+                      json={"model": "llama", "prompt": "hi", "stream": True, "options": {"num_predict": 20}}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                lines.append(json.loads(line))
+    took = time.monotonic() - started
+    assert [x.get("done") for x in lines[:3]] == [False] * 3 and len(lines) == 4, lines
+    assert "stalled" in lines[-1]["error"] and took < 15, (lines[-1], took)
+    engine = d.wait_state("llama", "hung", 15)
+    assert engine["watchdog"]["evidence"]["source"] == "stream", engine
+
+
 def test_beyond_max_queue_a_429_with_retry_after_in_each_api_shape(daemon_factory) -> None:
     """max_concurrent = 1, max_queue = 1: one runs, one waits and is served, the next gets 429 + Retry-After."""
     gw = free_port()

@@ -690,3 +690,19 @@ def test_settings_from_toml_accepts_units_and_names_bad_keys() -> None:
         assert (
             info.value.key == key and info.value.file == "/etc/llm.toml" and hint in str(info.value)
         )
+
+
+def test_the_meter_reads_ollamas_own_stream_of_json_lines() -> None:
+    """One token per line with "done": false (Go writes it without a space; a thinking model's empty content
+    counts: it is a step); the last line's eval_count wins; an error line is the engine's error."""
+    seen: list[float] = []
+    meter = TokenMeter(anthropic=False, on_token=seen.append, ndjson=True)
+    meter.feed(b'{"model":"m","response":"Hi","done":false}\n{"model":"m","message":{"role":"assistant",'
+               b'"content":"","thinking":"hmm"},"done": false}\n{"model":"m","res', 1.0)
+    meter.feed(b'ponse":" there","done":false}\n', 2.0)  # a line split across chunks: counted once, when whole
+    assert meter.tokens == 3 and seen == [1.0, 1.0, 2.0]
+    meter.feed(b'{"model":"m","response":"","done":true,"eval_count":7}\n', 3.0)
+    assert meter.tokens == 7 and meter.error is None
+    broken = TokenMeter(anthropic=False, ndjson=True)
+    broken.feed(b'{"error":"model runner has unexpectedly stopped"}\n', 1.0)
+    assert broken.tokens == 0 and broken.error == "model runner has unexpectedly stopped"

@@ -219,7 +219,9 @@ def main() -> None:
                 self.end_headers()
                 chat = self.path == "/api/chat"  # Ollama's chat: the text in "message", not "response"
                 try:
-                    for _ in range(n):
+                    for i in range(n):
+                        if silent and i >= args.silent_after_tokens:
+                            silence()
                         line = json.dumps({"model": args.model_name, "done": False,
                                            **({"message": {"role": "assistant", "content": "tok "}} if chat else
                                               {"response": "tok "})})
