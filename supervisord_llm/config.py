@@ -15,6 +15,7 @@ object itself: there is no second class to copy it from.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -314,7 +315,8 @@ def _parse_engine(t: Table) -> EngineConfig:
     if idle is not None and idle is not False and idle != "off":
         wanted = f'expected a duration of at least 10s such as "30m" (or seconds, 1800), or "off" (the default: never ' \
                  f'unloaded), got {idle!r}'
-        if isinstance(idle, bool) or not isinstance(idle, str | int | float):
+        if isinstance(idle, bool) or not isinstance(idle, str | int | float) or (
+                isinstance(idle, float) and not math.isfinite(idle)):
             raise t.error("idle_unload", wanted)
         try:
             idle_unload_s = t.duration_s("idle_unload", "0s", min_s=10,

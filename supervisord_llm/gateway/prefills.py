@@ -62,7 +62,7 @@ class QuietTally:
         self.seconds = 0.0
         self.in_flight_s = 0.0
         self._previous_s: float | None = None
-        self._quiet = True
+        self._quiet = False  # the first arrival's other tokens waited as long as it did: the first token's wait
 
     def token(self, at_s: float) -> None:
         """A token after the stream's first arrived at ``at_s`` (the first only starts the clock)."""

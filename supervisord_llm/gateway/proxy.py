@@ -220,7 +220,8 @@ class TokenMeter:
             self.on_token(at_s)
 
     def _ndjson_line(self, line: bytes, at_s: float) -> None:
-        if _NDJSON_NOT_DONE_RE.search(line):
+        # The last line carries the counts (a tool call's arguments in it may hold any text, "done": false too).
+        if b'"eval_count"' not in line and _NDJSON_NOT_DONE_RE.search(line):
             self._token(at_s)
             return
         doc = _loads(line)
@@ -228,8 +229,12 @@ class TokenMeter:
             return
         if doc.get("error") is not None:
             self.error = doc["error"]
-        elif doc.get("done") is True and isinstance(doc.get("eval_count"), int):
-            self.usage_tokens = doc["eval_count"]
+        elif doc.get("done") is True:
+            count = doc.get("eval_count")
+            if type(count) is int and count >= 0:
+                self.usage_tokens = count
+        elif doc.get("done") is False:
+            self._token(at_s)
 
     def _data(self, payload: bytes, at_s: float) -> None:
         if not payload or payload == b"[DONE]":
@@ -272,8 +277,10 @@ def _loads(payload: bytes) -> Any:
 
 
 def usage_tokens_of(body: bytes) -> int | None:
-    """Completion tokens from a non-streamed OpenAI or Anthropic response body, if it says."""
+    """Completion tokens from a non-streamed OpenAI, Anthropic or Ollama response body, if it says."""
     doc = _loads(body)
+    if isinstance(doc, dict) and type(doc.get("eval_count")) is int and doc["eval_count"] >= 0:
+        return int(doc["eval_count"])  # Ollama's own API
     usage = doc.get("usage") if isinstance(doc, dict) else None
     if not isinstance(usage, dict):
         return None
@@ -475,6 +482,7 @@ class _Forward:
         stream_requested: bool,
         translation: _Translation | None = None,
         ndjson: bool = False,
+        tools: bool = False,
     ) -> None:
         self.gw = gw
         self.ndjson = ndjson  # Ollama's own API: a stream of JSON lines, metered and watched as SSE is
@@ -530,6 +538,12 @@ class _Forward:
         body_bytes = len(request.content)
         settings = gw.settings
         self.prefill_limit_s = settings.prefill_stall_s + body_bytes / 2**20 * settings.prefill_per_mib_s
+        # Ollama sends no line while it collects a tool call (its tool parser gives the call whole): a
+        # long call on a slow model is silent for as long as it takes to generate, so such a request is
+        # held to the prefill's limit between tokens too.
+        self.decode_limit_s = settings.decode_stall_s
+        if tools and upstream.kind == "ollama":
+            self.decode_limit_s = max(self.decode_limit_s, self.prefill_limit_s)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         gw = self.gw
@@ -598,14 +612,13 @@ class _Forward:
 
     def _stall_wait_s(self) -> float | None:
         """How long until the stream would be stalled; None (and ``stalled`` set) once it is."""
-        settings = self.gw.settings
         now = self.gw.clock.now
         meter = self.meter
         last = meter.last_token_at_s
         if last is None:
             phase, since, limit = "prefill", self.sent_at_s, self.prefill_limit_s
         else:
-            phase, since, limit = "decode", last, settings.decode_stall_s
+            phase, since, limit = "decode", last, self.decode_limit_s
         if self.blocked_since_s is not None or self.awaiting_engine:
             # The client's back-pressure, or the request held while its engine restarts: neither
             # is the engine's silence.
@@ -626,7 +639,7 @@ class _Forward:
             return None
         # Never wait longer than the decode limit: a first token arriving meanwhile starts a
         # decode deadline that can fall before the prefill one.
-        return min(delay, settings.decode_stall_s)
+        return min(delay, self.decode_limit_s)
 
     async def _send_upstream(self) -> UpstreamResponse:
         # Sent again only while the engine gave no response head (gateway/retry.py): refused while
@@ -800,6 +813,8 @@ class _Forward:
                                                                                   "engine_stalled")
                 )
                 await _send_quietly(send, b"", more=False)
+            elif self.ndjson:
+                await _send_json(send, {"error": message}, 504)  # Ollama's own error shape
             else:
                 await _send_json(
                     send,
@@ -1342,8 +1357,9 @@ class _Gateway:
             return self.unauthorized(anthropic_client)
         model_id = request.path_params["model_id"]
         entries = self.backend.models()
+        routed = self.backend.engine_for(model_id)  # a name its model is served under too
         for entry in entries:
-            if entry["id"] == model_id or model_id in (entry.get("aliases") or ()):
+            if entry["id"] == model_id or model_id in (entry.get("aliases") or ()) or entry["id"] == routed:
                 return JSONResponse(
                     {"object": "model", "created": 0, "owned_by": "supervisord-llm", **entry}
                 )
@@ -1578,9 +1594,12 @@ class _Gateway:
         query = request.url.query
         url = upstream.base_url.rstrip("/") + path + ("?" + query if query else "")
         upstream_request = UpstreamRequest(request.method, url, headers, body)
+        ollama = path in OLLAMA_API_PATHS
         return _Forward(
-            self, upstream, upstream_request, anthropic=anthropic, stream_requested=stream,
-            ndjson=path in OLLAMA_API_PATHS
+            self, upstream, upstream_request, anthropic=anthropic,
+            # Ollama's own API streams unless told not to: watched from the send like any stream.
+            stream_requested=stream or (ollama and isinstance(doc, dict) and doc.get("stream") is not False),
+            ndjson=ollama, tools=isinstance(doc, dict) and bool(doc.get("tools")),
         )
 
     async def _translate(

@@ -198,6 +198,44 @@ def test_an_ollama_stream_that_goes_silent_is_cut_with_an_error_line_and_the_eng
     assert engine["watchdog"]["evidence"]["source"] == "stream", engine
 
 
+def test_an_ollama_stream_with_tools_may_be_silent_for_its_prefill_limit_between_tokens(daemon_factory) -> None:
+    """Ollama sends nothing while it collects a tool call (its parser gives the call whole): a request with tools
+    to an Ollama engine is held to prefill_stall_s between tokens, not decode_stall_s."""
+    gw = free_port()
+    cfg = standin_engine_toml("llama", free_port(), "--ollama", "--tps", "50", "--silent-from", "2",
+                              "--silent-after-tokens", "3", default=True, model="tiny:1b", stall="2s",
+                              canary_interval="10m").replace('kind = "command"', 'kind = "ollama"')
+    d = daemon_factory(cfg + f'[gateway]\nlisten = "127.0.0.1:{gw}"\ndecode_stall_s = 2\nprefill_stall_s = 6\n'
+                       + '[policies.restart]\nhang_restart_after = "10m"\n').start()
+    d.wait_state("llama", "ready", 60)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    lines: list[dict] = []
+    started = time.monotonic()
+    with httpx.stream("POST", f"http://127.0.0.1:{gw}/api/chat", timeout=30,
+                      json={"model": "llama", "messages": [{"role": "user", "content": "hi"}], "tools": tools}) as r:
+        for line in r.iter_lines():
+            if line:
+                lines.append(json.loads(line))
+    took = time.monotonic() - started
+    assert "stalled" in lines[-1]["error"] and 5.0 < took < 20, (lines[-1], took)  # not after 2 s: after 6
+
+
+def test_an_ollama_stream_that_never_starts_is_cut_after_its_prefill_limit_in_ollamas_shape(daemon_factory) -> None:
+    """Ollama sends its head with its first line: a stream whose engine never answers is watched from the send
+    (Ollama streams unless told not to) and ends after prefill_stall_s with a 504 {"error": ...}."""
+    gw = free_port()
+    cfg = standin_engine_toml("llama", free_port(), "--ollama", "--silent-from", "2", default=True,
+                              model="tiny:1b", stall="2s", canary_interval="10m").replace('kind = "command"',
+                                                                                         'kind = "ollama"')
+    d = daemon_factory(cfg + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nprefill_stall_s = 2\n'
+                       + '[policies.restart]\nhang_restart_after = "10m"\n').start()
+    d.wait_state("llama", "ready", 60)
+    started = time.monotonic()
+    r = httpx.post(f"http://127.0.0.1:{gw}/api/chat", timeout=30,
+                   json={"model": "llama", "messages": [{"role": "user", "content": "hi"}]})  # streams by default
+    assert r.status_code == 504 and "stalled" in r.json()["error"] and time.monotonic() - started < 15, r.text
+
+
 def test_beyond_max_queue_a_429_with_retry_after_in_each_api_shape(daemon_factory) -> None:
     """max_concurrent = 1, max_queue = 1: one runs, one waits and is served, the next gets 429 + Retry-After."""
     gw = free_port()
@@ -299,6 +337,11 @@ def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> 
                    json={"model": "org/b-model", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_running", r.text
     assert d.engine("b")["state"] == "stopped"
+    conn = http.client.HTTPConnection("127.0.0.1", gw, timeout=30)  # the SDKs' models.retrieve("org/b-model")
+    conn.request("GET", "/v1/models/org%2Fb-model")
+    model = conn.getresponse()
+    assert model.status == 200 and json.loads(model.read())["id"] == "b"
+    conn.close()
     r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=30,
                    json={"model": "b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_running"
@@ -355,7 +398,7 @@ def test_idle_unload_in_seconds_loads(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("value", ["0", '"abc"', '"5s"', "true", "-5"])
+@pytest.mark.parametrize("value", ["0", '"abc"', '"5s"', "true", "-5", "nan", "inf"])
 def test_a_bad_idle_unload_names_the_key_and_what_is_valid(tmp_path: Path, value: str) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[[engine]]\nname = "a"\nkind = "mlx_lm"\n'

@@ -35,6 +35,7 @@ from supervisord_llm.gateway.proxy import (
     Upstream,
     build_app,
     serve,
+    usage_tokens_of,
 )
 from tests.helpers import PYTHON, REPO, MlxServer, free_port, wait_http
 
@@ -703,6 +704,11 @@ def test_the_meter_reads_ollamas_own_stream_of_json_lines() -> None:
     assert meter.tokens == 3 and seen == [1.0, 1.0, 2.0]
     meter.feed(b'{"model":"m","response":"","done":true,"eval_count":7}\n', 3.0)
     assert meter.tokens == 7 and meter.error is None
+    tool = TokenMeter(anthropic=False, ndjson=True)  # a tool call's arguments are any JSON: the counts decide
+    tool.feed(b'{"message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"f","arguments":'
+              b'{"done": false}}}]},"done":true,"eval_count":12}\n', 1.0)
+    assert tool.tokens == 12 and tool.counted_tokens == 0
+    assert usage_tokens_of(b'{"model":"m","response":"hi","done":true,"eval_count":5}') == 5  # not streamed
     broken = TokenMeter(anthropic=False, ndjson=True)
     broken.feed(b'{"error":"model runner has unexpectedly stopped"}\n', 1.0)
     assert broken.tokens == 0 and broken.error == "model runner has unexpectedly stopped"

@@ -213,6 +213,8 @@ def main() -> None:
             silent = bool(args.silent_from) and number >= args.silent_from
             if ollama_generate:
                 n = int((body.get("options") or {}).get("num_predict") or 16)
+                if silent and args.silent_after_tokens <= 0:
+                    silence()  # as Ollama, which sends its head with its first line: nothing at all
                 self.send_response(200)
                 self.send_header("content-type", "application/x-ndjson")
                 self.send_header("transfer-encoding", "chunked")

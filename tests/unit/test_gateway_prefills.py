@@ -81,3 +81,14 @@ def test_the_requests_in_flight_are_integrated_over_the_quiet_time() -> None:
     tally.token(0.0)
     tally.token(0.5)
     assert tally.in_flight_s == pytest.approx(1.5)
+
+
+def test_the_first_arrivals_other_tokens_waited_as_long_as_the_first() -> None:
+    """Five tokens in the first chunk, then one every 10 ms: the four beside the first are its time to first
+    token, not a decode in no time."""
+    tally = _tally(PrefillSpans())
+    for _ in range(5):
+        tally.token(0.0)
+    for i in range(1, 9):
+        tally.token(i * 0.01)
+    assert tally.tokens == 8 and tally.seconds == pytest.approx(0.08)
