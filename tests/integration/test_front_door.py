@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -173,25 +174,37 @@ def test_ollama_clients_reach_an_ollama_engine_through_its_own_api(daemon_factor
     assert "request POST /api/chat" in seen and "request POST /api/generate" in seen
 
 
-def test_an_ollama_stream_that_goes_silent_is_cut_with_an_error_line_and_the_engine_is_hung(daemon_factory) -> None:
-    """Ollama's own stream of JSON lines is metered and watched like SSE: silent after 3 tokens, the client gets
-    a JSON error line (as Ollama writes one) after decode_stall_s, and the engine is hung on that evidence."""
+def _silent_ollama(daemon_factory, *flags: str, gateway: str) -> tuple[Any, int]:
+    """The Ollama stand-in (its own API), silent from its first request after the start check on (``flags``
+    say how), behind the gateway with ``gateway``'s keys, once ready: (daemon, gateway port)."""
     gw = free_port()
-    cfg = standin_engine_toml("llama", free_port(), "--ollama", "--tps", "50", "--silent-from", "2",
-                              "--silent-after-tokens", "3", default=True, model="tiny:1b", stall="2s",
+    cfg = standin_engine_toml("llama", free_port(), "--ollama", "--tps", "50", "--silent-from", "2", *flags,
+                              default=True, model="tiny:1b", stall="2s",
                               canary_interval="10m").replace('kind = "command"', 'kind = "ollama"')
-    d = daemon_factory(cfg + f'[gateway]\nlisten = "127.0.0.1:{gw}"\ndecode_stall_s = 2\n'
+    d = daemon_factory(cfg + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n{gateway}'
                        + '[policies.restart]\nhang_restart_after = "10m"\n').start()
     d.wait_state("llama", "ready", 60)
+    return d, gw
+
+
+def _json_lines(url: str, body: dict) -> tuple[list[dict], float]:
+    """Every line of a streamed answer of Ollama's own API, parsed, and how long the stream took."""
     lines: list[dict] = []
     started = time.monotonic()
-    with httpx.stream("POST", f"http://127.0.0.1:{gw}/api/generate", timeout=30,
-                      json={"model": "llama", "prompt": "hi", "stream": True, "options": {"num_predict": 20}}) as r:
+    with httpx.stream("POST", url, json=body, timeout=30) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line:
                 lines.append(json.loads(line))
-    took = time.monotonic() - started
+    return lines, time.monotonic() - started
+
+
+def test_an_ollama_stream_that_goes_silent_is_cut_with_an_error_line_and_the_engine_is_hung(daemon_factory) -> None:
+    """Ollama's own stream of JSON lines is metered and watched like SSE: silent after 3 tokens, the client gets
+    a JSON error line (as Ollama writes one) after decode_stall_s, and the engine is hung on that evidence."""
+    d, gw = _silent_ollama(daemon_factory, "--silent-after-tokens", "3", gateway="decode_stall_s = 2\n")
+    lines, took = _json_lines(f"http://127.0.0.1:{gw}/api/generate",
+                              {"model": "llama", "prompt": "hi", "stream": True, "options": {"num_predict": 20}})
     assert [x.get("done") for x in lines[:3]] == [False] * 3 and len(lines) == 4, lines
     assert "stalled" in lines[-1]["error"] and took < 15, (lines[-1], took)
     engine = d.wait_state("llama", "hung", 15)
@@ -201,35 +214,18 @@ def test_an_ollama_stream_that_goes_silent_is_cut_with_an_error_line_and_the_eng
 def test_an_ollama_stream_with_tools_may_be_silent_for_its_prefill_limit_between_tokens(daemon_factory) -> None:
     """Ollama sends nothing while it collects a tool call (its parser gives the call whole): a request with tools
     to an Ollama engine is held to prefill_stall_s between tokens, not decode_stall_s."""
-    gw = free_port()
-    cfg = standin_engine_toml("llama", free_port(), "--ollama", "--tps", "50", "--silent-from", "2",
-                              "--silent-after-tokens", "3", default=True, model="tiny:1b", stall="2s",
-                              canary_interval="10m").replace('kind = "command"', 'kind = "ollama"')
-    d = daemon_factory(cfg + f'[gateway]\nlisten = "127.0.0.1:{gw}"\ndecode_stall_s = 2\nprefill_stall_s = 6\n'
-                       + '[policies.restart]\nhang_restart_after = "10m"\n').start()
-    d.wait_state("llama", "ready", 60)
+    _, gw = _silent_ollama(daemon_factory, "--silent-after-tokens", "3",
+                           gateway="decode_stall_s = 2\nprefill_stall_s = 6\n")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
-    lines: list[dict] = []
-    started = time.monotonic()
-    with httpx.stream("POST", f"http://127.0.0.1:{gw}/api/chat", timeout=30,
-                      json={"model": "llama", "messages": [{"role": "user", "content": "hi"}], "tools": tools}) as r:
-        for line in r.iter_lines():
-            if line:
-                lines.append(json.loads(line))
-    took = time.monotonic() - started
+    lines, took = _json_lines(f"http://127.0.0.1:{gw}/api/chat",
+                              {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "tools": tools})
     assert "stalled" in lines[-1]["error"] and 5.0 < took < 20, (lines[-1], took)  # not after 2 s: after 6
 
 
 def test_an_ollama_stream_that_never_starts_is_cut_after_its_prefill_limit_in_ollamas_shape(daemon_factory) -> None:
     """Ollama sends its head with its first line: a stream whose engine never answers is watched from the send
     (Ollama streams unless told not to) and ends after prefill_stall_s with a 504 {"error": ...}."""
-    gw = free_port()
-    cfg = standin_engine_toml("llama", free_port(), "--ollama", "--silent-from", "2", default=True,
-                              model="tiny:1b", stall="2s", canary_interval="10m").replace('kind = "command"',
-                                                                                         'kind = "ollama"')
-    d = daemon_factory(cfg + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nprefill_stall_s = 2\n'
-                       + '[policies.restart]\nhang_restart_after = "10m"\n').start()
-    d.wait_state("llama", "ready", 60)
+    _, gw = _silent_ollama(daemon_factory, gateway="prefill_stall_s = 2\n")
     started = time.monotonic()
     r = httpx.post(f"http://127.0.0.1:{gw}/api/chat", timeout=30,
                    json={"model": "llama", "messages": [{"role": "user", "content": "hi"}]})  # streams by default
