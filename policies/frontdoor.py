@@ -30,6 +30,8 @@ EMBEDDINGS_PATH = "/v1/embeddings"
 # Kinds whose engine has no embeddings endpoint: mlx_lm.server answers only completions and chat
 # completions (mlx_lm/server.py, ``request_factories`` in ``do_POST``).
 NO_EMBEDDINGS = frozenset({"mlx_lm"})
+# The forwarded paths some kinds of engine do not serve (``engine_serves``).
+KIND_DEPENDENT_PATHS = frozenset((*OLLAMA_API_PATHS, EMBEDDINGS_PATH))
 
 
 @dataclass(frozen=True, slots=True)

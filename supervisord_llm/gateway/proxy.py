@@ -57,6 +57,7 @@ from starlette.routing import Route
 from policies.frontdoor import (
     FORWARDED_METHOD,
     FORWARDED_PATHS,
+    KIND_DEPENDENT_PATHS,
     OLLAMA_API_PATHS,
     Admission,
     SwapPermission,
@@ -102,8 +103,6 @@ __all__ = [
 ]
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
-# Paths some kinds of engine do not serve (policies.frontdoor.engine_serves).
-_NOT_EVERY_KIND = frozenset((*OLLAMA_API_PATHS, "/v1/embeddings"))
 MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 # A translated stream sends the client a ping after this long without any other event.
@@ -558,7 +557,7 @@ class _Forward:
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
                 self.sent_at_s = gw.clock.now()
                 if prefill_counts(len(self.request.content)):
-                    self.prefill_key = gw.prefills.begin(engine, self.sent_at_s)
+                    self.prefill_key = gw.prefills.begin(engine)
                 if self.stream_requested:
                     self._start_stall_watch()
                 await self._exchange(send, tg)
@@ -719,9 +718,8 @@ class _Forward:
                     "gateway.upstream_failed", engine=upstream.engine, error=type(exc).__name__
                 )
                 if self.unavailable is not None:  # it died with the request, and is down for a while
-                    refusal = gw._unavailable(self.unavailable, self.anthropic)
-                    await _send_json(send, json.loads(bytes(refusal.body)), refusal.status_code,
-                                     {k: v for k, v in refusal.headers.items() if k == "retry-after"})
+                    body, headers = gw._unavailable_parts(self.unavailable, self.anthropic)
+                    await _send_json(send, body, self.unavailable.status, headers)
                     return
                 await _send_json(
                     send,
@@ -1379,7 +1377,7 @@ class _Gateway:
     async def forward(self, request: Request) -> Response | _Counted:
         scope = request.scope
         path = scope["path"]  # decoded once; forwarded as it is only once it is one of the paths allowed
-        anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
+        anthropic = _messages_path(path)
         if not self.admits(request):
             return self.unauthorized(anthropic)
         # Only inference paths reach an engine, judged on the path as sent: a client, a proxy or an engine
@@ -1472,7 +1470,7 @@ class _Gateway:
                 anthropic, 400, "request body is empty; expected a JSON object", "invalid_json"
             )
 
-        if path in _NOT_EVERY_KIND:
+        if path in KIND_DEPENDENT_PATHS:
             entry = self._engine_entry(model)
             if entry is not None:  # known before routing: no engine is started for a path it does not serve
                 served = engine_serves(str(entry.get("engine")), path)
@@ -1763,6 +1761,11 @@ class _Gateway:
             stats.waiting -= 1
 
     def _unavailable(self, exc: EngineUnavailable, anthropic: bool) -> JSONResponse:
+        body, headers = self._unavailable_parts(exc, anthropic)
+        return JSONResponse(body, status_code=exc.status, headers=headers)
+
+    def _unavailable_parts(self, exc: EngineUnavailable, anthropic: bool) -> tuple[dict[str, Any], dict[str, str]]:
+        """The error body and headers (Retry-After) that say why the engine cannot serve, and until when."""
         retry_after_s = exc.retry_after_s
         if retry_after_s is None and exc.until_wall is not None:
             retry_after_s = max(0.0, exc.until_wall - self.clock.wall())
@@ -1773,18 +1776,9 @@ class _Gateway:
         if exc.until_wall is not None:
             until = datetime.fromtimestamp(exc.until_wall, tz=UTC).isoformat(timespec="seconds")
         code = "model_not_found" if exc.status == 404 else "engine_unavailable"
-        return error_response(
-            anthropic,
-            exc.status,
-            str(exc),
-            code,
-            headers=headers,
-            engine=exc.engine,
-            reason=exc.reason,
-            retry_after_s=retry_after_s,
-            until=until,
-            until_wall=exc.until_wall,
-        )
+        body = error_body(anthropic, exc.status, str(exc), code, engine=exc.engine, reason=exc.reason,
+                          retry_after_s=retry_after_s, until=until, until_wall=exc.until_wall)
+        return body, headers
 
 
 class _Line:
@@ -1908,7 +1902,7 @@ class _FrontDoor:
             if not verdict.ok:
                 self.gw.stats.refuse("path")
                 path = scope["path"]
-                refusal = error_response(path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/"),
+                refusal = error_response(_messages_path(path),
                                          verdict.status, verdict.message, verdict.code)
                 await refusal(scope, receive, send)
                 return
@@ -1931,13 +1925,18 @@ class _Counted:
                 self.inner.on_done()
 
 
+def _messages_path(path: str) -> bool:
+    """A path of the Anthropic Messages API: its answers, refusals included, come in that API's shape."""
+    return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
+
+
 async def _not_served(request: Request, exc: Exception) -> Response:
     """A path (or a method on it) the gateway does not serve: a JSON error in the client's API shape, not
     Starlette's plain text."""
     from starlette.exceptions import HTTPException
 
     path = request.url.path
-    anthropic = path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
+    anthropic = _messages_path(path)
     if isinstance(exc, HTTPException) and exc.status_code == 405:
         return error_response(anthropic, 405, f"{path} does not take {request.method}", "method_not_allowed",
                               headers=exc.headers)

@@ -10,14 +10,14 @@ from supervisord_llm.gateway.prefills import PrefillSpans, QuietTally
 def test_an_interval_is_quiet_while_no_request_is_in_prefill() -> None:
     p = PrefillSpans()
     assert p.quiet_since("a", 0.0)
-    stream = p.begin("a", 0.0)
+    stream = p.begin("a")
     p.end("a", stream, 0.1)  # its own first token
     assert p.quiet_since("a", 0.1)
 
 
 def test_a_request_in_prefill_touches_every_interval_until_its_first_token() -> None:
     p = PrefillSpans()
-    prompt = p.begin("a", 1.0)
+    prompt = p.begin("a")
     assert not p.quiet_since("a", 0.5)
     assert not p.quiet_since("a", 1.5)
     p.end("a", prompt, 2.0)
@@ -27,15 +27,15 @@ def test_a_request_in_prefill_touches_every_interval_until_its_first_token() -> 
 
 def test_other_engines_do_not_count() -> None:
     p = PrefillSpans()
-    p.begin("b", 0.0)
-    other = p.begin("b", 0.0)
+    p.begin("b")
+    other = p.begin("b")
     p.end("b", other, 5.0)
     assert p.quiet_since("a", 1.0)
 
 
 def test_end_is_once_only_and_unknown_keys_are_ignored() -> None:
     p = PrefillSpans()
-    k1, k2 = p.begin("a", 1.0), p.begin("a", 1.5)
+    k1, k2 = p.begin("a"), p.begin("a")
     p.end("a", k1, 3.0)
     assert not p.quiet_since("a", 3.0)  # k2 still in prefill
     p.end("a", k2, 2.0)  # the later end stands
@@ -65,7 +65,7 @@ def test_a_burst_shares_the_fate_of_its_wait() -> None:
     tally = _tally(p)
     tally.token(0.0)
     tally.token(0.01)  # quiet: 1 token over 10 ms
-    prompt = p.begin("a", 0.02)
+    prompt = p.begin("a")
     p.end("a", prompt, 0.05)  # another request's prefill inside the next wait
     for _ in range(4):
         tally.token(0.06)  # a burst of 4
