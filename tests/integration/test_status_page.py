@@ -15,12 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import PYTHON, REPO, Daemon, free_port, short_tmpdir
+from tests.helpers import CHROMEDRIVER, CHROMIUM, PYTHON, REPO, Daemon, chromium_driver, free_port, short_tmpdir
 
 pytestmark = [pytest.mark.slow]
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 PROMTOOL = shutil.which("promtool")
 # Where the README's screenshot comes from: bench/pictures.py runs this module with it set.
 PICTURES_DIR = os.environ.get("SUPERVISORD_LLM_PICTURES_DIR")
@@ -151,22 +149,6 @@ def test_a_live_scrape_passes_promtool_and_the_dashboard_only_uses_real_series(d
                 f"{metric} (in {expr!r}) is not exported"
 
 
-def _chromium():
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("needs Debian's chromium and chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,900"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-
-
 def _page_state(driver) -> str | None:
     # One script call reads the card atomically: the page redraws its cards every second.
     return driver.execute_script(
@@ -175,7 +157,7 @@ def _page_state(driver) -> str | None:
 
 def test_status_page_shows_the_engine_and_follows_a_hang_without_reload(demo: Demo) -> None:
     """In headless Chromium the page shows the engine, turns `hung` within 3 s of the verdict by itself, with no console error."""
-    driver = _chromium()
+    driver = chromium_driver()
     try:
         driver.get(f"http://127.0.0.1:{demo.gateway_port}/")
         deadline = time.monotonic() + 15
@@ -227,7 +209,7 @@ def test_status_page_needs_the_key_when_the_gateway_has_one(daemon_factory) -> N
     ok = httpx.get(f"{base}/ui/status.json", headers={"authorization": "Bearer sekret-key"})
     assert ok.status_code == 200 and ok.json()["daemon"]["pid"] == d.proc.pid
     if CHROMIUM is not None and CHROMEDRIVER is not None:
-        driver = _chromium()
+        driver = chromium_driver()
         try:
             driver.get(f"{base}/")
             assert "needs the gateway's API key" in driver.page_source
