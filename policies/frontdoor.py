@@ -99,6 +99,56 @@ def engine_serves(kind: str, path: str) -> PathVerdict:
     return PathVerdict(True)
 
 
+# The web pages that may use the gateway from a browser, besides those the operator lists in ``[gateway]
+# allowed_origins``: pages served from this machine, and the desktop app and editor shells Ollama allows too
+# (ollama/ollama envconfig/config.go, ``AllowedOrigins``). Any other site's page is refused: a page can POST
+# to 127.0.0.1 without a preflight (a text/plain "simple request"), and mlx_lm.server and llama-server answer
+# every origin with ``Access-Control-Allow-Origin: *``. ``null`` (sandboxed frames, some file:// pages) is not
+# among them: any site can make its page's origin ``null``.
+DEFAULT_ALLOWED_ORIGINS = (
+    *(f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")
+      for scheme in ("http", "https") for port in ("", ":*")),
+    "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*",
+)
+# What a wildcard may stand for: a port, a host name or part of one; never a path, a user or a second origin.
+_WILDCARD_FORBIDDEN = frozenset("/@\\ \t,")
+
+
+def origin_pattern_error(pattern: str) -> str | None:
+    """Why ``pattern`` is not an origin the gateway can allow (None: it is one): ``"*"`` (any site),
+    ``"null"``, or ``scheme://host[:port]`` where one ``*`` may stand for the host or the port
+    (``"https://*.example.com"``, ``"http://localhost:*"``)."""
+    if pattern in ("*", "null"):
+        return None
+    scheme, sep, rest = pattern.partition("://")
+    if not sep or not scheme or not rest:
+        return "expected an origin such as \"https://chat.example.com\" or \"http://localhost:*\" (scheme://host[:port])"
+    if "/" in rest or "@" in rest or any(c.isspace() for c in pattern):
+        return "an origin has no path, user or spaces: scheme://host[:port], such as \"https://chat.example.com\""
+    if pattern.count("*") > 1:
+        return "at most one * (for the host or the port), such as \"http://localhost:*\""
+    return None
+
+
+def origin_allowed(origin: str, allowed: Sequence[str] = ()) -> bool:
+    """Whether a browser page of ``origin`` (its ``Origin`` header) may use the gateway: one of
+    ``DEFAULT_ALLOWED_ORIGINS`` or of ``allowed`` (the operator's ``allowed_origins``; ``"*"``: any).
+    A ``*`` in a pattern stands for a port or host name, never for a path, a user or a second origin."""
+    origin = origin.strip().lower()
+    for pattern in (*allowed, *DEFAULT_ALLOWED_ORIGINS):
+        pattern = pattern.lower()
+        if pattern == "*" or pattern == origin:
+            return True
+        prefix, star, suffix = pattern.partition("*")
+        if (star and len(origin) >= len(prefix) + len(suffix) and origin.startswith(prefix)
+                and origin.endswith(suffix)):
+            middle = origin[len(prefix):len(origin) - len(suffix)]
+            if not _WILDCARD_FORBIDDEN.intersection(middle) and (
+                    not prefix.endswith(":") or middle.isdigit()):  # after "host:" a port: digits only
+                return True
+    return False
+
+
 class SwapPermission(StrEnum):
     """``[gateway] swaps``: may a request make the daemon start or swap an engine?"""
 

@@ -601,6 +601,9 @@ def config_notes(config: Config) -> list[str]:
         notes.append('gateway.swaps: with "with_key" on loopback the api_key guards starting and swapping engines '
                      "only: a local client without it uses the engines that are resident; if a tunnel or a reverse "
                      'proxy lets others reach this gateway, use "allowed" or "never", where the key guards every request')
+    if gateway is not None and gateway.enabled and "*" in gateway.allowed_origins and gateway.api_key is None:
+        notes.append('gateway.allowed_origins: "*" with no api_key lets the page of any site the user opens use '
+                     "(and swap) the models through this gateway; list the sites instead, or set an api_key")
     for engine in config.engines:
         if engine.idle_unload_s is None:
             continue

@@ -67,6 +67,7 @@ from policies.frontdoor import (
     engine_serves,
     key_needed_to_use,
     may_start_engine,
+    origin_allowed,
     retry_after_s,
 )
 from policies.health import prefill_counts
@@ -318,7 +319,7 @@ class GatewayStats:
         self.upstream_retries = 0  # sends retried after the engine dropped the connection unanswered
         self.clients_cut = 0  # clients cut for not draining their stream buffer within client_timeout_s
         self.engines: dict[str, dict[str, int]] = {}
-        # Requests the door turned away, by why: path, body_timeout, swap, queue_full, connections.
+        # Requests the door turned away, by why: path, origin, body_timeout, swap, queue_full, connections.
         self.refused: dict[str, int] = {}
 
     def refuse(self, why: str) -> None:
@@ -352,6 +353,7 @@ class GatewayStats:
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     408: "invalid_request_error",
     413: "invalid_request_error",
@@ -363,6 +365,7 @@ _OPENAI_TYPES = {
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     408: "invalid_request_error",
     413: "request_too_large",
@@ -428,6 +431,9 @@ _HOP_BY_HOP = frozenset(
         "host",
         "content-length",
         "accept-encoding",
+        # The gateway decided whether the page may use it (policies.frontdoor.origin_allowed); an engine with
+        # its own origin list (Ollama's OLLAMA_ORIGINS) would refuse an origin the operator allowed here.
+        "origin",
     }
 )
 _CREDENTIALS = frozenset({"authorization", "x-api-key"})
@@ -441,6 +447,14 @@ _RESPONSE_DROP = frozenset(
         "proxy-authenticate",
         "date",
         "server",
+        # An engine's own CORS answer (mlx_lm.server and llama-server allow every origin, "*"): the gateway
+        # answers for the origins it allows (_FrontDoor), and never lets an engine widen that.
+        "access-control-allow-origin",
+        "access-control-allow-credentials",
+        "access-control-allow-methods",
+        "access-control-allow-headers",
+        "access-control-expose-headers",
+        "access-control-max-age",
     }
 )
 _NO_CONTENT_LENGTH = frozenset({"content-length"})
@@ -1890,23 +1904,88 @@ class _FrontDoor:
         self.gw = gw
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.FAST_PATHS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        origin = _header(scope, b"origin")
+        if origin is not None:  # a browser's request (a page's fetch; also any POST of the gateway's own page)
+            if not origin_allowed(origin, self.gw.settings.allowed_origins):
+                self.gw.stats.refuse("origin")
+                await _origin_refusal(scope["path"], origin)(scope, receive, send)
+                return
+            send = _with_cors(send, origin)
+        if scope["method"] == "POST" and scope["path"] in self.FAST_PATHS:
             response = await self.gw.forward(Request(scope, receive))
             await response(scope, receive, send)
             return
-        if scope["type"] == "http":
-            # Every path the gateway is sent, its own pages' too: one that could read as another path is
-            # refused before any route sees it.
-            verdict = check_path_safe(scope.get("raw_path") or scope["path"].encode(),
-                                      encoded_slash=scope["path"].startswith("/v1/models/"))
-            if not verdict.ok:
-                self.gw.stats.refuse("path")
-                path = scope["path"]
-                refusal = error_response(_messages_path(path),
-                                         verdict.status, verdict.message, verdict.code)
-                await refusal(scope, receive, send)
-                return
+        # Every path the gateway is sent, its own pages' too: one that could read as another path is
+        # refused before any route sees it.
+        verdict = check_path_safe(scope.get("raw_path") or scope["path"].encode(),
+                                  encoded_slash=scope["path"].startswith("/v1/models/"))
+        if not verdict.ok:
+            self.gw.stats.refuse("path")
+            path = scope["path"]
+            refusal = error_response(_messages_path(path),
+                                     verdict.status, verdict.message, verdict.code)
+            await refusal(scope, receive, send)
+            return
+        if origin is not None and scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
+            await _preflight(scope)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+
+def _header(scope: Any, name: bytes) -> str | None:
+    """A request header's value (ASGI gives names in lower case), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+# The request headers a page's preflight is allowed when it names none: what the OpenAI and Anthropic SDKs send.
+_CORS_HEADERS = "authorization, content-type, x-api-key, anthropic-version, anthropic-beta"
+_HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
+
+
+def _origin_refusal(path: str, origin: str) -> Response:
+    return error_response(
+        _messages_path(path), 403,
+        f"a web page of {origin!r} may not use this gateway: browsers may use it from pages served by this "
+        f"machine (http://localhost, http://127.0.0.1, any port) and from the origins in [gateway] allowed_origins; "
+        f"add {origin!r} there to allow that site", "origin_not_allowed", origin=origin)
+
+
+def _preflight(scope: Any) -> Response:
+    """A browser's CORS preflight from an allowed origin (its origin header is added by ``_with_cors``)."""
+    asked = (_header(scope, b"access-control-request-headers") or "").strip()
+    headers = {
+        "access-control-allow-methods": "GET, POST",
+        "access-control-allow-headers": asked if _HEADER_LIST.fullmatch(asked) else _CORS_HEADERS,
+        "access-control-max-age": "600",
+        "vary": "access-control-request-method, access-control-request-headers",
+    }
+    # Chrome asks before a public site's page may reach a private address (Private Network Access): the
+    # operator listed that site in allowed_origins, so it may.
+    if (_header(scope, b"access-control-request-private-network") or "").lower() == "true":
+        headers["access-control-allow-private-network"] = "true"
+    return Response(status_code=204, headers=headers)
+
+
+def _with_cors(send: Any, origin: str) -> Any:
+    """``send`` for a request of an allowed origin: its response says that origin may read it (only that
+    origin: an engine's own ``*`` never passes), and that the answer depends on the origin."""
+    added = [(b"access-control-allow-origin", origin.encode("latin-1")),
+             (b"access-control-expose-headers", b"retry-after"), (b"vary", b"origin")]
+
+    async def cors_send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", ())
+                       if not bytes(k).lower().startswith(b"access-control-allow-origin")]
+            message = {**message, "headers": [*headers, *added]}
+        await send(message)
+
+    return cors_send
 
 
 class _Counted:

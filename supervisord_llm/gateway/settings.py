@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from policies.frontdoor import SwapPermission
+from policies.frontdoor import SwapPermission, origin_pattern_error
 from supervisord_llm.configtable import Table
 from supervisord_llm.errors import ConfigError
 from supervisord_llm.gateway.anthropic import THINK_MODES
@@ -77,6 +77,9 @@ class GatewaySettings:
     header_timeout_s: float = 10.0
     # A streaming request held while its engine loads gets an SSE comment this often (gateway/hold.py).
     hold_keepalive_s: float = 5.0
+    # Web pages (browser origins) that may use the gateway besides those served from this machine
+    # (policies.frontdoor.DEFAULT_ALLOWED_ORIGINS); "*": any site.
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.think_tags not in THINK_MODES:
@@ -117,6 +120,10 @@ class GatewaySettings:
         for name in ("body_timeout_s", "header_timeout_s", "hold_keepalive_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
+        for pattern in self.allowed_origins:
+            problem = origin_pattern_error(pattern)
+            if problem is not None:
+                raise ValueError(f"allowed_origins: {pattern!r}: {problem}")
         if self.max_upstream_connections < 1:
             raise ValueError(
                 f"max_upstream_connections must be at least 1, got {self.max_upstream_connections}"
@@ -142,7 +149,7 @@ class GatewaySettings:
         ``decode_stall_s``, ``prefill_per_mib_s``, ``client_timeout_s``, ``client_buffer_bytes``,
         ``upstream_connect_timeout_s``, ``upstream_read_timeout_s``, ``max_upstream_connections``,
         ``max_connections``, ``body_timeout_s``, ``shutdown_grace_s``, ``swaps``, ``think_tags``,
-        ``header_timeout_s``, ``hold_keepalive_s``.
+        ``header_timeout_s``, ``hold_keepalive_s``, ``allowed_origins``.
         Durations are ``"60s"``/``"5m"`` or seconds; sizes are ``"32MiB"`` or bytes.
         """
         return read_gateway(Table(table, file, key), os.environ if environ is None else environ)
@@ -172,6 +179,18 @@ def _seconds_per_mib(t: Table, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise t.error(name, f"expected 0 or more seconds per MiB as a number such as 512, got {value!r}")
     return float(value)
+
+
+def _origins(t: Table, name: str) -> tuple[str, ...]:
+    value = t.data[name]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise t.error(name, f'expected a list of origins such as ["https://chat.example.com", "http://my-box.local:*"], '
+                            f"got {value!r}")
+    for pattern in value:
+        problem = origin_pattern_error(pattern)
+        if problem is not None:
+            raise t.error(name, f"{pattern!r}: {problem}")
+    return tuple(value)
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[Table, str], str]:
@@ -204,6 +223,7 @@ _READERS: dict[str, Callable[[Table, str], Any]] = {
     "max_connections": _whole_at_least_1,
     "swaps": _choice(tuple(p.value for p in SwapPermission)),
     "think_tags": _choice(tuple(THINK_MODES)),
+    "allowed_origins": _origins,
 }
 GATEWAY_KEYS = tuple(dict.fromkeys(("enabled", "listen", "api_key", "api_key_env", *_READERS)))
 

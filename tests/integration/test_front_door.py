@@ -3,6 +3,7 @@ slow and oversized bodies, a flood of connections, and idle unload on the real m
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import socket
@@ -23,9 +24,11 @@ from policies.frontdoor import (
     idle_unload_due,
     key_needed_to_use,
     may_start_engine,
+    origin_allowed,
+    origin_pattern_error,
 )
 from policies.frontdoor import SwapPermission as P
-from tests.helpers import PYTHON, free_port, mlx_engine_toml, standin_engine_toml
+from tests.helpers import PYTHON, chromium_driver, free_port, mlx_engine_toml, standin_engine_toml
 
 # ---------------------------------------------------------------------------------------------
 # The pure decisions
@@ -80,6 +83,30 @@ def test_idle_unload_counts_from_the_last_request_and_never_cuts_one_in_flight()
     assert idle_unload_due(idle_unload_s=60, last_request_s=None, ready_since_s=0, now_s=60, in_flight=0)
     assert not idle_unload_due(idle_unload_s=60, last_request_s=30, ready_since_s=0, now_s=60, in_flight=0)
     assert not idle_unload_due(idle_unload_s=60, last_request_s=None, ready_since_s=0, now_s=600, in_flight=1)
+
+
+@pytest.mark.parametrize(("origin", "listed", "ok"), [
+    ("http://localhost:5173", (), True), ("http://127.0.0.1", (), True), ("https://[::1]:8443", (), True),
+    ("app://obsidian.md", (), True), ("vscode-webview://abc123", (), True),
+    ("https://evil.example", (), False), ("null", (), False), ("http://localhost.evil.example:3000", (), False),
+    ("http://localhost:3000@evil.example", (), False), ("http://127.0.0.1:80/x", (), False),
+    ("https://chat.example.com", ("https://chat.example.com",), True),
+    ("https://CHAT.example.com", ("https://chat.example.com",), True),
+    ("https://team.example.com", ("https://*.example.com",), True),
+    ("https://evil.com/.example.com", ("https://*.example.com",), False),
+    ("http://box.local:8080", ("http://box.local:*",), True), ("http://box.local:80x", ("http://box.local:*",), False),
+    ("https://anything.example", ("*",), True), ("null", ("null",), True),
+])
+def test_which_web_pages_may_use_the_gateway(origin: str, listed: tuple[str, ...], ok: bool) -> None:
+    """Pages served from this machine and app shells by default; other sites only when the operator lists them."""
+    assert origin_allowed(origin, listed) is ok
+
+
+@pytest.mark.parametrize("pattern", ["chat.example.com", "https://chat.example.com/", "https://*.*.example.com",
+                                     "https://user@chat.example.com", "https:// chat.example.com", ""])
+def test_an_origin_that_is_not_one_is_named(pattern: str) -> None:
+    assert origin_pattern_error(pattern) is not None
+    assert origin_pattern_error("https://chat.example.com") is None and origin_pattern_error("*") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,3 +498,161 @@ def test_an_inference_path_takes_post_only() -> None:
     verdict = check_path(b"/v1/chat/completions", "DELETE")
     assert not verdict.ok and verdict.status == 405 and "POST" in verdict.message
     assert check_path(b"/v1/chat/completions", "POST").ok
+
+
+def _cors_request(port: int, method: str, path: str, origin: str, body: bytes = b"",
+                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=body or None, headers={"origin": origin, **(headers or {})})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_web_page_of_another_site_cannot_use_the_gateway_and_a_local_one_can(daemon_factory,
+                                                                                tiny_model: Path) -> None:
+    """Any web page the user opens can POST to 127.0.0.1 (a text/plain "simple request" needs no preflight),
+    and mlx_lm.server answers every origin with ``Access-Control-Allow-Origin: *``. Through the gateway a page
+    of another site gets a 403 in the API's shape, never the model's answer nor a swap; a page served from
+    this machine (or an origin the operator lists) gets CORS for its origin only."""
+    gw = free_port()
+    d = daemon_factory(mlx_engine_toml("tiny", free_port(), tiny_model, default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    d.wait_state("tiny", "ready", 60)
+    chat = json.dumps({"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    # A drive-by page: a "simple" cross-site POST (text/plain, no preflight), which a browser sends as is.
+    status, headers, body = _cors_request(gw, "POST", "/v1/chat/completions", "https://evil.example", chat,
+                                          {"content-type": "text/plain"})
+    assert status == 403, (status, headers, body[:300])
+    doc = json.loads(body)
+    assert doc["error"]["code"] == "origin_not_allowed" and "https://evil.example" in doc["error"]["message"]
+    assert "allowed_origins" in doc["error"]["message"]
+    assert "access-control-allow-origin" not in headers
+    # The Messages API answers in its own shape; /v1/models is not listed to such a page either.
+    status, _, body = _cors_request(gw, "POST", "/v1/messages", "https://evil.example", chat,
+                                    {"content-type": "text/plain"})
+    assert status == 403 and json.loads(body)["type"] == "error"
+    assert json.loads(body)["error"]["type"] == "permission_error"
+    status, headers, _ = _cors_request(gw, "GET", "/v1/models", "https://evil.example")
+    assert status == 403 and "access-control-allow-origin" not in headers
+    # Its preflight is refused, so a browser never sends the JSON request after it.
+    status, headers, _ = _cors_request(gw, "OPTIONS", "/v1/chat/completions", "https://evil.example",
+                                       headers={"access-control-request-method": "POST",
+                                                "access-control-request-headers": "content-type"})
+    assert status == 403 and "access-control-allow-origin" not in headers
+    # A page served from this machine: the preflight is answered for its origin, and so is its request.
+    local = "http://localhost:5173"
+    status, headers, _ = _cors_request(gw, "OPTIONS", "/v1/chat/completions", local,
+                                       headers={"access-control-request-method": "POST",
+                                                "access-control-request-headers": "content-type, authorization"})
+    assert status == 204, (status, headers)
+    assert headers["access-control-allow-origin"] == local
+    assert "POST" in headers["access-control-allow-methods"]
+    assert {"content-type", "authorization"} <= {h.strip() for h in headers["access-control-allow-headers"].split(",")}
+    status, headers, body = _cors_request(gw, "POST", "/v1/chat/completions", local, chat,
+                                          {"content-type": "application/json"})
+    assert status == 200 and json.loads(body)["choices"], body[:300]
+    assert headers["access-control-allow-origin"] == local  # its own origin, not the engine's "*"
+    assert "origin" in headers.get("vary", "").lower()
+    refused = httpx.get(f"http://127.0.0.1:{gw}/gateway/status").json()["refused"]
+    assert refused.get("origin") == 4, refused
+
+
+def test_an_origin_the_operator_lists_may_use_the_gateway(daemon_factory) -> None:
+    """allowed_origins: that site's page gets CORS (Chrome's private-network preflight too); the engine never
+    sees the page's Origin, so an engine with its own origin list does not refuse what the operator allowed."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nallowed_origins = ["https://*.example.com"]\n').start()
+    d.wait_state("e", "ready", 30)
+    site = "https://chat.example.com"
+    status, headers, _ = _cors_request(gw, "OPTIONS", "/v1/messages", site, headers={
+        "access-control-request-method": "POST", "access-control-request-headers": "x-api-key,anthropic-version,content-type",
+        "access-control-request-private-network": "true"})
+    assert status == 204 and headers["access-control-allow-origin"] == site
+    assert headers["access-control-allow-private-network"] == "true"
+    assert "anthropic-version" in headers["access-control-allow-headers"]
+    chat = json.dumps({"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, headers, body = _cors_request(gw, "POST", "/v1/chat/completions", site, chat,
+                                          {"content-type": "application/json"})
+    assert status == 200 and headers["access-control-allow-origin"] == site, body[:300]
+    assert "retry-after" in headers["access-control-expose-headers"]
+    status, headers, _ = _cors_request(gw, "POST", "/v1/chat/completions", "https://example.org", chat,
+                                       {"content-type": "application/json"})
+    assert status == 403
+    # A client that is no browser (no Origin header) is not concerned.
+    assert httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", content=chat,
+                      headers={"content-type": "application/json"}, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize(("value", "named"), [('"https://chat.example.com"', "list of origins"),
+                                              ('["chat.example.com"]', "scheme://host"),
+                                              ('["https://chat.example.com/app"]', "no path")])
+def test_a_bad_allowed_origins_names_the_key_and_what_is_valid(tmp_path: Path, value: str, named: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n'
+                      f"allowed_origins = {value}\n")
+    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "gateway.allowed_origins" in done.stderr and named in done.stderr, done.stderr
+
+
+_FETCH = """
+const [url, contentType, done] = arguments;
+fetch(url, {method: "POST", headers: {"content-type": contentType},
+            body: JSON.stringify({model: "e", max_tokens: 2, messages: [{role: "user", content: "hi"}]})})
+  .then(async r => done({status: r.status, body: await r.text()}))
+  .catch(e => done({error: String(e)}));
+"""
+
+
+def test_in_a_real_browser_another_sites_page_is_refused_and_a_local_page_is_served(daemon_factory,
+                                                                                    tmp_path: Path) -> None:
+    """Headless Chromium, the page served from 127.0.0.1 and, under another site's name (evil.test, resolved
+    to 127.0.0.1), the same page. The local page reads the model's answer; the other site's fetches fail in the
+    browser and its requests never reach the engine, though one of them is a "simple" POST that no preflight
+    stops."""
+    import http.server
+
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    d.wait_state("e", "ready", 30)
+    (tmp_path / "page.html").write_text("<!doctype html><title>a chat page</title><p>chat</p>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    page_port = pages.server_address[1]
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    driver = chromium_driver("--host-resolver-rules=MAP evil.test 127.0.0.1")
+    try:
+        driver.set_script_timeout(30)
+        driver.get(f"http://127.0.0.1:{page_port}/page.html")
+        local = driver.execute_async_script(_FETCH, url, "application/json")
+        assert local.get("status") == 200 and json.loads(local["body"])["choices"], local
+        served = httpx.get(f"http://127.0.0.1:{gw}/gateway/status").json()["engines"]["e"]["requests"]
+
+        driver.get(f"http://evil.test:{page_port}/page.html")
+        assert "chat" in driver.page_source
+        simple = driver.execute_async_script(_FETCH, url, "text/plain")  # no preflight: sent, then refused
+        preflighted = driver.execute_async_script(_FETCH, url, "application/json")
+        assert "error" in simple and "error" in preflighted, (simple, preflighted)
+        status = httpx.get(f"http://127.0.0.1:{gw}/gateway/status").json()
+        assert status["engines"]["e"]["requests"] == served, "a request of the other site reached the engine"
+        assert status["refused"].get("origin", 0) >= 2, status["refused"]  # the POST and the preflight
+    finally:
+        driver.quit()
+        pages.shutdown()
+        pages.server_close()
+
+
+def test_any_origin_without_a_key_is_noted(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n'
+                      'allowed_origins = ["*"]\n')
+    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "note: gateway.allowed_origins" in done.stdout and "any site" in done.stdout
