@@ -1383,6 +1383,11 @@ class _Gateway:
             "model_not_found",
         )
 
+    async def health(self, request: Request) -> Response:
+        """Liveness for a load balancer, a container's health check or an uptime monitor: the gateway answers
+        (no key needed: it says nothing about the engines; /v1/models and ``llmctl status`` do)."""
+        return JSONResponse({"status": "ok"}, headers={"cache-control": "no-store"})
+
     async def status(self, request: Request) -> Response:
         if not self.admits(request):
             return self.unauthorized(False)
@@ -2020,7 +2025,7 @@ async def _not_served(request: Request, exc: Exception) -> Response:
         return error_response(anthropic, 405, f"{path} does not take {request.method}", "method_not_allowed",
                               headers=exc.headers)
     return error_response(anthropic, 404, f"{path} is not a path the gateway serves: it forwards "
-                          f"{', '.join(FORWARDED_PATHS)} to the engines and answers /v1/models", "not_found")
+                          f"{', '.join(FORWARDED_PATHS)} to the engines and answers /v1/models and /health", "not_found")
 
 
 def build_app(
@@ -2053,6 +2058,7 @@ def build_app(
             Route("/v1/models", gw.models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", gw.model, methods=["GET"]),
             Route("/gateway/status", gw.status, methods=["GET"]),
+            Route("/health", gw.health, methods=["GET"]),
             Route("/v1/{rest:path}", gw.forward, methods=methods),
             *(Route(path, gw.forward, methods=methods) for path in OLLAMA_API_PATHS),
         ],

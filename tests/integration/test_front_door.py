@@ -656,3 +656,22 @@ def test_any_origin_without_a_key_is_noted(tmp_path: Path) -> None:
     done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "note: gateway.allowed_origins" in done.stdout and "any site" in done.stdout
+
+
+def test_the_gateway_answers_a_health_check_without_its_key(daemon_factory) -> None:
+    """GET /health (and HEAD), as load balancers, container health checks and uptime monitors probe a server:
+    200 without the key, while the API itself still needs it."""
+    gw = free_port()
+    daemon_factory(f'[gateway]\nlisten = "127.0.0.1:{gw}"\napi_key = "sekret-key"\n').start()
+    base = f"http://127.0.0.1:{gw}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            r = httpx.get(f"{base}/health", timeout=5)
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the gateway never answered"
+            time.sleep(0.2)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert httpx.head(f"{base}/health").status_code == 200
+    assert httpx.get(f"{base}/v1/models").status_code == 401
