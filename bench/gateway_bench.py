@@ -183,6 +183,8 @@ def _accepts(port: int) -> bool:
 # ---- the client side --------------------------------------------------------------------------
 
 
+# How long a pre-opened connection waits before its request is timed (``ttfb_preopened``).
+PREOPEN_SETTLE_S = 0.005
 # Sends of one request, at most, when it got no answer at all (see ``ttfb_once``).
 TTFB_SENDS = 3
 
@@ -288,6 +290,53 @@ async def measure_ttfb(paths: dict[str, tuple[str, str]], rounds: int) -> dict[s
                 url, model = paths[name]
                 ttfb[name].append(await ttfb_once(client, url, model, **_resends(name, resent[name])))
     return _ttfb_figures(ttfb, resent)
+
+
+def ttfb_preopened(port: int, model: str) -> float:
+    """Time to the first body byte of one streamed request on a connection opened (and accepted) before the
+    clock: no path's figure holds its client's connect, while a proxy's own connect to the engine is in its
+    figure, as for a client that keeps its connection to the proxy open (an SDK's pool). The request is
+    written with one send, as a raw HTTP/1.1 request with ``Connection: close``."""
+    import socket
+
+    body = json.dumps({"model": model, "messages": PROMPT, "max_tokens": 1, "stream": True}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        time.sleep(PREOPEN_SETTLE_S)  # the server has accepted it before the clock starts
+        started = time.perf_counter()
+        sock.sendall(request)
+        seen = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                raise RuntimeError(f"port {port}: the connection closed before a body byte: {seen[:200]!r}")
+            seen += data
+            end = seen.find(b"\r\n\r\n")
+            if end >= 0 and len(seen) > end + 4:
+                first = time.perf_counter() - started
+                break
+        if not seen.startswith(b"HTTP/1.") or seen[9:12] != b"200":
+            raise RuntimeError(f"port {port}: {seen[:300]!r}")
+        while sock.recv(65536):  # read to the end, so the next request finds the engine idle
+            pass
+    return first
+
+
+def measure_ttfb_preopened(paths: dict[str, tuple[str, str]], rounds: int) -> dict[str, Any]:
+    """``ttfb_preopened`` rounds, interleaved across the paths (each warmed first)."""
+    ports = {n: (int(url.rsplit(":", 1)[1]), model) for n, (url, model) in paths.items()}
+    ttfb: dict[str, list[float]] = {n: [] for n in ports}
+    for port, model in ports.values():
+        for _ in range(3):
+            ttfb_preopened(port, model)
+    names = list(ports)
+    for i in range(rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            ttfb[name].append(ttfb_preopened(*ports[name]))
+    return _ttfb_figures(ttfb, {n: [0] for n in ports})
 
 
 def _resends(path: str, counter: list[int]) -> dict[str, Any]:
@@ -562,6 +611,17 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"| {name} | {t['p50']:.2f} ms | {t['p90']:.2f} ms | {added} | {t.get('resent', 0)} |")
     elif "llama_missing" in r:
         lines += ["", f"The llama-server comparison was not made: {r['llama_missing']}."]
+    pre = r.get("preopened")
+    if pre is not None:
+        p50 = pre["direct"]["p50"]
+        lines += ["", "The same mlx_lm.server with each client's connection opened (and accepted) before the clock, "
+                  "one raw HTTP/1.1 request per connection, written with one send: no path's figure holds its "
+                  "client's connect, while nginx's and the gateway's connects to the engine are inside theirs. "
+                  f"{pre['direct']['n']} requests per path, interleaved:", "",
+                  "| path | TTFB p50 | TTFB p90 | added p50 |", "|---|---:|---:|---:|"]
+        for name, t in pre.items():
+            added = "" if name == "direct" else f"{t['p50'] - p50:+.2f} ms"
+            lines.append(f"| {name} | {t['p50']:.2f} ms | {t['p90']:.2f} ms | {added} |")
     lines += ["", f"Concurrent streams of {r['max_tokens']} tokens, {r['stream_rounds']} rounds per path; "
               "tokens/s is every token of every stream over the rounds' wall time; CPU is the daemon's and its "
               "gateway process's together, or all nginx processes', over that path's rounds:", "",
@@ -613,6 +673,12 @@ def render(r: dict[str, Any]) -> str:
     else:
         lines.append(f"- added TTFB p50 through the gateway {g_added:+.2f} ms: ≤ {TARGET_ADDED_TTFB_P50_MS} ms "
                      f"{met(g_added <= TARGET_ADDED_TTFB_P50_MS)}; the nginx comparison was not made.")
+    if pre is not None and "nginx" in pre:
+        pg = pre["gateway"]["p50"] - pre["direct"]["p50"]
+        pn = pre["nginx"]["p50"] - pre["direct"]["p50"]
+        lines.append(f"- connections opened before the clock: added TTFB p50 through the gateway {pg:+.2f} ms: ≤ "
+                     f"{TARGET_ADDED_TTFB_P50_MS} ms {met(pg <= TARGET_ADDED_TTFB_P50_MS)}; ≤ "
+                     f"{TARGET_NGINX_MULTIPLE:g}× nginx's {pn:+.2f} ms {met(pg <= TARGET_NGINX_MULTIPLE * max(pn, 0.0))}.")
     if llama is not None and "nginx" in llama:
         kg = llama["gateway"]["p50"] - llama["direct"]["p50"]
         kn = llama["nginx"]["p50"] - llama["direct"]["p50"]
@@ -737,6 +803,7 @@ def main() -> None:
         paths, cpu_pids, nginx = three_paths(d, ENGINE, engine_port, gateway_port, "default_model", result)
         result["load_before"] = os.getloadavg()[0]
         result["paths"] = asyncio.run(measure_paths(paths, cpu_pids, args))
+        result["preopened"] = measure_ttfb_preopened(paths, args.ttfb_rounds)
         result["supervision"] = measure_supervision(d, ENGINE, gateway_url, (engine_url, "default_model"), args)
         if llama is not None:
             d.post(f"/v1/engines/{LLAMA_ENGINE}/start").raise_for_status()
