@@ -10,6 +10,8 @@ exhausting the daemon with unbounded concurrency.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -103,50 +105,130 @@ def engine_serves(kind: str, path: str) -> PathVerdict:
 # allowed_origins``: pages served from this machine, and the desktop app and editor shells Ollama allows too
 # (ollama/ollama envconfig/config.go, ``AllowedOrigins``). Any other site's page is refused: a page can POST
 # to 127.0.0.1 without a preflight (a text/plain "simple request"), and mlx_lm.server and llama-server answer
-# every origin with ``Access-Control-Allow-Origin: *``. ``null`` (sandboxed frames, some file:// pages) is not
-# among them: any site can make its page's origin ``null``.
+# every origin with ``Access-Control-Allow-Origin: *``. ``null`` is not among them: a sandboxed frame of any
+# site sends it, as browsers do for a page opened from a local file.
 DEFAULT_ALLOWED_ORIGINS = (
-    *(f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")
-      for scheme in ("http", "https") for port in ("", ":*")),
+    *(f"{scheme}://{host}:*" for host in ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")
+      for scheme in ("http", "https")),
     "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*",
 )
-# What a wildcard may stand for: a port, a host name or part of one; never a path, a user or a second origin.
-_WILDCARD_FORBIDDEN = frozenset("/@\\ \t,")
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+_HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # a name or an IPv4 address, in lower case
+_IPV6 = re.compile(r"\[[0-9a-f:.]+\]")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+_ORIGIN_FORMS = ('scheme://host[:port], where a * may stand for the port ("http://my-box.local:*"), for the '
+                 'leading labels of the host ("https://*.example.com") or for the whole host and port ("app://*"); '
+                 'or "*" (any site) or "null"')
+
+
+def _split_origin(text: str) -> tuple[str, str, str | None] | None:
+    """``scheme://host[:port]`` as (scheme, host, port or None), in lower case; None when it is not one."""
+    scheme, sep, rest = text.lower().partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme) or not rest:
+        return None
+    if rest.startswith("["):
+        end = rest.find("]") + 1
+        host, after = rest[:end], rest[end:]
+        if not end or (after and not after.startswith(":")):
+            return None
+        return scheme, host, after[1:] if after else None
+    host, colon, port = rest.partition(":")
+    return scheme, host, port if colon else None
+
+
+def _host_ok(host: str) -> bool:
+    return bool(_HOST.fullmatch(host) or _IPV6.fullmatch(host))
 
 
 def origin_pattern_error(pattern: str) -> str | None:
-    """Why ``pattern`` is not an origin the gateway can allow (None: it is one): ``"*"`` (any site),
-    ``"null"``, or ``scheme://host[:port]`` where one ``*`` may stand for the host or the port
-    (``"https://*.example.com"``, ``"http://localhost:*"``)."""
+    """Why ``pattern`` is not an origin the gateway can allow, naming what is (None: it is one)."""
     if pattern in ("*", "null"):
         return None
-    scheme, sep, rest = pattern.partition("://")
-    if not sep or not scheme or not rest:
-        return "expected an origin such as \"https://chat.example.com\" or \"http://localhost:*\" (scheme://host[:port])"
-    if "/" in rest or "@" in rest or any(c.isspace() for c in pattern):
-        return "an origin has no path, user or spaces: scheme://host[:port], such as \"https://chat.example.com\""
-    if pattern.count("*") > 1:
-        return "at most one * (for the host or the port), such as \"http://localhost:*\""
+    parts = _split_origin(pattern)
+    if parts is None or pattern.count("*") > 1:
+        return f"expected {_ORIGIN_FORMS}"
+    scheme, host, port = parts
+    if host != "*" and not _host_ok(host.removeprefix("*.")):
+        return f"{host!r} is not a host name or address (an origin has no path, user or query); expected {_ORIGIN_FORMS}"
+    if port is not None and port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+        return f"{port!r} is not a port; expected {_ORIGIN_FORMS}"
+    if host == "*" and port is not None:
+        return f'"{scheme}://*" already stands for every host and port; expected {_ORIGIN_FORMS}'
+    if port is not None and _DEFAULT_PORTS.get(scheme) == port:
+        return f"browsers leave the default port out of an origin: write {scheme}://{host}"
     return None
 
 
 def origin_allowed(origin: str, allowed: Sequence[str] = ()) -> bool:
     """Whether a browser page of ``origin`` (its ``Origin`` header) may use the gateway: one of
-    ``DEFAULT_ALLOWED_ORIGINS`` or of ``allowed`` (the operator's ``allowed_origins``; ``"*"``: any).
-    A ``*`` in a pattern stands for a port or host name, never for a path, a user or a second origin."""
+    ``DEFAULT_ALLOWED_ORIGINS`` or of ``allowed`` (the operator's ``allowed_origins``, each valid for
+    ``origin_pattern_error``; ``"*"``: any site). A ``*`` stands for a port (a page on the default port
+    too), for the leading labels of a host, or for a whole host and port; never for part of a label."""
+    listed = [p.lower() for p in allowed]
+    if "*" in listed:
+        return True
     origin = origin.strip().lower()
-    for pattern in (*allowed, *DEFAULT_ALLOWED_ORIGINS):
-        pattern = pattern.lower()
-        if pattern == "*" or pattern == origin:
+    parts = _split_origin(origin)
+    if parts is None:
+        return origin == "null" and "null" in listed
+    scheme, host, port = parts
+    if not _host_ok(host) or (port is not None and not port.isdigit()):
+        return False  # no browser sends that
+    for pattern in (*listed, *DEFAULT_ALLOWED_ORIGINS):
+        split = _split_origin(pattern)
+        if split is None or split[0] != scheme:
+            continue
+        _, want_host, want_port = split
+        if want_host == "*":
             return True
-        prefix, star, suffix = pattern.partition("*")
-        if (star and len(origin) >= len(prefix) + len(suffix) and origin.startswith(prefix)
-                and origin.endswith(suffix)):
-            middle = origin[len(prefix):len(origin) - len(suffix)]
-            if not _WILDCARD_FORBIDDEN.intersection(middle) and (
-                    not prefix.endswith(":") or middle.isdigit()):  # after "host:" a port: digits only
-                return True
+        if want_host.startswith("*."):
+            if not host.endswith(want_host[1:]) or len(host) <= len(want_host) - 1:
+                continue
+        elif want_host != host:
+            continue
+        if want_port == "*" or want_port == port:
+            return True
     return False
+
+
+# The names a gateway on loopback answers besides IP addresses, names without a dot, the machine's own name and
+# ``[gateway] allowed_hosts``: names that only this machine or its network resolve (as Ollama's ``allowedHost``,
+# ollama/ollama server/routes.go, which also refuses names without a dot other than localhost). Any other name may be another site's, pointed at 127.0.0.1 by its DNS
+# ("DNS rebinding"): its pages are then the gateway's own origin, and read what a GET returns.
+LOCAL_HOST_SUFFIXES = (".localhost", ".local", ".internal")
+
+
+def host_allowed(host_header: str | None, allowed: Sequence[str] = (), *, machine_names: Sequence[str] = ()) -> bool:
+    """Whether a request to a gateway on loopback may be answered under the name in its ``Host`` header:
+    none given (HTTP/1.0), an IP address, a name without a dot (``localhost``, a machine's) or under
+    ``LOCAL_HOST_SUFFIXES``, one of ``machine_names`` (this machine's), or one of ``allowed`` (``"*"``: any)."""
+    if not host_header:
+        return True
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    else:
+        name, colon, port = host.rpartition(":")
+        if colon and port.isdigit():
+            host = name
+    host = host.rstrip(".")
+    try:
+        ipaddress.ip_address(host)
+        return True  # a page cannot make an address another site's
+    except ValueError:
+        pass
+    if "." not in host or host.endswith(LOCAL_HOST_SUFFIXES):
+        return True  # localhost, a name of the local network: no site's DNS gives out a name without a dot
+    listed = {h.lower().rstrip(".") for h in (*allowed, *machine_names)}
+    return "*" in listed or host in listed
+
+
+def host_name_error(name: str) -> str | None:
+    """Why ``name`` is not a host name ``allowed_hosts`` can hold (None: it is one, or ``"*"``)."""
+    if name == "*" or _HOST.fullmatch(name.lower().rstrip(".")):
+        return None
+    return (f"{name!r} is not a host name; expected a name as clients send it in Host, without scheme or port, "
+            'such as "llm.example.com", or "*" (any name)')
 
 
 class SwapPermission(StrEnum):

@@ -65,6 +65,7 @@ from policies.frontdoor import (
     check_path,
     check_path_safe,
     engine_serves,
+    host_allowed,
     key_needed_to_use,
     may_start_engine,
     origin_allowed,
@@ -319,7 +320,7 @@ class GatewayStats:
         self.upstream_retries = 0  # sends retried after the engine dropped the connection unanswered
         self.clients_cut = 0  # clients cut for not draining their stream buffer within client_timeout_s
         self.engines: dict[str, dict[str, int]] = {}
-        # Requests the door turned away, by why: path, origin, body_timeout, swap, queue_full, connections.
+        # Requests the door turned away, by why: path, origin, host, body_timeout, swap, queue_full, connections.
         self.refused: dict[str, int] = {}
 
     def refuse(self, why: str) -> None:
@@ -1912,13 +1913,6 @@ class _FrontDoor:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        origin = _header(scope, b"origin")
-        if origin is not None:  # a browser's request (a page's fetch; also any POST of the gateway's own page)
-            if not origin_allowed(origin, self.gw.settings.allowed_origins):
-                self.gw.stats.refuse("origin")
-                await _origin_refusal(scope["path"], origin)(scope, receive, send)
-                return
-            send = _with_cors(send, origin)
         if scope["method"] == "POST" and scope["path"] in self.FAST_PATHS:
             response = await self.gw.forward(Request(scope, receive))
             await response(scope, receive, send)
@@ -1934,7 +1928,46 @@ class _FrontDoor:
                                      verdict.status, verdict.message, verdict.code)
             await refusal(scope, receive, send)
             return
-        if origin is not None and scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
+        await self.app(scope, receive, send)
+
+
+class _BrowserGuard:
+    """What a browser may do, before anything else (the connection cap's 503 included, so an allowed page
+    can read it): a gateway on loopback answers only under a local name (``host_allowed``: another site's
+    name pointed at 127.0.0.1 would make its pages the gateway's own origin), and a page of another site
+    (its ``Origin``, ``origin_allowed``) is refused before any engine is used or started. An allowed page's
+    preflight is answered here, and its responses name its origin."""
+
+    def __init__(self, app: Any, gw: _Gateway) -> None:
+        self.app = app
+        self.gw = gw
+        settings = gw.settings
+        self.check_host = is_loopback(settings.host)
+        self.allowed_hosts = settings.allowed_hosts
+        self.allowed_origins = settings.allowed_origins
+        name = socket.gethostname().lower()
+        self.machine_names = (name, name.split(".", 1)[0])
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.check_host:
+            host = _header(scope, b"host")
+            if not host_allowed(host, self.allowed_hosts, machine_names=self.machine_names):
+                self.gw.stats.refuse("host")
+                await _host_refusal(scope["path"], host or "")(scope, receive, send)
+                return
+        origin = _header(scope, b"origin")
+        if origin is None:  # not a browser's cross-origin request (SDKs, curl, agents; a page's own GETs)
+            await self.app(scope, receive, send)
+            return
+        if not origin_allowed(origin, self.allowed_origins):
+            self.gw.stats.refuse("origin")
+            await _origin_refusal(scope["path"], origin)(scope, receive, send)
+            return
+        send = _with_cors(send, origin)
+        if scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
             await _preflight(scope)(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -1954,11 +1987,25 @@ _HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*
 
 
 def _origin_refusal(path: str, origin: str) -> Response:
+    if origin.strip().lower() == "null":
+        advice = ("a page whose origin is null (a sandboxed frame, or a page opened from a file) cannot be told "
+                  "from any other site's; serve it from http://localhost instead")
+    else:
+        advice = f"add {origin!r} there to allow that site"
     return error_response(
         _messages_path(path), 403,
         f"a web page of {origin!r} may not use this gateway: browsers may use it from pages served by this "
         f"machine (http://localhost, http://127.0.0.1, any port) and from the origins in [gateway] allowed_origins; "
-        f"add {origin!r} there to allow that site", "origin_not_allowed", origin=origin)
+        f"{advice}", "origin_not_allowed", origin=origin)
+
+
+def _host_refusal(path: str, host: str) -> Response:
+    return error_response(
+        _messages_path(path), 403,
+        f"this gateway listens on loopback and was reached under the name {host!r}, which could be another site's "
+        "name pointed at this machine (DNS rebinding); it answers under IP addresses, names without a dot "
+        f"(localhost), *.localhost, *.local, *.internal, this machine's name and the names in [gateway] allowed_hosts: add the name there "
+        "if a proxy or a tunnel forwards it", "host_not_allowed", host=host)
 
 
 def _preflight(scope: Any) -> Response:
@@ -2121,7 +2168,8 @@ async def serve(
     front: Any = app
     core = getattr(app.state, "gateway_core", None)
     if isinstance(core, _Gateway):
-        front = _ConnectionCap(_FrontDoor(app, core), limit=settings.max_connections, stats=core.stats)
+        front = _BrowserGuard(_ConnectionCap(_FrontDoor(app, core), limit=settings.max_connections, stats=core.stats),
+                              core)
     # log_config=None: uvicorn must not reconfigure the process's logging (the daemon owns it).
     config = uvicorn.Config(
         front,

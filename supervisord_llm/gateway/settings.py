@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from policies.frontdoor import SwapPermission, origin_pattern_error
+from policies.frontdoor import SwapPermission, host_name_error, origin_pattern_error
 from supervisord_llm.configtable import Table
 from supervisord_llm.errors import ConfigError
 from supervisord_llm.gateway.anthropic import THINK_MODES
@@ -80,6 +80,9 @@ class GatewaySettings:
     # Web pages (browser origins) that may use the gateway besides those served from this machine
     # (policies.frontdoor.DEFAULT_ALLOWED_ORIGINS); "*": any site.
     allowed_origins: tuple[str, ...] = ()
+    # Host names a gateway on loopback answers besides IP addresses, localhost, *.localhost, *.local,
+    # *.internal and this machine's name (policies.frontdoor.host_allowed): a proxy's or a tunnel's; "*": any.
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.think_tags not in THINK_MODES:
@@ -124,6 +127,10 @@ class GatewaySettings:
             problem = origin_pattern_error(pattern)
             if problem is not None:
                 raise ValueError(f"allowed_origins: {pattern!r}: {problem}")
+        for name in self.allowed_hosts:
+            problem = host_name_error(name)
+            if problem is not None:
+                raise ValueError(f"allowed_hosts: {problem}")
         if self.max_upstream_connections < 1:
             raise ValueError(
                 f"max_upstream_connections must be at least 1, got {self.max_upstream_connections}"
@@ -149,7 +156,7 @@ class GatewaySettings:
         ``decode_stall_s``, ``prefill_per_mib_s``, ``client_timeout_s``, ``client_buffer_bytes``,
         ``upstream_connect_timeout_s``, ``upstream_read_timeout_s``, ``max_upstream_connections``,
         ``max_connections``, ``body_timeout_s``, ``shutdown_grace_s``, ``swaps``, ``think_tags``,
-        ``header_timeout_s``, ``hold_keepalive_s``, ``allowed_origins``.
+        ``header_timeout_s``, ``hold_keepalive_s``, ``allowed_origins``, ``allowed_hosts``.
         Durations are ``"60s"``/``"5m"`` or seconds; sizes are ``"32MiB"`` or bytes.
         """
         return read_gateway(Table(table, file, key), os.environ if environ is None else environ)
@@ -193,6 +200,17 @@ def _origins(t: Table, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _host_names(t: Table, name: str) -> tuple[str, ...]:
+    value = t.data[name]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise t.error(name, f'expected a list of host names such as ["llm.example.com"], got {value!r}')
+    for host in value:
+        problem = host_name_error(host)
+        if problem is not None:
+            raise t.error(name, problem)
+    return tuple(value)
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[Table, str], str]:
     def read(t: Table, name: str) -> str:
         value = t.data[name]
@@ -224,6 +242,7 @@ _READERS: dict[str, Callable[[Table, str], Any]] = {
     "swaps": _choice(tuple(p.value for p in SwapPermission)),
     "think_tags": _choice(tuple(THINK_MODES)),
     "allowed_origins": _origins,
+    "allowed_hosts": _host_names,
 }
 GATEWAY_KEYS = tuple(dict.fromkeys(("enabled", "listen", "api_key", "api_key_env", *_READERS)))
 

@@ -21,6 +21,7 @@ from policies.frontdoor import (
     admit_request,
     check_path,
     engine_serves,
+    host_allowed,
     idle_unload_due,
     key_needed_to_use,
     may_start_engine,
@@ -95,6 +96,12 @@ def test_idle_unload_counts_from_the_last_request_and_never_cuts_one_in_flight()
     ("https://team.example.com", ("https://*.example.com",), True),
     ("https://evil.com/.example.com", ("https://*.example.com",), False),
     ("http://box.local:8080", ("http://box.local:*",), True), ("http://box.local:80x", ("http://box.local:*",), False),
+    ("http://box.local", ("http://box.local:*",), True),  # the default port is left out of an origin
+    ("https://example.com", ("https://*.example.com",), False), ("https://xexample.com", ("https://*.example.com",), False),
+    # A * never stands for part of a label: these patterns are refused by the config, and match nothing here.
+    ("http://192.168.1.attacker.example", ("http://192.168.1.*",), False),
+    ("https://chat.example.attacker.example", ("https://chat.example.*",), False),
+    ("https://evilexample.com", ("https://*example.com",), False),
     ("https://anything.example", ("*",), True), ("null", ("null",), True),
 ])
 def test_which_web_pages_may_use_the_gateway(origin: str, listed: tuple[str, ...], ok: bool) -> None:
@@ -103,10 +110,26 @@ def test_which_web_pages_may_use_the_gateway(origin: str, listed: tuple[str, ...
 
 
 @pytest.mark.parametrize("pattern", ["chat.example.com", "https://chat.example.com/", "https://*.*.example.com",
-                                     "https://user@chat.example.com", "https:// chat.example.com", ""])
+                                     "https://user@chat.example.com", "https:// chat.example.com", "",
+                                     "http://192.168.1.*", "https://chat.example.*", "https://*example.com",
+                                     "https://a.com:443", "http://localhost:abc", "https://a.com?x=1", "app://*:5"])
 def test_an_origin_that_is_not_one_is_named(pattern: str) -> None:
     assert origin_pattern_error(pattern) is not None
-    assert origin_pattern_error("https://chat.example.com") is None and origin_pattern_error("*") is None
+    for good in ("https://chat.example.com", "*", "null", "https://*.example.com", "http://box.local:*", "app://*",
+                 "https://[::1]:8443"):
+        assert origin_pattern_error(good) is None, good
+
+
+@pytest.mark.parametrize(("host", "ok"), [
+    ("127.0.0.1:8000", True), ("localhost:8000", True), ("[::1]:8000", True), ("10.0.0.5", True), (None, True),
+    ("studio.local", True), ("box.internal:80", True), ("app.localhost", True), ("mybox:8000", True),
+    ("llm.example.com", True), ("LLM.Example.com:443", True), ("x", True), ("studio:8000", True),
+    ("attacker.example:8000", False), ("attacker.example.", False), ("localhost.attacker.example", False),
+])
+def test_which_names_a_gateway_on_loopback_answers_under(host: str | None, ok: bool) -> None:
+    """Another site's name pointed at 127.0.0.1 (DNS rebinding) is refused; local names, addresses, this
+    machine's name and the listed names are not."""
+    assert host_allowed(host, ("llm.example.com",), machine_names=("mybox",)) is ok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,6 +579,7 @@ def test_a_web_page_of_another_site_cannot_use_the_gateway_and_a_local_one_can(d
     assert status == 200 and json.loads(body)["choices"], body[:300]
     assert headers["access-control-allow-origin"] == local  # its own origin, not the engine's "*"
     assert "origin" in headers.get("vary", "").lower()
+    assert "access-control-allow-methods" not in headers and "access-control-allow-headers" not in headers  # the engine's "*"
     refused = httpx.get(f"http://127.0.0.1:{gw}/gateway/status").json()["refused"]
     assert refused.get("origin") == 4, refused
 
@@ -564,8 +588,9 @@ def test_an_origin_the_operator_lists_may_use_the_gateway(daemon_factory) -> Non
     """allowed_origins: that site's page gets CORS (Chrome's private-network preflight too); the engine never
     sees the page's Origin, so an engine with its own origin list does not refuse what the operator allowed."""
     gw = free_port()
-    d = daemon_factory(standin_engine_toml("e", free_port(), default=True)
-                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nallowed_origins = ["https://*.example.com"]\n').start()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--log-header", "origin", default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nallowed_origins = ["https://*.example.com"]\n'
+                       'allowed_hosts = ["llm.example.com"]\n').start()
     d.wait_state("e", "ready", 30)
     site = "https://chat.example.com"
     status, headers, _ = _cors_request(gw, "OPTIONS", "/v1/messages", site, headers={
@@ -585,19 +610,57 @@ def test_an_origin_the_operator_lists_may_use_the_gateway(daemon_factory) -> Non
     # A client that is no browser (no Origin header) is not concerned.
     assert httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", content=chat,
                       headers={"content-type": "application/json"}, timeout=30).status_code == 200
+    seen = [line for line in (d.state_dir / "logs" / "e.log").read_text().splitlines() if line.startswith("header origin")]
+    # The gateway decided; the engine never sees the page's origin (its canaries' requests are here too).
+    assert len(seen) >= 2 and set(seen) == {"header origin: None"}, seen
 
 
-@pytest.mark.parametrize(("value", "named"), [('"https://chat.example.com"', "list of origins"),
-                                              ('["chat.example.com"]', "scheme://host"),
-                                              ('["https://chat.example.com/app"]', "no path")])
-def test_a_bad_allowed_origins_names_the_key_and_what_is_valid(tmp_path: Path, value: str, named: str) -> None:
+def test_another_sites_name_pointed_at_a_loopback_gateway_is_refused(daemon_factory) -> None:
+    """DNS rebinding: a site whose name resolves to 127.0.0.1 makes its pages the gateway's own origin, and its
+    GETs carry no Origin. A gateway on loopback answers only under local names, addresses, this machine's name
+    and allowed_hosts (a proxy's or a tunnel's)."""
+    gw = free_port()
+    daemon_factory(standin_engine_toml("e", free_port(), default=True)
+                   + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nallowed_hosts = ["llm.example.com"]\n').start()
+    base = f"http://127.0.0.1:{gw}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"{base}/health", timeout=5)
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the gateway never answered"
+            time.sleep(0.2)
+    for path in ("/ui/status.json", "/v1/models", "/"):
+        r = httpx.get(base + path, headers={"host": f"attacker.example:{gw}"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", (path, r.text[:300])
+        assert "allowed_hosts" in r.json()["error"]["message"]
+        for host in (f"localhost:{gw}", "llm.example.com", f"127.0.0.1:{gw}"):
+            assert httpx.get(base + path, headers={"host": host}).status_code == 200, (path, host)
+    r = httpx.post(base + "/v1/messages", headers={"host": "attacker.example"},
+                   json={"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 403 and r.json()["type"] == "error"
+    assert httpx.get(f"{base}/gateway/status").json()["refused"]["host"] == 4
+
+
+@pytest.mark.parametrize(("key", "value", "named"), [
+    ("allowed_origins", '"https://chat.example.com"', "list of origins"),
+    ("allowed_origins", '["chat.example.com"]', "scheme://host"),
+    ("allowed_origins", '["https://chat.example.com/app"]', "no path"),
+    ("allowed_origins", '["http://192.168.1.*"]', "leading labels"),
+    ("allowed_origins", '["https://chat.example.com:443"]', "write https://chat.example.com"),
+    ("allowed_hosts", '["https://llm.example.com"]', "without scheme or port"),
+    ("allowed_hosts", '"llm.example.com"', "list of host names"),
+])
+def test_a_bad_allowed_origins_or_hosts_names_the_key_and_what_is_valid(tmp_path: Path, key: str, value: str,
+                                                                        named: str) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n'
-                      f"allowed_origins = {value}\n")
+                      f"{key} = {value}\n")
     done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2
-    assert "gateway.allowed_origins" in done.stderr and named in done.stderr, done.stderr
+    assert f"gateway.{key}" in done.stderr and named in done.stderr, done.stderr
 
 
 _FETCH = """
@@ -649,13 +712,19 @@ def test_in_a_real_browser_another_sites_page_is_refused_and_a_local_page_is_ser
         pages.server_close()
 
 
-def test_any_origin_without_a_key_is_noted(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("extra", "noted"), [
+    ('allowed_origins = ["*"]\n', True), ('allowed_origins = ["null"]\n', True),
+    ('allowed_origins = ["https://*"]\napi_key = "k"\nswaps = "with_key"\n', True),  # keyless use on loopback
+    ('allowed_origins = ["*"]\napi_key = "k"\n', False),  # every request needs the key
+    ('allowed_origins = ["https://chat.example.com"]\n', False),
+])
+def test_origins_that_admit_any_site_without_the_key_are_noted(tmp_path: Path, extra: str, noted: bool) -> None:
     config = tmp_path / "c.toml"
-    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n'
-                      'allowed_origins = ["*"]\n')
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n{extra}')
     done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
                           capture_output=True, text=True, check=False)
-    assert done.returncode == 0 and "note: gateway.allowed_origins" in done.stdout and "any site" in done.stdout
+    assert done.returncode == 0, done.stderr
+    assert ("note: gateway.allowed_origins" in done.stdout and "any site" in done.stdout) is noted, done.stdout
 
 
 def test_the_gateway_answers_a_health_check_without_its_key(daemon_factory) -> None:
@@ -675,3 +744,23 @@ def test_the_gateway_answers_a_health_check_without_its_key(daemon_factory) -> N
     assert r.status_code == 200 and r.json() == {"status": "ok"}
     assert httpx.head(f"{base}/health").status_code == 200
     assert httpx.get(f"{base}/v1/models").status_code == 401
+
+
+def test_an_allowed_page_can_read_the_gateways_refusals(daemon_factory) -> None:
+    """A page the gateway allows reads its 503 when the gateway is full (built before any route) and the
+    Retry-After in it, where a page without CORS headers would only see a failed fetch."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--first-token-delay-s", "4", default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nmax_connections = 1\n').start()
+    d.wait_state("e", "ready", 30)
+    chat = {"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    held = threading.Thread(target=lambda: httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions",
+                                                      json={**chat, "stream": True}, timeout=30), daemon=True)
+    held.start()
+    time.sleep(1.0)  # the held request has the gateway's one place
+    page = "http://localhost:5173"
+    status, headers, body = _cors_request(gw, "POST", "/v1/chat/completions", page, json.dumps(chat).encode(),
+                                          {"content-type": "application/json"})
+    held.join(30)
+    assert status == 503 and json.loads(body)["error"]["code"] == "overloaded", body[:300]
+    assert headers["access-control-allow-origin"] == page and "retry-after" in headers["access-control-expose-headers"]

@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
                    help="prefill the prompt at this many words a second (0: no time for the prompt)")
     p.add_argument("--log-paths", action="store_true", help="print every request line (method and path) as received")
+    p.add_argument("--log-header", action="append", default=[],
+                   help="print this request header of every POST as received (\"header NAME: VALUE\", None if absent)")
     p.add_argument("--grow-mb", type=float, default=0.0, help="allocate and touch N MB per request, never freed")
     p.add_argument("--silent-from", type=int, default=0, help="from the N-th generation request on, go silent")
     p.add_argument("--silent-after-tokens", type=int, default=0)
@@ -186,6 +188,8 @@ def main() -> None:
         def do_POST(self) -> None:  # noqa: N802
             if args.log_paths:
                 print(f"request POST {self.path}", flush=True)
+            for name in args.log_header:
+                print(f"header {name}: {self.headers.get(name)}", flush=True)
             length = int(self.headers.get("content-length", "0"))
             body = json.loads(self.rfile.read(length) or b"{}")
             if args.never_ready:
