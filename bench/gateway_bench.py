@@ -304,7 +304,7 @@ def ttfb_preopened(port: int, model: str) -> float:
                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        time.sleep(PREOPEN_SETTLE_S)  # the server has accepted it before the clock starts
+        time.sleep(PREOPEN_SETTLE_S)  # time for the server to accept it (the kernel did the handshake) first
         started = time.perf_counter()
         sock.sendall(request)
         seen = b""

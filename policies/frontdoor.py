@@ -140,18 +140,37 @@ def _host_ok(host: str) -> bool:
     return bool(_HOST.fullmatch(host) or _IPV6.fullmatch(host))
 
 
+def _split_authority(text: str) -> tuple[str, str | None]:
+    """``host[:port]`` (a Host header's value) as (host, port or None), in lower case, without a trailing dot."""
+    text = text.strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        host, after = (text[1:end], text[end + 1:]) if end > 0 else (text, "")
+        port = after[1:] if after.startswith(":") else None
+    else:
+        name, colon, port_text = text.rpartition(":")
+        host, port = (name, port_text) if colon and port_text.isdigit() else (text, None)
+    return host.rstrip("."), port
+
+
 def origin_pattern_error(pattern: str) -> str | None:
     """Why ``pattern`` is not an origin the gateway can allow, naming what is (None: it is one)."""
-    if pattern in ("*", "null"):
+    if pattern.lower() in ("*", "null"):
         return None
     parts = _split_origin(pattern)
     if parts is None or pattern.count("*") > 1:
         return f"expected {_ORIGIN_FORMS}"
     scheme, host, port = parts
-    if host != "*" and not _host_ok(host.removeprefix("*.")):
+    if "*" in host and host != "*" and not host.startswith("*."):
+        return f"{host!r}: a * stands for whole leading labels of a name (\"*.example.com\"), never part of one; " \
+               f"expected {_ORIGIN_FORMS}"
+    named = host.removeprefix("*.")
+    if host != "*" and not _host_ok(named):
         return f"{host!r} is not a host name or address (an origin has no path, user or query); expected {_ORIGIN_FORMS}"
-    if port is not None and port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
-        return f"{port!r} is not a port; expected {_ORIGIN_FORMS}"
+    if host.startswith("*.") and not any(c.isalpha() for c in named):
+        return f"{host!r}: a * stands for the leading labels of a name, not for part of an address; expected {_ORIGIN_FORMS}"
+    if port is not None and port != "*" and not (port.isdigit() and str(int(port)) == port and 0 < int(port) < 65536):
+        return f"{port!r} is not a port (1 to 65535, as browsers write it); expected {_ORIGIN_FORMS}"
     if host == "*" and port is not None:
         return f'"{scheme}://*" already stands for every host and port; expected {_ORIGIN_FORMS}'
     if port is not None and _DEFAULT_PORTS.get(scheme) == port:
@@ -159,8 +178,25 @@ def origin_pattern_error(pattern: str) -> str | None:
     return None
 
 
-def origin_allowed(origin: str, allowed: Sequence[str] = ()) -> bool:
-    """Whether a browser page of ``origin`` (its ``Origin`` header) may use the gateway: one of
+def origins_admitting_any_site(allowed: Sequence[str]) -> list[str]:
+    """The entries of ``allowed_origins`` that let pages of sites nobody vetted in: every site (``"*"``,
+    ``"https://*"``), every sandboxed frame (``"null"``, which any site can make), or every name under a
+    top-level domain (``"https://*.com"``; a name under a shared host such as ``*.github.io`` is the
+    operator's to judge)."""
+    broad = []
+    for pattern in allowed:
+        lowered = pattern.lower()
+        parts = _split_origin(lowered)
+        host = parts[1] if parts is not None else ""
+        if lowered in ("*", "null") or (parts is not None and parts[0] in _DEFAULT_PORTS and (
+                host == "*" or (host.startswith("*.") and "." not in host[2:]))):
+            broad.append(pattern)
+    return broad
+
+
+def origin_allowed(origin: str, allowed: Sequence[str] = (), *, host: str | None = None) -> bool:
+    """Whether a browser page of ``origin`` (its ``Origin`` header) may use the gateway: the gateway's own
+    origin (``host``: the request's ``Host``, which the page was served under), one of
     ``DEFAULT_ALLOWED_ORIGINS`` or of ``allowed`` (the operator's ``allowed_origins``, each valid for
     ``origin_pattern_error``; ``"*"``: any site). A ``*`` stands for a port (a page on the default port
     too), for the leading labels of a host, or for a whole host and port; never for part of a label."""
@@ -168,12 +204,19 @@ def origin_allowed(origin: str, allowed: Sequence[str] = ()) -> bool:
     if "*" in listed:
         return True
     origin = origin.strip().lower()
+    if origin == "file://":  # what Electron apps send for their pages
+        return "file://*" in (*listed, *DEFAULT_ALLOWED_ORIGINS)
     parts = _split_origin(origin)
     if parts is None:
         return origin == "null" and "null" in listed
-    scheme, host, port = parts
-    if not _host_ok(host) or (port is not None and not port.isdigit()):
+    scheme, name, port = parts
+    if not _host_ok(name) or (port is not None and not port.isdigit()):
         return False  # no browser sends that
+    if host:
+        own_name, own_port = _split_authority(host)
+        default = _DEFAULT_PORTS.get(scheme)
+        if own_name == name.strip("[]").rstrip(".") and (own_port or default) == (port or default):
+            return True  # the page is the gateway's own (its status page, or behind an allowed proxy name)
     for pattern in (*listed, *DEFAULT_ALLOWED_ORIGINS):
         split = _split_origin(pattern)
         if split is None or split[0] != scheme:
@@ -182,9 +225,9 @@ def origin_allowed(origin: str, allowed: Sequence[str] = ()) -> bool:
         if want_host == "*":
             return True
         if want_host.startswith("*."):
-            if not host.endswith(want_host[1:]) or len(host) <= len(want_host) - 1:
+            if not name.endswith(want_host[1:]) or len(name) <= len(want_host) - 1:
                 continue
-        elif want_host != host:
+        elif want_host != name:
             continue
         if want_port == "*" or want_port == port:
             return True
@@ -193,42 +236,47 @@ def origin_allowed(origin: str, allowed: Sequence[str] = ()) -> bool:
 
 # The names a gateway on loopback answers besides IP addresses, names without a dot, the machine's own name and
 # ``[gateway] allowed_hosts``: names that only this machine or its network resolve (as Ollama's ``allowedHost``,
-# ollama/ollama server/routes.go, which also refuses names without a dot other than localhost). Any other name may be another site's, pointed at 127.0.0.1 by its DNS
-# ("DNS rebinding"): its pages are then the gateway's own origin, and read what a GET returns.
+# ollama/ollama server/routes.go, which also refuses names without a dot other than localhost). Any other name
+# may be another site's, pointed at 127.0.0.1 by its DNS ("DNS rebinding"): its pages are then the gateway's
+# own origin, and read what a GET returns.
 LOCAL_HOST_SUFFIXES = (".localhost", ".local", ".internal")
 
 
+def host_check_applies(*, loopback: bool, key_needed: bool) -> bool:
+    """Whether requests are checked for the name they were sent to (``host_allowed``): on a loopback listen
+    where a request may do something without the key. Where every request needs the key, a page of a
+    rebound name has none; off loopback every request needs it."""
+    return loopback and not key_needed
+
+
 def host_allowed(host_header: str | None, allowed: Sequence[str] = (), *, machine_names: Sequence[str] = ()) -> bool:
-    """Whether a request to a gateway on loopback may be answered under the name in its ``Host`` header:
+    """Whether a request may be answered under the name in its ``Host`` header (where ``host_check_applies``):
     none given (HTTP/1.0), an IP address, a name without a dot (``localhost``, a machine's) or under
-    ``LOCAL_HOST_SUFFIXES``, one of ``machine_names`` (this machine's), or one of ``allowed`` (``"*"``: any)."""
+    ``LOCAL_HOST_SUFFIXES``, one of ``machine_names`` (this machine's), or one of ``allowed`` (``"*"``: any;
+    ``"*.example.com"``: the names under it)."""
     if not host_header:
         return True
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        host = host[1:host.find("]")] if "]" in host else host
-    else:
-        name, colon, port = host.rpartition(":")
-        if colon and port.isdigit():
-            host = name
-    host = host.rstrip(".")
+    host, _ = _split_authority(host_header)
     try:
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(host.split("%", 1)[0])
         return True  # a page cannot make an address another site's
     except ValueError:
         pass
     if "." not in host or host.endswith(LOCAL_HOST_SUFFIXES):
         return True  # localhost, a name of the local network: no site's DNS gives out a name without a dot
-    listed = {h.lower().rstrip(".") for h in (*allowed, *machine_names)}
-    return "*" in listed or host in listed
+    for pattern in (*allowed, *machine_names):
+        pattern = pattern.lower().rstrip(".")
+        if pattern == "*" or pattern == host or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return True
+    return False
 
 
 def host_name_error(name: str) -> str | None:
-    """Why ``name`` is not a host name ``allowed_hosts`` can hold (None: it is one, or ``"*"``)."""
-    if name == "*" or _HOST.fullmatch(name.lower().rstrip(".")):
+    """Why ``name`` is not a host name ``allowed_hosts`` can hold (None: it is one, ``"*.name"`` or ``"*"``)."""
+    if name == "*" or _HOST.fullmatch(name.lower().rstrip(".").removeprefix("*.")):
         return None
     return (f"{name!r} is not a host name; expected a name as clients send it in Host, without scheme or port, "
-            'such as "llm.example.com", or "*" (any name)')
+            'such as "llm.example.com", "*.trycloudflare.com" (the names under it) or "*" (any name)')
 
 
 class SwapPermission(StrEnum):

@@ -29,7 +29,7 @@ import platformdirs
 from policies import reboot as reboot_policy
 from policies import stranded as stranded_policy
 from policies.backoff import BackoffSettings
-from policies.frontdoor import SwapPermission, key_needed_to_use
+from policies.frontdoor import SwapPermission, host_check_applies, key_needed_to_use, origins_admitting_any_site
 from policies.health import HealthSettings
 from policies.memory_guard import GuardSettings
 from policies.swap import SwapSettings
@@ -603,13 +603,16 @@ def config_notes(config: Config) -> list[str]:
                      "only: a local client without it uses the engines that are resident; if a tunnel or a reverse "
                      'proxy lets others reach this gateway, use "allowed" or "never", where the key guards every request')
     if gateway is not None and gateway.enabled:
-        open_to = [o for o in gateway.allowed_origins if o.lower() in ("*", "null", "http://*", "https://*")]
+        open_to = origins_admitting_any_site(gateway.allowed_origins)
         keyless = not key_needed_to_use(SwapPermission(gateway.swaps), has_key=gateway.api_key is not None,
                                         loopback=is_loopback(gateway.host))
         if open_to and keyless:
             notes.append(f"gateway.allowed_origins: {', '.join(repr(o) for o in open_to)} lets a page of any site the "
                          "user opens use the models through this gateway without its api_key (\"null\" is what any "
                          "site's sandboxed frame sends); list the sites instead, or require the key for every request")
+        if gateway.allowed_hosts and not host_check_applies(loopback=is_loopback(gateway.host), key_needed=not keyless):
+            notes.append("gateway.allowed_hosts: every request to this gateway needs its api_key, so it answers under "
+                         "any name and the list is not used")
     for engine in config.engines:
         if engine.idle_unload_s is None:
             continue

@@ -58,6 +58,7 @@ from policies.frontdoor import (
     FORWARDED_METHOD,
     FORWARDED_PATHS,
     KIND_DEPENDENT_PATHS,
+    LOCAL_HOST_SUFFIXES,
     OLLAMA_API_PATHS,
     Admission,
     SwapPermission,
@@ -66,6 +67,7 @@ from policies.frontdoor import (
     check_path_safe,
     engine_serves,
     host_allowed,
+    host_check_applies,
     key_needed_to_use,
     may_start_engine,
     origin_allowed,
@@ -449,7 +451,7 @@ _RESPONSE_DROP = frozenset(
         "date",
         "server",
         # An engine's own CORS answer (mlx_lm.server and llama-server allow every origin, "*"): the gateway
-        # answers for the origins it allows (_FrontDoor), and never lets an engine widen that.
+        # answers for the origins it allows (_BrowserGuard), and never lets an engine widen that.
         "access-control-allow-origin",
         "access-control-allow-credentials",
         "access-control-allow-methods",
@@ -1933,37 +1935,46 @@ class _FrontDoor:
 
 class _BrowserGuard:
     """What a browser may do, before anything else (the connection cap's 503 included, so an allowed page
-    can read it): a gateway on loopback answers only under a local name (``host_allowed``: another site's
-    name pointed at 127.0.0.1 would make its pages the gateway's own origin), and a page of another site
-    (its ``Origin``, ``origin_allowed``) is refused before any engine is used or started. An allowed page's
-    preflight is answered here, and its responses name its origin."""
+    can read it). Where ``host_check_applies``, a request is answered only under a local name
+    (``host_allowed``: another site's name pointed at 127.0.0.1 would make its pages this server's own
+    origin), and a page of another site (its ``Origin``, ``origin_allowed``) is refused before any engine is
+    used or started. An allowed page's preflight is answered here, and its responses name its origin.
+    Also in front of the metrics port's status page (``refuse`` then counts nothing)."""
 
-    def __init__(self, app: Any, gw: _Gateway) -> None:
+    def __init__(self, app: Any, settings: GatewaySettings, *, check_host: bool, log: Any,
+                 refuse: Callable[[str], None] | None = None) -> None:
         self.app = app
-        self.gw = gw
-        settings = gw.settings
-        self.check_host = is_loopback(settings.host)
+        self.log = log
+        self.check_host = check_host
         self.allowed_hosts = settings.allowed_hosts
         self.allowed_origins = settings.allowed_origins
-        name = socket.gethostname().lower()
-        self.machine_names = (name, name.split(".", 1)[0])
+        self.machine_names = (socket.gethostname().lower(),)
+        self.refuse = refuse
+        self.logged: set[tuple[str, str]] = set()  # refusals logged once each (a page may retry in a loop)
+
+    def _refused(self, why: str, value: str, path: str) -> None:
+        if self.refuse is not None:
+            self.refuse(why)
+        if len(self.logged) < 256 and (why, value) not in self.logged:
+            self.logged.add((why, value))
+            self.log.warning(f"gateway.{why}_refused", value=value, path=path,
+                         reason="a web page of another site" if why == "origin" else "a name that is not local")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.check_host:
-            host = _header(scope, b"host")
-            if not host_allowed(host, self.allowed_hosts, machine_names=self.machine_names):
-                self.gw.stats.refuse("host")
-                await _host_refusal(scope["path"], host or "")(scope, receive, send)
-                return
+        host = _header(scope, b"host")
+        if self.check_host and not host_allowed(host, self.allowed_hosts, machine_names=self.machine_names):
+            self._refused("host", host or "", scope["path"])
+            await _host_refusal(scope["path"], host or "")(scope, receive, send)
+            return
         origin = _header(scope, b"origin")
         if origin is None:  # not a browser's cross-origin request (SDKs, curl, agents; a page's own GETs)
             await self.app(scope, receive, send)
             return
-        if not origin_allowed(origin, self.allowed_origins):
-            self.gw.stats.refuse("origin")
+        if not origin_allowed(origin, self.allowed_origins, host=host):
+            self._refused("origin", origin, scope["path"])
             await _origin_refusal(scope["path"], origin)(scope, receive, send)
             return
         send = _with_cors(send, origin)
@@ -2004,7 +2015,7 @@ def _host_refusal(path: str, host: str) -> Response:
         _messages_path(path), 403,
         f"this gateway listens on loopback and was reached under the name {host!r}, which could be another site's "
         "name pointed at this machine (DNS rebinding); it answers under IP addresses, names without a dot "
-        f"(localhost), *.localhost, *.local, *.internal, this machine's name and the names in [gateway] allowed_hosts: add the name there "
+        f"(localhost), names ending in {', '.join(LOCAL_HOST_SUFFIXES)}, this machine's name and the names in [gateway] allowed_hosts: add the name there "
         "if a proxy or a tunnel forwards it", "host_not_allowed", host=host)
 
 
@@ -2167,9 +2178,16 @@ async def serve(
         stats.listen = listen
     front: Any = app
     core = getattr(app.state, "gateway_core", None)
+    loopback = is_loopback(settings.host)
     if isinstance(core, _Gateway):
+        key_needed = key_needed_to_use(SwapPermission(settings.swaps), has_key=settings.api_key is not None,
+                                       loopback=loopback)
         front = _BrowserGuard(_ConnectionCap(_FrontDoor(app, core), limit=settings.max_connections, stats=core.stats),
-                              core)
+                              settings, check_host=host_check_applies(loopback=loopback, key_needed=key_needed),
+                              log=core.log, refuse=core.stats.refuse)
+    else:  # the metrics port: its status page is not for other sites either
+        front = _BrowserGuard(app, settings, check_host=host_check_applies(loopback=loopback, key_needed=False),
+                              log=structlog.get_logger("supervisord_llm.metrics"))
     # log_config=None: uvicorn must not reconfigure the process's logging (the daemon owns it).
     config = uvicorn.Config(
         front,

@@ -22,6 +22,7 @@ from policies.frontdoor import (
     check_path,
     engine_serves,
     host_allowed,
+    host_check_applies,
     idle_unload_due,
     key_needed_to_use,
     may_start_engine,
@@ -102,6 +103,8 @@ def test_idle_unload_counts_from_the_last_request_and_never_cuts_one_in_flight()
     ("http://192.168.1.attacker.example", ("http://192.168.1.*",), False),
     ("https://chat.example.attacker.example", ("https://chat.example.*",), False),
     ("https://evilexample.com", ("https://*example.com",), False),
+    ("file://", (), True),  # Electron's pages
+    ("null", ("NULL",), True),
     ("https://anything.example", ("*",), True), ("null", ("null",), True),
 ])
 def test_which_web_pages_may_use_the_gateway(origin: str, listed: tuple[str, ...], ok: bool) -> None:
@@ -112,11 +115,12 @@ def test_which_web_pages_may_use_the_gateway(origin: str, listed: tuple[str, ...
 @pytest.mark.parametrize("pattern", ["chat.example.com", "https://chat.example.com/", "https://*.*.example.com",
                                      "https://user@chat.example.com", "https:// chat.example.com", "",
                                      "http://192.168.1.*", "https://chat.example.*", "https://*example.com",
-                                     "https://a.com:443", "http://localhost:abc", "https://a.com?x=1", "app://*:5"])
+                                     "https://a.com:443", "http://localhost:abc", "https://a.com?x=1", "app://*:5",
+                                     "http://*.168.1.5", "http://a.com:08080"])
 def test_an_origin_that_is_not_one_is_named(pattern: str) -> None:
     assert origin_pattern_error(pattern) is not None
-    for good in ("https://chat.example.com", "*", "null", "https://*.example.com", "http://box.local:*", "app://*",
-                 "https://[::1]:8443"):
+    for good in ("https://chat.example.com", "*", "null", "NULL", "https://*.example.com", "http://box.local:*",
+                 "app://*", "https://[::1]:8443"):
         assert origin_pattern_error(good) is None, good
 
 
@@ -125,11 +129,24 @@ def test_an_origin_that_is_not_one_is_named(pattern: str) -> None:
     ("studio.local", True), ("box.internal:80", True), ("app.localhost", True), ("mybox:8000", True),
     ("llm.example.com", True), ("LLM.Example.com:443", True), ("x", True), ("studio:8000", True),
     ("attacker.example:8000", False), ("attacker.example.", False), ("localhost.attacker.example", False),
+    ("a-b.trycloudflare.com", True), ("trycloudflare.com.attacker.example", False), ("[fe80::1%eth0]:8000", True),
 ])
 def test_which_names_a_gateway_on_loopback_answers_under(host: str | None, ok: bool) -> None:
     """Another site's name pointed at 127.0.0.1 (DNS rebinding) is refused; local names, addresses, this
     machine's name and the listed names are not."""
-    assert host_allowed(host, ("llm.example.com",), machine_names=("mybox",)) is ok
+    assert host_allowed(host, ("llm.example.com", "*.trycloudflare.com"), machine_names=("mybox",)) is ok
+
+
+def test_the_gateways_own_pages_and_where_names_are_checked() -> None:
+    """A page served under the name the request was sent to is the gateway's own (a tunnel's name allowed in
+    allowed_hosts); names are checked on loopback where a request can do something without the key."""
+    assert origin_allowed("https://llm.example.com", host="llm.example.com")
+    assert origin_allowed("http://llm.example.com:8000", host="LLM.example.com:8000")
+    assert not origin_allowed("https://attacker.example", host="llm.example.com")
+    assert not origin_allowed("http://llm.example.com:9000", host="llm.example.com:8000")
+    assert host_check_applies(loopback=True, key_needed=False)
+    assert not host_check_applies(loopback=True, key_needed=True)
+    assert not host_check_applies(loopback=False, key_needed=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,7 +664,7 @@ def test_another_sites_name_pointed_at_a_loopback_gateway_is_refused(daemon_fact
     ("allowed_origins", '"https://chat.example.com"', "list of origins"),
     ("allowed_origins", '["chat.example.com"]', "scheme://host"),
     ("allowed_origins", '["https://chat.example.com/app"]', "no path"),
-    ("allowed_origins", '["http://192.168.1.*"]', "leading labels"),
+    ("allowed_origins", '["http://192.168.1.*"]', "never part of one"),
     ("allowed_origins", '["https://chat.example.com:443"]', "write https://chat.example.com"),
     ("allowed_hosts", '["https://llm.example.com"]', "without scheme or port"),
     ("allowed_hosts", '"llm.example.com"', "list of host names"),
@@ -717,6 +734,7 @@ def test_in_a_real_browser_another_sites_page_is_refused_and_a_local_page_is_ser
     ('allowed_origins = ["https://*"]\napi_key = "k"\nswaps = "with_key"\n', True),  # keyless use on loopback
     ('allowed_origins = ["*"]\napi_key = "k"\n', False),  # every request needs the key
     ('allowed_origins = ["https://chat.example.com"]\n', False),
+    ('allowed_origins = ["https://*.com"]\n', True),
 ])
 def test_origins_that_admit_any_site_without_the_key_are_noted(tmp_path: Path, extra: str, noted: bool) -> None:
     config = tmp_path / "c.toml"
@@ -764,3 +782,12 @@ def test_an_allowed_page_can_read_the_gateways_refusals(daemon_factory) -> None:
     held.join(30)
     assert status == 503 and json.loads(body)["error"]["code"] == "overloaded", body[:300]
     assert headers["access-control-allow-origin"] == page and "retry-after" in headers["access-control-expose-headers"]
+
+
+def test_allowed_hosts_where_every_request_needs_the_key_is_noted(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n'
+                      'api_key = "k"\nallowed_hosts = ["llm.example.com"]\n')
+    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "note: gateway.allowed_hosts" in done.stdout, (done.stdout, done.stderr)
