@@ -557,6 +557,18 @@ def met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def _ttfb_rows(figures: dict[str, Any], *, resent: bool) -> list[str]:
+    """A TTFB table's rows: each path's p50 and p90, its time added to the direct path's p50, and (``resent``)
+    how many of its requests were sent again."""
+    base = figures["direct"]["p50"]
+    rows = []
+    for name, t in figures.items():
+        added = "" if name == "direct" else f"{t['p50'] - base:+.2f} ms"
+        rows.append(f"| {name} | {t['p50']:.2f} ms | {t['p90']:.2f} ms | {added} |"
+                    + (f" {t.get('resent', 0)} |" if resent else ""))
+    return rows
+
+
 def render(r: dict[str, Any]) -> str:
     ttfb, streams, sup = r["paths"]["ttfb_ms"], r["paths"]["streams"], r["supervision"]
     has_nginx = "nginx" in ttfb
@@ -587,14 +599,9 @@ def render(r: dict[str, Any]) -> str:
         "| path | TTFB p50 | TTFB p90 | added p50 |" + (" resent |" if alone else ""),
         "|---|---:|---:|---:|" + ("---:|" if alone else ""),
     ]
-    for name in ttfb:
-        t = ttfb[name]
-        added = "" if name == "direct" else f"{t['p50'] - d50:+.2f} ms"
-        lines.append(f"| {name} | {t['p50']:.2f} ms | {t['p90']:.2f} ms | {added} |"
-                     + (f" {t.get('resent', 0)} |" if alone else ""))
+    lines += _ttfb_rows(ttfb, resent=alone)
     llama = r.get("llama")
     if llama is not None:
-        k50 = llama["direct"]["p50"]
         lines += ["", "mlx_lm.server answers HTTP/1.0: every request on every path opens a connection to it (the "
                   "direct client's own connect is in its figure; nginx and the gateway keep the client's "
                   "connection). The same against an HTTP/1.1 engine, the real llama-server (tiny GGUF) as a "
@@ -605,23 +612,17 @@ def render(r: dict[str, Any]) -> str:
                   "and was sent again, timed from that send (`resent`); the gateway path is never resent "
                   "(a failure there fails the run), and the gateway's own resend of such a request, should "
                   "one happen, is inside its figure:", "",
-                  "| path | TTFB p50 | TTFB p90 | added p50 | resent |", "|---|---:|---:|---:|---:|"]
-        for name, t in llama.items():
-            added = "" if name == "direct" else f"{t['p50'] - k50:+.2f} ms"
-            lines.append(f"| {name} | {t['p50']:.2f} ms | {t['p90']:.2f} ms | {added} | {t.get('resent', 0)} |")
+                  "| path | TTFB p50 | TTFB p90 | added p50 | resent |", "|---|---:|---:|---:|---:|",
+                  *_ttfb_rows(llama, resent=True)]
     elif "llama_missing" in r:
         lines += ["", f"The llama-server comparison was not made: {r['llama_missing']}."]
     pre = r.get("preopened")
     if pre is not None:
-        p50 = pre["direct"]["p50"]
         lines += ["", "The same mlx_lm.server with each client's connection opened (and accepted) before the clock, "
                   "one raw HTTP/1.1 request per connection, written with one send: no path's figure holds its "
                   "client's connect, while nginx's and the gateway's connects to the engine are inside theirs. "
                   f"{pre['direct']['n']} requests per path, interleaved:", "",
-                  "| path | TTFB p50 | TTFB p90 | added p50 |", "|---|---:|---:|---:|"]
-        for name, t in pre.items():
-            added = "" if name == "direct" else f"{t['p50'] - p50:+.2f} ms"
-            lines.append(f"| {name} | {t['p50']:.2f} ms | {t['p90']:.2f} ms | {added} |")
+                  "| path | TTFB p50 | TTFB p90 | added p50 |", "|---|---:|---:|---:|", *_ttfb_rows(pre, resent=False)]
     lines += ["", f"Concurrent streams of {r['max_tokens']} tokens, {r['stream_rounds']} rounds per path; "
               "tokens/s is every token of every stream over the rounds' wall time; CPU is the daemon's and its "
               "gateway process's together, or all nginx processes', over that path's rounds:", "",
