@@ -32,6 +32,13 @@ from policies.frontdoor import (
 from policies.frontdoor import SwapPermission as P
 from tests.helpers import PYTHON, chromium_driver, free_port, mlx_engine_toml, standin_engine_toml
 
+
+def _check_config(config: Path) -> subprocess.CompletedProcess[str]:
+    """``supervisord-llm check-config`` on a config file, as a user runs it."""
+    return subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
+                          capture_output=True, text=True, check=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # The pure decisions
 
@@ -446,8 +453,7 @@ def test_a_gateway_open_to_the_network_without_a_key_is_a_config_error(tmp_path:
     """check-config refuses listen = 0.0.0.0 with no api_key, naming gateway.listen and what to do."""
     config = tmp_path / "c.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "0.0.0.0:8000"\n')
-    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
-                          capture_output=True, text=True, check=False)
+    done = _check_config(config)
     assert done.returncode == 2
     assert "gateway.listen" in done.stderr and "api_key" in done.stderr and "127.0.0.1" in done.stderr
 
@@ -456,8 +462,7 @@ def test_idle_unload_in_seconds_loads(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[[engine]]\nname = "a"\nkind = "mlx_lm"\nmodel = "/m"\n'
                       f'footprint = "1GB"\nidle_unload = 1800\n')
-    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
-                          capture_output=True, text=True, check=False)
+    done = _check_config(config)
     assert done.returncode == 0, done.stderr
 
 
@@ -466,8 +471,7 @@ def test_a_bad_idle_unload_names_the_key_and_what_is_valid(tmp_path: Path, value
     config = tmp_path / "c.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[[engine]]\nname = "a"\nkind = "mlx_lm"\n'
                       f'model = "/m"\nfootprint = "1GB"\nidle_unload = {value}\n')
-    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
-                          capture_output=True, text=True, check=False)
+    done = _check_config(config)
     assert done.returncode == 2
     assert "idle_unload" in done.stderr and '"off"' in done.stderr and "10s" in done.stderr, done.stderr
 
@@ -478,8 +482,7 @@ def test_idle_unload_where_no_request_can_start_the_engine_again_is_noted(tmp_pa
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[[engine]]\nname = "a"\nkind = "mlx_lm"\nmodel = "/m"\n'
                       f'footprint = "1GB"\nidle_unload = "30m"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n'
                       f'swaps = "never"\n')
-    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
-                          capture_output=True, text=True, check=False)
+    done = _check_config(config)
     assert done.returncode == 0 and "note: engine[a].idle_unload" in done.stdout and "llmctl start a" in done.stdout
 
 
@@ -674,8 +677,7 @@ def test_a_bad_allowed_origins_or_hosts_names_the_key_and_what_is_valid(tmp_path
     config = tmp_path / "c.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n'
                       f"{key} = {value}\n")
-    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
-                          capture_output=True, text=True, check=False)
+    done = _check_config(config)
     assert done.returncode == 2
     assert f"gateway.{key}" in done.stderr and named in done.stderr, done.stderr
 
@@ -739,8 +741,7 @@ def test_in_a_real_browser_another_sites_page_is_refused_and_a_local_page_is_ser
 def test_origins_that_admit_any_site_without_the_key_are_noted(tmp_path: Path, extra: str, noted: bool) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n{extra}')
-    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
-                          capture_output=True, text=True, check=False)
+    done = _check_config(config)
     assert done.returncode == 0, done.stderr
     assert ("note: gateway.allowed_origins" in done.stdout and "any site" in done.stdout) is noted, done.stdout
 
@@ -788,6 +789,6 @@ def test_allowed_hosts_where_every_request_needs_the_key_is_noted(tmp_path: Path
     config = tmp_path / "c.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n'
                       'api_key = "k"\nallowed_hosts = ["llm.example.com"]\n')
-    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
-                          capture_output=True, text=True, check=False)
+    done = _check_config(config)
     assert done.returncode == 0 and "note: gateway.allowed_hosts" in done.stdout, (done.stdout, done.stderr)
+
