@@ -792,3 +792,37 @@ def test_allowed_hosts_where_every_request_needs_the_key_is_noted(tmp_path: Path
     done = _check_config(config)
     assert done.returncode == 0 and "note: gateway.allowed_hosts" in done.stdout, (done.stdout, done.stderr)
 
+
+def test_a_tunnel_with_the_key_and_a_page_of_its_own_name(daemon_factory) -> None:
+    """Behind a tunnel that forwards its own name: with a key every request needs, any name is answered (a
+    rebound page has no key); the page served under that name may POST to that same name."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\napi_key = "sekret-key"\n').start()
+    d.wait_state("e", "ready", 30)
+    chat = {"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    key = {"authorization": "Bearer sekret-key"}
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    r = httpx.post(url, json=chat, timeout=30, headers={**key, "host": "llm.example.com"})
+    assert r.status_code == 200, r.text[:300]
+    r = httpx.post(url, json=chat, timeout=30,
+                   headers={**key, "host": "llm.example.com", "origin": "https://llm.example.com"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://llm.example.com", r.text[:300]
+    r = httpx.post(url, json=chat, timeout=30,
+                   headers={**key, "host": "llm.example.com", "origin": "https://attacker.example"})
+    assert r.status_code == 403
+
+
+def test_the_metrics_ports_status_page_is_not_read_under_another_sites_name(daemon_factory) -> None:
+    """Without a gateway the status page lives on the metrics port: a name pointed at 127.0.0.1 reads nothing."""
+    port = free_port()
+    d = daemon_factory(f'[daemon]\nmetrics_listen = "127.0.0.1:{port}"\n' + standin_engine_toml("e", free_port()))
+    d.config_path.write_text(d.config_path.read_text().replace(
+        "[daemon]\n", f'[daemon]\nstate_dir = "{d.state_dir}"\n', 1))
+    d.start()
+    d.wait_state("e", "ready", 30)
+    base = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{base}/ui/status.json").status_code == 200
+    for path in ("/ui/status.json", "/metrics"):
+        r = httpx.get(base + path, headers={"host": f"attacker.example:{port}"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", (path, r.text[:200])
