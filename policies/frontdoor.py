@@ -116,6 +116,7 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
 _HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # a name or an IPv4 address, in lower case
 _IPV6 = re.compile(r"\[[0-9a-f:.]+\]")
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only (str.isdigit takes "²" too)
 _ORIGIN_FORMS = ('scheme://host[:port], where a * may stand for the port ("http://my-box.local:*"), for the '
                  'leading labels of the host ("https://*.example.com") or for the whole host and port ("app://*"); '
                  'or "*" (any site) or "null"')
@@ -146,10 +147,12 @@ def _split_authority(text: str) -> tuple[str, str | None]:
     if text.startswith("["):
         end = text.find("]")
         host, after = (text[1:end], text[end + 1:]) if end > 0 else (text, "")
-        port = after[1:] if after.startswith(":") else None
+        if after and not (after.startswith(":") and _PORT.fullmatch(after[1:])):
+            return text, None  # "[::1].attacker.example" is a name, not an address
+        port = after[1:] if after else None
     else:
         name, colon, port_text = text.rpartition(":")
-        host, port = (name, port_text) if colon and port_text.isdigit() else (text, None)
+        host, port = (name, port_text) if colon and _PORT.fullmatch(port_text) else (text, None)
     return host.rstrip("."), port
 
 
@@ -158,7 +161,7 @@ def origin_pattern_error(pattern: str) -> str | None:
     if pattern.lower() in ("*", "null"):
         return None
     parts = _split_origin(pattern)
-    if parts is None or pattern.count("*") > 1:
+    if parts is None:
         return f"expected {_ORIGIN_FORMS}"
     scheme, host, port = parts
     if "*" in host and host != "*" and not host.startswith("*."):
@@ -169,7 +172,7 @@ def origin_pattern_error(pattern: str) -> str | None:
         return f"{host!r} is not a host name or address (an origin has no path, user or query); expected {_ORIGIN_FORMS}"
     if host.startswith("*.") and not any(c.isalpha() for c in named):
         return f"{host!r}: a * stands for the leading labels of a name, not for part of an address; expected {_ORIGIN_FORMS}"
-    if port is not None and port != "*" and not (port.isdigit() and str(int(port)) == port and 0 < int(port) < 65536):
+    if port is not None and port != "*" and not (_PORT.fullmatch(port) and str(int(port)) == port and 0 < int(port) < 65536):
         return f"{port!r} is not a port (1 to 65535, as browsers write it); expected {_ORIGIN_FORMS}"
     if host == "*" and port is not None:
         return f'"{scheme}://*" already stands for every host and port; expected {_ORIGIN_FORMS}'
@@ -210,7 +213,7 @@ def origin_allowed(origin: str, allowed: Sequence[str] = (), *, host: str | None
     if parts is None:
         return origin == "null" and "null" in listed
     scheme, name, port = parts
-    if not _host_ok(name) or (port is not None and not port.isdigit()):
+    if not _host_ok(name) or (port is not None and not _PORT.fullmatch(port)):
         return False  # no browser sends that
     if host:
         own_name, own_port = _split_authority(host)
@@ -269,6 +272,24 @@ def host_allowed(host_header: str | None, allowed: Sequence[str] = (), *, machin
         if pattern == "*" or pattern == host or (pattern.startswith("*.") and host.endswith(pattern[1:])):
             return True
     return False
+
+
+def hosts_admitting_any_site(allowed: Sequence[str]) -> list[str]:
+    """The entries of ``allowed_hosts`` under which any site's name may arrive (``"*"``, ``"*.com"``): a
+    rebound page's GETs are then answered (though it is never taken for the gateway's own page, ``own_host``)."""
+    return [h for h in allowed if h == "*" or (h.startswith("*.") and "." not in h[2:].rstrip("."))]
+
+
+def own_host(host_header: str | None, allowed: Sequence[str] = (), *, checked: bool,
+             machine_names: Sequence[str] = ()) -> str | None:
+    """The name a request was sent to, when a page served under it is the gateway's own (``origin_allowed``'s
+    ``host``); None when it is not: where names are ``checked``, one that came in only through an entry of
+    ``hosts_admitting_any_site`` may be any site's."""
+    if not checked:
+        return host_header
+    broad = set(hosts_admitting_any_site(allowed))
+    narrow = [h for h in allowed if h not in broad]
+    return host_header if host_allowed(host_header, narrow, machine_names=machine_names) else None
 
 
 def host_name_error(name: str) -> str | None:

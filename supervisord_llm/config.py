@@ -29,7 +29,13 @@ import platformdirs
 from policies import reboot as reboot_policy
 from policies import stranded as stranded_policy
 from policies.backoff import BackoffSettings
-from policies.frontdoor import SwapPermission, host_check_applies, key_needed_to_use, origins_admitting_any_site
+from policies.frontdoor import (
+    SwapPermission,
+    host_check_applies,
+    hosts_admitting_any_site,
+    key_needed_to_use,
+    origins_admitting_any_site,
+)
 from policies.health import HealthSettings
 from policies.memory_guard import GuardSettings
 from policies.swap import SwapSettings
@@ -610,6 +616,14 @@ def config_notes(config: Config) -> list[str]:
             notes.append(f"gateway.allowed_origins: {', '.join(repr(o) for o in open_to)} lets a page of any site the "
                          "user opens use the models through this gateway without its api_key (\"null\" is what any "
                          "site's sandboxed frame sends); list the sites instead, or require the key for every request")
+        broad_hosts = hosts_admitting_any_site(gateway.allowed_hosts)
+        if broad_hosts and keyless and is_loopback(gateway.host):
+            notes.append(f"gateway.allowed_hosts: {', '.join(repr(h) for h in broad_hosts)} answers under any site's "
+                         "name: a page of a site whose name points at 127.0.0.1 (DNS rebinding) reads the status page "
+                         "and the model list; list the names themselves, or give the gateway an api_key")
+        if keyless and gateway.allowed_hosts and not broad_hosts:
+            notes.append("gateway.allowed_hosts: whoever reaches this gateway under these names (a tunnel, a reverse "
+                         "proxy) uses the models without a key; give the gateway an api_key if others can")
         if gateway.allowed_hosts and not host_check_applies(loopback=is_loopback(gateway.host), key_needed=not keyless):
             notes.append("gateway.allowed_hosts: every request to this gateway needs its api_key, so it answers under "
                          "any name and the list is not used")

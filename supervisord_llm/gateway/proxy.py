@@ -71,6 +71,7 @@ from policies.frontdoor import (
     key_needed_to_use,
     may_start_engine,
     origin_allowed,
+    own_host,
     retry_after_s,
 )
 from policies.health import prefill_counts
@@ -1973,7 +1974,8 @@ class _BrowserGuard:
         if origin is None:  # not a browser's cross-origin request (SDKs, curl, agents; a page's own GETs)
             await self.app(scope, receive, send)
             return
-        if not origin_allowed(origin, self.allowed_origins, host=host):
+        own = own_host(host, self.allowed_hosts, checked=self.check_host, machine_names=self.machine_names)
+        if not origin_allowed(origin, self.allowed_origins, host=own):
             self._refused("origin", origin, scope["path"])
             await _origin_refusal(scope["path"], origin)(scope, receive, send)
             return

@@ -145,7 +145,12 @@ class MetricsExtension(Extension):
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         from supervisord_llm.gateway.proxy import GatewaySettings, serve
 
-        settings = GatewaySettings.from_toml({"listen": self.listen}, file=None, key="daemon.metrics_listen")
+        # The names it answers under are the gateway's (a tunnel's name listed there reaches both).
+        gateway = self.daemon.config.gateway
+        table: dict[str, Any] = {"listen": self.listen}
+        if gateway is not None:
+            table["allowed_hosts"] = list(gateway.allowed_hosts)
+        settings = GatewaySettings.from_toml(table, file=None, key="daemon.metrics_listen")
         async with anyio.create_task_group() as tg:
             await tg.start(serve, self.app(), settings)
             task_status.started()

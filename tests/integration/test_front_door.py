@@ -23,11 +23,13 @@ from policies.frontdoor import (
     engine_serves,
     host_allowed,
     host_check_applies,
+    hosts_admitting_any_site,
     idle_unload_due,
     key_needed_to_use,
     may_start_engine,
     origin_allowed,
     origin_pattern_error,
+    own_host,
 )
 from policies.frontdoor import SwapPermission as P
 from tests.helpers import PYTHON, chromium_driver, free_port, mlx_engine_toml, standin_engine_toml
@@ -123,11 +125,11 @@ def test_which_web_pages_may_use_the_gateway(origin: str, listed: tuple[str, ...
                                      "https://user@chat.example.com", "https:// chat.example.com", "",
                                      "http://192.168.1.*", "https://chat.example.*", "https://*example.com",
                                      "https://a.com:443", "http://localhost:abc", "https://a.com?x=1", "app://*:5",
-                                     "http://*.168.1.5", "http://a.com:08080"])
+                                     "http://*.168.1.5", "http://a.com:08080", "http://a.com:\u00b2"])
 def test_an_origin_that_is_not_one_is_named(pattern: str) -> None:
     assert origin_pattern_error(pattern) is not None
     for good in ("https://chat.example.com", "*", "null", "NULL", "https://*.example.com", "http://box.local:*",
-                 "app://*", "https://[::1]:8443"):
+                 "app://*", "https://[::1]:8443", "http://*.local:*"):
         assert origin_pattern_error(good) is None, good
 
 
@@ -137,11 +139,22 @@ def test_an_origin_that_is_not_one_is_named(pattern: str) -> None:
     ("llm.example.com", True), ("LLM.Example.com:443", True), ("x", True), ("studio:8000", True),
     ("attacker.example:8000", False), ("attacker.example.", False), ("localhost.attacker.example", False),
     ("a-b.trycloudflare.com", True), ("trycloudflare.com.attacker.example", False), ("[fe80::1%eth0]:8000", True),
+    ("[::1].attacker.example", False),
 ])
 def test_which_names_a_gateway_on_loopback_answers_under(host: str | None, ok: bool) -> None:
     """Another site's name pointed at 127.0.0.1 (DNS rebinding) is refused; local names, addresses, this
     machine's name and the listed names are not."""
     assert host_allowed(host, ("llm.example.com", "*.trycloudflare.com"), machine_names=("mybox",)) is ok
+
+
+def test_a_name_let_in_by_a_catch_all_is_not_the_gateways_own() -> None:
+    """allowed_hosts = ["*"] answers any name, but a page under any name is not thereby the gateway's own: a
+    rebound page would pass its Origin check too."""
+    assert own_host("llm.example.com", ("llm.example.com", "*"), checked=True) == "llm.example.com"
+    assert own_host("attacker.example", ("*",), checked=True) is None
+    assert own_host("attacker.com", ("*.com",), checked=True) is None
+    assert own_host("attacker.example", (), checked=False) == "attacker.example"  # every request needs the key
+    assert hosts_admitting_any_site(["*", "*.com", "*.trycloudflare.com", "llm.example.com"]) == ["*", "*.com"]
 
 
 def test_the_gateways_own_pages_and_where_names_are_checked() -> None:
@@ -639,9 +652,12 @@ def test_another_sites_name_pointed_at_a_loopback_gateway_is_refused(daemon_fact
     """DNS rebinding: a site whose name resolves to 127.0.0.1 makes its pages the gateway's own origin, and its
     GETs carry no Origin. A gateway on loopback answers only under local names, addresses, this machine's name
     and allowed_hosts (a proxy's or a tunnel's)."""
-    gw = free_port()
-    daemon_factory(standin_engine_toml("e", free_port(), default=True)
-                   + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nallowed_hosts = ["llm.example.com"]\n').start()
+    gw, metrics = free_port(), free_port()
+    d = daemon_factory(f'[daemon]\nmetrics_listen = "127.0.0.1:{metrics}"\n' + standin_engine_toml("e", free_port(), default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nallowed_hosts = ["llm.example.com"]\n')
+    d.config_path.write_text(d.config_path.read_text().replace(
+        "[daemon]\n", f'[daemon]\nstate_dir = "{d.state_dir}"\n', 1))
+    d.start()
     base = f"http://127.0.0.1:{gw}"
     deadline = time.monotonic() + 30
     while True:
@@ -661,6 +677,9 @@ def test_another_sites_name_pointed_at_a_loopback_gateway_is_refused(daemon_fact
                    json={"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 403 and r.json()["type"] == "error"
     assert httpx.get(f"{base}/gateway/status").json()["refused"]["host"] == 4
+    # The metrics port answers under the same names.
+    assert httpx.get(f"http://127.0.0.1:{metrics}/metrics", headers={"host": "llm.example.com"}).status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{metrics}/metrics", headers={"host": "attacker.example"}).status_code == 403
 
 
 @pytest.mark.parametrize(("key", "value", "named"), [
@@ -776,10 +795,14 @@ def test_an_allowed_page_can_read_the_gateways_refusals(daemon_factory) -> None:
     held = threading.Thread(target=lambda: httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions",
                                                       json={**chat, "stream": True}, timeout=30), daemon=True)
     held.start()
-    time.sleep(1.0)  # the held request has the gateway's one place
     page = "http://localhost:5173"
-    status, headers, body = _cors_request(gw, "POST", "/v1/chat/completions", page, json.dumps(chat).encode(),
-                                          {"content-type": "application/json"})
+    deadline = time.monotonic() + 20
+    while True:  # until the held request has the gateway's one place (an answer before that is a 200)
+        status, headers, body = _cors_request(gw, "POST", "/v1/chat/completions", page, json.dumps(chat).encode(),
+                                              {"content-type": "application/json"})
+        if status != 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     held.join(30)
     assert status == 503 and json.loads(body)["error"]["code"] == "overloaded", body[:300]
     assert headers["access-control-allow-origin"] == page and "retry-after" in headers["access-control-expose-headers"]
