@@ -149,6 +149,8 @@ class Daemon:
         head = f'[daemon]\nstate_dir = "{self.state_dir}"\n'
         if not config_text.lstrip().startswith("[daemon]"):
             config_text = head + config_text
+        elif "state_dir" not in config_text.split("\n[", 1)[0]:  # a [daemon] table of its own: it gets the test's state_dir
+            config_text = config_text.replace("[daemon]\n", head, 1)
         self.config_path.write_text(config_text)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None

@@ -109,8 +109,6 @@ def test_metrics_and_health_on_the_loopback_tcp_port(daemon_factory) -> None:
 
     port = free_port()
     d = daemon_factory(f'[daemon]\nmetrics_listen = "127.0.0.1:{port}"\n' + standin_engine_toml("a", free_port()))
-    d.config_path.write_text(d.config_path.read_text().replace(
-        "[daemon]\n", f'[daemon]\nstate_dir = "{d.state_dir}"\n', 1))
     d.start()
     d.wait_state("a", "ready", 30)
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)

@@ -655,8 +655,6 @@ def test_another_sites_name_pointed_at_a_loopback_gateway_is_refused(daemon_fact
     gw, metrics = free_port(), free_port()
     d = daemon_factory(f'[daemon]\nmetrics_listen = "127.0.0.1:{metrics}"\n' + standin_engine_toml("e", free_port(), default=True)
                        + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nallowed_hosts = ["llm.example.com"]\n')
-    d.config_path.write_text(d.config_path.read_text().replace(
-        "[daemon]\n", f'[daemon]\nstate_dir = "{d.state_dir}"\n', 1))
     d.start()
     base = f"http://127.0.0.1:{gw}"
     deadline = time.monotonic() + 30
@@ -840,8 +838,6 @@ def test_the_metrics_ports_status_page_is_not_read_under_another_sites_name(daem
     """Without a gateway the status page lives on the metrics port: a name pointed at 127.0.0.1 reads nothing."""
     port = free_port()
     d = daemon_factory(f'[daemon]\nmetrics_listen = "127.0.0.1:{port}"\n' + standin_engine_toml("e", free_port()))
-    d.config_path.write_text(d.config_path.read_text().replace(
-        "[daemon]\n", f'[daemon]\nstate_dir = "{d.state_dir}"\n', 1))
     d.start()
     d.wait_state("e", "ready", 30)
     base = f"http://127.0.0.1:{port}"
