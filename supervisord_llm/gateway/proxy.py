@@ -1952,6 +1952,16 @@ class _BrowserGuard:
         self.machine_names = (socket.gethostname().lower(),)
         self.refuse = refuse
         self.logged: set[tuple[str, str]] = set()  # refusals logged once each (a page may retry in a loop)
+        # host_allowed's verdict per Host value: a client sends the same one on every request.
+        self.host_verdicts: dict[str | None, bool] = {}
+
+    def _host_ok(self, host: str | None) -> bool:
+        verdict = self.host_verdicts.get(host)
+        if verdict is None:
+            verdict = host_allowed(host, self.allowed_hosts, machine_names=self.machine_names)
+            if len(self.host_verdicts) < 256:
+                self.host_verdicts[host] = verdict
+        return verdict
 
     def _refused(self, why: str, value: str, path: str) -> None:
         if self.refuse is not None:
@@ -1965,12 +1975,16 @@ class _BrowserGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        host = _header(scope, b"host")
-        if self.check_host and not host_allowed(host, self.allowed_hosts, machine_names=self.machine_names):
+        host = origin = None
+        for key, value in scope["headers"]:  # one pass; the first of a header counts, as in _header
+            if key == b"host" and host is None:
+                host = bytes(value).decode("latin-1")
+            elif key == b"origin" and origin is None:
+                origin = bytes(value).decode("latin-1")
+        if self.check_host and not self._host_ok(host):
             self._refused("host", host or "", scope["path"])
             await _host_refusal(scope["path"], host or "")(scope, receive, send)
             return
-        origin = _header(scope, b"origin")
         if origin is None:  # not a browser's cross-origin request (SDKs, curl, agents; a page's own GETs)
             await self.app(scope, receive, send)
             return
@@ -2182,10 +2196,8 @@ async def serve(
     core = getattr(app.state, "gateway_core", None)
     loopback = is_loopback(settings.host)
     if isinstance(core, _Gateway):
-        key_needed = key_needed_to_use(SwapPermission(settings.swaps), has_key=settings.api_key is not None,
-                                       loopback=loopback)
         front = _BrowserGuard(_ConnectionCap(_FrontDoor(app, core), limit=settings.max_connections, stats=core.stats),
-                              settings, check_host=host_check_applies(loopback=loopback, key_needed=key_needed),
+                              settings, check_host=host_check_applies(loopback=loopback, key_needed=core._key_needed),
                               log=core.log, refuse=core.stats.refuse)
     else:  # the metrics port: its status page is not for other sites either
         front = _BrowserGuard(app, settings, check_host=host_check_applies(loopback=loopback, key_needed=False),
