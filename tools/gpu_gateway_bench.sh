@@ -33,7 +33,7 @@ step() { echo "=== [$((SECONDS - t0)) s] $*"; }
 step "wheels -> $SITE"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c 'import sys, supervisord_llm.main, supervisord_llm.gateway.proxy, uvloop, httptools, aiohttp, pynvml, httpx, psutil, pytest; print("python", sys.version.split()[0], sys.executable)'
+"$PY" -c 'import sys, supervisord_llm.main, supervisord_llm.gateway.proxy, uvloop, httptools, pynvml, httpx, psutil, pytest; print("python", sys.version.split()[0], sys.executable)'
 
 step "nginx"
 export PATH="$PWD/.gpu/bin:$PATH"

@@ -4,7 +4,7 @@
 ``[gateway]`` table, read with the config's one table reader), ``worker`` (the gateway's own process),
 ``process`` (the daemon's side of it: starting, answering and restarting it), ``channel`` (the one
 crossing between the two), ``protocol`` (the types both sides share: all of the gateway the daemon
-imports), ``upstream`` (the aiohttp client to the engine), ``anthropic`` (the Messages API
+imports), ``upstream`` (the client to the engine), ``anthropic`` (the Messages API
 translated for OpenAI-only engines), ``headers``, ``hold``, ``retry`` and ``turns``. The front-door
 decisions themselves are pure functions in ``policies.frontdoor``.
 """

@@ -2,11 +2,21 @@
 
 Room: gateway.
 
-This is the gateway's per-token hot path. httpx reads a response body through httpcore, h11's
-pure-Python chunked decoder, an anyio stream with a timeout scope per read and four generator
-layers: about half of the gateway's CPU per streamed token (bench/gateway_microbench.py). aiohttp's
-client parses the head and the chunked body in C (llhttp) and pools keep-alive connections, so each
-chunk the engine sends costs one buffer hand-over here. httpx stays for the gateway's other calls.
+This is the gateway's per-request and per-token hot path, so it is an asyncio protocol per
+connection with httptools (llhttp, the C parser uvicorn's server side already uses) reading the
+response: the engine's bytes are parsed in ``data_received`` and each piece of body is handed to the
+one reader waiting for it, with no stream object, timeout context or task per read. Against the real
+mlx_lm.server aiohttp's client took about 0.3 ms longer to the first body byte than such a protocol
+in the same process (bench/gateway_bench.py's TTFB rows, before and after); httpx (httpcore, h11's
+pure-Python chunked decoder, a timeout scope and four generator layers per read) cost about half of
+the gateway's CPU per streamed token before that. httpx stays for the gateway's other calls, and its
+exceptions are the ones this module raises (below).
+
+What it speaks: HTTP/1.1 requests (the body is sent whole: the gateway has read it), responses with a
+``Content-Length``, a chunked body, or a body that ends with the connection (HTTP/1.0), informational
+``1xx`` heads skipped. Keep-alive connections are pooled per engine address, LIFO, for
+``KEEPALIVE_S`` at most; an idle connection is checked with a non-blocking peek before it is used,
+so one the engine closed meanwhile is not sent on.
 
 A connection the engine closes after each response costs a connect on the request's path: the
 gateway's own (socket, connect, transport) and the engine's accept. Two engines do that:
@@ -17,60 +27,61 @@ gateway's own (socket, connect, transport) and the engine's accept. Two engines 
   provider returns false once the stream is done (tools/server/server-http.cpp,
   ``chunked_content_provider`` returns ``has_next``), which cpp-httplib's ``write_content_chunked``
   (vendor/cpp-httplib/httplib.cpp) takes as a cancel, and the connection ends. Its head still says
-  ``Keep-Alive``. So the connector also learns it: a new connection is needed while the one last
-  given back to the pool, less than ``SPARE_MAX_AGE_S`` before, has been closed by the engine
-  (no engine's keep-alive timeout is that short: uvicorn's and llama-server's are 5 s). A connection
-  that serves a second response unlearns it.
+  ``Keep-Alive``.
 
-So the connector keeps one *spare* for such an engine: once a response that the engine ends by
-closing its connection is over, the next connection is opened (not earlier: the engine's accept
-would take its time from that very response), and the next request to that address takes it
-instead of connecting. Engines that keep connections alive (vLLM, SGLang, llama-server's
-non-streamed answers) reuse pooled connections and get no spare. A spare is
-used only while its engine has not closed it (checked with a non-blocking peek just before) and for
-at most ``SPARE_MAX_AGE_S``; then it is closed and not replaced, so an idle gateway holds none. (A
-server that handles one connection at a time (older mlx_lm.server releases ran a plain
-``HTTPServer``; the ones tested here run ``ThreadingHTTPServer``, mlx_lm/server.py) would wait on a
-spare for that long: hence the short age.) The hook is ``TCPConnector._wrap_create_connection``, the one aiohttp's connector
-subclasses override (aiohttp-socks does the same); the tests run a real HTTP/1.0 server through it.
+So the client keeps one *spare* for such an engine: once a response is over whose connection the
+engine ends (its head said so), or once the engine closes a pooled connection less than
+``SPARE_MAX_AGE_S`` after that connection's response ended (no engine's keep-alive timeout is that
+short: uvicorn's and llama-server's are 5 s), the next connection is opened (not earlier: the
+engine's accept would take its time from that very response), and the next request to that address
+takes it instead of connecting. Engines that keep connections alive (vLLM, SGLang, llama-server's
+non-streamed answers) reuse pooled connections and get no spare. A spare is used only while its
+engine has not closed it and for at most ``SPARE_MAX_AGE_S``; then it is closed and not replaced, so
+an idle gateway holds none. (A server that handles one connection at a time (older mlx_lm.server
+releases ran a plain ``HTTPServer``; the ones tested here run ``ThreadingHTTPServer``,
+mlx_lm/server.py) would wait on a spare for that long: hence the short age.)
 
 Errors are raised as the httpx exceptions that :mod:`supervisord_llm.gateway.retry` and the forward
-already judge (connect refused, reset before the head, timeouts, a body broken off), mapped at this
-boundary with ``raise ... from``; nothing above this module sees an aiohttp type.
+already judge:
 
-    aiohttp.ClientConnectorError (refused, unreachable)     -> httpx.ConnectError
-    aiohttp.ConnectionTimeoutError                          -> httpx.ConnectTimeout
-    aiohttp.SocketTimeoutError, TimeoutError                -> httpx.ReadTimeout
-    aiohttp.ServerDisconnectedError (closed before/in body) -> httpx.RemoteProtocolError
-    aiohttp.ClientPayloadError (chunked body broken off)    -> httpx.RemoteProtocolError
-    aiohttp.ClientOSError (reset on write or read)          -> httpx.ReadError
-    any other aiohttp.ClientError                           -> httpx.ReadError
+    refused, unreachable, no such host                       -> httpx.ConnectError
+    connect (or a free connection) not within its time        -> httpx.ConnectTimeout
+    no byte from the engine within the read timeout           -> httpx.ReadTimeout
+    closed before the response head, or within the body       -> httpx.RemoteProtocolError
+    a head or body that does not parse                        -> httpx.RemoteProtocolError
+    reset (or another socket error) before or within the body -> httpx.ReadError
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
+import ipaddress
 import socket
+import ssl
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
-import aiohappyeyeballs
-import aiohttp
+import httptools
 import httpx
-from multidict import CIMultiDict
-from yarl import URL
 
 __all__ = ["UpstreamClient", "UpstreamRequest", "UpstreamResponse"]
 
-# Read this much of a body at most per chunk handed on: whatever has arrived, up to this.
-_READ_BYTES = 2**16
+# A body the reader has not taken yet pauses reading from the engine beyond this many bytes.
+_HIGH_WATER_BYTES = 2**16
 # A spare connection not taken within this long is closed (and not replaced until one is needed).
 SPARE_MAX_AGE_S = 2.0
 # Opening a spare gives up after this long (an engine that does not accept: the request connects itself).
 SPARE_CONNECT_S = 5.0
+# A pooled keep-alive connection unused this long is closed.
+KEEPALIVE_S = 30.0
+# A host name's addresses are looked up again after this long.
+DNS_TTL_S = 10.0
+
+_Key = tuple[str, int, bool]  # host, port, TLS
 
 
 @dataclass(frozen=True)
@@ -83,57 +94,28 @@ class UpstreamRequest:
     content: bytes
 
 
-def _mapped(exc: BaseException, url: str) -> httpx.HTTPError:
-    request = httpx.Request("POST", url)
-    # What went wrong, in the words of the system call where there is one (not aiohttp's own text).
-    os_error = getattr(exc, "os_error", None)
-    message = (os_error.strerror if isinstance(os_error, OSError) and os_error.strerror else None) \
-        or str(exc) or type(exc).__name__
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout(message, request=request)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(message, request=request)
-    if isinstance(exc, aiohttp.SocketTimeoutError | TimeoutError):
-        return httpx.ReadTimeout(message, request=request)
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return httpx.RemoteProtocolError(message, request=request)
-    return httpx.ReadError(message, request=request)
+@dataclass(frozen=True)
+class _Target:
+    key: _Key
+    host_header: bytes
 
 
-class UpstreamResponse:
-    """The engine's response head; the body is read with :meth:`aiter_raw` (bytes as they came)."""
-
-    def __init__(self, response: aiohttp.ClientResponse, url: str, on_closed: Callable[[bool], None]) -> None:
-        self._response = response
-        self._url = url
-        self._on_closed = on_closed
-        self.status_code = response.status
-        self.headers = httpx.Headers(list(response.raw_headers))
-
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        content = self._response.content
-        try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    return
-                yield chunk
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _mapped(exc, self._url) from exc
-
-    async def aclose(self) -> None:
-        """Give the connection back when the body was read to its end; else drop it, which is how
-        the engine learns that the client went away (it stops generating)."""
-        response = self._response
-        # The engine ends this connection after the response (HTTP/1.0, or it said so).
-        version = response.version
-        engine_closes = (version is not None and version < aiohttp.HttpVersion11) or response.headers.get(
-            "Connection", "").lower() == "close"
-        if response.content.at_eof():
-            response.release()
-        else:
-            response.close()
-        self._on_closed(engine_closes)
+def _split_url(url: str) -> tuple[_Target, str]:
+    """``http://host:port/path?q`` -> where to connect, and the request target as given (not normalised)."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("http", "https"):
+        raise httpx.UnsupportedProtocol(f"the engine's URL {url!r} is not http:// or https://")
+    slash = rest.find("/")
+    netloc, target = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+    tls = scheme == "https"
+    if netloc.startswith("["):
+        host, _, port_text = netloc[1:].partition("]")
+        port_text = port_text.removeprefix(":")
+    else:
+        host, _, port_text = netloc.rpartition(":") if ":" in netloc else (netloc, "", "")
+    port = int(port_text) if port_text else (443 if tls else 80)
+    return _Target((host, port, tls), netloc.encode("idna" if not netloc.isascii() else "ascii")), target
 
 
 def _still_open(sock: socket.socket) -> bool:
@@ -147,123 +129,255 @@ def _still_open(sock: socket.socket) -> bool:
         return False
 
 
-class SpareConnector(aiohttp.TCPConnector):
-    """aiohttp's connector, with one connected socket kept ready per engine address (see above)."""
+def _os_text(exc: BaseException | None, default: str) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or default if exc is not None else default
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._spares: dict[tuple[str, int], tuple[socket.socket, float]] = {}
-        self._making: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self._addr_infos: dict[tuple[str, int], Any] = {}  # of the addresses this connector connected to
-        self._expiries: dict[tuple[str, int], asyncio.TimerHandle] = {}
-        # Learnt per address: the engine closes its connection after a response without saying so.
-        self._closes_unsaid: set[tuple[str, int]] = set()
-        # The protocol of the connection last given back per address, and when.
-        self._given_back: dict[tuple[str, int], tuple[weakref.ref[Any], float]] = {}
-        self._served: weakref.WeakSet[Any] = weakref.WeakSet()  # protocols that served a response
 
-    async def _wrap_create_connection(self, *args: Any, addr_infos: Any, req: Any, **kwargs: Any) -> Any:
-        if req.is_ssl():
-            return await super()._wrap_create_connection(*args, addr_infos=addr_infos, req=req, **kwargs)
-        key = (req.host, req.port)
-        self._learn(key)
-        spare = self._take_spare(key)
-        self._addr_infos[key] = list(addr_infos)
-        if spare is not None:
-            kwargs.pop("timeout", None)
-            kwargs.pop("client_error", None)
-            try:
-                connection = await self._loop.create_connection(*args, **kwargs, sock=spare)
-            except OSError:
-                spare.close()
-            else:
-                return connection
-        return await super()._wrap_create_connection(*args, addr_infos=addr_infos, req=req, **kwargs)
+class _Connection(asyncio.Protocol):
+    """One connection to an engine: the response in progress, parsed as its bytes arrive."""
 
-    def _take_spare(self, key: tuple[str, int]) -> socket.socket | None:
-        held = self._spares.pop(key, None)
-        if held is None:
-            return None
-        sock, made_at = held
-        if time.monotonic() - made_at < SPARE_MAX_AGE_S and _still_open(sock):
-            return sock
-        sock.close()
-        return None
+    def __init__(self, client: UpstreamClient, key: _Key, sock: socket.socket) -> None:
+        self._client = client
+        self.key = key
+        self.sock = sock
+        self._loop = client.loop
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.closed_here = False
+        self.served = 0  # responses read to their end on this connection
+        self.released_at = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.is_spare = False
+        self._parser: httptools.HttpResponseParser | None = None
+        self._reset_response(None)
 
-    def _learn(self, key: tuple[str, int]) -> None:
-        """A new connection to ``key`` is needed: was the one last given back closed by the engine?"""
-        given_back = self._given_back.pop(key, None)
-        if given_back is None:
+    def _reset_response(self, method: str | None) -> None:
+        self.method = method
+        self.url = ""
+        self.head: asyncio.Future[None] | None = None
+        self.status = 0
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.delimited = False  # the head gave a length or chunked framing
+        self.says_close = False
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.complete = False
+        self.error: httpx.HTTPError | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.paused = False
+        self.last_byte_at = 0.0
+
+    # -- the request ---------------------------------------------------------------------------
+
+    def start(self, method: str, url: str, data: bytes) -> asyncio.Future[None]:
+        self._reset_response(method)
+        self.url = url
+        self._parser = httptools.HttpResponseParser(self)
+        self.head = self._loop.create_future()
+        self.last_byte_at = self._loop.time()
+        assert self.transport is not None
+        self.transport.write(data)
+        return self.head
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self.complete:  # bytes nobody asked for: this connection is not reusable
+            self.close()
             return
-        protocol, at = given_back[0](), given_back[1]
-        if protocol is None or not protocol.is_connected():
-            if time.monotonic() - at < SPARE_MAX_AGE_S:
-                self._closes_unsaid.add(key)
-        else:  # still open, and busy: a second request at once. The engine keeps its connections.
-            self._closes_unsaid.discard(key)
-
-    def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
-        """aiohttp gives a connection back to the pool (its response's body was read to the end), or
-        closes it (``should_close``: the gateway dropped the response, or the response said close)."""
-        if not key.is_ssl and not self._closed:
-            address = (key.host, key.port)
-            if should_close or protocol.should_close or self._force_close:
-                # Closed by this side: nothing to learn about the engine from this connection.
-                given_back = self._given_back.get(address)
-                if given_back is not None and given_back[0]() is protocol:
-                    del self._given_back[address]
-            else:
-                if protocol in self._served:  # its second response: this engine keeps connections
-                    self._closes_unsaid.discard(address)
-                self._served.add(protocol)
-                self._given_back[address] = (weakref.ref(protocol), time.monotonic())
-        super()._release(key, protocol, should_close=should_close)
-
-    def response_done(self, host: str, port: int, engine_says_close: bool) -> None:
-        """A response from ``host:port`` is over (``engine_says_close``: its head said it ends the
-        connection)."""
-        if engine_says_close or (host, port) in self._closes_unsaid:
-            self.want_spare(host, port)
-
-    def want_spare(self, host: str, port: int) -> None:
-        """A response from ``host:port`` ended with its connection closed: open the next one now."""
-        key = (host, port)
-        addr_infos = self._addr_infos.get(key)
-        if addr_infos is not None and key not in self._making and key not in self._spares and not self.closed:
-            self._making[key] = self._loop.create_task(self._open_spare(key, addr_infos))
-
-    async def _open_spare(self, key: tuple[str, int], addr_infos: Any) -> None:
+        self.last_byte_at = self._loop.time()
         try:
-            async with asyncio.timeout(SPARE_CONNECT_S):
-                sock = await aiohappyeyeballs.start_connection(addr_infos=addr_infos, loop=self._loop)
-        except (OSError, TimeoutError):
-            return  # the engine is not there (now): the next request connects as usual
-        finally:
-            self._making.pop(key, None)
-        if self.closed or key in self._spares:
-            sock.close()
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx.RemoteProtocolError("the engine switched protocols", request=self._request()))
+            self.close()
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"the engine's response does not parse: {exc}",
+                                                 request=self._request()))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: a half-closed connection is of no further use
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if self.method is None:  # idle in the pool (or a spare): nothing was waiting on it
+            self._client.lost_idle(self)
             return
-        self._spares[key] = (sock, time.monotonic())
-        self._expiries[key] = self._loop.call_later(SPARE_MAX_AGE_S, self._expire, key, sock)
+        if self.complete or self.error is not None:
+            self._wake()
+            return
+        request = self._request()
+        if self.head is not None and not self.head.done():
+            if exc is None:
+                self._fail(httpx.RemoteProtocolError(
+                    "the engine closed the connection without sending a response", request=request))
+            else:
+                self._fail(httpx.ReadError(_os_text(exc, "connection lost"), request=request))
+        elif exc is None and not self.delimited:
+            self.complete = True  # the body ends with the connection (HTTP/1.0)
+        elif exc is None:
+            self._fail(httpx.RemoteProtocolError(
+                "the engine closed the connection before the end of its response body", request=request))
+        else:
+            self._fail(httpx.ReadError(_os_text(exc, "connection lost"), request=request))
+        self._wake()
 
-    def _expire(self, key: tuple[str, int], sock: socket.socket) -> None:
-        held = self._spares.get(key)
-        if held is not None and held[0] is sock:
-            del self._spares[key]
-            sock.close()
+    def pause_writing(self) -> None:  # the request is written whole; the engine reads it at its pace
+        pass
 
-    def _close(self, *args: Any, **kwargs: Any) -> Any:
-        for task in self._making.values():
-            task.cancel()
-        self._making.clear()
-        for timer in self._expiries.values():
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks ---------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an informational head (100 Continue): the answer follows
+            self.raw_headers = []
+            return
+        self.status = status
+        self.says_close = not self._parser.should_keep_alive()
+        for name, value in self.raw_headers:
+            lowered = name.lower()
+            if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+                self.delimited = True
+        if self.method == "HEAD" or status in (204, 304):
+            self.delimited = True
+        if self.head is not None and not self.head.done():
+            self.head.set_result(None)
+        if self.method == "HEAD":  # llhttp does not know the method: no body follows, whatever the head says
+            self.complete = True
+            self.says_close = True  # and the parser would take the next bytes for a body: not reused
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER_BYTES and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.status == 0:  # the end of an informational message
+            return
+        self.complete = True
+        self.served += 1
+        self._wake()
+
+    # -- the reader's side -----------------------------------------------------------------------
+
+    def _request(self) -> httpx.Request:
+        return httpx.Request(self.method or "GET", self.url)
+
+    def _fail(self, error: httpx.HTTPError) -> None:
+        if self.error is None and not self.complete:
+            self.error = error
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def take(self) -> bytes:
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    def close(self) -> None:
+        self.closed_here = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+
+class _ReadClock:
+    """One timer per wait, and none while bytes keep coming: the engine must send a byte within
+    ``timeout_s`` of the last one (or of the request) while someone waits for it."""
+
+    def __init__(self, connection: _Connection, timeout_s: float) -> None:
+        self._connection = connection
+        self._timeout_s = timeout_s
+
+    async def wait(self, future: asyncio.Future[None]) -> None:
+        connection = self._connection
+        loop = connection._loop
+        timer = loop.call_at(connection.last_byte_at + self._timeout_s, self._check, future)
+        try:
+            await future
+        finally:
             timer.cancel()
-        self._expiries.clear()
-        for sock, _ in self._spares.values():
-            sock.close()
-        self._spares.clear()
-        self._given_back.clear()
-        return super()._close(*args, **kwargs)
+
+    def _check(self, future: asyncio.Future[None]) -> None:
+        if future.done():
+            return
+        connection = self._connection
+        due = connection.last_byte_at + self._timeout_s
+        loop = connection._loop
+        if loop.time() < due:
+            loop.call_at(due, self._check, future)
+            return
+        future.set_exception(httpx.ReadTimeout(
+            f"the engine sent nothing for {self._timeout_s:g}s", request=connection._request()))
+
+
+class UpstreamResponse:
+    """The engine's response head; the body is read with :meth:`aiter_raw` (bytes as they came)."""
+
+    def __init__(self, client: UpstreamClient, connection: _Connection, clock: _ReadClock) -> None:
+        self._client = client
+        self._connection = connection
+        self._clock = clock
+        self._closed = False
+        self.status_code = connection.status
+        self.headers = httpx.Headers(connection.raw_headers)
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        connection = self._connection
+        while True:
+            if connection.chunks:
+                yield connection.take()
+                continue
+            if connection.error is not None:
+                raise connection.error
+            if connection.complete:
+                return
+            waiter = connection.waiter = connection._loop.create_future()
+            try:
+                await self._clock.wait(waiter)
+            finally:
+                if connection.waiter is waiter:
+                    connection.waiter = None
+
+    async def aclose(self) -> None:
+        """Give the connection back when the body was read to its end; else drop it, which is how
+        the engine learns that the client went away (it stops generating)."""
+        if not self._closed:
+            self._closed = True
+            self._client.response_done(self._connection)
 
 
 class UpstreamClient:
@@ -271,52 +385,241 @@ class UpstreamClient:
 
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int,
                  pool_timeout_s: float | None) -> None:
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=pool_timeout_s, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self._pool_timeout_s = pool_timeout_s
+        self._targets: dict[str, tuple[_Target, str]] = {}
+        self._idle: dict[_Key, list[_Connection]] = {}
+        self._busy = 0  # connections a request holds (or is opening)
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._making: dict[_Key, asyncio.Task[None]] = {}
+        self._addresses: dict[str, tuple[list[str], float]] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self._open = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on entering
 
     async def __aenter__(self) -> UpstreamClient:
-        # Made on the loop that serves the gateway: an aiohttp session belongs to one loop.
-        self._session = aiohttp.ClientSession(
-            connector=SpareConnector(limit=self._max_connections, limit_per_host=0, keepalive_timeout=30.0,
-                                     use_dns_cache=True),
-            timeout=self._timeout,
-            auto_decompress=False,  # the meter reads the engine's own bytes; they pass as they are
-            trust_env=False,
-            # The engine gets the client's headers as sent, not aiohttp's defaults.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        )
+        self.loop = asyncio.get_running_loop()  # the loop that serves the gateway: its connections live there
+        self._open = True
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._open = False
+        for task in self._making.values():
+            task.cancel()
+        self._making.clear()
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
+        for waiter in self._slot_waiters:
+            if not waiter.done():
+                waiter.cancel()
+
+    # -- sending ---------------------------------------------------------------------------------
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         """Send the request; returns once the response head is in (the body is not read yet)."""
-        assert self._session is not None, "UpstreamClient used outside its 'async with'"
-        headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers)
+        assert self._open, "UpstreamClient used outside its 'async with'"
+        split = self._targets.get(request.url)
+        if split is None:
+            split = _split_url(request.url)
+            if len(self._targets) < 1024:
+                self._targets[request.url] = split
+        target, path = split
+        data = self._head_bytes(request, target, path)
+        await self._take_slot(request.url)
+        connection: _Connection | None = None
         try:
-            response = await self._session.request(
-                request.method,
-                # encoded=True: the path goes out exactly as the gateway checked it (yarl would
-                # otherwise normalise it).
-                URL(request.url, encoded=True),
-                headers=headers,
-                data=request.content,
-                allow_redirects=False,
-                compress=None,
-                chunked=None,
-            )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _mapped(exc, request.url) from exc
-        url = response.url
-        return UpstreamResponse(response, request.url,
-                                lambda says_close: self._done(url.host, url.port, says_close))
+            connection = self._pooled(target.key)
+            if connection is None:
+                connection = await self._connect(target.key, request.url)
+            head = connection.start(request.method, request.url, data)
+            clock = _ReadClock(connection, self._read_timeout_s)
+            await clock.wait(head)
+        except BaseException:
+            if connection is not None:
+                connection.close()
+            self._give_slot()
+            raise
+        return UpstreamResponse(self, connection, clock)
 
-    def _done(self, host: str | None, port: int | None, engine_says_close: bool) -> None:
-        connector = self._session.connector if self._session is not None else None
-        if host is not None and port is not None and isinstance(connector, SpareConnector):
-            connector.response_done(host, port, engine_says_close)
+    @staticmethod
+    def _head_bytes(request: UpstreamRequest, target: _Target, path: str) -> bytes:
+        parts = [request.method.encode("ascii"), b" ", path.encode("ascii", "strict"), b" HTTP/1.1\r\nhost: ",
+                 target.host_header, b"\r\n"]
+        for name, value in request.headers:
+            parts += (name, b": ", value, b"\r\n")
+        content = request.content
+        if content or request.method in ("POST", "PUT", "PATCH"):
+            parts += (b"content-length: ", str(len(content)).encode("ascii"), b"\r\n")
+        parts += (b"\r\n", content)
+        return b"".join(parts)
+
+    # -- the pool --------------------------------------------------------------------------------
+
+    async def _take_slot(self, url: str) -> None:
+        if self._busy < self._max_connections and not self._slot_waiters:
+            self._busy += 1
+            return
+        waiter = self.loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._pool_timeout_s):
+                await waiter
+        except TimeoutError:
+            raise httpx.ConnectTimeout(
+                f"no connection to the engine came free within {self._pool_timeout_s:g}s "
+                f"(gateway.max_upstream_connections = {self._max_connections})",
+                request=httpx.Request("POST", url)) from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._give_slot()  # it was handed over as this wait ended
+            raise
+        finally:
+            try:
+                self._slot_waiters.remove(waiter)
+            except ValueError:
+                pass
+        # The slot was handed over with the count unchanged (see _give_slot).
+
+    def _give_slot(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on: _busy stays
+                return
+        self._busy -= 1
+
+    def _pooled(self, key: _Key) -> _Connection | None:
+        connections = self._idle.get(key)
+        while connections:
+            connection = connections.pop()
+            if connection.idle_timer is not None:
+                connection.idle_timer.cancel()
+                connection.idle_timer = None
+            if not connection.lost and _still_open(connection.sock):
+                return connection
+            connection.close()
+        return None
+
+    def response_done(self, connection: _Connection) -> None:
+        """The response on ``connection`` is over (read to its end, or dropped by the gateway)."""
+        self._give_slot()
+        reusable = (connection.complete and connection.error is None and not connection.says_close
+                    and connection.delimited and not connection.lost and self._open)
+        key = connection.key
+        if not reusable:
+            if not connection.lost:
+                connection.close()
+            # The engine ends this connection after each response (HTTP/1.0, Connection: close, or a
+            # body that ends with the connection): the next one is opened now.
+            if connection.complete and connection.error is None and (connection.says_close
+                                                                     or not connection.delimited):
+                self._want_spare(key)
+            return
+        connection.method = None  # idle: no response in progress
+        connection._parser = None
+        connection.released_at = time.monotonic()
+        connection.is_spare = False
+        self._park(connection, KEEPALIVE_S)
+
+    def _park(self, connection: _Connection, max_idle_s: float) -> None:
+        self._idle.setdefault(connection.key, []).append(connection)
+        connection.idle_timer = self.loop.call_later(max_idle_s, self._expire, connection)
+
+    def _expire(self, connection: _Connection) -> None:
+        connection.idle_timer = None
+        connections = self._idle.get(connection.key)
+        if connections is not None and connection in connections:
+            connections.remove(connection)
+        connection.close()
+
+    def lost_idle(self, connection: _Connection) -> None:
+        """The engine closed a pooled connection: one that served a response just before was closed
+        because the engine ends its connections after each response (llama-server's streams): the
+        next one is opened now."""
+        connections = self._idle.get(connection.key)
+        if connections is not None and connection in connections:
+            connections.remove(connection)
+        if (not connection.closed_here and not connection.is_spare and connection.served
+                and time.monotonic() - connection.released_at < SPARE_MAX_AGE_S):
+            self._want_spare(connection.key)
+
+    def _want_spare(self, key: _Key) -> None:
+        if self._open and key not in self._making and not self._idle.get(key):
+            self._making[key] = self.loop.create_task(self._open_spare(key))
+
+    async def _open_spare(self, key: _Key) -> None:
+        try:
+            async with asyncio.timeout(SPARE_CONNECT_S):
+                connection = await self._open_connection(key)
+        except (OSError, TimeoutError, httpx.HTTPError):
+            return  # the engine is not there (now): the next request connects as usual
+        finally:
+            self._making.pop(key, None)
+        if not self._open or self._idle.get(key):
+            connection.close()
+            return
+        connection.is_spare = True
+        self._park(connection, SPARE_MAX_AGE_S)
+
+    # -- connecting ------------------------------------------------------------------------------
+
+    async def _connect(self, key: _Key, url: str) -> _Connection:
+        request = httpx.Request("POST", url)
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                return await self._open_connection(key)
+        except TimeoutError:
+            raise httpx.ConnectTimeout(
+                f"no connection to the engine within {self._connect_timeout_s:g}s", request=request) from None
+        except OSError as exc:
+            raise httpx.ConnectError(_os_text(exc, "connect failed"), request=request) from exc
+
+    async def _open_connection(self, key: _Key) -> _Connection:
+        host, port, tls = key
+        error: OSError | None = None
+        for address in await self._resolve(host, port):
+            # The socket is made here, not by create_connection, so that the pool can peek at it.
+            sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                await self.loop.sock_connect(sock, (address, port))
+                transport, protocol = await self.loop.create_connection(
+                    functools.partial(_Connection, self, key, sock), sock=sock,
+                    ssl=self._ssl_context() if tls else None, server_hostname=host if tls else None)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            assert isinstance(protocol, _Connection)
+            # uvloop calls connection_made only after create_connection(sock=...) has returned (and its
+            # transport is not an asyncio.Transport subclass).
+            protocol.transport = cast(asyncio.Transport, transport)
+            return protocol
+        raise error if error is not None else OSError(f"no address for {host!r}")
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return [host]
+        known = self._addresses.get(host)
+        if known is not None and time.monotonic() - known[1] < DNS_TTL_S:
+            return known[0]
+        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        self._addresses[host] = (addresses, time.monotonic())
+        return addresses
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
