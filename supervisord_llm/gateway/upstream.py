@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import ipaddress
 import socket
@@ -177,8 +178,11 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.head = self._loop.create_future()
         self.last_byte_at = self._loop.time()
-        assert self.transport is not None
-        self.transport.write(data)
+        if self.transport is None or self.transport.is_closing():
+            self._fail(httpx.RemoteProtocolError("the connection to the engine was closed before the request",
+                                                 request=self._request()))
+        else:
+            self.transport.write(data)
         return self.head
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -468,20 +472,19 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(self._pool_timeout_s):
                 await waiter
-        except TimeoutError:
-            raise httpx.ConnectTimeout(
-                f"no connection to the engine came free within {self._pool_timeout_s:g}s "
-                f"(gateway.max_upstream_connections = {self._max_connections})",
-                request=httpx.Request("POST", url)) from None
-        except BaseException:
+        except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
-                self._give_slot()  # it was handed over as this wait ended
+                self._give_slot()  # it was handed over just as this wait ended: pass it on
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):  # (_give_slot drops a cancelled waiter itself)
+                    self._slot_waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise httpx.ConnectTimeout(
+                    f"no connection to the engine came free within {self._pool_timeout_s:g}s "
+                    f"(gateway.max_upstream_connections = {self._max_connections})",
+                    request=httpx.Request("POST", url)) from None
             raise
-        finally:
-            try:
-                self._slot_waiters.remove(waiter)
-            except ValueError:
-                pass
         # The slot was handed over with the count unchanged (see _give_slot).
 
     def _give_slot(self) -> None:

@@ -8,10 +8,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from anyio import fail_after as anyio_fail_after
-
 import httpx
 import pytest
+from anyio import fail_after as anyio_fail_after
 
 from supervisord_llm.gateway import upstream
 from supervisord_llm.gateway.upstream import UpstreamClient, UpstreamRequest
@@ -521,3 +520,28 @@ async def test_no_free_connection_within_the_pool_wait_is_a_connect_timeout() ->
         second = await asyncio.wait_for(waiting, 1)
         assert b"".join([chunk async for chunk in second.aiter_raw()]) == b"data: "
         await second.aclose()
+
+
+async def test_a_request_that_gives_up_as_its_connection_comes_free_passes_it_on() -> None:
+    """A client that goes away just as a connection comes free for its waiting request does not take
+    that connection with it: the next request gets it at once."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await read_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+    async with engine(handler) as url, UpstreamClient(connect_timeout_s=2.0, read_timeout_s=5.0,
+                                                      max_connections=1, pool_timeout_s=5.0) as c:
+        held = await c.send(request(url))
+        waiting = asyncio.ensure_future(c.send(request(url)))
+        await asyncio.sleep(0.05)
+        assert b"".join([chunk async for chunk in held.aiter_raw()]) == b"ok"
+        await held.aclose()  # the connection passes to the waiting request...
+        waiting.cancel()  # ...whose client leaves before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await asyncio.wait_for(exchange(c, url), 1) == b"ok"
