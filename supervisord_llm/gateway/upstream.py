@@ -44,12 +44,16 @@ mlx_lm/server.py) would wait on a spare for that long: hence the short age.)
 Errors are raised as the httpx exceptions that :mod:`supervisord_llm.gateway.retry` and the forward
 already judge:
 
-    refused, unreachable, no such host                       -> httpx.ConnectError
-    connect (or a free connection) not within its time        -> httpx.ConnectTimeout
-    no byte from the engine within the read timeout           -> httpx.ReadTimeout
-    closed before the response head, or within the body       -> httpx.RemoteProtocolError
-    a head or body that does not parse                        -> httpx.RemoteProtocolError
-    reset (or another socket error) before or within the body -> httpx.ReadError
+    refused, unreachable, no such host                         -> httpx.ConnectError
+    connect (or a free connection) not within its time          -> httpx.ConnectTimeout
+    no byte from the engine within the read timeout             -> httpx.ReadTimeout
+    closed before any byte of a response, or within the body    -> httpx.RemoteProtocolError
+    reset (or another socket error) before any byte, or in body -> httpx.ReadError
+    closed within the response head, or bytes that do not parse -> httpx.ProtocolError
+
+The last is not one retry.py sends again: the engine had the request and began to answer it.
+A connection dropped by the gateway with part of its request unsent (an engine that stopped
+reading) is aborted, not closed: a close would wait for those bytes forever.
 """
 
 from __future__ import annotations
@@ -163,10 +167,11 @@ class _Connection(asyncio.Protocol):
         self.delimited = False  # the head gave a length or chunked framing
         self.says_close = False
         self.chunks: collections.deque[bytes] = collections.deque()
-        self.buffered = 0
+        self.buffered = 0  # (reading is never paused here: response_done resumed it)
         self.complete = False
         self.error: httpx.HTTPError | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.answered = False  # a byte of the response came
         self.paused = False
         self.last_byte_at = 0.0
 
@@ -196,14 +201,17 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self.last_byte_at = self._loop.time()
+        self.answered = True
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(httpx.RemoteProtocolError("the engine switched protocols", request=self._request()))
+            self._fail(httpx.ProtocolError("the engine switched protocols", request=self._request()))
             self.close()
         except httptools.HttpParserError as exc:
-            self._fail(httpx.RemoteProtocolError(f"the engine's response does not parse: {exc}",
-                                                 request=self._request()))
+            # Not a RemoteProtocolError: the engine answered (with bytes that do not parse), so the
+            # request is not sent again (gateway/retry.py).
+            self._fail(httpx.ProtocolError(f"the engine's response does not parse: {exc}",
+                                           request=self._request()))
             self.close()
 
     def eof_received(self) -> bool:
@@ -222,7 +230,10 @@ class _Connection(asyncio.Protocol):
             return
         request = self._request()
         if self.head is not None and not self.head.done():
-            if exc is None:
+            if self.answered:  # part of a head came: the engine had the request (never sent again)
+                self._fail(httpx.ProtocolError(
+                    "the engine closed the connection within its response head", request=request))
+            elif exc is None:
                 self._fail(httpx.RemoteProtocolError(
                     "the engine closed the connection without sending a response", request=request))
             else:
@@ -243,6 +254,10 @@ class _Connection(asyncio.Protocol):
         pass
 
     # -- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second message after this response's end, unasked: data_received closes
+            raise httptools.HttpParserError("bytes after the end of the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
@@ -268,6 +283,8 @@ class _Connection(asyncio.Protocol):
             self.says_close = True  # and the parser would take the next bytes for a body: not reused
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:  # a body after a HEAD's head: not the client's
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER_BYTES and not self.paused and self.transport is not None:
@@ -314,7 +331,12 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self.closed_here = True
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                # Part of the request is still unsent (an engine that stopped reading): close() would
+                # wait for it forever, holding the socket and the body.
+                self.transport.abort()
+            else:
+                self.transport.close()
 
 
 
@@ -325,15 +347,17 @@ class _ReadClock:
     def __init__(self, connection: _Connection, timeout_s: float) -> None:
         self._connection = connection
         self._timeout_s = timeout_s
+        self._timer: asyncio.TimerHandle | None = None
 
     async def wait(self, future: asyncio.Future[None]) -> None:
         connection = self._connection
-        loop = connection._loop
-        timer = loop.call_at(connection.last_byte_at + self._timeout_s, self._check, future)
+        self._timer = connection._loop.call_at(connection.last_byte_at + self._timeout_s, self._check, future)
         try:
             await future
         finally:
-            timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     def _check(self, future: asyncio.Future[None]) -> None:
         if future.done():
@@ -342,8 +366,9 @@ class _ReadClock:
         due = connection.last_byte_at + self._timeout_s
         loop = connection._loop
         if loop.time() < due:
-            loop.call_at(due, self._check, future)
+            self._timer = loop.call_at(due, self._check, future)
             return
+        self._timer = None
         future.set_exception(httpx.ReadTimeout(
             f"the engine sent nothing for {self._timeout_s:g}s", request=connection._request()))
 
@@ -502,7 +527,8 @@ class UpstreamClient:
             if connection.idle_timer is not None:
                 connection.idle_timer.cancel()
                 connection.idle_timer = None
-            if not connection.lost and _still_open(connection.sock):
+            if (not connection.lost and not connection.closed_here and connection.transport is not None
+                    and not connection.transport.is_closing() and _still_open(connection.sock)):
                 return connection
             connection.close()
         return None
@@ -511,19 +537,26 @@ class UpstreamClient:
         """The response on ``connection`` is over (read to its end, or dropped by the gateway)."""
         self._give_slot()
         reusable = (connection.complete and connection.error is None and not connection.says_close
-                    and connection.delimited and not connection.lost and self._open)
+                    and connection.delimited and not connection.lost and not connection.closed_here
+                    and self._open)
         key = connection.key
         if not reusable:
             if not connection.lost:
                 connection.close()
-            # The engine ends this connection after each response (HTTP/1.0, Connection: close, or a
-            # body that ends with the connection): the next one is opened now.
-            if connection.complete and connection.error is None and (connection.says_close
-                                                                     or not connection.delimited):
+            # The engine ends this connection after each response (HTTP/1.0, Connection: close, a body
+            # that ends with the connection, or llama-server's streams, closed by the engine as soon
+            # as they end, often before the gateway is done with the response): the next one is
+            # opened now.
+            if connection.complete and connection.error is None and (
+                    connection.says_close or not connection.delimited
+                    or (connection.lost and not connection.closed_here)):
                 self._want_spare(key)
             return
         connection.method = None  # idle: no response in progress
         connection._parser = None
+        if connection.paused and connection.transport is not None:  # the body's end was left unread
+            connection.paused = False
+            connection.transport.resume_reading()
         connection.released_at = time.monotonic()
         connection.is_spare = False
         self._park(connection, KEEPALIVE_S)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from anyio import fail_after as anyio_fail_after
 
-from supervisord_llm.gateway import upstream
+from supervisord_llm.gateway import retry, upstream
 from supervisord_llm.gateway.upstream import UpstreamClient, UpstreamRequest
 
 pytestmark = pytest.mark.anyio
@@ -434,8 +434,23 @@ async def test_a_response_that_does_not_parse_is_a_protocol_error() -> None:
         await asyncio.sleep(1)
 
     async with engine(handler) as url, client() as c:
-        with pytest.raises(httpx.RemoteProtocolError, match="does not parse"):
+        with pytest.raises(httpx.ProtocolError, match="does not parse") as caught:
             await c.send(request(url))
+    assert not isinstance(caught.value, retry.UNANSWERED)  # the engine answered: never sent again
+
+
+async def test_an_engine_that_dies_within_its_response_head_is_not_asked_again() -> None:
+    """Part of a head came, then the connection closed: the engine had the request (a non-streamed
+    answer's head comes after the whole generation), so it is not one the gateway may resend."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: appl")
+        await writer.drain()
+
+    async with engine(handler) as url, client() as c:
+        with pytest.raises(httpx.ProtocolError, match="within its response head") as caught:
+            await c.send(request(url))
+    assert not isinstance(caught.value, retry.UNANSWERED)
 
 
 async def test_an_informational_head_is_skipped_for_the_answer() -> None:
@@ -545,3 +560,99 @@ async def test_a_request_that_gives_up_as_its_connection_comes_free_passes_it_on
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert await asyncio.wait_for(exchange(c, url), 1) == b"ok"
+
+
+async def test_a_keep_alive_connection_whose_answer_was_read_slowly_serves_the_next_request() -> None:
+    """A large answer that came whole while its reader was behind (reading paused) and was then left
+    unread (its client went away): the pooled connection reads again, so the next request on it is
+    answered instead of waiting out the read timeout."""
+    accepted: list[float] = []
+    big = b"x" * 200_000
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(time.monotonic())
+        try:
+            while True:
+                await read_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(big) + big)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+    async with engine(handler) as url, UpstreamClient(connect_timeout_s=2.0, read_timeout_s=1.0, max_connections=8,
+                                                      pool_timeout_s=None) as c:
+        response = await c.send(request(url))
+        async for _ in response.aiter_raw():
+            break  # one piece, then the client is gone
+        await asyncio.sleep(0.2)  # the rest of the answer arrives meanwhile
+        await response.aclose()
+        assert await asyncio.wait_for(exchange(c, url), 0.9) == big
+    assert len(accepted) == 1  # the same connection
+
+
+async def test_a_request_the_engine_stopped_reading_is_dropped_with_its_connection() -> None:
+    """An engine that stopped reading mid-request (hung) gets its connection reset once the gateway
+    gives up on the answer, so neither the socket nor the unsent body stays behind."""
+    ended = asyncio.Event()
+    got = [0]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.6)  # hung, not reading; then reads what is there
+        try:
+            while data := await reader.read(2**20):
+                got[0] += len(data)
+        except ConnectionError:
+            pass
+        ended.set()
+
+    body = b"x" * (32 << 20)
+    async with engine(handler) as url, UpstreamClient(connect_timeout_s=2.0, read_timeout_s=0.3, max_connections=8,
+                                                      pool_timeout_s=None) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            await c.send(UpstreamRequest("POST", url + "/v1/chat/completions", [], body))
+        await asyncio.wait_for(ended.wait(), 5)
+    # Reset: the engine's reads ended with what the sockets held, not the whole body the gateway kept.
+    assert got[0] < len(body) // 2
+
+
+async def test_a_stream_the_engine_closes_before_the_gateway_is_done_with_it_still_gets_a_spare() -> None:
+    """llama-server closes its connection as soon as a stream ends, usually before the gateway has
+    finished the client's side of it: that close, too, has the next connection opened at once."""
+    served = StreamClosingEngine()
+    sent_at: list[float] = []
+    async with engine(served) as url, client() as c:
+        for _ in range(3):
+            await asyncio.sleep(0.1)
+            sent_at.append(time.monotonic())
+            response = await c.send(request(url))
+            assert b"".join([chunk async for chunk in response.aiter_raw()]) == b"data: "
+            await asyncio.sleep(0.05)  # the gateway still busy with its client; the engine's close arrives
+            await response.aclose()
+    for record, sent in zip(served.connections[1:3], sent_at[1:], strict=True):
+        assert record["accepted"] < sent < record["request"]
+
+
+async def test_an_answer_is_not_merged_with_bytes_the_engine_sent_after_it() -> None:
+    """A second, unasked response behind the first in the same write is not taken into the first
+    (its status, headers or body), and the connection is not used again."""
+    accepted: list[float] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(time.monotonic())
+        try:
+            while True:
+                await read_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                             b"HTTP/1.1 500 Oops\r\nx-second: 1\r\ncontent-length: 3\r\n\r\nbad")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+    async with engine(handler) as url, client() as c:
+        response = await c.send(request(url))
+        body = b"".join([chunk async for chunk in response.aiter_raw()])
+        await response.aclose()
+        assert (response.status_code, body, "x-second" in response.headers) == (200, b"ok", False)
+        assert await exchange(c, url) == b"ok"
+    assert len(accepted) == 2
