@@ -109,6 +109,8 @@ class EngineConfig:
     def base_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         host = "[::1]" if host == "::" else host
+        if ":" in host and not host.startswith("["):  # an IPv6 address ("::1"): bracketed in a URL (RFC 3986)
+            host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
 

@@ -30,6 +30,17 @@ def test_minimal_config_loads_with_defaults(tmp_path: Path) -> None:
     assert cfg.restart.min_interval_s == 60.0
 
 
+@pytest.mark.parametrize(("host", "url"), [("127.0.0.1", "http://127.0.0.1:8081"), ("0.0.0.0", "http://127.0.0.1:8081"),
+                                           ("::", "http://[::1]:8081"), ("::1", "http://[::1]:8081"),
+                                           ("localhost", "http://localhost:8081")])
+def test_an_engine_is_reached_at_a_url_its_host_makes(tmp_path: Path, host: str, url: str) -> None:
+    """An engine listening on an IPv6 address is reached at a URL with the address in brackets (the
+    daemon's probes and the gateway): "http://::1:8081" is no URL."""
+    cfg = load_config(write(tmp_path, f'[daemon]\nstate_dir = "{tmp_path}/s"\n' + GOOD_ENGINE
+                            + f'footprint = "1GB"\nhost = "{host}"\n'))
+    assert cfg.engines[0].base_url == url
+
+
 def test_state_dir_resolution_uses_environment(tmp_path: Path) -> None:
     """Without [daemon] state_dir, $SUPERVISORD_LLM_STATE_DIR is used."""
     cfg = load_config(write(tmp_path, GOOD_ENGINE + 'footprint = "1GB"\n'),
