@@ -71,6 +71,34 @@ def request(url: str, path: str = "/v1/chat/completions") -> UpstreamRequest:
     return UpstreamRequest("POST", url + path, [(b"content-type", b"application/json"), (b"x-trace", b"7")], b"{}")
 
 
+async def chunks_until_error(response: upstream.UpstreamResponse, *errors: type[BaseException]) -> list[bytes]:
+    """The body's chunks read before it fails with one of ``errors`` (the test fails if it does not)."""
+    chunks: list[bytes] = []
+    with pytest.raises(errors):
+        async for chunk in response.aiter_raw():
+            chunks.append(chunk)
+    await response.aclose()
+    return chunks
+
+
+class KeepAliveEngine:
+    """Answers ``ok`` to every request on a connection until the client closes it, like vLLM or SGLang;
+    records when each connection was accepted."""
+
+    def __init__(self) -> None:
+        self.accepted: list[float] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted.append(time.monotonic())
+        try:
+            while True:
+                await read_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+
 async def test_the_request_reaches_the_engine_as_the_client_sent_it() -> None:
     """The engine gets the path and query unchanged, the client's headers, and no headers the proxy made up."""
     heads: list[bytes] = []
@@ -140,12 +168,7 @@ async def test_a_stream_broken_off_midway_is_an_error_not_an_end() -> None:
         await writer.drain()
 
     async with engine(handler) as url, client() as c:
-        response = await c.send(request(url))
-        chunks: list[bytes] = []
-        with pytest.raises(httpx.RemoteProtocolError):
-            async for chunk in response.aiter_raw():
-                chunks.append(chunk)
-        await response.aclose()
+        chunks = await chunks_until_error(await c.send(request(url)), httpx.RemoteProtocolError)
     assert chunks == [b"data: 1\n\n"]
 
 
@@ -241,23 +264,12 @@ async def test_a_spare_nobody_takes_is_closed_so_an_idle_gateway_holds_no_connec
 async def test_an_engine_that_keeps_connections_alive_gets_no_spare() -> None:
     """A keep-alive engine (vLLM, SGLang, llama-server's plain answers) is reached on its pooled connection: the gateway
     opens nothing more (a spare would only hold one of its workers)."""
-    accepted: list[float] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(time.monotonic())
-        try:
-            while True:
-                await read_head(reader)
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
-                await writer.drain()
-        except asyncio.IncompleteReadError:
-            return
-
-    async with engine(handler) as url, client() as c:
+    served = KeepAliveEngine()
+    async with engine(served) as url, client() as c:
         for _ in range(3):
             assert await exchange(c, url) == b"ok"
             await asyncio.sleep(0.1)
-    assert len(accepted) == 1
+    assert len(served.accepted) == 1
 
 
 class StreamClosingEngine:
@@ -417,12 +429,7 @@ async def test_an_engine_reset_midway_is_a_read_error() -> None:
         writer.transport.abort()  # RST
 
     async with engine(handler) as url, client() as c:
-        response = await c.send(request(url))
-        chunks: list[bytes] = []
-        with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
-            async for chunk in response.aiter_raw():
-                chunks.append(chunk)
-        await response.aclose()
+        chunks = await chunks_until_error(await c.send(request(url)), httpx.ReadError, httpx.RemoteProtocolError)
     assert chunks == [b"abc"]
 
 
@@ -540,16 +547,7 @@ async def test_no_free_connection_within_the_pool_wait_is_a_connect_timeout() ->
 async def test_a_request_that_gives_up_as_its_connection_comes_free_passes_it_on() -> None:
     """A client that goes away just as a connection comes free for its waiting request does not take
     that connection with it: the next request gets it at once."""
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await read_head(reader)
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return
-
-    async with engine(handler) as url, UpstreamClient(connect_timeout_s=2.0, read_timeout_s=5.0,
+    async with engine(KeepAliveEngine()) as url, UpstreamClient(connect_timeout_s=2.0, read_timeout_s=5.0,
                                                       max_connections=1, pool_timeout_s=5.0) as c:
         held = await c.send(request(url))
         waiting = asyncio.ensure_future(c.send(request(url)))
