@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers import Daemon, free_port
+from tests.helpers import Daemon, free_port, wait_for
 from tests.llama_cpp_engine import llama_engine_toml, require_llama_server
 
 pytestmark = pytest.mark.slow
@@ -146,20 +146,29 @@ def test_an_engine_started_into_busy_slots_is_ready_on_its_step_count(busy_engin
     loaded, the start check's own generation waits behind them, and the engine is ready on its step
     count within the check's time, instead of being stopped at start_timeout (8 s)."""
     d, port = busy_engine
-    old_pid = d.engine("llama")["pid"]
     hogs = Hogs(port)
     try:
-        hogs.wait_all_slots_busy()
-        asked = time.monotonic()
-        r = d.post("/v1/engines/llama/restart", {"force": True})  # the 60 s spawn floor: the engine just started
-        assert r.status_code == 200, r.text
-        engine = d.wait_state("llama", "ready", 40)
-        took_s = time.monotonic() - asked
-        m = hogs.metrics()
+        # The scene is a race the clients usually win: they retry every 5 ms while the engine loads, and
+        # take its slots before the start check sends its generation. On a starved machine the check
+        # can get a slot first ("generation ok"): the scene did not happen, so the restart is tried
+        # again (at most three times); the verdict is asserted on the first restart that sets it.
+        for attempt in range(3):
+            old_pid = d.engine("llama")["pid"]
+            hogs.wait_all_slots_busy()
+            asked = time.monotonic()
+            r = d.post("/v1/engines/llama/restart", {"force": True})  # the 60 s spawn floor: just started
+            assert r.status_code == 200, r.text
+            wait_for(lambda before=old_pid: d.engine("llama")["pid"] not in (None, before), 40, "the restarted engine")
+            engine = d.wait_state("llama", "ready", 40)
+            took_s = time.monotonic() - asked
+            m = hogs.metrics()
+            ready = _llama_events(d, "engine.state_changed", to="ready")[-1]
+            print(f"attempt {attempt + 1}: ready {took_s:.1f} s after the restart was asked: {ready['reason']}; "
+                  f"metrics then {m}")
+            if ready["reason"] != "generation ok":
+                break
     finally:
         hogs.close()
-    ready = _llama_events(d, "engine.state_changed", to="ready")[-1]
-    print(f"ready {took_s:.1f} s after the restart was asked: {ready['reason']}; metrics then {m}")
     assert engine["pid"] != old_pid
     assert "generating for other clients" in ready["reason"] and "step count advanced" in ready["reason"] \
         and "waiting for a slot" in ready["reason"], ready["reason"]
