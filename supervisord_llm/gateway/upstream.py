@@ -247,12 +247,6 @@ class _Connection(asyncio.Protocol):
             self._fail(httpx.ReadError(_os_text(exc, "connection lost"), request=request))
         self._wake()
 
-    def pause_writing(self) -> None:  # the request is written whole; the engine reads it at its pace
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- httptools callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
