@@ -26,14 +26,19 @@ test: install engines
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m mypy
 	$(BIN)/python -c "from tests.helpers import tiny_model_dir; tiny_model_dir()"
-	@# Tests that mostly sleep through a real timer (marker long_wait) run beside the rest, in a second
-	@# pytest whose report follows the first one's; either failing fails the target.
+	@# The tests start the daemon, its gateway, llmctl and the stand-ins as new processes, thousands of
+	@# times: their modules are compiled once here, also where PYTHONDONTWRITEBYTECODE keeps Python from
+	@# caching what it compiles (each process would compile the project again).
+	$(BIN)/python -m compileall -q supervisord_llm probes policies tests bench > /dev/null
+	@# Tests that mostly wait (marker long_wait: real timers, held starts, wedged processes; little CPU)
+	@# run beside the rest, in a second pytest whose report follows the first one's; either failing
+	@# fails the target.
 	@export SUPERVISORD_LLM_REQUIRE_ENGINES=1; \
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "long_wait and not chaos_full and not gpu" \
 		> .long-wait-tests.log 2>&1 & waits=$$!; \
 	$(BIN)/python -m pytest -q --durations=25 -m "not long_wait and not chaos_full and not gpu"; rest=$$?; \
 	wait $$waits; waited=$$?; \
-	echo "---- tests that wait out real timers (marker long_wait), run beside the rest ----"; \
+	echo "---- tests that mostly wait (marker long_wait), run beside the rest ----"; \
 	cat .long-wait-tests.log; rm -f .long-wait-tests.log; \
 	test $$rest -eq 0 && test $$waited -eq 0
 

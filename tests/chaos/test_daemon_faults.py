@@ -96,6 +96,7 @@ def _webhook_outage(daemon_factory, outcome, outage_s: float, restart_daemon: bo
         receiver.stop()
 
 
+@pytest.mark.long_wait
 @pytest.mark.chaos
 def test_webhook_receiver_down_briefly_loses_no_alert(daemon_factory, outcome) -> None:
     """Alerts raised while the webhook receiver is down are all delivered, once each, when it is back."""

@@ -26,7 +26,7 @@ from probes.errors import ProbeError
 from supervisord_llm.config import EngineConfig
 from supervisord_llm.engine.adapters import EngineAdapter, adapter_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ENGINES = ("mlx_lm", "llama_cpp", "vllm", "sglang", "ollama", "omlx")

@@ -31,6 +31,8 @@ from supervisord_llm.alerts.delivery import (
 from supervisord_llm.clock import FakeClock, SystemClock
 from tests.helpers import free_port
 
+pytestmark = pytest.mark.long_wait  # mostly waits: run beside the rest
+
 SECRET = "hmac-key-for-tests"
 SECRET_PATH = "/hooks/T0001/B0002/s3cr3t-path-token"
 

@@ -51,6 +51,7 @@ def test_sigkilled_engine_is_an_active_alert_with_its_exit_then_resolved_once_re
     assert _iso(resolved["startsAt"]) == _iso(alert["startsAt"])
 
 
+@pytest.mark.long_wait
 def test_watchdog_alert_stays_active_while_the_daemon_runs_and_expires_after_sigkill(daemon_factory,
                                                                                       alertmanager) -> None:
     """The heartbeat's always-firing Watchdog alert is active while the daemon lives and ends when it is SIGKILLed."""

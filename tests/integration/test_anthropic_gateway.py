@@ -27,6 +27,8 @@ from supervisord_llm.gateway.proxy import TOKEN_COUNT_HEADER, GatewaySettings, U
 from tests.helpers import PYTHON, REPO, MlxServer, free_port, mlx_engine_toml, wait_http
 from tests.integration.test_gateway import Backend, opened, running_gateway
 
+pytestmark = pytest.mark.long_wait  # mostly waits: run beside the rest
+
 TOOL_STANDIN = REPO / "tests" / "standins" / "mlx_toolcall_engine.py"
 EVENTS = TypeAdapter(RawMessageStreamEvent)
 

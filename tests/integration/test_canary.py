@@ -25,7 +25,7 @@ from probes.canary import (
 )
 from tests.helpers import MlxServer, free_port
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 
 # ---------------------------------------------------------------- real engine: mlx_lm.server

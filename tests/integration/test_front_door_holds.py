@@ -109,6 +109,7 @@ def _slow_start_toml(name: str, port: int, model: Path, sleep_s: int, **keys: ob
                                                        PYTHON, "-m", "mlx_lm.server"], **keys)
 
 
+@pytest.mark.long_wait
 @pytest.mark.slow
 def test_streaming_clients_held_through_a_slow_start_hear_keepalives_then_their_answer(daemon_factory,
                                                                                          tiny_model: Path) -> None:
@@ -492,6 +493,7 @@ def test_a_restart_just_after_a_stream_started_drains_it_instead_of_cutting_it(d
     assert draining and draining[-1]["in_flight"] == 1
 
 
+@pytest.mark.long_wait
 def test_llmctl_restart_of_a_hung_engine_does_not_wait_for_its_requests(daemon_factory) -> None:
     """A SIGSTOPped (hung) engine with a stream in flight: llmctl restart stops it at once, no drain."""
     import os

@@ -39,6 +39,8 @@ from supervisord_llm.gateway.proxy import (
 )
 from tests.helpers import PYTHON, REPO, MlxServer, free_port, wait_http
 
+pytestmark = pytest.mark.long_wait  # mostly waits: run beside the rest
+
 STANDIN = REPO / "tests" / "standins" / "anthropic_engine.py"
 
 

@@ -19,7 +19,7 @@ from supervisord_llm.gateway.proxy import GatewaySettings, Upstream
 from tests.helpers import PYTHON, STANDINS, free_port, wait_http
 from tests.integration.test_gateway import Backend, running_gateway
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 DECODE_STALL_S = 1.0
 CLIENT_TIMEOUT_S = 3.0

@@ -210,6 +210,7 @@ def _wedge_gateway(url: str, probe_dir: Path) -> None:
     wait_for(lambda: (probe_dir / "blocked").exists(), 30, "the probe to block the gateway")
 
 
+@pytest.mark.long_wait
 def test_a_daemon_stopping_does_not_wait_forever_on_a_wedged_gateway(probed) -> None:
     """SIGTERM to the daemon while the gateway's loop is wedged: the engines stop, the gateway gets its
     grace and is then killed, and the daemon exits; nothing of the gateway is left."""
@@ -226,6 +227,7 @@ def test_a_daemon_stopping_does_not_wait_forever_on_a_wedged_gateway(probed) -> 
     assert [e for e in d.events() if e["kind"] == "engine.stopped"], "the engines were not stopped first"
 
 
+@pytest.mark.long_wait
 def test_a_restarted_daemon_ends_the_wedged_gateway_its_killed_predecessor_left(probed) -> None:
     """The daemon is SIGKILLed while its gateway is wedged (so the gateway cannot notice and leave):
     the next daemon ends that gateway and takes the port, instead of failing its start."""

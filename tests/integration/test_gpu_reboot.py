@@ -13,6 +13,8 @@ from supervisord_llm.clock import FakeClock
 from supervisord_llm.subsystems.stranded import StrandedExtension
 from tests.unit.test_gpu_extension import PYTHON, StandInNvml, _build, _events, _until, run_built
 
+pytestmark = pytest.mark.long_wait  # mostly waits: run beside the rest
+
 
 def _reboot_toml(tmp: Path) -> tuple[str, Path]:
     record = tmp / "reboots.log"

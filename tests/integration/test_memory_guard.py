@@ -50,6 +50,7 @@ def _wait_memory(d, name: str, key: str, at_least: int, timeout_s: float = 15) -
     raise AssertionError(f"{name} memory.{key} never reached {at_least}: {mem}")
 
 
+@pytest.mark.long_wait
 def test_growth_alerts_once_then_drains_and_restarts_through_the_backoff(daemon_factory) -> None:
     """An engine growing past soft warns once; past hard it takes no new requests, its in-flight stream
     finishes, then it stops gracefully and waits out the 60 s floor, with a critical alert naming the sizes."""

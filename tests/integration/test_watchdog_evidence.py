@@ -261,6 +261,7 @@ def test_a_start_check_whose_counters_cannot_be_read_still_proves_generation(dae
 LONG_GENERATION_S = [6.0, pytest.param(90.0, marks=pytest.mark.chaos_full)]
 
 
+@pytest.mark.long_wait
 @pytest.mark.parametrize("long_s", LONG_GENERATION_S)
 def test_completion_only_counters_do_not_make_a_long_generation_hung(daemon_factory, long_s: float) -> None:
     """oMLX-style totals that grow only at completion stay flat through a long generation: no verdict while
@@ -296,6 +297,7 @@ def test_per_step_counters_are_progress_while_they_move_and_hung_when_flat(daemo
     assert _t(hung) - silent_from <= 2.0 + 2.0 + 1.0 + 0.5
 
 
+@pytest.mark.long_wait
 def test_a_vllm_prefill_longer_than_the_stall_time_is_not_hung_and_a_wedge_after_it_still_is(daemon_factory) -> None:
     """vLLM counts no token while it prefills a prompt, so a long prompt sent straight to the engine keeps
     its step count flat with a request running for 3x the stall time; its KV cache gauge rises with every
@@ -326,6 +328,7 @@ def test_a_vllm_prefill_longer_than_the_stall_time_is_not_hung_and_a_wedge_after
     assert _t(hung) - silent_from <= 2.0 + 2.0 + 1.0 + 0.5
 
 
+@pytest.mark.long_wait
 def test_a_lazy_loader_is_loading_not_hung_and_gets_no_canary_while_unloaded(daemon_factory) -> None:
     """An Ollama-like engine whose model load takes 3x the stall: canaries while it is loaded do not
     extend its keep-alive, none is sent once it reports its model unloaded, and a request that makes

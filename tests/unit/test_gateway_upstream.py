@@ -15,7 +15,7 @@ from anyio import fail_after as anyio_fail_after
 from supervisord_llm.gateway import retry, upstream
 from supervisord_llm.gateway.upstream import UpstreamClient, UpstreamRequest
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 
 @pytest.fixture(params=[pytest.param("asyncio", id="asyncio"),

@@ -25,7 +25,7 @@ from supervisord_llm.gateway.process import GatewayProcess
 from supervisord_llm.gateway.proxy import EngineUnavailable, GatewayListenFailed, GatewaySettings, RequestStats, Upstream
 from tests.helpers import REPO, free_port
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 

@@ -34,6 +34,8 @@ from supervisord_llm.subsystems.gpu import GpuExtension, find_gpu_orphans, held_
 from tests.helpers import Daemon as DaemonProcess
 from tests.helpers import free_port, short_tmpdir, standin_engine_toml
 
+pytestmark = pytest.mark.long_wait  # mostly waits: run beside the rest
+
 GIB = 1024**3
 PYTHON = sys.executable
 

@@ -17,7 +17,7 @@ from policies.frontdoor import ServeGroup
 from supervisord_llm.gateway import turns
 from supervisord_llm.gateway.turns import EngineTurns
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 
 class Host:
