@@ -144,13 +144,16 @@ class MetricsExtension(Extension):
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         from supervisord_llm.gateway.proxy import GatewaySettings, serve
+        from supervisord_llm.gateway.settings import parse_listen
 
-        # The names it answers under are the gateway's (a tunnel's name listed there reaches both).
+        # The names it answers under are the gateway's (a tunnel's name listed there reaches both). Not read
+        # as a [gateway] table: the rule that an address other machines reach needs an API key is the
+        # gateway's (its requests use and swap models); this port only reads (a Prometheus elsewhere scrapes
+        # it, as the shipped DaemonSet's "0.0.0.0:9464").
         gateway = self.daemon.config.gateway
-        table: dict[str, Any] = {"listen": self.listen}
-        if gateway is not None:
-            table["allowed_hosts"] = list(gateway.allowed_hosts)
-        settings = GatewaySettings.from_toml(table, file=None, key="daemon.metrics_listen")
+        host, port = parse_listen(self.listen)  # checked with the config
+        settings = GatewaySettings(host=host, port=port,
+                                   allowed_hosts=gateway.allowed_hosts if gateway is not None else ())
         async with anyio.create_task_group() as tg:
             await tg.start(serve, self.app(), settings)
             task_status.started()

@@ -103,6 +103,21 @@ def test_metrics_text_parses_with_prometheus_clients_own_parser(daemon_factory) 
     assert ready and ready[0].value == 1.0
 
 
+def test_metrics_on_every_address_serve_prometheus_without_a_gateway_key(daemon_factory) -> None:
+    """`metrics_listen = "0.0.0.0:9464"` (the shipped DaemonSet's, for a Prometheus on another machine) starts
+    the daemon and serves /metrics: the metrics port is read-only, so the gateway's rule that a port reachable
+    from other machines needs an API key is not its rule."""
+    import httpx
+
+    port = free_port()
+    d = daemon_factory(f'[daemon]\nmetrics_listen = "0.0.0.0:{port}"\n' + standin_engine_toml("a", free_port()))
+    d.start()
+    d.wait_state("a", "ready", 30)
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert metrics.status_code == 200 and list(text_string_to_metric_families(metrics.text))
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"ok": True}
+
+
 def test_metrics_and_health_on_the_loopback_tcp_port(daemon_factory) -> None:
     """With metrics_listen set, /metrics, /healthz and /readyz answer over TCP (for Kubernetes probes)."""
     import httpx
