@@ -327,6 +327,13 @@ def may_start_engine(permission: SwapPermission, *, key_given: bool) -> bool:
     return False
 
 
+def start_refused_message(engine: str, state: str, permission: SwapPermission) -> str:
+    """What a request that may not start ``engine`` (``may_start_engine`` said no) is told, and who can."""
+    who = "an operator" if permission is SwapPermission.NEVER else "a request with the gateway's API key"
+    return (f"engine {engine!r} is {state} and this gateway does not start or swap engines for requests "
+            f"(gateway.swaps = {permission.value!r}); {who} can start it (llmctl start {engine})")
+
+
 class Admission(StrEnum):
     RUN = "run"
     QUEUE = "queue"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from policies.frontdoor import SwapPermission, start_refused_message
 from policies.health import stream_decode_rate
 from supervisord_llm.engine.supervisor import EngineState
 from supervisord_llm.extension import Extension
@@ -117,7 +118,7 @@ class DaemonGatewayBackend:
                                  f"{sup.name} did not become ready within the gateway hold time "
                                  f"({self.hold_s:.0f}s); it is {sup.state}: {sup.state_reason}", retry_after_s=10.0)
 
-    async def acquire(self, model: str | None) -> Upstream:
+    async def acquire(self, model: str | None, *, may_start: bool = True) -> Upstream:
         sup = self._resolve(model)
         if sup.health is not None and sup.health.draining:
             # The memory guard is draining it: in-flight requests finish, new ones would grow it further.
@@ -134,7 +135,7 @@ class DaemonGatewayBackend:
         released = False
         with anyio.move_on_after(self.hold_s):
             await anyio.lowlevel.checkpoint()
-            await self.turns.wait_turn(sup.name)
+            await self.turns.wait_turn(sup.name, may_start=may_start)
             released = True  # counted as on its way to the engine (turns.py) until it starts there
         if self.serving_now(sup):
             if not released:
@@ -148,11 +149,17 @@ class DaemonGatewayBackend:
         """Serving, and no swap is underway that would stop it or that it is the target of."""
         return sup.serving and not sup.swap_in_progress and self.daemon.swap_target in (None, sup.name)
 
-    def start_swap(self, name: str) -> bool | Exception:
+    def start_swap(self, name: str, *, may_start: bool = True) -> bool | Exception:
         daemon = self.daemon
         sup = daemon.supervisors[name]
         if daemon.swap_target is not None or sup.resident:
             return False  # a swap runs (the turn comes again after it) or the engine is (re)starting
+        if not may_start:
+            # No request waiting for it may start it (gateway.swaps): it stays as the operator left it, the
+            # same answer the gateway gives a request for an engine already stopped.
+            gateway = daemon.config.gateway
+            permission = SwapPermission(gateway.swaps) if gateway is not None else SwapPermission.NEVER
+            return EngineUnavailable(name, "engine_not_running", start_refused_message(name, str(sup.state), permission))
         from policies import backoff as backoff_policy
         from policies.actions import Refuse
 
@@ -270,8 +277,8 @@ class _Turns:
             return self.backend._unavailable(sup)
         return None
 
-    def start_swap(self, engine: str) -> bool | Exception:
-        return self.backend.start_swap(engine)
+    def start_swap(self, engine: str, *, may_start: bool = True) -> bool | Exception:
+        return self.backend.start_swap(engine, may_start=may_start)
 
     def decided(self, action: Any, **inputs: object) -> None:
         self.daemon.decided("serving_order", action.engine, action, **inputs)

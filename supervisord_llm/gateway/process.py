@@ -343,7 +343,9 @@ class GatewayProcess:
         elif kind == "acquire":
             # The wait's scope exists before its task runs: a cancel read in the same batch finds it.
             scope = self._waits[message[1]] = anyio.CancelScope()
-            tg.start_soon(self._acquire, channel, message[1], message[2], scope)
+            # (A gateway of an older daemon's version sends no may_start: it may, as before.)
+            tg.start_soon(self._acquire, channel, message[1], message[2], message[3] if len(message) > 3 else True,
+                          scope)
         elif kind == "cancel":
             waiting = self._waits.get(message[1])
             if waiting is not None:
@@ -351,10 +353,11 @@ class GatewayProcess:
         elif kind == "call" and message[2] == "status_doc":
             tg.start_soon(self._status_doc, channel, message[1])
 
-    async def _acquire(self, channel: Channel, rid: int, model: str | None, scope: anyio.CancelScope) -> None:
+    async def _acquire(self, channel: Channel, rid: int, model: str | None, may_start: bool,
+                       scope: anyio.CancelScope) -> None:
         with scope:
             try:
-                upstream = await self.inner.acquire(model)
+                upstream = await self.inner.acquire(model, may_start=may_start)
             except (EngineUnavailable, UnknownEngine, SupervisordLLMError) as exc:
                 channel.send("refused", rid, *refusal_record(exc))
             except Exception as exc:

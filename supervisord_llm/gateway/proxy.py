@@ -73,6 +73,7 @@ from policies.frontdoor import (
     origin_allowed,
     own_host,
     retry_after_s,
+    start_refused_message,
 )
 from policies.health import prefill_counts
 from supervisord_llm.clock import Clock, SystemClock
@@ -323,7 +324,8 @@ class GatewayStats:
         self.upstream_retries = 0  # sends retried after the engine dropped the connection unanswered
         self.clients_cut = 0  # clients cut for not draining their stream buffer within client_timeout_s
         self.engines: dict[str, dict[str, int]] = {}
-        # Requests the door turned away, by why: path, origin, host, body_timeout, swap, queue_full, connections.
+        # Requests the door turned away, by why: path, origin, host, body_timeout, swap, queue_full, queue_timeout,
+        # connections.
         self.refused: dict[str, int] = {}
 
     def refuse(self, why: str) -> None:
@@ -505,6 +507,7 @@ class _Forward:
         self.ndjson = ndjson  # Ollama's own API: a stream of JSON lines, metered and watched as SSE is
         self.translation = translation
         self.on_done: Callable[[], None] | None = None  # gives the engine's slot back
+        self.may_start = True  # may the resend's wait have the daemon start the engine (gateway.swaps)
         self.upstream = upstream
         self.request = request
         self.anthropic = anthropic
@@ -698,7 +701,7 @@ class _Forward:
         engine = self.upstream.engine
         try:
             with anyio.move_on_after(timeout_s):
-                return (await gw.backend.acquire(engine)).engine == engine
+                return (await gw.backend.acquire(engine, may_start=self.may_start)).engine == engine
         except EngineUnavailable as exc:  # backoff, failed, ...: the client gets that answer
             self.unavailable = exc
             return False
@@ -1538,7 +1541,7 @@ class _Gateway:
             refused = self._start_refusal(request, model, anthropic)
             if refused is not None:
                 return refused
-            upstream = self.backend.try_pass(model) or await self._acquire(model, anthropic)
+            upstream = self.backend.try_pass(model) or await self._acquire(model, anthropic, self.may_start(request))
         if isinstance(upstream, Response):
             return upstream
         refused = await self._enter_line(upstream, anthropic)
@@ -1552,6 +1555,7 @@ class _Gateway:
         if isinstance(result, _Forward):
             engine = upstream.engine
             result.on_done = lambda: self.lines.leave(engine)
+            result.may_start = self.may_start(request)
         else:
             self.lines.leave(upstream.engine)
         return result
@@ -1568,25 +1572,36 @@ class _Gateway:
         if may_start_engine(permission, key_given=key_given):
             return None
         self.stats.refuse("swap")
-        who = "an operator" if permission is SwapPermission.NEVER else "a request with the gateway's API key"
-        return error_response(
-            anthropic, 503, f"engine {entry['id']!r} is {entry.get('state')} and this gateway does not start or swap "
-            f"engines for requests (gateway.swaps = {permission.value!r}); {who} can start it (llmctl start "
-            f"{entry['id']})", "engine_not_running", engine=entry["id"])
+        return error_response(anthropic, 503, start_refused_message(entry["id"], str(entry.get("state")), permission),
+                              "engine_not_running", engine=entry["id"])
+
+    def may_start(self, request: Request) -> bool:
+        """Whether this request may have the daemon start (or swap in) its engine (``gateway.swaps``)."""
+        permission = SwapPermission(self.settings.swaps)
+        return permission is SwapPermission.ALLOWED or may_start_engine(
+            permission, key_given=self._api_key is not None and self.authorized(request))
 
     async def _enter_line(self, upstream: Upstream, anthropic: bool) -> Response | None:
-        verdict = await self.lines.enter(upstream.engine, upstream.max_concurrent, upstream.max_queue,
-                                         wait_s=self.settings.hold_s)
+        hold_s = self.settings.hold_s
+        try:
+            verdict = await self.lines.enter(upstream.engine, upstream.max_concurrent, upstream.max_queue, wait_s=hold_s)
+        except _LineWaitExpired:
+            verdict = None
         if verdict is Admission.RUN:
             return None
-        self.stats.refuse("queue_full")
         line = self.lines.line(upstream.engine)
         retry = retry_after_s(waiting=len(line.waiting), max_concurrent=upstream.max_concurrent)
+        running = f"{line.running} request(s) running (max_concurrent {upstream.max_concurrent})"
+        if verdict is None:  # it had a place in the line, but no slot came within the hold time
+            self.stats.refuse("queue_timeout")
+            why = (f"this request waited {hold_s:g}s (the gateway's hold_s) in its line without getting a slot; "
+                   f"{running}, {len(line.waiting)} still waiting (max_queue {upstream.max_queue})")
+        else:
+            self.stats.refuse("queue_full")
+            why = f"{running} and {len(line.waiting)} waiting (max_queue {upstream.max_queue})"
         return error_response(
-            anthropic, 429, f"engine {upstream.engine!r} is busy: {line.running} request(s) running (max_concurrent "
-            f"{upstream.max_concurrent}) and {len(line.waiting)} waiting (max_queue {upstream.max_queue}); "
-            f"retry in about {retry}s", "rate_limit_exceeded", headers={"retry-after": str(retry)},
-            engine=upstream.engine)
+            anthropic, 429, f"engine {upstream.engine!r} is busy: {why}; retry in about {retry}s",
+            "rate_limit_exceeded", headers={"retry-after": str(retry)}, engine=upstream.engine)
 
     async def _dispatch(self, request: Request, path: str, anthropic: bool, doc: Any, body: bytes, stream: bool,
                         upstream: Upstream) -> Response | _Forward:
@@ -1751,13 +1766,13 @@ class _Gateway:
             },
         )
 
-    async def _acquire(self, model: str | None, anthropic: bool) -> Upstream | Response:
+    async def _acquire(self, model: str | None, anthropic: bool, may_start: bool) -> Upstream | Response:
         stats = self.stats
         stats.waiting += 1
         hold_s = self.settings.hold_s
         try:
             with anyio.move_on_after(hold_s):
-                return await self.backend.acquire(model)
+                return await self.backend.acquire(model, may_start=may_start)
             name = model or self.backend.default_engine() or "(default)"
             raise EngineUnavailable(
                 name,
@@ -1798,10 +1813,15 @@ class _Gateway:
         until = None
         if exc.until_wall is not None:
             until = datetime.fromtimestamp(exc.until_wall, tz=UTC).isoformat(timespec="seconds")
-        code = "model_not_found" if exc.status == 404 else "engine_unavailable"
+        code = ("model_not_found" if exc.status == 404 else "engine_not_running" if exc.reason == "engine_not_running"
+                else "engine_unavailable")
         body = error_body(anthropic, exc.status, str(exc), code, engine=exc.engine, reason=exc.reason,
                           retry_after_s=retry_after_s, until=until, until_wall=exc.until_wall)
         return body, headers
+
+
+class _LineWaitExpired(Exception):
+    """A request waited in its engine's line for the whole wait it was given, and no slot came."""
 
 
 class _Line:
@@ -1829,6 +1849,8 @@ class EngineLines:
         return line
 
     async def enter(self, engine: str, max_concurrent: int, max_queue: int, *, wait_s: float) -> Admission:
+        """RUN (a slot is the request's: ``leave`` gives it back) or REFUSE (the line is full); a request
+        that waited ``wait_s`` in the line without a slot raises _LineWaitExpired."""
         line = self.line(engine)
         verdict = admit_request(running=line.running, waiting=len(line.waiting), max_concurrent=max_concurrent,
                                 max_queue=max_queue)
@@ -1850,7 +1872,7 @@ class EngineLines:
             raise
         if not turn.is_set():
             line.waiting.remove(turn)
-            return Admission.REFUSE
+            raise _LineWaitExpired
         return Admission.RUN
 
     def admits_now(self, engine: str, max_concurrent: int, max_queue: int) -> bool:

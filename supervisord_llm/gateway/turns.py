@@ -63,9 +63,10 @@ class TurnHost(Protocol):
     def unavailable(self, engine: str) -> Exception | None:
         """Why ``engine`` cannot be served (backoff, failed), or None while it may yet serve."""
 
-    def start_swap(self, engine: str) -> bool | Exception:
+    def start_swap(self, engine: str, *, may_start: bool = True) -> bool | Exception:
         """Start swapping ``engine`` in (in the background): True when started, False when it need
-        not or cannot start now (a swap runs, the engine is starting), or why it is refused."""
+        not or cannot start now (a swap runs, the engine is starting), or why it is refused (also when
+        ``may_start`` is False: no request waiting for it may start it, ``gateway.swaps``)."""
 
     def decided(self, action: ServeGroup, **inputs: object) -> None: ...
 
@@ -86,6 +87,7 @@ class _Group:
     released: bool = False
     refused: Exception | None = None
     swap_asked: bool = False
+    may_start: bool = False  # a request in it may have its engine started (gateway.swaps)
     done: anyio.Event = field(default_factory=anyio.Event)  # released or refused: its waiters go on
 
 
@@ -136,7 +138,7 @@ class EngineTurns:
         if group is not None and group.swap_asked and not group.released:
             self._refuse(group, error)
 
-    async def wait_turn(self, engine: str) -> None:
+    async def wait_turn(self, engine: str, *, may_start: bool = True) -> None:
         """Hold until ``engine``'s group is released (it serves now); raises why it cannot be served.
         The caller bounds the wait (the gateway's hold_s). A request released here counts as on its
         way to ``engine`` until ``request_started``."""
@@ -145,6 +147,7 @@ class EngineTurns:
             group = self.groups[engine] = _Group(engine, self.host.now())
             self.host.groups_changed()
         group.requests += 1
+        group.may_start = group.may_start or may_start
         self.changed()
         try:
             await group.done.wait()
@@ -212,7 +215,7 @@ class EngineTurns:
         self._forget_lost()
         refused = host.unavailable(turn.engine)
         if refused is None and not group.swap_asked:
-            started = host.start_swap(turn.engine)
+            started = host.start_swap(turn.engine, may_start=group.may_start)
             if isinstance(started, Exception):
                 refused = started
             else:

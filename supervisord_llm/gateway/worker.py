@@ -155,8 +155,8 @@ class ProcessBackend:
         finally:
             self._waiting.pop(rid, None)
 
-    async def acquire(self, model: str | None) -> Upstream:
-        kind, payload = await self._ask("acquire", model)
+    async def acquire(self, model: str | None, *, may_start: bool = True) -> Upstream:
+        kind, payload = await self._ask("acquire", model, may_start)
         if kind == "acquired":
             upstream = payload[0]
             assert isinstance(upstream, Upstream)

@@ -32,7 +32,7 @@ from policies.frontdoor import (
     own_host,
 )
 from policies.frontdoor import SwapPermission as P
-from tests.helpers import PYTHON, chromium_driver, free_port, mlx_engine_toml, standin_engine_toml
+from tests.helpers import PYTHON, chromium_driver, free_port, mlx_engine_toml, standin_engine_toml, wait_for
 
 
 def _check_config(config: Path) -> subprocess.CompletedProcess[str]:
@@ -298,6 +298,28 @@ def test_an_ollama_stream_that_goes_silent_is_cut_with_an_error_line_and_the_eng
     assert engine["watchdog"]["evidence"]["source"] == "stream", engine
 
 
+def test_a_request_that_waited_its_hold_time_in_the_line_is_told_so_not_that_the_queue_was_full(daemon_factory) -> None:
+    """max_concurrent = 1 with room in the queue: a request that waits in the line longer than hold_s gets a 429
+    that says it waited that long (naming hold_s), counted apart from a full queue's refusals."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "10", default=True, max_concurrent=1,
+                                           max_queue=8) + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "2s"\n'
+                       ).start()
+    d.wait_state("e", "ready", 30)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    running = threading.Thread(target=httpx.post, args=(url,), kwargs={"timeout": 60, "json": {
+        "model": "e", "max_tokens": 60, "messages": [{"role": "user", "content": "hi"}]}})  # 6 s at 10 tokens/s
+    running.start()
+    time.sleep(0.5)
+    waited = httpx.post(url, timeout=60, json={"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    running.join()
+    error = waited.json()["error"]
+    assert waited.status_code == 429 and int(waited.headers["retry-after"]) >= 1, waited.text
+    assert "waited 2s" in error["message"] and "hold_s" in error["message"] and "max_queue 8" in error["message"]
+    counted = d.gateway_counters(lambda g: g["refused"].get("queue_timeout", 0) >= 1)["refused"]
+    assert counted["queue_timeout"] == 1 and "queue_full" not in counted
+
+
 def test_an_ollama_stream_with_tools_may_be_silent_for_its_prefill_limit_between_tokens(daemon_factory) -> None:
     """Ollama sends nothing while it collects a tool call (its parser gives the call whole): a request with tools
     to an Ollama engine is held to prefill_stall_s between tokens, not decode_stall_s."""
@@ -434,6 +456,31 @@ def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> 
     r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=30,
                    json={"model": "b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200
+
+
+def test_swaps_never_does_not_start_again_an_engine_the_operator_stops_while_a_request_waits(daemon_factory) -> None:
+    """With swaps = "never", a request that arrives while the operator's `llmctl stop` is under way (the engine
+    is `stopping`: here it ignores SIGTERM for its 4 s grace) is held, and once the engine has stopped it gets
+    the same 503 naming `llmctl start` as a request for a stopped engine: it does not start the engine again
+    behind the operator."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--ignore-sigterm", default=True, stop_grace="4s")
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nswaps = "never"\nhold_s = "20s"\n').start()
+    d.wait_state("a", "ready", 30)
+    stop = subprocess.Popen([PYTHON, "-m", "supervisord_llm.cli", "--socket", str(d.socket), "stop", "a"],
+                            env={**d.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: d.engine("a")["state"] == "stopping", 10, "a stopping for the operator")
+    held = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60,
+                      json={"model": "a", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert held.status_code == 503 and held.json()["error"]["code"] == "engine_not_running", held.text
+    assert "llmctl start a" in held.json()["error"]["message"]
+    _, stop_err = stop.communicate(timeout=30)
+    assert stop.returncode == 0, stop_err
+    time.sleep(1.0)
+    assert d.engine("a")["state"] == "stopped"
+    events = d.events()
+    stopped = next(e["seq"] for e in events if e["kind"] == "engine.stopped")
+    assert not [e for e in events if e["seq"] > stopped and e["kind"] in ("swap.started", "engine.spawned")], events
 
 
 def test_swaps_with_key_lets_local_clients_use_a_resident_engine_and_only_the_key_start_one(daemon_factory) -> None:

@@ -65,7 +65,7 @@ class Backend:
     def default_engine(self) -> str | None:
         return self.default
 
-    async def acquire(self, model: str | None) -> Upstream:
+    async def acquire(self, model: str | None, *, may_start: bool = True) -> Upstream:
         name = model or self.default
         if name in self.unavailable:
             raise self.unavailable[name]

@@ -47,7 +47,7 @@ class RecordingBackend:
     def default_engine(self) -> str | None:
         return "tiny"
 
-    async def acquire(self, model: str | None) -> Upstream:
+    async def acquire(self, model: str | None, *, may_start: bool = True) -> Upstream:
         self.acquired += 1
         if model == "backoff":
             raise EngineUnavailable("backoff", "backoff", "backoff is in restart backoff; next start in 42s",

@@ -51,7 +51,7 @@ class Host:
     def unavailable(self, engine: str) -> Exception | None:
         return None
 
-    def start_swap(self, engine: str) -> bool | Exception:
+    def start_swap(self, engine: str, *, may_start: bool = True) -> bool | Exception:
         self.swaps.append(engine)
         return True
 
