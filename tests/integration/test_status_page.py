@@ -15,7 +15,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import CHROMEDRIVER, CHROMIUM, PYTHON, REPO, Daemon, chromium_driver, free_port, short_tmpdir
+from tests.helpers import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    PYTHON,
+    REPO,
+    Daemon,
+    chromium_driver,
+    free_port,
+    short_tmpdir,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -212,6 +222,7 @@ def test_status_page_needs_the_key_when_the_gateway_has_one(daemon_factory) -> N
         driver = chromium_driver()
         try:
             driver.get(f"{base}/")
-            assert "needs the gateway's API key" in driver.page_source
+            # (Read until it holds: under load Chromium once gave an empty page source just after the load.)
+            wait_for(lambda: "needs the gateway's API key" in driver.page_source, 15, "the page's 401 text")
         finally:
             driver.quit()
