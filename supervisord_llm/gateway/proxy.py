@@ -40,7 +40,7 @@ import socket
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -509,7 +509,9 @@ class _Forward:
         self.on_done: Callable[[], None] | None = None  # gives the engine's slot back
         self.may_start = True  # may the resend's wait have the daemon start the engine (gateway.swaps)
         self.upstream = upstream
-        self.request = request
+        # An engine silent toward this request for upstream_read_timeout_s is waited for while it shows
+        # progress elsewhere (a non-streamed answer comes whole, after the whole generation).
+        self.request = replace(request, still_working=self._engine_working)
         self.anthropic = anthropic
         self.stream_requested = stream_requested
         self.sent_at_s = 0.0
@@ -592,6 +594,17 @@ class _Forward:
                     await self.response.aclose()
             counts["in_flight"] -= 1
             self._finish(counts)
+
+    def _engine_working(self, quiet_s: float) -> bool:
+        """The engine showed progress (its counters, its prefill, other streams, a canary) within the last
+        ``quiet_s`` seconds, while it sent this request nothing."""
+        gw = self.gw
+        try:
+            progress_s = gw.backend.engine_progress_s(self.upstream.engine)
+        except Exception:
+            gw.log.exception("gateway.backend_failed", method="engine_progress_s")
+            return False
+        return progress_s is not None and progress_s > gw.clock.now() - quiet_s
 
     def _start_stall_watch(self) -> None:
         if self._stall_timer is None and not self._stall_watch_over:
@@ -725,7 +738,7 @@ class _Forward:
                     error_body(
                         self.anthropic,
                         504,
-                        f"engine {upstream.engine!r} did not answer in time ({type(exc).__name__})",
+                        f"engine {upstream.engine!r} did not answer in time: {exc}",
                         "upstream_timeout",
                         engine=upstream.engine,
                     ),

@@ -66,8 +66,8 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import cast
 
 import httptools
@@ -91,12 +91,19 @@ _Key = tuple[str, int, bool]  # host, port, TLS
 
 @dataclass(frozen=True)
 class UpstreamRequest:
-    """One request as it goes to the engine (the path was checked by the gateway before)."""
+    """One request as it goes to the engine (the path was checked by the gateway before).
+
+    ``still_working(quiet_s)``, when given, is asked once the engine has sent nothing for the read timeout:
+    True (the engine showed progress elsewhere within the last ``quiet_s`` seconds: its step counters, its
+    prefill, other streams) keeps the request waiting another read timeout. A non-streamed answer sends
+    nothing until it is whole, however long the generation takes.
+    """
 
     method: str
     url: str
     headers: list[tuple[bytes, bytes]]
     content: bytes
+    still_working: Callable[[float], bool] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -336,16 +343,23 @@ class _Connection(asyncio.Protocol):
 
 class _ReadClock:
     """One timer per wait, and none while bytes keep coming: the engine must send a byte within
-    ``timeout_s`` of the last one (or of the request) while someone waits for it."""
+    ``timeout_s`` of the last one (or of the request) while someone waits for it, or show progress
+    elsewhere meanwhile (``still_working``, see UpstreamRequest), which gives it another ``timeout_s``."""
 
-    def __init__(self, connection: _Connection, timeout_s: float) -> None:
+    def __init__(self, connection: _Connection, timeout_s: float,
+                 still_working: Callable[[float], bool] | None = None) -> None:
         self._connection = connection
         self._timeout_s = timeout_s
+        self._still_working = still_working
+        self._extended_at = 0.0  # when the engine's progress elsewhere last gave it more time
         self._timer: asyncio.TimerHandle | None = None
+
+    def _due(self) -> float:
+        return max(self._connection.last_byte_at, self._extended_at) + self._timeout_s
 
     async def wait(self, future: asyncio.Future[None]) -> None:
         connection = self._connection
-        self._timer = connection._loop.call_at(connection.last_byte_at + self._timeout_s, self._check, future)
+        self._timer = connection._loop.call_at(self._due(), self._check, future)
         try:
             await future
         finally:
@@ -357,14 +371,27 @@ class _ReadClock:
         if future.done():
             return
         connection = self._connection
-        due = connection.last_byte_at + self._timeout_s
+        due = self._due()
         loop = connection._loop
-        if loop.time() < due:
+        now = loop.time()
+        if now < due:
             self._timer = loop.call_at(due, self._check, future)
             return
+        still_working = self._still_working
+        if still_working is not None:
+            try:
+                working = still_working(now - max(connection.last_byte_at, self._extended_at))
+            except Exception:  # a bug in the caller's check must not leave the request waiting forever
+                working = False
+            if working:
+                self._extended_at = now
+                self._timer = loop.call_at(self._due(), self._check, future)
+                return
         self._timer = None
+        shown = " and showed no progress meanwhile" if still_working is not None else ""
         future.set_exception(httpx.ReadTimeout(
-            f"the engine sent nothing for {self._timeout_s:g}s", request=connection._request()))
+            f"the engine sent nothing for {self._timeout_s:g}s{shown} (the gateway's upstream_read_timeout_s)",
+            request=connection._request()))
 
 
 class UpstreamResponse:
@@ -459,7 +486,7 @@ class UpstreamClient:
             if connection is None:
                 connection = await self._connect(target.key, request.url)
             head = connection.start(request.method, request.url, data)
-            clock = _ReadClock(connection, self._read_timeout_s)
+            clock = _ReadClock(connection, self._read_timeout_s, request.still_working)
             await clock.wait(head)
         except BaseException:
             if connection is not None:

@@ -714,3 +714,64 @@ def test_the_meter_reads_ollamas_own_stream_of_json_lines() -> None:
     broken = TokenMeter(anthropic=False, ndjson=True)
     broken.feed(b'{"error":"model runner has unexpectedly stopped"}\n', 1.0)
     assert broken.tokens == 0 and broken.error == "model runner has unexpectedly stopped"
+
+
+class ProgressingBackend(Backend):
+    """Reports the engine's progress as the daemon does from its step counters: always just now."""
+
+    def engine_progress_s(self, engine: str) -> float | None:
+        return self.clock.now()
+
+
+@asynccontextmanager
+async def silent_then_whole_engine(silent_s: float) -> AsyncIterator[str]:
+    """An engine that answers a chat completion whole after ``silent_s`` with nothing sent before (a long
+    non-streamed generation)."""
+    import asyncio
+
+    answer = json.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "done"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            await asyncio.sleep(silent_s)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(answer), answer))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # a connection closed without a request (the gateway's spare), or the gateway gave up
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("progressing", [True, False])
+async def test_a_non_streamed_answer_longer_than_the_read_timeout_waits_while_the_engine_progresses(
+    progressing: bool,
+) -> None:
+    """A non-streamed answer arrives whole, after its whole generation: an engine that sends nothing for longer
+    than upstream_read_timeout_s (here 1 s against 3 s) is waited for while it shows progress (its step
+    counters), and is a 504 naming the setting when it shows none."""
+    async with silent_then_whole_engine(3.0) as base_url:
+        upstreams = {"slow": Upstream("slow", base_url, "vllm", supports_messages=False)}
+        backend = (ProgressingBackend if progressing else Backend)(upstreams, default="slow")
+        async with running_gateway(backend, GatewaySettings(upstream_read_timeout_s=1.0)) as url:
+            async with httpx.AsyncClient(timeout=30) as client:
+                r = await client.post(url + "/v1/chat/completions", json={
+                    "model": "slow", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+    if progressing:
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "done", r.text
+    else:
+        assert r.status_code == 504, r.text
+        assert "upstream_read_timeout_s" in r.json()["error"]["message"], r.text

@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -183,6 +184,31 @@ async def test_an_engine_silent_past_the_read_timeout_is_a_read_timeout() -> Non
                                   pool_timeout_s=None) as c:
             with pytest.raises(httpx.ReadTimeout):
                 await c.send(request(url))
+
+
+async def test_an_engine_silent_toward_a_request_is_waited_for_while_it_shows_progress_elsewhere() -> None:
+    """A non-streamed answer comes whole, after the whole generation: while the engine shows progress elsewhere
+    (asked with how long it has been quiet toward this request) the request waits another read timeout; once
+    it shows none, the read timeout says so and names the setting."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.sleep(5)
+
+    asked: list[float] = []
+
+    def still_working(quiet_s: float) -> bool:
+        asked.append(quiet_s)
+        return len(asked) <= 2  # progress twice, then none
+
+    async with engine(handler) as url:
+        async with UpstreamClient(connect_timeout_s=2.0, read_timeout_s=0.2, max_connections=8,
+                                  pool_timeout_s=None) as c:
+            started = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout, match="showed no progress meanwhile .*upstream_read_timeout_s"):
+                await c.send(replace(request(url), still_working=still_working))
+            waited_s = time.monotonic() - started
+    assert len(asked) == 3 and all(0.15 < quiet_s < 1.0 for quiet_s in asked), asked
+    assert 0.55 < waited_s < 3.0, waited_s  # three read timeouts, not one
 
 
 class Http10Engine:
