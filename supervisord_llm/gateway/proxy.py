@@ -324,8 +324,8 @@ class GatewayStats:
         self.upstream_retries = 0  # sends retried after the engine dropped the connection unanswered
         self.clients_cut = 0  # clients cut for not draining their stream buffer within client_timeout_s
         self.engines: dict[str, dict[str, int]] = {}
-        # Requests the door turned away, by why: path, origin, host, body_timeout, swap, queue_full, queue_timeout,
-        # connections.
+        # Requests the door turned away, by why: path, method, key, invalid_json, invalid_model, origin, host,
+        # body_timeout, body_too_large, header_timeout, swap, queue_full, queue_timeout, connections.
         self.refused: dict[str, int] = {}
 
     def refuse(self, why: str) -> None:
@@ -1340,6 +1340,7 @@ class _Gateway:
     # -- endpoints ---------------------------------------------------------------------------
 
     def unauthorized(self, anthropic: bool) -> JSONResponse:
+        self.stats.refuse("key")
         return error_response(
             anthropic,
             401,
@@ -1476,38 +1477,23 @@ class _Gateway:
             try:
                 doc = json.loads(body)
             except ValueError as exc:
-                return error_response(
-                    anthropic, 400, f"request body is not valid JSON: {exc}", "invalid_json"
-                )
+                return self._invalid(anthropic, f"request body is not valid JSON: {exc}", "invalid_json")
             except RecursionError:
-                return error_response(
-                    anthropic,
-                    400,
-                    "request body is nested too deeply to parse; "
-                    f"keep JSON nesting under {anthropic_api.MAX_NESTING_DEPTH} levels",
-                    "invalid_json",
-                )
+                return self._invalid(anthropic, "request body is nested too deeply to parse; keep JSON nesting "
+                                     f"under {anthropic_api.MAX_NESTING_DEPTH} levels", "invalid_json")
             if needs_json and not isinstance(doc, dict):
-                return error_response(
-                    anthropic, 400, "request body must be a JSON object", "invalid_json"
-                )
+                return self._invalid(anthropic, "request body must be a JSON object", "invalid_json")
             if isinstance(doc, dict):
                 raw_model = doc.get("model")
                 if raw_model is not None and not isinstance(raw_model, str):
-                    return error_response(
-                        anthropic,
-                        400,
-                        f"'model' must be a string, got {type(raw_model).__name__}",
-                        "invalid_model",
-                    )
+                    return self._invalid(anthropic, f"'model' must be a string, got {type(raw_model).__name__}",
+                                         "invalid_model")
                 model = raw_model or None
                 # Ollama's own API streams lines of JSON (and does so by default): no SSE early head or
                 # comments may go into them, so it is passed through as a plain body, held without either.
                 stream = doc.get("stream") is True and path not in OLLAMA_API_PATHS
         elif needs_json and request.method == "POST":
-            return error_response(
-                anthropic, 400, "request body is empty; expected a JSON object", "invalid_json"
-            )
+            return self._invalid(anthropic, "request body is empty; expected a JSON object", "invalid_json")
 
         if path in KIND_DEPENDENT_PATHS:
             entry = self._engine_entry(model)
@@ -1533,6 +1519,11 @@ class _Gateway:
                 state=lambda: self._engine_state(model), finish=_give_back,
                 error_body=lambda status, message, code: error_body(anthropic, status, message, code))
         return await self._route(request, path, anthropic, doc, body, stream, model)
+
+    def _invalid(self, anthropic: bool, message: str, code: str) -> JSONResponse:
+        """A 400 for a body the gateway cannot forward (not JSON, not an object, a bad model), counted."""
+        self.stats.refuse(code)
+        return error_response(anthropic, 400, message, code)
 
     def _engine_entry(self, model: str | None) -> dict[str, Any] | None:
         """The engine a request reaches, as the daemon routes it (a served model's name too)."""
@@ -2130,7 +2121,11 @@ async def _not_served(request: Request, exc: Exception) -> Response:
 
     path = request.url.path
     anthropic = _messages_path(path)
-    if isinstance(exc, HTTPException) and exc.status_code == 405:
+    stats = getattr(request.app.state, "gateway", None)
+    method_refused = isinstance(exc, HTTPException) and exc.status_code == 405
+    if isinstance(stats, GatewayStats):
+        stats.refuse("method" if method_refused else "path")
+    if isinstance(exc, HTTPException) and method_refused:
         return error_response(anthropic, 405, f"{path} does not take {request.method}", "method_not_allowed",
                               headers=exc.headers)
     return error_response(anthropic, 404, f"{path} is not a path the gateway serves: it forwards "

@@ -142,7 +142,7 @@ class StatusCollector:
             restarts.add_metric((engine["name"],), float(engine.get("restarts") or 0))
         yield restarts
         refused = CounterMetricFamily(f"{PREFIX}_gateway_refused", "requests the gateway refused, by why "
-                                      "(path, origin, host, body_timeout, body_too_large, header_timeout, swap, queue_full, queue_timeout, connections)", labels=("reason",))
+                                      "(path, method, key, invalid_json, invalid_model, origin, host, body_timeout, body_too_large, header_timeout, swap, queue_full, queue_timeout, connections)", labels=("reason",))
         for reason, count in ((self.status.get("gateway") or {}).get("refused") or {}).items():
             refused.add_metric((reason,), float(count))
         yield refused

@@ -430,6 +430,27 @@ def test_a_flood_of_connections_is_refused_in_json_while_the_daemon_keeps_servin
     assert counted["refused"]["connections"] == codes.count(503)
 
 
+def test_every_refusal_is_counted_by_why(daemon_factory) -> None:
+    """A wrong key, a path the gateway does not serve, a method a path does not take, a body that is not JSON and
+    a model that is not a string are each refused in the client's shape and counted under their own reason."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\napi_key = "s3cret-key"\n').start()
+    d.wait_state("e", "ready", 30)
+    base = f"http://127.0.0.1:{gw}"
+    key = {"authorization": "Bearer s3cret-key"}
+    assert httpx.post(f"{base}/v1/chat/completions", json={"model": "e"}, timeout=30).status_code == 401
+    assert httpx.post(f"{base}/api/pull", json={"name": "x"}, headers=key, timeout=30).status_code == 404
+    assert httpx.post(f"{base}/health", json={}, headers=key, timeout=30).status_code == 405
+    not_json = httpx.post(f"{base}/v1/messages", content=b"{oops", headers={**key, "content-type": "application/json"},
+                          timeout=30)
+    assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.post(f"{base}/v1/chat/completions", json={"model": 7}, headers=key, timeout=30).status_code == 400
+    want = {"key": 1, "path": 1, "method": 1, "invalid_json": 1, "invalid_model": 1}
+    refused = d.gateway_counters(lambda g: all(g["refused"].get(k, 0) >= n for k, n in want.items()))["refused"]
+    assert {k: refused.get(k, 0) for k in want} == want, refused
+
+
 def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> None:
     """With swaps = "never" a request for a stopped engine gets 503 naming `llmctl start`; the operator can start it."""
     gw = free_port()
