@@ -1275,7 +1275,7 @@ class _Gateway:
                 connect=s.upstream_connect_timeout_s,
                 read=s.upstream_read_timeout_s,
                 write=s.upstream_read_timeout_s,
-                pool=s.hold_s or None,
+                pool=s.hold_s,
             ),
             limits=httpx.Limits(
                 max_connections=s.max_upstream_connections,
@@ -1289,7 +1289,7 @@ class _Gateway:
     def make_upstream_client(self) -> UpstreamClient:
         s = self.settings
         return UpstreamClient(connect_timeout_s=s.upstream_connect_timeout_s, read_timeout_s=s.upstream_read_timeout_s,
-                              max_connections=s.max_upstream_connections, pool_timeout_s=s.hold_s or None)
+                              max_connections=s.max_upstream_connections, pool_timeout_s=s.hold_s)
 
     def call_backend(self, method: str, *args: Any) -> None:
         try:

@@ -6,6 +6,7 @@ defined here on top of the real engine processes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -775,3 +776,24 @@ async def test_a_non_streamed_answer_longer_than_the_read_timeout_waits_while_th
     else:
         assert r.status_code == 504, r.text
         assert "upstream_read_timeout_s" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.anyio
+async def test_with_hold_s_0_a_request_waits_for_no_connection_either() -> None:
+    """hold_s = 0 (no request waits): with the engine's one connection (max_upstream_connections = 1) busy, the
+    next request is answered at once with a 504 naming the setting, not after the busy one has finished."""
+    async with silent_then_whole_engine(3.0) as base_url:
+        backend = Backend({"slow": Upstream("slow", base_url, "vllm", supports_messages=False)}, default="slow")
+        settings = GatewaySettings(hold_s=0.0, max_upstream_connections=1)
+        async with running_gateway(backend, settings) as url, httpx.AsyncClient(timeout=30) as client:
+            body = {"model": "slow", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(functools.partial(client.post, url + "/v1/chat/completions", json=body))  # holds it
+                await wait_for(lambda: backend.started)
+                await anyio.sleep(0.3)
+                started = time.monotonic()
+                second = await client.post(url + "/v1/chat/completions", json=body)
+                took_s = time.monotonic() - started
+                tg.cancel_scope.cancel()
+    assert second.status_code == 504 and "max_upstream_connections" in second.json()["error"]["message"], second.text
+    assert took_s < 2.0, took_s
