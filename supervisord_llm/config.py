@@ -528,8 +528,11 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
     gateway = None
     if "gateway" in data:
         settings = read_gateway(root.sub("gateway"), environ)
-        if metrics_listen and _same_listen(metrics_listen, f"{settings.host}:{settings.port}"):
-            raise ConfigError("the gateway and metrics_listen use the same address", file=file, key="gateway.listen")
+        if settings.enabled and metrics_listen and _same_listen(parse_listen(metrics_listen),
+                                                                (settings.host, settings.port)):
+            raise ConfigError(f"the gateway ({settings.listen}) and daemon.metrics_listen ({metrics_listen}) would "
+                              "listen on the same port of the same address; give one of them another port",
+                              file=file, key="gateway.listen")
         gateway = settings if settings.enabled else None
         if gateway is not None:
             for engine in engines:
@@ -589,8 +592,11 @@ def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:
     return host, port
 
 
-def _same_listen(a: str, b: str) -> bool:
-    return a.rsplit(":", 1)[-1] == b.rsplit(":", 1)[-1]
+def _same_listen(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Two listen addresses that cannot both be bound: the same port on the same host, or on a host and the
+    wildcard address that covers it (0.0.0.0 or ::)."""
+    (host_a, port_a), (host_b, port_b) = a, b
+    return port_a == port_b and (host_a == host_b or {host_a, host_b} & {"0.0.0.0", "::", ""} != set())
 
 
 def resolve_config_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Path:

@@ -173,3 +173,21 @@ def test_memory_guard_keys_are_validated(tmp_path: Path, text: str, key: str, ex
         load_config(write(tmp_path, GOOD_ENGINE + text))
     message = str(info.value)
     assert str(tmp_path / "config.toml") in message and key in message and expected in message, message
+
+
+@pytest.mark.parametrize(("metrics", "gateway", "clash"), [
+    ("127.0.0.1:9464", 'listen = "127.0.0.1:9464"', True),
+    ("0.0.0.0:9464", 'listen = "127.0.0.1:9464"', True),   # the wildcard covers the gateway's address
+    ("127.0.0.2:9464", 'listen = "127.0.0.1:9464"', False),  # same port, another address: both bind
+    ("127.0.0.1:9465", 'listen = "127.0.0.1:9464"', False),
+    ("127.0.0.1:9464", 'listen = "127.0.0.1:9464"\nenabled = false', False),  # no gateway listens
+])
+def test_the_gateway_and_metrics_listen_clash_only_where_both_cannot_bind(tmp_path: Path, metrics: str, gateway: str,
+                                                                          clash: bool) -> None:
+    text = (f'[daemon]\nstate_dir = "{tmp_path}/s"\nmetrics_listen = "{metrics}"\n' + GOOD_ENGINE
+            + f'footprint = "1GB"\n[gateway]\n{gateway}\n')
+    if clash:
+        with pytest.raises(ConfigError, match="same port of the same address"):
+            load_config(write(tmp_path, text))
+    else:
+        load_config(write(tmp_path, text))
