@@ -37,11 +37,11 @@ def resolve_socket(args: argparse.Namespace) -> Path:
     exists), else $SUPERVISORD_LLM_STATE_DIR/control.sock, else the platform state dir's."""
     if getattr(args, "socket", None):
         return Path(args.socket)
-    from supervisord_llm.config import default_state_dir, load_config, resolve_config_path
+    from supervisord_llm.config import control_socket_of, default_state_dir, resolve_config_path
 
     config_path = resolve_config_path(getattr(args, "config", None))
     if getattr(args, "config", None) or os.environ.get("SUPERVISORD_LLM_CONFIG") or config_path.exists():
-        return load_config(config_path).daemon.control_socket
+        return control_socket_of(config_path)
     state = os.environ.get("SUPERVISORD_LLM_STATE_DIR")
     return (Path(state) if state else default_state_dir()) / "control.sock"
 

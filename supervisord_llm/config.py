@@ -470,6 +470,18 @@ def _parse_probes(t: Table) -> ProbeSettings:
 _TOP_KEYS = {"daemon", "engine", "policies", "probes", "gateway", "alerts"}
 
 
+def _state_and_socket(d: Table, environ: Mapping[str, str]) -> tuple[Path, Path]:
+    """The [daemon] table's state directory and control socket."""
+    state_dir_raw = d.str("state_dir") or environ.get("SUPERVISORD_LLM_STATE_DIR")
+    state_dir = Path(os.path.expanduser(state_dir_raw)) if state_dir_raw else default_state_dir()
+    socket_raw = d.str("control_socket")
+    control_socket = Path(os.path.expanduser(socket_raw)) if socket_raw else state_dir / "control.sock"
+    if len(str(control_socket).encode()) > 100:
+        raise d.error("control_socket", f"the path {str(control_socket)!r} is too long for a Unix socket "
+                                        "(at most 100 bytes); set a shorter daemon.control_socket or state_dir")
+    return state_dir, control_socket
+
+
 def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, str] | None = None) -> Config:
     """Validate a parsed TOML document into a Config."""
     environ = os.environ if environ is None else environ
@@ -478,13 +490,7 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
     d = root.sub("daemon")
     d.check_unknown({"state_dir", "control_socket", "log_level", "log_max_bytes", "metrics_listen",
                      "stop_engines_on_exit"})
-    state_dir_raw = d.str("state_dir") or environ.get("SUPERVISORD_LLM_STATE_DIR")
-    state_dir = Path(os.path.expanduser(state_dir_raw)) if state_dir_raw else default_state_dir()
-    socket_raw = d.str("control_socket")
-    control_socket = Path(os.path.expanduser(socket_raw)) if socket_raw else state_dir / "control.sock"
-    if len(str(control_socket).encode()) > 100:
-        raise d.error("control_socket", f"the path {str(control_socket)!r} is too long for a Unix socket "
-                                        "(at most 100 bytes); set a shorter daemon.control_socket or state_dir")
+    state_dir, control_socket = _state_and_socket(d, environ)
     metrics_listen = d.str("metrics_listen")
     if metrics_listen is not None:
         _parse_listen(metrics_listen, d, "metrics_listen")
@@ -649,6 +655,21 @@ def config_notes(config: Config) -> list[str]:
 
 def load_config(path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
     """Read, parse and validate the config; raise ConfigError naming file, key and what is valid."""
+    data, file = _read_document(path, environ)
+    return parse_config(data, file, environ=environ)
+
+
+def control_socket_of(path: str | os.PathLike[str] | None = None, *,
+                      environ: Mapping[str, str] | None = None) -> Path:
+    """The control socket the config gives the daemon, read from its [daemon] table alone: a client (llmctl)
+    needs nothing else, and must not fail where the daemon's secrets (api_key_env, url_env) are not in its
+    environment. ConfigError as load_config for a file that cannot be read or a [daemon] table that is wrong."""
+    data, file = _read_document(path, environ)
+    root = Table(data, file, "")
+    return _state_and_socket(root.sub("daemon"), os.environ if environ is None else environ)[1]
+
+
+def _read_document(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None) -> tuple[dict[str, Any], str]:
     resolved = resolve_config_path(path, environ)
     file = str(resolved)
     try:
@@ -667,10 +688,10 @@ def load_config(path: str | os.PathLike[str] | None = None, *, environ: Mapping[
         raise ConfigError(f"is not UTF-8 text (byte {exc.start})", file=file) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", file=file) from exc
-    return parse_config(data, file, environ=environ)
+    return data, file
 
 
 __all__ = [
-    "Config", "ConfigError", "DaemonConfig", "EngineConfig", "ENGINE_KINDS", "Table", "load_config",
+    "Config", "ConfigError", "DaemonConfig", "EngineConfig", "ENGINE_KINDS", "Table", "control_socket_of", "load_config",
     "parse_config", "resolve_config_path", "DURATION_HELP", "SIZE_HELP",
 ]

@@ -134,3 +134,22 @@ def test_logs_follow_streams_the_engine_output(daemon_factory) -> None:
         assert follower.proc.wait(30) == 0  # Ctrl-C ends a follow quietly
     finally:
         follower.close()
+
+
+def test_llmctl_finds_the_daemon_from_a_config_whose_secrets_live_in_the_daemons_environment(daemon_factory) -> None:
+    """A webhook URL and the gateway's key kept in the daemon's environment (url_env, api_key_env) are not in an
+    operator's shell: `llmctl --config` needs only the config's control socket, so it still reaches the daemon,
+    and `check-config` (which checks everything) still names the missing variable."""
+    config = (standin_engine_toml("a", free_port())
+              + f'[gateway]\nlisten = "127.0.0.1:{free_port()}"\napi_key_env = "TEST_GATEWAY_KEY"\n'
+              + '[[alerts.webhook]]\nname = "chat"\nformat = "slack"\nurl_env = "TEST_SLACK_WEBHOOK_URL"\n')
+    d = daemon_factory(config, env={"TEST_GATEWAY_KEY": "k-123", "TEST_SLACK_WEBHOOK_URL": "http://127.0.0.1:9/x"})
+    d.start()
+    d.wait_state("a", "ready", 30)
+    shell = {k: v for k, v in d.env.items() if k not in ("TEST_GATEWAY_KEY", "TEST_SLACK_WEBHOOK_URL")}
+    done = subprocess.run([PYTHON, "-m", "supervisord_llm.cli", "--config", str(d.config_path), "status"],
+                          capture_output=True, text=True, timeout=60, env=shell)
+    assert done.returncode == 0 and re.search(r"^a\s+command\s+ready", done.stdout, re.M), (done.stdout, done.stderr)
+    checked = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(d.config_path)],
+                             capture_output=True, text=True, timeout=60, env=shell)
+    assert checked.returncode == 2 and "TEST_" in checked.stderr, checked.stderr
