@@ -126,8 +126,11 @@ class Table:
         try:
             return parse_size_bytes(value)
         except ValueError as exc:
-            extra = ' or "auto"' if allow_auto else ""
-            raise self.error(name, f"{exc}{extra}") from exc
+            message = str(exc)
+            if allow_auto:  # 'expected a size such as ... or "auto", got ...'
+                head, got, rest = message.rpartition(", got ")
+                message = f'{head} or "auto"{got}{rest}' if got else f'{message} (or "auto")'
+            raise self.error(name, message) from exc
 
     def checked(self, name: builtins.str, check: Callable[[Any], T], default: Any = None) -> T:
         """The value (or ``default``) passed through ``check``, whose ValueError becomes this key's error."""

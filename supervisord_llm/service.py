@@ -249,6 +249,15 @@ def install(kind: str, dry_run: bool = False, *, config_path: str | os.PathLike[
     notes: list[str] = []
     if not _absolute(config_path).is_file():
         notes.append(f"the config file {_absolute(config_path)} does not exist yet; the daemon will not start without it")
+    names = environment_names(_absolute(config_path))
+    if names:
+        listed = ", ".join(names)
+        where = (f"add them under EnvironmentVariables in {unit_path} (or `launchctl setenv NAME VALUE` before "
+                 f"loading it)" if kind == "launchd" else
+                 f"add them with `systemctl --user edit {SYSTEMD_UNIT}` ([Service] Environment=NAME=VALUE lines, "
+                 "or EnvironmentFile= a file only you can read)")
+        notes.append(f"the config reads {listed} from the environment, which a service does not inherit from your "
+                     f"shell: {where}, or the daemon stops at start naming the first one missing")
     logs = _absolute(log_dir) if log_dir is not None else _absolute(state_dir) / "logs"
     if kind == "launchd":
         content = render_launchd(executable=executable_path, config_path=config_path, state_dir=state_dir,
@@ -287,6 +296,32 @@ def uninstall(kind: str, dry_run: bool = False, *, unit_dir: str | os.PathLike[s
         return ServicePlan(kind, unit_path, None, dry_run, False, commands if exists else (), (), notes)
     unit_path.unlink()
     return ServicePlan(kind, unit_path, None, False, True, commands, (), notes)
+
+
+def environment_names(config_path: Path) -> list[str]:
+    """The environment variables a config reads its secrets from (every ``*_env`` key: api_key_env,
+    url_env, secret_env, ...), in the order they appear; none where the file cannot be read."""
+    import tomllib
+
+    try:
+        document = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    names: list[str] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and key.endswith("_env") and isinstance(item, str) and item not in names:
+                    names.append(item)
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(document)
+    return names
 
 
 def _user_name() -> str:

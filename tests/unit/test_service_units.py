@@ -231,3 +231,19 @@ def test_plan_shell_quotes_paths_with_spaces() -> None:
     plan = ServicePlan("launchd", Path("/Users/a b/x.plist"), None, True, False,
                        (("launchctl", "bootstrap", "gui/501", "/Users/a b/x.plist"),))
     assert plan.shell == "launchctl bootstrap gui/501 '/Users/a b/x.plist'"
+
+
+@pytest.mark.parametrize("kind", ["launchd", "systemd"])
+def test_install_names_the_variables_the_config_reads_from_the_environment(tmp_path: Path, executable: Path,
+                                                                           kind: str) -> None:
+    """A service does not inherit the installing shell's environment: the secrets the config keeps there
+    (url_env, api_key_env) are named, with where the service would read them, so the daemon does not fail its
+    config check at every start."""
+    config = tmp_path / "c.toml"
+    config.write_text('[gateway]\napi_key_env = "GW_KEY"\n[[alerts.webhook]]\nname = "chat"\nformat = "slack"\n'
+                      'url_env = "SLACK_WEBHOOK_URL"\n')
+    plan = install(kind, dry_run=True, config_path=config, state_dir=tmp_path / "state", max_stop_grace_s=60,
+                   executable=executable, unit_dir=tmp_path / "units", uid=501)
+    note = next((n for n in plan.notes if "SLACK_WEBHOOK_URL" in n), None)
+    assert note is not None and "GW_KEY" in note, plan.notes
+    assert ("EnvironmentVariables" if kind == "launchd" else "systemctl --user edit") in note
