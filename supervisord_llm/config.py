@@ -602,7 +602,10 @@ def _same_listen(a: tuple[str, int], b: tuple[str, int]) -> bool:
     """Two listen addresses that cannot both be bound: the same port on the same host, or on a host and the
     wildcard address that covers it (0.0.0.0 or ::)."""
     (host_a, port_a), (host_b, port_b) = a, b
-    return port_a == port_b and (host_a == host_b or {host_a, host_b} & {"0.0.0.0", "::", ""} != set())
+    if port_a != port_b or port_a == 0:  # (port 0: each gets a free port of its own)
+        return False
+    host_a, host_b = ("127.0.0.1" if h == "localhost" else h for h in (host_a, host_b))
+    return host_a == host_b or {host_a, host_b} & {"0.0.0.0", "::", ""} != set()
 
 
 def resolve_config_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Path:

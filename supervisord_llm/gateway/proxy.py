@@ -752,6 +752,8 @@ class _Forward:
                     "gateway.upstream_failed", engine=upstream.engine, error=type(exc).__name__
                 )
                 if self.unavailable is not None:  # it died with the request, and is down for a while
+                    if self.unavailable.reason == "engine_not_running":
+                        gw.stats.refuse("swap")
                     body, headers = gw._unavailable_parts(self.unavailable, self.anthropic)
                     await _send_json(send, body, self.unavailable.status, headers)
                     return
@@ -1786,6 +1788,8 @@ class _Gateway:
                 retry_after_s=min(30.0, max(1.0, hold_s / 4)),
             )
         except EngineUnavailable as exc:
+            if exc.reason == "engine_not_running":  # the daemon's turn: the same refusal as the door's
+                stats.refuse("swap")
             return self._unavailable(exc, anthropic)
         except UnknownEngine as exc:
             return error_response(anthropic, 404, str(exc), "model_not_found", engine=exc.engine)

@@ -87,7 +87,7 @@ class _Group:
     released: bool = False
     refused: Exception | None = None
     swap_asked: bool = False
-    may_start: bool = False  # a request in it may have its engine started (gateway.swaps)
+    permitted: int = 0  # requests in it that may have its engine started (gateway.swaps)
     done: anyio.Event = field(default_factory=anyio.Event)  # released or refused: its waiters go on
 
 
@@ -147,7 +147,7 @@ class EngineTurns:
             group = self.groups[engine] = _Group(engine, self.host.now())
             self.host.groups_changed()
         group.requests += 1
-        group.may_start = group.may_start or may_start
+        group.permitted += may_start
         self.changed()
         try:
             await group.done.wait()
@@ -157,6 +157,7 @@ class EngineTurns:
             raise
         finally:
             group.requests -= 1
+            group.permitted -= may_start  # its permission leaves with it
             if group.requests == 0 and not group.done.is_set() and self.groups.get(engine) is group:
                 del self.groups[engine]  # everyone left (gave up): the next group's turn
                 self.host.groups_changed()
@@ -215,7 +216,7 @@ class EngineTurns:
         self._forget_lost()
         refused = host.unavailable(turn.engine)
         if refused is None and not group.swap_asked:
-            started = host.start_swap(turn.engine, may_start=group.may_start)
+            started = host.start_swap(turn.engine, may_start=group.permitted > 0)
             if isinstance(started, Exception):
                 refused = started
             else:

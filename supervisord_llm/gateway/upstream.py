@@ -341,6 +341,12 @@ class _Connection(asyncio.Protocol):
 
 
 
+# While the engine shows progress elsewhere, a request it sends nothing is given this many more read timeouts
+# in a row (an hour in all with the default 600 s): an engine that dropped one request while serving others
+# must not hold its client, its slot and its connection forever.
+QUIET_EXTENSIONS_MAX = 5
+
+
 class _ReadClock:
     """One timer per wait, and none while bytes keep coming: the engine must send a byte within
     ``timeout_s`` of the last one (or of the request) while someone waits for it, or show progress
@@ -352,6 +358,7 @@ class _ReadClock:
         self._timeout_s = timeout_s
         self._still_working = still_working
         self._extended_at = 0.0  # when the engine's progress elsewhere last gave it more time
+        self._extensions = 0  # given since the engine's last byte
         self._timer: asyncio.TimerHandle | None = None
 
     def _due(self) -> float:
@@ -378,20 +385,30 @@ class _ReadClock:
             self._timer = loop.call_at(due, self._check, future)
             return
         still_working = self._still_working
-        if still_working is not None:
+        if connection.last_byte_at > self._extended_at:
+            self._extensions = 0  # bytes came since the last extension
+        if still_working is not None and self._extensions < QUIET_EXTENSIONS_MAX:
             try:
                 working = still_working(now - max(connection.last_byte_at, self._extended_at))
             except Exception:  # a bug in the caller's check must not leave the request waiting forever
                 working = False
             if working:
                 self._extended_at = now
+                self._extensions += 1
                 self._timer = loop.call_at(self._due(), self._check, future)
                 return
         self._timer = None
-        shown = " and showed no progress meanwhile" if still_working is not None else ""
-        future.set_exception(httpx.ReadTimeout(
-            f"the engine sent nothing for {self._timeout_s:g}s{shown} (the gateway's upstream_read_timeout_s)",
-            request=connection._request()))
+        timeout_s = self._timeout_s
+        if still_working is None:
+            why = f"the engine sent nothing for {timeout_s:g}s (the gateway's upstream_read_timeout_s)"
+        elif self._extensions >= QUIET_EXTENSIONS_MAX:
+            times = QUIET_EXTENSIONS_MAX + 1
+            why = (f"the engine sent this request nothing for {times * timeout_s:g}s ({times} x the gateway's "
+                   "upstream_read_timeout_s), although it showed progress elsewhere")
+        else:
+            why = (f"the engine sent nothing for {timeout_s:g}s (the gateway's upstream_read_timeout_s) and showed "
+                   "no progress meanwhile")
+        future.set_exception(httpx.ReadTimeout(why, request=connection._request()))
 
 
 class UpstreamResponse:

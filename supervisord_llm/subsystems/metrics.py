@@ -135,8 +135,12 @@ class MetricsExtension(Extension):
             return JSONResponse({"ready": not bad, "engines_not_ok": bad}, status_code=503 if bad else 200)
 
         routes = [Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz)]
-        if daemon.config.gateway is None:
-            # Without a gateway, the status page lives here (loopback, like the metrics).
+        from supervisord_llm.gateway.settings import is_loopback, parse_listen
+
+        if daemon.config.gateway is None and is_loopback(parse_listen(self.listen)[0]):
+            # Without a gateway, the status page lives here, on loopback only: it has no key, and shows the
+            # events, the state directory and the config's path. A metrics port other machines reach (a
+            # Prometheus elsewhere scrapes it) serves the metrics and the probes alone.
             from supervisord_llm.subsystems.ui import daemon_snapshot, ui_routes
 
             routes.extend(ui_routes(daemon_snapshot(daemon), None))

@@ -116,6 +116,8 @@ def test_metrics_on_every_address_serve_prometheus_without_a_gateway_key(daemon_
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
     assert metrics.status_code == 200 and list(text_string_to_metric_families(metrics.text))
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"ok": True}
+    # The status page (no key; the events, the state directory) is not served where other machines reach it.
+    assert httpx.get(f"http://127.0.0.1:{port}/ui/status.json", timeout=10).status_code == 404
 
 
 def test_metrics_and_health_on_the_loopback_tcp_port(daemon_factory) -> None:

@@ -310,7 +310,8 @@ def test_a_request_that_waited_its_hold_time_in_the_line_is_told_so_not_that_the
     running = threading.Thread(target=httpx.post, args=(url,), kwargs={"timeout": 60, "json": {
         "model": "e", "max_tokens": 60, "messages": [{"role": "user", "content": "hi"}]}})  # 6 s at 10 tokens/s
     running.start()
-    time.sleep(0.5)
+    # In the gateway (its counters reach the status within tens of ms; it takes its slot within a millisecond).
+    wait_for(lambda: d.status()["gateway"]["in_flight"] >= 1, 10, "the first request in the gateway")
     waited = httpx.post(url, timeout=60, json={"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     running.join()
     error = waited.json()["error"]
@@ -495,6 +496,7 @@ def test_swaps_never_does_not_start_again_an_engine_the_operator_stops_while_a_r
                       json={"model": "a", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert held.status_code == 503 and held.json()["error"]["code"] == "engine_not_running", held.text
     assert "llmctl start a" in held.json()["error"]["message"]
+    assert d.gateway_counters(lambda g: g["refused"].get("swap", 0) >= 1)["refused"]["swap"] == 1
     _, stop_err = stop.communicate(timeout=30)
     assert stop.returncode == 0, stop_err
     time.sleep(1.0)

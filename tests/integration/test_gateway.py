@@ -725,9 +725,9 @@ class ProgressingBackend(Backend):
 
 
 @asynccontextmanager
-async def silent_then_whole_engine(silent_s: float) -> AsyncIterator[str]:
+async def silent_then_whole_engine(silent_s: float, received: list[bytes] | None = None) -> AsyncIterator[str]:
     """An engine that answers a chat completion whole after ``silent_s`` with nothing sent before (a long
-    non-streamed generation)."""
+    non-streamed generation); each request's head goes into ``received`` as it arrives."""
     import asyncio
 
     answer = json.dumps({"id": "x", "object": "chat.completion", "choices": [
@@ -740,6 +740,8 @@ async def silent_then_whole_engine(silent_s: float) -> AsyncIterator[str]:
             length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                            if line.lower().startswith(b"content-length:")), 0)
             await reader.readexactly(length)
+            if received is not None:
+                received.append(head)
             await asyncio.sleep(silent_s)
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                          % (len(answer), answer))
@@ -782,15 +784,15 @@ async def test_a_non_streamed_answer_longer_than_the_read_timeout_waits_while_th
 async def test_with_hold_s_0_a_request_waits_for_no_connection_either() -> None:
     """hold_s = 0 (no request waits): with the engine's one connection (max_upstream_connections = 1) busy, the
     next request is answered at once with a 504 naming the setting, not after the busy one has finished."""
-    async with silent_then_whole_engine(3.0) as base_url:
+    received: list[bytes] = []
+    async with silent_then_whole_engine(3.0, received) as base_url:
         backend = Backend({"slow": Upstream("slow", base_url, "vllm", supports_messages=False)}, default="slow")
         settings = GatewaySettings(hold_s=0.0, max_upstream_connections=1)
         async with running_gateway(backend, settings) as url, httpx.AsyncClient(timeout=30) as client:
             body = {"model": "slow", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
             async with anyio.create_task_group() as tg:
                 tg.start_soon(functools.partial(client.post, url + "/v1/chat/completions", json=body))  # holds it
-                await wait_for(lambda: backend.started)
-                await anyio.sleep(0.3)
+                await wait_for(lambda: received)  # the engine has it: the one connection is taken
                 started = time.monotonic()
                 second = await client.post(url + "/v1/chat/completions", json=body)
                 took_s = time.monotonic() - started

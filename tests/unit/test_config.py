@@ -178,6 +178,7 @@ def test_memory_guard_keys_are_validated(tmp_path: Path, text: str, key: str, ex
 @pytest.mark.parametrize(("metrics", "gateway", "clash"), [
     ("127.0.0.1:9464", 'listen = "127.0.0.1:9464"', True),
     ("0.0.0.0:9464", 'listen = "127.0.0.1:9464"', True),   # the wildcard covers the gateway's address
+    ("localhost:9464", 'listen = "127.0.0.1:9464"', True),
     ("127.0.0.2:9464", 'listen = "127.0.0.1:9464"', False),  # same port, another address: both bind
     ("127.0.0.1:9465", 'listen = "127.0.0.1:9464"', False),
     ("127.0.0.1:9464", 'listen = "127.0.0.1:9464"\nenabled = false', False),  # no gateway listens

@@ -204,7 +204,7 @@ async def test_an_engine_silent_toward_a_request_is_waited_for_while_it_shows_pr
         async with UpstreamClient(connect_timeout_s=2.0, read_timeout_s=0.2, max_connections=8,
                                   pool_timeout_s=None) as c:
             started = time.monotonic()
-            with pytest.raises(httpx.ReadTimeout, match="showed no progress meanwhile .*upstream_read_timeout_s"):
+            with pytest.raises(httpx.ReadTimeout, match="upstream_read_timeout_s.* showed no progress meanwhile"):
                 await c.send(replace(request(url), still_working=still_working))
             waited_s = time.monotonic() - started
     assert len(asked) == 3 and all(0.15 < quiet_s < 1.0 for quiet_s in asked), asked
@@ -680,3 +680,24 @@ async def test_an_answer_is_not_merged_with_bytes_the_engine_sent_after_it() -> 
         assert (response.status_code, body, "x-second" in response.headers) == (200, b"ok", False)
         assert await exchange(c, url) == b"ok"
     assert len(accepted) == 2
+
+
+async def test_an_engine_that_shows_progress_but_never_answers_a_request_is_given_up_on() -> None:
+    """An engine that dropped one request while it serves others shows progress all along: the request is
+    waited for six read timeouts in a row, not forever (its client, its slot and its connection are held)."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.sleep(10)
+
+    asked: list[float] = []
+
+    def still_working(quiet_s: float) -> bool:
+        asked.append(quiet_s)
+        return True
+
+    async with engine(handler) as url:
+        async with UpstreamClient(connect_timeout_s=2.0, read_timeout_s=0.2, max_connections=8,
+                                  pool_timeout_s=None) as c:
+            with pytest.raises(httpx.ReadTimeout, match="although it showed progress elsewhere"):
+                await c.send(replace(request(url), still_working=still_working))
+    assert len(asked) == upstream.QUIET_EXTENSIONS_MAX

@@ -26,6 +26,7 @@ class Host:
     def __init__(self, serving: str | None) -> None:
         self.serving_now = serving
         self.swaps: list[str] = []
+        self.refused_starts: list[str] = []
         self.decisions = 0
         self.turns: list[str] = []
         self.passes_closed = True  # the gateway holds no pass the daemon has not seen it give up
@@ -52,6 +53,9 @@ class Host:
         return None
 
     def start_swap(self, engine: str, *, may_start: bool = True) -> bool | Exception:
+        if not may_start:  # (as the daemon: gateway.swaps forbids it for every request waiting)
+            self.refused_starts.append(engine)
+            return RuntimeError(f"{engine} may not be started for these requests")
         self.swaps.append(engine)
         return True
 
@@ -186,3 +190,34 @@ async def test_a_failed_swap_refuses_its_group_with_the_reason(running: Running)
     await _until(lambda: errors == ["b does not fit"] * 3)
     assert engine_turns.groups == {}
 
+
+
+async def test_a_permission_to_start_the_engine_leaves_with_the_request_that_had_it(running: Running) -> None:
+    """gateway.swaps: a group whose only request that may start its engine gave up is refused when its turn
+    comes, not swapped in for the requests that may not."""
+    host, engine_turns, tg = running
+    host.passes_closed = False  # hold the turn until both requests are in the group
+    outcome: list[str] = []
+    scopes: list[anyio.CancelScope] = []
+
+    async def unpermitted() -> None:
+        try:
+            await engine_turns.wait_turn("b", may_start=False)
+            outcome.append("released")
+        except RuntimeError:
+            outcome.append("refused")
+
+    async def permitted() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await engine_turns.wait_turn("b", may_start=True)
+
+    tg.start_soon(unpermitted)
+    tg.start_soon(permitted)
+    await _until(lambda: engine_turns.groups.get("b") is not None and engine_turns.groups["b"].requests == 2)
+    scopes[0].cancel()  # the client with the key gave up
+    await _until(lambda: engine_turns.groups["b"].requests == 1)
+    host.passes_closed = True
+    engine_turns.changed()
+    await _until(lambda: bool(outcome))
+    assert outcome == ["refused"] and host.swaps == [] and host.refused_starts == ["b"]
