@@ -328,7 +328,11 @@ def may_start_engine(permission: SwapPermission, *, key_given: bool) -> bool:
 
 
 def start_refused_message(engine: str, state: str, permission: SwapPermission) -> str:
-    """What a request that may not start ``engine`` (``may_start_engine`` said no) is told, and who can."""
+    """What a request that may not start ``engine`` (``may_start_engine`` said no, or it waited to be sent
+    again and the engine went down meanwhile) is told, and who can start it."""
+    if permission is SwapPermission.ALLOWED:  # a resend: it never starts the engine
+        return (f"engine {engine!r} is {state}: it went down while this request waited to be sent to it again, "
+                f"and is not started again for it; a new request or `llmctl start {engine}` starts it")
     who = "an operator" if permission is SwapPermission.NEVER else "a request with the gateway's API key"
     return (f"engine {engine!r} is {state} and this gateway does not start or swap engines for requests "
             f"(gateway.swaps = {permission.value!r}); {who} can start it (llmctl start {engine})")

@@ -507,7 +507,6 @@ class _Forward:
         self.ndjson = ndjson  # Ollama's own API: a stream of JSON lines, metered and watched as SSE is
         self.translation = translation
         self.on_done: Callable[[], None] | None = None  # gives the engine's slot back
-        self.may_start = True  # may the resend's wait have the daemon start the engine (gateway.swaps)
         self.upstream = upstream
         # An engine silent toward this request for upstream_read_timeout_s is waited for while it shows
         # progress elsewhere (a non-streamed answer comes whole, after the whole generation).
@@ -714,7 +713,9 @@ class _Forward:
         engine = self.upstream.engine
         try:
             with anyio.move_on_after(timeout_s):
-                return (await gw.backend.acquire(engine, may_start=self.may_start)).engine == engine
+                # Never a start the resend alone would cause: an engine stopped meanwhile (by an operator, a
+                # swap, its idle unload) stays stopped; a restart under way is waited for as before.
+                return (await gw.backend.acquire(engine, may_start=False)).engine == engine
         except EngineUnavailable as exc:  # backoff, failed, ...: the client gets that answer
             self.unavailable = exc
             return False
@@ -1561,7 +1562,6 @@ class _Gateway:
         if isinstance(result, _Forward):
             engine = upstream.engine
             result.on_done = lambda: self.lines.leave(engine)
-            result.may_start = self.may_start(request)
         else:
             self.lines.leave(upstream.engine)
         return result

@@ -506,6 +506,36 @@ def test_swaps_never_does_not_start_again_an_engine_the_operator_stops_while_a_r
     assert not [e for e in events if e["seq"] > stopped and e["kind"] in ("swap.started", "engine.spawned")], events
 
 
+def test_a_request_cut_by_an_operators_stop_is_not_resent_into_a_new_start_of_the_engine(daemon_factory) -> None:
+    """swaps = "allowed" (the default): a request the engine never answered is held to be sent again, but an
+    engine the operator stopped meanwhile is not started again for it (README: retry before the first byte):
+    the client gets a 503 saying so, and the engine stays stopped. (The resend may find the engine still
+    stopping, a window of milliseconds this test does not aim at: acquire(may_start=False) covers that one.)"""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--tps", "4", "--ignore-sigterm",
+                                           default=True, stop_grace="2s")
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "20s"\n').start()
+    d.wait_state("a", "ready", 30)
+    results: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: results.append(httpx.post(
+        f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60,
+        json={"model": "a", "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]})))
+    waiting.start()  # not streamed, 200 tokens at 4 a second: the engine sends it nothing for 50 s
+    wait_for(lambda: d.status()["gateway"]["in_flight"] >= 1, 10, "the request in the gateway")
+    time.sleep(0.3)  # (sent to the engine by now)
+    assert d.llmctl("stop", "a").returncode == 0
+    waiting.join(40)
+    refused = results[0]
+    # Whether the resend found the engine still stopping (the daemon's turn refuses it) or already stopped (the
+    # gateway does), the answer is the same.
+    assert refused.status_code == 503 and "not started again" in refused.json()["error"]["message"], refused.text
+    time.sleep(1.0)
+    assert d.engine("a")["state"] == "stopped"
+    events = d.events()
+    stopped = next(e["seq"] for e in events if e["kind"] == "engine.stopped")
+    assert not [e for e in events if e["seq"] > stopped and e["kind"] in ("swap.started", "engine.spawned")], events
+
+
 def test_swaps_with_key_lets_local_clients_use_a_resident_engine_and_only_the_key_start_one(daemon_factory) -> None:
     """swaps = "with_key" on loopback: a client without the key uses the resident engine but gets 503 for a stopped
     one (it stays stopped), as does a request with another key (a placeholder); the key starts it."""
