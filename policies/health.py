@@ -523,6 +523,16 @@ def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: fl
 # ---- restart timing (separate from the verdicts above) ------------------------------------------
 
 
+def hang_cleared(hung_since_s: float, verdict: ProgressVerdict) -> bool:
+    """Whether an engine called hung at ``hung_since_s`` is generating again: only on the engine's own
+    progress after that (a token, a good canary, an advancing per-step counter). A verdict that is merely
+    not hung clears nothing: ``loading`` (a canary that may be loading the model, for an engine that cannot
+    say whether its model is in memory) would otherwise clear the hang every time a canary starts, and the
+    engine would never be restarted."""
+    return (not verdict.hung and verdict.last_progress_s is not None
+            and verdict.last_progress_s > hung_since_s)
+
+
 def decide_hang_restart(
     engine: str,
     hung_since_s: float | None,
@@ -770,6 +780,7 @@ __all__ = [
     "concurrency_band",
     "decide_degraded_restart",
     "decide_hang_restart",
+    "hang_cleared",
     "decide_start_check",
     "decode_rate_sample",
     "learn_baseline",

@@ -45,6 +45,7 @@ from policies.health import (
     decide_degraded_restart,
     decide_hang_restart,
     decode_rate_sample,
+    hang_cleared,
     learn_baseline,
     sample_concurrency,
     steps_advanced,
@@ -311,6 +312,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
     # The start check just saw the engine generate (its own canary, or its counters while it waited).
     health.last_canary_ok_s = health.watch_since_s
     last_verdict: tuple[bool, str | None] = (False, None)
+    hung_reason = "hung"  # the reason of the verdict that called it hung (kept while nothing clears it)
 
     async def run_canary() -> None:
         nonlocal canary_running, last_canary_s
@@ -428,8 +430,10 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                                    reason=verdict.reason, **verdict.evidence(),
                                    stall_s=cfg.stall_s, process_stopped=tree.stopped, zombie=tree.zombie,
                                    loading=evidence.loading, counters_per_step=per_step)
-            if verdict.hung:
-                reason = verdict.reason or "hung"
+            still_hung = health.hung_since_s is not None and not hang_cleared(health.hung_since_s, verdict)
+            if verdict.hung or still_hung:
+                reason = verdict.reason or hung_reason
+                hung_reason = reason
                 if health.hung_since_s is None:
                     health.hung_since_s = now
                     sup.post(HealthVerdict(gen, Verdict.HUNG, reason, verdict.evidence()))

@@ -437,3 +437,16 @@ def test_only_a_long_prompt_prefill_leaves_the_streams_beside_it_out() -> None:
     """A chat turn of a few words costs the engine about one decode step; an agent's 700-word prompt many."""
     assert not prefill_counts(len(b'{"model":"tiny","messages":[{"role":"user","content":"count"}],"stream":true}'))
     assert prefill_counts(len(" ".join(f"w{i}" for i in range(700)).encode()))
+
+
+def test_only_progress_after_the_hang_clears_it() -> None:
+    """A hung engine is generating again only on its own progress after it was called hung: a verdict that is
+    merely not hung (a canary that may be loading the model of an engine that cannot say whether it is in
+    memory: oMLX) clears nothing, so the hang restart still comes."""
+    from policies.health import ProgressVerdict, hang_cleared
+
+    loading = ProgressVerdict(False, "loading", None, None, "loading the model", "canary", 90.0)
+    assert not hang_cleared(100.0, loading)  # its last progress is from before the hang
+    assert not hang_cleared(100.0, ProgressVerdict(True, "hung", "stream", 12.0, "silent", "canary", 90.0))
+    assert not hang_cleared(100.0, ProgressVerdict(False, "idle", None, 5.0, None, None, None))
+    assert hang_cleared(100.0, ProgressVerdict(False, "generating", None, 0.5, None, "canary", 101.0))
