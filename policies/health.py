@@ -349,8 +349,8 @@ def quiet_interval(prev_token_s: float, in_prefill: int, last_prefill_end_s: flo
     return in_prefill == 0 and (last_prefill_end_s is None or last_prefill_end_s <= prev_token_s)
 
 
-def stream_decode_rate(tokens: int, decode_s: float | None, quiet: tuple[int, float, int] | None = None
-                       ) -> tuple[float, float] | None:
+def stream_decode_rate(tokens: int, decode_s: float | None, quiet: tuple[int, float, int] | None = None,
+                       *, held_back: bool = False) -> tuple[float, float] | None:
     """A completed stream's decode rate, and the tokens it rests on; None when that is no real decode.
 
     ``tokens`` over ``decode_s`` (from its first token to its last) is the whole decode: the tokens after
@@ -359,7 +359,13 @@ def stream_decode_rate(tokens: int, decode_s: float | None, quiet: tuple[int, fl
     counted); where given, only they count. An engine that sends several tokens per event (its usage
     says more tokens than there were events) has its quiet tokens scaled by that ratio. A real decode
     is at least ``MIN_SAMPLE_TOKENS - 1`` tokens over at least ``MIN_SAMPLE_DECODE_S``.
+
+    ``held_back``: its client held it back at some point (the gateway stopped reading the engine while the
+    client's buffer was full), so its tokens came at the client's pace: no sample (a slow reader must not
+    read as a slow engine).
     """
+    if held_back:
+        return None
     seconds: float | None
     if quiet is not None:
         counted, seconds, events = quiet

@@ -230,7 +230,8 @@ class DaemonGatewayBackend:
         concurrency = health.request_finished(
             now, stats.decode_s, quiet.in_flight_s / quiet.seconds if quiet is not None and quiet.seconds > 0 else None)
         rate = stream_decode_rate(stats.tokens, stats.decode_s,
-                                  (quiet.tokens, quiet.seconds, quiet.events) if quiet is not None else None)
+                                  (quiet.tokens, quiet.seconds, quiet.events) if quiet is not None else None,
+                                  held_back=stats.held_back)
         if rate is not None and stats.ended == "complete":
             health.add_sample(ThroughputSample(at_s=now, tokens_per_s=rate[0], source="gateway", tokens=round(rate[1]),
                                                concurrency=concurrency))

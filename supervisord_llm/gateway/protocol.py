@@ -113,6 +113,9 @@ class RequestStats:
     # Its decode where no other request's prefill touched it (gateway/prefills.py). None: not known (its
     # decode is then taken whole).
     quiet: QuietDecode | None = None
+    # Its client held it back at some point (the gateway stopped reading the engine for it, its buffer full):
+    # its tokens then came at the client's pace, so its decode says nothing about the engine's.
+    held_back: bool = False
 
 
 class DaemonCalls(Protocol):

@@ -520,6 +520,7 @@ class _Forward:
         # While the stream buffer is full the engine is not read, so its silence is ours, not the
         # engine's: the stall clock stops, and starts again from when reading resumed.
         self.blocked_since_s: float | None = None
+        self.held_back = False  # ever blocked by its client (RequestStats.held_back)
         self.unblocked_at_s = 0.0
         self.awaiting_engine = False  # held in a resend, waiting for the engine to serve again
         self.unavailable: EngineUnavailable | None = None  # why the engine will not serve the resend
@@ -906,6 +907,7 @@ class _Forward:
                     async for chunk in source:
                         if buffer.full():
                             self.blocked_since_s = now()
+                            self.held_back = True
                             await buffer.wait_room()
                             self.unblocked_at_s = now()
                             self.blocked_since_s = None
@@ -1153,6 +1155,7 @@ class _Forward:
             ended=ended,
             duration_s=now - self.sent_at_s if self.sent_at_s else None,
             quiet=QuietDecode(self.quiet.tokens, self.quiet.seconds, meter.counted_tokens, self.quiet.in_flight_s),
+            held_back=self.held_back,
         )
         self.gw.call_backend("request_finished", stats)
 

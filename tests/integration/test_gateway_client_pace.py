@@ -78,3 +78,53 @@ async def test_a_client_that_stops_reading_is_cut_and_no_stall_is_reported(fast_
     assert backend.stalls == [], "the engine kept producing; only the client stopped"
     assert [f.ended for f in backend.finished] == ["client_too_slow"]
     assert backend.progress["e"] > 100  # tokens were metered as they came from the engine
+
+
+def _read_after(listen: str, body: dict, pause_s: float) -> bytes:
+    """A client that sends its request, reads nothing for ``pause_s``, then reads its whole stream."""
+    host, port = listen.removeprefix("http://").rsplit(":", 1)
+    payload = json.dumps(body).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((host, int(port)))
+    got = bytearray()
+    try:
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                  f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
+        time.sleep(pause_s)
+        while not got.endswith(b"0\r\n\r\n"):
+            data = s.recv(65536)
+            if not data:
+                break
+            got += data
+        return bytes(got)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("pause_s", [10.0, 0.0])
+async def test_a_client_that_fell_behind_and_finished_gives_no_decode_rate_for_the_engine(
+        fast_engine: str, pause_s: float) -> None:
+    """A client that reads nothing for a while fills the kernel's buffers and its own in the gateway, and the
+    gateway stops reading the engine for it: the stream still completes (the client catches up within
+    client_timeout_s), but its tokens came at the client's pace, so it gives the daemon no decode-rate sample
+    (it would read as a slow, `degraded` engine). The same stream read at once gives one."""
+    from policies.health import stream_decode_rate
+
+    backend = Backend({"e": Upstream("e", fast_engine, "command", supports_messages=False)}, "e")
+    settings = GatewaySettings(client_timeout_s=30.0, client_buffer_bytes=4096)
+    body = {"model": "e", "max_tokens": 8000, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with running_gateway(backend, settings) as listen:
+        got = await anyio.to_thread.run_sync(_read_after, listen, body, pause_s)
+        with anyio.fail_after(10):
+            while not backend.finished:
+                await anyio.sleep(0.05)
+    assert got.count(b'"content"') == 8000
+    stats = backend.finished[0]
+    held = pause_s > 0
+    assert stats.ended == "complete" and stats.held_back is held, stats
+    quiet = stats.quiet
+    assert quiet is not None
+    rate = stream_decode_rate(stats.tokens, stats.decode_s, (quiet.tokens, quiet.seconds, quiet.events),
+                              held_back=stats.held_back)
+    assert (rate is None) is held, rate
