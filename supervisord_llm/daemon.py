@@ -860,6 +860,10 @@ class Daemon:
             timings["memory_wait_s"] = self.clock.now() - t1
             t2 = self.clock.now()
             if not target.serving:
+                if target.state == EngineState.STOPPING:
+                    # Its own stop (an idle unload, `llmctl stop --no-wait`) finishes first; then it starts (a
+                    # restart under way goes on to start by itself).
+                    await target.wait_for(lambda s: s.state != EngineState.STOPPING, target.config.stop_grace_s + 30)
                 if target.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF):
                     try:
                         await target.command("start", force=manual, manual=manual, reason=f"swap to {target.name}")

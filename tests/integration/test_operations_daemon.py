@@ -122,3 +122,16 @@ def test_starting_an_exclusive_engine_cancels_a_conflicting_backoff(daemon_facto
     assert out.returncode == 0, out.stderr
     assert d.engine("a")["state"] == "stopped" and d.engine("a")["next_start_at"] is None
     assert d.engine("b")["state"] == "ready"
+
+
+def test_a_switch_to_an_engine_that_is_still_stopping_waits_for_the_stop_then_starts_it(daemon_factory) -> None:
+    """`llmctl switch a` while a is still stopping (an idle unload, `llmctl stop --no-wait`; here it ignores
+    SIGTERM for its 3 s grace) waits for the stop and then starts a: no failed swap, no rollback."""
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--ignore-sigterm", default=True, stop_grace="3s")).start()
+    d.wait_state("a", "ready", 30)
+    assert d.llmctl("stop", "a", "--no-wait").returncode == 0
+    d.wait_state("a", "stopping", 10)
+    switched = d.llmctl("switch", "a", timeout=90)
+    assert switched.returncode == 0, (switched.stdout, switched.stderr)
+    assert d.engine("a")["state"] == "ready"
+    assert not [e for e in d.events() if e["kind"] in ("swap.failed", "swap.rolled_back")]
