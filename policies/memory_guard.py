@@ -181,14 +181,16 @@ def decide_machine(available_bytes: int, headroom_bytes: int, engines: Sequence[
     """The machine below its headroom: recycle the engine most over its footprint, one at a time.
 
     An engine within its footprint is never recycled by this rule (it would come back at the same
-    size); if none is over, the shortage is someone else's and nothing is done here.
+    size); if none is over, the shortage is someone else's and nothing is done here. Nor is one whose host
+    footprint is 0: not estimated (``footprint = "auto"`` with a ``gpu_footprint``, its weights in GPU
+    memory), so all it holds would count as over, and another program's use of the machine would recycle it.
     """
     if available_bytes >= headroom_bytes:
         return Noop("the machine has its headroom")
     busy = [e.engine for e in engines if e.recycling]
     if busy:
         return Noop(f"waiting for {', '.join(busy)} to be recycled")
-    over = [e for e in engines if e.held_bytes > e.footprint_bytes]
+    over = [e for e in engines if e.footprint_bytes > 0 and e.held_bytes > e.footprint_bytes]
     if not over:
         return Noop(f"{size(available_bytes)} available, below the {size(headroom_bytes)} headroom, but no engine "
                     "holds more than its footprint")

@@ -141,6 +141,9 @@ def test_drain_finished_is_a_noop_when_not_draining() -> None:
         (50 * GB, [Holding("a", 90 * GB, 100 * GB), Holding("b", 300 * GB, 300 * GB)], None),  # none over footprint
         (50 * GB, [Holding("a", 150 * GB, 100 * GB, recycling=True), Holding("b", 310 * GB, 300 * GB)], None),
         (150 * GB, [Holding("a", 150 * GB, 100 * GB)], None),  # headroom kept
+        # a GPU engine whose host footprint is not estimated ("auto" with gpu_footprint: 0): never "over" it
+        (50 * GB, [Holding("gpu", 12 * GB, 0), Holding("b", 300 * GB, 300 * GB)], None),
+        (50 * GB, [Holding("gpu", 12 * GB, 0), Holding("b", 310 * GB, 300 * GB)], "b"),
     ],
 )
 def test_machine_rule_recycles_the_largest_offender_first(available, engines, expected) -> None:
