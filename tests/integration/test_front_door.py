@@ -480,6 +480,15 @@ def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> 
     assert r.status_code == 200
 
 
+def _stays_stopped(d: Any, engine: str) -> None:
+    """The engine stopped and was not started again: no swap to it and no spawn after its stop."""
+    time.sleep(1.0)
+    assert d.engine(engine)["state"] == "stopped"
+    events = d.events()
+    stopped = next(e["seq"] for e in events if e["kind"] == "engine.stopped" and e.get("engine") == engine)
+    assert not [e for e in events if e["seq"] > stopped and e["kind"] in ("swap.started", "engine.spawned")], events
+
+
 def test_swaps_never_does_not_start_again_an_engine_the_operator_stops_while_a_request_waits(daemon_factory) -> None:
     """With swaps = "never", a request that arrives while the operator's `llmctl stop` is under way (the engine
     is `stopping`: here it ignores SIGTERM for its 4 s grace) is held, and once the engine has stopped it gets
@@ -499,11 +508,7 @@ def test_swaps_never_does_not_start_again_an_engine_the_operator_stops_while_a_r
     assert d.gateway_counters(lambda g: g["refused"].get("swap", 0) >= 1)["refused"]["swap"] == 1
     _, stop_err = stop.communicate(timeout=30)
     assert stop.returncode == 0, stop_err
-    time.sleep(1.0)
-    assert d.engine("a")["state"] == "stopped"
-    events = d.events()
-    stopped = next(e["seq"] for e in events if e["kind"] == "engine.stopped")
-    assert not [e for e in events if e["seq"] > stopped and e["kind"] in ("swap.started", "engine.spawned")], events
+    _stays_stopped(d, "a")
 
 
 def test_a_request_cut_by_an_operators_stop_is_not_resent_into_a_new_start_of_the_engine(daemon_factory) -> None:
@@ -529,11 +534,7 @@ def test_a_request_cut_by_an_operators_stop_is_not_resent_into_a_new_start_of_th
     # Whether the resend found the engine still stopping (the daemon's turn refuses it) or already stopped (the
     # gateway does), the answer is the same.
     assert refused.status_code == 503 and "not started again" in refused.json()["error"]["message"], refused.text
-    time.sleep(1.0)
-    assert d.engine("a")["state"] == "stopped"
-    events = d.events()
-    stopped = next(e["seq"] for e in events if e["kind"] == "engine.stopped")
-    assert not [e for e in events if e["seq"] > stopped and e["kind"] in ("swap.started", "engine.spawned")], events
+    _stays_stopped(d, "a")
 
 
 def test_swaps_with_key_lets_local_clients_use_a_resident_engine_and_only_the_key_start_one(daemon_factory) -> None:
