@@ -529,14 +529,21 @@ def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: fl
 # ---- restart timing (separate from the verdicts above) ------------------------------------------
 
 
-def hang_cleared(hung_since_s: float, verdict: ProgressVerdict) -> bool:
-    """Whether an engine called hung at ``hung_since_s`` is generating again: only on the engine's own
-    progress after that (a token, a good canary, an advancing per-step counter). A verdict that is merely
-    not hung clears nothing: ``loading`` (a canary that may be loading the model, for an engine that cannot
-    say whether its model is in memory) would otherwise clear the hang every time a canary starts, and the
-    engine would never be restarted."""
-    return (not verdict.hung and verdict.last_progress_s is not None
-            and verdict.last_progress_s > hung_since_s)
+def hang_cleared(hung_since_s: float, verdict: ProgressVerdict, hung_source: str | None = None) -> bool:
+    """Whether an engine called hung at ``hung_since_s`` (on evidence from ``hung_source``) is over it.
+
+    A hang on its process (stopped, a zombie) is over once the process runs again: nothing else was wrong,
+    and an idle engine (an Ollama whose model its keep-alive unloaded gets no canary) would show no
+    progress to clear it. Any other hang only on the engine's own progress after it (a token, a good
+    canary, an advancing per-step counter): a verdict that is merely not hung clears nothing, since
+    ``loading`` (a canary that may be loading the model, for an engine that cannot say whether its model
+    is in memory: oMLX) would otherwise clear it every time a canary starts, and the engine would never
+    be restarted."""
+    if verdict.hung:
+        return False
+    if hung_source == "process":
+        return True
+    return verdict.last_progress_s is not None and verdict.last_progress_s > hung_since_s
 
 
 def decide_hang_restart(

@@ -312,7 +312,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
     # The start check just saw the engine generate (its own canary, or its counters while it waited).
     health.last_canary_ok_s = health.watch_since_s
     last_verdict: tuple[bool, str | None] = (False, None)
-    hung_reason = "hung"  # the reason of the verdict that called it hung (kept while nothing clears it)
+    hung_verdict = ProgressVerdict(True, "hung")  # the verdict that called it hung (kept until it is cleared)
 
     async def run_canary() -> None:
         nonlocal canary_running, last_canary_s
@@ -430,13 +430,15 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                                    reason=verdict.reason, **verdict.evidence(),
                                    stall_s=cfg.stall_s, process_stopped=tree.stopped, zombie=tree.zombie,
                                    loading=evidence.loading, counters_per_step=per_step)
-            still_hung = health.hung_since_s is not None and not hang_cleared(health.hung_since_s, verdict)
+            still_hung = (health.hung_since_s is not None
+                          and not hang_cleared(health.hung_since_s, verdict, hung_verdict.source))
             if verdict.hung or still_hung:
-                reason = verdict.reason or hung_reason
-                hung_reason = reason
+                if verdict.hung:  # the evidence of the hang; kept while a verdict that is not hung clears nothing
+                    hung_verdict = verdict
+                reason = hung_verdict.reason or "hung"
                 if health.hung_since_s is None:
                     health.hung_since_s = now
-                    sup.post(HealthVerdict(gen, Verdict.HUNG, reason, verdict.evidence()))
+                    sup.post(HealthVerdict(gen, Verdict.HUNG, reason, hung_verdict.evidence()))
                 else:
                     decision = decide_hang_restart(sup.name, health.hung_since_s, now, hang_restart_after,
                                                    already_requested=restart_requested, reason=reason)
@@ -445,7 +447,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                         daemon.events.emit("policy.decided", policy="hang_restart", engine=sup.name,
                                            decision="restart", hung_for_s=round(now - health.hung_since_s, 3),
                                            hang_restart_after_s=hang_restart_after, message=decision.reason)
-                        sup.post(HealthVerdict(gen, Verdict.HANG_RESTART, decision.reason, verdict.evidence()))
+                        sup.post(HealthVerdict(gen, Verdict.HANG_RESTART, decision.reason, hung_verdict.evidence()))
             elif health.hung_since_s is not None:
                 health.hung_since_s = None
                 restart_requested = False

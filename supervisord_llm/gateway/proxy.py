@@ -718,6 +718,9 @@ class _Forward:
                 # swap, its idle unload) stays stopped; a restart under way is waited for as before.
                 return (await gw.backend.acquire(engine, may_start=False)).engine == engine
         except EngineUnavailable as exc:  # backoff, failed, ...: the client gets that answer
+            if exc.reason == "engine_not_running":  # a resend never starts it, whatever gateway.swaps says
+                state = gw._engine_state(engine)[1]
+                exc = EngineUnavailable(engine, exc.reason, start_refused_message(engine, state, SwapPermission.ALLOWED))
             self.unavailable = exc
             return False
         except SupervisordLLMError:

@@ -450,3 +450,15 @@ def test_only_progress_after_the_hang_clears_it() -> None:
     assert not hang_cleared(100.0, ProgressVerdict(True, "hung", "stream", 12.0, "silent", "canary", 90.0))
     assert not hang_cleared(100.0, ProgressVerdict(False, "idle", None, 5.0, None, None, None))
     assert hang_cleared(100.0, ProgressVerdict(False, "generating", None, 0.5, None, "canary", 101.0))
+
+
+def test_a_hang_on_the_process_is_over_once_it_runs_again() -> None:
+    """SIGSTOP, then SIGCONT: a hang whose evidence was the stopped process is over as soon as the verdict is
+    not hung, without new progress (an idle engine whose model its keep-alive unloaded gets no canary to
+    show any); a hang on silence still needs the engine's own progress."""
+    from policies.health import ProgressVerdict, hang_cleared
+
+    idle = ProgressVerdict(False, "idle", None, 40.0, None, "canary", 60.0)
+    assert hang_cleared(100.0, idle, "process")
+    assert not hang_cleared(100.0, idle, "stream")
+    assert not hang_cleared(100.0, ProgressVerdict(True, "hung", "process", None, "process stopped (SIGSTOP)"), "process")
