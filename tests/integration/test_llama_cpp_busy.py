@@ -22,7 +22,7 @@ import pytest
 from tests.helpers import Daemon, free_port, wait_for
 from tests.llama_cpp_engine import llama_engine_toml, require_llama_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.rates]  # (rates: run alone, see the Makefile)
 
 SLOTS = 2
 HOGS = 4  # more clients than slots: the canary queues behind the ones waiting too

@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers import free_port, mlx_engine_toml, standin_engine_toml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.rates]  # (rates: run alone, see the Makefile)
 
 
 def _t(event: dict) -> float:
