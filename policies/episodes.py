@@ -26,7 +26,9 @@ from probes.readings import Diagnosis
 EXIT_EPISODE = "engine.exited"
 # Episodes about one engine that end when it is ready again.
 ENGINE_EPISODES = ("engine.exited", "engine.failed", "engine.hung", "engine.degraded", "engine.start_refused",
-                   "engine.memory_exceeded", "engine.gpu_memory_exceeded")
+                   "engine.memory_exceeded", "engine.gpu_memory_exceeded",
+                   # (a run over its soft watermark that the guard then restarts: its new run starts low)
+                   "engine.memory_high", "engine.gpu_memory_high")
 
 
 @dataclass(frozen=True, slots=True)

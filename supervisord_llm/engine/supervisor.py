@@ -902,11 +902,12 @@ class EngineSupervisor:
             self.restarts += 1
             self._begin_stop(f"degraded restart while idle: {v.reason}", then=Then.POLICY)
         elif v.state is Verdict.OK and self.state in (EngineState.HUNG, EngineState.DEGRADED):
-            key = "hung" if self.state == EngineState.HUNG else "degraded"
+            # Both: an engine that went degraded, then hung, and recovered in place is neither any more.
             self._set_state(EngineState.READY, v.reason or "recovered", **evidence)
-            self.host.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
-                                    summary=f"{self.name} recovered", details={"engine": self.name},
-                                    resolved=True))
+            for key in ("hung", "degraded"):
+                self.host.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
+                                        summary=f"{self.name} recovered", details={"engine": self.name},
+                                        resolved=True))
 
     # ---- status -----------------------------------------------------------------------------
 

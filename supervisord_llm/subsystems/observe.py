@@ -168,6 +168,11 @@ class ObserveExtension(Extension):
         self.history.record(self.daemon.status(), self._wall())
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # Every engine's verdict counters exist from the start, at 0: an increase() over the first hang then
+        # sees it (a series that appears at 1 has no increase to show).
+        for engine in self.daemon.status().get("engines", []):
+            for verdict in ("hung", "degraded"):
+                self.telemetry.stalls.labels(str(engine.get("name")), verdict)
         self.daemon.events.listeners.append(self.telemetry.on_event)
         task_status.started()
         while True:

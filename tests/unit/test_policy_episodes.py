@@ -104,3 +104,11 @@ def test_a_persons_stop_resolves_the_engines_episodes_saying_so() -> None:
     resolved = episodes.on_stopped_by_person("qwen", ["engine.exited:qwen", "engine.exited:llama"])
     assert [(a.key, a.resolved) for a in resolved] == [("engine.exited:qwen", True)]
     assert "llmctl stop" in resolved[0].summary
+
+
+def test_ready_again_after_a_memory_guard_restart_closes_its_soft_watermark_warning() -> None:
+    """The guard's soft-watermark warning (host or GPU) of a run it then restarted: the new run starts low, so
+    ready closes it (a new run's guard never saw it high, and would never resolve it)."""
+    resolved = episodes.on_ready("qwen", ["engine.memory_high:qwen", "engine.gpu_memory_high:qwen",
+                                          "engine.memory_high:llama"])
+    assert [a.key for a in resolved] == ["engine.memory_high:qwen", "engine.gpu_memory_high:qwen"]

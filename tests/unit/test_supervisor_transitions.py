@@ -142,8 +142,9 @@ def _rows() -> list[tuple[str, EngineState, Any, EngineState, tuple[str, ...], t
          ("engine.state_changed",), ("engine.hung:e",), ()),
         ("hung while degraded", S.DEGRADED, lambda g: HealthVerdict(g, Verdict.HUNG, "stopped"), S.HUNG,
          ("engine.state_changed",), ("engine.hung:e",), ()),
+        # Resolves both: an engine degraded, then hung, that recovers in place is neither any more.
         ("recovered from hung", S.HUNG, lambda g: HealthVerdict(g, Verdict.OK, "generating again"), S.READY,
-         ("engine.state_changed",), ("engine.hung:e",), ()),
+         ("engine.state_changed",), ("engine.degraded:e", "engine.hung:e"), ()),
         ("hang restart", S.HUNG, lambda g: HealthVerdict(g, Verdict.HANG_RESTART, "hung for 5m"), S.STOPPING,
          ("engine.state_changed",), (), ()),
         ("degraded verdict", S.READY, lambda g: HealthVerdict(g, Verdict.DEGRADED, "10 tok/s"), S.DEGRADED,
