@@ -130,5 +130,9 @@ def test_metrics_and_health_on_the_loopback_tcp_port(daemon_factory) -> None:
     d.wait_state("a", "ready", 30)
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
     assert metrics.status_code == 200 and list(text_string_to_metric_families(metrics.text))
+    # The hang count is there at 0 before any hang: the hung alert's increase() sees the first one.
+    stalls = {s.labels["verdict"]: s.value for f in text_string_to_metric_families(metrics.text)
+              if f.name == "supervisord_llm_engine_stalls" for s in f.samples if s.name.endswith("_total")}
+    assert stalls == {"hung": 0.0, "degraded": 0.0}, stalls
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"ok": True}
     assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
