@@ -537,7 +537,7 @@ def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
                 print(f"daemon restarted (pid {body['daemon']['pid']}); engines kept: {kept or 'none running'}")
                 return EXIT_OK
     print(f"llmctl: the daemon did not answer again within {args.timeout:.0f}s; see its log", file=sys.stderr)
-    return EXIT_FAILED
+    return EXIT_TIMEOUT
 
 
 def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
@@ -712,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     except TimeoutError:
         print(f"llmctl: the daemon did not answer within {client.timeout_s:.0f}s (it is running but busy or "
               "stuck; `llmctl status` again, or look at its log)", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_TIMEOUT
     except KeyboardInterrupt:
         return EXIT_OK
 

@@ -915,9 +915,15 @@ class EngineSupervisor:
         now = self.clock.now()
         rss = gpu = None
         tps = baseline = None
+        running = self.proc is not None and self.proc.running
         if self.health is not None:
-            rss, gpu = self.health.memory()
-            tps, baseline = self.health.tokens_per_s(), self.health.baseline()
+            # What a process holds and generates is its run's: none once it is gone (stopped, crashed, in
+            # backoff), or the status, the page and the metrics would show a dead engine using memory and
+            # making tokens. The learned baseline stays: the next run is judged against it.
+            if running:
+                rss, gpu = self.health.memory()
+                tps = self.health.tokens_per_s()
+            baseline = self.health.baseline()
         counters = None
         if self.health is not None and self.health.counters:
             # The engine's own counters as last read (/metrics, /api/status): proof they are read at all.

@@ -147,9 +147,11 @@ class MemoryGuardExtension(Extension):
             running = bool(e.get("pid"))
             mem["guard"] = "off" if not self.enabled or marks is None else g.verdict if running else None
             gpu_marks = g.gpu_marks or self._gpu_watermarks(self.daemon.supervisors[e["name"]])
-            if gpu_marks is not None:
-                mem["gpu_soft_bytes"], mem["gpu_hard_bytes"] = gpu_marks.soft_bytes, gpu_marks.hard_bytes
-                mem["gpu_guard"] = "off" if not self.enabled else g.gpu_verdict if running else None
+            # (null, not absent, without GPU watermarks: schema 1 lists them for every engine)
+            mem["gpu_soft_bytes"] = gpu_marks.soft_bytes if gpu_marks is not None else None
+            mem["gpu_hard_bytes"] = gpu_marks.hard_bytes if gpu_marks is not None else None
+            mem["gpu_guard"] = (None if gpu_marks is None else "off" if not self.enabled
+                                else g.gpu_verdict if running else None)
 
     # ---- per-engine readings (watchdog, every full tree walk) ---------------------------------
 

@@ -136,3 +136,22 @@ def test_metrics_and_health_on_the_loopback_tcp_port(daemon_factory) -> None:
     assert stalls == {"hung": 0.0, "degraded": 0.0}, stalls
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"ok": True}
     assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+
+
+def test_a_stopped_engine_shows_no_memory_or_rate_of_its_last_run(daemon_factory) -> None:
+    """Once its process is gone, the status (and so the table, the page and the metrics) shows no memory held
+    and no tokens/s for the engine: a dead engine does not keep using memory and making tokens there."""
+    import time
+
+    d = daemon_factory(standin_engine_toml("a", free_port())).start()
+    d.wait_state("a", "ready", 30)
+    deadline = time.monotonic() + 20
+    while d.engine("a")["memory"]["rss_bytes"] is None:
+        assert time.monotonic() < deadline, "no memory reading of the running engine"
+        time.sleep(0.2)
+    assert d.llmctl("stop", "a").returncode == 0
+    stopped = d.engine("a")
+    assert stopped["state"] == "stopped" and stopped["pid"] is None
+    assert stopped["memory"]["rss_bytes"] is None and stopped["memory"]["gpu_bytes"] is None, stopped["memory"]
+    assert stopped["tokens_per_s"] is None
+    assert {"gpu_soft_bytes", "gpu_hard_bytes", "gpu_guard"} <= set(stopped["memory"])  # null, not absent

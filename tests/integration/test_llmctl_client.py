@@ -153,3 +153,23 @@ def test_llmctl_finds_the_daemon_from_a_config_whose_secrets_live_in_the_daemons
     checked = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(d.config_path)],
                              capture_output=True, text=True, timeout=60, env=shell)
     assert checked.returncode == 2 and "TEST_" in checked.stderr, checked.stderr
+
+
+def test_a_daemon_that_takes_the_request_and_never_answers_is_exit_code_4(tmp_path) -> None:
+    """A wedged daemon (its socket accepts, nothing answers) is "timed out", exit code 4 as the README's
+    table says, not 1 (refused): a script can tell a stuck daemon from a refusal."""
+    import socket
+
+    from tests.helpers import short_tmpdir
+
+    path = short_tmpdir() / "wedged.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(4)
+    try:
+        code = ("import sys, supervisord_llm.cli as cli; cli.Client.__init__.__defaults__ = (1.0,); "
+                f"sys.exit(cli.main(['--socket', {str(path)!r}, 'status']))")
+        done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
+    finally:
+        server.close()
+    assert done.returncode == 4 and "did not answer within" in done.stderr, (done.returncode, done.stderr)
