@@ -237,9 +237,14 @@ def build_control_app(daemon: Daemon) -> Starlette:
         import uuid
 
         from policies.actions import Alert
+        from supervisord_llm.alerts.delivery import TEST_ALERT_PREFIX
 
-        daemon.alert(Alert(key=f"alerts.test.{uuid.uuid4().hex[:12]}", severity="info",
-                           summary="test alert from llmctl alerts test", details={"test": True, "engine": None}))
+        key = f"{TEST_ALERT_PREFIX}{uuid.uuid4().hex[:12]}"
+        daemon.alert(Alert(key=key, severity="info", summary="test alert from llmctl alerts test",
+                           details={"test": True, "engine": None}))
+        # Resolved at once: a test left firing would stay open (a week in Alertmanager) and fill the outbox.
+        daemon.alert(Alert(key=key, severity="info", summary="test alert from llmctl alerts test, resolved",
+                           details={"test": True, "engine": None}, resolved=True))
         return JSONResponse({"ok": True, "message": "test alert queued", "alerts": daemon.alerts_outbox.counts()})
 
     async def metrics(request: Request) -> Response:

@@ -142,6 +142,8 @@ from supervisord_llm.errors import ConfigError
 FORMATS = ("json", "slack", "discord", "alertmanager", "alertmanager_api")
 SEVERITIES = ("info", "warning", "critical")
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
+# The keys of `llmctl alerts test`'s alerts: sent to every target, whatever its min_severity.
+TEST_ALERT_PREFIX = "alerts.test."
 # Details that become Alertmanager labels. They identify the episode there, so an episode keeps the
 # values of the alert that opened it (a resolve or an escalation must name the same label set).
 LABEL_DETAILS = ("exit",)
@@ -1035,8 +1037,10 @@ class Outbox:
                                 severity=episode.severity, engine=alert.engine or episode.engine,
                                 details=self._episode_labels(alert.details, episode))
             now_iso = iso_utc(self._clock.wall())
+            # A test alert (`llmctl alerts test`) goes through every target, whatever its min_severity.
+            test = alert.key.startswith(TEST_ALERT_PREFIX)
             deliveries = [_Delivery(id=str(uuid.uuid4()), alert_id=alert.id, target=t.name, queued_at=now_iso)
-                          for t in self.settings.targets if t.wants(alert.severity)]
+                          for t in self.settings.targets if test or t.wants(alert.severity)]
             record = {"op": "queued", "alert": alert.to_record(),
                       "deliveries": [d.to_record() for d in deliveries]}
             self._persist(record)

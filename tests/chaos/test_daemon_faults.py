@@ -76,20 +76,21 @@ def _webhook_outage(daemon_factory, outcome, outage_s: float, restart_daemon: bo
         for _ in range(3):
             assert d.post("/v1/alerts/test").status_code == 200
             time.sleep(1.05)  # a test alert's key carries the second: one per second is a new alert
-        wait_for(lambda: d.status()["alerts"]["pending"] == 3, 10, "three pending alerts")
+        # Each test alert is resolved at once: 3 firings and 3 resolves, 6 deliveries.
+        wait_for(lambda: d.status()["alerts"]["pending"] == 6, 10, "six pending deliveries")
         time.sleep(outage_s / 2)
         if restart_daemon:
             d.kill()  # the daemon dies during the outage
             d.start()
-            assert d.status()["alerts"]["pending"] == 3
+            assert d.status()["alerts"]["pending"] == 6
         time.sleep(outage_s / 2)
         receiver.start()
-        wait_for(lambda: d.status()["alerts"]["delivered"] == 3, 30, "all three delivered")
+        wait_for(lambda: d.status()["alerts"]["delivered"] == 6, 30, "all six delivered")
         time.sleep(1.0)  # nothing more may arrive
         ids = Counter(b.get("alert_id") for b in receiver.bodies)
-        assert len(ids) == 3 and set(ids.values()) == {1}, ids
-        outcome.observed = (f"3 alerts pending through a {outage_s:.0f} s outage"
-                            f"{' and a daemon SIGKILL + restart' if restart_daemon else ''}; all 3 delivered "
+        assert len(ids) == 6 and set(ids.values()) == {1}, ids
+        outcome.observed = (f"3 alerts, each fired and resolved (6 deliveries), pending through a {outage_s:.0f} s "
+                            f"outage{' and a daemon SIGKILL + restart' if restart_daemon else ''}; all 6 delivered "
                             "exactly once after recovery")
         outcome.lost = "nothing (0 lost, 0 duplicated)"
     finally:

@@ -80,7 +80,9 @@ def test_hang_fires_and_recovery_resolves_once_also_across_a_daemon_restart(daem
 
 
 def test_llmctl_alerts_test_delivers_a_signed_test_alert(daemon_factory) -> None:
-    """`llmctl alerts test` queues an alert that reaches the webhook, signed with the configured secret."""
+    """`llmctl alerts test` queues an alert that reaches the webhook, signed with the configured secret, also one
+    that takes only warnings and worse (min_severity: a pager, the README's Slack example), and resolves it at
+    once (no test alert left firing for a week in Alertmanager)."""
     from supervisord_llm.alerts.delivery import verify_signature
 
     received: list[tuple[dict, bytes]] = []
@@ -100,11 +102,12 @@ def test_llmctl_alerts_test_delivers_a_signed_test_alert(daemon_factory) -> None
     try:
         cfg = standin_engine_toml("s", free_port())
         cfg += (f'[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "http://127.0.0.1:{server.server_port}/x"\n'
-                'format = "json"\nsecret = "s3cret"\n')
+                'format = "json"\nsecret = "s3cret"\nmin_severity = "warning"\n')
         d = daemon_factory(cfg).start()
         out = d.llmctl("alerts", "test")
         assert out.returncode == 0 and "test alert queued" in out.stdout
-        _wait(lambda: received, 20, "test alert delivered")
+        _wait(lambda: len(received) >= 2, 20, "test alert delivered and resolved")
+        assert [json.loads(body)["status"] for _, body in received] == ["firing", "resolved"]
         headers, body = received[0]
         headers = {k.lower(): v for k, v in headers.items()}
         assert verify_signature("s3cret", headers["x-supervisord-llm-timestamp"],
