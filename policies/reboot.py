@@ -199,6 +199,9 @@ def decide_reboot(
                 blocked,
             )
         return RebootState("executed", state.announced_at_s, state.execute_at_s, state.reason), (
+            # The announcement's episode ends with the reboot it announced: left open, the outbox would
+            # drop the next reboot's announcement as a duplicate, and that reboot would come unwarned.
+            Alert("reboot.announced", "critical", f"rebooting now: {state.reason or reason}", resolved=True),
             RunReboot(settings.argv, state.reason or reason),
         )
 
@@ -206,7 +209,11 @@ def decide_reboot(
     if blocked is not None:
         return RebootState("required", reason=reason), (blocked,)
     execute_at_s = now_s + settings.grace_s
+    # "Required" (an engine was resident, or escalation waited) becomes the announcement: that episode ends.
+    required_over = ((Alert("reboot.required", "critical", "the reboot is announced now", resolved=True),)
+                     if state.phase == "required" else ())
     return RebootState("announced", now_s, execute_at_s, reason), (
+        *required_over,
         Alert(
             "reboot.announced",
             "critical",

@@ -57,7 +57,10 @@ def test_enabled_announces_then_reboots_after_the_grace() -> None:
 
     state, actions = decide_reboot(state, RebootLedger(), ON, True, 400.0, WALL + 300)
     assert state.phase == "executed"
-    assert actions == (RunReboot(("sudo", "shutdown", "-r", "now"), "wired memory stranded"),)
+    # The announcement ends with the reboot (left open, the next reboot's announcement would be dropped).
+    assert kinds(actions) == ["Alert", "RunReboot"]
+    assert actions[0].key == "reboot.announced" and actions[0].resolved  # type: ignore[union-attr]
+    assert actions[1] == RunReboot(("sudo", "shutdown", "-r", "now"), "wired memory stranded")
 
     state, actions = decide_reboot(state, RebootLedger(), ON, True, 401.0, WALL + 301)
     assert actions == ()  # never a second RunReboot in the same episode
@@ -246,6 +249,9 @@ def test_no_reboot_is_announced_while_an_engine_is_resident() -> None:
     assert not any(isinstance(a, (RunReboot, EscalateReboot)) for a in actions)
     state, actions = decide_reboot(state, RebootLedger(), ON, True, 5001.0, WALL, resident_engines=[])
     assert state.phase == "announced" and state.execute_at_s == 5301.0  # the full grace, announced afresh
+    # "Required" ends as the announcement begins.
+    assert [(a.key, a.resolved) for a in actions if isinstance(a, Alert)] == [  # type: ignore[attr-defined]
+        ("reboot.required", True), ("reboot.announced", False)]
 
 
 def test_an_announced_reboot_does_not_run_once_an_engine_became_resident() -> None:
