@@ -13,7 +13,7 @@ import pytest
 from tests.alertmanager import alerts_toml
 from tests.helpers import free_port, mlx_engine_toml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 
 def _iso(text: str) -> datetime:

@@ -23,7 +23,7 @@ import pytest
 from supervisord_llm.engine.process import EngineProcess, find_keeper, reap_keepers, reap_zombie_children
 from tests.helpers import Daemon, free_port, mlx_engine_toml, short_tmpdir, standin_engine_toml, wait_for
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 ENGINES = ("oom", "abort", "clean", "orphaned")
 

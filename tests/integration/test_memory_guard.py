@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import free_port, mlx_engine_toml, standin_engine_toml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 MB = 10**6
 FAST_PROBES = '[probes]\ninterval = "0.3s"\nprocess_interval = "0.2s"\n'

@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import free_port, mlx_engine_toml, standin_engine_toml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 
 def test_manual_restart_inside_60s_needs_force_and_says_what_it_overrides(daemon_factory) -> None:

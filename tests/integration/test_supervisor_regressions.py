@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import free_port, standin_engine_toml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 
 def _spawns(d, name: str) -> int:

@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers import free_port, mlx_engine_toml, standin_engine_toml
 
-pytestmark = [pytest.mark.slow, pytest.mark.rates]  # (rates: run alone, see the Makefile)
+pytestmark = pytest.mark.slow
 
 
 def _t(event: dict) -> float:
@@ -91,6 +91,7 @@ def test_sigstop_is_hung_within_the_stall_time_and_sigcont_recovers(daemon_facto
     assert engine["pid"] == pid and engine["restarts"] == 0
 
 
+@pytest.mark.rates  # judges decode rates: run alone (see the Makefile)
 def test_duty_cycle_slowdown_is_degraded_and_recovers(daemon_factory, tiny_model) -> None:
     """Cutting throughput to ~40% with SIGSTOP/SIGCONT → `degraded`; lifting it → `ready`."""
     cfg = mlx_engine_toml("tiny", free_port(), tiny_model, canary_interval="1s", canary_max_tokens=200, stall="10s")
@@ -124,6 +125,7 @@ def test_duty_cycle_slowdown_is_degraded_and_recovers(daemon_factory, tiny_model
     d.wait_state("tiny", "ready", 60)
 
 
+@pytest.mark.rates  # judges decode rates: run alone (see the Makefile)
 def test_many_concurrent_streams_are_not_degraded(daemon_factory, tiny_model) -> None:
     """A real mlx_lm.server that learned its rate from lone canaries, then serves 12 streams at once through
     the gateway: each stream decodes slower (the engine shares each step among them), which is load, not
@@ -161,6 +163,7 @@ def test_many_concurrent_streams_are_not_degraded(daemon_factory, tiny_model) ->
     assert not [e for e in d.events() if e["kind"] == "alert.sent" and "degraded" in str(e)]
 
 
+@pytest.mark.rates  # judges decode rates: run alone (see the Makefile)
 def test_decodes_beside_long_prefills_are_not_degraded(daemon_factory, tiny_model) -> None:
     """A real mlx_lm.server that learned its rate from lone canaries, then serves, through the gateway, one
     client's streams beside another client's long prompts (about a second of prefill each, one token
@@ -367,6 +370,7 @@ def test_sigstop_mid_stream_marks_the_engine_hung_through_the_gateway(daemon_fac
         os.kill(pid, signal.SIGCONT)
 
 
+@pytest.mark.rates  # judges decode rates: run alone (see the Makefile)
 def test_throughput_baseline_survives_a_daemon_restart(daemon_factory, tiny_model) -> None:
     """The learned tokens/s baseline is kept per model across a daemon crash and restart."""
     cfg = mlx_engine_toml("tiny", free_port(), tiny_model, canary_interval="1s", canary_max_tokens=100)
