@@ -6,6 +6,7 @@ import os
 import socket
 import stat
 import subprocess
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -103,18 +104,27 @@ def test_metrics_text_parses_with_prometheus_clients_own_parser(daemon_factory) 
     assert ready and ready[0].value == 1.0
 
 
+def _metrics_port(daemon_factory, host: str) -> tuple[int, Any]:
+    """A daemon whose metrics listen on ``host``, its engine ready: the port and a /metrics scrape of it
+    (through 127.0.0.1), which must parse."""
+    import httpx
+
+    port = free_port()
+    d = daemon_factory(f'[daemon]\nmetrics_listen = "{host}:{port}"\n' + standin_engine_toml("a", free_port()))
+    d.start()
+    d.wait_state("a", "ready", 30)
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert metrics.status_code == 200 and list(text_string_to_metric_families(metrics.text))
+    return port, metrics
+
+
 def test_metrics_on_every_address_serve_prometheus_without_a_gateway_key(daemon_factory) -> None:
     """`metrics_listen = "0.0.0.0:9464"` (the shipped DaemonSet's, for a Prometheus on another machine) starts
     the daemon and serves /metrics: the metrics port is read-only, so the gateway's rule that a port reachable
     from other machines needs an API key is not its rule."""
     import httpx
 
-    port = free_port()
-    d = daemon_factory(f'[daemon]\nmetrics_listen = "0.0.0.0:{port}"\n' + standin_engine_toml("a", free_port()))
-    d.start()
-    d.wait_state("a", "ready", 30)
-    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
-    assert metrics.status_code == 200 and list(text_string_to_metric_families(metrics.text))
+    port, metrics = _metrics_port(daemon_factory, "0.0.0.0")
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"ok": True}
     # The status page (no key; the events, the state directory) is not served where other machines reach it.
     assert httpx.get(f"http://127.0.0.1:{port}/ui/status.json", timeout=10).status_code == 404
@@ -124,12 +134,7 @@ def test_metrics_and_health_on_the_loopback_tcp_port(daemon_factory) -> None:
     """With metrics_listen set, /metrics, /healthz and /readyz answer over TCP (for Kubernetes probes)."""
     import httpx
 
-    port = free_port()
-    d = daemon_factory(f'[daemon]\nmetrics_listen = "127.0.0.1:{port}"\n' + standin_engine_toml("a", free_port()))
-    d.start()
-    d.wait_state("a", "ready", 30)
-    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
-    assert metrics.status_code == 200 and list(text_string_to_metric_families(metrics.text))
+    port, metrics = _metrics_port(daemon_factory, "127.0.0.1")
     # The hang count is there at 0 before any hang: the hung alert's increase() sees the first one.
     stalls = {s.labels["verdict"]: s.value for f in text_string_to_metric_families(metrics.text)
               if f.name == "supervisord_llm_engine_stalls" for s in f.samples if s.name.endswith("_total")}

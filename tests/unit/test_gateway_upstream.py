@@ -173,40 +173,38 @@ async def test_a_stream_broken_off_midway_is_an_error_not_an_end() -> None:
     assert chunks == [b"data: 1\n\n"]
 
 
-async def test_an_engine_silent_past_the_read_timeout_is_a_read_timeout() -> None:
-    """An engine that takes the request and sends nothing is a read timeout (504), never resent."""
+async def _send_to_a_silent_engine(still_working: Callable[[float], bool] | None, match: str) -> float:
+    """Send to an engine that takes the request and answers nothing (read timeout 0.2 s); the seconds until the
+    read timeout, which must match ``match``."""
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
-        await asyncio.sleep(5)
+        await asyncio.sleep(10)
 
     async with engine(handler) as url:
         async with UpstreamClient(connect_timeout_s=2.0, read_timeout_s=0.2, max_connections=8,
                                   pool_timeout_s=None) as c:
-            with pytest.raises(httpx.ReadTimeout):
-                await c.send(request(url))
+            started = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout, match=match):
+                await c.send(replace(request(url), still_working=still_working))
+            return time.monotonic() - started
+
+
+async def test_an_engine_silent_past_the_read_timeout_is_a_read_timeout() -> None:
+    """An engine that takes the request and sends nothing is a read timeout (504), never resent."""
+    await _send_to_a_silent_engine(None, "upstream_read_timeout_s")
 
 
 async def test_an_engine_silent_toward_a_request_is_waited_for_while_it_shows_progress_elsewhere() -> None:
     """A non-streamed answer comes whole, after the whole generation: while the engine shows progress elsewhere
     (asked with how long it has been quiet toward this request) the request waits another read timeout; once
     it shows none, the read timeout says so and names the setting."""
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        await asyncio.sleep(5)
-
     asked: list[float] = []
 
     def still_working(quiet_s: float) -> bool:
         asked.append(quiet_s)
         return len(asked) <= 2  # progress twice, then none
 
-    async with engine(handler) as url:
-        async with UpstreamClient(connect_timeout_s=2.0, read_timeout_s=0.2, max_connections=8,
-                                  pool_timeout_s=None) as c:
-            started = time.monotonic()
-            with pytest.raises(httpx.ReadTimeout, match="upstream_read_timeout_s.* showed no progress meanwhile"):
-                await c.send(replace(request(url), still_working=still_working))
-            waited_s = time.monotonic() - started
+    waited_s = await _send_to_a_silent_engine(still_working, "upstream_read_timeout_s.* showed no progress meanwhile")
     assert len(asked) == 3 and all(0.15 < quiet_s < 1.0 for quiet_s in asked), asked
     assert 0.55 < waited_s < 3.0, waited_s  # three read timeouts, not one
 
@@ -685,19 +683,11 @@ async def test_an_answer_is_not_merged_with_bytes_the_engine_sent_after_it() -> 
 async def test_an_engine_that_shows_progress_but_never_answers_a_request_is_given_up_on() -> None:
     """An engine that dropped one request while it serves others shows progress all along: the request is
     waited for six read timeouts in a row, not forever (its client, its slot and its connection are held)."""
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        await asyncio.sleep(10)
-
     asked: list[float] = []
 
     def still_working(quiet_s: float) -> bool:
         asked.append(quiet_s)
         return True
 
-    async with engine(handler) as url:
-        async with UpstreamClient(connect_timeout_s=2.0, read_timeout_s=0.2, max_connections=8,
-                                  pool_timeout_s=None) as c:
-            with pytest.raises(httpx.ReadTimeout, match="although it showed progress elsewhere"):
-                await c.send(replace(request(url), still_working=still_working))
+    await _send_to_a_silent_engine(still_working, "although it showed progress elsewhere")
     assert len(asked) == upstream.QUIET_EXTENSIONS_MAX
