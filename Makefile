@@ -35,8 +35,8 @@ test: install engines
 	@# engine's decode rate (marker rates) need the machine to themselves: they run last, alone. Any of
 	@# the three failing fails the target.
 	@export SUPERVISORD_LLM_REQUIRE_ENGINES=1; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "long_wait and not chaos_full and not gpu" \
-		> .long-wait-tests.log 2>&1 & waits=$$!; \
+	SUPERVISORD_LLM_TEST_PORT_SLICE=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
+		-m "long_wait and not chaos_full and not gpu" > .long-wait-tests.log 2>&1 & waits=$$!; \
 	$(BIN)/python -m pytest -q --durations=25 -m "not long_wait and not rates and not chaos_full and not gpu"; \
 	rest=$$?; \
 	wait $$waits; waited=$$?; \

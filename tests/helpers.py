@@ -26,14 +26,26 @@ _handed_out: set[int] = set()
 
 def free_port() -> int:
     """A free loopback port, never one this test process handed out before (a config with many
-    engines asks several times before anything binds, and the kernel may offer the same port)."""
+    engines asks several times before anything binds).
+
+    Taken below the kernel's ephemeral range (Linux 32768-60999, macOS 49152-65535), where no outgoing
+    connection's source port and no other process's bind to port 0 lands, and from a slice of its own for
+    each pytest that `make test` runs at the same time (``SUPERVISORD_LLM_TEST_PORT_SLICE``: 0 or 1): a
+    port one of them picked cannot be taken by the other before its daemon binds it."""
+    import random
+
+    lo = 20000 + 6000 * int(os.environ.get("SUPERVISORD_LLM_TEST_PORT_SLICE", "0") or 0)
     while True:
+        port = random.randrange(lo, lo + 6000)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def tiny_model_dir() -> Path:
