@@ -17,7 +17,8 @@ survive the reboot it records, and the monotonic clock restarts at every boot, s
 timestamp from before the reboot would be meaningless after it. A ledger entry later than the
 current wall time (the clock was stepped back) counts as inside the cooldown: the safe side.
 ``RebootState`` itself uses monotonic times and belongs to one boot; the caller drops it (after
-``verify_after_reboot``) when the boot changes.
+``verify_after_reboot``) when the boot changes, and closes the alert episodes of the boot that is
+over (``on_new_boot``): a reboot, also one a person ran by hand, is what frees stranded memory.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Literal
 
 from policies._format import gb, require, secs
 from policies.actions import Action, Alert, EscalateReboot, RunReboot, Stop, WaitUntil
+from policies.stranded import STRANDED_ALERT_KEY
 
 RebootPhase = Literal["idle", "required", "announced", "cancelled", "executed"]
 
@@ -43,6 +45,12 @@ XID_RESET_REQUIRED: dict[int, str] = {
 }
 
 _LEDGER_KEPT = 32
+
+# Episodes about one boot that the next boot ends: the memory a reboot frees, and every step of the
+# escalation towards that reboot. Where the condition is back in the new boot, its own readings open
+# a new episode.
+BOOT_EPISODES = (STRANDED_ALERT_KEY, "reboot.required", "reboot.announced", "reboot.failed",
+                 "reboot.not_happened", "reboot.did_not_free")
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,6 +447,21 @@ def state_after_restart(saved_phase: object, *, same_boot: bool) -> RebootState:
     return RebootState()
 
 
+def on_new_boot(open_keys: Iterable[str]) -> tuple[Alert, ...]:
+    """The machine booted since the daemon's state was saved: the resolves of the open episodes of
+    ``BOOT_EPISODES`` (also those an earlier daemon opened: the outbox remembers open episodes).
+
+    Without them an operator's own reboot (escalation is off by default) left those alerts firing at
+    every receiver, and the outbox dropped the new boot's next firing as a duplicate of the open one.
+    """
+    keys = set(open_keys)
+    return tuple(
+        Alert(key, "info", "the machine rebooted since this was raised (a reboot frees stranded wired memory)",
+              resolved=True)
+        for key in BOOT_EPISODES if key in keys
+    )
+
+
 def ledger_to_record(ledger: RebootLedger) -> list[float]:
     return list(ledger.reboots_wall_s)
 
@@ -455,6 +478,7 @@ def ledger_from_record(record: object) -> RebootLedger:
 
 
 __all__ = [
+    "BOOT_EPISODES",
     "XID_FALLEN_OFF_BUS",
     "XID_RESET_REQUIRED",
     "RebootLedger",
@@ -469,6 +493,7 @@ __all__ = [
     "ledger_from_record",
     "ledger_to_record",
     "is_reboot_step",
+    "on_new_boot",
     "reboot_needed",
     "record_reboot",
     "state_after_restart",

@@ -7,6 +7,10 @@ escalation state machine); this module feeds them each memory reading, carries o
 (alerts, the announced reboot, the reboot argv — never through a shell) and persists what must
 survive: the idle-wired baseline of this boot and the reboot ledger. The ledger uses wall-clock
 times because it must survive the reboot itself, when monotonic clocks start again from zero.
+
+When the saved ``boot_id`` is not this boot's, the machine rebooted (by the escalation or by a
+person): before the first reading of the new boot, the alert episodes of the old one are resolved
+(``policies.reboot.on_new_boot``), so receivers see them end and the new boot's alerts are new episodes.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class StrandedExtension(Extension):
         self._sent: dict[str, bool] = {}
         self._persisting: bool | None = None  # the last stranded verdict (None: no verdict yet)
         self._gpu_lost: str | None = None  # why a GPU needs a reboot (XID 79, lost); holds until reboot
+        self._previous_boot: str | None = None  # the boot the saved state was written in, until its episodes end
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Load what the previous daemon persisted (called once the state file is read)."""
@@ -79,11 +84,31 @@ class StrandedExtension(Extension):
             self.ledger = reboot_policy.RebootLedger(tuple(
                 float(t) for t in raw_ledger if isinstance(t, (int, float)) and not isinstance(t, bool))
                 if isinstance(raw_ledger, list) else ())
-        same_boot = saved.get("boot_id") == self.boot
+        saved_boot = saved.get("boot_id")
+        same_boot = saved_boot == self.boot
+        # Closed at the first reading or tick, not here: restore may run again (a damaged state file).
+        self._previous_boot = saved_boot if isinstance(saved_boot, str) and not same_boot else None
         self.reboot_state = reboot_policy.state_after_restart(saved.get("reboot_phase"), same_boot=same_boot)
         self.alert_active = bool(saved.get("alert_active")) and same_boot
 
+    def _close_previous_boot(self) -> None:
+        """After a reboot: resolve the episodes the previous boot left open (once, before any reading
+        of this boot can fire them again and be dropped as a duplicate of the open episode)."""
+        previous, self._previous_boot = self._previous_boot, None
+        if previous is None:
+            return
+        daemon = self.daemon
+        outbox = daemon.alerts_outbox
+        open_keys = sorted(outbox.open_episodes()) if outbox is not None else []
+        alerts = reboot_policy.on_new_boot(open_keys)
+        daemon.events.emit("policy.decided", policy="reboot", trigger="new boot", previous_boot_id=previous,
+                           boot_id=self.boot, open_episodes=open_keys,
+                           decision="resolve " + ",".join(a.key for a in alerts) if alerts else "none")
+        for alert in alerts:
+            daemon.apply(alert)
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._close_previous_boot()
         task_status.started()
         # The reboot escalation's own timer: memory readings step it too, but on Linux they carry no
         # wired memory and never reach it, so an announced reboot for a lost GPU would never run.
@@ -112,6 +137,7 @@ class StrandedExtension(Extension):
         return self.stranded
 
     def on_memory(self, reading: SystemMemoryReading | None) -> None:
+        self._close_previous_boot()  # the daemon's first reading comes before run()
         if reading is None or reading.wired_bytes is None:
             return
         daemon = self.daemon

@@ -6,6 +6,7 @@ the sequence a scenario needs; everything else (the daemon, its state, the reboo
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from probes.memory import parse_vm_stat
 from tests.helpers import FIXTURES, PYTHON, STANDINS
+from tests.integration.test_alerts_daemon import Receiver
 
 pytestmark = pytest.mark.slow
 
@@ -130,6 +132,44 @@ def test_cancelled_reboot_does_not_run(daemon_factory, tmp_path) -> None:
     time.sleep(33)  # past the 30 s grace (the shortest a config may set)
     assert not record.exists()
     assert d.status()["reboot"]["state"] == "cancelled"
+
+
+def test_a_reboot_by_hand_resolves_the_previous_boots_stranded_and_reboot_alerts(daemon_factory, tmp_path) -> None:
+    """Escalation off, the operator reboots: the next daemon resolves memory.stranded and reboot.required at the
+    receiver, and stranded memory in the new boot opens a new episode (not dropped as a duplicate of the old one)."""
+    receiver = Receiver()
+    try:
+        hook = f'[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "{receiver.url}"\nformat = "json"\n'
+        env = _env(tmp_path, ["studio-512gb-idle*5", "studio-512gb-stranded-after-hang"])
+        d = daemon_factory(_config() + hook, env=env).start()
+        _wait(lambda: receiver.of("memory.stranded") and receiver.of("reboot.required"), 30, "the alerts fired")
+        fired = {b["key"]: b for b in receiver.bodies if b["status"] == "firing"}
+        d.stop()
+        # The reboot: a new boot id (the state file keeps the one it was written in), and the wired memory is back.
+        state_path = d.state_dir / "state.json"
+        state = json.loads(state_path.read_text())
+        assert state["stranded"]["boot_id"] == state["stranded"]["baseline"]["boot_id"]
+        state["stranded"]["boot_id"] = state["stranded"]["baseline"]["boot_id"] = "an-earlier-boot"
+        state_path.write_text(json.dumps(state))
+        (tmp_path / "sequence.txt").write_text("studio-512gb-idle*5\nstudio-512gb-stranded-after-hang\n")
+        (tmp_path / "sequence.txt.pos").unlink(missing_ok=True)
+        d.start()
+
+        def resolved(key: str) -> list[dict]:
+            return [b for b in receiver.bodies if b["key"] == key and b["status"] == "resolved"]
+
+        _wait(lambda: resolved("memory.stranded") and resolved("reboot.required"), 20,
+              "the previous boot's episodes were not resolved at the receiver")
+        for key in ("memory.stranded", "reboot.required"):
+            assert resolved(key)[0]["episode_id"] == fired[key]["episode_id"]
+        # Stranded again in the new boot: a new episode reaches the receiver.
+        again = _wait(lambda: [b for b in receiver.of("memory.stranded")
+                               if b["status"] == "firing" and b["episode_id"] != fired["memory.stranded"]["episode_id"]],
+                      30, "the new boot's stranded memory was not alerted")
+        assert "reboot required" in again[0]["message"]
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
 
 
 def test_garbage_from_vm_stat_is_a_probe_error_and_the_daemon_keeps_running(daemon_factory, tmp_path) -> None:

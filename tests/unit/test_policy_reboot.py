@@ -15,6 +15,7 @@ from policies.reboot import (
     in_cooldown,
     ledger_from_record,
     ledger_to_record,
+    on_new_boot,
     record_reboot,
     state_after_restart,
     verify_after_reboot,
@@ -278,3 +279,13 @@ def test_a_restarted_daemon_keeps_a_cancel_for_the_rest_of_the_boot(phase: objec
                                                                      expected: str) -> None:
     """A person's cancel holds across a daemon restart in the same boot; an announced reboot is announced afresh."""
     assert state_after_restart(phase, same_boot=same_boot).phase == expected
+
+
+def test_a_new_boot_resolves_the_episodes_of_the_boot_before() -> None:
+    """After a reboot (also one by hand) stranded memory and the reboot steps are resolved; other episodes stay open."""
+    open_keys = ["engine.exited:qwen", "memory.stranded", "reboot.required", "reboot.announced", "gpu.lost:0"]
+    resolved = on_new_boot(open_keys)
+    assert [(a.key, a.resolved) for a in resolved] == [
+        ("memory.stranded", True), ("reboot.required", True), ("reboot.announced", True)]
+    assert all("rebooted" in a.summary for a in resolved)
+    assert on_new_boot(["engine.exited:qwen"]) == ()
