@@ -1293,12 +1293,8 @@ class Outbox:
         """One POST; the outbox, not this function, decides about retries."""
         body = encode_body(render_payload(alert, target.format, host=self._host, receiver=target.name,
                                           external_url=self.settings.external_url))
-        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, DELIVERY_HEADER: delivery.id,
-                   **target.headers}
-        if target.secret:
-            headers.update(signature_headers(target.secret, body, int(self._clock.wall()), delivery.id))
         try:
-            response = await client.post(target.url, content=body, headers=headers,
+            response = await client.post(target.url, content=body, headers=self._headers(target, body, delivery.id),
                                          timeout=httpx.Timeout(target.timeout_s))
         except httpx.HTTPError as exc:  # timeouts, refused connections, resets, protocol errors
             return _Outcome("retry", error=_describe_error(exc))
@@ -1315,6 +1311,14 @@ class Outbox:
         if 300 <= status < 400:
             reason += " (redirects are not followed; configure the final URL)"
         return _Outcome("drop", http_status=status, error=reason)
+
+    def _headers(self, target: AlertTarget, body: bytes, delivery_id: str) -> dict[str, str]:
+        """The request headers of one POST of ``body`` to ``target`` (signed when it has a secret)."""
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, DELIVERY_HEADER: delivery_id,
+                   **target.headers}
+        if target.secret:
+            headers.update(signature_headers(target.secret, body, int(self._clock.wall()), delivery_id))
+        return headers
 
     def _retry_after_s(self, value: str | None) -> float | None:
         if not value:
