@@ -199,6 +199,8 @@ def _engine_row(e: dict[str, Any]) -> list[str]:
         note = e.get("state_reason") or ""
     elif e.get("state") == "stopped" and e.get("state_reason") == "idle":
         note = "unloaded when idle"
+    elif e.get("state") == "stopped" and e.get("start_refused"):
+        note = f"start refused ({e['start_refused']['reason']}): see below"
     elif e.get("last_canary") and not e["last_canary"].get("ok"):
         note = f"canary: {e['last_canary'].get('error')}"
     return [e["name"], e["engine"], e["state"], str(e.get("pid") or "-"), str(e.get("port")),
@@ -251,6 +253,12 @@ def render_status(doc: dict[str, Any], *, colour: bool = False) -> str:
         guard = _guard_line(e)
         if guard:
             lines.append(paint(guard, "1;31" if "draining" in guard else "33" if "HIGH" in guard else ""))
+    for e in doc["engines"]:
+        refused = e.get("start_refused") if e.get("state") == "stopped" else None
+        if refused:
+            # In full (the table's note is cut): the sizes are the point.
+            lines.append(paint(f"{e['name']}: start refused ({refused['reason']}): {refused['message']}; the next "
+                               f"request or `llmctl start {e['name']}` tries again", "33"))
     mem = doc["system"]["memory"]
     text = f"memory: {format_bytes(mem.get('available_bytes'))} available of {format_bytes(mem.get('total_bytes'))}"
     if mem.get("wired_bytes") is not None:
@@ -345,8 +353,15 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 # ---- engine operations ----------------------------------------------------------------------
 
 def _wait_state(client: Client, name: str, goal: set[str], timeout_s: float, quiet: bool) -> int:
-    """Poll status, showing progress, until the engine reaches a goal state (or a dead end)."""
+    """Poll status, showing progress, until the engine reaches a goal state (or a dead end).
+
+    Waiting for ready, ``stopped`` is a dead end too: the daemon answers a start once the engine is
+    starting, so stopped here means this start ended there (memory admission refused it, or a stop
+    overtook it), and its reason says why.
+    """
     dead_ends = {"failed", "backoff"} - goal
+    if "ready" in goal:
+        dead_ends.add("stopped")
     deadline = time.monotonic() + timeout_s
     with _spinner(f"{name} ...") as spinner:
         while time.monotonic() < deadline:

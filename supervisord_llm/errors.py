@@ -113,6 +113,7 @@ class StartRefused(EngineError):
     def __init__(self, engine: str, reason: str, message: str, until_s: float | None = None) -> None:
         self.reason = reason
         self.until_s = until_s
+        self.detail = message  # the policy's own sentence, without the "engine 'x': " prefix
         super().__init__(engine, message)
 
 

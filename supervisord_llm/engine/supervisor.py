@@ -14,6 +14,12 @@ belong to a *generation* (one spawn); a message from an older generation is igno
        └──── stopping ◀── backoff ──(next_start_at)──▶ starting                                     ▼
                            │                                                              backoff / starting
                            └──(too many failures)──▶ failed (until `llmctl start`)
+
+    starting ──(memory admission refused, after its bounded wait)──▶ stopped (the next start asks again)
+
+A start that memory admission refuses (after its bounded wait) ends ``stopped``, not ``failed``: memory
+short right now is no crash loop. Its reason is the refusal's message (what the engine needs, what is
+available); no failure is counted, and the next request for it (or ``llmctl start``) asks admission again.
 """
 
 from __future__ import annotations
@@ -67,7 +73,8 @@ _S = EngineState
 # tests set it) and is logged and not applied otherwise, so a daemon never runs on a silent mistake.
 TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     _S.STOPPED: frozenset({_S.STARTING, _S.BACKOFF}),
-    _S.STARTING: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
+    # starting -> stopped: a start memory admission refused (nothing was spawned; see _on_start_failed).
+    _S.STARTING: frozenset({_S.READY, _S.STOPPING, _S.STOPPED, _S.BACKOFF, _S.FAILED}),
     _S.READY: frozenset({_S.DEGRADED, _S.HUNG, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
     _S.DEGRADED: frozenset({_S.READY, _S.HUNG, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
     _S.HUNG: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.FAILED}),
@@ -257,6 +264,8 @@ class EngineSupervisor:
         self.last_canary: CanaryReading | None = None
         self.last_canary_wall: float | None = None
         self.state_reason = ""
+        # The refusal that left the engine stopped ({reason, message, at}); None once it starts again.
+        self.start_refused: dict[str, Any] | None = None
         # The last readiness check's outcome while starting ("/health answered 503 Loading model").
         self.start_check: str | None = None
         self.ready_since_s: float | None = None
@@ -554,6 +563,7 @@ class EngineSupervisor:
         # the new spawn has nothing to signal.
         self.proc = None
         self.diagnosis = None
+        self.start_refused = None  # this start asks admission again
         fields: dict[str, Any] = {"manual": manual}
         if overrode:
             fields["overrode"] = overrode
@@ -738,12 +748,17 @@ class EngineSupervisor:
 
     def _on_start_failed(self, error: EngineError, exit_info: ExitInfo | None) -> None:
         if isinstance(error, StartRefused):
+            # Memory (or the budget, an exclusive engine, stranded memory) short right now is no crash
+            # loop: the engine stays stopped, not failed, so the next request for it or `llmctl start`
+            # asks admission again. Nothing was spawned, so no failure is counted. The alert episode
+            # stays open until the engine is ready (or a person stops it).
             self._new_generation()
+            self.start_refused = {"reason": error.reason, "message": error.detail, "at": self.clock.wall()}
             self.host.events.emit("engine.start_refused", engine=self.name, reason=error.reason,
                                     message=str(error))
             self.host.alert(Alert(key=f"engine.start_refused:{self.name}", severity="critical",
                                     summary=str(error), details={"engine": self.name, "reason": error.reason}))
-            self._set_state(EngineState.FAILED, str(error))
+            self._set_state(EngineState.STOPPED, str(error), refused=error.reason)
             return
         self.last_exit = {"code": None, "signal": None, "reason": str(error), "at": self.clock.wall()}
         if isinstance(error, (PortInUse, EngineSpawnFailed)):
@@ -942,6 +957,8 @@ class EngineSupervisor:
             "state": str(self.state),
             "state_reason": self.state_reason,
             "start_check": self.start_check if self.state == EngineState.STARTING else None,
+            # Why the last start was refused ({reason, message, at}) while that refusal keeps it stopped.
+            "start_refused": self.start_refused if self.state == EngineState.STOPPED else None,
             "pid": self.proc.pid if self.proc and self.proc.running else None,
             "port": self.config.port,
             "base_url": self.config.base_url,

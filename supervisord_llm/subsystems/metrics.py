@@ -60,11 +60,16 @@ def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
     rss = gauge("engine_rss_bytes", "resident memory of the engine's process tree", ("engine",))
     gpu = gauge("engine_gpu_bytes", "GPU memory held by the engine's process tree", ("engine",))
     up = gauge("engine_up", "1 if the engine is ready or degraded", ("engine",))
+    refused = gauge("engine_start_refused", "1 while the engine is stopped because its last start was refused "
+                    "(reason: memory, budget, stranded, gpu, exclusive); the next request or llmctl start tries again",
+                    ("engine", "reason"))
     for e in doc["engines"]:
         name = e["name"]
         for s in EngineState:
             state.labels(name, str(s)).set(1 if e["state"] == str(s) else 0)
         up.labels(name).set(1 if e["state"] in ("ready", "degraded") else 0)
+        if e.get("start_refused"):
+            refused.labels(name, e["start_refused"]["reason"]).set(1)
         if e.get("tokens_per_s") is not None:
             tps.labels(name).set(e["tokens_per_s"])
         if e.get("baseline_tokens_per_s") is not None:

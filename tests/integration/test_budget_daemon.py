@@ -1,7 +1,8 @@
 """The memory budget on the real daemon with real engine processes (invariant 1, non-exclusive path).
 
 Two non-exclusive engines whose footprints together exceed the budget never run together: a start
-of the second waits for memory (bounded by ``admission_wait``), then is refused naming the numbers;
+of the second waits for memory (bounded by ``admission_wait``), then is refused naming the numbers
+(the engine stays ``stopped``, so a later start asks again);
 ``llmctl switch`` plans the swap (``policies.swap.plan_swap``): the first engine is stopped for the
 budget before the second starts.
 """
@@ -20,7 +21,7 @@ def _events(d, kind: str, engine: str) -> list[dict]:
 
 
 def test_two_engines_over_the_budget_never_run_together(daemon_factory) -> None:
-    """b (0.6 GB) next to a (0.6 GB) in a 1 GB budget waits, is refused naming the numbers, and never spawns; a switch stops a first."""
+    """b (0.6 GB) next to a (0.6 GB) in a 1 GB budget waits, is refused naming the numbers (stopped, not failed), and never spawns; a switch stops a first."""
     cfg = BUDGET + standin_engine_toml("a", free_port(), footprint="600MB")
     cfg += standin_engine_toml("b", free_port(), footprint="600MB", autostart=False)
     d = daemon_factory(cfg).start()
@@ -28,7 +29,8 @@ def test_two_engines_over_the_budget_never_run_together(daemon_factory) -> None:
 
     started_s = time.monotonic()
     assert d.post("/v1/engines/b/start").status_code == 200
-    b = d.wait_state("b", "failed", 30)
+    d.wait_events(lambda e: e["kind"] == "engine.start_refused" and e["engine"] == "b", 30)
+    b = d.wait_state("b", "stopped", 30)
     waited_s = time.monotonic() - started_s
     assert "b needs 0.6 GB; with 0.6 GB resident (a (0.6 GB)) that is 1.2 GB, over the memory budget of 1.0 GB" \
         in b["state_reason"], b

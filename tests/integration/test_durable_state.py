@@ -114,7 +114,7 @@ async def test_alerts_are_journaled_off_the_event_loop_and_none_is_lost_at_exit(
             await tg.start(daemon.run)
             sup = daemon.supervisors["huge"]
             with anyio.fail_after(30):
-                await sup.wait_for(lambda s: s.state == "failed", None)
+                await sup.wait_for(lambda s: s.state == "stopped" and s.start_refused is not None, None)
             tg.cancel_scope.cancel()
     finally:
         daemon.close()

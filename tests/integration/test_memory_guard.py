@@ -155,7 +155,7 @@ def test_second_engine_is_not_started_into_memory_the_first_is_growing_into(daem
     assert result.returncode == 1, "B must not start into the memory A is growing into"
     assert "budget" in result.stdout + result.stderr and "a (" in result.stdout + result.stderr, result
     b = d.engine("b")
-    assert b["state"] == "failed" and b["pid"] is None, b
+    assert b["state"] == "stopped" and b["pid"] is None and b["start_refused"]["reason"] == "budget", b
 
 
 def test_learned_peak_survives_a_daemon_restart_and_changes_admission(daemon_factory) -> None:

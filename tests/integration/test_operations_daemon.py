@@ -29,13 +29,16 @@ def test_manual_restart_inside_60s_needs_force_and_says_what_it_overrides(daemon
     assert d.engine("a")["pid"] != first["pid"]
 
 
-def test_engine_that_does_not_fit_waits_then_fails_naming_the_numbers(daemon_factory) -> None:
-    """A footprint larger than the machine: bounded wait, then `failed` with the sizes in the reason."""
+def test_engine_that_does_not_fit_waits_then_stays_stopped_naming_the_numbers(daemon_factory) -> None:
+    """A footprint larger than the machine: bounded wait, then `stopped` (not `failed`: no crash loop) with
+    the sizes in the reason."""
     cfg = standin_engine_toml("huge", free_port(), footprint="900TB")
     cfg += '[policies.memory]\nadmission_wait = "2s"\n'
     d = daemon_factory(cfg).start()
-    engine = d.wait_state("huge", "failed", 30)
+    d.wait_events(lambda e: e["kind"] == "engine.start_refused" and e["engine"] == "huge", 30)
+    engine = d.wait_state("huge", "stopped", 30)
     assert "900000.0 GB" in engine["state_reason"], engine["state_reason"]
+    assert engine["start_refused"]["reason"] == "budget", engine  # 900 TB is over any budget (total - headroom)
     waiting = [e for e in d.events() if e["kind"] == "engine.admission_waiting"]
     assert waiting and waiting[0]["wait_s"] <= 2
     assert engine["pid"] is None  # nothing was spawned

@@ -31,7 +31,7 @@ from supervisord_llm.engine.supervisor import (
     Then,
     Verdict,
 )
-from supervisord_llm.errors import EngineSpawnFailed
+from supervisord_llm.errors import EngineSpawnFailed, StartRefused
 
 S = EngineState
 
@@ -169,6 +169,12 @@ def _rows() -> list[tuple[str, EngineState, Any, EngineState, tuple[str, ...], t
          ("engine.exited", "engine.state_changed"), ("engine.exited:e",), ("_backoff_timer",)),
         ("spawn failed", S.STARTING, lambda g: LaunchFailed(g, EngineSpawnFailed("e", "no such file")), S.BACKOFF,
          ("engine.start_failed", "engine.state_changed"), ("engine.exited:e",), ("_backoff_timer",)),
+        # Memory short right now is no crash loop: stopped (the next request or `llmctl start` asks
+        # admission again), the refusal in an event and an alert, no failure counted, nothing scheduled.
+        ("start refused by memory admission", S.STARTING,
+         lambda g: LaunchFailed(g, StartRefused("e", "memory", "e needs 1.0 GB + 4.0 GB headroom = 5.0 GB, but "
+                                                              "only 2.0 GB is available")),
+         S.STOPPED, ("engine.start_refused", "engine.state_changed"), ("engine.start_refused:e",), ()),
         ("message of an old run ignored", S.READY,
          lambda g: Exited(g - 1, ExitInfo(code=1, signal=None, at_wall=0.0)), S.READY, (), (), ()),
     ]

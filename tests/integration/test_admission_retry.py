@@ -1,0 +1,124 @@
+"""A start that memory admission refuses leaves the engine `stopped`, not `failed`, on the real daemon.
+
+Memory short right now is no crash loop: the engine stays stopped with the refusal's message (what it
+needs, what is available) as its reason, and the next request through the gateway (or `llmctl start`)
+asks admission again. Memory is a scripted macOS ``vm_stat`` stand-in (tests/standins/vm_stat) whose
+sample the test swaps: a machine with 31 GB available, then the idle 512 GB Studio (523 GB).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import STANDINS, free_port, standin_engine_toml, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.long_wait]  # mostly waits: run beside the rest
+
+SAMPLES = Path(__file__).resolve().parent.parent / "fixtures" / "vm_stat"
+
+
+def _tight_sample(tmp_path: Path) -> Path:
+    """The idle Studio's sample with most of its free pages gone: ~31 GB available, wired unchanged
+    (no stranded memory: the refusal is plain memory pressure)."""
+    text = (SAMPLES / "studio-512gb-idle.txt").read_text()
+    tight = re.sub(r"^Pages free:\s+\d+\.$", "Pages free:                               800000.", text,
+                   flags=re.MULTILINE)
+    assert tight != text
+    path = tmp_path / "tight.txt"
+    path.write_text(tight)
+    return path
+
+
+def _chat(base: str, model: str, timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{base}/v1/chat/completions", timeout=timeout,
+                      json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+
+
+def _refused_stopped(d, name: str) -> dict:
+    """The engine once a refused start has left it stopped (its reason then names the numbers)."""
+    seen: dict = {}
+
+    def refused() -> dict | None:
+        seen.update(d.engine(name))
+        return dict(seen) if seen["state"] == "stopped" and "needs" in seen["state_reason"] else None
+
+    try:
+        return wait_for(refused, 30, f"{name} stopped after a refused start")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; it is {seen.get('state')}: {seen.get('state_reason')}") from None
+
+
+def test_refused_start_leaves_the_engine_stopped_and_the_next_request_starts_it(daemon_factory, tmp_path) -> None:
+    """A preload and an on-demand start refused for memory leave `stopped` naming the numbers (status, llmctl,
+    metrics, events, alert); the request gets the refusal; once memory allows, the next request starts it."""
+    seq = tmp_path / "sequence.txt"
+    seq.write_text(f"{_tight_sample(tmp_path)}\n")
+    env = {"PATH": f"{STANDINS}:{os.environ['PATH']}", "STANDIN_VM_STAT_SEQUENCE_FILE": str(seq)}
+    gw, metrics = free_port(), free_port()
+    cfg = f'[daemon]\nmetrics_listen = "127.0.0.1:{metrics}"\n'
+    cfg += standin_engine_toml("big", free_port(), footprint="100GB")  # preload (autostart) is on
+    cfg += ('[probes]\nplatform = "darwin"\ninterval = "0.5s"\n'
+            f'vm_stat = "{STANDINS / "vm_stat"}"\nsysctl = "{STANDINS / "sysctl"}"\n')
+    cfg += '[policies.memory]\nadmission_wait = "1s"\n'
+    cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\n'
+    cfg += f'[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "http://127.0.0.1:{free_port()}/x"\n'
+    d = daemon_factory(cfg, env=env).start()
+    base = f"http://127.0.0.1:{gw}"
+
+    # The preload is refused: stopped (not failed), the reason naming what it needs and what is available.
+    big = _refused_stopped(d, "big")
+    assert "big needs 100.0 GB + 4.0 GB headroom = 104.0 GB, but only 31." in big["state_reason"], big
+    assert big["pid"] is None and big["start_refused"]["reason"] == "memory", big
+    assert big["start_refused"]["message"] in big["state_reason"]
+    status = d.llmctl("status")
+    assert "big: start refused (memory): big needs 100.0 GB + 4.0 GB headroom = 104.0 GB, but only 31." \
+        in status.stdout, status.stdout
+    scrape = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+    assert 'supervisord_llm_engine_start_refused{engine="big",reason="memory"} 1.0' in scrape, scrape
+
+    # A request for it tries again (admission asked again) and gets the refusal in its API's shape.
+    refusals_before = len([e for e in d.events() if e["kind"] == "engine.start_refused"])
+    refused = _chat(base, "big")
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert "big needs 100.0 GB" in error["message"] and "available" in error["message"], error
+    big = _refused_stopped(d, "big")
+    refusals = [e for e in d.events() if e["kind"] == "engine.start_refused" and e["engine"] == "big"]
+    assert len(refusals) == refusals_before + 1 and refusals[-1]["reason"] == "memory", refusals
+    assert "104.0 GB" in refusals[-1]["message"]
+    to_stopped = [e for e in d.events() if e["kind"] == "engine.state_changed" and e["engine"] == "big"
+                  and e["from"] == "starting"]
+    assert [e["to"] for e in to_stopped] == ["stopped", "stopped"], to_stopped  # never failed
+    assert not [e for e in d.events() if e["kind"] == "engine.state_changed" and e["to"] == "failed"]
+
+    # `llmctl start` also asks admission again, and says why it stopped (exit 1, not a wait for ready).
+    started = d.llmctl("start", "big", timeout=60)
+    assert started.returncode == 1, started
+    assert "big is stopped" in started.stderr and "104.0 GB" in started.stderr, started.stderr
+
+    # Memory comes back: the next request through the gateway starts the engine and is answered.
+    seq.write_text("studio-512gb-idle\n")
+    answered = _chat(base, "big")
+    assert answered.status_code == 200, answered.text
+    big = d.wait_state("big", "ready", 30)
+    assert big["start_refused"] is None and big["pid"] is not None
+    admitted = [e for e in d.events() if e["kind"] == "policy.decided" and e.get("policy") == "admission"
+                and e.get("engine") == "big"]
+    assert admitted[-1]["decision"] == "admit", admitted[-1]
+    # The refusal's alert episode stayed open while the engine was refused and ends once it is ready.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        raised = [e for e in d.events() if e["kind"] == "alert.raised" and e["key"] == "engine.start_refused:big"]
+        if raised and raised[-1]["resolved"]:
+            break
+        time.sleep(0.1)
+    assert raised and not raised[0]["resolved"] and raised[0]["severity"] == "critical", raised
+    assert raised[-1]["resolved"] is True, raised
+    scrape = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+    assert "supervisord_llm_engine_start_refused{" not in scrape
