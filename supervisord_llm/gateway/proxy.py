@@ -54,6 +54,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from policies import silence
 from policies.frontdoor import (
     FORWARDED_METHOD,
     FORWARDED_PATHS,
@@ -508,9 +509,9 @@ class _Forward:
         self.translation = translation
         self.on_done: Callable[[], None] | None = None  # gives the engine's slot back
         self.upstream = upstream
-        # An engine silent toward this request for upstream_read_timeout_s is waited for while it shows
+        # An engine silent toward this request for upstream_read_timeout_s may be waited for while it shows
         # progress elsewhere (a non-streamed answer comes whole, after the whole generation).
-        self.request = replace(request, still_working=self._engine_working)
+        self.request = replace(request, progress_age_s=self._engine_progress_age_s)
         self.anthropic = anthropic
         self.stream_requested = stream_requested
         self.sent_at_s = 0.0
@@ -557,15 +558,11 @@ class _Forward:
 
         # A translated request's meter reads the engine's own (OpenAI) bytes, not what we send.
         self.meter = TokenMeter(anthropic=anthropic and translation is None, on_token=on_token, ndjson=ndjson)
-        body_bytes = len(request.content)
         settings = gw.settings
-        self.prefill_limit_s = settings.prefill_stall_s + body_bytes / 2**20 * settings.prefill_per_mib_s
-        # Ollama sends no line while it collects a tool call (its tool parser gives the call whole): a
-        # long call on a slow model is silent for as long as it takes to generate, so such a request is
-        # held to the prefill's limit between tokens too.
-        self.decode_limit_s = settings.decode_stall_s
-        if tools and upstream.kind == "ollama":
-            self.decode_limit_s = max(self.decode_limit_s, self.prefill_limit_s)
+        self.limits = silence.stall_limits(
+            prefill_stall_s=settings.prefill_stall_s, prefill_per_mib_s=settings.prefill_per_mib_s,
+            decode_stall_s=settings.decode_stall_s, body_bytes=len(request.content), engine_kind=upstream.kind,
+            tools=tools)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         gw = self.gw
@@ -595,16 +592,16 @@ class _Forward:
             counts["in_flight"] -= 1
             self._finish(counts)
 
-    def _engine_working(self, quiet_s: float) -> bool:
-        """The engine showed progress (its counters, its prefill, other streams, a canary) within the last
-        ``quiet_s`` seconds, while it sent this request nothing."""
+    def _engine_progress_age_s(self) -> float | None:
+        """How long ago the engine showed progress (its counters, its prefill, other streams, a canary); None:
+        never, or not known."""
         gw = self.gw
         try:
             progress_s = gw.backend.engine_progress_s(self.upstream.engine)
         except Exception:
             gw.log.exception("gateway.backend_failed", method="engine_progress_s")
-            return False
-        return progress_s is not None and progress_s > gw.clock.now() - quiet_s
+            return None
+        return None if progress_s is None else gw.clock.now() - progress_s
 
     def _start_stall_watch(self) -> None:
         if self._stall_timer is None and not self._stall_watch_over:
@@ -644,35 +641,24 @@ class _Forward:
                 return
 
     def _stall_wait_s(self) -> float | None:
-        """How long until the stream would be stalled; None (and ``stalled`` set) once it is."""
-        now = self.gw.clock.now
-        meter = self.meter
-        last = meter.last_token_at_s
-        if last is None:
-            phase, since, limit = "prefill", self.sent_at_s, self.prefill_limit_s
-        else:
-            phase, since, limit = "decode", last, self.decode_limit_s
-        if self.blocked_since_s is not None or self.awaiting_engine:
-            # The client's back-pressure, or the request held while its engine restarts: neither
-            # is the engine's silence.
-            return min(limit, 1.0)
-        since = max(since, self.unblocked_at_s)
-        # Progress the engine shows elsewhere (its prefill progress, other streams, a canary)
-        # means it is working, so this stream waits rather than being called stalled.
+        """How long until the stream would be stalled; None (and ``stalled`` set) once it is
+        (``policies.silence.stream_stall_check`` decides)."""
         try:
             elsewhere_s = self.gw.backend.engine_progress_s(self.upstream.engine)
         except Exception:
             elsewhere_s = None
             self.gw.log.exception("gateway.backend_failed", method="engine_progress_s")
-        if elsewhere_s is not None and elsewhere_s > since:
-            since = elsewhere_s
-        delay = since + limit - now()
-        if delay <= 0:
-            self.stalled = (phase, now() - since)
+        check = silence.stream_stall_check(
+            now_s=self.gw.clock.now(), sent_at_s=self.sent_at_s, last_token_s=self.meter.last_token_at_s,
+            resumed_at_s=self.unblocked_at_s, limits=self.limits,
+            # The client's back-pressure, or the request held while its engine restarts: neither is the
+            # engine's silence.
+            not_judged=self.blocked_since_s is not None or self.awaiting_engine,
+            engine_progress_s=elsewhere_s)
+        if check.stalled:
+            self.stalled = (check.phase, check.stalled_for_s)
             return None
-        # Never wait longer than the decode limit: a first token arriving meanwhile starts a
-        # decode deadline that can fall before the prefill one.
-        return min(delay, self.decode_limit_s)
+        return check.wait_s
 
     async def _send_upstream(self) -> UpstreamResponse:
         # Sent again only while the engine gave no response head (gateway/retry.py): refused while

@@ -73,6 +73,8 @@ from typing import cast
 import httptools
 import httpx
 
+from policies import silence
+
 __all__ = ["UpstreamClient", "UpstreamRequest", "UpstreamResponse"]
 
 # A body the reader has not taken yet pauses reading from the engine beyond this many bytes.
@@ -93,17 +95,17 @@ _Key = tuple[str, int, bool]  # host, port, TLS
 class UpstreamRequest:
     """One request as it goes to the engine (the path was checked by the gateway before).
 
-    ``still_working(quiet_s)``, when given, is asked once the engine has sent nothing for the read timeout:
-    True (the engine showed progress elsewhere within the last ``quiet_s`` seconds: its step counters, its
-    prefill, other streams) keeps the request waiting another read timeout. A non-streamed answer sends
-    nothing until it is whole, however long the generation takes.
+    ``progress_age_s()``, when given, is asked once the engine has sent nothing for the read timeout: how
+    long ago the engine showed progress elsewhere (its step counters, its prefill, other streams; None:
+    never). ``policies.silence.quiet_request_verdict`` decides from it whether the request waits another
+    read timeout: a non-streamed answer sends nothing until it is whole, however long the generation takes.
     """
 
     method: str
     url: str
     headers: list[tuple[bytes, bytes]]
     content: bytes
-    still_working: Callable[[float], bool] | None = field(default=None, compare=False)
+    progress_age_s: Callable[[], float | None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -341,22 +343,17 @@ class _Connection(asyncio.Protocol):
 
 
 
-# While the engine shows progress elsewhere, a request it sends nothing is given this many more read timeouts
-# in a row (an hour in all with the default 600 s): an engine that dropped one request while serving others
-# must not hold its client, its slot and its connection forever.
-QUIET_EXTENSIONS_MAX = 5
-
-
 class _ReadClock:
     """One timer per wait, and none while bytes keep coming: the engine must send a byte within
     ``timeout_s`` of the last one (or of the request) while someone waits for it, or show progress
-    elsewhere meanwhile (``still_working``, see UpstreamRequest), which gives it another ``timeout_s``."""
+    elsewhere meanwhile (``progress_age_s``, see UpstreamRequest), which may give it another ``timeout_s``
+    (``policies.silence.quiet_request_verdict`` decides)."""
 
     def __init__(self, connection: _Connection, timeout_s: float,
-                 still_working: Callable[[float], bool] | None = None) -> None:
+                 progress_age_s: Callable[[], float | None] | None = None) -> None:
         self._connection = connection
         self._timeout_s = timeout_s
-        self._still_working = still_working
+        self._progress_age_s = progress_age_s
         self._extended_at = 0.0  # when the engine's progress elsewhere last gave it more time
         self._extensions = 0  # given since the engine's last byte
         self._timer: asyncio.TimerHandle | None = None
@@ -384,31 +381,25 @@ class _ReadClock:
         if now < due:
             self._timer = loop.call_at(due, self._check, future)
             return
-        still_working = self._still_working
         if connection.last_byte_at > self._extended_at:
             self._extensions = 0  # bytes came since the last extension
-        if still_working is not None and self._extensions < QUIET_EXTENSIONS_MAX:
+        progress_age_s = self._progress_age_s
+        age_s: float | None = None
+        if progress_age_s is not None:
             try:
-                working = still_working(now - max(connection.last_byte_at, self._extended_at))
+                age_s = progress_age_s()
             except Exception:  # a bug in the caller's check must not leave the request waiting forever
-                working = False
-            if working:
-                self._extended_at = now
-                self._extensions += 1
-                self._timer = loop.call_at(self._due(), self._check, future)
-                return
+                age_s = None
+        verdict = silence.quiet_request_verdict(
+            quiet_s=now - max(connection.last_byte_at, self._extended_at), timeout_s=self._timeout_s,
+            progress_age_s=age_s, extensions_in_a_row=self._extensions, watched=progress_age_s is not None)
+        if verdict.extend:
+            self._extended_at = now
+            self._extensions += 1
+            self._timer = loop.call_at(self._due(), self._check, future)
+            return
         self._timer = None
-        timeout_s = self._timeout_s
-        if still_working is None:
-            why = f"the engine sent nothing for {timeout_s:g}s (the gateway's upstream_read_timeout_s)"
-        elif self._extensions >= QUIET_EXTENSIONS_MAX:
-            times = QUIET_EXTENSIONS_MAX + 1
-            why = (f"the engine sent this request nothing for {times * timeout_s:g}s ({times} x the gateway's "
-                   "upstream_read_timeout_s), although it showed progress elsewhere")
-        else:
-            why = (f"the engine sent nothing for {timeout_s:g}s (the gateway's upstream_read_timeout_s) and showed "
-                   "no progress meanwhile")
-        future.set_exception(httpx.ReadTimeout(why, request=connection._request()))
+        future.set_exception(httpx.ReadTimeout(verdict.reason, request=connection._request()))
 
 
 class UpstreamResponse:
@@ -503,7 +494,7 @@ class UpstreamClient:
             if connection is None:
                 connection = await self._connect(target.key, request.url)
             head = connection.start(request.method, request.url, data)
-            clock = _ReadClock(connection, self._read_timeout_s, request.still_working)
+            clock = _ReadClock(connection, self._read_timeout_s, request.progress_age_s)
             await clock.wait(head)
         except BaseException:
             if connection is not None:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from anyio import fail_after as anyio_fail_after
 
+from policies import silence
 from supervisord_llm.gateway import retry, upstream
 from supervisord_llm.gateway.upstream import UpstreamClient, UpstreamRequest
 
@@ -173,7 +174,7 @@ async def test_a_stream_broken_off_midway_is_an_error_not_an_end() -> None:
     assert chunks == [b"data: 1\n\n"]
 
 
-async def _send_to_a_silent_engine(still_working: Callable[[float], bool] | None, match: str) -> float:
+async def _send_to_a_silent_engine(progress_age_s: Callable[[], float | None] | None, match: str) -> float:
     """Send to an engine that takes the request and answers nothing (read timeout 0.2 s); the seconds until the
     read timeout, which must match ``match``."""
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -185,7 +186,7 @@ async def _send_to_a_silent_engine(still_working: Callable[[float], bool] | None
                                   pool_timeout_s=None) as c:
             started = time.monotonic()
             with pytest.raises(httpx.ReadTimeout, match=match):
-                await c.send(replace(request(url), still_working=still_working))
+                await c.send(replace(request(url), progress_age_s=progress_age_s))
             return time.monotonic() - started
 
 
@@ -200,12 +201,12 @@ async def test_an_engine_silent_toward_a_request_is_waited_for_while_it_shows_pr
     it shows none, the read timeout says so and names the setting."""
     asked: list[float] = []
 
-    def still_working(quiet_s: float) -> bool:
-        asked.append(quiet_s)
-        return len(asked) <= 2  # progress twice, then none
+    def progress_age_s() -> float | None:
+        asked.append(time.monotonic())
+        return 0.05 if len(asked) <= 2 else 5.0  # progress just now twice, then none for longer than the wait
 
-    waited_s = await _send_to_a_silent_engine(still_working, "upstream_read_timeout_s.* showed no progress meanwhile")
-    assert len(asked) == 3 and all(0.15 < quiet_s < 1.0 for quiet_s in asked), asked
+    waited_s = await _send_to_a_silent_engine(progress_age_s, "upstream_read_timeout_s.* showed no progress meanwhile")
+    assert len(asked) == 3, asked
     assert 0.55 < waited_s < 3.0, waited_s  # three read timeouts, not one
 
 
@@ -685,9 +686,11 @@ async def test_an_engine_that_shows_progress_but_never_answers_a_request_is_give
     waited for six read timeouts in a row, not forever (its client, its slot and its connection are held)."""
     asked: list[float] = []
 
-    def still_working(quiet_s: float) -> bool:
-        asked.append(quiet_s)
-        return True
+    def progress_age_s() -> float | None:
+        asked.append(time.monotonic())
+        return 0.0
 
-    await _send_to_a_silent_engine(still_working, "although it showed progress elsewhere")
-    assert len(asked) == upstream.QUIET_EXTENSIONS_MAX
+    waited_s = await _send_to_a_silent_engine(progress_age_s, "although it showed progress elsewhere")
+    # Asked at the end of each read timeout: the first and each extension's.
+    assert len(asked) == silence.QUIET_EXTENSIONS_MAX + 1
+    assert waited_s >= (silence.QUIET_EXTENSIONS_MAX + 1) * 0.2 - 0.05, waited_s
