@@ -141,6 +141,7 @@ class Command:
     manual: bool = True
     reason: str = ""
     grace_s: float | None = None  # stop: overrides the engine's stop_grace (a policy's Stop.grace_s)
+    drain: bool = False  # stop: a serving engine finishes the requests in flight first (up to swap_drain)
     reply: Reply = field(default_factory=Reply)
 
 
@@ -291,7 +292,7 @@ class EngineSupervisor:
     # ---- public (any task) ------------------------------------------------------------------
 
     async def command(self, op: Op | str, *, force: bool = False, manual: bool = True, reason: str = "",
-                      grace_s: float | None = None) -> Any:
+                      grace_s: float | None = None, drain: bool = False) -> Any:
         """Ask the supervisor to start/stop/restart; returns once accepted (not when finished).
 
         ValueError names the valid operations when ``op`` is none of them.
@@ -300,7 +301,7 @@ class EngineSupervisor:
             operation = Op(op)
         except ValueError:
             raise ValueError(f"unknown operation {op!r}; valid: {', '.join(Op)}") from None
-        cmd = Command(op=operation, force=force, manual=manual, reason=reason, grace_s=grace_s)
+        cmd = Command(op=operation, force=force, manual=manual, reason=reason, grace_s=grace_s, drain=drain)
         await self._send.send(cmd)
         await cmd.reply.done.wait()
         if cmd.reply.error is not None:
@@ -529,7 +530,8 @@ class EngineSupervisor:
             self._stop_is_failure = False
             self._stop_reason = cmd.reason or "llmctl stop"
             return f"{self.name} is already stopping; it will stay stopped"
-        self._begin_stop(cmd.reason or "llmctl stop", then=Then.STAY, grace_s=cmd.grace_s)
+        drain_s = self.host.config.memory.swap_drain_s if cmd.drain and self.state in SERVING_STATES else 0.0
+        self._begin_stop(cmd.reason or "llmctl stop", then=Then.STAY, grace_s=cmd.grace_s, drain_s=drain_s)
         return f"stopping {self.name}"
 
     def _cmd_restart(self, cmd: Command) -> str:

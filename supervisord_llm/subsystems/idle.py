@@ -56,7 +56,9 @@ class IdleUnloadExtension(Extension):
             self.daemon.events.emit("policy.decided", engine=sup.name, policy="idle_unload", decision="stop",
                                     idle_for_s=idle_for_s, idle_unload_s=idle_s, in_flight=in_flight)
             try:
-                await sup.command("stop", reason=IDLE_REASON)
+                # Drained like a swap: a request let through on the gateway's pass the moment the unload
+                # began (its note on the way) reaches the engine and is answered before it stops.
+                await sup.command("stop", reason=IDLE_REASON, drain=True)
             except Exception as exc:  # a stop refused now (a swap in progress) is tried again at the next check
                 self.daemon.events.emit("engine.idle_unload_failed", engine=sup.name, error=str(exc))
 

@@ -24,9 +24,11 @@ class Engine:
         self.state = "ready"
         self.ready_since_s = 0.0
         self.commands: list[str] = []
+        self.drained: list[bool] = []
 
-    async def command(self, op: str, **_: Any) -> str:
+    async def command(self, op: str, *, drain: bool = False, **_: Any) -> str:
         self.commands.append(op)
+        self.drained.append(drain)
         return op
 
 
@@ -52,3 +54,12 @@ async def test_a_request_whose_start_was_on_its_way_keeps_the_engine_loaded(late
     unloader = daemon.unloader = IdleUnloadExtension(daemon)
     await unloader.check()
     assert daemon.engine.commands == ([] if late_start else ["stop"])
+
+
+async def test_an_idle_unload_drains_the_engine_before_it_stops() -> None:
+    """A request let through on the gateway's pass in the moment the unload began is answered, not cut: the
+    stop drains the engine (up to swap_drain) as a swap's does."""
+    daemon = Daemon(late_start=False)
+    unloader = daemon.unloader = IdleUnloadExtension(daemon)
+    await unloader.check()
+    assert daemon.engine.commands == ["stop"] and daemon.engine.drained == [True]
