@@ -138,7 +138,7 @@ def on_ready(engine: str, open_keys: Iterable[str]) -> tuple[Alert, ...]:
 
 def on_stopped_by_person(engine: str, open_keys: Iterable[str]) -> tuple[Alert, ...]:
     """``llmctl stop`` closes the engine's open episodes: a person has taken it over, and an alert
-    left firing (for a week, in Alertmanager) about an engine nobody wants running misleads."""
+    left firing (in Alertmanager too, re-posted while open) about an engine nobody wants running misleads."""
     return _resolve_all(engine, open_keys, f"{engine} was stopped with llmctl stop; it stays down until started")
 
 

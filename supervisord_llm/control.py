@@ -242,7 +242,7 @@ def build_control_app(daemon: Daemon) -> Starlette:
         key = f"{TEST_ALERT_PREFIX}{uuid.uuid4().hex[:12]}"
         daemon.alert(Alert(key=key, severity="info", summary="test alert from llmctl alerts test",
                            details={"test": True, "engine": None}))
-        # Resolved at once: a test left firing would stay open (a week in Alertmanager) and fill the outbox.
+        # Resolved at once: a test left firing would stay open (re-posted to Alertmanager) and fill the outbox.
         daemon.alert(Alert(key=key, severity="info", summary="test alert from llmctl alerts test, resolved",
                            details={"test": True, "engine": None}, resolved=True))
         return JSONResponse({"ok": True, "message": "test alert queued", "alerts": daemon.alerts_outbox.counts()})

@@ -44,9 +44,16 @@ Every format is clipped to its receiver's documented limits instead of being rej
 ``alertmanager`` — the Alertmanager webhook payload, version "4" (what Alertmanager itself sends
 to its receivers), so tools that accept Alertmanager webhooks accept these alerts.
 ``alertmanager_api`` — a list of postable alerts for Alertmanager's own ``POST /api/v2/alerts``
-(point the URL at ``http://alertmanager:9093/api/v2/alerts``). A firing alert carries an
-``endsAt`` one week ahead (Alertmanager would otherwise resolve it after its
-``resolve_timeout``, as the daemon does not re-send); the resolved alert ends it at once.
+(point the URL at ``http://alertmanager:9093/api/v2/alerts``). As Alertmanager asks of its
+clients, every open episode is posted again, firing, every ``alertmanager_resend_interval``
+(default 1 minute; all of a target's open episodes in one request, sent only when nothing is
+queued for that target, so a re-post never overtakes a resolve), and each post sets ``endsAt``
+:data:`ALERTMANAGER_API_TTL_INTERVALS` intervals ahead. So the alert stays active while the
+daemon runs, and when the daemon, or its machine, is gone for longer Alertmanager resolves it by
+itself within those three intervals; a daemon that starts again posts what is still open at once.
+The resolved alert ends it at once. Re-posts are not deliveries: none is journaled or counted, a
+failed one is logged (``alert.resend_failed``) and tried again soon. Other formats, Alertmanager's
+own webhook body (``alertmanager``) included, get each firing and each resolve once.
 
 Config (``[alerts]``; every key optional)::
 
@@ -57,6 +64,7 @@ Config (``[alerts]``; every key optional)::
     max_backoff = "5m"           # ... up to this; a Retry-After header wins
     host = "studio"              # "host"/"instance" in payloads (default: this machine's hostname)
     external_url = ""            # a link back to this daemon, for Alertmanager
+    alertmanager_resend_interval = "1m"  # open episodes re-posted to alertmanager_api webhooks (1s to 1h)
 
     [[alerts.webhook]]
     name = "oncall"              # what logs and events call it (the URL never appears)
@@ -162,7 +170,13 @@ RETRY_AFTER_CAP_S = 3600.0
 # loop's own thread wake it at once; from other threads within this bound).
 IDLE_POLL_S = 1.0
 ALERTMANAGER_ZERO_TIME = "0001-01-01T00:00:00Z"
-ALERTMANAGER_API_FIRING_TTL_S = 7 * 86400.0
+# How many resend intervals a firing alert posted to Alertmanager outlives its post: one late or
+# failed re-post must not end it, a daemon gone for three intervals must (Prometheus' own margin is 4).
+ALERTMANAGER_API_TTL_INTERVALS = 3.0
+ALERTMANAGER_RESEND_DEFAULT_S = 60.0
+# A re-post that failed is tried again after this long (or the interval, if shorter): the alert
+# would end after three intervals without one.
+ALERTMANAGER_RESEND_RETRY_S = 10.0
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -321,9 +335,12 @@ class AlertSettings:
     host: str | None = None  # "instance"/"host" in payloads; None = this machine's hostname
     external_url: str = ""  # a link back to this daemon (Alertmanager externalURL/generatorURL)
     heartbeat: Any = None  # supervisord_llm.alerts.heartbeat.HeartbeatSettings, or None: no heartbeat
+    # How often open episodes are posted again to alertmanager_api targets (their endsAt is
+    # ALERTMANAGER_API_TTL_INTERVALS of these ahead).
+    alertmanager_resend_interval_s: float = ALERTMANAGER_RESEND_DEFAULT_S
 
     KEYS = ("webhook", "rate_limit_per_min", "max_attempts", "initial_backoff", "max_backoff",
-            "host", "external_url", "heartbeat")
+            "host", "external_url", "heartbeat", "alertmanager_resend_interval")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -342,6 +359,9 @@ class AlertSettings:
         if not 0 < self.initial_backoff_s <= self.max_backoff_s:
             raise ValueError(f"expected 0 < initial_backoff_s ≤ max_backoff_s, got "
                              f"{self.initial_backoff_s} and {self.max_backoff_s}")
+        if not 1.0 <= self.alertmanager_resend_interval_s <= 3600.0:
+            raise ValueError("alertmanager_resend_interval_s: expected 1 to 3600 seconds, got "
+                             f"{self.alertmanager_resend_interval_s!r}")
 
     @property
     def hostname(self) -> str:
@@ -394,6 +414,10 @@ class AlertSettings:
                     '"alertmanager_api" (Alertmanager\'s /api/v2/alerts) to send the Watchdog alert to')
         initial = duration("initial_backoff", "1s")
         maximum = duration("max_backoff", "5m")
+        resend_s = duration("alertmanager_resend_interval", "1m")
+        if not 1.0 <= resend_s <= 3600.0:
+            raise t.error("alertmanager_resend_interval",
+                          f"expected a duration from 1s to 1h, got {t.data.get('alertmanager_resend_interval')!r}")
         if initial > maximum:
             raise t.error("initial_backoff", f"must not exceed max_backoff ({maximum:g}s), got {initial:g}s")
         rate_limit_per_min = whole("rate_limit_per_min", 30, 1, "a whole number of requests per minute ≥ 1")
@@ -408,6 +432,7 @@ class AlertSettings:
             host=t.str("host"),
             external_url=t.str("external_url", "") or "",
             heartbeat=heartbeat,
+            alertmanager_resend_interval_s=resend_s,
         )
 
 
@@ -696,18 +721,24 @@ def render_alertmanager(alert: Alert, *, host: str, receiver: str, external_url:
     }
 
 
-def render_alertmanager_api(alert: Alert, *, host: str, external_url: str = "") -> list[dict[str, Any]]:
+def render_alertmanager_api(alert: Alert, *, host: str, external_url: str = "",
+                            firing_ends_at: str | None = None) -> list[dict[str, Any]]:
     """The body for Alertmanager's ``POST /api/v2/alerts``: one postable alert (two for an escalation).
 
     The resolved alert carries the same labels as its firing (the outbox copies the firing's
     severity and label details), so Alertmanager closes the same alert. An escalation ends the
-    alert of the previous severity in the same request.
+    alert of the previous severity in the same request. A firing alert ends at ``firing_ends_at``
+    (the outbox sets it from the time of each post), by default three default resend intervals
+    after it was raised.
     """
     starts_at = alert.started_at or alert.created_at
     if alert.status == "resolved":
         ends_at = alert.created_at
+    elif firing_ends_at is not None:
+        ends_at = firing_ends_at
     else:
-        ends_at = iso_utc(_parse_iso_utc(alert.created_at) + ALERTMANAGER_API_FIRING_TTL_S)
+        ends_at = iso_utc(_parse_iso_utc(alert.created_at)
+                          + ALERTMANAGER_API_TTL_INTERVALS * ALERTMANAGER_RESEND_DEFAULT_S)
     posted: dict[str, Any] = {
         "labels": _alertmanager_labels(alert, host),
         "annotations": _alertmanager_annotations(alert),
@@ -723,8 +754,9 @@ def render_alertmanager_api(alert: Alert, *, host: str, external_url: str = "") 
     return [posted]
 
 
-def render_payload(alert: Alert, fmt: str, *, host: str, receiver: str = "", external_url: str = "") -> Any:
-    """The JSON value to send for ``fmt`` (one of :data:`FORMATS`)."""
+def render_payload(alert: Alert, fmt: str, *, host: str, receiver: str = "", external_url: str = "",
+                   firing_ends_at: str | None = None) -> Any:
+    """The JSON value to send for ``fmt`` (one of :data:`FORMATS`); ``firing_ends_at`` is for ``alertmanager_api``."""
     if fmt == "json":
         return render_json(alert, host=host)
     if fmt == "slack":
@@ -734,7 +766,7 @@ def render_payload(alert: Alert, fmt: str, *, host: str, receiver: str = "", ext
     if fmt == "alertmanager":
         return render_alertmanager(alert, host=host, receiver=receiver, external_url=external_url)
     if fmt == "alertmanager_api":
-        return render_alertmanager_api(alert, host=host, external_url=external_url)
+        return render_alertmanager_api(alert, host=host, external_url=external_url, firing_ends_at=firing_ends_at)
     raise ValueError(f"unknown alert format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -860,6 +892,26 @@ class _Episode:
     severity: str
     engine: str | None = None
     exit: str | None = None  # the label detail of the alert that opened it (see LABEL_DETAILS)
+    firing: Alert | None = None  # its last firing (the opening one, or the escalation): what a re-post sends
+
+    def to_record(self) -> dict[str, Any]:
+        return {"episode_id": self.episode_id, "started_at": self.started_at, "severity": self.severity,
+                "engine": self.engine, "exit": self.exit,
+                "alert": None if self.firing is None else self.firing.to_record()}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> _Episode:
+        alert = record.get("alert")  # absent from journals written before re-posts
+        return cls(record["episode_id"], record["started_at"], record["severity"], record.get("engine"),
+                   record.get("exit"), Alert.from_record(alert) if isinstance(alert, Mapping) else None)
+
+    def reposted(self, key: str) -> Alert:
+        """The firing alert a re-post sends (without an escalation's end of the previous severity)."""
+        if self.firing is not None:
+            return replace(self.firing, previous_severity=None)
+        return Alert(key=key, status="firing", severity=self.severity, summary=key, engine=self.engine,
+                     details={"exit": self.exit} if self.exit else {}, episode_id=self.episode_id,
+                     created_at=self.started_at, started_at=self.started_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -968,6 +1020,7 @@ class Outbox:
         self._delivered = 0
         self._failed = 0
         self._sent_at_s: dict[str, deque[float]] = {t.name: deque() for t in settings.targets}
+        self._resend_failing: set[str] = set()  # alertmanager_api targets whose last re-post failed
         self._wake: dict[str, anyio.Event] = {}
         self._loop_thread: int | None = None
         for target in settings.targets:
@@ -1132,7 +1185,7 @@ class Outbox:
         if op == "snapshot":
             self._delivered = int(record.get("delivered", 0))
             self._failed = int(record.get("failed", 0))
-            self._open = {key: _Episode(**value) for key, value in record.get("episodes", {}).items()}
+            self._open = {key: _Episode.from_record(value) for key, value in record.get("episodes", {}).items()}
         elif op in ("queued", "carried"):
             alert = Alert.from_record(record["alert"])
             if op == "queued":  # "carried" copies a queued alert during compaction: episodes are in the snapshot
@@ -1141,7 +1194,8 @@ class Outbox:
                     self._open[alert.key] = _Episode(alert.episode_id or alert.id,
                                                      alert.started_at or alert.created_at, alert.severity,
                                                      alert.engine,
-                                                     exit_label if isinstance(exit_label, str) else None)
+                                                     exit_label if isinstance(exit_label, str) else None,
+                                                     alert)
                 else:
                     self._open.pop(alert.key, None)
             added = False
@@ -1180,8 +1234,7 @@ class Outbox:
     def _snapshot_records(self) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = [{
             "op": "snapshot", "version": 1, "delivered": self._delivered, "failed": self._failed,
-            "episodes": {key: {"episode_id": e.episode_id, "started_at": e.started_at, "severity": e.severity,
-                               "engine": e.engine, "exit": e.exit} for key, e in self._open.items()},
+            "episodes": {key: e.to_record() for key, e in self._open.items()},
         }]
         by_alert: dict[str, list[_Delivery]] = {}
         for delivery in self._pending.values():
@@ -1257,10 +1310,23 @@ class Outbox:
 
     async def _send_forever(self, client: httpx.AsyncClient, target: AlertTarget) -> None:
         rate_limited_logged = False
+        # Alertmanager's API: open episodes are posted again while they last, the first time at once
+        # (after a restart, what was open may have ended there meanwhile).
+        resend_at_s = self._clock.now() if target.format == "alertmanager_api" else None
         while True:
             head = self._head(target.name)
             if head is None:
-                await self._sleep_or_wake(target.name, IDLE_POLL_S)
+                if resend_at_s is None:
+                    await self._sleep_or_wake(target.name, IDLE_POLL_S)
+                    continue
+                # Only with nothing queued here: this sender posts one thing at a time, so a resolve
+                # queued after the open episodes were read is posted after the re-post, never before.
+                now_s = self._clock.now()
+                wait_s = max(resend_at_s - now_s, self._rate_wait_s(target.name, now_s))
+                if wait_s > 0:
+                    await self._sleep_or_wake(target.name, min(wait_s, IDLE_POLL_S))
+                    continue
+                resend_at_s = now_s + await self._resend_open(client, target)
                 continue
             delivery, alert = head
             now_s = self._clock.now()
@@ -1288,11 +1354,52 @@ class Outbox:
             if kind != "alert.retrying":
                 self._emit(kind, fields)
 
+    def _firing_ends_at(self) -> str:
+        """``endsAt`` of a firing alert posted to Alertmanager now: a few resend intervals ahead."""
+        return iso_utc(self._clock.wall() + ALERTMANAGER_API_TTL_INTERVALS * self.settings.alertmanager_resend_interval_s)
+
+    async def _resend_open(self, client: httpx.AsyncClient, target: AlertTarget) -> float:
+        """Post every open episode routed to ``target`` again, firing, with a fresh ``endsAt``, in one
+        request; the seconds until the next re-post. Not a delivery: nothing is journaled or retried
+        beyond the next re-post, which comes sooner after a failure."""
+        interval_s = self.settings.alertmanager_resend_interval_s
+        with self._lock:
+            alerts = [episode.reposted(key) for key, episode in self._open.items()
+                      if key.startswith(TEST_ALERT_PREFIX) or target.wants(episode.severity)]
+        if not alerts:
+            return interval_s
+        self._sent_at_s[target.name].append(self._clock.now())
+        ends_at = self._firing_ends_at()
+        body = encode_body([posted for alert in alerts for posted in render_alertmanager_api(
+            alert, host=self._host, external_url=self.settings.external_url, firing_ends_at=ends_at)])
+        retry_s = min(interval_s, ALERTMANAGER_RESEND_RETRY_S)
+        failure: dict[str, Any] = {}
+        try:
+            response = await client.post(target.url, content=body, headers=self._headers(target, body, str(uuid.uuid4())),
+                                         timeout=httpx.Timeout(target.timeout_s))
+            if not 200 <= response.status_code < 300:
+                failure = {"http_status": response.status_code}
+        except httpx.HTTPError as exc:
+            failure = {"error": _describe_error(exc)}
+        failing = target.name in self._resend_failing
+        if failure:
+            # Logged when re-posts start failing and when they work again, not every try of an outage.
+            (self._log.debug if failing else self._log.warning)(
+                "alert.resend_failed", target=target.name, episodes=len(alerts), retry_in_s=retry_s, **failure)
+            self._resend_failing.add(target.name)
+            return retry_s
+        if failing:
+            self._resend_failing.discard(target.name)
+            self._log.info("alert.resend_recovered", target=target.name, episodes=len(alerts))
+        self._log.debug("alert.resent", target=target.name, episodes=len(alerts), ends_at=ends_at)
+        return interval_s
+
     async def _post_once(self, client: httpx.AsyncClient, target: AlertTarget, alert: Alert,
                          delivery: _Delivery) -> _Outcome:
         """One POST; the outbox, not this function, decides about retries."""
         body = encode_body(render_payload(alert, target.format, host=self._host, receiver=target.name,
-                                          external_url=self.settings.external_url))
+                                          external_url=self.settings.external_url,
+                                          firing_ends_at=self._firing_ends_at()))
         try:
             response = await client.post(target.url, content=body, headers=self._headers(target, body, delivery.id),
                                          timeout=httpx.Timeout(target.timeout_s))

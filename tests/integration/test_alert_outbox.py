@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,70 @@ async def test_firing_then_resolved_once_per_episode(tmp_path: Path, receiver: R
     assert closed_alert["startsAt"] == fired_alert["startsAt"] == own[0]["at"]
     assert closed_alert["endsAt"] == own[1]["at"]
     assert closed["status"] == closed_alert["status"] == "resolved"
+
+
+def _parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@pytest.mark.anyio
+async def test_alertmanager_api_targets_get_open_episodes_again_until_resolved_also_after_a_restart(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """Open episodes are re-posted to alertmanager_api targets every interval (endsAt three intervals ahead), never
+    after their resolve, and by the next daemon from the journal; other formats get each alert once."""
+    receiver.start()
+    am = Receiver()
+    am.start()
+    try:
+        targets = (json_target(receiver), AlertTarget(name="am", url=am.url, format="alertmanager_api", secret=SECRET))
+        settings = settings_for(*targets, alertmanager_resend_interval_s=1.0)
+        first = Harness(tmp_path, settings)
+        a = firing("engine.failed:a", engine="a")
+        b = Alert.firing("engine.exited:b", "warning", "b was killed", engine="b", details={"exit": "SIGKILL"})
+
+        def posts() -> list[list[dict[str, Any]]]:
+            return [r["body"] for r in am.accepted]
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(first.outbox.run)
+            first.outbox.submit(a)
+            first.outbox.submit(b)
+            await wait_until(lambda: len(posts()) >= 4, "two deliveries, then two re-posts")
+            reposted = posts()[2]
+            assert sorted(x["labels"]["alertname"] for x in reposted) == ["engine.exited", "engine.failed"]
+            by_name = {x["labels"]["alertname"]: x for x in reposted}
+            assert by_name["engine.exited"]["labels"]["exit"] == "SIGKILL"
+            assert by_name["engine.exited"]["annotations"]["summary"] == "b was killed"
+            assert by_name["engine.failed"]["startsAt"] == posts()[0][0]["startsAt"]
+            ahead_s = (_parse_iso(posts()[-1][0]["endsAt"]) - datetime.now(UTC)).total_seconds()
+            assert 0 < ahead_s <= 3.0, ahead_s
+            first.outbox.submit(Alert.resolved("engine.failed:a", "a is ready again"))
+            resolved_at = len(am.requests)
+            await wait_until(lambda: len(posts()) >= resolved_at + 2, "the resolve, then a re-post")
+            tg.cancel_scope.cancel()
+        first.outbox.close()
+        after = posts()[resolved_at:]
+        assert after[0][0]["labels"]["alertname"] == "engine.failed"
+        assert _parse_iso(after[0][0]["endsAt"]) <= datetime.now(UTC)  # the resolve
+        assert [[x["labels"]["alertname"] for x in body] for body in after[1:]] == [["engine.exited"]] * len(after[1:])
+        assert first.outbox.counts()["delivered"] == 6  # 3 alerts × 2 targets: re-posts are not deliveries
+
+        second = Harness(tmp_path, settings)
+        before = len(posts())
+        async with anyio.create_task_group() as tg:
+            await tg.start(second.outbox.run)
+            await wait_until(lambda: len(posts()) > before, "the next daemon re-posts what is still open")
+            tg.cancel_scope.cancel()
+        second.outbox.close()
+        [again] = posts()[before]
+        assert again["labels"] == by_name["engine.exited"]["labels"]
+        assert again["annotations"] == by_name["engine.exited"]["annotations"]
+        assert again["startsAt"] == by_name["engine.exited"]["startsAt"]
+    finally:
+        am.stop()
+    assert [(r["body"]["key"], r["body"]["status"]) for r in receiver.accepted] == [
+        ("engine.failed:a", "firing"), ("engine.exited:b", "firing"), ("engine.failed:a", "resolved")]
+    assert am.bad_signatures == 0
 
 
 @pytest.mark.anyio

@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import signal
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tests.alertmanager import alerts_toml
 from tests.helpers import free_port, mlx_engine_toml
+from tests.integration.test_alerts_daemon import Receiver
+from tests.integration.test_stranded_reboot import _config as stranded_config
+from tests.integration.test_stranded_reboot import _env as vm_stat_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
@@ -67,6 +70,37 @@ def test_watchdog_alert_stays_active_while_the_daemon_runs_and_expires_after_sig
     killed = time.monotonic()
     am.wait_inactive(30, alertname="Watchdog")
     assert time.monotonic() - killed >= 1.0  # it ended because the beats stopped, not at once
+
+
+def test_an_open_episode_is_reposted_and_ends_in_alertmanager_a_few_intervals_after_the_daemon_dies(
+        daemon_factory, alertmanager, tmp_path) -> None:
+    """Open episodes are re-posted every resend interval with endsAt three intervals ahead: the alert stays active
+    (one firing notification) while the daemon lives and ends within a few intervals of a SIGKILL, not a week
+    later; a plain webhook beside it gets each firing once."""
+    am = alertmanager.start()
+    hook = Receiver()
+    try:
+        cfg = stranded_config() + alerts_toml(am, 'alertmanager_resend_interval = "1s"')
+        cfg += f'[[alerts.webhook]]\nname = "hook"\nurl = "{hook.url}"\nformat = "json"\n'
+        d = daemon_factory(cfg, env=vm_stat_env(tmp_path, ["studio-512gb-idle*5", "studio-512gb-stranded-after-hang"]))
+        d.start()
+        [first] = am.wait_active(30, alertname="memory.stranded")
+        assert _iso(first["endsAt"]) <= datetime.now(UTC) + timedelta(seconds=3.5), first["endsAt"]
+        time.sleep(5)  # past the first post's endsAt: only the re-posts keep it active
+        [still] = am.active(alertname="memory.stranded")
+        assert _iso(still["endsAt"]) > _iso(first["endsAt"]) and _iso(still["startsAt"]) == _iso(first["startsAt"])
+        assert still["annotations"] == first["annotations"] and still["labels"] == first["labels"]
+        notified = [(a["labels"]["alertname"], a["status"]) for a in am.notifications.alerts()
+                    if a["labels"]["alertname"] == "memory.stranded"]
+        assert set(notified) == {("memory.stranded", "firing")}, notified  # it never lapsed in between
+        assert [b["status"] for b in hook.of("memory.stranded")] == ["firing"]  # no re-posts to webhooks
+        d.kill()
+        killed = time.monotonic()
+        am.wait_inactive(10, alertname="memory.stranded")
+        assert time.monotonic() - killed >= 0.5  # it ended because the re-posts stopped, not at once
+    finally:
+        hook.server.shutdown()
+        hook.server.server_close()
 
 
 def test_alertmanager_outage_across_a_daemon_restart_loses_nothing(daemon_factory, tiny_model, alertmanager) -> None:

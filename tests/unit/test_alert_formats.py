@@ -104,13 +104,16 @@ def test_fingerprint_is_prometheus_label_signature() -> None:
 
 
 def test_alertmanager_api_body_opens_then_closes_one_alert() -> None:
-    """The alertmanager_api body posts one alert that stays open a week, then is closed by the resolve."""
+    """The alertmanager_api body posts one alert that ends where the poster says (by default three 1-minute
+    resend intervals ahead), then is closed by the resolve."""
     [opened] = render_alertmanager_api(firing(), host="studio")
-    [closed] = render_alertmanager_api(resolved(), host="studio")
+    [reposted] = render_alertmanager_api(firing(), host="studio", firing_ends_at="2027-01-15T08:13:00.000Z")
+    [closed] = render_alertmanager_api(resolved(), host="studio", firing_ends_at="2027-01-15T09:00:00.000Z")
     assert opened["labels"] == closed["labels"] == {
         "alertname": "engine.failed", "severity": "critical", "instance": "studio", "engine": "mlx"}
-    assert opened["startsAt"] == "2027-01-15T08:00:00.000Z"
-    assert opened["endsAt"] == "2027-01-22T08:00:00.000Z"
+    assert opened["startsAt"] == reposted["startsAt"] == "2027-01-15T08:00:00.000Z"
+    assert opened["endsAt"] == "2027-01-15T08:03:00.000Z"
+    assert reposted["endsAt"] == "2027-01-15T08:13:00.000Z"
     assert closed["endsAt"] == "2027-01-15T08:30:00.000Z"
     assert "generatorURL" not in opened
 
@@ -271,18 +274,19 @@ def test_settings_from_toml_reads_policy_and_targets() -> None:
     """The [alerts] table gives targets and delivery policy, durations as strings."""
     settings = AlertSettings.from_toml(
         {"rate_limit_per_min": 10, "max_attempts": 8, "initial_backoff": "2s", "max_backoff": "10m",
+         "alertmanager_resend_interval": "30s",
          "webhook": [target_table(), target_table(name="backup", format="json")]},
         file="c.toml")
     assert [t.name for t in settings.targets] == ["oncall", "backup"]
     assert (settings.rate_limit_per_min, settings.max_attempts, settings.initial_backoff_s,
-            settings.max_backoff_s) == (10, 8, 2.0, 600.0)
+            settings.max_backoff_s, settings.alertmanager_resend_interval_s) == (10, 8, 2.0, 600.0, 30.0)
 
 
 def test_settings_defaults_retry_forever() -> None:
     """Without settings, retryable failures are retried forever at up to 30 requests a minute."""
     settings = AlertSettings.from_toml({}, file="c.toml")
     assert (settings.targets, settings.rate_limit_per_min, settings.max_attempts, settings.initial_backoff_s,
-            settings.max_backoff_s) == ((), 30, None, 1.0, 300.0)
+            settings.max_backoff_s, settings.alertmanager_resend_interval_s) == ((), 30, None, 1.0, 300.0, 60.0)
 
 
 @pytest.mark.parametrize(
@@ -295,6 +299,8 @@ def test_settings_defaults_retry_forever() -> None:
         ({"max_backoff": "0s"}, "alerts.max_backoff", "positive duration"),
         ({"webhook": {"name": "x"}}, "alerts.webhook", r"\[\[alerts.webhook\]\]"),
         ({"webhooks": []}, "alerts.webhooks", "valid keys here: webhook"),
+        ({"alertmanager_resend_interval": "500ms"}, "alerts.alertmanager_resend_interval", "from 1s to 1h"),
+        ({"alertmanager_resend_interval": "2h"}, "alerts.alertmanager_resend_interval", "from 1s to 1h"),
     ],
 )
 def test_settings_errors_name_the_key(table: dict[str, object], bad_key: str, message: str) -> None:
