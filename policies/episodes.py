@@ -12,6 +12,11 @@ still alerts, as ``engine.failed``.
 
 Stops a person or a policy asked for (``llmctl stop``, a swap, an idle restart of a degraded
 engine) are not exits in this sense and open nothing.
+
+Every episode about one engine (``ENGINE_EPISODES``: its exits, hang, slowdown, refused start and
+memory guard, and also a failed swap to it, ``swap.failed``, and memory that did not come back
+before its start) ends when that engine is ready, however it got there (a later swap to it,
+``llmctl start``, a gateway request), or when a person stops it with ``llmctl stop``.
 """
 
 from __future__ import annotations
@@ -24,11 +29,16 @@ from policies.actions import Alert, MarkFailed
 from probes.readings import Diagnosis
 
 EXIT_EPISODE = "engine.exited"
-# Episodes about one engine that end when it is ready again.
+# Episodes about one engine that end when it is ready again (or a person stops it).
 ENGINE_EPISODES = ("engine.exited", "engine.failed", "engine.hung", "engine.degraded", "engine.start_refused",
                    "engine.memory_exceeded", "engine.gpu_memory_exceeded",
                    # (a run over its soft watermark that the guard then restarts: its new run starts low)
-                   "engine.memory_high", "engine.gpu_memory_high")
+                   "engine.memory_high", "engine.gpu_memory_high",
+                   # A swap or start that could not bring the engine up, keyed by that engine (the swap's
+                   # target). Nothing else ends them: once it is ready a later swap or start has brought
+                   # it up; left open, the next failure of the same swap would join the stale episode
+                   # instead of reaching anyone.
+                   "swap.failed", "swap.memory_not_returned", "gpu.memory_not_returned")
 
 
 @dataclass(frozen=True, slots=True)

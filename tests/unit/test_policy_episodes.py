@@ -93,10 +93,23 @@ def test_a_real_backoff_sequence_gives_warnings_then_one_critical() -> None:
 def test_ready_resolves_every_open_episode_of_that_engine_only() -> None:
     """Ready again closes qwen's exit, hung and failed episodes, not another engine's nor daemon-wide ones."""
     open_keys = ["engine.exited:qwen", "engine.hung:qwen", "engine.failed:qwen", "engine.exited:llama",
-                 "memory.stranded", "swap.failed:qwen"]
+                 "memory.stranded", "swap.failed:llama"]
     resolved = episodes.on_ready("qwen", open_keys)
     assert [a.key for a in resolved] == ["engine.exited:qwen", "engine.hung:qwen", "engine.failed:qwen"]
     assert all(a.resolved for a in resolved)
+
+
+def test_a_failed_swap_to_an_engine_ends_when_it_is_ready_or_a_person_stops_it() -> None:
+    """swap.failed and the memory that did not come back before its start end with the target's other
+    episodes (regression: nothing ever resolved them, and the next failure of the same swap was dropped)."""
+    open_keys = ["swap.failed:qwen", "swap.memory_not_returned:qwen", "gpu.memory_not_returned:qwen",
+                 "swap.failed:llama", "engine.start_refused:qwen"]
+    mine = ["swap.failed:qwen", "swap.memory_not_returned:qwen", "gpu.memory_not_returned:qwen",
+            "engine.start_refused:qwen"]
+    for decide in (episodes.on_ready, episodes.on_stopped_by_person):
+        resolved = decide("qwen", open_keys)
+        assert [a.key for a in resolved] == mine
+        assert all(a.resolved and a.details == {"engine": "qwen"} for a in resolved)
 
 
 def test_a_persons_stop_resolves_the_engines_episodes_saying_so() -> None:
