@@ -16,7 +16,10 @@ requests then go three ways, rounds interleaved so all three see the same machin
   the gateway's path, where any failure fails the run);
 - 16 and 32 concurrent streams of 128 tokens each way: tokens/s against direct; the CPU per token
   through the gateway (psutil ``cpu_times`` of the daemon and its gateway process over the gateway's
-  rounds / their tokens), and nginx's for comparison.
+  rounds / their tokens), and nginx's for comparison. Each round is kept on its own (tokens, wall time,
+  the client's and the engine's CPU, every stream's send, first token and end, and llama-server's own
+  timing of it): the table gives each path's lowest and highest round and a 90% interval of the ratio
+  from resampling the rounds, so a ratio below the target can be told from the rounds' noise.
 
 Supervision under load, idle against 32 live streams through the gateway (a separate load process,
 so its own work does not share the measuring process's interpreter):
@@ -225,16 +228,24 @@ async def ttfb_once(client: httpx.AsyncClient, url: str, model: str, resent: lis
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, model: str, max_tokens: int,
-                     resent: list[int] | None = None, *, proxy_502: bool = False) -> int:
+                     resent: list[int] | None = None, *, proxy_502: bool = False,
+                     record: list[list[Any]] | None = None) -> int:
     """The content tokens of one streamed completion. With ``resent`` (direct and nginx, never the
     gateway), a stream whose connection failed before its response head (mlx_lm.server's listen
     backlog of 5 drops connections of a burst; a connection llama-server had just closed) is sent
     again and counted in ``resent[0]``, and with ``proxy_502`` (nginx) so is nginx's 502 for the
     same on its side; the failed attempt stays in the round's wall time. Any other answer than 200
-    fails the run, naming the path and the answer."""
+    fails the run, naming the path and the answer.
+
+    With ``record``, one row is appended: [sent, first content token, end] (``time.perf_counter``; sent is
+    the first attempt's), the tokens, and the engine's own ``prompt_ms`` and ``predicted_ms`` from the
+    ``timings`` of its last chunk (llama-server; None where the engine gives none)."""
     body = {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "stream": True}
+    sent = time.perf_counter()
     for attempt in range(TTFB_SENDS):
         tokens = 0
+        first: float | None = None
+        timings: dict[str, Any] = {}
         head = False
         try:
             async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
@@ -248,25 +259,44 @@ async def one_stream(client: httpx.AsyncClient, url: str, model: str, max_tokens
                 async for line in response.aiter_lines():
                     if line.startswith("data:") and '"content":' in line and '"content": ""' not in line:
                         tokens += 1
+                        if first is None:
+                            first = time.perf_counter()
+                    elif record is not None and '"timings"' in line and line.startswith("data:"):
+                        try:
+                            timings = json.loads(line[5:]).get("timings") or {}
+                        except ValueError:
+                            pass
         except httpx.TransportError:
             if head or resent is None or attempt + 1 == TTFB_SENDS:
                 raise
             resent[0] += 1
             continue
+        if record is not None:
+            record.append([sent, first, time.perf_counter(), tokens, timings.get("prompt_ms"),
+                           timings.get("predicted_ms")])
         return tokens
     raise AssertionError("unreachable")
 
 
 async def streams_round(client: httpx.AsyncClient, url: str, model: str, streams: int,
-                        max_tokens: int, resent: list[int] | None = None, *, proxy_502: bool = False
-                        ) -> tuple[int, float]:
+                        max_tokens: int, resent: list[int] | None = None, *, proxy_502: bool = False,
+                        record: list[list[Any]] | None = None) -> tuple[int, float]:
+    """One round of ``streams`` concurrent streams, started ``STAGGER_S`` apart: (tokens, wall time). With
+    ``record``, each stream's row (see ``one_stream``), its times made relative to the round's start."""
+    rows: list[list[Any]] | None = [] if record is not None else None
+
     async def staggered(i: int) -> int:
         await asyncio.sleep(i * STAGGER_S)
-        return await one_stream(client, url, model, max_tokens, resent, proxy_502=proxy_502)
+        return await one_stream(client, url, model, max_tokens, resent, proxy_502=proxy_502, record=rows)
 
     started = time.perf_counter()
     counts = await asyncio.gather(*(staggered(i) for i in range(streams)))
-    return sum(counts), time.perf_counter() - started
+    wall_s = time.perf_counter() - started
+    if record is not None and rows is not None:
+        for sent, first, end, tokens, prompt_ms, predicted_ms in rows:
+            record.append([round(sent - started, 5), None if first is None else round(first - started, 5),
+                           round(end - started, 5), tokens, prompt_ms, predicted_ms])
+    return sum(counts), wall_s
 
 
 def llama_server() -> tuple[Path, Path] | None:
@@ -292,51 +322,72 @@ async def measure_ttfb(paths: dict[str, tuple[str, str]], rounds: int) -> dict[s
     return _ttfb_figures(ttfb, resent)
 
 
-def ttfb_preopened(port: int, model: str) -> float:
+def ttfb_preopened(port: int, model: str, resent: list[int] | None = None, *, proxy_502: bool = False) -> float:
     """Time to the first body byte of one streamed request on a connection opened (and accepted) before the
     clock: no path's figure holds its client's connect, while a proxy's own connect to the engine is in its
     figure, as for a client that keeps its connection to the proxy open (an SDK's pool). The request is
-    written with one send, as a raw HTTP/1.1 request with ``Connection: close``."""
+    written with one send, as a raw HTTP/1.1 request with ``Connection: close``: one request per connection,
+    which is also all llama-server gives a streamed request.
+
+    With ``resent`` (direct and nginx, never the gateway: its failures fail the run), a request whose
+    connection closed before any answer, or (``proxy_502``) that nginx answered 502 because it went out on an
+    upstream connection the engine had just closed, is sent again on a new pre-opened connection, timed from
+    that send, and counted in ``resent[0]``."""
     import socket
 
     body = json.dumps({"model": model, "messages": PROMPT, "max_tokens": 1, "stream": True}).encode()
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        time.sleep(PREOPEN_SETTLE_S)  # time for the server to accept it (the kernel did the handshake) first
-        started = time.perf_counter()
-        sock.sendall(request)
-        seen = b""
-        while True:
-            data = sock.recv(65536)
-            if not data:
+    for attempt in range(TTFB_SENDS):
+        retry_ok = resent is not None and attempt + 1 < TTFB_SENDS
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            time.sleep(PREOPEN_SETTLE_S)  # time for the server to accept it (the kernel did the handshake) first
+            started = time.perf_counter()
+            sock.sendall(request)
+            seen = b""
+            first: float | None = None
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                seen += data
+                end = seen.find(b"\r\n\r\n")
+                if end >= 0 and len(seen) > end + 4:
+                    first = time.perf_counter() - started
+                    break
+            if not seen and retry_ok:
+                assert resent is not None
+                resent[0] += 1
+                continue
+            if seen[9:12] == b"502" and proxy_502 and retry_ok:
+                assert resent is not None
+                resent[0] += 1
+                continue
+            if first is None:
                 raise RuntimeError(f"port {port}: the connection closed before a body byte: {seen[:200]!r}")
-            seen += data
-            end = seen.find(b"\r\n\r\n")
-            if end >= 0 and len(seen) > end + 4:
-                first = time.perf_counter() - started
-                break
-        if not seen.startswith(b"HTTP/1.") or seen[9:12] != b"200":
-            raise RuntimeError(f"port {port}: {seen[:300]!r}")
-        while sock.recv(65536):  # read to the end, so the next request finds the engine idle
-            pass
-    return first
+            if not seen.startswith(b"HTTP/1.") or seen[9:12] != b"200":
+                raise RuntimeError(f"port {port}: {seen[:300]!r}")
+            while sock.recv(65536):  # read to the end, so the next request finds the engine idle
+                pass
+        return first
+    raise AssertionError("unreachable")
 
 
 def measure_ttfb_preopened(paths: dict[str, tuple[str, str]], rounds: int) -> dict[str, Any]:
     """``ttfb_preopened`` rounds, interleaved across the paths (each warmed first)."""
     ports = {n: (int(url.rsplit(":", 1)[1]), model) for n, (url, model) in paths.items()}
     ttfb: dict[str, list[float]] = {n: [] for n in ports}
-    for port, model in ports.values():
+    resent: dict[str, list[int]] = {n: [0] for n in ports}
+    for name, (port, model) in ports.items():
         for _ in range(3):
-            ttfb_preopened(port, model)
+            ttfb_preopened(port, model, **_resends(name, [0]))
     names = list(ports)
     for i in range(rounds):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
-            ttfb[name].append(ttfb_preopened(*ports[name]))
-    return _ttfb_figures(ttfb, {n: [0] for n in ports})
+            ttfb[name].append(ttfb_preopened(*ports[name], **_resends(name, resent[name])))
+    return _ttfb_figures(ttfb, resent)
 
 
 def _resends(path: str, counter: list[int]) -> dict[str, Any]:
@@ -352,8 +403,10 @@ def _ttfb_figures(ttfb: dict[str, list[float]], resent: dict[str, list[int]]) ->
 
 
 async def measure_paths(paths: dict[str, tuple[str, str]], cpu_pids: dict[str, list[int]],
-                        args: argparse.Namespace) -> dict[str, Any]:
-    """TTFB rounds and concurrent-stream rounds, interleaved across the paths."""
+                        args: argparse.Namespace, engine_pids: list[int] | None = None) -> dict[str, Any]:
+    """TTFB rounds and concurrent-stream rounds, interleaved across the paths. Each stream round is also
+    kept on its own (``rounds``): its tokens and wall time, the path's CPU, the client's (this process's)
+    and the engine's (``engine_pids``) CPU, and each stream's times (see ``streams_round``)."""
     names = list(paths)
     ttfb: dict[str, list[float]] = {n: [] for n in names}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -366,9 +419,10 @@ async def measure_paths(paths: dict[str, tuple[str, str]], cpu_pids: dict[str, l
             for name in names[shift:] + names[:shift]:
                 url, model = paths[name]
                 ttfb[name].append(await ttfb_once(client, url, model))
-        streams: dict[int, dict[str, dict[str, float]]] = {}
+        streams: dict[int, dict[str, dict[str, Any]]] = {}
         for n_streams in (16, 32):
-            per = {n: {"tokens": 0.0, "wall_s": 0.0, "cpu_s": 0.0, "resent": 0} for n in names}
+            per: dict[str, dict[str, Any]] = {n: {"tokens": 0.0, "wall_s": 0.0, "cpu_s": 0.0, "resent": 0,
+                                                  "rounds": []} for n in names}
             for name, (url, model) in paths.items():
                 await streams_round(client, url, model, n_streams, 8, **_resends(name, [0]))
             for i in range(args.stream_rounds):
@@ -377,12 +431,24 @@ async def measure_paths(paths: dict[str, tuple[str, str]], cpu_pids: dict[str, l
                     url, model = paths[name]
                     resends = _resends(name, [0])
                     resent = resends.get("resent")
+                    rows: list[list[Any]] = []
                     before = cpu_s(cpu_pids.get(name, []))
-                    tokens, wall_s = await streams_round(client, url, model, n_streams, args.max_tokens, **resends)
-                    per[name]["cpu_s"] += cpu_s(cpu_pids.get(name, [])) - before
+                    engine_before = cpu_s(engine_pids or [])
+                    client_before = time.process_time()
+                    tokens, wall_s = await streams_round(client, url, model, n_streams, args.max_tokens, **resends,
+                                                         record=rows)
+                    client_cpu = time.process_time() - client_before
+                    engine_cpu = cpu_s(engine_pids or []) - engine_before
+                    used = cpu_s(cpu_pids.get(name, [])) - before
+                    per[name]["cpu_s"] += used
                     per[name]["tokens"] += tokens
                     per[name]["wall_s"] += wall_s
                     per[name]["resent"] += resent[0] if resent else 0
+                    # Each round on its own: its spread tells the rounds' noise from a path's overhead.
+                    per[name]["rounds"].append({
+                        "order": i, "tokens": tokens, "wall_s": round(wall_s, 5), "cpu_s": round(used, 3),
+                        "client_cpu_s": round(client_cpu, 4),
+                        "engine_cpu_s": round(engine_cpu, 3) if engine_pids else None, "streams": rows})
             streams[n_streams] = per
     return {
         "ttfb_ms": {n: {"p50": pct(v, 0.5) * 1e3, "p90": pct(v, 0.9) * 1e3, "n": len(v)} for n, v in ttfb.items()
@@ -543,6 +609,61 @@ def measure_supervision(d: Daemon, engine: str, gateway_url: str, engine_url: tu
 # ---- the report ---------------------------------------------------------------------------------
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def ratio_interval(path: dict[str, Any], direct: dict[str, Any], q: float = 0.90) -> tuple[float, float]:
+    """The ``q`` interval of a path's tokens/s ratio to direct (every token over every round's wall time, as
+    the table's ratio), from resampling the rounds with replacement: round i of the path with round i of
+    direct (rounds are interleaved, so the two ran next to each other). Seeded: the same run renders the same
+    text."""
+    import random
+
+    pairs = [(p["tokens"], p["wall_s"], d["tokens"], d["wall_s"]) for p, d in zip(path["rounds"], direct["rounds"],
+                                                                              strict=True)]
+    rng = random.Random(15)
+    ratios = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        sample = [pairs[rng.randrange(len(pairs))] for _ in pairs]
+        ratios.append((sum(x[0] for x in sample) / sum(x[1] for x in sample))
+                      / (sum(x[2] for x in sample) / sum(x[3] for x in sample)))
+    return pct(ratios, (1 - q) / 2), pct(ratios, 1 - (1 - q) / 2)
+
+
+def round_rows(streams: dict[Any, dict[str, dict[str, Any]]]) -> list[str]:
+    """The rows of the rounds' table (see ``render``): medians over each path's rounds."""
+    def med(values: list[float]) -> float:
+        return pct(values, 0.5)
+
+    rows = []
+    for k, per in streams.items():
+        for name, p in per.items():
+            walls, ttft50, ttftmax, gen, eng, tail, client, engine = [], [], [], [], [], [], [], []
+            for rnd in p["rounds"]:
+                rows_ = [s for s in rnd["streams"] if s[1] is not None]
+                walls.append(rnd["wall_s"] * 1e3)
+                client.append(rnd["client_cpu_s"] / rnd["wall_s"])
+                if rnd.get("engine_cpu_s") is not None:
+                    engine.append(rnd["engine_cpu_s"] / rnd["wall_s"])
+                if not rows_:
+                    continue
+                firsts = [(s[1] - s[0]) * 1e3 for s in rows_]
+                ttft50.append(med(firsts))
+                ttftmax.append(max(firsts))
+                gen.append(med([(s[2] - s[1]) * 1e3 for s in rows_]))
+                if all(s[5] is not None for s in rows_):
+                    eng.append(med([s[5] for s in rows_]))
+                ends = [s[2] for s in rows_]
+                tail.append((max(ends) - min(ends)) * 1e3)
+            cells = [f"{med(walls):.0f} ms",
+                     f"{med(ttft50):.1f} / {med(ttftmax):.1f} ms" if ttft50 else "",
+                     f"{med(gen):.0f} ms" if gen else "", f"{med(eng):.0f} ms" if eng else "",
+                     f"{med(tail):.0f} ms" if tail else "", f"{med(client):.2f}",
+                     f"{med(engine):.2f}" if engine else ""]
+            rows.append(f"| {k} | {name} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def commit() -> str:
     if os.environ.get("SUPERVISORD_LLM_BENCH_COMMIT"):  # a copy of the tree without its .git (a GPU machine)
         return os.environ["SUPERVISORD_LLM_BENCH_COMMIT"]
@@ -628,20 +749,52 @@ def render(r: dict[str, Any]) -> str:
         lines += ["", f"The llama-server comparison was not made: {r['llama_missing']}."]
     pre = r.get("preopened")
     if pre is not None:
-        lines += ["", "The same mlx_lm.server with each client's connection opened (and accepted) before the clock, "
+        pre_resent = alone and any(t.get("resent") for t in pre.values())
+        lines += ["", ("The same llama-server" if alone else "The same mlx_lm.server")
+                  + " with each client's connection opened (and accepted) before the clock, "
                   "one raw HTTP/1.1 request per connection, written with one send: no path's figure holds its "
-                  "client's connect, while nginx's and the gateway's connects to the engine are inside theirs. "
+                  "client's connect, while nginx's and the gateway's connects to the engine"
+                  + (", where they make one (the gateway may have a spare connection open already)," if alone
+                     else "") + " are inside theirs. "
                   f"{pre['direct']['n']} requests per path, interleaved:", "",
-                  "| path | TTFB p50 | TTFB p90 | added p50 |", "|---|---:|---:|---:|", *_ttfb_rows(pre, resent=False)]
+                  "| path | TTFB p50 | TTFB p90 | added p50 |" + (" resent |" if pre_resent else ""),
+                  "|---|---:|---:|---:|" + ("---:|" if pre_resent else ""), *_ttfb_rows(pre, resent=pre_resent)]
+    rounds_kept = all("rounds" in p for per in streams.values() for p in per.values())
     lines += ["", f"Concurrent streams of {r['max_tokens']} tokens, {r['stream_rounds']} rounds per path; "
               "tokens/s is every token of every stream over the rounds' wall time; CPU is the daemon's and its "
-              "gateway process's together, or all nginx processes', over that path's rounds:", "",
-              "| streams | path | tokens/s | ratio to direct | CPU per token |", "|---:|---|---:|---:|---:|"]
+              "gateway process's together, or all nginx processes', over that path's rounds"
+              + ("; per round: the lowest and highest of the path's tokens/s in one round; the ratio's 90% "
+                 f"interval: the 5th to 95th percentile of the same ratio over {BOOTSTRAP_RESAMPLES} resamples "
+                 "of the rounds (with replacement, each path's round with the direct round of the same "
+                 "index, run next to it), the noise from round to round:" if rounds_kept else ":"), "",
+              "| streams | path | tokens/s | per round | ratio to direct | ratio's 90% interval | CPU per token |"
+              if rounds_kept else "| streams | path | tokens/s | ratio to direct | CPU per token |",
+              "|---:|---|---:|---:|---:|---:|---:|" if rounds_kept else "|---:|---|---:|---:|---:|"]
     for k, per in streams.items():
         direct_rate = per["direct"]["tokens_per_s"]
         for name, p in per.items():
             cpu = f"{p['cpu_us_per_token']:.0f} µs" if p.get("cpu_us_per_token") and name != "direct" else ""
-            lines.append(f"| {k} | {name} | {p['tokens_per_s']:.0f} | {p['tokens_per_s'] / direct_rate:.3f} | {cpu} |")
+            ratio = f"{p['tokens_per_s'] / direct_rate:.3f}"
+            if rounds_kept:
+                rates = [x["tokens"] / x["wall_s"] for x in p["rounds"]]
+                spread = f"{min(rates):.0f}–{max(rates):.0f}"
+                interval = "" if name == "direct" else "{:.3f}–{:.3f}".format(*ratio_interval(p, per["direct"]))
+                lines.append(f"| {k} | {name} | {p['tokens_per_s']:.0f} | {spread} | {ratio} | {interval} | {cpu} |")
+            else:
+                lines.append(f"| {k} | {name} | {p['tokens_per_s']:.0f} | {ratio} | {cpu} |")
+    if rounds_kept:
+        top = max(int(k) for k in streams)
+        lines += ["", "How the rounds went, each figure the median over a path's rounds: a round's streams start "
+                  f"{STAGGER_S * 1e3:g} ms apart (the last {STAGGER_S * 1e3 * (top - 1):.0f} ms after the "
+                  f"first at {top} streams) and the round ends with its last stream. First token: from a stream's send "
+                  "to its first content token, the median and the slowest stream of the round; generation: from "
+                  "a stream's first to its last token as the client saw it, and as the engine timed it "
+                  "(`predicted_ms` of its last chunk); client CPU: this process's CPU over the round's wall time "
+                  "(1.00 would be one core, all its client can use); engine CPU: the engine process's:", "",
+                  "| streams | path | round wall | first token p50 / max | generation, client | generation, "
+                  "engine | last stream ends after the first by | client CPU | engine CPU |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+                  *round_rows(streams)]
     resends = [f"{name} {p['resent']} at {k} streams" for k, per in streams.items() for name, p in per.items()
                if p.get("resent")]
     lines += ["", "Streams whose connection failed before a response head ("
@@ -687,8 +840,22 @@ def render(r: dict[str, Any]) -> str:
         lines.append(_ttfb_target("llama-server: ", llama))
     for k, per in streams.items():
         ratio = per["gateway"]["tokens_per_s"] / per["direct"]["tokens_per_s"]
+        noise = ""
+        if rounds_kept:
+            lo, hi = ratio_interval(per["gateway"], per["direct"])
+            where = ("above it beyond the round-to-round noise" if lo >= TARGET_RATE_RATIO else
+                     "below it beyond the round-to-round noise" if hi < TARGET_RATE_RATIO else
+                     f"{TARGET_RATE_RATIO} inside it: not told apart from the noise")
+            noise = f" (90% interval {lo:.3f}–{hi:.3f}: {where}"
+            if "nginx" in per:
+                nlo, nhi = ratio_interval(per["nginx"], per["direct"])
+                noise += (f"; nginx {per['nginx']['tokens_per_s'] / per['direct']['tokens_per_s']:.3f}, "
+                          f"{nlo:.3f}–{nhi:.3f}")
+            noise += ")"
         lines.append(f"- {k} streams: gateway tokens/s ratio {ratio:.3f} ≥ {TARGET_RATE_RATIO} {met(ratio >= TARGET_RATE_RATIO)}"
-                     f"; daemon and gateway CPU per token {per['gateway']['cpu_us_per_token']:.0f} µs.")
+                     f"{noise}; daemon and gateway CPU per token {per['gateway']['cpu_us_per_token']:.0f} µs"
+                     + (f" (nginx {per['nginx']['cpu_us_per_token']:.0f} µs)" if rounds_kept and per.get(
+                         "nginx", {}).get("cpu_us_per_token") else "") + ".")
     s_ratio = pct(rl["request_ms"], .5) / pct(ri["request_ms"], .5)
     e_ratio = pct(rl["exit_recorded_ms"], .5) / pct(ri["exit_recorded_ms"], .5)
     lines += [
@@ -879,8 +1046,13 @@ def measure_llama_alone(args: argparse.Namespace, llama: tuple[Path, Path], engi
         result["load_before"] = os.getloadavg()[0]
         # llama-server closes a connection after each stream: the TTFB rounds that resend (see ttfb_once).
         ttfb = asyncio.run(measure_ttfb(paths, args.ttfb_rounds))
+        # Each client's connection opened before the clock (one request per connection, as llama-server gives
+        # a stream anyway): no path's figure holds its client's connect, so nginx's added time is its own.
+        result["preopened"] = measure_ttfb_preopened(paths, args.ttfb_rounds)
+        engine_pid = d.engine(LLAMA_ENGINE)["pid"]
         result["paths"] = asyncio.run(measure_paths(paths, cpu_pids, argparse.Namespace(**{**vars(args),
-                                                                                           "ttfb_rounds": 0})))
+                                                                                           "ttfb_rounds": 0}),
+                                                    engine_pids=[engine_pid] if engine_pid else None))
         result["paths"]["ttfb_ms"] = ttfb
         result["supervision"] = measure_supervision(d, LLAMA_ENGINE, gateway_url, (engine_url, "tiny-llama"), args)
         result["load_after"] = os.getloadavg()[0]
