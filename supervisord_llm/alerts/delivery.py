@@ -46,19 +46,25 @@ to its receivers), so tools that accept Alertmanager webhooks accept these alert
 ``alertmanager_api`` — a list of postable alerts for Alertmanager's own ``POST /api/v2/alerts``
 (point the URL at ``http://alertmanager:9093/api/v2/alerts``). As Alertmanager asks of its
 clients, every open episode is posted again, firing, every ``alertmanager_resend_interval``
-(default 1 minute; all of a target's open episodes in one request, sent only when nothing is
-queued for that target, so a re-post never overtakes a resolve), and each post sets ``endsAt``
+(default 1 minute; all of a target's open episodes in one request), and each post sets ``endsAt``
 :data:`ALERTMANAGER_API_TTL_INTERVALS` intervals ahead. So the alert stays active while the
 daemon runs, and when the daemon, or its machine, is gone for longer Alertmanager resolves it by
 itself within those three intervals; a daemon that starts again posts what is still open at once.
-The resolved alert ends it at once. Re-posts are not deliveries: none is journaled or counted, a
-failed one is logged (``alert.resend_failed``) and tried again soon. Other formats, Alertmanager's
-own webhook body (``alertmanager``) included, get each firing and each resolve once.
+The resolved alert ends it at once. A re-post goes out on time even while deliveries wait in the
+target's queue (out a backoff, a ``Retry-After`` or the rate limit), between two of them; it
+leaves out every key with something queued for that target (a resolve, an escalation, a new
+episode), so it never overtakes or contradicts a queued message. Re-posts are not deliveries:
+none is journaled, queued or counted, and ``rate_limit_per_min`` neither holds them back nor
+counts them (one request per interval whatever is open; the interval is their limit). A failed one
+is logged (``alert.resend_failed``) and tried again within the interval (after at most
+:data:`ALERTMANAGER_RESEND_RETRY_S`), and at once when a delivery to the target works again.
+Other formats, Alertmanager's own webhook body (``alertmanager``) included, get each firing and
+each resolve once.
 
 Config (``[alerts]``; every key optional)::
 
     [alerts]
-    rate_limit_per_min = 30      # POSTs per target per minute; over it deliveries wait
+    rate_limit_per_min = 30      # deliveries per target per minute; over it they wait (re-posts are not counted)
     max_attempts = 20            # leave out to retry timeouts, refused connections, 5xx, 408, 429 forever
     initial_backoff = "1s"       # doubles per failed attempt (with jitter) ...
     max_backoff = "5m"           # ... up to this; a Retry-After header wins
@@ -324,7 +330,8 @@ class AlertSettings:
 
     ``max_attempts`` None retries retryable failures (timeouts, connection errors, 5xx, 408,
     429) forever; a number drops the delivery after that many failed attempts.
-    ``rate_limit_per_min`` bounds the POSTs per target per minute; over it deliveries wait.
+    ``rate_limit_per_min`` bounds the deliveries per target per minute; over it they wait.
+    Alertmanager re-posts are outside it: ``alertmanager_resend_interval`` is their own bound.
     """
 
     targets: tuple[AlertTarget, ...] = ()
@@ -1151,6 +1158,13 @@ class Outbox:
         with self._lock:
             return {key: episode.episode_id for key, episode in self._open.items()}
 
+    def open_episode_details(self) -> dict[str, dict[str, Any]]:
+        """Episode key -> the details of its last firing, of every open episode ({} for an episode journaled
+        before firings were kept): what a policy that ends episodes on evidence needs to know of them."""
+        with self._lock:
+            return {key: dict(episode.firing.details) if episode.firing is not None else {}
+                    for key, episode in self._open.items()}
+
     async def run(self, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver until cancelled. Cancelling loses nothing: an interrupted send stays pending."""
         if not self.settings.targets:
@@ -1314,22 +1328,19 @@ class Outbox:
         # (after a restart, what was open may have ended there meanwhile).
         resend_at_s = self._clock.now() if target.format == "alertmanager_api" else None
         while True:
-            head = self._head(target.name)
-            if head is None:
-                if resend_at_s is None:
-                    await self._sleep_or_wake(target.name, IDLE_POLL_S)
-                    continue
-                # Only with nothing queued here: this sender posts one thing at a time, so a resolve
-                # queued after the open episodes were read is posted after the re-post, never before.
-                now_s = self._clock.now()
-                wait_s = max(resend_at_s - now_s, self._rate_wait_s(target.name, now_s))
-                if wait_s > 0:
-                    await self._sleep_or_wake(target.name, min(wait_s, IDLE_POLL_S))
-                    continue
+            now_s = self._clock.now()
+            if resend_at_s is not None and now_s >= resend_at_s:
+                # Due even with deliveries queued here (one waiting out a backoff, or the rate limit,
+                # must not let the other alerts lapse); this sender posts one thing at a time and the
+                # re-post leaves out every key with a message queued here, so it never overtakes one.
                 resend_at_s = now_s + await self._resend_open(client, target)
                 continue
+            until_resend_s = math.inf if resend_at_s is None else resend_at_s - now_s
+            head = self._head(target.name)
+            if head is None:
+                await self._sleep_or_wake(target.name, min(until_resend_s, IDLE_POLL_S))
+                continue
             delivery, alert = head
-            now_s = self._clock.now()
             rate_wait_s = self._rate_wait_s(target.name, now_s)
             if rate_wait_s > 0 and not rate_limited_logged:
                 with self._lock:
@@ -1339,12 +1350,14 @@ class Outbox:
                 rate_limited_logged = True
             wait_s = max(delivery.not_before_s - now_s, rate_wait_s)
             if wait_s > 0:
-                await self._sleep_or_wake(target.name, min(wait_s, IDLE_POLL_S))
+                await self._sleep_or_wake(target.name, min(wait_s, until_resend_s, IDLE_POLL_S))
                 continue
             rate_limited_logged = False
             self._sent_at_s[target.name].append(now_s)
             outcome = await self._post_once(client, target, alert, delivery)
             kind, fields = await anyio.to_thread.run_sync(self._record_outcome, target, delivery, outcome)
+            if kind == "alert.delivered" and target.name in self._resend_failing:
+                resend_at_s = self._clock.now()  # it answers again: refresh what failed to be re-posted
             if kind == "alert.delivered":
                 self._log.info(kind, **fields)
             elif kind == "alert.dropped":
@@ -1360,15 +1373,19 @@ class Outbox:
 
     async def _resend_open(self, client: httpx.AsyncClient, target: AlertTarget) -> float:
         """Post every open episode routed to ``target`` again, firing, with a fresh ``endsAt``, in one
-        request; the seconds until the next re-post. Not a delivery: nothing is journaled or retried
-        beyond the next re-post, which comes sooner after a failure."""
+        request; the seconds until the next re-post. Not a delivery: nothing is journaled, queued or
+        retried beyond the next re-post, which comes sooner after a failure. Neither held back by nor
+        counted in ``rate_limit_per_min``: one request per interval, whatever is open.
+
+        A key with anything queued for ``target`` (a resolve, an escalation, a new episode's firing)
+        is left out: its queued message comes next for it, and a re-post must not overtake it."""
         interval_s = self.settings.alertmanager_resend_interval_s
         with self._lock:
+            queued = {self._alerts[d.alert_id].key for d in self._pending.values() if d.target == target.name}
             alerts = [episode.reposted(key) for key, episode in self._open.items()
-                      if key.startswith(TEST_ALERT_PREFIX) or target.wants(episode.severity)]
+                      if key not in queued and (key.startswith(TEST_ALERT_PREFIX) or target.wants(episode.severity))]
         if not alerts:
             return interval_s
-        self._sent_at_s[target.name].append(self._clock.now())
         ends_at = self._firing_ends_at()
         body = encode_body([posted for alert in alerts for posted in render_alertmanager_api(
             alert, host=self._host, external_url=self.settings.external_url, firing_ends_at=ends_at)])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import structlog
 from structlog.testing import LogCapture
@@ -339,6 +340,139 @@ async def test_alertmanager_api_targets_get_open_episodes_again_until_resolved_a
     assert [(r["body"]["key"], r["body"]["status"]) for r in receiver.accepted] == [
         ("engine.failed:a", "firing"), ("engine.exited:b", "firing"), ("engine.failed:a", "resolved")]
     assert am.bad_signatures == 0
+
+
+class FlakyAlertmanager:
+    """A real HTTP front for a real Alertmanager's ``/api/v2/alerts`` that answers 503 on purpose while ``down``
+    (an outage that does not wipe Alertmanager's memory); it keeps every request it was sent."""
+
+    def __init__(self, api_url: str) -> None:
+        self.api_url = api_url
+        self.down = False
+        self.requests: list[dict[str, Any]] = []  # {"status", "body", "at_s"} in arrival order
+        self._lock = threading.Lock()
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                status = 503 if front.down else httpx.post(
+                    front.api_url, content=body, headers={"Content-Type": "application/json"}, timeout=5).status_code
+                with front._lock:
+                    front.requests.append({"status": status, "body": json.loads(body), "at_s": time.monotonic()})
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_port}/api/v2/alerts"
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def posted(self, since_s: float = 0.0) -> list[list[str]]:
+        """The keys ("alertname:engine") of each accepted request since ``since_s``, in order."""
+        with self._lock:
+            return [[f"{x['labels']['alertname']}:{x['labels'].get('engine')}" for x in r["body"]]
+                    for r in self.requests if r["status"] == 200 and r["at_s"] >= since_s]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+async def _active(am: Any) -> set[str]:
+    """The alerts Alertmanager holds active now, as "alertname:engine"."""
+    alerts = await anyio.to_thread.run_sync(am.active)
+    return {f"{a['labels']['alertname']}:{a['labels'].get('engine')}" for a in alerts}
+
+
+def _resolved_notices(am: Any) -> list[str]:
+    return [f"{a['labels']['alertname']}:{a['labels'].get('engine')}" for a in am.notifications.alerts()
+            if a["status"] == "resolved"]
+
+
+@pytest.mark.anyio
+async def test_reposts_keep_alerts_active_in_alertmanager_while_a_queued_delivery_waits_out_its_backoff(
+        tmp_path: Path, alertmanager: Any) -> None:
+    """A short outage leaves a firing and a resolve queued behind a long backoff: the other open episode is still
+    re-posted every interval (the queued keys left out, nothing queued twice), so it never lapses in Alertmanager
+    and on-call gets no false resolved notice; the queued messages then go out in order."""
+    am = alertmanager.start()
+    front = FlakyAlertmanager(am.api_url)
+    try:
+        target = AlertTarget(name="am", url=front.url, format="alertmanager_api", timeout_s=2.0)
+        h = Harness(tmp_path, settings_for(target, alertmanager_resend_interval_s=1.0,
+                                           initial_backoff_s=12.0, max_backoff_s=12.0))
+        async with anyio.create_task_group() as tg:
+            await tg.start(h.outbox.run)
+            h.outbox.submit(firing("engine.failed:a", engine="a"))
+            h.outbox.submit(firing("engine.hung:c", engine="c"))
+            with anyio.fail_after(20):
+                while await _active(am) != {"engine.failed:a", "engine.hung:c"}:
+                    await anyio.sleep(0.1)
+            front.down = True  # the outage: b fires, c ends, both wait 12 s after their failure
+            h.outbox.submit(firing("engine.failed:b", engine="b"))
+            h.outbox.submit(Alert.resolved("engine.hung:c", "c answers again"))
+            await wait_until(lambda: h.outbox.pending()[0].attempts >= 1, "b's first delivery to fail")
+            with anyio.move_on_after(3.0):  # a re-post fails too (it is tried again within the interval)
+                while not any(r["status"] == 503 and r["body"][0]["labels"].get("engine") == "a"
+                              for r in front.requests):
+                    await anyio.sleep(0.02)
+            front.down = False
+            up_s = time.monotonic()
+            await anyio.sleep(6.0)  # twice the 3 s endsAt: only re-posts made during the backoff keep a active
+            assert "engine.failed:a" in await _active(am), front.posted()
+            assert "engine.failed:a" not in _resolved_notices(am)
+            assert [(p.key, p.status) for p in h.outbox.pending()] == [("engine.failed:b", "firing"),
+                                                                      ("engine.hung:c", "resolved")]
+            during = front.posted(up_s)
+            assert len(during) >= 4 and all(keys == ["engine.failed:a"] for keys in during), during
+            await wait_until(lambda: h.outbox.counts()["pending"] == 0, "b and c's resolve delivered", 30)
+            with anyio.fail_after(10):
+                while await _active(am) != {"engine.failed:a", "engine.failed:b"}:
+                    await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()
+        h.outbox.close()
+    finally:
+        front.close()
+    accepted = [r["body"] for r in front.requests if r["status"] == 200]
+    with_c = [i for i, body in enumerate(accepted) if any(x["labels"].get("engine") == "c" for x in body)]
+    assert accepted[with_c[-1]] == [x for x in accepted[with_c[-1]] if _parse_iso(x["endsAt"]) <= datetime.now(UTC)]
+    b_first = next(i for i, body in enumerate(accepted) if any(x["labels"].get("engine") == "b" for x in body))
+    assert b_first < with_c[-1]  # in queue order: b's firing, then c's resolve, the last word on c
+    assert "engine.failed:a" not in _resolved_notices(am) and "engine.failed:b" not in _resolved_notices(am)
+    assert h.outbox.counts() == {"pending": 0, "delivered": 4, "failed": 0}
+
+
+@pytest.mark.anyio
+async def test_reposts_neither_wait_for_nor_use_up_the_rate_limit(tmp_path: Path, alertmanager: Any) -> None:
+    """With rate_limit_per_min = 2 and a 1 s resend interval (endsAt 3 s ahead) the open episode is still re-posted
+    every second and stays active, and the minute's second request is left for the next alert."""
+    am = alertmanager.start()
+    front = FlakyAlertmanager(am.api_url)
+    try:
+        target = AlertTarget(name="am", url=front.url, format="alertmanager_api", timeout_s=2.0)
+        h = Harness(tmp_path, settings_for(target, rate_limit_per_min=2, alertmanager_resend_interval_s=1.0))
+        async with anyio.create_task_group() as tg:
+            await tg.start(h.outbox.run)
+            h.outbox.submit(firing("engine.failed:a", engine="a"))
+            await wait_until(lambda: h.outbox.counts()["delivered"] == 1, "a delivered")
+            await anyio.sleep(6.0)  # twice a post's 3 s lifetime
+            assert await _active(am) == {"engine.failed:a"}, front.posted()
+            assert len(front.posted()) >= 5, front.posted()
+            h.outbox.submit(firing("engine.failed:b", engine="b"))
+            with anyio.fail_after(5):  # the minute's second request, not a minute later
+                while await _active(am) != {"engine.failed:a", "engine.failed:b"}:
+                    await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()
+        h.outbox.close()
+    finally:
+        front.close()
+    assert _resolved_notices(am) == []
+    assert not any(e["event"] == "alert.rate_limited" for e in h.log.entries)
 
 
 @pytest.mark.anyio
