@@ -19,11 +19,16 @@ current wall time (the clock was stepped back) counts as inside the cooldown: th
 ``RebootState`` itself uses monotonic times and belongs to one boot; the caller drops it (after
 ``verify_after_reboot``) when the boot changes, and closes the alert episodes of the boot that is
 over (``on_new_boot``): a reboot, also one a person ran by hand, is what frees stranded memory.
+
+A GPU's own episodes (``gpu.lost:<i>``, ``gpu.reset_required:<i>``) are not ended by a new boot
+alone: a GPU still missing after a reboot is still lost, and a daemon only reports a GPU lost that
+it has seen, so nothing would report it again. ``gpu_episodes_over`` ends them on evidence that
+the GPU is back (``GpuAnswer``, from the daemon's NVML readings).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -45,6 +50,10 @@ XID_RESET_REQUIRED: dict[int, str] = {
 }
 
 _LEDGER_KEPT = 32
+
+# A GPU's own episodes, keyed by its index at the time (``gpu.lost:1``); see ``gpu_episodes_over``.
+GPU_LOST = "gpu.lost"
+GPU_RESET_REQUIRED = "gpu.reset_required"
 
 # Episodes about one boot that the next boot ends: the memory a reboot frees, and every step of the
 # escalation towards that reboot. Where the condition is back in the new boot, its own readings open
@@ -285,11 +294,14 @@ def decide_xid(
     now_wall: float,
     *,
     stop_grace_s: float = 30.0,
+    uuid: str | None = None,
+    boot_id: str | None = None,
 ) -> tuple[RebootState, tuple[Action, ...]]:
     """Act on an NVIDIA XID event: 79 takes the reboot path; reset-class XIDs stop engines + alert.
 
     Other XIDs (mostly application faults such as 13, 31, 43) are left to the engine's own
-    crash handling: nothing happens here.
+    crash handling: nothing happens here. ``uuid`` (the GPU's) and ``boot_id`` (this boot's) go into
+    the alert's details: what ``gpu_episodes_over`` needs to tell when the episode ends.
     """
     if xid == XID_FALLEN_OFF_BUS:
         return decide_gpu_lost(
@@ -302,6 +314,8 @@ def decide_xid(
             now_wall,
             stop_grace_s=stop_grace_s,
             cause=f"GPU {device_index} fell off the bus (XID 79)",
+            uuid=uuid,
+            boot_id=boot_id,
         )
     what = XID_RESET_REQUIRED.get(xid)
     if what is None:
@@ -313,11 +327,12 @@ def decide_xid(
     return state, (
         *stops,
         Alert(
-            f"gpu.reset_required:{device_index}",
+            f"{GPU_RESET_REQUIRED}:{device_index}",
             "critical",
             f"GPU reset required: GPU {device_index} reported XID {xid} ({what}){stopped}. "
             f"Reset it (`nvidia-smi -r -i {device_index}`) or reboot",
-            details={"xid": xid, "device_index": device_index, "engines": list(engines_on_device)},
+            details={"xid": xid, "device_index": device_index, "engines": list(engines_on_device),
+                     **_device_details(uuid, boot_id)},
         ),
     )
 
@@ -333,18 +348,100 @@ def decide_gpu_lost(
     *,
     stop_grace_s: float = 30.0,
     cause: str | None = None,
+    uuid: str | None = None,
+    boot_id: str | None = None,
 ) -> tuple[RebootState, tuple[Action, ...]]:
-    """A GPU is gone (XID 79, or NVML no longer sees it): stop its engines, then the reboot path."""
+    """A GPU is gone (XID 79, or NVML no longer sees it): stop its engines, then the reboot path.
+
+    ``uuid`` and ``boot_id`` go into the ``gpu.lost`` alert's details, as for ``decide_xid``."""
     cause = cause or f"GPU {device_index} is lost"
     stops = tuple(Stop(e, stop_grace_s, cause) for e in engines_on_device)
     new_state, actions = decide_reboot(state, ledger, settings, True, now_s, now_wall, reason=cause)
     lost = Alert(
-        f"gpu.lost:{device_index}",
+        f"{GPU_LOST}:{device_index}",
         "critical",
         f"{cause}; only a reboot brings it back",
-        details={"device_index": device_index, "engines": list(engines_on_device)},
+        details={"device_index": device_index, "engines": list(engines_on_device),
+                 **_device_details(uuid, boot_id)},
     )
     return new_state, (*stops, lost, *actions)
+
+
+def _device_details(uuid: str | None, boot_id: str | None) -> dict[str, object]:
+    return {k: v for k, v in (("uuid", uuid), ("boot_id", boot_id)) if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class GpuAnswer:
+    """A GPU that NVML read without an error in the latest reading.
+
+    ``again``: this daemon had not seen it answer before this reading (its first reading of the GPU, at
+    the daemon's start or when the GPU first appears, or the first since NVML lost it). ``serving``:
+    engines that are ready (or degraded) and whose processes hold memory on it.
+    """
+
+    index: int
+    uuid: str
+    name: str = ""
+    again: bool = False
+    serving: tuple[str, ...] = ()
+
+
+def gpu_episodes_over(
+    open_episodes: Mapping[str, Mapping[str, object]],
+    answering: Iterable[GpuAnswer],
+    boot_id: str,
+) -> tuple[Alert, ...]:
+    """The resolves of the open ``gpu.lost`` / ``gpu.reset_required`` episodes that the GPUs answering now end.
+
+    ``open_episodes``: episode key -> the details of the alert that opened it (other keys are left
+    alone). ``boot_id``: this boot's. Only positive evidence that the GPU is back ends an episode,
+    never a boot change alone:
+
+    * ``gpu.lost:<i>`` ends when that GPU answers NVML again (``again``: back while the daemon
+      watched, after a reset or a driver reload, or seen by a daemon started since, also after a
+      reboot), or an engine serves from it. A GPU still missing keeps it open, also after a reboot.
+    * ``gpu.reset_required:<i>`` ends when that GPU works after a reset: an engine serves from it
+      (it loaded its model there and is ready), or the GPU answers NVML in a later boot than the one
+      the episode opened in (a reboot resets every GPU). It answering NVML in the same boot proves
+      nothing: a GPU that needs a reset still answers, also to a restarted daemon.
+
+    An episode is matched to its GPU by the uuid in its details (indexes shift when a GPU drops off
+    the bus or comes back); one opened by an older daemon, without a uuid, by its index.
+    """
+    gpus = tuple(answering)
+    out: list[Alert] = []
+    for key, details in open_episodes.items():
+        kind, _, suffix = key.partition(":")
+        if kind not in (GPU_LOST, GPU_RESET_REQUIRED):
+            continue
+        gpu = _episode_gpu(suffix, details, gpus)
+        if gpu is None:
+            continue
+        what = f"GPU {gpu.index}" + (f" ({gpu.name})" if gpu.name else "")
+        summary: str | None = None
+        if gpu.serving:
+            summary = (f"{what} works again: {', '.join(gpu.serving)} "
+                       f"{'is' if len(gpu.serving) == 1 else 'are'} serving from it")
+        elif kind == GPU_LOST and gpu.again:
+            summary = f"{what} answers NVML again"
+        elif kind == GPU_RESET_REQUIRED and gpu.again and isinstance(details.get("boot_id"), str) \
+                and details["boot_id"] != boot_id:
+            summary = f"{what} answers NVML after a reboot (a reboot resets the GPU)"
+        if summary is not None:
+            out.append(Alert(key, "info", summary, details={"device_index": gpu.index, "uuid": gpu.uuid},
+                             resolved=True))
+    return tuple(out)
+
+
+def _episode_gpu(suffix: str, details: Mapping[str, object], gpus: Sequence[GpuAnswer]) -> GpuAnswer | None:
+    """The answering GPU an episode is about, by the uuid in its details, else by the index in its key."""
+    uuid = details.get("uuid")
+    if isinstance(uuid, str):
+        return next((g for g in gpus if g.uuid == uuid), None)
+    if not suffix.isdigit():
+        return None
+    return next((g for g in gpus if g.index == int(suffix)), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,8 +576,11 @@ def ledger_from_record(record: object) -> RebootLedger:
 
 __all__ = [
     "BOOT_EPISODES",
+    "GPU_LOST",
+    "GPU_RESET_REQUIRED",
     "XID_FALLEN_OFF_BUS",
     "XID_RESET_REQUIRED",
+    "GpuAnswer",
     "RebootLedger",
     "RebootSettings",
     "RebootState",
@@ -489,6 +589,7 @@ __all__ = [
     "decide_gpu_lost",
     "decide_reboot",
     "decide_xid",
+    "gpu_episodes_over",
     "in_cooldown",
     "ledger_from_record",
     "ledger_to_record",

@@ -19,6 +19,10 @@ decisions are ``policies.reboot.decide_xid``. This module runs them for the daem
 * a GPU seen before that NVML no longer answers for is lost (``policies.reboot.decide_gpu_lost``) and
   takes the same path as XID 79: at once when NVML says "GPU is lost", after ``lost_after_s`` of
   silence otherwise (a driver that answers late once is not a lost GPU);
+* the ``gpu.lost`` and ``gpu.reset_required`` alert episodes, also those an earlier daemon opened,
+  end on evidence from the readings that the GPU is back (``policies.reboot.gpu_episodes_over``):
+  it answers NVML again, an engine serves from it, or (after a reset was required) it answers in a
+  later boot;
 * at the daemon's own start, the GPU memory of orphans from an earlier run (killed by the daemon) is
   waited for, bounded, before any engine starts (``gpu_orphans_at_start``, ``wait_orphans_released``).
 
@@ -44,11 +48,15 @@ from anyio.from_thread import BlockingPortal
 
 from policies.actions import Alert
 from policies.reboot import (
+    GPU_LOST,
+    GPU_RESET_REQUIRED,
+    GpuAnswer,
     RebootLedger,
     RebootSettings,
     RebootState,
     decide_gpu_lost,
     decide_xid,
+    gpu_episodes_over,
     is_reboot_step,
     reboot_needed,
 )
@@ -57,6 +65,7 @@ from probes.readings import GpuReading, XidEvent
 from supervisord_llm.engine.process import TAG_ENV, tree_of, wait_gone
 from supervisord_llm.errors import MemoryNotReturned
 from supervisord_llm.extension import Extension
+from supervisord_llm.subsystems.stranded import boot_id as this_boot_id
 
 if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
@@ -177,7 +186,7 @@ class GpuExtension(Extension):
 
     def __init__(self, daemon: Daemon, *, nvml_module: Any | None = None, first_read_timeout_s: float = 10.0,
                  orphan_grace_s: float = 3.0, release_poll_s: float = 0.1, xid_wait_timeout_ms: int = 500,
-                 stop_grace_s: float = 30.0, lost_after_s: float = 10.0) -> None:
+                 stop_grace_s: float = 30.0, lost_after_s: float = 10.0, boot_id: str | None = None) -> None:
         if orphan_grace_s < 0 or release_poll_s <= 0 or first_read_timeout_s <= 0:
             raise ValueError("GpuExtension: orphan_grace_s must be >= 0 s, release_poll_s and first_read_timeout_s "
                              f"> 0 s; got {orphan_grace_s!r}, {release_poll_s!r}, {first_read_timeout_s!r}")
@@ -211,6 +220,11 @@ class GpuExtension(Extension):
         self._holders: dict[int, frozenset[str]] = {}
         self._seen: dict[str, _SeenDevice] = {}  # by uuid: indexes can shift when a device vanishes
         self._acted_lost: set[int] = set()  # devices whose loss (XID 79 or silence) was acted on
+        # GPUs (uuid) answering NVML that this daemon had not seen answer until the latest reading: new to
+        # it, or back after it lost them. Evidence for the end of their episodes; taken by _end_gpu_episodes.
+        self._answering_again: set[str] = set()
+        # This boot, written into a GPU's episodes: a later boot's reading of the GPU ends a reset_required one.
+        self.boot_id = boot_id or this_boot_id()
         self._portal: BlockingPortal | None = None
         # The XID policy's own reboot state; the reboot itself belongs to the reboot escalation.
         self._reboot_state = RebootState()
@@ -230,8 +244,8 @@ class GpuExtension(Extension):
             task_status.started()
             return
         self.available = True
-        for d in reading.devices:
-            self._seen[d.uuid] = _SeenDevice(d.index, d.name)
+        self._newly_lost(reading)  # nothing seen yet: notes every device, each one new to this daemon
+        self._end_gpu_episodes(reading)  # episodes an earlier daemon left open, e.g. before a reboot
         async with BlockingPortal() as portal:
             self._portal = portal
             self.watcher = XidWatcher(self.probe.module, self._on_xid_from_thread,
@@ -296,6 +310,7 @@ class GpuExtension(Extension):
         self._settle(reading)
         for seen, cause in self._newly_lost(reading):
             await self.handle_gpu_lost(seen.index, cause)
+        self._end_gpu_episodes(reading)
         return reading
 
     def _newly_lost(self, reading: GpuReading) -> list[tuple[_SeenDevice, str]]:
@@ -312,6 +327,7 @@ class GpuExtension(Extension):
                     self.daemon.events.emit("gpu.device_back", device_index=seen.index, uuid=uuid, name=seen.name,
                                             missing_s=round(now - (seen.missing_since_s or now), 1))
                     self._acted_lost.discard(seen.index)
+                    self._answering_again.add(uuid)
                 seen.missing_since_s, seen.lost = None, False
                 continue
             if seen.missing_since_s is None:
@@ -330,8 +346,38 @@ class GpuExtension(Extension):
             seen.lost = True
             out.append((seen, cause))
         for device in present.values():
-            self._seen.setdefault(device.uuid, _SeenDevice(device.index, device.name))
+            if device.uuid not in self._seen:
+                self._seen[device.uuid] = _SeenDevice(device.index, device.name)
+                self._answering_again.add(device.uuid)
         return out
+
+    def _end_gpu_episodes(self, reading: GpuReading) -> None:
+        """Resolve the open ``gpu.lost``/``gpu.reset_required`` episodes this reading shows over
+        (``policies.reboot.gpu_episodes_over``); the outbox keeps an earlier daemon's open episodes too."""
+        again, self._answering_again = self._answering_again, set()
+        daemon = self.daemon
+        outbox = daemon.alerts_outbox
+        if outbox is None or not reading.available:
+            return
+        open_episodes = {key: details for key, details in outbox.open_episode_details().items()
+                         if key.partition(":")[0] in (GPU_LOST, GPU_RESET_REQUIRED)}
+        if not open_episodes:
+            return
+        owners = self._owners
+        answering = []
+        for device in reading.devices:
+            serving = sorted({owners[p.pid] for p in device.processes if p.pid in owners
+                              and (sup := daemon.supervisors.get(owners[p.pid])) is not None and sup.serving})
+            answering.append(GpuAnswer(device.index, device.uuid, device.name, again=device.uuid in again,
+                                       serving=tuple(serving)))
+        alerts = gpu_episodes_over(open_episodes, answering, self.boot_id)
+        if not alerts:
+            return
+        daemon.events.emit("policy.decided", policy="gpu_episodes", engine=None,
+                           decision="resolve " + ",".join(a.key for a in alerts), open_episodes=sorted(open_episodes),
+                           answering_again=sorted(again), boot_id=self.boot_id)
+        for alert in alerts:
+            daemon.apply(alert)
 
     def _settle(self, reading: GpuReading) -> list[str]:
         """Forget departed pids NVML no longer lists; one event per engine whose memory came back."""
@@ -568,6 +614,10 @@ class GpuExtension(Extension):
                 out.append(sup.name)
         return out
 
+    def _uuid_of(self, index: int) -> str | None:
+        """The uuid of the GPU last seen at ``index`` (a lost one keeps the index it had)."""
+        return next((uuid for uuid, seen in self._seen.items() if seen.index == index), None)
+
     async def handle_xid(self, event: XidEvent) -> None:
         """Carry out what ``decide_xid`` answers for one XID event."""
         try:
@@ -587,7 +637,8 @@ class GpuExtension(Extension):
         # The policy is asked with reboots off: carrying out a reboot belongs to the reboot escalation.
         self._reboot_state, actions = decide_xid(
             event.xid, event.device_index, engines, self._reboot_state, RebootLedger(), RebootSettings(),
-            daemon.clock.now(), daemon.clock.wall(), stop_grace_s=self.stop_grace_s)
+            daemon.clock.now(), daemon.clock.wall(), stop_grace_s=self.stop_grace_s,
+            uuid=self._uuid_of(event.device_index), boot_id=self.boot_id)
         await self._carry_out(actions, event.device_index, event.xid, _reboot_cause(event))
 
     async def handle_gpu_lost(self, device_index: int, cause: str) -> None:
@@ -603,7 +654,8 @@ class GpuExtension(Extension):
         try:
             self._reboot_state, actions = decide_gpu_lost(
                 device_index, engines, self._reboot_state, RebootLedger(), RebootSettings(), daemon.clock.now(),
-                daemon.clock.wall(), stop_grace_s=self.stop_grace_s, cause=cause)
+                daemon.clock.wall(), stop_grace_s=self.stop_grace_s, cause=cause,
+                uuid=self._uuid_of(device_index), boot_id=self.boot_id)
             await self._carry_out(actions, device_index, None, cause)
         except Exception as exc:  # as for XIDs: the daemon outlives a failure to act, and says so
             daemon.events.emit("gpu.lost_failed", device_index=device_index, error=f"{type(exc).__name__}: {exc}")

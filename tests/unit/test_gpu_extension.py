@@ -173,8 +173,9 @@ async def running(config_text: str, nvml: StandInNvml, **ext_kwargs: object) -> 
 
 
 @asynccontextmanager
-async def run_built(daemon: Daemon) -> AsyncIterator[Daemon]:
-    """Run a daemon made by ``_build``; afterwards stop it, kill whatever carries its tag, remove its state."""
+async def run_built(daemon: Daemon, *, keep_state: bool = False) -> AsyncIterator[Daemon]:
+    """Run a daemon made by ``_build``; afterwards stop it, kill whatever carries its tag, remove its state
+    (unless ``keep_state``: the next daemon on that state dir follows)."""
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(daemon.run)
@@ -191,7 +192,8 @@ async def run_built(daemon: Daemon) -> AsyncIterator[Daemon]:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        shutil.rmtree(daemon.state_dir, ignore_errors=True)
+        if not keep_state:
+            shutil.rmtree(daemon.state_dir, ignore_errors=True)
 
 
 def _tagged(prefix: str) -> list[int]:
@@ -684,6 +686,145 @@ async def test_xid_79_then_gpu_is_lost_is_one_episode() -> None:
     finally:
         daemon.close()
         shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
+
+# ---- when a GPU's alert episodes end --------------------------------------------------------------
+
+# A webhook nobody answers: the outbox keeps the episodes open and retries, which is all these tests need.
+ALERTING = '[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "http://127.0.0.1:9/hook"\nformat = "json"\n'
+
+
+def _build_alerting(config_text: str, nvml: StandInNvml, *, state: object = None, clock: object = None,
+                    **ext_kwargs: object) -> tuple[Daemon, GpuExtension]:
+    """``_build`` with the alert outbox (episodes survive the daemon in it), optionally on an earlier daemon's state."""
+    from supervisord_llm.extensions import AlertsExtension
+
+    state_dir = state or short_tmpdir()
+    path = state_dir / "config.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{state_dir}"\n\n[probes]\nnvml = false\ninterval = "0.2s"\n\n'
+                    + config_text + ALERTING)
+    daemon = Daemon(load_config(path), logger=_quiet_logger(), clock=clock)
+    daemon.claim()
+    daemon.extensions.append(AlertsExtension(daemon))
+    ext = GpuExtension(daemon, nvml_module=nvml, **ext_kwargs)
+    daemon.extensions.append(ext)
+    daemon.open()
+    return daemon, ext
+
+
+def _open_episodes(daemon: Daemon) -> set[str]:
+    daemon._alert_submitter.submit(lambda: None).result()  # what was raised has reached the outbox
+    return set(daemon.alerts_outbox.open_episodes())
+
+
+def _resolved(daemon: Daemon, key: str) -> list[dict]:
+    return [e for e in _events(daemon, "alert.raised") if e["key"] == key and e["resolved"]]
+
+
+@pytest.mark.anyio
+async def test_a_lost_gpus_episode_ends_when_the_gpu_answers_nvml_again() -> None:
+    """GPU 1 "is lost": gpu.lost:1 opens and stays open while NVML says so; NVML reading it again ends it."""
+    nvml = StandInNvml(devices=2)
+    daemon, ext = _build_alerting("", nvml, boot_id="boot-A")
+    daemon.extensions.append(Escalation())
+    try:
+        ext.available = True
+        await ext.poll()
+        nvml.lost.add(1)
+        await ext.poll()
+        await ext.poll()
+        assert "gpu.lost:1" in _open_episodes(daemon) and not _resolved(daemon, "gpu.lost:1")
+        raised = next(e for e in _events(daemon, "alert.raised") if e["key"] == "gpu.lost:1")
+        assert raised["details"]["uuid"] == "GPU-standin-1" and raised["details"]["boot_id"] == "boot-A"
+        nvml.lost.discard(1)
+        await ext.poll()
+        assert "gpu.lost:1" not in _open_episodes(daemon)
+        resolved = _resolved(daemon, "gpu.lost:1")
+        assert len(resolved) == 1 and "answers NVML again" in resolved[0]["summary"], resolved
+        await ext.poll()
+        assert len(_resolved(daemon, "gpu.lost:1")) == 1
+    finally:
+        daemon.close()
+        shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_a_new_daemon_ends_a_gpu_lost_episode_only_once_that_gpu_answers() -> None:
+    """After a reboot with GPU 1 still missing, gpu.lost:1 stays open (no daemon would report it again);
+    GPU 1 showing up in NVML later ends it."""
+    nvml = StandInNvml(devices=2)
+    daemon, ext = _build_alerting("", nvml, boot_id="boot-A")
+    daemon.extensions.append(Escalation())
+    state = daemon.state_dir
+    try:
+        ext.available = True
+        await ext.poll()
+        nvml.lost.add(1)
+        await ext.poll()
+        assert "gpu.lost:1" in _open_episodes(daemon)
+    finally:
+        daemon.close()
+    rebooted = StandInNvml(devices=1)  # the new boot: GPU 1 is not on the bus
+    daemon, ext = _build_alerting("", rebooted, state=state, boot_id="boot-B")
+    async with run_built(daemon):
+        await _until(lambda: bool(_events(daemon, "gpu.probe_started")))
+        await anyio.sleep(0.5)  # a few readings
+        assert "gpu.lost:1" in _open_episodes(daemon) and not _resolved(daemon, "gpu.lost:1")
+        rebooted.device_count = 2
+        await _until(lambda: bool(_resolved(daemon, "gpu.lost:1")), 10)
+        assert "gpu.lost:1" not in _open_episodes(daemon)
+
+
+@pytest.mark.anyio
+async def test_a_gpu_reset_required_episode_ends_after_a_reboot_not_after_a_daemon_restart() -> None:
+    """XID 48 opens gpu.reset_required:0; a daemon restarted in the same boot keeps it open (the GPU still answers
+    NVML while it needs a reset); the first reading of a later boot, with the GPU there, ends it."""
+    nvml = StandInNvml()
+    daemon, ext = _build_alerting("", nvml, boot_id="boot-A")
+    state = daemon.state_dir
+    try:
+        ext.available = True
+        await ext.poll()
+        await ext.handle_xid(XidEvent(at_s=daemon.clock.now(), device_index=0, xid=48))
+        await ext.poll()
+        assert "gpu.reset_required:0" in _open_episodes(daemon)
+    finally:
+        daemon.close()
+    daemon, ext = _build_alerting("", nvml, state=state, boot_id="boot-A")
+    async with run_built(daemon, keep_state=True):
+        await _until(lambda: bool(_events(daemon, "gpu.probe_started")))
+        await anyio.sleep(0.5)
+        assert "gpu.reset_required:0" in _open_episodes(daemon) and not _resolved(daemon, "gpu.reset_required:0")
+    daemon, ext = _build_alerting("", nvml, state=state, boot_id="boot-B")
+    async with run_built(daemon):
+        await _until(lambda: bool(_events(daemon, "gpu.probe_started")))
+        resolved = _resolved(daemon, "gpu.reset_required:0")
+        assert len(resolved) == 1 and "reboot" in resolved[0]["summary"], resolved
+        assert "gpu.reset_required:0" not in _open_episodes(daemon)
+
+
+@pytest.mark.anyio
+async def test_a_gpu_reset_required_episode_ends_when_an_engine_serves_from_that_gpu_again() -> None:
+    """After XID 48 (engine stopped) the episode stays open while the GPU only answers NVML; once the engine is
+    ready again and holds memory on that GPU (the reset worked), it ends."""
+    nvml = StandInNvml()
+    config = standin_engine_toml("e", free_port(), gpu_devices=[0])
+    daemon, ext = _build_alerting(config, nvml, xid_wait_timeout_ms=50, boot_id="boot-A")
+    async with run_built(daemon):
+        await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+        nvml.xids.put((0, 48))
+        await _until(lambda: _engine(daemon, "e")["state"] == "stopped", 30)
+        await _until(lambda: "gpu.reset_required:0" in _open_episodes(daemon))
+        await anyio.sleep(0.5)
+        assert not _resolved(daemon, "gpu.reset_required:0")
+        await daemon.start("e")  # after `nvidia-smi -r -i 0`
+        await _until(lambda: _engine(daemon, "e")["state"] == "ready", 30)
+        await anyio.sleep(0.5)  # ready, but not on the GPU yet: no evidence the GPU works
+        assert not _resolved(daemon, "gpu.reset_required:0")
+        nvml.hold(_engine(daemon, "e")["pid"], 4 * GIB, device=0)
+        await _until(lambda: bool(_resolved(daemon, "gpu.reset_required:0")), 10)
+        assert "e" in _resolved(daemon, "gpu.reset_required:0")[0]["summary"]
+        assert "gpu.reset_required:0" not in _open_episodes(daemon)
 
 
 # ---- orphans from an earlier run, found at the daemon's start ------------------------------------

@@ -6,12 +6,15 @@ import pytest
 
 from policies.actions import Alert, EscalateReboot, RunReboot, Stop, WaitUntil
 from policies.reboot import (
+    GpuAnswer,
     RebootLedger,
     RebootSettings,
     RebootState,
     cancel,
+    decide_gpu_lost,
     decide_reboot,
     decide_xid,
+    gpu_episodes_over,
     in_cooldown,
     ledger_from_record,
     ledger_to_record,
@@ -289,3 +292,80 @@ def test_a_new_boot_resolves_the_episodes_of_the_boot_before() -> None:
         ("memory.stranded", True), ("reboot.required", True), ("reboot.announced", True)]
     assert all("rebooted" in a.summary for a in resolved)
     assert on_new_boot(["engine.exited:qwen"]) == ()
+
+
+# ---- when a GPU's episodes end -------------------------------------------------------------------
+
+LOST = {"device_index": 1, "uuid": "GPU-b", "boot_id": "boot-A"}
+RESET = {"device_index": 0, "uuid": "GPU-a", "boot_id": "boot-A", "xid": 48}
+
+
+def test_gpu_episodes_carry_the_uuid_and_boot_they_opened_in() -> None:
+    """The lost and reset alerts name the GPU's uuid (indexes shift when a GPU drops off) and the boot."""
+    _, actions = decide_xid(48, 0, [], RebootState(), RebootLedger(), OFF, 1.0, WALL, uuid="GPU-a", boot_id="boot-A")
+    assert isinstance(actions[-1], Alert) and actions[-1].details["uuid"] == "GPU-a"
+    assert actions[-1].details["boot_id"] == "boot-A"
+    _, actions = decide_gpu_lost(1, [], RebootState(), RebootLedger(), OFF, 1.0, WALL, uuid="GPU-b", boot_id="boot-A")
+    lost = next(a for a in actions if isinstance(a, Alert) and a.key == "gpu.lost:1")
+    assert (lost.details["uuid"], lost.details["boot_id"]) == ("GPU-b", "boot-A")
+
+
+@pytest.mark.parametrize(
+    ("answering", "boot", "resolved"),
+    [
+        # It answers again: back while the daemon watched, or a daemon started since sees it (same boot or not).
+        ([GpuAnswer(1, "GPU-b", again=True)], "boot-A", True),
+        ([GpuAnswer(0, "GPU-b", again=True)], "boot-B", True),  # after a reboot under another index
+        # Answering all along (XID 79 while NVML still read it) is no news; an engine serving from it is.
+        ([GpuAnswer(1, "GPU-b")], "boot-A", False),
+        ([GpuAnswer(1, "GPU-b", serving=("qwen",))], "boot-A", True),
+        # Still missing, also on a new boot: another GPU that took its index is not it.
+        ([], "boot-B", False),
+        ([GpuAnswer(1, "GPU-c", again=True)], "boot-B", False),
+        ([GpuAnswer(0, "GPU-a", again=True)], "boot-B", False),
+    ],
+)
+def test_gpu_lost_ends_only_when_that_gpu_answers_nvml_again(answering: list[GpuAnswer], boot: str,
+                                                               resolved: bool) -> None:
+    """gpu.lost ends on positive evidence the GPU is back, never on a boot change alone."""
+    alerts = gpu_episodes_over({"gpu.lost:1": LOST}, answering, boot)
+    assert [(a.key, a.resolved) for a in alerts] == ([("gpu.lost:1", True)] if resolved else [])
+
+
+@pytest.mark.parametrize(
+    ("answering", "boot", "resolved"),
+    [
+        # A GPU that needs a reset still answers NVML: that, or a daemon restart in the same boot, proves nothing.
+        ([GpuAnswer(0, "GPU-a")], "boot-A", False),
+        ([GpuAnswer(0, "GPU-a", again=True)], "boot-A", False),
+        # A reboot resets every GPU: it answering in a later boot ends the episode; missing, it does not.
+        ([GpuAnswer(0, "GPU-a", again=True)], "boot-B", True),
+        ([GpuAnswer(0, "GPU-z", again=True)], "boot-B", False),
+        ([], "boot-B", False),
+        # After a reset (`nvidia-smi -r`) the GPU works: an engine is ready and holds memory on it.
+        ([GpuAnswer(0, "GPU-a", serving=("qwen",))], "boot-A", True),
+        ([GpuAnswer(1, "GPU-b", serving=("qwen",))], "boot-A", False),
+    ],
+)
+def test_gpu_reset_required_ends_when_the_gpu_works_after_a_reset(answering: list[GpuAnswer], boot: str,
+                                                                    resolved: bool) -> None:
+    """gpu.reset_required ends when an engine serves from the GPU again, or it answers NVML after a reboot."""
+    alerts = gpu_episodes_over({"gpu.reset_required:0": RESET}, answering, boot)
+    assert [(a.key, a.resolved) for a in alerts] == ([("gpu.reset_required:0", True)] if resolved else [])
+
+
+def test_gpu_episodes_say_why_they_end_and_leave_other_episodes_alone() -> None:
+    """Each resolve names its evidence; episodes of older daemons (no uuid) match by index; others stay open."""
+    open_episodes = {"gpu.lost:1": {"device_index": 1}, "gpu.reset_required:0": RESET, "engine.exited:qwen": {},
+                     "gpu.memory_not_returned:qwen": {}, "reboot.required": {}}
+    alerts = gpu_episodes_over(open_episodes, [GpuAnswer(0, "GPU-a", "H100", serving=("qwen",)),
+                                               GpuAnswer(1, "GPU-b", "H100", again=True)], "boot-A")
+    summaries = {a.key: a.summary for a in alerts}
+    assert sorted(summaries) == ["gpu.lost:1", "gpu.reset_required:0"] and all(a.resolved for a in alerts)
+    assert "answers NVML again" in summaries["gpu.lost:1"]
+    assert "qwen" in summaries["gpu.reset_required:0"] and "serving" in summaries["gpu.reset_required:0"]
+    rebooted = gpu_episodes_over({"gpu.reset_required:0": RESET}, [GpuAnswer(0, "GPU-a", again=True)], "boot-B")
+    assert "reboot" in rebooted[0].summary
+    # Without its boot (an older daemon's episode) a reboot cannot be told apart from a daemon restart.
+    assert gpu_episodes_over({"gpu.reset_required:0": {"device_index": 0}}, [GpuAnswer(0, "GPU-a", again=True)],
+                             "boot-B") == ()
