@@ -96,12 +96,18 @@ def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
             used.labels(str(g.get("index")), g.get("name") or "").set(g.get("used_bytes") or 0)
             total.labels(str(g.get("index")), g.get("name") or "").set(g.get("total_bytes") or 0)
     alerts = doc.get("alerts") or {}
-    for key in ("pending", "delivered", "failed"):
-        gauge(f"alerts_{key}", f"alerts {key} (delivered/failed over the outbox's lifetime)").set(alerts.get(key, 0))
+    gauge("alerts_pending", "alerts pending").set(alerts.get("pending", 0))
+    # Lifetime counts exported as gauges before they were counters: kept for existing dashboards. The
+    # counters (``observe.StatusCollector``) are supervisord_llm_alerts_delivered_total, ..._failed_total and
+    # supervisord_llm_gateway_clients_cut_total.
+    for key in ("delivered", "failed"):
+        gauge(f"alerts_{key}", f"alerts {key} over the outbox's lifetime; a gauge kept for existing dashboards, "
+              f"use the counter supervisord_llm_alerts_{key}_total").set(alerts.get(key, 0))
     if doc.get("gateway"):
         gauge("gateway_in_flight", "requests in flight through the gateway").set(doc["gateway"].get("in_flight", 0))
         gauge("gateway_clients_cut", "clients cut for not reading their stream within client_timeout_s "
-              "(since the daemon started)").set(doc["gateway"].get("clients_cut", 0))
+              "(since the gateway process started); a gauge kept for existing dashboards, use the counter "
+              "supervisord_llm_gateway_clients_cut_total").set(doc["gateway"].get("clients_cut", 0))
     gauge("daemon_uptime_seconds", "seconds since the daemon started").set(doc["daemon"]["uptime_s"])
     reboot = doc.get("reboot") or {}
     gauge("reboot_pending", "1 while a reboot is announced").set(1 if reboot.get("state") == "announced" else 0)

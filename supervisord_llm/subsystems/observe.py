@@ -146,6 +146,22 @@ class StatusCollector:
         for reason, count in ((self.status.get("gateway") or {}).get("refused") or {}).items():
             refused.add_metric((reason,), float(count))
         yield refused
+        # Lifetime counts that were only gauges (supervisord_llm_alerts_delivered, ..., kept for existing
+        # dashboards): the same counts as counters (``*_total``), for rate() and increase().
+        alerts = self.status.get("alerts") or {}
+        for key, what in (("delivered", "alert deliveries a webhook accepted"),
+                          ("failed", "alert deliveries dropped undelivered (a 4xx answer, or out of attempts)")):
+            family = CounterMetricFamily(f"{PREFIX}_alerts_{key}",
+                                         f"{what}, over the outbox's lifetime (persisted across daemon restarts)")
+            family.add_metric((), float(alerts.get(key) or 0))
+            yield family
+        gateway = self.status.get("gateway")
+        if gateway:
+            cut = CounterMetricFamily(f"{PREFIX}_gateway_clients_cut",
+                                      "clients cut for not reading their stream within client_timeout_s "
+                                      "(starts again at 0 when the gateway process restarts)")
+            cut.add_metric((), float(gateway.get("clients_cut") or 0))
+            yield cut
         daemon = self.status.get("daemon", {})
         info = InfoMetricFamily(f"{PREFIX}_daemon", "the daemon: version and host (join on instance)")
         info.add_metric((), {"version": str(daemon.get("version", "")), "hostname": socket.gethostname()})

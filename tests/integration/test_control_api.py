@@ -143,6 +143,52 @@ def test_metrics_and_health_on_the_loopback_tcp_port(daemon_factory) -> None:
     assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
 
 
+def test_lifetime_counts_are_counters_named_total_beside_the_old_gauges(daemon_factory) -> None:
+    """After a delivery and a drop, a scrape of the metrics port has alerts_delivered_total, alerts_failed_total
+    and gateway_clients_cut_total as counters (rate() and increase() work on them) with the outbox's counts;
+    the gauges of the same counts stay for existing dashboards."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self.send_response(204 if self.path == "/ok" else 404)  # a 4xx drops the delivery at once
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = free_port()
+        cfg = (f'[daemon]\nmetrics_listen = "127.0.0.1:{port}"\n' + standin_engine_toml("a", free_port(), autostart=False)
+               + f'[gateway]\nlisten = "127.0.0.1:{free_port()}"\n'
+               + f'[alerts]\n[[alerts.webhook]]\nname = "ok"\nurl = "http://127.0.0.1:{server.server_port}/ok"\n'
+               + f'[[alerts.webhook]]\nname = "gone"\nurl = "http://127.0.0.1:{server.server_port}/gone"\n')
+        d = daemon_factory(cfg).start()
+        assert d.llmctl("alerts", "test").returncode == 0  # a firing and its resolve, to both webhooks
+        deadline = time.monotonic() + 20
+        while (counts := d.status()["alerts"])["pending"] or not counts["delivered"] or not counts["failed"]:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.1)
+        assert (counts["delivered"], counts["failed"]) == (2, 2), counts
+        scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for name, value in (("alerts_delivered", 2), ("alerts_failed", 2), ("gateway_clients_cut", 0)):
+            assert f"# TYPE supervisord_llm_{name}_total counter\n" in scrape, scrape
+            assert f"\nsupervisord_llm_{name}_total {float(value)}\n" in scrape, scrape
+            assert f"# TYPE supervisord_llm_{name} gauge\n" in scrape  # kept for existing dashboards
+            assert f"\nsupervisord_llm_{name} {float(value)}\n" in scrape
+        assert list(text_string_to_metric_families(scrape))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_stopped_engine_shows_no_memory_or_rate_of_its_last_run(daemon_factory) -> None:
     """Once its process is gone, the status (and so the table, the page and the metrics) shows no memory held
     and no tokens/s for the engine: a dead engine does not keep using memory and making tokens there."""
