@@ -272,18 +272,39 @@ def manual_restart_allowed(
     )
 
 
+# An automatic start after a start memory admission refused waits at least this long (see refusal_cooldown_s).
+REFUSAL_COOLDOWN_MIN_S = 60.0
+
+
+def refusal_cooldown_s(admission_wait_s: float) -> float:
+    """How long automatic starts leave an engine alone after memory admission refused its start: as long as
+    that start already waited for memory (``admission_wait``), and at least a minute. A swap to it would
+    stop the resident engine (minutes of loading for a large model) for a start likely to be refused again."""
+    return max(REFUSAL_COOLDOWN_MIN_S, admission_wait_s)
+
+
 def automatic_start_allowed(
-    state: BackoffState, settings: BackoffSettings, now_s: float, *, waiting: str | None = None
+    state: BackoffState, settings: BackoffSettings, now_s: float, *, waiting: str | None = None,
+    refused_at_s: float | None = None, refusal: str = "", refusal_cooldown_s: float = 0.0,
 ) -> Admit | Refuse:
     """May an automatic swap (a gateway request for a model not resident) start this engine now?
 
     Never while it waits in backoff or is failed (``waiting`` names that state and why), nor while
     its failure streak's backoff has not passed: an automatic swap never trades a working engine
-    for one its backoff would refuse. A person's ``llmctl switch`` does not ask this.
+    for one its backoff would refuse. Nor within ``refusal_cooldown_s`` of a start memory admission
+    refused (``refused_at_s``, ``refusal`` its message): memory short a moment ago is likely short still,
+    and the swap would stop what runs for nothing. A person's ``llmctl switch`` or ``llmctl start``
+    does not ask this.
     """
     verdict = manual_start_allowed(state, settings, now_s, False)
     if isinstance(verdict, Admit) and waiting is not None:
         return Refuse(state.engine, "waiting", waiting)
+    if isinstance(verdict, Admit) and refused_at_s is not None and now_s - refused_at_s < refusal_cooldown_s:
+        until_s = refused_at_s + refusal_cooldown_s
+        return Refuse(state.engine, "start_refused",
+                      f"{state.engine}'s last start was refused {now_s - refused_at_s:.0f}s ago ({refusal}); "
+                      f"requests start it again in {until_s - now_s:.0f}s at the earliest, a person can try "
+                      f"now with `llmctl start {state.engine}`", until_s=until_s)
     return verdict
 
 

@@ -215,6 +215,9 @@ class Daemon:
             if isinstance(saved, dict):
                 sup.restarts = int(saved.get("restarts", 0) or 0)
                 sup.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
+                refused = saved.get("start_refused")
+                if saved.get("state") == "stopped" and isinstance(refused, dict):
+                    sup.start_refused = refused  # status and the metrics keep showing why it is stopped
             self.supervisors[engine.name] = sup
 
     def close(self) -> None:
@@ -333,8 +336,11 @@ class Daemon:
         """At daemon start: which engines to start. Exclusive engines: only the default one (or the
         one a pending swap was heading to, or the one that was running)."""
         saved = self._saved.get("engines", {}).get(name, {}) if isinstance(self._saved.get("engines"), dict) else {}
-        if isinstance(saved, dict) and saved.get("state") in ("stopped", "failed") and self._saved:
-            return False  # a person stopped it, or it failed: a daemon restart does not undo that
+        if (isinstance(saved, dict) and saved.get("state") in ("stopped", "failed") and self._saved
+                and not (saved.get("state") == "stopped" and isinstance(saved.get("start_refused"), dict))):
+            # A person stopped it, or it failed: a daemon restart does not undo that. An engine left stopped
+            # by a refused start was not stopped by anyone: it is started as configured, asking admission again.
+            return False
         if isinstance(pending_swap, dict):
             return False  # the swap resumption decides
         sup = self.supervisors[name]
@@ -798,7 +804,8 @@ class Daemon:
             # Decided before anything is stopped: an automatic swap never trades a working engine for
             # one its backoff would refuse.
             waiting = target.state_reason if target.state in (EngineState.BACKOFF, EngineState.FAILED) else None
-            verdict = backoff.automatic_start_allowed(target.backoff, self.backoff_settings, now, waiting=waiting)
+            verdict = backoff.automatic_start_allowed(target.backoff, self.backoff_settings, now, waiting=waiting,
+                                                      **self.refusal_inputs(target))
             if isinstance(verdict, Refuse):
                 self.decided("automatic_start", target.name, verdict, state=str(target.state))
                 raise StartRefused(target.name, str(target.state), f"not swapping to {target.name}: {verdict.message}",
@@ -814,6 +821,12 @@ class Daemon:
                 self.swap_target, self.swap_started_s = None, None
                 target.swap_in_progress = False
                 target.notify()
+
+    def refusal_inputs(self, sup: EngineSupervisor) -> dict[str, Any]:
+        """The standing admission refusal of ``sup``'s last start, as ``automatic_start_allowed`` takes it."""
+        refused = sup.start_refused or {}
+        return {"refused_at_s": sup.start_refused_at_s, "refusal": str(refused.get("message") or ""),
+                "refusal_cooldown_s": backoff.refusal_cooldown_s(self.config.memory.admission_wait_s)}
 
     async def _wait_stopped(self, sup: EngineSupervisor, why: str) -> None:
         ok = await sup.wait_for(lambda s: s.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF)

@@ -163,8 +163,9 @@ class DaemonGatewayBackend:
         from policies import backoff as backoff_policy
         from policies.actions import Refuse
 
-        verdict = backoff_policy.automatic_start_allowed(sup.backoff, daemon.backoff_settings, daemon.clock.now())
-        if isinstance(verdict, Refuse):  # a recent failure: its backoff holds, nothing is swapped
+        verdict = backoff_policy.automatic_start_allowed(sup.backoff, daemon.backoff_settings, daemon.clock.now(),
+                                                         **daemon.refusal_inputs(sup))
+        if isinstance(verdict, Refuse):  # a recent failure (its backoff holds) or refusal: nothing is swapped
             wait = max(1.0, (verdict.until_s or daemon.clock.now()) - daemon.clock.now())
             return EngineUnavailable(sup.name, verdict.reason, verdict.message, retry_after_s=wait,
                                      until_wall=daemon.clock.wall() + wait)

@@ -265,8 +265,10 @@ class EngineSupervisor:
         self.last_canary: CanaryReading | None = None
         self.last_canary_wall: float | None = None
         self.state_reason = ""
-        # The refusal that left the engine stopped ({reason, message, at}); None once it starts again.
+        # The refusal that left the engine stopped ({reason, message, at}): kept while starts are tried
+        # again, until the engine is ready or a person stops it (the alert episode ends the same way).
         self.start_refused: dict[str, Any] | None = None
+        self.start_refused_at_s: float | None = None  # when (monotonic; automatic starts wait after it)
         # The last readiness check's outcome while starting ("/health answered 503 Loading model").
         self.start_check: str | None = None
         self.ready_since_s: float | None = None
@@ -517,6 +519,7 @@ class EngineSupervisor:
         return f"starting {self.name}"
 
     def _cmd_stop(self, cmd: Command) -> str:
+        self.start_refused = self.start_refused_at_s = None  # a person (or a policy) wants it stopped: settled
         if self.state in (EngineState.STOPPED,):
             return f"{self.name} is already stopped"
         if self.state in (EngineState.BACKOFF, EngineState.FAILED) and (self.proc is None or not self.proc.running):
@@ -565,7 +568,6 @@ class EngineSupervisor:
         # the new spawn has nothing to signal.
         self.proc = None
         self.diagnosis = None
-        self.start_refused = None  # this start asks admission again
         fields: dict[str, Any] = {"manual": manual}
         if overrode:
             fields["overrode"] = overrode
@@ -712,6 +714,7 @@ class EngineSupervisor:
         self.last_canary_wall = self.clock.wall()
 
     def _on_ready(self, canary: CanaryReading, reason: str) -> None:
+        self.start_refused = self.start_refused_at_s = None
         self._set_state(EngineState.READY, reason, ttft_s=canary.ttft_s,
                         startup_s=round(self.clock.now() - (self.backoff.last_spawn_at_s or self.since_s), 3))
         self.host.engine_ready(self)
@@ -756,6 +759,11 @@ class EngineSupervisor:
             # stays open until the engine is ready (or a person stops it).
             self._new_generation()
             self.start_refused = {"reason": error.reason, "message": error.detail, "at": self.clock.wall()}
+            self.start_refused_at_s = self.clock.now()
+            if self.health is not None:
+                # A drain the memory guard began (then a restart) ends here: nothing runs, nothing drains,
+                # and the next request must be able to start it again.
+                self.health.draining = None
             self.host.events.emit("engine.start_refused", engine=self.name, reason=error.reason,
                                     message=str(error))
             self.host.alert(Alert(key=f"engine.start_refused:{self.name}", severity="critical",
@@ -959,8 +967,10 @@ class EngineSupervisor:
             "state": str(self.state),
             "state_reason": self.state_reason,
             "start_check": self.start_check if self.state == EngineState.STARTING else None,
-            # Why the last start was refused ({reason, message, at}) while that refusal keeps it stopped.
-            "start_refused": self.start_refused if self.state == EngineState.STOPPED else None,
+            # Why the last start was refused ({reason, message, at}) while that refusal keeps it stopped, and
+            # while a start tries again (it ends once the engine is ready, or a person stops it).
+            "start_refused": self.start_refused if self.state in (EngineState.STOPPED, EngineState.STARTING)
+            else None,
             "pid": self.proc.pid if self.proc and self.proc.running else None,
             "port": self.config.port,
             "base_url": self.config.base_url,
@@ -998,6 +1008,7 @@ class EngineSupervisor:
             "restarts": self.restarts,
             "backoff": backoff.to_record(self.backoff),
             "last_exit": self.last_exit,
+            "start_refused": self.start_refused,
         }
 
 

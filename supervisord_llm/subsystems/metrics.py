@@ -60,8 +60,8 @@ def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
     rss = gauge("engine_rss_bytes", "resident memory of the engine's process tree", ("engine",))
     gpu = gauge("engine_gpu_bytes", "GPU memory held by the engine's process tree", ("engine",))
     up = gauge("engine_up", "1 if the engine is ready or degraded", ("engine",))
-    refused = gauge("engine_start_refused", "1 while the engine is stopped because its last start was refused "
-                    "(reason: memory, budget, stranded, gpu, exclusive); the next request or llmctl start tries again",
+    refused = gauge("engine_start_refused", "1 while the engine's last start was refused (reason: memory, budget, "
+                    "stranded, gpu, exclusive), also while a start tries again, until it is ready or a person stops it",
                     ("engine", "reason"))
     for e in doc["engines"]:
         name = e["name"]
@@ -142,7 +142,9 @@ class MetricsExtension(Extension):
             return JSONResponse({"ok": daemon.healthy_loop}, status_code=200 if daemon.healthy_loop else 503)
 
         async def readyz(request: Request) -> Response:
-            bad = [s.name for s in daemon.supervisors.values() if s.state in (EngineState.FAILED, EngineState.HUNG)]
+            # A start memory admission refused leaves the engine stopped, not failed, and counts as failed did.
+            bad = [s.name for s in daemon.supervisors.values() if s.state in (EngineState.FAILED, EngineState.HUNG)
+                   or (s.state == EngineState.STOPPED and s.start_refused)]
             return JSONResponse({"ready": not bad, "engines_not_ok": bad}, status_code=503 if bad else 200)
 
         routes = [Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz)]

@@ -6,8 +6,10 @@ import pytest
 
 from policies.actions import Admit, Alert, MarkFailed, Refuse, WaitUntil
 from policies.backoff import (
+    REFUSAL_COOLDOWN_MIN_S,
     BackoffSettings,
     BackoffState,
+    automatic_start_allowed,
     decide_after_exit,
     from_record,
     is_failed,
@@ -15,6 +17,7 @@ from policies.backoff import (
     next_start_at,
     record_exit,
     record_spawn,
+    refusal_cooldown_s,
     to_record,
 )
 from supervisord_llm.clock import FakeClock
@@ -248,3 +251,32 @@ def test_bad_record_names_the_key(record: dict[str, object], needle: str) -> Non
     """A corrupt persisted record fails with the key and what is valid."""
     with pytest.raises(ValueError, match=needle):
         from_record(record)
+
+
+REFUSAL = "big needs 104.0 GB, but only 31.6 GB is available"
+
+
+@pytest.mark.parametrize(("since_s", "admitted"), [(1.0, False), (299.0, False), (300.0, True), (5000.0, True)])
+def test_automatic_starts_leave_an_engine_alone_for_a_while_after_memory_admission_refused_it(
+        since_s: float, admitted: bool) -> None:
+    """A swap to an engine whose start was just refused would stop what runs for a start likely refused again:
+    automatic starts wait out the cooldown, then try again; the refusal names it, the numbers and the way out."""
+    state = BackoffState(engine="big")
+    verdict = automatic_start_allowed(state, S, 1000.0 + since_s, refused_at_s=1000.0, refusal=REFUSAL,
+                                      refusal_cooldown_s=refusal_cooldown_s(300.0))
+    if admitted:
+        assert isinstance(verdict, Admit)
+    else:
+        assert isinstance(verdict, Refuse) and verdict.reason == "start_refused"
+        assert REFUSAL in verdict.message and "llmctl start big" in verdict.message
+        assert verdict.until_s == 1300.0
+
+
+def test_the_refusal_cooldown_is_the_admission_wait_and_at_least_a_minute() -> None:
+    assert refusal_cooldown_s(0.0) == REFUSAL_COOLDOWN_MIN_S == 60.0
+    assert refusal_cooldown_s(300.0) == 300.0
+
+
+def test_without_a_standing_refusal_automatic_starts_follow_the_backoff_alone() -> None:
+    assert isinstance(automatic_start_allowed(BackoffState(engine="big"), S, 1000.0, refused_at_s=None,
+                                              refusal_cooldown_s=300.0), Admit)

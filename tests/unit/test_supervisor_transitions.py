@@ -241,3 +241,23 @@ def test_every_state_has_its_row_in_the_table() -> None:
     """The table names the successors of every state; nothing leads back into starting except start paths."""
     assert set(TRANSITIONS) == set(EngineState)
     assert all(S.READY not in TRANSITIONS[s] for s in (S.STOPPED, S.BACKOFF, S.FAILED, S.STOPPING))
+
+
+@pytest.mark.anyio
+async def test_a_refused_start_ends_a_drain_and_keeps_its_refusal_until_ready(tmp_path) -> None:
+    """The memory guard drains an engine, restarts it, and admission refuses the start: nothing runs, so
+    nothing drains any more (else every request would hear "draining" forever); the refusal stays in status
+    while a start tries again, and ends once the engine is ready."""
+    from supervisord_llm.engine.health import EngineHealth, baseline_from_record
+
+    sup, _host, _tg = make(S.STARTING, tmp_path)
+    sup.health = EngineHealth(_host.config.degraded, baseline_from_record(None))
+    sup.health.draining = "its memory grew past the hard watermark"
+    sup.gen = 5
+    sup.step(LaunchFailed(5, StartRefused("e", "memory", "e needs 5.0 GB, but only 2.0 GB is available")))
+    assert sup.state == S.STOPPED and sup.health.draining is None
+    assert sup.status()["start_refused"]["reason"] == "memory"
+    sup._begin_spawn(manual=False, reason="a request")  # a start tries again: the refusal still shows
+    assert sup.state == S.STARTING and sup.status()["start_refused"]["reason"] == "memory"
+    sup.step(Ready(sup.gen, OK_CANARY))
+    assert sup.state == S.READY and sup.status()["start_refused"] is None
