@@ -210,6 +210,25 @@ async def test_an_engine_silent_toward_a_request_is_waited_for_while_it_shows_pr
     assert 0.55 < waited_s < 3.0, waited_s  # three read timeouts, not one
 
 
+async def test_progress_counts_only_within_the_quiet_time_since_the_last_extension() -> None:
+    """Progress elsewhere extends the wait only when it came after the engine's last byte or the last
+    extension: progress 0.1 s into a 0.2 s read timeout gives one more, and the same progress seen at the end of
+    that one (older than its quiet time) gives no second."""
+    progress_at: list[float] = []
+    asked: list[float] = []
+
+    def progress_age_s() -> float | None:
+        now = time.monotonic()
+        asked.append(now)
+        if not progress_at:
+            progress_at.append(now - 0.1)  # progress half-way through the first read timeout
+        return now - progress_at[0]
+
+    waited_s = await _send_to_a_silent_engine(progress_age_s, "showed no progress meanwhile")
+    assert len(asked) == 2, asked
+    assert 0.35 < waited_s < 1.5, waited_s  # two read timeouts
+
+
 class Http10Engine:
     """Answers like mlx_lm.server (HTTP/1.0: one request per connection, closed after the answer) and
     records, per connection, when it was accepted, when its request came, and whether it was closed
