@@ -7,6 +7,12 @@
 # and lib/ (the distribution's nginx and the libraries ldd names), llama-src.tar.gz
 # (tools/build_engines.sh --make-tarball) and tiny-llama.gguf (the one `make engines` makes).
 #
+# To run one commit without the checkout's uncommitted edits: here, `git archive HEAD | tar -x -C .gpu/tree`
+# (.gpu is carried, so the tree travels in it); there, link .whl and .gpu into .gpu/tree and run this
+# script from it with SUPERVISORD_LLM_BENCH_COMMIT naming the commit (the copy has no .git). The bench
+# with BENCH_ARGS="--stream-rounds 14" took 441 s of one call's 600 s (2026-12-02), after a
+# BUILD_ONLY=1 call; the next call finds the build only while the machine is still warm.
+#
 # Environment (all optional):
 #   PY          the interpreter (python3; must have numpy for the model, as the CUDA image's does)
 #   ENG         install prefix of the CUDA build and the models (/tmp/eng-cuda)
