@@ -465,3 +465,31 @@ def swap_may_start(unstarted_ages_s: Sequence[float], *, max_wait_s: float, pass
     gateway that dies takes its passes with it).
     """
     return passes_closed and all(age_s >= max_wait_s for age_s in unstarted_ages_s)
+
+
+# The generation paths whose non-streamed answers can be fetched as streams and rebuilt (``fetch_as_stream``).
+STREAMABLE_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
+# Request fields a rebuilt answer could not give back as the engine would have: several choices, log
+# probabilities (mlx_lm.server streams none: mlx_lm/server.py ``handle_completion`` passes them only to the
+# non-streamed response), a completion's echoed prompt.
+_NOT_REBUILT_FIELDS = ("logprobs", "top_logprobs", "echo", "best_of", "suffix")
+
+
+def fetch_as_stream(path: str, doc: object, *, steps_watched: bool, enabled: bool = True) -> bool:
+    """Whether a non-streamed generation request is sent to its engine as a stream, and the engine's stream
+    rebuilt into the one answer the client asked for.
+
+    A non-streamed answer sends nothing until it is whole: without a step counter that shows silence (vLLM's
+    and SGLang's do: ``steps_watched``), the watchdog would have no evidence of the engine's progress while it
+    runs, and no canary runs beside it (it would queue behind it on a one-slot engine). Streamed, its tokens
+    are that evidence, and a stall is seen at the stall limits instead of after the read timeout. Only plain
+    requests are rebuilt: one choice, no log probabilities, no echo (``_NOT_REBUILT_FIELDS``).
+    """
+    if not enabled or steps_watched or path not in STREAMABLE_PATHS or not isinstance(doc, dict):
+        return False
+    if doc.get("stream") is True:
+        return False
+    n = doc.get("n")
+    if n is not None and n != 1:
+        return False
+    return not any(doc.get(name) not in (None, False, 0) for name in _NOT_REBUILT_FIELDS)

@@ -100,7 +100,8 @@ class DaemonGatewayBackend:
                         supports_messages=sup.adapter.messages_supported, served_model=sup.adapter.request_model,
                         accepts_images=sup.config.vision,
                         auth_headers=tuple(sup.adapter.auth_headers().items()),
-                        max_concurrent=sup.config.max_concurrent, max_queue=sup.config.max_queue)
+                        max_concurrent=sup.config.max_concurrent, max_queue=sup.config.max_queue,
+                        steps_watched=sup.adapter.progress_counter == "per_step" and sup.adapter.counter_silence)
 
     def _unavailable(self, sup: EngineSupervisor) -> EngineUnavailable:
         now = self.daemon.clock.now()

@@ -54,6 +54,9 @@ class Upstream:
     # The engine's own line: requests beyond max_concurrent wait (FIFO, up to max_queue), then 429.
     max_concurrent: int = 0
     max_queue: int = 0
+    # The engine's step counter shows its silence while requests run (vLLM, SGLang): a non-streamed request
+    # needs no stream to be watched (policies.frontdoor.fetch_as_stream).
+    steps_watched: bool = False
 
 
 class EngineUnavailable(EngineError):

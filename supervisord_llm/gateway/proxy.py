@@ -67,6 +67,7 @@ from policies.frontdoor import (
     check_path,
     check_path_safe,
     engine_serves,
+    fetch_as_stream,
     host_allowed,
     host_check_applies,
     key_needed_to_use,
@@ -92,6 +93,7 @@ from supervisord_llm.gateway.protocol import (
     bind_listen,
     listen_text,
 )
+from supervisord_llm.gateway.reassemble import StreamReassembly, stream_request_body
 from supervisord_llm.gateway.settings import GatewaySettings, is_loopback, parse_listen  # noqa: F401 - re-exported
 from supervisord_llm.gateway.upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
 from supervisord_llm.httpserver import DaemonServer
@@ -503,8 +505,11 @@ class _Forward:
         translation: _Translation | None = None,
         ndjson: bool = False,
         tools: bool = False,
+        reassembly: StreamReassembly | None = None,
     ) -> None:
         self.gw = gw
+        # A non-streamed request fetched as a stream: the client gets the answer rebuilt from it.
+        self.reassembly = reassembly
         self.ndjson = ndjson  # Ollama's own API: a stream of JSON lines, metered and watched as SSE is
         self.translation = translation
         self.on_done: Callable[[], None] | None = None  # gives the engine's slot back
@@ -673,8 +678,31 @@ class _Forward:
                 gw.log.info("gateway.upstream_retried", engine=self.upstream.engine, error=type(exc).__name__)
 
         return await retry.send_until_answered(
-            lambda: gw.upstream_client.send(self.request), wait_serving=self._engine_serving,
-            hold_s=gw.settings.hold_s, now=gw.clock.now, on_retry=on_retry)
+            self._send_once if self.reassembly is not None else lambda: gw.upstream_client.send(self.request),
+            wait_serving=self._engine_serving, hold_s=gw.settings.hold_s, now=gw.clock.now, on_retry=on_retry)
+
+    async def _send_once(self) -> UpstreamResponse:
+        """A non-streamed request fetched as a stream: sent, and its stream read whole into the answer, as one
+        unit. Nothing reaches the client before the answer is whole, so an engine that dies mid-answer (reset,
+        or closed before the stream's end) is, for the client, an engine that did not answer: the request is
+        held and sent again to the restarted engine as a non-streamed request would be (gateway/retry.py)."""
+        assert self.reassembly is not None
+        response = await self.gw.upstream_client.send(self.request)
+        if response.status_code >= 400 or not response.headers.get("content-type", "").startswith(
+                "text/event-stream"):
+            return response  # the engine's refusal (or its own non-streamed body): passed through as it is
+        self.reassembly = StreamReassembly(chat=self.reassembly.chat)  # this attempt's answer only
+        self.response = response
+        try:
+            async with aclosing(self._engine_chunks(response)) as chunks:
+                async for chunk in chunks:
+                    self.reassembly.feed(chunk)
+        except BaseException:
+            self.response = None
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+            raise
+        return response
 
     async def _engine_serving(self, timeout_s: float) -> bool:
         """The engine is serving again (within ``timeout_s``), as the daemon's hold decides; never a
@@ -770,6 +798,9 @@ class _Forward:
             if self.translation is not None:
                 if await self._pump_translated(send, response, tg):
                     return
+            if self.reassembly is not None and is_sse and response.status_code < 400:
+                await self._answer_reassembled(send)
+                return
             drop = _RESPONSE_DROP if is_sse or is_lines else _RESPONSE_DROP - _NO_CONTENT_LENGTH
             if is_sse or is_lines:
                 drop = drop | _NO_CONTENT_LENGTH
@@ -1050,6 +1081,22 @@ class _Forward:
         else:
             await _send_json(send, error_body(True, 502, message, code, engine=upstream.engine), 502)
         return True
+
+    async def _answer_reassembled(self, send: Any) -> None:
+        """The answer to a non-streamed request fetched as a stream (read whole in ``_send_once``)."""
+        reassembly = self.reassembly
+        assert reassembly is not None
+        upstream = self.upstream
+        self.response_complete = True
+        if reassembly.error is not None:
+            self.upstream_failed = True
+            error = reassembly.error
+            message = error.get("message") if isinstance(error, dict) else error
+            await _send_json(send, error_body(
+                self.anthropic, 502, f"engine {upstream.engine!r} reported an error: {message}", "engine_error",
+                engine=upstream.engine), 502)
+            return
+        await _send_json(send, reassembly.answer(), 200)
 
     async def _ping_while_quiet(self, send: Any) -> None:
         """A ``ping`` event whenever the client got nothing for a while (a long prefill, say).
@@ -1627,13 +1674,20 @@ class _Gateway:
         headers.append((b"accept-encoding", b"identity"))  # the meter reads plain bytes
         query = request.url.query
         url = upstream.base_url.rstrip("/") + path + ("?" + query if query else "")
+        reassembly: StreamReassembly | None = None
+        if fetch_as_stream(path, doc, steps_watched=upstream.steps_watched, enabled=self.settings.watch_non_streamed):
+            # Fetched as a stream and rebuilt: the engine's tokens are the watchdog's evidence while it runs.
+            assert isinstance(doc, dict)
+            body = stream_request_body(doc)
+            reassembly = StreamReassembly(chat=path == OPENAI_PATHS[0])
         upstream_request = UpstreamRequest(request.method, url, headers, body)
         ollama = path in OLLAMA_API_PATHS
         return _Forward(
             self, upstream, upstream_request, anthropic=anthropic,
             # Ollama's own API streams unless told not to: watched from the send like any stream.
-            stream_requested=stream or (ollama and isinstance(doc, dict) and doc.get("stream") is not False),
-            ndjson=ollama, tools=isinstance(doc, dict) and bool(doc.get("tools")),
+            stream_requested=stream or reassembly is not None
+            or (ollama and isinstance(doc, dict) and doc.get("stream") is not False),
+            ndjson=ollama, tools=isinstance(doc, dict) and bool(doc.get("tools")), reassembly=reassembly,
         )
 
     async def _translate(

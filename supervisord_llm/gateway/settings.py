@@ -72,6 +72,9 @@ class GatewaySettings:
     # "text" (kept in the text as emitted), "thinking" (thinking blocks), "auto" (thinking blocks
     # when the request enables thinking).
     think_tags: str = "text"
+    # A plain non-streamed chat or text completion for an engine without a step counter is fetched as a
+    # stream and rebuilt, so the watchdog sees its tokens (policies.frontdoor.fetch_as_stream).
+    watch_non_streamed: bool = True
     # A client must have sent a request's headers within this long of opening the connection (or of
     # its previous response); else 408 and the connection is closed (gateway/headers.py).
     header_timeout_s: float = 10.0
@@ -156,7 +159,8 @@ class GatewaySettings:
         ``decode_stall_s``, ``prefill_per_mib_s``, ``client_timeout_s``, ``client_buffer_bytes``,
         ``upstream_connect_timeout_s``, ``upstream_read_timeout_s``, ``max_upstream_connections``,
         ``max_connections``, ``body_timeout_s``, ``shutdown_grace_s``, ``swaps``, ``think_tags``,
-        ``header_timeout_s``, ``hold_keepalive_s``, ``allowed_origins``, ``allowed_hosts``.
+        ``header_timeout_s``, ``hold_keepalive_s``, ``allowed_origins``, ``allowed_hosts``,
+        ``watch_non_streamed``.
         Durations are ``"60s"``/``"5m"`` or seconds; sizes are ``"32MiB"`` or bytes.
         """
         return read_gateway(Table(table, file, key), os.environ if environ is None else environ)
@@ -224,6 +228,7 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Table, str], str]:
 # an absent key keeps the field's default).
 _READERS: dict[str, Callable[[Table, str], Any]] = {
     "enabled": lambda t, name: t.bool(name, True),
+    "watch_non_streamed": lambda t, name: t.bool(name, True),
     "hold_s": lambda t, name: t.duration_s(name, 0),
     "shutdown_grace_s": lambda t, name: t.duration_s(name, 0),
     "prefill_stall_s": lambda t, name: t.duration_s(name, 0, positive=True),

@@ -207,6 +207,28 @@ def test_a_running_but_silent_engine_is_hung_on_stream_evidence_and_restarted(da
     assert 3.0 - 1.0 <= _t(stopping) - _t(hung) <= 3.0 + 2.5
 
 
+def test_a_non_streamed_request_to_an_engine_gone_silent_is_hung_on_its_tokens_not_after_the_read_timeout(
+        daemon_factory) -> None:
+    """A non-streamed answer gives nothing until it is whole, and no canary runs beside it: the gateway fetches
+    it as a stream, so an engine without step counters that goes silent mid-answer is `hung` within stall + 2 s
+    on the stream's evidence, and the client gets a 504 `engine_stalled` in OpenAI's shape within the stall
+    limit, instead of waiting out upstream_read_timeout_s (600 s) while the engine is taken for busy."""
+    d, url = _silent_engine_daemon(daemon_factory, "--silent-from", "2", "--silent-after-tokens", "10")
+    sent = time.time()
+    answer = httpx.post(url, json={**_body(200, "quiet"), "stream": False}, timeout=60)
+    took_s = time.time() - sent
+    assert answer.status_code == 504, answer.text
+    assert answer.json()["error"]["code"] == "engine_stalled" and "decode" in answer.json()["error"]["message"]
+    assert took_s < 2.0 + 10 / 50.0 + 3.0, took_s  # the decode stall limit after its tenth token, not 600 s
+    d.wait_state("quiet", {"hung", "stopping", "backoff"}, 20)
+    hung = _hung(d, "quiet")[-1]
+    silent_from = sent + 10 / 50.0
+    print(f"non-streamed, silent mid-answer: hung {_t(hung) - silent_from:.2f}s after the engine went silent, "
+          f"the client answered after {took_s:.2f}s")
+    assert _t(hung) - silent_from <= 2.0 + 2.0 + 0.5
+    assert hung["evidence"]["source"] == "stream"
+
+
 def test_real_mlx_with_a_wedged_generation_loop_is_hung_while_health_stays_200(daemon_factory) -> None:
     """A real mlx_lm.server whose generation loop blocks after one request (import hook) answers /health
     200 but is `hung` on canary evidence within stall + 2 s, and is restarted after hang_restart_after."""

@@ -203,7 +203,8 @@ def main() -> None:
                 stats["requests"] += 1
                 number = stats["requests"]
                 stats["running"] += 1
-            print(f"request {number} {self.path} loaded={loaded()} keep_alive={body.get('keep_alive')}", flush=True)
+            print(f"request {number} {self.path} loaded={loaded()} keep_alive={body.get('keep_alive')} "
+                  f"stream={body.get('stream') is True}", flush=True)
             keep_alive = body.get("keep_alive")
             try:
                 ensure_loaded()
@@ -251,6 +252,8 @@ def main() -> None:
                 kept.append(b"\x01" * int(args.grow_mb * 1e6))
             chat = self.path == "/v1/chat/completions"
             if not body.get("stream"):
+                if silent:
+                    silence()  # a hung engine: the whole answer never comes
                 time.sleep(n / args.tps)
                 text = "tok " * n
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else \

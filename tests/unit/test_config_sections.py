@@ -37,6 +37,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
         ({"swaps": "sometimes"}, "gateway.swaps", "'allowed', 'with_key', 'never'"),
         ({"swaps": "with_key"}, "gateway.swaps", '"with_key" needs the gateway to have an api_key'),
         ({"think_tags": "hide"}, "gateway.think_tags", "'text', 'thinking', 'auto'"),
+        ({"watch_non_streamed": "yes"}, "gateway.watch_non_streamed", "true or false"),
         ({"listen": "0.0.0.0:8000"}, "gateway.listen", "no API key"),
         ({"hold": "2m"}, "gateway.hold", "valid keys here: enabled, listen"),
     ],

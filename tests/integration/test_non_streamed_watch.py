@@ -1,0 +1,86 @@
+"""Non-streamed answers fetched as streams (policies.frontdoor.fetch_as_stream, gateway/reassemble.py): the
+client gets the answer the engine itself gives, on the real engines.
+
+The real mlx_lm.server and the real llama-server (built from source) answer the same greedy request twice:
+straight, non-streamed, and through the gateway, which asks the engine for a stream and rebuilds the answer.
+The text, the finish reason and the token counts must be the engine's own. With ``watch_non_streamed =
+false`` a request goes to the engine as the client sent it. tests/integration/test_watchdog_evidence.py shows
+what it is for: an engine that goes silent in a non-streamed answer is `hung` within the stall limit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import Daemon, free_port, mlx_engine_toml, standin_engine_toml
+from tests.llama_cpp_engine import llama_engine_toml, require_llama_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.long_wait]  # mostly waits on the engines: run beside the rest
+
+CHAT = {"messages": [{"role": "user", "content": "Tell me about the sea."}]}
+TEXT = {"prompt": "Once upon a time"}
+
+
+def _same_answer(direct: dict, via: dict, chat: bool) -> None:
+    d_choice, v_choice = direct["choices"][0], via["choices"][0]
+    if chat:
+        assert v_choice["message"]["role"] == "assistant"
+        assert v_choice["message"]["content"] == d_choice["message"]["content"], (direct, via)
+    else:
+        assert v_choice["text"] == d_choice["text"], (direct, via)
+    assert v_choice["finish_reason"] == d_choice["finish_reason"]
+    assert via["object"] == direct["object"]
+    for key in ("completion_tokens", "prompt_tokens", "total_tokens"):
+        assert via["usage"][key] == direct["usage"][key], (direct["usage"], via["usage"])
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_the_real_engines_answers_come_back_as_the_engine_gives_them(daemon_factory, tiny_model: Path,
+                                                                     path: str) -> None:
+    """Greedy, 24 tokens: the rebuilt answer through the gateway is the engine's own non-streamed one, for the
+    real mlx_lm.server and the real llama-server, and the gateway metered its tokens as a stream's."""
+    binary, model = require_llama_server()
+    gw, mlx_port, llama_port, metrics = free_port(), free_port(), free_port(), free_port()
+    cfg = f'[daemon]\nmetrics_listen = "127.0.0.1:{metrics}"\n'
+    cfg += mlx_engine_toml("tiny", mlx_port, tiny_model, default=True, canary_interval="10m")
+    cfg += llama_engine_toml("llama", llama_port, binary, model, canary_interval="10m")
+    cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\n'
+    d = daemon_factory(cfg).start()
+    d.wait_state("tiny", "ready", 120)
+    d.wait_state("llama", "ready", 120)
+    chat = path == "/v1/chat/completions"
+    extra = CHAT if chat else TEXT
+    for name, port, served in (("tiny", mlx_port, "default_model"), ("llama", llama_port, "tiny-llama")):
+        body = {"max_tokens": 24, "temperature": 0, **extra}
+        direct = httpx.post(f"http://127.0.0.1:{port}{path}", json={**body, "model": served}, timeout=120)
+        via = httpx.post(f"http://127.0.0.1:{gw}{path}", json={**body, "model": name}, timeout=120)
+        assert direct.status_code == 200 and via.status_code == 200, (direct.text, via.text)
+        assert via.headers["content-type"] == "application/json"
+        _same_answer(direct.json(), via.json(), chat)
+    # Metered as streams: each request's first token was seen as it came (a non-streamed answer has none).
+    scrape = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+    for name in ("tiny", "llama"):
+        assert f'supervisord_llm_gateway_time_to_first_token_seconds_count{{engine="{name}"}} 1.0' in scrape, scrape
+
+
+def test_with_watch_non_streamed_off_a_request_goes_as_the_client_sent_it(daemon_factory) -> None:
+    """The stand-in logs whether each request asked for a stream: on by default the gateway asks for one; with
+    ``watch_non_streamed = false`` it does not, and the client gets the engine's own body either way."""
+    for watch, streamed in ((True, "stream=True"), (False, "stream=False")):
+        gw = free_port()
+        cfg = standin_engine_toml("e", free_port(), default=True, canary_interval="10m")
+        cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\nwatch_non_streamed = {str(watch).lower()}\n'
+        d: Daemon = daemon_factory(cfg).start()
+        d.wait_state("e", "ready", 60)
+        answer = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60,
+                            json={"model": "e", "max_tokens": 5, **CHAT})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == "tok " * 5
+        assert answer.json()["usage"]["completion_tokens"] == 5
+        log = (d.state_dir / "logs" / "e.log").read_text().splitlines()
+        client_requests = [line for line in log if line.startswith("request ")][1:]  # after the start check
+        assert client_requests and client_requests[-1].endswith(streamed), (watch, client_requests)
+        d.stop()
