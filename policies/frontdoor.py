@@ -471,8 +471,8 @@ def swap_may_start(unstarted_ages_s: Sequence[float], *, max_wait_s: float, pass
 STREAMABLE_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
 # Request fields a rebuilt answer could not give back as the engine would have: several choices, log
 # probabilities (mlx_lm.server streams none: mlx_lm/server.py ``handle_completion`` passes them only to the
-# non-streamed response), a completion's echoed prompt.
-_NOT_REBUILT_FIELDS = ("logprobs", "top_logprobs", "echo", "best_of", "suffix")
+# non-streamed response; llama-server's own ``n_probs``), a completion's echoed prompt.
+_NOT_REBUILT_FIELDS = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "n_probs")
 
 
 def fetch_as_stream(path: str, doc: object, *, steps_watched: bool, enabled: bool = True) -> bool:

@@ -32,15 +32,21 @@ class StallLimits:
     decode_s: float
 
 
+# Engines that send nothing while the model writes a tool call, and then the call whole: Ollama (its tool
+# parser gives the call whole) and mlx_lm.server (mlx_lm/server.py ``handle_completion`` writes a chunk only
+# while ``current_state != "tool"``).
+SILENT_TOOL_CALL_KINDS = frozenset({"ollama", "mlx_lm"})
+
+
 def stall_limits(*, prefill_stall_s: float, prefill_per_mib_s: float, decode_stall_s: float, body_bytes: int,
                  engine_kind: str, tools: bool) -> StallLimits:
     """The stall limits of one request: the prefill's grows with the prompt (``prefill_per_mib_s`` per MiB of
-    request body). Ollama sends no line while it collects a tool call (its tool parser gives the call whole),
-    so a request with tools to Ollama is held to the prefill's limit between tokens too: a long call on a slow
-    model is silent for as long as it takes to generate."""
+    request body). An engine that sends nothing while it collects a tool call (``SILENT_TOOL_CALL_KINDS``) is
+    held to the prefill's limit between tokens too on a request with tools: a long call on a slow model is
+    silent for as long as it takes to generate."""
     prefill_s = prefill_stall_s + body_bytes / 2**20 * prefill_per_mib_s
     decode_s = decode_stall_s
-    if tools and engine_kind == "ollama":
+    if tools and engine_kind in SILENT_TOOL_CALL_KINDS:
         decode_s = max(decode_s, prefill_s)
     return StallLimits(prefill_s, decode_s)
 

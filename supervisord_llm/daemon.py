@@ -336,10 +336,12 @@ class Daemon:
         """At daemon start: which engines to start. Exclusive engines: only the default one (or the
         one a pending swap was heading to, or the one that was running)."""
         saved = self._saved.get("engines", {}).get(name, {}) if isinstance(self._saved.get("engines"), dict) else {}
-        if (isinstance(saved, dict) and saved.get("state") in ("stopped", "failed") and self._saved
-                and not (saved.get("state") == "stopped" and isinstance(saved.get("start_refused"), dict))):
-            # A person stopped it, or it failed: a daemon restart does not undo that. An engine left stopped
-            # by a refused start was not stopped by anyone: it is started as configured, asking admission again.
+        refused = saved.get("start_refused") if isinstance(saved, dict) else None
+        refused_preload = saved.get("state") == "stopped" and isinstance(refused, dict) and refused.get("preload")
+        if isinstance(saved, dict) and saved.get("state") in ("stopped", "failed") and self._saved and not refused_preload:
+            # A person stopped it, its idle unload did, or it failed: a daemon restart does not undo that. An
+            # engine whose preload was refused was stopped by nobody: it is started as configured, asking
+            # admission again.
             return False
         if isinstance(pending_swap, dict):
             return False  # the swap resumption decides
@@ -769,7 +771,11 @@ class Daemon:
         return await sup.command("start", force=force)
 
     async def stop(self, name: str) -> str:
-        message = await self.supervisor(name).command("stop")
+        sup = self.supervisor(name)
+        message = await sup.command("stop")
+        # A person stopped it: a refusal of its start is settled (its alert episode ends below, too).
+        sup.start_refused = sup.start_refused_at_s = None
+        self.persist()
         if self.alerts_outbox is not None:
             self._resolve_episodes(name, "llmctl stop", episodes.on_stopped_by_person)
         return message

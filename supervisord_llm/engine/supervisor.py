@@ -119,6 +119,7 @@ class Verdict(StrEnum):
 RESIDENT_STATES = frozenset({EngineState.STARTING, EngineState.READY, EngineState.DEGRADED, EngineState.HUNG,
                              EngineState.STOPPING})
 SERVING_STATES = frozenset({EngineState.READY, EngineState.DEGRADED})
+PRELOAD_REASON = "daemon start"  # the reason of the daemon's own start of an autostart engine
 
 
 # ---- inbox messages ---------------------------------------------------------------------------
@@ -269,6 +270,7 @@ class EngineSupervisor:
         # again, until the engine is ready or a person stops it (the alert episode ends the same way).
         self.start_refused: dict[str, Any] | None = None
         self.start_refused_at_s: float | None = None  # when (monotonic; automatic starts wait after it)
+        self._spawn_reason = ""  # why the start in progress (or the last one) was begun
         # The last readiness check's outcome while starting ("/health answered 503 Loading model").
         self.start_check: str | None = None
         self.ready_since_s: float | None = None
@@ -390,7 +392,7 @@ class EngineSupervisor:
             self.next_start_at_s = at_s
             self._spawn_worker(self._backoff_timer, self.gen, at_s)
             return
-        self._begin_spawn(manual=False, reason="daemon start")
+        self._begin_spawn(manual=False, reason=PRELOAD_REASON)
 
     def step(self, message: Any) -> None:
         """Handle one inbox message now: the transition function (the main loop calls it; table tests too)."""
@@ -519,7 +521,6 @@ class EngineSupervisor:
         return f"starting {self.name}"
 
     def _cmd_stop(self, cmd: Command) -> str:
-        self.start_refused = self.start_refused_at_s = None  # a person (or a policy) wants it stopped: settled
         if self.state in (EngineState.STOPPED,):
             return f"{self.name} is already stopped"
         if self.state in (EngineState.BACKOFF, EngineState.FAILED) and (self.proc is None or not self.proc.running):
@@ -564,6 +565,7 @@ class EngineSupervisor:
 
     def _begin_spawn(self, *, manual: bool, reason: str, overrode: str | None = None) -> None:
         self._new_generation()
+        self._spawn_reason = reason
         # The previous run's process is reaped: its pid may belong to anyone by now. A stop before
         # the new spawn has nothing to signal.
         self.proc = None
@@ -758,7 +760,9 @@ class EngineSupervisor:
             # asks admission again. Nothing was spawned, so no failure is counted. The alert episode
             # stays open until the engine is ready (or a person stops it).
             self._new_generation()
-            self.start_refused = {"reason": error.reason, "message": error.detail, "at": self.clock.wall()}
+            # "preload": the daemon's own start of an autostart engine (a daemon restart starts it again).
+            self.start_refused = {"reason": error.reason, "message": error.detail, "at": self.clock.wall(),
+                                  "preload": self._spawn_reason == PRELOAD_REASON}
             self.start_refused_at_s = self.clock.now()
             if self.health is not None:
                 # A drain the memory guard began (then a restart) ends here: nothing runs, nothing drains,

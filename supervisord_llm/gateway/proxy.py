@@ -510,6 +510,7 @@ class _Forward:
         self.gw = gw
         # A non-streamed request fetched as a stream: the client gets the answer rebuilt from it.
         self.reassembly = reassembly
+        self._attempts = 0  # sends of a fetched-as-stream request (each reads the whole stream)
         self.ndjson = ndjson  # Ollama's own API: a stream of JSON lines, metered and watched as SSE is
         self.translation = translation
         self.on_done: Callable[[], None] | None = None  # gives the engine's slot back
@@ -548,14 +549,14 @@ class _Forward:
         # This stream's decode where no other request's prefill touched it (the rate the daemon learns and
         # judges).
         engine_counts = gw.stats.engine(engine)
-        self.quiet = QuietTally(prefills, engine, lambda: engine_counts["in_flight"])
-        quiet_token = self.quiet.token
+        self._in_flight_now = lambda: engine_counts["in_flight"]
+        self.quiet = QuietTally(prefills, engine, self._in_flight_now)
 
         def on_token(at_s: float) -> None:
             if self.prefill_key is not None:
                 prefills.end(engine, self.prefill_key, at_s)
                 self.prefill_key = None
-            quiet_token(at_s)
+            self.quiet.token(at_s)
             try:
                 token_progress(engine, at_s)
             except Exception:  # a backend bug must not break a stream
@@ -687,9 +688,19 @@ class _Forward:
         or closed before the stream's end) is, for the client, an engine that did not answer: the request is
         held and sent again to the restarted engine as a non-streamed request would be (gateway/retry.py)."""
         assert self.reassembly is not None
-        response = await self.gw.upstream_client.send(self.request)
+        gw = self.gw
+        if self._attempts:
+            self._new_attempt()
+        self._attempts += 1
+        response = await gw.upstream_client.send(self.request)
         if response.status_code >= 400 or not response.headers.get("content-type", "").startswith(
                 "text/event-stream"):
+            if response.status_code < 400 and self.upstream.engine not in gw.not_streaming:
+                # It answered a stream request with a whole body: it does not stream, and is not asked to again
+                # (its head comes only at the end, after the stall limits may have run out).
+                gw.not_streaming.add(self.upstream.engine)
+                gw.log.warning("gateway.engine_does_not_stream", engine=self.upstream.engine,
+                               content_type=response.headers.get("content-type"))
             return response  # the engine's refusal (or its own non-streamed body): passed through as it is
         self.reassembly = StreamReassembly(chat=self.reassembly.chat)  # this attempt's answer only
         self.response = response
@@ -697,12 +708,32 @@ class _Forward:
             async with aclosing(self._engine_chunks(response)) as chunks:
                 async for chunk in chunks:
                     self.reassembly.feed(chunk)
+            if not self.reassembly.complete() and self.reassembly.error is None:
+                # Closed before its end (mlx_lm.server's HTTP/1.0 stream ends with its connection, also when
+                # the engine died): for the client, who got nothing, an engine that did not answer.
+                raise httpx.RemoteProtocolError("the engine closed its answer before its end (no [DONE], no "
+                                                "finish_reason)", request=httpx.Request("POST", self.request.url))
         except BaseException:
             self.response = None
             with anyio.CancelScope(shield=True):
                 await response.aclose()
             raise
         return response
+
+    def _new_attempt(self) -> None:
+        """A resend starts its request's watch again: the failed attempt's tokens, prefill and timing are not
+        this one's (the new engine's prefill is judged as a prefill, its first token timed from this send)."""
+        gw = self.gw
+        engine = self.upstream.engine
+        now = gw.clock.now()
+        if self.prefill_key is not None:
+            gw.prefills.end(engine, self.prefill_key, now)
+            self.prefill_key = None
+        self.meter = TokenMeter(anthropic=False, on_token=self.meter.on_token, ndjson=False)
+        self.quiet = QuietTally(gw.prefills, engine, self._in_flight_now)
+        self.sent_at_s = self.unblocked_at_s = now
+        if prefill_counts(len(self.request.content)):
+            self.prefill_key = gw.prefills.begin(engine)
 
     async def _engine_serving(self, timeout_s: float) -> bool:
         """The engine is serving again (within ``timeout_s``), as the daemon's hold decides; never a
@@ -1301,7 +1332,9 @@ class _Gateway:
         self.log = log
         self.stats = GatewayStats(settings.listen)
         self.lines = EngineLines()
-        self.prefills = PrefillSpans()
+        # Engines that answered a request fetched as a stream with a whole body: not fetched so again.
+        self.not_streaming: set[str] = set()
+        self.prefills = PrefillSpans(lambda *change: self.call_backend("prefill_changed", *change))
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # made in the lifespan
         # Forwarded requests go through this one (gateway/upstream.py: the per-token hot path).
         self.upstream_client: UpstreamClient = None  # type: ignore[assignment]  # made in the lifespan
@@ -1675,7 +1708,8 @@ class _Gateway:
         query = request.url.query
         url = upstream.base_url.rstrip("/") + path + ("?" + query if query else "")
         reassembly: StreamReassembly | None = None
-        if fetch_as_stream(path, doc, steps_watched=upstream.steps_watched, enabled=self.settings.watch_non_streamed):
+        if fetch_as_stream(path, doc, steps_watched=upstream.steps_watched,
+                           enabled=self.settings.watch_non_streamed and upstream.engine not in self.not_streaming):
             # Fetched as a stream and rebuilt: the engine's tokens are the watchdog's evidence while it runs.
             assert isinstance(doc, dict)
             body = stream_request_body(doc)

@@ -13,7 +13,8 @@ and oMLX send them):
   ``chat.completion`` (a text completion's stays ``text_completion``); ``usage`` is the final usage chunk's;
 - per choice (by ``index``): the delta's text fields (``content``, ``reasoning``, ``reasoning_content``,
   ``refusal``) are joined in order; ``role`` is kept; tool calls are merged by their ``index`` (a call
-  without one is a call of its own: mlx_lm.server sends each call whole), their ``arguments`` joined, and
+  without one is a call of its own; mlx_lm.server sends each call whole, with an ``index`` when streaming),
+  their ``arguments`` joined, and
   given back without ``index`` as a non-streamed answer has them; the last ``finish_reason`` wins; a chat
   message always has ``content`` (None when there was no text), as the schema wants;
 - a chunk carrying ``error`` is the engine's error, reported instead of an answer.
@@ -113,6 +114,7 @@ class StreamReassembly:
         self.usage: Any = None
         self.choices: dict[int, _Choice] = {}
         self.chunks = 0
+        self.done = False  # the engine's "data: [DONE]" came
         self._partial = b""
 
     def feed(self, data: bytes) -> None:
@@ -125,7 +127,10 @@ class StreamReassembly:
                 self._data(line[5:].strip())
 
     def _data(self, payload: bytes) -> None:
-        if not payload or payload == b"[DONE]":
+        if payload == b"[DONE]":
+            self.done = True
+            return
+        if not payload:
             return
         try:
             doc = json.loads(payload)
@@ -163,6 +168,14 @@ class StreamReassembly:
                 text = raw.get("text")
                 if isinstance(text, str):
                     choice.texts.setdefault("text", []).append(text)
+
+    def complete(self) -> bool:
+        """The engine ended its answer (``[DONE]``, or a finish reason for every choice), not just its connection:
+        mlx_lm.server speaks HTTP/1.0, so a stream it broke off (an exception, a Metal OOM, a kill) ends like one
+        it finished, and only its content tells them apart."""
+        if self.done:
+            return True
+        return bool(self.choices) and all(c.finish_reason is not None for c in self.choices.values())
 
     def answer(self) -> dict[str, Any]:
         """The non-streamed answer the stream makes."""

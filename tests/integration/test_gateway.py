@@ -101,6 +101,9 @@ class Backend:
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:
         self.stalls.append((engine, phase, stalled_for_s, self.clock.now()))
 
+    def prefill_changed(self, engine: str, in_prefill: int, ended_at_s: float | None) -> None:
+        self.prefills.append((engine, in_prefill, ended_at_s))
+
 
 _open_clients: list = []
 
@@ -767,7 +770,7 @@ async def test_a_non_streamed_answer_longer_than_the_read_timeout_waits_while_th
     than upstream_read_timeout_s (here 1 s against 3 s) is waited for while it shows progress (its step
     counters), and is a 504 naming the setting when it shows none."""
     async with silent_then_whole_engine(3.0) as base_url:
-        upstreams = {"slow": Upstream("slow", base_url, "vllm", supports_messages=False)}
+        upstreams = {"slow": Upstream("slow", base_url, "vllm", supports_messages=False, steps_watched=True)}
         backend = (ProgressingBackend if progressing else Backend)(upstreams, default="slow")
         async with running_gateway(backend, GatewaySettings(upstream_read_timeout_s=1.0)) as url:
             async with httpx.AsyncClient(timeout=30) as client:
@@ -786,7 +789,7 @@ async def test_with_hold_s_0_a_request_waits_for_no_connection_either() -> None:
     next request is answered at once with a 504 naming the setting, not after the busy one has finished."""
     received: list[bytes] = []
     async with silent_then_whole_engine(3.0, received) as base_url:
-        backend = Backend({"slow": Upstream("slow", base_url, "vllm", supports_messages=False)}, default="slow")
+        backend = Backend({"slow": Upstream("slow", base_url, "vllm", supports_messages=False, steps_watched=True)}, default="slow")
         settings = GatewaySettings(hold_s=0.0, max_upstream_connections=1)
         async with running_gateway(backend, settings) as url, httpx.AsyncClient(timeout=30) as client:
             body = {"model": "slow", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}

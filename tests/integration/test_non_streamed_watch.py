@@ -10,6 +10,7 @@ what it is for: an engine that goes silent in a non-streamed answer is `hung` wi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -84,3 +85,108 @@ def test_with_watch_non_streamed_off_a_request_goes_as_the_client_sent_it(daemon
         client_requests = [line for line in log if line.startswith("request ")][1:]  # after the start check
         assert client_requests and client_requests[-1].endswith(streamed), (watch, client_requests)
         d.stop()
+
+
+# In-process gateways against engines written here, for what the real engines do only when they fail.
+
+async def _serve(handle) -> tuple[object, str]:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def _read_request(reader) -> dict:  # type: ignore[no-untyped-def]
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    return json.loads(await reader.readexactly(length))
+
+
+def _chunk(content: str | None = None, finish: str | None = None) -> bytes:
+    delta = {"content": content} if content is not None else {}
+    doc = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta,
+                                                                      "finish_reason": finish}]}
+    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+BODY = {"model": "e", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.anyio
+async def test_an_answer_an_http_10_engine_broke_off_is_resent_and_judged_as_a_new_request() -> None:
+    """mlx_lm.server's stream ends with its connection (HTTP/1.0), also when the engine died mid-answer: an
+    answer without its end (no [DONE], no finish reason) is not given to the client as if whole; the request is
+    sent again, and the resend's wait for its first token is judged as a prefill (5 s here), not as a pause
+    between the failed attempt's tokens (1 s)."""
+    import asyncio
+
+    from supervisord_llm.gateway.protocol import Upstream
+    from supervisord_llm.gateway.settings import GatewaySettings
+    from tests.integration.test_gateway import Backend, running_gateway
+
+    seen: list[dict] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            seen.append(await _read_request(reader))
+            writer.write(b"HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+            if len(seen) == 1:  # dies two tokens in
+                writer.write(_chunk("Good") + _chunk("bye"))
+            else:  # the restarted engine: a slow prefill, then the whole answer
+                await asyncio.sleep(1.5)
+                writer.write(_chunk("Hel") + _chunk("lo") + _chunk(finish="stop") + b"data: [DONE]\n\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server, base_url = await _serve(handle)
+    try:
+        backend = Backend({"e": Upstream("e", base_url, "mlx_lm", supports_messages=False)}, default="e")
+        settings = GatewaySettings(decode_stall_s=1.0, prefill_stall_s=5.0)
+        async with running_gateway(backend, settings) as url, httpx.AsyncClient(timeout=30) as client:
+            answer = await client.post(url + "/v1/chat/completions", json=BODY)
+    finally:
+        server.close()  # type: ignore[attr-defined]
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == "Hello", answer.text
+    assert answer.json()["choices"][0]["finish_reason"] == "stop"
+    assert len(seen) == 2 and all(request["stream"] is True for request in seen)
+    assert backend.finished[-1].ended == "complete" and not backend.stalls
+
+
+@pytest.mark.anyio
+async def test_an_engine_that_answers_a_stream_request_whole_is_not_asked_for_a_stream_again() -> None:
+    """An OpenAI-compatible server that ignores "stream" sends its head only at the end, after the stall limits
+    may have run out: once it has answered a stream request with a whole body, its requests go as sent."""
+    import asyncio
+
+    from supervisord_llm.gateway.protocol import Upstream
+    from tests.integration.test_gateway import Backend, running_gateway
+
+    seen: list[dict] = []
+    whole = json.dumps({"id": "w", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "whole"}, "finish_reason": "stop"}]}).encode()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                seen.append(await _read_request(reader))
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(whole), whole))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server, base_url = await _serve(handle)
+    try:
+        backend = Backend({"e": Upstream("e", base_url, "command", supports_messages=False)}, default="e")
+        async with running_gateway(backend) as url, httpx.AsyncClient(timeout=30) as client:
+            answers = [await client.post(url + "/v1/chat/completions", json=BODY) for _ in range(2)]
+    finally:
+        server.close()  # type: ignore[attr-defined]
+    assert [a.json()["choices"][0]["message"]["content"] for a in answers] == ["whole", "whole"]
+    assert [request.get("stream") for request in seen] == [True, None]
