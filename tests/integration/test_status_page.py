@@ -141,7 +141,8 @@ def test_a_live_scrape_passes_promtool_and_the_dashboard_only_uses_real_series(d
     assert "# TYPE supervisord_llm_engine_restarts_total counter" in scrape or \
         "# TYPE supervisord_llm_engine_restarts counter" in scrape
     assert 'supervisord_llm_gateway_requests_total{ended="complete",engine="tiny"} 2.0' in scrape
-    assert 'supervisord_llm_gateway_time_to_first_token_seconds_count{engine="tiny"} 1.0' in scrape  # the stream
+    # Both: the non-streamed request is fetched from the engine as a stream, its first token seen as it came.
+    assert 'supervisord_llm_gateway_time_to_first_token_seconds_count{engine="tiny"} 2.0' in scrape
     assert 'supervisord_llm_gateway_request_duration_seconds_count{engine="tiny"} 2.0' in scrape
     # Declared families (a gauge with no value yet still has its TYPE line), plus the series that
     # only exist on macOS (wired memory from vm_stat) and so cannot show up in a scrape here.
