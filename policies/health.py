@@ -20,7 +20,10 @@ streak. What this cannot tell apart: a slowdown that arrives together with more 
 a band not yet learned, is judged only by that loose floor; and different kinds of work at different
 concurrencies are only compared through that floor. A stream's rate is taken only over the intervals
 between its tokens when no other request to its engine was in prefill (``quiet_interval``): a long
-prompt beside it makes it wait, not the engine slow.
+prompt beside it makes it wait, not the engine slow. A per-step counter's rate is taken only over
+intervals between two readings in which the engine computed no long prompt and no long prompt sent
+through the gateway was in prefill (``prefill_beside``): the engine counts a prompt it prefills among
+the requests it runs while it makes no token for it, and the decode beside it waits for its chunks.
 
 **Baseline.** ``ThroughputBaseline`` keeps the rates of recent healthy windows per band and reports
 a high percentile of a band's (default p90): a high percentile follows what the model *can* do, and
@@ -377,6 +380,65 @@ def stream_decode_rate(tokens: int, decode_s: float | None, quiet: tuple[int, fl
     return intervals / seconds, intervals + 1
 
 
+# A prompt this long in tokens (about PREFILL_COUNTS_BYTES of text) takes an engine many decode steps' worth
+# of prefill.
+PREFILL_COUNTS_TOKENS = 512
+
+
+def counter_prefill(before: EngineCounters, after: EngineCounters) -> str | None:
+    """What an engine's own counters show of a long prompt's prefill between two readings, or None.
+
+    The prompt tokens it computed (``prompt_tokens_total``) grew by at least ``PREFILL_COUNTS_TOKENS`` for
+    each request that got its first token meanwhile (``first_tokens_total``; at least that much where none
+    did): a long prompt was prefilled in the interval, or its prefill ended there. Short prompts of a steady
+    load of requests (each about one decode step's prefill) grow it by less than that for each first token,
+    so they leave their intervals measured, as ``prefill_counts`` does for the gateway's streams.
+
+    What an engine counts decides what this sees (probes/counters.py): SGLang counts every prefill batch,
+    each chunk of a long prompt as it runs; vLLM counts a request's whole prompt only in the step that makes
+    its first token, so its counters show the interval where a long prefill ended and none of the intervals
+    before it, while the prompt was read chunk by chunk (``prefill_beside`` takes those from the gateway).
+    """
+    if before.prompt_tokens_total is None or after.prompt_tokens_total is None:
+        return None
+    computed = after.prompt_tokens_total - before.prompt_tokens_total
+    firsts = 0.0
+    if before.first_tokens_total is not None and after.first_tokens_total is not None:
+        firsts = max(0.0, after.first_tokens_total - before.first_tokens_total)
+    if computed < PREFILL_COUNTS_TOKENS * max(1.0, firsts):
+        return None  # none, a new process (the count went down), or short prompts only
+    return (f"it computed {computed:.0f} prompt tokens in {after.at_s - before.at_s:.1f}s "
+            f"for {firsts:.0f} first token{'s' if firsts != 1 else ''}")
+
+
+def prefill_beside(before: EngineCounters, after: EngineCounters, in_prefill: int = 0,
+                   last_prefill_end_s: float | None = None) -> str | None:
+    """Why the interval between two counter readings measures no decode, or None when it does.
+
+    A long prompt's prefill ran in it: the engine's counters show one (``counter_prefill``), or a prompt of
+    ``PREFILL_COUNTS_BYTES`` and more sent through the gateway was in prefill at some time in it
+    (``in_prefill`` such requests at the later reading, the last such prefill ended at
+    ``last_prefill_end_s``: ``quiet_interval``).
+
+    Engines count a request in prefill among those running while it makes no token (vLLM's scheduler
+    keeps it in its running list through every chunk, and ``vllm:num_requests_running`` is that list's
+    length), and its chunks take the steps' time from the decode beside it: vLLM's ``schedule`` spends one
+    token budget a step over its running list, a chunk of the prompt for the request in prefill and a token
+    for each decoding one (vllm/v1/core/sched/scheduler.py); SGLang keeps a request in chunked prefill out
+    of the running batch its gauge counts, but runs a prefill batch, when it has one, in place of a decode
+    step (python/sglang/srt/managers/scheduler.py ``get_next_batch_to_run``). So the tokens over the
+    interval, divided by the requests reported running, read low whatever the engine's speed; by how much
+    depends on the engine and the prompt, so no share can be taken out, and dividing by the decoding
+    requests alone would still read the chunks' time as the engine's: the interval is left out whole, as
+    a stream's are.
+    """
+    if not quiet_interval(before.at_s, in_prefill, last_prefill_end_s):
+        waiting = f"{in_prefill} request{'s' if in_prefill != 1 else ''}" if in_prefill else "one that ended"
+        return f"a long prompt sent through the gateway was in prefill ({waiting})"
+    own = counter_prefill(before, after)
+    return None if own is None else f"a long prompt was prefilled: {own}"
+
+
 def mean_reported_running(counters: Sequence[EngineCounters], start_s: float, end_s: float) -> float | None:
     """The running-request count the engine reported, as a step function, averaged over
     ``[start_s, end_s]``: each reading holds until the next (the first also before it: readings come
@@ -410,8 +472,8 @@ def sample_concurrency(changes: Sequence[tuple[float, int]], counters: Sequence[
     return max(1, int(max(gateway, reported or 0.0) + 0.5))
 
 
-def decode_rate_sample(before: EngineCounters, after: EngineCounters, decode_token_total: bool
-                       ) -> ThroughputSample | None:
+def decode_rate_sample(before: EngineCounters, after: EngineCounters, decode_token_total: bool, *,
+                       in_prefill: int = 0, last_prefill_end_s: float | None = None) -> ThroughputSample | None:
     """One request's decode rate from two readings of an engine's counters, or None.
 
     Only a token total that grows with each decode step (``decode_token_total``: vLLM, SGLang's decode
@@ -420,9 +482,12 @@ def decode_rate_sample(before: EngineCounters, after: EngineCounters, decode_tok
     it is divided by the requests the engine reported running, and the sample carries that
     concurrency; only when both readings report about as many (within a quarter), since a batch that
     started or ended between them would make the quotient far off. A total that went down (a new
-    process) or did not move gives none.
+    process) or did not move gives none, and so does an interval in which a long prompt was prefilled
+    (``prefill_beside``, with the gateway's requests in prefill: ``in_prefill``, ``last_prefill_end_s``).
     """
     if not decode_token_total or before.generated_tokens_total is None or after.generated_tokens_total is None:
+        return None
+    if prefill_beside(before, after, in_prefill, last_prefill_end_s) is not None:
         return None
     elapsed_s = after.at_s - before.at_s
     delta = after.generated_tokens_total - before.generated_tokens_total
@@ -791,6 +856,7 @@ __all__ = [
     "band_low",
     "band_threshold",
     "concurrency_band",
+    "counter_prefill",
     "decide_degraded_restart",
     "decide_hang_restart",
     "hang_cleared",
@@ -799,6 +865,7 @@ __all__ = [
     "learn_baseline",
     "mean_in_flight",
     "mean_reported_running",
+    "prefill_beside",
     "sample_concurrency",
     "rolling_rate",
     "steps_advanced",

@@ -40,6 +40,23 @@ step"); the front end sets ``vllm:kv_cache_usage_perc`` from them (vllm/v1/metri
 ``PrometheusStatLogger.record``). Older releases name it ``vllm:gpu_cache_usage_perc``; where both
 are written the current name is read.
 
+Prefill work, which judges which counter intervals measure decode (``policies.health.counter_prefill``):
+``prompt_tokens_total`` is the prompt tokens the engine computed and ``first_tokens_total`` the requests
+that got their first token (the count of its time-to-first-token histogram). vLLM counts prompt tokens
+once per request, its whole prompt, in the step that makes its first token: the output processor adds
+``prompt_len`` while the request ``is_prefilling`` (``IterationStats.update_from_output`` in
+vllm/v1/metrics/stats.py, fed by vllm/v1/engine/output_processor.py ``process_outputs``), and the
+scheduler hands out no output for a request whose prefill chunk made no token
+(``Scheduler.update_from_output`` in vllm/v1/core/sched/scheduler.py appends an ``EngineCoreOutput`` only
+with new tokens, a pooler output, KV transfer parameters or a stop), so a long prompt moves
+``vllm:prompt_tokens_total`` by its whole length at its end and not at all while it is prefilled; the
+time-to-first-token histogram is observed in the same step. Where vLLM reports
+``vllm:prompt_tokens_by_source_total``, its ``local_compute`` source (the prompt less its prefix-cache
+hits, ``PromptTokenStats`` in stats.py) is read instead. SGLang adds each prefill batch's computed tokens to
+``sglang:realtime_tokens_total{mode="prefill_compute"}`` as it schedules it (``log_prefill_stats``, the
+``increment_realtime_tokens`` call), so each chunk of a long prompt moves it; its
+``sglang:time_to_first_token_seconds`` is observed by the tokenizer manager at a request's first token.
+
 Values with several label sets (one per model, engine or data-parallel rank) are summed.
 SGLang's ``generation_tokens_total`` grows only when a request finishes, so its per-iteration
 ``realtime_tokens_total{mode="decode"}`` is read instead (python/sglang/srt/metrics/collector.py);
@@ -85,17 +102,27 @@ class _MetricNames:
     gauge_breakdown_label: str | None = None
     # A gauge the engine sets after every step it runs, by name, newest first: the first present is read.
     cache_usage: tuple[str, ...] = ()
+    # The prompt tokens the engine computed, as (name, labels a sample must have), newest first: the first
+    # present is read, its label sets summed.
+    prompt_tokens: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    # The count of the engine's time-to-first-token histogram: requests that got their first token.
+    first_tokens: str | None = None
 
 
 PROMETHEUS_KINDS: Mapping[str, _MetricNames] = {
     "vllm": _MetricNames("vllm:generation_tokens_total", "vllm:num_requests_running",
                          steps_total="vllm:generation_tokens_total", requests_waiting="vllm:num_requests_waiting",
-                         cache_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
+                         cache_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+                         prompt_tokens=(("vllm:prompt_tokens_by_source_total", (("source", "local_compute"),)),
+                                        ("vllm:prompt_tokens_total", ())),
+                         first_tokens="vllm:time_to_first_token_seconds_count"),
     "llamacpp": _MetricNames("llamacpp:tokens_predicted_total", "llamacpp:requests_processing",
                              steps_total="llamacpp:n_decode_total", requests_waiting="llamacpp:requests_deferred"),
     "sglang": _MetricNames("sglang:realtime_tokens_total", "sglang:num_running_reqs", "sglang:gen_throughput",
                            generated_labels=(("mode", "decode"),), steps_total="sglang:realtime_tokens_total",
-                           requests_waiting="sglang:num_queue_reqs", gauge_breakdown_label="priority"),
+                           requests_waiting="sglang:num_queue_reqs", gauge_breakdown_label="priority",
+                           prompt_tokens=(("sglang:realtime_tokens_total", (("mode", "prefill_compute"),)),),
+                           first_tokens="sglang:time_to_first_token_seconds_count"),
 }
 COUNTER_KINDS = (*PROMETHEUS_KINDS, "omlx")
 
@@ -114,14 +141,19 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
     _check_kind(kind, tuple(PROMETHEUS_KINDS))
     names = PROMETHEUS_KINDS[kind]
     wanted = {n for n in (names.generated_tokens_total, names.requests_running, names.tokens_per_s,
-                          names.steps_total, names.requests_waiting, *names.cache_usage) if n}
+                          names.steps_total, names.requests_waiting, *names.cache_usage, names.first_tokens) if n}
     sums: dict[str, float] = {}
     steps: float | None = None  # every label set of the step metric (SGLang: all its modes)
+    prompts: dict[int, float] = {}  # by its place in names.prompt_tokens
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == names.steps_total and math.isfinite(sample.value):
                     steps = (steps or 0.0) + sample.value
+                for i, (name, labels) in enumerate(names.prompt_tokens):
+                    if (sample.name == name and math.isfinite(sample.value)
+                            and all(sample.labels.get(k) == v for k, v in labels)):
+                        prompts[i] = prompts.get(i, 0.0) + sample.value
                 if (names.gauge_breakdown_label and sample.name in (names.requests_running, names.requests_waiting)
                         and sample.labels.get(names.gauge_breakdown_label)):
                     continue  # one priority's share: the total is its own sample
@@ -149,6 +181,8 @@ def parse_prometheus_counters(text: str, kind: str, at_s: float = 0.0) -> Engine
         steps_total=steps,
         requests_waiting=sums.get(names.requests_waiting) if names.requests_waiting else None,
         cache_usage=next((sums[n] for n in names.cache_usage if n in sums), None),
+        prompt_tokens_total=prompts[min(prompts)] if prompts else None,
+        first_tokens_total=sums.get(names.first_tokens) if names.first_tokens else None,
     )
 
 

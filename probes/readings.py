@@ -130,6 +130,14 @@ class EngineCounters:
     # engine reports it after every step it runs: vLLM's kv_cache_usage_perc. A prefill chunk takes
     # cache blocks, so this moves through a long prefill while vLLM's step count cannot.
     cache_usage: float | None = None
+    # Prompt tokens the engine computed (cumulative), and when: vLLM counts a request's whole prompt (less
+    # its prefix-cache hits, where it reports prompt tokens by source) once, in the step that makes its
+    # first token, so nothing moves while a long prompt is prefilled; SGLang counts each prefill batch,
+    # so every chunk of a long prompt as it runs.
+    prompt_tokens_total: float | None = None
+    # Requests that got their first token (cumulative): the count of the engine's time-to-first-token
+    # histogram, observed once per request as its first token comes out.
+    first_tokens_total: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -211,6 +211,11 @@ class DaemonGatewayBackend:
         health = self._health(engine)
         return health.progress_s(self.daemon.clock.now()) if health is not None else None
 
+    def prefill_changed(self, engine: str, in_prefill: int, ended_at_s: float | None) -> None:
+        health = self._health(engine)
+        if health is not None:
+            health.prefill_changed(in_prefill, ended_at_s if ended_at_s is not None else self.daemon.clock.now())
+
     def request_finished(self, stats: RequestStats) -> None:
         from probes.readings import ThroughputSample
         from supervisord_llm.subsystems import observe

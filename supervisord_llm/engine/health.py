@@ -100,6 +100,12 @@ class EngineHealth:
         self.hung_since_s: float | None = None
         self.degraded = False
         self.draining: str | None = None  # set by the memory guard: why no new requests are routed here
+        # Requests with a long prompt (policies.health.prefill_counts) the gateway has in prefill to this
+        # engine now, and when the last such prefill ended (the gateway's clock, which is this one): a counter
+        # interval either touched gives no decode sample (policies.health.prefill_beside). Kept across a
+        # new run of the engine: the gateway reports its requests' ends as they come.
+        self.gateway_in_prefill = 0
+        self.gateway_prefill_end_s: float | None = None
         self._clear_progress()
 
     def _clear_progress(self) -> None:
@@ -209,6 +215,13 @@ class EngineHealth:
         self._in_flight_changed(now_s)
         self.last_traffic_s = now_s
         return concurrency
+
+    def prefill_changed(self, in_prefill: int, at_s: float) -> None:
+        """The gateway has ``in_prefill`` long-prompt requests in prefill to this engine since ``at_s``; one
+        fewer than before means one's prefill ended then."""
+        if in_prefill < self.gateway_in_prefill:
+            self.gateway_prefill_end_s = max(at_s, self.gateway_prefill_end_s or at_s)
+        self.gateway_in_prefill = max(0, in_prefill)
 
     def memory(self) -> tuple[int | None, int | None]:
         return (self.tree.rss_bytes if self.tree else None), self.gpu_bytes
@@ -382,7 +395,9 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                         health.last_counter_advance_s = now
                     if health.counters:
                         prev = health.counters[-1]
-                        sample = decode_rate_sample(prev, counters, adapter.decode_token_total)
+                        sample = decode_rate_sample(prev, counters, adapter.decode_token_total,
+                                                    in_prefill=health.gateway_in_prefill,
+                                                    last_prefill_end_s=health.gateway_prefill_end_s)
                         if sample is not None:
                             health.add_sample(dataclasses.replace(sample, at_s=now))
                         if (prev.generated_tokens_total is not None and counters.generated_tokens_total is not None

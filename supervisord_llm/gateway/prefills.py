@@ -8,31 +8,41 @@ engine's own bytes); one that ends without a token (an answer not streamed, an e
 until it ended, since nothing tells its prompt from its answer. While another request is in prefill
 the engine may run its prompt instead of decoding, or beside it: a stream's rate is taken only over
 the intervals between its tokens that no other request's prefill touched
-(``policies.health.quiet_interval``; the rate, ``stream_decode_rate``).
+(``policies.health.quiet_interval``; the rate, ``stream_decode_rate``). Every change is told to the daemon
+(``on_change``), whose per-step counter samples of the engine leave out the intervals a prefill touched
+(``policies.health.prefill_beside``): vLLM's own counters show no prefill until its first token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeAlias
 
 from policies.health import quiet_interval
 
 __all__ = ["PrefillSpans", "QuietTally"]
 
+# (engine, its requests in prefill now, when one's prefill ended: None when one began)
+OnChange: TypeAlias = Callable[[str, int, "float | None"], None]
+
 
 class PrefillSpans:
     """Requests in prefill per engine, and when the last one's prefill ended."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: OnChange | None = None) -> None:
         self._live: dict[str, set[int]] = {}  # engine -> keys of its requests in prefill
         self._last_end_s: dict[str, float] = {}
         self._next_key = 0
+        self._on_change = on_change
 
     def begin(self, engine: str) -> int:
         """A request went to ``engine``: in prefill until :meth:`end` with the key returned."""
         key = self._next_key
         self._next_key += 1
-        self._live.setdefault(engine, set()).add(key)
+        live = self._live.setdefault(engine, set())
+        live.add(key)
+        if self._on_change is not None:
+            self._on_change(engine, len(live), None)
         return key
 
     def end(self, engine: str, key: int, at_s: float) -> None:
@@ -41,9 +51,12 @@ class PrefillSpans:
         if live is None or key not in live:
             return
         live.discard(key)
+        count = len(live)
         if not live:
             del self._live[engine]
         self._last_end_s[engine] = max(at_s, self._last_end_s.get(engine, at_s))
+        if self._on_change is not None:
+            self._on_change(engine, count, at_s)
 
     def quiet_since(self, engine: str, since_s: float) -> bool:
         """No request to ``engine`` in prefill now, and none ended its prefill after ``since_s``."""

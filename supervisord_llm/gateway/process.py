@@ -102,6 +102,9 @@ class GatewayProcess:
         # Requests the gateway reported started and not yet finished, per engine: if the gateway
         # dies, they are finished for it (the engine's in-flight count must not stay up forever).
         self._open: Counter[str] = Counter()
+        # Requests with a long prompt the gateway reported in prefill, per engine: if the gateway dies,
+        # their prefill ends for it (an engine's counter samples must not stay left out forever).
+        self._in_prefill: Counter[str] = Counter()
         self._busy = anyio.Event()
         self._accepting = False  # the current gateway process reported that it accepts
         # Snapshots are numbered; the current gateway process acknowledges each once applied.
@@ -395,6 +398,8 @@ class GatewayProcess:
             engine = args[0].engine
             if self._open[engine] > 0:
                 self._open[engine] -= 1
+        elif method == "prefill_changed":
+            self._in_prefill[args[0]] = args[1]
         elif method != "stall_detected":
             return  # not a note this side knows: ignored, never called by name
         try:
@@ -403,6 +408,13 @@ class GatewayProcess:
             self.log.exception("gateway.backend_failed", method=method)
 
     def _finish_open_requests(self) -> None:
+        in_prefill, self._in_prefill = self._in_prefill, Counter()
+        for engine, count in in_prefill.items():
+            if count > 0:
+                try:
+                    self.inner.prefill_changed(engine, 0, None)
+                except Exception:
+                    self.log.exception("gateway.backend_failed", method="prefill_changed")
         open_requests, self._open = self._open, Counter()
         for engine, count in open_requests.items():
             for _ in range(count):

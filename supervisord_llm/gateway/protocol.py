@@ -140,6 +140,10 @@ class DaemonCalls(Protocol):
 
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None: ...
 
+    def prefill_changed(self, engine: str, in_prefill: int, ended_at_s: float | None) -> None:
+        """The gateway has ``in_prefill`` requests with a long prompt in prefill to ``engine`` now
+        (gateway/prefills.py); ``ended_at_s``: one's prefill ended then (None: one began)."""
+
 
 class GatewayBackend(DaemonCalls, Protocol):
     """Protocol: what the gateway needs from the daemon (its process's end of the channel)."""

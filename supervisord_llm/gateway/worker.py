@@ -11,7 +11,7 @@ gateway asks of the daemon crosses that channel as the :class:`GatewayBackend` p
 
     acquire(model)            a request; the daemon answers with the Upstream or the refusal. A
                               client that gives up sends ``cancel``, which cancels the wait there
-    request_started, request_finished, stall_detected
+    request_started, request_finished, stall_detected, prefill_changed
                               sent in order, never waited for
     token_progress            the latest token time per engine, sent at most every
                               ``TOKEN_FLUSH_S``; flushed before any other note, so a request's end
@@ -215,6 +215,9 @@ class ProcessBackend:
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:
         self._flush_tokens()
         self.channel.send("note", "stall_detected", (engine, phase, stalled_for_s))
+
+    def prefill_changed(self, engine: str, in_prefill: int, ended_at_s: float | None) -> None:
+        self.channel.send("note", "prefill_changed", (engine, in_prefill, ended_at_s), lazy=True)
 
 
 _DAEMON_GONE: dict[str, Any] = {"engine": "-", "reason": "daemon_unreachable",

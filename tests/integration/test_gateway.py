@@ -57,6 +57,7 @@ class Backend:
         self.progress: Counter[str] = Counter()
         self.finished: list[RequestStats] = []
         self.stalls: list[tuple[str, str, float, float]] = []
+        self.prefills: list[tuple[str, int, float | None]] = []  # prefill_changed, as told
 
     def models(self) -> list[dict]:
         return [

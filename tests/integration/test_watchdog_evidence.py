@@ -254,7 +254,7 @@ def test_real_mlx_with_a_wedged_generation_loop_is_hung_while_health_stays_200(d
     assert "wedged" in Path(d.engine("tiny")["log"]).read_text()
 
 
-def _counter_daemon(daemon_factory, kind: str, *flags: str) -> tuple[Daemon, str, str]:
+def _counter_daemon(daemon_factory, kind: str, *flags: str, extra_toml: str = "") -> tuple[Daemon, str, str]:
     gw = free_port()
     port = free_port()
     argv = [PYTHON, str(REPO / "tests" / "standins" / "openai_engine.py"), "--port", "{port}", "--tps", "20", *flags]
@@ -263,7 +263,7 @@ def _counter_daemon(daemon_factory, kind: str, *flags: str) -> tuple[Daemon, str
            'footprint = "100MB"\nstop_grace = "5s"\nstall = "2s"\ncanary_interval = "10m"\n'
            "default = true\n")
     cfg += _gateway_toml(gw, decode_stall_s=2.0)
-    cfg += '[policies.restart]\nhang_restart_after = "10m"\n[probes]\ninterval = "1s"\n'
+    cfg += '[policies.restart]\nhang_restart_after = "10m"\n[probes]\ninterval = "1s"\n' + extra_toml
     d = daemon_factory(cfg).start()
     d.wait_state("c", "ready", 60)
     return d, f"http://127.0.0.1:{gw}/v1/chat/completions", f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -348,6 +348,89 @@ def test_a_vllm_prefill_longer_than_the_stall_time_is_not_hung_and_a_wedge_after
           f"{hung['reason']}")
     assert hung["evidence"]["source"] == "counters" and engine["pid"] == pid
     assert _t(hung) - silent_from <= 2.0 + 2.0 + 1.0 + 0.5
+
+
+class _Decoders:
+    """Clients of the engine's own port (the gateway sees none of them), each streaming 100-token answers
+    one after another until told to stop."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.threads: list[tuple[threading.Thread, threading.Event]] = []
+
+    def add(self, n: int) -> None:
+        for _ in range(n):
+            stop = threading.Event()
+
+            def run(stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    _stream_all(self.url, _body(100, "standin"), timeout_s=60)
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            self.threads.append((thread, stop))
+
+    def stop(self, n: int | None = None) -> None:
+        """Stop ``n`` of them (all: None) and wait until their answers are done."""
+        stopping = self.threads[:n] if n is not None else list(self.threads)
+        for _, stop in stopping:
+            stop.set()
+        for thread, _ in stopping:
+            thread.join(60)
+        self.threads = self.threads[len(stopping):]
+
+
+def _states_while(d: Daemon, seconds: float) -> set[str]:
+    states = set()
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        states.add(d.engine("c")["state"])
+        time.sleep(0.25)
+    return states
+
+
+@pytest.mark.rates  # judges decode rates: run alone (see the Makefile)
+def test_a_long_prompt_prefilled_beside_steady_vllm_decodes_is_not_degraded_and_a_slowdown_still_is(
+        daemon_factory) -> None:
+    """A vLLM-like engine (per-step token total, requests running, its prompt count at each first token)
+    learns 20 tok/s per request from four clients of its own port decoding at once. Then one of them
+    decodes on at that very rate while three long prompts sent through the gateway are prefilled for
+    15 s: the engine reports four running and makes 20 tok/s in all, which per request reads a quarter of
+    the baseline. That is the other clients' prompts, not the engine: it stays `ready` (the counter
+    intervals those prefills touched give no sample). When the engine then really decodes at 30% of its
+    rate, with four clients again, it is `degraded`."""
+    d, gateway_url, direct = _counter_daemon(
+        daemon_factory, "vllm", "--metrics", "vllm", "--prefill-tokens-per-s", "250", "--slow-on-sigusr2", "0.3",
+        extra_toml='[policies.degraded]\nwindow = "3s"\nwindows = 2\n')
+    decoders = _Decoders(direct)
+    decoders.add(4)
+    try:
+        deadline = time.monotonic() + 60
+        while "3-4" not in (d.engine("c")["baselines_by_concurrency"] or {}) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        learned = d.engine("c")["baselines_by_concurrency"]
+        assert "3-4" in learned, f"no baseline learned at 4 at once: {learned}"
+        decoders.stop(3)
+        prompt = " ".join(["word"] * 3750)  # 15 s of prefill at 250 words/s, 19 KB: a long prompt
+        body = {"model": "c", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "stream": True}
+        prompts = [threading.Thread(target=_stream_all, args=(gateway_url, body, 60), daemon=True) for _ in range(3)]
+        for t in prompts:
+            t.start()
+        states = _states_while(d, 14.0)
+        counters = d.engine("c")["counters"]
+        for t in prompts:
+            t.join(30)
+        print(f"baselines {learned}; while 3 prompts were prefilled beside 1 decoding client: states {states}, "
+              f"counters {counters}")
+        assert counters["requests_running"] == 4, "the prefills were not counted as running: the test proves nothing"
+        assert states == {"ready"}, f"other clients' prefill was called a slowdown: {d.engine('c')['state_reason']}"
+        decoders.add(3)
+        time.sleep(3.0)
+        os.kill(d.engine("c")["pid"], signal.SIGUSR2)  # from now on the engine decodes at 30% of its rate
+        engine = d.wait_state("c", "degraded", 30)
+        print(f"slowed to 30%: {engine['state_reason']}")
+    finally:
+        decoders.stop()
 
 
 @pytest.mark.long_wait

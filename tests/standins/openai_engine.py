@@ -10,6 +10,7 @@ known failure line and exiting, never becoming able to generate, exiting during 
                      [--hold-gpu-mb N] [--grow-mb N]
                      [--silent-from N [--silent-after-tokens K]]   running but silent
                      [--metrics vllm|omlx]                         per-step / completion-time counters
+                     [--slow-on-sigusr2 F]                         decode F times as fast after SIGUSR2
                      [--ollama [--lazy-load-s S] [--keep-alive-s K]]  Ollama API, lazy model load
 
 ``--grow-mb N`` makes every generation request allocate N MB, write to every page of it and keep it,
@@ -27,7 +28,14 @@ cache block for every prefill chunk (``--first-token-delay-s`` is its prefill, o
 ``--prefill-chunk-s``; ``--prefill-tokens-per-s`` adds time for each word of the prompt, so a long
 prompt has a long prefill and a canary's does not) and one per 16 tokens made, and frees them when it ends (vLLM's scheduler
 allocates blocks for each scheduled chunk and reports its usage after every step, scheduler.py
-``schedule`` / ``update_from_output``); a silent engine moves none of them. ``--metrics omlx`` serves
+``schedule`` / ``update_from_output``); a silent engine moves none of them. A request in prefill counts in
+``vllm:num_requests_running`` (vLLM's scheduler keeps it in its running list through every chunk). Its
+prompt (a token a word) is added to ``vllm:prompt_tokens_total`` in one go with its first token, and
+``vllm:time_to_first_token_seconds`` observes it then, never while it is prefilled: vLLM's output
+processor adds a request's whole ``prompt_len`` while it ``is_prefilling``, which ends with the first
+output the engine core hands out for it, and observes its time to first token in the same step
+(vllm/v1/metrics/stats.py ``IterationStats.update_from_output``, vllm/v1/engine/output_processor.py;
+the counter and histogram in vllm/v1/metrics/loggers.py ``PrometheusStatLogger.record``). ``--metrics omlx`` serves
 ``/api/status`` whose ``total_completion_tokens`` grows only when a request finishes (oMLX adds a
 request's tokens to its stats at completion) with ``active_requests``.
 
@@ -77,6 +85,8 @@ def main() -> None:
     p.add_argument("--silent-from", type=int, default=0, help="from the N-th generation request on, go silent")
     p.add_argument("--silent-after-tokens", type=int, default=0)
     p.add_argument("--metrics", choices=("vllm", "omlx"), default=None)
+    p.add_argument("--slow-on-sigusr2", type=float, default=None,
+                   help="after SIGUSR2, decode at this share of --tps (an engine that became slow: a throttled GPU)")
     p.add_argument("--ollama", action="store_true")
     p.add_argument("--model-name", default="tiny:1b")
     p.add_argument("--lazy-load-s", type=float, default=0.0)
@@ -88,6 +98,11 @@ def main() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.exit_on_sigusr1:
         signal.signal(signal.SIGUSR1, lambda *_: os._exit(args.exit_code))
+    if args.slow_on_sigusr2 is not None:
+        def slow_down(*_: object) -> None:
+            args.tps *= args.slow_on_sigusr2
+
+        signal.signal(signal.SIGUSR2, slow_down)
     if args.print_line:
         for line in args.print_line:
             print(line, flush=True)
@@ -102,7 +117,8 @@ def main() -> None:
     started = time.monotonic()
     kept: list[bytes] = []  # the "cache": grows by --grow-mb per request and is never trimmed
     lock = threading.Lock()
-    stats = {"requests": 0, "running": 0, "tokens_step": 0, "tokens_done": 0, "loaded_until": 0.0, "blocks": 0}
+    stats = {"requests": 0, "running": 0, "tokens_step": 0, "tokens_done": 0, "loaded_until": 0.0, "blocks": 0,
+             "prompt_tokens": 0, "first_tokens": 0, "ttft_s": 0.0}
     cache_blocks = 4096  # vllm:kv_cache_usage_perc = blocks in use / cache_blocks
     load_lock = threading.Lock()
 
@@ -171,6 +187,13 @@ def main() -> None:
                         f'vllm:num_requests_running{{model_name="standin"}} {stats["running"]}.0\n'
                         "# TYPE vllm:kv_cache_usage_perc gauge\n"
                         f'vllm:kv_cache_usage_perc{{model_name="standin"}} {stats["blocks"] / cache_blocks!r}\n'
+                        "# TYPE vllm:prompt_tokens_total counter\n"
+                        f'vllm:prompt_tokens_total{{model_name="standin"}} {stats["prompt_tokens"]}.0\n'
+                        "# TYPE vllm:time_to_first_token_seconds histogram\n"
+                        f'vllm:time_to_first_token_seconds_bucket{{le="+Inf",model_name="standin"}} '
+                        f'{stats["first_tokens"]}.0\n'
+                        f'vllm:time_to_first_token_seconds_count{{model_name="standin"}} {stats["first_tokens"]}.0\n'
+                        f'vllm:time_to_first_token_seconds_sum{{model_name="standin"}} {stats["ttft_s"]!r}\n'
                         ).encode()
                 self.send_response(200)
                 self.send_header("content-type", "text/plain; version=0.0.4")
@@ -247,6 +270,14 @@ def main() -> None:
                     pass
                 return
             n = int(body.get("max_tokens") or 16)
+            sent_at = time.monotonic()
+
+            def first_token() -> None:  # as vLLM counts it: the whole prompt, with the first token
+                with lock:
+                    stats["prompt_tokens"] += prompt_words(body)
+                    stats["first_tokens"] += 1
+                    stats["ttft_s"] += time.monotonic() - sent_at
+
             if args.grow_mb:
                 # bytes of one repeated non-zero value are written out (memset), so every page is resident.
                 kept.append(b"\x01" * int(args.grow_mb * 1e6))
@@ -254,6 +285,7 @@ def main() -> None:
             if not body.get("stream"):
                 if silent:
                     silence()  # a hung engine: the whole answer never comes
+                first_token()
                 time.sleep(n / args.tps)
                 text = "tok " * n
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else \
@@ -293,6 +325,8 @@ def main() -> None:
                 for i in range(n):
                     if silent and i >= args.silent_after_tokens:
                         silence()
+                    if i == 0:
+                        first_token()
                     delta = {"content": "tok "} if chat else None
                     choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": "tok "}
                     send(b"data: " + json.dumps({"id": "x", "choices": [choice]}).encode() + b"\n\n")

@@ -32,7 +32,44 @@ def test_vllm_counters_are_summed_over_engines() -> None:
         steps_total=120345.0 + 118655.0,  # vLLM's token total grows per decode step: it is the step count
         requests_waiting=0.0 + 1.0,  # vllm:num_requests_waiting, summed the same way
         cache_usage=0.1834 + 0.1201,  # vllm:kv_cache_usage_perc, set after every engine step
+        prompt_tokens_total=482113.0 + 470022.0,  # vllm:prompt_tokens_total, counted at each first token
+        first_tokens_total=1410.0,  # the count of vllm:time_to_first_token_seconds
     )
+
+
+def test_vllm_prompt_tokens_computed_are_read_by_source_where_it_reports_them() -> None:
+    """Where vLLM reports prompt tokens by source, the ones it computed (``local_compute``) are read, not the
+    prefix-cache hits nor the whole prompts of vllm:prompt_tokens_total; its first tokens are the count of
+    its time-to-first-token histogram, summed over its engines."""
+    text = (METRICS / "vllm.txt").read_text() + (
+        '# TYPE vllm:prompt_tokens_by_source_total counter\n'
+        'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_compute"} 300000.0\n'
+        'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_cache_hit"} 182113.0\n'
+        'vllm:prompt_tokens_by_source_total{engine="1",model_name="m",source="local_compute"} 270022.0\n'
+        'vllm:prompt_tokens_by_source_total{engine="1",model_name="m",source="external_kv_transfer"} 0.0\n'
+        '# TYPE vllm:time_to_first_token_seconds histogram\n'
+        'vllm:time_to_first_token_seconds_count{engine="1",model_name="m"} 1390.0\n'
+        'vllm:time_to_first_token_seconds_sum{engine="1",model_name="m"} 700.5\n'
+    )
+    counters = parse_prometheus_counters(text, "vllm")
+    assert counters.prompt_tokens_total == 300000.0 + 270022.0
+    assert counters.first_tokens_total == 1410.0 + 1390.0
+
+
+def test_sglang_prompt_tokens_computed_are_its_prefill_compute_tokens() -> None:
+    """SGLang's prompt tokens computed are realtime_tokens_total{mode="prefill_compute"}, which grows with
+    each prefill batch (every chunk of a long prompt): not its cache hits, its decode, nor
+    sglang:prompt_tokens_total (counted when a request finishes); its first tokens are the count of its
+    time-to-first-token histogram."""
+    text = (METRICS / "sglang.txt").read_text()
+    counters = parse_prometheus_counters(text, "sglang")
+    assert (counters.prompt_tokens_total, counters.first_tokens_total) == (402311.0, None)
+    chunk = text.replace('mode="prefill_compute",model_name="meta-llama/Llama-3.1-8B-Instruct"} 402311.0',
+                         'mode="prefill_compute",model_name="meta-llama/Llama-3.1-8B-Instruct"} 410503.0')
+    chunk += ('# TYPE sglang:time_to_first_token_seconds histogram\n'
+              'sglang:time_to_first_token_seconds_count{model_name="meta-llama/Llama-3.1-8B-Instruct"} 812.0\n')
+    after = parse_prometheus_counters(chunk, "sglang")
+    assert (after.prompt_tokens_total, after.first_tokens_total) == (410503.0, 812.0)
 
 
 def test_vllm_cache_usage_under_its_older_name() -> None:

@@ -46,6 +46,18 @@ def test_end_is_once_only_and_unknown_keys_are_ignored() -> None:
     assert p.quiet_since("a", 3.0)
 
 
+def test_every_change_is_told_with_the_count_and_the_end() -> None:
+    """Each begin and each end is told (for the daemon's counter samples): the engine, its requests in
+    prefill now, and the end's time (None for a begin); a second end of the same request is not."""
+    told: list[tuple[str, int, float | None]] = []
+    p = PrefillSpans(lambda engine, count, ended_s: told.append((engine, count, ended_s)))
+    k1, k2 = p.begin("a"), p.begin("a")
+    p.end("a", k1, 3.0)
+    p.end("a", k1, 4.0)
+    p.end("a", k2, 5.0)
+    assert told == [("a", 1, None), ("a", 2, None), ("a", 1, 3.0), ("a", 0, 5.0)]
+
+
 def _tally(p: PrefillSpans, in_flight: int = 1) -> QuietTally:
     return QuietTally(p, "a", lambda: in_flight)
 

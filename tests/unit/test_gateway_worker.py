@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ class RecordingBackend:
     def __init__(self, base_url: str) -> None:
         self.upstream = Upstream(engine="tiny", base_url=base_url, kind="command", supports_messages=False)
         self.notes: list[tuple[str, Any]] = []
+        self.prefills: list[tuple[str, int, float | None]] = []  # prefill_changed, apart from the notes
         self.acquire_entered = anyio.Event()
         self.acquire_cancelled = anyio.Event()
         self.passing = False  # whether the gateway holds a pass for tiny
@@ -88,6 +90,9 @@ class RecordingBackend:
 
     def stall_detected(self, engine: str, phase: str, stalled_for_s: float) -> None:
         self.notes.append(("stall_detected", phase))
+
+    def prefill_changed(self, engine: str, in_prefill: int, ended_at_s: float | None) -> None:
+        self.prefills.append((engine, in_prefill, ended_at_s))
 
 
 @pytest.fixture
@@ -261,6 +266,49 @@ async def test_a_dead_gateway_process_is_started_again_on_the_same_port(engine_u
         assert [stats.ended for stats in ended] == ["gateway_exited"]
         ok = await client.post(url + "/v1/chat/completions", json=CHAT)
         assert ok.status_code == 200
+
+
+LONG = {**CHAT, "messages": [{"role": "user", "content": "word " * 600}], "stream": True}  # 3 KiB: a long prompt
+
+
+async def test_a_long_prompts_prefill_reaches_the_daemon_and_ends_with_a_dead_gateway(engine_url: str) -> None:
+    """A long prompt's prefill is told to the daemon's side: begun when it is sent, ended at its first token
+    (a time on the gateway's clock). One that never gets a token ends there when the gateway process dies
+    (the engine's counter samples would otherwise stay left out for good); a short prompt tells nothing."""
+    inner = RecordingBackend(engine_url)
+    async with gateway(inner) as (_, url, _), httpx.AsyncClient(timeout=30) as client:
+        assert (await client.post(url + "/v1/chat/completions", json={**CHAT, "stream": True})).status_code == 200
+        response = await client.post(url + "/v1/chat/completions", json=LONG)
+        assert response.status_code == 200 and "data:" in response.text
+        with anyio.fail_after(5):  # notes travel lazily
+            while len(inner.prefills) < 2:
+                await anyio.sleep(0.01)
+        (engine, began, no_end), (_, ended, at_s) = inner.prefills
+        assert (engine, began, no_end, ended) == ("tiny", 1, None, 0) and isinstance(at_s, float)
+    silent = socket.socket()  # an engine that takes the request and never answers: in prefill for good
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    inner = RecordingBackend(f"http://127.0.0.1:{silent.getsockname()[1]}")
+    try:
+        async with gateway(inner) as (process, url, exits), httpx.AsyncClient(timeout=30) as client, \
+                anyio.create_task_group() as tg:
+
+            async def send() -> None:
+                with pytest.raises(httpx.HTTPError):
+                    await client.post(url + "/v1/chat/completions", json=LONG)
+
+            tg.start_soon(send)
+            with anyio.fail_after(5):
+                while not inner.prefills:
+                    await anyio.sleep(0.01)
+            assert process.pid is not None
+            os.kill(process.pid, signal.SIGKILL)
+            with anyio.fail_after(20):
+                while not exits:
+                    await anyio.sleep(0.02)
+            assert inner.prefills == [("tiny", 1, None), ("tiny", 0, None)]
+    finally:
+        silent.close()
 
 
 async def test_the_daemons_stop_ends_the_gateway_process(engine_url: str) -> None:

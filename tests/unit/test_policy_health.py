@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -15,6 +16,7 @@ from policies.health import (
     assess_degraded,
     assess_progress,
     concurrency_band,
+    counter_prefill,
     decode_rate_sample,
     learn_baseline,
     mean_in_flight,
@@ -276,6 +278,104 @@ def test_decode_rate_from_counters_is_per_request() -> None:
     # a batch of 8 that started between the readings: the quotient would be far off, so no sample
     started = EngineCounters(at_s=12.0, generated_tokens_total=4000.0, requests_running=14.0)
     assert decode_rate_sample(before, started, decode_token_total=True) is None
+
+
+def _judged_by_counters(readings: list[EngineCounters], baseline: ThroughputBaseline,
+                        gateway: dict[float, tuple[int, float | None]] | None = None) -> tuple[bool, int]:
+    """Each pair of consecutive readings through ``decode_rate_sample`` as the watchdog takes them, with the
+    gateway's long prompts in prefill at each reading (``gateway``: at_s -> (requests in prefill, the last
+    such prefill's end)); (whether the engine is judged degraded at the last reading, samples taken)."""
+    tracker = ThroughputTracker()
+    for before, after in zip(readings, readings[1:], strict=False):
+        in_prefill, ended_s = (gateway or {}).get(after.at_s, (0, None))
+        sample = decode_rate_sample(before, after, True, in_prefill=in_prefill, last_prefill_end_s=ended_s)
+        if sample is not None:
+            tracker = tracker.add(sample, S)
+    return assess_degraded(tracker.samples, baseline, S, readings[-1].at_s).degraded, len(tracker.samples)
+
+
+def _readings(decode_tokens_per_s: float, running: float, *, prompt_per_s: float = 0.0,
+              firsts_per_s: float = 0.0, start_s: float = 1000.0, seconds: float = 120.0,
+              prompt_at_end: float = 0.0) -> list[EngineCounters]:
+    """Counter readings every 5 s: the engine's tokens made, the requests it reports running, the prompt
+    tokens it computed (``prompt_at_end`` more in the last reading: vLLM counting a whole prompt at its first
+    token) and its first tokens."""
+    out = []
+    for k in range(int(seconds / 5) + 1):
+        t = 5.0 * k
+        last = k == int(seconds / 5)
+        out.append(EngineCounters(at_s=start_s + t, generated_tokens_total=10_000 + decode_tokens_per_s * t,
+                                  requests_running=running, steps_total=10_000 + decode_tokens_per_s * t,
+                                  prompt_tokens_total=50_000 + prompt_per_s * t + (prompt_at_end if last else 0.0),
+                                  first_tokens_total=100 + firsts_per_s * t + (1 if last and prompt_at_end else 0)))
+    return out
+
+
+# An engine that learned its rate with 4 requests decoding at once: 20 tok/s each (80 in all).
+AT_FOUR = ThroughputBaseline(window_rates=((2, 20.0),) * S.baseline_min_windows,
+                             window_totals=((2, 80.0),) * S.baseline_min_windows)
+
+
+def test_a_long_prefill_beside_decodes_at_the_baseline_rate_is_no_slowdown() -> None:
+    """An engine that learned 20 tok/s per request at 4 at once; then one client decodes at that very rate
+    while three others' long prompts are prefilled: the engine reports 4 running (vLLM keeps a request in
+    prefill in its running list) and makes 20 tok/s in all, which divided by 4 reads 5 tok/s per request, a
+    quarter of the baseline, for four windows. That is the other clients' prompts, not the engine: it is
+    not degraded. SGLang counts each prefill chunk as it runs: its own counters leave those intervals out.
+    vLLM counts a prompt only at its first token: the intervals before it are left out on the gateway's
+    word (its long prompts in prefill), the one where the prompt's count arrived on the engine's own."""
+    sglang = _readings(20.0, 4.0, prompt_per_s=8192 / 5)  # a chunk of 8192 prompt tokens each reading
+    assert _judged_by_counters(sglang, AT_FOUR) == (False, 0)
+    vllm = _readings(20.0, 4.0, prompt_at_end=3 * 100_000)  # nothing until the prompts' first tokens
+    gateway = {r.at_s: (3, None) for r in vllm[:-1]} | {vllm[-1].at_s: (0, vllm[-1].at_s - 1.0)}
+    assert _judged_by_counters(vllm, AT_FOUR, gateway) == (False, 0)
+    # The interval where vLLM's prompt count arrived is left out on the engine's own word, gateway or not.
+    before, after = vllm[-2], vllm[-1]
+    assert counter_prefill(before, after) == "it computed 300000 prompt tokens in 5.0s for 1 first token"
+    assert decode_rate_sample(before, after, True) is None
+    # What the watchdog took before: a quarter of the baseline, every interval, so degraded.
+    blind = [replace(r, prompt_tokens_total=None, first_tokens_total=None) for r in vllm]
+    assert _judged_by_counters(blind, AT_FOUR) == (True, len(blind) - 1)
+
+
+def test_a_real_slowdown_is_still_caught_from_the_counters() -> None:
+    """The same engine with its 4 clients decoding at 8 tok/s each (40% of the baseline) is degraded, while
+    short prompts of a steady load arrive beside them (300 prompt tokens per first token: each about one
+    decode step of prefill, which leaves an interval measured), and so it is with no prompt at all."""
+    churn = _readings(32.0, 4.0, prompt_per_s=300 * 0.4, firsts_per_s=0.4)
+    assert _judged_by_counters(churn, AT_FOUR) == (True, len(churn) - 1)
+    assert _judged_by_counters(_readings(32.0, 4.0), AT_FOUR) == (True, 24)
+    # and at the baseline rate, the same short prompts leave it ready
+    assert _judged_by_counters(_readings(80.0, 4.0, prompt_per_s=120.0, firsts_per_s=0.4), AT_FOUR)[0] is False
+
+
+def test_counter_prefill_needs_a_long_prompt_per_first_token() -> None:
+    """Prompt tokens computed in an interval count as a long prefill when they are at least 512 for each
+    request that got its first token in it (at least 512 when none did); a count that went down (a new
+    process) or an engine without the counts shows none."""
+    before = EngineCounters(at_s=10.0, prompt_tokens_total=1000.0, first_tokens_total=5.0)
+
+    def after(prompt: float, firsts: float | None = 5.0) -> EngineCounters:
+        return EngineCounters(at_s=15.0, prompt_tokens_total=prompt, first_tokens_total=firsts)
+
+    assert counter_prefill(before, after(1000.0 + 8192)) is not None  # a chunk, no first token yet
+    assert counter_prefill(before, after(1000.0 + 511)) is None  # one short prompt's batch
+    assert counter_prefill(before, after(1000.0 + 6 * 300, 11.0)) is None  # six short prompts
+    assert counter_prefill(before, after(1000.0 + 5 * 300 + 4000, 11.0)) is not None  # one long among them
+    assert counter_prefill(before, after(1000.0 + 600, None)) is not None  # first tokens not reported
+    assert counter_prefill(before, after(10.0)) is None
+    assert counter_prefill(before, EngineCounters(at_s=15.0)) is None
+
+
+def test_a_gateway_prefill_leaves_out_the_counter_interval_it_touched() -> None:
+    """A long prompt the gateway has in prefill at the later reading, or one whose prefill ended after the
+    earlier reading, leaves the interval out; one that ended at or before it does not."""
+    before = EngineCounters(at_s=10.0, generated_tokens_total=1000.0, requests_running=2.0)
+    after = EngineCounters(at_s=15.0, generated_tokens_total=1200.0, requests_running=2.0)
+    assert decode_rate_sample(before, after, True) is not None
+    assert decode_rate_sample(before, after, True, in_prefill=1) is None
+    assert decode_rate_sample(before, after, True, last_prefill_end_s=12.0) is None
+    assert decode_rate_sample(before, after, True, last_prefill_end_s=10.0) is not None
 
 
 def test_tracker_keeps_only_what_the_windows_need() -> None:
