@@ -412,13 +412,16 @@ def counter_prefill(before: EngineCounters, after: EngineCounters) -> str | None
 
 
 def prefill_beside(before: EngineCounters, after: EngineCounters, in_prefill: int = 0,
-                   last_prefill_end_s: float | None = None) -> str | None:
+                   last_prefill_end_s: float | None = None, *, prompt_counted_per_chunk: bool = False) -> str | None:
     """Why the interval between two counter readings measures no decode, or None when it does.
 
     A long prompt's prefill ran in it: the engine's counters show one (``counter_prefill``), or a prompt of
     ``PREFILL_COUNTS_BYTES`` and more sent through the gateway was in prefill at some time in it
     (``in_prefill`` such requests at the later reading, the last such prefill ended at
-    ``last_prefill_end_s``: ``quiet_interval``).
+    ``last_prefill_end_s``: ``quiet_interval``). The gateway's word is not taken for an engine that counts
+    prompt tokens per chunk as it runs (``prompt_counted_per_chunk``: SGLang) where both readings have
+    them: its own count sees every client's long prompts, and only the tokens it computed (the gateway
+    counts a prompt's whole wait for its first token, a queue or a prefix-cache hit too).
 
     Engines count a request in prefill among those running while it makes no token (vLLM's scheduler
     keeps it in its running list through every chunk, and ``vllm:num_requests_running`` is that list's
@@ -432,11 +435,14 @@ def prefill_beside(before: EngineCounters, after: EngineCounters, in_prefill: in
     requests alone would still read the chunks' time as the engine's: the interval is left out whole, as
     a stream's are.
     """
-    if not quiet_interval(before.at_s, in_prefill, last_prefill_end_s):
-        waiting = f"{in_prefill} request{'s' if in_prefill != 1 else ''}" if in_prefill else "one that ended"
-        return f"a long prompt sent through the gateway was in prefill ({waiting})"
     own = counter_prefill(before, after)
-    return None if own is None else f"a long prompt was prefilled: {own}"
+    if own is not None:
+        return f"a long prompt was prefilled: {own}"
+    counted = before.prompt_tokens_total is not None and after.prompt_tokens_total is not None
+    if (prompt_counted_per_chunk and counted) or quiet_interval(before.at_s, in_prefill, last_prefill_end_s):
+        return None
+    waiting = f"{in_prefill} request{'s' if in_prefill != 1 else ''}" if in_prefill else "one that ended"
+    return f"a long prompt sent through the gateway was in prefill ({waiting})"
 
 
 def mean_reported_running(counters: Sequence[EngineCounters], start_s: float, end_s: float) -> float | None:
@@ -473,7 +479,8 @@ def sample_concurrency(changes: Sequence[tuple[float, int]], counters: Sequence[
 
 
 def decode_rate_sample(before: EngineCounters, after: EngineCounters, decode_token_total: bool, *,
-                       in_prefill: int = 0, last_prefill_end_s: float | None = None) -> ThroughputSample | None:
+                       in_prefill: int = 0, last_prefill_end_s: float | None = None,
+                       prompt_counted_per_chunk: bool = False) -> ThroughputSample | None:
     """One request's decode rate from two readings of an engine's counters, or None.
 
     Only a token total that grows with each decode step (``decode_token_total``: vLLM, SGLang's decode
@@ -483,11 +490,13 @@ def decode_rate_sample(before: EngineCounters, after: EngineCounters, decode_tok
     concurrency; only when both readings report about as many (within a quarter), since a batch that
     started or ended between them would make the quotient far off. A total that went down (a new
     process) or did not move gives none, and so does an interval in which a long prompt was prefilled
-    (``prefill_beside``, with the gateway's requests in prefill: ``in_prefill``, ``last_prefill_end_s``).
+    (``prefill_beside``, with the gateway's requests in prefill: ``in_prefill``, ``last_prefill_end_s``,
+    and whether the engine counts prompt tokens per chunk: ``prompt_counted_per_chunk``).
     """
     if not decode_token_total or before.generated_tokens_total is None or after.generated_tokens_total is None:
         return None
-    if prefill_beside(before, after, in_prefill, last_prefill_end_s) is not None:
+    if prefill_beside(before, after, in_prefill, last_prefill_end_s,
+                      prompt_counted_per_chunk=prompt_counted_per_chunk) is not None:
         return None
     elapsed_s = after.at_s - before.at_s
     delta = after.generated_tokens_total - before.generated_tokens_total

@@ -74,6 +74,10 @@ class EngineAdapter:
     # Whether the engine's token total grows with each decode step (vLLM, SGLang's decode mode), so its
     # growth is a decode rate (policies.health.decode_rate_sample); not one that grows when a request ends.
     decode_token_total: ClassVar[bool] = False
+    # Whether the engine counts a prompt's computed tokens per prefill chunk as it runs (SGLang), so that
+    # its own counters show every long prefill of any client (policies.health.prefill_beside); vLLM counts a
+    # prompt only with its first token, and the gateway's record of its long prompts in prefill fills in.
+    prompt_counted_per_chunk: ClassVar[bool] = False
     # How stale the engine's running-requests gauge may be: flat counters must outlast it too.
     running_gauge_stale_s: ClassVar[float] = 0.0
     # Loads models on demand (first request after start or after its own keep-alive/TTL unloaded it).
@@ -500,6 +504,8 @@ class SglangAdapter(EngineAdapter):
     progress_counter = "per_step"
     decode_token_total = True
     running_gauge_stale_s = 30.0
+    # its realtime_tokens_total{mode="prefill_compute"} grows with each prefill batch (log_prefill_stats)
+    prompt_counted_per_chunk = True
 
     def base_argv(self) -> list[str]:
         cfg = self.config

@@ -397,7 +397,8 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                         prev = health.counters[-1]
                         sample = decode_rate_sample(prev, counters, adapter.decode_token_total,
                                                     in_prefill=health.gateway_in_prefill,
-                                                    last_prefill_end_s=health.gateway_prefill_end_s)
+                                                    last_prefill_end_s=health.gateway_prefill_end_s,
+                                                    prompt_counted_per_chunk=adapter.prompt_counted_per_chunk)
                         if sample is not None:
                             health.add_sample(dataclasses.replace(sample, at_s=now))
                         if (prev.generated_tokens_total is not None and counters.generated_tokens_total is not None

@@ -378,6 +378,22 @@ def test_a_gateway_prefill_leaves_out_the_counter_interval_it_touched() -> None:
     assert decode_rate_sample(before, after, True, last_prefill_end_s=10.0) is not None
 
 
+def test_sglang_counts_prefill_itself_so_the_gateways_word_is_not_taken() -> None:
+    """SGLang counts each prefill batch as it runs: where both readings have its prompt count, a gateway
+    prompt in prefill that computed little (a prefix-cache hit, a wait in its queue) leaves the interval
+    measured, and a long one shows in the count itself. An engine that counts prompts only at their first
+    token (vLLM), or readings without the count, take the gateway's word."""
+    before = EngineCounters(at_s=10.0, generated_tokens_total=1000.0, requests_running=2.0,
+                            prompt_tokens_total=5000.0, first_tokens_total=7.0)
+    cached = replace(before, at_s=15.0, generated_tokens_total=1200.0, prompt_tokens_total=5040.0)
+    assert decode_rate_sample(before, cached, True, in_prefill=1, prompt_counted_per_chunk=True) is not None
+    assert decode_rate_sample(before, cached, True, in_prefill=1) is None
+    chunk = replace(cached, prompt_tokens_total=5000.0 + 8192)
+    assert decode_rate_sample(before, chunk, True, prompt_counted_per_chunk=True) is None
+    blind = replace(before, prompt_tokens_total=None)
+    assert decode_rate_sample(blind, cached, True, in_prefill=1, prompt_counted_per_chunk=True) is None
+
+
 def test_tracker_keeps_only_what_the_windows_need() -> None:
     """The tracker prunes samples older than the degraded windows need."""
     tracker = ThroughputTracker()
