@@ -47,6 +47,7 @@ from policies.health import (
     decode_rate_sample,
     hang_cleared,
     learn_baseline,
+    prefill_beside,
     sample_concurrency,
     steps_advanced,
 )
@@ -106,6 +107,12 @@ class EngineHealth:
         # new run of the engine: the gateway reports its requests' ends as they come.
         self.gateway_in_prefill = 0
         self.gateway_prefill_end_s: float | None = None
+        # Counter intervals (vLLM, SGLang) taken as decode samples, and those left out because a long prompt
+        # was prefilled in them, with the last reason: status shows them, so a check that sees nothing but
+        # prefill (a steady load of long prompts) is not silently blind.
+        self.counter_samples_taken = 0
+        self.counter_samples_left_out = 0
+        self.counter_left_out_reason: str | None = None
         self._clear_progress()
 
     def _clear_progress(self) -> None:
@@ -138,10 +145,15 @@ class EngineHealth:
         if v is None:
             return {"phase": None}
         last = v.last_progress_s
-        return {"phase": v.phase, "evidence": v.evidence() if v.hung else None,
-                "last_progress": {"source": v.last_progress_source,
-                                  "silent_s": None if last is None else round(now_s - last, 1)},
-                "model_resident": self.model_resident}
+        doc: dict[str, Any] = {"phase": v.phase, "evidence": v.evidence() if v.hung else None,
+               "last_progress": {"source": v.last_progress_source,
+                                 "silent_s": None if last is None else round(now_s - last, 1)},
+               "model_resident": self.model_resident}
+        if self.counter_samples_taken or self.counter_samples_left_out:
+            doc["counter_samples"] = {"taken": self.counter_samples_taken,
+                                      "left_out_for_prefill": self.counter_samples_left_out,
+                                      "last_left_out": self.counter_left_out_reason}
+        return doc
 
     def new_run(self) -> None:
         """A new process of the engine: what was seen of the previous one must not judge this one
@@ -401,6 +413,14 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                                                     prompt_counted_per_chunk=adapter.prompt_counted_per_chunk)
                         if sample is not None:
                             health.add_sample(dataclasses.replace(sample, at_s=now))
+                            health.counter_samples_taken += 1
+                        elif adapter.decode_token_total:
+                            left_out = prefill_beside(prev, counters, health.gateway_in_prefill,
+                                                      health.gateway_prefill_end_s,
+                                                      prompt_counted_per_chunk=adapter.prompt_counted_per_chunk)
+                            if left_out is not None:
+                                health.counter_samples_left_out += 1
+                                health.counter_left_out_reason = left_out
                         if (prev.generated_tokens_total is not None and counters.generated_tokens_total is not None
                                 and counters.generated_tokens_total > prev.generated_tokens_total):
                             health.last_traffic_s = now

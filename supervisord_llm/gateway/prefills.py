@@ -8,9 +8,12 @@ engine's own bytes); one that ends without a token (an answer not streamed, an e
 until it ended, since nothing tells its prompt from its answer. While another request is in prefill
 the engine may run its prompt instead of decoding, or beside it: a stream's rate is taken only over
 the intervals between its tokens that no other request's prefill touched
-(``policies.health.quiet_interval``; the rate, ``stream_decode_rate``). Every change is told to the daemon
-(``on_change``), whose per-step counter samples of the engine leave out the intervals a prefill touched
-(``policies.health.prefill_beside``): vLLM's own counters show no prefill until its first token.
+(``policies.health.quiet_interval``; the rate, ``stream_decode_rate``). The prefills of requests whose first
+token the gateway sees (streams, and requests fetched as streams) are told to the daemon (``on_change``),
+whose per-step counter samples of the engine leave out the intervals such a prefill touched
+(``policies.health.prefill_beside``): vLLM's own counters show no prefill until its first token. A
+non-streamed answer's span lasts until its end, so it is not told: it would leave out every counter
+sample of the engine for as long as the answer takes.
 """
 
 from __future__ import annotations
@@ -31,18 +34,22 @@ class PrefillSpans:
 
     def __init__(self, on_change: OnChange | None = None) -> None:
         self._live: dict[str, set[int]] = {}  # engine -> keys of its requests in prefill
+        self._told: dict[str, set[int]] = {}  # engine -> those of them told to the daemon
         self._last_end_s: dict[str, float] = {}
         self._next_key = 0
         self._on_change = on_change
 
-    def begin(self, engine: str) -> int:
-        """A request went to ``engine``: in prefill until :meth:`end` with the key returned."""
+    def begin(self, engine: str, *, tell: bool = True) -> int:
+        """A request went to ``engine``: in prefill until :meth:`end` with the key returned. ``tell``: its
+        first token will be seen (a stream), so the daemon is told of its prefill."""
         key = self._next_key
         self._next_key += 1
-        live = self._live.setdefault(engine, set())
-        live.add(key)
-        if self._on_change is not None:
-            self._on_change(engine, len(live), None)
+        self._live.setdefault(engine, set()).add(key)
+        if tell:
+            told = self._told.setdefault(engine, set())
+            told.add(key)
+            if self._on_change is not None:
+                self._on_change(engine, len(told), None)
         return key
 
     def end(self, engine: str, key: int, at_s: float) -> None:
@@ -51,12 +58,17 @@ class PrefillSpans:
         if live is None or key not in live:
             return
         live.discard(key)
-        count = len(live)
         if not live:
             del self._live[engine]
         self._last_end_s[engine] = max(at_s, self._last_end_s.get(engine, at_s))
-        if self._on_change is not None:
-            self._on_change(engine, count, at_s)
+        told = self._told.get(engine)
+        if told is not None and key in told:
+            told.discard(key)
+            count = len(told)
+            if not told:
+                del self._told[engine]
+            if self._on_change is not None:
+                self._on_change(engine, count, at_s)
 
     def quiet_since(self, engine: str, since_s: float) -> bool:
         """No request to ``engine`` in prefill now, and none ended its prefill after ``since_s``."""

@@ -583,7 +583,8 @@ class _Forward:
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
                 self.sent_at_s = gw.clock.now()
                 if prefill_counts(len(self.request.content)):
-                    self.prefill_key = gw.prefills.begin(engine)
+                    # Told to the daemon only where its first token will be seen (gateway/prefills.py).
+                    self.prefill_key = gw.prefills.begin(engine, tell=self.stream_requested)
                 if self.stream_requested:
                     self._start_stall_watch()
                 await self._exchange(send, tg)

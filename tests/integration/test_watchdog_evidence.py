@@ -418,12 +418,15 @@ def test_a_long_prompt_prefilled_beside_steady_vllm_decodes_is_not_degraded_and_
             t.start()
         states = _states_while(d, 14.0)
         counters = d.engine("c")["counters"]
+        samples = d.engine("c")["watchdog"]["counter_samples"]  # the check says what it left out, and why
         for t in prompts:
             t.join(30)
         print(f"baselines {learned}; while 3 prompts were prefilled beside 1 decoding client: states {states}, "
               f"counters {counters}")
         assert counters["requests_running"] == 4, "the prefills were not counted as running: the test proves nothing"
         assert states == {"ready"}, f"other clients' prefill was called a slowdown: {d.engine('c')['state_reason']}"
+        assert samples["taken"] > 0 and samples["left_out_for_prefill"] > 0, samples
+        assert "long prompt" in samples["last_left_out"], samples
         decoders.add(3)
         time.sleep(3.0)
         os.kill(d.engine("c")["pid"], signal.SIGUSR2)  # from now on the engine decodes at 30% of its rate

@@ -58,6 +58,20 @@ def test_every_change_is_told_with_the_count_and_the_end() -> None:
     assert told == [("a", 1, None), ("a", 2, None), ("a", 1, 3.0), ("a", 0, 5.0)]
 
 
+def test_a_non_streamed_answers_prefill_counts_here_but_is_not_told() -> None:
+    """A request whose first token the gateway never sees (a non-streamed answer) is in prefill until its end:
+    it still leaves the streams' intervals beside it out, but telling the daemon would leave out every counter
+    sample of the engine for as long as the answer takes."""
+    told: list[tuple[str, int, float | None]] = []
+    p = PrefillSpans(lambda engine, count, ended_s: told.append((engine, count, ended_s)))
+    plain = p.begin("a", tell=False)
+    assert not p.quiet_since("a", 0.0) and told == []
+    stream = p.begin("a")
+    p.end("a", plain, 3.0)
+    p.end("a", stream, 4.0)
+    assert told == [("a", 1, None), ("a", 0, 4.0)]
+
+
 def _tally(p: PrefillSpans, in_flight: int = 1) -> QuietTally:
     return QuietTally(p, "a", lambda: in_flight)
 
