@@ -11,6 +11,7 @@ what it is for: an engine that goes silent in a non-streamed answer is `hung` wi
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -61,10 +62,18 @@ def test_the_real_engines_answers_come_back_as_the_engine_gives_them(daemon_fact
         assert direct.status_code == 200 and via.status_code == 200, (direct.text, via.text)
         assert via.headers["content-type"] == "application/json"
         _same_answer(direct.json(), via.json(), chat)
-    # Metered as streams: each request's first token was seen as it came (a non-streamed answer has none).
-    scrape = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
-    for name in ("tiny", "llama"):
-        assert f'supervisord_llm_gateway_time_to_first_token_seconds_count{{engine="{name}"}} 1.0' in scrape, scrape
+    # Metered as streams: each request's first token was seen as it came (a non-streamed answer has none). The
+    # gateway's note of a request's end reaches the daemon a moment after the answer: the scrape waits for it.
+    wanted = [f'supervisord_llm_gateway_time_to_first_token_seconds_count{{engine="{name}"}} 1.0'
+              for name in ("tiny", "llama")]
+    deadline = time.monotonic() + 10
+    while True:
+        scrape = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+        if all(line in scrape for line in wanted) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for line in wanted:
+        assert line in scrape, scrape
 
 
 def test_with_watch_non_streamed_off_a_request_goes_as_the_client_sent_it(daemon_factory) -> None:
