@@ -13,41 +13,20 @@ import json
 import os
 import re
 import shlex
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import PYTHON, STANDINS, free_port, standin_engine_toml, wait_for
+from tests.helpers import PYTHON, STANDINS, JsonWebhookReceiver, free_port, standin_engine_toml, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
 SAMPLES = Path(__file__).resolve().parent.parent / "fixtures" / "vm_stat"
 
 
-class Receiver:
-    """A JSON webhook receiver on 127.0.0.1 that keeps every body it is sent."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict] = []
-        received = self.bodies
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                received.append(json.loads(body))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+class Receiver(JsonWebhookReceiver):
+    """The shared JSON webhook receiver, read by episode."""
 
     def of(self, key: str) -> list[dict]:
         """The deliveries of episode ``key`` (each alert once: delivery is at least once)."""
