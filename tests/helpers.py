@@ -389,3 +389,17 @@ class JsonWebhookReceiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def tight_vm_stat_sample(tmp_path: Path) -> Path:
+    """The idle 512 GB Studio's ``vm_stat`` sample (tests/fixtures/vm_stat) with most of its free pages gone:
+    ~31 GB available, wired unchanged (nothing stranded: a refusal is plain memory pressure)."""
+    import re
+
+    text = (REPO / "tests" / "fixtures" / "vm_stat" / "studio-512gb-idle.txt").read_text()
+    tight = re.sub(r"^Pages free:\s+\d+\.$", "Pages free:                               800000.", text,
+                   flags=re.MULTILINE)
+    assert tight != text
+    path = tmp_path / "tight.txt"
+    path.write_text(tight)
+    return path

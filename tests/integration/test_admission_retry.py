@@ -9,30 +9,16 @@ sample the test swaps: a machine with 31 GB available, then the idle 512 GB Stud
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import STANDINS, free_port, standin_engine_toml, wait_for
+from tests.helpers import STANDINS, free_port, standin_engine_toml, tight_vm_stat_sample, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
-SAMPLES = Path(__file__).resolve().parent.parent / "fixtures" / "vm_stat"
-
-
-def _tight_sample(tmp_path: Path) -> Path:
-    """The idle Studio's sample with most of its free pages gone: ~31 GB available, wired unchanged
-    (no stranded memory: the refusal is plain memory pressure)."""
-    text = (SAMPLES / "studio-512gb-idle.txt").read_text()
-    tight = re.sub(r"^Pages free:\s+\d+\.$", "Pages free:                               800000.", text,
-                   flags=re.MULTILINE)
-    assert tight != text
-    path = tmp_path / "tight.txt"
-    path.write_text(tight)
-    return path
 
 
 def _chat(base: str, model: str, timeout: float = 60) -> httpx.Response:
@@ -59,7 +45,7 @@ def _setup(daemon_factory, tmp_path: Path) -> tuple[object, Path, str, int]:
     the vm_stat sample sequence file (write "studio-512gb-idle" to it for memory to come back), the gateway's
     URL and the metrics port."""
     seq = tmp_path / "sequence.txt"
-    seq.write_text(f"{_tight_sample(tmp_path)}\n")
+    seq.write_text(f"{tight_vm_stat_sample(tmp_path)}\n")
     env = {"PATH": f"{STANDINS}:{os.environ['PATH']}", "STANDIN_VM_STAT_SEQUENCE_FILE": str(seq)}
     gw, metrics = free_port(), free_port()
     cfg = f'[daemon]\nmetrics_listen = "127.0.0.1:{metrics}"\n'

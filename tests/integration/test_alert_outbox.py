@@ -389,6 +389,13 @@ async def _active(am: Any) -> set[str]:
     return {f"{a['labels']['alertname']}:{a['labels'].get('engine')}" for a in alerts}
 
 
+async def _wait_active(am: Any, keys: set[str], timeout_s: float) -> None:
+    """Until Alertmanager holds exactly ``keys`` active (fails after ``timeout_s``)."""
+    with anyio.fail_after(timeout_s):
+        while await _active(am) != keys:
+            await anyio.sleep(0.1)
+
+
 def _resolved_notices(am: Any) -> list[str]:
     return [f"{a['labels']['alertname']}:{a['labels'].get('engine')}" for a in am.notifications.alerts()
             if a["status"] == "resolved"]
@@ -410,9 +417,7 @@ async def test_reposts_keep_alerts_active_in_alertmanager_while_a_queued_deliver
             await tg.start(h.outbox.run)
             h.outbox.submit(firing("engine.failed:a", engine="a"))
             h.outbox.submit(firing("engine.hung:c", engine="c"))
-            with anyio.fail_after(20):
-                while await _active(am) != {"engine.failed:a", "engine.hung:c"}:
-                    await anyio.sleep(0.1)
+            await _wait_active(am, {"engine.failed:a", "engine.hung:c"}, 20)
             front.down = True  # the outage: b fires, c ends, both wait 12 s after their failure
             h.outbox.submit(firing("engine.failed:b", engine="b"))
             h.outbox.submit(Alert.resolved("engine.hung:c", "c answers again"))
@@ -431,9 +436,7 @@ async def test_reposts_keep_alerts_active_in_alertmanager_while_a_queued_deliver
             during = front.posted(up_s)
             assert len(during) >= 4 and all(keys == ["engine.failed:a"] for keys in during), during
             await wait_until(lambda: h.outbox.counts()["pending"] == 0, "b and c's resolve delivered", 30)
-            with anyio.fail_after(10):
-                while await _active(am) != {"engine.failed:a", "engine.failed:b"}:
-                    await anyio.sleep(0.1)
+            await _wait_active(am, {"engine.failed:a", "engine.failed:b"}, 10)
             tg.cancel_scope.cancel()
         h.outbox.close()
     finally:
@@ -464,9 +467,8 @@ async def test_reposts_neither_wait_for_nor_use_up_the_rate_limit(tmp_path: Path
             assert await _active(am) == {"engine.failed:a"}, front.posted()
             assert len(front.posted()) >= 5, front.posted()
             h.outbox.submit(firing("engine.failed:b", engine="b"))
-            with anyio.fail_after(5):  # the minute's second request, not a minute later
-                while await _active(am) != {"engine.failed:a", "engine.failed:b"}:
-                    await anyio.sleep(0.1)
+            # The minute's second request, not a minute later.
+            await _wait_active(am, {"engine.failed:a", "engine.failed:b"}, 5)
             tg.cancel_scope.cancel()
         h.outbox.close()
     finally:

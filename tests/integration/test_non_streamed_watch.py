@@ -121,6 +121,22 @@ def _chunk(content: str | None = None, finish: str | None = None) -> bytes:
 BODY = {"model": "e", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
 
+async def _through_gateway(handle, kind: str, requests: int = 1, settings=None):  # type: ignore[no-untyped-def]
+    """Serve ``handle`` as engine ``e`` of ``kind`` behind an in-process gateway and post ``BODY`` through it
+    ``requests`` times, one after the other; the answers and the gateway's backend (what it was told)."""
+    from supervisord_llm.gateway.protocol import Upstream
+    from tests.integration.test_gateway import Backend, running_gateway
+
+    server, base_url = await _serve(handle)
+    try:
+        backend = Backend({"e": Upstream("e", base_url, kind, supports_messages=False)}, default="e")
+        async with running_gateway(backend, settings) as url, httpx.AsyncClient(timeout=30) as client:
+            answers = [await client.post(url + "/v1/chat/completions", json=BODY) for _ in range(requests)]
+    finally:
+        server.close()  # type: ignore[attr-defined]
+    return answers, backend
+
+
 @pytest.mark.anyio
 async def test_an_answer_an_http_10_engine_broke_off_is_resent_and_judged_as_a_new_request() -> None:
     """mlx_lm.server's stream ends with its connection (HTTP/1.0), also when the engine died mid-answer: an
@@ -129,9 +145,7 @@ async def test_an_answer_an_http_10_engine_broke_off_is_resent_and_judged_as_a_n
     between the failed attempt's tokens (1 s)."""
     import asyncio
 
-    from supervisord_llm.gateway.protocol import Upstream
     from supervisord_llm.gateway.settings import GatewaySettings
-    from tests.integration.test_gateway import Backend, running_gateway
 
     seen: list[dict] = []
 
@@ -150,14 +164,8 @@ async def test_an_answer_an_http_10_engine_broke_off_is_resent_and_judged_as_a_n
         finally:
             writer.close()
 
-    server, base_url = await _serve(handle)
-    try:
-        backend = Backend({"e": Upstream("e", base_url, "mlx_lm", supports_messages=False)}, default="e")
-        settings = GatewaySettings(decode_stall_s=1.0, prefill_stall_s=5.0)
-        async with running_gateway(backend, settings) as url, httpx.AsyncClient(timeout=30) as client:
-            answer = await client.post(url + "/v1/chat/completions", json=BODY)
-    finally:
-        server.close()  # type: ignore[attr-defined]
+    (answer,), backend = await _through_gateway(handle, "mlx_lm",
+                                                settings=GatewaySettings(decode_stall_s=1.0, prefill_stall_s=5.0))
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] == "Hello", answer.text
     assert answer.json()["choices"][0]["finish_reason"] == "stop"
@@ -170,9 +178,6 @@ async def test_an_engine_that_answers_a_stream_request_whole_is_not_asked_for_a_
     """An OpenAI-compatible server that ignores "stream" sends its head only at the end, after the stall limits
     may have run out: once it has answered a stream request with a whole body, its requests go as sent."""
     import asyncio
-
-    from supervisord_llm.gateway.protocol import Upstream
-    from tests.integration.test_gateway import Backend, running_gateway
 
     seen: list[dict] = []
     whole = json.dumps({"id": "w", "object": "chat.completion", "choices": [
@@ -190,12 +195,6 @@ async def test_an_engine_that_answers_a_stream_request_whole_is_not_asked_for_a_
         finally:
             writer.close()
 
-    server, base_url = await _serve(handle)
-    try:
-        backend = Backend({"e": Upstream("e", base_url, "command", supports_messages=False)}, default="e")
-        async with running_gateway(backend) as url, httpx.AsyncClient(timeout=30) as client:
-            answers = [await client.post(url + "/v1/chat/completions", json=BODY) for _ in range(2)]
-    finally:
-        server.close()  # type: ignore[attr-defined]
+    answers, _ = await _through_gateway(handle, "command", requests=2)
     assert [a.json()["choices"][0]["message"]["content"] for a in answers] == ["whole", "whole"]
     assert [request.get("stream") for request in seen] == [True, None]

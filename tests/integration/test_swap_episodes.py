@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import PYTHON, STANDINS, JsonWebhookReceiver, free_port, standin_engine_toml, wait_for
+from tests.helpers import PYTHON, STANDINS, JsonWebhookReceiver, free_port, standin_engine_toml, tight_vm_stat_sample, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.long_wait]  # mostly waits: run beside the rest
 
-SAMPLES = Path(__file__).resolve().parent.parent / "fixtures" / "vm_stat"
 
 
 class Receiver(JsonWebhookReceiver):
@@ -103,23 +101,12 @@ def test_a_failed_swap_resolves_when_a_later_swap_to_its_target_succeeds(daemon_
     assert episodes[2]["episode_id"] != firing["episode_id"], episodes
 
 
-def _tight_sample(tmp_path: Path) -> Path:
-    """The idle 512 GB Studio's sample with ~31 GB available (wired unchanged: nothing stranded)."""
-    text = (SAMPLES / "studio-512gb-idle.txt").read_text()
-    tight = re.sub(r"^Pages free:\s+\d+\.$", "Pages free:                               800000.", text,
-                   flags=re.MULTILINE)
-    assert tight != text
-    path = tmp_path / "tight.txt"
-    path.write_text(tight)
-    return path
-
-
 def test_a_swap_whose_memory_did_not_come_back_resolves_when_a_person_stops_its_target(
         daemon_factory, receiver, tmp_path) -> None:
     """A swap to b aborted because memory did not come back (31 GB available, b needs 104 GB) opens
     swap.memory_not_returned:b and swap.failed:b; `llmctl stop b` resolves both."""
     seq = tmp_path / "sequence.txt"
-    seq.write_text(f"{_tight_sample(tmp_path)}\n")
+    seq.write_text(f"{tight_vm_stat_sample(tmp_path)}\n")
     env = {"PATH": f"{STANDINS}:{os.environ['PATH']}", "STANDIN_VM_STAT_SEQUENCE_FILE": str(seq)}
     cfg = standin_engine_toml("a", free_port(), exclusive=True, default=True)
     cfg += standin_engine_toml("b", free_port(), exclusive=True, footprint="100GB")
