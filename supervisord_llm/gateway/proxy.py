@@ -553,7 +553,10 @@ class _Forward:
         self.quiet = QuietTally(prefills, engine, self._in_flight_now)
 
         def on_token(at_s: float) -> None:
-            if self.prefill_key is not None:
+            # A non-streamed request fetched as a stream keeps its span until its end, as it did when it was
+            # sent as asked: the engine's work on it goes on after its first token (a stream beside it read
+            # its backlog, delivered right after that token, as a burst of fast tokens).
+            if self.prefill_key is not None and self.reassembly is None:
                 prefills.end(engine, self.prefill_key, at_s)
                 self.prefill_key = None
             self.quiet.token(at_s)
