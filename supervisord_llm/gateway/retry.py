@@ -54,10 +54,15 @@ async def send_until_answered(
     quick = list(QUICK_RETRY_DELAYS_S)
     deadline_s: float | None = None
     held_after_delivery = 0
+    # Since the last hold, a send failed after it was written (not refused): the engine may have had it.
+    # Sticky across the quick retries, which find nothing listening once the engine has died.
+    delivered = False
     while True:
         try:
             return await send_once()
         except UNANSWERED as exc:
+            if not isinstance(exc, httpx.ConnectError):
+                delivered = True
             if quick:
                 on_retry(exc, False)
                 await anyio.sleep(quick.pop(0))
@@ -67,7 +72,8 @@ async def send_until_answered(
             left_s = deadline_s - now()
             if left_s <= 0:
                 raise
-            if not isinstance(exc, httpx.ConnectError):  # it may have reached the engine before it died
+            if delivered:  # it may have reached the engine before it died
+                delivered = False
                 held_after_delivery += 1
                 if held_after_delivery > MAX_HELD_RESENDS_AFTER_DELIVERY:
                     raise

@@ -59,3 +59,27 @@ async def test_an_answer_with_any_status_is_never_sent_again() -> None:
     """Once a response head came back the request is not resent, whatever its status."""
     engine = Engine([])
     assert (await _send(engine, [])).status_code == 200 and engine.sends == 1
+
+
+async def test_a_request_the_engine_died_on_counts_as_delivered_even_when_refused_quick_retries_came_between(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine died with the request (reset), so the quick retries right after found nothing listening
+    (refused): the held resend to the restarted engine is still its one resend after a delivery. A second
+    death with it ends the request, rather than replaying it into a third run."""
+    monkeypatch.setattr(retry, "HELD_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(retry, "QUICK_RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    died, refused = httpx.ReadError("reset"), httpx.ConnectError("refused")
+    engine = Engine([died, refused, refused, refused, died, refused, refused, died])
+    with pytest.raises(httpx.ReadError):
+        await _send(engine, [])
+    assert engine.sends == 5  # two runs of the engine got it: the first and the restarted one
+
+
+async def test_refusals_after_the_one_resend_do_not_count_as_deliveries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After its resend, a request refused while the engine comes up again is held as any refused one."""
+    monkeypatch.setattr(retry, "HELD_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(retry, "QUICK_RETRY_DELAYS_S", (0.0,))
+    died, refused = httpx.ReadError("reset"), httpx.ConnectError("refused")
+    engine = Engine([died, refused, refused, refused])
+    assert (await _send(engine, [])).status_code == 200
+    assert engine.sends == 5
