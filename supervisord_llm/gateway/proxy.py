@@ -1131,6 +1131,11 @@ class _Forward:
                 self.anthropic, 502, f"engine {upstream.engine!r} reported an error: {message}", "engine_error",
                 engine=upstream.engine), 502)
             return
+        if reassembly.usage is None and upstream.engine not in self.gw.not_streaming:
+            # The engine ignored stream_options.include_usage: its streams carry no token counts, which its
+            # non-streamed answers give. Its later requests go as sent, so a client counting tokens keeps them.
+            self.gw.not_streaming.add(upstream.engine)
+            self.gw.log.warning("gateway.engine_streams_no_usage", engine=upstream.engine)
         await _send_json(send, reassembly.answer(), 200)
 
     async def _ping_while_quiet(self, send: Any) -> None:
@@ -1336,7 +1341,8 @@ class _Gateway:
         self.log = log
         self.stats = GatewayStats(settings.listen)
         self.lines = EngineLines()
-        # Engines that answered a request fetched as a stream with a whole body: not fetched so again.
+        # Engines that answered a request fetched as a stream with a whole body, or with a stream without usage:
+        # not fetched so again.
         self.not_streaming: set[str] = set()
         self.prefills = PrefillSpans(lambda *change: self.call_backend("prefill_changed", *change))
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # made in the lifespan

@@ -16,7 +16,8 @@ and oMLX send them):
   without one is a call of its own; mlx_lm.server sends each call whole, with an ``index`` when streaming),
   their ``arguments`` joined, and
   given back without ``index`` as a non-streamed answer has them; the last ``finish_reason`` wins; a chat
-  message always has ``content`` (None when there was no text), as the schema wants;
+  message always has ``content`` (None when there was no text), as the schema wants; ``"logprobs": null``
+  is kept where the chunks carry it (requests asking for log probabilities are never fetched so);
 - a chunk carrying ``error`` is the engine's error, reported instead of an answer.
 """
 
@@ -40,7 +41,7 @@ def stream_request_body(doc: dict[str, Any]) -> bytes:
 
 
 class _Choice:
-    __slots__ = ("index", "role", "texts", "tool_calls", "finish_reason", "other")
+    __slots__ = ("index", "role", "texts", "tool_calls", "finish_reason", "other", "logprobs_null")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -49,6 +50,7 @@ class _Choice:
         self.tool_calls: list[dict[str, Any]] = []
         self.finish_reason: Any = None
         self.other: dict[str, Any] = {}
+        self.logprobs_null = False  # the chunks said "logprobs": null, as the engine's whole answer would
 
     def add_delta(self, delta: dict[str, Any]) -> None:
         for key, value in delta.items():
@@ -160,6 +162,8 @@ class StreamReassembly:
                     index if isinstance(index, int) else 0)
             if raw.get("finish_reason") is not None:
                 choice.finish_reason = raw["finish_reason"]
+            if "logprobs" in raw and raw["logprobs"] is None:
+                choice.logprobs_null = True
             if self.chat:
                 delta = raw.get("delta")
                 if isinstance(delta, dict):
@@ -189,6 +193,8 @@ class StreamReassembly:
                 out["message"] = choice.message()
             else:
                 out["text"] = "".join(choice.texts.get("text", []))
+            if choice.logprobs_null:
+                out["logprobs"] = None
             out["finish_reason"] = choice.finish_reason
             choices.append(out)
         body["choices"] = choices

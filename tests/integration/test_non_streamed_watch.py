@@ -34,6 +34,7 @@ def _same_answer(direct: dict, via: dict, chat: bool) -> None:
     else:
         assert v_choice["text"] == d_choice["text"], (direct, via)
     assert v_choice["finish_reason"] == d_choice["finish_reason"]
+    assert v_choice.get("logprobs", "absent") == d_choice.get("logprobs", "absent"), (direct, via)
     assert via["object"] == direct["object"]
     for key in ("completion_tokens", "prompt_tokens", "total_tokens"):
         assert via["usage"][key] == direct["usage"][key], (direct["usage"], via["usage"])
@@ -198,3 +199,39 @@ async def test_an_engine_that_answers_a_stream_request_whole_is_not_asked_for_a_
     answers, _ = await _through_gateway(handle, "command", requests=2)
     assert [a.json()["choices"][0]["message"]["content"] for a in answers] == ["whole", "whole"]
     assert [request.get("stream") for request in seen] == [True, None]
+
+
+@pytest.mark.anyio
+async def test_an_engine_whose_streams_carry_no_usage_gets_its_requests_as_sent_after_the_first() -> None:
+    """An engine that ignores ``stream_options.include_usage`` (older OpenAI-compatible servers) gives usage only in
+    its non-streamed answers: a client counting tokens must not lose it for every request. The first rebuilt answer
+    shows the engine streams none; its later requests go as the client sent them, usage and all."""
+    import asyncio
+
+    seen: list[dict] = []
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    whole = json.dumps({"id": "w", "object": "chat.completion", "usage": usage, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}]}).encode()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await _read_request(reader)
+                seen.append(request)
+                if request.get("stream"):  # no usage chunk, whatever stream_options says
+                    body = _chunk("Hel") + _chunk("lo") + _chunk(finish="stop") + b"data: [DONE]\n\n"
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s"
+                                 % (len(body), body))
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                                 % (len(whole), whole))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    answers, _ = await _through_gateway(handle, "command", requests=3)
+    assert [a.json()["choices"][0]["message"]["content"] for a in answers] == ["Hello"] * 3
+    assert [request.get("stream") for request in seen] == [True, None, None]
+    assert [a.json().get("usage") for a in answers[1:]] == [usage, usage]
