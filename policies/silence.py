@@ -33,9 +33,12 @@ class StallLimits:
 
 
 # Engines that send nothing while the model writes a tool call, and then the call whole: Ollama (its tool
-# parser gives the call whole) and mlx_lm.server (mlx_lm/server.py ``handle_completion`` writes a chunk only
-# while ``current_state != "tool"``).
-SILENT_TOOL_CALL_KINDS = frozenset({"ollama", "mlx_lm"})
+# parser gives the call whole), mlx_lm.server (mlx_lm/server.py ``handle_completion`` writes a chunk only
+# while ``current_state != "tool"``) and oMLX (github.com/jundot/omlx: its chat stream passes the text through
+# ``ToolCallStreamFilter``, omlx/api/tool_calling.py, which holds back a tool-call envelope until it is whole and
+# sends nothing meanwhile; with tools but no tool-call marker the tokenizer knows, ``stream_content`` is off and
+# the whole answer comes at its end).
+SILENT_TOOL_CALL_KINDS = frozenset({"ollama", "mlx_lm", "omlx"})
 
 
 def stall_limits(*, prefill_stall_s: float, prefill_per_mib_s: float, decode_stall_s: float, body_bytes: int,

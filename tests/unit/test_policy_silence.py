@@ -72,7 +72,7 @@ def test_a_stall_is_exactly_a_phase_limit_without_evidence_of_work(now: float, s
 
 
 def test_the_prefill_limit_grows_with_the_prompt_and_silent_tool_calls_get_it_between_tokens() -> None:
-    """Ollama and mlx_lm.server send nothing while the model writes a tool call: a request with tools waits the
+    """Ollama, mlx_lm.server and oMLX send nothing while the model writes a tool call: a request with tools waits the
     prefill's limit between tokens there; other engines stream a call's arguments as they come."""
     plain = stall_limits(prefill_stall_s=60.0, prefill_per_mib_s=30.0, decode_stall_s=20.0, body_bytes=2 * 2**20,
                          engine_kind="ollama", tools=False)
@@ -83,6 +83,9 @@ def test_the_prefill_limit_grows_with_the_prompt_and_silent_tool_calls_get_it_be
     mlx = stall_limits(prefill_stall_s=60.0, prefill_per_mib_s=30.0, decode_stall_s=20.0, body_bytes=0,
                        engine_kind="mlx_lm", tools=True)
     assert mlx == StallLimits(prefill_s=60.0, decode_s=60.0)
+    omlx = stall_limits(prefill_stall_s=60.0, prefill_per_mib_s=30.0, decode_stall_s=20.0, body_bytes=0,
+                        engine_kind="omlx", tools=True)
+    assert omlx == StallLimits(prefill_s=60.0, decode_s=60.0)
     other = stall_limits(prefill_stall_s=60.0, prefill_per_mib_s=30.0, decode_stall_s=20.0, body_bytes=0,
                          engine_kind="llama_cpp", tools=True)
     assert other == StallLimits(prefill_s=60.0, decode_s=20.0)
