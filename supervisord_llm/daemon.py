@@ -52,7 +52,7 @@ from supervisord_llm.engine.process import (
     tagged_processes,
     wait_gone,
 )
-from supervisord_llm.engine.supervisor import RESIDENT_STATES, EngineState, EngineSupervisor
+from supervisord_llm.engine.supervisor import RESIDENT_STATES, SHUTDOWN_REASON, EngineState, EngineSupervisor
 from supervisord_llm.errors import (
     DaemonAlreadyRunning,
     StartRefused,
@@ -218,6 +218,10 @@ class Daemon:
                 refused = saved.get("start_refused")
                 if saved.get("state") == "stopped" and isinstance(refused, dict):
                     sup.start_refused = refused  # status and the metrics keep showing why it is stopped
+                reason = saved.get("reason")
+                if isinstance(reason, str) and reason and saved.get("state") in ("stopped", "failed"):
+                    # Why it is stopped, as the last daemon knew it (replaced as soon as it starts).
+                    sup.state_reason = reason if saved["state"] == "stopped" else f"failed before the daemon restarted: {reason}"
             self.supervisors[engine.name] = sup
 
     def close(self) -> None:
@@ -322,7 +326,7 @@ class Daemon:
                 tg.start_soon(self._heartbeat)
                 pending_swap = self._saved.get("swap")
                 for name, sup in self.supervisors.items():
-                    autostart = sup.config.autostart and self._should_autostart(name, pending_swap)
+                    autostart = self._should_autostart(name, pending_swap)
                     await tg.start(sup.run, adopted.get(name), autostart)
                 if isinstance(pending_swap, dict) and pending_swap.get("target") in self.supervisors:
                     tg.start_soon(self._resume_swap, pending_swap)
@@ -333,29 +337,48 @@ class Daemon:
                 await anyio.sleep_forever()
 
     def _should_autostart(self, name: str, pending_swap: Any) -> bool:
-        """At daemon start: which engines to start. Exclusive engines: only the default one (or the
-        one a pending swap was heading to, or the one that was running)."""
-        saved = self._saved.get("engines", {}).get(name, {}) if isinstance(self._saved.get("engines"), dict) else {}
-        refused = saved.get("start_refused") if isinstance(saved, dict) else None
-        refused_preload = saved.get("state") == "stopped" and isinstance(refused, dict) and refused.get("preload")
-        if isinstance(saved, dict) and saved.get("state") in ("stopped", "failed") and self._saved and not refused_preload:
-            # A person stopped it, its idle unload did, or it failed: a daemon restart does not undo that. An
-            # engine whose preload was refused was stopped by nobody: it is started as configured, asking
-            # admission again.
+        """At daemon start: which engines to start. An engine the last daemon left running (or starting, or in
+        its restart backoff, or stopped only by that daemon's own clean exit) is started again, whatever its
+        ``autostart``: a daemon restart undoes nothing a person did, their starts included. One a person or its
+        idle unload stopped, or that failed, stays so. Others (no record: a new state dir or a new engine) start
+        as ``autostart`` says. Exclusive engines: only one (the one that was resident, else the default, or the
+        one a pending swap was heading to)."""
+        saved = self._saved_engine(name)
+        was_running = saved is not None and self._was_running(saved)
+        if saved is not None and saved.get("state") in ("stopped", "failed") and not was_running:
+            refused = saved.get("start_refused")
+            if not (saved.get("state") == "stopped" and isinstance(refused, dict) and refused.get("preload")):
+                # A person stopped it, its idle unload did, or it failed: a daemon restart does not undo that. An
+                # engine whose preload was refused was stopped by nobody: it is started as configured, asking
+                # admission again.
+                return False
+        if not was_running and not self.supervisors[name].config.autostart:
             return False
         if isinstance(pending_swap, dict):
             return False  # the swap resumption decides
-        sup = self.supervisors[name]
-        if not sup.config.exclusive and not any(s.config.exclusive for s in self.supervisors.values()):
+        if not any(s.config.exclusive for s in self.supervisors.values()):
             return True
         # With exclusive engines only one starts: the one that was resident before, else the default.
-        was_running = [n for n, s in self._saved.get("engines", {}).items()
-                       if isinstance(s, dict) and s.get("state") in ("starting", "ready", "degraded", "hung",
-                                                                     "backoff")] if self._saved else []
-        if was_running:
-            return name == was_running[0]
+        resident = [n for n in self.supervisors if (s := self._saved_engine(n)) is not None and self._was_running(s)]
+        if resident:
+            return name == resident[0]
         default = self.config.default_engine
         return default is not None and default.name == name
+
+    def _saved_engine(self, name: str) -> dict[str, Any] | None:
+        """The last daemon's record of this engine (None: none)."""
+        engines = self._saved.get("engines") if self._saved else None
+        saved = engines.get(name) if isinstance(engines, dict) else None
+        return saved if isinstance(saved, dict) else None
+
+    @staticmethod
+    def _was_running(saved: dict[str, Any]) -> bool:
+        """The record says the engine ran, or was meant to, when the last daemon ended: a serving or starting
+        state, its restart backoff, or stopped by nothing but that daemon's own clean exit."""
+        state = saved.get("state")
+        if state in ("starting", "ready", "degraded", "hung", "backoff"):
+            return True
+        return state == "stopped" and saved.get("reason") == SHUTDOWN_REASON
 
     async def _kill_orphans(self, orphans: list[psutil.Process]) -> None:
         pids = [p.pid for p in orphans]
@@ -403,7 +426,7 @@ class Daemon:
 
     async def _stop_and_wait(self, sup: EngineSupervisor) -> None:
         try:
-            await sup.command("stop", reason="daemon shutdown")
+            await sup.command("stop", reason=SHUTDOWN_REASON)
         except Exception as exc:
             self.events.emit("engine.stop_failed", engine=sup.name, error=str(exc))
             return

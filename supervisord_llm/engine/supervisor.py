@@ -120,6 +120,9 @@ RESIDENT_STATES = frozenset({EngineState.STARTING, EngineState.READY, EngineStat
                              EngineState.STOPPING})
 SERVING_STATES = frozenset({EngineState.READY, EngineState.DEGRADED})
 PRELOAD_REASON = "daemon start"  # the reason of the daemon's own start of an autostart engine
+# The reason of the daemon's own stop of its engines when it exits cleanly. Nobody stopped such an engine: the
+# next daemon starts it again (``Daemon._should_autostart``), unlike one a person or its idle unload stopped.
+SHUTDOWN_REASON = "daemon shutdown"
 
 
 # ---- inbox messages ---------------------------------------------------------------------------
@@ -427,7 +430,7 @@ class EngineSupervisor:
         elif isinstance(m, BackoffOver):
             if self.state == EngineState.BACKOFF:
                 if self.host.shutting_down:
-                    self._set_state(EngineState.STOPPED, "daemon shutting down")
+                    self._set_state(EngineState.STOPPED, SHUTDOWN_REASON)
                 else:
                     self._begin_spawn(manual=False, reason="backoff over")
 
@@ -530,9 +533,10 @@ class EngineSupervisor:
             return f"{self.name} stopped (it was in {was})"
         if self.state == EngineState.STOPPING:
             # A restart (or hang restart) in progress ends stopped instead of starting again.
+            if self._stop_then != Then.STAY:  # a stop already meant to stay keeps its reason (a person's, say)
+                self._stop_reason = cmd.reason or "llmctl stop"
             self._stop_then = Then.STAY
             self._stop_is_failure = False
-            self._stop_reason = cmd.reason or "llmctl stop"
             return f"{self.name} is already stopping; it will stay stopped"
         drain_s = self.host.config.memory.swap_drain_s if cmd.drain and self.state in SERVING_STATES else 0.0
         self._begin_stop(cmd.reason or "llmctl stop", then=Then.STAY, grace_s=cmd.grace_s, drain_s=drain_s)
@@ -1009,6 +1013,7 @@ class EngineSupervisor:
             "argv": redact_argv(proc.argv) if proc else None,  # a record, never run again
             "tag": proc.tag if proc else None,
             "state": str(self.state),
+            "reason": self.state_reason,
             "restarts": self.restarts,
             "backoff": backoff.to_record(self.backoff),
             "last_exit": self.last_exit,

@@ -100,3 +100,37 @@ def test_after_a_restart_the_keeper_of_an_orphan_is_reaped_once_the_orphan_is_ki
         time.sleep(0.1)
     assert not psutil.pid_exists(dropped["pid"])
     assert d.wait_state("kept", "ready", timeout_s=30)["restarts"] == 0
+
+
+@pytest.mark.long_wait  # the 60 s spawn floor runs out before the second daemon may start the engines again
+def test_after_a_clean_stop_the_next_daemon_starts_again_what_ran_and_keeps_what_a_person_stopped(
+        daemon_factory) -> None:
+    """SIGTERM stops the engines (stop_engines_on_exit); the next daemon on the same state starts again the
+    engines that ran (one started by a person too, though not autostart) once their 60 s spawn floor allows,
+    resumes the restart backoff of one that had crashed, and leaves stopped the one a person stopped."""
+    config = (standin_engine_toml("a", free_port())
+              + standin_engine_toml("b", free_port(), autostart=False)
+              + standin_engine_toml("c", free_port())
+              + standin_engine_toml("off", free_port()))
+    first = daemon_factory(config).start()
+    for name in ("a", "c", "off"):
+        first.wait_state(name, "ready", 30)
+    assert first.llmctl("start", "b").returncode == 0
+    first.wait_state("b", "ready", 30)
+    assert first.llmctl("stop", "off").returncode == 0
+    first.wait_state("off", "stopped", 30)
+    os.kill(first.engine("c")["pid"], signal.SIGKILL)
+    c_before = first.wait_state("c", "backoff", 30)
+    first.stop()
+    assert first.proc is not None and first.proc.returncode == 0
+
+    second = daemon_factory(config, state_dir=first.state_dir).start()
+    for name in ("a", "b", "c"):  # waiting out the floor (a, b) or the backoff (c), each with its time shown
+        engine = second.wait_state(name, "backoff", 30)
+        assert engine["next_start_in_s"] is not None and engine["next_start_in_s"] > 0, engine
+    assert abs(second.engine("c")["next_start_at"] - c_before["next_start_at"]) < 2.0
+    off = second.engine("off")
+    assert off["state"] == "stopped" and off["state_reason"] == "llmctl stop", off
+    for name in ("a", "b", "c"):
+        assert second.wait_state(name, "ready", 90)["state"] == "ready"
+    assert second.engine("off")["state"] == "stopped"

@@ -261,3 +261,17 @@ async def test_a_refused_start_ends_a_drain_and_keeps_its_refusal_until_ready(tm
     assert sup.state == S.STARTING and sup.status()["start_refused"]["reason"] == "memory"
     sup.step(Ready(sup.gen, OK_CANARY))
     assert sup.state == S.READY and sup.status()["start_refused"] is None
+
+
+@pytest.mark.anyio
+async def test_a_persons_stop_in_progress_keeps_its_reason_through_the_daemons_own_stop(tmp_path) -> None:
+    """A clean daemon exit stops every engine with SHUTDOWN_REASON, which the next daemon undoes; an engine a person
+    was stopping at that moment must not take that reason (it would be started again by the next daemon)."""
+    from supervisord_llm.engine.supervisor import SHUTDOWN_REASON, Command, Op
+
+    sup, host, _ = make(S.READY, tmp_path)
+    sup.step(Command(op=Op("stop"), reason="llmctl stop"))
+    assert sup.state == S.STOPPING
+    sup.step(Command(op=Op("stop"), reason=SHUTDOWN_REASON))
+    sup.step(Stopped(sup.gen, True, (), sup._stop_then))
+    assert sup.state == S.STOPPED and sup.persisted()["reason"] == "llmctl stop"
