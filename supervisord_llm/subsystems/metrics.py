@@ -3,7 +3,7 @@
 Room: subsystems.
 
 The TCP listener (``[daemon] metrics_listen = "127.0.0.1:9464"``) also serves ``/healthz`` (the
-daemon's loop is alive) and ``/readyz`` (no engine is failed or hung), for Kubernetes probes.
+daemon's loop is alive) and ``/readyz`` (no engine is failed, hung, in its restart backoff or refused a start), for Kubernetes probes.
 Each scrape builds a fresh registry from the daemon's status: no counters drift from the truth.
 """
 
@@ -142,8 +142,11 @@ class MetricsExtension(Extension):
             return JSONResponse({"ok": daemon.healthy_loop}, status_code=200 if daemon.healthy_loop else 503)
 
         async def readyz(request: Request) -> Response:
-            # A start memory admission refused leaves the engine stopped, not failed, and counts as failed did.
-            bad = [s.name for s in daemon.supervisors.values() if s.state in (EngineState.FAILED, EngineState.HUNG)
+            # A start memory admission refused leaves the engine stopped, not failed, and counts as failed did. An
+            # engine in its restart backoff answers requests with a 503 until the backoff ends. A start (a load) is
+            # not counted: the gateway holds requests through it.
+            bad = [s.name for s in daemon.supervisors.values()
+                   if s.state in (EngineState.FAILED, EngineState.HUNG, EngineState.BACKOFF)
                    or (s.state == EngineState.STOPPED and s.start_refused)]
             return JSONResponse({"ready": not bad, "engines_not_ok": bad}, status_code=503 if bad else 200)
 

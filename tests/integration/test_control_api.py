@@ -143,6 +143,24 @@ def test_metrics_and_health_on_the_loopback_tcp_port(daemon_factory) -> None:
     assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
 
 
+def test_readyz_is_not_ready_while_an_engine_waits_out_its_restart_backoff(daemon_factory) -> None:
+    """An engine that crashed answers every request with a 503 until its backoff ends (60 s at least): a readiness
+    probe must not send traffic meanwhile. Ready again once the engine is."""
+    import os
+    import signal
+
+    import httpx
+
+    port = free_port()
+    d = daemon_factory(f'[daemon]\nmetrics_listen = "127.0.0.1:{port}"\n' + standin_engine_toml("a", free_port())).start()
+    pid = d.wait_state("a", "ready", 30)["pid"]
+    assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+    os.kill(pid, signal.SIGKILL)
+    d.wait_state("a", "backoff", 30)
+    ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+    assert ready.status_code == 503 and ready.json() == {"ready": False, "engines_not_ok": ["a"]}, ready.text
+
+
 def test_lifetime_counts_are_counters_named_total_beside_the_old_gauges(daemon_factory) -> None:
     """After a delivery and a drop, a scrape of the metrics port has alerts_delivered_total, alerts_failed_total
     and gateway_clients_cut_total as counters (rate() and increase() work on them) with the outbox's counts;
