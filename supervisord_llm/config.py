@@ -375,9 +375,16 @@ def _parse_memory_guard(t: Table) -> MemoryGuardConfig:
     if soft >= hard:
         raise t.error("soft_factor", f"must be below hard_factor ({hard:g}), got {soft:g}; e.g. soft_factor = 1.1, "
                                      "hard_factor = 1.3")
-    return MemoryGuardConfig(enabled=t.bool("enabled", True),
-                             guard=GuardSettings(soft_factor=soft, hard_factor=hard,
-                                                 drain_grace_s=t.duration_s("drain_grace", "30s")))
+    guard = t.construct(GuardSettings, {"soft_factor": "soft_factor", "hard_factor": "hard_factor",
+                                        "drain_grace_s": "drain_grace"},
+                        soft_factor=soft, hard_factor=hard, drain_grace_s=t.duration_s("drain_grace", "30s"))
+    return MemoryGuardConfig(enabled=t.bool("enabled", True), guard=guard)
+
+
+# The config's key for each field of the backoff policy's settings object (for the errors it raises).
+_BACKOFF_KEYS = {"min_interval_s": "min_interval", "initial_s": "initial_backoff", "factor": "factor",
+                 "max_s": "max_backoff", "reset_after_ready_s": "reset_after", "max_failures": "max_failures",
+                 "failure_window_s": "failure_window"}
 
 
 def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, StrandedSettings, RebootConfig,
@@ -394,7 +401,8 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     if max_backoff_s < initial_backoff_s:
         raise r.error("max_backoff", f"must be at least initial_backoff ({initial_backoff_s:g}s), got {max_backoff_s:g}s")
     restart = RestartSettings(
-        backoff=BackoffSettings(
+        backoff=r.construct(
+            BackoffSettings, _BACKOFF_KEYS,
             min_interval_s=min_interval,
             initial_s=initial_backoff_s,
             factor=r.float("factor", 2.0, min_value=1.0, max_value=10.0),
@@ -412,7 +420,8 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
         budget_bytes=m.size_bytes("budget", "auto", allow_auto=True),
         auto_factor=m.float("auto_factor", 1.2, min_value=1.0, max_value=4.0),
         admission_wait_s=m.duration_s("admission_wait", "5m"),
-        swap=_swap_settings(m.duration_s("return_wait", "5m", positive=True)),
+        swap=m.construct(_swap_settings, {"memory_wait_s": "return_wait", "poll_interval_s": "return_wait"},
+                         return_wait_s=m.duration_s("return_wait", "5m", positive=True)),
         swap_drain_s=m.duration_s("swap_drain", "30s"),
     )
     s = t.sub("stranded")
@@ -422,7 +431,8 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     if threshold_bytes <= drift_bytes:
         raise s.error("threshold", f"must be above {drift_bytes / 1e9:g}GB (idle wired memory drifts by that much), "
                                    f"got {threshold_bytes / 1e9:g}GB")
-    stranded = stranded_policy.StrandedSettings(
+    stranded = s.construct(
+        stranded_policy.StrandedSettings, {"threshold_bytes": "threshold", "reclaim_window_s": "reclaim_window"},
         threshold_bytes=threshold_bytes,
         reclaim_window_s=s.duration_s("reclaim_window", "2m"),
     )
@@ -437,7 +447,8 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
         raise rb.error("argv", 'must not be empty, e.g. ["sudo", "-n", "shutdown", "-r", "now"]')
     if not all(argv):
         raise rb.error("argv", f"must not contain empty strings, got {list(argv)!r}")
-    reboot = reboot_policy.RebootSettings(
+    reboot = rb.construct(
+        reboot_policy.RebootSettings, {"enabled": "enabled", "grace_s": "grace", "cooldown_s": "cooldown", "argv": "argv"},
         enabled=rb.bool("enabled", False),
         grace_s=rb.duration_s("grace", "5m", min_s=30, why="a reboot is announced first so a person has time to run `llmctl reboot cancel`"),
         cooldown_s=rb.duration_s("cooldown", "6h", min_s=3600,
@@ -446,7 +457,9 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     )
     d = t.sub("degraded")
     d.check_unknown({"share", "windows", "window", "restart_when_idle"})
-    degraded = HealthSettings(
+    degraded = d.construct(
+        HealthSettings, {"degraded_share": "share", "degraded_windows": "windows", "window_s": "window",
+                         "restart_when_idle": "restart_when_idle"},
         degraded_share=d.float("share", 0.5, min_value=0.01, max_value=0.99),
         degraded_windows=d.int("windows", 3, min_value=1, max_value=100) or 3,
         window_s=d.duration_s("window", "30s", min_s=1),

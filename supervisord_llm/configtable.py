@@ -9,6 +9,8 @@ errors, so the modules that own a section (``gateway``, ``alerts``) can use it w
 from __future__ import annotations
 
 import builtins
+import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -16,6 +18,14 @@ from supervisord_llm.convert import parse_duration_s, parse_size_bytes
 from supervisord_llm.errors import ConfigError
 
 T = TypeVar("T")
+
+# Every comparison with NaN is false, so a NaN passes any `<` or `>=` check after it: the readers refuse
+# values that are not finite first. Beyond these limits a value is a typo, not a setting: no timer here
+# needs a year, no machine holds a petabyte (and an infinite stop grace would never end).
+MAX_DURATION_S = 365 * 86400.0
+MAX_SIZE_BYTES = 10**15
+_MAX_DURATION_TEXT = "365d"
+_MAX_SIZE_TEXT = '1PB ("1000TB", 10^15 bytes)'
 
 
 class Table:
@@ -93,6 +103,16 @@ class Table:
         value = self._get(name, default, False)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(name, f"expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            if min_value is not None and max_value is not None:
+                valid = f"a number from {min_value:g} to {max_value:g}"
+            elif min_value is not None:
+                valid = f"a number of at least {min_value:g}"
+            elif max_value is not None:
+                valid = f"a number of at most {max_value:g}"
+            else:
+                valid = "a finite number"
+            raise self.error(name, f"expected {valid}, got {value!r}")
         if min_value is not None and value < min_value:
             raise self.error(name, f"must be at least {min_value}, got {value}")
         if max_value is not None and value > max_value:
@@ -107,6 +127,11 @@ class Table:
             seconds = parse_duration_s(value)
         except ValueError as exc:
             raise self.error(name, str(exc)) from exc
+        if not math.isfinite(seconds):
+            raise self.error(name, f'must be a finite duration of at most {_MAX_DURATION_TEXT}, e.g. "90s" or "5m", '
+                                   f"got {value!r}")
+        if seconds > MAX_DURATION_S and (max_s is None or max_s > MAX_DURATION_S):
+            raise self.error(name, f"must be at most {_MAX_DURATION_TEXT}, got {value!r}")
         if min_s is not None and seconds < min_s:
             reason = f" ({why})" if why else ""
             raise self.error(name, f"must be at least {min_s:g}s{reason}, got {value!r}")
@@ -124,13 +149,35 @@ class Table:
         if allow_auto and value == "auto":
             return None
         try:
-            return parse_size_bytes(value)
+            size = parse_size_bytes(value)
+        except OverflowError:  # digits beyond a float: infinity, which no int holds
+            size = MAX_SIZE_BYTES + 1
         except ValueError as exc:
             message = str(exc)
             if allow_auto:  # 'expected a size such as ... or "auto", got ...'
                 head, got, rest = message.rpartition(", got ")
                 message = f'{head} or "auto"{got}{rest}' if got else f'{message} (or "auto")'
             raise self.error(name, message) from exc
+        if size > MAX_SIZE_BYTES:
+            raise self.error(name, f"must be at most {_MAX_SIZE_TEXT}, got {value!r}")
+        return size
+
+    def construct(self, factory: Callable[..., T], keys: Mapping[builtins.str, builtins.str], /, **fields: Any) -> T:
+        """``factory(**fields)``: a settings object that validates itself when constructed.
+
+        Its ValueError becomes the config error of the key that set the field it names first (``keys`` maps
+        each field to its key in this table), else of this table: a check the readers missed is still a
+        config error, never a traceback.
+        """
+        try:
+            return factory(**fields)
+        except ValueError as exc:
+            message = str(exc)
+            named = [(match.start(), key) for field_name, key in keys.items()
+                     if (match := re.search(rf"\b{re.escape(field_name)}\b", message))]
+            if named:
+                raise self.error(min(named)[1], message) from None
+            raise ConfigError(message, file=self.file, key=self.path or None) from None
 
     def checked(self, name: builtins.str, check: Callable[[Any], T], default: Any = None) -> T:
         """The value (or ``default``) passed through ``check``, whose ValueError becomes this key's error."""
@@ -174,4 +221,4 @@ class Table:
         return dict(value)
 
 
-__all__ = ["Table"]
+__all__ = ["MAX_DURATION_S", "MAX_SIZE_BYTES", "Table"]

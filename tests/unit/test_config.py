@@ -192,3 +192,97 @@ def test_the_gateway_and_metrics_listen_clash_only_where_both_cannot_bind(tmp_pa
             load_config(write(tmp_path, text))
     else:
         load_config(write(tmp_path, text))
+
+
+# ---- values no reader may let through: NaN, infinity, absurd sizes --------------------------------
+
+NOT_FINITE = [
+    ("[policies.restart]\nmin_interval = nan\n", "policies.restart.min_interval", "finite"),
+    ("[policies.restart]\ninitial_backoff = nan\n", "policies.restart.initial_backoff", "finite"),
+    ("[policies.restart]\nfactor = nan\n", "policies.restart.factor", "from 1 to 10"),
+    ("[policies.restart]\nhang_restart_after = nan\n", "policies.restart.hang_restart_after", "finite"),
+    ("[policies.degraded]\nshare = nan\n", "policies.degraded.share", "from 0.01 to 0.99"),
+    ("[policies.memory_guard]\nsoft_factor = nan\n", "policies.memory_guard.soft_factor", "from 1 to 4"),
+    ("[policies.reboot]\ngrace = nan\n", "policies.reboot.grace", "finite"),
+    ("[policies.memory]\nadmission_wait = nan\n", "policies.memory.admission_wait", "finite"),
+    ("[policies.memory]\nauto_factor = nan\n", "policies.memory.auto_factor", "from 1 to 4"),
+    ("[policies.memory]\nauto_factor = inf\n", "policies.memory.auto_factor", "from 1 to 4"),
+    ('[gateway]\nhold_s = nan\n', "gateway.hold_s", "finite"),
+    ('[gateway]\nhold_s = "1000d"\n', "gateway.hold_s", "at most 365d"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "expected"), NOT_FINITE, ids=[n[1] + "=" + n[0].split("= ")[1].strip()
+                                                                         for n in NOT_FINITE])
+def test_nan_and_infinity_are_refused_at_their_key(tmp_path: Path, section: str, key: str, expected: str) -> None:
+    """NaN passes every `<` and `>=` check, so each reader refuses it (and infinity) itself, naming the key and
+    what is valid, before a settings object sees it (BackoffSettings raised a bare ValueError: a traceback)."""
+    path = write(tmp_path, f'[daemon]\nstate_dir = "{tmp_path}/s"\n' + GOOD_ENGINE + 'footprint = "1GB"\n' + section)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.file, info.value.key) == (str(path), key), str(info.value)
+    assert expected in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(("line", "key", "expected"), [
+    ("stop_grace = nan", "engine[0].stop_grace", "finite"),
+    ("stop_grace = 1e400", "engine[0].stop_grace", "finite"),  # TOML reads it as infinity
+    ("stop_grace = inf", "engine[0].stop_grace", "finite"),
+    ("start_timeout = nan", "engine[0].start_timeout", "finite"),
+    ("stall = nan", "engine[0].stall", "finite"),
+    (f'stall = "{"9" * 400}s"', "engine[0].stall", "finite"),  # digits beyond a float: infinity
+    ('footprint = "99999999999999999999999TB"', "engine[0].footprint", "at most 1PB"),
+    (f'footprint = "{"9" * 400}TB"', "engine[0].footprint", "at most 1PB"),  # int(inf) raised OverflowError
+    ("footprint = 1000000000000000001", "engine[0].footprint", "at most 1PB"),
+    ('gpu_footprint = "2000TB"\ngpu_devices = [0]', "engine[0].gpu_footprint", "at most 1PB"),
+    ('memory_hard = "5000TB"', "engine[0].memory_hard", "at most 1PB"),
+])
+def test_engine_durations_and_sizes_must_be_finite_and_sane(tmp_path: Path, line: str, key: str, expected: str) -> None:
+    """An engine's stop_grace = nan (or 1e400) was accepted: every comparison with NaN is false, and an
+    infinite grace never ends. A size of 10^35 bytes counted as a footprint."""
+    path = write(tmp_path, GOOD_ENGINE + ('' if "footprint" in line else 'footprint = "1GB"\n') + line + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.file, info.value.key) == (str(path), key), str(info.value)
+    assert expected in str(info.value), str(info.value)
+
+
+def test_the_largest_sizes_and_durations_are_still_accepted(tmp_path: Path) -> None:
+    """The limits are far from any real value: 1PB ("1000TB") and 365d load."""
+    cfg = load_config(write(tmp_path, GOOD_ENGINE + 'footprint = "1000TB"\nstop_grace = "365d"\n'))
+    assert (cfg.engines[0].footprint_bytes, cfg.engines[0].stop_grace_s) == (10**15, 365 * 86400.0)
+
+
+def test_check_config_reports_a_nan_as_a_config_error_not_a_traceback(tmp_path: Path) -> None:
+    """`check-config` on min_interval = nan printed a Python traceback; it is the key's config error, exit 2."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, GOOD_ENGINE + 'footprint = "1GB"\n[policies.restart]\nmin_interval = nan\n')
+    done = subprocess.run([sys.executable, "-m", "supervisord_llm.main", "check-config", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"{path}: policies.restart.min_interval: " in done.stderr, done.stderr
+
+
+def test_a_settings_objects_own_refusal_names_the_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ValueError from a policy's settings object (its last line of defence) becomes the config error of the key
+    that set the field it names, never a traceback."""
+    import dataclasses
+
+    import supervisord_llm.config as config_module
+    from policies.backoff import BackoffSettings
+
+    @dataclasses.dataclass(frozen=True)
+    class Stricter(BackoffSettings):
+        def __post_init__(self) -> None:
+            if self.failure_window_s < 7200:
+                raise ValueError(f"backoff failure_window_s must be >= 7200s, got {self.failure_window_s!r}")
+
+    monkeypatch.setattr(config_module, "BackoffSettings", Stricter)
+    path = write(tmp_path, GOOD_ENGINE + 'footprint = "1GB"\n[policies.restart]\nfailure_window = "1h"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.file, info.value.key) == (str(path), "policies.restart.failure_window"), str(info.value)
+    assert "must be >= 7200s" in str(info.value)
