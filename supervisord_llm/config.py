@@ -535,6 +535,13 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
             raise ConfigError(f"port {engine.port} is already used by engine {ports[(engine.host, engine.port)]!r}; "
                               "each engine needs its own port", file=file, key=f"engine[{i}].port")
         ports[(engine.host, engine.port)] = engine.name
+    if metrics_listen is not None:
+        # The daemon binds metrics_listen before it starts any engine: an engine on its port could never start.
+        for engine in engines:
+            if _same_listen(parse_listen(metrics_listen), (engine.host, engine.port)):
+                raise d.error("metrics_listen", f"{metrics_listen} would take the port of engine {engine.name!r} "
+                                                f"({engine.host}:{engine.port}), which could then never start; give the "
+                                                'metrics server another port, e.g. "127.0.0.1:9464"')
     defaults = [e.name for e in engines if e.default]
     if len(defaults) > 1:
         raise ConfigError(f"more than one engine is marked default ({', '.join(defaults)}); mark at most one",
@@ -555,8 +562,9 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
         gateway = settings if settings.enabled else None
         if gateway is not None:
             for engine in engines:
-                if engine.port == settings.port and engine.host in (settings.host, "0.0.0.0"):
-                    raise ConfigError(f"the gateway port {settings.port} is engine {engine.name!r}'s port",
+                if _same_listen((settings.host, settings.port), (engine.host, engine.port)):
+                    raise ConfigError(f"the gateway port {settings.port} is engine {engine.name!r}'s port "
+                                      f"({engine.host}:{engine.port}); give one of them another port",
                                       file=file, key="gateway.listen")
 
     alerts = None

@@ -286,3 +286,34 @@ def test_a_settings_objects_own_refusal_names_the_config_key(tmp_path: Path, mon
         load_config(path)
     assert (info.value.file, info.value.key) == (str(path), "policies.restart.failure_window"), str(info.value)
     assert "must be >= 7200s" in str(info.value)
+
+
+# ---- listeners that cannot both bind ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("metrics", "clash"), [
+    ("127.0.0.1:8081", True),
+    ("0.0.0.0:8081", True),     # the wildcard covers the engine's address
+    ("localhost:8081", True),
+    ("127.0.0.2:8081", False),  # same port, another address: both bind
+    ("127.0.0.1:8082", False),
+])
+def test_metrics_listen_on_an_engine_port_is_refused(tmp_path: Path, metrics: str, clash: bool) -> None:
+    """metrics_listen on an engine's port was accepted, and the engine then never started (its port held by the
+    daemon's metrics server); it is refused as a gateway on an engine's port is."""
+    path = write(tmp_path, f'[daemon]\nstate_dir = "{tmp_path}/s"\nmetrics_listen = "{metrics}"\n' + GOOD_ENGINE
+                 + 'footprint = "1GB"\n')
+    if not clash:
+        load_config(path)
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.file, info.value.key) == (str(path), "daemon.metrics_listen"), str(info.value)
+    assert "engine 'a'" in str(info.value) and "8081" in str(info.value)
+
+
+def test_a_gateway_on_the_wildcard_address_of_an_engine_port_is_refused(tmp_path: Path) -> None:
+    """A gateway on 0.0.0.0:P covers an engine's 127.0.0.1:P: they cannot both bind."""
+    path = write(tmp_path, f'[daemon]\nstate_dir = "{tmp_path}/s"\n' + GOOD_ENGINE + 'footprint = "1GB"\n'
+                 '[gateway]\nlisten = "0.0.0.0:8081"\napi_key = "k"\n')
+    with pytest.raises(ConfigError, match="gateway.listen: the gateway port 8081 is engine 'a'"):
+        load_config(path)
