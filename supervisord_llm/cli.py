@@ -587,11 +587,13 @@ def running_daemon_status(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from supervisord_llm.config import resolve_config_path
     from supervisord_llm.doctor import run_doctor
 
     explicit = args.config or os.environ.get("SUPERVISORD_LLM_CONFIG")
     running = running_daemon_status(args)
-    if explicit and running is not None and running.get("daemon", {}).get("config") != str(Path(explicit).absolute()):
+    # The daemon records its config as resolve_config_path made it (absolute): compare the same form.
+    if explicit and running is not None and running.get("daemon", {}).get("config") != str(resolve_config_path(args.config)):
         running = None  # another config was asked for: check it as a config, not as the running one
     return run_doctor(args.config, running)
 

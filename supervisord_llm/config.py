@@ -630,12 +630,16 @@ def _same_listen(a: tuple[str, int], b: tuple[str, int]) -> bool:
 
 
 def resolve_config_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Path:
+    """The config file, as an absolute path: the daemon records it (status, ``llmctl doctor``, ``service
+    install``), and those run from other directories."""
     environ = os.environ if environ is None else environ
     if explicit:
-        return Path(explicit)
-    if environ.get("SUPERVISORD_LLM_CONFIG"):
-        return Path(environ["SUPERVISORD_LLM_CONFIG"])
-    return default_config_path()
+        chosen = os.fspath(explicit)
+    elif environ.get("SUPERVISORD_LLM_CONFIG"):
+        chosen = environ["SUPERVISORD_LLM_CONFIG"]
+    else:
+        return default_config_path()
+    return Path(os.path.abspath(os.path.expanduser(chosen)))
 
 
 def config_notes(config: Config) -> list[str]:

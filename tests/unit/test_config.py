@@ -317,3 +317,16 @@ def test_a_gateway_on_the_wildcard_address_of_an_engine_port_is_refused(tmp_path
                  '[gateway]\nlisten = "0.0.0.0:8081"\napi_key = "k"\n')
     with pytest.raises(ConfigError, match="gateway.listen: the gateway port 8081 is engine 'a'"):
         load_config(path)
+
+
+# ---- the config path a daemon records ---------------------------------------------------------------
+
+def test_a_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --config standin.toml` recorded "standin.toml": doctor and service install, run from another
+    directory, then failed with "no such file". The path is absolute from the start (--config and the env)."""
+    write(tmp_path, GOOD_ENGINE + 'footprint = "1GB"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_config("config.toml").file == str(tmp_path / "config.toml")
+    assert load_config(None, environ={"SUPERVISORD_LLM_CONFIG": "./config.toml"}).file == str(tmp_path / "config.toml")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/nope\.toml: no such file"):
+        load_config("nope.toml")
