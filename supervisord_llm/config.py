@@ -645,6 +645,12 @@ def resolve_config_path(explicit: str | os.PathLike[str] | None, environ: Mappin
 def config_notes(config: Config) -> list[str]:
     """What a valid config does that its author may not expect (``check-config`` prints these)."""
     notes = []
+    if not config.engines:
+        # Valid: the daemon runs its memory watch, reboot escalation and alerts without engines; but a config
+        # without one is most often a mistake ([engine] for [[engine]] is refused; a forgotten table is not).
+        notes.append("engine: no [[engine]] table: the daemon will start and supervise nothing, and the gateway "
+                     'answers every request with 404 "no engines are configured"; add one, e.g. [[engine]] '
+                     'name = "qwen", kind = "mlx_lm", model = "/path/to/model", port = 8081')
     gateway = config.gateway
     if gateway is not None and gateway.enabled and gateway.swaps == "with_key" and is_loopback(gateway.host):
         notes.append('gateway.swaps: with "with_key" on loopback the api_key guards starting and swapping engines '

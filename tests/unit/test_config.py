@@ -330,3 +330,18 @@ def test_a_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch: py
     assert load_config(None, environ={"SUPERVISORD_LLM_CONFIG": "./config.toml"}).file == str(tmp_path / "config.toml")
     with pytest.raises(ConfigError, match=rf"^{tmp_path}/nope\.toml: no such file"):
         load_config("nope.toml")
+
+
+# ---- a config with nothing to supervise -----------------------------------------------------------
+
+def test_check_config_warns_about_a_config_without_engines(tmp_path: Path) -> None:
+    """A config without [[engine]] loads (the daemon runs with none: its memory watch, reboot escalation and
+    alerts work, the gateway answers 404 "no engines are configured"), but check-config says so plainly."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, f'[daemon]\nstate_dir = "{tmp_path}/s"\n')
+    done = subprocess.run([sys.executable, "-m", "supervisord_llm.main", "check-config", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"{path}: note: engine: no [[engine]] table" in done.stdout, done.stdout
