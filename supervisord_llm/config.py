@@ -520,14 +520,10 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
     if not isinstance(engines_raw, list):
         raise ConfigError("expected [[engine]] tables (an array of tables)", file=file, key="engine")
     engines: list[EngineConfig] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}  # a name or an alias -> ("name" or "alias", the engine that has it)
     for i, raw in enumerate(engines_raw):
         engine = _parse_engine(Table(raw, file, f"engine[{i}]"))
-        for label in (engine.name, *engine.aliases):
-            if label in seen:
-                raise ConfigError(f"duplicate engine name or alias {label!r} (already used by {seen[label]!r}); "
-                                  "names and aliases must be unique", file=file, key=f"engine[{i}].name")
-            seen[label] = engine.name
+        _check_unique_labels(engine, i, seen, file)
         engines.append(engine)
     ports: dict[tuple[str, int], str] = {}
     for i, engine in enumerate(engines):
@@ -590,6 +586,22 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
         gateway=gateway,
         alerts=alerts,
     )
+
+
+def _check_unique_labels(engine: EngineConfig, i: int, seen: dict[str, tuple[str, str]], file: str) -> None:
+    """The engine's name and aliases are new: each clash is named at the key that holds it (name or aliases)."""
+    labels = [("name", engine.name)] + [("alias", alias) for alias in engine.aliases]
+    for what, label in labels:
+        key = f"engine[{i}].{'name' if what == 'name' else 'aliases'}"
+        if label in seen:
+            had_as, owner = seen[label]
+            if owner == engine.name and what == "alias":
+                problem = "the engine's own name" if had_as == "name" else "listed twice in aliases"
+            else:
+                problem = f"already {'the name' if had_as == 'name' else 'an alias'} of engine {owner!r}"
+            raise ConfigError(f"duplicate engine name or alias {label!r}: {problem}; names and aliases must be unique",
+                              file=file, key=key)
+        seen[label] = (what, engine.name)
 
 
 def _require_known_weights(t: Table, kind: str, model: str | None, environ: Mapping[str, str] | None) -> None:

@@ -345,3 +345,24 @@ def test_check_config_warns_about_a_config_without_engines(tmp_path: Path) -> No
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert f"{path}: note: engine: no [[engine]] table" in done.stdout, done.stdout
+
+
+# ---- names and aliases --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "key", "expected"), [
+    (GOOD_ENGINE + 'aliases = ["a"]\n', "engine[0].aliases", "alias 'a': the engine's own name"),
+    (GOOD_ENGINE + 'aliases = ["x", "x"]\n', "engine[0].aliases", "alias 'x': listed twice in aliases"),
+    (GOOD_ENGINE + GOOD_ENGINE.replace('"a"', '"b"').replace("8081", "8082") + 'aliases = ["a"]\n',
+     "engine[1].aliases", "alias 'a': already the name of engine 'a'"),
+    (GOOD_ENGINE + 'aliases = ["b"]\n' + GOOD_ENGINE.replace('"a"', '"b"').replace("8081", "8082"),
+     "engine[1].name", "alias 'b': already an alias of engine 'a'"),
+    (GOOD_ENGINE + GOOD_ENGINE.replace("8081", "8082"), "engine[1].name", "alias 'a': already the name of engine 'a'"),
+])
+def test_a_duplicate_name_or_alias_is_reported_where_it_is(tmp_path: Path, text: str, key: str, expected: str) -> None:
+    """A clash inside engine[0].aliases was reported at engine[0].name; each is named at the key that holds it."""
+    path = write(tmp_path, text.replace("port = 8081\n", 'port = 8081\nfootprint = "1GB"\n')
+                 .replace("port = 8082\n", 'port = 8082\nfootprint = "1GB"\n'))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.file, info.value.key) == (str(path), key), str(info.value)
+    assert f"duplicate engine name or {expected}" in str(info.value), str(info.value)
