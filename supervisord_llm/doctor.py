@@ -180,8 +180,8 @@ def check_memory_cap(engine: EngineConfig, config: Config) -> Finding:
         return Finding("ok", subject, f"memory guard watermarks: soft {format_bytes(engine.memory_soft_bytes)}, "
                                       f"hard {format_bytes(engine.memory_hard_bytes)}")
     flags = CACHE_CAP_FLAGS.get(engine.kind)
-    fix = (f"add an engine-side cap to engine.args ({' or '.join(flags)}), " if flags else "") + \
-        'or set engine.memory_soft / engine.memory_hard (e.g. "110GB" / "130GB")'
+    watermarks = 'set engine.memory_soft / engine.memory_hard (e.g. "110GB" / "130GB")'
+    fix = f"add an engine-side cap to engine.args ({' or '.join(flags)}), or {watermarks}" if flags else watermarks
     guard = ("the guard only acts at its default watermarks (footprint x "
              f"{config.memory_guard.soft_factor:g} / x {config.memory_guard.hard_factor:g}), after the cache has grown"
              if config.memory_guard.enabled else "the memory guard is off ([policies.memory_guard] enabled = false)")
@@ -230,22 +230,25 @@ def run_doctor(config_path: str | None, running: dict[str, Any] | None = None) -
     """``running``: the status of the daemon found on the control socket; its config is the one
     checked unless a config was named explicitly."""
     from rich.console import Console
+    from rich.markup import escape
 
+    # Findings name TOML tables ("[[engine]]", "[policies.memory_guard]"): escaped, or rich reads them as markup
+    # and prints "no [] configured".
     console = Console()
     if config_path is None and running is not None and running.get("daemon", {}).get("config"):
         config_path = str(running["daemon"]["config"])
-        console.print(f"using the running daemon's config: {config_path}", highlight=False)
+        console.print(f"using the running daemon's config: {escape(config_path)}", highlight=False)
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        console.print(f"[bold red]error[/] config: {exc}")
+        console.print(f"[bold red]error[/] config: {escape(str(exc))}", highlight=False)
         return 2
     findings = diagnose_setup(config, running)
     style = {"ok": "green", "warn": "yellow", "error": "bold red"}
     for f in findings:
-        console.print(f"[{style[f.level]}]{f.level:5}[/] {f.subject}: {f.message}", highlight=False)
+        console.print(f"[{style[f.level]}]{f.level:5}[/] {escape(f.subject)}: {escape(f.message)}", highlight=False)
         if f.fix and f.level != "ok":
-            console.print(f"      fix: {f.fix}", highlight=False)
+            console.print(f"      fix: {escape(f.fix)}", highlight=False)
     errors = sum(1 for f in findings if f.level == "error")
     warns = sum(1 for f in findings if f.level == "warn")
     console.print(f"{errors} error(s), {warns} warning(s)")

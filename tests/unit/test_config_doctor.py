@@ -1,0 +1,40 @@
+"""``llmctl doctor`` on a config: its findings and fixes read as written (no half sentences, no eaten brackets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from supervisord_llm.config import load_config
+from supervisord_llm.doctor import check_memory_cap, run_doctor
+
+
+@pytest.mark.parametrize("kind", ["ollama", "omlx", "command"])
+def test_the_memory_cap_fix_is_a_whole_sentence_for_engines_without_a_cap_flag(tmp_path: Path, kind: str) -> None:
+    """For an engine with no known cache-cap flag the fix read "or set engine.memory_soft ...": the first half was
+    the flag suggestion it does not have."""
+    extra = 'command = ["my-server", "--port", "{port}"]\n' if kind == "command" else ""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[[engine]]\nname = "e"\nkind = "{kind}"\nmodel = "/models/m"\nfootprint = "100GB"\n{extra}')
+    config = load_config(path)
+    finding = check_memory_cap(config.engines[0], config)
+    assert finding.level == "warn"
+    assert finding.fix.startswith('set engine.memory_soft / engine.memory_hard (e.g. "110GB" / "130GB")'), finding.fix
+
+
+def test_doctor_prints_brackets_as_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Findings and config errors naming TOML tables keep their brackets ("no [[engine]]" printed as "no []")."""
+    monkeypatch.setenv("COLUMNS", "400")  # one finding a line, however long the temporary path
+    path = tmp_path / "config.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\n[probes]\nvm_stat = "/nonexistent/vm_stat"\n'
+                    'platform = "darwin"\n')
+    run_doctor(str(path))
+    out = capsys.readouterr().out
+    assert "no [[engine]] configured" in out and "add an [[engine]] table" in out, out
+
+    path.write_text('engine = "mlx"\n')
+    assert run_doctor(str(path)) == 2
+    out = capsys.readouterr().out
+    assert "engine: expected [[engine]] tables" in out, out
