@@ -289,6 +289,7 @@ class EngineSupervisor:
         self._gen_scopes: list[anyio.CancelScope] = []
         self._stop_is_failure = False
         self._stop_reason = "stopped"
+        self._degraded_raised = False  # this run's engine.degraded alert is open (raised, not yet resolved)
         self._stop_then = Then.STAY  # what follows the stop in progress
         self._stop_ready_for_s = 0.0  # how long the run being stopped had been ready
         self._sweeping = 0  # leftovers of a crashed run still being killed: they hold memory
@@ -450,6 +451,8 @@ class EngineSupervisor:
         self.state_reason = reason
         self.since_s = self.clock.now()
         self.since_wall = self.clock.wall()
+        if state == EngineState.READY:
+            self._degraded_raised = False  # resolved now (recovered in place) or by the ready path's episodes
         if state == EngineState.READY and previous != EngineState.DEGRADED:
             self.ready_since_s = self.since_s
         elif state not in SERVING_STATES and state != EngineState.HUNG:
@@ -929,15 +932,20 @@ class EngineSupervisor:
             self._begin_stop(v.reason, then=Then.AUTO, failure=True)
         elif v.state is Verdict.DEGRADED and self.state == EngineState.READY:
             self._set_state(EngineState.DEGRADED, v.reason)
+            self._degraded_raised = True
             self.host.alert(Alert(key=f"engine.degraded:{self.name}", severity="warning",
                                     summary=f"{self.name} is degraded: {v.reason}", details={"engine": self.name}))
         elif v.state is Verdict.DEGRADED_RESTART and self.state == EngineState.DEGRADED:
             self.restarts += 1
             self._begin_stop(f"degraded restart while idle: {v.reason}", then=Then.POLICY)
         elif v.state is Verdict.OK and self.state in (EngineState.HUNG, EngineState.DEGRADED):
-            # Both: an engine that went degraded, then hung, and recovered in place is neither any more.
+            # Both: an engine that went degraded, then hung, and recovered in place is neither any more. Only
+            # what this run raised is resolved (a "recovered" for a slowdown never reported is noise).
+            keys = [key for key, raised in (("hung", self.state == EngineState.HUNG),
+                                            ("degraded", self._degraded_raised or self.state == EngineState.DEGRADED))
+                    if raised]
             self._set_state(EngineState.READY, v.reason or "recovered", **evidence)
-            for key in ("hung", "degraded"):
+            for key in keys:
                 self.host.alert(Alert(key=f"engine.{key}:{self.name}", severity="info",
                                         summary=f"{self.name} recovered", details={"engine": self.name},
                                         resolved=True))

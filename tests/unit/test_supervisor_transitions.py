@@ -142,9 +142,11 @@ def _rows() -> list[tuple[str, EngineState, Any, EngineState, tuple[str, ...], t
          ("engine.state_changed",), ("engine.hung:e",), ()),
         ("hung while degraded", S.DEGRADED, lambda g: HealthVerdict(g, Verdict.HUNG, "stopped"), S.HUNG,
          ("engine.state_changed",), ("engine.hung:e",), ()),
-        # Resolves both: an engine degraded, then hung, that recovers in place is neither any more.
+        # Resolves what it raised: a hang never reported as a slowdown too gets no "recovered" for one.
         ("recovered from hung", S.HUNG, lambda g: HealthVerdict(g, Verdict.OK, "generating again"), S.READY,
-         ("engine.state_changed",), ("engine.degraded:e", "engine.hung:e"), ()),
+         ("engine.state_changed",), ("engine.hung:e",), ()),
+        ("recovered from degraded", S.DEGRADED, lambda g: HealthVerdict(g, Verdict.OK, "fast again"), S.READY,
+         ("engine.state_changed",), ("engine.degraded:e",), ()),
         ("hang restart", S.HUNG, lambda g: HealthVerdict(g, Verdict.HANG_RESTART, "hung for 5m"), S.STOPPING,
          ("engine.state_changed",), (), ()),
         ("degraded verdict", S.READY, lambda g: HealthVerdict(g, Verdict.DEGRADED, "10 tok/s"), S.DEGRADED,
@@ -275,3 +277,15 @@ async def test_a_persons_stop_in_progress_keeps_its_reason_through_the_daemons_o
     sup.step(Command(op=Op("stop"), reason=SHUTDOWN_REASON))
     sup.step(Stopped(sup.gen, True, (), sup._stop_then))
     assert sup.state == S.STOPPED and sup.persisted()["reason"] == "llmctl stop"
+
+
+@pytest.mark.anyio
+async def test_an_engine_degraded_then_hung_that_recovers_in_place_resolves_both(tmp_path) -> None:
+    sup, host, _ = make(S.READY, tmp_path)
+    sup.gen = 5
+    sup.step(HealthVerdict(5, Verdict.DEGRADED, "10 tok/s"))
+    sup.step(HealthVerdict(5, Verdict.HUNG, "no token for 10s"))
+    host.alerts.clear()
+    sup.step(HealthVerdict(5, Verdict.OK, "generating again"))
+    assert sup.state == S.READY
+    assert sorted(a.key for a in host.alerts if a.resolved) == ["engine.degraded:e", "engine.hung:e"]
