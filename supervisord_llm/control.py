@@ -9,6 +9,7 @@ running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -318,14 +319,23 @@ async def serve_control(daemon: Daemon, *, task_status: anyio.abc.TaskStatus[Non
     config = uvicorn.Config(app, http=PeerCheckedProtocol, lifespan="off", log_config=None, access_log=False,
                             timeout_graceful_shutdown=1, limit_concurrency=2048, backlog=256)
     server = DaemonServer(config)
+    path = os.fspath(daemon.config.daemon.control_socket)
+    bound_inode = os.stat(path).st_ino
     # uvicorn closes the listening socket only when it shuts down by itself; a cancelled daemon
     # would otherwise leave the socket to the garbage collector.
-    with sock:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve, [sock])
-            while not server.started:
-                await anyio.sleep(0.01)
-            task_status.started()
+    try:
+        with sock:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server.serve, [sock])
+                while not server.started:
+                    await anyio.sleep(0.01)
+                task_status.started()
+    finally:
+        # A clean exit takes its socket file away (llmctl then says at once that no daemon runs); a file some
+        # other daemon bound meanwhile at that path is not this one's to remove.
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == bound_inode:
+                os.unlink(path)
 
 
 class ControlExtension(Extension):

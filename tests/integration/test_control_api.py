@@ -224,3 +224,12 @@ def test_a_stopped_engine_shows_no_memory_or_rate_of_its_last_run(daemon_factory
     assert stopped["memory"]["rss_bytes"] is None and stopped["memory"]["gpu_bytes"] is None, stopped["memory"]
     assert stopped["tokens_per_s"] is None
     assert {"gpu_soft_bytes", "gpu_hard_bytes", "gpu_guard"} <= set(stopped["memory"])  # null, not absent
+
+
+def test_a_clean_exit_takes_its_control_socket_away_and_llmctl_says_no_daemon_runs(daemon_factory) -> None:
+    d = daemon_factory(standin_engine_toml("a", free_port(), autostart=False)).start()
+    assert d.socket.exists()
+    d.stop()
+    assert not d.socket.exists()
+    status = d.llmctl("status")
+    assert status.returncode == 3 and "no supervisord-llm daemon is running" in status.stderr, status
