@@ -226,7 +226,8 @@ def check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"supervisord-llm: {exc}", file=sys.stderr)
         return 2
-    print(f"{config.file}: ok ({len(config.engines)} engine(s): {', '.join(e.name for e in config.engines)})")
+    names = ", ".join(e.name for e in config.engines)
+    print(f"{config.file}: ok ({len(config.engines)} engine(s): {names})" if names else f"{config.file}: ok (no engines)")
     for note in config_notes(config):
         print(f"{config.file}: note: {note}")
     return 0

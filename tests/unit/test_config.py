@@ -345,6 +345,7 @@ def test_check_config_warns_about_a_config_without_engines(tmp_path: Path) -> No
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert f"{path}: note: engine: no [[engine]] table" in done.stdout, done.stdout
+    assert f"{path}: ok (no engines)" in done.stdout and "0 engine(s): )" not in done.stdout, done.stdout
 
 
 # ---- names and aliases --------------------------------------------------------------------------------
