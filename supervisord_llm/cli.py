@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import shlex
 import socket
@@ -631,6 +632,28 @@ def cmd_service(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _line_count(text: str) -> int:
+    """``-n``: how many lines, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of lines (0 or more), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of lines (0 or more), got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A time in seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number above 0), got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number above 0), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, help="config file (to find the control socket)")
@@ -648,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="engines, memory, alerts at a glance")
     p.add_argument("--json", action="store_true", help="machine-readable (schema version 1)")
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--interval", type=_seconds, default=2.0)
     p.set_defaults(func=cmd_status)
 
     for op, text in (("start", "start an engine"), ("stop", "stop an engine (SIGTERM, grace, SIGKILL)"),
@@ -659,23 +682,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true",
                            help="override the backoff / the 60s spacing between spawns")
         p.add_argument("--no-wait", action="store_true", help="return once the daemon accepted it")
-        p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the result")
+        p.add_argument("--timeout", type=_seconds, default=1800.0, help="seconds to wait for the result")
         p.set_defaults(func=cmd_engine, op=op)
 
     p = sub.add_parser("switch", help="swap to another engine (stops conflicting ones first)")
     p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--timeout", type=_seconds, default=3600.0)
     p.set_defaults(func=cmd_switch)
 
     p = sub.add_parser("logs", help="an engine's output")
     p.add_argument("name")
     p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("-n", "--lines", type=int, default=100)
+    p.add_argument("-n", "--lines", type=_line_count, default=100)
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("events", help="the daemon's event log")
     p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("-n", "--lines", type=int, default=50)
+    p.add_argument("-n", "--lines", type=_line_count, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_events)
 
@@ -689,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("daemon", help="the daemon itself")
     p.add_argument("action", choices=["restart"], help="restart: re-execute the daemon, keeping every engine running")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the new daemon (default 60)")
+    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for the new daemon (default 60)")
     p.set_defaults(func=cmd_daemon_restart)
 
     p = sub.add_parser("metrics", help="Prometheus metrics text")
