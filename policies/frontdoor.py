@@ -28,6 +28,9 @@ OLLAMA_API_PATHS = ("/api/chat", "/api/generate")
 FORWARDED_PATHS = (*OPENAI_API_PATHS, *OLLAMA_API_PATHS)
 MESSAGES_PREFIX = "/v1/messages"
 FORWARDED_METHOD = "POST"
+# The model list (``/v1/models``, ``/v1/models/{id}``) is the gateway's own answer, to GET (HEAD) only.
+MODELS_PATH = "/v1/models"
+MODELS_METHOD = "GET"
 EMBEDDINGS_PATH = "/v1/embeddings"
 # Kinds whose engine has no embeddings endpoint: mlx_lm.server answers only completions and chat
 # completions (mlx_lm/server.py, ``request_factories`` in ``do_POST``).
@@ -42,6 +45,12 @@ class PathVerdict:
     status: int = 200
     code: str = ""
     message: str = ""
+    allow: str = ""  # a 405's Allow header: the method the path takes
+
+
+def models_path(path: str) -> bool:
+    """A path of the gateway's own model list: ``/v1/models`` or ``/v1/models/{id}`` (decoded)."""
+    return path == MODELS_PATH or path.startswith(MODELS_PATH + "/")
 
 
 def check_path_safe(raw_path: bytes, *, encoded_slash: bool = False) -> PathVerdict:
@@ -74,18 +83,28 @@ def check_path_safe(raw_path: bytes, *, encoded_slash: bool = False) -> PathVerd
 
 def check_path(raw_path: bytes, method: str = FORWARDED_METHOD) -> PathVerdict:
     """A request (its path as sent, and its method) that may be forwarded to an engine, or why not: a safe
-    path (``check_path_safe``) that is one of ``FORWARDED_PATHS`` exactly, sent with POST."""
-    verdict = check_path_safe(raw_path)
+    path (``check_path_safe``) that is one of ``FORWARDED_PATHS`` exactly, sent with POST. A method a path
+    does not take is a 405 naming the one it takes (``allow``): POST on the forwarded paths, GET on the
+    gateway's own model list (which never reaches an engine, whatever the method)."""
+    path = unquote_to_bytes(raw_path).decode("utf-8", "replace")
+    own = models_path(path)
+    verdict = check_path_safe(raw_path, encoded_slash=own)
     if not verdict.ok:
         return verdict
-    path = unquote_to_bytes(raw_path).decode("utf-8", "replace")
+    if own:
+        if method in (MODELS_METHOD, "HEAD"):
+            return PathVerdict(False, 404, "not_found", f"{path} is answered by the gateway itself, never forwarded")
+        return PathVerdict(False, 405, "method_not_allowed",
+                           f"{path} takes {MODELS_METHOD}, not {method}: the gateway answers it with the models "
+                           f"it serves", allow=MODELS_METHOD)
     if path not in FORWARDED_PATHS:
         return PathVerdict(False, 404, "not_found",
                            f"{path} is not an inference API path the gateway forwards; it forwards "
-                           f"{', '.join(FORWARDED_PATHS)} and answers /v1/models")
+                           f"{', '.join(FORWARDED_PATHS)} (with {FORWARDED_METHOD}) and answers "
+                           f"{MODELS_METHOD} {MODELS_PATH}")
     if method != FORWARDED_METHOD:
         return PathVerdict(False, 405, "method_not_allowed",
-                           f"{path} takes {FORWARDED_METHOD}, not {method}")
+                           f"{path} takes {FORWARDED_METHOD}, not {method}", allow=FORWARDED_METHOD)
     return PathVerdict(True)
 
 

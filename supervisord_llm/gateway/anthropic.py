@@ -512,18 +512,34 @@ def error_event(error_type: str, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
+# An engine's error text is quoted up to this many characters.
+ERROR_TEXT_CHARS = 2000
+
+
 def openai_error_message(body: bytes) -> str:
-    """The message inside an engine's error body (OpenAI shape, mlx_lm's {"error": "..."}), or the text."""
+    """The message inside an engine's error body, or its text (at most ``ERROR_TEXT_CHARS``): the OpenAI and
+    Anthropic shapes' ``error.message``, mlx_lm.server's ``{"error": "..."}``, vLLM's older ``{"object": "error",
+    "message": ...}``, a FastAPI ``{"detail": ...}`` (a validation error's list as ``field: msg``)."""
     try:
         doc = json.loads(body)
-    except ValueError:
-        return body.decode("utf-8", "replace").strip()[:2000] or "(empty body)"
+    except (ValueError, RecursionError):
+        return body.decode("utf-8", "replace").strip()[:ERROR_TEXT_CHARS] or "(empty body)"
     error = doc.get("error") if isinstance(doc, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"]
+        return error["message"][:ERROR_TEXT_CHARS]
     if isinstance(error, str):
-        return error
-    return json.dumps(doc)[:2000]
+        return error[:ERROR_TEXT_CHARS]
+    if isinstance(doc, dict) and error is None:
+        if isinstance(doc.get("message"), str):
+            return doc["message"][:ERROR_TEXT_CHARS]
+        detail = doc.get("detail")
+        if isinstance(detail, str):
+            return detail[:ERROR_TEXT_CHARS]
+        if isinstance(detail, list) and detail and all(isinstance(d, dict) and "msg" in d for d in detail):
+            return "; ".join(
+                f"{'.'.join(str(part) for part in d.get('loc') or ())}: {d['msg']}".lstrip(": ") for d in detail
+            )[:ERROR_TEXT_CHARS]
+    return json.dumps(doc)[:ERROR_TEXT_CHARS]
 
 
 def _partial_suffix(text: str, needles: tuple[str, ...]) -> int:

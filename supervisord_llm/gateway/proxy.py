@@ -25,8 +25,9 @@ It depends on the daemon only through :class:`GatewayBackend` (a protocol define
     stall_detected(engine, phase, s)    a live stream got nothing from the engine for too long
     request_finished(stats)             a request ended (RequestStats)
 
-Error bodies are JSON in the OpenAI shape ``{"error": {"message", "type", "code"}}``, or the
-Anthropic shape ``{"type": "error", "error": {"type", "message"}}`` on ``/v1/messages``.
+Error bodies are JSON in the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``, or the
+Anthropic shape ``{"type": "error", "error": {"type", "message"}}`` on ``/v1/messages``; an engine's own
+error answer is passed on in that shape too (``engine_error_body``), untouched where it already is.
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ from starlette.routing import Route
 
 from policies import silence
 from policies.frontdoor import (
-    FORWARDED_METHOD,
     FORWARDED_PATHS,
     KIND_DEPENDENT_PATHS,
     LOCAL_HOST_SUFFIXES,
@@ -385,16 +385,87 @@ _ANTHROPIC_TYPES = {
 }
 
 
+def _error_type(anthropic: bool, status: int) -> str:
+    """The error type of a status the tables above do not name: the client's error (4xx), or the server's."""
+    if 400 <= status < 500:
+        return "invalid_request_error"
+    return "api_error" if anthropic else "server_error"
+
+
 def error_body(
     anthropic: bool, status: int, message: str, code: str, **extra: Any
 ) -> dict[str, Any]:
+    err: dict[str, Any]
     if anthropic:
-        err = {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message, "code": code}
+        err = {"type": _ANTHROPIC_TYPES.get(status) or _error_type(True, status), "message": message, "code": code}
         err.update(extra)
         return {"type": "error", "error": err}
-    err = {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "code": code}
+    err = {"message": message, "type": _OPENAI_TYPES.get(status) or _error_type(False, status), "param": None,
+           "code": code}
     err.update(extra)
     return {"error": err}
+
+
+# An engine's error body is read up to this much to put it in the client's API shape; the rest is not read.
+ENGINE_ERROR_READ_BYTES = 64 * 2**10
+
+
+def engine_error_shaped(anthropic: bool, raw: bytes) -> bool:
+    """An engine's error body already in the client's API shape (passed on untouched): OpenAI's
+    ``{"error": {"message": ...}}``, or Anthropic's ``{"type": "error", "error": {"type", "message"}}``."""
+    doc = _loads(raw)
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return False
+    return not anthropic or (doc.get("type") == "error" and isinstance(error.get("type"), str))
+
+
+def engine_error_body(anthropic: bool, engine: str, status: int, raw: bytes, *, client_status: int | None = None,
+                      translated_to: str | None = None) -> dict[str, Any]:
+    """An engine's error answer (``status``, its body ``raw``: an ``error`` string, no ``error``, plain text)
+    in the client's API shape: its text, said to be the engine's, typed as the client's error (4xx) or the
+    server's (5xx), with the engine and its status. ``client_status``: the status the client gets, where it
+    is not the engine's; ``translated_to``: the engine's path a translated request was sent to."""
+    client_status = client_status or status
+    refused = status < 500
+    what = "the request" if translated_to is None else f"the request translated to {translated_to} (HTTP {status})"
+    message = (f"engine {engine!r} {'refused' if refused else 'failed to answer'} {what}: "
+               f"{anthropic_api.openai_error_message(raw)}")
+    return error_body(anthropic, client_status, message, "engine_refused" if refused else "engine_error",
+                      type=_error_type(anthropic, client_status), engine=engine, engine_status=status)
+
+
+async def _read_error_body(response: UpstreamResponse) -> tuple[bytes, bool]:
+    """An engine's error body, up to ``ENGINE_ERROR_READ_BYTES``, and whether that is all of it (False: it was
+    longer, or the engine broke off)."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with aclosing(response.aiter_raw()) as chunks:
+            async for chunk in chunks:
+                parts.append(chunk)
+                size += len(chunk)
+                if size > ENGINE_ERROR_READ_BYTES:
+                    return b"".join(parts)[:ENGINE_ERROR_READ_BYTES], False
+    except httpx.HTTPError:
+        return b"".join(parts), False
+    return b"".join(parts), True
+
+
+def _unanswered(engine: str, base_url: str, exc: httpx.HTTPError, sends: int) -> tuple[str, str]:
+    """The code and message of a 502 for a request the engine gave no answer (``retry.UNANSWERED`` and the
+    like): a connection that failed (nothing accepts it: the engine is not there) is not one the engine took
+    and closed or reset without answering (its handler crashed, it died with the request), nor an answer it
+    began that does not parse."""
+    at = f"engine {engine!r} at {base_url}"
+    tries = f" (sent {sends} times)" if sends > 1 else ""
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+        how = "reset" if isinstance(exc, httpx.ReadError) else "closed"
+        return "upstream_closed", (f"{at} {how} the connection without answering the request{tries}: it was reached "
+                                   f"and may have failed on this request, its log says why ({exc})")
+    if isinstance(exc, httpx.ProtocolError):
+        return "upstream_bad_response", f"{at} answered with a response the gateway could not read: {exc}"
+    return "upstream_unreachable", f"{at} could not be reached{tries}: {type(exc).__name__}: {exc}"
 
 
 def error_response(
@@ -511,6 +582,7 @@ class _Forward:
         # A non-streamed request fetched as a stream: the client gets the answer rebuilt from it.
         self.reassembly = reassembly
         self._attempts = 0  # sends of a fetched-as-stream request (each reads the whole stream)
+        self.sends = 1  # of the request to the engine, resends included
         self.ndjson = ndjson  # Ollama's own API: a stream of JSON lines, metered and watched as SSE is
         self.translation = translation
         self.on_done: Callable[[], None] | None = None  # gives the engine's slot back
@@ -677,6 +749,7 @@ class _Forward:
 
         def on_retry(exc: Exception, held: bool) -> None:
             gw.stats.upstream_retries += 1
+            self.sends += 1
             # The engine's prefill deadline starts at the resend: the time held is not the engine's.
             self.unblocked_at_s = gw.clock.now()
             if held:
@@ -811,18 +884,8 @@ class _Forward:
                     body, headers = gw._unavailable_parts(self.unavailable, self.anthropic)
                     await _send_json(send, body, self.unavailable.status, headers)
                     return
-                await _send_json(
-                    send,
-                    error_body(
-                        self.anthropic,
-                        502,
-                        f"engine {upstream.engine!r} at {upstream.base_url} could not be reached: "
-                        f"{type(exc).__name__}: {exc}",
-                        "upstream_unreachable",
-                        engine=upstream.engine,
-                    ),
-                    502,
-                )
+                code, message = _unanswered(upstream.engine, upstream.base_url, exc, self.sends)
+                await _send_json(send, error_body(self.anthropic, 502, message, code, engine=upstream.engine), 502)
                 return
             if response.status_code >= 500:
                 self.upstream_failed = True
@@ -835,6 +898,9 @@ class _Forward:
                     return
             if self.reassembly is not None and is_sse and response.status_code < 400:
                 await self._answer_reassembled(send)
+                return
+            if response.status_code >= 400 and not (is_sse or self.ndjson):
+                await self._engine_refusal(send, response)  # (Ollama's own API: its {"error": "..."} is the shape)
                 return
             drop = _RESPONSE_DROP if is_sse or is_lines else _RESPONSE_DROP - _NO_CONTENT_LENGTH
             if is_sse or is_lines:
@@ -1171,13 +1237,28 @@ class _Forward:
             feed(chunk, now())
             yield chunk
 
+    async def _engine_refusal(self, send: Any, response: UpstreamResponse) -> None:
+        """The engine answered with an error (status 400 and up): passed on with its status and headers, its body
+        untouched where it is in the client's API shape, else rewritten into it (``engine_error_body``)."""
+        raw, whole = await _read_error_body(response)
+        self.response_complete = True
+        status = response.status_code
+        headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower().decode() not in _RESPONSE_DROP]
+        if whole and engine_error_shaped(self.anthropic, raw):
+            try:
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": raw, "more_body": False})
+            except OSError:  # the client went away (ASGI spec 2.4)
+                self.client_gone = True
+            return
+        kept = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if not k.startswith(b"content-")}
+        body = engine_error_body(self.anthropic, self.upstream.engine, status, raw)
+        await _send_json(send, body, status, kept)
+
     async def _translated_refusal(self, send: Any, response: UpstreamResponse) -> None:
         """The engine refused the translated request: its reason, in the Messages error shape."""
         upstream = self.upstream
-        body = b""
-        async for chunk in response.aiter_raw():
-            if len(body) < _COLLECT_LIMIT_BYTES:
-                body += chunk
+        raw, _ = await _read_error_body(response)
         self.response_complete = True
         status = response.status_code
         if status < 400:
@@ -1191,15 +1272,9 @@ class _Forward:
         # mlx_lm.server answers 404 for any exception while preparing a generation (a chat template
         # that fails, an unknown model path): for the client that is a bad request, not a lost URL.
         client_status = 400 if status < 500 else 502
-        message = (
-            f"engine {upstream.engine!r} refused the request translated to "
-            f"{OPENAI_PATHS[0]} (HTTP {status}): {anthropic_api.openai_error_message(body)}"
-        )
-        await _send_json(
-            send,
-            error_body(True, client_status, message, "engine_refused", engine=upstream.engine, engine_status=status),
-            client_status,
-        )
+        body = engine_error_body(True, upstream.engine, status, raw, client_status=client_status,
+                                 translated_to=OPENAI_PATHS[0])
+        await _send_json(send, body, client_status)
 
     def _finish(self, counts: dict[str, int]) -> None:
         meter = self.meter
@@ -1509,9 +1584,9 @@ class _Gateway:
         # would normalise /v1/../api/pull into /api/pull (Ollama's pull).
         verdict = check_path(scope.get("raw_path") or path.encode(), request.method)
         if not verdict.ok:
-            self.stats.refuse("path")
+            self.stats.refuse("method" if verdict.status == 405 else "path")
             return error_response(anthropic, verdict.status, verdict.message, verdict.code,
-                                  headers={"allow": FORWARDED_METHOD} if verdict.status == 405 else None)
+                                  headers={"allow": verdict.allow} if verdict.allow else None)
         stats = self.stats
         stats.in_flight += 1
         stats.requests_total += 1
@@ -1813,13 +1888,12 @@ class _Gateway:
         try:
             response = await self.client.post(url, json=body, headers=headers)
         except httpx.HTTPError as exc:
-            return error_response(
-                True,
-                502,
-                f"engine {upstream.engine!r} at {upstream.base_url} could not be reached: {type(exc).__name__}",
-                "upstream_unreachable",
-                engine=upstream.engine,
-            )
+            code, message = _unanswered(upstream.engine, upstream.base_url, exc, 1)
+            return error_response(True, 502, message, code, engine=upstream.engine)
+        status = response.status_code
+        if status >= 400 and status not in (404, 405) and not engine_error_shaped(True, response.content):
+            raw = response.content[:ENGINE_ERROR_READ_BYTES]
+            return JSONResponse(engine_error_body(True, upstream.engine, status, raw), status_code=status)
         if response.status_code not in (404, 405):
             return Response(
                 response.content,

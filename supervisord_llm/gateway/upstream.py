@@ -66,7 +66,7 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -413,7 +413,7 @@ class UpstreamResponse:
         self.status_code = connection.status
         self.headers = httpx.Headers(connection.raw_headers)
 
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
+    async def aiter_raw(self) -> AsyncGenerator[bytes, None]:
         connection = self._connection
         while True:
             if connection.chunks:

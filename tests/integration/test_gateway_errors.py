@@ -1,10 +1,16 @@
 """Bad requests at the gateway get a clear error in the client's own API shape (OpenAI on OpenAI
 paths, Anthropic on /v1/messages), and the gateway keeps serving: JSON nested deeper than the
-parser can follow, and a client that disconnects while its body is still being read."""
+parser can follow, a client that disconnects while its body is still being read, a method a path does
+not take; and an engine's own refusals reach the client in that shape too, as does an engine that closed
+the connection without answering (told apart from one that could not be reached)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import anyio
 import httpx
@@ -12,6 +18,7 @@ import pytest
 
 from supervisord_llm.clock import SystemClock
 from supervisord_llm.gateway.proxy import GatewaySettings, Upstream, build_app
+from tests.helpers import PYTHON, STANDINS, MlxServer, free_port, wait_http
 from tests.integration.test_gateway import Backend, running_gateway
 
 
@@ -86,3 +93,257 @@ async def test_client_disconnect_during_the_body_read_is_no_server_error(path: s
     assert not [c for c in log.calls if c[0] in ("exception", "error")]
     assert backend.started == []
     assert app.state.gateway.in_flight == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# An engine's own error answers, in the client's API shape
+
+
+@asynccontextmanager
+async def answering_engine(answer: bytes) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An engine (asyncio.start_server) that reads each request whole and answers it with ``answer``, raw bytes,
+    then closes; an empty ``answer``: it closes the connection without answering. Request heads go into the
+    list it yields, as they arrive."""
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            received.append(head)
+            if answer:
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # a connection closed without a request (the gateway's spare)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", received
+    finally:
+        server.close()
+
+
+def _http_answer(status: int, body: bytes, content_type: str = "application/json", **headers: str) -> bytes:
+    lines = [f"HTTP/1.1 {status} X", f"content-type: {content_type}", f"content-length: {len(body)}",
+             *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+_CHAT = {"model": "a", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+# How the request goes: streamed, non-streamed (fetched from the engine as a stream and rebuilt), and non-streamed
+# sent as asked (an engine whose step counters are watched).
+_HOW = [("stream", True, False), ("whole, fetched as a stream", False, False), ("whole, as sent", False, True)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("how", "stream", "steps_watched"), _HOW, ids=[h[0] for h in _HOW])
+@pytest.mark.parametrize(("status", "answer", "said", "kind"), [
+    (400, _http_answer(400, b'{"error": "max_tokens must be of type int"}'),  # mlx_lm.server
+     "engine 'a' refused the request: max_tokens must be of type int", "invalid_request_error"),
+    (400, _http_answer(400, b'{"object": "error", "message": "max_tokens must be at least 1", "type": "BadRequestError",'
+                            b' "code": 400}'),  # vLLM before 0.6
+     "engine 'a' refused the request: max_tokens must be at least 1", "invalid_request_error"),
+    (422, _http_answer(422, b'{"detail": "field required: messages"}'),
+     "engine 'a' refused the request: field required: messages", "invalid_request_error"),
+    (503, _http_answer(503, b"model is loading\n", "text/plain", retry_after="7"),
+     "engine 'a' failed to answer the request: model is loading", "server_error"),
+    (500, _http_answer(500, b'{"error": "boom"}'), "engine 'a' failed to answer the request: boom", "server_error"),
+], ids=["error-string", "no-error-key", "detail", "text-503", "500"])
+async def test_an_engines_error_body_reaches_an_openai_client_in_the_openai_shape(
+        how: str, stream: bool, steps_watched: bool, status: int, answer: bytes, said: str, kind: str) -> None:
+    """An engine's refusal whose body is not OpenAI's (an ``error`` string, no ``error``, plain text) reaches the
+    client with the engine's status, rewritten as {"error": {"message", "type", "param", "code"}} quoting the
+    engine and naming it; the engine's Retry-After is kept."""
+    async with answering_engine(answer) as (base_url, received):
+        upstream = Upstream("a", base_url, "vllm", supports_messages=False, steps_watched=steps_watched)
+        async with running_gateway(Backend({"a": upstream}, "a")) as url, httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(url + "/v1/chat/completions", json={**_CHAT, "stream": stream})
+    assert received, "the request reached the engine"
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert error["message"] == said, error
+    assert error["type"] == kind and error["engine"] == "a", error
+    assert error["code"] == ("engine_refused" if status < 500 else "engine_error"), error
+    assert "param" in error and error["engine_status"] == status, error
+    if status == 503:
+        assert r.headers["retry-after"] == "7"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_engines_error_already_in_the_openai_shape_passes_untouched(stream: bool) -> None:
+    """An engine's OpenAI-shaped error (llama-server's, vLLM's) reaches the client byte for byte."""
+    body = (b'{"error": {"message": "max_tokens must be at least 1", "type": "invalid_request_error", '
+            b'"param": "max_tokens", "code": null}}')
+    async with answering_engine(_http_answer(400, body, x_request_id="r1")) as (base_url, _):
+        upstream = Upstream("a", base_url, "vllm", supports_messages=False)
+        async with running_gateway(Backend({"a": upstream}, "a")) as url, httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(url + "/v1/chat/completions", json={**_CHAT, "stream": stream})
+    assert (r.status_code, r.content, r.headers["x-request-id"]) == (400, body, "r1")
+
+
+@pytest.mark.anyio
+async def test_an_engines_huge_error_body_is_read_only_in_part() -> None:
+    """An engine that answers 400 with 8 MiB of text: the client gets a 400 in its shape quoting the start of it."""
+    async with answering_engine(_http_answer(400, b"x" * (8 * 2**20), "text/plain")) as (base_url, _):
+        upstream = Upstream("a", base_url, "vllm", supports_messages=False)
+        async with running_gateway(Backend({"a": upstream}, "a")) as url, httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(url + "/v1/chat/completions", json=_CHAT)
+    assert r.status_code == 400, r.text[:200]
+    message = r.json()["error"]["message"]
+    assert message.startswith("engine 'a' refused the request: xxx") and len(message) < 5000, len(message)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_engines_error_body_reaches_a_messages_client_in_the_anthropic_shape(stream: bool) -> None:
+    """/v1/messages sent on to an engine that serves it: its {"error": "..."} becomes the Anthropic shape; an
+    Anthropic-shaped error passes untouched."""
+    shaped = b'{"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: required"}}'
+    doc = {"model": "a", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    answers = []
+    for answer in (_http_answer(400, b'{"error": "max_tokens must be of type int"}'), _http_answer(400, shaped)):
+        async with answering_engine(answer) as (base_url, _):
+            upstream = Upstream("a", base_url, "command", supports_messages=True)
+            async with running_gateway(Backend({"a": upstream}, "a")) as url, httpx.AsyncClient(timeout=30) as http:
+                answers.append(await http.post(url + "/v1/messages", json=doc))
+        async with answering_engine(answer) as (base_url, _):  # its own count_tokens, too
+            upstream = Upstream("a", base_url, "command", supports_messages=True)
+            async with running_gateway(Backend({"a": upstream}, "a")) as url, httpx.AsyncClient(timeout=30) as http:
+                answers.append(await http.post(url + "/v1/messages/count_tokens", json=doc))
+    rewritten, counted, untouched, counted_untouched = answers
+    for r in (rewritten, counted):
+        assert r.status_code == 400, r.text
+        assert r.json()["type"] == "error", r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["engine"] == "a", error
+        assert error["message"] == "engine 'a' refused the request: max_tokens must be of type int", error
+    assert (untouched.status_code, untouched.content) == (400, shaped)
+    assert (counted_untouched.status_code, counted_untouched.content) == (400, shaped)
+
+
+class _SlowBackend(Backend):
+    """Takes 0.3 s to hand out an engine: a streaming request is held (its 200 head sent early)."""
+
+    async def acquire(self, model: str | None, *, may_start: bool = True) -> Upstream:
+        await anyio.sleep(0.3)
+        return await super().acquire(model, may_start=may_start)
+
+
+@pytest.mark.anyio
+async def test_a_held_streams_engine_refusal_is_one_error_event_in_the_openai_shape() -> None:
+    """A stream held while its engine was handed out (head already sent) that the engine refuses with
+    {"error": "..."}: the stream's one error event carries the OpenAI shape, quoting the engine."""
+    async with answering_engine(_http_answer(400, b'{"error": "max_tokens must be of type int"}')) as (base_url, _):
+        upstream = Upstream("a", base_url, "vllm", supports_messages=False)
+        async with running_gateway(_SlowBackend({"a": upstream}, "a")) as url, httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(url + "/v1/chat/completions", json={**_CHAT, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
+    assert len(events) == 1, r.text
+    error = events[0]["error"]
+    assert error["message"] == "engine 'a' refused the request: max_tokens must be of type int", error
+    assert error["type"] == "invalid_request_error" and error["engine"] == "a", error
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [True, False])
+async def test_mlx_lm_servers_refusals_reach_the_client_in_the_openai_shape(mlx_server: MlxServer, stream: bool) -> None:
+    """The real mlx_lm.server answers a bad field with 400 {"error": "<text>"}: the client gets the 400 in
+    OpenAI's shape, quoting the engine's text."""
+    upstream = Upstream("tiny", mlx_server.base_url, "mlx_lm", supports_messages=False, served_model="default_model")
+    async with running_gateway(Backend({"tiny": upstream}, "tiny")) as url, httpx.AsyncClient(timeout=60) as http:
+        bad_type = await http.post(url + "/v1/chat/completions", json={**_CHAT, "model": "tiny", "max_tokens": "x",
+                                                                          "stream": stream})
+        not_a_list = await http.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": "hi",
+                                                                            "stream": stream})
+    for r, said in ((bad_type, "max_tokens must be of type int"), (not_a_list, "'str' object has no attribute 'get'")):
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["message"] == f"engine 'tiny' refused the request: {said}", error
+        assert error["type"] == "invalid_request_error" and error["engine"] == "tiny", error
+
+
+# ---------------------------------------------------------------------------------------------
+# An engine that closed the connection without answering is not an engine that could not be reached
+
+
+@pytest.fixture
+def openai_standin() -> Iterator[str]:
+    """The OpenAI stand-in engine as a real process."""
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, str(STANDINS / "openai_engine.py"), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(base_url + "/health", timeout_s=20)
+        yield base_url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.anyio
+async def test_an_engine_that_closes_without_answering_is_told_apart_from_one_not_reached(openai_standin: str) -> None:
+    """max_tokens "x" crashes the stand-in's request handler, which closes the connection unanswered: a 502 that
+    says so (upstream_closed), not "could not be reached"; a port nobody listens on is upstream_unreachable."""
+    backend = Backend({"a": Upstream("a", openai_standin, "command", supports_messages=False),
+                       "gone": Upstream("gone", f"http://127.0.0.1:{free_port()}", "command", supports_messages=False)},
+                      "a")
+    async with running_gateway(backend, GatewaySettings(hold_s=1.0)) as url, httpx.AsyncClient(timeout=30) as http:
+        closed = await http.post(url + "/v1/chat/completions", json={**_CHAT, "max_tokens": "x"})
+        refused = await http.post(url + "/v1/chat/completions", json={**_CHAT, "model": "gone"})
+        served = await http.post(url + "/v1/chat/completions", json=_CHAT)
+    assert closed.status_code == 502, closed.text
+    error = closed.json()["error"]
+    assert error["code"] == "upstream_closed" and error["engine"] == "a", error
+    assert "closed the connection without answering" in error["message"], error
+    assert "could not be reached" not in error["message"], error
+    assert refused.status_code == 502, refused.text
+    assert refused.json()["error"]["code"] == "upstream_unreachable", refused.text
+    assert "could not be reached" in refused.json()["error"]["message"], refused.text
+    assert served.status_code == 200, served.text  # the engine was alive all along
+
+
+# ---------------------------------------------------------------------------------------------
+# A wrong method is the client's error
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/tiny"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_other_methods_on_v1_models_are_405_allowing_get(path: str, method: str) -> None:
+    """/v1/models is the gateway's own list: POST (or PUT, DELETE, PATCH) there is a 405 with Allow: GET in the
+    OpenAI shape, not a 404 saying the gateway answers /v1/models."""
+    backend = _backend()
+    async with running_gateway(backend) as url, httpx.AsyncClient(timeout=30) as http:
+        r = await http.request(method, url + path, json={"model": "tiny"})
+        listed = await http.get(url + path)
+    assert r.status_code == 405, r.text
+    assert r.headers["allow"] == "GET"
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "method_not_allowed", error
+    assert f"{path} takes GET, not {method}" in error["message"], error
+    assert listed.status_code == 200, listed.text
+    assert backend.started == []
+
+
+@pytest.mark.anyio
+async def test_a_wrong_method_on_an_inference_path_is_the_clients_error_in_both_shapes() -> None:
+    """GET /v1/chat/completions and GET /v1/messages: 405 invalid_request_error (OpenAI and Anthropic shapes)."""
+    backend = _backend()
+    async with running_gateway(backend) as url, httpx.AsyncClient(timeout=30) as http:
+        chat = await http.get(url + "/v1/chat/completions")
+        messages = await http.get(url + "/v1/messages")
+    assert chat.status_code == 405 and chat.headers["allow"] == "POST", chat.text
+    assert chat.json()["error"]["type"] == "invalid_request_error", chat.text
+    assert chat.json()["error"]["code"] == "method_not_allowed", chat.text
+    assert messages.status_code == 405 and messages.headers["allow"] == "POST", messages.text
+    assert messages.json()["type"] == "error", messages.text
+    assert messages.json()["error"]["type"] == "invalid_request_error", messages.text
