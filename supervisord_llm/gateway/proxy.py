@@ -757,7 +757,8 @@ class _Forward:
 
         return await retry.send_until_answered(
             self._send_once if self.reassembly is not None else lambda: gw.upstream_client.send(self.request),
-            wait_serving=self._engine_serving, hold_s=gw.settings.hold_s, now=gw.clock.now, on_retry=on_retry)
+            wait_serving=self._engine_serving, went_down=self._engine_went_down, hold_s=gw.settings.hold_s,
+            now=gw.clock.now, on_retry=on_retry)
 
     async def _send_once(self) -> UpstreamResponse:
         """A non-streamed request fetched as a stream: sent, and its stream read whole into the answer, as one
@@ -811,6 +812,24 @@ class _Forward:
         self.sent_at_s = self.unblocked_at_s = now
         if prefill_counts(len(self.request.content)):
             self.prefill_key = gw.prefills.begin(engine)
+
+    async def _engine_went_down(self, timeout_s: float) -> bool:
+        """The daemon shows the engine down (stopping, restarting, in backoff, hung, gone) within ``timeout_s``:
+        its run ended with this request in it. An engine shown serving all that time runs on: it dropped the
+        request itself. A backend that shows no states (a test's) is taken to show it down."""
+        gw = self.gw
+        engine = self.upstream.engine
+        deadline_s = gw.clock.now() + timeout_s
+        while True:
+            entry = next((m for m in gw.backend.models() if m.get("id") == engine), None)
+            if entry is None or entry.get("state", "") not in ("ready", "degraded"):
+                return True
+            left_s = deadline_s - gw.clock.now()
+            if left_s <= 0:
+                gw.log.warning("gateway.engine_dropped_request", engine=engine,
+                               note="the engine closed the connection without answering and runs on: not sent again")
+                return False
+            await anyio.sleep(min(0.05, left_s))
 
     async def _engine_serving(self, timeout_s: float) -> bool:
         """The engine is serving again (within ``timeout_s``), as the daemon's hold decides; never a

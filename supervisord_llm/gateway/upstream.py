@@ -489,17 +489,23 @@ class UpstreamClient:
         data = self._head_bytes(request, target, path)
         await self._take_slot(request.url)
         connection: _Connection | None = None
+        reused = False
         try:
             connection = self._pooled(target.key)
+            reused = connection is not None
             if connection is None:
                 connection = await self._connect(target.key, request.url)
             head = connection.start(request.method, request.url, data)
             clock = _ReadClock(connection, self._read_timeout_s, request.progress_age_s)
             await clock.wait(head)
-        except BaseException:
+        except BaseException as exc:
             if connection is not None:
                 connection.close()
             self._give_slot()
+            if reused and isinstance(exc, httpx.TransportError):
+                # It went out on a connection opened earlier (pooled, or a spare), which the engine may have
+                # closed just as it was sent: retry.py may send it again at once on another.
+                exc.reused_connection = True  # type: ignore[attr-defined]
             raise
         return UpstreamResponse(self, connection, clock)
 

@@ -241,6 +241,30 @@ def test_a_request_the_engine_never_answered_is_resent_to_the_restarted_engine_a
     assert drained and drained[-1]["in_flight"] == 2  # both still ran after the 1 s drain
 
 
+def test_a_request_a_live_engine_dropped_without_an_answer_is_not_sent_again(daemon_factory) -> None:
+    """The engine's request handler fails on this request and closes the connection without an answer (the
+    stand-in's, on a max_tokens it cannot read) while the engine runs on: the request reached it once and is not
+    replayed into it (each replay of a long prompt costs its whole prefill again); the client gets a 502 saying
+    the engine closed the connection, and the engine serves the next request as before."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), default=True, canary_interval="10m")
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "60s"\n').start()
+    pid = d.wait_state("e", "ready", 30)["pid"]
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+
+    def received() -> int:  # generation requests the engine read (its start check's among them)
+        return sum(1 for line in _engine_log(d, "e").splitlines() if line.startswith("request "))
+
+    before = received()
+    started = time.monotonic()
+    dropped = httpx.post(url, timeout=60, json={"model": "e", "max_tokens": "x", **CHAT})
+    assert dropped.status_code == 502 and dropped.json()["error"]["code"] == "upstream_closed", dropped.text
+    assert time.monotonic() - started < 10
+    assert received() - before == 1
+    served = httpx.post(url, timeout=60, json={"model": "e", "max_tokens": 4, **CHAT})
+    assert served.status_code == 200 and d.engine("e")["pid"] == pid
+
+
 def test_a_request_whose_engine_died_into_backoff_gets_the_usual_503_with_retry_after(daemon_factory) -> None:
     """The engine is SIGKILLed while it holds a request (no response head yet): it goes to backoff (its 60 s
     spawn floor), so the held resend cannot be served; the client gets the 503 a new request would, with

@@ -161,6 +161,34 @@ async def test_an_engine_closing_before_its_answer_is_an_unanswered_request() ->
             await c.send(request(url))
 
 
+async def test_an_unanswered_request_says_whether_it_went_out_on_a_connection_opened_earlier() -> None:
+    """A request on a fresh connection that the engine closes unanswered reached the engine (retry.py does not
+    send it again into a live engine); one on a kept-alive connection the engine closed as it went out is marked,
+    so it is sent again at once on another connection."""
+    answered = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        await read_head(reader)
+        if answered:  # the second request, on the first's kept-alive connection or a new one: closed unanswered
+            writer.close()
+            return
+        answered += 1
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_head(reader)  # the second request arrives here, on the kept-alive connection
+        writer.close()
+
+    async with engine(handler) as url, client() as c:
+        assert await exchange(c, url) == b"ok"
+        with pytest.raises(httpx.RemoteProtocolError) as reused:
+            await c.send(request(url))
+        assert getattr(reused.value, "reused_connection", False) is True
+        with pytest.raises(httpx.RemoteProtocolError) as fresh:
+            await c.send(request(url))
+        assert getattr(fresh.value, "reused_connection", False) is False
+
+
 async def test_a_stream_broken_off_midway_is_an_error_not_an_end() -> None:
     """An engine that dies mid-stream (chunked body cut short) raises, so the client is told it broke."""
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
