@@ -24,7 +24,8 @@ _SNIFF_BYTES = 1024
 
 
 def header_timeout_protocol(
-    base: type[asyncio.Protocol], *, header_timeout_s: float, on_timeout: Callable[[bytes], bytes | None]
+    base: type[asyncio.Protocol], *, header_timeout_s: float, on_timeout: Callable[[bytes], bytes | None],
+    on_bad_request: Callable[[bytes, str], bytes] | None = None,
 ) -> type[asyncio.Protocol]:
     """``base`` with a deadline of ``header_timeout_s`` for each request's headers.
 
@@ -32,6 +33,10 @@ def header_timeout_protocol(
     request on a kept-alive connection). When it passes, ``on_timeout(first_bytes)`` is called with
     what the client sent of the request so far (empty when nothing): it returns the bytes of a
     response to write before the connection is closed (a 408), or None to close it silently.
+
+    ``on_bad_request(first_bytes, message)``, when given, writes the answer to bytes the HTTP parser
+    refuses (a broken request line, a ``Content-Length`` that is no number, a broken chunked body) in
+    place of the server's plain-text 400: the response, written before the connection is closed.
     """
 
     class HeaderTimeoutProtocol(base):  # type: ignore[valid-type,misc]
@@ -60,6 +65,14 @@ def header_timeout_protocol(
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            if on_bad_request is None:
+                super().send_400_response(msg)
+                return
+            self._cancel_header_timer()
+            self.transport.write(on_bad_request(self._header_bytes, msg))
+            self.transport.close()
 
         def _headers_complete(self) -> bool:
             cycle = getattr(self, "cycle", None)

@@ -328,7 +328,7 @@ class GatewayStats:
         self.clients_cut = 0  # clients cut for not draining their stream buffer within client_timeout_s
         self.engines: dict[str, dict[str, int]] = {}
         # Requests the door turned away, by why: path, method, key, invalid_json, invalid_model, origin, host,
-        # body_timeout, body_too_large, header_timeout, swap, queue_full, queue_timeout, connections.
+        # body_timeout, body_too_large, header_timeout, bad_http, swap, queue_full, queue_timeout, connections.
         self.refused: dict[str, int] = {}
 
     def refuse(self, why: str) -> None:
@@ -2372,22 +2372,31 @@ def _guarded_http_protocol(settings: GatewaySettings, stats: GatewayStats | None
 
     from supervisord_llm.gateway.headers import header_timeout_protocol
 
+    def answer(first_bytes: bytes, status: int, reason: bytes, message: str, code: str) -> bytes:
+        request_line = first_bytes.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
+        target = request_line.split(b" ")[1] if request_line.count(b" ") >= 1 else b""
+        body = json.dumps(error_body(target.startswith(MESSAGES_PATH.encode()), status, message, code)).encode()
+        return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, reason, len(body), body))
+
     def on_timeout(first_bytes: bytes) -> bytes | None:
         if stats is not None:
             stats.refuse("header_timeout")
         if not first_bytes:
             return None  # nothing was asked: nobody to answer
-        request_line = first_bytes.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
-        target = request_line.split(b" ")[1] if request_line.count(b" ") >= 1 else b""
-        body = json.dumps(error_body(
-            target.startswith(MESSAGES_PATH.encode()), 408,
-            f"the request headers did not arrive within the gateway's header_timeout_s "
-            f"({settings.header_timeout_s:g}s)", "request_timeout")).encode()
-        return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        return answer(first_bytes, 408, b"Request Timeout",
+                      f"the request headers did not arrive within the gateway's header_timeout_s "
+                      f"({settings.header_timeout_s:g}s)", "request_timeout")
+
+    def on_bad_request(first_bytes: bytes, message: str) -> bytes:
+        if stats is not None:
+            stats.refuse("bad_http")
+        return answer(first_bytes, 400, b"Bad Request",
+                      f"the request is not valid HTTP/1.1 ({message.rstrip('.')}): check its request line, its "
+                      f"Content-Length (a number of bytes) and, if chunked, its chunk sizes", "invalid_http")
 
     return header_timeout_protocol(AutoHTTPProtocol, header_timeout_s=settings.header_timeout_s,
-                                   on_timeout=on_timeout)
+                                   on_timeout=on_timeout, on_bad_request=on_bad_request)
 
 
 async def serve(

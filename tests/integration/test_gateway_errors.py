@@ -347,3 +347,31 @@ async def test_a_wrong_method_on_an_inference_path_is_the_clients_error_in_both_
     assert messages.status_code == 405 and messages.headers["allow"] == "POST", messages.text
     assert messages.json()["type"] == "error", messages.text
     assert messages.json()["error"]["type"] == "invalid_request_error", messages.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("raw", "anthropic"), [
+    (b"GARBAGE\r\n\r\n", False),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n{}", False),
+    (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", True),
+], ids=["request-line", "content-length", "chunked-body"])
+async def test_bytes_that_are_not_http_get_a_json_400_in_the_api_shape(raw: bytes, anthropic: bool) -> None:
+    """What the HTTP parser refuses is answered like every other refusal: JSON in the client's API shape, saying
+    what to check, not the server's plain-text "Invalid HTTP request received."."""
+    async with running_gateway(Backend({}, None)) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(raw)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"content-type: application/json" in head.lower(), answer
+    doc = json.loads(body)
+    error = doc["error"]
+    if anthropic:
+        assert doc["type"] == "error" and error["type"] == "invalid_request_error", doc
+    else:
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_http", doc
+    assert "not valid HTTP/1.1" in error["message"] and "Content-Length" in error["message"], doc
