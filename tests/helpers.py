@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,22 @@ def wait_http(url: str, timeout_s: float = 60.0) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer within {timeout_s}s")
+
+
+@contextlib.contextmanager
+def engine_process(argv: list[str], port: int, *, env: dict[str, str] | None = None,
+                   quiet: bool = True) -> Iterator[str]:
+    """A stand-in engine run as a real process (its own session), listening on ``port``: its base URL once
+    ``/health`` answers; terminated afterwards."""
+    output = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(argv, env=env, stdout=output, stderr=output, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(base_url + "/health", timeout_s=20)
+        yield base_url
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 class MlxServer:

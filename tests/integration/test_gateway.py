@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -38,7 +37,7 @@ from supervisord_llm.gateway.proxy import (
     serve,
     usage_tokens_of,
 )
-from tests.helpers import PYTHON, REPO, MlxServer, free_port, wait_http
+from tests.helpers import PYTHON, REPO, MlxServer, engine_process, free_port
 
 pytestmark = pytest.mark.long_wait  # mostly waits: run beside the rest
 
@@ -146,14 +145,8 @@ def engine(tiny_model: Path) -> Iterator[MlxServer]:
 def standin() -> Iterator[str]:
     """The Anthropic stand-in engine as a real process."""
     port = free_port()
-    proc = subprocess.Popen([PYTHON, str(STANDIN), "--port", str(port)], start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(base_url + "/health", timeout_s=20)
+    with engine_process([PYTHON, str(STANDIN), "--port", str(port)], port, quiet=False) as base_url:
         yield base_url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def mlx_upstream(engine: MlxServer) -> Upstream:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ import anyio
 import pytest
 
 from supervisord_llm.gateway.proxy import GatewaySettings, Upstream
-from tests.helpers import PYTHON, STANDINS, free_port, wait_http
+from tests.helpers import PYTHON, STANDINS, engine_process, free_port
 from tests.integration.test_gateway import Backend, running_gateway
 
 pytestmark = [pytest.mark.anyio, pytest.mark.long_wait]  # mostly waits: run beside the rest
@@ -29,15 +28,9 @@ CLIENT_TIMEOUT_S = 3.0
 def fast_engine() -> Iterator[str]:
     """The stand-in streaming 1000 tok/s, so a stream outgrows every buffer in a second."""
     port = free_port()
-    proc = subprocess.Popen([PYTHON, str(STANDINS / "openai_engine.py"), "--port", str(port), "--tps", "1000"],
-                            stdout=subprocess.DEVNULL, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(base_url + "/health", timeout_s=20)
+    with engine_process([PYTHON, str(STANDINS / "openai_engine.py"), "--port", str(port), "--tps", "1000"],
+                        port) as base_url:
         yield base_url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _hold_without_reading(listen: str, path: str, body: dict, hold_s: float) -> bytes:

@@ -7,7 +7,6 @@ has a key of its own, as a gateway reachable by others should.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from supervisord_llm.gateway.proxy import GatewaySettings, Upstream
-from tests.helpers import PYTHON, STANDINS, free_port, short_tmpdir, wait_http
+from tests.helpers import PYTHON, STANDINS, engine_process, free_port, short_tmpdir
 from tests.integration.test_gateway import Backend, running_gateway
 
 pytestmark = pytest.mark.anyio
@@ -34,15 +33,8 @@ def keyed_engine() -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "OMLX_BASE_PATH": str(root / "home"), "OMLX_PORT": str(port),
            "OMLX_MODEL_DIR": str(folder.parent), "OMLX_API_KEY": ENGINE_KEY}
-    proc = subprocess.Popen([PYTHON, str(STANDINS / "omlx_engine.py"), "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(base_url + "/health", timeout_s=20)
+    with engine_process([PYTHON, str(STANDINS / "omlx_engine.py"), "serve"], port, env=env) as base_url:
         yield base_url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _backend(base_url: str, auth_headers: tuple[tuple[str, str], ...]) -> Backend:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -18,7 +17,7 @@ import pytest
 
 from supervisord_llm.clock import SystemClock
 from supervisord_llm.gateway.proxy import GatewaySettings, Upstream, build_app
-from tests.helpers import PYTHON, STANDINS, MlxServer, free_port, wait_http
+from tests.helpers import PYTHON, STANDINS, MlxServer, engine_process, free_port
 from tests.integration.test_gateway import Backend, running_gateway
 
 
@@ -278,15 +277,8 @@ async def test_mlx_lm_servers_refusals_reach_the_client_in_the_openai_shape(mlx_
 def openai_standin() -> Iterator[str]:
     """The OpenAI stand-in engine as a real process."""
     port = free_port()
-    proc = subprocess.Popen([PYTHON, str(STANDINS / "openai_engine.py"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(base_url + "/health", timeout_s=20)
+    with engine_process([PYTHON, str(STANDINS / "openai_engine.py"), "--port", str(port)], port) as base_url:
         yield base_url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.mark.anyio
