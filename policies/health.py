@@ -352,6 +352,19 @@ def quiet_interval(prev_token_s: float, in_prefill: int, last_prefill_end_s: flo
     return in_prefill == 0 and (last_prefill_end_s is None or last_prefill_end_s <= prev_token_s)
 
 
+def canary_sample_rate(tokens_per_s: float | None, decode_s: float | None) -> float | None:
+    """A canary's decode rate as a throughput sample, or None. A rate the engine reported itself, or one over
+    the whole request (``decode_s`` None), stands; one timed from the canary's chunks needs a real decode
+    (``MIN_SAMPLE_DECODE_S``) like a stream's: chunks read in one burst (held back by the engine, or by a busy
+    reader) give rates a hundred times the engine's, which would inflate the learned baseline until every
+    healthy reading looks degraded."""
+    if not tokens_per_s:
+        return None
+    if decode_s is not None and decode_s < MIN_SAMPLE_DECODE_S:
+        return None
+    return tokens_per_s
+
+
 def stream_decode_rate(tokens: int, decode_s: float | None, quiet: tuple[int, float, int] | None = None,
                        *, held_back: bool = False) -> tuple[float, float] | None:
     """A completed stream's decode rate, and the tokens it rests on; None when that is no real decode.

@@ -252,8 +252,12 @@ async def _stream_canary(
         error = f"the engine finished without generating any token ({url})"
     ttft_s = None if first_token_s is None else first_token_s - started_s
     tokens_per_s = reported_rate
+    decode_s = None
     if tokens_per_s is None and error is None:
         tokens_per_s = _decode_rate(tokens, counted, started_s, first_token_s, last_token_s, last_event_s)
+        if counted >= 2 and tokens > 1 and first_token_s is not None and last_token_s is not None \
+                and last_token_s > first_token_s:
+            decode_s = last_token_s - first_token_s  # the span _decode_rate timed the tokens over
     return CanaryReading(
         at_s=started_s,
         ok=error is None,
@@ -262,6 +266,7 @@ async def _stream_canary(
         completion_tokens=tokens if tokens else None,
         tokens_per_s=tokens_per_s,
         error=error,
+        decode_s=decode_s,
     )
 
 

@@ -94,6 +94,9 @@ class CanaryReading:
     tokens_per_s: float | None = None  # decode rate: tokens after the first / time after the first
     error: str | None = None
     stalled: bool = False  # no token arrived within the stall time
+    # The time from the first to the last token-bearing chunk, where ``tokens_per_s`` was timed from them (None:
+    # the engine reported its own rate, or it is taken over the whole request).
+    decode_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

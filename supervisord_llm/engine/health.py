@@ -42,6 +42,7 @@ from policies.health import (
     assess_degraded,
     assess_progress,
     band_label,
+    canary_sample_rate,
     decide_degraded_restart,
     decide_hang_restart,
     decode_rate_sample,
@@ -364,8 +365,8 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                                            detail=f"a canary got no token within {waited_s:.0f}s"))
         elif reading.ok:
             health.last_canary_ok_s = clock.now()
-            if reading.tokens_per_s:
-                health.add_sample(ThroughputSample(at_s=clock.now(), tokens_per_s=reading.tokens_per_s,
+            if (rate := canary_sample_rate(reading.tokens_per_s, reading.decode_s)) is not None:
+                health.add_sample(ThroughputSample(at_s=clock.now(), tokens_per_s=rate,
                                                    source="canary", tokens=reading.completion_tokens or 0,
                                                    concurrency=sample_concurrency(
                                                        health.in_flight_changes, health.counters, started_s,

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from policies.health import MIN_SAMPLE_DECODE_S, canary_sample_rate
 from probes.canary import (
     run_ollama_canary,
     run_openai_chat_canary,
@@ -160,6 +161,28 @@ async def test_reasoning_tokens_count_so_thinking_models_pass(scripted) -> None:
     assert reading.tokens_per_s is not None and reading.tokens_per_s > 0
     assert bodies[0]["model"] == "MiniMax-M2" and bodies[0]["stream_options"] == {"include_usage": True}
     assert bodies[0]["max_tokens"] == 4
+
+
+async def test_tokens_read_in_one_burst_make_no_throughput_sample(scripted) -> None:
+    """16 tokens written at once (an engine that held them back, or a reader that was busy) time at tens of
+    thousands of tokens/s: the reading says how short its decode was, and it is no sample for the learned
+    baseline (policies.health.canary_sample_rate); a real 16-token decode over 0.3 s is one."""
+    base_url, scripts, _ = scripted
+    burst = b"".join(_sse({"content": " tok"}) for _ in range(16))
+    scripts["/v1/chat/completions"] = (200, [(0.05, _sse({"role": "assistant"})), (0.0, burst),
+                                             (0.0, _sse(finish="length")), (0.0, DONE)])
+    async with httpx.AsyncClient() as client:
+        reading = await run_openai_chat_canary(client, base_url, max_tokens=16, stall_s=5, timeout_s=10)
+    assert reading.ok and reading.completion_tokens == 16, reading
+    assert reading.decode_s is not None and reading.decode_s < MIN_SAMPLE_DECODE_S, reading
+    assert canary_sample_rate(reading.tokens_per_s, reading.decode_s) is None
+
+    steps = [(0.05, _sse({"role": "assistant"}))] + [(0.02, _sse({"content": " tok"})) for _ in range(16)]
+    scripts["/v1/chat/completions"] = (200, steps + [(0.0, _sse(finish="length")), (0.0, DONE)])
+    async with httpx.AsyncClient() as client:
+        steady = await run_openai_chat_canary(client, base_url, max_tokens=16, stall_s=5, timeout_s=10)
+    rate = canary_sample_rate(steady.tokens_per_s, steady.decode_s)
+    assert rate is not None and 20 < rate < 60, steady
 
 
 async def test_keepalives_are_not_progress(scripted) -> None:

@@ -578,3 +578,12 @@ def test_a_hang_on_the_process_is_over_once_it_runs_again() -> None:
     assert hang_cleared(100.0, idle, "process")
     assert not hang_cleared(100.0, idle, "stream")
     assert not hang_cleared(100.0, ProgressVerdict(True, "hung", "process", None, "process stopped (SIGSTOP)"), "process")
+
+
+def test_a_canary_rate_is_a_sample_only_over_a_real_decode() -> None:
+    from policies.health import MIN_SAMPLE_DECODE_S, canary_sample_rate
+
+    assert canary_sample_rate(75913.0, 0.0002) is None  # 16 tokens read in one burst
+    assert canary_sample_rate(900.0, MIN_SAMPLE_DECODE_S) == 900.0
+    assert canary_sample_rate(25.0, None) == 25.0  # the engine's own rate, or one over the whole request
+    assert canary_sample_rate(None, 0.5) is None and canary_sample_rate(0.0, 0.5) is None
