@@ -369,6 +369,7 @@ def _wait_state(client: Client, name: str, goal: set[str], timeout_s: float, qui
             doc = client.request("GET", "/v1/status").json()
             engine = next((e for e in doc["engines"] if e["name"] == name), None)
             if engine is None:
+                print(f"llmctl: no engine named {name!r} in the daemon's status any more", file=sys.stderr)
                 return EXIT_FAILED
             state = engine["state"]
             spinner.update(f"{name}: {state} for {format_duration(engine.get('for_s'))} "
@@ -394,11 +395,15 @@ def cmd_engine(client: Client, args: argparse.Namespace) -> int:
     response = client.request("POST", f"/v1/engines/{args.name}/{args.op}", json=body)
     if response.status_code != 200:
         return _fail(response)
-    print(response.json().get("message", "ok"))
+    doc = response.json()
+    print(doc.get("message", "ok"))
     if args.no_wait:
         return EXIT_OK
     goal = {"stopped"} if args.op == "stop" else {"ready", "degraded"}
-    return _wait_state(client, args.name, goal, args.timeout, quiet=False)
+    # The daemon names the engine it acted on: the one an alias given here stands for.
+    engine = doc.get("engine")
+    name = engine["name"] if isinstance(engine, dict) and isinstance(engine.get("name"), str) else args.name
+    return _wait_state(client, name, goal, args.timeout, quiet=False)
 
 
 def cmd_switch(client: Client, args: argparse.Namespace) -> int:
@@ -734,7 +739,10 @@ def main(argv: list[str] | None = None) -> int:
     args.config = getattr(args, "config", None)
     args.socket = getattr(args, "socket", None)
     if getattr(args, "local", False):
-        return int(args.func(args))
+        try:
+            return int(args.func(args))
+        except BrokenPipeError:
+            return _reader_gone()
     try:
         socket_path = resolve_socket(args)
     except ConfigError as exc:
@@ -755,6 +763,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TIMEOUT
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """Whatever read llmctl's output went away (``llmctl events | head``): that is the reader's choice, not a
+    failure. Python would report the pipe once more when it flushes stdout at exit; it goes nowhere instead."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

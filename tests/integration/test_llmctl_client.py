@@ -99,6 +99,18 @@ def test_engine_commands_keep_their_exit_codes_and_messages(daemon_factory) -> N
     assert gone.returncode == 3 and "no supervisord-llm daemon is running" in gone.stderr
 
 
+def test_engine_commands_by_an_alias_act_and_report_as_by_the_name(daemon_factory) -> None:
+    """An alias works wherever the engine's name does: the command waits for that engine's state and exits 0."""
+    d = daemon_factory(standin_engine_toml("e", free_port(), aliases=["gguf"])).start()
+    d.wait_state("e", "ready", 30)
+    stop = d.llmctl("stop", "gguf")
+    assert stop.returncode == 0 and stop.stdout.strip().endswith("e: stopped"), stop
+    start = d.llmctl("start", "gguf", "--force")
+    assert start.returncode == 0 and start.stdout.strip().endswith("e: ready"), start
+    again = d.llmctl("start", "gguf")
+    assert again.returncode == 0, again
+
+
 def test_events_follow_streams_new_events_and_ends_cleanly_when_the_daemon_dies(daemon_factory) -> None:
     """`llmctl events -f --json` prints a new event as it happens; a killed daemon ends it with one line, exit 1."""
     d = daemon_factory(standin_engine_toml("e", free_port())).start()
@@ -173,3 +185,21 @@ def test_a_daemon_that_takes_the_request_and_never_answers_is_exit_code_4(tmp_pa
     finally:
         server.close()
     assert done.returncode == 4 and "did not answer within" in done.stderr, (done.returncode, done.stderr)
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(daemon_factory) -> None:
+    """`llmctl events | head -2`: the reader leaves after two lines; llmctl ends with exit 0 and no traceback."""
+    import subprocess
+    import sys
+
+    d = daemon_factory(standin_engine_toml("e", free_port())).start()
+    d.wait_state("e", "ready", 30)
+    for _ in range(3):  # enough events that the output outgrows what `head` reads
+        assert d.llmctl("restart", "e", "--force").returncode == 0
+    llmctl = subprocess.Popen([sys.executable, "-m", "supervisord_llm.cli", "--socket", str(d.socket), "events",
+                               "-n", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert llmctl.stdout is not None
+    llmctl.stdout.readline()
+    llmctl.stdout.close()  # the reader is gone
+    _, stderr = llmctl.communicate(timeout=30)
+    assert llmctl.returncode == 0 and b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr
