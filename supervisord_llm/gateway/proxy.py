@@ -165,6 +165,7 @@ class TokenMeter:
         "counted_tokens",
         "usage_tokens",
         "error",
+        "finished",
         "_partial",
         "_event",
     )
@@ -180,6 +181,7 @@ class TokenMeter:
         self.counted_tokens = 0
         self.usage_tokens: int | None = None
         self.error: Any = None
+        self.finished = False  # the engine's own end of the stream passed: [DONE], message_stop, "done": true
         self._partial = b""
         self._event = b""
 
@@ -238,6 +240,7 @@ class TokenMeter:
         if doc.get("error") is not None:
             self.error = doc["error"]
         elif doc.get("done") is True:
+            self.finished = True
             count = doc.get("eval_count")
             if type(count) is int and count >= 0:
                 self.usage_tokens = count
@@ -245,10 +248,16 @@ class TokenMeter:
             self._token(at_s)
 
     def _data(self, payload: bytes, at_s: float) -> None:
-        if not payload or payload == b"[DONE]":
+        if not payload:
+            return
+        if payload == b"[DONE]":
+            self.finished = True
             return
         if self.anthropic:
             event = self._event
+            if event == b"message_stop" or (not event and b'"message_stop"' in payload):
+                self.finished = True
+                return
             if event == b"content_block_delta" or (
                 not event and _ANTHROPIC_DELTA_RE.search(payload)
             ):
@@ -1301,7 +1310,9 @@ class _Forward:
             ended = "stalled"
         elif self.client_cut:
             ended = "client_too_slow"
-        elif self.client_gone:
+        elif self.client_gone and not meter.finished:
+            # A client that leaves once the engine's own end marker has passed (an SDK stops reading at [DONE])
+            # got its whole answer.
             ended = "client_disconnected"
         elif self.upstream_failed:
             ended = "upstream_error"

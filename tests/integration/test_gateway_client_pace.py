@@ -121,3 +121,64 @@ async def test_a_client_that_fell_behind_and_finished_gives_no_decode_rate_for_t
     rate = stream_decode_rate(stats.tokens, stats.decode_s, (quiet.tokens, quiet.seconds, quiet.events),
                               held_back=stats.held_back)
     assert (rate is None) is held, rate
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anthropic", [False, True], ids=["openai", "anthropic"])
+async def test_a_client_that_leaves_once_the_stream_has_ended_got_its_whole_answer(anthropic: bool) -> None:
+    """An SDK stops reading at the stream's end marker ([DONE], message_stop) and closes its connection, while
+    the engine may still hold its own open a moment: that request completed, it is not a client that left."""
+    import asyncio
+
+    if anthropic:
+        body = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","usage":{}}}\n\n'
+                b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                b'"delta":{"type":"text_delta","text":"hi"}}\n\n'
+                b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+        kind, path = "command", "/v1/messages"
+    else:
+        body = (b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+                b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+        kind, path = "command", "/v1/chat/completions"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\n\r\n" + body)
+            await writer.drain()
+            await asyncio.sleep(1.0)  # the engine ends its connection a moment after the end marker
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        backend = Backend({"e": Upstream("e", base_url, kind, supports_messages=anthropic)}, default="e")
+        async with running_gateway(backend) as url:
+            host, port = url.removeprefix("http://").rsplit(":", 1)
+            request = {"model": "e", "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+            payload = json.dumps(request).encode()
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                         b"anthropic-version: 2023-06-01\r\ncontent-length: %d\r\n\r\n%s"
+                         % (path.encode(), len(payload), payload))
+            await writer.drain()
+            seen = b""
+            end = b"message_stop" if anthropic else b"[DONE]"
+            while end not in seen:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, seen
+                seen += data
+            writer.close()  # as an SDK does at the end marker
+            # The client has closed; the engine still holds its connection for a second.
+            deadline = time.monotonic() + 10
+            while not backend.finished and time.monotonic() < deadline:
+                await anyio.sleep(0.05)
+    finally:
+        server.close()
+    assert [s.ended for s in backend.finished] == ["complete"], backend.finished
