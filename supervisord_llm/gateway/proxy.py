@@ -477,6 +477,12 @@ def _unanswered(engine: str, base_url: str, exc: httpx.HTTPError, sends: int) ->
     return "upstream_unreachable", f"{at} could not be reached{tries}: {type(exc).__name__}: {exc}"
 
 
+# Refusals a resend cannot change (an engine a person stopped or that failed, which requests may not start):
+# the OpenAI and Anthropic SDKs retry a 503 on their own unless told not to (their ``x-should-retry``).
+PERMANENT_REFUSALS = frozenset({"engine_not_running", "failed"})
+NO_RETRY = {"x-should-retry": "false"}
+
+
 def error_response(
     anthropic: bool,
     status: int,
@@ -1766,7 +1772,7 @@ class _Gateway:
             return None
         self.stats.refuse("swap")
         return error_response(anthropic, 503, start_refused_message(entry["id"], str(entry.get("state")), permission),
-                              "engine_not_running", engine=entry["id"])
+                              "engine_not_running", headers=NO_RETRY, engine=entry["id"])
 
     def may_start(self, request: Request) -> bool:
         """Whether this request may have the daemon start (or swap in) its engine (``gateway.swaps``)."""
@@ -2012,6 +2018,8 @@ class _Gateway:
         headers = {}
         if retry_after_s is not None and exc.status == 503:
             headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))
+        elif exc.reason in PERMANENT_REFUSALS:
+            headers.update(NO_RETRY)
         until = None
         if exc.until_wall is not None:
             until = datetime.fromtimestamp(exc.until_wall, tz=UTC).isoformat(timespec="seconds")

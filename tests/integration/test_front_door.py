@@ -473,6 +473,16 @@ def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> 
                    json={"model": "b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_running"
     assert "llmctl start b" in r.json()["error"]["message"]
+    # A resend cannot change it: the SDKs, which retry a 503 on their own, are told not to.
+    assert r.headers.get("x-should-retry") == "false" and "retry-after" not in r.headers, r.headers
+    import openai
+
+    refused_before = d.status()["gateway"]["refused"].get("swap", 0)
+    with pytest.raises(openai.InternalServerError):
+        openai.OpenAI(base_url=f"http://127.0.0.1:{gw}/v1", api_key="-").chat.completions.create(
+            model="b", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    time.sleep(0.5)  # the gateway's counters reach the daemon within STATS_PUSH_S
+    assert d.status()["gateway"]["refused"]["swap"] == refused_before + 1  # asked once, not three times
     assert d.engine("b")["state"] == "stopped"
     assert d.llmctl("start", "b").returncode == 0
     r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=30,
