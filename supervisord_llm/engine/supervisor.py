@@ -998,6 +998,9 @@ class EngineSupervisor:
             "for_s": round(now - self.since_s, 3),
             "next_start_at": (self.clock.wall() + (self.next_start_at_s - now)) if self.next_start_at_s else None,
             "next_start_in_s": round(self.next_start_at_s - now, 1) if self.next_start_at_s else None,
+            # Stopped or failed with a failure streak whose backoff has not passed: no start is scheduled, and
+            # `llmctl start` (or a request's start) is refused for this long unless forced.
+            "start_allowed_in_s": self._start_allowed_in_s(now),
             "last_exit": self.last_exit,
             "diagnosis": _diag_dict(self.diagnosis),
             "tokens_per_s": tps,
@@ -1012,6 +1015,12 @@ class EngineSupervisor:
             "footprint_bytes": self.host.footprint_bytes(self),
             "log": str(self.log_path),
         }
+
+    def _start_allowed_in_s(self, now: float) -> float | None:
+        if self.state not in (EngineState.STOPPED, EngineState.FAILED) or self.backoff.consecutive_failures == 0:
+            return None
+        at_s = backoff.next_start_at(self.backoff, self.host.backoff_settings, now)
+        return round(at_s - now, 1) if at_s > now else None
 
     def persisted(self) -> dict[str, Any]:
         proc = self.proc if self.proc and self.proc.running else None

@@ -203,3 +203,22 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly(daemon_factory
     llmctl.stdout.close()  # the reader is gone
     _, stderr = llmctl.communicate(timeout=30)
     assert llmctl.returncode == 0 and b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr
+
+
+def test_a_stopped_engine_whose_failure_streak_holds_its_start_says_so_in_status(daemon_factory) -> None:
+    """Crashed, then stopped by a person inside its backoff: nothing is scheduled (NEXT is empty), yet
+    `llmctl start` is refused for a while; status says for how long and that --force starts it now."""
+    import os
+    import signal
+
+    d = daemon_factory(standin_engine_toml("e", free_port())).start()
+    os.kill(d.wait_state("e", "ready", 30)["pid"], signal.SIGKILL)
+    d.wait_state("e", "backoff", 30)
+    assert d.llmctl("stop", "e").returncode == 0
+    engine = d.engine("e")
+    assert engine["state"] == "stopped" and engine["next_start_in_s"] is None, engine
+    assert engine["start_allowed_in_s"] is not None and 0 < engine["start_allowed_in_s"] <= 60, engine
+    table = d.llmctl("status").stdout
+    assert "a start is allowed in" in table and "--force starts it now" in table, table
+    refused = d.llmctl("start", "e")
+    assert refused.returncode == 1 and "--force" in refused.stderr, refused
