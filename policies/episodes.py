@@ -152,5 +152,17 @@ def on_stopped_by_person(engine: str, open_keys: Iterable[str]) -> tuple[Alert, 
     return _resolve_all(engine, open_keys, f"{engine} was stopped with llmctl stop; it stays down until started")
 
 
+def on_swap_rolled_back(engine: str, open_keys: Iterable[str]) -> tuple[Alert, ...]:
+    """A swap to ``engine`` failed and was rolled back: the engine is stopped, so the next start its exit episode
+    announced will not come. That episode closes saying so; ``swap.failed`` (raised with the rollback) stays
+    open until the engine is ready or a person stops it, and carries the failure."""
+    key = f"{EXIT_EPISODE}:{engine}"
+    if key not in open_keys:
+        return ()
+    return (Alert(key=key, severity="info", resolved=True, details={"engine": engine},
+                  summary=f"{engine} stays stopped after the failed swap to it: no restart is scheduled "
+                          f"(swap.failed:{engine} stays open until it is ready or stopped with llmctl stop)"),)
+
+
 __all__ = ["ENGINE_EPISODES", "EXIT_EPISODE", "ExitFacts", "exit_label", "on_ready", "on_stopped_by_person",
-           "on_unplanned_exit"]
+           "on_swap_rolled_back", "on_unplanned_exit"]

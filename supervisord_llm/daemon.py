@@ -961,6 +961,8 @@ class Daemon:
             except Exception as exc:  # report, do not mask the swap's own error
                 self.events.emit("swap.rollback_failed", engine=name, error=str(exc))
         self.events.emit("swap.rolled_back", target=target.name, reason=reason, restored=restored)
+        if self.alerts_outbox is not None:  # its exit episode announced a restart the rollback cancelled
+            self._resolve_episodes(target.name, "swap rollback", episodes.on_swap_rolled_back)
         self.alert(Alert(key=f"swap.failed:{target.name}", severity="critical",
                          summary=f"swap to {target.name} failed ({reason}); rolled back to "
                                  f"{', '.join(restored) or 'nothing'}",

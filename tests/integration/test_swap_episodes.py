@@ -81,6 +81,9 @@ def test_a_failed_swap_resolves_when_a_later_swap_to_its_target_succeeds(daemon_
     d.wait_state("a", "ready", 30)  # rolled back
     [firing] = receiver.wait("swap.failed:b", ["firing"])
     assert firing["severity"] == "critical" and firing["engine"] == "b", firing
+    # b's crash opened its exit episode announcing a next start; the rollback stopped b, so it closes saying so.
+    exited = receiver.wait("engine.exited:b", ["firing", "resolved"])
+    assert "no restart is scheduled" in exited[1]["message"], exited
 
     flag.touch()
     switched = d.llmctl("switch", "b", timeout=120)

@@ -125,3 +125,13 @@ def test_ready_again_after_a_memory_guard_restart_closes_its_soft_watermark_warn
     resolved = episodes.on_ready("qwen", ["engine.memory_high:qwen", "engine.gpu_memory_high:qwen",
                                           "engine.memory_high:llama"])
     assert [a.key for a in resolved] == ["engine.memory_high:qwen", "engine.gpu_memory_high:qwen"]
+
+
+def test_a_rolled_back_swap_closes_its_targets_exit_episode_saying_no_restart_comes() -> None:
+    """The exit episode of a target that crashed while loading announced its next start; the rollback stopped
+    it, so that start will not come: the episode closes saying so. swap.failed and others' episodes stay."""
+    open_keys = ["engine.exited:qwen", "swap.failed:qwen", "engine.exited:llama"]
+    resolved = episodes.on_swap_rolled_back("qwen", open_keys)
+    assert [(a.key, a.resolved) for a in resolved] == [("engine.exited:qwen", True)]
+    assert "no restart is scheduled" in resolved[0].summary
+    assert episodes.on_swap_rolled_back("qwen", ["swap.failed:qwen"]) == ()
