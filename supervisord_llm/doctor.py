@@ -180,13 +180,32 @@ def check_memory_cap(engine: EngineConfig, config: Config) -> Finding:
         return Finding("ok", subject, f"memory guard watermarks: soft {format_bytes(engine.memory_soft_bytes)}, "
                                       f"hard {format_bytes(engine.memory_hard_bytes)}")
     flags = CACHE_CAP_FLAGS.get(engine.kind)
-    watermarks = 'set engine.memory_soft / engine.memory_hard (e.g. "110GB" / "130GB")'
+    watermarks = f"set engine.memory_soft / engine.memory_hard ({_watermark_example(engine, config)})"
     fix = f"add an engine-side cap to engine.args ({' or '.join(flags)}), or {watermarks}" if flags else watermarks
     guard = ("the guard only acts at its default watermarks (footprint x "
              f"{config.memory_guard.soft_factor:g} / x {config.memory_guard.hard_factor:g}), after the cache has grown"
              if config.memory_guard.enabled else "the memory guard is off ([policies.memory_guard] enabled = false)")
     return Finding("warn", subject, f"no engine-side cache cap and no memory watermarks set: a cache that grows "
                                     f"without a bound takes the machine's memory; {guard}", fix)
+
+
+def nvidia_device_present(dev: Path = Path("/dev"), proc: Path = Path("/proc/driver/nvidia")) -> bool:
+    """An NVIDIA GPU's device node, or the driver's proc entry, exists (Linux): NVML failing there is a driver
+    problem worth a warning; elsewhere there is simply no NVIDIA GPU."""
+    return proc.exists() or any(dev.glob("nvidia[0-9]*"))
+
+
+def _watermark_example(engine: EngineConfig, config: Config) -> str:
+    """Watermarks to suggest: the guard's own factors over the engine's footprint, as config sizes."""
+    footprint = engine.footprint_bytes
+
+    def size(n: float) -> str:
+        return f'"{n / 1e9:.0f}GB"' if n >= 10e9 else f'"{n / 1e9:.1f}GB"' if n >= 1e9 else f'"{n / 1e6:.0f}MB"'
+
+    if not footprint:
+        return 'e.g. "110GB" / "130GB" for a 100 GB model'
+    return (f"e.g. {size(footprint * config.memory_guard.soft_factor)} / "
+            f"{size(footprint * config.memory_guard.hard_factor)} for its {size(footprint)} footprint")
 
 
 def check_nvml(config: Config) -> list[Finding]:
@@ -199,6 +218,10 @@ def check_nvml(config: Config) -> list[Finding]:
     probe = NvmlProbe()
     reading = probe.read(0.0)
     if not reading.available:
+        if not nvidia_device_present():
+            # A CPU-only machine, a Mac, another vendor's GPU: nothing to install, nothing to warn about.
+            return [Finding("ok", "nvml", "no NVIDIA GPU on this machine: GPU memory admission and XID alerts are "
+                                          "off; memory admission counts the machine's memory")]
         return [Finding("warn", "nvml", f"NVIDIA GPU probing unavailable: {reading.reason}",
                         "install the NVIDIA driver (libnvidia-ml) to get GPU memory admission and XID alerts")]
     return [Finding("ok", "nvml", f"{len(reading.devices)} GPU(s): " +

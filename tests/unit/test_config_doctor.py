@@ -20,7 +20,36 @@ def test_the_memory_cap_fix_is_a_whole_sentence_for_engines_without_a_cap_flag(t
     config = load_config(path)
     finding = check_memory_cap(config.engines[0], config)
     assert finding.level == "warn"
-    assert finding.fix.startswith('set engine.memory_soft / engine.memory_hard (e.g. "110GB" / "130GB")'), finding.fix
+    assert finding.fix.startswith('set engine.memory_soft / engine.memory_hard (e.g. "110GB" / "130GB"'), finding.fix
+
+
+def test_the_suggested_watermarks_follow_the_engines_footprint(tmp_path: Path) -> None:
+    """A 1 GB engine is not told to set 110 GB / 130 GB watermarks: the example is the guard's factors over its
+    footprint."""
+    path = tmp_path / "config.toml"
+    path.write_text('[[engine]]\nname = "e"\nkind = "ollama"\nmodel = "m"\nfootprint = "1GB"\n')
+    config = load_config(path)
+    fix = check_memory_cap(config.engines[0], config).fix
+    assert '"1.1GB" / "1.3GB"' in fix and "110GB" not in fix, fix
+
+
+def test_no_nvidia_gpu_is_no_warning_to_install_its_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A llama.cpp engine on a machine with no NVIDIA GPU (CPU-only, another vendor's): NVML is missing because
+    there is nothing for it to see, not because a driver is missing; one whose GPU's driver fails still warns."""
+    from supervisord_llm import doctor
+
+    path = tmp_path / "config.toml"
+    path.write_text('[[engine]]\nname = "e"\nkind = "llama_cpp"\nmodel = "/m.gguf"\nfootprint = "1GB"\n')
+    config = load_config(path)
+    present = doctor.nvidia_device_present
+    assert present(tmp_path / "dev", tmp_path / "proc") is False
+    monkeypatch.setattr(doctor, "nvidia_device_present", lambda: False)
+    [finding] = doctor.check_nvml(config)
+    if "GPU(s):" not in finding.message:  # (a machine with a working NVIDIA GPU reads it)
+        assert finding.level == "ok" and "no NVIDIA GPU" in finding.message, finding
+        monkeypatch.setattr(doctor, "nvidia_device_present", lambda: True)
+        [finding] = doctor.check_nvml(config)
+        assert finding.level == "warn" and "install the NVIDIA driver" in finding.fix, finding
 
 
 def test_doctor_prints_brackets_as_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
