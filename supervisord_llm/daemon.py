@@ -338,21 +338,12 @@ class Daemon:
 
     def _should_autostart(self, name: str, pending_swap: Any) -> bool:
         """At daemon start: which engines to start. An engine the last daemon left running (or starting, or in
-        its restart backoff, or stopped only by that daemon's own clean exit) is started again, whatever its
-        ``autostart``: a daemon restart undoes nothing a person did, their starts included. One a person or its
-        idle unload stopped, or that failed, stays so. Others (no record: a new state dir or a new engine) start
-        as ``autostart`` says. Exclusive engines: only one (the one that was resident, else the default, or the
-        one a pending swap was heading to)."""
-        saved = self._saved_engine(name)
-        was_running = saved is not None and self._was_running(saved)
-        if saved is not None and saved.get("state") in ("stopped", "failed") and not was_running:
-            refused = saved.get("start_refused")
-            if not (saved.get("state") == "stopped" and isinstance(refused, dict) and refused.get("preload")):
-                # A person stopped it, its idle unload did, or it failed: a daemon restart does not undo that. An
-                # engine whose preload was refused was stopped by nobody: it is started as configured, asking
-                # admission again.
-                return False
-        if not was_running and not self.supervisors[name].config.autostart:
+        its restart backoff: that daemon crashed, or re-executed itself) is started again whatever its
+        ``autostart``: a daemon restart undoes nothing a person did, their starts included. One stopped only by
+        that daemon's own clean exit starts as ``autostart`` says, as on a fresh state. One a person or its
+        idle unload stopped, or that failed, stays so. Exclusive engines: only one (the one that was resident,
+        else the default, or the one a pending swap was heading to)."""
+        if not self._wanted_at_start(name):
             return False
         if isinstance(pending_swap, dict):
             return False  # the swap resumption decides
@@ -360,10 +351,25 @@ class Daemon:
             return True
         # With exclusive engines only one starts: the one that was resident before, else the default.
         resident = [n for n in self.supervisors if (s := self._saved_engine(n)) is not None and self._was_running(s)]
+        resident += [n for n in self.supervisors if n not in resident and self._wanted_at_start(n)
+                     and self._stopped_by_exit(self._saved_engine(n))]
         if resident:
             return name == resident[0]
         default = self.config.default_engine
         return default is not None and default.name == name
+
+    def _wanted_at_start(self, name: str) -> bool:
+        saved = self._saved_engine(name)
+        if saved is not None and self._was_running(saved):
+            return True
+        if saved is not None and saved.get("state") in ("stopped", "failed") and not self._stopped_by_exit(saved):
+            refused = saved.get("start_refused")
+            if not (saved.get("state") == "stopped" and isinstance(refused, dict) and refused.get("preload")):
+                # A person stopped it, its idle unload did, or it failed: a daemon restart does not undo that. An
+                # engine whose preload was refused was stopped by nobody: it is started as configured, asking
+                # admission again.
+                return False
+        return self.supervisors[name].config.autostart
 
     def _saved_engine(self, name: str) -> dict[str, Any] | None:
         """The last daemon's record of this engine (None: none)."""
@@ -373,12 +379,14 @@ class Daemon:
 
     @staticmethod
     def _was_running(saved: dict[str, Any]) -> bool:
-        """The record says the engine ran, or was meant to, when the last daemon ended: a serving or starting
-        state, its restart backoff, or stopped by nothing but that daemon's own clean exit."""
-        state = saved.get("state")
-        if state in ("starting", "ready", "degraded", "hung", "backoff"):
-            return True
-        return state == "stopped" and saved.get("reason") == SHUTDOWN_REASON
+        """The record says the engine ran, or was meant to, when the last daemon ended without stopping it: a
+        serving or starting state, or its restart backoff."""
+        return saved.get("state") in ("starting", "ready", "degraded", "hung", "backoff")
+
+    @staticmethod
+    def _stopped_by_exit(saved: dict[str, Any] | None) -> bool:
+        """Stopped by nothing but the last daemon's own clean exit."""
+        return saved is not None and saved.get("state") == "stopped" and saved.get("reason") == SHUTDOWN_REASON
 
     async def _kill_orphans(self, orphans: list[psutil.Process]) -> None:
         pids = [p.pid for p in orphans]

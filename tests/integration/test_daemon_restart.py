@@ -106,8 +106,9 @@ def test_after_a_restart_the_keeper_of_an_orphan_is_reaped_once_the_orphan_is_ki
 def test_after_a_clean_stop_the_next_daemon_starts_again_what_ran_and_keeps_what_a_person_stopped(
         daemon_factory) -> None:
     """SIGTERM stops the engines (stop_engines_on_exit); the next daemon on the same state starts again the
-    engines that ran (one started by a person too, though not autostart) once their 60 s spawn floor allows,
-    resumes the restart backoff of one that had crashed, and leaves stopped the one a person stopped."""
+    autostart engines (once their 60 s spawn floor allows), resumes the restart backoff of one that had crashed,
+    leaves stopped the one a person stopped, and one a person had started without autostart, as a fresh start
+    would. A re-exec (`llmctl daemon restart`) stops nothing: an engine in its backoff keeps it."""
     config = (standin_engine_toml("a", free_port())
               + standin_engine_toml("b", free_port(), autostart=False)
               + standin_engine_toml("c", free_port())
@@ -125,12 +126,24 @@ def test_after_a_clean_stop_the_next_daemon_starts_again_what_ran_and_keeps_what
     assert first.proc is not None and first.proc.returncode == 0
 
     second = daemon_factory(config, state_dir=first.state_dir).start()
-    for name in ("a", "b", "c"):  # waiting out the floor (a, b) or the backoff (c), each with its time shown
+    for name in ("a", "c"):  # waiting out the floor (a) or the backoff (c), each with its time shown
         engine = second.wait_state(name, "backoff", 30)
         assert engine["next_start_in_s"] is not None and engine["next_start_in_s"] > 0, engine
     assert abs(second.engine("c")["next_start_at"] - c_before["next_start_at"]) < 2.0
     off = second.engine("off")
     assert off["state"] == "stopped" and off["state_reason"] == "llmctl stop", off
-    for name in ("a", "b", "c"):
+    b = second.engine("b")
+    assert b["state"] == "stopped" and b["state_reason"] == "daemon shutdown", b
+    for name in ("a", "c"):
         assert second.wait_state(name, "ready", 90)["state"] == "ready"
     assert second.engine("off")["state"] == "stopped"
+
+    # b, started by hand, crashes into its backoff; a re-exec of the daemon keeps that backoff.
+    assert second.llmctl("start", "b", "--force").returncode == 0
+    os.kill(second.wait_state("b", "ready", 30)["pid"], signal.SIGKILL)
+    second.wait_state("b", "backoff", 30)
+    uptime = second.status()["daemon"]["uptime_s"]
+    assert second.llmctl("daemon", "restart").returncode == 0
+    _wait_restarted(second, uptime)
+    b = second.engine("b")
+    assert b["state"] == "backoff" and b["next_start_in_s"] is not None, b
