@@ -218,10 +218,10 @@ def check_nvml(config: Config) -> list[Finding]:
     probe = NvmlProbe()
     reading = probe.read(0.0)
     if not reading.available:
-        if not nvidia_device_present():
-            # A CPU-only machine, a Mac, another vendor's GPU: nothing to install, nothing to warn about.
-            return [Finding("ok", "nvml", "no NVIDIA GPU on this machine: GPU memory admission and XID alerts are "
-                                          "off; memory admission counts the machine's memory")]
+        if not nvidia_device_present() and not any(e.gpu_devices for e in config.engines):
+            # A CPU-only machine, a Mac, another vendor's GPU, and no engine pinned to a GPU: nothing to install.
+            return [Finding("ok", "nvml", "NVIDIA GPU probing unavailable: no NVIDIA GPU on this machine; GPU "
+                                          "memory admission and XID alerts are off, admission counts its memory")]
         return [Finding("warn", "nvml", f"NVIDIA GPU probing unavailable: {reading.reason}",
                         "install the NVIDIA driver (libnvidia-ml) to get GPU memory admission and XID alerts")]
     return [Finding("ok", "nvml", f"{len(reading.devices)} GPU(s): " +
