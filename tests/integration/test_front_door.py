@@ -357,10 +357,13 @@ def test_beyond_max_queue_a_429_with_retry_after_in_each_api_shape(daemon_factor
 
     first = threading.Thread(target=call, args=("running",))
     first.start()
-    time.sleep(0.5)
+    # Each next request only once the gateway holds the one before (a loaded machine may start threads late).
+    assert d.gateway_counters(lambda g: g["in_flight"] >= 1, timeout_s=20)["in_flight"] >= 1
+    time.sleep(0.3)
     second = threading.Thread(target=call, args=("queued",))
     second.start()
-    time.sleep(0.5)
+    assert d.gateway_counters(lambda g: g["in_flight"] >= 2, timeout_s=20)["in_flight"] >= 2
+    time.sleep(0.3)
     refused = httpx.post(url, json=body, timeout=60)
     anthropic = httpx.post(f"http://127.0.0.1:{gw}/v1/messages", timeout=60, headers={"anthropic-version": "2023-06-01"},
                            json={"model": "e", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
