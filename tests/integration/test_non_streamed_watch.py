@@ -112,6 +112,12 @@ async def _read_request(reader) -> dict:  # type: ignore[no-untyped-def]
     return json.loads(await reader.readexactly(length))
 
 
+def _answer(writer, content_type: bytes, body: bytes) -> None:  # type: ignore[no-untyped-def]
+    """One HTTP/1.1 answer with a Content-Length (the connection stays open for the next request)."""
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+                 % (content_type, len(body), body))
+
+
 def _chunk(content: str | None = None, finish: str | None = None) -> bytes:
     delta = {"content": content} if content is not None else {}
     doc = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta,
@@ -188,8 +194,7 @@ async def test_an_engine_that_answers_a_stream_request_whole_is_not_asked_for_a_
         try:
             while True:
                 seen.append(await _read_request(reader))
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                             % (len(whole), whole))
+                _answer(writer, b"application/json", whole)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -219,12 +224,10 @@ async def test_an_engine_whose_streams_carry_no_usage_gets_its_requests_as_sent_
                 request = await _read_request(reader)
                 seen.append(request)
                 if request.get("stream"):  # no usage chunk, whatever stream_options says
-                    body = _chunk("Hel") + _chunk("lo") + _chunk(finish="stop") + b"data: [DONE]\n\n"
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s"
-                                 % (len(body), body))
+                    _answer(writer, b"text/event-stream",
+                            _chunk("Hel") + _chunk("lo") + _chunk(finish="stop") + b"data: [DONE]\n\n")
                 else:
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                                 % (len(whole), whole))
+                    _answer(writer, b"application/json", whole)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
