@@ -25,7 +25,7 @@ import anyio
 import httpx
 import psutil
 
-from policies import backoff, episodes
+from policies import backoff, episodes, restore
 from policies.actions import Admit, Alert, Drain, EscalateReboot, Refuse, RunReboot, Start, WaitUntil
 from policies.admission import Footprint, admit, auto_footprint_bytes, effective_budget_bytes, exclusive_conflicts
 from policies.memory_guard import PeakHistory, admission_bytes
@@ -325,9 +325,9 @@ class Daemon:
                 tg.start_soon(self._memory_loop)
                 tg.start_soon(self._heartbeat)
                 pending_swap = self._saved.get("swap")
+                to_start = self._engines_to_start(pending_swap)
                 for name, sup in self.supervisors.items():
-                    autostart = self._should_autostart(name, pending_swap)
-                    await tg.start(sup.run, adopted.get(name), autostart)
+                    await tg.start(sup.run, adopted.get(name), name in to_start)
                 if isinstance(pending_swap, dict) and pending_swap.get("target") in self.supervisors:
                     tg.start_soon(self._resume_swap, pending_swap)
                 self.persist()
@@ -337,56 +337,22 @@ class Daemon:
                 await anyio.sleep_forever()
 
     def _should_autostart(self, name: str, pending_swap: Any) -> bool:
-        """At daemon start: which engines to start. An engine the last daemon left running (or starting, or in
-        its restart backoff: that daemon crashed, or re-executed itself) is started again whatever its
-        ``autostart``: a daemon restart undoes nothing a person did, their starts included. One stopped only by
-        that daemon's own clean exit starts as ``autostart`` says, as on a fresh state. One a person or its
-        idle unload stopped, or that failed, stays so. Exclusive engines: only one (the one that was resident,
-        else the default, or the one a pending swap was heading to)."""
-        if not self._wanted_at_start(name):
-            return False
-        if isinstance(pending_swap, dict):
-            return False  # the swap resumption decides
-        if not any(s.config.exclusive for s in self.supervisors.values()):
-            return True
-        # With exclusive engines only one starts: the one that was resident before, else the default.
-        resident = [n for n in self.supervisors if (s := self._saved_engine(n)) is not None and self._was_running(s)]
-        resident += [n for n in self.supervisors if n not in resident and self._wanted_at_start(n)
-                     and self._stopped_by_exit(self._saved_engine(n))]
-        if resident:
-            return name == resident[0]
-        default = self.config.default_engine
-        return default is not None and default.name == name
+        """At daemon start: whether to start this engine (``policies.restore.engines_to_start``)."""
+        return name in self._engines_to_start(pending_swap)
 
-    def _wanted_at_start(self, name: str) -> bool:
-        saved = self._saved_engine(name)
-        if saved is not None and self._was_running(saved):
-            return True
-        if saved is not None and saved.get("state") in ("stopped", "failed") and not self._stopped_by_exit(saved):
-            refused = saved.get("start_refused")
-            if not (saved.get("state") == "stopped" and isinstance(refused, dict) and refused.get("preload")):
-                # A person stopped it, its idle unload did, or it failed: a daemon restart does not undo that. An
-                # engine whose preload was refused was stopped by nobody: it is started as configured, asking
-                # admission again.
-                return False
-        return self.supervisors[name].config.autostart
+    def _engines_to_start(self, pending_swap: Any) -> tuple[str, ...]:
+        engines = [restore.EngineAtStart(name=n, autostart=s.config.autostart, exclusive=s.config.exclusive,
+                                         saved=restore.SavedEngine.from_record(self._saved_engine(n)))
+                   for n, s in self.supervisors.items()]
+        default = self.config.default_engine
+        return restore.engines_to_start(engines, default=default.name if default else None,
+                                        swap_pending=isinstance(pending_swap, dict))
 
     def _saved_engine(self, name: str) -> dict[str, Any] | None:
         """The last daemon's record of this engine (None: none)."""
         engines = self._saved.get("engines") if self._saved else None
         saved = engines.get(name) if isinstance(engines, dict) else None
         return saved if isinstance(saved, dict) else None
-
-    @staticmethod
-    def _was_running(saved: dict[str, Any]) -> bool:
-        """The record says the engine ran, or was meant to, when the last daemon ended without stopping it: a
-        serving or starting state, or its restart backoff."""
-        return saved.get("state") in ("starting", "ready", "degraded", "hung", "backoff")
-
-    @staticmethod
-    def _stopped_by_exit(saved: dict[str, Any] | None) -> bool:
-        """Stopped by nothing but the last daemon's own clean exit."""
-        return saved is not None and saved.get("state") == "stopped" and saved.get("reason") == SHUTDOWN_REASON
 
     async def _kill_orphans(self, orphans: list[psutil.Process]) -> None:
         pids = [p.pid for p in orphans]

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import anyio
 import httpx
 
-from policies import backoff
+from policies import backoff, restore
 from policies.actions import Alert, MarkFailed, Refuse, WaitUntil
 from policies.health import GENERATION_OK, decide_start_check
 from probes.readings import CanaryReading, Diagnosis, EngineCounters
@@ -120,9 +120,9 @@ RESIDENT_STATES = frozenset({EngineState.STARTING, EngineState.READY, EngineStat
                              EngineState.STOPPING})
 SERVING_STATES = frozenset({EngineState.READY, EngineState.DEGRADED})
 PRELOAD_REASON = "daemon start"  # the reason of the daemon's own start of an autostart engine
-# The reason of the daemon's own stop of its engines when it exits cleanly. Nobody stopped such an engine: the
-# next daemon starts it again (``Daemon._should_autostart``), unlike one a person or its idle unload stopped.
-SHUTDOWN_REASON = "daemon shutdown"
+# The reason of the daemon's own stop of its engines when it exits cleanly (``policies.restore.SHUTDOWN_REASON``):
+# nobody stopped such an engine, so the next daemon starts it again, unlike one a person or its idle unload stopped.
+SHUTDOWN_REASON = restore.SHUTDOWN_REASON
 
 
 # ---- inbox messages ---------------------------------------------------------------------------

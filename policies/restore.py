@@ -1,0 +1,92 @@
+"""What a daemon starts when it starts (pure), from what the last daemon left in its state file.
+
+A daemon restart undoes nothing a person did: an engine the last daemon left running (or starting, or in
+its restart backoff: that daemon crashed, or re-executed itself) runs again, whatever its ``autostart``,
+since a person may have started it by hand. One stopped only by that daemon's own clean exit (SIGTERM,
+``systemctl restart``, the daemon's own reboot) starts as ``autostart`` says, as on a fresh state. One a
+person or its idle unload stopped, or that failed, stays so, unless what stopped it was a refused preload
+(memory admission said no): nobody stopped that one, so it is started as configured, asking admission
+again. A swap that was under way decides itself which engine runs.
+
+Exclusive engines never share the machine (``policies.admission``), so of the engines that would start,
+the first in this order starts and the rest only where nothing exclusive stands between them: those that
+ran, then those stopped by the daemon's exit, then the default engine, then the others, each in config
+order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# The reason an engine's record carries when the daemon's own clean exit stopped it.
+SHUTDOWN_REASON = "daemon shutdown"
+# The states of an engine that ran, or was meant to, when the last daemon ended without stopping it.
+RUNNING_STATES = frozenset({"starting", "ready", "degraded", "hung", "backoff"})
+
+
+@dataclass(frozen=True, slots=True)
+class SavedEngine:
+    """The last daemon's record of an engine, as far as the start decision reads it."""
+
+    state: str
+    reason: str = ""
+    preload_refused: bool = False  # stopped because memory admission refused its preload
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> SavedEngine | None:
+        """From the state file's ``engines.<name>`` record (None, or not a mapping: no record)."""
+        if not isinstance(record, Mapping):
+            return None
+        refused = record.get("start_refused")
+        return cls(state=str(record.get("state", "")), reason=str(record.get("reason") or ""),
+                   preload_refused=isinstance(refused, Mapping) and bool(refused.get("preload")))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineAtStart:
+    name: str
+    autostart: bool
+    exclusive: bool = False
+    saved: SavedEngine | None = None
+
+
+def was_running(saved: SavedEngine | None) -> bool:
+    """The record says the engine ran (or was starting, or waited out its restart backoff)."""
+    return saved is not None and saved.state in RUNNING_STATES
+
+
+def stopped_by_exit(saved: SavedEngine | None) -> bool:
+    """Stopped by nothing but the last daemon's own clean exit."""
+    return saved is not None and saved.state == "stopped" and saved.reason == SHUTDOWN_REASON
+
+
+def wanted_at_start(engine: EngineAtStart) -> bool:
+    """Whether the engine would start, exclusivity aside."""
+    saved = engine.saved
+    if was_running(saved):
+        return True
+    if saved is not None and saved.state in ("stopped", "failed") and not stopped_by_exit(saved):
+        if not (saved.state == "stopped" and saved.preload_refused):
+            return False  # a person stopped it, its idle unload did, or it failed
+    return engine.autostart
+
+
+def engines_to_start(engines: Sequence[EngineAtStart], *, default: str | None,
+                     swap_pending: bool = False) -> tuple[str, ...]:
+    """The engines a starting daemon starts, in the order it prefers them (see the module's text)."""
+    if swap_pending:
+        return ()
+    wanted = [e for e in engines if wanted_at_start(e)]
+    if not any(e.exclusive for e in engines):
+        return tuple(e.name for e in wanted)
+    # With exclusive engines only one starts: the one that was resident before, else the default.
+    resident = [e for e in engines if was_running(e.saved)]
+    resident += [e for e in wanted if e not in resident and stopped_by_exit(e.saved)]
+    if resident:
+        return (resident[0].name,)
+    return tuple(e.name for e in wanted if e.name == default)
+
+__all__ = ["RUNNING_STATES", "SHUTDOWN_REASON", "EngineAtStart", "SavedEngine", "engines_to_start",
+           "stopped_by_exit", "wanted_at_start", "was_running"]
