@@ -8,10 +8,12 @@ person or its idle unload stopped, or that failed, stays so, unless what stopped
 (memory admission said no): nobody stopped that one, so it is started as configured, asking admission
 again. A swap that was under way decides itself which engine runs.
 
-Exclusive engines never share the machine (``policies.admission``), so of the engines that would start,
-the first in this order starts and the rest only where nothing exclusive stands between them: those that
+Exclusive engines never share the machine (``policies.admission``), so the engines that would start are
+taken in this order, each only where nothing exclusive stands between it and those taken before: those that
 ran, then those stopped by the daemon's exit, then the default engine, then the others, each in config
-order.
+order. Of the others, an exclusive one never starts with the daemon: with a group of exclusive engines
+(one model at a time) only the default loads on a first start. Engines that are not exclusive all start
+next to each other, whichever other engines of the config are exclusive.
 """
 
 from __future__ import annotations
@@ -79,14 +81,22 @@ def engines_to_start(engines: Sequence[EngineAtStart], *, default: str | None,
     if swap_pending:
         return ()
     wanted = [e for e in engines if wanted_at_start(e)]
-    if not any(e.exclusive for e in engines):
-        return tuple(e.name for e in wanted)
-    # With exclusive engines only one starts: the one that was resident before, else the default.
-    resident = [e for e in engines if was_running(e.saved)]
-    resident += [e for e in wanted if e not in resident and stopped_by_exit(e.saved)]
-    if resident:
-        return (resident[0].name,)
-    return tuple(e.name for e in wanted if e.name == default)
+
+    def rank(engine: EngineAtStart) -> int:
+        if was_running(engine.saved):
+            return 0
+        if stopped_by_exit(engine.saved):
+            return 1
+        return 2 if engine.name == default else 3
+
+    chosen: list[EngineAtStart] = []
+    for engine in sorted(wanted, key=rank):  # sorted() is stable: config order within a rank
+        if engine.exclusive and rank(engine) == 3:
+            continue  # an exclusive engine that did not run and is not the default waits for a request or a swap
+        if all(not (engine.exclusive or other.exclusive) for other in chosen):
+            chosen.append(engine)
+    return tuple(e.name for e in chosen)
+
 
 __all__ = ["RUNNING_STATES", "SHUTDOWN_REASON", "EngineAtStart", "SavedEngine", "engines_to_start",
            "stopped_by_exit", "wanted_at_start", "was_running"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.restore import SHUTDOWN_REASON, EngineAtStart, SavedEngine, engines_to_start
+from policies.restore import SHUTDOWN_REASON, EngineAtStart, SavedEngine, engines_to_start, wanted_at_start, was_running
 
 STATES = ["starting", "ready", "degraded", "hung", "backoff", "stopped", "failed", "stopping"]
 saved_records = st.none() | st.builds(
@@ -44,6 +44,9 @@ def test_a_daemon_start_undoes_no_stop_and_never_starts_exclusive_engines_togeth
     for a in chosen:
         for b in chosen:
             assert a is b or not (a.exclusive or b.exclusive), (a, b)
+    ran = [e for e in engines if was_running(e.saved)]
+    if ran and not any(e.exclusive for e in engines if wanted_at_start(e)):
+        assert {e.name for e in ran} <= set(started)  # nothing exclusive wants to start: all that ran start
     assert engines_to_start(engines, default=default, swap_pending=True) == ()
 
 
@@ -67,3 +70,15 @@ def test_with_exclusive_engines_the_one_that_ran_starts_else_the_default() -> No
     assert engines_to_start([a, b, ran_c], default="b") == ("c",)
     exited_a = EngineAtStart("a", autostart=True, exclusive=True, saved=SavedEngine("stopped", SHUTDOWN_REASON))
     assert engines_to_start([exited_a, b, c], default="b") == ("a",)
+
+
+def test_engines_that_are_not_exclusive_all_start_next_to_an_exclusive_one_in_the_config() -> None:
+    """A big exclusive model that did not run and is not the default, and two small engines that are not
+    exclusive: both small ones start (they may run side by side); the big one waits for a request."""
+    big = EngineAtStart("big", autostart=True, exclusive=True)
+    chat, embed = EngineAtStart("chat", autostart=True), EngineAtStart("embed", autostart=True)
+    assert engines_to_start([big, chat, embed], default="chat") == ("chat", "embed")
+    ran = [EngineAtStart(n, autostart=False, saved=SavedEngine("ready")) for n in ("chat", "embed")]
+    assert engines_to_start([big, *ran], default="big") == ("chat", "embed")
+    # The exclusive default loads alone.
+    assert engines_to_start([big, chat, embed], default="big") == ("big",)
