@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from policies import resend
 from supervisord_llm.gateway import retry
 
 pytestmark = pytest.mark.anyio
@@ -44,8 +45,8 @@ def _reused(exc: Exception) -> Exception:
 
 async def test_a_refused_request_is_held_and_resent_until_the_engine_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused connections never reached the engine: held and resent as often as the hold allows."""
-    monkeypatch.setattr(retry, "HELD_RETRY_DELAY_S", 0.0)
-    monkeypatch.setattr(retry, "QUICK_RETRY_DELAYS_S", (0.0,))
+    monkeypatch.setattr(resend, "HELD_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(resend, "QUICK_RETRY_DELAYS_S", (0.0,))
     engine = Engine([httpx.ConnectError("refused") for _ in range(6)])
     retries: list[bool] = []
     assert (await _send(engine, retries)).status_code == 200
@@ -55,8 +56,8 @@ async def test_a_refused_request_is_held_and_resent_until_the_engine_answers(mon
 async def test_a_request_the_engine_died_on_is_resent_once_not_replayed_into_every_run(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A reset after the request was written (it may be what killed the engine) gets one held resend, not more."""
-    monkeypatch.setattr(retry, "HELD_RETRY_DELAY_S", 0.0)
-    monkeypatch.setattr(retry, "QUICK_RETRY_DELAYS_S", (0.0,))
+    monkeypatch.setattr(resend, "HELD_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(resend, "QUICK_RETRY_DELAYS_S", (0.0,))
     engine = Engine([httpx.ReadError("reset") for _ in range(5)])
     retries: list[bool] = []
     with pytest.raises(httpx.ReadError):
@@ -75,8 +76,8 @@ async def test_a_request_the_engine_died_on_is_resent_once_also_when_refusals_ca
     """The engine died with the request (reset): its resend to the restarted engine is the request's one resend
     after a delivery, also when refusals (the engine still coming up) came between. A second death with it ends
     the request, rather than replaying it into a third run."""
-    monkeypatch.setattr(retry, "HELD_RETRY_DELAY_S", 0.0)
-    monkeypatch.setattr(retry, "QUICK_RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(resend, "HELD_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(resend, "QUICK_RETRY_DELAYS_S", (0.0, 0.0, 0.0))
     died, refused = httpx.ReadError("reset"), httpx.ConnectError("refused")
     engine = Engine([died, refused, refused, refused, died, refused, refused, died])
     with pytest.raises(httpx.ReadError):
@@ -86,8 +87,8 @@ async def test_a_request_the_engine_died_on_is_resent_once_also_when_refusals_ca
 
 async def test_refusals_after_the_one_resend_do_not_count_as_deliveries(monkeypatch: pytest.MonkeyPatch) -> None:
     """After its resend, a request refused while the engine comes up again is held as any refused one."""
-    monkeypatch.setattr(retry, "HELD_RETRY_DELAY_S", 0.0)
-    monkeypatch.setattr(retry, "QUICK_RETRY_DELAYS_S", (0.0,))
+    monkeypatch.setattr(resend, "HELD_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(resend, "QUICK_RETRY_DELAYS_S", (0.0,))
     died, refused = httpx.ReadError("reset"), httpx.ConnectError("refused")
     engine = Engine([died, refused, refused, refused])
     assert (await _send(engine, [])).status_code == 200
@@ -97,7 +98,7 @@ async def test_refusals_after_the_one_resend_do_not_count_as_deliveries(monkeypa
 async def test_a_request_a_live_engine_dropped_is_not_sent_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine closed the connection without answering and runs on (a request handler that failed on this
     request): it is not sent again, neither at once nor after a hold (each send would cost its prefill again)."""
-    monkeypatch.setattr(retry, "HELD_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(resend, "HELD_RETRY_DELAY_S", 0.0)
     engine = Engine([httpx.RemoteProtocolError("closed without a response") for _ in range(5)])
     retries: list[bool] = []
     with pytest.raises(httpx.RemoteProtocolError):
@@ -109,7 +110,7 @@ async def test_a_pooled_connection_the_engine_had_just_closed_is_retried_at_once
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A request that went out on a kept-alive connection the engine closed just then never reached it: it is
     sent again at once on another connection, with no hold and no question whether the engine went down."""
-    monkeypatch.setattr(retry, "QUICK_RETRY_DELAYS_S", (0.0, 0.0))
+    monkeypatch.setattr(resend, "QUICK_RETRY_DELAYS_S", (0.0, 0.0))
     engine = Engine([_reused(httpx.RemoteProtocolError("closed")), _reused(httpx.ReadError("reset"))])
     retries: list[bool] = []
     assert (await _send(engine, retries, goes_down=False)).status_code == 200
