@@ -337,6 +337,31 @@ def decide_xid(
     )
 
 
+def says_gpu_is_lost(error: str) -> bool:
+    """NVML_ERROR_GPU_IS_LOST as the probe words it (``NVMLError_GpuIsLost: GPU is lost``)."""
+    return "gpuislost" in error.lower().replace(" ", "").replace("_", "")
+
+
+def gpu_lost_cause(index: int, name: str, *, missing_s: float | None, lost_after_s: float,
+                   device_error: str | None, probe_error: str | None) -> str | None:
+    """Whether a GPU seen before is lost (the cause, for ``decide_gpu_lost``), or None.
+
+    Lost at once when NVML says so ("GPU is lost", for the device or for the whole reading); lost when NVML
+    answered for the machine but not for this GPU (not listed, or an error reading it) for ``lost_after_s``:
+    a driver that answers late once is not a lost GPU. ``missing_s``: for how long NVML answered without this
+    GPU (None: it did not miss it). ``probe_error``: the whole reading failed (None: NVML answered). A
+    reading that failed as a whole with any other error (NVML timing out, or unable to count the devices) is
+    no evidence about any one GPU, and the engines on the GPUs may well go on generating: their own watchdog
+    judges them, on what they do. Stopping them on a probe's failure would unload models that work and ask
+    for a reboot the machine may not need."""
+    for error in (device_error, probe_error):
+        if error is not None and says_gpu_is_lost(error):
+            return f"GPU {index} ({name}) is lost (NVML: {error})"
+    if probe_error is not None or missing_s is None or missing_s < lost_after_s:
+        return None
+    return f"GPU {index} ({name}) has not answered NVML for {missing_s:.0f}s ({device_error or 'no longer listed'})"
+
+
 def decide_gpu_lost(
     device_index: int,
     engines_on_device: Sequence[str],
@@ -587,6 +612,8 @@ __all__ = [
     "RebootVerification",
     "cancel",
     "decide_gpu_lost",
+    "gpu_lost_cause",
+    "says_gpu_is_lost",
     "decide_reboot",
     "decide_xid",
     "gpu_episodes_over",

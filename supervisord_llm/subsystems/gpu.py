@@ -16,9 +16,10 @@ decisions are ``policies.reboot.decide_xid``. This module runs them for the daem
   grace) and a person is alerted; a GPU that fell off the bus (XID 79) takes the reboot path of the
   reboot escalation if the daemon runs one, otherwise it is announced (event ``gpu.reboot_required``
   and an alert);
-* a GPU seen before that NVML no longer answers for is lost (``policies.reboot.decide_gpu_lost``) and
-  takes the same path as XID 79: at once when NVML says "GPU is lost", after ``lost_after_s`` of
-  silence otherwise (a driver that answers late once is not a lost GPU);
+* a GPU seen before that NVML no longer answers for is lost (``policies.reboot.gpu_lost_cause``,
+  ``decide_gpu_lost``) and takes the same path as XID 79: at once when NVML says "GPU is lost", after
+  ``lost_after_s`` of silence otherwise (a driver that answers late once is not a lost GPU), and never
+  on a reading that failed as a whole with another error (NVML timing out, or unable to count devices);
 * the ``gpu.lost`` and ``gpu.reset_required`` alert episodes, also those an earlier daemon opened,
   end on evidence from the readings that the GPU is back (``policies.reboot.gpu_episodes_over``):
   it answers NVML again, an engine serves from it, or (after a reset was required) it answers in a
@@ -57,6 +58,7 @@ from policies.reboot import (
     decide_gpu_lost,
     decide_xid,
     gpu_episodes_over,
+    gpu_lost_cause,
     is_reboot_step,
     reboot_needed,
 )
@@ -172,11 +174,6 @@ def device_errors(reading: GpuReading) -> dict[int, str]:
         if match:
             out[int(match.group(1))] = match.group(2)
     return out
-
-
-def says_gpu_is_lost(error: str) -> bool:
-    """NVML_ERROR_GPU_IS_LOST as the probe words it (``NVMLError_GpuIsLost: GPU is lost``)."""
-    return "gpuislost" in error.lower().replace(" ", "").replace("_", "")
 
 
 class GpuExtension(Extension):
@@ -330,18 +327,14 @@ class GpuExtension(Extension):
                     self._answering_again.add(uuid)
                 seen.missing_since_s, seen.lost = None, False
                 continue
-            if seen.missing_since_s is None:
-                seen.missing_since_s = now
+            if seen.missing_since_s is None and reading.available:
+                seen.missing_since_s = now  # missed while NVML answered: a failed reading shows nothing of it
             if seen.lost:
                 continue
-            error = errors.get(seen.index) or errors.get(-1)
-            silent_s = now - seen.missing_since_s
-            if error is not None and says_gpu_is_lost(error):
-                cause = f"GPU {seen.index} ({seen.name}) is lost (NVML: {error})"
-            elif silent_s >= self.lost_after_s:
-                cause = (f"GPU {seen.index} ({seen.name}) has not answered NVML for {silent_s:.0f}s "
-                         f"({error or 'no longer listed'})")
-            else:
+            cause = gpu_lost_cause(
+                seen.index, seen.name, lost_after_s=self.lost_after_s, device_error=errors.get(seen.index),
+                probe_error=errors.get(-1), missing_s=None if seen.missing_since_s is None else now - seen.missing_since_s)
+            if cause is None:
                 continue
             seen.lost = True
             out.append((seen, cause))

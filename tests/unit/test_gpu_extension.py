@@ -70,6 +70,7 @@ class StandInNvml:
         self.xids: queue.Queue[tuple[int, int]] = queue.Queue()
         self.lost: set[int] = set()
         self.silent: set[int] = set()
+        self.count_error: int | None = None  # every reading fails as a whole: nvmlDeviceGetCount raises this
 
     def hold(self, pid: int, used_bytes: int, device: int = 0) -> None:
         self.held[pid] = (device, used_bytes)
@@ -94,6 +95,8 @@ class StandInNvml:
         pass
 
     def nvmlDeviceGetCount(self) -> int:
+        if self.count_error is not None:
+            raise self.NVMLError(self.count_error)
         return self.device_count
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> SimpleNamespace:
@@ -661,6 +664,42 @@ async def test_a_gpu_that_stops_answering_is_lost_only_after_lost_after_s_and_fo
         clock.advance(10)
         await ext.poll()
         assert "(NVMLError: Unknown Error)" in _events(daemon, "gpu.lost")[-1]["cause"]
+    finally:
+        daemon.close()
+        shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_nvml_failing_as_a_whole_is_no_lost_gpu_and_its_engine_keeps_running() -> None:
+    """Every NVML reading fails for a minute with an error other than "GPU is lost" (a timeout): that says
+    nothing about any one GPU, so the engine on GPU 0 is not stopped and no reboot is asked for; the probe's
+    failure is reported. A failed reading saying "GPU is lost" still acts at once."""
+    from supervisord_llm.clock import FakeClock
+
+    clock = FakeClock()
+    nvml = StandInNvml(devices=2)
+    daemon, ext = _build("", nvml, clock=clock, lost_after_s=10)
+    escalation = Escalation()
+    daemon.extensions.append(escalation)
+    try:
+        ext.available = True
+        await ext.poll()  # both GPUs seen
+        nvml.count_error = StandInNvml.NVML_ERROR_TIMEOUT
+        for _ in range(6):
+            clock.advance(10)
+            await ext.poll()
+        assert _events(daemon, "gpu.lost") == [] and escalation.reasons == []
+        assert [e["error"] for e in _events(daemon, "probe.failed")] == ["NVML cannot count devices (NVMLError: Timeout)"]
+        # NVML answers again without GPU 1: missing from then on, lost only after lost_after_s of that.
+        nvml.count_error, nvml.device_count = None, 1
+        await ext.poll()
+        clock.advance(5)
+        await ext.poll()
+        assert _events(daemon, "gpu.lost") == []
+        nvml.count_error = StandInNvml.NVML_ERROR_GPU_IS_LOST
+        await ext.poll()
+        assert [e["device_index"] for e in _events(daemon, "gpu.lost")] == [0, 1]
+        assert escalation.reasons and all("is lost (NVML: " in r for r in escalation.reasons)
     finally:
         daemon.close()
         shutil.rmtree(daemon.state_dir, ignore_errors=True)

@@ -15,6 +15,7 @@ from policies.reboot import (
     decide_reboot,
     decide_xid,
     gpu_episodes_over,
+    gpu_lost_cause,
     in_cooldown,
     ledger_from_record,
     ledger_to_record,
@@ -369,3 +370,19 @@ def test_gpu_episodes_say_why_they_end_and_leave_other_episodes_alone() -> None:
     # Without its boot (an older daemon's episode) a reboot cannot be told apart from a daemon restart.
     assert gpu_episodes_over({"gpu.reset_required:0": {"device_index": 0}}, [GpuAnswer(0, "GPU-a", again=True)],
                              "boot-B") == ()
+
+
+@pytest.mark.parametrize(("missing_s", "device_error", "probe_error", "lost"), [
+    (None, "NVMLError: GPU is lost", None, True),  # NVML says so: at once
+    (None, None, "NVML cannot count devices (NVMLError: GPU is lost)", True),
+    (9.0, None, None, False),  # a driver that answers late once is not a lost GPU
+    (10.0, None, None, True),
+    (10.0, "NVMLError: Unknown Error", None, True),
+    (600.0, None, "NVML cannot count devices (NVMLError: Timeout)", False),  # a failed reading: no evidence
+    (None, None, "NVML cannot count devices (NVMLError: Timeout)", False),
+])
+def test_gpu_lost_cause(missing_s: float | None, device_error: str | None, probe_error: str | None,
+                        lost: bool) -> None:
+    cause = gpu_lost_cause(1, "H200", missing_s=missing_s, lost_after_s=10.0, device_error=device_error,
+                           probe_error=probe_error)
+    assert (cause is not None) is lost, cause
