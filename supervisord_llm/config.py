@@ -525,12 +525,13 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
         engine = _parse_engine(Table(raw, file, f"engine[{i}]"))
         _check_unique_labels(engine, i, seen, file)
         engines.append(engine)
-    ports: dict[tuple[str, int], str] = {}
     for i, engine in enumerate(engines):
-        if (engine.host, engine.port) in ports:
-            raise ConfigError(f"port {engine.port} is already used by engine {ports[(engine.host, engine.port)]!r}; "
-                              "each engine needs its own port", file=file, key=f"engine[{i}].port")
-        ports[(engine.host, engine.port)] = engine.name
+        # The same port on addresses that cannot both be bound (localhost is 127.0.0.1; 0.0.0.0 covers every one).
+        for other in engines[:i]:
+            if _same_listen((other.host, other.port), (engine.host, engine.port)):
+                raise ConfigError(f"port {engine.port} is already used by engine {other.name!r} "
+                                  f"({other.host}:{other.port}); each engine needs its own port",
+                                  file=file, key=f"engine[{i}].port")
     if metrics_listen is not None:
         # The daemon binds metrics_listen before it starts any engine: an engine on its port could never start.
         for engine in engines:
