@@ -700,14 +700,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logs", help="an engine's output")
     p.add_argument("name")
-    p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("-n", "--lines", type=_line_count, default=100)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing what the engine writes")
+    p.add_argument("-n", "--lines", type=_line_count, default=100,
+                   help="how many of the last lines to print first (default 100, at most 10000; 0: none)")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("events", help="the daemon's event log")
-    p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("-n", "--lines", type=_line_count, default=50)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing events as they happen")
+    p.add_argument("-n", "--lines", type=_line_count, default=50,
+                   help="how many of the last events to print first (default 50, at most 1000; 0: none)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line, as events.jsonl holds them")
     p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("reboot", help="reboot escalation")

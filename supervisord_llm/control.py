@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from supervisord_llm.daemon import Daemon
 
 MAX_BODY_BYTES = 64 * 1024
+# The most lines ``llmctl logs`` and ``llmctl events`` get at once (``-n``); the daemon keeps 1000 events in memory.
+MAX_LOG_LINES = 10_000
+MAX_EVENT_LINES = 1000
 
 
 def peer_uid(sock: socket.socket) -> int | None:
@@ -166,7 +169,7 @@ def build_control_app(daemon: Daemon) -> Starlette:
             lines = int(request.query_params.get("lines", "100"))
         except ValueError as exc:
             raise ControlError("'lines' must be an integer", 400) from exc
-        lines = max(1, min(lines, 10000))
+        lines = max(0, min(lines, MAX_LOG_LINES))  # 0: only what comes next (with follow)
         follow = request.query_params.get("follow") in ("1", "true")
         existing = await anyio.to_thread.run_sync(read_log_lines, sup.log_path, lines)
         if not follow:
@@ -200,7 +203,9 @@ def build_control_app(daemon: Daemon) -> Starlette:
             n = int(request.query_params.get("lines", "50"))
         except ValueError as exc:
             raise ControlError("'lines' must be an integer", 400) from exc
-        recent = list(daemon.events.recent)[-max(1, min(n, 1000)):]
+        kept = list(daemon.events.recent)
+        n = max(0, min(n, MAX_EVENT_LINES))
+        recent = kept[len(kept) - n:] if n else []  # 0: only what comes next (with follow)
         if not follow:
             return JSONResponse({"events": recent})
         receive = daemon.events.subscribe()

@@ -763,7 +763,7 @@ def read_log_lines(path: Path, max_lines: int) -> list[str]:
                 lines.extend(f.read().decode("utf-8", "replace").splitlines())
         except OSError:
             continue
-    return lines[-max_lines:]
+    return lines[len(lines) - max_lines:] if max_lines > 0 else []
 
 
 def port_holder(host: str, port: int) -> tuple[int | None, str | None] | None:

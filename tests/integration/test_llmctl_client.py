@@ -91,7 +91,12 @@ def test_engine_commands_keep_their_exit_codes_and_messages(daemon_factory) -> N
     stop = d.llmctl("stop", "e")
     assert stop.returncode == 0 and stop.stdout.strip().endswith("e: stopped")
     logs = d.llmctl("logs", "e", "-n", "5")
-    assert logs.returncode == 0
+    assert logs.returncode == 0 and 0 < len(logs.stdout.splitlines()) <= 5
+    # -n 0: no line, as `tail -n 0` (with -f: only what comes next).
+    for argv in (("logs", "e", "-n", "0"), ("events", "-n", "0")):
+        none = d.llmctl(*argv)
+        assert (none.returncode, none.stdout) == (0, ""), (argv, none.stdout)
+    assert len(d.llmctl("events", "-n", "3").stdout.splitlines()) == 3
     js = json.loads(d.llmctl("status", "--json").stdout)
     assert js["engines"][0]["state"] == "stopped"
     d.stop()
