@@ -41,7 +41,7 @@ from policies.memory_guard import GuardSettings
 from policies.swap import SwapSettings
 from supervisord_llm.alerts.delivery import AlertSettings
 from supervisord_llm.configtable import Table
-from supervisord_llm.convert import DURATION_HELP, SIZE_HELP
+from supervisord_llm.convert import DURATION_HELP, SIZE_HELP, format_bytes
 from supervisord_llm.errors import ConfigError
 from supervisord_llm.gateway.settings import GatewaySettings, is_loopback, parse_listen, read_gateway
 
@@ -315,6 +315,12 @@ def _parse_engine(t: Table) -> EngineConfig:
                                      'bytes; e.g. memory_soft = "110GB", memory_hard = "130GB"')
 
     footprint_bytes = t.size_bytes("footprint", "auto", allow_auto=True)
+    if memory_hard_bytes is not None and footprint_bytes is not None and memory_hard_bytes <= footprint_bytes:
+        # At its normal size the engine would be over its hard watermark: drained and restarted, again and again.
+        raise t.error("memory_hard", f"must be above the engine's footprint ({format_bytes(footprint_bytes)}), got "
+                                     f"{format_bytes(memory_hard_bytes)}: at its normal size the engine would be "
+                                     f"drained and restarted; e.g. memory_hard = \"{_example_size(footprint_bytes * 1.3)}\" "
+                                     "(or leave it out: footprint × policies.memory_guard.hard_factor)")
     # preload is the explicit name of autostart: start the engine when the daemon starts.
     preload = t.bool("preload", True) if "preload" in t.data else t.bool("autostart", True)
     if "preload" in t.data and "autostart" in t.data and t.bool("autostart", True) != preload:
@@ -632,6 +638,14 @@ def _parse_listen(value: str, t: Table, key: str) -> tuple[str, int]:
     return host, port
 
 
+def _example_size(n: float) -> str:
+    """A size as a config would write it, rounded up: 130000000000 -> "130GB"."""
+    for unit, factor in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= factor:
+            return f"{math.ceil(n / factor)}{unit}"
+    return f"{math.ceil(n)}B"
+
+
 def _same_listen(a: tuple[str, int], b: tuple[str, int]) -> bool:
     """Two listen addresses that cannot both be bound: the same port on the same host, or on a host and the
     wildcard address that covers it (0.0.0.0 or ::)."""
@@ -661,9 +675,10 @@ def config_notes(config: Config) -> list[str]:
     if not config.engines:
         # Valid: the daemon runs its memory watch, reboot escalation and alerts without engines; but a config
         # without one is most often a mistake ([engine] for [[engine]] is refused; a forgotten table is not).
-        notes.append("engine: no [[engine]] table: the daemon will start and supervise nothing, and the gateway "
-                     'answers every request with 404 "no engines are configured"; add one, e.g. [[engine]] '
-                     'name = "qwen", kind = "mlx_lm", model = "/path/to/model", port = 8081')
+        gateway_says = (', and the gateway answers every request with 404 "no engines are configured"'
+                        if config.gateway is not None and config.gateway.enabled else "")
+        notes.append(f"engine: no [[engine]] table: the daemon will start and supervise nothing{gateway_says}; add "
+                     'one, e.g. [[engine]] name = "qwen", kind = "mlx_lm", model = "/path/to/model", port = 8081')
     gateway = config.gateway
     if gateway is not None and gateway.enabled and gateway.swaps == "with_key" and is_loopback(gateway.host):
         notes.append('gateway.swaps: with "with_key" on loopback the api_key guards starting and swapping engines '

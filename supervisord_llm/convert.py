@@ -16,8 +16,9 @@ _SIZE_UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
-DURATION_HELP = 'a duration such as "90s", "5m", "1.5h" (units ms, s, m, h, d)'
-SIZE_HELP = 'a size such as "120GB", "64GiB", "512MB" (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)'
+DURATION_HELP = 'a duration such as "90s", "5m", "1.5h" (units ms, s, m, h, d) or a number of seconds'
+SIZE_HELP = ('a size such as "120GB", "64GiB", "512MB" (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB; '
+             'K, M, G, T are binary: "64G" is "64GiB")')
 
 
 def parse_duration_s(value: object) -> float:
@@ -29,12 +30,14 @@ def parse_duration_s(value: object) -> float:
     elif isinstance(value, str):
         match = _DURATION_RE.match(value)
         if not match:
+            if _DURATION_RE.match(value.strip().lstrip("-")):
+                raise ValueError(f"a duration cannot be negative, got {value!r}; expected {DURATION_HELP}")
             raise ValueError(f"expected {DURATION_HELP}, got {value!r}")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
         raise ValueError(f"expected {DURATION_HELP}, got {type(value).__name__} {value!r}")
     if seconds < 0:
-        raise ValueError(f"a duration cannot be negative, got {value!r}")
+        raise ValueError(f"a duration cannot be negative, got {value!r}; expected {DURATION_HELP}")
     return seconds
 
 
@@ -44,7 +47,7 @@ def parse_size_bytes(value: object) -> int:
         raise ValueError(f"expected {SIZE_HELP}, got {value!r}")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"a size cannot be negative, got {value!r}")
+            raise ValueError(f"a size cannot be negative, got {value!r}; expected {SIZE_HELP}")
         return value
     if not isinstance(value, str):
         raise ValueError(f"expected {SIZE_HELP}, got {type(value).__name__} {value!r}")

@@ -185,8 +185,9 @@ def check_memory_cap(engine: EngineConfig, config: Config) -> Finding:
     guard = ("the guard only acts at its default watermarks (footprint x "
              f"{config.memory_guard.soft_factor:g} / x {config.memory_guard.hard_factor:g}), after the cache has grown"
              if config.memory_guard.enabled else "the memory guard is off ([policies.memory_guard] enabled = false)")
-    return Finding("warn", subject, f"no engine-side cache cap and no memory watermarks set: a cache that grows "
-                                    f"without a bound takes the machine's memory; {guard}", fix)
+    return Finding("warn", subject, f"no engine-side cache cap and no watermarks of its own (memory_soft / "
+                                    f"memory_hard): a cache that grows without a bound takes the machine's memory; "
+                                    f"{guard}", fix)
 
 
 def nvidia_device_present(dev: Path = Path("/dev"), proc: Path = Path("/proc/driver/nvidia")) -> bool:

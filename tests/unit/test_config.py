@@ -9,6 +9,7 @@ import pytest
 
 from supervisord_llm.config import load_config
 from supervisord_llm.errors import ConfigError
+from tests.helpers import free_port
 
 GOOD_ENGINE = '[[engine]]\nname = "a"\nkind = "mlx_lm"\nmodel = "/models/a"\nport = 8081\n'
 
@@ -58,7 +59,7 @@ BAD = [
     ("invalid TOML", "[[engine]\nname=", "invalid TOML"),
     ("wrong type for port", GOOD_ENGINE.replace("port = 8081", 'port = "eighty"'), "engine[0].port: expected an integer"),
     ("unknown kind", GOOD_ENGINE.replace('"mlx_lm"', '"tensorflow"'), "engine[0].kind: 'tensorflow' is not valid; expected one of: mlx_lm, omlx, vllm, llama_cpp, ollama, sglang, command"),
-    ("negative duration", GOOD_ENGINE + 'stop_grace = "-5s"\n', "engine[0].stop_grace: expected a duration"),
+    ("negative duration", GOOD_ENGINE + 'stop_grace = "-5s"\n', "engine[0].stop_grace: a duration cannot be negative, got '-5s'; expected a duration such as"),
     ("bad size", GOOD_ENGINE + 'footprint = "12 parsecs"\n', "engine[0].footprint: unknown size unit 'parsecs'"),
     ("duplicate names", GOOD_ENGINE + GOOD_ENGINE.replace("8081", "8082"), "duplicate engine name or alias 'a'"),
     ("missing model", '[[engine]]\nname = "a"\nkind = "vllm"\n', "engine[0].model: is required for kind 'vllm'"),
@@ -68,6 +69,9 @@ BAD = [
     ("restart faster than 60s", GOOD_ENGINE + '[policies.restart]\nmin_interval = "10s"\n', "policies.restart.min_interval: must be at least 60s (two automatic spawns closer than 60s turn a Metal OOM into a crash loop"),
     ("reboot argv as a shell string", '[policies.reboot]\nargv = "sudo reboot"\n', "policies.reboot.argv: must be a list of strings (it runs without a shell)"),
     ("shared port", GOOD_ENGINE + GOOD_ENGINE.replace('"a"', '"b"'), "engine[1].port: port 8081 is already used by engine 'a'"),
+    ("memory_hard at the footprint", GOOD_ENGINE + 'footprint = "100GB"\nmemory_hard = "100GB"\n',
+     "engine[0].memory_hard: must be above the engine's footprint (100.0 GB), got 100.0 GB: at its normal size the "
+     'engine would be drained and restarted; e.g. memory_hard = "130GB"'),
     ("shared port, localhost", GOOD_ENGINE + GOOD_ENGINE.replace('"a"', '"b"') + 'host = "localhost"\n',
      "engine[1].port: port 8081 is already used by engine 'a' (127.0.0.1:8081)"),
     ("shared port, wildcard", GOOD_ENGINE + GOOD_ENGINE.replace('"a"', '"b"') + 'host = "0.0.0.0"\n',
@@ -350,6 +354,11 @@ def test_check_config_warns_about_a_config_without_engines(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert f"{path}: note: engine: no [[engine]] table" in done.stdout, done.stdout
     assert f"{path}: ok (no engines)" in done.stdout and "0 engine(s): )" not in done.stdout, done.stdout
+    assert "gateway" not in done.stdout, done.stdout  # no [gateway] table: no gateway runs to answer anything
+    with_gateway = write(tmp_path, f'[daemon]\nstate_dir = "{tmp_path}/s"\n[gateway]\nlisten = "127.0.0.1:{free_port()}"\n')
+    done = subprocess.run([sys.executable, "-m", "supervisord_llm.main", "check-config", "--config", str(with_gateway)],
+                          capture_output=True, text=True, timeout=60)
+    assert 'the gateway answers every request with 404 "no engines are configured"' in done.stdout, done.stdout
 
 
 # ---- names and aliases --------------------------------------------------------------------------------
