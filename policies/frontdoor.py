@@ -373,6 +373,14 @@ def admit_request(*, running: int, waiting: int, max_concurrent: int, max_queue:
     return Admission.REFUSE
 
 
+def room_to_wait_for_engine(*, held: int, running: int, waiting: int, max_concurrent: int, max_queue: int) -> bool:
+    """Whether a request for an engine that does not serve yet (loading, swapping in) may wait for it: once it
+    serves, the ``held`` requests already waiting for it, and those running or in its line, take its
+    ``max_concurrent`` slots and ``max_queue`` places first; a request beyond them would only wait out the
+    load to be refused then, so it is refused now. ``max_concurrent = 0`` means no limit."""
+    return max_concurrent <= 0 or held + running + waiting < max_concurrent + max_queue
+
+
 def retry_after_s(*, waiting: int, max_concurrent: int, typical_request_s: float = 10.0) -> int:
     """A Retry-After for a refused request: about how long the line ahead takes to drain."""
     per_slot = max(1, max_concurrent)

@@ -47,7 +47,8 @@ class DaemonGatewayBackend:
         out = []
         for sup in self.daemon.supervisors.values():
             out.append({"id": sup.name, "object": "model", "owned_by": "supervisord-llm",
-                        "aliases": list(sup.config.aliases), "engine": sup.config.kind, "state": str(sup.state)})
+                        "aliases": list(sup.config.aliases), "engine": sup.config.kind, "state": str(sup.state),
+                        "limits": {"max_concurrent": sup.config.max_concurrent, "max_queue": sup.config.max_queue}})
         return out
 
     def default_engine(self) -> str | None:

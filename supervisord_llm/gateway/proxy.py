@@ -75,6 +75,7 @@ from policies.frontdoor import (
     origin_allowed,
     own_host,
     retry_after_s,
+    room_to_wait_for_engine,
     start_refused_message,
 )
 from policies.health import prefill_counts
@@ -1550,7 +1551,7 @@ class _Gateway:
         if not self.admits(request):
             return self.unauthorized(anthropic_client)
         try:
-            entries = self.backend.models()
+            entries = [_listed(m) for m in self.backend.models()]
         except Exception:
             self.log.exception("gateway.backend_failed", method="models")
             return error_response(
@@ -1585,7 +1586,7 @@ class _Gateway:
         if not self.admits(request):
             return self.unauthorized(anthropic_client)
         model_id = request.path_params["model_id"]
-        entries = self.backend.models()
+        entries = [_listed(m) for m in self.backend.models()]
         routed = self.backend.engine_for(model_id)  # a name its model is served under too
         for entry in entries:
             if entry["id"] == model_id or model_id in (entry.get("aliases") or ()) or entry["id"] == routed:
@@ -1741,7 +1742,8 @@ class _Gateway:
             refused = self._start_refusal(request, model, anthropic)
             if refused is not None:
                 return refused
-            upstream = self.backend.try_pass(model) or await self._acquire(model, anthropic, self.may_start(request))
+            upstream = self.backend.try_pass(model) or await self._wait_for_engine(model, anthropic,
+                                                                                   self.may_start(request))
         if isinstance(upstream, Response):
             return upstream
         refused = await self._enter_line(upstream, anthropic)
@@ -1779,6 +1781,32 @@ class _Gateway:
         permission = SwapPermission(self.settings.swaps)
         return permission is SwapPermission.ALLOWED or may_start_engine(
             permission, key_given=self._api_key is not None and self.authorized(request))
+
+    async def _wait_for_engine(self, model: str | None, anthropic: bool, may_start: bool) -> Upstream | Response:
+        """``_acquire``, counted in the engine's line as held for it: a request the engine's limits could not take
+        once it serves is refused now (``policies.frontdoor.room_to_wait_for_engine``), not after the load."""
+        entry = self._engine_entry(model)
+        limits = entry.get("limits") if entry is not None else None
+        if not isinstance(limits, dict):
+            return await self._acquire(model, anthropic, may_start)
+        engine = str(entry["id"]) if entry is not None else ""
+        max_concurrent, max_queue = int(limits.get("max_concurrent") or 0), int(limits.get("max_queue") or 0)
+        line = self.lines.line(engine)
+        if not room_to_wait_for_engine(held=line.held, running=line.running, waiting=len(line.waiting),
+                                       max_concurrent=max_concurrent, max_queue=max_queue):
+            self.stats.refuse("queue_full")
+            waiting = line.held + len(line.waiting)
+            retry = retry_after_s(waiting=waiting, max_concurrent=max_concurrent)
+            why = (f"{waiting} request(s) already wait for it to serve (max_concurrent {max_concurrent}, "
+                   f"max_queue {max_queue})")
+            return error_response(
+                anthropic, 429, f"engine {engine!r} is busy: {why}; retry in about {retry}s",
+                "rate_limit_exceeded", headers={"retry-after": str(retry)}, engine=engine)
+        line.held += 1
+        try:
+            return await self._acquire(model, anthropic, may_start)
+        finally:
+            line.held -= 1
 
     async def _enter_line(self, upstream: Upstream, anthropic: bool) -> Response | None:
         hold_s = self.settings.hold_s
@@ -2030,6 +2058,11 @@ class _Gateway:
         return body, headers
 
 
+def _listed(entry: dict[str, Any]) -> dict[str, Any]:
+    """A model entry as ``/v1/models`` lists it: without the engine's request limits, which the gateway uses."""
+    return {k: v for k, v in entry.items() if k != "limits"}
+
+
 class _LineWaitExpired(Exception):
     """A request waited in its engine's line for the whole wait it was given, and no slot came."""
 
@@ -2040,6 +2073,7 @@ class _Line:
     def __init__(self) -> None:
         self.running = 0
         self.waiting: deque[anyio.Event] = deque()
+        self.held = 0  # requests waiting for the engine to serve (loading, swapping in) before they take a place
 
 
 class EngineLines:

@@ -376,6 +376,37 @@ def test_beyond_max_queue_a_429_with_retry_after_in_each_api_shape(daemon_factor
     assert d.gateway_counters(lambda g: g["refused"].get("queue_full", 0) >= 2)["refused"]["queue_full"] >= 2
 
 
+def test_requests_beyond_the_limits_of_a_loading_engine_are_refused_at_once_not_after_the_load(daemon_factory) -> None:
+    """max_concurrent = 1, max_queue = 1, the engine stopped and loading for 8 s when requests come: two wait for it
+    and are served; the third is refused with a 429 while the engine still loads (before, it waited the whole
+    load only to be refused then, as the engine's line could not take it)."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--load-s", "8", default=True, max_concurrent=1,
+                                           max_queue=1, autostart=False)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    d.wait_state("e", "stopped", 30)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    body = {"model": "e", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    results: dict[str, int] = {}
+
+    def call(name: str) -> None:
+        results[name] = httpx.post(url, json=body, timeout=90).status_code
+
+    held = [threading.Thread(target=call, args=(f"held{i}",)) for i in range(2)]
+    for i, thread in enumerate(held):
+        thread.start()
+        assert d.gateway_counters(lambda g, n=i + 1: g["in_flight"] >= n, timeout_s=20)["in_flight"] >= i + 1
+    refused = httpx.post(url, json=body, timeout=90)
+    state = d.status()["engines"][0]["state"]
+    for thread in held:
+        thread.join()
+    assert refused.status_code == 429 and state == "starting", (refused.status_code, state, refused.text)
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and "2 request(s) already wait for it" in error["message"], error
+    assert int(refused.headers["retry-after"]) >= 1
+    assert results == {"held0": 200, "held1": 200}
+
+
 def test_a_slow_body_is_cut_and_an_oversized_one_refused_while_others_are_served(daemon_factory) -> None:
     """A body that stops arriving gets 408 after body_timeout_s; one over max_body_bytes 413; the gateway still serves."""
     gw = free_port()

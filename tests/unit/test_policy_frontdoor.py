@@ -1,0 +1,30 @@
+"""Requests that wait for an engine to serve (policies/frontdoor.py ``room_to_wait_for_engine``) agree with the
+engine's line (``admit_request``): every request let wait gets a slot or a place in the line once the engine
+serves, so none waits out a load only to be refused then; and as many wait as the limits can take."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from policies.frontdoor import Admission, admit_request, room_to_wait_for_engine
+
+
+@given(st.integers(0, 60), st.integers(0, 8), st.integers(0, 16))
+def test_every_request_let_wait_for_a_loading_engine_is_taken_by_its_line_once_it_serves(
+        arriving: int, max_concurrent: int, max_queue: int) -> None:
+    held = 0
+    for _ in range(arriving):
+        if room_to_wait_for_engine(held=held, running=0, waiting=0, max_concurrent=max_concurrent,
+                                   max_queue=max_queue):
+            held += 1
+    expected = arriving if max_concurrent == 0 else min(arriving, max_concurrent + max_queue)
+    assert held == expected
+    running = waiting = 0
+    for _ in range(held):  # the engine serves: each held request enters its line
+        verdict = admit_request(running=running, waiting=waiting, max_concurrent=max_concurrent, max_queue=max_queue)
+        assert verdict is not Admission.REFUSE, (held, max_concurrent, max_queue)
+        if verdict is Admission.RUN:
+            running += 1
+        else:
+            waiting += 1
