@@ -627,14 +627,17 @@ def cmd_service(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         plan = service.install(kind, args.dry_run, config_path=config_path, state_dir=state_dir,
                                max_stop_grace_s=grace)
-    verb = "would write" if args.dry_run else ("wrote" if args.action == "install" else "removed")
-    print(f"{verb} {plan.path}" if plan.content is not None or args.action == "uninstall" else str(plan.path))
+    if args.action == "install":
+        verb = "would write" if args.dry_run else "wrote"
+        print(f"{verb} {plan.path}" if plan.content is not None else str(plan.path))
+    elif args.dry_run or plan.changed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {plan.path}")
     if plan.content and args.dry_run:
         print(plan.content)
     for note in plan.notes:
         print(f"note: {note}")
     if plan.commands:
-        print("then run:" if args.action == "install" else "run first:")
+        print("then run:")
         for command in plan.commands:
             print("  " + shlex.join(command))
     return EXIT_OK

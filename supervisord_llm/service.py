@@ -26,6 +26,7 @@ from pathlib import Path
 
 KINDS = ("launchd", "systemd")
 LAUNCHD_LABEL = "com.supervisord-llm"
+SYSTEMD_WANTED_BY = "default.target"  # the [Install] target of templates/systemd.service
 SYSTEMD_UNIT = "supervisord-llm.service"
 EXECUTABLE_NAME = "supervisord-llm"
 
@@ -281,19 +282,26 @@ def install(kind: str, dry_run: bool = False, *, config_path: str | os.PathLike[
 
 def uninstall(kind: str, dry_run: bool = False, *, unit_dir: str | os.PathLike[str] | None = None,
               label: str = LAUNCHD_LABEL, uid: int | None = None) -> ServicePlan:
-    """Remove the unit file (not with ``dry_run``); the plan's commands unload it (run them first)."""
+    """Remove the unit file, and for systemd its enablement link (``default.target.wants``), not with ``dry_run``;
+    the plan's commands, run after it, stop the service and unload it. They work without the file (which
+    ``systemctl disable`` would not): ``launchctl bootout`` by label; ``systemctl stop`` of the unit still loaded,
+    then a ``daemon-reload`` that forgets it."""
     _check_kind(kind)
     unit_path = _absolute(unit_dir or default_unit_dir(kind)) / unit_file_name(kind, label)
+    links: tuple[Path, ...] = ()
     if kind == "launchd":
         commands: tuple[tuple[str, ...], ...] = (
             ("launchctl", "bootout", f"gui/{os.getuid() if uid is None else uid}/{label}"),)
     else:
-        commands = (("systemctl", "--user", "disable", "--now", SYSTEMD_UNIT),
-                    ("systemctl", "--user", "daemon-reload"))
+        link = unit_path.parent / f"{SYSTEMD_WANTED_BY}.wants" / unit_path.name
+        links = (link,) if link.is_symlink() else ()
+        commands = (("systemctl", "--user", "stop", SYSTEMD_UNIT), ("systemctl", "--user", "daemon-reload"))
     exists = unit_path.exists()
-    notes = () if exists else (f"{unit_path} is not installed",)
+    notes = () if exists else (f"{unit_path} is not installed: nothing to remove",)
     if dry_run or not exists:
         return ServicePlan(kind, unit_path, None, dry_run, False, commands if exists else (), (), notes)
+    for link in links:
+        link.unlink()
     unit_path.unlink()
     return ServicePlan(kind, unit_path, None, False, True, commands, (), notes)
 
@@ -325,7 +333,13 @@ def environment_names(config_path: Path) -> list[str]:
 
 
 def _user_name() -> str:
-    return os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
+    """This user's login name (``loginctl`` takes a name or a uid): the password database's, else $USER."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
 
 
 def example_units(paths: Mapping[str, str] | None = None) -> dict[str, str]:

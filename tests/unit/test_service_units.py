@@ -177,11 +177,18 @@ def test_systemd_reinstall_restarts_and_uninstall_removes(tmp_path: Path, execut
     install("systemd", **args)  # type: ignore[arg-type]
     again = install("systemd", **args)  # type: ignore[arg-type]
     assert again.commands[-1] == ("systemctl", "--user", "restart", "supervisord-llm.service")
+    # What `systemctl --user enable` makes of the unit's [Install] WantedBy=default.target.
+    wants = unit_dir / "default.target.wants"
+    wants.mkdir()
+    (wants / "supervisord-llm.service").symlink_to(unit_dir / "supervisord-llm.service")
     dry = uninstall("systemd", dry_run=True, unit_dir=unit_dir)
     assert not dry.changed and dry.path.exists()
-    assert dry.commands[0] == ("systemctl", "--user", "disable", "--now", "supervisord-llm.service")
+    # Commands that work once the file is gone (`systemctl disable` would fail: "Unit file ... does not exist").
+    assert dry.commands == (("systemctl", "--user", "stop", "supervisord-llm.service"),
+                            ("systemctl", "--user", "daemon-reload"))
     done = uninstall("systemd", unit_dir=unit_dir)
     assert done.changed and not done.path.exists()
+    assert list(wants.iterdir()) == []  # not enabled any more: nothing starts it at the next login
     assert uninstall("systemd", unit_dir=unit_dir).commands == ()  # nothing left to unload
 
 
