@@ -435,6 +435,11 @@ def cmd_switch(client: Client, args: argparse.Namespace) -> int:
                 spinner.update(f"switching to {args.name} ({time.monotonic() - started:.0f}s): {states}")
             except Exception:
                 pass
+    if isinstance(result.get("error"), TimeoutError):
+        # The daemon goes on with the switch; only this command stopped waiting for it.
+        print(f"llmctl: switching to {args.name} did not finish within {args.timeout:g}s (--timeout); the daemon goes "
+              f"on with it: `llmctl status` shows where it is", file=sys.stderr)
+        return EXIT_TIMEOUT
     if "error" in result:
         raise result["error"]
     response = result["response"]

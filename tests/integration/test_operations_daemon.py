@@ -138,3 +138,17 @@ def test_a_switch_to_an_engine_that_is_still_stopping_waits_for_the_stop_then_st
     assert switched.returncode == 0, (switched.stdout, switched.stderr)
     assert d.engine("a")["state"] == "ready"
     assert not [e for e in d.events() if e["kind"] in ("swap.failed", "swap.rolled_back")]
+
+
+def test_a_switch_that_outlasts_its_timeout_exits_4_naming_it_and_the_daemon_finishes_it(daemon_factory) -> None:
+    """`llmctl switch b --timeout 1` to an engine that loads for 5 s: exit 4 with a message naming the 1 s it
+    waited (it named the control client's 30 s), and the daemon goes on: b serves afterwards."""
+    d = daemon_factory(standin_engine_toml("a", free_port(), default=True, exclusive=True)
+                       + standin_engine_toml("b", free_port(), "--load-s", "5", exclusive=True,
+                                             autostart=False)).start()
+    d.wait_state("a", "ready", 30)
+    switched = d.llmctl("switch", "b", "--timeout", "1", timeout=60)
+    assert switched.returncode == 4, (switched.stdout, switched.stderr)
+    assert "switching to b did not finish within 1s (--timeout)" in switched.stderr, switched.stderr
+    d.wait_state("b", "ready", 60)
+    assert d.engine("a")["state"] == "stopped"
