@@ -332,6 +332,10 @@ def sparkline(rates: list[float | None], states: list[str] | None = None) -> str
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    if args.interval is not None:
+        args.watch = True
+    else:
+        args.interval = 2.0
     colour = _use_colour(sys.stdout)
     first = True
     while True:
@@ -687,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="engines, memory, alerts at a glance")
     p.add_argument("--json", action="store_true", help="machine-readable (schema version 1)")
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=_seconds, default=2.0)
+    p.add_argument("--interval", type=_seconds, default=None,
+                   help="seconds between refreshes (default 2); given alone, it turns --watch on")
     p.set_defaults(func=cmd_status)
 
     for op, text in (("start", "start an engine"), ("stop", "stop an engine (SIGTERM, grace, SIGKILL)"),

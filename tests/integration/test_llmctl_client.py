@@ -227,3 +227,21 @@ def test_a_stopped_engine_whose_failure_streak_holds_its_start_says_so_in_status
     assert "a start is allowed in" in table and "--force starts it now" in table, table
     refused = d.llmctl("start", "e")
     assert refused.returncode == 1 and "--force" in refused.stderr, refused
+
+
+def test_status_interval_alone_refreshes_as_watch_does(daemon_factory) -> None:
+    """`llmctl status --interval 0.2` refreshes until stopped (the interval was ignored without --watch: one print)."""
+    import subprocess
+    import sys
+
+    d = daemon_factory(standin_engine_toml("e", free_port())).start()
+    d.wait_state("e", "ready", 30)
+    proc = subprocess.Popen([sys.executable, "-m", "supervisord_llm.cli", "--socket", str(d.socket), "status",
+                             "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=d.env)
+    try:
+        out, _ = proc.communicate(timeout=4)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode != 0 or out.count("ENGINE  KIND") > 1, out  # still running after 4 s: it refreshes
+    assert out.count("ENGINE  KIND") >= 3, out
