@@ -586,11 +586,9 @@ def assess_degraded(
     return DegradedAssessment(degraded, recovered, rate, base, below, reason, band_label(band))
 
 
-def _counters_stall(history: Sequence[EngineCounters], stall_s: float) -> str | None:
-    """Requests running, and neither the step count nor the per-step cache gauge moved across readings that
-    span at least ``stall_s``. The span ends at the latest reading, not now: readings that stopped coming (a
-    slow or failing ``/metrics`` on a loaded machine) show nothing about the engine's steps, and the time
-    since the last one is no evidence of silence."""
+def _counters_stall(history: Sequence[EngineCounters], stall_s: float, now_s: float) -> str | None:
+    """Requests running, and neither the step count nor the per-step cache gauge moved since a sample at
+    least ``stall_s`` old."""
     usable = sorted(
         (c for c in history if c.steps_total is not None and c.requests_running is not None),
         key=lambda c: c.at_s,
@@ -605,9 +603,9 @@ def _counters_stall(history: Sequence[EngineCounters], stall_s: float) -> str | 
         if before.steps_total != after.steps_total or steps_advanced(before, after) is not None:
             break  # a step ran (vLLM: a prefill chunk raises the cache gauge, not the step count), or a new process
         since = before
-    flat_s = latest.at_s - since.at_s
+    flat_s = now_s - since.at_s
     if flat_s < stall_s:
-        return None  # tokens moved recently, or the readings do not yet cover the stall time
+        return None  # tokens moved recently, or the history does not yet cover the stall time
     running = int(latest.requests_running or 0)
     return (
         f"engine reports {running} running request{'s' if running != 1 else ''} "
@@ -855,7 +853,7 @@ def assess_progress(evidence: ProgressEvidence, stall_s: float, now_s: float) ->
                                f"{detail}: no engine-side progress from any source for {quiet_s:.1f}s",
                                progress_source, progress_s)
     if evidence.counters_per_step and evidence.counter_silence:
-        stalled = _counters_stall(evidence.counters, max(stall_s, evidence.gauge_stale_s))
+        stalled = _counters_stall(evidence.counters, max(stall_s, evidence.gauge_stale_s), now_s)
         if stalled is not None:
             return ProgressVerdict(True, "hung", "counters", silent_s,
                                    f"{stalled} (per-step counter), and no token or canary either",
