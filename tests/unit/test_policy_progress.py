@@ -260,3 +260,14 @@ def test_no_restart_of_an_engine_that_produced_a_token_within_the_stall_time(eve
         restart = hung_since is not None and now - hung_since >= hang_restart_after_s
         if last_token is not None and now - last_token < STALL_S:
             assert not verdict.hung and not restart
+
+
+def test_counters_that_stop_answering_with_a_request_running_are_silence() -> None:
+    """A request running and no step over the last readings, then /metrics answers no more (a wedged vLLM or SGLang
+    API process answers nothing): the time since counts, and the engine is hung once it passes the stall time.
+    Under steady non-streamed traffic no canary runs and no stream carries tokens: this is the only evidence."""
+    last = counters([(t, 500.0, 1.0) for t in range(0, 10, 5)])
+    ev = ProgressEvidence(watch_since_s=0.0, counters=last, counters_per_step=True)
+    assert not assess_progress(ev, STALL_S, now_s=5.0).hung
+    verdict = assess_progress(ev, STALL_S, now_s=120.0)
+    assert verdict.hung and verdict.source == "counters", verdict
