@@ -362,6 +362,26 @@ def gpu_lost_cause(index: int, name: str, *, missing_s: float | None, lost_after
     return f"GPU {index} ({name}) has not answered NVML for {missing_s:.0f}s ({device_error or 'no longer listed'})"
 
 
+NVML_FAILING_KEY = "gpu.probe_failing"
+NVML_FAILING_ALERT_AFTER_S = 60.0
+
+
+def nvml_failing_alert(*, failing_since_s: float | None, now_s: float, error: str | None, devices_seen: int,
+                       raised: bool) -> Alert | None:
+    """A warning for a person when every NVML reading has failed for ``NVML_FAILING_ALERT_AFTER_S`` on a machine
+    whose GPUs answered before (``gpu_lost_cause`` takes no GPU for lost on such readings, so nothing else says
+    it), and its resolution once NVML answers again; None when there is nothing to change."""
+    if failing_since_s is None:
+        return Alert(NVML_FAILING_KEY, "warning", "NVML answers again", resolved=True) if raised else None
+    if raised or devices_seen <= 0 or now_s - failing_since_s < NVML_FAILING_ALERT_AFTER_S:
+        return None
+    return Alert(NVML_FAILING_KEY, "warning",
+                 f"NVML has not answered for {now_s - failing_since_s:.0f}s ({error or 'no reason given'}): the daemon "
+                 f"sees neither GPU memory nor lost GPUs; the engines' own watchdog still judges them; "
+                 f"`nvidia-smi` shows whether the driver answers",
+                 details={"failing_s": round(now_s - failing_since_s, 1), "error": error, "devices_seen": devices_seen})
+
+
 def decide_gpu_lost(
     device_index: int,
     engines_on_device: Sequence[str],
@@ -613,6 +633,7 @@ __all__ = [
     "cancel",
     "decide_gpu_lost",
     "gpu_lost_cause",
+    "nvml_failing_alert",
     "says_gpu_is_lost",
     "decide_reboot",
     "decide_xid",

@@ -60,6 +60,7 @@ from policies.reboot import (
     gpu_episodes_over,
     gpu_lost_cause,
     is_reboot_step,
+    nvml_failing_alert,
     reboot_needed,
 )
 from probes.nvml import NvmlProbe, XidWatcher, gpu_bytes_for_pids
@@ -202,6 +203,8 @@ class GpuExtension(Extension):
         # Stop.grace_s), not their own: a long Metal-style grace only keeps a broken GPU busy.
         self.stop_grace_s = stop_grace_s
         self.lost_after_s = lost_after_s
+        self._nvml_failing_since_s: float | None = None  # every reading has failed since (None: NVML answers)
+        self._nvml_failing_raised = False
         self.reading: GpuReading | None = None
         self.available = False
         self.unavailable_reason: str | None = None
@@ -305,6 +308,16 @@ class GpuExtension(Extension):
                 events.emit("probe.recovered", probe="nvml")
             self.failing = problem
         self._settle(reading)
+        now = self.daemon.clock.now()
+        if reading.available:
+            self._nvml_failing_since_s = None
+        elif self._nvml_failing_since_s is None:
+            self._nvml_failing_since_s = now
+        alert = nvml_failing_alert(failing_since_s=self._nvml_failing_since_s, now_s=now, error=reading.reason,
+                                   devices_seen=len(self._seen), raised=self._nvml_failing_raised)
+        if alert is not None:
+            self._nvml_failing_raised = not alert.resolved
+            self.daemon.apply(alert)
         for seen, cause in self._newly_lost(reading):
             await self.handle_gpu_lost(seen.index, cause)
         self._end_gpu_episodes(reading)
@@ -336,6 +349,8 @@ class GpuExtension(Extension):
                 probe_error=errors.get(-1), missing_s=None if seen.missing_since_s is None else now - seen.missing_since_s)
             if cause is None:
                 continue
+            if seen.missing_since_s is None:
+                seen.missing_since_s = now  # lost on a failed reading: gone from now, for gpu.device_back
             seen.lost = True
             out.append((seen, cause))
         for device in present.values():

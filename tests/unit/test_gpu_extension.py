@@ -673,7 +673,8 @@ async def test_a_gpu_that_stops_answering_is_lost_only_after_lost_after_s_and_fo
 async def test_nvml_failing_as_a_whole_is_no_lost_gpu_and_its_engine_keeps_running() -> None:
     """Every NVML reading fails for a minute with an error other than "GPU is lost" (a timeout): that says
     nothing about any one GPU, so the engine on GPU 0 is not stopped and no reboot is asked for; the probe's
-    failure is reported. A failed reading saying "GPU is lost" still acts at once."""
+    failure is reported, and after a minute a person is warned. A failed reading saying "GPU is lost" still acts
+    at once."""
     from supervisord_llm.clock import FakeClock
 
     clock = FakeClock()
@@ -685,14 +686,20 @@ async def test_nvml_failing_as_a_whole_is_no_lost_gpu_and_its_engine_keeps_runni
         ext.available = True
         await ext.poll()  # both GPUs seen
         nvml.count_error = StandInNvml.NVML_ERROR_TIMEOUT
-        for _ in range(6):
+        for _ in range(7):  # failing from the first of these readings, for 60 s at the last
             clock.advance(10)
             await ext.poll()
         assert _events(daemon, "gpu.lost") == [] and escalation.reasons == []
         assert [e["error"] for e in _events(daemon, "probe.failed")] == ["NVML cannot count devices (NVMLError: Timeout)"]
+        # A person is told, once, after a minute of failed readings (nothing else would say it).
+        warned = [e for e in _events(daemon, "alert.raised") if e["key"] == "gpu.probe_failing"]
+        assert len(warned) == 1 and warned[0]["severity"] == "warning" and not warned[0]["resolved"], warned
+        assert "NVML has not answered for 60s" in warned[0]["summary"], warned
         # NVML answers again without GPU 1: missing from then on, lost only after lost_after_s of that.
         nvml.count_error, nvml.device_count = None, 1
         await ext.poll()
+        warned = [e for e in _events(daemon, "alert.raised") if e["key"] == "gpu.probe_failing"]
+        assert [e["resolved"] for e in warned] == [False, True], warned
         clock.advance(5)
         await ext.poll()
         assert _events(daemon, "gpu.lost") == []
