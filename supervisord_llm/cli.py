@@ -639,7 +639,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     if args.action == "install":
         verb = "would write" if args.dry_run else "wrote"
         print(f"{verb} {plan.path}" if plan.content is not None else str(plan.path))
-    elif args.dry_run or plan.changed:
+    elif plan.changed or (args.dry_run and plan.path.exists()):
         print(f"{'would remove' if args.dry_run else 'removed'} {plan.path}")
     if plan.content and args.dry_run:
         print(plan.content)

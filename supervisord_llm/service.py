@@ -298,10 +298,12 @@ def uninstall(kind: str, dry_run: bool = False, *, unit_dir: str | os.PathLike[s
         commands = (("systemctl", "--user", "stop", SYSTEMD_UNIT), ("systemctl", "--user", "daemon-reload"))
     exists = unit_path.exists()
     notes = () if exists else (f"{unit_path} is not installed: nothing to remove",)
-    if dry_run or not exists:
+    if dry_run or not (exists or links):
         return ServicePlan(kind, unit_path, None, dry_run, False, commands if exists else (), (), notes)
-    for link in links:
+    for link in links:  # also a link left behind by a unit file removed by hand
         link.unlink()
+    if not exists:
+        return ServicePlan(kind, unit_path, None, False, False, commands, (), notes)
     unit_path.unlink()
     return ServicePlan(kind, unit_path, None, False, True, commands, (), notes)
 

@@ -1792,12 +1792,14 @@ class _Gateway:
         engine = str(entry["id"]) if entry is not None else ""
         max_concurrent, max_queue = int(limits.get("max_concurrent") or 0), int(limits.get("max_queue") or 0)
         line = self.lines.line(engine)
-        if not room_to_wait_for_engine(held=line.held, running=line.running, waiting=len(line.waiting),
+        # Requests running on a run that is ending (a restart's drain, a stop) are gone by the time it serves again.
+        running = line.running if entry is not None and entry.get("state") in ("ready", "degraded") else 0
+        if not room_to_wait_for_engine(held=line.held, running=running, waiting=len(line.waiting),
                                        max_concurrent=max_concurrent, max_queue=max_queue):
             self.stats.refuse("queue_full")
             waiting = line.held + len(line.waiting)
             retry = retry_after_s(waiting=waiting, max_concurrent=max_concurrent)
-            why = (f"{waiting} request(s) already wait for it to serve (max_concurrent {max_concurrent}, "
+            why = (f"{running} request(s) running and {waiting} waiting for it (max_concurrent {max_concurrent}, "
                    f"max_queue {max_queue})")
             return error_response(
                 anthropic, 429, f"engine {engine!r} is busy: {why}; retry in about {retry}s",

@@ -402,7 +402,7 @@ def test_requests_beyond_the_limits_of_a_loading_engine_are_refused_at_once_not_
         thread.join()
     assert refused.status_code == 429 and state == "starting", (refused.status_code, state, refused.text)
     error = refused.json()["error"]
-    assert error["code"] == "rate_limit_exceeded" and "2 request(s) already wait for it" in error["message"], error
+    assert error["code"] == "rate_limit_exceeded" and "0 request(s) running and 2 waiting for it" in error["message"], error
     assert int(refused.headers["retry-after"]) >= 1
     assert results == {"held0": 200, "held1": 200}
 

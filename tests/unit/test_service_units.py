@@ -189,6 +189,10 @@ def test_systemd_reinstall_restarts_and_uninstall_removes(tmp_path: Path, execut
     done = uninstall("systemd", unit_dir=unit_dir)
     assert done.changed and not done.path.exists()
     assert list(wants.iterdir()) == []  # not enabled any more: nothing starts it at the next login
+    # A unit file removed by hand leaves its enablement link dangling: uninstall removes that too.
+    (wants / "supervisord-llm.service").symlink_to(unit_dir / "supervisord-llm.service")
+    uninstall("systemd", unit_dir=unit_dir)
+    assert list(wants.iterdir()) == []
     assert uninstall("systemd", unit_dir=unit_dir).commands == ()  # nothing left to unload
 
 
