@@ -326,7 +326,8 @@ class GatewayExtension(Extension):
                                restarts=fields["restarts"], next_start_in_s=fields["next_start_in_s"])
 
         self.process = GatewayProcess(self.inner, self.settings, status_doc=status_doc, log_setup=current(),
-                                      on_exit=on_exit, on_spawn=daemon.persist, log=daemon.log.bind(component="gateway"),
+                                      on_exit=on_exit, on_spawn=daemon.persist, on_alert=daemon.apply,
+                                      log=daemon.log.bind(component="gateway"),
                                       on_passes_closed=self.inner.turns.changed)
         self.inner.close_passes = self.process.close_passes
         self.inner.passes_may_change = self.process.publish_passes

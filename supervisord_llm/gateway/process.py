@@ -40,6 +40,8 @@ import anyio
 import anyio.abc
 import psutil
 
+from policies import gateway_respawn
+from policies.actions import Alert
 from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
 from supervisord_llm.gateway.channel import Channel, ChannelClosed, open_channel
 from supervisord_llm.gateway.protocol import (
@@ -57,11 +59,6 @@ __all__ = ["GatewayProcess"]
 # While requests run, the daemon refreshes what the gateway reads (engine progress, models) this often.
 PUBLISH_S = 0.25
 WORKER_MODULE = "supervisord_llm.gateway.worker"
-# A gateway process that died is started again after this long, doubling while it keeps dying
-# within RESPAWN_RESET_S of its start.
-RESPAWN_MIN_S = 0.5
-RESPAWN_MAX_S = 30.0
-RESPAWN_RESET_S = 60.0
 # How long a gateway that was told to stop may take beyond its own shutdown grace before it is killed.
 STOP_MARGIN_S = 5.0
 # A stop that drains waits at most this long for the gateway to confirm a snapshot (``settle``).
@@ -80,6 +77,7 @@ class GatewayProcess:
         log_setup: dict[str, Any],
         on_exit: Callable[[dict[str, Any]], None],
         on_spawn: Callable[[], object] = lambda: None,
+        on_alert: Callable[[Alert], None] = lambda alert: None,
         log: Any,
         on_passes_closed: Callable[[], None] = lambda: None,
     ) -> None:
@@ -89,7 +87,9 @@ class GatewayProcess:
         self.log_setup = log_setup
         self.on_exit = on_exit
         self.on_spawn = on_spawn
+        self.on_alert = on_alert
         self.on_passes_closed = on_passes_closed
+        self.respawn = gateway_respawn.GatewayRespawn()  # the streak of quick deaths (policies.gateway_respawn)
         self.log = log
         # The previous daemon's gateway process ({"pid", "create_time"}, from the state file).
         self.previous: dict[str, Any] | None = None
@@ -200,18 +200,34 @@ class GatewayProcess:
         self.listen = listen_text(sock)
         try:
             task_status.started(self.listen)
-            delay_s = RESPAWN_MIN_S
             while True:
                 started_at = anyio.current_time()
-                ended = await self._run_once(sock)
-                if anyio.current_time() - started_at >= RESPAWN_RESET_S:
-                    delay_s = RESPAWN_MIN_S
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._note_stable)
+                    ended = await self._run_once(sock)
+                    tg.cancel_scope.cancel()
+                delay_s, self.respawn, alert = gateway_respawn.after_exit(
+                    self.respawn, ran_s=anyio.current_time() - started_at, listen=self.listen,
+                    exit_text=str(ended.get("exit")), reason=str(ended.get("reason")))
                 self.restarts += 1
                 self.on_exit({**ended, "restarts": self.restarts, "next_start_in_s": delay_s})
+                if alert is not None:
+                    self.on_alert(alert)
                 await anyio.sleep(delay_s)
-                delay_s = min(RESPAWN_MAX_S, delay_s * 2)
         finally:
             sock.close()
+
+    async def _note_stable(self) -> None:
+        """The process has run for ``STABLE_S`` (cancelled when it ends sooner): its streak of deaths is over."""
+        await anyio.sleep(gateway_respawn.STABLE_S)
+        self.respawn, alert = gateway_respawn.after_stable_run(self.respawn, listen=self.listen)
+        if alert is not None:
+            self.on_alert(alert)
+
+    @property
+    def down(self) -> bool:
+        """The gateway died again and again (``gateway.down`` is raised): no client is served."""
+        return self.respawn.down
 
     def _end_previous(self, previous: dict[str, Any]) -> None:
         try:

@@ -148,7 +148,14 @@ class MetricsExtension(Extension):
             bad = [s.name for s in daemon.supervisors.values()
                    if s.state in (EngineState.FAILED, EngineState.HUNG, EngineState.BACKOFF)
                    or (s.state == EngineState.STOPPED and s.start_refused)]
-            return JSONResponse({"ready": not bad, "engines_not_ok": bad}, status_code=503 if bad else 200)
+            # A gateway that keeps dying (``gateway.down``) serves no client, whatever the engines do.
+            gateway = next((e for e in daemon.extensions if e.name == "gateway"), None)
+            gateway_ok = not bool(getattr(getattr(gateway, "process", None), "down", False))
+            ready = not bad and gateway_ok
+            doc: dict[str, object] = {"ready": ready, "engines_not_ok": bad}
+            if gateway is not None:
+                doc["gateway_ok"] = gateway_ok
+            return JSONResponse(doc, status_code=200 if ready else 503)
 
         routes = [Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz)]
         from supervisord_llm.gateway.settings import is_loopback, parse_listen

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import REPO, Daemon, free_port, mlx_engine_toml, short_tmpdir, wait_for
+from tests.helpers import REPO, Daemon, free_port, mlx_engine_toml, short_tmpdir, standin_engine_toml, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -245,3 +245,42 @@ def test_a_restarted_daemon_ends_the_wedged_gateway_its_killed_predecessor_left(
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
     models = httpx.get(url + "/v1/models", timeout=30)
     assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny"
+
+
+@pytest.mark.long_wait
+def test_a_gateway_that_keeps_dying_is_alerted_and_not_ready_until_it_runs_a_minute(daemon_factory) -> None:
+    """The gateway process dies three times in a row, each soon after its start: a critical gateway.down alert
+    and /readyz 503 with gateway_ok false (before, each death was only an event, and /readyz said ready while no
+    client was served). Once a process has run for a minute the alert resolves and /readyz is 200 again."""
+    gw, metrics = free_port(), free_port()
+    d = daemon_factory(f'[daemon]\nmetrics_listen = "127.0.0.1:{metrics}"\n' + standin_engine_toml("e", free_port())
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    d.wait_state("e", "ready", 30)
+    ready = f"http://127.0.0.1:{metrics}/readyz"
+    assert httpx.get(ready, timeout=10).json() == {"ready": True, "engines_not_ok": [], "gateway_ok": True}
+    for death in range(1, 4):
+        pid = wait_for(lambda: _control_status(d)["gateway"]["pid"], 30, "a gateway process")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda n=death: len([e for e in d.events() if e["kind"] == "gateway.exited"]) >= n, 30,
+                 f"gateway.exited #{death}")
+        raised = [e for e in d.events() if e["kind"] == "alert.raised" and e.get("key") == "gateway.down"
+                  and not e.get("resolved")]
+        assert bool(raised) is (death == 3), (death, raised)
+    assert "died 3 times in a row" in raised[0]["summary"] and raised[0]["severity"] == "critical", raised
+    not_ready = httpx.get(ready, timeout=10)
+    assert not_ready.status_code == 503 and not_ready.json()["gateway_ok"] is False, not_ready.text
+    # Started again (after 2 s), it serves; after a minute of running the episode ends.
+    ok = wait_for(lambda: _served(gw), 30, "a request served by the restarted gateway")
+    assert ok
+    wait_for(lambda: [e for e in d.events() if e["kind"] == "alert.raised" and e.get("key") == "gateway.down"
+                      and e.get("resolved")], 100, "gateway.down resolved")
+    assert httpx.get(ready, timeout=10).status_code == 200
+
+
+def _served(port: int) -> bool:
+    try:
+        return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=10,
+                          json={"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+                          ).status_code == 200
+    except httpx.HTTPError:
+        return False
