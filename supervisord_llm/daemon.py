@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import math
 import os
 import sys
 import uuid
@@ -215,6 +216,9 @@ class Daemon:
             if isinstance(saved, dict):
                 sup.restarts = int(saved.get("restarts", 0) or 0)
                 sup.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
+                ready_since = saved.get("ready_since")
+                if isinstance(ready_since, (int, float)) and not isinstance(ready_since, bool) and math.isfinite(ready_since):
+                    sup.saved_ready_since_wall = float(ready_since)  # used only if this daemon adopts the run
                 refused = saved.get("start_refused")
                 if saved.get("state") == "stopped" and isinstance(refused, dict):
                     sup.start_refused = refused  # status and the metrics keep showing why it is stopped

@@ -123,6 +123,7 @@ PRELOAD_REASON = "daemon start"  # the reason of the daemon's own start of an au
 # The reason of the daemon's own stop of its engines when it exits cleanly (``policies.restore.SHUTDOWN_REASON``):
 # nobody stopped such an engine, so the next daemon starts it again, unlike one a person or its idle unload stopped.
 SHUTDOWN_REASON = restore.SHUTDOWN_REASON
+ADOPTED_REASON = "adopted running engine"  # the start of a run an earlier daemon left running
 
 
 # ---- inbox messages ---------------------------------------------------------------------------
@@ -277,6 +278,9 @@ class EngineSupervisor:
         # The last readiness check's outcome while starting ("/health answered 503 Loading model").
         self.start_check: str | None = None
         self.ready_since_s: float | None = None
+        # When the last daemon's run of this engine became ready (wall clock, from the state file): an engine this
+        # daemon adopts has been ready since then, not since its check here (status FOR, the backoff's streak).
+        self.saved_ready_since_wall: float | None = None
         self.backoff = backoff.BackoffState(engine=config.name)
         self.log_path = logs_dir / f"{config.name}.log"
         self.exits_dir = logs_dir.parent / "exits"  # the keepers' exit records: <state_dir>/exits
@@ -641,7 +645,7 @@ class EngineSupervisor:
         if self.health is not None:
             self.health.new_run()
         self.log_tail.start_at_end()
-        self._set_state(EngineState.STARTING, "adopted running engine", adopted=True)
+        self._set_state(EngineState.STARTING, ADOPTED_REASON, adopted=True)
         self._spawn_worker(self._watch_exit, self.gen, proc)
         self._spawn_worker(self._wait_ready, self.gen, proc)
 
@@ -724,8 +728,16 @@ class EngineSupervisor:
 
     def _on_ready(self, canary: CanaryReading, reason: str) -> None:
         self.start_refused = self.start_refused_at_s = None
+        adopted_ready_wall, self.saved_ready_since_wall = self.saved_ready_since_wall, None
+        adopted = self.state_reason == ADOPTED_REASON
+        # An adopted engine's start is this daemon's check of it, not the spawn an earlier daemon made.
+        started_s = self.since_s if adopted else (self.backoff.last_spawn_at_s or self.since_s)
         self._set_state(EngineState.READY, reason, ttft_s=canary.ttft_s,
-                        startup_s=round(self.clock.now() - (self.backoff.last_spawn_at_s or self.since_s), 3))
+                        startup_s=round(self.clock.now() - started_s, 3))
+        if adopted and adopted_ready_wall is not None and adopted_ready_wall <= self.since_wall:
+            ready_for_s = self.since_wall - adopted_ready_wall
+            self.since_s = self.ready_since_s = self.since_s - ready_for_s
+            self.since_wall = adopted_ready_wall
         self.host.engine_ready(self)
         self._spawn_worker(self._monitor, self.gen, self.proc)
 
@@ -1035,6 +1047,8 @@ class EngineSupervisor:
             "backoff": backoff.to_record(self.backoff),
             "last_exit": self.last_exit,
             "start_refused": self.start_refused,
+            "ready_since": (self.clock.wall() - (self.clock.now() - self.ready_since_s)
+                            if self.ready_since_s is not None else None),
         }
 
 

@@ -62,6 +62,22 @@ def test_llmctl_daemon_restart_keeps_the_engine_and_its_exit_status_stays_known(
     assert last_exit["signal"] == "SIGKILL", last_exit
 
 
+def test_an_adopted_engine_keeps_how_long_it_has_been_ready(daemon_factory) -> None:
+    """After `llmctl daemon restart` the engine the daemon adopts shows it has been ready since its own run became
+    ready (status FOR, `ready_since`), not since the new daemon's check of it; its ready event's startup_s is
+    that check, not the time since the original spawn."""
+    d = daemon_factory(standin_engine_toml("e", free_port())).start()
+    d.wait_state("e", "ready", timeout_s=30)
+    time.sleep(4)
+    before = d.engine("e")["for_s"]
+    done = d.llmctl("daemon", "restart", timeout=90)
+    assert done.returncode == 0, done.stderr
+    after = d.wait_state("e", "ready", timeout_s=30)
+    assert after["for_s"] >= before, (before, after["for_s"])
+    readies = [e for e in d.events() if e.get("kind") == "engine.state_changed" and e.get("to") == "ready"]
+    assert len(readies) == 2 and readies[-1]["startup_s"] < before, readies
+
+
 def test_sighup_restarts_the_daemon_without_touching_the_engine(daemon_factory, tiny_model: Path) -> None:
     """SIGHUP (what `systemctl reload` sends) re-executes the daemon; the engine keeps its pid and state."""
     d = daemon_factory(mlx_engine_toml("tiny", free_port(), tiny_model)).start()
