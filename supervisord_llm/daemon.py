@@ -810,9 +810,7 @@ class Daemon:
         if not manual and not target.serving:
             # Decided before anything is stopped: an automatic swap never trades a working engine for
             # one its backoff would refuse.
-            waiting = target.state_reason if target.state in (EngineState.BACKOFF, EngineState.FAILED) else None
-            verdict = backoff.automatic_start_allowed(target.backoff, self.backoff_settings, now, waiting=waiting,
-                                                      **self.refusal_inputs(target))
+            verdict = self.automatic_start_verdict(target, now)
             if isinstance(verdict, Refuse):
                 self.decided("automatic_start", target.name, verdict, state=str(target.state))
                 raise StartRefused(target.name, str(target.state), f"not swapping to {target.name}: {verdict.message}",
@@ -828,6 +826,13 @@ class Daemon:
                 self.swap_target, self.swap_started_s = None, None
                 target.swap_in_progress = False
                 target.notify()
+
+    def automatic_start_verdict(self, sup: EngineSupervisor, now_s: float) -> Admit | Refuse:
+        """Whether a request may start (swap in) ``sup`` now (``policies.backoff.automatic_start_allowed``): the one
+        question the gateway's swap and the daemon's own check before a swap both ask."""
+        waiting = sup.state_reason if sup.state in (EngineState.BACKOFF, EngineState.FAILED) else None
+        return backoff.automatic_start_allowed(sup.backoff, self.backoff_settings, now_s, waiting=waiting,
+                                               **self.refusal_inputs(sup))
 
     def refusal_inputs(self, sup: EngineSupervisor) -> dict[str, Any]:
         """The standing admission refusal of ``sup``'s last start, as ``automatic_start_allowed`` takes it."""

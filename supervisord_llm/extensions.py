@@ -162,11 +162,9 @@ class DaemonGatewayBackend:
             gateway = daemon.config.gateway
             permission = SwapPermission(gateway.swaps) if gateway is not None else SwapPermission.NEVER
             return EngineUnavailable(name, "engine_not_running", start_refused_message(name, str(sup.state), permission))
-        from policies import backoff as backoff_policy
         from policies.actions import Refuse
 
-        verdict = backoff_policy.automatic_start_allowed(sup.backoff, daemon.backoff_settings, daemon.clock.now(),
-                                                         **daemon.refusal_inputs(sup))
+        verdict = daemon.automatic_start_verdict(sup, daemon.clock.now())
         if isinstance(verdict, Refuse):  # a recent failure (its backoff holds) or refusal: nothing is swapped
             wait = max(1.0, (verdict.until_s or daemon.clock.now()) - daemon.clock.now())
             return EngineUnavailable(sup.name, verdict.reason, verdict.message, retry_after_s=wait,
