@@ -278,6 +278,9 @@ class EngineSupervisor:
         # The last readiness check's outcome while starting ("/health answered 503 Loading model").
         self.start_check: str | None = None
         self.ready_since_s: float | None = None
+        # When this daemon saw the run ready: the same, except for a run it adopted (``ready_since_s`` is then the
+        # last daemon's). The idle unload counts from here: this daemon knows of no request before it.
+        self.ready_here_since_s: float | None = None
         # When the last daemon's run of this engine became ready (wall clock, from the state file): an engine this
         # daemon adopts has been ready since then, not since its check here (status FOR, the backoff's streak).
         self.saved_ready_since_wall: float | None = None
@@ -458,9 +461,9 @@ class EngineSupervisor:
         if state == EngineState.READY:
             self._degraded_raised = False  # resolved now (recovered in place) or by the ready path's episodes
         if state == EngineState.READY and previous != EngineState.DEGRADED:
-            self.ready_since_s = self.since_s
+            self.ready_since_s = self.ready_here_since_s = self.since_s
         elif state not in SERVING_STATES and state != EngineState.HUNG:
-            self.ready_since_s = None
+            self.ready_since_s = self.ready_here_since_s = None
         if state != EngineState.BACKOFF:
             self.next_start_at_s = None
         self.host.events.emit("engine.state_changed", engine=self.name, **{"from": str(previous)},
@@ -738,6 +741,7 @@ class EngineSupervisor:
             ready_for_s = self.since_wall - adopted_ready_wall
             self.since_s = self.ready_since_s = self.since_s - ready_for_s
             self.since_wall = adopted_ready_wall
+            self.host.persist()  # the original ready time, for a daemon after this one
         self.host.engine_ready(self)
         self._spawn_worker(self._monitor, self.gen, self.proc)
 

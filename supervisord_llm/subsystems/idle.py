@@ -52,7 +52,7 @@ class IdleUnloadExtension(Extension):
                 continue
             last = self.last_request_s.get(sup.name)
             in_flight = self.in_flight.get(sup.name, 0)
-            idle_for_s = round(now - max(sup.ready_since_s, last or sup.ready_since_s), 1)
+            idle_for_s = round(now - max(sup.ready_here_since_s, last or sup.ready_here_since_s), 1)
             self.daemon.events.emit("policy.decided", engine=sup.name, policy="idle_unload", decision="stop",
                                     idle_for_s=idle_for_s, idle_unload_s=idle_s, in_flight=in_flight)
             try:
@@ -63,10 +63,13 @@ class IdleUnloadExtension(Extension):
                 self.daemon.events.emit("engine.idle_unload_failed", engine=sup.name, error=str(exc))
 
     def _due(self, sup: Any, idle_s: float, now: float) -> bool:
-        if str(sup.state) not in ("ready", "degraded") or sup.ready_since_s is None:
+        # From when this daemon saw it ready (an adopted run's requests before that are unknown here: it gets the
+        # whole idle time again, not the last daemon's ready time as if nothing had asked for it since).
+        if str(sup.state) not in ("ready", "degraded") or sup.ready_here_since_s is None:
             return False
         return idle_unload_due(idle_unload_s=idle_s, last_request_s=self.last_request_s.get(sup.name),
-                               ready_since_s=sup.ready_since_s, now_s=now, in_flight=self.in_flight.get(sup.name, 0))
+                               ready_since_s=sup.ready_here_since_s, now_s=now,
+                               in_flight=self.in_flight.get(sup.name, 0))
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -23,6 +23,7 @@ class Engine:
         self.config = SimpleNamespace(idle_unload_s=60.0)
         self.state = "ready"
         self.ready_since_s = 0.0
+        self.ready_here_since_s = 0.0  # when this daemon saw it ready
         self.commands: list[str] = []
         self.drained: list[bool] = []
 
@@ -63,3 +64,14 @@ async def test_an_idle_unload_drains_the_engine_before_it_stops() -> None:
     unloader = daemon.unloader = IdleUnloadExtension(daemon)
     await unloader.check()
     assert daemon.engine.commands == ["stop"] and daemon.engine.drained == [True]
+
+
+async def test_an_engine_adopted_by_a_restarted_daemon_gets_the_whole_idle_time_again() -> None:
+    """Ready for hours under the last daemon (``ready_since_s``), adopted and checked 5 s ago by this one: it knows
+    of no request before that, so the 60 s idle time counts from its own check, and nothing is unloaded."""
+    daemon = Daemon(late_start=False)
+    daemon.engine.ready_since_s = -7200.0
+    daemon.engine.ready_here_since_s = 95.0
+    unloader = daemon.unloader = IdleUnloadExtension(daemon)
+    await unloader.check()
+    assert daemon.engine.commands == []
