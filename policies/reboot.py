@@ -375,6 +375,8 @@ def nvml_failing_alert(*, failing_since_s: float | None, now_s: float, error: st
         return Alert(NVML_FAILING_KEY, "warning", "NVML answers again", resolved=True) if raised else None
     if raised or devices_seen <= 0 or now_s - failing_since_s < NVML_FAILING_ALERT_AFTER_S:
         return None
+    if error is not None and says_gpu_is_lost(error):
+        return None  # that is gpu.lost's episode, not a probe's failure
     return Alert(NVML_FAILING_KEY, "warning",
                  f"NVML has not answered for {now_s - failing_since_s:.0f}s ({error or 'no reason given'}): the daemon "
                  f"sees neither GPU memory nor lost GPUs; the engines' own watchdog still judges them; "

@@ -51,6 +51,7 @@ from policies.actions import Alert
 from policies.reboot import (
     GPU_LOST,
     GPU_RESET_REQUIRED,
+    NVML_FAILING_KEY,
     GpuAnswer,
     RebootLedger,
     RebootSettings,
@@ -204,7 +205,7 @@ class GpuExtension(Extension):
         self.stop_grace_s = stop_grace_s
         self.lost_after_s = lost_after_s
         self._nvml_failing_since_s: float | None = None  # every reading has failed since (None: NVML answers)
-        self._nvml_failing_raised = False
+        self._nvml_failing_raised: bool | None = None  # None: not yet read from the alert outbox
         self.reading: GpuReading | None = None
         self.available = False
         self.unavailable_reason: str | None = None
@@ -313,6 +314,9 @@ class GpuExtension(Extension):
             self._nvml_failing_since_s = None
         elif self._nvml_failing_since_s is None:
             self._nvml_failing_since_s = now
+        if self._nvml_failing_raised is None:  # an episode an earlier daemon raised is this one's to resolve
+            outbox = self.daemon.alerts_outbox
+            self._nvml_failing_raised = outbox is not None and NVML_FAILING_KEY in outbox.open_episode_details()
         alert = nvml_failing_alert(failing_since_s=self._nvml_failing_since_s, now_s=now, error=reading.reason,
                                    devices_seen=len(self._seen), raised=self._nvml_failing_raised)
         if alert is not None:

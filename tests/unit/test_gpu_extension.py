@@ -822,6 +822,32 @@ async def test_a_new_daemon_ends_a_gpu_lost_episode_only_once_that_gpu_answers()
 
 
 @pytest.mark.anyio
+async def test_a_probe_failing_warning_an_earlier_daemon_raised_ends_when_nvml_answers_the_next_one() -> None:
+    """NVML failing for a minute raises gpu.probe_failing; the daemon is restarted (a reboot after the driver
+    upgrade), NVML answers the new daemon: it ends the episode (it stayed open: the new daemon had raised nothing)."""
+    from supervisord_llm.clock import FakeClock
+
+    clock = FakeClock()
+    nvml = StandInNvml(devices=1)
+    daemon, ext = _build_alerting("", nvml, clock=clock, boot_id="boot-A")
+    state = daemon.state_dir
+    try:
+        ext.available = True
+        await ext.poll()
+        nvml.count_error = StandInNvml.NVML_ERROR_TIMEOUT
+        for _ in range(7):
+            clock.advance(10)
+            await ext.poll()
+        assert "gpu.probe_failing" in _open_episodes(daemon)
+    finally:
+        daemon.close()
+    daemon, ext = _build_alerting("", StandInNvml(devices=1), state=state, boot_id="boot-B")
+    async with run_built(daemon):
+        await _until(lambda: bool(_resolved(daemon, "gpu.probe_failing")), 10)
+        assert "gpu.probe_failing" not in _open_episodes(daemon)
+
+
+@pytest.mark.anyio
 async def test_a_gpu_reset_required_episode_ends_after_a_reboot_not_after_a_daemon_restart() -> None:
     """XID 48 opens gpu.reset_required:0; a daemon restarted in the same boot keeps it open (the GPU still answers
     NVML while it needs a reset); the first reading of a later boot, with the GPU there, ends it."""

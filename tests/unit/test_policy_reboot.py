@@ -19,6 +19,7 @@ from policies.reboot import (
     in_cooldown,
     ledger_from_record,
     ledger_to_record,
+    nvml_failing_alert,
     on_new_boot,
     record_reboot,
     state_after_restart,
@@ -386,3 +387,14 @@ def test_gpu_lost_cause(missing_s: float | None, device_error: str | None, probe
     cause = gpu_lost_cause(1, "H200", missing_s=missing_s, lost_after_s=10.0, device_error=device_error,
                            probe_error=probe_error)
     assert (cause is not None) is lost, cause
+
+
+def test_nvml_failing_alert_waits_a_minute_and_leaves_a_lost_gpu_to_gpu_lost() -> None:
+    args = {"devices_seen": 2, "raised": False}
+    assert nvml_failing_alert(failing_since_s=0.0, now_s=59.0, error="Timeout", **args) is None
+    warning = nvml_failing_alert(failing_since_s=0.0, now_s=60.0, error="Timeout", **args)
+    assert warning is not None and warning.severity == "warning" and not warning.resolved
+    assert nvml_failing_alert(failing_since_s=0.0, now_s=600.0, error="NVMLError: GPU is lost", **args) is None
+    assert nvml_failing_alert(failing_since_s=0.0, now_s=600.0, error="Timeout", devices_seen=0, raised=False) is None
+    resolved = nvml_failing_alert(failing_since_s=None, now_s=600.0, error=None, devices_seen=2, raised=True)
+    assert resolved is not None and resolved.resolved
