@@ -13,6 +13,7 @@ import anyio
 import anyio.lowlevel
 
 from policies.frontdoor import SwapPermission, start_refused_message
+from policies.gateway_respawn import GATEWAY_DOWN_ALERT_KEY
 from policies.health import stream_decode_rate
 from supervisord_llm.engine.supervisor import EngineState
 from supervisord_llm.extension import Extension
@@ -325,6 +326,8 @@ class GatewayExtension(Extension):
 
         self.process = GatewayProcess(self.inner, self.settings, status_doc=status_doc, log_setup=current(),
                                       on_exit=on_exit, on_spawn=daemon.persist, on_alert=daemon.apply,
+                                      down_open=lambda: daemon.alerts_outbox is not None
+                                      and GATEWAY_DOWN_ALERT_KEY in daemon.alerts_outbox.open_episode_details(),
                                       log=daemon.log.bind(component="gateway"),
                                       on_passes_closed=self.inner.turns.changed)
         self.inner.close_passes = self.process.close_passes

@@ -27,6 +27,7 @@ supervision; what crosses between them is the :class:`GatewayBackend` protocol o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -78,6 +79,7 @@ class GatewayProcess:
         on_exit: Callable[[dict[str, Any]], None],
         on_spawn: Callable[[], object] = lambda: None,
         on_alert: Callable[[Alert], None] = lambda alert: None,
+        down_open: Callable[[], bool] = lambda: False,
         log: Any,
         on_passes_closed: Callable[[], None] = lambda: None,
     ) -> None:
@@ -88,6 +90,7 @@ class GatewayProcess:
         self.on_exit = on_exit
         self.on_spawn = on_spawn
         self.on_alert = on_alert
+        self.down_open = down_open  # a gateway.down episode is open (an earlier daemon may have raised it)
         self.on_passes_closed = on_passes_closed
         self.respawn = gateway_respawn.GatewayRespawn()  # the streak of quick deaths (policies.gateway_respawn)
         self.log = log
@@ -220,7 +223,10 @@ class GatewayProcess:
     async def _note_stable(self) -> None:
         """The process has run for ``STABLE_S`` (cancelled when it ends sooner): its streak of deaths is over."""
         await anyio.sleep(gateway_respawn.STABLE_S)
-        self.respawn, alert = gateway_respawn.after_stable_run(self.respawn, listen=self.listen)
+        state = self.respawn
+        if not state.down and self.down_open():
+            state = dataclasses.replace(state, down=True)
+        self.respawn, alert = gateway_respawn.after_stable_run(state, listen=self.listen)
         if alert is not None:
             self.on_alert(alert)
 

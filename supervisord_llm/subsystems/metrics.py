@@ -3,7 +3,8 @@
 Room: subsystems.
 
 The TCP listener (``[daemon] metrics_listen = "127.0.0.1:9464"``) also serves ``/healthz`` (the
-daemon's loop is alive) and ``/readyz`` (no engine is failed, hung, in its restart backoff or refused a start), for Kubernetes probes.
+daemon's loop is alive) and ``/readyz`` (no engine is failed, hung, in its restart backoff or refused a start,
+and the gateway is not dying again and again: ``gateway.down``), for Kubernetes probes.
 Each scrape builds a fresh registry from the daemon's status: no counters drift from the truth.
 """
 

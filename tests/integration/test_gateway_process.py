@@ -251,10 +251,14 @@ def test_a_restarted_daemon_ends_the_wedged_gateway_its_killed_predecessor_left(
 def test_a_gateway_that_keeps_dying_is_alerted_and_not_ready_until_it_runs_a_minute(daemon_factory) -> None:
     """The gateway process dies three times in a row, each soon after its start: a critical gateway.down alert
     and /readyz 503 with gateway_ok false (before, each death was only an event, and /readyz said ready while no
-    client was served). Once a process has run for a minute the alert resolves and /readyz is 200 again."""
+    client was served). Once a process has run for a minute the alert resolves, also when a restarted daemon's
+    process does, and /readyz is 200 again."""
     gw, metrics = free_port(), free_port()
     d = daemon_factory(f'[daemon]\nmetrics_listen = "127.0.0.1:{metrics}"\n' + standin_engine_toml("e", free_port())
-                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n'
+                       # A receiver nobody answers: the outbox keeps the episode open across the daemon's restart.
+                       + '[alerts]\n[[alerts.webhook]]\nname = "hook"\nurl = "http://127.0.0.1:9/hook"\nformat = "json"\n'
+                       ).start()
     d.wait_state("e", "ready", 30)
     ready = f"http://127.0.0.1:{metrics}/readyz"
     assert httpx.get(ready, timeout=10).json() == {"ready": True, "engines_not_ok": [], "gateway_ok": True}
@@ -269,9 +273,11 @@ def test_a_gateway_that_keeps_dying_is_alerted_and_not_ready_until_it_runs_a_min
     assert "died 3 times in a row" in raised[0]["summary"] and raised[0]["severity"] == "critical", raised
     not_ready = httpx.get(ready, timeout=10)
     assert not_ready.status_code == 503 and not_ready.json()["gateway_ok"] is False, not_ready.text
-    # Started again (after 2 s), it serves; after a minute of running the episode ends.
+    # Started again (after 2 s), it serves. The daemon itself is restarted meanwhile (`llmctl daemon restart`):
+    # the new daemon's gateway, once it has run for a minute, ends the episode the old one raised.
     ok = wait_for(lambda: _served(gw), 30, "a request served by the restarted gateway")
     assert ok
+    assert d.llmctl("daemon", "restart", timeout=90).returncode == 0
     wait_for(lambda: [e for e in d.events() if e["kind"] == "alert.raised" and e.get("key") == "gateway.down"
                       and e.get("resolved")], 100, "gateway.down resolved")
     assert httpx.get(ready, timeout=10).status_code == 200
