@@ -340,11 +340,8 @@ class Daemon:
                     ready_callback()
                 await anyio.sleep_forever()
 
-    def _should_autostart(self, name: str, pending_swap: Any) -> bool:
-        """At daemon start: whether to start this engine (``policies.restore.engines_to_start``)."""
-        return name in self._engines_to_start(pending_swap)
-
     def _engines_to_start(self, pending_swap: Any) -> tuple[str, ...]:
+        """At daemon start: the engines to start (``policies.restore.engines_to_start``)."""
         engines = [restore.EngineAtStart(name=n, autostart=s.config.autostart, exclusive=s.config.exclusive,
                                          saved=restore.SavedEngine.from_record(self._saved_engine(n)))
                    for n, s in self.supervisors.items()]

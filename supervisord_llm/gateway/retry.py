@@ -30,11 +30,6 @@ def failure_of(exc: BaseException) -> Failure:
     return Failure.DELIVERED
 
 
-def delivered(exc: BaseException) -> bool:
-    """The failed send may have reached the engine."""
-    return failure_of(exc) is Failure.DELIVERED
-
-
 async def send_until_answered(
     send_once: Callable[[], Awaitable[R]],
     *,
@@ -74,4 +69,4 @@ async def send_until_answered(
             on_retry(exc, True)
 
 
-__all__ = ["UNANSWERED", "delivered", "failure_of", "send_until_answered"]
+__all__ = ["UNANSWERED", "failure_of", "send_until_answered"]

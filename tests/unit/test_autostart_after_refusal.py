@@ -1,4 +1,4 @@
-"""Which engines a restarted daemon starts, after a refused start (supervisord_llm/daemon.py ``_should_autostart``).
+"""Which engines a restarted daemon starts, after a refused start (supervisord_llm/daemon.py ``_engines_to_start``).
 
 A preload memory admission refused was stopped by nobody: the next daemon starts it as configured, asking
 admission again. An engine a person stopped, or its idle unload, stays stopped, also when a request's start of
@@ -42,7 +42,7 @@ def test_a_restarted_daemon_starts_again_only_a_refused_preload(saved: dict, sta
     daemon._saved = {"engines": {"e": saved}}
     daemon._load_saved()
     try:
-        assert daemon._should_autostart("e", None) is starts
+        assert ("e" in daemon._engines_to_start(None)) is starts
         # The refusal is shown again (status, metrics, /readyz) until the engine is ready or a person stops it.
         assert daemon.supervisors["e"].start_refused == saved.get("start_refused")
     finally:

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
+from typing import Any
 
 import anyio
 import psutil
@@ -628,9 +629,9 @@ async def test_gpu_is_lost_stops_its_engines_alerts_and_asks_for_a_reboot_at_onc
         assert len(_events(daemon, "gpu.lost")) == 1 and len(_events(daemon, "gpu.reboot_required")) == 1
 
 
-@pytest.mark.anyio
-async def test_a_gpu_that_stops_answering_is_lost_only_after_lost_after_s_and_found_again() -> None:
-    """A GPU missing from NVML is not lost at the first missed reading; after `lost_after_s` the reboot path runs."""
+def _two_gpus_on_a_fake_clock() -> tuple[Any, StandInNvml, Daemon, GpuExtension, Escalation]:
+    """A daemon (no engine) with the GPU extension on a stand-in NVML of two GPUs, ``lost_after_s`` 10 s, a
+    fake clock, and a reboot escalation that records what it is asked."""
     from supervisord_llm.clock import FakeClock
 
     clock = FakeClock()
@@ -638,6 +639,13 @@ async def test_a_gpu_that_stops_answering_is_lost_only_after_lost_after_s_and_fo
     daemon, ext = _build("", nvml, clock=clock, lost_after_s=10)
     escalation = Escalation()
     daemon.extensions.append(escalation)
+    return clock, nvml, daemon, ext, escalation
+
+
+@pytest.mark.anyio
+async def test_a_gpu_that_stops_answering_is_lost_only_after_lost_after_s_and_found_again() -> None:
+    """A GPU missing from NVML is not lost at the first missed reading; after `lost_after_s` the reboot path runs."""
+    clock, nvml, daemon, ext, escalation = _two_gpus_on_a_fake_clock()
     try:
         ext.available = True
         await ext.poll()  # both GPUs seen
@@ -670,18 +678,12 @@ async def test_a_gpu_that_stops_answering_is_lost_only_after_lost_after_s_and_fo
 
 
 @pytest.mark.anyio
-async def test_nvml_failing_as_a_whole_is_no_lost_gpu_and_its_engine_keeps_running() -> None:
+async def test_nvml_failing_as_a_whole_is_no_lost_gpu_and_asks_for_no_reboot() -> None:
     """Every NVML reading fails for a minute with an error other than "GPU is lost" (a timeout): that says
-    nothing about any one GPU, so the engine on GPU 0 is not stopped and no reboot is asked for; the probe's
+    nothing about any one GPU, so no GPU is lost (the engines on it would be stopped) and no reboot is asked for; the probe's
     failure is reported, and after a minute a person is warned. A failed reading saying "GPU is lost" still acts
     at once."""
-    from supervisord_llm.clock import FakeClock
-
-    clock = FakeClock()
-    nvml = StandInNvml(devices=2)
-    daemon, ext = _build("", nvml, clock=clock, lost_after_s=10)
-    escalation = Escalation()
-    daemon.extensions.append(escalation)
+    clock, nvml, daemon, ext, escalation = _two_gpus_on_a_fake_clock()
     try:
         ext.available = True
         await ext.poll()  # both GPUs seen
