@@ -19,8 +19,8 @@ without samples, or that nothing can judge, is unknown: it does not count as bel
 streak. What this cannot tell apart: a slowdown that arrives together with more requests at once, in
 a band not yet learned, is judged only by that loose floor; and different kinds of work at different
 concurrencies are only compared through that floor. A stream's rate is taken only over the intervals
-between its tokens when no other request to its engine was in prefill (``quiet_interval``): a long
-prompt beside it makes it wait, not the engine slow. A per-step counter's rate is taken only over
+between its tokens when no other request to its engine was in prefill (``quiet_interval``): a prompt
+beside it, short or long, makes it wait, not the engine slow. A per-step counter's rate is taken only over
 intervals between two readings in which the engine computed no long prompt and no long prompt sent
 through the gateway was in prefill (``prefill_beside``): the engine counts a prompt it prefills among
 the requests it runs while it makes no token for it, and the decode beside it waits for its chunks.
@@ -323,16 +323,23 @@ MIN_SAMPLE_DECODE_S = 0.05  # a flush of held-back tokens spans milliseconds; a 
 
 
 # A prompt this long (its request body, in bytes: about 500 tokens and more) takes an engine many decode
-# steps' worth of prefill; a shorter one about as long as one step, like any request beside it.
+# steps' worth of prefill.
 PREFILL_COUNTS_BYTES = 2048
 
 
 def prefill_counts(body_bytes: int) -> bool:
-    """Whether a request's prefill may take the engine from the streams beside it for long enough to leave
-    their decode out while it runs (``quiet_interval``): a long prompt's does. A short prompt's prefill
-    costs the engine about one decode step; leaving out every stream's decode while a short request
-    waits for its first token would leave no decode at all to judge under steady load (each new
-    request's wait for its turn counts as its prefill)."""
+    """Whether a request's prefill may take the engine from its other requests for a good part of an interval
+    between two readings of its counters (seconds long): a long prompt's does, and the daemon's counter
+    samples leave such an interval out (``prefill_beside``). A short prompt's prefill is a small part of
+    such an interval; leaving out every interval in which a request waited for its first token would leave
+    no counter sample at all under a steady load (each new request's wait for its turn counts as its
+    prefill).
+
+    A stream's intervals between its tokens are one decode step long, and any prompt's prefill outlasts
+    one: mlx_lm.server stops every stream for a prefill chunk, and prefilled a 180-word prompt in 0.7 s while
+    a stream beside it decoded a token every 2 ms. So every request's prefill, short prompt or long, leaves
+    the stream intervals it touches out (gateway/prefills.py, ``quiet_interval``); where requests queue for
+    the engine, the streams beside them give no sample rather than one that counts the others' wait."""
     return body_bytes >= PREFILL_COUNTS_BYTES
 
 
@@ -352,13 +359,32 @@ def quiet_interval(prev_token_s: float, in_prefill: int, last_prefill_end_s: flo
     return in_prefill == 0 and (last_prefill_end_s is None or last_prefill_end_s <= prev_token_s)
 
 
-def canary_sample_rate(tokens_per_s: float | None, decode_s: float | None) -> float | None:
+def requests_began(changes: Sequence[tuple[float, int]], start_s: float, end_s: float) -> int:
+    """How many requests began over ``(start_s, end_s]``: the rises of the number in flight, from the points
+    where it changed (``(at_s, count from then on)``, oldest first). Walked from the newest change back only."""
+    began = 0
+    newer: tuple[float, int] | None = None
+    for at_s, count in reversed(changes):
+        if newer is not None and start_s < newer[0] <= end_s and newer[1] > count:
+            began += newer[1] - count
+        if at_s <= start_s:
+            break
+        newer = (at_s, count)
+    return began
+
+
+def canary_sample_rate(tokens_per_s: float | None, decode_s: float | None, others_began: int = 0) -> float | None:
     """A canary's decode rate as a throughput sample, or None. A rate the engine reported itself, or one over
     the whole request (``decode_s`` None), stands; one timed from the canary's chunks needs a real decode
     (``MIN_SAMPLE_DECODE_S``) like a stream's: chunks read in one burst (held back by the engine, or by a busy
     reader) give rates a hundred times the engine's, which would inflate the learned baseline until every
-    healthy reading looks degraded."""
-    if not tokens_per_s:
+    healthy reading looks degraded.
+
+    ``others_began``: requests that began while the canary ran (it runs only when none is in flight). Each
+    one's prefill ran beside the canary's decode, between its steps or inside them (``quiet_interval``), so
+    the canary's rate is not the engine's decode alone: no sample. mlx_lm.server made a 200-token canary
+    beside a 700-word prompt read 30 tok/s against its 600."""
+    if not tokens_per_s or others_began:
         return None
     if decode_s is not None and decode_s < MIN_SAMPLE_DECODE_S:
         return None

@@ -49,6 +49,7 @@ from policies.health import (
     hang_cleared,
     learn_baseline,
     prefill_beside,
+    requests_began,
     sample_concurrency,
     steps_advanced,
 )
@@ -365,7 +366,8 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                                            detail=f"a canary got no token within {waited_s:.0f}s"))
         elif reading.ok:
             health.last_canary_ok_s = clock.now()
-            if (rate := canary_sample_rate(reading.tokens_per_s, reading.decode_s)) is not None:
+            began = requests_began(health.in_flight_changes, started_s, clock.now())
+            if (rate := canary_sample_rate(reading.tokens_per_s, reading.decode_s, began)) is not None:
                 health.add_sample(ThroughputSample(at_s=clock.now(), tokens_per_s=rate,
                                                    source="canary", tokens=reading.completion_tokens or 0,
                                                    concurrency=sample_concurrency(

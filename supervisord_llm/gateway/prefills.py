@@ -2,18 +2,19 @@
 
 Room: gateway.
 
-A request with a long prompt (``policies.health.prefill_counts``) is *in prefill* from when it was
-sent to its engine until the engine's first token of it reached the gateway (the token meter reads the
-engine's own bytes); one that ends without a token (an answer not streamed, an error) was in prefill
-until it ended, since nothing tells its prompt from its answer. While another request is in prefill
-the engine may run its prompt instead of decoding, or beside it: a stream's rate is taken only over
-the intervals between its tokens that no other request's prefill touched
-(``policies.health.quiet_interval``; the rate, ``stream_decode_rate``). The prefills of requests whose first
-token the gateway sees (streams, and requests fetched as streams) are told to the daemon (``on_change``),
-whose per-step counter samples of the engine leave out the intervals such a prefill touched
-(``policies.health.prefill_beside``): vLLM's own counters show no prefill until its first token. A
-non-streamed answer's span lasts until its end, so it is not told: it would leave out every counter
-sample of the engine for as long as the answer takes.
+Every request is *in prefill* from when it was sent to its engine until the engine's first token of it
+reached the gateway (the token meter reads the engine's own bytes); one that ends without a token (an
+answer not streamed, an error) was in prefill until it ended, since nothing tells its prompt from its
+answer. While another request is in prefill the engine may run its prompt instead of decoding, or beside
+it: a stream's rate is taken only over the intervals between its tokens that no other request's prefill
+touched (``policies.health.quiet_interval``; the rate, ``stream_decode_rate``). A short prompt counts as
+a long one does: one interval between a stream's tokens is one decode step, and mlx_lm.server stops every
+stream for a whole prefill chunk. The prefills of requests with a long prompt
+(``policies.health.prefill_counts``) whose first token the gateway sees (streams, and requests fetched as
+streams) are told to the daemon (``on_change``), whose per-step counter samples of the engine leave out
+the intervals such a prefill touched (``policies.health.prefill_beside``): vLLM's own counters show no
+prefill until its first token. A non-streamed answer's span lasts until its end, so it is not told: it
+would leave out every counter sample of the engine for as long as the answer takes.
 """
 
 from __future__ import annotations

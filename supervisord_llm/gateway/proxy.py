@@ -673,9 +673,7 @@ class _Forward:
                 self._tg = tg
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
                 self.sent_at_s = gw.clock.now()
-                if prefill_counts(len(self.request.content)):
-                    # Told to the daemon only where its first token will be seen (gateway/prefills.py).
-                    self.prefill_key = gw.prefills.begin(engine, tell=self.stream_requested)
+                self._begin_prefill()
                 if self.stream_requested:
                     self._start_stall_watch()
                 await self._exchange(send, tg)
@@ -826,8 +824,14 @@ class _Forward:
         self.meter = TokenMeter(anthropic=False, on_token=self.meter.on_token, ndjson=False)
         self.quiet = QuietTally(gw.prefills, engine, self._in_flight_now)
         self.sent_at_s = self.unblocked_at_s = now
-        if prefill_counts(len(self.request.content)):
-            self.prefill_key = gw.prefills.begin(engine)
+        self._begin_prefill()
+
+    def _begin_prefill(self) -> None:
+        """The request is in prefill from its send (gateway/prefills.py): every request's prefill leaves the
+        intervals of the streams beside it out of their rates; the daemon is told only of a long prompt's,
+        and only where its first token will be seen (``policies.health.prefill_counts``)."""
+        self.prefill_key = self.gw.prefills.begin(
+            self.upstream.engine, tell=self.stream_requested and prefill_counts(len(self.request.content)))
 
     async def _engine_went_down(self, timeout_s: float) -> bool:
         """The daemon shows the engine down (stopping, restarting, in backoff, hung, gone) within ``timeout_s``:

@@ -351,11 +351,12 @@ def test_a_vllm_prefill_longer_than_the_stall_time_is_not_hung_and_a_wedge_after
 
 
 class _Decoders:
-    """Clients of the engine's own port (the gateway sees none of them), each streaming 100-token answers
-    one after another until told to stop."""
+    """Clients of ``url`` (the engine's own port: the gateway sees none of them), each streaming answers of
+    ``max_tokens`` one after another until told to stop."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, max_tokens: int = 100) -> None:
         self.url = url
+        self.max_tokens = max_tokens
         self.threads: list[tuple[threading.Thread, threading.Event]] = []
 
     def add(self, n: int) -> None:
@@ -364,7 +365,7 @@ class _Decoders:
 
             def run(stop: threading.Event = stop) -> None:
                 while not stop.is_set():
-                    _stream_all(self.url, _body(100, "standin"), timeout_s=60)
+                    _stream_all(self.url, _body(self.max_tokens, "standin"), timeout_s=60)
 
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
@@ -434,6 +435,112 @@ def test_a_long_prompt_prefilled_beside_steady_vllm_decodes_is_not_degraded_and_
         print(f"slowed to 30%: {engine['state_reason']}")
     finally:
         decoders.stop()
+
+
+@pytest.mark.rates  # judges decode rates: run alone (see the Makefile)
+def test_short_prompts_prefilled_beside_a_stream_are_not_a_slowdown_and_a_slowdown_still_is(daemon_factory) -> None:
+    """An engine that runs one step at a time, as mlx_lm.server does (a prefill chunk stops every stream beside
+    it), learns 20 tok/s from a lone client's streams through the gateway. Then another client sends short
+    prompts (180 words, about 1 KB: well under what counts as a long prompt) one a second beside it, each
+    prefilled for 0.6 s, in which the stream gets no token. That is the other client's prefill, not the
+    engine: the intervals between the stream's tokens that a prefill touched, short prompt or long, are left
+    out of its rate, so the rate judged stays the engine's 20 tok/s and it stays `ready`. When the engine
+    then really decodes at 30% of its rate, it is `degraded`."""
+    gw = free_port()
+    cfg = standin_engine_toml("c", free_port(), "--tps", "20", "--prefill-tokens-per-s", "300",
+                              "--prefill-blocks-decode", "--slow-on-sigusr2", "0.3", model="standin", default=True,
+                              stall="5s", canary_interval="10m")
+    cfg += _gateway_toml(gw) + '[probes]\ninterval = "1s"\n[policies.degraded]\nwindow = "3s"\nwindows = 2\n'
+    d = daemon_factory(cfg).start()
+    d.wait_state("c", "ready", 60)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    decoders = _Decoders(url, max_tokens=20)  # a sample a second: every 3 s window has one, also when slow
+    decoders.add(1)
+    stop = threading.Event()
+    prefills: list[float] = []
+
+    def prompter() -> None:
+        k = 0
+        while not stop.wait(1.0):
+            k += 1
+            prompt = " ".join(f"w{k}x{i}" for i in range(180))
+            _, took_s = _stream_all(url, {"model": "standin", "messages": [{"role": "user", "content": prompt}],
+                                          "max_tokens": 1, "stream": True}, 60)
+            prefills.append(took_s)
+
+    try:
+        deadline = time.monotonic() + 60
+        while "1" not in (d.engine("c")["baselines_by_concurrency"] or {}) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        learned = d.engine("c")["baselines_by_concurrency"]
+        assert "1" in learned, f"no baseline learned from the lone client: {learned}"
+        thread = threading.Thread(target=prompter, daemon=True)
+        thread.start()
+        states: set[str] = set()
+        judged: list[float] = []
+        try:
+            until = time.monotonic() + 12.0
+            while time.monotonic() < until:
+                engine = d.engine("c")
+                states.add(engine["state"])
+                if engine["tokens_per_s"]:
+                    judged.append(engine["tokens_per_s"])
+                time.sleep(0.25)
+        finally:
+            stop.set()
+            thread.join(30)
+        print(f"baselines {learned}; {len(prefills)} short prompts of {min(prefills):.2f}-{max(prefills):.2f} s beside "
+              f"a stream: states {states}, rates judged {sorted(set(judged))}")
+        assert len(prefills) >= 5 and min(prefills) >= 0.5, "the prompts were not prefilled: the test proves nothing"
+        assert judged, "the stream gave no rate beside the prompts"
+        assert min(judged) >= 0.75 * learned["1"], \
+            f"another client's short prompts were read as the engine's decode time: {sorted(judged)}"
+        assert states == {"ready"}, f"another client's short prompts were called a slowdown: " \
+                                    f"{d.engine('c')['state_reason']}"
+        os.kill(d.engine("c")["pid"], signal.SIGUSR2)  # from now on the engine decodes at 30% of its rate
+        engine = d.wait_state("c", "degraded", 30)
+        print(f"slowed to 30%: {engine['state_reason']}")
+    finally:
+        decoders.stop()
+
+
+@pytest.mark.rates  # judges decode rates: run alone (see the Makefile)
+def test_a_canary_that_a_request_began_beside_gives_no_rate(daemon_factory) -> None:
+    """Canaries run only while no request is in flight, but a request may begin while one runs. On an engine
+    that runs one step at a time (mlx_lm.server: a prefill chunk stops every decode), a 2 s canary beside a
+    prompt prefilled for 1 s reads a third less than the engine decodes: that canary's rate is left out, so
+    the rate judged stays the engine's 20 tok/s."""
+    gw = free_port()
+    cfg = standin_engine_toml("c", free_port(), "--tps", "20", "--prefill-tokens-per-s", "300",
+                              "--prefill-blocks-decode", model="standin", default=True, stall="5s",
+                              canary_interval="1s", canary_max_tokens=40)
+    cfg += _gateway_toml(gw) + '[policies.degraded]\nwindow = "3s"\nwindows = 2\n'
+    d = daemon_factory(cfg).start()
+    d.wait_state("c", "ready", 60)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    deadline = time.monotonic() + 60
+    while "1" not in (d.engine("c")["baselines_by_concurrency"] or {}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    learned = d.engine("c")["baselines_by_concurrency"]
+    assert "1" in learned, f"no baseline learned from lone canaries: {learned}"
+    judged: list[float] = []
+    canaries: set[float] = set()
+    prompt = " ".join(f"w{i}" for i in range(300))  # 1 s of prefill
+    for k in range(8):  # one every 2.5 s: 1 s after each ends a canary starts, and the next begins 0.5 s into it
+        started = time.monotonic()
+        _stream_all(url, {"model": "standin", "messages": [{"role": "user", "content": f"{k} {prompt}"}],
+                          "max_tokens": 1, "stream": True}, 60)
+        while time.monotonic() < started + 2.5:
+            engine = d.engine("c")
+            if engine["tokens_per_s"]:
+                judged.append(engine["tokens_per_s"])
+            canaries.add(round((engine["last_canary"] or {}).get("tokens_per_s") or 0.0, 1))
+            time.sleep(0.1)
+    print(f"baselines {learned}; canaries read {sorted(canaries)}; rates judged {sorted(set(judged))}")
+    assert min(canaries - {0.0}) < 0.8 * learned["1"], "no canary ran beside a prefill: the test proves nothing"
+    assert judged and min(judged) >= 0.75 * learned["1"], \
+        f"a canary beside another request's prefill was read as the engine's decode: {sorted(set(judged))}"
+    assert d.engine("c")["state"] == "ready"
 
 
 @pytest.mark.long_wait

@@ -12,6 +12,7 @@ known failure line and exiting, never becoming able to generate, exiting during 
                      [--metrics vllm|omlx]                         per-step / completion-time counters
                      [--slow-on-sigusr2 F]                         decode F times as fast after SIGUSR2
                      [--ollama [--lazy-load-s S] [--keep-alive-s K]]  Ollama API, lazy model load
+                     [--prefill-blocks-decode]                     one engine step at a time, as mlx_lm.server
 
 ``--grow-mb N`` makes every generation request allocate N MB, write to every page of it and keep it,
 the way mlx_lm.server's prompt cache grew without a bound before ``--max-kv-size``.
@@ -38,6 +39,13 @@ output the engine core hands out for it, and observes its time to first token in
 the counter and histogram in vllm/v1/metrics/loggers.py ``PrometheusStatLogger.record``). ``--metrics omlx`` serves
 ``/api/status`` whose ``total_completion_tokens`` grows only when a request finishes (oMLX adds a
 request's tokens to its stats at completion) with ``active_requests``.
+
+``--prefill-blocks-decode`` runs the engine one step at a time, as mlx_lm.server does: each chunk of a
+prompt's prefill (``--prefill-chunk-s``) takes the engine whole, and no stream beside it gets a token until
+the chunk is done. mlx_lm.server's one generation thread calls ``BatchGenerator.next`` in a loop, and each
+call runs a decode step for the requests generating and then a chunk of ``prefill_step_size`` tokens of
+the prompts being prefilled (mlx_lm/generate.py ``BatchGenerator._next``, mlx_lm/server.py ``_generate``,
+mlx-lm 0.32): a prompt shorter than one chunk stops every stream beside it for the whole of its prefill.
 
 ``--ollama`` speaks Ollama's API (``/api/version``, ``/api/ps``, streamed ``/api/generate`` and ``/api/chat``, plus the
 OpenAI paths): the model loads on the first request *before the first byte* (``--lazy-load-s``) and
@@ -78,6 +86,8 @@ def main() -> None:
     p.add_argument("--prefill-chunk-s", type=float, default=0.25, help="one KV cache block per chunk of the prefill")
     p.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
                    help="prefill the prompt at this many words a second (0: no time for the prompt)")
+    p.add_argument("--prefill-blocks-decode", action="store_true",
+                   help="a prefill chunk stops every stream's decode until it is done (mlx_lm.server)")
     p.add_argument("--log-paths", action="store_true", help="print every request line (method and path) as received")
     p.add_argument("--log-header", action="append", default=[],
                    help="print this request header of every POST as received (\"header NAME: VALUE\", None if absent)")
@@ -121,6 +131,7 @@ def main() -> None:
              "prompt_tokens": 0, "first_tokens": 0, "ttft_s": 0.0}
     cache_blocks = 4096  # vllm:kv_cache_usage_perc = blocks in use / cache_blocks
     load_lock = threading.Lock()
+    step = threading.Lock()  # --prefill-blocks-decode: the engine's one step at a time
 
     def loaded() -> bool:
         return not args.ollama or time.monotonic() < stats["loaded_until"]
@@ -320,13 +331,20 @@ def main() -> None:
                     prefill_s += prompt_words(body) / args.prefill_tokens_per_s
                 prefill_end = time.monotonic() + prefill_s
                 while (left := prefill_end - time.monotonic()) > 0:  # one chunk per step
-                    time.sleep(min(left, args.prefill_chunk_s))
+                    if args.prefill_blocks_decode:
+                        with step:
+                            time.sleep(min(left, args.prefill_chunk_s))
+                    else:
+                        time.sleep(min(left, args.prefill_chunk_s))
                     take_block()
                 for i in range(n):
                     if silent and i >= args.silent_after_tokens:
                         silence()
                     if i == 0:
                         first_token()
+                    if args.prefill_blocks_decode:
+                        with step:  # waits while a prefill chunk runs
+                            pass
                     delta = {"content": "tok "} if chat else None
                     choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": "tok "}
                     send(b"data: " + json.dumps({"id": "x", "choices": [choice]}).encode() + b"\n\n")
