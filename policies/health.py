@@ -824,23 +824,32 @@ def decide_start_check(canary_ok: bool, canary_stalled: bool, before: EngineCoun
             "for a slot) while the start check's own generation waited its turn")
 
 
-def latest_progress(evidence: ProgressEvidence) -> tuple[str | None, float | None]:
-    """The newest engine-side progress: (source, at_s), or (None, None) if none in this run."""
-    candidates: list[tuple[float, str]] = []
-    if evidence.last_token_s is not None:
-        candidates.append((evidence.last_token_s, "stream"))
-    if evidence.last_canary_ok_s is not None:
-        candidates.append((evidence.last_canary_ok_s, "canary"))
-    if evidence.last_prefill_s is not None:
-        candidates.append((evidence.last_prefill_s, "prefill"))
-    if evidence.counters_per_step:
-        advanced = _counter_advances(evidence.counters)
-        if advanced is not None:
-            candidates.append((advanced, "counters"))
+def newest_progress(token_s: float | None, canary_ok_s: float | None, prefill_s: float | None,
+                    counters_s: float | None) -> tuple[str | None, float | None]:
+    """The newest engine-side progress from each source's latest: (source, at_s), or (None, None)."""
+    candidates = [(at_s, source) for at_s, source in ((token_s, "stream"), (canary_ok_s, "canary"),
+                                                      (prefill_s, "prefill"), (counters_s, "counters"))
+                  if at_s is not None]
     if not candidates:
         return None, None
     at_s, source = max(candidates)
     return source, at_s
+
+
+def latest_progress(evidence: ProgressEvidence) -> tuple[str | None, float | None]:
+    """The newest engine-side progress: (source, at_s), or (None, None) if none in this run."""
+    counters_s = _counter_advances(evidence.counters) if evidence.counters_per_step else None
+    return newest_progress(evidence.last_token_s, evidence.last_canary_ok_s, evidence.last_prefill_s, counters_s)
+
+
+def progress_or_busy_s(token_s: float | None, canary_ok_s: float | None, prefill_s: float | None,
+                       counters_s: float | None, *, loading: bool, now_s: float) -> float | None:
+    """When the engine last showed progress, for a stream waiting on it (the gateway asks per stream tick):
+    the newest of its sources' latest (``newest_progress``), or now while it loads its model: busy, not silent,
+    as ``assess_progress`` calls it ``loading``, not hung."""
+    if loading:
+        return now_s
+    return newest_progress(token_s, canary_ok_s, prefill_s, counters_s)[1]
 
 
 def assess_progress(evidence: ProgressEvidence, stall_s: float, now_s: float) -> ProgressVerdict:
@@ -895,6 +904,8 @@ __all__ = [
     "Silence",
     "assess_progress",
     "latest_progress",
+    "newest_progress",
+    "progress_or_busy_s",
     "DegradedAssessment",
     "HealthSettings",
     "ThroughputBaseline",

@@ -49,6 +49,7 @@ from policies.health import (
     hang_cleared,
     learn_baseline,
     prefill_beside,
+    progress_or_busy_s,
     requests_began,
     sample_concurrency,
     steps_advanced,
@@ -135,11 +136,10 @@ class EngineHealth:
 
         While a lazy engine loads its model (up to its load deadline) it is busy, not silent: a
         stream waiting for its first token meanwhile is not stalled."""
-        if self.loading_since_s is not None and now_s < self.loading_until_s:
-            return now_s
-        times = [t for t in (self.last_token_s, self.last_canary_ok_s, self.last_prefill_s,
-                             self.last_counter_advance_s) if t is not None]
-        return max(times) if times else None
+        return progress_or_busy_s(self.last_token_s, self.last_canary_ok_s, self.last_prefill_s,
+                                  self.last_counter_advance_s,
+                                  loading=self.loading_since_s is not None and now_s < self.loading_until_s,
+                                  now_s=now_s)
 
     def watchdog(self, now_s: float) -> dict[str, Any]:
         """What status shows of the watchdog: phase, and the evidence of the last verdict."""
