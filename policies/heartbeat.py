@@ -27,6 +27,23 @@ class SelfHealth:
     failing_probes: Sequence[str] = ()
 
 
+# The daemon's loop watchdog: a wake-up this late (past its one-second beat) means the loop could not have
+# noticed an engine's crash, answered /healthz or pinged systemd in time; a loaded machine's scheduling delay
+# stays far below it.
+LOOP_STALL_S = 10.0
+
+
+def loop_stalled(lag_s: float) -> bool:
+    """Whether the daemon's loop is stalled, from how late its one-second beat woke (``lag_s``): the sd_notify
+    watchdog pings, ``/healthz`` and ``loop_stalled`` below follow it."""
+    return lag_s >= LOOP_STALL_S
+
+
+def max_loop_lag_s(interval_s: float) -> float:
+    """How late the heartbeat task may wake and still send its beat: one beat interval, and at least 2 s."""
+    return max(2.0, interval_s)
+
+
 @dataclass(frozen=True, slots=True)
 class HeartbeatDecision:
     send: bool
@@ -45,4 +62,4 @@ def decide(health: SelfHealth, *, max_loop_lag_s: float) -> HeartbeatDecision:
     return HeartbeatDecision(True, "loop on time and probes answering")
 
 
-__all__ = ["HeartbeatDecision", "SelfHealth", "decide"]
+__all__ = ["LOOP_STALL_S", "HeartbeatDecision", "SelfHealth", "decide", "loop_stalled", "max_loop_lag_s"]

@@ -29,6 +29,7 @@ import psutil
 from policies import backoff, episodes, restore
 from policies.actions import Admit, Alert, Drain, EscalateReboot, Refuse, RunReboot, Start, WaitUntil
 from policies.admission import Footprint, admit, auto_footprint_bytes, effective_budget_bytes, exclusive_conflicts
+from policies.heartbeat import loop_stalled
 from policies.memory_guard import PeakHistory, admission_bytes
 from policies.swap import (
     ActiveSwap,
@@ -486,8 +487,8 @@ class Daemon:
             await anyio.sleep(1.0)
             now = self.clock.now()
             lag = now - beat - 1.0
-            self.healthy_loop = lag < 10.0
-            if lag >= 10.0:
+            self.healthy_loop = not loop_stalled(lag)
+            if not self.healthy_loop:
                 self.log.error("daemon.loop_stalled", lag_s=round(lag, 1))
             beat = now
 

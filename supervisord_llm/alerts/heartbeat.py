@@ -118,7 +118,8 @@ class HeartbeatExtension(Extension):
             due_s = clock.now()
             while True:
                 lag_s = max(0.0, clock.now() - due_s)
-                decision = heartbeat_policy.decide(self.self_health(lag_s), max_loop_lag_s=max(2.0, interval_s))
+                decision = heartbeat_policy.decide(self.self_health(lag_s),
+                                                  max_loop_lag_s=heartbeat_policy.max_loop_lag_s(interval_s))
                 if decision != self.last_decision:
                     # Logged when it changes, not every beat: a beat a minute would bury the event log.
                     self.daemon.events.emit("policy.decided", policy="heartbeat",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.heartbeat import SelfHealth, decide
+from policies.heartbeat import LOOP_STALL_S, SelfHealth, decide, loop_stalled, max_loop_lag_s
 from supervisord_llm.alerts.delivery import AlertSettings
 from supervisord_llm.alerts.heartbeat import HeartbeatSettings, watchdog_alert
 from supervisord_llm.errors import ConfigError
@@ -24,6 +24,11 @@ def test_a_beat_is_sent_only_while_loop_and_probes_are_healthy(health: SelfHealt
     """A stalled or late loop, or a failing probe, withholds the beat and says why."""
     decision = decide(health, max_loop_lag_s=2.0)
     assert decision.send is send and reason in decision.reason
+
+
+def test_the_loop_is_stalled_from_ten_seconds_late_and_a_beat_may_be_one_interval_late() -> None:
+    assert not loop_stalled(0.0) and not loop_stalled(9.9) and loop_stalled(LOOP_STALL_S) and loop_stalled(60.0)
+    assert max_loop_lag_s(60.0) == 60.0 and max_loop_lag_s(0.5) == 2.0
 
 
 def test_heartbeat_settings_read_every_key() -> None:
