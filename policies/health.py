@@ -359,6 +359,28 @@ def quiet_interval(prev_token_s: float, in_prefill: int, last_prefill_end_s: flo
     return in_prefill == 0 and (last_prefill_end_s is None or last_prefill_end_s <= prev_token_s)
 
 
+# While an engine is hung a canary goes every this often, traffic or not: a good one is what shows it
+# generating again.
+HUNG_CANARY_EVERY_S = 2.0
+
+
+def canary_due(now_s: float, last_canary_s: float, interval_s: float, *, running: bool, hung: bool,
+               unloaded: bool, in_flight: int, last_traffic_s: float | None) -> bool:
+    """Whether the watchdog sends a canary now.
+
+    One at a time (``running``); never to a lazy engine that reports its model unloaded (a canary would
+    load it, and keep it resident against its own keep-alive). Otherwise one every ``interval_s`` (since
+    the last ended, ``last_canary_s``) while no real traffic proves generation: no request in flight and
+    none began or made a token within the interval (``last_traffic_s``); and every
+    ``HUNG_CANARY_EVERY_S`` while hung, whatever the traffic."""
+    if running or unloaded:
+        return False
+    if hung:
+        return now_s - last_canary_s >= HUNG_CANARY_EVERY_S
+    traffic = in_flight > 0 or (last_traffic_s is not None and now_s - last_traffic_s < interval_s)
+    return now_s - last_canary_s >= interval_s and not traffic
+
+
 def requests_began(changes: Sequence[tuple[float, int]], start_s: float, end_s: float) -> int:
     """How many requests began over ``(start_s, end_s]``: the rises of the number in flight, from the points
     where it changed (``(at_s, count from then on)``, oldest first). Walked from the newest change back only."""

@@ -42,6 +42,7 @@ from policies.health import (
     assess_degraded,
     assess_progress,
     band_label,
+    canary_due,
     canary_sample_rate,
     decide_degraded_restart,
     decide_hang_restart,
@@ -239,9 +240,6 @@ class EngineHealth:
 
     def memory(self) -> tuple[int | None, int | None]:
         return (self.tree.rss_bytes if self.tree else None), self.gpu_bytes
-
-    def traffic_recent(self, now_s: float, interval_s: float) -> bool:
-        return self.in_flight > 0 or (self.last_traffic_s is not None and now_s - self.last_traffic_s < interval_s)
 
 
 def _confirmed_stopped(root: psutil.Process) -> bool:
@@ -443,11 +441,10 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
             loading = health.loading_since_s is not None and now < health.loading_until_s
 
             # Canary: only when no real traffic proves generation; more often while hung.
-            hung_now = sup.state == EngineState.HUNG
-            canary_every = 2.0 if hung_now else cfg.canary_interval_s
-            unloaded = adapter.lazy_loads_model and health.model_resident is False
-            if (not canary_running and not unloaded and now - last_canary_s >= canary_every
-                    and (hung_now or not health.traffic_recent(now, cfg.canary_interval_s))):
+            if canary_due(now, last_canary_s, cfg.canary_interval_s, running=canary_running,
+                          hung=sup.state == EngineState.HUNG,
+                          unloaded=adapter.lazy_loads_model and health.model_resident is False,
+                          in_flight=health.in_flight, last_traffic_s=health.last_traffic_s):
                 canary_running = True
                 tg.start_soon(run_canary)
 

@@ -620,3 +620,23 @@ def test_requests_began_is_the_sum_of_the_rises_inside_the_span(raw, start_s, en
     changes = sorted(raw, key=lambda c: c[0])
     rises = sum(max(0, b[1] - a[1]) for a, b in itertools.pairwise(changes) if start_s < b[0] <= end_s)
     assert requests_began(changes, start_s, end_s) == rises
+
+
+@given(now_s=st.floats(0, 1000), last_canary_s=st.floats(0, 1000), interval_s=st.floats(0.5, 600),
+       running=st.booleans(), hung=st.booleans(), unloaded=st.booleans(), in_flight=st.integers(0, 4),
+       last_traffic_s=st.none() | st.floats(0, 1000))
+def test_a_canary_goes_alone_never_to_an_unloaded_model_and_never_beside_traffic_unless_hung(
+        now_s, last_canary_s, interval_s, running, hung, unloaded, in_flight, last_traffic_s) -> None:
+    """One canary at a time; none that would load a lazy engine's model; none while a request is in flight
+    or made traffic within the interval (it proves generation itself), except while hung, every 2 s."""
+    from policies.health import HUNG_CANARY_EVERY_S, canary_due
+
+    due = canary_due(now_s, last_canary_s, interval_s, running=running, hung=hung, unloaded=unloaded,
+                     in_flight=in_flight, last_traffic_s=last_traffic_s)
+    if running or unloaded:
+        assert not due
+    elif hung:
+        assert due == (now_s - last_canary_s >= HUNG_CANARY_EVERY_S)
+    else:
+        quiet = in_flight == 0 and (last_traffic_s is None or now_s - last_traffic_s >= interval_s)
+        assert due == (quiet and now_s - last_canary_s >= interval_s)
