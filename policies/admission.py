@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from policies._format import gb, require
-from policies.actions import Admit, Refuse
+from policies.actions import Admit, Refuse, WaitUntil
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,4 +224,18 @@ def admit(
     )
 
 
-__all__ = ["Footprint", "admit", "auto_footprint_bytes", "effective_budget_bytes", "exclusive_conflicts"]
+# While a start waits for memory, admission is asked again this often.
+ADMISSION_RECHECK_S = 2.0
+
+
+def after_refusal(refusal: Refuse, now_s: float, deadline_s: float) -> Refuse | WaitUntil:
+    """What a start that ``admit`` refused does: wait and ask again (memory frees as other engines stop and
+    their pages return to the system), until ``deadline_s`` (the config's ``[memory] admission_wait``
+    from the start); then the refusal stands. An exclusivity conflict is never waited for: a swap resolves
+    it, not time."""
+    if refusal.reason == "exclusive" or now_s >= deadline_s:
+        return refusal
+    return WaitUntil(min(deadline_s, now_s + ADMISSION_RECHECK_S), refusal.message)
+
+
+__all__ = ["ADMISSION_RECHECK_S", "Footprint", "admit", "after_refusal", "auto_footprint_bytes", "effective_budget_bytes", "exclusive_conflicts"]

@@ -28,7 +28,14 @@ import psutil
 
 from policies import backoff, episodes, restore
 from policies.actions import Admit, Alert, Drain, EscalateReboot, Refuse, RunReboot, Start, WaitUntil
-from policies.admission import Footprint, admit, auto_footprint_bytes, effective_budget_bytes, exclusive_conflicts
+from policies.admission import (
+    Footprint,
+    admit,
+    after_refusal,
+    auto_footprint_bytes,
+    effective_budget_bytes,
+    exclusive_conflicts,
+)
 from policies.heartbeat import loop_stalled
 from policies.memory_guard import PeakHistory, admission_bytes
 from policies.swap import (
@@ -629,15 +636,16 @@ class Daemon:
             if isinstance(verdict, Admit):
                 self.decided("admission", sup.name, verdict)
                 return
-            if verdict.reason == "exclusive" or self.clock.now() >= deadline:
-                self.decided("admission", sup.name, verdict)
-                raise StartRefused(sup.name, verdict.reason, verdict.message)
+            step = after_refusal(verdict, self.clock.now(), deadline)
+            if isinstance(step, Refuse):
+                self.decided("admission", sup.name, step)
+                raise StartRefused(sup.name, step.reason, step.message)
             if not announced:
                 announced = True
                 self.events.emit("engine.admission_waiting", engine=sup.name, reason=verdict.reason,
                                  message=verdict.message,
                                  wait_s=round(deadline - self.clock.now(), 1))
-            await anyio.sleep(min(2.0, max(0.1, deadline - self.clock.now())))
+            await anyio.sleep(max(0.1, step.at_s - self.clock.now()))
 
     # ---- callbacks from supervisors -------------------------------------------------------
 

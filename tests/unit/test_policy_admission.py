@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from policies.actions import Admit, Refuse
 from policies.admission import Footprint, admit, auto_footprint_bytes
@@ -164,3 +166,19 @@ def test_bad_inputs_are_named(call: object, needle: str) -> None:
     """Nonsense sizes fail with what is valid."""
     with pytest.raises(ValueError, match=needle):
         call()  # type: ignore[operator]
+
+
+@given(reason=st.sampled_from(["exclusive", "budget", "memory", "stranded", "gpu"]), now_s=st.floats(0, 1000),
+       deadline_s=st.floats(0, 1000))
+def test_a_refused_start_waits_for_memory_until_its_deadline_but_never_for_exclusivity(reason, now_s, deadline_s) -> None:
+    """Memory frees as other engines stop: a start asks again every 2 s at most, and never past the deadline.
+    An exclusive conflict is refused at once: only a swap resolves it."""
+    from policies.actions import WaitUntil
+    from policies.admission import ADMISSION_RECHECK_S, after_refusal
+
+    refusal = Refuse("big", reason, f"refused for {reason}")
+    step = after_refusal(refusal, now_s, deadline_s)
+    if reason == "exclusive" or now_s >= deadline_s:
+        assert step is refusal
+    else:
+        assert isinstance(step, WaitUntil) and now_s < step.at_s <= min(deadline_s, now_s + ADMISSION_RECHECK_S)
