@@ -201,6 +201,18 @@ def decide_machine(available_bytes: int, headroom_bytes: int, engines: Sequence[
                  f"over its footprint {size(worst.footprint_bytes)} (the largest offender)")
 
 
+def machine_drain(drain: Drain, state: GuardState, now_s: float, *, available_bytes: int, headroom_bytes: int,
+                  held_bytes: int | None) -> GuardDecision:
+    """The machine rule chose this engine (``decide_machine``): its guard drains it from now, and a critical
+    alert says why (the engine's own memory episode, as an engine over its hard watermark raises)."""
+    alert = Alert(key=f"{EXCEEDED_ALERT}:{drain.engine}", severity="critical",
+                  summary=f"{drain.reason}; draining, then a graceful restart through the backoff",
+                  details={"engine": drain.engine, "available_bytes": available_bytes,
+                           "headroom_bytes": headroom_bytes, "held_bytes": held_bytes})
+    return GuardDecision(replace(state, draining_since_s=now_s, drain_reason=drain.reason), "draining",
+                         (alert, drain))
+
+
 # ---- learned peak ---------------------------------------------------------------------------
 
 
@@ -236,6 +248,6 @@ def admission_bytes(configured_bytes: int | None, history: PeakHistory) -> int |
 
 __all__ = [
     "EXCEEDED_ALERT", "HIGH_ALERT", "GuardDecision", "GuardSettings", "GuardState", "Holding", "PeakHistory",
-    "Watermarks", "admission_bytes", "decide", "decide_machine", "drain_finished", "learned_bytes", "new_run",
+    "Watermarks", "admission_bytes", "decide", "decide_machine", "drain_finished", "learned_bytes", "machine_drain", "new_run",
     "observe_peak", "size", "watermarks",
 ]

@@ -287,17 +287,13 @@ class MemoryGuardExtension(Extension):
                                    engines={h.engine: {"held_bytes": h.held_bytes, "footprint_bytes": h.footprint_bytes}
                                             for h in holdings})
         if isinstance(decision, Drain):
-            sup = daemon.supervisors[decision.engine]
-            g = self.engines[sup.name]
-            g.state = policy.GuardState(high=g.state.high, draining_since_s=daemon.clock.now(),
-                                        drain_reason=decision.reason)
-            g.verdict = "draining"
-            daemon.apply(Alert(key=f"{policy.EXCEEDED_ALERT}:{sup.name}", severity="critical",
-                               summary=f"{decision.reason}; draining, then a graceful restart through the backoff",
-                               details={"engine": sup.name, "available_bytes": reading.available_bytes,
-                                        "headroom_bytes": daemon.config.memory.headroom_bytes,
-                                        "held_bytes": g.reading.host_bytes if g.reading else None}))
-            daemon.apply(decision)
+            g = self.engines[decision.engine]
+            drain = policy.machine_drain(decision, g.state, daemon.clock.now(), available_bytes=reading.available_bytes,
+                                         headroom_bytes=daemon.config.memory.headroom_bytes,
+                                         held_bytes=g.reading.host_bytes if g.reading else None)
+            g.state, g.verdict = drain.state, drain.verdict
+            for action in drain.actions:
+                daemon.apply(action)
 
     # ---- drain, then restart -------------------------------------------------------------------
 

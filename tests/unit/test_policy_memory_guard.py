@@ -211,3 +211,17 @@ def test_gpu_memory_has_its_own_episode_keys() -> None:
     assert high.actions[0].key == "engine.gpu_memory_high:e" and "of GPU memory (nvml)" in high.actions[0].summary
     over = decide("e", GuardState(), 140, MARKS, 0.0, S, source="nvml", resource="gpu_memory")
     assert over.actions[1].key == "engine.gpu_memory_exceeded:e"
+
+
+def test_the_machine_rules_drain_drains_from_now_keeps_the_soft_episode_and_raises_the_critical_alert() -> None:
+    from policies.memory_guard import EXCEEDED_ALERT, GuardState, machine_drain
+
+    drain = Drain("big", 30.0, "the machine has 1 GB available, below its 8 GB headroom; big holds 90 GB")
+    decision = machine_drain(drain, GuardState(high=True), 100.0, available_bytes=1 * GB, headroom_bytes=8 * GB,
+                             held_bytes=90 * GB)
+    assert decision.state == GuardState(high=True, draining_since_s=100.0, drain_reason=drain.reason)
+    assert decision.verdict == "draining"
+    alert, then = decision.actions
+    assert isinstance(alert, Alert) and alert.key == f"{EXCEEDED_ALERT}:big" and alert.severity == "critical"
+    assert drain.reason in alert.summary and alert.details["available_bytes"] == 1 * GB
+    assert then is drain
