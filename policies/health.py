@@ -381,32 +381,36 @@ def canary_due(now_s: float, last_canary_s: float, interval_s: float, *, running
     return now_s - last_canary_s >= interval_s and not traffic
 
 
-def requests_began(changes: Sequence[tuple[float, int]], start_s: float, end_s: float) -> int:
-    """How many requests began over ``(start_s, end_s]``: the rises of the number in flight, from the points
-    where it changed (``(at_s, count from then on)``, oldest first). Walked from the newest change back only."""
+def requests_beside(changes: Sequence[tuple[float, int]], start_s: float, end_s: float) -> int:
+    """How many requests ran beside one over ``[start_s, end_s]`` (a canary, which the gateway does not count):
+    those in flight at its start and those that began during it, from the points where the number in flight
+    changed (``(at_s, count from then on)``, oldest first; none in flight before the oldest). Walked from the
+    newest change back only."""
     began = 0
     newer: tuple[float, int] | None = None
     for at_s, count in reversed(changes):
         if newer is not None and start_s < newer[0] <= end_s and newer[1] > count:
             began += newer[1] - count
         if at_s <= start_s:
-            break
+            return count + began
         newer = (at_s, count)
+    if newer is not None and start_s < newer[0] <= end_s:
+        began += newer[1]
     return began
 
 
-def canary_sample_rate(tokens_per_s: float | None, decode_s: float | None, others_began: int = 0) -> float | None:
+def canary_sample_rate(tokens_per_s: float | None, decode_s: float | None, others: int = 0) -> float | None:
     """A canary's decode rate as a throughput sample, or None. A rate the engine reported itself, or one over
     the whole request (``decode_s`` None), stands; one timed from the canary's chunks needs a real decode
     (``MIN_SAMPLE_DECODE_S``) like a stream's: chunks read in one burst (held back by the engine, or by a busy
     reader) give rates a hundred times the engine's, which would inflate the learned baseline until every
     healthy reading looks degraded.
 
-    ``others_began``: requests that began while the canary ran (it runs only when none is in flight). Each
-    one's prefill ran beside the canary's decode, between its steps or inside them (``quiet_interval``), so
-    the canary's rate is not the engine's decode alone: no sample. mlx_lm.server made a 200-token canary
-    beside a 700-word prompt read 30 tok/s against its 600."""
-    if not tokens_per_s or others_began:
+    ``others``: requests that ran beside the canary (``requests_beside``: it runs alone unless one began
+    during it, or the engine is hung). A request's prefill may have run beside the canary's decode, between
+    its steps or inside them (``quiet_interval``), so its rate is not the engine's decode alone: no sample.
+    mlx_lm.server made a 200-token canary beside a 700-word prompt read 30 tok/s against its 600."""
+    if not tokens_per_s or others:
         return None
     if decode_s is not None and decode_s < MIN_SAMPLE_DECODE_S:
         return None

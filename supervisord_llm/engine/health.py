@@ -51,7 +51,7 @@ from policies.health import (
     learn_baseline,
     prefill_beside,
     progress_or_busy_s,
-    requests_began,
+    requests_beside,
     sample_concurrency,
     steps_advanced,
 )
@@ -339,7 +339,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
     last_verdict: tuple[bool, str | None] = (False, None)
     hung_verdict = ProgressVerdict(True, "hung")  # the verdict that called it hung (kept until it is cleared)
 
-    async def run_canary() -> None:
+    async def run_canary(started_s: float) -> None:
         nonlocal canary_running, last_canary_s
         stall_s, timeout_s = cfg.stall_s, cfg.canary_timeout_s
         if adapter.lazy_loads_model and health.model_resident is not True:
@@ -347,7 +347,6 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
             stall_s, timeout_s = max(stall_s, cfg.load_timeout_s), timeout_s + cfg.load_timeout_s
             health.loading_since_s = clock.now()
             health.loading_until_s = health.loading_since_s + stall_s
-        started_s = clock.now()
         try:
             reading = await adapter.canary(daemon.http, stall_s=stall_s, timeout_s=timeout_s)
         finally:
@@ -364,8 +363,8 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                                            detail=f"a canary got no token within {waited_s:.0f}s"))
         elif reading.ok:
             health.last_canary_ok_s = clock.now()
-            began = requests_began(health.in_flight_changes, started_s, clock.now())
-            if (rate := canary_sample_rate(reading.tokens_per_s, reading.decode_s, began)) is not None:
+            others = requests_beside(health.in_flight_changes, started_s, clock.now())
+            if (rate := canary_sample_rate(reading.tokens_per_s, reading.decode_s, others)) is not None:
                 health.add_sample(ThroughputSample(at_s=clock.now(), tokens_per_s=rate,
                                                    source="canary", tokens=reading.completion_tokens or 0,
                                                    concurrency=sample_concurrency(
@@ -446,7 +445,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                           unloaded=adapter.lazy_loads_model and health.model_resident is False,
                           in_flight=health.in_flight, last_traffic_s=health.last_traffic_s):
                 canary_running = True
-                tg.start_soon(run_canary)
+                tg.start_soon(run_canary, clock.now())  # its start: a request noted from now on ran beside it
 
             # Verdict: hung only on the engine's own silence, with the evidence named.
             evidence = ProgressEvidence(

@@ -2,19 +2,24 @@
 
 Room: gateway.
 
-Every request is *in prefill* from when it was sent to its engine until the engine's first token of it
-reached the gateway (the token meter reads the engine's own bytes); one that ends without a token (an
-answer not streamed, an error) was in prefill until it ended, since nothing tells its prompt from its
-answer. While another request is in prefill the engine may run its prompt instead of decoding, or beside
-it: a stream's rate is taken only over the intervals between its tokens that no other request's prefill
-touched (``policies.health.quiet_interval``; the rate, ``stream_decode_rate``). A short prompt counts as
-a long one does: one interval between a stream's tokens is one decode step, and mlx_lm.server stops every
-stream for a whole prefill chunk. The prefills of requests with a long prompt
-(``policies.health.prefill_counts``) whose first token the gateway sees (streams, and requests fetched as
-streams) are told to the daemon (``on_change``), whose per-step counter samples of the engine leave out
-the intervals such a prefill touched (``policies.health.prefill_beside``): vLLM's own counters show no
-prefill until its first token. A non-streamed answer's span lasts until its end, so it is not told: it
-would leave out every counter sample of the engine for as long as the answer takes.
+A request with a long prompt (``policies.health.prefill_counts``) is *in prefill* from when it was sent to
+its engine until the engine's first token of it reached the gateway (the token meter reads the engine's own
+bytes); one that ends without a token (an answer not streamed, an error) was in prefill until it ended,
+since nothing tells its prompt from its answer. A request with a short prompt has no span from its send (a
+request waiting for its turn in the engine would leave out every stream beside it for all its wait): its
+prefill ends at its first token (``prefill_ended``), and a short prompt's prefill is about one step of the
+engine, the one in whose interval that token came. While another request is in prefill the engine may run
+its prompt instead of decoding, or beside it (mlx_lm.server stops every stream for a prefill chunk: a
+180-word prompt took it 0.7 s): a stream's rate is taken only over the intervals between its tokens that
+no other request's prefill touched (``policies.health.quiet_interval``; the rate, ``stream_decode_rate``).
+Each interval is judged one arrival late (``QuietTally``): the engine makes a stream's token and another
+request's first token in one step, and the first can reach the gateway before the other.
+
+The prefills of long prompts whose first token the gateway sees (streams, and requests fetched as streams)
+are told to the daemon (``on_change``), whose per-step counter samples of the engine leave out the
+intervals such a prefill touched (``policies.health.prefill_beside``): vLLM's own counters show no prefill
+until its first token. A non-streamed answer's span lasts until its end, so it is not told: it would leave
+out every counter sample of the engine for as long as the answer takes.
 """
 
 from __future__ import annotations
@@ -71,26 +76,50 @@ class PrefillSpans:
             if self._on_change is not None:
                 self._on_change(engine, count, at_s)
 
+    def prefill_ended(self, engine: str, at_s: float) -> None:
+        """A request with no span (a short prompt) made its first token at ``at_s``: its prefill ran in the
+        engine's step before it."""
+        self._last_end_s[engine] = max(at_s, self._last_end_s.get(engine, at_s))
+
+    def in_prefill(self, engine: str, own: int | None = None) -> int:
+        """How many requests to ``engine`` are in prefill now, leaving out ``own`` (the asking request's)."""
+        live = self._live.get(engine, ())
+        return len(live) - (own is not None and own in live)
+
+    def last_end_s(self, engine: str) -> float | None:
+        """When the last prefill of a request to ``engine`` ended, or None."""
+        return self._last_end_s.get(engine)
+
     def quiet_since(self, engine: str, since_s: float) -> bool:
         """No request to ``engine`` in prefill now, and none ended its prefill after ``since_s``."""
-        return quiet_interval(since_s, len(self._live.get(engine, ())), self._last_end_s.get(engine))
+        return quiet_interval(since_s, self.in_prefill(engine), self.last_end_s(engine))
 
 
 class QuietTally:
     """One stream's decode where no other request's prefill touched it: each arrival of its tokens is judged
     by its interval since the arrival before, and every token of an arrival with it (a burst's tokens
     share their wait; judging each alone would count a burst's last tokens after a dropped wait, and read
-    the engine faster than it is)."""
+    the engine faster than it is).
+
+    An arrival is judged when the next one comes (or the stream ends, ``settle``): another request's prefill
+    that ended in its interval or in the next leaves it out. The engine makes this stream's token and the
+    other's first token in one step, after the other's prefill; this stream's may reach the gateway first.
+    ``own``: the stream's own span (a request fetched as a stream keeps its span to its end), never counted
+    against it."""
 
     def __init__(self, spans: PrefillSpans, engine: str, in_flight: Callable[[], int]) -> None:
         self.spans = spans
         self.engine = engine
         self.in_flight = in_flight  # requests to the engine through the gateway now
+        self.own: int | None = None
         self.tokens = 0
         self.seconds = 0.0
         self.in_flight_s = 0.0
         self._previous_s: float | None = None
-        self._quiet = False  # the first arrival's other tokens waited as long as it did: the first token's wait
+        # The arrival not yet judged: (its interval's start, its length, requests in flight then, whether
+        # another request was in prefill when it came, its tokens).
+        self._pending: tuple[float, float, int, bool] | None = None
+        self._pending_tokens = 0
 
     def token(self, at_s: float) -> None:
         """A token after the stream's first arrived at ``at_s`` (the first only starts the clock)."""
@@ -99,9 +128,20 @@ class QuietTally:
         if previous is None:
             return
         if at_s != previous:  # a new arrival
-            self._quiet = self.spans.quiet_since(self.engine, previous)
-            if self._quiet:
-                self.seconds += at_s - previous
-                self.in_flight_s += self.in_flight() * (at_s - previous)
-        if self._quiet:
-            self.tokens += 1
+            self.settle()
+            live = self.spans.in_prefill(self.engine, self.own) > 0
+            self._pending = (previous, at_s - previous, self.in_flight(), live)
+        if self._pending is not None:
+            self._pending_tokens += 1
+
+    def settle(self) -> None:
+        """Judge the arrival still pending (the stream ended, or the next arrival came)."""
+        pending, tokens = self._pending, self._pending_tokens
+        self._pending, self._pending_tokens = None, 0
+        if pending is None:
+            return
+        since_s, seconds, in_flight, live = pending
+        if quiet_interval(since_s, int(live), self.spans.last_end_s(self.engine)):
+            self.tokens += tokens
+            self.seconds += seconds
+            self.in_flight_s += in_flight * seconds

@@ -634,6 +634,7 @@ class _Forward:
         token_progress = gw.backend.token_progress
         prefills = gw.prefills
         self.prefill_key: int | None = None  # in prefill (gateway/prefills.py) from the send to the first token
+        self.short_prefill = False  # a short prompt's first token is still to come (gateway/prefills.py)
         # This stream's decode where no other request's prefill touched it (the rate the daemon learns and
         # judges).
         engine_counts = gw.stats.engine(engine)
@@ -647,6 +648,9 @@ class _Forward:
             if self.prefill_key is not None and self.reassembly is None:
                 prefills.end(engine, self.prefill_key, at_s)
                 self.prefill_key = None
+            elif self.short_prefill:  # a short prompt's prefill ran in the engine's step before this token
+                self.short_prefill = False
+                prefills.prefill_ended(engine, at_s)
             self.quiet.token(at_s)
             try:
                 token_progress(engine, at_s)
@@ -827,11 +831,15 @@ class _Forward:
         self._begin_prefill()
 
     def _begin_prefill(self) -> None:
-        """The request is in prefill from its send (gateway/prefills.py): every request's prefill leaves the
-        intervals of the streams beside it out of their rates; the daemon is told only of a long prompt's,
-        and only where its first token will be seen (``policies.health.prefill_counts``)."""
-        self.prefill_key = self.gw.prefills.begin(
-            self.upstream.engine, tell=self.stream_requested and prefill_counts(len(self.request.content)))
+        """The request was sent (gateway/prefills.py): a long prompt is in prefill from now until its first
+        token (told to the daemon only where that token will be seen); a short prompt's prefill ends at its
+        first token. Either leaves the intervals of the streams beside it that it touched out of their rates."""
+        if prefill_counts(len(self.request.content)):
+            self.prefill_key = self.gw.prefills.begin(self.upstream.engine, tell=self.stream_requested)
+            self.short_prefill = False
+        else:
+            self.prefill_key, self.short_prefill = None, True
+        self.quiet.own = self.prefill_key
 
     async def _engine_went_down(self, timeout_s: float) -> bool:
         """The daemon shows the engine down (stopping, restarting, in backoff, hung, gone) within ``timeout_s``:
@@ -1333,6 +1341,7 @@ class _Forward:
         first, last = meter.first_token_at_s, meter.last_token_at_s
         tokens = meter.tokens
         now = self.gw.clock.now()
+        self.quiet.settle()  # its last arrival, before its own span's end (a request fetched as a stream)
         if self.prefill_key is not None:  # no token came: in prefill until now
             self.gw.prefills.end(self.upstream.engine, self.prefill_key, now)
             self.prefill_key = None

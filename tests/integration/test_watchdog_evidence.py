@@ -479,11 +479,12 @@ def test_short_prompts_prefilled_beside_a_stream_are_not_a_slowdown_and_a_slowdo
         states: set[str] = set()
         judged: list[float] = []
         try:
-            until = time.monotonic() + 12.0
+            beside_from = time.monotonic() + 4.0  # a 3 s window and a probe tick after the first prompt
+            until = time.monotonic() + 14.0
             while time.monotonic() < until:
                 engine = d.engine("c")
                 states.add(engine["state"])
-                if engine["tokens_per_s"]:
+                if engine["tokens_per_s"] and time.monotonic() >= beside_from:
                     judged.append(engine["tokens_per_s"])
                 time.sleep(0.25)
         finally:
@@ -492,7 +493,7 @@ def test_short_prompts_prefilled_beside_a_stream_are_not_a_slowdown_and_a_slowdo
         print(f"baselines {learned}; {len(prefills)} short prompts of {min(prefills):.2f}-{max(prefills):.2f} s beside "
               f"a stream: states {states}, rates judged {sorted(set(judged))}")
         assert len(prefills) >= 5 and min(prefills) >= 0.5, "the prompts were not prefilled: the test proves nothing"
-        assert judged, "the stream gave no rate beside the prompts"
+        assert len(judged) >= 10, f"the stream gave (almost) no rate beside the prompts: {judged}"
         assert min(judged) >= 0.75 * learned["1"], \
             f"another client's short prompts were read as the engine's decode time: {sorted(judged)}"
         assert states == {"ready"}, f"another client's short prompts were called a slowdown: " \
@@ -537,7 +538,8 @@ def test_a_canary_that_a_request_began_beside_gives_no_rate(daemon_factory) -> N
             canaries.add(round((engine["last_canary"] or {}).get("tokens_per_s") or 0.0, 1))
             time.sleep(0.1)
     print(f"baselines {learned}; canaries read {sorted(canaries)}; rates judged {sorted(set(judged))}")
-    assert min(canaries - {0.0}) < 0.8 * learned["1"], "no canary ran beside a prefill: the test proves nothing"
+    assert min(canaries - {0.0}, default=learned["1"]) < 0.8 * learned["1"], \
+        "no canary ran beside a prefill: the test proves nothing"
     assert judged and min(judged) >= 0.75 * learned["1"], \
         f"a canary beside another request's prefill was read as the engine's decode: {sorted(set(judged))}"
     assert d.engine("c")["state"] == "ready"

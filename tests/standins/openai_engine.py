@@ -41,11 +41,12 @@ the counter and histogram in vllm/v1/metrics/loggers.py ``PrometheusStatLogger.r
 request's tokens to its stats at completion) with ``active_requests``.
 
 ``--prefill-blocks-decode`` runs the engine one step at a time, as mlx_lm.server does: each chunk of a
-prompt's prefill (``--prefill-chunk-s``) takes the engine whole, and no stream beside it gets a token until
-the chunk is done. mlx_lm.server's one generation thread calls ``BatchGenerator.next`` in a loop, and each
-call runs a decode step for the requests generating and then a chunk of ``prefill_step_size`` tokens of
-the prompts being prefilled (mlx_lm/generate.py ``BatchGenerator._next``, mlx_lm/server.py ``_generate``,
-mlx-lm 0.32): a prompt shorter than one chunk stops every stream beside it for the whole of its prefill.
+prompt's prefill (2048 words, at ``--prefill-tokens-per-s``) takes the engine whole, and no stream beside it
+gets a token until the chunk is done. mlx_lm.server's one generation thread calls ``BatchGenerator.next`` in
+a loop, and each call runs a decode step for the requests generating and then a chunk of
+``prefill_step_size`` tokens (2048 by default) of the prompts being prefilled (mlx_lm/generate.py
+``BatchGenerator._next``, mlx_lm/server.py ``_generate`` and its ``--prefill-step-size``, mlx-lm 0.32): a
+prompt shorter than one chunk stops every stream beside it for the whole of its prefill.
 
 ``--ollama`` speaks Ollama's API (``/api/version``, ``/api/ps``, streamed ``/api/generate`` and ``/api/chat``, plus the
 OpenAI paths): the model loads on the first request *before the first byte* (``--lazy-load-s``) and
@@ -65,6 +66,8 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MLX_PREFILL_STEP = 2048  # mlx_lm.server --prefill-step-size, its default (mlx_lm/server.py)
 
 
 def main() -> None:
@@ -330,12 +333,17 @@ def main() -> None:
                 if args.prefill_tokens_per_s:
                     prefill_s += prompt_words(body) / args.prefill_tokens_per_s
                 prefill_end = time.monotonic() + prefill_s
-                while (left := prefill_end - time.monotonic()) > 0:  # one chunk per step
-                    if args.prefill_blocks_decode:
+                if args.prefill_blocks_decode and args.prefill_tokens_per_s:
+                    words = prompt_words(body)
+                    while words > 0:  # a chunk of mlx_lm.server's prefill_step_size at a time, alone
+                        chunk = min(words, MLX_PREFILL_STEP)
                         with step:
-                            time.sleep(min(left, args.prefill_chunk_s))
-                    else:
-                        time.sleep(min(left, args.prefill_chunk_s))
+                            time.sleep(chunk / args.prefill_tokens_per_s)
+                        words -= chunk
+                        take_block()
+                    prefill_end = time.monotonic() + args.first_token_delay_s
+                while (left := prefill_end - time.monotonic()) > 0:  # one chunk per step
+                    time.sleep(min(left, args.prefill_chunk_s))
                     take_block()
                 for i in range(n):
                     if silent and i >= args.silent_after_tokens:

@@ -81,16 +81,30 @@ def test_a_lone_stream_counts_every_token_after_the_first() -> None:
     tally = _tally(p)
     for i in range(11):
         tally.token(i * 0.01)
+    tally.settle()
     assert tally.tokens == 10 and tally.seconds == pytest.approx(0.1) and tally.in_flight_s == pytest.approx(0.1)
+
+
+def test_an_arrival_is_judged_when_the_next_comes_or_the_stream_settles() -> None:
+    tally = _tally(PrefillSpans())
+    tally.token(0.0)
+    tally.token(0.01)
+    assert tally.tokens == 0  # pending: the next arrival may show a prefill that ended in it
+    tally.token(0.02)
+    assert tally.tokens == 1
+    tally.settle()
+    assert tally.tokens == 2 and tally.seconds == pytest.approx(0.02)
 
 
 def test_a_burst_shares_the_fate_of_its_wait() -> None:
     """Four tokens arrive together after a wait that another request's prefill touched: none of them counts
-    (counting the three after the first would read the engine faster than it is)."""
+    (counting the three after the first would read the engine faster than it is). The arrival before that
+    wait is left out too: its token may have reached the gateway before the other request's first token of
+    the same engine step."""
     p = PrefillSpans()
     tally = _tally(p)
     tally.token(0.0)
-    tally.token(0.01)  # quiet: 1 token over 10 ms
+    tally.token(0.01)  # 1 token over 10 ms: left out, the next interval saw a prefill end
     prompt = p.begin("a")
     p.end("a", prompt, 0.05)  # another request's prefill inside the next wait
     for _ in range(4):
@@ -98,7 +112,42 @@ def test_a_burst_shares_the_fate_of_its_wait() -> None:
     tally.token(0.07)  # quiet again: 1 token over 10 ms
     for _ in range(3):
         tally.token(0.08)  # a quiet burst of 3: all count
-    assert tally.tokens == 1 + 1 + 3 and tally.seconds == pytest.approx(0.03)
+    tally.settle()
+    assert tally.tokens == 1 + 3 and tally.seconds == pytest.approx(0.02)
+
+
+def test_a_short_prompts_first_token_leaves_out_its_interval_and_the_one_before_it() -> None:
+    """A short prompt has no span (its wait for a turn in the engine is no prefill); the engine ran its prefill
+    in the step before its first token: mlx_lm.server stopped a stream 0.7 s for a 180-word prompt. The
+    stream's token of that step may reach the gateway before or after the other's first token."""
+    p = PrefillSpans()
+    tally = _tally(p)
+    tally.token(0.0)
+    tally.token(0.002)
+    assert p.quiet_since("a", 0.0)  # no span while the short prompt waits
+    tally.token(0.702)  # the engine prefilled the short prompt in this wait ...
+    p.prefill_ended("a", 0.703)  # ... whose first token reached the gateway just after the stream's token
+    tally.token(0.704)
+    tally.token(0.706)
+    tally.settle()
+    # The 0.7 s wait is out (the end came in its next interval), and so is the interval the end came in;
+    # (0, 0.002] and (0.704, 0.706] count.
+    assert tally.tokens == 2 and tally.seconds == pytest.approx(0.004)
+
+
+def test_a_requests_own_span_does_not_leave_out_its_own_decode() -> None:
+    """A non-streamed request fetched as a stream keeps its span to its end: its own tokens still count."""
+    p = PrefillSpans()
+    own = p.begin("a", tell=False)
+    tally = _tally(p)
+    tally.own = own
+    for i in range(5):
+        tally.token(i * 0.01)
+    tally.settle()
+    p.end("a", own, 0.05)
+    assert tally.tokens == 4
+    other = _tally(p)  # a stream beside it had every interval left out while it ran
+    assert not p.quiet_since("a", 0.04) and other.spans.in_prefill("a", own) == 0 and p.in_prefill("a") == 0
 
 
 def test_the_requests_in_flight_are_integrated_over_the_quiet_time() -> None:
@@ -106,6 +155,7 @@ def test_the_requests_in_flight_are_integrated_over_the_quiet_time() -> None:
     tally = _tally(p, in_flight=3)
     tally.token(0.0)
     tally.token(0.5)
+    tally.settle()
     assert tally.in_flight_s == pytest.approx(1.5)
 
 
@@ -117,4 +167,5 @@ def test_the_first_arrivals_other_tokens_waited_as_long_as_the_first() -> None:
         tally.token(0.0)
     for i in range(1, 9):
         tally.token(i * 0.01)
+    tally.settle()
     assert tally.tokens == 8 and tally.seconds == pytest.approx(0.08)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -592,34 +593,37 @@ def test_a_canary_rate_is_a_sample_only_over_a_real_decode() -> None:
     assert canary_sample_rate(None, 0.5) is None and canary_sample_rate(0.0, 0.5) is None
 
 
-def test_a_canary_beside_a_request_that_began_during_it_is_no_sample() -> None:
+def test_a_canary_beside_other_requests_is_no_sample() -> None:
     """A request that began while the canary ran had its prefill beside the canary's decode (mlx_lm.server
     stops every decode for a prefill chunk): the canary's rate is not the engine's decode alone."""
     from policies.health import canary_sample_rate
 
-    assert canary_sample_rate(600.0, 0.4, others_began=0) == 600.0
-    assert canary_sample_rate(30.0, 6.5, others_began=1) is None
+    assert canary_sample_rate(600.0, 0.4, others=0) == 600.0
+    assert canary_sample_rate(30.0, 6.5, others=1) is None
 
 
-def test_requests_began_counts_the_rises_inside_the_span_only() -> None:
-    from policies.health import requests_began
+def test_requests_beside_counts_those_in_flight_at_the_start_and_the_rises_inside_the_span() -> None:
+    from policies.health import requests_beside
 
     changes = [(0.0, 0), (1.0, 1), (2.0, 0), (5.0, 1), (5.5, 2), (6.0, 1), (9.0, 0)]
-    assert requests_began(changes, 4.0, 8.0) == 2  # at 5.0 and 5.5; the end at 6.0 is no start
-    assert requests_began(changes, 5.0, 8.0) == 1  # the rise at 5.0 is at the span's start, not in it
-    assert requests_began(changes, 2.5, 4.9) == 0
-    assert requests_began(changes, 0.5, 3.0) == 1
-    assert requests_began(changes, 0.0, 10.0) == 3
-    assert requests_began([(0.0, 0), (1.0, 3)], 0.5, 1.0) == 3  # three at once
+    assert requests_beside(changes, 4.0, 8.0) == 2  # began at 5.0 and 5.5; the end at 6.0 is no start
+    assert requests_beside(changes, 5.0, 8.0) == 2  # one in flight at the start (noted at it), one began
+    assert requests_beside(changes, 5.2, 5.4) == 1  # in flight all along, though none began
+    assert requests_beside(changes, 2.5, 4.9) == 0
+    assert requests_beside(changes, 0.5, 3.0) == 1
+    assert requests_beside([(0.0, 0), (1.0, 3)], 0.5, 1.0) == 3  # three at once
+    assert requests_beside([(3.0, 1)], 1.0, 4.0) == 1  # none in flight before the oldest change
 
 
 @given(st.lists(st.tuples(st.floats(0, 100), st.integers(0, 5)), max_size=30), st.floats(0, 100), st.floats(0, 100))
-def test_requests_began_is_the_sum_of_the_rises_inside_the_span(raw, start_s, end_s) -> None:
-    from policies.health import requests_began
+def test_requests_beside_is_those_in_flight_at_the_start_and_the_rises_after(raw, start_s, end_s) -> None:
+    from policies.health import requests_beside
 
     changes = sorted(raw, key=lambda c: c[0])
-    rises = sum(max(0, b[1] - a[1]) for a, b in itertools.pairwise(changes) if start_s < b[0] <= end_s)
-    assert requests_began(changes, start_s, end_s) == rises
+    known = [(-math.inf, 0), *changes]
+    at_start = [c for c in known if c[0] <= start_s][-1][1]
+    rises = sum(max(0, b[1] - a[1]) for a, b in itertools.pairwise(known) if start_s < b[0] <= end_s)
+    assert requests_beside(changes, start_s, end_s) == at_start + rises
 
 
 @given(now_s=st.floats(0, 1000), last_canary_s=st.floats(0, 1000), interval_s=st.floats(0.5, 600),
