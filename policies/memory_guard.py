@@ -201,6 +201,13 @@ def decide_machine(available_bytes: int, headroom_bytes: int, engines: Sequence[
                  f"over its footprint {size(worst.footprint_bytes)} (the largest offender)")
 
 
+def gpu_drain(host: GuardState, gpu: GuardDecision, now_s: float) -> GuardState:
+    """The engine's GPU memory went over its hard watermark (``gpu`` decided "over"): the host guard's state
+    carries the drain from now, so one drain runs per run whichever memory crossed, and the host reading
+    starts no second one."""
+    return replace(host, draining_since_s=now_s, drain_reason=gpu.state.drain_reason)
+
+
 def machine_drain(drain: Drain, state: GuardState, now_s: float, *, available_bytes: int, headroom_bytes: int,
                   held_bytes: int | None) -> GuardDecision:
     """The machine rule chose this engine (``decide_machine``): its guard drains it from now, and a critical
@@ -248,6 +255,6 @@ def admission_bytes(configured_bytes: int | None, history: PeakHistory) -> int |
 
 __all__ = [
     "EXCEEDED_ALERT", "HIGH_ALERT", "GuardDecision", "GuardSettings", "GuardState", "Holding", "PeakHistory",
-    "Watermarks", "admission_bytes", "decide", "decide_machine", "drain_finished", "learned_bytes", "machine_drain", "new_run",
+    "Watermarks", "admission_bytes", "decide", "decide_machine", "drain_finished", "gpu_drain", "learned_bytes", "machine_drain", "new_run",
     "observe_peak", "size", "watermarks",
 ]

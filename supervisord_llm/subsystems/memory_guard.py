@@ -195,8 +195,7 @@ class MemoryGuardExtension(Extension):
                 g.gpu_verdict = decision.verdict
             if decision.verdict == "over":
                 # One drain per run, whichever memory crossed: the host state carries it from here.
-                g.state = policy.GuardState(high=g.state.high, draining_since_s=now,
-                                            drain_reason=decision.state.drain_reason)
+                g.state = policy.gpu_drain(g.state, decision, now)
                 g.verdict = g.gpu_verdict = "draining"
             self._carry_out(sup, gen, decision.actions)
 

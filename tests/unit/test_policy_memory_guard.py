@@ -225,3 +225,14 @@ def test_the_machine_rules_drain_drains_from_now_keeps_the_soft_episode_and_rais
     assert isinstance(alert, Alert) and alert.key == f"{EXCEEDED_ALERT}:big" and alert.severity == "critical"
     assert drain.reason in alert.summary and alert.details["available_bytes"] == 1 * GB
     assert then is drain
+
+
+def test_a_gpu_drain_is_carried_by_the_host_guard_so_one_drain_runs_per_run() -> None:
+    from policies.memory_guard import GuardState, Watermarks, decide, gpu_drain
+
+    marks = Watermarks(soft_bytes=8 * GB, hard_bytes=10 * GB, footprint_bytes=8 * GB)
+    over = decide("big", GuardState(), 11 * GB, marks, 50.0, S, source="nvml", resource="gpu_memory")
+    assert over.verdict == "over"
+    host = gpu_drain(GuardState(high=True), over, 50.0)
+    assert host == GuardState(high=True, draining_since_s=50.0, drain_reason=over.state.drain_reason)
+    assert decide("big", host, 1 * GB, marks, 51.0, S).verdict == "draining"  # the host reading starts none
