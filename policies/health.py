@@ -328,16 +328,16 @@ PREFILL_COUNTS_BYTES = 2048
 
 
 def prefill_counts(body_bytes: int) -> bool:
-    """Whether a request's prompt is long: its prefill may take the engine from its other requests for many
-    steps, so it is *in prefill* from its send to its first token (gateway/prefills.py) and every stream
-    interval and counter interval (``prefill_beside``) it touched is left out.
+    """Whether a request's prompt is long: its prefill may take the engine from its other requests for a good
+    part of an interval between two readings of its counters (seconds long), and the daemon's counter
+    samples leave such an interval out (``prefill_beside``). A short prompt's prefill is a small part of
+    one; leaving out every counter interval in which a request waited for its first token would leave no
+    counter sample at all under a steady load (each new request's wait for its turn counts as its prefill).
 
-    A short prompt's prefill is about one engine step, but a long one for a stream beside it: an interval
-    between a stream's tokens is one decode step, and mlx_lm.server stopped a stream 0.7 s for a 180-word
-    prompt while it decoded a token every 2 ms. So its first token marks its prefill's end, and the stream
-    intervals around it are left out. It has no span from its send: a request waiting for its turn in the
-    engine would leave out every stream interval beside it for all its wait, and every counter interval, so
-    under a steady load nothing would be judged at all."""
+    An interval between a stream's tokens is one decode step, and any prompt's prefill outlasts one
+    (mlx_lm.server stopped a stream 0.7 s for a 180-word prompt while it decoded a token every 2 ms): every
+    request's prefill, short prompt or long, leaves the stream intervals it touched out (gateway/prefills.py,
+    ``quiet_interval``)."""
     return body_bytes >= PREFILL_COUNTS_BYTES
 
 

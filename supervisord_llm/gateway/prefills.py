@@ -2,24 +2,26 @@
 
 Room: gateway.
 
-A request with a long prompt (``policies.health.prefill_counts``) is *in prefill* from when it was sent to
-its engine until the engine's first token of it reached the gateway (the token meter reads the engine's own
-bytes); one that ends without a token (an answer not streamed, an error) was in prefill until it ended,
-since nothing tells its prompt from its answer. A request with a short prompt has no span from its send (a
-request waiting for its turn in the engine would leave out every stream beside it for all its wait): its
-prefill ends at its first token (``prefill_ended``), and a short prompt's prefill is about one step of the
-engine, the one in whose interval that token came. While another request is in prefill the engine may run
-its prompt instead of decoding, or beside it (mlx_lm.server stops every stream for a prefill chunk: a
-180-word prompt took it 0.7 s): a stream's rate is taken only over the intervals between its tokens that
-no other request's prefill touched (``policies.health.quiet_interval``; the rate, ``stream_decode_rate``).
-Each interval is judged one arrival late (``QuietTally``): the engine makes a stream's token and another
-request's first token in one step, and the first can reach the gateway before the other.
+Every request is *in prefill* from when it was sent to its engine until the engine's first token of it
+reached the gateway (the token meter reads the engine's own bytes); one that ends without a token (an
+answer not streamed, an error) was in prefill until it ended, since nothing tells its prompt from its
+answer, and so does a non-streamed request with a long prompt fetched as a stream (the engine's work on it
+goes on after its first token). While another request is in prefill the engine may run its prompt instead
+of decoding, or beside it: a stream's rate is taken only over the intervals between its tokens that no
+other request's prefill touched (``policies.health.quiet_interval``; the rate, ``stream_decode_rate``). A
+short prompt counts as a long one does: one interval between a stream's tokens is one decode step, and
+mlx_lm.server stops every stream for a whole prefill chunk (a 180-word prompt: 0.7 s). Each interval is
+judged one arrival late (``QuietTally``): the engine makes a stream's token and another request's first
+token in one step, and the stream's may reach the gateway first. What this costs: a request waiting for
+its turn inside an engine that runs fewer at once than it is sent counts as in prefill all its wait, and
+the streams beside it give no sample meanwhile (none rather than a wrong one).
 
-The prefills of long prompts whose first token the gateway sees (streams, and requests fetched as streams)
-are told to the daemon (``on_change``), whose per-step counter samples of the engine leave out the
-intervals such a prefill touched (``policies.health.prefill_beside``): vLLM's own counters show no prefill
-until its first token. A non-streamed answer's span lasts until its end, so it is not told: it would leave
-out every counter sample of the engine for as long as the answer takes.
+The prefills of long prompts (``policies.health.prefill_counts``) whose first token the gateway sees
+(streams, and requests fetched as streams) are told to the daemon (``on_change``), whose per-step counter
+samples of the engine leave out the intervals such a prefill touched (``policies.health.prefill_beside``):
+vLLM's own counters show no prefill until its first token. A non-streamed answer's span lasts until its
+end, so it is not told: it would leave out every counter sample of the engine for as long as the answer
+takes.
 """
 
 from __future__ import annotations
@@ -75,11 +77,6 @@ class PrefillSpans:
                 del self._told[engine]
             if self._on_change is not None:
                 self._on_change(engine, count, at_s)
-
-    def prefill_ended(self, engine: str, at_s: float) -> None:
-        """A request with no span (a short prompt) made its first token at ``at_s``: its prefill ran in the
-        engine's step before it."""
-        self._last_end_s[engine] = max(at_s, self._last_end_s.get(engine, at_s))
 
     def in_prefill(self, engine: str, own: int | None = None) -> int:
         """How many requests to ``engine`` are in prefill now, leaving out ``own`` (the asking request's)."""

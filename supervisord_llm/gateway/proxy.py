@@ -634,7 +634,7 @@ class _Forward:
         token_progress = gw.backend.token_progress
         prefills = gw.prefills
         self.prefill_key: int | None = None  # in prefill (gateway/prefills.py) from the send to the first token
-        self.short_prefill = False  # a short prompt's first token is still to come (gateway/prefills.py)
+        self.short_prompt = not prefill_counts(len(request.content))
         # This stream's decode where no other request's prefill touched it (the rate the daemon learns and
         # judges).
         engine_counts = gw.stats.engine(engine)
@@ -645,12 +645,9 @@ class _Forward:
             # A non-streamed request fetched as a stream keeps its span until its end, as it did when it was
             # sent as asked: the engine's work on it goes on after its first token (a stream beside it read
             # its backlog, delivered right after that token, as a burst of fast tokens).
-            if self.prefill_key is not None and self.reassembly is None:
+            if self.prefill_key is not None and (self.reassembly is None or self.short_prompt):
                 prefills.end(engine, self.prefill_key, at_s)
                 self.prefill_key = None
-            elif self.short_prefill:  # a short prompt's prefill ran in the engine's step before this token
-                self.short_prefill = False
-                prefills.prefill_ended(engine, at_s)
             self.quiet.token(at_s)
             try:
                 token_progress(engine, at_s)
@@ -831,14 +828,11 @@ class _Forward:
         self._begin_prefill()
 
     def _begin_prefill(self) -> None:
-        """The request was sent (gateway/prefills.py): a long prompt is in prefill from now until its first
-        token (told to the daemon only where that token will be seen); a short prompt's prefill ends at its
-        first token. Either leaves the intervals of the streams beside it that it touched out of their rates."""
-        if prefill_counts(len(self.request.content)):
-            self.prefill_key = self.gw.prefills.begin(self.upstream.engine, tell=self.stream_requested)
-            self.short_prefill = False
-        else:
-            self.prefill_key, self.short_prefill = None, True
+        """The request was sent: in prefill from now until its first token (gateway/prefills.py), which leaves
+        the intervals of the streams beside it that it touched out of their rates. The daemon is told only of
+        a long prompt's, and only where its first token will be seen (``policies.health.prefill_counts``)."""
+        self.prefill_key = self.gw.prefills.begin(self.upstream.engine,
+                                                  tell=self.stream_requested and not self.short_prompt)
         self.quiet.own = self.prefill_key
 
     async def _engine_went_down(self, timeout_s: float) -> bool:

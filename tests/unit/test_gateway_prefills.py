@@ -116,22 +116,22 @@ def test_a_burst_shares_the_fate_of_its_wait() -> None:
     assert tally.tokens == 1 + 3 and tally.seconds == pytest.approx(0.02)
 
 
-def test_a_short_prompts_first_token_leaves_out_its_interval_and_the_one_before_it() -> None:
-    """A short prompt has no span (its wait for a turn in the engine is no prefill); the engine ran its prefill
-    in the step before its first token: mlx_lm.server stopped a stream 0.7 s for a 180-word prompt. The
-    stream's token of that step may reach the gateway before or after the other's first token."""
+def test_a_prefill_whose_end_reached_the_gateway_after_the_streams_token_still_leaves_its_wait_out() -> None:
+    """The engine prefilled another prompt in a stream's wait (mlx_lm.server stopped a stream 0.7 s for a
+    180-word prompt) and made the stream's token and the other's first token in one step; the stream's
+    reached the gateway first. Judged one arrival late, the wait is still left out."""
     p = PrefillSpans()
     tally = _tally(p)
     tally.token(0.0)
     tally.token(0.002)
-    assert p.quiet_since("a", 0.0)  # no span while the short prompt waits
-    tally.token(0.702)  # the engine prefilled the short prompt in this wait ...
-    p.prefill_ended("a", 0.703)  # ... whose first token reached the gateway just after the stream's token
+    prompt = p.begin("a")  # sent at 0.0021: the engine prefills it ...
+    tally.token(0.702)  # ... in this wait, while the span was still open when the token came ...
+    p.end("a", prompt, 0.703)  # ... and its first token came just after
     tally.token(0.704)
     tally.token(0.706)
     tally.settle()
-    # The 0.7 s wait is out (the end came in its next interval), and so is the interval the end came in;
-    # (0, 0.002] and (0.704, 0.706] count.
+    # Out: the wait, and the interval its end came in. In: (0, 0.002] (judged at 0.702, no end yet: the
+    # begin at 0.0021 is after it) and (0.704, 0.706].
     assert tally.tokens == 2 and tally.seconds == pytest.approx(0.004)
 
 
