@@ -642,9 +642,11 @@ class _Forward:
         self.quiet = QuietTally(prefills, engine, self._in_flight_now)
 
         def on_token(at_s: float) -> None:
-            # A non-streamed request fetched as a stream keeps its span until its end, as it did when it was
-            # sent as asked: the engine's work on it goes on after its first token (a stream beside it read
-            # its backlog, delivered right after that token, as a burst of fast tokens).
+            # A non-streamed request with a long prompt fetched as a stream keeps its span until its end, as it
+            # did when it was sent as asked: the engine's work on it goes on after its first token (a stream
+            # beside a 700-word prompt on mlx_lm read its backlog, delivered right after that token, as a burst
+            # of fast tokens). A short prompt's ends at its first token, as a stream's does: not measured
+            # beside streams on a real engine; the arrivals right around that token are left out (QuietTally).
             if self.prefill_key is not None and (self.reassembly is None or self.short_prompt):
                 prefills.end(engine, self.prefill_key, at_s)
                 self.prefill_key = None

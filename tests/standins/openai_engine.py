@@ -46,7 +46,11 @@ gets a token until the chunk is done. mlx_lm.server's one generation thread call
 a loop, and each call runs a decode step for the requests generating and then a chunk of
 ``prefill_step_size`` tokens (2048 by default) of the prompts being prefilled (mlx_lm/generate.py
 ``BatchGenerator._next``, mlx_lm/server.py ``_generate`` and its ``--prefill-step-size``, mlx-lm 0.32): a
-prompt shorter than one chunk stops every stream beside it for the whole of its prefill.
+prompt shorter than one chunk stops every stream beside it for the whole of its prefill. Not modelled: mlx
+prefills up to 8 prompts in one call (here concurrent prompts' chunks take turns), runs one decode step
+between two chunks of a long prompt (here the lock is not fair: chunks may follow each other), and holds
+back prefill while its decode batch is full; a non-streamed request has no prefill here. The tests that
+use it send one streamed prompt shorter than a chunk at a time.
 
 ``--ollama`` speaks Ollama's API (``/api/version``, ``/api/ps``, streamed ``/api/generate`` and ``/api/chat``, plus the
 OpenAI paths): the model loads on the first request *before the first byte* (``--lazy-load-s``) and
