@@ -645,8 +645,9 @@ class _Forward:
             # A non-streamed request with a long prompt fetched as a stream keeps its span until its end, as it
             # did when it was sent as asked: the engine's work on it goes on after its first token (a stream
             # beside a 700-word prompt on mlx_lm read its backlog, delivered right after that token, as a burst
-            # of fast tokens). A short prompt's ends at its first token, as a stream's does: not measured
-            # beside streams on a real engine; the arrivals right around that token are left out (QuietTally).
+            # of fast tokens). A short prompt's ends at its first token, as a stream's does: beside a stream on
+            # mlx_lm, 180-word non-streamed requests of 20 tokens twice a second left its rates judged at 0.73
+            # to 1.01 of the lone canaries' (the clients' own: 0.48 to 0.74), none above.
             if self.prefill_key is not None and (self.reassembly is None or self.short_prompt):
                 prefills.end(engine, self.prefill_key, at_s)
                 self.prefill_key = None
