@@ -381,6 +381,24 @@ class _Decoders:
         self.threads = self.threads[len(stopping):]
 
 
+def _learned_at(d: Daemon, band: str, what: str) -> dict[str, float]:
+    """The engine's baselines once it learned one at ``band`` (within 60 s; ``what``: from what, for the
+    failure message)."""
+    deadline = time.monotonic() + 60
+    while band not in (d.engine("c")["baselines_by_concurrency"] or {}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    learned = d.engine("c")["baselines_by_concurrency"]
+    assert band in learned, f"no baseline learned {what}: {learned}"
+    return learned
+
+
+def _slowed_is_degraded(d: Daemon) -> None:
+    """The engine decodes at 30% of its rate from now on (the stand-in's SIGUSR2): it is called degraded."""
+    os.kill(d.engine("c")["pid"], signal.SIGUSR2)
+    engine = d.wait_state("c", "degraded", 30)
+    print(f"slowed to 30%: {engine['state_reason']}")
+
+
 def _states_while(d: Daemon, seconds: float) -> set[str]:
     states = set()
     until = time.monotonic() + seconds
@@ -406,11 +424,7 @@ def test_a_long_prompt_prefilled_beside_steady_vllm_decodes_is_not_degraded_and_
     decoders = _Decoders(direct)
     decoders.add(4)
     try:
-        deadline = time.monotonic() + 60
-        while "3-4" not in (d.engine("c")["baselines_by_concurrency"] or {}) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        learned = d.engine("c")["baselines_by_concurrency"]
-        assert "3-4" in learned, f"no baseline learned at 4 at once: {learned}"
+        learned = _learned_at(d, "3-4", "at 4 at once")
         decoders.stop(3)
         prompt = " ".join(["word"] * 3750)  # 15 s of prefill at 250 words/s, 19 KB: a long prompt
         body = {"model": "c", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "stream": True}
@@ -430,9 +444,7 @@ def test_a_long_prompt_prefilled_beside_steady_vllm_decodes_is_not_degraded_and_
         assert "long prompt" in samples["last_left_out"], samples
         decoders.add(3)
         time.sleep(3.0)
-        os.kill(d.engine("c")["pid"], signal.SIGUSR2)  # from now on the engine decodes at 30% of its rate
-        engine = d.wait_state("c", "degraded", 30)
-        print(f"slowed to 30%: {engine['state_reason']}")
+        _slowed_is_degraded(d)
     finally:
         decoders.stop()
 
@@ -469,11 +481,7 @@ def test_short_prompts_prefilled_beside_a_stream_are_not_a_slowdown_and_a_slowdo
             prefills.append(took_s)
 
     try:
-        deadline = time.monotonic() + 60
-        while "1" not in (d.engine("c")["baselines_by_concurrency"] or {}) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        learned = d.engine("c")["baselines_by_concurrency"]
-        assert "1" in learned, f"no baseline learned from the lone client: {learned}"
+        learned = _learned_at(d, "1", "from the lone client")
         thread = threading.Thread(target=prompter, daemon=True)
         thread.start()
         states: set[str] = set()
@@ -498,9 +506,7 @@ def test_short_prompts_prefilled_beside_a_stream_are_not_a_slowdown_and_a_slowdo
             f"another client's short prompts were read as the engine's decode time: {sorted(judged)}"
         assert states == {"ready"}, f"another client's short prompts were called a slowdown: " \
                                     f"{d.engine('c')['state_reason']}"
-        os.kill(d.engine("c")["pid"], signal.SIGUSR2)  # from now on the engine decodes at 30% of its rate
-        engine = d.wait_state("c", "degraded", 30)
-        print(f"slowed to 30%: {engine['state_reason']}")
+        _slowed_is_degraded(d)
     finally:
         decoders.stop()
 
@@ -519,11 +525,7 @@ def test_a_canary_that_a_request_began_beside_gives_no_rate(daemon_factory) -> N
     d = daemon_factory(cfg).start()
     d.wait_state("c", "ready", 60)
     url = f"http://127.0.0.1:{gw}/v1/chat/completions"
-    deadline = time.monotonic() + 60
-    while "1" not in (d.engine("c")["baselines_by_concurrency"] or {}) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    learned = d.engine("c")["baselines_by_concurrency"]
-    assert "1" in learned, f"no baseline learned from lone canaries: {learned}"
+    learned = _learned_at(d, "1", "from lone canaries")
     judged: list[float] = []
     canaries: set[float] = set()
     prompt = " ".join(f"w{i}" for i in range(300))  # 1 s of prefill
