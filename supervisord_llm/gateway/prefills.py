@@ -114,7 +114,7 @@ class QuietTally:
         self.in_flight_s = 0.0
         self._previous_s: float | None = None
         # The arrival not yet judged: (its interval's start, its length, requests in flight then, whether
-        # another request was in prefill when it came, its tokens).
+        # another request was in prefill when it came); its tokens are _pending_tokens.
         self._pending: tuple[float, float, int, bool] | None = None
         self._pending_tokens = 0
 
