@@ -953,5 +953,18 @@ __all__ = [
     "sample_concurrency",
     "rolling_rate",
     "steps_advanced",
+    "GENERATION_OK",
+    "HUNG_CANARY_EVERY_S",
+    "MAX_BAND",
+    "MIN_SAMPLE_DECODE_S",
+    "MIN_SAMPLE_TOKENS",
+    "PREFILL_COUNTS_BYTES",
+    "PREFILL_COUNTS_TOKENS",
+    "canary_due",
+    "canary_sample_rate",
+    "prefill_counts",
+    "quiet_interval",
+    "requests_beside",
+    "stream_decode_rate",
 ]
 

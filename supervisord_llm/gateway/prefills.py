@@ -87,10 +87,6 @@ class PrefillSpans:
         """When the last prefill of a request to ``engine`` ended, or None."""
         return self._last_end_s.get(engine)
 
-    def quiet_since(self, engine: str, since_s: float) -> bool:
-        """No request to ``engine`` in prefill now, and none ended its prefill after ``since_s``."""
-        return quiet_interval(since_s, self.in_prefill(engine), self.last_end_s(engine))
-
 
 class QuietTally:
     """One stream's decode where no other request's prefill touched it: each arrival of its tokens is judged

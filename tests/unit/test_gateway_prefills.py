@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import pytest
 
+from policies.health import quiet_interval
 from supervisord_llm.gateway.prefills import PrefillSpans, QuietTally
+
+
+def quiet(p: PrefillSpans, engine: str, since_s: float) -> bool:
+    """What QuietTally.settle asks of the spans: the policy's verdict on an interval from ``since_s``."""
+    return quiet_interval(since_s, p.in_prefill(engine), p.last_end_s(engine))
 
 
 def test_an_interval_is_quiet_while_no_request_is_in_prefill() -> None:
     p = PrefillSpans()
-    assert p.quiet_since("a", 0.0)
+    assert quiet(p, "a", 0.0)
     stream = p.begin("a")
     p.end("a", stream, 0.1)  # its own first token
-    assert p.quiet_since("a", 0.1)
+    assert quiet(p, "a", 0.1)
 
 
 def test_a_request_in_prefill_touches_every_interval_until_its_first_token() -> None:
     p = PrefillSpans()
     prompt = p.begin("a")
-    assert not p.quiet_since("a", 0.5)
-    assert not p.quiet_since("a", 1.5)
+    assert not quiet(p, "a", 0.5)
+    assert not quiet(p, "a", 1.5)
     p.end("a", prompt, 2.0)
-    assert not p.quiet_since("a", 1.9)  # the interval from 1.9 saw it end
-    assert p.quiet_since("a", 2.0)
+    assert not quiet(p, "a", 1.9)  # the interval from 1.9 saw it end
+    assert quiet(p, "a", 2.0)
 
 
 def test_other_engines_do_not_count() -> None:
@@ -30,20 +36,20 @@ def test_other_engines_do_not_count() -> None:
     p.begin("b")
     other = p.begin("b")
     p.end("b", other, 5.0)
-    assert p.quiet_since("a", 1.0)
+    assert quiet(p, "a", 1.0)
 
 
 def test_end_is_once_only_and_unknown_keys_are_ignored() -> None:
     p = PrefillSpans()
     k1, k2 = p.begin("a"), p.begin("a")
     p.end("a", k1, 3.0)
-    assert not p.quiet_since("a", 3.0)  # k2 still in prefill
+    assert not quiet(p, "a", 3.0)  # k2 still in prefill
     p.end("a", k2, 2.0)  # the later end stands
-    assert not p.quiet_since("a", 2.5) and p.quiet_since("a", 3.0)
+    assert not quiet(p, "a", 2.5) and quiet(p, "a", 3.0)
     p.end("a", k1, 9.0)  # a second end (the request's end after its first token) changes nothing
     p.end("a", 12345, 9.0)
     p.end("nope", k1, 9.0)
-    assert p.quiet_since("a", 3.0)
+    assert quiet(p, "a", 3.0)
 
 
 def test_every_change_is_told_with_the_count_and_the_end() -> None:
@@ -65,7 +71,7 @@ def test_a_non_streamed_answers_prefill_counts_here_but_is_not_told() -> None:
     told: list[tuple[str, int, float | None]] = []
     p = PrefillSpans(lambda engine, count, ended_s: told.append((engine, count, ended_s)))
     plain = p.begin("a", tell=False)
-    assert not p.quiet_since("a", 0.0) and told == []
+    assert not quiet(p, "a", 0.0) and told == []
     stream = p.begin("a")
     p.end("a", plain, 3.0)
     p.end("a", stream, 4.0)
@@ -147,7 +153,7 @@ def test_a_requests_own_span_does_not_leave_out_its_own_decode() -> None:
     p.end("a", own, 0.05)
     assert tally.tokens == 4
     other = _tally(p)  # a stream beside it had every interval left out while it ran
-    assert not p.quiet_since("a", 0.04) and other.spans.in_prefill("a", own) == 0 and p.in_prefill("a") == 0
+    assert not quiet(p, "a", 0.04) and other.spans.in_prefill("a", own) == 0 and p.in_prefill("a") == 0
 
 
 def test_the_requests_in_flight_are_integrated_over_the_quiet_time() -> None:
