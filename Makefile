@@ -31,17 +31,17 @@ test: install engines
 	@# caching what it compiles (each process would compile the project again).
 	$(BIN)/python -m compileall -q supervisord_llm probes policies tests bench > /dev/null
 	@# Tests that mostly wait (marker long_wait: real timers, held starts, wedged processes; little CPU)
-	@# run beside the rest, in a second pytest whose report follows the others'. Tests that judge an
-	@# engine's decode rate (marker rates) need the machine to themselves: they run last, alone. Any of
-	@# the three failing fails the target.
+	@# run beside the rest, two at a time (pytest-xdist, two workers), in a second pytest whose report
+	@# follows the others'. Tests that judge an engine's decode rate (marker rates) need the machine to
+	@# themselves: they run last, alone. Any of the three failing fails the target.
 	@export SUPERVISORD_LLM_REQUIRE_ENGINES=1; \
-	SUPERVISORD_LLM_TEST_PORT_SLICE=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
-		-m "long_wait and not chaos_full and not gpu" > .long-wait-tests.log 2>&1 & waits=$$!; \
+	SUPERVISORD_LLM_TEST_PORT_SLICE=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist load \
+		--durations=15 -m "long_wait and not chaos_full and not gpu" > .long-wait-tests.log 2>&1 & waits=$$!; \
 	$(BIN)/python -m pytest -q --durations=25 -m "not long_wait and not rates and not chaos_full and not gpu"; \
 	rest=$$?; \
 	wait $$waits; waited=$$?; \
 	echo "---- tests that judge decode rates (marker rates), run alone ----"; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "rates and not long_wait and not chaos_full and not gpu"; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=8 -m "rates and not long_wait and not chaos_full and not gpu"; \
 	rated=$$?; \
 	echo "---- tests that mostly wait (marker long_wait), run beside the rest ----"; \
 	cat .long-wait-tests.log; rm -f .long-wait-tests.log; \

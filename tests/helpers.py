@@ -33,13 +33,18 @@ def free_port() -> int:
 
     Taken below the kernel's ephemeral range (Linux 32768-60999, macOS 49152-65535), where no outgoing
     connection's source port and no other process's bind to port 0 lands, and from a slice of its own for
-    each pytest that `make test` runs at the same time (``SUPERVISORD_LLM_TEST_PORT_SLICE``: 0 or 1): a
-    port one of them picked cannot be taken by the other before its daemon binds it."""
+    each pytest process that `make test` runs at the same time (``SUPERVISORD_LLM_TEST_PORT_SLICE``: 0 or 1,
+    plus the pytest-xdist worker's number: gw0 adds 0, gw1 adds 1): a port one of them picked cannot be
+    taken by another before its daemon binds it."""
     import random
 
-    lo = 20000 + 6000 * int(os.environ.get("SUPERVISORD_LLM_TEST_PORT_SLICE", "0") or 0)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(os.environ.get("SUPERVISORD_LLM_TEST_PORT_SLICE", "0") or 0) + (int(worker) if worker.isdigit() else 0)
+    lo = 20000 + 4000 * index
+    if lo + 4000 > 32768:
+        raise RuntimeError(f"port slice {index} reaches the ephemeral range (32768 and up): at most 3 slices, 0-2")
     while True:
-        port = random.randrange(lo, lo + 6000)
+        port = random.randrange(lo, lo + 4000)
         if port in _handed_out:
             continue
         with socket.socket() as s:
