@@ -160,7 +160,11 @@ def test_many_concurrent_streams_are_not_degraded(daemon_factory, tiny_model) ->
         print(f"  {e['from']} -> {e['to']}: {e.get('reason')}")
     assert len(done) >= 12
     assert set(states) == {"ready"}, f"load was called a slowdown: {d.engine('tiny')['state_reason']}"
-    assert "1" in learned_at and "9-16" in learned_at and learned_at["9-16"] < learned_at["1"]
+    # Learned at the load's own concurrency, below the lone rate. Which band: the mean of the requests in flight
+    # over the intervals no other request's prefill touched, where the 12 clients' requests between their send
+    # and their first token are not decoding: 9-16 in most runs, 5-8 in one CI run.
+    loaded = [band for band in learned_at if band in ("5-8", "9-16")]
+    assert "1" in learned_at and loaded and all(learned_at[band] < learned_at["1"] for band in loaded), learned_at
     assert not [e for e in d.events() if e["kind"] == "alert.sent" and "degraded" in str(e)]
 
 
