@@ -22,6 +22,11 @@ API shape instead of a silent close:
 Keep-alives stop before the first byte of the engine's stream, so they never split an SSE event.
 A request that the daemon answers at once (a refusal, an engine already serving) is not held and
 keeps its plain JSON answer.
+
+A stream already sent to its engine that got no response head (the engine died or restarted under it;
+llama-server sends its head only with the first token, after the whole prefill) is held the same way
+while it waits to be sent again (gateway/proxy.py, ``_Forward``): the head after ``HOLD_DETECT_S`` of
+waiting, then the same comments.
 """
 
 from __future__ import annotations
@@ -36,6 +41,28 @@ from starlette.responses import JSONResponse
 # A request that the daemon decides within this long is answered as usual (a JSON refusal, say):
 # only a real wait earns the early head.
 HOLD_DETECT_S = 0.1
+
+
+# The early head of a held stream: the engine's own head, when it comes, is dropped (AfterHead).
+EARLY_HEAD = {"type": "http.response.start", "status": 200, "headers": [
+    (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no")]}
+
+
+async def keep_alive(send: Any, every_s: float, now: Callable[[], float], since_s: float,
+                     state: Callable[[], tuple[str, str]], on_comment: Callable[[], None] | None = None) -> None:
+    """An SSE comment (``: loading tiny 42s (starting)``) every ``every_s`` until cancelled or the client is gone;
+    ``state()`` names the engine and what it is doing."""
+    while True:
+        await anyio.sleep(every_s)
+        name, doing = state()
+        comment = f": loading {name} {now() - since_s:.0f}s ({doing})\n\n".encode()
+        try:
+            await send({"type": "http.response.body", "body": comment, "more_body": True})
+        except OSError:
+            return  # the client went away: its disconnect ends the hold
+        if on_comment is not None:
+            on_comment()
 
 
 def sse_error_bytes(anthropic: bool, body: dict[str, Any]) -> bytes:
@@ -101,11 +128,10 @@ class HeldStream:
                 if not decided.is_set():
                     held_since_s = self.now()
                     self.held = True
-                    await send({"type": "http.response.start", "status": 200, "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                        (b"x-accel-buffering", b"no")]})
+                    await send(EARLY_HEAD)
                     async with anyio.create_task_group() as hold_tg:
-                        hold_tg.start_soon(self._keep_alive, send, held_since_s)
+                        hold_tg.start_soon(keep_alive, send, self.keepalive_s, self.now, held_since_s, self.state,
+                                           self._counted)
 
                         async def watch_disconnect() -> None:
                             nonlocal client_gone
@@ -125,7 +151,7 @@ class HeldStream:
                 if failure:
                     raise failure[0]
                 return
-            held_send = _AfterHead(send, self.anthropic, self.error_body)
+            held_send = AfterHead(send, self.anthropic, self.error_body)
             await response(scope, receive, held_send)
             await held_send.flush()
             if failure:
@@ -134,19 +160,11 @@ class HeldStream:
             if result:
                 self.finish(result[0])
 
-    async def _keep_alive(self, send: Any, held_since_s: float) -> None:
-        while True:
-            await anyio.sleep(self.keepalive_s)
-            name, state = self.state()
-            comment = f": loading {name} {self.now() - held_since_s:.0f}s ({state})\n\n".encode()
-            try:
-                await send({"type": "http.response.body", "body": comment, "more_body": True})
-            except OSError:
-                return  # the client went away: the disconnect watcher ends the hold
-            self.comments += 1
+    def _counted(self) -> None:
+        self.comments += 1
 
 
-class _AfterHead:
+class AfterHead:
     """``send`` for a response whose head the hold already sent: its own head is dropped, and an
     error answer (status 400 and up) is turned into one SSE error event."""
 

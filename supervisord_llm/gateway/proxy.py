@@ -338,7 +338,9 @@ class GatewayStats:
         self.clients_cut = 0  # clients cut for not draining their stream buffer within client_timeout_s
         self.engines: dict[str, dict[str, int]] = {}
         # Requests the door turned away, by why: path, method, key, invalid_json, invalid_model, origin, host,
-        # body_timeout, body_too_large, header_timeout, bad_http, swap, queue_full, queue_timeout, connections.
+        # body_timeout, body_too_large, header_timeout, bad_http, swap, queue_full, queue_timeout, connections;
+        # and an engine that cannot serve, by the daemon's reason: hold_timeout, backoff, failed, draining, ...,
+        # model_not_found.
         self.refused: dict[str, int] = {}
 
     def refuse(self, why: str) -> None:
@@ -618,6 +620,8 @@ class _Forward:
         self.held_back = False  # ever blocked by its client (RequestStats.held_back)
         self.unblocked_at_s = 0.0
         self.awaiting_engine = False  # held in a resend, waiting for the engine to serve again
+        self._client_send: Any = None  # the client's send, for a stream held in a resend (its head and comments)
+        self._after_head: hold.AfterHead | None = None  # the send once a held resend sent the client its head
         self.unavailable: EngineUnavailable | None = None  # why the engine will not serve the resend
         self.upstream_failed = False
         self.non_stream_tokens: int | None = None
@@ -681,6 +685,8 @@ class _Forward:
                 if self.stream_requested:
                     self._start_stall_watch()
                 await self._exchange(send, tg)
+                if self._after_head is not None and not self.client_gone:
+                    await self._after_head.flush()  # a held stream ends with its error event, if it had one
                 tg.cancel_scope.cancel()
         finally:
             self._stop_stall_watch()
@@ -870,10 +876,39 @@ class _Forward:
             return False
         self.awaiting_engine = True
         try:
-            return await self._wait_engine_serving(timeout_s)
+            if not self.stream_requested or self.ndjson or self._client_send is None:
+                return await self._wait_engine_serving(timeout_s)
+            # A stream waits like one held for a loading engine: its head, then comments, so the client does
+            # not time out while the engine restarts (a 200 GB model: minutes).
+            async with anyio.create_task_group() as keepalive:
+                keepalive.start_soon(self._hold_stream)
+                try:
+                    serving = await self._wait_engine_serving(timeout_s)
+                finally:
+                    keepalive.cancel_scope.cancel()
+            return serving
         finally:
             self.awaiting_engine = False
             self.unblocked_at_s = gw.clock.now()
+
+    async def _hold_stream(self) -> None:
+        """A stream held in a resend: after ``hold.HOLD_DETECT_S`` its head (unless a hold before sent it), then
+        an SSE comment every ``hold_keepalive_s`` until cancelled (the engine serves again, or will not)."""
+        gw = self.gw
+        await anyio.sleep(hold.HOLD_DETECT_S)
+        since_s = gw.clock.now()
+        send = self._client_send
+        if self._after_head is None:
+            try:
+                await send(hold.EARLY_HEAD)
+            except OSError:
+                return  # the client is gone: its disconnect ends the exchange
+            anthropic = self.anthropic
+            self._after_head = hold.AfterHead(
+                send, anthropic, lambda status, message, code: error_body(anthropic, status, message, code))
+        engine = self.upstream.engine
+        await hold.keep_alive(send, gw.settings.hold_keepalive_s, gw.clock.now, since_s,
+                              lambda: gw._engine_state(engine))
 
     async def _wait_engine_serving(self, timeout_s: float) -> bool:
         gw = self.gw
@@ -898,10 +933,12 @@ class _Forward:
         upstream = self.upstream
         headers_sent = False
         is_sse = False
+        self._client_send = send
         with self.pump_scope:
             try:
                 response = self.response = await self._send_upstream()
             except httpx.TimeoutException as exc:
+                send = self._after_head or send  # held in a resend: its head went out (errors as an SSE event)
                 self.upstream_failed = True
                 self.response_complete = True
                 await _send_json(
@@ -917,20 +954,20 @@ class _Forward:
                 )
                 return
             except httpx.HTTPError as exc:
+                send = self._after_head or send
                 self.upstream_failed = True
                 self.response_complete = True
                 gw.log.warning(
                     "gateway.upstream_failed", engine=upstream.engine, error=type(exc).__name__
                 )
                 if self.unavailable is not None:  # it died with the request, and is down for a while
-                    if self.unavailable.reason == "engine_not_running":
-                        gw.stats.refuse("swap")
                     body, headers = gw._unavailable_parts(self.unavailable, self.anthropic)
                     await _send_json(send, body, self.unavailable.status, headers)
                     return
                 code, message = _unanswered(upstream.engine, upstream.base_url, exc, self.sends)
                 await _send_json(send, error_body(self.anthropic, 502, message, code, engine=upstream.engine), 502)
                 return
+            send = self._after_head or send  # held in a resend: the engine's head is dropped, its errors an event
             if response.status_code >= 500:
                 self.upstream_failed = True
             content_type = response.headers.get("content-type", "")
@@ -2028,12 +2065,12 @@ class _Gateway:
                 retry_after_s=min(30.0, max(1.0, hold_s / 4)),
             )
         except EngineUnavailable as exc:
-            if exc.reason == "engine_not_running":  # the daemon's turn: the same refusal as the door's
-                stats.refuse("swap")
             return self._unavailable(exc, anthropic)
         except UnknownEngine as exc:
+            stats.refuse("model_not_found")
             return error_response(anthropic, 404, str(exc), "model_not_found", engine=exc.engine)
         except SupervisordLLMError as exc:
+            stats.refuse("engine_unavailable")
             return error_response(anthropic, 503, str(exc), "engine_unavailable")
         except Exception:
             self.log.exception("gateway.backend_failed", method="acquire")
@@ -2051,7 +2088,9 @@ class _Gateway:
         return JSONResponse(body, status_code=exc.status, headers=headers)
 
     def _unavailable_parts(self, exc: EngineUnavailable, anthropic: bool) -> tuple[dict[str, Any], dict[str, str]]:
-        """The error body and headers (Retry-After) that say why the engine cannot serve, and until when."""
+        """The error body and headers (Retry-After) that say why the engine cannot serve, and until when; the
+        refusal is counted under its reason (a stopped engine requests may not start: ``swap``, as the door's)."""
+        self.stats.refuse("swap" if exc.reason == "engine_not_running" else exc.reason)
         retry_after_s = exc.retry_after_s
         if retry_after_s is None and exc.until_wall is not None:
             retry_after_s = max(0.0, exc.until_wall - self.clock.wall())

@@ -466,10 +466,12 @@ def test_a_flood_of_connections_is_refused_in_json_while_the_daemon_keeps_servin
 
 
 def test_every_refusal_is_counted_by_why(daemon_factory) -> None:
-    """A wrong key, a path the gateway does not serve, a method a path does not take, a body that is not JSON and
-    a model that is not a string are each refused in the client's shape and counted under their own reason."""
-    gw = free_port()
-    d = daemon_factory(standin_engine_toml("e", free_port(), default=True)
+    """A wrong key, a path the gateway does not serve, a method a path does not take, a body that is not JSON,
+    a model that is not a string and a model no engine serves are each refused in the client's shape and
+    counted under their own reason, in status and in the Prometheus counter."""
+    gw, metrics = free_port(), free_port()
+    d = daemon_factory(f'[daemon]\nmetrics_listen = "127.0.0.1:{metrics}"\n'
+                       + standin_engine_toml("e", free_port(), default=True)
                        + f'[gateway]\nlisten = "127.0.0.1:{gw}"\napi_key = "s3cret-key"\n').start()
     d.wait_state("e", "ready", 30)
     base = f"http://127.0.0.1:{gw}"
@@ -481,9 +483,16 @@ def test_every_refusal_is_counted_by_why(daemon_factory) -> None:
                           timeout=30)
     assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
     assert httpx.post(f"{base}/v1/chat/completions", json={"model": 7}, headers=key, timeout=30).status_code == 400
-    want = {"key": 1, "path": 1, "method": 1, "invalid_json": 1, "invalid_model": 1}
+    unknown = httpx.post(f"{base}/v1/messages", json={"model": "nope", "max_tokens": 2,
+                                                      "messages": [{"role": "user", "content": "hi"}]},
+                         headers={**key, "anthropic-version": "2023-06-01"}, timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["type"] == "error", unknown.text
+    want = {"key": 1, "path": 1, "method": 1, "invalid_json": 1, "invalid_model": 1, "model_not_found": 1}
     refused = d.gateway_counters(lambda g: all(g["refused"].get(k, 0) >= n for k, n in want.items()))["refused"]
     assert {k: refused.get(k, 0) for k in want} == want, refused
+    scrape = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=30).text
+    for reason, n in want.items():
+        assert f'supervisord_llm_gateway_refused_total{{reason="{reason}"}} {float(n)}' in scrape, reason
 
 
 def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> None:
@@ -511,11 +520,15 @@ def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> 
     assert r.headers.get("x-should-retry") == "false" and "retry-after" not in r.headers, r.headers
     import openai
 
-    refused_before = d.status()["gateway"]["refused"].get("swap", 0)
+    # Both refusals above counted before the SDK's request (the gateway's counters reach the daemon within
+    # STATS_PUSH_S; read at once, the count held only the first in one CI run).
+    refused_before = d.gateway_counters(lambda g: g["refused"].get("swap", 0) >= 2)["refused"].get("swap", 0)
+    assert refused_before == 2
     with pytest.raises(openai.InternalServerError):
         openai.OpenAI(base_url=f"http://127.0.0.1:{gw}/v1", api_key="-").chat.completions.create(
             model="b", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
-    time.sleep(0.5)  # the gateway's counters reach the daemon within STATS_PUSH_S
+    d.gateway_counters(lambda g: g["refused"].get("swap", 0) > refused_before)
+    time.sleep(0.5)  # a second or third ask, had there been one, is counted by now
     assert d.status()["gateway"]["refused"]["swap"] == refused_before + 1  # asked once, not three times
     assert d.engine("b")["state"] == "stopped"
     assert d.llmctl("start", "b").returncode == 0

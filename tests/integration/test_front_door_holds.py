@@ -241,6 +241,47 @@ def test_a_request_the_engine_never_answered_is_resent_to_the_restarted_engine_a
     assert drained and drained[-1]["in_flight"] == 2  # both still ran after the 1 s drain
 
 
+@pytest.mark.long_wait
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_a_stream_resent_after_a_restart_in_its_prefill_hears_keepalives_while_it_waits(daemon_factory,
+                                                                                        api: str) -> None:
+    """llama-server sends a stream's head only with its first token: a restart during the prefill leaves the stream
+    with nothing from the engine. It is held and sent again to the restarted engine (6 s of loading here), and
+    meanwhile the client has its 200 head and ': loading e' comments, as a stream held for a start does; then
+    the new engine's answer. (Before, it heard nothing until the new engine's first token: a 15-minute load
+    outlasts every SDK's read timeout.)"""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--head-with-first-token", "--first-token-delay-s", "3",
+                                           "--load-s", "6", default=True, canary_interval="10m", start_timeout="60s")
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "60s"\nhold_keepalive_s = "1s"\n'
+                       + '[policies.memory]\nswap_drain = "1s"\n').start()
+    first = d.wait_state("e", "ready", 60)
+    path, headers, done = (("/v1/chat/completions", None, "data: [DONE]") if api == "openai"
+                           else ("/v1/messages", ANTHROPIC_HEADERS, "event: message_stop"))
+    log = d.state_dir / "logs" / "e.log"
+    before = log.read_text(errors="replace").count("stream=True")
+    result: list[tuple[int, list[tuple[float, str]]]] = []
+    thread = threading.Thread(target=lambda: result.append(_sse_stream(
+        f"http://127.0.0.1:{gw}{path}", {"model": "e", "stream": True, "max_tokens": 5, **CHAT}, headers, 90)))
+    thread.start()
+    deadline = time.monotonic() + 20
+    while log.read_text(errors="replace").count("stream=True") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    restarted_at = time.monotonic()
+    assert d.llmctl("restart", "e", "--force").returncode == 0  # in the stream's 3 s prefill, before its head
+    thread.join(90)
+    status, lines = result[0]
+    texts = [t for _, t in lines]
+    assert status == 200 and d.engine("e")["pid"] != first["pid"], texts
+    assert done in texts and "event: error" not in texts and not any(t.startswith('data: {"error"') for t in texts)
+    first_data = next(i for i, (_, t) in enumerate(lines) if t.startswith(("data:", "event:")))
+    comments = [(at, t) for at, t in lines[:first_data] if t.startswith(": loading e")]
+    # One a second through the drain (1 s), the stop and the 6 s load; the first within a few seconds.
+    assert len(comments) >= 4, texts
+    assert re.fullmatch(r": loading e \d+s \(\w+\)", comments[0][1]), comments[0]
+    assert comments[0][0] - restarted_at < 5, texts
+
+
 def test_a_request_a_live_engine_dropped_without_an_answer_is_not_sent_again(daemon_factory) -> None:
     """The engine's request handler fails on this request and closes the connection without an answer (the
     stand-in's, on a max_tokens it cannot read) while the engine runs on: the request reached it once and is not
@@ -294,6 +335,7 @@ def test_a_request_whose_engine_died_into_backoff_gets_the_usual_503_with_retry_
     assert "aiohttp" not in r.text and "ClientConnectorError" not in r.text and "ssl:default" not in r.text
     assert r.json()["error"]["code"] == "engine_unavailable" and r.json()["error"]["reason"] == "backoff"
     assert d.engine("e")["state"] == "backoff"
+    assert d.gateway_counters(lambda g: g["refused"].get("backoff", 0) >= 1)["refused"].get("backoff") == 1
 
 
 # ---------------------------------------------------------------------------------------------

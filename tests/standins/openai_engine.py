@@ -90,6 +90,11 @@ def main() -> None:
                    help="exit with --exit-code when SIGUSR1 arrives (an engine ending on its own, when a test says)")
     p.add_argument("--keepalive-s", type=float, default=0.0, help="send SSE comments every N s before tokens")
     p.add_argument("--first-token-delay-s", type=float, default=0.0, help="the prefill: time before the first token")
+    # llama-server answers a stream's head only with its first result, after the prefill (llama.cpp
+    # tools/server/server-context.cpp: "in streaming mode, the first error must be treated as non-stream response",
+    # rd.next() before the response; the llama.cpp of llama-cpp-python 0.3.36, which tools/build_engines.sh builds).
+    p.add_argument("--head-with-first-token", action="store_true",
+                   help="send a stream's response head only with its first token (llama-server's way)")
     p.add_argument("--prefill-chunk-s", type=float, default=0.25, help="one KV cache block per chunk of the prefill")
     p.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
                    help="prefill the prompt at this many words a second (0: no time for the prompt)")
@@ -311,12 +316,22 @@ def main() -> None:
                 self._json(200, {"id": "x", "object": "chat.completion", "choices": [choice],
                                  "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": n + 3}})
                 return
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.send_header("transfer-encoding", "chunked")
-            self.end_headers()
+            head_sent = False
+
+            def head() -> None:
+                nonlocal head_sent
+                if not head_sent:
+                    head_sent = True
+                    self.send_response(200)
+                    self.send_header("content-type", "text/event-stream")
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+
+            if not args.head_with_first_token:
+                head()
 
             def send(data: bytes) -> None:
+                head()
                 self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 self.wfile.flush()
 
