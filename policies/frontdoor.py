@@ -387,6 +387,30 @@ def retry_after_s(*, waiting: int, max_concurrent: int, typical_request_s: float
     return max(1, min(300, round((waiting / per_slot + 1) * typical_request_s)))
 
 
+# Descriptors the gateway holds besides two per request in flight (the client's and the engine's): its listening
+# socket, its channel to the daemon, its log, kept-alive client connections between their requests.
+OPEN_FILES_RESERVE = 256
+# macOS refuses a soft RLIMIT_NOFILE above OPEN_MAX (sys/syslimits.h: 10240), whatever the hard limit says.
+MACOS_OPEN_MAX = 10240
+
+
+def open_files_wanted(max_connections: int) -> int:
+    """The descriptors a gateway taking ``max_connections`` requests at once may need: two per request (each
+    proxied stream holds the client's connection and the engine's), and the reserve."""
+    return 2 * max_connections + OPEN_FILES_RESERVE
+
+
+def open_files_soft_limit(*, soft: int, hard: int, wanted: int, darwin: bool, unlimited: int = -1) -> int:
+    """The soft limit on open files to run with: ``wanted`` where the hard limit allows it (at most OPEN_MAX on
+    macOS), never lower than it is (``soft``); ``unlimited`` is how the platform spells no limit."""
+    if soft == unlimited or soft >= wanted:
+        return soft
+    cap = wanted if hard == unlimited else min(hard, wanted)
+    if darwin:
+        cap = min(cap, MACOS_OPEN_MAX)
+    return max(soft, cap)
+
+
 def idle_unload_due(*, idle_unload_s: float | None, last_request_s: float | None, ready_since_s: float,
                     now_s: float, in_flight: int) -> bool:
     """An engine is unloaded after ``idle_unload_s`` without a real request (canaries do not count),

@@ -63,7 +63,7 @@ class GatewaySettings:
     # Who may make the daemon start or swap an engine by naming a model (policies.frontdoor).
     swaps: str = "allowed"
     # Requests handled at once by the whole gateway; beyond it a JSON 503 (each proxied stream holds
-    # two file descriptors, and launchd's default soft limit is 256).
+    # two file descriptors: the gateway raises its soft limit on open files to match, gateway/worker.py).
     max_connections: int = 512
     # A client must have sent its whole request body within this long (a slow or stuck upload
     # would otherwise hold a connection and a buffer indefinitely).

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import resource
 import signal
 import socket
 import sys
@@ -46,6 +47,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from policies.frontdoor import OPEN_FILES_RESERVE, open_files_soft_limit, open_files_wanted
 from supervisord_llm.errors import SupervisordLLMError, UnknownEngine
 from supervisord_llm.gateway.channel import Channel, ChannelClosed, open_channel
 from supervisord_llm.gateway.protocol import EngineUnavailable, RequestStats, Upstream
@@ -258,6 +260,15 @@ async def _main(channel_fd: int, listen_fd: int) -> None:
         raise SystemExit(f"supervisord-llm gateway: expected init from the daemon, got {message[0]!r}")
     _, settings, log_setup = message
     log = configure_logging(log_setup["level"], json_logs=log_setup["json_logs"]).bind(component="gateway")
+    before, now, wanted = raise_open_files(settings.max_connections)
+    if now != resource.RLIM_INFINITY and now < wanted:
+        log.warning("gateway.open_files_limited", open_files=now, wanted=wanted,
+                    max_connections=settings.max_connections,
+                    note=f"about {max(1, (now - OPEN_FILES_RESERVE) // 2)} requests at once fit before connections "
+                    "fail to be accepted; raise the hard limit (LimitNOFILE= in the systemd unit, ulimit -Hn) or "
+                    "lower [gateway] max_connections")
+    elif now != before:
+        log.info("gateway.open_files_raised", open_files=now, was=before, wanted=wanted)
     backend = ProcessBackend(channel)
     app = build_app(backend, settings, log=log)
     app.router.routes.extend(ui_routes(backend.status_page_doc, settings.api_key))
@@ -281,6 +292,22 @@ async def _main(channel_fd: int, listen_fd: int) -> None:
                 channel.send("started", listen)
         tg.cancel_scope.cancel()
     channel.close()
+
+
+def raise_open_files(max_connections: int) -> tuple[int, int, int]:
+    """Raise this process's soft limit on open files to what ``max_connections`` requests need (launchd's
+    default is 256, systemd's 1024; each proxied stream holds two), within the hard limit
+    (``policies.frontdoor.open_files_soft_limit``). The soft limit before, after, and the one wanted."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = open_files_wanted(max_connections)
+    target = open_files_soft_limit(soft=soft, hard=hard, wanted=wanted, darwin=sys.platform == "darwin",
+                                   unlimited=resource.RLIM_INFINITY)
+    if target != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+    return soft, target, wanted
 
 
 def loop_options() -> dict[str, Any]:

@@ -438,6 +438,53 @@ async def _flood(port: int, connections: int, request: bytes) -> list[bytes]:
 
 
 @pytest.mark.slow
+def test_a_gateway_started_with_launchds_256_open_files_still_serves_160_streams_at_once(daemon_factory) -> None:
+    """launchd starts a service with a soft limit of 256 open files, and each proxied stream holds two (the
+    client's connection and the engine's): from about 120 streams at once the gateway could accept no connection
+    (clients wait, unanswered and uncounted, for another stream to end). It raises its own soft limit to what
+    max_connections needs, within the hard limit: 160 streams are in the gateway at once, held by the engine's
+    prefill, and all answered."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    gw = free_port()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # what the daemon (and its gateway) inherit
+    try:
+        # max_concurrent = 0: every stream goes on to the engine at once (none waits in the gateway's line).
+        d = daemon_factory(standin_engine_toml("e", free_port(), "--first-token-delay-s", "10", default=True,
+                                               canary_interval="10m", start_timeout="60s", max_concurrent=0)
+                           + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    d.wait_state("e", "ready", 60)
+    gateway_pid = d.status()["gateway"]["pid"]
+    limits = Path(f"/proc/{gateway_pid}/limits")
+    if limits.exists():  # Linux: the gateway's own soft limit, raised from the 256 it started with
+        line = next(x for x in limits.read_text().splitlines() if x.startswith("Max open files"))
+        assert int(line.split()[3]) >= 2 * 512 + 256, line
+    answers: list[tuple[int, list[tuple[float, str]]] | BaseException] = []
+
+    def stream() -> None:
+        try:
+            answers.append(_sse_stream(f"http://127.0.0.1:{gw}/v1/chat/completions",
+                                       {"model": "e", "stream": True, "max_tokens": 3, **CHAT}, timeout_s=60))
+        except BaseException as exc:  # noqa: BLE001 - counted below
+            answers.append(exc)
+
+    clients = [threading.Thread(target=stream) for _ in range(160)]
+    for t in clients:
+        t.start()
+        time.sleep(0.005)
+    # All of them in the gateway at once, in the engine's 10 s prefill (at 256 files, about 120 were, and the
+    # others waited for a stream to end before the gateway could accept their connection).
+    d.gateway_counters(lambda g: g["in_flight"] >= 160, timeout_s=8)
+    assert d.status()["gateway"]["in_flight"] == 160
+    for t in clients:
+        t.join(90)
+    failed = [a for a in answers if isinstance(a, BaseException) or a[0] != 200
+              or "data: [DONE]" not in [line for _, line in a[1]]]
+    assert len(answers) == 160 and not failed, failed[:3]
+
+
+@pytest.mark.slow
 def test_a_flood_of_2000_connections_is_refused_while_a_stream_and_the_control_api_keep_going(daemon_factory) -> None:
     """2,000 connections at once: beyond max_connections a JSON 503, idle ones cut; a live stream and llmctl carry on."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -28,3 +28,24 @@ def test_every_request_let_wait_for_a_loading_engine_is_taken_by_its_line_once_i
             running += 1
         else:
             waiting += 1
+
+
+def test_the_open_files_limit_is_raised_to_what_max_connections_needs_within_the_hard_limit() -> None:
+    from policies.frontdoor import MACOS_OPEN_MAX, open_files_soft_limit, open_files_wanted
+
+    wanted = open_files_wanted(512)
+    assert wanted == 2 * 512 + 256
+    inf = -1
+    # launchd: soft 256, no hard limit.
+    assert open_files_soft_limit(soft=256, hard=inf, wanted=wanted, darwin=True, unlimited=inf) == wanted
+    # macOS takes no soft limit above OPEN_MAX, whatever the hard limit.
+    assert open_files_soft_limit(soft=256, hard=inf, wanted=50_000, darwin=True, unlimited=inf) == MACOS_OPEN_MAX
+    assert open_files_soft_limit(soft=256, hard=inf, wanted=50_000, darwin=False, unlimited=inf) == 50_000
+    # systemd: soft 1024, hard 524288.
+    assert open_files_soft_limit(soft=1024, hard=524288, wanted=wanted, darwin=False, unlimited=inf) == wanted
+    # A hard limit below what is wanted: as far as it goes.
+    assert open_files_soft_limit(soft=256, hard=1000, wanted=wanted, darwin=False, unlimited=inf) == 1000
+    # Never lowered: a higher or unlimited soft limit stays.
+    assert open_files_soft_limit(soft=65536, hard=524288, wanted=wanted, darwin=False, unlimited=inf) == 65536
+    assert open_files_soft_limit(soft=inf, hard=inf, wanted=wanted, darwin=False, unlimited=inf) == inf
+    assert open_files_soft_limit(soft=2000, hard=1500, wanted=wanted, darwin=False, unlimited=inf) == 2000
