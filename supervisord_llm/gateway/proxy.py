@@ -1850,7 +1850,7 @@ class _Gateway:
                    f"max_queue {max_queue})")
             return error_response(
                 anthropic, 429, f"engine {engine!r} is busy: {why}; retry in about {retry}s",
-                "rate_limit_exceeded", headers={"retry-after": str(retry)}, engine=engine)
+                "rate_limit_exceeded", headers={"retry-after": str(retry)}, engine=engine, retry_after_s=retry)
         line.held += 1
         try:
             return await self._acquire(model, anthropic, may_start)
@@ -1877,7 +1877,9 @@ class _Gateway:
             why = f"{running} and {len(line.waiting)} waiting (max_queue {upstream.max_queue})"
         return error_response(
             anthropic, 429, f"engine {upstream.engine!r} is busy: {why}; retry in about {retry}s",
-            "rate_limit_exceeded", headers={"retry-after": str(retry)}, engine=upstream.engine)
+            # retry_after_s in the body too: a stream that waited in the line has its head already, and gets this
+            # as an SSE error event, without the header.
+            "rate_limit_exceeded", headers={"retry-after": str(retry)}, engine=upstream.engine, retry_after_s=retry)
 
     async def _dispatch(self, request: Request, path: str, anthropic: bool, doc: Any, body: bytes, stream: bool,
                         upstream: Upstream) -> Response | _Forward:

@@ -312,13 +312,30 @@ def test_a_request_that_waited_its_hold_time_in_the_line_is_told_so_not_that_the
     running.start()
     # In the gateway (its counters reach the status within tens of ms; it takes its slot within a millisecond).
     wait_for(lambda: d.status()["gateway"]["in_flight"] >= 1, 10, "the first request in the gateway")
+    streamed: list[tuple[int, list[str]]] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", url, timeout=60, json={"model": "e", "max_tokens": 2, "stream": True,
+                                                         "messages": [{"role": "user", "content": "hi"}]}) as r:
+            streamed.append((r.status_code, list(r.iter_lines())))
+
+    waiting_stream = threading.Thread(target=stream)
+    waiting_stream.start()
     waited = httpx.post(url, timeout=60, json={"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     running.join()
+    waiting_stream.join()
     error = waited.json()["error"]
     assert waited.status_code == 429 and int(waited.headers["retry-after"]) >= 1, waited.text
     assert "waited 2s" in error["message"] and "hold_s" in error["message"] and "max_queue 8" in error["message"]
-    counted = d.gateway_counters(lambda g: g["refused"].get("queue_timeout", 0) >= 1)["refused"]
-    assert counted["queue_timeout"] == 1 and "queue_full" not in counted
+    assert error["retry_after_s"] == int(waited.headers["retry-after"])
+    # A stream that waited has had its head (held: comments while it waits): the 429 comes as an SSE error event,
+    # its retry time in the body.
+    ((status, lines),) = streamed
+    events = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
+    assert status == 200 and len(events) == 1 and events[0]["error"]["code"] == "rate_limit_exceeded", lines
+    assert events[0]["error"]["retry_after_s"] >= 1 and "waited 2s" in events[0]["error"]["message"]
+    counted = d.gateway_counters(lambda g: g["refused"].get("queue_timeout", 0) >= 2)["refused"]
+    assert counted["queue_timeout"] == 2 and "queue_full" not in counted
 
 
 def test_an_ollama_stream_with_tools_may_be_silent_for_its_prefill_limit_between_tokens(daemon_factory) -> None:
