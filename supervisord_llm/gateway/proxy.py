@@ -2092,7 +2092,8 @@ class _Gateway:
     def _unavailable_parts(self, exc: EngineUnavailable, anthropic: bool) -> tuple[dict[str, Any], dict[str, str]]:
         """The error body and headers (Retry-After) that say why the engine cannot serve, and until when; the
         refusal is counted under its reason (a stopped engine requests may not start: ``swap``, as the door's)."""
-        self.stats.refuse("swap" if exc.reason == "engine_not_running" else exc.reason)
+        self.stats.refuse("swap" if exc.reason == "engine_not_running" else "model_not_found" if exc.status == 404
+                          else exc.reason)
         retry_after_s = exc.retry_after_s
         if retry_after_s is None and exc.until_wall is not None:
             retry_after_s = max(0.0, exc.until_wall - self.clock.wall())
@@ -2472,6 +2473,61 @@ def build_app(
 
 
 
+def ollama_error_shape(body: bytes) -> bytes | None:
+    """An error answer rewritten into Ollama's own shape, ``{"error": "message"}`` (ollama server/routes.go answers
+    every error so, ``gin.H{"error": ...}``; ollama-python raises ``ResponseError`` with that string); None where
+    the body is not one of the gateway's errors (an engine's own Ollama error passes as it is)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(err, dict) or not isinstance(err.get("message"), str):
+        return None
+    shaped: dict[str, Any] = {"error": err["message"]}
+    for key in ("code", "engine", "reason", "retry_after_s"):  # machine-readable parts, beside Ollama's string
+        if err.get(key) is not None:
+            shaped[key] = err[key]
+    return json.dumps(shaped).encode()
+
+
+class _OllamaErrors:
+    """Requests on Ollama's own paths (/api/chat, /api/generate) get the gateway's refusals in Ollama's shape
+    (status and headers kept); every other path is passed straight through."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in OLLAMA_API_PATHS:
+            await self.app(scope, receive, send)
+            return
+        start: dict[str, Any] | None = None
+        parts: list[bytes] = []
+
+        async def shaped_send(message: dict[str, Any]) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                content_type = next((v for k, v in message.get("headers", []) if k.lower() == b"content-type"), b"")
+                if int(message["status"]) >= 400 and content_type.startswith(b"application/json"):
+                    start = message  # held until the body is whole
+                    return
+            elif message["type"] == "http.response.body" and start is not None:
+                parts.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                body = b"".join(parts)
+                body = ollama_error_shape(body) or body
+                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                start = None
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            await send(message)
+
+        await self.app(scope, receive, shaped_send)
+
+
 def _guarded_http_protocol(settings: GatewaySettings, stats: GatewayStats | None) -> type[Any]:
     """uvicorn's HTTP protocol with the header read timeout: a 408 in the client's API shape."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -2482,6 +2538,8 @@ def _guarded_http_protocol(settings: GatewaySettings, stats: GatewayStats | None
         request_line = first_bytes.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
         target = request_line.split(b" ")[1] if request_line.count(b" ") >= 1 else b""
         body = json.dumps(error_body(target.startswith(MESSAGES_PATH.encode()), status, message, code)).encode()
+        if target.split(b"?", 1)[0].decode("latin-1") in OLLAMA_API_PATHS:
+            body = ollama_error_shape(body) or body
         return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, reason, len(body), body))
 
@@ -2528,9 +2586,10 @@ async def serve(
     core = getattr(app.state, "gateway_core", None)
     loopback = is_loopback(settings.host)
     if isinstance(core, _Gateway):
-        front = _BrowserGuard(_ConnectionCap(_FrontDoor(app, core), limit=settings.max_connections, stats=core.stats),
-                              settings, check_host=host_check_applies(loopback=loopback, key_needed=core._key_needed),
-                              log=core.log, refuse=core.stats.refuse)
+        front = _OllamaErrors(_BrowserGuard(
+            _ConnectionCap(_FrontDoor(app, core), limit=settings.max_connections, stats=core.stats),
+            settings, check_host=host_check_applies(loopback=loopback, key_needed=core._key_needed),
+            log=core.log, refuse=core.stats.refuse))
     else:  # the metrics port: its status page is not for other sites either
         front = _BrowserGuard(app, settings, check_host=host_check_applies(loopback=loopback, key_needed=False),
                               log=structlog.get_logger("supervisord_llm.metrics"))

@@ -209,7 +209,8 @@ def test_path_escapes_never_reach_the_engine_and_are_answered_in_the_api_shape(d
     status, doc = _raw(gw, "POST", "/v1/sleep", body)
     assert status == 404 and "forwards" in doc["error"]["message"]
     status, doc = _raw(gw, "POST", "/api/chat", json.dumps({"model": "e", "messages": []}).encode())
-    assert status == 404 and "Ollama's own API" in doc["error"]["message"], doc  # e is not an Ollama engine
+    # e is not an Ollama engine; the client is one of Ollama's: its shape, {"error": "message"}
+    assert status == 404 and "Ollama's own API" in doc["error"] and doc["code"] == "not_found", doc
     for path in ("/api/pull", "/update_weights_from_disk"):  # not the gateway's: a JSON 404, nothing forwarded
         status, doc = _raw(gw, "POST", path, body)
         assert status == 404 and doc["error"]["code"] == "not_found", (path, doc)
@@ -259,6 +260,41 @@ def test_ollama_clients_reach_an_ollama_engine_through_its_own_api(daemon_factor
         assert arrived[-1] - arrived[0] > 0.05, "streamed line by line, not buffered"
     seen = [line for line in (d.state_dir / "logs" / "llama.log").read_text().splitlines() if line.startswith("request POST")]
     assert "request POST /api/chat" in seen and "request POST /api/generate" in seen
+
+
+def test_refusals_on_ollamas_own_paths_come_in_ollamas_error_shape(daemon_factory) -> None:
+    """Ollama answers every error as {"error": "message"} (ollama-python raises ResponseError with that string); the
+    gateway's refusals on /api/chat and /api/generate (a wrong key, a body that is not JSON, a model no engine
+    serves, bytes that are not HTTP) come in that shape, keeping their status and machine-readable code, while
+    the same refusals on /v1 stay OpenAI's."""
+    gw = free_port()
+    cfg = standin_engine_toml("llama", free_port(), "--ollama", default=True,
+                              model="tiny:1b").replace('kind = "command"', 'kind = "ollama"')
+    d = daemon_factory(cfg + f'[gateway]\nlisten = "127.0.0.1:{gw}"\napi_key = "s3cret-key"\n').start()
+    d.wait_state("llama", "ready", 60)
+    base = f"http://127.0.0.1:{gw}"
+    key = {"authorization": "Bearer s3cret-key"}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "stream": False}
+    answers = {
+        401: httpx.post(f"{base}/api/chat", json={"model": "llama", **chat}, timeout=30),
+        400: httpx.post(f"{base}/api/generate", content=b"{oops", headers={**key, "content-type": "application/json"},
+                        timeout=30),
+        404: httpx.post(f"{base}/api/chat", json={"model": "nope", **chat}, headers=key, timeout=30),
+    }
+    for status, r in answers.items():
+        doc = r.json()
+        assert r.status_code == status and isinstance(doc["error"], str) and doc["error"], (status, r.text)
+        assert int(r.headers["content-length"]) == len(r.content)
+    assert answers[404].json()["code"] == "model_not_found" and "nope" in answers[404].json()["error"]
+    with socket.create_connection(("127.0.0.1", gw), timeout=30) as raw:  # not HTTP: the server's own answer
+        raw.sendall(b"POST /api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: lots\r\n\r\n")
+        reply = raw.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 400") and isinstance(json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"], str)
+    v1 = httpx.post(f"{base}/v1/chat/completions", json={"model": "nope", **chat}, headers=key, timeout=30)
+    assert v1.status_code == 404 and v1.json()["error"]["code"] == "model_not_found"
+    served = httpx.post(f"{base}/api/chat", json={"model": "llama", **chat, "options": {"num_predict": 3}},
+                        headers=key, timeout=30)
+    assert served.status_code == 200 and json.loads(served.text.strip().splitlines()[-1])["done"] is True
 
 
 def _silent_ollama(daemon_factory, *flags: str, gateway: str) -> tuple[Any, int]:
@@ -506,7 +542,7 @@ def test_every_refusal_is_counted_by_why(daemon_factory) -> None:
     assert unknown.status_code == 404 and unknown.json()["type"] == "error", unknown.text
     want = {"key": 1, "path": 1, "method": 1, "invalid_json": 1, "invalid_model": 1, "model_not_found": 1}
     refused = d.gateway_counters(lambda g: all(g["refused"].get(k, 0) >= n for k, n in want.items()))["refused"]
-    assert {k: refused.get(k, 0) for k in want} == want, refused
+    assert {k: refused.get(k, 0) for k in want} == want, (refused, unknown.text)
     scrape = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=30).text
     for reason, n in want.items():
         assert f'supervisord_llm_gateway_refused_total{{reason="{reason}"}} {float(n)}' in scrape, reason
