@@ -1746,6 +1746,14 @@ class _Gateway:
                 if not served.ok:
                     self.stats.refuse("path")
                     return error_response(anthropic, served.status, served.message, served.code, engine=entry["id"])
+        if path == COUNT_TOKENS_PATH and isinstance(doc, dict):
+            entry = self._engine_entry(model)
+            state = str(entry.get("state")) if entry is not None else None
+            if entry is not None and state not in ("ready", "degraded"):
+                # A count never starts an engine (a 200 GB load), swaps one out or waits for one that loads.
+                return JSONResponse({"input_tokens": anthropic_api.estimate_tokens(doc)}, headers={
+                    TOKEN_COUNT_HEADER: f"estimate ({anthropic_api.ESTIMATE_BYTES_PER_TOKEN} bytes per token; engine "
+                    f"{entry['id']!r} is {state}: a count does not start it or wait for it)"})
         if stream:
             upstream = self.backend.try_pass(model)
             if (upstream is not None and (upstream.supports_messages or not anthropic)

@@ -297,6 +297,30 @@ def test_refusals_on_ollamas_own_paths_come_in_ollamas_error_shape(daemon_factor
     assert served.status_code == 200 and json.loads(served.text.strip().splitlines()[-1])["done"] is True
 
 
+def test_count_tokens_for_an_engine_that_is_not_serving_is_estimated_without_starting_or_swapping(
+        daemon_factory) -> None:
+    """Two exclusive engines, a serving and b stopped (as after its idle unload): the Anthropic SDK's count_tokens
+    for b gets the flagged estimate at once; b is not started, a not swapped out (a count started a whole load of
+    b and stopped a for it). The next real request for b still starts it."""
+    import anthropic
+
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), default=True, exclusive=True)
+                       + standin_engine_toml("b", free_port(), autostart=False, exclusive=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    a_pid = d.wait_state("a", "ready", 30)["pid"]
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{gw}", api_key="-", max_retries=0)
+    messages = [{"role": "user", "content": "how many tokens is this?"}]
+    counted = client.messages.with_raw_response.count_tokens(model="b", messages=messages)  # type: ignore[arg-type]
+    assert counted.parse().input_tokens > 0
+    assert "is stopped: a count does not start it" in counted.headers["x-supervisord-llm-token-count"]
+    time.sleep(1.0)
+    assert d.engine("b")["state"] == "stopped" and d.engine("a")["state"] == "ready" and d.engine("a")["pid"] == a_pid
+    assert not [e for e in d.events() if e["kind"].startswith("swap")]
+    answer = client.messages.create(model="b", max_tokens=3, messages=messages)  # type: ignore[arg-type]
+    assert answer.content and d.engine("b")["state"] == "ready" and d.engine("a")["state"] == "stopped"
+
+
 def _silent_ollama(daemon_factory, *flags: str, gateway: str) -> tuple[Any, int]:
     """The Ollama stand-in (its own API), silent from its first request after the start check on (``flags``
     say how), behind the gateway with ``gateway``'s keys, once ready: (daemon, gateway port)."""
