@@ -453,6 +453,35 @@ def test_beyond_max_queue_a_429_with_retry_after_in_each_api_shape(daemon_factor
     assert d.gateway_counters(lambda g: g["refused"].get("queue_full", 0) >= 2)["refused"]["queue_full"] >= 2
 
 
+def test_requests_waiting_in_an_engines_line_reach_it_first_come_first_served(daemon_factory) -> None:
+    """max_concurrent = 1: six requests arrive one after another while the first runs; the engine receives them
+    in the order they arrived (its log of each request's x-order header), each after the one before ended."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "40", "--log-header", "x-order", default=True,
+                                           max_concurrent=1, max_queue=8, canary_interval="10m")
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    d.wait_state("e", "ready", 30)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    statuses: dict[int, int] = {}
+
+    def call(k: int) -> None:
+        statuses[k] = httpx.post(url, headers={"x-order": str(k)}, timeout=60, json={
+            "model": "e", "max_tokens": 40, "messages": [{"role": "user", "content": "hi"}]}).status_code
+
+    threads = []
+    for k in range(6):
+        threads.append(threading.Thread(target=call, args=(k,)))
+        threads[-1].start()
+        # The next only once the gateway holds this one: arrival order is the order sent.
+        d.gateway_counters(lambda g, n=k + 1: g["in_flight"] >= n, timeout_s=20)
+    for t in threads:
+        t.join(90)
+    assert statuses == dict.fromkeys(range(6), 200)
+    order = [line.split(": ", 1)[1] for line in (d.state_dir / "logs" / "e.log").read_text().splitlines()
+             if line.startswith("header x-order: ") and not line.endswith("None")]
+    assert order == [str(k) for k in range(6)], order
+
+
 def test_requests_beyond_the_limits_of_a_loading_engine_are_refused_at_once_not_after_the_load(daemon_factory) -> None:
     """max_concurrent = 1, max_queue = 1, the engine stopped and loading for 8 s when requests come: two wait for it
     and are served; the third is refused with a 429 while the engine still loads (before, it waited the whole
@@ -765,6 +794,10 @@ def test_idle_unload_stops_the_real_engine_and_the_next_request_starts_it(daemon
     assert r.status_code == 200
     spawns = [e for e in d.events() if e.get("kind") == "engine.spawned"]
     assert len(spawns) == 2
+    from datetime import datetime
+
+    first, second = (datetime.fromisoformat(e["at"]) for e in spawns)
+    assert (second - first).total_seconds() >= 60, spawns  # the floor held for the on-demand start
 
 
 def test_each_kind_is_sent_only_the_paths_it_serves() -> None:
