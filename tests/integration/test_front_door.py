@@ -533,8 +533,13 @@ def test_a_slow_body_is_cut_and_an_oversized_one_refused_while_others_are_served
     assert answer.startswith("HTTP/1.1 408") and "body_timeout_s" in answer
     big = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", content=b"x" * 70_000, timeout=30,
                      headers={"content-type": "application/json"})
-    assert big.status_code == 413
-    assert d.gateway_counters(lambda g: g["refused"].get("body_too_large", 0) >= 1)["refused"]["body_too_large"] == 1
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    big_messages = httpx.post(f"http://127.0.0.1:{gw}/v1/messages", content=b"x" * 70_000, timeout=30,
+                              headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
+    assert big_messages.status_code == 413 and big_messages.json()["type"] == "error"  # Anthropic's shape
+    assert big_messages.json()["error"]["type"] == "request_too_large", big_messages.text
+    refused = d.gateway_counters(lambda g: g["refused"].get("body_too_large", 0) >= 2)["refused"]
+    assert refused["body_too_large"] == 2 and refused["body_timeout"] == 1, refused
     ok = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=30,
                     json={"model": "e", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert ok.status_code == 200
@@ -550,21 +555,34 @@ def test_a_flood_of_connections_is_refused_in_json_while_the_daemon_keeps_servin
     codes: list[int] = []
     lock = threading.Lock()
 
-    def call() -> None:
+    refusals: list[httpx.Response] = []
+
+    def call(path: str = "/v1/chat/completions") -> None:
         try:
-            code = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json=body, timeout=60).status_code
+            r = httpx.post(f"http://127.0.0.1:{gw}{path}", json=body, timeout=60,
+                           headers={"anthropic-version": "2023-06-01"})
+            code = r.status_code
         except httpx.HTTPError:
             code = -1
         with lock:
             codes.append(code)
+            if code == 503:
+                refusals.append(r)
 
-    threads = [threading.Thread(target=call) for _ in range(100)]
+    threads = [threading.Thread(target=call, args=("/v1/messages" if i % 2 else "/v1/chat/completions",))
+               for i in range(100)]
     for t in threads:
         t.start()
     assert d.llmctl("status").returncode == 0  # supervision answers in the middle of the flood
     for t in threads:
         t.join()
     assert codes.count(200) >= 8 and codes.count(503) > 0 and -1 not in codes, sorted(set(codes))
+    for r in refusals:  # each in its client's shape, with a Retry-After
+        assert int(r.headers["retry-after"]) >= 1, r.headers
+        if r.request.url.path == "/v1/messages":
+            assert r.json()["type"] == "error" and r.json()["error"]["type"] == "overloaded_error", r.text
+        else:
+            assert r.json()["error"]["code"] == "overloaded", r.text
     refused = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json=body, timeout=60)
     assert refused.status_code == 200  # the flood is over: served again
     counted = d.gateway_counters(lambda g: g["refused"].get("connections") == codes.count(503))
@@ -733,6 +751,10 @@ def test_a_gateway_open_to_the_network_without_a_key_is_a_config_error(tmp_path:
     done = _check_config(config)
     assert done.returncode == 2
     assert "gateway.listen" in done.stderr and "api_key" in done.stderr and "127.0.0.1" in done.stderr
+    # The daemon refuses to start with it too, saying the same, before it binds anything.
+    run = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "run", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "gateway.listen" in run.stderr and "api_key" in run.stderr, run.stderr
 
 
 def test_idle_unload_in_seconds_loads(tmp_path: Path) -> None:
