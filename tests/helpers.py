@@ -179,7 +179,9 @@ def _toml(v: object) -> str:
 class Daemon:
     """A real ``supervisord-llm run`` process on its own state dir, plus a control client."""
 
-    def __init__(self, config_text: str, *, state_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_text: str, *, state_dir: Path | None = None, env: dict[str, str] | None = None,
+                 open_files: int | None = None) -> None:
+        self.open_files = open_files  # the soft limit on open files the daemon starts with (launchd's: 256)
         self.state_dir = state_dir or short_tmpdir()
         self.config_path = self.state_dir / "config.toml"
         head = f'[daemon]\nstate_dir = "{self.state_dir}"\n'
@@ -197,10 +199,18 @@ class Daemon:
         # The daemon gets its own copy of the descriptor; ours is closed at once.
         with open(self.stderr_path, "ab") as stderr:
             self.proc = subprocess.Popen([PYTHON, "-m", "supervisord_llm.main", "run", "--config", str(self.config_path)],
-                                         stdout=stderr, stderr=stderr, env=self.env, start_new_session=True)
+                                         stdout=stderr, stderr=stderr, env=self.env, start_new_session=True,
+                                         preexec_fn=None if self.open_files is None else self._limit_open_files)
         if wait:
             self.wait_up()
         return self
+
+    def _limit_open_files(self) -> None:
+        """In the daemon's process, before it runs: its soft limit on open files (the hard one stays)."""
+        import resource
+
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
     def wait_up(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -685,7 +685,7 @@ class _Forward:
                 if self.stream_requested:
                     self._start_stall_watch()
                 await self._exchange(send, tg)
-                if self._after_head is not None and not self.client_gone:
+                if self._after_head is not None and not (self.client_gone or self.client_cut):
                     await self._after_head.flush()  # a held stream ends with its error event, if it had one
                 tg.cancel_scope.cancel()
         finally:
@@ -876,20 +876,32 @@ class _Forward:
             return False
         self.awaiting_engine = True
         try:
-            if not self.stream_requested or self.ndjson or self._client_send is None:
+            if not self._client_streams() or self._client_send is None or self._tg is None:
                 return await self._wait_engine_serving(timeout_s)
             # A stream waits like one held for a loading engine: its head, then comments, so the client does
-            # not time out while the engine restarts (a 200 GB model: minutes).
-            async with anyio.create_task_group() as keepalive:
-                keepalive.start_soon(self._hold_stream)
-                try:
-                    serving = await self._wait_engine_serving(timeout_s)
-                finally:
-                    keepalive.cancel_scope.cancel()
-            return serving
+            # not time out while the engine restarts (a 200 GB model: minutes). The comments run in the
+            # exchange's task group (an error of the wait stays itself, not a group) and end with the wait:
+            # cancelled before the resend, they never meet the engine's bytes.
+            keepalive = anyio.CancelScope()
+
+            async def hold_stream() -> None:
+                with keepalive:
+                    await self._hold_stream()
+
+            self._tg.start_soon(hold_stream)
+            try:
+                return await self._wait_engine_serving(timeout_s)
+            finally:
+                keepalive.cancel()
         finally:
             self.awaiting_engine = False
             self.unblocked_at_s = gw.clock.now()
+
+    def _client_streams(self) -> bool:
+        """The client asked for an SSE stream and gets the engine's (translated) stream: not a whole answer
+        rebuilt from a stream (a non-streamed request fetched as one, or translated), not Ollama's JSON lines."""
+        return (self.stream_requested and self.reassembly is None and not self.ndjson
+                and (self.translation is None or self.translation.stream))
 
     async def _hold_stream(self) -> None:
         """A stream held in a resend: after ``hold.HOLD_DETECT_S`` its head (unless a hold before sent it), then
@@ -1031,6 +1043,8 @@ class _Forward:
                 await _send_quietly(send, b"", more=False)
                 return
         headers_sent = headers_sent or self.translated_headers_sent
+        # Cut while a resend waited or after it (a stall, the client's pace): the held head went out already.
+        send = self._after_head or send
         if self.stalled is not None:
             phase, stalled_for_s = self.stalled
             gw.call_backend("stall_detected", upstream.engine, phase, stalled_for_s)
@@ -1751,6 +1765,10 @@ class _Gateway:
             state = str(entry.get("state")) if entry is not None else None
             if entry is not None and state not in ("ready", "degraded"):
                 # A count never starts an engine (a 200 GB load), swaps one out or waits for one that loads.
+                try:  # the fields of a message, without max_tokens, as a translated count checks them
+                    doc = anthropic_api.check_request({"max_tokens": 1, **doc}).doc
+                except anthropic_api.RequestInvalid as exc:
+                    return error_response(True, 400, str(exc), "invalid_request", field=exc.field)
                 return JSONResponse({"input_tokens": anthropic_api.estimate_tokens(doc)}, headers={
                     TOKEN_COUNT_HEADER: f"estimate ({anthropic_api.ESTIMATE_BYTES_PER_TOKEN} bytes per token; engine "
                     f"{entry['id']!r} is {state}: a count does not start it or wait for it)"})
