@@ -153,7 +153,9 @@ class HeldStream:
                 return
             held_send = AfterHead(send, self.anthropic, self.error_body)
             await response(scope, receive, held_send)
-            await held_send.flush()
+            # Not to a client that is gone, or cut for not reading (its send would wait for it forever).
+            if not (getattr(response, "client_cut", False) or getattr(response, "client_gone", False)):
+                await held_send.flush()
             if failure:
                 raise failure[0]
         finally:

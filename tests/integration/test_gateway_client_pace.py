@@ -182,3 +182,37 @@ async def test_a_client_that_leaves_once_the_stream_has_ended_got_its_whole_answ
     finally:
         server.close()
     assert [s.ended for s in backend.finished] == ["complete"], backend.finished
+
+
+class _SlowToServe(Backend):
+    """An engine that takes half a second to serve each request (a start): every stream is held first."""
+
+    async def acquire(self, model: str | None, *, may_start: bool = True) -> Upstream:
+        await anyio.sleep(0.5)
+        return await super().acquire(model, may_start=may_start)
+
+
+async def test_a_held_stream_whose_client_stops_reading_is_cut_and_gives_its_slot_back(fast_engine: str) -> None:
+    """A stream held for its engine (head and comments sent early) whose client then stops reading is cut after
+    client_timeout_s like any other, and its end gives the engine's one slot back while that client still holds
+    its connection open: the next request is served (the held stream's last write waited for the client to read,
+    forever, and kept the slot)."""
+    backend = _SlowToServe({"e": Upstream("e", fast_engine, "command", supports_messages=False, max_concurrent=1,
+                                               max_queue=4)}, "e")
+    settings = GatewaySettings(client_timeout_s=CLIENT_TIMEOUT_S, client_buffer_bytes=4096, hold_s=30.0)
+    body = {"model": "e", "max_tokens": 200000, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with running_gateway(backend, settings) as listen:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, _hold_without_reading, listen, "/v1/chat/completions", body,
+                          CLIENT_TIMEOUT_S + 15)
+            with anyio.fail_after(20):
+                while not backend.finished:
+                    await anyio.sleep(0.05)
+            assert [f.ended for f in backend.finished] == ["client_too_slow"]
+            import httpx
+
+            async with httpx.AsyncClient(timeout=10) as client:
+                r = await client.post(f"{listen}/v1/chat/completions", json={
+                    "model": "e", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+            tg.cancel_scope.cancel()
