@@ -1762,8 +1762,8 @@ class _Gateway:
                     return error_response(anthropic, served.status, served.message, served.code, engine=entry["id"])
         if path == COUNT_TOKENS_PATH and isinstance(doc, dict):
             entry = self._engine_entry(model)
-            state = str(entry.get("state")) if entry is not None else None
-            if entry is not None and state not in ("ready", "degraded"):
+            state = entry.get("state") if entry is not None else None
+            if entry is not None and state is not None and state not in ("ready", "degraded"):
                 # A count never starts an engine (a 200 GB load), swaps one out or waits for one that loads.
                 try:  # the fields of a message, without max_tokens, as a translated count checks them
                     doc = anthropic_api.check_request({"max_tokens": 1, **doc}).doc

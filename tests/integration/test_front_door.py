@@ -309,19 +309,20 @@ def test_count_tokens_for_an_engine_that_is_not_serving_is_estimated_without_sta
                        + standin_engine_toml("b", free_port(), autostart=False, exclusive=True)
                        + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
     a_pid = d.wait_state("a", "ready", 30)["pid"]
-    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{gw}", api_key="-", max_retries=0)
     messages = [{"role": "user", "content": "how many tokens is this?"}]
-    counted = client.messages.with_raw_response.count_tokens(model="b", messages=messages)  # type: ignore[arg-type]
-    assert counted.parse().input_tokens > 0
-    assert "is stopped: a count does not start it" in counted.headers["x-supervisord-llm-token-count"]
-    bad = httpx.post(f"http://127.0.0.1:{gw}/v1/messages/count_tokens", json={"model": "b", "messages": 5},
-                     headers={"anthropic-version": "2023-06-01"}, timeout=30)  # checked as a served count is
-    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error", bad.text
-    time.sleep(1.0)
-    assert d.engine("b")["state"] == "stopped" and d.engine("a")["state"] == "ready" and d.engine("a")["pid"] == a_pid
-    assert not [e for e in d.events() if e["kind"].startswith("swap")]
-    answer = client.messages.create(model="b", max_tokens=3, messages=messages)  # type: ignore[arg-type]
-    assert answer.content and d.engine("b")["state"] == "ready" and d.engine("a")["state"] == "stopped"
+    # Closed on the way out: its kept-alive connection is not left to the garbage collector in a later test.
+    with anthropic.Anthropic(base_url=f"http://127.0.0.1:{gw}", api_key="-", max_retries=0) as client:
+        counted = client.messages.with_raw_response.count_tokens(model="b", messages=messages)  # type: ignore[arg-type]
+        assert counted.parse().input_tokens > 0
+        assert "is stopped: a count does not start it" in counted.headers["x-supervisord-llm-token-count"]
+        bad = httpx.post(f"http://127.0.0.1:{gw}/v1/messages/count_tokens", json={"model": "b", "messages": 5},
+                         headers={"anthropic-version": "2023-06-01"}, timeout=30)  # checked as a served count is
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error", bad.text
+        time.sleep(1.0)
+        assert d.engine("b")["state"] == "stopped" and d.engine("a")["state"] == "ready"
+        assert d.engine("a")["pid"] == a_pid and not [e for e in d.events() if e["kind"].startswith("swap")]
+        answer = client.messages.create(model="b", max_tokens=3, messages=messages)  # type: ignore[arg-type]
+        assert answer.content and d.engine("b")["state"] == "ready" and d.engine("a")["state"] == "stopped"
 
 
 def _silent_ollama(daemon_factory, *flags: str, gateway: str) -> tuple[Any, int]:
@@ -651,9 +652,9 @@ def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> 
     # STATS_PUSH_S; read at once, the count held only the first in one CI run).
     refused_before = d.gateway_counters(lambda g: g["refused"].get("swap", 0) >= 2)["refused"].get("swap", 0)
     assert refused_before == 2
-    with pytest.raises(openai.InternalServerError):
-        openai.OpenAI(base_url=f"http://127.0.0.1:{gw}/v1", api_key="-").chat.completions.create(
-            model="b", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{gw}/v1", api_key="-") as sdk, \
+            pytest.raises(openai.InternalServerError):
+        sdk.chat.completions.create(model="b", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
     d.gateway_counters(lambda g: g["refused"].get("swap", 0) > refused_before)
     time.sleep(0.5)  # a second or third ask, had there been one, is counted by now
     assert d.status()["gateway"]["refused"]["swap"] == refused_before + 1  # asked once, not three times
