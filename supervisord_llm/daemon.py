@@ -230,6 +230,11 @@ class Daemon:
                 refused = saved.get("start_refused")
                 if saved.get("state") == "stopped" and isinstance(refused, dict):
                     sup.start_refused = refused  # status and the metrics keep showing why it is stopped
+                    at = refused.get("at")
+                    if isinstance(at, (int, float)) and not isinstance(at, bool) and math.isfinite(at):
+                        # Its cooldown goes on from the refusal, not from this daemon's start: requests in it get
+                        # the refusal at once instead of a swap for a start likely refused again.
+                        sup.start_refused_at_s = self.clock.now() - max(0.0, self.clock.wall() - float(at))
                 reason = saved.get("reason")
                 if isinstance(reason, str) and reason and saved.get("state") in ("stopped", "failed"):
                     # Why it is stopped, as the last daemon knew it (replaced as soon as it starts).

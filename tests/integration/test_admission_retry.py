@@ -150,3 +150,37 @@ def test_a_daemon_restart_starts_a_refused_preload_again(daemon_factory, tmp_pat
     assert big["start_refused"] is None and big["pid"] is not None
     raised = _episode_resolved(d, "engine.start_refused:big")
     assert raised and raised[-1]["resolved"] is True, raised
+
+
+def test_a_refused_starts_cooldown_outlasts_a_daemon_restart(daemon_factory, tmp_path) -> None:
+    """An engine a request started, refused for memory: the next daemon keeps the refusal's cooldown (a minute
+    from the refusal), so a request right after the restart gets the refusal at once and starts nothing, where
+    it made the new daemon try the start (a swap, in a config with an exclusive engine) again."""
+    seq = tmp_path / "sequence.txt"
+    seq.write_text(f"{tight_vm_stat_sample(tmp_path)}\n")
+    env = {"PATH": f"{STANDINS}:{os.environ['PATH']}", "STANDIN_VM_STAT_SEQUENCE_FILE": str(seq)}
+    gw = free_port()
+    cfg = standin_engine_toml("big", free_port(), footprint="100GB", autostart=False)
+    cfg += ('[probes]\nplatform = "darwin"\ninterval = "0.5s"\n'
+            f'vm_stat = "{STANDINS / "vm_stat"}"\nsysctl = "{STANDINS / "sysctl"}"\n')
+    cfg += '[policies.memory]\nadmission_wait = "1s"\n'
+    cfg += f'[gateway]\nlisten = "127.0.0.1:{gw}"\n'
+    d = daemon_factory(cfg, env=env).start()
+    base = f"http://127.0.0.1:{gw}"
+    first = _chat(base, "big")
+    assert first.status_code == 503 and "needs 100.0 GB" in first.json()["error"]["message"], first.text
+    _refused_stopped(d, "big")
+
+    def refusals() -> int:
+        return len([e for e in d.events() if e["kind"] == "engine.start_refused" and e["engine"] == "big"])
+
+    before = refusals()
+    d.stop()
+    d.start()
+    assert d.engine("big")["start_refused"]["reason"] == "memory"
+    again = _chat(base, "big")
+    assert again.status_code == 503, again.text
+    assert "start it again in" in again.json()["error"]["message"], again.text
+    assert 1 <= int(again.headers["retry-after"]) <= 60
+    time.sleep(2.0)  # a start it had tried would be refused within admission_wait (1 s)
+    assert refusals() == before and d.engine("big")["state"] == "stopped"
