@@ -20,6 +20,7 @@ boot must be dropped by the caller (``from_record(..., now_s=...)`` drops times 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from policies._format import require, secs
@@ -327,15 +328,23 @@ def from_record(record: dict[str, object], *, now_s: float | None = None) -> Bac
     monotonic clock restarted) and is replaced by a fresh state: its times mean nothing now.
     """
 
+    def finite(key: str, v: object) -> float | None:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return None
+        try:
+            seconds = float(v)
+        except OverflowError:  # an int beyond a float's range
+            return None
+        return seconds if math.isfinite(seconds) else None
+
     def floats(key: str) -> tuple[float, ...]:
         value = record.get(key, [])
-        if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-        ):
+        seconds = [finite(key, v) for v in value] if isinstance(value, (list, tuple)) else [None]
+        if any(s is None for s in seconds):
             raise ValueError(
-                f"backoff record: {key} must be a list of numbers (seconds), got {value!r}"
+                f"backoff record: {key} must be a list of finite numbers (seconds), got {value!r}"
             )
-        return tuple(float(v) for v in value)
+        return tuple(s for s in seconds if s is not None)
 
     engine = record.get("engine")
     if not isinstance(engine, str) or not engine:
@@ -346,11 +355,10 @@ def from_record(record: dict[str, object], *, now_s: float | None = None) -> Bac
             f"backoff record: consecutive_failures must be an integer >= 0, got {consecutive!r}"
         )
     last_exit = record.get("last_exit_at_s")
-    if last_exit is not None and (
-        not isinstance(last_exit, (int, float)) or isinstance(last_exit, bool)
-    ):
+    last_exit_s = None if last_exit is None else finite("last_exit_at_s", last_exit)
+    if last_exit is not None and last_exit_s is None:
         raise ValueError(
-            f"backoff record: last_exit_at_s must be a number or null, got {last_exit!r}"
+            f"backoff record: last_exit_at_s must be a finite number or null, got {last_exit!r}"
         )
     last_reason = record.get("last_exit_reason")
     if last_reason is not None and not isinstance(last_reason, str):
@@ -362,7 +370,7 @@ def from_record(record: dict[str, object], *, now_s: float | None = None) -> Bac
         spawn_times_s=floats("spawn_times_s"),
         failure_times_s=floats("failure_times_s"),
         consecutive_failures=consecutive,
-        last_exit_at_s=None if last_exit is None else float(last_exit),
+        last_exit_at_s=last_exit_s,
         last_exit_reason=last_reason,
     )
     if now_s is not None:

@@ -224,17 +224,17 @@ class Daemon:
             if isinstance(saved, dict):
                 sup.restarts = int(saved.get("restarts", 0) or 0)
                 sup.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
-                ready_since = saved.get("ready_since")
-                if isinstance(ready_since, (int, float)) and not isinstance(ready_since, bool) and math.isfinite(ready_since):
-                    sup.saved_ready_since_wall = float(ready_since)  # used only if this daemon adopts the run
+                ready_since = _saved_seconds(saved.get("ready_since"))
+                if ready_since is not None:
+                    sup.saved_ready_since_wall = ready_since  # used only if this daemon adopts the run
                 refused = saved.get("start_refused")
                 if saved.get("state") == "stopped" and isinstance(refused, dict):
                     sup.start_refused = refused  # status and the metrics keep showing why it is stopped
-                    at = refused.get("at")
-                    if isinstance(at, (int, float)) and not isinstance(at, bool) and math.isfinite(at):
+                    at = _saved_seconds(refused.get("at"))
+                    if at is not None:
                         # Its cooldown goes on from the refusal, not from this daemon's start: requests in it get
                         # the refusal at once instead of a swap for a start likely refused again.
-                        sup.start_refused_at_s = self.clock.now() - max(0.0, self.clock.wall() - float(at))
+                        sup.start_refused_at_s = self.clock.now() - max(0.0, self.clock.wall() - at)
                 reason = saved.get("reason")
                 if isinstance(reason, str) and reason and saved.get("state") in ("stopped", "failed"):
                     # Why it is stopped, as the last daemon knew it (replaced as soon as it starts).
@@ -1008,6 +1008,17 @@ class Daemon:
         for ext in self.extensions:
             ext.contribute_status(doc)
         return doc
+
+
+def _saved_seconds(value: object) -> float | None:
+    """A time from the state file as a finite float, or None for anything else (a bool, text, NaN, 1e999, 10**400)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def model_key(engine: Any) -> str:

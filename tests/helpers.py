@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -207,8 +208,6 @@ class Daemon:
 
     def _limit_open_files(self) -> None:
         """In the daemon's process, before it runs: its soft limit on open files (the hard one stays)."""
-        import resource
-
         assert self.open_files is not None
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 

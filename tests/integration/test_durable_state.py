@@ -121,3 +121,25 @@ async def test_alerts_are_journaled_off_the_event_loop_and_none_is_lost_at_exit(
     assert not on_loop, f"{len(on_loop)} fsync(s) ran on the event loop"
     journal = (state / "alerts" / "outbox.jsonl").read_text()
     assert "engine.start_refused:huge" in journal
+
+
+def test_a_saved_time_too_large_for_a_float_is_ignored_and_the_daemon_starts(tmp_path) -> None:
+    """A hand-edited or damaged state file whose times are integers beyond a float's range (JSON allows
+    them) must not stop the daemon from starting: those times are ignored, the rest is kept."""
+    state = short_tmpdir()
+    path = state / "config.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{state}"\n' + standin_engine_toml("s", free_port()))
+    (state / "state.json").write_text(json.dumps({"engines": {"s": {
+        "state": "stopped", "restarts": 3, "reason": "stopped by llmctl", "ready_since": 10**400,
+        "start_refused": {"reason": "memory", "message": "not enough memory", "at": 10**400},
+        "backoff": {"engine": "s", "spawn_times_s": [10**400], "consecutive_failures": 2}}}}))
+    logger = structlog.wrap_logger(structlog.PrintLogger(io.StringIO()))
+    daemon = Daemon(load_config(path), logger=logger)
+    try:
+        daemon.open()
+        sup = daemon.supervisors["s"]
+        assert sup.restarts == 3 and sup.start_refused is not None  # the rest of the saved state is kept
+        assert sup.start_refused_at_s is None and sup.saved_ready_since_wall is None
+        assert sup.backoff.consecutive_failures == 0  # the damaged backoff record is replaced by a fresh one
+    finally:
+        daemon.close()

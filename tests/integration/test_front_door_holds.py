@@ -253,15 +253,19 @@ def _restarted_in_prefill(daemon_factory, call: Callable[[int], object]) -> tupl
                        + '[policies.memory]\nswap_drain = "1s"\n').start()
     first = d.wait_state("e", "ready", 60)["pid"]
     log = d.state_dir / "logs" / "e.log"
-    before = log.read_text(errors="replace").count("stream=True")  # the gateway streams from the engine either way
+    mark = "max_tokens=5 stream=True"  # the test's request (the gateway streams from the engine either way)
+    before = log.read_text(errors="replace").count(mark)
     result: list[object] = []
     thread = threading.Thread(target=lambda: result.append(call(gw)))
     thread.start()
     deadline = time.monotonic() + 20
-    while log.read_text(errors="replace").count("stream=True") == before and time.monotonic() < deadline:
+    while log.read_text(errors="replace").count(mark) == before and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert log.read_text(errors="replace").count(mark) == before + 1, "the request never reached the engine"
     assert d.llmctl("restart", "e", "--force").returncode == 0  # in the request's 3 s prefill, before any head
     thread.join(90)
+    # Sent once more, to the restarted engine (its log goes on in the same file), and only once.
+    assert log.read_text(errors="replace").count(mark) == before + 2, result
     return result[0], first, d.engine("e")["pid"]
 
 

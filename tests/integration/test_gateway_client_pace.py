@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
 import anyio
+import httpx
 import pytest
 
 from supervisord_llm.gateway.proxy import GatewaySettings, Upstream
@@ -33,7 +35,10 @@ def fast_engine() -> Iterator[str]:
         yield base_url
 
 
-def _hold_without_reading(listen: str, path: str, body: dict, hold_s: float) -> bytes:
+def _hold_without_reading(listen: str, path: str, body: dict, hold_s: float,
+                          release: threading.Event | None = None) -> bytes:
+    """Send the request, read the head, then hold the connection without reading for ``hold_s`` (or until
+    ``release`` is set)."""
     host, port = listen.removeprefix("http://").rsplit(":", 1)
     payload = json.dumps(body).encode()
     s = socket.socket()
@@ -43,7 +48,7 @@ def _hold_without_reading(listen: str, path: str, body: dict, hold_s: float) -> 
         s.sendall(f"POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n".encode()
                   + b"anthropic-version: 2023-06-01\r\n" + f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
         head = s.recv(256)
-        time.sleep(hold_s)
+        (release or threading.Event()).wait(hold_s)
         return head
     finally:
         s.close()
@@ -201,18 +206,19 @@ async def test_a_held_stream_whose_client_stops_reading_is_cut_and_gives_its_slo
                                                max_queue=4)}, "e")
     settings = GatewaySettings(client_timeout_s=CLIENT_TIMEOUT_S, client_buffer_bytes=4096, hold_s=30.0)
     body = {"model": "e", "max_tokens": 200000, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    release = threading.Event()  # the client holds its connection, unread, until the test is done with it
     async with running_gateway(backend, settings) as listen:
         async with anyio.create_task_group() as tg:
             tg.start_soon(anyio.to_thread.run_sync, _hold_without_reading, listen, "/v1/chat/completions", body,
-                          CLIENT_TIMEOUT_S + 15)
-            with anyio.fail_after(20):
-                while not backend.finished:
-                    await anyio.sleep(0.05)
-            assert [f.ended for f in backend.finished] == ["client_too_slow"]
-            import httpx
-
-            async with httpx.AsyncClient(timeout=10) as client:
-                r = await client.post(f"{listen}/v1/chat/completions", json={
-                    "model": "e", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
-            assert r.status_code == 200, r.text
-            tg.cancel_scope.cancel()
+                          120.0, release)
+            try:
+                with anyio.fail_after(60):
+                    while not backend.finished:
+                        await anyio.sleep(0.05)
+                assert [f.ended for f in backend.finished] == ["client_too_slow"]
+                async with httpx.AsyncClient(timeout=10) as client:
+                    r = await client.post(f"{listen}/v1/chat/completions", json={
+                        "model": "e", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 200, r.text
+            finally:
+                release.set()

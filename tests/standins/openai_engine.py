@@ -250,7 +250,7 @@ def main() -> None:
                 number = stats["requests"]
                 stats["running"] += 1
             print(f"request {number} {self.path} loaded={loaded()} keep_alive={body.get('keep_alive')} "
-                  f"stream={body.get('stream') is True}", flush=True)
+                  f"max_tokens={body.get('max_tokens')} stream={body.get('stream') is True}", flush=True)
             keep_alive = body.get("keep_alive")
             try:
                 ensure_loaded()

@@ -239,12 +239,15 @@ def test_record_from_an_earlier_boot_is_dropped() -> None:
     ("record", "needle"),
     [
         ({"engine": ""}, "engine must be a non-empty string"),
-        ({"engine": "mlx", "spawn_times_s": "soon"}, "spawn_times_s must be a list of numbers"),
+        ({"engine": "mlx", "spawn_times_s": "soon"}, "spawn_times_s must be a list of finite numbers"),
+        ({"engine": "mlx", "spawn_times_s": [1.0, 10**400]}, "spawn_times_s must be a list of finite numbers"),
+        ({"engine": "mlx", "failure_times_s": [float("nan")]}, "failure_times_s must be a list of finite"),
         (
             {"engine": "mlx", "consecutive_failures": -1},
             "consecutive_failures must be an integer >= 0",
         ),
-        ({"engine": "mlx", "last_exit_at_s": "x"}, "last_exit_at_s must be a number or null"),
+        ({"engine": "mlx", "last_exit_at_s": "x"}, "last_exit_at_s must be a finite number or null"),
+        ({"engine": "mlx", "last_exit_at_s": 10**400}, "last_exit_at_s must be a finite number or null"),
     ],
 )
 def test_bad_record_names_the_key(record: dict[str, object], needle: str) -> None:
