@@ -74,7 +74,8 @@ def check_path_safe(raw_path: bytes, *, encoded_slash: bool = False) -> PathVerd
                                                        "encoded twice); send a plain path such as /v1/chat/completions")
     decoded = unquote_to_bytes(raw_path)
     if any(b < 0x20 or b == 0x7F for b in decoded):
-        return PathVerdict(False, 400, "invalid_path", "the path contains control characters")
+        return PathVerdict(False, 400, "invalid_path", "the path contains control characters; send a plain "
+                                                       "path such as /v1/chat/completions")
     if any(segment in (b".", b"..") for segment in decoded.split(b"/")):
         return PathVerdict(False, 400, "invalid_path", "the path contains dot segments ('.' or '..', also "
                                                        "percent-encoded); send a plain path such as /v1/chat/completions")

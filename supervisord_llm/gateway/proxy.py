@@ -117,6 +117,8 @@ MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 # A translated stream sends the client a ping after this long without any other event.
 TRANSLATED_PING_INTERVAL_S = 5.0
+# How long past hold_s the gateway waits for the backend's own answer to a hold that ran out (it says why).
+ACQUIRE_ANSWER_GRACE_S = 2.0
 # On a count_tokens answer: "engine" (its own count_tokens), "engine-tokenizer" (its /tokenize),
 # or "estimate (...)" saying how.
 TOKEN_COUNT_HEADER = "x-supervisord-llm-token-count"
@@ -1647,6 +1649,8 @@ class _Gateway:
         if not self.admits(request):
             return self.unauthorized(anthropic_client)
         model_id = request.path_params["model_id"]
+        if not model_id:  # /v1/models/ with its trailing slash: the list, not the default engine's model
+            return await self.models(request)
         entries = [_listed(m) for m in self.backend.models()]
         routed = self.backend.engine_for(model_id)  # a name its model is served under too
         for entry in entries:
@@ -1704,9 +1708,11 @@ class _Gateway:
                 body = await self.read_body(request)
         except TimeoutError:
             self.stats.refuse("body_timeout")
+            # The connection is closed with it: the rest of this body, or a next request sent on the connection,
+            # would otherwise be read out of step (a new request's first bytes taken as this body's end).
             return error_response(
                 anthropic, 408, f"the request body did not arrive within the gateway's body_timeout_s "
-                f"({self.settings.body_timeout_s:g}s)", "request_timeout"
+                f"({self.settings.body_timeout_s:g}s)", "request_timeout", headers={"connection": "close"}
             )
         except ClientDisconnect:
             # The client is gone: nobody reads this answer and nothing was forwarded. An error reply
@@ -1733,7 +1739,7 @@ class _Gateway:
         needs_json = path in OPENAI_PATHS or path in OLLAMA_API_PATHS or anthropic
         if body and (needs_json or "json" in content_type):
             try:
-                doc = json.loads(body)
+                doc = json.loads(body, parse_constant=_refuse_constant)
             except ValueError as exc:
                 return self._invalid(anthropic, f"request body is not valid JSON: {exc}", "invalid_json")
             except RecursionError:
@@ -2082,7 +2088,10 @@ class _Gateway:
         stats.waiting += 1
         hold_s = self.settings.hold_s
         try:
-            with anyio.move_on_after(hold_s):
+            # The backend holds the request hold_s itself and then answers why it could not be served (in
+            # backoff until when, failed, still starting); this deadline, a little later, is for a backend
+            # that does not answer (with hold_s = 0 it would otherwise cut every such answer short).
+            with anyio.move_on_after(hold_s + ACQUIRE_ANSWER_GRACE_S):
                 return await self.backend.acquire(model, may_start=may_start)
             name = model or self.backend.default_engine() or "(default)"
             raise EngineUnavailable(
@@ -2429,9 +2438,17 @@ class _Counted:
                 self.inner.on_done()
 
 
+def _refuse_constant(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (Python's json writes and reads them): refused, not
+    forwarded to an engine whose own parser may fail on them (and have the request sent again)."""
+    raise ValueError(f"{name} is not a JSON number; numbers must be finite (such as 0.7 or 512)")
+
+
 def _messages_path(path: str) -> bool:
-    """A path of the Anthropic Messages API: its answers, refusals included, come in that API's shape."""
-    return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
+    """A path of the Anthropic Messages API: its answers, refusals included, come in that API's shape. Any
+    path that begins so (``/v1/messages\\count_tokens``, ``/v1/messages;x``, ``/v1/messages%00`` too), as the
+    header timeout's answer judges it from the request line."""
+    return path.startswith(MESSAGES_PATH)
 
 
 async def _not_served(request: Request, exc: Exception) -> Response:

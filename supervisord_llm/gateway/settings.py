@@ -260,9 +260,16 @@ def read_gateway(t: Table, environ: Mapping[str, str]) -> GatewaySettings:
         kwargs["host"], kwargs["port"] = t.checked("listen", parse_listen)
     api_key, source = t.secret("api_key", environ)
     if api_key is not None:
-        if not isinstance(api_key, str) or not api_key:
+        where = "the key" if source == "api_key" else "the environment variable"
+        if not isinstance(api_key, str) or not api_key.strip():
             raise t.error(source, "expected a non-empty string (the key is never logged)"
                           if source == "api_key" else "the environment variable is empty; it must hold the key")
+        if api_key != api_key.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F or ord(c) > 0x7E for c in api_key):
+            # A client sends it in an HTTP header, which cannot carry these (a trailing newline from a key file
+            # read into the variable is the usual one): no request could ever match it.
+            raise t.error(source, f"{where} has leading or trailing whitespace, control characters or non-ASCII "
+                                  "characters, which no client can send in an HTTP header; use printable ASCII "
+                                  "(the key is never logged)")
         kwargs["api_key"] = api_key
     try:
         settings = GatewaySettings(**kwargs)

@@ -200,6 +200,10 @@ def test_path_escapes_never_reach_the_engine_and_are_answered_in_the_api_shape(d
         assert status == 400 and doc["error"]["code"] == "invalid_path", (path, doc)
     status, doc = _raw(gw, "POST", "/v1/messages/../../api/pull", body)
     assert status == 400 and doc["type"] == "error" and doc["error"]["type"] == "invalid_request_error"
+    for path in ("/v1/messages\\count_tokens", "/v1/messages%5ccount_tokens", "/v1/messages%00", "/v1/messages;x"):
+        status, doc = _raw(gw, "POST", path, body)  # an Anthropic client's typo or probe: still its shape
+        assert status in (400, 404) and doc["type"] == "error", (path, doc)
+        assert "/v1/" in doc["error"]["message"], doc  # what a valid path looks like
     # A "?" sent encoded does not hide the dot segments after it; a path encoded twice is refused too.
     for path in ("/v1/messages/x%3F/../../../api/pull", "/v1/messages/%252e%252e/%252e%252e/api/pull",
                  "/../api/pull", "/api/%2e%2e/pull", "/v1/models/%2e%2e"):
@@ -534,6 +538,11 @@ def test_a_slow_body_is_cut_and_an_oversized_one_refused_while_others_are_served
             if not chunk:
                 break
             answer += chunk
+        # The connection is closed with the answer: the rest of that body, or a next request a pool sends on it,
+        # would be read out of step (a new request's first bytes taken as the old body's end).
+        assert "connection: close" in answer.lower(), answer
+        slow.settimeout(5)
+        assert slow.recv(4096) == b"", "the connection stayed open after the 408"
     assert answer.startswith("HTTP/1.1 408") and "body_timeout_s" in answer
     big = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", content=b"x" * 70_000, timeout=30,
                      headers={"content-type": "application/json"})
@@ -759,6 +768,28 @@ def test_a_gateway_open_to_the_network_without_a_key_is_a_config_error(tmp_path:
     run = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "run", "--config", str(config)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "gateway.listen" in run.stderr and "api_key" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(("line", "env", "needle"), [
+    ('api_key = " "', None, "non-empty"),
+    ('api_key = "s3cret\\n"', None, "whitespace"),
+    ('api_key_env = "GW_KEY"', "s3cret-key\n", "whitespace"),  # a key file read with a trailing newline
+    ('api_key = "clé-secrète"', None, "ASCII"),
+])
+def test_a_key_no_client_could_send_is_a_config_error(tmp_path: Path, line: str, env: str | None,
+                                                       needle: str) -> None:
+    """A gateway open to the network with a key no request can match (blank, or with what an HTTP header cannot
+    carry) is as open as none would be useful: check-config refuses it, naming the key and what is valid."""
+    import os
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[gateway]\nlisten = "0.0.0.0:8000"\n{line}\n')
+    environ = {**os.environ, **({"GW_KEY": env} if env is not None else {})}
+    done = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(config)],
+                          capture_output=True, text=True, check=False, env=environ)
+    assert done.returncode == 2 and needle in done.stderr, done.stderr
+    assert ("gateway.api_key_env" if env is not None else "gateway.api_key") in done.stderr, done.stderr
+    assert "s3cret" not in done.stderr  # the key is never shown
 
 
 def test_idle_unload_in_seconds_loads(tmp_path: Path) -> None:

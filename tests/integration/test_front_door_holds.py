@@ -366,6 +366,30 @@ def test_a_request_whose_engine_died_into_backoff_gets_the_usual_503_with_retry_
     assert d.gateway_counters(lambda g: g["refused"].get("backoff", 0) >= 1)["refused"].get("backoff") == 1
 
 
+def test_with_no_hold_time_a_request_for_an_engine_in_backoff_is_told_why_and_until_when(daemon_factory) -> None:
+    """``hold_s = 0``: nothing is held, but a request for an engine in its restart backoff still gets the daemon's
+    answer (reason backoff, Retry-After the seconds to its next start, and until when), not a "hold time of 0s"
+    with Retry-After 1 that sends its client back 59 times."""
+    import os
+    import signal
+
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "0s"\n').start()
+    pid = d.wait_state("e", "ready", 30)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    d.wait_state("e", "backoff", 30)  # its 60 s spawn floor
+    for path, anthropic in (("/v1/chat/completions", False), ("/v1/messages", True)):
+        r = httpx.post(f"http://127.0.0.1:{gw}{path}", timeout=30, json={"model": "e", "max_tokens": 3, **CHAT},
+                       headers=ANTHROPIC_HEADERS if anthropic else None)
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert (r.json().get("type") == "error") is anthropic, r.text
+        if not anthropic:
+            assert error["reason"] == "backoff" and error["until"], error
+        assert "backoff" in error["message"] and 10 <= int(r.headers["retry-after"]) <= 60, (r.headers, error)
+
+
 # ---------------------------------------------------------------------------------------------
 # 100 clients through a manual restart
 

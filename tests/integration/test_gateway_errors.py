@@ -48,6 +48,36 @@ async def test_deeply_nested_json_is_a_400_in_each_api_shape_and_the_gateway_kee
     assert backend.started == []
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_json_that_is_not_standard_is_a_400_and_never_reaches_the_engine(constant: str) -> None:
+    """NaN and Infinity (Python's json writes them, no JSON parser of an engine need read them): a 400 naming
+    the value and what is valid, in each API shape; nothing is started or forwarded."""
+    backend = _backend()
+    body = b'{"model": "tiny", "max_tokens": ' + constant.encode() + b', "messages": [{"role": "user", "content": "hi"}]}'
+    async with running_gateway(backend) as url:
+        async with httpx.AsyncClient(timeout=30) as http:
+            headers = {"content-type": "application/json"}
+            chat = await http.post(url + "/v1/chat/completions", content=body, headers=headers)
+            messages = await http.post(url + "/v1/messages", content=body, headers=headers)
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "invalid_json", chat.text
+    assert constant.lstrip("-") in chat.json()["error"]["message"] and "finite" in chat.json()["error"]["message"]
+    assert messages.status_code == 400 and messages.json()["type"] == "error", messages.text
+    assert backend.started == []
+
+
+@pytest.mark.anyio
+async def test_the_model_list_with_a_trailing_slash_is_the_list() -> None:
+    """GET /v1/models/ is the list, not the default engine's model as if it were its id."""
+    backend = Backend({"tiny": Upstream("tiny", "http://127.0.0.1:9", "mlx_lm", False, None),
+                       "other": Upstream("other", "http://127.0.0.1:9", "mlx_lm", False, None)}, "tiny")
+    async with running_gateway(backend) as url:
+        async with httpx.AsyncClient(timeout=30) as http:
+            listed = await http.get(url + "/v1/models/")
+    assert listed.status_code == 200 and listed.json()["object"] == "list", listed.text
+    assert sorted(m["id"] for m in listed.json()["data"]) == ["other", "tiny"]
+
+
 class _Recorder:
     """A logger that keeps what the gateway logs (to see that no traceback is logged)."""
 
