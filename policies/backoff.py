@@ -161,6 +161,14 @@ def next_start_at(state: BackoffState, settings: BackoffSettings, now_s: float) 
     return at_s
 
 
+def streak_backoff_at(state: BackoffState, settings: BackoffSettings) -> float | None:
+    """When the failure streak's own wait after its last exit ends (``next_start_at`` without the floor between
+    spawns); None with no streak. Before it, an engine waits because it failed; after it, only the floor holds."""
+    if state.consecutive_failures <= 0 or state.last_exit_at_s is None:
+        return None
+    return state.last_exit_at_s + settings.delay_s(state.consecutive_failures)
+
+
 def on_demand_start_at(state: BackoffState, settings: BackoffSettings, now_s: float) -> float:
     """The earliest time a start that no person asked for (a request for an unloaded model, a swap
     by the gateway) may spawn: the 60 s floor holds for it as for any automatic spawn, so a client
@@ -297,7 +305,10 @@ def automatic_start_allowed(
     and the swap would stop what runs for nothing. A person's ``llmctl switch`` or ``llmctl start``
     does not ask this.
     """
-    verdict = manual_start_allowed(state, settings, now_s, False)
+    # The floor between two spawns holds an on-demand start as a wait (``on_demand_start_at``), not a refusal:
+    # only the failure streak's own backoff refuses (an engine that crashed twice, came back and was swapped
+    # out a minute later is not refused for its last spawn's floor, as one with no crash behind it is not).
+    verdict = manual_start_allowed(replace(state, spawn_times_s=()), settings, now_s, False)
     if isinstance(verdict, Admit) and waiting is not None:
         return Refuse(state.engine, "waiting", waiting)
     if isinstance(verdict, Admit) and refused_at_s is not None and now_s - refused_at_s < refusal_cooldown_s:
@@ -396,5 +407,6 @@ __all__ = [
     "next_start_at",
     "record_exit",
     "record_spawn",
+    "streak_backoff_at",
     "to_record",
 ]

@@ -203,8 +203,9 @@ def _engine_row(e: dict[str, Any]) -> list[str]:
     elif e.get("state") == "stopped" and e.get("start_refused"):
         note = f"start refused ({e['start_refused']['reason']}): see below"
     elif e.get("start_allowed_in_s") is not None:
+        last_failure = e.get("streak_last_failure") or (e.get("last_exit") or {}).get("reason") or "exited"
         note = (f"a start is allowed in {format_duration(e['start_allowed_in_s'])} (a failure streak: "
-                f"{(e.get('last_exit') or {}).get('reason') or 'exited'}); --force starts it now")
+                f"{last_failure}); --force starts it now")
     elif e.get("last_canary") and not e["last_canary"].get("ok"):
         note = f"canary: {e['last_canary'].get('error')}"
     return [e["name"], e["engine"], e["state"], str(e.get("pid") or "-"), str(e.get("port")),

@@ -107,6 +107,12 @@ class DaemonGatewayBackend:
 
     def _unavailable(self, sup: EngineSupervisor) -> EngineUnavailable:
         now = self.daemon.clock.now()
+        if sup.state == EngineState.BACKOFF and sup.next_start_at_s is not None and sup.floor_wait:
+            wait = max(1.0, sup.next_start_at_s - now)
+            return EngineUnavailable(sup.name, "backoff",
+                                     f"{sup.name} starts in {wait:.0f}s ({sup.state_reason}); it did not serve "
+                                     f"within the gateway hold time ({self.hold_s:.0f}s)",
+                                     retry_after_s=wait, until_wall=self.daemon.clock.wall() + wait)
         if sup.state == EngineState.BACKOFF and sup.next_start_at_s is not None:
             wait = max(1.0, sup.next_start_at_s - now)
             return EngineUnavailable(sup.name, "backoff",
@@ -131,7 +137,7 @@ class DaemonGatewayBackend:
         if not self.turns.must_hold(sup.name):
             self.turns.let_through(sup.name)
             return self._upstream(sup)
-        if sup.state in (EngineState.BACKOFF, EngineState.FAILED):
+        if _refused_while_waiting(sup):
             raise self._unavailable(sup)
         # Held in the engine's group (gateway/turns.py): served when its turn comes and it serves,
         # swapped in when its turn comes and it is not resident.
@@ -155,8 +161,10 @@ class DaemonGatewayBackend:
     def start_swap(self, name: str, *, may_start: bool = True) -> bool | Exception:
         daemon = self.daemon
         sup = daemon.supervisors[name]
-        if daemon.swap_target is not None or sup.resident:
-            return False  # a swap runs (the turn comes again after it) or the engine is (re)starting
+        if daemon.swap_target is not None or sup.resident or (sup.state == EngineState.BACKOFF and sup.floor_wait):
+            # A swap runs (the turn comes again after it), the engine is (re)starting, or its start is scheduled
+            # once the floor between spawns has passed (the requests wait for it, within hold_s).
+            return False
         if not may_start:
             # No request waiting for it may start it (gateway.swaps): it stays as the operator left it, the
             # same answer the gateway gives a request for an engine already stopped.
@@ -281,7 +289,7 @@ class _Turns:
 
     def unavailable(self, engine: str) -> Exception | None:
         sup = self.daemon.supervisors[engine]
-        if sup.state in (EngineState.BACKOFF, EngineState.FAILED) and self.daemon.swap_target != engine:
+        if _refused_while_waiting(sup) and self.daemon.swap_target != engine:
             return self.backend._unavailable(sup)
         return None
 
@@ -422,3 +430,9 @@ def install_extensions(daemon: Daemon) -> None:
         from supervisord_llm.subsystems.gpu import GpuExtension
 
         daemon.extensions.append(GpuExtension(daemon))
+
+
+def _refused_while_waiting(sup: EngineSupervisor) -> bool:
+    """A request for an engine in its restart backoff after a failure, or failed, gets the 503 at once; one for
+    an engine waiting only for the floor between spawns (no failure behind it) is held for its start."""
+    return sup.state == EngineState.FAILED or (sup.state == EngineState.BACKOFF and not sup.floor_wait)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -265,6 +266,9 @@ class EngineSupervisor:
         self.gen = 0
         self.restarts = 0
         self.next_start_at_s: float | None = None
+        # In BACKOFF only for the floor between spawns (no failure behind it: a daemon restart inside the floor, a
+        # restart a policy asked for): its start is scheduled, and the gateway holds requests for it.
+        self.floor_wait = False
         self.last_exit: dict[str, Any] | None = None
         self.diagnosis: Diagnosis | None = None
         self.last_canary: CanaryReading | None = None
@@ -393,10 +397,18 @@ class EngineSupervisor:
             # Inside the floor or a backoff. The exit may be missing from the record (a daemon killed
             # before its last state write landed): the spawn time, written before every fork, says
             # the engine ran less than min_interval ago and is gone now, so this is a backoff too.
-            if self.backoff.consecutive_failures > 0 and self.backoff.last_exit_reason:
+            settings = self.host.backoff_settings
+            streak_at_s = backoff.streak_backoff_at(self.backoff, settings)
+            if streak_at_s is not None and streak_at_s > now and self.backoff.last_exit_reason:
                 reason = self.backoff.last_exit_reason
+                self.floor_wait = False
             else:
-                reason = "spawned less than min_interval before the daemon restarted and not running now"
+                # No failure holds it, only the floor: say so (not an old crash whose backoff has passed).
+                last = self.backoff.last_spawn_at_s
+                ago = f" {now - last:.0f}s ago" if last is not None else ""
+                reason = (f"waiting for the {settings.min_interval_s:.0f}s floor between spawns: last spawned{ago}, "
+                          "before the daemon restarted, and not running now")
+                self.floor_wait = True
             self._new_generation()
             self.next_start_at_s = at_s
             self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(at_s - now, 1))
@@ -466,6 +478,7 @@ class EngineSupervisor:
             self.ready_since_s = self.ready_here_since_s = None
         if state != EngineState.BACKOFF:
             self.next_start_at_s = None
+            self.floor_wait = False
         self.host.events.emit("engine.state_changed", engine=self.name, **{"from": str(previous)},
                                 to=str(state), reason=reason, pid=self.proc.pid if self.proc else None, **fields)
         self.host.persist()
@@ -584,6 +597,7 @@ class EngineSupervisor:
         # the new spawn has nothing to signal.
         self.proc = None
         self.diagnosis = None
+        self.start_check = None  # the last run's start checks say nothing about this one
         fields: dict[str, Any] = {"manual": manual}
         if overrode:
             fields["overrode"] = overrode
@@ -594,12 +608,18 @@ class EngineSupervisor:
         """Admission, port check, spawn: the part of a start before the process exists."""
         try:
             if not manual:
-                at_s = backoff.on_demand_start_at(self.backoff, self.host.backoff_settings, self.clock.now())
-                if at_s > self.clock.now():
+                now = self.clock.now()
+                at_s = backoff.on_demand_start_at(self.backoff, self.host.backoff_settings, now)
+                if at_s > now:
                     self.host.events.emit("policy.decided", engine=self.name, policy="spawn_floor", decision="wait",
                                             wait_s=round(at_s - self.clock.now(), 1),
                                             min_interval_s=self.host.backoff_settings.min_interval_s)
+                    # What status shows while it waits (a request is held for it meanwhile).
+                    self.start_check = (f"waiting for the {self.host.backoff_settings.min_interval_s:.0f}s floor "
+                                        f"between spawns: spawns at "
+                                        f"{time.strftime('%H:%M:%S UTC', time.gmtime(self.clock.wall() + at_s - now))}")
                     await anyio.sleep(max(0.0, at_s - self.clock.now()))
+                    self.start_check = None
             await self.host.admit(self)
             holder = await anyio.to_thread.run_sync(port_holder, self.config.host, self.config.port)
             if holder is not None:
@@ -818,6 +838,7 @@ class EngineSupervisor:
         now = self.clock.now()
         at_s = backoff.next_start_at(self.backoff, self.host.backoff_settings, now)
         self.next_start_at_s = at_s
+        self.floor_wait = True
         self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(at_s - now, 1))
         self.next_start_at_s = at_s
         self._spawn_worker(self._backoff_timer, self.gen, at_s)
@@ -847,6 +868,7 @@ class EngineSupervisor:
         assert isinstance(first, WaitUntil)
         self.restarts += 1
         self.next_start_at_s = first.at_s
+        self.floor_wait = False
         self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(first.at_s - now, 1))
         self.next_start_at_s = first.at_s  # _set_state clears it for other states only
         self._spawn_worker(self._backoff_timer, self.gen, first.at_s)
@@ -1017,6 +1039,8 @@ class EngineSupervisor:
             # Stopped or failed with a failure streak whose backoff has not passed: no start is scheduled, and
             # `llmctl start` (or a request's start) is refused for this long unless forced.
             "start_allowed_in_s": self._start_allowed_in_s(now),
+            # The last failure of that streak (``last_exit`` may be a planned stop since: a swap, llmctl stop).
+            "streak_last_failure": self.backoff.last_exit_reason if self.backoff.consecutive_failures else None,
             "last_exit": self.last_exit,
             "diagnosis": _diag_dict(self.diagnosis),
             "tokens_per_s": tps,

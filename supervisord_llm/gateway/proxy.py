@@ -339,7 +339,8 @@ class GatewayStats:
         self.upstream_retries = 0  # sends retried after the engine dropped the connection unanswered
         self.clients_cut = 0  # clients cut for not draining their stream buffer within client_timeout_s
         self.engines: dict[str, dict[str, int]] = {}
-        # Requests the door turned away, by why: path, method, key, invalid_json, invalid_model, origin, host,
+        # Requests the door turned away, by why: path, method, key, invalid_json, invalid_model, invalid_request
+        # (a Messages API request breaking its rules), origin, host,
         # body_timeout, body_too_large, header_timeout, bad_http, swap, queue_full, queue_timeout, connections;
         # and an engine that cannot serve, by the daemon's reason: hold_timeout, backoff, failed, draining, ...,
         # model_not_found.
@@ -1759,6 +1760,14 @@ class _Gateway:
         elif needs_json and request.method == "POST":
             return self._invalid(anthropic, "request body is empty; expected a JSON object", "invalid_json")
 
+        if path in (MESSAGES_PATH, COUNT_TOKENS_PATH) and isinstance(doc, dict):
+            # The Messages API's own rules (max_tokens, messages, roles...), checked before anything is started or
+            # swapped in for the request: a request bound to fail must not cost the resident model its place.
+            try:
+                anthropic_api.check_request(doc if path == MESSAGES_PATH else {"max_tokens": 1, **doc})
+            except anthropic_api.RequestInvalid as exc:
+                self.stats.refuse("invalid_request")
+                return error_response(True, 400, str(exc), "invalid_request", field=exc.field)
         if path in KIND_DEPENDENT_PATHS:
             entry = self._engine_entry(model)
             if entry is not None:  # known before routing: no engine is started for a path it does not serve

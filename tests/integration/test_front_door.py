@@ -632,6 +632,27 @@ def test_every_refusal_is_counted_by_why(daemon_factory) -> None:
         assert f'supervisord_llm_gateway_refused_total{{reason="{reason}"}} {float(n)}' in scrape, reason
 
 
+def test_a_messages_request_bound_to_fail_starts_and_swaps_nothing(daemon_factory) -> None:
+    """A /v1/messages request that breaks the Messages API's rules (max_tokens not a number, a role that is not
+    one) for a stopped exclusive engine: a 400 naming the field at once, in Anthropic's shape; the resident
+    exclusive engine keeps its place (before, it was swapped out for the doomed request) and the stopped one
+    is not started."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), default=True, exclusive=True)
+                       + standin_engine_toml("b", free_port(), autostart=False, exclusive=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    a_pid = d.wait_state("a", "ready", 30)["pid"]
+    for bad, field in (({"max_tokens": "x"}, "max_tokens"),
+                       ({"max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]}, "role")):
+        r = httpx.post(f"http://127.0.0.1:{gw}/v1/messages", timeout=30, headers={"anthropic-version": "2023-06-01"},
+                       json={"model": "b", "messages": [{"role": "user", "content": "hi"}], **bad})
+        assert r.status_code == 400 and r.json()["type"] == "error", r.text
+        assert r.json()["error"]["type"] == "invalid_request_error" and field in r.json()["error"]["message"], r.text
+    time.sleep(1)
+    assert d.engine("b")["state"] == "stopped" and d.engine("a")["pid"] == a_pid
+    assert not [e for e in d.events() if e["kind"] == "swap.started"]
+
+
 def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> None:
     """With swaps = "never" a request for a stopped engine gets 503 naming `llmctl start`; the operator can start it."""
     gw = free_port()

@@ -390,6 +390,58 @@ def test_with_no_hold_time_a_request_for_an_engine_in_backoff_is_told_why_and_un
         assert "backoff" in error["message"] and 10 <= int(r.headers["retry-after"]) <= 60, (r.headers, error)
 
 
+@pytest.mark.long_wait
+def test_after_a_clean_daemon_restart_inside_the_spawn_floor_requests_are_held_for_the_start(daemon_factory) -> None:
+    """The daemon stops its engine on SIGTERM and is started again at once: the engine waits out its 60 s floor
+    between spawns. No failure is behind that wait, so status says it is the floor (not an old crash's reason),
+    and a request is held for the start and served, not refused with a 503 as one for a crashed engine is. An
+    old crash whose backoff has passed does not change that."""
+    import os
+    import signal
+
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), default=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "90s"\n').start()
+    os.kill(d.wait_state("e", "ready", 30)["pid"], signal.SIGKILL)  # an old crash (its 60 s wait passes below)
+    d.wait_state("e", "ready", 90)  # started again 60 s after the crash: its backoff is over, the floor is not
+    d.stop()
+    d.start()
+    engine = d.wait_state("e", "backoff", 30)
+    assert "floor between spawns" in engine["state_reason"] and "SIGKILL" not in engine["state_reason"], engine
+    started = time.monotonic()
+    r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=120,
+                   json={"model": "e", "max_tokens": 3, **CHAT})
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - started > 5  # held for the start, not served by a running engine
+    assert d.engine("e")["state"] == "ready"
+
+
+@pytest.mark.long_wait
+def test_status_says_an_on_demand_start_waits_for_the_spawn_floor(daemon_factory) -> None:
+    """Unloaded when idle 10 s after it started, then asked for: the start waits for the 60 s floor between
+    spawns while the request is held. `llmctl status` says that, not the last run's start check
+    ("/health: ConnectError"); the request is then served."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), default=True, idle_unload="10s")
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "90s"\n').start()
+    d.wait_state("e", "ready", 30)
+    d.wait_state("e", "stopped", 60)
+    results: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: results.append(httpx.post(
+        f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=120, json={"model": "e", "max_tokens": 3, **CHAT})))
+    thread.start()
+    engine = d.wait_state("e", "starting", 30)
+    deadline = time.monotonic() + 10
+    while "floor" not in (engine.get("start_check") or "") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        engine = d.engine("e")
+    assert engine["pid"] is None and "floor between spawns" in (engine["start_check"] or ""), engine
+    shown = d.llmctl("status")
+    assert "floor between spawns" in shown.stdout and "ConnectError" not in shown.stdout, shown.stdout
+    thread.join(120)
+    assert results and results[0].status_code == 200, results
+
+
 # ---------------------------------------------------------------------------------------------
 # 100 clients through a manual restart
 

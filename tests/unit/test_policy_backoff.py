@@ -15,6 +15,7 @@ from policies.backoff import (
     is_failed,
     manual_start_allowed,
     next_start_at,
+    on_demand_start_at,
     record_exit,
     record_spawn,
     refusal_cooldown_s,
@@ -283,3 +284,19 @@ def test_the_refusal_cooldown_is_the_admission_wait_and_at_least_a_minute() -> N
 def test_without_a_standing_refusal_automatic_starts_follow_the_backoff_alone() -> None:
     assert isinstance(automatic_start_allowed(BackoffState(engine="big"), S, 1000.0, refused_at_s=None,
                                               refusal_cooldown_s=300.0), Admit)
+
+
+def test_an_engine_whose_crash_backoff_has_passed_is_not_refused_a_swap_for_its_spawn_floor() -> None:
+    """Crashed twice, came back (spawned at 1000 s) and swapped out soon after: its streak's backoff (120 s after
+    the last exit) has passed, so a request may swap it in again; the floor between spawns only delays that
+    start (on_demand_start_at), as for an engine with no crash behind it. Inside the streak's backoff it is
+    refused, naming the crash."""
+    clock = FakeClock(start_s=0.0)
+    state = crash_after(BackoffState(engine="a"), clock, 5.0, reason="killed by SIGKILL")
+    clock.advance(100.0)
+    state = crash_after(state, clock, 5.0, reason="killed by SIGKILL")  # the last exit at 110 s
+    inside = automatic_start_allowed(state, S, 150.0)  # 40 s after the second crash: the 120 s backoff holds
+    assert isinstance(inside, Refuse) and inside.reason == "backoff" and "SIGKILL" in inside.message
+    state = record_spawn(state, 1000.0)
+    assert isinstance(automatic_start_allowed(state, S, 1020.0), Admit)
+    assert on_demand_start_at(state, S, 1020.0) == 1060.0  # the floor still holds the start
