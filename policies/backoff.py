@@ -258,6 +258,18 @@ def manual_start_allowed(
     )
 
 
+def start_allowed(
+    state: BackoffState, settings: BackoffSettings, now_s: float, *, force: bool, manual: bool
+) -> Admit | Refuse:
+    """May a start command go ahead now? A person's (``manual``) as ``manual_start_allowed`` says. One on a
+    request's or the daemon's behalf (a swap, an on-demand start after an idle unload) waits out the floor
+    between spawns before it spawns (``on_demand_start_at``), so the floor alone does not refuse it: only the
+    failure streak's own backoff does."""
+    if not manual:
+        state = replace(state, spawn_times_s=())
+    return manual_start_allowed(state, settings, now_s, force)
+
+
 def manual_restart_allowed(
     state: BackoffState, settings: BackoffSettings, now_s: float, force: bool
 ) -> Admit | Refuse:
@@ -308,7 +320,7 @@ def automatic_start_allowed(
     # The floor between two spawns holds an on-demand start as a wait (``on_demand_start_at``), not a refusal:
     # only the failure streak's own backoff refuses (an engine that crashed twice, came back and was swapped
     # out a minute later is not refused for its last spawn's floor, as one with no crash behind it is not).
-    verdict = manual_start_allowed(replace(state, spawn_times_s=()), settings, now_s, False)
+    verdict = start_allowed(state, settings, now_s, force=False, manual=False)
     if isinstance(verdict, Admit) and waiting is not None:
         return Refuse(state.engine, "waiting", waiting)
     if isinstance(verdict, Admit) and refused_at_s is not None and now_s - refused_at_s < refusal_cooldown_s:
@@ -407,6 +419,7 @@ __all__ = [
     "next_start_at",
     "record_exit",
     "record_spawn",
+    "start_allowed",
     "streak_backoff_at",
     "to_record",
 ]

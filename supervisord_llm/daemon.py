@@ -265,10 +265,10 @@ class Daemon:
         for name, saved in engines.items():
             if name not in self.supervisors or not isinstance(saved, dict):
                 continue
-            pid, created, tag = saved.get("pid"), saved.get("create_time"), saved.get("tag")
-            if not isinstance(pid, int) or not isinstance(created, (int, float)) or not isinstance(tag, str):
+            pid, created, tag = saved.get("pid"), _saved_seconds(saved.get("create_time")), saved.get("tag")
+            if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or created is None or not isinstance(tag, str):
                 continue
-            proc = EngineProcess.adopt(pid, float(created), saved.get("argv") or [], tag,
+            proc = EngineProcess.adopt(pid, created, saved.get("argv") or [], tag,
                                        self.supervisors[name].log_path)
             if proc is not None:
                 adopted[name] = proc

@@ -399,8 +399,8 @@ class EngineSupervisor:
             # the engine ran less than min_interval ago and is gone now, so this is a backoff too.
             settings = self.host.backoff_settings
             streak_at_s = backoff.streak_backoff_at(self.backoff, settings)
-            if streak_at_s is not None and streak_at_s > now and self.backoff.last_exit_reason:
-                reason = self.backoff.last_exit_reason
+            if streak_at_s is not None and streak_at_s > now:
+                reason = self.backoff.last_exit_reason or "a failure streak"
                 self.floor_wait = False
             else:
                 # No failure holds it, only the floor: say so (not an old crash whose backoff has passed).
@@ -536,7 +536,8 @@ class EngineSupervisor:
         if self.state == EngineState.STOPPING:
             raise StartRefused(self.name, "stopping", f"{self.name} is stopping; start it again once it is stopped")
         now = self.clock.now()
-        verdict = backoff.manual_start_allowed(self.backoff, self.host.backoff_settings, now, cmd.force)
+        verdict = backoff.start_allowed(self.backoff, self.host.backoff_settings, now, force=cmd.force,
+                                        manual=cmd.manual)
         if isinstance(verdict, Refuse):
             raise StartRefused(self.name, verdict.reason, verdict.message, verdict.until_s)
         if cmd.force or self.state == EngineState.FAILED:
@@ -838,7 +839,8 @@ class EngineSupervisor:
         now = self.clock.now()
         at_s = backoff.next_start_at(self.backoff, self.host.backoff_settings, now)
         self.next_start_at_s = at_s
-        self.floor_wait = True
+        streak_at_s = backoff.streak_backoff_at(self.backoff, self.host.backoff_settings)
+        self.floor_wait = streak_at_s is None or streak_at_s <= now  # else a failure streak's backoff holds it
         self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(at_s - now, 1))
         self.next_start_at_s = at_s
         self._spawn_worker(self._backoff_timer, self.gen, at_s)

@@ -5,6 +5,7 @@ turns a ``POST /v1/messages`` into a streaming ``POST /v1/chat/completions`` and
 stream back into Messages events (or one Message when the client did not ask for a stream).
 Everything here is pure: no I/O, no clock, no logging, so each direction is table-tested.
 
+    check_envelope(doc, count=False)            the Messages API's own rules, for any engine (before routing)
     check_request(doc) -> MessagesRequest       400-worthy problems raise RequestInvalid(field, ...)
     to_openai(request, served_model) -> dict     the chat completions body (always streamed)
     StreamTranslator.feed(engine bytes) -> bytes Anthropic SSE events for the client
@@ -45,6 +46,7 @@ __all__ = [
     "MessagesRequest",
     "RequestInvalid",
     "StreamTranslator",
+    "check_envelope",
     "check_request",
     "estimate_tokens",
     "EngineStreamError",
@@ -205,22 +207,22 @@ def _content(value: Any, where: str, role: str) -> None:
             _expect(block.get("thinking"), str, f"{at}.thinking", "a string")
 
 
-def check_request(doc: Any) -> MessagesRequest:
-    """Check a Messages request; RequestInvalid names the first field that is wrong and what is valid."""
+def check_envelope(doc: Any, *, count: bool = False) -> None:
+    """The Messages API's own rules for any engine, native or translated (``model``, ``max_tokens`` unless
+    ``count``: count_tokens takes none, ``stream``, ``messages`` and their roles); checked before an engine is
+    started or swapped in for the request. RequestInvalid names the first field that is wrong."""
     if not isinstance(doc, dict):
         raise RequestInvalid("(body)", f"expected a JSON object, got {_type_name(doc)}")
-    deep = nesting_depth_exceeded(doc)
-    if deep is not None:
-        raise RequestInvalid(deep, f"nested deeper than {MAX_NESTING_DEPTH} levels")
     model = doc.get("model")
     if model is not None:
         _expect(model, str, "model", "a string")
-    if "max_tokens" not in doc:
-        raise RequestInvalid("max_tokens", "is required: the most tokens to generate, a whole number >= 1")
-    max_tokens = doc["max_tokens"]
-    _expect(max_tokens, int, "max_tokens", "a whole number >= 1")
-    if max_tokens < 1:
-        raise RequestInvalid("max_tokens", f"expected a whole number >= 1, got {max_tokens}")
+    if not count:
+        if "max_tokens" not in doc:
+            raise RequestInvalid("max_tokens", "is required: the most tokens to generate, a whole number >= 1")
+        max_tokens = doc["max_tokens"]
+        _expect(max_tokens, int, "max_tokens", "a whole number >= 1")
+        if max_tokens < 1:
+            raise RequestInvalid("max_tokens", f"expected a whole number >= 1, got {max_tokens}")
     stream = doc.get("stream", False)
     if stream is not None:
         _expect(stream, bool, "stream", "true or false")
@@ -236,7 +238,20 @@ def check_request(doc: Any) -> MessagesRequest:
             raise RequestInvalid(f"{at}.role", f'expected "user" or "assistant", got {role!r}')
         if "content" not in message:
             raise RequestInvalid(f"{at}.content", "is required: a string or an array of content blocks")
-        _content(message["content"], f"{at}.content", role)
+
+
+def check_request(doc: Any) -> MessagesRequest:
+    """Check a Messages request for translation; RequestInvalid names the first field that is wrong and what
+    is valid."""
+    if not isinstance(doc, dict):
+        raise RequestInvalid("(body)", f"expected a JSON object, got {_type_name(doc)}")
+    deep = nesting_depth_exceeded(doc)
+    if deep is not None:
+        raise RequestInvalid(deep, f"nested deeper than {MAX_NESTING_DEPTH} levels")
+    check_envelope(doc)
+    model, max_tokens, stream, messages = doc.get("model"), doc["max_tokens"], doc.get("stream", False), doc["messages"]
+    for i, message in enumerate(messages):
+        _content(message["content"], f"messages[{i}].content", message["role"])
     if doc.get("system") is not None:
         _text_blocks(doc["system"], "system")
     _number(doc, "temperature", 0.0, 2.0)

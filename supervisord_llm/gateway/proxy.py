@@ -1740,7 +1740,7 @@ class _Gateway:
         needs_json = path in OPENAI_PATHS or path in OLLAMA_API_PATHS or anthropic
         if body and (needs_json or "json" in content_type):
             try:
-                doc = json.loads(body, parse_constant=_refuse_constant)
+                doc = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
             except ValueError as exc:
                 return self._invalid(anthropic, f"request body is not valid JSON: {exc}", "invalid_json")
             except RecursionError:
@@ -1761,10 +1761,11 @@ class _Gateway:
             return self._invalid(anthropic, "request body is empty; expected a JSON object", "invalid_json")
 
         if path in (MESSAGES_PATH, COUNT_TOKENS_PATH) and isinstance(doc, dict):
-            # The Messages API's own rules (max_tokens, messages, roles...), checked before anything is started or
+            # The Messages API's own rules (max_tokens, messages, roles), checked before anything is started or
             # swapped in for the request: a request bound to fail must not cost the resident model its place.
+            # What only the translation needs (block types, tools) is checked when it translates.
             try:
-                anthropic_api.check_request(doc if path == MESSAGES_PATH else {"max_tokens": 1, **doc})
+                anthropic_api.check_envelope(doc, count=path == COUNT_TOKENS_PATH)
             except anthropic_api.RequestInvalid as exc:
                 self.stats.refuse("invalid_request")
                 return error_response(True, 400, str(exc), "invalid_request", field=exc.field)
@@ -2451,6 +2452,14 @@ def _refuse_constant(name: str) -> Any:
     """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (Python's json writes and reads them): refused, not
     forwarded to an engine whose own parser may fail on them (and have the request sent again)."""
     raise ValueError(f"{name} is not a JSON number; numbers must be finite (such as 0.7 or 512)")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number too large for a float (``1e999``) would be read as infinity and sent on as ``Infinity``."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the range of a number; numbers must be finite (such as 0.7 or 512)")
+    return value
 
 
 def _messages_path(path: str) -> bool:

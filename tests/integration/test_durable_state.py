@@ -130,6 +130,7 @@ def test_a_saved_time_too_large_for_a_float_is_ignored_and_the_daemon_starts(tmp
     path = state / "config.toml"
     path.write_text(f'[daemon]\nstate_dir = "{state}"\n' + standin_engine_toml("s", free_port()))
     (state / "state.json").write_text(json.dumps({"engines": {"s": {
+        "pid": -5, "create_time": 10**400, "tag": "x/s/1",
         "state": "stopped", "restarts": 3, "reason": "stopped by llmctl", "ready_since": 10**400,
         "start_refused": {"reason": "memory", "message": "not enough memory", "at": 10**400},
         "backoff": {"engine": "s", "spawn_times_s": [10**400], "consecutive_failures": 2}}}}))
@@ -141,5 +142,7 @@ def test_a_saved_time_too_large_for_a_float_is_ignored_and_the_daemon_starts(tmp
         assert sup.restarts == 3 and sup.start_refused is not None  # the rest of the saved state is kept
         assert sup.start_refused_at_s is None and sup.saved_ready_since_wall is None
         assert sup.backoff.consecutive_failures == 0  # the damaged backoff record is replaced by a fresh one
+        adopted, _ = daemon.find_adoptable()  # a pid or create time no process can have: nothing to adopt
+        assert adopted == {}
     finally:
         daemon.close()

@@ -49,7 +49,7 @@ async def test_deeply_nested_json_is_a_400_in_each_api_shape_and_the_gateway_kee
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e999", "-1E400"])
 async def test_json_that_is_not_standard_is_a_400_and_never_reaches_the_engine(constant: str) -> None:
     """NaN and Infinity (Python's json writes them, no JSON parser of an engine need read them): a 400 naming
     the value and what is valid, in each API shape; nothing is started or forwarded."""

@@ -289,3 +289,28 @@ async def test_an_engine_degraded_then_hung_that_recovers_in_place_resolves_both
     sup.step(HealthVerdict(5, Verdict.OK, "generating again"))
     assert sup.state == S.READY
     assert sorted(a.key for a in host.alerts if a.resolved) == ["engine.degraded:e", "engine.hung:e"]
+
+
+@pytest.mark.anyio
+async def test_a_start_on_a_requests_behalf_after_an_old_crash_waits_for_the_floor_instead_of_failing(tmp_path) -> None:
+    """An engine that crashed once (its backoff long over), came back, and was swapped out 20 s later is swapped
+    back in: the swap's start (not a person's) is admitted and its launch waits out the 60 s floor between
+    spawns. Refused, it failed the swap after the resident engine had been stopped for it, and rolled back. A
+    person's start in the same spot is still refused, naming the crash, unless forced."""
+    from policies import backoff
+    from supervisord_llm.engine.supervisor import Command, Op
+
+    for manual in (False, True):
+        sup, host, tg = make(S.STOPPED, tmp_path)
+        now = host.clock.now()
+        state = backoff.record_spawn(backoff.BackoffState(engine="e"), now - 500)
+        state = backoff.record_exit(state, now - 490, 0.0, "killed by SIGKILL", settings=host.backoff_settings)
+        sup.backoff = backoff.record_spawn(state, now - 20)  # came back 20 s ago (started again, swapped out)
+        command = Command(op=Op("start"), manual=manual)
+        sup.step(command)
+        if manual:
+            assert isinstance(command.reply.error, StartRefused) and "SIGKILL" in str(command.reply.error)
+            assert sup.state == S.STOPPED
+        else:
+            assert command.reply.error is None, command.reply.error
+            assert sup.state == S.STARTING and "_launch" in tg.started  # the launch waits for the floor
