@@ -314,3 +314,28 @@ async def test_a_start_on_a_requests_behalf_after_an_old_crash_waits_for_the_flo
         else:
             assert command.reply.error is None, command.reply.error
             assert sup.state == S.STARTING and "_launch" in tg.started  # the launch waits for the floor
+
+
+@pytest.mark.anyio
+async def test_a_daemon_restarted_inside_the_floor_says_why_the_engine_waits(tmp_path) -> None:
+    """At the daemon's start, an engine spawned 20 s ago (by the last daemon) waits in backoff. With an old crash
+    whose backoff has passed, or none, only the floor between spawns holds it: the reason says so and requests
+    are held for it (``floor_wait``), not an old crash's reason with a 503. Inside a crash's backoff, the crash
+    is the reason and requests get the 503."""
+    from policies import backoff
+
+    for crashed_s_ago, floor in ((None, True), (500.0, True), (30.0, False)):
+        sup, host, tg = make(S.STOPPED, tmp_path)
+        now = host.clock.now()
+        state = backoff.BackoffState(engine="e")
+        if crashed_s_ago is not None:
+            state = backoff.record_spawn(state, now - crashed_s_ago - 10)
+            state = backoff.record_exit(state, now - crashed_s_ago, 0.0, "killed by SIGKILL",
+                                        settings=host.backoff_settings)
+        sup.backoff = backoff.record_spawn(state, now - 20) if floor else state
+        sup._autostart()
+        assert sup.state == S.BACKOFF and sup.floor_wait is floor, (crashed_s_ago, sup.state_reason)
+        if floor:
+            assert "floor between spawns" in sup.state_reason and "SIGKILL" not in sup.state_reason
+        else:
+            assert sup.state_reason == "killed by SIGKILL"
