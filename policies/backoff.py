@@ -20,11 +20,11 @@ boot must be dropped by the caller (``from_record(..., now_s=...)`` drops times 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from policies._format import require, secs
 from policies.actions import Admit, Alert, MarkFailed, Refuse, WaitUntil
+from policies.restore import saved_seconds
 
 # The floor below which restarts crash-loop after a Metal OOM (launchd ThrottleInterval lesson).
 MIN_SPAWN_INTERVAL_S = 60.0
@@ -167,6 +167,13 @@ def streak_backoff_at(state: BackoffState, settings: BackoffSettings) -> float |
     if state.consecutive_failures <= 0 or state.last_exit_at_s is None:
         return None
     return state.last_exit_at_s + settings.delay_s(state.consecutive_failures)
+
+
+def only_the_floor_holds(state: BackoffState, settings: BackoffSettings, now_s: float) -> bool:
+    """Whether an engine waiting to start waits only for the floor between spawns, no failure streak's backoff:
+    its start is due soon and requests may wait for it, where one a failure holds answers them at once."""
+    streak_at_s = streak_backoff_at(state, settings)
+    return streak_at_s is None or streak_at_s <= now_s
 
 
 def on_demand_start_at(state: BackoffState, settings: BackoffSettings, now_s: float) -> float:
@@ -351,18 +358,9 @@ def from_record(record: dict[str, object], *, now_s: float | None = None) -> Bac
     monotonic clock restarted) and is replaced by a fresh state: its times mean nothing now.
     """
 
-    def finite(key: str, v: object) -> float | None:
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            return None
-        try:
-            seconds = float(v)
-        except OverflowError:  # an int beyond a float's range
-            return None
-        return seconds if math.isfinite(seconds) else None
-
     def floats(key: str) -> tuple[float, ...]:
         value = record.get(key, [])
-        seconds = [finite(key, v) for v in value] if isinstance(value, (list, tuple)) else [None]
+        seconds = [saved_seconds(v) for v in value] if isinstance(value, (list, tuple)) else [None]
         if any(s is None for s in seconds):
             raise ValueError(
                 f"backoff record: {key} must be a list of finite numbers (seconds), got {value!r}"
@@ -378,7 +376,7 @@ def from_record(record: dict[str, object], *, now_s: float | None = None) -> Bac
             f"backoff record: consecutive_failures must be an integer >= 0, got {consecutive!r}"
         )
     last_exit = record.get("last_exit_at_s")
-    last_exit_s = None if last_exit is None else finite("last_exit_at_s", last_exit)
+    last_exit_s = None if last_exit is None else saved_seconds(last_exit)
     if last_exit is not None and last_exit_s is None:
         raise ValueError(
             f"backoff record: last_exit_at_s must be a finite number or null, got {last_exit!r}"
@@ -417,6 +415,7 @@ __all__ = [
     "manual_restart_allowed",
     "manual_start_allowed",
     "next_start_at",
+    "only_the_floor_holds",
     "record_exit",
     "record_spawn",
     "start_allowed",

@@ -18,6 +18,7 @@ next to each other, whichever other engines of the config are exclusive.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,19 @@ class EngineAtStart:
     autostart: bool
     exclusive: bool = False
     saved: SavedEngine | None = None
+
+
+def saved_seconds(value: object) -> float | None:
+    """A time (or count of seconds) read back from the state file as a finite float; None for anything else: a
+    bool, text, NaN, infinity or an int beyond a float's range (JSON allows ``10**400``; ``float()`` of it
+    raises OverflowError), so a damaged or hand-edited record never stops a daemon from starting."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def was_running(saved: SavedEngine | None) -> bool:
@@ -99,4 +113,4 @@ def engines_to_start(engines: Sequence[EngineAtStart], *, default: str | None,
 
 
 __all__ = ["RUNNING_STATES", "SHUTDOWN_REASON", "EngineAtStart", "SavedEngine", "engines_to_start",
-           "stopped_by_exit", "wanted_at_start", "was_running"]
+           "saved_seconds", "stopped_by_exit", "wanted_at_start", "was_running"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
-import math
 import os
 import sys
 import uuid
@@ -224,13 +223,13 @@ class Daemon:
             if isinstance(saved, dict):
                 sup.restarts = int(saved.get("restarts", 0) or 0)
                 sup.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
-                ready_since = _saved_seconds(saved.get("ready_since"))
+                ready_since = restore.saved_seconds(saved.get("ready_since"))
                 if ready_since is not None:
                     sup.saved_ready_since_wall = ready_since  # used only if this daemon adopts the run
                 refused = saved.get("start_refused")
                 if saved.get("state") == "stopped" and isinstance(refused, dict):
                     sup.start_refused = refused  # status and the metrics keep showing why it is stopped
-                    at = _saved_seconds(refused.get("at"))
+                    at = restore.saved_seconds(refused.get("at"))
                     if at is not None:
                         # Its cooldown goes on from the refusal, not from this daemon's start: requests in it get
                         # the refusal at once instead of a swap for a start likely refused again.
@@ -265,7 +264,7 @@ class Daemon:
         for name, saved in engines.items():
             if name not in self.supervisors or not isinstance(saved, dict):
                 continue
-            pid, created, tag = saved.get("pid"), _saved_seconds(saved.get("create_time")), saved.get("tag")
+            pid, created, tag = saved.get("pid"), restore.saved_seconds(saved.get("create_time")), saved.get("tag")
             if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or created is None or not isinstance(tag, str):
                 continue
             proc = EngineProcess.adopt(pid, created, saved.get("argv") or [], tag,
@@ -1008,17 +1007,6 @@ class Daemon:
         for ext in self.extensions:
             ext.contribute_status(doc)
         return doc
-
-
-def _saved_seconds(value: object) -> float | None:
-    """A time from the state file as a finite float, or None for anything else (a bool, text, NaN, 1e999, 10**400)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    try:
-        seconds = float(value)
-    except OverflowError:  # an int too large for a float
-        return None
-    return seconds if math.isfinite(seconds) else None
 
 
 def model_key(engine: Any) -> str:

@@ -398,17 +398,15 @@ class EngineSupervisor:
             # before its last state write landed): the spawn time, written before every fork, says
             # the engine ran less than min_interval ago and is gone now, so this is a backoff too.
             settings = self.host.backoff_settings
-            streak_at_s = backoff.streak_backoff_at(self.backoff, settings)
-            if streak_at_s is not None and streak_at_s > now:
+            self.floor_wait = backoff.only_the_floor_holds(self.backoff, settings, now)
+            if not self.floor_wait:
                 reason = self.backoff.last_exit_reason or "a failure streak"
-                self.floor_wait = False
             else:
                 # No failure holds it, only the floor: say so (not an old crash whose backoff has passed).
                 last = self.backoff.last_spawn_at_s
                 ago = f" {now - last:.0f}s ago" if last is not None else ""
                 reason = (f"waiting for the {settings.min_interval_s:.0f}s floor between spawns: last spawned{ago}, "
                           "before the daemon restarted, and not running now")
-                self.floor_wait = True
             self._new_generation()
             self.next_start_at_s = at_s
             self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(at_s - now, 1))
@@ -839,8 +837,7 @@ class EngineSupervisor:
         now = self.clock.now()
         at_s = backoff.next_start_at(self.backoff, self.host.backoff_settings, now)
         self.next_start_at_s = at_s
-        streak_at_s = backoff.streak_backoff_at(self.backoff, self.host.backoff_settings)
-        self.floor_wait = streak_at_s is None or streak_at_s <= now  # else a failure streak's backoff holds it
+        self.floor_wait = backoff.only_the_floor_holds(self.backoff, self.host.backoff_settings, now)
         self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(at_s - now, 1))
         self.next_start_at_s = at_s
         self._spawn_worker(self._backoff_timer, self.gen, at_s)
