@@ -107,17 +107,12 @@ class DaemonGatewayBackend:
 
     def _unavailable(self, sup: EngineSupervisor) -> EngineUnavailable:
         now = self.daemon.clock.now()
-        if sup.state == EngineState.BACKOFF and sup.next_start_at_s is not None and sup.floor_wait:
-            wait = max(1.0, sup.next_start_at_s - now)
-            return EngineUnavailable(sup.name, "backoff",
-                                     f"{sup.name} starts in {wait:.0f}s ({sup.state_reason}); it did not serve "
-                                     f"within the gateway hold time ({self.hold_s:.0f}s)",
-                                     retry_after_s=wait, until_wall=self.daemon.clock.wall() + wait)
         if sup.state == EngineState.BACKOFF and sup.next_start_at_s is not None:
             wait = max(1.0, sup.next_start_at_s - now)
-            return EngineUnavailable(sup.name, "backoff",
-                                     f"{sup.name} is in restart backoff after: {sup.state_reason}; "
-                                     f"next start in {wait:.0f}s",
+            message = (f"{sup.name} starts in {wait:.0f}s ({sup.state_reason}); it did not serve within the gateway "
+                       f"hold time ({self.hold_s:.0f}s)" if sup.floor_wait else
+                       f"{sup.name} is in restart backoff after: {sup.state_reason}; next start in {wait:.0f}s")
+            return EngineUnavailable(sup.name, "backoff", message,
                                      retry_after_s=wait, until_wall=self.daemon.clock.wall() + wait)
         if sup.state == EngineState.FAILED:
             return EngineUnavailable(sup.name, "failed",
@@ -161,7 +156,7 @@ class DaemonGatewayBackend:
     def start_swap(self, name: str, *, may_start: bool = True) -> bool | Exception:
         daemon = self.daemon
         sup = daemon.supervisors[name]
-        if daemon.swap_target is not None or sup.resident or (sup.state == EngineState.BACKOFF and sup.floor_wait):
+        if daemon.swap_target is not None or sup.resident or sup.floor_wait:
             # A swap runs (the turn comes again after it), the engine is (re)starting, or its start is scheduled
             # once the floor between spawns has passed (the requests wait for it, within hold_s).
             return False

@@ -266,9 +266,6 @@ class EngineSupervisor:
         self.gen = 0
         self.restarts = 0
         self.next_start_at_s: float | None = None
-        # In BACKOFF only for the floor between spawns (no failure behind it: a daemon restart inside the floor, a
-        # restart a policy asked for): its start is scheduled, and the gateway holds requests for it.
-        self.floor_wait = False
         self.last_exit: dict[str, Any] | None = None
         self.diagnosis: Diagnosis | None = None
         self.last_canary: CanaryReading | None = None
@@ -354,6 +351,14 @@ class EngineSupervisor:
                 or self._sweeping > 0)
 
     @property
+    def floor_wait(self) -> bool:
+        """In backoff only for the floor between spawns, no failure streak's backoff (a daemon restarted inside
+        the floor, a restart a policy asked for, a crash whose own backoff has passed): its start is due, and
+        the gateway holds requests for it where a failure's backoff answers them at once."""
+        return self.state == EngineState.BACKOFF and backoff.only_the_floor_holds(
+            self.backoff, self.host.backoff_settings, self.clock.now())
+
+    @property
     def serving(self) -> bool:
         return self.state in SERVING_STATES
 
@@ -398,8 +403,7 @@ class EngineSupervisor:
             # before its last state write landed): the spawn time, written before every fork, says
             # the engine ran less than min_interval ago and is gone now, so this is a backoff too.
             settings = self.host.backoff_settings
-            self.floor_wait = backoff.only_the_floor_holds(self.backoff, settings, now)
-            if not self.floor_wait:
+            if not backoff.only_the_floor_holds(self.backoff, settings, now):
                 reason = self.backoff.last_exit_reason or "a failure streak"
             else:
                 # No failure holds it, only the floor: say so (not an old crash whose backoff has passed).
@@ -476,7 +480,6 @@ class EngineSupervisor:
             self.ready_since_s = self.ready_here_since_s = None
         if state != EngineState.BACKOFF:
             self.next_start_at_s = None
-            self.floor_wait = False
         self.host.events.emit("engine.state_changed", engine=self.name, **{"from": str(previous)},
                                 to=str(state), reason=reason, pid=self.proc.pid if self.proc else None, **fields)
         self.host.persist()
@@ -611,7 +614,7 @@ class EngineSupervisor:
                 at_s = backoff.on_demand_start_at(self.backoff, self.host.backoff_settings, now)
                 if at_s > now:
                     self.host.events.emit("policy.decided", engine=self.name, policy="spawn_floor", decision="wait",
-                                            wait_s=round(at_s - self.clock.now(), 1),
+                                            wait_s=round(at_s - now, 1),
                                             min_interval_s=self.host.backoff_settings.min_interval_s)
                     # What status shows while it waits (a request is held for it meanwhile).
                     self.start_check = (f"waiting for the {self.host.backoff_settings.min_interval_s:.0f}s floor "
@@ -837,7 +840,6 @@ class EngineSupervisor:
         now = self.clock.now()
         at_s = backoff.next_start_at(self.backoff, self.host.backoff_settings, now)
         self.next_start_at_s = at_s
-        self.floor_wait = backoff.only_the_floor_holds(self.backoff, self.host.backoff_settings, now)
         self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(at_s - now, 1))
         self.next_start_at_s = at_s
         self._spawn_worker(self._backoff_timer, self.gen, at_s)
@@ -867,7 +869,6 @@ class EngineSupervisor:
         assert isinstance(first, WaitUntil)
         self.restarts += 1
         self.next_start_at_s = first.at_s
-        self.floor_wait = False
         self._set_state(EngineState.BACKOFF, reason, next_start_in_s=round(first.at_s - now, 1))
         self.next_start_at_s = first.at_s  # _set_state clears it for other states only
         self._spawn_worker(self._backoff_timer, self.gen, first.at_s)
