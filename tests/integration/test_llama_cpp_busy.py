@@ -128,10 +128,13 @@ def test_a_busy_engine_whose_canary_waits_for_a_slot_is_not_hung(busy_engine: tu
     canaries = _llama_events(d, "probe.canary")
     print(f"states {states}; last progress {progress}; n_decode_total {before['n_decode_total']:.0f} -> "
           f"{after['n_decode_total']:.0f}; deferred {after['requests_deferred']:.0f}; failed canaries "
-          f"{[c['error'] for c in canaries][:3]}; status counters {engine['counters']}")
+          f"{[(c['error'], c['ttft_s']) for c in canaries][:4]}; status counters {engine['counters']}")
     # The scene: the slots stayed busy, a canary waited behind them and got no token, the engine worked.
     assert after["requests_processing"] >= SLOTS and after["requests_deferred"] >= 1
-    assert canaries and all(c["stalled"] for c in canaries)  # they waited, none failed otherwise
+    # A canary waits for a slot and stalls; one that got a slot when a client's generation ran to the context's
+    # end may run out of its 3 s beside the busy slots after its first token: slow, not failed otherwise.
+    assert any(c["stalled"] for c in canaries), canaries
+    assert all(c["stalled"] or c["ttft_s"] is not None for c in canaries), canaries
     assert after["n_decode_total"] > before["n_decode_total"]
     # The verdict: never hung, never restarted.
     assert states == {"ready"}, states
