@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from supervisord_llm.convert import format_bytes, format_duration
 from supervisord_llm.errors import ConfigError
@@ -398,9 +398,15 @@ def _wait_state(client: Client, name: str, goal: set[str], timeout_s: float, qui
     return EXIT_TIMEOUT
 
 
+def _path_part(name: str) -> str:
+    """An engine's name or alias as one segment of a control path: an alias may hold '/', spaces or any letter
+    (``Qwen/Qwen3-8B``), which the daemon reads back decoded."""
+    return quote(name, safe="")
+
+
 def cmd_engine(client: Client, args: argparse.Namespace) -> int:
     body = {"force": bool(getattr(args, "force", False))}
-    response = client.request("POST", f"/v1/engines/{args.name}/{args.op}", json=body)
+    response = client.request("POST", f"/v1/engines/{_path_part(args.name)}/{args.op}", json=body)
     if response.status_code != 200:
         return _fail(response)
     doc = response.json()
@@ -459,7 +465,7 @@ def cmd_switch(client: Client, args: argparse.Namespace) -> int:
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     params = {"lines": str(args.lines), "follow": "1" if args.follow else "0"}
     if not args.follow:
-        response = client.request("GET", f"/v1/engines/{args.name}/logs", params=params)
+        response = client.request("GET", f"/v1/engines/{_path_part(args.name)}/logs", params=params)
         if response.status_code != 200:
             return _fail(response)
         sys.stdout.write(response.text)
@@ -467,7 +473,7 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     import codecs
 
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    with client.stream("GET", f"/v1/engines/{args.name}/logs", params=params) as stream:
+    with client.stream("GET", f"/v1/engines/{_path_part(args.name)}/logs", params=params) as stream:
         if stream.status != 200:
             return _fail(Response(stream.status, stream.read()))
         for chunk in _chunks(stream):
@@ -664,14 +670,18 @@ def _line_count(text: str) -> int:
     return value
 
 
+MAX_SECONDS = 366 * 86400  # a year: beyond it a socket's timeout or a sleep overflows
+
+
 def _seconds(text: str) -> float:
-    """A time in seconds, more than 0."""
+    """A time in seconds, more than 0 and at most a year."""
+    wanted = f"expected seconds (a number above 0, at most {MAX_SECONDS}), got {text!r}"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds (a number above 0), got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds (a number above 0), got {text!r}")
+        raise argparse.ArgumentTypeError(wanted) from None
+    if not math.isfinite(value) or value <= 0 or value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(wanted)
     return value
 
 

@@ -48,6 +48,19 @@ from supervisord_llm.gateway.settings import GatewaySettings, is_loopback, parse
 ENGINE_KINDS = ("mlx_lm", "omlx", "vllm", "llama_cpp", "ollama", "sglang", "command")
 APP_NAME = "supervisord-llm"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HOSTNAME_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _is_host(text: str) -> bool:
+    """An IP address (v4 or v6) or a host name (RFC 1123 labels)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    return 0 < len(text) <= 253 and all(_HOSTNAME_LABEL_RE.match(label) for label in text.rstrip(".").split("."))
 
 
 def default_config_path() -> Path:
@@ -278,6 +291,14 @@ def _check_omlx_args(t: Table) -> None:
                                   f"instead of any of {', '.join(_OMLX_SAVING_FLAGS)}")
 
 
+def _engine_host(t: Table) -> str:
+    host = t.str("host", "127.0.0.1") or "127.0.0.1"
+    if not _is_host(host):
+        raise t.error("host", f"{host!r} is not an address or host name; the address the engine listens on, such "
+                              "as 127.0.0.1 (the default), ::1, 0.0.0.0 or localhost")
+    return host
+
+
 def _parse_engine(t: Table) -> EngineConfig:
     t.check_unknown(_ENGINE_KEYS)
     name = t.str("name", required=True)
@@ -300,6 +321,8 @@ def _parse_engine(t: Table) -> EngineConfig:
     if not isinstance(gpu_devices, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                     for d in gpu_devices):
         raise t.error("gpu_devices", f"expected a list of GPU indices such as [0, 1], got {gpu_devices!r}")
+    if len(set(gpu_devices)) != len(gpu_devices):
+        raise t.error("gpu_devices", f"names a GPU more than once: {gpu_devices!r}; list each index once, e.g. [0, 1]")
     supports_messages = t._get("supports_messages", None, False)
     if supports_messages is not None and not isinstance(supports_messages, bool):
         raise t.error("supports_messages", f"expected true or false, got {supports_messages!r}")
@@ -342,7 +365,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         name=name,
         kind=kind,
         model=model,
-        host=t.str("host", "127.0.0.1") or "127.0.0.1",
+        host=_engine_host(t),
         port=port or 8080,
         args=t.str_list("args"),
         command=command,
@@ -423,7 +446,7 @@ def _parse_policies(t: Table) -> tuple[RestartSettings, MemorySettings, Stranded
     m.check_unknown({"headroom", "budget", "auto_factor", "admission_wait", "return_wait", "swap_drain"})
     memory = MemorySettings(
         headroom_bytes=m.size_bytes("headroom", "4GB") or 0,
-        budget_bytes=m.size_bytes("budget", "auto", allow_auto=True),
+        budget_bytes=m.size_bytes("budget", "auto", allow_auto=True, positive=True),
         auto_factor=m.float("auto_factor", 1.2, min_value=1.0, max_value=4.0),
         admission_wait_s=m.duration_s("admission_wait", "5m"),
         swap=m.construct(_swap_settings, {"memory_wait_s": "return_wait", "poll_interval_s": "return_wait"},
@@ -491,10 +514,18 @@ _TOP_KEYS = {"daemon", "engine", "policies", "probes", "gateway", "alerts"}
 
 def _state_and_socket(d: Table, environ: Mapping[str, str]) -> tuple[Path, Path]:
     """The [daemon] table's state directory and control socket."""
-    state_dir_raw = d.str("state_dir") or environ.get("SUPERVISORD_LLM_STATE_DIR")
-    state_dir = Path(os.path.expanduser(state_dir_raw)) if state_dir_raw else default_state_dir()
+    # A relative path is read from the config file's directory, the same for the daemon (whose working
+    # directory is launchd's or systemd's) and for llmctl run from any shell.
+    base = Path(d.file).parent if d.file and Path(d.file).is_absolute() else Path.cwd()
+    state_dir_raw = d.str("state_dir")
+    if state_dir_raw:
+        state_dir = base / os.path.expanduser(state_dir_raw)
+    elif environ.get("SUPERVISORD_LLM_STATE_DIR"):
+        state_dir = Path.cwd() / os.path.expanduser(environ["SUPERVISORD_LLM_STATE_DIR"])
+    else:
+        state_dir = default_state_dir()
     socket_raw = d.str("control_socket")
-    control_socket = Path(os.path.expanduser(socket_raw)) if socket_raw else state_dir / "control.sock"
+    control_socket = base / os.path.expanduser(socket_raw) if socket_raw else state_dir / "control.sock"
     if len(str(control_socket).encode()) > 100:
         raise d.error("control_socket", f"the path {str(control_socket)!r} is too long for a Unix socket "
                                         "(at most 100 bytes); set a shorter daemon.control_socket or state_dir")

@@ -141,8 +141,9 @@ class Table:
             raise self.error(name, f"must be at most {max_s:g}s, got {value!r}")
         return seconds
 
-    def size_bytes(self, name: builtins.str, default: builtins.str | builtins.int | None, *, allow_auto: builtins.bool = False) -> builtins.int | None:
-        """A size; ``None`` means "auto" where allowed."""
+    def size_bytes(self, name: builtins.str, default: builtins.str | builtins.int | None, *, allow_auto: builtins.bool = False,
+                   positive: builtins.bool = False) -> builtins.int | None:
+        """A size; ``None`` means "auto" where allowed; ``positive``: at least one byte."""
         value = self._get(name, default, False)
         if value is None:
             return None
@@ -160,6 +161,9 @@ class Table:
             raise self.error(name, message) from exc
         if size > MAX_SIZE_BYTES:
             raise self.error(name, f"must be at most {_MAX_SIZE_TEXT}, got {value!r}")
+        if positive and size < 1:
+            auto = ' (or "auto")' if allow_auto else ""
+            raise self.error(name, f'must be above zero, such as "120GB"{auto}, got {value!r}')
         return size
 
     def construct(self, factory: Callable[..., T], keys: Mapping[builtins.str, builtins.str], /, **fields: Any) -> T:
@@ -212,12 +216,22 @@ class Table:
         value = self._get(name, default or [], False)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.error(name, f"expected a list of strings such as [\"--flag\", \"value\"], got {value!r}")
+        for item in value:
+            if "\0" in item:  # no argv of a process can hold one
+                raise self.error(name, f"{item!r} holds a NUL character, which no process argument can carry")
         return tuple(value)
 
     def str_map(self, name: builtins.str) -> dict[builtins.str, builtins.str]:
+        """A table of environment variables: names without '=' or NUL (what a process environment can hold)."""
         value = self._get(name, {}, False)
         if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
             raise self.error(name, f"expected a table of strings such as {{ KEY = \"value\" }}, got {value!r}")
+        for key, item in value.items():
+            if not key or "=" in key or "\0" in key:
+                raise self.error(name, f"{key!r} is not an environment variable name: it must be non-empty, without "
+                                       "'=' or NUL, e.g. { OMP_NUM_THREADS = \"8\" }")
+            if "\0" in item:
+                raise self.error(name, f"the value of {key} holds a NUL character, which no environment can carry")
         return dict(value)
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from supervisord_llm.engine.process import read_log_lines
 from supervisord_llm.errors import (
+    ConfigError,
     ControlError,
     EngineError,
     StartRefused,
@@ -285,9 +287,9 @@ def build_control_app(daemon: Daemon) -> Starlette:
 
     routes = [
         Route("/v1/status", status, methods=["GET"]),
-        Route("/v1/engines/{name}/{op}", engine_op, methods=["POST"]),
+        Route("/v1/engines/{name:path}/{op}", engine_op, methods=["POST"]),
         Route("/v1/switch", switch, methods=["POST"]),
-        Route("/v1/engines/{name}/logs", logs, methods=["GET"]),
+        Route("/v1/engines/{name:path}/logs", logs, methods=["GET"]),
         Route("/v1/events", events, methods=["GET"]),
         Route("/v1/reboot/cancel", reboot_cancel, methods=["POST"]),
         Route("/v1/alerts/test", alerts_test, methods=["POST"]),
@@ -300,16 +302,53 @@ def build_control_app(daemon: Daemon) -> Starlette:
                                                         SupervisordLLMError: handle_error})
 
 
+def _clear_stale_socket(path: str) -> None:
+    """Remove what a dead daemon left at ``path``: only a socket nobody listens on. Any other file there (a
+    mistyped path naming the config, say) is kept and refused, and so is a socket another daemon (one with
+    another state dir) still serves."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket; the daemon will not replace it: set control_socket "
+                          "to a path of its own (default <state_dir>/control.sock)", key="daemon.control_socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        pass  # nobody listens there any more
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # a full backlog (timeout) is a live daemon too
+        raise ConfigError(f"cannot tell whether another daemon uses the socket {path}: {exc.strerror or exc}",
+                          key="daemon.control_socket") from exc
+    else:
+        raise ConfigError(f"another daemon listens on {path} (its state dir is not this one's); set control_socket "
+                          "to a path of its own", key="daemon.control_socket")
+    finally:
+        probe.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def bind_control_socket(path: os.PathLike[str] | str) -> socket.socket:
     path = os.fspath(path)
+    _clear_stale_socket(path)
+    parent = os.path.dirname(path) or "."
     try:
-        os.unlink(path)  # only reached while holding the daemon lock: a leftover from a dead daemon
-    except FileNotFoundError:
-        pass
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the directory {parent} for the socket {path}: {exc.strerror or exc}",
+                          key="daemon.control_socket") from exc
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
         sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}", key="daemon.control_socket") from exc
     finally:
         os.umask(old)
     os.chmod(path, 0o600)

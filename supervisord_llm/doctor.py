@@ -104,9 +104,13 @@ def check_command(engine: EngineConfig) -> Finding:
 def check_port(engine: EngineConfig, running_pid: int | None = None) -> Finding:
     """Free, or held by this engine as the running daemon runs it; anything else is a warning."""
     from supervisord_llm.engine.process import port_holder, tree_of
+    from supervisord_llm.errors import AddressNotLocal
 
     subject = f"engine {engine.name}: port"
-    holder = port_holder(engine.host, engine.port)
+    try:
+        holder = port_holder(engine.host, engine.port, engine.name)
+    except AddressNotLocal as exc:
+        return Finding("error", subject, str(exc), "set the engine's host to an address of this machine")
     if holder is None:
         return Finding("ok", subject, f"{engine.host}:{engine.port} is free")
     pid, command = holder

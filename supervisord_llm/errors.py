@@ -91,6 +91,18 @@ class PortInUse(EngineError):
         )
 
 
+class AddressNotLocal(EngineError):
+    """The engine's host is no address of this machine: nothing could listen there (not a busy port)."""
+
+    def __init__(self, engine: str, host: str, port: int, reason: str) -> None:
+        self.host = host
+        super().__init__(
+            engine,
+            f"cannot listen on {host}:{port}: {reason}; set the engine's host to an address of this machine, "
+            "such as 127.0.0.1 (the default), ::1 or 0.0.0.0",
+        )
+
+
 class EngineSpawnFailed(EngineError):
     pass
 

@@ -207,6 +207,17 @@ def _serve(config: Config, logger: Any, banner: str | None) -> int:
         return 1
 
 
+def _port(text: str) -> int:
+    """A TCP port, 1-65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 1 to 65535, got {text!r}")
+    return value
+
+
 def reexec() -> None:
     """Replace this process with a fresh daemon of the same command line (same pid).
 
@@ -244,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--json-logs", action="store_true", help="log JSON lines (for journald/launchd)")
     p_run.set_defaults(func=run)
     p_demo = sub.add_parser("demo", help="run the daemon on the embedded default (tiny local model)")
-    p_demo.add_argument("--engine-port", type=int, default=8081)
-    p_demo.add_argument("--gateway-port", type=int, default=8000)
+    p_demo.add_argument("--engine-port", type=_port, default=8081)
+    p_demo.add_argument("--gateway-port", type=_port, default=8000)
     p_demo.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p_demo.set_defaults(func=demo)
     p_check = sub.add_parser("check-config", help="validate a config file and exit")

@@ -53,7 +53,7 @@ import psutil
 from probes.process import tagged_processes as probe_tagged_processes
 from supervisord_llm.engine import keeper as keeper_program
 from supervisord_llm.engine import scopes
-from supervisord_llm.errors import EngineSpawnFailed
+from supervisord_llm.errors import AddressNotLocal, EngineSpawnFailed
 from supervisord_llm.redact import redact_argv
 
 TAG_ENV = keeper_program.TAG_ENV
@@ -766,8 +766,12 @@ def read_log_lines(path: Path, max_lines: int) -> list[str]:
     return lines[len(lines) - max_lines:] if max_lines > 0 else []
 
 
-def port_holder(host: str, port: int) -> tuple[int | None, str | None] | None:
-    """Who listens on (host, port): (pid, command) or (None, None) if unknown; None if free."""
+def port_holder(host: str, port: int, engine: str = "") -> tuple[int | None, str | None] | None:
+    """Who listens on (host, port): (pid, command) or (None, None) if unknown; None if free.
+
+    AddressNotLocal where nothing could listen there at all: ``host`` is not one of this machine's
+    addresses (or no name that resolves), so no process is to blame."""
+    import errno
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -777,9 +781,11 @@ def port_holder(host: str, port: int) -> tuple[int | None, str | None] | None:
         try:
             s.connect((probe_host, port))
         except OSError:
-            bound = _try_bind(host, port, family)
-            if bound:
+            problem = _try_bind(host, port, family)
+            if problem is None:
                 return None
+            if isinstance(problem, socket.gaierror) or problem.errno == errno.EADDRNOTAVAIL:
+                raise AddressNotLocal(engine, host, port, problem.strerror or str(problem)) from problem
     try:
         conns = psutil.net_connections(kind="inet")
     except (psutil.AccessDenied, OSError):
@@ -794,16 +800,17 @@ def port_holder(host: str, port: int) -> tuple[int | None, str | None] | None:
     return (None, None)
 
 
-def _try_bind(host: str, port: int, family: int) -> bool:
+def _try_bind(host: str, port: int, family: int) -> OSError | None:
+    """Why (host, port) cannot be bound; None when it can."""
     import socket
 
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host or "0.0.0.0", port))
-            return True
-        except OSError:
-            return False
+            return None
+        except OSError as exc:
+            return exc
 
 
 def python_executable() -> str:

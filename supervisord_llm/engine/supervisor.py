@@ -623,7 +623,7 @@ class EngineSupervisor:
                     await anyio.sleep(max(0.0, at_s - self.clock.now()))
                     self.start_check = None
             await self.host.admit(self)
-            holder = await anyio.to_thread.run_sync(port_holder, self.config.host, self.config.port)
+            holder = await anyio.to_thread.run_sync(port_holder, self.config.host, self.config.port, self.name)
             if holder is not None:
                 pid, command = holder
                 raise PortInUse(self.name, self.config.host, self.config.port, pid, command)

@@ -172,8 +172,9 @@ class PassingBackend(DaemonCalls, Protocol):
         """The gateway let a request through to ``engine`` on its pass: it is on its way there."""
 
 
-def bind_listen(host: str, port: int) -> socket.socket:
-    """The gateway's listening socket (GatewayListenFailed with the reason when it cannot be had)."""
+def bind_listen(host: str, port: int, *, setting: str = "[gateway] listen") -> socket.socket:
+    """The gateway's listening socket (GatewayListenFailed with the reason when it cannot be had); ``setting``
+    names the config key that chose the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and
     # without it Nagle and delayed ACKs add ~40 ms to every response sent in two writes.
@@ -189,8 +190,8 @@ def bind_listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise GatewayListenFailed(
-            f"the gateway cannot listen on {host}:{port}: {exc.strerror or exc}; "
-            "choose another [gateway] listen address or stop what holds it"
+            f"the {'gateway' if setting == '[gateway] listen' else 'daemon'} cannot listen on {host}:{port}: "
+            f"{exc.strerror or exc}; choose another {setting} address or stop what holds it"
         ) from exc
     sock.setblocking(False)
     return sock

@@ -11,6 +11,7 @@ field has another name (``listen``, ``api_key_env``) is read in :func:`read_gate
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -187,7 +188,7 @@ def _whole_at_least_1(t: Table, name: str) -> int:
 
 def _seconds_per_mib(t: Table, name: str) -> float:
     value = t.data[name]
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise t.error(name, f"expected 0 or more seconds per MiB as a number such as 512, got {value!r}")
     return float(value)
 

@@ -10,6 +10,7 @@ Each scrape builds a fresh registry from the daemon's status: no counters drift 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -182,6 +183,9 @@ class MetricsExtension(Extension):
         host, port = parse_listen(self.listen)  # checked with the config
         settings = GatewaySettings(host=host, port=port,
                                    allowed_hosts=gateway.allowed_hosts if gateway is not None else ())
+        from supervisord_llm.gateway.protocol import bind_listen
+
+        sock = bind_listen(host, port, setting="[daemon] metrics_listen")
         async with anyio.create_task_group() as tg:
-            await tg.start(serve, self.app(), settings)
+            await tg.start(functools.partial(serve, sock=sock), self.app(), settings)
             task_status.started()

@@ -49,6 +49,23 @@ def test_state_dir_resolution_uses_environment(tmp_path: Path) -> None:
     assert cfg.daemon.state_dir == tmp_path / "x"
 
 
+def test_relative_state_dir_and_socket_are_read_from_the_config_files_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon (working directory: launchd's or systemd's) and llmctl (any shell's) find the same socket."""
+    from supervisord_llm.config import control_socket_of
+
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    path = conf_dir / "config.toml"
+    path.write_text('[daemon]\nstate_dir = "state"\ncontrol_socket = "run/ctl.sock"\n' + GOOD_ENGINE + 'footprint = "1GB"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path)
+    assert cfg.daemon.state_dir == conf_dir / "state"
+    assert cfg.daemon.control_socket == conf_dir / "run" / "ctl.sock"
+    monkeypatch.chdir("/")
+    assert control_socket_of(path) == conf_dir / "run" / "ctl.sock"
+
+
 def test_config_path_resolution_uses_environment(tmp_path: Path) -> None:
     """Without --config, $SUPERVISORD_LLM_CONFIG names the file."""
     path = write(tmp_path, GOOD_ENGINE + 'footprint = "1GB"\n')
@@ -93,6 +110,22 @@ BAD = [
      "policies.reboot.cooldown: must be at least 3600s (a condition that comes back after every boot"),
     ("stranded threshold within idle drift", '[policies.stranded]\nthreshold = "1GB"\n',
      "policies.stranded.threshold: must be above 2GB (idle wired memory drifts by that much), got 1GB"),
+    # Values that loaded and then broke every start, or a probe, at run time:
+    ("zero memory budget", '[policies.memory]\nbudget = "0"\n',
+     'policies.memory.budget: must be above zero, such as "120GB" (or "auto"), got \'0\''),
+    ("memory budget below a byte", '[policies.memory]\nbudget = "0.5B"\n', "policies.memory.budget: must be above zero"),
+    ("prefill allowance NaN", '[gateway]\nprefill_per_mib_s = nan\n',
+     "gateway.prefill_per_mib_s: expected 0 or more seconds per MiB as a number such as 512, got nan"),
+    ("prefill allowance infinite", '[gateway]\nprefill_per_mib_s = inf\n', "gateway.prefill_per_mib_s: expected 0 or more"),
+    ("engine host no address", GOOD_ENGINE + 'host = "not a host!"\n',
+     "engine[0].host: 'not a host!' is not an address or host name; the address the engine listens on, such as "
+     "127.0.0.1"),
+    ("env name with =", GOOD_ENGINE + 'env = { "A=B" = "x" }\n',
+     "engine[0].env: 'A=B' is not an environment variable name: it must be non-empty, without '=' or NUL"),
+    ("env value with NUL", GOOD_ENGINE + 'env = { A = "x\\u0000y" }\n', "engine[0].env: the value of A holds a NUL"),
+    ("arg with NUL", GOOD_ENGINE + 'args = ["--x", "\\u0000"]\n', "engine[0].args: '\\x00' holds a NUL character"),
+    ("a GPU listed twice", GOOD_ENGINE + "gpu_devices = [0, 0]\n",
+     "engine[0].gpu_devices: names a GPU more than once: [0, 0]; list each index once"),
 ]
 
 

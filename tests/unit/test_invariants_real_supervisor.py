@@ -224,7 +224,7 @@ def fake_edges(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Processes, readiness probe and the port check are fakes; everything between them is real."""
     monkeypatch.setattr(EngineProcess, "spawn", classmethod(_fake_spawn))
     monkeypatch.setattr(EngineSupervisor, "_wait_ready", _fake_wait_ready)
-    monkeypatch.setattr(supervisor_module, "port_holder", lambda host, port: None)
+    monkeypatch.setattr(supervisor_module, "port_holder", lambda host, port, engine="": None)
     monkeypatch.setattr(anyio.to_thread, "run_sync", _inline)  # no threads: virtual time stays deterministic
     yield
 
