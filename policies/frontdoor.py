@@ -545,3 +545,22 @@ def fetch_as_stream(path: str, doc: object, *, steps_watched: bool, enabled: boo
     if n is not None and n != 1:
         return False
     return not any(doc.get(name) not in (None, False, 0) for name in _NOT_REBUILT_FIELDS)
+
+
+# Statuses Anthropic's Messages API answers with (docs.anthropic.com, "Errors"; 503 and 504 as a proxy in front
+# of it sends them, which its SDKs retry like 529).
+MESSAGES_STATUSES = frozenset({400, 401, 403, 404, 413, 429, 500, 502, 503, 504, 529})
+
+
+def translated_error_status(engine_status: int, engine_kind: str) -> int:
+    """The status a Messages client gets for the engine's error answer to its translated request: the engine's own,
+    so a 429 or 503 stays one a client waits out and a 401 one it does not retry, except where the Messages API
+    has no such status (a 422: 400; a 501: 502) and mlx_lm.server's 404, its answer to any exception while
+    preparing a generation (a chat template that fails, an unknown model path): a bad request, not a lost URL
+    (mlx_lm/server.py, ``handle_completion``)."""
+    if engine_status == 404 and engine_kind == "mlx_lm":
+        return 400
+    if engine_status in MESSAGES_STATUSES:
+        return engine_status
+    return 400 if engine_status < 500 else 502
+

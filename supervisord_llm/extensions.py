@@ -117,7 +117,7 @@ class DaemonGatewayBackend:
         if sup.state == EngineState.FAILED:
             return EngineUnavailable(sup.name, "failed",
                                      f"{sup.name} failed and is not restarted automatically ({sup.state_reason}); "
-                                     f"an operator must run `llmctl start {sup.name}`", retry_after_s=60.0)
+                                     f"an operator must run `llmctl start {sup.name}`")  # no wait ends it
         return EngineUnavailable(sup.name, "hold_timeout",
                                  f"{sup.name} did not become ready within the gateway hold time "
                                  f"({self.hold_s:.0f}s); it is {sup.state}: {sup.state_reason}", retry_after_s=10.0)

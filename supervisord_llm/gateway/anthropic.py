@@ -600,6 +600,7 @@ class StreamTranslator:
     _in_think: bool = False
     _think_buf: str = ""
     _finish: str | None = None
+    _ended: bool = False  # the engine's "data: [DONE]" came
     _usage: dict[str, Any] | None = None
     _events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -639,7 +640,9 @@ class StreamTranslator:
             line = raw.rstrip(b"\r")
             if line.startswith(b"data:"):
                 payload = line[5:].strip()
-                if payload and payload != b"[DONE]":
+                if payload == b"[DONE]":
+                    self._ended = True
+                elif payload:
                     self._chunk(payload)
             elif line.startswith(b":") and not self.output_tokens_seen:
                 # mlx_lm.server sends ": keepalive N/M" per prefill step: the engine is working.
@@ -649,13 +652,16 @@ class StreamTranslator:
         return events
 
     def finish(self) -> list[dict[str, Any]]:
-        """Closing events once the engine's stream ended normally (no-op if already done)."""
+        """Closing events once the engine's stream ended (no-op if already done); EngineStreamCut where the
+        engine did not end its answer (no ``[DONE]``, no finish_reason): only its connection ended."""
         events = self._events = self.start()
         if not self.done:
             if self._partial.strip():
                 self._partial += b"\n"
                 events.extend(self.feed(b""))
             if not self.done:
+                if self._finish is None and not self._ended:
+                    raise EngineStreamCut("the engine closed its stream before its end (no [DONE], no finish_reason)")
                 self._close_message(self._finish or "stop", None)
         return events
 
@@ -875,6 +881,13 @@ class StreamTranslator:
 
 class EngineStreamError(Exception):
     """The engine sent an error object inside its stream."""
+
+
+class EngineStreamCut(EngineStreamError):
+    """The engine's stream ended without its end: no ``[DONE]`` and no finish_reason. mlx_lm.server speaks
+    HTTP/1.0, so a stream it broke off (an exception, a Metal OOM, a kill) ends with its connection just as
+    one it finished does; closing the message then would hand a cut answer (a tool call's arguments cut in
+    half) to the client as whole."""
 
 
 def events_bytes(events: list[dict[str, Any]]) -> bytes:

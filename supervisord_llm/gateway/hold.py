@@ -166,6 +166,52 @@ class HeldStream:
         self.comments += 1
 
 
+class WatchedRoute:
+    """A request that is not streamed, while it waits for its engine (a load, another engine's turn, a place in
+    its line): given up when its client leaves. Nothing goes to the client while it waits (a non-streamed
+    client reads only the whole answer), but a client that timed out and left (an SDK that then sends the
+    same request again) must not keep its place in the line, or have its prompt sent to the engine once its
+    turn comes: a retrying client would have its prefill paid two or three times.
+
+    ``route`` decides the answer; ``finish`` gives back what the answer held (its engine slot), also when the
+    client left before it ran."""
+
+    on_done: Callable[[], None] | None = None  # the engine's slot is given back by ``finish``
+
+    def __init__(self, route: Callable[[], Awaitable[Any]], finish: Callable[[Any], None]) -> None:
+        self.route = route
+        self.finish = finish
+        self.client_gone = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        result: list[Any] = []
+        failure: list[Exception] = []
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch_disconnect() -> None:
+                    # The body is read already: the next message is the client's disconnect.
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        self.client_gone = True
+                        tg.cancel_scope.cancel()  # nobody waits for the engine any more
+
+                tg.start_soon(watch_disconnect)
+                try:
+                    result.append(await self.route())
+                except Exception as exc:  # raised below, as the route's own (not in a task group's group)
+                    failure.append(exc)
+                tg.cancel_scope.cancel()  # decided: the answer watches its client from here
+            if failure:
+                raise failure[0]
+            if self.client_gone or not result:
+                return
+            await result[0](scope, receive, send)
+        finally:
+            if result:
+                self.finish(result[0])
+
+
 class AfterHead:
     """``send`` for a response whose head the hold already sent: its own head is dropped, and an
     error answer (status 400 and up) is turned into one SSE error event."""

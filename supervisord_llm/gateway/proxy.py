@@ -77,6 +77,7 @@ from policies.frontdoor import (
     retry_after_s,
     room_to_wait_for_engine,
     start_refused_message,
+    translated_error_status,
 )
 from policies.health import prefill_counts
 from supervisord_llm.clock import Clock, SystemClock
@@ -139,6 +140,7 @@ _OPENAI_TOKEN_RE = re.compile(
     rb'"(?:content|reasoning_content|reasoning|text)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{'
 )
 _ANTHROPIC_DELTA_RE = re.compile(rb'"type"\s*:\s*"content_block_delta"')
+_OPENAI_FINISH_RE = re.compile(rb'"finish_reason"\s*:\s*"')  # a finish reason, not null
 _ANTHROPIC_MESSAGE_DELTA_RE = re.compile(rb'"type"\s*:\s*"message_delta"')
 _MAX_PARTIAL_LINE_BYTES = 4 * 2**20
 # Ollama's own API streams one JSON object per line, each with "done": false until the last
@@ -169,6 +171,7 @@ class TokenMeter:
         "usage_tokens",
         "error",
         "finished",
+        "finish_seen",
         "_partial",
         "_event",
     )
@@ -185,12 +188,19 @@ class TokenMeter:
         self.usage_tokens: int | None = None
         self.error: Any = None
         self.finished = False  # the engine's own end of the stream passed: [DONE], message_stop, "done": true
+        self.finish_seen = False  # an OpenAI chunk with a finish_reason passed (its answer ended, [DONE] may follow)
         self._partial = b""
         self._event = b""
 
     @property
     def tokens(self) -> int:
         return self.usage_tokens if self.usage_tokens is not None else self.counted_tokens
+
+    @property
+    def answer_ended(self) -> bool:
+        """The engine ended its answer in the stream itself, not just its connection: ``[DONE]``, a
+        finish_reason, ``message_stop`` or ``"done": true``."""
+        return self.finished or self.finish_seen
 
     def feed(self, chunk: bytes, at_s: float) -> None:
         buf = self._partial + chunk if self._partial else chunk
@@ -279,6 +289,8 @@ class TokenMeter:
             return
         if _OPENAI_TOKEN_RE.search(payload):
             self._token(at_s)
+        if not self.finish_seen and _OPENAI_FINISH_RE.search(payload):
+            self.finish_seen = True
         if b'"completion_tokens"' in payload or b'"error"' in payload:
             doc = _loads(payload)
             if isinstance(doc, dict):
@@ -397,6 +409,7 @@ _ANTHROPIC_TYPES = {
     502: "api_error",
     503: "overloaded_error",
     504: "api_error",
+    529: "overloaded_error",
 }
 
 
@@ -446,8 +459,12 @@ def engine_error_body(anthropic: bool, engine: str, status: int, raw: bytes, *, 
     what = "the request" if translated_to is None else f"the request translated to {translated_to} (HTTP {status})"
     message = (f"engine {engine!r} {'refused' if refused else 'failed to answer'} {what}: "
                f"{anthropic_api.openai_error_message(raw)}")
+    # A Messages client reads the type (a rate_limit_error or overloaded_error is waited out, an
+    # authentication_error is not); an OpenAI client reads the status, the type says whose error it is.
+    kind = (_ANTHROPIC_TYPES.get(client_status) or _error_type(True, client_status)) if anthropic \
+        else _error_type(False, client_status)
     return error_body(anthropic, client_status, message, "engine_refused" if refused else "engine_error",
-                      type=_error_type(anthropic, client_status), engine=engine, engine_status=status)
+                      type=kind, engine=engine, engine_status=status)
 
 
 async def _read_error_body(response: UpstreamResponse) -> tuple[bytes, bool]:
@@ -1019,6 +1036,13 @@ class _Forward:
                     if self.client_cut:
                         self.response_complete = True
                         return
+                    if (response.status_code < 400 and self.stalled is None and self.meter.error is None
+                            and not self.meter.answer_ended):
+                        # Its connection ended, its answer did not (mlx_lm.server's HTTP/1.0 stream ends with
+                        # the connection, also when the engine died): the client hears that, not a clean end.
+                        raise httpx.RemoteProtocolError(
+                            "the engine closed its stream before its end (no [DONE], no finish_reason)",
+                            request=httpx.Request("POST", str(upstream.base_url)))
                 else:
                     collected: list[bytes] = []
                     size = 0
@@ -1038,7 +1062,7 @@ class _Forward:
                     "gateway.upstream_broke", engine=upstream.engine, error=type(exc).__name__
                 )
                 self.response_complete = True
-                broke = f"engine {upstream.engine!r} broke off the stream: {type(exc).__name__}"
+                broke = f"engine {upstream.engine!r} broke off the stream: {str(exc) or type(exc).__name__}"
                 if is_sse:
                     await _send_quietly(send, _sse_error(self.anthropic, 502, broke, "upstream_broke_stream"))
                 elif is_lines:
@@ -1254,6 +1278,10 @@ class _Forward:
             if self.client_cut:
                 self.response_complete = True
                 return True
+        except anthropic_api.EngineStreamCut as exc:
+            gw.log.warning("gateway.upstream_broke", engine=upstream.engine, error="stream ended before its end")
+            code = "upstream_broke_stream"
+            message = f"engine {upstream.engine!r} broke off the stream: {exc}"
         except anthropic_api.EngineStreamError as exc:
             message = f"engine {upstream.engine!r} reported an error mid-stream: {exc}"
         except OSError:  # the client went away while we were sending (ASGI spec 2.4)
@@ -1367,12 +1395,12 @@ class _Forward:
             )
             await _send_json(send, error_body(True, 502, message, "engine_error", engine=upstream.engine), 502)
             return
-        # mlx_lm.server answers 404 for any exception while preparing a generation (a chat template
-        # that fails, an unknown model path): for the client that is a bad request, not a lost URL.
-        client_status = 400 if status < 500 else 502
+        client_status = translated_error_status(status, upstream.kind)
         body = engine_error_body(True, upstream.engine, status, raw, client_status=client_status,
                                  translated_to=OPENAI_PATHS[0])
-        await _send_json(send, body, client_status)
+        # The engine's own wait (a 429's or a 503's Retry-After) is the client's too.
+        retry_after = response.headers.get("retry-after")
+        await _send_json(send, body, client_status, headers={"retry-after": retry_after} if retry_after else None)
 
     def _finish(self, counts: dict[str, int]) -> None:
         meter = self.meter
@@ -1698,12 +1726,12 @@ class _Gateway:
         except BaseException:
             stats.in_flight -= 1
             raise
-        if isinstance(response, _Forward | hold.HeldStream):
+        if isinstance(response, _Forward | hold.HeldStream | hold.WatchedRoute):
             return _Counted(response, stats)
         stats.in_flight -= 1
         return response
 
-    async def _prepare(self, request: Request, path: str, anthropic: bool) -> Response | _Forward | hold.HeldStream:
+    async def _prepare(self, request: Request, path: str, anthropic: bool) -> Response | _Forward | hold.HeldStream | hold.WatchedRoute:
         try:
             with anyio.fail_after(self.settings.body_timeout_s):
                 body = await self.read_body(request)
@@ -1804,7 +1832,14 @@ class _Gateway:
                 keepalive_s=self.settings.hold_keepalive_s, now=self.clock.now,
                 state=lambda: self._engine_state(model), finish=_give_back,
                 error_body=lambda status, message, code: error_body(anthropic, status, message, code))
-        return await self._route(request, path, anthropic, doc, body, stream, model)
+        upstream = self.backend.try_pass(model)
+        if upstream is not None and self.lines.admits_now(upstream.engine, upstream.max_concurrent,
+                                                          upstream.max_queue):
+            return await self._route(request, path, anthropic, doc, body, stream, model, upstream)
+        # It may wait (its engine loading, another engine's turn, its line): a client that leaves meanwhile
+        # gives up its place, and its request never reaches the engine.
+        return hold.WatchedRoute(lambda: self._route(request, path, anthropic, doc, body, stream, model, upstream),
+                                 finish=_give_back)
 
     def _invalid(self, anthropic: bool, message: str, code: str) -> JSONResponse:
         """A 400 for a body the gateway cannot forward (not JSON, not an object, a bad model), counted."""
@@ -2435,7 +2470,7 @@ def _with_cors(send: Any, origin: str) -> Any:
 class _Counted:
     """Wraps a forward so the gateway's in_flight count drops when the exchange ends, however."""
 
-    def __init__(self, inner: _Forward | hold.HeldStream, stats: GatewayStats) -> None:
+    def __init__(self, inner: _Forward | hold.HeldStream | hold.WatchedRoute, stats: GatewayStats) -> None:
         self.inner = inner
         self.stats = stats
 

@@ -695,6 +695,31 @@ def test_swaps_never_leaves_a_stopped_engine_to_the_operator(daemon_factory) -> 
     assert r.status_code == 200
 
 
+def test_a_failed_engine_is_refused_once_not_retried_by_the_sdks(daemon_factory) -> None:
+    """A failed engine waits for an operator: its 503 says so with x-should-retry: false and no Retry-After.
+    With `Retry-After: 60` the OpenAI and Anthropic SDKs asked three times, 60 s apart, and their caller
+    hung two minutes for an answer no wait could change."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--exit-after-s", "0.3", default=True)
+                       + '[policies.restart]\nmax_failures = 1\n'
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    d.wait_state("a", "failed", 30)
+    r = httpx.post(f"http://127.0.0.1:{gw}/v1/messages", timeout=30,
+                   json={"model": "a", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 503 and r.json()["error"]["reason"] == "failed", r.text
+    assert "llmctl start a" in r.json()["error"]["message"]
+    assert r.headers.get("x-should-retry") == "false" and "retry-after" not in r.headers, r.headers
+    import openai
+
+    asked: list[str] = []
+    hooks = {"request": [lambda request: asked.append(str(request.url))]}
+    with httpx.Client(event_hooks=hooks, timeout=30) as http, \
+            openai.OpenAI(base_url=f"http://127.0.0.1:{gw}/v1", api_key="-", http_client=http) as sdk, \
+            pytest.raises(openai.InternalServerError):
+        sdk.chat.completions.create(model="a", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert len(asked) == 1, asked  # the SDK's default is two retries
+
+
 def _stays_stopped(d: Any, engine: str) -> None:
     """The engine stopped and was not started again: no swap to it and no spawn after its stop."""
     time.sleep(1.0)
@@ -1188,3 +1213,39 @@ def test_the_metrics_ports_status_page_is_not_read_under_another_sites_name(daem
     for path in ("/ui/status.json", "/metrics"):
         r = httpx.get(base + path, headers={"host": f"attacker.example:{port}"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", (path, r.text[:200])
+
+
+def test_a_whole_answer_client_that_leaves_while_in_line_gives_its_place_back_and_is_never_sent(daemon_factory) -> None:
+    """An SDK that times out waiting in an engine's line (and would send the same request again) leaves:
+    its place goes back at once and its prompt never reaches the engine. It used to keep its place (the
+    next client got 429 queue_full) and be sent to the engine once its turn came, for nobody."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--tps", "5", "--log-paths", default=True,
+                                           max_concurrent=1, max_queue=1, canary_interval="10m")
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    d.wait_state("a", "ready", 30)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    chat = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
+
+    def sent() -> int:
+        return d.llmctl("logs", "a", "-n", "500").stdout.count("request POST /v1/chat/completions")
+
+    before = sent()
+    first_token = threading.Event()
+
+    def long_stream() -> None:  # holds the engine's one slot for about 8 s
+        with httpx.stream("POST", url, json={**chat, "max_tokens": 40, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    first_token.set()
+
+    runner = threading.Thread(target=long_stream)
+    runner.start()
+    assert first_token.wait(30)
+    with pytest.raises(httpx.ReadTimeout):  # waits in the line (its one place), then its client gives up
+        httpx.post(url, json={**chat, "max_tokens": 2}, timeout=1.0)
+    time.sleep(0.5)
+    after_leaving = httpx.post(url, json={**chat, "max_tokens": 2}, timeout=60)
+    assert after_leaving.status_code == 200, after_leaving.text  # the place the first one left
+    runner.join(60)
+    assert sent() - before == 2  # the long stream and the last request; the one that left never went

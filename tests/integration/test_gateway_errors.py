@@ -204,6 +204,38 @@ async def test_an_engines_error_body_reaches_an_openai_client_in_the_openai_shap
         assert r.headers["retry-after"] == "7"
 
 
+_MESSAGES = {"model": "a", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize(("kind", "status", "answer", "client_status", "error_type"), [
+    ("vllm", 429, _http_answer(429, b'{"error": "too many requests"}', retry_after="7"), 429, "rate_limit_error"),
+    ("vllm", 503, _http_answer(503, b"model is loading\n", "text/plain", retry_after="9"), 503, "overloaded_error"),
+    ("vllm", 401, _http_answer(401, b'{"error": "Unauthorized"}'), 401, "authentication_error"),
+    ("vllm", 413, _http_answer(413, b'{"error": "prompt too long"}'), 413, "request_too_large"),
+    ("vllm", 422, _http_answer(422, b'{"detail": "field required"}'), 400, "invalid_request_error"),
+    ("vllm", 500, _http_answer(500, b'{"error": "boom"}'), 500, "api_error"),
+    ("mlx_lm", 404, _http_answer(404, b'{"error": "chat template failed"}'), 400, "invalid_request_error"),
+], ids=["429", "503", "401", "413", "422", "500", "mlx-404"])
+async def test_an_engines_error_to_a_translated_messages_request_keeps_its_status_and_wait(
+        stream: bool, kind: str, status: int, answer: bytes, client_status: int, error_type: str) -> None:
+    """The engine's status reaches a Messages client (a 429 or 503 it waits out with the engine's Retry-After, a
+    401 it does not retry); every 4xx used to be a 400 (which the Anthropic SDK never retries) and every 5xx
+    a 502, without the engine's Retry-After."""
+    async with answering_engine(answer) as (base_url, received):
+        upstream = Upstream("a", base_url, kind, supports_messages=False)
+        async with running_gateway(Backend({"a": upstream}, "a")) as url, httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(url + "/v1/messages", json={**_MESSAGES, "stream": stream})
+    assert received, "the request reached the engine"
+    assert r.status_code == client_status, r.text
+    doc = r.json()
+    assert doc["type"] == "error" and doc["error"]["type"] == error_type, doc
+    assert doc["error"]["engine_status"] == status, doc
+    if status in (429, 503):
+        assert r.headers["retry-after"] == ("7" if status == 429 else "9"), r.headers
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("stream", [True, False])
 async def test_an_engines_error_already_in_the_openai_shape_passes_untouched(stream: bool) -> None:
