@@ -10,8 +10,11 @@ Three kinds of failure, told apart by the runtime:
 
 - ``REFUSED``: nothing listened. The engine never had the request.
 - ``REUSED``: written on a connection opened earlier (pooled, or a spare) that the engine closed just as
-  the request went out. The engine never read it.
-- ``DELIVERED``: written on a fresh connection, then reset or closed before any answer. The engine had it.
+  the request went out. The engine never read it. Its close was already on its way, so the failure comes
+  at once (``failure_of_send``); one that came later came after the engine read the request.
+- ``DELIVERED``: written on a fresh connection, or on one opened earlier that failed only later (the engine
+  read the request and worked on it: a prefill, then a crash), then reset or closed before any answer. The
+  engine had it.
 
 The first two get a few quick retries (the engine's listener is briefly gone), then the request is held
 until the engine serves again and sent to it, all within ``hold_s`` of the first failure. A delivered
@@ -42,6 +45,22 @@ class Failure(StrEnum):
     REFUSED = "refused"
     REUSED = "reused"
     DELIVERED = "delivered"
+
+
+# A connection opened earlier that the engine had already closed fails within a turn or two of the event loop
+# after the request is written (its FIN or RST was on its way); a failure later than this came after the engine
+# read the request. Generous for a busy loop, far below any prefill worth sparing.
+REUSED_FAILS_WITHIN_S = 0.25
+
+
+def failure_of_send(*, refused: bool, reused: bool, failed_after_s: float | None) -> Failure:
+    """Which failure a send that got no response head was: ``refused`` (the connect failed), ``reused`` (it went
+    out on a connection opened earlier), ``failed_after_s`` (from the write to the failure; None: unknown)."""
+    if refused:
+        return Failure.REFUSED
+    if reused and (failed_after_s is None or failed_after_s <= REUSED_FAILS_WITHIN_S):
+        return Failure.REUSED
+    return Failure.DELIVERED
 
 
 class Resend(StrEnum):
@@ -94,5 +113,5 @@ def after_failure(state: ResendState, failure: Failure, *, now_s: float, hold_s:
     return ResendStep(Resend.HOLD, state, delay_s=min(HELD_RETRY_DELAY_S, left_s), ask_went_down_s=ask_s)
 
 
-__all__ = ["HELD_RETRY_DELAY_S", "MAX_HELD_RESENDS_AFTER_DELIVERY", "QUICK_RETRY_DELAYS_S", "WENT_DOWN_WAIT_S",
-           "Failure", "Resend", "ResendState", "ResendStep", "after_failure"]
+__all__ = ["HELD_RETRY_DELAY_S", "MAX_HELD_RESENDS_AFTER_DELIVERY", "QUICK_RETRY_DELAYS_S", "REUSED_FAILS_WITHIN_S",
+           "WENT_DOWN_WAIT_S", "Failure", "Resend", "ResendState", "ResendStep", "after_failure", "failure_of_send"]

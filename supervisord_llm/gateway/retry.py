@@ -11,7 +11,7 @@ from typing import TypeVar
 import anyio
 import httpx
 
-from policies.resend import Failure, Resend, ResendState, after_failure
+from policies.resend import Failure, Resend, ResendState, after_failure, failure_of_send
 
 R = TypeVar("R")
 
@@ -20,14 +20,13 @@ UNANSWERED = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.Remot
 
 
 def failure_of(exc: BaseException) -> Failure:
-    """Which failure a send's error was: refused (a connect error), written on a connection opened earlier
-    that the engine had just closed (``reused_connection``, set by gateway/upstream.py), or written on a fresh
-    connection and then reset or closed before any answer (the engine had it)."""
-    if isinstance(exc, httpx.ConnectError):
-        return Failure.REFUSED
-    if getattr(exc, "reused_connection", False):
-        return Failure.REUSED
-    return Failure.DELIVERED
+    """Which failure a send's error was (``policies.resend.failure_of_send``): refused (a connect error), written
+    on a connection opened earlier (``reused_connection``, with ``failed_after_s`` from the write, set by
+    gateway/upstream.py), or delivered."""
+    failed_after_s = getattr(exc, "failed_after_s", None)
+    return failure_of_send(refused=isinstance(exc, httpx.ConnectError),
+                           reused=bool(getattr(exc, "reused_connection", False)),
+                           failed_after_s=failed_after_s if isinstance(failed_after_s, float) else None)
 
 
 async def send_until_answered(

@@ -490,12 +490,14 @@ class UpstreamClient:
         await self._take_slot(request.url)
         connection: _Connection | None = None
         reused = False
+        written_at: float | None = None
         try:
             connection = self._pooled(target.key)
             reused = connection is not None
             if connection is None:
                 connection = await self._connect(target.key, request.url)
             head = connection.start(request.method, request.url, data)
+            written_at = self.loop.time()
             clock = _ReadClock(connection, self._read_timeout_s, request.progress_age_s)
             await clock.wait(head)
         except BaseException as exc:
@@ -504,8 +506,10 @@ class UpstreamClient:
             self._give_slot()
             if reused and isinstance(exc, httpx.TransportError):
                 # It went out on a connection opened earlier (pooled, or a spare), which the engine may have
-                # closed just as it was sent: retry.py may send it again at once on another.
+                # closed just as it was sent; how soon it failed tells (policies.resend.failure_of_send).
                 exc.reused_connection = True  # type: ignore[attr-defined]
+                if written_at is not None:
+                    exc.failed_after_s = self.loop.time() - written_at  # type: ignore[attr-defined]
             raise
         return UpstreamResponse(self, connection, clock)
 

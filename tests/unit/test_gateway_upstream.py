@@ -184,9 +184,45 @@ async def test_an_unanswered_request_says_whether_it_went_out_on_a_connection_op
         with pytest.raises(httpx.RemoteProtocolError) as reused:
             await c.send(request(url))
         assert getattr(reused.value, "reused_connection", False) is True
+        from policies.resend import Failure
+        from supervisord_llm.gateway.retry import failure_of
+
+        assert failure_of(reused.value) is Failure.REUSED  # closed as it went out: sent again at once
         with pytest.raises(httpx.RemoteProtocolError) as fresh:
             await c.send(request(url))
         assert getattr(fresh.value, "reused_connection", False) is False
+
+
+async def test_a_kept_alive_connection_that_fails_only_after_the_engine_read_the_request_delivered_it() -> None:
+    """An engine that reads a request on a kept-alive connection, works on it (a prefill) and then dies had
+    the request: it is not sent again at once like one the engine closed as it went out. It was, so a prompt
+    that crashes the engine went to two fresh runs instead of one (and a handler's failure paid its prefill
+    four times)."""
+    from policies.resend import Failure
+    from supervisord_llm.gateway.retry import failure_of
+
+    answered = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        await read_head(reader)
+        if answered:
+            writer.close()
+            return
+        answered += 1
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_head(reader)  # the second request, on the kept-alive connection: worked on, then dropped
+        await asyncio.sleep(0.6)
+        writer.close()
+
+    async with engine(handler) as url, client() as c:
+        assert await exchange(c, url) == b"ok"
+        with pytest.raises(httpx.RemoteProtocolError) as late:
+            await c.send(request(url))
+    assert getattr(late.value, "reused_connection", False) is True
+    assert getattr(late.value, "failed_after_s", 0.0) >= 0.5
+    assert failure_of(late.value) is Failure.DELIVERED
 
 
 async def test_a_stream_broken_off_midway_is_an_error_not_an_end() -> None:

@@ -9,16 +9,19 @@ every send that got no response head. Properties over any sequence of failures a
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from policies.resend import (
     MAX_HELD_RESENDS_AFTER_DELIVERY,
     QUICK_RETRY_DELAYS_S,
+    REUSED_FAILS_WITHIN_S,
     Failure,
     Resend,
     ResendState,
     after_failure,
+    failure_of_send,
 )
 
 failures = st.lists(st.tuples(st.sampled_from(list(Failure)), st.floats(0.0, 30.0)), min_size=1, max_size=30)
@@ -70,3 +73,16 @@ def test_a_request_the_engine_had_is_held_once_asking_first_whether_the_engine_w
         assert step.ask_went_down_s is None and step.action is not Resend.GIVE_UP
     # The restarted engine drops it too: no third delivery.
     assert after_failure(step.state, Failure.DELIVERED, now_s=2.0, hold_s=60.0).action is Resend.GIVE_UP
+
+
+@pytest.mark.parametrize(("refused", "reused", "failed_after_s", "failure"), [
+    (True, False, None, Failure.REFUSED),
+    (False, True, 0.001, Failure.REUSED),  # closed by the engine as the request went out
+    (False, True, None, Failure.REUSED),
+    (False, True, REUSED_FAILS_WITHIN_S + 0.01, Failure.DELIVERED),  # the engine read it, worked, then dropped it
+    (False, True, 30.0, Failure.DELIVERED),
+    (False, False, 0.001, Failure.DELIVERED),
+])
+def test_a_failure_on_a_connection_opened_earlier_is_a_reuse_only_when_it_came_at_once(
+        refused: bool, reused: bool, failed_after_s: float | None, failure: Failure) -> None:
+    assert failure_of_send(refused=refused, reused=reused, failed_after_s=failed_after_s) is failure
