@@ -200,6 +200,8 @@ def decide_after_exit(
             f"{engine} failed {count} times within {secs(settings.failure_window_s)} "
             f"(last: {reason}); it will not be restarted automatically. "
             f"Fix the cause, then run `llmctl start {engine}`"
+            + (f" (`--force` within the next {secs(wait_s)}: a plain start waits out the backoff)"
+               if (wait_s := next_start_at(state, settings, now_s) - now_s) > 0 else "")
         )
         return (
             MarkFailed(

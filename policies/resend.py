@@ -91,10 +91,16 @@ class ResendStep:
     ask_went_down_s: float | None = None
 
 
-def after_failure(state: ResendState, failure: Failure, *, now_s: float, hold_s: float) -> ResendStep:
-    """What to do after a send that got no response head."""
+def after_failure(state: ResendState, failure: Failure, *, now_s: float, hold_s: float,
+                  shown_down: bool = False) -> ResendStep:
+    """What to do after a send that got no response head. ``shown_down``: the daemon already shows the engine
+    not serving (in backoff, restarting, stopped): quick retries are for an exit it has not noticed yet, so
+    the request is held at once (a queue of requests behind a crashed engine then gets the daemon's answer
+    at once, not one after another each after its quick retries)."""
     if failure is Failure.DELIVERED:
         state = replace(state, reached=True)
+    elif shown_down:
+        state = replace(state, quick_used=len(QUICK_RETRY_DELAYS_S))
     elif state.quick_used < len(QUICK_RETRY_DELAYS_S):
         return ResendStep(Resend.QUICK, replace(state, quick_used=state.quick_used + 1),
                           delay_s=QUICK_RETRY_DELAYS_S[state.quick_used])
@@ -110,7 +116,9 @@ def after_failure(state: ResendState, failure: Failure, *, now_s: float, hold_s:
         if state.held_after_delivery > MAX_HELD_RESENDS_AFTER_DELIVERY:
             return ResendStep(Resend.GIVE_UP, state)
         ask_s = min(WENT_DOWN_WAIT_S, left_s)
-    return ResendStep(Resend.HOLD, state, delay_s=min(HELD_RETRY_DELAY_S, left_s), ask_went_down_s=ask_s)
+    # Shown down: the wait for it to serve again is the hold itself, without a pause first.
+    delay_s = 0.0 if shown_down and ask_s is None else min(HELD_RETRY_DELAY_S, left_s)
+    return ResendStep(Resend.HOLD, state, delay_s=delay_s, ask_went_down_s=ask_s)
 
 
 __all__ = ["HELD_RETRY_DELAY_S", "MAX_HELD_RESENDS_AFTER_DELIVERY", "QUICK_RETRY_DELAYS_S", "REUSED_FAILS_WITHIN_S",

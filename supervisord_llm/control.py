@@ -207,7 +207,7 @@ def build_control_app(daemon: Daemon) -> Starlette:
             raise ControlError("'lines' must be an integer", 400) from exc
         kept = list(daemon.events.recent)
         n = max(0, min(n, MAX_EVENT_LINES))
-        recent = kept[len(kept) - n:] if n else []  # 0: only what comes next (with follow)
+        recent = kept[max(0, len(kept) - n):] if n else []  # 0: only what comes next (with follow)
         if not follow:
             return JSONResponse({"events": recent})
         receive = daemon.events.subscribe()

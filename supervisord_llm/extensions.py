@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from policies import backoff
+from policies.actions import Refuse
 from policies.frontdoor import SwapPermission, start_refused_message
 from policies.gateway_respawn import GATEWAY_DOWN_ALERT_KEY
 from policies.health import stream_decode_rate
@@ -115,9 +117,14 @@ class DaemonGatewayBackend:
             return EngineUnavailable(sup.name, "backoff", message,
                                      retry_after_s=wait, until_wall=self.daemon.clock.wall() + wait)
         if sup.state == EngineState.FAILED:
+            # What the operator's start would meet (a plain `llmctl start` is refused inside the streak's backoff).
+            verdict = backoff.start_allowed(sup.backoff, sup.host.backoff_settings, now, force=False, manual=True)
+            how = (f"an operator must run `llmctl start {sup.name}`" if not isinstance(verdict, Refuse) else
+                   f"an operator must run `llmctl start {sup.name} --force` (a plain `llmctl start` is refused for "
+                   f"another {max(1.0, (verdict.until_s or now) - now):.0f}s, the failure streak's backoff)")
             return EngineUnavailable(sup.name, "failed",
                                      f"{sup.name} failed and is not restarted automatically ({sup.state_reason}); "
-                                     f"an operator must run `llmctl start {sup.name}`")  # no wait ends it
+                                     f"{how}")  # no wait ends it
         return EngineUnavailable(sup.name, "hold_timeout",
                                  f"{sup.name} did not become ready within the gateway hold time "
                                  f"({self.hold_s:.0f}s); it is {sup.state}: {sup.state_reason}", retry_after_s=10.0)
@@ -370,6 +377,7 @@ class GatewayExtension(Extension):
         stats = self.process.stats
         doc["gateway"] = {"listen": self.listen, "pid": self.process.pid, "restarts": self.process.restarts,
                           "in_flight": stats.get("in_flight", 0), "clients_cut": stats.get("clients_cut", 0),
+                          "upstream_retries": stats.get("upstream_retries", 0),
                           "refused": dict(stats.get("refused") or {})}
 
 

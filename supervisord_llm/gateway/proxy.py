@@ -802,7 +802,15 @@ class _Forward:
         return await retry.send_until_answered(
             self._send_once if self.reassembly is not None else lambda: gw.upstream_client.send(self.request),
             wait_serving=self._engine_serving, went_down=self._engine_went_down, hold_s=gw.settings.hold_s,
-            now=gw.clock.now, on_retry=on_retry)
+            now=gw.clock.now, on_retry=on_retry, shown_down=self._engine_shown_down)
+
+    def _engine_shown_down(self) -> bool:
+        """The daemon's last word on the engine is a state that serves nothing (a backend that shows no states,
+        a test's, shows none)."""
+        engine = self.upstream.engine
+        entry = next((m for m in self.gw.backend.models() if m.get("id") == engine), None)
+        state = entry.get("state") if entry is not None else None
+        return state is not None and state not in ("ready", "degraded")
 
     async def _send_once(self) -> UpstreamResponse:
         """A non-streamed request fetched as a stream: sent, and its stream read whole into the answer, as one

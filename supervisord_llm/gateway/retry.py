@@ -37,6 +37,7 @@ async def send_until_answered(
     hold_s: float,
     now: Callable[[], float],
     on_retry: Callable[[Exception, bool], None],
+    shown_down: Callable[[], bool] = lambda: False,
 ) -> R:
     """``send_once()`` until the engine answers with a response head.
 
@@ -45,13 +46,14 @@ async def send_until_answered(
     ``went_down(timeout_s)`` waits (briefly) to learn whether the engine went down since the request reached
     it (False: it runs on, and dropped the request itself: the error is raised).
     ``on_retry(error, held)`` is told of every resend (``held``: it waited for the engine).
+    ``shown_down()``: the daemon shows the engine not serving now (no quick retries then).
     """
     state = ResendState()
     while True:
         try:
             return await send_once()
         except UNANSWERED as exc:
-            step = after_failure(state, failure_of(exc), now_s=now(), hold_s=hold_s)
+            step = after_failure(state, failure_of(exc), now_s=now(), hold_s=hold_s, shown_down=shown_down())
             state = step.state
             if step.action is Resend.GIVE_UP:
                 raise

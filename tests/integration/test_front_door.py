@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import http.client
 import json
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -707,7 +709,9 @@ def test_a_failed_engine_is_refused_once_not_retried_by_the_sdks(daemon_factory)
     r = httpx.post(f"http://127.0.0.1:{gw}/v1/messages", timeout=30,
                    json={"model": "a", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503 and r.json()["error"]["reason"] == "failed", r.text
-    assert "llmctl start a" in r.json()["error"]["message"]
+    # Inside the failure streak's backoff a plain `llmctl start` is refused: the answer names the one that works.
+    assert "`llmctl start a --force`" in r.json()["error"]["message"], r.text
+    assert d.llmctl("start", "a", "--no-wait").returncode != 0
     assert r.headers.get("x-should-retry") == "false" and "retry-after" not in r.headers, r.headers
     import openai
 
@@ -1249,3 +1253,49 @@ def test_a_whole_answer_client_that_leaves_while_in_line_gives_its_place_back_an
     assert after_leaving.status_code == 200, after_leaving.text  # the place the first one left
     runner.join(60)
     assert sent() - before == 2  # the long stream and the last request; the one that left never went
+
+
+def test_requests_queued_behind_an_engine_that_crashes_get_the_daemons_answer_without_resends(daemon_factory) -> None:
+    """Eight whole-answer requests wait in the line of a one-slot engine that is killed: each gets the daemon's
+    backoff answer. Each used to spend 0.75 s of quick resends and a 0.5 s pause first, one after another while
+    it held the slot (the last client waited about 16 s for an answer known when the engine died)."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--tps", "5", default=True, max_concurrent=1,
+                                           max_queue=20, canary_interval="10m")
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = 120\n').start()
+    d.wait_state("a", "ready", 30)
+    url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+    chat = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
+    first_token = threading.Event()
+
+    def long_stream() -> None:
+        try:
+            with httpx.stream("POST", url, json={**chat, "max_tokens": 200, "stream": True}, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        first_token.set()
+        except httpx.HTTPError:
+            pass
+
+    answers: list[httpx.Response] = []
+
+    def queued() -> None:
+        answers.append(httpx.post(url, json={**chat, "max_tokens": 3}, timeout=120))
+
+    runner = threading.Thread(target=long_stream)
+    runner.start()
+    assert first_token.wait(30)
+    clients = [threading.Thread(target=queued) for _ in range(8)]
+    for c in clients:
+        c.start()
+    time.sleep(1.0)  # all eight in the line behind the stream
+    retries_before = d.status()["gateway"]["upstream_retries"]
+    os.kill(d.engine("a")["pid"], signal.SIGKILL)
+    for c in clients:
+        c.join(120)
+    runner.join(60)
+    assert [r.status_code for r in answers] == [503] * 8, [r.text for r in answers]
+    assert all(r.json()["error"]["reason"] == "backoff" and "retry-after" in r.headers for r in answers)
+    # Only a send before the daemon had seen the crash may be retried at once (the first in line's, at most).
+    retries = d.gateway_counters(lambda g: True)["upstream_retries"] - retries_before
+    assert retries <= 3, retries

@@ -245,3 +245,17 @@ def test_status_interval_alone_refreshes_as_watch_does(daemon_factory) -> None:
         out, _ = proc.communicate(timeout=10)
     assert proc.returncode != 0 or out.count("ENGINE  KIND") > 1, out  # still running after 4 s: it refreshes
     assert out.count("ENGINE  KIND") >= 3, out
+
+
+def test_events_shows_the_newest_n_or_all_there_are(daemon_factory) -> None:
+    """A young daemon holds fewer events than asked for: all of them are shown. With more than half of -n (a
+    daemon with 41 events and the default 50) the tail wrapped around and 9 were shown."""
+    d = daemon_factory(standin_engine_toml("a", free_port())).start()
+    d.wait_state("a", "ready", 30)
+    with d.client() as c:
+        held = len(c.get("/v1/events", params={"lines": "1000"}).json()["events"])
+    assert held >= 3
+    for n in (1, held - 1, held, held + 1, 2 * held - 1, 50):
+        shown = d.llmctl("events", "--json", "-n", str(n))
+        assert shown.returncode == 0, shown
+        assert len(shown.stdout.splitlines()) == min(n, held), (n, held, shown.stdout)
