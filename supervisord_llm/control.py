@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from supervisord_llm.config import restart_refusal
 from supervisord_llm.engine.process import read_log_lines
 from supervisord_llm.errors import (
     ConfigError,
@@ -234,6 +235,9 @@ def build_control_app(daemon: Daemon) -> Starlette:
         The signal goes out after the answer is written, so the caller learns the old pid first.
         """
         await _json_body(request)
+        problem = await anyio.to_thread.run_sync(restart_refusal, daemon.config)
+        if problem is not None:
+            return _error(409, problem)
         pid = os.getpid()
         return JSONResponse({"ok": True, "pid": pid, "message": "daemon restarting; engines keep running"},
                             background=BackgroundTask(os.kill, pid, signal.SIGHUP))

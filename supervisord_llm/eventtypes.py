@@ -32,6 +32,7 @@ class EventKind(StrEnum):
     DAEMON_ORPHANS_FOUND = "daemon.orphans_found"
     DAEMON_ORPHANS_KILLED = "daemon.orphans_killed"
     DAEMON_RESTARTING = "daemon.restarting"
+    DAEMON_RESTART_REFUSED = "daemon.restart_refused"
     DAEMON_STARTED = "daemon.started"
     DAEMON_STOPPING = "daemon.stopping"
     ENGINE_ADMISSION_WAITING = "engine.admission_waiting"
@@ -121,6 +122,7 @@ EVENT_TYPES: Mapping[str, EventType] = {t.kind.value: t for t in (
     _type(EventKind.DAEMON_ORPHANS_FOUND, ("commands", "pids")),
     _type(EventKind.DAEMON_ORPHANS_KILLED, ("pids",)),
     _type(EventKind.DAEMON_RESTARTING, ("engines", "pid")),
+    _type(EventKind.DAEMON_RESTART_REFUSED, ("error", "pid")),
     _type(EventKind.DAEMON_STARTED, ("adopted", "pid", "state_dir", "version")),
     _type(EventKind.DAEMON_STOPPING, ("pid", "stop_engines")),
     _type(EventKind.ENGINE_ADMISSION_WAITING, ("engine", "message", "reason", "wait_s")),

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 
 from supervisord_llm import __version__
-from supervisord_llm.config import Config, config_notes, default_state_dir, load_config
+from supervisord_llm.config import Config, config_notes, default_state_dir, load_config, restart_refusal
 from supervisord_llm.errors import ConfigError, SupervisordLLMError
 from supervisord_llm.logsetup import configure_logging
 
@@ -66,6 +66,13 @@ async def run_daemon(config: Config, logger: Any, *, banner: str | None = None) 
                     async for signum in signals:
                         logger.info("daemon.signal", signal=signal.Signals(signum).name)
                         if signum == signal.SIGHUP:
+                            problem = await anyio.to_thread.run_sync(restart_refusal, config)
+                            if problem is not None:
+                                # The new daemon would stop at once on its config, leaving the engines to no
+                                # one: this one keeps supervising them, and says why.
+                                logger.error("daemon.restart_refused", error=problem)
+                                daemon.events.emit("daemon.restart_refused", pid=os.getpid(), error=problem)
+                                continue
                             # A restart that keeps the models: leave every engine running, write the
                             # state, and exec a fresh daemon in this same process, which adopts them.
                             daemon.events.emit("daemon.restarting", pid=os.getpid(), engines="kept")

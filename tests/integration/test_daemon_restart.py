@@ -93,6 +93,29 @@ def test_sighup_restarts_the_daemon_without_touching_the_engine(daemon_factory, 
     assert "daemon.restarting" in kinds and _spawns(d.events()) == 1
 
 
+def test_a_restart_onto_a_config_that_no_longer_loads_is_refused_and_the_daemon_runs_on(daemon_factory) -> None:
+    """A typo saved into the config, then `llmctl daemon restart` (or SIGHUP, `systemctl reload`): the new daemon
+    would stop at once on the config and leave the engines to no one. It used to: llmctl said only that the daemon
+    did not answer again. Now the restart is refused with the config's error and this daemon supervises on."""
+    d = daemon_factory(standin_engine_toml("e", free_port())).start()
+    engine = d.wait_state("e", "ready", timeout_s=30)
+    good = d.config_path.read_text()
+    d.config_path.write_text(good + "oops = 1\n")
+    refused = d.llmctl("daemon", "restart", "--timeout", "20")
+    assert refused.returncode == 1, refused
+    assert "the restart is refused" in refused.stderr and "oops: unknown key" in refused.stderr, refused.stderr
+    os.kill(d.proc.pid, signal.SIGHUP)
+    assert d.wait_events(lambda e: e.get("kind") == "daemon.restart_refused" and "oops" in e.get("error", ""))
+    time.sleep(1.0)
+    assert d.proc.poll() is None
+    assert d.engine("e")["pid"] == engine["pid"] and d.engine("e")["state"] == "ready"
+    assert not [e for e in d.events() if e.get("kind") == "daemon.restarting"]
+    d.config_path.write_text(good)  # fixed: the restart goes ahead
+    done = d.llmctl("daemon", "restart", "--timeout", "60", timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert d.wait_state("e", "ready", timeout_s=30)["pid"] == engine["pid"]
+
+
 def test_after_a_restart_the_keeper_of_an_orphan_is_reaped_once_the_orphan_is_killed(daemon_factory) -> None:
     """An engine dropped from the config before SIGHUP is killed as an orphan by the re-executed daemon,
     and its keeper (still the daemon's child) is reaped: no zombie keeper stays behind."""
