@@ -291,6 +291,24 @@ def _check_omlx_args(t: Table) -> None:
                                   f"instead of any of {', '.join(_OMLX_SAVING_FLAGS)}")
 
 
+def _config_dir(t: Table) -> Path:
+    """Where a relative path in the config is read from: the config file's directory (the daemon's working
+    directory is launchd's or systemd's, llmctl's any shell's)."""
+    return Path(t.file).parent if t.file and Path(t.file).is_absolute() else Path.cwd()
+
+
+def _near_config(t: Table, model: str | None) -> str | None:
+    """A relative ``model`` that names a file or directory beside the config is that one; one that does not is
+    kept as written: a model id (``mlx-community/Qwen3-8B-4bit``, an Ollama name) the engine resolves."""
+    if not model:
+        return model
+    path = Path(os.path.expanduser(model))
+    if path.is_absolute():
+        return str(path) if model.startswith("~") else model
+    near = _config_dir(t) / path
+    return str(near) if near.exists() else model
+
+
 def _engine_host(t: Table) -> str:
     host = t.str("host", "127.0.0.1") or "127.0.0.1"
     if not _is_host(host):
@@ -308,7 +326,7 @@ def _parse_engine(t: Table) -> EngineConfig:
     kind = t.str("kind", required=True, choices=ENGINE_KINDS)
     assert kind is not None
     command = t.str_list("command")
-    model = t.str("model")
+    model = _near_config(t, t.str("model"))
     if kind == "command":
         if not command:
             raise t.error("command", 'is required for kind "command": the argv, e.g. ["my-server", "--port", "{port}"]')
@@ -370,7 +388,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         args=t.str_list("args"),
         command=command,
         env=t.str_map("env"),
-        cwd=os.path.expanduser(cwd) if cwd else None,
+        cwd=str(_config_dir(t) / os.path.expanduser(cwd)) if cwd else None,
         footprint_bytes=footprint_bytes,
         exclusive=t.bool("exclusive", False),
         default=t.bool("default", False),
@@ -516,7 +534,7 @@ def _state_and_socket(d: Table, environ: Mapping[str, str]) -> tuple[Path, Path]
     """The [daemon] table's state directory and control socket."""
     # A relative path is read from the config file's directory, the same for the daemon (whose working
     # directory is launchd's or systemd's) and for llmctl run from any shell.
-    base = Path(d.file).parent if d.file and Path(d.file).is_absolute() else Path.cwd()
+    base = _config_dir(d)
     state_dir_raw = d.str("state_dir")
     if state_dir_raw:
         state_dir = base / os.path.expanduser(state_dir_raw)

@@ -66,6 +66,23 @@ def test_relative_state_dir_and_socket_are_read_from_the_config_files_directory(
     assert control_socket_of(path) == conf_dir / "run" / "ctl.sock"
 
 
+def test_a_relative_model_beside_the_config_is_that_one_and_a_model_id_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model = "models/tiny"`` beside the config was read from the working directory: from `/` (systemd's)
+    the engine got a name it looked up on a model hub."""
+    conf_dir = tmp_path / "etc"
+    (conf_dir / "models" / "tiny").mkdir(parents=True)
+    path = conf_dir / "config.toml"
+    path.write_text(GOOD_ENGINE.replace('"/models/a"', '"models/tiny"') + 'footprint = "1GB"\ncwd = "work"\n'
+                    + GOOD_ENGINE.replace('"a"', '"b"').replace('"/models/a"', '"mlx-community/Qwen3-8B-4bit"')
+                    .replace("8081", "8082") + 'footprint = "1GB"\n')
+    monkeypatch.chdir("/")
+    cfg = load_config(path)
+    assert cfg.engines[0].model == str(conf_dir / "models" / "tiny")
+    assert cfg.engines[0].cwd == str(conf_dir / "work")
+    assert cfg.engines[1].model == "mlx-community/Qwen3-8B-4bit"  # no such path: an id the engine resolves
+
+
 def test_config_path_resolution_uses_environment(tmp_path: Path) -> None:
     """Without --config, $SUPERVISORD_LLM_CONFIG names the file."""
     path = write(tmp_path, GOOD_ENGINE + 'footprint = "1GB"\n')
