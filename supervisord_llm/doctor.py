@@ -233,6 +233,50 @@ def check_nvml(config: Config) -> list[Finding]:
                     ", ".join(f"{d.name} {format_bytes(d.free_bytes)} free" for d in reading.devices))]
 
 
+def check_daemon_addresses(config: Config) -> list[Finding]:
+    """With no daemon running: the addresses ``run`` will take (the gateway's, the metrics port, the control
+    socket) can be had; a port held by another process or a file where the socket goes stops ``run``."""
+    import socket
+    import stat
+
+    from supervisord_llm.gateway.protocol import GatewayListenFailed, bind_listen
+    from supervisord_llm.gateway.settings import parse_listen
+
+    findings = []
+    wanted: list[tuple[str, str, int]] = []
+    if config.gateway is not None and config.gateway.enabled:
+        wanted.append(("[gateway] listen", config.gateway.host, config.gateway.port))
+    if config.daemon.metrics_listen:
+        host, port = parse_listen(config.daemon.metrics_listen)
+        wanted.append(("[daemon] metrics_listen", host, port))
+    for setting, host, port in wanted:
+        try:
+            bind_listen(host, port, setting=setting).close()
+        except GatewayListenFailed as exc:
+            findings.append(Finding("error", setting, str(exc)))
+        else:
+            findings.append(Finding("ok", setting, f"{host}:{port} is free"))
+    path = config.daemon.control_socket
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISSOCK(mode):
+        findings.append(Finding("error", "[daemon] control_socket", f"{path} exists and is not a socket: `run` "
+                                "refuses to replace it", "set control_socket to a path of its own"))
+    elif mode is not None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                pass  # a dead daemon's: `run` replaces it
+            else:
+                findings.append(Finding("error", "[daemon] control_socket", f"another daemon listens on {path}",
+                                        "set control_socket to a path of its own, or stop that daemon"))
+    return findings
+
+
 def diagnose_setup(config: Config, running: dict[str, Any] | None = None) -> list[Finding]:
     """Every check; ``running`` is the running daemon's status when there is one (its engines'
     ports are then expected to be in use by those engines)."""
@@ -242,6 +286,8 @@ def diagnose_setup(config: Config, running: dict[str, Any] | None = None) -> lis
         daemon = running.get("daemon", {})
         findings.append(Finding("ok", "daemon", f"running (pid {daemon.get('pid')}, state dir {daemon.get('state_dir')})"))
         pids = {e["name"]: e["pid"] for e in running.get("engines", []) if e.get("pid")}
+    else:
+        findings.extend(check_daemon_addresses(config))
     if not config.engines:
         findings.append(Finding("warn", "config", "no [[engine]] configured", "add an [[engine]] table"))
     for engine in config.engines:

@@ -67,3 +67,27 @@ def test_doctor_prints_brackets_as_written(tmp_path: Path, capsys: pytest.Captur
     assert run_doctor(str(path)) == 2
     out = capsys.readouterr().out
     assert "engine: expected [[engine]] tables" in out, out
+
+
+def test_doctor_finds_what_would_stop_run_from_listening(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A gateway or metrics port another process holds, or a file where the control socket goes: `run` exits on
+    each, and doctor used to report 0 errors."""
+    import socket
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep\n")
+    with socket.socket() as gw, socket.socket() as metrics:
+        for s in (gw, metrics):
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        gw_port, metrics_port = gw.getsockname()[1], metrics.getsockname()[1]
+        path = tmp_path / "c.toml"
+        path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\ncontrol_socket = "{notes}"\n'
+                        f'metrics_listen = "127.0.0.1:{metrics_port}"\n'
+                        f'[gateway]\nlisten = "127.0.0.1:{gw_port}"\n')
+        assert run_doctor(str(path)) == 1
+    out = " ".join(capsys.readouterr().out.split())  # as rich wrapped it, unwrapped
+    assert f"[gateway] listen: the gateway cannot listen on 127.0.0.1:{gw_port}" in out, out
+    assert "[daemon] metrics_listen: the daemon cannot listen on" in out, out
+    assert f"[daemon] control_socket: {notes} exists and is not a socket" in out, out
+    assert "3 error(s)" in out
