@@ -198,6 +198,9 @@ def _engine_row(e: dict[str, Any]) -> list[str]:
         note = e["start_check"]
     elif e.get("state") in ("hung", "degraded", "backoff", "failed", "starting", "stopping"):
         note = e.get("state_reason") or ""
+        if e.get("state") == "failed" and e.get("start_allowed_in_s") is not None:
+            # First: the note is cut to the column, and this is what a person can do.
+            note = f"`llmctl start` in {format_duration(e['start_allowed_in_s'])}, --force now; {note}"
     elif e.get("state") == "stopped" and e.get("state_reason") == "idle":
         note = "unloaded when idle"
     elif e.get("state") == "stopped" and e.get("start_refused"):

@@ -712,6 +712,7 @@ def test_a_failed_engine_is_refused_once_not_retried_by_the_sdks(daemon_factory)
     # Inside the failure streak's backoff a plain `llmctl start` is refused: the answer names the one that works.
     assert "`llmctl start a --force`" in r.json()["error"]["message"], r.text
     assert d.llmctl("start", "a", "--no-wait").returncode != 0
+    assert "--force now" in d.llmctl("status").stdout  # the table says so too (its NEXT is "-")
     assert r.headers.get("x-should-retry") == "false" and "retry-after" not in r.headers, r.headers
     import openai
 
