@@ -342,8 +342,13 @@ class Daemon:
                 tg.start_soon(self._heartbeat)
                 pending_swap = self._saved.get("swap")
                 to_start = self._engines_to_start(pending_swap)
+                records = self._saved.get("engines")
+                saved: dict[str, Any] = records if isinstance(records, dict) else {}
                 for name, sup in self.supervisors.items():
-                    await tg.start(sup.run, adopted.get(name), name in to_start)
+                    record = saved.get(name)
+                    listen_was = record.get("listen") if name in adopted and isinstance(record, dict) else None
+                    await tg.start(sup.run, adopted.get(name), name in to_start,
+                                   listen_was if isinstance(listen_was, str) else None)
                 if isinstance(pending_swap, dict) and pending_swap.get("target") in self.supervisors:
                     tg.start_soon(self._resume_swap, pending_swap)
                 self.persist()

@@ -263,6 +263,7 @@ class EngineSupervisor:
         self.since_s = self.clock.now()
         self.since_wall = self.clock.wall()
         self.proc: EngineProcess | None = None
+        self.run_listen: str | None = None  # where the current run listens (the config's at its spawn)
         self.gen = 0
         self.restarts = 0
         self.next_start_at_s: float | None = None
@@ -373,12 +374,20 @@ class EngineSupervisor:
 
     # ---- main loop --------------------------------------------------------------------------
 
-    async def run(self, adopted: EngineProcess | None, autostart: bool,
+    async def run(self, adopted: EngineProcess | None, autostart: bool, listen_was: str | None = None,
                   *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """``listen_was``: the address the adopted process was started on (its record), where known."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if adopted is not None:
                 self._adopt(adopted)
+                self.run_listen = listen_was or self.listen
+                if self.run_listen != self.listen:
+                    # The config moved the engine (a new port or host): probed where it no longer listens, it
+                    # would sit in `starting` until start_timeout. Stopped and started on the new address,
+                    # through the 60 s floor, as a policy's restart (no failure).
+                    self._begin_stop(f"its address changed in the config ({self.run_listen} -> {self.listen}): "
+                                     "restarted on the new one", then=Then.POLICY)
             elif autostart:
                 self._autostart()
             task_status.started()
@@ -655,8 +664,14 @@ class EngineSupervisor:
             return
         self.post(Spawned(gen, proc))
 
+    @property
+    def listen(self) -> str:
+        """The address the config gives the engine (``host:port``)."""
+        return f"{self.config.host}:{self.config.port}"
+
     def _on_spawned(self, proc: EngineProcess) -> None:
         self.proc = proc
+        self.run_listen = self.listen
         if self.health is not None:
             self.health.new_run()
         self.host.events.emit("engine.spawned", engine=self.name, pid=proc.pid, argv=redact_argv(proc.argv))
@@ -1069,6 +1084,7 @@ class EngineSupervisor:
             "create_time": proc.create_time if proc else None,
             "argv": redact_argv(proc.argv) if proc else None,  # a record, never run again
             "tag": proc.tag if proc else None,
+            "listen": self.run_listen if proc else None,  # where this run listens (the config's at its spawn)
             "state": str(self.state),
             "reason": self.state_reason,
             "restarts": self.restarts,

@@ -116,6 +116,23 @@ def test_a_restart_onto_a_config_that_no_longer_loads_is_refused_and_the_daemon_
     assert d.wait_state("e", "ready", timeout_s=30)["pid"] == engine["pid"]
 
 
+@pytest.mark.long_wait  # the engine's new run waits out the 60 s floor after its first spawn
+def test_an_engine_whose_address_changed_in_the_config_is_restarted_on_it_not_adopted_as_it_was(daemon_factory) -> None:
+    """A new port for an engine, then `llmctl daemon restart`: the old process listens on the old port. It used to
+    be adopted anyway and probed on the new port, in `starting` until start_timeout (15 min by default)."""
+    old_port, new_port = free_port(), free_port()
+    d = daemon_factory(standin_engine_toml("e", old_port, start_timeout="10m")).start()
+    engine = d.wait_state("e", "ready", timeout_s=30)
+    d.config_path.write_text(d.config_path.read_text().replace(f"port = {old_port}", f"port = {new_port}"))
+    done = d.llmctl("daemon", "restart", "--timeout", "30", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert d.wait_events(lambda e: e.get("kind") == "engine.state_changed" and e.get("engine") == "e"
+                         and "address changed" in str(e.get("reason")), timeout_s=30)
+    after = d.wait_state("e", "ready", timeout_s=120)
+    assert after["pid"] != engine["pid"] and after["port"] == new_port
+    assert not psutil.pid_exists(engine["pid"]) or psutil.Process(engine["pid"]).status() == psutil.STATUS_ZOMBIE
+
+
 def test_after_a_restart_the_keeper_of_an_orphan_is_reaped_once_the_orphan_is_killed(daemon_factory) -> None:
     """An engine dropped from the config before SIGHUP is killed as an orphan by the re-executed daemon,
     and its keeper (still the daemon's child) is reaped: no zombie keeper stays behind."""
