@@ -296,7 +296,7 @@ def manual_restart_allowed(
         engine,
         "min_interval",
         f"{engine} was spawned {now_s - last_s:.0f}s ago; two spawns are kept at least {min_s:.0f}s apart "
-        f"(a restart right after an out-of-memory crash crashes again). Retry in {min_s - (now_s - last_s):.0f}s, "
+        f"(a restart right after an out-of-memory crash crashes again). Retry in {secs(min_s - (now_s - last_s))}, "
         "or use `llmctl restart --force` to override the 60s spacing",
         until_s=last_s + min_s,
     )
