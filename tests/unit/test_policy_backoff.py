@@ -300,3 +300,12 @@ def test_an_engine_whose_crash_backoff_has_passed_is_not_refused_a_swap_for_its_
     state = record_spawn(state, 1000.0)
     assert isinstance(automatic_start_allowed(state, S, 1020.0), Admit)
     assert on_demand_start_at(state, S, 1020.0) == 1060.0  # the floor still holds the start
+
+
+def test_a_restart_refused_for_part_of_a_second_never_says_retry_in_0s() -> None:
+    """59.6 s after a spawn the restart is still refused for 0.4 s: "Retry in 1s", not "Retry in 0s"."""
+    from policies.backoff import manual_restart_allowed
+
+    state = record_spawn(BackoffState(engine="e"), 100.0)
+    refused = manual_restart_allowed(state, S, 159.6, False)
+    assert isinstance(refused, Refuse) and "Retry in 1s" in refused.message, refused
