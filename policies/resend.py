@@ -49,8 +49,17 @@ class Failure(StrEnum):
 
 # A connection opened earlier that the engine had already closed fails within a turn or two of the event loop
 # after the request is written (its FIN or RST was on its way); a failure later than this came after the engine
-# read the request. Generous for a busy loop, far below any prefill worth sparing.
-REUSED_FAILS_WITHIN_S = 0.25
+# read the request. Generous for a loop busy with other requests (a large body's parse), and below a prefill
+# worth sparing: a request the engine drops within it cost the engine little.
+REUSED_FAILS_WITHIN_S = 1.0
+
+# The daemon's engine states in which an engine answers requests.
+SERVING_STATES = frozenset({"ready", "degraded"})
+
+
+def shown_down(state: str | None) -> bool:
+    """The daemon's last word on an engine is a state that serves nothing (``None``: it said nothing)."""
+    return state is not None and state not in SERVING_STATES
 
 
 def failure_of_send(*, refused: bool, reused: bool, failed_after_s: float | None) -> Failure:
@@ -122,4 +131,5 @@ def after_failure(state: ResendState, failure: Failure, *, now_s: float, hold_s:
 
 
 __all__ = ["HELD_RETRY_DELAY_S", "MAX_HELD_RESENDS_AFTER_DELIVERY", "QUICK_RETRY_DELAYS_S", "REUSED_FAILS_WITHIN_S",
-           "WENT_DOWN_WAIT_S", "Failure", "Resend", "ResendState", "ResendStep", "after_failure", "failure_of_send"]
+           "SERVING_STATES", "WENT_DOWN_WAIT_S", "Failure", "Resend", "ResendState", "ResendStep", "after_failure",
+           "failure_of_send", "shown_down"]

@@ -112,5 +112,27 @@ def engines_to_start(engines: Sequence[EngineAtStart], *, default: str | None,
     return tuple(e.name for e in chosen)
 
 
-__all__ = ["RUNNING_STATES", "SHUTDOWN_REASON", "EngineAtStart", "SavedEngine", "engines_to_start",
+def recorded_listen(listen: object, argv: object, host: str) -> str | None:
+    """Where a recorded run listens (``host:port``): its record's ``listen``; for a record written before that
+    was kept, the ``--port N`` (or ``--port=N``) of its argv on the configured ``host``. None: unknown."""
+    if isinstance(listen, str):
+        return listen
+    if not isinstance(argv, list):
+        return None
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--port" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if isinstance(arg, str) and arg.startswith("--port=") else None)
+        if isinstance(value, str) and value.isdigit():
+            return f"{host}:{int(value)}"
+    return None
+
+
+def run_moved(listen_was: str | None, listen: str) -> bool:
+    """An adopted run listens elsewhere than the config now says (its port or host changed): probed at the new
+    address it would never answer, so it is restarted there instead of kept."""
+    return listen_was is not None and listen_was != listen
+
+
+__all__ = ["RUNNING_STATES", "SHUTDOWN_REASON", "EngineAtStart", "SavedEngine", "engines_to_start", "recorded_listen",
+           "run_moved",
            "saved_seconds", "stopped_by_exit", "wanted_at_start", "was_running"]

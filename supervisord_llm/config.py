@@ -87,6 +87,7 @@ class EngineConfig:
     default: bool = False
     aliases: tuple[str, ...] = ()
     served_model: str | None = None  # the model id the engine expects in requests
+    model_as_written: str | None = None  # ``model`` as the config writes it (a relative path): a name clients use too
     start_timeout_s: float = 900.0
     stop_grace_s: float = 60.0
     autostart: bool = True
@@ -326,7 +327,8 @@ def _parse_engine(t: Table) -> EngineConfig:
     kind = t.str("kind", required=True, choices=ENGINE_KINDS)
     assert kind is not None
     command = t.str_list("command")
-    model = _near_config(t, t.str("model"))
+    model_as_written = t.str("model")
+    model = _near_config(t, model_as_written)
     if kind == "command":
         if not command:
             raise t.error("command", 'is required for kind "command": the argv, e.g. ["my-server", "--port", "{port}"]')
@@ -394,6 +396,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         default=t.bool("default", False),
         aliases=t.str_list("aliases"),
         served_model=t.str("served_model"),
+        model_as_written=model_as_written if model_as_written != model else None,
         start_timeout_s=t.duration_s("start_timeout", "15m", min_s=1),
         stop_grace_s=t.duration_s("stop_grace", "60s"),
         autostart=preload,

@@ -346,9 +346,9 @@ class Daemon:
                 saved: dict[str, Any] = records if isinstance(records, dict) else {}
                 for name, sup in self.supervisors.items():
                     record = saved.get(name)
-                    listen_was = record.get("listen") if name in adopted and isinstance(record, dict) else None
-                    await tg.start(sup.run, adopted.get(name), name in to_start,
-                                   listen_was if isinstance(listen_was, str) else None)
+                    listen_was = (restore.recorded_listen(record.get("listen"), record.get("argv"), sup.config.host)
+                                  if name in adopted and isinstance(record, dict) else None)
+                    await tg.start(sup.run, adopted.get(name), name in to_start, listen_was)
                 if isinstance(pending_swap, dict) and pending_swap.get("target") in self.supervisors:
                     tg.start_soon(self._resume_swap, pending_swap)
                 self.persist()

@@ -16,7 +16,7 @@ from typing import Any
 
 from supervisord_llm.config import Config, EngineConfig, load_config
 from supervisord_llm.convert import format_bytes
-from supervisord_llm.errors import ConfigError
+from supervisord_llm.errors import ConfigError, SupervisordLLMError
 from supervisord_llm.redact import redact_argv
 
 
@@ -239,6 +239,8 @@ def check_daemon_addresses(config: Config) -> list[Finding]:
     import socket
     import stat
 
+    import psutil
+
     from supervisord_llm.gateway.protocol import GatewayListenFailed, bind_listen
     from supervisord_llm.gateway.settings import parse_listen
 
@@ -253,7 +255,21 @@ def check_daemon_addresses(config: Config) -> list[Finding]:
         try:
             bind_listen(host, port, setting=setting).close()
         except GatewayListenFailed as exc:
-            findings.append(Finding("error", setting, str(exc)))
+            from supervisord_llm.engine.process import port_holder
+            from supervisord_llm.gateway.process import WORKER_MODULE
+
+            try:
+                holder = port_holder(host, port)
+                previous_gateway = (holder is not None and holder[0] is not None
+                                    and WORKER_MODULE in psutil.Process(holder[0]).cmdline())
+            except (SupervisordLLMError, psutil.Error):
+                holder, previous_gateway = None, False
+            if holder is not None and previous_gateway:
+                # A gateway an earlier daemon left (it died; its gateway drains on): `run` ends it first.
+                findings.append(Finding("warn", setting, f"{host}:{port} is held by the gateway of an earlier "
+                                        f"daemon (pid {holder[0]}), which `run` ends before it listens"))
+            else:
+                findings.append(Finding("error", setting, str(exc)))
         else:
             findings.append(Finding("ok", setting, f"{host}:{port} is free"))
     path = config.daemon.control_socket
@@ -269,8 +285,12 @@ def check_daemon_addresses(config: Config) -> list[Finding]:
             probe.settimeout(1.0)
             try:
                 probe.connect(str(path))
-            except OSError:
+            except (ConnectionRefusedError, FileNotFoundError):
                 pass  # a dead daemon's: `run` replaces it
+            except OSError as exc:  # as `run` sees it: a live daemon's, perhaps (a full backlog)
+                findings.append(Finding("error", "[daemon] control_socket", f"cannot tell whether another daemon "
+                                        f"uses the socket {path}: {exc.strerror or exc}",
+                                        "set control_socket to a path of its own"))
             else:
                 findings.append(Finding("error", "[daemon] control_socket", f"another daemon listens on {path}",
                                         "set control_socket to a path of its own, or stop that daemon"))

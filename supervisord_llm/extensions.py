@@ -82,7 +82,7 @@ class DaemonGatewayBackend:
             for name in (sup.name, *sup.config.aliases):
                 table.setdefault(name, sup.name)
         for sup in sups:
-            for served in (sup.config.served_model, sup.config.model):
+            for served in (sup.config.served_model, sup.config.model, sup.config.model_as_written):
                 if served:
                     table.setdefault(served, sup.name)
         return table

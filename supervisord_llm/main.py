@@ -133,7 +133,9 @@ listen = "127.0.0.1:{gateway_port}"   # point OpenAI/Anthropic clients here
 
 
 def demo(args: argparse.Namespace) -> int:
-    state_dir = Path(os.environ.get("SUPERVISORD_LLM_STATE_DIR") or default_state_dir())
+    # Absolute: the config written below names it, and a relative path in a config is read from the config's
+    # own directory (which is this one).
+    state_dir = Path(os.environ.get("SUPERVISORD_LLM_STATE_DIR") or default_state_dir()).expanduser().absolute()
     state_dir.mkdir(parents=True, exist_ok=True)
     model_dir = state_dir / "models" / "tiny-llama"
     from supervisord_llm.tinymodel import is_complete

@@ -382,7 +382,7 @@ class EngineSupervisor:
             if adopted is not None:
                 self._adopt(adopted)
                 self.run_listen = listen_was or self.listen
-                if self.run_listen != self.listen:
+                if restore.run_moved(listen_was, self.listen):
                     # The config moved the engine (a new port or host): probed where it no longer listens, it
                     # would sit in `starting` until start_timeout. Stopped and started on the new address,
                     # through the 60 s floor, as a policy's restart (no failure).

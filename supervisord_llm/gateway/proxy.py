@@ -55,7 +55,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from policies import silence
+from policies import resend, silence
 from policies.frontdoor import (
     FORWARDED_PATHS,
     KIND_DEPENDENT_PATHS,
@@ -195,6 +195,12 @@ class TokenMeter:
     @property
     def tokens(self) -> int:
         return self.usage_tokens if self.usage_tokens is not None else self.counted_tokens
+
+    def end(self, at_s: float) -> None:
+        """The stream ended: a last line that came without its newline is read as a line."""
+        if self._partial:
+            rest, self._partial = self._partial, b""
+            self.feed(rest + b"\n", at_s)
 
     @property
     def answer_ended(self) -> bool:
@@ -810,7 +816,7 @@ class _Forward:
         engine = self.upstream.engine
         entry = next((m for m in self.gw.backend.models() if m.get("id") == engine), None)
         state = entry.get("state") if entry is not None else None
-        return state is not None and state not in ("ready", "degraded")
+        return resend.shown_down(state if isinstance(state, str) else None)
 
     async def _send_once(self) -> UpstreamResponse:
         """A non-streamed request fetched as a stream: sent, and its stream read whole into the answer, as one
@@ -1044,6 +1050,7 @@ class _Forward:
                     if self.client_cut:
                         self.response_complete = True
                         return
+                    self.meter.end(gw.clock.now())
                     if (response.status_code < 400 and self.stalled is None and self.meter.error is None
                             and not self.meter.answer_ended):
                         # Its connection ended, its answer did not (mlx_lm.server's HTTP/1.0 stream ends with

@@ -617,6 +617,30 @@ async def test_in_flight_is_counted_while_a_stream_is_open(standin: str) -> None
 # Pure parts: the token meter and the settings
 
 
+def test_meter_tells_an_answer_the_engine_ended_from_one_whose_connection_just_closed() -> None:
+    """[DONE], a finish_reason, message_stop or "done": true end an answer; a last line without its newline
+    still counts once the stream ends (else a finished stream would get a false "broke off" error)."""
+    finish = TokenMeter(anthropic=False)
+    finish.feed(b'data: {"choices":[{"delta":{"content":"a"},"finish_reason":null}]}\n\n', 0.0)
+    assert not finish.answer_ended
+    finish.feed(b'data: {"choices":[{"delta":{},"finish_reason":"length"}]}\n\n', 1.0)
+    assert finish.answer_ended
+    done_without_newline = TokenMeter(anthropic=False)
+    done_without_newline.feed(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: [DONE]', 0.0)
+    assert not done_without_newline.answer_ended
+    done_without_newline.end(1.0)
+    assert done_without_newline.answer_ended
+    messages = TokenMeter(anthropic=True)
+    messages.feed(b'event: message_stop\ndata: {"type":"message_stop"}\n\n', 0.0)
+    assert messages.answer_ended
+    lines = TokenMeter(anthropic=False, ndjson=True)
+    lines.feed(b'{"done":false,"message":{"content":"a"}}\n', 0.0)
+    assert not lines.answer_ended
+    lines.feed(b'{"done":true,"eval_count":1}', 1.0)
+    lines.end(2.0)
+    assert lines.answer_ended
+
+
 def test_meter_counts_openai_tokens_across_split_chunks_and_prefers_usage() -> None:
     """Token chunks are counted even when split mid-line; comments and empty deltas are not; usage wins."""
     seen: list[float] = []

@@ -81,6 +81,7 @@ def test_a_relative_model_beside_the_config_is_that_one_and_a_model_id_is_kept(
     assert cfg.engines[0].model == str(conf_dir / "models" / "tiny")
     assert cfg.engines[0].cwd == str(conf_dir / "work")
     assert cfg.engines[1].model == "mlx-community/Qwen3-8B-4bit"  # no such path: an id the engine resolves
+    assert cfg.engines[0].model_as_written == "models/tiny"  # clients may still name the model so
 
 
 def test_config_path_resolution_uses_environment(tmp_path: Path) -> None:

@@ -213,7 +213,7 @@ async def test_a_kept_alive_connection_that_fails_only_after_the_engine_read_the
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
         await writer.drain()
         await read_head(reader)  # the second request, on the kept-alive connection: worked on, then dropped
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.3)
         writer.close()
 
     async with engine(handler) as url, client() as c:
@@ -221,7 +221,7 @@ async def test_a_kept_alive_connection_that_fails_only_after_the_engine_read_the
         with pytest.raises(httpx.RemoteProtocolError) as late:
             await c.send(request(url))
     assert getattr(late.value, "reused_connection", False) is True
-    assert getattr(late.value, "failed_after_s", 0.0) >= 0.5
+    assert getattr(late.value, "failed_after_s", 0.0) >= 1.2
     assert failure_of(late.value) is Failure.DELIVERED
 
 

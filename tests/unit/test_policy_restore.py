@@ -82,3 +82,16 @@ def test_engines_that_are_not_exclusive_all_start_next_to_an_exclusive_one_in_th
     assert engines_to_start([big, *ran], default="big") == ("chat", "embed")
     # The exclusive default loads alone.
     assert engines_to_start([big, chat, embed], default="big") == ("big",)
+
+
+def test_where_a_recorded_run_listens_and_whether_the_config_moved_it() -> None:
+    """A record from before ``listen`` was kept gives its argv's --port: an upgrade and a port change in one
+    restart still restart the engine on the new port (kept, it sat in `starting` until start_timeout)."""
+    from policies.restore import recorded_listen, run_moved
+
+    assert recorded_listen("127.0.0.1:8081", None, "127.0.0.1") == "127.0.0.1:8081"
+    assert recorded_listen(None, ["python", "-m", "mlx_lm.server", "--port", "8081"], "127.0.0.1") == "127.0.0.1:8081"
+    assert recorded_listen(None, ["vllm", "serve", "m", "--port=9000"], "0.0.0.0") == "0.0.0.0:9000"
+    assert recorded_listen(None, ["ollama", "serve"], "127.0.0.1") is None
+    assert run_moved("127.0.0.1:8081", "127.0.0.1:8082") and not run_moved("127.0.0.1:8081", "127.0.0.1:8081")
+    assert not run_moved(None, "127.0.0.1:8082")  # unknown: kept, as before
