@@ -773,17 +773,6 @@ def load_config(path: str | os.PathLike[str] | None = None, *, environ: Mapping[
     return parse_config(data, file, environ=environ)
 
 
-def restart_refusal(config: Config) -> str | None:
-    """Why a restart in place (SIGHUP, ``llmctl daemon restart``) would end supervision: the config file the new
-    daemon reads (the same path) does not load. None when it loads."""
-    try:
-        load_config(config.file)
-    except ConfigError as exc:
-        return (f"the restart is refused, this daemon runs on: the config no longer loads ({exc}); fix it "
-                f"(`supervisord-llm check-config --config {config.file}`), then restart again")
-    return None
-
-
 def control_socket_of(path: str | os.PathLike[str] | None = None, *,
                       environ: Mapping[str, str] | None = None) -> Path:
     """The control socket the config gives the daemon, read from its [daemon] table alone: a client (llmctl)
@@ -818,5 +807,5 @@ def _read_document(path: str | os.PathLike[str] | None, environ: Mapping[str, st
 
 __all__ = [
     "Config", "ConfigError", "DaemonConfig", "EngineConfig", "ENGINE_KINDS", "Table", "control_socket_of", "load_config",
-    "parse_config", "resolve_config_path", "restart_refusal", "DURATION_HELP", "SIZE_HELP",
+    "parse_config", "resolve_config_path", "DURATION_HELP", "SIZE_HELP",
 ]

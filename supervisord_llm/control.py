@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from supervisord_llm.config import restart_refusal
+from supervisord_llm.doctor import restart_refusal
 from supervisord_llm.engine.process import read_log_lines
 from supervisord_llm.errors import (
     ConfigError,

@@ -233,9 +233,39 @@ def check_nvml(config: Config) -> list[Finding]:
                     ", ".join(f"{d.name} {format_bytes(d.free_bytes)} free" for d in reading.devices))]
 
 
-def check_daemon_addresses(config: Config) -> list[Finding]:
+def restart_refusal(config: Config) -> str | None:
+    """Why a restart in place (SIGHUP, ``llmctl daemon restart``) would end supervision, or None: the new daemon
+    reads the same config file and would stop at once on it, leaving the engines to no one, if it no longer
+    loads, moves the state dir (the engines' records stay behind: the new daemon would start second copies
+    beside them), or names an address the new daemon cannot take (a gateway or metrics port another process
+    holds, a control socket path that is a file or another daemon's)."""
+    refused = "the restart is refused, this daemon runs on: "
+    try:
+        new = load_config(config.file)
+    except ConfigError as exc:
+        return (f"{refused}the config no longer loads ({exc}); fix it (`supervisord-llm check-config --config "
+                f"{config.file}`), then restart again")
+    if new.daemon.state_dir != config.daemon.state_dir:
+        return (f"{refused}the config moves the state dir from {config.daemon.state_dir} to {new.daemon.state_dir}, "
+                "where the new daemon would not find its engines; stop the daemon (it stops them), then start it")
+    def listen(c: Config) -> tuple[str, int] | None:
+        return (c.gateway.host, c.gateway.port) if c.gateway is not None and c.gateway.enabled else None
+
+    # What this daemon holds now is the new one's (it gets the sockets with the re-exec): only changes are checked.
+    errors = [f for f in check_daemon_addresses(new, gateway=listen(new) != listen(config),
+                                                metrics=new.daemon.metrics_listen != config.daemon.metrics_listen,
+                                                control_socket=new.daemon.control_socket != config.daemon.control_socket)
+              if f.level == "error"]
+    if errors:
+        return refused + "; ".join(f"{f.subject}: {f.message}" for f in errors)
+    return None
+
+
+def check_daemon_addresses(config: Config, *, gateway: bool = True, metrics: bool = True,
+                           control_socket: bool = True) -> list[Finding]:
     """With no daemon running: the addresses ``run`` will take (the gateway's, the metrics port, the control
-    socket) can be had; a port held by another process or a file where the socket goes stops ``run``."""
+    socket; each where asked) can be had; a port held by another process or a file where the socket goes
+    stops ``run``."""
     import socket
     import stat
 
@@ -246,9 +276,9 @@ def check_daemon_addresses(config: Config) -> list[Finding]:
 
     findings = []
     wanted: list[tuple[str, str, int]] = []
-    if config.gateway is not None and config.gateway.enabled:
+    if gateway and config.gateway is not None and config.gateway.enabled:
         wanted.append(("[gateway] listen", config.gateway.host, config.gateway.port))
-    if config.daemon.metrics_listen:
+    if metrics and config.daemon.metrics_listen:
         host, port = parse_listen(config.daemon.metrics_listen)
         wanted.append(("[daemon] metrics_listen", host, port))
     for setting, host, port in wanted:
@@ -274,7 +304,7 @@ def check_daemon_addresses(config: Config) -> list[Finding]:
             findings.append(Finding("ok", setting, f"{host}:{port} is free"))
     path = config.daemon.control_socket
     try:
-        mode = os.lstat(path).st_mode
+        mode = os.lstat(path).st_mode if control_socket else None
     except OSError:
         mode = None
     if mode is not None and not stat.S_ISSOCK(mode):

@@ -13,7 +13,8 @@ from typing import Any
 import anyio
 
 from supervisord_llm import __version__
-from supervisord_llm.config import Config, config_notes, default_state_dir, load_config, restart_refusal
+from supervisord_llm.config import Config, config_notes, default_state_dir, load_config
+from supervisord_llm.doctor import restart_refusal
 from supervisord_llm.errors import ConfigError, SupervisordLLMError
 from supervisord_llm.logsetup import configure_logging
 

@@ -133,6 +133,31 @@ def test_an_engine_whose_address_changed_in_the_config_is_restarted_on_it_not_ad
     assert not psutil.pid_exists(engine["pid"]) or psutil.Process(engine["pid"]).status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_restart_onto_an_address_it_cannot_take_or_another_state_dir_is_refused(daemon_factory) -> None:
+    """A config that loads, but whose new gateway port another process holds, or that moves the state dir: the
+    new daemon would stop on the port (engines left to no one), or not find its engines (second copies)."""
+    import socket
+
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port()) + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
+    engine = d.wait_state("e", "ready", timeout_s=30)
+    good = d.config_path.read_text()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        d.config_path.write_text(good.replace(f"127.0.0.1:{gw}", f"127.0.0.1:{busy}"))
+        refused = d.llmctl("daemon", "restart", "--timeout", "20")
+    assert refused.returncode == 1 and f"cannot listen on 127.0.0.1:{busy}" in refused.stderr, refused
+    moved = d.state_dir / "elsewhere"
+    d.config_path.write_text(good.replace(f'state_dir = "{d.state_dir}"', f'state_dir = "{moved}"'))
+    refused = d.llmctl("daemon", "restart", "--timeout", "20")
+    assert refused.returncode == 1 and "moves the state dir" in refused.stderr, refused
+    assert d.proc.poll() is None and d.engine("e")["pid"] == engine["pid"]
+    d.config_path.write_text(good)
+    assert d.llmctl("daemon", "restart", "--timeout", "60", timeout=90).returncode == 0
+
+
 def test_after_a_restart_the_keeper_of_an_orphan_is_reaped_once_the_orphan_is_killed(daemon_factory) -> None:
     """An engine dropped from the config before SIGHUP is killed as an orphan by the re-executed daemon,
     and its keeper (still the daemon's child) is reaped: no zombie keeper stays behind."""
