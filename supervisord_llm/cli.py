@@ -570,9 +570,13 @@ def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
             if now.status_code != 200:
                 continue
             body = now.json()
-            # The same pid (an exec), so a fresh daemon shows as an uptime that went back; it answers
+            # The same pid (an exec): a fresh daemon shows another start time (an uptime that went back, from
+            # a daemon without one; that missed a restart of a daemon up for less than a second). It answers
             # before it has re-attached its engines, so wait for those that ran before to show again.
-            restarted = body["daemon"]["uptime_s"] < old["uptime_s"] + (time.monotonic() - asked_s) - 1.0
+            if old.get("started_at") is not None and body["daemon"].get("started_at") is not None:
+                restarted = body["daemon"]["started_at"] != old["started_at"]
+            else:
+                restarted = body["daemon"]["uptime_s"] < old["uptime_s"] + (time.monotonic() - asked_s) - 1.0
             pids = {e["name"]: e.get("pid") for e in body["engines"]}
             reattached = all(pids.get(name) for name in running_before)
             if restarted and (reattached or time.monotonic() > deadline - args.timeout / 2):

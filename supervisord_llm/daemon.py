@@ -126,6 +126,7 @@ class Daemon:
         self.log = logger
         self.state_dir = config.daemon.state_dir
         self.started_s = self.clock.now()
+        self.started_wall = self.clock.wall()  # tells this daemon from the one it replaced (the same pid)
         self.lock = DaemonLock(self.state_dir)
         self.events: EventLog = None  # type: ignore[assignment]  # set in open()
         self.state_writer: StateWriter | None = None  # set in claim()
@@ -998,7 +999,8 @@ class Daemon:
         doc: dict[str, Any] = {
             "schema": 1,
             "daemon": {"pid": os.getpid(), "version": __version__, "uptime_s": round(self.clock.now() - self.started_s, 1),
-                       "state_dir": str(self.state_dir), "config": self.config.file},
+                       "started_at": round(self.started_wall, 3), "state_dir": str(self.state_dir),
+                       "config": self.config.file},
             "engines": [sup.status() for sup in self.supervisors.values()],
             "system": system,
             "alerts": {"pending": 0, "delivered": 0, "failed": 0},
