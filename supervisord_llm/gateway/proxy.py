@@ -810,11 +810,15 @@ class _Forward:
             wait_serving=self._engine_serving, went_down=self._engine_went_down, hold_s=gw.settings.hold_s,
             now=gw.clock.now, on_retry=on_retry, shown_down=self._engine_shown_down)
 
+    def _engine_entry(self) -> dict[str, Any] | None:
+        """The daemon's last word on this request's engine (its /v1/models entry, with its state)."""
+        engine = self.upstream.engine
+        return next((m for m in self.gw.backend.models() if m.get("id") == engine), None)
+
     def _engine_shown_down(self) -> bool:
         """The daemon's last word on the engine is a state that serves nothing (a backend that shows no states,
         a test's, shows none)."""
-        engine = self.upstream.engine
-        entry = next((m for m in self.gw.backend.models() if m.get("id") == engine), None)
+        entry = self._engine_entry()
         state = entry.get("state") if entry is not None else None
         return resend.shown_down(state if isinstance(state, str) else None)
 
@@ -886,8 +890,8 @@ class _Forward:
         engine = self.upstream.engine
         deadline_s = gw.clock.now() + timeout_s
         while True:
-            entry = next((m for m in gw.backend.models() if m.get("id") == engine), None)
-            if entry is None or entry.get("state", "") not in ("ready", "degraded"):
+            entry = self._engine_entry()
+            if entry is None or entry.get("state", "") not in resend.SERVING_STATES:
                 return True
             left_s = deadline_s - gw.clock.now()
             if left_s <= 0:
@@ -901,7 +905,7 @@ class _Forward:
         start the request alone would cause: an engine stopped or failed meanwhile stays so."""
         gw = self.gw
         engine = self.upstream.engine
-        entry = next((m for m in gw.backend.models() if m.get("id") == engine), None)
+        entry = self._engine_entry()
         if entry is None or entry.get("state") in ("stopped", "failed"):
             state = "gone" if entry is None else str(entry.get("state"))
             self.unavailable = EngineUnavailable(
