@@ -129,6 +129,21 @@ def plan_swap(
     )
 
 
+def drained(*, in_flight: int, in_line: int) -> bool:
+    """Whether an engine a swap stops has no request left to finish first (up to ``swap_drain``).
+
+    ``in_flight``: requests the engine is answering. ``in_line``: requests in its line in the gateway,
+    with a slot (one handed the slot another just gave back reaches the engine a moment later) or
+    waiting for one (``max_concurrent``). They were let through to this engine before the swap's group
+    formed, so they are served first (all of A, then all of B): stopping the engine under them would
+    hold them for the engine's next start, a swap back (with two exclusive 200 GB models, two loads of
+    many minutes each) instead of the answer a moment away. Requests for it that arrive after the swap
+    began wait behind the swap's group and are not counted here.
+    """
+    require(in_flight >= 0 and in_line >= 0, f"counts must be >= 0, got {in_flight!r} and {in_line!r}")
+    return in_flight == 0 and in_line == 0
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryReturn:
     """How much memory came back after a stop, and whether it is enough for the target."""

@@ -43,6 +43,7 @@ from policies.swap import (
     SwapPlan,
     decide_memory_wait,
     decide_swap_request,
+    drained,
     memory_returned,
     plan_swap,
 )
@@ -526,6 +527,9 @@ class Daemon:
         for ext in self.extensions:
             await ext.requests_settled()
 
+    def requests_in_line(self, engine: str) -> int:
+        return sum(ext.requests_in_line(engine) for ext in self.extensions)
+
     def footprint_bytes(self, sup: EngineSupervisor) -> int | None:
         """What admission counts the engine at: max(configured or estimated, the peak it was seen to hold)."""
         peaks = self.memory_guard.peaks(sup.name) if self.memory_guard is not None else PeakHistory()
@@ -879,13 +883,15 @@ class Daemon:
         timings: dict[str, float] = {}
         try:
             t0 = self.clock.now()
-            # In-flight requests on the engines being stopped may finish first (bounded by swap_drain);
-            # what still runs after that is cut when the engine stops, and the client sees the error.
-            # Requests the gateway sent them a moment ago count too, once it has confirmed its notes.
+            # In-flight requests on the engines being stopped may finish first (bounded by swap_drain),
+            # and so may those in their lines in the gateway (policies.swap.drained); what still runs
+            # after that is cut when the engine stops, and the client sees the error. Requests the
+            # gateway sent them a moment ago count too, once it has confirmed its notes.
             if to_stop:
                 await self.requests_settled()
             with anyio.move_on_after(self.config.memory.swap_drain_s):
-                while any(s.health is not None and s.health.in_flight > 0 for s in to_stop):
+                while not all(drained(in_flight=s.health.in_flight if s.health is not None else 0,
+                                      in_line=self.requests_in_line(s.name)) for s in to_stop):
                     await anyio.sleep(0.1)
             timings["drain_s"] = self.clock.now() - t0
             t0 = self.clock.now()

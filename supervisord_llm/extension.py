@@ -64,6 +64,10 @@ class Extension:
         """Return once every request sent to an engine so far is counted in its in-flight count (the
         gateway's process confirms its notes; bounded). Called before a drain counts them."""
 
+    def requests_in_line(self, engine: str) -> int:
+        """Requests in ``engine``'s line that this extension admits (a slot taken, or waiting for one)."""
+        return 0
+
     async def before_start(self, sup: EngineSupervisor) -> None:
         """Before ``sup``'s admission; raise an ``EngineError`` to refuse the start."""
 

@@ -45,6 +45,8 @@ class DaemonGatewayBackend:
         # they may have changed. With no gateway process nobody holds a pass.
         self.close_passes: Callable[[], bool] = lambda: True
         self.passes_may_change: Callable[[], None] = lambda: None
+        # Per engine: the requests its line in the gateway holds (slots taken, places waiting), as last told.
+        self.in_line: dict[str, int] = {}
 
     def models(self) -> list[dict]:
         out = []
@@ -221,6 +223,9 @@ class DaemonGatewayBackend:
         health = self._health(engine)
         return health.progress_s(self.daemon.clock.now()) if health is not None else None
 
+    def line_changed(self, engine: str, occupied: int) -> None:
+        self.in_line[engine] = occupied
+
     def prefill_changed(self, engine: str, in_prefill: int, ended_at_s: float | None) -> None:
         health = self._health(engine)
         if health is not None:
@@ -365,6 +370,9 @@ class GatewayExtension(Extension):
                 task_status.started()
         finally:
             self.daemon.events.listeners.remove(self._on_event)
+
+    def requests_in_line(self, engine: str) -> int:
+        return self.inner.in_line.get(engine, 0)
 
     async def requests_settled(self) -> None:
         # A request let through on a pass, or started a moment ago, reaches the daemon as a note (at

@@ -108,6 +108,7 @@ class GatewayProcess:
         # Requests with a long prompt the gateway reported in prefill, per engine: if the gateway dies,
         # their prefill ends for it (an engine's counter samples must not stay left out forever).
         self._in_prefill: Counter[str] = Counter()
+        self._in_line: Counter[str] = Counter()  # per engine: what its line in the gateway holds (line_changed)
         self._busy = anyio.Event()
         self._accepting = False  # the current gateway process reported that it accepts
         # Snapshots are numbered; the current gateway process acknowledges each once applied.
@@ -422,6 +423,8 @@ class GatewayProcess:
                 self._open[engine] -= 1
         elif method == "prefill_changed":
             self._in_prefill[args[0]] = args[1]
+        elif method == "line_changed":
+            self._in_line[args[0]] = args[1]
         elif method != "stall_detected":
             return  # not a note this side knows: ignored, never called by name
         try:
@@ -430,6 +433,13 @@ class GatewayProcess:
             self.log.exception("gateway.backend_failed", method=method)
 
     def _finish_open_requests(self) -> None:
+        in_line, self._in_line = self._in_line, Counter()
+        for engine, count in in_line.items():
+            if count > 0:
+                try:
+                    self.inner.line_changed(engine, 0)
+                except Exception:
+                    self.log.exception("gateway.backend_failed", method="line_changed")
         in_prefill, self._in_prefill = self._in_prefill, Counter()
         for engine, count in in_prefill.items():
             if count > 0:

@@ -144,6 +144,10 @@ class DaemonCalls(Protocol):
         """The gateway has ``in_prefill`` requests with a long prompt in prefill to ``engine`` now
         (gateway/prefills.py); ``ended_at_s``: one's prefill ended then (None: one began)."""
 
+    def line_changed(self, engine: str, occupied: int) -> None:
+        """``engine``'s line in the gateway holds ``occupied`` requests now: those with a slot (running, or
+        handed one a moment ago) and those waiting for one (``max_concurrent``, ``max_queue``)."""
+
 
 class GatewayBackend(DaemonCalls, Protocol):
     """Protocol: what the gateway needs from the daemon (its process's end of the channel)."""

@@ -1563,7 +1563,7 @@ class _Gateway:
         self.clock = clock
         self.log = log
         self.stats = GatewayStats(settings.listen)
-        self.lines = EngineLines()
+        self.lines = EngineLines(lambda engine, occupied: self.call_backend("line_changed", engine, occupied))
         # Engines that answered a request fetched as a stream with a whole body, or with a stream without usage:
         # not fetched so again.
         self.not_streaming: set[str] = set()
@@ -2234,10 +2234,23 @@ class EngineLines:
 
     A finished request hands its slot straight to the first in line, so the line is served in
     arrival order and ``running`` never exceeds ``max_concurrent``.
+
+    ``on_change(engine, occupied)``: told whenever an engine's slots taken plus places waiting change.
+    A swap that stops the engine drains them too (``policies.swap.drained``): a request that waits for a
+    slot has not reached its engine yet, and one handed a slot reaches it a moment later.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[str, int], None] | None = None) -> None:
         self._lines: dict[str, _Line] = {}
+        self._on_change = on_change
+        self._told: dict[str, int] = {}
+
+    def _changed(self, engine: str) -> None:
+        line = self._lines[engine]
+        occupied = line.running + len(line.waiting)
+        if self._on_change is not None and self._told.get(engine, 0) != occupied:
+            self._told[engine] = occupied
+            self._on_change(engine, occupied)
 
     def line(self, engine: str) -> _Line:
         line = self._lines.get(engine)
@@ -2253,11 +2266,13 @@ class EngineLines:
                                 max_queue=max_queue)
         if verdict is Admission.RUN:
             line.running += 1
+            self._changed(engine)
             return verdict
         if verdict is Admission.REFUSE:
             return verdict
         turn = anyio.Event()
         line.waiting.append(turn)
+        self._changed(engine)
         try:
             with anyio.move_on_after(wait_s):
                 await turn.wait()
@@ -2266,9 +2281,11 @@ class EngineLines:
                 self.leave(engine)
             else:
                 line.waiting.remove(turn)
+                self._changed(engine)
             raise
         if not turn.is_set():
             line.waiting.remove(turn)
+            self._changed(engine)
             raise _LineWaitExpired
         return Admission.RUN
 
@@ -2284,6 +2301,7 @@ class EngineLines:
             line.waiting.popleft().set()  # the slot goes to the first in line; running stays the same
         else:
             line.running = max(0, line.running - 1)
+        self._changed(engine)
 
 
 class _ConnectionCap:

@@ -11,7 +11,8 @@ gateway asks of the daemon crosses that channel as the :class:`GatewayBackend` p
 
     acquire(model)            a request; the daemon answers with the Upstream or the refusal. A
                               client that gives up sends ``cancel``, which cancels the wait there
-    request_started, request_finished, stall_detected, prefill_changed
+    request_started, request_finished, stall_detected, prefill_changed,
+                              line_changed
                               sent in order, never waited for
     token_progress            the latest token time per engine, sent at most every
                               ``TOKEN_FLUSH_S``; flushed before any other note, so a request's end
@@ -220,6 +221,9 @@ class ProcessBackend:
 
     def prefill_changed(self, engine: str, in_prefill: int, ended_at_s: float | None) -> None:
         self.channel.send("note", "prefill_changed", (engine, in_prefill, ended_at_s), lazy=True)
+
+    def line_changed(self, engine: str, occupied: int) -> None:
+        self.channel.send("note", "line_changed", (engine, occupied), lazy=True)
 
 
 _DAEMON_GONE: dict[str, Any] = {"engine": "-", "reason": "daemon_unreachable",

@@ -673,6 +673,41 @@ def test_mixed_requests_for_two_exclusive_engines_are_served_grouped_with_one_sw
     assert [t["engine"] for t in turns][:2] == ["b", "a"] and turns[0]["groups"]
 
 
+def test_requests_in_an_exclusive_engines_line_are_answered_before_a_swap_stops_it(daemon_factory) -> None:
+    """80 requests for a one-slot engine wait in its line; then one for another exclusive engine: the swap
+    waits for a's whole line (it was there first), then b loads. Without counting the line, the swap's
+    drain saw a moment with no request in flight (one had just handed its slot to the next) and
+    stopped a under its line: those requests waited for a swap back behind the 60 s spawn floor (with
+    real models, two more loads of minutes each)."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--tps", "100", exclusive=True, max_concurrent=1,
+                                           default=True)
+                       + standin_engine_toml("b", free_port(), "--load-s", "1", exclusive=True, autostart=False)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "90s"\n'
+                       + '[policies.memory]\nswap_drain = "60s"\n').start()
+    d.wait_state("a", "ready", 30)
+    finished: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def call(engine: str) -> None:
+        r = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", json={"model": engine, "max_tokens": 5, **CHAT},
+                       timeout=120)
+        with lock:
+            finished.append((engine, r.status_code))
+
+    threads = [threading.Thread(target=call, args=("a",)) for _ in range(80)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)  # every request for a is in its line (each takes about 0.05 s): b's comes after them all
+    threads.append(threading.Thread(target=call, args=("b",)))
+    threads[-1].start()
+    for t in threads:
+        t.join()
+    assert [engine for engine, _ in finished] == ["a"] * 80 + ["b"], finished
+    assert [code for _, code in finished] == [200] * 81, finished
+    assert [e["target"] for e in d.events() if e["kind"] == "swap.started"] == ["b"]  # no swap back to a
+
+
 @pytest.mark.slow
 def test_a_restart_just_after_a_stream_started_drains_it_instead_of_cutting_it(daemon_factory) -> None:
     """The gateway tells the daemon of a request's start without waiting (and may route it without

@@ -57,6 +57,7 @@ class Backend:
         self.finished: list[RequestStats] = []
         self.stalls: list[tuple[str, str, float, float]] = []
         self.prefills: list[tuple[str, int, float | None]] = []  # prefill_changed, as told
+        self.lines: dict[str, int] = {}  # line_changed, as told
 
     def models(self) -> list[dict]:
         return [
@@ -103,6 +104,9 @@ class Backend:
 
     def prefill_changed(self, engine: str, in_prefill: int, ended_at_s: float | None) -> None:
         self.prefills.append((engine, in_prefill, ended_at_s))
+
+    def line_changed(self, engine: str, occupied: int) -> None:
+        self.lines[engine] = occupied
 
 
 _open_clients: list = []

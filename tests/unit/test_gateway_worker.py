@@ -38,6 +38,7 @@ class RecordingBackend:
         self.upstream = Upstream(engine="tiny", base_url=base_url, kind="command", supports_messages=False)
         self.notes: list[tuple[str, Any]] = []
         self.prefills: list[tuple[str, int, float | None]] = []  # prefill_changed, apart from the notes
+        self.lines: dict[str, int] = {}  # line_changed, as told
         self.acquire_entered = anyio.Event()
         self.acquire_cancelled = anyio.Event()
         self.passing = False  # whether the gateway holds a pass for tiny
@@ -93,6 +94,9 @@ class RecordingBackend:
 
     def prefill_changed(self, engine: str, in_prefill: int, ended_at_s: float | None) -> None:
         self.prefills.append((engine, in_prefill, ended_at_s))
+
+    def line_changed(self, engine: str, occupied: int) -> None:
+        self.lines[engine] = occupied
 
 
 @pytest.fixture
@@ -307,6 +311,36 @@ async def test_a_long_prompts_prefill_reaches_the_daemon_and_ends_with_a_dead_ga
                 while not exits:
                     await anyio.sleep(0.02)
             assert inner.prefills == [("tiny", 1, None), ("tiny", 0, None)]
+    finally:
+        silent.close()
+
+
+async def test_a_requests_place_in_its_engines_line_reaches_the_daemon_and_ends_with_a_dead_gateway() -> None:
+    """A swap's drain waits for the requests in the engine's line in the gateway: the daemon's side is told
+    what each line holds, and a gateway process that dies takes its lines with it (told 0, or a swap would
+    wait its whole swap_drain for requests that are gone)."""
+    silent = socket.socket()  # an engine that takes the request and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    inner = RecordingBackend(f"http://127.0.0.1:{silent.getsockname()[1]}")
+    try:
+        async with gateway(inner) as (process, url, exits), httpx.AsyncClient(timeout=30) as client, \
+                anyio.create_task_group() as tg:
+
+            async def send() -> None:
+                with pytest.raises(httpx.HTTPError):
+                    await client.post(url + "/v1/chat/completions", json=CHAT)
+
+            tg.start_soon(send)
+            with anyio.fail_after(5):
+                while inner.lines.get("tiny") != 1:
+                    await anyio.sleep(0.01)
+            assert process.pid is not None
+            os.kill(process.pid, signal.SIGKILL)
+            with anyio.fail_after(20):
+                while not exits:
+                    await anyio.sleep(0.02)
+            assert inner.lines == {"tiny": 0}
     finally:
         silent.close()
 

@@ -15,6 +15,7 @@ from policies.swap import (
     SwapSettings,
     decide_memory_wait,
     decide_swap_request,
+    drained,
     memory_returned,
     plan_swap,
 )
@@ -181,3 +182,13 @@ def test_invalid_swap_settings(kwargs: dict[str, float], needle: str) -> None:
     """Swap settings that would SIGKILL too soon or never poll are rejected with the reason."""
     with pytest.raises(ValueError, match=needle):
         SwapSettings(**kwargs)
+
+
+@pytest.mark.parametrize(("in_flight", "in_line", "done"), [(0, 0, True), (1, 0, False), (0, 1, False), (2, 5, False)])
+def test_a_swap_drains_the_requests_in_the_engines_line_too(in_flight: int, in_line: int, done: bool) -> None:
+    assert drained(in_flight=in_flight, in_line=in_line) is done
+
+
+def test_drained_refuses_negative_counts() -> None:
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        drained(in_flight=-1, in_line=0)
