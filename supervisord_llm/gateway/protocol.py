@@ -85,6 +85,8 @@ class EngineUnavailable(EngineError):
         self.status = status
         self.detail = message or f"unavailable ({reason})"
         super().__init__(engine, self.detail)
+        if self.detail.startswith(f"engine {engine!r} "):
+            self.args = (self.detail,)  # it names its engine already ("engine 'a' is stopped ..."): not twice
 
 
 class GatewayListenFailed(SupervisordLLMError):

@@ -909,8 +909,10 @@ class _Forward:
         if entry is None or entry.get("state") in ("stopped", "failed"):
             state = "gone" if entry is None else str(entry.get("state"))
             self.unavailable = EngineUnavailable(
-                engine, state, f"engine {engine!r} went down with this request and is {state}: it is not started "
-                f"again for it")
+                # Not retried by the SDKs (x-should-retry: false): a stopped engine is started by a person
+                # (or a new request, where gateway.swaps lets it), a failed one by `llmctl start --force`.
+                engine, "engine_not_running" if state == "stopped" else state,
+                f"it went down with this request and is {state}: it is not started again for it")
             return False
         self.awaiting_engine = True
         try:
@@ -1870,14 +1872,20 @@ class _Gateway:
         name = self.backend.engine_for(model)
         return next((m for m in self.backend.models() if name is not None and m.get("id") == name), None)
 
+    def _state_of(self, engine: str) -> str | None:
+        """The engine's state as the daemon last published it (None: not known to this gateway)."""
+        entry = next((m for m in self.backend.models() if m.get("id") == engine), None)
+        return str(entry.get("state")) if entry is not None and entry.get("state") is not None else None
+
     def _engine_state(self, model: str | None) -> tuple[str, str]:
         entry = self._engine_entry(model)
         return (entry["id"], str(entry.get("state"))) if entry else (model or "(default)", "unknown")
 
     async def _route(self, request: Request, path: str, anthropic: bool, doc: Any, body: bytes, stream: bool,
-                     model: str | None, passed: Upstream | None = None) -> Response | _Forward:
+                     model: str | None, passed: Upstream | None = None, *, again: bool = False) -> Response | _Forward:
         """Wait for the request's engine (or refuse), take a place in its line, build the forward.
-        ``passed``: the engine, already taken on a pass (``GatewayBackend.try_pass``)."""
+        ``passed``: the engine, already taken on a pass (``GatewayBackend.try_pass``). ``again``: routed a
+        second time, its engine having gone down while it waited in the line."""
         upstream: Upstream | Response
         if passed is not None:
             upstream = passed
@@ -1885,13 +1893,21 @@ class _Gateway:
             refused = self._start_refusal(request, model, anthropic)
             if refused is not None:
                 return refused
-            upstream = self.backend.try_pass(model) or await self._wait_for_engine(model, anthropic,
-                                                                                   self.may_start(request))
+            # Routed again after its engine went down under its wait in the line: like a request the engine went
+            # down with, it does not start the engine again (a person's stop stays a stop).
+            upstream = self.backend.try_pass(model) or await self._wait_for_engine(
+                model, anthropic, self.may_start(request) and not again)
         if isinstance(upstream, Response):
             return upstream
         refused = await self._enter_line(upstream, anthropic)
         if refused is not None:
             return refused
+        if not again and resend.shown_down(self._state_of(upstream.engine)):
+            # Its engine went down while it waited for a slot (a person's stop, a crash, a restart): it never reached
+            # the engine, so it is not sent to the engine going away but routed again: held for a restart, and
+            # answered as the requests the engine went down with are where the engine stays down (503).
+            self.lines.leave(upstream.engine)
+            return await self._route(request, path, anthropic, doc, body, stream, model, again=True)
         try:
             result = await self._dispatch(request, path, anthropic, doc, body, stream, upstream)
         except BaseException:

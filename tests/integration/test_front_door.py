@@ -782,6 +782,44 @@ def test_a_request_cut_by_an_operators_stop_is_not_resent_into_a_new_start_of_th
     _stays_stopped(d, "a")
 
 
+@pytest.mark.parametrize("swaps", ["never", "allowed"])
+def test_requests_waiting_in_the_line_when_the_operator_stops_the_engine_are_refused_not_sent(daemon_factory,
+                                                                                             swaps: str) -> None:
+    """Four requests for a one-slot engine (one running, three in its line), then `llmctl stop`: the three in
+    the line are never sent to the engine going away (they were: each got a connection refused and "went down
+    with this request", an error the SDKs retry); all four get 503 engine_not_running, not to be retried, and
+    the engine stays stopped."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--tps", "20", default=True, max_concurrent=1,
+                                           max_queue=4)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nswaps = "{swaps}"\nhold_s = "30s"\n').start()
+    d.wait_state("a", "ready", 30)
+    results: list[httpx.Response] = []
+
+    def call() -> None:
+        results.append(httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60, json={
+            "model": "a", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert d.llmctl("stop", "a").returncode == 0
+    for t in threads:
+        t.join(60)
+    assert len(results) == 4
+    for r in results:
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "engine_not_running" and "engine 'a': engine 'a'" not in error["message"], r.text
+        assert r.headers.get("x-should-retry") == "false", r.headers
+    sent_to_stopped = [line for line in d.stderr_path.read_text().splitlines()
+                       if "gateway.upstream_failed" in line and "ConnectError" in line]
+    assert not sent_to_stopped, sent_to_stopped  # nothing was sent to the stopped engine
+    _stays_stopped(d, "a")
+
+
 def test_swaps_with_key_lets_local_clients_use_a_resident_engine_and_only_the_key_start_one(daemon_factory) -> None:
     """swaps = "with_key" on loopback: a client without the key uses the resident engine but gets 503 for a stopped
     one (it stays stopped), as does a request with another key (a placeholder); the key starts it."""
