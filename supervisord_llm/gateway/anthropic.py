@@ -230,6 +230,8 @@ def check_envelope(doc: Any, *, count: bool = False) -> None:
     if messages is None:
         raise RequestInvalid("messages", "is required: an array of {role, content} objects")
     _expect(messages, list, "messages", "an array of {role, content} objects")
+    if not messages:  # as Anthropic's API: nothing for the engine to answer (mlx_lm.server: "empty conversation")
+        raise RequestInvalid("messages", "expected at least one message: an array of {role, content} objects")
     for i, message in enumerate(messages):
         at = f"messages[{i}]"
         _expect(message, dict, at, "an object {role, content}")

@@ -57,6 +57,7 @@ from starlette.routing import Route
 
 from policies import resend, silence
 from policies.frontdoor import (
+    EMBEDDINGS_PATH,
     FORWARDED_PATHS,
     KIND_DEPENDENT_PATHS,
     LOCAL_HOST_SUFFIXES,
@@ -1786,7 +1787,8 @@ class _Gateway:
         stream = False
         doc: Any = None
         content_type = request.headers.get("content-type", "")
-        needs_json = path in OPENAI_PATHS or path in OLLAMA_API_PATHS or anthropic
+        # Whatever its content type (curl -d sends a form's): its model decides the engine it goes to.
+        needs_json = path in OPENAI_PATHS or path == EMBEDDINGS_PATH or path in OLLAMA_API_PATHS or anthropic
         if body and (needs_json or "json" in content_type):
             try:
                 doc = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
@@ -2017,8 +2019,10 @@ class _Gateway:
         headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in drop]
         headers += [(k.encode(), v.encode()) for k, v in upstream.auth_headers]
         headers.append((b"accept-encoding", b"identity"))  # the meter reads plain bytes
-        query = request.url.query
-        url = upstream.base_url.rstrip("/") + path + ("?" + query if query else "")
+        # The query string stays here: no engine's inference API takes one, and mlx_lm.server matches the
+        # whole request target (mlx_lm/server.py do_POST: ``self.path not in request_factories``), so a
+        # client's ``?api-version=...`` (Azure-style SDK setups) or ``?beta=true`` (Claude Code) made a 404.
+        url = upstream.base_url.rstrip("/") + path
         reassembly: StreamReassembly | None = None
         if fetch_as_stream(path, doc, steps_watched=upstream.steps_watched,
                            enabled=self.settings.watch_non_streamed and upstream.engine not in self.not_streaming):
@@ -2110,8 +2114,7 @@ class _Gateway:
             for name in ("x-api-key", "authorization"):
                 if name in request.headers:
                     headers[name] = request.headers[name]
-        query = request.url.query
-        url = upstream.base_url.rstrip("/") + COUNT_TOKENS_PATH + ("?" + query if query else "")
+        url = upstream.base_url.rstrip("/") + COUNT_TOKENS_PATH  # without the client's query (see _dispatch)
         try:
             response = await self.client.post(url, json=body, headers=headers)
         except httpx.HTTPError as exc:

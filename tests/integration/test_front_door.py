@@ -636,7 +636,7 @@ def test_every_refusal_is_counted_by_why(daemon_factory) -> None:
 
 def test_a_messages_request_bound_to_fail_starts_and_swaps_nothing(daemon_factory) -> None:
     """A /v1/messages request that breaks the Messages API's rules (max_tokens not a number, a role that is not
-    one) for a stopped exclusive engine: a 400 naming the field at once, in Anthropic's shape; the resident
+    one, no message at all) for a stopped exclusive engine: a 400 naming the field at once, in Anthropic's shape; the resident
     exclusive engine keeps its place (before, it was swapped out for the doomed request) and the stopped one
     is not started."""
     gw = free_port()
@@ -645,7 +645,8 @@ def test_a_messages_request_bound_to_fail_starts_and_swaps_nothing(daemon_factor
                        + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
     a_pid = d.wait_state("a", "ready", 30)["pid"]
     for bad, field in (({"max_tokens": "x"}, "max_tokens"),
-                       ({"max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]}, "role")):
+                       ({"max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]}, "role"),
+                       ({"max_tokens": 5, "messages": []}, "at least one message")):
         r = httpx.post(f"http://127.0.0.1:{gw}/v1/messages", timeout=30, headers={"anthropic-version": "2023-06-01"},
                        json={"model": "b", "messages": [{"role": "user", "content": "hi"}], **bad})
         assert r.status_code == 400 and r.json()["type"] == "error", r.text

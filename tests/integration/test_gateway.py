@@ -228,6 +228,26 @@ async def test_openai_sdk_chat_streaming_and_not_through_gateway(engine: MlxServ
     assert backend.started == ["tiny", "tiny"]
 
 
+@pytest.mark.anyio
+async def test_a_query_string_from_the_client_does_not_make_mlx_lm_answer_404(engine: MlxServer) -> None:
+    """SDK setups that add a query (Azure-style ``api-version``; Claude Code's ``?beta=true``) reach the real
+    mlx_lm.server, which matches the whole request target: the gateway sends the path alone (it was a 404
+    "engine refused the request: Not Found")."""
+    backend = Backend({"tiny": mlx_upstream(engine)}, default="tiny")
+    async with running_gateway(backend) as url:
+        client = opened(openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                                           default_query={"api-version": "2024-06-01"}))
+        reply = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                                     max_tokens=3)
+        assert reply.choices[0].message.content is not None
+        stream = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                      max_tokens=3, stream=True)
+        assert [chunk async for chunk in stream]
+        async with httpx.AsyncClient(timeout=60) as http:
+            completion = await http.post(url + "/v1/completions?beta=true", json={"prompt": "hi", "max_tokens": 2})
+        assert completion.status_code == 200, completion.text
+
+
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_openai_sdk_text_completion_stream_counts_each_token(engine: MlxServer) -> None:
@@ -384,6 +404,26 @@ async def test_unknown_model_is_404_listing_models() -> None:
             )
     message = info.value.body["message"]  # type: ignore[index]
     assert "gpt-9" in message and "tiny" in message and "big" in message
+
+
+@pytest.mark.anyio
+async def test_an_embeddings_request_goes_by_its_model_whatever_its_content_type() -> None:
+    """curl -d sends a form's content type: an embeddings body is read as JSON all the same, so its model picks
+    the engine (it went to the default engine, unread: mlx_lm's "no embeddings endpoint" for any model)."""
+    backend = Backend(
+        {
+            "tiny": Upstream("tiny", "http://127.0.0.1:9", "mlx_lm", False, None),
+            "big": Upstream("big", "http://127.0.0.1:9", "vllm", False, None),
+        },
+        "tiny",
+    )
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    async with running_gateway(backend) as url, httpx.AsyncClient() as http:
+        unknown = await http.post(url + "/v1/embeddings", content=b'{"model": "nope", "input": "hi"}', headers=form)
+        not_object = await http.post(url + "/v1/embeddings", content=b'"hi"', headers=form)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found", unknown.text
+    assert "big" in unknown.json()["error"]["message"]
+    assert not_object.status_code == 400 and not_object.json()["error"]["code"] == "invalid_json", not_object.text
 
 
 @pytest.mark.anyio

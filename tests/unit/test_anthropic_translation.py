@@ -99,6 +99,7 @@ def test_request_fields_translate_to_chat_completions(fields: dict[str, Any], ex
         ({"max_tokens": 0}, "max_tokens", ">= 1"),
         ({"max_tokens": True}, "max_tokens", "got boolean"),
         ({"messages": "hi"}, "messages", "array"),
+        ({"messages": []}, "messages", "at least one message"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role", '"user" or "assistant"'),
         ({"messages": [{"role": "user"}]}, "messages[0].content", "required"),
         ({"messages": [{"role": "user", "content": [{"type": "tool_use"}]}]}, "messages[0].content[0].type",
