@@ -776,6 +776,11 @@ def port_holder(host: str, port: int, engine: str = "") -> tuple[int | None, str
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    # First whether the address is this machine's at all (a port of its own, any): a connect alone would
+    # take another machine's open port (or a network that accepts every connect) for a local holder.
+    problem = _try_bind(host, 0, family)
+    if problem is not None and (isinstance(problem, socket.gaierror) or problem.errno == errno.EADDRNOTAVAIL):
+        raise AddressNotLocal(engine, host, port, problem.strerror or str(problem)) from problem
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         try:
