@@ -261,6 +261,18 @@ def restart_refusal(config: Config) -> str | None:
     return None
 
 
+def _recorded_gateway(config: Config) -> tuple[int, float] | None:
+    """The gateway process the state file records (pid, create time): the one `run` ends before it listens
+    (``GatewayProcess._end_previous``). Read only: a doctor moves no state file aside."""
+    import json
+
+    try:
+        record = json.loads((config.daemon.state_dir / "state.json").read_text()).get("gateway")
+        return int(record["pid"]), float(record["create_time"])
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return None
+
+
 def check_daemon_addresses(config: Config, *, gateway: bool = True, metrics: bool = True,
                            control_socket: bool = True) -> list[Finding]:
     """With no daemon running: the addresses ``run`` will take (the gateway's, the metrics port, the control
@@ -290,12 +302,17 @@ def check_daemon_addresses(config: Config, *, gateway: bool = True, metrics: boo
 
             try:
                 holder = port_holder(host, port)
-                previous_gateway = (holder is not None and holder[0] is not None
-                                    and WORKER_MODULE in psutil.Process(holder[0]).cmdline())
+                previous_gateway = False
+                if holder is not None and holder[0] is not None:
+                    proc = psutil.Process(holder[0])
+                    recorded = _recorded_gateway(config)
+                    previous_gateway = (WORKER_MODULE in proc.cmdline() and recorded is not None
+                                        and recorded[0] == proc.pid and abs(recorded[1] - proc.create_time()) < 1.0)
             except (SupervisordLLMError, psutil.Error):
                 holder, previous_gateway = None, False
             if holder is not None and previous_gateway:
-                # A gateway an earlier daemon left (it died; its gateway drains on): `run` ends it first.
+                # A gateway an earlier daemon on this state dir left (it died; its gateway drains on): `run` ends
+                # it first. Another daemon's gateway (another state dir) is another process's port: an error.
                 findings.append(Finding("warn", setting, f"{host}:{port} is held by the gateway of an earlier "
                                         f"daemon (pid {holder[0]}), which `run` ends before it listens"))
             else:
