@@ -605,6 +605,17 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
     restart, memory, stranded, reboot, degraded = _parse_policies(root.sub("policies"))
     probes = _parse_probes(root.sub("probes"))
     memory_guard = _parse_memory_guard(root.sub("policies").sub("memory_guard"))
+    for i, engine in enumerate(engines):
+        soft, hard, footprint = engine.memory_soft_bytes, engine.memory_hard_bytes, engine.footprint_bytes
+        if soft is not None and hard is None and footprint is not None:
+            derived = round(footprint * memory_guard.guard.hard_factor)  # policies.memory_guard.watermarks
+            if soft >= derived:
+                raise ConfigError(
+                    f"must be below memory_hard, which is \"auto\" here: footprint {format_bytes(footprint)} × "
+                    f"policies.memory_guard.hard_factor {memory_guard.guard.hard_factor:g} = {format_bytes(derived)}; "
+                    f"got {format_bytes(soft)}; set memory_hard above it, "
+                    f"e.g. memory_hard = \"{_example_size(soft * 1.2)}\", or a lower memory_soft",
+                    file=file, key=f"engine[{i}].memory_soft")
 
     gateway = None
     if "gateway" in data:

@@ -217,6 +217,10 @@ def test_memory_guard_keys_load_and_default(tmp_path: Path) -> None:
     ("text", "key", "expected"),
     [
         ('memory_soft = "130GB"\nmemory_hard = "110GB"\n', "engine[0].memory_soft", "must be below memory_hard"),
+        # memory_hard "auto" is footprint × hard_factor: a memory_soft above it was lowered to it without a word.
+        ('footprint = "100GB"\nmemory_soft = "150GB"\n', "engine[0].memory_soft", "hard_factor 1.3 = 130.0 GB"),
+        ('footprint = "100GB"\nmemory_soft = "140GB"\n[policies.memory_guard]\nhard_factor = 1.35\nsoft_factor = 1.1\n',
+         "engine[0].memory_soft", "set memory_hard above it"),
         ('memory_hard = "lots"\n', "engine[0].memory_hard", '"auto"'),
         ('[policies.memory_guard]\nsoft_factor = 1.4\n', "policies.memory_guard.soft_factor",
          "must be below hard_factor (1.3)"),
