@@ -553,19 +553,14 @@ def _state_and_socket(d: Table, environ: Mapping[str, str]) -> tuple[Path, Path]
     return state_dir, control_socket
 
 
-def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, str] | None = None) -> Config:
-    """Validate a parsed TOML document into a Config."""
-    environ = os.environ if environ is None else environ
-    root = Table(data, file, "")
-    root.check_unknown(_TOP_KEYS)
-    d = root.sub("daemon")
+def _parse_daemon(d: Table, environ: Mapping[str, str]) -> DaemonConfig:
     d.check_unknown({"state_dir", "control_socket", "log_level", "log_max_bytes", "metrics_listen",
                      "stop_engines_on_exit"})
     state_dir, control_socket = _state_and_socket(d, environ)
     metrics_listen = d.str("metrics_listen")
     if metrics_listen is not None:
         _parse_listen(metrics_listen, d, "metrics_listen")
-    daemon = DaemonConfig(
+    return DaemonConfig(
         state_dir=state_dir,
         control_socket=control_socket,
         log_level=d.str("log_level", "info", choices=("debug", "info", "warning", "error")) or "info",
@@ -573,6 +568,16 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
         metrics_listen=metrics_listen,
         stop_engines_on_exit=d.bool("stop_engines_on_exit", True),
     )
+
+
+def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document into a Config."""
+    environ = os.environ if environ is None else environ
+    root = Table(data, file, "")
+    root.check_unknown(_TOP_KEYS)
+    d = root.sub("daemon")
+    daemon = _parse_daemon(d, environ)
+    metrics_listen = daemon.metrics_listen
 
     engines_raw = data.get("engine", [])
     if not isinstance(engines_raw, list):
