@@ -554,7 +554,8 @@ def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
     if before.status_code != 200:
         return _fail(before)
     old = before.json()["daemon"]
-    running_before = [e["name"] for e in before.json()["engines"] if e.get("pid")]
+    pids_before = {e["name"]: e["pid"] for e in before.json()["engines"] if e.get("pid")}
+    running_before = list(pids_before)
     asked_s = time.monotonic()
     response = client.request("POST", "/v1/daemon/restart", json={})
     if response.status_code != 200:
@@ -580,8 +581,15 @@ def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
             pids = {e["name"]: e.get("pid") for e in body["engines"]}
             reattached = all(pids.get(name) for name in running_before)
             if restarted and (reattached or time.monotonic() > deadline - args.timeout / 2):
-                kept = ", ".join(f"{e['name']} {e['state']} (pid {e['pid']})" for e in body["engines"] if e.get("pid"))
-                print(f"daemon restarted (pid {body['daemon']['pid']}); engines kept: {kept or 'none running'}")
+                running = [e for e in body["engines"] if e.get("pid")]
+                # An engine on another pid was started again (its address changed in the config, say): not kept.
+                kept = ", ".join(f"{e['name']} {e['state']} (pid {e['pid']})" for e in running
+                                 if pids_before.get(e["name"]) == e["pid"])
+                started = ", ".join(f"{e['name']} {e['state']} (pid {e['pid']}"
+                                    + (f", was {pids_before[e['name']]})" if e["name"] in pids_before else ")")
+                                    for e in running if pids_before.get(e["name"]) != e["pid"])
+                print(f"daemon restarted (pid {body['daemon']['pid']}); engines kept: {kept or 'none'}"
+                      + (f"; started: {started}" if started else ""))
                 return EXIT_OK
     print(f"llmctl: the daemon did not answer again within {args.timeout:.0f}s; see its log", file=sys.stderr)
     return EXIT_TIMEOUT

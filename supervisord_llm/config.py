@@ -793,10 +793,11 @@ def control_socket_of(path: str | os.PathLike[str] | None = None, *,
                       environ: Mapping[str, str] | None = None) -> Path:
     """The control socket the config gives the daemon, read from its [daemon] table alone: a client (llmctl)
     needs nothing else, and must not fail where the daemon's secrets (api_key_env, url_env) are not in its
-    environment. ConfigError as load_config for a file that cannot be read or a [daemon] table that is wrong."""
+    environment. ConfigError as load_config for a file that cannot be read or a [daemon] table that is wrong
+    (any key of it, as the daemon reads it: a typo there is named, not passed over)."""
     data, file = _read_document(path, environ)
     root = Table(data, file, "")
-    return _state_and_socket(root.sub("daemon"), os.environ if environ is None else environ)[1]
+    return _parse_daemon(root.sub("daemon"), os.environ if environ is None else environ).control_socket
 
 
 def _read_document(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None) -> tuple[dict[str, Any], str]:

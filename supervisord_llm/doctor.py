@@ -367,15 +367,26 @@ def diagnose_setup(config: Config, running: dict[str, Any] | None = None) -> lis
     return findings
 
 
+def _Console() -> Any:  # noqa: N802 (a class made at call time: rich is imported only when doctor runs)
+    from rich.console import Console
+
+    class ReaderGoneConsole(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits 1 when the reader leaves (`llmctl doctor | head`): a failed preflight to a script. The
+            # pipe is passed on instead; llmctl ends as for its other commands (exit 0, see cli._reader_gone).
+            raise BrokenPipeError
+
+    return ReaderGoneConsole()
+
+
 def run_doctor(config_path: str | None, running: dict[str, Any] | None = None) -> int:
     """``running``: the status of the daemon found on the control socket; its config is the one
     checked unless a config was named explicitly."""
-    from rich.console import Console
     from rich.markup import escape
 
     # Findings name TOML tables ("[[engine]]", "[policies.memory_guard]"): escaped, or rich reads them as markup
     # and prints "no [] configured".
-    console = Console()
+    console = _Console()
     if config_path is None and running is not None and running.get("daemon", {}).get("config"):
         config_path = str(running["daemon"]["config"])
         console.print(f"using the running daemon's config: {escape(config_path)}", highlight=False)

@@ -170,6 +170,12 @@ def test_llmctl_finds_the_daemon_from_a_config_whose_secrets_live_in_the_daemons
     checked = subprocess.run([PYTHON, "-m", "supervisord_llm.main", "check-config", "--config", str(d.config_path)],
                              capture_output=True, text=True, timeout=60, env=shell)
     assert checked.returncode == 2 and "TEST_" in checked.stderr, checked.stderr
+    # A mistake in the [daemon] table, which llmctl reads, is named (exit 2), not passed over.
+    typo = d.config_path.with_name("typo.toml")
+    typo.write_text(d.config_path.read_text().replace("[daemon]\n", '[daemon]\nlog_level = "loud"\n', 1))
+    done = subprocess.run([PYTHON, "-m", "supervisord_llm.cli", "--config", str(typo), "status"],
+                          capture_output=True, text=True, timeout=60, env=shell)
+    assert done.returncode == 2 and "daemon.log_level" in done.stderr and "loud" in done.stderr, done.stderr
 
 
 def test_a_daemon_that_takes_the_request_and_never_answers_is_exit_code_4(tmp_path) -> None:
@@ -193,7 +199,8 @@ def test_a_daemon_that_takes_the_request_and_never_answers_is_exit_code_4(tmp_pa
 
 
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly(daemon_factory) -> None:
-    """`llmctl events | head -2`: the reader leaves after two lines; llmctl ends with exit 0 and no traceback."""
+    """`llmctl events | head -2`: the reader leaves after two lines; llmctl ends with exit 0 and no traceback.
+    So does `llmctl doctor | head -1`."""
     import subprocess
     import sys
 
@@ -208,6 +215,17 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly(daemon_factory
     llmctl.stdout.close()  # the reader is gone
     _, stderr = llmctl.communicate(timeout=30)
     assert llmctl.returncode == 0 and b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr
+    # `llmctl doctor | head -1`: a preflight that passed is exit 0 there too (rich's console made it exit 1).
+    doctor = subprocess.Popen([sys.executable, "-m", "supervisord_llm.cli", "--config", str(d.config_path), "doctor"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert doctor.stdout is not None
+    doctor.stdout.readline()
+    doctor.stdout.close()
+    _, stderr = doctor.communicate(timeout=60)
+    whole = subprocess.run([sys.executable, "-m", "supervisord_llm.cli", "--config", str(d.config_path), "doctor"],
+                           capture_output=True, text=True, timeout=60)
+    assert whole.returncode == 0, whole.stdout  # it passes: so must its piped run
+    assert doctor.returncode == 0 and b"Traceback" not in stderr, (doctor.returncode, stderr)
 
 
 def test_a_stopped_engine_whose_failure_streak_holds_its_start_says_so_in_status(daemon_factory) -> None:
