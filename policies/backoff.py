@@ -280,13 +280,20 @@ def start_allowed(
 
 
 def manual_restart_allowed(
-    state: BackoffState, settings: BackoffSettings, now_s: float, force: bool
+    state: BackoffState, settings: BackoffSettings, now_s: float, force: bool, *, running: bool = True
 ) -> Admit | Refuse:
     """May a person's ``llmctl restart`` spawn the engine again now?
 
     A restart is a spawn, so the floor between two spawns holds for it too (a restart right after
-    an out-of-memory crash crashes again); ``force=True`` overrides it.
+    an out-of-memory crash crashes again); ``force=True`` overrides it. Of an engine that is not
+    ``running`` (in backoff or failed after its streak, or stopped) a restart is a start: the failure
+    streak's backoff holds as for ``llmctl start`` (``manual_start_allowed``). It did not, where the
+    failed starts never spawned (a port it could not listen on): no spawn to keep the floor from.
     """
+    if not running:
+        streak = manual_start_allowed(state, settings, now_s, force)
+        if isinstance(streak, Refuse):
+            return streak
     engine = state.engine
     last_s = state.last_spawn_at_s
     min_s = settings.min_interval_s

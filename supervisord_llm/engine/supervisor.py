@@ -577,14 +577,16 @@ class EngineSupervisor:
         return f"stopping {self.name}"
 
     def _cmd_restart(self, cmd: Command) -> str:
-        spacing = backoff.manual_restart_allowed(self.backoff, self.host.backoff_settings, self.clock.now(), cmd.force)
+        down = self.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF) and (
+            self.proc is None or not self.proc.running)
+        spacing = backoff.manual_restart_allowed(self.backoff, self.host.backoff_settings, self.clock.now(), cmd.force,
+                                                 running=not down)
         self.host.events.emit("policy.decided", policy="restart_spacing", engine=self.name,
                               decision="refuse" if isinstance(spacing, Refuse) else "admit", force=cmd.force,
                               last_spawn_at_s=self.backoff.last_spawn_at_s, message=spacing.message)
         if isinstance(spacing, Refuse):
             raise StartRefused(self.name, spacing.reason, spacing.message, spacing.until_s)
-        if self.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.BACKOFF) and (
-                self.proc is None or not self.proc.running):
+        if down:
             if cmd.force or self.state == EngineState.FAILED:
                 self.backoff = backoff.BackoffState(engine=self.name, spawn_times_s=self.backoff.spawn_times_s)
             self._begin_spawn(manual=True, reason=cmd.reason or "llmctl restart")

@@ -95,6 +95,12 @@ def test_an_engine_host_that_is_no_address_of_this_machine_is_named_not_a_busy_p
     assert "already in use" not in reason, reason
     doctor = d.llmctl("doctor")
     assert host in doctor.stdout + doctor.stderr and "in use" not in doctor.stdout, doctor.stdout
+    # Its failed starts never spawned: a plain restart keeps the backoff as a plain start does (it went ahead,
+    # failed again and made the backoff longer); --force overrides it.
+    assert d.engine("a")["state"] == "backoff"
+    restart = d.llmctl("restart", "a", "--no-wait")
+    assert restart.returncode == 1 and "--force" in restart.stderr and "cannot listen" in restart.stderr, restart
+    assert d.llmctl("restart", "a", "--force", "--no-wait").returncode == 0
 
 
 @pytest.mark.parametrize("alias", ["Qwen/Qwen3-8B", "my model", "modèle"])

@@ -309,3 +309,20 @@ def test_a_restart_refused_for_part_of_a_second_never_says_retry_in_0s() -> None
     state = record_spawn(BackoffState(engine="e"), 100.0)
     refused = manual_restart_allowed(state, S, 159.6, False)
     assert isinstance(refused, Refuse) and "Retry in 1s" in refused.message, refused
+
+
+def test_a_restart_of_an_engine_in_backoff_whose_starts_never_spawned_keeps_the_backoff() -> None:
+    """Three starts that failed before any spawn (a host it cannot listen on): no spawn keeps the floor, but the
+    streak's backoff holds a plain `llmctl restart` as it holds `llmctl start` (it was let through, failed again
+    and made the backoff longer); --force overrides it, and a running engine's restart asks only the floor."""
+    from policies.backoff import manual_restart_allowed, record_exit
+
+    state = BackoffState(engine="e")
+    for at_s in (0.0, 10.0, 40.0):
+        state = record_exit(state, at_s, 0.0, "cannot listen on 10.255.255.1:8081", settings=S)
+    assert not state.spawn_times_s and state.consecutive_failures == 3
+    refused = manual_restart_allowed(state, S, 45.0, False, running=False)
+    assert isinstance(refused, Refuse) and refused.reason == "backoff" and "cannot listen" in refused.message, refused
+    assert isinstance(manual_restart_allowed(state, S, 45.0, True, running=False), Admit)
+    assert isinstance(manual_restart_allowed(state, S, 45.0, False, running=True), Admit)
+    assert isinstance(manual_restart_allowed(state, S, 10_000.0, False, running=False), Admit)  # the backoff passed
