@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -32,6 +33,13 @@ def parse_duration_s(value: object) -> float:
         if not match:
             if _DURATION_RE.match(value.strip().lstrip("-")):
                 raise ValueError(f"a duration cannot be negative, got {value!r}; expected {DURATION_HELP}")
+            try:
+                bare = float(value)
+            except ValueError:
+                bare = None
+            if bare is not None and math.isfinite(bare):  # "30": seconds, but in quotes (a string needs its unit)
+                raise ValueError(f"expected {DURATION_HELP}, got {value!r}: a string needs its unit "
+                                 f"({value.strip()}s), a number of seconds is written without quotes")
             raise ValueError(f"expected {DURATION_HELP}, got {value!r}")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:

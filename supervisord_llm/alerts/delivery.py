@@ -150,7 +150,7 @@ import httpx
 from supervisord_llm import __version__
 from supervisord_llm.clock import Clock
 from supervisord_llm.configtable import Table
-from supervisord_llm.convert import DURATION_HELP, parse_duration_s
+from supervisord_llm.convert import parse_duration_s
 from supervisord_llm.errors import ConfigError
 
 FORMATS = ("json", "slack", "discord", "alertmanager", "alertmanager_api")
@@ -406,10 +406,7 @@ class AlertSettings:
             return value
 
         def duration(name: str, default: str) -> float:
-            seconds = t.duration_s(name, default)
-            if seconds <= 0:
-                raise t.error(name, f"expected a positive duration, {DURATION_HELP}")
-            return seconds
+            return t.duration_s(name, default, positive=True)
 
         heartbeat = None
         if t.has("heartbeat"):
@@ -421,7 +418,7 @@ class AlertSettings:
                     '"alertmanager_api" (Alertmanager\'s /api/v2/alerts) to send the Watchdog alert to')
         initial = duration("initial_backoff", "1s")
         maximum = duration("max_backoff", "5m")
-        resend_s = duration("alertmanager_resend_interval", "1m")
+        resend_s = t.duration_s("alertmanager_resend_interval", "1m")
         if not 1.0 <= resend_s <= 3600.0:
             raise t.error("alertmanager_resend_interval",
                           f"expected a duration from 1s to 1h, got {t.data.get('alertmanager_resend_interval')!r}")

@@ -296,11 +296,12 @@ def test_settings_defaults_retry_forever() -> None:
         ({"max_attempts": 0}, "alerts.max_attempts", "leave it out to retry"),
         ({"rate_limit_per_min": 0}, "alerts.rate_limit_per_min", "≥ 1"),
         ({"initial_backoff": "10m"}, "alerts.initial_backoff", "must not exceed max_backoff"),
-        ({"max_backoff": "0s"}, "alerts.max_backoff", "positive duration"),
+        ({"max_backoff": "0s"}, "alerts.max_backoff", "must be greater than 0, got '0s'"),
         ({"webhook": {"name": "x"}}, "alerts.webhook", r"\[\[alerts.webhook\]\]"),
         ({"webhooks": []}, "alerts.webhooks", "valid keys here: webhook"),
         ({"alertmanager_resend_interval": "500ms"}, "alerts.alertmanager_resend_interval", "from 1s to 1h"),
         ({"alertmanager_resend_interval": "2h"}, "alerts.alertmanager_resend_interval", "from 1s to 1h"),
+        ({"alertmanager_resend_interval": "0s"}, "alerts.alertmanager_resend_interval", "from 1s to 1h, got '0s'"),
     ],
 )
 def test_settings_errors_name_the_key(table: dict[str, object], bad_key: str, message: str) -> None:

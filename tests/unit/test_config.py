@@ -299,6 +299,9 @@ def test_nan_and_infinity_are_refused_at_their_key(tmp_path: Path, section: str,
     ("footprint = 1000000000000000001", "engine[0].footprint", "at most 1PB"),
     ('gpu_footprint = "2000TB"\ngpu_devices = [0]', "engine[0].gpu_footprint", "at most 1PB"),
     ('memory_hard = "5000TB"', "engine[0].memory_hard", "at most 1PB"),
+    # Seconds in quotes: the message said "or a number of seconds" of the number it refused.
+    ('load_timeout = "0"', "engine[0].load_timeout", "a string needs its unit (0s), a number of seconds is written"),
+    ('stall = "30"', "engine[0].stall", "(30s)"),
 ])
 def test_engine_durations_and_sizes_must_be_finite_and_sane(tmp_path: Path, line: str, key: str, expected: str) -> None:
     """An engine's stop_grace = nan (or 1e400) was accepted: every comparison with NaN is false, and an
