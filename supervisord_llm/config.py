@@ -771,6 +771,14 @@ def config_notes(config: Config) -> list[str]:
         if gateway.allowed_hosts and not host_check_applies(loopback=is_loopback(gateway.host), key_needed=not keyless):
             notes.append("gateway.allowed_hosts: every request to this gateway needs its api_key, so it answers under "
                          "any name and the list is not used")
+    if gateway is not None and gateway.enabled and gateway.hold_s == 0 and gateway.swaps != "never":
+        # A request starts (or swaps in) its engine by waiting for it; with no wait it only gets the 503.
+        waiting = [e.name for e in config.engines if not e.autostart or e.idle_unload_s is not None]
+        if waiting or any(e.exclusive for e in config.engines):
+            notes.append("gateway.hold_s: 0 means no request waits, so none starts or swaps in its engine either: "
+                         "a stopped engine (not preloaded, unloaded when idle, swapped out) gets a 503 until an "
+                         "operator starts it (llmctl start / llmctl switch); give hold_s a value (e.g. 120) for "
+                         "requests to start it")
     for engine in config.engines:
         if engine.idle_unload_s is None:
             continue

@@ -438,3 +438,19 @@ def test_a_duplicate_name_or_alias_is_reported_where_it_is(tmp_path: Path, text:
         load_config(path)
     assert (info.value.file, info.value.key) == (str(path), key), str(info.value)
     assert f"duplicate engine name or {expected}" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(("engine", "hold", "noted"), [
+    ('preload = false\n', "0", True),
+    ('preload = false\n', "120", False),
+    ('', "0", False),  # preloaded, not exclusive, never unloaded: nothing waits to be started by a request
+    ('idle_unload = "30m"\n', "0", True),
+])
+def test_hold_s_0_says_that_requests_then_start_no_engine(tmp_path: Path, engine: str, hold: str, noted: bool) -> None:
+    """hold_s = 0 ("no request ever waits") also means no request starts a stopped engine: it got a 503 with the
+    engine's old reason for ever, and check-config said nothing."""
+    from supervisord_llm.config import config_notes
+
+    path = write(tmp_path, GOOD_ENGINE + 'footprint = "1GB"\n' + engine + f'[gateway]\nhold_s = {hold}\n')
+    notes = [n for n in config_notes(load_config(path)) if n.startswith("gateway.hold_s")]
+    assert bool(notes) is noted, notes
