@@ -83,6 +83,9 @@ def check_model_dir(engine: EngineConfig) -> list[Finding]:
 def check_command(engine: EngineConfig) -> Finding:
     from supervisord_llm.engine.adapters import adapter_for
 
+    if engine.cwd is not None and not Path(engine.cwd).is_dir():
+        return Finding("error", f"engine {engine.name}: cwd", f"{engine.cwd} is not a directory: the engine cannot "
+                       "be started in it", "create it, or set cwd to a directory (or leave it out)")
     argv = adapter_for(engine).argv()
     exe = argv[0]
     subject = f"engine {engine.name}: command"

@@ -133,3 +133,16 @@ def test_a_gateway_port_held_by_an_earlier_daemons_gateway_is_no_error(tmp_path:
         assert f"is held by the gateway of an earlier daemon (pid {holder.pid})" in out, out
     else:
         assert "earlier daemon" not in out and f"the gateway cannot listen on 127.0.0.1:{port}" in out, out
+
+
+def test_an_engine_cwd_that_is_no_directory_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config and doctor passed `cwd = "/nonexistent"`; only the start failed (at once, in backoff)."""
+    import sys
+
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\n[[engine]]\nname = "a"\nkind = "command"\n'
+                    f'command = ["{sys.executable}", "-c", "pass"]\nport = 1\nfootprint = "1MB"\n'
+                    f'cwd = "{tmp_path}/gone"\n')
+    assert run_doctor(str(path)) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"engine a: cwd: {tmp_path}/gone is not a directory" in out, out
