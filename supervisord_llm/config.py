@@ -357,7 +357,7 @@ def _parse_engine(t: Table) -> EngineConfig:
         raise t.error("memory_soft", f"must be below memory_hard ({memory_hard_bytes} bytes), got {memory_soft_bytes} "
                                      'bytes; e.g. memory_soft = "110GB", memory_hard = "130GB"')
 
-    footprint_bytes = t.size_bytes("footprint", "auto", allow_auto=True)
+    footprint_bytes = t.size_bytes("footprint", "auto", allow_auto=True, positive=True)
     if memory_hard_bytes is not None and footprint_bytes is not None and memory_hard_bytes <= footprint_bytes:
         # At its normal size the engine would be over its hard watermark: drained and restarted, again and again.
         raise t.error("memory_hard", f"must be above the engine's footprint ({format_bytes(footprint_bytes)}), got "

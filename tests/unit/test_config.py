@@ -299,6 +299,9 @@ def test_nan_and_infinity_are_refused_at_their_key(tmp_path: Path, section: str,
     ("footprint = 1000000000000000001", "engine[0].footprint", "at most 1PB"),
     ('gpu_footprint = "2000TB"\ngpu_devices = [0]', "engine[0].gpu_footprint", "at most 1PB"),
     ('memory_hard = "5000TB"', "engine[0].memory_hard", "at most 1PB"),
+    # A footprint of 0 turned the memory guard off and counted the engine as nothing, without a word.
+    ('footprint = "0"', "engine[0].footprint", "must be above zero"),
+    ("footprint = 0", "engine[0].footprint", "must be above zero"),
     # Seconds in quotes: the message said "or a number of seconds" of the number it refused.
     ('load_timeout = "0"', "engine[0].load_timeout", "a string needs its unit (0s), a number of seconds is written"),
     ('stall = "30"', "engine[0].stall", "(30s)"),
