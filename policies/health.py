@@ -320,6 +320,13 @@ def mean_in_flight(changes: Sequence[tuple[float, int]], start_s: float, end_s: 
 # very short answer) would give an absurd rate and inflate the learned baseline.
 MIN_SAMPLE_TOKENS = 8
 MIN_SAMPLE_DECODE_S = 0.05  # a flush of held-back tokens spans milliseconds; a real 8-token decode does not
+# A stream's decode rate is measured over its first this many token events (at most about a short prompt's
+# worth, PREFILL_COUNTS_TOKENS, on top of its prompt). Later its own context has grown, and an engine makes
+# each token slower by nature (each step attends to every token before it): a 12,000-token answer from
+# mlx_lm.server (CPU, tiny model) ran at 0.45 of the rate of 400-token answers. Judged whole against a
+# baseline learned from short answers, a long answer read as a slowdown of the engine: degraded, and
+# restarted once idle where restart_when_idle is on.
+DECODE_SAMPLE_MAX_EVENTS = 512
 
 
 # A prompt this long (its request body, in bytes: about 500 tokens and more) takes an engine many decode

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeAlias
 
-from policies.health import quiet_interval
+from policies.health import DECODE_SAMPLE_MAX_EVENTS, quiet_interval
 
 __all__ = ["PrefillSpans", "QuietTally"]
 
@@ -98,7 +98,8 @@ class QuietTally:
     that ended in its interval or in the next leaves it out. The engine makes this stream's token and the
     other's first token in one step, after the other's prefill; this stream's may reach the gateway first.
     ``own``: the stream's own span (a request fetched as a stream keeps its span to its end), never counted
-    against it."""
+    against it. Only its first ``DECODE_SAMPLE_MAX_EVENTS`` token events count: beyond them its own grown
+    context slows its decode (policies/health.py)."""
 
     def __init__(self, spans: PrefillSpans, engine: str, in_flight: Callable[[], int]) -> None:
         self.spans = spans
@@ -113,9 +114,16 @@ class QuietTally:
         # another request was in prefill when it came); its tokens are _pending_tokens.
         self._pending: tuple[float, float, int, bool] | None = None
         self._pending_tokens = 0
+        self._events = 0
 
     def token(self, at_s: float) -> None:
         """A token after the stream's first arrived at ``at_s`` (the first only starts the clock)."""
+        self._events += 1
+        if self._events > DECODE_SAMPLE_MAX_EVENTS:
+            if self._pending is not None and at_s != self._previous_s:
+                self.settle()  # the last arrival within the sample is judged; none after it
+                self._previous_s = None
+            return
         previous = self._previous_s
         self._previous_s = at_s
         if previous is None:

@@ -175,3 +175,22 @@ def test_the_first_arrivals_other_tokens_waited_as_long_as_the_first() -> None:
         tally.token(i * 0.01)
     tally.settle()
     assert tally.tokens == 8 and tally.seconds == pytest.approx(0.08)
+
+
+def test_a_long_answers_rate_is_its_first_tokens_not_its_grown_context() -> None:
+    """A 12,000-token answer whose steps slow as its context grows (each 1 ms slower per 1,000 tokens): its
+    sample is the rate of its first DECODE_SAMPLE_MAX_EVENTS tokens, as a short answer's is, not the whole
+    answer's average (0.45 of it on mlx_lm.server: a long answer read as a degraded engine)."""
+    from policies.health import DECODE_SAMPLE_MAX_EVENTS, stream_decode_rate
+
+    tally = _tally(PrefillSpans())
+    at_s = 0.0
+    for i in range(12_000):
+        tally.token(at_s)
+        at_s += 0.001 * (1 + i / 1000)
+    tally.settle()
+    assert tally.tokens == DECODE_SAMPLE_MAX_EVENTS - 1
+    rate = stream_decode_rate(12_000, at_s, (tally.tokens, tally.seconds, 12_000))
+    assert rate is not None and rate[0] > 1000 / 1.3, rate  # the first 512 steps: 1.0 to 1.5 ms each
+    whole = 11_999 / at_s
+    assert whole < 0.3 * rate[0]  # what the old whole-stream sample said
