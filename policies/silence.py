@@ -54,6 +54,19 @@ def stall_limits(*, prefill_stall_s: float, prefill_per_mib_s: float, decode_sta
     return StallLimits(prefill_s, decode_s)
 
 
+# A stall look that comes this much later than it was due found the gateway itself paused (its process
+# stopped, its loop blocked): it read nothing meanwhile, and the engine's tokens waited in the socket.
+GATEWAY_PAUSE_S = 2.0
+
+
+def gateway_paused(*, due_s: float | None, now_s: float) -> bool:
+    """The look due at ``due_s`` comes at ``now_s``, more than ``GATEWAY_PAUSE_S`` late: the silence until now is
+    the gateway's own, not evidence against the engine (a stream cut as ``engine_stalled`` and the engine marked
+    hung, after the gateway's process was stopped for a minute). The stream's silence counts again from now,
+    and its decode gives no rate sample (its tokens came at the gateway's pace)."""
+    return due_s is not None and now_s - due_s > GATEWAY_PAUSE_S
+
+
 @dataclass(frozen=True, slots=True)
 class StallCheck:
     """One look at a stream: stalled (in ``phase``, silent for ``stalled_for_s``), or look again in ``wait_s``."""

@@ -655,6 +655,7 @@ class _Forward:
         self.pump_scope = anyio.CancelScope()
         # The stall watchdog is a timer, re-armed until the exchange ends (no task per stream).
         self._stall_timer: asyncio.Handle | None = None
+        self._stall_due_s: float | None = None  # when the armed stall look is due (a late one: the gateway paused)
         self._stall_watch_over = False
         self._tg: anyio.abc.TaskGroup | None = None  # the exchange's task group (the engine's reader)
         self.response_complete = False
@@ -752,6 +753,12 @@ class _Forward:
         self._stall_timer = None
         if self._stall_watch_over or self.response_complete:
             return
+        now_s, due_s = self.gw.clock.now(), self._stall_due_s
+        if due_s is not None and silence.gateway_paused(due_s=due_s, now_s=now_s):
+            # The gateway read nothing while it was paused: that silence is its own (policies.silence).
+            self.gw.log.warning("gateway.paused", engine=self.upstream.engine, late_s=round(now_s - due_s, 3))
+            self.unblocked_at_s = now_s
+            self.held_back = True
         try:
             wait_s = self._stall_wait_s()
         except Exception:  # a bug here must not end the watch: look again in a second
@@ -761,6 +768,7 @@ class _Forward:
             self._stall_watch_over = True
             self.pump_scope.cancel()
             return
+        self._stall_due_s = now_s + wait_s
         self._stall_timer = asyncio.get_running_loop().call_later(wait_s, self._check_stall)
 
     async def _watch_disconnect(self, receive: Any, scope: anyio.CancelScope) -> None:

@@ -139,6 +139,43 @@ def test_a_blocked_gateway_blocks_neither_status_nor_crash_recording(probed) -> 
     assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny"
 
 
+def test_a_paused_gateway_process_is_not_the_engines_silence(daemon_factory) -> None:
+    """The gateway's process stopped (SIGSTOP) for longer than the decode stall limit while it streams: the
+    engine's tokens wait unread in the socket. When it goes on, the stream goes on; the engine is not hung and
+    nothing is reported stalled (before: the client got an `engine_stalled` error, the engine `hung` with a
+    critical alert, on the gateway's own silence)."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "50", default=True, canary_interval="10m")
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\ndecode_stall_s = 2\n').start()
+    d.wait_state("e", "ready", 30)
+    gateway_pid = d.status()["gateway"]["pid"]
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60, json={
+                "model": "e", "stream": True, "max_tokens": 400,
+                "messages": [{"role": "user", "content": "hi"}]}) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                started.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(30)
+    os.kill(gateway_pid, signal.SIGSTOP)
+    try:
+        time.sleep(5)  # 2.5 times the decode stall limit
+    finally:
+        os.kill(gateway_pid, signal.SIGCONT)
+    reader.join(60)
+    assert "data: [DONE]" in lines and not [line for line in lines if "engine_stalled" in line], lines[-3:]
+    states = [e["to"] for e in d.events() if e["kind"] == "engine.state_changed" and e.get("engine") == "e"]
+    assert "hung" not in states, states
+    assert not [e for e in d.events() if e["kind"] == "gateway.stall_detected"]
+    assert d.status()["gateway"]["pid"] == gateway_pid
+
+
 def test_a_killed_gateway_process_is_started_again_and_the_engine_is_untouched(probed) -> None:
     """SIGKILL of the gateway process (an out-of-memory kill, a crash) mid-stream: the daemon records
     it, starts a new gateway on the same port, the engine keeps running, and clients are served again."""
