@@ -113,7 +113,8 @@ class RequestStats:
     tokens: int
     decode_s: float | None
     max_gap_s: float | None
-    ended: str  # "complete" | "client_disconnected" | "client_too_slow" | "upstream_error" | "stalled"
+    ended: str  # "complete" | "client_disconnected" | "client_too_slow" | "upstream_error" | "stalled" |
+    # "gateway_stopping" (ended by the gateway's stop) | "gateway_exited" (its process died)
     duration_s: float | None = None  # from sending to the engine to the last byte
     # Its decode where no other request's prefill touched it (gateway/prefills.py). None: not known (its
     # decode is then taken whole).

@@ -333,7 +333,7 @@ def usage_tokens_of(body: bytes) -> int | None:
 # The gateway's own bookkeeping (what `llmctl status` shows as gateway{listen, in_flight})
 
 
-ENDINGS = ("complete", "client_disconnected", "client_too_slow", "upstream_error", "stalled")
+ENDINGS = ("complete", "client_disconnected", "client_too_slow", "upstream_error", "stalled", "gateway_stopping")
 
 
 class GatewayStats:
@@ -639,6 +639,7 @@ class _Forward:
         self.stream_requested = stream_requested
         self.sent_at_s = 0.0
         self.stalled: tuple[str, float] | None = None
+        self.stopping_cut = False  # ended by the gateway's stop (the daemon restarts or stops): _Gateway.end_open
         self.client_gone = False
         self.client_cut = False  # did not drain its buffer within client_timeout_s
         # While the stream buffer is full the engine is not read, so its silence is ours, not the
@@ -704,6 +705,7 @@ class _Forward:
         counts["in_flight"] += 1
         counts["requests"] += 1
         gw.call_backend("request_started", engine)
+        gw.open_forwards.add(self)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -717,6 +719,7 @@ class _Forward:
                     await self._after_head.flush()  # a held stream ends with its error event, if it had one
                 tg.cancel_scope.cancel()
         finally:
+            gw.open_forwards.discard(self)
             self._stop_stall_watch()
             with anyio.CancelScope(shield=True):
                 if self.response is not None:
@@ -1067,7 +1070,7 @@ class _Forward:
                         return
                     self.meter.end(gw.clock.now())
                     if (response.status_code < 400 and self.stalled is None and self.meter.error is None
-                            and not self.meter.answer_ended):
+                            and not self.meter.answer_ended and not self.stopping_cut):
                         # Its connection ended, its answer did not (mlx_lm.server's HTTP/1.0 stream ends with
                         # the connection, also when the engine died): the client hears that, not a clean end.
                         raise httpx.RemoteProtocolError(
@@ -1102,6 +1105,20 @@ class _Forward:
         headers_sent = headers_sent or self.translated_headers_sent
         # Cut while a resend waited or after it (a stall, the client's pace): the held head went out already.
         send = self._after_head or send
+        if self.stopping_cut and self.stalled is None:
+            self.response_complete = True
+            message = (f"the gateway is stopping (the supervisor daemon restarts or stops): this request to engine "
+                       f"{upstream.engine!r} was ended after the gateway's shutdown_grace_s; send it again")
+            if headers_sent:
+                await _send_quietly(send, _ndjson_error(message) if self.ndjson else _sse_error(
+                    self.anthropic, 503, message, "gateway_stopping"))
+                await _send_quietly(send, b"", more=False)
+            elif self.ndjson:
+                await _send_json(send, {"error": message}, 503)
+            else:
+                await _send_json(send, error_body(self.anthropic, 503, message, "gateway_stopping",
+                                                  engine=upstream.engine), 503, {"retry-after": "5"})
+            return
         if self.stalled is not None:
             phase, stalled_for_s = self.stalled
             gw.call_backend("stall_detected", upstream.engine, phase, stalled_for_s)
@@ -1436,6 +1453,8 @@ class _Forward:
         meter = self.meter
         if self.stalled is not None:
             ended = "stalled"
+        elif self.stopping_cut:
+            ended = "gateway_stopping"
         elif self.client_cut:
             ended = "client_too_slow"
         elif self.client_gone and not meter.finished:
@@ -1579,6 +1598,7 @@ class _Gateway:
         # not fetched so again.
         self.not_streaming: set[str] = set()
         self.prefills = PrefillSpans(lambda *change: self.call_backend("prefill_changed", *change))
+        self.open_forwards: set[_Forward] = set()  # requests being answered now (end_open ends them)
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # made in the lifespan
         # Forwarded requests go through this one (gateway/upstream.py: the per-token hot path).
         self.upstream_client: UpstreamClient = None  # type: ignore[assignment]  # made in the lifespan
@@ -1586,6 +1606,13 @@ class _Gateway:
         # swaps = "with_key" on loopback: the key is needed to start or swap an engine, not to use one.
         self._key_needed = key_needed_to_use(SwapPermission(settings.swaps), has_key=self._api_key is not None,
                                              loopback=is_loopback(settings.host))
+
+    def end_open(self) -> None:
+        """The gateway stops and its grace is about over: every request still being answered ends now with an
+        error in its client's shape (a stream's error event), not a bare close when the server cancels it."""
+        for forward in list(self.open_forwards):
+            forward.stopping_cut = True
+            forward.pump_scope.cancel()
 
     def make_client(self) -> httpx.AsyncClient:
         s = self.settings
@@ -2793,4 +2820,9 @@ async def serve(
             task_status.started(listen)
             await done.wait()
         finally:
+            if isinstance(core, _Gateway):
+                # Open requests get the grace; a moment before the server cancels what is left, each ends
+                # with an error its client can read.
+                grace_s = max(1, math.ceil(settings.shutdown_grace_s))
+                asyncio.get_running_loop().call_later(max(0.0, grace_s - 0.5), core.end_open)
             server.should_exit = True
