@@ -691,6 +691,23 @@ def hang_cleared(hung_since_s: float, verdict: ProgressVerdict, hung_source: str
     return verdict.last_progress_s is not None and verdict.last_progress_s > hung_since_s
 
 
+# A hang that comes back this soon after it cleared (at least; twice the stall time where that is longer) is
+# the same hang: a request an engine holds without stepping, its canaries answered between (vLLM-style
+# counters with a request running and no step). Each clearing began a new episode, so hang_restart_after
+# (counted from the episode's start) was never reached, and the engine flapped hung and ready every 20 s.
+HANG_RELAPSE_MIN_S = 30.0
+
+
+def hang_episode_since(now_s: float, *, last_since_s: float | None, cleared_at_s: float | None,
+                       stall_s: float) -> float:
+    """When a hang called now began: now; or, a relapse within ``max(2 x stall_s, HANG_RELAPSE_MIN_S)`` of the
+    last hang's clearing, when that hang began (its restart is counted from there)."""
+    window_s = max(2 * stall_s, HANG_RELAPSE_MIN_S)
+    if last_since_s is not None and cleared_at_s is not None and now_s - cleared_at_s < window_s:
+        return last_since_s
+    return now_s
+
+
 def decide_hang_restart(
     engine: str,
     hung_since_s: float | None,
@@ -951,6 +968,7 @@ __all__ = [
     "decide_degraded_restart",
     "decide_hang_restart",
     "hang_cleared",
+    "hang_episode_since",
     "decide_start_check",
     "decode_rate_sample",
     "learn_baseline",

@@ -48,6 +48,7 @@ from policies.health import (
     decide_hang_restart,
     decode_rate_sample,
     hang_cleared,
+    hang_episode_since,
     learn_baseline,
     prefill_beside,
     progress_or_busy_s,
@@ -338,6 +339,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
     health.last_canary_ok_s = health.watch_since_s
     last_verdict: tuple[bool, str | None] = (False, None)
     hung_verdict = ProgressVerdict(True, "hung")  # the verdict that called it hung (kept until it is cleared)
+    last_hang: tuple[float, float] | None = None  # the last hang's (start, clearing): a relapse continues it
 
     async def run_canary(started_s: float) -> None:
         nonlocal canary_running, last_canary_s
@@ -472,7 +474,9 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                     hung_verdict = verdict
                 reason = hung_verdict.reason or "hung"
                 if health.hung_since_s is None:
-                    health.hung_since_s = now
+                    health.hung_since_s = hang_episode_since(
+                        now, last_since_s=last_hang[0] if last_hang else None,
+                        cleared_at_s=last_hang[1] if last_hang else None, stall_s=cfg.stall_s)
                     sup.post(HealthVerdict(gen, Verdict.HUNG, reason, hung_verdict.evidence()))
                 else:
                     decision = decide_hang_restart(sup.name, health.hung_since_s, now, hang_restart_after,
@@ -484,6 +488,7 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                                            hang_restart_after_s=hang_restart_after, message=decision.reason)
                         sup.post(HealthVerdict(gen, Verdict.HANG_RESTART, decision.reason, hung_verdict.evidence()))
             elif health.hung_since_s is not None:
+                last_hang = (health.hung_since_s, now)
                 health.hung_since_s = None
                 restart_requested = False
                 health.silences.clear()

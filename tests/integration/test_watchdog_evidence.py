@@ -589,3 +589,28 @@ def test_a_lazy_loader_is_loading_not_hung_and_gets_no_canary_while_unloaded(dae
     assert chunks == 20 and took_s >= 3.0
     assert "loading" in phases
     assert not _hung(d, "lazy") and d.engine("lazy")["state"] == "ready"
+
+
+@pytest.mark.long_wait
+def test_a_hang_that_comes_back_after_each_canary_is_one_episode_and_gets_its_restart(daemon_factory) -> None:
+    """vLLM-style counters show a request running and no step; canaries asked for fewer tokens than the engine
+    gives before it goes silent answer in between. Each canary cleared the hang and the next look called it
+    again: hung and ready every few seconds (a critical alert each time), and hang_restart_after, counted from
+    each new start, was never reached. A hang back within 30 s of clearing is the same episode: restarted."""
+    port = free_port()
+    argv = [PYTHON, str(REPO / "tests" / "standins" / "openai_engine.py"), "--port", "{port}", "--tps", "20",
+            "--metrics", "vllm", "--silent-from", "3", "--silent-after-tokens", "20"]
+    cfg = ("[[engine]]\nname = \"c\"\nkind = \"vllm\"\nmodel = \"standin\"\n" f"port = {port}\n"
+           "command = [" + ", ".join(json.dumps(a) for a in argv) + "]\n"
+           'footprint = "100MB"\nstop_grace = "5s"\nstall = "2s"\ncanary_interval = "10m"\ncanary_max_tokens = 8\n'
+           '[policies.restart]\nhang_restart_after = "10s"\n[probes]\ninterval = "1s"\n')
+    d = daemon_factory(cfg).start()
+    pid = d.wait_state("c", "ready", 60)["pid"]
+    direct = f"http://127.0.0.1:{port}/v1/chat/completions"
+    _stream_in_thread(direct, _body(400, "standin"))  # the start check was the 1st, this the 2nd: it answers
+    time.sleep(1.0)
+    _stream_in_thread(direct, _body(400, "standin"))  # the 3rd: 20 tokens, then running without a step
+    restart = d.wait_events(lambda e: e["kind"] == "policy.decided" and e.get("policy") == "hang_restart",
+                            timeout_s=60)
+    assert restart, [(e["to"], e["reason"]) for e in _states(d, "c")]
+    assert d.wait_state("c", "ready", 90)["pid"] != pid

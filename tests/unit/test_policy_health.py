@@ -644,3 +644,14 @@ def test_a_canary_goes_alone_never_to_an_unloaded_model_and_never_beside_traffic
     else:
         quiet = in_flight == 0 and (last_traffic_s is None or now_s - last_traffic_s >= interval_s)
         assert due == (quiet and now_s - last_canary_s >= interval_s)
+
+
+def test_a_hang_back_soon_after_it_cleared_continues_its_episode() -> None:
+    """A hang called again within max(2 x stall, 30 s) of its clearing began when the first did (its restart is
+    counted from there); later, or with no hang before, it begins now."""
+    from policies.health import hang_episode_since
+
+    assert hang_episode_since(100.0, last_since_s=50.0, cleared_at_s=80.0, stall_s=15.0) == 50.0
+    assert hang_episode_since(100.0, last_since_s=50.0, cleared_at_s=60.0, stall_s=15.0) == 100.0  # 40 s later
+    assert hang_episode_since(100.0, last_since_s=10.0, cleared_at_s=60.0, stall_s=30.0) == 10.0  # 2 x stall: 60 s
+    assert hang_episode_since(100.0, last_since_s=None, cleared_at_s=None, stall_s=15.0) == 100.0
