@@ -463,11 +463,14 @@ def test_beyond_max_queue_a_429_with_retry_after_in_each_api_shape(daemon_factor
     assert d.gateway_counters(lambda g: g["refused"].get("queue_full", 0) >= 2)["refused"]["queue_full"] >= 2
 
 
+@pytest.mark.long_wait  # 24 s of a slow engine answering one at a time
 def test_requests_waiting_in_an_engines_line_reach_it_first_come_first_served(daemon_factory) -> None:
     """max_concurrent = 1: six requests arrive one after another while the first runs; the engine receives them
     in the order they arrived (its log of each request's x-order header), each after the one before ended."""
     gw = free_port()
-    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "40", "--log-header", "x-order", default=True,
+    # 4 s a request: the first still runs when the sixth comes, also on a loaded machine (at 1 s each, one CI run
+    # had finished the first before the fifth was seen held).
+    d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "10", "--log-header", "x-order", default=True,
                                            max_concurrent=1, max_queue=8, canary_interval="10m")
                        + f'[gateway]\nlisten = "127.0.0.1:{gw}"\n').start()
     d.wait_state("e", "ready", 30)
