@@ -556,6 +556,7 @@ def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
     old = before.json()["daemon"]
     pids_before = {e["name"]: e["pid"] for e in before.json()["engines"] if e.get("pid")}
     running_before = list(pids_before)
+    serving_before = [e["name"] for e in before.json()["engines"] if e.get("state") in ("ready", "degraded")]
     asked_s = time.monotonic()
     response = client.request("POST", "/v1/daemon/restart", json={})
     if response.status_code != 200:
@@ -579,7 +580,10 @@ def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
             else:
                 restarted = body["daemon"]["uptime_s"] < old["uptime_s"] + (time.monotonic() - asked_s) - 1.0
             pids = {e["name"]: e.get("pid") for e in body["engines"]}
-            reattached = all(pids.get(name) for name in running_before)
+            states = {e["name"]: e.get("state") for e in body["engines"]}
+            # An adopted engine is checked again (starting, a moment): those that served, serving again.
+            reattached = (all(pids.get(name) for name in running_before)
+                          and all(states.get(name) in ("ready", "degraded", "hung") for name in serving_before))
             if restarted and (reattached or time.monotonic() > deadline - args.timeout / 2):
                 running = [e for e in body["engines"] if e.get("pid")]
                 # An engine on another pid was started again (its address changed in the config, say): not kept.
