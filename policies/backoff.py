@@ -231,7 +231,7 @@ def decide_after_exit(
 
 
 def manual_start_allowed(
-    state: BackoffState, settings: BackoffSettings, now_s: float, force: bool
+    state: BackoffState, settings: BackoffSettings, now_s: float, force: bool, *, verb: str = "start"
 ) -> Admit | Refuse:
     """May a person's ``llmctl start`` go ahead now?
 
@@ -261,7 +261,7 @@ def manual_start_allowed(
         engine,
         "failed" if failed else "backoff",
         f"{what}; a start is allowed in {secs(until_s - now_s)}. "
-        f"`llmctl start {engine} --force` starts it now, overriding the backoff "
+        f"`llmctl {verb} {engine} --force` starts it now, overriding the backoff "
         "(a restart right after an out-of-memory crash usually crashes again)",
         until_s=until_s,
     )
@@ -291,7 +291,7 @@ def manual_restart_allowed(
     failed starts never spawned (a port it could not listen on): no spawn to keep the floor from.
     """
     if not running:
-        streak = manual_start_allowed(state, settings, now_s, force)
+        streak = manual_start_allowed(state, settings, now_s, force, verb="restart")
         if isinstance(streak, Refuse):
             return streak
     engine = state.engine

@@ -698,6 +698,13 @@ def hang_cleared(hung_since_s: float, verdict: ProgressVerdict, hung_source: str
 HANG_RELAPSE_MIN_S = 30.0
 
 
+def hang_relapse_may_follow(cleared_by: str | None) -> bool:
+    """Whether a hang cleared by progress from ``cleared_by`` may come back as the same episode: one a canary
+    or a counter cleared (what the engine does for new work, while the hang's request may still be held). One
+    a stream's tokens or a prefill cleared is over: the engine worked on real requests."""
+    return cleared_by in ("canary", "counters")
+
+
 def hang_episode_since(now_s: float, *, last_since_s: float | None, cleared_at_s: float | None,
                        stall_s: float) -> float:
     """When a hang called now began: now; or, a relapse within ``max(2 x stall_s, HANG_RELAPSE_MIN_S)`` of the
@@ -969,6 +976,7 @@ __all__ = [
     "decide_hang_restart",
     "hang_cleared",
     "hang_episode_since",
+    "hang_relapse_may_follow",
     "decide_start_check",
     "decode_rate_sample",
     "learn_baseline",

@@ -581,9 +581,11 @@ def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
                 restarted = body["daemon"]["uptime_s"] < old["uptime_s"] + (time.monotonic() - asked_s) - 1.0
             pids = {e["name"]: e.get("pid") for e in body["engines"]}
             states = {e["name"]: e.get("state") for e in body["engines"]}
-            # An adopted engine is checked again (starting, a moment): those that served, serving again.
-            reattached = (all(pids.get(name) for name in running_before)
-                          and all(states.get(name) in ("ready", "degraded", "hung") for name in serving_before))
+            # An adopted engine is checked again (starting, a moment): those that served, serving again. An engine
+            # the new config no longer has is not waited for.
+            reattached = (all(pids.get(name) for name in running_before if name in pids)
+                          and all(states[name] in ("ready", "degraded", "hung") for name in serving_before
+                                  if name in states and pids.get(name) == pids_before.get(name)))
             if restarted and (reattached or time.monotonic() > deadline - args.timeout / 2):
                 running = [e for e in body["engines"] if e.get("pid")]
                 # An engine on another pid was started again (its address changed in the config, say): not kept.

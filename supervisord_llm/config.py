@@ -612,7 +612,7 @@ def parse_config(data: Mapping[str, Any], file: str, *, environ: Mapping[str, st
     memory_guard = _parse_memory_guard(root.sub("policies").sub("memory_guard"))
     for i, engine in enumerate(engines):
         soft, hard, footprint = engine.memory_soft_bytes, engine.memory_hard_bytes, engine.footprint_bytes
-        if soft is not None and hard is None and footprint is not None:
+        if memory_guard.enabled and soft is not None and hard is None and footprint is not None:
             derived = round(footprint * memory_guard.guard.hard_factor)  # policies.memory_guard.watermarks
             if soft >= derived:
                 raise ConfigError(

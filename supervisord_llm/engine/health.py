@@ -49,6 +49,7 @@ from policies.health import (
     decode_rate_sample,
     hang_cleared,
     hang_episode_since,
+    hang_relapse_may_follow,
     learn_baseline,
     prefill_beside,
     progress_or_busy_s,
@@ -339,7 +340,8 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
     health.last_canary_ok_s = health.watch_since_s
     last_verdict: tuple[bool, str | None] = (False, None)
     hung_verdict = ProgressVerdict(True, "hung")  # the verdict that called it hung (kept until it is cleared)
-    last_hang: tuple[float, float] | None = None  # the last hang's (start, clearing): a relapse continues it
+    last_hang: tuple[float, float] | None = None  # the last hang's (episode start, clearing): a relapse continues it
+    episode_since_s = 0.0  # when the hang episode began (a relapse: its first hang); hung_since_s is this hang's
 
     async def run_canary(started_s: float) -> None:
         nonlocal canary_running, last_canary_s
@@ -474,21 +476,25 @@ async def monitor(daemon: MonitorHost, sup: EngineSupervisor, gen: int, proc: En
                     hung_verdict = verdict
                 reason = hung_verdict.reason or "hung"
                 if health.hung_since_s is None:
-                    health.hung_since_s = hang_episode_since(
+                    # This hang's progress is judged from now (hang_cleared); its restart from its episode's start.
+                    health.hung_since_s = now
+                    episode_since_s = hang_episode_since(
                         now, last_since_s=last_hang[0] if last_hang else None,
                         cleared_at_s=last_hang[1] if last_hang else None, stall_s=cfg.stall_s)
                     sup.post(HealthVerdict(gen, Verdict.HUNG, reason, hung_verdict.evidence()))
                 else:
-                    decision = decide_hang_restart(sup.name, health.hung_since_s, now, hang_restart_after,
+                    decision = decide_hang_restart(sup.name, episode_since_s, now, hang_restart_after,
                                                    already_requested=restart_requested, reason=reason)
                     if isinstance(decision, Restart):
                         restart_requested = True
                         daemon.events.emit("policy.decided", policy="hang_restart", engine=sup.name,
-                                           decision="restart", hung_for_s=round(now - health.hung_since_s, 3),
+                                           decision="restart", hung_for_s=round(now - episode_since_s, 3),
                                            hang_restart_after_s=hang_restart_after, message=decision.reason)
                         sup.post(HealthVerdict(gen, Verdict.HANG_RESTART, decision.reason, hung_verdict.evidence()))
             elif health.hung_since_s is not None:
-                last_hang = (health.hung_since_s, now)
+                # Only a hang a canary or a counter cleared may come back as the same one; real tokens end it.
+                last_hang = ((episode_since_s, now) if hang_relapse_may_follow(verdict.last_progress_source)
+                             else None)
                 health.hung_since_s = None
                 restart_requested = False
                 health.silences.clear()

@@ -39,7 +39,7 @@ import math
 import re
 import socket
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -996,7 +996,7 @@ class _Forward:
         gw = self.gw
         upstream = self.upstream
         headers_sent = False
-        is_sse = False
+        is_sse = is_lines = False
         self._client_send = send
         with self.pump_scope:
             try:
@@ -1110,9 +1110,12 @@ class _Forward:
             message = (f"the gateway is stopping (the supervisor daemon restarts or stops): this request to engine "
                        f"{upstream.engine!r} was ended after the gateway's shutdown_grace_s; send it again")
             if headers_sent:
-                await _send_quietly(send, _ndjson_error(message) if self.ndjson else _sse_error(
-                    self.anthropic, 503, message, "gateway_stopping"))
-                await _send_quietly(send, b"", more=False)
+                # An event only into a stream whose answer has not ended (a plain body keeps its length: nothing
+                # can be added to it; the server's close ends it).
+                if (is_sse or is_lines or self.translated_headers_sent) and not self.meter.answer_ended:
+                    await _send_quietly(send, _ndjson_error(message) if self.ndjson else _sse_error(
+                        self.anthropic, 503, message, "gateway_stopping"))
+                    await _send_quietly(send, b"", more=False)
             elif self.ndjson:
                 await _send_json(send, {"error": message}, 503)
             else:
@@ -1599,6 +1602,7 @@ class _Gateway:
         self.not_streaming: set[str] = set()
         self.prefills = PrefillSpans(lambda *change: self.call_backend("prefill_changed", *change))
         self.open_forwards: set[_Forward] = set()  # requests being answered now (end_open ends them)
+        self.stopping = anyio.Event()  # set by end_open: requests still waiting to be routed end too
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # made in the lifespan
         # Forwarded requests go through this one (gateway/upstream.py: the per-token hot path).
         self.upstream_client: UpstreamClient = None  # type: ignore[assignment]  # made in the lifespan
@@ -1610,9 +1614,11 @@ class _Gateway:
     def end_open(self) -> None:
         """The gateway stops and its grace is about over: every request still being answered ends now with an
         error in its client's shape (a stream's error event), not a bare close when the server cancels it."""
+        self.stopping.set()
         for forward in list(self.open_forwards):
-            forward.stopping_cut = True
-            forward.pump_scope.cancel()
+            if not forward.response_complete:
+                forward.stopping_cut = True
+                forward.pump_scope.cancel()
 
     def make_client(self) -> httpx.AsyncClient:
         s = self.settings
@@ -1885,7 +1891,8 @@ class _Gateway:
             # the route has taken longer than hold.HOLD_DETECT_S, so an answer decided at once (a
             # refusal by a full queue: a real 429) keeps its own status.
             return hold.HeldStream(
-                lambda: self._route(request, path, anthropic, doc, body, stream, model, upstream),
+                lambda: self._unless_stopping(
+                    lambda: self._route(request, path, anthropic, doc, body, stream, model, upstream), anthropic),
                 anthropic=anthropic,
                 keepalive_s=self.settings.hold_keepalive_s, now=self.clock.now,
                 state=lambda: self._engine_state(model), finish=_give_back,
@@ -1896,8 +1903,29 @@ class _Gateway:
             return await self._route(request, path, anthropic, doc, body, stream, model, upstream)
         # It may wait (its engine loading, another engine's turn, its line): a client that leaves meanwhile
         # gives up its place, and its request never reaches the engine.
-        return hold.WatchedRoute(lambda: self._route(request, path, anthropic, doc, body, stream, model, upstream),
-                                 finish=_give_back)
+        return hold.WatchedRoute(lambda: self._unless_stopping(
+            lambda: self._route(request, path, anthropic, doc, body, stream, model, upstream), anthropic),
+            finish=_give_back)
+
+    async def _unless_stopping(self, route: Callable[[], Awaitable[Response | _Forward]],
+                               anthropic: bool) -> Response | _Forward:
+        """``route()``, unless the gateway stops while it waits (for its engine, its turn, its line): then a 503
+        its client can read (a held stream's error event), not a close when the server cancels what is left."""
+        result: list[Response | _Forward] = []
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                result.append(await route())
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(run)
+            await self.stopping.wait()
+            tg.cancel_scope.cancel()
+        if result:
+            return result[0]
+        return error_response(anthropic, 503, "the gateway is stopping (the supervisor daemon restarts or stops) "
+                              "while this request waited; send it again", "gateway_stopping",
+                              headers={"retry-after": "5"})
 
     def _invalid(self, anthropic: bool, message: str, code: str) -> JSONResponse:
         """A 400 for a body the gateway cannot forward (not JSON, not an object, a bad model), counted."""

@@ -245,13 +245,16 @@ def test_after_a_clean_stop_the_next_daemon_starts_again_what_ran_and_keeps_what
 def test_requests_open_through_a_daemon_restart_end_with_an_error_their_clients_can_read(daemon_factory) -> None:
     """`llmctl daemon restart` keeps the engines, but the gateway's process ends with the daemon: its open
     requests get shutdown_grace_s, then each ends with an error in its client's shape (a stream's error event,
-    a 503 with Retry-After), not a connection closed mid-answer ("incomplete chunked read")."""
+    a 503 with Retry-After), not a connection closed mid-answer ("incomplete chunked read"); so does a stream
+    still held for an engine that loads."""
     import threading
 
     import httpx
 
     gw = free_port()
     d = daemon_factory(standin_engine_toml("e", free_port(), "--tps", "10", default=True)
+                       + standin_engine_toml("slow", free_port(), "--load-s", "60", autostart=False,
+                                             start_timeout="2m")
                        + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nshutdown_grace_s = 1\n').start()
     d.wait_state("e", "ready", 30)
     url = f"http://127.0.0.1:{gw}/v1/chat/completions"
@@ -266,17 +269,25 @@ def test_requests_open_through_a_daemon_restart_end_with_an_error_their_clients_
                 lines.append(line)
                 streaming.set()
 
+    held: list[str] = []  # a stream held for an engine that loads: its head and keep-alive comments went out
+
+    def held_stream() -> None:
+        with httpx.stream("POST", url, json={**body, "model": "slow", "stream": True}, timeout=60) as response:
+            held.extend(response.iter_lines())
+
     threads = [threading.Thread(target=stream),
-               threading.Thread(target=lambda: whole.append(httpx.post(url, json=body, timeout=60)))]
+               threading.Thread(target=lambda: whole.append(httpx.post(url, json=body, timeout=60))),
+               threading.Thread(target=held_stream)]
     for t in threads:
         t.start()
     assert streaming.wait(30)
-    time.sleep(0.5)
+    time.sleep(1.5)  # the held stream has its head
     assert d.llmctl("daemon", "restart", "--timeout", "60", timeout=90).returncode == 0
     for t in threads:
         t.join(60)
     errors = [line for line in lines if "gateway_stopping" in line]
     assert errors and "send it again" in errors[0], lines[-3:]
+    assert [line for line in held if "gateway_stopping" in line], held
     assert whole and whole[0].status_code == 503, whole
     assert whole[0].json()["error"]["code"] == "gateway_stopping" and whole[0].headers["retry-after"], whole[0].text
     r = httpx.post(url, json={**body, "max_tokens": 3}, timeout=60)  # the new daemon's gateway serves

@@ -200,6 +200,14 @@ def test_daemon_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
     assert "engine[0].kind: 'tensorflow' is not valid" in done.stderr
 
 
+def test_a_memory_soft_above_the_auto_hard_is_no_error_with_the_guard_off(tmp_path: Path) -> None:
+    """The watermarks are not used with [policies.memory_guard] enabled = false: a config that loaded before the
+    check still does (a daemon restart onto it would otherwise be refused)."""
+    cfg = load_config(write(tmp_path, GOOD_ENGINE + 'footprint = "100GB"\nmemory_soft = "150GB"\n'
+                            '[policies.memory_guard]\nenabled = false\n'))
+    assert cfg.engines[0].memory_soft_bytes == 150 * 10**9
+
+
 def test_memory_guard_keys_load_and_default(tmp_path: Path) -> None:
     """memory_soft/memory_hard are sizes per engine; [policies.memory_guard] has its factors and grace."""
     cfg = load_config(write(tmp_path, GOOD_ENGINE + 'footprint = "100GB"\nmemory_soft = "110GB"\nmemory_hard = "130GB"\n'

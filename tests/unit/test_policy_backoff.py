@@ -323,6 +323,7 @@ def test_a_restart_of_an_engine_in_backoff_whose_starts_never_spawned_keeps_the_
     assert not state.spawn_times_s and state.consecutive_failures == 3
     refused = manual_restart_allowed(state, S, 45.0, False, running=False)
     assert isinstance(refused, Refuse) and refused.reason == "backoff" and "cannot listen" in refused.message, refused
+    assert "`llmctl restart e --force`" in refused.message, refused.message
     assert isinstance(manual_restart_allowed(state, S, 45.0, True, running=False), Admit)
     assert isinstance(manual_restart_allowed(state, S, 45.0, False, running=True), Admit)
     assert isinstance(manual_restart_allowed(state, S, 10_000.0, False, running=False), Admit)  # the backoff passed

@@ -655,3 +655,11 @@ def test_a_hang_back_soon_after_it_cleared_continues_its_episode() -> None:
     assert hang_episode_since(100.0, last_since_s=50.0, cleared_at_s=60.0, stall_s=15.0) == 100.0  # 40 s later
     assert hang_episode_since(100.0, last_since_s=10.0, cleared_at_s=60.0, stall_s=30.0) == 10.0  # 2 x stall: 60 s
     assert hang_episode_since(100.0, last_since_s=None, cleared_at_s=None, stall_s=15.0) == 100.0
+
+
+def test_only_a_hang_a_canary_or_counter_cleared_may_come_back_as_the_same() -> None:
+    from policies.health import hang_relapse_may_follow
+
+    assert hang_relapse_may_follow("canary") and hang_relapse_may_follow("counters")
+    assert not hang_relapse_may_follow("stream") and not hang_relapse_may_follow("prefill")
+    assert not hang_relapse_may_follow(None)
