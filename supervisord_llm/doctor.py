@@ -375,9 +375,13 @@ def _Console() -> Any:  # noqa: N802 (a class made at call time: rich is importe
 
     class ReaderGoneConsole(Console):
         def on_broken_pipe(self) -> None:
-            # rich exits 1 when the reader leaves (`llmctl doctor | head`): a failed preflight to a script. The
-            # pipe is passed on instead; llmctl ends as for its other commands (exit 0, see cli._reader_gone).
-            raise BrokenPipeError
+            # rich exits 1 when the reader leaves (`llmctl doctor | head`): a failed preflight to a script, also
+            # where every check passed. The output goes nowhere from here on, and the checks run to their end:
+            # the exit status is theirs (0, or 1 with errors).
+            self.quiet = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
     return ReaderGoneConsole()
 

@@ -226,6 +226,16 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly(daemon_factory
                            capture_output=True, text=True, timeout=60)
     assert whole.returncode == 0, whole.stdout  # it passes: so must its piped run
     assert doctor.returncode == 0 and b"Traceback" not in stderr, (doctor.returncode, stderr)
+    # One that finds an error says so piped too (the checks run to their end): exit 1, not the reader's 0.
+    broken = d.config_path.with_name("broken.toml")
+    broken.write_text(d.config_path.read_text().replace("[[engine]]\n", '[[engine]]\ncwd = "/nonexistent/dir"\n', 1))
+    doctor = subprocess.Popen([sys.executable, "-m", "supervisord_llm.cli", "--config", str(broken), "doctor"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert doctor.stdout is not None
+    doctor.stdout.readline()
+    doctor.stdout.close()
+    _, stderr = doctor.communicate(timeout=60)
+    assert doctor.returncode == 1 and b"Traceback" not in stderr, (doctor.returncode, stderr)
 
 
 def test_a_stopped_engine_whose_failure_streak_holds_its_start_says_so_in_status(daemon_factory) -> None:
