@@ -140,6 +140,7 @@ class Daemon:
         self._swap_lock = anyio.Lock()
         self.swap_target: str | None = None
         self._swap_from: list[str] = []
+        self._swap_cancelled: str | None = None  # why the running swap was called off (not a failure of its target)
         self.swap_started_s: float | None = None
         self._persist_ok = True
         self._saved: dict[str, Any] = {}
@@ -793,7 +794,11 @@ class Daemon:
 
     async def stop(self, name: str) -> str:
         sup = self.supervisor(name)
+        if self.swap_target == sup.name:
+            self._swap_cancelled = f"{name} was stopped by llmctl stop while it was swapped in"
         message = await sup.command("stop")
+        for ext in self.extensions:
+            ext.on_stopped_by_person(sup)
         # A person stopped it: a refusal of its start is settled (its alert episode ends below, too).
         sup.start_refused = sup.start_refused_at_s = None
         self.persist()
@@ -929,10 +934,17 @@ class Daemon:
             return {"target": target.name, "stopped": [s.name for s in to_stop], "state": str(target.state),
                     "total_s": total, **timings}
         except SwapError as exc:
+            cancelled = "the daemon is stopping" if self._stopping else self._swap_cancelled
+            if cancelled is not None:
+                # Not a failure of the target: no rollback (a person wanted it stopped, or everything stops) and
+                # no critical alert; the requests waiting for it get the error.
+                self.events.emit("swap.aborted", target=target.name, reason=cancelled)
+                raise SwapError(f"the swap to {target.name} was cancelled: {cancelled}") from exc
             await self._rollback(target, prev, str(exc))
             raise
         finally:
             target.swap_in_progress = False
+            self._swap_cancelled = None
             self.swap_target, self._swap_from, self.swap_started_s = None, [], None
             self.persist()
             for sup in self.supervisors.values():

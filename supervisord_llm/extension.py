@@ -74,6 +74,9 @@ class Extension:
     def on_engine_ready(self, sup: EngineSupervisor) -> None:
         """``sup`` passed its readiness canary."""
 
+    def on_stopped_by_person(self, sup: EngineSupervisor) -> None:
+        """A person stopped ``sup`` (``llmctl stop``)."""
+
     def on_engine_exit(self, sup: EngineSupervisor) -> None:
         """A run of ``sup`` ended (crash or stop)."""
 

@@ -374,6 +374,12 @@ class GatewayExtension(Extension):
     def requests_in_line(self, engine: str) -> int:
         return self.inner.in_line.get(engine, 0)
 
+    def on_stopped_by_person(self, sup: EngineSupervisor) -> None:
+        # Requests held for it (its load, its turn) are answered as the ones in its line are: a person's stop
+        # stays a stop; they do not start it again (a new request may, where gateway.swaps lets it).
+        self.inner.turns.refuse_waiting(sup.name, EngineUnavailable(
+            sup.name, "engine_not_running", start_refused_message(sup.name, "stopped", SwapPermission.ALLOWED)))
+
     async def requests_settled(self) -> None:
         # A request let through on a pass, or started a moment ago, reaches the daemon as a note (at
         # most channel.LAZY_S late): the gateway's acknowledgement of a snapshot sent now comes after

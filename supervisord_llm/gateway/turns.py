@@ -132,6 +132,12 @@ class EngineTurns:
                 del self._unstarted[engine]
             self.changed()
 
+    def refuse_waiting(self, engine: str, error: Exception) -> None:
+        """The requests held for ``engine`` get ``error`` now (a person stopped it: they do not start it again)."""
+        group = self.groups.get(engine)
+        if group is not None and not group.released:
+            self._refuse(group, error)
+
     def swap_failed(self, engine: str, error: Exception) -> None:
         """The swap started for ``engine``'s group failed: the group's requests get ``error``."""
         group = self.groups.get(engine)

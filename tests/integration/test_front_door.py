@@ -824,6 +824,34 @@ def test_requests_waiting_in_the_line_when_the_operator_stops_the_engine_are_ref
     _stays_stopped(d, "a")
 
 
+def test_requests_waiting_for_a_load_the_operator_stops_are_refused_and_do_not_start_it_again(daemon_factory) -> None:
+    """An engine loading (8 s) with requests held for it, then `llmctl stop`: the requests get 503
+    engine_not_running, not to be retried, and the engine stays stopped (they started it again at once, and
+    `llmctl stop` waited in vain for `stopped`)."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), "--load-s", "8", default=True, max_concurrent=1)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "60s"\n').start()
+    d.wait_state("a", "starting", 30)
+    results: list[httpx.Response] = []
+
+    def call() -> None:
+        results.append(httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60, json={
+            "model": "a", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    stop = d.llmctl("stop", "a", "--timeout", "20", timeout=60)
+    assert stop.returncode == 0, stop.stderr
+    for t in threads:
+        t.join(60)
+    assert [r.status_code for r in results] == [503] * 3, [r.text for r in results]
+    for r in results:
+        assert r.json()["error"]["code"] == "engine_not_running" and r.headers.get("x-should-retry") == "false"
+    _stays_stopped(d, "a")
+
+
 def test_swaps_with_key_lets_local_clients_use_a_resident_engine_and_only_the_key_start_one(daemon_factory) -> None:
     """swaps = "with_key" on loopback: a client without the key uses the resident engine but gets 503 for a stopped
     one (it stays stopped), as does a request with another key (a placeholder); the key starts it."""
