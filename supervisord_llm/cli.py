@@ -594,8 +594,11 @@ def cmd_daemon_restart(client: Client, args: argparse.Namespace) -> int:
                 started = ", ".join(f"{e['name']} {e['state']} (pid {e['pid']}"
                                     + (f", was {pids_before[e['name']]})" if e["name"] in pids_before else ")")
                                     for e in running if pids_before.get(e["name"]) != e["pid"])
+                # One that ran and has no process yet (restarted on its new address through the 60 s floor).
+                down = ", ".join(f"{e['name']} {e['state']}" for e in body["engines"]
+                                 if e["name"] in pids_before and not e.get("pid"))
                 print(f"daemon restarted (pid {body['daemon']['pid']}); engines kept: {kept or 'none'}"
-                      + (f"; started: {started}" if started else ""))
+                      + (f"; started: {started}" if started else "") + (f"; not running yet: {down}" if down else ""))
                 return EXIT_OK
     print(f"llmctl: the daemon did not answer again within {args.timeout:.0f}s; see its log", file=sys.stderr)
     return EXIT_TIMEOUT
