@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -289,7 +289,15 @@ async def test_a_long_prompts_prefill_reaches_the_daemon_and_ends_with_a_dead_ga
                 await anyio.sleep(0.01)
         (engine, began, no_end), (_, ended, at_s) = inner.prefills
         assert (engine, began, no_end, ended) == ("tiny", 1, None, 0) and isinstance(at_s, float)
-    silent = socket.socket()  # an engine that takes the request and never answers: in prefill for good
+    # An engine that takes the request and never answers: in prefill for good, until the gateway dies.
+    inner = await _killed_with_a_request_open(LONG, lambda inner: bool(inner.prefills))
+    assert inner.prefills == [("tiny", 1, None), ("tiny", 0, None)]
+
+
+async def _killed_with_a_request_open(body: dict, sent: Callable[[RecordingBackend], bool]) -> RecordingBackend:
+    """A gateway in front of an engine that takes the request and never answers: ``body`` is sent, and once
+    ``sent(inner)`` the gateway's process is SIGKILLed; its daemon side (``inner``) once the exit is seen."""
+    silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen()
     inner = RecordingBackend(f"http://127.0.0.1:{silent.getsockname()[1]}")
@@ -299,50 +307,28 @@ async def test_a_long_prompts_prefill_reaches_the_daemon_and_ends_with_a_dead_ga
 
             async def send() -> None:
                 with pytest.raises(httpx.HTTPError):
-                    await client.post(url + "/v1/chat/completions", json=LONG)
+                    await client.post(url + "/v1/chat/completions", json=body)
 
             tg.start_soon(send)
             with anyio.fail_after(5):
-                while not inner.prefills:
+                while not sent(inner):
                     await anyio.sleep(0.01)
             assert process.pid is not None
             os.kill(process.pid, signal.SIGKILL)
             with anyio.fail_after(20):
                 while not exits:
                     await anyio.sleep(0.02)
-            assert inner.prefills == [("tiny", 1, None), ("tiny", 0, None)]
     finally:
         silent.close()
+    return inner
 
 
 async def test_a_requests_place_in_its_engines_line_reaches_the_daemon_and_ends_with_a_dead_gateway() -> None:
     """A swap's drain waits for the requests in the engine's line in the gateway: the daemon's side is told
     what each line holds, and a gateway process that dies takes its lines with it (told 0, or a swap would
     wait its whole swap_drain for requests that are gone)."""
-    silent = socket.socket()  # an engine that takes the request and never answers
-    silent.bind(("127.0.0.1", 0))
-    silent.listen()
-    inner = RecordingBackend(f"http://127.0.0.1:{silent.getsockname()[1]}")
-    try:
-        async with gateway(inner) as (process, url, exits), httpx.AsyncClient(timeout=30) as client, \
-                anyio.create_task_group() as tg:
-
-            async def send() -> None:
-                with pytest.raises(httpx.HTTPError):
-                    await client.post(url + "/v1/chat/completions", json=CHAT)
-
-            tg.start_soon(send)
-            with anyio.fail_after(5):
-                while inner.lines.get("tiny") != 1:
-                    await anyio.sleep(0.01)
-            assert process.pid is not None
-            os.kill(process.pid, signal.SIGKILL)
-            with anyio.fail_after(20):
-                while not exits:
-                    await anyio.sleep(0.02)
-            assert inner.lines == {"tiny": 0}
-    finally:
-        silent.close()
+    inner = await _killed_with_a_request_open(CHAT, lambda inner: inner.lines.get("tiny") == 1)
+    assert inner.lines == {"tiny": 0}
 
 
 async def test_the_daemons_stop_ends_the_gateway_process(engine_url: str) -> None:
