@@ -852,6 +852,33 @@ def test_requests_waiting_for_a_load_the_operator_stops_are_refused_and_do_not_s
     _stays_stopped(d, "a")
 
 
+def test_a_swap_whose_target_a_person_stops_is_aborted_not_failed(daemon_factory) -> None:
+    """A request swaps a out for b, which loads (20 s); `llmctl stop b` meanwhile: the swap is aborted, not
+    failed: no rollback starts a again behind the person, no critical swap.failed alert; the request gets
+    503 engine_not_running."""
+    gw = free_port()
+    d = daemon_factory(standin_engine_toml("a", free_port(), default=True, exclusive=True)
+                       + standin_engine_toml("b", free_port(), "--load-s", "20", autostart=False, exclusive=True)
+                       + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "60s"\n').start()
+    d.wait_state("a", "ready", 30)
+    results: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: results.append(httpx.post(
+        f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60,
+        json={"model": "b", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})))
+    waiting.start()
+    d.wait_state("b", "starting", 30)
+    assert d.llmctl("stop", "b", "--timeout", "30", timeout=60).returncode == 0
+    waiting.join(60)
+    assert results and results[0].status_code == 503, results
+    assert results[0].json()["error"]["code"] == "engine_not_running", results[0].text
+    events = d.events()
+    assert [e["reason"] for e in events if e["kind"] == "swap.aborted"], events
+    assert not [e for e in events if e["kind"] in ("swap.rolled_back", "alert.raised")
+                and "swap" in str(e.get("key", "swap"))], events
+    time.sleep(1.0)
+    assert d.engine("a")["state"] == "stopped" and d.engine("b")["state"] == "stopped"
+
+
 def test_swaps_with_key_lets_local_clients_use_a_resident_engine_and_only_the_key_start_one(daemon_factory) -> None:
     """swaps = "with_key" on loopback: a client without the key uses the resident engine but gets 503 for a stopped
     one (it stays stopped), as does a request with another key (a placeholder); the key starts it."""
