@@ -786,6 +786,33 @@ def test_a_request_cut_by_an_operators_stop_is_not_resent_into_a_new_start_of_th
     _stays_stopped(d, "a")
 
 
+def _posts_in_threads(url: str, n: int, *, max_tokens: int,
+                      apart_s: float = 0.0) -> tuple[list[httpx.Response], list[threading.Thread]]:
+    """``n`` chat requests for engine a, each from a thread of its own, started ``apart_s`` apart."""
+    results: list[httpx.Response] = []
+
+    def call() -> None:
+        results.append(httpx.post(url, timeout=60, json={
+            "model": "a", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]}))
+
+    threads = [threading.Thread(target=call) for _ in range(n)]
+    for t in threads:
+        t.start()
+        time.sleep(apart_s)
+    return results, threads
+
+
+def _all_not_running(results: list[httpx.Response], threads: list[threading.Thread], n: int) -> None:
+    """Every request got 503 engine_not_running, marked not to be retried, its engine named once."""
+    for t in threads:
+        t.join(60)
+    assert [r.status_code for r in results] == [503] * n, [r.text for r in results]
+    for r in results:
+        error = r.json()["error"]
+        assert error["code"] == "engine_not_running" and "engine 'a': engine 'a'" not in error["message"], r.text
+        assert r.headers.get("x-should-retry") == "false", r.headers
+
+
 @pytest.mark.parametrize("swaps", ["never", "allowed"])
 def test_requests_waiting_in_the_line_when_the_operator_stops_the_engine_are_refused_not_sent(daemon_factory,
                                                                                              swaps: str) -> None:
@@ -798,26 +825,11 @@ def test_requests_waiting_in_the_line_when_the_operator_stops_the_engine_are_ref
                                            max_queue=4)
                        + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nswaps = "{swaps}"\nhold_s = "30s"\n').start()
     d.wait_state("a", "ready", 30)
-    results: list[httpx.Response] = []
-
-    def call() -> None:
-        results.append(httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60, json={
-            "model": "a", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}))
-
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    for t in threads:
-        t.start()
-        time.sleep(0.2)
+    results, threads = _posts_in_threads(f"http://127.0.0.1:{gw}/v1/chat/completions", 4, max_tokens=100,
+                                         apart_s=0.2)
     time.sleep(0.5)
     assert d.llmctl("stop", "a").returncode == 0
-    for t in threads:
-        t.join(60)
-    assert len(results) == 4
-    for r in results:
-        assert r.status_code == 503, r.text
-        error = r.json()["error"]
-        assert error["code"] == "engine_not_running" and "engine 'a': engine 'a'" not in error["message"], r.text
-        assert r.headers.get("x-should-retry") == "false", r.headers
+    _all_not_running(results, threads, 4)
     sent_to_stopped = [line for line in d.stderr_path.read_text().splitlines()
                        if "gateway.upstream_failed" in line and "ConnectError" in line]
     assert not sent_to_stopped, sent_to_stopped  # nothing was sent to the stopped engine
@@ -832,23 +844,11 @@ def test_requests_waiting_for_a_load_the_operator_stops_are_refused_and_do_not_s
     d = daemon_factory(standin_engine_toml("a", free_port(), "--load-s", "8", default=True, max_concurrent=1)
                        + f'[gateway]\nlisten = "127.0.0.1:{gw}"\nhold_s = "60s"\n').start()
     d.wait_state("a", "starting", 30)
-    results: list[httpx.Response] = []
-
-    def call() -> None:
-        results.append(httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60, json={
-            "model": "a", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}))
-
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
-        t.start()
+    results, threads = _posts_in_threads(f"http://127.0.0.1:{gw}/v1/chat/completions", 3, max_tokens=3)
     time.sleep(1.5)
     stop = d.llmctl("stop", "a", "--timeout", "20", timeout=60)
     assert stop.returncode == 0, stop.stderr
-    for t in threads:
-        t.join(60)
-    assert [r.status_code for r in results] == [503] * 3, [r.text for r in results]
-    for r in results:
-        assert r.json()["error"]["code"] == "engine_not_running" and r.headers.get("x-should-retry") == "false"
+    _all_not_running(results, threads, 3)
     _stays_stopped(d, "a")
 
 
